@@ -1,0 +1,44 @@
+"""The summary every job prints at its end: rows in and out, errors by kind, throughput."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JobSummary:
+    job: str
+    rows_in: int = 0
+    rows_out: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    units_done: int = 0
+    units_skipped: int = 0
+    dropped: int = 0  # inputs that produced no output row because of an error
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+    @property
+    def error_rate(self) -> float:
+        return self.dropped / self.rows_in if self.rows_in else 0.0
+
+    def render(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items()))
+        rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"== {self.job} summary",
+            f"units: {self.units_done} run, {self.units_skipped} already done (skipped)",
+            f"rows in: {self.rows_in}",
+            "rows out: " + ", ".join(f"{k} {v}" for k, v in self.rows_out.items()),
+            f"errors: {self.errors}" + (f" ({kinds})" if self.errors else ""),
+            f"time: {self.seconds:.1f} s, {rate:.1f} rows/s",
+        ]
+        return "\n".join(lines + self.notes)
+
+    def print(self) -> None:
+        print(self.render(), file=sys.stdout, flush=True)

@@ -1,0 +1,183 @@
+"""Arrow schemas of every workspace table: the single source of column names and types.
+
+Every job writes exactly these schemas (`conform` casts and orders columns) so that the
+Parquet files of one table can always be read together by DuckDB and Ray Data.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# CCIP features are 768 floats; a fixed-size list lets DuckDB use array_cosine_similarity.
+CCIP_DIM = 768
+
+WHOLE_IMAGE = -1  # `crop` value of an embedding of the whole image
+
+images = pa.schema(
+    [
+        ("key", pa.string()),  # "<source stem>/<sample key>": unique across sources
+        ("source", pa.string()),  # shard path or folder the sample came from
+        ("member", pa.string()),  # image member name inside the shard / file in the folder
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),  # Pillow format: JPEG, PNG, WEBP, GIF, ...
+        ("mode", pa.string()),  # Pillow mode: RGB, RGBA, P, CMYK, I;16, ...
+        ("n_frames", pa.int32()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("phash", pa.uint64()),  # 64-bit DCT perceptual hash (imagehash.phash)
+    ]
+)
+
+source_tags = pa.schema(
+    [
+        ("key", pa.string()),
+        ("tag", pa.string()),  # Danbooru form: lower case, underscores
+        ("category", pa.string()),  # general, character, copyright, artist, meta, rating
+        ("origin", pa.string()),  # txt, booru, three_line, danbooru_json, caption, ...
+        ("position", pa.int32()),  # order in the sidecar (kohya keep_tokens relies on it)
+    ]
+)
+
+source_text = pa.schema(
+    [
+        ("key", pa.string()),
+        ("kind", pa.string()),  # caption, sd_prompt, sd_negative, sd_params, nai_comment
+        ("text", pa.string()),
+    ]
+)
+
+errors = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("stage", pa.string()),  # ingest, annotate:<model>, curate, caption, export
+        ("kind", pa.string()),  # short machine-readable reason: corrupt_image, bomb, ...
+        ("message", pa.string()),
+        ("dropped", pa.bool_()),  # the sample was not ingested because of this error
+    ]
+)
+
+detections = pa.schema(
+    [
+        ("key", pa.string()),
+        ("model", pa.string()),
+        ("label", pa.string()),  # face, head, person, ...
+        ("score", pa.float32()),
+        ("x0", pa.float32()),  # box corners relative to the image, 0..1
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+    ]
+)
+
+embeddings = pa.schema(
+    [
+        ("key", pa.string()),
+        ("crop", pa.int32()),  # WHOLE_IMAGE, or the index of the person box it was cut from
+        ("model", pa.string()),
+        ("x0", pa.float32()),
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("vector", pa.list_(pa.float32(), CCIP_DIM)),
+    ]
+)
+
+tag_scores = pa.schema(
+    [
+        ("key", pa.string()),
+        ("tag", pa.string()),
+        ("category", pa.string()),  # general, character, rating
+        ("score", pa.float32()),
+        ("model", pa.string()),
+    ]
+)
+
+tags = pa.schema(
+    [
+        ("key", pa.string()),
+        ("tag", pa.string()),
+        ("category", pa.string()),
+        ("score", pa.float32()),  # 1.0 for source tags
+        ("rank", pa.int32()),
+    ]
+)
+
+image_meta = pa.schema(
+    [
+        ("key", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_faces", pa.int32()),
+        ("facepos", pa.list_(pa.string())),
+        ("fh_ratio", pa.float32()),
+        ("n_people", pa.int32()),
+        ("n_characters", pa.int32()),
+        ("characters", pa.list_(pa.string())),
+        ("rating", pa.string()),
+    ]
+)
+
+duplicates = pa.schema(
+    [
+        ("key", pa.string()),
+        ("dup_group", pa.string()),  # key of the group's representative
+        ("is_representative", pa.bool_()),
+        ("reason", pa.string()),  # phash, embedding
+    ]
+)
+
+clusters = pa.schema(
+    [
+        ("key", pa.string()),
+        ("crop", pa.int32()),
+        ("cluster", pa.int32()),  # -1 is noise, its own class
+        ("character", pa.string()),
+    ]
+)
+
+groups = pa.schema([("key", pa.string()), ("path", pa.string())])
+
+balance = pa.schema(
+    [
+        ("key", pa.string()),
+        ("path", pa.string()),
+        ("weight", pa.float64()),  # per-image weight
+        ("probability", pa.float64()),  # probability of the image's folder
+        ("multiply", pa.float64()),
+    ]
+)
+
+captions = pa.schema(
+    [
+        ("key", pa.string()),
+        ("attempt", pa.int32()),
+        ("backend", pa.string()),
+        ("seed", pa.int64()),
+        ("caption", pa.string()),
+        ("tag_inclusion", pa.float32()),
+        ("english_similarity", pa.float32()),
+        ("subject_consistency", pa.float32()),
+        ("accuracy", pa.float32()),
+        ("quality_tags", pa.list_(pa.string())),
+        ("flagged", pa.bool_()),
+        ("accepted", pa.bool_()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    name: value for name, value in dict(globals()).items() if isinstance(value, pa.Schema)
+}
+
+
+def conform(table: pa.Table | list[dict], name: str) -> pa.Table:
+    """Return `table` (or rows) with exactly the columns and types of schema `name`."""
+    schema = TABLES[name]
+    if isinstance(table, list):
+        return pa.Table.from_pylist(table, schema=schema)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"table {name} lacks columns {missing}")
+    return table.select(schema.names).cast(schema)

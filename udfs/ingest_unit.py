@@ -1,0 +1,132 @@
+"""Ray Data batch UDF of the ingest job: read, probe and parse whole units, commit them.
+
+Each unit (an input shard or a folder chunk) is read, its tables are written as parts
+named after the unit, and the unit is committed; the UDF returns one summary row per unit.
+Writing inside the task keeps a unit's rows together, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from jobs.workspace import Workspace
+from udfs.probe import ProbeError, probe_image
+from udfs.sidecars import SidecarError, parse_sidecar
+from udfs.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit
+
+TABLES = ("images", "source_tags", "source_text", "errors")
+
+
+def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
+    """map_batches UDF: one summary row per unit of the batch."""
+    ws = Workspace(workspace)
+    out: dict[str, list] = {"unit": [], "samples": [], "images": [], "errors": [], "error_kinds": [],
+                            "bytes": [], "seconds": []}
+    for i in range(len(batch["unit"])):
+        unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]))
+        started = time.perf_counter()
+        rows = UnitRows(unit)
+        for item in read_unit(unit, options["max_member_bytes"]):
+            rows.add(item, options)
+        for table in TABLES:
+            ws.write_part(table, batch["unit"][i], rows.tables[table])
+        info = rows.summary(time.perf_counter() - started)
+        ws.commit_unit("ingest", batch["unit"][i], info)
+        out["unit"].append(batch["unit"][i])
+        for name in ("samples", "images", "errors", "bytes", "seconds"):
+            out[name].append(info[name])
+        out["error_kinds"].append(json.dumps(info["error_kinds"]))
+    return out
+
+
+class UnitRows:
+    """The rows of the four ingest tables for one unit, and its accounting."""
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
+        self.samples = 0
+        self.bytes = 0
+
+    def add(self, item: Sample | tuple[str, str, str], options: dict) -> None:
+        if isinstance(item, tuple):  # a problem of the unit itself (e.g. a corrupt shard)
+            self.error(self.unit.prefix, item[0], item[1], item[2], dropped=False)
+            return
+        self.samples += 1
+        self.add_sample(item, options)
+
+    def add_sample(self, sample: Sample, options: dict) -> None:
+        key = f"{self.unit.prefix}/{sample.key}"
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
+        problems = list(sample.problems)
+        if image_ext is None:
+            kind, message = _missing_image_reason(problems, sample)
+            member = next(iter(sample.member_names.values()), "")
+            self.error(key, member, kind, message, dropped=True)
+            problems = [p for p in problems if p[1] != kind]
+        else:
+            self.add_image(key, sample, image_ext, options)
+        for member, kind, message in problems:
+            self.error(key, member, kind, message, dropped=False)
+
+    def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> None:
+        member = sample.member_names[ext]
+        data = sample.members[ext]
+        self.bytes += len(data)
+        try:
+            probed = probe_image(data, options["max_pixels"])
+        except ProbeError as exc:
+            self.error(key, member, exc.kind, str(exc), dropped=True)
+            return
+        texts = probed.pop("texts")
+        self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member, **probed})
+        for kind, text in texts:
+            self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
+        for other in sample.members:
+            if other in IMAGE_EXTENSIONS and other != ext:
+                self.error(key, sample.member_names[other], "extra_image",
+                           f"sample has a .{ext} image already; .{other} ignored", dropped=False)
+        for side in SIDECAR_EXTENSIONS:
+            if side in sample.members:
+                self.add_sidecar(key, sample, side, options)
+
+    def add_sidecar(self, key: str, sample: Sample, ext: str, options: dict) -> None:
+        member, data = sample.member_names[ext], sample.members[ext]
+        if len(data) > options["max_sidecar_bytes"]:
+            message = f"{len(data)} bytes > max_sidecar_bytes {options['max_sidecar_bytes']}; ignored"
+            self.error(key, member, "sidecar_too_large", message, dropped=False)
+            return
+        try:
+            tags, texts, origin = parse_sidecar(ext, data)
+        except SidecarError as exc:
+            self.error(key, member, exc.kind, str(exc), dropped=False)
+            return
+        for position, (tag, category) in enumerate(tags):
+            self.tables["source_tags"].append(
+                {"key": key, "tag": tag, "category": category, "origin": origin, "position": position}
+            )
+        for kind, text in texts:
+            self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
+
+    def error(self, key: str, member: str, kind: str, message: str, dropped: bool) -> None:
+        self.tables["errors"].append({"key": key, "source": self.unit.uri, "member": member, "stage": "ingest",
+                                      "kind": kind, "message": message[:2000], "dropped": dropped})
+
+    def summary(self, seconds: float) -> dict:
+        kinds = Counter(e["kind"] for e in self.tables["errors"])
+        return {"samples": self.samples, "images": len(self.tables["images"]),
+                "errors": len(self.tables["errors"]), "error_kinds": dict(kinds),
+                "dropped": sum(e["dropped"] for e in self.tables["errors"]),
+                "bytes": self.bytes, "seconds": round(seconds, 4)}
+
+
+def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) -> tuple[str, str]:
+    """Why a sample has no image: the problem that took it, else that it never had one."""
+    for member, kind, message in problems:
+        if member.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS or kind == "truncated_shard":
+            return kind, message
+    found = ", ".join(sorted(sample.member_names.values())) or "nothing"
+    return "no_image", f"sample has no image member (found {found})"

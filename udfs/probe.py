@@ -1,0 +1,121 @@
+"""Probe one image: size, format, mode, frames, hashes, and the metadata embedded in it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+
+import imagehash
+from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
+from PIL import Image, UnidentifiedImageError
+
+# The hash needs 32x32 pixels: decoding a JPEG at 1/8 scale (draft mode) still reads and
+# checks the whole stream, at a fraction of the cost of a full decode.
+PHASH_DRAFT_SIZE = (256, 256)
+
+
+class ProbeError(Exception):
+    """A sample that cannot be ingested; `kind` is the errors row's kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def probe_image(data: bytes, max_pixels: int) -> dict:
+    """The `images` columns of one encoded image, plus its embedded texts under "texts"."""
+    if not data:
+        raise ProbeError("empty_file", "zero-byte image member")
+    image = _open_checked(data, max_pixels)
+    with image:
+        row = {
+            "width": image.width,
+            "height": image.height,
+            "format": image.format or "",
+            "mode": image.mode,
+            "n_frames": int(getattr(image, "n_frames", 1)),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        row["phash"] = _phash(image)  # first: JPEG draft mode must precede any pixel access
+        texts = embedded_texts(image)
+    row["texts"] = texts
+    return row
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse decompression bombs before any decoding."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ProbeError("decompression_bomb", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ProbeError("not_an_image", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ProbeError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    if image.width * image.height > max_pixels:  # formats whose plugin skips the check
+        raise ProbeError("decompression_bomb", f"{image.width}x{image.height} > {max_pixels} pixels")
+    return image
+
+
+def _phash(image: Image.Image) -> int:
+    """64-bit DCT hash of the first frame; decoding it also proves the file is whole."""
+    try:
+        if image.format == "JPEG":
+            image.draft("RGB", PHASH_DRAFT_SIZE)
+        image.load()
+        bits = imagehash.phash(_hashable(image)).hash.flatten()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
+        raise ProbeError(kind, f"{type(exc).__name__}: {text}") from exc
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def _hashable(image: Image.Image) -> Image.Image:
+    """16-bit and float modes do not convert straight to L in Pillow: scale them first."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return image.point(lambda v: v / 256).convert("L")
+    if image.mode == "F":
+        return image.convert("L")
+    return image
+
+
+def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
+    """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info.
+
+    imgutils reads A1111 `parameters` and NovelAI metadata, including the stealth form that
+    hides it in the least significant bits of the alpha or RGB channels.
+    """
+    texts: list[tuple[str, str]] = []
+    try:
+        sd = get_sdmeta_from_image(image)
+    except Exception:  # noqa: BLE001 - a bad chunk is not a bad image
+        sd = None
+    if sd is not None:
+        texts.append(("sd_prompt", sd.prompt))
+        if sd.neg_prompt:
+            texts.append(("sd_negative", sd.neg_prompt))
+        if sd.parameters:
+            texts.append(("sd_params", json.dumps(sd.parameters, sort_keys=True, default=str)))
+        return texts
+    if image.format not in ("PNG", "WEBP"):
+        return texts
+    try:
+        nai = get_naimeta_from_image(image)
+    except Exception:  # noqa: BLE001
+        nai = None
+    if nai is not None:
+        params = dict(nai.parameters)
+        prompt = params.pop("prompt", None) or nai.description or ""
+        negative = params.pop("uc", None) or params.pop("negative_prompt", None)
+        texts.append(("sd_prompt", prompt))
+        if negative:
+            texts.append(("sd_negative", negative))
+        texts.append(("sd_params", json.dumps(params, sort_keys=True, default=str)))
+    return texts

@@ -1,0 +1,116 @@
+"""Parse sidecar files into (tag, category) lists and caption texts.
+
+Conventions (by extension):
+    .txt      kohya style: comma-separated tags; or the three-line form below
+    .tags     space-separated booru tag string, or the three-line form
+              `copyright: a, b` / `character: c` / `general tags: x, y`
+    .json     Danbooru post JSON (tag_string_general / _character / _copyright / _artist /
+              _meta, rating); other JSON with a "tags" list or string, or a "caption"
+    .caption  natural-language caption
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from charset_normalizer import from_bytes
+
+DANBOORU_FIELDS = {
+    "tag_string_general": "general",
+    "tag_string_character": "character",
+    "tag_string_copyright": "copyright",
+    "tag_string_artist": "artist",
+    "tag_string_meta": "meta",
+}
+RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
+THREE_LINE = re.compile(r"^\s*(copyright|character|artist|general tags|general|meta)\s*:", re.I)
+THREE_LINE_CATEGORY = {"general tags": "general"}
+
+
+class SidecarError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 (with or without BOM); otherwise the encoding charset-normalizer finds."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    best = from_bytes(data).best()
+    if best is None:
+        raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
+    return str(best)
+
+
+def normalize_tag(tag: str) -> str:
+    """Danbooru form: lower case, underscores, prompt escapes `\\(` removed."""
+    tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
+    return re.sub(r"\s+", "_", tag).lower()
+
+
+def split_tags(text: str, sep: str) -> list[str]:
+    parts = text.split(sep) if sep != " " else text.split()
+    return [t for t in (normalize_tag(p) for p in parts) if t]
+
+
+def parse_sidecar(ext: str, data: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """(tags as (tag, category), texts as (kind, text), origin) of one sidecar."""
+    text = decode_text(data)
+    if ext == "caption":
+        return [], [("caption", text.strip())] if text.strip() else [], "caption"
+    if ext == "json":
+        return _parse_json(text)
+    if _is_three_line(text):
+        return _parse_three_line(text), [], "three_line"
+    if ext == "tags":
+        sep = "," if "," in text else " "
+        return [(t, "general") for t in split_tags(text, sep)], [], "booru"
+    return [(t, "general") for t in split_tags(text, ",")], [], "txt"
+
+
+def _is_three_line(text: str) -> bool:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return len(lines) >= 2 and all(THREE_LINE.match(ln) for ln in lines)
+
+
+def _parse_three_line(text: str) -> list[tuple[str, str]]:
+    tags = []
+    for line in text.splitlines():
+        match = THREE_LINE.match(line)
+        if not match:
+            continue
+        label = match.group(1).lower()
+        category = THREE_LINE_CATEGORY.get(label, label)
+        tags += [(t, category) for t in split_tags(line[match.end() :], ",")]
+    return tags
+
+
+def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    try:
+        post = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SidecarError("sidecar_json", f"invalid JSON: {exc}") from exc
+    if not isinstance(post, dict):
+        raise SidecarError("sidecar_json", "JSON sidecar is not an object")
+    tags: list[tuple[str, str]] = []
+    texts: list[tuple[str, str]] = []
+    if any(f in post for f in DANBOORU_FIELDS):
+        for field, category in DANBOORU_FIELDS.items():
+            tags += [(t, category) for t in split_tags(str(post.get(field) or ""), " ")]
+        rating = RATINGS.get(str(post.get("rating", "")).lower()[:1])
+        if rating:
+            tags.append((rating, "rating"))
+        origin = "danbooru_json"
+    else:
+        raw = post.get("tags", [])
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        tags = [(normalize_tag(str(t)), "general") for t in items if str(t).strip()]
+        origin = "json"
+    for kind in ("caption", "prompt"):
+        if isinstance(post.get(kind), str) and post[kind].strip():
+            texts.append(("caption" if kind == "caption" else "sd_prompt", post[kind].strip()))
+    return tags, texts, origin
