@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.workspace import Workspace
 from udfs.probe import ProbeError, probe_image
-from udfs.sidecars import SidecarError, parse_sidecar
+from udfs.sidecars import SidecarError, decode_text, parse_sidecar
 from udfs.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit
 
 TABLES = ("images", "source_tags", "source_text", "errors")
@@ -62,6 +62,8 @@ class UnitRows:
         key = f"{self.unit.prefix}/{sample.key}"
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
         problems = list(sample.problems)
+        if any(kind == "duplicate_key" for _, kind, _ in problems):
+            image_ext = None  # a second sample under a key already taken: never two rows per key
         if image_ext is None:
             kind, message = _missing_image_reason(problems, sample)
             member = next(iter(sample.member_names.values()), "")
@@ -100,7 +102,10 @@ class UnitRows:
             self.error(key, member, "sidecar_too_large", message, dropped=False)
             return
         try:
-            tags, texts, origin = parse_sidecar(ext, data)
+            text, guessed = decode_text(data)
+            if guessed:
+                self.error(key, member, "sidecar_encoding_guessed", f"not UTF-8; read as {guessed}", dropped=False)
+            tags, texts, origin = parse_sidecar(ext, text)
         except SidecarError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=False)
             return
@@ -125,6 +130,9 @@ class UnitRows:
 
 def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) -> tuple[str, str]:
     """Why a sample has no image: the problem that took it, else that it never had one."""
+    for member, kind, message in problems:
+        if kind == "duplicate_key":
+            return kind, message
     for member, kind, message in problems:
         if member.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS or kind == "truncated_shard":
             return kind, message

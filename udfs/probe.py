@@ -97,7 +97,8 @@ def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
         sd = get_sdmeta_from_image(image)
     except Exception:  # noqa: BLE001 - a bad chunk is not a bad image
         sd = None
-    if sd is not None:
+    # EXIF comments of ordinary photos parse as empty or NUL-filled "prompts": not SD metadata
+    if sd is not None and (sd.prompt or "").strip("\x00 \t\r\n"):
         texts.append(("sd_prompt", sd.prompt))
         if sd.neg_prompt:
             texts.append(("sd_negative", sd.neg_prompt))

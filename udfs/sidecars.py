@@ -34,16 +34,25 @@ class SidecarError(Exception):
         self.kind = kind
 
 
-def decode_text(data: bytes) -> str:
-    """UTF-8 (with or without BOM); otherwise the encoding charset-normalizer finds."""
+# Short texts often fit several legacy code pages equally well; among the best fits, prefer
+# the ones that sidecar writers actually use (Windows western, Chinese, Japanese, ...).
+PREFERRED_ENCODINGS = ["cp1252", "gb18030", "cp932", "big5", "cp949"]
+
+
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """(text, None) for UTF-8 (with or without BOM); else (text, the encoding guessed)."""
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), None
     except UnicodeDecodeError:
         pass
-    best = from_bytes(data).best()
-    if best is None:
+    matches = list(from_bytes(data))
+    if not matches:
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
-    return str(best)
+    least = min(m.chaos for m in matches)
+    best = [m for m in matches if m.chaos == least]
+    rank = {name: i for i, name in enumerate(PREFERRED_ENCODINGS)}
+    chosen = min(best, key=lambda m: rank.get(m.encoding, len(rank)))
+    return str(chosen), chosen.encoding
 
 
 def normalize_tag(tag: str) -> str:
@@ -57,9 +66,9 @@ def split_tags(text: str, sep: str) -> list[str]:
     return [t for t in (normalize_tag(p) for p in parts) if t]
 
 
-def parse_sidecar(ext: str, data: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
-    """(tags as (tag, category), texts as (kind, text), origin) of one sidecar."""
-    text = decode_text(data)
+def parse_sidecar(ext: str, data: bytes | str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """(tags as (tag, category), texts as (kind, text), origin) of one sidecar (already decoded)."""
+    text = data if isinstance(data, str) else decode_text(data)[0]
     if ext == "caption":
         return [], [("caption", text.strip())] if text.strip() else [], "caption"
     if ext == "json":

@@ -146,12 +146,10 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
-                    if key in seen:
-                        yield (name, "duplicate_key", f"key {key!r} appears again later in the shard")
-                        current = None
-                        continue
-                    seen.add(key)
                     current = Sample(key, {}, {})
+                    if key in seen:  # WebDataset samples are contiguous: a later repeat is a second sample
+                        current.problems.append((name, "duplicate_key", f"key {key!r} seen earlier in the shard"))
+                    seen.add(key)
                 _add_member(current, ext, name, info.size, max_member_bytes, lambda i=info: tar.extractfile(i).read())
     except (tarfile.TarError, EOFError, OSError) as exc:
         if current is not None:

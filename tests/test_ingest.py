@@ -1,0 +1,171 @@
+"""The ingest job on hostile shards, folders, URIs and the bundled sample."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import duckdb
+import pytest
+from hostile_data import EXPECTED, encode, hostile_members, picture, write_tar
+
+from jobs import ingest
+from jobs.config import load_config
+from jobs.workspace import Workspace
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def run_ingest(tmp_path, inputs: list[str], *extra: str):
+    quoted = ", ".join(f'"{i}"' for i in inputs)
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f"ingest.inputs=[{quoted}]", *extra])
+    ws = Workspace(cfg["workspace"]["path"])
+    return ingest.run(cfg, ws), ws
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("hostile")
+    write_tar(tmp / "hostile.tar", hostile_members())
+    summary, ws = run_ingest(tmp, [str(tmp / "hostile.tar")], "ingest.max_sidecar_bytes=1048576")
+    return summary, ws
+
+
+def test_every_member_is_accounted_for(hostile):
+    summary, ws = hostile
+    images, errors = ws.read_table("images"), ws.read_table("errors")
+    assert summary.rows_in == len(EXPECTED)
+    dropped = [e for e in errors.to_pylist() if e["dropped"]]
+    assert images.num_rows + len(dropped) == summary.rows_in
+    assert "accounting: 17 images + 5 dropped samples = 22 samples seen" in summary.render()
+
+
+def test_each_bad_sample_has_its_reason(hostile):
+    _, ws = hostile
+    modes = {r["key"]: r["mode"] for r in ws.read_table("images").to_pylist()}
+    kinds = {r["key"]: r["kind"] for r in ws.read_table("errors").to_pylist() if r["dropped"]}
+    for key, (outcome, value) in EXPECTED.items():
+        full = f"hostile/{key}"
+        if outcome == "image":
+            assert modes.get(full) == value, key
+        else:
+            assert kinds.get(full) == value, key
+
+
+def test_image_facts(hostile):
+    _, ws = hostile
+    rows = {r["key"]: r for r in ws.read_table("images").to_pylist()}
+    good = rows["hostile/good"]
+    assert (good["width"], good["height"], good["format"], good["n_frames"]) == (96, 64, "JPEG", 1)
+    assert rows["hostile/animated"]["n_frames"] == 3
+    assert rows["hostile/good"]["phash"] == rows["hostile/cap"]["phash"]  # same bytes, same hash
+    assert rows["hostile/good"]["sha256"] == rows["hostile/cap"]["sha256"]
+    assert rows["hostile/good"]["phash"] != rows["hostile/booru"]["phash"]
+    assert rows["hostile/../escape"]["member"] == "../escape.png"
+
+
+def test_sidecar_formats(hostile):
+    _, ws = hostile
+    tags: dict[str, list[tuple[str, str, str]]] = {}
+    for r in sorted(ws.read_table("source_tags").to_pylist(), key=lambda r: (r["key"], r["position"])):
+        tags.setdefault(r["key"].removeprefix("hostile/"), []).append((r["tag"], r["category"], r["origin"]))
+    assert [t for t, _, _ in tags["good"]] == ["1girl", "solo", "short_hair", "red_hair", "(cosplay)"]
+    assert tags["booru"] == [("1boy", "general", "booru"), ("solo", "general", "booru"),
+                             ("black_hair", "general", "booru")]
+    assert ("hakurei_reimu", "character", "three_line") in tags["three"]
+    assert ("touhou", "copyright", "three_line") in tags["three"]
+    assert ("red_skirt", "general", "three_line") in tags["three"]
+    assert ("hatsune_miku", "character", "danbooru_json") in tags["post"]
+    assert ("sensitive", "rating", "danbooru_json") in tags["post"]
+    assert ("highres", "meta", "danbooru_json") in tags["post"]
+    assert [t for t, _, _ in tags["cp1252"]][:2] == ["café", "naïve"]
+    assert "hugeside" not in tags  # too large: reported, ignored
+
+
+def test_sidecar_problems_keep_the_image(hostile):
+    _, ws = hostile
+    errors = {r["key"]: r for r in ws.read_table("errors").to_pylist()}
+    assert errors["hostile/hugeside"]["kind"] == "sidecar_too_large"
+    assert errors["hostile/hugeside"]["dropped"] is False
+
+
+def test_embedded_metadata(hostile):
+    _, ws = hostile
+    texts = {(r["key"].removeprefix("hostile/"), r["kind"]): r["text"] for r in ws.read_table("source_text").to_pylist()}
+    assert texts[("cap", "caption")] == "A girl waves — “hello”."
+    assert texts[("a1111", "sd_prompt")] == "1girl, solo, red hair"
+    assert texts[("a1111", "sd_negative")] == "lowres, bad hands"
+    assert '"Steps": 20' in texts[("a1111", "sd_params")]
+    for key in ("nai", "stealth"):  # stealth: only in the alpha channel's least significant bits
+        assert texts[(key, "sd_prompt")] == "2girls, hug"
+        assert texts[(key, "sd_negative")] == "blurry"
+
+
+def test_truncated_shard_keeps_what_it_can(tmp_path):
+    members = [(f"s{i}.png", encode(picture(seed=i), "PNG")) for i in range(6)]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.tar").write_bytes(whole[: int(len(whole) * 0.6)])
+    summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
+    images = ws.read_table("images").num_rows
+    errors = ws.read_table("errors").to_pylist()
+    assert 1 <= images < 6
+    assert any(e["kind"] == "corrupt_shard" for e in errors)
+    assert images + summary.dropped == summary.rows_in
+
+
+def test_folder_input_with_same_stem_sidecars(tmp_path):
+    folder = tmp_path / "kohya" / "10_concept"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        picture(seed=i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"1girl, tag{i}")
+    (folder / "notes.md").write_text("not a sample")
+    summary, ws = run_ingest(tmp_path, [str(tmp_path / "kohya")], "ingest.folder_unit_size=2")
+    assert sorted(ws.read_table("images")["key"].to_pylist()) == [
+        "kohya@000000000/10_concept/img0", "kohya@000000000/10_concept/img1", "kohya@000000002/10_concept/img2"]
+    assert summary.units_done == 2
+    assert ws.read_table("source_tags").num_rows == 6
+    assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["no_image"]
+
+
+def test_uri_and_brace_inputs(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"part-{i}.tar", [(f"k{i}.png", encode(picture(seed=i), "PNG"))])
+    summary, _ = run_ingest(tmp_path, [f"file://{tmp_path}/part-0.tar", f"{tmp_path}/part-{{1..2}}.tar"])
+    assert summary.rows_out["images"] == 3
+
+
+def test_rerun_skips_done_units(tmp_path):
+    write_tar(tmp_path / "one.tar", [("a.png", encode(picture(), "PNG"))])
+    first, ws = run_ingest(tmp_path, [str(tmp_path / "one.tar")])
+    second, ws = run_ingest(tmp_path, [str(tmp_path / "one.tar")])
+    assert (first.units_done, second.units_done, second.units_skipped) == (1, 0, 1)
+    assert ws.read_table("images").num_rows == 1
+    assert second.rows_out["images"] == 1  # the summary still counts the whole input
+
+
+def test_sample_workspace_catalog_answers_sql(tmp_path):
+    summary, ws = run_ingest(tmp_path, [""])
+    assert summary.rows_out["images"] == 24 and summary.errors == 0
+    con = duckdb.connect(str(tmp_path / "ws" / "catalog.duckdb"), read_only=True)
+    formats = dict(con.execute("select format, count(*) from images group by 1").fetchall())
+    assert formats == {"JPEG": 10, "PNG": 14}
+    characters = con.execute(
+        "select count(distinct key) from source_tags where tag = $tag",
+        {"tag": "sylvie_(the_question)"}).fetchone()[0]
+    assert characters == 8
+
+
+def test_duplicate_keys_in_one_shard(tmp_path):
+    png = encode(picture(), "PNG")
+    buf = tmp_path / "dup.tar"
+    with tarfile.open(buf, "w") as tar:
+        for name in ("a.png", "b.png", "a.txt"):
+            info = tarfile.TarInfo(name)
+            data = png if name.endswith("png") else b"x"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary, ws = run_ingest(tmp_path, [str(buf)])
+    assert ws.read_table("images").num_rows == 2
+    assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["duplicate_key"]
