@@ -63,7 +63,7 @@ def hostile_members() -> list[tuple[str, bytes]]:
     gif_frames[0].save(gif, format="GIF", save_all=True, append_images=gif_frames[1:], duration=50)
     palette = picture(seed=2).convert("P")
     palette.info["transparency"] = 0
-    i16 = Image.fromarray((np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10))
+    i16 = Image.fromarray(np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10)
     post = {"tag_string_general": "1girl solo long_hair", "tag_string_character": "hatsune_miku",
             "tag_string_copyright": "vocaloid", "tag_string_artist": "someone", "tag_string_meta": "highres",
             "rating": "s"}

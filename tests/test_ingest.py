@@ -91,7 +91,8 @@ def test_sidecar_problems_keep_the_image(hostile):
 
 def test_embedded_metadata(hostile):
     _, ws = hostile
-    texts = {(r["key"].removeprefix("hostile/"), r["kind"]): r["text"] for r in ws.read_table("source_text").to_pylist()}
+    rows = ws.read_table("source_text").to_pylist()
+    texts = {(r["key"].removeprefix("hostile/"), r["kind"]): r["text"] for r in rows}
     assert texts[("cap", "caption")] == "A girl waves — “hello”."
     assert texts[("a1111", "sd_prompt")] == "1girl, solo, red hair"
     assert texts[("a1111", "sd_negative")] == "lowres, bad hands"

@@ -130,7 +130,7 @@ class UnitRows:
 
 def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) -> tuple[str, str]:
     """Why a sample has no image: the problem that took it, else that it never had one."""
-    for member, kind, message in problems:
+    for _, kind, message in problems:
         if kind == "duplicate_key":
             return kind, message
     for member, kind, message in problems:
