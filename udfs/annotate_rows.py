@@ -1,0 +1,107 @@
+"""The CPU steps of annotate around the model actors: read image bytes, decode, crop persons.
+
+read_unit_images: one unit (a source) -> one row per image listed in `images`, with its bytes.
+DecodeImages: bytes -> the fixed-size uint8 input of every enabled model (draft-mode decode).
+PersonCrops: bytes + person boxes -> preprocessed CCIP crops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from udfs.ccip import person_crops
+from udfs.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
+from udfs.sources import Unit, read_unit
+
+
+def read_unit_images(item: dict[str, Any], max_member_bytes: int) -> list[dict]:
+    """Rows {unit, key, source, member, data} for the members of one source listed in `images`."""
+    source, keys, members = item["source"], list(item["keys"]), list(item["members"])
+    wanted = dict(zip(members, keys, strict=True))
+    if item["kind"] == "tar":
+        unit = Unit("tar", source, "")
+    else:
+        unit = Unit("folder", source, "", [os.path.join(source, m) for m in members])
+    found: dict[str, bytes] = {}
+    for sample in read_unit(unit, max_member_bytes):
+        if isinstance(sample, tuple):
+            continue  # shard-level problems were reported by ingest; missing members show below
+        for ext, name in sample.member_names.items():
+            if name in wanted:
+                found[name] = sample.members[ext]
+    return [{"unit": item["unit"], "key": wanted[m], "source": source, "member": m, "data": found.get(m, b"")}
+            for m in members]
+
+
+def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[str, Any]:
+    """Decode once and build every model's input; raises on undecodable bytes."""
+    if not data:
+        raise FileNotFoundError("member not found in its source (moved or rewritten since ingest?)")
+    image = decode(data, draft_size)
+    rgb = to_rgb_on_white(image)
+    out: dict[str, Any] = {"width": image.width, "height": image.height}
+    for column, (kind, size) in inputs.items():
+        if kind == "yolo":
+            out[column] = yolo_input(rgb, tuple(size))
+        elif kind == "tagger":
+            out[column] = tagger_input(image, int(size))
+        elif kind == "ccip":
+            out[column] = ccip_input(rgb, int(size))
+        elif kind == "gray":
+            gray = gray_input(rgb, int(size))
+            out["gray_h"], out["gray_w"] = gray.shape
+            out[column] = pad_to(gray, int(size))
+    return out
+
+
+def input_shape(kind: str, size) -> tuple[int, ...]:
+    if kind == "yolo":
+        return (size[1], size[0], 3)
+    if kind == "gray":
+        return (size, size)
+    return (size, size, 3)
+
+
+def decode_images(batch: dict[str, np.ndarray], inputs: dict[str, list], draft_size: int,
+                  keep_data: bool) -> dict[str, np.ndarray]:
+    """map_batches (CPU task): add ok, decode_error, width, height and one column per model input."""
+    n = len(batch["key"])
+    columns: dict[str, np.ndarray] = {c: np.zeros((n, *input_shape(k, s)), np.uint8) for c, (k, s) in inputs.items()}
+    extra = {name: np.zeros(n, np.int32) for name in ("width", "height", "gray_w", "gray_h")}
+    ok, errors = np.zeros(n, bool), np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            made = make_inputs(batch["data"][i], inputs, draft_size)
+        except Exception as exc:  # any decoder failure: this image becomes an errors row
+            kind = "missing_member" if isinstance(exc, FileNotFoundError) else "decode_failed"
+            errors[i] = json.dumps([kind, f"{type(exc).__name__}: {exc}"[:2000]])
+            continue
+        ok[i] = True
+        for name, value in made.items():
+            (columns if name in columns else extra)[name][i] = value
+    out = {k: batch[k] for k in ("unit", "key", "source", "member")}
+    if keep_data:
+        out["data"] = batch["data"]
+    return {**out, "ok": ok, "decode_error": errors, **extra, **columns}
+
+
+def crop_persons(batch: dict[str, np.ndarray], person_column: str, draft_size: int, padding: float,
+                 max_crops: int, size: int) -> dict[str, np.ndarray]:
+    """map_batches (CPU task): CCIP crops of each image's person boxes; drops the image bytes."""
+    n = len(batch["key"])
+    crops, boxes = np.full(n, b"", dtype=object), np.full(n, "[]", dtype=object)
+    for i in range(n):
+        persons = json.loads(batch[person_column][i]) if batch["ok"][i] else []
+        if not persons:
+            continue
+        try:
+            stack, found = person_crops(batch["data"][i], draft_size, persons, padding, max_crops, size)
+        except Exception:  # decoded fine once already; a failure here only loses the crops
+            continue
+        crops[i], boxes[i] = stack.tobytes(), json.dumps(found)
+    batch.pop("data")
+    return {**batch, "ccip_crops": crops, "ccip_crop_boxes": boxes}

@@ -1,0 +1,73 @@
+"""CCIP character features (imgutils.metrics.ccip) for whole images and person crops, batched.
+
+The whole-image inputs and every person crop of a batch go through the feature model
+together, `batch_size` images per session.run. Output per row: float32 bytes of shape
+(1 + crops, dim): the whole image first, then the crops in `ccip_crop_boxes` order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from udfs.images import ccip_input, ccip_tensor, crop_box, decode, to_rgb_on_white
+from udfs.model_actor import ModelActor
+from udfs.model_files import model_file
+from udfs.onnx_session import fixed_batch, open_session, run_batched
+
+
+def person_crops(data: bytes, draft_size: int, persons: list[list], padding: float, max_crops: int,
+                 size: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Preprocessed crops (uint8 N x size x size x 3) of the best-scoring person boxes, and the boxes."""
+    image = decode(data, draft_size)
+    best = sorted(range(len(persons)), key=lambda i: -persons[i][5])[:max_crops]
+    crops, boxes = [], []
+    for index in sorted(best):
+        box = crop_box(image.width, image.height, tuple(persons[index][:4]), padding)
+        if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+            continue
+        crops.append(crop_input(image, box, size))
+        boxes.append([index, *box])
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8), boxes
+
+
+def crop_input(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """What ccip_extract_feature(image.crop(box)) feeds its model (before the float conversion)."""
+    return ccip_input(to_rgb_on_white(image.crop(box)), size)
+
+
+class CcipFeatures(ModelActor):
+    """map_batches callable: `input` (uint8 NHWC) + `ccip_crops` bytes -> `output` float32 bytes."""
+
+    empty = b""
+
+    def __init__(self, spec: dict, input: str, output: str, device: str = "auto") -> None:
+        super().__init__(output, drop=(input, "ccip_crops"))
+        path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
+        self.session, self.provider = open_session(path, device, spec.get("threads", 0))
+        self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))
+        self.size = int(spec["size"])
+        self.input = input
+
+    def predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> list[bytes]:
+        stacks, counts = [], []
+        for i in rows:
+            crops = np.frombuffer(batch["ccip_crops"][i], np.uint8).reshape(-1, self.size, self.size, 3) \
+                if "ccip_crops" in batch else np.zeros((0, self.size, self.size, 3), np.uint8)
+            stacks.append(np.concatenate([batch[self.input][i][None], crops]))
+            counts.append(len(stacks[-1]))
+        features = self.features(np.concatenate(stacks))
+        bounds = np.cumsum([0, *counts])
+        return [features[a:b].astype(np.float32).tobytes() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """CCIP features (N, dim) of preprocessed uint8 images, max_batch images per run."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        (out,) = run_batched(self.session, [outputs[0].name], inputs[0].name, ccip_tensor(images), self.max_batch)
+        return out
+
+
+def crop_boxes_json(boxes: list[list[int]]) -> str:
+    return json.dumps(boxes)

@@ -1,0 +1,115 @@
+"""Decoding and per-model preprocessing, mirrored from dghs-imgutils so results match it.
+
+Each function returns uint8 arrays: every model's float input is an exact function of these
+bytes (the float conversion happens in the model actor), which keeps the arrays that Ray Data
+streams from CPU tasks to the model actors four times smaller than float32.
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# CCIP's normalisation (imgutils.metrics.ccip._normalize: CLIP mean and std, float64).
+CCIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
+CCIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711))
+
+
+def decode(data: bytes, draft_size: int = 0) -> Image.Image:
+    """Decode an image; JPEGs larger than 2x draft_size on both sides are decoded reduced.
+
+    Pillow's draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale while keeping both
+    sides >= draft_size: most of the decode cost is skipped when every model input is much
+    smaller than the image. Boxes are relative, so they do not depend on the decoded size.
+    """
+    image = Image.open(io.BytesIO(data))
+    if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
+        image.draft(image.mode, (draft_size, draft_size))
+    image.load()
+    return image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """imgutils.data.has_alpha_channel."""
+    if image.mode in ("RGBA", "LA", "PA"):
+        return True
+    if image.palette:
+        try:
+            image.palette.getcolor((0, 0, 0, 0))
+            return True
+        except ValueError:
+            pass
+    return "transparency" in image.info
+
+
+def to_rgb_on_white(image: Image.Image) -> Image.Image:
+    """imgutils.data.load_image(image, mode="RGB"): transparent pixels become white."""
+    if has_alpha(image):
+        try:
+            flat = Image.new("RGBA", image.size, "white")
+            flat.paste(image, (0, 0), mask=image)
+        except ValueError:
+            flat = image
+        image = flat if flat.mode == "RGB" else flat.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def yolo_input(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """imgutils.generic.yolo._image_preprocess (allow_dynamic=False): stretch to `size` (w, h)."""
+    return np.asarray(rgb.resize(size))
+
+
+def yolo_tensor(batch: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> the float32 NCHW of imgutils.data.rgb_encode (x / 255.0 in float64 first)."""
+    return (batch.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+
+
+def tagger_input(image: Image.Image, target: int) -> np.ndarray:
+    """imgutils.tagging.wd14._prepare_image_for_tagging: white square pad, bicubic, BGR (uint8)."""
+    width, height = image.size
+    side = max(width, height)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    try:
+        padded.paste(image, ((side - width) // 2, (side - height) // 2), mask=image)
+    except ValueError:  # no usable mask (RGB, P, ...): imgutils pastes without one
+        padded.paste(image, ((side - width) // 2, (side - height) // 2))
+    if side != target:
+        padded = padded.resize((target, target), Image.BICUBIC)
+    return np.ascontiguousarray(np.asarray(padded)[:, :, ::-1])
+
+
+def ccip_input(rgb: Image.Image, size: int) -> np.ndarray:
+    """imgutils.metrics.ccip._preprocess_image before the float conversion: bilinear resize."""
+    return np.asarray(rgb.resize((size, size), resample=Image.BILINEAR))
+
+
+def ccip_tensor(batch: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> CCIP's normalised float32 NCHW, computed as imgutils does (float64 normalise)."""
+    data = batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return ((data - CCIP_MEAN[None, :, None, None]) / CCIP_STD[None, :, None, None]).astype(np.float32)
+
+
+def gray_input(rgb: Image.Image, max_side: int) -> np.ndarray:
+    """Grey image for the cascade face detector, at most max_side pixels on its long side."""
+    scale = min(1.0, max_side / max(rgb.size)) if max_side else 1.0
+    if scale < 1.0:
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
+    return cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+def pad_to(array: np.ndarray, side: int) -> np.ndarray:
+    """Put a 2-D array in the top-left corner of a side x side canvas (fixed-shape batches)."""
+    canvas = np.zeros((side, side), dtype=array.dtype)
+    canvas[: array.shape[0], : array.shape[1]] = array
+    return canvas
+
+
+def crop_box(width: int, height: int, box: tuple[int, int, int, int], padding: float) -> tuple[int, int, int, int]:
+    """A box grown by `padding` times its size on each side, clipped to the image."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * padding, (y1 - y0) * padding
+    return (max(0, int(x0 - dx)), max(0, int(y0 - dy)),
+            min(width, int(round(x1 + dx))), min(height, int(round(y1 + dy))))

@@ -1,0 +1,40 @@
+"""Where a model's files come from: a local models directory, else the Hugging Face Hub cache.
+
+GPU clusters are often offline with models staged on shared storage: `annotate.models_dir`
+holds `<repo>/<file>` (the hub layout), e.g. `models/deepghs/ccip_onnx/<model>/model_feat.onnx`.
+Without it, files come from the Hugging Face cache, downloaded on first use when online.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ModelUnavailable(Exception):
+    """A model file that cannot be had here; the message says how to make it available."""
+
+
+def model_file(repo: str, file: str, models_dir: str = "") -> str:
+    """Local path of `file` of hub repository `repo`."""
+    if models_dir:
+        local = Path(models_dir) / repo / file
+        if local.is_file():
+            return str(local)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=repo, filename=file)
+    except Exception as exc:  # offline, not cached, no such file, no access: all mean "not here"
+        where = f"{models_dir}/{repo}/{file}" if models_dir else "annotate.models_dir/<repo>/<file>"
+        raise ModelUnavailable(
+            f"{repo}/{file} is not available ({type(exc).__name__}); download it once online "
+            f"(huggingface-cli download {repo} {file}) or stage it at {where} and set annotate.models_dir"
+        ) from exc
+
+
+def optional_file(repo: str, file: str, models_dir: str = "") -> str | None:
+    """Like model_file, for side files that a repository may lack (model_type.json, ...)."""
+    try:
+        return model_file(repo, file, models_dir)
+    except ModelUnavailable:
+        return None

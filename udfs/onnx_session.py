@@ -1,0 +1,67 @@
+"""onnxruntime sessions: provider choice, and a record of the provider a session really got.
+
+A silent fall-back to the CPU is the commonest complaint about taggers, so every model actor
+reports `session.get_providers()[0]` (what onnxruntime actually uses), not what was asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def wanted_providers(device: str) -> list[str]:
+    """Providers to ask for: device is "auto" (CUDA when onnxruntime has it), "cuda" or "cpu"."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        log.warning("annotate.device is cuda but this onnxruntime has no CUDA provider (%s); "
+                    "install onnxruntime-gpu. Running on the CPU.", available)
+    return [CPU]
+
+
+def open_session(path: str, device: str = "auto", threads: int = 0) -> tuple[ort.InferenceSession, str]:
+    """An InferenceSession for `path` and the provider it actually runs on."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(path, options, providers=wanted_providers(device))
+    provider = session.get_providers()[0]
+    if device != "cpu" and CUDA in ort.get_available_providers() and provider != CUDA:
+        log.warning("%s: asked for CUDA, got %s (CUDA/cuDNN libraries missing?)", path, provider)
+    return session, provider
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size a model file fixes (e.g. 1 for most YOLO exports), None when dynamic."""
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, data, max_batch: int | None):
+    """One session.run for the whole batch, or a loop when the file fixes the batch size."""
+    import numpy as np
+
+    if max_batch is None or len(data) <= max_batch:
+        return session.run(outputs, {name: data})
+    parts = [session.run(outputs, {name: data[i : i + max_batch]}) for i in range(0, len(data), max_batch)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
+
+
+def file_input_shape(path: str) -> list[int | str]:
+    """The first input's shape as the ONNX file declares it (read without starting a session)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]

@@ -1,0 +1,59 @@
+"""The WD v3 tagger (imgutils' get_wd14_tags; default SwinV2 v3) as a batched actor.
+
+One session.run per batch (NHWC float32 BGR, the tagger's layout). Every general and
+character label scoring above `score_floor` is kept, and the rating scores always, so that
+thresholds are chosen later in SQL rather than baked in here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from udfs.model_actor import ModelActor
+from udfs.model_files import model_file
+from udfs.onnx_session import fixed_batch, open_session, run_batched
+
+# selected_tags.csv category codes (imgutils.tagging.wd14._get_wd14_labels)
+CATEGORIES = {9: "rating", 0: "general", 4: "character"}
+
+
+def load_labels(path: str) -> tuple[list[str], list[str]]:
+    """(tag names, category names) in the model's output order."""
+    frame = pd.read_csv(path)
+    return frame["name"].tolist(), [CATEGORIES.get(int(c), str(c)) for c in frame["category"]]
+
+
+class WdTagger(ModelActor):
+    """map_batches callable: column `input` (uint8 NHWC BGR) -> `output`: JSON [[tag, category, score], ...]."""
+
+    def __init__(self, spec: dict, input: str, output: str, device: str = "auto") -> None:
+        super().__init__(output, drop=(input,))
+        models_dir = spec.get("models_dir", "")
+        path = model_file(spec["repo"], spec["file"], models_dir)
+        self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
+        self.session, self.provider = open_session(path, device, spec.get("threads", 0))
+        self.max_batch = fixed_batch(self.session)
+        self.floor = float(spec["score_floor"])
+        self.rating = np.array([c == "rating" for c in self.categories])
+        self.input = input
+
+    def predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> list[str]:
+        return [json.dumps(self.tags(p)) for p in self.scores(batch[self.input][rows])]
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """Label scores (N, labels) for a stack of preprocessed images, in one run."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        # the tagger's first output is the label scores (the second, with embeddings, is unused)
+        (preds,) = run_batched(self.session, [outputs[0].name], inputs[0].name,
+                               images.astype(np.float32), self.max_batch)
+        return preds
+
+    def tags(self, pred: np.ndarray) -> list[list]:
+        """[tag, category, score] of the ratings and of every label above the floor."""
+        # imgutils compares in float64 (pred.astype(float)), so does this
+        values = pred.astype(float)
+        keep = np.flatnonzero(self.rating | (values > self.floor))
+        return [[self.names[i], self.categories[i], values[i]] for i in keep]
