@@ -1,0 +1,169 @@
+"""Equality of the batched annotate UDFs with the imgutils per-image functions.
+
+The models are tiny random-weight ONNX files with the production contracts (tests/onnx_fakes.py)
+and the real WD v3 label file, placed in an offline Hugging Face cache where imgutils finds
+them. The same image bytes go through our decode -> preprocess -> batched actor path and
+through imgutils' function; boxes, features and scores must agree within 1e-4.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+from tests.onnx_fakes import (
+    CCIP_FILE,
+    CCIP_REPO,
+    DETECTORS,
+    LABELS_FILE,
+    LABELS_REPO,
+    TAGGER_FILE,
+    TAGGER_REPO,
+    build_hf_cache,
+    build_models_dir,
+)
+from udfs.annotate_rows import decode_images
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fake_models(tmp_path_factory):
+    """models_dir with every fake model, and the same files as the HF cache imgutils reads."""
+    import huggingface_hub.constants as hf_constants
+
+    labels = shared_path("tagdata", "wd_v3_selected_tags.csv")
+    root = tmp_path_factory.mktemp("models")
+    models_dir = build_models_dir(root / "models_dir", labels)
+    cache = build_hf_cache(root / "hf_cache", models_dir)
+    saved = (hf_constants.HF_HUB_CACHE, hf_constants.HF_HUB_OFFLINE)
+    hf_constants.HF_HUB_CACHE, hf_constants.HF_HUB_OFFLINE = str(cache), True
+    yield str(models_dir)
+    hf_constants.HF_HUB_CACHE, hf_constants.HF_HUB_OFFLINE = saved
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _test_images() -> list[bytes]:
+    """Images of the modes and shapes a booru holds: RGB, RGBA with transparency, grey, palette."""
+    rng = np.random.default_rng(7)
+    images = []
+    for (w, h), mode in [((640, 480), "RGB"), ((300, 700), "RGBA"), ((512, 512), "L"), ((800, 360), "P"),
+                         ((1000, 1400), "RGB")]:
+        base = rng.integers(0, 256, (h // 20 + 1, w // 20 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((w, h), Image.BILINEAR)  # smooth blobs: boxes vary by image
+        if mode == "RGBA":
+            image = image.convert("RGBA")
+            alpha = np.zeros((h, w), np.uint8)
+            alpha[h // 4 : 3 * h // 4, w // 5 : 4 * w // 5] = 255
+            image.putalpha(Image.fromarray(alpha))
+        elif mode in ("L", "P"):
+            image = image.convert(mode)
+        images.append(_png(image))
+    return images
+
+
+def _batch(images: list[bytes], inputs: dict) -> dict[str, np.ndarray]:
+    n = len(images)
+    raw = {"unit": np.array(["u"] * n, dtype=object), "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+           "source": np.array(["s"] * n, dtype=object), "member": np.array(["m"] * n, dtype=object),
+           "data": np.array(images, dtype=object)}
+    return decode_images(raw, inputs, draft_size=0, keep_data=True)
+
+
+def _spec(name: str, models_dir: str, **extra) -> dict:
+    from jobs.config import load_config
+
+    return {**load_config()["annotate"][name], "models_dir": models_dir, **extra}
+
+
+def test_tagger_matches_get_wd14_tags(fake_models):
+    from imgutils.tagging import get_wd14_tags
+
+    from udfs.wd_tagger import WdTagger
+
+    spec = _spec("tagger", fake_models)
+    assert (spec["repo"], spec["file"], spec["labels_repo"], spec["labels_file"]) == (
+        TAGGER_REPO, TAGGER_FILE, LABELS_REPO, LABELS_FILE)
+    images = _test_images()
+    batch = WdTagger(spec, "in_tagger", "out")(_batch(images, {"in_tagger": ["tagger", 448]}))
+    assert list(batch["out_error"]) == [""] * len(images)
+    floor = spec["score_floor"]
+    for data, out in zip(images, batch["out"], strict=True):
+        rating, general, character = get_wd14_tags(Image.open(io.BytesIO(data)), general_threshold=floor,
+                                                   character_threshold=floor)
+        ours = {cat: {t: s for t, c, s in json.loads(out) if c == cat} for cat in ("rating", "general", "character")}
+        for cat, theirs in (("rating", rating), ("general", general), ("character", character)):
+            assert set(ours[cat]) == set(theirs), cat
+            assert all(abs(ours[cat][t] - theirs[t]) < TOL for t in theirs), cat
+        assert len(general) > 10 and len(rating) == 4  # the fake scores spread around the floor
+
+
+@pytest.mark.parametrize("name", ["face", "head", "person"])
+def test_detectors_match_imgutils(fake_models, name):
+    from imgutils.detect import detect_faces, detect_heads, detect_person
+
+    from udfs.yolo_detector import YoloDetector
+
+    function = {"face": detect_faces, "head": detect_heads, "person": detect_person}[name]
+    spec = _spec(name, fake_models)
+    repo, folder, label, fixed = DETECTORS[name]
+    assert (spec["repo"], spec["file"]) == (repo, f"{folder}/model.onnx")
+    images = _test_images()
+    detector = YoloDetector(spec, "in_yolo", "out")
+    assert detector.max_batch == fixed  # the face export fixes batch 1: looped inside the actor
+    batch = detector(_batch(images, {"in_yolo": ["yolo", [640, 640]]}))
+    total = 0
+    for data, out in zip(images, batch["out"], strict=True):
+        theirs = function(Image.open(io.BytesIO(data)))
+        ours = json.loads(out)
+        assert [tuple(b[:4]) for b in ours] == [box for box, _, _ in theirs]
+        assert [b[4] for b in ours] == [lab for _, lab, _ in theirs] and {b[4] for b in ours} <= {label}
+        assert all(abs(b[5] - s) < TOL for b, (_, _, s) in zip(ours, theirs, strict=True))
+        total += len(ours)
+    assert total > len(images)  # the fake finds boxes, so the comparison compares something
+
+
+def test_ccip_matches_imgutils_whole_and_crops(fake_models):
+    from imgutils.metrics import ccip_extract_feature
+
+    from udfs.ccip import CcipFeatures, person_crops
+
+    spec = _spec("ccip", fake_models)
+    assert (spec["repo"], spec["file"]) == (CCIP_REPO, CCIP_FILE)
+    images = _test_images()
+    batch = _batch(images, {"in_ccip": ["ccip", 384]})
+    persons = [[10, 20, 200, 300, "person", 0.9], [50, 5, 260, 200, "person", 0.8]]
+    crops, boxes = [], []
+    for data in images:
+        stack, found = person_crops(data, 0, persons, spec["crop_padding"], spec["max_crops"], spec["size"])
+        crops.append(stack.tobytes())
+        boxes.append(found)
+    batch["ccip_crops"] = np.array(crops, dtype=object)
+    out = CcipFeatures(spec, "in_ccip", "out")(batch)
+    for data, vectors, found in zip(images, out["out"], boxes, strict=True):
+        vectors = np.frombuffer(vectors, np.float32).reshape(-1, 768)
+        image = Image.open(io.BytesIO(data))
+        assert len(vectors) == 1 + len(found) == 3
+        np.testing.assert_allclose(vectors[0], ccip_extract_feature(image), atol=TOL, rtol=0)
+        for vector, (_, x0, y0, x1, y1) in zip(vectors[1:], found, strict=True):
+            np.testing.assert_allclose(vector, ccip_extract_feature(image.crop((x0, y0, x1, y1))), atol=TOL, rtol=0)
+
+
+def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
+    from udfs.wd_tagger import WdTagger
+
+    images = _test_images()[:2] + [b"not an image at all"]
+    batch = WdTagger(_spec("tagger", fake_models), "in_tagger", "out")(_batch(images, {"in_tagger": ["tagger", 448]}))
+    assert list(batch["ok"]) == [True, True, False]
+    assert json.loads(batch["decode_error"][2])[0] == "decode_failed"
+    assert len(json.loads(batch["out"][0])) > 4 and batch["out"][2] == "[]"
