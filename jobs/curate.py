@@ -1,0 +1,286 @@
+"""`booruset curate`: DuckDB over the workspace tables -> tags, image_meta, duplicates, clusters,
+groups, balance.
+
+The curation logic is the SQL in sql/ (one SELECT per file, run in file-name order; each file
+creates the table its name ends with). Python does only what SQL cannot: loading lookup files,
+LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of CCIP crops.
+
+Curate is a global job: each run rebuilds its six tables. Intermediate tables live in a DuckDB
+database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
+written as hidden Parquet parts of a new generation, and a commit marker makes the generation
+count: see `publish` for how a killed run never leaves half of the tables new and half old.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import schemas
+from jobs.balance import balance_weights, group_format_table
+from jobs.config import Config, ConfigError
+from jobs.summary import JobSummary
+from jobs.workspace import Workspace
+from udfs import ccip_cluster, near_duplicates, tag_rules
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
+OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
+COMMIT_UNIT = "commit"  # state/curate/commit.json: the generation being published
+IMAGES_PER_PARTITION = 250_000
+ROWS_PER_FILE = 4_000_000
+
+
+def run(cfg: Config, ws: Workspace) -> JobSummary:
+    started = time.perf_counter()
+    opts = cfg["curate"]
+    finish_publish(ws)
+    summary = JobSummary("curate", units_done=1)
+    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp:
+        con = open_database(Path(tmp) / "curate.duckdb", opts)
+        try:
+            attach_inputs(con, ws)
+            load_lookups(con, opts)
+            summary.rows_in = con.execute("select count(*) from images").fetchone()[0]
+            timings = build_tables(con, opts)
+            generation = uuid.uuid4().hex[:12]
+            files = {name: export_table(con, ws, name, generation) for name in OUTPUTS}
+            summary.rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
+        finally:
+            con.close()
+    publish(ws, generation, files)
+    ws.refresh_catalog()
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in timings.items()))
+    return summary
+
+
+# ---- the steps ------------------------------------------------------------------------------
+def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]:
+    """Run every step in order; returns seconds per step (for the summary and the benchmark)."""
+    params = sql_params(opts)
+    timings: dict[str, float] = {}
+    for step, action in [
+        ("tags", lambda: build_tags(con, params, opts)),
+        ("image_meta", lambda: run_model(con, "050_image_meta", params)),
+        ("duplicates", lambda: build_duplicates(con, params, opts)),
+        ("clusters", lambda: build_clusters(con, params, opts)),
+        ("groups", lambda: run_model(con, "080_groups", params)),
+        ("balance", lambda: build_balance(con, params)),
+    ]:
+        began = time.perf_counter()
+        action()
+        timings[step] = time.perf_counter() - began
+        print(f"curate: {step} done in {timings[step]:.1f} s", flush=True)
+    return timings
+
+
+def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
+    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags"):
+        run_model(con, model, params)
+    n_images = con.execute("select count(distinct key) from source_tags").fetchone()[0]
+    partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
+    for partition in range(partitions):
+        run_model(con, "040_tags", {**params, "partitions": partitions, "partition": partition},
+                  append=partition > 0)
+        if partitions > 1:
+            print(f"curate: tags partition {partition + 1}/{partitions}", flush=True)
+
+
+def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
+    run_model(con, "060_phash_pairs", params)
+    threshold = float(opts["embedding_similarity"])
+    buckets = near_duplicates.embedding_buckets(
+        con, opts["embedding_model"], int(opts["lsh_tables"]), int(opts["lsh_bits"]), enabled=threshold > 0)
+    con.register("embedding_buckets_arrow", buckets)
+    con.execute("create or replace table embedding_buckets as select * from embedding_buckets_arrow")
+    con.unregister("embedding_buckets_arrow")
+    run_model(con, "061_embedding_pairs", params)
+    components = near_duplicates.components(con, ["phash_pairs", "embedding_pairs"])
+    con.register("duplicate_components_arrow", components)
+    con.execute("create or replace table duplicate_components as select * from duplicate_components_arrow")
+    con.unregister("duplicate_components_arrow")
+    run_model(con, "062_duplicates", params)
+
+
+def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
+    run_model(con, "070_cluster_crops", params)
+    settings = ccip_cluster.ClusterSettings.from_config(opts)
+    crops = con.sql("select key, crop, block, block_characters, vector from cluster_crops")
+    labels = ccip_cluster.cluster_blocks(crops, settings)
+    con.register("crop_clusters_arrow", labels)
+    con.execute("create or replace table crop_clusters as select * from crop_clusters_arrow")
+    con.unregister("crop_clusters_arrow")
+    run_model(con, "071_reference_matches", params)
+    run_model(con, "072_clusters", params)
+
+
+def build_balance(con: duckdb.DuckDBPyConnection, params: dict) -> None:
+    con.execute("create or replace table group_counts as select path, count(*) as n_images from groups group by path")
+    run_model(con, "090_balance_folders", params)
+    run_model(con, "091_balance", params)
+
+
+def run_model(con: duckdb.DuckDBPyConnection, model: str, params: dict, append: bool = False) -> None:
+    """Run sql/<model>.sql (a SELECT) into the table named by the file (010_tags -> tags)."""
+    query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
+    table = model.split("_", 1)[1]
+    wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
+    verb = f'insert into "{table}" ' if append else f'create or replace table "{table}" as '
+    con.execute(verb + query, wanted)
+
+
+def sql_params(opts: dict) -> dict:
+    """The SQL parameters from the [curate] options (values go in as bindings, never as text)."""
+    distance = int(opts["phash_distance"])
+    if not 0 <= distance < 64:
+        raise ConfigError("curate.phash_distance must be between 0 and 63")
+    return {
+        "general_threshold": float(opts["general_threshold"]),
+        "character_threshold": float(opts["character_threshold"]),
+        "drop_character_traits": bool(opts["drop_character_traits"]),
+        "face_label": str(opts["face_label"]),
+        "face_threshold": float(opts["face_threshold"]),
+        "max_face_aspect": float(opts["max_face_aspect"]),
+        "person_label": str(opts["person_label"]),
+        "person_threshold": float(opts["person_threshold"]),
+        "phash_distance": distance,
+        "bands": distance + 1,
+        "embedding_similarity": float(opts["embedding_similarity"]),
+        "embedding_model": str(opts["embedding_model"]),
+        "cluster_model": str(opts["cluster_model"]),
+        "ccip_threshold": float(opts["ccip_threshold"]),
+        "max_characters": int(opts["max_characters"]),
+        "min_images_per_combination": int(opts["min_images_per_combination"]),
+        "min_multiply": float(opts["min_multiply"]),
+        "max_multiply": float(opts["max_multiply"]),
+    }
+
+
+# ---- database and lookups -----------------------------------------------------------------
+def open_database(path: Path, opts: dict) -> duckdb.DuckDBPyConnection:
+    config = {"memory_limit": str(opts["memory_limit"]), "temp_directory": str(path.parent / "spill"),
+              "preserve_insertion_order": False}
+    if int(opts["threads"]) > 0:
+        config["threads"] = int(opts["threads"])
+    return duckdb.connect(str(path), config=config)
+
+
+def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    if not ws.local:
+        con.execute("install httpfs; load httpfs")
+    for name in INPUTS:
+        con.execute(ws.view_sql(name))
+
+
+def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict) -> None:
+    """Lookup files -> tables in the work database (the SQL reads them by these names)."""
+    try:
+        categories, list_aliases = tag_rules.tag_list(opts["tag_list"])
+        tables = {
+            "tag_categories": categories,
+            "tag_aliases": tag_rules.alias_table(list_aliases, opts["rules_dir"]),
+            "tag_blacklist": tag_rules.blacklist(opts["blacklist"]),
+            "tag_overlap": tag_rules.overlap(opts["overlap_tags"]),
+            "impossible_tags": tag_rules.impossible(opts["rules_dir"]),
+            "count_tags": tag_rules.count_tags(opts["rules_dir"]),
+            "character_trait_rules": tag_rules.character_trait_rules(
+                opts["character_tags"], int(opts["character_trait_level"])),
+            "character_references": ccip_cluster.references(opts["references"]),
+            "group_format": group_format_table(opts["group_format"], schemas.image_meta.names),
+            "fh_ratio_bins": fh_ratio_bins(opts["fh_ratio_bins"]),
+            "balance_weights": balance_weights(opts["weights"]),
+        }
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"curate: cannot load a lookup file: {exc}") from exc
+    for name, table in tables.items():
+        con.register(f"{name}_arrow", table)
+        con.execute(f'create or replace table "{name}" as select * from "{name}_arrow"')
+        con.unregister(f"{name}_arrow")
+
+
+def fh_ratio_bins(edges: list[float]) -> pa.Table:
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or edges != sorted(edges):
+        raise ValueError("curate.fh_ratio_bins must be at least two increasing edges")
+    pairs = list(zip(edges, edges[1:], strict=False))
+    return pa.table({
+        "lo": [lo for lo, _ in pairs], "hi": [hi for _, hi in pairs],
+        "last": [i == len(pairs) - 1 for i in range(len(pairs))],
+        "name": [f"fh_ratio_{lo:g}-{hi:g}" for lo, hi in pairs],
+    })
+
+
+# ---- atomic publication ---------------------------------------------------------------------
+def export_table(con: duckdb.DuckDBPyConnection, ws: Workspace, name: str, generation: str) -> list[str]:
+    """Stream one result table into hidden Parquet parts (invisible to readers until published)."""
+    schema = schemas.TABLES[name]
+    folder = ws.table_dir(name)
+    ws.fs.create_dir(folder, recursive=True)
+    reader = con.sql(f'select {", ".join(_quoted(schema.names))} from "{name}"').to_arrow_reader(500_000)
+    files: list[str] = []
+    writer, rows = None, 0
+    for batch in reader:
+        if writer is None or rows >= ROWS_PER_FILE:
+            if writer is not None:
+                writer.close()
+            files.append(f"{folder}/.curate-{generation}-{len(files):05d}.parquet")
+            writer = pq.ParquetWriter(files[-1], schema, filesystem=ws.fs, compression="zstd")
+            rows = 0
+        writer.write_table(schemas.conform(pa.Table.from_batches([batch]), name))
+        rows += batch.num_rows
+    if writer is not None:
+        writer.close()
+    return files
+
+
+def publish(ws: Workspace, generation: str, files: dict[str, list[str]]) -> None:
+    """Make a generation the visible one, all tables at once.
+
+    1. its parts are already written under hidden names (.curate-<generation>-*);
+    2. state/curate/commit.json is written atomically: from this moment the generation counts;
+    3. hidden parts are renamed to visible names and the old parts deleted (roll forward);
+    4. the marker is removed.
+    A run killed before 2 leaves the old tables intact (its hidden parts are swept by the next
+    run); a run killed after 2 is completed by `finish_publish` at the start of the next run.
+    """
+    ws.commit_unit("curate", COMMIT_UNIT, {"generation": generation, "files": files})
+    finish_publish(ws)
+
+
+def finish_publish(ws: Workspace) -> None:
+    """Roll a committed generation forward; sweep parts of runs that never committed."""
+    pending = ws.done_units("curate").get(COMMIT_UNIT)
+    for name in OUTPUTS:
+        folder = ws.table_dir(name)
+        infos = ws.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if pending:
+            for hidden in pending["files"].get(name, []):
+                if ws.fs.get_file_info(hidden).type != pafs.FileType.NotFound:
+                    ws.fs.move(hidden, _visible(hidden))
+            keep = {_visible(f) for f in pending["files"].get(name, [])}
+            for info in infos:
+                if info.is_file and not info.base_name.startswith(".") and info.path not in keep:
+                    ws.fs.delete_file(info.path)
+        for info in infos:
+            if info.is_file and info.base_name.startswith(".curate-") and ws.fs.get_file_info(info.path).is_file:
+                ws.fs.delete_file(info.path)  # hidden parts of a run that never committed
+    if pending:
+        ws.fs.delete_file(f"{ws.state_dir('curate')}/{COMMIT_UNIT}.json")
+
+
+def _visible(hidden: str) -> str:
+    folder, base = hidden.rsplit("/", 1)
+    return f"{folder}/{base[1:]}"
+
+
+def _quoted(names: list[str]) -> list[str]:
+    return [f'"{n}"' for n in names]

@@ -1,0 +1,67 @@
+-- image_meta: facts per image from images, the curated tags and the detections.
+--   n_faces   faces with score >= $face_threshold whose box (in pixels) is at most
+--             $max_face_aspect times longer than wide or wide than long
+--   facepos   one "fvp <v> fhp <h>" per face: the face centre's vertical / horizontal
+--             position in percent of the image (0 top / left), largest face first
+--   fh_ratio  height of the largest face / image height
+--   n_people  from count tags (1girl, 2girls, ..., 6+girls, boys, others, solo) when the image
+--             has any, else from person detections, else n_faces
+with faces as (
+    select d.key, d.x0, d.y0, d.x1, d.y1, d.y1 - d.y0 as height_ratio
+    from detections d
+    join images i on i.key = d.key
+    where d.label = $face_label and d.score >= $face_threshold
+      and (d.x1 - d.x0) > 0 and (d.y1 - d.y0) > 0
+      and greatest((d.x1 - d.x0) * i.width, (d.y1 - d.y0) * i.height)
+          <= $max_face_aspect * least((d.x1 - d.x0) * i.width, (d.y1 - d.y0) * i.height)
+),
+face_facts as (
+    select key,
+           count(*)::integer as n_faces,
+           list('fvp ' || cast(floor(50 * (y0 + y1)) as integer) || ' fhp ' || cast(floor(50 * (x0 + x1)) as integer)
+                order by height_ratio desc, x0, y0) as facepos,
+           max(height_ratio)::float as fh_ratio
+    from faces
+    group by key
+),
+people_detected as (
+    select key, count(*)::integer as n_people_detected
+    from detections
+    where label = $person_label and score >= $person_threshold
+    group by key
+),
+count_by_gender as (
+    select t.key, c.gender, max(c.n) as n
+    from tags t
+    join count_tags c on c.tag = t.tag
+    group by t.key, c.gender
+),
+people_tagged as (
+    select key,
+           greatest(coalesce(sum(n) filter (where gender <> 'any'), 0), coalesce(max(n) filter (where gender = 'any'), 0))::integer
+               as n_people_tags
+    from count_by_gender
+    group by key
+),
+tag_facts as (
+    select key,
+           list(tag order by tag) filter (where category = 'character') as characters,
+           arg_max(tag, score) filter (where category = 'rating') as rating
+    from tags
+    group by key
+)
+select i.key, i.width, i.height,
+       coalesce(f.n_faces, 0) as n_faces,
+       coalesce(f.facepos, []::varchar[]) as facepos,
+       f.fh_ratio,
+       coalesce(p.n_people_tags, d.n_people_detected, f.n_faces, 0) as n_people,
+       len(coalesce(t.characters, []::varchar[]))::integer as n_characters,
+       coalesce(t.characters, []::varchar[]) as characters,
+       t.rating,
+       p.n_people_tags,
+       d.n_people_detected
+from images i
+left join face_facts f on f.key = i.key
+left join people_detected d on d.key = i.key
+left join people_tagged p on p.key = i.key
+left join tag_facts t on t.key = i.key

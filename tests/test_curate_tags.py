@@ -1,0 +1,204 @@
+"""curate, step 1: tags (thresholds, aliases, blacklist, impossible combinations, overlap, traits, rank)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from curate_data import curate_config, image_rows, score_rows, source_rows, tags_of
+from imgutils.tagging import overlap as imgutils_overlap
+
+from jobs import curate
+
+
+def run_curate(ws, **options):
+    return curate.run(curate_config(ws, **options), ws)
+
+
+def test_thresholds_per_category_and_top_rating(workspace):
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("tag_scores", "p", score_rows("a", {"smile": 0.36, "frown": 0.34})
+                         + score_rows("a", {"alice_(game)": 0.86, "bob_(game)": 0.84}, "character")
+                         + score_rows("a", {"general": 0.7, "sensitive": 0.2}, "rating"))
+    run_curate(workspace)
+    assert sorted(tags_of(workspace)["a"]) == ["alice_(game)", "general", "smile"]
+    rating = [r for r in workspace.read_table("tags").to_pylist() if r["category"] == "rating"]
+    assert rating[0]["tag"] == "general"
+
+
+def test_source_rating_wins_over_tagger_rating(workspace):
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("source_tags", "p", source_rows("a", ["explicit"], "rating"))
+    workspace.write_part("tag_scores", "p", score_rows("a", {"general": 0.9}, "rating"))
+    run_curate(workspace)
+    assert tags_of(workspace)["a"] == ["explicit"]
+
+
+def test_aliases_from_rules_and_tag_list_and_categories(workspace, tmp_path):
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('1girl,0,100,"1girls,sole_female"\nlong_hair,0,50,"/lh,longhair"\n'
+                        'hatsune_miku,4,10,miku\n', encoding="utf-8")
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("source_tags", "p", source_rows("a", ["sole_female", "longhair", "miku", "smile"]))
+    run_curate(workspace, tag_list=str(tag_list))
+    rows = {r["tag"]: r["category"] for r in workspace.read_table("tags").to_pylist()}
+    assert rows == {"1girl": "general", "long_hair": "general", "hatsune_miku": "character", "smile": "general"}
+
+
+def test_category_learned_from_other_sidecars(workspace):
+    workspace.write_part("images", "p", image_rows(["a", "b"]))
+    workspace.write_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])
+                         + source_rows("b", ["eileen_(ren'py)"], "character"))
+    run_curate(workspace)
+    cats = {(r["key"], r["tag"]): r["category"] for r in workspace.read_table("tags").to_pylist()}
+    assert cats[("a", "eileen_(ren'py)")] == "character"
+    assert cats[("a", "smile")] == "general"
+
+
+def test_blacklist_default_and_custom(workspace, tmp_path):
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("source_tags", "p", source_rows("a", ["cosplay", "smile", "sky"]))
+    run_curate(workspace)
+    assert sorted(tags_of(workspace)["a"]) == ["sky", "smile"]
+    custom = tmp_path / "black.txt"
+    custom.write_text("# mine\nsky\n", encoding="utf-8")
+    run_curate(workspace, blacklist=str(custom))
+    assert sorted(tags_of(workspace)["a"]) == ["cosplay", "smile"]
+
+
+@pytest.mark.parametrize(("scores", "kept"), [
+    ({"1girl": 0.9, "multiple_girls": 0.5}, ["1girl"]),
+    ({"1girl": 0.5, "multiple_girls": 0.9}, ["multiple_girls"]),
+    ({"solo": 0.99, "2girls": 0.4}, ["2girls"]),  # rule winner b: the count tag wins whatever the score
+    ({"open_mouth": 0.6, "closed_mouth": 0.7}, ["closed_mouth"]),
+])
+def test_impossible_combinations(workspace, scores, kept):
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("tag_scores", "p", score_rows("a", scores))
+    run_curate(workspace)
+    assert tags_of(workspace)["a"] == kept
+
+
+def test_overlap_table_and_substring_rule(workspace, tmp_path):
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps({"long_hair": ["very_long_hair"], "breasts": ["large_breasts"]}), encoding="utf-8")
+    workspace.write_part("images", "p", image_rows(["a", "b"]))
+    workspace.write_part("source_tags", "p",
+                         source_rows("a", ["long_hair", "very_long_hair", "shirt", "white_shirt", "breasts"])
+                         + source_rows("b", ["long_hair", "shirt"]))
+    run_curate(workspace, overlap_tags=str(overlap))
+    got = tags_of(workspace)
+    assert sorted(got["a"]) == ["breasts", "very_long_hair", "white_shirt"]
+    assert sorted(got["b"]) == ["long_hair", "shirt"]
+
+
+def _random_images(vocabulary: list[str], n: int, seed: int) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    return {f"img{i:03d}": rng.sample(vocabulary, rng.randint(1, min(12, len(vocabulary)))) for i in range(n)}
+
+
+def _assert_matches_imgutils(workspace, monkeypatch, overlap_data: dict, images: dict[str, list[str]], path: str):
+    monkeypatch.setattr(imgutils_overlap, "_get_overlap_tags", lambda: overlap_data)
+    workspace.write_part("images", "p", image_rows(list(images)))
+    workspace.write_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
+    run_curate(workspace, overlap_tags=path, blacklist=_empty_blacklist(workspace),
+               rules_dir=_rules_without_conflicts(workspace))
+    got = tags_of(workspace)
+    for key, tags in images.items():
+        assert sorted(got.get(key, [])) == sorted(imgutils_overlap.drop_overlap_tags(tags)), key
+
+
+def _empty_blacklist(workspace) -> str:
+    path = f"{workspace.root}/../empty_blacklist.txt"
+    open(path, "w").close()
+    return path
+
+
+def _rules_without_conflicts(workspace) -> str:
+    """A rules dir whose impossible / alias tables are empty: only the overlap rule acts."""
+    import shutil
+    from pathlib import Path
+
+    from udfs.tag_rules import RULES_DIR
+
+    target = Path(workspace.root).parent / "rules"
+    target.mkdir(exist_ok=True)
+    shutil.copy(RULES_DIR / "count_tags.csv", target)
+    (target / "impossible_tags.csv").write_text("tag_a,tag_b,winner\n", encoding="utf-8")
+    (target / "aliases.csv").write_text("alias,tag\n", encoding="utf-8")
+    return str(target)
+
+
+def test_pruning_matches_imgutils_drop_overlap_tags(workspace, monkeypatch, tmp_path):
+    overlap_data = {"long_hair": ["very_long_hair", "absurdly_long_hair"], "breasts": ["large_breasts", "cleavage"],
+                    "hat": ["witch_hat"], "ribbon": ["hair_ribbon", "red_ribbon"]}
+    path = tmp_path / "overlap.json"
+    path.write_text(json.dumps(overlap_data), encoding="utf-8")
+    vocabulary = ["long_hair", "very_long_hair", "absurdly_long_hair", "hair", "breasts", "large_breasts",
+                  "cleavage", "hat", "witch_hat", "hatsune_miku", "ribbon", "hair_ribbon", "red_ribbon", "red",
+                  "shirt", "white_shirt", "t-shirt", "smile", "1girl", "solo", "blue_eyes", "eyes", "a"]
+    _assert_matches_imgutils(workspace, monkeypatch, overlap_data, _random_images(vocabulary, 150, 1), str(path))
+
+
+def test_pruning_matches_imgutils_on_danbooru_overlap_data(workspace, monkeypatch):
+    from conftest import shared_path
+
+    path = shared_path("tagdata", "overlap_tags.json")
+    overlap_data = json.loads(path.read_text(encoding="utf-8"))
+    vocabulary = sorted({t for k, v in list(overlap_data.items())[:60] for t in [k, *v[:4]]})
+    _assert_matches_imgutils(workspace, monkeypatch, overlap_data, _random_images(vocabulary, 200, 2), str(path))
+
+
+def test_character_traits_dropped_only_for_named_characters(workspace):
+    workspace.write_part("images", "p", image_rows(["named", "anon"]))
+    general = ["red_hair", "blue_eyes", "closed_eyes", "chair", "ponytail", "smile", "holding_hat"]
+    named = source_rows("named", general) + source_rows("named", ["eileen"], "character")
+    workspace.write_part("source_tags", "p", named + source_rows("anon", general))
+    run_curate(workspace, drop_character_traits=True)
+    got = tags_of(workspace)
+    assert sorted(got["named"]) == ["chair", "closed_eyes", "eileen", "holding_hat", "smile"]
+    assert sorted(got["anon"]) == sorted(general)
+
+
+def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
+    path = __import__("conftest").shared_path("tagdata", "character_tags.json")
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("source_tags", "p", source_rows("a", ["red_hair", "fang", "pubic_hair", "smile"])
+                         + source_rows("a", ["eileen"], "character"))
+    run_curate(workspace, drop_character_traits=True, character_tags=str(path), character_trait_level=0)
+    assert sorted(tags_of(workspace)["a"]) == ["eileen", "fang", "pubic_hair", "smile"]
+    run_curate(workspace, drop_character_traits=True, character_tags=str(path), character_trait_level=1)
+    assert sorted(tags_of(workspace)["a"]) == ["eileen", "pubic_hair", "smile"]
+
+
+def test_rank_count_tags_then_characters_then_score(workspace):
+    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.write_part("tag_scores", "p", score_rows("a", {"smile": 0.9, "sky": 0.5, "1girl": 0.6, "solo": 0.4})
+                         + score_rows("a", {"alice": 0.95}, "character"))
+    run_curate(workspace)
+    assert tags_of(workspace)["a"] == ["1girl", "solo", "alice", "smile", "sky"]
+
+
+HOSTILE = ["it's", 'say_"hi"', "a;b", "'; drop table tags; --", "back\\slash", "(parens)", "日本語_タグ",
+           "emoji_🎉", "percent_%_under_", "$partition", "null"]
+
+
+def test_hostile_tags_pass_through_unchanged(workspace):
+    workspace.write_part("images", "p", image_rows(["k'1", "k;2"]))
+    workspace.write_part("source_tags", "p", source_rows("k'1", HOSTILE) + source_rows("k;2", ["x"] + HOSTILE[:3]))
+    run_curate(workspace)
+    got = tags_of(workspace)
+    assert sorted(got["k'1"]) == sorted(HOSTILE)
+    assert sorted(got["k;2"]) == sorted(["x"] + HOSTILE[:3])
+
+
+def test_partitions_give_the_same_rows(workspace):
+    images = _random_images(["a_b", "b", "c_d", "d", "1girl", "2girls", "solo", "smile"], 60, 3)
+    workspace.write_part("images", "p", image_rows(list(images)))
+    workspace.write_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
+    run_curate(workspace, tag_partitions=1)
+    one = sorted(map(str, workspace.read_table("tags").to_pylist()))
+    run_curate(workspace, tag_partitions=7)
+    seven = sorted(map(str, workspace.read_table("tags").to_pylist()))
+    assert one == seven and len(one) > 60

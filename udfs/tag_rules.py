@@ -1,0 +1,145 @@
+"""Lookup tables for curate's SQL, loaded from files named in the [curate] config section.
+
+Every loader returns a pyarrow Table with fixed columns (empty when the file is not given), so
+that the SQL always sees the same tables. Small rule tables ship in data/rules/; large Danbooru
+lists come from a path (or from a tagger's label file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "data" / "rules"
+
+# Category numbers of Danbooru's tag list and of the WD taggers' selected_tags.csv.
+CATEGORY_NAMES = {"0": "general", "1": "artist", "3": "copyright", "4": "character", "5": "meta", "9": "rating"}
+
+
+def underscored(tag: str) -> str:
+    """Danbooru form of a tag written with spaces."""
+    return "_".join(tag.strip().lower().split())
+
+
+def rules_file(rules_dir: str, name: str) -> Path:
+    return Path(rules_dir or RULES_DIR) / name
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
+    """(categories, aliases) from a Danbooru tag list or a tagger label file.
+
+    Danbooru list (no header): `name,category,post_count,"alias1,alias2"`.
+    Tagger label file (header): `tag_id,name,category,count`.
+    """
+    categories: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    if path:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        labelled = bool(rows) and rows[0][:3] == ["tag_id", "name", "category"]
+        for row in rows[1:] if labelled else rows:
+            if labelled and len(row) >= 3:
+                categories[row[1]] = CATEGORY_NAMES.get(row[2], "general")
+            elif not labelled and len(row) >= 2:
+                categories[row[0]] = CATEGORY_NAMES.get(row[1], "general")
+                for alias in (row[3].split(",") if len(row) > 3 and row[3] else []):
+                    if alias and alias not in categories:
+                        aliases.setdefault(alias, row[0])
+    return (
+        pa.table({"tag": list(categories), "category": list(categories.values())}, schema=_schema("tag", "category")),
+        pa.table({"alias": list(aliases), "tag": list(aliases.values())}, schema=_schema("alias", "tag")),
+    )
+
+
+def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
+    """Aliases of the tag list, overridden by data/rules/aliases.csv (the repository's own)."""
+    merged = dict(zip(list_aliases["alias"].to_pylist(), list_aliases["tag"].to_pylist(), strict=True))
+    override = rules_file(rules_dir, "aliases.csv")
+    if override.is_file():
+        merged.update({r["alias"]: r["tag"] for r in read_csv_rows(override)})
+    merged = {a: t for a, t in merged.items() if a != t}
+    return pa.table({"alias": list(merged), "tag": list(merged.values())}, schema=_schema("alias", "tag"))
+
+
+def blacklist(path: str) -> pa.Table:
+    """One tag a line; `#` starts a comment line. "" is data/rules/blacklist.txt."""
+    text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8")
+    tags = sorted({underscored(line) for line in text.splitlines() if line.strip() and not line.startswith("#")})
+    return pa.table({"tag": tags}, schema=_schema("tag"))
+
+
+def overlap(path: str) -> pa.Table:
+    """`{tag: [more specific tags]}` (imgutils' overlap_tags data) as (tag, implied_by) rows."""
+    pairs: list[tuple[str, str]] = []
+    if path:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        pairs = [(underscored(k), underscored(v)) for k, values in data.items() for v in values]
+    return pa.table({"tag": [p[0] for p in pairs], "implied_by": [p[1] for p in pairs]},
+                    schema=_schema("tag", "implied_by"))
+
+
+def impossible(rules_dir: str) -> pa.Table:
+    rows = read_csv_rows(rules_file(rules_dir, "impossible_tags.csv"))
+    for r in rows:
+        if r["winner"] not in ("a", "b", "score"):
+            raise ValueError(f"impossible_tags.csv: winner must be a, b or score, got {r['winner']!r}")
+    return pa.table({k: [r[k] for r in rows] for k in ("tag_a", "tag_b", "winner")},
+                    schema=_schema("tag_a", "tag_b", "winner"))
+
+
+def count_tags(rules_dir: str) -> pa.Table:
+    rows = read_csv_rows(rules_file(rules_dir, "count_tags.csv"))
+    return pa.table({"tag": [r["tag"] for r in rows], "gender": [r["gender"] for r in rows],
+                     "n": pa.array([int(r["n"]) for r in rows], pa.int32())})
+
+
+def character_trait_rules(path: str, level: int) -> pa.Table:
+    """(kind, pattern) rows: suffix / prefix / whitelist.
+
+    From a JSON in anime_screenshot_pipeline's form (`whitelist`, and `suffixes` / `prefixes`
+    as lists of groups: groups 0..level are used), or, when `path` is "", from imgutils'
+    CHAR_* lists (the same rules as imgutils.tagging.drop_basic_character_tags).
+    """
+    rows: list[tuple[str, str]] = []
+    if path:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        groups = lambda key: [w for group in data.get(key, [])[: level + 1] for w in group]  # noqa: E731
+        rows += [("whitelist", w) for w in data.get("whitelist", [])]
+        rows += [("suffix", w) for w in groups("suffixes")] + [("prefix", w) for w in groups("prefixes")]
+    else:
+        from imgutils.tagging import character as imgutils_character
+
+        rows += [("whitelist_suffix", w) for w in imgutils_character.CHAR_WHITELIST_SUFFIX]
+        rows += [("whitelist_prefix", w) for w in imgutils_character.CHAR_WHITELIST_PREFIX]
+        rows += [("whitelist", w) for w in imgutils_character.CHAR_WHITELIST_WORD]
+        rows += [("suffix", w) for w in imgutils_character.CHAR_SUFFIXES]
+        rows += [("prefix", w) for w in imgutils_character.CHAR_PREFIXES]
+    expanded = sorted({(kind, form) for kind, word in rows for form in word_forms(underscored(word), kind)})
+    return pa.table({"kind": [r[0] for r in expanded], "pattern": [r[1] for r in expanded]},
+                    schema=_schema("kind", "pattern"))
+
+
+def word_forms(pattern: str, kind: str) -> list[str]:
+    """The pattern with its last word in singular and plural (`ear` -> `ears`, `eyes` -> `eye`)."""
+    if kind not in ("suffix", "whitelist_suffix") or not pattern:
+        return [pattern]
+    forms = {pattern}
+    if pattern.endswith(("ses", "xes", "ches", "shes")):
+        forms.add(pattern[:-2])
+    if pattern.endswith("s"):
+        forms.add(pattern[:-1])
+    else:
+        forms.add(pattern + ("es" if pattern.endswith(("s", "x", "ch", "sh")) else "s"))
+    return sorted(f for f in forms if f)
+
+
+def _schema(*names: str) -> pa.Schema:
+    return pa.schema([(n, pa.string()) for n in names])
