@@ -117,6 +117,8 @@ image_meta = pa.schema(
         ("n_characters", pa.int32()),
         ("characters", pa.list_(pa.string())),
         ("rating", pa.string()),
+        ("n_people_tags", pa.int32()),  # from count tags (1girl, 2boys, solo, ...); null when none
+        ("n_people_detected", pa.int32()),  # person detections; null when none
     ]
 )
 
