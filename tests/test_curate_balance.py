@@ -1,0 +1,126 @@
+"""curate, steps 2 and 5: image_meta, groups and balance (anime_screenshot_pipeline's multiply scheme)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from curate_data import curate_config, face_row, image_rows, score_rows, source_rows
+
+from jobs import balance, curate
+
+
+def test_issue_example_exactly(tmp_path):
+    """The scheme's own example: probabilities 0.3, 0.45, 0.2, 0.05 -> multiplies 24, 18, 32, 1."""
+    weights = tmp_path / "weights.csv"
+    weights.write_text("1_character,3\nclass1,4\n*class2,6\n", encoding="utf-8")
+    counts = pa.table({"path": ["1_character/class1", "1_character/class2", "others/class1", "others/class3"],
+                       "n_images": [10, 20, 5, 40]})
+    got = {r["path"]: r for r in balance.balance_folders(counts, balance.balance_weights(str(weights))).to_pylist()}
+    assert {p: round(r["probability"], 12) for p, r in got.items()} == {
+        "1_character/class1": 0.3, "1_character/class2": 0.45, "others/class1": 0.2, "others/class3": 0.05}
+    assert {p: r["multiply"] for p, r in got.items()} == {
+        "1_character/class1": 24.0, "1_character/class2": 18.0, "others/class1": 32.0, "others/class3": 1.0}
+
+
+def test_issue_example_from_a_folder_tree(tmp_path, capsys):
+    root = tmp_path / "dataset"
+    sizes = {"1_character/class1": 10, "1_character/class2": 20, "others/class1": 5, "others/class3": 40}
+    for folder, n in sizes.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            (root / folder / f"{i}.png").write_bytes(b"")
+        (root / folder / "0.txt").write_text("not an image", encoding="utf-8")
+    weights = tmp_path / "weights.csv"
+    weights.write_text("1_character,3\nclass1,4\n*class2,6\n", encoding="utf-8")
+    assert balance.main([str(root), "--weights", str(weights), "--write"]) == 0
+    assert (root / "others/class1/multiply.txt").read_text() == "32.0"
+    assert (root / "others/class3/multiply.txt").read_text() == "1.0"
+    assert "multiply 24" in capsys.readouterr().out
+
+
+def test_own_images_count_as_a_child_min_max_multiply_and_rounding(tmp_path):
+    counts = pa.table({"path": ["a", "a/b", "c"], "n_images": [3, 3, 1]})
+    got = {r["path"]: r for r in balance.balance_folders(counts, balance.balance_weights(""), 2.0, 5.0).to_pylist()}
+    # root: a (0.5), c (0.5); a: own images (0.25) and b (0.25)
+    assert got["a"]["probability"] == pytest.approx(0.25) and got["a/b"]["probability"] == pytest.approx(0.25)
+    assert got["a"]["multiply"] == 2.0  # the smallest per-image weight times min_multiply
+    assert got["c"]["multiply"] == 5.0  # 0.5 / (0.25 / 3) * 2 = 12, clipped at max_multiply
+    counts = pa.table({"path": ["x", "y"], "n_images": [3, 1]})
+    got = {r["path"]: r["multiply"] for r in balance.balance_folders(counts, balance.balance_weights("")).to_pylist()}
+    assert got == {"x": 1.0, "y": 3.0}
+    counts = pa.table({"path": ["x", "y"], "n_images": [7, 3]})
+    got = {r["path"]: r["multiply"] for r in balance.balance_folders(counts, balance.balance_weights("")).to_pylist()}
+    assert got["y"] == 2.33  # 7/3 rounded to 2 decimals
+
+
+def test_weights_with_hostile_names(tmp_path):
+    weights = tmp_path / "weights.csv"
+    weights.write_text("\"it's;a,b\",2\n日本語,3\n", encoding="utf-8")
+    counts = pa.table({"path": ["it's;a,b", "日本語", "plain"], "n_images": [1, 1, 1]})
+    result = balance.balance_folders(counts, balance.balance_weights(str(weights)))
+    got = {r["path"]: r["probability"] for r in result.to_pylist()}
+    assert got == pytest.approx({"it's;a,b": 2 / 6, "日本語": 3 / 6, "plain": 1 / 6})
+
+
+def _people_workspace(ws):
+    ws.write_part("images", "p", image_rows(["solo", "pair", "crowd", "none"], width=1000, height=500))
+    ws.write_part("source_tags", "p",
+                  source_rows("solo", ["1girl", "solo"]) + source_rows("solo", ["alice"], "character")
+                  + source_rows("pair", ["1girl", "1boy"]) + source_rows("pair", ["alice", "bob"], "character")
+                  + source_rows("crowd", ["6+girls", "multiple_boys"]) + source_rows("none", ["scenery"]))
+    ws.write_part("tag_scores", "p", score_rows("solo", {"sensitive": 0.8, "general": 0.1}, "rating"))
+    ws.write_part("detections", "p", [
+        face_row("solo", 0.4, 0.1, 0.5, 0.3),  # 100 x 100 px: height ratio 0.2
+        face_row("solo", 0.1, 0.1, 0.12, 0.9),  # 20 x 400 px: aspect 20, ignored
+        face_row("solo", 0.7, 0.7, 0.72, 0.74, score=0.1),  # below the face threshold
+        face_row("pair", 0.1, 0.0, 0.2, 0.2), face_row("pair", 0.6, 0.5, 0.9, 1.0),
+        face_row("none", 0.0, 0.0, 0.5, 0.5, label="person"), face_row("none", 0.5, 0.0, 1.0, 0.5, label="person"),
+    ])
+
+
+def test_image_meta_facts(workspace):
+    _people_workspace(workspace)
+    curate.run(curate_config(workspace), workspace)
+    meta = {r["key"]: r for r in workspace.read_table("image_meta").to_pylist()}
+    assert meta["solo"]["n_faces"] == 1 and meta["solo"]["fh_ratio"] == pytest.approx(0.2)
+    assert meta["solo"]["facepos"] == ["fvp 20 fhp 45"]
+    assert meta["solo"]["n_people"] == 1 and meta["solo"]["rating"] == "sensitive"
+    assert meta["pair"]["n_faces"] == 2 and meta["pair"]["fh_ratio"] == pytest.approx(0.5)
+    assert meta["pair"]["facepos"] == ["fvp 75 fhp 75", "fvp 10 fhp 15"]
+    assert meta["pair"]["n_people"] == 2 and meta["pair"]["characters"] == ["alice", "bob"]
+    assert meta["crowd"]["n_people"] == 8 and meta["crowd"]["n_people_tags"] == 8
+    assert meta["none"]["n_people"] == 2 and meta["none"]["n_people_tags"] is None
+    assert meta["none"]["n_people_detected"] == 2 and meta["none"]["fh_ratio"] is None
+
+
+def test_groups_format_and_character_others(workspace):
+    _people_workspace(workspace)
+    curate.run(curate_config(workspace, min_images_per_combination=1), workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups == {"solo": "1_character/alice/fh_ratio_0.2-0.35", "pair": "2_characters/alice+bob/fh_ratio_0.5-1",
+                      "crowd": "0_characters/character_others/no_face", "none": "0_characters/character_others/no_face"}
+    curate.run(curate_config(workspace, min_images_per_combination=2, group_format="character/n_people/rating/width"),
+               workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups["solo"] == "character_others/1_person/sensitive/width_1000"
+    assert groups["crowd"] == "character_others/8_people/unrated/width_1000"
+
+
+def test_balance_table_from_groups(workspace, tmp_path):
+    _people_workspace(workspace)
+    weights = tmp_path / "w.csv"
+    weights.write_text("2_characters,3\n", encoding="utf-8")
+    curate.run(curate_config(workspace, group_format="n_characters", weights=str(weights)), workspace)
+    rows = {r["key"]: r for r in workspace.read_table("balance").to_pylist()}
+    # root children: 0_characters (2 images, w 1), 1_character (1, w 1), 2_characters (1, w 3)
+    assert rows["pair"]["probability"] == pytest.approx(0.6) and rows["solo"]["probability"] == pytest.approx(0.2)
+    assert {k: r["multiply"] for k, r in rows.items()} == {"crowd": 1.0, "none": 1.0, "solo": 2.0, "pair": 6.0}
+    assert rows["crowd"]["weight"] == pytest.approx(0.1)
+
+
+def test_unknown_group_segment_is_a_config_error(workspace):
+    from jobs.config import ConfigError
+
+    workspace.write_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError):
+        curate.run(curate_config(workspace, group_format="n_characters/nonsense"), workspace)
