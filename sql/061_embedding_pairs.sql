@@ -7,7 +7,7 @@ with candidates as (
     join embedding_buckets b on b.lsh_table = a.lsh_table and b.bucket = a.bucket and a.key < b.key
 ),
 vectors as (
-    select key, any_value(vector) as vector
+    select key, any_value(vector)::float[768] as vector  -- Parquet gives a list; CCIP vectors are 768 floats
     from embeddings
     where crop = -1 and ($embedding_model = '' or model = $embedding_model)
     group by key

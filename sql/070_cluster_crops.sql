@@ -3,7 +3,7 @@
 -- clustering affordable at millions of crops: pairwise differences stay inside a block.
 -- Person crops when the image has any, else the whole-image embedding.
 with chosen as (
-    select e.key, e.crop, e.vector
+    select e.key, e.crop, e.vector::float[768] as vector  -- Parquet gives a list; CCIP vectors are 768 floats
     from embeddings e
     where ($cluster_model = '' or e.model = $cluster_model)
       and (e.crop >= 0 or not exists (

@@ -5,7 +5,7 @@
 with differences as (
     select c.key, c.crop, r.character, avg(1 - array_cosine_similarity(c.vector, r.vector)) as difference
     from cluster_crops c
-    cross join character_references r
+    cross join (select character, vector::float[768] as vector from character_references) r
     group by c.key, c.crop, r.character
 )
 select key, crop, arg_min(character, difference) as character, min(difference) as difference

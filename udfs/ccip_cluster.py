@@ -68,9 +68,12 @@ class Differences:
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         if self.session is not None:
             (output,) = self.session.run(["output"], {"input": vectors.astype(np.float32)})
-            return np.asarray(output, dtype=np.float64)
-        unit = normalized(vectors)
-        diff = 1.0 - (unit @ unit.T).astype(np.float64)
+            diff = np.array(output, dtype=np.float64)
+        else:
+            unit = normalized(vectors)
+            diff = 1.0 - (unit @ unit.T).astype(np.float64)
+        # float rounding gives ~-1e-7 on the diagonal; sklearn's precomputed metric refuses
+        # negatives, and clipping them cannot change a neighbourhood of radius eps > 0
         np.fill_diagonal(diff, 0.0)
         return np.clip(diff, 0.0, None)
 
@@ -101,7 +104,7 @@ def cluster_vectors(vectors: np.ndarray, settings: ClusterSettings, differences:
         return cluster_matrix(differences(vectors), settings)
     from sklearn.cluster import MiniBatchKMeans
 
-    cells = MiniBatchKMeans(n_clusters=math.ceil(n / settings.max_block) * 2, random_state=0,
+    cells = MiniBatchKMeans(n_clusters=math.ceil(n / settings.max_block), random_state=0,
                             n_init=3, batch_size=4096).fit_predict(normalized(vectors))
     labels = np.full(n, -1, dtype=np.int64)
     next_label = 0
@@ -130,7 +133,29 @@ def merge_close_clusters(vectors: np.ndarray, labels: np.ndarray, settings: Clus
     _, merged = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids))),
                                      directed=False)
     relabel = dict(zip(ids.tolist(), merged.tolist(), strict=True))
-    return np.array([relabel.get(int(x), -1) for x in labels], dtype=np.int64)
+    labels = np.array([relabel.get(int(x), -1) for x in labels], dtype=np.int64)
+    return attach_noise(vectors, labels, settings, differences)
+
+
+def attach_noise(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSettings,
+                 differences: Differences) -> np.ndarray:
+    """Give a noise crop of a split block the closest cluster whose mean is within the threshold.
+
+    A cell boundary can leave a few crops of an identity with fewer than min_samples
+    neighbours in their cell; on the whole block they would have been border points.
+    """
+    ids = np.unique(labels[labels >= 0])
+    noise = np.flatnonzero(labels < 0)
+    if len(ids) == 0 or len(noise) == 0:
+        return labels
+    means = np.stack([normalized(vectors[labels == i]).mean(axis=0) for i in ids]).astype(np.float32)
+    for start in range(0, len(noise), 2048):
+        chunk = noise[start:start + 2048]
+        diff = differences(np.concatenate([vectors[chunk], means]))[: len(chunk), len(chunk):]
+        best = diff.argmin(axis=1)
+        close = diff[np.arange(len(chunk)), best] <= settings.threshold
+        labels[chunk[close]] = ids[best[close]]
+    return labels
 
 
 def cluster_blocks(cursor, settings: ClusterSettings) -> pa.Table:

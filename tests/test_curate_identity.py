@@ -1,0 +1,198 @@
+"""curate, steps 3 and 4: near duplicates (phash, embeddings) and CCIP identity clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from curate_data import curate_config, embedding_row, image_rows, source_rows, unit_vector
+
+from jobs import curate
+from schemas import CCIP_DIM
+
+
+# ---- duplicates -------------------------------------------------------------------------------
+def test_phash_groups_within_distance_and_representative(workspace):
+    base = 0x0123_4567_89AB_CDEF
+    flips = {"a": 0, "b": (1 << 0) | (1 << 13) | (1 << 26) | (1 << 39),  # 4 bits, one in each of 4 bands
+             "c": (1 << 63) | (1 << 50) | (1 << 51),  # 3 bits
+             "far": (1 << 1) | (1 << 14) | (1 << 27) | (1 << 40) | (1 << 53)}  # 5 bits, one per band
+    rows = []
+    for key, flip in flips.items():
+        rows += image_rows([key], width=2000 if key == "c" else 1000, phash=base ^ flip)
+    rows += image_rows(["other"], phash=~base & (2**64 - 1))
+    workspace.write_part("images", "p", rows)
+    curate.run(curate_config(workspace, phash_distance=4), workspace)
+    dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
+    assert set(dups) == {"a", "b", "c"}  # far is 5 bits from a (and further from b, c)
+    assert {r["dup_group"] for r in dups.values()} == {"c"}  # the largest image
+    assert dups["c"]["is_representative"] and not dups["a"]["is_representative"]
+    assert {r["reason"] for r in dups.values()} == {"phash"}
+
+
+def test_phash_pairs_match_brute_force(workspace):
+    rng = np.random.default_rng(5)
+    hashes = rng.integers(0, 2**63, 300, dtype=np.uint64) | (rng.integers(0, 2, 300, dtype=np.uint64) << np.uint64(63))
+    for i in range(0, 300, 10):  # plant near copies
+        hashes[i + 1] = hashes[i] ^ np.uint64(1 << int(rng.integers(0, 64))) ^ np.uint64(1 << int(rng.integers(0, 64)))
+    keys = [f"k{i:03d}" for i in range(300)]
+    workspace.write_part("images", "p", [r for k, h in zip(keys, hashes, strict=True)
+                                         for r in image_rows([k], phash=int(h))])
+    curate.run(curate_config(workspace, phash_distance=3), workspace)
+    con = _connect_results(workspace)
+    got = {tuple(r) for r in con.execute("select key from duplicates order by key").fetchall()}
+    expected = set()
+    for i in range(300):
+        for j in range(i + 1, 300):
+            if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 3:
+                expected |= {(keys[i],), (keys[j],)}
+    assert got == expected and len(expected) >= 60
+
+
+def test_embedding_duplicates(workspace):
+    rng = np.random.default_rng(1)
+    a = unit_vector(rng)
+    vectors = {"orig": a, "copy": unit_vector(rng, a, 0.002), "other": unit_vector(rng)}
+    workspace.write_part("images", "p", image_rows(list(vectors)))
+    workspace.write_part("embeddings", "p", [embedding_row(k, v) for k, v in vectors.items()])
+    curate.run(curate_config(workspace), workspace)
+    dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
+    assert set(dups) == {"orig", "copy"} and dups["orig"]["reason"] == "embedding"
+    assert dups["copy"]["dup_group"] == "copy"  # same size: the first key
+
+
+def _connect_results(ws):
+    return ws.connect()
+
+
+# ---- clusters ---------------------------------------------------------------------------------
+def _identities(rng, n_ids=3, per_id=10, noise=4, spread=0.25):
+    centres = [unit_vector(rng) for _ in range(n_ids)]
+    vectors, truth = [], []
+    for i, c in enumerate(centres):
+        for _ in range(per_id):
+            vectors.append(unit_vector(rng, c, spread / np.sqrt(CCIP_DIM)))
+            truth.append(i)
+    for _ in range(noise):
+        vectors.append(unit_vector(rng))
+        truth.append(-1)
+    return np.stack(vectors).astype(np.float32), np.array(truth)
+
+
+def _write_crops(ws, vectors, characters=None):
+    keys = [f"img{i:03d}" for i in range(len(vectors))]
+    ws.write_part("images", "p", image_rows(keys))
+    ws.write_part("embeddings", "p", [embedding_row(k, v, crop=0) for k, v in zip(keys, vectors, strict=True)])
+    if characters:
+        ws.write_part("source_tags", "p", [r for k, c in zip(keys, characters, strict=True) if c
+                                           for r in source_rows(k, [c], "character")])
+    return keys
+
+
+def _metric_model(path) -> str:
+    """A tiny ONNX model with CCIP's model_metrics contract (input [N,768] -> output [N,N]):
+    1 - cosine similarity. Stand-in for the real metric model, which is on the Hub only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Mul", ["input", "input"], ["sq"]),
+        helper.make_node("ReduceSum", ["sq", "axes"], ["sumsq"], keepdims=1),
+        helper.make_node("Sqrt", ["sumsq"], ["norm"]),
+        helper.make_node("Div", ["input", "norm"], ["unit"]),
+        helper.make_node("Transpose", ["unit"], ["unit_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["unit", "unit_t"], ["sim"]),
+        helper.make_node("Sub", ["one", "sim"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ccip_metrics",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", CCIP_DIM])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "N"])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _clusters(ws) -> dict[str, int]:
+    return {r["key"]: r["cluster"] for r in ws.read_table("clusters").to_pylist()}
+
+
+def _same_partition(a: list[int], b: list[int]) -> bool:
+    """Labels equal up to renaming (noise -1 must stay noise)."""
+    mapping: dict[int, int] = {}
+    for x, y in zip(a, b, strict=True):
+        if (x == -1) != (y == -1) or mapping.setdefault(x, y) != y:
+            return False
+    return len(set(mapping.values())) == len(mapping)
+
+
+@pytest.mark.parametrize(("method", "eps", "min_samples"), [("dbscan", 0.1, 3), ("optics", 0.5, 5)])
+def test_clusters_match_imgutils_ccip_clustering(workspace, tmp_path, monkeypatch, method, eps, min_samples):
+    import onnxruntime
+    from imgutils.metrics import ccip as imgutils_ccip
+
+    vectors, _ = _identities(np.random.default_rng(2))
+    model = _metric_model(tmp_path / "model_metrics.onnx")
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(imgutils_ccip, "_open_metric_model", lambda _name: session)
+    # the defaults live on the Hub; explicit eps / min_samples make them unused anyway
+    monkeypatch.setattr(imgutils_ccip, "ccip_default_clustering_params", lambda *_a, **_k: (eps, min_samples))
+    expected = imgutils_ccip.ccip_clustering(list(vectors), method=method, eps=eps, min_samples=min_samples)
+    keys = _write_crops(workspace, vectors)
+    for metric_model in (model, ""):  # the metric model, then the built-in 1 - cosine
+        curate.run(curate_config(workspace, cluster_method=method, cluster_eps=eps, cluster_min_samples=min_samples,
+                                 ccip_metric_model=metric_model), workspace)
+        got = _clusters(workspace)
+        assert _same_partition([got[k] for k in keys], list(expected)), metric_model
+    assert len(set(expected) - {-1}) == 3
+
+
+def test_blocks_by_character_tags_and_large_block_merge(workspace):
+    rng = np.random.default_rng(3)
+    vectors, truth = _identities(rng, n_ids=2, per_id=12, noise=0)
+    keys = _write_crops(workspace, vectors)
+    # 24 crops, max_block 10: three k-means cells for two identities, so one identity is cut
+    curate.run(curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3,
+                             max_block=10, ccip_threshold=0.1), workspace)
+    got = _clusters(workspace)
+    assert _same_partition([got[k] for k in keys], list(truth))  # k-means cells, then merged back
+    # the same vectors split by character tags: identity 0 tagged alice for half its crops
+    workspace2_chars = ["alice" if t == 0 and i % 2 else None for i, t in enumerate(truth)]
+    _write_crops(workspace, vectors, workspace2_chars)
+    curate.run(curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3), workspace)
+    rows = {r["key"]: r for r in workspace.read_table("clusters").to_pylist()}
+    tagged = {rows[k]["cluster"] for k, c in zip(keys, workspace2_chars, strict=True) if c}
+    untagged0 = {rows[k]["cluster"] for k, c, t in zip(keys, workspace2_chars, truth, strict=True) if not c and t == 0}
+    assert len(tagged) == 1 and not tagged & untagged0  # blocks never share a cluster
+    assert {rows[k]["character"] for k, c in zip(keys, workspace2_chars, strict=True) if c} == {"alice"}
+
+
+def test_reference_classification_and_noise(workspace, tmp_path):
+    rng = np.random.default_rng(4)
+    vectors, truth = _identities(rng, n_ids=2, per_id=8, noise=3)
+    keys = _write_crops(workspace, vectors)
+    refs = tmp_path / "refs.parquet"
+    centres = [vectors[truth == i].mean(axis=0) for i in range(2)]
+    pq.write_table(pa.table({"character": ["alice", "bob"],
+                             "vector": pa.array([c.tolist() for c in centres], pa.list_(pa.float32(), CCIP_DIM))}),
+                   refs)
+    curate.run(curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3,
+                             references=str(refs), ccip_threshold=0.1), workspace)
+    rows = {r["key"]: r for r in workspace.read_table("clusters").to_pylist()}
+    for key, t in zip(keys, truth, strict=True):
+        assert rows[key]["character"] == {0: "alice", 1: "bob", -1: None}[int(t)]
+        assert (rows[key]["cluster"] == -1) == (t == -1)
+
+
+def test_merge_close_clusters_joins_halves_of_one_identity():
+    from udfs import ccip_cluster
+
+    vectors, truth = _identities(np.random.default_rng(6), n_ids=2, per_id=6, noise=0)
+    halves = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])  # each identity cut in two clusters
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=3, threshold=0.1)
+    merged = ccip_cluster.merge_close_clusters(vectors, halves, settings, ccip_cluster.Differences())
+    assert _same_partition(list(merged), list(truth))
