@@ -55,7 +55,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ProbeError("decompression_bomb", str(exc)) from exc
     except UnidentifiedImageError as exc:
-        raise ProbeError("not_an_image", str(exc)) from exc
+        # Pillow's message names the BytesIO object's address: not the same on a rerun
+        raise ProbeError("not_an_image", "no image format recognises these bytes") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ProbeError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
     if image.width * image.height > max_pixels:  # formats whose plugin skips the check
