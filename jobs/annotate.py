@@ -51,9 +51,10 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
     """Specs of the configured models that can be loaded here, and a message per skipped one."""
     opts = cfg[JOB]
     specs, skipped = {}, []
-    for name in opts["models"]:
-        if name not in KNOWN:
-            raise ConfigError(f"annotate.models: unknown model {name!r} (known: {', '.join(KNOWN)})")
+    unknown = [n for n in opts["models"] if n not in KNOWN]
+    if unknown:
+        raise ConfigError(f"annotate.models: unknown models {unknown} (known: {', '.join(KNOWN)})")
+    for name in [n for n in KNOWN if n in opts["models"]]:  # pipeline order
         spec = {**opts[name], "models_dir": opts["models_dir"], "name": name}
         try:
             spec["input"] = model_input(name, spec)
@@ -204,10 +205,14 @@ class Pipeline:
         """One actor pool for one model: sizes, batch and GPU share from the config."""
         spec = self.specs[name]
         num_gpus = float(spec.get("num_gpus", 0)) if gpus else 0.0
+        order = list(self.specs)
+        # detectors with the same input size share one input column: the last one drops it
+        last = not any(input_column(self.specs[n]) == input_column(spec) for n in order[order.index(name) + 1 :])
         return ds.map_batches(
             udf,
             fn_constructor_kwargs={"spec": spec, "input": input_column(spec), "output": f"out_{name}",
-                                   "device": self.opts["device"] if num_gpus or not gpus else "cpu"},
+                                   "device": self.opts["device"] if num_gpus or not gpus else "cpu",
+                                   "drop_input": last},
             batch_size=int(spec["batch_size"]),
             compute=ray.data.ActorPoolStrategy(size=int(spec["concurrency"])),
             num_cpus=float(spec["num_cpus"]),

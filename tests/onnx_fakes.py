@@ -75,8 +75,8 @@ def tagger_model(path: Path, n_labels: int, size: int = 448, embedding: int = 10
               helper.make_node("Sigmoid", ["biased"], ["output"])]
     features = 3 * (size // 64) ** 2 + channels
     inits += [_init("we", rng.normal(0, 1, (features, embedding))),
-              _init("wl", rng.normal(0, 3, (features, n_labels))),
-              _init("bias", np.full(n_labels, -2.0))]
+              _init("wl", rng.normal(0, 0.3, (features, n_labels))),
+              _init("bias", np.full(n_labels, -8.0))]
     graph = helper.make_graph(
         nodes, "wd_tagger_fake",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", size, size, 3])],
@@ -95,7 +95,7 @@ def yolo_model(path: Path, label: str, batch: int | None, size: int = 640, seed:
     for k, stride in enumerate((8, 16, 32)):
         weights = rng.normal(0, 40, (5, 3, 1, 1))
         # score logits centred a little below 0 on mid-grey, spread wide: some anchors pass any threshold
-        bias = [0, 0, -1, -1, -0.5 * weights[4].sum() - 1]
+        bias = [0, 0, 0, 0, -0.5 * weights[4].sum() - 3]
         inits += [_init(f"w{k}", weights), _init(f"b{k}", bias)]
         nodes += [helper.make_node("AveragePool", ["images"], [f"p{k}"], kernel_shape=[stride, stride],
                                    strides=[stride, stride]),
@@ -103,7 +103,7 @@ def yolo_model(path: Path, label: str, batch: int | None, size: int = 640, seed:
                   helper.make_node("Reshape", [f"c{k}", "shape"], [f"h{k}"])]
         heads.append(f"h{k}")
     inits += [numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape"),
-              _init("box_scale", np.array([size, size, size / 4, size / 4, 1.0]).reshape(1, 5, 1))]
+              _init("box_scale", np.array([size, size, size / 2, size / 2, 1.0]).reshape(1, 5, 1))]
     nodes += [helper.make_node("Concat", heads, ["cat"], axis=2),
               helper.make_node("Sigmoid", ["cat"], ["sig"]),
               helper.make_node("Mul", ["sig", "box_scale"], ["output0"])]

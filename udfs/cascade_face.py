@@ -30,8 +30,9 @@ def cascade_path(spec: dict) -> str:
 class CascadeFaceDetector(ModelActor):
     """map_batches callable: grey canvas column `input` + `gray_w`/`gray_h` -> JSON relative boxes."""
 
-    def __init__(self, spec: dict, input: str, output: str, device: str = "cpu") -> None:
-        super().__init__(output, drop=(input, "gray_w", "gray_h"))
+    def __init__(self, spec: dict, input: str, output: str, device: str = "cpu",
+                 drop_input: bool = True) -> None:
+        super().__init__(output, drop=(input,) * drop_input + ("gray_w", "gray_h"))
         self.cascade = cv2.CascadeClassifier(cascade_path(spec))
         if self.cascade.empty():
             raise ValueError(f"{cascade_path(spec)} is not an OpenCV cascade")

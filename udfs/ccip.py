@@ -43,8 +43,9 @@ class CcipFeatures(ModelActor):
 
     empty = b""
 
-    def __init__(self, spec: dict, input: str, output: str, device: str = "auto") -> None:
-        super().__init__(output, drop=(input, "ccip_crops"))
+    def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
+                 drop_input: bool = True) -> None:
+        super().__init__(output, drop=(input,) * drop_input + ("ccip_crops",))
         path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))

@@ -29,8 +29,9 @@ def load_labels(path: str) -> tuple[list[str], list[str]]:
 class WdTagger(ModelActor):
     """map_batches callable: column `input` (uint8 NHWC BGR) -> `output`: JSON [[tag, category, score], ...]."""
 
-    def __init__(self, spec: dict, input: str, output: str, device: str = "auto") -> None:
-        super().__init__(output, drop=(input,))
+    def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
+                 drop_input: bool = True) -> None:
+        super().__init__(output, drop=(input,) * drop_input)
         models_dir = spec.get("models_dir", "")
         path = model_file(spec["repo"], spec["file"], models_dir)
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))

@@ -44,8 +44,9 @@ def model_type(spec: dict) -> str:
 class YoloDetector(ModelActor):
     """map_batches callable: column `input` (uint8 NHWC) -> column `output` (JSON boxes per image)."""
 
-    def __init__(self, spec: dict, input: str, output: str, device: str = "auto") -> None:
-        super().__init__(output, drop=(input,))
+    def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
+                 drop_input: bool = True) -> None:
+        super().__init__(output, drop=(input,) * drop_input)
         path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         self.size, self.labels = detector_meta(path)

@@ -1,0 +1,92 @@
+"""annotate end to end on the bundled sample: ingest, then every model through Ray Data actor pools.
+
+Models: the bundled cascade face detector (real) and the tiny fakes with production contracts
+(tests/onnx_fakes.py) staged in annotate.models_dir, as on an offline cluster.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SAMPLE_SHARDS, shared_path
+from tests.onnx_fakes import build_models_dir
+
+
+def _rows(ws, table: str) -> list[tuple]:
+    con = ws.connect()
+    cols = {"detections": "key, model, label, score, x0, y0, x1, y1",
+            "embeddings": "key, crop, model, x0, y0, x1, y1, vector::float[]",
+            "tag_scores": "key, tag, category, score, model",
+            "errors": "key, stage, kind"}[table]
+    return con.execute(f"select {cols} from {table} order by all").fetchall()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return str(build_models_dir(tmp_path_factory.mktemp("models"), shared_path("tagdata", "wd_v3_selected_tags.csv")))
+
+
+@pytest.fixture
+def ingested(config, workspace, ray_local):
+    from jobs import ingest
+
+    if not list(SAMPLE_SHARDS.glob("*.tar")):
+        pytest.skip("bundled sample shards missing")
+    ingest.run(config, workspace)
+    return config, workspace
+
+
+def test_annotate_sample_every_model_and_resume(ingested, models_dir):
+    from jobs import annotate
+    from jobs.config import merge
+
+    cfg, ws = ingested
+    merge(cfg, {"annotate": {"models_dir": models_dir, "draft_size": 256}})
+    summary = annotate.run(cfg, ws)
+    assert summary.rows_in == 24 and summary.errors == 0 and summary.units_done == 3
+    con = ws.connect()
+    per_model = dict(con.execute("select model, count(*) from detections group by 1").fetchall())
+    assert set(per_model) == {"lbpcascade_animeface", "face_detect_v1.4_s", "head_detect_v2.0_s",
+                              "person_detect_v1.1_m"}
+    # the real cascade finds the sprites' faces (12 of 13; it misses a Lucy) and none on backgrounds
+    faces = dict(con.execute("""select i.key, count(d.key) from images i left join detections d
+                                on d.key = i.key and d.model = 'lbpcascade_animeface' group by 1""").fetchall())
+    assert sum(n > 0 for k, n in faces.items() if "/sylvie" in k or "/eileen" in k or "/lucy" in k) >= 12
+    assert sum(n for k, n in faces.items() if "/bg_" in k) == 0
+    assert con.execute("select min(least(x0, y0)) >= 0 and max(greatest(x1, y1)) <= 1 from detections").fetchone()[0]
+    # one whole-image CCIP vector per image, plus one per kept person crop
+    whole, crops = con.execute(
+        "select count(*) filter (crop = -1), count(*) filter (crop >= 0) from embeddings").fetchone()
+    persons = con.execute("""select sum(least(n, 8)) from (select key, count(*) n from detections
+                             where label = 'person' group by key)""").fetchone()[0]
+    # (boxes under 2 px after clipping give no crop)
+    assert whole == 24 and 0 < crops <= persons
+    orphan = con.execute("""select count(*) from embeddings e where crop >= 0 and crop >= (
+                            select count(*) from detections d where d.key = e.key and d.label = 'person')""")
+    assert orphan.fetchone()[0] == 0  # a crop's index is one of its image's person boxes
+    # every image has its 4 rating scores; other labels only above the floor
+    assert con.execute("select count(*) from tag_scores where category = 'rating'").fetchone()[0] == 96
+    assert con.execute("select min(score) from tag_scores where category <> 'rating'").fetchone()[0] > 0.05
+
+    before = {t: _rows(ws, t) for t in ("detections", "embeddings", "tag_scores", "errors")}
+    again = annotate.run(cfg, ws)
+    assert again.units_done == 0 and again.units_skipped == 3
+    # a unit whose run died before its commit (marker gone, a part half-written) is redone exactly
+    unit = sorted(ws.done_units("annotate"))[0]
+    ws.fs.delete_file(f"{ws.state_dir('annotate')}/{unit}.json")
+    ws.write_part("tag_scores", f"annotate-{unit}-tagger", [])
+    redo = annotate.run(cfg, ws)
+    assert redo.units_done == 1
+    assert {t: _rows(ws, t) for t in before} == before
+
+
+def test_annotate_offline_without_models_runs_the_cascade_alone(ingested, tmp_path):
+    from jobs import annotate
+    from jobs.config import merge
+
+    cfg, ws = ingested
+    merge(cfg, {"annotate": {"models_dir": str(tmp_path / "empty")}})
+    summary = annotate.run(cfg, ws)
+    skipped = [n for n in summary.notes if "skipped" in n]
+    assert len(skipped) == 5 and all("annotate.models_dir" in n for n in skipped)
+    assert summary.rows_out["detections"] > 12 and summary.rows_out["tag_scores"] == 0
