@@ -169,6 +169,20 @@ captions = pa.schema(
     ]
 )
 
+# Related tags an image lacks, from tag co-occurrence over the whole dataset (caption job):
+# suggestions for review, never applied to `tags`.
+tag_suggestions = pa.schema(
+    [
+        ("key", pa.string()),
+        ("tag", pa.string()),
+        ("category", pa.string()),
+        ("score", pa.float32()),  # the highest PMI (natural log) with one of the image's tags
+        ("support", pa.int32()),  # images that have both tags of that best pair
+        ("because", pa.string()),  # the image's tag that suggests it
+        ("origin", pa.string()),  # pmi
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     name: value for name, value in dict(globals()).items() if isinstance(value, pa.Schema)
 }

