@@ -51,27 +51,35 @@ not_blacklisted as (
     select t.* from one_row_per_tag t
     anti join tag_blacklist b on b.tag = t.tag
 ),
-impossible_losers as (
-    select distinct a.key,
-           case when r.winner = 'a' or (r.winner = 'score' and a.score >= b.score) then b.tag else a.tag end as tag
+rule_hits as materialized (
+    -- rules first (few rows), then the other tag: joining the image's tags with each other
+    -- on key alone would pair every tag with every tag
+    select a.key, a.tag, a.score, r.tag_b, r.winner
     from not_blacklisted a
     join impossible_tags r on r.tag_a = a.tag
-    join not_blacklisted b on b.key = a.key and b.tag = r.tag_b
+),
+impossible_losers as (
+    select distinct h.key,
+           case when h.winner = 'a' or (h.winner = 'score' and h.score >= b.score) then b.tag else h.tag end as tag
+    from rule_hits h
+    join not_blacklisted b on b.key = h.key and b.tag = h.tag_b
 ),
 possible as (
     select t.* from not_blacklisted t
     anti join impossible_losers l on l.key = t.key and l.tag = t.tag
 ),
 overlapped as (
-    select distinct t.key, t.tag
-    from possible t
-    join tag_implications i on i.tag = t.tag
-    join possible u on u.key = t.key and u.tag = i.implied_by
-    where t.category = 'general' and u.category = 'general'
+    -- from the more specific tag u to the tags it implies (a few substrings each), then keep
+    -- those present: this direction joins ~3 rows per tag, the other (a short tag to all its
+    -- superstrings) thousands
+    select distinct u.key, i.tag
+    from possible u
+    join tag_implications i on i.implied_by = u.tag
+    where u.category = 'general'
 ),
 not_overlapped as (
     select t.* from possible t
-    anti join overlapped o on o.key = t.key and o.tag = t.tag
+    anti join overlapped o on o.key = t.key and o.tag = t.tag and t.category = 'general'
 ),
 named_images as (
     select distinct key from not_overlapped where category = 'character'
