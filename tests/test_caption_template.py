@@ -1,0 +1,90 @@
+"""Golden template captions for varied tag sets, and the asp-style caption's seed and probabilities."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from udfs.template_caption import (AspOptions, TemplateCaptions, TemplateVocab, asp_caption, english_caption,
+                                   name_of, title_of)
+
+GOLDEN = [
+    (["1girl", "blonde_hair", "red_dress", "pink_shoes", "red_eyes"], None,
+     "A girl with blonde hair and red eyes is wearing a red dress with pink shoes."),
+    (["1girl", "solo", "gotou_hitori", "bocchi_the_rock!", "pink_hair", "long_hair", "blue_eyes", "track_jacket",
+      "pink_jacket", "sitting", "holding_guitar", "smile", "indoors"],
+     ["general", "general", "character", "copyright"] + ["general"] * 9,
+     "Gotou Hitori from Bocchi the Rock! with long pink hair and blue eyes is wearing a pink track jacket. "
+     "She is sitting. She is smiling. The scene is indoors. Other details: holding guitar."),
+    (["2girls", "multiple_girls", "yuri", "black_hair", "school_uniform", "standing", "outdoors", "cherry_blossoms"],
+     None,
+     "Two girls with black hair are wearing a school uniform. They are standing. The scene is outdoors. "
+     "Other details: yuri and cherry blossoms."),
+    (["1boy", "1girl", "short_hair", "brown_hair", "green_eyes", "suit", "necktie", "angry", "blush",
+      "white_background", "simple_background"], None,
+     "A boy and a girl with short hair, brown hair and green eyes are wearing a suit with a necktie. "
+     "They are blushing and look angry. The picture has a simple white background."),
+    (["no_humans", "scenery", "sky", "cloud", "blue_sky", "tree", "outdoors", "day", "building"], None,
+     "A scene without people. The scene is outdoors. The setting includes scenery, blue sky, cloud, tree, day "
+     "and building."),
+    (["3girls", "eileen_(ren'py)", "lucy_(ren'py)", "ren'py", "stage", "concert", "open_mouth", "smile"],
+     ["general", "character", "character", "copyright", "general", "general", "general", "general"],
+     "Three girls. The characters are Eileen and Lucy from Ren'py. They are smiling, with an open mouth. "
+     "The setting includes stage. Other details: concert."),
+    (["1girl", "very_long_hair", "silver_hair", "twintails", "hair_ribbon", "red_ribbon", "closed_eyes",
+      "looking_at_viewer", "upper_body", ":d"], None,
+     "A girl with very long silver hair, twintails and a red hair ribbon. She is looking at viewer. "
+     "The picture is an upper-body view. She has closed eyes and an open-mouthed smile."),
+    (["1girl", "eileen_(ren'py)", "ren'py", "piroshki", "official_art", "short_hair", "red_hair"],
+     ["general", "character", "copyright", "artist", "meta", "general", "general"],
+     "Eileen from Ren'py with short red hair."),
+]
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return TemplateVocab()
+
+
+@pytest.mark.parametrize("tags,categories,expected", GOLDEN)
+def test_golden_english_captions(vocab, tags, categories, expected):
+    categories = categories or ["general"] * len(tags)
+    assert english_caption(tags, categories, vocab) == expected
+
+
+def test_batched_path_equals_per_row_path(vocab):
+    tags = [g[0] for g in GOLDEN]
+    cats = [g[1] or ["general"] * len(g[0]) for g in GOLDEN]
+    batched = TemplateCaptions(vocab).english(pa.array(tags), pa.array(cats))
+    assert batched == [english_caption(t, c, vocab) for t, c in zip(tags, cats, strict=True)]
+
+
+def test_n_people_names_the_subject_without_count_tags(vocab):
+    assert english_caption(["long_hair"], ["general"], vocab, n_people=2).startswith("Two people with long hair")
+
+
+def test_names_and_titles():
+    assert name_of("gotou_hitori_(bocchi_the_rock!)") == "Gotou Hitori"
+    assert title_of("bocchi_the_rock!") == "Bocchi the Rock!"
+    assert title_of("the_question_(ren'py)") == "The Question"
+
+
+def test_asp_caption_is_reproducible_and_keeps_count_tags_first(vocab):
+    tags = ["1girl", "solo", "gotou_hitori", "bocchi_the_rock!"] + [f"tag_{i}" for i in range(40)]
+    cats = ["general", "general", "character", "copyright"] + ["general"] * 40
+    options = AspOptions({"copyright": 1.0, "rating": 0.0}, max_tags=5)
+    first = asp_caption("key/1", tags, cats, "general", 7, vocab, options)
+    assert first == asp_caption("key/1", tags, cats, "general", 7, vocab, options)
+    parts = first.split(", ")
+    assert parts[:4] == ["1girl", "solo", "gotou hitori", "bocchi the rock!"]
+    assert len(parts) == 4 + 5  # tags capped
+    assert "general" not in parts  # rating left out with probability 0
+    others = {asp_caption("key/1", tags, cats, "general", s, vocab, options) for s in range(8)}
+    assert len(others) > 1  # another seed, another shuffle
+
+
+def test_asp_component_probabilities(vocab):
+    tags, cats = ["1girl", "gotou_hitori", "smile"], ["general", "character", "general"]
+    options = AspOptions({"characters": 0.5}, shuffle=False)
+    with_name = sum("gotou hitori" in asp_caption(f"k{i}", tags, cats, None, 0, vocab, options) for i in range(400))
+    assert 140 < with_name < 260
