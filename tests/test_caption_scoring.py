@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from udfs.caption_scoring import (CaptionScorer, QualityBands, SentenceEncoder, WordForms, people_mentioned,
-                                  subject_consistency)
+from udfs.caption_scoring import (
+    CaptionScorer,
+    QualityBands,
+    SentenceEncoder,
+    WordForms,
+    people_mentioned,
+    subject_consistency,
+)
 from udfs.template_caption import TemplateVocab, english_caption
 
 TAGS = ["1girl", "blonde_hair", "red_dress", "pink_shoes", "red_eyes"]

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from udfs.template_caption import (AspOptions, TemplateCaptions, TemplateVocab, asp_caption, english_caption,
-                                   name_of, title_of)
+from udfs.template_caption import (
+    AspOptions,
+    TemplateCaptions,
+    TemplateVocab,
+    asp_caption,
+    english_caption,
+    name_of,
+    title_of,
+)
 
 GOLDEN = [
     (["1girl", "blonde_hair", "red_dress", "pink_shoes", "red_eyes"], None,

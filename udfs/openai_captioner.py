@@ -1,0 +1,72 @@
+"""The `openai` caption backend: a map_batches class that calls an OpenAI-compatible endpoint.
+
+Each actor keeps up to `max_concurrency` requests in flight (udfs/openai_transport.py) and
+routes images whose rating is in `route_ratings` to a second endpoint when one is configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from udfs.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption_prompts import caption_messages, clean_reply
+from udfs.caption_unit import Hint, UnitCaptioner
+from udfs.openai_transport import ChatEndpoint, EndpointError
+
+
+def endpoint_from(options: dict[str, Any], prefix: str = "") -> ChatEndpoint:
+    """The endpoint of options `<prefix>base_url`, `<prefix>model`, `<prefix>api_key_env`."""
+    return ChatEndpoint(options[f"{prefix}base_url"], options[f"{prefix}model"], options[f"{prefix}api_key_env"],
+                        timeout_s=float(options["timeout_s"]), max_retries=int(options["max_retries"]),
+                        backoff_s=float(options["backoff_s"]), max_concurrency=int(options["max_concurrency"]))
+
+
+class OpenAICaptioner(UnitCaptioner):
+    """VLM captions over HTTP: the image, the three-line tag block and the template draft."""
+
+    backend = "openai"
+    needs_tags = False
+
+    def __init__(self, workspace: str, options: dict[str, Any]) -> None:
+        super().__init__(workspace, options)
+        self.main = endpoint_from(options)
+        self.routed = endpoint_from(options, "route_") if options.get("route_base_url") else None
+        self.route_ratings = set(options.get("route_ratings") or [])
+
+    def endpoint_for(self, row: dict) -> ChatEndpoint:
+        if self.routed is not None and (row.get("rating") or "") in self.route_ratings:
+            return self.routed
+        return self.main
+
+    def backend_name(self, row: dict) -> str:
+        return f"openai:{self.endpoint_for(row).model}"
+
+    def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
+        images = self._image_urls(rows) if self.opts["send_images"] else [None] * len(rows)
+        results: list[str | Exception | None] = [None] * len(rows)
+        by_endpoint: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if self.opts["send_images"] and images[i] is None:
+                message = f"cannot read {row.get('member')} from {row.get('source')}"
+                results[i] = EndpointError("unreadable_image", message)
+            else:
+                by_endpoint.setdefault(id(self.endpoint_for(row)), []).append(i)
+        for indices in by_endpoint.values():
+            endpoint = self.endpoint_for(rows[indices[0]])
+            requests = [{"messages": caption_messages(hints[i].tags, hints[i].categories, drafts[i], images[i],
+                                                      template=self.opts["prompt"]),
+                         "max_tokens": int(self.opts["max_tokens"]), "temperature": float(self.opts["temperature"]),
+                         "seed": hints[i].seed} for i in indices]
+            for i, reply in zip(indices, endpoint.chat_many(requests), strict=True):
+                results[i] = clean_reply(reply) if isinstance(reply, str) else reply
+        return results
+
+    def _image_urls(self, rows: list[dict]) -> list[str | None]:
+        raw = read_members([r.get("source") or "" for r in rows], [r.get("member") or "" for r in rows])
+        out: list[str | None] = []
+        for data in raw:
+            try:
+                out.append(data_url(shrink_jpeg(data, int(self.opts["image_max_side"]))) if data else None)
+            except OSError:
+                out.append(None)
+        return out
