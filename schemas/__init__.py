@@ -183,6 +183,24 @@ tag_suggestions = pa.schema(
     ]
 )
 
+# What the export wrote where: one row per exported sample (or repeat) and layout.
+export_manifest = pa.schema(
+    [
+        ("key", pa.string()),  # the image's key in the workspace
+        ("sample_key", pa.string()),  # its safe name in the export (+ "-r<n>" for materialised repeats)
+        ("layout", pa.string()),  # webdataset, kohya, everydream, parquet
+        ("path", pa.string()),  # shard / folder / Parquet file, relative to the export folder
+        ("image", pa.string()),  # image member or file name
+        ("width", pa.int32()),  # exported size
+        ("height", pa.int32()),
+        ("image_bytes", pa.int64()),
+        ("reencoded", pa.bool_()),  # false: the original bytes
+        ("multiply", pa.float64()),
+        ("repeats", pa.int32()),
+        ("unit", pa.string()),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     name: value for name, value in dict(globals()).items() if isinstance(value, pa.Schema)
 }

@@ -1,0 +1,237 @@
+"""export end to end on the bundled sample, checked with the real readers: webdataset, wids,
+Hugging Face datasets; plus kohya / EveryDream folders, the manifest, resume and --where."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+
+import pytest
+
+from tests.export_data import base_config, prepared_workspace
+
+ALL = '["webdataset", "kohya", "everydream", "parquet"]'
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ray_local):
+    from jobs import export
+    from jobs.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    cfg = base_config(path, f"export.formats={ALL}", "export.max_count=4")
+    ws = Workspace(str(path))
+    summary = export.run(cfg, ws)
+    return cfg, ws, summary, path / "export"
+
+
+def expected_rows(ws) -> dict[str, dict]:
+    """What must be exported, straight from the workspace tables (not from the export's SQL)."""
+    con = ws.connect()
+    rows = con.execute("""
+        select i.key, i.sha256, i.width, i.height, c.caption, b.multiply
+        from images i
+        left join captions c on c.key = i.key and c.accepted
+        left join balance b on b.key = i.key
+        where i.key not in (select key from duplicates where not is_representative)
+          and not coalesce(c.flagged, false)""").fetchall()
+    return {r[0]: {"sha256": r[1], "width": r[2], "height": r[3], "caption": r[4], "multiply": r[5]} for r in rows}
+
+
+def shard_paths(out) -> list[str]:
+    return sorted(str(p) for p in (out / "webdataset").glob("shard-*.tar"))
+
+
+def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
+    import webdataset as wds
+
+    cfg, ws, summary, out = exported
+    expected = expected_rows(ws)
+    assert 0 < len(expected) < 24  # the sample has near duplicates, which are left out
+    dropped = {r[0] for r in ws.connect().execute("select key from duplicates where not is_representative").fetchall()}
+    seen = {}
+    for sample in wds.WebDataset(shard_paths(out), shardshuffle=False).decode("pil"):
+        meta = sample["json"]
+        key = meta["key"]
+        image = next(sample[e] for e in ("jpg", "png", "webp") if e in sample)
+        assert image.size == (meta["width"], meta["height"]) and max(image.size) <= 1024
+        assert sample["txt"] == expected[key]["caption"]
+        assert meta["multiply"] == pytest.approx(expected[key]["multiply"])
+        assert meta["repeats"] == max(1, int(expected[key]["multiply"] + 0.5))
+        assert meta["source"]["member"] and meta["tags"] and "accuracy" in meta["scores"]
+        seen[key] = sample["__key__"]
+    assert set(seen) == set(expected) and not set(seen) & dropped
+    assert summary.rows_in == len(expected) and summary.errors == 0
+
+
+def test_images_that_fit_keep_their_bytes_and_large_ones_are_resized(exported):
+    cfg, ws, _, out = exported
+    expected = expected_rows(ws)
+    kept = resized = 0
+    for path in shard_paths(out):
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                image = next(members[n] for n in members if n.startswith(name[:-5] + ".") and n[-4:] != "json"
+                             and not n.endswith(".txt"))
+                row = expected[meta["key"]]
+                if max(row["width"], row["height"]) <= 1024:
+                    assert hashlib.sha256(image).hexdigest() == row["sha256"]
+                    kept += 1
+                else:
+                    assert max(meta["width"], meta["height"]) == 1024
+                    assert abs(meta["width"] / meta["height"] - row["width"] / row["height"]) < 0.01
+                    resized += 1
+    assert kept and resized  # the sample has both (sprites fit, 1280 px backgrounds do not)
+
+
+def test_shards_are_cut_by_count_named_in_order_and_listed_in_the_manifest(exported):
+    import pyarrow.parquet as pq
+
+    _, ws, _, out = exported
+    paths = shard_paths(out)
+    assert [os.path.basename(p) for p in paths] == [f"shard-{i:06d}.tar" for i in range(len(paths))]
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    for path in paths:
+        with tarfile.open(path) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar if m.isfile()}
+        assert 0 < len(keys) <= 4
+        listed = {m["sample_key"] for m in manifest if m["layout"] == "webdataset"
+                  and m["path"] == f"webdataset/{os.path.basename(path)}"}
+        assert listed == keys
+    assert {m["layout"] for m in manifest} == {"webdataset", "kohya", "everydream", "parquet"}
+    assert ws.read_table("export_manifest").num_rows == len(manifest)
+
+
+def test_wids_opens_the_shards_by_index(exported, tmp_path, monkeypatch):
+    import wids
+
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "wids-cache"))
+    _, ws, _, out = exported
+    expected = expected_rows(ws)
+    dataset = wids.ShardListDataset(str(out / "webdataset" / "index.wids.json"))
+    assert len(dataset) == len(expected)
+    for i in (0, len(dataset) // 2, len(dataset) - 1):
+        sample = dataset[i]
+        image = next(sample[e] for e in (".jpg", ".png", ".webp") if e in sample)
+        meta = sample[".json"]  # wids' default decoders: PIL images, dicts, str
+        assert image.size == (meta["width"], meta["height"])
+        assert sample[".txt"] == expected[meta["key"]]["caption"]
+
+
+def test_datasets_loads_the_parquet_layout(exported):
+    import datasets
+
+    _, ws, _, out = exported
+    expected = expected_rows(ws)
+    files = sorted(str(p) for p in (out / "parquet").glob("train-*.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert loaded.num_rows == len(expected)
+    assert isinstance(loaded.features["image"], datasets.Image)
+    for row in loaded:
+        meta = json.loads(row["json"])
+        assert row["image"].size == (meta["width"], meta["height"])
+        assert row["text"] == expected[meta["key"]]["caption"]
+        assert row["multiply"] == pytest.approx(expected[meta["key"]]["multiply"])
+
+
+def test_kohya_and_everydream_folders(exported):
+    _, ws, _, out = exported
+    expected = expected_rows(ws)
+    kohya = [p for p in (out / "kohya").rglob("*") if p.is_file()]
+    images = [p for p in kohya if p.suffix != ".txt"]
+    assert len(images) == len(expected)
+    for image in images:
+        repeats, concept = re.fullmatch(r"(\d+)_(.+)", image.parent.name).groups()
+        meta_txt = image.with_suffix(".txt").read_text()
+        key = next(k for k, v in expected.items() if v["caption"] == meta_txt and
+                   image.stem.endswith(k.split("/")[-1]))
+        assert int(repeats) == max(1, int(expected[key]["multiply"] + 0.5)) and concept
+    folders = [p for p in (out / "everydream").iterdir() if p.is_dir()]
+    ed_images = [p for f in folders for p in f.iterdir() if p.suffix in (".jpg", ".png", ".webp")]
+    assert len(ed_images) == len(expected)
+    for folder in folders:
+        multiply = float((folder / "multiply.txt").read_text())
+        for image in folder.glob("*.*"):
+            if image.suffix in (".jpg", ".png", ".webp"):
+                assert image.with_suffix(".txt").exists()
+                key = next(k for k in expected if image.stem.endswith(k.split("/")[-1]))
+                assert multiply == pytest.approx(round(expected[key]["multiply"], 2))
+
+
+def test_rerun_resumes_and_a_lost_unit_is_rewritten_identically(exported):
+    from jobs import export
+
+    cfg, ws, _, out = exported
+    before = {p: open(p, "rb").read() for p in shard_paths(out)}
+    again = export.run(cfg, ws)
+    assert again.units_done == 0 and again.units_skipped > 0
+    # a unit killed before its commit: its marker and one of its shards are gone
+    marker = sorted(ws.done_units("export"))[0]
+    info = ws.done_units("export")[marker]
+    lost = out / next(f for f in info["files"] if f.startswith("webdataset/"))
+    os.remove(f"{ws.state_dir('export')}/{marker}.json")
+    lost.unlink()
+    redo = export.run(cfg, ws)
+    assert redo.units_done == 1
+    assert {p: open(p, "rb").read() for p in shard_paths(out)} == before
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def fresh(tmp_path_factory, *overrides):
+    """Its own copy of the prepared workspace (the module's export keeps its state)."""
+    from jobs.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    return base_config(path, *overrides), Workspace(str(path))
+
+
+def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory, ray_local):
+    from jobs import export
+    from jobs.config import ConfigError, merge
+
+    cfg, ws = fresh(tmp_path_factory)
+    merge(cfg, {"export": {"where": "key like '%/bg\\_%' escape '\\'"}})
+    summary = export.run(cfg, ws)
+    expected = {k for k in expected_rows(ws) if "/bg_" in k}
+    assert summary.rows_in == len(expected) > 0
+    merge(cfg, {"export": {"where": "true; drop table images"}})
+    with pytest.raises(ConfigError):
+        export.run(cfg, ws)
+    assert ws.read_table("images").num_rows == 24
+
+
+def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, tmp_path, ray_local):
+    import webdataset as wds
+
+    from jobs import export
+
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{tmp_path / "rep"}"', "export.materialize_repeats=true")
+    export.run(cfg, ws)
+    expected = expected_rows(ws)
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "rep" / "webdataset")
+                                                        .glob("*.tar")), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == sum(max(1, int(r["multiply"] + 0.5)) for r in expected.values())
+
+
+def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_local):
+    from PIL import Image
+
+    from jobs import export
+    from udfs.resize import bucket_sizes
+
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{tmp_path / "buckets"}"', 'export.formats=["kohya"]',
+                    "export.buckets=true", "export.max_size=512")
+    export.run(cfg, ws)
+    sizes = set(bucket_sizes(512, 256, 2048, 64))
+    images = [p for p in (tmp_path / "buckets" / "kohya").rglob("*") if p.suffix in (".jpg", ".png", ".webp")]
+    assert images
+    for path in images:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            assert image.size in sizes

@@ -1,0 +1,208 @@
+"""One export unit (one source of `images`): read its images once, write every layout, commit.
+
+The driver plans everything (which sample goes to which shard, names, sizes, txt and json);
+the task reads the source with udfs.sources.read_unit, resizes where planned, and writes:
+- webdataset: its planned shards `shard-%06d.tar` (webdataset.TarWriter, fixed mtime);
+- kohya: `<repeats>_<concept>/<name>.<ext>` + `<name>.txt`;
+- everydream: `<folder>/<name>.<ext>` + `.txt`, and `multiply.txt` per folder;
+- parquet: `train-%06d.parquet` (same index as the shard) with Hugging Face `datasets` features.
+Every file is written to a temporary name and renamed; the unit's manifest and errors parts go
+to the workspace and its marker is committed last, so a killed unit is redone whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from jobs.workspace import Workspace
+from udfs.resize import resize_image
+from udfs.safe_names import inside
+from udfs.sources import Unit, read_unit
+
+JOB = "export"
+LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def parquet_name(index: int) -> str:
+    return f"train-{index:06d}.parquet"
+
+
+def export_units(batch: dict[str, Any], workspace: str, out: str, options: dict) -> dict[str, list]:
+    """map_batches UDF (CPU task): export each unit of the batch, one info row per unit."""
+    ws = Workspace(workspace)
+    infos = []
+    for i in range(len(batch["unit"])):
+        plan = json.loads(batch["plan"][i])
+        info = UnitExport(ws, out, plan, options).run()
+        ws.commit_unit(JOB, plan["unit"], info)
+        infos.append(json.dumps(info))
+    return {"unit": list(batch["unit"]), "info": infos}
+
+
+def parquet_schema() -> pa.Schema:
+    """The Parquet layout's schema, with the Hugging Face `datasets` features in its metadata
+    (so `load_dataset("parquet", ...)` gives an Image column); built by `datasets` itself."""
+    from datasets import Features, Image, Sequence, Value
+
+    return Features({
+        "key": Value("string"), "image": Image(), "text": Value("string"), "tags": Sequence(Value("string")),
+        "characters": Sequence(Value("string")), "multiply": Value("float64"), "repeats": Value("int32"),
+        "json": Value("string"),
+    }).arrow_schema
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class UnitExport:
+    """The writes of one unit; samples arrive in the source's own order."""
+
+    def __init__(self, ws: Workspace, out: str, plan: dict, options: dict) -> None:
+        self.ws, self.out, self.plan, self.options = ws, out, plan, options
+        self.layouts = options["layouts"]
+        self.shards: dict[int, tuple[str, wds.TarWriter, Any]] = {}
+        self.parquet_rows: dict[int, list[dict]] = defaultdict(list)
+        self.manifest: list[dict] = []
+        self.errors: list[dict] = []
+        self.files: list[str] = []
+        self.bytes_out = 0
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        samples = {s["member"]: s for s in self.plan["samples"]}
+        seen: set[str] = set()
+        unit = Unit(self.plan["kind"], self.plan["source"], "",
+                    [os.path.join(self.plan["source"], m) for m in samples] if self.plan["kind"] == "folder" else [])
+        try:
+            for sample in read_unit(unit, int(self.options["max_member_bytes"])):
+                if isinstance(sample, tuple):
+                    continue  # shard-level problems: ingest reported them; missing members show below
+                for ext, name in sample.member_names.items():
+                    if name in samples and name not in seen:
+                        seen.add(name)
+                        self.export_sample(samples[name], sample.members[ext])
+            for member in sorted(set(samples) - seen):
+                self.error(samples[member], "missing_member", "member not found in its source (moved or rewritten "
+                                                              "since ingest?)")
+            self.finish()
+        finally:
+            self.abort_open_shards()
+        return self.info(time.perf_counter() - started)
+
+    # ---- one sample ---------------------------------------------------------------------
+    def export_sample(self, sample: dict, data: bytes) -> None:
+        try:
+            image = data if not sample["reencode"] else resize_image(
+                data, tuple(sample["size"]), sample["ext"], int(self.options["jpeg_quality"]), bool(sample["crop"]))
+        except Exception as exc:  # any decoder or encoder failure: an errors row, the run goes on
+            self.error(sample, "resize_failed", f"{type(exc).__name__}: {exc}")
+            return
+        ext, txt, meta = sample["ext"], sample["txt"], sample["json"]
+        for copy in sample["copies"]:
+            if "webdataset" in self.layouts:
+                writer = self.shard_writer(copy["shard"])
+                writer.write({"__key__": copy["name"], ext: image, "txt": txt.encode(), "json": meta.encode()})
+                self.record(sample, copy["name"], "webdataset", f"webdataset/{shard_name(copy['shard'])}",
+                            f"{copy['name']}.{ext}", image)
+            if "parquet" in self.layouts:
+                self.parquet_rows[copy["shard"]].append(self.parquet_row(sample, copy["name"], image))
+                self.record(sample, copy["name"], "parquet", f"parquet/{parquet_name(copy['shard'])}",
+                            f"{copy['name']}.{ext}", image)
+        name = sample["name"]
+        for layout in ("kohya", "everydream"):
+            if layout in self.layouts:
+                folder = f"{layout}/{sample[layout]}"
+                self.write_file(f"{folder}/{name}.{ext}", image)
+                self.write_file(f"{folder}/{name}.txt", txt.encode())
+                if layout == "everydream":
+                    self.write_file(f"{folder}/multiply.txt", f"{sample['multiply']:g}\n".encode())
+                self.record(sample, name, layout, folder, f"{name}.{ext}", image)
+
+    def parquet_row(self, sample: dict, name: str, image: bytes) -> dict:
+        meta = json.loads(sample["json"])
+        return {"key": name, "image": {"bytes": image, "path": f"{name}.{sample['ext']}"}, "text": sample["txt"],
+                "tags": meta["tags"], "characters": meta["characters"], "multiply": float(sample["multiply"]),
+                "repeats": int(sample["repeats"]), "json": sample["json"]}
+
+    def record(self, sample: dict, name: str, layout: str, path: str, image_name: str, image: bytes) -> None:
+        self.bytes_out += len(image)
+        self.manifest.append({
+            "key": sample["key"], "sample_key": name, "layout": layout, "path": path, "image": image_name,
+            "width": sample["size"][0], "height": sample["size"][1], "image_bytes": len(image),
+            "reencoded": bool(sample["reencode"]), "multiply": float(sample["multiply"]),
+            "repeats": int(sample["repeats"]), "unit": self.plan["unit"]})
+
+    def error(self, sample: dict, kind: str, message: str) -> None:
+        self.errors.append({"key": sample["key"], "source": self.plan["source"], "member": sample["member"],
+                            "stage": JOB, "kind": kind, "message": message, "dropped": True})
+
+    # ---- files --------------------------------------------------------------------------
+    def write_file(self, relative: str, data: bytes) -> None:
+        atomic_write(inside(self.out, relative), data)
+        self.files.append(relative)
+
+    def shard_writer(self, index: int) -> wds.TarWriter:
+        if index not in self.shards:
+            final = inside(self.out, f"webdataset/{shard_name(index)}")
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{shard_name(index)}"
+            stream = open(tmp, "wb")  # noqa: SIM115 - closed in finish() / abort_open_shards()
+            self.shards[index] = (tmp, wds.TarWriter(stream, encoder=False, mtime=0, user="", group=""), stream)
+        return self.shards[index][1]
+
+    def finish(self) -> None:
+        if "webdataset" in self.layouts:
+            for index in self.plan["shards"]:  # a planned shard whose samples all failed is still there, empty
+                self.shard_writer(index)
+        if "parquet" in self.layouts:
+            for index in self.plan["shards"]:
+                self.parquet_rows.setdefault(index, [])
+        for index, (tmp, writer, stream) in sorted(self.shards.items()):
+            writer.close()
+            stream.close()
+            os.replace(tmp, inside(self.out, f"webdataset/{shard_name(index)}"))
+            self.files.append(f"webdataset/{shard_name(index)}")
+        self.shards.clear()
+        if self.parquet_rows:
+            schema = parquet_schema()
+            for index, rows in sorted(self.parquet_rows.items()):
+                sink = pa.BufferOutputStream()
+                pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
+                self.write_file(f"parquet/{parquet_name(index)}", sink.getvalue().to_pybytes())
+        unit = self.plan["unit"]
+        self.ws.write_part("export_manifest", unit, self.manifest)
+        if self.errors:
+            self.ws.write_part("errors", f"export-{unit}", self.errors)
+        else:
+            self.ws.delete_part("errors", f"export-{unit}")
+
+    def abort_open_shards(self) -> None:
+        for tmp, _writer, stream in self.shards.values():
+            stream.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def info(self, seconds: float) -> dict:
+        kinds = Counter(e["kind"] for e in self.errors)
+        exported = len({m["key"] for m in self.manifest})
+        return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
+                "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
+                "files": sorted(set(self.files)), "out": self.out, "samples_written": len(self.manifest)}

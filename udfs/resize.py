@@ -1,0 +1,99 @@
+"""Export sizes: cap the longer side at max_size, or fit aspect-ratio buckets (kohya sd-scripts).
+
+The target size is computed from the width and height in `images`, so the driver knows every
+output size (and the json that states it) before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from functools import lru_cache
+
+from PIL import Image
+
+# Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
+PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
+
+
+@lru_cache(maxsize=16)
+def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> tuple[tuple[int, int], ...]:
+    """kohya sd-scripts' make_bucket_resolutions: sizes of area <= resolution^2 in steps of `step`.
+
+    Written out here because sd-scripts is not an installable library; same algorithm.
+    """
+    max_area = resolution * resolution
+    sizes = {(int(math.sqrt(max_area) // step) * step,) * 2}
+    width = min_side
+    while width <= max_side:
+        height = min(max_side, int((max_area // width) // step) * step)
+        if height >= min_side:
+            sizes.add((width, height))
+            sizes.add((height, width))
+        width += step
+    return tuple(sorted(sizes))
+
+
+def nearest_bucket(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (kohya: smallest |log ratio| error)."""
+    aspect = width / height
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - math.log(aspect)), -s[0] * s[1]))
+
+
+def target_size(width: int, height: int, opts: dict) -> tuple[int, int]:
+    """The exported size: a bucket when `buckets` is on, else the longer side capped at max_size."""
+    if opts["buckets"]:
+        sizes = bucket_sizes(int(opts["max_size"]), int(opts["bucket_min_side"]), int(opts["bucket_max_side"]),
+                             int(opts["bucket_step"]))
+        return nearest_bucket(width, height, sizes)
+    max_size = int(opts["max_size"])
+    longer = max(width, height)
+    if max_size <= 0 or longer <= max_size:
+        return width, height
+    scale = max_size / longer
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def output_extension(fmt: str) -> str:
+    """Extension of the exported image: the source format when trainers read it, else PNG."""
+    return PASSTHROUGH.get((fmt or "").upper(), "png")
+
+
+def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int]) -> bool:
+    return (fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target)
+
+
+def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool) -> bytes:
+    """Decode, resize with Lanczos (cover + centre crop for buckets), encode as `ext`."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)  # first frame of animations
+        image.load()
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        width, height = target
+        if crop:
+            scale = max(width / image.width, height / image.height)
+            cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(cover, Image.LANCZOS)
+            left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        elif image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        out = io.BytesIO()
+        if ext == "jpg":
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            image.save(out, "JPEG", quality=jpeg_quality, optimize=True)
+        elif ext == "webp":
+            image.save(out, "WEBP", quality=jpeg_quality)
+        else:
+            image.save(out, "PNG")
+        return out.getvalue()
+
+
+def estimated_bytes(original: int, width: int, height: int, target: tuple[int, int], reencoded: bool) -> int:
+    """Planned size of the exported image: exact for original bytes, scaled by area when re-encoded."""
+    if not reencoded:
+        return int(original)
+    return max(1024, int(original * (target[0] * target[1]) / max(1, width * height)))

@@ -1,0 +1,52 @@
+"""Output names from sample keys that can never leave the export folder.
+
+Keys come from tar headers and folder paths of untrusted inputs: `../x`, `/etc/passwd`,
+`a\\b`, control characters, Windows device names, dots (WebDataset ends a key at the first
+dot of the file name), and names too long for a file system all occur. A safe name keeps the
+readable part of the key and adds a short hash whenever anything had to change, so two keys
+never end up with the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+MAX_NAME = 120  # characters; leaves room for a folder, the hash, a repeat suffix and an extension
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+
+def safe_name(key: str) -> str:
+    """A flat file-name stem for `key`: [A-Za-z0-9_-] only, "/" as "__", unique per key.
+
+    Keys made of [A-Za-z0-9_-] path segments (without "__") map one to one without a hash;
+    any other key gets "-<sha1 prefix>" so that sanitising can never merge two keys.
+    """
+    segments = [UNSAFE.sub("_", s).strip("_") for s in key.split("/")]
+    readable = "__".join(s for s in segments if s) or "sample"
+    lossless = "__" not in key and all(s and not UNSAFE.search(s) for s in key.split("/"))
+    lossless = lossless and readable == key.replace("/", "__")
+    device = readable.split("__")[0].lower() in WINDOWS_DEVICES
+    if lossless and not device and len(readable) <= MAX_NAME:
+        return readable
+    return f"{readable[:MAX_NAME].rstrip('_')}-{key_digest(key)}"
+
+
+def safe_folder(name: str) -> str:
+    """A single folder name (kohya concept, EveryDream folder) from free text such as a group path."""
+    return safe_name(name)
+
+
+def inside(root: str, relative: str) -> str:
+    """root/relative, refusing anything that would resolve outside root (defence in depth)."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, relative))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise ValueError(f"output path {relative!r} leaves the export folder")
+    return path
