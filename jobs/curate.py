@@ -153,7 +153,7 @@ def sql_params(opts: dict) -> dict:
         "person_label": str(opts["person_label"]),
         "person_threshold": float(opts["person_threshold"]),
         "phash_distance": distance,
-        "bands": distance + 1,
+        **phash_bands(distance),
         "embedding_similarity": float(opts["embedding_similarity"]),
         "embedding_model": str(opts["embedding_model"]),
         "cluster_model": str(opts["cluster_model"]),
@@ -163,6 +163,13 @@ def sql_params(opts: dict) -> dict:
         "min_multiply": float(opts["min_multiply"]),
         "max_multiply": float(opts["max_multiply"]),
     }
+
+
+def phash_bands(distance: int) -> dict:
+    """Bands for sql/060_phash_pairs.sql: at least 3 (21-22 bits: about one image per band value
+    in a million), more when needed to keep the probe radius floor(distance / bands) at most 2."""
+    bands = max(3, -(-(distance + 1) // 3))
+    return {"bands": bands, "band_bits": -(-64 // bands), "radius": distance // bands}
 
 
 # ---- database and lookups -----------------------------------------------------------------
