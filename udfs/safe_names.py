@@ -32,7 +32,7 @@ def safe_name(key: str) -> str:
     readable = "__".join(s for s in segments if s) or "sample"
     lossless = "__" not in key and all(s and not UNSAFE.search(s) for s in key.split("/"))
     lossless = lossless and readable == key.replace("/", "__")
-    device = readable.split("__")[0].lower() in WINDOWS_DEVICES
+    device = readable.lower() in WINDOWS_DEVICES
     if lossless and not device and len(readable) <= MAX_NAME:
         return readable
     return f"{readable[:MAX_NAME].rstrip('_')}-{key_digest(key)}"

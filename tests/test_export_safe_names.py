@@ -1,0 +1,98 @@
+"""Hostile keys never leave the export folder: safe names, path checks, and an end-to-end export
+of the ingest tests' hostile shard (plus absolute, backslash, dotted and device-name members)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+
+import pytest
+
+from tests.export_data import base_config
+from tests.hostile_data import encode, hostile_members, picture, write_tar
+
+SAFE = re.compile(r"[A-Za-z0-9_-]+")
+HOSTILE_KEYS = [
+    "../escape", "../../etc/passwd", "/abs/path", "a/../../b", "dir/ünïcödé 🎨", "a\\..\\b", "x.y.z", "CON",
+    "nul/x", "with\x00nul", "tab\tand\nnewline", "..", ".", "", "a" * 500, "a__b", "a/b", "a_/b", "a/_b",
+    "shard/key with spaces", "-leading-dash",
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_safe_name_is_a_plain_short_file_name(key):
+    from udfs.safe_names import MAX_NAME, safe_name
+
+    name = safe_name(key)
+    assert SAFE.fullmatch(name) and len(name) <= MAX_NAME + 11
+    assert name.lower() not in ("con", "nul")
+
+
+def test_safe_names_are_unique_and_plain_keys_stay_readable():
+    from udfs.safe_names import safe_name
+
+    names = [safe_name(k) for k in HOSTILE_KEYS]
+    assert len(set(names)) == len(names)
+    assert safe_name("renpy-000000/eileen_happy") == "renpy-000000__eileen_happy"
+    assert safe_name("a__b") != safe_name("a/b")  # "__" in a key cannot pose as a folder separator
+
+
+def test_inside_refuses_paths_outside_the_root(tmp_path):
+    from udfs.safe_names import inside
+
+    assert inside(str(tmp_path), "kohya/1_x/a.png").startswith(str(tmp_path))
+    for bad in ("../x", "/etc/passwd", "a/../../x", ".", ""):
+        with pytest.raises(ValueError):
+            inside(str(tmp_path), bad)
+    os.symlink("/tmp", tmp_path / "link")
+    with pytest.raises(ValueError):
+        inside(str(tmp_path), "link/x")
+
+
+def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
+    import webdataset as wds
+
+    from jobs import curate, export, ingest
+    from jobs.workspace import Workspace
+
+    png = encode(picture(seed=21), "PNG")
+    extra = [("/abs/path.png", png), ("a\\..\\b.png", png), ("x.y.z.png", png), ("CON.png", png),
+             ("tab\tname.png", png)]
+    shards = tmp_path / "in"
+    shards.mkdir()
+    write_tar(shards / "hostile.tar", hostile_members() + extra)
+    out = tmp_path / "out"
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{shards}"]', f'export.out="{out}"',
+                      'export.formats=["webdataset", "kohya", "everydream", "parquet"]',
+                      'export.concept="../../evil/concept"', "export.drop_duplicates=false", "export.max_size=64")
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    curate.run(cfg, ws)  # no captions: txt falls back to the tags
+    summary = export.run(cfg, ws)
+    images = ws.read_table("images").num_rows
+    assert summary.rows_in == images and summary.errors == 0  # odd modes (CMYK, I;16, P, GIF) all export
+
+    root = os.path.realpath(out)
+    for dirpath, dirnames, filenames in os.walk(tmp_path):
+        for name in dirnames + filenames:
+            path = os.path.realpath(os.path.join(dirpath, name))
+            assert path.startswith(str(tmp_path)), path
+    for dirpath, _, filenames in os.walk(out):
+        assert os.path.realpath(dirpath).startswith(root)
+        for name in filenames:
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), name
+            assert not name.startswith(".tmp-")
+    members = []
+    for shard in sorted((out / "webdataset").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members += [m.name for m in tar]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+\.(jpg|png|webp|txt|json)", m) for m in members)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")), shardshuffle=False)
+                   .decode("pil"))
+    assert len(samples) == images
+    keys = {s["json"]["key"] for s in samples}
+    assert "hostile/../escape" in keys and "hostile//abs/path" in keys
+    for sample in samples:
+        image = next(sample[e] for e in ("jpg", "png", "webp") if e in sample)
+        assert max(image.size) <= 64 and image.size == (sample["json"]["width"], sample["json"]["height"])
