@@ -35,7 +35,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
 OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
 COMMIT_UNIT = "commit"  # state/curate/commit.json: the generation being published
-IMAGES_PER_PARTITION = 250_000
+IMAGES_PER_PARTITION = 500_000
 ROWS_PER_FILE = 4_000_000
 
 

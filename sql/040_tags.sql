@@ -7,19 +7,19 @@
 with source_candidates as (
     select key, tag, category, 1.0::float as score, position
     from source_tags
-    where hash(key) % $partitions = $partition
+    where $partitions = 1 or hash(key) % $partitions = $partition
 ),
 tagger_candidates as (
     select key, tag, category, score, null::integer as position
     from tag_scores
-    where hash(key) % $partitions = $partition
+    where ($partitions = 1 or hash(key) % $partitions = $partition)
       and ((category = 'general' and score >= $general_threshold)
         or (category = 'character' and score >= $character_threshold))
 ),
 tagger_ratings as (
     select key, arg_max(tag, score) as tag, 'rating' as category, max(score) as score, null::integer as position
     from tag_scores
-    where hash(key) % $partitions = $partition and category = 'rating'
+    where ($partitions = 1 or hash(key) % $partitions = $partition) and category = 'rating'
     group by key
 ),
 candidates as (

@@ -40,7 +40,7 @@ class ClusterSettings:
     min_samples: int = 5
     threshold: float = 0.17847511429108218
     metric_model: str = ""
-    max_block: int = 5000
+    max_block: int = 2000
 
     @classmethod
     def from_config(cls, opts: dict) -> ClusterSettings:
