@@ -30,6 +30,7 @@ from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace
 from udfs import ccip_cluster, near_duplicates, tag_rules
+from udfs.model_files import ModelUnavailable
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
@@ -48,7 +49,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             attach_inputs(con, ws)
-            load_lookups(con, opts)
+            load_lookups(con, opts, ccip_spec(cfg))
             summary.rows_in = con.execute("select count(*) from images").fetchone()[0]
             timings = build_tables(con, opts)
             generation = uuid.uuid4().hex[:12]
@@ -188,7 +189,13 @@ def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
         con.execute(ws.view_sql(name))
 
 
-def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict) -> None:
+def ccip_spec(cfg: Config) -> dict:
+    """annotate's CCIP feature model options (for a folder of reference images)."""
+    annotate = cfg.get("annotate", {})
+    return {**annotate.get("ccip", {}), "models_dir": annotate.get("models_dir", "")}
+
+
+def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict, ccip: dict | None = None) -> None:
     """Lookup files -> tables in the work database (the SQL reads them by these names)."""
     try:
         categories, list_aliases = tag_rules.tag_list(opts["tag_list"])
@@ -201,12 +208,12 @@ def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict) -> None:
             "count_tags": tag_rules.count_tags(opts["rules_dir"]),
             "character_trait_rules": tag_rules.character_trait_rules(
                 opts["character_tags"], int(opts["character_trait_level"])),
-            "character_references": ccip_cluster.references(opts["references"]),
+            "character_references": ccip_cluster.references(opts["references"], ccip),
             "group_format": group_format_table(opts["group_format"], schemas.image_meta.names),
             "fh_ratio_bins": fh_ratio_bins(opts["fh_ratio_bins"]),
             "balance_weights": balance_weights(opts["weights"]),
         }
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ModelUnavailable) as exc:
         raise ConfigError(f"curate: cannot load a lookup file: {exc}") from exc
     for name, table in tables.items():
         con.register(f"{name}_arrow", table)

@@ -194,3 +194,33 @@ def test_merge_close_clusters_joins_halves_of_one_identity():
     settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=3, threshold=0.1)
     merged = ccip_cluster.merge_close_clusters(vectors, halves, settings, ccip_cluster.Differences())
     assert _same_partition(list(merged), list(truth))
+
+
+def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path):
+    """References as a folder of images: embedded by annotate's CCIP UDF (here a tiny ONNX model
+    with CCIP's feature contract, since the real one is on the Hub), then matched in SQL."""
+    from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+    from PIL import Image
+
+    from udfs.ccip import CcipFeatures
+    from udfs.images import ccip_input
+
+    models = tmp_path / "models"
+    ccip_model(models / CCIP_REPO / CCIP_FILE)
+    colours = {"alice": (250, 20, 20), "bob": (20, 20, 250)}
+    for name, colour in colours.items():
+        (tmp_path / "refs" / name).mkdir(parents=True)
+        Image.new("RGB", (64, 96), colour).save(tmp_path / "refs" / name / "1.png")
+    cfg = curate_config(workspace, references=str(tmp_path / "refs"), ccip_threshold=0.05)
+    cfg["annotate"]["models_dir"] = str(models)
+    spec = {**cfg["annotate"]["ccip"], "models_dir": str(models)}
+    crops = {f"{name}_crop": Image.new("RGB", (80, 80), colour) for name, colour in colours.items()}
+    size = int(spec["size"])
+    vectors = CcipFeatures(spec, input="image", output="ccip").features(
+        np.stack([ccip_input(img, size) for img in crops.values()]))
+    workspace.write_part("images", "p", image_rows(list(crops)))
+    workspace.write_part("embeddings", "p", [embedding_row(k, v, crop=0)
+                                             for k, v in zip(crops, vectors, strict=True)])
+    curate.run(cfg, workspace)
+    rows = {r["key"]: r["character"] for r in workspace.read_table("clusters").to_pylist()}
+    assert rows == {"alice_crop": "alice", "bob_crop": "bob"}

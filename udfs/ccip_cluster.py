@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ import schemas
 
 OUTPUT_SCHEMA = pa.schema([("key", pa.string()), ("crop", pa.int32()), ("cluster", pa.int32()),
                            ("block", pa.string()), ("block_characters", pa.int32())])
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 REFERENCES_SCHEMA = pa.schema([("character", pa.string()), ("vector", pa.list_(pa.float32(), schemas.CCIP_DIM))])
 
 
@@ -195,9 +197,38 @@ def cluster_blocks(cursor, settings: ClusterSettings) -> pa.Table:
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
-def references(path: str) -> pa.Table:
-    """Reference embeddings per character (Parquet: character, vector), or an empty table."""
+def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
+    """Reference embeddings per character, or an empty table.
+
+    `path` is a Parquet table (columns character, vector), or a folder with one sub-folder of
+    reference images per character, embedded here with annotate's CCIP feature model
+    (`ccip_spec`: the [annotate.ccip] options plus models_dir), preprocessed as imgutils does.
+    """
     if not path:
         return REFERENCES_SCHEMA.empty_table()
+    if Path(path).is_dir():
+        return reference_folder(Path(path), ccip_spec or {})
     table = pq.read_table(path, columns=["character", "vector"])
     return table.cast(REFERENCES_SCHEMA)
+
+
+def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
+    from PIL import Image
+
+    from udfs.ccip import CcipFeatures
+    from udfs.images import ccip_input, to_rgb_on_white
+
+    files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() for f in sorted(d.iterdir())
+                   if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{root}: no <character>/<image> reference files")
+    model = CcipFeatures(ccip_spec, input="image", output="ccip")
+    size = int(ccip_spec["size"])
+    images = []
+    for _character, file in files:
+        with Image.open(file) as image:
+            images.append(ccip_input(to_rgb_on_white(image), size))
+    vectors = model.features(np.stack(images)).astype(np.float32)
+    return pa.table({"character": [c for c, _ in files],
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])},
+                    ).cast(REFERENCES_SCHEMA)
