@@ -34,11 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one config option (repeatable)")
     parser = argparse.ArgumentParser(prog="booruset", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in PIPELINE + ["run"]:
-        p = sub.add_parser(name, parents=[common], help=f"run the {name} job" if name != "run" else "run every job")
+    for name in PIPELINE + ["run", "report"]:
+        p = sub.add_parser(name, parents=[common], help={"run": "run every job, then write the report",
+                                                         "report": "write the HTML report of a workspace"}.get(
+                                                             name, f"run the {name} job"))
         if name in ("ingest", "run"):
             p.add_argument("--input", "-i", action="append", default=[],
                            help="shards / folder / glob / URI to ingest (repeatable; default: bundled sample)")
+        if name in ("export", "run"):
+            p.add_argument("--where", help="SQL condition over the export selection (export.where)")
+            p.add_argument("--format", action="append", default=[], choices=["webdataset", "kohya", "everydream",
+                                                                             "parquet"],
+                           help="layout to write (repeatable; export.formats)")
+            p.add_argument("--out", help="export folder (export.out)")
     p = sub.add_parser("sql", parents=[common], help="run a SQL query over the workspace tables")
     p.add_argument("query")
     return parser
@@ -50,6 +58,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides.append(f"workspace.path={_toml_string(args.workspace)}")
     if getattr(args, "input", None):
         overrides.append("ingest.inputs=[" + ", ".join(_toml_string(i) for i in args.input) + "]")
+    if getattr(args, "where", None) is not None:
+        overrides.append(f"export.where={_toml_string(args.where)}")
+    if getattr(args, "format", None):
+        overrides.append("export.formats=[" + ", ".join(_toml_string(f) for f in args.format) + "]")
+    if getattr(args, "out", None):
+        overrides.append(f"export.out={_toml_string(args.out)}")
     return load_config(args.config, overrides)
 
 
@@ -72,6 +86,11 @@ def run_jobs(cfg: Config, names: list[str]) -> int:
             return 1
     if len(names) > 1:
         print(f"== run finished in {time.perf_counter() - started:.1f} s; workspace {ws.root}")
+    if "report" in names and "export" in names:
+        from jobs.export import out_dir
+        from jobs.report import report_dir
+
+        print(f"== shards: {out_dir(cfg, ws)}/webdataset/\n== report: {report_dir(cfg, ws) / 'index.html'}")
     return 0
 
 
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.command == "sql":
             return sql(cfg, args.query)
-        return run_jobs(cfg, PIPELINE if args.command == "run" else [args.command])
+        return run_jobs(cfg, PIPELINE + ["report"] if args.command == "run" else [args.command])
     except ConfigError as exc:
         print(f"booruset: configuration error: {exc}", file=sys.stderr)
         return 2

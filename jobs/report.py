@@ -1,0 +1,263 @@
+"""`booruset report`: one HTML page with PNG plots of a run, from the workspace tables.
+
+Sections: images per stage, errors by kind, tag frequencies, characters, people per image,
+balance before and after multiply, caption accuracy, and example images (thumbnails of the
+exported samples, else of the inputs) with their caption and tags. The numbers come from the
+sql/report_*.sql queries; the plots are matplotlib (Agg) PNG files beside the page:
+
+    <out>/index.html, <out>/*.png, <out>/examples/*.jpg    (out: [report] out or <workspace>/report)
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on clusters and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from jobs.config import REPO, Config, ConfigError  # noqa: E402
+from jobs.summary import JobSummary  # noqa: E402
+from jobs.workspace import Workspace  # noqa: E402
+from udfs.export_shard import atomic_write  # noqa: E402
+from udfs.safe_names import safe_name  # noqa: E402
+from udfs.sources import Unit, read_unit  # noqa: E402
+
+JOB = "report"
+
+
+def sql_text(name: str) -> str:
+    return (REPO / "sql" / f"{name}.sql").read_text(encoding="utf-8")
+
+
+def report_dir(cfg: Config, ws: Workspace) -> Path:
+    out = cfg[JOB]["out"]
+    if not out:
+        if not ws.local:
+            raise ConfigError("report.out must be set to a local folder when the workspace is not local")
+        out = f"{ws.base}/report"
+    return Path(out).resolve()
+
+
+def run(cfg: Config, ws: Workspace) -> JobSummary:
+    started = time.perf_counter()
+    opts = cfg[JOB]
+    out = report_dir(cfg, ws)
+    (out / "examples").mkdir(parents=True, exist_ok=True)
+    con = ws.connect()
+    try:
+        def query(name: str, **params) -> list[dict]:
+            result = con.execute(sql_text(name), params or None)
+            cols = [d[0] for d in result.description]
+            return [dict(zip(cols, row, strict=True)) for row in result.fetchall()]
+
+        top = int(opts["top_n"])
+        data = {
+            "stages": query("report_stages"), "errors": query("report_errors"),
+            "tags": query("report_tag_frequency", top_n=top), "characters": query("report_characters", top_n=top),
+            "people": query("report_people"), "balance": query("report_balance"),
+            "accuracy": query("report_caption_accuracy"), "examples": query("report_examples", n=int(opts["examples"])),
+        }
+    finally:
+        con.close()
+    sections = [
+        section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
+                                             [r["images"] for r in data["stages"]], "images")),
+        section("Errors by kind", bar_plot(out, "errors", [f"{r['stage']}: {r['kind']}" for r in data["errors"]],
+                                           [r["n"] for r in data["errors"]], "errors"), error_table(data["errors"])),
+        section(f"Tag frequencies (top {top} general tags)",
+                bar_plot(out, "tags", [r["tag"] for r in data["tags"]], [r["images"] for r in data["tags"]], "images")),
+        section("Characters", bar_plot(out, "characters", [r["character"] for r in data["characters"]],
+                                       [r["images"] for r in data["characters"]], "images")),
+        section("People per image", bar_plot(out, "people", [r["n_people"] for r in data["people"]],
+                                             [r["images"] for r in data["people"]], "images", horizontal=False)),
+        section("Balance before and after multiply", balance_plot(out, data["balance"])),
+        section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
+        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export_folder(cfg, ws))),
+    ]
+    page = render_page(ws.root, sections)
+    atomic_write(str(out / "index.html"), page.encode())
+    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
+                         units_done=1, rows_out={"plots": sum(1 for p in out.glob("*.png")),
+                                                 "examples": len(data["examples"])})
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append(f"report: {out / 'index.html'}")
+    return summary
+
+
+# ---- plots -------------------------------------------------------------------------------
+def save(fig, out: Path, name: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(str(out / f"{name}.png"), buf.getvalue())
+    return f'<img src="{name}.png" alt="{html.escape(name)}">'
+
+
+def no_data(what: str) -> str:
+    return f'<p class="empty">No {html.escape(what)} in this workspace.</p>'
+
+
+def bar_plot(out: Path, name: str, labels: list, values: list, unit: str, horizontal: bool = True) -> str:
+    if not labels:
+        return no_data(name)
+    labels = [str(label) for label in labels]
+    if horizontal:
+        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.28 * len(labels)))
+        bars = ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+        ax.set_xlabel(unit)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        bars = ax.bar(labels, values, color="#4c72b0")
+        ax.set_ylabel(unit)
+    ax.bar_label(bars, padding=2, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    return save(fig, out, name)
+
+
+def balance_plot(out: Path, rows: list[dict]) -> str:
+    if not rows:
+        return no_data("balance groups")
+    paths = [r["path"] for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.45 * len(paths)))
+    positions = range(len(paths))
+    ax.barh([p + 0.2 for p in positions], [r["share_before"] for r in rows][::-1], height=0.4,
+            label="images (before multiply)", color="#999999")
+    ax.barh([p - 0.2 for p in positions], [r["share_after"] for r in rows][::-1], height=0.4,
+            label="training samples (after multiply)", color="#dd8452")
+    ax.set_yticks(list(positions), paths, fontsize=8)
+    ax.set_xlabel("share of the dataset")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    table = "".join(f"<tr><td>{html.escape(r['path'])}</td><td>{r['images']}</td><td>{r['samples']:.1f}</td></tr>"
+                    for r in rows)
+    return save(fig, out, "balance") + (f"<table><tr><th>group</th><th>images</th><th>samples (sum of multiply)</th>"
+                                        f"</tr>{table}</table>")
+
+
+def accuracy_plot(out: Path, rows: list[dict]) -> str:
+    if not rows:
+        return no_data("captions")
+    by_backend: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        by_backend[r["backend"]].append(float(r["accuracy"]))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.hist(list(by_backend.values()), bins=[i / 20 for i in range(21)], label=list(by_backend), stacked=True)
+    ax.set_xlabel("accuracy of the accepted caption")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    flagged = sum(1 for r in rows if r["flagged"])
+    return save(fig, out, "accuracy") + f"<p>{len(rows)} captions, {flagged} flagged for review.</p>"
+
+
+def error_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(r['stage'])}</td><td>{html.escape(r['kind'])}</td><td>{r['n']}</td>"
+                   f"<td>{r['dropped']}</td></tr>" for r in rows)
+    return f"<table><tr><th>stage</th><th>kind</th><th>errors</th><th>images dropped</th></tr>{body}</table>"
+
+
+# ---- examples ----------------------------------------------------------------------------
+def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
+    """Image bytes of the examples: from the export's shards when exported, else from the inputs."""
+    found: dict[str, bytes] = {}
+    by_shard, by_source = defaultdict(dict), defaultdict(dict)
+    for r in rows:
+        if r["shard"]:
+            by_shard[r["shard"]][r["shard_member"]] = r["key"]
+        else:
+            by_source[r["source"]][r["member"]] = r["key"]
+    for shard, wanted in by_shard.items():
+        path = Path(export) / shard
+        if path.is_file():
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.name in wanted:
+                        found[wanted[member.name]] = tar.extractfile(member).read()
+    for source, wanted in by_source.items():
+        kind = "tar" if source.endswith(".tar") else "folder"
+        unit = Unit(kind, source, "", [os.path.join(source, m) for m in wanted] if kind == "folder" else [])
+        for sample in read_unit(unit, 1 << 30):
+            if not isinstance(sample, tuple):
+                for ext, name in sample.member_names.items():
+                    if name in wanted:
+                        found[wanted[name]] = sample.members[ext]
+    return found
+
+
+def thumbnail(data: bytes, size: int) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)
+        image.thumbnail((size, size))
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, "white")
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        buf = io.BytesIO()
+        flat.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+
+def export_folder(cfg: Config, ws: Workspace) -> str:
+    from jobs.export import out_dir
+
+    try:
+        return out_dir(cfg, ws)
+    except ConfigError:
+        return ""
+
+
+def examples_html(out: Path, rows: list[dict], size: int, export: str) -> str:
+    if not rows:
+        return no_data("images")
+    images = example_bytes(rows, export)
+    cards = []
+    for r in rows:
+        picture = '<div class="missing">image not found</div>'
+        if r["key"] in images:
+            try:
+                name = f"examples/{safe_name(r['key'])}.jpg"
+                atomic_write(str(out / name), thumbnail(images[r["key"]], size))
+                picture = f'<img src="{html.escape(name)}" alt="{html.escape(r["key"])}">'
+            except Exception:  # any decoder failure: the card says so, the report goes on
+                picture = '<div class="missing">image not decodable</div>'
+        caption = html.escape(r["caption"]) if r["caption"] else "<em>no caption</em>"
+        accuracy = f" (accuracy {r['accuracy']:.2f})" if r["accuracy"] is not None else ""
+        tags = html.escape(", ".join(r["tags"]))
+        cards.append(f'<div class="card">{picture}<p class="key">{html.escape(r["key"])}</p>'
+                     f'<p>{caption}{accuracy}</p><p class="tags">{tags}</p></div>')
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+# ---- the page ----------------------------------------------------------------------------
+def section(title: str, *parts: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{''.join(parts)}</section>"
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+section { margin-bottom: 2.5em; } h2 { border-bottom: 1px solid #ccc; }
+section > img { max-width: 100%; }
+table { border-collapse: collapse; margin-top: .5em; font-size: 90%; }
+td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { width: 260px; border: 1px solid #ddd; padding: 6px; font-size: 85%; }
+.card img { max-width: 256px; max-height: 256px; display: block; margin: auto; }
+.key { font-family: monospace; } .tags { color: #666; } .empty, .missing { color: #999; }
+"""
+
+
+def render_page(workspace: str, sections: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>booruset report</title>'
+            f"<style>{STYLE}</style></head><body><h1>booruset report</h1>"
+            f"<p>Workspace: <code>{html.escape(workspace)}</code>, {time.strftime('%Y-%m-%d %H:%M')}</p>"
+            f"{''.join(sections)}</body></html>\n")

@@ -1,0 +1,30 @@
+-- report_examples: $n example images spread over the dataset (exported ones when there is an
+-- export), with where to find their bytes, their caption and their tags in rank order.
+-- Parameters: $n. Reads images, export_manifest, captions, tags, source_tags.
+with exported as (
+    select key, any_value(path) as path, any_value(image) as image
+    from export_manifest
+    where layout = 'webdataset'
+    group by key
+),
+pool as (
+    select i.key, i.source, i.member, e.path as shard, e.image as shard_member,
+           row_number() over (order by hash(i.key), i.key) as pick
+    from images i
+    left join exported e using (key)
+    where e.key is not null or not exists (select 1 from exported)
+),
+image_tags as (
+    select key, list(tag order by rank, tag) as tags from tags group by key
+),
+source_tag_lists as (
+    select key, list(tag order by position, tag) as tags from source_tags group by key
+)
+select p.key, p.source, p.member, p.shard, p.shard_member, c.caption, c.accuracy,
+       coalesce(t.tags, s.tags, []::varchar[]) as tags
+from pool p
+left join captions c on c.key = p.key and c.accepted
+left join image_tags t on t.key = p.key
+left join source_tag_lists s on s.key = p.key
+where p.pick <= $n
+order by p.key

@@ -1,0 +1,32 @@
+-- report_stages: images that reached each stage, in pipeline order (one row per stage).
+-- Parameters: none. Reads images, errors, tag_scores, detections, embeddings, tags, captions,
+-- duplicates, export_manifest.
+with ingest_dropped as (
+    select count(distinct coalesce(key, source || ':' || member)) as n
+    from errors
+    where stage = 'ingest' and dropped
+),
+annotated as (
+    select key from tag_scores
+    union
+    select key from detections
+    union
+    select key from embeddings
+),
+duplicates_left_out as (
+    select count(distinct key) as n from duplicates where not is_representative
+)
+select 1 as step, 'samples seen' as stage, (select count(*) from images) + (select n from ingest_dropped) as images
+union all
+select 2, 'ingested', count(*) from images
+union all
+select 3, 'annotated', count(*) from annotated
+union all
+select 4, 'tagged (curated tags)', count(distinct key) from tags
+union all
+select 5, 'captioned', count(distinct key) from captions where accepted
+union all
+select 6, 'after duplicates', (select count(*) from images) - (select n from duplicates_left_out)
+union all
+select 7, 'exported', count(distinct key) from export_manifest
+order by step

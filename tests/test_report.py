@@ -1,0 +1,76 @@
+"""The report on the bundled sample (ingest, curate, caption, export), checked the way a person
+would: rendered in headless Chromium, every picture loaded, a screenshot that is not blank."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.export_data import base_config, prepared_workspace
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Appended to a copy of the page: after load, each <img> records whether it decoded.
+CHECK_SCRIPT = """<script>window.addEventListener('load', () => {
+  for (const img of document.images) img.setAttribute('data-loaded', String(img.complete && img.naturalWidth > 0));
+  document.body.setAttribute('data-checked', 'yes');
+});</script>"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, ray_local):
+    from jobs import export, report
+    from jobs.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    cfg, ws = base_config(path), Workspace(str(path))
+    export.run(cfg, ws)
+    summary = report.run(cfg, ws)
+    return ws, summary, path / "report"
+
+
+def test_report_has_every_section_and_its_pictures(report):
+    ws, summary, out = report
+    page = (out / "index.html").read_text()
+    for title in ("Images per stage", "Errors by kind", "Tag frequencies", "Characters", "People per image",
+                  "Balance before and after multiply", "Caption accuracy", "Examples"):
+        assert f"<h2>{title}" in page
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    for plot in ("stages.png", "tags.png", "characters.png", "people.png", "balance.png", "accuracy.png"):
+        assert plot in sources and (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    examples = [s for s in sources if s.startswith("examples/")]
+    exported = ws.connect().execute("select count(distinct key) from export_manifest").fetchone()[0]
+    assert len(examples) == min(12, exported) and all((out / s).is_file() for s in examples)
+    assert summary.rows_out["examples"] == len(examples)
+    # the sample's own characters and an exported caption are on the page
+    assert "sylvie_(the_question)" in page and "eileen_(ren&#x27;py)" in page
+    caption = ws.connect().execute("""select c.caption from captions c join export_manifest m using (key)
+                                      where c.accepted order by hash(key), key limit 1""").fetchone()[0]
+    assert caption.replace("'", "&#x27;") in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_report_renders_in_chromium_with_all_images_loaded(report, tmp_path):
+    from PIL import Image
+
+    _, _, out = report
+    check = out / "check.html"
+    check.write_text((out / "index.html").read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom",
+                          check.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    check.unlink()
+    assert 'data-checked="yes"' in dom
+    loaded = re.findall(r'<img [^>]*data-loaded="(true|false)"', dom)
+    assert len(loaded) >= 7 and set(loaded) == {"true"}, loaded
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, f"--screenshot={shot}", "--window-size=1200,3000",
+                    (out / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        assert image.size == (1200, 3000)
+        colours = image.convert("RGB").resize((300, 750)).getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # plots and photos, not a blank or error page

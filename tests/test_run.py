@@ -1,0 +1,40 @@
+"""`booruset run` with no arguments, as a new user runs it: a real subprocess in an empty folder
+takes the bundled sample through every job (models that cannot be had offline are skipped with
+a message), ends with shards that webdataset reads and a report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, SAMPLE_SHARDS
+
+
+def booruset_command() -> list[str]:
+    script = shutil.which("booruset", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "jobs.cli"]
+
+
+def test_run_without_arguments_exports_the_sample_and_writes_the_report(tmp_path):
+    import webdataset as wds
+
+    if not list(SAMPLE_SHARDS.glob("*.tar")):
+        pytest.skip("bundled sample shards missing")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as for a new user (not the test session's)
+    done = subprocess.run([*booruset_command(), "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    workspace = tmp_path / "workspace"
+    shards = sorted(str(p) for p in (workspace / "export" / "webdataset").glob("shard-*.tar"))
+    assert shards
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert samples and all(s["txt"] and ("jpg" in s or "png" in s or "webp" in s) for s in samples)
+    assert (workspace / "report" / "index.html").is_file() and (workspace / "report" / "stages.png").is_file()
+    assert f"shards: {workspace / 'export' / 'webdataset'}" in done.stdout
+    assert f"report: {workspace / 'report' / 'index.html'}" in done.stdout
+    assert "annotate: tagger: skipped" in done.stdout  # offline: says how to enable the model
