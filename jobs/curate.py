@@ -36,7 +36,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
 OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
 COMMIT_UNIT = "commit"  # state/curate/commit.json: the generation being published
-IMAGES_PER_PARTITION = 500_000
+IMAGES_PER_PARTITION = 250_000
 ROWS_PER_FILE = 4_000_000
 
 
@@ -85,9 +85,9 @@ def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]
 
 
 def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
-    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags"):
+    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids"):
         run_model(con, model, params)
-    n_images = con.execute("select count(distinct key) from source_tags").fetchone()[0]
+    n_images = con.execute("select count(*) from image_ids").fetchone()[0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
     for partition in range(partitions):
         run_model(con, "040_tags", {**params, "partitions": partitions, "partition": partition},

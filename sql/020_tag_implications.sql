@@ -28,7 +28,13 @@ overlap_pairs as (
     join general_tags a on a.tag = o.tag
     join general_tags b on b.tag = o.implied_by
     where o.tag <> o.implied_by
+),
+pairs as (
+    select tag, implied_by from substring_pairs
+    union
+    select tag, implied_by from overlap_pairs
 )
-select tag, implied_by from substring_pairs
-union
-select tag, implied_by from overlap_pairs
+select p.tag, p.implied_by, a.tag_id, b.tag_id as implied_by_id
+from pairs p
+join tag_vocabulary a on a.tag = p.tag
+join tag_vocabulary b on b.tag = p.implied_by

@@ -13,7 +13,8 @@ matches as (
       or (r.kind in ('prefix', 'whitelist_prefix') and (g.tag = r.pattern or starts_with(g.tag, r.pattern || '_')))
       or (r.kind = 'whitelist' and g.tag = r.pattern)
 )
-select tag
-from matches
-group by tag
-having bool_or(kind in ('suffix', 'prefix')) and not bool_or(kind like 'whitelist%')
+select m.tag, any_value(v.tag_id) as tag_id
+from matches m
+join tag_vocabulary v on v.tag = m.tag
+group by m.tag
+having bool_or(m.kind in ('suffix', 'prefix')) and not bool_or(m.kind like 'whitelist%')

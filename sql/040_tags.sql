@@ -1,26 +1,34 @@
 -- tags: the curated (image, tag) rows of one partition of the images
--- (hash(key) % $partitions = $partition; the job runs every partition).
+-- (image_id % $partitions = $partition; the job runs every partition).
 -- Steps, each a CTE: candidates (source tags, score 1; tagger tags over their category's
 -- threshold; the tagger's top rating when the source has none) -> aliases -> one row per tag
 -- -> blacklist -> impossible combinations -> overlapping tags (imgutils drop_overlap_tags) ->
 -- character traits (optional, images with a character tag only) -> rank.
-with source_candidates as (
-    select key, tag, category, 1.0::float as score, position
-    from source_tags
-    where $partitions = 1 or hash(key) % $partitions = $partition
+-- Tags and images become integer ids (tag_vocabulary, image_ids) at the first join; the
+-- strings come back at the end.
+with image_part as (
+    select key, image_id from image_ids
+    where $partitions = 1 or image_id % $partitions = $partition
+),
+source_candidates as (
+    select i.image_id, s.tag, s.category, 1.0::float as score, s.position
+    from source_tags s
+    join image_part i on i.key = s.key
 ),
 tagger_candidates as (
-    select key, tag, category, score, null::integer as position
-    from tag_scores
-    where ($partitions = 1 or hash(key) % $partitions = $partition)
-      and ((category = 'general' and score >= $general_threshold)
-        or (category = 'character' and score >= $character_threshold))
+    select i.image_id, t.tag, t.category, t.score, null::integer as position
+    from tag_scores t
+    join image_part i on i.key = t.key
+    where (t.category = 'general' and t.score >= $general_threshold)
+       or (t.category = 'character' and t.score >= $character_threshold)
 ),
 tagger_ratings as (
-    select key, arg_max(tag, score) as tag, 'rating' as category, max(score) as score, null::integer as position
-    from tag_scores
-    where ($partitions = 1 or hash(key) % $partitions = $partition) and category = 'rating'
-    group by key
+    select i.image_id, arg_max(t.tag, t.score) as tag, 'rating' as category, max(t.score) as score,
+           null::integer as position
+    from tag_scores t
+    join image_part i on i.key = t.key
+    where t.category = 'rating'
+    group by i.image_id
 ),
 candidates as (
     select * from source_candidates
@@ -28,78 +36,93 @@ candidates as (
     select * from tagger_candidates
     union all
     select r.* from tagger_ratings r
-    where not exists (select 1 from source_candidates s where s.key = r.key and s.category = 'rating')
-),
-aliased as (
-    select c.key, coalesce(a.tag, c.tag) as tag, c.category as given_category, c.score, c.position
-    from candidates c
-    left join tag_aliases a on a.alias = c.tag
+    anti join (select image_id from source_candidates where category = 'rating') s on s.image_id = r.image_id
 ),
 categorized as (
-    select a.key, a.tag, a.score, a.position,
-           case when a.given_category <> 'general' then a.given_category
-                else coalesce(v.category, 'general') end as category
-    from aliased a
-    left join tag_vocabulary v on v.tag = a.tag
+    select c.image_id, v.tag_id, c.score, c.position,
+           case when c.category <> 'general' then c.category else v.category end as category
+    from candidates c
+    left join tag_aliases a on a.alias = c.tag
+    join tag_vocabulary v on v.tag = coalesce(a.tag, c.tag)
 ),
 one_row_per_tag as (
-    select key, tag, arg_max(category, score) as category, max(score)::float as score, min(position) as position
+    select image_id, tag_id, arg_max(category, score) as category, max(score)::float as score,
+           min(position) as position
     from categorized
-    group by key, tag
+    group by image_id, tag_id
+),
+blacklisted as (
+    select v.tag_id from tag_blacklist b join tag_vocabulary v on v.tag = b.tag
 ),
 not_blacklisted as (
     select t.* from one_row_per_tag t
-    anti join tag_blacklist b on b.tag = t.tag
+    anti join blacklisted b on b.tag_id = t.tag_id
+),
+rules as (
+    select a.tag_id as a_id, b.tag_id as b_id, r.winner
+    from impossible_tags r
+    join tag_vocabulary a on a.tag = r.tag_a
+    join tag_vocabulary b on b.tag = r.tag_b
 ),
 rule_hits as materialized (
     -- rules first (few rows), then the other tag: joining the image's tags with each other
-    -- on key alone would pair every tag with every tag
-    select a.key, a.tag, a.score, r.tag_b, r.winner
-    from not_blacklisted a
-    join impossible_tags r on r.tag_a = a.tag
+    -- on the image alone would pair every tag with every tag
+    select h.image_id, h.tag_id, h.score, r.b_id, r.winner
+    from not_blacklisted h
+    join rules r on r.a_id = h.tag_id
 ),
 impossible_losers as (
-    select distinct h.key,
-           case when h.winner = 'a' or (h.winner = 'score' and h.score >= b.score) then b.tag else h.tag end as tag
+    select distinct h.image_id,
+           case when h.winner = 'a' or (h.winner = 'score' and h.score >= b.score) then b.tag_id
+                else h.tag_id end as tag_id
     from rule_hits h
-    join not_blacklisted b on b.key = h.key and b.tag = h.tag_b
+    join not_blacklisted b on b.image_id = h.image_id and b.tag_id = h.b_id
 ),
 possible as (
     select t.* from not_blacklisted t
-    anti join impossible_losers l on l.key = t.key and l.tag = t.tag
+    anti join impossible_losers l on l.image_id = t.image_id and l.tag_id = t.tag_id
 ),
 overlapped as (
     -- from the more specific tag u to the tags it implies (a few substrings each), then keep
     -- those present: this direction joins ~3 rows per tag, the other (a short tag to all its
     -- superstrings) thousands
-    select distinct u.key, i.tag
+    select distinct u.image_id, i.tag_id
     from possible u
-    join tag_implications i on i.implied_by = u.tag
+    join tag_implications i on i.implied_by_id = u.tag_id
     where u.category = 'general'
 ),
 not_overlapped as (
     select t.* from possible t
-    anti join overlapped o on o.key = t.key and o.tag = t.tag and t.category = 'general'
+    anti join overlapped o on o.image_id = t.image_id and o.tag_id = t.tag_id and t.category = 'general'
 ),
 named_images as (
-    select distinct key from not_overlapped where category = 'character'
+    select distinct image_id from not_overlapped where category = 'character'
 ),
 trait_rows as (
-    select t.key, t.tag
+    select t.image_id, t.tag_id
     from not_overlapped t
-    join character_trait_tags c on c.tag = t.tag
-    join named_images n on n.key = t.key
+    join character_trait_tags c on c.tag_id = t.tag_id
+    join named_images n on n.image_id = t.image_id
     where $drop_character_traits and t.category = 'general'
 ),
 curated as (
     select t.* from not_overlapped t
-    anti join trait_rows d on d.key = t.key and d.tag = t.tag
+    anti join trait_rows d on d.image_id = t.image_id and d.tag_id = t.tag_id
+),
+count_tag_ids as (
+    select distinct v.tag_id from count_tags c join tag_vocabulary v on v.tag = c.tag
+),
+ranked as (
+    select t.image_id, v.tag, t.category, t.score,
+           row_number() over (
+               partition by t.image_id
+               order by case when c.tag_id is not null then 0 when t.category = 'character' then 1 else 2 end,
+                        t.score desc, t.position nulls last, v.tag
+           )::integer as rank
+    from curated t
+    join tag_vocabulary v on v.tag_id = t.tag_id
+    left join count_tag_ids c on c.tag_id = t.tag_id
 )
-select t.key, t.tag, t.category, t.score,
-       row_number() over (
-           partition by t.key
-           order by case when c.tag is not null then 0 when t.category = 'character' then 1 else 2 end,
-                    t.score desc, t.position nulls last, t.tag
-       )::integer as rank
-from curated t
-left join (select distinct tag from count_tags) c on c.tag = t.tag
+select i.key, r.tag, r.category, r.score, r.rank
+from ranked r
+join image_part i on i.image_id = r.image_id
