@@ -7,7 +7,11 @@ Without it, files come from the Hugging Face cache, downloaded on first use when
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 class ModelUnavailable(Exception):
@@ -20,16 +24,37 @@ def model_file(repo: str, file: str, models_dir: str = "") -> str:
         local = Path(models_dir) / repo / file
         if local.is_file():
             return str(local)
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo_id=repo, filename=file)
+    try:
+        try:
+            return hf_hub_download(repo_id=repo, filename=file, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached: download, when the hub can be reached
+            if not hub_reachable():
+                raise ConnectionError("the Hugging Face Hub cannot be reached") from None
+            return hf_hub_download(repo_id=repo, filename=file)
     except Exception as exc:  # offline, not cached, no such file, no access: all mean "not here"
         where = f"{models_dir}/{repo}/{file}" if models_dir else "annotate.models_dir/<repo>/<file>"
         raise ModelUnavailable(
             f"{repo}/{file} is not available ({type(exc).__name__}); download it once online "
             f"(huggingface-cli download {repo} {file}) or stage it at {where} and set annotate.models_dir"
         ) from exc
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP check per process, so that an offline machine does not sit through the
+    hub client's retries with backoff once per model file."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def optional_file(repo: str, file: str, models_dir: str = "") -> str | None:
