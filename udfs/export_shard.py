@@ -2,7 +2,7 @@
 
 The driver plans everything (which sample goes to which shard, names, sizes, txt and json);
 the task reads the source with udfs.sources.read_unit, resizes where planned, and writes:
-- webdataset: its planned shards `shard-%06d.tar` (webdataset.TarWriter, fixed mtime);
+- webdataset: its planned shards `shard-%06d.tar` (WebDataset members KEY.ext, fixed mtime);
 - kohya: `<repeats>_<concept>/<name>.<ext>` + `<name>.txt`;
 - everydream: `<folder>/<name>.<ext>` + `.txt`, and `multiply.txt` per folder;
 - parquet: `train-%06d.parquet` (same index as the shard) with Hugging Face `datasets` features.
@@ -12,21 +12,23 @@ to the workspace and its marker is committed last, so a killed unit is redone wh
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from jobs.workspace import Workspace
 from udfs.resize import resize_image
 from udfs.safe_names import inside
-from udfs.sources import Unit, read_unit
+from udfs.sources import Unit, read_unit, safe_text
 
 JOB = "export"
 LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
@@ -64,6 +66,46 @@ def parquet_schema() -> pa.Schema:
     }).arrow_schema
 
 
+class ShardTar:
+    """One output shard: members `<key>.<ext>` in sample order, fixed mtime, owner root.
+
+    Written with tarfile's seekable "w" mode rather than webdataset.TarWriter, which opens
+    tarfile in stream mode ("w|") and copies each member in 8 KB pieces: same tar format,
+    about 1.6x faster on one core here (bench/export.py measures the writer against plain tar).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.stream = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.tar = tarfile.open(fileobj=self.stream, mode="w", format=tarfile.PAX_FORMAT)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(members[ext]))
+
+    def close(self) -> None:
+        self.tar.close()
+        self.stream.close()
+
+
+def local_tar_members(path: str, wanted: set[str], max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """(member, bytes) of the wanted members of a local, uncompressed shard, read with seeks.
+
+    udfs.sources.read_unit streams a shard ("r|*", 8 KB pieces, every member read): about 8x
+    slower on one core for a local file than tarfile's random-access mode, which also skips the
+    members the export does not want. Names go through the same safe_text as at ingest.
+    """
+    with tarfile.open(path, mode="r:") as tar:
+        try:
+            for info in tar:
+                name = safe_text(info.name)
+                if info.isfile() and name in wanted and info.size <= max_member_bytes:
+                    yield name, tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError, OSError):
+            return  # a truncated shard: the members not read are reported as missing
+
+
 def atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
@@ -78,7 +120,7 @@ class UnitExport:
     def __init__(self, ws: Workspace, out: str, plan: dict, options: dict) -> None:
         self.ws, self.out, self.plan, self.options = ws, out, plan, options
         self.layouts = options["layouts"]
-        self.shards: dict[int, tuple[str, wds.TarWriter, Any]] = {}
+        self.shards: dict[int, tuple[str, ShardTar]] = {}
         self.parquet_rows: dict[int, list[dict]] = defaultdict(list)
         self.manifest: list[dict] = []
         self.errors: list[dict] = []
@@ -89,16 +131,11 @@ class UnitExport:
         started = time.perf_counter()
         samples = {s["member"]: s for s in self.plan["samples"]}
         seen: set[str] = set()
-        unit = Unit(self.plan["kind"], self.plan["source"], "",
-                    [os.path.join(self.plan["source"], m) for m in samples] if self.plan["kind"] == "folder" else [])
         try:
-            for sample in read_unit(unit, int(self.options["max_member_bytes"])):
-                if isinstance(sample, tuple):
-                    continue  # shard-level problems: ingest reported them; missing members show below
-                for ext, name in sample.member_names.items():
-                    if name in samples and name not in seen:
-                        seen.add(name)
-                        self.export_sample(samples[name], sample.members[ext])
+            for name, data in self.members(set(samples)):
+                if name not in seen:  # the first of repeated names, as ingest took it
+                    seen.add(name)
+                    self.export_sample(samples[name], data)
             for member in sorted(set(samples) - seen):
                 self.error(samples[member], "missing_member", "member not found in its source (moved or rewritten "
                                                               "since ingest?)")
@@ -106,6 +143,23 @@ class UnitExport:
         finally:
             self.abort_open_shards()
         return self.info(time.perf_counter() - started)
+
+    def members(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+        """(member, bytes) of the unit's wanted members: seekable reads for local shards, else read_unit."""
+        source, limit = self.plan["source"], int(self.options["max_member_bytes"])
+        if self.plan["kind"] == "tar" and "://" not in source:
+            try:
+                yield from local_tar_members(source, wanted, limit)
+                return
+            except tarfile.ReadError:
+                pass  # not a plain tar (compressed?): read_unit detects the format
+        files = [os.path.join(source, m) for m in wanted] if self.plan["kind"] == "folder" else []
+        for sample in read_unit(Unit(self.plan["kind"], source, "", files), limit):
+            if isinstance(sample, tuple):
+                continue  # shard-level problems: ingest reported them; missing members show below
+            for ext, name in sample.member_names.items():
+                if name in wanted:
+                    yield name, sample.members[ext]
 
     # ---- one sample ---------------------------------------------------------------------
     def export_sample(self, sample: dict, data: bytes) -> None:
@@ -119,7 +173,7 @@ class UnitExport:
         for copy in sample["copies"]:
             if "webdataset" in self.layouts:
                 writer = self.shard_writer(copy["shard"])
-                writer.write({"__key__": copy["name"], ext: image, "txt": txt.encode(), "json": meta.encode()})
+                writer.write(copy["name"], {ext: image, "txt": txt.encode(), "json": meta.encode()})
                 self.record(sample, copy["name"], "webdataset", f"webdataset/{shard_name(copy['shard'])}",
                             f"{copy['name']}.{ext}", image)
             if "parquet" in self.layouts:
@@ -159,13 +213,12 @@ class UnitExport:
         atomic_write(inside(self.out, relative), data)
         self.files.append(relative)
 
-    def shard_writer(self, index: int) -> wds.TarWriter:
+    def shard_writer(self, index: int) -> ShardTar:
         if index not in self.shards:
             final = inside(self.out, f"webdataset/{shard_name(index)}")
             os.makedirs(os.path.dirname(final), exist_ok=True)
             tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{shard_name(index)}"
-            stream = open(tmp, "wb")  # noqa: SIM115 - closed in finish() / abort_open_shards()
-            self.shards[index] = (tmp, wds.TarWriter(stream, encoder=False, mtime=0, user="", group=""), stream)
+            self.shards[index] = (tmp, ShardTar(tmp))
         return self.shards[index][1]
 
     def finish(self) -> None:
@@ -175,9 +228,8 @@ class UnitExport:
         if "parquet" in self.layouts:
             for index in self.plan["shards"]:
                 self.parquet_rows.setdefault(index, [])
-        for index, (tmp, writer, stream) in sorted(self.shards.items()):
+        for index, (tmp, writer) in sorted(self.shards.items()):
             writer.close()
-            stream.close()
             os.replace(tmp, inside(self.out, f"webdataset/{shard_name(index)}"))
             self.files.append(f"webdataset/{shard_name(index)}")
         self.shards.clear()
@@ -195,8 +247,8 @@ class UnitExport:
             self.ws.delete_part("errors", f"export-{unit}")
 
     def abort_open_shards(self) -> None:
-        for tmp, _writer, stream in self.shards.values():
-            stream.close()
+        for tmp, writer in self.shards.values():
+            writer.stream.close()
             if os.path.exists(tmp):
                 os.remove(tmp)
 
