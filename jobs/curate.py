@@ -85,7 +85,8 @@ def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]
 
 
 def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
-    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids"):
+    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
+                  "037_category_ids"):
         run_model(con, model, params)
     n_images = con.execute("select count(*) from image_ids").fetchone()[0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))

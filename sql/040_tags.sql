@@ -39,17 +39,23 @@ candidates as (
     anti join (select image_id from source_candidates where category = 'rating') s on s.image_id = r.image_id
 ),
 categorized as (
-    select c.image_id, v.tag_id, c.score, c.position,
-           case when c.category <> 'general' then c.category else v.category end as category
+    -- categories as small integer ids (category_ids): arg_max over a string per (image, tag)
+    -- group costs several times more than over an integer
+    select c.image_id, v.tag_id, c.score, c.position, k.category_id
     from candidates c
     left join tag_aliases a on a.alias = c.tag
     join tag_vocabulary v on v.tag = coalesce(a.tag, c.tag)
+    join category_ids k on k.category = case when c.category <> 'general' then c.category else v.category end
 ),
 one_row_per_tag as (
-    select image_id, tag_id, arg_max(category, score) as category, max(score)::float as score,
-           min(position) as position
-    from categorized
-    group by image_id, tag_id
+    select g.image_id, g.tag_id, k.category, g.score, g.position
+    from (
+        select image_id, tag_id, arg_max(category_id, score) as category_id, max(score)::float as score,
+               min(position) as position
+        from categorized
+        group by image_id, tag_id
+    ) g
+    join category_ids k on k.category_id = g.category_id
 ),
 blacklisted as (
     select v.tag_id from tag_blacklist b join tag_vocabulary v on v.tag = b.tag
@@ -82,14 +88,18 @@ possible as (
     select t.* from not_blacklisted t
     anti join impossible_losers l on l.image_id = t.image_id and l.tag_id = t.tag_id
 ),
+general_possible as (
+    select image_id, tag_id from possible where category = 'general'
+),
 overlapped as (
     -- from the more specific tag u to the tags it implies (a few substrings each), then keep
     -- those present: this direction joins ~3 rows per tag, the other (a short tag to all its
-    -- superstrings) thousands
+    -- superstrings) thousands. The semi join comes before the distinct, so that only the few
+    -- implied tags that are present get deduplicated (not the ~1 implied tag per row).
     select distinct u.image_id, i.tag_id
-    from possible u
+    from general_possible u
     join tag_implications i on i.implied_by_id = u.tag_id
-    where u.category = 'general'
+    semi join general_possible p on p.image_id = u.image_id and p.tag_id = i.tag_id
 ),
 not_overlapped as (
     select t.* from possible t
@@ -113,16 +123,18 @@ count_tag_ids as (
     select distinct v.tag_id from count_tags c join tag_vocabulary v on v.tag = c.tag
 ),
 ranked as (
-    select t.image_id, v.tag, t.category, t.score,
+    -- tag_id order is tag order (sql/010 numbers the tags in order), so the window sorts
+    -- integers only; the strings are joined after it
+    select t.image_id, t.tag_id, t.category, t.score,
            row_number() over (
                partition by t.image_id
                order by case when c.tag_id is not null then 0 when t.category = 'character' then 1 else 2 end,
-                        t.score desc, t.position nulls last, v.tag
+                        t.score desc, t.position nulls last, t.tag_id
            )::integer as rank
     from curated t
-    join tag_vocabulary v on v.tag_id = t.tag_id
     left join count_tag_ids c on c.tag_id = t.tag_id
 )
-select i.key, r.tag, r.category, r.score, r.rank
+select i.key, v.tag, r.category, r.score, r.rank
 from ranked r
+join tag_vocabulary v on v.tag_id = r.tag_id
 join image_part i on i.image_id = r.image_id
