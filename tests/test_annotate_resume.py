@@ -1,0 +1,135 @@
+"""A real `booruset annotate` process killed with SIGKILL mid-run, then run again, ends with the
+exact rows of an uninterrupted run.
+
+Models: the bundled OpenCV cascade face detector (real) and one tiny fake face YOLO with the
+production contract (tests/onnx_fakes.py, staged in annotate.models_dir as on an offline
+cluster), so that detections are not empty on synthetic pictures.
+
+On a small run Ray Data hands the driver its rows in a burst near the end, so the units commit
+within a few hundred ms of each other: many small units (32) and a 5 ms poll put the kill inside
+that burst.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from hostile_data import encode, write_tar
+from onnx_fakes import DETECTORS, yolo_model
+from PIL import Image
+
+from jobs.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+N_SHARDS, PER_SHARD = 32, 5
+MISSING = "img3_2.png"  # taken out of its shard after ingest: an annotate `missing_member` error
+
+
+def drawing(seed: int) -> Image.Image:
+    """A flat mid-grey page with a few coloured blocks: the fake detector finds a handful of boxes
+    around them (on noise it finds a thousand, and their NMS would dominate the run)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((384, 512, 3), 128, np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, 448), rng.integers(0, 320)
+        pixels[y : y + rng.integers(16, 64), x : x + rng.integers(16, 64)] = rng.integers(0, 255, 3)
+    return Image.fromarray(pixels)
+
+
+def shard_members(s: int) -> list[tuple[str, bytes]]:
+    members = []
+    for i in range(PER_SHARD):
+        members.append((f"img{s}_{i}.png", encode(drawing(s * 100 + i), "PNG")))
+        members.append((f"img{s}_{i}.txt", f"1girl, tag_{s}_{i}".encode()))
+    return members
+
+
+def make_shards(folder: Path) -> None:
+    folder.mkdir()
+    for s in range(N_SHARDS):
+        write_tar(folder / f"shard-{s:03d}.tar", shard_members(s))
+
+
+def drop_member(folder: Path) -> None:
+    """Rewrite shard 3 without one image, as if the shard changed after ingest."""
+    members = [m for m in shard_members(3) if m[0] != MISSING]
+    write_tar(folder / "shard-003.tar", members)
+
+
+def face_model_dir(root: Path) -> Path:
+    repo, folder, label, batch = DETECTORS["face"]
+    yolo_model(root / repo / folder / "model.onnx", label, batch)
+    (root / repo / folder / "model_type.json").write_text(json.dumps({"model_type": "yolo"}))
+    (root / repo / folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
+    return root
+
+
+def booruset(*args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jobs.cli", *args, "--set", "ray.num_cpus=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the tests' own Ray
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    # its own session, so that SIGKILL reaches the Ray processes it started as well
+    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def annotate_process(ws: Path, models: Path) -> subprocess.Popen:
+    return booruset("annotate", "-w", str(ws), "--set", 'annotate.models=["cascade_face", "face"]',
+                    "--set", f"annotate.models_dir={json.dumps(str(models))}", "--set", "annotate.draft_size=0")
+
+
+def rows(ws: Workspace, table: str) -> list[tuple]:
+    """Every row of the table, sorted, through the workspace's DuckDB views (as later jobs read it)."""
+    cols = {"detections": "key, model, label, score, x0, y0, x1, y1",
+            "embeddings": "key, crop, model, x0, y0, x1, y1, vector::float[]",
+            "tag_scores": "key, tag, category, score, model",
+            "errors": "key, source, member, stage, kind, message, dropped"}[table]
+    return ws.connect().execute(f"select {cols} from {table} order by all").fetchall()
+
+
+def test_killed_annotate_resumes_to_identical_tables(tmp_path):
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    make_shards(shards)
+    ingest = booruset("ingest", "-w", str(tmp_path / "ingested"), "-i", str(shards))
+    assert ingest.wait(timeout=120) == 0, ingest.stdout.read()
+    drop_member(shards)
+    for name in ("ref", "ws"):
+        shutil.copytree(tmp_path / "ingested", tmp_path / name)
+
+    reference = annotate_process(tmp_path / "ref", models)
+    out, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, out
+
+    victim = annotate_process(tmp_path / "ws", models)
+    state = tmp_path / "ws" / "state" / "annotate"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and victim.poll() is None:
+        if state.exists() and any(state.glob("*.json")):
+            break
+        time.sleep(0.005)  # the units commit in a burst of a few ms each (see the module doc)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed_at = len(list(state.glob("*.json")))
+    assert 1 <= killed_at < N_SHARDS
+
+    again = annotate_process(tmp_path / "ws", models)
+    out, _ = again.communicate(timeout=180)
+    assert again.returncode == 0, out
+    assert f"{killed_at} done before, {N_SHARDS - killed_at} to run" in out, out
+
+    ref, ws = Workspace(str(tmp_path / "ref")), Workspace(str(tmp_path / "ws"))
+    for table in ("detections", "embeddings", "tag_scores", "errors"):
+        assert rows(ws, table) == rows(ref, table), table
+    detections = rows(ref, "detections")
+    assert "face_detect_v1.4_s" in {d[1] for d in detections}
+    assert len({d[0] for d in detections}) > N_SHARDS * PER_SHARD // 2  # most images have some detection
+    assert [(e[2], e[4]) for e in rows(ref, "errors") if e[3] == "annotate"] == [(MISSING, "missing_member")]
