@@ -60,7 +60,7 @@ class Workspace:
         table = schemas.conform(table, name)
         folder = self.table_dir(name)
         self.fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/.tmp-{part}-{uuid.uuid4().hex}.parquet"
+        tmp = f"{folder}/.tmp-{part}-{uuid.uuid4().hex}.parquet.tmp"
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         self.fs.move(tmp, f"{folder}/{part}.parquet")
 
@@ -124,7 +124,8 @@ class Workspace:
         user here) goes in as an escaped SQL string literal.
         """
         if self.part_files(name):
-            glob = f"{self.table_uri(name)}/*.parquet".replace("'", "''")
+            # [!.]: hidden files are writes in progress (temporary names, uncommitted generations)
+            glob = f"{self.table_uri(name)}/[!.]*.parquet".replace("'", "''")
             body = f"select * from read_parquet('{glob}', union_by_name = true)"
         else:
             cols = ", ".join(

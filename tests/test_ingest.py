@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -170,3 +171,18 @@ def test_duplicate_keys_in_one_shard(tmp_path):
     summary, ws = run_ingest(tmp_path, [str(buf)])
     assert ws.read_table("images").num_rows == 2
     assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["duplicate_key"]
+
+
+def test_views_ignore_writes_in_progress(tmp_path):
+    """A job killed between writing a part and renaming it leaves a hidden file behind:
+    the catalog views must not read it (rows twice, or a half-written file)."""
+    ws = Workspace(str(tmp_path / "ws"))
+    row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
+    ws.write_part("source_tags", "unit-a", [row])
+    folder = Path(ws.table_dir("source_tags"))
+    (folder / ".curate-gen-00000.parquet").write_bytes((folder / "unit-a.parquet").read_bytes())
+    (folder / ".tmp-unit-b-123.parquet").write_bytes(b"PAR1 half written")
+    assert ws.connect().execute("select count(*) from source_tags").fetchone()[0] == 1
+    ws.refresh_catalog()
+    con = duckdb.connect(str(tmp_path / "ws" / "catalog.duckdb"), read_only=True)
+    assert con.execute("select count(*) from source_tags").fetchone()[0] == 1
