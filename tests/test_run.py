@@ -24,7 +24,9 @@ def test_run_without_arguments_exports_the_sample_and_writes_the_report(tmp_path
 
     if not list(SAMPLE_SHARDS.glob("*.tar")):
         pytest.skip("bundled sample shards missing")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # an empty Hugging Face cache, offline: the hub models are skipped as on a new user's machine without network
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "HF_HOME": str(tmp_path / "hf-home")}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, as for a new user (not the test session's)
     done = subprocess.run([*booruset_command(), "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
