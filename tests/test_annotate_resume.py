@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from hostile_data import encode, write_tar
+from kill_mid_run import kill_after_commits
 from onnx_fakes import DETECTORS, yolo_model
 from PIL import Image
 
@@ -110,15 +109,8 @@ def test_killed_annotate_resumes_to_identical_tables(tmp_path):
 
     victim = annotate_process(tmp_path / "ws", models)
     state = tmp_path / "ws" / "state" / "annotate"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and victim.poll() is None:
-        if state.exists() and any(state.glob("*.json")):
-            break
-        time.sleep(0.005)  # the units commit in a burst of a few ms each (see the module doc)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait(timeout=30)
-    killed_at = len(list(state.glob("*.json")))
+    # the units commit in a burst of a few ms each (see the module doc): poll often
+    killed_at = kill_after_commits(victim, state, at_least=1, poll_s=0.005, timeout_s=180)
     assert 1 <= killed_at < N_SHARDS
 
     again = annotate_process(tmp_path / "ws", models)

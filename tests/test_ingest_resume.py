@@ -4,14 +4,13 @@ exact rows of an uninterrupted run."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 from hostile_data import encode, picture, write_tar
+from kill_mid_run import kill_after_commits
 
 from jobs.workspace import Workspace
 
@@ -52,16 +51,7 @@ def test_killed_ingest_resumes_to_identical_tables(tmp_path):
 
     victim = ingest_process(shards, tmp_path / "ws")
     state = tmp_path / "ws" / "state" / "ingest"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and victim.poll() is None:
-        done = len(list(state.glob("*.json"))) if state.exists() else 0
-        if done >= 2:
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait(timeout=30)
-    killed_at = len(list(state.glob("*.json")))
+    killed_at = kill_after_commits(victim, state, at_least=2, poll_s=0.02)
     assert 2 <= killed_at < N_SHARDS
 
     again = ingest_process(shards, tmp_path / "ws")

@@ -1,0 +1,27 @@
+"""Kill a job process (and the Ray it started) once it has committed some units."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def kill_after_commits(process: subprocess.Popen, state: Path, at_least: int, poll_s: float,
+                       timeout_s: float = 240) -> int:
+    """SIGKILL `process`'s session once `state` holds `at_least` unit markers; the markers then.
+
+    The process must run in its own session (start_new_session=True) so that the kill reaches
+    the Ray processes it started too, as a preempted node or an OOM kill would.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and len(list(state.glob("*.json"))) >= at_least:
+            break
+        time.sleep(poll_s)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    return len(list(state.glob("*.json")))
