@@ -68,6 +68,8 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
     """Decode, resize with Lanczos (cover + centre crop for buckets), encode as `ext`."""
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)  # first frame of animations
+        if image.format == "JPEG":
+            image.draft(image.mode, tuple(target))  # DCT-domain downscale, never below the target size
         image.load()
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
@@ -75,11 +77,11 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
         if crop:
             scale = max(width / image.width, height / image.height)
             cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(cover, Image.LANCZOS)
+            image = image.resize(cover, Image.LANCZOS, reducing_gap=3.0)
             left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
             image = image.crop((left, top, left + width, top + height))
         elif image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
+            image = image.resize((width, height), Image.LANCZOS, reducing_gap=3.0)
         out = io.BytesIO()
         if ext == "jpg":
             if image.mode != "RGB":
