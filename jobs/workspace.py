@@ -24,6 +24,10 @@ import pyarrow.parquet as pq
 
 import schemas
 
+SQL = Path(__file__).resolve().parent.parent / "sql"
+# Views derived from the tables, shared by several jobs (and there for users to query too).
+DERIVED_VIEWS = ("image_tag_lists",)
+
 
 def unit_id(*parts: str) -> str:
     """A stable, file-name-safe id for a unit of work (e.g. an input shard)."""
@@ -139,9 +143,15 @@ class Workspace:
         con = duckdb.connect()
         if not self.local:
             con.execute("install httpfs; load httpfs")
+        self._create_views(con)
+        return con
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         for name in schemas.TABLES:
             con.execute(self.view_sql(name))
-        return con
+        for name in DERIVED_VIEWS:
+            body = (SQL / f"{name}.sql").read_text(encoding="utf-8")
+            con.execute(f'create or replace view "{name}" as {body}')
 
     def refresh_catalog(self) -> str | None:
         """Rewrite catalog.duckdb so that `duckdb <ws>/catalog.duckdb` sees every table."""
@@ -151,8 +161,7 @@ class Workspace:
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
         con = duckdb.connect(tmp)
         try:
-            for name in schemas.TABLES:
-                con.execute(self.view_sql(name))
+            self._create_views(con)
         finally:
             con.close()
         Path(tmp).replace(path)

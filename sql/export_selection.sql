@@ -1,46 +1,12 @@
 -- export_selection: one row per image to export, with everything its txt and json say.
 -- Left out: near duplicates that are not their group's representative ($drop_duplicates) and
 -- images whose accepted caption is flagged for review ($drop_flagged).
--- Tags are the curated `tags` in rank order; an image without curated tags falls back to its
--- `source_tags` (sidecar order), as the captioners do. Caption: the accepted attempt.
+-- Tags come from the image_tag_lists view (sql/image_tag_lists.sql), as for the captioners.
+-- Caption: the accepted attempt.
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
--- Parameters: $drop_duplicates, $drop_flagged. Reads images, tags, source_tags, image_meta,
+-- Parameters: $drop_duplicates, $drop_flagged. Reads images, image_tag_lists, image_meta,
 -- captions, balance, duplicates.
-with curated as (
-    select key,
-           list(tag order by rank, tag) as tags,
-           list(coalesce(category, 'general') order by rank, tag) as categories,
-           list(coalesce(score, 1.0) order by rank, tag) as tag_scores
-    from tags
-    group by key
-),
-source_distinct as (
-    select key, tag, any_value(category) as category, min(position) as position
-    from source_tags
-    where key not in (select key from curated)
-      and coalesce(category, 'general') <> 'rating'
-    group by key, tag
-),
-from_source as (
-    select key,
-           list(tag order by position, tag) as tags,
-           list(coalesce(category, 'general') order by position, tag) as categories,
-           list(1.0::float order by position, tag) as tag_scores
-    from source_distinct
-    group by key
-),
-image_tags as (
-    select * from curated
-    union all
-    select * from from_source
-),
-source_rating as (
-    select key, min(tag) as rating
-    from source_tags
-    where category = 'rating'
-    group by key
-),
-accepted as (
+with accepted as (
     select key,
            arg_max(caption, attempt) as caption,
            arg_max(tag_inclusion, attempt) as tag_inclusion,
@@ -67,7 +33,7 @@ select i.key,
        coalesce(t.categories, []::varchar[]) as categories,
        coalesce(t.tag_scores, []::float[]) as tag_scores,
        coalesce(m.characters, []::varchar[]) as characters,
-       coalesce(m.rating, r.rating) as rating,
+       coalesce(m.rating, t.source_rating) as rating,
        m.n_people,
        a.caption,
        a.tag_inclusion,
@@ -79,9 +45,8 @@ select i.key,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply
 from images as i
-left join image_tags as t using (key)
+left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
-left join source_rating as r using (key)
 left join accepted as a using (key)
 left join balance as b using (key)
 where not ($drop_duplicates and i.key in (select key from dropped_duplicates))
