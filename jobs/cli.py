@@ -1,19 +1,47 @@
-"""The `booruset` command: one sub-command per job, plus `run` (all jobs) and `sql`."""
+"""booruset: turn booru-style illustration collections into captioned, balanced training sets.
+
+Each command is one job over a workspace (default ./workspace); `booruset run` runs them all.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Callable
 
 from jobs.config import Config, ConfigError, load_config
+from jobs.errors import report_failure
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace
+from jobs.workspace import Workspace, WorkspaceError
 
 # The jobs in pipeline order; `run` runs those whose module exists.
 PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]
+# Jobs that may start a new workspace; every other command needs an existing one.
+CREATES_WORKSPACE = ("ingest", "run")
+
+# command: (one-line help, example)
+COMMANDS = {
+    "ingest": ("read WebDataset shards / image folders into images, source_tags, source_text, errors",
+               "booruset ingest -i shards/{000..099}.tar -i ~/pictures/folder"),
+    "annotate": ("run the detectors, CCIP and the WD tagger on every image",
+                 "booruset annotate --set annotate.models='[\"cascade_face\", \"tagger\"]'"),
+    "curate": ("SQL curation: tags, image facts, duplicates, character clusters, groups, balance",
+               "booruset curate --set curate.tag_list=tagdata/danbooru_tags.csv"),
+    "caption": ("write and score a caption for every image (template, OpenAI-compatible server or vLLM)",
+                "booruset caption --set caption.backend=openai --set caption.base_url=http://gpu:8000/v1"),
+    "export": ("write trainer-ready WebDataset shards (and kohya / EveryDream / Parquet layouts)",
+               "booruset export --format webdataset --format kohya --where \"rating = 'general'\""),
+    "run": ("run every job in order on the inputs, then write the report (no arguments: the bundled sample)",
+            "booruset run -i shards/ --config my.toml"),
+    "report": ("write the HTML report of a workspace (plots and example images)", "booruset report -w ws"),
+    "sql": ("run one SQL query over the workspace tables and print the answer",
+            "booruset sql \"select format, count(*) from images group by 1\""),
+    "models": ("download every configured model into annotate.models_dir, or list what is there",
+               "booruset models fetch --set annotate.models_dir=/shared/models; booruset models fetch --list"),
+}
 
 
 def job_runner(name: str) -> Callable[[Config, Workspace], JobSummary] | None:
@@ -26,30 +54,54 @@ def job_runner(name: str) -> Callable[[Config, Workspace], JobSummary] | None:
     return module.run
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("booruset")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config file (defaults: jobs/defaults.toml)")
-    common.add_argument("--workspace", "-w", help="workspace path or URI (workspace.path)")
+    common.add_argument("--config", help="TOML config file overriding jobs/defaults.toml")
+    common.add_argument("--workspace", "-w",
+                        help="workspace path or URI (default: ./workspace, or workspace.path of --config)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
-                        help="override one config option (repeatable)")
-    parser = argparse.ArgumentParser(prog="booruset", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in PIPELINE + ["run", "report"]:
-        p = sub.add_parser(name, parents=[common], help={"run": "run every job, then write the report",
-                                                         "report": "write the HTML report of a workspace"}.get(
-                                                             name, f"run the {name} job"))
-        if name in ("ingest", "run"):
-            p.add_argument("--input", "-i", action="append", default=[],
-                           help="shards / folder / glob / URI to ingest (repeatable; default: bundled sample)")
-        if name in ("export", "run"):
-            p.add_argument("--where", help="SQL condition over the export selection (export.where)")
-            p.add_argument("--format", action="append", default=[], choices=["webdataset", "kohya", "everydream",
-                                                                             "parquet"],
-                           help="layout to write (repeatable; export.formats)")
-            p.add_argument("--out", help="export folder (export.out)")
-    p = sub.add_parser("sql", parents=[common], help="run a SQL query over the workspace tables")
-    p.add_argument("query")
+                        help="override one config option, nested tables too: annotate.cascade_face.min_size=32 "
+                             "(repeatable)")
+    common.add_argument("--verbose", "-v", action="store_true", help="show Ray's own logs and warnings")
+    parser = argparse.ArgumentParser(prog="booruset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every option and its default: jobs/defaults.toml. "
+                                            "Help on one command: booruset COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"booruset {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, example) in COMMANDS.items():
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text[0].upper() + help_text[1:]
+                           + ".", epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_arguments(name, p)
     return parser
+
+
+def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name in ("ingest", "run"):
+        p.add_argument("--input", "-i", action="append", default=[],
+                       help="shards / folder / glob / URI to ingest (repeatable; default: the bundled sample)")
+    if name in ("export", "run"):
+        p.add_argument("--where", help="SQL condition over the export selection (export.where)")
+        p.add_argument("--format", action="append", default=[], choices=["webdataset", "kohya", "everydream",
+                                                                         "parquet"],
+                       help="layout to write (repeatable; export.formats)")
+        p.add_argument("--out", help="export folder (export.out; default: WORKSPACE/export)")
+    if name == "sql":
+        p.add_argument("query", help="one SQL statement; the tables are views (images, tags, captions, ...)")
+    if name == "models":
+        p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
+        p.add_argument("--list", action="store_true", help="only list which model files are present or missing")
+        p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -71,8 +123,7 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def run_jobs(cfg: Config, names: list[str]) -> int:
-    ws = Workspace(cfg["workspace"]["path"])
+def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
     started = time.perf_counter()
     for name in names:
         runner = job_runner(name)
@@ -94,24 +145,54 @@ def run_jobs(cfg: Config, names: list[str]) -> int:
     return 0
 
 
-def sql(cfg: Config, query: str) -> int:
-    con = Workspace(cfg["workspace"]["path"]).connect()
-    result = con.sql(query)
+def sql(ws: Workspace, query: str) -> int:
+    import duckdb
+
+    con = ws.connect()
+    try:
+        result = con.sql(query)
+    except duckdb.Error as exc:
+        print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     if result is not None:
         result.show(max_rows=200, max_width=200)
     return 0
 
 
+def one_line(message: str) -> str:
+    """DuckDB's message without its LINE/caret excerpt, on one line."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    kept = [ln for ln in lines if not ln.startswith("LINE ") and set(ln) != {"^"}]
+    return " ".join(kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["BOORUSET_VERBOSE"] = "1"
+    ws = None
     try:
         cfg = config_from_args(args)
+        if args.command == "models":
+            from jobs import models
+
+            return models.main(cfg, list_only=args.list, source=args.source)
+        ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE)
         if args.command == "sql":
-            return sql(cfg, args.query)
-        return run_jobs(cfg, PIPELINE + ["report"] if args.command == "run" else [args.command])
+            return sql(ws, args.query)
+        ws.check_writable()
+        return run_jobs(cfg, ws, PIPELINE + ["report"] if args.command == "run" else [args.command])
     except ConfigError as exc:
         print(f"booruset: configuration error: {exc}", file=sys.stderr)
         return 2
+    except WorkspaceError as exc:
+        print(f"booruset: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("booruset: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for a person, the traceback in a log file
+        return report_failure(args.command, exc, ws)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
-"""Configuration: defaults.toml, overridden by a run's TOML file, overridden by --set flags."""
+"""Configuration: defaults.toml, overridden by a run's TOML file, overridden by --set flags.
+
+defaults.toml is the one documented list of options. The checks are a pydantic model
+generated from it: every option takes the type of its default (an int option refuses "abc"
+and 1.5, a list option refuses a bare string, a table refuses unknown keys) and numbers are
+never negative. Options with a narrower domain (one of a few words, a range) are checked by
+the job that reads them, where the meaning lives.
+"""
 
 from __future__ import annotations
 
 import ast
 import copy
+import functools
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 REPO = Path(__file__).resolve().parent.parent
@@ -20,38 +30,102 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the file at `path`, then `section.option=value` overrides."""
+    """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
     if path:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         merge(cfg, _read(Path(path)))
     for item in overrides or []:
-        section, option, value = _parse_override(item)
-        merge(cfg, {section: {option: value}})
-    return cfg
+        names, value = _parse_override(item)
+        update: Any = value
+        for name in reversed(names):
+            update = {name: update}
+        merge(cfg, update)
+    return validate(cfg)
 
 
-def merge(cfg: Config, update: Config) -> None:
-    """Merge `update` into `cfg`, refusing sections and options that do not exist."""
-    for section, options in update.items():
-        if section not in cfg:
-            raise ConfigError(f"unknown config section [{section}]")
-        if not isinstance(options, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        for option, value in options.items():
-            known = cfg[section]
-            if option not in known and not section_is_open(section):
-                raise ConfigError(f"unknown option {section}.{option}")
-            if isinstance(known.get(option), dict) and isinstance(value, dict):
-                known[option] = {**known[option], **copy.deepcopy(value)}
-            else:
-                known[option] = copy.deepcopy(value)
+def merge(cfg: dict, update: dict, where: str = "") -> None:
+    """Merge `update` into `cfg` at any depth, refusing sections and options that do not exist."""
+    for name, value in update.items():
+        path = f"{where}.{name}" if where else name
+        if name not in cfg:
+            raise ConfigError(f"unknown config section [{path}]" if not where else f"unknown option {path}")
+        if isinstance(cfg[name], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a table, not {value!r}")
+            merge(cfg[name], value, path)
+        else:
+            cfg[name] = copy.deepcopy(value)
 
 
-def section_is_open(section: str) -> bool:
-    """Sections whose options are not all known in advance (none yet)."""
-    return False
+def validate(cfg: Config) -> Config:
+    """The config with every value checked against the type of its default (ConfigError if not)."""
+    try:
+        return config_model().model_validate(cfg).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+@functools.cache
+def config_model() -> type[BaseModel]:
+    """The pydantic model of the whole config, generated from defaults.toml."""
+    return _model("config", _read(DEFAULTS))
+
+
+def _model(name: str, table: dict) -> type[BaseModel]:
+    fields = {option: (_field_type(f"{name}.{option}", default), default) for option, default in table.items()}
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), **fields)
+
+
+def _field_type(name: str, default: Any) -> Any:
+    if isinstance(default, dict):
+        return _model(name, default)
+    if isinstance(default, list):
+        return list[_element_type(name, default)]
+    return _scalar_type(default)
+
+
+def _element_type(name: str, items: list) -> Any:
+    if items and all(isinstance(i, list) for i in items):
+        # e.g. quality_bands = [[0.9, "tag"], ...]: lists of the first element's types
+        inner = {_scalar_type(v) for i in items for v in i}
+        return list[functools.reduce(lambda a, b: a | b, inner)]
+    kinds = {_scalar_type(i) for i in items} or {StrictStr}
+    return functools.reduce(lambda a, b: a | b, kinds)
+
+
+def _scalar_type(default: Any) -> Any:
+    if isinstance(default, bool):
+        return StrictBool
+    if isinstance(default, int):
+        return Annotated[StrictInt, Field(ge=0)]
+    if isinstance(default, float):
+        return Annotated[float, Field(ge=0)]  # strict float still takes an int
+    return StrictStr
+
+
+TYPE_NAMES = {"bool": "true or false", "int": "a whole number >= 0", "float": "a number >= 0",
+              "str": "a string", "list": "a list", "dict": "a table"}
+
+
+def _describe(error: dict) -> str:
+    """One line: the option, the value given, and what it must be."""
+    names = [str(n) for n in error["loc"] if not isinstance(n, int)]
+    option = ".".join(names)
+    default: Any = _read(DEFAULTS)
+    for n in names:
+        default = default.get(n) if isinstance(default, dict) else None
+    expected = TYPE_NAMES.get(type(default).__name__, "")
+    if isinstance(default, list) and default:
+        inner = default[0]
+        expected = f"a list of {TYPE_NAMES.get(type(inner).__name__, 'values').removeprefix('a ')}s"
+    value = error.get("input")
+    got = f"{value!r} ({type(value).__name__})" if error["type"] != "missing" else "nothing"
+    if error["type"] == "extra_forbidden":
+        return f"unknown option {option}"
+    return f"{option} = {got}: expected {expected or error['msg']}" + (
+        "" if error["type"].endswith("_type") else f" ({error['msg']})")
 
 
 def _read(path: Path) -> Config:
@@ -61,10 +135,10 @@ def _read(path: Path) -> Config:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
+def _parse_override(item: str) -> tuple[list[str], Any]:
     name, sep, raw = item.partition("=")
-    section, dot, option = name.strip().partition(".")
-    if not sep or not dot:
+    names = [n.strip() for n in name.split(".")]
+    if not sep or len(names) < 2 or not all(names):
         raise ConfigError(f"--set wants section.option=value, got {item!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -73,4 +147,4 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a bare word: a string
-    return section, option, value
+    return names, value

@@ -30,7 +30,7 @@ from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace
 from udfs import ccip_cluster, near_duplicates, tag_rules
-from udfs.model_files import ModelUnavailable
+from udfs.model_files import ModelUnavailable, optional_file
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
@@ -49,7 +49,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             attach_inputs(con, ws)
-            load_lookups(con, opts, ccip_spec(cfg))
+            load_lookups(con, {**opts, "tag_list": tag_list_path(cfg)}, ccip_spec(cfg))
             summary.rows_in = con.execute("select count(*) from images").fetchone()[0]
             timings = build_tables(con, opts)
             generation = uuid.uuid4().hex[:12]
@@ -188,6 +188,16 @@ def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
         con.execute("install httpfs; load httpfs")
     for name in INPUTS:
         con.execute(ws.view_sql(name))
+
+
+def tag_list_path(cfg: Config) -> str:
+    """curate.tag_list, else the tagger's label file when annotate runs the tagger and the file is
+    here: its category column marks character tags, so `eileen` in a kohya .txt counts as one."""
+    opts, annotate = cfg["curate"], cfg.get("annotate", {})
+    if opts["tag_list"] or "tagger" not in annotate.get("models", []):
+        return opts["tag_list"]
+    tagger = annotate["tagger"]
+    return optional_file(tagger["labels_repo"], tagger["labels_file"], annotate.get("models_dir", "")) or ""
 
 
 def ccip_spec(cfg: Config) -> dict:

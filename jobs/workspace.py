@@ -27,6 +27,7 @@ import schemas
 SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
 DERIVED_VIEWS = ("image_tag_lists",)
+CATALOG_STORAGE_VERSION = "v1.2.0"
 
 
 def unit_id(*parts: str) -> str:
@@ -36,10 +37,15 @@ def unit_id(*parts: str) -> str:
     return f"{readable}-{digest[:16]}"
 
 
+class WorkspaceError(Exception):
+    """A path that is not a workspace (for a job that only reads or continues one)."""
+
+
 class Workspace:
     """Tables, catalog and state of one booruset run."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, create: bool = True) -> None:
+        """Open the workspace at `root`, creating it when `create`; else WorkspaceError if absent."""
         if "://" in root:
             self.fs, self.base = pafs.FileSystem.from_uri(root)
             self.local = False
@@ -47,8 +53,25 @@ class Workspace:
             self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
             self.local = True
         self.root = root if not self.local else self.base
-        self.fs.create_dir(f"{self.base}/tables", recursive=True)
-        self.fs.create_dir(f"{self.base}/state", recursive=True)
+        if not create:
+            if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
+                raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {root} ...` first)")
+            return
+        try:
+            self.fs.create_dir(f"{self.base}/tables", recursive=True)
+            self.fs.create_dir(f"{self.base}/state", recursive=True)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot create a workspace at {root}: {exc}") from exc
+
+    def check_writable(self) -> None:
+        """WorkspaceError unless a file can be written here (read-only mounts, permissions, ...)."""
+        probe = f"{self.base}/state/.tmp-write-check-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"ok")
+            self.fs.delete_file(probe)
+        except OSError as exc:
+            raise WorkspaceError(f"workspace {self.root} is not writable: {exc}") from exc
 
     # ---- tables -------------------------------------------------------------------------
     def table_dir(self, name: str) -> str:
@@ -159,7 +182,9 @@ class Workspace:
             return None  # DuckDB cannot write a database file to object storage
         path = f"{self.base}/catalog.duckdb"
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
-        con = duckdb.connect(tmp)
+        # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
+        # storage format both read.
+        con = duckdb.connect(tmp, config={"storage_compatibility_version": CATALOG_STORAGE_VERSION})
         try:
             self._create_views(con)
         finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -157,6 +159,13 @@ def test_sample_workspace_catalog_answers_sql(tmp_path):
         "select count(distinct key) from source_tags where tag = $tag",
         {"tag": "sylvie_(the_question)"}).fetchone()[0]
     assert characters == 8
+    con.close()
+    # the DuckDB command-line tool installed with booruset (duckdb-cli) opens the same catalog
+    cli = Path(sys.executable).with_name("duckdb")
+    out = subprocess.run([str(cli), "-csv", "-noheader", str(tmp_path / "ws" / "catalog.duckdb"),
+                          "select count(*) from images"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "24"
 
 
 def test_duplicate_keys_in_one_shard(tmp_path):

@@ -1,7 +1,8 @@
 """Parse sidecar files into (tag, category) lists and caption texts.
 
 Conventions (by extension):
-    .txt      kohya style: comma-separated tags; or the three-line form below
+    .txt      kohya style: comma-separated tags; or the three-line form below. A tag may name
+              its category: `character:eileen, copyright:renpy, 1girl`
     .tags     space-separated booru tag string, or the three-line form
               `copyright: a, b` / `character: c` / `general tags: x, y`
     .json     Danbooru post JSON (tag_string_general / _character / _copyright / _artist /
@@ -66,6 +67,23 @@ def split_tags(text: str, sep: str) -> list[str]:
     return [t for t in (normalize_tag(p) for p in parts) if t]
 
 
+# An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
+# words count, so Danbooru tags with a colon (`re:zero_kara...`, `:d`) stay tags.
+CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:\s*(\S.*)$", re.I)
+
+
+def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
+    """(tag, category) of a tag list: "general", unless the tag says `category:tag`."""
+    parts = text.split(sep) if sep != " " else text.split()
+    tags = []
+    for part in parts:
+        match = CATEGORY_PREFIX.match(part)
+        category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
+        if tag := normalize_tag(raw):
+            tags.append((tag, category))
+    return tags
+
+
 def parse_sidecar(ext: str, data: bytes | str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     """(tags as (tag, category), texts as (kind, text), origin) of one sidecar (already decoded)."""
     text = data if isinstance(data, str) else decode_text(data)[0]
@@ -77,8 +95,8 @@ def parse_sidecar(ext: str, data: bytes | str) -> tuple[list[tuple[str, str]], l
         return _parse_three_line(text), [], "three_line"
     if ext == "tags":
         sep = "," if "," in text else " "
-        return [(t, "general") for t in split_tags(text, sep)], [], "booru"
-    return [(t, "general") for t in split_tags(text, ",")], [], "txt"
+        return categorized_tags(text, sep), [], "booru"
+    return categorized_tags(text, ","), [], "txt"
 
 
 def _is_three_line(text: str) -> bool:

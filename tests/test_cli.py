@@ -1,0 +1,187 @@
+"""The command line: a person's mistakes give one line and exit 2 before Ray starts; failures
+(disk full, read-only storage) give one line, exit 1 and a log file with the traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+from jobs.config import load_config
+from tests.export_data import prepared_workspace
+
+BOORUSET = Path(sys.executable).with_name("booruset")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what earlier fixtures printed
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    # lines forwarded late from the session's Ray workers (other tests' actors) start with "(... pid=N)"
+    lines = [ln for ln in err.strip().splitlines() if not re.match(r"^(\x1b\[\d+m)?\(.* pid=\d+", ln)]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def sample_ws(tmp_path_factory, ray_local) -> Path:
+    """A workspace with the sample ingested, curated and captioned (a fresh copy)."""
+    return prepared_workspace(tmp_path_factory)
+
+
+# ---- sql ------------------------------------------------------------------------------------
+
+
+def test_sql_syntax_error_is_one_line(capsys, sample_ws):
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), "selec * from images")
+    assert code == 2
+    assert one_line(err).startswith("booruset sql: Parser Error: syntax error at or near \"selec\"")
+
+
+def test_sql_unknown_table_is_one_line(capsys, sample_ws):
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), "select * from imagez")
+    assert code == 2
+    line = one_line(err)
+    assert "Catalog Error" in line and "imagez" in line and "images" in line  # DuckDB's "did you mean"
+
+
+def test_sql_answers(capsys, sample_ws):
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws), "select count(*) as n from images")
+    assert code == 0 and "24" in out
+
+
+@pytest.mark.parametrize("command", ["sql", "annotate", "curate", "caption", "export", "report"])
+def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, command):
+    path = tmp_path / "nothing_here"
+    args = [command, "-w", str(path)] + (["select 1"] if command == "sql" else [])
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert one_line(err).startswith(f"booruset: no workspace at {path}")
+    assert not path.exists()  # nothing created there
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("ray.max_error_rate=abc", "ray.max_error_rate = 'abc' (str): expected a number >= 0"),
+    ("ingest.max_pixels=abc", "ingest.max_pixels = 'abc' (str): expected a whole number >= 0"),
+    ("ingest.max_pixels=1.5", "ingest.max_pixels = 1.5 (float): expected a whole number >= 0"),
+    ('ingest.inputs="/path"', "ingest.inputs = '/path' (str): expected a list of strings"),
+    ("export.max_count=-5", "export.max_count = -5 (int): expected a whole number >= 0"),
+    ("caption.send_images=yes", "caption.send_images = 'yes' (str): expected true or false"),
+    ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
+    ("annotate.cascade_face.nope=1", "unknown option annotate.cascade_face.nope"),
+    ("nosection.x=1", "unknown config section [nosection]"),
+])
+def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, override, expected):
+    import ray
+
+    was_running = ray.is_initialized()
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--set", override)
+    assert code == 2
+    assert one_line(err).startswith(f"booruset: configuration error: {expected}")
+    assert ray.is_initialized() == was_running
+    assert not (tmp_path / "ws").exists()
+
+
+def test_bad_value_in_a_config_file(capsys, tmp_path):
+    bad = tmp_path / "my.toml"
+    bad.write_text('[ingest]\ninputs = "/data/shards"\n', encoding="utf-8")
+    code, _, err = run_cli(capsys, "ingest", "--config", str(bad), "-w", str(tmp_path / "ws"))
+    assert code == 2
+    assert "ingest.inputs = '/data/shards' (str): expected a list of strings" in one_line(err)
+
+
+def test_set_reaches_nested_tables_and_keeps_types():
+    cfg = load_config(None, ['annotate.cascade_face.path="/models/cascade.xml"', "annotate.cascade_face.min_size=32",
+                             "ray.max_error_rate=1"])
+    assert cfg["annotate"]["cascade_face"]["path"] == "/models/cascade.xml"
+    assert cfg["annotate"]["cascade_face"]["min_size"] == 32
+    assert cfg["annotate"]["cascade_face"]["scale_factor"] == 1.1  # the rest of the table is kept
+    assert cfg["ray"]["max_error_rate"] == 1.0 and isinstance(cfg["ray"]["max_error_rate"], float)
+
+
+def test_missing_input_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "-i", str(tmp_path / "no_such_folder"))
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("booruset: configuration error:") and "no_such_folder" in line
+
+
+# ---- help and version -----------------------------------------------------------------------
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("booruset 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    top = capsys.readouterr().out
+    for command in cli.COMMANDS:
+        assert command in top
+    for command in cli.COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "example:" in text and "default: ./workspace" in text, command
+
+
+# ---- storage failures (real mounts: a read-only and a tiny tmpfs) ---------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *options: str):
+    """A tmpfs mounted at `path` (these machines run the suite as root, which may mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options or ("size=4m",)), "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_read_only_storage_is_one_line(capsys, tmp_path):
+    with tmpfs(tmp_path / "ro", "size=4m", "ro") as ro:
+        code, _, err = run_cli(capsys, "ingest", "-w", str(ro / "ws"))
+        assert code == 2
+        line = one_line(err)
+        assert line.startswith(f"booruset: cannot create a workspace at {ro / 'ws'}:") and "Read-only" in line
+    with tmpfs(tmp_path / "was_rw", "size=4m") as mnt:
+        (mnt / "ws" / "tables").mkdir(parents=True)
+        (mnt / "ws" / "state").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        code, _, err = run_cli(capsys, "curate", "-w", str(mnt / "ws"))
+        assert code == 2
+        line = one_line(err)
+        assert line.startswith(f"booruset: workspace {mnt / 'ws'} is not writable") and "Read-only" in line
+
+
+def test_disk_full_during_export_is_one_line_with_a_log(tmp_path, sample_ws):
+    """A real `booruset export` process writing its shards to a 1 MB tmpfs: the disk fills inside a
+    Ray task; the user sees one line and where the traceback was logged."""
+    env = {k: v for k, v in os.environ.items() if k != "BOORUSET_VERBOSE"}
+    with tmpfs(tmp_path / "full", "size=1m") as out:
+        done = subprocess.run([str(BOORUSET), "export", "-w", str(sample_ws), "--out", str(out / "export"),
+                               "--set", "ray.num_cpus=2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("booruset")]
+    assert errors[0].startswith("booruset export failed: no space left on device"), done.stderr
+    log = Path(errors[1].removeprefix("booruset: full traceback in "))
+    assert log.parent == sample_ws / "logs" and "Traceback" in log.read_text(encoding="utf-8")
