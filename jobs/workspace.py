@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import uuid
 from pathlib import Path
 
@@ -126,6 +128,7 @@ class Workspace:
         with self.fs.open_output_stream(tmp) as out:
             out.write(json.dumps(info, sort_keys=True).encode())
         self.fs.move(tmp, f"{folder}/{unit}.json")
+        _maybe_kill_for_test()
 
     def done_units(self, job: str) -> dict[str, dict]:
         """The units `job` has committed, with the info each was committed with."""
@@ -191,6 +194,22 @@ class Workspace:
             con.close()
         Path(tmp).replace(path)
         return path
+
+
+_commits_in_this_process = 0
+
+
+def _maybe_kill_for_test() -> None:
+    """Fault injection for the resume tests: with BOORUSET_KILL_AFTER_COMMITS=N, the process that
+    writes the N-th unit marker SIGKILLs its process group right after it, as a preempted node
+    would, at a point that no outside poll can miss on a loaded machine."""
+    global _commits_in_this_process
+    limit = os.environ.get("BOORUSET_KILL_AFTER_COMMITS")
+    if not limit:
+        return
+    _commits_in_this_process += 1
+    if _commits_in_this_process >= int(limit):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def duck_type(arrow_type: pa.DataType) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def kill_after_commits(process: subprocess.Popen, state: Path, at_least: int, poll_s: float,
-                       timeout_s: float = 240) -> int:
+                       timeout_s: float = 900) -> int:
     """SIGKILL `process`'s session once `state` holds `at_least` unit markers; the markers then.
 
     The process must run in its own session (start_new_session=True) so that the kill reaches

@@ -6,8 +6,9 @@ production contract (tests/onnx_fakes.py, staged in annotate.models_dir as on an
 cluster), so that detections are not empty on synthetic pictures.
 
 On a small run Ray Data hands the driver its rows in a burst near the end, so the units commit
-within a few hundred ms of each other: many small units (32) and a 5 ms poll put the kill inside
-that burst.
+within a few ms of each other, too fast for an outside poll on a loaded machine. The victim run
+therefore kills itself: BOORUSET_KILL_AFTER_COMMITS=K makes the process that writes the K-th unit
+marker SIGKILL its whole process group (the driver and the Ray it started) right after it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from hostile_data import encode, write_tar
-from kill_mid_run import kill_after_commits
 from onnx_fakes import DETECTORS, yolo_model
 from PIL import Image
 
@@ -29,6 +30,7 @@ from jobs.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 N_SHARDS, PER_SHARD = 32, 5
+KILL_AT = 7  # the victim run dies right after its 7th unit marker
 MISSING = "img3_2.png"  # taken out of its shard after ingest: an annotate `missing_member` error
 
 
@@ -71,18 +73,19 @@ def face_model_dir(root: Path) -> Path:
     return root
 
 
-def booruset(*args: str) -> subprocess.Popen:
+def booruset(*args: str, **extra_env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jobs.cli", *args, "--set", "ray.num_cpus=2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the tests' own Ray
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", **extra_env)
     # its own session, so that SIGKILL reaches the Ray processes it started as well
     return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def annotate_process(ws: Path, models: Path) -> subprocess.Popen:
+def annotate_process(ws: Path, models: Path, **extra_env: str) -> subprocess.Popen:
     return booruset("annotate", "-w", str(ws), "--set", 'annotate.models=["cascade_face", "face"]',
-                    "--set", f"annotate.models_dir={json.dumps(str(models))}", "--set", "annotate.draft_size=0")
+                    "--set", f"annotate.models_dir={json.dumps(str(models))}", "--set", "annotate.draft_size=0",
+                    **extra_env)
 
 
 def rows(ws: Workspace, table: str) -> list[tuple]:
@@ -98,23 +101,23 @@ def test_killed_annotate_resumes_to_identical_tables(tmp_path):
     shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
     make_shards(shards)
     ingest = booruset("ingest", "-w", str(tmp_path / "ingested"), "-i", str(shards))
-    assert ingest.wait(timeout=120) == 0, ingest.stdout.read()
+    assert ingest.wait(timeout=900) == 0, ingest.stdout.read()
     drop_member(shards)
     for name in ("ref", "ws"):
         shutil.copytree(tmp_path / "ingested", tmp_path / name)
 
     reference = annotate_process(tmp_path / "ref", models)
-    out, _ = reference.communicate(timeout=180)
+    out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
 
-    victim = annotate_process(tmp_path / "ws", models)
-    state = tmp_path / "ws" / "state" / "annotate"
-    # the units commit in a burst of a few ms each (see the module doc): poll often
-    killed_at = kill_after_commits(victim, state, at_least=1, poll_s=0.005, timeout_s=180)
-    assert 1 <= killed_at < N_SHARDS
+    victim = annotate_process(tmp_path / "ws", models, BOORUSET_KILL_AFTER_COMMITS=str(KILL_AT))
+    out, _ = victim.communicate(timeout=900)
+    assert victim.returncode == -signal.SIGKILL, out
+    killed_at = len(list((tmp_path / "ws" / "state" / "annotate").glob("*.json")))
+    assert killed_at == KILL_AT
 
     again = annotate_process(tmp_path / "ws", models)
-    out, _ = again.communicate(timeout=180)
+    out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     assert f"{killed_at} done before, {N_SHARDS - killed_at} to run" in out, out
 

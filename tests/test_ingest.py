@@ -163,7 +163,7 @@ def test_sample_workspace_catalog_answers_sql(tmp_path):
     # the DuckDB command-line tool installed with booruset (duckdb-cli) opens the same catalog
     cli = Path(sys.executable).with_name("duckdb")
     out = subprocess.run([str(cli), "-csv", "-noheader", str(tmp_path / "ws" / "catalog.duckdb"),
-                          "select count(*) from images"], capture_output=True, text=True, timeout=60)
+                          "select count(*) from images"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "24"
 

@@ -47,7 +47,7 @@ def test_killed_ingest_resumes_to_identical_tables(tmp_path):
     make_shards(shards)
 
     reference = ingest_process(shards, tmp_path / "ref")
-    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    assert reference.wait(timeout=900) == 0, reference.stdout.read()
 
     victim = ingest_process(shards, tmp_path / "ws")
     state = tmp_path / "ws" / "state" / "ingest"
@@ -55,7 +55,7 @@ def test_killed_ingest_resumes_to_identical_tables(tmp_path):
     assert 2 <= killed_at < N_SHARDS
 
     again = ingest_process(shards, tmp_path / "ws")
-    out, _ = again.communicate(timeout=300)
+    out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     assert f"{N_SHARDS - killed_at} to run" in out or f"{killed_at} done before" in out
 

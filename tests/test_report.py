@@ -62,14 +62,14 @@ def test_report_renders_in_chromium_with_all_images_loaded(report, tmp_path):
     check.write_text((out / "index.html").read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
     profile = ["--user-data-dir=" + str(tmp_path / "profile")]
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom",
-                          check.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+                          check.as_uri()], capture_output=True, text=True, timeout=600, check=True).stdout
     check.unlink()
     assert 'data-checked="yes"' in dom
     loaded = re.findall(r'<img [^>]*data-loaded="(true|false)"', dom)
     assert len(loaded) >= 7 and set(loaded) == {"true"}, loaded
     shot = tmp_path / "report.png"
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, f"--screenshot={shot}", "--window-size=1200,3000",
-                    (out / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
+                    (out / "index.html").as_uri()], capture_output=True, timeout=600, check=True)
     with Image.open(shot) as image:
         assert image.size == (1200, 3000)
         colours = image.convert("RGB").resize((300, 750)).getcolors(maxcolors=1 << 20)
