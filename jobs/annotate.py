@@ -107,8 +107,9 @@ def units_of(ws: Workspace) -> list[dict]:
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     specs, skipped = available_models(cfg)
-    for line in skipped:
-        print(f"annotate: {line}", flush=True)
+    if skipped:  # named now; each one's reason and fix is printed once, in the summary at the end
+        names = ", ".join(line.split(":", 1)[0] for line in skipped)
+        print(f"annotate: skipping {names}: model files not here (how to get them: the summary below)", flush=True)
     models = sorted(spec["model"] for spec in specs.values())
     units = units_of(ws)
     done = ws.done_units(JOB)
@@ -116,7 +117,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run; "
           f"models: {', '.join(models) or 'none'}", flush=True)
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=len(units) - len(pending))
-    summary.notes.extend(skipped)
+    summary.notes.extend(f"annotate: {line}" for line in skipped)
     pending_ids = {u["unit"] for u in pending}
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids]
     if pending and specs:

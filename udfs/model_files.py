@@ -3,12 +3,14 @@
 GPU clusters are often offline with models staged on shared storage: `annotate.models_dir`
 holds `<repo>/<file>` (the hub layout), e.g. `models/deepghs/ccip_onnx/<model>/model_feat.onnx`.
 Without it, files come from the Hugging Face cache, downloaded on first use when online.
+`booruset models fetch` (jobs/models.py) stages every configured model into `annotate.models_dir`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shlex
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,11 +36,20 @@ def model_file(repo: str, file: str, models_dir: str = "") -> str:
                 raise ConnectionError("the Hugging Face Hub cannot be reached") from None
             return hf_hub_download(repo_id=repo, filename=file)
     except Exception as exc:  # offline, not cached, no such file, no access: all mean "not here"
-        where = f"{models_dir}/{repo}/{file}" if models_dir else "annotate.models_dir/<repo>/<file>"
-        raise ModelUnavailable(
-            f"{repo}/{file} is not available ({type(exc).__name__}); download it once online "
-            f"(huggingface-cli download {repo} {file}) or stage it at {where} and set annotate.models_dir"
-        ) from exc
+        raise ModelUnavailable(unavailable_hint(repo, file, models_dir, type(exc).__name__)) from exc
+
+
+def unavailable_hint(repo: str, file: str, models_dir: str, reason: str) -> str:
+    """Why `repo/file` is not here and the commands that make it available (the installed
+    huggingface_hub's CLI is `hf`; `huggingface-cli download` no longer works)."""
+    if models_dir:
+        target, option = shlex.quote(f"{models_dir}/{repo}"), shlex.quote(f"annotate.models_dir={models_dir}")
+        return (f"{repo}/{file} is neither in {models_dir} nor in the Hugging Face cache ({reason}); "
+                f"fetch it with `hf download {repo} {file} --local-dir {target}`, or every "
+                f"configured model with `booruset models fetch --set {option}`")
+    return (f"{repo}/{file} is not available ({reason}); download it once online with "
+            f"`hf download {repo} {file}`, or stage every configured model for an offline cluster with "
+            f"`booruset models fetch --set annotate.models_dir=DIR` and run with annotate.models_dir=DIR")
 
 
 @functools.cache
