@@ -21,7 +21,7 @@ import ray
 
 import schemas
 from jobs.config import Config, ConfigError
-from jobs.ray_env import init_ray
+from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
 from udfs.annotate_rows import crop_persons, decode_images, read_unit_images
@@ -160,13 +160,16 @@ class Pipeline:
         infos = []
         keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height"]
         outputs = [c for name in self.specs for c in self._output_columns(name)]
-        for batch in self.dataset(units).iter_batches(batch_format="numpy", batch_size=64):
-            for i in range(len(batch["key"])):
-                row = {c: batch[c][i] for c in keep + outputs if c in batch}
-                unit = str(row["unit"])
-                gathered[unit].append(row)
-                if len(gathered[unit]) == expected[unit]:
-                    infos.append(self.commit(unit, gathered.pop(unit)))
+        with Progress(JOB, sum(expected.values()), units=len(units)) as progress:
+            for batch in self.dataset(units).iter_batches(batch_format="numpy", batch_size=64):
+                for i in range(len(batch["key"])):
+                    row = {c: batch[c][i] for c in keep + outputs if c in batch}
+                    unit = str(row["unit"])
+                    gathered[unit].append(row)
+                    if len(gathered[unit]) == expected[unit]:
+                        infos.append(self.commit(unit, gathered.pop(unit)))
+                        progress.add(units=1)
+                progress.add(len(batch["key"]))
         return infos
 
     def _output_columns(self, name: str) -> list[str]:

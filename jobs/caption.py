@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import init_ray
+from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
 
@@ -113,18 +113,22 @@ def remove_stale(ws: Workspace, current: set[str]) -> None:
 def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> list[dict]:
     init_ray(cfg)
     opts = cfg["caption"]
+    progress = Progress("caption", sum(t.num_rows for _, t in units), units=len(units))
     if opts["backend"] == "vllm":
         from udfs.vllm_captioner import caption_units_vllm
 
-        return caption_units_vllm(ws, units, opts)
+        with progress:  # one engine pass over every unit: the units finish together
+            infos = caption_units_vllm(ws, units, opts)
+            progress.add(sum(info["images"] for info in infos), units=len(infos))
+        return infos
     captioner = captioner_class(opts["backend"])
     # one block per unit, and batch_size=None hands each block over whole
     ds = ray.data.from_arrow([t for _, t in units])
     ds = ds.map_batches(captioner, batch_size=None, batch_format="pyarrow",
                         fn_constructor_kwargs={"workspace": ws.root, "options": opts},
-                        concurrency=max(1, min(int(opts["concurrency"]), len(units))),
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units)))),
                         num_cpus=float(opts["num_cpus"]))
-    return [json.loads(row["info"]) for row in ds.take_all()]
+    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]))
 
 
 def captioner_class(backend: str) -> type:

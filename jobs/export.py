@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import init_ray
+from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
 from udfs.export_shard import JOB, atomic_write, export_units, shard_name
@@ -245,7 +245,8 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(export_units, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
                         fn_kwargs={"workspace": ws.root, "out": out, "options": options})
-    return [json.loads(row["info"]) for row in ds.take_all()]
+    progress = Progress(JOB, sum(len(u["samples"]) for u in units), units=len(units))
+    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]))
 
 
 def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:

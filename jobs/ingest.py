@@ -8,7 +8,7 @@ import time
 import ray
 
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError
-from jobs.ray_env import init_ray
+from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
 from udfs.ingest_unit import ingest_units
@@ -65,7 +65,7 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
         batch_size=int(opts["shards_per_task"]),
         fn_kwargs={"workspace": ws.root, "options": options},
     )
-    return [_info_of(row) for row in ds.take_all()]
+    return collect_units(ds.iter_rows(), Progress("ingest", units=len(items)), _info_of)
 
 
 def _info_of(row: dict) -> dict:

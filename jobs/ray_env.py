@@ -1,32 +1,174 @@
-"""Start or join Ray the same way for every job."""
+"""Start or join Ray the same way for every job, quietly, and print each job's progress.
+
+By default a job prints what a person needs: its own lines, one progress line per stage every
+PROGRESS_INTERVAL_S seconds and at the end (`Progress`), and its summary. Ray's INFO logs
+(execution plans, the non-interactive progress blocks) still go to the session's log files
+(`/tmp/ray/session_*/logs/ray-data/`) but not to the terminal, and Ray Data's own progress bars
+are off. `-v` (the CLI sets BOORUSET_VERBOSE=1) shows Ray's logs and progress bars as they come.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, Any
 
 import ray
 
 from jobs.config import REPO, Config
 
+VERBOSE_ENV = "BOORUSET_VERBOSE"
+PROGRESS_INTERVAL_S = 10.0
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
 
 def init_ray(cfg: Config) -> None:
     """Join the cluster named in the config, the one `ray job submit` runs in, or start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = cfg["ray"]["address"] or None
-    kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
-                    "include_dashboard": False, "log_to_driver": True}
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        if cfg["ray"]["num_cpus"]:
-            kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])
-        # tasks import jobs/, udfs/, schemas/ from the repository root
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
-    ray.init(address=address, **kwargs)
+    if not ray.is_initialized():
+        address = cfg["ray"]["address"] or None
+        kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
+                        "include_dashboard": False, "log_to_driver": True}
+        if address is None and "RAY_ADDRESS" not in os.environ:
+            if cfg["ray"]["num_cpus"]:
+                kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])
+            # tasks import jobs/, udfs/, schemas/ from the repository root
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+            if not verbose():
+                _hide_token_auth_notice()
+        # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
+        ray.init(address=address, **kwargs)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data without its progress bars and INFO lines on the terminal (unless verbose)."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = verbose()  # our one line per stage (Progress) instead, see below
+    if verbose() or os.environ.get("RAY_DATA_LOGGING_CONFIG"):  # -v, or the user's own logging config
+        return
+    # Ray Data's "console" handler prints INFO (Starting execution, Execution plan, the
+    # logging_progress blocks every 10 s when stdout is not a terminal); its "file" handler keeps
+    # everything in the session's ray-data.log. Warnings and errors still reach the terminal.
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropMessages) for f in handler.filters):
+                # the warning that we turned the bars off (we did, and print progress ourselves), and
+                # the two lines announcing a failed task: the CLI prints the failure in one line and
+                # writes the whole traceback to the workspace's log file (jobs/errors.py)
+                handler.addFilter(_DropMessages("Progress bars disabled", "An exception was raised from a task",
+                                                "Exception occurred in user code"))
+
+
+def _hide_token_auth_notice() -> None:
+    """Keep Ray's token authentication for the local Ray a job starts; drop only its notice.
+
+    Ray (2.60 here) turns token auth on for a new local Ray unless RAY_AUTH_MODE says otherwise,
+    and logs a WARNING that it did ("... Set RAY_AUTH_MODE=disabled to opt out"). We keep it on: the
+    GCS, raylet, object manager and worker ports of a local Ray listen on every interface (not
+    only 127.0.0.1), and whoever can connect to them can run code as this user. With auth, Ray
+    makes one token (~/.ray/auth_token) that our own driver and workers use, at no cost to the
+    job, so disabling it would buy nothing and leave the machine open. The notice, though, tells
+    a person nothing to act on, so it is filtered out; an explicit RAY_AUTH_MODE (token or
+    disabled) is the user's choice and Ray honours it without a notice.
+    """
+    auth = logging.getLogger(AUTH_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in auth.filters):
+        auth.addFilter(_DropMessages("Token authentication is enabled"))
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message starts with one of the given texts."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
 
 
 def _pythonpath() -> str:
     current = os.environ.get("PYTHONPATH", "")
     return f"{REPO}{os.pathsep}{current}" if current else str(REPO)
+
+
+# ---- progress ------------------------------------------------------------------------------
+class Progress:
+    """One line per update of a job's stage, e.g. `annotate: 16/24 images, 1/3 units, 1.3 images/s, 12 s`.
+
+    Printed every `interval` seconds while the stage runs (also when nothing finished since the
+    last line: the job is alive) and once when it ends without an error. Ray Data's own progress
+    does not fit here: on a terminal it draws bars per Ray operator, and off one (logs, CI,
+    `ray job submit`, a pipe) it logs an 8-line block per Ray operator every 10 s with resource
+    details but no rate; both count Ray rows, which are units (shards, caption and export units)
+    rather than images in most jobs. Use as a context manager around the dataset's consumption.
+    """
+
+    def __init__(self, stage: str, total: int | None = None, *, what: str = "images",
+                 units: int | None = None, interval: float = PROGRESS_INTERVAL_S, out: IO[str] | None = None) -> None:
+        self.stage, self.total, self.what, self.units_total = stage, total, what, units
+        self.interval, self.out = interval, out
+        self.done = self.units_done = 0
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name=f"progress-{stage}", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.started = time.perf_counter()
+        self._ticker.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: Any) -> None:
+        self._stop.set()
+        self._ticker.join()
+        if exc_type is None:
+            self.print_line()
+
+    def add(self, done: int = 0, units: int = 0) -> None:
+        with self._lock:
+            self.done += done
+            self.units_done += units
+
+    def line(self) -> str:
+        with self._lock:
+            done, units = self.done, self.units_done
+        elapsed = time.perf_counter() - self.started
+        parts = [f"{done}/{self.total} {self.what}" if self.total is not None else f"{done} {self.what}"]
+        if self.units_total is not None:
+            parts.append(f"{units}/{self.units_total} units")
+        parts.append(f"{done / elapsed if elapsed > 0 else 0.0:.1f} {self.what}/s")
+        parts.append(f"{elapsed:.0f} s")
+        return f"{self.stage}: " + ", ".join(parts)
+
+    def print_line(self) -> None:
+        out = self.out or sys.stdout
+        out.write(self.line() + "\n")  # one write: no interleaving with lines Ray forwards from workers
+        out.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.print_line()
+
+
+def collect_units(rows: Iterable[dict], progress: Progress, info_of: Callable[[dict], dict]) -> list[dict]:
+    """The per-unit infos of a dataset with one row per unit (`rows`: its iter_rows()), counting
+    each unit's `images` into `progress` as it arrives."""
+    infos = []
+    with progress:
+        for row in rows:
+            info = info_of(row)
+            infos.append(info)
+            progress.add(int(info.get("images", 0)), units=1)
+    return infos

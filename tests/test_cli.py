@@ -181,7 +181,8 @@ def test_disk_full_during_export_is_one_line_with_a_log(tmp_path, sample_ws):
                                "--set", "ray.num_cpus=2"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("booruset")]
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 2, done.stderr
     assert errors[0].startswith("booruset export failed: no space left on device"), done.stderr
     log = Path(errors[1].removeprefix("booruset: full traceback in "))
     assert log.parent == sample_ws / "logs" and "Traceback" in log.read_text(encoding="utf-8")

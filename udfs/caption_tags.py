@@ -107,17 +107,19 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     if texts.num_rows == 0:
         ws.delete_part("source_tags", PART)
         return 0
-    from jobs.ray_env import init_ray
+    from jobs.ray_env import Progress, init_ray
 
     init_ray(cfg)
     vocabulary = load_vocabulary(ws, opts["tag_vocabulary"])
     ds = ray.data.from_arrow(texts).map_batches(
-        TextTagger, batch_format="pyarrow", batch_size=256, concurrency=1,
+        TextTagger, batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
         fn_constructor_kwargs={"vocabulary": vocabulary, "top_k": int(opts["text_tags_top_k"]),
                                "min_similarity": float(opts["text_tags_min_similarity"]),
                                "model": opts["embedding_model"]})
-    rows = ds.to_arrow_refs()
-    table = pa.concat_tables(ray.get(rows)) if rows else None
+    with Progress("caption (tags from text)", texts.num_rows, what="texts") as progress:
+        rows = ds.to_arrow_refs()
+        table = pa.concat_tables(ray.get(rows)) if rows else None
+        progress.add(texts.num_rows)
     result = table if table is not None and table.num_rows else []
     ws.write_part("source_tags", PART, result)  # one part, rewritten whole each run
     return len(result) if isinstance(result, list) else result.num_rows

@@ -1,0 +1,54 @@
+"""Quiet by default: a job prints its own lines, one progress line per stage update and its
+summary; Ray's INFO logs, its token-auth notice and deprecation warnings stay off the terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from jobs.ray_env import Progress
+from tests.conftest import REPO, SAMPLE_SHARDS
+from tests.test_run import booruset_command
+
+PROGRESS = re.compile(r"^ingest: 24 images, 3/3 units, \d+\.\d images/s, \d+ s$")
+NOISE = ("WARNING", "Token authentication", "DeprecationWarning", "Traceback",
+         "streaming_executor", "logging_progress", "Running Dataset", "Loading weights")
+
+
+def test_progress_prints_a_line_per_interval_and_one_at_the_end():
+    out = io.StringIO()
+    with Progress("annotate", 24, units=3, interval=0.05, out=out) as progress:
+        time.sleep(0.2)
+        progress.add(24, units=3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2  # ticks while it runs, then the final line
+    assert re.fullmatch(r"annotate: 0/24 images, 0/3 units, 0\.0 images/s, \d+ s", lines[0])
+    assert re.fullmatch(r"annotate: 24/24 images, 3/3 units, \d+\.\d images/s, \d+ s", lines[-1])
+
+    out = io.StringIO()
+    with pytest.raises(RuntimeError), Progress("ingest", units=2, interval=60, out=out):
+        raise RuntimeError("a failing stage prints no final progress line")
+    assert out.getvalue() == ""
+
+
+def test_ingest_prints_progress_and_summary_without_noise(tmp_path):
+    if not list(SAMPLE_SHARDS.glob("*.tar")):
+        pytest.skip("bundled sample shards missing")
+    # as a user runs it: no RAY_AUTH_MODE (Ray turns token auth on by itself), its own local Ray
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "BOORUSET_VERBOSE")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([*booruset_command(), "ingest", "-i", str(SAMPLE_SHARDS)], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    output = done.stdout
+    assert done.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    noisy = [ln for ln in lines if any(word in ln for word in NOISE)]
+    assert not noisy, output
+    assert any(PROGRESS.match(ln) for ln in lines), output
+    assert "== ingest summary" in lines and "rows out: images 24" in lines, output
+    assert (tmp_path / "workspace" / "tables" / "images").is_dir()
