@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from jobs.config import Config, ConfigError, load_config
 from jobs.errors import report_failure
+from jobs.lock import WorkspaceLock
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, WorkspaceError
 
@@ -21,6 +22,8 @@ from jobs.workspace import Workspace, WorkspaceError
 PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]
 # Jobs that may start a new workspace; every other command needs an existing one.
 CREATES_WORKSPACE = ("ingest", "run")
+# Commands that only read the tables (the report writes its own folder): they take no lock.
+READERS = ("sql", "report")
 
 # command: (one-line help, example)
 COMMANDS = {
@@ -145,12 +148,21 @@ def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
     return 0
 
 
+# `booruset sql` only reads: SELECT (with DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN.
+READ_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
 def sql(ws: Workspace, query: str) -> int:
     import duckdb
 
-    con = ws.connect()
     try:
-        result = con.sql(query)
+        kinds = [s.type.name for s in duckdb.extract_statements(query)]
+        refused = [k for k in kinds if k not in READ_STATEMENTS]
+        if refused:
+            print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "
+                  f"(only {', '.join(READ_STATEMENTS)})", file=sys.stderr)
+            return 2
+        result = ws.connect(read_only=True).sql(query)
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -181,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sql":
             return sql(ws, args.query)
         ws.check_writable()
-        return run_jobs(cfg, ws, PIPELINE + ["report"] if args.command == "run" else [args.command])
+        names = PIPELINE + ["report"] if args.command == "run" else [args.command]
+        if args.command in READERS:
+            return run_jobs(cfg, ws, names)
+        with WorkspaceLock(ws, args.command):
+            return run_jobs(cfg, ws, names)
     except ConfigError as exc:
         print(f"booruset: configuration error: {exc}", file=sys.stderr)
         return 2

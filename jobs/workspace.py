@@ -155,7 +155,7 @@ class Workspace:
         """
         if self.part_files(name):
             # [!.]: hidden files are writes in progress (temporary names, uncommitted generations)
-            glob = f"{self.table_uri(name)}/[!.]*.parquet".replace("'", "''")
+            glob = f"{glob_escape(self.table_uri(name))}/[!.]*.parquet".replace("'", "''")
             body = f"select * from read_parquet('{glob}', union_by_name = true)"
         else:
             cols = ", ".join(
@@ -164,12 +164,22 @@ class Workspace:
             body = f"select {cols} where false"
         return f'create or replace view "{name}" as {body}'
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB with one view per table (no lock on the catalog file)."""
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with one view per table (no lock on the catalog file).
+
+        read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
+        touch, and the setting is locked, so no query can read or write anything else.
+        """
         con = duckdb.connect()
         if not self.local:
             con.execute("install httpfs; load httpfs")
         self._create_views(con)
+        if read_only and self.local:
+            tables = f"{self.base}/tables/"
+            # the views' patterns spell the workspace path glob-escaped: allow both spellings
+            con.execute("set allowed_directories = $dirs", {"dirs": [tables, glob_escape(tables)]})
+            con.execute("set enable_external_access = false")
+            con.execute("set lock_configuration = true")
         return con
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -210,6 +220,11 @@ def _maybe_kill_for_test() -> None:
     _commits_in_this_process += 1
     if _commits_in_this_process >= int(limit):
         os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def glob_escape(path: str) -> str:
+    """`path` as a literal inside a DuckDB glob pattern: `ws/g[1]` must not match `ws/g1`."""
+    return re.sub(r"([\[\]*?])", r"[\1]", path)
 
 
 def duck_type(arrow_type: pa.DataType) -> str:

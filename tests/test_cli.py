@@ -186,3 +186,41 @@ def test_disk_full_during_export_is_one_line_with_a_log(tmp_path, sample_ws):
     assert errors[0].startswith("booruset export failed: no space left on device"), done.stderr
     log = Path(errors[1].removeprefix("booruset: full traceback in "))
     assert log.parent == sample_ws / "logs" and "Traceback" in log.read_text(encoding="utf-8")
+
+
+# ---- sql is read-only -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "refused"), [
+    ("copy (select * from images) to '{ws}/tables/images/x.parquet'", "COPY"),
+    ("attach '{ws}/catalog.duckdb' as cat", "ATTACH"),
+    ("install httpfs", "LOAD"),
+    ("create table t as select 1", "CREATE"),
+    ("select 1; drop view images", "DROP"),
+])
+def test_sql_refuses_statements_that_write(capsys, sample_ws, query, refused):
+    before = sorted(p.name for p in (sample_ws / "tables" / "images").iterdir())
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query.format(ws=sample_ws))
+    assert code == 2
+    assert one_line(err).startswith(f"booruset sql: {refused} statements are refused")
+    assert sorted(p.name for p in (sample_ws / "tables" / "images").iterdir()) == before
+
+
+def test_sql_reads_nothing_outside_the_workspace(capsys, sample_ws):
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), "select * from read_csv('/etc/passwd')")
+    assert code == 2 and "Permission Error" in one_line(err)
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), "set enable_external_access = true")
+    assert code == 2 and "SET statements are refused" in one_line(err)
+
+
+def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, tmp_path):
+    from jobs.workspace import Workspace
+
+    rows = {"g1": 1, "g[1]": 2, "star*": 3, "starX": 4}
+    for name, n in rows.items():
+        ws = Workspace(str(tmp_path / name))
+        ws.write_part("errors", "p", [{"key": f"{name}/{i}", "source": name, "member": "m", "stage": "ingest",
+                                       "kind": "k", "message": "", "dropped": False} for i in range(n)])
+    for name in ("g[1]", "star*"):
+        code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(source) from errors")
+        assert code == 0 and f"{rows[name]} │ {name}" in out, out

@@ -1,0 +1,121 @@
+"""One writer per workspace.
+
+Every job that writes takes the workspace's lock for its whole run; readers (`booruset sql`, the
+report) never need it. On a local workspace the lock is an flock on `<ws>/lock`: the kernel
+drops it when the holder exits, even on SIGKILL, so a crashed job never leaves a stale lock. On a
+URI workspace (no flock on object storage) it is a lease object `<ws>/lock.json` with an expiry
+that the holder renews; a lease whose holder died expires after LEASE_S. The lease is a
+read-check-write without a conditional put (pyarrow's filesystems have none), so two writers
+starting within the same second could both win: it guards against the common mistake (a second
+job started by hand or by a scheduler), not a race by design.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from typing import IO
+
+import pyarrow.fs as pafs
+
+from jobs.workspace import Workspace, WorkspaceError
+
+LEASE_S = 120.0
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another job holds the workspace."""
+
+
+def holder_info(job: str) -> dict:
+    return {"job": job, "pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def busy_message(info: dict) -> str:
+    return (f"workspace busy: {info.get('job', '?')} pid {info.get('pid', '?')} on host {info.get('host', '?')} "
+            f"since {info.get('since', '?')}")
+
+
+class WorkspaceLock:
+    """`with WorkspaceLock(ws, "curate"):` holds the workspace for one job (WorkspaceBusy if taken)."""
+
+    def __init__(self, ws: Workspace, job: str) -> None:
+        self.ws, self.job = ws, job
+        self._file: IO[str] | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> WorkspaceLock:
+        if self.ws.local:
+            self._lock_file()
+        else:
+            self._take_lease()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+        if self._renewer is not None:
+            self._stop.set()
+            self._renewer.join()
+            self.ws.fs.delete_file(self._lease_path())
+
+    # ---- local: flock --------------------------------------------------------------------
+    def _lock_file(self) -> None:
+        f = open(f"{self.ws.base}/lock", "a+", encoding="utf-8")  # held open for the job's life
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            info = _parse(f.read())
+            f.close()
+            raise WorkspaceBusy(busy_message(info)) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(holder_info(self.job)))
+        f.flush()
+        self._file = f
+
+    # ---- URI: a lease with an expiry -----------------------------------------------------
+    def _lease_path(self) -> str:
+        return f"{self.ws.base}/lock.json"
+
+    def _take_lease(self) -> None:
+        current = self._read_lease()
+        if current and current.get("expires", 0) > time.time():
+            raise WorkspaceBusy(busy_message(current))
+        mine = {**holder_info(self.job), "token": os.urandom(8).hex()}
+        self._write_lease(mine)
+        if self._read_lease().get("token") != mine["token"]:  # another writer wrote after us
+            raise WorkspaceBusy(busy_message(self._read_lease()))
+        self._renewer = threading.Thread(target=self._renew, args=(mine,), daemon=True, name="workspace-lease")
+        self._renewer.start()
+
+    def _renew(self, mine: dict) -> None:
+        while not self._stop.wait(LEASE_S / 3):
+            self._write_lease(mine)
+
+    def _read_lease(self) -> dict:
+        path = self._lease_path()
+        if self.ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return {}
+        with self.ws.fs.open_input_stream(path) as f:
+            return _parse(f.read().decode("utf-8", "replace"))
+
+    def _write_lease(self, mine: dict) -> None:
+        with self.ws.fs.open_output_stream(self._lease_path()) as out:
+            out.write(json.dumps({**mine, "expires": time.time() + LEASE_S}).encode())
+
+
+def _parse(text: str) -> dict:
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}

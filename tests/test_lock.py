@@ -1,0 +1,81 @@
+"""One writer per workspace: a second writing job refuses with who holds it; readers need no lock;
+a holder killed with SIGKILL leaves no stale lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+from jobs.lock import WorkspaceBusy, WorkspaceLock
+from jobs.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+HOLD = """
+import sys, time
+from jobs.lock import WorkspaceLock
+from jobs.workspace import Workspace
+with WorkspaceLock(Workspace(sys.argv[1]), "curate"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the workspace as `curate` (killed with SIGKILL at the end)."""
+    Workspace(str(tmp_path / "ws"))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "ws")], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_second_writer_refuses_with_the_holder(holder, tmp_path, capsys):
+    ws_path = str(tmp_path / "ws")
+    for command in ("ingest", "annotate", "curate", "caption", "export", "run"):
+        code = cli.main([command, "-w", ws_path])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, command
+        assert err == (f"booruset: workspace busy: curate pid {holder.pid} on host {socket.gethostname()} "
+                       f"since {err.rsplit('since ', 1)[1]}"), err
+        time.strptime(err.rsplit("since ", 1)[1], "%Y-%m-%dT%H:%M:%S%z")
+
+
+def test_readers_need_no_lock(holder, tmp_path, capsys):
+    assert cli.main(["sql", "-w", str(tmp_path / "ws"), "select count(*) from images"]) == 0
+    assert "0" in capsys.readouterr().out
+
+
+def test_killed_holder_leaves_no_stale_lock(holder, tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    with pytest.raises(WorkspaceBusy):
+        WorkspaceLock(ws, "export").__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with WorkspaceLock(ws, "export"):  # the kernel dropped the dead holder's flock
+        with pytest.raises(WorkspaceBusy, match="workspace busy: export pid"):
+            WorkspaceLock(ws, "ingest").__enter__()
+    with WorkspaceLock(ws, "ingest"):  # released on exit
+        pass
+
+
+def test_lease_on_a_uri_workspace(tmp_path):
+    """A URI workspace (here file://) has no flock: a lease object with an expiry."""
+    ws = Workspace((tmp_path / "ws").as_uri())
+    assert not ws.local
+    with WorkspaceLock(ws, "curate"):
+        with pytest.raises(WorkspaceBusy, match="workspace busy: curate pid"):
+            WorkspaceLock(Workspace((tmp_path / "ws").as_uri()), "ingest").__enter__()
+    assert not (tmp_path / "ws" / "lock.json").exists()
+    with WorkspaceLock(ws, "ingest"):
+        pass
