@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in READERS:
             return run_jobs(cfg, ws, names)
         with WorkspaceLock(ws, args.command):
+            swept = ws.sweep_temp(before=time.time())
+            if swept:
+                print(f"{args.command}: removed {swept} temporary files left by runs that died", flush=True)
             return run_jobs(cfg, ws, names)
     except ConfigError as exc:
         print(f"booruset: configuration error: {exc}", file=sys.stderr)

@@ -26,13 +26,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, unit_id
+from jobs.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export_shard import JOB, atomic_write, export_units, shard_name
 from udfs.resize import estimated_bytes, needs_reencode, output_extension, target_size
 from udfs.safe_names import key_digest, safe_folder, safe_name
@@ -75,6 +76,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = cfg[JOB]
     check_options(opts)
     out = out_dir(cfg, ws)
+    # shards and files half-written by an export that died (disk full, SIGKILL) before this one
+    sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     total, selection = load_selection(ws, opts)
     units = plan_units(selection, opts, out, int(cfg["ingest"]["folder_unit_size"]))
     remove_stale(ws, out, {u["unit"] for u in units})

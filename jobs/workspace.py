@@ -65,6 +65,11 @@ class Workspace:
         except OSError as exc:
             raise WorkspaceError(f"cannot create a workspace at {root}: {exc}") from exc
 
+    def sweep_temp(self, before: float) -> int:
+        """Delete temporary files (writes in progress) older than `before` (epoch seconds): left by
+        runs that died. The caller holds the workspace lock, so no live writer owns them."""
+        return sweep_temp_files(self.fs, self.base, before)
+
     def check_writable(self) -> None:
         """WorkspaceError unless a file can be written here (read-only mounts, permissions, ...)."""
         probe = f"{self.base}/state/.tmp-write-check-{uuid.uuid4().hex}"
@@ -91,6 +96,8 @@ class Workspace:
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.tmp-{part}-{uuid.uuid4().hex}.parquet.tmp"
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        if self.local:
+            fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, f"{folder}/{part}.parquet")
 
     def delete_part(self, name: str, part: str) -> None:
@@ -220,6 +227,28 @@ def _maybe_kill_for_test() -> None:
     _commits_in_this_process += 1
     if _commits_in_this_process >= int(limit):
         os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+TEMP_PREFIXES = (".tmp-", ".catalog-")
+
+
+def sweep_temp_files(fs: pafs.FileSystem, root: str, before: float) -> int:
+    """Delete the files under `root` whose names mark a write in progress (TEMP_PREFIXES) and
+    that were last modified before `before`; the number deleted."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    stale = [i.path for i in infos if i.is_file and i.base_name.startswith(TEMP_PREFIXES)
+             and i.mtime is not None and i.mtime.timestamp() < before]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def glob_escape(path: str) -> str:

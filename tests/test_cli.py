@@ -224,3 +224,33 @@ def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, 
     for name in ("g[1]", "star*"):
         code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(source) from errors")
         assert code == 0 and f"{rows[name]} │ {name}" in out, out
+
+
+# ---- temporary files of runs that died ------------------------------------------------------
+
+
+def test_jobs_sweep_stale_temporary_files(capsys, sample_ws):
+    stale = [sample_ws / "tables" / "tags" / ".tmp-part-abc.parquet.tmp", sample_ws / "state" / "curate" / ".tmp-x",
+             sample_ws / "export" / "webdataset" / ".tmp-0123-shard-000000.tar", sample_ws / ".catalog-1.duckdb"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # 2001: long before this run took the lock
+    code, out, _ = run_cli(capsys, "curate", "-w", str(sample_ws))
+    assert code == 0
+    assert "curate: removed 4 temporary files left by runs that died" in out
+    assert not any(p.exists() for p in stale)
+
+
+def test_export_sweeps_its_own_folder(sample_ws, tmp_path):
+    from jobs import export
+    from jobs.workspace import Workspace
+    from tests.export_data import base_config
+
+    out = tmp_path / "out"
+    stale = out / "webdataset" / ".tmp-0123-shard-000000.tar"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half written")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    export.run(base_config(sample_ws, f'export.out="{out}"'), Workspace(str(sample_ws)))
+    assert not stale.exists() and list((out / "webdataset").glob("shard-*.tar"))
