@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import ray
@@ -11,8 +12,8 @@ from jobs.config import SAMPLE_SHARDS, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
-from udfs.ingest_unit import ingest_units
-from udfs.sources import Unit, discover_units
+from udfs.ingest_unit import TABLES, ingest_units
+from udfs.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
 
 def input_specs(cfg: Config) -> list[str]:
@@ -23,20 +24,38 @@ def input_specs(cfg: Config) -> list[str]:
     return specs
 
 
+REGISTRY = "state/inputs.json"  # input path -> input id, assigned once per workspace
+
+
 def unit_key(unit: Unit) -> str:
-    return unit_id(unit.prefix, unit.kind, unit.uri, *unit.files[:1], *unit.files[-1:])
+    """A unit's id: where it is and what it held (a changed shard or folder chunk is a new unit)."""
+    return unit_id(unit.prefix, unit.kind, unit.uri, unit.stamp, *unit.files[:1], *unit.files[-1:])
+
+
+def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
+    """The units of the configured inputs, with input ids from the workspace's registry (new
+    inputs get one, stored before any of their rows are written)."""
+    opts = cfg["ingest"]
+    try:
+        paths = resolve_inputs(input_specs(cfg))
+        registered = ws.read_json(REGISTRY) or {}
+        ids = assign_input_ids(paths, registered)
+        if ids != registered:
+            ws.write_json(REGISTRY, ids)
+        return discover_units(paths, int(opts["folder_unit_size"]), ids)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
-    opts = cfg["ingest"]
-    try:
-        units = discover_units(input_specs(cfg), int(opts["folder_unit_size"]))
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    units = plan_units(cfg, ws)
     done = ws.done_units("ingest")
+    replaced, removed = retire_stale_units(ws, done, units)
     pending = [u for u in units if unit_key(u) not in done]
-    print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run", flush=True)
+    print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
+          + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else ""),
+          flush=True)
     results = _run_units(cfg, ws, pending) if pending else []
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
@@ -45,6 +64,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.errors_by_kind.update(info["error_kinds"])
         summary.rows_out["images"] = summary.rows_out.get("images", 0) + info["images"]
     summary.seconds = time.perf_counter() - started
+    if replaced:
+        summary.notes.append(f"replaced: {replaced} units whose files changed; {removed} images are no longer in "
+                             "the inputs (errors rows of kind removed_from_input)")
     summary.notes.append(
         f"accounting: {summary.rows_out.get('images', 0)} images + {summary.dropped} dropped samples"
         f" = {summary.rows_in} samples seen"
@@ -53,12 +75,43 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
+def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) -> tuple[int, int]:
+    """Forget the committed units of the inputs being ingested that are no longer in the plan (a
+    folder chunk that gained or lost a file, a rewritten or deleted shard): their rows go, and
+    each image that is not planned again gets a `removed_from_input` errors row. (units, images)"""
+    current = {unit_key(u) for u in units}
+    inputs = {u.input for u in units}
+    stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
+    planned = {f"{u.prefix}/{split_key(os.path.relpath(f, u.uri))[0]}" for u in units if u.kind == "folder"
+               for f in u.files}
+    shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
+    removed = 0
+    for uid in stale:
+        gone = [r for r in ws.read_part("images", uid, ["key", "source", "member"])
+                if r["key"] not in planned and not _under(r["key"], shards)]
+        ws.write_part("errors", f"removed-{uid}", [
+            {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
+             "message": "no longer in the input: its rows were removed"} for r in gone])
+        removed += len(gone)
+        for table in TABLES:
+            ws.delete_part(table, uid)
+        ws.forget_unit("ingest", uid)  # last: a kill before this finds the unit stale again
+        done.pop(uid)
+    return len(stale), removed
+
+
+def _under(key: str, prefixes: set[str]) -> bool:
+    parts = key.split("/")
+    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
 def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
     init_ray(cfg)
     opts = cfg["ingest"]
-    items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files}
-             for u in units]
+    items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
+              "input": u.input} for u in units]
     options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes")}
+    options["follow_links_out"] = bool(opts["follow_links_out"])
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ingest_units,

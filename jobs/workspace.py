@@ -100,6 +100,28 @@ class Workspace:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, f"{folder}/{part}.parquet")
 
+    def read_part(self, name: str, part: str, columns: list[str]) -> list[dict]:
+        """Some columns of one part (a unit's rows), [] when the part is not there."""
+        path = f"{self.table_dir(name)}/{part}.parquet"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        return pq.read_table(path, filesystem=self.fs, columns=columns).to_pylist()
+
+    def read_json(self, rel: str) -> dict | None:
+        path = f"{self.base}/{rel}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def write_json(self, rel: str, value: dict) -> None:
+        """Atomically: a temporary name, then a rename."""
+        path = f"{self.base}/{rel}"
+        tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(json.dumps(value, sort_keys=True, indent=1).encode())
+        self.fs.move(tmp, path)
+
     def delete_part(self, name: str, part: str) -> None:
         path = f"{self.table_dir(name)}/{part}.parquet"
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
@@ -136,6 +158,11 @@ class Workspace:
             out.write(json.dumps(info, sort_keys=True).encode())
         self.fs.move(tmp, f"{folder}/{unit}.json")
         _maybe_kill_for_test()
+
+    def forget_unit(self, job: str, unit: str) -> None:
+        path = f"{self.state_dir(job)}/{unit}.json"
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_file(path)
 
     def done_units(self, job: str) -> dict[str, dict]:
         """The units `job` has committed, with the info each was committed with."""

@@ -15,7 +15,7 @@ from typing import Any
 from jobs.workspace import Workspace
 from udfs.probe import ProbeError, probe_image
 from udfs.sidecars import SidecarError, decode_text, parse_sidecar
-from udfs.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit
+from udfs.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit, split_key
 
 TABLES = ("images", "source_tags", "source_text", "errors")
 
@@ -26,14 +26,16 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
     out: dict[str, list] = {"unit": [], "samples": [], "images": [], "errors": [], "error_kinds": [],
                             "bytes": [], "seconds": []}
     for i in range(len(batch["unit"])):
-        unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]))
+        unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]),
+                    input=batch["input"][i])
         started = time.perf_counter()
         rows = UnitRows(unit)
-        for item in read_unit(unit, options["max_member_bytes"]):
+        for item in read_unit(unit, options["max_member_bytes"], options["follow_links_out"]):
             rows.add(item, options)
         for table in TABLES:
             ws.write_part(table, batch["unit"][i], rows.tables[table])
         info = rows.summary(time.perf_counter() - started)
+        info["input"] = unit.input
         ws.commit_unit("ingest", batch["unit"][i], info)
         out["unit"].append(batch["unit"][i])
         for name in ("samples", "images", "errors", "bytes", "seconds"):
@@ -52,8 +54,10 @@ class UnitRows:
         self.bytes = 0
 
     def add(self, item: Sample | tuple[str, str, str], options: dict) -> None:
-        if isinstance(item, tuple):  # a problem of the unit itself (e.g. a corrupt shard)
-            self.error(self.unit.prefix, item[0], item[1], item[2], dropped=False)
+        if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
+            member, kind, message = item
+            key = f"{self.unit.prefix}/{split_key(member)[0]}" if member else self.unit.prefix
+            self.error(key, member, kind, message, dropped=False)
             return
         self.samples += 1
         self.add_sample(item, options)

@@ -7,8 +7,10 @@ dot of the file name), e.g. `a.jpg` + `a.txt` + `a.json`.
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +29,10 @@ class Unit:
 
     kind: str  # "tar" or "folder"
     uri: str  # the shard, or the folder
-    prefix: str  # key prefix: the shard's or folder's path relative to its input root
+    prefix: str  # key prefix: the input id, then the shard's path inside the input
     files: list[str] = field(default_factory=list)  # for folders: the files of this chunk
+    input: str = ""  # the input id (units of an input ingested again replace its old units)
+    stamp: str = ""  # what the unit's content was (sizes and times): a changed unit is redone
 
 
 @dataclass
@@ -53,71 +57,136 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 # ---- discovering units --------------------------------------------------------------------
-def discover_units(inputs: list[str], folder_unit_size: int) -> list[Unit]:
-    """Every unit of every input, in a stable order."""
-    units: list[Unit] = []
-    for spec in inputs:
-        units.extend(_units_of(spec, folder_unit_size))
-    return units
+def resolve_inputs(specs: list[str]) -> list[str]:
+    """The concrete inputs of the specs (globs and braces expanded): absolute paths or URIs."""
+    paths: list[str] = []
+    for spec in specs:
+        if "://" in spec:
+            paths.append(spec)
+            continue
+        found = [p for part in braceexpand(spec) for p in sorted(globlib.glob(part))]
+        if not found or not all(os.path.exists(p) for p in found):
+            raise FileNotFoundError(f"input not found: {spec}")
+        paths += [str(Path(p).resolve()) for p in found]
+    return list(dict.fromkeys(paths))
 
 
-def _units_of(spec: str, folder_unit_size: int) -> list[Unit]:
-    if "://" in spec:
-        fs, path = pafs.FileSystem.from_uri(spec)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.Directory:
-            files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            tars = sorted(f.path for f in files if f.path.endswith(".tar"))
-            scheme = spec.split("://", 1)[0]
-            return [_tar_unit(f"{scheme}://{t}", path, t) for t in tars]
-        return [_tar_unit(spec, os.path.dirname(path), path)]
-    paths = [p for part in braceexpand(spec) for p in sorted(globlib.glob(part))] or [spec]
+def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, str]:
+    """Input ids, unique in the workspace and stable: the one `registered` for the path, else the
+    input's name (a shard's without .tar), else the name and a hash of the full path when
+    another input has the name already. The caller stores the result as the new registry."""
+    ids = dict(registered)
+    taken = set(ids.values())
+    for path in paths:
+        if path in ids:
+            continue
+        name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
+        if name in taken:
+            name = f"{name}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        ids[path] = name
+        taken.add(name)
+    return ids
+
+
+def discover_units(inputs: list[str], folder_unit_size: int, ids: dict[str, str] | None = None) -> list[Unit]:
+    """Every unit of every input, in a stable order; keys start with the input's id in `ids`."""
+    paths = resolve_inputs(inputs)
+    ids = ids if ids is not None else assign_input_ids(paths, {})
     units: list[Unit] = []
     for path in paths:
-        p = Path(path)
-        if p.is_file():
-            units.append(_tar_unit(str(p.resolve()), str(p.resolve().parent), str(p.resolve())))
-        elif p.is_dir():
-            units.extend(_dir_units(p.resolve(), folder_unit_size))
-        else:
-            raise FileNotFoundError(f"input not found: {spec}")
+        units.extend(_units_of(path, ids[path], folder_unit_size))
     return units
 
 
-def _tar_unit(uri: str, root: str, path: str) -> Unit:
-    rel = os.path.relpath(path, root) if root else os.path.basename(path)
-    prefix = re.sub(r"\.tar$", "", rel)
-    return Unit("tar", uri, prefix)
+def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
+    if "://" in path:
+        fs, local = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(local)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"input not found: {path}")
+        if info.type == pafs.FileType.Directory:
+            files = fs.get_file_info(pafs.FileSelector(local, recursive=True))
+            scheme = path.split("://", 1)[0]
+            tars = sorted((f for f in files if f.path.endswith(".tar")), key=lambda f: f.path)
+            return [_tar_unit(f"{scheme}://{f.path}", input_id, os.path.relpath(f.path, local),
+                              _stamp(f.size, f.mtime_ns)) for f in tars]
+        return [_tar_unit(path, input_id, "", _stamp(info.size, info.mtime_ns))]
+    if os.path.isdir(path):
+        return _dir_units(Path(path), input_id, folder_unit_size)
+    st = os.stat(path)
+    return [_tar_unit(path, input_id, "", _stamp(st.st_size, st.st_mtime_ns))]
 
 
-def _dir_units(root: Path, folder_unit_size: int) -> list[Unit]:
-    """Shards inside a directory are shard units; loose files form folder units."""
+def _stamp(*values: object) -> str:
+    return hashlib.sha1(repr(values).encode()).hexdigest()[:16]
+
+
+def _tar_unit(uri: str, input_id: str, rel: str, stamp: str) -> Unit:
+    """A shard: keys are `<input id>/<shard path in the input, without .tar>/<member key>`."""
+    inner = re.sub(r"\.tar$", "", rel)
+    return Unit("tar", uri, f"{input_id}/{inner}" if inner else input_id, input=input_id, stamp=stamp)
+
+
+def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
+    """Shards inside a directory are shard units; loose files form folder units.
+
+    Every entry is listed, whatever it is (links, FIFOs, devices: read_unit reports those without
+    opening them). Folder units are content-defined chunks of the sorted sample keys, so adding or
+    removing a file changes only the unit it falls in; keys never depend on the chunks.
+    """
     tars, loose = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
+        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if d not in linked)  # never walk out through a link
+        for name in sorted(filenames + linked):
             full = os.path.join(dirpath, name)
-            (tars if name.endswith(".tar") else loose).append(full)
-    units = [_tar_unit(t, str(root), t) for t in tars]
-    # keep a sample's files in one chunk: chunk on sorted keys, not on files
-    by_key: dict[str, list[str]] = {}
+            is_tar = name.endswith(".tar") and os.path.isfile(full) and not os.path.islink(full)
+            (tars if is_tar else loose).append(full)
+    units = [_tar_unit(t, input_id, os.path.relpath(t, root), _file_stamp(t)) for t in tars]
+    by_key: dict[str, list[str]] = {}  # a sample's files stay in one chunk
     for full in loose:
         by_key.setdefault(split_key(os.path.relpath(full, root))[0], []).append(full)
-    keys = sorted(by_key)
-    for start in range(0, len(keys), folder_unit_size):
-        chunk = keys[start : start + folder_unit_size]
+    for chunk in content_defined_chunks(sorted(by_key), folder_unit_size):
         files = [f for k in chunk for f in by_key[k]]
-        units.append(Unit("folder", str(root), f"{root.name}@{start:09d}", files))
+        units.append(Unit("folder", str(root), input_id, files, input=input_id,
+                          stamp=_stamp(*[(os.path.relpath(f, root), _file_stamp(f)) for f in files])))
     return units
+
+
+def _file_stamp(path: str) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "gone"
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def content_defined_chunks(keys: list[str], target: int) -> list[list[str]]:
+    """Cut the sorted keys after each key whose hash falls in 1 of `target` buckets, and after
+    4 x target keys at most (bounded memory): a boundary depends only on the key before it, so a
+    key added or removed moves no boundary elsewhere (content-defined chunking, as in rsync)."""
+    chunks: list[list[str]] = [[]]
+    for key in keys:
+        chunks[-1].append(key)
+        digest = int.from_bytes(hashlib.sha1(key.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+        if digest % max(target, 1) == 0 or len(chunks[-1]) >= 4 * max(target, 1):
+            chunks.append([])
+    return [c for c in chunks if c]
 
 
 # ---- reading samples ----------------------------------------------------------------------
-def read_unit(unit: Unit, max_member_bytes: int) -> Iterator[Sample | tuple[str, str, str]]:
-    """Samples of a unit; unit-level problems come out as (member, kind, message) tuples."""
+def read_unit(unit: Unit, max_member_bytes: int, links_leave_input: bool = True
+              ) -> Iterator[Sample | tuple[str, str, str]]:
+    """Samples of a unit; problems of members that are no sample (a directory entry, a device, a
+    link out of the input) come out as (member, kind, message) tuples.
+
+    links_leave_input: follow a folder's symbolic links whose target is outside the input folder.
+    Ingest passes its option (off by default); later jobs re-read only members ingest accepted.
+    """
     if unit.kind == "tar":
         yield from _read_tar(unit.uri, max_member_bytes)
     else:
-        yield from _read_folder(unit, max_member_bytes)
+        yield from _read_folder(unit, max_member_bytes, links_leave_input)
 
 
 def _open(uri: str):
@@ -139,9 +208,10 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
     try:
         with _open(uri) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
                 name = safe_text(info.name)
+                if not info.isfile():
+                    yield (name, "not_a_regular_file", f"tar member is a {TAR_TYPES.get(info.type, 'special file')}")
+                    continue
                 key, ext = split_key(name)
                 if current is None or key != current.key:
                     if current is not None:
@@ -172,16 +242,49 @@ def _add_member(sample: Sample, ext: str, name: str, size: int, limit: int, read
     sample.member_names[ext] = name
 
 
-def _read_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample | tuple[str, str, str]]:
+def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
+                 ) -> Iterator[Sample | tuple[str, str, str]]:
     root = unit.uri
     samples: dict[str, Sample] = {}
     for full in unit.files:
         rel = safe_text(os.path.relpath(full, root))
-        key, ext = split_key(rel)
-        sample = samples.setdefault(key, Sample(key, {}, {}))
         try:
-            size = os.path.getsize(full)
-            _add_member(sample, ext, rel, size, max_member_bytes, lambda f=full: Path(f).read_bytes())
+            refusal = _refusal(full, root, links_leave_input)
+            if refusal:
+                yield (rel, *refusal)
+                continue
+            key, ext = split_key(rel)
+            sample = samples.setdefault(key, Sample(key, {}, {}))
+            _add_member(sample, ext, rel, os.path.getsize(full), max_member_bytes, lambda f=full: Path(f).read_bytes())
         except OSError as exc:
-            sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
+            key, _ = split_key(rel)
+            samples.setdefault(key, Sample(key, {}, {})).problems.append(
+                (rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     yield from samples.values()
+
+
+def _refusal(full: str, root: str, links_leave_input: bool) -> tuple[str, str] | None:
+    """(kind, message) when a folder entry must not be opened: anything but a regular file (a
+    FIFO would block for ever, a device never ends), or a link out of the input folder."""
+    mode = os.lstat(full).st_mode
+    if stat.S_ISLNK(mode):
+        target = os.path.realpath(full)
+        inside = os.path.commonpath([target, os.path.realpath(root)]) == os.path.realpath(root)
+        if not inside and not links_leave_input:
+            return "link_outside_input", "symbolic link to outside the input folder (ingest.follow_links_out)"
+        mode = os.stat(full).st_mode
+    if not stat.S_ISREG(mode):
+        return "not_a_regular_file", f"folder entry is a {_file_type(mode)}"
+    return None
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+TAR_TYPES = {tarfile.DIRTYPE: "directory", tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+             tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}

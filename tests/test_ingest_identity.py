@@ -1,0 +1,130 @@
+"""Identity: a key is `<input id>/<path in the input>`, never where a file fell in a chunk; a grown
+folder adds exactly its new files, a removed file is reported; every folder entry and tar member
+that is not a regular file is accounted for without being opened."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+from hostile_data import encode, picture
+
+from jobs import ingest
+from jobs.config import load_config
+from jobs.workspace import Workspace
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def ingest_inputs(ws_path, *inputs, unit_size: int = 3) -> tuple:
+    quoted = ", ".join(f'"{i}"' for i in inputs)
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f"ingest.inputs=[{quoted}]",
+                             f"ingest.folder_unit_size={unit_size}"])
+    ws = Workspace(str(ws_path))
+    return ingest.run(cfg, ws), ws
+
+
+def add_image(folder, name: str, seed: int) -> None:
+    picture(seed=seed).save(folder / f"{name}.png")
+    (folder / f"{name}.txt").write_text(f"1girl, tag_{name}")
+
+
+def images_by_key(ws) -> dict[str, str]:
+    rows = ws.read_table("images").to_pylist()
+    assert len(rows) == len({r["key"] for r in rows}), "a key twice"
+    return {r["key"]: r["sha256"] for r in rows}
+
+
+def test_keys_do_not_move_when_a_folder_grows(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(10, 30):
+        add_image(folder, f"img{i}", i)
+    first, ws = ingest_inputs(tmp_path / "ws", folder)
+    before = images_by_key(ws)
+    assert sorted(before) == [f"art/img{i}" for i in range(10, 30)]
+    for name, seed in (("img00", 100), ("img19b", 101), ("img99", 102)):  # front, middle, end
+        add_image(folder, name, seed)
+        summary, ws = ingest_inputs(tmp_path / "ws", folder)
+        now = images_by_key(ws)
+        assert {k: now[k] for k in before} == before  # no key moved, no image changed its key
+        assert set(now) - set(before) == {f"art/{name}"}  # exactly the new file was added
+        assert summary.units_done < first.units_done  # only the unit the file fell in is redone
+        assert len(ws.read_table("source_tags")) == len(now) * 2
+        before = now
+    assert [e for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input"] == []
+
+
+def test_a_removed_file_is_reported_and_its_rows_go(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(12):
+        add_image(folder, f"img{i:02d}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    (folder / "img05.png").unlink()
+    (folder / "img05.txt").unlink()
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert sorted(images_by_key(ws)) == [f"art/img{i:02d}" for i in range(12) if i != 5]
+    assert "art/img05" not in {r["key"] for r in ws.read_table("source_tags").to_pylist()}
+    removed = [e for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input"]
+    assert [(e["key"], e["member"]) for e in removed] == [("art/img05", "img05.png")]
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+
+
+def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
+    for side in ("a", "b"):
+        folder = tmp_path / side / "dup"
+        folder.mkdir(parents=True)
+        for i in range(5):
+            add_image(folder, f"img{i}", i + (10 if side == "b" else 0))
+    _, ws = ingest_inputs(tmp_path / "ws", tmp_path / "a" / "dup", tmp_path / "b" / "dup")
+    keys = images_by_key(ws)
+    assert len(keys) == 10
+    prefixes = sorted({k.split("/", 1)[0] for k in keys})
+    assert prefixes[0] == "dup" and prefixes[1].startswith("dup-")
+    # the ids are the workspace's: ingesting b alone later keeps b's keys
+    _, ws = ingest_inputs(tmp_path / "ws", tmp_path / "b" / "dup")
+    assert images_by_key(ws) == keys
+
+
+def test_folder_entries_that_are_not_regular_files(tmp_path):
+    folder = tmp_path / "art"
+    (folder / "sub").mkdir(parents=True)
+    add_image(folder, "good", 1)
+    secret = tmp_path / "outside.png"
+    picture(seed=2).save(secret)
+    os.symlink(folder / "good.png", folder / "inside_link.png")  # a link inside the input: followed
+    os.symlink(secret, folder / "outside_link.png")  # out of the input: refused
+    os.symlink(folder / "sub", folder / "dir_link")  # a linked directory: not walked
+    os.symlink(tmp_path, folder / "out_dir_link")
+    os.mkfifo(folder / "pipe.png")  # opening it would block for ever
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert sorted(images_by_key(ws)) == ["art/good", "art/inside_link"]
+    errors = {e["key"]: (e["kind"], e["message"]) for e in ws.read_table("errors").to_pylist()}
+    assert errors["art/outside_link"][0] == errors["art/out_dir_link"][0] == "link_outside_input"
+    assert errors["art/pipe"] == ("not_a_regular_file", "folder entry is a FIFO")
+    assert errors["art/dir_link"] == ("not_a_regular_file", "folder entry is a directory")
+
+
+def test_tar_members_that_are_not_regular_files(tmp_path):
+    shard = tmp_path / "odd.tar"
+    png = encode(picture(), "PNG")
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("good.png")
+        info.size = len(png)
+        tar.addfile(info, io.BytesIO(png))
+        for name, kind in (("folder", tarfile.DIRTYPE), ("link.png", tarfile.SYMTYPE), ("hard.png", tarfile.LNKTYPE),
+                           ("tty.png", tarfile.CHRTYPE), ("disk.png", tarfile.BLKTYPE), ("pipe.png", tarfile.FIFOTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "good.png" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            tar.addfile(info)
+    summary, ws = ingest_inputs(tmp_path / "ws", shard)
+    assert sorted(images_by_key(ws)) == ["odd/good"]
+    errors = {e["key"]: e["message"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "not_a_regular_file"}
+    assert errors == {"odd/folder": "tar member is a directory", "odd/link": "tar member is a symbolic link",
+                      "odd/hard": "tar member is a hard link", "odd/tty": "tar member is a character device",
+                      "odd/disk": "tar member is a block device", "odd/pipe": "tar member is a FIFO"}
+    assert summary.rows_out["images"] + summary.dropped == summary.rows_in
