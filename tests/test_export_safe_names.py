@@ -92,7 +92,7 @@ def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
                    .decode("pil"))
     assert len(samples) == images
     keys = {s["json"]["key"] for s in samples}
-    assert "hostile/../escape" in keys and "hostile//abs/path" in keys
+    assert "in/hostile/../escape" in keys and "in/hostile//abs/path" in keys  # <input id>/<member path>
     for sample in samples:
         image = next(sample[e] for e in ("jpg", "png", "webp") if e in sample)
         assert max(image.size) <= 64 and image.size == (sample["json"]["width"], sample["json"]["height"])
