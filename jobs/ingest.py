@@ -110,7 +110,8 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
     opts = cfg["ingest"]
     items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
               "input": u.input} for u in units]
-    options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes")}
+    options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes",
+                                             "max_tag_chars", "max_tags", "max_text_chars")}
     options["follow_links_out"] = bool(opts["follow_links_out"])
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(

@@ -3,24 +3,26 @@
 --   1. the overlap table (tag_overlap: long_hair <- very_long_hair, ...), and
 --   2. any tag that is a substring of another tag of the image (shirt <- white_shirt; like
 --      imgutils this is a plain substring test: hat <- hatsune_miku too).
--- Rule 2 is computed once over the vocabulary (every substring of every tag, joined back to
--- the vocabulary), so that per-image pruning is an equi-join instead of a pairwise
--- `contains` over ~900 tag pairs per image.
+-- Rule 2 is computed once over the vocabulary, so that per-image pruning is an equi-join
+-- instead of a pairwise `contains` over ~900 tag pairs per image. Only tags can be substrings:
+-- each tag is cut into windows of the lengths that vocabulary tags have (not every substring
+-- of every length), and a window is kept when it equals a tag. The cost is bounded by tag
+-- length x distinct tag lengths per tag (ingest bounds both by max_tag_chars), whatever the data.
 with general_tags as (
-    select tag from tag_vocabulary where category = 'general'
+    select tag, length(tag) as len from tag_vocabulary where category = 'general'
 ),
-starts as (
-    select tag as implied_by, unnest(range(1, length(tag) + 1)) as start_at from general_tags
+tag_lengths as (
+    select distinct len from general_tags
 ),
-substrings as (
-    select implied_by, substr(implied_by, start_at, unnest(range(1, length(implied_by) - start_at + 2))) as tag
-    from starts
+windows as (
+    select g.tag as implied_by, l.len, unnest(range(1, g.len - l.len + 2)) as start_at
+    from general_tags g
+    join tag_lengths l on l.len < g.len
 ),
 substring_pairs as (
-    select distinct s.tag, s.implied_by
-    from substrings s
-    join general_tags g on g.tag = s.tag
-    where s.tag <> s.implied_by
+    select distinct g.tag, w.implied_by
+    from windows w
+    join general_tags g on g.len = w.len and g.tag = substr(w.implied_by, w.start_at, w.len)
 ),
 overlap_pairs as (
     select o.tag, o.implied_by

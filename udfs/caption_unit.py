@@ -141,11 +141,8 @@ class UnitCaptioner:
             results = self.caption([todo[i] for i in pending], hints, drafts, attempt)
             done = []
             for i, hint, result in zip(pending, hints, results, strict=True):
-                if isinstance(result, str) and result.strip():
+                if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
                     done.append((i, hint.seed, result.strip(), self.backend_name(todo[i])))
-                else:
-                    kind = getattr(result, "kind", "empty_caption") if result is not None else "empty_caption"
-                    errors.append(self._error(todo[i], kind, f"attempt {attempt}: {result or 'empty reply'}"))
             for row in self._scored(done, attempt, todo, references, people, names):
                 attempts.append(row)
                 best[row["_i"]] = max(best.get(row["_i"], -1.0), row["accuracy"])
@@ -153,7 +150,7 @@ class UnitCaptioner:
             if not pending:
                 break
         if self.rewriter is not None:
-            attempts += self._rewrites(attempts, todo, references, people, names)
+            attempts += self._rewrites(attempts, todo, references, people, names, errors)
         for i, r in enumerate(todo):
             if i not in best:
                 errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
@@ -185,14 +182,14 @@ class UnitCaptioner:
                          "accepted": False})
         return rows
 
-    def _rewrites(self, attempts, todo, references, people, names) -> list[dict]:
+    def _rewrites(self, attempts, todo, references, people, names, errors) -> list[dict]:
         best = _best_rows(attempts)
         chosen = [best[i] for i in sorted(best)]
         keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
         results = self.rewriter.rewrite([r["caption"] for r in chosen], keep)
         done = []
         for r, result in zip(chosen, results, strict=True):
-            if isinstance(result, str) and result.strip():
+            if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
                 done.append((r["_i"], r["seed"], result.strip(), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
         rows = self._scored(done, attempt, todo, references, people, names)
@@ -200,6 +197,19 @@ class UnitCaptioner:
         for row in rows:  # a shorter caption may lose a little accuracy and still win
             row["_bonus"] = tolerance
         return rows
+
+    def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict]) -> bool:
+        """A non-empty caption within max_caption_chars; else an errors row saying why not."""
+        limit = int(self.opts["max_caption_chars"])
+        if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
+            return True
+        if isinstance(result, str) and result.strip():
+            errors.append(self._error(row, "caption_too_long",
+                                      f"{what}: {len(result.strip())} characters > max_caption_chars {limit}"))
+        else:
+            kind = getattr(result, "kind", "empty_caption") if result is not None else "empty_caption"
+            errors.append(self._error(row, kind, f"{what}: {result or 'empty reply'}"))
+        return False
 
     def _accept(self, attempts: list[dict]) -> list[dict]:
         for row in _best_rows(attempts).values():

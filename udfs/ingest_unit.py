@@ -52,6 +52,7 @@ class UnitRows:
         self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.samples = 0
         self.bytes = 0
+        self.tag_counts: Counter[str] = Counter()  # tags kept per key, for max_tags
 
     def add(self, item: Sample | tuple[str, str, str], options: dict) -> None:
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
@@ -89,8 +90,7 @@ class UnitRows:
             return
         texts = probed.pop("texts")
         self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member, **probed})
-        for kind, text in texts:
-            self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
+        self.add_texts(key, member, texts, options)
         for other in sample.members:
             if other in IMAGE_EXTENSIONS and other != ext:
                 self.error(key, sample.member_names[other], "extra_image",
@@ -113,12 +113,37 @@ class UnitRows:
         except SidecarError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=False)
             return
-        for position, (tag, category) in enumerate(tags):
+        for position, (tag, category) in enumerate(self.bounded_tags(key, member, tags, options)):
             self.tables["source_tags"].append(
                 {"key": key, "tag": tag, "category": category, "origin": origin, "position": position}
             )
+        self.add_texts(key, member, texts, options)
+
+    def bounded_tags(self, key: str, member: str, tags: list[tuple[str, str]], options: dict) -> list[tuple[str, str]]:
+        """The tags within max_tag_chars, at most max_tags per image; one errors row per kind of excess.
+        Every later stage (curate's substring rule, captions) is bounded by these two numbers."""
+        limit = options["max_tag_chars"]
+        long = [t for t, _ in tags if len(t) > limit]
+        if long:
+            self.error(key, member, "tag_too_long", f"{len(long)} tags longer than max_tag_chars {limit} left out "
+                       f"(the first starts {long[0][:40]!r}, {len(long[0])} characters)", dropped=False)
+        tags = [(t, c) for t, c in tags if len(t) <= limit]
+        room = max(0, options["max_tags"] - self.tag_counts[key])
+        if len(tags) > room:
+            self.error(key, member, "too_many_tags", f"{self.tag_counts[key] + len(tags)} tags > max_tags "
+                       f"{options['max_tags']}: the last {len(tags) - room} left out", dropped=False)
+            tags = tags[:room]
+        self.tag_counts[key] += len(tags)
+        return tags
+
+    def add_texts(self, key: str, member: str, texts: list[tuple[str, str]], options: dict) -> None:
+        limit = options["max_text_chars"]
         for kind, text in texts:
-            self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
+            if len(text) > limit:
+                self.error(key, member, "text_too_long", f"{kind} of {len(text)} characters > max_text_chars "
+                           f"{limit}; left out", dropped=False)
+            else:
+                self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
 
     def error(self, key: str, member: str, kind: str, message: str, dropped: bool) -> None:
         self.tables["errors"].append({"key": key, "source": self.unit.uri, "member": member, "stage": "ingest",
