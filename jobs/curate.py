@@ -106,11 +106,12 @@ def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -
     con.execute("create or replace table embedding_buckets as select * from embedding_buckets_arrow")
     con.unregister("embedding_buckets_arrow")
     run_model(con, "061_embedding_pairs", params)
-    components = near_duplicates.components(con, ["phash_pairs", "embedding_pairs"])
+    run_model(con, "062_exact_pairs", params)
+    components = near_duplicates.components(con, ["phash_pairs", "embedding_pairs", "exact_pairs"])
     con.register("duplicate_components_arrow", components)
     con.execute("create or replace table duplicate_components as select * from duplicate_components_arrow")
     con.unregister("duplicate_components_arrow")
-    run_model(con, "062_duplicates", params)
+    run_model(con, "063_duplicates", params)
 
 
 def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
@@ -155,6 +156,7 @@ def sql_params(opts: dict) -> dict:
         "person_label": str(opts["person_label"]),
         "person_threshold": float(opts["person_threshold"]),
         "phash_distance": distance,
+        "phash_min_detail": float(opts["phash_min_detail"]),
         **phash_bands(distance),
         "embedding_similarity": float(opts["embedding_similarity"]),
         "embedding_model": str(opts["embedding_model"]),

@@ -26,6 +26,11 @@ images = pa.schema(
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("phash", pa.uint64()),  # 64-bit DCT perceptual hash (imagehash.phash)
+        # standard deviation of the 32x32 grey image the pHash is made from: near 0 for flat
+        # images, whose pHash says nothing (curate.phash_min_detail)
+        ("detail", pa.float32()),
+        # 2x2 grid of mean RGB, 4 bits a channel: what flat images are compared by instead
+        ("colour", pa.uint64()),
     ]
 )
 
@@ -127,7 +132,7 @@ duplicates = pa.schema(
         ("key", pa.string()),
         ("dup_group", pa.string()),  # key of the group's representative
         ("is_representative", pa.bool_()),
-        ("reason", pa.string()),  # phash, embedding
+        ("reason", pa.string()),  # identical, phash, colour, embedding
     ]
 )
 

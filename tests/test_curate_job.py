@@ -9,7 +9,7 @@ from jobs import curate
 
 
 def _workspace_with(ws, tag: str):
-    ws.write_part("images", "p", image_rows(["a", "b"], phash=7))
+    ws.write_part("images", "p", image_rows(["a", "b"], phash=0x0123_4567_89AB_CDEF))
     ws.write_part("source_tags", "p", source_rows("a", ["1girl", tag]) + source_rows("b", ["1girl", tag]))
     ws.write_part("detections", "p", [face_row("a", 0.1, 0.1, 0.3, 0.3)])
 

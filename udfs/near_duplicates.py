@@ -1,6 +1,6 @@
 """The non-SQL parts of near-duplicate detection: LSH buckets of embeddings, connected components.
 
-Pairs come from SQL (sql/060_phash_pairs.sql, sql/061_embedding_pairs.sql); grouping the pairs
+Pairs come from SQL (sql/060_phash_pairs.sql, 061_embedding_pairs.sql, 062_exact_pairs.sql); grouping the pairs
 into near-duplicate groups is a connected-components problem, which scipy solves in linear
 time (SQL would need an iterative label propagation).
 """

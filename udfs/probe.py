@@ -8,6 +8,7 @@ import json
 import warnings
 
 import imagehash
+import numpy as np
 from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
 from PIL import Image, UnidentifiedImageError
 
@@ -39,7 +40,7 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        row["phash"] = _phash(image)  # first: JPEG draft mode must precede any pixel access
+        row.update(_hashes(image))  # first: JPEG draft mode must precede any pixel access
         texts = embedded_texts(image)
     row["texts"] = texts
     return row
@@ -64,18 +65,27 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _phash(image: Image.Image) -> int:
-    """64-bit DCT hash of the first frame; decoding it also proves the file is whole."""
+def _hashes(image: Image.Image) -> dict:
+    """pHash, detail and colour signature of the first frame; decoding it also proves the file is whole."""
     try:
         if image.format == "JPEG":
             image.draft("RGB", PHASH_DRAFT_SIZE)
         image.load()
-        bits = imagehash.phash(_reduced(_hashable(image))).hash.flatten()
+        small = _reduced(_hashable(image))
+        # imagehash.phash resizes to 32x32 grey with Lanczos itself; doing it here first gives the
+        # same hash (a same-size resize is a copy) and the pixels the detail is measured on
+        grey = small.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+        bits = imagehash.phash(grey).hash.flatten()
+        colour = small.convert("RGB").resize((2, 2), Image.Resampling.BOX)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
         kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
         raise ProbeError(kind, f"{type(exc).__name__}: {text}") from exc
-    return int("".join("1" if b else "0" for b in bits), 2)
+    signature = 0
+    for value in np.asarray(colour, dtype=np.uint8).flatten():  # 12 values, 4 bits each
+        signature = (signature << 4) | (int(value) >> 4)
+    return {"phash": int("".join("1" if b else "0" for b in bits), 2),
+            "detail": float(np.asarray(grey, dtype=np.float32).std()), "colour": signature}
 
 
 def _reduced(image: Image.Image) -> Image.Image:

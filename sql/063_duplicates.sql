@@ -1,0 +1,38 @@
+-- duplicates: every image in a near-duplicate group (duplicate_components: key, component,
+-- from the connected components of phash_pairs, embedding_pairs and exact_pairs), with its
+-- group's representative: the largest image (width x height, then bytes), then the first key.
+-- reason: the strongest evidence the image is in: identical (same bytes), phash, colour (flat
+-- images of one colour), else embedding.
+with members as (
+    select d.key, d.component, i.width, i.height, i.bytes
+    from duplicate_components d
+    left join images i on i.key = d.key
+),
+representatives as (
+    select component, key as representative
+    from (
+        select component, key, row_number() over (
+            partition by component
+            order by coalesce(width, 0)::bigint * coalesce(height, 0) desc, coalesce(bytes, 0) desc, key
+        ) as place
+        from members
+    )
+    where place = 1
+),
+evidence as (
+    select key_a as key, reason from exact_pairs
+    union select key_b, reason from exact_pairs
+    union select key_a, 'phash' from phash_pairs
+    union select key_b, 'phash' from phash_pairs
+),
+strongest as (
+    select key, min(case reason when 'identical' then 1 when 'phash' then 2 else 3 end) as strength
+    from evidence
+    group by key
+)
+select m.key, r.representative as dup_group, m.key = r.representative as is_representative,
+       case s.strength when 1 then 'identical' when 2 then 'phash' when 3 then 'colour' else 'embedding' end
+           as reason
+from members m
+join representatives r on r.component = m.component
+left join strongest s on s.key = m.key
