@@ -156,7 +156,8 @@ def repeats_of(multiply: float) -> int:
 def sample_plan(row: dict, opts: dict) -> dict:
     width, height = int(row["width"] or 0), int(row["height"] or 0)
     size = target_size(width, height, opts) if width and height else (width, height)
-    reencode = needs_reencode(row["format"], width, height, size)
+    orientation = int(row["orientation"] or 1)
+    reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
     caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
     txt = caption or tag_text(row["tags"], bool(opts["tag_underscores"]))
@@ -172,12 +173,15 @@ def sample_plan(row: dict, opts: dict) -> dict:
         "quality_tags": row["quality_tags"], "group": row["group"],
         "multiply": float(row["multiply"]), "repeats": repeats,
         "width": size[0], "height": size[1], "original_width": width, "original_height": height,
+        # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
+        "orientation": 1 if reencode else orientation,
     }
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
     return {
         "key": row["key"], "member": row["member"], "name": safe_name(row["key"]), "size": list(size),
-        "reencode": reencode, "crop": bool(opts["buckets"]), "ext": ext, "txt": txt, "json": meta_text,
+        "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
+        "txt": txt, "json": meta_text,
         "multiply": float(row["multiply"]), "repeats": repeats,
         "kohya": f"{repeats}_{safe_folder(concept)}",
         "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",

@@ -28,6 +28,7 @@ from jobs.config import REPO, Config, ConfigError  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from jobs.workspace import Workspace  # noqa: E402
 from udfs.export_shard import atomic_write  # noqa: E402
+from udfs.orientation import upright  # noqa: E402
 from udfs.safe_names import safe_name  # noqa: E402
 from udfs.sources import Unit, read_unit  # noqa: E402
 
@@ -198,6 +199,7 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
 def thumbnail(data: bytes, size: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)
+        image = upright(image)
         image.thumbnail((size, size))
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, "white")

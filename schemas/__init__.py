@@ -18,11 +18,14 @@ images = pa.schema(
         ("key", pa.string()),  # "<source stem>/<sample key>": unique across sources
         ("source", pa.string()),  # shard path or folder the sample came from
         ("member", pa.string()),  # image member name inside the shard / file in the folder
-        ("width", pa.int32()),
+        ("width", pa.int32()),  # as displayed (EXIF orientation applied)
         ("height", pa.int32()),
         ("format", pa.string()),  # Pillow format: JPEG, PNG, WEBP, GIF, ...
         ("mode", pa.string()),  # Pillow mode: RGB, RGBA, P, CMYK, I;16, ...
         ("n_frames", pa.int32()),
+        # EXIF orientation (1..8, 1 when absent); width and height are as displayed, i.e. swapped
+        # from the stored pixels for 5..8
+        ("orientation", pa.int32()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("phash", pa.uint64()),  # 64-bit DCT perceptual hash (imagehash.phash)
@@ -200,6 +203,7 @@ export_manifest = pa.schema(
         ("height", pa.int32()),
         ("image_bytes", pa.int64()),
         ("reencoded", pa.bool_()),  # false: the original bytes
+        ("orientation", pa.int32()),  # EXIF orientation the exported bytes carry (1: upright)
         ("multiply", pa.float64()),
         ("repeats", pa.int32()),
         ("unit", pa.string()),

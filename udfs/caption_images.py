@@ -15,6 +15,8 @@ from collections import defaultdict
 import pyarrow.fs as pafs
 from PIL import Image
 
+from udfs.orientation import upright
+
 
 def read_members(sources: list[str], members: list[str]) -> list[bytes | None]:
     """Raw bytes of each (source, member); None where it cannot be read. Each shard is opened once."""
@@ -60,6 +62,7 @@ def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
     """The image as RGB JPEG whose longer side is at most `max_side` (transparency on white)."""
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size directly
+        image = upright(image)  # the model sees what a person sees
         image = image.convert("RGBA") if image.mode in ("P", "LA", "RGBA", "PA") else image.convert("RGB")
         if image.mode == "RGBA":
             white = Image.new("RGB", image.size, "white")

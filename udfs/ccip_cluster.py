@@ -217,6 +217,7 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
 
     from udfs.ccip import CcipFeatures
     from udfs.images import ccip_input, to_rgb_on_white
+    from udfs.orientation import upright
 
     files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() for f in sorted(d.iterdir())
                    if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -227,7 +228,7 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
     images = []
     for _character, file in files:
         with Image.open(file) as image:
-            images.append(ccip_input(to_rgb_on_white(image), size))
+            images.append(ccip_input(to_rgb_on_white(upright(image)), size))
     vectors = model.features(np.stack(images)).astype(np.float32)
     return pa.table({"character": [c for c, _ in files],
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])},

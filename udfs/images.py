@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from udfs.orientation import upright
+
 # CCIP's normalisation (imgutils.metrics.ccip._normalize: CLIP mean and std, float64).
 CCIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
 CCIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711))
@@ -29,7 +31,7 @@ def decode(data: bytes, draft_size: int = 0) -> Image.Image:
     if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
         image.draft(image.mode, (draft_size, draft_size))
     image.load()
-    return image
+    return upright(image)
 
 
 def has_alpha(image: Image.Image) -> bool:

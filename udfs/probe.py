@@ -12,6 +12,8 @@ import numpy as np
 from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
 from PIL import Image, UnidentifiedImageError
 
+from udfs.orientation import exif_orientation
+
 # The hash needs 32x32 pixels: decoding a JPEG at 1/8 scale (draft mode) still reads and
 # checks the whole stream, at a fraction of the cost of a full decode.
 PHASH_DRAFT_SIZE = (256, 256)
@@ -31,12 +33,15 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
         raise ProbeError("empty_file", "zero-byte image member")
     image = _open_checked(data, max_pixels)
     with image:
+        orientation = exif_orientation(image)
+        width, height = (image.height, image.width) if orientation >= 5 else (image.width, image.height)
         row = {
-            "width": image.width,
-            "height": image.height,
+            "width": width,
+            "height": height,
             "format": image.format or "",
             "mode": image.mode,
             "n_frames": int(getattr(image, "n_frames", 1)),
+            "orientation": orientation,
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }

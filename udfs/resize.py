@@ -12,6 +12,8 @@ from functools import lru_cache
 
 from PIL import Image
 
+from udfs.orientation import exif_orientation, upright
+
 # Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
@@ -60,17 +62,22 @@ def output_extension(fmt: str) -> str:
     return PASSTHROUGH.get((fmt or "").upper(), "png")
 
 
-def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int]) -> bool:
-    return (fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target)
+def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], turned: bool = False) -> bool:
+    """Whether the exported image is re-encoded: a format trainers do not read, another size,
+    or stored pixels that must be turned upright (`turned`: EXIF orientation to apply)."""
+    return (fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target) or turned
 
 
 def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool) -> bytes:
     """Decode, resize with Lanczos (cover + centre crop for buckets), encode as `ext`."""
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)  # first frame of animations
+        turned = exif_orientation(image) >= 5  # target is as displayed; the stored pixels are turned
         if image.format == "JPEG":
-            image.draft(image.mode, tuple(target))  # DCT-domain downscale, never below the target size
+            # DCT-domain downscale, never below the target size
+            image.draft(image.mode, tuple(reversed(target)) if turned else tuple(target))
         image.load()
+        image = upright(image)  # re-encoded images are upright and carry no orientation tag
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
         width, height = target
