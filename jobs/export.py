@@ -156,7 +156,7 @@ def repeats_of(multiply: float) -> int:
 def sample_plan(row: dict, opts: dict) -> dict:
     width, height = int(row["width"] or 0), int(row["height"] or 0)
     size = target_size(width, height, opts) if width and height else (width, height)
-    orientation = int(row["orientation"] or 1)
+    orientation = int(row.get("orientation") or 1)
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
     caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
