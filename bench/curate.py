@@ -61,10 +61,10 @@ def write_data(ws: Workspace, n_images: int, n_tags: int, n_crops: int, seed: in
     for start in range(0, n_images, CHUNK):
         n = min(CHUNK, n_images - start)
         keys = np.array([f"bench/{i:08d}" for i in range(start, start + n)])
-        ws.write_part("images", f"b{start}", images_chunk(rng, keys))
-        ws.write_part("source_tags", f"b{start}", tags_chunk(rng, keys, general, probs, characters, n_tags))
-        ws.write_part("detections", f"b{start}", faces_chunk(rng, keys))
-    ws.write_part("embeddings", "b", crops(rng, n_images, n_crops))
+        ws.add_part("images", f"b{start}", images_chunk(rng, keys))
+        ws.add_part("source_tags", f"b{start}", tags_chunk(rng, keys, general, probs, characters, n_tags))
+        ws.add_part("detections", f"b{start}", faces_chunk(rng, keys))
+    ws.add_part("embeddings", "b", crops(rng, n_images, n_crops))
     return origin
 
 

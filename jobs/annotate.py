@@ -10,6 +10,7 @@ model of the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -88,7 +89,8 @@ def input_column(spec: dict) -> str:
 
 # ---- units ---------------------------------------------------------------------------------
 def units_of(ws: Workspace) -> list[dict]:
-    """One unit per source of `images`, members sorted by key (stable across runs)."""
+    """One unit per source of `images`, members sorted by key; its id says what it holds (a
+    folder that grew is a new unit, and the old one is retired)."""
     by_source: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for path in ws.part_files("images"):
         part = pq.read_table(path, columns=["key", "source", "member"], filesystem=ws.fs)
@@ -98,7 +100,8 @@ def units_of(ws: Workspace) -> list[dict]:
     for source in sorted(by_source):
         rows = sorted(by_source[source])
         kind = "tar" if source.endswith(".tar") else "folder"
-        units.append({"unit": unit_id(source), "source": source, "kind": kind,
+        stamp = hashlib.sha1("\x00".join(k + "\x00" + m for k, m in rows).encode("utf-8", "surrogateescape"))
+        units.append({"unit": unit_id(source, stamp.hexdigest()), "source": source, "kind": kind,
                       "keys": [k for k, _ in rows], "members": [m for _, m in rows]})
     return units
 
@@ -111,8 +114,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         names = ", ".join(line.split(":", 1)[0] for line in skipped)
         print(f"annotate: skipping {names}: model files not here (how to get them: the summary below)", flush=True)
     models = sorted(spec["model"] for spec in specs.values())
+    ws.begin_job()
     units = units_of(ws)
-    done = ws.done_units(JOB)
+    done = retire_stale_units(ws, {u["unit"] for u in units})
     pending = [u for u in units if not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
     print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run; "
           f"models: {', '.join(models) or 'none'}", flush=True)
@@ -121,11 +125,20 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     pending_ids = {u["unit"] for u in pending}
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids]
     if pending and specs:
-        infos += Pipeline(cfg, ws, specs).run(pending)
+        infos += Pipeline(cfg, ws, specs, done).run(pending)
     _fill_summary(summary, infos, specs)
     summary.seconds = time.perf_counter() - started
-    ws.refresh_catalog()
+    ws.publish()
     return summary
+
+
+def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
+    """Forget the markers of units no longer planned (their images changed); the next publish
+    drops their rows. The markers of current units."""
+    done = ws.done_units(JOB)
+    for unit in set(done) - current:
+        ws.forget_unit(JOB, unit)
+    return {unit: info for unit, info in done.items() if unit in current}
 
 
 def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]) -> None:
@@ -149,8 +162,8 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
 class Pipeline:
     """The Ray Data pipeline of one annotate run and the per-unit commits in the driver."""
 
-    def __init__(self, cfg: Config, ws: Workspace, specs: dict[str, dict]) -> None:
-        self.cfg, self.ws, self.specs = cfg, ws, specs
+    def __init__(self, cfg: Config, ws: Workspace, specs: dict[str, dict], done: dict[str, dict]) -> None:
+        self.cfg, self.ws, self.specs, self.done = cfg, ws, specs, done
         self.opts = cfg[JOB]
 
     def run(self, units: list[dict]) -> list[dict]:
@@ -229,12 +242,17 @@ class Pipeline:
         """Write the unit's parts (one per model) and its state marker."""
         rows.sort(key=lambda r: str(r["key"]))
         tables = UnitTables(self.specs, rows)
+        parts = defaultdict(set)
         for (table, name), part in tables.parts.items():
             self.ws.write_part(table, f"{JOB}-{unit}-{name}", part)
+            parts[table].add(f"{JOB}-{unit}-{name}")
         info = tables.info()
-        previous = self.ws.done_units(JOB).get(unit, {}).get("models", [])
-        info["models"] = sorted(set(previous) | {s["model"] for s in self.specs.values()})
-        self.ws.commit_unit(JOB, unit, info)
+        previous = self.done.get(unit, {})
+        info["models"] = sorted(set(previous.get("models", [])) | {s["model"] for s in self.specs.values()})
+        for table, names in previous.get("parts", {}).items():  # parts of models run before stay
+            parts[table].update(names)
+        self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
+        self.ws.publish_now_and_then()
         return info
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
+import uuid
 
 import pyarrow as pa
 import ray
@@ -32,7 +32,8 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
-                "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories")
+                "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
+                "max_caption_chars")
 
 
 def sql_text(name: str) -> str:
@@ -45,6 +46,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["backend"] not in BACKENDS:
         raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
     summary = JobSummary("caption")
+    ws.begin_job()
     if opts["tags_from_text"]:
         from udfs.caption_tags import tags_from_text
 
@@ -62,10 +64,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         infos += run_units(cfg, ws, pending)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
+    ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
         summary.rows_out["tag_suggestions"] = related_tags(ws, opts)
     summary.seconds = time.perf_counter() - started
-    ws.refresh_catalog()
     return summary
 
 
@@ -99,15 +101,11 @@ def plan_units(inputs: pa.Table, opts: dict) -> list[tuple[str, pa.Table]]:
 
 
 def remove_stale(ws: Workspace, current: set[str]) -> None:
-    """Parts and markers of units that are no longer planned (inputs or options changed)."""
-    for path in ws.part_files("captions"):
-        part = Path(path).stem
-        if part not in current:
-            ws.delete_part("captions", part)
-            ws.delete_part("errors", f"caption-{part}")
+    """Forget the markers of units that are no longer planned (inputs or options changed): the
+    next publish drops their rows, the next job's start deletes their files."""
     for unit in ws.done_units("caption"):
         if unit not in current:
-            ws.fs.delete_file(f"{ws.state_dir('caption')}/{unit}.json")
+            ws.forget_unit("caption", unit)
 
 
 def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> list[dict]:
@@ -128,7 +126,7 @@ def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> 
                         fn_constructor_kwargs={"workspace": ws.root, "options": opts},
                         compute=ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units)))),
                         num_cpus=float(opts["num_cpus"]))
-    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]))
+    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]), ws.publish_now_and_then)
 
 
 def captioner_class(backend: str) -> type:
@@ -165,5 +163,7 @@ def related_tags(ws: Workspace, opts: dict) -> int:
             "top_k": int(opts["related_top_k"])}).to_arrow_table()
     finally:
         con.close()
-    ws.write_part("tag_suggestions", "pmi", table)
+    part = f"pmi-{uuid.uuid4().hex[:12]}"  # a new file each run: readers of the last one keep it
+    ws.write_part("tag_suggestions", part, table)
+    ws.publish({"caption:related_tags": {"tag_suggestions": [part]}})
     return table.num_rows

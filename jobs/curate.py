@@ -7,8 +7,8 @@ LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of
 
 Curate is a global job: each run rebuilds its six tables. Intermediate tables live in a DuckDB
 database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
-written as hidden Parquet parts of a new generation, and a commit marker makes the generation
-count: see `publish` for how a killed run never leaves half of the tables new and half old.
+written as new Parquet parts, and one publish makes all six visible at once (the workspace's
+published generation): a killed run leaves the old tables as they were, never half of each.
 """
 
 from __future__ import annotations
@@ -21,21 +21,20 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace
+from jobs.workspace import Workspace, fault_point
 from udfs import ccip_cluster, near_duplicates, tag_rules
 from udfs.model_files import ModelUnavailable, optional_file
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
 OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
-COMMIT_UNIT = "commit"  # state/curate/commit.json: the generation being published
+OWNER = "curate"  # the owner of curate's parts in the published generation
 IMAGES_PER_PARTITION = 250_000
 ROWS_PER_FILE = 4_000_000
 
@@ -43,7 +42,7 @@ ROWS_PER_FILE = 4_000_000
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = cfg["curate"]
-    finish_publish(ws)
+    ws.begin_job()
     summary = JobSummary("curate", units_done=1)
     with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
@@ -57,8 +56,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
             summary.rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
         finally:
             con.close()
-    publish(ws, generation, files)
-    ws.refresh_catalog()
+    ws.publish({OWNER: files})
     summary.seconds = time.perf_counter() - started
     summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in timings.items()))
     return summary
@@ -188,8 +186,9 @@ def open_database(path: Path, opts: dict) -> duckdb.DuckDBPyConnection:
 def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     if not ws.local:
         con.execute("install httpfs; load httpfs")
+    published = ws.published()["tables"]  # one generation for all inputs
     for name in INPUTS:
-        con.execute(ws.view_sql(name))
+        con.execute(ws.view_sql(name, published.get(name, [])))
 
 
 def tag_list_path(cfg: Config) -> str:
@@ -246,67 +245,29 @@ def fh_ratio_bins(edges: list[float]) -> pa.Table:
     })
 
 
-# ---- atomic publication ---------------------------------------------------------------------
+# ---- outputs ---------------------------------------------------------------------------------
 def export_table(con: duckdb.DuckDBPyConnection, ws: Workspace, name: str, generation: str) -> list[str]:
-    """Stream one result table into hidden Parquet parts (invisible to readers until published)."""
+    """Stream one result table into new Parquet parts (their names), invisible to readers
+    until published."""
     schema = schemas.TABLES[name]
     folder = ws.table_dir(name)
     ws.fs.create_dir(folder, recursive=True)
     reader = con.sql(f'select {", ".join(_quoted(schema.names))} from "{name}"').to_arrow_reader(500_000)
-    files: list[str] = []
+    parts: list[str] = []
     writer, rows = None, 0
     for batch in reader:
         if writer is None or rows >= ROWS_PER_FILE:
             if writer is not None:
                 writer.close()
-            files.append(f"{folder}/.curate-{generation}-{len(files):05d}.parquet")
-            writer = pq.ParquetWriter(files[-1], schema, filesystem=ws.fs, compression="zstd")
+            parts.append(f"curate-{generation}-{len(parts):05d}")
+            writer = pq.ParquetWriter(f"{folder}/{parts[-1]}.parquet", schema, filesystem=ws.fs, compression="zstd")
             rows = 0
         writer.write_table(schemas.conform(pa.Table.from_batches([batch]), name))
         rows += batch.num_rows
     if writer is not None:
         writer.close()
-    return files
-
-
-def publish(ws: Workspace, generation: str, files: dict[str, list[str]]) -> None:
-    """Make a generation the visible one, all tables at once.
-
-    1. its parts are already written under hidden names (.curate-<generation>-*);
-    2. state/curate/commit.json is written atomically: from this moment the generation counts;
-    3. hidden parts are renamed to visible names and the old parts deleted (roll forward);
-    4. the marker is removed.
-    A run killed before 2 leaves the old tables intact (its hidden parts are swept by the next
-    run); a run killed after 2 is completed by `finish_publish` at the start of the next run.
-    """
-    ws.commit_unit("curate", COMMIT_UNIT, {"generation": generation, "files": files})
-    finish_publish(ws)
-
-
-def finish_publish(ws: Workspace) -> None:
-    """Roll a committed generation forward; sweep parts of runs that never committed."""
-    pending = ws.done_units("curate").get(COMMIT_UNIT)
-    for name in OUTPUTS:
-        folder = ws.table_dir(name)
-        infos = ws.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        if pending:
-            for hidden in pending["files"].get(name, []):
-                if ws.fs.get_file_info(hidden).type != pafs.FileType.NotFound:
-                    ws.fs.move(hidden, _visible(hidden))
-            keep = {_visible(f) for f in pending["files"].get(name, [])}
-            for info in infos:
-                if info.is_file and not info.base_name.startswith(".") and info.path not in keep:
-                    ws.fs.delete_file(info.path)
-        for info in infos:
-            if info.is_file and info.base_name.startswith(".curate-") and ws.fs.get_file_info(info.path).is_file:
-                ws.fs.delete_file(info.path)  # hidden parts of a run that never committed
-    if pending:
-        ws.fs.delete_file(f"{ws.state_dir('curate')}/{COMMIT_UNIT}.json")
-
-
-def _visible(hidden: str) -> str:
-    folder, base = hidden.rsplit("/", 1)
-    return f"{folder}/{base[1:]}"
+    fault_point("BOORUSET_KILL_AFTER_CURATE_PARTS")
+    return parts
 
 
 def _quoted(names: list[str]) -> list[str]:

@@ -78,6 +78,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     out = out_dir(cfg, ws)
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
+    ws.begin_job()
     total, selection = load_selection(ws, opts)
     units = plan_units(selection, opts, out, int(cfg["ingest"]["folder_unit_size"]))
     remove_stale(ws, out, {u["unit"] for u in units})
@@ -88,6 +89,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     if pending:
         infos += run_units(cfg, ws, out, pending)
+    ws.publish()
     manifest = write_manifest(ws, out, {u["unit"] for u in units})
     shards = write_wids_index(out, units, manifest) if "webdataset" in opts["formats"] else 0
     summary = JobSummary(JOB, rows_in=selection.num_rows, units_done=len(pending),
@@ -97,7 +99,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.notes.append(f"left out before export: {total - selection.num_rows} of {total} images "
                          f"(duplicates, flagged captions, export.where)")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
-    ws.refresh_catalog()
     return summary
 
 
@@ -253,7 +254,7 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     ds = ds.map_batches(export_units, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
                         fn_kwargs={"workspace": ws.root, "out": out, "options": options})
     progress = Progress(JOB, sum(len(u["samples"]) for u in units), units=len(units))
-    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]))
+    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]), ws.publish_now_and_then)
 
 
 def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:
@@ -269,12 +270,7 @@ def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:
                 path = os.path.join(out, relative)
                 if os.path.isfile(path):
                     os.remove(path)
-        ws.delete_part("export_manifest", unit)
-        ws.delete_part("errors", f"export-{unit}")
-        ws.fs.delete_file(f"{ws.state_dir(JOB)}/{unit}.json")
-    for path in ws.part_files("export_manifest"):  # parts of units killed before their commit
-        if Path(path).stem not in current:
-            ws.delete_part("export_manifest", Path(path).stem)
+        ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
 
 
 def write_manifest(ws: Workspace, out: str, current: set[str]) -> pa.Table:

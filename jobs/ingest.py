@@ -12,7 +12,7 @@ from jobs.config import SAMPLE_SHARDS, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, unit_id
-from udfs.ingest_unit import TABLES, ingest_units
+from udfs.ingest_unit import ingest_units
 from udfs.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
 
@@ -50,7 +50,8 @@ def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     units = plan_units(cfg, ws)
-    done = ws.done_units("ingest")
+    ws.begin_job()
+    done = {uid: info for uid, info in ws.done_units("ingest").items() if not info.get("retired")}
     replaced, removed = retire_stale_units(ws, done, units)
     pending = [u for u in units if unit_key(u) not in done]
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
@@ -71,14 +72,17 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         f"accounting: {summary.rows_out.get('images', 0)} images + {summary.dropped} dropped samples"
         f" = {summary.rows_in} samples seen"
     )
-    ws.refresh_catalog()
+    ws.publish()
     return summary
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) -> tuple[int, int]:
-    """Forget the committed units of the inputs being ingested that are no longer in the plan (a
+    """Retire the committed units of the inputs being ingested that are no longer in the plan (a
     folder chunk that gained or lost a file, a rewritten or deleted shard): their rows go, and
-    each image that is not planned again gets a `removed_from_input` errors row. (units, images)"""
+    each image that is not planned again gets a `removed_from_input` errors row. (units, images)
+
+    A retired unit's marker is rewritten to name only its removed_from_input part, so dropping
+    its rows and reporting them is one step for readers (at the next publish) and for a rerun."""
     current = {unit_key(u) for u in units}
     inputs = {u.input for u in units}
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
@@ -93,9 +97,8 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
         removed += len(gone)
-        for table in TABLES:
-            ws.delete_part(table, uid)
-        ws.forget_unit("ingest", uid)  # last: a kill before this finds the unit stale again
+        ws.commit_unit("ingest", uid, {"retired": True, "input": done[uid].get("input")},
+                       parts={"errors": [f"removed-{uid}"]})
         done.pop(uid)
     return len(stale), removed
 
@@ -119,7 +122,7 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
         batch_size=int(opts["shards_per_task"]),
         fn_kwargs={"workspace": ws.root, "options": options},
     )
-    return collect_units(ds.iter_rows(), Progress("ingest", units=len(items)), _info_of)
+    return collect_units(ds.iter_rows(), Progress("ingest", units=len(items)), _info_of, ws.publish_now_and_then)
 
 
 def _info_of(row: dict) -> dict:

@@ -162,13 +162,16 @@ class Progress:
             self.print_line()
 
 
-def collect_units(rows: Iterable[dict], progress: Progress, info_of: Callable[[dict], dict]) -> list[dict]:
+def collect_units(rows: Iterable[dict], progress: Progress, info_of: Callable[[dict], dict],
+                  on_unit: Callable[[], None] | None = None) -> list[dict]:
     """The per-unit infos of a dataset with one row per unit (`rows`: its iter_rows()), counting
-    each unit's `images` into `progress` as it arrives."""
+    each unit's `images` into `progress` as it arrives; `on_unit` runs after each (publishing)."""
     infos = []
     with progress:
         for row in rows:
             info = info_of(row)
             infos.append(info)
             progress.add(int(info.get("images", 0)), units=1)
+            if on_unit is not None:
+                on_unit()
     return infos

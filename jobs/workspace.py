@@ -1,12 +1,19 @@
 """The workspace: Parquet tables, a DuckDB catalog of views over them, and job state.
 
 Layout (local path or any pyarrow filesystem URI such as s3://bucket/ws):
-    tables/<table>/<part>.parquet   one file per committed unit of work
-    state/<job>/<unit>.json         marker written after a unit's parts are in place
+    tables/<table>/<part>.parquet   one file per unit of work (or per global job's output)
+    state/<job>/<unit>.json         marker written after a unit's parts are in place; it names them
+    state/published.json            the published generation: the files readers see, per table
     catalog.duckdb                  one view per table (local workspaces only)
 
 A unit's parts have deterministic names, so a unit that is re-run after a crash overwrites
 its own partial output instead of adding rows twice; the marker makes it count as done.
+
+Readers never see half-done work: views and read_table list exactly the files of the published
+generation, which names the parts of every committed unit plus the outputs of global jobs
+(curate) at one moment. A job publishes at its start (rolling forward what a killed run had
+committed), while it runs and at its end; publishing is one atomic write of published.json.
+Files that no generation names any more are deleted at the next job's start (under the lock).
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import json
 import os
 import re
 import signal
+import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import duckdb
@@ -30,6 +39,9 @@ SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
 DERIVED_VIEWS = ("image_tag_lists",)
 CATALOG_STORAGE_VERSION = "v1.2.0"
+PUBLISHED = "state/published.json"
+# Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
+UNIT_JOBS = ("ingest", "annotate", "caption", "export")
 
 
 def unit_id(*parts: str) -> str:
@@ -55,6 +67,7 @@ class Workspace:
             self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
             self.local = True
         self.root = root if not self.local else self.base
+        self._published_at = time.monotonic()
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
                 raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {root} ...` first)")
@@ -100,6 +113,12 @@ class Workspace:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, f"{folder}/{part}.parquet")
 
+    def add_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
+        """Write a part and publish it at once, outside any job's units: rows made elsewhere
+        (benchmarks, tests, tables a user loads). Writing the same part again replaces it."""
+        self.write_part(name, part, table)
+        self.publish({f"added:{name}/{part}": {name: [part]}})
+
     def read_part(self, name: str, part: str, columns: list[str]) -> list[dict]:
         """Some columns of one part (a unit's rows), [] when the part is not there."""
         path = f"{self.table_dir(name)}/{part}.parquet"
@@ -128,13 +147,9 @@ class Workspace:
             self.fs.delete_file(path)
 
     def part_files(self, name: str) -> list[str]:
-        selector = pafs.FileSelector(self.table_dir(name), allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        return sorted(
-            i.path
-            for i in infos
-            if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")
-        )
+        """The files of table `name` in the published generation."""
+        parts = self.published()["tables"].get(name, [])
+        return [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
 
     def read_table(self, name: str) -> pa.Table:
         """The whole table (for small tables and tests; jobs stream with Ray or DuckDB)."""
@@ -149,15 +164,16 @@ class Workspace:
     def state_dir(self, job: str) -> str:
         return f"{self.base}/state/{job}"
 
-    def commit_unit(self, job: str, unit: str, info: dict) -> None:
-        """Mark a unit done, after all its parts are written."""
+    def commit_unit(self, job: str, unit: str, info: dict, parts: dict[str, list[str]]) -> None:
+        """Mark a unit done, after all its parts ({table: [part]}) are written; the next publish
+        makes them visible."""
         folder = self.state_dir(job)
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.tmp-{unit}-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(tmp) as out:
-            out.write(json.dumps(info, sort_keys=True).encode())
+            out.write(json.dumps({**info, "parts": parts}, sort_keys=True).encode())
         self.fs.move(tmp, f"{folder}/{unit}.json")
-        _maybe_kill_for_test()
+        fault_point("BOORUSET_KILL_AFTER_COMMITS")
 
     def forget_unit(self, job: str, unit: str) -> None:
         path = f"{self.state_dir(job)}/{unit}.json"
@@ -174,23 +190,70 @@ class Workspace:
                     done[info.base_name[: -len(".json")]] = json.loads(f.read())
         return done
 
-    def reset_job(self, job: str, tables: list[str]) -> None:
-        """Forget a job's state and delete its tables (for jobs that rebuild globally)."""
-        for path in [self.state_dir(job)] + [self.table_dir(t) for t in tables]:
-            if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-                self.fs.delete_dir_contents(path)
+    # ---- publication ----------------------------------------------------------------------
+    def published(self) -> dict:
+        """The published generation: {"generation", "owned": {owner: {table: [part]}}, "tables"}."""
+        return self.read_json(PUBLISHED) or {"generation": 0, "owned": {}, "tables": {}}
+
+    def publish(self, owned: dict[str, dict[str, list[str]]] | None = None) -> int:
+        """Make a new generation visible: the parts of every committed unit, plus the parts of
+        global outputs by owner (`owned` replaces those owners' parts; {} for an owner drops it).
+        One atomic write: a reader sees all of it or none of it. Returns the generation."""
+        previous = self.published()
+        owners = {**previous["owned"], **(owned or {})}
+        owners = {owner: parts for owner, parts in owners.items() if parts}
+        tables: dict[str, set[str]] = defaultdict(set)
+        for job in UNIT_JOBS:
+            for info in self.done_units(job).values():
+                for table, parts in info.get("parts", {}).items():
+                    tables[table].update(parts)
+        for parts_by_table in owners.values():
+            for table, parts in parts_by_table.items():
+                tables[table].update(parts)
+        self._published_at = time.monotonic()
+        generation = previous["generation"] + 1
+        self.write_json(PUBLISHED, {"generation": generation, "owned": owners, "time": time.time(),
+                                    "tables": {t: sorted(p) for t, p in sorted(tables.items())}})
+        fault_point("BOORUSET_KILL_AFTER_PUBLISHES")
+        self.refresh_catalog()
+        return generation
+
+    def publish_now_and_then(self, interval: float = 60.0) -> None:
+        """Publish when the last publish from this process is `interval` seconds old: a long job's
+        committed units become visible while it runs, without a publish per unit (each one
+        reads every marker)."""
+        if time.monotonic() - self._published_at >= interval:
+            self.publish()
+
+    def begin_job(self) -> int:
+        """At a writing job's start (under the workspace lock): publish what a killed run had
+        committed, then delete the part files no generation names (parts of units that never
+        committed, outputs replaced by later generations). Returns the files deleted."""
+        self.publish()
+        named = {t: set(p) for t, p in self.published()["tables"].items()}
+        selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
+        deleted = 0
+        for info in self.fs.get_file_info(selector):
+            if not info.is_file or not info.base_name.endswith(".parquet") or info.base_name.startswith(".tmp-"):
+                continue
+            table = info.path[len(f"{self.base}/tables/"):].split("/", 1)[0]
+            if info.base_name[: -len(".parquet")] not in named.get(table, set()):
+                self.fs.delete_file(info.path)
+                deleted += 1
+        return deleted
 
     # ---- SQL ----------------------------------------------------------------------------
-    def view_sql(self, name: str) -> str:
-        """DDL of the view over one table.
+    def view_sql(self, name: str, parts: list[str]) -> str:
+        """DDL of the view over one table's published `parts`.
 
-        DuckDB cannot bind parameters in DDL, so the workspace path (the only value from the
-        user here) goes in as an escaped SQL string literal.
+        DuckDB cannot bind parameters in DDL, so the file paths (the workspace path is the user's)
+        go in as escaped SQL string literals.
         """
-        if self.part_files(name):
-            # [!.]: hidden files are writes in progress (temporary names, uncommitted generations)
-            glob = f"{glob_escape(self.table_uri(name))}/[!.]*.parquet".replace("'", "''")
-            body = f"select * from read_parquet('{glob}', union_by_name = true)"
+        if parts:
+            # DuckDB expands globs even in a list of files, hence the glob escape
+            folder = glob_escape(self.table_uri(name))
+            files = ", ".join(sql_string(f"{folder}/{glob_escape(part)}.parquet") for part in parts)
+            body = f"select * from read_parquet([{files}], union_by_name = true)"
         else:
             cols = ", ".join(
                 f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name]
@@ -217,8 +280,9 @@ class Workspace:
         return con
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        published = self.published()["tables"]
         for name in schemas.TABLES:
-            con.execute(self.view_sql(name))
+            con.execute(self.view_sql(name, published.get(name, [])))
         for name in DERIVED_VIEWS:
             body = (SQL / f"{name}.sql").read_text(encoding="utf-8")
             con.execute(f'create or replace view "{name}" as {body}')
@@ -240,19 +304,19 @@ class Workspace:
         return path
 
 
-_commits_in_this_process = 0
+_events_in_this_process: dict[str, int] = defaultdict(int)
 
 
-def _maybe_kill_for_test() -> None:
-    """Fault injection for the resume tests: with BOORUSET_KILL_AFTER_COMMITS=N, the process that
-    writes the N-th unit marker SIGKILLs its process group right after it, as a preempted node
-    would, at a point that no outside poll can miss on a loaded machine."""
-    global _commits_in_this_process
-    limit = os.environ.get("BOORUSET_KILL_AFTER_COMMITS")
+def fault_point(variable: str) -> None:
+    """Fault injection for the resume tests: with BOORUSET_KILL_AFTER_COMMITS=N (or
+    BOORUSET_KILL_AFTER_PUBLISHES=N), the process that writes the N-th unit marker (or
+    published.json) SIGKILLs its process group right after it, as a preempted node would, at a
+    point that no outside poll can miss on a loaded machine."""
+    limit = os.environ.get(variable)
     if not limit:
         return
-    _commits_in_this_process += 1
-    if _commits_in_this_process >= int(limit):
+    _events_in_this_process[variable] += 1
+    if _events_in_this_process[variable] >= int(limit):
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -276,6 +340,10 @@ def fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def glob_escape(path: str) -> str:

@@ -1,4 +1,4 @@
-"""Hand-written workspace tables for the curate tests (written through Workspace.write_part)."""
+"""Hand-written workspace tables for the curate tests (published through Workspace.add_part)."""
 
 from __future__ import annotations
 

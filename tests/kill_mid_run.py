@@ -5,8 +5,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def booruset(*args: str, **extra_env: str) -> subprocess.Popen:
+    """A `booruset` command in a child process with its own session, output captured."""
+    cmd = [sys.executable, "-m", "jobs.cli", *args, "--set", "ray.num_cpus=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the tests' own Ray
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", **extra_env)
+    # its own session, so that SIGKILL reaches the Ray processes it started as well
+    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def kill_after_commits(process: subprocess.Popen, state: Path, at_least: int, poll_s: float,

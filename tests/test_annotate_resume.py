@@ -14,15 +14,14 @@ marker SIGKILL its whole process group (the driver and the Ray it started) right
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from hostile_data import encode, write_tar
+from kill_mid_run import booruset
 from onnx_fakes import DETECTORS, yolo_model
 from PIL import Image
 
@@ -71,15 +70,6 @@ def face_model_dir(root: Path) -> Path:
     (root / repo / folder / "model_type.json").write_text(json.dumps({"model_type": "yolo"}))
     (root / repo / folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
     return root
-
-
-def booruset(*args: str, **extra_env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "jobs.cli", *args, "--set", "ray.num_cpus=2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join the tests' own Ray
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", **extra_env)
-    # its own session, so that SIGKILL reaches the Ray processes it started as well
-    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def annotate_process(ws: Path, models: Path, **extra_env: str) -> subprocess.Popen:

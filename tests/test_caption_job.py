@@ -11,7 +11,7 @@ IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
 
 
 def write_inputs(ws):
-    ws.write_part("images", "u", [
+    ws.add_part("images", "u", [
         {"key": k, "source": "nowhere.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64,
          "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": "x", "phash": 0} for k in IMAGES])
     curated = {
@@ -23,15 +23,15 @@ def write_inputs(ws):
                    ("outdoors", "general"), ("sky", "general")],
         "a/scene": [("no_humans", "general"), ("scenery", "general"), ("tree", "general"), ("night", "general")],
     }
-    ws.write_part("tags", "u", [
+    ws.add_part("tags", "u", [
         {"key": k, "tag": t, "category": c, "score": 1.0, "rank": r}
         for k, tags in curated.items() for r, (t, c) in enumerate(tags)])
-    ws.write_part("image_meta", "u", [
+    ws.add_part("image_meta", "u", [
         {"key": "a/girl", "n_people": 1, "n_characters": 1, "characters": ["eileen_(ren'py)"], "rating": "general"},
         {"key": "a/pair", "n_people": 2, "n_characters": 0, "characters": [], "rating": "general"},
         {"key": "a/scene", "n_people": 0, "n_characters": 0, "characters": [], "rating": "general"},
     ])
-    ws.write_part("source_tags", "u", [
+    ws.add_part("source_tags", "u", [
         {"key": "b/from_source", "tag": t, "category": "general", "origin": "txt", "position": i}
         for i, t in enumerate(["1boy", "green_hair", "jacket"])])
 

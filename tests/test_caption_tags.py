@@ -20,9 +20,9 @@ def test_candidates_read_prompt_syntax():
 def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
     from udfs.caption_tags import tags_from_text
 
-    workspace.write_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
+    workspace.add_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
                          + tag_rows("a/2", ["red_dress", "cat_ears", "masterpiece"]))
-    workspace.write_part("source_text", "u", [
+    workspace.add_part("source_text", "u", [
         {"key": "p/1", "kind": "sd_prompt", "text": "masterpiece, 1girl, (blue hair:1.2), school_uniform, smile"},
         {"key": "a/1", "kind": "caption", "text": "a girl in a red dress"},  # has tags: left alone
     ])
@@ -45,7 +45,7 @@ def test_related_tags_suggest_what_usually_comes_along(workspace, config):
     for i in range(6):
         rows += tag_rows(f"d/{i}", ["dog", "outdoors", "1girl"])
     rows += tag_rows("k/lacking", ["cat_ears", "1girl"])
-    workspace.write_part("tags", "u", rows)
+    workspace.add_part("tags", "u", rows)
     opts = dict(config["caption"], related_min_support=3, related_min_pmi=0.3, related_top_k=5)
     assert caption.related_tags(workspace, opts) > 0
     suggestions = workspace.read_table("tag_suggestions").to_pylist()

@@ -24,10 +24,10 @@ def test_booru_tag_string_may_name_categories_too():
 
 
 def test_prefixed_characters_reach_image_meta(workspace):
-    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.add_part("images", "p", image_rows(["a"]))
     tags, _, _ = parse_sidecar("txt", "character:eileen, character:lucy, 2girls")
     rows = [{"key": "a", "tag": t, "category": c, "origin": "txt", "position": i} for i, (t, c) in enumerate(tags)]
-    workspace.write_part("source_tags", "p", rows)
+    workspace.add_part("source_tags", "p", rows)
     curate.run(curate_config(workspace), workspace)
     meta = workspace.read_table("image_meta").to_pylist()[0]
     assert sorted(meta["characters"]) == ["eileen", "lucy"]
@@ -42,8 +42,8 @@ def test_tagger_label_file_marks_plain_txt_characters(workspace, tmp_path):
     labels.parent.mkdir(parents=True)
     labels.write_text(LABELS_HEADER + "1,eileen,4,10\n2,lucy,4,10\n3,2girls,0,100\n", encoding="utf-8")
     cfg["annotate"]["models_dir"] = str(tmp_path / "models")
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["eileen", "lucy", "2girls"]))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["eileen", "lucy", "2girls"]))
     curate.run(cfg, workspace)
     assert sorted(workspace.read_table("image_meta").to_pylist()[0]["characters"]) == ["eileen", "lucy"]
     # without the tagger among the models, the label file is not consulted: plain tags stay general

@@ -219,7 +219,7 @@ def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, 
     rows = {"g1": 1, "g[1]": 2, "star*": 3, "starX": 4}
     for name, n in rows.items():
         ws = Workspace(str(tmp_path / name))
-        ws.write_part("errors", "p", [{"key": f"{name}/{i}", "source": name, "member": "m", "stage": "ingest",
+        ws.add_part("errors", "p", [{"key": f"{name}/{i}", "source": name, "member": "m", "stage": "ingest",
                                        "kind": "k", "message": "", "dropped": False} for i in range(n)])
     for name in ("g[1]", "star*"):
         code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(source) from errors")

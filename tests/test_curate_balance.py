@@ -63,13 +63,13 @@ def test_weights_with_hostile_names(tmp_path):
 
 
 def _people_workspace(ws):
-    ws.write_part("images", "p", image_rows(["solo", "pair", "crowd", "none"], width=1000, height=500))
-    ws.write_part("source_tags", "p",
+    ws.add_part("images", "p", image_rows(["solo", "pair", "crowd", "none"], width=1000, height=500))
+    ws.add_part("source_tags", "p",
                   source_rows("solo", ["1girl", "solo"]) + source_rows("solo", ["alice"], "character")
                   + source_rows("pair", ["1girl", "1boy"]) + source_rows("pair", ["alice", "bob"], "character")
                   + source_rows("crowd", ["6+girls", "multiple_boys"]) + source_rows("none", ["scenery"]))
-    ws.write_part("tag_scores", "p", score_rows("solo", {"sensitive": 0.8, "general": 0.1}, "rating"))
-    ws.write_part("detections", "p", [
+    ws.add_part("tag_scores", "p", score_rows("solo", {"sensitive": 0.8, "general": 0.1}, "rating"))
+    ws.add_part("detections", "p", [
         face_row("solo", 0.4, 0.1, 0.5, 0.3),  # 100 x 100 px: height ratio 0.2
         face_row("solo", 0.1, 0.1, 0.12, 0.9),  # 20 x 400 px: aspect 20, ignored
         face_row("solo", 0.7, 0.7, 0.72, 0.74, score=0.1),  # below the face threshold
@@ -121,6 +121,6 @@ def test_balance_table_from_groups(workspace, tmp_path):
 def test_unknown_group_segment_is_a_config_error(workspace):
     from jobs.config import ConfigError
 
-    workspace.write_part("images", "p", image_rows(["a"]))
+    workspace.add_part("images", "p", image_rows(["a"]))
     with pytest.raises(ConfigError):
         curate.run(curate_config(workspace, group_format="n_characters/nonsense"), workspace)

@@ -22,7 +22,7 @@ def test_phash_groups_within_distance_and_representative(workspace):
     for key, flip in flips.items():
         rows += image_rows([key], width=2000 if key == "c" else 1000, phash=base ^ flip)
     rows += image_rows(["other"], phash=~base & (2**64 - 1))
-    workspace.write_part("images", "p", rows)
+    workspace.add_part("images", "p", rows)
     curate.run(curate_config(workspace, phash_distance=4), workspace)
     dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
     assert set(dups) == {"a", "b", "c"}  # far is 5 bits from a (and further from b, c)
@@ -40,7 +40,7 @@ def test_phash_pairs_match_brute_force(workspace, distance):
         for bit in rng.choice(64, 1 + (i // 10) % 9, replace=False):
             hashes[i + 1] ^= np.uint64(1 << int(bit))
     keys = [f"k{i:03d}" for i in range(300)]
-    workspace.write_part("images", "p", [r for k, h in zip(keys, hashes, strict=True)
+    workspace.add_part("images", "p", [r for k, h in zip(keys, hashes, strict=True)
                                          for r in image_rows([k], phash=int(h))])
     curate.run(curate_config(workspace, phash_distance=distance), workspace)
     got = {r["key"] for r in workspace.read_table("duplicates").to_pylist()}
@@ -56,8 +56,8 @@ def test_embedding_duplicates(workspace):
     rng = np.random.default_rng(1)
     a = unit_vector(rng)
     vectors = {"orig": a, "copy": unit_vector(rng, a, 0.002), "other": unit_vector(rng)}
-    workspace.write_part("images", "p", image_rows(list(vectors)))
-    workspace.write_part("embeddings", "p", [embedding_row(k, v) for k, v in vectors.items()])
+    workspace.add_part("images", "p", image_rows(list(vectors)))
+    workspace.add_part("embeddings", "p", [embedding_row(k, v) for k, v in vectors.items()])
     curate.run(curate_config(workspace), workspace)
     dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
     assert set(dups) == {"orig", "copy"} and dups["orig"]["reason"] == "embedding"
@@ -80,10 +80,10 @@ def _identities(rng, n_ids=3, per_id=10, noise=4, spread=0.25):
 
 def _write_crops(ws, vectors, characters=None):
     keys = [f"img{i:03d}" for i in range(len(vectors))]
-    ws.write_part("images", "p", image_rows(keys))
-    ws.write_part("embeddings", "p", [embedding_row(k, v, crop=0) for k, v in zip(keys, vectors, strict=True)])
+    ws.add_part("images", "p", image_rows(keys))
+    ws.add_part("embeddings", "p", [embedding_row(k, v, crop=0) for k, v in zip(keys, vectors, strict=True)])
     if characters:
-        ws.write_part("source_tags", "p", [r for k, c in zip(keys, characters, strict=True) if c
+        ws.add_part("source_tags", "p", [r for k, c in zip(keys, characters, strict=True) if c
                                            for r in source_rows(k, [c], "character")])
     return keys
 
@@ -218,8 +218,8 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     size = int(spec["size"])
     vectors = CcipFeatures(spec, input="image", output="ccip").features(
         np.stack([ccip_input(img, size) for img in crops.values()]))
-    workspace.write_part("images", "p", image_rows(list(crops)))
-    workspace.write_part("embeddings", "p", [embedding_row(k, v, crop=0)
+    workspace.add_part("images", "p", image_rows(list(crops)))
+    workspace.add_part("embeddings", "p", [embedding_row(k, v, crop=0)
                                              for k, v in zip(crops, vectors, strict=True)])
     curate.run(cfg, workspace)
     rows = {r["key"]: r["character"] for r in workspace.read_table("clusters").to_pylist()}

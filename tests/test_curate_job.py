@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+
 import pytest
 from curate_data import curate_config, face_row, image_rows, source_rows
+from kill_mid_run import booruset
 
 from jobs import curate
+from jobs.workspace import Workspace
 
 
 def _workspace_with(ws, tag: str):
-    ws.write_part("images", "p", image_rows(["a", "b"], phash=0x0123_4567_89AB_CDEF))
-    ws.write_part("source_tags", "p", source_rows("a", ["1girl", tag]) + source_rows("b", ["1girl", tag]))
-    ws.write_part("detections", "p", [face_row("a", 0.1, 0.1, 0.3, 0.3)])
+    ws.add_part("images", "p", image_rows(["a", "b"], phash=0x0123_4567_89AB_CDEF))
+    ws.add_part("source_tags", "p", source_rows("a", ["1girl", tag]) + source_rows("b", ["1girl", tag]))
+    ws.add_part("detections", "p", [face_row("a", 0.1, 0.1, 0.3, 0.3)])
 
 
 def _snapshot(ws) -> dict[str, list[str]]:
@@ -22,59 +28,103 @@ def test_every_table_filled_and_rerun_replaces(workspace):
     _workspace_with(workspace, "smile")
     summary = curate.run(curate_config(workspace), workspace)
     first = _snapshot(workspace)
+    first_parts = workspace.published()["owned"][curate.OWNER]
     assert all(summary.rows_out[name] > 0 for name in ("tags", "image_meta", "duplicates", "groups", "balance"))
     assert summary.rows_in == 2 and "tags" in summary.notes[0]
     curate.run(curate_config(workspace), workspace)
     assert _snapshot(workspace) == first  # the same rows, not twice
-    assert not (workspace.fs.get_file_info(f"{workspace.state_dir('curate')}/commit.json").is_file)
+    assert _files_on_disk(workspace) - _published(workspace) == {  # the first run's parts, until a job starts
+        f"{t}/{p}.parquet" for t in curate.OUTPUTS for p in first_parts[t]}
 
 
-def test_kill_before_commit_marker_keeps_old_tables(workspace, monkeypatch):
+def test_kill_before_publish_keeps_old_tables(workspace, monkeypatch):
     _workspace_with(workspace, "smile")
     curate.run(curate_config(workspace), workspace)
     old = _snapshot(workspace)
-    workspace.write_part("source_tags", "p", source_rows("a", ["frown"]) + source_rows("b", ["frown"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["frown"]) + source_rows("b", ["frown"]))
+    real_publish = workspace.publish
 
-    def killed(*_args, **_kwargs):
-        raise KeyboardInterrupt("killed before the commit marker")
+    def killed(owned=None):
+        if owned and curate.OWNER in owned:
+            raise KeyboardInterrupt("killed before the publish")
+        return real_publish(owned)
 
-    monkeypatch.setattr(workspace, "commit_unit", killed)
-    with pytest.raises(KeyboardInterrupt):
-        curate.run(curate_config(workspace), workspace)
-    assert _snapshot(workspace) == old  # hidden parts of the new generation are invisible
-    monkeypatch.undo()
-    curate.finish_publish(workspace)  # the next run sweeps them
-    leftovers = [f for name in curate.OUTPUTS for f in _hidden(workspace, name)]
-    assert leftovers == [] and _snapshot(workspace) == old
-
-
-def test_kill_after_commit_marker_rolls_forward(workspace, monkeypatch):
-    _workspace_with(workspace, "smile")
-    curate.run(curate_config(workspace), workspace)
-    workspace.write_part("source_tags", "p", source_rows("a", ["frown"]) + source_rows("b", ["frown"]))
-
-    def killed(_ws):
-        raise KeyboardInterrupt("killed after the commit marker")
-
-    real_finish = curate.finish_publish
-    calls = []
-    monkeypatch.setattr(curate, "finish_publish", lambda ws: calls.append(1) or (real_finish(ws) if len(calls) == 1
-                                                                                 else killed(ws)))
+    monkeypatch.setattr(workspace, "publish", killed)
     with pytest.raises(KeyboardInterrupt):
         curate.run(curate_config(workspace), workspace)
     monkeypatch.undo()
-    curate.finish_publish(workspace)  # what the next run does first
-    tags = {r["tag"] for r in workspace.read_table("tags").to_pylist()}
-    assert tags == {"frown"}  # every table is of the new generation
-    assert {r["key"] for r in workspace.read_table("groups").to_pylist()} == {"a", "b"}
-    assert all(_hidden(workspace, name) == [] for name in curate.OUTPUTS)
+    assert _snapshot(workspace) == old  # the new generation's parts are written but named by no generation
+    orphans = _files_on_disk(workspace) - _published(workspace)
+    assert len(orphans) >= 5 and workspace.begin_job() == len(orphans)  # the next job's start deletes them
+    assert _snapshot(workspace) == old and _files_on_disk(workspace) == _published(workspace)
 
 
-def _hidden(ws, name: str) -> list[str]:
-    import pyarrow.fs as pafs
+def _published(ws) -> set[str]:
+    return {f"{t}/{p}.parquet" for t, parts in ws.published()["tables"].items() for p in parts}
 
-    infos = ws.fs.get_file_info(pafs.FileSelector(ws.table_dir(name), allow_not_found=True))
-    return [i.path for i in infos if i.base_name.startswith(".curate-")]
+
+def _files_on_disk(ws) -> set[str]:
+    root = Path(ws.base) / "tables"
+    return {str(p.relative_to(root)) for p in root.rglob("*.parquet")}
+
+
+CURATE_KILL_POINTS = {
+    "after its start publish": {"BOORUSET_KILL_AFTER_PUBLISHES": "1"},
+    "mid-way through writing its tables": {"BOORUSET_KILL_AFTER_CURATE_PARTS": "3"},
+    "the moment its generation is published": {"BOORUSET_KILL_AFTER_PUBLISHES": "2"},
+}
+
+
+@pytest.mark.parametrize("point", list(CURATE_KILL_POINTS))
+def test_sigkilled_curate_readers_see_old_or_new_never_both(tmp_path, point):
+    """A real `booruset curate` process SIGKILLed at each step of its publish while a reader polls
+    the tables: every read sees one whole generation (old or new tags, all six tables of one
+    run); the next run ends with the new tables and no file that no generation names."""
+    ws = Workspace(str(tmp_path / "ws"))
+    keys = [f"k{i:03d}" for i in range(200)]
+    ws.add_part("images", "p", image_rows(keys, phash=0x0123_4567_89AB_CDEF))
+    ws.add_part("source_tags", "p", [r for k in keys for r in source_rows(k, ["1girl", "smile"])])
+    curate.run(curate_config(ws), ws)
+    old = _tag_rows(ws)
+    ws.add_part("source_tags", "p", [r for k in keys for r in source_rows(k, ["1girl", "frown"])])
+    new = {(k, t) for k, t in old if t != "smile"} | {(k, "frown") for k in keys}
+
+    seen: list[frozenset] = []
+    generations: list[set[str]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            reader = Workspace(ws.root, create=False)
+            owned = reader.published()["owned"].get(curate.OWNER, {})
+            generations.append({p.rsplit("-", 1)[0] for parts in owned.values() for p in parts})
+            rows = reader.connect().execute("select key, tag from tags").fetchall()
+            assert len(rows) == len(set(rows)), "a row twice"
+            seen.append(frozenset(rows))
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    victim = booruset("curate", "-w", str(ws.root), "--set", "curate.threads=2", **CURATE_KILL_POINTS[point])
+    out, _ = victim.communicate(timeout=600)
+    stop.set()
+    reader.join(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, out
+    assert seen and set(seen) <= {frozenset(old), frozenset(new)}
+    assert all(len(g) == 1 for g in generations)  # the six tables of one run, never a mix
+    expected = new if point == "the moment its generation is published" else old
+    assert _tag_rows(ws) == expected
+
+    last_published = _published(ws)
+    again = booruset("curate", "-w", str(ws.root), "--set", "curate.threads=2")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert _tag_rows(ws) == new
+    # the killed run's unpublished parts are gone; the generation before stays until the next job starts
+    assert _files_on_disk(ws) - _published(ws) <= last_published
+
+
+def _tag_rows(ws) -> set[tuple[str, str]]:
+    return set(Workspace(ws.root, create=False).connect().execute("select key, tag from tags").fetchall())
 
 
 def test_empty_workspace_gives_empty_tables(workspace):

@@ -17,8 +17,8 @@ def run_curate(ws, **options):
 
 
 def test_thresholds_per_category_and_top_rating(workspace):
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("tag_scores", "p", score_rows("a", {"smile": 0.36, "frown": 0.34})
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("tag_scores", "p", score_rows("a", {"smile": 0.36, "frown": 0.34})
                          + score_rows("a", {"alice_(game)": 0.86, "bob_(game)": 0.84}, "character")
                          + score_rows("a", {"general": 0.7, "sensitive": 0.2}, "rating"))
     run_curate(workspace)
@@ -28,9 +28,9 @@ def test_thresholds_per_category_and_top_rating(workspace):
 
 
 def test_source_rating_wins_over_tagger_rating(workspace):
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["explicit"], "rating"))
-    workspace.write_part("tag_scores", "p", score_rows("a", {"general": 0.9}, "rating"))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["explicit"], "rating"))
+    workspace.add_part("tag_scores", "p", score_rows("a", {"general": 0.9}, "rating"))
     run_curate(workspace)
     assert tags_of(workspace)["a"] == ["explicit"]
 
@@ -39,16 +39,16 @@ def test_aliases_from_rules_and_tag_list_and_categories(workspace, tmp_path):
     tag_list = tmp_path / "danbooru.csv"
     tag_list.write_text('1girl,0,100,"1girls,sole_female"\nlong_hair,0,50,"/lh,longhair"\n'
                         'hatsune_miku,4,10,miku\n', encoding="utf-8")
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["sole_female", "longhair", "miku", "smile"]))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["sole_female", "longhair", "miku", "smile"]))
     run_curate(workspace, tag_list=str(tag_list))
     rows = {r["tag"]: r["category"] for r in workspace.read_table("tags").to_pylist()}
     assert rows == {"1girl": "general", "long_hair": "general", "hatsune_miku": "character", "smile": "general"}
 
 
 def test_category_learned_from_other_sidecars(workspace):
-    workspace.write_part("images", "p", image_rows(["a", "b"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])
                          + source_rows("b", ["eileen_(ren'py)"], "character"))
     run_curate(workspace)
     cats = {(r["key"], r["tag"]): r["category"] for r in workspace.read_table("tags").to_pylist()}
@@ -57,8 +57,8 @@ def test_category_learned_from_other_sidecars(workspace):
 
 
 def test_blacklist_default_and_custom(workspace, tmp_path):
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["cosplay", "smile", "sky"]))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["cosplay", "smile", "sky"]))
     run_curate(workspace)
     assert sorted(tags_of(workspace)["a"]) == ["sky", "smile"]
     custom = tmp_path / "black.txt"
@@ -74,8 +74,8 @@ def test_blacklist_default_and_custom(workspace, tmp_path):
     ({"open_mouth": 0.6, "closed_mouth": 0.7}, ["closed_mouth"]),
 ])
 def test_impossible_combinations(workspace, scores, kept):
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("tag_scores", "p", score_rows("a", scores))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("tag_scores", "p", score_rows("a", scores))
     run_curate(workspace)
     assert tags_of(workspace)["a"] == kept
 
@@ -83,8 +83,8 @@ def test_impossible_combinations(workspace, scores, kept):
 def test_overlap_table_and_substring_rule(workspace, tmp_path):
     overlap = tmp_path / "overlap.json"
     overlap.write_text(json.dumps({"long_hair": ["very_long_hair"], "breasts": ["large_breasts"]}), encoding="utf-8")
-    workspace.write_part("images", "p", image_rows(["a", "b"]))
-    workspace.write_part("source_tags", "p",
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p",
                          source_rows("a", ["long_hair", "very_long_hair", "shirt", "white_shirt", "breasts"])
                          + source_rows("b", ["long_hair", "shirt"]))
     run_curate(workspace, overlap_tags=str(overlap))
@@ -100,8 +100,8 @@ def _random_images(vocabulary: list[str], n: int, seed: int) -> dict[str, list[s
 
 def _assert_matches_imgutils(workspace, monkeypatch, overlap_data: dict, images: dict[str, list[str]], path: str):
     monkeypatch.setattr(imgutils_overlap, "_get_overlap_tags", lambda: overlap_data)
-    workspace.write_part("images", "p", image_rows(list(images)))
-    workspace.write_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
+    workspace.add_part("images", "p", image_rows(list(images)))
+    workspace.add_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
     run_curate(workspace, overlap_tags=path, blacklist=_empty_blacklist(workspace),
                rules_dir=_rules_without_conflicts(workspace))
     got = tags_of(workspace)
@@ -151,10 +151,10 @@ def test_pruning_matches_imgutils_on_danbooru_overlap_data(workspace, monkeypatc
 
 
 def test_character_traits_dropped_only_for_named_characters(workspace):
-    workspace.write_part("images", "p", image_rows(["named", "anon"]))
+    workspace.add_part("images", "p", image_rows(["named", "anon"]))
     general = ["red_hair", "blue_eyes", "closed_eyes", "chair", "ponytail", "smile", "holding_hat"]
     named = source_rows("named", general) + source_rows("named", ["eileen"], "character")
-    workspace.write_part("source_tags", "p", named + source_rows("anon", general))
+    workspace.add_part("source_tags", "p", named + source_rows("anon", general))
     run_curate(workspace, drop_character_traits=True)
     got = tags_of(workspace)
     assert sorted(got["named"]) == ["chair", "closed_eyes", "eileen", "holding_hat", "smile"]
@@ -163,8 +163,8 @@ def test_character_traits_dropped_only_for_named_characters(workspace):
 
 def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
     path = __import__("conftest").shared_path("tagdata", "character_tags.json")
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("source_tags", "p", source_rows("a", ["red_hair", "fang", "pubic_hair", "smile"])
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["red_hair", "fang", "pubic_hair", "smile"])
                          + source_rows("a", ["eileen"], "character"))
     run_curate(workspace, drop_character_traits=True, character_tags=str(path), character_trait_level=0)
     assert sorted(tags_of(workspace)["a"]) == ["eileen", "fang", "pubic_hair", "smile"]
@@ -173,8 +173,8 @@ def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
 
 
 def test_rank_count_tags_then_characters_then_score(workspace):
-    workspace.write_part("images", "p", image_rows(["a"]))
-    workspace.write_part("tag_scores", "p", score_rows("a", {"smile": 0.9, "sky": 0.5, "1girl": 0.6, "solo": 0.4})
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("tag_scores", "p", score_rows("a", {"smile": 0.9, "sky": 0.5, "1girl": 0.6, "solo": 0.4})
                          + score_rows("a", {"alice": 0.95}, "character"))
     run_curate(workspace)
     assert tags_of(workspace)["a"] == ["1girl", "solo", "alice", "smile", "sky"]
@@ -185,8 +185,8 @@ HOSTILE = ["it's", 'say_"hi"', "a;b", "'; drop table tags; --", "back\\slash", "
 
 
 def test_hostile_tags_pass_through_unchanged(workspace):
-    workspace.write_part("images", "p", image_rows(["k'1", "k;2"]))
-    workspace.write_part("source_tags", "p", source_rows("k'1", HOSTILE) + source_rows("k;2", ["x"] + HOSTILE[:3]))
+    workspace.add_part("images", "p", image_rows(["k'1", "k;2"]))
+    workspace.add_part("source_tags", "p", source_rows("k'1", HOSTILE) + source_rows("k;2", ["x"] + HOSTILE[:3]))
     run_curate(workspace)
     got = tags_of(workspace)
     assert sorted(got["k'1"]) == sorted(HOSTILE)
@@ -195,8 +195,8 @@ def test_hostile_tags_pass_through_unchanged(workspace):
 
 def test_partitions_give_the_same_rows(workspace):
     images = _random_images(["a_b", "b", "c_d", "d", "1girl", "2girls", "solo", "smile"], 60, 3)
-    workspace.write_part("images", "p", image_rows(list(images)))
-    workspace.write_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
+    workspace.add_part("images", "p", image_rows(list(images)))
+    workspace.add_part("source_tags", "p", [r for k, tags in images.items() for r in source_rows(k, tags)])
     run_curate(workspace, tag_partitions=1)
     one = sorted(map(str, workspace.read_table("tags").to_pylist()))
     run_curate(workspace, tag_partitions=7)

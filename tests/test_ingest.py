@@ -182,15 +182,20 @@ def test_duplicate_keys_in_one_shard(tmp_path):
 
 
 def test_views_ignore_writes_in_progress(tmp_path):
-    """A job killed between writing a part and renaming it leaves a hidden file behind:
-    the catalog views must not read it (rows twice, or a half-written file)."""
+    """A job killed between writing a part and publishing it leaves files behind (a whole part of
+    a unit that never committed, a temporary name): the catalog views must not read them (rows
+    twice, or a half-written file), and the next job's start deletes them."""
     ws = Workspace(str(tmp_path / "ws"))
     row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
-    ws.write_part("source_tags", "unit-a", [row])
+    ws.add_part("source_tags", "unit-a", [row])
+    ws.write_part("source_tags", "unit-b", [row, row])  # written, never committed nor published
     folder = Path(ws.table_dir("source_tags"))
-    (folder / ".curate-gen-00000.parquet").write_bytes((folder / "unit-a.parquet").read_bytes())
+    (folder / "curate-gen-00000.parquet").write_bytes((folder / "unit-a.parquet").read_bytes())
     (folder / ".tmp-unit-b-123.parquet").write_bytes(b"PAR1 half written")
     assert ws.connect().execute("select count(*) from source_tags").fetchone()[0] == 1
     ws.refresh_catalog()
     con = duckdb.connect(str(tmp_path / "ws" / "catalog.duckdb"), read_only=True)
     assert con.execute("select count(*) from source_tags").fetchone()[0] == 1
+    con.close()
+    assert ws.begin_job() == 2  # unit-b and the curate part nobody published
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-unit-b-123.parquet", "unit-a.parquet"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
+import uuid
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from udfs.caption_scoring import SentenceEncoder
 MAX_WORDS = 4
 WORD = re.compile(r"[a-z0-9][a-z0-9'!\-]*")
 PART = "caption-text-tags"
+OWNER = "caption:tags_from_text"  # its published source_tags part
 DANBOORU_CATEGORIES = {"0": "general", "1": "artist", "3": "copyright", "4": "character", "5": "meta"}
 
 
@@ -105,7 +107,7 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     finally:
         con.close()
     if texts.num_rows == 0:
-        ws.delete_part("source_tags", PART)
+        ws.publish({OWNER: {}})
         return 0
     from jobs.ray_env import Progress, init_ray
 
@@ -121,7 +123,9 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         table = pa.concat_tables(ray.get(rows)) if rows else None
         progress.add(texts.num_rows)
     result = table if table is not None and table.num_rows else []
-    ws.write_part("source_tags", PART, result)  # one part, rewritten whole each run
+    part = f"{PART}-{uuid.uuid4().hex[:12]}"  # rewritten whole each run, as a new file readers switch to
+    ws.write_part("source_tags", part, result)
+    ws.publish({OWNER: {"source_tags": [part]}})
     return len(result) if isinstance(result, list) else result.num_rows
 
 

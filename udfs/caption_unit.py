@@ -109,7 +109,7 @@ class UnitCaptioner:
             self.ws.write_part("captions", unit, captions)
             self.ws.write_part("errors", f"caption-{unit}", errors)
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
-            self.ws.commit_unit("caption", unit, info)
+            self.ws.commit_unit("caption", unit, info, parts={"captions": [unit], "errors": [f"caption-{unit}"]})
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
         return out

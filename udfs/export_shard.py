@@ -49,7 +49,8 @@ def export_units(batch: dict[str, Any], workspace: str, out: str, options: dict)
     for i in range(len(batch["unit"])):
         plan = json.loads(batch["plan"][i])
         info = UnitExport(ws, out, plan, options).run()
-        ws.commit_unit(JOB, plan["unit"], info)
+        ws.commit_unit(JOB, plan["unit"], info,
+                       parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
         infos.append(json.dumps(info))
     return {"unit": list(batch["unit"]), "info": infos}
 
@@ -241,10 +242,7 @@ class UnitExport:
                 self.write_file(f"parquet/{parquet_name(index)}", sink.getvalue().to_pybytes())
         unit = self.plan["unit"]
         self.ws.write_part("export_manifest", unit, self.manifest)
-        if self.errors:
-            self.ws.write_part("errors", f"export-{unit}", self.errors)
-        else:
-            self.ws.delete_part("errors", f"export-{unit}")
+        self.ws.write_part("errors", f"export-{unit}", self.errors)
 
     def abort_open_shards(self) -> None:
         for tmp, writer in self.shards.values():

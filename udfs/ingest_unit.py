@@ -36,7 +36,7 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
             ws.write_part(table, batch["unit"][i], rows.tables[table])
         info = rows.summary(time.perf_counter() - started)
         info["input"] = unit.input
-        ws.commit_unit("ingest", batch["unit"][i], info)
+        ws.commit_unit("ingest", batch["unit"][i], info, parts={t: [batch["unit"][i]] for t in TABLES})
         out["unit"].append(batch["unit"][i])
         for name in ("samples", "images", "errors", "bytes", "seconds"):
             out[name].append(info[name])

@@ -105,6 +105,6 @@ def caption_units_vllm(ws: Workspace, units: list[tuple[str, pa.Table]], opts: d
         ws.write_part("captions", unit, mine)
         ws.write_part("errors", f"caption-{unit}", bad)
         info = unit_info(part.num_rows, mine, bad, (time.perf_counter() - started) / len(units))
-        ws.commit_unit("caption", unit, info)
+        ws.commit_unit("caption", unit, info, parts={"captions": [unit], "errors": [f"caption-{unit}"]})
         infos.append(info)
     return infos

@@ -1,0 +1,56 @@
+"""annotate follows what ingest holds: a folder that grew is annotated again (its new images get
+rows), and the rows of its earlier content are not kept beside the new ones."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from jobs import annotate, ingest
+from jobs.config import load_config
+from jobs.workspace import Workspace
+from tests.conftest import SAMPLE_SHARDS
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def sample_pngs(count: int) -> list[tuple[str, bytes]]:
+    """The first `count` images of the bundled sample (the cascade finds faces in them)."""
+    found = []
+    for shard in sorted(SAMPLE_SHARDS.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".png") and len(found) < count:
+                    found.append((f"{len(found):02d}_{member.name.rsplit('/', 1)[-1]}", tar.extractfile(member).read()))
+    if len(found) < count:
+        pytest.skip("bundled sample shards missing")
+    return found
+
+
+def annotated(ws_path, folder) -> tuple[object, list[tuple]]:
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'annotate.models=["cascade_face"]'])
+    ws = Workspace(str(ws_path))
+    ingest.run(cfg, ws)
+    summary = annotate.run(cfg, ws)
+    rows = ws.connect().execute("select key, label, score, x0, y0, x1, y1 from detections order by all").fetchall()
+    return summary, rows
+
+
+def test_a_grown_folder_is_annotated_again_without_stale_rows(tmp_path):
+    images = sample_pngs(6)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in images[:4]:
+        (folder / name).write_bytes(data)
+    first, _ = annotated(tmp_path / "ws", folder)
+    assert first.units_done == 1
+
+    for name, data in images[4:]:
+        (folder / name).write_bytes(data)
+    again, rows = annotated(tmp_path / "ws", folder)
+    assert again.units_done == 1 and again.rows_in == 6
+
+    _, fresh = annotated(tmp_path / "fresh", folder)  # one run over the grown folder
+    assert rows == fresh and {r[0] for r in rows} & {f"art/{n.rsplit('.', 1)[0]}" for n, _ in images[4:]}
