@@ -1,30 +1,29 @@
 """`booruset annotate`: images (+ their bytes from the inputs) -> detections, embeddings, tag_scores.
 
-Ray Data pipeline: units (one per source) -> rows with image bytes (CPU tasks) -> decode and
-per-model preprocessing (CPU tasks, draft mode) -> one actor pool per model (GPU when the
-cluster has one) -> the driver gathers each unit's rows and commits the unit. A unit's parts
-are named after the unit and the model, so a killed and restarted run rewrites the same
-files and ends with the same rows; a unit counts as done once its state marker lists every
-model of the run.
+Ray Data pipeline: units (one per published `images` part, i.e. an ingest unit: a shard or a
+folder chunk) -> rows with image bytes, streamed (CPU tasks) -> decode and per-model
+preprocessing (CPU tasks, draft mode) -> one actor pool per model (GPU when the cluster has
+one) -> Parquet parts written by CPU tasks (udfs/annotate_parts.py). The driver adds up the
+small per-batch summaries and writes a unit's marker, naming its parts, once all its rows are
+written; a unit counts as done once its marker lists every model of the run. Parts of a unit
+killed before its marker are named by no generation and deleted at the next start.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-import schemas
 from jobs.config import Config, ConfigError
 from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, unit_id
+from jobs.workspace import Workspace
+from udfs.annotate_parts import merge_infos, write_unit_parts
 from udfs.annotate_rows import crop_persons, decode_images, read_unit_images
 from udfs.cascade_face import CascadeFaceDetector, cascade_path
 from udfs.ccip import CcipFeatures
@@ -89,20 +88,15 @@ def input_column(spec: dict) -> str:
 
 # ---- units ---------------------------------------------------------------------------------
 def units_of(ws: Workspace) -> list[dict]:
-    """One unit per source of `images`, members sorted by key; its id says what it holds (a
-    folder that grew is a new unit, and the old one is retired)."""
-    by_source: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for path in ws.part_files("images"):
-        part = pq.read_table(path, columns=["key", "source", "member"], filesystem=ws.fs)
-        for key, source, member in zip(*(part[c].to_pylist() for c in ("key", "source", "member")), strict=True):
-            by_source[source].append((key, member))
+    """One unit per published `images` part (an ingest unit, bounded by ingest.folder_unit_size
+    or one shard): its name is the unit's id and says what it holds, so a changed folder chunk
+    is a new unit (and the old one is retired). The driver reads only each part's row count."""
     units = []
-    for source in sorted(by_source):
-        rows = sorted(by_source[source])
-        kind = "tar" if source.endswith(".tar") else "folder"
-        stamp = hashlib.sha1("\x00".join(k + "\x00" + m for k, m in rows).encode("utf-8", "surrogateescape"))
-        units.append({"unit": unit_id(source, stamp.hexdigest()), "source": source, "kind": kind,
-                      "keys": [k for k, _ in rows], "members": [m for _, m in rows]})
+    for path in ws.part_files("images"):
+        with ws.fs.open_input_file(path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        if rows:
+            units.append({"unit": Path(path).stem, "rows": rows})
     return units
 
 
@@ -167,28 +161,29 @@ class Pipeline:
         self.opts = cfg[JOB]
 
     def run(self, units: list[dict]) -> list[dict]:
+        """Run the pipeline; commit each unit when the writers report all its rows."""
         init_ray(self.cfg)
-        expected = {u["unit"]: len(u["keys"]) for u in units}
-        gathered: dict[str, list[dict]] = defaultdict(list)
-        infos = []
-        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height"]
-        outputs = [c for name in self.specs for c in self._output_columns(name)]
+        expected = {u["unit"]: u["rows"] for u in units}
+        written: dict[str, int] = defaultdict(int)
+        parts: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        infos: dict[str, dict] = defaultdict(dict)
+        done = []
         with Progress(JOB, sum(expected.values()), units=len(units)) as progress:
-            for batch in self.dataset(units).iter_batches(batch_format="numpy", batch_size=64):
-                for i in range(len(batch["key"])):
-                    row = {c: batch[c][i] for c in keep + outputs if c in batch}
-                    unit = str(row["unit"])
-                    gathered[unit].append(row)
-                    if len(gathered[unit]) == expected[unit]:
-                        infos.append(self.commit(unit, gathered.pop(unit)))
-                        progress.add(units=1)
-                progress.add(len(batch["key"]))
-        return infos
+            for row in self.dataset(units).iter_rows():
+                unit = row["unit"]
+                written[unit] += row["rows"]
+                for table, names in json.loads(row["parts"]).items():
+                    parts[unit][table].update(names)
+                infos[unit] = merge_infos(infos[unit], json.loads(row["info"]))
+                progress.add(row["rows"])
+                if written[unit] == expected[unit]:
+                    done.append(self.commit(unit, parts.pop(unit), infos.pop(unit)))
+                    progress.add(units=1)
+        return done
 
     def _output_columns(self, name: str) -> list[str]:
         base = f"out_{name}"
-        cols = [base, f"{base}_error", f"{base}_provider", f"{base}_seconds"]
-        return cols + (["ccip_crop_boxes"] if name == "ccip" else [])
+        return [base, f"{base}_error", f"{base}_provider", f"{base}_seconds"]
 
     # ---- the dataset --------------------------------------------------------------------
     def dataset(self, units: list[dict]) -> ray.data.Dataset:
@@ -196,8 +191,9 @@ class Pipeline:
         task_cpus = float(opts["task_num_cpus"])
         crops = "ccip" in specs and "person" in specs
         ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.flat_map(read_unit_images, fn_kwargs={"max_member_bytes": int(self.cfg["ingest"]["max_member_bytes"])},
-                         num_cpus=task_cpus)
+        ds = ds.flat_map(read_unit_images, num_cpus=task_cpus,
+                         fn_kwargs={"workspace": self.ws.root,
+                                    "max_member_bytes": int(self.cfg["ingest"]["max_member_bytes"])})
         inputs = {input_column(s): s["input"] for s in specs.values()}
         ds = ds.map_batches(decode_images, batch_size=int(opts["decode_batch_size"]), num_cpus=task_cpus,
                             batch_format="numpy",
@@ -216,7 +212,12 @@ class Pipeline:
             ds = self._pool(ds, "ccip", CcipFeatures, gpus)
         if "tagger" in specs:
             ds = self._pool(ds, "tagger", WdTagger, gpus)
-        return ds
+        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height", "ccip_crop_boxes"]
+        outputs = [c for name in specs for c in self._output_columns(name)]
+        ds = ds.select_columns([c for c in keep + outputs if c != "ccip_crop_boxes" or crops])
+        models = {n: s["model"] for n, s in specs.items()}
+        return ds.map_batches(write_unit_parts, batch_size=int(opts["decode_batch_size"]) * 4, num_cpus=task_cpus,
+                              batch_format="numpy", fn_kwargs={"workspace": self.ws.root, "models": models})
 
     def _pool(self, ds: ray.data.Dataset, name: str, udf: type, gpus: bool) -> ray.data.Dataset:
         """One actor pool for one model: sizes, batch and GPU share from the config."""
@@ -238,15 +239,8 @@ class Pipeline:
         )
 
     # ---- commits ------------------------------------------------------------------------
-    def commit(self, unit: str, rows: list[dict]) -> dict:
-        """Write the unit's parts (one per model) and its state marker."""
-        rows.sort(key=lambda r: str(r["key"]))
-        tables = UnitTables(self.specs, rows)
-        parts = defaultdict(set)
-        for (table, name), part in tables.parts.items():
-            self.ws.write_part(table, f"{JOB}-{unit}-{name}", part)
-            parts[table].add(f"{JOB}-{unit}-{name}")
-        info = tables.info()
+    def commit(self, unit: str, parts: dict[str, set[str]], info: dict) -> dict:
+        """The unit's marker: its parts (with those of models run on it before) and counts."""
         previous = self.done.get(unit, {})
         info["models"] = sorted(set(previous.get("models", [])) | {s["model"] for s in self.specs.values()})
         for table, names in previous.get("parts", {}).items():  # parts of models run before stay
@@ -254,70 +248,3 @@ class Pipeline:
         self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
         self.ws.publish_now_and_then()
         return info
-
-
-class UnitTables:
-    """The rows of one unit, per (table, model part), from the pipeline's output rows."""
-
-    def __init__(self, specs: dict[str, dict], rows: list[dict]) -> None:
-        self.specs, self.rows = specs, rows
-        self.parts: dict[tuple[str, str], list[dict]] = {}
-        for name in specs:
-            table = {"ccip": "embeddings", "tagger": "tag_scores"}.get(name, "detections")
-            self.parts[(table, name)] = []
-            self.parts[("errors", name)] = []
-        self.parts[("errors", "decode")] = []
-        self.providers: dict[str, str] = {}
-        self.seconds: Counter = Counter()
-        for row in rows:
-            self.add(row)
-
-    def error(self, row: dict, part: str, stage: str, kind: str, message: str, dropped: bool) -> None:
-        self.parts[("errors", part)].append({"key": str(row["key"]), "source": str(row["source"]),
-                                             "member": str(row["member"]), "stage": stage, "kind": kind,
-                                             "message": message, "dropped": dropped})
-
-    def add(self, row: dict) -> None:
-        if not row["ok"]:
-            kind, message = json.loads(row["decode_error"])
-            self.error(row, "decode", JOB, kind, message, dropped=True)
-            return
-        for name, spec in self.specs.items():
-            out = f"out_{name}"
-            self.providers[spec["model"]] = str(row[f"{out}_provider"])
-            self.seconds[spec["model"]] += float(row[f"{out}_seconds"])
-            if row[f"{out}_error"]:
-                self.error(row, name, f"{JOB}:{spec['model']}", "model_failed", str(row[f"{out}_error"]), False)
-                continue
-            getattr(self, f"add_{'detections' if name in DETECTORS else name}")(row, name, spec)
-
-    def add_detections(self, row: dict, name: str, spec: dict) -> None:
-        w, h = (1.0, 1.0) if name == "cascade_face" else (float(row["width"]), float(row["height"]))
-        for x0, y0, x1, y1, label, score in json.loads(row[f"out_{name}"]):
-            self.parts[("detections", name)].append(
-                {"key": str(row["key"]), "model": spec["model"], "label": label, "score": score,
-                 "x0": x0 / w, "y0": y0 / h, "x1": x1 / w, "y1": y1 / h})
-
-    def add_ccip(self, row: dict, name: str, spec: dict) -> None:
-        vectors = np.frombuffer(row["out_ccip"], np.float32).reshape(-1, schemas.CCIP_DIM)
-        w, h = float(row["width"]), float(row["height"])
-        boxes = [[schemas.WHOLE_IMAGE, 0, 0, w, h]] + json.loads(row.get("ccip_crop_boxes") or "[]")
-        for (crop, x0, y0, x1, y1), vector in zip(boxes, vectors, strict=True):
-            self.parts[("embeddings", name)].append(
-                {"key": str(row["key"]), "crop": crop, "model": spec["model"], "x0": x0 / w, "y0": y0 / h,
-                 "x1": x1 / w, "y1": y1 / h, "vector": vector.tolist()})
-
-    def add_tagger(self, row: dict, name: str, spec: dict) -> None:
-        for tag, category, score in json.loads(row["out_tagger"]):
-            self.parts[("tag_scores", name)].append(
-                {"key": str(row["key"]), "tag": tag, "category": category, "score": score, "model": spec["model"]})
-
-    def info(self) -> dict:
-        errors = [e for (table, _), rows in self.parts.items() if table == "errors" for e in rows]
-        rows: Counter = Counter()
-        for (table, _), part in self.parts.items():
-            if table != "errors":
-                rows[table] += len(part)
-        return {"images": len(self.rows), "dropped": sum(e["dropped"] for e in errors),
-                "error_kinds": dict(Counter(e["kind"] for e in errors)), "rows": dict(rows),
-                "providers": self.providers, "model_seconds": dict(self.seconds)}

@@ -1,6 +1,6 @@
 """The CPU steps of annotate around the model actors: read image bytes, decode, crop persons.
 
-read_unit_images: one unit (a source) -> one row per image listed in `images`, with its bytes.
+read_unit_images: one unit (an `images` part) -> one row per image it lists, with its bytes.
 DecodeImages: bytes -> the fixed-size uint8 input of every enabled model (draft-mode decode).
 PersonCrops: bytes + person boxes -> preprocessed CCIP crops.
 """
@@ -9,32 +9,40 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from jobs.workspace import Workspace
 from udfs.ccip import person_crops
 from udfs.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
 from udfs.sources import Unit, read_unit
 
 
-def read_unit_images(item: dict[str, Any], max_member_bytes: int) -> list[dict]:
-    """Rows {unit, key, source, member, data} for the members of one source listed in `images`."""
-    source, keys, members = item["source"], list(item["keys"]), list(item["members"])
-    wanted = dict(zip(members, keys, strict=True))
-    if item["kind"] == "tar":
-        unit = Unit("tar", source, "")
-    else:
-        unit = Unit("folder", source, "", [os.path.join(source, m) for m in members])
-    found: dict[str, bytes] = {}
-    for sample in read_unit(unit, max_member_bytes):
-        if isinstance(sample, tuple):
-            continue  # shard-level problems were reported by ingest; missing members show below
-        for ext, name in sample.member_names.items():
-            if name in wanted:
-                found[name] = sample.members[ext]
-    return [{"unit": item["unit"], "key": wanted[m], "source": source, "member": m, "data": found.get(m, b"")}
-            for m in members]
+def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
+    """Rows {unit, key, source, member, data} for the images of one unit (its `images` part),
+    yielded as they are read: a unit's bytes never sit in memory together."""
+    rows = Workspace(workspace).read_part("images", item["unit"], ["key", "source", "member"])
+    by_source: dict[str, dict[str, str]] = defaultdict(dict)
+    for row in rows:
+        by_source[row["source"]][row["member"]] = row["key"]
+    for source, wanted in sorted(by_source.items()):
+        if source.endswith(".tar"):
+            unit = Unit("tar", source, "")
+        else:
+            unit = Unit("folder", source, "", [os.path.join(source, m) for m in sorted(wanted)])
+        missing = dict(wanted)
+        for sample in read_unit(unit, max_member_bytes):
+            if isinstance(sample, tuple):
+                continue  # shard-level problems were reported by ingest; missing members show below
+            for ext, name in sample.member_names.items():
+                if name in missing:
+                    yield {"unit": item["unit"], "key": missing.pop(name), "source": source, "member": name,
+                           "data": sample.members[ext]}
+        for member, key in sorted(missing.items()):
+            yield {"unit": item["unit"], "key": key, "source": source, "member": member, "data": b""}
 
 
 def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[str, Any]:

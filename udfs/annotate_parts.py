@@ -1,0 +1,123 @@
+"""The last step of annotate, in Ray tasks: model outputs -> Parquet parts of the unit's tables.
+
+Each batch of pipeline rows is turned into detections, embeddings, tag_scores and errors rows
+and written as parts named after the unit, the model and the batch's first key; the task
+returns one small row per unit it saw (rows done, parts written, counts). The driver only adds
+those up and writes a unit's marker once all its rows are in: no image, vector or per-row
+result passes through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+import schemas
+from jobs.workspace import Workspace
+
+JOB = "annotate"
+DETECTORS = ("cascade_face", "face", "head", "person")
+
+
+def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str]) -> dict[str, list]:
+    """map_batches UDF: write this batch's rows of each unit; one summary row per unit.
+    `models`: pipeline name -> `model` column value, in pipeline order."""
+    ws = Workspace(workspace)
+    out: dict[str, list] = {"unit": [], "rows": [], "parts": [], "info": []}
+    by_unit: dict[str, list[dict]] = defaultdict(list)
+    for i in range(len(batch["key"])):
+        by_unit[str(batch["unit"][i])].append({c: batch[c][i] for c in batch})
+    for unit, rows in by_unit.items():
+        tables = UnitTables(models, rows)
+        tag = hashlib.sha1(min(str(r["key"]) for r in rows).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        parts: dict[str, list[str]] = defaultdict(list)
+        for (table, name), part in tables.parts.items():
+            if part:  # empty parts are not written: the marker lists what there is
+                ws.write_part(table, f"{JOB}-{unit}-{name}-{tag}", part)
+                parts[table].append(f"{JOB}-{unit}-{name}-{tag}")
+        out["unit"].append(unit)
+        out["rows"].append(len(rows))
+        out["parts"].append(json.dumps(parts))
+        out["info"].append(json.dumps(tables.info()))
+    return out
+
+
+def merge_infos(a: dict, b: dict) -> dict:
+    """The info of two batches of one unit (counts add up; providers are the same)."""
+    if not a:
+        return b
+    return {"images": a["images"] + b["images"], "dropped": a["dropped"] + b["dropped"],
+            "error_kinds": dict(Counter(a["error_kinds"]) + Counter(b["error_kinds"])),
+            "rows": dict(Counter(a["rows"]) + Counter(b["rows"])), "providers": {**a["providers"], **b["providers"]},
+            "model_seconds": dict(Counter(a["model_seconds"]) + Counter(b["model_seconds"]))}
+
+
+class UnitTables:
+    """The rows of one unit, per (table, model part), from the pipeline's output rows."""
+
+    def __init__(self, models: dict[str, str], rows: list[dict]) -> None:
+        self.models, self.rows = models, rows
+        self.parts: dict[tuple[str, str], list[dict]] = {}
+        for name in models:
+            table = {"ccip": "embeddings", "tagger": "tag_scores"}.get(name, "detections")
+            self.parts[(table, name)] = []
+            self.parts[("errors", name)] = []
+        self.parts[("errors", "decode")] = []
+        self.providers: dict[str, str] = {}
+        self.seconds: Counter = Counter()
+        for row in rows:
+            self.add(row)
+
+    def error(self, row: dict, part: str, stage: str, kind: str, message: str, dropped: bool) -> None:
+        self.parts[("errors", part)].append({"key": str(row["key"]), "source": str(row["source"]),
+                                             "member": str(row["member"]), "stage": stage, "kind": kind,
+                                             "message": message, "dropped": dropped})
+
+    def add(self, row: dict) -> None:
+        if not row["ok"]:
+            kind, message = json.loads(row["decode_error"])
+            self.error(row, "decode", JOB, kind, message, dropped=True)
+            return
+        for name, model in self.models.items():
+            out = f"out_{name}"
+            self.providers[model] = str(row[f"{out}_provider"])
+            self.seconds[model] += float(row[f"{out}_seconds"])
+            if row[f"{out}_error"]:
+                self.error(row, name, f"{JOB}:{model}", "model_failed", str(row[f"{out}_error"]), False)
+                continue
+            getattr(self, f"add_{'detections' if name in DETECTORS else name}")(row, name, model)
+
+    def add_detections(self, row: dict, name: str, model: str) -> None:
+        w, h = (1.0, 1.0) if name == "cascade_face" else (float(row["width"]), float(row["height"]))
+        for x0, y0, x1, y1, label, score in json.loads(row[f"out_{name}"]):
+            self.parts[("detections", name)].append(
+                {"key": str(row["key"]), "model": model, "label": label, "score": score,
+                 "x0": x0 / w, "y0": y0 / h, "x1": x1 / w, "y1": y1 / h})
+
+    def add_ccip(self, row: dict, name: str, model: str) -> None:
+        vectors = np.frombuffer(row["out_ccip"], np.float32).reshape(-1, schemas.CCIP_DIM)
+        w, h = float(row["width"]), float(row["height"])
+        boxes = [[schemas.WHOLE_IMAGE, 0, 0, w, h]] + json.loads(row.get("ccip_crop_boxes") or "[]")
+        for (crop, x0, y0, x1, y1), vector in zip(boxes, vectors, strict=True):
+            self.parts[("embeddings", name)].append(
+                {"key": str(row["key"]), "crop": crop, "model": model, "x0": x0 / w, "y0": y0 / h,
+                 "x1": x1 / w, "y1": y1 / h, "vector": vector})  # pyarrow takes the array as is
+
+    def add_tagger(self, row: dict, name: str, model: str) -> None:
+        for tag, category, score in json.loads(row["out_tagger"]):
+            self.parts[("tag_scores", name)].append(
+                {"key": str(row["key"]), "tag": tag, "category": category, "score": score, "model": model})
+
+    def info(self) -> dict:
+        errors = [e for (table, _), rows in self.parts.items() if table == "errors" for e in rows]
+        rows: Counter = Counter()
+        for (table, _), part in self.parts.items():
+            if table != "errors":
+                rows[table] += len(part)
+        return {"images": len(self.rows), "dropped": sum(e["dropped"] for e in errors),
+                "error_kinds": dict(Counter(e["kind"] for e in errors)), "rows": dict(rows),
+                "providers": self.providers, "model_seconds": dict(self.seconds)}
