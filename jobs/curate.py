@@ -184,11 +184,7 @@ def open_database(path: Path, opts: dict) -> duckdb.DuckDBPyConnection:
 
 
 def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
-    if not ws.local:
-        con.execute("install httpfs; load httpfs")
-    published = ws.published()["tables"]  # one generation for all inputs
-    for name in INPUTS:
-        con.execute(ws.view_sql(name, published.get(name, [])))
+    ws.attach_tables(con, INPUTS)
 
 
 def tag_list_path(cfg: Config) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -96,11 +97,6 @@ class Workspace:
     # ---- tables -------------------------------------------------------------------------
     def table_dir(self, name: str) -> str:
         return f"{self.base}/tables/{name}"
-
-    def table_uri(self, name: str) -> str:
-        """Where DuckDB / Ray Data find the table's files."""
-        prefix = self.base if self.local else self.root.rstrip("/")
-        return f"{prefix}/tables/{name}"
 
     def write_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
         """Write one part of a table atomically: a temporary file, then a rename."""
@@ -251,7 +247,7 @@ class Workspace:
         """
         if parts:
             # DuckDB expands globs even in a list of files, hence the glob escape
-            folder = glob_escape(self.table_uri(name))
+            folder = glob_escape(self.table_dir(name))
             files = ", ".join(sql_string(f"{folder}/{glob_escape(part)}.parquet") for part in parts)
             body = f"select * from read_parquet([{files}], union_by_name = true)"
         else:
@@ -268,21 +264,38 @@ class Workspace:
         touch, and the setting is locked, so no query can read or write anything else.
         """
         con = duckdb.connect()
-        if not self.local:
-            con.execute("install httpfs; load httpfs")
         self._create_views(con)
-        if read_only and self.local:
-            tables = f"{self.base}/tables/"
-            # the views' patterns spell the workspace path glob-escaped: allow both spellings
-            con.execute("set allowed_directories = $dirs", {"dirs": [tables, glob_escape(tables)]})
+        if read_only:
+            if self.local:
+                tables = f"{self.base}/tables/"
+                # the views' patterns spell the workspace path glob-escaped: allow both spellings
+                con.execute("set allowed_directories = $dirs", {"dirs": [tables, glob_escape(tables)]})
+            # object storage: the registered datasets are read by pyarrow, DuckDB itself reads nothing
             con.execute("set enable_external_access = false")
             con.execute("set lock_configuration = true")
         return con
 
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+    def attach_tables(self, con: duckdb.DuckDBPyConnection, names: list[str] | None = None) -> None:
+        """Each table (`names`, default all) on `con` over its published files, all of one generation.
+
+        Local files are DuckDB views over read_parquet. Object storage is read through the same
+        pyarrow filesystem the jobs write with (endpoint, region and credentials from the
+        workspace URI and the standard AWS variables): each table is a registered pyarrow
+        dataset, which DuckDB scans with projection and filter pushdown. No DuckDB extension is
+        needed, so nothing is downloaded at run time.
+        """
         published = self.published()["tables"]
-        for name in schemas.TABLES:
-            con.execute(self.view_sql(name, published.get(name, [])))
+        for name in names or list(schemas.TABLES):
+            parts = published.get(name, [])
+            if self.local or not parts:
+                con.execute(self.view_sql(name, parts))
+            else:
+                files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
+                con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet",
+                                                filesystem=self.fs))
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.attach_tables(con)
         for name in DERIVED_VIEWS:
             body = (SQL / f"{name}.sql").read_text(encoding="utf-8")
             con.execute(f'create or replace view "{name}" as {body}')
