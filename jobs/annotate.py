@@ -138,6 +138,7 @@ def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
 def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]) -> None:
     seconds: Counter = Counter()
     providers: dict[str, set] = defaultdict(set)
+    nodes: dict[str, set] = defaultdict(set)
     for info in infos:
         summary.rows_in += info["images"]
         summary.dropped += info["dropped"]
@@ -147,10 +148,21 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
         seconds.update(info.get("model_seconds", {}))
         for model, provider in info.get("providers", {}).items():
             providers[model].add(provider)
+        for model, ids in info.get("nodes", {}).items():
+            nodes[model].update(ids)
     for model in sorted(providers):
         rate = summary.rows_in / seconds[model] if seconds[model] else 0.0
-        summary.notes.append(f"{model}: provider {', '.join(sorted(providers[model]))}; "
+        where = ", ".join(sorted(n[:12] for n in nodes[model] if n)) or "?"
+        summary.notes.append(f"{model}: provider {', '.join(sorted(providers[model]))} on Ray node {where}; "
                              f"{rate:.1f} images/s of model time")
+
+
+def wants_gpus(device: str) -> bool:
+    """Whether model actors ask Ray for their num_gpus: always for device "cuda" (so that an
+    autoscaling cluster starts GPU workers from zero), for "auto" when the cluster has GPUs now."""
+    if device == "cuda":
+        return True
+    return device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
 class Pipeline:
@@ -183,7 +195,7 @@ class Pipeline:
 
     def _output_columns(self, name: str) -> list[str]:
         base = f"out_{name}"
-        return [base, f"{base}_error", f"{base}_provider", f"{base}_seconds"]
+        return [base, f"{base}_error", f"{base}_provider", f"{base}_node", f"{base}_seconds"]
 
     # ---- the dataset --------------------------------------------------------------------
     def dataset(self, units: list[dict]) -> ray.data.Dataset:
@@ -198,7 +210,7 @@ class Pipeline:
         ds = ds.map_batches(decode_images, batch_size=int(opts["decode_batch_size"]), num_cpus=task_cpus,
                             batch_format="numpy",
                             fn_kwargs={"inputs": inputs, "draft_size": int(opts["draft_size"]), "keep_data": crops})
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = wants_gpus(opts["device"])
         for name in [n for n in DETECTORS if n in specs]:
             ds = self._pool(ds, name, CascadeFaceDetector if name == "cascade_face" else YoloDetector, gpus)
         if crops:

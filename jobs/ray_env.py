@@ -43,6 +43,10 @@ def init_ray(cfg: Config) -> None:
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
             if not verbose():
                 _hide_token_auth_notice()
+        elif address is not None:
+            # a driver joining a cluster from outside: the code travels with the job, so worker
+            # nodes need only the dependencies (inside `ray job submit` the job's own runtime_env holds)
+            kwargs["runtime_env"] = cluster_runtime_env()
         # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
         ray.init(address=address, **kwargs)
     quiet_ray_data()
@@ -96,6 +100,21 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.starts)
+
+
+# Not shipped to the cluster: environments, VCS data, local workspaces and caches.
+WORKING_DIR_EXCLUDES = [".venv", ".git", "workspace", ".pytest_cache", "__pycache__", "*.egg-info", "bench", "tests"]
+# Forwarded to every worker, when set in the driver's environment: object-storage credentials and
+# endpoint (the standard AWS variables) and the Hugging Face offline switch. (Ray shows a job's
+# runtime_env in its dashboard: use instance roles on a shared cluster.)
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+
+def cluster_runtime_env() -> dict:
+    """The runtime_env of a job whose driver joins a cluster: the repository as working_dir."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return {"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env}
 
 
 def _pythonpath() -> str:

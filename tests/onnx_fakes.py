@@ -155,3 +155,12 @@ def build_hf_cache(cache: Path, models_dir: Path) -> Path:
         (folder / "refs" / "main").write_text(COMMIT)
         shutil.copytree(repo_dir, folder / "snapshots" / COMMIT, dirs_exist_ok=True)
     return cache
+
+
+def face_model_dir(root: Path) -> Path:
+    """A models_dir (hub layout) with the face YOLO fake and its two JSON files."""
+    repo, folder, label, batch = DETECTORS["face"]
+    yolo_model(root / repo / folder / "model.onnx", label, batch)
+    (root / repo / folder / "model_type.json").write_text(json.dumps({"model_type": "yolo"}))
+    (root / repo / folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
+    return root

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from hostile_data import encode, write_tar
 from kill_mid_run import booruset
-from onnx_fakes import DETECTORS, yolo_model
+from onnx_fakes import face_model_dir
 from PIL import Image
 
 from jobs.workspace import Workspace
@@ -62,14 +62,6 @@ def drop_member(folder: Path) -> None:
     """Rewrite shard 3 without one image, as if the shard changed after ingest."""
     members = [m for m in shard_members(3) if m[0] != MISSING]
     write_tar(folder / "shard-003.tar", members)
-
-
-def face_model_dir(root: Path) -> Path:
-    repo, folder, label, batch = DETECTORS["face"]
-    yolo_model(root / repo / folder / "model.onnx", label, batch)
-    (root / repo / folder / "model_type.json").write_text(json.dumps({"model_type": "yolo"}))
-    (root / repo / folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
-    return root
 
 
 def annotate_process(ws: Path, models: Path, **extra_env: str) -> subprocess.Popen:

@@ -53,6 +53,8 @@ def merge_infos(a: dict, b: dict) -> dict:
     return {"images": a["images"] + b["images"], "dropped": a["dropped"] + b["dropped"],
             "error_kinds": dict(Counter(a["error_kinds"]) + Counter(b["error_kinds"])),
             "rows": dict(Counter(a["rows"]) + Counter(b["rows"])), "providers": {**a["providers"], **b["providers"]},
+            "nodes": {m: sorted(set(a["nodes"].get(m, [])) | set(b["nodes"].get(m, [])))
+                      for m in {*a["nodes"], *b["nodes"]}},
             "model_seconds": dict(Counter(a["model_seconds"]) + Counter(b["model_seconds"]))}
 
 
@@ -68,6 +70,7 @@ class UnitTables:
             self.parts[("errors", name)] = []
         self.parts[("errors", "decode")] = []
         self.providers: dict[str, str] = {}
+        self.nodes: dict[str, set[str]] = defaultdict(set)
         self.seconds: Counter = Counter()
         for row in rows:
             self.add(row)
@@ -85,6 +88,7 @@ class UnitTables:
         for name, model in self.models.items():
             out = f"out_{name}"
             self.providers[model] = str(row[f"{out}_provider"])
+            self.nodes[model].add(str(row[f"{out}_node"]))
             self.seconds[model] += float(row[f"{out}_seconds"])
             if row[f"{out}_error"]:
                 self.error(row, name, f"{JOB}:{model}", "model_failed", str(row[f"{out}_error"]), False)
@@ -120,4 +124,5 @@ class UnitTables:
                 rows[table] += len(part)
         return {"images": len(self.rows), "dropped": sum(e["dropped"] for e in errors),
                 "error_kinds": dict(Counter(e["kind"] for e in errors)), "rows": dict(rows),
-                "providers": self.providers, "model_seconds": dict(self.seconds)}
+                "providers": self.providers, "nodes": {m: sorted(n) for m, n in self.nodes.items()},
+                "model_seconds": dict(self.seconds)}
