@@ -86,16 +86,10 @@ def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         run_model(con, model, params)
-    # stored in image id order (the order by is kept only with insertion order preserved), so
-    # that each partition below reads only its own row groups
-    con.execute("set preserve_insertion_order = true")
-    run_model(con, "038_tag_candidates", params)
-    con.execute("set preserve_insertion_order = false")
     n_images = con.execute("select count(*) from image_ids").fetchone()[0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
-    size = -(-n_images // partitions)  # image ids are 1..n_images (sql/035)
     for partition in range(partitions):
-        run_model(con, "040_tags", {**params, "first_id": partition * size + 1, "last_id": (partition + 1) * size},
+        run_model(con, "040_tags", {**params, "partitions": partitions, "partition": partition},
                   append=partition > 0)
         if partitions > 1:
             print(f"curate: tags partition {partition + 1}/{partitions}", flush=True)

@@ -1,17 +1,42 @@
--- tags: the curated (image, tag) rows of one partition of the images (image ids $first_id to
--- $last_id; the job runs every partition), from its rows of tag_candidates (sql/038).
--- Steps, each a CTE: candidates -> aliases -> one row per tag
+-- tags: the curated (image, tag) rows of one partition of the images
+-- (image_id % $partitions = $partition; the job runs every partition).
+-- Steps, each a CTE: candidates (source tags, score 1; tagger tags over their category's
+-- threshold; the tagger's top rating when the source has none) -> aliases -> one row per tag
 -- -> blacklist -> impossible combinations -> overlapping tags (imgutils drop_overlap_tags) ->
 -- character traits (optional, images with a character tag only) -> rank.
 -- Tags and images become integer ids (tag_vocabulary, image_ids) at the first join; the
 -- strings come back at the end.
 with image_part as (
     select key, image_id from image_ids
-    where image_id between $first_id and $last_id
+    where $partitions = 1 or image_id % $partitions = $partition
+),
+source_candidates as (
+    select i.image_id, s.tag, s.category, 1.0::float as score, s.position
+    from source_tags s
+    join image_part i on i.key = s.key
+),
+tagger_candidates as (
+    select i.image_id, t.tag, t.category, t.score, null::integer as position
+    from tag_scores t
+    join image_part i on i.key = t.key
+    where (t.category = 'general' and t.score >= $general_threshold)
+       or (t.category = 'character' and t.score >= $character_threshold)
+),
+tagger_ratings as (
+    select i.image_id, arg_max(t.tag, t.score) as tag, 'rating' as category, max(t.score) as score,
+           null::integer as position
+    from tag_scores t
+    join image_part i on i.key = t.key
+    where t.category = 'rating'
+    group by i.image_id
 ),
 candidates as (
-    select image_id, tag, category, score, position from tag_candidates
-    where image_id between $first_id and $last_id
+    select * from source_candidates
+    union all
+    select * from tagger_candidates
+    union all
+    select r.* from tagger_ratings r
+    anti join (select image_id from source_candidates where category = 'rating') s on s.image_id = r.image_id
 ),
 categorized as (
     -- categories as small integer ids (category_ids): arg_max over a string per (image, tag)
