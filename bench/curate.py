@@ -78,7 +78,10 @@ def images_chunk(rng, keys) -> pa.Table:
                      "height": pa.array(rng.integers(512, 4096, n), pa.int32()),
                      "format": pa.array(["JPEG"] * n), "mode": pa.array(["RGB"] * n),
                      "n_frames": pa.array(np.ones(n), pa.int32()), "bytes": pa.array(rng.integers(1e5, 5e6, n)),
-                     "sha256": keys, "phash": pa.array(phash, pa.uint64())})
+                     "sha256": keys, "phash": pa.array(phash, pa.uint64()),
+                     "orientation": pa.array(np.ones(n), pa.int32()),
+                     "detail": pa.array(rng.uniform(20, 80, n), pa.float32()),  # detailed art: pHash applies
+                     "colour": pa.array(rng.integers(0, 2**48, n, dtype=np.uint64), pa.uint64())})
 
 
 def tags_chunk(rng, keys, general, probs, characters, n_tags) -> pa.Table:
