@@ -157,13 +157,14 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
 def related_tags(ws: Workspace, opts: dict) -> int:
     """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run)."""
     con = ws.connect()
+    part = f"pmi-{uuid.uuid4().hex[:12]}"  # a new file each run: readers of the last one keep it
     try:
-        table = con.sql(sql_text("caption_related_tags.sql"), params={
+        # streamed from DuckDB to the part in batches: the suggestions never sit in memory whole
+        reader = con.sql(sql_text("caption_related_tags.sql"), params={
             "min_support": int(opts["related_min_support"]), "min_pmi": float(opts["related_min_pmi"]),
-            "top_k": int(opts["related_top_k"])}).to_arrow_table()
+            "top_k": int(opts["related_top_k"])}).to_arrow_reader(100_000)
+        rows = ws.write_part_batches("tag_suggestions", part, reader)
     finally:
         con.close()
-    part = f"pmi-{uuid.uuid4().hex[:12]}"  # a new file each run: readers of the last one keep it
-    ws.write_part("tag_suggestions", part, table)
     ws.publish({"caption:related_tags": {"tag_suggestions": [part]}})
-    return table.num_rows
+    return rows

@@ -26,6 +26,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -108,6 +109,22 @@ class Workspace:
         if self.local:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, f"{folder}/{part}.parquet")
+
+    def write_part_batches(self, name: str, part: str, batches: Iterable[pa.RecordBatch]) -> int:
+        """Write one part from a stream of record batches (bounded memory), atomically; its rows."""
+        schema = schemas.TABLES[name]
+        folder = self.table_dir(name)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{part}-{uuid.uuid4().hex}.parquet.tmp"
+        rows = 0
+        with pq.ParquetWriter(tmp, schema, filesystem=self.fs, compression="zstd") as writer:
+            for batch in batches:
+                writer.write_table(schemas.conform(pa.Table.from_batches([batch]), name))
+                rows += batch.num_rows
+        if self.local:
+            fsync(tmp)
+        self.fs.move(tmp, f"{folder}/{part}.parquet")
+        return rows
 
     def add_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
         """Write a part and publish it at once, outside any job's units: rows made elsewhere

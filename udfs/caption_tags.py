@@ -114,19 +114,30 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     init_ray(cfg)
     vocabulary = load_vocabulary(ws, opts["tag_vocabulary"])
     ds = ray.data.from_arrow(texts).map_batches(
-        TextTagger, batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
+        TextTagger, batch_format="pyarrow", batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=max(1, int(opts["concurrency"]))), num_cpus=float(opts["num_cpus"]),
         fn_constructor_kwargs={"vocabulary": vocabulary, "top_k": int(opts["text_tags_top_k"]),
                                "min_similarity": float(opts["text_tags_min_similarity"]),
                                "model": opts["embedding_model"]})
+    # the rows found are written by tasks, a part per batch; the driver gets part names and counts
+    ds = ds.map_batches(write_text_tags, batch_format="pyarrow", fn_kwargs={"workspace": ws.root})
+    parts, written = [], 0
     with Progress("caption (tags from text)", texts.num_rows, what="texts") as progress:
-        rows = ds.to_arrow_refs()
-        table = pa.concat_tables(ray.get(rows)) if rows else None
+        for row in ds.iter_rows():
+            parts.append(row["part"])
+            written += row["rows"]
         progress.add(texts.num_rows)
-    result = table if table is not None and table.num_rows else []
-    part = f"{PART}-{uuid.uuid4().hex[:12]}"  # rewritten whole each run, as a new file readers switch to
-    ws.write_part("source_tags", part, result)
-    ws.publish({OWNER: {"source_tags": [part]}})
-    return len(result) if isinstance(result, list) else result.num_rows
+    ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
+    return written
+
+
+def write_text_tags(batch: pa.Table, workspace: str) -> dict[str, list]:
+    """map_batches UDF (task): one batch of found tags as a new source_tags part; its name and rows."""
+    if batch.num_rows == 0:
+        return {"part": [], "rows": []}
+    part = f"{PART}-{uuid.uuid4().hex[:16]}"  # named by no generation until the job publishes it
+    Workspace(workspace).write_part("source_tags", part, batch)
+    return {"part": [part], "rows": [batch.num_rows]}
 
 
 def _sql(name: str) -> str:
