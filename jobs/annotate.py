@@ -157,6 +157,11 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
                              f"{rate:.1f} images/s of model time")
 
 
+def part_pipeline_name(part: str, unit: str) -> str:
+    """`face` of `annotate-<unit>-face-<random>` (pipeline names have no dash)."""
+    return part[len(f"{JOB}-{unit}-"):].rsplit("-", 1)[0]
+
+
 def wants_gpus(device: str) -> bool:
     """Whether model actors ask Ray for their num_gpus: always for device "cuda" (so that an
     autoscaling cluster starts GPU workers from zero), for "auto" when the cluster has GPUs now."""
@@ -252,11 +257,15 @@ class Pipeline:
 
     # ---- commits ------------------------------------------------------------------------
     def commit(self, unit: str, parts: dict[str, set[str]], info: dict) -> dict:
-        """The unit's marker: its parts (with those of models run on it before) and counts."""
+        """The unit's marker: its parts and counts, keeping the parts of models run on it before
+        that this run did not run again (this run's replace theirs: a changed model's rows go)."""
         previous = self.done.get(unit, {})
-        info["models"] = sorted(set(previous.get("models", [])) | {s["model"] for s in self.specs.values()})
-        for table, names in previous.get("parts", {}).items():  # parts of models run before stay
-            parts[table].update(names)
+        rerun = set(self.specs) | {"decode"}
+        pipeline = {n: m for n, m in previous.get("pipeline", {}).items() if n not in rerun}
+        pipeline |= {n: s["model"] for n, s in self.specs.items()}
+        info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
+        for table, names in previous.get("parts", {}).items():
+            parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)
         self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
         self.ws.publish_now_and_then()
         return info

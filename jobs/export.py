@@ -82,6 +82,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     total, selection = load_selection(ws, opts)
     units = plan_units(selection, opts, out, int(cfg["ingest"]["folder_unit_size"]))
     remove_stale(ws, out, {u["unit"] for u in units})
+    ws.publish()  # the manifest rows of the files just removed go at once
     done = ws.done_units(JOB)
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selection.num_rows} of {total} images selected; {len(units)} units, "

@@ -90,6 +90,8 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
                for f in u.files}
     shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
     removed = 0
+    if stale:
+        ws.hold_publishing()
     for uid in stale:
         gone = [r for r in ws.read_part("images", uid, ["key", "source", "member"])
                 if r["key"] not in planned and not _under(r["key"], shards)]

@@ -70,6 +70,7 @@ class Workspace:
             self.local = True
         self.root = root if not self.local else self.base
         self._published_at = time.monotonic()
+        self._hold = False  # no publish mid-run (see hold_publishing)
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
                 raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {root} ...` first)")
@@ -189,6 +190,8 @@ class Workspace:
         fault_point("BOORUSET_KILL_AFTER_COMMITS")
 
     def forget_unit(self, job: str, unit: str) -> None:
+        """Retire a committed unit: the next publish drops its parts (see hold_publishing)."""
+        self.hold_publishing()
         path = f"{self.state_dir(job)}/{unit}.json"
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             self.fs.delete_file(path)
@@ -212,14 +215,26 @@ class Workspace:
         """Make a new generation visible: the parts of every committed unit, plus the parts of
         global outputs by owner (`owned` replaces those owners' parts; {} for an owner drops it).
         One atomic write: a reader sees all of it or none of it. Returns the generation."""
+        first = self.read_json(PUBLISHED) is None
         previous = self.published()
         owners = {**previous["owned"], **(owned or {})}
-        owners = {owner: parts for owner, parts in owners.items() if parts}
         tables: dict[str, set[str]] = defaultdict(set)
+        visible: dict[str, set[str]] | None = None  # listed only for markers from before "parts"
         for job in UNIT_JOBS:
-            for info in self.done_units(job).values():
-                for table, parts in info.get("parts", {}).items():
-                    tables[table].update(parts)
+            for unit, info in self.done_units(job).items():
+                if "parts" not in info and visible is None:
+                    visible = self._visible_parts()
+                parts = info["parts"] if "parts" in info else legacy_unit_parts(job, unit, visible)
+                for table, names in parts.items():
+                    tables[table].update(names)
+        if first:  # a workspace from before generations: keep what its readers saw
+            claimed = {t: set(p) for t, p in tables.items()}
+            for parts_by_table in (owned or {}).values():
+                for table, names in parts_by_table.items():
+                    claimed.setdefault(table, set()).update(names)
+            for owner, parts in self._legacy_owners(claimed).items():
+                owners.setdefault(owner, parts)
+        owners = {owner: parts for owner, parts in owners.items() if parts}
         for parts_by_table in owners.values():
             for table, parts in parts_by_table.items():
                 tables[table].update(parts)
@@ -231,12 +246,38 @@ class Workspace:
         self.refresh_catalog()
         return generation
 
+    def _visible_parts(self) -> dict[str, set[str]]:
+        """Part names per table of every non-hidden Parquet file under tables/."""
+        found: dict[str, set[str]] = defaultdict(set)
+        selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
+                table = info.path[len(f"{self.base}/tables/"):].split("/", 1)[0]
+                found[table].add(info.base_name[: -len(".parquet")])
+        return found
+
+    def _legacy_owners(self, claimed: dict[str, set[str]]) -> dict[str, dict[str, list[str]]]:
+        """Visible parts no marker names, by the owner that writes such names now."""
+        owners: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        prefixes = {"curate-": "curate", "caption-text-tags": "caption:tags_from_text", "pmi": "caption:related_tags"}
+        for table, parts in self._visible_parts().items():
+            for part in sorted(parts - claimed.get(table, set())):
+                owner = next((o for prefix, o in prefixes.items() if part.startswith(prefix)), "legacy")
+                owners[owner][table].append(part)
+        return {owner: dict(parts) for owner, parts in owners.items()}
+
     def publish_now_and_then(self, interval: float = 60.0) -> None:
         """Publish when the last publish from this process is `interval` seconds old: a long job's
         committed units become visible while it runs, without a publish per unit (each one
         reads every marker)."""
-        if time.monotonic() - self._published_at >= interval:
+        if not self._hold and time.monotonic() - self._published_at >= interval:
             self.publish()
+
+    def hold_publishing(self) -> None:
+        """No publish until the job's end: this run retired units whose replacements it is
+        writing, and a generation in between would show the table with the old rows gone and
+        the new ones not all there."""
+        self._hold = True
 
     def begin_job(self) -> int:
         """At a writing job's start (under the workspace lock): publish what a killed run had
@@ -351,6 +392,20 @@ def fault_point(variable: str) -> None:
 
 
 TEMP_PREFIXES = (".tmp-", ".catalog-")
+
+
+def legacy_unit_parts(job: str, unit: str, visible: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The parts of a unit committed before markers named them: the names each job used then,
+    where such a file is there."""
+    if job == "ingest":
+        names = {t: [unit] for t in ("images", "source_tags", "source_text", "errors")}
+    elif job == "caption":
+        names = {"captions": [unit], "errors": [f"caption-{unit}"]}
+    elif job == "export":
+        names = {"export_manifest": [unit], "errors": [f"export-{unit}"]}
+    else:
+        names = {t: [p for p in parts if p.startswith(f"{job}-{unit}-")] for t, parts in visible.items()}
+    return {t: [p for p in parts if p in visible.get(t, set())] for t, parts in names.items()}
 
 
 def sweep_temp_files(fs: pafs.FileSystem, root: str, before: float) -> int:

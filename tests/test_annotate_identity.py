@@ -54,3 +54,29 @@ def test_a_grown_folder_is_annotated_again_without_stale_rows(tmp_path):
 
     _, fresh = annotated(tmp_path / "fresh", folder)  # one run over the grown folder
     assert rows == fresh and {r[0] for r in rows} & {f"art/{n.rsplit('.', 1)[0]}" for n, _ in images[4:]}
+
+
+def test_a_model_added_later_leaves_the_earlier_rows_once(tmp_path):
+    """annotate with one model, then with two: the unit is run again with both, and the first
+    model's rows are replaced, not kept beside the new ones (equal to one run with both)."""
+    from tests.onnx_fakes import face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(4):
+        (folder / name).write_bytes(data)
+    models = face_model_dir(tmp_path / "models")
+
+    def run(ws_path, names: str):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 f"annotate.models={names}", f'annotate.models_dir="{models}"'])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        annotate.run(cfg, ws)
+        return ws.connect().execute("select key, model, label, score from detections order by all").fetchall()
+
+    first = run(tmp_path / "ws", '["cascade_face"]')
+    both = run(tmp_path / "ws", '["cascade_face", "face"]')
+    assert both == run(tmp_path / "fresh", '["cascade_face", "face"]')
+    assert {r[1] for r in both} == {"lbpcascade_animeface", "face_detect_v1.4_s"}
+    assert [r for r in both if r[1] == "lbpcascade_animeface"] == first

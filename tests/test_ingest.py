@@ -199,3 +199,25 @@ def test_views_ignore_writes_in_progress(tmp_path):
     con.close()
     assert ws.begin_job() == 2  # unit-b and the curate part nobody published
     assert sorted(p.name for p in folder.iterdir()) == [".tmp-unit-b-123.parquet", "unit-a.parquet"]
+
+
+def test_a_workspace_from_before_generations_keeps_its_tables(tmp_path):
+    """Markers written before they named their parts, and curate's renamed output: the first
+    publish keeps every table as its readers saw it, and deletes nothing."""
+    ws = Workspace(str(tmp_path / "ws"))
+    row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
+    ws.write_part("source_tags", "unit-a", [row])
+    ws.write_part("images", "unit-a", [{"key": "a", "source": "s", "member": "a.png"}])
+    ws.write_part("tags", "curate-0123abcd-00000", [{"key": "a", "tag": "x", "category": "general", "rank": 1}])
+    ws.write_part("captions", "cap-1", [{"key": "a", "attempt": 0, "caption": "x", "accepted": True}])
+    for job, unit in (("ingest", "unit-a"), ("caption", "cap-1")):
+        ws.fs.create_dir(ws.state_dir(job), recursive=True)
+        with ws.fs.open_output_stream(f"{ws.state_dir(job)}/{unit}.json") as out:
+            out.write(b'{"images": 1}')
+    assert ws.begin_job() == 0
+    assert {t: ws.read_table(t).num_rows for t in ("images", "source_tags", "tags", "captions")} == {
+        "images": 1, "source_tags": 1, "tags": 1, "captions": 1}
+    assert ws.published()["owned"]["curate"] == {"tags": ["curate-0123abcd-00000"]}
+    ws.forget_unit("caption", "cap-1")  # a stale unit, as caption forgets it: its rows go
+    ws.publish()
+    assert ws.read_table("captions").num_rows == 0

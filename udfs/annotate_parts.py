@@ -1,7 +1,7 @@
 """The last step of annotate, in Ray tasks: model outputs -> Parquet parts of the unit's tables.
 
 Each batch of pipeline rows is turned into detections, embeddings, tag_scores and errors rows
-and written as parts named after the unit, the model and the batch's first key; the task
+and written as parts named `annotate-<unit>-<pipeline name>-<random>`; the task
 returns one small row per unit it saw (rows done, parts written, counts). The driver only adds
 those up and writes a unit's marker once all its rows are in: no image, vector or per-row
 result passes through it.
@@ -9,8 +9,8 @@ result passes through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -33,7 +33,7 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
         by_unit[str(batch["unit"][i])].append({c: batch[c][i] for c in batch})
     for unit, rows in by_unit.items():
         tables = UnitTables(models, rows)
-        tag = hashlib.sha1(min(str(r["key"]) for r in rows).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        tag = uuid.uuid4().hex[:16]  # a new name per write: a published part is never overwritten
         parts: dict[str, list[str]] = defaultdict(list)
         for (table, name), part in tables.parts.items():
             if part:  # empty parts are not written: the marker lists what there is
