@@ -6,7 +6,7 @@ Steps:
 2. one input row per image (sql/caption_inputs.sql), cut into units of `unit_size` images;
 3. Ray Data map_batches with one callable class per backend over whole units: caption,
    score, loop back, rewrite, write the unit's parts, commit it (resume skips committed units);
-   the vllm backend runs ray.data.llm stages instead (udfs/vllm_captioner.py);
+   the vllm backend streams the units through ray.data.llm instead (udfs/caption_stream.py);
 4. related-tag suggestions from co-occurrence PMI (sql/caption_related_tags.sql).
 """
 
@@ -33,7 +33,8 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars")
+                "max_caption_chars", "image_max_side")
+REWRITERS = ("", "openai", "vllm")
 
 
 def sql_text(name: str) -> str:
@@ -45,6 +46,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = cfg["caption"]
     if opts["backend"] not in BACKENDS:
         raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
+    if opts["rewrite"] not in REWRITERS:
+        raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
+    if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
+        raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
+                          'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
     summary = JobSummary("caption")
     ws.begin_job()
     if opts["tags_from_text"]:
@@ -113,12 +119,10 @@ def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> 
     opts = cfg["caption"]
     progress = Progress("caption", sum(t.num_rows for _, t in units), units=len(units))
     if opts["backend"] == "vllm":
-        from udfs.vllm_captioner import caption_units_vllm
+        from udfs.caption_stream import caption_units_stream
 
-        with progress:  # one engine pass over every unit: the units finish together
-            infos = caption_units_vllm(ws, units, opts)
-            progress.add(sum(info["images"] for info in infos), units=len(infos))
-        return infos
+        with progress:
+            return caption_units_stream(ws, units, opts, progress)
     captioner = captioner_class(opts["backend"])
     # one block per unit, and batch_size=None hands each block over whole
     ds = ray.data.from_arrow([t for _, t in units])

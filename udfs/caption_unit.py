@@ -82,11 +82,12 @@ class UnitCaptioner:
         self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
                                   int(options["accuracy_step"]), float(options["review_floor"]))
-        self.rewriter = None
-        if options.get("rewrite"):
-            from udfs.rewriter import make_rewriter
+        self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
 
-            self.rewriter = make_rewriter(options)
+    def make_rewriter(self, options: dict[str, Any]):
+        from udfs.rewriter import make_rewriter
+
+        return make_rewriter(options)
 
     # ---- what a backend supplies ------------------------------------------------------------
     def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
@@ -186,7 +187,7 @@ class UnitCaptioner:
         best = _best_rows(attempts)
         chosen = [best[i] for i in sorted(best)]
         keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
-        results = self.rewriter.rewrite([r["caption"] for r in chosen], keep)
+        results = self.rewriter.rewrite([todo[r["_i"]] for r in chosen], [r["caption"] for r in chosen], keep)
         done = []
         for r, result in zip(chosen, results, strict=True):
             if self._acceptable(todo[r["_i"]], result, "rewrite", errors):

@@ -1,7 +1,7 @@
 """The rewriter: an LLM condenses a caption and keeps its facts; the prompt lists the tags that must stay.
 
-Two transports, as for captioning: an OpenAI-compatible endpoint (inside the caption actors)
-and ray.data.llm with vLLM (`vllm_rewrite_processor`, a Ray Data stage for the vllm backend).
+Two transports, as for captioning: an OpenAI-compatible endpoint (inside the caption actors, any
+backend) and ray.data.llm (`rewrite = "vllm"`, the vllm backend's stream: udfs/caption_stream.py).
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ class OpenAIRewriter:
         self.name = endpoint.model
 
     def must_keep(self, tags: list[str], categories: list[str]) -> list[str]:
-        return [t for t, c in zip(tags, categories, strict=True) if (c or "general") in self.keep_categories]
+        return must_keep(tags, categories, self.keep_categories)
 
-    def rewrite(self, captions: list[str], keep: list[list[str]]) -> list[str | EndpointError]:
+    def rewrite(self, rows: list[dict], captions: list[str], keep: list[list[str]]) -> list[str | EndpointError]:
         requests = [{"messages": rewrite_messages(c, k), "max_tokens": self.max_tokens, "temperature": 0.2}
                     for c, k in zip(captions, keep, strict=True)]
         return [clean_reply(r) if isinstance(r, str) else r for r in self.endpoint.chat_many(requests)]
 
 
+def must_keep(tags: list[str], categories: list[str], keep_categories: set[str]) -> list[str]:
+    """The tags a rewrite must keep: those of the kept categories."""
+    return [t for t, c in zip(tags, categories, strict=True) if (c or "general") in keep_categories]
+
+
 def make_rewriter(options: dict[str, Any]) -> OpenAIRewriter:
-    """The rewriter the caption actors use (the vllm transport runs as a Ray Data stage instead)."""
+    """The rewriter the caption actors use (rewrite = "vllm" is a pass of the vllm backend's stream)."""
     if options["rewrite"] != "openai":
-        raise ValueError(f"caption.rewrite {options['rewrite']!r} runs as a ray.data.llm stage, not in an actor")
+        raise ValueError(f"caption.rewrite {options['rewrite']!r} is not an endpoint rewriter (only 'openai' is)")
     endpoint = ChatEndpoint(options["rewrite_base_url"], options["rewrite_model"], options["rewrite_api_key_env"],
                             timeout_s=float(options["timeout_s"]), max_retries=int(options["max_retries"]),
                             backoff_s=float(options["backoff_s"]), max_concurrency=int(options["max_concurrency"]))

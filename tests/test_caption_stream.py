@@ -1,0 +1,131 @@
+"""The vllm backend's stream (udfs/caption_stream.py) end to end against a real server on loopback.
+
+No GPU here, so no vLLM engine: the stream runs with ray.data.llm's HttpRequestProcessorConfig
+(`caption.vllm_url`) against `transformers serve` (tests/served_models.py), the tiny LLaVA taking
+the images and SmolLM2 the rewrites. Everything else is what runs with an engine: the request
+rows, the image reads, the replies written per unit, the settling actors and the per-unit
+commits. The engine processor's config is checked in test_caption_vllm.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from jobs import caption
+from jobs.config import merge
+from kill_mid_run import booruset, kill_after_commits
+
+IMAGES = 8  # unit_size 2: 4 units
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
+           (90, 90, 90), (250, 250, 250)]
+MISSING = "k/7"  # its member is not in the shard: an unreadable_image error, not a lost unit
+
+
+def write_shard(path: Path) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for i, colour in enumerate(COLOURS[:-1]):
+            png = io.BytesIO()
+            Image.new("RGB", (64 + 8 * i, 48), colour).save(png, format="PNG")
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    return path
+
+
+def write_inputs(ws, shard: Path) -> None:
+    keys = [f"k/{i}" for i in range(IMAGES)]
+    ws.add_part("images", "u", [
+        {"key": k, "source": str(shard), "member": f"{i}.png", "width": 64, "height": 48, "format": "PNG",
+         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": k, "phash": i} for i, k in enumerate(keys)])
+    ws.add_part("tags", "u", [
+        {"key": k, "tag": t, "category": "general", "score": 1.0, "rank": r}
+        for k in keys for r, t in enumerate(["1girl", "solo", "red_hair", "smile"])])
+    ws.add_part("image_meta", "u", [
+        {"key": k, "n_people": 1, "n_characters": 0, "characters": [], "rating": "general"} for k in keys])
+
+
+def stream_options(url: str) -> dict:
+    # target 1.01: every image takes both attempts, then the rewrite pass: three rounds of the stream
+    return {"backend": "vllm", "vllm_url": url, "vllm_model": "tinyvlm", "api_key_env": "", "max_tokens": 6,
+            "temperature": 0.0, "max_attempts": 2, "target": 1.01, "rewrite": "vllm", "rewrite_base_url": url,
+            "rewrite_model": "smollm2", "rewrite_api_key_env": "", "rewrite_max_tokens": 6, "unit_size": 2,
+            "concurrency": 1, "vllm_batch_size": 4, "vllm_concurrency": 1, "max_retries": 1,
+            "tags_from_text": False, "related_tags": False}
+
+
+def caption_rows(ws) -> list[tuple]:
+    rows = ws.read_table("captions").to_pylist()
+    return sorted((r["key"], r["attempt"], r["backend"], r["seed"], r["caption"], round(r["accuracy"], 6),
+                   r["accepted"]) for r in rows)
+
+
+def stream_folder(ws) -> list[str]:
+    selector = pafs.FileSelector(f"{ws.base}/state/caption-stream", recursive=True, allow_not_found=True)
+    return [i.path for i in ws.fs.get_file_info(selector) if i.is_file]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory) -> Path:
+    return write_shard(tmp_path_factory.mktemp("stream-shard") / "s.tar")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(transformers_server, ray_local, tmp_path_factory, shard):
+    """A whole run of the stream: its workspace and summary."""
+    from jobs.config import load_config
+    from jobs.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("stream-ws") / "ws"
+    config = load_config(None, [f'workspace.path="{root}"', "ray.num_cpus=2"])
+    merge(config, {"caption": stream_options(transformers_server)})
+    ws = Workspace(str(root))
+    write_inputs(ws, shard)
+    return ws, caption.run(config, ws)
+
+
+def test_stream_captions_loops_back_rewrites_and_commits_every_unit(uninterrupted):
+    ws, summary = uninterrupted
+    rows = ws.read_table("captions").to_pylist()
+    readable = {f"k/{i}" for i in range(IMAGES)} - {MISSING}
+    assert {r["key"] for r in rows} == readable
+    for key in readable:
+        mine = sorted((r for r in rows if r["key"] == key), key=lambda r: r["attempt"])
+        assert [(r["attempt"], r["backend"]) for r in mine] == [
+            (0, "vllm:tinyvlm"), (1, "vllm:tinyvlm"), (2, "rewrite:smollm2")]
+        assert sum(r["accepted"] for r in mine) == 1
+        assert all(r["caption"] and 0.0 <= r["accuracy"] <= 1.0 for r in mine)
+    errors = [e for e in ws.read_table("errors").to_pylist() if e["key"] == MISSING]
+    assert {e["kind"] for e in errors} == {"unreadable_image", "no_caption"}
+    assert summary.units_done == IMAGES // 2 and len(ws.done_units("caption")) == IMAGES // 2
+    assert stream_folder(ws) == []  # a committed unit's requests and replies are gone
+
+
+def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transformers_server, tmp_path, shard):
+    from jobs.workspace import Workspace
+
+    reference, _ = uninterrupted
+    ws = Workspace(str(tmp_path / "ws"))
+    write_inputs(ws, shard)
+    sets = [arg for key, value in stream_options(transformers_server).items()
+            for arg in ("--set", f"caption.{key}={json.dumps(value)}")]
+    victim = booruset("caption", "-w", ws.root, *sets)
+    committed = kill_after_commits(victim, Path(ws.state_dir("caption")), at_least=1, poll_s=0.02)
+    assert 1 <= committed < IMAGES // 2, victim.stdout.read()
+    before = {u: Path(ws.table_dir("captions"), f"{u}.parquet").stat().st_mtime_ns for u in ws.done_units("caption")}
+    assert stream_folder(ws), "the units in flight kept the replies they had"
+
+    again = booruset("caption", "-w", ws.root, *sets)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert f"{committed} done before" in out
+    for unit, mtime in before.items():  # the units committed before the kill were not redone
+        assert Path(ws.table_dir("captions"), f"{unit}.parquet").stat().st_mtime_ns == mtime
+    assert caption_rows(ws) == caption_rows(reference)
+    assert stream_folder(ws) == []

@@ -1,0 +1,301 @@
+"""The `vllm` caption backend as a stream: units -> request rows -> ray.data.llm -> replies -> per-unit commit.
+
+A unit is settled by a `ReplayCaptioner` (in a small pool of actors): it runs the shared
+caption logic of udfs/caption_unit.py (attempts, scoring, loop-back, rewrite, quality tags)
+over the model replies the unit has so far. When that logic asks for replies it has not got
+(attempt k of some images, or their rewrites), the actor writes those requests to the unit's
+stream folder and stops; when it has all it needs, it writes the unit's parts and commits.
+
+The driver only plans: it sends every pending unit to be settled, then runs one Ray Data pass
+per round over the request files (CPU tasks read and shrink the images and build the prompts,
+the processor of udfs/vllm_captioner.py runs the model, tasks write each batch's replies next
+to the unit's requests) and, counting the small acknowledgements the pass returns, settles
+each unit as soon as its last reply is written. Images, prompts and replies never pass
+through the driver.
+
+Replies stay in `state/caption-stream/<unit>/` until the unit commits: a unit's id hashes its
+inputs and options, so after a kill the next run replays them and asks only for the replies it
+lacks. A kill loses at most the requests in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from jobs.ray_env import Progress
+from jobs.workspace import Workspace
+from udfs.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption_prompts import caption_messages, rewrite_messages
+from udfs.caption_unit import Hint, UnitCaptioner, unit_info
+from udfs.openai_transport import EndpointError
+from udfs.rewriter import must_keep
+
+STREAM = "state/caption-stream"
+REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key", pa.string()),
+                            ("source", pa.string()), ("member", pa.string()), ("seed", pa.int64()),
+                            ("text", pa.string()), ("tags", pa.list_(pa.string())),
+                            ("categories", pa.list_(pa.string()))])
+REPLY_SCHEMA = pa.schema([("stage", pa.string()), ("key", pa.string()), ("caption", pa.string()),
+                          ("error", pa.string())])  # "" or "<kind>: <message>"
+REWRITE = "rewrite"  # the stage name of rewrites; caption attempts are a0, a1, ...
+
+
+class NeedReplies(Exception):
+    """The replay reached a stage whose replies a unit has not got: the request rows to send."""
+
+    def __init__(self, stage: str, requests: list[dict]) -> None:
+        super().__init__(f"{len(requests)} replies of stage {stage} missing")
+        self.stage, self.requests = stage, requests
+
+
+class ReplayRewriter:
+    """The rewriter of the stream: rewrites are replies of stage `rewrite`, asked for like captions."""
+
+    def __init__(self, captioner: ReplayCaptioner, keep_categories: list[str]) -> None:
+        self.captioner = captioner
+        self.keep_categories = set(keep_categories)
+        self.name = captioner.opts["rewrite_model"]
+
+    def must_keep(self, tags: list[str], categories: list[str]) -> list[str]:
+        return must_keep(tags, categories, self.keep_categories)
+
+    def rewrite(self, rows: list[dict], captions: list[str], keep: list[list[str]]) -> list[str | Exception]:
+        asks = [(caption, tags, [], 0) for caption, tags in zip(captions, keep, strict=True)]
+        return self.captioner.replayed(REWRITE, rows, asks)
+
+
+class ReplayCaptioner(UnitCaptioner):
+    """Settles units of the stream: replays the caption logic over the unit's staged replies."""
+
+    backend = "vllm"
+    needs_tags = False
+
+    def __init__(self, workspace: str, options: dict[str, Any]) -> None:
+        super().__init__(workspace, options)
+        self.replies: dict[tuple[str, str], dict] = {}
+        self.unit = ""
+
+    def make_rewriter(self, options: dict[str, Any]):
+        if options["rewrite"] == "vllm":
+            return ReplayRewriter(self, list(options["rewrite_keep_categories"]))
+        return super().make_rewriter(options)
+
+    def backend_name(self, row: dict) -> str:
+        return f"vllm:{self.opts['vllm_model']}"
+
+    def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
+        asks = [(draft, hint.tags, hint.categories, hint.seed) for hint, draft in zip(hints, drafts, strict=True)]
+        return self.replayed(f"a{attempt}", rows, asks)
+
+    def replayed(self, stage: str, rows: list[dict], asks: list[tuple]) -> list[str | Exception]:
+        """The staged replies of `stage` for `rows`; NeedReplies with the requests of those missing."""
+        missing = [(row, ask) for row, ask in zip(rows, asks, strict=True) if (stage, row["key"]) not in self.replies]
+        if missing:
+            raise NeedReplies(stage, [
+                {"unit": self.unit, "stage": stage, "key": row["key"], "source": row.get("source") or "",
+                 "member": row.get("member") or "", "seed": seed, "text": text, "tags": tags, "categories": cats}
+                for row, (text, tags, cats, seed) in missing])
+        out: list[str | Exception] = []
+        for row in rows:
+            reply = self.replies[(stage, row["key"])]
+            if reply["error"]:
+                kind, _, message = reply["error"].partition(": ")
+                out.append(EndpointError(kind, message))
+            else:
+                out.append(reply["caption"])
+        return out
+
+    def settle(self, unit: str, table: pa.Table) -> dict:
+        """Commit the unit if its replies are all there: {"unit", "info"}; else write the requests
+        it lacks: {"unit", "stage", "requests", "path"}."""
+        self.unit = unit
+        self.replies = read_replies(self.ws, unit)
+        try:
+            captions, errors = self.caption_unit(table)
+        except NeedReplies as need:
+            path = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
+            write_atomic(self.ws, path, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
+            return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": path}
+        self.ws.write_part("captions", unit, captions)
+        self.ws.write_part("errors", f"caption-{unit}", errors)
+        info = unit_info(table.num_rows, captions, errors, 0.0)
+        self.ws.commit_unit("caption", unit, info, parts={"captions": [unit], "errors": [f"caption-{unit}"]})
+        self.ws.fs.delete_dir(f"{self.ws.base}/{STREAM}/{unit}")
+        return {"unit": unit, "info": info}
+
+
+def read_replies(ws: Workspace, unit: str) -> dict[tuple[str, str], dict]:
+    """(stage, key) -> reply of every reply file the unit has (from this run or a killed one)."""
+    folder = f"{ws.base}/{STREAM}/{unit}/replies"
+    selector = pafs.FileSelector(folder, allow_not_found=True)
+    replies: dict[tuple[str, str], dict] = {}
+    for info in sorted(ws.fs.get_file_info(selector), key=lambda i: i.path):
+        if info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
+            for row in pq.read_table(info.path, filesystem=ws.fs, schema=REPLY_SCHEMA).to_pylist():
+                replies.setdefault((row["stage"], row["key"]), row)
+    return replies
+
+
+def write_atomic(ws: Workspace, path: str, table: pa.Table) -> None:
+    folder, name = path.rsplit("/", 1)
+    ws.fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{name}-{uuid.uuid4().hex}"
+    pq.write_table(table, tmp, filesystem=ws.fs)
+    ws.fs.move(tmp, path)
+
+
+# ---- the stream's CPU stages ------------------------------------------------------------------
+def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
+    """Request rows -> chat messages: caption stages with the image (read, shrunk, a data URL), rewrites as text."""
+    rows = batch.to_pylist()
+    captions = [i for i, r in enumerate(rows) if r["stage"] != REWRITE]
+    urls: dict[int, str | None] = {}
+    if options["send_images"] and captions:
+        raw = read_members([rows[i]["source"] for i in captions], [rows[i]["member"] for i in captions])
+        for i, data in zip(captions, raw, strict=True):
+            try:
+                urls[i] = data_url(shrink_jpeg(data, int(options["image_max_side"]))) if data else None
+            except OSError:
+                urls[i] = None
+    messages, errors = [], []
+    for i, r in enumerate(rows):
+        if r["stage"] == REWRITE:
+            messages.append(json.dumps(rewrite_messages(r["text"], r["tags"])))
+            errors.append("")
+        elif options["send_images"] and urls.get(i) is None:
+            messages.append("")
+            errors.append(f"unreadable_image: cannot read {r['member']} from {r['source']}")
+        else:
+            messages.append(json.dumps(caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
+                                                        template=options["prompt"])))
+            errors.append("")
+    return pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"], "seed": batch["seed"],
+                     "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string())})
+
+
+def write_replies(batch: pa.Table, workspace: str) -> pa.Table:
+    """Write the batch's replies into their units' folders; return one acknowledgement per unit."""
+    ws = Workspace(workspace, create=False)
+    errors = batch["error"].to_pylist()
+    if "__inference_error__" in batch.column_names:  # rows the engine failed skip postprocess
+        failed = batch["__inference_error__"].to_pylist()
+        errors = [f"model_error: {f}" if f else e for e, f in zip(errors, failed, strict=True)]
+    captions = batch["caption"] if "caption" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+    replies = pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"],
+                        "caption": captions.cast(pa.string()), "error": pa.array(errors, pa.string())})
+    acks: dict[str, list] = {"unit": [], "rows": []}
+    for unit in pc.unique(replies["unit"]).to_pylist():
+        mine = replies.filter(pc.equal(replies["unit"], unit)).select(REPLY_SCHEMA.names)
+        write_atomic(ws, f"{ws.base}/{STREAM}/{unit}/replies/{uuid.uuid4().hex}.parquet", mine.cast(REPLY_SCHEMA))
+        acks["unit"].append(unit)
+        acks["rows"].append(mine.num_rows)
+    return pa.table({"unit": pa.array(acks["unit"], pa.string()), "rows": pa.array(acks["rows"], pa.int64())})
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+@ray.remote
+class UnitSettler:
+    def __init__(self, workspace: str, options: dict[str, Any]) -> None:
+        self.captioner = ReplayCaptioner(workspace, options)
+
+    def settle(self, unit: str, table: pa.Table) -> dict:
+        return self.captioner.settle(unit, table)
+
+
+class StreamDriver:
+    """Plans the rounds, counts acknowledgements, hands units to the settlers; holds no rows."""
+
+    def __init__(self, ws: Workspace, units: list[tuple[str, pa.Table]], opts: dict[str, Any],
+                 progress: Progress) -> None:
+        self.ws, self.opts, self.progress = ws, opts, progress
+        self.inputs = {unit: ray.put(table) for unit, table in units}  # in the object store, sent once
+        # the settlers mostly wait for the engine; a full CPU each would starve the stream's tasks
+        self.settlers = [UnitSettler.options(num_cpus=0.25).remote(ws.root, opts)
+                         for _ in range(max(1, min(int(opts["concurrency"]), len(units))))]
+        self.in_flight: dict[ray.ObjectRef, str] = {}
+        self.requests: list[dict] = []
+        self.infos: list[dict] = []
+        self._next = 0
+
+    def run(self) -> list[dict]:
+        remove_stale_streams(self.ws, set(self.inputs))
+        for unit in self.inputs:
+            self.settle(unit)
+        self.harvest(wait=True)
+        for _ in range(int(self.opts["max_attempts"]) + 2):  # attempts, the rewrite, one spare
+            if not self.requests:
+                return self.infos
+            requests, self.requests = self.requests, []
+            for rewrite in (False, True):
+                group = [r for r in requests if (r["stage"] == REWRITE) == rewrite]
+                if group:
+                    self.run_pass(group, rewrite)
+        raise RuntimeError(f"caption stream: {len(self.requests)} units still asking for replies after every round")
+
+    def settle(self, unit: str) -> None:
+        settler = self.settlers[self._next % len(self.settlers)]
+        self._next += 1
+        self.in_flight[settler.settle.remote(unit, self.inputs[unit])] = unit
+
+    def harvest(self, wait: bool) -> None:
+        """Collect settled units (all of them when `wait`): commits counted, requests kept for the next round."""
+        while self.in_flight:
+            ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight) if wait else 1,
+                                timeout=None if wait else 0)
+            if not ready:
+                return
+            for ref in ready:
+                del self.in_flight[ref]
+                result = ray.get(ref)
+                if "info" in result:
+                    self.infos.append(result["info"])
+                    self.progress.add(int(result["info"]["images"]), units=1)
+                    self.ws.publish_now_and_then()
+                else:
+                    self.requests.append(result)
+
+    def run_pass(self, group: list[dict], rewrite: bool) -> None:
+        """One Ray Data pass over the request files of `group`; each unit settles on its last reply."""
+        from udfs.vllm_captioner import build_processor
+
+        expected = {r["unit"]: int(r["requests"]) for r in group}
+        ds = ray.data.read_parquet([r["path"] for r in group], filesystem=self.ws.fs, schema=REQUEST_SCHEMA)
+        ds = ds.map_batches(request_messages, batch_format="pyarrow", batch_size=int(self.opts["vllm_batch_size"]),
+                            fn_kwargs={"options": self.opts}, num_cpus=0.5)
+        ds = build_processor(self.opts, rewrite=rewrite)(ds)
+        ds = ds.map_batches(write_replies, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"workspace": self.ws.root}, num_cpus=0.25)
+        seen: Counter[str] = Counter()
+        for acks in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for unit, rows in zip(acks["unit"].to_pylist(), acks["rows"].to_pylist(), strict=True):
+                seen[unit] += rows
+                if seen[unit] == expected[unit]:
+                    self.settle(unit)
+            self.harvest(wait=False)
+        for unit in expected:  # a unit short of replies asks again for the ones it lacks
+            if seen[unit] != expected[unit]:
+                self.settle(unit)
+        self.harvest(wait=True)
+
+
+def remove_stale_streams(ws: Workspace, current: set[str]) -> None:
+    """Delete the stream folders of units no longer planned (their inputs or options changed)."""
+    selector = pafs.FileSelector(f"{ws.base}/{STREAM}", allow_not_found=True)
+    for info in ws.fs.get_file_info(selector):
+        if info.type == pafs.FileType.Directory and info.base_name not in current:
+            ws.fs.delete_dir(info.path)
+
+
+def caption_units_stream(ws: Workspace, units: list[tuple[str, pa.Table]], opts: dict[str, Any],
+                         progress: Progress) -> list[dict]:
+    """Caption `units` through the stream; the infos of the units committed."""
+    return StreamDriver(ws, units, opts, progress).run()
