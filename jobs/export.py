@@ -3,11 +3,13 @@
 Steps:
 1. selection (sql/export_selection.sql): one row per image, minus near duplicates and images
    whose accepted caption is flagged; then the user's `where` as a filter over that selection;
-2. plan (driver): per export unit (one input shard, or a chunk of an input folder) the safe
-   name, exported size, txt and json of every sample, and its shard: shards are cut by count
-   and by planned bytes (exact for original bytes, area-scaled for re-encoded images), a shard
-   never mixes units, and shard numbers are global and contiguous, so names are deterministic;
-3. Ray Data: one CPU task per unit reads the unit's source once and writes its files
+   streamed from DuckDB into one Parquet file per export unit (one input shard, or a chunk of
+   an input folder: sql/export_units.sql) under state/export-plan/;
+2. plan: one CPU task per unit (udfs/export_plan.py) makes the safe name, exported size, txt
+   and json of every sample and cuts the unit's shards by count and planned bytes, counting
+   from 0; the driver, from the shard counts alone, gives each unit its first global shard
+   number, so shard numbers are contiguous and names deterministic, and a shard never mixes units;
+3. Ray Data: one CPU task per unit reads the unit's plan and source once and writes its files
    atomically (udfs/export_shard.py), then commits the unit; a rerun skips committed units;
 4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest) and the
    wids index (`<out>/webdataset/index.wids.json`).
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -34,12 +35,11 @@ from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from jobs.workspace import Workspace, sweep_temp_files, unit_id
+from udfs.export_plan import plan_units_task
 from udfs.export_shard import JOB, atomic_write, export_units, shard_name
-from udfs.resize import estimated_bytes, needs_reencode, output_extension, target_size
-from udfs.safe_names import key_digest, safe_folder, safe_name
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
-TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
+PLAN = "state/export-plan"  # the staged selection and plans of the running export
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
            "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept")
@@ -79,33 +79,37 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    total, selection = load_selection(ws, opts)
-    units = plan_units(selection, opts, out, int(cfg["ingest"]["folder_unit_size"]))
+    clear_plan(ws)
+    total, groups = stage_selection(ws, opts, int(cfg["ingest"]["folder_unit_size"]))
+    selected = sum(g["rows"] for g in groups)
+    units = plan_units(cfg, ws, groups, out) if groups else []
     remove_stale(ws, out, {u["unit"] for u in units})
     ws.publish()  # the manifest rows of the files just removed go at once
     done = ws.done_units(JOB)
     pending = [u for u in units if u["unit"] not in done]
-    print(f"export: {selection.num_rows} of {total} images selected; {len(units)} units, "
+    print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     if pending:
         infos += run_units(cfg, ws, out, pending)
     ws.publish()
+    clear_plan(ws)
     manifest = write_manifest(ws, out, {u["unit"] for u in units})
     shards = write_wids_index(out, units, manifest) if "webdataset" in opts["formats"] else 0
-    summary = JobSummary(JOB, rows_in=selection.num_rows, units_done=len(pending),
-                         units_skipped=len(units) - len(pending))
+    summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
     add_infos(summary, infos, manifest, opts["formats"])
     summary.seconds = time.perf_counter() - started
-    summary.notes.append(f"left out before export: {total - selection.num_rows} of {total} images "
+    summary.notes.append(f"left out before export: {total - selected} of {total} images "
                          f"(duplicates, flagged captions, export.where)")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
     return summary
 
 
 # ---- selection ------------------------------------------------------------------------------
-def load_selection(ws: Workspace, opts: dict) -> tuple[int, pa.Table]:
-    """(images in the workspace, the selected rows).
+def stage_selection(ws: Workspace, opts: dict, folder_unit_size: int) -> tuple[int, list[dict]]:
+    """(images in the workspace, the export units' groups in export order): the selection
+    streamed from DuckDB into one Parquet file per unit (sql/export_units.sql), so the driver
+    holds one record batch and per-unit counts, never the selection.
 
     The user's `where` is SQL text by nature (that is its point), so it is the one piece of
     SQL that is not a file: it runs as `select * from export_selection where (<where>)` over a
@@ -114,23 +118,70 @@ def load_selection(ws: Workspace, opts: dict) -> tuple[int, pa.Table]:
     """
     con = ws.connect()
     try:
-        total = con.execute("select count(*) from images").fetchone()[0]
+        total = con.execute("select count(*) from images").fetchall()[0][0]
         con.execute("create temp table export_selection as " + sql_text("export_selection.sql"),
                     {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"])})
         query = "select * from export_selection"
         where = str(opts["where"]).strip()
         if where:
-            query = f"{query} where (\n{where}\n) order by source, key"
+            query = f"{query} where (\n{where}\n)"
             check_where(con, query, where)
         try:
-            selection = con.sql(query).to_arrow_table()
+            con.execute(f"create temp table export_selected as {query}")
         except duckdb.Error as exc:
             raise ConfigError(f"export.where {where!r}: {exc}") from exc
-        if pc.count_distinct(selection["key"]).as_py() != selection.num_rows:
+        rows, keys = con.execute("select count(*), count(distinct key) from export_selected").fetchall()[0]
+        if rows != keys:
             raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
-        return total, selection
+        reader = con.sql(sql_text("export_units.sql"),
+                         params={"folder_unit_size": max(1, folder_unit_size)}).to_arrow_reader(50_000)
+        return total, write_groups(ws, reader)
     finally:
         con.close()
+
+
+def write_groups(ws: Workspace, reader: pa.RecordBatchReader) -> list[dict]:
+    """One Parquet file per run of equal (source, export_chunk) in the ordered stream."""
+    groups: list[dict] = []
+    writer = None
+    for batch in reader:
+        for start, stop, unit in runs(batch["source"].to_pylist(), batch["export_chunk"].to_pylist()):
+            if not groups or groups[-1]["_id"] != unit:
+                if writer is not None:
+                    writer.close()
+                groups.append(new_group(ws, len(groups), unit, batch["key"][start].as_py()))
+                writer = pq.ParquetWriter(groups[-1]["path"], batch.schema, filesystem=ws.fs)
+            writer.write_batch(batch.slice(start, stop - start))
+            groups[-1]["rows"] += stop - start
+    if writer is not None:
+        writer.close()
+    for group in groups:
+        del group["_id"]
+    return groups
+
+
+def runs(sources: list[str], chunks: list[int]) -> list[tuple[int, int, tuple[str, int]]]:
+    """(start, stop, (source, chunk)) of each run of equal values."""
+    out, start = [], 0
+    for i in range(1, len(sources) + 1):
+        if i == len(sources) or (sources[i], chunks[i]) != (sources[start], chunks[start]):
+            out.append((start, i, (sources[start], chunks[start])))
+            start = i
+    return out
+
+
+def new_group(ws: Workspace, index: int, unit: tuple[str, int], first_key: str) -> dict:
+    path = f"{ws.base}/{PLAN}/{index:08d}.parquet"
+    ws.fs.create_dir(f"{ws.base}/{PLAN}", recursive=True)
+    source = unit[0]
+    return {"group": index, "source": source, "kind": "tar" if source.endswith(".tar") else "folder",
+            "first_key": first_key, "rows": 0, "path": path, "_id": unit}
+
+
+def clear_plan(ws: Workspace) -> None:
+    """The staged selection and plans: rebuilt by every run (the lock keeps other writers out)."""
+    if ws.fs.get_file_info(f"{ws.base}/{PLAN}").type == pafs.FileType.Directory:
+        ws.fs.delete_dir(f"{ws.base}/{PLAN}")
 
 
 def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
@@ -143,105 +194,45 @@ def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
 
 
 # ---- plan -----------------------------------------------------------------------------------
-def tag_text(tags: list[str], underscores: bool) -> str:
-    """kohya-style tag caption: comma-separated, underscores as spaces (kaomoji such as ^_^ kept)."""
-    def one(tag: str) -> str:
-        return tag if underscores or not any(c.isalpha() for c in tag) else tag.replace("_", " ")
-    return ", ".join(one(t) for t in tags)
+def plan_units(cfg: Config, ws: Workspace, groups: list[dict], out: str) -> list[dict]:
+    """Plan every unit in a CPU task (udfs/export_plan.py: samples, shard cuts from 0), then
+    number the shards here from the counts the tasks return."""
+    init_ray(cfg)
+    opts = cfg[JOB]
+    items = [{"group": g["group"], "path": g["path"]} for g in groups]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(plan_units_task, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
+                        fn_kwargs={"workspace": ws.root, "options": dict(opts)})
+    progress = Progress("export plan", sum(g["rows"] for g in groups), units=len(groups))
+    planned = {}
+    with progress:
+        for row in ds.iter_rows():
+            planned[int(row["group"])] = row
+            progress.add(int(row["samples"]), units=1)
+    return place_units(groups, planned, shaping_of(opts, out))
 
 
-def repeats_of(multiply: float) -> int:
-    """multiply rounded half up, at least 1 (kohya's <repeats>_ folders and materialised copies)."""
-    return max(1, math.floor(float(multiply) + 0.5))
+def shaping_of(opts: dict, out: str) -> str:
+    return json.dumps({k: opts[k] for k in SHAPING} | {"out": out}, sort_keys=True, default=str)
 
 
-def sample_plan(row: dict, opts: dict) -> dict:
-    width, height = int(row["width"] or 0), int(row["height"] or 0)
-    size = target_size(width, height, opts) if width and height else (width, height)
-    orientation = int(row.get("orientation") or 1)
-    reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
-    ext = output_extension(row["format"])
-    caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
-    txt = caption or tag_text(row["tags"], bool(opts["tag_underscores"]))
-    repeats = repeats_of(row["multiply"])
-    concept = opts["concept"] or row["group"] or "all"
-    meta = {
-        "key": row["key"], "source": {"source": row["source"], "member": row["member"]},
-        "caption": row["caption"], "text_from": "caption" if caption else "tags",
-        "tags": row["tags"], "tag_categories": row["categories"],
-        "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),
-        "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
-        "scores": {k: row[k] for k in ("accuracy", "tag_inclusion", "english_similarity", "subject_consistency")},
-        "quality_tags": row["quality_tags"], "group": row["group"],
-        "multiply": float(row["multiply"]), "repeats": repeats,
-        "width": size[0], "height": size[1], "original_width": width, "original_height": height,
-        # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
-        "orientation": 1 if reencode else orientation,
-    }
-    meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
-    image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
-    return {
-        "key": row["key"], "member": row["member"], "name": safe_name(row["key"]), "size": list(size),
-        "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
-        "txt": txt, "json": meta_text,
-        "multiply": float(row["multiply"]), "repeats": repeats,
-        "kohya": f"{repeats}_{safe_folder(concept)}",
-        "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",
-        "planned_bytes": image_bytes + len(txt.encode()) + len(meta_text.encode()) + TAR_OVERHEAD,
-    }
-
-
-def unit_groups(selection: pa.Table, folder_unit_size: int) -> list[tuple[str, str, list[dict]]]:
-    """(source, kind, rows): one per input shard; folders in chunks (their files are read one by one)."""
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for row in selection.to_pylist():
-        by_source[row["source"]].append(row)
-    groups = []
-    for source in sorted(by_source):
-        rows = by_source[source]
-        if source.endswith(".tar"):
-            groups.append((source, "tar", rows))
-        else:
-            step = max(1, folder_unit_size)
-            groups += [(source, "folder", rows[i:i + step]) for i in range(0, len(rows), step)]
-    return groups
-
-
-def plan_units(selection: pa.Table, opts: dict, out: str, folder_unit_size: int) -> list[dict]:
-    """Every unit with its samples, copies and shard numbers (see the module docstring)."""
-    max_count, max_bytes = int(opts["max_count"]), int(opts["max_bytes"])
-    materialize = bool(opts["materialize_repeats"])
-    shaping = json.dumps({k: opts[k] for k in SHAPING} | {"out": out}, sort_keys=True, default=str)
-    names: set[str] = set()
-    units, next_shard = [], 0
-    for source, kind, rows in unit_groups(selection, folder_unit_size):
-        samples, shard, count, size = [], next_shard, 0, 0
-        for row in rows:
-            sample = sample_plan(row, opts)
-            sample["name"] = unique_name(sample["name"], row["key"], names)
-            sample["copies"] = []
-            for n in range(sample["repeats"] if materialize else 1):
-                if count and (count + 1 > max_count or size + sample["planned_bytes"] > max_bytes):
-                    shard, count, size = shard + 1, 0, 0
-                name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{row['key']}\0{n}", names)
-                sample["copies"].append({"name": name, "shard": shard})
-                count, size = count + 1, size + sample["planned_bytes"]
-            samples.append(sample)
-        shards = list(range(next_shard, shard + 1)) if samples else []
-        next_shard = shard + 1 if samples else next_shard
+def place_units(groups: list[dict], planned: dict[int, dict], shaping: str) -> list[dict]:
+    """Units in export order with their first global shard number and id. The id hashes the
+    shaping options, the unit's plan and its place, so a unit whose shards move is rewritten."""
+    units, offset = [], 0
+    for group in groups:
+        plan = planned[group["group"]]
         digest = hashlib.sha1(shaping.encode())
-        digest.update(json.dumps(samples, sort_keys=True).encode())
-        uid = unit_id(f"export-{Path(source).stem}-{rows[0]['key']}", digest.hexdigest())
-        units.append({"unit": uid, "source": source, "kind": kind, "shards": shards, "samples": samples})
+        digest.update(f"{plan['digest']}:{offset}".encode())
+        uid = unit_id(f"export-{Path(group['source']).stem}-{group['first_key']}", digest.hexdigest())
+        units.append({"unit": uid, "source": group["source"], "kind": group["kind"], "path": group["path"],
+                      "offset": offset, "shards": int(plan["shards"]), "samples": int(plan["samples"])})
+        offset += int(plan["shards"])
     return units
 
 
-def unique_name(name: str, key: str, names: set[str]) -> str:
-    """Safe names are unique by construction; this guards the rare hash collision and repeat suffixes."""
-    while name in names:
-        name = f"{name}-{key_digest(key + name)}"
-    names.add(name)
-    return name
+def shard_indices(unit: dict) -> range:
+    return range(unit["offset"], unit["offset"] + unit["shards"])
 
 
 # ---- running and resuming -------------------------------------------------------------------
@@ -250,11 +241,11 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     opts = cfg[JOB]
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
                "max_member_bytes": int(cfg["ingest"]["max_member_bytes"])}
-    items = [{"unit": u["unit"], "plan": json.dumps(u)} for u in units]
+    items = [{k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(export_units, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
                         fn_kwargs={"workspace": ws.root, "out": out, "options": options})
-    progress = Progress(JOB, sum(len(u["samples"]) for u in units), units=len(units))
+    progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
     return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]), ws.publish_now_and_then)
 
 
@@ -292,7 +283,7 @@ def write_wids_index(out: str, units: list[dict], manifest: pa.Table) -> int:
         if layout == "webdataset":
             counts[os.path.basename(path)] += 1
     shardlist = []
-    for index in sorted(i for u in units for i in u["shards"]):
+    for index in sorted(i for u in units for i in shard_indices(u)):
         name = shard_name(index)
         path = os.path.join(out, "webdataset", name)
         size = os.path.getsize(path) if os.path.exists(path) else 0

@@ -1,4 +1,5 @@
-"""The export plan (driver side, no Ray): shard cuts by count and bytes, sizes, txt, repeats, buckets."""
+"""The export plan (no Ray): a unit's shard cuts by count and bytes, sizes, txt, repeats, buckets (the
+planning task's udfs/export_plan.py), and the driver's global shard numbering and unit ids."""
 
 from __future__ import annotations
 
@@ -25,70 +26,76 @@ def selection(n: int, source: str = "/in/a.tar", width: int = 800, height: int =
         "multiply": multiply} for i in range(n)])
 
 
+def plan_units(table: pa.Table, opts: dict, out: str = "/out") -> list[dict]:
+    """What the export job plans for `table` (one unit per source): the planning task's samples per
+    unit, placed by the driver's numbering, as the export tasks receive them."""
+    from jobs.export import place_units, shaping_of
+    from udfs.export_plan import placed, plan_samples
+
+    groups, planned, samples = [], {}, {}
+    for i, source in enumerate(dict.fromkeys(table["source"].to_pylist())):
+        rows = [r for r in table.to_pylist() if r["source"] == source]
+        samples[i], shards = plan_samples(rows, opts)
+        groups.append({"group": i, "source": source, "kind": "tar", "first_key": rows[0]["key"], "path": ""})
+        planned[i] = {"shards": shards, "samples": len(rows), "digest": json.dumps(samples[i], sort_keys=True)}
+    units = place_units(groups, planned, shaping_of(opts, out))
+    for i, unit in enumerate(units):
+        unit["samples"] = placed(samples[i], unit["offset"])
+    return units
+
+
 def shards_of(units):
     return [[c["shard"] for s in u["samples"] for c in s["copies"]] for u in units]
 
 
 def test_shards_are_cut_by_count():
-    from jobs.export import plan_units
-
-    units = plan_units(selection(10), options(max_count=4), "/out", 1000)
-    assert shards_of(units) == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2]] and units[0]["shards"] == [0, 1, 2]
+    units = plan_units(selection(10), options(max_count=4))
+    assert shards_of(units) == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2]] and units[0]["shards"] == 3
 
 
 def test_shards_are_cut_by_bytes_exactly_for_original_images():
-    from jobs.export import plan_units
-
-    units = plan_units(selection(6, nbytes=100_000), options(max_bytes=250_000, max_count=1000), "/out", 1000)
+    units = plan_units(selection(6, nbytes=100_000), options(max_bytes=250_000, max_count=1000))
     planned = [s["planned_bytes"] for s in units[0]["samples"]]
     assert all(100_000 < p < 110_000 for p in planned)  # image + txt + json + tar headers
     assert shards_of(units) == [[0, 0, 1, 1, 2, 2]]
     # a single sample larger than max_bytes still gets a shard of its own
-    big = plan_units(selection(2, nbytes=1_000_000), options(max_bytes=250_000), "/out", 1000)
+    big = plan_units(selection(2, nbytes=1_000_000), options(max_bytes=250_000))
     assert shards_of(big) == [[0, 1]]
 
 
 def test_shards_never_mix_units_and_numbers_continue():
-    from jobs.export import plan_units
-
     table = pa.concat_tables([selection(3, "/in/a.tar"), selection(3, "/in/b.tar").set_column(
         0, "key", pa.array([f"b/{i}" for i in range(3)]))])
-    units = plan_units(table, options(max_count=2), "/out", 1000)
-    assert shards_of(units) == [[0, 0, 1], [2, 2, 3]]
+    units = plan_units(table, options(max_count=2))
+    assert shards_of(units) == [[0, 0, 1], [2, 2, 3]] and [u["offset"] for u in units] == [0, 2]
 
 
 def test_sizes_text_json_and_repeats():
-    from jobs.export import plan_units
-
-    units = plan_units(selection(1, width=2048, height=1024, multiply=2.5), options(max_size=1024), "/out", 1000)
+    units = plan_units(selection(1, width=2048, height=1024, multiply=2.5), options(max_size=1024))
     sample = units[0]["samples"][0]
     assert sample["size"] == [1024, 512] and sample["reencode"] and sample["ext"] == "jpg"
     assert sample["txt"] == "1girl, long hair, ^_^"
     meta = json.loads(sample["json"])
     assert meta["multiply"] == 2.5 and meta["repeats"] == 3 and meta["tag_scores"]["long_hair"] == 0.9
     assert sample["kohya"] == "3_g__h" and sample["everydream"] == "g__h_x2.5"
-    small = plan_units(selection(1, width=512, height=512), options(max_size=1024), "/out", 1000)
+    small = plan_units(selection(1, width=512, height=512), options(max_size=1024))
     assert small[0]["samples"][0]["size"] == [512, 512] and not small[0]["samples"][0]["reencode"]
-    gif = plan_units(selection(1, width=64, height=64, fmt="GIF"), options(), "/out", 1000)
+    gif = plan_units(selection(1, width=64, height=64, fmt="GIF"), options())
     assert gif[0]["samples"][0]["reencode"] and gif[0]["samples"][0]["ext"] == "png"
 
 
 def test_materialised_repeats_get_unique_names():
-    from jobs.export import plan_units
-
-    units = plan_units(selection(2, multiply=3.0), options(materialize_repeats=True, max_count=4), "/out", 1000)
+    units = plan_units(selection(2, multiply=3.0), options(materialize_repeats=True, max_count=4))
     names = [c["name"] for s in units[0]["samples"] for c in s["copies"]]
     assert names == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2"]
     assert shards_of(units) == [[0, 0, 0, 0, 1, 1]]
 
 
 def test_unit_ids_change_with_shaping_options_only():
-    from jobs.export import plan_units
-
-    first = plan_units(selection(3), options(), "/out", 1000)[0]["unit"]
-    assert plan_units(selection(3), options(), "/out", 1000)[0]["unit"] == first
-    assert plan_units(selection(3), options(max_size=512), "/out", 1000)[0]["unit"] != first
-    assert plan_units(selection(3), options(), "/elsewhere", 1000)[0]["unit"] != first
+    first = plan_units(selection(3), options())[0]["unit"]
+    assert plan_units(selection(3), options())[0]["unit"] == first
+    assert plan_units(selection(3), options(max_size=512))[0]["unit"] != first
+    assert plan_units(selection(3), options(), "/elsewhere")[0]["unit"] != first
 
 
 @pytest.mark.parametrize("size", [(1024, 1024), (832, 1216), (1216, 832), (896, 1152), (768, 1344)])
@@ -98,3 +105,20 @@ def test_kohya_buckets(size):
     buckets = bucket_sizes(1024, 256, 2048, 64)
     assert size in buckets and all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
     assert nearest_bucket(size[0] * 3, size[1] * 3, buckets) == size
+
+
+def test_units_whose_shards_move_get_new_ids():
+    from jobs.export import place_units
+
+    def ids(first_unit_shards: int) -> list[str]:
+        groups = [{"group": i, "source": f"/in/{i}.tar", "kind": "tar", "first_key": f"{i}/0", "path": ""}
+                  for i in range(3)]
+        planned = {0: {"shards": first_unit_shards, "samples": 4, "digest": "a"},
+                   1: {"shards": 1, "samples": 1, "digest": "b"}, 2: {"shards": 2, "samples": 5, "digest": "c"}}
+        units = place_units(groups, planned, "{}")
+        assert [u["offset"] for u in units] == [0, first_unit_shards, first_unit_shards + 1]
+        return [u["unit"] for u in units]
+
+    same, grown = ids(1), ids(2)
+    assert same == ids(1)  # deterministic
+    assert grown[0] == same[0] and all(a != b for a, b in zip(grown[1:], same[1:], strict=True))

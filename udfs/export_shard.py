@@ -1,7 +1,7 @@
 """One export unit (one source of `images`): read its images once, write every layout, commit.
 
-The driver plans everything (which sample goes to which shard, names, sizes, txt and json);
-the task reads the source with udfs.sources.read_unit, resizes where planned, and writes:
+A planning task made the unit's plan (which sample goes to which shard, names, sizes, txt and
+json: udfs/export_plan.py); this task reads the source with udfs.sources.read_unit, resizes where planned, and writes:
 - webdataset: its planned shards `shard-%06d.tar` (WebDataset members KEY.ext, fixed mtime);
 - kohya: `<repeats>_<concept>/<name>.<ext>` + `<name>.txt`;
 - everydream: `<folder>/<name>.<ext>` + `.txt`, and `multiply.txt` per folder;
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.workspace import Workspace
+from udfs.export_plan import placed, read_plan
 from udfs.resize import resize_image
 from udfs.safe_names import inside
 from udfs.sources import Unit, read_unit, safe_text
@@ -43,11 +44,15 @@ def parquet_name(index: int) -> str:
 
 
 def export_units(batch: dict[str, Any], workspace: str, out: str, options: dict) -> dict[str, list]:
-    """map_batches UDF (CPU task): export each unit of the batch, one info row per unit."""
+    """map_batches UDF (CPU task): export each unit of the batch (its plan read from the plan file
+    its planning task wrote, shards moved to their global numbers), one info row per unit."""
     ws = Workspace(workspace)
     infos = []
     for i in range(len(batch["unit"])):
-        plan = json.loads(batch["plan"][i])
+        offset, shards = int(batch["offset"][i]), int(batch["shards"][i])
+        plan = {"unit": batch["unit"][i], "source": batch["source"][i], "kind": batch["kind"][i],
+                "shards": list(range(offset, offset + shards)),
+                "samples": placed(read_plan(ws, batch["path"][i]), offset)}
         info = UnitExport(ws, out, plan, options).run()
         ws.commit_unit(JOB, plan["unit"], info,
                        parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})

@@ -1,0 +1,132 @@
+"""The export plan of one unit, made in a CPU task from the unit's selection file.
+
+The driver stages the selection in one Parquet file per unit (jobs/export.py); this task turns
+a unit's rows into its samples (safe name, exported size, txt, json, copies) with shard
+numbers that count from 0 inside the unit, writes them as the unit's plan file and returns only
+counts and a digest. The driver then gives each unit its first global shard number (the sum of
+the shard counts of the units before it), so shard names stay contiguous and deterministic
+while no sample passes through the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from jobs.workspace import Workspace
+from udfs.resize import estimated_bytes, needs_reencode, output_extension, target_size
+from udfs.safe_names import key_digest, safe_folder, safe_name
+
+TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
+
+
+def tag_text(tags: list[str], underscores: bool) -> str:
+    """kohya-style tag caption: comma-separated, underscores as spaces (kaomoji such as ^_^ kept)."""
+    def one(tag: str) -> str:
+        return tag if underscores or not any(c.isalpha() for c in tag) else tag.replace("_", " ")
+    return ", ".join(one(t) for t in tags)
+
+
+def repeats_of(multiply: float) -> int:
+    """multiply rounded half up, at least 1 (kohya's <repeats>_ folders and materialised copies)."""
+    return max(1, math.floor(float(multiply) + 0.5))
+
+
+def sample_plan(row: dict, opts: dict) -> dict:
+    width, height = int(row["width"] or 0), int(row["height"] or 0)
+    size = target_size(width, height, opts) if width and height else (width, height)
+    orientation = int(row.get("orientation") or 1)
+    reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
+    ext = output_extension(row["format"])
+    caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
+    txt = caption or tag_text(row["tags"], bool(opts["tag_underscores"]))
+    repeats = repeats_of(row["multiply"])
+    concept = opts["concept"] or row["group"] or "all"
+    meta = {
+        "key": row["key"], "source": {"source": row["source"], "member": row["member"]},
+        "caption": row["caption"], "text_from": "caption" if caption else "tags",
+        "tags": row["tags"], "tag_categories": row["categories"],
+        "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),
+        "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
+        "scores": {k: row[k] for k in ("accuracy", "tag_inclusion", "english_similarity", "subject_consistency")},
+        "quality_tags": row["quality_tags"], "group": row["group"],
+        "multiply": float(row["multiply"]), "repeats": repeats,
+        "width": size[0], "height": size[1], "original_width": width, "original_height": height,
+        # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
+        "orientation": 1 if reencode else orientation,
+    }
+    meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+    image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
+    return {
+        "key": row["key"], "member": row["member"], "name": safe_name(row["key"]), "size": list(size),
+        "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
+        "txt": txt, "json": meta_text,
+        "multiply": float(row["multiply"]), "repeats": repeats,
+        "kohya": f"{repeats}_{safe_folder(concept)}",
+        "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",
+        "planned_bytes": image_bytes + len(txt.encode()) + len(meta_text.encode()) + TAR_OVERHEAD,
+    }
+
+
+def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
+    """A unit's samples with their copies and shard numbers counted from 0; and its shard count.
+
+    Shards are cut by count and by planned bytes (exact for original bytes, area-scaled for
+    re-encoded images); a shard never mixes units."""
+    max_count, max_bytes = int(opts["max_count"]), int(opts["max_bytes"])
+    materialize = bool(opts["materialize_repeats"])
+    names: set[str] = set()
+    samples, shard, count, size = [], 0, 0, 0
+    for row in rows:
+        sample = sample_plan(row, opts)
+        sample["name"] = unique_name(sample["name"], row["key"], names)
+        sample["copies"] = []
+        for n in range(sample["repeats"] if materialize else 1):
+            if count and (count + 1 > max_count or size + sample["planned_bytes"] > max_bytes):
+                shard, count, size = shard + 1, 0, 0
+            name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{row['key']}\0{n}", names)
+            sample["copies"].append({"name": name, "shard": shard})
+            count, size = count + 1, size + sample["planned_bytes"]
+        samples.append(sample)
+    return samples, (shard + 1 if samples else 0)
+
+
+def unique_name(name: str, key: str, names: set[str]) -> str:
+    """Safe names are unique by construction (they carry a digest of the key where they had to
+    change it); this guards the rare hash collision and repeat suffixes within a unit."""
+    while name in names:
+        name = f"{name}-{key_digest(key + name)}"
+    names.add(name)
+    return name
+
+
+def placed(samples: list[dict], offset: int) -> list[dict]:
+    """The samples with their copies' shard numbers moved to the unit's global numbering."""
+    return [{**s, "copies": [{**c, "shard": c["shard"] + offset} for c in s["copies"]]} for s in samples]
+
+
+def plan_units_task(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
+    """map_batches UDF (CPU task): plan each unit of the batch from its selection file, write the
+    plan next to it; return counts and a digest of the plan per unit."""
+    ws = Workspace(workspace, create=False)
+    out: dict[str, list] = {"group": [], "shards": [], "samples": [], "digest": []}
+    for group, path in zip(batch["group"], batch["path"], strict=True):
+        rows = pq.read_table(path, filesystem=ws.fs).to_pylist()
+        samples, shards = plan_samples(rows, options)
+        text = json.dumps(samples, sort_keys=True)
+        with ws.fs.open_output_stream(path.replace(".parquet", ".plan.json")) as f:
+            f.write(text.encode())
+        out["group"].append(int(group))
+        out["shards"].append(shards)
+        out["samples"].append(len(samples))
+        out["digest"].append(hashlib.sha1(text.encode()).hexdigest())
+    return out
+
+
+def read_plan(ws: Workspace, path: str) -> list[dict]:
+    with ws.fs.open_input_stream(path.replace(".parquet", ".plan.json")) as f:
+        return json.loads(f.read())
