@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tests.onnx_fakes import LABELS_FILE, LABELS_REPO, TAGGER_FILE, TAGGER_REPO, build_hf_cache, tagger_model  # noqa: E402
-from udfs.annotate_rows import decode_images  # noqa: E402
-from udfs.sources import IMAGE_EXTENSIONS, discover_units, read_unit  # noqa: E402
+from udfs.annotate.annotate_rows import decode_images  # noqa: E402
+from udfs.ingest.sources import IMAGE_EXTENSIONS, discover_units, read_unit  # noqa: E402
 
 
 def sample_images(n: int) -> list[bytes]:
@@ -52,7 +52,7 @@ def main() -> None:
     import huggingface_hub.constants as hf_constants
     from imgutils.tagging import get_wd14_tags
 
-    from udfs.wd_tagger import WdTagger
+    from udfs.annotate.wd_tagger import WdTagger
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     models = tmp / "models"

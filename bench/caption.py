@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from udfs.caption_scoring import (
+from udfs.caption.caption_scoring import (
     SCORED_CATEGORIES,
     CaptionScorer,
     SentenceEncoder,
@@ -31,7 +31,7 @@ from udfs.caption_scoring import (
     tag_words,
     word_positions,
 )
-from udfs.template_caption import TemplateCaptions, TemplateVocab, english_caption
+from udfs.caption.template_caption import TemplateCaptions, TemplateVocab, english_caption
 
 SHARED_TAGS = Path(__file__).resolve().parents[2] / "shared" / "tagdata" / "wd_v3_selected_tags.csv"
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from jobs import curate  # noqa: E402
 from jobs.config import load_config  # noqa: E402
-from jobs.workspace import Workspace  # noqa: E402
 from schemas import CCIP_DIM  # noqa: E402
+from store.workspace import Workspace  # noqa: E402
 
 TAGDATA = REPO.parent / "shared" / "tagdata"
 CHUNK = 100_000
@@ -134,7 +134,7 @@ def baseline_pruning(ws: Workspace, opts: dict, sample: int) -> tuple[float, int
     """imgutils-style per-image pruning in a Python loop: seconds for `sample` images."""
     from imgutils.tagging import overlap as imgutils_overlap
 
-    from udfs import tag_rules
+    from udfs.curate import tag_rules
 
     overlap_path = opts["overlap_tags"]
     data = json.loads(Path(overlap_path).read_text(encoding="utf-8")) if overlap_path else {}

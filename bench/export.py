@@ -30,7 +30,7 @@ from bench.ingest import make_shards  # noqa: E402
 from jobs import export, ingest  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
-from jobs.workspace import Workspace  # noqa: E402
+from store.workspace import Workspace  # noqa: E402
 
 
 def exported_members(shards: list[Path]) -> list[list[tuple[str, bytes]]]:

@@ -64,7 +64,7 @@ def main() -> int:
         return 0
     from jobs import annotate, ingest
     from jobs.config import load_config
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     ws_path = tempfile.mkdtemp(prefix="gpu-smoke-")
     overrides = [f'workspace.path="{ws_path}"', f'ingest.inputs=["{args.input}"]',

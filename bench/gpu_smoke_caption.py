@@ -35,7 +35,7 @@ def main() -> int:
         return 0
     from jobs import caption, ingest
     from jobs.config import load_config
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     root = args.workspace or tempfile.mkdtemp(prefix="booruset-caption-smoke-")
     cfg = load_config(None, [f'workspace.path="{root}"', 'caption.backend="vllm"', f'caption.vllm_model="{args.model}"',

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 from jobs import ingest  # noqa: E402
 from jobs.config import SAMPLE_SHARDS, load_config  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
-from jobs.workspace import Workspace  # noqa: E402
-from udfs.sources import discover_units, read_unit  # noqa: E402
+from store.workspace import Workspace  # noqa: E402
+from udfs.ingest.sources import discover_units, read_unit  # noqa: E402
 
 
 def sample_art() -> tuple[list[Image.Image], list[Image.Image]]:

@@ -3,7 +3,7 @@
 Ray Data pipeline: units (one per published `images` part, i.e. an ingest unit: a shard or a
 folder chunk) -> rows with image bytes, streamed (CPU tasks) -> decode and per-model
 preprocessing (CPU tasks, draft mode) -> one actor pool per model (GPU when the cluster has
-one) -> Parquet parts written by CPU tasks (udfs/annotate_parts.py). The driver adds up the
+one) -> Parquet parts written by CPU tasks (udfs/annotate/annotate_parts.py). The driver adds up the
 small per-batch summaries and writes a unit's marker, naming its parts, once all its rows are
 written; a unit counts as done once its marker lists every model of the run. Parts of a unit
 killed before its marker are named by no generation and deleted at the next start.
@@ -22,15 +22,15 @@ import ray
 from jobs.config import Config, ConfigError
 from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace
-from udfs.annotate_parts import merge_infos, write_unit_parts
-from udfs.annotate_rows import crop_persons, decode_images, read_unit_images
-from udfs.cascade_face import CascadeFaceDetector, cascade_path
-from udfs.ccip import CcipFeatures
-from udfs.model_files import ModelUnavailable, model_file
-from udfs.onnx_session import file_input_shape
-from udfs.wd_tagger import WdTagger
-from udfs.yolo_detector import YoloDetector, detector_meta
+from store.workspace import Workspace
+from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
+from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
+from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path
+from udfs.annotate.ccip import CcipFeatures
+from udfs.annotate.model_files import ModelUnavailable, model_file
+from udfs.annotate.onnx_session import file_input_shape
+from udfs.annotate.wd_tagger import WdTagger
+from udfs.annotate.yolo_detector import YoloDetector, detector_meta
 
 JOB = "annotate"
 TABLES = ("detections", "embeddings", "tag_scores", "errors")

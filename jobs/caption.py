@@ -6,7 +6,7 @@ Steps:
 2. one input row per image (sql/caption_inputs.sql), cut into units of `unit_size` images;
 3. Ray Data map_batches with one callable class per backend over whole units: caption,
    score, loop back, rewrite, write the unit's parts, commit it (resume skips committed units);
-   the vllm backend streams the units through ray.data.llm instead (udfs/caption_stream.py);
+   the vllm backend streams the units through ray.data.llm instead (udfs/caption/caption_stream.py);
 4. related-tag suggestions from co-occurrence PMI (sql/caption_related_tags.sql).
 """
 
@@ -23,7 +23,7 @@ import ray
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, unit_id
+from store.workspace import Workspace, unit_id
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
@@ -54,7 +54,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary = JobSummary("caption")
     ws.begin_job()
     if opts["tags_from_text"]:
-        from udfs.caption_tags import tags_from_text
+        from udfs.caption.caption_tags import tags_from_text
 
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
@@ -119,7 +119,7 @@ def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> 
     opts = cfg["caption"]
     progress = Progress("caption", sum(t.num_rows for _, t in units), units=len(units))
     if opts["backend"] == "vllm":
-        from udfs.caption_stream import caption_units_stream
+        from udfs.caption.caption_stream import caption_units_stream
 
         with progress:
             return caption_units_stream(ws, units, opts, progress)
@@ -135,10 +135,10 @@ def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> 
 
 def captioner_class(backend: str) -> type:
     if backend == "openai":
-        from udfs.openai_captioner import OpenAICaptioner
+        from udfs.caption.openai_captioner import OpenAICaptioner
 
         return OpenAICaptioner
-    from udfs.caption_unit import TemplateCaptioner
+    from udfs.caption.caption_unit import TemplateCaptioner
 
     return TemplateCaptioner
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from jobs.config import Config, ConfigError, load_config
 from jobs.errors import report_failure
-from jobs.lock import WorkspaceLock
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, WorkspaceError
+from store.lock import WorkspaceLock
+from store.workspace import Workspace, WorkspaceError
 
 # The jobs in pipeline order; `run` runs those whose module exists.
 PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]

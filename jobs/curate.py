@@ -27,9 +27,9 @@ import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, fault_point
-from udfs import ccip_cluster, near_duplicates, tag_rules
-from udfs.model_files import ModelUnavailable, optional_file
+from store.workspace import Workspace, fault_point
+from udfs.annotate.model_files import ModelUnavailable, optional_file
+from udfs.curate import ccip_cluster, near_duplicates, tag_rules
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]

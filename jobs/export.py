@@ -5,12 +5,12 @@ Steps:
    whose accepted caption is flagged; then the user's `where` as a filter over that selection;
    streamed from DuckDB into one Parquet file per export unit (one input shard, or a chunk of
    an input folder: sql/export_units.sql) under state/export-plan/;
-2. plan: one CPU task per unit (udfs/export_plan.py) makes the safe name, exported size, txt
+2. plan: one CPU task per unit (udfs/export/export_plan.py) makes the safe name, exported size, txt
    and json of every sample and cuts the unit's shards by count and planned bytes, counting
    from 0; the driver, from the shard counts alone, gives each unit its first global shard
    number, so shard numbers are contiguous and names deterministic, and a shard never mixes units;
 3. Ray Data: one CPU task per unit reads the unit's plan and source once and writes its files
-   atomically (udfs/export_shard.py), then commits the unit; a rerun skips committed units;
+   atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips committed units;
 4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest) and the
    wids index (`<out>/webdataset/index.wids.json`).
 """
@@ -34,9 +34,9 @@ import ray
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, sweep_temp_files, unit_id
-from udfs.export_plan import plan_units_task
-from udfs.export_shard import JOB, atomic_write, export_units, shard_name
+from store.workspace import Workspace, sweep_temp_files, unit_id
+from udfs.export.export_plan import plan_units_task
+from udfs.export.export_shard import JOB, atomic_write, export_units, shard_name
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
@@ -195,7 +195,7 @@ def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
 
 # ---- plan -----------------------------------------------------------------------------------
 def plan_units(cfg: Config, ws: Workspace, groups: list[dict], out: str) -> list[dict]:
-    """Plan every unit in a CPU task (udfs/export_plan.py: samples, shard cuts from 0), then
+    """Plan every unit in a CPU task (udfs/export/export_plan.py: samples, shard cuts from 0), then
     number the shards here from the counts the tasks return."""
     init_ray(cfg)
     opts = cfg[JOB]

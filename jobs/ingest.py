@@ -11,9 +11,9 @@ import ray
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
-from jobs.workspace import Workspace, unit_id
-from udfs.ingest_unit import ingest_units
-from udfs.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
+from store.workspace import Workspace, unit_id
+from udfs.ingest.ingest_unit import ingest_units
+from udfs.ingest.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
 
 def input_specs(cfg: Config) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config import Config, ConfigError
-from udfs.model_files import hub_reachable
+from udfs.annotate.model_files import hub_reachable
 
 DETECTORS = ("face", "head", "person")
 HUB_MODELS = (*DETECTORS, "ccip", "tagger")  # cascade_face is bundled: nothing to fetch
@@ -47,7 +47,7 @@ def model_files(cfg: Config) -> list[ModelFile]:
         if name in DETECTORS:  # udfs/yolo_detector.model_type: "yolo" when the repository has none
             files.append(ModelFile(spec["repo"], posixpath.join(posixpath.dirname(spec["file"]), "model_type.json"),
                                    required=False))
-        if name == "tagger":  # udfs/wd_tagger.py and curate's default tag list
+        if name == "tagger":  # udfs/annotate/wd_tagger.py and curate's default tag list
             files.append(ModelFile(spec["labels_repo"], spec["labels_file"]))
     # curate.ccip_metric_model is a local ONNX path (opened as is), not a hub file: nothing to fetch
     return list(dict.fromkeys(files))  # two models may share a file: once each, in order

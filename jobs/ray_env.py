@@ -39,7 +39,7 @@ def init_ray(cfg: Config) -> None:
         if address is None and "RAY_ADDRESS" not in os.environ:
             if cfg["ray"]["num_cpus"]:
                 kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])
-            # tasks import jobs/, udfs/, schemas/ from the repository root
+            # tasks import jobs/, store/, udfs/, schemas/ from the repository root
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _pythonpath()}}
             if not verbose():
                 _hide_token_auth_notice()

@@ -26,11 +26,11 @@ from PIL import Image  # noqa: E402
 
 from jobs.config import REPO, Config, ConfigError  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
-from jobs.workspace import Workspace  # noqa: E402
-from udfs.export_shard import atomic_write  # noqa: E402
+from store.workspace import Workspace  # noqa: E402
+from udfs.export.export_shard import atomic_write  # noqa: E402
+from udfs.export.safe_names import safe_name  # noqa: E402
+from udfs.ingest.sources import Unit, read_unit  # noqa: E402
 from udfs.orientation import upright  # noqa: E402
-from udfs.safe_names import safe_name  # noqa: E402
-from udfs.sources import Unit, read_unit  # noqa: E402
 
 JOB = "report"
 

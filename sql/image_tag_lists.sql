@@ -1,7 +1,7 @@
 -- image_tag_lists: one row per image that has tags, with its tag lists in order.
 -- Tags are the curated `tags` in rank order; an image without curated tags falls back to its
 -- `source_tags` (sidecar order, score 1.0). source_rating is a rating tag from the sidecars.
--- A view every workspace connection has (jobs/workspace.py); captioners and export read it.
+-- A view every workspace connection has (store/workspace.py); captioners and export read it.
 -- Parameters: none. Reads tags, source_tags.
 with curated as (
     select key,

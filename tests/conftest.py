@@ -39,7 +39,7 @@ def ray_local():
 
 @pytest.fixture
 def workspace(tmp_path):
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     return Workspace(str(tmp_path / "ws"))
 

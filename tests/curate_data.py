@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from jobs.config import load_config
-from jobs.workspace import Workspace
 from schemas import CCIP_DIM
+from store.workspace import Workspace
 
 
 def curate_config(ws: Workspace, **options) -> dict:

@@ -27,7 +27,7 @@ def prepared_workspace(tmp_path_factory) -> Path:
         pytest.skip("bundled sample shards missing")
     if "ws" not in _PREPARED:
         from jobs import caption, curate, ingest
-        from jobs.workspace import Workspace
+        from store.workspace import Workspace
 
         path = tmp_path_factory.mktemp("prepared") / "ws"
         cfg, ws = base_config(path), Workspace(str(path))

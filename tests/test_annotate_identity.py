@@ -9,7 +9,7 @@ import pytest
 
 from jobs import annotate, ingest
 from jobs.config import load_config
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 from tests.conftest import SAMPLE_SHARDS
 
 pytestmark = pytest.mark.usefixtures("ray_local")

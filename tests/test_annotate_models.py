@@ -27,7 +27,7 @@ from tests.onnx_fakes import (
     build_hf_cache,
     build_models_dir,
 )
-from udfs.annotate_rows import decode_images
+from udfs.annotate.annotate_rows import decode_images
 
 TOL = 1e-4
 
@@ -89,7 +89,7 @@ def _spec(name: str, models_dir: str, **extra) -> dict:
 def test_tagger_matches_get_wd14_tags(fake_models):
     from imgutils.tagging import get_wd14_tags
 
-    from udfs.wd_tagger import WdTagger
+    from udfs.annotate.wd_tagger import WdTagger
 
     spec = _spec("tagger", fake_models)
     assert (spec["repo"], spec["file"], spec["labels_repo"], spec["labels_file"]) == (
@@ -112,7 +112,7 @@ def test_tagger_matches_get_wd14_tags(fake_models):
 def test_detectors_match_imgutils(fake_models, name):
     from imgutils.detect import detect_faces, detect_heads, detect_person
 
-    from udfs.yolo_detector import YoloDetector
+    from udfs.annotate.yolo_detector import YoloDetector
 
     function = {"face": detect_faces, "head": detect_heads, "person": detect_person}[name]
     spec = _spec(name, fake_models)
@@ -136,7 +136,7 @@ def test_detectors_match_imgutils(fake_models, name):
 def test_ccip_matches_imgutils_whole_and_crops(fake_models):
     from imgutils.metrics import ccip_extract_feature
 
-    from udfs.ccip import CcipFeatures, person_crops
+    from udfs.annotate.ccip import CcipFeatures, person_crops
 
     spec = _spec("ccip", fake_models)
     assert (spec["repo"], spec["file"]) == (CCIP_REPO, CCIP_FILE)
@@ -160,7 +160,7 @@ def test_ccip_matches_imgutils_whole_and_crops(fake_models):
 
 
 def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
-    from udfs.wd_tagger import WdTagger
+    from udfs.annotate.wd_tagger import WdTagger
 
     images = _test_images()[:2] + [b"not an image at all"]
     batch = WdTagger(_spec("tagger", fake_models), "in_tagger", "out")(_batch(images, {"in_tagger": ["tagger", 448]}))

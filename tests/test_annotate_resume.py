@@ -25,7 +25,7 @@ from kill_mid_run import booruset
 from onnx_fakes import face_model_dir
 from PIL import Image
 
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 N_SHARDS, PER_SHARD = 32, 5

@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 from served_models import VLM_IMAGE_TOKENS
 
-from udfs.caption_prompts import caption_messages, tag_block
-from udfs.caption_unit import Hint
-from udfs.openai_transport import ChatEndpoint, EndpointError
+from udfs.caption.caption_prompts import caption_messages, tag_block
+from udfs.caption.caption_unit import Hint
+from udfs.caption.openai_transport import ChatEndpoint, EndpointError
 
 
 class Script:
@@ -186,7 +186,7 @@ def write_shard(shard: Path) -> Path:
 
 
 def test_captioner_sends_images_and_routes_by_rating(fake, tmp_path, openai_options):
-    from udfs.openai_captioner import OpenAICaptioner
+    from udfs.caption.openai_captioner import OpenAICaptioner
 
     shard = write_shard(tmp_path / "s.tar")
     main, main_url = fake()
@@ -251,7 +251,7 @@ def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_pa
     """send_images against a real server: the captioner's data URLs (JPEG, shrunk) are decoded by
     transformers serve and the image reaches the model, a tiny LLaVA with random weights (no VLM's
     weights can be had offline), so the replies are noise and only their arrival is checked."""
-    from udfs.openai_captioner import OpenAICaptioner
+    from udfs.caption.openai_captioner import OpenAICaptioner
 
     shard = write_shard(tmp_path / "s.tar")
     options = dict(openai_options, base_url=transformers_server, model="tinyvlm", api_key_env="", send_images=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from udfs.caption_scoring import (
+from udfs.caption.caption_scoring import (
     CaptionScorer,
     QualityBands,
     SentenceEncoder,
@@ -12,7 +12,7 @@ from udfs.caption_scoring import (
     people_mentioned,
     subject_consistency,
 )
-from udfs.template_caption import TemplateVocab, english_caption
+from udfs.caption.template_caption import TemplateVocab, english_caption
 
 TAGS = ["1girl", "blonde_hair", "red_dress", "pink_shoes", "red_eyes"]
 CATS = ["general"] * 5

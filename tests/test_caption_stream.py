@@ -1,4 +1,4 @@
-"""The vllm backend's stream (udfs/caption_stream.py) end to end against a real server on loopback.
+"""The vllm backend's stream (udfs/caption/caption_stream.py) end to end against a real server on loopback.
 
 No GPU here, so no vLLM engine: the stream runs with ray.data.llm's HttpRequestProcessorConfig
 (`caption.vllm_url`) against `transformers serve` (tests/served_models.py), the tiny LLaVA taking
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from kill_mid_run import booruset, kill_after_commits
 from PIL import Image
 
 from jobs import caption
 from jobs.config import merge
-from kill_mid_run import booruset, kill_after_commits
 
 IMAGES = 8  # unit_size 2: 4 units
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
@@ -80,7 +80,7 @@ def shard(tmp_path_factory) -> Path:
 def uninterrupted(transformers_server, ray_local, tmp_path_factory, shard):
     """A whole run of the stream: its workspace and summary."""
     from jobs.config import load_config
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     root = tmp_path_factory.mktemp("stream-ws") / "ws"
     config = load_config(None, [f'workspace.path="{root}"', "ray.num_cpus=2"])
@@ -108,7 +108,7 @@ def test_stream_captions_loops_back_rewrites_and_commits_every_unit(uninterrupte
 
 
 def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transformers_server, tmp_path, shard):
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     reference, _ = uninterrupted
     ws = Workspace(str(tmp_path / "ws"))

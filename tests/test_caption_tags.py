@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jobs import caption
 from jobs.config import merge
-from udfs.caption_tags import candidates, phrase_of
+from udfs.caption.caption_tags import candidates, phrase_of
 
 
 def tag_rows(key, tags):
@@ -18,7 +18,7 @@ def test_candidates_read_prompt_syntax():
 
 
 def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
-    from udfs.caption_tags import tags_from_text
+    from udfs.caption.caption_tags import tags_from_text
 
     workspace.add_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
                          + tag_rows("a/2", ["red_dress", "cat_ears", "masterpiece"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from udfs.template_caption import (
+from udfs.caption.template_caption import (
     AspOptions,
     TemplateCaptions,
     TemplateVocab,

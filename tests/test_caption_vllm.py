@@ -9,8 +9,8 @@ import json
 import pytest
 
 from jobs.config import load_config
-from udfs.caption_prompts import caption_messages
-from udfs.vllm_captioner import (
+from udfs.caption.caption_prompts import caption_messages
+from udfs.caption.vllm_captioner import (
     PLACEHOLDER,
     engine_kwargs,
     http_config,

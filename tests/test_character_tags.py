@@ -6,7 +6,7 @@ from __future__ import annotations
 from curate_data import curate_config, image_rows, source_rows
 
 from jobs import curate
-from udfs.sidecars import parse_sidecar
+from udfs.ingest.sidecars import parse_sidecar
 
 LABELS_HEADER = "tag_id,name,category,count\n"
 

@@ -214,7 +214,7 @@ def test_sql_reads_nothing_outside_the_workspace(capsys, sample_ws):
 
 
 def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, tmp_path):
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     rows = {"g1": 1, "g[1]": 2, "star*": 3, "starX": 4}
     for name, n in rows.items():
@@ -244,7 +244,7 @@ def test_jobs_sweep_stale_temporary_files(capsys, sample_ws):
 
 def test_export_sweeps_its_own_folder(sample_ws, tmp_path):
     from jobs import export
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
     from tests.export_data import base_config
 
     out = tmp_path / "out"

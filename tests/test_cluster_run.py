@@ -26,7 +26,7 @@ import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 from tests.conftest import REPO, SAMPLE_SHARDS
 from tests.onnx_fakes import face_model_dir
 

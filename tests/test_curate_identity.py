@@ -187,7 +187,7 @@ def test_reference_classification_and_noise(workspace, tmp_path):
 
 
 def test_merge_close_clusters_joins_halves_of_one_identity():
-    from udfs import ccip_cluster
+    from udfs.curate import ccip_cluster
 
     vectors, truth = _identities(np.random.default_rng(6), n_ids=2, per_id=6, noise=0)
     halves = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])  # each identity cut in two clusters
@@ -202,8 +202,8 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
     from PIL import Image
 
-    from udfs.ccip import CcipFeatures
-    from udfs.images import ccip_input
+    from udfs.annotate.ccip import CcipFeatures
+    from udfs.annotate.images import ccip_input
 
     models = tmp_path / "models"
     ccip_model(models / CCIP_REPO / CCIP_FILE)

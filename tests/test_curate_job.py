@@ -11,7 +11,7 @@ from curate_data import curate_config, face_row, image_rows, source_rows
 from kill_mid_run import booruset
 
 from jobs import curate
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 
 def _workspace_with(ws, tag: str):

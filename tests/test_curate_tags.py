@@ -120,7 +120,7 @@ def _rules_without_conflicts(workspace) -> str:
     import shutil
     from pathlib import Path
 
-    from udfs.tag_rules import RULES_DIR
+    from udfs.curate.tag_rules import RULES_DIR
 
     target = Path(workspace.root).parent / "rules"
     target.mkdir(exist_ok=True)

@@ -20,7 +20,7 @@ ALL = '["webdataset", "kohya", "everydream", "parquet"]'
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ray_local):
     from jobs import export
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     path = prepared_workspace(tmp_path_factory)
     cfg = base_config(path, f"export.formats={ALL}", "export.max_count=4")
@@ -186,7 +186,7 @@ def test_rerun_resumes_and_a_lost_unit_is_rewritten_identically(exported):
 
 def fresh(tmp_path_factory, *overrides):
     """Its own copy of the prepared workspace (the module's export keeps its state)."""
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     path = prepared_workspace(tmp_path_factory)
     return base_config(path, *overrides), Workspace(str(path))
@@ -224,7 +224,7 @@ def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_lo
     from PIL import Image
 
     from jobs import export
-    from udfs.resize import bucket_sizes
+    from udfs.export.resize import bucket_sizes
 
     cfg, ws = fresh(tmp_path_factory, f'export.out="{tmp_path / "buckets"}"', 'export.formats=["kohya"]',
                     "export.buckets=true", "export.max_size=512")

@@ -1,5 +1,5 @@
 """The export plan (no Ray): a unit's shard cuts by count and bytes, sizes, txt, repeats, buckets (the
-planning task's udfs/export_plan.py), and the driver's global shard numbering and unit ids."""
+planning task's udfs/export/export_plan.py), and the driver's global shard numbering and unit ids."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def plan_units(table: pa.Table, opts: dict, out: str = "/out") -> list[dict]:
     """What the export job plans for `table` (one unit per source): the planning task's samples per
     unit, placed by the driver's numbering, as the export tasks receive them."""
     from jobs.export import place_units, shaping_of
-    from udfs.export_plan import placed, plan_samples
+    from udfs.export.export_plan import placed, plan_samples
 
     groups, planned, samples = [], {}, {}
     for i, source in enumerate(dict.fromkeys(table["source"].to_pylist())):
@@ -100,7 +100,7 @@ def test_unit_ids_change_with_shaping_options_only():
 
 @pytest.mark.parametrize("size", [(1024, 1024), (832, 1216), (1216, 832), (896, 1152), (768, 1344)])
 def test_kohya_buckets(size):
-    from udfs.resize import bucket_sizes, nearest_bucket
+    from udfs.export.resize import bucket_sizes, nearest_bucket
 
     buckets = bucket_sizes(1024, 256, 2048, 64)
     assert size in buckets and all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)

@@ -22,7 +22,7 @@ HOSTILE_KEYS = [
 
 @pytest.mark.parametrize("key", HOSTILE_KEYS)
 def test_safe_name_is_a_plain_short_file_name(key):
-    from udfs.safe_names import MAX_NAME, safe_name
+    from udfs.export.safe_names import MAX_NAME, safe_name
 
     name = safe_name(key)
     assert SAFE.fullmatch(name) and len(name) <= MAX_NAME + 11
@@ -30,7 +30,7 @@ def test_safe_name_is_a_plain_short_file_name(key):
 
 
 def test_safe_names_are_unique_and_plain_keys_stay_readable():
-    from udfs.safe_names import safe_name
+    from udfs.export.safe_names import safe_name
 
     names = [safe_name(k) for k in HOSTILE_KEYS]
     assert len(set(names)) == len(names)
@@ -39,7 +39,7 @@ def test_safe_names_are_unique_and_plain_keys_stay_readable():
 
 
 def test_inside_refuses_paths_outside_the_root(tmp_path):
-    from udfs.safe_names import inside
+    from udfs.export.safe_names import inside
 
     assert inside(str(tmp_path), "kohya/1_x/a.png").startswith(str(tmp_path))
     for bad in ("../x", "/etc/passwd", "a/../../x", ".", ""):
@@ -54,7 +54,7 @@ def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
     import webdataset as wds
 
     from jobs import curate, export, ingest
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     png = encode(picture(seed=21), "PNG")
     extra = [("/abs/path.png", png), ("a\\..\\b.png", png), ("x.y.z.png", png), ("CON.png", png),

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from jobs import curate, ingest
 from jobs.config import load_config
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -12,7 +12,7 @@ from hostile_data import picture
 
 from jobs import caption, curate, ingest
 from jobs.config import load_config
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

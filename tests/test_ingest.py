@@ -14,7 +14,7 @@ from hostile_data import EXPECTED, encode, hostile_members, picture, write_tar
 
 from jobs import ingest
 from jobs.config import load_config
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

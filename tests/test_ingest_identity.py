@@ -13,7 +13,7 @@ from hostile_data import encode, picture
 
 from jobs import ingest
 from jobs.config import load_config
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from hostile_data import encode, picture, write_tar
 from kill_mid_run import kill_after_commits
 
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 N_SHARDS = 12

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from jobs import cli
-from jobs.lock import WorkspaceBusy, WorkspaceLock
-from jobs.workspace import Workspace
+from store.lock import WorkspaceBusy, WorkspaceLock
+from store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 HOLD = """
 import sys, time
-from jobs.lock import WorkspaceLock
-from jobs.workspace import Workspace
+from store.lock import WorkspaceLock
+from store.workspace import Workspace
 with WorkspaceLock(Workspace(sys.argv[1]), "curate"):
     print("held", flush=True)
     time.sleep(600)

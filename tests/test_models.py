@@ -14,8 +14,8 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from jobs import cli, models
 from jobs.config import load_config
 from tests.onnx_fakes import CCIP_FILE, CCIP_REPO, DETECTORS, build_models_dir
-from udfs import model_files
-from udfs.model_files import ModelUnavailable, model_file
+from udfs.annotate import model_files
+from udfs.annotate.model_files import ModelUnavailable, model_file
 
 LABELS = "tag_id,name,category,count\n0,general,9,0\n1,1girl,0,100\n2,eileen,4,10\n"
 

@@ -13,8 +13,8 @@ from export_data import base_config
 from PIL import ExifTags, Image
 
 from jobs import curate, export, ingest
-from jobs.workspace import Workspace
-from udfs.images import decode
+from store.workspace import Workspace
+from udfs.annotate.images import decode
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -24,7 +24,7 @@ CHECK_SCRIPT = """<script>window.addEventListener('load', () => {
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, ray_local):
     from jobs import export, report
-    from jobs.workspace import Workspace
+    from store.workspace import Workspace
 
     path = prepared_workspace(tmp_path_factory)
     cfg, ws = base_config(path), Workspace(str(path))

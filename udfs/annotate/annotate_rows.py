@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs.workspace import Workspace
-from udfs.ccip import person_crops
-from udfs.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
-from udfs.sources import Unit, read_unit
+from store.workspace import Workspace
+from udfs.annotate.ccip import person_crops
+from udfs.annotate.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
+from udfs.ingest.sources import Unit, read_unit
 
 
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:

@@ -18,8 +18,8 @@ import pyarrow as pa
 import ray
 
 from jobs.config import Config
-from jobs.workspace import Workspace
-from udfs.caption_scoring import SentenceEncoder
+from store.workspace import Workspace
+from udfs.caption.caption_scoring import SentenceEncoder
 
 MAX_WORDS = 4
 WORD = re.compile(r"[a-z0-9][a-z0-9'!\-]*")

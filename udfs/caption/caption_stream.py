@@ -1,14 +1,14 @@
 """The `vllm` caption backend as a stream: units -> request rows -> ray.data.llm -> replies -> per-unit commit.
 
 A unit is settled by a `ReplayCaptioner` (in a small pool of actors): it runs the shared
-caption logic of udfs/caption_unit.py (attempts, scoring, loop-back, rewrite, quality tags)
+caption logic of udfs/caption/caption_unit.py (attempts, scoring, loop-back, rewrite, quality tags)
 over the model replies the unit has so far. When that logic asks for replies it has not got
 (attempt k of some images, or their rewrites), the actor writes those requests to the unit's
 stream folder and stops; when it has all it needs, it writes the unit's parts and commits.
 
 The driver only plans: it sends every pending unit to be settled, then runs one Ray Data pass
 per round over the request files (CPU tasks read and shrink the images and build the prompts,
-the processor of udfs/vllm_captioner.py runs the model, tasks write each batch's replies next
+the processor of udfs/caption/vllm_captioner.py runs the model, tasks write each batch's replies next
 to the unit's requests) and, counting the small acknowledgements the pass returns, settles
 each unit as soon as its last reply is written. Images, prompts and replies never pass
 through the driver.
@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.ray_env import Progress
-from jobs.workspace import Workspace
-from udfs.caption_images import data_url, read_members, shrink_jpeg
-from udfs.caption_prompts import caption_messages, rewrite_messages
-from udfs.caption_unit import Hint, UnitCaptioner, unit_info
-from udfs.openai_transport import EndpointError
-from udfs.rewriter import must_keep
+from store.workspace import Workspace
+from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption.caption_prompts import caption_messages, rewrite_messages
+from udfs.caption.caption_unit import Hint, UnitCaptioner, unit_info
+from udfs.caption.openai_transport import EndpointError
+from udfs.caption.rewriter import must_keep
 
 STREAM = "state/caption-stream"
 REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key", pa.string()),
@@ -265,7 +265,7 @@ class StreamDriver:
 
     def run_pass(self, group: list[dict], rewrite: bool) -> None:
         """One Ray Data pass over the request files of `group`; each unit settles on its last reply."""
-        from udfs.vllm_captioner import build_processor
+        from udfs.caption.vllm_captioner import build_processor
 
         expected = {r["unit"]: int(r["requests"]) for r in group}
         ds = ray.data.read_parquet([r["path"] for r in group], filesystem=self.ws.fs, schema=REQUEST_SCHEMA)

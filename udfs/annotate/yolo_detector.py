@@ -14,10 +14,10 @@ import json
 import numpy as np
 import onnx
 
-from udfs.images import yolo_tensor
-from udfs.model_actor import ModelActor
-from udfs.model_files import model_file, optional_file
-from udfs.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.images import yolo_tensor
+from udfs.annotate.model_actor import ModelActor
+from udfs.annotate.model_files import model_file, optional_file
+from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
 
 
 def detector_meta(path: str) -> tuple[tuple[int, int], list[str]]:

@@ -13,15 +13,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from udfs.model_actor import ModelActor
+from udfs.annotate.model_actor import ModelActor
 
-BUNDLED_CASCADE = Path(__file__).with_name("data") / "lbpcascade_animeface.xml"
+BUNDLED_CASCADE = Path(__file__).resolve().parent.parent / "data" / "lbpcascade_animeface.xml"
 
 
 def cascade_path(spec: dict) -> str:
     path = Path(spec.get("path") or BUNDLED_CASCADE)
     if not path.is_file():
-        from udfs.model_files import ModelUnavailable
+        from udfs.annotate.model_files import ModelUnavailable
 
         raise ModelUnavailable(f"cascade file {path} not found; set annotate.cascade_face.path")
     return str(path)

@@ -1,4 +1,4 @@
-"""ray.data.llm processors of the `vllm` caption backend (udfs/caption_stream.py runs them).
+"""ray.data.llm processors of the `vllm` caption backend (udfs/caption/caption_stream.py runs them).
 
 Two transports behind one request row (unit, stage, key, seed, messages, error):
 - a vLLM engine in GPU actors (`vLLMEngineProcessorConfig`, default JoyCaption);
@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from udfs.caption_prompts import clean_reply
+from udfs.caption.caption_prompts import clean_reply
 
 # request columns every stage hands on to the replies; error is "" or "<kind>: <message>"
 CARRIED = ("unit", "stage", "key", "error")

@@ -215,8 +215,8 @@ def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
 def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
     from PIL import Image
 
-    from udfs.ccip import CcipFeatures
-    from udfs.images import ccip_input, to_rgb_on_white
+    from udfs.annotate.ccip import CcipFeatures
+    from udfs.annotate.images import ccip_input, to_rgb_on_white
     from udfs.orientation import upright
 
     files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() for f in sorted(d.iterdir())

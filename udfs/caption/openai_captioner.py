@@ -1,6 +1,6 @@
 """The `openai` caption backend: a map_batches class that calls an OpenAI-compatible endpoint.
 
-Each actor keeps up to `max_concurrency` requests in flight (udfs/openai_transport.py) and
+Each actor keeps up to `max_concurrency` requests in flight (udfs/caption/openai_transport.py) and
 routes images whose rating is in `route_ratings` to a second endpoint when one is configured.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from udfs.caption_images import data_url, read_members, shrink_jpeg
-from udfs.caption_prompts import caption_messages, clean_reply
-from udfs.caption_unit import Hint, UnitCaptioner
-from udfs.openai_transport import ChatEndpoint, EndpointError
+from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption.caption_prompts import caption_messages, clean_reply
+from udfs.caption.caption_unit import Hint, UnitCaptioner
+from udfs.caption.openai_transport import ChatEndpoint, EndpointError
 
 
 def endpoint_from(options: dict[str, Any], prefix: str = "") -> ChatEndpoint:

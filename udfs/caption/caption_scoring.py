@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-SYNONYMS_PATH = Path(__file__).resolve().parent.parent / "data" / "caption" / "synonyms.toml"
+SYNONYMS_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "synonyms.toml"
 WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
 STOP = frozenset("a an the at of on in with to and or from by for own".split())
 BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word

@@ -12,10 +12,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from udfs.images import ccip_input, ccip_tensor, crop_box, decode, to_rgb_on_white
-from udfs.model_actor import ModelActor
-from udfs.model_files import model_file
-from udfs.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.images import ccip_input, ccip_tensor, crop_box, decode, to_rgb_on_white
+from udfs.annotate.model_actor import ModelActor
+from udfs.annotate.model_files import model_file
+from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
 
 
 def person_crops(data: bytes, draft_size: int, persons: list[list], padding: float, max_crops: int,

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.workspace import Workspace
-from udfs.caption_scoring import CaptionScorer, QualityBands, SentenceEncoder
-from udfs.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
+from store.workspace import Workspace
+from udfs.caption.caption_scoring import CaptionScorer, QualityBands, SentenceEncoder
+from udfs.caption.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
 
 PINNED = ("count", "count_word", "character", "copyright")  # tag groups loop-back never drops nor moves
 
@@ -85,7 +85,7 @@ class UnitCaptioner:
         self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
 
     def make_rewriter(self, options: dict[str, Any]):
-        from udfs.rewriter import make_rewriter
+        from udfs.caption.rewriter import make_rewriter
 
         return make_rewriter(options)
 

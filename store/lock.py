@@ -22,7 +22,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from jobs.workspace import Workspace, WorkspaceError
+from store.workspace import Workspace, WorkspaceError
 
 LEASE_S = 120.0
 

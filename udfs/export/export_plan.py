@@ -17,9 +17,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jobs.workspace import Workspace
-from udfs.resize import estimated_bytes, needs_reencode, output_extension, target_size
-from udfs.safe_names import key_digest, safe_folder, safe_name
+from store.workspace import Workspace
+from udfs.export.resize import estimated_bytes, needs_reencode, output_extension, target_size
+from udfs.export.safe_names import key_digest, safe_folder, safe_name
 
 TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
 

@@ -1,15 +1,15 @@
 """The rewriter: an LLM condenses a caption and keeps its facts; the prompt lists the tags that must stay.
 
 Two transports, as for captioning: an OpenAI-compatible endpoint (inside the caption actors, any
-backend) and ray.data.llm (`rewrite = "vllm"`, the vllm backend's stream: udfs/caption_stream.py).
+backend) and ray.data.llm (`rewrite = "vllm"`, the vllm backend's stream: udfs/caption/caption_stream.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from udfs.caption_prompts import clean_reply, rewrite_messages
-from udfs.openai_transport import ChatEndpoint, EndpointError
+from udfs.caption.caption_prompts import clean_reply, rewrite_messages
+from udfs.caption.openai_transport import ChatEndpoint, EndpointError
 
 
 class OpenAIRewriter:

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pandas as pd
 
-from udfs.model_actor import ModelActor
-from udfs.model_files import model_file
-from udfs.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.model_actor import ModelActor
+from udfs.annotate.model_files import model_file
+from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
 
 # selected_tags.csv category codes (imgutils.tagging.wd14._get_wd14_labels)
 CATEGORIES = {9: "rating", 0: "general", 4: "character"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 import schemas
-from jobs.workspace import Workspace
+from store.workspace import Workspace
 
 JOB = "annotate"
 DETECTORS = ("cascade_face", "face", "head", "person")

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-VOCAB_PATH = Path(__file__).resolve().parent.parent / "data" / "caption" / "template_vocab.toml"
+VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "template_vocab.toml"
 GROUPS = ("hair", "eyes", "clothes", "pose", "expression", "background")
 NUMBER_WORDS = ["no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 SMALL_WORDS = {"the", "of", "a", "an", "and", "no", "to", "in", "on", "wa", "ga", "ni", "de", "for", "at"}

@@ -12,10 +12,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from jobs.workspace import Workspace
-from udfs.probe import ProbeError, probe_image
-from udfs.sidecars import SidecarError, decode_text, parse_sidecar
-from udfs.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit, split_key
+from store.workspace import Workspace
+from udfs.ingest.probe import ProbeError, probe_image
+from udfs.ingest.sidecars import SidecarError, decode_text, parse_sidecar
+from udfs.ingest.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit, split_key
 
 TABLES = ("images", "source_tags", "source_text", "errors")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "data" / "rules"
+RULES_DIR = Path(__file__).resolve().parents[2] / "data" / "rules"
 
 # Category numbers of Danbooru's tag list and of the WD taggers' selected_tags.csv.
 CATEGORY_NAMES = {"0": "general", "1": "artist", "3": "copyright", "4": "character", "5": "meta", "9": "rating"}

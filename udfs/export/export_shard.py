@@ -1,7 +1,8 @@
 """One export unit (one source of `images`): read its images once, write every layout, commit.
 
 A planning task made the unit's plan (which sample goes to which shard, names, sizes, txt and
-json: udfs/export_plan.py); this task reads the source with udfs.sources.read_unit, resizes where planned, and writes:
+json: udfs/export/export_plan.py); this task reads the source with udfs.ingest.sources.read_unit,
+resizes where planned, and writes:
 - webdataset: its planned shards `shard-%06d.tar` (WebDataset members KEY.ext, fixed mtime);
 - kohya: `<repeats>_<concept>/<name>.<ext>` + `<name>.txt`;
 - everydream: `<folder>/<name>.<ext>` + `.txt`, and `multiply.txt` per folder;
@@ -25,11 +26,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.workspace import Workspace
-from udfs.export_plan import placed, read_plan
-from udfs.resize import resize_image
-from udfs.safe_names import inside
-from udfs.sources import Unit, read_unit, safe_text
+from store.workspace import Workspace
+from udfs.export.export_plan import placed, read_plan
+from udfs.export.resize import resize_image
+from udfs.export.safe_names import inside
+from udfs.ingest.sources import Unit, read_unit, safe_text
 
 JOB = "export"
 LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
@@ -98,7 +99,7 @@ class ShardTar:
 def local_tar_members(path: str, wanted: set[str], max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
     """(member, bytes) of the wanted members of a local, uncompressed shard, read with seeks.
 
-    udfs.sources.read_unit streams a shard ("r|*", 8 KB pieces, every member read): about 8x
+    udfs.ingest.sources.read_unit streams a shard ("r|*", 8 KB pieces, every member read): about 8x
     slower on one core for a local file than tarfile's random-access mode, which also skips the
     members the export does not want. Names go through the same safe_text as at ingest.
     """

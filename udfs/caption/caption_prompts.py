@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from udfs.template_caption import words_of
+from udfs.caption.template_caption import words_of
 
 CAPTION_PROMPT = (
     "Write a descriptive caption for this image in a formal tone, in one paragraph.\n"
