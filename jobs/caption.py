@@ -3,7 +3,8 @@
 Steps:
 1. captions back to tags: images with a caption / SD prompt but no tags get candidate tags
    in source_tags (origin "caption"), so the captioners below have something to work from;
-2. one input row per image (sql/caption_inputs.sql), cut into units of `unit_size` images;
+2. one input row per image (sql/caption_inputs.sql), cut into units of `unit_size` images
+   (sql/caption_units.sql) and streamed into one file per unit, which the unit's task reads;
 3. Ray Data map_batches with one callable class per backend over whole units: caption,
    score, loop back, rewrite, write the unit's parts, commit it (resume skips committed units);
    the vllm backend streams the units through ray.data.llm instead (udfs/caption/caption_stream.py);
@@ -17,16 +18,17 @@ import json
 import time
 import uuid
 
-import pyarrow as pa
 import ray
 
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
+from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
+INPUTS = "state/caption-inputs"  # the running job's input rows, one file per unit
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
 UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "drop_per_attempt", "review_floor",
                 "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
@@ -58,16 +60,16 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
-    inputs = load_inputs(ws)
-    units = plan_units(inputs, opts)
-    remove_stale(ws, {u for u, _ in units})
+    units = stage_inputs(ws, opts)
+    remove_stale(ws, {u["unit"] for u in units})
     done = ws.done_units("caption")
-    pending = [(u, t) for u, t in units if u not in done]
-    print(f"caption: {inputs.num_rows} images in {len(units)} units, {len(units) - len(pending)} done before, "
-          f"{len(pending)} to run (backend {opts['backend']})", flush=True)
-    infos = [done[u] for u, _ in units if u in done]
+    pending = [u for u in units if u["unit"] not in done]
+    print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
+          f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
+    infos = [done[u["unit"]] for u in units if u["unit"] in done]
     if pending:
         infos += run_units(cfg, ws, pending)
+    clear(ws, INPUTS)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
     ws.publish()  # the captions, before the related tags are computed over them
@@ -77,32 +79,28 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def load_inputs(ws: Workspace) -> pa.Table:
-    con = ws.connect()
-    try:
-        return con.sql(sql_text("caption_inputs.sql")).to_arrow_table()
-    finally:
-        con.close()
+def stage_inputs(ws: Workspace, opts: dict) -> list[dict]:
+    """The units, each of `unit_size` images in key order (sql/caption_units.sql), their input rows
+    streamed from DuckDB into one file per unit (store/staging.py): {"unit", "path", "rows"}.
 
-
-def plan_units(inputs: pa.Table, opts: dict) -> list[tuple[str, pa.Table]]:
-    """Consecutive slices of `unit_size` images (inputs are sorted by key).
-
-    A unit's id hashes its input rows and the options that shape its output, so new tags or
+    A unit's id hashes its rows' values and the options that shape its output, so new tags or
     other options make a new unit instead of reusing stale captions.
     """
-    size = max(1, int(opts["unit_size"]))
     shaping = json.dumps({k: opts.get(k) for k in UNIT_OPTIONS}, sort_keys=True, default=str)
+    con = ws.connect()
+    try:
+        con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
+        reader = con.sql(sql_text("caption_units.sql"),
+                         params={"unit_size": max(1, int(opts["unit_size"]))}).to_arrow_reader(50_000)
+        staged = stage_units(ws, reader, INPUTS)
+    finally:
+        con.close()
     units = []
-    for start in range(0, inputs.num_rows, size):
-        part = inputs.slice(start, size)
+    for unit in staged:
         digest = hashlib.sha1(shaping.encode())
-        # the rows' values, not their Arrow buffers (whose layout varies from query to query)
-        digest.update(json.dumps(part.to_pylist(), sort_keys=True, default=str).encode())
-        uid = unit_id(f"caption-{part['key'][0].as_py()}", digest.hexdigest())
-        part = part.append_column("unit", pa.array([uid] * part.num_rows, pa.string()))
-        part = part.append_column("unit_rows", pa.array([part.num_rows] * part.num_rows, pa.int32()))
-        units.append((uid, part))
+        digest.update(unit["digest"].encode())
+        units.append({"unit": unit_id(f"caption-{unit['first']['key']}", digest.hexdigest()), "path": unit["path"],
+                      "rows": unit["rows"]})
     return units
 
 
@@ -114,19 +112,19 @@ def remove_stale(ws: Workspace, current: set[str]) -> None:
             ws.forget_unit("caption", unit)
 
 
-def run_units(cfg: Config, ws: Workspace, units: list[tuple[str, pa.Table]]) -> list[dict]:
+def run_units(cfg: Config, ws: Workspace, units: list[dict]) -> list[dict]:
     init_ray(cfg)
     opts = cfg["caption"]
-    progress = Progress("caption", sum(t.num_rows for _, t in units), units=len(units))
+    progress = Progress("caption", sum(u["rows"] for u in units), units=len(units))
     if opts["backend"] == "vllm":
         from udfs.caption.caption_stream import caption_units_stream
 
         with progress:
             return caption_units_stream(ws, units, opts, progress)
     captioner = captioner_class(opts["backend"])
-    # one block per unit, and batch_size=None hands each block over whole
-    ds = ray.data.from_arrow([t for _, t in units])
-    ds = ds.map_batches(captioner, batch_size=None, batch_format="pyarrow",
+    # one unit per block and per call: each call reads its unit's rows, captions and commits them
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(captioner, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs={"workspace": ws.root, "options": opts},
                         compute=ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units)))),
                         num_cpus=float(opts["num_cpus"]))

@@ -34,6 +34,7 @@ import ray
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
+from store.staging import clear, stage_units
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_units_task
 from udfs.export.export_shard import JOB, atomic_write, export_units, shard_name
@@ -79,7 +80,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    clear_plan(ws)
     total, groups = stage_selection(ws, opts, int(cfg["ingest"]["folder_unit_size"]))
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
@@ -93,7 +93,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if pending:
         infos += run_units(cfg, ws, out, pending)
     ws.publish()
-    clear_plan(ws)
+    clear(ws, PLAN)
     manifest = write_manifest(ws, out, {u["unit"] for u in units})
     shards = write_wids_index(out, units, manifest) if "webdataset" in opts["formats"] else 0
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
@@ -135,53 +135,12 @@ def stage_selection(ws: Workspace, opts: dict, folder_unit_size: int) -> tuple[i
             raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
         reader = con.sql(sql_text("export_units.sql"),
                          params={"folder_unit_size": max(1, folder_unit_size)}).to_arrow_reader(50_000)
-        return total, write_groups(ws, reader)
+        units = stage_units(ws, reader, PLAN, first=("key", "source"))
     finally:
         con.close()
-
-
-def write_groups(ws: Workspace, reader: pa.RecordBatchReader) -> list[dict]:
-    """One Parquet file per run of equal (source, export_chunk) in the ordered stream."""
-    groups: list[dict] = []
-    writer = None
-    for batch in reader:
-        for start, stop, unit in runs(batch["source"].to_pylist(), batch["export_chunk"].to_pylist()):
-            if not groups or groups[-1]["_id"] != unit:
-                if writer is not None:
-                    writer.close()
-                groups.append(new_group(ws, len(groups), unit, batch["key"][start].as_py()))
-                writer = pq.ParquetWriter(groups[-1]["path"], batch.schema, filesystem=ws.fs)
-            writer.write_batch(batch.slice(start, stop - start))
-            groups[-1]["rows"] += stop - start
-    if writer is not None:
-        writer.close()
-    for group in groups:
-        del group["_id"]
-    return groups
-
-
-def runs(sources: list[str], chunks: list[int]) -> list[tuple[int, int, tuple[str, int]]]:
-    """(start, stop, (source, chunk)) of each run of equal values."""
-    out, start = [], 0
-    for i in range(1, len(sources) + 1):
-        if i == len(sources) or (sources[i], chunks[i]) != (sources[start], chunks[start]):
-            out.append((start, i, (sources[start], chunks[start])))
-            start = i
-    return out
-
-
-def new_group(ws: Workspace, index: int, unit: tuple[str, int], first_key: str) -> dict:
-    path = f"{ws.base}/{PLAN}/{index:08d}.parquet"
-    ws.fs.create_dir(f"{ws.base}/{PLAN}", recursive=True)
-    source = unit[0]
-    return {"group": index, "source": source, "kind": "tar" if source.endswith(".tar") else "folder",
-            "first_key": first_key, "rows": 0, "path": path, "_id": unit}
-
-
-def clear_plan(ws: Workspace) -> None:
-    """The staged selection and plans: rebuilt by every run (the lock keeps other writers out)."""
-    if ws.fs.get_file_info(f"{ws.base}/{PLAN}").type == pafs.FileType.Directory:
-        ws.fs.delete_dir(f"{ws.base}/{PLAN}")
+    return total, [{"group": u["index"], "source": u["first"]["source"], "first_key": u["first"]["key"],
+                    "kind": "tar" if u["first"]["source"].endswith(".tar") else "folder", "rows": u["rows"],
+                    "path": u["path"]} for u in units]
 
 
 def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.ray_env import Progress
+from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
 from udfs.caption.caption_prompts import caption_messages, rewrite_messages
@@ -114,17 +115,18 @@ class ReplayCaptioner(UnitCaptioner):
                 out.append(reply["caption"])
         return out
 
-    def settle(self, unit: str, table: pa.Table) -> dict:
-        """Commit the unit if its replies are all there: {"unit", "info"}; else write the requests
-        it lacks: {"unit", "stage", "requests", "path"}."""
+    def settle(self, unit: str, path: str) -> dict:
+        """Commit the unit (its rows in the job's staged file `path`) if its replies are all there:
+        {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}."""
         self.unit = unit
+        table = read_unit_rows(self.ws, path)
         self.replies = read_replies(self.ws, unit)
         try:
             captions, errors = self.caption_unit(table)
         except NeedReplies as need:
-            path = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
-            write_atomic(self.ws, path, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
-            return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": path}
+            requests = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
+            write_atomic(self.ws, requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
+            return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
         self.ws.write_part("captions", unit, captions)
         self.ws.write_part("errors", f"caption-{unit}", errors)
         info = unit_info(table.num_rows, captions, errors, 0.0)
@@ -207,17 +209,16 @@ class UnitSettler:
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.captioner = ReplayCaptioner(workspace, options)
 
-    def settle(self, unit: str, table: pa.Table) -> dict:
-        return self.captioner.settle(unit, table)
+    def settle(self, unit: str, path: str) -> dict:
+        return self.captioner.settle(unit, path)
 
 
 class StreamDriver:
     """Plans the rounds, counts acknowledgements, hands units to the settlers; holds no rows."""
 
-    def __init__(self, ws: Workspace, units: list[tuple[str, pa.Table]], opts: dict[str, Any],
-                 progress: Progress) -> None:
+    def __init__(self, ws: Workspace, units: list[dict], opts: dict[str, Any], progress: Progress) -> None:
         self.ws, self.opts, self.progress = ws, opts, progress
-        self.inputs = {unit: ray.put(table) for unit, table in units}  # in the object store, sent once
+        self.inputs = {u["unit"]: u["path"] for u in units}  # the files the job staged the units' rows in
         # the settlers mostly wait for the engine; a full CPU each would starve the stream's tasks
         self.settlers = [UnitSettler.options(num_cpus=0.25).remote(ws.root, opts)
                          for _ in range(max(1, min(int(opts["concurrency"]), len(units))))]
@@ -295,7 +296,6 @@ def remove_stale_streams(ws: Workspace, current: set[str]) -> None:
             ws.fs.delete_dir(info.path)
 
 
-def caption_units_stream(ws: Workspace, units: list[tuple[str, pa.Table]], opts: dict[str, Any],
-                         progress: Progress) -> list[dict]:
+def caption_units_stream(ws: Workspace, units: list[dict], opts: dict[str, Any], progress: Progress) -> list[dict]:
     """Caption `units` through the stream; the infos of the units committed."""
     return StreamDriver(ws, units, opts, progress).run()

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_scoring import CaptionScorer, QualityBands, SentenceEncoder
 from udfs.caption.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
@@ -98,13 +98,13 @@ class UnitCaptioner:
 
     # ---- map_batches entry ------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> dict[str, list]:
+        """Caption each unit of the batch (its rows read from the file the job staged), write, commit."""
         out: dict[str, list] = {"unit": [], "info": []}
-        units = pc.unique(batch["unit"]).to_pylist()
-        for unit in units:
-            rows = batch.filter(pc.equal(batch["unit"], unit))
-            expected = rows["unit_rows"][0].as_py()
-            if rows.num_rows != expected:  # a unit split across batches would be committed half done
-                raise RuntimeError(f"unit {unit} arrived with {rows.num_rows} of {expected} rows")
+        for unit, path, expected in zip(batch["unit"].to_pylist(), batch["path"].to_pylist(),
+                                        batch["rows"].to_pylist(), strict=True):
+            rows = read_unit_rows(self.ws, path)
+            if rows.num_rows != expected:  # a unit committed with rows missing would never be redone
+                raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
             started = time.perf_counter()
             captions, errors = self.caption_unit(rows)
             self.ws.write_part("captions", unit, captions)
