@@ -13,18 +13,28 @@ production contracts from tests/onnx_fakes.py, in annotate.models_dir) -> curate
 Per stage it measures the wall time and images/s, and every 0.5 s it samples (psutil) the
 resident memory of the job's whole process tree: the driver (the job process itself) and the
 largest single other process (a Ray worker, the raylet, the GCS ...), found as descendants of
-the job process or as processes in its session. It prints a table per size, a comparison, and
-one line per figure:
+the job process or as processes in its session. RSS counts the object-store pages a process has
+mapped, so a worker's figure includes shared memory; `sumRSS` adds them up and overstates.
+It prints a table per size, a comparison, and one line per figure:
 
     RESULT scale_<stage>_throughput ratio=<large images/s / small images/s> goal=0.9 met=yes|no
     RESULT scale_driver_rss ratio=<large peak / small peak> goal=1.2 met=yes|no   (met: ratio <= 1.2)
     RESULT scale_worker_rss ratio=... goal=1.2 met=...  (informational)
 
-Run from the repository root:
+Images/s is images over the job process's wall time (Python and Ray start-up included, ~10-30 s,
+which flatters the larger size); the comparison also gives the ratio from the jobs' own times.
+The jobs run from a copy of the working tree taken at the start ($ROOT/src) with ray.num_cpus at
+least 4 (see MIN_RAY_CPUS). Ctrl-C or SIGTERM stops the running job and prints what was measured,
+with the stopped stage's last progress line. Logs of every job: $ROOT/logs/<size>-<stage>.log.
 
-    .venv/bin/python bench/scale.py --quick            # 2,000 and 20,000 images: a few minutes on 2 cores
-    .venv/bin/python bench/scale.py                    # 20,000 and 200,000 images: an hour or more on 2 cores
-    .venv/bin/python bench/scale.py --sizes 5000,50000 --num-cpus 4 --keep
+Run from the repository root (times on 2 cores, idle to busy):
+
+    .venv/bin/python bench/scale.py --quick     # 2,000 and 20,000 images, annotate with cascade_face + tagger:
+                                                # ~25 min (+3 min the first time, making the images)
+    .venv/bin/python bench/scale.py             # 20,000 and 200,000 images, all six models: many hours
+                                                # (annotate ~7 images/s); `--generate-only` first makes
+                                                # the images (~5 min for 200,000), else the run does
+    .venv/bin/python bench/scale.py --sizes 5000,50000 --models cascade_face,tagger --keep
 """
 
 from __future__ import annotations
@@ -58,7 +68,14 @@ LABELS_CSV = REPO.parent / "shared" / "tagdata" / "wd_v3_selected_tags.csv"
 OVERLAP_JSON = REPO.parent / "shared" / "tagdata" / "overlap_tags.json"
 STAGES = ("ingest", "annotate", "curate", "caption", "export")
 MODELS = ["cascade_face", "face", "head", "person", "ccip", "tagger"]
-DATA_VERSION = "v1"  # bump when the generator changes: the cache key
+# --quick: the two cheapest (the OpenCV cascade and the tagger fake); the three YOLO fakes at
+# 640 px and CCIP with its person crops cost ~0.3 s of CPU per image together on a 2-core machine.
+QUICK_MODELS = ["cascade_face", "tagger"]
+# Logical CPUs of each job's local Ray, at least: annotate's six model actors hold 6 x 0.25 CPU and
+# its select_columns step is a 1-CPU task, so with 2 logical CPUs that task never gets scheduled and
+# annotate stalls for good once the object store budget is used (seen with 2,000 images).
+MIN_RAY_CPUS = 4
+DATA_VERSION = "v2"  # bump when the generator changes: the cache key
 THROUGHPUT_GOAL, RSS_GOAL = 0.9, 1.2
 MIB = 2**20
 
@@ -86,24 +103,24 @@ def _init_worker(labels: str) -> None:
 
 
 def picture(rng: np.random.Generator) -> np.ndarray:
-    """An RGB array of 64..256 px: a near-grey flat, gradient or noise ground with a few coloured blocks.
+    """An RGB array of 64..256 px: a mid-grey flat, gradient or noise ground with 1-3 coloured blocks.
 
-    The ground stays near mid-grey on purpose: the fake YOLO detectors score colour against grey,
-    so they find a few boxes around the blocks instead of thousands of anchors on a coloured page.
+    The ground varies by a few grey levels only, on purpose: the fake YOLO detectors score colour
+    against mid-grey, so on this they find a few to a few dozen boxes around the blocks (as the
+    tests' drawings), where a colourful page gives them hundreds per image whose NMS would dominate.
     """
     w, h = (int(v) for v in rng.integers(64, 257, 2))
-    base = rng.integers(108, 148, 3).astype(np.float32)
+    pixels = np.full((h, w, 3), 128.0, np.float32)
     kind = rng.integers(0, 3)
-    pixels = np.broadcast_to(base, (h, w, 3)).copy()
     if kind == 1:  # gradient along a random direction
         angle = rng.uniform(0, 2 * math.pi)
-        ramp = (np.cos(angle) * np.arange(w)[None, :] / w + np.sin(angle) * np.arange(h)[:, None] / h)
-        pixels += ramp[:, :, None] * rng.uniform(-40, 40, 3)
+        ramp = np.cos(angle) * np.arange(w)[None, :] / w + np.sin(angle) * np.arange(h)[:, None] / h
+        pixels += ramp[:, :, None] * rng.uniform(-2, 2, 3)
     elif kind == 2:  # blobby noise plus a little fine grain
-        coarse = rng.normal(0, 20, (h // 16 + 1, w // 16 + 1, 3))
-        pixels += np.kron(coarse, np.ones((16, 16, 1)))[:h, :w] + rng.normal(0, 5, (h, w, 3))
-    for _ in range(rng.integers(1, 6)):
-        bw, bh = rng.integers(6, max(8, w // 2)), rng.integers(6, max(8, h // 2))
+        coarse = rng.normal(0, 1.5, (h // 16 + 1, w // 16 + 1, 3))
+        pixels += np.kron(coarse, np.ones((16, 16, 1)))[:h, :w] + rng.normal(0, 1, (h, w, 3))
+    for _ in range(rng.integers(1, 4)):
+        bw, bh = (int(max(4, rng.uniform(0.05, 0.15) * side)) for side in (w, h))
         x, y = rng.integers(0, w - bw + 1), rng.integers(0, h - bh + 1)
         pixels[y : y + bh, x : x + bw] = rng.integers(0, 256, 3)
     return np.clip(pixels, 0, 255).astype(np.uint8)
@@ -118,7 +135,8 @@ def encode(rng: np.random.Generator, pixels: np.ndarray) -> tuple[str, bytes]:
     if r < 0.93:
         image.save(buf, format="PNG", compress_level=1)
     elif r < 0.97:
-        alpha = np.linspace(64, 255, pixels.shape[1], dtype=np.uint8)[None, :].repeat(pixels.shape[0], 0)
+        alpha = np.full(pixels.shape[:2], 255, np.uint8)
+        alpha[: pixels.shape[0] // 4, : pixels.shape[1] // 4] = 128  # a half-transparent corner
         Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(buf, format="PNG", compress_level=1)
     else:
         image.quantize(64).save(buf, format="PNG")
@@ -194,6 +212,7 @@ def models_dir(root: Path) -> Path:
 @dataclass
 class Peaks:
     driver: int = 0
+    driver_at: float = 0.0  # seconds into the stage of the driver's peak
     worker: int = 0
     worker_name: str = ""
     tree: int = 0
@@ -238,6 +257,7 @@ class Sampler(threading.Thread):
     def __init__(self, pid: int, interval: float) -> None:
         super().__init__(daemon=True)
         self.root, self.interval = psutil.Process(pid), interval
+        self.started = time.perf_counter()
         self.peaks, self.stop = Peaks(), threading.Event()
 
     def run(self) -> None:
@@ -263,7 +283,8 @@ class Sampler(threading.Thread):
 
     def _record(self, proc: psutil.Process, rss: int) -> None:
         if proc.pid == self.root.pid:
-            self.peaks.driver = max(self.peaks.driver, rss)
+            if rss > self.peaks.driver:
+                self.peaks.driver, self.peaks.driver_at = rss, time.perf_counter() - self.started
         elif rss > self.peaks.worker:
             self.peaks.worker, self.peaks.worker_name = rss, _label(proc)
 
@@ -278,6 +299,7 @@ class StageResult:
     peaks: Peaks
     job_seconds: float | None = None
     log: str = ""
+    progress: str = ""  # a stage that did not finish: its last progress line
 
     @property
     def rate(self) -> float:
@@ -290,15 +312,29 @@ class SizeRun:
     stages: dict[str, StageResult] = field(default_factory=dict)
 
 
-def job_env() -> dict[str, str]:
+def snapshot(root: Path) -> Path:
+    """A copy of the working tree (git's tracked and untracked, not ignored, files) for the jobs to
+    run from, so that edits made while a long benchmark runs never mix two versions of the code."""
+    dest = root / "src"
+    shutil.rmtree(dest, ignore_errors=True)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def job_env(src: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own local Ray
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=str(src), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     return env
 
 
-def overrides(models: Path, num_cpus: int) -> list[str]:
+def overrides(models: Path, names: list[str], num_cpus: int) -> list[str]:
     """The --set options every stage gets (the same config for the whole run)."""
-    sets = [f"annotate.models_dir={json.dumps(str(models))}", f"annotate.models={json.dumps(MODELS)}",
+    sets = [f"annotate.models_dir={json.dumps(str(models))}", f"annotate.models={json.dumps(names)}",
             'caption.backend="template"']
     if num_cpus:
         sets.append(f"ray.num_cpus={num_cpus}")
@@ -312,17 +348,31 @@ def run_stage(stage: str, ws: Path, extra: list[str], log: Path, images: int, op
     cmd = [sys.executable, "-m", "jobs.cli", stage, "-w", str(ws), *extra]
     with log.open("w") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=opts.src, env=job_env(opts.src), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         sampler = Sampler(proc.pid, opts.interval)
         sampler.start()
-        rc = wait(proc, opts.stage_timeout)
+        try:
+            rc = wait(proc, opts.stage_timeout)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the job, keep what was measured
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            opts.interrupted = True
         wall = time.perf_counter() - started
         sampler.stop.set()
         sampler.join()
     reap_session(proc.pid)
     text = log.read_text(errors="replace")
-    return StageResult(stage, images, wall, rc, sampler.peaks, job_seconds(text), str(log))
+    result = StageResult(stage, images, wall, rc, sampler.peaks, job_seconds(text), str(log))
+    if rc != 0:
+        result.progress = last_progress(stage, text)
+    return result
+
+
+def last_progress(stage: str, text: str) -> str:
+    """The job's last progress line (`ingest: 1200/20000 images, ..., 41.0 images/s, 30 s`), if any."""
+    found = re.findall(rf"^{stage}: \d+/\d+ .*/s, \d+ s$", text, re.M)
+    return found[-1] if found else ""
 
 
 def wait(proc: subprocess.Popen, timeout: float) -> int:
@@ -361,13 +411,14 @@ def run_size(n_images: int, root: Path, extra: list[str], opts: argparse.Namespa
     logs.mkdir(parents=True, exist_ok=True)
     result = SizeRun(n_images)
     for stage in STAGES:
-        args = ["-i", str(shards)] if stage == "ingest" else []
+        args = ["-i", str(shards / "scale-*.tar")] if stage == "ingest" else []
         print(f"[{time.strftime('%H:%M:%S')}] {n_images:,} images: {stage} ...", flush=True)
         res = run_stage(stage, ws, args + extra, logs / f"{n_images}-{stage}.log", n_images, opts)
         result.stages[stage] = res
         print("  " + stage_line(res), flush=True)
         if res.rc != 0:
-            print(f"  {stage} failed (exit {res.rc}); last lines of {res.log}:\n{tail(res.log)}", flush=True)
+            print(f"  {stage} stopped (exit {res.rc}) at: {res.progress or '?'}; last lines of {res.log}:\n"
+                  f"{tail(res.log)}", flush=True)
             break
     if not opts.keep:
         shutil.rmtree(ws, ignore_errors=True)
@@ -381,16 +432,18 @@ def tail(path: str, lines: int = 25) -> str:
 # ---- reporting ---------------------------------------------------------------------------------
 def stage_line(r: StageResult) -> str:
     job = f"{r.job_seconds:8.1f}" if r.job_seconds is not None else "       -"
-    return (f"{r.stage:<9} {r.wall:8.1f} {job} {r.rate:9.1f} {r.peaks.driver / MIB:9.0f} "
+    rate = f"{r.rate:9.1f}" if r.rc == 0 else f"{'-':>9}"
+    return (f"{r.stage:<9} {r.wall:8.1f} {job} {rate} {r.peaks.driver / MIB:9.0f} {r.peaks.driver_at:6.0f} "
             f"{r.peaks.worker / MIB:9.0f} {r.peaks.tree / MIB:9.0f} {r.peaks.processes:5d}  {r.peaks.worker_name}")
 
 
 def print_size_table(run: SizeRun) -> None:
     print(f"\n== {run.images:,} images")
-    print(f"{'stage':<9} {'wall s':>8} {'job s':>8} {'images/s':>9} {'driverMiB':>9} {'workerMiB':>9} "
-          f"{'treeMiB':>9} {'procs':>5}  largest other process")
+    print(f"{'stage':<9} {'wall s':>8} {'job s':>8} {'images/s':>9} {'driverMiB':>9} {'at s':>6} {'workerMiB':>9} "
+          f"{'sumRSSMiB':>9} {'procs':>5}  largest other process")
     for res in run.stages.values():
-        print(stage_line(res))
+        print(stage_line(res) + (f"\n{'':9} did not finish (exit {res.rc}); last progress: {res.progress or '?'}"
+                                 if res.rc else ""))
 
 
 def ratio(large: float, small: float) -> float:
@@ -401,44 +454,60 @@ def peak(run: SizeRun, what: str) -> int:
     return max((getattr(r.peaks, what) for r in run.stages.values()), default=0)
 
 
-def print_results(small: SizeRun, large: SizeRun) -> None:
-    print(f"\n== scaling {small.images:,} -> {large.images:,} images")
-    print(f"{'stage':<9} {'small/s':>9} {'large/s':>9} {'ratio':>6} {'drv S':>7} {'drv L':>7} {'ratio':>6} "
-          f"{'wrk S':>7} {'wrk L':>7} {'ratio':>6}")
+def comparison_line(stage: str, s: StageResult, lg: StageResult) -> str:
+    job = ratio(s.job_seconds * lg.images, lg.job_seconds * s.images) if s.job_seconds and lg.job_seconds else math.nan
+    return (f"{stage:<9} {s.rate:9.1f} {lg.rate:9.1f} {ratio(lg.rate, s.rate):6.2f} {job:6.2f} "
+            f"{s.peaks.driver / MIB:7.0f} {lg.peaks.driver / MIB:7.0f} {ratio(lg.peaks.driver, s.peaks.driver):6.2f} "
+            f"{s.peaks.worker / MIB:7.0f} {lg.peaks.worker / MIB:7.0f} {ratio(lg.peaks.worker, s.peaks.worker):6.2f}")
+
+
+def result_lines(small: SizeRun, large: SizeRun) -> list[str]:
+    """The RESULT lines: a stage that did not finish at both sizes has ratio nan (not met)."""
     lines = []
     for stage in STAGES:
         s, lg = small.stages.get(stage), large.stages.get(stage)
-        ok = s is not None and lg is not None and s.rc == 0 and lg.rc == 0
-        r = ratio(lg.rate, s.rate) if ok else float("nan")
-        if ok:
-            print(f"{stage:<9} {s.rate:9.1f} {lg.rate:9.1f} {r:6.2f} {s.peaks.driver / MIB:7.0f} "
-                  f"{lg.peaks.driver / MIB:7.0f} {ratio(lg.peaks.driver, s.peaks.driver):6.2f} "
-                  f"{s.peaks.worker / MIB:7.0f} {lg.peaks.worker / MIB:7.0f} "
-                  f"{ratio(lg.peaks.worker, s.peaks.worker):6.2f}")
-        met = "yes" if r >= THROUGHPUT_GOAL else "no"
-        lines.append(f"RESULT scale_{stage}_throughput ratio={r:.2f} goal={THROUGHPUT_GOAL} met={met}")
+        r = ratio(lg.rate, s.rate) if s and lg and s.rc == 0 and lg.rc == 0 else math.nan
+        lines.append(f"RESULT scale_{stage}_throughput ratio={r:.2f} goal={THROUGHPUT_GOAL} "
+                     f"met={'yes' if r >= THROUGHPUT_GOAL else 'no'}")
     for what in ("driver", "worker"):
         r = ratio(peak(large, what), peak(small, what))
-        note = "" if what == "driver" else " (informational)"
         lines.append(f"RESULT scale_{what}_rss ratio={r:.2f} goal={RSS_GOAL} met={'yes' if r <= RSS_GOAL else 'no'}"
-                     + note)
-    print("\n" + "\n".join(lines))
+                     + (" (informational)" if what == "worker" else ""))
+    return lines
+
+
+def print_results(small: SizeRun, large: SizeRun) -> None:
+    print(f"\n== scaling {small.images:,} -> {large.images:,} images (ratios: large / small; "
+          "'job' = the same from the jobs' own summary times, without process and Ray start-up)")
+    print(f"{'stage':<9} {'small/s':>9} {'large/s':>9} {'ratio':>6} {'job':>6} {'drv S':>7} {'drv L':>7} "
+          f"{'ratio':>6} {'wrk S':>7} {'wrk L':>7} {'ratio':>6}   (MiB)")
+    for stage in STAGES:
+        s, lg = small.stages.get(stage), large.stages.get(stage)
+        if s and lg and s.rc == 0 and lg.rc == 0:
+            print(comparison_line(stage, s, lg))
+    print("\n" + "\n".join(result_lines(small, large)))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--large", type=int, default=200_000)
-    parser.add_argument("--quick", action="store_true", help="2,000 and 20,000 images")
+    parser.add_argument("--quick", action="store_true", help="2,000 and 20,000 images, annotate with the cheap models")
     parser.add_argument("--sizes", help="comma-separated sizes (overrides --small/--large/--quick)")
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per WebDataset shard")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-cpus", type=int, default=0, help="ray.num_cpus of each job (0: every core)")
+    parser.add_argument("--num-cpus", type=int, default=max(MIN_RAY_CPUS, os.cpu_count() or 1),
+                        help="ray.num_cpus of each job (default: the cores, at least 4; 0: Ray's default, the cores)")
+    parser.add_argument("--models", help=f"annotate.models, comma-separated (default: {','.join(MODELS)}; "
+                                         f"with --quick: {','.join(QUICK_MODELS)})")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--stage-timeout", type=float, default=0, help="kill a stage after this many s (0: never)")
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "booruset-bench-scale"),
                         help="cache of data and models, workspaces and logs")
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
+    parser.add_argument("--generate-only", action="store_true", help="only make (cache) the images of the sizes")
+    parser.add_argument("--no-snapshot", action="store_true",
+                        help="run the jobs from the repository itself, not from a copy taken at the start")
     return parser.parse_args()
 
 
@@ -455,15 +524,30 @@ def main() -> int:
         return 1
     root = Path(opts.root)
     sizes = sizes_of(opts)
-    extra = overrides(models_dir(root), opts.num_cpus)
-    print(f"sizes {sizes}; {os.cpu_count()} CPUs; {psutil.virtual_memory().total / 2**30:.0f} GiB; root {root}",
+    if opts.generate_only:
+        for n in sizes:
+            dataset(root / "data", n, opts.per_shard, opts.seed)
+        return 0
+    opts.src = REPO if opts.no_snapshot else snapshot(root)
+    opts.models = opts.models or ",".join(QUICK_MODELS if opts.quick else MODELS)
+    extra = overrides(models_dir(root), opts.models.split(","), opts.num_cpus)
+    print(f"sizes {sizes}; {os.cpu_count()} cores, ray.num_cpus={opts.num_cpus or 'default'}; "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; models {opts.models}; code {opts.src}",
           flush=True)
-    runs = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    opts.interrupted, runs = False, []
     for n in sizes:
         runs.append(run_size(n, root, extra, opts))
         print_size_table(runs[-1])
-    print_results(runs[0], runs[-1])
-    return 0 if all(r.rc == 0 for run in runs for r in run.stages.values()) else 1
+        if opts.interrupted:
+            print(f"interrupted during {runs[-1].images:,} images; the sizes after it were not run")
+            break
+    print_results(runs[0], runs[-1] if len(runs) > 1 else SizeRun(sizes[-1]))
+    return 0 if not opts.interrupted and all(r.rc == 0 for run in runs for r in run.stages.values()) else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ exact rows of an uninterrupted run."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_killed_ingest_resumes_to_identical_tables(tmp_path):
     again = ingest_process(shards, tmp_path / "ws")
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
-    assert f"{N_SHARDS - killed_at} to run" in out or f"{killed_at} done before" in out
+    # a worker may commit one more unit in the instant the kill takes to reach it (loaded machine)
+    done_before = int(re.search(r"(\d+) done before", out).group(1))
+    assert killed_at <= done_before < N_SHARDS, out
 
     ref, ws = Workspace(str(tmp_path / "ref")), Workspace(str(tmp_path / "ws"))
     for name in ("images", "source_tags", "source_text", "errors"):
