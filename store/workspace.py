@@ -102,14 +102,17 @@ class Workspace:
 
     def write_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
         """Write one part of a table atomically: a temporary file, then a rename."""
-        table = schemas.conform(table, name)
-        folder = self.table_dir(name)
+        self.write_parquet(f"{self.table_dir(name)}/{part}.parquet", schemas.conform(table, name))
+
+    def write_parquet(self, path: str, table: pa.Table) -> None:
+        """Write a Parquet file at `path` (a path in this workspace's filesystem) atomically."""
+        folder, name = path.rsplit("/", 1)
         self.fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/.tmp-{part}-{uuid.uuid4().hex}.parquet.tmp"
+        tmp = f"{folder}/.tmp-{name}-{uuid.uuid4().hex}.parquet.tmp"
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         if self.local:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
-        self.fs.move(tmp, f"{folder}/{part}.parquet")
+        self.fs.move(tmp, path)
 
     def write_part_batches(self, name: str, part: str, batches: Iterable[pa.RecordBatch]) -> int:
         """Write one part from a stream of record batches (bounded memory), atomically; its rows."""

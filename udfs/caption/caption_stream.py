@@ -125,7 +125,7 @@ class ReplayCaptioner(UnitCaptioner):
             captions, errors = self.caption_unit(table)
         except NeedReplies as need:
             requests = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
-            write_atomic(self.ws, requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
+            self.ws.write_parquet(requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
         self.ws.write_part("captions", unit, captions)
         self.ws.write_part("errors", f"caption-{unit}", errors)
@@ -145,14 +145,6 @@ def read_replies(ws: Workspace, unit: str) -> dict[tuple[str, str], dict]:
             for row in pq.read_table(info.path, filesystem=ws.fs, schema=REPLY_SCHEMA).to_pylist():
                 replies.setdefault((row["stage"], row["key"]), row)
     return replies
-
-
-def write_atomic(ws: Workspace, path: str, table: pa.Table) -> None:
-    folder, name = path.rsplit("/", 1)
-    ws.fs.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.tmp-{name}-{uuid.uuid4().hex}"
-    pq.write_table(table, tmp, filesystem=ws.fs)
-    ws.fs.move(tmp, path)
 
 
 # ---- the stream's CPU stages ------------------------------------------------------------------
@@ -197,7 +189,7 @@ def write_replies(batch: pa.Table, workspace: str) -> pa.Table:
     acks: dict[str, list] = {"unit": [], "rows": []}
     for unit in pc.unique(replies["unit"]).to_pylist():
         mine = replies.filter(pc.equal(replies["unit"], unit)).select(REPLY_SCHEMA.names)
-        write_atomic(ws, f"{ws.base}/{STREAM}/{unit}/replies/{uuid.uuid4().hex}.parquet", mine.cast(REPLY_SCHEMA))
+        ws.write_parquet(f"{ws.base}/{STREAM}/{unit}/replies/{uuid.uuid4().hex}.parquet", mine.cast(REPLY_SCHEMA))
         acks["unit"].append(unit)
         acks["rows"].append(mine.num_rows)
     return pa.table({"unit": pa.array(acks["unit"], pa.string()), "rows": pa.array(acks["rows"], pa.int64())})

@@ -118,7 +118,7 @@ def plan_units_task(batch: dict[str, Any], workspace: str, options: dict) -> dic
         rows = pq.read_table(path, filesystem=ws.fs).to_pylist()
         samples, shards = plan_samples(rows, options)
         text = json.dumps(samples, sort_keys=True)
-        with ws.fs.open_output_stream(path.replace(".parquet", ".plan.json")) as f:
+        with ws.fs.open_output_stream(plan_file(path)) as f:
             f.write(text.encode())
         out["group"].append(int(group))
         out["shards"].append(shards)
@@ -127,6 +127,11 @@ def plan_units_task(batch: dict[str, Any], workspace: str, options: dict) -> dic
     return out
 
 
+def plan_file(path: str) -> str:
+    """The plan written beside a unit's selection file."""
+    return path.removesuffix(".parquet") + ".plan.json"
+
+
 def read_plan(ws: Workspace, path: str) -> list[dict]:
-    with ws.fs.open_input_stream(path.replace(".parquet", ".plan.json")) as f:
+    with ws.fs.open_input_stream(plan_file(path)) as f:
         return json.loads(f.read())
