@@ -97,12 +97,14 @@ def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None
 
 def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
     run_model(con, "060_phash_pairs", params)
-    threshold = float(opts["embedding_similarity"])
-    buckets = near_duplicates.embedding_buckets(
-        con, opts["embedding_model"], int(opts["lsh_tables"]), int(opts["lsh_bits"]), enabled=threshold > 0)
-    con.register("embedding_buckets_arrow", buckets)
-    con.execute("create or replace table embedding_buckets as select * from embedding_buckets_arrow")
-    con.unregister("embedding_buckets_arrow")
+    run_model(con, "061_embedding_vectors", params)
+    con.execute("create or replace table embedding_candidates (id_a bigint, id_b bigint)")
+    if float(opts["embedding_similarity"]) > 0:
+        for part in near_duplicates.embedding_candidates(
+                con, int(opts["lsh_tables"]), int(opts["lsh_bits"]), int(opts["lsh_window"])):
+            con.register("candidates_arrow", part)
+            con.execute("insert into embedding_candidates select * from candidates_arrow")
+            con.unregister("candidates_arrow")
     run_model(con, "061_embedding_pairs", params)
     run_model(con, "062_exact_pairs", params)
     components = near_duplicates.components(con, ["phash_pairs", "embedding_pairs", "exact_pairs"])

@@ -1,19 +1,11 @@
 -- embedding_pairs: image pairs whose whole-image embeddings have cosine similarity
--- >= $embedding_similarity. Blocking: only images that share a random-hyperplane LSH bucket
--- (embedding_buckets, computed by the job) in at least one table are compared.
+-- >= $embedding_similarity. Only the candidate pairs of the LSH step (embedding_candidates,
+-- written by the job: ids that share a bucket in at least one table) are compared.
 with candidates as (
-    select distinct a.key as key_a, b.key as key_b
-    from embedding_buckets a
-    join embedding_buckets b on b.lsh_table = a.lsh_table and b.bucket = a.bucket and a.key < b.key
-),
-vectors as (
-    select key, any_value(vector)::float[768] as vector  -- Parquet gives a list; CCIP vectors are 768 floats
-    from embeddings
-    where crop = -1 and ($embedding_model = '' or model = $embedding_model)
-    group by key
+    select distinct id_a, id_b from embedding_candidates
 )
-select c.key_a, c.key_b
+select va.key as key_a, vb.key as key_b
 from candidates c
-join vectors va on va.key = c.key_a
-join vectors vb on vb.key = c.key_b
+join embedding_vectors va on va.id = c.id_a
+join embedding_vectors vb on vb.id = c.id_b
 where array_cosine_similarity(va.vector, vb.vector) >= $embedding_similarity

@@ -224,3 +224,44 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     curate.run(cfg, workspace)
     rows = {r["key"]: r["character"] for r in workspace.read_table("clusters").to_pylist()}
     assert rows == {"alice_crop": "alice", "bob_crop": "bob"}
+
+
+# ---- bounds on similar pictures ---------------------------------------------------------------
+def _vectors_table(con, vectors):
+    con.register("vectors_arrow", pa.table({"id": np.arange(len(vectors)),
+                                            "vector": pa.array(list(vectors), pa.list_(pa.float32(), CCIP_DIM))}))
+    con.execute("create table embedding_vectors as select * from vectors_arrow")
+
+
+def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
+    """3,000 all but identical vectors (one bucket in every table): at most `window` candidates per
+    vector and table instead of 4.5 million pairs; planted near copies among random vectors are all found."""
+    import duckdb
+
+    from udfs.curate import near_duplicates
+
+    rng = np.random.default_rng(8)
+    base = unit_vector(rng)
+    similar = [unit_vector(rng, base, 0.001) for _ in range(3000)]
+    randoms = [unit_vector(rng) for _ in range(400)]
+    copies = [unit_vector(rng, v, 0.002) for v in randoms[:40]]  # ids 3400.. are copies of 3000..
+    con = duckdb.connect()
+    _vectors_table(con, similar + randoms + copies)
+    pairs = pa.concat_tables(near_duplicates.embedding_candidates(con, tables=8, bits=16, window=5))
+    assert pairs.num_rows <= 3440 * 5 * 8
+    found = set(zip(pairs["id_a"].to_pylist(), pairs["id_b"].to_pylist(), strict=True))
+    assert {(3000 + i, 3400 + i) for i in range(40)} <= found
+    linked = {i for pair in found for i in pair if i < 3000}
+    assert len(linked) == 3000  # every similar vector is compared with some neighbour
+
+
+def test_cells_are_bounded_even_for_identical_vectors():
+    from udfs.curate import ccip_cluster
+
+    rng = np.random.default_rng(9)
+    lumpy = np.stack([unit_vector(rng, unit_vector(rng), 0.01) for _ in range(50)] * 60)  # 3,000 rows, 50 distinct
+    same = np.repeat(unit_vector(rng)[None, :], 2500, axis=0)
+    for vectors in (lumpy, same):
+        cells = ccip_cluster.bounded_cells(ccip_cluster.normalized(vectors.astype(np.float32)), 400)
+        assert max(len(c) for c in cells) <= 400
+        assert sorted(np.concatenate(cells).tolist()) == list(range(len(vectors)))

@@ -18,6 +18,7 @@ model imgutils' ccip_batch_differences runs) when one is configured.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,11 @@ def cluster_matrix(diff: np.ndarray, settings: ClusterSettings) -> np.ndarray:
         estimator = DBSCAN(eps=settings.eps, min_samples=settings.min_samples, metric="precomputed")
     else:
         estimator = OPTICS(max_eps=settings.eps, min_samples=settings.min_samples, metric="precomputed")
-    return estimator.fit(diff).labels_.astype(np.int64)
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        # a cell whose crops are all noise, or all identical, is a normal result here, not a
+        # problem to report once per cell ("All reachability values are inf", divide by zero)
+        warnings.simplefilter("ignore", UserWarning)
+        return estimator.fit(diff).labels_.astype(np.int64)
 
 
 def cluster_vectors(vectors: np.ndarray, settings: ClusterSettings, differences: Differences) -> np.ndarray:
@@ -104,19 +109,39 @@ def cluster_vectors(vectors: np.ndarray, settings: ClusterSettings, differences:
     n = len(vectors)
     if n <= settings.max_block:
         return cluster_matrix(differences(vectors), settings)
-    from sklearn.cluster import MiniBatchKMeans
-
-    cells = MiniBatchKMeans(n_clusters=math.ceil(n / settings.max_block), random_state=0,
-                            n_init=3, batch_size=4096).fit_predict(normalized(vectors))
     labels = np.full(n, -1, dtype=np.int64)
     next_label = 0
-    for cell in np.unique(cells):
-        members = np.flatnonzero(cells == cell)
+    for members in bounded_cells(normalized(vectors), settings.max_block):
         cell_labels = cluster_matrix(differences(vectors[members]), settings)
         found = cell_labels >= 0
         labels[members[found]] = cell_labels[found] + next_label
         next_label += int(cell_labels.max()) + 1 if found.any() else 0
     return merge_close_clusters(vectors, labels, settings, differences)
+
+
+def bounded_cells(unit: np.ndarray, max_block: int) -> list[np.ndarray]:
+    """Row indices of k-means cells of at most max_block rows each.
+
+    k-means cells are not equal: on similar pictures one cell can take most of a block, and the
+    difference matrix (and OPTICS's time) grows with the square of a cell. A cell that is still
+    too large is cut again by k-means, and by position when k-means cannot split it (vectors
+    that are all but identical), so the cost per crop stays bounded by max_block.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    pending, cells = [np.arange(len(unit))], []
+    while pending:
+        members = pending.pop()
+        if len(members) <= max_block:
+            cells.append(members)
+            continue
+        assigned = MiniBatchKMeans(n_clusters=math.ceil(len(members) / max_block), random_state=0,
+                                   n_init=3, batch_size=4096).fit_predict(unit[members])
+        parts = [members[assigned == cell] for cell in np.unique(assigned)]
+        if len(parts) == 1:
+            parts = np.array_split(members, math.ceil(len(members) / max_block))
+        pending.extend(parts)
+    return cells
 
 
 def merge_close_clusters(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSettings,

@@ -1,4 +1,4 @@
-"""The non-SQL parts of near-duplicate detection: LSH buckets of embeddings, connected components.
+"""The non-SQL parts of near-duplicate detection: LSH candidates of embeddings, connected components.
 
 Pairs come from SQL (sql/060_phash_pairs.sql, 061_embedding_pairs.sql, 062_exact_pairs.sql); grouping the pairs
 into near-duplicate groups is a connected-components problem, which scipy solves in linear
@@ -6,6 +6,8 @@ time (SQL would need an iterative label propagation).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import duckdb
 import numpy as np
@@ -16,34 +18,45 @@ from scipy.sparse.csgraph import connected_components
 import schemas
 
 LSH_SEED = 20240601  # fixed: the same embeddings always fall in the same buckets
-BUCKETS_SCHEMA = pa.schema([("key", pa.string()), ("lsh_table", pa.int32()), ("bucket", pa.int64())])
+SORT_BITS = 12  # extra hyperplanes past lsh_bits: they order a bucket so that close vectors sit side by side
+CANDIDATES_SCHEMA = pa.schema([("id_a", pa.int64()), ("id_b", pa.int64())])
 
 
-def embedding_buckets(con: duckdb.DuckDBPyConnection, model: str, tables: int, bits: int,
-                      enabled: bool = True) -> pa.Table:
-    """(key, lsh_table, bucket): random-hyperplane LSH of the whole-image embeddings.
+def embedding_candidates(con: duckdb.DuckDBPyConnection, tables: int, bits: int, window: int) -> Iterator[pa.Table]:
+    """(id_a, id_b) pairs of `embedding_vectors` ids worth comparing, one Arrow table per LSH table.
 
-    Vectors whose cosine similarity is high fall on the same side of most random hyperplanes,
-    so near duplicates share a bucket in at least one of `tables` tables with high probability;
-    only images in the same bucket are compared in SQL.
+    Random-hyperplane LSH: vectors with high cosine similarity fall on the same side of most
+    hyperplanes, so near duplicates share the first `bits` sign bits of a table's code in at least one of
+    `tables` tables with high probability. Within a table the vectors are sorted by their code and
+    each is paired only with the next `window` vectors that share those bits. A bucket of up to
+    window + 1 vectors yields all its pairs; a larger one (many similar pictures, e.g. the frames of
+    one scene) yields at most `window` pairs per vector, the closest by the longer code, instead
+    of its square: the candidates stay linear in the number of images whatever the data.
     """
-    if not enabled:
-        return BUCKETS_SCHEMA.empty_table()
-    if not 1 <= bits <= 62:
-        raise ValueError("curate.lsh_bits must be between 1 and 62")
-    planes = np.random.default_rng(LSH_SEED).standard_normal((tables, bits, schemas.CCIP_DIM)).astype(np.float32)
-    powers = (1 << np.arange(bits, dtype=np.int64))
-    reader = con.sql("select key, vector from embeddings where crop = -1 and ($model = '' or model = $model)",
-                     params={"model": model}).to_arrow_reader(100_000)
-    parts = []
-    for batch in reader:
-        vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, schemas.CCIP_DIM)
-        keys = batch.column("key")
-        for t in range(tables):
-            signs = (vectors @ planes[t].T) > 0
-            parts.append(pa.table({"key": keys, "lsh_table": pa.array(np.full(len(vectors), t, np.int32)),
-                                   "bucket": pa.array(signs.astype(np.int64) @ powers)}, schema=BUCKETS_SCHEMA))
-    return pa.concat_tables(parts) if parts else BUCKETS_SCHEMA.empty_table()
+    if not 1 <= bits <= 62 - SORT_BITS:
+        raise ValueError(f"curate.lsh_bits must be between 1 and {62 - SORT_BITS}")
+    codes = table_codes(con, tables, bits + SORT_BITS)
+    for table_codes_ in codes:
+        order = np.argsort(table_codes_, kind="stable")
+        bucket = table_codes_[order] >> SORT_BITS
+        for step in range(1, window + 1):
+            same = bucket[:-step] == bucket[step:]
+            a, b = order[:-step][same], order[step:][same]
+            yield pa.table({"id_a": np.minimum(a, b), "id_b": np.maximum(a, b)}, schema=CANDIDATES_SCHEMA)
+
+
+def table_codes(con: duckdb.DuckDBPyConnection, tables: int, code_bits: int) -> np.ndarray:
+    """(tables, n) int64 sign codes of the vectors in `embedding_vectors`, indexed by id (0..n-1)."""
+    planes = np.random.default_rng(LSH_SEED).standard_normal((tables, code_bits, schemas.CCIP_DIM)).astype(np.float32)
+    powers = 1 << np.arange(code_bits - 1, -1, -1, dtype=np.int64)  # first hyperplane = highest bit
+    with con.cursor() as cursor:  # its own cursor: no result is left open on the job's connection
+        codes = np.zeros((tables, cursor.sql("select count(*) from embedding_vectors").fetchall()[0][0]), np.int64)
+        for batch in cursor.sql("select id, vector from embedding_vectors order by id").to_arrow_reader(50_000):
+            ids = batch.column("id").to_numpy()
+            vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, schemas.CCIP_DIM)
+            for t in range(tables):
+                codes[t, ids] = ((vectors @ planes[t].T) > 0).astype(np.int64) @ powers
+    return codes
 
 
 def components(con: duckdb.DuckDBPyConnection, pair_tables: list[str]) -> pa.Table:
