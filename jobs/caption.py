@@ -8,7 +8,8 @@ Steps:
 3. Ray Data map_batches with one callable class per backend over whole units: caption,
    score, loop back, rewrite, write the unit's parts, commit it (resume skips committed units);
    the vllm backend streams the units through ray.data.llm instead (udfs/caption/caption_stream.py);
-4. related-tag suggestions from co-occurrence PMI (sql/caption_related_tags.sql).
+4. related-tag suggestions from co-occurrence PMI: the pairs in SQL over the whole dataset
+   (sql/caption_related_pairs.sql), the suggestions per unit of images in tasks (sql/caption_related_tags.sql).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
+from udfs.caption.related_tags import suggest_units_task
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
 INPUTS = "state/caption-inputs"  # the running job's input rows, one file per unit
+RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
+RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
 UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "drop_per_attempt", "review_floor",
                 "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
@@ -74,7 +78,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     add_infos(summary, infos)
     ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
-        summary.rows_out["tag_suggestions"] = related_tags(ws, opts)
+        summary.rows_out["tag_suggestions"] = related_tags(cfg, ws)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -156,17 +160,47 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
                          f"{flagged} flagged for review")
 
 
-def related_tags(ws: Workspace, opts: dict) -> int:
-    """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run)."""
+def related_tags(cfg: Config, ws: Workspace) -> int:
+    """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run): the related
+    pairs here (an aggregate per pair of tags), the suggestions per unit of images in CPU tasks
+    (udfs/caption/related_tags.py); returns the suggestions written."""
+    opts = cfg["caption"]
+    run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
+    pairs_path, units = stage_related(ws, opts)
+    if not units:
+        ws.publish({"caption:related_tags": {"tag_suggestions": []}})
+        return 0
+    init_ray(cfg)
+    ds = ray.data.from_items([{"index": u["index"], "path": u["path"]} for u in units],
+                             override_num_blocks=len(units))
+    ds = ds.map_batches(suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
+                        fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
+                                   "top_k": int(opts["related_top_k"])})
+    parts, rows = [], 0
+    with Progress("related tags", units=len(units)) as progress:
+        for row in ds.iter_rows():
+            parts.append(row["part"])
+            rows += int(row["rows"])
+            progress.add(int(row["images"]), units=1)
+    ws.publish({"caption:related_tags": {"tag_suggestions": sorted(parts)}})
+    clear(ws, RELATED)
+    return rows
+
+
+def stage_related(ws: Workspace, opts: dict) -> tuple[str, list[dict]]:
+    """The related pairs (sql/caption_related_pairs.sql) to one file, the image tags to one file per
+    unit (sql/caption_related_units.sql): (pairs path, units with index, path, images)."""
     con = ws.connect()
-    part = f"pmi-{uuid.uuid4().hex[:12]}"  # a new file each run: readers of the last one keep it
     try:
-        # streamed from DuckDB to the part in batches: the suggestions never sit in memory whole
-        reader = con.sql(sql_text("caption_related_tags.sql"), params={
-            "min_support": int(opts["related_min_support"]), "min_pmi": float(opts["related_min_pmi"]),
-            "top_k": int(opts["related_top_k"])}).to_arrow_reader(100_000)
-        rows = ws.write_part_batches("tag_suggestions", part, reader)
+        con.execute("create temp view visual_tags as " + sql_text("caption_visual_tags.sql"))
+        pairs = con.sql(sql_text("caption_related_pairs.sql"), params={
+            "min_support": int(opts["related_min_support"]), "min_pmi": float(opts["related_min_pmi"])})
+        pairs_path = f"{ws.base}/{RELATED}/pairs.parquet"
+        ws.fs.create_dir(f"{ws.base}/{RELATED}", recursive=True)
+        ws.write_parquet(pairs_path, pairs.to_arrow_table())
+        reader = con.sql(sql_text("caption_related_units.sql"),
+                         params={"unit_size": RELATED_UNIT_IMAGES}).to_arrow_reader(100_000)
+        units = stage_units(ws, reader, f"{RELATED}/units")
     finally:
         con.close()
-    ws.publish({"caption:related_tags": {"tag_suggestions": [part]}})
-    return rows
+    return pairs_path, units

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             from jobs import models
 
             return models.main(cfg, list_only=args.list, source=args.source)
-        ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE)
+        ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
+                       memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if args.command == "sql":
             return sql(ws, args.query)
         ws.check_writable()

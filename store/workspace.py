@@ -18,11 +18,14 @@ Files that no generation names any more are deleted at the next job's start (und
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -44,6 +47,9 @@ CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
 # Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
 UNIT_JOBS = ("ingest", "annotate", "caption", "export")
+# DuckDB's own default is 80% of the machine's memory, and it keeps what it may use: a
+# co-occurrence join over 20k images grew the driver to 14 GB. Past the limit it spills to disk.
+DUCKDB_MEMORY_LIMIT = "2GB"
 
 
 def unit_id(*parts: str) -> str:
@@ -60,7 +66,7 @@ class WorkspaceError(Exception):
 class Workspace:
     """Tables, catalog and state of one booruset run."""
 
-    def __init__(self, root: str, create: bool = True) -> None:
+    def __init__(self, root: str, create: bool = True, memory_limit: str = DUCKDB_MEMORY_LIMIT) -> None:
         """Open the workspace at `root`, creating it when `create`; else WorkspaceError if absent."""
         if "://" in root:
             self.fs, self.base = pafs.FileSystem.from_uri(root)
@@ -69,6 +75,7 @@ class Workspace:
             self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
             self.local = True
         self.root = root if not self.local else self.base
+        self.memory_limit = memory_limit  # of the DuckDB that connect() opens
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
         if not create:
@@ -324,7 +331,9 @@ class Workspace:
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
         """
-        con = duckdb.connect()
+        spill = tempfile.mkdtemp(prefix="booruset-duckdb-")
+        atexit.register(shutil.rmtree, spill, True)
+        con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": spill})
         self._create_views(con)
         if read_only:
             if self.local:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jobs import caption
 from jobs.config import merge
 from udfs.caption.caption_tags import candidates, phrase_of
@@ -38,7 +40,7 @@ def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
     assert len(workspace.read_table("source_tags")) == 3
 
 
-def test_related_tags_suggest_what_usually_comes_along(workspace, config):
+def test_related_tags_suggest_what_usually_comes_along(ray_local, workspace, config, monkeypatch):
     rows = []
     for i in range(6):
         rows += tag_rows(f"k/{i}", ["cat_ears", "cat_tail", "1girl"])
@@ -46,10 +48,18 @@ def test_related_tags_suggest_what_usually_comes_along(workspace, config):
         rows += tag_rows(f"d/{i}", ["dog", "outdoors", "1girl"])
     rows += tag_rows("k/lacking", ["cat_ears", "1girl"])
     workspace.add_part("tags", "u", rows)
-    opts = dict(config["caption"], related_min_support=3, related_min_pmi=0.3, related_top_k=5)
-    assert caption.related_tags(workspace, opts) > 0
+    merge(config, {"caption": {"related_min_support": 3, "related_min_pmi": 0.3, "related_top_k": 5}})
+    written = caption.related_tags(config, workspace)
     suggestions = workspace.read_table("tag_suggestions").to_pylist()
+    assert written == len(suggestions) > 0
     lacking = [s for s in suggestions if s["key"] == "k/lacking"]
     assert [(s["tag"], s["because"], s["support"]) for s in lacking] == [("cat_tail", "cat_ears", 6)]
     assert lacking[0]["score"] > 0.3 and lacking[0]["origin"] == "pmi"
     assert not any(s["key"].startswith("k/") and s["tag"] in ("dog", "outdoors") for s in suggestions)
+    # the same rows when the images are cut into units of 4 (one task each), and nothing staged is left
+    monkeypatch.setattr(caption, "RELATED_UNIT_IMAGES", 4)
+    assert caption.related_tags(config, workspace) == written
+    by_key = sorted(workspace.read_table("tag_suggestions").to_pylist(), key=lambda s: (s["key"], s["tag"]))
+    assert by_key == sorted(suggestions, key=lambda s: (s["key"], s["tag"]))
+    assert len(workspace.published()["owned"]["caption:related_tags"]["tag_suggestions"]) == 4  # 13 images: 4+4+4+1
+    assert not (Path(workspace.base) / caption.RELATED).exists()
