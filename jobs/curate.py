@@ -86,13 +86,21 @@ def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         run_model(con, model, params)
-    n_images = con.execute("select count(*) from image_ids").fetchone()[0]
+    n_images = con.execute("select count(*) from image_ids").fetchall()[0][0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
     for partition in range(partitions):
-        run_model(con, "040_tags", {**params, "partitions": partitions, "partition": partition},
+        run_model(con, "040_tags", {**params, **partition_bounds(con, n_images, partitions, partition)},
                   append=partition > 0)
         if partitions > 1:
             print(f"curate: tags partition {partition + 1}/{partitions}", flush=True)
+
+
+def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: int, partition: int) -> dict:
+    """A partition's image ids (a range: ids follow keys) and its first and last key."""
+    first_id, end_id = partition * n_images // partitions, (partition + 1) * n_images // partitions
+    first_key, last_key = con.execute("select min(key), max(key) from image_ids where image_id >= $a and image_id < $b",
+                                      {"a": first_id, "b": end_id}).fetchall()[0]
+    return {"first_id": first_id, "end_id": end_id, "first_key": first_key or "", "last_key": last_key or ""}
 
 
 def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:

@@ -1,5 +1,7 @@
--- tags: the curated (image, tag) rows of one partition of the images
--- (image_id % $partitions = $partition; the job runs every partition).
+-- tags: the curated (image, tag) rows of one partition of the images: ids $first_id until $end_id,
+-- keys $first_key to $last_key (the job runs every partition). The key bounds are also given to
+-- the source_tags and tag_scores scans, where Parquet statistics skip the files and row groups
+-- of other partitions: each partition reads its own rows, not the whole tables.
 -- Steps, each a CTE: candidates (source tags, score 1; tagger tags over their category's
 -- threshold; the tagger's top rating when the source has none) -> aliases -> one row per tag
 -- -> blacklist -> impossible combinations -> overlapping tags (imgutils drop_overlap_tags) ->
@@ -8,26 +10,28 @@
 -- strings come back at the end.
 with image_part as (
     select key, image_id from image_ids
-    where $partitions = 1 or image_id % $partitions = $partition
+    where image_id >= $first_id and image_id < $end_id
 ),
 source_candidates as (
     select i.image_id, s.tag, s.category, 1.0::float as score, s.position
     from source_tags s
     join image_part i on i.key = s.key
+    where s.key between $first_key and $last_key
 ),
 tagger_candidates as (
     select i.image_id, t.tag, t.category, t.score, null::integer as position
     from tag_scores t
     join image_part i on i.key = t.key
-    where (t.category = 'general' and t.score >= $general_threshold)
-       or (t.category = 'character' and t.score >= $character_threshold)
+    where t.key between $first_key and $last_key
+      and ((t.category = 'general' and t.score >= $general_threshold)
+        or (t.category = 'character' and t.score >= $character_threshold))
 ),
 tagger_ratings as (
     select i.image_id, arg_max(t.tag, t.score) as tag, 'rating' as category, max(t.score) as score,
            null::integer as position
     from tag_scores t
     join image_part i on i.key = t.key
-    where t.category = 'rating'
+    where t.key between $first_key and $last_key and t.category = 'rating'
     group by i.image_id
 ),
 candidates as (
