@@ -31,6 +31,8 @@ from udfs.caption.related_tags import suggest_units_task
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
 INPUTS = "state/caption-inputs"  # the running job's input rows, one file per unit
+TEXTS = "state/caption-texts"  # the untagged images' texts, while tags are found in them
+TEXT_UNIT_IMAGES = 5000
 RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
 RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
@@ -60,8 +62,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary = JobSummary("caption")
     ws.begin_job()
     if opts["tags_from_text"]:
-        from udfs.caption.caption_tags import tags_from_text
-
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
     units = stage_inputs(ws, opts)
@@ -81,6 +81,48 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.rows_out["tag_suggestions"] = related_tags(cfg, ws)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def tags_from_text(cfg: Config, ws: Workspace) -> int:
+    """source_tags (origin caption) for untagged images with a caption or prompt of their own
+    (udfs/caption/caption_tags.py): the texts are staged one file per unit, an actor pool ranks
+    the tags of a unit and writes them; the driver gets part names and counts. Returns the rows
+    written."""
+    from udfs.caption.caption_tags import OWNER, PART, TextTagger, load_vocabulary
+
+    opts = cfg["caption"]
+    con = ws.connect()
+    try:
+        con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
+        reader = con.sql(sql_text("caption_text_units.sql"),
+                         params={"unit_size": TEXT_UNIT_IMAGES}).to_arrow_reader(50_000)
+        units = stage_units(ws, reader, TEXTS)
+    finally:
+        con.close()
+    if not units:
+        ws.publish({OWNER: {}})
+        return 0
+    init_ray(cfg)
+    items = [{"index": u["index"], "path": u["path"]} for u in units]
+    # one unit per call: the actor reads its unit's texts and writes the tags it finds
+    pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(items))))
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
+        fn_constructor_kwargs={"workspace": ws.root, "part_prefix": f"{PART}-{uuid.uuid4().hex[:12]}-",
+                               "vocabulary": load_vocabulary(ws, opts["tag_vocabulary"]),
+                               "top_k": int(opts["text_tags_top_k"]),
+                               "min_similarity": float(opts["text_tags_min_similarity"]),
+                               "model": opts["embedding_model"]})
+    parts, written = [], 0
+    texts = sum(u["rows"] for u in units)
+    with Progress("caption (tags from text)", texts, what="texts", units=len(units)) as progress:
+        for row in ds.iter_rows():
+            parts.append(row["part"])
+            written += int(row["rows"])
+            progress.add(int(row["texts"]), units=1)
+    ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
+    clear(ws, TEXTS)
+    return written
 
 
 def stage_inputs(ws: Workspace, opts: dict) -> list[dict]:
@@ -124,7 +166,7 @@ def run_units(cfg: Config, ws: Workspace, units: list[dict]) -> list[dict]:
         from udfs.caption.caption_stream import caption_units_stream
 
         with progress:
-            return caption_units_stream(ws, units, opts, progress)
+            return caption_units_stream(ws, units, opts, lambda images: progress.add(images, units=1))
     captioner = captioner_class(opts["backend"])
     # one unit per block and per call: each call reads its unit's rows, captions and commits them
     ds = ray.data.from_items(units, override_num_blocks=len(units))

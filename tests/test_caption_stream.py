@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from kill_mid_run import booruset
+from kill_mid_run import booruset, kill_after_commits
 from PIL import Image
 
 from jobs import caption
@@ -136,3 +136,44 @@ def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transfo
         assert Path(ws.table_dir("captions"), f"{unit}.parquet").stat().st_mtime_ns == mtime
     assert caption_rows(ws) == caption_rows(reference)
     assert stream_folder(ws) == []
+
+
+def openai_options(url: str) -> dict:
+    # the openai backend on the same server: text only (SmolLM2), both attempts and the rewrite
+    return {"backend": "openai", "base_url": url, "model": "smollm2", "api_key_env": "", "send_images": False,
+            "max_tokens": 6, "temperature": 0.0, "max_attempts": 2, "target": 1.01, "max_concurrency": 2,
+            "timeout_s": 120.0, "rewrite": "openai", "rewrite_base_url": url, "rewrite_model": "smollm2",
+            "rewrite_api_key_env": "", "rewrite_max_tokens": 6, "unit_size": 2, "concurrency": 1,
+            "tags_from_text": False, "related_tags": False}
+
+
+def test_sigkill_of_the_openai_backend_loses_only_the_unit_in_flight(transformers_server, tmp_path, shard):
+    """The openai backend commits unit by unit in its actor, one unit after another here (one
+    actor): the job's whole session is SIGKILLed from outside once a unit is committed, and the
+    rerun captions only the other units and ends with the rows of an uninterrupted run. (With the
+    fault point inside this backend's actor instead, the job did not end: it ran into the timeout.)"""
+    from store.workspace import Workspace
+
+    sets = [arg for key, value in openai_options(transformers_server).items()
+            for arg in ("--set", f"caption.{key}={json.dumps(value)}")]
+    reference = Workspace(str(tmp_path / "reference"))
+    write_inputs(reference, shard)
+    whole = booruset("caption", "-w", reference.root, *sets)
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0 and len(reference.done_units("caption")) == IMAGES // 2, out
+
+    ws = Workspace(str(tmp_path / "ws"))
+    write_inputs(ws, shard)
+    victim = booruset("caption", "-w", ws.root, *sets)
+    committed = kill_after_commits(victim, Path(ws.base) / "state" / "caption", at_least=1, poll_s=0.05)
+    assert 1 <= committed < IMAGES // 2
+    before = {u: Path(ws.table_dir("captions"), f"{u}.parquet").stat().st_mtime_ns for u in ws.done_units("caption")}
+
+    again = booruset("caption", "-w", ws.root, *sets)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert f"{committed} done before" in out, out
+    for unit, mtime in before.items():
+        assert Path(ws.table_dir("captions"), f"{unit}.parquet").stat().st_mtime_ns == mtime
+    assert caption_rows(ws) == caption_rows(reference)
+    assert {r[2] for r in caption_rows(ws)} == {"openai:smollm2", "rewrite:smollm2"}

@@ -20,8 +20,6 @@ def test_candidates_read_prompt_syntax():
 
 
 def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
-    from udfs.caption.caption_tags import tags_from_text
-
     workspace.add_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
                          + tag_rows("a/2", ["red_dress", "cat_ears", "masterpiece"]))
     workspace.add_part("source_text", "u", [
@@ -29,15 +27,16 @@ def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
         {"key": "a/1", "kind": "caption", "text": "a girl in a red dress"},  # has tags: left alone
     ])
     merge(config, {"caption": {"text_tags_min_similarity": 0.0, "text_tags_top_k": 3}})
-    assert tags_from_text(config, workspace) == 3
+    assert caption.tags_from_text(config, workspace) == 3
     rows = workspace.read_table("source_tags").to_pylist()
     assert {r["key"] for r in rows} == {"p/1"} and {r["origin"] for r in rows} == {"caption"}
     assert [r["position"] for r in rows] == [0, 1, 2]
     assert set(r["tag"] for r in rows) <= {"1girl", "blue_hair", "school_uniform", "smile", "masterpiece"}
     assert "red_dress" not in {r["tag"] for r in rows}
     # a second run sees the image as untagged still (its tags came from its text) and rewrites the same part
-    assert tags_from_text(config, workspace) == 3
+    assert caption.tags_from_text(config, workspace) == 3
     assert len(workspace.read_table("source_tags")) == 3
+    assert not (Path(workspace.base) / caption.TEXTS).exists()  # the staged texts are gone
 
 
 def test_related_tags_suggest_what_usually_comes_along(ray_local, workspace, config, monkeypatch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +32,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from jobs.ray_env import Progress
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
@@ -208,8 +208,9 @@ class UnitSettler:
 class StreamDriver:
     """Plans the rounds, counts acknowledgements, hands units to the settlers; holds no rows."""
 
-    def __init__(self, ws: Workspace, units: list[dict], opts: dict[str, Any], progress: Progress) -> None:
-        self.ws, self.opts, self.progress = ws, opts, progress
+    def __init__(self, ws: Workspace, units: list[dict], opts: dict[str, Any],
+                 on_settled: Callable[[int], None]) -> None:
+        self.ws, self.opts, self.on_settled = ws, opts, on_settled  # on_settled(images): a unit committed
         self.inputs = {u["unit"]: u["path"] for u in units}  # the files the job staged the units' rows in
         # the settlers mostly wait for the engine; a full CPU each would starve the stream's tasks
         self.settlers = [UnitSettler.options(num_cpus=0.25).remote(ws.root, opts)
@@ -251,7 +252,7 @@ class StreamDriver:
                 result = ray.get(ref)
                 if "info" in result:
                     self.infos.append(result["info"])
-                    self.progress.add(int(result["info"]["images"]), units=1)
+                    self.on_settled(int(result["info"]["images"]))
                     self.ws.publish_now_and_then()
                 else:
                     self.requests.append(result)
@@ -288,6 +289,7 @@ def remove_stale_streams(ws: Workspace, current: set[str]) -> None:
             ws.fs.delete_dir(info.path)
 
 
-def caption_units_stream(ws: Workspace, units: list[dict], opts: dict[str, Any], progress: Progress) -> list[dict]:
+def caption_units_stream(ws: Workspace, units: list[dict], opts: dict[str, Any],
+                         on_settled: Callable[[int], None]) -> list[dict]:
     """Caption `units` through the stream; the infos of the units committed."""
-    return StreamDriver(ws, units, opts, progress).run()
+    return StreamDriver(ws, units, opts, on_settled).run()

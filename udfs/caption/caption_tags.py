@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import csv
 import re
-import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
+import pyarrow.parquet as pq
 
-from jobs.config import Config
 from store.workspace import Workspace
 from udfs.caption.caption_scoring import SentenceEncoder
 
+SQL = Path(__file__).resolve().parents[2] / "sql"
 MAX_WORDS = 4
 WORD = re.compile(r"[a-z0-9][a-z0-9'!\-]*")
 PART = "caption-text-tags"
@@ -50,9 +50,12 @@ def candidates(text: str, phrases: dict[str, tuple[str, str]]) -> list[tuple[str
 
 
 class TextTagger:
-    """map_batches class: rank the candidate tags of each text by embedding similarity."""
+    """map_batches class over staged units ({"index", "path"}): rank the candidate tags of each
+    text of the unit by embedding similarity and write them as the unit's source_tags part."""
 
-    def __init__(self, vocabulary: list[tuple[str, str]], top_k: int, min_similarity: float, model: str = "") -> None:
+    def __init__(self, workspace: str, part_prefix: str, vocabulary: list[tuple[str, str]], top_k: int,
+                 min_similarity: float, model: str = "") -> None:
+        self.ws, self.part_prefix = Workspace(workspace, create=False), part_prefix
         self.phrases = {}
         for tag, category in vocabulary:
             phrase = phrase_of(tag)
@@ -61,7 +64,20 @@ class TextTagger:
         self.encoder = SentenceEncoder(model)
         self.top_k, self.min_similarity = top_k, min_similarity
 
-    def __call__(self, batch: pa.Table) -> dict[str, list]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"part": [], "rows": [], "texts": []}
+        for index, path in zip(batch["index"], batch["path"], strict=True):
+            texts = pq.read_table(path, filesystem=self.ws.fs)
+            found = pa.table(self.tag_texts(texts))
+            part = f"{self.part_prefix}{int(index)}"
+            self.ws.write_part("source_tags", part, found)
+            out["part"].append(part)
+            out["rows"].append(found.num_rows)
+            out["texts"].append(texts.num_rows)
+        return out
+
+    def tag_texts(self, batch: pa.Table) -> dict[str, list]:
+        """source_tags rows (origin caption) for the (key, text) rows of `batch`."""
         out: dict[str, list] = {"key": [], "tag": [], "category": [], "origin": [], "position": []}
         texts = batch["text"].to_pylist()
         found = [candidates(t, self.phrases) for t in texts]
@@ -98,49 +114,5 @@ def load_vocabulary(ws: Workspace, path: str) -> list[tuple[str, str]]:
     return [(t, c) for t, c in seen] + vocabulary
 
 
-def tags_from_text(cfg: Config, ws: Workspace) -> int:
-    """Derive source_tags (origin caption) for untagged images with text; returns rows written."""
-    opts: dict[str, Any] = cfg["caption"]
-    con = ws.connect()
-    try:
-        texts = con.sql(_sql("caption_text_images.sql")).to_arrow_table()
-    finally:
-        con.close()
-    if texts.num_rows == 0:
-        ws.publish({OWNER: {}})
-        return 0
-    from jobs.ray_env import Progress, init_ray
-
-    init_ray(cfg)
-    vocabulary = load_vocabulary(ws, opts["tag_vocabulary"])
-    ds = ray.data.from_arrow(texts).map_batches(
-        TextTagger, batch_format="pyarrow", batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=max(1, int(opts["concurrency"]))), num_cpus=float(opts["num_cpus"]),
-        fn_constructor_kwargs={"vocabulary": vocabulary, "top_k": int(opts["text_tags_top_k"]),
-                               "min_similarity": float(opts["text_tags_min_similarity"]),
-                               "model": opts["embedding_model"]})
-    # the rows found are written by tasks, a part per batch; the driver gets part names and counts
-    ds = ds.map_batches(write_text_tags, batch_format="pyarrow", fn_kwargs={"workspace": ws.root})
-    parts, written = [], 0
-    with Progress("caption (tags from text)", texts.num_rows, what="texts") as progress:
-        for row in ds.iter_rows():
-            parts.append(row["part"])
-            written += row["rows"]
-        progress.add(texts.num_rows)
-    ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
-    return written
-
-
-def write_text_tags(batch: pa.Table, workspace: str) -> dict[str, list]:
-    """map_batches UDF (task): one batch of found tags as a new source_tags part; its name and rows."""
-    if batch.num_rows == 0:
-        return {"part": [], "rows": []}
-    part = f"{PART}-{uuid.uuid4().hex[:16]}"  # named by no generation until the job publishes it
-    Workspace(workspace).write_part("source_tags", part, batch)
-    return {"part": [part], "rows": [batch.num_rows]}
-
-
 def _sql(name: str) -> str:
-    from jobs.config import REPO
-
-    return (REPO / "sql" / name).read_text(encoding="utf-8")
+    return (SQL / name).read_text(encoding="utf-8")
