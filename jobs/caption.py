@@ -103,26 +103,38 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         ws.publish({OWNER: {}})
         return 0
     init_ray(cfg)
-    items = [{"index": u["index"], "path": u["path"]} for u in units]
     # one unit per call: the actor reads its unit's texts and writes the tags it finds
-    pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(items))))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
+    ds = staged_units_dataset(units).map_batches(
         TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
         fn_constructor_kwargs={"workspace": ws.root, "part_prefix": f"{PART}-{uuid.uuid4().hex[:12]}-",
                                "vocabulary": load_vocabulary(ws, opts["tag_vocabulary"]),
                                "top_k": int(opts["text_tags_top_k"]),
                                "min_similarity": float(opts["text_tags_min_similarity"]),
                                "model": opts["embedding_model"]})
-    parts, written = [], 0
-    texts = sum(u["rows"] for u in units)
-    with Progress("caption (tags from text)", texts, what="texts", units=len(units)) as progress:
-        for row in ds.iter_rows():
-            parts.append(row["part"])
-            written += int(row["rows"])
-            progress.add(int(row["texts"]), units=1)
+    progress = Progress("caption (tags from text)", sum(u["rows"] for u in units), what="texts", units=len(units))
+    parts, written = collect_parts(ds, progress, "texts")
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
     clear(ws, TEXTS)
     return written
+
+
+def staged_units_dataset(units: list[dict]) -> ray.data.Dataset:
+    """One block per staged unit (store/staging.py), so that each call of a UDF gets one unit."""
+    return ray.data.from_items([{"index": u["index"], "path": u["path"]} for u in units],
+                               override_num_blocks=len(units))
+
+
+def collect_parts(ds: ray.data.Dataset, progress: Progress, counted: str) -> tuple[list[str], int]:
+    """The parts the unit calls of `ds` wrote and their rows in all; each call's `counted` goes to
+    the progress line."""
+    parts, rows = [], 0
+    with progress:
+        for row in ds.iter_rows():
+            parts.append(row["part"])
+            rows += int(row["rows"])
+            progress.add(int(row[counted]), units=1)
+    return parts, rows
 
 
 def stage_inputs(ws: Workspace, opts: dict) -> list[dict]:
@@ -213,17 +225,11 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
         ws.publish({"caption:related_tags": {"tag_suggestions": []}})
         return 0
     init_ray(cfg)
-    ds = ray.data.from_items([{"index": u["index"], "path": u["path"]} for u in units],
-                             override_num_blocks=len(units))
-    ds = ds.map_batches(suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
-                        fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
-                                   "top_k": int(opts["related_top_k"])})
-    parts, rows = [], 0
-    with Progress("related tags", units=len(units)) as progress:
-        for row in ds.iter_rows():
-            parts.append(row["part"])
-            rows += int(row["rows"])
-            progress.add(int(row["images"]), units=1)
+    ds = staged_units_dataset(units).map_batches(
+        suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
+        fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
+                   "top_k": int(opts["related_top_k"])})
+    parts, rows = collect_parts(ds, Progress("related tags", units=len(units)), "images")
     ws.publish({"caption:related_tags": {"tag_suggestions": sorted(parts)}})
     clear(ws, RELATED)
     return rows

@@ -76,6 +76,7 @@ class Workspace:
             self.local = True
         self.root = root if not self.local else self.base
         self.memory_limit = memory_limit  # of the DuckDB that connect() opens
+        self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
         if not create:
@@ -331,9 +332,10 @@ class Workspace:
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
         """
-        spill = tempfile.mkdtemp(prefix="booruset-duckdb-")
-        atexit.register(shutil.rmtree, spill, True)
-        con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": spill})
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="booruset-duckdb-")
+            atexit.register(shutil.rmtree, self._spill, True)
+        con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": self._spill})
         self._create_views(con)
         if read_only:
             if self.local:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_scoring import SentenceEncoder
 
@@ -67,7 +67,7 @@ class TextTagger:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"part": [], "rows": [], "texts": []}
         for index, path in zip(batch["index"], batch["path"], strict=True):
-            texts = pq.read_table(path, filesystem=self.ws.fs)
+            texts = read_unit_rows(self.ws, path)
             found = pa.table(self.tag_texts(texts))
             part = f"{self.part_prefix}{int(index)}"
             self.ws.write_part("source_tags", part, found)

@@ -16,6 +16,7 @@ import duckdb
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from store.staging import read_unit_rows
 from store.workspace import Workspace
 
 SQL = Path(__file__).resolve().parents[2] / "sql" / "caption_related_tags.sql"
@@ -26,9 +27,10 @@ def suggest_units_task(batch: dict[str, Any], workspace: str, pairs_path: str, p
     """map_batches UDF: for each staged unit of the batch, write `tag_suggestions/<prefix><index>`;
     return the part names and their rows."""
     ws = Workspace(workspace, create=False)
+    query = SQL.read_text(encoding="utf-8")
     out: dict[str, list] = {"part": [], "rows": [], "images": []}
     for index, path in zip(batch["index"], batch["path"], strict=True):
-        image_tags = pq.read_table(path, filesystem=ws.fs)
+        image_tags = read_unit_rows(ws, path)
         tags = pc.unique(image_tags["tag"])
         # the pairs file is sorted by tag: its row groups' statistics skip the tags this unit lacks
         pairs = pq.read_table(pairs_path, filesystem=ws.fs, filters=pc.field("tag").isin(tags))
@@ -36,7 +38,7 @@ def suggest_units_task(batch: dict[str, Any], workspace: str, pairs_path: str, p
         try:
             con.register("image_tags", image_tags)
             con.register("related_pairs", pairs)
-            suggestions = con.sql(SQL.read_text(encoding="utf-8"), params={"top_k": top_k}).to_arrow_table()
+            suggestions = con.sql(query, params={"top_k": top_k}).to_arrow_table()
         finally:
             con.close()
         part = f"{part_prefix}{int(index)}"
