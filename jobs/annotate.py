@@ -194,7 +194,8 @@ class Pipeline:
                 infos[unit] = merge_infos(infos[unit], json.loads(row["info"]))
                 progress.add(row["rows"])
                 if written[unit] == expected[unit]:
-                    done.append(self.commit(unit, parts.pop(unit), infos.pop(unit)))
+                    # a unit whose rows wrote nothing (no detections, no errors) has no parts
+                    done.append(self.commit(unit, parts.pop(unit, defaultdict(set)), infos.pop(unit)))
                     progress.add(units=1)
         return done
 

@@ -12,6 +12,7 @@ from jobs.config import SAMPLE_SHARDS, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray
 from jobs.summary import JobSummary
 from store.workspace import Workspace, unit_id
+from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import ingest_units
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
@@ -63,15 +64,18 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.rows_in += info["samples"]
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
-        summary.rows_out["images"] = summary.rows_out.get("images", 0) + info["images"]
+        for table in ("images", "clips", "frames"):
+            summary.rows_out[table] = summary.rows_out.get(table, 0) + info.get(table, 0)
     summary.seconds = time.perf_counter() - started
     if replaced:
         summary.notes.append(f"replaced: {replaced} units whose files changed; {removed} images are no longer in "
                              "the inputs (errors rows of kind removed_from_input)")
-    summary.notes.append(
-        f"accounting: {summary.rows_out.get('images', 0)} images + {summary.dropped} dropped samples"
-        f" = {summary.rows_in} samples seen"
-    )
+    out = summary.rows_out
+    clips = f" + {out['clips']} clips ({out['frames']} frames)" if out.get("clips") else ""
+    summary.notes.append(f"accounting: {out.get('images', 0) - out.get('frames', 0)} images{clips} + "
+                         f"{summary.dropped} dropped samples = {summary.rows_in} samples seen")
+    if not out.get("frames"):
+        out.pop("clips", None), out.pop("frames", None)
     ws.publish()
     return summary
 
@@ -93,8 +97,9 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     if stale:
         ws.hold_publishing()
     for uid in stale:
-        gone = [r for r in ws.read_part("images", uid, ["key", "source", "member"])
-                if r["key"] not in planned and not _under(r["key"], shards)]
+        rows = ws.read_part("images", uid, ["key", "source", "member", "clip"])
+        gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
+                if (r.get("clip") or r["key"]) not in planned and not _under(r["key"], shards)]
         ws.write_part("errors", f"removed-{uid}", [
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
@@ -118,6 +123,7 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
     options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes",
                                              "max_tag_chars", "max_tags", "max_text_chars")}
     options["follow_links_out"] = bool(opts["follow_links_out"])
+    options["frames"] = frame_options(opts["frames"])
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ingest_units,
@@ -127,8 +133,20 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
     return collect_units(ds.iter_rows(), Progress("ingest", units=len(items)), _info_of, ws.publish_now_and_then)
 
 
+def frame_options(opts: dict) -> dict:
+    """[ingest.frames], checked where the meaning lives."""
+    if opts["format"] not in PILLOW_FORMAT:
+        raise ConfigError(f"ingest.frames.format must be one of {', '.join(PILLOW_FORMAT)}, not {opts['format']!r}")
+    if not 1 <= opts["quality"] <= 100:
+        raise ConfigError("ingest.frames.quality must be 1..100")
+    if opts["max_side"] < opts["min_side"]:
+        raise ConfigError("ingest.frames.max_side must be >= min_side")
+    return dict(opts)
+
+
 def _info_of(row: dict) -> dict:
-    done = {k: row[k] for k in ("samples", "images", "errors", "bytes", "seconds")}
+    done = {k: row.get(k, 0) for k in ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")}
     done["error_kinds"] = json.loads(row["error_kinds"])
-    done["dropped"] = done["samples"] - done["images"]
+    # a clip is one sample and many images
+    done["dropped"] = done["samples"] - (done["images"] - done["frames"]) - done["clips"]
     return done

@@ -34,6 +34,31 @@ images = pa.schema(
         ("detail", pa.float32()),
         # 2x2 grid of mean RGB, 4 bits a channel: what flat images are compared by instead
         ("colour", pa.uint64()),
+        # video and animation frames (null for still images): the clip's key, the frame's index
+        # in the clip (also in the key, `<clip>/f<index>`), its time in seconds, and its slice
+        # (scene) in the clip, counted from 0
+        ("clip", pa.string()),
+        ("frame", pa.int32()),
+        ("frame_time", pa.float64()),
+        ("slice", pa.int32()),
+    ]
+)
+
+clips = pa.schema(
+    [
+        ("key", pa.string()),  # the clip's key; its frames are `<key>/f<index>` in images
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("format", pa.string()),  # container (FFmpeg's name) or Pillow format of an animation
+        ("codec", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.float64()),  # nominal; 0 when the container does not say (animations)
+        ("duration", pa.float64()),  # seconds, as the container says; 0 when unknown
+        ("frames_seen", pa.int64()),  # frames decoded
+        ("frames_kept", pa.int32()),
+        ("slices", pa.int32()),  # scenes (and forced slices) among the frames seen
+        ("errors", pa.int32()),  # errors rows of this clip
     ]
 )
 
@@ -195,6 +220,7 @@ tag_suggestions = pa.schema(
 export_manifest = pa.schema(
     [
         ("key", pa.string()),  # the image's key in the workspace
+        ("clip", pa.string()),  # the clip's key for a video or animation frame, else null
         ("sample_key", pa.string()),  # its safe name in the export (+ "-r<n>" for materialised repeats)
         ("layout", pa.string()),  # webdataset, kohya, everydream, parquet
         ("path", pa.string()),  # shard / folder / Parquet file, relative to the export folder

@@ -2,7 +2,7 @@
 -- Left out: near duplicates that are not their group's representative ($drop_duplicates) and
 -- images whose accepted caption is flagged for review ($drop_flagged).
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql), as for the captioners.
--- Caption: the accepted attempt.
+-- Caption: the accepted attempt. Video frames carry their clip's key (`--where "clip = '...'"`).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
 -- Parameters: $drop_duplicates, $drop_flagged. Reads images, image_tag_lists, image_meta,
 -- captions, balance, duplicates.
@@ -30,6 +30,8 @@ select i.key,
        i.height,
        coalesce(i.orientation, 1) as orientation,
        i.bytes,
+       i.clip,
+       i.frame_time,
        coalesce(t.tags, []::varchar[]) as tags,
        coalesce(t.categories, []::varchar[]) as categories,
        coalesce(t.tag_scores, []::float[]) as tag_scores,

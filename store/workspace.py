@@ -104,6 +104,13 @@ class Workspace:
         except OSError as exc:
             raise WorkspaceError(f"workspace {self.root} is not writable: {exc}") from exc
 
+    def uri(self, rel: str) -> str:
+        """The path or URI by which any worker opens `rel` in this workspace (options of a URI kept)."""
+        if self.local:
+            return f"{self.base}/{rel}"
+        root, sep, query = self.root.partition("?")
+        return f"{root.rstrip('/')}/{rel}{sep}{query}"
+
     # ---- tables -------------------------------------------------------------------------
     def table_dir(self, name: str) -> str:
         return f"{self.base}/tables/{name}"
@@ -149,7 +156,10 @@ class Workspace:
         path = f"{self.table_dir(name)}/{part}.parquet"
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
-        return pq.read_table(path, filesystem=self.fs, columns=columns).to_pylist()
+        with self.fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]  # parts of older versions
+            return parquet.read(columns=present).to_pylist()
 
     def read_json(self, rel: str) -> dict | None:
         path = f"{self.base}/{rel}"
@@ -303,6 +313,17 @@ class Workspace:
                 continue
             table = info.path[len(f"{self.base}/tables/"):].split("/", 1)[0]
             if info.base_name[: -len(".parquet")] not in named.get(table, set()):
+                self.fs.delete_file(info.path)
+                deleted += 1
+        return deleted + self._delete_unnamed_frames(named.get("images", set()))
+
+    def _delete_unnamed_frames(self, images_parts: set[str]) -> int:
+        """Frame stores (frames/<unit>.tar, udfs/ingest/frame_store.py) of units whose images part
+        no generation names: a clip that changed or left the inputs, a unit that never committed."""
+        selector = pafs.FileSelector(f"{self.base}/frames", allow_not_found=True)
+        deleted = 0
+        for info in self.fs.get_file_info(selector):
+            if info.is_file and info.base_name.endswith(".tar") and info.base_name[:-4] not in images_parts:
                 self.fs.delete_file(info.path)
                 deleted += 1
         return deleted

@@ -30,7 +30,9 @@ def run_ingest(tmp_path, inputs: list[str], *extra: str):
 def hostile(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("hostile")
     write_tar(tmp / "hostile.tar", hostile_members())
-    summary, ws = run_ingest(tmp, [str(tmp / "hostile.tar")], "ingest.max_sidecar_bytes=1048576")
+    # animations as single images (the option's off state); tests/test_ingest_clips.py has them as clips
+    summary, ws = run_ingest(tmp, [str(tmp / "hostile.tar")], "ingest.max_sidecar_bytes=1048576",
+                             "ingest.frames.enabled=false")
     return summary, ws
 
 

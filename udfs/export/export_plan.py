@@ -59,10 +59,13 @@ def sample_plan(row: dict, opts: dict) -> dict:
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    if row.get("clip"):  # a video or animation frame: which clip, and when in it
+        meta["clip"], meta["frame_time"] = row["clip"], row["frame_time"]
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
     return {
-        "key": row["key"], "member": row["member"], "name": safe_name(row["key"]), "size": list(size),
+        "key": row["key"], "member": row["member"], "clip": row.get("clip"), "name": safe_name(row["key"]),
+        "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
         "txt": txt, "json": meta_text,
         "multiply": float(row["multiply"]), "repeats": repeats,

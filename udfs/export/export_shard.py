@@ -206,7 +206,8 @@ class UnitExport:
     def record(self, sample: dict, name: str, layout: str, path: str, image_name: str, image: bytes) -> None:
         self.bytes_out += len(image)
         self.manifest.append({
-            "key": sample["key"], "sample_key": name, "layout": layout, "path": path, "image": image_name,
+            "key": sample["key"], "clip": sample.get("clip"), "sample_key": name, "layout": layout, "path": path,
+            "image": image_name,
             "width": sample["size"][0], "height": sample["size"][1], "image_bytes": len(image),
             "reencoded": bool(sample["reencode"]), "orientation": int(sample["orientation"]),
             "multiply": float(sample["multiply"]), "repeats": int(sample["repeats"]), "unit": self.plan["unit"]})

@@ -8,50 +8,71 @@ Writing inside the task keeps a unit's rows together, which is what makes resume
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from typing import Any
 
 from store.workspace import Workspace
+from udfs.ingest.clips import ANIMATED_FORMATS, ingest_clip
+from udfs.ingest.frame_selection import FrameRules
+from udfs.ingest.frame_store import FrameStore
 from udfs.ingest.probe import ProbeError, probe_image
 from udfs.ingest.sidecars import SidecarError, decode_text, parse_sidecar
-from udfs.ingest.sources import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, Sample, Unit, read_unit, split_key
+from udfs.ingest.sources import (
+    IMAGE_EXTENSIONS,
+    SIDECAR_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Sample,
+    Unit,
+    read_unit,
+    split_key,
+)
 
-TABLES = ("images", "source_tags", "source_text", "errors")
+TABLES = ("images", "source_tags", "source_text", "errors", "clips")
+# A sample's picture: a video first (a same-key still is its poster, reported as extra_image)
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+SUMMARY = ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")
 
 
 def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
     """map_batches UDF: one summary row per unit of the batch."""
     ws = Workspace(workspace)
-    out: dict[str, list] = {"unit": [], "samples": [], "images": [], "errors": [], "error_kinds": [],
-                            "bytes": [], "seconds": []}
+    out: dict[str, list] = {"unit": [], "error_kinds": [], **{name: [] for name in SUMMARY}}
     for i in range(len(batch["unit"])):
         unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]),
                     input=batch["input"][i])
         started = time.perf_counter()
-        rows = UnitRows(unit)
-        for item in read_unit(unit, options["max_member_bytes"], options["follow_links_out"]):
-            rows.add(item, options)
+        rows = UnitRows(unit, FrameStore(ws, batch["unit"][i]))
+        try:
+            for item in read_unit(unit, options["max_member_bytes"], options["follow_links_out"]):
+                rows.add(item, options)
+            rows.frame_store.close()  # before the commit that names its frames
+        finally:
+            rows.frame_store.abort()
         for table in TABLES:
             ws.write_part(table, batch["unit"][i], rows.tables[table])
         info = rows.summary(time.perf_counter() - started)
         info["input"] = unit.input
         ws.commit_unit("ingest", batch["unit"][i], info, parts={t: [batch["unit"][i]] for t in TABLES})
         out["unit"].append(batch["unit"][i])
-        for name in ("samples", "images", "errors", "bytes", "seconds"):
+        for name in SUMMARY:
             out[name].append(info[name])
         out["error_kinds"].append(json.dumps(info["error_kinds"]))
     return out
 
 
 class UnitRows:
-    """The rows of the four ingest tables for one unit, and its accounting."""
+    """The rows of the ingest tables for one unit, and its accounting."""
 
-    def __init__(self, unit: Unit) -> None:
+    def __init__(self, unit: Unit, frame_store: FrameStore) -> None:
         self.unit = unit
+        self.frame_store = frame_store  # where this unit's clips put their kept frames
         self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.samples = 0
         self.bytes = 0
+        self.clips = 0  # samples that became clips with at least one frame kept
+        self.frames = 0
         self.tag_counts: Counter[str] = Counter()  # tags kept per key, for max_tags
 
     def add(self, item: Sample | tuple[str, str, str], options: dict) -> None:
@@ -65,7 +86,7 @@ class UnitRows:
 
     def add_sample(self, sample: Sample, options: dict) -> None:
         key = f"{self.unit.prefix}/{sample.key}"
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
+        image_ext = next((e for e in MEDIA_EXTENSIONS if e in sample.members), None)
         problems = list(sample.problems)
         if any(kind == "duplicate_key" for _, kind, _ in problems):
             image_ext = None  # a second sample under a key already taken: never two rows per key
@@ -81,6 +102,9 @@ class UnitRows:
 
     def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> None:
         member = sample.member_names[ext]
+        if ext in VIDEO_EXTENSIONS:
+            self.add_clip(key, sample, ext, False, [], options)
+            return
         data = sample.members[ext]
         self.bytes += len(data)
         try:
@@ -89,17 +113,49 @@ class UnitRows:
             self.error(key, member, exc.kind, str(exc), dropped=True)
             return
         texts = probed.pop("texts")
+        if probed["n_frames"] > 1 and probed["format"] in ANIMATED_FORMATS and options["frames"]["enabled"]:
+            self.bytes -= len(data)  # counted again as a clip
+            self.add_clip(key, sample, ext, True, texts, options)
+            return
         self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member, **probed})
-        self.add_texts(key, member, texts, options)
+        self.add_companions(key, [key], None, sample, ext, texts, options)
+
+    def add_clip(self, key: str, sample: Sample, ext: str, animated: bool, texts: list[tuple[str, str]],
+                 options: dict) -> None:
+        """A video or an animation: its kept frames become images rows `<key>/f<index>`, which
+        all get the clip's sidecar tags and texts (origin `clip`)."""
+        member = sample.member_names[ext]
+        data = sample.paths.get(ext) or sample.members[ext]
+        self.bytes += os.path.getsize(data) if isinstance(data, str) else len(data)
+        rules = FrameRules.from_options(options["frames"])
+        result = ingest_clip(key, data, animated, rules, options["max_pixels"], self.frame_store)
+        self.tables["clips"].append({**result.clip, "source": self.unit.uri, "member": member})
+        self.tables["images"] += result.frames
+        if not result.frames and not result.problems:
+            result.problems.append(("no_frames_kept", "every frame was too flat (ingest.frames.min_detail)"))
+        for kind, message in result.problems:
+            self.error(key, member, kind, message, dropped=not result.frames)
+        if result.frames:
+            self.clips += 1
+            self.frames += len(result.frames)
+            self.add_companions(key, [f["key"] for f in result.frames], "clip", sample, ext, texts, options)
+
+    def add_companions(self, key: str, targets: list[str], origin: str | None, sample: Sample, ext: str,
+                       texts: list[tuple[str, str]], options: dict) -> None:
+        """The image's embedded texts, its sidecars and the extra pictures of its sample, for the
+        `targets` (the image itself, or the frames of a clip)."""
+        member = sample.member_names[ext]
+        self.add_texts(key, targets, member, texts, options)
         for other in sample.members:
-            if other in IMAGE_EXTENSIONS and other != ext:
+            if other in MEDIA_EXTENSIONS and other != ext:
                 self.error(key, sample.member_names[other], "extra_image",
                            f"sample has a .{ext} image already; .{other} ignored", dropped=False)
         for side in SIDECAR_EXTENSIONS:
             if side in sample.members:
-                self.add_sidecar(key, sample, side, options)
+                self.add_sidecar(key, targets, origin, sample, side, options)
 
-    def add_sidecar(self, key: str, sample: Sample, ext: str, options: dict) -> None:
+    def add_sidecar(self, key: str, targets: list[str], origin_of_all: str | None, sample: Sample, ext: str,
+                    options: dict) -> None:
         member, data = sample.member_names[ext], sample.members[ext]
         if len(data) > options["max_sidecar_bytes"]:
             message = f"{len(data)} bytes > max_sidecar_bytes {options['max_sidecar_bytes']}; ignored"
@@ -113,11 +169,12 @@ class UnitRows:
         except SidecarError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=False)
             return
+        origin = origin_of_all or origin
         for position, (tag, category) in enumerate(self.bounded_tags(key, member, tags, options)):
-            self.tables["source_tags"].append(
-                {"key": key, "tag": tag, "category": category, "origin": origin, "position": position}
-            )
-        self.add_texts(key, member, texts, options)
+            self.tables["source_tags"] += [
+                {"key": target, "tag": tag, "category": category, "origin": origin, "position": position}
+                for target in targets]
+        self.add_texts(key, targets, member, texts, options)
 
     def bounded_tags(self, key: str, member: str, tags: list[tuple[str, str]], options: dict) -> list[tuple[str, str]]:
         """The tags within max_tag_chars, at most max_tags per image; one errors row per kind of excess.
@@ -136,14 +193,15 @@ class UnitRows:
         self.tag_counts[key] += len(tags)
         return tags
 
-    def add_texts(self, key: str, member: str, texts: list[tuple[str, str]], options: dict) -> None:
+    def add_texts(self, key: str, targets: list[str], member: str, texts: list[tuple[str, str]],
+                  options: dict) -> None:
         limit = options["max_text_chars"]
         for kind, text in texts:
             if len(text) > limit:
                 self.error(key, member, "text_too_long", f"{kind} of {len(text)} characters > max_text_chars "
                            f"{limit}; left out", dropped=False)
             else:
-                self.tables["source_text"].append({"key": key, "kind": kind, "text": text})
+                self.tables["source_text"] += [{"key": target, "kind": kind, "text": text} for target in targets]
 
     def error(self, key: str, member: str, kind: str, message: str, dropped: bool) -> None:
         self.tables["errors"].append({"key": key, "source": self.unit.uri, "member": member, "stage": "ingest",
@@ -151,8 +209,8 @@ class UnitRows:
 
     def summary(self, seconds: float) -> dict:
         kinds = Counter(e["kind"] for e in self.tables["errors"])
-        return {"samples": self.samples, "images": len(self.tables["images"]),
-                "errors": len(self.tables["errors"]), "error_kinds": dict(kinds),
+        return {"samples": self.samples, "images": len(self.tables["images"]), "clips": self.clips,
+                "frames": self.frames, "errors": len(self.tables["errors"]), "error_kinds": dict(kinds),
                 "dropped": sum(e["dropped"] for e in self.tables["errors"]),
                 "bytes": self.bytes, "seconds": round(seconds, 4)}
 
@@ -163,7 +221,7 @@ def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) 
         if kind == "duplicate_key":
             return kind, message
     for member, kind, message in problems:
-        if member.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS or kind == "truncated_shard":
+        if member.rsplit(".", 1)[-1].lower() in MEDIA_EXTENSIONS or kind == "truncated_shard":
             return kind, message
     found = ", ".join(sorted(sample.member_names.values())) or "nothing"
     return "no_image", f"sample has no image member (found {found})"

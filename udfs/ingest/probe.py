@@ -45,7 +45,7 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        row.update(_hashes(image))  # first: JPEG draft mode must precede any pixel access
+        row.update(image_hashes(image))  # first: JPEG draft mode must precede any pixel access
         texts = embedded_texts(image)
     row["texts"] = texts
     return row
@@ -70,7 +70,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _hashes(image: Image.Image) -> dict:
+def image_hashes(image: Image.Image) -> dict:
     """pHash, detail and colour signature of the first frame; decoding it also proves the file is whole."""
     try:
         if image.format == "JPEG":

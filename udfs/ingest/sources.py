@@ -21,6 +21,9 @@ from braceexpand import braceexpand
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
 SIDECAR_EXTENSIONS = ("txt", "tags", "json", "caption")
+# Clips read by PyAV (udfs/ingest/clip_frames.py). Animated GIF/APNG/WebP are images until ingest
+# sees more than one frame in them.
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi", "mpg", "mpeg", "ts", "flv", "wmv", "ogv")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class Sample:
     key: str  # key inside the unit (without the unit prefix)
     members: dict[str, bytes]  # extension -> bytes
     member_names: dict[str, str]  # extension -> member name
+    # extension -> file path, for the videos of a plain folder: decoded from the file as a
+    # stream, never read whole (an episode is gigabytes); their `members` entry is b""
+    paths: dict[str, str] = field(default_factory=dict)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (member, kind, msg)
 
 
@@ -146,11 +152,18 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     by_key: dict[str, list[str]] = {}  # a sample's files stay in one chunk
     for full in loose:
         by_key.setdefault(split_key(os.path.relpath(full, root))[0], []).append(full)
-    for chunk in content_defined_chunks(sorted(by_key), folder_unit_size):
+    clips = sorted(k for k, files in by_key.items() if any(_is_video(f) for f in files))
+    chunks = [[k] for k in clips]  # a video is a unit of its own: a kill mid-episode redoes only it
+    chunks += content_defined_chunks(sorted(set(by_key) - set(clips)), folder_unit_size)
+    for chunk in chunks:
         files = [f for k in chunk for f in by_key[k]]
         units.append(Unit("folder", str(root), input_id, files, input=input_id,
                           stamp=_stamp(*[(os.path.relpath(f, root), _file_stamp(f)) for f in files])))
     return units
+
+
+def _is_video(path: str) -> bool:
+    return split_key(os.path.basename(path))[1] in VIDEO_EXTENSIONS
 
 
 def _file_stamp(path: str) -> str:
@@ -255,6 +268,9 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
                 continue
             key, ext = split_key(rel)
             sample = samples.setdefault(key, Sample(key, {}, {}))
+            if ext in VIDEO_EXTENSIONS and ext not in sample.members:
+                sample.members[ext], sample.member_names[ext], sample.paths[ext] = b"", rel, full
+                continue
             _add_member(sample, ext, rel, os.path.getsize(full), max_member_bytes, lambda f=full: Path(f).read_bytes())
         except OSError as exc:
             key, _ = split_key(rel)

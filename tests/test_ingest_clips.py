@@ -1,0 +1,213 @@
+"""Videos and animations: their kept frames become images rows keyed `<clip>/f<index>`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from itertools import combinations
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from clip_data import scene_picture, slow_pan, three_scenes, write_gif, write_video
+from PIL import Image
+
+from jobs import ingest
+from jobs.config import load_config
+from store.workspace import Workspace
+from udfs.ingest.clips import ClipResult, ingest_clip
+from udfs.ingest.frame_selection import FrameRules
+from udfs.ingest.frame_store import FrameStore
+
+
+def select(tmp_path: Path, clip: Path, animated: bool = False, max_pixels: int = 10**9, **rules) -> ClipResult:
+    ws = Workspace(str(tmp_path / "ws"))
+    store = FrameStore(ws, "unit")
+    result = ingest_clip("in/clip", str(clip), animated, FrameRules(**rules), max_pixels, store)
+    store.close()
+    return result
+
+
+def distance(a: dict, b: dict) -> int:
+    return (a["phash"] ^ b["phash"]).bit_count()
+
+
+# ---- frame selection on real encoded clips ----------------------------------------------------
+def test_three_scenes_give_one_frame_each_and_no_near_identical_frames(tmp_path):
+    clip = write_video(tmp_path / "scenes.mp4", three_scenes(seconds=3.0, fps=12))
+    result = select(tmp_path, clip)
+    assert result.problems == []
+    assert result.clip["slices"] == 3
+    per_slice = [sum(f["slice"] == s for f in result.frames) for s in range(3)]
+    assert all(1 <= n <= 2 for n in per_slice), per_slice
+    # each scene starts at its cut: frames 0, 36 and 72 of a 12 fps clip with 3 s scenes
+    assert [f["key"] for f in result.frames][::1][:1] == ["in/clip/f000000"]
+    assert {f["frame"] for f in result.frames} >= {0, 36, 72}
+    assert all(distance(a, b) > 10 for a, b in combinations(result.frames, 2))
+    assert result.clip["frames_seen"] == 108 and result.clip["frames_kept"] == len(result.frames)
+
+
+def test_kept_frames_are_stored_once_with_their_hash(tmp_path):
+    clip = write_video(tmp_path / "scenes.webm", three_scenes(seconds=1.0, fps=12), codec="libvpx-vp9")
+    result = select(tmp_path, clip)
+    with tarfile.open(result.frames[0]["source"]) as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar}
+    assert sorted(stored) == sorted(f["member"] for f in result.frames)
+    for frame in result.frames:
+        data = stored[frame["member"]]
+        assert hashlib.sha256(data).hexdigest() == frame["sha256"] and len(data) == frame["bytes"]
+        assert Image.open(io.BytesIO(data)).size == (frame["width"], frame["height"]) == (320, 240)
+
+
+def test_the_similarity_threshold_decides_on_a_slow_pan(tmp_path):
+    clip = write_video(tmp_path / "pan.mp4", slow_pan(seconds=6.0))
+    kept = {d: select(tmp_path, clip, similarity_distance=d).frames for d in (4, 10, 20)}
+    assert len(kept[4]) > len(kept[10]) > len(kept[20]) >= 1
+    assert {select(tmp_path, clip).clip["slices"]} == {1}  # a pan is no scene cut
+    for a, b in zip(kept[10], kept[10][1:], strict=False):
+        assert distance(a, b) > 10
+
+
+def test_a_gif_with_repeated_frames_keeps_each_picture_once_in_a_row(tmp_path):
+    a, b = scene_picture(1), scene_picture(2)
+    nudged = [a.copy() for _ in range(2)] + [b.copy()]
+    for i, picture in enumerate(nudged):
+        picture[i, i] = 255 - picture[i, i]  # one pixel: Pillow writes the frame, pHash cannot see it
+    gif = write_gif(tmp_path / "repeats.gif", [a, nudged[0], nudged[1], b, nudged[2], a])
+    result = select(tmp_path, gif, animated=True, max_fps=0, scene_threshold=0)
+    assert result.clip["frames_seen"] == 6
+    assert [f["frame"] for f in result.frames] == [0, 3, 5]
+    assert [round(f["frame_time"], 2) for f in result.frames] == [0.0, 0.3, 0.5]
+
+
+def test_seeking_to_key_frames_keeps_the_same_frames_with_less_decoding(tmp_path):
+    clip = write_video(tmp_path / "scenes.mp4", three_scenes(seconds=4.0, fps=12))
+    sparse = {"scene_threshold": 0, "max_fps": 0.25}
+    linear = select(tmp_path, clip, seek_seconds=0, **sparse)
+    sought = select(tmp_path, clip, seek_seconds=1.0, **sparse)
+    assert [f["key"] for f in sought.frames] == [f["key"] for f in linear.frames]
+    assert [f["key"] for f in linear.frames] == ["in/clip/f000000", "in/clip/f000048", "in/clip/f000096"]
+    assert sought.clip["frames_seen"] < linear.clip["frames_seen"] == 144
+
+
+def test_forced_slices_cut_a_clip_without_scene_changes(tmp_path):
+    clip = write_video(tmp_path / "pan.mp4", slow_pan(seconds=6.0))
+    result = select(tmp_path, clip, slice_seconds=2.0, similarity_distance=64)
+    assert result.clip["slices"] == 3
+    assert [f["slice"] for f in result.frames] == [0, 1, 2]  # min_frames_per_slice keeps one each
+
+
+def test_frame_bounds(tmp_path):
+    clip = write_video(tmp_path / "pan.mp4", slow_pan(seconds=6.0))
+    capped = select(tmp_path, clip, max_frames_per_clip=2, similarity_distance=0)
+    assert len(capped.frames) == 2 and [k for k, _ in capped.problems] == ["too_many_frames"]
+    small = select(tmp_path, clip, min_side=300)
+    assert small.frames == [] and [k for k, _ in small.problems] == ["frames_too_small"]
+    resized = select(tmp_path, clip, max_side=160)
+    assert {(f["width"], f["height"]) for f in resized.frames} == {(160, 120)}
+    huge = select(tmp_path, clip, max_pixels=320 * 240 - 1)
+    assert huge.frames == [] and [k for k, _ in huge.problems] == ["frame_too_large"]
+    assert huge.clip["frames_seen"] == 0  # refused before decoding
+
+
+# ---- the ingest job on a folder of clips ------------------------------------------------------
+def audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 1024), np.float32)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def make_clip_folder(folder: Path) -> Path:
+    folder.mkdir()
+    write_video(folder / "scenes.mp4", three_scenes(seconds=2.0))
+    (folder / "scenes.txt").write_text("character:eileen, 1girl, school_uniform")
+    (folder / "scenes.caption").write_text("A girl in a school uniform.")
+    write_video(folder / "episode.mkv", three_scenes(seconds=1.0))
+    a, b = scene_picture(4), scene_picture(5)
+    write_gif(folder / "wave.gif", [a, b, a, b], duration_ms=600)  # 4 scenes of 0.6 s
+    (folder / "wave.tags").write_text("2girls waving")
+    long = write_video(folder / "long.webm", three_scenes(seconds=3.0), codec="libvpx-vp9").read_bytes()
+    (folder / "long.webm").write_bytes(long[: len(long) // 2])  # cut short: the first frames stay
+    (folder / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    audio_only(folder / "voice.mp4")
+    Image.fromarray(scene_picture(9)).save(folder / "still.png")
+    return folder
+
+
+def run_ingest(folder: Path, ws_path: Path):
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]'])
+    ws = Workspace(cfg["workspace"]["path"])
+    return ingest.run(cfg, ws), ws
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("clips")
+    folder = make_clip_folder(tmp / "in")
+    summary, ws = run_ingest(folder, tmp / "ws")
+    return folder, summary, ws
+
+
+def rows_by_key(ws: Workspace, table: str) -> dict[str, dict]:
+    return {r["key"]: r for r in ws.read_table(table).to_pylist()}
+
+
+def test_every_clip_is_accounted_for(clip_folder):
+    _, summary, ws = clip_folder
+    clips = rows_by_key(ws, "clips")
+    assert sorted(clips) == ["in/episode", "in/long", "in/noise", "in/scenes", "in/voice", "in/wave"]
+    images = rows_by_key(ws, "images")
+    frames = [r for r in images.values() if r["clip"]]
+    assert all(r["key"].startswith(f"{r['clip']}/f") and r["key"].endswith(f"{r['frame']:06d}") for r in frames)
+    for key, clip in clips.items():
+        assert clip["frames_kept"] == sum(r["clip"] == key for r in frames), key
+    assert images["in/still"]["clip"] is None
+    errors = {(r["key"], r["kind"]): r["dropped"] for r in ws.read_table("errors").to_pylist()}
+    assert errors == {("in/long", "truncated_clip"): False, ("in/noise", "corrupt_clip"): True,
+                      ("in/voice", "no_video_stream"): True}
+    assert clips["in/long"]["frames_kept"] >= 1
+    assert clips["in/scenes"]["slices"] == 3 and clips["in/scenes"]["codec"] == "h264"
+    assert clips["in/wave"]["format"] == "GIF" and clips["in/wave"]["frames_kept"] == 4
+    assert f"1 images + 4 clips ({len(frames)} frames) + 2 dropped samples = 7 samples seen" in summary.render()
+
+
+def test_the_clips_sidecar_tags_and_texts_reach_every_frame(clip_folder):
+    _, _, ws = clip_folder
+    frames = [r["key"] for r in ws.read_table("images").to_pylist() if r["clip"] == "in/scenes"]
+    assert len(frames) >= 3
+    tags = ws.read_table("source_tags").to_pylist()
+    for key in frames:
+        mine = sorted((t["position"], t["tag"], t["category"], t["origin"]) for t in tags if t["key"] == key)
+        assert mine == [(0, "eileen", "character", "clip"), (1, "1girl", "general", "clip"),
+                        (2, "school_uniform", "general", "clip")]
+    texts = {(r["key"], r["text"]) for r in ws.read_table("source_text").to_pylist()}
+    assert {(k, "A girl in a school uniform.") for k in frames} <= texts
+
+
+def test_adding_a_file_changes_no_frame_key(clip_folder, tmp_path):
+    folder, _, ws = clip_folder
+    before = rows_by_key(ws, "images")
+    Image.fromarray(scene_picture(10)).save(folder / "another.png")
+    try:
+        _, again = run_ingest(folder, Path(ws.root))
+    finally:
+        (folder / "another.png").unlink()
+    after = rows_by_key(again, "images")
+    assert set(after) - set(before) == {"in/another"}
+    # the GIF shares its folder chunk with the new file: that chunk is redone and its frames
+    # stored again (a new frame store); a video is a unit of its own and is not touched
+    moved = {k for k in before if before[k]["source"] != after[k]["source"]}
+    assert moved and all(k.startswith(("in/wave/", "in/still")) for k in moved)
+    assert {k: {**v, "source": ""} for k, v in after.items() if k != "in/another"} == \
+        {k: {**v, "source": ""} for k, v in before.items()}
+    assert not [r for r in again.read_table("errors").to_pylist() if r["kind"] == "removed_from_input"]

@@ -1,0 +1,55 @@
+"""The workspace's frame store: one tar of encoded frames per ingest unit, `frames/<unit>.tar`.
+
+Frames are stored once, as members `<frame key>.<ext>` of a plain tar, so annotate, caption
+and export read them like the members of any input shard (`images.source` names the tar).
+The tar is named after the unit, so a rerun of the unit overwrites it, and it appears
+atomically (a temporary name, then a rename) before the unit commits.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import uuid
+
+from store.workspace import Workspace
+
+FRAMES_DIR = "frames"
+
+
+class FrameStore:
+    """Writes the frames of one unit; opened on the first frame, so units without clips write nothing."""
+
+    def __init__(self, ws: Workspace, unit: str) -> None:
+        self.ws, self.unit = ws, unit
+        self.path = f"{ws.base}/{FRAMES_DIR}/{unit}.tar"
+        self.uri = ws.uri(f"{FRAMES_DIR}/{unit}.tar")
+        self._tmp = f"{ws.base}/{FRAMES_DIR}/.tmp-{unit}-{uuid.uuid4().hex}.tar.tmp"
+        self._stream = None
+        self._tar: tarfile.TarFile | None = None
+
+    def add(self, member: str, data: bytes) -> None:
+        if self._tar is None:
+            self.ws.fs.create_dir(f"{self.ws.base}/{FRAMES_DIR}", recursive=True)
+            self._stream = self.ws.fs.open_output_stream(self._tmp)
+            # stream mode: object stores give write-only streams; fixed header fields make a
+            # rerun write the same bytes
+            self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.PAX_FORMAT)
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        """Finish the tar and give it its name (nothing when no frame was added)."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._stream.close()
+        self.ws.fs.move(self._tmp, self.path)
+        self._tar = None
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._stream.close()
+            self.ws.fs.delete_file(self._tmp)
+            self._tar = None
