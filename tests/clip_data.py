@@ -47,7 +47,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 12, codec: str 
 def three_scenes(seconds: float = 3.0, fps: int = 12) -> list[np.ndarray]:
     """Three static scenes of `seconds` each: long stretches of identical pictures, two hard cuts."""
     per_scene = int(seconds * fps)
-    return [scene_picture(seed) for seed in (1, 2, 3) for _ in range(per_scene)]
+    return [picture for seed in (1, 2, 3) for picture in [scene_picture(seed)] * per_scene]
 
 
 def slow_pan(seconds: float = 6.0, fps: int = 12, speed: float = 20.0) -> list[np.ndarray]:

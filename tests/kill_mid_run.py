@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,12 +30,17 @@ def kill_after_commits(process: subprocess.Popen, state: Path, at_least: int, po
     The process must run in its own session (start_new_session=True) so that the kill reaches
     the Ray processes it started too, as a preempted node or an OOM kill would.
     """
+    kill_when(process, lambda: len(list(state.glob("*.json"))) >= at_least, poll_s, timeout_s)
+    return len(list(state.glob("*.json")))
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], poll_s: float, timeout_s: float = 900) -> None:
+    """SIGKILL `process`'s session (see kill_after_commits) as soon as `ready()` holds."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and len(list(state.glob("*.json"))) >= at_least:
+        if ready():
             break
         time.sleep(poll_s)
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    return len(list(state.glob("*.json")))

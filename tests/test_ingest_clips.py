@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from itertools import combinations
 from pathlib import Path
@@ -12,6 +13,7 @@ import av
 import numpy as np
 import pytest
 from clip_data import scene_picture, slow_pan, three_scenes, write_gif, write_video
+from kill_mid_run import booruset, kill_when
 from PIL import Image
 
 from jobs import ingest
@@ -211,3 +213,40 @@ def test_adding_a_file_changes_no_frame_key(clip_folder, tmp_path):
     assert {k: {**v, "source": ""} for k, v in after.items() if k != "in/another"} == \
         {k: {**v, "source": ""} for k, v in before.items()}
     assert not [r for r in again.read_table("errors").to_pylist() if r["kind"] == "removed_from_input"]
+
+
+# ---- resume --------------------------------------------------------------------------------
+def test_ingest_killed_mid_clip_redoes_only_that_clip(tmp_path, ray_local):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):  # 12 s each: long enough to be caught mid-decode
+        frames = [picture for s in range(4) for picture in [scene_picture(10 * i + s, (640, 480))] * 72]
+        write_video(folder / f"clip{i}.mp4", frames, fps=24)
+        (folder / f"clip{i}.txt").write_text(f"tag_{i}, 1girl")
+
+    _, ref = run_ingest(folder, tmp_path / "ref")  # uninterrupted, in this process
+
+    victim = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(folder))
+    state, frames_dir = tmp_path / "ws" / "state" / "ingest", tmp_path / "ws" / "frames"
+    mid_clip = lambda: len(list(state.glob("*.json"))) >= 1 and any(frames_dir.glob(".tmp-*"))  # noqa: E731
+    kill_when(victim, mid_clip, poll_s=0.005)
+    committed = len(list(state.glob("*.json")))
+    assert committed < 4
+
+    again = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(folder))
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    assert re.search(rf"4 units, {committed} done before, {4 - committed} to run", out), out
+    ws = Workspace(str(tmp_path / "ws"))
+    for name in ("images", "clips", "source_tags", "errors"):
+        assert sorted_rows(ws, name) == sorted_rows(ref, name), name
+    stored = {p.name: p.read_bytes() for p in frames_dir.glob("*.tar")}
+    assert stored == {p.name: p.read_bytes() for p in (tmp_path / "ref" / "frames").glob("*.tar")}
+    assert len(stored) == 4
+
+
+def sorted_rows(ws: Workspace, name: str) -> list[dict]:
+    """The rows, with frame stores named inside the workspace (the two workspaces differ)."""
+    rows = [{**r, **({"source": r["source"].replace(ws.root, "WS")} if "source" in r else {})}
+            for r in ws.read_table(name).to_pylist()]
+    return sorted(rows, key=lambda r: (r["key"], str(r)))
