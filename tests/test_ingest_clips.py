@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tarfile
 from itertools import combinations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from clip_data import scene_picture, slow_pan, three_scenes, write_gif, write_video
 from kill_mid_run import booruset, kill_when
@@ -250,3 +252,38 @@ def sorted_rows(ws: Workspace, name: str) -> list[dict]:
     rows = [{**r, **({"source": r["source"].replace(ws.root, "WS")} if "source" in r else {})}
             for r in ws.read_table(name).to_pylist()]
     return sorted(rows, key=lambda r: (r["key"], str(r)))
+
+
+# ---- end to end ----------------------------------------------------------------------------
+def test_run_on_a_folder_of_clips_exports_frames_with_their_clips_tags(tmp_path):
+    import webdataset as wds
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_video(folder / "scenes.mp4", three_scenes(seconds=2.0))
+    (folder / "scenes.txt").write_text("character:eileen, 1girl, school_uniform")
+    episode = [picture for seed in (21, 22) for picture in [scene_picture(seed)] * 24]
+    write_video(folder / "episode.webm", episode, codec="libvpx-vp9")
+    (folder / "episode.txt").write_text("character:lucy, 1girl, glasses")
+    ws, out = tmp_path / "ws", tmp_path / "out"
+    run = booruset("run", "-w", str(ws), "-i", str(folder), "--out", str(out))
+    log, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, log[-3000:]
+    assert "rows out: images 5, clips 2, frames 5" in log, log[-3000:]
+
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")), shardshuffle=False))
+    metas = [json.loads(s["json"]) for s in samples]
+    assert sorted(m["key"] for m in metas) == ["in/episode/f000000", "in/episode/f000024", "in/scenes/f000000",
+                                               "in/scenes/f000024", "in/scenes/f000048"]
+    for meta in metas:
+        clip = meta["key"].rsplit("/", 1)[0]
+        assert meta["clip"] == clip
+        assert ("eileen" if clip == "in/scenes" else "lucy") in meta["tags"]
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert {(m["key"], m["clip"]) for m in manifest} == {(m["key"], m["clip"]) for m in metas}
+
+    one_clip = booruset("export", "-w", str(ws), "--out", str(tmp_path / "scenes"), "--where", "clip = 'in/scenes'")
+    log, _ = one_clip.communicate(timeout=900)
+    assert one_clip.returncode == 0, log[-3000:]
+    keys = pq.read_table(tmp_path / "scenes" / "manifest.parquet").column("key").to_pylist()
+    assert sorted(keys) == ["in/scenes/f000000", "in/scenes/f000024", "in/scenes/f000048"]

@@ -10,17 +10,24 @@ Only one decoded frame is held at a time: a two-hour episode never sits in memor
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from queue import Full, Queue
 from typing import BinaryIO
 
 import av
+import cv2
 import numpy as np
+import scipy.fft
 from PIL import Image, ImageSequence
+
+from udfs.ingest.probe import colour_signature, grey_hashes, image_hashes
 
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
 SCENE_WIDTH = 96
+HASH_SIDE = 32  # imagehash.phash's DCT size
 
 
 class ClipError(Exception):
@@ -48,10 +55,13 @@ class Frame:
 
     def __init__(self, index: int, time: float, source: av.VideoFrame | Image.Image) -> None:
         self.index, self.time, self.source = index, time, source
+        self._image: Image.Image | None = None
 
     def small(self) -> np.ndarray:
-        """RGB uint8 at SCENE_WIDTH wide: what scene-cut detection compares."""
+        """RGB uint8 about SCENE_WIDTH wide: what scene-cut detection compares."""
         width, height = self.source.width, self.source.height
+        if _large_420(self.source, 4 * SCENE_WIDTH):
+            return _subsampled_rgb(self.source, width // SCENE_WIDTH // 2 * 2)  # even: chroma is half size
         size = (SCENE_WIDTH, max(1, round(height * SCENE_WIDTH / max(width, 1))))
         if isinstance(self.source, av.VideoFrame):
             return self.source.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
@@ -59,9 +69,69 @@ class Frame:
 
     def image(self) -> Image.Image:
         """The whole frame as an RGB picture."""
-        if isinstance(self.source, av.VideoFrame):
-            return self.source.to_image()
-        return self.source
+        if self._image is None:
+            # to_ndarray + fromarray: a fifth of the time of PyAV's to_image for the same pixels
+            is_video = isinstance(self.source, av.VideoFrame)
+            self._image = Image.fromarray(self.source.to_ndarray(format="rgb24")) if is_video else self.source
+        return self._image
+
+    def quick_hash(self) -> tuple[int, float]:
+        """(pHash, detail) of the frame's grey picture area-averaged to 32x32 in one OpenCV call:
+        what frame selection compares, about six times cheaper than the `images` hashes below
+        (which box-reduce, then resize with Lanczos), so every candidate can afford it. Same DCT
+        and bit order as imagehash.phash; it differs from the stored pHash by 0-4 bits of 64."""
+        if _large_420(self.source, 2 * HASH_SIDE):
+            grey = _plane(self.source, 0)
+        else:
+            grey = np.asarray(self.image().convert("L"))
+        small = _area_resize(grey, HASH_SIDE).astype(np.float64)
+        low = scipy.fft.dct(scipy.fft.dct(small, axis=0), axis=1)[:8, :8]
+        bits = (low > np.median(low)).flatten()
+        return int("".join("1" if b else "0" for b in bits), 2), float(small.std())
+
+    def hashes(self) -> dict:
+        """phash, detail and colour (the `images` columns), as udfs/ingest/probe.py computes them.
+
+        A large 4:2:0 frame is hashed from its luma plane, read in place, and its colour from the
+        small picture of scene detection: a candidate that is not kept is never converted to RGB
+        (a third of the cost). Its pHash differs from the RGB frame's by 0-2 bits of 64."""
+        if _large_420(self.source, 512):
+            grey = Image.fromarray(np.ascontiguousarray(_plane(self.source, 0)))
+            return {**grey_hashes(grey), "colour": colour_signature(Image.fromarray(self.small()))}
+        return image_hashes(self.image())
+
+
+def _area_resize(grey: np.ndarray, side: int) -> np.ndarray:
+    """Area average to side x side: first by a whole factor (OpenCV's fast path for INTER_AREA;
+    a fractional factor on a large picture is five times slower), then to the exact size."""
+    factor = max(1, min(grey.shape) // (2 * side))
+    if factor > 1:
+        height, width = grey.shape[0] // factor, grey.shape[1] // factor
+        grey = cv2.resize(grey[:height * factor, :width * factor], (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def _large_420(source: av.VideoFrame | Image.Image, min_side: int) -> bool:
+    return isinstance(source, av.VideoFrame) and source.format.name in ("yuv420p", "yuvj420p") \
+        and min(source.width, source.height) >= min_side
+
+
+def _plane(frame: av.VideoFrame, index: int) -> np.ndarray:
+    """One plane of the frame, read in place (its rows are line_size bytes apart)."""
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+
+
+def _subsampled_rgb(frame: av.VideoFrame, step: int) -> np.ndarray:
+    """Every `step`-th pixel of a 4:2:0 frame's planes, as RGB: ~10x cheaper than a swscale
+    resize of the whole frame, and enough for a mean change over the picture (PySceneDetect
+    0.5 downscaled by the same slicing)."""
+    planes = [_plane(frame, i)[::s, ::s] for i, s in ((0, step), (1, step // 2), (2, step // 2))]
+    height, width = min(p.shape[0] for p in planes), min(p.shape[1] for p in planes)
+    yuv = np.empty((height, width, 3), np.uint8)
+    for channel, plane in enumerate(planes):
+        yuv[..., channel] = plane[:height, :width]
+    return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB)
 
 
 class ClipReader:
@@ -122,16 +192,18 @@ class ClipReader:
         """Frames in order; seeks ahead when skip_until allows. Indices come from timestamps
         (time x nominal rate), so they are the same whether or not the reader sought."""
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        last_time, sought = -1.0, -1.0
+        last_time, sought, reached = -1.0, -1.0, -1.0  # reached: the latest time decoded
         rate = Fraction(info.fps).limit_denominator(1001) if info.fps else Fraction(0)
         counted = 0
         while True:
             restart = False
             try:
-                for frame in container.decode(stream):
+                decoded = container.decode(stream)
+                for frame in decoded if self.seek_seconds else decoded_ahead(decoded):
                     self.decoded += 1
                     counted += 1
                     time = float(frame.time - start) if frame.time is not None else counted / max(info.fps, 1)
+                    reached = max(reached, time)
                     if time <= last_time:
                         continue  # re-decoded after a seek landed before where we were
                     if time < self.wanted_from:
@@ -149,8 +221,8 @@ class ClipReader:
                 raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)}") from exc
             if not restart:
                 break
-        if info.duration and last_time >= 0 and last_time + max(1.0, 0.1 * info.duration) < info.duration:
-            raise ClipError("truncated_clip", f"frames end at {last_time:.2f} s of {info.duration:.2f} s: "
+        if info.duration and reached >= 0 and reached + max(1.0, 0.1 * info.duration) < info.duration:
+            raise ClipError("truncated_clip", f"frames end at {reached:.2f} s of {info.duration:.2f} s: "
                                               "the file is cut short")
 
     def _seek_worth_it(self, time: float, sought: float) -> bool:
@@ -177,6 +249,48 @@ class ClipReader:
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc
+
+
+def decoded_ahead(frames: Iterator[av.VideoFrame], depth: int = 8) -> Iterator[av.VideoFrame]:
+    """The frames, decoded by a thread of their own up to `depth` frames ahead of the caller.
+
+    PyAV releases the GIL while FFmpeg decodes, so decoding goes on while this thread hashes,
+    converts and encodes the frames it keeps; without it, FFmpeg's frame threads stall whenever
+    the caller is busy (bench/frames.py measures both against a bare decode loop)."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.05)
+                return
+            except Full:
+                continue
+
+    def decode() -> None:
+        try:
+            for frame in frames:
+                put(frame)
+                if stop.is_set():
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            put(exc)
+
+    worker = threading.Thread(target=decode, name="clip-decode", daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the caller stopped early, or is done: the worker ends before the file closes
+        worker.join()
+
+
+_END = object()
 
 
 def _reason(exc: Exception) -> str:

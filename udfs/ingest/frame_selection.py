@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 
 from udfs.ingest.clip_frames import Frame
-from udfs.ingest.probe import image_hashes
 
 
 @dataclass(frozen=True)
@@ -98,17 +97,16 @@ class FrameSelector:
             return None
         if self.rules.max_fps:
             self.next_time = frame.time + 1.0 / self.rules.max_fps
-        hashes = image_hashes(frame.image())
-        if hashes["detail"] < self.rules.min_detail:
+        quick, detail = frame.quick_hash()
+        if detail < self.rules.min_detail:
             return None  # a fade to black, a blank card: nothing to learn from
-        near = self.last_hash is not None and (hashes["phash"] ^ self.last_hash).bit_count() <= \
-            self.rules.similarity_distance
+        near = self.last_hash is not None and (quick ^ self.last_hash).bit_count() <= self.rules.similarity_distance
         if near and self.slice_kept >= self.rules.min_frames_per_slice:
             return None
-        self.last_hash = hashes["phash"]
+        self.last_hash = quick
         self.slice_kept += 1
         self.kept += 1
-        return hashes
+        return frame.hashes()
 
     def _starts_slice(self, frame: Frame) -> bool:
         cut = self.cuts is not None and self.cuts.is_cut(frame.small(), frame.time)

@@ -77,20 +77,30 @@ def image_hashes(image: Image.Image) -> dict:
             image.draft("RGB", PHASH_DRAFT_SIZE)
         image.load()
         small = _reduced(_hashable(image))
-        # imagehash.phash resizes to 32x32 grey with Lanczos itself; doing it here first gives the
-        # same hash (a same-size resize is a copy) and the pixels the detail is measured on
-        grey = small.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-        bits = imagehash.phash(grey).hash.flatten()
-        colour = small.convert("RGB").resize((2, 2), Image.Resampling.BOX)
+        return {**grey_hashes(small.convert("L")), "colour": colour_signature(small)}
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
         kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
         raise ProbeError(kind, f"{type(exc).__name__}: {text}") from exc
-    signature = 0
-    for value in np.asarray(colour, dtype=np.uint8).flatten():  # 12 values, 4 bits each
-        signature = (signature << 4) | (int(value) >> 4)
+
+
+def grey_hashes(grey: Image.Image) -> dict:
+    """pHash and detail of a grey picture (box-reduced first when large)."""
+    # imagehash.phash resizes to 32x32 grey with Lanczos itself; doing it here first gives the
+    # same hash (a same-size resize is a copy) and the pixels the detail is measured on
+    small = _reduced(grey).resize((32, 32), Image.Resampling.LANCZOS)
+    bits = imagehash.phash(small).hash.flatten()
     return {"phash": int("".join("1" if b else "0" for b in bits), 2),
-            "detail": float(np.asarray(grey, dtype=np.float32).std()), "colour": signature}
+            "detail": float(np.asarray(small, dtype=np.float32).std())}
+
+
+def colour_signature(picture: Image.Image) -> int:
+    """2x2 grid of mean RGB, 4 bits a channel (12 values)."""
+    colour = picture.convert("RGB").resize((2, 2), Image.Resampling.BOX)
+    signature = 0
+    for value in np.asarray(colour, dtype=np.uint8).flatten():
+        signature = (signature << 4) | (int(value) >> 4)
+    return signature
 
 
 def _reduced(image: Image.Image) -> Image.Image:
