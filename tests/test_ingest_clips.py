@@ -140,8 +140,13 @@ def make_clip_folder(folder: Path) -> Path:
     a, b = scene_picture(4), scene_picture(5)
     write_gif(folder / "wave.gif", [a, b, a, b], duration_ms=600)  # 4 scenes of 0.6 s
     (folder / "wave.tags").write_text("2girls waving")
+    c, d = Image.fromarray(scene_picture(6)), Image.fromarray(scene_picture(7))
+    c.save(folder / "blink.png", save_all=True, append_images=[d, c], duration=600)  # APNG
+    c.save(folder / "blink.webp", save_all=True, append_images=[d, c], duration=600)  # second picture: extra_image
+    c.save(folder / "turn.webp", save_all=True, append_images=[d], duration=[600, 600])
     long = write_video(folder / "long.webm", three_scenes(seconds=3.0), codec="libvpx-vp9").read_bytes()
     (folder / "long.webm").write_bytes(long[: len(long) // 2])  # cut short: the first frames stay
+    (folder / "header.webm").write_bytes(long[:600])  # the header and no frame
     (folder / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     audio_only(folder / "voice.mp4")
     Image.fromarray(scene_picture(9)).save(folder / "still.png")
@@ -169,7 +174,8 @@ def rows_by_key(ws: Workspace, table: str) -> dict[str, dict]:
 def test_every_clip_is_accounted_for(clip_folder):
     _, summary, ws = clip_folder
     clips = rows_by_key(ws, "clips")
-    assert sorted(clips) == ["in/episode", "in/long", "in/noise", "in/scenes", "in/voice", "in/wave"]
+    assert sorted(clips) == ["in/blink", "in/episode", "in/header", "in/long", "in/noise", "in/scenes", "in/turn",
+                             "in/voice", "in/wave"]
     images = rows_by_key(ws, "images")
     frames = [r for r in images.values() if r["clip"]]
     assert all(r["key"].startswith(f"{r['clip']}/f") and r["key"].endswith(f"{r['frame']:06d}") for r in frames)
@@ -178,11 +184,14 @@ def test_every_clip_is_accounted_for(clip_folder):
     assert images["in/still"]["clip"] is None
     errors = {(r["key"], r["kind"]): r["dropped"] for r in ws.read_table("errors").to_pylist()}
     assert errors == {("in/long", "truncated_clip"): False, ("in/noise", "corrupt_clip"): True,
-                      ("in/voice", "no_video_stream"): True}
+                      ("in/voice", "no_video_stream"): True, ("in/header", "empty_clip"): True,
+                      ("in/blink", "extra_image"): False}
     assert clips["in/long"]["frames_kept"] >= 1
     assert clips["in/scenes"]["slices"] == 3 and clips["in/scenes"]["codec"] == "h264"
     assert clips["in/wave"]["format"] == "GIF" and clips["in/wave"]["frames_kept"] == 4
-    assert f"1 images + 4 clips ({len(frames)} frames) + 2 dropped samples = 7 samples seen" in summary.render()
+    assert (clips["in/blink"]["format"], clips["in/blink"]["frames_kept"]) == ("PNG", 3)  # APNG
+    assert (clips["in/turn"]["format"], clips["in/turn"]["frames_kept"]) == ("WEBP", 2)
+    assert f"1 images + 6 clips ({len(frames)} frames) + 3 dropped samples = 10 samples seen" in summary.render()
 
 
 def test_the_clips_sidecar_tags_and_texts_reach_every_frame(clip_folder):
@@ -208,13 +217,17 @@ def test_adding_a_file_changes_no_frame_key(clip_folder, tmp_path):
         (folder / "another.png").unlink()
     after = rows_by_key(again, "images")
     assert set(after) - set(before) == {"in/another"}
-    # the GIF shares its folder chunk with the new file: that chunk is redone and its frames
-    # stored again (a new frame store); a video is a unit of its own and is not touched
+    # the animations share a folder chunk with the new file: that chunk is redone and their
+    # frames stored again (a new frame store); a video is a unit of its own and is not touched
     moved = {k for k in before if before[k]["source"] != after[k]["source"]}
-    assert moved and all(k.startswith(("in/wave/", "in/still")) for k in moved)
+    assert moved and all(before[k]["clip"] in ("in/wave", "in/blink", "in/turn") for k in moved)
     assert {k: {**v, "source": ""} for k, v in after.items() if k != "in/another"} == \
         {k: {**v, "source": ""} for k, v in before.items()}
     assert not [r for r in again.read_table("errors").to_pylist() if r["kind"] == "removed_from_input"]
+    # the frame store of the replaced chunk goes when the next writing job starts
+    again.begin_job()
+    named = {Path(r["source"]).name for r in again.read_table("images").to_pylist() if r["clip"]}
+    assert {p.name for p in (Path(ws.root) / "frames").glob("*.tar")} == named
 
 
 # ---- resume --------------------------------------------------------------------------------

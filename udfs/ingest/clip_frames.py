@@ -242,9 +242,10 @@ class ClipReader:
             try:
                 for index, frame in enumerate(ImageSequence.Iterator(image)):
                     self.decoded += 1
+                    picture = frame.convert("RGB")  # loads the frame: WebP states its duration only then
                     duration = float(frame.info.get("duration") or 0) / 1000
                     if time >= self.wanted_from:
-                        yield Frame(index, time, frame.convert("RGB"))
+                        yield Frame(index, time, picture)
                     time += duration or 0.1  # browsers show frames without a duration for 0.1 s
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
