@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from clip_data import scene_picture, slow_pan, three_scenes, write_gif, write_video
+from hostile_data import write_tar
 from kill_mid_run import booruset, kill_when
 from PIL import Image
 
@@ -153,8 +154,8 @@ def make_clip_folder(folder: Path) -> Path:
     return folder
 
 
-def run_ingest(folder: Path, ws_path: Path):
-    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]'])
+def run_ingest(folder: Path, ws_path: Path, *extra: str):
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', *extra])
     ws = Workspace(cfg["workspace"]["path"])
     return ingest.run(cfg, ws), ws
 
@@ -228,6 +229,22 @@ def test_adding_a_file_changes_no_frame_key(clip_folder, tmp_path):
     again.begin_job()
     named = {Path(r["source"]).name for r in again.read_table("images").to_pylist() if r["clip"]}
     assert {p.name for p in (Path(ws.root) / "frames").glob("*.tar")} == named
+
+
+def test_a_video_member_of_a_shard_becomes_frames_under_the_shards_keys(tmp_path, ray_local):
+    clip = write_video(tmp_path / "op.mp4", three_scenes(seconds=1.0)).read_bytes()
+    write_tar(tmp_path / "shard-000.tar", [("anime/op.mp4", clip), ("anime/op.txt", b"1girl, opening"),
+                                           ("anime/big.mp4", clip)])
+    summary, ws = run_ingest(tmp_path / "shard-000.tar", tmp_path / "ws", "ingest.max_member_bytes=2000")
+    assert ws.read_table("clips").num_rows == 0  # both videos are larger than max_member_bytes
+    assert {r["kind"] for r in ws.read_table("errors").to_pylist()} == {"too_large"}
+    summary, ws = run_ingest(tmp_path / "shard-000.tar", tmp_path / "ws2")
+    frames = sorted(r["key"] for r in ws.read_table("images").to_pylist())
+    assert frames[:3] == ["shard-000/anime/big/f000000", "shard-000/anime/big/f000012", "shard-000/anime/big/f000024"]
+    assert [k for k in frames if k.startswith("shard-000/anime/op/")] == [
+        "shard-000/anime/op/f000000", "shard-000/anime/op/f000012", "shard-000/anime/op/f000024"]
+    tags = {(r["key"], r["tag"]) for r in ws.read_table("source_tags").to_pylist()}
+    assert ("shard-000/anime/op/f000012", "opening") in tags and not any("big" in k for k, _ in tags)
 
 
 # ---- resume --------------------------------------------------------------------------------
