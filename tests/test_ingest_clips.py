@@ -268,7 +268,9 @@ def test_ingest_killed_mid_clip_redoes_only_that_clip(tmp_path, ray_local):
     again = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(folder))
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
-    assert re.search(rf"4 units, {committed} done before, {4 - committed} to run", out), out
+    # a worker may commit one more unit in the instant the kill takes to reach it (loaded machine)
+    done_before = int(re.search(r"4 units, (\d+) done before", out).group(1))
+    assert committed <= done_before < 4, out
     ws = Workspace(str(tmp_path / "ws"))
     for name in ("images", "clips", "source_tags", "errors"):
         assert sorted_rows(ws, name) == sorted_rows(ref, name), name

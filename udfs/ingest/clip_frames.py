@@ -28,6 +28,7 @@ from udfs.ingest.probe import colour_signature, grey_hashes, image_hashes
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
 SCENE_WIDTH = 96
 HASH_SIDE = 32  # imagehash.phash's DCT size
+NONREF_MARGIN = 1.0  # seconds before a wanted frame from which every frame is decoded
 
 
 class ClipError(Exception):
@@ -204,6 +205,8 @@ class ClipReader:
                     counted += 1
                     time = float(frame.time - start) if frame.time is not None else counted / max(info.fps, 1)
                     reached = max(reached, time)
+                    if self.seek_seconds and rate:
+                        self._skip_unreferenced(stream, time)
                     if time <= last_time:
                         continue  # re-decoded after a seek landed before where we were
                     if time < self.wanted_from:
@@ -224,6 +227,14 @@ class ClipReader:
         if info.duration and reached >= 0 and reached + max(1.0, 0.1 * info.duration) < info.duration:
             raise ClipError("truncated_clip", f"frames end at {reached:.2f} s of {info.duration:.2f} s: "
                                               "the file is cut short")
+
+    def _skip_unreferenced(self, stream: av.VideoStream, time: float) -> None:
+        """Far before the next wanted frame, let FFmpeg skip frames that no other frame refers
+        to (most B-frames): nothing needs them. Within NONREF_MARGIN of it, decode every frame
+        again, so the wanted frame is the one a full decode would give (the margin covers the
+        frames already in flight in the decoder's threads)."""
+        far = time < self.wanted_from - NONREF_MARGIN
+        stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"
 
     def _seek_worth_it(self, time: float, sought: float) -> bool:
         return bool(self.seek_seconds) and self.wanted_from - time >= self.seek_seconds and sought < self.wanted_from
