@@ -20,7 +20,6 @@ compared on equal terms.
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import statistics
 import sys
@@ -34,34 +33,20 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from jobs.config import SAMPLE_SHARDS  # noqa: E402
+from ingest import sample_art  # noqa: E402  (bench/ingest.py: the sample's sprites and backgrounds)
+
 from store.workspace import Workspace  # noqa: E402
 from udfs.ingest.clips import ingest_clip  # noqa: E402
 from udfs.ingest.frame_selection import FrameRules  # noqa: E402
 from udfs.ingest.frame_store import FrameStore  # noqa: E402
-from udfs.ingest.sources import discover_units, read_unit  # noqa: E402
 
 SIZE = (1280, 720)
 FPS = 24
 SCENE_SECONDS = 4
 PAN_PIXELS_PER_SECOND = 40
 SELECT_GOAL, SEEK_GOAL = 0.8, 2.0
-
-
-def sample_art() -> tuple[list[Image.Image], list[Image.Image]]:
-    """(RGBA sprites, backgrounds) from the bundled sample shards."""
-    sprites, backgrounds = [], []
-    for unit in discover_units([str(SAMPLE_SHARDS)], 1000):
-        for sample in read_unit(unit, 1 << 30):
-            ext = "png" if "png" in sample.members else "jpg"
-            image = Image.open(io.BytesIO(sample.members[ext]))
-            image.load()
-            if sample.key.startswith("bg_"):
-                backgrounds.append(image.convert("RGB"))
-            elif image.mode == "RGBA":
-                sprites.append(image)
-    return sprites, backgrounds
 
 
 def scene(rng: random.Random, sprites: list[Image.Image], backgrounds: list[Image.Image]) -> np.ndarray:

@@ -77,10 +77,10 @@ class Frame:
         return self._image
 
     def quick_hash(self) -> tuple[int, float]:
-        """(pHash, detail) of the frame's grey picture area-averaged to 32x32 in one OpenCV call:
-        what frame selection compares, about six times cheaper than the `images` hashes below
-        (which box-reduce, then resize with Lanczos), so every candidate can afford it. Same DCT
-        and bit order as imagehash.phash; it differs from the stored pHash by 0-4 bits of 64."""
+        """(pHash, detail) of the frame's grey picture area-averaged to 32x32 by OpenCV: what
+        frame selection compares, about three times cheaper than the `images` hashes below
+        (Pillow's box reduction, then Lanczos), so every candidate can afford it. Same DCT and
+        bit order as imagehash.phash; it differs from the stored pHash by 0-4 bits of 64."""
         if _large_420(self.source, 2 * HASH_SIDE):
             grey = _plane(self.source, 0)
         else:
