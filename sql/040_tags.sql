@@ -23,8 +23,9 @@ tagger_candidates as (
     from tag_scores t
     join image_part i on i.key = t.key
     where t.key between $first_key and $last_key
-      and ((t.category = 'general' and t.score >= $general_threshold)
-        or (t.category = 'character' and t.score >= $character_threshold))
+      -- strictly above, as imgutils.tagging.get_wd14_tags keeps them
+      and ((t.category = 'general' and t.score > $general_threshold)
+        or (t.category = 'character' and t.score > $character_threshold))
 ),
 tagger_ratings as (
     select i.image_id, arg_max(t.tag, t.score) as tag, 'rating' as category, max(t.score) as score,
@@ -124,7 +125,8 @@ curated as (
     anti join trait_rows d on d.image_id = t.image_id and d.tag_id = t.tag_id
 ),
 count_tag_ids as (
-    select distinct v.tag_id from count_tags c join tag_vocabulary v on v.tag = c.tag
+    select distinct v.tag_id, v.tag = 'solo' as is_solo
+    from count_tags c join tag_vocabulary v on v.tag = c.tag
 ),
 ranked as (
     -- tag_id order is tag order (sql/010 numbers the tags in order), so the window sorts
@@ -132,7 +134,9 @@ ranked as (
     select t.image_id, t.tag_id, t.category, t.score,
            row_number() over (
                partition by t.image_id
-               order by case when c.tag_id is not null then 0 when t.category = 'character' then 1 else 2 end,
+               -- imgutils.tagging.sort_tags: `solo`, then the people counts; then characters
+               order by case when c.is_solo then 0 when c.tag_id is not null then 1
+                             when t.category = 'character' then 2 else 3 end,
                         t.score desc, t.position nulls last, t.tag_id
            )::integer as rank
     from curated t

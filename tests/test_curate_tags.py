@@ -172,12 +172,60 @@ def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
     assert sorted(tags_of(workspace)["a"]) == ["eileen", "pubic_hair", "smile"]
 
 
-def test_rank_count_tags_then_characters_then_score(workspace):
+def test_rank_solo_then_count_tags_then_characters_then_score(workspace):
+    from imgutils.tagging import sort_tags
+
+    scores = {"smile": 0.9, "sky": 0.5, "1girl": 0.6, "solo": 0.4}
     workspace.add_part("images", "p", image_rows(["a"]))
-    workspace.add_part("tag_scores", "p", score_rows("a", {"smile": 0.9, "sky": 0.5, "1girl": 0.6, "solo": 0.4})
-                         + score_rows("a", {"alice": 0.95}, "character"))
+    workspace.add_part("tag_scores", "p", score_rows("a", scores) + score_rows("a", {"alice": 0.95}, "character"))
     run_curate(workspace)
-    assert tags_of(workspace)["a"] == ["1girl", "solo", "alice", "smile", "sky"]
+    assert tags_of(workspace)["a"] == ["solo", "1girl", "alice", "smile", "sky"]
+    assert sort_tags(scores) == ["solo", "1girl", "smile", "sky"]  # imgutils' order, the character aside
+
+
+def test_tagger_scores_must_be_above_the_threshold(workspace):
+    """imgutils.tagging.get_wd14_tags keeps scores strictly above the threshold."""
+    workspace.add_part("images", "p", image_rows(["a"]))
+    # scores are float32: thresholds a float32 holds exactly, so "equal" is equal
+    workspace.add_part("tag_scores", "p", score_rows("a", {"smile": 0.25, "sky": 0.2501})
+                         + score_rows("a", {"alice": 0.75, "bob": 0.751}, "character"))
+    run_curate(workspace, general_threshold=0.25, character_threshold=0.75)
+    assert sorted(tags_of(workspace)["a"]) == ["bob", "sky"]
+
+
+# imgutils.tagging.is_basic_character_tag's own examples, and plural / whitelist cases around them
+TRAIT_CASES = ["red_hair", "cat_ears", "cat_ear", "chair", "hear", "dress", "drill", "drills", "twin_drills",
+               "blue_eyes", "eye", "pointy_ear", "hair_ornament", "hair_ornaments", "smile", "long_sleeves",
+               "ponytail", "ponytails", "animal_ear_fluff", "hair_bows", "bangs", "bang", "closed_eyes"]
+
+
+def test_character_traits_match_imgutils(workspace):
+    from imgutils.tagging import is_basic_character_tag
+
+    keys = [f"k{i}" for i in range(len(TRAIT_CASES))]  # one tag an image: no overlap pruning between them
+    workspace.add_part("images", "p", image_rows(keys))
+    rows = [r for key, tag in zip(keys, TRAIT_CASES, strict=True)
+            for r in source_rows(key, [tag]) + source_rows(key, ["eileen"], "character")]
+    workspace.add_part("source_tags", "p", rows)
+    run_curate(workspace, drop_character_traits=True, blacklist=_empty_blacklist(workspace))
+    kept = {tag for tags in tags_of(workspace).values() for tag in tags} - {"eileen"}
+    assert kept == {t for t in TRAIT_CASES if not is_basic_character_tag(t)}
+    assert "drills" in kept and "cat_ear" not in kept
+
+
+def test_blacklist_entries_take_word_forms_and_spaces(workspace, tmp_path):
+    from imgutils.tagging.blacklist import _is_blacklisted, _split_to_words, _words_to_matcher
+
+    entries = ["breast", "no eyewear", "hair_bows"]
+    tags = ["breasts", "breast", "no_eyewear", "hair_bow", "large_breasts", "smile"]
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", tags))
+    custom = tmp_path / "black.txt"
+    custom.write_text("\n".join(entries), encoding="utf-8")
+    run_curate(workspace, blacklist=str(custom))
+    matchers = set().union(*(_words_to_matcher(_split_to_words(e)) for e in entries))
+    assert sorted(tags_of(workspace)["a"]) == sorted(t for t in tags if not _is_blacklisted(t, matchers))
+    assert sorted(tags_of(workspace)["a"]) == ["large_breasts", "smile"]
 
 
 HOSTILE = ["it's", 'say_"hi"', "a;b", "'; drop table tags; --", "back\\slash", "(parens)", "日本語_タグ",

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+from hbutils.string import plural_form, singular_form
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "data" / "rules"
 
@@ -70,9 +71,13 @@ def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
 
 
 def blacklist(path: str) -> pa.Table:
-    """One tag a line; `#` starts a comment line. "" is data/rules/blacklist.txt."""
+    """One tag a line; `#` starts a comment line. "" is data/rules/blacklist.txt.
+
+    As imgutils.tagging.drop_blacklisted_tags: spaces or underscores alike, and an entry also
+    takes the singular and plural of its last word (`breast` drops `breasts`)."""
     text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8")
-    tags = sorted({underscored(line) for line in text.splitlines() if line.strip() and not line.startswith("#")})
+    entries = {underscored(line) for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    tags = sorted({form for entry in entries for form in word_forms(entry)})
     return pa.table({"tag": tags}, schema=_schema("tag"))
 
 
@@ -127,18 +132,22 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
                     schema=_schema("kind", "pattern"))
 
 
-def word_forms(pattern: str, kind: str) -> list[str]:
-    """The pattern with its last word in singular and plural (`ear` -> `ears`, `eyes` -> `eye`)."""
-    if kind not in ("suffix", "whitelist_suffix") or not pattern:
+def word_forms(pattern: str, kind: str = "whitelist") -> list[str]:
+    """The pattern with its last word in singular and plural (`ear` -> `ears`, `eyes` -> `eye`),
+    by the pluralisation imgutils matches tags with (hbutils.string); prefixes match as written,
+    as in imgutils.tagging.match.tag_match_prefix.
+
+    imgutils matches when the forms of the tag and the forms of the pattern share one; the SQL
+    compares the tag as written, so the forms of the forms are listed too (`drills` -> `drill`
+    -> `drills`), which makes the match the same from either side."""
+    if kind in ("prefix", "whitelist_prefix") or not pattern:
         return [pattern]
-    forms = {pattern}
-    if pattern.endswith(("ses", "xes", "ches", "shes")):
-        forms.add(pattern[:-2])
-    if pattern.endswith("s"):
-        forms.add(pattern[:-1])
-    else:
-        forms.add(pattern + ("es" if pattern.endswith(("s", "x", "ch", "sh")) else "s"))
-    return sorted(f for f in forms if f)
+    *head, last = pattern.split("_")
+    forms, frontier = {last}, {last}
+    for _ in range(2):
+        frontier = {f for word in frontier for f in (singular_form(word), plural_form(word))} - forms
+        forms |= frontier
+    return sorted("_".join([*head, form]) for form in forms if form)
 
 
 def _schema(*names: str) -> pa.Schema:
