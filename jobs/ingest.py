@@ -74,8 +74,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     clips = f" + {out['clips']} clips ({out['frames']} frames)" if out.get("clips") else ""
     summary.notes.append(f"accounting: {out.get('images', 0) - out.get('frames', 0)} images{clips} + "
                          f"{summary.dropped} dropped samples = {summary.rows_in} samples seen")
-    if not out.get("frames"):
-        out.pop("clips", None), out.pop("frames", None)
+    if not out.get("frames"):  # inputs without clips: the summary as before
+        for table in ("clips", "frames"):
+            out.pop(table, None)
     ws.publish()
     return summary
 
@@ -145,7 +146,7 @@ def frame_options(opts: dict) -> dict:
 
 
 def _info_of(row: dict) -> dict:
-    done = {k: row.get(k, 0) for k in ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")}
+    done = {k: row[k] for k in ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")}
     done["error_kinds"] = json.loads(row["error_kinds"])
     # a clip is one sample and many images
     done["dropped"] = done["samples"] - (done["images"] - done["frames"]) - done["clips"]

@@ -57,9 +57,15 @@ class Frame:
     def __init__(self, index: int, time: float, source: av.VideoFrame | Image.Image) -> None:
         self.index, self.time, self.source = index, time, source
         self._image: Image.Image | None = None
+        self._small: np.ndarray | None = None  # scene detection's picture, reused for the colour
 
     def small(self) -> np.ndarray:
         """RGB uint8 about SCENE_WIDTH wide: what scene-cut detection compares."""
+        if self._small is None:
+            self._small = self._make_small()
+        return self._small
+
+    def _make_small(self) -> np.ndarray:
         width, height = self.source.width, self.source.height
         if _large_420(self.source, 4 * SCENE_WIDTH):
             return _subsampled_rgb(self.source, width // SCENE_WIDTH // 2 * 2)  # even: chroma is half size
@@ -195,15 +201,13 @@ class ClipReader:
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         last_time, sought, reached = -1.0, -1.0, -1.0  # reached: the latest time decoded
         rate = Fraction(info.fps).limit_denominator(1001) if info.fps else Fraction(0)
-        counted = 0
         while True:
             restart = False
             try:
                 decoded = container.decode(stream)
                 for frame in decoded if self.seek_seconds else decoded_ahead(decoded):
                     self.decoded += 1
-                    counted += 1
-                    time = float(frame.time - start) if frame.time is not None else counted / max(info.fps, 1)
+                    time = float(frame.time - start) if frame.time is not None else self.decoded / max(info.fps, 1)
                     reached = max(reached, time)
                     if self.seek_seconds and rate:
                         self._skip_unreferenced(stream, time)
@@ -218,7 +222,7 @@ class ClipReader:
                             break
                         continue
                     last_time = time
-                    index = round(time * rate) if rate else counted - 1
+                    index = round(time * rate) if rate else self.decoded - 1
                     yield Frame(int(index), time, frame)
             except av.FFmpegError as exc:
                 raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)}") from exc

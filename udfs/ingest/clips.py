@@ -83,11 +83,11 @@ def _store_frame(clip_key: str, frame: Frame, hashes: dict, slice_index: int, ru
         image = image.copy()
         image.thumbnail((rules.max_side, rules.max_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    fmt = PILLOW_FORMAT.get(rules.format, "JPEG")
+    fmt = PILLOW_FORMAT[rules.format]  # checked with the config (jobs/ingest.frame_options)
     image.save(out, fmt, **({"quality": rules.quality} if fmt != "PNG" else {}))
     data = out.getvalue()
     key = frame_key(clip_key, frame.index)
-    member = f"{key}.{rules.format if rules.format in PILLOW_FORMAT else 'jpg'}"
+    member = f"{key}.{rules.format}"
     store.add(member, data)
     return {"key": key, "source": store.uri, "member": member, "width": image.width, "height": image.height,
             "format": fmt, "mode": image.mode, "n_frames": 1, "orientation": 1, "bytes": len(data),

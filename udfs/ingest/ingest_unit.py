@@ -114,7 +114,6 @@ class UnitRows:
             return
         texts = probed.pop("texts")
         if probed["n_frames"] > 1 and probed["format"] in ANIMATED_FORMATS and options["frames"]["enabled"]:
-            self.bytes -= len(data)  # counted again as a clip
             self.add_clip(key, sample, ext, True, texts, options)
             return
         self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member, **probed})
@@ -126,7 +125,8 @@ class UnitRows:
         all get the clip's sidecar tags and texts (origin `clip`)."""
         member = sample.member_names[ext]
         data = sample.paths.get(ext) or sample.members[ext]
-        self.bytes += os.path.getsize(data) if isinstance(data, str) else len(data)
+        if not animated:  # an animation's bytes were counted when it was probed as an image
+            self.bytes += os.path.getsize(data) if isinstance(data, str) else len(data)
         rules = FrameRules.from_options(options["frames"])
         result = ingest_clip(key, data, animated, rules, options["max_pixels"], self.frame_store)
         self.tables["clips"].append({**result.clip, "source": self.unit.uri, "member": member})
