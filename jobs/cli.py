@@ -24,6 +24,8 @@ PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]
 CREATES_WORKSPACE = ("ingest", "run")
 # Commands that only read the tables (the report writes its own folder): they take no lock.
 READERS = ("sql", "report")
+# Commands that serve instead of running jobs: they take the lock only for each write.
+SERVERS = ("review",)
 
 # command: (one-line help, example)
 COMMANDS = {
@@ -42,6 +44,8 @@ COMMANDS = {
     "report": ("write the HTML report of a workspace (plots and example images)", "booruset report -w ws"),
     "sql": ("run one SQL query over the workspace tables and print the answer",
             "booruset sql \"select format, count(*) from images group by 1\""),
+    "review": ("serve a local web page to look at, filter and correct the dataset (edits apply to the next export)",
+               "booruset review -w workspace --port 8765"),
     "models": ("download every configured model into annotate.models_dir, or list what is there",
                "booruset models fetch --set annotate.models_dir=/shared/models; booruset models fetch --list"),
 }
@@ -101,6 +105,11 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", help="export folder (export.out; default: WORKSPACE/export)")
     if name == "sql":
         p.add_argument("query", help="one SQL statement; the tables are views (images, tags, captions, ...)")
+    if name == "review":
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                           "only; any other needs a token, made if not given)")
+        p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+        p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
         p.add_argument("--list", action="store_true", help="only list which model files are present or missing")
@@ -193,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if args.command == "sql":
             return sql(ws, args.query)
+        if args.command in SERVERS:
+            from review.server import serve
+
+            return serve(cfg, ws, args.host, args.port, args.token)
         ws.check_writable()
         names = PIPELINE + ["report"] if args.command == "run" else [args.command]
         if args.command in READERS:

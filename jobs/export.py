@@ -120,7 +120,8 @@ def stage_selection(ws: Workspace, opts: dict, folder_unit_size: int) -> tuple[i
     try:
         total = con.execute("select count(*) from images").fetchall()[0][0]
         con.execute("create temp table export_selection as " + sql_text("export_selection.sql"),
-                    {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"])})
+                    {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
+                     "drop_excluded": True})
         query = "select * from export_selection"
         where = str(opts["where"]).strip()
         if where:

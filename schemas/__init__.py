@@ -236,6 +236,23 @@ export_manifest = pa.schema(
     ]
 )
 
+# Corrections made by a person (`booruset review`): append-only, never rewritten; the latest
+# edit of a (key, field, subject) wins, so undo is a later edit. Applied where the tables are
+# read: the image_tag_lists view (tags) and the export selection (caption, exclude, character).
+edits = pa.schema(
+    [
+        ("key", pa.string()),
+        ("field", pa.string()),  # tags, caption, exclude, character
+        # tags: old=tag, new=null removes it; old=null, new=tag adds it. caption: the text (null: the
+        # generated caption again). exclude: "true" / "false". character: a name ("" for none, null: curated)
+        ("old", pa.string()),
+        ("new", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("seq", pa.int32()),  # order within one batch
+        ("batch", pa.string()),  # the request that made it: one undo takes back a whole bulk action
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     name: value for name, value in dict(globals()).items() if isinstance(value, pa.Schema)
 }

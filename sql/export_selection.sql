@@ -3,9 +3,12 @@
 -- images whose accepted caption is flagged for review ($drop_flagged).
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql), as for the captioners.
 -- Caption: the accepted attempt. Video frames carry their clip's key (`--where "clip = '...'"`).
+-- A person's edits (edit_state, from `booruset review`) win: their caption replaces the accepted
+-- one (its scores are then null: nothing scored it), their character replaces the curated ones,
+-- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
--- Parameters: $drop_duplicates, $drop_flagged. Reads images, image_tag_lists, image_meta,
--- captions, balance, duplicates.
+-- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
+-- image_meta, captions, balance, duplicates, errors, edit_state.
 with accepted as (
     select key,
            arg_max(caption, attempt) as caption,
@@ -19,8 +22,22 @@ with accepted as (
     where accepted
     group by key
 ),
-dropped_duplicates as (
-    select distinct key from duplicates where not is_representative
+duplicate_groups as (
+    select key, any_value(dup_group) as dup_group, bool_and(is_representative) as is_representative
+    from duplicates
+    group by key
+),
+error_counts as (
+    select key, count(*) as n_errors from errors where key is not null group by key
+),
+caption_edits as (
+    select key, new as caption from edit_state where field = 'caption' and new is not null
+),
+character_edits as (
+    select key, new as character from edit_state where field = 'character' and new is not null
+),
+exclude_edits as (
+    select key, new = 'true' as excluded from edit_state where field = 'exclude'
 )
 select i.key,
        i.source,
@@ -35,16 +52,22 @@ select i.key,
        coalesce(t.tags, []::varchar[]) as tags,
        coalesce(t.categories, []::varchar[]) as categories,
        coalesce(t.tag_scores, []::float[]) as tag_scores,
-       coalesce(m.characters, []::varchar[]) as characters,
+       case when ce.key is null then coalesce(m.characters, []::varchar[])
+            when ce.character = '' then []::varchar[]
+            else [ce.character] end as characters,
        coalesce(m.rating, t.source_rating) as rating,
        m.n_people,
-       a.caption,
-       a.tag_inclusion,
-       a.english_similarity,
-       a.subject_consistency,
-       a.accuracy,
+       coalesce(cap.caption, a.caption) as caption,
+       cap.key is not null as caption_edited,
+       case when cap.key is null then a.tag_inclusion end as tag_inclusion,
+       case when cap.key is null then a.english_similarity end as english_similarity,
+       case when cap.key is null then a.subject_consistency end as subject_consistency,
+       case when cap.key is null then a.accuracy end as accuracy,
        coalesce(a.quality_tags, []::varchar[]) as quality_tags,
-       coalesce(a.flagged, false) as flagged,
+       cap.key is null and coalesce(a.flagged, false) as flagged,
+       coalesce(x.excluded, false) as excluded,
+       d.dup_group,
+       coalesce(e.n_errors, 0) as n_errors,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply
 from images as i
@@ -52,6 +75,12 @@ left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
 left join accepted as a using (key)
 left join balance as b using (key)
-where not ($drop_duplicates and i.key in (select key from dropped_duplicates))
-  and not ($drop_flagged and coalesce(a.flagged, false))
+left join duplicate_groups as d using (key)
+left join error_counts as e using (key)
+left join caption_edits as cap using (key)
+left join character_edits as ce using (key)
+left join exclude_edits as x using (key)
+where not ($drop_duplicates and not coalesce(d.is_representative, true))
+  and not ($drop_flagged and cap.key is null and coalesce(a.flagged, false))
+  and not ($drop_excluded and coalesce(x.excluded, false))
 order by i.source, i.key

@@ -42,7 +42,7 @@ import schemas
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
-DERIVED_VIEWS = ("image_tag_lists",)
+DERIVED_VIEWS = ("edit_state", "image_tag_lists")  # in order: the second reads the first
 CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
 # Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
@@ -485,5 +485,6 @@ def duck_type(arrow_type: pa.DataType) -> str:
         pa.float32(): "float",
         pa.float64(): "double",
         pa.bool_(): "boolean",
+        pa.timestamp("us", tz="UTC"): "timestamptz",
     }
     return simple[arrow_type]

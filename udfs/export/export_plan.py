@@ -59,6 +59,8 @@ def sample_plan(row: dict, opts: dict) -> dict:
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    if row.get("caption_edited"):  # written by a person (booruset review), not by a captioner
+        meta["caption_edited"] = True
     if row.get("clip"):  # a video or animation frame: which clip, and when in it
         meta["clip"], meta["frame_time"] = row["clip"], row["frame_time"]
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)

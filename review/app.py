@@ -1,0 +1,270 @@
+"""The review web app (Starlette, server-rendered Jinja2 pages, a little plain JS; no build step).
+
+Pages: / (the grid), /image?key= (one image). JSON API: GET /api/images, GET /api/images/{key},
+POST /api/edits, POST /api/bulk, POST /api/undo. Images: /thumb?key=, /original?key=.
+
+Safety: a key from a request is only ever looked up in the workspace's tables; the filter is
+checked as export.where is; every value reaches SQL as a parameter; pages are autoescaped. With a
+token, every request must carry it (cookie, `Authorization: Bearer`, or `?token=` once). Requests
+must name this server's host (DNS rebinding), and POSTs must be JSON (a cross-site form cannot
+send that without a CORS preflight, which this server never grants).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from pathlib import Path
+from urllib.parse import urlencode
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from jobs.config import Config, ConfigError
+from review.details import image_details
+from review.edits import EditLog, EditRequest
+from review.image_bytes import Thumbnails, image_bytes
+from review.selection import Filters, ReviewIndex
+from store.lock import WorkspaceBusy
+from store.workspace import Workspace
+
+HERE = Path(__file__).resolve().parent
+PAGE = 60  # grid page size
+MAX_LIMIT = 500
+THUMB_SIZE = 256
+MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+               "gif": "image/gif", "bmp": "image/bmp", "tiff": "image/tiff", "avif": "image/avif"}
+
+
+class ReviewApp:
+    """The app's state: the workspace, its review table, the edit log and the thumbnails."""
+
+    def __init__(self, cfg: Config, ws: Workspace, token: str | None = None) -> None:
+        self.cfg, self.ws, self.token = cfg, ws, token
+        self.index = ReviewIndex(ws)
+        self.log = EditLog(ws)
+        thumbs = Path(ws.base) / "review" / "thumbs" if ws.local else Path.home() / ".cache" / "booruset" / "thumbs"
+        self.thumbs = Thumbnails(thumbs, THUMB_SIZE)
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
+
+    # ---- pages --------------------------------------------------------------------------
+    def grid(self, request: Request) -> Response:
+        filters = filters_of(request.query_params)
+        after = request.query_params.get("after") or None
+        error, rows, previous = None, [], None
+        try:
+            rows = self.index.page(filters, after, PAGE + 1)
+            previous = self.index.before(filters, rows[0]["key"], PAGE) if after and rows else None
+        except ConfigError as exc:
+            error = str(exc)
+        more = len(rows) > PAGE
+        rows = rows[:PAGE]
+        query = filter_query(filters)
+        return self.templates.TemplateResponse(request, "grid.html", {
+            "rows": rows, "filters": filters, "error": error, "query": query,
+            "next": f"?{query}&{urlencode({'after': rows[-1]['key']})}" if more else None,
+            "previous": None if previous is None else f"?{query}&{urlencode({'after': previous})}",
+            "total": self.index.total(), "build_seconds": self.index.build_seconds})
+
+    def image(self, request: Request) -> Response:
+        key = request.query_params.get("key", "")
+        filters = filters_of(request.query_params)
+        details = image_details(self.index, key, self.export_options())
+        if details is None:
+            return PlainTextResponse("no such image in this workspace", status_code=404)
+        try:
+            previous, following = self.index.neighbours(filters, key)
+        except ConfigError:
+            previous = following = None
+        query = filter_query(filters)
+        return self.templates.TemplateResponse(request, "image.html", {
+            **details, "key": key, "query": query,
+            "previous": None if previous is None else f"image?{urlencode({'key': previous})}&{query}",
+            "next": None if following is None else f"image?{urlencode({'key': following})}&{query}",
+            "grid": f"./?{query}"})
+
+    def thumb(self, request: Request) -> Response:
+        row = self.index.row(request.query_params.get("key", ""))
+        if row is None:
+            return PlainTextResponse("no such image", status_code=404)
+        try:
+            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"])
+        except Exception as exc:  # noqa: BLE001 - an undecodable image: say so, the page goes on
+            return PlainTextResponse(f"cannot make a thumbnail: {type(exc).__name__}", status_code=422)
+        if data is None:
+            return PlainTextResponse("image missing from its source", status_code=404)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def original(self, request: Request) -> Response:
+        row = self.index.row(request.query_params.get("key", ""))
+        data = image_bytes(row["source"], row["member"]) if row else None
+        if data is None:
+            return PlainTextResponse("no such image", status_code=404)
+        media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")
+        # the bytes are the user's files: never let a browser run them as a page
+        return Response(data, media_type=media, headers={"X-Content-Type-Options": "nosniff",
+                                                         "Content-Security-Policy": "sandbox"})
+
+    # ---- JSON API -----------------------------------------------------------------------
+    def api_images(self, request: Request) -> Response:
+        filters = filters_of(request.query_params)
+        try:
+            limit = min(MAX_LIMIT, max(1, int(request.query_params.get("limit", PAGE))))
+        except ValueError:
+            return JSONResponse({"error": "limit must be a number"}, status_code=400)
+        try:
+            rows = self.index.page(filters, request.query_params.get("after") or None, limit + 1)
+        except ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return JSONResponse({"images": [plain(r) for r in rows], "next": rows[-1]["key"] if more else None})
+
+    def api_image(self, request: Request) -> Response:
+        details = image_details(self.index, request.path_params["key"], self.export_options())
+        if details is None:
+            return JSONResponse({"error": "no such image"}, status_code=404)
+        return JSONResponse(plain(details))
+
+    async def api_edits(self, request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        key = body.get("key")
+        row = self.index.row(key) if isinstance(key, str) else None
+        if row is None:
+            return JSONResponse({"error": "no such image"}, status_code=404)
+        try:
+            changes = EditRequest.from_json(body).changes(row)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return self.write(changes)
+
+    async def api_bulk(self, request: Request) -> Response:
+        """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            filters = filters_of(body)
+            edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")})
+            if body.get("preview", True):
+                return JSONResponse({"count": self.index.count(filters)})
+            changes = [c for key in self.index.keys(filters) for c in edit.changes(self.index.row(key))]
+        except (ConfigError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return self.write(changes)
+
+    async def api_undo(self, request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        batch = body.get("batch")
+        if not isinstance(batch, str) or not batch:
+            return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)
+        with self.index.lock:
+            changes = self.log.undo_changes(self.index.fresh(), batch)
+        if not changes:
+            return JSONResponse({"error": "no edits in that batch"}, status_code=404)
+        return self.write(changes)
+
+    def write(self, changes: list[dict]) -> Response:
+        try:
+            batch = self.log.append(changes)
+        except WorkspaceBusy as exc:
+            return JSONResponse({"error": f"{exc}; edits are possible again when it ends"}, status_code=409)
+        if batch:
+            self.index.refresh_keys(sorted({c["key"] for c in changes}))
+        return JSONResponse({"batch": batch, "edits": len(changes), "images": len({c["key"] for c in changes})})
+
+    def export_options(self) -> dict:
+        return dict(self.cfg["export"])
+
+    # ---- the ASGI app -------------------------------------------------------------------
+    def asgi(self, hosts: list[str]) -> Starlette:
+        routes = [Route("/", self.grid), Route("/image", self.image), Route("/thumb", self.thumb),
+                  Route("/original", self.original), Route("/api/images", self.api_images),
+                  Route("/api/images/{key:path}", self.api_image),
+                  Route("/api/edits", self.api_edits, methods=["POST"]),
+                  Route("/api/bulk", self.api_bulk, methods=["POST"]),
+                  Route("/api/undo", self.api_undo, methods=["POST"]),
+                  Route("/static/review.js", static_file("review.js", "text/javascript")),
+                  Route("/static/review.css", static_file("review.css", "text/css"))]
+        app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+        return TokenCheck(app, self.token) if self.token else app
+
+
+class TokenCheck:
+    """ASGI middleware: every request carries the token (a cookie once `?token=` was given)."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        given = (request.query_params.get("token") or request.cookies.get("booruset_review")
+                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return await PlainTextResponse("token required: open the address booruset review printed",
+                                           status_code=401)(scope, receive, send)
+        if request.query_params.get("token"):  # first visit: keep it in a cookie, drop it from the address
+            response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
+            response.set_cookie("booruset_review", self.token, httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def static_file(name: str, media_type: str):
+    data = (HERE / "static" / name).read_bytes()
+
+    def serve(_: Request) -> Response:
+        return Response(data, media_type=media_type)
+    return serve
+
+
+async def json_body(request: Request) -> dict | Response:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415)
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+    return body if isinstance(body, dict) else JSONResponse({"error": "send a JSON object"}, status_code=400)
+
+
+def filters_of(values) -> Filters:
+    """Filters from query parameters or a JSON body."""
+    def flag(name: str) -> bool:
+        value = values.get(name)
+        return value is True or str(value).lower() in ("1", "true", "on", "yes")
+
+    def text(name: str) -> str:
+        value = values.get(name)
+        return value if isinstance(value, str) else ""
+
+    return Filters(where=text("where"), character=text("character"), group=text("group"), tag=text("tag"),
+                   flagged=flag("flagged"), duplicates=flag("duplicates"), errors=flag("errors"),
+                   excluded=flag("excluded"), edited=flag("edited"))
+
+
+def filter_query(filters: Filters) -> str:
+    values = {k: v for k, v in vars(filters).items() if v}
+    return urlencode({k: ("1" if v is True else v) for k, v in values.items()})
+
+
+def plain(value):
+    """JSON-ready: timestamps as ISO text, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

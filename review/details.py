@@ -1,0 +1,82 @@
+"""Everything the image page shows about one image, from the workspace's views."""
+
+from __future__ import annotations
+
+import json
+
+from review.selection import ReviewIndex
+from udfs.export.export_plan import sample_plan
+from udfs.export.safe_names import safe_name
+
+# Other members of a duplicate group or a character cluster shown beside the image.
+NEIGHBOURS = 12
+
+
+def image_details(index: ReviewIndex, key: str, export_options: dict) -> dict | None:
+    row = index.row(key)
+    if row is None:
+        return None
+    params = {"key": key}
+    return {
+        "row": row,
+        "tags": tag_table(index, row),
+        "detections": index.query("select label, model, score, x0, y0, x1, y1 from detections where key = $key "
+                                  "order by label, score desc", params),
+        "captions": index.query("select attempt, backend, caption, accuracy, tag_inclusion, english_similarity, "
+                                "subject_consistency, quality_tags, flagged, accepted from captions "
+                                "where key = $key order by attempt", params),
+        "duplicates": index.query("select d.key, d.reason, d.is_representative, r.sha256 from duplicates d "
+                                  "join review_rows r using (key) where d.dup_group = "
+                                  "(select any_value(dup_group) from duplicates where key = $key) "
+                                  "order by d.is_representative desc, d.key limit $n", {**params, "n": NEIGHBOURS}),
+        "clusters": cluster_members(index, key),
+        "errors": index.query("select stage, kind, message, dropped from errors where key = $key order by stage, kind",
+                              params),
+        "edits": index.query("select field, old, new, time, batch from edits where key = $key "
+                             "order by time desc, batch desc, seq desc limit 50", params),
+        "export": export_preview(row, export_options),
+    }
+
+
+def tag_table(index: ReviewIndex, row: dict) -> list[dict]:
+    """One row per tag the image has or had anywhere: category, whether it is in the final list
+    (its place there), where it came from (source origins, tagger score, a person's edit)."""
+    final = {t: i for i, t in enumerate(row["tags"] or [])}
+    by_tag: dict[str, dict] = {}
+
+    def entry(tag: str, category: str | None) -> dict:
+        return by_tag.setdefault(tag, {"tag": tag, "category": category or "general", "position": final.get(tag),
+                                       "source": [], "tagger": None, "edit": None})
+
+    for tag, category in zip(row["tags"] or [], row["categories"] or [], strict=False):
+        entry(tag, category)
+    for r in index.query("select tag, category, origin from source_tags where key = $key", {"key": row["key"]}):
+        entry(r["tag"], r["category"])["source"].append(r["origin"] or "source")
+    for r in index.query("select tag, category, max(score) as score from tag_scores where key = $key "
+                         "group by tag, category order by score desc limit 100", {"key": row["key"]}):
+        entry(r["tag"], r["category"])["tagger"] = float(r["score"])
+    for r in index.query("select subject, new from edit_state where key = $key and field = 'tags'",
+                         {"key": row["key"]}):
+        entry(r["subject"], None)["edit"] = "added" if r["new"] is not None else "removed"
+    order = {"rating": 0, "character": 1, "copyright": 2, "artist": 3, "general": 4, "meta": 5}
+    return sorted(by_tag.values(), key=lambda t: (t["position"] is None, t["position"] or 0,
+                                                  order.get(t["category"], 9), t["tag"]))
+
+
+def cluster_members(index: ReviewIndex, key: str) -> list[dict]:
+    """The image's character clusters, each with a few other members (noise, -1, has none)."""
+    clusters = index.query("select distinct cluster, character from clusters where key = $key and cluster >= 0 "
+                           "order by cluster", {"key": key})
+    for c in clusters:
+        c["members"] = index.query("select distinct c.key, r.sha256 from clusters c join review_rows r using (key) "
+                                   "where c.cluster = $cluster and c.key <> $key order by c.key limit $n",
+                                   {"cluster": c["cluster"], "key": key, "n": NEIGHBOURS})
+    return clusters
+
+
+def export_preview(row: dict, export_options: dict) -> dict:
+    """The KEY.txt and KEY.json export would write for this image (udfs/export/export_plan.py)."""
+    plan = sample_plan(row, export_options)
+    return {"name": safe_name(row["key"]), "txt": plan["txt"],
+            "json": json.dumps(json.loads(plan["json"]), ensure_ascii=False, indent=1, sort_keys=True),
+            "ext": plan["ext"]}

@@ -1,0 +1,108 @@
+"""A person's corrections: rows appended to the `edits` table, never rewritten.
+
+Each request is one batch (a time-ordered id) written as one Parquet part under the workspace
+lock and published at once; the latest edit of an (image, field, subject) wins (sql/edit_state.sql),
+so undo is a later batch (sql/edit_undo.sql). Only real changes are written: removing a tag the
+image does not have writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+from jobs.config import REPO
+from store.lock import WorkspaceLock
+from store.workspace import Workspace
+
+OWNER = "review"  # the owner of the edits parts in the published generation
+# Parts are merged into one when there are this many: each is a file that every query opens.
+COMPACT_AT = 256
+UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
+
+
+class EditRequest:
+    """What one image should become: tags to add and remove, a caption, exclusion, a character.
+    None leaves a field alone; caption "" goes back to the generated caption."""
+
+    def __init__(self, add_tags: list[str] | None = None, remove_tags: list[str] | None = None,
+                 caption: str | None = None, exclude: bool | None = None, character: str | None = None) -> None:
+        self.add_tags = [t.strip() for t in add_tags or [] if t.strip()]
+        self.remove_tags = [t.strip() for t in remove_tags or [] if t.strip()]
+        self.caption, self.exclude, self.character = caption, exclude, character
+
+    @classmethod
+    def from_json(cls, body: dict) -> EditRequest:
+        def strings(name: str) -> list[str]:
+            value = body.get(name) or []
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings")
+            return value
+
+        for name, kind in (("caption", str), ("exclude", bool), ("character", str)):
+            if body.get(name) is not None and not isinstance(body[name], kind):
+                raise ValueError(f"{name} must be a {kind.__name__}")
+        return cls(strings("add_tags"), strings("remove_tags"), body.get("caption"), body.get("exclude"),
+                   body.get("character"))
+
+    def changes(self, row: dict) -> list[dict]:
+        """The edit rows that turn `row` (a review_rows row) into what was asked."""
+        key, tags = row["key"], set(row["tags"] or [])
+        out = [{"key": key, "field": "tags", "old": t, "new": None} for t in dict.fromkeys(self.remove_tags)
+               if t in tags]
+        out += [{"key": key, "field": "tags", "old": None, "new": t} for t in dict.fromkeys(self.add_tags)
+                if t not in tags and t not in self.remove_tags]
+        if self.caption is not None and self.caption != (row["caption"] if row["caption_edited"] else ""):
+            out.append({"key": key, "field": "caption", "old": row["caption"], "new": self.caption or None})
+        if self.exclude is not None and self.exclude != row["excluded"]:
+            out.append({"key": key, "field": "exclude", "old": str(row["excluded"]).lower(),
+                        "new": str(self.exclude).lower()})
+        wanted = [self.character.strip()] if self.character and self.character.strip() else []
+        if self.character is not None and wanted != list(row["characters"] or []):
+            out.append({"key": key, "field": "character", "old": ", ".join(row["characters"] or []),
+                        "new": self.character.strip()})
+        return out
+
+
+class EditLog:
+    """Appends batches of edits to one workspace's `edits` table."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    def append(self, changes: list[dict]) -> str | None:
+        """Write one batch; its id (None when there is nothing to write)."""
+        if not changes:
+            return None
+        batch = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        now = datetime.now(UTC)
+        rows = [{**c, "time": now, "seq": i, "batch": batch} for i, c in enumerate(changes)]
+        with WorkspaceLock(self.ws, "review"):  # WorkspaceBusy while a job runs
+            part = f"review-{batch}"
+            self.ws.write_part("edits", part, rows)
+            parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]
+            if len(parts) >= COMPACT_AT:
+                parts = [self.compact(parts, batch)]
+            self.ws.publish({OWNER: {"edits": parts}})
+        return batch
+
+    def compact(self, parts: list[str], batch: str) -> str:
+        """One part with every row of `parts` (rows unchanged: the log stays append-only); the
+        old files go at the next job's start, as any part no generation names."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        import schemas
+
+        folder = self.ws.table_dir("edits")
+        tables = [pq.read_table(f"{folder}/{p}.parquet", filesystem=self.ws.fs, schema=schemas.edits) for p in parts]
+        merged = f"review-merged-{batch}"
+        self.ws.write_part("edits", merged, pa.concat_tables(tables))
+        return merged
+
+    def undo_changes(self, con, batch: str) -> list[dict]:
+        """The edits that take back `batch` (on a connection whose `edits` view is current)."""
+        cur = con.execute(UNDO_SQL, {"batch": batch})
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

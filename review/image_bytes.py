@@ -1,0 +1,114 @@
+"""An image's bytes by its row (source, member), and thumbnails cached under the workspace.
+
+Only keys found in the `images` table reach here: the request names a key, the table names the
+file. Nothing from the request becomes a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+from udfs.ingest.sources import Unit, read_unit, safe_text
+from udfs.orientation import upright
+
+MAX_MEMBER_BYTES = 1 << 30
+# Member offsets of the last shards read: a grid page shows many images of one shard, and
+# tarfile finds a member only by walking every header before it.
+SHARD_INDEXES = 16
+
+
+class ShardIndexes:
+    """{member: (data offset, size)} of recently read local shards, least recently used out."""
+
+    def __init__(self, keep: int = SHARD_INDEXES) -> None:
+        self.keep, self.indexes, self.lock = keep, OrderedDict(), threading.Lock()
+
+    def get(self, path: str) -> dict[str, tuple[int, int]]:
+        stamp = (path, os.stat(path).st_mtime_ns)
+        with self.lock:
+            if stamp in self.indexes:
+                self.indexes.move_to_end(stamp)
+                return self.indexes[stamp]
+        with tarfile.open(path, mode="r:") as tar:
+            index = {safe_text(m.name): (m.offset_data, m.size) for m in tar if m.isfile()}
+        with self.lock:
+            self.indexes[stamp] = index
+            while len(self.indexes) > self.keep:
+                self.indexes.popitem(last=False)
+        return index
+
+
+SHARDS = ShardIndexes()
+
+
+def image_bytes(source: str, member: str) -> bytes | None:
+    """The stored bytes of one image, None when its source no longer has it."""
+    if source.endswith(".tar") and "://" not in source:
+        if not os.path.isfile(source):
+            return None
+        found = SHARDS.get(source).get(member)
+        if found is None:
+            return None
+        with open(source, "rb") as f:
+            f.seek(found[0])
+            return f.read(found[1])
+    if "://" not in source:
+        path = Path(source, member).resolve()
+        if not path.is_relative_to(Path(source).resolve()) or not path.is_file():
+            return None
+        return path.read_bytes()
+    # object storage: stream the shard or read the one file (slow, but rare for a local review)
+    kind = "tar" if source.endswith(".tar") else "folder"
+    unit = Unit(kind, source, "", [f"{source}/{member}"] if kind == "folder" else [])
+    for sample in read_unit(unit, MAX_MEMBER_BYTES):
+        if not isinstance(sample, tuple):
+            for ext, name in sample.member_names.items():
+                if name == member:
+                    return sample.members[ext]
+    return None
+
+
+def thumbnail_jpeg(data: bytes, size: int) -> bytes:
+    """A JPEG at most `size` pixels on its long side, upright, transparency on white."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+        image = upright(image)
+        image.thumbnail((size, size))
+        rgba = image.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, "white")
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    out = io.BytesIO()
+    flat.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+class Thumbnails:
+    """Thumbnails made on demand and kept in `folder` (the workspace's review/thumbs)."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.folder, self.size = folder, size
+
+    def get(self, key: str, sha256: str | None, source: str, member: str) -> bytes | None:
+        # named by the image's content hash when known: a changed image gets a new thumbnail
+        name = hashlib.sha1(f"{key}\x00{sha256 or ''}\x00{self.size}".encode("utf-8", "surrogateescape")).hexdigest()
+        path = self.folder / name[:2] / f"{name}.jpg"
+        if path.is_file():
+            return path.read_bytes()
+        data = image_bytes(source, member)
+        if data is None:
+            return None
+        thumb = thumbnail_jpeg(data, self.size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        tmp.write_bytes(thumb)
+        os.replace(tmp, path)
+        return thumb

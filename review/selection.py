@@ -1,0 +1,184 @@
+"""The review grid's rows: the export selection of every image (nothing dropped), kept as one
+DuckDB table in key order, and pages of it by keyset.
+
+Why a table and not the selection query per page: the selection aggregates every caption and tag
+of the workspace, seconds on a million images; built once (and again when a job publishes), a page
+is a scan of one sorted table that DuckDB stops early (top-N on `key` with zonemap skipping), so
+page 10,000 costs what page 1 costs. An edit rebuilds only its images' rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import duckdb
+
+from jobs.config import REPO, ConfigError
+from jobs.export import check_where
+from store.workspace import Workspace
+
+# sql/review_rows.sql over sql/export_selection.sql, whose parameters it takes
+REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").replace(
+    "from $selection", "from (\n" + (REPO / "sql" / "export_selection.sql").read_text(encoding="utf-8") + "\n)")
+# Every image, excluded or not: the page shows exclusions so that they can be taken back.
+KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
+GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded", "dup_group", "n_errors",
+                "caption_edited", "edited", "width", "height", "clip")
+
+
+@dataclass
+class Filters:
+    """What the grid shows: a SQL condition over the selection plus the quick filters."""
+
+    where: str = ""
+    character: str = ""
+    group: str = ""
+    tag: str = ""  # tag contains this text
+    flagged: bool = False
+    duplicates: bool = False
+    errors: bool = False
+    excluded: bool = False
+    edited: bool = False
+
+    def sql(self) -> tuple[str, dict]:
+        """The condition (quick filters as parameters) and its parameters."""
+        parts, params = [], {}
+        if self.character:
+            parts.append("list_contains(characters, $character)")
+            params["character"] = self.character
+        if self.group:
+            parts.append('"group" = $group')
+            params["group"] = self.group
+        if self.tag:
+            parts.append("contains(array_to_string(tags, chr(1)), $tag)")  # chr(1): in no tag
+            params["tag"] = self.tag
+        for flag, condition in (("flagged", "flagged"), ("duplicates", "dup_group is not null"),
+                                ("errors", "n_errors > 0"), ("excluded", "excluded"), ("edited", "edited")):
+            if getattr(self, flag):
+                parts.append(condition)
+        if self.where.strip():
+            parts.append(f"(\n{self.where.strip()}\n)")
+        return " and ".join(parts) or "true", params
+
+
+class ReviewIndex:
+    """The review table of one workspace, rebuilt when the published generation changes."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.lock = threading.RLock()  # one DuckDB connection, used by one request at a time
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.generation = -1
+        self.build_seconds = 0.0
+
+    # ---- building ---------------------------------------------------------------------
+    def fresh(self) -> duckdb.DuckDBPyConnection:
+        """The connection, its table rebuilt first if a job published since."""
+        with self.lock:
+            generation = self.ws.published()["generation"]
+            if self.con is None or generation != self.generation:
+                self.build(generation)
+            return self.con
+
+    def build(self, generation: int) -> None:
+        started = time.perf_counter()
+        if self.con is not None:
+            self.con.close()
+        con = self.ws.connect()
+        con.execute(f"create table review_rows as select * from ({REVIEW_QUERY}) order by key", KEEP_ALL)
+        self.con, self.generation = con, generation
+        self.build_seconds = time.perf_counter() - started
+
+    def refresh_keys(self, keys: list[str]) -> None:
+        """Rebuild the rows of `keys` after edits (the edits view re-read first)."""
+        with self.lock:
+            con = self.fresh()
+            self.ws.attach_tables(con, ["edits"])
+            self.generation = self.ws.published()["generation"]
+            con.execute("create temp table refreshed_keys as select unnest($keys::varchar[]) as key", {"keys": keys})
+            try:
+                con.execute("delete from review_rows where key in (select key from refreshed_keys)")
+                con.execute(f"insert into review_rows select * from ({REVIEW_QUERY}) "
+                            "where key in (select key from refreshed_keys)", KEEP_ALL)
+            finally:
+                con.execute("drop table refreshed_keys")
+
+    # ---- reading ----------------------------------------------------------------------
+    def check(self, filters: Filters) -> tuple[str, dict]:
+        """The filter's SQL, validated as export.where is (one SELECT that runs)."""
+        condition, params = filters.sql()
+        query = f"select key from review_rows where {condition}"
+        with self.lock:
+            con = self.fresh()
+            if filters.where.strip():
+                check_where(con, query, filters.where.strip())
+            try:
+                con.execute(f"{query} limit 0", params)
+            except duckdb.Error as exc:
+                raise ConfigError(f"filter {filters.where!r}: {exc}") from exc
+        return condition, params
+
+    def page(self, filters: Filters, after: str | None, limit: int) -> list[dict]:
+        """Up to `limit` grid rows with key > after, in key order."""
+        condition, params = self.check(filters)
+        columns = ", ".join(f'"{c}"' for c in GRID_COLUMNS)
+        query = (f"select {columns} from review_rows where key > $after and ({condition}) "
+                 f"order by key limit $limit")
+        with self.lock:
+            cur = self.fresh().execute(query, {**params, "after": after or "", "limit": int(limit)})
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def before(self, filters: Filters, key: str, limit: int) -> str | None:
+        """The `after` cursor of the page that ends just before `key` (for "previous")."""
+        condition, params = self.check(filters)
+        query = (f"select min(key) from (select key from review_rows where key < $key and ({condition}) "
+                 f"order by key desc limit $limit)")
+        with self.lock:
+            first = self.fresh().execute(query, {**params, "key": key, "limit": int(limit)}).fetchone()[0]
+            if first is None:
+                return None
+            return self.con.execute("select max(key) from review_rows where key < $k", {"k": first}).fetchone()[0] or ""
+
+    def neighbours(self, filters: Filters, key: str) -> tuple[str | None, str | None]:
+        """The previous and next key under the filter (keyboard navigation on the image page)."""
+        condition, params = self.check(filters)
+        with self.lock:
+            con = self.fresh()
+            prev = con.execute(f"select max(key) from review_rows where key < $key and ({condition})",
+                               {**params, "key": key}).fetchone()[0]
+            nxt = con.execute(f"select min(key) from review_rows where key > $key and ({condition})",
+                              {**params, "key": key}).fetchone()[0]
+        return prev, nxt
+
+    def total(self) -> int:
+        with self.lock:
+            return self.fresh().execute("select count(*) from review_rows").fetchone()[0]
+
+    def count(self, filters: Filters) -> int:
+        condition, params = self.check(filters)
+        with self.lock:
+            return self.fresh().execute(f"select count(*) from review_rows where {condition}", params).fetchone()[0]
+
+    def keys(self, filters: Filters) -> list[str]:
+        """Every key under the filter (bulk actions)."""
+        condition, params = self.check(filters)
+        with self.lock:
+            return [r[0] for r in self.fresh().execute(
+                f"select key from review_rows where {condition} order by key", params).fetchall()]
+
+    def row(self, key: str) -> dict | None:
+        with self.lock:
+            cur = self.fresh().execute("select * from review_rows where key = $key", {"key": key})
+            names = [d[0] for d in cur.description]
+            found = cur.fetchone()
+        return dict(zip(names, found, strict=True)) if found else None
+
+    def query(self, sql: str, params: dict) -> list[dict]:
+        """Rows of a query on the workspace views (the image page's details)."""
+        with self.lock:
+            cur = self.fresh().execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

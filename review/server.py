@@ -1,0 +1,39 @@
+"""`booruset review`: build the review table, then serve the app with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+
+from jobs.config import Config, ConfigError
+from review.app import ReviewApp
+from store.workspace import Workspace
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -> int:
+    import uvicorn
+
+    if not is_loopback(host) and not token:
+        token = secrets.token_urlsafe(24)  # reachable by others: never without a token
+    if ws.read_json("state/published.json") is None:
+        raise ConfigError(f"{ws.root} has no tables yet: run `booruset run` (or ingest) first")
+    app = ReviewApp(cfg, ws, token)
+    app.index.fresh()
+    print(f"review: {app.index.total()} images of {ws.root}, indexed in {app.index.build_seconds:.1f} s", flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    print(f"review: open {address}  (Ctrl-C stops)", flush=True)
+    hosts = ["*"] if not is_loopback(host) else [*LOOPBACK, "[::1]", "testserver"]
+    uvicorn.run(app.asgi(hosts), host=host, port=port, log_level="warning")
+    return 0

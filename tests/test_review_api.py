@@ -1,0 +1,195 @@
+"""booruset review's JSON API and pages on the bundled sample (ingest, curate, caption), through
+Starlette's ASGI test client: paging, filters, hostile keys and filters, edits that the export
+selection honours at once, bulk actions with undo, the token and the host check."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+
+from tests.export_data import base_config, prepared_workspace
+
+
+@pytest.fixture(scope="module")
+def review(tmp_path_factory, ray_local):
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    app = ReviewApp(base_config(path), ws)
+    return TestClient(app.asgi(["testserver"])), ws, app
+
+
+def all_keys(ws) -> list[str]:
+    return [r[0] for r in ws.connect().execute("select key from images order by key").fetchall()]
+
+
+def tags_of(ws, key: str) -> list[str]:
+    found = ws.connect().execute("select tags from image_tag_lists where key = $k", {"k": key}).fetchone()
+    return list(found[0]) if found else []
+
+
+def test_pages_walk_every_image_once_in_key_order(review):
+    client, ws, _ = review
+    seen, after = [], ""
+    while True:
+        answer = client.get("/api/images", params={"limit": 7, "after": after}).json()
+        seen += [r["key"] for r in answer["images"]]
+        if answer["next"] is None:
+            break
+        after = answer["next"]
+    assert seen == all_keys(ws) and len(seen) > 7
+    first = client.get("/api/images", params={"limit": 3}).json()["images"][0]
+    assert set(first) >= {"key", "characters", "group", "accuracy", "flagged", "excluded"}
+    grid = client.get("/")
+    assert grid.status_code == 200 and grid.text.count('class="card') == min(60, len(seen))
+
+
+def test_filters_quick_and_sql_select_the_same_images(review):
+    client, ws, _ = review
+    con = ws.connect()
+    character = con.execute("select c from (select unnest(characters) c from image_meta) group by c "
+                            "order by count(*) desc, c limit 1").fetchone()[0]
+    expected = {r[0] for r in con.execute("select key from image_meta where list_contains(characters, $c)",
+                                          {"c": character}).fetchall()}
+    quick = client.get("/api/images", params={"character": character, "limit": 500}).json()["images"]
+    quick = {r["key"] for r in quick}
+    where = client.get("/api/images", params={"where": f"list_contains(characters, '{character}')",
+                                               "limit": 500}).json()["images"]
+    assert quick == expected == {r["key"] for r in where} and expected
+
+
+@pytest.mark.parametrize("where", ["1=1; drop table images", "true) union all select * from images where (true",
+                                   "no_such_column > 1", "copy images to '/tmp/x.csv'", "1=1; select 1"])
+def test_hostile_filters_are_refused_with_a_reason(review, where):
+    client, ws, _ = review
+    answer = client.get("/api/images", params={"where": where})
+    assert answer.status_code == 400 and "error" in answer.json()
+    assert client.get("/", params={"where": where}).status_code == 200  # the page says why instead
+    assert len(all_keys(ws)) > 0
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a\x00b",
+                                 "' or 1=1 --", "<script>alert(1)</script>"])
+def test_hostile_keys_reach_no_file(review, key):
+    client, _, _ = review
+    for path in ("/thumb", "/original", "/image"):
+        assert client.get(path, params={"key": key}).status_code == 404
+    assert client.get("/api/images/" + quote(key, safe="")).status_code == 404
+    assert client.post("/api/edits", json={"key": key, "remove_tags": ["x"]}).status_code == 404
+
+
+def test_image_api_and_page_show_everything_about_one_image(review):
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    details = client.get(f"/api/images/{key}").json()
+    assert details["row"]["key"] == key
+    assert {t["tag"] for t in details["tags"] if t["position"] is not None} == set(tags_of(ws, key))
+    assert details["export"]["name"] and details["export"]["txt"]
+    page = client.get("/image", params={"key": key})
+    assert page.status_code == 200 and "Export preview" in page.text
+    thumb = client.get("/thumb", params={"key": key})
+    assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
+    original = client.get("/original", params={"key": key})
+    assert original.status_code == 200 and original.headers["x-content-type-options"] == "nosniff"
+
+
+def test_tag_edit_applies_at_once_and_undo_takes_it_back(review):
+    client, ws, app = review
+    key = all_keys(ws)[1]
+    tag = tags_of(ws, key)[0]
+    done = client.post("/api/edits", json={"key": key, "remove_tags": [tag], "add_tags": ["my_new_tag"]}).json()
+    assert done["edits"] == 2 and done["batch"]
+    assert tag not in tags_of(ws, key) and "my_new_tag" in tags_of(ws, key)
+    details = client.get(f"/api/images/{key}").json()
+    assert tag not in details["row"]["tags"] and f'"{tag}"' not in details["export"]["json"].split('"tag_scores"')[0]
+    assert client.get("/api/images", params={"edited": "1", "limit": 500}).json()["images"][0]["key"] == key
+    again = client.post("/api/edits", json={"key": key, "remove_tags": [tag]}).json()
+    assert again["edits"] == 0 and again["batch"] is None  # nothing to change, nothing written
+    undone = client.post("/api/undo", json={"batch": done["batch"]}).json()
+    assert undone["edits"] == 2
+    assert tag in tags_of(ws, key) and "my_new_tag" not in tags_of(ws, key)
+    rows = ws.connect().execute("select count(*) from edits where key = $k", {"k": key}).fetchone()[0]
+    assert rows == 4  # append-only: the edit and its undo
+
+
+def test_caption_exclude_and_character_edits_reach_the_export_selection(review):
+    client, ws, _ = review
+    key = all_keys(ws)[2]
+    client.post("/api/edits", json={"key": key, "caption": "A person wrote this.", "exclude": True,
+                                    "character": "someone_(review)"})
+    row = client.get(f"/api/images/{key}").json()
+    assert row["export"]["txt"] == "A person wrote this." and '"caption_edited": true' in row["export"]["json"]
+    assert row["row"]["excluded"] and row["row"]["characters"] == ["someone_(review)"]
+    assert row["row"]["accuracy"] is None  # nothing scored the person's caption
+    from jobs.export import sql_text
+    con = ws.connect()
+    params = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": True}
+    exported = {r[0] for r in con.execute(sql_text("export_selection.sql"), params).fetchall()}
+    assert key not in exported
+    client.post("/api/edits", json={"key": key, "caption": "", "exclude": False, "character": ""})
+    row = client.get(f"/api/images/{key}").json()["row"]
+    assert not row["excluded"] and not row["caption_edited"] and row["characters"] == []
+
+
+def test_bulk_remove_over_a_filter_previews_applies_and_undoes(review):
+    client, ws, _ = review
+    con = ws.connect()
+    tag, count = con.execute("select tag, count(*) from tags group by tag order by count(*) desc, tag "
+                             "limit 1").fetchone()
+    body = {"tag": tag, "remove_tags": [tag]}
+    preview = client.post("/api/bulk", json={**body, "preview": True}).json()
+    assert preview["count"] >= count > 1
+    done = client.post("/api/bulk", json={**body, "preview": False}).json()
+    assert done["images"] == count and done["edits"] == count
+    assert ws.connect().execute("select count(*) from image_tag_lists where list_contains(tags, $t)",
+                                {"t": tag}).fetchone()[0] == 0
+    client.post("/api/undo", json={"batch": done["batch"]})
+    assert ws.connect().execute("select count(*) from image_tag_lists where list_contains(tags, $t)",
+                                {"t": tag}).fetchone()[0] == count
+
+
+def test_edited_text_is_escaped_on_the_page(review):
+    client, ws, _ = review
+    key = all_keys(ws)[3]
+    client.post("/api/edits", json={"key": key, "add_tags": ["<script>alert(1)</script>"]})
+    page = client.get("/image", params={"key": key}).text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    form = client.post("/api/edits", content=f'{{"key": "{key}", "exclude": true}}',
+                       headers={"content-type": "text/plain"})
+    assert form.status_code == 415
+    assert client.get("/", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_edits_wait_while_a_job_holds_the_workspace(review):
+    from store.lock import WorkspaceLock
+
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    with WorkspaceLock(ws, "curate"):
+        busy = client.post("/api/edits", json={"key": key, "exclude": True})
+    assert busy.status_code == 409 and "curate" in busy.json()["error"]
+
+
+def test_a_token_guards_every_request(review):
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+
+    _, ws, app = review
+    guarded = TestClient(ReviewApp(app.cfg, ws, token="s3cret").asgi(["testserver"]))
+    assert guarded.get("/api/images").status_code == 401
+    assert guarded.get("/api/images", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert guarded.get("/api/images", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    first = guarded.get("/?token=s3cret", follow_redirects=False)
+    assert first.status_code == 303 and "token" not in first.headers["location"]
+    assert guarded.get("/", cookies={"booruset_review": "s3cret"}).status_code == 200
