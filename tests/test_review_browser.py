@@ -1,0 +1,147 @@
+"""booruset review in a real browser, as a person uses it: the real command serves the prepared
+sample on loopback, headless Chromium (the system one `make browser` installs, driven by
+Playwright) filters the grid by a character, opens an image, removes a tag with the keyboard; then
+caption and export run and the exported KEY.txt no longer has the tag. Screenshots of the grid
+and the image page are left in test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.export_data import base_config, prepared_workspace
+from tests.test_run import booruset_command
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path_factory, ray_local):
+    """The prepared sample served by `booruset review` on a free loopback port."""
+    path = prepared_workspace(tmp_path_factory)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([*booruset_command(), "review", "-w", str(path), "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = time.monotonic()
+        for line in server.stdout:
+            if "review: open" in line:
+                break
+            assert time.monotonic() - started < 120, "review did not start"
+        else:
+            pytest.fail(f"review exited: {server.wait()}")
+        yield path, f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def pick_image(path) -> tuple[str, str, str]:
+    """A character, an exported image of it (on the filtered grid's first page: the sample is small),
+    and a tag of it that the caption puts in words."""
+    from store.workspace import Workspace
+
+    con = Workspace(str(path)).connect()
+    rows = con.execute("""select m.key, unnest(m.characters) as character, t.tags, c.caption
+                          from image_meta m join image_tag_lists t using (key)
+                          join captions c on c.key = m.key and c.accepted and not c.flagged
+                          where m.key not in (select key from duplicates where not is_representative)
+                          order by m.key""").fetchall()
+    for key, character, tags, caption in rows:
+        spoken = [t for t in tags if "_" in t and t.replace("_", " ") in caption.lower()]
+        if spoken:
+            return character, key, spoken[0]
+    pytest.fail("no captioned image with a character and a multi-word tag in its caption")
+
+
+def exported_txt(path, key: str) -> tuple[str, dict]:
+    import json
+
+    import webdataset as wds
+
+    from store.workspace import Workspace
+
+    con = Workspace(str(path)).connect()
+    sample_key, shard = con.execute("select sample_key, path from export_manifest where key = $k and "
+                                    "layout = 'webdataset'", {"k": key}).fetchone()
+    for sample in wds.WebDataset(str(path / "export" / shard), shardshuffle=False):
+        if sample["__key__"] == sample_key:
+            return sample["txt"].decode(), json.loads(sample["json"])
+    pytest.fail(f"{sample_key} not in {shard}")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make browser)")
+def test_filter_open_remove_a_tag_by_keyboard_and_export_honours_it(served):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the test extra)")
+    from jobs import caption, export
+
+    path, url = served
+    character, key, tag = pick_image(path)
+    txt_before, _ = exported_txt_or_none(path, key)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.goto(url)
+        page.fill("input[name=character]", character)
+        page.click("#apply-filter")
+        page.wait_for_load_state("load")
+        cards = page.locator("#grid li.card")
+        assert cards.count() >= 1
+        for i in range(cards.count()):
+            assert character in cards.nth(i).inner_text()
+        page.wait_for_function("Array.from(document.images).slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
+        page.screenshot(path=str(ARTIFACTS / "review-grid.png"), full_page=True)
+
+        page.locator(f'#grid li.card[data-key="{key}"] a').click()
+        page.wait_for_load_state("load")
+        assert page.locator("#image-page").get_attribute("data-key") == key
+        assert page.locator(f'#tags tr[data-tag="{tag}"]').get_attribute("data-present") == "yes"
+        page.keyboard.press("t")
+        page.keyboard.type(f"-{tag}")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert page.locator(f'#tags tr[data-tag="{tag}"]').get_attribute("data-present") == "no"
+        assert tag not in page.locator("#export-json").inner_text().split('"tag_scores"')[0]
+        page.wait_for_function("document.getElementById('picture').complete")
+        page.screenshot(path=str(ARTIFACTS / "review-image.png"), full_page=True)
+        next_link = page.locator("#next-image")
+        if next_link.count():
+            with page.expect_navigation():
+                page.keyboard.press("j")
+            assert page.locator("#image-page").get_attribute("data-key") > key
+        browser.close()
+
+    cfg = base_config(path)
+    ws = __import__("store.workspace", fromlist=["Workspace"]).Workspace(str(path))
+    caption.run(cfg, ws)
+    export.run(cfg, ws)
+    txt, meta = exported_txt(path, key)
+    assert tag not in meta["tags"]
+    assert tag.replace("_", " ") not in txt.lower(), txt
+    assert txt_before is None or txt != txt_before
+
+
+def exported_txt_or_none(path, key: str) -> tuple[str | None, dict | None]:
+    if not (path / "export").exists():
+        return None, None
+    return exported_txt(path, key)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
