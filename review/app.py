@@ -174,12 +174,14 @@ class ReviewApp:
         return self.write(changes)
 
     def write(self, changes: list[dict]) -> Response:
-        try:
-            batch = self.log.append(changes)
-        except WorkspaceBusy as exc:
-            return JSONResponse({"error": f"{exc}; edits are possible again when it ends"}, status_code=409)
-        if batch:
-            self.index.refresh_keys(sorted({c["key"] for c in changes}))
+        with self.index.lock:  # one edit at a time, and no page read between the write and the refresh
+            before = self.index.generation
+            try:
+                batch = self.log.append(changes)
+            except WorkspaceBusy as exc:
+                return JSONResponse({"error": f"{exc}; edits are possible again when it ends"}, status_code=409)
+            if batch:
+                self.index.after_edit(sorted({c["key"] for c in changes}), before)
         return JSONResponse({"batch": batch, "edits": len(changes), "images": len({c["key"] for c in changes})})
 
     def export_options(self) -> dict:

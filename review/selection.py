@@ -24,6 +24,10 @@ REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").re
     "from $selection", "from (\n" + (REPO / "sql" / "export_selection.sql").read_text(encoding="utf-8") + "\n)")
 # Every image, excluded or not: the page shows exclusions so that they can be taken back.
 KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
+BUILD_CHUNK = 100_000  # images per step of the review table's build
+# Edits of up to this many images refresh their rows one by one (a key equality reaches the
+# table scans); more rebuild the whole table.
+REFRESH_EACH = 50
 GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded", "dup_group", "n_errors",
                 "caption_edited", "edited", "width", "height", "clip")
 
@@ -87,23 +91,34 @@ class ReviewIndex:
         if self.con is not None:
             self.con.close()
         con = self.ws.connect()
-        con.execute(f"create table review_rows as select * from ({REVIEW_QUERY}) order by key", KEEP_ALL)
+        # in key ranges of BUILD_CHUNK images: DuckDB's memory is bounded by a chunk, not the
+        # workspace (the key filter reaches the table scans, sql/image_tag_lists.sql)
+        bounds = [r[0] for r in con.execute(
+            "select key from (select key, row_number() over (order by key) - 1 as n from images) "
+            "where n % $chunk = 0 order by key", {"chunk": BUILD_CHUNK}).fetchall()]
+        query = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
+        con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
+        for first, last in zip(bounds, [*bounds[1:], None], strict=True):
+            con.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
         self.con, self.generation = con, generation
         self.build_seconds = time.perf_counter() - started
 
-    def refresh_keys(self, keys: list[str]) -> None:
-        """Rebuild the rows of `keys` after edits (the edits view re-read first)."""
+    def after_edit(self, keys: list[str], generation_before: int) -> None:
+        """Bring the rows of `keys` up to date after an edit that published one generation on top of
+        `generation_before`: row by row for a few images, else (or if anything else was published
+        meanwhile) the whole table."""
         with self.lock:
-            con = self.fresh()
-            self.ws.attach_tables(con, ["edits"])
-            self.generation = self.ws.published()["generation"]
-            con.execute("create temp table refreshed_keys as select unnest($keys::varchar[]) as key", {"keys": keys})
-            try:
-                con.execute("delete from review_rows where key in (select key from refreshed_keys)")
-                con.execute(f"insert into review_rows select * from ({REVIEW_QUERY}) "
-                            "where key in (select key from refreshed_keys)", KEEP_ALL)
-            finally:
-                con.execute("drop table refreshed_keys")
+            published = self.ws.published()["generation"]
+            if (self.con is None or generation_before != self.generation or published != generation_before + 1
+                    or len(keys) > REFRESH_EACH):
+                self.build(published)
+                return
+            self.ws.attach_tables(self.con, ["edits"])
+            self.generation = published
+            for key in keys:
+                self.con.execute("delete from review_rows where key = $key", {"key": key})
+                self.con.execute(f"insert into review_rows select * from ({REVIEW_QUERY}) where key = $key",
+                                 {**KEEP_ALL, "key": key})
 
     # ---- reading ----------------------------------------------------------------------
     def check(self, filters: Filters) -> tuple[str, dict]:
