@@ -27,12 +27,12 @@ import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
-from store.workspace import Workspace, fault_point
+from store.workspace import Workspace, create_derived_view, fault_point
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings"]
+INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings", "edits"]
 OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
 OWNER = "curate"  # the owner of curate's parts in the published generation
 IMAGES_PER_PARTITION = 250_000
@@ -93,6 +93,12 @@ def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None
                   append=partition > 0)
         if partitions > 1:
             print(f"curate: tags partition {partition + 1}/{partitions}", flush=True)
+    edits = con.execute("select count(*) from edit_state where field = 'tags'").fetchall()[0][0]
+    if edits:  # a person's tag edits (booruset review) win over what the steps above decided
+        run_model(con, "045_edited_tags", params)
+        con.execute("drop table tags")
+        con.execute("alter table edited_tags rename to tags")
+        print(f"curate: {edits} tag edits applied", flush=True)
 
 
 def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: int, partition: int) -> dict:
@@ -195,6 +201,7 @@ def open_database(path: Path, opts: dict) -> duckdb.DuckDBPyConnection:
 
 def attach_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     ws.attach_tables(con, INPUTS)
+    create_derived_view(con, "edit_state")  # a person's corrections (booruset review)
 
 
 def tag_list_path(cfg: Config) -> str:

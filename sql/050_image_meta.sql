@@ -6,6 +6,7 @@
 --   fh_ratio  height of the largest face / image height
 --   n_people  from count tags (1girl, 2girls, ..., 6+girls, boys, others, solo) when the image
 --             has any, else from person detections, else n_faces
+--   characters  the character tags, or the character a person set (edit_state, booruset review)
 with faces as (
     select d.key, d.x0, d.y0, d.x1, d.y1, d.y1 - d.y0 as height_ratio
     from detections d
@@ -49,14 +50,25 @@ tag_facts as (
            arg_max(tag, score) filter (where category = 'rating') as rating
     from tags
     group by key
+),
+character_edits as (
+    select key, case when new = '' then []::varchar[] else [new] end as characters
+    from edit_state
+    where field = 'character' and new is not null
+),
+image_characters as (
+    select i.key, coalesce(e.characters, t.characters, []::varchar[]) as characters
+    from images i
+    left join tag_facts t on t.key = i.key
+    left join character_edits e on e.key = i.key
 )
 select i.key, i.width, i.height,
        coalesce(f.n_faces, 0) as n_faces,
        coalesce(f.facepos, []::varchar[]) as facepos,
        f.fh_ratio,
        coalesce(p.n_people_tags, d.n_people_detected, f.n_faces, 0) as n_people,
-       len(coalesce(t.characters, []::varchar[]))::integer as n_characters,
-       coalesce(t.characters, []::varchar[]) as characters,
+       len(c.characters)::integer as n_characters,
+       c.characters,
        t.rating,
        p.n_people_tags,
        d.n_people_detected
@@ -65,3 +77,4 @@ left join face_facts f on f.key = i.key
 left join people_detected d on d.key = i.key
 left join people_tagged p on p.key = i.key
 left join tag_facts t on t.key = i.key
+left join image_characters c on c.key = i.key

@@ -390,8 +390,7 @@ class Workspace:
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         self.attach_tables(con)
         for name in DERIVED_VIEWS:
-            body = (SQL / f"{name}.sql").read_text(encoding="utf-8")
-            con.execute(f'create or replace view "{name}" as {body}')
+            create_derived_view(con, name)
 
     def refresh_catalog(self) -> str | None:
         """Rewrite catalog.duckdb so that `duckdb <ws>/catalog.duckdb` sees every table."""
@@ -411,6 +410,12 @@ class Workspace:
 
 
 _events_in_this_process: dict[str, int] = defaultdict(int)
+
+
+def create_derived_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """One of DERIVED_VIEWS (sql/<name>.sql) on `con`, over the tables it reads there."""
+    body = (SQL / f"{name}.sql").read_text(encoding="utf-8")
+    con.execute(f'create or replace view "{name}" as {body}')
 
 
 def fault_point(variable: str) -> None:

@@ -193,3 +193,24 @@ def test_a_token_guards_every_request(review):
     first = guarded.get("/?token=s3cret", follow_redirects=False)
     assert first.status_code == 303 and "token" not in first.headers["location"]
     assert guarded.get("/", cookies={"booruset_review": "s3cret"}).status_code == 200
+
+
+def test_curate_applies_tag_and_character_edits_to_its_tables(review):
+    from jobs import curate
+
+    client, ws, app = review
+    key = all_keys(ws)[4]
+    con = ws.connect()
+    tag = con.execute("select tag from tags where key = $k and category = 'general' order by rank limit 1",
+                      {"k": key}).fetchone()[0]
+    client.post("/api/edits", json={"key": key, "remove_tags": [tag], "add_tags": ["added_by_review"],
+                                    "character": "someone_(review)"})
+    curate.run(app.cfg, ws)
+    con = ws.connect()
+    curated = [r[0] for r in con.execute("select tag from tags where key = $k order by rank", {"k": key}).fetchall()]
+    assert tag not in curated and curated[-1] == "added_by_review"
+    meta = con.execute("select characters, n_characters from image_meta where key = $k", {"k": key}).fetchone()
+    assert meta == (["someone_(review)"], 1)
+    assert con.execute("select count(*) from groups where key = $k and path like '%someone_(review)%'",
+                       {"k": key}).fetchone()[0] in (0, 1)  # grouped by it when the combination is big enough
+    assert tags_of(ws, key) == curated  # image_tag_lists: the same edits, not applied twice
