@@ -24,13 +24,14 @@ $(VENV)/.test: $(VENV)/.runtime
 install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
-# Headless Chromium renders the HTML report in its test (the test skips without it).
+# Headless Chromium renders the HTML report in its test and runs the review page's browser test
+# (Playwright drives it; those tests skip without it).
 # Best effort: needs root or sudo and Debian/Ubuntu's apt.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null) \
-	  || echo "chromium not installed: the report rendering test will skip"; }
+	  || echo "chromium not installed: the report rendering and review browser tests will skip"; }
 
 run: install
 	$(VENV)/bin/booruset run

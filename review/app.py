@@ -74,7 +74,7 @@ class ReviewApp:
     def image(self, request: Request) -> Response:
         key = request.query_params.get("key", "")
         filters = filters_of(request.query_params)
-        details = image_details(self.index, key, self.export_options())
+        details = image_details(self.index, key, self.export_options(), self.cfg["curate"]["cluster_model"])
         if details is None:
             return PlainTextResponse("no such image in this workspace", status_code=404)
         try:
@@ -126,7 +126,8 @@ class ReviewApp:
         return JSONResponse({"images": [plain(r) for r in rows], "next": rows[-1]["key"] if more else None})
 
     def api_image(self, request: Request) -> Response:
-        details = image_details(self.index, request.path_params["key"], self.export_options())
+        details = image_details(self.index, request.path_params["key"], self.export_options(),
+                                self.cfg["curate"]["cluster_model"])
         if details is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
         return JSONResponse(plain(details))
@@ -155,7 +156,8 @@ class ReviewApp:
             edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")})
             if body.get("preview", True):
                 return JSONResponse({"count": self.index.count(filters)})
-            changes = [c for key in self.index.keys(filters) for c in edit.changes(self.index.row(key))]
+            wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")
+            changes = [c for row in self.index.rows(filters, wanted) for c in edit.changes(row)]
         except (ConfigError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return self.write(changes)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+from jobs.config import REPO
 from review.selection import ReviewIndex
 from udfs.export.export_plan import sample_plan
 from udfs.export.safe_names import safe_name
 
 # Other members of a duplicate group or a character cluster shown beside the image.
 NEIGHBOURS = 12
+CANDIDATES = 2000  # cluster members compared for "nearest" (sql/review_cluster_neighbours.sql)
+NEIGHBOURS_SQL = (REPO / "sql" / "review_cluster_neighbours.sql").read_text(encoding="utf-8")
 
 
-def image_details(index: ReviewIndex, key: str, export_options: dict) -> dict | None:
+def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_model: str = "") -> dict | None:
     row = index.row(key)
     if row is None:
         return None
@@ -29,7 +32,7 @@ def image_details(index: ReviewIndex, key: str, export_options: dict) -> dict | 
                                   "join review_rows r using (key) where d.dup_group = "
                                   "(select any_value(dup_group) from duplicates where key = $key) "
                                   "order by d.is_representative desc, d.key limit $n", {**params, "n": NEIGHBOURS}),
-        "clusters": cluster_members(index, key),
+        "clusters": cluster_members(index, key, cluster_model),
         "errors": index.query("select stage, kind, message, dropped from errors where key = $key order by stage, kind",
                               params),
         "edits": index.query("select field, old, new, time, batch from edits where key = $key "
@@ -63,14 +66,13 @@ def tag_table(index: ReviewIndex, row: dict) -> list[dict]:
                                                   order.get(t["category"], 9), t["tag"]))
 
 
-def cluster_members(index: ReviewIndex, key: str) -> list[dict]:
-    """The image's character clusters, each with a few other members (noise, -1, has none)."""
+def cluster_members(index: ReviewIndex, key: str, model: str) -> list[dict]:
+    """The image's character clusters, each with its nearest other members (noise, -1, has none)."""
     clusters = index.query("select distinct cluster, character from clusters where key = $key and cluster >= 0 "
                            "order by cluster", {"key": key})
     for c in clusters:
-        c["members"] = index.query("select distinct c.key, r.sha256 from clusters c join review_rows r using (key) "
-                                   "where c.cluster = $cluster and c.key <> $key order by c.key limit $n",
-                                   {"cluster": c["cluster"], "key": key, "n": NEIGHBOURS})
+        c["members"] = index.query(NEIGHBOURS_SQL, {"key": key, "cluster": c["cluster"], "model": model,
+                                                    "candidates": CANDIDATES, "n": NEIGHBOURS})
     return clusters
 
 

@@ -9,8 +9,10 @@ page 10,000 costs what page 1 costs. An edit rebuilds only its images' rows.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import duckdb
@@ -75,16 +77,30 @@ class ReviewIndex:
         self.lock = threading.RLock()  # one DuckDB connection, used by one request at a time
         self.con: duckdb.DuckDBPyConnection | None = None
         self.generation = -1
+        self.stamp: object = None
         self.build_seconds = 0.0
 
     # ---- building ---------------------------------------------------------------------
     def fresh(self) -> duckdb.DuckDBPyConnection:
         """The connection, its table rebuilt first if a job published since."""
         with self.lock:
-            generation = self.ws.published()["generation"]
-            if self.con is None or generation != self.generation:
-                self.build(generation)
+            stamp = self.published_stamp()
+            if self.con is None or stamp != self.stamp:
+                generation = self.ws.published()["generation"]
+                if self.con is None or generation != self.generation:
+                    self.build(generation)
+                self.stamp = stamp
             return self.con
+
+    def published_stamp(self) -> object:
+        """Changes when state/published.json does: its mtime for a local workspace (a stat per
+        request, not a parse of a file that names every part), else always (re-read each time)."""
+        if self.ws.local:
+            try:
+                return os.stat(f"{self.ws.base}/state/published.json").st_mtime_ns
+            except FileNotFoundError:
+                return None
+        return object()
 
     def build(self, generation: int) -> None:
         started = time.perf_counter()
@@ -177,12 +193,16 @@ class ReviewIndex:
         with self.lock:
             return self.fresh().execute(f"select count(*) from review_rows where {condition}", params).fetchone()[0]
 
-    def keys(self, filters: Filters) -> list[str]:
-        """Every key under the filter (bulk actions)."""
+    def rows(self, filters: Filters, columns: tuple[str, ...]) -> Iterator[dict]:
+        """Some columns of every row under the filter, in key order (bulk actions), fetched in
+        batches: a bulk action over a million images never holds them all as Python objects."""
         condition, params = self.check(filters)
+        names = ", ".join(f'"{c}"' for c in columns)
         with self.lock:
-            return [r[0] for r in self.fresh().execute(
-                f"select key from review_rows where {condition} order by key", params).fetchall()]
+            cur = self.fresh().execute(f"select {names} from review_rows where {condition} order by key", params)
+            while batch := cur.fetchmany(10_000):
+                for row in batch:
+                    yield dict(zip(columns, row, strict=True))
 
     def row(self, key: str) -> dict | None:
         with self.lock:

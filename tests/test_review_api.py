@@ -214,3 +214,23 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     assert con.execute("select count(*) from groups where key = $k and path like '%someone_(review)%'",
                        {"k": key}).fetchone()[0] in (0, 1)  # grouped by it when the combination is big enough
     assert tags_of(ws, key) == curated  # image_tag_lists: the same edits, not applied twice
+
+
+def test_cluster_members_come_nearest_first(review):
+    import numpy as np
+
+    import schemas
+
+    client, ws, _ = review
+    a, b, c = all_keys(ws)[5:8]
+    base = np.random.default_rng(0).normal(size=schemas.CCIP_DIM).astype("float32")
+    vectors = {a: base, b: base + 0.05, c: -base}
+    ws.add_part("embeddings", "test-review-neighbours",
+                [{"key": k, "crop": schemas.WHOLE_IMAGE, "model": "ccip", "x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0,
+                  "vector": v.tolist()} for k, v in vectors.items()])
+    ws.add_part("clusters", "test-review-neighbours",
+                [{"key": k, "crop": schemas.WHOLE_IMAGE, "cluster": 9001, "character": "test"} for k in vectors])
+    clusters = client.get(f"/api/images/{a}").json()["clusters"]
+    members = next(c_["members"] for c_ in clusters if c_["cluster"] == 9001)
+    assert [m["key"] for m in members] == [b, c]
+    assert members[0]["similarity"] > 0.99 and members[1]["similarity"] < -0.99
