@@ -22,7 +22,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from jobs.config import REPO, Config, ConfigError  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
@@ -30,7 +29,7 @@ from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
 from udfs.ingest.sources import Unit, read_unit  # noqa: E402
-from udfs.orientation import upright  # noqa: E402
+from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
 
@@ -196,19 +195,6 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
     return found
 
 
-def thumbnail(data: bytes, size: int) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)
-        image = upright(image)
-        image.thumbnail((size, size))
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, "white")
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        buf = io.BytesIO()
-        flat.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
-
-
 def export_folder(cfg: Config, ws: Workspace) -> str:
     from jobs.export import out_dir
 
@@ -228,7 +214,7 @@ def examples_html(out: Path, rows: list[dict], size: int, export: str) -> str:
         if r["key"] in images:
             try:
                 name = f"examples/{safe_name(r['key'])}.jpg"
-                atomic_write(str(out / name), thumbnail(images[r["key"]], size))
+                atomic_write(str(out / name), thumbnail_jpeg(images[r["key"]], size))
                 picture = f'<img src="{html.escape(name)}" alt="{html.escape(r["key"])}">'
             except Exception:  # any decoder failure: the card says so, the report goes on
                 picture = '<div class="missing">image not decodable</div>'

@@ -7,17 +7,14 @@ file. Nothing from the request becomes a path.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image
-
 from udfs.ingest.sources import Unit, read_unit, safe_text
-from udfs.orientation import upright
+from udfs.thumbnails import thumbnail_jpeg
 
 MAX_MEMBER_BYTES = 1 << 30
 # Member offsets of the last shards read: a grid page shows many images of one shard, and
@@ -74,21 +71,6 @@ def image_bytes(source: str, member: str) -> bytes | None:
                 if name == member:
                     return sample.members[ext]
     return None
-
-
-def thumbnail_jpeg(data: bytes, size: int) -> bytes:
-    """A JPEG at most `size` pixels on its long side, upright, transparency on white."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = upright(image)
-        image.thumbnail((size, size))
-        rgba = image.convert("RGBA")
-    flat = Image.new("RGB", rgba.size, "white")
-    flat.paste(rgba, mask=rgba.getchannel("A"))
-    out = io.BytesIO()
-    flat.save(out, "JPEG", quality=85)
-    return out.getvalue()
 
 
 class Thumbnails:

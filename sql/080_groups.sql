@@ -6,8 +6,12 @@
 --   fh_ratio      fh_ratio_<lo>-<hi> from fh_ratio_bins(lo, hi, name), or no_face
 --   n_people      1_person, 2_people, ...; n_faces: 1_face, 2_faces, ...; rating: the rating
 --   any other image_meta column: <column>_<value>
+-- Images a person excluded (edit_state, booruset review) get no group: they are not exported, so
+-- they must not weigh in the balance of the others.
 with meta as (
-    select m.*, array_to_string(m.characters, '+') as combination from image_meta m
+    select m.*, array_to_string(m.characters, '+') as combination
+    from image_meta m
+    anti join (select key from edit_state where field = 'exclude' and new = 'true') x on x.key = m.key
 ),
 combination_sizes as (
     select combination, count(*) as n_images from meta group by combination

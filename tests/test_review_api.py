@@ -205,6 +205,8 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
                       {"k": key}).fetchone()[0]
     client.post("/api/edits", json={"key": key, "remove_tags": [tag], "add_tags": ["added_by_review"],
                                     "character": "someone_(review)"})
+    excluded = all_keys(ws)[-1]
+    client.post("/api/edits", json={"key": excluded, "exclude": True})
     curate.run(app.cfg, ws)
     con = ws.connect()
     curated = [r[0] for r in con.execute("select tag from tags where key = $k order by rank", {"k": key}).fetchall()]
@@ -214,6 +216,8 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     assert con.execute("select count(*) from groups where key = $k and path like '%someone_(review)%'",
                        {"k": key}).fetchone()[0] in (0, 1)  # grouped by it when the combination is big enough
     assert tags_of(ws, key) == curated  # image_tag_lists: the same edits, not applied twice
+    balanced = {r[0] for r in con.execute("select key from balance").fetchall()}
+    assert excluded not in balanced and key in balanced  # an excluded image weighs nothing in the balance
 
 
 def test_cluster_members_come_nearest_first(review):
