@@ -104,9 +104,8 @@ class ReviewIndex:
 
     def build(self, generation: int) -> None:
         started = time.perf_counter()
-        if self.con is not None:
-            self.con.close()
-        con = self.ws.connect()
+        # read-only as `booruset sql`: a filter can read the workspace's tables and nothing else
+        con = self.ws.connect(read_only=True)
         # in key ranges of BUILD_CHUNK images: DuckDB's memory is bounded by a chunk, not the
         # workspace (the key filter reaches the table scans, sql/image_tag_lists.sql)
         bounds = [r[0] for r in con.execute(
@@ -116,6 +115,8 @@ class ReviewIndex:
         con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
         for first, last in zip(bounds, [*bounds[1:], None], strict=True):
             con.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
+        if self.con is not None:
+            self.con.close()  # only now: a build that failed leaves the old table serving
         self.con, self.generation = con, generation
         self.build_seconds = time.perf_counter() - started
 
