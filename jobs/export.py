@@ -38,12 +38,15 @@ from store.staging import clear, stage_units
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_units_task
 from udfs.export.export_shard import JOB, atomic_write, export_units, shard_name
+from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
-           "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept")
+           "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
+           "tag_category_order", "tag_sort", "exclude_tag_categories", "exclude_tags", "escape_parentheses",
+           "keep_tokens", "keep_tokens_separator")
 
 
 def sql_text(name: str) -> str:
@@ -68,6 +71,8 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.text must be 'caption' or 'tags'")
     if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
+    if opts["tag_sort"] not in SORTS:
+        raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
 

@@ -20,15 +20,9 @@ import pyarrow.parquet as pq
 from store.workspace import Workspace
 from udfs.export.resize import estimated_bytes, needs_reencode, output_extension, target_size
 from udfs.export.safe_names import key_digest, safe_folder, safe_name
+from udfs.export.tag_text import TagTextRules
 
 TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
-
-
-def tag_text(tags: list[str], underscores: bool) -> str:
-    """kohya-style tag caption: comma-separated, underscores as spaces (kaomoji such as ^_^ kept)."""
-    def one(tag: str) -> str:
-        return tag if underscores or not any(c.isalpha() for c in tag) else tag.replace("_", " ")
-    return ", ".join(one(t) for t in tags)
 
 
 def repeats_of(multiply: float) -> int:
@@ -43,7 +37,7 @@ def sample_plan(row: dict, opts: dict) -> dict:
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
     caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
-    txt = caption or tag_text(row["tags"], bool(opts["tag_underscores"]))
+    txt = caption or TagTextRules.from_options(opts).text(row["tags"], row["categories"], row["tag_scores"])
     repeats = repeats_of(row["multiply"])
     concept = opts["concept"] or row["group"] or "all"
     meta = {
@@ -53,7 +47,7 @@ def sample_plan(row: dict, opts: dict) -> dict:
         "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),
         "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
         "scores": {k: row[k] for k in ("accuracy", "tag_inclusion", "english_similarity", "subject_consistency")},
-        "quality_tags": row["quality_tags"], "group": row["group"],
+        "quality_tags": row["quality_tags"], "group": row["group"], "keep_tokens": int(opts["keep_tokens"]),
         "multiply": float(row["multiply"]), "repeats": repeats,
         "width": size[0], "height": size[1], "original_width": width, "original_height": height,
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
