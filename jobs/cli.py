@@ -154,6 +154,7 @@ def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
         from jobs.report import report_dir
 
         print(f"== shards: {out_dir(cfg, ws)}/webdataset/\n== report: {report_dir(cfg, ws) / 'index.html'}")
+        print(f"== look at it and correct it: booruset review -w {ws.root}")
     return 0
 
 

@@ -113,7 +113,7 @@ class ReviewIndex:
             "where n % $chunk = 0 order by key", {"chunk": BUILD_CHUNK}).fetchall()]
         query = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
         con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
-        for first, last in zip(bounds, [*bounds[1:], None], strict=True):
+        for first, last in zip(bounds, [*bounds[1:], None][:len(bounds)], strict=True):
             con.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
         if self.con is not None:
             self.con.close()  # only now: a build that failed leaves the old table serving

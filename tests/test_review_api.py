@@ -239,3 +239,17 @@ def test_cluster_members_come_nearest_first(review):
     members = next(c_["members"] for c_ in clusters if c_["cluster"] == 9001)
     assert [m["key"] for m in members] == [b, c]
     assert members[0]["similarity"] > 0.99 and members[1]["similarity"] < -0.99
+
+
+def test_an_empty_workspace_shows_an_empty_grid(tmp_path):
+    from starlette.testclient import TestClient
+
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "empty"))
+    ws.publish()
+    client = TestClient(ReviewApp(load_config(None, []), ws).asgi(["testserver"]))
+    assert client.get("/api/images").json() == {"images": [], "next": None}
+    assert "no images match" in client.get("/").text
