@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -133,47 +134,60 @@ class ReviewApp:
         return JSONResponse(plain(details))
 
     async def api_edits(self, request: Request) -> Response:
-        body = await json_body(request)
-        if isinstance(body, Response):
-            return body
-        key = body.get("key")
-        row = self.index.row(key) if isinstance(key, str) else None
-        if row is None:
-            return JSONResponse({"error": "no such image"}, status_code=404)
-        try:
-            changes = EditRequest.from_json(body).changes(row)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return self.write(changes)
+        return await self.in_thread(request, self.edit)
 
     async def api_bulk(self, request: Request) -> Response:
-        """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
-        body = await json_body(request)
-        if isinstance(body, Response):
-            return body
-        try:
-            filters = filters_of(body)
-            edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")})
-            if body.get("preview", True):
-                return JSONResponse({"count": self.index.count(filters)})
-            wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")
-            changes = [c for row in self.index.rows(filters, wanted) for c in edit.changes(row)]
-        except (ConfigError, ValueError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return self.write(changes)
+        return await self.in_thread(request, self.bulk)
 
     async def api_undo(self, request: Request) -> Response:
+        return await self.in_thread(request, self.undo)
+
+    async def in_thread(self, request: Request, action) -> Response:
+        """The JSON body, then `action(body)` in a worker thread: DuckDB and the file writes block,
+        and a rebuild of the review table takes seconds that the event loop must not wait out."""
         body = await json_body(request)
         if isinstance(body, Response):
             return body
+        return await run_in_threadpool(action, body)
+
+    def edit(self, body: dict) -> Response:
+        """{key, add_tags, remove_tags, caption, exclude, character}: the edits of one image."""
+        key = body.get("key")
+        with self.index.lock:  # the row the changes are made from is the one they replace
+            row = self.index.row(key) if isinstance(key, str) else None
+            if row is None:
+                return JSONResponse({"error": "no such image"}, status_code=404)
+            try:
+                changes = EditRequest.from_json(body).changes(row)
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return self.write(changes)
+
+    def bulk(self, body: dict) -> Response:
+        """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
+        with self.index.lock:
+            try:
+                filters = filters_of(body)
+                edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")})
+                if body.get("preview", True):
+                    return JSONResponse({"count": self.index.count(filters)})
+                wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")
+                changes = [c for row in self.index.rows(filters, wanted) for c in edit.changes(row)]
+            except (ConfigError, ValueError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return self.write(changes)
+
+    def undo(self, body: dict) -> Response:
+        """{batch}: the edits that take back what that batch still decides."""
         batch = body.get("batch")
         if not isinstance(batch, str) or not batch:
             return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)
         with self.index.lock:
             changes = self.log.undo_changes(self.index.fresh(), batch)
-        if not changes:
-            return JSONResponse({"error": "no edits in that batch"}, status_code=404)
-        return self.write(changes)
+            if not changes:
+                return JSONResponse({"error": "nothing of that batch to undo (unknown, or edited since)"},
+                                    status_code=404)
+            return self.write(changes)
 
     def write(self, changes: list[dict]) -> Response:
         with self.index.lock:  # one edit at a time, and no page read between the write and the refresh

@@ -53,7 +53,8 @@ class EditRequest:
                if t in tags]
         out += [{"key": key, "field": "tags", "old": None, "new": t} for t in dict.fromkeys(self.add_tags)
                 if t not in tags and t not in self.remove_tags]
-        if self.caption is not None and self.caption != (row["caption"] if row["caption_edited"] else ""):
+        unchanged = self.caption == row["caption"] or (not self.caption and not row["caption_edited"])
+        if self.caption is not None and not unchanged:
             out.append({"key": key, "field": "caption", "old": row["caption"], "new": self.caption or None})
         if self.exclude is not None and self.exclude != row["excluded"]:
             out.append({"key": key, "field": "exclude", "old": str(row["excluded"]).lower(),

@@ -97,7 +97,8 @@ class ReviewIndex:
         request, not a parse of a file that names every part), else always (re-read each time)."""
         if self.ws.local:
             try:
-                return os.stat(f"{self.ws.base}/state/published.json").st_mtime_ns
+                found = os.stat(f"{self.ws.base}/state/published.json")
+                return found.st_ino, found.st_mtime_ns, found.st_size  # each publish renames a new file in
             except FileNotFoundError:
                 return None
         return object()

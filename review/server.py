@@ -34,6 +34,6 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"review: open {address}  (Ctrl-C stops)", flush=True)
-    hosts = ["*"] if not is_loopback(host) else list(LOOPBACK)
+    hosts = ["*"] if not is_loopback(host) else [*LOOPBACK, host, f"[{host}]"]
     uvicorn.run(app.asgi(hosts), host=host, port=port, log_level="warning")
     return 0

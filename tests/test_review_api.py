@@ -253,3 +253,14 @@ def test_an_empty_workspace_shows_an_empty_grid(tmp_path):
     client = TestClient(ReviewApp(load_config(None, []), ws).asgi(["testserver"]))
     assert client.get("/api/images").json() == {"images": [], "next": None}
     assert "no images match" in client.get("/").text
+
+
+def test_undo_of_an_older_edit_leaves_a_later_one_standing(review):
+    client, ws, _ = review
+    key = all_keys(ws)[9]
+    first = client.post("/api/edits", json={"key": key, "caption": "First words."}).json()
+    client.post("/api/edits", json={"key": key, "caption": "Second words."})
+    assert client.post("/api/undo", json={"batch": first["batch"]}).status_code == 404  # nothing it still decides
+    assert client.get(f"/api/images/{key}").json()["row"]["caption"] == "Second words."
+    unchanged = client.post("/api/edits", json={"key": key, "caption": "Second words."}).json()
+    assert unchanged["edits"] == 0

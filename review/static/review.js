@@ -89,6 +89,10 @@ function gridPage() {
             exclude: exclude === "" ? null : exclude === "true"};
   };
   const result = document.getElementById("bulk-result");
+  // apply only what the preview counted: any change to the filter or the action asks for a new preview
+  for (const field of [...form.elements, ...document.querySelectorAll("#bulk input, #bulk select")]) {
+    field.addEventListener("input", () => { document.getElementById("bulk-apply").disabled = true; });
+  }
   const apply = document.getElementById("bulk-apply"), undoButton = document.getElementById("bulk-undo");
   document.getElementById("bulk-preview").addEventListener("click", async () => {
     try {
