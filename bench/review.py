@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ sys.path.insert(0, str(REPO))
 
 import duckdb  # noqa: E402
 import httpx  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
+import schemas  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 
 GOAL_MS = 300.0
@@ -45,7 +48,6 @@ def make_workspace(path: Path, n: int) -> Workspace:
     """Synthetic tables of n images; every row points at one of the sample's members."""
     ws = Workspace(str(path))
     shard = sorted((REPO / "sample" / "shards").glob("*.tar"))[0]
-    import tarfile
     with tarfile.open(shard) as tar:
         members = [m.name for m in tar if m.name.endswith((".jpg", ".png", ".webp"))]
     con = duckdb.connect()
@@ -77,13 +79,11 @@ def make_workspace(path: Path, n: int) -> Workspace:
                               as dup_group, i % 2 = 0 as is_representative, 'phash' as reason
                           from ids where i % 100 < 2""",
     }
-    import schemas
     for name, sql in tables.items():
         params = {"shard": str(shard), "n_members": len(members)} if name == "images" else {}
         table = con.sql(sql, params=params).to_arrow_table()
         for field in schemas.TABLES[name]:
             if field.name not in table.column_names:
-                import pyarrow as pa
                 table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
         ws.write_part(name, f"bench-{name}", table)
     ws.publish({"bench": {name: [f"bench-{name}"] for name in tables}})

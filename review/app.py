@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 
 from jobs.config import Config, ConfigError
 from review.details import image_details
-from review.edits import EditLog, EditRequest
+from review.edits import UNDO_SQL, EditLog, EditRequest
 from review.image_bytes import Thumbnails, image_bytes
 from review.selection import Filters, ReviewIndex
 from store.lock import WorkspaceBusy
@@ -57,25 +57,23 @@ class ReviewApp:
     def grid(self, request: Request) -> Response:
         filters = filters_of(request.query_params)
         after = request.query_params.get("after") or None
-        error, rows, previous = None, [], None
+        error, rows, following, previous = None, [], None, None
         try:
-            rows = self.index.page(filters, after, PAGE + 1)
+            rows, following = self.index.page(filters, after, PAGE)
             previous = self.index.before(filters, rows[0]["key"], PAGE) if after and rows else None
         except ConfigError as exc:
             error = str(exc)
-        more = len(rows) > PAGE
-        rows = rows[:PAGE]
         query = filter_query(filters)
         return self.templates.TemplateResponse(request, "grid.html", {
             "rows": rows, "filters": filters, "error": error, "query": query,
-            "next": f"?{query}&{urlencode({'after': rows[-1]['key']})}" if more else None,
+            "next": f"?{query}&{urlencode({'after': following})}" if following else None,
             "previous": None if previous is None else f"?{query}&{urlencode({'after': previous})}",
             "total": self.index.total(), "build_seconds": self.index.build_seconds})
 
     def image(self, request: Request) -> Response:
         key = request.query_params.get("key", "")
         filters = filters_of(request.query_params)
-        details = image_details(self.index, key, self.export_options(), self.cfg["curate"]["cluster_model"])
+        details = self.details(key)
         if details is None:
             return PlainTextResponse("no such image in this workspace", status_code=404)
         try:
@@ -119,16 +117,13 @@ class ReviewApp:
         except ValueError:
             return JSONResponse({"error": "limit must be a number"}, status_code=400)
         try:
-            rows = self.index.page(filters, request.query_params.get("after") or None, limit + 1)
+            rows, following = self.index.page(filters, request.query_params.get("after") or None, limit)
         except ConfigError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return JSONResponse({"images": [plain(r) for r in rows], "next": rows[-1]["key"] if more else None})
+        return JSONResponse({"images": [plain(r) for r in rows], "next": following})
 
     def api_image(self, request: Request) -> Response:
-        details = image_details(self.index, request.path_params["key"], self.export_options(),
-                                self.cfg["curate"]["cluster_model"])
+        details = self.details(request.path_params["key"])
         if details is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
         return JSONResponse(plain(details))
@@ -183,7 +178,7 @@ class ReviewApp:
         if not isinstance(batch, str) or not batch:
             return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)
         with self.index.lock:
-            changes = self.log.undo_changes(self.index.fresh(), batch)
+            changes = self.index.query(UNDO_SQL, {"batch": batch})
             if not changes:
                 return JSONResponse({"error": "nothing of that batch to undo (unknown, or edited since)"},
                                     status_code=404)
@@ -200,8 +195,8 @@ class ReviewApp:
                 self.index.after_edit(sorted({c["key"] for c in changes}), before)
         return JSONResponse({"batch": batch, "edits": len(changes), "images": len({c["key"] for c in changes})})
 
-    def export_options(self) -> dict:
-        return dict(self.cfg["export"])
+    def details(self, key: str) -> dict | None:
+        return image_details(self.index, key, self.cfg["export"], self.cfg["curate"]["cluster_model"])
 
     # ---- the ASGI app -------------------------------------------------------------------
     def asgi(self, hosts: list[str]) -> Starlette:

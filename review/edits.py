@@ -12,6 +12,10 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
 from jobs.config import REPO
 from store.lock import WorkspaceLock
 from store.workspace import Workspace
@@ -19,6 +23,7 @@ from store.workspace import Workspace
 OWNER = "review"  # the owner of the edits parts in the published generation
 # Parts are merged into one when there are this many: each is a file that every query opens.
 COMPACT_AT = 256
+# The edits that take back one batch (the app runs it on the review connection).
 UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
 
 
@@ -91,19 +96,8 @@ class EditLog:
     def compact(self, parts: list[str], batch: str) -> str:
         """One part with every row of `parts` (rows unchanged: the log stays append-only); the
         old files go at the next job's start, as any part no generation names."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        import schemas
-
         folder = self.ws.table_dir("edits")
         tables = [pq.read_table(f"{folder}/{p}.parquet", filesystem=self.ws.fs, schema=schemas.edits) for p in parts]
         merged = f"review-merged-{batch}"
         self.ws.write_part("edits", merged, pa.concat_tables(tables))
         return merged
-
-    def undo_changes(self, con, batch: str) -> list[dict]:
-        """The edits that take back `batch` (on a connection whose `edits` view is current)."""
-        cur = con.execute(UNDO_SQL, {"batch": batch})
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

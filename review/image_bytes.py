@@ -6,11 +6,11 @@ file. Nothing from the request becomes a path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tarfile
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from udfs.ingest.sources import Unit, read_unit, safe_text
@@ -22,28 +22,12 @@ MAX_MEMBER_BYTES = 1 << 30
 SHARD_INDEXES = 16
 
 
-class ShardIndexes:
-    """{member: (data offset, size)} of recently read local shards, least recently used out."""
-
-    def __init__(self, keep: int = SHARD_INDEXES) -> None:
-        self.keep, self.indexes, self.lock = keep, OrderedDict(), threading.Lock()
-
-    def get(self, path: str) -> dict[str, tuple[int, int]]:
-        stamp = (path, os.stat(path).st_mtime_ns)
-        with self.lock:
-            if stamp in self.indexes:
-                self.indexes.move_to_end(stamp)
-                return self.indexes[stamp]
-        with tarfile.open(path, mode="r:") as tar:
-            index = {safe_text(m.name): (m.offset_data, m.size) for m in tar if m.isfile()}
-        with self.lock:
-            self.indexes[stamp] = index
-            while len(self.indexes) > self.keep:
-                self.indexes.popitem(last=False)
-        return index
-
-
-SHARDS = ShardIndexes()
+@functools.lru_cache(maxsize=SHARD_INDEXES)
+def shard_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """{member: (data offset, size)} of a local shard (the mtime in the key: a rewritten shard is
+    read again)."""
+    with tarfile.open(path, mode="r:") as tar:
+        return {safe_text(m.name): (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
 def image_bytes(source: str, member: str) -> bytes | None:
@@ -51,7 +35,7 @@ def image_bytes(source: str, member: str) -> bytes | None:
     if source.endswith(".tar") and "://" not in source:
         if not os.path.isfile(source):
             return None
-        found = SHARDS.get(source).get(member)
+        found = shard_index(source, os.stat(source).st_mtime_ns).get(member)
         if found is None:
             return None
         with open(source, "rb") as f:

@@ -34,7 +34,7 @@ GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded",
                 "caption_edited", "edited", "width", "height", "clip")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Filters:
     """What the grid shows: a SQL condition over the selection plus the quick filters."""
 
@@ -79,6 +79,7 @@ class ReviewIndex:
         self.generation = -1
         self.stamp: object = None
         self.build_seconds = 0.0
+        self.checked: dict[Filters, tuple[str, dict]] = {}  # filters validated on the current table
 
     # ---- building ---------------------------------------------------------------------
     def fresh(self) -> duckdb.DuckDBPyConnection:
@@ -119,6 +120,7 @@ class ReviewIndex:
         if self.con is not None:
             self.con.close()  # only now: a build that failed leaves the old table serving
         self.con, self.generation = con, generation
+        self.checked.clear()
         self.build_seconds = time.perf_counter() - started
 
     def after_edit(self, keys: list[str], generation_before: int) -> None:
@@ -140,29 +142,35 @@ class ReviewIndex:
 
     # ---- reading ----------------------------------------------------------------------
     def check(self, filters: Filters) -> tuple[str, dict]:
-        """The filter's SQL, validated as export.where is (one SELECT that runs)."""
-        condition, params = filters.sql()
-        query = f"select key from review_rows where {condition}"
+        """The filter's SQL, validated as export.where is (one SELECT that runs); once per filter
+        and table (a grid page asks for the page and for the previous page's cursor)."""
         with self.lock:
             con = self.fresh()
+            if filters in self.checked:
+                return self.checked[filters]
+            condition, params = filters.sql()
+            query = f"select key from review_rows where {condition}"
             if filters.where.strip():
                 check_where(con, query, filters.where.strip())
             try:
                 con.execute(f"{query} limit 0", params)
             except duckdb.Error as exc:
                 raise ConfigError(f"filter {filters.where!r}: {exc}") from exc
-        return condition, params
+            if len(self.checked) > 256:
+                self.checked.clear()
+            self.checked[filters] = condition, params
+            return condition, params
 
-    def page(self, filters: Filters, after: str | None, limit: int) -> list[dict]:
-        """Up to `limit` grid rows with key > after, in key order."""
+    def page(self, filters: Filters, after: str | None, limit: int) -> tuple[list[dict], str | None]:
+        """Up to `limit` grid rows with key > after, in key order, and the `after` of the next page
+        (None on the last)."""
         condition, params = self.check(filters)
         columns = ", ".join(f'"{c}"' for c in GRID_COLUMNS)
-        query = (f"select {columns} from review_rows where key > $after and ({condition}) "
-                 f"order by key limit $limit")
-        with self.lock:
-            cur = self.fresh().execute(query, {**params, "after": after or "", "limit": int(limit)})
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        rows = self.query(f"select {columns} from review_rows where key > $after and ({condition}) "
+                          f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, rows[-1]["key"] if more else None
 
     def before(self, filters: Filters, key: str, limit: int) -> str | None:
         """The `after` cursor of the page that ends just before `key` (for "previous")."""
@@ -207,14 +215,11 @@ class ReviewIndex:
                     yield dict(zip(columns, row, strict=True))
 
     def row(self, key: str) -> dict | None:
-        with self.lock:
-            cur = self.fresh().execute("select * from review_rows where key = $key", {"key": key})
-            names = [d[0] for d in cur.description]
-            found = cur.fetchone()
-        return dict(zip(names, found, strict=True)) if found else None
+        found = self.query("select * from review_rows where key = $key", {"key": key})
+        return found[0] if found else None
 
     def query(self, sql: str, params: dict) -> list[dict]:
-        """Rows of a query on the workspace views (the image page's details)."""
+        """Rows of a query on the review table and the workspace views, as dicts."""
         with self.lock:
             cur = self.fresh().execute(sql, params)
             names = [d[0] for d in cur.description]

@@ -30,14 +30,16 @@ def repeats_of(multiply: float) -> int:
     return max(1, math.floor(float(multiply) + 0.5))
 
 
-def sample_plan(row: dict, opts: dict) -> dict:
+def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dict:
+    """One sample's plan; `rules` are the options' tag text rules (made once per unit by the caller)."""
     width, height = int(row["width"] or 0), int(row["height"] or 0)
     size = target_size(width, height, opts) if width and height else (width, height)
     orientation = int(row.get("orientation") or 1)
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
     caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
-    txt = caption or TagTextRules.from_options(opts).text(row["tags"], row["categories"], row["tag_scores"])
+    rules = rules or TagTextRules.from_options(opts)
+    txt = caption or rules.text(row["tags"], row["categories"], row["tag_scores"])
     repeats = repeats_of(row["multiply"])
     concept = opts["concept"] or row["group"] or "all"
     meta = {
@@ -79,9 +81,10 @@ def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
     max_count, max_bytes = int(opts["max_count"]), int(opts["max_bytes"])
     materialize = bool(opts["materialize_repeats"])
     names: set[str] = set()
+    rules = TagTextRules.from_options(opts)
     samples, shard, count, size = [], 0, 0, 0
     for row in rows:
-        sample = sample_plan(row, opts)
+        sample = sample_plan(row, opts, rules)
         sample["name"] = unique_name(sample["name"], row["key"], names)
         sample["copies"] = []
         for n in range(sample["repeats"] if materialize else 1):
