@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections import Counter
 
 import ray
 
@@ -43,6 +44,8 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
                 "max_caption_chars", "image_max_side")
 REWRITERS = ("", "openai", "vllm")
+# curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
+EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
 
 
 def sql_text(name: str) -> str:
@@ -64,7 +67,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["tags_from_text"]:
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
-    units = stage_inputs(ws, opts)
+    units = stage_inputs(ws, opts, cfg["curate"])
     remove_stale(ws, {u["unit"] for u in units})
     done = ws.done_units("caption")
     pending = [u for u in units if u["unit"] not in done]
@@ -137,9 +140,10 @@ def collect_parts(ds: ray.data.Dataset, progress: Progress, counted: str) -> tup
     return parts, rows
 
 
-def stage_inputs(ws: Workspace, opts: dict) -> list[dict]:
+def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     """The units, each of `unit_size` images in key order (sql/caption_units.sql), their input rows
     streamed from DuckDB into one file per unit (store/staging.py): {"unit", "path", "rows"}.
+    The tagger evidence in the rows uses curate's thresholds (`curate`: its options).
 
     A unit's id hashes its rows' values and the options that shape its output, so new tags or
     other options make a new unit instead of reusing stale captions.
@@ -147,6 +151,8 @@ def stage_inputs(ws: Workspace, opts: dict) -> list[dict]:
     shaping = json.dumps({k: opts.get(k) for k in UNIT_OPTIONS}, sort_keys=True, default=str)
     con = ws.connect()
     try:
+        for name in EVIDENCE_OPTIONS:
+            con.execute(f"set variable {name} = ?", [curate[name]])
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
         reader = con.sql(sql_text("caption_units.sql"),
                          params={"unit_size": max(1, int(opts["unit_size"]))}).to_arrow_reader(50_000)
@@ -200,18 +206,27 @@ def captioner_class(backend: str) -> type:
 
 
 def add_infos(summary: JobSummary, infos: list[dict]) -> None:
-    accuracy, captioned, flagged = 0.0, 0, 0
+    accuracy, captioned, scored, flagged = 0.0, 0, 0, 0
+    not_scored: Counter[str] = Counter()
+    against: Counter[str] = Counter()
     for info in infos:
         summary.rows_in += info["images"]
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
         summary.rows_out["captions"] = summary.rows_out.get("captions", 0) + info["rows"]
         captioned += info["captioned"]
+        scored += info.get("scored", 0)
+        not_scored.update(info.get("not_scored", {}))
+        against.update(info.get("scored_against", {}))
         flagged += info["flagged"]
         accuracy += info["accuracy_sum"]
-    mean = accuracy / captioned if captioned else 0.0
-    summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; mean accuracy {mean:.3f}; "
-                         f"{flagged} flagged for review")
+    summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
+    if scored:
+        by = ", ".join(f"{n} against {what}" for what, n in sorted(against.items()))
+        summary.notes.append(f"scored {scored} captions ({by}): mean accuracy {accuracy / scored:.3f}")
+    if not_scored:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(not_scored.items()))
+        summary.notes.append(f"not scored: {why} (no independent evidence: README, Honest caption scores)")
 
 
 def related_tags(cfg: Config, ws: Workspace) -> int:

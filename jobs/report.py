@@ -15,7 +15,7 @@ import io
 import os
 import tarfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -144,10 +144,20 @@ def balance_plot(out: Path, rows: list[dict]) -> str:
 
 
 def accuracy_plot(out: Path, rows: list[dict]) -> str:
+    """A histogram of the scored captions by backend, and what the scores were computed against."""
     if not rows:
         return no_data("captions")
+    scored = [r for r in rows if r["accuracy"] is not None]
+    against = Counter(r["scored_against"] for r in scored)
+    not_scored = Counter(r["not_scored"] or "unknown" for r in rows if r["accuracy"] is None)
+    summary = (f"<p>{len(rows)} captions: {len(scored)} scored"
+               + "".join(f", {n} against {html.escape(what)}" for what, n in sorted(against.items()))
+               + "".join(f"; {n} not scored ({html.escape(why)})" for why, n in sorted(not_scored.items()))
+               + f"; {sum(1 for r in scored if r['flagged'])} flagged for review.</p>")
+    if not scored:
+        return summary
     by_backend: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
+    for r in scored:
         by_backend[r["backend"]].append(float(r["accuracy"]))
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.hist(list(by_backend.values()), bins=[i / 20 for i in range(21)], label=list(by_backend), stacked=True)
@@ -155,8 +165,7 @@ def accuracy_plot(out: Path, rows: list[dict]) -> str:
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
-    flagged = sum(1 for r in rows if r["flagged"])
-    return save(fig, out, "accuracy") + f"<p>{len(rows)} captions, {flagged} flagged for review.</p>"
+    return save(fig, out, "accuracy") + summary
 
 
 def error_table(rows: list[dict]) -> str:

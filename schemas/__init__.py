@@ -195,7 +195,11 @@ captions = pa.schema(
         ("tag_inclusion", pa.float32()),
         ("english_similarity", pa.float32()),
         ("subject_consistency", pa.float32()),
-        ("accuracy", pa.float32()),
+        ("accuracy", pa.float32()),  # null when not scored
+        # what the scores were computed against: "tagger" (its tags and the person detections),
+        # "curated_tags" (a VLM caption where no tagger ran); null when not scored
+        ("scored_against", pa.string()),
+        ("not_scored", pa.string()),  # why not: "built_from_tags" (a template caption)
         ("quality_tags", pa.list_(pa.string())),
         ("flagged", pa.bool_()),
         ("accepted", pa.bool_()),

@@ -1,11 +1,35 @@
--- caption_inputs: one row per image with what the captioners read.
+-- caption_inputs: one row per image with what the captioners read, and the independent evidence
+-- a caption is scored against.
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql). Rating: image_meta, else
 -- a source rating tag.
--- Parameters: none. Reads images, image_tag_lists, image_meta, source_text.
+-- Evidence (udfs/caption/caption_scoring.py, "Honest scores"): when the tagger ran on the image,
+-- its own tags over curate's thresholds (not the source tags) and the person detections.
+-- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
+-- prepared parameters): general_threshold, character_threshold, person_label, person_threshold.
+-- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections.
 with texts as (
     select key, list(text order by kind, text) as texts
     from source_text
     where kind in ('caption', 'sd_prompt', 'nai_comment')
+    group by key
+),
+tagger_tags as (
+    select key,
+           list(tag order by score desc, tag) filter (where kept) as tags,
+           list(category order by score desc, tag) filter (where kept) as categories
+    from (
+        select key, tag, category, score,
+               -- strictly above, as curate (sql/040_tags.sql) keeps them
+               (category = 'general' and score > getvariable('general_threshold'))
+               or (category = 'character' and score > getvariable('character_threshold')) as kept
+        from tag_scores
+    )
+    group by key
+),
+people_detected as (
+    select key, count(*)::integer as n_people_detected
+    from detections
+    where label = getvariable('person_label') and score >= getvariable('person_threshold')
     group by key
 )
 select i.key,
@@ -16,9 +40,15 @@ select i.key,
        m.n_people,
        coalesce(m.characters, []::varchar[]) as characters,
        coalesce(m.rating, t.source_rating) as rating,
-       coalesce(x.texts, []::varchar[]) as texts
+       coalesce(x.texts, []::varchar[]) as texts,
+       g.key is not null as tagger_ran,
+       coalesce(g.tags, []::varchar[]) as tagger_tags,
+       coalesce(g.categories, []::varchar[]) as tagger_categories,
+       d.n_people_detected
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
 left join texts as x using (key)
+left join tagger_tags as g using (key)
+left join people_detected as d using (key)
 order by i.key

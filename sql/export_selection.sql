@@ -4,7 +4,7 @@
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql), as for the captioners.
 -- Caption: the accepted attempt. Video frames carry their clip's key (`--where "clip = '...'"`).
 -- A person's edits (edit_state, from `booruset review`) win: their caption replaces the accepted
--- one (its scores are then null: nothing scored it), their character replaces the curated ones,
+-- one (its scores are then null, not_scored 'edited_by_person'), their character replaces the curated ones,
 -- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
 -- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
@@ -16,6 +16,8 @@ with accepted as (
            arg_max(english_similarity, attempt) as english_similarity,
            arg_max(subject_consistency, attempt) as subject_consistency,
            arg_max(accuracy, attempt) as accuracy,
+           arg_max(scored_against, attempt) as scored_against,
+           arg_max(not_scored, attempt) as not_scored,
            arg_max(quality_tags, attempt) as quality_tags,
            bool_or(flagged) as flagged
     from captions
@@ -63,6 +65,8 @@ select i.key,
        case when cap.key is null then a.english_similarity end as english_similarity,
        case when cap.key is null then a.subject_consistency end as subject_consistency,
        case when cap.key is null then a.accuracy end as accuracy,
+       case when cap.key is null then a.scored_against end as scored_against,
+       case when cap.key is null then a.not_scored else 'edited_by_person' end as not_scored,
        coalesce(a.quality_tags, []::varchar[]) as quality_tags,
        cap.key is null and coalesce(a.flagged, false) as flagged,
        coalesce(x.excluded, false) as excluded,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+
 import pytest
 
 from jobs import caption
@@ -41,41 +45,102 @@ def configure(config, **options):
     return config
 
 
-def test_caption_job_loop_back_resume_and_rebuild(ray_local, workspace, config):
+def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, workspace, config):
+    """A template caption is built from the curated tags, which hold every tag there is: nothing
+    independent is left to score it against, so its scores are null with the reason, it gets no
+    quality tags and an unreachable target does not make it loop back."""
     write_inputs(workspace)
-    # an unreachable target: every image is captioned max_attempts times, the best attempt is kept
     summary = caption.run(configure(config, max_attempts=3, target=1.01), workspace)
     rows = workspace.read_table("captions").to_pylist()
     captioned = ["a/girl", "a/pair", "a/scene", "b/from_source"]
-    assert sorted({r["key"] for r in rows}) == captioned
-    for key in captioned:
-        mine = [r for r in rows if r["key"] == key]
-        assert sorted(r["attempt"] for r in mine) == [0, 1, 2]  # loop-back stops at N
-        accepted = [r for r in mine if r["accepted"]]
-        assert len(accepted) == 1 and accepted[0]["accuracy"] == max(r["accuracy"] for r in mine)
-        assert len({r["seed"] for r in mine}) == 3
-        for r in mine:
-            assert r["accuracy"] == pytest.approx(
-                (r["tag_inclusion"] + r["english_similarity"] + r["subject_consistency"]) / 3, abs=1e-6)
-            assert r["quality_tags"][0].startswith("auto_") and r["flagged"] == (r["accuracy"] < 0.4)
-    girl = next(r for r in rows if r["key"] == "a/girl" and r["attempt"] == 0)
+    assert sorted(r["key"] for r in rows) == captioned  # one attempt each
+    for r in rows:
+        assert r["attempt"] == 0 and r["accepted"] and not r["flagged"] and r["quality_tags"] == []
+        assert r["accuracy"] is None and r["tag_inclusion"] is None and r["english_similarity"] is None
+        assert r["not_scored"] == "built_from_tags" and r["scored_against"] is None
+    girl = next(r for r in rows if r["key"] == "a/girl")
     assert girl["caption"].startswith("Eileen from Ren'py with short red hair and blue eyes")
-    assert girl["accuracy"] == 1.0 and girl["quality_tags"] == ["auto_best_caption", "accuracy_90"]
-    source = next(r for r in rows if r["key"] == "b/from_source" and r["accepted"])
+    source = next(r for r in rows if r["key"] == "b/from_source")
     assert "green hair" in source["caption"]  # no curated tags: source tags are used
     errors = workspace.read_table("errors").to_pylist()
     assert [(e["key"], e["kind"], e["dropped"]) for e in errors] == [("a/untagged", "no_tags", True)]
-    assert summary.rows_in == 5 and summary.rows_out["captions"] == 12 and summary.dropped == 1
+    assert summary.rows_in == 5 and summary.rows_out["captions"] == 4 and summary.dropped == 1
     assert summary.units_done == 3
+    assert "not scored: 4 built_from_tags (no independent evidence: README, Honest caption scores)" in summary.notes
 
     # resume: nothing to do, same rows
     again = caption.run(config, workspace)
     assert again.units_done == 0 and again.units_skipped == 3
     assert sorted(map(str, workspace.read_table("captions").to_pylist())) == sorted(map(str, rows))
 
-    # another target: new units, the old ones' rows are gone, one attempt suffices
-    configure(config, target=0.6)
+    # another style: new units, the old ones' rows are gone
+    configure(config, template_style="asp")
     caption.run(config, workspace)
     rows = workspace.read_table("captions").to_pylist()
-    assert sorted(r["key"] for r in rows) == captioned and all(r["accepted"] for r in rows)
+    assert sorted(r["key"] for r in rows) == captioned and all(r["backend"] == "template:asp" for r in rows)
     assert len(workspace.read_table("errors")) == 1
+
+
+class EchoDraft(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint on loopback whose "VLM" writes back the draft caption of
+    its prompt (the template of this attempt's tags): a caption whose words the test knows, from a
+    backend that is scored (a test double for a VLM, which cannot run here)."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"].split("DRAFT:", 1)[1]
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echo_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoDraft)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, workspace, config, echo_server):
+    write_inputs(workspace)
+    # the tagger saw a/girl with black hair (her source tags say red) and a/pair as two girls
+    workspace.add_part("tag_scores", "u", [
+        {"key": k, "tag": t, "category": c, "score": s, "model": "wd"} for k, t, c, s in [
+            ("a/girl", "1girl", "general", 0.99), ("a/girl", "black_hair", "general", 0.9),
+            ("a/girl", "smile", "general", 0.8), ("a/girl", "red_hair", "general", 0.2),
+            ("a/girl", "general", "rating", 0.9),
+            ("a/pair", "black_hair", "general", 0.9), ("a/pair", "school_uniform", "general", 0.7)]])
+    workspace.add_part("detections", "u", [
+        {"key": "a/pair", "model": "person", "label": "person", "score": 0.9, "x0": x, "y0": 0.1, "x1": x + 0.3,
+         "y1": 0.9} for x in (0.1, 0.6)])
+    configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=False,
+              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.01, related_tags=False)
+    summary = caption.run(config, workspace)
+    rows = workspace.read_table("captions").to_pylist()
+    keys = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]  # a VLM needs no tags
+    assert sorted({r["key"] for r in rows}) == keys
+    for key in keys:
+        mine = [r for r in rows if r["key"] == key]
+        assert sorted(r["attempt"] for r in mine) == [0, 1, 2]  # the target is unreachable: loop-back stops at N
+        accepted = [r for r in mine if r["accepted"]]
+        assert len(accepted) == 1 and accepted[0]["accuracy"] == max(r["accuracy"] for r in mine)
+        for r in mine:
+            assert r["accuracy"] == pytest.approx(
+                (r["tag_inclusion"] + r["english_similarity"] + r["subject_consistency"]) / 3, abs=1e-6)
+            assert r["quality_tags"][0].startswith("auto_") and r["flagged"] == (r["accuracy"] < 0.4)
+            assert r["scored_against"] == ("tagger" if key in ("a/girl", "a/pair") else "curated_tags")
+    girl = next(r for r in rows if r["key"] == "a/girl" and r["attempt"] == 0)
+    # the caption says red hair (the source tags); of the tagger's black_hair and smile only smile is in it
+    assert "red hair" in girl["caption"] and "black hair" not in girl["caption"]
+    assert girl["tag_inclusion"] == pytest.approx(0.5) and girl["accuracy"] < 0.9
+    pair = next(r for r in rows if r["key"] == "a/pair" and r["attempt"] == 0)
+    assert pair["subject_consistency"] == 1.0 and pair["tag_inclusion"] == 1.0  # two girls, two person boxes
+    assert any("against tagger" in n and "against curated_tags" in n for n in summary.notes)

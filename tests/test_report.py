@@ -40,8 +40,12 @@ def test_report_has_every_section_and_its_pictures(report):
                   "Balance before and after multiply", "Caption accuracy", "Examples"):
         assert f"<h2>{title}" in page
     sources = re.findall(r'<img src="([^"]+)"', page)
-    for plot in ("stages.png", "tags.png", "characters.png", "people.png", "balance.png", "accuracy.png"):
+    for plot in ("stages.png", "tags.png", "characters.png", "people.png", "balance.png"):
         assert plot in sources and (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the sample's template captions are built from its tags: the report says so, with no plot
+    captioned = ws.connect().execute("select count(*) from captions where accepted").fetchone()[0]
+    assert f"{captioned} captions: 0 scored; {captioned} not scored (built_from_tags)" in page
+    assert "accuracy.png" not in sources
     examples = [s for s in sources if s.startswith("examples/")]
     exported = ws.connect().execute("select count(distinct key) from export_manifest").fetchone()[0]
     assert len(examples) == min(12, exported) and all((out / s).is_file() for s in examples)
@@ -74,3 +78,16 @@ def test_report_renders_in_chromium_with_all_images_loaded(report, tmp_path):
         assert image.size == (1200, 3000)
         colours = image.convert("RGB").resize((300, 750)).getcolors(maxcolors=1 << 20)
     assert len(colours) > 50  # plots and photos, not a blank or error page
+
+
+def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
+    from jobs.report import accuracy_plot
+
+    rows = [{"key": f"k{i}", "backend": "openai:joy", "accuracy": a, "flagged": a < 0.4, "scored_against": w,
+             "not_scored": None} for i, (a, w) in enumerate([(0.9, "tagger"), (0.3, "tagger"), (0.7, "curated_tags")])]
+    rows.append({"key": "k9", "backend": "openai:joy", "accuracy": None, "flagged": False, "scored_against": None,
+                 "not_scored": "built_from_tags"})
+    html = accuracy_plot(tmp_path, rows)
+    assert "4 captions: 3 scored, 1 against curated_tags, 2 against tagger; 1 not scored (built_from_tags); " \
+           "1 flagged for review." in html
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ restarted job redoes only uncommitted units.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import zlib
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from store.staging import read_unit_rows
 from store.workspace import Workspace
-from udfs.caption.caption_scoring import CaptionScorer, QualityBands, SentenceEncoder
+from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
 from udfs.caption.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
 
 PINNED = ("count", "count_word", "character", "copyright")  # tag groups loop-back never drops nor moves
@@ -52,12 +53,17 @@ def hint_for(row: dict, attempt: int, seed: int, drop_share: float, vocab: Templ
     return Hint([t for t, _ in kept], [c for _, c in kept], seed + attempt)
 
 
+def count_people(tags: list[str], vocab: TemplateVocab) -> int | None:
+    """People from the count tags (1girl, 2boys, no_humans, ...); None when there are none."""
+    counts = [vocab.count[t][0] for t in tags if t in vocab.count]
+    return sum(counts) if counts else None
+
+
 def image_people(row: dict, vocab: TemplateVocab) -> int | None:
     """n_people from image_meta, else from the count tags, else unknown."""
     if row.get("n_people") is not None:
         return int(row["n_people"])
-    counts = [vocab.count[t][0] for t in row["tags"] if t in vocab.count]
-    return sum(counts) if counts else None
+    return count_people(row["tags"], vocab)
 
 
 def image_names(row: dict) -> list[str]:
@@ -66,18 +72,68 @@ def image_names(row: dict) -> list[str]:
     return [name_of(c) for c in chars]
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What one image's captions are scored against: never what they were built from.
+
+    against: "tagger" (the tagger's own tags and the person detections), "curated_tags" (a VLM's
+    caption where no tagger ran: the tags it was given as hints, but it wrote from the image), or
+    None with `not_scored` saying why.
+    """
+
+    against: str | None
+    tags: list[str]
+    categories: list[str]
+    people: int | None
+    not_scored: str | None = None
+
+
+BUILT_FROM_TAGS = Evidence(None, [], [], None, "built_from_tags")
+
+
+def evidence_for(row: dict, builds_from_tags: bool, vocab: TemplateVocab) -> Evidence:
+    """The evidence for one image (a row of sql/caption_inputs.sql) and a backend.
+
+    A template caption is built from the curated tags, which hold every tag we have (source and
+    tagger): nothing independent is left, so it is not scored.
+    """
+    if builds_from_tags:
+        return BUILT_FROM_TAGS
+    if row.get("tagger_ran"):
+        tags, categories = list(row["tagger_tags"]), list(row["tagger_categories"])
+        people = row.get("n_people_detected") or count_people(tags, vocab)
+        return Evidence("tagger", tags, categories, people)
+    return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab))
+
+
+@dataclass
+class Judge:
+    """One unit's evidence, reference captions (the template of the evidence) and names."""
+
+    evidence: list[Evidence]
+    references: list[str]
+    names: list[list[str]]
+
+    def score(self, scorer: CaptionScorer, images: list[int], captions: list[str]) -> Scores:
+        return scorer.score(captions, [self.references[i] for i in images],
+                            [self.evidence[i].tags for i in images], [self.evidence[i].categories for i in images],
+                            [self.evidence[i].people for i in images], [self.names[i] for i in images])
+
+
 class UnitCaptioner:
     """Base of the per-backend callable classes handed to map_batches."""
 
     backend = "base"
     needs_tags = True  # the template cannot caption an image without tags; a VLM can
+    builds_from_tags = False  # a caption made from the tags alone has no independent evidence left
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.ws = Workspace(workspace)
         self.opts = options
         self.vocab = TemplateVocab()
         self.templates = TemplateCaptions(self.vocab)
-        encoder = SentenceEncoder(options["embedding_model"], batch_size=int(options["embedding_batch_size"]))
+        encoder = None if self.builds_from_tags else SentenceEncoder(  # nothing to score: no model to load
+            options["embedding_model"], batch_size=int(options["embedding_batch_size"]))
         skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
         self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
@@ -125,65 +181,76 @@ class UnitCaptioner:
             if not (r["tags"] or not self.needs_tags):
                 errors.append(self._error(r, "no_tags", "no curated or source tags: the template has nothing to say",
                                           dropped=True))
-        references = self.templates.english(
-            pa.array([r["tags"] for r in todo], pa.list_(pa.string())),
-            pa.array([r["categories"] for r in todo], pa.list_(pa.string())),
-            pa.array([r["n_people"] for r in todo], pa.int32()))
-        people = [image_people(r, self.vocab) for r in todo]
-        names = [image_names(r) for r in todo]
+        drafts = self._english([r["tags"] for r in todo], [r["categories"] for r in todo],
+                               [r["n_people"] for r in todo])
+        evidence = [evidence_for(r, self.builds_from_tags, self.vocab) for r in todo]
+        references = [""] * len(todo) if self.builds_from_tags else self._english(
+            [e.tags for e in evidence], [e.categories for e in evidence], [e.people for e in evidence])
+        judge = Judge(evidence, references, [image_names(r) for r in todo])
         attempts: list[dict] = []
-        best: dict[int, float] = {}
+        best: dict[int, float] = {}  # an image with no score is settled by its first caption
         pending = list(range(len(todo)))
         seed, target = int(self.opts["seed"]), float(self.opts["target"])
         for attempt in range(int(self.opts["max_attempts"])):
             hints = [hint_for(todo[i], attempt, seed, float(self.opts["drop_per_attempt"]), self.vocab)
                      for i in pending]
-            drafts = self._drafts(todo, pending, hints, references, attempt)
-            results = self.caption([todo[i] for i in pending], hints, drafts, attempt)
+            attempt_drafts = self._drafts(todo, pending, hints, drafts, attempt)
+            results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
             done = []
             for i, hint, result in zip(pending, hints, results, strict=True):
                 if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
                     done.append((i, hint.seed, result.strip(), self.backend_name(todo[i])))
-            for row in self._scored(done, attempt, todo, references, people, names):
+            for row in self._scored(done, attempt, todo, judge):
                 attempts.append(row)
-                best[row["_i"]] = max(best.get(row["_i"], -1.0), row["accuracy"])
+                settled = math.inf if row["accuracy"] is None else row["accuracy"]
+                best[row["_i"]] = max(best.get(row["_i"], -1.0), settled)
             pending = [i for i in pending if best.get(i, -1.0) < target]
             if not pending:
                 break
         if self.rewriter is not None:
-            attempts += self._rewrites(attempts, todo, references, people, names, errors)
+            attempts += self._rewrites(attempts, todo, judge, errors)
         for i, r in enumerate(todo):
             if i not in best:
                 errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
         return self._accept(attempts), errors
 
-    def _drafts(self, todo, pending, hints, references, attempt) -> list[str]:
-        if attempt == 0:
-            return [references[i] for i in pending]
-        return self.templates.english(pa.array([h.tags for h in hints], pa.list_(pa.string())),
-                                      pa.array([h.categories for h in hints], pa.list_(pa.string())),
-                                      pa.array([todo[i]["n_people"] for i in pending], pa.int32()))
+    def _english(self, tags: list, categories: list, people: list) -> list[str]:
+        strings = pa.list_(pa.string())
+        return self.templates.english(pa.array(tags, strings), pa.array(categories, strings),
+                                      pa.array(people, pa.int32()))
 
-    def _scored(self, done, attempt, todo, references, people, names) -> list[dict]:
+    def _drafts(self, todo, pending, hints, drafts, attempt) -> list[str]:
+        if attempt == 0:
+            return [drafts[i] for i in pending]
+        return self._english([h.tags for h in hints], [h.categories for h in hints],
+                             [todo[i]["n_people"] for i in pending])
+
+    def _scored(self, done, attempt, todo, judge: Judge) -> list[dict]:
+        """Attempt rows of the captions in `done`, scored against each image's evidence."""
         if not done:
             return []
-        idx = [d[0] for d in done]
-        scores = self.scorer.score([d[2] for d in done], [references[i] for i in idx],
-                                   [todo[i]["tags"] for i in idx], [todo[i]["categories"] for i in idx],
-                                   [people[i] for i in idx], [names[i] for i in idx])
-        accuracy = scores.accuracy
+        scored = [j for j, d in enumerate(done) if judge.evidence[d[0]].against is not None]
+        scores = judge.score(self.scorer, [done[j][0] for j in scored], [done[j][2] for j in scored]) \
+            if scored else None
+        by_done = dict(zip(scored, range(len(scored)), strict=True))
         rows = []
         for j, (i, seed, caption, backend) in enumerate(done):
-            acc = float(accuracy[j])
-            rows.append({"_i": i, "key": todo[i]["key"], "attempt": attempt, "backend": backend, "seed": seed,
-                         "caption": caption, "tag_inclusion": float(scores.tag_inclusion[j]),
-                         "english_similarity": float(scores.english_similarity[j]),
-                         "subject_consistency": float(scores.subject_consistency[j]), "accuracy": acc,
-                         "quality_tags": self.bands.tags(acc), "flagged": self.bands.flagged(acc),
-                         "accepted": False})
+            row = {"_i": i, "key": todo[i]["key"], "attempt": attempt, "backend": backend, "seed": seed,
+                   "caption": caption, "tag_inclusion": None, "english_similarity": None,
+                   "subject_consistency": None, "accuracy": None, "scored_against": judge.evidence[i].against,
+                   "not_scored": judge.evidence[i].not_scored, "quality_tags": [], "flagged": False,
+                   "accepted": False}
+            if j in by_done:
+                k = by_done[j]
+                acc = float(scores.accuracy[k])
+                row.update(tag_inclusion=float(scores.tag_inclusion[k]),
+                           english_similarity=float(scores.english_similarity[k]),
+                           subject_consistency=float(scores.subject_consistency[k]), accuracy=acc,
+                           quality_tags=self.bands.tags(acc), flagged=self.bands.flagged(acc))
+            rows.append(row)
         return rows
 
-    def _rewrites(self, attempts, todo, references, people, names, errors) -> list[dict]:
+    def _rewrites(self, attempts, todo, judge: Judge, errors) -> list[dict]:
         best = _best_rows(attempts)
         chosen = [best[i] for i in sorted(best)]
         keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
@@ -193,7 +260,7 @@ class UnitCaptioner:
             if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
                 done.append((r["_i"], r["seed"], result.strip(), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
-        rows = self._scored(done, attempt, todo, references, people, names)
+        rows = self._scored(done, attempt, todo, judge)
         tolerance = float(self.opts["rewrite_tolerance"])
         for row in rows:  # a shorter caption may lose a little accuracy and still win
             row["_bonus"] = tolerance
@@ -226,20 +293,30 @@ class UnitCaptioner:
 
 
 def _best_rows(attempts: list[dict]) -> dict[int, dict]:
-    """Per image the row with the highest accuracy (+ a rewrite's tolerance); the first on ties."""
+    """Per image the row with the highest accuracy (+ a rewrite's tolerance); the first on ties.
+    Without scores the rewrite wins: it was asked for, and nothing says it is worse."""
     best: dict[int, dict] = {}
     for row in attempts:
         current = best.get(row["_i"])
-        if current is None or row["accuracy"] + row.get("_bonus", 0.0) > current["accuracy"] + current.get("_bonus", 0):
+        if current is None or _rank(row) > _rank(current):
             best[row["_i"]] = row
     return best
 
 
+def _rank(row: dict) -> float:
+    if row["accuracy"] is None:
+        return 1.0 if "_bonus" in row else 0.0
+    return row["accuracy"] + row.get("_bonus", 0.0)
+
+
 def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
     accepted = [c for c in captions if c["accepted"]]
-    return {"images": images, "rows": len(captions), "captioned": len(accepted),
+    scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
+    return {"images": images, "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
+            "not_scored": dict(Counter(c["not_scored"] for c in accepted if c["not_scored"])),
+            "scored_against": dict(Counter(c["scored_against"] for c in accepted if c["scored_against"])),
             "flagged": sum(c["flagged"] for c in accepted),
-            "accuracy_sum": float(np.sum([c["accuracy"] for c in accepted])) if accepted else 0.0,
+            "accuracy_sum": float(np.sum(scored)) if scored else 0.0,
             "attempts": Counter(str(c["attempt"]) for c in captions),
             "error_kinds": dict(Counter(e["kind"] for e in errors)),
             "dropped": sum(e["dropped"] for e in errors), "seconds": round(seconds, 4)}
@@ -249,6 +326,7 @@ class TemplateCaptioner(UnitCaptioner):
     """No model: the English template, or the anime_screenshot_pipeline-style tag caption."""
 
     backend = "template"
+    builds_from_tags = True
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)
