@@ -1,13 +1,13 @@
 """`booruset curate`: DuckDB over the workspace tables -> tags, image_meta, duplicates, clusters,
-groups, balance.
+character_traits, groups, balance.
 
 The curation logic is the SQL in sql/ (one SELECT per file, run in file-name order; each file
 creates the table its name ends with). Python does only what SQL cannot: loading lookup files,
 LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of CCIP crops.
 
-Curate is a global job: each run rebuilds its six tables. Intermediate tables live in a DuckDB
+Curate is a global job: each run rebuilds its seven tables. Intermediate tables live in a DuckDB
 database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
-written as new Parquet parts, and one publish makes all six visible at once (the workspace's
+written as new Parquet parts, and one publish makes all seven visible at once (the workspace's
 published generation): a killed run leaves the old tables as they were, never half of each.
 """
 
@@ -33,7 +33,7 @@ from udfs.curate import ccip_cluster, near_duplicates, tag_rules
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings", "edits"]
-OUTPUTS = ["tags", "image_meta", "duplicates", "clusters", "groups", "balance"]
+OUTPUTS = ["tags", "image_meta", "character_traits", "duplicates", "clusters", "groups", "balance"]
 OWNER = "curate"  # the owner of curate's parts in the published generation
 IMAGES_PER_PARTITION = 250_000
 ROWS_PER_FILE = 4_000_000
@@ -70,6 +70,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]
     for step, action in [
         ("tags", lambda: build_tags(con, params, opts)),
         ("image_meta", lambda: run_model(con, "050_image_meta", params)),
+        ("character_traits", lambda: run_model(con, "055_character_traits", params)),
         ("duplicates", lambda: build_duplicates(con, params, opts)),
         ("clusters", lambda: build_clusters(con, params, opts)),
         ("groups", lambda: run_model(con, "080_groups", params)),
@@ -164,6 +165,8 @@ def sql_params(opts: dict) -> dict:
         "general_threshold": float(opts["general_threshold"]),
         "character_threshold": float(opts["character_threshold"]),
         "drop_character_traits": bool(opts["drop_character_traits"]),
+        "trait_share": float(opts["trait_share"]),
+        "trait_min_images": int(opts["trait_min_images"]),
         "face_label": str(opts["face_label"]),
         "face_threshold": float(opts["face_threshold"]),
         "max_face_aspect": float(opts["max_face_aspect"]),

@@ -26,8 +26,8 @@ def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_mo
         "detections": index.query("select label, model, score, x0, y0, x1, y1 from detections where key = $key "
                                   "order by label, score desc", params),
         "captions": index.query("select attempt, backend, caption, accuracy, tag_inclusion, english_similarity, "
-                                "subject_consistency, scored_against, not_scored, quality_tags, flagged, accepted "
-                                "from captions "
+                                "subject_consistency, scored_against, not_scored, lint, quality_tags, flagged, "
+                                "accepted from captions "
                                 "where key = $key order by attempt", params),
         "duplicates": index.query("select d.key, d.reason, d.is_representative, r.sha256 from duplicates d "
                                   "join review_rows r using (key) where d.dup_group = "

@@ -155,6 +155,17 @@ image_meta = pa.schema(
     ]
 )
 
+# A character's fixed traits (curate, sql/055_character_traits.sql): the caption lint flags
+# captions that repeat them, so a character LoRA's trigger word learns them.
+character_traits = pa.schema(
+    [
+        ("character", pa.string()),
+        ("tag", pa.string()),
+        ("images", pa.int64()),  # images naming this character alone
+        ("share", pa.float32()),  # of them carrying the tag
+    ]
+)
+
 duplicates = pa.schema(
     [
         ("key", pa.string()),
@@ -200,6 +211,7 @@ captions = pa.schema(
         # "curated_tags" (a VLM caption where no tagger ran); null when not scored
         ("scored_against", pa.string()),
         ("not_scored", pa.string()),  # why not: "built_from_tags" (a template caption)
+        ("lint", pa.list_(pa.string())),  # the character's fixed traits the caption repeats
         ("quality_tags", pa.list_(pa.string())),
         ("flagged", pa.bool_()),
         ("accepted", pa.bool_()),

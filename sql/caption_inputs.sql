@@ -6,7 +6,7 @@
 -- its own tags over curate's thresholds (not the source tags) and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold.
--- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections.
+-- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits.
 with texts as (
     select key, list(text order by kind, text) as texts
     from source_text
@@ -26,6 +26,14 @@ tagger_tags as (
     )
     group by key
 ),
+image_traits as (
+    -- the fixed traits of the one character an image names (caption lint, character_traits)
+    select m.key, list(c.tag order by c.tag) as traits
+    from image_meta m
+    join character_traits c on c.character = m.characters[1]
+    where len(m.characters) = 1
+    group by m.key
+),
 people_detected as (
     select key, count(*)::integer as n_people_detected
     from detections
@@ -44,11 +52,13 @@ select i.key,
        g.key is not null as tagger_ran,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,
-       d.n_people_detected
+       d.n_people_detected,
+       coalesce(r.traits, []::varchar[]) as traits
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
 left join texts as x using (key)
 left join tagger_tags as g using (key)
 left join people_detected as d using (key)
+left join image_traits as r using (key)
 order by i.key

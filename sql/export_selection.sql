@@ -18,6 +18,7 @@ with accepted as (
            arg_max(accuracy, attempt) as accuracy,
            arg_max(scored_against, attempt) as scored_against,
            arg_max(not_scored, attempt) as not_scored,
+           arg_max(lint, attempt) as lint,
            arg_max(quality_tags, attempt) as quality_tags,
            bool_or(flagged) as flagged
     from captions
@@ -67,6 +68,7 @@ select i.key,
        case when cap.key is null then a.accuracy end as accuracy,
        case when cap.key is null then a.scored_against end as scored_against,
        case when cap.key is null then a.not_scored else 'edited_by_person' end as not_scored,
+       case when cap.key is null then coalesce(a.lint, []::varchar[]) else []::varchar[] end as lint,
        coalesce(a.quality_tags, []::varchar[]) as quality_tags,
        cap.key is null and coalesce(a.flagged, false) as flagged,
        coalesce(x.excluded, false) as excluded,

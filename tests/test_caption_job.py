@@ -81,6 +81,22 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
     assert len(workspace.read_table("errors")) == 1
 
 
+def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, workspace, config):
+    write_inputs(workspace)
+    workspace.add_part("character_traits", "u", [
+        {"character": "eileen_(ren'py)", "tag": t, "images": 10, "share": 0.9} for t in ("red_hair", "blue_eyes")])
+    caption.run(configure(config), workspace)
+    girl = next(r for r in workspace.read_table("captions").to_pylist() if r["key"] == "a/girl")
+    assert "short red hair and blue eyes" in girl["caption"]
+    assert girl["lint"] == ["blue_eyes", "red_hair"]
+    assert all(r["lint"] == [] for r in workspace.read_table("captions").to_pylist() if r["key"] != "a/girl")
+
+    caption.run(configure(config, lint_strip_traits=True), workspace)
+    girl = next(r for r in workspace.read_table("captions").to_pylist() if r["key"] == "a/girl")
+    assert girl["caption"].startswith("Eileen from Ren'py with short hair") and girl["lint"] == []
+    assert "red" not in girl["caption"] and "blue" not in girl["caption"].split(".")[0]
+
+
 class EchoDraft(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint on loopback whose "VLM" writes back the draft caption of
     its prompt (the template of this attempt's tags): a caption whose words the test knows, from a

@@ -105,3 +105,15 @@ def test_quality_bands():
     assert bands.flagged(0.39) and not bands.flagged(0.4)
     custom = QualityBands(((0.5, "good"), (0.0, "bad")), step=25, review_floor=0.2)
     assert custom.tags(0.6) == ["good", "accuracy_50"]
+
+
+def test_trait_lint_finds_and_cuts_multi_word_traits_only():
+    from udfs.caption.caption_lint import TraitLint
+
+    lint = TraitLint(CaptionScorer(None))
+    caption = "Eileen with short red hair and blue eyes, in a red dress. She has freckles."
+    assert lint.offending(caption, ["red_hair", "blue_eyes", "freckles", "green_hair"]) == [
+        "red_hair", "blue_eyes", "freckles"]
+    stripped = lint.strip(caption, ["red_hair", "blue_eyes", "freckles"])
+    assert stripped == "Eileen with short hair and eyes, in a red dress. She has freckles."
+    assert lint.offending(stripped, ["red_hair", "blue_eyes", "freckles"]) == ["freckles"]

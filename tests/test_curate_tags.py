@@ -161,6 +161,28 @@ def test_character_traits_dropped_only_for_named_characters(workspace):
     assert sorted(got["anon"]) == sorted(general)
 
 
+def test_a_characters_fixed_traits_are_those_most_of_its_solo_images_carry(workspace):
+    """character_traits (for the caption lint): trait tags on >= trait_share of the images naming
+    the character alone, counted from source and tagger tags even when curate drops the traits."""
+    keys = [f"e{i}" for i in range(4)] + ["duo", "l0", "l1"]
+    workspace.add_part("images", "p", image_rows(keys))
+    rows = []
+    for i in range(4):  # Eileen: red hair and blue eyes always, a ponytail once, smiling (not a trait)
+        tags = ["red_hair", "smile"] + (["ponytail"] if i == 0 else [])
+        rows += source_rows(f"e{i}", tags) + source_rows(f"e{i}", ["eileen"], "character")
+    rows += source_rows("duo", ["black_hair"]) + source_rows("duo", ["eileen", "lucy"], "character")
+    rows += [r for k in ("l0", "l1") for r in source_rows(k, ["black_hair"]) + source_rows(k, ["lucy"], "character")]
+    workspace.add_part("source_tags", "p", rows)
+    workspace.add_part("tag_scores", "p", [r for i in range(4) for r in score_rows(f"e{i}", {"blue_eyes": 0.9})]
+                       + score_rows("e0", {"green_eyes": 0.2}))
+    run_curate(workspace, drop_character_traits=True, trait_share=0.5, trait_min_images=3)
+    traits = sorted((r["character"], r["tag"], r["images"], r["share"])
+                    for r in workspace.read_table("character_traits").to_pylist())
+    # lucy has two solo images (< trait_min_images); the duo names two characters and counts for neither
+    assert traits == [("eileen", "blue_eyes", 4, 1.0), ("eileen", "red_hair", 4, 1.0)]
+    assert "red_hair" not in tags_of(workspace)["e0"]  # dropped from the tags, still counted
+
+
 def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
     path = __import__("conftest").shared_path("tagdata", "character_tags.json")
     workspace.add_part("images", "p", image_rows(["a"]))

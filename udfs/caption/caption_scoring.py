@@ -82,15 +82,22 @@ def tag_words(tag: str, category: str, forms: WordForms) -> tuple[str, ...]:
     return tuple(w for w in forms.words(tag.replace("_", " ")) if w not in STOP)
 
 
-def expresses(words: tuple[str, ...], positions: dict[str, list[int]]) -> bool:
-    """The caption (word -> positions) has the head word with the tag's other words near it."""
+def matches(words: tuple[str, ...], positions: dict[str, list[int]]):
+    """Each place the caption (word -> positions) expresses a tag: for one occurrence of its head
+    word, the positions of its other words near it."""
     if not words:
-        return False
+        return
     head, others = words[-1], words[:-1]
     for p in positions.get(head, ()):
-        if all(any(p - BEFORE <= q <= p + AFTER and q != p for q in positions.get(w, ())) for w in others):
-            return True
-    return False
+        near = [next((q for q in positions.get(w, ()) if p - BEFORE <= q <= p + AFTER and q != p), None)
+                for w in others]
+        if None not in near:
+            yield near
+
+
+def expresses(words: tuple[str, ...], positions: dict[str, list[int]]) -> bool:
+    """The caption (word -> positions) has the head word with the tag's other words near it."""
+    return next(matches(words, positions), None) is not None
 
 
 def word_positions(words: list[str]) -> dict[str, list[int]]:

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from store.staging import read_unit_rows
 from store.workspace import Workspace
+from udfs.caption.caption_lint import TraitLint
 from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
 from udfs.caption.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
 
@@ -51,6 +52,19 @@ def hint_for(row: dict, attempt: int, seed: int, drop_share: float, vocab: Templ
     random.Random((seed + attempt) * 1_000_003 + zlib.crc32(row["key"].encode())).shuffle(rest)
     kept = pinned + rest
     return Hint([t for t, _ in kept], [c for _, c in kept], seed + attempt)
+
+
+def without_traits(row: dict) -> dict:
+    """An input row whose tags (and tagger evidence) lack its character's fixed traits: captions
+    are not asked to say them, nor scored for leaving them out (caption.lint_strip_traits)."""
+    traits = set(row.get("traits") or [])
+    if not traits:
+        return row
+    out = dict(row)
+    for tags, categories in (("tags", "categories"), ("tagger_tags", "tagger_categories")):
+        kept = [(t, c) for t, c in zip(row.get(tags) or [], row.get(categories) or [], strict=True) if t not in traits]
+        out[tags], out[categories] = [t for t, _ in kept], [c for _, c in kept]
+    return out
 
 
 def count_people(tags: list[str], vocab: TemplateVocab) -> int | None:
@@ -136,6 +150,7 @@ class UnitCaptioner:
             options["embedding_model"], batch_size=int(options["embedding_batch_size"]))
         skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
         self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
+        self.lint = TraitLint(self.scorer)
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
                                   int(options["accuracy_step"]), float(options["review_floor"]))
         self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
@@ -175,6 +190,8 @@ class UnitCaptioner:
     def caption_unit(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
         """All attempt rows (scored, best accepted, quality tags) and error rows of one unit."""
         rows = table.to_pylist()
+        if self.opts["lint_strip_traits"]:
+            rows = [without_traits(r) for r in rows]
         errors: list[dict] = []
         todo = [r for r in rows if r["tags"] or not self.needs_tags]
         for r in rows:
@@ -199,7 +216,7 @@ class UnitCaptioner:
             done = []
             for i, hint, result in zip(pending, hints, results, strict=True):
                 if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
-                    done.append((i, hint.seed, result.strip(), self.backend_name(todo[i])))
+                    done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
             for row in self._scored(done, attempt, todo, judge):
                 attempts.append(row)
                 settled = math.inf if row["accuracy"] is None else row["accuracy"]
@@ -213,6 +230,13 @@ class UnitCaptioner:
             if i not in best:
                 errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
         return self._accept(attempts), errors
+
+    def _text(self, row: dict, result: str) -> str:
+        """A caption's final text: trimmed, and without the character's traits when asked."""
+        text = result.strip()
+        if self.opts["lint_strip_traits"]:
+            text = self.lint.strip(text, row.get("traits") or [])
+        return text
 
     def _english(self, tags: list, categories: list, people: list) -> list[str]:
         strings = pa.list_(pa.string())
@@ -238,8 +262,9 @@ class UnitCaptioner:
             row = {"_i": i, "key": todo[i]["key"], "attempt": attempt, "backend": backend, "seed": seed,
                    "caption": caption, "tag_inclusion": None, "english_similarity": None,
                    "subject_consistency": None, "accuracy": None, "scored_against": judge.evidence[i].against,
-                   "not_scored": judge.evidence[i].not_scored, "quality_tags": [], "flagged": False,
-                   "accepted": False}
+                   "not_scored": judge.evidence[i].not_scored,
+                   "lint": self.lint.offending(caption, todo[i].get("traits") or []), "quality_tags": [],
+                   "flagged": False, "accepted": False}
             if j in by_done:
                 k = by_done[j]
                 acc = float(scores.accuracy[k])
@@ -258,7 +283,7 @@ class UnitCaptioner:
         done = []
         for r, result in zip(chosen, results, strict=True):
             if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
-                done.append((r["_i"], r["seed"], result.strip(), f"rewrite:{self.rewriter.name}"))
+                done.append((r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
         rows = self._scored(done, attempt, todo, judge)
         tolerance = float(self.opts["rewrite_tolerance"])

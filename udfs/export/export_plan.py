@@ -56,6 +56,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    if row.get("lint"):  # the character's fixed traits the caption repeats (caption lint)
+        meta["lint"] = row["lint"]
     if row.get("caption_edited"):  # written by a person (booruset review), not by a captioner
         meta["caption_edited"] = True
     if row.get("clip"):  # a video or animation frame: which clip, and when in it
