@@ -207,7 +207,8 @@ class Pipeline:
     def dataset(self, units: list[dict]) -> ray.data.Dataset:
         opts, specs = self.opts, self.specs
         task_cpus = float(opts["task_num_cpus"])
-        crops = "ccip" in specs and "person" in specs
+        crop_inputs = self.crop_inputs()
+        crops = bool(crop_inputs)
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.flat_map(read_unit_images, num_cpus=task_cpus,
                          fn_kwargs={"workspace": self.ws.root,
@@ -220,22 +221,34 @@ class Pipeline:
         for name in [n for n in DETECTORS if n in specs]:
             ds = self._pool(ds, name, CascadeFaceDetector if name == "cascade_face" else YoloDetector, gpus)
         if crops:
-            ccip = specs["ccip"]
+            ccip = opts["ccip"]  # the crop settings, also when only the tagger reads the crops
             ds = ds.map_batches(crop_persons, batch_size=int(opts["decode_batch_size"]), num_cpus=task_cpus,
                                 batch_format="numpy",
                                 fn_kwargs={"person_column": "out_person", "draft_size": int(opts["draft_size"]),
                                            "padding": float(ccip["crop_padding"]),
-                                           "max_crops": int(ccip["max_crops"]), "size": int(ccip["size"])})
+                                           "max_crops": int(ccip["max_crops"]), "inputs": crop_inputs})
         if "ccip" in specs:
             ds = self._pool(ds, "ccip", CcipFeatures, gpus)
         if "tagger" in specs:
             ds = self._pool(ds, "tagger", WdTagger, gpus)
-        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height", "ccip_crop_boxes"]
+        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height", "crop_boxes"]
         outputs = [c for name in specs for c in self._output_columns(name)]
-        ds = ds.select_columns([c for c in keep + outputs if c != "ccip_crop_boxes" or crops])
+        ds = ds.select_columns([c for c in keep + outputs if c != "crop_boxes" or crops])
         models = {n: s["model"] for n, s in specs.items()}
         return ds.map_batches(write_unit_parts, batch_size=int(opts["decode_batch_size"]) * 4, num_cpus=task_cpus,
                               batch_format="numpy", fn_kwargs={"workspace": self.ws.root, "models": models})
+
+    def crop_inputs(self) -> dict[str, list]:
+        """The person crop columns to cut (column -> [kind, size]): CCIP's, and the tagger's when
+        it tags each person (annotate.tagger.person_crops); none without the person detector."""
+        if "person" not in self.specs:
+            return {}
+        inputs = {}
+        if "ccip" in self.specs:
+            inputs["ccip_crops"] = ["ccip", int(self.specs["ccip"]["size"])]
+        if "tagger" in self.specs and self.specs["tagger"]["person_crops"]:
+            inputs["tagger_crops"] = self.specs["tagger"]["input"]
+        return inputs
 
     def _pool(self, ds: ray.data.Dataset, name: str, udf: type, gpus: bool) -> ray.data.Dataset:
         """One actor pool for one model: sizes, batch and GPU share from the config."""

@@ -96,6 +96,9 @@ detections = pa.schema(
     [
         ("key", pa.string()),
         ("model", pa.string()),
+        # the box's place among its model's boxes of the image: person crops (embeddings.crop,
+        # tag_scores.crop, clusters.crop) are the person detection of this index
+        ("index", pa.int32()),
         ("label", pa.string()),  # face, head, person, ...
         ("score", pa.float32()),
         ("x0", pa.float32()),  # box corners relative to the image, 0..1
@@ -121,6 +124,9 @@ embeddings = pa.schema(
 tag_scores = pa.schema(
     [
         ("key", pa.string()),
+        # WHOLE_IMAGE (or null, in parts written before crops were tagged), else the index of the
+        # person detection whose crop the tagger saw
+        ("crop", pa.int32()),
         ("tag", pa.string()),
         ("category", pa.string()),  # general, character, rating
         ("score", pa.float32()),

@@ -101,7 +101,8 @@ def test_tagger_matches_get_wd14_tags(fake_models):
     for data, out in zip(images, batch["out"], strict=True):
         rating, general, character = get_wd14_tags(Image.open(io.BytesIO(data)), general_threshold=floor,
                                                    character_threshold=floor)
-        ours = {cat: {t: s for t, c, s in json.loads(out) if c == cat} for cat in ("rating", "general", "character")}
+        (whole,) = json.loads(out)  # no person crops in the batch: the whole image's list only
+        ours = {cat: {t: s for t, c, s in whole if c == cat} for cat in ("rating", "general", "character")}
         for cat, theirs in (("rating", rating), ("general", general), ("character", character)):
             assert set(ours[cat]) == set(theirs), cat
             assert all(abs(ours[cat][t] - theirs[t]) < TOL for t in theirs), cat
@@ -136,7 +137,7 @@ def test_detectors_match_imgutils(fake_models, name):
 def test_ccip_matches_imgutils_whole_and_crops(fake_models):
     from imgutils.metrics import ccip_extract_feature
 
-    from udfs.annotate.ccip import CcipFeatures, person_crops
+    from udfs.annotate.ccip import CcipFeatures, crop_input, person_crops
 
     spec = _spec("ccip", fake_models)
     assert (spec["repo"], spec["file"]) == (CCIP_REPO, CCIP_FILE)
@@ -145,8 +146,8 @@ def test_ccip_matches_imgutils_whole_and_crops(fake_models):
     persons = [[10, 20, 200, 300, "person", 0.9], [50, 5, 260, 200, "person", 0.8]]
     crops, boxes = [], []
     for data in images:
-        stack, found = person_crops(data, 0, persons, spec["crop_padding"], spec["max_crops"], spec["size"])
-        crops.append(stack.tobytes())
+        cut, found = person_crops(data, 0, persons, spec["crop_padding"], spec["max_crops"])
+        crops.append(np.stack([crop_input(c, spec["size"]) for c in cut]).tobytes())
         boxes.append(found)
     batch["ccip_crops"] = np.array(crops, dtype=object)
     out = CcipFeatures(spec, "in_ccip", "out")(batch)
@@ -159,6 +160,39 @@ def test_ccip_matches_imgutils_whole_and_crops(fake_models):
             np.testing.assert_allclose(vector, ccip_extract_feature(image.crop((x0, y0, x1, y1))), atol=TOL, rtol=0)
 
 
+def test_tagger_tags_each_person_crop_as_get_wd14_tags_tags_the_crop(fake_models):
+    """crop_persons cuts each person once for both models; the tagger scores every crop in the
+    same run as the whole image, each as imgutils scores image.crop(box), without ratings."""
+    from imgutils.tagging import get_wd14_tags
+
+    from udfs.annotate.annotate_rows import crop_persons
+    from udfs.annotate.wd_tagger import WdTagger
+
+    spec = _spec("tagger", fake_models)
+    images = _test_images()[:2]
+    batch = _batch(images, {"in_tagger": ["tagger", 448]})
+    batch["data"] = np.array(images, dtype=object)
+    persons = [[10, 20, 200, 300, "person", 0.9], [50, 5, 260, 200, "person", 0.8], [0, 0, 1, 1, "person", 0.7]]
+    batch["out_person"] = np.array([json.dumps(persons)] * len(images), dtype=object)
+    inputs = {"tagger_crops": ["tagger", 448], "ccip_crops": ["ccip", 384]}
+    batch = crop_persons(batch, "out_person", 0, 0.05, 8, inputs)
+    assert len(batch["ccip_crops"][0]) == 2 * 384 * 384 * 3  # the 1x1 box is too small to cut
+    out = WdTagger(spec, "in_tagger", "out")(batch)
+    floor = spec["score_floor"]
+    for data, result, boxes in zip(images, out["out"], out["crop_boxes"], strict=True):
+        whole, *crops = json.loads(result)
+        boxes = json.loads(boxes)
+        assert [b[0] for b in boxes] == [0, 1] and len(crops) == 2 and "tagger_crops" not in out
+        assert any(c == "rating" for _, c, _ in whole)
+        image = Image.open(io.BytesIO(data))
+        for crop, (_, x0, y0, x1, y1) in zip(crops, boxes, strict=True):
+            _, general, character = get_wd14_tags(image.crop((x0, y0, x1, y1)), general_threshold=floor,
+                                                  character_threshold=floor)
+            ours = {t: s for t, c, s in crop}
+            assert set(ours) == set(general) | set(character) and all(c != "rating" for _, c, _ in crop)
+            assert all(abs(ours[t] - s) < TOL for t, s in {**general, **character}.items())
+
+
 def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     from udfs.annotate.wd_tagger import WdTagger
 
@@ -166,4 +200,4 @@ def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     batch = WdTagger(_spec("tagger", fake_models), "in_tagger", "out")(_batch(images, {"in_tagger": ["tagger", 448]}))
     assert list(batch["ok"]) == [True, True, False]
     assert json.loads(batch["decode_error"][2])[0] == "decode_failed"
-    assert len(json.loads(batch["out"][0])) > 4 and batch["out"][2] == "[]"
+    assert len(json.loads(batch["out"][0])[0]) > 4 and batch["out"][2] == "[]"

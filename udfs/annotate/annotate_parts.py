@@ -97,24 +97,27 @@ class UnitTables:
 
     def add_detections(self, row: dict, name: str, model: str) -> None:
         w, h = (1.0, 1.0) if name == "cascade_face" else (float(row["width"]), float(row["height"]))
-        for x0, y0, x1, y1, label, score in json.loads(row[f"out_{name}"]):
+        for index, (x0, y0, x1, y1, label, score) in enumerate(json.loads(row[f"out_{name}"])):
             self.parts[("detections", name)].append(
-                {"key": str(row["key"]), "model": model, "label": label, "score": score,
+                {"key": str(row["key"]), "model": model, "index": index, "label": label, "score": score,
                  "x0": x0 / w, "y0": y0 / h, "x1": x1 / w, "y1": y1 / h})
 
     def add_ccip(self, row: dict, name: str, model: str) -> None:
         vectors = np.frombuffer(row["out_ccip"], np.float32).reshape(-1, schemas.CCIP_DIM)
         w, h = float(row["width"]), float(row["height"])
-        boxes = [[schemas.WHOLE_IMAGE, 0, 0, w, h]] + json.loads(row.get("ccip_crop_boxes") or "[]")
+        boxes = [[schemas.WHOLE_IMAGE, 0, 0, w, h]] + json.loads(row.get("crop_boxes") or "[]")
         for (crop, x0, y0, x1, y1), vector in zip(boxes, vectors, strict=True):
             self.parts[("embeddings", name)].append(
                 {"key": str(row["key"]), "crop": crop, "model": model, "x0": x0 / w, "y0": y0 / h,
                  "x1": x1 / w, "y1": y1 / h, "vector": vector})  # pyarrow takes the array as is
 
     def add_tagger(self, row: dict, name: str, model: str) -> None:
-        for tag, category, score in json.loads(row["out_tagger"]):
-            self.parts[("tag_scores", name)].append(
-                {"key": str(row["key"]), "tag": tag, "category": category, "score": score, "model": model})
+        crops = [schemas.WHOLE_IMAGE] + [box[0] for box in json.loads(row.get("crop_boxes") or "[]")]
+        for crop, tags in zip(crops, json.loads(row["out_tagger"]), strict=True):
+            for tag, category, score in tags:
+                self.parts[("tag_scores", name)].append(
+                    {"key": str(row["key"]), "crop": crop, "tag": tag, "category": category, "score": score,
+                     "model": model})
 
     def info(self) -> dict:
         errors = [e for (table, _), rows in self.parts.items() if table == "errors" for e in rows]

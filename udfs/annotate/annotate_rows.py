@@ -2,7 +2,7 @@
 
 read_unit_images: one unit (an `images` part) -> one row per image it lists, with its bytes.
 DecodeImages: bytes -> the fixed-size uint8 input of every enabled model (draft-mode decode).
-PersonCrops: bytes + person boxes -> preprocessed CCIP crops.
+crop_persons: bytes + person boxes -> the person crops, preprocessed for CCIP and the tagger.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from store.workspace import Workspace
-from udfs.annotate.ccip import person_crops
+from udfs.annotate.ccip import crop_input, person_crops
 from udfs.annotate.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
 from udfs.ingest.sources import Unit, read_unit
 
@@ -98,18 +98,24 @@ def decode_images(batch: dict[str, np.ndarray], inputs: dict[str, list], draft_s
 
 
 def crop_persons(batch: dict[str, np.ndarray], person_column: str, draft_size: int, padding: float,
-                 max_crops: int, size: int) -> dict[str, np.ndarray]:
-    """map_batches (CPU task): CCIP crops of each image's person boxes; drops the image bytes."""
+                 max_crops: int, inputs: dict[str, list]) -> dict[str, np.ndarray]:
+    """map_batches (CPU task): each image's person crops, once, as every model that reads them
+    wants them (`inputs`: column -> ["ccip" | "tagger", size]), and their boxes (`crop_boxes`,
+    JSON [[person index, x0, y0, x1, y1], ...]); drops the image bytes."""
     n = len(batch["key"])
-    crops, boxes = np.full(n, b"", dtype=object), np.full(n, "[]", dtype=object)
+    columns = {c: np.full(n, b"", dtype=object) for c in inputs}
+    boxes = np.full(n, "[]", dtype=object)
     for i in range(n):
         persons = json.loads(batch[person_column][i]) if batch["ok"][i] else []
         if not persons:
             continue
         try:
-            stack, found = person_crops(batch["data"][i], draft_size, persons, padding, max_crops, size)
+            crops, found = person_crops(batch["data"][i], draft_size, persons, padding, max_crops)
         except Exception:  # decoded fine once already; a failure here only loses the crops
             continue
-        crops[i], boxes[i] = stack.tobytes(), json.dumps(found)
+        for column, (kind, size) in inputs.items():
+            prepare = crop_input if kind == "ccip" else tagger_input
+            columns[column][i] = np.stack([prepare(c, int(size)) for c in crops]).tobytes() if crops else b""
+        boxes[i] = json.dumps(found)
     batch.pop("data")
-    return {**batch, "ccip_crops": crops, "ccip_crop_boxes": boxes}
+    return {**batch, **columns, "crop_boxes": boxes}

@@ -1,13 +1,12 @@
-"""CCIP character features (imgutils.metrics.ccip) for whole images and person crops, batched.
+"""CCIP character features (imgutils.metrics.ccip) for whole images and person crops, batched;
+and the person crops themselves, which the tagger also reads (udfs/annotate/annotate_rows.py).
 
 The whole-image inputs and every person crop of a batch go through the feature model
 together, `batch_size` images per session.run. Output per row: float32 bytes of shape
-(1 + crops, dim): the whole image first, then the crops in `ccip_crop_boxes` order.
+(1 + crops, dim): the whole image first, then the crops in `crop_boxes` order.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 from PIL import Image
@@ -18,9 +17,10 @@ from udfs.annotate.model_files import model_file
 from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
 
 
-def person_crops(data: bytes, draft_size: int, persons: list[list], padding: float, max_crops: int,
-                 size: int) -> tuple[np.ndarray, list[list[int]]]:
-    """Preprocessed crops (uint8 N x size x size x 3) of the best-scoring person boxes, and the boxes."""
+def person_crops(data: bytes, draft_size: int, persons: list[list], padding: float,
+                 max_crops: int) -> tuple[list[Image.Image], list[list[int]]]:
+    """Crops of the best-scoring person boxes (at most max_crops, in detector order) and their
+    boxes [person index, x0, y0, x1, y1] (padded, in pixels of the decoded image)."""
     image = decode(data, draft_size)
     best = sorted(range(len(persons)), key=lambda i: -persons[i][5])[:max_crops]
     crops, boxes = [], []
@@ -28,14 +28,14 @@ def person_crops(data: bytes, draft_size: int, persons: list[list], padding: flo
         box = crop_box(image.width, image.height, tuple(persons[index][:4]), padding)
         if box[2] - box[0] < 2 or box[3] - box[1] < 2:
             continue
-        crops.append(crop_input(image, box, size))
+        crops.append(image.crop(box))
         boxes.append([index, *box])
-    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8), boxes
+    return crops, boxes
 
 
-def crop_input(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def crop_input(crop: Image.Image, size: int) -> np.ndarray:
     """What ccip_extract_feature(image.crop(box)) feeds its model (before the float conversion)."""
-    return ccip_input(to_rgb_on_white(image.crop(box)), size)
+    return ccip_input(to_rgb_on_white(crop), size)
 
 
 class CcipFeatures(ModelActor):
@@ -57,7 +57,7 @@ class CcipFeatures(ModelActor):
         for i in rows:
             crops = np.frombuffer(batch["ccip_crops"][i], np.uint8).reshape(-1, self.size, self.size, 3) \
                 if "ccip_crops" in batch else np.zeros((0, self.size, self.size, 3), np.uint8)
-            stacks.append(np.concatenate([batch[self.input][i][None], crops]))
+            stacks.append(np.concatenate([batch[self.input][i][None], crops]))  # crops in crop_boxes order
             counts.append(len(stacks[-1]))
         features = self.features(np.concatenate(stacks))
         bounds = np.cumsum([0, *counts])
@@ -70,5 +70,3 @@ class CcipFeatures(ModelActor):
         return out
 
 
-def crop_boxes_json(boxes: list[list[int]]) -> str:
-    return json.dumps(boxes)

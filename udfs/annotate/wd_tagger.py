@@ -27,11 +27,13 @@ def load_labels(path: str) -> tuple[list[str], list[str]]:
 
 
 class WdTagger(ModelActor):
-    """map_batches callable: column `input` (uint8 NHWC BGR) -> `output`: JSON [[tag, category, score], ...]."""
+    """map_batches callable: column `input` (uint8 NHWC BGR), and `tagger_crops` (the person
+    crops, preprocessed alike) when annotate cuts them -> `output`: JSON, one list
+    [[tag, category, score], ...] for the whole image, then one per crop in `crop_boxes` order."""
 
     def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
                  drop_input: bool = True) -> None:
-        super().__init__(output, drop=(input,) * drop_input)
+        super().__init__(output, drop=(input,) * drop_input + ("tagger_crops",))
         models_dir = spec.get("models_dir", "")
         path = model_file(spec["repo"], spec["file"], models_dir)
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
@@ -40,9 +42,18 @@ class WdTagger(ModelActor):
         self.floor = float(spec["score_floor"])
         self.rating = np.array([c == "rating" for c in self.categories])
         self.input = input
+        self.size = int(self.session.get_inputs()[0].shape[1])  # NHWC: the side crops are cut to
 
     def predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> list[str]:
-        return [json.dumps(self.tags(p)) for p in self.scores(batch[self.input][rows])]
+        stacks = []
+        for i in rows:
+            crops = np.frombuffer(batch["tagger_crops"][i], np.uint8).reshape(-1, self.size, self.size, 3) \
+                if "tagger_crops" in batch else np.zeros((0, self.size, self.size, 3), np.uint8)
+            stacks.append(np.concatenate([batch[self.input][i][None], crops]))
+        scores = self.scores(np.concatenate(stacks))  # whole images and crops in one run
+        bounds = np.cumsum([0, *(len(s) for s in stacks)])
+        return [json.dumps([self.tags(p, whole=k == a) for k, p in enumerate(scores[a:b], start=a)])
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """Label scores (N, labels) for a stack of preprocessed images, in one run."""
@@ -52,9 +63,10 @@ class WdTagger(ModelActor):
                                images.astype(np.float32), self.max_batch)
         return preds
 
-    def tags(self, pred: np.ndarray) -> list[list]:
-        """[tag, category, score] of the ratings and of every label above the floor."""
+    def tags(self, pred: np.ndarray, whole: bool = True) -> list[list]:
+        """[tag, category, score] of every label above the floor, and of the ratings for a whole
+        image (a person crop's rating says nothing the image's does not)."""
         # imgutils compares in float64 (pred.astype(float)), so does this
         values = pred.astype(float)
-        keep = np.flatnonzero(self.rating | (values > self.floor))
+        keep = np.flatnonzero((self.rating & whole) | (values > self.floor))
         return [[self.names[i], self.categories[i], values[i]] for i in keep]
