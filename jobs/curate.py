@@ -1,13 +1,13 @@
-"""`booruset curate`: DuckDB over the workspace tables -> tags, image_meta, duplicates, clusters,
-character_traits, groups, balance.
+"""`booruset curate`: DuckDB over the workspace tables -> tags, image_meta, character_traits,
+duplicates, clusters, person_tags, groups, balance.
 
 The curation logic is the SQL in sql/ (one SELECT per file, run in file-name order; each file
 creates the table its name ends with). Python does only what SQL cannot: loading lookup files,
 LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of CCIP crops.
 
-Curate is a global job: each run rebuilds its seven tables. Intermediate tables live in a DuckDB
+Curate is a global job: each run rebuilds its eight tables. Intermediate tables live in a DuckDB
 database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
-written as new Parquet parts, and one publish makes all seven visible at once (the workspace's
+written as new Parquet parts, and one publish makes all eight visible at once (the workspace's
 published generation): a killed run leaves the old tables as they were, never half of each.
 """
 
@@ -33,7 +33,7 @@ from udfs.curate import ccip_cluster, near_duplicates, tag_rules
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings", "edits"]
-OUTPUTS = ["tags", "image_meta", "character_traits", "duplicates", "clusters", "groups", "balance"]
+OUTPUTS = ["tags", "image_meta", "character_traits", "duplicates", "clusters", "person_tags", "groups", "balance"]
 OWNER = "curate"  # the owner of curate's parts in the published generation
 IMAGES_PER_PARTITION = 250_000
 ROWS_PER_FILE = 4_000_000
@@ -73,6 +73,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]
         ("character_traits", lambda: run_model(con, "055_character_traits", params)),
         ("duplicates", lambda: build_duplicates(con, params, opts)),
         ("clusters", lambda: build_clusters(con, params, opts)),
+        ("person_tags", lambda: run_model(con, "075_person_tags", params)),
         ("groups", lambda: run_model(con, "080_groups", params)),
         ("balance", lambda: build_balance(con, params)),
     ]:

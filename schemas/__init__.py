@@ -172,6 +172,23 @@ character_traits = pa.schema(
     ]
 )
 
+# Each person's own tags (curate, sql/075_person_tags.sql): the tags of the image that the
+# tagger found on that person's crop; what no crop has stays with the image (the scene).
+person_tags = pa.schema(
+    [
+        ("key", pa.string()),
+        ("person", pa.int32()),  # the person detection's index (detections.index, tag_scores.crop)
+        ("x0", pa.float32()),  # the person box, relative to the image, 0..1
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("position", pa.string()),  # left, centre, right (thirds of the width)
+        ("quadrant", pa.string()),  # top left, top right, bottom left, bottom right
+        ("tags", pa.list_(pa.string())),  # in the image's rank order
+        ("categories", pa.list_(pa.string())),
+    ]
+)
+
 duplicates = pa.schema(
     [
         ("key", pa.string()),

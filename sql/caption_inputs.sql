@@ -6,7 +6,8 @@
 -- its own tags over curate's thresholds (not the source tags) and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold.
--- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits.
+-- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits,
+-- person_tags.
 with texts as (
     select key, list(text order by kind, text) as texts
     from source_text
@@ -35,6 +36,13 @@ image_traits as (
     where len(m.characters) = 1
     group by m.key
 ),
+image_persons as (
+    -- each person's own tags and place (curate's person_tags), left to right
+    select key, list({'position': position, 'quadrant': quadrant, 'tags': tags, 'categories': categories}
+                     order by x0, person) as persons
+    from person_tags
+    group by key
+),
 people_detected as (
     select key, count(*)::integer as n_people_detected
     from detections
@@ -54,7 +62,8 @@ select i.key,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,
        d.n_people_detected,
-       coalesce(r.traits, []::varchar[]) as traits
+       coalesce(r.traits, []::varchar[]) as traits,
+       p.persons
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
@@ -62,4 +71,5 @@ left join texts as x using (key)
 left join tagger_tags as g using (key)
 left join people_detected as d using (key)
 left join image_traits as r using (key)
+left join image_persons as p using (key)
 order by i.key

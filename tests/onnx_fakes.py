@@ -164,3 +164,51 @@ def face_model_dir(root: Path) -> Path:
     (root / repo / folder / "model_type.json").write_text(json.dumps({"model_type": "yolo"}))
     (root / repo / folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
     return root
+
+
+def fixed_boxes_yolo(path: Path, label: str, boxes: list[tuple[float, float, float, float, float]],
+                     size: int = 640) -> Path:
+    """YOLO contract (as yolo_model) whose output is the same for any picture: `boxes`
+    (cx, cy, w, h in input pixels, score), one anchor each: a detector arranged to find people
+    where a composed test picture has them."""
+    table = np.array([[cx, cy, w, h, score] for cx, cy, w, h, score in boxes], np.float32).T[None]  # [1, 5, n]
+    nodes = [helper.make_node("ReduceSum", ["images", "axes"], ["total"], keepdims=1),
+             helper.make_node("Reshape", ["total", "shape"], ["per_image"]),
+             helper.make_node("Mul", ["per_image", "zero"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "table"], ["output0"])]  # [batch, 1, 1] + [1, 5, n]
+    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+             _init("zero", np.array(0.0)), _init("table", table)]
+    graph = helper.make_graph(
+        nodes, "yolo_fixed_boxes",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 5, len(boxes)])], inits)
+    return _save(graph, path, {"imgsz": json.dumps([size, size]), "names": repr({0: label}),
+                               "task": "detect", "stride": "32"})
+
+
+def colour_tagger(path: Path, n_labels: int, rules: dict[int, tuple[np.ndarray, float]], size: int = 448) -> Path:
+    """WD v3 tagger contract (as tagger_model) whose scores follow the picture's mean colour:
+    label i of `rules` scores sigmoid(direction . mean_bgr + bias) (mean BGR in 0..1), every
+    other label ~0. A tagger arranged so that each crop of a composed picture scores its own
+    hair colour."""
+    weights = np.zeros((3, n_labels), np.float32)
+    bias = np.full(n_labels, -20.0, np.float32)
+    for label, (direction, offset) in rules.items():
+        weights[:, label], bias[label] = direction, offset
+    nodes = [helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Mul", ["nchw", "scale"], ["x0"]),
+             helper.make_node("GlobalAveragePool", ["x0"], ["gp"]),
+             helper.make_node("Flatten", ["gp"], ["mean"]),
+             helper.make_node("MatMul", ["mean", "wl"], ["logits"]),
+             helper.make_node("Add", ["logits", "bias"], ["biased"]),
+             helper.make_node("Sigmoid", ["biased"], ["output"]),
+             helper.make_node("MatMul", ["mean", "we"], ["embedding"])]
+    inits = [_init("scale", np.array(1 / 255.0)), _init("wl", weights), _init("bias", bias),
+             _init("we", np.ones((3, 8)))]
+    graph = helper.make_graph(
+        nodes, "wd_tagger_colour",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch_size", size, size, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", n_labels]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch_size", 8])], inits)
+    return _save(graph, path)

@@ -60,10 +60,14 @@ def without_traits(row: dict) -> dict:
     traits = set(row.get("traits") or [])
     if not traits:
         return row
-    out = dict(row)
-    for tags, categories in (("tags", "categories"), ("tagger_tags", "tagger_categories")):
-        kept = [(t, c) for t, c in zip(row.get(tags) or [], row.get(categories) or [], strict=True) if t not in traits]
-        out[tags], out[categories] = [t for t, _ in kept], [c for _, c in kept]
+    def drop(holder: dict, tags: str, categories: str) -> dict:
+        kept = [(t, c) for t, c in zip(holder.get(tags) or [], holder.get(categories) or [], strict=True)
+                if t not in traits]
+        return {**holder, tags: [t for t, _ in kept], categories: [c for _, c in kept]}
+
+    out = drop(drop(row, "tags", "categories"), "tagger_tags", "tagger_categories")
+    if row.get("persons"):
+        out["persons"] = [drop(p, "tags", "categories") for p in row["persons"]]
     return out
 
 
@@ -199,7 +203,7 @@ class UnitCaptioner:
                 errors.append(self._error(r, "no_tags", "no curated or source tags: the template has nothing to say",
                                           dropped=True))
         drafts = self._english([r["tags"] for r in todo], [r["categories"] for r in todo],
-                               [r["n_people"] for r in todo])
+                               [r["n_people"] for r in todo], [r.get("persons") for r in todo])
         evidence = [evidence_for(r, self.builds_from_tags, self.vocab) for r in todo]
         references = [""] * len(todo) if self.builds_from_tags else self._english(
             [e.tags for e in evidence], [e.categories for e in evidence], [e.people for e in evidence])
@@ -238,16 +242,16 @@ class UnitCaptioner:
             text = self.lint.strip(text, row.get("traits") or [])
         return text
 
-    def _english(self, tags: list, categories: list, people: list) -> list[str]:
+    def _english(self, tags: list, categories: list, people: list, persons: list | None = None) -> list[str]:
         strings = pa.list_(pa.string())
         return self.templates.english(pa.array(tags, strings), pa.array(categories, strings),
-                                      pa.array(people, pa.int32()))
+                                      pa.array(people, pa.int32()), persons)
 
     def _drafts(self, todo, pending, hints, drafts, attempt) -> list[str]:
         if attempt == 0:
             return [drafts[i] for i in pending]
         return self._english([h.tags for h in hints], [h.categories for h in hints],
-                             [todo[i]["n_people"] for i in pending])
+                             [todo[i]["n_people"] for i in pending], [todo[i].get("persons") for i in pending])
 
     def _scored(self, done, attempt, todo, judge: Judge) -> list[dict]:
         """Attempt rows of the captions in `done`, scored against each image's evidence."""

@@ -146,15 +146,35 @@ def english_caption(tags: list[str], categories: list[str], vocab: TemplateVocab
     return english_from_infos(infos, vocab, n_people)
 
 
-def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int | None = None) -> str:
-    """The English caption of one image from its classified tags (in rank order)."""
+@dataclass(frozen=True)
+class Person:
+    """One person of a picture for the template: where they are and their own tags (curate's
+    person_tags)."""
+
+    where: str  # "on the left", "at the top right", or "" when no position tells them apart
+    infos: list[TagInfo]
+
+
+PERSON_GROUPS = ("character", "hair", "eyes", "clothes")  # what a person clause says of its person
+
+
+def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int | None = None,
+                       persons: list[Person] | None = None) -> str:
+    """The English caption of one image from its classified tags (in rank order). With two or
+    more `persons`, each gets a clause of their own name, traits and clothes by position, and the
+    image-level sentences say the rest (the scene)."""
+    persons = persons if persons and len(persons) > 1 else []
+    theirs = {i.tag for p in persons for i in p.infos if i.group in PERSON_GROUPS}
     by_group: dict[str, list[TagInfo]] = {}
     for info in infos:
-        by_group.setdefault(info.group, []).append(info)
-    subject = Subject.of(by_group, n_people)
+        if info.tag not in theirs or info.group not in PERSON_GROUPS:
+            by_group.setdefault(info.group, []).append(info)
+    subject = Subject.of(by_group, n_people if not persons else max(n_people or 0, len(persons)))
     merge = subject.people <= 1  # one person's "long_hair" and "red_hair" are one head of hair
     sentences = [subject.first_sentence(_phrases(by_group, ("hair", "eyes"), vocab, merge=merge),
                                         _phrases(by_group, ("clothes",), vocab, merge=merge))]
+    if persons:
+        sentences.append(_persons_sentence(persons, subject, by_group, vocab))
     sentences.append(subject.names_sentence())
     if subject.people:
         sentences.append(_pose_sentence(subject, by_group.get("pose", []), vocab))
@@ -166,6 +186,40 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     if also:
         sentences.append("Other details: " + join_and(_dedupe(words_of(i.tag) for i in also)) + ".")
     return " ".join(s for s in sentences if s)
+
+
+def _persons_sentence(persons: list[Person], subject: Subject, by_group: dict[str, list[TagInfo]],
+                      vocab: TemplateVocab) -> str:
+    """'On the left, Eileen with short red hair; on the right, a girl with black hair and glasses.'"""
+    noun = next(iter(subject.counts), "person") if len(subject.counts) == 1 else "person"
+    series = _dedupe(title_of(i.tag) for i in by_group.get("copyright", []))
+    clauses = []
+    for person in persons:
+        own: dict[str, list[TagInfo]] = {}
+        for info in person.infos:
+            own.setdefault(info.group, []).append(info)
+        names = _dedupe(name_of(i.tag) for i in own.get("character", []))
+        who = Subject(OrderedDict({noun or "person": 1}), names, series if len(names) == 1 else []).noun_phrase()
+        features = _phrases(own, ("hair", "eyes"), vocab)
+        clothes = _phrases(own, ("clothes",), vocab)
+        clause = (person.where + ", " if person.where else "") + who
+        clause += (" with " + join_and(features) if features else "") + (", wearing " + join_and(clothes)
+                                                                          if clothes else "")
+        clauses.append(clause)
+    return _capital("; ".join(clauses)) + "."
+
+
+def person_places(positions: list[str], quadrants: list[str]) -> list[str]:
+    """The words that tell each person apart: their third of the width when no one shares it,
+    else their quadrant when no one shares that, else none."""
+    def unique(values: list[str]) -> bool:
+        return len(set(values)) == len(values)
+
+    if unique(positions):
+        return ["in the centre" if p == "centre" else f"on the {p}" for p in positions]
+    if unique(quadrants):
+        return [f"at the {q}" for q in quadrants]
+    return [""] * len(positions)
 
 
 @dataclass
@@ -424,13 +478,25 @@ class TemplateCaptions:
     def __init__(self, vocab: TemplateVocab | None = None) -> None:
         self.vocab = vocab or TemplateVocab()
 
-    def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: pa.Array | None = None) -> list[str]:
-        """English captions of every row; each distinct tag is classified once for the batch."""
+    def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: pa.Array | None = None,
+                persons: list[list[dict]] | None = None) -> list[str]:
+        """English captions of every row; each distinct tag is classified once for the batch.
+        `persons`: per row, its person_tags rows (position, quadrant, tags, categories)."""
         tags, categories = _combined(tags), _combined(categories)
         flat = self.vocab.infos_for(tags.flatten(), categories.flatten())
         offsets = np.asarray(tags.offsets.to_numpy(zero_copy_only=False))
         people = n_people.to_pylist() if n_people is not None else [None] * len(tags)
-        return [english_from_infos(flat[offsets[i]:offsets[i + 1]], self.vocab, people[i]) for i in range(len(tags))]
+        persons = persons or [None] * len(tags)
+        return [english_from_infos(flat[offsets[i]:offsets[i + 1]], self.vocab, people[i], self.persons(persons[i]))
+                for i in range(len(tags))]
+
+    def persons(self, rows: list[dict] | None) -> list[Person]:
+        if not rows or len(rows) < 2:
+            return []
+        places = person_places([r["position"] for r in rows], [r["quadrant"] for r in rows])
+        return [Person(where, [self.vocab.info(t, c or "general") for t, c in zip(r["tags"], r["categories"],
+                                                                                   strict=True)])
+                for where, r in zip(places, rows, strict=True)]
 
 
 def _combined(array: pa.Array | pa.ChunkedArray) -> pa.ListArray:

@@ -1,0 +1,135 @@
+"""Captions that know who is where, end to end: ingest a composed picture of two sample sprites
+side by side, annotate it (person detector, and the tagger on the whole picture and on each
+person crop), curate (person_tags), caption with the template.
+
+The models are tiny ONNX fakes with the production contracts (tests/onnx_fakes.py), arranged
+for this picture: the person detector finds the two sprites wherever it looks, and the tagger's
+hair-colour scores follow the mean colour of what it sees, set so that Eileen's crop scores red
+hair and Lucy's black hair (real models cannot be had offline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+from tests.onnx_fakes import (
+    DETECTORS,
+    LABELS_FILE,
+    LABELS_REPO,
+    TAGGER_FILE,
+    TAGGER_REPO,
+    colour_tagger,
+    fixed_boxes_yolo,
+)
+
+CANVAS = (800, 720)
+SPRITES = {"eileen_happy.png": 40, "lucy_happy.png": 380}  # left edge of each sprite on the canvas
+BOXES = [(40, 0, 360, 720), (380, 0, 800, 720)]  # the sprites, in canvas pixels
+
+
+def compose(path) -> Image.Image:
+    canvas = Image.new("RGB", CANVAS, (255, 255, 255))
+    for name, left in SPRITES.items():
+        sprite = Image.open(shared_path("samples", "renpy", name)).convert("RGBA")
+        canvas.paste(sprite, (left, 0), sprite)
+    canvas.save(path)
+    return canvas
+
+
+def crop_means(canvas: Image.Image, padding: float) -> list[np.ndarray]:
+    """The mean BGR (0..1) the tagger sees of each person crop, through annotate's own crop and
+    tagger preprocessing."""
+    from udfs.annotate.images import crop_box, tagger_input
+
+    means = []
+    for box in BOXES:
+        crop = canvas.crop(crop_box(*canvas.size, box, padding))
+        means.append(tagger_input(crop, 448).reshape(-1, 3).mean(axis=0) / 255.0)
+    return means
+
+
+def models_dir(root, canvas: Image.Image, padding: float):
+    labels = shared_path("tagdata", "wd_v3_selected_tags.csv")
+    names = pd.read_csv(labels)["name"].tolist()
+    left, right = crop_means(canvas, padding)
+    direction = (left - right) / np.linalg.norm(left - right)
+    middle = float(direction @ (left + right) / 2)
+    steep = 12.0 / float(direction @ (left - right) / 2)  # logit +-12 on the two crops
+    rules = {names.index("red_hair"): (steep * direction, -steep * middle),
+             names.index("black_hair"): (-steep * direction, steep * middle)}
+    colour_tagger(root / TAGGER_REPO / TAGGER_FILE, len(names), rules)
+    (root / LABELS_REPO).mkdir(parents=True, exist_ok=True)
+    (root / LABELS_REPO / LABELS_FILE).write_bytes(labels.read_bytes())
+    repo, folder, label, _ = DETECTORS["person"]
+    sx, sy = 640 / CANVAS[0], 640 / CANVAS[1]  # the detector sees the picture stretched to 640 x 640
+    # scores 0.9 and 0.8: the detector lists its boxes best first, so Eileen is person 0
+    boxes = [((x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy, (x1 - x0) * sx, (y1 - y0) * sy, score)
+             for (x0, y0, x1, y1), score in zip(BOXES, (0.9, 0.8), strict=True)]
+    fixed_boxes_yolo(root / repo / folder / "model.onnx", label, boxes)
+    (root / repo / folder / "model_type.json").write_text('{"model_type": "yolo"}')
+    return root
+
+
+@pytest.fixture
+def duo(tmp_path, config, workspace, ray_local):
+    from jobs.config import merge
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    canvas = compose(folder / "duo.png")
+    # the sidecar: the image's tags as a booru would have them, hair colours of both girls mixed
+    (folder / "duo.txt").write_text("2girls, red_hair, black_hair, smile, standing, outdoors")
+    padding = float(config["annotate"]["ccip"]["crop_padding"])
+    merge(config, {"ingest": {"inputs": [str(folder)]},
+                   "annotate": {"models": ["person", "tagger"], "draft_size": 0,
+                                "models_dir": str(models_dir(tmp_path / "models", canvas, padding))},
+                   "caption": {"concurrency": 1, "tags_from_text": False, "related_tags": False}})
+    return config, workspace
+
+
+def test_each_person_is_captioned_with_their_own_hair_and_place(duo):
+    from jobs import annotate, caption, curate, ingest
+
+    config, ws = duo
+    for job in (ingest, annotate, curate, caption):
+        job.run(config, ws)
+    crops = ws.connect().execute("select crop, tag from tag_scores where crop >= 0 order by all").fetchall()
+    assert crops == [(0, "red_hair"), (1, "black_hair")]
+    persons = ws.read_table("person_tags").to_pylist()
+    assert [(p["position"], p["tags"]) for p in persons] == [("left", ["red_hair"]), ("right", ["black_hair"])]
+    (row,) = ws.read_table("captions").to_pylist()
+    assert row["caption"].startswith("Two girls. On the left, a girl with red hair; on the right, a girl with "
+                                     "black hair. They are ")
+    assert row["not_scored"] == "built_from_tags"
+
+
+def test_each_person_is_named_from_the_ccip_references(duo, tmp_path):
+    """With CCIP and a reference picture per character, curate knows which crop is Eileen."""
+    from jobs import annotate, caption, curate, ingest
+    from jobs.config import merge
+    from tests.onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+
+    config, ws = duo
+    ccip_model(Path(config["annotate"]["models_dir"]) / CCIP_REPO / CCIP_FILE)
+    references = tmp_path / "references"
+    for character, name in (("eileen_(ren'py)", "eileen_happy.png"), ("lucy_(ren'py)", "lucy_happy.png")):
+        (references / character).mkdir(parents=True)
+        (references / character / name).write_bytes(shared_path("samples", "renpy", name).read_bytes())
+    (tmp_path / "in" / "duo.txt").write_text("2girls, red_hair, black_hair, smile, standing, outdoors, "
+                                              "character:eileen_(ren'py), character:lucy_(ren'py)")
+    merge(config, {"annotate": {"models": ["person", "ccip", "tagger"]}, "curate": {"references": str(references)}})
+    for job in (ingest, annotate, curate, caption):
+        job.run(config, ws)
+    clusters = sorted((r["crop"], r["character"]) for r in ws.read_table("clusters").to_pylist())
+    assert clusters == [(0, "eileen_(ren'py)"), (1, "lucy_(ren'py)")]
+    persons = ws.read_table("person_tags").to_pylist()
+    assert [p["tags"] for p in persons] == [["eileen_(ren'py)", "red_hair"], ["lucy_(ren'py)", "black_hair"]]
+    (row,) = ws.read_table("captions").to_pylist()
+    assert row["caption"].startswith("Two girls. On the left, Eileen with red hair; on the right, Lucy with black "
+                                     "hair. They are standing.")
