@@ -14,9 +14,9 @@ from tests.onnx_fakes import build_models_dir
 
 def _rows(ws, table: str) -> list[tuple]:
     con = ws.connect()
-    cols = {"detections": "key, model, label, score, x0, y0, x1, y1",
+    cols = {"detections": "key, model, index, label, score, x0, y0, x1, y1",
             "embeddings": "key, crop, model, x0, y0, x1, y1, vector::float[]",
-            "tag_scores": "key, tag, category, score, model",
+            "tag_scores": "key, crop, tag, category, score, model",
             "errors": "key, stage, kind"}[table]
     return con.execute(f"select {cols} from {table} order by all").fetchall()
 
@@ -64,8 +64,16 @@ def test_annotate_sample_every_model_and_resume(ingested, models_dir):
     orphan = con.execute("""select count(*) from embeddings e where crop >= 0 and crop >= (
                             select count(*) from detections d where d.key = e.key and d.label = 'person')""")
     assert orphan.fetchone()[0] == 0  # a crop's index is one of its image's person boxes
-    # every image has its 4 rating scores; other labels only above the floor
+    # the tagger saw the same person crops as CCIP: each names a person detection by its index
+    tagged = set(con.execute("select distinct key, crop from tag_scores where crop >= 0").fetchall())
+    embedded = set(con.execute("select key, crop from embeddings where crop >= 0").fetchall())
+    assert tagged and tagged <= embedded
+    indexes = con.execute("""select count(*), count(*) filter (index between 0 and n - 1) from (
+                             select index, count(*) over (partition by key, model) as n from detections)""")
+    assert len(set(indexes.fetchone())) == 1  # every image's boxes of a model are numbered 0..n-1
+    # every image has its 4 rating scores (the whole image: crops have none); other labels only above the floor
     assert con.execute("select count(*) from tag_scores where category = 'rating'").fetchone()[0] == 96
+    assert con.execute("select count(*) from tag_scores where category = 'rating' and crop = -1").fetchone()[0] == 96
     assert con.execute("select min(score) from tag_scores where category <> 'rating'").fetchone()[0] > 0.05
 
     before = {t: _rows(ws, t) for t in ("detections", "embeddings", "tag_scores", "errors")}

@@ -95,3 +95,44 @@ def test_asp_component_probabilities(vocab):
     options = AspOptions({"characters": 0.5}, shuffle=False)
     with_name = sum("gotou hitori" in asp_caption(f"k{i}", tags, cats, None, 0, vocab, options) for i in range(400))
     assert 140 < with_name < 260
+
+
+def person(position: str, quadrant: str, tags: list[str]) -> dict:
+    return {"position": position, "quadrant": quadrant, "tags": tags,
+            "categories": ["character" if t.endswith(")") else "general" for t in tags]}
+
+
+PERSON_GOLDEN = [
+    # two people apart: one clause each, by third of the width; the scene after
+    ([person("left", "bottom left", ["eileen_(ren'py)", "short_hair", "red_hair", "white_shirt"]),
+      person("right", "bottom right", ["long_hair", "black_hair", "glasses"])],
+     "Two girls. On the left, Eileen from Ren'py with short red hair, wearing a white shirt; on the right, a girl "
+     "with long black hair, wearing glasses. They are smiling. The scene is outdoors."),
+    # both in the centre third: their quadrants tell them apart
+    ([person("centre", "top left", ["red_hair"]), person("centre", "bottom right", ["black_hair"])],
+     "Two girls with short hair and long hair are wearing glasses with a white shirt. At the top left, a girl with "
+     "red hair; at the bottom right, a girl with black hair. The character is Eileen from Ren'py. They are smiling. "
+     "The scene is outdoors."),
+]
+
+
+@pytest.mark.parametrize("persons,expected", PERSON_GOLDEN)
+def test_golden_person_clauses(vocab, persons, expected):
+    tags = ["2girls", "eileen_(ren'py)", "ren'py", "red_hair", "short_hair", "black_hair", "long_hair", "glasses",
+            "white_shirt", "smile", "outdoors"]
+    categories = ["general", "character", "copyright"] + ["general"] * 8
+    got = TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]), pa.array([None], pa.int32()),
+                                          [persons])
+    assert got == [expected]
+    # one person alone: the same caption as without persons
+    alone = TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]), None, [persons[:1]])
+    assert alone == TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))
+
+
+def test_person_places():
+    from udfs.caption.template_caption import person_places
+
+    assert person_places(["left", "centre", "right"], ["a", "a", "a"]) == ["on the left", "in the centre",
+                                                                          "on the right"]
+    assert person_places(["left", "left"], ["top left", "bottom left"]) == ["at the top left", "at the bottom left"]
+    assert person_places(["left", "left"], ["top left", "top left"]) == ["", ""]
