@@ -214,6 +214,9 @@ class Pipeline:
                          fn_kwargs={"workspace": self.ws.root,
                                     "max_member_bytes": int(self.cfg["ingest"]["max_member_bytes"])})
         inputs = {input_column(s): s["input"] for s in specs.values()}
+        tagger = specs.get("tagger")
+        if tagger and tagger["regions"]:  # the 2x2 regions, cut from the same decode
+            inputs["tagger_regions"] = ["regions", [tagger["input"][1], float(tagger["region_overlap"])]]
         ds = ds.map_batches(decode_images, batch_size=int(opts["decode_batch_size"]), num_cpus=task_cpus,
                             batch_format="numpy",
                             fn_kwargs={"inputs": inputs, "draft_size": int(opts["draft_size"]), "keep_data": crops})

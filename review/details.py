@@ -57,7 +57,7 @@ def tag_table(index: ReviewIndex, row: dict) -> list[dict]:
     for r in index.query("select tag, category, origin from source_tags where key = $key", {"key": row["key"]}):
         entry(r["tag"], r["category"])["source"].append(r["origin"] or "source")
     for r in index.query("select tag, category, max(score) as score from tag_scores "
-                         "where key = $key and coalesce(crop, -1) < 0 group by tag, category "
+                         "where key = $key and coalesce(crop, -1) = -1 group by tag, category "
                          "order by score desc limit 100", {"key": row["key"]}):
         entry(r["tag"], r["category"])["tagger"] = float(r["score"])
     for r in index.query("select subject, new from edit_state where key = $key and field = 'tags'",

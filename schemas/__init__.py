@@ -12,6 +12,8 @@ import pyarrow as pa
 CCIP_DIM = 768
 
 WHOLE_IMAGE = -1  # `crop` value of an embedding of the whole image
+# `crop` values of the tagger's 2x2 regions (annotate.tagger.regions), in images.region_images order
+REGIONS = {-2: "top left", -3: "top right", -4: "bottom left", -5: "bottom right"}
 
 images = pa.schema(
     [
@@ -124,8 +126,8 @@ embeddings = pa.schema(
 tag_scores = pa.schema(
     [
         ("key", pa.string()),
-        # WHOLE_IMAGE (or null, in parts written before crops were tagged), else the index of the
-        # person detection whose crop the tagger saw
+        # WHOLE_IMAGE (or null, in parts written before crops were tagged); >= 0: the index of the
+        # person detection whose crop the tagger saw; <= -2: a 2x2 region (REGIONS)
         ("crop", pa.int32()),
         ("tag", pa.string()),
         ("category", pa.string()),  # general, character, rating

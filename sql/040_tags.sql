@@ -23,7 +23,7 @@ tagger_candidates as (
     from tag_scores t
     join image_part i on i.key = t.key
     where t.key between $first_key and $last_key
-      and coalesce(t.crop, -1) < 0  -- the whole image's scores (person crops: sql/056_person_tags.sql)
+      and coalesce(t.crop, -1) = -1  -- the whole image's scores (person crops: sql/075_person_tags.sql; regions)
       -- strictly above, as imgutils.tagging.get_wd14_tags keeps them
       and ((t.category = 'general' and t.score > $general_threshold)
         or (t.category = 'character' and t.score > $character_threshold))
@@ -33,7 +33,7 @@ tagger_ratings as (
            null::integer as position
     from tag_scores t
     join image_part i on i.key = t.key
-    where t.key between $first_key and $last_key and t.category = 'rating' and coalesce(t.crop, -1) < 0
+    where t.key between $first_key and $last_key and t.category = 'rating' and coalesce(t.crop, -1) = -1
     group by i.image_id
 ),
 candidates as (

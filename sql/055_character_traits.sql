@@ -26,7 +26,7 @@ trait_tags as (
     from tag_scores t
     semi join solo_images i on i.key = t.key
     semi join character_trait_tags c on c.tag = t.tag
-    where t.category = 'general' and t.score > $general_threshold and coalesce(t.crop, -1) < 0
+    where t.category = 'general' and t.score > $general_threshold and coalesce(t.crop, -1) = -1
 ),
 trait_counts as (
     select i.character, t.tag, count(*) as n

@@ -24,7 +24,7 @@ tagger_tags as (
                (category = 'general' and score > getvariable('general_threshold'))
                or (category = 'character' and score > getvariable('character_threshold')) as kept
         from tag_scores
-        where coalesce(crop, -1) < 0  -- the whole image's scores
+        where coalesce(crop, -1) = -1  -- the whole image's scores
     )
     group by key
 ),

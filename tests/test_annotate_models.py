@@ -101,7 +101,8 @@ def test_tagger_matches_get_wd14_tags(fake_models):
     for data, out in zip(images, batch["out"], strict=True):
         rating, general, character = get_wd14_tags(Image.open(io.BytesIO(data)), general_threshold=floor,
                                                    character_threshold=floor)
-        (whole,) = json.loads(out)  # no person crops in the batch: the whole image's list only
+        ((crop, whole),) = json.loads(out)  # no person crops in the batch: the whole image's list only
+        assert crop == -1
         ours = {cat: {t: s for t, c, s in whole if c == cat} for cat in ("rating", "general", "character")}
         for cat, theirs in (("rating", rating), ("general", general), ("character", character)):
             assert set(ours[cat]) == set(theirs), cat
@@ -180,9 +181,10 @@ def test_tagger_tags_each_person_crop_as_get_wd14_tags_tags_the_crop(fake_models
     out = WdTagger(spec, "in_tagger", "out")(batch)
     floor = spec["score_floor"]
     for data, result, boxes in zip(images, out["out"], out["crop_boxes"], strict=True):
-        whole, *crops = json.loads(result)
+        (_, whole), *crops = json.loads(result)
         boxes = json.loads(boxes)
-        assert [b[0] for b in boxes] == [0, 1] and len(crops) == 2 and "tagger_crops" not in out
+        assert [b[0] for b in boxes] == [0, 1] == [c for c, _ in crops] and "tagger_crops" not in out
+        crops = [tags for _, tags in crops]
         assert any(c == "rating" for _, c, _ in whole)
         image = Image.open(io.BytesIO(data))
         for crop, (_, x0, y0, x1, y1) in zip(crops, boxes, strict=True):
@@ -200,4 +202,4 @@ def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     batch = WdTagger(_spec("tagger", fake_models), "in_tagger", "out")(_batch(images, {"in_tagger": ["tagger", 448]}))
     assert list(batch["ok"]) == [True, True, False]
     assert json.loads(batch["decode_error"][2])[0] == "decode_failed"
-    assert len(json.loads(batch["out"][0])[0]) > 4 and batch["out"][2] == "[]"
+    assert len(json.loads(batch["out"][0])[0][1]) > 4 and batch["out"][2] == "[]"

@@ -112,8 +112,7 @@ class UnitTables:
                  "x1": x1 / w, "y1": y1 / h, "vector": vector})  # pyarrow takes the array as is
 
     def add_tagger(self, row: dict, name: str, model: str) -> None:
-        crops = [schemas.WHOLE_IMAGE] + [box[0] for box in json.loads(row.get("crop_boxes") or "[]")]
-        for crop, tags in zip(crops, json.loads(row["out_tagger"]), strict=True):
+        for crop, tags in json.loads(row["out_tagger"]):
             for tag, category, score in tags:
                 self.parts[("tag_scores", name)].append(
                     {"key": str(row["key"]), "crop": crop, "tag": tag, "category": category, "score": score,

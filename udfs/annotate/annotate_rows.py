@@ -15,9 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from schemas import REGIONS
 from store.workspace import Workspace
 from udfs.annotate.ccip import crop_input, person_crops
-from udfs.annotate.images import ccip_input, decode, gray_input, pad_to, tagger_input, to_rgb_on_white, yolo_input
+from udfs.annotate.images import (
+    ccip_input,
+    decode,
+    gray_input,
+    pad_to,
+    region_images,
+    tagger_input,
+    to_rgb_on_white,
+    yolo_input,
+)
 from udfs.ingest.sources import Unit, read_unit
 
 
@@ -57,6 +67,8 @@ def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[s
             out[column] = yolo_input(rgb, tuple(size))
         elif kind == "tagger":
             out[column] = tagger_input(image, int(size))
+        elif kind == "regions":  # size: [tagger side, overlap]
+            out[column] = np.stack([tagger_input(r, int(size[0])) for r in region_images(image, float(size[1]))])
         elif kind == "ccip":
             out[column] = ccip_input(rgb, int(size))
         elif kind == "gray":
@@ -67,6 +79,8 @@ def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[s
 
 
 def input_shape(kind: str, size) -> tuple[int, ...]:
+    if kind == "regions":
+        return (len(REGIONS), int(size[0]), int(size[0]), 3)
     if kind == "yolo":
         return (size[1], size[0], 3)
     if kind == "gray":

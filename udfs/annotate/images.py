@@ -11,7 +11,7 @@ import io
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from udfs.orientation import upright
 
@@ -115,3 +115,30 @@ def crop_box(width: int, height: int, box: tuple[int, int, int, int], padding: f
     dx, dy = (x1 - x0) * padding, (y1 - y0) * padding
     return (max(0, int(x0 - dx)), max(0, int(y0 - dy)),
             min(width, int(round(x1 + dx))), min(height, int(round(y1 + dy))))
+
+
+def region_images(image: Image.Image, overlap: float) -> list[Image.Image]:
+    """The 2x2 regions of a picture (top left, top right, bottom left, bottom right, as
+    schemas.REGIONS), each reaching `overlap` of the picture's side past the middle into its
+    neighbours, where it is blurred: the tagger sees what crosses the line, softly, and keeps to
+    its own quarter. Returned in the image's mode (the tagger pastes transparency on white)."""
+    width, height = image.size
+    mid_x, mid_y = width // 2, height // 2
+    reach_x, reach_y = int(round(overlap * width)), int(round(overlap * height))
+    radius = max(1.0, (reach_x + reach_y) / 6)
+    regions = []
+    for top in (True, False):
+        for left in (True, False):
+            x0, x1 = (0, min(width, mid_x + reach_x)) if left else (max(0, mid_x - reach_x), width)
+            y0, y1 = (0, min(height, mid_y + reach_y)) if top else (max(0, mid_y - reach_y), height)
+            region = image.crop((x0, y0, x1, y1))
+            if reach_x or reach_y:
+                # sharp inside the quarter, blurred over the overlap, with a soft edge between
+                inside = Image.new("L", region.size, 0)
+                qx0, qx1 = (0, mid_x - x0) if left else (mid_x - x0, x1 - x0)
+                qy0, qy1 = (0, mid_y - y0) if top else (mid_y - y0, y1 - y0)
+                inside.paste(255, (qx0, qy0, qx1, qy1))
+                blurred = region.filter(ImageFilter.GaussianBlur(radius))
+                region = Image.composite(region, blurred, inside.filter(ImageFilter.GaussianBlur(radius / 2)))
+            regions.append(region)
+    return regions

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from schemas import REGIONS, WHOLE_IMAGE
 from udfs.annotate.model_actor import ModelActor
 from udfs.annotate.model_files import model_file
 from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
@@ -27,13 +28,14 @@ def load_labels(path: str) -> tuple[list[str], list[str]]:
 
 
 class WdTagger(ModelActor):
-    """map_batches callable: column `input` (uint8 NHWC BGR), and `tagger_crops` (the person
-    crops, preprocessed alike) when annotate cuts them -> `output`: JSON, one list
-    [[tag, category, score], ...] for the whole image, then one per crop in `crop_boxes` order."""
+    """map_batches callable: column `input` (uint8 NHWC BGR), with `tagger_crops` (the person
+    crops, preprocessed alike; their person indexes in `crop_boxes`) and `tagger_regions` (the
+    2x2 regions) when annotate cuts them -> `output`: JSON [[crop, [[tag, category, score], ...]], ...]
+    for the whole image (crop WHOLE_IMAGE), each person crop and each region (schemas.REGIONS)."""
 
     def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
                  drop_input: bool = True) -> None:
-        super().__init__(output, drop=(input,) * drop_input + ("tagger_crops",))
+        super().__init__(output, drop=(input,) * drop_input + ("tagger_crops", "tagger_regions"))
         models_dir = spec.get("models_dir", "")
         path = model_file(spec["repo"], spec["file"], models_dir)
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
@@ -45,15 +47,22 @@ class WdTagger(ModelActor):
         self.size = int(self.session.get_inputs()[0].shape[1])  # NHWC: the side crops are cut to
 
     def predict(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> list[str]:
-        stacks = []
+        stacks, codes = [], []
         for i in rows:
-            crops = np.frombuffer(batch["tagger_crops"][i], np.uint8).reshape(-1, self.size, self.size, 3) \
-                if "tagger_crops" in batch else np.zeros((0, self.size, self.size, 3), np.uint8)
-            stacks.append(np.concatenate([batch[self.input][i][None], crops]))
-        scores = self.scores(np.concatenate(stacks))  # whole images and crops in one run
+            parts, names = [batch[self.input][i][None]], [WHOLE_IMAGE]
+            if "tagger_crops" in batch and batch["tagger_crops"][i]:
+                parts.append(np.frombuffer(batch["tagger_crops"][i], np.uint8).reshape(-1, self.size, self.size, 3))
+                names += [box[0] for box in json.loads(batch["crop_boxes"][i])]
+            if "tagger_regions" in batch:
+                parts.append(batch["tagger_regions"][i])
+                names += list(REGIONS)
+            stacks.append(np.concatenate(parts))
+            codes.append(names)
+        scores = self.scores(np.concatenate(stacks))  # whole images, crops and regions in one run
         bounds = np.cumsum([0, *(len(s) for s in stacks)])
-        return [json.dumps([self.tags(p, whole=k == a) for k, p in enumerate(scores[a:b], start=a)])
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [json.dumps([[code, self.tags(p, whole=code == WHOLE_IMAGE)] for code, p in zip(names, scores[a:b],
+                                                                                                 strict=True)])
+                for names, a, b in zip(codes, bounds[:-1], bounds[1:], strict=True)]
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """Label scores (N, labels) for a stack of preprocessed images, in one run."""
