@@ -42,7 +42,7 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits")
+                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
 REWRITERS = ("", "openai", "vllm")
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")

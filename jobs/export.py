@@ -67,8 +67,8 @@ def check_options(opts: dict) -> None:
     unknown = [f for f in opts["formats"] if f not in LAYOUTS]
     if unknown or not opts["formats"]:
         raise ConfigError(f"export.formats: unknown or empty {unknown} (known: {', '.join(LAYOUTS)})")
-    if opts["text"] not in ("caption", "tags"):
-        raise ConfigError("export.text must be 'caption' or 'tags'")
+    if opts["text"] not in ("caption", "tags", "regions"):
+        raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
     if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
     if opts["tag_sort"] not in SORTS:

@@ -243,6 +243,18 @@ captions = pa.schema(
     ]
 )
 
+# A caption per 2x2 region of an image (caption.regions, from the tagger's region tags,
+# annotate.tagger.regions); export joins them into "top left: ...; top right: ...".
+caption_regions = pa.schema(
+    [
+        ("key", pa.string()),
+        ("region", pa.string()),  # top left, top right, bottom left, bottom right
+        ("backend", pa.string()),
+        ("tags", pa.list_(pa.string())),  # the tagger's tags of the region over curate's thresholds
+        ("caption", pa.string()),  # "" when the tagger named nothing there
+    ]
+)
+
 # Related tags an image lacks, from tag co-occurrence over the whole dataset (caption job):
 # suggestions for review, never applied to `tags`.
 tag_suggestions = pa.schema(

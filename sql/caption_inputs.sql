@@ -8,6 +8,7 @@
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold.
 -- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits,
 -- person_tags.
+-- regions: with annotate.tagger.regions, the tagger's tags of each 2x2 region (caption.regions).
 with texts as (
     select key, list(text order by kind, text) as texts
     from source_text
@@ -36,6 +37,29 @@ image_traits as (
     where len(m.characters) = 1
     group by m.key
 ),
+region_tags as (
+    -- the tagger's tags of each 2x2 region (annotate.tagger.regions: tag_scores crop -2..-5)
+    select key, crop,
+           list(tag order by score desc, tag) filter (where kept) as tags,
+           list(category order by score desc, tag) filter (where kept) as categories
+    from (
+        select key, crop, tag, category, score,
+               (category = 'general' and score > getvariable('general_threshold'))
+               or (category = 'character' and score > getvariable('character_threshold')) as kept
+        from tag_scores
+        where crop <= -2
+    )
+    group by key, crop
+),
+image_regions as (
+    select key,
+           list({'region': case crop when -2 then 'top left' when -3 then 'top right' when -4 then 'bottom left'
+                                else 'bottom right' end,
+                 'tags': coalesce(tags, []::varchar[]), 'categories': coalesce(categories, []::varchar[])}
+                order by crop desc) as regions
+    from region_tags
+    group by key
+),
 image_persons as (
     -- each person's own tags and place (curate's person_tags), left to right
     select key, list({'position': position, 'quadrant': quadrant, 'tags': tags, 'categories': categories}
@@ -63,7 +87,8 @@ select i.key,
        coalesce(g.categories, []::varchar[]) as tagger_categories,
        d.n_people_detected,
        coalesce(r.traits, []::varchar[]) as traits,
-       p.persons
+       p.persons,
+       g2.regions
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
@@ -72,4 +97,5 @@ left join tagger_tags as g using (key)
 left join people_detected as d using (key)
 left join image_traits as r using (key)
 left join image_persons as p using (key)
+left join image_regions as g2 using (key)
 order by i.key

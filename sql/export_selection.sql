@@ -8,7 +8,7 @@
 -- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
 -- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
--- image_meta, captions, balance, duplicates, errors, edit_state.
+-- image_meta, captions, balance, duplicates, errors, edit_state, caption_regions.
 with accepted as (
     select key,
            arg_max(caption, attempt) as caption,
@@ -41,6 +41,16 @@ character_edits as (
 ),
 exclude_edits as (
     select key, new = 'true' as excluded from edit_state where field = 'exclude'
+),
+region_captions as (
+    -- the 2x2 region captions (caption.regions) as one structured caption
+    select key,
+           string_agg(region || ': ' || caption, '; '
+                      order by list_position(['top left', 'top right', 'bottom left', 'bottom right'], region))
+               as region_caption
+    from caption_regions
+    where caption <> ''
+    group by key
 )
 select i.key,
        i.source,
@@ -74,6 +84,7 @@ select i.key,
        coalesce(x.excluded, false) as excluded,
        d.dup_group,
        coalesce(e.n_errors, 0) as n_errors,
+       rc.region_caption,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply
 from images as i
@@ -86,6 +97,7 @@ left join error_counts as e using (key)
 left join caption_edits as cap using (key)
 left join character_edits as ce using (key)
 left join exclude_edits as x using (key)
+left join region_captions as rc using (key)
 where not ($drop_duplicates and not coalesce(d.is_representative, true))
   and not ($drop_flagged and cap.key is null and coalesce(a.flagged, false))
   and not ($drop_excluded and coalesce(x.excluded, false))

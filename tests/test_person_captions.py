@@ -33,8 +33,10 @@ SPRITES = {"eileen_happy.png": 40, "lucy_happy.png": 380}  # left edge of each s
 BOXES = [(40, 0, 360, 720), (380, 0, 800, 720)]  # the sprites, in canvas pixels
 
 
-def compose(path) -> Image.Image:
-    canvas = Image.new("RGB", CANVAS, (255, 255, 255))
+def compose(path, backgrounds: tuple = ((255, 255, 255), (255, 255, 255))) -> Image.Image:
+    """The two sprites side by side, each on its half's background colour."""
+    canvas = Image.new("RGB", CANVAS, backgrounds[0])
+    canvas.paste(backgrounds[1], (CANVAS[0] // 2, 0, *CANVAS))
     for name, left in SPRITES.items():
         sprite = Image.open(shared_path("samples", "renpy", name)).convert("RGBA")
         canvas.paste(sprite, (left, 0), sprite)
@@ -42,25 +44,32 @@ def compose(path) -> Image.Image:
     return canvas
 
 
-def crop_means(canvas: Image.Image, padding: float) -> list[np.ndarray]:
-    """The mean BGR (0..1) the tagger sees of each person crop, through annotate's own crop and
-    tagger preprocessing."""
-    from udfs.annotate.images import crop_box, tagger_input
+def seen_means(canvas: Image.Image, padding: float, regions: bool) -> tuple[list, list]:
+    """The mean BGR (0..1) the tagger sees of each left and right thing: the person crops and,
+    with `regions`, the 2x2 regions, through annotate's own cropping and tagger preprocessing."""
+    from udfs.annotate.images import crop_box, region_images, tagger_input
 
-    means = []
-    for box in BOXES:
-        crop = canvas.crop(crop_box(*canvas.size, box, padding))
-        means.append(tagger_input(crop, 448).reshape(-1, 3).mean(axis=0) / 255.0)
-    return means
+    def mean(image: Image.Image) -> np.ndarray:
+        return tagger_input(image, 448).reshape(-1, 3).mean(axis=0) / 255.0
+
+    left, right = [[mean(canvas.crop(crop_box(*canvas.size, box, padding)))] for box in BOXES]
+    if regions:
+        top_left, top_right, bottom_left, bottom_right = region_images(canvas, 0.1)
+        left += [mean(top_left), mean(bottom_left)]
+        right += [mean(top_right), mean(bottom_right)]
+    return left, right
 
 
-def models_dir(root, canvas: Image.Image, padding: float):
+def models_dir(root, canvas: Image.Image, padding: float, regions: bool):
+    """The arranged fakes: the colour tagger scores red hair on what lies left, black hair on
+    what lies right (along the line between the two person crops' mean colours)."""
     labels = shared_path("tagdata", "wd_v3_selected_tags.csv")
     names = pd.read_csv(labels)["name"].tolist()
-    left, right = crop_means(canvas, padding)
-    direction = (left - right) / np.linalg.norm(left - right)
-    middle = float(direction @ (left + right) / 2)
-    steep = 12.0 / float(direction @ (left - right) / 2)  # logit +-12 on the two crops
+    left, right = seen_means(canvas, padding, regions)
+    direction = np.mean(left, axis=0) - np.mean(right, axis=0)
+    low, high = min(direction @ m for m in left), max(direction @ m for m in right)
+    assert low > high, "the composed picture's left and right look alike to the colour tagger"
+    steep, middle = 24.0 / (low - high), (low + high) / 2  # logit >= +12 on the left, <= -12 on the right
     rules = {names.index("red_hair"): (steep * direction, -steep * middle),
              names.index("black_hair"): (-steep * direction, steep * middle)}
     colour_tagger(root / TAGGER_REPO / TAGGER_FILE, len(names), rules)
@@ -78,17 +87,22 @@ def models_dir(root, canvas: Image.Image, padding: float):
 
 @pytest.fixture
 def duo(tmp_path, config, workspace, ray_local):
+    return prepare(tmp_path, config, workspace)
+
+
+def prepare(tmp_path, config, workspace, backgrounds: tuple = ((255, 255, 255), (255, 255, 255)),
+            regions: bool = False):
     from jobs.config import merge
 
     folder = tmp_path / "in"
     folder.mkdir()
-    canvas = compose(folder / "duo.png")
+    canvas = compose(folder / "duo.png", backgrounds)
     # the sidecar: the image's tags as a booru would have them, hair colours of both girls mixed
     (folder / "duo.txt").write_text("2girls, red_hair, black_hair, smile, standing, outdoors")
     padding = float(config["annotate"]["ccip"]["crop_padding"])
     merge(config, {"ingest": {"inputs": [str(folder)]},
                    "annotate": {"models": ["person", "tagger"], "draft_size": 0,
-                                "models_dir": str(models_dir(tmp_path / "models", canvas, padding))},
+                                "models_dir": str(models_dir(tmp_path / "models", canvas, padding, regions))},
                    "caption": {"concurrency": 1, "tags_from_text": False, "related_tags": False}})
     return config, workspace
 
@@ -133,3 +147,26 @@ def test_each_person_is_named_from_the_ccip_references(duo, tmp_path):
     (row,) = ws.read_table("captions").to_pylist()
     assert row["caption"].startswith("Two girls. On the left, Eileen with red hair; on the right, Lucy with black "
                                      "hair. They are standing.")
+
+
+def test_the_2x2_option_tags_and_captions_four_regions_and_export_joins_them(tmp_path, config, workspace, ray_local):
+    import webdataset as wds
+
+    from jobs import annotate, caption, curate, export, ingest
+    from jobs.config import merge
+
+    # each half on a colour of its own, so that the colour tagger tells the halves' regions apart too
+    config, ws = prepare(tmp_path, config, workspace, ((250, 90, 60), (50, 60, 140)), regions=True)
+    merge(config, {"annotate": {"tagger": {"regions": True}}, "caption": {"regions": True},
+                   "export": {"text": "regions", "out": str(tmp_path / "out")}})
+    for job in (ingest, annotate, curate, caption, export):
+        job.run(config, ws)
+    regions = {r["region"]: r for r in ws.read_table("caption_regions").to_pylist()}
+    assert sorted(regions) == ["bottom left", "bottom right", "top left", "top right"]
+    # the left half is Eileen's (the colour tagger's red), the right half Lucy's
+    for name, hair in (("top left", "red_hair"), ("bottom left", "red_hair"), ("top right", "black_hair"),
+                       ("bottom right", "black_hair")):
+        assert regions[name]["tags"] == [hair] and regions[name]["caption"] == f"{hair.replace('_', ' ').capitalize()}."
+    (sample,) = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").rglob("*.tar")), shardshuffle=False))
+    text = sample["txt"].decode()
+    assert text == ("top left: Red hair.; top right: Black hair.; bottom left: Red hair.; bottom right: Black hair.")

@@ -127,10 +127,8 @@ class ReplayCaptioner(UnitCaptioner):
             requests = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
             self.ws.write_parquet(requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
-        self.ws.write_part("captions", unit, captions)
-        self.ws.write_part("errors", f"caption-{unit}", errors)
         info = unit_info(table.num_rows, captions, errors, 0.0)
-        self.ws.commit_unit("caption", unit, info, parts={"captions": [unit], "errors": [f"caption-{unit}"]})
+        self.commit(unit, captions, errors, self.region_rows(table), info)
         self.ws.fs.delete_dir(f"{self.ws.base}/{STREAM}/{unit}")
         return {"unit": unit, "info": info}
 

@@ -182,12 +182,33 @@ class UnitCaptioner:
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
             started = time.perf_counter()
             captions, errors = self.caption_unit(rows)
-            self.ws.write_part("captions", unit, captions)
-            self.ws.write_part("errors", f"caption-{unit}", errors)
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
-            self.ws.commit_unit("caption", unit, info, parts={"captions": [unit], "errors": [f"caption-{unit}"]})
+            self.commit(unit, captions, errors, self.region_rows(rows), info)
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
+        return out
+
+    def commit(self, unit: str, captions: list[dict], errors: list[dict], regions: list[dict], info: dict) -> None:
+        """Write a unit's parts and commit it: its rows appear together, or (killed) not at all."""
+        self.ws.write_part("captions", unit, captions)
+        self.ws.write_part("errors", f"caption-{unit}", errors)
+        parts = {"captions": [unit], "errors": [f"caption-{unit}"]}
+        if regions:
+            self.ws.write_part("caption_regions", unit, regions)
+            parts["caption_regions"] = [unit]
+        self.ws.commit_unit("caption", unit, info, parts=parts)
+
+    def region_rows(self, table: pa.Table) -> list[dict]:
+        """caption_regions rows (caption.regions): the English template of each 2x2 region's own
+        tags. A VLM backend captions the whole image; its regions are captioned from their tags."""
+        if not self.opts["regions"] or "regions" not in table.column_names:
+            return []
+        out = []
+        for key, regions in zip(table["key"].to_pylist(), table["regions"].to_pylist(), strict=True):
+            for region in regions or []:
+                text = self._english([region["tags"]], [region["categories"]], [None])[0] if region["tags"] else ""
+                out.append({"key": key, "region": region["region"], "backend": "template:english",
+                            "tags": region["tags"], "caption": text})
         return out
 
     # ---- one unit -----------------------------------------------------------------------------

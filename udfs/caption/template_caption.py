@@ -229,6 +229,7 @@ class Subject:
     counts: dict[str, int]
     names: list[str]
     series: list[str]
+    unknown: bool = False  # nothing says how many people there are (no count tag, no head count)
 
     @classmethod
     def of(cls, by_group: dict[str, list[TagInfo]], n_people: int | None) -> Subject:
@@ -244,7 +245,7 @@ class Subject:
         if sum(counts.values()) < len(names):
             counts = OrderedDict(person=len(names)) if not counts or "" in counts else counts
         series = _dedupe(title_of(i.tag) for i in by_group.get("copyright", []))
-        return cls(counts, names, series)
+        return cls(counts, names, series, unknown=not counts and n_people is None)
 
     @property
     def people(self) -> int:
@@ -285,6 +286,8 @@ class Subject:
         return (" from " + join_and(self.series)) if self.series else ""
 
     def first_sentence(self, features: list[str], clothes: list[str]) -> str:
+        if self.unknown:  # say what is there, and nothing of who (a 2x2 region, say)
+            return _capital(join_and(features + clothes)) + "." if features or clothes else ""
         if not self.people:
             scene = "A scene without people"
             if features or clothes:

@@ -37,14 +37,17 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     orientation = int(row.get("orientation") or 1)
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
-    caption = row["caption"] if opts["text"] == "caption" and row["caption"] else None
+    caption = row["caption"] if opts["text"] in ("caption", "regions") and row["caption"] else None
+    if opts["text"] == "regions" and row.get("region_caption"):
+        caption = row["region_caption"]
+    text_from = "tags" if not caption else "regions" if caption == row.get("region_caption") else "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt = caption or rules.text(row["tags"], row["categories"], row["tag_scores"])
     repeats = repeats_of(row["multiply"])
     concept = opts["concept"] or row["group"] or "all"
     meta = {
         "key": row["key"], "source": {"source": row["source"], "member": row["member"]},
-        "caption": row["caption"], "text_from": "caption" if caption else "tags",
+        "caption": row["caption"], "text_from": text_from,
         "tags": row["tags"], "tag_categories": row["categories"],
         "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),
         "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
@@ -56,6 +59,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    if row.get("region_caption"):  # the 2x2 region captions (caption.regions)
+        meta["region_caption"] = row["region_caption"]
     if row.get("lint"):  # the character's fixed traits the caption repeats (caption lint)
         meta["lint"] = row["lint"]
     if row.get("caption_edited"):  # written by a person (booruset review), not by a captioner
