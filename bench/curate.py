@@ -111,7 +111,8 @@ def faces_chunk(rng, keys) -> pa.Table:
     m = len(owner)
     x0, y0 = rng.random(m) * 0.7, rng.random(m) * 0.7
     size = rng.random(m) * 0.3 + 0.02
-    return pa.table({"key": owner, "model": pa.array(["face_yolo"] * m), "label": pa.array(["face"] * m),
+    return pa.table({"key": owner, "model": pa.array(["face_yolo"] * m), "index": pa.array(np.zeros(m), pa.int32()),
+                     "label": pa.array(["face"] * m),
                      "score": pa.array(rng.random(m), pa.float32()), "x0": pa.array(x0, pa.float32()),
                      "y0": pa.array(y0, pa.float32()), "x1": pa.array(x0 + size, pa.float32()),
                      "y1": pa.array(y0 + size * rng.uniform(0.8, 1.3, m), pa.float32())})

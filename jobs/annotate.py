@@ -62,8 +62,20 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
             skipped.append(f"{name}: skipped: {exc}")
             continue
         spec["model"] = model_name(name, spec)
+        spec["identity"] = model_identity(name, spec, opts)
         specs[name] = spec
     return specs, skipped
+
+
+def model_identity(name: str, spec: dict, opts: dict) -> str:
+    """What a unit's marker records as run: the model, and for the tagger what it tagged (person
+    crops, 2x2 regions), so that turning those on or changing them reruns the units."""
+    if name != "tagger":
+        return spec["model"]
+    crops = "person" in opts["models"] and bool(spec["person_crops"])
+    cut = f"crops{opts['ccip']['max_crops']}x{opts['ccip']['crop_padding']}" if crops else "nocrops"
+    regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
+    return f"{spec['model']}+{cut}+{regions}"
 
 
 def model_input(name: str, spec: dict) -> list:
@@ -107,7 +119,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if skipped:  # named now; each one's reason and fix is printed once, in the summary at the end
         names = ", ".join(line.split(":", 1)[0] for line in skipped)
         print(f"annotate: skipping {names}: model files not here (how to get them: the summary below)", flush=True)
-    models = sorted(spec["model"] for spec in specs.values())
+    models = sorted(spec["identity"] for spec in specs.values())
     ws.begin_job()
     units = units_of(ws)
     done = retire_stale_units(ws, {u["unit"] for u in units})
@@ -279,7 +291,7 @@ class Pipeline:
         previous = self.done.get(unit, {})
         rerun = set(self.specs) | {"decode"}
         pipeline = {n: m for n, m in previous.get("pipeline", {}).items() if n not in rerun}
-        pipeline |= {n: s["model"] for n, s in self.specs.items()}
+        pipeline |= {n: s["identity"] for n, s in self.specs.items()}
         info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
         for table, names in previous.get("parts", {}).items():
             parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)

@@ -153,6 +153,7 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     try:
         for name in EVIDENCE_OPTIONS:
             con.execute(f"set variable {name} = ?", [curate[name]])
+        con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
         reader = con.sql(sql_text("caption_units.sql"),
                          params={"unit_size": max(1, int(opts["unit_size"]))}).to_arrow_reader(50_000)

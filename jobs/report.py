@@ -148,7 +148,7 @@ def accuracy_plot(out: Path, rows: list[dict]) -> str:
     if not rows:
         return no_data("captions")
     scored = [r for r in rows if r["accuracy"] is not None]
-    against = Counter(r["scored_against"] for r in scored)
+    against = Counter(r["scored_against"] or "unknown" for r in scored)  # unknown: scored before it was recorded
     not_scored = Counter(r["not_scored"] or "unknown" for r in rows if r["accuracy"] is None)
     summary = (f"<p>{len(rows)} captions: {len(scored)} scored"
                + "".join(f", {n} against {html.escape(what)}" for what, n in sorted(against.items()))

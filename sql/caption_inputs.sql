@@ -2,10 +2,11 @@
 -- a caption is scored against.
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql). Rating: image_meta, else
 -- a source rating tag.
--- Evidence (udfs/caption/caption_scoring.py, "Honest scores"): when the tagger ran on the image,
+-- Evidence (README, "Honest caption scores"): when the tagger ran on the image,
 -- its own tags over curate's thresholds (not the source tags) and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
--- prepared parameters): general_threshold, character_threshold, person_label, person_threshold.
+-- prepared parameters): general_threshold, character_threshold, person_label, person_threshold,
+-- caption_regions.
 -- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits,
 -- person_tags.
 -- regions: with annotate.tagger.regions, the tagger's tags of each 2x2 region (caption.regions).
@@ -88,7 +89,9 @@ select i.key,
        d.n_people_detected,
        coalesce(r.traits, []::varchar[]) as traits,
        p.persons,
-       g2.regions
+       -- only when asked for (caption.regions): a unit's id hashes its rows, so the region tags
+       -- must not make new units (and new VLM captions) when nothing reads them
+       case when getvariable('caption_regions') then g2.regions end as regions
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)

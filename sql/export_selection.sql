@@ -45,7 +45,7 @@ exclude_edits as (
 region_captions as (
     -- the 2x2 region captions (caption.regions) as one structured caption
     select key,
-           string_agg(region || ': ' || caption, '; '
+           string_agg(region || ': ' || rtrim(caption, '.'), '; '
                       order by list_position(['top left', 'top right', 'bottom left', 'bottom right'], region))
                as region_caption
     from caption_regions

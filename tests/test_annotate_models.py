@@ -178,7 +178,12 @@ def test_tagger_tags_each_person_crop_as_get_wd14_tags_tags_the_crop(fake_models
     inputs = {"tagger_crops": ["tagger", 448], "ccip_crops": ["ccip", 384]}
     batch = crop_persons(batch, "out_person", 0, 0.05, 8, inputs)
     assert len(batch["ccip_crops"][0]) == 2 * 384 * 384 * 3  # the 1x1 box is too small to cut
-    out = WdTagger(spec, "in_tagger", "out")(batch)
+    tagger = WdTagger(spec, "in_tagger", "out")
+    # a crop's ratings are never kept, however high they score (the fake's ratings score ~0)
+    high = np.full(len(tagger.names), 0.9)
+    assert [c for _, c, _ in tagger.tags(high, whole=False)].count("rating") == 0
+    assert [c for _, c, _ in tagger.tags(high, whole=True)].count("rating") == 4
+    out = tagger(batch)
     floor = spec["score_floor"]
     for data, result, boxes in zip(images, out["out"], out["crop_boxes"], strict=True):
         (_, whole), *crops = json.loads(result)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import http.server
+import io
 import json
+import tarfile
 import threading
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from jobs import caption
 from jobs.config import merge
@@ -14,9 +18,9 @@ from jobs.config import merge
 IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
 
 
-def write_inputs(ws):
+def write_inputs(ws, source: str = "nowhere.tar"):
     ws.add_part("images", "u", [
-        {"key": k, "source": "nowhere.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64,
+        {"key": k, "source": source, "member": k.split("/")[1] + ".png", "width": 64, "height": 64,
          "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": "x", "phash": 0} for k in IMAGES])
     curated = {
         "a/girl": [("1girl", "general"), ("eileen_(ren'py)", "character"), ("ren'py", "copyright"),
@@ -104,7 +108,9 @@ class EchoDraft(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = body["messages"][-1]["content"].split("DRAFT:", 1)[1]
+        content = body["messages"][-1]["content"]  # the image (a data URL) and the text, or the text
+        prompt = content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+        text = prompt.split("DRAFT:", 1)[1]
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -125,8 +131,21 @@ def echo_server():
     server.server_close()
 
 
-def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, workspace, config, echo_server):
-    write_inputs(workspace)
+def write_shard(path: Path) -> str:
+    """The test images' bytes, so that the VLM backend can send them (send_images)."""
+    with tarfile.open(path, "w") as tar:
+        for key in IMAGES:
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), (200, 60, 60)).save(png, format="PNG")
+            info = tarfile.TarInfo(key.split("/")[1] + ".png")
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    return str(path)
+
+
+def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, workspace, config, echo_server,
+                                                                  tmp_path):
+    write_inputs(workspace, write_shard(tmp_path / "s.tar"))
     # the tagger saw a/girl with black hair (her source tags say red) and a/pair as two girls
     workspace.add_part("tag_scores", "u", [
         {"key": k, "tag": t, "category": c, "score": s, "model": "wd"} for k, t, c, s in [
@@ -137,12 +156,15 @@ def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, wor
     workspace.add_part("detections", "u", [
         {"key": "a/pair", "model": "person", "label": "person", "score": 0.9, "x0": x, "y0": 0.1, "x1": x + 0.3,
          "y1": 0.9} for x in (0.1, 0.6)])
-    configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=False,
+    configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=True,
               prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.01, related_tags=False)
     summary = caption.run(config, workspace)
     rows = workspace.read_table("captions").to_pylist()
-    keys = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]  # a VLM needs no tags
+    # a VLM needs no tags, but this one echoes the draft, and a/untagged's is empty: no caption
+    keys = ["a/girl", "a/pair", "a/scene", "b/from_source"]
     assert sorted({r["key"] for r in rows}) == keys
+    assert {e["kind"] for e in workspace.read_table("errors").to_pylist() if e["key"] == "a/untagged"} == {
+        "empty_caption", "no_caption"}
     for key in keys:
         mine = [r for r in rows if r["key"] == key]
         assert sorted(r["attempt"] for r in mine) == [0, 1, 2]  # the target is unreachable: loop-back stops at N
@@ -160,3 +182,13 @@ def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, wor
     pair = next(r for r in rows if r["key"] == "a/pair" and r["attempt"] == 0)
     assert pair["subject_consistency"] == 1.0 and pair["tag_inclusion"] == 1.0  # two girls, two person boxes
     assert any("against tagger" in n and "against curated_tags" in n for n in summary.notes)
+
+
+def test_a_vlm_not_shown_the_image_writes_from_the_tags_and_is_not_scored(ray_local, workspace, config, echo_server):
+    write_inputs(workspace)
+    configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=False,
+              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.01, related_tags=False)
+    caption.run(config, workspace)
+    rows = workspace.read_table("captions").to_pylist()
+    assert sorted(r["key"] for r in rows) == ["a/girl", "a/pair", "a/scene", "b/from_source"]  # one attempt each
+    assert all(r["accuracy"] is None and r["not_scored"] == "built_from_tags" and r["accepted"] for r in rows)

@@ -243,7 +243,8 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_se
     for key in keys:
         mine = [r for r in rows if r["key"] == key]
         assert [r["attempt"] for r in mine] == [0, 1] and sum(r["accepted"] for r in mine) == 1
-        assert all(r["caption"] and 0.0 <= r["accuracy"] <= 1.0 for r in mine)
+        # not shown the image, the model wrote from the tags alone: nothing independent to score against
+        assert all(r["caption"] and r["accuracy"] is None and r["not_scored"] == "built_from_tags" for r in mine)
     assert summary.errors == 0
 
 

@@ -63,8 +63,8 @@ def stream_options(url: str) -> dict:
 
 def caption_rows(ws) -> list[tuple]:
     rows = ws.read_table("captions").to_pylist()
-    return sorted((r["key"], r["attempt"], r["backend"], r["seed"], r["caption"], round(r["accuracy"], 6),
-                   r["accepted"]) for r in rows)
+    return sorted((r["key"], r["attempt"], r["backend"], r["seed"], r["caption"],
+                   None if r["accuracy"] is None else round(r["accuracy"], 6), r["accepted"]) for r in rows)
 
 
 def stream_folder(ws) -> list[str]:

@@ -123,6 +123,8 @@ def region_images(image: Image.Image, overlap: float) -> list[Image.Image]:
     neighbours, where it is blurred: the tagger sees what crosses the line, softly, and keeps to
     its own quarter. Returned in the image's mode (the tagger pastes transparency on white)."""
     width, height = image.size
+    if width < 2 or height < 2:  # no halves to cut: each region is the whole picture
+        return [image] * 4
     mid_x, mid_y = width // 2, height // 2
     reach_x, reach_y = int(round(overlap * width)), int(round(overlap * height))
     radius = max(1.0, (reach_x + reach_y) / 6)

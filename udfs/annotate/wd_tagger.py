@@ -40,7 +40,9 @@ class WdTagger(ModelActor):
         path = model_file(spec["repo"], spec["file"], models_dir)
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
-        self.max_batch = fixed_batch(self.session)
+        # crops and regions multiply a batch's images (up to 1 + max_crops + 4 each): run them
+        # batch_size at a time, converting each chunk to float32 only when it goes in
+        self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))
         self.floor = float(spec["score_floor"])
         self.rating = np.array([c == "rating" for c in self.categories])
         self.input = input
@@ -58,24 +60,25 @@ class WdTagger(ModelActor):
                 names += list(REGIONS)
             stacks.append(np.concatenate(parts))
             codes.append(names)
-        scores = self.scores(np.concatenate(stacks))  # whole images, crops and regions in one run
+        scores = self.scores(np.concatenate(stacks))  # whole images, crops and regions together
         bounds = np.cumsum([0, *(len(s) for s in stacks)])
         return [json.dumps([[code, self.tags(p, whole=code == WHOLE_IMAGE)] for code, p in zip(names, scores[a:b],
                                                                                                  strict=True)])
                 for names, a, b in zip(codes, bounds[:-1], bounds[1:], strict=True)]
 
     def scores(self, images: np.ndarray) -> np.ndarray:
-        """Label scores (N, labels) for a stack of preprocessed images, in one run."""
+        """Label scores (N, labels) for a stack of preprocessed uint8 images, max_batch per run."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         # the tagger's first output is the label scores (the second, with embeddings, is unused)
-        (preds,) = run_batched(self.session, [outputs[0].name], inputs[0].name,
-                               images.astype(np.float32), self.max_batch)
-        return preds
+        chunks = [run_batched(self.session, [outputs[0].name], inputs[0].name,
+                              images[i : i + self.max_batch].astype(np.float32), self.max_batch)[0]
+                  for i in range(0, len(images), self.max_batch)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.names)), np.float32)
 
     def tags(self, pred: np.ndarray, whole: bool = True) -> list[list]:
         """[tag, category, score] of every label above the floor, and of the ratings for a whole
         image (a person crop's rating says nothing the image's does not)."""
         # imgutils compares in float64 (pred.astype(float)), so does this
         values = pred.astype(float)
-        keep = np.flatnonzero((self.rating & whole) | (values > self.floor))
+        keep = np.flatnonzero(np.where(self.rating, whole, values > self.floor))
         return [[self.names[i], self.categories[i], values[i]] for i in keep]

@@ -1,12 +1,17 @@
 """Caption scores: tag_inclusion, english_similarity, subject_consistency, accuracy; quality tags.
 
-- tag_inclusion: the share of the image's curated tags that the caption expresses. A tag is
+Each is computed against evidence the caption was not built from (udfs/caption/caption_unit.py
+evidence_for; README "Honest caption scores"): the tagger's tags and the person detections, or
+for a VLM where no tagger ran the curated tags. Below, "tags", "reference" and "n_people" are
+that evidence's.
+
+- tag_inclusion: the share of the evidence tags that the caption expresses. A tag is
   expressed when its head word (last content word) occurs and its other words occur just
   before or after it ("short_hair" + "red_hair" are both in "short red hair"), comparing
   normalised words: lower case, simple plurals removed, synonyms (data/caption/synonyms.toml)
   mapped to one form. Count tags are left to subject_consistency.
 - english_similarity: cosine of sentence embeddings (all-MiniLM-L6-v2) of the caption and of
-  the image's template caption.
+  the template caption of the evidence tags.
 - subject_consistency: 1 when the caption speaks of as many people as n_people, 0 when it speaks
   of another number, 0.5 when it says nothing countable.
 """

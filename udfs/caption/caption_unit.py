@@ -1,7 +1,8 @@
 """The caption job's map_batches UDFs: caption whole units, score, loop back, write, commit.
 
-`UnitCaptioner` holds what every backend shares (template reference captions, the scorer,
-the loop-back, quality tags, the rewriter, the unit-level commit); a subclass per backend
+`UnitCaptioner` holds what every backend shares (template drafts, the evidence each caption is
+scored against and its reference caption, the scorer, the loop-back, quality tags, the caption
+lint, the rewriter, region captions, the unit-level commit); a subclass per backend
 supplies `caption()`. Each batch is one or more complete units (the job makes one block per
 unit and asks for whole blocks), so a unit's rows are written and committed together and a
 restarted job redoes only uncommitted units.
@@ -148,6 +149,8 @@ class UnitCaptioner:
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.ws = Workspace(workspace)
         self.opts = options
+        if not self.needs_tags and not options.get("send_images", True):
+            self.builds_from_tags = True  # a VLM that is not shown the image writes from the tags alone
         self.vocab = TemplateVocab()
         self.templates = TemplateCaptions(self.vocab)
         encoder = None if self.builds_from_tags else SentenceEncoder(  # nothing to score: no model to load
