@@ -169,4 +169,4 @@ def test_the_2x2_option_tags_and_captions_four_regions_and_export_joins_them(tmp
         assert regions[name]["tags"] == [hair] and regions[name]["caption"] == f"{hair.replace('_', ' ').capitalize()}."
     (sample,) = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").rglob("*.tar")), shardshuffle=False))
     text = sample["txt"].decode()
-    assert text == ("top left: Red hair.; top right: Black hair.; bottom left: Red hair.; bottom right: Black hair.")
+    assert text == "top left: Red hair; top right: Black hair; bottom left: Red hair; bottom right: Black hair"
