@@ -46,7 +46,7 @@ PLAN = "state/export-plan"  # the staged selection and plans of the running expo
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
            "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
            "tag_category_order", "tag_sort", "exclude_tag_categories", "exclude_tags", "escape_parentheses",
-           "keep_tokens", "keep_tokens_separator")
+           "keep_tokens", "keep_tokens_separator", "clip_token_budget")
 
 
 def sql_text(name: str) -> str:
@@ -73,6 +73,8 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
+    if int(opts["clip_token_budget"]) < 0:
+        raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
 
@@ -102,7 +104,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     manifest = write_manifest(ws, out, {u["unit"] for u in units})
     shards = write_wids_index(out, units, manifest) if "webdataset" in opts["formats"] else 0
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
-    add_infos(summary, infos, manifest, opts["formats"])
+    add_infos(summary, infos, manifest, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"left out before export: {total - selected} of {total} images "
                          f"(duplicates, flagged captions, export.where)")
@@ -259,7 +261,8 @@ def write_wids_index(out: str, units: list[dict], manifest: pa.Table) -> int:
 
 
 # ---- summary --------------------------------------------------------------------------------
-def add_infos(summary: JobSummary, infos: list[dict], manifest: pa.Table, layouts: list[str]) -> None:
+def add_infos(summary: JobSummary, infos: list[dict], manifest: pa.Table, layouts: list[str],
+              budget: int = 0) -> None:
     seconds, written = 0.0, 0
     for info in infos:
         summary.dropped += info["dropped"]
@@ -270,6 +273,10 @@ def add_infos(summary: JobSummary, infos: list[dict], manifest: pa.Table, layout
     for layout in manifest["layout"].to_pylist():
         per_layout[layout] += 1
     summary.rows_out = {f"{layout} samples": per_layout.get(layout, 0) for layout in layouts}
+    if budget:
+        cut = {k for k, n in zip(manifest["key"].to_pylist(), manifest["text_cut"].to_pylist(), strict=True) if n}
+        summary.notes.append(f"clip_token_budget {budget}: KEY.txt of {len(cut)} images cut to fit "
+                             f"(tags left out lowest-ranked first, captions at a sentence; manifest text_cut)")
     if seconds:
         summary.notes.append(f"image bytes written: {written / 1e6:.1f} MB, {written / 1e6 / seconds:.1f} MB/s "
                              f"of task time")

@@ -285,6 +285,8 @@ export_manifest = pa.schema(
         ("orientation", pa.int32()),  # EXIF orientation the exported bytes carry (1: upright)
         ("multiply", pa.float64()),
         ("repeats", pa.int32()),
+        # export.clip_token_budget: tags left out of KEY.txt, or 1 for a caption cut short; 0: whole
+        ("text_cut", pa.int32()),
         ("unit", pa.string()),
     ]
 )

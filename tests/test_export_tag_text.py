@@ -1,5 +1,6 @@
 """Trainer-ready KEY.txt from tags (issue 14, item 6): category order, sort by score, exclusions,
-escaped parentheses, kohya's keep_tokens and its separator; on the rules and on a real export."""
+escaped parentheses, kohya's keep_tokens and its separator, the CLIP token budget; on the rules
+and on a real export."""
 
 from __future__ import annotations
 
@@ -64,6 +65,71 @@ def test_export_writes_tags_as_configured(tmp_path_factory, tmp_path, ray_local)
         if len(kept) > 1:
             assert txt.count(" ||| ") == 1 and "(" not in txt.replace("\\(", "")
     assert with_character > 0
+
+
+def test_clip_tokens_are_clips_own_bpe_tokens():
+    from udfs.export.clip_tokens import clip_tokenizer, clip_tokens
+
+    assert clip_tokens("a photo of a cat") == 5  # CLIP's 77-token context: 5 + start and end
+    ids = clip_tokenizer()("1girl, long_hair", add_special_tokens=False)["input_ids"]
+    assert clip_tokenizer().convert_ids_to_tokens(ids) == ["1</w>", "girl</w>", ",</w>", "long</w>", "_</w>",
+                                                          "hair</w>"]
+    assert len(clip_tokenizer()) == 49408  # the whole CLIP vocabulary
+
+
+def test_the_budget_leaves_out_the_lowest_ranked_tags_but_never_the_kept_ones():
+    from udfs.export.clip_tokens import clip_tokens
+
+    tags = ["solo", "1girl", "eileen_(ren'py)"] + [f"tag_number_{i}" for i in range(60)]
+    categories = ["general", "general", "character"] + ["general"] * 60
+    full = TagTextRules(keep_tokens=3, keep_tokens_separator="|||").text(tags, categories, [1.0] * 63)
+    rules = TagTextRules(keep_tokens=3, keep_tokens_separator="|||", clip_token_budget=75)
+    text, dropped = rules.fitted(tags, categories, [1.0] * 63)
+    assert clip_tokens(full) > 75 >= clip_tokens(text) and dropped > 0
+    assert full.startswith(text) and text.startswith("solo, 1girl, eileen (ren'py) ||| tag number 0, ")
+    # one tag more would not fit: no more was left out than needed
+    longer = TagTextRules(keep_tokens=3, keep_tokens_separator="|||").text(
+        tags[: 63 - dropped + 1], categories[: 63 - dropped + 1], [1.0] * (63 - dropped + 1))
+    assert clip_tokens(longer) > 75
+    # the kept tags stay even when they alone are over the budget
+    tight = TagTextRules(keep_tokens=3, clip_token_budget=2).fitted(tags, categories, [1.0] * 63)
+    assert tight == ("solo, 1girl, eileen (ren'py)", 60)
+
+
+def test_a_long_caption_is_cut_after_its_last_whole_sentence_that_fits():
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    caption = " ".join(f"Sentence number {i} says a few words about the picture." for i in range(20))
+    text, cut = fit_caption(caption, 75)
+    assert cut and caption.startswith(text) and text.endswith("picture.") and clip_tokens(text) <= 75
+    following = caption[len(text):].strip().split(". ")[0] + "."
+    assert clip_tokens(f"{text} {following}") > 75  # the next whole sentence would not fit
+    assert fit_caption("A short caption.", 75) == ("A short caption.", False)
+    # one sentence longer than the budget: cut at a word
+    words, cut = fit_caption("word " * 100, 10)
+    assert cut and clip_tokens(words) == 10 and words == " ".join(["word"] * 10)
+
+
+def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp_path, ray_local):
+    import webdataset as wds
+
+    from jobs import export
+    from udfs.export.clip_tokens import clip_tokens
+
+    out = tmp_path / "out"
+    # a budget the sample's tag lists are over: some are cut, none is written longer
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.text="tags"', "export.clip_token_budget=40")
+    summary = export.run(cfg, ws)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")), shardshuffle=False))
+    assert samples and all(clip_tokens(s["txt"].decode()) <= 40 for s in samples)
+    metas = [json.loads(s["json"]) for s in samples]
+    assert all(m["clip_tokens"]["tokens"] == clip_tokens(s["txt"].decode())
+               for m, s in zip(metas, samples, strict=True))
+    cut = {m["key"] for m in metas if m["clip_tokens"]["cut"]}
+    assert cut and len(cut) < len(samples)
+    manifest = {r["key"]: r["text_cut"] for r in ws.read_table("export_manifest").to_pylist()}
+    assert {k for k, n in manifest.items() if n} == cut
+    assert f"clip_token_budget 40: KEY.txt of {len(cut)} images cut to fit" in " ".join(summary.notes)
 
 
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1"])

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from store.workspace import Workspace
+from udfs.export.clip_tokens import clip_tokens, fit_caption
 from udfs.export.resize import estimated_bytes, needs_reencode, output_extension, target_size
 from udfs.export.safe_names import key_digest, safe_folder, safe_name
 from udfs.export.tag_text import TagTextRules
@@ -42,7 +43,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         caption = row["region_caption"]
     text_from = "tags" if not caption else "regions" if caption == row.get("region_caption") else "caption"
     rules = rules or TagTextRules.from_options(opts)
-    txt = caption or rules.text(row["tags"], row["categories"], row["tag_scores"])
+    txt, cut = budgeted_text(caption, row, rules)
     repeats = repeats_of(row["multiply"])
     concept = opts["concept"] or row["group"] or "all"
     meta = {
@@ -59,6 +60,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    if rules.clip_token_budget:  # what the budget did to KEY.txt
+        meta["clip_tokens"] = {"budget": rules.clip_token_budget, "tokens": clip_tokens(txt), "cut": cut}
     if row.get("region_caption"):  # the 2x2 region captions (caption.regions)
         meta["region_caption"] = row["region_caption"]
     if row.get("lint"):  # the character's fixed traits the caption repeats (caption lint)
@@ -73,12 +76,23 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "key": row["key"], "member": row["member"], "clip": row.get("clip"), "name": safe_name(row["key"]),
         "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
-        "txt": txt, "json": meta_text,
+        "txt": txt, "json": meta_text, "text_cut": cut,
         "multiply": float(row["multiply"]), "repeats": repeats,
         "kohya": f"{repeats}_{safe_folder(concept)}",
         "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",
         "planned_bytes": image_bytes + len(txt.encode()) + len(meta_text.encode()) + TAR_OVERHEAD,
     }
+
+
+def budgeted_text(caption: str | None, row: dict, rules: TagTextRules) -> tuple[str, int]:
+    """KEY.txt within the CLIP token budget (when there is one): the caption cut at a sentence
+    (cut 1), or the tags without the lowest-ranked ones (cut: how many were left out)."""
+    if caption is None:
+        return rules.fitted(row["tags"], row["categories"], row["tag_scores"])
+    if not rules.clip_token_budget:
+        return caption, 0
+    text, was_cut = fit_caption(caption, rules.clip_token_budget)
+    return text, int(was_cut)
 
 
 def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:

@@ -210,7 +210,8 @@ class UnitExport:
             "image": image_name,
             "width": sample["size"][0], "height": sample["size"][1], "image_bytes": len(image),
             "reencoded": bool(sample["reencode"]), "orientation": int(sample["orientation"]),
-            "multiply": float(sample["multiply"]), "repeats": int(sample["repeats"]), "unit": self.plan["unit"]})
+            "multiply": float(sample["multiply"]), "repeats": int(sample["repeats"]),
+            "text_cut": int(sample.get("text_cut", 0)), "unit": self.plan["unit"]})
 
     def error(self, sample: dict, kind: str, message: str) -> None:
         self.errors.append({"key": sample["key"], "source": self.plan["source"], "member": sample["member"],

@@ -1,6 +1,7 @@
 """KEY.txt from tags, the way trainers want it: an order (categories first, then by rank or by
 score), exclusions (by category, by tag), spelling (underscores or spaces, escaped parentheses)
-and kohya's keep_tokens (which tags lead, optionally marked by keep_tokens_separator)."""
+kohya's keep_tokens (which tags lead, optionally marked by keep_tokens_separator) and a CLIP
+token budget (the lowest-ranked tags are left out until the text fits; udfs/export/clip_tokens.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class TagTextRules:
     escape_parentheses: bool = False  # `(` -> `\(`: prompt syntax reads bare parentheses as weights
     keep_tokens: int = 0  # the first N tags: kohya's --keep_tokens never shuffles them
     keep_tokens_separator: str = ""  # written after them (kohya's --keep_tokens_separator), "" for none
+    clip_token_budget: int = 0  # at most this many CLIP tokens (75, 150, 225); 0: no limit
 
     @classmethod
     def from_options(cls, opts: dict) -> TagTextRules:
@@ -28,7 +30,8 @@ class TagTextRules:
                    exclude_categories=frozenset(opts["exclude_tag_categories"]),
                    exclude_tags=frozenset(opts["exclude_tags"]),
                    escape_parentheses=bool(opts["escape_parentheses"]), keep_tokens=int(opts["keep_tokens"]),
-                   keep_tokens_separator=str(opts["keep_tokens_separator"]))
+                   keep_tokens_separator=str(opts["keep_tokens_separator"]),
+                   clip_token_budget=int(opts["clip_token_budget"]))
 
     def ordered(self, tags: list[str], categories: list[str], scores: list[float]) -> list[str]:
         """The tags to write, in order (the input order is the curated rank)."""
@@ -46,7 +49,19 @@ class TagTextRules:
         return text
 
     def text(self, tags: list[str], categories: list[str], scores: list[float]) -> str:
+        return self.fitted(tags, categories, scores)[0]
+
+    def fitted(self, tags: list[str], categories: list[str], scores: list[float]) -> tuple[str, int]:
+        """The text, and how many of its lowest-ranked tags the CLIP token budget left out (never
+        the keep_tokens ones)."""
         words = [self.spell(t) for t in self.ordered(tags, categories, scores)]
+        if not self.clip_token_budget:
+            return self.join(words), 0
+        from udfs.export.clip_tokens import fit_tags
+
+        return fit_tags(words, self.keep_tokens, self.clip_token_budget, self.join)
+
+    def join(self, words: list[str]) -> str:
         if self.keep_tokens_separator and 0 < self.keep_tokens < len(words):
             head, tail = words[:self.keep_tokens], words[self.keep_tokens:]
             return f"{', '.join(head)} {self.keep_tokens_separator} {', '.join(tail)}"

@@ -1,0 +1,76 @@
+"""CLIP token counts, and KEY.txt cut to a CLIP token budget (export.clip_token_budget).
+
+Stable Diffusion's text encoders read 75 tokens at a time (77 with the start and end tokens;
+trainers take 75, 150 or 225): a KEY.txt past its budget is cut by the trainer wherever it
+falls. The count is CLIP's own byte-pair encoding: OpenAI's vocabulary (data/clip, see its
+NOTICE) in transformers' `CLIPTokenizer` (CLIP's normaliser, pre-tokeniser and BPE, on the
+`tokenizers` library), which the project already has. The vocabulary is laid out from the BPE
+file as CLIP's own SimpleTokenizer lays it out: bytes, bytes + "</w>", the merges, the two
+special tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from functools import lru_cache
+from pathlib import Path
+
+VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 49408 tokens = 2 x 256 bytes + these merges + 2 special
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer():
+    """transformers' CLIPTokenizer over CLIP's BPE vocabulary (one per process)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    with gzip.open(VOCAB_PATH) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges)
+
+
+def clip_tokens(text: str) -> int:
+    """CLIP tokens of `text`, without the start and end tokens (what a trainer's 75 counts)."""
+    return len(clip_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_tags(words: list[str], keep: int, budget: int, join) -> tuple[str, int]:
+    """`join(words)` with the lowest-ranked words (the last; never the first `keep`) left out
+    until it is within `budget` CLIP tokens; (text, words left out)."""
+    text, dropped = join(words), 0
+    while len(words) > keep and clip_tokens(text) > budget:
+        words = words[:-1]
+        dropped += 1
+        text = join(words)
+    return text, dropped
+
+
+def fit_caption(text: str, budget: int) -> tuple[str, bool]:
+    """`text` within `budget` CLIP tokens: its longest run of whole sentences that fits, else its
+    longest run of whole words; (text, whether it was cut)."""
+    if clip_tokens(text) <= budget:
+        return text, False
+    sentences = SENTENCE_END.split(text)
+    kept = ""
+    for sentence in sentences:
+        longer = f"{kept} {sentence}".strip()
+        if clip_tokens(longer) > budget:
+            break
+        kept = longer
+    if kept:
+        return kept, True
+    words = text.split()
+    low, high = 0, len(words)  # the most words that fit: counts grow with the words
+    while low < high:
+        mid = (low + high + 1) // 2
+        if clip_tokens(" ".join(words[:mid])) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low]), True
