@@ -42,13 +42,23 @@ def clip_tokens(text: str) -> int:
 
 def fit_tags(words: list[str], keep: int, budget: int, join) -> tuple[str, int]:
     """`join(words)` with the lowest-ranked words (the last; never the first `keep`) left out
-    until it is within `budget` CLIP tokens; (text, words left out)."""
-    text, dropped = join(words), 0
-    while len(words) > keep and clip_tokens(text) > budget:
-        words = words[:-1]
-        dropped += 1
-        text = join(words)
-    return text, dropped
+    until it is within `budget` CLIP tokens; (text, words left out).
+
+    The first guess adds up each word's tokens and one per comma (one batched tokenizer call);
+    exact counts of the joined text then settle it, usually at once (a word ending in
+    punctuation can share a token with the comma after it)."""
+    text = join(words)
+    if len(words) <= keep or clip_tokens(text) <= budget:
+        return text, 0
+    sizes = [len(ids) for ids in clip_tokenizer()(words, add_special_tokens=False)["input_ids"]]
+    n, total = 0, 0
+    while n < len(words) and (n < keep or total + sizes[n] + (n > 0) <= budget):
+        total, n = total + sizes[n] + (n > 0), n + 1
+    while n > keep and clip_tokens(join(words[:n])) > budget:
+        n -= 1
+    while n < len(words) and clip_tokens(join(words[: n + 1])) <= budget:
+        n += 1
+    return join(words[:n]), len(words) - n
 
 
 def fit_caption(text: str, budget: int) -> tuple[str, bool]:
