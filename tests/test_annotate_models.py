@@ -208,3 +208,16 @@ def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     assert list(batch["ok"]) == [True, True, False]
     assert json.loads(batch["decode_error"][2])[0] == "decode_failed"
     assert len(json.loads(batch["out"][0])[0][1]) > 4 and batch["out"][2] == "[]"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "LA", "I;16", "CMYK", "1"])
+def test_regions_are_cut_from_every_image_mode(mode):
+    """The 2x2 regions: four, each past the middle by the overlap, for any mode a booru holds
+    (a palette or 16-bit picture must not fail the whole image)."""
+    from udfs.annotate.images import region_images, tagger_input
+
+    image = Image.new("RGB", (200, 100), (200, 30, 30)).convert(mode)
+    regions = region_images(image, 0.1)
+    assert [r.size for r in regions] == [(120, 60), (120, 60), (120, 60), (120, 60)]
+    assert all(tagger_input(r, 64).shape == (64, 64, 3) for r in regions)
+    assert [r.size for r in region_images(Image.new(mode, (1, 1)), 0.1)] == [(1, 1)] * 4

@@ -122,6 +122,8 @@ def region_images(image: Image.Image, overlap: float) -> list[Image.Image]:
     schemas.REGIONS), each reaching `overlap` of the picture's side past the middle into its
     neighbours, where it is blurred: the tagger sees what crosses the line, softly, and keeps to
     its own quarter. Returned in the image's mode (the tagger pastes transparency on white)."""
+    if image.mode not in ("RGB", "RGBA"):  # blurs take no palette, 16-bit or CMYK images
+        image = image.convert("RGBA")
     width, height = image.size
     if width < 2 or height < 2:  # no halves to cut: each region is the whole picture
         return [image] * 4
