@@ -16,18 +16,21 @@ with texts as (
     where kind in ('caption', 'sd_prompt', 'nai_comment')
     group by key
 ),
+tagger_scores as (
+    -- the tagger's scores of the whole image (crop -1) and of its 2x2 regions (crop -2..-5), each
+    -- kept when strictly above curate's threshold for its category, as sql/040_tags.sql keeps them
+    select key, coalesce(crop, -1) as crop, tag, category, score,
+           (category = 'general' and score > getvariable('general_threshold'))
+           or (category = 'character' and score > getvariable('character_threshold')) as kept
+    from tag_scores
+    where coalesce(crop, -1) < 0
+),
 tagger_tags as (
     select key,
            list(tag order by score desc, tag) filter (where kept) as tags,
            list(category order by score desc, tag) filter (where kept) as categories
-    from (
-        select key, tag, category, score,
-               -- strictly above, as curate (sql/040_tags.sql) keeps them
-               (category = 'general' and score > getvariable('general_threshold'))
-               or (category = 'character' and score > getvariable('character_threshold')) as kept
-        from tag_scores
-        where coalesce(crop, -1) = -1  -- the whole image's scores
-    )
+    from tagger_scores
+    where crop = -1
     group by key
 ),
 image_traits as (
@@ -39,17 +42,12 @@ image_traits as (
     group by m.key
 ),
 region_tags as (
-    -- the tagger's tags of each 2x2 region (annotate.tagger.regions: tag_scores crop -2..-5)
+    -- the tagger's tags of each 2x2 region (annotate.tagger.regions)
     select key, crop,
            list(tag order by score desc, tag) filter (where kept) as tags,
            list(category order by score desc, tag) filter (where kept) as categories
-    from (
-        select key, crop, tag, category, score,
-               (category = 'general' and score > getvariable('general_threshold'))
-               or (category = 'character' and score > getvariable('character_threshold')) as kept
-        from tag_scores
-        where crop <= -2
-    )
+    from tagger_scores
+    where crop <= -2
     group by key, crop
 ),
 image_regions as (

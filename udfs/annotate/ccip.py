@@ -66,7 +66,8 @@ class CcipFeatures(ModelActor):
     def features(self, images: np.ndarray) -> np.ndarray:
         """CCIP features (N, dim) of preprocessed uint8 images, max_batch images per run."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        (out,) = run_batched(self.session, [outputs[0].name], inputs[0].name, ccip_tensor(images), self.max_batch)
+        (out,) = run_batched(self.session, [outputs[0].name], inputs[0].name, images, self.max_batch,
+                             prepare=ccip_tensor)
         return out
 
 

@@ -51,13 +51,19 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, data, max_batch: int | None):
-    """One session.run for the whole batch, or a loop when the file fixes the batch size."""
+def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, data, max_batch: int | None,
+                prepare=None):
+    """One session.run for the whole batch, or a loop of max_batch rows at a time. `prepare`
+    (uint8 rows -> the model's float input) runs per chunk, so the float copy of a large stack
+    (an image's person crops and regions multiply a batch) never exists whole."""
     import numpy as np
 
+    def run(rows):
+        return session.run(outputs, {name: prepare(rows) if prepare is not None else rows})
+
     if max_batch is None or len(data) <= max_batch:
-        return session.run(outputs, {name: data})
-    parts = [session.run(outputs, {name: data[i : i + max_batch]}) for i in range(0, len(data), max_batch)]
+        return run(data)
+    parts = [run(data[i : i + max_batch]) for i in range(0, len(data), max_batch)]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
 
 

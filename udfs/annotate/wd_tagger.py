@@ -41,7 +41,7 @@ class WdTagger(ModelActor):
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         # crops and regions multiply a batch's images (up to 1 + max_crops + 4 each): run them
-        # batch_size at a time, converting each chunk to float32 only when it goes in
+        # batch_size at a time (run_batched converts each chunk to float32 as it goes in)
         self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))
         self.floor = float(spec["score_floor"])
         self.rating = np.array([c == "rating" for c in self.categories])
@@ -70,10 +70,9 @@ class WdTagger(ModelActor):
         """Label scores (N, labels) for a stack of preprocessed uint8 images, max_batch per run."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         # the tagger's first output is the label scores (the second, with embeddings, is unused)
-        chunks = [run_batched(self.session, [outputs[0].name], inputs[0].name,
-                              images[i : i + self.max_batch].astype(np.float32), self.max_batch)[0]
-                  for i in range(0, len(images), self.max_batch)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.names)), np.float32)
+        (preds,) = run_batched(self.session, [outputs[0].name], inputs[0].name, images, self.max_batch,
+                               prepare=lambda rows: rows.astype(np.float32))
+        return preds
 
     def tags(self, pred: np.ndarray, whole: bool = True) -> list[list]:
         """[tag, category, score] of every label above the floor, and of the ratings for a whole

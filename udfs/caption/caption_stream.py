@@ -79,6 +79,7 @@ class ReplayCaptioner(UnitCaptioner):
 
     backend = "vllm"
     needs_tags = False
+    sees_image = True
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)

@@ -144,13 +144,14 @@ class UnitCaptioner:
 
     backend = "base"
     needs_tags = True  # the template cannot caption an image without tags; a VLM can
-    builds_from_tags = False  # a caption made from the tags alone has no independent evidence left
+    sees_image = False  # a VLM backend is shown the picture (when send_images is on)
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.ws = Workspace(workspace)
         self.opts = options
-        if not self.needs_tags and not options.get("send_images", True):
-            self.builds_from_tags = True  # a VLM that is not shown the image writes from the tags alone
+        # a caption made from the tags alone (the template; a VLM not shown the picture) has no
+        # independent evidence left to be scored against
+        self.builds_from_tags = not (self.sees_image and options.get("send_images", True))
         self.vocab = TemplateVocab()
         self.templates = TemplateCaptions(self.vocab)
         encoder = None if self.builds_from_tags else SentenceEncoder(  # nothing to score: no model to load
@@ -206,12 +207,15 @@ class UnitCaptioner:
         tags. A VLM backend captions the whole image; its regions are captioned from their tags."""
         if not self.opts["regions"] or "regions" not in table.column_names:
             return []
-        out = []
-        for key, regions in zip(table["key"].to_pylist(), table["regions"].to_pylist(), strict=True):
-            for region in regions or []:
-                text = self._english([region["tags"]], [region["categories"]], [None])[0] if region["tags"] else ""
-                out.append({"key": key, "region": region["region"], "backend": "template:english",
-                            "tags": region["tags"], "caption": text})
+        out = [{"key": key, "region": region["region"], "backend": "template:english", "tags": region["tags"],
+                "_categories": region["categories"]}
+               for key, regions in zip(table["key"].to_pylist(), table["regions"].to_pylist(), strict=True)
+               for region in regions or []]
+        if not out:
+            return []
+        texts = self._english([r["tags"] for r in out], [r.pop("_categories") for r in out], [None] * len(out))
+        for row, text in zip(out, texts, strict=True):
+            row["caption"] = text if row["tags"] else ""
         return out
 
     # ---- one unit -----------------------------------------------------------------------------
@@ -379,7 +383,6 @@ class TemplateCaptioner(UnitCaptioner):
     """No model: the English template, or the anime_screenshot_pipeline-style tag caption."""
 
     backend = "template"
-    builds_from_tags = True
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)

@@ -26,6 +26,7 @@ class OpenAICaptioner(UnitCaptioner):
 
     backend = "openai"
     needs_tags = False
+    sees_image = True
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)

@@ -38,10 +38,11 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     orientation = int(row.get("orientation") or 1)
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
     ext = output_extension(row["format"])
-    caption = row["caption"] if opts["text"] in ("caption", "regions") and row["caption"] else None
+    caption, text_from = None, "tags"
     if opts["text"] == "regions" and row.get("region_caption"):
-        caption = row["region_caption"]
-    text_from = "tags" if not caption else "regions" if caption == row.get("region_caption") else "caption"
+        caption, text_from = row["region_caption"], "regions"
+    elif opts["text"] in ("caption", "regions") and row["caption"]:
+        caption, text_from = row["caption"], "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
     repeats = repeats_of(row["multiply"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from udfs.export.clip_tokens import fit_tags  # the tokenizer itself loads on the first count
+
 SORTS = ("rank", "score")
 
 
@@ -57,8 +59,6 @@ class TagTextRules:
         words = [self.spell(t) for t in self.ordered(tags, categories, scores)]
         if not self.clip_token_budget:
             return self.join(words), 0
-        from udfs.export.clip_tokens import fit_tags
-
         return fit_tags(words, self.keep_tokens, self.clip_token_budget, self.join)
 
     def join(self, words: list[str]) -> str:
