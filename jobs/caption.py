@@ -42,7 +42,8 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions", "region_prompt",
+                "region_overlap")
 REWRITERS = ("", "openai", "vllm")
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
@@ -52,9 +53,15 @@ def sql_text(name: str) -> str:
     return (SQL / name).read_text(encoding="utf-8")
 
 
+def caption_options(cfg: Config) -> dict:
+    """caption's options, with annotate's region overlap: a VLM captions the very region crops the
+    tagger tagged."""
+    return {**cfg["caption"], "region_overlap": float(cfg["annotate"]["tagger"]["region_overlap"])}
+
+
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
-    opts = cfg["caption"]
+    opts = caption_options(cfg)
     if opts["backend"] not in BACKENDS:
         raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
     if opts["rewrite"] not in REWRITERS:
@@ -75,7 +82,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     if pending:
-        infos += run_units(cfg, ws, pending)
+        infos += run_units(cfg, ws, pending, opts)
     clear(ws, INPUTS)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
@@ -177,9 +184,8 @@ def remove_stale(ws: Workspace, current: set[str]) -> None:
             ws.forget_unit("caption", unit)
 
 
-def run_units(cfg: Config, ws: Workspace, units: list[dict]) -> list[dict]:
+def run_units(cfg: Config, ws: Workspace, units: list[dict], opts: dict) -> list[dict]:
     init_ray(cfg)
-    opts = cfg["caption"]
     progress = Progress("caption", sum(u["rows"] for u in units), units=len(units))
     if opts["backend"] == "vllm":
         from udfs.caption.caption_stream import caption_units_stream

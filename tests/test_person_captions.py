@@ -10,6 +10,10 @@ hair and Lucy's black hair (real models cannot be had offline).
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +174,116 @@ def test_the_2x2_option_tags_and_captions_four_regions_and_export_joins_them(tmp
     (sample,) = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").rglob("*.tar")), shardshuffle=False))
     text = sample["txt"].decode()
     assert text == "top left: Red hair; top right: Black hair; bottom left: Red hair; bottom right: Black hair"
+
+
+class ColourVLM:
+    """A VLM double on loopback (no VLM's weights can be had offline, and a random one says
+    nothing checkable): it answers each request with the mean colour and the size of the image it
+    was shown, so a caption tells which crop reached the model. Requests of model "flaky" for the
+    bottom right region are refused (400), as a real server refuses what it cannot take."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.prompts: list[str] = []
+        vlm = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, reply = vlm.answer(body)
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        content = body["messages"][-1]["content"]
+        text = content[-1]["text"] if isinstance(content, list) else content
+        self.prompts.append(text)
+        if body["model"] == "flaky" and text.startswith("This is the bottom right quarter"):
+            return 400, {"error": "refused"}
+        url = content[0]["image_url"]["url"]
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        r, g, b = (round(v) for v in np.asarray(image).reshape(-1, 3).mean(axis=0))
+        return 200, {"choices": [{"message": {"role": "assistant",
+                                              "content": f"mean {r} {g} {b} size {image.width}x{image.height}"}}]}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def region_boxes(width: int, height: int, overlap: float) -> dict[str, tuple]:
+    """Where each 2x2 region lies, with its overlap: the boxes the model must have been shown."""
+    mid_x, mid_y, rx, ry = width // 2, height // 2, round(overlap * width), round(overlap * height)
+    xs = {"left": (0, mid_x + rx), "right": (mid_x - rx, width)}
+    ys = {"top": (0, mid_y + ry), "bottom": (mid_y - ry, height)}
+    return {f"{v} {h}": (xs[h][0], ys[v][0], xs[h][1], ys[v][1]) for v in ys for h in xs}
+
+
+def test_a_vlm_captions_each_2x2_region_from_its_own_crop(tmp_path, config, workspace, ray_local):
+    """caption.regions with a VLM: each region's caption comes from that region's crop (the
+    double names the mean colour and size of what it saw), with the region's own tags in the
+    prompt; a region the server refuses keeps its template caption and leaves an errors row.
+    Both VLM backends: openai (actors calling the server) and vllm (the ray.data.llm stream,
+    through caption.vllm_url, as no GPU is here for an engine)."""
+    from jobs import annotate, caption, curate, ingest
+    from jobs.config import merge
+
+    config, ws = prepare(tmp_path, config, workspace, ((250, 90, 60), (50, 60, 140)), regions=True)
+    merge(config, {"annotate": {"tagger": {"regions": True}}})
+    for job in (ingest, annotate, curate):
+        job.run(config, ws)
+    canvas = Image.open(tmp_path / "in" / "duo.png").convert("RGB")
+    boxes = region_boxes(*canvas.size, float(config["annotate"]["tagger"]["region_overlap"]))
+    truth = {name: np.asarray(canvas.crop(box)).reshape(-1, 3).mean(axis=0) for name, box in boxes.items()}
+    vlm = ColourVLM()
+    try:
+        for backend, model in (("openai", "flaky"), ("vllm", "steady")):
+            merge(config, {"caption": {
+                "backend": backend, "regions": True, "base_url": vlm.url, "model": model, "vllm_url": vlm.url,
+                "vllm_model": model, "api_key_env": "", "max_attempts": 1, "max_retries": 0, "backoff_s": 0.01,
+                "vllm_concurrency": 1, "vllm_batch_size": 8}})
+            vlm.prompts.clear()
+            caption.run(config, ws)
+            regions = {r["region"]: r for r in ws.read_table("caption_regions").to_pylist()}
+            assert sorted(regions) == sorted(boxes)
+            for name, row in regions.items():
+                if model == "flaky" and name == "bottom right":
+                    assert (row["backend"], row["caption"]) == ("template:english", "Black hair.")
+                    continue
+                said = re.fullmatch(r"mean (\d+) (\d+) (\d+) size (\d+)x(\d+)", row["caption"])
+                seen = [int(v) for v in said.groups()]
+                box = boxes[name]
+                assert seen[3:] == [box[2] - box[0], box[3] - box[1]], (name, row["caption"])
+                # the mean colour of its own crop (blurred at the borders, through JPEG), not another's
+                nearest = min(truth, key=lambda other: np.abs(truth[other] - seen[:3]).sum())
+                assert nearest == name and np.abs(truth[name] - seen[:3]).max() < 8, (name, row["caption"])
+                assert row["backend"] == f"{backend}:{model}"
+            asked = [p for p in vlm.prompts if p.startswith("This is the top left quarter")]
+            assert len(asked) == 1 and "general tags: red hair" in asked[0]
+            refused = [e for e in ws.read_table("errors").to_pylist() if e["stage"] == f"caption:{backend}"]
+            if model == "flaky":
+                assert [(e["kind"], e["dropped"]) for e in refused] == [("http_error", False)]
+                assert "region bottom right" in refused[0]["message"]
+            else:
+                assert refused == []
+            # the whole picture was captioned from the whole picture, and scored against the tagger
+            (whole,) = [r for r in ws.read_table("captions").to_pylist() if r["accepted"]]
+            shown = canvas.copy()
+            shown.thumbnail((config["caption"]["image_max_side"],) * 2)
+            assert whole["caption"].endswith(f"size {shown.width}x{shown.height}")
+            assert whole["scored_against"] == "tagger"
+    finally:
+        vlm.close()

@@ -11,11 +11,33 @@ import io
 import os
 import tarfile
 from collections import defaultdict
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 from PIL import Image
 
+from schemas import REGIONS
+from udfs.annotate.images import region_images
 from udfs.orientation import upright
+
+REGION_INDEX = {name: i for i, name in enumerate(REGIONS.values())}  # region_jpegs' order
+
+
+def request_urls(sources: list[str], members: list[str], regions: list[str], max_side: int,
+                 overlap: float) -> list[str | None]:
+    """Data URLs of what each VLM request shows: its image (region "") or one of the image's 2x2
+    regions ("top left", ...: the tagger's crop); None where the image cannot be read. Each
+    member is read once and cut once, however many requests show it."""
+    made: dict[tuple[str, str, bool], list[str] | None] = {}
+    out: list[str | None] = []
+    for source, member, region, data in zip(sources, members, regions, read_members(sources, members), strict=True):
+        whole = not region
+        if (source, member, whole) not in made:
+            encode = (lambda d: [shrink_jpeg(d, max_side)]) if whole else (lambda d: region_jpegs(d, overlap, max_side))
+            made[(source, member, whole)] = jpeg_urls(data, encode)
+        urls = made[(source, member, whole)]
+        out.append(None if urls is None else urls[0 if whole else REGION_INDEX[region]])
+    return out
 
 
 def read_members(sources: list[str], members: list[str]) -> list[bytes | None]:
@@ -62,16 +84,43 @@ def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
     """The image as RGB JPEG whose longer side is at most `max_side` (transparency on white)."""
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size directly
-        image = upright(image)  # the model sees what a person sees
-        image = image.convert("RGBA") if image.mode in ("P", "LA", "RGBA", "PA") else image.convert("RGB")
-        if image.mode == "RGBA":
-            white = Image.new("RGB", image.size, "white")
-            white.paste(image, mask=image.getchannel("A"))
-            image = white
-        image.thumbnail((max_side, max_side))
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=quality)
-        return out.getvalue()
+        return _jpeg(_flat_rgb(upright(image)), max_side, quality)  # the model sees what a person sees
+
+
+def region_jpegs(data: bytes, overlap: float, max_side: int, quality: int = 90) -> list[bytes]:
+    """The picture's 2x2 regions (schemas.REGIONS order) as JPEGs for a VLM: the very crops the
+    tagger tagged (udfs/annotate/images.region_images: same overlap, blurred there), each shrunk
+    to `max_side`."""
+    with Image.open(io.BytesIO(data)) as image:
+        return [_jpeg(_flat_rgb(region), max_side, quality) for region in region_images(upright(image), overlap)]
+
+
+def _flat_rgb(image: Image.Image) -> Image.Image:
+    """RGB, transparency pasted on white."""
+    image = image.convert("RGBA") if image.mode in ("P", "LA", "RGBA", "PA") else image.convert("RGB")
+    if image.mode == "RGBA":
+        white = Image.new("RGB", image.size, "white")
+        white.paste(image, mask=image.getchannel("A"))
+        image = white
+    return image
+
+
+def _jpeg(image: Image.Image, max_side: int, quality: int) -> bytes:
+    image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def jpeg_urls(data: bytes | None, encode: Callable[[bytes], list[bytes]]) -> list[str] | None:
+    """Data URLs of the JPEGs `encode` makes of an image's bytes; None when the bytes are missing
+    or cannot be decoded (the caller's errors row says which)."""
+    if not data:
+        return None
+    try:
+        return [data_url(jpeg) for jpeg in encode(data)]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def data_url(jpeg: bytes) -> str:

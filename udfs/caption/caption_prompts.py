@@ -32,9 +32,10 @@ def tag_block(tags: list[str], categories: list[str]) -> str:
 
 
 def caption_messages(tags: list[str], categories: list[str], draft: str, image_url: str | None,
-                     template: str = CAPTION_PROMPT, system: str = SYSTEM_PROMPT) -> list[dict]:
-    """OpenAI chat messages: the prompt text, then the image (when there is one) as a data URL."""
-    text = template.format(tag_block=tag_block(tags, categories), draft=draft)
+                     template: str = CAPTION_PROMPT, system: str = SYSTEM_PROMPT, region: str = "") -> list[dict]:
+    """OpenAI chat messages: the prompt text, then the image (when there is one) as a data URL.
+    `region`: the 2x2 region the image is (the template's {region})."""
+    text = template.format(tag_block=tag_block(tags, categories), draft=draft, region=region)
     content: list[dict] | str = text
     if image_url:
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]

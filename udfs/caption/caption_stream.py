@@ -34,7 +34,7 @@ import ray
 
 from store.staging import read_unit_rows
 from store.workspace import Workspace
-from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption.caption_images import request_urls
 from udfs.caption.caption_prompts import caption_messages, rewrite_messages
 from udfs.caption.caption_unit import Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
@@ -48,14 +48,25 @@ REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key
 REPLY_SCHEMA = pa.schema([("stage", pa.string()), ("key", pa.string()), ("caption", pa.string()),
                           ("error", pa.string())])  # "" or "<kind>: <message>"
 REWRITE = "rewrite"  # the stage name of rewrites; caption attempts are a0, a1, ...
+REGION = "region:"  # the stages of 2x2 region captions: "region:top left", ...
 
 
 class NeedReplies(Exception):
-    """The replay reached a stage whose replies a unit has not got: the request rows to send."""
+    """The replay reached a stage whose replies a unit has not got: the request rows to send.
+    `stage` names the request file; its rows say their own stage (the four regions share a file)."""
 
     def __init__(self, stage: str, requests: list[dict]) -> None:
         super().__init__(f"{len(requests)} replies of stage {stage} missing")
         self.stage, self.requests = stage, requests
+
+    def joined(self, other: NeedReplies | None) -> NeedReplies:
+        """One request file for both, when both show images (a caption attempt and the regions);
+        a rewrite waits for the next round."""
+        if other is None:
+            return self
+        if REWRITE in (self.stage, other.stage):
+            return other if self.stage == REWRITE else self
+        return NeedReplies(f"{self.stage}+{other.stage}", self.requests + other.requests)
 
 
 class ReplayRewriter:
@@ -98,16 +109,25 @@ class ReplayCaptioner(UnitCaptioner):
         asks = [(draft, hint.tags, hint.categories, hint.seed) for hint, draft in zip(hints, drafts, strict=True)]
         return self.replayed(f"a{attempt}", rows, asks)
 
-    def replayed(self, stage: str, rows: list[dict], asks: list[tuple]) -> list[str | Exception]:
-        """The staged replies of `stage` for `rows`; NeedReplies with the requests of those missing."""
-        missing = [(row, ask) for row, ask in zip(rows, asks, strict=True) if (stage, row["key"]) not in self.replies]
+    def caption_regions(self, images: list[dict], regions: list[str], hints: list[Hint],
+                        drafts: list[str]) -> list[str | Exception]:
+        asks = [(draft, hint.tags, hint.categories, hint.seed) for hint, draft in zip(hints, drafts, strict=True)]
+        return self.replayed("regions", images, asks, [f"{REGION}{region}" for region in regions])
+
+    def replayed(self, name: str, rows: list[dict], asks: list[tuple],
+                 stages: list[str] | None = None) -> list[str | Exception]:
+        """The staged replies for `rows`, of stage `name` (or each row's own of `stages`);
+        NeedReplies (file `name`) with the requests of those missing."""
+        stages = stages or [name] * len(rows)
+        missing = [(stage, row, ask) for stage, row, ask in zip(stages, rows, asks, strict=True)
+                   if (stage, row["key"]) not in self.replies]
         if missing:
-            raise NeedReplies(stage, [
+            raise NeedReplies(name, [
                 {"unit": self.unit, "stage": stage, "key": row["key"], "source": row.get("source") or "",
                  "member": row.get("member") or "", "seed": seed, "text": text, "tags": tags, "categories": cats}
-                for row, (text, tags, cats, seed) in missing])
+                for stage, row, (text, tags, cats, seed) in missing])
         out: list[str | Exception] = []
-        for row in rows:
+        for stage, row in zip(stages, rows, strict=True):
             reply = self.replies[(stage, row["key"])]
             if reply["error"]:
                 kind, _, message = reply["error"].partition(": ")
@@ -122,14 +142,22 @@ class ReplayCaptioner(UnitCaptioner):
         self.unit = unit
         table = read_unit_rows(self.ws, path)
         self.replies = read_replies(self.ws, unit)
+        need = None
+        try:  # the regions are asked for with the first attempt: one round of the stream for both
+            regions, region_errors = self.region_rows(table)
+        except NeedReplies as missing:
+            need = missing
         try:
             captions, errors = self.caption_unit(table)
-        except NeedReplies as need:
+        except NeedReplies as missing:
+            need = missing.joined(need)
+        if need is not None:
             requests = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
             self.ws.write_parquet(requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
+        errors += region_errors
         info = unit_info(table.num_rows, captions, errors, 0.0)
-        self.commit(unit, captions, errors, self.region_rows(table), info)
+        self.commit(unit, captions, errors, regions, info)
         self.ws.fs.delete_dir(f"{self.ws.base}/{STREAM}/{unit}")
         return {"unit": unit, "info": info}
 
@@ -148,17 +176,15 @@ def read_replies(ws: Workspace, unit: str) -> dict[tuple[str, str], dict]:
 
 # ---- the stream's CPU stages ------------------------------------------------------------------
 def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
-    """Request rows -> chat messages: caption stages with the image (read, shrunk, a data URL), rewrites as text."""
+    """Request rows -> chat messages: caption stages with the image (read, shrunk, a data URL), region
+    stages with the region's crop, rewrites as text."""
     rows = batch.to_pylist()
-    captions = [i for i, r in enumerate(rows) if r["stage"] != REWRITE]
-    urls: dict[int, str | None] = {}
-    if options["send_images"] and captions:
-        raw = read_members([rows[i]["source"] for i in captions], [rows[i]["member"] for i in captions])
-        for i, data in zip(captions, raw, strict=True):
-            try:
-                urls[i] = data_url(shrink_jpeg(data, int(options["image_max_side"]))) if data else None
-            except OSError:
-                urls[i] = None
+    regions = [r["stage"][len(REGION):] if r["stage"].startswith(REGION) else "" for r in rows]
+    shown = [i for i, r in enumerate(rows) if r["stage"] != REWRITE] if options["send_images"] else []
+    overlap = float(options["region_overlap"]) if any(regions) else 0.0  # annotate's, passed on by the job
+    urls = dict(zip(shown, request_urls([rows[i]["source"] for i in shown], [rows[i]["member"] for i in shown],
+                                        [regions[i] for i in shown], int(options["image_max_side"]), overlap),
+                    strict=True))
     messages, errors = [], []
     for i, r in enumerate(rows):
         if r["stage"] == REWRITE:
@@ -168,8 +194,9 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
             messages.append("")
             errors.append(f"unreadable_image: cannot read {r['member']} from {r['source']}")
         else:
+            template = options["region_prompt"] if regions[i] else options["prompt"]
             messages.append(json.dumps(caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
-                                                        template=options["prompt"])))
+                                                        template=template, region=regions[i])))
             errors.append("")
     return pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"], "seed": batch["seed"],
                      "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string())})
@@ -224,7 +251,7 @@ class StreamDriver:
         for unit in self.inputs:
             self.settle(unit)
         self.harvest(wait=True)
-        for _ in range(int(self.opts["max_attempts"]) + 2):  # attempts, the rewrite, one spare
+        for _ in range(int(self.opts["max_attempts"]) + 2):  # attempts (regions with the first), the rewrite, a spare
             if not self.requests:
                 return self.infos
             requests, self.requests = self.requests, []

@@ -186,8 +186,10 @@ class UnitCaptioner:
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
             started = time.perf_counter()
             captions, errors = self.caption_unit(rows)
+            regions, region_errors = self.region_rows(rows)
+            errors += region_errors
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
-            self.commit(unit, captions, errors, self.region_rows(rows), info)
+            self.commit(unit, captions, errors, regions, info)
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
         return out
@@ -202,21 +204,41 @@ class UnitCaptioner:
             parts["caption_regions"] = [unit]
         self.ws.commit_unit("caption", unit, info, parts=parts)
 
-    def region_rows(self, table: pa.Table) -> list[dict]:
-        """caption_regions rows (caption.regions): the English template of each 2x2 region's own
-        tags. A VLM backend captions the whole image; its regions are captioned from their tags."""
+    def region_rows(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
+        """caption_regions rows (caption.regions) and their errors rows. Each region is first the
+        English template of its own tags; a backend shown the image captions each region's crop
+        instead (`caption_regions`), and a region it fails keeps its template caption and gets an
+        errors row (not dropped)."""
         if not self.opts["regions"] or "regions" not in table.column_names:
-            return []
-        out = [{"key": key, "region": region["region"], "backend": "template:english", "tags": region["tags"],
-                "_categories": region["categories"]}
-               for key, regions in zip(table["key"].to_pylist(), table["regions"].to_pylist(), strict=True)
-               for region in regions or []]
+            return [], []
+        # what a backend and the lint look at: where the image is, its rating (routing), its traits
+        images = table.select([c for c in ("key", "source", "member", "rating", "traits")
+                               if c in table.column_names]).to_pylist()
+        out, owners = [], []
+        for image, regions in zip(images, table["regions"].to_pylist(), strict=True):
+            for region in regions or []:
+                out.append({"key": image["key"], "region": region["region"], "backend": "template:english",
+                            "tags": region["tags"], "_categories": region["categories"]})
+                owners.append(image)
         if not out:
-            return []
-        texts = self._english([r["tags"] for r in out], [r.pop("_categories") for r in out], [None] * len(out))
-        for row, text in zip(out, texts, strict=True):
+            return [], []
+        hints = [Hint(r["tags"], r.pop("_categories"), int(self.opts["seed"])) for r in out]
+        drafts = self._english([h.tags for h in hints], [h.categories for h in hints], [None] * len(out))
+        for row, text in zip(out, drafts, strict=True):
             row["caption"] = text if row["tags"] else ""
-        return out
+        if self.builds_from_tags:
+            return out, []
+        errors: list[dict] = []
+        results = self.caption_regions(owners, [r["region"] for r in out], hints, drafts)
+        for row, image, result in zip(out, owners, results, strict=True):
+            if self._acceptable(image, result, f"region {row['region']} (its template caption kept)", errors):
+                row["caption"], row["backend"] = self._text(image, result), self.backend_name(image)
+        return out, errors
+
+    def caption_regions(self, images: list[dict], regions: list[str], hints: list[Hint],
+                        drafts: list[str]) -> list[str | Exception]:
+        """A caption of each named region of each image (a backend that sees the image supplies it)."""
+        raise NotImplementedError
 
     # ---- one unit -----------------------------------------------------------------------------
     def caption_unit(self, table: pa.Table) -> tuple[list[dict], list[dict]]:

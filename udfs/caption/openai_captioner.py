@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from udfs.caption.caption_images import data_url, read_members, shrink_jpeg
+from udfs.caption.caption_images import request_urls
 from udfs.caption.caption_prompts import caption_messages, clean_reply
 from udfs.caption.caption_unit import Hint, UnitCaptioner
 from udfs.caption.openai_transport import ChatEndpoint, EndpointError
@@ -44,30 +44,36 @@ class OpenAICaptioner(UnitCaptioner):
 
     def caption(self, rows: list[dict], hints: list[Hint], drafts: list[str], attempt: int) -> list[str | Exception]:
         images = self._image_urls(rows) if self.opts["send_images"] else [None] * len(rows)
+        return self._ask(rows, hints, drafts, images, [""] * len(rows))
+
+    def caption_regions(self, images: list[dict], regions: list[str], hints: list[Hint],
+                        drafts: list[str]) -> list[str | Exception]:
+        return self._ask(images, hints, drafts, self._image_urls(images, regions), regions)
+
+    def _ask(self, rows: list[dict], hints: list[Hint], drafts: list[str], urls: list[str | None],
+             regions: list[str]) -> list[str | Exception]:
+        """One request per row (its image or region crop, hint and draft), each to its endpoint."""
         results: list[str | Exception | None] = [None] * len(rows)
         by_endpoint: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
-            if self.opts["send_images"] and images[i] is None:
+            if self.opts["send_images"] and urls[i] is None:
                 message = f"cannot read {row.get('member')} from {row.get('source')}"
                 results[i] = EndpointError("unreadable_image", message)
             else:
                 by_endpoint.setdefault(id(self.endpoint_for(row)), []).append(i)
         for indices in by_endpoint.values():
             endpoint = self.endpoint_for(rows[indices[0]])
-            requests = [{"messages": caption_messages(hints[i].tags, hints[i].categories, drafts[i], images[i],
-                                                      template=self.opts["prompt"]),
+            requests = [{"messages": caption_messages(
+                            hints[i].tags, hints[i].categories, drafts[i], urls[i], region=regions[i],
+                            template=self.opts["region_prompt"] if regions[i] else self.opts["prompt"]),
                          "max_tokens": int(self.opts["max_tokens"]), "temperature": float(self.opts["temperature"]),
                          "seed": hints[i].seed} for i in indices]
             for i, reply in zip(indices, endpoint.chat_many(requests), strict=True):
                 results[i] = clean_reply(reply) if isinstance(reply, str) else reply
         return results
 
-    def _image_urls(self, rows: list[dict]) -> list[str | None]:
-        raw = read_members([r.get("source") or "" for r in rows], [r.get("member") or "" for r in rows])
-        out: list[str | None] = []
-        for data in raw:
-            try:
-                out.append(data_url(shrink_jpeg(data, int(self.opts["image_max_side"]))) if data else None)
-            except OSError:
-                out.append(None)
-        return out
+    def _image_urls(self, rows: list[dict], regions: list[str] | None = None) -> list[str | None]:
+        """What each request shows: the row's image, or its region `regions[i]` when given."""
+        overlap = float(self.opts["region_overlap"]) if regions else 0.0  # annotate's, passed on by the job
+        return request_urls([r.get("source") or "" for r in rows], [r.get("member") or "" for r in rows],
+                            regions or [""] * len(rows), int(self.opts["image_max_side"]), overlap)
