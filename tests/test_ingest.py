@@ -223,3 +223,43 @@ def test_a_workspace_from_before_generations_keeps_its_tables(tmp_path):
     ws.forget_unit("caption", "cap-1")  # a stale unit, as caption forgets it: its rows go
     ws.publish()
     assert ws.read_table("captions").num_rows == 0
+
+
+def exif_comment_jpeg(text: str) -> bytes:
+    """A JPEG with generation text in its EXIF UserComment, as A1111 writes it for JPEG and WebP."""
+    import piexif
+    import piexif.helper
+
+    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text, "unicode")}})
+    return encode(picture(seed=8), "JPEG", quality=90, exif=exif)
+
+
+NO_TEXT_PROBES = """
+import io, sys
+import numpy as np
+from PIL import Image
+from udfs.ingest.probe import probe_image
+
+pixels = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+for mode, fmt in (("RGB", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("RGBA", "WEBP"), ("P", "GIF")):
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").convert(mode).save(out, format=fmt)
+    assert probe_image(out.getvalue(), 10**8)["texts"] == []
+print("torch" in sys.modules, "imgutils.sd" in sys.modules)
+"""
+
+
+def test_probe_reads_generation_text_without_torch_unless_an_image_holds_some():
+    """imgutils.sd imports torch (1.5 s a worker): probing pictures with no generation text
+    must not import it (checked in a fresh interpreter, as a Ray worker is), and the text an
+    image does hold (here an EXIF UserComment) is still read through imgutils."""
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", NO_TEXT_PROBES], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+    from udfs.ingest.probe import probe_image
+
+    text = "1girl, solo\nNegative prompt: lowres\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 96x64"
+    texts = dict(probe_image(exif_comment_jpeg(text), 10**8)["texts"])
+    assert (texts["sd_prompt"], texts["sd_negative"]) == ("1girl, solo", "lowres") and '"Seed": 3' in texts["sd_params"]

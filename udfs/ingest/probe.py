@@ -9,14 +9,18 @@ import warnings
 
 import imagehash
 import numpy as np
-from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from udfs.orientation import exif_orientation
 
 # The hash needs 32x32 pixels: decoding a JPEG at 1/8 scale (draft mode) still reads and
 # checks the whole stream, at a fraction of the cost of a full decode.
 PHASH_DRAFT_SIZE = (256, 256)
+# Where imgutils' readers look for generation text (imgutils/metadata/geninfo.py: `parameters`,
+# the EXIF UserComment, a GIF `comment`; imgutils/sd/nai.py: a PNG `Comment`, and the alpha
+# channel's low bits of an RGBA picture). imgutils.sd imports torch (its model module), 1.5 s a
+# worker: it is imported only for an image that holds one of these.
+TEXT_INFO_KEYS = ("parameters", "comment", "Comment")
 
 
 class ProbeError(Exception):
@@ -119,6 +123,23 @@ def _hashable(image: Image.Image) -> Image.Image:
     return image
 
 
+def may_hold_generation_text(image: Image.Image) -> bool:
+    """Whether the image holds anything imgutils' SD and NovelAI readers read (TEXT_INFO_KEYS)."""
+    if any(key in image.info for key in TEXT_INFO_KEYS):
+        return True
+    if "exif" in image.info and image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment):
+        return True
+    if image.format in ("PNG", "WEBP") and image.mode == "RGBA":
+        from imgutils.metadata import LSBReadError, read_lsb_raw_bytes  # no torch in this one
+
+        try:
+            read_lsb_raw_bytes(image)  # raises unless the stealth magic is in the alpha channel
+        except LSBReadError:
+            return False
+        return True
+    return False
+
+
 def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
     """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info.
 
@@ -126,6 +147,10 @@ def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
     hides it in the least significant bits of the alpha or RGB channels.
     """
     texts: list[tuple[str, str]] = []
+    if not may_hold_generation_text(image):
+        return texts
+    from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
+
     try:
         sd = get_sdmeta_from_image(image)
     except Exception:  # noqa: BLE001 - a bad chunk is not a bad image
