@@ -1,36 +1,52 @@
-"""Export throughput against writing the same bytes into plain tar files, in the same run.
+"""Export throughput against competent one-process loops, in the same run.
 
 Makes N composited images as input shards (bench/ingest.py's generator), runs ingest (not timed;
-curate and caption add only metadata columns, so the export falls back to the source tags), then times:
-  - `booruset export` to WebDataset shards (Ray Data on a local Ray with every core, Ray already
-    started): plan, read the input shards, write shards + manifest + wids index, commit units;
-  - a plain loop that writes exactly the exported members (the bytes read back from the export's
-    own shards, held in memory) into tar files with the same cuts, with Python's tarfile.
-Prints both MB/s and their ratio. --max-size 0 (default) exports original bytes, so both sides
-write the same bytes; --max-size 1024 adds resizing to the export side (the baseline stays a copy).
+curate and caption add only metadata columns, so the export falls back to the source tags), then,
+alternating the sides `--repeats` times (median reported), times:
+  - `booruset export` of original bytes (Ray Data on a local Ray with every core, Ray already
+    started; plan, read the input shards, write shards + manifest + wids index, commit units)
+    against a plain loop writing exactly the exported members (read back from the export's own
+    shards, held in memory) into tar files with the same cuts, with Python's tarfile;
+  - `booruset export` with export.max_size (default 1024: decode, resize, encode) per core against
+    one process doing the same decode -> resize -> encode (udfs/export/resize.resize_image) of the
+    same images and writing the tar files;
+  - the codec path itself, one process each: resize_image against the path it replaced (Pillow
+    Lanczos with reducing_gap 3, JPEG with optimize, PNG at zlib level 6), the same images.
+Ends with:
 
+    RESULT export_original_vs_plain_tar ratio=<export MB/s / tar MB/s> goal=0.8 met=yes|no
+    RESULT export_resized_per_core_vs_same_loop ratio=<export MB/s per core / loop MB/s> goal=0.8 met=yes|no
+    RESULT export_resize_codec_vs_previous ratio=<previous path s / resize_image s> goal=1.5 met=yes|no
+
+    python bench/export.py --quick          # 600 images, 3 rounds: about 3 minutes on 2 cores
     python bench/export.py --images 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import os
+import statistics
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import make_shards  # noqa: E402
 from jobs import export, ingest  # noqa: E402
-from jobs.config import load_config  # noqa: E402
+from jobs.config import load_config, merge  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
+from udfs.caption.caption_images import read_members  # noqa: E402
+from udfs.export.resize import output_extension, resize_image, target_size  # noqa: E402
 
 
 def exported_members(shards: list[Path]) -> list[list[tuple[str, bytes]]]:
@@ -57,40 +73,129 @@ def plain_tar_rate(members: list[list[tuple[str, bytes]]], folder: Path) -> tupl
     return size / 1e6 / seconds, size
 
 
+ORIGINAL_GOAL, RESIZED_GOAL, CODEC_GOAL = 0.8, 0.8, 1.5
+
+
+def export_rate(cfg: dict, ws: Workspace, out: Path, max_size: int) -> tuple[float, list[Path]]:
+    """(MB/s written, the shards) of one export into a fresh folder (new unit ids: nothing is reused)."""
+    cfg = merged(cfg, {"export": {"out": str(out), "max_size": max_size}})
+    started = time.perf_counter()
+    export.run(cfg, ws)
+    seconds = time.perf_counter() - started
+    shards = sorted((out / "webdataset").glob("shard-*.tar"))
+    return sum(p.stat().st_size for p in shards) / 1e6 / seconds, shards
+
+
+def merged(cfg: dict, changes: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    merge(out, changes)
+    return out
+
+
+def resize_jobs(ws: Workspace, max_size: int) -> list[tuple[bytes, tuple[int, int] | None, str]]:
+    """(bytes, target size or None where the image fits, extension) of every image the export writes."""
+    rows = ws.read_table("images").select(["source", "member", "width", "height", "format"]).to_pylist()
+    raw = read_members([r["source"] for r in rows], [r["member"] for r in rows])
+    jobs = []
+    for row, data in zip(rows, raw, strict=True):
+        size = target_size(row["width"], row["height"], {"buckets": False, "max_size": max_size})
+        fits = size == (row["width"], row["height"])
+        jobs.append((data, None if fits else size, output_extension(row["format"])))
+    return jobs
+
+
+def same_loop_rate(jobs: list, folder: Path, per_shard: int) -> float:
+    """MB/s of one process writing the tar files: resize_image where the image is too large, its
+    original bytes where it fits (as the export does)."""
+    folder.mkdir()
+    started = time.perf_counter()
+    size = 0
+    for index in range(0, len(jobs), per_shard):
+        with tarfile.open(folder / f"loop-{index:06d}.tar", "w") as tar:
+            for i, (data, target, ext) in enumerate(jobs[index:index + per_shard]):
+                image = data if target is None else resize_image(data, target, ext, 95, False)
+                info = tarfile.TarInfo(f"{index + i:07d}.{ext}")
+                info.size = len(image)
+                tar.addfile(info, io.BytesIO(image))
+                size += len(image)
+    return size / 1e6 / (time.perf_counter() - started)
+
+
+def previous_resize(data: bytes, target: tuple[int, int], ext: str) -> bytes:
+    """The codec path resize_image replaced: Pillow Lanczos, JPEG optimize, PNG at zlib level 6."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            image.draft(image.mode, target)
+        image.load()
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGB")
+        image = image.resize(target, Image.LANCZOS, reducing_gap=3.0)
+        out = io.BytesIO()
+        if ext == "jpg":
+            image.convert("RGB").save(out, "JPEG", quality=95, optimize=True)
+        else:
+            image.save(out, "PNG")
+        return out.getvalue()
+
+
+def codec_seconds(jobs: list, new: bool) -> float:
+    """Seconds of resizing the images too large to copy, with resize_image or the previous path."""
+    started = time.perf_counter()
+    for data, target, ext in (job for job in jobs if job[1] is not None):
+        resize_image(data, target, ext, 95, False) if new else previous_resize(data, target, ext)
+    return time.perf_counter() - started
+
+
+def result(name: str, ratio: float, goal: float) -> str:
+    return f"RESULT {name} ratio={ratio:.2f} goal={goal} met={'yes' if ratio >= goal else 'no'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--per-shard", type=int, default=200, help="images per input shard")
     parser.add_argument("--max-count", type=int, default=100, help="samples per exported shard")
-    parser.add_argument("--max-size", type=int, default=0, help="export.max_size (0: original bytes)")
+    parser.add_argument("--max-size", type=int, default=1024, help="export.max_size of the resized export")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="600 images (about 3 minutes on 2 cores)")
     args = parser.parse_args()
+    if args.quick:
+        args.images = 600
+    cores = os.cpu_count() or 1
+    figures: dict[str, list[float]] = {name: [] for name in ("original", "tar", "resized", "loop", "new", "old")}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs"
         inputs.mkdir()
         print(f"making {args.images} composited images ...", flush=True)
         make_shards(inputs, args.images, args.per_shard, args.seed)
-        out = Path(tmp) / "export"
         cfg = load_config(None, [f'workspace.path="{tmp}/ws"', f'ingest.inputs=["{inputs}"]',
-                                 f'export.out="{out}"', f"export.max_size={args.max_size}",
                                  f"export.max_count={args.max_count}"])
         ws = Workspace(cfg["workspace"]["path"])
         init_ray(cfg)  # not part of the timing: a cluster is up before a job starts
         ingest.run(cfg, ws)
-
-        started = time.perf_counter()
-        summary = export.run(cfg, ws)
-        seconds = time.perf_counter() - started
-        shards = sorted((out / "webdataset").glob("shard-*.tar"))
-        size = sum(p.stat().st_size for p in shards)
-        ours = size / 1e6 / seconds
-        baseline, plain_size = plain_tar_rate(exported_members(shards), Path(tmp) / "plain")
-    print(f"cores: {os.cpu_count()}; {summary.rows_in} samples, {len(shards)} shards, {size / 1e6:.0f} MB "
-          f"(plain tars {plain_size / 1e6:.0f} MB); export.max_size={args.max_size}")
-    print(f"plain tar files (same members, tarfile, 1 process, bytes already in memory): {baseline:.1f} MB/s")
-    print(f"booruset export (read inputs, {'resize, ' if args.max_size else ''}write shards, manifest, "
-          f"commit; Ray Data): {ours:.1f} MB/s")
-    print(f"ratio export / plain tar: {ours / baseline:.2f}")
+        jobs = resize_jobs(ws, args.max_size)
+        for run in range(args.repeats):  # alternated, so that a busy moment hits both sides
+            rate, shards = export_rate(cfg, ws, Path(tmp) / f"original{run}", 0)
+            figures["original"].append(rate)
+            figures["tar"].append(plain_tar_rate(exported_members(shards), Path(tmp) / f"plain{run}")[0])
+            figures["resized"].append(export_rate(cfg, ws, Path(tmp) / f"resized{run}", args.max_size)[0])
+            figures["loop"].append(same_loop_rate(jobs, Path(tmp) / f"loop{run}", args.max_count))
+            figures["new"].append(codec_seconds(jobs, new=True))
+            figures["old"].append(codec_seconds(jobs, new=False))
+            print(f"round {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items()), flush=True)
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    resized = sum(job[1] is not None for job in jobs)
+    print(f"cores: {cores}; {args.images} images, {resized} resized to max_size {args.max_size}; "
+          f"median of {args.repeats}")
+    print(f"export, original bytes: {median['original']:.1f} MB/s; plain tar write of the same members "
+          f"(bytes in memory, 1 process): {median['tar']:.1f} MB/s")
+    print(f"export, resized: {median['resized']:.1f} MB/s ({median['resized'] / cores:.1f} per core); "
+          f"the same decode -> resize -> encode (or copy) + tar in 1 process: {median['loop']:.1f} MB/s")
+    print(f"codec path, 1 process: resize_image {median['new']:.2f} s, the previous path {median['old']:.2f} s")
+    print(result("export_original_vs_plain_tar", median["original"] / median["tar"], ORIGINAL_GOAL))
+    print(result("export_resized_per_core_vs_same_loop", median["resized"] / cores / median["loop"], RESIZED_GOAL))
+    print(result("export_resize_codec_vs_previous", median["old"] / median["new"], CODEC_GOAL))
 
 
 if __name__ == "__main__":

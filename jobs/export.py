@@ -44,7 +44,7 @@ LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
-           "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
+           "png_compress_level", "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
            "tag_category_order", "tag_sort", "exclude_tag_categories", "exclude_tags", "escape_parentheses",
            "keep_tokens", "keep_tokens_separator", "clip_token_budget")
 
@@ -75,6 +75,8 @@ def check_options(opts: dict) -> None:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     if int(opts["clip_token_budget"]) < 0:
         raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
+    if not 0 <= int(opts["png_compress_level"]) <= 9:
+        raise ConfigError("export.png_compress_level must be a zlib level, 0 to 9")
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
 
@@ -207,6 +209,7 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     init_ray(cfg)
     opts = cfg[JOB]
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
+               "png_compress_level": int(opts["png_compress_level"]),
                "max_member_bytes": int(cfg["ingest"]["max_member_bytes"])}
     items = [{k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -122,3 +122,31 @@ def test_units_whose_shards_move_get_new_ids():
     same, grown = ids(1), ids(2)
     assert same == ids(1)  # deterministic
     assert grown[0] == same[0] and all(a != b for a, b in zip(grown[1:], same[1:], strict=True))
+
+
+def test_resized_images_keep_their_colours_and_transparency():
+    """The export's resample (udfs/export/resize.resampled): area averaging down keeps a picture's
+    mean colour, and transparent pixels lend no colour to their visible neighbours (premultiplied)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from udfs.export.resize import resize_image
+
+    stripes = np.zeros((400, 600, 3), dtype=np.uint8)
+    stripes[:, ::2] = (255, 0, 0)  # red and black columns: mean (127.5, 0, 0) at any size
+    jpeg_free = io.BytesIO()
+    Image.fromarray(stripes).save(jpeg_free, "PNG")
+    small = Image.open(io.BytesIO(resize_image(jpeg_free.getvalue(), (150, 100), "png", 95, False)))
+    assert small.size == (150, 100) and small.format == "PNG"
+    assert np.abs(np.asarray(small).reshape(-1, 3).mean(axis=0) - (127.5, 0, 0)).max() < 1
+
+    half = np.zeros((400, 600, 4), dtype=np.uint8)
+    half[:, :305] = (255, 0, 0, 0)  # left: red, but invisible (up to the middle of an output pixel)
+    half[:, 305:] = (0, 0, 255, 255)  # right: opaque blue
+    png = io.BytesIO()
+    Image.fromarray(half, "RGBA").save(png, "PNG")
+    out = np.asarray(Image.open(io.BytesIO(resize_image(png.getvalue(), (60, 40), "png", 95, False))))
+    visible = out[out[..., 3] > 0]
+    assert visible[:, 0].max() == 0 and visible[:, 2].min() == 255  # no red bled into the blue edge

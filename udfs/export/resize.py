@@ -10,6 +10,8 @@ import io
 import math
 from functools import lru_cache
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from udfs.orientation import exif_orientation, upright
@@ -68,13 +70,20 @@ def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], t
     return (fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target) or turned
 
 
-def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool) -> bytes:
-    """Decode, resize with Lanczos (cover + centre crop for buckets), encode as `ext`."""
+def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool,
+                 png_compress_level: int = 1) -> bytes:
+    """Decode (JPEG: reduced in the DCT, never below the target), one resample (cover + centre crop
+    for buckets), encode as `ext`.
+
+    The resample is OpenCV's, as kohya sd-scripts resizes its buckets (INTER_AREA down, Lanczos up):
+    4-7x faster than Pillow's Lanczos on these sizes. JPEG is encoded without Pillow's `optimize`
+    pass (2.5x the encode time for a few per cent of bytes) and PNG at `png_compress_level`
+    (zlib level 1 is 4x faster than Pillow's default 6; PNG stays lossless at any level).
+    """
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)  # first frame of animations
         turned = exif_orientation(image) >= 5  # target is as displayed; the stored pixels are turned
         if image.format == "JPEG":
-            # DCT-domain downscale, never below the target size
             image.draft(image.mode, tuple(reversed(target)) if turned else tuple(target))
         image.load()
         image = upright(image)  # re-encoded images are upright and carry no orientation tag
@@ -84,21 +93,35 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
         if crop:
             scale = max(width / image.width, height / image.height)
             cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(cover, Image.LANCZOS, reducing_gap=3.0)
+            image = resampled(image, cover)
             left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
             image = image.crop((left, top, left + width, top + height))
         elif image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS, reducing_gap=3.0)
+            image = resampled(image, (width, height))
         out = io.BytesIO()
         if ext == "jpg":
             if image.mode != "RGB":
                 image = image.convert("RGB")
-            image.save(out, "JPEG", quality=jpeg_quality, optimize=True)
+            image.save(out, "JPEG", quality=jpeg_quality)
         elif ext == "webp":
             image.save(out, "WEBP", quality=jpeg_quality)
         else:
-            image.save(out, "PNG")
+            image.save(out, "PNG", compress_level=png_compress_level)
         return out.getvalue()
+
+
+def resampled(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` (RGB, RGBA, L or LA) at `size`: area averaging down, Lanczos up. Transparent images
+    are resampled premultiplied, as Pillow does, so that no colour bleeds from invisible pixels."""
+    if image.size == size:
+        return image
+    shrinking = size[0] * size[1] < image.width * image.height
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    mode = {"RGBA": "RGBa", "LA": "La"}.get(image.mode, image.mode)
+    pixels = np.asarray(image.convert(mode) if mode != image.mode else image)
+    resized = np.ascontiguousarray(cv2.resize(pixels, size, interpolation=interpolation))
+    out = Image.frombytes(mode, size, resized.tobytes())
+    return out.convert(image.mode) if mode != image.mode else out
 
 
 def estimated_bytes(original: int, width: int, height: int, target: tuple[int, int], reencoded: bool) -> int:
