@@ -71,8 +71,11 @@ def test_the_similarity_threshold_decides_on_a_slow_pan(tmp_path):
     kept = {d: select(tmp_path, clip, similarity_distance=d).frames for d in (4, 10, 20)}
     assert len(kept[4]) > len(kept[10]) > len(kept[20]) >= 1
     assert {select(tmp_path, clip).clip["slices"]} == {1}  # a pan is no scene cut
+    # selection compares its quick OpenCV hash (clip_frames.quick_hash); each frame's stored pHash
+    # (Pillow's reduction and Lanczos) is within 4 bits of it, so two kept frames more than 10
+    # apart by the first are more than 10 - 2 * 4 apart by the second: never near-identical
     for a, b in zip(kept[10], kept[10][1:], strict=False):
-        assert distance(a, b) > 10
+        assert distance(a, b) > 10 - 2 * 4
 
 
 def test_a_gif_with_repeated_frames_keeps_each_picture_once_in_a_row(tmp_path):
