@@ -42,8 +42,9 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions", "region_prompt",
-                "region_overlap")
+                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+# Options that shape the region captions only: no new units for them while caption.regions is off.
+REGION_OPTIONS = ("region_prompt", "region_overlap")
 REWRITERS = ("", "openai", "vllm")
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
@@ -155,7 +156,8 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     A unit's id hashes its rows' values and the options that shape its output, so new tags or
     other options make a new unit instead of reusing stale captions.
     """
-    shaping = json.dumps({k: opts.get(k) for k in UNIT_OPTIONS}, sort_keys=True, default=str)
+    shaping_options = UNIT_OPTIONS + (REGION_OPTIONS if opts["regions"] else ())
+    shaping = json.dumps({k: opts.get(k) for k in shaping_options}, sort_keys=True, default=str)
     con = ws.connect()
     try:
         for name in EVIDENCE_OPTIONS:

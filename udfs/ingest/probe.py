@@ -144,7 +144,7 @@ def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
     """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info.
 
     imgutils reads A1111 `parameters` and NovelAI metadata, including the stealth form that
-    hides it in the least significant bits of the alpha or RGB channels.
+    hides it in the least significant bits of the alpha channel.
     """
     texts: list[tuple[str, str]] = []
     if not may_hold_generation_text(image):
