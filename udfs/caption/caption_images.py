@@ -93,7 +93,7 @@ def region_jpegs(data: bytes, overlap: float, max_side: int, quality: int = 90) 
     to `max_side`."""
     with Image.open(io.BytesIO(data)) as image:
         # a region is over half the picture's side: twice max_side is all a region needs, and
-        # the crop, overlap and blur scale with the side (a 12 MP picture: 1.5 s -> a tenth)
+        # the crop, overlap and blur scale with the side (a 12 MP JPEG: 1.6 s -> 0.6 s)
         image.draft("RGB", (2 * max_side, 2 * max_side))
         factor = max(image.size) // (2 * max_side)
         image = image.reduce(factor) if factor >= 2 else image
