@@ -31,6 +31,11 @@ def tag_block(tags: list[str], categories: list[str]) -> str:
             f"general tags: {', '.join(lines['general'])}")
 
 
+def prompt_for(options: dict, region: str) -> str:
+    """The configured prompt of a whole-image caption, or of a 2x2 region's (`region` not "")."""
+    return options["region_prompt"] if region else options["prompt"]
+
+
 def caption_messages(tags: list[str], categories: list[str], draft: str, image_url: str | None,
                      template: str = CAPTION_PROMPT, system: str = SYSTEM_PROMPT, region: str = "") -> list[dict]:
     """OpenAI chat messages: the prompt text, then the image (when there is one) as a data URL.

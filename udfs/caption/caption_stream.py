@@ -35,7 +35,7 @@ import ray
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_images import request_urls
-from udfs.caption.caption_prompts import caption_messages, rewrite_messages
+from udfs.caption.caption_prompts import caption_messages, prompt_for, rewrite_messages
 from udfs.caption.caption_unit import Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
 from udfs.caption.rewriter import must_keep
@@ -59,14 +59,14 @@ class NeedReplies(Exception):
         super().__init__(f"{len(requests)} replies of stage {stage} missing")
         self.stage, self.requests = stage, requests
 
-    def joined(self, other: NeedReplies | None) -> NeedReplies:
-        """One request file for both, when both show images (a caption attempt and the regions);
-        a rewrite waits for the next round."""
-        if other is None:
+    def joined(self, regions: NeedReplies | None) -> NeedReplies:
+        """This caption attempt's requests and the regions' in one file (both show images); a
+        rewrite waits for the round after the regions."""
+        if regions is None:
             return self
-        if REWRITE in (self.stage, other.stage):
-            return other if self.stage == REWRITE else self
-        return NeedReplies(f"{self.stage}+{other.stage}", self.requests + other.requests)
+        if self.stage == REWRITE:
+            return regions
+        return NeedReplies(f"{self.stage}+{regions.stage}", self.requests + regions.requests)
 
 
 class ReplayRewriter:
@@ -194,9 +194,8 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
             messages.append("")
             errors.append(f"unreadable_image: cannot read {r['member']} from {r['source']}")
         else:
-            template = options["region_prompt"] if regions[i] else options["prompt"]
             messages.append(json.dumps(caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
-                                                        template=template, region=regions[i])))
+                                                        template=prompt_for(options, regions[i]), region=regions[i])))
             errors.append("")
     return pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"], "seed": batch["seed"],
                      "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string())})

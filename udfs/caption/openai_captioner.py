@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from udfs.caption.caption_images import request_urls
-from udfs.caption.caption_prompts import caption_messages, clean_reply
+from udfs.caption.caption_prompts import caption_messages, clean_reply, prompt_for
 from udfs.caption.caption_unit import Hint, UnitCaptioner
 from udfs.caption.openai_transport import ChatEndpoint, EndpointError
 
@@ -65,7 +65,7 @@ class OpenAICaptioner(UnitCaptioner):
             endpoint = self.endpoint_for(rows[indices[0]])
             requests = [{"messages": caption_messages(
                             hints[i].tags, hints[i].categories, drafts[i], urls[i], region=regions[i],
-                            template=self.opts["region_prompt"] if regions[i] else self.opts["prompt"]),
+                            template=prompt_for(self.opts, regions[i])),
                          "max_tokens": int(self.opts["max_tokens"]), "temperature": float(self.opts["temperature"]),
                          "seed": hints[i].seed} for i in indices]
             for i, reply in zip(indices, endpoint.chat_many(requests), strict=True):
