@@ -81,7 +81,10 @@ def images_chunk(rng, keys) -> pa.Table:
                      "sha256": keys, "phash": pa.array(phash, pa.uint64()),
                      "orientation": pa.array(np.ones(n), pa.int32()),
                      "detail": pa.array(rng.uniform(20, 80, n), pa.float32()),  # detailed art: pHash applies
-                     "colour": pa.array(rng.integers(0, 2**48, n, dtype=np.uint64), pa.uint64())})
+                     "colour": pa.array(rng.integers(0, 2**48, n, dtype=np.uint64), pa.uint64()),
+                     # still images: no clip, frame, frame time or slice
+                     "clip": pa.nulls(n, pa.string()), "frame": pa.nulls(n, pa.int32()),
+                     "frame_time": pa.nulls(n, pa.float64()), "slice": pa.nulls(n, pa.int32())})
 
 
 def tags_chunk(rng, keys, general, probs, characters, n_tags) -> pa.Table:

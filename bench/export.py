@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import make_shards  # noqa: E402
+from bench.results import result  # noqa: E402
 from jobs import export, ingest  # noqa: E402
 from jobs.config import load_config, merge  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
@@ -144,9 +145,6 @@ def codec_seconds(jobs: list, new: bool) -> float:
         resize_image(data, target, ext, 95, False) if new else previous_resize(data, target, ext)
     return time.perf_counter() - started
 
-
-def result(name: str, ratio: float, goal: float) -> str:
-    return f"RESULT {name} ratio={ratio:.2f} goal={goal} met={'yes' if ratio >= goal else 'no'}"
 
 
 def main() -> None:

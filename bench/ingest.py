@@ -40,6 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.results import result  # noqa: E402
 from jobs import ingest  # noqa: E402
 from jobs.config import SAMPLE_SHARDS, load_config  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
@@ -142,9 +143,6 @@ def worker_import_seconds() -> float:
                                  check=True).stdout) for _ in range(3)]
     return statistics.median(runs)
 
-
-def result(name: str, ratio: float, goal: float) -> str:
-    return f"RESULT {name} ratio={ratio:.2f} goal={goal} met={'yes' if ratio >= goal else 'no'}"
 
 
 def main() -> None:

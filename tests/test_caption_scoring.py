@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import pyarrow as pa
 import pytest
 
 from udfs.caption.caption_scoring import (
@@ -117,3 +120,32 @@ def test_trait_lint_finds_and_cuts_multi_word_traits_only():
     stripped = lint.strip(caption, ["red_hair", "blue_eyes", "freckles"])
     assert stripped == "Eileen with short hair and eyes, in a red dress. She has freckles."
     assert lint.offending(stripped, ["red_hair", "blue_eyes", "freckles"]) == ["freckles"]
+
+
+def test_batched_tag_inclusion_equals_the_per_row_definition():
+    """tag_inclusion_batch (the array arithmetic the caption job runs) gives, for every row, what
+    tag_inclusion gives for that row alone: plurals, synonyms, words near or far from their head,
+    punctuation, non-ASCII letters, repeated and unscored tags, empty captions and tag lists."""
+    words = ["a", "girl", "girls", "long", "short", "red", "blonde", "blond", "hair", "eyes", "dress", "dresses",
+             "skirt", "with", "and", "the", "of", "eileen", "smile", "smiling", "shoes", "thigh", "highs",
+             "thighhighs", "1girl", "x-ray", "it's", "naïve", "'quoted'", "--", "+plus", "ÉTÉ", "9"]
+    tags = ["long_hair", "red_hair", "blonde_hair", "red_eyes", "red_dress", "short_skirt", "smile", "1girl",
+            ":d", "^_^", "thigh_highs", "eileen_(renpy)", "x-ray", "very_long_hair", "the_dress"]
+    categories = ["general", "general", None, "", "character", "copyright", "artist", "meta"]
+    rng = random.Random(7)
+    captions, row_tags, row_cats = [], [], []
+    for _ in range(400):
+        marks = ["", "", ",", ".", "!", " -"]
+        text = " ".join(rng.choice(words) + rng.choice(marks) for _ in range(rng.randint(0, 25)))
+        captions.append(text.capitalize())
+        n = rng.randint(0, 8)
+        row_tags.append([rng.choice(tags) for _ in range(n)])
+        row_cats.append([rng.choice(categories) for _ in range(n)])
+    scorer = CaptionScorer(None, skip_tags=frozenset({"1girl"}))
+    one_by_one = [scorer.tag_inclusion(c, t, k) for c, t, k in zip(captions, row_tags, row_cats, strict=True)]
+    assert 0.0 in one_by_one and 1.0 in one_by_one and any(0 < v < 1 for v in one_by_one)
+    assert scorer.tag_inclusion_batch(captions, row_tags, row_cats).tolist() == one_by_one
+    # Arrow input, sliced as Ray hands batches out, and a second batch through the same memo tables
+    tag_array, cat_array = pa.array(row_tags, pa.list_(pa.string())), pa.array(row_cats, pa.list_(pa.string()))
+    sliced = scorer.tag_inclusion_batch(captions[100:300], tag_array.slice(100, 200), cat_array.slice(100, 200))
+    assert sliced.tolist() == one_by_one[100:300]

@@ -64,6 +64,9 @@ def test_batched_path_equals_per_row_path(vocab):
     cats = [g[1] or ["general"] * len(g[0]) for g in GOLDEN]
     batched = TemplateCaptions(vocab).english(pa.array(tags), pa.array(cats))
     assert batched == [english_caption(t, c, vocab) for t, c in zip(tags, cats, strict=True)]
+    # a slice of a batch (Ray hands out zero-copy slices): its list offsets start past zero
+    sliced = TemplateCaptions(vocab).english(pa.array(tags).slice(2, 3), pa.array(cats).slice(2, 3))
+    assert sliced == batched[2:5]
 
 
 def test_n_people_names_the_subject_without_count_tags(vocab):

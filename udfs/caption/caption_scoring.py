@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 SYNONYMS_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "synonyms.toml"
 WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
+NOT_WORD = r"[^a-z0-9'\-+]+"  # WORD's complement: splitting on it, then trimming WORD's inner-only marks, finds WORD
+WORD_INNER = "'-+"  # the characters WORD takes inside a word but never first
 STOP = frozenset("a an the at of on in with to and or from by for own".split())
 BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word
 SCORED_CATEGORIES = ("general", "character", "copyright")
@@ -202,6 +206,9 @@ class CaptionScorer:
         self.categories = categories
         self.skip_tags = skip_tags  # count tags: subject_consistency judges them
         self._tag_words: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._word_ids: dict[str, int] = {}
+        self._raw_word_ids: dict[str, int] = {}  # a word as the caption has it -> its normalised id
+        self._pair_word_ids: dict[str, tuple[int, ...] | None] = {}  # "tag\x1fcategory" -> _tag_word_ids
 
     def words_of_tag(self, tag: str, category: str) -> tuple[str, ...]:
         key = (tag, category)
@@ -219,6 +226,51 @@ class CaptionScorer:
             return 1.0
         return sum(expresses(w, positions) for w in scored) / len(scored)
 
+    def tag_inclusion_batch(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list
+                            ) -> np.ndarray:
+        """tag_inclusion of every row at once (float64, one per caption): the captions are
+        split into words by Arrow, each distinct word is normalised once, and the search for
+        each tag's head word with its other words near it is array arithmetic over word ids
+        (the per-row loop above spent most of its time in Python word handling)."""
+        words = CaptionWords.of(captions, self)
+        pairs = self._scored_pairs(tags, categories)
+        expressed = words.expressed(pairs)
+        n = len(captions)
+        scored = np.bincount(pairs.row, minlength=n)
+        hits = np.bincount(pairs.row, weights=expressed, minlength=n)
+        return np.where(scored > 0, hits / np.maximum(scored, 1), 1.0)
+
+    def word_id(self, word: str) -> int:
+        """A dense id per normalised word (shared by caption words and tag words)."""
+        return self._word_ids.setdefault(word, len(self._word_ids))
+
+    def _tag_word_ids(self, tag: str, category: str) -> tuple[int, ...] | None:
+        """The ids of a tag's words (head last), or None when the tag is not scored."""
+        if category not in self.categories or tag in self.skip_tags:
+            return None
+        words = self.words_of_tag(tag, category)
+        return tuple(self.word_id(w) for w in words) if words else None
+
+    def _scored_pairs(self, tags: pa.ListArray | list, categories: pa.ListArray | list) -> TagPairs:
+        """The scored (row, tag) pairs of a batch, each tag's words looked up once per distinct tag."""
+        tags = _list_array(tags)
+        flat_tags = pc.list_flatten(tags).fill_null("")
+        flat_cats = pc.list_flatten(_list_array(categories)).fill_null("")
+        flat_cats = pc.if_else(pc.equal(flat_cats, ""), "general", flat_cats)  # as `c or "general"`
+        rows = pc.list_parent_indices(tags).to_numpy()
+        keys = pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f")
+        distinct = pc.unique(keys)
+        which = pc.index_in(keys, value_set=distinct).to_numpy()
+        known = self._pair_word_ids
+        ids = [known[k] if k in known else known.setdefault(k, self._tag_word_ids(*k.split("\x1f", 1)))
+               for k in distinct.to_pylist()]
+        scored = np.array([i is not None for i in ids], dtype=bool)
+        lengths = np.array([len(i) if i else 0 for i in ids], dtype=np.int64)
+        keep = scored[which] if len(which) else np.zeros(0, dtype=bool)
+        return TagPairs(row=rows[keep], tag=which[keep],
+                        words=np.fromiter((w for i in ids if i for w in i), dtype=np.int64),
+                        offsets=np.concatenate([[0], np.cumsum(lengths)]))
+
     def similarity(self, captions: list[str], references: list[str]) -> np.ndarray:
         if self.encoder is None:
             raise RuntimeError("english_similarity needs a sentence encoder")
@@ -232,10 +284,92 @@ class CaptionScorer:
             out[todo] = np.clip((a * b).sum(axis=1), -1.0, 1.0)
         return out
 
-    def score(self, captions: list[str], references: list[str], tags: list[list[str]],
-              categories: list[list[str]], n_people: list[int | None], names: list[list[str]]) -> Scores:
-        inclusion = np.array([self.tag_inclusion(c, t, k) for c, t, k in zip(captions, tags, categories, strict=True)],
-                             dtype=np.float32)
+    def lexical(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list,
+                n_people: list[int | None], names: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(tag_inclusion, subject_consistency) of a batch, float32."""
+        inclusion = self.tag_inclusion_batch(captions, tags, categories).astype(np.float32)
         subject = np.array([subject_consistency(c, n, m) for c, n, m in zip(captions, n_people, names, strict=True)],
                            dtype=np.float32)
+        return inclusion, subject
+
+    def score(self, captions: list[str], references: list[str], tags: list[list[str]],
+              categories: list[list[str]], n_people: list[int | None], names: list[list[str]]) -> Scores:
+        inclusion, subject = self.lexical(captions, tags, categories, n_people, names)
         return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject)
+
+
+@dataclass
+class TagPairs:
+    """Scored (row, tag) pairs of a batch: `tag` indexes the batch's distinct tags, whose word
+    ids are words[offsets[tag]:offsets[tag + 1]] (head word last)."""
+
+    row: np.ndarray
+    tag: np.ndarray
+    words: np.ndarray
+    offsets: np.ndarray
+
+
+@dataclass
+class CaptionWords:
+    """The normalised words of a batch of captions, flat: word ids in caption order, and where
+    each caption's words start and end."""
+
+    ids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
+        text = pc.utf8_lower(pa.array(captions, pa.string()).fill_null(""))
+        pieces = pc.split_pattern_regex(text, NOT_WORD)
+        rows = pc.list_parent_indices(pieces).to_numpy()
+        raw = pc.utf8_ltrim(pc.list_flatten(pieces), characters=WORD_INNER)
+        keep = pc.not_equal(raw, "").to_numpy(zero_copy_only=False)
+        raw, rows = raw.filter(pa.array(keep)), rows[keep]
+        encoded = pc.dictionary_encode(raw)
+        lookup = scorer._raw_word_ids
+        ids = np.array([lookup[w] if w in lookup else lookup.setdefault(w, scorer.word_id(scorer.forms.norm(w)))
+                        for w in encoded.dictionary.to_pylist()], dtype=np.int64)
+        counts = np.bincount(rows, minlength=len(captions))
+        ends = np.cumsum(counts)
+        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends)
+
+    def expressed(self, pairs: TagPairs) -> np.ndarray:
+        """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
+        n_words = max(int(self.ids.max(initial=-1)), int(pairs.words.max(initial=-1))) + 1
+        caption_rows = np.repeat(np.arange(len(self.starts)), self.ends - self.starts)
+        order = np.argsort(caption_rows * n_words + self.ids, kind="stable")
+        sorted_keys = (caption_rows * n_words + self.ids)[order]
+        heads = pairs.words[pairs.offsets[pairs.tag + 1] - 1] if len(pairs.tag) else np.zeros(0, np.int64)
+        # every occurrence of each pair's head word in its caption
+        first = np.searchsorted(sorted_keys, pairs.row * n_words + heads, "left")
+        n_heads = np.searchsorted(sorted_keys, pairs.row * n_words + heads, "right") - first
+        occ_pair = np.repeat(np.arange(len(pairs.row)), n_heads)
+        occ_at = order[np.repeat(first, n_heads) + _ranks(n_heads)]
+        # each other word of the tag must stand within BEFORE..AFTER of that occurrence
+        n_others = pairs.offsets[pairs.tag + 1] - pairs.offsets[pairs.tag] - 1
+        need_occ = np.repeat(np.arange(len(occ_pair)), n_others[occ_pair])
+        need_word = pairs.words[np.repeat(pairs.offsets[pairs.tag][occ_pair], n_others[occ_pair])
+                                + _ranks(n_others[occ_pair])]
+        at, row = occ_at[need_occ], pairs.row[occ_pair[need_occ]]
+        found = np.zeros(len(need_occ), dtype=bool)
+        for step in [*range(-BEFORE, 0), *range(1, AFTER + 1)]:
+            near = at + step
+            inside = (near >= self.starts[row]) & (near < self.ends[row])
+            found |= inside & (self.ids[np.clip(near, 0, max(len(self.ids) - 1, 0))] == need_word)
+        missing = np.bincount(need_occ, weights=~found, minlength=len(occ_pair))
+        return np.bincount(occ_pair, weights=missing == 0, minlength=len(pairs.row)) > 0
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0..count-1 for each count, concatenated: the index within each repeated group."""
+    total = int(counts.sum())
+    return np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _list_array(values: pa.Array | pa.ChunkedArray | list) -> pa.ListArray:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, pa.list_(pa.string()))
+    return values.fill_null(pa.scalar([], type=values.type)) if values.null_count else values

@@ -1,0 +1,24 @@
+"""What every benchmark shares: sides timed in alternation (median of the rounds), and the
+RESULT line each figure ends with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def result(name: str, ratio: float, goal: float) -> str:
+    return f"RESULT {name} ratio={ratio:.2f} goal={goal} met={'yes' if ratio >= goal else 'no'}"
+
+
+def alternated(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each side, the sides run one after the other `rounds` times, so that
+    a slow spell of a shared machine falls on all of them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            started = time.perf_counter()
+            side()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
