@@ -1,13 +1,20 @@
-"""Benchmark: every curate step on synthetic Danbooru-shaped data, and tag pruning against a
-Python loop doing imgutils-style per-image pruning (the baseline), in the same run.
+"""Benchmark: curate on synthetic Danbooru-shaped data at two sizes (N/4 and N), and its tag
+step against a careful Python loop applying the same rules with every lookup precomputed.
 
-    python bench/curate.py [--images 1000000] [--tags 30] [--crops 50000] [--sample 20000]
+    python bench/curate.py [--images 1000000] [--tags 30] [--crops 10000] [--sample 20000] [--quick]
 
 Data: --images images with ~--tags source tags each, drawn with Danbooru's tag frequencies
 (../shared/tagdata/danbooru_tags.csv when present, Zipf otherwise), 60% with a character tag,
-a rating, 1-2 face detections, a random 64-bit phash (1% planted near copies), and CCIP vectors
-for --crops person crops (random identities of ~50 crops; 768 floats each, so fewer than one per image).
-Prints seconds per step, rows, peak memory, and images/s of our tag pruning vs the baseline.
+a rating, 0-2 face detections, a random 64-bit phash (1% planted near copies), and CCIP vectors
+for --crops person crops (random identities of ~50 crops; 768 floats each).
+Curate runs in a child process (its peak RSS is curate's own). The loop (PrecomputedPruning)
+must give the same tags in the same order as curate for its --sample images; it runs on one
+core (CPU seconds), ours per core is images / tag-step seconds / cores. Prints each step's
+seconds, the largest operators of one tag partition (DuckDB's profile), and ends with
+    RESULT curate_tag_step_per_core_vs_precomputed_loop ratio=<ours per core / loop> goal=10
+    RESULT curate_4x_data_within_4.4x_time ratio=<4.4 / (time at N / time at N/4)> goal=1
+    RESULT curate_1M_within_60s[_projected_from_N] ratio=<60 s / total at 1M> goal=1
+    RESULT curate_peak_memory_within_4GB ratio=<4096 MiB / peak RSS> goal=1
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +36,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.results import result  # noqa: E402
 from jobs import curate  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from schemas import CCIP_DIM  # noqa: E402
@@ -134,61 +144,174 @@ def crops(rng, n_images, n_crops) -> pa.Table:
                      "vector": pa.FixedSizeListArray.from_arrays(flat, CCIP_DIM)})
 
 
-def baseline_pruning(ws: Workspace, opts: dict, sample: int) -> tuple[float, int]:
-    """imgutils-style per-image pruning in a Python loop: seconds for `sample` images."""
-    from imgutils.tagging import overlap as imgutils_overlap
+class PrecomputedPruning:
+    """The baseline: curate's tag rules as a careful Python loop would apply them, every lookup
+    (aliases, blacklist, impossible pairs, the implications of sql/020, character traits, count
+    tags) computed once from the same tables curate builds, then one pass per image."""
 
-    from udfs.curate import tag_rules
+    def __init__(self, con, drop_traits: bool) -> None:
+        pairs = con.sql
+        self.aliases = dict(pairs("select alias, tag from tag_aliases").fetchall())
+        self.category = dict(pairs("select tag, category from tag_vocabulary").fetchall())
+        self.blacklist = {t for (t,) in pairs("select tag from tag_blacklist").fetchall()}
+        self.rules: dict[str, list[tuple[str, str]]] = {}
+        for a, b, winner in pairs("select tag_a, tag_b, winner from impossible_tags").fetchall():
+            self.rules.setdefault(a, []).append((b, winner))
+        self.implies: dict[str, list[str]] = {}
+        for tag, by in pairs("select tag, implied_by from tag_implications").fetchall():
+            self.implies.setdefault(by, []).append(tag)
+        self.traits = {t for (t,) in pairs("select tag from character_trait_tags").fetchall()} if drop_traits else set()
+        self.counts = {t for (t,) in pairs("select tag from count_tags").fetchall()}
 
-    overlap_path = opts["overlap_tags"]
-    data = json.loads(Path(overlap_path).read_text(encoding="utf-8")) if overlap_path else {}
-    imgutils_overlap._get_overlap_tags = lambda: data  # the Hub copy of the same data
-    blacklist = set(tag_rules.blacklist(opts["blacklist"])["tag"].to_pylist())
-    impossible = tag_rules.impossible(opts["rules_dir"]).to_pylist()
-    con = ws.connect()
-    rows = con.sql(f"select key, list(tag order by position) as tags from source_tags "
-                   f"where key < 'bench/{sample:08d}' group by key").fetchall()
-    started = time.perf_counter()
-    for _key, tags in rows:
-        tags = [t for t in dict.fromkeys(tags) if t not in blacklist]
-        present = set(tags)
-        losers = {r["tag_b"] if r["winner"] != "b" else r["tag_a"] for r in impossible
-                  if r["tag_a"] in present and r["tag_b"] in present}
-        tags = imgutils_overlap.drop_overlap_tags([t for t in tags if t not in losers])
-    return time.perf_counter() - started, len(rows)
+    def tags(self, rows: list[tuple[str, str, int]]) -> list[str]:
+        """One image's curated tags in rank order, from its (tag, category, position) source rows."""
+        seen: dict[str, tuple[str, int]] = {}
+        for tag, category, position in sorted(rows, key=lambda r: r[2]):
+            tag = self.aliases.get(tag, tag)
+            if tag not in seen and tag not in self.blacklist:
+                seen[tag] = (category if category != "general" else self.category.get(tag, "general"), position)
+        losers = {b if winner in ("a", "score") else a  # source tags all score 1: a tie, and a wins ties
+                  for a in seen for b, winner in self.rules.get(a, ()) if b in seen}
+        kept = {t: v for t, v in seen.items() if t not in losers}
+        general = {t for t, (c, _) in kept.items() if c == "general"}
+        dropped = {t for u in general for t in self.implies.get(u, ()) if t in general}
+        if self.traits and any(c == "character" for c, _ in kept.values()):
+            dropped |= general & self.traits
+        return sorted((t for t in kept if t not in dropped), key=lambda t: (
+            0 if t == "solo" else 1 if t in self.counts else 2 if kept[t][0] == "character" else 3, kept[t][1], t))
+
+
+def lookup_database(ws: Workspace, cfg: dict, folder: str):
+    """A DuckDB database with curate's lookups and the tables sql/040 reads, as curate builds them."""
+    opts = cfg["curate"]
+    con = curate.open_database(Path(folder) / "lookups.duckdb", opts)
+    curate.attach_inputs(con, ws)
+    curate.load_lookups(con, {**opts, "tag_list": curate.tag_list_path(cfg)}, curate.ccip_spec(cfg))
+    params = curate.sql_params(opts)
+    for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
+                  "037_category_ids"):
+        curate.run_model(con, model, params)
+    return con, params
+
+
+def loop_rate(con, ws: Workspace, pruning: PrecomputedPruning, sample: int) -> float:
+    """Images per second of the loop over the first `sample` images (one core), checked against
+    what curate wrote for them: both sides must do the same work."""
+    rows: dict[str, list] = {}
+    for key, tag, category, position in con.sql(
+            f"select key, tag, category, position from source_tags where key < 'bench/{sample:08d}'").fetchall():
+        rows.setdefault(key, []).append((tag, category, position))
+    started = time.process_time()
+    ours = {key: pruning.tags(r) for key, r in rows.items()}
+    seconds = time.process_time() - started
+    theirs: dict[str, list[str]] = {}
+    for key, tag in ws.connect().sql(f"select key, tag from tags where key < 'bench/{sample:08d}' "
+                                     "order by key, rank").fetchall():
+        theirs.setdefault(key, []).append(tag)
+    differ = [k for k in rows if ours[k] != theirs.get(k, [])]
+    assert not differ, f"the loop and curate disagree on {len(differ)} images, e.g. {differ[:1]}"
+    return len(rows) / seconds
+
+
+def tag_step_profile(con, params: dict, n_images: int, folder: str) -> list[str]:
+    """Top operators by CPU time of the first tag partition (DuckDB's EXPLAIN ANALYZE profile)."""
+    partitions = max(1, -(-n_images // curate.IMAGES_PER_PARTITION))
+    bounds = curate.partition_bounds(con, n_images, partitions, 0)
+    out = Path(folder) / "profile.json"
+    con.execute("pragma enable_profiling = 'json'")
+    con.execute(f"pragma profiling_output = '{out}'")
+    curate.run_model(con, "040_tags", {**params, **bounds})
+    con.execute("pragma disable_profiling")
+    profile = json.loads(out.read_text())
+    operators: list[tuple[float, str, int, str]] = []
+
+    def walk(node: dict) -> None:
+        info = node.get("extra_info", {})
+        what = info.get("CTE Name") or info.get("Conditions") or info.get("Aggregates") or ""
+        operators.append((node.get("timing", 0.0), node.get("type", "?"), node.get("intermediate_rows", 0), str(what)))
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in profile["operator"]:
+        walk(node)
+    total = sum(o[0] for o in operators)
+    lines = [f"tag partition 1/{partitions} ({bounds['end_id'] - bounds['first_id']:,} images): "
+             f"{total:.1f} s of operator CPU time; the largest:"]
+    lines += [f"  {t:6.2f} s {100 * t / total:4.0f}%  {kind:<16} {rows:>11,} rows  {what[:80]}"
+              for t, kind, rows, what in sorted(operators, key=lambda o: -o[0])[:8]]
+    return lines
+
+
+def curate_in_child(root: str, memory_limit: str) -> dict:
+    """Run curate in a child process (its peak memory is then curate's alone); its step timings."""
+    done = subprocess.run([sys.executable, __file__, "--child", root, "--memory-limit", memory_limit],
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(root: str, memory_limit: str) -> None:
+    ws = Workspace(root)
+    cfg = bench_config(ws, memory_limit)
+    began = time.perf_counter()
+    summary = curate.run(cfg, ws)
+    steps = dict(s.rsplit(" ", 2)[:2] for s in summary.notes[0].removeprefix("steps: ").split(", "))
+    print(json.dumps({"total": time.perf_counter() - began, **{k: float(v) for k, v in steps.items()}}))
+
+
+def bench_config(ws: Workspace, memory_limit: str) -> dict:
+    cfg = load_config(None, [f'workspace.path="{ws.root}"'])
+    cfg["curate"]["memory_limit"] = memory_limit
+    if (TAGDATA / "overlap_tags.json").is_file():
+        cfg["curate"]["overlap_tags"] = str(TAGDATA / "overlap_tags.json")
+    return cfg
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--tags", type=int, default=30)
     parser.add_argument("--crops", type=int, default=10_000)
-    parser.add_argument("--sample", type=int, default=20_000)
-    parser.add_argument("--memory-limit", default="6GB")
+    parser.add_argument("--sample", type=int, default=20_000, help="images the baseline loop prunes")
+    parser.add_argument("--memory-limit", default="3GB", help="curate.memory_limit")
+    parser.add_argument("--quick", action="store_true", help="250,000 images (about 2 minutes on 2 cores)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.memory_limit)
+        return 0
+    if args.quick:
+        args.images = 250_000
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="booruset-bench-") as tmp:
-        ws = Workspace(f"{tmp}/ws")
-        began = time.perf_counter()
-        origin = write_data(ws, args.images, args.tags, args.crops)
-        print(f"data: {args.images:,} images, tag frequencies from {origin}, {args.crops:,} crops; "
-              f"written in {time.perf_counter() - began:.1f} s", flush=True)
-        cfg = load_config(None, [f'workspace.path="{ws.root}"'])
-        opts = cfg["curate"]
-        opts["memory_limit"] = args.memory_limit
-        if (TAGDATA / "overlap_tags.json").is_file():
-            opts["overlap_tags"] = str(TAGDATA / "overlap_tags.json")
-        began = time.perf_counter()
-        summary = curate.run(cfg, ws)
-        total = time.perf_counter() - began
-        summary.print()
-        base_seconds, base_images = baseline_pruning(ws, opts, args.sample)
-    tag_step = float(summary.notes[0].split("tags ")[1].split(" s")[0])
-    ours = args.images / tag_step
-    baseline = base_images / base_seconds
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"curate total: {total:.1f} s for {args.images:,} images (aim: 120 s on 2 cores); peak RSS {peak:,.0f} MiB")
-    print(f"tag pruning: ours {ours:,.0f} images/s (SQL, all {args.images:,}); baseline {baseline:,.0f} images/s "
-          f"(Python loop with imgutils drop_overlap_tags, {base_images:,} images); ratio {ours / baseline:.1f}x")
+        runs = {}
+        for n in (args.images // 4, args.images):  # two sizes: cost must grow linearly
+            ws = Workspace(f"{tmp}/ws{n}")
+            began = time.perf_counter()
+            origin = write_data(ws, n, args.tags, args.crops)
+            print(f"data: {n:,} images, tag frequencies from {origin}, {args.crops:,} crops; "
+                  f"written in {time.perf_counter() - began:.1f} s", flush=True)
+            runs[n] = curate_in_child(str(ws.root), args.memory_limit)
+            print(f"curate {n:,} images: " + ", ".join(f"{k} {v:.1f} s" for k, v in runs[n].items()), flush=True)
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        cfg = bench_config(ws, args.memory_limit)
+        con, params = lookup_database(ws, cfg, tmp)
+        for line in tag_step_profile(con, params, args.images, tmp):
+            print(line)
+        loop = loop_rate(con, ws, PrecomputedPruning(con, bool(cfg["curate"]["drop_character_traits"])), args.sample)
+        con.close()
+    small, big = runs[args.images // 4], runs[args.images]
+    ours_per_core = args.images / big["tags"] / cores
+    print(f"tag step: ours {args.images / big['tags']:,.0f} images/s on {cores} cores ({ours_per_core:,.0f} per core); "
+          f"precomputed loop {loop:,.0f} images per CPU second, same output on {args.sample:,} images")
+    print(f"4x the images: tag step {big['tags'] / small['tags']:.2f}x the time, "
+          f"total {big['total'] / small['total']:.2f}x; "
+          f"peak RSS of curate {peak_mib:,.0f} MiB (memory_limit {args.memory_limit})")
+    projected = big["total"] * 1_000_000 / args.images
+    print(result("curate_tag_step_per_core_vs_precomputed_loop", ours_per_core / loop, 10))
+    print(result("curate_4x_data_within_4.4x_time", 4.4 / (big["total"] / small["total"]), 1))
+    print(result("curate_1M_within_60s" + ("" if args.images == 1_000_000 else f"_projected_from_{args.images}"),
+                 60 / projected, 1))
+    print(result("curate_peak_memory_within_4GB", 4096 / peak_mib, 1))
     return 0
 
 
