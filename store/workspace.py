@@ -13,7 +13,10 @@ Readers never see half-done work: views and read_table list exactly the files of
 generation, which names the parts of every committed unit plus the outputs of global jobs
 (curate) at one moment. A job publishes at its start (rolling forward what a killed run had
 committed), while it runs and at its end; publishing is one atomic write of published.json.
-Files that no generation names any more are deleted at the next job's start (under the lock).
+Files that no generation names any more are deleted at the next job's start (under the lock),
+once the generation that dropped them is RETIRED_GRACE_S old: a reader that opened the previous
+generation just before a publish goes on reading its files (files that were never published,
+such as the parts of a unit that never committed, go at once).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ UNIT_JOBS = ("ingest", "annotate", "caption", "export")
 # DuckDB's own default is 80% of the machine's memory, and it keeps what it may use: a
 # co-occurrence join over 20k images grew the driver to 14 GB. Past the limit it spills to disk.
 DUCKDB_MEMORY_LIMIT = "2GB"
+# How long a part file dropped by a publish stays on disk for readers of the generation before:
+# longer than a query over the old file list runs (`booruset sql`, the report, a job's scan).
+RETIRED_GRACE_S = 900.0
 
 
 def unit_id(*parts: str) -> str:
@@ -79,6 +85,7 @@ class Workspace:
         self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
+        self.retired_grace_s = RETIRED_GRACE_S
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
                 raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {root} ...` first)")
@@ -148,8 +155,11 @@ class Workspace:
     def add_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
         """Write a part and publish it at once, outside any job's units: rows made elsewhere
         (benchmarks, tests, tables a user loads). Writing the same part again replaces it."""
-        self.write_part(name, part, table)
-        self.publish({f"added:{name}/{part}": {name: [part]}})
+        from store.lock import WorkspaceLock  # store.lock imports this module
+
+        with WorkspaceLock(self, f"add_part {name}/{part}"):  # a publish is a read-modify-write
+            self.write_part(name, part, table)
+            self.publish({f"added:{name}/{part}": {name: [part]}})
 
     def read_part(self, name: str, part: str, columns: list[str]) -> list[dict]:
         """Some columns of one part (a unit's rows), [] when the part is not there."""
@@ -262,10 +272,27 @@ class Workspace:
         self._published_at = time.monotonic()
         generation = previous["generation"] + 1
         self.write_json(PUBLISHED, {"generation": generation, "owned": owners, "time": time.time(),
-                                    "tables": {t: sorted(p) for t, p in sorted(tables.items())}})
+                                    "tables": {t: sorted(p) for t, p in sorted(tables.items())},
+                                    "retired": self._retired(previous, tables)})
         fault_point("BOORUSET_KILL_AFTER_PUBLISHES")
         self.refresh_catalog()
         return generation
+
+    def _retired(self, previous: dict, tables: dict[str, set[str]]) -> dict[str, dict[str, float]]:
+        """Parts the previous generations named and this one does not, with when they left: the
+        next job's start keeps their files for readers until they are retired_grace_s old."""
+        now = time.time()
+        retired = {t: dict(parts) for t, parts in previous.get("retired", {}).items()}
+        for table, parts in previous["tables"].items():
+            for part in set(parts) - tables.get(table, set()):
+                retired.setdefault(table, {})[part] = now
+        kept = {t: {p: at for p, at in sorted(parts.items()) if p not in tables.get(t, set())
+                    and now - at < self.retired_grace_s}
+                for t, parts in sorted(retired.items())}
+        return {t: parts for t, parts in kept.items() if parts}
+
+    def _in_grace(self, retired: dict[str, dict[str, float]], table: str, part: str) -> bool:
+        return time.time() - retired.get(table, {}).get(part, float("-inf")) < self.retired_grace_s
 
     def _visible_parts(self) -> dict[str, set[str]]:
         """Part names per table of every non-hidden Parquet file under tables/."""
@@ -303,27 +330,33 @@ class Workspace:
     def begin_job(self) -> int:
         """At a writing job's start (under the workspace lock): publish what a killed run had
         committed, then delete the part files no generation names (parts of units that never
-        committed, outputs replaced by later generations). Returns the files deleted."""
+        committed; outputs replaced by later generations, once retired_grace_s after that).
+        Returns the files deleted."""
         self.publish()
-        named = {t: set(p) for t, p in self.published()["tables"].items()}
+        published = self.published()
+        named = {t: set(p) for t, p in published["tables"].items()}
+        retired = published.get("retired", {})
         selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
         deleted = 0
         for info in self.fs.get_file_info(selector):
             if not info.is_file or not info.base_name.endswith(".parquet") or info.base_name.startswith(".tmp-"):
                 continue
             table = info.path[len(f"{self.base}/tables/"):].split("/", 1)[0]
-            if info.base_name[: -len(".parquet")] not in named.get(table, set()):
+            part = info.base_name[: -len(".parquet")]
+            if part not in named.get(table, set()) and not self._in_grace(retired, table, part):
                 self.fs.delete_file(info.path)
                 deleted += 1
-        return deleted + self._delete_unnamed_frames(named.get("images", set()))
+        return deleted + self._delete_unnamed_frames(named.get("images", set()), retired)
 
-    def _delete_unnamed_frames(self, images_parts: set[str]) -> int:
+    def _delete_unnamed_frames(self, images_parts: set[str], retired: dict[str, dict[str, float]]) -> int:
         """Frame stores (frames/<unit>.tar, udfs/ingest/frame_store.py) of units whose images part
         no generation names: a clip that changed or left the inputs, a unit that never committed."""
         selector = pafs.FileSelector(f"{self.base}/frames", allow_not_found=True)
         deleted = 0
         for info in self.fs.get_file_info(selector):
-            if info.is_file and info.base_name.endswith(".tar") and info.base_name[:-4] not in images_parts:
+            part = info.base_name[:-4]
+            if info.is_file and info.base_name.endswith(".tar") and part not in images_parts \
+                    and not self._in_grace(retired, "images", part):
                 self.fs.delete_file(info.path)
                 deleted += 1
         return deleted

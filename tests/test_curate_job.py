@@ -59,6 +59,24 @@ def test_kill_before_publish_keeps_old_tables(workspace, monkeypatch):
     assert _snapshot(workspace) == old and _files_on_disk(workspace) == _published(workspace)
 
 
+def test_readers_of_the_previous_generation_keep_their_files_for_a_while(workspace):
+    """A rerun of curate replaces every table. A reader that opened the generation before it (a
+    `booruset sql` session, the report) still reads its files after the next job's start has
+    swept the workspace; that sweep deletes them once they have been retired retired_grace_s."""
+    _workspace_with(workspace, "smile")
+    curate.run(curate_config(workspace), workspace)
+    first = {f"{t}/{p}.parquet" for t, parts in workspace.published()["tables"].items() for p in parts
+             if p.startswith("curate-")}
+    reader = workspace.connect()  # views over the first run's files
+    seen = reader.execute("select key, tag, rank from tags order by all").fetchall()
+    curate.run(curate_config(workspace), workspace)
+    assert workspace.begin_job() == 0
+    assert reader.execute("select key, tag, rank from tags order by all").fetchall() == seen
+    workspace.retired_grace_s = 0  # as if the grace had passed
+    assert workspace.begin_job() == len(first)
+    assert _files_on_disk(workspace) == _published(workspace)
+
+
 def _published(ws) -> set[str]:
     return {f"{t}/{p}.parquet" for t, parts in ws.published()["tables"].items() for p in parts}
 
@@ -119,8 +137,10 @@ def test_sigkilled_curate_readers_see_old_or_new_never_both(tmp_path, point):
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
     assert _tag_rows(ws) == new
-    # the killed run's unpublished parts are gone; the generation before stays until the next job starts
-    assert _files_on_disk(ws) - _published(ws) <= last_published
+    # the killed run's unpublished parts are gone; the generations before stay for their readers
+    # (until the next job starts, and for parts retired less than retired_grace_s ago, after that)
+    retired = {f"{t}/{p}.parquet" for t, parts in ws.published()["retired"].items() for p in parts}
+    assert _files_on_disk(ws) - _published(ws) <= last_published | retired
 
 
 def _tag_rows(ws) -> set[tuple[str, str]]:

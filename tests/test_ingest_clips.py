@@ -228,7 +228,9 @@ def test_adding_a_file_changes_no_frame_key(clip_folder, tmp_path):
     assert {k: {**v, "source": ""} for k, v in after.items() if k != "in/another"} == \
         {k: {**v, "source": ""} for k, v in before.items()}
     assert not [r for r in again.read_table("errors").to_pylist() if r["kind"] == "removed_from_input"]
-    # the frame store of the replaced chunk goes when the next writing job starts
+    # the frame store of the replaced chunk goes when a writing job starts after the grace that
+    # readers of the previous generation get
+    again.retired_grace_s = 0
     again.begin_job()
     named = {Path(r["source"]).name for r in again.read_table("images").to_pylist() if r["clip"]}
     assert {p.name for p in (Path(ws.root) / "frames").glob("*.tar")} == named

@@ -79,3 +79,15 @@ def test_lease_on_a_uri_workspace(tmp_path):
     assert not (tmp_path / "ws" / "lock.json").exists()
     with WorkspaceLock(ws, "ingest"):
         pass
+
+
+def test_add_part_publishes_only_while_no_job_holds_the_workspace(tmp_path):
+    """add_part (rows loaded by hand, benchmarks) publishes: a read-modify-write of the published
+    generation that a running job's own publish would overwrite, so it takes the lock too."""
+    ws = Workspace(str(tmp_path / "ws"))
+    row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
+    with WorkspaceLock(ws, "curate"):
+        with pytest.raises(WorkspaceBusy, match="workspace busy: curate"):
+            ws.add_part("source_tags", "by-hand", [row])
+    ws.add_part("source_tags", "by-hand", [row])
+    assert ws.read_table("source_tags").num_rows == 1
