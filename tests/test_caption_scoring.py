@@ -14,6 +14,7 @@ from udfs.caption.caption_scoring import (
     WordForms,
     people_mentioned,
     subject_consistency,
+    subject_consistency_batch,
 )
 from udfs.caption.template_caption import TemplateVocab, english_caption
 
@@ -149,3 +150,20 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
     tag_array, cat_array = pa.array(row_tags, pa.list_(pa.string())), pa.array(row_cats, pa.list_(pa.string()))
     sliced = scorer.tag_inclusion_batch(captions[100:300], tag_array.slice(100, 200), cat_array.slice(100, 200))
     assert sliced.tolist() == one_by_one[100:300]
+
+
+def test_batched_subject_consistency_equals_the_per_row_definition():
+    """subject_consistency_batch (Arrow's regex kernels over the batch) gives what
+    subject_consistency gives row by row: count phrases (one or several, words between, digits),
+    count tags, nobody, pronouns, names, non-ASCII text, unknown head counts."""
+    pieces = ["a girl", "two girls", "Three   tall women", "one boy", "2girls", "1boy", "10 people", "0 girls",
+              "a pair of cute girls", "no humans", "nobody", "she smiles", "his hat", "the", "sunny day", "Eileen",
+              "Lucy", "both kids", "an old man", "Çà girl", "café", "a  girl", "holding a", "girl", "3+others"]
+    rng = random.Random(11)
+    captions = [" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 6))) + rng.choice(["", ".", "!"])
+                for _ in range(600)]
+    people = [rng.choice([None, 0, 1, 2, 3, 10]) for _ in captions]
+    names = [rng.choice([[], [], [], [""], ["Eileen"], ["Eileen", "Lucy"]]) for _ in captions]
+    one_by_one = [subject_consistency(c, n, m) for c, n, m in zip(captions, people, names, strict=True)]
+    assert {0.0, 0.5, 1.0} <= set(one_by_one)
+    assert subject_consistency_batch(captions, people, names).tolist() == one_by_one

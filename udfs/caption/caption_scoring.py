@@ -39,11 +39,18 @@ NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pair": 
            "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "both": 2}
 PERSON = ("girls?|boys?|wom[ae]n|m[ae]n|persons?|people|characters?|figures?|lad(?:y|ies)|guys?|females?|males?"
           "|kids?|child(?:ren)?|students?|individuals?|humans?")
-COUNT_PHRASE = re.compile(
-    r"\b(" + "|".join(NUMBERS) + r"|\d+)\s+(?:[a-z'\-]+\s+){0,2}?(" + PERSON + r")\b")
-COUNT_TAG = re.compile(r"\b(\d+)\+?(girl|boy|other)s?\b")
-NOBODY = re.compile(r"\b(no (?:people|humans|one|characters?|persons?)|without (?:any )?people|nobody|empty scene)\b")
-SINGULAR_PRONOUN = re.compile(r"\b(she|he|her|his|him|herself|himself)\b")
+# The patterns below run in Python's re (one caption) and in Arrow's RE2 (a batch): both
+# engines read them alike on ASCII text (leftmost-first matches, ASCII word boundaries); the
+# batch sends captions with other characters to Python. Group `n` is the number said.
+COUNT_PHRASE_PATTERN = (r"\b(?P<n>" + "|".join(NUMBERS) + r"|\d+)\s+(?:[a-z'\-]+\s+){0,2}?(?:" + PERSON
+                        + r")\b")
+COUNT_TAG_PATTERN = r"\b(?P<n>\d+)\+?(?:girl|boy|other)s?\b"
+NOBODY_PATTERN = r"\b(no (?:people|humans|one|characters?|persons?)|without (?:any )?people|nobody|empty scene)\b"
+SINGULAR_PRONOUN_PATTERN = r"\b(she|he|her|his|him|herself|himself)\b"
+COUNT_PHRASE = re.compile(COUNT_PHRASE_PATTERN)
+COUNT_TAG = re.compile(COUNT_TAG_PATTERN)
+NOBODY = re.compile(NOBODY_PATTERN)
+SINGULAR_PRONOUN = re.compile(SINGULAR_PRONOUN_PATTERN)
 
 
 class WordForms:
@@ -137,6 +144,44 @@ def subject_consistency(caption: str, n_people: int | None, names: list[str]) ->
     if said is None:
         return 1.0 if n_people == 0 else 0.5
     return 1.0 if said == n_people else 0.0
+
+
+def subject_consistency_batch(captions: list[str], n_people: list[int | None], names: list[list[str]]
+                              ) -> np.ndarray:
+    """subject_consistency of every row (float64). Arrow's regex kernels find what each caption
+    says for the whole batch; rows Arrow cannot settle alone (names to look for, several count
+    phrases to add up, non-ASCII text) take people_mentioned, row by row."""
+    text = pc.utf8_lower(pa.array(captions, pa.string()).fill_null(""))
+    phrases = pc.count_substring_regex(text, COUNT_PHRASE_PATTERN).to_numpy()
+    tags = pc.count_substring_regex(text, COUNT_TAG_PATTERN).to_numpy()
+    said = _first_number(text, COUNT_PHRASE_PATTERN, phrases) + _first_number(text, COUNT_TAG_PATTERN, tags)
+    mentioned = np.where(said > 0, said, np.where(_matches(text, SINGULAR_PRONOUN_PATTERN), 1.0, np.nan))
+    mentioned[_matches(text, NOBODY_PATTERN)] = 0.0
+    by_python = (~_matches(pc.string_is_ascii(text), None)) | (phrases > 1) | (tags > 1) | \
+        np.array([bool(n) and any(n) for n in names], dtype=bool)
+    for i in np.flatnonzero(by_python):
+        one = people_mentioned(captions[i] or "", names[i])
+        mentioned[i] = np.nan if one is None else one
+    people = np.array([np.nan if n is None else n for n in n_people], dtype=np.float64)
+    silent = np.isnan(mentioned)
+    out = np.where(mentioned == people, 1.0, 0.0)
+    out[silent] = np.where(people[silent] == 0, 1.0, 0.5)
+    out[np.isnan(people)] = 0.5
+    return out
+
+
+def _matches(text: pa.Array, pattern: str | None) -> np.ndarray:
+    """Whether each caption matches (pattern None: `text` is already booleans)."""
+    found = text if pattern is None else pc.match_substring_regex(text, pattern)
+    return found.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _first_number(text: pa.Array, pattern: str, counts: np.ndarray) -> np.ndarray:
+    """The number (group `n`) of each caption's one match of `pattern`; 0 without a match."""
+    numbers = pc.struct_field(pc.extract_regex(text, pattern), "n").fill_null("")
+    distinct = pc.unique(numbers)
+    values = np.array([float(NUMBERS.get(w) or int(w)) if w else 0.0 for w in distinct.to_pylist()])
+    return np.where(counts > 0, values[pc.index_in(numbers, value_set=distinct).to_numpy()], 0.0)
 
 
 @dataclass(frozen=True)
@@ -288,9 +333,7 @@ class CaptionScorer:
                 n_people: list[int | None], names: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """(tag_inclusion, subject_consistency) of a batch, float32."""
         inclusion = self.tag_inclusion_batch(captions, tags, categories).astype(np.float32)
-        subject = np.array([subject_consistency(c, n, m) for c, n, m in zip(captions, n_people, names, strict=True)],
-                           dtype=np.float32)
-        return inclusion, subject
+        return inclusion, subject_consistency_batch(captions, n_people, names).astype(np.float32)
 
     def score(self, captions: list[str], references: list[str], tags: list[list[str]],
               categories: list[list[str]], n_people: list[int | None], names: list[list[str]]) -> Scores:
