@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import tomllib
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,11 @@ class TagInfo:
     phrase: str = ""  # a ready phrase that replaces modifier + head
     count: int = -1  # people a count tag stands for
     noun: str = ""  # girl, boy, person (count tags)
+    words: str = ""  # the tag as plain words (words_of): made once per tag, not once per row
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            object.__setattr__(self, "words", words_of(self.tag))  # frozen: set the derived field once
 
 
 def words_of(tag: str) -> str:
@@ -93,9 +98,10 @@ class TemplateVocab:
         self.adjectives = set(data["adjectives"]["tags"])
         self.bare = frozenset(data["articles"]["none"])
         self._cache: dict[tuple[str, str], TagInfo] = {}
+        self._units: dict[str, list[str]] = {}
 
     def classify(self, tag: str, category: str) -> TagInfo:
-        """What one tag is in the template (no cache: the per-row baseline calls this)."""
+        """What one tag is in the template (no cache)."""
         category = category or "general"
         if tag in self.count:
             n, noun = self.count[tag]
@@ -117,6 +123,13 @@ class TemplateVocab:
             if tag == head or tag.endswith("_" + head):
                 return group, words_of(head), words_of(tag[: -len(head)].rstrip("_"))
         return "also", words_of(tag), ""
+
+    def modifier_units(self, modifier: str) -> list[str]:
+        """_modifier_units, once per distinct modifier (callers must not change the list)."""
+        found = self._units.get(modifier)
+        if found is None:
+            found = self._units[modifier] = _modifier_units(modifier, self)
+        return found
 
     def info(self, tag: str, category: str) -> TagInfo:
         key = (tag, category)
@@ -167,7 +180,7 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     theirs = {i.tag for p in persons for i in p.infos if i.group in PERSON_GROUPS}
     by_group: dict[str, list[TagInfo]] = {}
     for info in infos:
-        if info.tag not in theirs or info.group not in PERSON_GROUPS:
+        if not theirs or info.tag not in theirs or info.group not in PERSON_GROUPS:
             by_group.setdefault(info.group, []).append(info)
     subject = Subject.of(by_group, n_people if not persons else max(n_people or 0, len(persons)))
     merge = subject.people <= 1  # one person's "long_hair" and "red_hair" are one head of hair
@@ -184,7 +197,7 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
         also = by_group.get("pose", []) + by_group.get("expression", []) + by_group.get("also", [])
     sentences.append(_background_sentence(by_group.get("background", []), vocab))
     if also:
-        sentences.append("Other details: " + join_and(_dedupe(words_of(i.tag) for i in also)) + ".")
+        sentences.append("Other details: " + join_and(_dedupe(i.words for i in also)) + ".")
     return " ".join(s for s in sentences if s)
 
 
@@ -199,7 +212,7 @@ def _persons_sentence(persons: list[Person], subject: Subject, by_group: dict[st
         for info in person.infos:
             own.setdefault(info.group, []).append(info)
         names = _dedupe(name_of(i.tag) for i in own.get("character", []))
-        who = Subject(OrderedDict({noun or "person": 1}), names, series if len(names) == 1 else []).noun_phrase()
+        who = Subject({noun or "person": 1}, names, series if len(names) == 1 else []).noun_phrase()
         features = _phrases(own, ("hair", "eyes"), vocab)
         clothes = _phrases(own, ("clothes",), vocab)
         clause = (person.where + ", " if person.where else "") + who
@@ -233,7 +246,7 @@ class Subject:
 
     @classmethod
     def of(cls, by_group: dict[str, list[TagInfo]], n_people: int | None) -> Subject:
-        counts: dict[str, int] = OrderedDict()
+        counts: dict[str, int] = {}
         for info in by_group.get("count", []):
             if info.count > 0:
                 counts[info.noun] = counts.get(info.noun, 0) + info.count
@@ -243,12 +256,12 @@ class Subject:
         if not counts and n_people:  # no count tag: the curated head count says how many
             counts["person"] = int(n_people)
         if sum(counts.values()) < len(names):
-            counts = OrderedDict(person=len(names)) if not counts or "" in counts else counts
+            counts = {"person": len(names)} if not counts or "" in counts else counts
         series = _dedupe(title_of(i.tag) for i in by_group.get("copyright", []))
         return cls(counts, names, series, unknown=not counts and n_people is None)
 
-    @property
-    def people(self) -> int:
+    @cached_property
+    def people(self) -> int:  # cached: asked for many times per caption, counts set once in `of`
         return sum(self.counts.values())
 
     @property
@@ -314,13 +327,13 @@ def _capital(text: str) -> str:
 
 
 def _dedupe(items) -> list[str]:
-    return list(OrderedDict.fromkeys(i for i in items if i))
+    return list(dict.fromkeys(i for i in items if i))
 
 
 def _phrases(by_group: dict[str, list[TagInfo]], groups: tuple[str, ...], vocab: TemplateVocab,
              articles: bool = True, merge: bool = True) -> list[str]:
     """Noun phrases of some groups: tags with one head merge ('short_hair' + 'red_hair' -> 'short red hair')."""
-    merged: dict[str, list[str]] = OrderedDict()
+    merged: dict[str, list[str]] = {}
     singles: list[str] = []
     for group in groups:
         for info in by_group.get(group, []):
@@ -328,7 +341,7 @@ def _phrases(by_group: dict[str, list[TagInfo]], groups: tuple[str, ...], vocab:
                 singles.append(info.phrase)
                 continue
             mods = merged.setdefault(info.head if merge else info.tag + "\x1f" + info.head, [])
-            for unit in _modifier_units(info.modifier, vocab):
+            for unit in vocab.modifier_units(info.modifier):
                 if unit not in mods:
                     mods.append(unit)
     out = []
@@ -357,7 +370,7 @@ def _pose_sentence(subject: Subject, infos: list[TagInfo], vocab: TemplateVocab)
         return ""
     verbs, others, views = [], [], []
     for info in infos:
-        words = words_of(info.tag)
+        words = info.words
         if info.phrase:
             views.append(info.phrase)
         elif words.split()[0].endswith("ing"):
@@ -381,7 +394,7 @@ def _expression_sentence(subject: Subject, infos: list[TagInfo], vocab: Template
         return ""
     verbs = _dedupe(vocab.verbs.get(i.tag, "") for i in infos)
     adjectives = _dedupe(i.tag for i in infos if i.tag in vocab.adjectives)
-    others = _dedupe(i.phrase or with_article(words_of(i.tag), vocab.bare) for i in infos
+    others = _dedupe(i.phrase or with_article(i.words, vocab.bare) for i in infos
                      if i.tag not in vocab.verbs and i.tag not in vocab.adjectives)
     pronoun = subject.pronoun
     clauses = []
