@@ -129,7 +129,7 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
     punctuation, non-ASCII letters, repeated and unscored tags, empty captions and tag lists."""
     words = ["a", "girl", "girls", "long", "short", "red", "blonde", "blond", "hair", "eyes", "dress", "dresses",
              "skirt", "with", "and", "the", "of", "eileen", "smile", "smiling", "shoes", "thigh", "highs",
-             "thighhighs", "1girl", "x-ray", "it's", "naïve", "'quoted'", "--", "+plus", "ÉTÉ", "9"]
+             "thighhighs", "1girl", "x-ray", "it's", "naïve", "'quoted'", "--", "+plus", "ÉTÉ", "9", "İlong"]
     tags = ["long_hair", "red_hair", "blonde_hair", "red_eyes", "red_dress", "short_skirt", "smile", "1girl",
             ":d", "^_^", "thigh_highs", "eileen_(renpy)", "x-ray", "very_long_hair", "the_dress"]
     categories = ["general", "general", None, "", "character", "copyright", "artist", "meta"]
@@ -142,6 +142,10 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
         n = rng.randint(0, 8)
         row_tags.append([rng.choice(tags) for _ in range(n)])
         row_cats.append([rng.choice(categories) for _ in range(n)])
+    # Python lower-cases "İ" to "i" and a combining dot, which ends a word: "long" stands alone
+    captions.append("İlong hair")
+    row_tags.append(["long_hair"])
+    row_cats.append(["general"])
     scorer = CaptionScorer(None, skip_tags=frozenset({"1girl"}))
     one_by_one = [scorer.tag_inclusion(c, t, k) for c, t, k in zip(captions, row_tags, row_cats, strict=True)]
     assert 0.0 in one_by_one and 1.0 in one_by_one and any(0 < v < 1 for v in one_by_one)

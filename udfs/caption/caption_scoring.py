@@ -277,13 +277,19 @@ class CaptionScorer:
         split into words by Arrow, each distinct word is normalised once, and the search for
         each tag's head word with its other words near it is array arithmetic over word ids
         (the per-row loop above spent most of its time in Python word handling)."""
+        tags, categories = _list_array(tags), _list_array(categories)
         words = CaptionWords.of(captions, self)
         pairs = self._scored_pairs(tags, categories)
         expressed = words.expressed(pairs)
         n = len(captions)
         scored = np.bincount(pairs.row, minlength=n)
         hits = np.bincount(pairs.row, weights=expressed, minlength=n)
-        return np.where(scored > 0, hits / np.maximum(scored, 1), 1.0)
+        out = np.where(scored > 0, hits / np.maximum(scored, 1), 1.0)
+        # Arrow lower-cases with simple case mappings, Python with full ones ("İ" -> "i" + a
+        # combining dot): captions with non-ASCII text take the per-row definition
+        for i in np.flatnonzero(~words.ascii):
+            out[i] = self.tag_inclusion(captions[i] or "", tags[i].as_py(), categories[i].as_py())
+        return out
 
     def word_id(self, word: str) -> int:
         """A dense id per normalised word (shared by caption words and tag words)."""
@@ -360,10 +366,12 @@ class CaptionWords:
     ids: np.ndarray
     starts: np.ndarray
     ends: np.ndarray
+    ascii: np.ndarray  # per caption: only ASCII characters
 
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
-        text = pc.utf8_lower(pa.array(captions, pa.string()).fill_null(""))
+        original = pa.array(captions, pa.string()).fill_null("")
+        text = pc.utf8_lower(original)
         pieces = pc.split_pattern_regex(text, NOT_WORD)
         rows = pc.list_parent_indices(pieces).to_numpy()
         raw = pc.utf8_ltrim(pc.list_flatten(pieces), characters=WORD_INNER)
@@ -375,7 +383,8 @@ class CaptionWords:
                         for w in encoded.dictionary.to_pylist()], dtype=np.int64)
         counts = np.bincount(rows, minlength=len(captions))
         ends = np.cumsum(counts)
-        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends)
+        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
+                   pc.string_is_ascii(original).to_numpy(zero_copy_only=False))
 
     def expressed(self, pairs: TagPairs) -> np.ndarray:
         """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
