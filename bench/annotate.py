@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--labels", default=str(REPO.parent / "shared" / "tagdata" / "wd_v3_selected_tags.csv"))
     args = parser.parse_args()
-    n_tag = args.images or (6 if args.quick else 24)
+    n_tag = args.images or (4 if args.quick else 24)
     n_prep = args.prep_images or (48 if args.quick else 192)
     rounds = args.rounds or (3 if args.quick else 5)
     if not Path(args.labels).is_file():
