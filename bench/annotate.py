@@ -1,11 +1,18 @@
-"""Benchmark: the batched WD tagger UDF against a loop over imgutils' get_wd14_tags, on the CPU.
+"""Benchmark: annotate's tagger path against imgutils on the CPU, two figures.
 
-Same model file (a random-weight ONNX model with the WD v3 tagger's contract and the real
-label file, with convolutions at full input resolution for realistic compute), same images
-(the bundled sample's, repeated), same score floor. Both sides include decoding and
-preprocessing. Prints images/s of both and the ratio.
+preprocess: image bytes -> the tagger's float input as the job makes it (decode_images, then
+  the WdTagger's float conversion) against imgutils' own _prepare_image_for_tagging on
+  Image.open of the same bytes (what get_wd14_tags runs before its model). One thread each.
+tagger: decode_images + the batched WdTagger against a loop of get_wd14_tags, on one model
+  file of real size: the WD v3 ViT tagger's architecture (ViT-B/16 at 448) with random weights,
+  exported once and cached (bench/real_models.py), read by both sides from one offline Hugging
+  Face cache; onnxruntime on os.cpu_count() intra-op threads on both sides (imgutils' setting).
 
-    python bench/annotate.py [--images 96] [--batch 16] [--width 48]
+Same images (the bundled sample's: wide JPEGs, tall transparent PNGs), same score floor. The
+sides alternate --rounds times; medians. Per core: images per CPU second of this process
+(all its threads), so a side that spreads over more cores pays for them.
+
+    python bench/annotate.py [--quick] [--images N] [--prep-images N] [--batch B] [--rounds R]
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,9 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.onnx_fakes import LABELS_FILE, LABELS_REPO, TAGGER_FILE, TAGGER_REPO, build_hf_cache, tagger_model  # noqa: E402
+from bench.real_models import CACHE, VERSION, wd_vit_tagger  # noqa: E402
+from bench.results import alternated, result  # noqa: E402
+from tests.onnx_fakes import COMMIT, TAGGER_REPO  # noqa: E402
 from udfs.annotate.annotate_rows import decode_images  # noqa: E402
 from udfs.ingest.sources import IMAGE_EXTENSIONS, discover_units, read_unit  # noqa: E402
+
+VIT = "SmilingWolf/wd-vit-tagger-v3"  # imgutils' model_name "ViT_v3"
 
 
 def sample_images(n: int) -> list[bytes]:
@@ -39,62 +52,141 @@ def sample_images(n: int) -> list[bytes]:
     return [images[i % len(images)] for i in range(n)]
 
 
+def batch_of(images: list[bytes], size: int = 448) -> dict[str, np.ndarray]:
+    n = len(images)
+    raw = {c: np.array([c] * n, dtype=object) for c in ("unit", "key", "source", "member")}
+    raw["data"] = np.array(images, dtype=object)
+    return decode_images(raw, {"in_tagger": ["tagger", size]}, draft_size=1024, keep_data=False)
+
+
+def hf_cache(cache: Path, models_dir: Path) -> Path:
+    """tests.onnx_fakes.build_hf_cache with links instead of copies (the model is 360 MB)."""
+    for file in sorted(p for p in models_dir.rglob("*") if p.is_file()):
+        repo_dir = models_dir / file.relative_to(models_dir).parts[0] / file.relative_to(models_dir).parts[1]
+        folder = cache / f"models--{repo_dir.parent.name}--{repo_dir.name}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        target = folder / "snapshots" / COMMIT / file.relative_to(repo_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(file)
+    return cache
+
+
+def timed(side: Callable[[], object], cpu: list[float]) -> Callable[[], object]:
+    """The side, recording the CPU seconds of the whole process (every thread) it took."""
+    def run() -> object:
+        started = time.process_time()
+        out = side()
+        cpu.append(time.process_time() - started)
+        return out
+    return run
+
+
+def report(name: str, goal: float, n: int, wall: dict[str, float], cpu: dict[str, list[float]],
+           ours: str, theirs: str) -> str:
+    rate = {k: n / v for k, v in wall.items()}
+    per_core = {k: n / statistics.median(v) for k, v in cpu.items()}
+    for side in (theirs, ours):
+        print(f"  {side}: {rate[side]:.2f} images/s wall, {per_core[side]:.2f} images per CPU second")
+    print(f"  ratio: {rate[ours] / rate[theirs]:.2f}x wall, {per_core[ours] / per_core[theirs]:.2f}x per core "
+          "(the RESULT line's)")
+    return result(name, per_core[ours] / per_core[theirs], goal)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--width", type=int, default=48, help="channels of the fake's full-resolution convolutions")
+    parser.add_argument("--quick", action="store_true", help="few images and 3 rounds: under 3 minutes on 2 cores")
+    parser.add_argument("--images", type=int, help="images through the tagger per side and round")
+    parser.add_argument("--prep-images", type=int, help="images through preprocessing per side and round")
+    parser.add_argument("--batch", type=int, default=32, help="our tagger batch (annotate.tagger.batch_size)")
+    parser.add_argument("--rounds", type=int)
     parser.add_argument("--labels", default=str(REPO.parent / "shared" / "tagdata" / "wd_v3_selected_tags.csv"))
     args = parser.parse_args()
+    n_tag = args.images or (4 if args.quick else 24)
+    n_prep = args.prep_images or (48 if args.quick else 192)
+    rounds = args.rounds or (3 if args.quick else 5)
     if not Path(args.labels).is_file():
         print(f"label file {args.labels} not found (needs ../shared/tagdata); nothing measured")
         return
     import huggingface_hub.constants as hf_constants
+    import onnxruntime as ort
     from imgutils.tagging import get_wd14_tags
+    from imgutils.tagging.wd14 import _get_wd14_model, _prepare_image_for_tagging
 
     from udfs.annotate.wd_tagger import WdTagger
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
-    models = tmp / "models"
     n_labels = sum(1 for _ in open(args.labels, encoding="utf-8")) - 1
-    tagger_model(models / TAGGER_REPO / TAGGER_FILE, n_labels, width=args.width)
-    (models / LABELS_REPO).mkdir(parents=True)
-    (models / LABELS_REPO / LABELS_FILE).write_bytes(Path(args.labels).read_bytes())
-    hf_constants.HF_HUB_CACHE = str(build_hf_cache(tmp / "hf", models))
+    models = CACHE / f"wd-vit-v3-random-v{VERSION}-{n_labels}"
+    started = time.perf_counter()
+    model = wd_vit_tagger(models / TAGGER_REPO / VIT / "model.onnx", n_labels)
+    labels = models / VIT / "selected_tags.csv"
+    if not labels.is_file():
+        labels.parent.mkdir(parents=True, exist_ok=True)
+        labels.write_bytes(Path(args.labels).read_bytes())
+    print(f"model: {model} ({model.stat().st_size / 2**20:.0f} MB, {n_labels} labels; "
+          f"ready in {time.perf_counter() - started:.0f} s)")
+    hf_constants.HF_HUB_CACHE = str(hf_cache(Path(tempfile.mkdtemp(prefix="bench-annotate-")), models))
     hf_constants.HF_HUB_OFFLINE = True
-    size_mb = (models / TAGGER_REPO / TAGGER_FILE).stat().st_size / 2**20
-    images = sample_images(args.images)
-    floor = 0.05
-    print(f"model: WD v3 tagger contract, {size_mb:.0f} MB, {n_labels} labels; {len(images)} images; "
-          f"{os.cpu_count()} CPUs")
+    floor, threads = 0.05, os.cpu_count() or 1
+    spec = {"repo": TAGGER_REPO, "file": f"{VIT}/model.onnx", "labels_repo": VIT, "labels_file": "selected_tags.csv",
+            "score_floor": floor, "models_dir": str(models), "threads": threads, "batch_size": args.batch}
+    tagger = WdTagger(spec, "in_tagger", "out", device="cpu")
+    theirs_session = _get_wd14_model("ViT_v3")
+    from huggingface_hub import hf_hub_download
 
-    # warm both sides (session creation, first-run allocations) outside the timings
-    get_wd14_tags(Image.open(io.BytesIO(images[0])), general_threshold=floor, character_threshold=floor)
-    spec = {"repo": TAGGER_REPO, "file": TAGGER_FILE, "labels_repo": LABELS_REPO, "labels_file": LABELS_FILE,
-            "score_floor": floor, "models_dir": ""}
-    tagger = WdTagger(spec, "in_tagger", "out")
-    tagger(batch_of(images[:2]))
+    theirs_file = os.path.realpath(hf_hub_download(TAGGER_REPO, f"{VIT}/model.onnx"))
+    assert theirs_file == str(model.resolve()), (theirs_file, model)  # one file, both sides
+    ours_threads = tagger.session.get_session_options().intra_op_num_threads
+    print(f"onnxruntime {ort.__version__}: intra-op threads ours {ours_threads}, imgutils "
+          f"{theirs_session.get_session_options().intra_op_num_threads}; {os.cpu_count()} CPUs here")
 
-    started = time.perf_counter()
-    for data in images:
-        get_wd14_tags(Image.open(io.BytesIO(data)), general_threshold=floor, character_threshold=floor)
-    baseline = len(images) / (time.perf_counter() - started)
+    print(f"\npreprocess: {n_prep} images x {rounds} rounds, bytes -> float32 448x448 BGR, one thread each")
+    images = sample_images(n_prep)
 
-    started = time.perf_counter()
-    for start in range(0, len(images), args.batch):
-        tagger(batch_of(images[start : start + args.batch]))
-    ours = len(images) / (time.perf_counter() - started)
+    def prep_ours() -> None:
+        for start in range(0, len(images), args.batch):
+            batch_of(images[start : start + args.batch])["in_tagger"].astype(np.float32)  # WdTagger's prepare
 
-    print(f"baseline imgutils get_wd14_tags loop: {baseline:.2f} images/s")
-    print(f"ours batched WdTagger (batch {args.batch}): {ours:.2f} images/s")
-    print(f"ratio: {ours / baseline:.2f}x")
+    def prep_theirs() -> None:
+        for data in images:
+            _prepare_image_for_tagging(Image.open(io.BytesIO(data)), 448)
 
+    cpu: dict[str, list[float]] = {"ours": [], "imgutils": []}
+    prep_ours(), prep_theirs()  # first-touch allocations and imports outside the timings
+    wall = alternated({"ours": timed(prep_ours, cpu["ours"]), "imgutils": timed(prep_theirs, cpu["imgutils"])}, rounds)
+    lines = [report("annotate_preprocess_vs_imgutils", 1.1, n_prep, wall, cpu, "ours", "imgutils")]
 
-def batch_of(images: list[bytes]) -> dict[str, np.ndarray]:
-    n = len(images)
-    raw = {c: np.array([c] * n, dtype=object) for c in ("unit", "key", "source", "member")}
-    raw["data"] = np.array(images, dtype=object)
-    return decode_images(raw, {"in_tagger": ["tagger", 448]}, draft_size=1024, keep_data=False)
+    print(f"\ntagger: {n_tag} images x {rounds} rounds, ViT-B/16 448 (random weights), batch {args.batch}")
+    images = sample_images(n_tag)
+    split: dict[str, list[float]] = {"decode": [], "model": []}
+
+    def tag_ours() -> None:
+        for start in range(0, len(images), args.batch):
+            began = time.perf_counter()
+            batch = batch_of(images[start : start + args.batch])
+            split["decode"].append(time.perf_counter() - began)
+            out = tagger(batch)
+            split["model"].append(time.perf_counter() - began - split["decode"][-1])
+            assert not any(out["out_error"]), out["out_error"]
+
+    def tag_theirs() -> None:
+        for data in images:
+            get_wd14_tags(Image.open(io.BytesIO(data)), model_name="ViT_v3", general_threshold=floor,
+                          character_threshold=floor)
+
+    tagger(batch_of(images[:1]))  # warm both sessions (first-run allocations) outside the timings
+    rating, general, character = get_wd14_tags(Image.open(io.BytesIO(images[0])), model_name="ViT_v3",
+                                               general_threshold=floor, character_threshold=floor)
+    print(f"  tags above the floor on the first image: {len(general) + len(character)}")
+    cpu = {"ours": [], "imgutils": []}
+    wall = alternated({"ours": timed(tag_ours, cpu["ours"]), "imgutils": timed(tag_theirs, cpu["imgutils"])}, rounds)
+    decode, infer = sum(split["decode"]), sum(split["model"])
+    print(f"  ours: decode+preprocess {100 * decode / (decode + infer):.0f}% of the time, WdTagger (float "
+          f"conversion, onnxruntime, tags) {100 * infer / (decode + infer):.0f}%")
+    lines.append(report("annotate_tagger_vs_imgutils_loop", 1.0, n_tag, wall, cpu, "ours", "imgutils"))
+    print()
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

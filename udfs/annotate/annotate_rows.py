@@ -60,7 +60,9 @@ def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[s
     if not data:
         raise FileNotFoundError("member not found in its source (moved or rewritten since ingest?)")
     image = decode(data, draft_size)
-    rgb = to_rgb_on_white(image)
+    # the detectors', CCIP's and the grey inputs start from the picture flattened on white; the
+    # tagger's do not (it pastes onto its own white square): flatten only when one is wanted
+    rgb = to_rgb_on_white(image) if any(k in ("yolo", "ccip", "gray") for k, _ in inputs.values()) else None
     out: dict[str, Any] = {"width": image.width, "height": image.height}
     for column, (kind, size) in inputs.items():
         if kind == "yolo":

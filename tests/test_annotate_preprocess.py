@@ -1,0 +1,76 @@
+"""The tagger's preprocessing is imgutils' own, pixel for pixel, and does no work the tagger
+never sees (no flattening on white, no OpenCV thread pool per decode task)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+
+def _picture(rng: np.random.Generator, width: int, height: int, mode: str) -> Image.Image:
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (height, width), np.uint8)))
+    elif mode == "LA":
+        image = image.convert("L")
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (height, width), np.uint8)))
+    elif mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = 0
+    elif mode != "RGB":
+        image = image.convert(mode)
+    return image
+
+
+# wide (the rows-only x pass), tall, square, already at the model's side, one pixel high
+SHAPES = [(1280, 720), (1024, 653), (999, 1), (320, 720), (600, 600), (448, 300), (300, 448), (448, 448),
+          (1500, 1499), (97, 31)]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P"])
+def test_tagger_input_is_imgutils_pixel_for_pixel(mode):
+    from imgutils.tagging.wd14 import _prepare_image_for_tagging
+
+    from udfs.annotate.images import tagger_input
+
+    rng = np.random.default_rng(3)
+    for width, height in SHAPES:
+        for target in (448, 64):
+            image = _picture(rng, width, height, mode)
+            theirs = _prepare_image_for_tagging(image, target)[0]
+            ours = tagger_input(image, target)
+            assert ours.dtype == np.uint8 and ours.flags.c_contiguous
+            assert np.array_equal(ours.astype(np.float32), theirs), (width, height, mode, target)
+
+
+def test_tagger_alone_skips_the_flattening(monkeypatch):
+    """The detectors' and CCIP's inputs start from the picture flattened on white; the tagger
+    pastes onto its own square, so a tagger-only decode never flattens (a full-size paste and
+    conversion per transparent picture)."""
+    from udfs.annotate import annotate_rows
+
+    image = _picture(np.random.default_rng(0), 200, 120, "RGBA")
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    calls = []
+    real = annotate_rows.to_rgb_on_white
+    monkeypatch.setattr(annotate_rows, "to_rgb_on_white", lambda im: calls.append(im) or real(im))
+    out = annotate_rows.make_inputs(data.getvalue(), {"in_tagger": ["tagger", 64]}, 0)
+    assert out["in_tagger"].shape == (64, 64, 3) and calls == []
+    annotate_rows.make_inputs(data.getvalue(), {"in_tagger": ["tagger", 64], "in_yolo": ["yolo", [64, 64]]}, 0)
+    assert len(calls) == 1  # decoded and flattened once for every model that wants it
+
+
+def test_annotate_preprocessing_runs_opencv_on_one_thread():
+    """Ray runs many decode tasks per node and OpenCV's pool ignores OMP_NUM_THREADS: importing
+    the preprocessing sets one thread (a fresh interpreter, so nothing else set it before)."""
+    code = "import udfs.annotate.images, cv2; print(cv2.getNumThreads())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
