@@ -12,7 +12,7 @@ must give the same tags in the same order as curate for its --sample images; it 
 core (CPU seconds), ours per core is images / tag-step seconds / cores. Prints each step's
 seconds, the largest operators of one tag partition (DuckDB's profile), and ends with
     RESULT curate_tag_step_per_core_vs_precomputed_loop ratio=<ours per core / loop> goal=10
-    RESULT curate_4x_data_within_4.4x_time ratio=<4.4 / (time at N / time at N/4)> goal=1
+    RESULT curate_tag_step_4x_data_within_4.4x_time ratio=<4.4 / (tag step at N / at N/4)> goal=1
     RESULT curate_1M_within_60s[_projected_from_N] ratio=<60 s / total at 1M> goal=1
     RESULT curate_peak_memory_within_4GB ratio=<4096 MiB / peak RSS> goal=1
 """
@@ -308,7 +308,8 @@ def main() -> int:
           f"peak RSS of curate {peak_mib:,.0f} MiB (memory_limit {args.memory_limit})")
     projected = big["total"] * 1_000_000 / args.images
     print(result("curate_tag_step_per_core_vs_precomputed_loop", ours_per_core / loop, 10))
-    print(result("curate_4x_data_within_4.4x_time", 4.4 / (big["total"] / small["total"]), 1))
+    # the tag step, not the total: the clusters step clusters --crops crops at both sizes
+    print(result("curate_tag_step_4x_data_within_4.4x_time", 4.4 / (big["tags"] / small["tags"]), 1))
     print(result("curate_1M_within_60s" + ("" if args.images == 1_000_000 else f"_projected_from_{args.images}"),
                  60 / projected, 1))
     print(result("curate_peak_memory_within_4GB", 4096 / peak_mib, 1))
