@@ -8,7 +8,8 @@ from the WD v3 label list (../shared/tagdata) or, without it, from the template 
 - template: TemplateCaptions.english over Arrow batches (each distinct tag classified once)
   vs english_from_infos row by row with the same TemplateVocab.info cache;
 - lexical scoring: CaptionScorer.lexical over a batch (tag_inclusion as array arithmetic over
-  word ids, subject_consistency per row) vs tag_inclusion row by row with tag words memoised;
+  word ids, subject_consistency through Arrow's regex kernels) vs tag_inclusion row by row with
+  tag words memoised and subject_consistency row by row;
 - english_similarity: one batched MiniLM call vs one call per caption, over --embed-images rows
   (printed, no goal).
 Both sides run in one process on one thread, alternated --repeats times (median). Ends with
