@@ -154,6 +154,11 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
     tag_array, cat_array = pa.array(row_tags, pa.list_(pa.string())), pa.array(row_cats, pa.list_(pa.string()))
     sliced = scorer.tag_inclusion_batch(captions[100:300], tag_array.slice(100, 200), cat_array.slice(100, 200))
     assert sliced.tolist() == one_by_one[100:300]
+    # a scorer that forgets its words past max_cached_words gives the same scores
+    scorer.max_cached_words = 10
+    assert scorer.tag_inclusion_batch(captions, row_tags, row_cats).tolist() == one_by_one
+    with pytest.raises(ValueError):  # as the per-row zip(strict=True)
+        scorer.tag_inclusion_batch(["A girl."], [["1girl", "smile"]], [["general"]])
 
 
 def test_batched_subject_consistency_equals_the_per_row_definition():
@@ -168,6 +173,11 @@ def test_batched_subject_consistency_equals_the_per_row_definition():
                 for _ in range(600)]
     people = [rng.choice([None, 0, 1, 2, 3, 10]) for _ in captions]
     names = [rng.choice([[], [], [], [""], ["Eileen"], ["Eileen", "Lucy"]]) for _ in captions]
+    # Arrow lower-cases İ to an ASCII i, Python to i and a combining dot; Python's \s takes \x0b
+    # and \x1c-\x1f, RE2's does not
+    captions += ["TWO GİRLS standing", "two\x0bgirls", "two\x1cgirls smile"]
+    people += [2, 2, 2]
+    names += [[], [], []]
     one_by_one = [subject_consistency(c, n, m) for c, n, m in zip(captions, people, names, strict=True)]
     assert {0.0, 0.5, 1.0} <= set(one_by_one)
     assert subject_consistency_batch(captions, people, names).tolist() == one_by_one

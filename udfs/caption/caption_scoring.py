@@ -33,6 +33,7 @@ NOT_WORD = r"[^a-z0-9'\-+]+"  # WORD's complement: splitting on it, then trimmin
 WORD_INNER = "'-+"  # the characters WORD takes inside a word but never first
 STOP = frozenset("a an the at of on in with to and or from by for own".split())
 BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word
+MAX_CACHED_WORDS = 500_000  # distinct caption words a scorer remembers before it starts over
 SCORED_CATEGORIES = ("general", "character", "copyright")
 
 NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pair": 2, "couple": 2, "three": 3,
@@ -41,12 +42,14 @@ PERSON = ("girls?|boys?|wom[ae]n|m[ae]n|persons?|people|characters?|figures?|lad
           "|kids?|child(?:ren)?|students?|individuals?|humans?")
 # The patterns below run in Python's re (one caption) and in Arrow's RE2 (a batch): both
 # engines read them alike on ASCII text (leftmost-first matches, ASCII word boundaries); the
-# batch sends captions with other characters to Python. Group `n` is the number said.
+# batch sends captions with other characters (or PYTHON_ONLY_SPACE) to Python. Group `n` is
+# the number said.
 COUNT_PHRASE_PATTERN = (r"\b(?P<n>" + "|".join(NUMBERS) + r"|\d+)\s+(?:[a-z'\-]+\s+){0,2}?(?:" + PERSON
                         + r")\b")
 COUNT_TAG_PATTERN = r"\b(?P<n>\d+)\+?(?:girl|boy|other)s?\b"
 NOBODY_PATTERN = r"\b(no (?:people|humans|one|characters?|persons?)|without (?:any )?people|nobody|empty scene)\b"
 SINGULAR_PRONOUN_PATTERN = r"\b(she|he|her|his|him|herself|himself)\b"
+PYTHON_ONLY_SPACE = r"[\x0b\x1c-\x1f]"  # ASCII characters Python's \s matches and RE2's does not
 COUNT_PHRASE = re.compile(COUNT_PHRASE_PATTERN)
 COUNT_TAG = re.compile(COUNT_TAG_PATTERN)
 NOBODY = re.compile(NOBODY_PATTERN)
@@ -151,14 +154,15 @@ def subject_consistency_batch(captions: list[str], n_people: list[int | None], n
     """subject_consistency of every row (float64). Arrow's regex kernels find what each caption
     says for the whole batch; rows Arrow cannot settle alone (names to look for, several count
     phrases to add up, non-ASCII text) take people_mentioned, row by row."""
-    text = pc.utf8_lower(pa.array(captions, pa.string()).fill_null(""))
+    original = pa.array(captions, pa.string()).fill_null("")
+    text = pc.utf8_lower(original)
     phrases = pc.count_substring_regex(text, COUNT_PHRASE_PATTERN).to_numpy()
     tags = pc.count_substring_regex(text, COUNT_TAG_PATTERN).to_numpy()
     said = _first_number(text, COUNT_PHRASE_PATTERN, phrases) + _first_number(text, COUNT_TAG_PATTERN, tags)
     mentioned = np.where(said > 0, said, np.where(_matches(text, SINGULAR_PRONOUN_PATTERN), 1.0, np.nan))
     mentioned[_matches(text, NOBODY_PATTERN)] = 0.0
-    by_python = (~_matches(pc.string_is_ascii(text), None)) | (phrases > 1) | (tags > 1) | \
-        np.array([bool(n) and any(n) for n in names], dtype=bool)
+    by_python = (~_matches(pc.string_is_ascii(original), None)) | _matches(original, PYTHON_ONLY_SPACE) | \
+        (phrases > 1) | (tags > 1) | np.array([bool(n) and any(n) for n in names], dtype=bool)
     for i in np.flatnonzero(by_python):
         one = people_mentioned(captions[i] or "", names[i])
         mentioned[i] = np.nan if one is None else one
@@ -254,6 +258,7 @@ class CaptionScorer:
         self._word_ids: dict[str, int] = {}
         self._raw_word_ids: dict[str, int] = {}  # a word as the caption has it -> its normalised id
         self._pair_word_ids: dict[str, tuple[int, ...] | None] = {}  # "tag\x1fcategory" -> _tag_word_ids
+        self.max_cached_words = MAX_CACHED_WORDS
 
     def words_of_tag(self, tag: str, category: str) -> tuple[str, ...]:
         key = (tag, category)
@@ -278,6 +283,11 @@ class CaptionScorer:
         each tag's head word with its other words near it is array arithmetic over word ids
         (the per-row loop above spent most of its time in Python word handling)."""
         tags, categories = _list_array(tags), _list_array(categories)
+        if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
+            raise ValueError("every row needs one category per tag")
+        if len(self._raw_word_ids) > self.max_cached_words:  # a long-lived actor meets new words forever
+            for cache in (self._word_ids, self._raw_word_ids, self._pair_word_ids):
+                cache.clear()
         words = CaptionWords.of(captions, self)
         pairs = self._scored_pairs(tags, categories)
         expressed = words.expressed(pairs)
