@@ -155,8 +155,10 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
     sliced = scorer.tag_inclusion_batch(captions[100:300], tag_array.slice(100, 200), cat_array.slice(100, 200))
     assert sliced.tolist() == one_by_one[100:300]
     # a scorer that forgets its words past max_cached_words gives the same scores
-    scorer.max_cached_words = 10
-    assert scorer.tag_inclusion_batch(captions, row_tags, row_cats).tolist() == one_by_one
+    forgetful = CaptionScorer(None, skip_tags=frozenset({"1girl"}))
+    forgetful.max_cached_words = 10
+    forgetful.tag_inclusion_batch(captions[::-1], row_tags[::-1], row_cats[::-1])  # word ids in another order
+    assert forgetful.tag_inclusion_batch(captions, row_tags, row_cats).tolist() == one_by_one
     with pytest.raises(ValueError):  # as the per-row zip(strict=True)
         scorer.tag_inclusion_batch(["A girl."], [["1girl", "smile"]], [["general"]])
 
