@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from udfs.annotate.model_actor import ModelActor
+from udfs.opencv import cv2
 
 BUNDLED_CASCADE = Path(__file__).resolve().parent.parent / "data" / "lbpcascade_animeface.xml"
 

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import io
 
-import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
+from udfs.opencv import cv2
 from udfs.orientation import upright
-
-# One thread per decode task or actor: Ray runs many per node, and OpenCV's own pool ignores
-# the OMP_NUM_THREADS that Ray sets (it would take every core in each of them).
-cv2.setNumThreads(1)
 
 # CCIP's normalisation (imgutils.metrics.ccip._normalize: CLIP mean and std, float64).
 CCIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))

@@ -312,11 +312,10 @@ class CaptionScorer:
         words = self.words_of_tag(tag, category)
         return tuple(self.word_id(w) for w in words) if words else None
 
-    def _scored_pairs(self, tags: pa.ListArray | list, categories: pa.ListArray | list) -> TagPairs:
+    def _scored_pairs(self, tags: pa.ListArray, categories: pa.ListArray) -> TagPairs:
         """The scored (row, tag) pairs of a batch, each tag's words looked up once per distinct tag."""
-        tags = _list_array(tags)
         flat_tags = pc.list_flatten(tags).fill_null("")
-        flat_cats = pc.list_flatten(_list_array(categories)).fill_null("")
+        flat_cats = pc.list_flatten(categories).fill_null("")
         flat_cats = pc.if_else(pc.equal(flat_cats, ""), "general", flat_cats)  # as `c or "general"`
         rows = pc.list_parent_indices(tags).to_numpy()
         keys = pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f")

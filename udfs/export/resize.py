@@ -10,17 +10,14 @@ import io
 import math
 from functools import lru_cache
 
-import cv2
 import numpy as np
 from PIL import Image
 
+from udfs.opencv import cv2
 from udfs.orientation import exif_orientation, upright
 
 # Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# One thread per export worker: Ray runs a worker per CPU, and OpenCV's pool ignores the
-# OMP_NUM_THREADS that Ray sets (it would take every core in each worker).
-cv2.setNumThreads(1)
 Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
 
 

@@ -18,16 +18,12 @@ from queue import Full, Queue
 from typing import BinaryIO
 
 import av
-import cv2
 import numpy as np
 import scipy.fft
 from PIL import Image, ImageSequence
 
 from udfs.ingest.probe import colour_signature, grey_hashes, image_hashes
-
-# One thread per ingest worker: Ray runs a worker per CPU, and OpenCV's pool ignores the
-# OMP_NUM_THREADS that Ray sets (it would take every core in each worker).
-cv2.setNumThreads(1)
+from udfs.opencv import cv2
 
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
 SCENE_WIDTH = 96

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from udfs.ingest.clip_frames import Frame
+from udfs.opencv import cv2
 
 
 @dataclass(frozen=True)
