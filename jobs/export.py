@@ -3,8 +3,8 @@
 Steps:
 1. selection (sql/export_selection.sql): one row per image, minus near duplicates and images
    whose accepted caption is flagged; then the user's `where` as a filter over that selection;
-   streamed from DuckDB into one Parquet file per export unit (one input shard, or a chunk of
-   an input folder: sql/export_units.sql) under state/export-plan/;
+   streamed from DuckDB into one Parquet file per export unit (a chunk of one source of
+   max_count images, about one shard: sql/export_units.sql) under state/export-plan/;
 2. plan: one CPU task per unit (udfs/export/export_plan.py) makes the safe name, exported size, txt
    and json of every sample and cuts the unit's shards by count and planned bytes, counting
    from 0; the driver, from the shard counts alone, gives each unit its first global shard
@@ -89,7 +89,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    total, groups = stage_selection(ws, opts, int(cfg["ingest"]["folder_unit_size"]))
+    total, groups = stage_selection(ws, opts, unit_images(opts, int(cfg["ingest"]["folder_unit_size"])))
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
     remove_stale(ws, out, {u["unit"] for u in units})
@@ -115,7 +115,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 
 # ---- selection ------------------------------------------------------------------------------
-def stage_selection(ws: Workspace, opts: dict, folder_unit_size: int) -> tuple[int, list[dict]]:
+def unit_images(opts: dict, folder_unit_size: int) -> int:
+    """Images per export unit: one shard's worth (max_count), so that the tasks of an export have
+    about a shard each to write, whatever the size of the input shards; at most a folder unit."""
+    return max(1, min(int(opts["max_count"]), folder_unit_size))
+
+
+def stage_selection(ws: Workspace, opts: dict, unit_size: int) -> tuple[int, list[dict]]:
     """(images in the workspace, the export units' groups in export order): the selection
     streamed from DuckDB into one Parquet file per unit (sql/export_units.sql), so the driver
     holds one record batch and per-unit counts, never the selection.
@@ -144,7 +150,7 @@ def stage_selection(ws: Workspace, opts: dict, folder_unit_size: int) -> tuple[i
         if rows != keys:
             raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
         reader = con.sql(sql_text("export_units.sql"),
-                         params={"folder_unit_size": max(1, folder_unit_size)}).to_arrow_reader(50_000)
+                         params={"unit_images": unit_size}).to_arrow_reader(50_000)
         units = stage_units(ws, reader, PLAN, first=("key", "source"))
     finally:
         con.close()

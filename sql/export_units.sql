@@ -1,10 +1,13 @@
 -- The selected images (temp table export_selected) cut into export units, in export order:
--- one unit per input shard; a plain folder in chunks of $folder_unit_size images in key order
--- (its files are read one by one). Shard numbers follow unit_index, so the order must be total.
+-- each source in chunks of $unit_images images in key order (export.max_count, at most
+-- ingest.folder_unit_size), so that a source of many images is written by several tasks side
+-- by side (local shards are read with seeks, plain folders file by file). A tar on object
+-- storage is read as one stream, so it stays one unit. Shard numbers follow unit_index, so the
+-- order must be total.
 with chunked as (
     select *,
-           case when source like '%.tar' then 0
-                else (row_number() over (partition by source order by key) - 1) // $folder_unit_size
+           case when source like '%.tar' and source like '%://%' then 0
+                else (row_number() over (partition by source order by key) - 1) // $unit_images
            end as export_chunk
     from export_selected
 )

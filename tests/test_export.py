@@ -109,6 +109,23 @@ def test_shards_are_cut_by_count_named_in_order_and_listed_in_the_manifest(expor
     assert ws.read_table("export_manifest").num_rows == len(manifest)
 
 
+def test_a_task_writes_max_count_images_of_one_source(exported):
+    """Units are cut at max_count images of a source (not one per input shard), so that a big
+    input shard is written by several tasks side by side."""
+    _, ws, _, _ = exported
+    con = ws.connect()
+    per_unit = con.execute("""
+        select m.unit, count(distinct m.key), count(distinct i.source), any_value(i.source)
+        from export_manifest m join images i on i.key = m.key group by m.unit""").fetchall()
+    assert all(images <= 4 and sources == 1 for _, images, sources, _ in per_unit)
+    exported_per_source = dict(con.execute("""
+        select i.source, count(distinct m.key) from export_manifest m join images i on i.key = m.key
+        group by i.source""").fetchall())
+    assert max(exported_per_source.values()) > 4  # the sample has a source that needs several units
+    for source, images in exported_per_source.items():
+        assert sum(s == source for *_, s in per_unit) == -(-images // 4)
+
+
 def test_wids_opens_the_shards_by_index(exported, tmp_path, monkeypatch):
     import wids
 
