@@ -27,7 +27,7 @@ import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.summary import JobSummary
-from store.workspace import Workspace, create_derived_view, fault_point
+from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
 
@@ -50,9 +50,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
             attach_inputs(con, ws)
             load_lookups(con, {**opts, "tag_list": tag_list_path(cfg)}, ccip_spec(cfg))
             summary.rows_in = con.execute("select count(*) from images").fetchone()[0]
-            timings = build_tables(con, opts)
             generation = uuid.uuid4().hex[:12]
-            files = {name: export_table(con, ws, name, generation) for name in OUTPUTS}
+            timings, tag_parts = build_tables(con, ws, opts, generation)
+            files = {name: tag_parts if name == "tags" else export_table(con, ws, name, generation)
+                     for name in OUTPUTS}
             summary.rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
         finally:
             con.close()
@@ -63,12 +64,15 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 
 # ---- the steps ------------------------------------------------------------------------------
-def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]:
-    """Run every step in order; returns seconds per step (for the summary and the benchmark)."""
+def build_tables(con: duckdb.DuckDBPyConnection, ws: Workspace, opts: dict,
+                 generation: str) -> tuple[dict[str, float], list[str]]:
+    """Run every step in order; returns seconds per step (for the summary and the benchmark) and
+    the parts of `tags`, which the tag step writes itself."""
     params = sql_params(opts)
     timings: dict[str, float] = {}
+    tag_parts: list[str] = []
     for step, action in [
-        ("tags", lambda: build_tags(con, params, opts)),
+        ("tags", lambda: tag_parts.extend(build_tags(con, ws, params, opts, generation))),
         ("image_meta", lambda: run_model(con, "050_image_meta", params)),
         ("character_traits", lambda: run_model(con, "055_character_traits", params)),
         ("duplicates", lambda: build_duplicates(con, params, opts)),
@@ -81,26 +85,36 @@ def build_tables(con: duckdb.DuckDBPyConnection, opts: dict) -> dict[str, float]
         action()
         timings[step] = time.perf_counter() - began
         print(f"curate: {step} done in {timings[step]:.1f} s", flush=True)
-    return timings
+    return timings, tag_parts
 
 
-def build_tags(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
+def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts: dict, generation: str) -> list[str]:
+    """The curated tags, one partition of the images at a time, each written straight into a
+    new part of `tags` (not into the work database and then copied: that doubled the writes
+    and grew with the database); `tags` is then a view over those parts. Returns the parts."""
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         run_model(con, model, params)
     n_images = con.execute("select count(*) from image_ids").fetchall()[0][0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
+    parts = []
     for partition in range(partitions):
-        run_model(con, "040_tags", {**params, **partition_bounds(con, n_images, partitions, partition)},
-                  append=partition > 0)
+        parts.append(f"curate-{generation}-p{partition:05d}")
+        bounds = partition_bounds(con, n_images, partitions, partition)
+        write_model(con, ws, "040_tags", {**params, **bounds}, parts[-1])
         if partitions > 1:
             print(f"curate: tags partition {partition + 1}/{partitions}", flush=True)
+    ws.attach_parts(con, "tags", parts)
     edits = con.execute("select count(*) from edit_state where field = 'tags'").fetchall()[0][0]
     if edits:  # a person's tag edits (booruset review) win over what the steps above decided
         run_model(con, "045_edited_tags", params)
-        con.execute("drop table tags")
-        con.execute("alter table edited_tags rename to tags")
+        edited = export_table(con, ws, "tags", f"{generation}-e", source="edited_tags")
+        ws.attach_parts(con, "tags", edited)
+        for part in parts:  # not published: no reader has seen them
+            ws.fs.delete_file(f"{ws.table_dir('tags')}/{part}.parquet")
+        parts = edited
         print(f"curate: {edits} tag edits applied", flush=True)
+    return parts
 
 
 def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: int, partition: int) -> dict:
@@ -148,13 +162,34 @@ def build_balance(con: duckdb.DuckDBPyConnection, params: dict) -> None:
     run_model(con, "091_balance", params)
 
 
-def run_model(con: duckdb.DuckDBPyConnection, model: str, params: dict, append: bool = False) -> None:
+def run_model(con: duckdb.DuckDBPyConnection, model: str, params: dict) -> None:
     """Run sql/<model>.sql (a SELECT) into the table named by the file (010_tags -> tags)."""
     query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
     table = model.split("_", 1)[1]
     wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
-    verb = f'insert into "{table}" ' if append else f'create or replace table "{table}" as '
-    con.execute(verb + query, wanted)
+    con.execute(f'create or replace table "{table}" as ' + query, wanted)
+
+
+def write_model(con: duckdb.DuckDBPyConnection, ws: Workspace, model: str, params: dict, part: str) -> None:
+    """Run sql/<model>.sql (a SELECT) into a new Parquet part of the table the file names.
+
+    A local workspace gets DuckDB's own parallel Parquet writer (COPY); object storage the
+    pyarrow filesystem the jobs write with (DuckDB would need its httpfs extension)."""
+    query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
+    table = model.split("_", 1)[1]
+    wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
+    folder = ws.table_dir(table)
+    ws.fs.create_dir(folder, recursive=True)
+    columns = ", ".join(_quoted(schemas.TABLES[table].names))
+    if ws.local:
+        path = sql_string(f"{folder}/{part}.parquet")
+        con.execute(f"copy (select {columns} from ({query})) to {path} (format parquet, compression zstd)", wanted)
+        return
+    reader = con.sql(f"select {columns} from ({query})", params=wanted).to_arrow_reader(500_000)
+    with pq.ParquetWriter(f"{folder}/{part}.parquet", schemas.TABLES[table], filesystem=ws.fs,
+                          compression="zstd") as writer:
+        for batch in reader:
+            writer.write_table(schemas.conform(pa.Table.from_batches([batch]), table))
 
 
 def sql_params(opts: dict) -> dict:
@@ -263,13 +298,14 @@ def fh_ratio_bins(edges: list[float]) -> pa.Table:
 
 
 # ---- outputs ---------------------------------------------------------------------------------
-def export_table(con: duckdb.DuckDBPyConnection, ws: Workspace, name: str, generation: str) -> list[str]:
-    """Stream one result table into new Parquet parts (their names), invisible to readers
-    until published."""
+def export_table(con: duckdb.DuckDBPyConnection, ws: Workspace, name: str, generation: str,
+                 source: str | None = None) -> list[str]:
+    """Stream one result table (from the work table `source`, default `name`) into new Parquet
+    parts of `name` (their names), invisible to readers until published."""
     schema = schemas.TABLES[name]
     folder = ws.table_dir(name)
     ws.fs.create_dir(folder, recursive=True)
-    reader = con.sql(f'select {", ".join(_quoted(schema.names))} from "{name}"').to_arrow_reader(500_000)
+    reader = con.sql(f'select {", ".join(_quoted(schema.names))} from "{source or name}"').to_arrow_reader(500_000)
     parts: list[str] = []
     writer, rows = None, 0
     for batch in reader:

@@ -412,13 +412,15 @@ class Workspace:
         """
         published = self.published()["tables"]
         for name in names or list(schemas.TABLES):
-            parts = published.get(name, [])
-            if self.local or not parts:
-                con.execute(self.view_sql(name, parts))
-            else:
-                files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
-                con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet",
-                                                filesystem=self.fs))
+            self.attach_parts(con, name, published.get(name, []))
+
+    def attach_parts(self, con: duckdb.DuckDBPyConnection, name: str, parts: list[str]) -> None:
+        """Table `name` on `con` over the given parts of its folder (published or not yet)."""
+        if self.local or not parts:
+            con.execute(self.view_sql(name, parts))
+        else:
+            files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
+            con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet", filesystem=self.fs))
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         self.attach_tables(con)

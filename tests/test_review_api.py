@@ -4,6 +4,7 @@ selection honours at once, bulk actions with undo, the token and the host check.
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -212,6 +213,11 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     con = ws.connect()
     curated = [r[0] for r in con.execute("select tag from tags where key = $k order by rank", {"k": key}).fetchall()]
     assert tag not in curated and curated[-1] == "added_by_review"
+    # the tag step's own parts, replaced by the edited ones, are gone (never published)
+    published = ws.published()["tables"]["tags"]
+    generation = published[0].split("-")[1]
+    assert all("-e-" in part for part in published)
+    assert not list(Path(ws.table_dir("tags")).glob(f"curate-{generation}-p*"))
     meta = con.execute("select characters, n_characters from image_meta where key = $k", {"k": key}).fetchone()
     assert meta == (["someone_(review)"], 1)
     assert con.execute("select count(*) from groups where key = $k and path like '%someone_(review)%'",
