@@ -213,15 +213,17 @@ def loop_rate(con, ws: Workspace, pruning: PrecomputedPruning, sample: int) -> f
     return len(rows) / seconds
 
 
-def tag_step_profile(con, params: dict, n_images: int, folder: str) -> list[str]:
-    """Top operators by CPU time of the first tag partition (DuckDB's EXPLAIN ANALYZE profile)."""
+def tag_step_profile(con, ws: Workspace, params: dict, n_images: int, folder: str) -> list[str]:
+    """Top operators by CPU time of the first tag partition (DuckDB's EXPLAIN ANALYZE profile),
+    written as the job writes it (a Parquet part; removed after)."""
     partitions = max(1, -(-n_images // curate.IMAGES_PER_PARTITION))
     bounds = curate.partition_bounds(con, n_images, partitions, 0)
     out = Path(folder) / "profile.json"
     con.execute("pragma enable_profiling = 'json'")
     con.execute(f"pragma profiling_output = '{out}'")
-    curate.run_model(con, "040_tags", {**params, **bounds})
+    curate.write_model(con, ws, "040_tags", {**params, **bounds}, "bench-profile")
     con.execute("pragma disable_profiling")
+    ws.fs.delete_file(f"{ws.table_dir('tags')}/bench-profile.parquet")
     profile = json.loads(out.read_text())
     operators: list[tuple[float, str, int, str]] = []
 
@@ -295,7 +297,7 @@ def main() -> int:
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         cfg = bench_config(ws, args.memory_limit)
         con, params = lookup_database(ws, cfg, tmp)
-        for line in tag_step_profile(con, params, args.images, tmp):
+        for line in tag_step_profile(con, ws, params, args.images, tmp):
             print(line)
         loop = loop_rate(con, ws, PrecomputedPruning(con, bool(cfg["curate"]["drop_character_traits"])), args.sample)
         con.close()

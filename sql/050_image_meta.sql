@@ -45,10 +45,13 @@ people_tagged as (
     group by key
 ),
 tag_facts as (
+    -- only the character and rating rows (a few per image, not ~30): an image with neither
+    -- gets no row, which the left joins below read as no characters and no rating
     select key,
            list(tag order by tag) filter (where category = 'character') as characters,
            arg_max(tag, score) filter (where category = 'rating') as rating
     from tags
+    where category in ('character', 'rating')
     group by key
 ),
 character_edits as (

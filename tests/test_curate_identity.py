@@ -196,6 +196,23 @@ def test_merge_close_clusters_joins_halves_of_one_identity():
     assert _same_partition(list(merged), list(truth))
 
 
+@pytest.mark.parametrize("method", ["optics", "dbscan"])
+def test_a_crop_with_a_broken_embedding_is_noise_and_the_others_cluster_as_without_it(method):
+    from udfs.curate import ccip_cluster
+
+    vectors, _ = _identities(np.random.default_rng(7), n_ids=2, per_id=6, noise=0)
+    settings = ccip_cluster.ClusterSettings(method=method, eps=0.1, min_samples=3, threshold=0.1)
+    clean = ccip_cluster.cluster_vectors(vectors, settings, ccip_cluster.Differences())
+    broken = vectors.copy()
+    broken[4, 7], broken[9, 0] = np.nan, np.inf
+    labels = ccip_cluster.cluster_vectors(broken, settings, ccip_cluster.Differences())
+    assert labels[4] == -1 and labels[9] == -1
+    rest = [i for i in range(len(vectors)) if i not in (4, 9)]
+    assert _same_partition(list(labels[rest]), list(clean[rest])) and len(set(clean) - {-1}) == 2
+    with pytest.raises(ValueError, match="not finite"):  # the last guard, sklearn being told not to look
+        ccip_cluster.cluster_matrix(ccip_cluster.Differences()(broken), settings)
+
+
 def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path):
     """References as a folder of images: embedded by annotate's CCIP UDF (here a tiny ONNX model
     with CCIP's feature contract, since the real one is on the Hub), then matched in SQL."""
