@@ -223,7 +223,7 @@ def tag_step_profile(con, ws: Workspace, params: dict, n_images: int, folder: st
     con.execute(f"pragma profiling_output = '{out}'")
     curate.write_model(con, ws, "040_tags", {**params, **bounds}, "bench-profile")
     con.execute("pragma disable_profiling")
-    ws.fs.delete_file(f"{ws.table_dir('tags')}/bench-profile.parquet")
+    ws.delete_part("tags", "bench-profile")
     profile = json.loads(out.read_text())
     operators: list[tuple[float, str, int, str]] = []
 

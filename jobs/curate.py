@@ -111,7 +111,7 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         edited = export_table(con, ws, "tags", f"{generation}-e", source="edited_tags")
         ws.attach_parts(con, "tags", edited)
         for part in parts:  # not published: no reader has seen them
-            ws.fs.delete_file(f"{ws.table_dir('tags')}/{part}.parquet")
+            ws.delete_part("tags", part)
         parts = edited
         print(f"curate: {edits} tag edits applied", flush=True)
     return parts
@@ -164,9 +164,7 @@ def build_balance(con: duckdb.DuckDBPyConnection, params: dict) -> None:
 
 def run_model(con: duckdb.DuckDBPyConnection, model: str, params: dict) -> None:
     """Run sql/<model>.sql (a SELECT) into the table named by the file (010_tags -> tags)."""
-    query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
-    table = model.split("_", 1)[1]
-    wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
+    query, table, wanted = model_sql(model, params)
     con.execute(f'create or replace table "{table}" as ' + query, wanted)
 
 
@@ -175,21 +173,22 @@ def write_model(con: duckdb.DuckDBPyConnection, ws: Workspace, model: str, param
 
     A local workspace gets DuckDB's own parallel Parquet writer (COPY); object storage the
     pyarrow filesystem the jobs write with (DuckDB would need its httpfs extension)."""
-    query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
-    table = model.split("_", 1)[1]
-    wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
+    query, table, wanted = model_sql(model, params)
+    select = f"select {', '.join(_quoted(schemas.TABLES[table].names))} from ({query})"
+    if not ws.local:
+        ws.write_part_batches(table, part, con.sql(select, params=wanted).to_arrow_reader(500_000))
+        return
     folder = ws.table_dir(table)
     ws.fs.create_dir(folder, recursive=True)
-    columns = ", ".join(_quoted(schemas.TABLES[table].names))
-    if ws.local:
-        path = sql_string(f"{folder}/{part}.parquet")
-        con.execute(f"copy (select {columns} from ({query})) to {path} (format parquet, compression zstd)", wanted)
-        return
-    reader = con.sql(f"select {columns} from ({query})", params=wanted).to_arrow_reader(500_000)
-    with pq.ParquetWriter(f"{folder}/{part}.parquet", schemas.TABLES[table], filesystem=ws.fs,
-                          compression="zstd") as writer:
-        for batch in reader:
-            writer.write_table(schemas.conform(pa.Table.from_batches([batch]), table))
+    path = sql_string(f"{folder}/{part}.parquet")
+    con.execute(f"copy ({select}) to {path} (format parquet, compression zstd)", wanted)
+
+
+def model_sql(model: str, params: dict) -> tuple[str, str, dict]:
+    """(query, the table it makes, its parameters) of sql/<model>.sql."""
+    query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
+    wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
+    return query, model.split("_", 1)[1], wanted
 
 
 def sql_params(opts: dict) -> dict:
