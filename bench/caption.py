@@ -5,10 +5,12 @@ loop a careful engineer would write (per row, with the same memo caches), in the
 
 Synthetic images: a count tag, sometimes a character and a copyright, 12-28 general tags drawn
 from the WD v3 label list (../shared/tagdata) or, without it, from the template vocabulary.
-- template: TemplateCaptions.english over Arrow batches (each distinct tag classified once)
-  vs english_from_infos row by row with the same TemplateVocab.info cache;
+- template: TemplateCaptions.english over Arrow batches (template_batch.py: each distinct tag
+  described once, each sentence built by array operations over the batch's flat tags) vs
+  english_from_infos row by row with the same TemplateVocab.info cache;
 - lexical scoring: CaptionScorer.lexical over a batch (tag_inclusion as array arithmetic over
-  word ids, subject_consistency through Arrow's regex kernels) vs tag_inclusion row by row with
+  word ids over a byte-table word split, subject_consistency through Arrow's regex kernels, the
+  numbers of every count phrase summed from one regex replace) vs tag_inclusion row by row with
   tag words memoised and subject_consistency row by row;
 - english_similarity: one batched MiniLM call vs one call per caption, over --embed-images rows
   (printed, no goal).
@@ -33,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.results import alternated, result  # noqa: E402
 from udfs.caption.caption_scoring import CaptionScorer, SentenceEncoder, subject_consistency  # noqa: E402
-from udfs.caption.template_caption import TemplateCaptions, TemplateVocab, english_from_infos  # noqa: E402
+from udfs.caption.template_batch import TemplateCaptions  # noqa: E402
+from udfs.caption.template_caption import TemplateVocab, english_from_infos  # noqa: E402
 
 TOTAL_GOAL = 3.0  # issue 16: template + scoring at least 3x the memoised per-row loop
 SHARED_TAGS = Path(__file__).resolve().parents[2] / "shared" / "tagdata" / "wd_v3_selected_tags.csv"

@@ -136,7 +136,7 @@ def test_batched_tag_inclusion_equals_the_per_row_definition():
     rng = random.Random(7)
     captions, row_tags, row_cats = [], [], []
     for _ in range(400):
-        marks = ["", "", ",", ".", "!", " -"]
+        marks = ["", "", ",", ".", "!", " -", "/", ")", "\t", "\n", "\"", ";", "\x7f"]
         text = " ".join(rng.choice(words) + rng.choice(marks) for _ in range(rng.randint(0, 25)))
         captions.append(text.capitalize())
         n = rng.randint(0, 8)
@@ -177,9 +177,10 @@ def test_batched_subject_consistency_equals_the_per_row_definition():
     names = [rng.choice([[], [], [], [""], ["Eileen"], ["Eileen", "Lucy"]]) for _ in captions]
     # Arrow lower-cases İ to an ASCII i, Python to i and a combining dot; Python's \s takes \x0b
     # and \x1c-\x1f, RE2's does not
-    captions += ["TWO GİRLS standing", "two\x0bgirls", "two\x1cgirls smile"]
-    people += [2, 2, 2]
-    names += [[], [], []]
+    # (the batch marks count phrases with \x1f: a caption that has one is Python's)
+    captions += ["TWO GİRLS standing", "two\x0bgirls", "two\x1cgirls smile", "a boy\x1f2\x1fand two girls"]
+    people += [2, 2, 2, 3]
+    names += [[], [], [], []]
     one_by_one = [subject_consistency(c, n, m) for c, n, m in zip(captions, people, names, strict=True)]
     assert {0.0, 0.5, 1.0} <= set(one_by_one)
     assert subject_consistency_batch(captions, people, names).tolist() == one_by_one

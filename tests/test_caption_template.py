@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import (
     AspOptions,
-    TemplateCaptions,
     TemplateVocab,
     asp_caption,
     english_caption,
@@ -139,3 +139,52 @@ def test_person_places():
                                                                           "on the right"]
     assert person_places(["left", "left"], ["top left", "bottom left"]) == ["at the top left", "at the bottom left"]
     assert person_places(["left", "left"], ["top left", "top left"]) == ["", ""]
+
+
+def random_rows(vocab: TemplateVocab, n: int, seed: int) -> tuple[list, list, list]:
+    """Tag lists drawn from every part of the template vocabulary, with repeats, emoticons, empty
+    and odd tags, characters and series, and head counts that agree, disagree or are missing."""
+    import random
+
+    rng = random.Random(seed)
+    general = ([h.replace(" ", "_") for h, _ in vocab.heads] + list(vocab.tag_groups) + list(vocab.phrases)
+               + list(vocab.verbs) + sorted(vocab.adjectives) + [f"{m}_{h.replace(' ', '_')}" for m in
+                                                                  ("very_long", "red", "light_blue", "dark")
+                                                                  for h, _ in vocab.heads[:20]]
+               + ["outdoors", "indoors", "simple_background", "white_background", "underwater_background", "",
+                  "_", "ünïcode_tag"])
+    specials = [(t, "general") for t in list(vocab.count) + sorted(vocab.count_words)] + [
+        ("eileen_(ren'py)", "character"), ("lucy_(ren'py)", "character"), ("ren'py", "copyright"),
+        ("piroshki", "artist"), ("general", "rating"), ("absurdres", "meta"), ("gotou_hitori", "")]
+    tags, cats, people = [], [], []
+    for _ in range(n):
+        row = [(rng.choice(general), "general") for _ in range(rng.randint(0, 14))]
+        row += [rng.choice(specials) for _ in range(rng.randint(0, 3))]
+        rng.shuffle(row)
+        tags.append([t for t, _ in row])
+        cats.append([c for _, c in row])
+        people.append(rng.choice([None, 0, 1, 2, 3]))
+    return tags, cats, people
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_template_equals_per_image_template_on_random_rows(vocab, seed):
+    tags, cats, people = random_rows(vocab, 600, seed)
+    expected = [english_caption(t, c, vocab, p) for t, c, p in zip(tags, cats, people, strict=True)]
+    got = TemplateCaptions(vocab).english(pa.array(tags, pa.list_(pa.string())), pa.array(cats, pa.list_(pa.string())),
+                                          pa.array(people, pa.int32()))
+    assert got == expected
+    # one batch after another through the same captioner (its tables grow between batches)
+    captioner = TemplateCaptions(vocab)
+    halves = [captioner.english(pa.array(tags[a:b], pa.list_(pa.string())), pa.array(cats[a:b], pa.list_(pa.string())),
+                                pa.array(people[a:b], pa.int32())) for a, b in ((0, 300), (300, 600))]
+    assert halves[0] + halves[1] == expected
+
+
+def test_batched_template_edge_batches(vocab):
+    captioner = TemplateCaptions(vocab)
+    strings = pa.list_(pa.string())
+    assert captioner.english(pa.array([], strings), pa.array([], strings)) == []
+    assert captioner.english(pa.array([[], None], strings), pa.array([[], None], strings)) == ["", ""]
+    nulls = captioner.english(pa.array([[None, "1girl"]], strings), pa.array([["general", None]], strings))
+    assert nulls == [english_caption(["", "1girl"], ["general", "general"], vocab)]

@@ -26,7 +26,8 @@ from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
 from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
-from udfs.caption.template_caption import AspOptions, TemplateCaptions, TemplateVocab, asp_caption, name_of
+from udfs.caption.template_batch import TemplateCaptions
+from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
 
 PINNED = ("count", "count_word", "character", "copyright")  # tag groups loop-back never drops nor moves
 

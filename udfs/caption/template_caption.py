@@ -4,10 +4,8 @@ No model. The English template names the subject from the count, character and c
 tags ("Gotou Hitori from Bocchi the Rock!"), then writes hair and eyes, clothes, pose,
 expression and background as sentences in that order, and appends what is left.
 
-Speed: tags repeat across images (a few thousand distinct tags over millions of rows), so a
-batch classifies each *distinct* tag once (`TemplateVocab.infos_for`) and the per-image work
-is only the assembly of ready-made phrases. That assembly is per-row Python and sets the pace:
-bench/caption.py measures the batch at about 1.05x a per-row loop with the same tag cache.
+This module is the definition, one image at a time; template_batch.py renders the same
+captions for a whole Arrow batch (the caption job's path).
 """
 
 from __future__ import annotations
@@ -18,10 +16,6 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "template_vocab.toml"
 GROUPS = ("hair", "eyes", "clothes", "pose", "expression", "background")
@@ -137,14 +131,6 @@ class TemplateVocab:
         if found is None:
             found = self._cache[key] = self.classify(tag, category)
         return found
-
-    def infos_for(self, tags: pa.Array, categories: pa.Array) -> list[TagInfo]:
-        """TagInfo of every (tag, category) of a flat batch, classifying each distinct pair once."""
-        pairs = pc.binary_join_element_wise(tags.fill_null(""), categories.fill_null("general"), "\x1f")
-        distinct = pc.unique(pairs)
-        index = pc.index_in(pairs, value_set=distinct).to_numpy(zero_copy_only=False)
-        infos = [self.info(*p.split("\x1f", 1)) for p in distinct.to_pylist()]
-        return [infos[i] for i in index]
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,42 +467,3 @@ def asp_caption(key: str, tags: list[str], categories: list[str], rating: str | 
     if not options.underscores:
         out = [words_of(t) for t in out]
     return options.separator.join(out)
-
-
-# ---------------------------------------------------------------------------------------
-# Batched entry point (the map_batches path)
-# ---------------------------------------------------------------------------------------
-
-
-class TemplateCaptions:
-    """Captions of a whole Arrow batch: list columns `tags`, `categories` (rank order), `n_people`."""
-
-    def __init__(self, vocab: TemplateVocab | None = None) -> None:
-        self.vocab = vocab or TemplateVocab()
-
-    def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: pa.Array | None = None,
-                persons: list[list[dict]] | None = None) -> list[str]:
-        """English captions of every row; each distinct tag is classified once for the batch.
-        `persons`: per row, its person_tags rows (position, quadrant, tags, categories)."""
-        tags, categories = _combined(tags), _combined(categories)
-        flat = self.vocab.infos_for(tags.flatten(), categories.flatten())
-        offsets = np.asarray(tags.offsets.to_numpy(zero_copy_only=False))
-        offsets = offsets - offsets[0]  # a slice's offsets count from its parent's first value; flatten() from its own
-        people = n_people.to_pylist() if n_people is not None else [None] * len(tags)
-        persons = persons or [None] * len(tags)
-        return [english_from_infos(flat[offsets[i]:offsets[i + 1]], self.vocab, people[i], self.persons(persons[i]))
-                for i in range(len(tags))]
-
-    def persons(self, rows: list[dict] | None) -> list[Person]:
-        if not rows or len(rows) < 2:
-            return []
-        places = person_places([r["position"] for r in rows], [r["quadrant"] for r in rows])
-        return [Person(where, [self.vocab.info(t, c or "general") for t, c in zip(r["tags"], r["categories"],
-                                                                                   strict=True)])
-                for where, r in zip(places, rows, strict=True)]
-
-
-def _combined(array: pa.Array | pa.ChunkedArray) -> pa.ListArray:
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    return array.fill_null(pa.scalar([], type=array.type)) if array.null_count else array
