@@ -188,3 +188,5 @@ def test_batched_template_edge_batches(vocab):
     assert captioner.english(pa.array([[], None], strings), pa.array([[], None], strings)) == ["", ""]
     nulls = captioner.english(pa.array([[None, "1girl"]], strings), pa.array([["general", None]], strings))
     assert nulls == [english_caption(["", "1girl"], ["general", "general"], vocab)]
+    with pytest.raises(ValueError):
+        captioner.english(pa.array([["1girl", "smile"]], strings), pa.array([["general"]], strings))

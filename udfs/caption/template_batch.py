@@ -41,6 +41,7 @@ GROUP_CODES = ("hidden", "count", "count_word", "character", "copyright", "hair"
 G = {name: code for code, name in enumerate(GROUP_CODES)}
 SUBJECT_GROUPS = (G["count"], G["character"], G["copyright"])
 POSE_VIEW, POSE_VERB, POSE_OTHER = 0, 1, 2
+MAX_CACHED_SUBJECTS = 200_000  # distinct subjects (count, characters, series, head count) remembered
 SEPARATORS = pa.array(["", ", ", " and "])  # join_and: before the first item, between, before the last
 
 
@@ -196,6 +197,10 @@ class BatchTemplate:
 
     def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: list[int | None]) -> list[str]:
         n = len(tags)
+        if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
+            raise ValueError("every row needs one category per tag")  # as the per-image zip(strict=True)
+        if len(self._subjects) > MAX_CACHED_SUBJECTS:  # a long-lived actor meets new subjects forever
+            self._subjects.clear()
         ids = self.table.ids_of(tags.flatten(), categories.flatten())
         c = self.table.columns
         every = Elements(pc.list_parent_indices(tags).to_numpy().astype(np.int64), ids)
