@@ -437,10 +437,10 @@ IN_WORD = np.array([chr(b) in "abcdefghijklmnopqrstuvwxyz0123456789" + WORD_INNE
 
 
 def _word_runs(text: pa.Array) -> pa.ListArray:
-    """Each lower-case caption split into the runs of WORD's characters (what splitting on
-    on anything else gives for ASCII text). By hand rather than split_pattern_regex, which costs RE2 about
-    150 ns a match with some 50 gaps per caption: one table lookup turns every other ASCII byte
-    of the string buffer into a space, and Arrow's whitespace split cuts there."""
+    """Each lower-case caption split into the runs of WORD's characters (for ASCII text, what a
+    regex split on every other character gives). By hand rather than split_pattern_regex, which
+    costs RE2 about 150 ns a match with some 50 gaps per caption: one table lookup turns every
+    other ASCII byte of the string buffer into a space, and Arrow's whitespace split cuts there."""
     _, offsets, data = text.buffers()
     if data is None or not len(text):
         return pc.ascii_split_whitespace(text)
