@@ -23,7 +23,7 @@ from collections import Counter
 import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray
+from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker
 from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
@@ -75,7 +75,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["tags_from_text"]:
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
-    units = stage_inputs(ws, opts, cfg["curate"])
+    units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
     remove_stale(ws, {u["unit"] for u in units})
     done = ws.done_units("caption")
     pending = [u for u in units if u["unit"] not in done]
@@ -102,18 +102,10 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     from udfs.caption.caption_tags import OWNER, PART, TextTagger, load_vocabulary
 
     opts = cfg["caption"]
-    con = ws.connect()
-    try:
-        con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
-        reader = con.sql(sql_text("caption_text_units.sql"),
-                         params={"unit_size": TEXT_UNIT_IMAGES}).to_arrow_reader(50_000)
-        units = stage_units(ws, reader, TEXTS)
-    finally:
-        con.close()
+    units = run_in_worker(cfg, ws, stage_texts)
     if not units:
         ws.publish({OWNER: {}})
         return 0
-    init_ray(cfg)
     # one unit per call: the actor reads its unit's texts and writes the tags it finds
     pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
     ds = staged_units_dataset(units).map_batches(
@@ -128,6 +120,18 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
     clear(ws, TEXTS)
     return written
+
+
+def stage_texts(ws: Workspace) -> list[dict]:
+    """The own texts of untagged images, one file per unit (sql/caption_text_units.sql)."""
+    con = ws.connect()
+    try:
+        con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
+        reader = con.sql(sql_text("caption_text_units.sql"),
+                         params={"unit_size": TEXT_UNIT_IMAGES}).to_arrow_reader(50_000)
+        return stage_units(ws, reader, TEXTS)
+    finally:
+        con.close()
 
 
 def staged_units_dataset(units: list[dict]) -> ray.data.Dataset:
@@ -244,7 +248,8 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     (udfs/caption/related_tags.py); returns the suggestions written."""
     opts = cfg["caption"]
     run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
-    pairs_path, units = stage_related(ws, opts)
+    # the unit size goes as an argument: the staging runs in another process
+    pairs_path, units = run_in_worker(cfg, ws, stage_related, opts, RELATED_UNIT_IMAGES)
     if not units:
         ws.publish({"caption:related_tags": {"tag_suggestions": []}})
         return 0
@@ -259,7 +264,7 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     return rows
 
 
-def stage_related(ws: Workspace, opts: dict) -> tuple[str, list[dict]]:
+def stage_related(ws: Workspace, opts: dict, unit_images: int) -> tuple[str, list[dict]]:
     """The related pairs (sql/caption_related_pairs.sql) to one file, the image tags to one file per
     unit (sql/caption_related_units.sql): (pairs path, units with index, path, images)."""
     con = ws.connect()
@@ -271,7 +276,7 @@ def stage_related(ws: Workspace, opts: dict) -> tuple[str, list[dict]]:
         ws.fs.create_dir(f"{ws.base}/{RELATED}", recursive=True)
         ws.write_parquet(pairs_path, pairs.to_arrow_table())
         reader = con.sql(sql_text("caption_related_units.sql"),
-                         params={"unit_size": RELATED_UNIT_IMAGES}).to_arrow_reader(100_000)
+                         params={"unit_size": unit_images}).to_arrow_reader(100_000)
         units = stage_units(ws, reader, f"{RELATED}/units")
     finally:
         con.close()

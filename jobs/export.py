@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray
+from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker
 from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, sweep_temp_files, unit_id
@@ -89,7 +89,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    total, groups = stage_selection(ws, opts, unit_images(opts, int(cfg["ingest"]["folder_unit_size"])))
+    total, groups = run_in_worker(cfg, ws, stage_selection, opts,
+                                  unit_images(opts, int(cfg["ingest"]["folder_unit_size"])))
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
     remove_stale(ws, out, {u["unit"] for u in units})

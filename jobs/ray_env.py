@@ -52,6 +52,29 @@ def init_ray(cfg: Config) -> None:
     quiet_ray_data()
 
 
+def run_in_worker(cfg: Config, ws: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(workspace, *args) in a one-shot Ray task, for a job's planning SQL: DuckDB's working
+    memory for a query over the whole dataset grows with it (export's selection: 500 MiB at
+    20,000 images), and the driver should hold only the plan it gets back. The worker process
+    exits after the task (max_calls=1), so that memory goes back too. `fn` must be a module-level
+    function and its result small; an exception it raises is raised here as itself."""
+    init_ray(cfg)
+    task = ray.remote(num_cpus=1, max_calls=1)(_with_workspace)
+    failed, result = ray.get(task.remote(fn, ws.root, ws.memory_limit, args))
+    if failed:
+        raise result
+    return result
+
+
+def _with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple) -> tuple[bool, Any]:
+    from store.workspace import Workspace
+
+    try:
+        return False, fn(Workspace(root, create=False, memory_limit=memory_limit), *args)
+    except Exception as exc:  # noqa: BLE001 - handed to the driver, which raises it (a ConfigError stays one)
+        return True, exc
+
+
 def quiet_ray_data() -> None:
     """Ray Data without its progress bars and INFO lines on the terminal (unless verbose)."""
     import ray.data

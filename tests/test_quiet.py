@@ -52,3 +52,32 @@ def test_ingest_prints_progress_and_summary_without_noise(tmp_path):
     assert any(PROGRESS.match(ln) for ln in lines), output
     assert "== ingest summary" in lines and "rows out: images 24" in lines, output
     assert (tmp_path / "workspace" / "tables" / "images").is_dir()
+
+
+def workspace_pid(ws, fail: bool) -> tuple[int, str]:
+    """Run by run_in_worker: which process, and which workspace it opened."""
+    import os
+
+    from jobs.config import ConfigError
+
+    if fail:
+        raise ConfigError("export.where 'x' is not a SQL condition")
+    return os.getpid(), ws.base
+
+
+def test_run_in_worker_runs_the_planning_query_in_another_process(ray_local, workspace, config):
+    """The driver gets the result back, not the work: the function runs in a Ray worker on the same
+    workspace, and an error it raises reaches the driver as itself (the CLI prints ConfigErrors)."""
+    import os
+    import sys
+
+    from ray import cloudpickle
+
+    from jobs.config import ConfigError
+    from jobs.ray_env import run_in_worker
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    pid, base = run_in_worker(config, workspace, workspace_pid, False)
+    assert pid != os.getpid() and base == workspace.base
+    with pytest.raises(ConfigError, match="not a SQL condition"):
+        run_in_worker(config, workspace, workspace_pid, True)
