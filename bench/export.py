@@ -18,7 +18,7 @@ Ends with:
     RESULT export_resized_per_core_vs_same_loop ratio=<export MB/s per core / loop MB/s> goal=0.8 met=yes|no
     RESULT export_resize_codec_vs_previous ratio=<previous path s / resize_image s> goal=1.5 met=yes|no
 
-    python bench/export.py --quick          # 600 images (100 through the codecs), 3 rounds: ~3 minutes
+    python bench/export.py --quick          # 600 images (100 through the codecs), 3 rounds: ~5 minutes
     python bench/export.py --images 2000
 """
 
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--codec-images", type=int, help="images through the codec comparison (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="600 images, 100 of them through the codec comparison (about 3 minutes on 2 cores)")
+                        help="600 images, 100 of them through the codec comparison (about 5 minutes on 2 cores)")
     args = parser.parse_args()
     if args.quick:
         args.images, args.codec_images = 600, 100

@@ -102,7 +102,7 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     from udfs.caption.caption_tags import OWNER, PART, TextTagger, load_vocabulary
 
     opts = cfg["caption"]
-    units = run_in_worker(cfg, ws, stage_texts)
+    units = run_in_worker(cfg, ws, stage_texts, TEXT_UNIT_IMAGES)
     if not units:
         ws.publish({OWNER: {}})
         return 0
@@ -122,13 +122,14 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     return written
 
 
-def stage_texts(ws: Workspace) -> list[dict]:
-    """The own texts of untagged images, one file per unit (sql/caption_text_units.sql)."""
+def stage_texts(ws: Workspace, unit_images: int) -> list[dict]:
+    """The own texts of untagged images, one file per unit (sql/caption_text_units.sql). Runs in
+    a Ray task (run_in_worker): sizes come as arguments, not from this module's constants."""
     con = ws.connect()
     try:
         con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
         reader = con.sql(sql_text("caption_text_units.sql"),
-                         params={"unit_size": TEXT_UNIT_IMAGES}).to_arrow_reader(50_000)
+                         params={"unit_size": unit_images}).to_arrow_reader(50_000)
         return stage_units(ws, reader, TEXTS)
     finally:
         con.close()
@@ -248,7 +249,6 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     (udfs/caption/related_tags.py); returns the suggestions written."""
     opts = cfg["caption"]
     run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
-    # the unit size goes as an argument: the staging runs in another process
     pairs_path, units = run_in_worker(cfg, ws, stage_related, opts, RELATED_UNIT_IMAGES)
     if not units:
         ws.publish({"caption:related_tags": {"tag_suggestions": []}})
@@ -266,7 +266,8 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
 
 def stage_related(ws: Workspace, opts: dict, unit_images: int) -> tuple[str, list[dict]]:
     """The related pairs (sql/caption_related_pairs.sql) to one file, the image tags to one file per
-    unit (sql/caption_related_units.sql): (pairs path, units with index, path, images)."""
+    unit (sql/caption_related_units.sql): (pairs path, units with index, path, images). Runs in a
+    Ray task (run_in_worker): sizes come as arguments, not from this module's constants."""
     con = ws.connect()
     try:
         con.execute("create temp view visual_tags as " + sql_text("caption_visual_tags.sql"))

@@ -15,11 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import ray
 
 from jobs.config import REPO, Config
+
+if TYPE_CHECKING:
+    from store.workspace import Workspace
 
 VERBOSE_ENV = "BOORUSET_VERBOSE"
 PROGRESS_INTERVAL_S = 10.0
@@ -52,7 +55,7 @@ def init_ray(cfg: Config) -> None:
     quiet_ray_data()
 
 
-def run_in_worker(cfg: Config, ws: Any, fn: Callable[..., Any], *args: Any) -> Any:
+def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(workspace, *args) in a one-shot Ray task, for a job's planning SQL: DuckDB's working
     memory for a query over the whole dataset grows with it (export's selection: 500 MiB at
     20,000 images), and the driver should hold only the plan it gets back. The worker process
