@@ -5,10 +5,11 @@ The curation logic is the SQL in sql/ (one SELECT per file, run in file-name ord
 creates the table its name ends with). Python does only what SQL cannot: loading lookup files,
 LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of CCIP crops.
 
-Curate is a global job: each run rebuilds its eight tables. Intermediate tables live in a DuckDB
-database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
-written as new Parquet parts, and one publish makes all eight visible at once (the workspace's
-published generation): a killed run leaves the old tables as they were, never half of each.
+Curate is a global job: each run rebuilds its eight tables. A Ray task builds them (the driver
+only publishes): intermediate tables live in a DuckDB database in a temporary directory (DuckDB
+spills to disk past `memory_limit`), the results are written as new Parquet parts, and one
+publish makes all eight visible at once (the workspace's published generation): a killed run
+leaves the old tables as they were, never half of each.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
+from jobs.ray_env import run_in_worker
 from jobs.summary import JobSummary
 from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
@@ -40,27 +42,37 @@ ROWS_PER_FILE = 4_000_000
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
+    """Build the eight tables in a Ray task (on a cluster, a worker node with the memory for
+    DuckDB's joins over the whole dataset, not the head), then publish them from here."""
     started = time.perf_counter()
-    opts = cfg["curate"]
+    opts = {**cfg["curate"], "tag_list": tag_list_path(cfg)}
+    sql_params(opts)  # a bad option is a ConfigError before any worker starts
     ws.begin_job()
-    summary = JobSummary("curate", units_done=1)
+    built = run_in_worker(cfg, ws, build, opts, ccip_spec(cfg))
+    ws.publish({OWNER: built["files"]})
+    summary = JobSummary("curate", units_done=1, rows_in=built["rows_in"], rows_out=built["rows_out"])
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in built["timings"].items()))
+    return summary
+
+
+def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
+    """Every step in a work database of its own, the results written as new Parquet parts
+    (unpublished); returns their names, the row counts and the seconds per step."""
     with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             attach_inputs(con, ws)
-            load_lookups(con, {**opts, "tag_list": tag_list_path(cfg)}, ccip_spec(cfg))
-            summary.rows_in = con.execute("select count(*) from images").fetchone()[0]
+            load_lookups(con, opts, ccip)
+            rows_in = con.execute("select count(*) from images").fetchone()[0]
             generation = uuid.uuid4().hex[:12]
             timings, tag_parts = build_tables(con, ws, opts, generation)
             files = {name: tag_parts if name == "tags" else export_table(con, ws, name, generation)
                      for name in OUTPUTS}
-            summary.rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
+            rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
         finally:
             con.close()
-    ws.publish({OWNER: files})
-    summary.seconds = time.perf_counter() - started
-    summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in timings.items()))
-    return summary
+    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings}
 
 
 # ---- the steps ------------------------------------------------------------------------------

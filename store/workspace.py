@@ -463,7 +463,14 @@ def fault_point(variable: str) -> None:
         return
     _events_in_this_process[variable] += 1
     if _events_in_this_process[variable] >= int(limit):
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.killpg(int(os.environ.get("BOORUSET_FAULT_PGID") or os.getpgrp()), signal.SIGKILL)
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # a Ray worker: its own group is not the job's
+
+
+if any(name.startswith("BOORUSET_KILL_AFTER_") for name in os.environ):
+    # Ray starts each worker in a process group of its own. The job's group (the driver and the
+    # Ray it started) reaches them in the environment, which they inherit from the driver.
+    os.environ.setdefault("BOORUSET_FAULT_PGID", str(os.getpgrp()))
 
 
 TEMP_PREFIXES = (".tmp-", ".catalog-")
