@@ -9,8 +9,10 @@ Steps:
    and json of every sample and cuts the unit's shards by count and planned bytes, counting
    from 0; the driver, from the shard counts alone, gives each unit its first global shard
    number, so shard numbers are contiguous and names deterministic, and a shard never mixes units;
-3. Ray Data: one CPU task per unit reads the unit's plan and source once and writes its files
-   atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips committed units;
+3. one Ray task per unit (plain tasks, as in step 2: a unit is one coarse task, and Ray Data's
+   executor would add its start to every run) reads the unit's plan and source once and writes
+   its files atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips
+   committed units;
 4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest) and the
    wids index (`<out>/webdataset/index.wids.json`).
 """
@@ -29,15 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker
+from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker, unit_tasks
 from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, sweep_temp_files, unit_id
-from udfs.export.export_plan import plan_units_task
-from udfs.export.export_shard import JOB, atomic_write, export_units, shard_name
+from udfs.export.export_plan import plan_unit
+from udfs.export.export_shard import JOB, atomic_write, export_unit, shard_name
 from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
@@ -175,16 +176,13 @@ def plan_units(cfg: Config, ws: Workspace, groups: list[dict], out: str) -> list
     number the shards here from the counts the tasks return."""
     init_ray(cfg)
     opts = cfg[JOB]
-    items = [{"group": g["group"], "path": g["path"]} for g in groups]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(plan_units_task, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
-                        fn_kwargs={"workspace": ws.root, "options": dict(opts)})
+    items = ({"group": g["group"], "path": g["path"]} for g in groups)
     progress = Progress("export plan", sum(g["rows"] for g in groups), units=len(groups))
     planned = {}
     with progress:
-        for row in ds.iter_rows():
-            planned[int(row["group"])] = row
-            progress.add(int(row["samples"]), units=1)
+        for row in unit_tasks(plan_unit, items, float(opts["task_num_cpus"]), workspace=ws.root, options=dict(opts)):
+            planned[row["group"]] = row
+            progress.add(row["samples"], units=1)
     return place_units(groups, planned, shaping_of(opts, out))
 
 
@@ -218,12 +216,10 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
                "png_compress_level": int(opts["png_compress_level"]),
                "max_member_bytes": int(cfg["ingest"]["max_member_bytes"])}
-    items = [{k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(export_units, batch_size=1, num_cpus=float(opts["task_num_cpus"]),
-                        fn_kwargs={"workspace": ws.root, "out": out, "options": options})
+    items = ({k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")} for u in units)
+    infos = unit_tasks(export_unit, items, float(opts["task_num_cpus"]), workspace=ws.root, out=out, options=options)
     progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
-    return collect_units(ds.iter_rows(), progress, lambda row: json.loads(row["info"]), ws.publish_now_and_then)
+    return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
 
 
 def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:

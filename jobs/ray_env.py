@@ -9,12 +9,13 @@ are off. `-v` (the CLI sets BOORUSET_VERBOSE=1) shows Ray's logs and progress ba
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import ray
@@ -69,6 +70,25 @@ def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any
     if failed:
         raise result
     return result
+
+
+TASKS_IN_FLIGHT = 256
+
+
+def unit_tasks(fn: Callable[..., Any], items: Iterable[Any], num_cpus: float, **kwargs: Any) -> Iterator[Any]:
+    """fn(item, **kwargs) in one Ray task per item; the results as the tasks end, in any order.
+
+    For a job whose unit is one coarse task with a small result (export's planning and writing):
+    such tasks need no dataset around them, and Ray Data's executor costs 0.2 s (warm) to 1 s
+    (cold) per run, a quarter of a copy-only export of 600 images. At most TASKS_IN_FLIGHT are
+    submitted at a time: enough for an autoscaler to see the demand, few for ray.wait."""
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    queue = iter(items)
+    running = [remote.remote(item, **kwargs) for item in itertools.islice(queue, TASKS_IN_FLIGHT)]
+    while running:
+        done, running = ray.wait(running, num_returns=1)
+        running.extend(remote.remote(item, **kwargs) for item in itertools.islice(queue, 1))
+        yield ray.get(done[0])
 
 
 def _with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple) -> tuple[bool, Any]:

@@ -134,22 +134,17 @@ def placed(samples: list[dict], offset: int) -> list[dict]:
     return [{**s, "copies": [{**c, "shard": c["shard"] + offset} for c in s["copies"]]} for s in samples]
 
 
-def plan_units_task(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
-    """map_batches UDF (CPU task): plan each unit of the batch from its selection file, write the
-    plan next to it; return counts and a digest of the plan per unit."""
+def plan_unit(item: dict[str, Any], workspace: str, options: dict) -> dict[str, Any]:
+    """Ray task: plan one unit from its selection file and write the plan next to it; returns
+    the unit's counts and a digest of its plan."""
     ws = Workspace(workspace, create=False)
-    out: dict[str, list] = {"group": [], "shards": [], "samples": [], "digest": []}
-    for group, path in zip(batch["group"], batch["path"], strict=True):
-        rows = pq.read_table(path, filesystem=ws.fs).to_pylist()
-        samples, shards = plan_samples(rows, options)
-        text = json.dumps(samples, sort_keys=True)
-        with ws.fs.open_output_stream(plan_file(path)) as f:
-            f.write(text.encode())
-        out["group"].append(int(group))
-        out["shards"].append(shards)
-        out["samples"].append(len(samples))
-        out["digest"].append(hashlib.sha1(text.encode()).hexdigest())
-    return out
+    rows = pq.read_table(item["path"], filesystem=ws.fs).to_pylist()
+    samples, shards = plan_samples(rows, options)
+    text = json.dumps(samples, sort_keys=True)
+    with ws.fs.open_output_stream(plan_file(item["path"])) as f:
+        f.write(text.encode())
+    return {"group": int(item["group"]), "shards": shards, "samples": len(samples),
+            "digest": hashlib.sha1(text.encode()).hexdigest()}
 
 
 def plan_file(path: str) -> str:

@@ -44,21 +44,17 @@ def parquet_name(index: int) -> str:
     return f"train-{index:06d}.parquet"
 
 
-def export_units(batch: dict[str, Any], workspace: str, out: str, options: dict) -> dict[str, list]:
-    """map_batches UDF (CPU task): export each unit of the batch (its plan read from the plan file
-    its planning task wrote, shards moved to their global numbers), one info row per unit."""
+def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -> dict:
+    """Ray task: export one unit (its plan read from the plan file its planning task wrote,
+    shards moved to their global numbers) and commit it; returns the unit's info."""
     ws = Workspace(workspace)
-    infos = []
-    for i in range(len(batch["unit"])):
-        offset, shards = int(batch["offset"][i]), int(batch["shards"][i])
-        plan = {"unit": batch["unit"][i], "source": batch["source"][i], "kind": batch["kind"][i],
-                "shards": list(range(offset, offset + shards)),
-                "samples": placed(read_plan(ws, batch["path"][i]), offset)}
-        info = UnitExport(ws, out, plan, options).run()
-        ws.commit_unit(JOB, plan["unit"], info,
-                       parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
-        infos.append(json.dumps(info))
-    return {"unit": list(batch["unit"]), "info": infos}
+    offset, shards = int(item["offset"]), int(item["shards"])
+    plan = {"unit": item["unit"], "source": item["source"], "kind": item["kind"],
+            "shards": list(range(offset, offset + shards)), "samples": placed(read_plan(ws, item["path"]), offset)}
+    info = UnitExport(ws, out, plan, options).run()
+    ws.commit_unit(JOB, plan["unit"], info,
+                   parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
+    return info
 
 
 def parquet_schema() -> pa.Schema:
