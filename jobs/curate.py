@@ -15,6 +15,7 @@ leaves the old tables as they were, never half of each.
 from __future__ import annotations
 
 import re
+import resource
 import tempfile
 import time
 import uuid
@@ -53,6 +54,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary = JobSummary("curate", units_done=1, rows_in=built["rows_in"], rows_out=built["rows_out"])
     summary.seconds = time.perf_counter() - started
     summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in built["timings"].items()))
+    summary.notes.append(f"peak memory of the worker that built the tables: {built['peak_mib']:.0f} MiB")
     return summary
 
 
@@ -72,7 +74,8 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
             rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
         finally:
             con.close()
-    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings}
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak_mib}
 
 
 # ---- the steps ------------------------------------------------------------------------------
