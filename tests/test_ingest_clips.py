@@ -100,6 +100,20 @@ def test_seeking_to_key_frames_keeps_the_same_frames_with_less_decoding(tmp_path
     assert sought.clip["frames_seen"] < linear.clip["frames_seen"] == 144
 
 
+def test_seeking_gives_the_frames_of_a_full_decode_when_they_fall_between_key_frames(tmp_path):
+    """Wanted times off the key frames, in a pan whose B-frames the reader skips far from each
+    wanted frame: the frames it hands out near one are the ones a full decode gives."""
+    clip = write_video(tmp_path / "pan.mp4", slow_pan(seconds=12.0, fps=24), fps=24)
+    for rate in (0.3, 0.45, 0.7):
+        sparse = {"scene_threshold": 0, "max_fps": rate, "similarity_distance": 0}
+        linear = select(tmp_path, clip, seek_seconds=0, **sparse)
+        sought = select(tmp_path, clip, seek_seconds=0.5, **sparse)
+        assert [f["key"] for f in sought.frames] == [f["key"] for f in linear.frames], rate
+        assert [f["phash"] for f in sought.frames] == [f["phash"] for f in linear.frames], rate
+        assert sought.clip["frames_seen"] < linear.clip["frames_seen"], rate
+        assert len(linear.frames) >= int(12 * rate), rate
+
+
 def test_forced_slices_cut_a_clip_without_scene_changes(tmp_path):
     clip = write_video(tmp_path / "pan.mp4", slow_pan(seconds=6.0))
     result = select(tmp_path, clip, slice_seconds=2.0, similarity_distance=64)

@@ -29,7 +29,9 @@ from udfs.opencv import cv2
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
 SCENE_WIDTH = 96
 HASH_SIDE = 32  # imagehash.phash's DCT size
-NONREF_MARGIN = 1.0  # seconds before a wanted frame from which every frame is decoded
+# Frames a decoder may hold when it hands one out, when it does not say: FFmpeg's most threads
+# (16) and H.264's deepest reordering (16)
+MAX_FRAMES_IN_FLIGHT = 32
 
 
 class ClipError(Exception):
@@ -244,11 +246,16 @@ class ClipReader:
 
     def _skip_unreferenced(self, stream: av.VideoStream, time: float) -> None:
         """Far before the next wanted frame, let FFmpeg skip frames that no other frame refers
-        to (most B-frames): nothing needs them. Within NONREF_MARGIN of it, decode every frame
-        again, so the wanted frame is the one a full decode would give (the margin covers the
-        frames already in flight in the decoder's threads)."""
-        far = time < self.wanted_from - NONREF_MARGIN
-        stream.codec_context.skip_frame = "NONREF" if far else "DEFAULT"
+        to (most B-frames): nothing needs them. Near it, decode every frame again, so the wanted
+        frame is the one a full decode would give. The setting reaches only packets sent from now
+        on, so "near" must cover the frames already in flight: one per decoder thread, and the
+        reordering delay twice (frames held back for it, and packets sent ahead in decode order),
+        plus two to spare. 9 frames with 2 cores and x264's B-frames."""
+        ctx = stream.codec_context
+        threads = ctx.thread_count or MAX_FRAMES_IN_FLIGHT // 2
+        reorder = getattr(ctx, "reorder_depth", MAX_FRAMES_IN_FLIGHT // 2)  # not in every PyAV
+        margin = (threads + 2 * reorder + 2) / float(stream.average_rate or stream.guessed_rate or 1)
+        ctx.skip_frame = "NONREF" if time < self.wanted_from - margin else "DEFAULT"
 
     def _seek_worth_it(self, time: float, sought: float) -> bool:
         return bool(self.seek_seconds) and self.wanted_from - time >= self.seek_seconds and sought < self.wanted_from
