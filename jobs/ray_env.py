@@ -231,8 +231,9 @@ class Progress:
 
 def collect_units(rows: Iterable[dict], progress: Progress, info_of: Callable[[dict], dict],
                   on_unit: Callable[[], None] | None = None) -> list[dict]:
-    """The per-unit infos of a dataset with one row per unit (`rows`: its iter_rows()), counting
-    each unit's `images` into `progress` as it arrives; `on_unit` runs after each (publishing)."""
+    """The per-unit infos of `rows` (a dataset's iter_rows() with one row per unit, or the results
+    of unit_tasks), counting each unit's `images` into `progress` as it arrives; `on_unit` runs
+    after each (publishing)."""
     infos = []
     with progress:
         for row in rows:
