@@ -10,8 +10,8 @@ for --crops person crops (random identities of ~50 crops; 768 floats each).
 Curate runs in a child process with its own local Ray (started outside the timing); the peak
 memory is that of the Ray worker that ran curate's SQL (the job's summary says it). The loop
 (PrecomputedPruning) must give the same tags in the same order as curate for its --sample
-images; it runs on one core (CPU seconds), ours per core is images / tag-step seconds / cores. Prints each step's
-seconds, the largest operators of one tag partition (DuckDB's profile), and ends with
+images; it runs on one core (CPU seconds), ours per core is images / tag-step seconds / cores.
+Prints each step's seconds, the largest operators of one tag partition (DuckDB's profile), and ends with
     RESULT curate_tag_step_per_core_vs_precomputed_loop ratio=<ours per core / loop> goal=10
     RESULT curate_tag_step_4x_data_within_4.4x_time ratio=<4.4 / (tag step at N / at N/4)> goal=1
     RESULT curate_1M_within_60s[_projected_from_N] ratio=<60 s / total at 1M> goal=1
@@ -259,7 +259,8 @@ def child(root: str, memory_limit: str) -> None:
     began = time.perf_counter()
     summary = curate.run(cfg, ws)
     steps = dict(s.rsplit(" ", 2)[:2] for s in summary.notes[0].removeprefix("steps: ").split(", "))
-    peak_mib = float(summary.notes[1].rsplit(" ", 2)[1])  # the Ray worker's that ran curate's SQL
+    peak = next(n for n in summary.notes if n.startswith("peak memory of the worker"))
+    peak_mib = float(peak.rsplit(" ", 2)[1])  # the Ray worker's that ran curate's SQL
     print(json.dumps({"total": time.perf_counter() - began, "peak_mib": peak_mib,
                       **{k: float(v) for k, v in steps.items()}}))
 

@@ -29,9 +29,9 @@ from udfs.opencv import cv2
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
 SCENE_WIDTH = 96
 HASH_SIDE = 32  # imagehash.phash's DCT size
-# Frames a decoder may hold when it hands one out, when it does not say: FFmpeg's most threads
-# (16) and H.264's deepest reordering (16)
-MAX_FRAMES_IN_FLIGHT = 32
+# What a decoder that does not say may hold in flight: FFmpeg's most automatic threads, and
+# H.264's deepest reordering (frames)
+MAX_DECODER_THREADS, MAX_REORDER_DEPTH = 16, 16
 
 
 class ClipError(Exception):
@@ -252,8 +252,8 @@ class ClipReader:
         reordering delay twice (frames held back for it, and packets sent ahead in decode order),
         plus two to spare. 9 frames with 2 cores and x264's B-frames."""
         ctx = stream.codec_context
-        threads = ctx.thread_count or MAX_FRAMES_IN_FLIGHT // 2
-        reorder = getattr(ctx, "reorder_depth", MAX_FRAMES_IN_FLIGHT // 2)  # not in every PyAV
+        threads = ctx.thread_count or MAX_DECODER_THREADS
+        reorder = getattr(ctx, "reorder_depth", MAX_REORDER_DEPTH)  # not in every PyAV
         margin = (threads + 2 * reorder + 2) / float(stream.average_rate or stream.guessed_rate or 1)
         ctx.skip_frame = "NONREF" if time < self.wanted_from - margin else "DEFAULT"
 
