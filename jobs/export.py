@@ -1,14 +1,16 @@
 """`booruset export`: the curated dataset -> WebDataset shards, kohya / EveryDream folders, Parquet.
 
 Steps:
-1. selection (sql/export_selection.sql): one row per image, minus near duplicates and images
-   whose accepted caption is flagged; then the user's `where` as a filter over that selection;
-   streamed from DuckDB into one Parquet file per export unit (a chunk of one source of
-   max_count images, about one shard: sql/export_units.sql) under state/export-plan/;
-2. plan: one CPU task per unit (udfs/export/export_plan.py) makes the safe name, exported size, txt
-   and json of every sample and cuts the unit's shards by count and planned bytes, counting
-   from 0; the driver, from the shard counts alone, gives each unit its first global shard
-   number, so shard numbers are contiguous and names deterministic, and a shard never mixes units;
+1. selection (sql/export_selection.sql), in a worker: one row per image, minus near duplicates
+   and images whose accepted caption is flagged; then the user's `where` as a filter over that
+   selection; run one key range at a time and streamed from DuckDB into Parquet files under
+   state/export-plan/selection/; then cut into units from the staged keys (a chunk of one source
+   of max_count images, about one shard: sql/export_units.sql);
+2. plan: one CPU task per unit (udfs/export/export_plan.py) reads its key range of the staged
+   selection and makes the safe name, exported size, txt and json of every sample and cuts the
+   unit's shards by count and planned bytes, counting from 0; the driver, from the shard counts
+   alone, gives each unit its first global shard number, so shard numbers are contiguous and
+   names deterministic, and a shard never mixes units;
 3. one Ray task per unit (plain tasks, as in step 2: a unit is one coarse task, and Ray Data's
    executor would add its start to every run) reads the unit's plan and source once and writes
    its files atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips
@@ -29,13 +31,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker, unit_tasks
 from jobs.summary import JobSummary
-from store.staging import clear, stage_units
+from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import JOB, atomic_write, export_unit, shard_name
@@ -43,6 +46,8 @@ from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
+SELECTION_CHUNK = 50_000  # images per key range of the selection (DuckDB's memory grows with it)
+SELECTION_ROW_GROUP = 1024  # rows per row group of a staged chunk: a unit's task reads about its own
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
            "png_compress_level", "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
@@ -90,8 +95,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    total, groups = run_in_worker(cfg, ws, stage_selection, opts,
-                                  unit_images(opts, int(cfg["ingest"]["folder_unit_size"])))
+    total, chunks, groups = run_in_worker(cfg, ws, stage_selection, opts,
+                                          unit_images(opts, int(cfg["ingest"]["folder_unit_size"])), SELECTION_CHUNK)
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
     remove_stale(ws, out, {u["unit"] for u in units})
@@ -112,6 +117,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"left out before export: {total - selected} of {total} images "
                          f"(duplicates, flagged captions, export.where)")
+    summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
     return summary
 
@@ -123,42 +129,92 @@ def unit_images(opts: dict, folder_unit_size: int) -> int:
     return max(1, min(int(opts["max_count"]), folder_unit_size))
 
 
-def stage_selection(ws: Workspace, opts: dict, unit_size: int) -> tuple[int, list[dict]]:
-    """(images in the workspace, the export units' groups in export order): the selection
-    streamed from DuckDB into one Parquet file per unit (sql/export_units.sql), so the driver
-    holds one record batch and per-unit counts, never the selection.
+def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tuple[int, int, list[dict]]:
+    """(images in the workspace, key ranges staged, the export units in export order), in a
+    worker: the selection is run one key range of `chunk` images at a time (DuckDB's memory is
+    bounded by a chunk, not the workspace) and streamed into one Parquet file per range under
+    state/export-plan/selection/; the units are then cut from the staged keys alone
+    (sql/export_units.sql). A unit names its source, its key range and the files that hold it,
+    for its tasks to read; no row of the selection comes back from here.
 
     The user's `where` is SQL text by nature (that is its point), so it is the one piece of
-    SQL that is not a file: it runs as `select * from export_selection where (<where>)` over a
-    table of the selection, and must parse as exactly one SELECT. Values from data and config
-    are bound as parameters, never formatted into SQL.
+    SQL that is not a file: it runs as `select * from (<selection>) as export_selection where
+    (<where>)` and must parse as exactly one SELECT. Values from data and config are bound as
+    parameters, never formatted into SQL.
     """
+    clear(ws, PLAN)  # what a killed export staged
+    for folder in ("selection", "units"):
+        ws.fs.create_dir(f"{ws.base}/{PLAN}/{folder}", recursive=True)
     con = ws.connect()
     try:
         total = con.execute("select count(*) from images").fetchall()[0][0]
-        con.execute("create temp table export_selection as " + sql_text("export_selection.sql"),
-                    {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
-                     "drop_excluded": True})
-        query = "select * from export_selection"
-        where = str(opts["where"]).strip()
-        if where:
-            query = f"{query} where (\n{where}\n)"
-            check_where(con, query, where)
-        try:
-            con.execute(f"create temp table export_selected as {query}")
-        except duckdb.Error as exc:
-            raise ConfigError(f"export.where {where!r}: {exc}") from exc
-        rows, keys = con.execute("select count(*), count(distinct key) from export_selected").fetchall()[0]
-        if rows != keys:
-            raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
-        reader = con.sql(sql_text("export_units.sql"),
-                         params={"unit_images": unit_size}).to_arrow_reader(50_000)
-        units = stage_units(ws, reader, PLAN, first=("key", "source"))
+        firsts = [r[0] for r in con.execute(sql_text("key_chunks.sql"), {"chunk": chunk}).fetchall()]
+        query, params = selection_query(con, opts)
+        chunks = []
+        for index, (first, last) in enumerate(zip(firsts, [*firsts[1:], None], strict=True)):
+            path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
+            if stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, opts):
+                chunks.append({"first": first, "last": last, "path": path})
+        units = cut_units(ws, con, chunks, unit_size, str(opts["where"]).strip())
     finally:
         con.close()
-    return total, [{"group": u["index"], "source": u["first"]["source"], "first_key": u["first"]["key"],
-                    "kind": "tar" if u["first"]["source"].endswith(".tar") else "folder", "rows": u["rows"],
-                    "path": u["path"]} for u in units]
+    return total, len(chunks), units
+
+
+def selection_query(con: duckdb.DuckDBPyConnection, opts: dict) -> tuple[str, dict]:
+    """The selection of one key range [$first, $last) ($last null: to the end), with the user's
+    `where` (checked to be one condition), in (source, key) order; and its parameters."""
+    query = (f"select * from (\n{sql_text('export_selection.sql')}\n) as export_selection\n"
+             f"where key >= $first and ($last is null or key < $last)")
+    where = str(opts["where"]).strip()
+    if where:
+        query = f"{query} and (\n{where}\n)"
+        check_where(con, query, where)
+    params = {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
+              "drop_excluded": True}
+    return f"{query}\norder by source, key", params
+
+
+def stage_chunk(ws: Workspace, con: duckdb.DuckDBPyConnection, query: str, params: dict, path: str,
+                opts: dict) -> int:
+    """Stream one key range of the selection into `path` (nothing written when it selects no
+    image); returns its rows. Row groups are small so that a unit's task reads only its own."""
+    writer, rows = None, 0
+    try:
+        for batch in con.sql(query, params=params).to_arrow_reader(SELECTION_ROW_GROUP):
+            if batch.num_rows:
+                if writer is None:
+                    writer = pq.ParquetWriter(path, batch.schema, filesystem=ws.fs, compression="zstd")
+                writer.write_batch(batch, row_group_size=SELECTION_ROW_GROUP)
+                rows += batch.num_rows
+    except duckdb.Error as exc:
+        raise ConfigError(f"export.where {str(opts['where']).strip()!r}: {exc}") from exc
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def cut_units(ws: Workspace, con: duckdb.DuckDBPyConnection, chunks: list[dict], unit_size: int,
+              where: str) -> list[dict]:
+    """The export units (sql/export_units.sql over the staged keys), each with the chunk files
+    its key range overlaps and the path its plan will have."""
+    if not chunks:
+        return []
+    con.register("export_selected", pads.dataset([c["path"] for c in chunks], format="parquet", filesystem=ws.fs))
+    rows, keys = con.execute("select count(*), count(distinct key) from export_selected").fetchall()[0]
+    if rows != keys:
+        raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
+    units = con.execute(sql_text("export_units.sql"), {"unit_images": unit_size}).fetchall()
+    return [{"group": index, "source": source, "first_key": first, "last_key": last, "rows": n_images,
+             "kind": "tar" if source.endswith(".tar") else "folder", "files": overlapping(chunks, first, last),
+             "path": f"{ws.base}/{PLAN}/units/{index}.plan.json"}
+            for index, source, first, last, n_images in units]
+
+
+def overlapping(chunks: list[dict], first_key: str, last_key: str) -> list[str]:
+    """The chunk files whose key range [first, last) meets [first_key, last_key]."""
+    return [c["path"] for c in chunks if c["first"] <= last_key and (c["last"] is None or c["last"] > first_key)]
 
 
 def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
@@ -176,7 +232,7 @@ def plan_units(cfg: Config, ws: Workspace, groups: list[dict], out: str) -> list
     number the shards here from the counts the tasks return."""
     init_ray(cfg)
     opts = cfg[JOB]
-    items = ({"group": g["group"], "path": g["path"]} for g in groups)
+    items = ({k: g[k] for k in ("group", "source", "first_key", "last_key", "files", "path")} for g in groups)
     progress = Progress("export plan", sum(g["rows"] for g in groups), units=len(groups))
     planned = {}
     with progress:

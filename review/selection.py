@@ -24,6 +24,7 @@ from store.workspace import Workspace
 # sql/review_rows.sql over sql/export_selection.sql, whose parameters it takes
 REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").replace(
     "from $selection", "from (\n" + (REPO / "sql" / "export_selection.sql").read_text(encoding="utf-8") + "\n)")
+KEY_CHUNKS = (REPO / "sql" / "key_chunks.sql").read_text(encoding="utf-8")
 # Every image, excluded or not: the page shows exclusions so that they can be taken back.
 KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
 BUILD_CHUNK = 100_000  # images per step of the review table's build
@@ -110,9 +111,7 @@ class ReviewIndex:
         con = self.ws.connect(read_only=True)
         # in key ranges of BUILD_CHUNK images: DuckDB's memory is bounded by a chunk, not the
         # workspace (the key filter reaches the table scans, sql/image_tag_lists.sql)
-        bounds = [r[0] for r in con.execute(
-            "select key from (select key, row_number() over (order by key) - 1 as n from images) "
-            "where n % $chunk = 0 order by key", {"chunk": BUILD_CHUNK}).fetchall()]
+        bounds = [r[0] for r in con.execute(KEY_CHUNKS, {"chunk": BUILD_CHUNK}).fetchall()]
         query = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
         con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
         for first, last in zip(bounds, [*bounds[1:], None][:len(bounds)], strict=True):

@@ -17,14 +17,18 @@ source_distinct as not materialized (
     select key, tag, coalesce(any_value(category), 'general') as category, 1.0::float as score,
            min(position)::bigint as position
     from source_tags
-    anti join (select distinct key from tags) as c using (key)
     where coalesce(category, 'general') <> 'rating'
     group by key, tag
 ),
 job_tags as not materialized (
-    select * from curated
-    union all
-    select * from source_distinct
+    -- an image's curated tags if it has any, else its source tags: a window over the key, not an
+    -- anti join with every key of `tags`, so that a key filter reaches both scans
+    select * exclude (curated, has_curated)
+    from (select *, bool_or(curated) over (partition by key) as has_curated
+          from (select *, true as curated from curated
+                union all
+                select *, false as curated from source_distinct))
+    where curated or not has_curated
 ),
 tag_edits as (
     select key, subject as tag, new is not null as present
@@ -37,8 +41,10 @@ added as (
     from tag_edits as e
     left join (select tag, any_value(category) as category from tags
                where tag in (select tag from tag_edits where present) group by tag) as c using (tag)
+    -- a left join, not `not exists`: DuckDB moves a key filter on e across it into job_tags' scans
+    left join job_tags as j using (key, tag)
     where e.present
-      and not exists (select 1 from job_tags as j where j.key = e.key and j.tag = e.tag)
+      and j.key is null
 ),
 kept as (
     select j.*

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 
 import pytest
@@ -252,3 +253,45 @@ def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_lo
     for path in images:
         with Image.open(io.BytesIO(path.read_bytes())) as image:
             assert image.size in sizes
+
+
+def test_a_selection_staged_in_small_key_ranges_exports_the_same_files(tmp_path_factory, tmp_path, ray_local,
+                                                                      monkeypatch):
+    """The selection runs one key range at a time (bounded memory); units of 4 images then cross
+    the ranges of 5, and every file must come out as from one range."""
+    from jobs import export
+
+    outputs, default = {}, export.SELECTION_CHUNK
+    for chunk in (default, 5):
+        monkeypatch.setattr(export, "SELECTION_CHUNK", chunk)
+        out = tmp_path / "same"  # one out folder: the same plan gives the same unit ids and files
+        cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', f"export.formats={ALL}", "export.max_count=4")
+        summary = export.run(cfg, ws)
+        assert f"selection staged in {1 if chunk == default else 5} key ranges" in " ".join(summary.notes)
+        outputs[chunk] = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert summary.rows_out["webdataset samples"] == summary.rows_in
+        shutil.rmtree(out)
+    small, whole = outputs[5], outputs[default]
+    assert len(whole) > 20 and small.keys() == whole.keys()
+    assert [name for name in whole if whole[name] != small[name]] == []
+
+
+def parquet_scans(node: dict) -> list[dict]:
+    found = [node["extra_info"]] if node.get("extra_info", {}).get("Function") == "READ_PARQUET" else []
+    return found + [s for child in node.get("children", []) for s in parquet_scans(child)]
+
+
+def test_a_key_range_of_the_selection_reaches_every_scan_of_a_per_image_table(tmp_path_factory, ray_local):
+    """export stages the selection one key range at a time: that costs O(n) in all only if every
+    scan that reads image keys is cut to the range (no scan of the whole `tags` per range)."""
+    from jobs import export
+
+    cfg, ws = fresh(tmp_path_factory)
+    con = ws.connect()
+    query, params = export.selection_query(con, cfg["export"])
+    plan = con.execute(f"explain (format json) {query}",
+                       {**params, "first": "shards/renpy-000001", "last": "shards/renpy-000002"}).fetchall()
+    scans = [s for root in json.loads(plan[0][1]) for s in parquet_scans(root)]
+    keyed = [s for s in scans if "key" in s["Projections"]]
+    assert len(keyed) >= 8  # images, tags, source_tags (twice), image_meta, captions, duplicates, balance, ...
+    assert [s["Projections"] for s in keyed if "key >= 'shards/renpy-000001'" not in str(s.get("Filters"))] == []

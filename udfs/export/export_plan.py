@@ -1,7 +1,8 @@
-"""The export plan of one unit, made in a CPU task from the unit's selection file.
+"""The export plan of one unit, made in a CPU task from its key range of the staged selection.
 
-The driver stages the selection in one Parquet file per unit (jobs/export.py); this task turns
-a unit's rows into its samples (safe name, exported size, txt, json, copies) with shard
+The export's first step stages the selection in Parquet files sorted by source and key, and names
+each unit's source, key range and files (jobs/export.py); this task reads the unit's rows and
+turns them into its samples (safe name, exported size, txt, json, copies) with shard
 numbers that count from 0 inside the unit, writes them as the unit's plan file and returns only
 counts and a digest. The driver then gives each unit its first global shard number (the sum of
 the shard counts of the units before it), so shard names stay contiguous and deterministic
@@ -15,7 +16,9 @@ import json
 import math
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from store.workspace import Workspace
 from udfs.export.clip_tokens import clip_tokens, fit_caption
@@ -135,23 +138,27 @@ def placed(samples: list[dict], offset: int) -> list[dict]:
 
 
 def plan_unit(item: dict[str, Any], workspace: str, options: dict) -> dict[str, Any]:
-    """Ray task: plan one unit from its selection file and write the plan next to it; returns
-    the unit's counts and a digest of its plan."""
+    """Ray task: plan one unit from its key range of the staged selection and write the plan to
+    the unit's path; returns the unit's counts and a digest of its plan."""
     ws = Workspace(workspace, create=False)
-    rows = pq.read_table(item["path"], filesystem=ws.fs).to_pylist()
+    rows = unit_rows(ws, item).to_pylist()
     samples, shards = plan_samples(rows, options)
     text = json.dumps(samples, sort_keys=True)
-    with ws.fs.open_output_stream(plan_file(item["path"])) as f:
+    with ws.fs.open_output_stream(item["path"]) as f:
         f.write(text.encode())
     return {"group": int(item["group"]), "shards": shards, "samples": len(samples),
             "digest": hashlib.sha1(text.encode()).hexdigest()}
 
 
-def plan_file(path: str) -> str:
-    """The plan written beside a unit's selection file."""
-    return path.removesuffix(".parquet") + ".plan.json"
+def unit_rows(ws: Workspace, item: dict[str, Any]) -> pa.Table:
+    """The unit's rows in key order: its source's keys from first_key to last_key in the staged
+    chunk files it overlaps (sorted by source and key, so row-group statistics skip the rest)."""
+    key = pc.field("key")
+    wanted = (pc.field("source") == item["source"]) & (key >= item["first_key"]) & (key <= item["last_key"])
+    table = pads.dataset(item["files"], format="parquet", filesystem=ws.fs).to_table(filter=wanted)
+    return table.sort_by("key")
 
 
 def read_plan(ws: Workspace, path: str) -> list[dict]:
-    with ws.fs.open_input_stream(plan_file(path)) as f:
+    with ws.fs.open_input_stream(path) as f:
         return json.loads(f.read())
