@@ -153,8 +153,10 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tu
         chunks = []
         for index, (first, last) in enumerate(zip(firsts, [*firsts[1:], None], strict=True)):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
-            if stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, opts):
+            rows = stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, opts)
+            if rows:
                 chunks.append({"first": first, "last": last, "path": path})
+            print(f"export selection: key range {index + 1}/{len(firsts)}, {rows} images selected", flush=True)
         units = cut_units(ws, con, chunks, unit_size, str(opts["where"]).strip())
     finally:
         con.close()
