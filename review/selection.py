@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import duckdb
 
 from jobs.config import REPO, ConfigError
-from jobs.export import check_where
+from jobs.export import SELECTION_CHUNK, check_where
 from store.workspace import Workspace
 
 # sql/review_rows.sql over sql/export_selection.sql, whose parameters it takes
@@ -27,7 +27,7 @@ REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").re
 KEY_CHUNKS = (REPO / "sql" / "key_chunks.sql").read_text(encoding="utf-8")
 # Every image, excluded or not: the page shows exclusions so that they can be taken back.
 KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
-BUILD_CHUNK = 100_000  # images per step of the review table's build
+BUILD_CHUNK = SELECTION_CHUNK  # images per step of the review table's build (the same query as export's)
 # Edits of up to this many images refresh their rows one by one (a key equality reaches the
 # table scans); more rebuild the whole table.
 REFRESH_EACH = 50
