@@ -150,27 +150,34 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tu
     con = ws.connect()
     try:
         total = con.execute("select count(*) from images").fetchall()[0][0]
-        firsts = [r[0] for r in con.execute(sql_text("key_chunks.sql"), {"chunk": chunk}).fetchall()]
-        query, params = selection_query(con, opts)
+        ranges = key_ranges(con, chunk)
+        where = str(opts["where"]).strip()
+        query, params = selection_query(con, opts, where)
         chunks = []
-        for index, (first, last) in enumerate(zip(firsts, [*firsts[1:], None], strict=True)):
+        for index, (first, last) in enumerate(ranges):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
-            rows = stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, opts)
+            rows = stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, where)
             if rows:
                 chunks.append({"first": first, "last": last, "path": path})
-            print(f"export selection: key range {index + 1}/{len(firsts)}, {rows} images selected", flush=True)
-        units = cut_units(ws, con, chunks, unit_size, str(opts["where"]).strip())
+            print(f"export selection: key range {index + 1}/{len(ranges)}, {rows} images selected", flush=True)
+        units = cut_units(ws, con, chunks, unit_size, where)
     finally:
         con.close()
     return total, len(chunks), units
 
 
-def selection_query(con: duckdb.DuckDBPyConnection, opts: dict) -> tuple[str, dict]:
+def key_ranges(con: duckdb.DuckDBPyConnection, chunk: int) -> list[tuple[str, str | None]]:
+    """[first, last) key ranges of `chunk` images in key order (last None: to the end), from
+    sql/key_chunks.sql; export's staging and the review table run the selection one at a time."""
+    firsts = [r[0] for r in con.execute(sql_text("key_chunks.sql"), {"chunk": chunk}).fetchall()]
+    return list(zip(firsts, [*firsts[1:], None], strict=False))  # no images: no ranges
+
+
+def selection_query(con: duckdb.DuckDBPyConnection, opts: dict, where: str) -> tuple[str, dict]:
     """The selection of one key range [$first, $last) ($last null: to the end), with the user's
     `where` (checked to be one condition), in (source, key) order; and its parameters."""
     query = (f"select * from (\n{sql_text('export_selection.sql')}\n) as export_selection\n"
              f"where key >= $first and ($last is null or key < $last)")
-    where = str(opts["where"]).strip()
     if where:
         query = f"{query} and (\n{where}\n)"
         check_where(con, query, where)
@@ -180,7 +187,7 @@ def selection_query(con: duckdb.DuckDBPyConnection, opts: dict) -> tuple[str, di
 
 
 def stage_chunk(ws: Workspace, con: duckdb.DuckDBPyConnection, query: str, params: dict, path: str,
-                opts: dict) -> int:
+                where: str) -> int:
     """Stream one key range of the selection into `path` (nothing written when it selects no
     image); returns its rows. Row groups are small so that a unit's task reads only its own."""
     writer, rows = None, 0
@@ -192,7 +199,7 @@ def stage_chunk(ws: Workspace, con: duckdb.DuckDBPyConnection, query: str, param
                 writer.write_batch(batch, row_group_size=SELECTION_ROW_GROUP)
                 rows += batch.num_rows
     except duckdb.Error as exc:
-        raise ConfigError(f"export.where {str(opts['where']).strip()!r}: {exc}") from exc
+        raise ConfigError(f"export.where {where!r}: {exc}") from exc
     finally:
         if writer is not None:
             writer.close()

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import duckdb
 
 from jobs.config import REPO, ConfigError
-from jobs.export import SELECTION_CHUNK, check_where
+from jobs.export import SELECTION_CHUNK, check_where, key_ranges
 from store.workspace import Workspace
 
 # sql/review_rows.sql over sql/export_selection.sql, whose parameters it takes
 REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").replace(
     "from $selection", "from (\n" + (REPO / "sql" / "export_selection.sql").read_text(encoding="utf-8") + "\n)")
-KEY_CHUNKS = (REPO / "sql" / "key_chunks.sql").read_text(encoding="utf-8")
 # Every image, excluded or not: the page shows exclusions so that they can be taken back.
 KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
 BUILD_CHUNK = SELECTION_CHUNK  # images per step of the review table's build (the same query as export's)
@@ -111,10 +110,9 @@ class ReviewIndex:
         con = self.ws.connect(read_only=True)
         # in key ranges of BUILD_CHUNK images: DuckDB's memory is bounded by a chunk, not the
         # workspace (the key filter reaches the table scans, sql/image_tag_lists.sql)
-        bounds = [r[0] for r in con.execute(KEY_CHUNKS, {"chunk": BUILD_CHUNK}).fetchall()]
         query = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
         con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
-        for first, last in zip(bounds, [*bounds[1:], None][:len(bounds)], strict=True):
+        for first, last in key_ranges(con, BUILD_CHUNK):
             con.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
         if self.con is not None:
             self.con.close()  # only now: a build that failed leaves the old table serving

@@ -288,7 +288,7 @@ def test_a_key_range_of_the_selection_reaches_every_scan_of_a_per_image_table(tm
 
     cfg, ws = fresh(tmp_path_factory)
     con = ws.connect()
-    query, params = export.selection_query(con, cfg["export"])
+    query, params = export.selection_query(con, cfg["export"], "")
     plan = con.execute(f"explain (format json) {query}",
                        {**params, "first": "shards/renpy-000001", "last": "shards/renpy-000002"}).fetchall()
     scans = [s for root in json.loads(plan[0][1]) for s in parquet_scans(root)]
