@@ -25,16 +25,17 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+import schemas
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker, unit_tasks
 from jobs.summary import JobSummary
@@ -112,10 +113,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         infos += run_units(cfg, ws, out, pending)
     ws.publish()
     clear(ws, PLAN)
-    manifest = write_manifest(ws, out, {u["unit"] for u in units})
-    shards = write_wids_index(out, units, manifest) if "webdataset" in opts["formats"] else 0
+    counts = run_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
+    shards = write_wids_index(out, units, counts["files"]) if "webdataset" in opts["formats"] else 0
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
-    add_infos(summary, infos, manifest, opts["formats"], int(opts["clip_token_budget"]))
+    add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"left out before export: {total - selected} of {total} images "
                          f"(duplicates, flagged captions, export.where)")
@@ -305,37 +306,49 @@ def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:
         ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
 
 
-def write_manifest(ws: Workspace, out: str, current: set[str]) -> pa.Table:
-    manifest = ws.read_table("export_manifest")
-    manifest = manifest.filter(pc.is_in(manifest["unit"], pa.array(sorted(current), pa.string())))
-    manifest = manifest.sort_by([("layout", "ascending"), ("path", "ascending"), ("sample_key", "ascending")])
-    sink = pa.BufferOutputStream()
-    pq.write_table(manifest, sink, compression="zstd")
+MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file
+
+
+def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
+    """<out>/manifest.parquet from the export_manifest rows of `units` (sql/export_manifest.sql),
+    streamed from DuckDB (which sorts within its memory limit, spilling beyond) to the file, in a
+    worker (run_in_worker): no manifest row reaches the driver, which gets the counts it prints
+    and the wids index needs: {"files": {(layout, path): samples}, "text_cut": images}."""
     os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, "manifest.parquet"), sink.getvalue().to_pybytes())
-    return manifest
+    path = os.path.join(out, "manifest.parquet")
+    tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex}-manifest.parquet")
+    con = ws.connect()
+    try:
+        con.register("current_units", pa.table({"unit": pa.array(units, pa.string())}))
+        con.execute("create temp view current_manifest as " + sql_text("export_manifest.sql"))
+        with pq.ParquetWriter(tmp, schemas.TABLES["export_manifest"], compression="zstd") as writer:
+            for batch in con.sql("select * from current_manifest").to_arrow_reader(MANIFEST_BATCH):
+                writer.write_table(schemas.conform(pa.Table.from_batches([batch]), "export_manifest"))
+        files = {(layout, file): n for layout, file, n in con.sql(sql_text("export_file_samples.sql")).fetchall()}
+        text_cut = con.sql(sql_text("export_text_cut.sql")).fetchall()[0][0]
+    finally:
+        con.close()
+    os.replace(tmp, path)
+    return {"files": files, "text_cut": int(text_cut)}
 
 
-def write_wids_index(out: str, units: list[dict], manifest: pa.Table) -> int:
+def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], int]) -> int:
     """index.wids.json (wids' shard index: relative URLs, samples per shard) for random access."""
-    counts: dict[str, int] = defaultdict(int)
-    for layout, path in zip(manifest["layout"].to_pylist(), manifest["path"].to_pylist(), strict=True):
-        if layout == "webdataset":
-            counts[os.path.basename(path)] += 1
     shardlist = []
     for index in sorted(i for u in units for i in shard_indices(u)):
         name = shard_name(index)
         path = os.path.join(out, "webdataset", name)
         size = os.path.getsize(path) if os.path.exists(path) else 0
-        shardlist.append({"url": name, "nsamples": counts.get(name, 0), "filesize": size})
+        shardlist.append({"url": name, "nsamples": files.get(("webdataset", f"webdataset/{name}"), 0),
+                          "filesize": size})
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "booruset-export", "shardlist": shardlist}
     atomic_write(os.path.join(out, "webdataset", "index.wids.json"), json.dumps(index, indent=1).encode())
     return len(shardlist)
 
 
 # ---- summary --------------------------------------------------------------------------------
-def add_infos(summary: JobSummary, infos: list[dict], manifest: pa.Table, layouts: list[str],
-              budget: int = 0) -> None:
+def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int = 0) -> None:
+    """The summary from the units' infos and the manifest's counts (write_manifest)."""
     seconds, written = 0.0, 0
     for info in infos:
         summary.dropped += info["dropped"]
@@ -343,12 +356,11 @@ def add_infos(summary: JobSummary, infos: list[dict], manifest: pa.Table, layout
         seconds += info["seconds"]
         written += info["bytes"]
     per_layout: dict[str, int] = defaultdict(int)
-    for layout in manifest["layout"].to_pylist():
-        per_layout[layout] += 1
+    for (layout, _), samples in counts["files"].items():
+        per_layout[layout] += samples
     summary.rows_out = {f"{layout} samples": per_layout.get(layout, 0) for layout in layouts}
     if budget:
-        cut = {k for k, n in zip(manifest["key"].to_pylist(), manifest["text_cut"].to_pylist(), strict=True) if n}
-        summary.notes.append(f"clip_token_budget {budget}: KEY.txt of {len(cut)} images cut to fit "
+        summary.notes.append(f"clip_token_budget {budget}: KEY.txt of {counts['text_cut']} images cut to fit "
                              f"(tags left out lowest-ranked first, captions at a sentence; manifest text_cut)")
     if seconds:
         summary.notes.append(f"image bytes written: {written / 1e6:.1f} MB, {written / 1e6 / seconds:.1f} MB/s "
