@@ -225,6 +225,36 @@ def test_a_workspace_from_before_generations_keeps_its_tables(tmp_path):
     assert ws.read_table("captions").num_rows == 0
 
 
+def test_parts_from_before_a_column_was_added_are_read_with_nulls(tmp_path):
+    """A workspace published by an older booruset, with parts that lack a column added since
+    (first and last in file order): the first publish of this version finds them (once, from
+    their footers) and only their table's view reads by name; every other view binds from its
+    first file."""
+    import pyarrow.parquet as pq
+
+    import schemas
+
+    ws = Workspace(str(tmp_path / "ws"))
+    row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
+    ws.add_part("source_tags", "unit-m", [row])
+    ws.add_part("images", "unit-m", [{"key": "a", "source": "s", "member": "a.png"}])
+    before_position = schemas.conform([{**row, "key": "b"}], "source_tags").drop_columns(["position"])
+    for part in ("unit-0", "unit-z"):
+        pq.write_table(before_position, f"{ws.table_dir('source_tags')}/{part}.parquet")
+    older = {k: v for k, v in ws.published().items() if k not in ("schemas", "short_parts")}
+    older["owned"]["old"] = {"source_tags": ["unit-0", "unit-z"]}  # as the older version published them
+    ws.write_json("state/published.json", older)
+    ws.publish()
+    assert ws.published()["short_parts"] == {"source_tags": ["unit-0", "unit-z"]}
+    con = ws.connect()
+    assert con.execute("select key, position from source_tags order by key, position").fetchall() == [
+        ("a", 0), ("b", None), ("b", None)]
+    views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
+    assert "union_by_name = true" in views["source_tags"] and "union_by_name = false" in views["images"]
+    ws.publish()  # the same schema since: the footers are not read again, the short parts stay known
+    assert ws.published()["short_parts"] == {"source_tags": ["unit-0", "unit-z"]}
+
+
 def exif_comment_jpeg(text: str) -> bytes:
     """A JPEG with generation text in its EXIF UserComment, as A1111 writes it for JPEG and WebP."""
     import piexif
