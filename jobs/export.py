@@ -43,6 +43,7 @@ from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import JOB, atomic_write, export_unit, shard_name
+from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
@@ -102,7 +103,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                                           unit_images(opts, int(cfg["ingest"]["folder_unit_size"])), SELECTION_CHUNK)
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
-    remove_stale(ws, out, {u["unit"] for u in units})
+    remove_stale(cfg, ws, out, {u["unit"] for u in units})
     ws.publish()  # the manifest rows of the files just removed go at once
     done = ws.done_units(JOB)
     pending = [u for u in units if u["unit"] not in done]
@@ -290,13 +291,18 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
 
 
-def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:
+def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> None:
     """Outputs of units no longer planned (selection or options changed): files, parts, markers.
 
-    A file is kept when a current, committed unit wrote it too (same name in the new plan)."""
+    A file is kept when a current, committed unit wrote it too (same name in the new plan). The
+    per-image files are found from the stale units' manifest rows, in a worker (the driver
+    reads only the markers, which name a unit's shards, Parquet files and multiply.txt)."""
     done = ws.done_units(JOB)
     stale = {u: info for u, info in done.items() if u not in current}
     keep = {f for u, info in done.items() if u in current for f in info.get("files", [])}
+    here = sorted(unit for unit, info in stale.items() if info.get("out") == out)
+    if here:
+        run_in_worker(cfg, ws, remove_image_files, out, here, sorted(u for u in done if u in current))
     for unit, info in stale.items():
         if info.get("out") == out:
             for relative in set(info.get("files", [])) - keep:
@@ -304,6 +310,25 @@ def remove_stale(ws: Workspace, out: str, current: set[str]) -> None:
                 if os.path.isfile(path):
                     os.remove(path)
         ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
+
+
+def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[str]) -> int:
+    """Delete the per-image files of the `stale` units that no `current` unit wrote
+    (sql/export_stale_files.sql); the number deleted. Runs in a worker (run_in_worker)."""
+    con = ws.connect()
+    try:
+        con.register("stale_units", pa.table({"unit": pa.array(stale, pa.string())}))
+        con.register("current_units", pa.table({"unit": pa.array(current, pa.string())}))
+        deleted = 0
+        for batch in con.sql(sql_text("export_stale_files.sql")).to_arrow_reader(MANIFEST_BATCH):
+            for relative in batch.column("file").to_pylist():
+                path = inside(out, relative)
+                if os.path.isfile(path):
+                    os.remove(path)
+                    deleted += 1
+    finally:
+        con.close()
+    return deleted
 
 
 MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file

@@ -225,6 +225,43 @@ def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory,
     assert ws.read_table("images").num_rows == 24
 
 
+def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_path_factory, tmp_path, ray_local):
+    """kohya and EveryDream files per image are named by the manifest, not by the unit markers
+    (which stay small at any unit size): an export whose selection lost images deletes their
+    files and keeps exactly the files its manifest names."""
+    import pyarrow.parquet as pq
+
+    from jobs import export
+    from jobs.config import merge
+
+    out = tmp_path / "narrow"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["kohya", "everydream"]',
+                    "export.max_count=4")
+
+    def on_disk() -> set[str]:
+        return {str(p.relative_to(out)) for layout in ("kohya", "everydream") for p in (out / layout).rglob("*")
+                if p.is_file()}
+
+    def named_by_manifest() -> set[str]:
+        files = set()
+        for row in pq.read_table(out / "manifest.parquet").to_pylist():
+            files |= {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
+            if row["layout"] == "everydream":
+                files.add(f"{row['path']}/multiply.txt")
+        return files
+
+    first = export.run(cfg, ws)
+    assert on_disk() == named_by_manifest()
+    named = {f for info in ws.done_units("export").values() for f in info["files"]}
+    assert named and all(f.endswith("/multiply.txt") for f in named)
+    merge(cfg, {"export": {"where": "key like '%/bg\\_%' escape '\\'"}})
+    narrow = export.run(cfg, ws)
+    assert 0 < narrow.rows_in < first.rows_in
+    assert on_disk() == named_by_manifest()
+    images = [f for f in on_disk() if not f.endswith(".txt")]
+    assert len(images) == 2 * narrow.rows_in and all("bg_" in os.path.basename(f) for f in images)
+
+
 def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 

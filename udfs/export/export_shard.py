@@ -191,7 +191,7 @@ class UnitExport:
                 self.write_file(f"{folder}/{name}.{ext}", image)
                 self.write_file(f"{folder}/{name}.txt", txt.encode())
                 if layout == "everydream":
-                    self.write_file(f"{folder}/multiply.txt", f"{sample['multiply']:g}\n".encode())
+                    self.write_file(f"{folder}/multiply.txt", f"{sample['multiply']:g}\n".encode(), listed=True)
                 self.record(sample, name, layout, folder, f"{name}.{ext}", image)
 
     def parquet_row(self, sample: dict, name: str, image: bytes) -> dict:
@@ -215,9 +215,13 @@ class UnitExport:
                             "stage": JOB, "kind": kind, "message": message, "dropped": True})
 
     # ---- files --------------------------------------------------------------------------
-    def write_file(self, relative: str, data: bytes) -> None:
+    def write_file(self, relative: str, data: bytes, listed: bool = False) -> None:
+        """Write a file of the export atomically. `listed`: the unit's marker names it (a Parquet
+        file, a folder's multiply.txt); a per-image file (kohya and EveryDream images and .txt)
+        is named by its manifest row instead, so that a marker stays small at any unit size."""
         atomic_write(inside(self.out, relative), data)
-        self.files.append(relative)
+        if listed:
+            self.files.append(relative)
 
     def shard_writer(self, index: int) -> ShardTar:
         if index not in self.shards:
@@ -244,7 +248,7 @@ class UnitExport:
             for index, rows in sorted(self.parquet_rows.items()):
                 sink = pa.BufferOutputStream()
                 pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
-                self.write_file(f"parquet/{parquet_name(index)}", sink.getvalue().to_pybytes())
+                self.write_file(f"parquet/{parquet_name(index)}", sink.getvalue().to_pybytes(), listed=True)
         unit = self.plan["unit"]
         self.ws.write_part("export_manifest", unit, self.manifest)
         self.ws.write_part("errors", f"export-{unit}", self.errors)
