@@ -15,8 +15,9 @@ Steps:
    executor would add its start to every run) reads the unit's plan and source once and writes
    its files atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips
    committed units;
-4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest) and the
-   wids index (`<out>/webdataset/index.wids.json`).
+4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest), written in
+   a worker from the units' manifest parts (the driver gets counts per file), and the wids index
+   (`<out>/webdataset/index.wids.json`).
 """
 
 from __future__ import annotations
