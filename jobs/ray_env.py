@@ -85,10 +85,31 @@ def unit_tasks(fn: Callable[..., Any], items: Iterable[Any], num_cpus: float, **
     remote = ray.remote(num_cpus=num_cpus)(fn)
     queue = iter(items)
     running = [remote.remote(item, **kwargs) for item in itertools.islice(queue, TASKS_IN_FLIGHT)]
-    while running:
-        done, running = ray.wait(running, num_returns=1)
-        running.extend(remote.remote(item, **kwargs) for item in itertools.islice(queue, 1))
-        yield ray.get(done[0])
+    try:
+        while running:
+            done, running = ray.wait(running, num_returns=1)
+            running.extend(remote.remote(item, **kwargs) for item in itertools.islice(queue, 1))
+            yield ray.get(done[0])
+    finally:
+        if running:  # a task failed (its error is raised) or the caller stopped early
+            _settle(running)
+
+
+SETTLE_TIMEOUT_S = 30.0
+
+
+def _settle(refs: list[ray.ObjectRef]) -> None:
+    """Cancel the tasks still queued or running and take what they ended with: a task that failed
+    too (a full disk fails every writer) would otherwise have Ray print its whole traceback as an
+    "Unhandled error" after the job's own one-line failure."""
+    for ref in refs:
+        ray.cancel(ref)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SETTLE_TIMEOUT_S)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001, S110 - cancelled, or failed like the task whose error is raised
+            pass
 
 
 def _with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple) -> tuple[bool, Any]:
