@@ -52,6 +52,7 @@ PLAN = "state/export-plan"  # the staged selection and plans of the running expo
 # images per key range of the selection: measured at 200,000 images with 37 curated tags each,
 # ~0.6 GB of DuckDB memory (1.0 GB at 50,000), well inside the default 2 GB duckdb_memory_limit
 SELECTION_CHUNK = 25_000
+MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file, and of stale file names
 SELECTION_ROW_GROUP = 1024  # rows per row group of a staged chunk: a unit's task reads about its own
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
@@ -330,9 +331,6 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
     finally:
         con.close()
     return deleted
-
-
-MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file
 
 
 def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:

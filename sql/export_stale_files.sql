@@ -4,11 +4,7 @@
 -- multiply.txt are named in the units' markers instead. Paths are relative to the export
 -- folder. Reads export_manifest, stale_units, current_units.
 with image_files as (
-    select unit, path || '/' || image as file
-    from export_manifest
-    where layout in ('kohya', 'everydream')
-    union all
-    select unit, path || '/' || sample_key || '.txt' as file
+    select unit, path || '/' || unnest([image, sample_key || '.txt']) as file
     from export_manifest
     where layout in ('kohya', 'everydream')
 ),

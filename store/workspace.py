@@ -297,7 +297,10 @@ class Workspace:
         """Per table, the published parts that lack a column of its schema: written before the
         column was added (the views read them by name, with nulls). Every part this code writes
         has the whole schema, so a part's footer is read only when its table's schema changed
-        since the last publish (a new version of booruset), once per part."""
+        since the last publish (a new version of booruset), once per part. Object storage needs
+        none: its pyarrow datasets fill a missing column with nulls themselves."""
+        if not self.local:
+            return {}
         short = {}
         for table, parts in tables.items():
             if table not in schemas.TABLES:
