@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=60, help="length of each clip")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 clips of 24 s (under 3 minutes on 2 cores)")
     args = parser.parse_args()
     if args.quick:
