@@ -36,6 +36,7 @@ from PIL import Image  # noqa: E402
 
 from bench.real_models import CACHE, VERSION, wd_vit_tagger  # noqa: E402
 from bench.results import alternated, result  # noqa: E402
+from jobs.config import load_config  # noqa: E402
 from tests.onnx_fakes import COMMIT, TAGGER_REPO  # noqa: E402
 from udfs.annotate.annotate_rows import decode_images  # noqa: E402
 from udfs.ingest.sources import IMAGE_EXTENSIONS, discover_units, read_unit  # noqa: E402
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="images through the tagger per side and round")
     parser.add_argument("--prep-images", type=int, help="images through preprocessing per side and round")
     parser.add_argument("--batch", type=int, default=32, help="our tagger batch (annotate.tagger.batch_size)")
+    parser.add_argument("--cpu-batch", type=int, help="images per session.run on the CPU (default: "
+                                                        "annotate.tagger.cpu_batch_size)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--labels", default=str(REPO.parent / "shared" / "tagdata" / "wd_v3_selected_tags.csv"))
     args = parser.parse_args()
@@ -129,8 +132,10 @@ def main() -> None:
     hf_constants.HF_HUB_CACHE = str(hf_cache(Path(tempfile.mkdtemp(prefix="bench-annotate-")), models))
     hf_constants.HF_HUB_OFFLINE = True
     floor, threads = 0.05, os.cpu_count() or 1
+    cpu_batch = args.cpu_batch or int(load_config()["annotate"]["tagger"]["cpu_batch_size"])
     spec = {"repo": TAGGER_REPO, "file": f"{VIT}/model.onnx", "labels_repo": VIT, "labels_file": "selected_tags.csv",
-            "score_floor": floor, "models_dir": str(models), "threads": threads, "batch_size": args.batch}
+            "score_floor": floor, "models_dir": str(models), "threads": threads, "batch_size": args.batch,
+            "cpu_batch_size": cpu_batch}
     tagger = WdTagger(spec, "in_tagger", "out", device="cpu")
     theirs_session = _get_wd14_model("ViT_v3")
     from huggingface_hub import hf_hub_download
@@ -157,7 +162,8 @@ def main() -> None:
     wall = alternated({"ours": timed(prep_ours, cpu["ours"]), "imgutils": timed(prep_theirs, cpu["imgutils"])}, rounds)
     lines = [report("annotate_preprocess_vs_imgutils", 1.1, n_prep, wall, cpu, "ours", "imgutils")]
 
-    print(f"\ntagger: {n_tag} images x {rounds} rounds, ViT-B/16 448 (random weights), batch {args.batch}")
+    print(f"\ntagger: {n_tag} images x {rounds} rounds, ViT-B/16 448 (random weights), batch {args.batch}, "
+          f"{tagger.max_batch} per session.run on the CPU")
     images = sample_images(n_tag)
     split: dict[str, list[float]] = {"decode": [], "model": []}
 

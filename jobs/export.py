@@ -105,8 +105,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                                           unit_images(opts, int(cfg["ingest"]["folder_unit_size"])), SELECTION_CHUNK)
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
-    remove_stale(cfg, ws, out, {u["unit"] for u in units})
-    ws.publish()  # the manifest rows of the files just removed go at once
+    if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
+        ws.publish()  # the manifest rows of the files just removed go at once
     done = ws.done_units(JOB)
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
@@ -293,8 +293,9 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
 
 
-def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> None:
+def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:
     """Outputs of units no longer planned (selection or options changed): files, parts, markers.
+    Returns the number of units forgotten.
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
@@ -312,6 +313,7 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> Non
                 if os.path.isfile(path):
                     os.remove(path)
         ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
+    return len(stale)
 
 
 def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[str]) -> int:

@@ -200,6 +200,23 @@ def test_tagger_tags_each_person_crop_as_get_wd14_tags_tags_the_crop(fake_models
             assert all(abs(ours[t] - s) < TOL for t, s in {**general, **character}.items())
 
 
+def test_a_cpu_tagger_runs_cpu_batch_size_images_at_a_time_with_the_same_tags(fake_models):
+    """On the CPU provider the tagger runs cpu_batch_size images per session.run (a GPU runs
+    batch_size); chunks must come back in order, with the scores of one run over the batch."""
+    from udfs.annotate.wd_tagger import WdTagger
+
+    images = _test_images()
+    outputs = {}
+    for cpu_batch in (2, 32):
+        tagger = WdTagger(_spec("tagger", fake_models, cpu_batch_size=cpu_batch), "in_tagger", "out", device="cpu")
+        assert tagger.provider == "CPUExecutionProvider" and tagger.max_batch == cpu_batch
+        outputs[cpu_batch] = tagger(_batch(images, {"in_tagger": ["tagger", 448]}))["out"]
+    for chunked, whole in zip(outputs[2], outputs[32], strict=True):
+        ((_, chunked_tags),), ((_, whole_tags),) = json.loads(chunked), json.loads(whole)
+        assert [t[:2] for t in chunked_tags] == [t[:2] for t in whole_tags]
+        assert np.allclose([t[2] for t in chunked_tags], [t[2] for t in whole_tags], atol=TOL)
+
+
 def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     from udfs.annotate.wd_tagger import WdTagger
 

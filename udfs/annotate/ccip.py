@@ -14,7 +14,7 @@ from PIL import Image
 from udfs.annotate.images import ccip_input, ccip_tensor, crop_box, decode, to_rgb_on_white
 from udfs.annotate.model_actor import ModelActor
 from udfs.annotate.model_files import model_file
-from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.onnx_session import open_session, rows_per_run, run_batched
 
 
 def person_crops(data: bytes, draft_size: int, persons: list[list], padding: float,
@@ -48,7 +48,7 @@ class CcipFeatures(ModelActor):
         super().__init__(output, drop=(input,) * drop_input + ("ccip_crops",))
         path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
-        self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))
+        self.max_batch = rows_per_run(self.session, self.provider, spec)
         self.size = int(spec["size"])
         self.input = input
 

@@ -51,6 +51,19 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def rows_per_run(session: ort.InferenceSession, provider: str, spec: dict) -> int:
+    """Images per session.run: what the model file fixes; else `batch_size` on a GPU and
+    `cpu_batch_size` on the CPU. On the CPU a large batch of a vision transformer is slower per
+    image, its activations falling out of the caches: the WD ViT tagger at 448 runs 1.01 images/s
+    at batch 1 and 0.80 at batch 8 on 2 cores (bench/annotate.py); a GPU wants the whole batch."""
+    fixed = fixed_batch(session)
+    if fixed:
+        return fixed
+    if provider == CPU and spec.get("cpu_batch_size"):
+        return int(spec["cpu_batch_size"])
+    return int(spec.get("batch_size", 32))
+
+
 def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, data, max_batch: int | None,
                 prepare=None):
     """One session.run for the whole batch, or a loop of max_batch rows at a time. `prepare`

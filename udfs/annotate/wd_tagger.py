@@ -15,7 +15,7 @@ import pandas as pd
 from schemas import REGIONS, WHOLE_IMAGE
 from udfs.annotate.model_actor import ModelActor
 from udfs.annotate.model_files import model_file
-from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.onnx_session import open_session, rows_per_run, run_batched
 
 # selected_tags.csv category codes (imgutils.tagging.wd14._get_wd14_labels)
 CATEGORIES = {9: "rating", 0: "general", 4: "character"}
@@ -41,8 +41,8 @@ class WdTagger(ModelActor):
         self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         # crops and regions multiply a batch's images (up to 1 + max_crops + 4 each): run them
-        # batch_size at a time (run_batched converts each chunk to float32 as it goes in)
-        self.max_batch = fixed_batch(self.session) or int(spec.get("batch_size", 32))
+        # max_batch at a time (run_batched converts each chunk to float32 as it goes in)
+        self.max_batch = rows_per_run(self.session, self.provider, spec)
         self.floor = float(spec["score_floor"])
         self.rating = np.array([c == "rating" for c in self.categories])
         self.input = input
