@@ -63,6 +63,21 @@ def test_two_girls_for_one_girl_fails_subject_consistency(scorer):
     assert s["tag_inclusion"] == 1.0
 
 
+def test_the_encoder_on_a_cpu_batches_cpu_batch_size_texts_with_the_same_vectors(scorer):
+    import numpy as np
+
+    encoder = scorer.encoder
+    assert encoder.model.device.type == "cpu" and encoder.batch_size == 32  # the CPU default
+    texts = [f"a girl with {colour} hair and {'a ' * n}red dress" for n in range(40) for colour in ("blonde", "blue")]
+    small = encoder.encode(texts)
+    encoder.batch_size = 256  # a GPU's batch: one call over all texts
+    try:
+        whole = encoder.encode(texts)
+    finally:
+        encoder.batch_size = 32
+    assert small.shape == (80, 384) and np.allclose(small, whole, atol=1e-4)
+
+
 def test_similarity_orders_related_above_unrelated(scorer):
     reference = english_caption(TAGS, CATS, TemplateVocab())
     related = score_one(scorer, "A blonde girl in a red dress and pink shoes.", reference)["english_similarity"]

@@ -156,7 +156,8 @@ class UnitCaptioner:
         self.vocab = TemplateVocab()
         self.templates = TemplateCaptions(self.vocab)
         encoder = None if self.builds_from_tags else SentenceEncoder(  # nothing to score: no model to load
-            options["embedding_model"], batch_size=int(options["embedding_batch_size"]))
+            options["embedding_model"], batch_size=int(options["embedding_batch_size"]),
+            cpu_batch_size=int(options["embedding_cpu_batch_size"]))
         skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
         self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
         self.lint = TraitLint(self.scorer)
