@@ -99,7 +99,7 @@ class Frame:
         (Pillow's box reduction, then Lanczos), so every candidate can afford it. Same DCT and
         bit order as imagehash.phash; it differs from the stored pHash by 0-4 bits of 64."""
         if _large_420(self.source, 2 * HASH_SIDE):
-            grey = _plane(self.source, 0)
+            grey = _plane(self.source.planes[0])
         else:
             grey = np.asarray(self.image().convert("L"))
         small = _area_resize(grey, HASH_SIDE).astype(np.float64)
@@ -114,7 +114,7 @@ class Frame:
         small picture of scene detection: a candidate that is not kept is never converted to RGB
         (a third of the cost). Its pHash differs from the RGB frame's by 0-2 bits of 64."""
         if _large_420(self.source, 512):
-            grey = Image.fromarray(np.ascontiguousarray(_plane(self.source, 0)))
+            grey = Image.fromarray(np.ascontiguousarray(_plane(self.source.planes[0])))
             return {**grey_hashes(grey), "colour": colour_signature(Image.fromarray(self.small()))}
         return image_hashes(self.image())
 
@@ -134,9 +134,8 @@ def _large_420(source: av.VideoFrame | Image.Image, min_side: int) -> bool:
         and min(source.width, source.height) >= min_side
 
 
-def _plane(frame: av.VideoFrame, index: int, plane: av.video.plane.VideoPlane | None = None) -> np.ndarray:
-    """One plane of the frame, read in place (its rows are line_size bytes apart)."""
-    plane = plane or frame.planes[index]
+def _plane(plane: av.video.plane.VideoPlane) -> np.ndarray:
+    """One plane of a frame, read in place (its rows are line_size bytes apart)."""
     return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
 
 
@@ -146,8 +145,8 @@ def _subsampled_rgb(frame: av.VideoFrame, step: int) -> np.ndarray:
     0.5 downscaled by the same slicing). It runs on every decoded frame, so the planes are
     fetched once (PyAV builds them anew on each `planes`)."""
     planes, half = frame.planes, step // 2
-    y = _plane(frame, 0, planes[0])[::step, ::step]
-    u, v = _plane(frame, 1, planes[1])[::half, ::half], _plane(frame, 2, planes[2])[::half, ::half]
+    y = _plane(planes[0])[::step, ::step]
+    u, v = _plane(planes[1])[::half, ::half], _plane(planes[2])[::half, ::half]
     height, width = min(y.shape[0], u.shape[0], v.shape[0]), min(y.shape[1], u.shape[1], v.shape[1])
     return cv2.cvtColor(cv2.merge((y[:height, :width], u[:height, :width], v[:height, :width])), cv2.COLOR_YUV2RGB)
 
