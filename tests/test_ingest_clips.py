@@ -270,7 +270,8 @@ def test_a_video_member_of_a_shard_becomes_frames_under_the_shards_keys(tmp_path
 def test_ingest_killed_mid_clip_redoes_only_that_clip(tmp_path, ray_local):
     folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(4):  # 12 s each: long enough to be caught mid-decode
+    n_clips = 8  # more than the two units in flight, which may still commit as the kill lands
+    for i in range(n_clips):  # 12 s each: long enough to be caught mid-decode
         frames = [picture for s in range(4) for picture in [scene_picture(10 * i + s, (640, 480))] * 72]
         write_video(folder / f"clip{i}.mp4", frames, fps=24)
         (folder / f"clip{i}.txt").write_text(f"tag_{i}, 1girl")
@@ -282,20 +283,20 @@ def test_ingest_killed_mid_clip_redoes_only_that_clip(tmp_path, ray_local):
     mid_clip = lambda: len(list(state.glob("*.json"))) >= 1 and any(frames_dir.glob(".tmp-*"))  # noqa: E731
     kill_when(victim, mid_clip, poll_s=0.005)
     committed = len(list(state.glob("*.json")))
-    assert committed < 4
+    assert committed < n_clips
 
     again = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(folder))
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
-    # a worker may commit one more unit in the instant the kill takes to reach it (loaded machine)
-    done_before = int(re.search(r"4 units, (\d+) done before", out).group(1))
-    assert committed <= done_before < 4, out
+    # a Ray worker outlives the killed driver for an instant and may commit the unit it holds
+    done_before = int(re.search(rf"{n_clips} units, (\d+) done before", out).group(1))
+    assert committed <= done_before < n_clips, out
     ws = Workspace(str(tmp_path / "ws"))
     for name in ("images", "clips", "source_tags", "errors"):
         assert sorted_rows(ws, name) == sorted_rows(ref, name), name
     stored = {p.name: p.read_bytes() for p in frames_dir.glob("*.tar")}
     assert stored == {p.name: p.read_bytes() for p in (tmp_path / "ref" / "frames").glob("*.tar")}
-    assert len(stored) == 4
+    assert len(stored) == n_clips
 
 
 def sorted_rows(ws: Workspace, name: str) -> list[dict]:
