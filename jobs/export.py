@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker, unit_tasks
+from jobs.ray_env import Progress, collect_units, init_ray, largest_first, run_in_worker, unit_tasks
 from jobs.summary import JobSummary
 from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
@@ -271,7 +271,8 @@ def place_units(groups: list[dict], planned: dict[int, dict], shaping: str) -> l
         digest.update(f"{plan['digest']}:{offset}".encode())
         uid = unit_id(f"export-{Path(group['source']).stem}-{group['first_key']}", digest.hexdigest())
         units.append({"unit": uid, "source": group["source"], "kind": group["kind"], "path": group["path"],
-                      "offset": offset, "shards": int(plan["shards"]), "samples": int(plan["samples"])})
+                      "offset": offset, "shards": int(plan["shards"]), "samples": int(plan["samples"]),
+                      "work": int(plan.get("work", 0))})
         offset += int(plan["shards"])
     return units
 
@@ -287,7 +288,8 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
                "png_compress_level": int(opts["png_compress_level"]),
                "max_member_bytes": int(cfg["ingest"]["max_member_bytes"])}
-    items = ({k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")} for u in units)
+    items = ({k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")}
+             for u in largest_first(units, lambda unit: unit["work"]))
     infos = unit_tasks(export_unit, items, float(opts["task_num_cpus"]), workspace=ws.root, out=out, options=options)
     progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
     return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)

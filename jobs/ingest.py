@@ -9,7 +9,7 @@ import time
 import ray
 
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray
+from jobs.ray_env import Progress, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
@@ -120,7 +120,7 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
     init_ray(cfg)
     opts = cfg["ingest"]
     items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
-              "input": u.input} for u in units]
+              "input": u.input} for u in largest_first(units, lambda unit: unit.size)]
     options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes",
                                              "max_tag_chars", "max_tags", "max_text_chars")}
     options["follow_links_out"] = bool(opts["follow_links_out"])

@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import ray
 
 from jobs.config import REPO, Config
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from store.workspace import Workspace
@@ -70,6 +72,13 @@ def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any
     if failed:
         raise result
     return result
+
+
+def largest_first(units: list[T], size: Callable[[T], int]) -> list[T]:
+    """The units by their estimated size, largest first, in their own order among equals: a job
+    starts its tasks in this order, so the last to start are the small ones and no large unit
+    runs alone at the end while the other workers idle (the longest-processing-time-first rule)."""
+    return sorted(units, key=lambda unit: -size(unit))
 
 
 TASKS_IN_FLIGHT = 256

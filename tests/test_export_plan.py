@@ -30,14 +30,15 @@ def plan_units(table: pa.Table, opts: dict, out: str = "/out") -> list[dict]:
     """What the export job plans for `table` (one unit per source): the planning task's samples per
     unit, placed by the driver's numbering, as the export tasks receive them."""
     from jobs.export import place_units, shaping_of
-    from udfs.export.export_plan import placed, plan_samples
+    from udfs.export.export_plan import placed, plan_samples, unit_work
 
     groups, planned, samples = [], {}, {}
     for i, source in enumerate(dict.fromkeys(table["source"].to_pylist())):
         rows = [r for r in table.to_pylist() if r["source"] == source]
         samples[i], shards = plan_samples(rows, opts)
         groups.append({"group": i, "source": source, "kind": "tar", "first_key": rows[0]["key"], "path": ""})
-        planned[i] = {"shards": shards, "samples": len(rows), "digest": json.dumps(samples[i], sort_keys=True)}
+        planned[i] = {"shards": shards, "samples": len(rows), "work": unit_work(rows, samples[i]),
+                      "digest": json.dumps(samples[i], sort_keys=True)}
     units = place_units(groups, planned, shaping_of(opts, out))
     for i, unit in enumerate(units):
         unit["samples"] = placed(samples[i], unit["offset"])
@@ -105,6 +106,25 @@ def test_kohya_buckets(size):
     buckets = bucket_sizes(1024, 256, 2048, 64)
     assert size in buckets and all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
     assert nearest_bucket(size[0] * 3, size[1] * 3, buckets) == size
+
+
+def test_units_that_re_encode_start_before_units_that_copy():
+    """The driver starts the costliest units first (jobs/ray_env.largest_first), so that no long
+    unit runs alone at the end: a unit of large images to resize outweighs units that copy more
+    bytes, equal units keep export order, and shard numbers stay in export order."""
+    from jobs.ray_env import largest_first
+
+    table = pa.concat_tables([selection(3, "/in/a.tar", nbytes=400_000),
+                              selection(3, "/in/b.tar", width=4000, height=3000, nbytes=300_000),
+                              selection(3, "/in/c.tar", nbytes=400_000)])
+    units = plan_units(table, options(max_size=1024))
+    assert [u["samples"][0]["reencode"] for u in units] == [False, True, False]
+    assert [u["offset"] for u in units] == [0, 1, 2]
+    def started(planned: list[dict]) -> list[str]:
+        return [u["source"] for u in largest_first(planned, lambda unit: unit["work"])]
+
+    assert started(units) == ["/in/b.tar", "/in/a.tar", "/in/c.tar"]
+    assert started(plan_units(table, options(max_size=0))) == ["/in/a.tar", "/in/c.tar", "/in/b.tar"]  # copies
 
 
 def test_units_whose_shards_move_get_new_ids():

@@ -89,6 +89,33 @@ def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
     assert images_by_key(ws) == keys
 
 
+def test_units_know_their_bytes_and_the_largest_start_first(tmp_path):
+    """The job starts its largest units first (jobs/ray_env.largest_first over Unit.size), so that
+    no large shard is left to run alone at the end; a unit's size is the bytes of its files."""
+    from jobs.ray_env import largest_first
+    from udfs.ingest.sources import discover_units
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, n in (("a_small", 1), ("z_large", 6)):  # listed small first
+        with tarfile.open(folder / f"{name}.tar", "w") as tar:
+            for i in range(n):
+                data = encode(picture(seed=i), "PNG")
+                info = tarfile.TarInfo(f"{i}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for i in range(2):
+        add_image(folder, f"loose{i}", 10 + i)
+    units = discover_units([str(folder)], 100)
+    sizes = {u.prefix: u.size for u in units}
+    loose = sum(p.stat().st_size for p in folder.iterdir() if p.suffix != ".tar")
+    assert sizes == {"in/a_small": (folder / "a_small.tar").stat().st_size,
+                     "in/z_large": (folder / "z_large.tar").stat().st_size, "in": loose}
+    assert [u.prefix for u in units][:2] == ["in/a_small", "in/z_large"]
+    assert max(sizes.values()) == sizes["in/z_large"] > sizes["in/a_small"]
+    assert [u.prefix for u in largest_first(units, lambda unit: unit.size)][0] == "in/z_large"
+
+
 def test_folder_entries_that_are_not_regular_files(tmp_path):
     folder = tmp_path / "art"
     (folder / "sub").mkdir(parents=True)

@@ -137,9 +137,25 @@ def placed(samples: list[dict], offset: int) -> list[dict]:
     return [{**s, "copies": [{**c, "shard": c["shard"] + offset} for c in s["copies"]]} for s in samples]
 
 
+# What a re-encoded source pixel costs, in bytes a copy writes in the same time: decode, resize
+# and encode took ~35 ns a pixel in bench/export.py's export tasks, a copy ~1 ns a byte.
+REENCODE_BYTES_PER_PIXEL = 35
+
+
+def unit_work(rows: list[dict], samples: list[dict]) -> int:
+    """A unit's estimated task time, in copied-byte equivalents: the bytes its samples write, plus
+    the source pixels of those it re-encodes (the driver hands out the costliest units first)."""
+    work = 0
+    for row, sample in zip(rows, samples, strict=True):
+        work += sample["planned_bytes"] * len(sample["copies"])
+        if sample["reencode"]:
+            work += REENCODE_BYTES_PER_PIXEL * int(row["width"] or 0) * int(row["height"] or 0)
+    return work
+
+
 def plan_unit(item: dict[str, Any], workspace: str, options: dict) -> dict[str, Any]:
     """Ray task: plan one unit from its key range of the staged selection and write the plan to
-    the unit's path; returns the unit's counts and a digest of its plan."""
+    the unit's path; returns the unit's counts, its estimated work and a digest of its plan."""
     ws = Workspace(workspace, create=False)
     rows = unit_rows(ws, item).to_pylist()
     samples, shards = plan_samples(rows, options)
@@ -147,7 +163,7 @@ def plan_unit(item: dict[str, Any], workspace: str, options: dict) -> dict[str, 
     with ws.fs.open_output_stream(item["path"]) as f:
         f.write(text.encode())
     return {"group": int(item["group"]), "shards": shards, "samples": len(samples),
-            "digest": hashlib.sha1(text.encode()).hexdigest()}
+            "work": unit_work(rows, samples), "digest": hashlib.sha1(text.encode()).hexdigest()}
 
 
 def unit_rows(ws: Workspace, item: dict[str, Any]) -> pa.Table:

@@ -36,6 +36,7 @@ class Unit:
     files: list[str] = field(default_factory=list)  # for folders: the files of this chunk
     input: str = ""  # the input id (units of an input ingested again replace its old units)
     stamp: str = ""  # what the unit's content was (sizes and times): a changed unit is redone
+    size: int = 0  # bytes of its files, as listed: the job starts the largest units first
 
 
 @dataclass
@@ -115,22 +116,22 @@ def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
             scheme = path.split("://", 1)[0]
             tars = sorted((f for f in files if f.path.endswith(".tar")), key=lambda f: f.path)
             return [_tar_unit(f"{scheme}://{f.path}", input_id, os.path.relpath(f.path, local),
-                              _stamp(f.size, f.mtime_ns)) for f in tars]
-        return [_tar_unit(path, input_id, "", _stamp(info.size, info.mtime_ns))]
+                              _stamp(f.size, f.mtime_ns), f.size) for f in tars]
+        return [_tar_unit(path, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
     if os.path.isdir(path):
         return _dir_units(Path(path), input_id, folder_unit_size)
     st = os.stat(path)
-    return [_tar_unit(path, input_id, "", _stamp(st.st_size, st.st_mtime_ns))]
+    return [_tar_unit(path, input_id, "", _stamp(st.st_size, st.st_mtime_ns), st.st_size)]
 
 
 def _stamp(*values: object) -> str:
     return hashlib.sha1(repr(values).encode()).hexdigest()[:16]
 
 
-def _tar_unit(uri: str, input_id: str, rel: str, stamp: str) -> Unit:
+def _tar_unit(uri: str, input_id: str, rel: str, stamp: str, size: int) -> Unit:
     """A shard: keys are `<input id>/<shard path in the input, without .tar>/<member key>`."""
     inner = re.sub(r"\.tar$", "", rel)
-    return Unit("tar", uri, f"{input_id}/{inner}" if inner else input_id, input=input_id, stamp=stamp)
+    return Unit("tar", uri, f"{input_id}/{inner}" if inner else input_id, input=input_id, stamp=stamp, size=size)
 
 
 def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
@@ -148,7 +149,10 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
             full = os.path.join(dirpath, name)
             is_tar = name.endswith(".tar") and os.path.isfile(full) and not os.path.islink(full)
             (tars if is_tar else loose).append(full)
-    units = [_tar_unit(t, input_id, os.path.relpath(t, root), _file_stamp(t)) for t in tars]
+    units = []
+    for tar in tars:
+        size, stamp = _file_stat(tar)
+        units.append(_tar_unit(tar, input_id, os.path.relpath(tar, root), stamp, size))
     by_key: dict[str, list[str]] = {}  # a sample's files stay in one chunk
     for full in loose:
         by_key.setdefault(split_key(os.path.relpath(full, root))[0], []).append(full)
@@ -157,8 +161,11 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     chunks += content_defined_chunks(sorted(set(by_key) - set(clips)), folder_unit_size)
     for chunk in chunks:
         files = [f for k in chunk for f in by_key[k]]
+        stats = [_file_stat(f) for f in files]
         units.append(Unit("folder", str(root), input_id, files, input=input_id,
-                          stamp=_stamp(*[(os.path.relpath(f, root), _file_stamp(f)) for f in files])))
+                          stamp=_stamp(*[(os.path.relpath(f, root), stamp)
+                                         for f, (_, stamp) in zip(files, stats, strict=True)]),
+                          size=sum(size for size, _ in stats)))
     return units
 
 
@@ -166,12 +173,13 @@ def _is_video(path: str) -> bool:
     return split_key(os.path.basename(path))[1] in VIDEO_EXTENSIONS
 
 
-def _file_stamp(path: str) -> str:
+def _file_stat(path: str) -> tuple[int, str]:
+    """(bytes, stamp) of a listed file; one gone since the listing: 0 bytes, stamp "gone"."""
     try:
         st = os.lstat(path)
     except OSError:
-        return "gone"
-    return f"{st.st_size}-{st.st_mtime_ns}"
+        return 0, "gone"
+    return st.st_size, f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def content_defined_chunks(keys: list[str], target: int) -> list[list[str]]:
