@@ -11,10 +11,10 @@ Steps:
    unit's shards by count and planned bytes, counting from 0; the driver, from the shard counts
    alone, gives each unit its first global shard number, so shard numbers are contiguous and
    names deterministic, and a shard never mixes units;
-3. one Ray task per unit (plain tasks, as in step 2: a unit is one coarse task, and Ray Data's
-   executor would add its start to every run) reads the unit's plan and source once and writes
-   its files atomically (udfs/export/export_shard.py), then commits the unit; a rerun skips
-   committed units;
+3. one Ray task per unit, started largest first by the work its plan estimates (plain tasks, as
+   in step 2: a unit is one coarse task, and Ray Data's executor would add its start to every
+   run), reads the unit's plan and source once and writes its files atomically
+   (udfs/export/export_shard.py), then commits the unit; a rerun skips committed units;
 4. the manifest (`<out>/manifest.parquet`, also the workspace table export_manifest), written in
    a worker from the units' manifest parts (the driver gets counts per file), and the wids index
    (`<out>/webdataset/index.wids.json`).
