@@ -1,8 +1,9 @@
 """Benchmark: annotate's tagger path against imgutils on the CPU, two figures.
 
 preprocess: image bytes -> the tagger's float input as the job makes it (decode_images, then
-  the WdTagger's float conversion) against imgutils' own _prepare_image_for_tagging on
-  Image.open of the same bytes (what get_wd14_tags runs before its model). One thread each.
+  WdTagger.float_input per session.run: annotate.tagger.cpu_batch_size rows on the CPU) against
+  imgutils' own _prepare_image_for_tagging on Image.open of the same bytes (what get_wd14_tags
+  runs before its model). One thread each.
 tagger: decode_images + the batched WdTagger against a loop of get_wd14_tags, on one model
   file of real size: the WD v3 ViT tagger's architecture (ViT-B/16 at 448) with random weights,
   exported once and cached (bench/real_models.py), read by both sides from one offline Hugging
@@ -151,7 +152,9 @@ def main() -> None:
 
     def prep_ours() -> None:
         for start in range(0, len(images), args.batch):
-            batch_of(images[start : start + args.batch])["in_tagger"].astype(np.float32)  # WdTagger's prepare
+            batch = batch_of(images[start : start + args.batch])["in_tagger"]
+            for row in range(0, len(batch), cpu_batch):  # per session.run, as the job's WdTagger on a CPU
+                tagger.float_input(batch[row : row + cpu_batch])
 
     def prep_theirs() -> None:
         for data in images:

@@ -217,6 +217,23 @@ def test_a_cpu_tagger_runs_cpu_batch_size_images_at_a_time_with_the_same_tags(fa
         assert np.allclose([t[2] for t in chunked_tags], [t[2] for t in whole_tags], atol=TOL)
 
 
+def test_the_float_input_buffer_kept_between_runs_gives_the_scores_of_fresh_arrays(fake_models):
+    """WdTagger.float_input reuses one float32 buffer across session.runs: a smaller batch after a
+    larger one, and a larger after a smaller, score exactly as a fresh float32 copy does."""
+    from udfs.annotate.wd_tagger import WdTagger
+
+    tagger = WdTagger(_spec("tagger", fake_models, cpu_batch_size=32), "in_tagger", "out", device="cpu")
+    rows = _batch(_test_images(), {"in_tagger": ["tagger", 448]})["in_tagger"]
+    name, output = tagger.session.get_inputs()[0].name, tagger.session.get_outputs()[0].name
+
+    def fresh(part: np.ndarray) -> np.ndarray:
+        return tagger.session.run([output], {name: part.astype(np.float32)})[0]
+
+    for part in (rows[:3], rows[3:4], rows):  # larger, smaller, then larger than the buffer
+        assert np.array_equal(tagger.scores(part), fresh(part))
+    assert tagger.float_input(rows[:1]).base is tagger._float_buffer  # no new array per run
+
+
 def test_one_bad_image_is_an_error_and_the_batch_goes_on(fake_models):
     from udfs.annotate.wd_tagger import WdTagger
 

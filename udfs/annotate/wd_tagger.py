@@ -43,6 +43,7 @@ class WdTagger(ModelActor):
         # crops and regions multiply a batch's images (up to 1 + max_crops + 4 each): run them
         # max_batch at a time (run_batched converts each chunk to float32 as it goes in)
         self.max_batch = rows_per_run(self.session, self.provider, spec)
+        self._float_buffer: np.ndarray | None = None  # float_input's
         self.floor = float(spec["score_floor"])
         self.rating = np.array([c == "rating" for c in self.categories])
         self.input = input
@@ -71,8 +72,19 @@ class WdTagger(ModelActor):
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         # the tagger's first output is the label scores (the second, with embeddings, is unused)
         (preds,) = run_batched(self.session, [outputs[0].name], inputs[0].name, images, self.max_batch,
-                               prepare=lambda rows: rows.astype(np.float32))
+                               prepare=self.float_input)
         return preds
+
+    def float_input(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 rows -> the model's float32 input, in one buffer kept between runs (session.run
+        is done with it before the next call). A fresh array per run page-faults its memory in:
+        1.2 ms an image at 448x448x3, against 0.05 ms to copy into a buffer already touched."""
+        if self._float_buffer is None or len(self._float_buffer) < len(rows) \
+                or self._float_buffer.shape[1:] != rows.shape[1:]:
+            self._float_buffer = np.empty(rows.shape, np.float32)
+        buffer = self._float_buffer[: len(rows)]
+        np.copyto(buffer, rows, casting="unsafe")  # uint8 -> float32 is exact
+        return buffer
 
     def tags(self, pred: np.ndarray, whole: bool = True) -> list[list]:
         """[tag, category, score] of every label above the floor, and of the ratings for a whole
