@@ -34,10 +34,20 @@ AWS = {"AWS_ACCESS_KEY_ID": "booruset-test", "AWS_SECRET_ACCESS_KEY": "booruset-
        "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# Ports Ray's components take by default on every node (dashboard agent, dashboard, client
+# server): a port drawn by the OS is in the same range as the agent's 52365, and once was it,
+# which failed `ray start` ("... is trying to use a port number 52365 that is used by other components")
+RAY_DEFAULT_PORTS = {52365, 8265, 10001}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that none of Ray's default ports is."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @pytest.fixture(scope="module")
