@@ -282,3 +282,73 @@ def test_cells_are_bounded_even_for_identical_vectors():
         cells = ccip_cluster.bounded_cells(ccip_cluster.normalized(vectors.astype(np.float32)), 400)
         assert max(len(c) for c in cells) <= 400
         assert sorted(np.concatenate(cells).tolist()) == list(range(len(vectors)))
+
+
+def test_cluster_means_in_one_pass_equal_the_mean_of_each_cluster(monkeypatch):
+    from udfs.curate import ccip_cluster
+
+    monkeypatch.setattr(ccip_cluster, "ROW_CHUNK", 7)  # clusters that straddle the passes' chunks
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((40, CCIP_DIM)).astype(np.float32) * rng.uniform(0.5, 3, (40, 1)).astype(np.float32)
+    labels = rng.integers(-1, 5, 40)
+    ids = np.unique(labels[labels >= 0])
+    means, lengths = ccip_cluster.cluster_means(vectors, labels, ids)
+    for i, cluster in enumerate(ids):
+        members = vectors[labels == cluster]
+        np.testing.assert_allclose(means[i], ccip_cluster.normalized(members).mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lengths[i], np.linalg.norm(members, axis=1).mean(), rtol=1e-6)
+
+
+def test_cross_differences_equal_the_slice_of_the_whole_matrix(tmp_path):
+    from udfs.curate import ccip_cluster
+
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((5, CCIP_DIM)).astype(np.float32), rng.standard_normal((9, CCIP_DIM)).astype(np.float32)
+    for differences in (ccip_cluster.Differences(), ccip_cluster.Differences(_metric_model(tmp_path / "m.onnx"))):
+        whole = differences(np.concatenate([a, b]))[:5, 5:]
+        np.testing.assert_allclose(differences.cross(a, b), whole, atol=1e-5)
+
+
+def test_sets_clustered_in_ray_tasks_label_as_in_one_process(ray_local):
+    from udfs.curate import ccip_cluster
+
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=3)
+    rng = np.random.default_rng(10)
+    # 3 sets of 1,500 crops: more than one task's SET_TASK_ROWS, so two tasks run them
+    sets = [_identities(rng, n_ids=30, per_id=49, noise=30)[0] for _ in range(3)]
+    assert sum(map(len, sets)) > ccip_cluster.SET_TASK_ROWS
+    in_tasks = ccip_cluster.cluster_sets([(s, np.arange(len(s))) for s in sets], settings)
+    here = ccip_cluster.cluster_set_group(sets, settings)
+    assert all(np.array_equal(x, y) for x, y in zip(in_tasks, here, strict=True))
+    assert all(len(set(labels) - {-1}) == 30 for labels in here)
+
+
+def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
+    import duckdb
+
+    from udfs.curate import ccip_cluster
+
+    rng = np.random.default_rng(11)
+    vectors, _ = _identities(rng, n_ids=4, per_id=8, noise=2)
+    blocks = [["", "alice", "bob"][i % 3] for i in range(len(vectors))]
+    crops = pa.table({"key": [f"k{i:03d}" for i in range(len(vectors))],
+                      "crop": pa.array([0] * len(vectors), pa.int32()),
+                      "block": blocks, "block_characters": pa.array([int(b != "") for b in blocks], pa.int32()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), CCIP_DIM)})
+    con = duckdb.connect()
+    con.register("crops", crops)
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2, max_block=10, threshold=0.1)
+
+    def labels() -> dict[str, tuple[str, int]]:
+        out = ccip_cluster.cluster_blocks(con.sql("select * from crops order by block, key"), settings)
+        return {k: (b, c) for k, b, c in zip(out["key"].to_pylist(), out["block"].to_pylist(),
+                                             out["cluster"].to_pylist(), strict=True)}
+
+    one_window = labels()
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # each block a window alone
+    per_block = labels()
+    assert one_window == per_block
+    clusters = {c for _, c in one_window.values()} - {-1}
+    assert len(clusters) > 3
+    for cluster in clusters:  # a cluster never spans two blocks
+        assert len({b for b, c in one_window.values() if c == cluster}) == 1
