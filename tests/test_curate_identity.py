@@ -272,14 +272,17 @@ def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
     assert len(linked) == 3000  # every similar vector is compared with some neighbour
 
 
-def test_cells_are_bounded_even_for_identical_vectors():
+@pytest.mark.parametrize("kmeans_sample", [100_000, 500])  # all rows; or k-means fitted on a sample of them
+def test_cells_are_bounded_even_for_identical_vectors(monkeypatch, kmeans_sample):
     from udfs.curate import ccip_cluster
 
+    monkeypatch.setattr(ccip_cluster, "KMEANS_SAMPLE", kmeans_sample)
+    monkeypatch.setattr(ccip_cluster, "ROW_CHUNK", 700)  # rows assigned to cells in several chunks
     rng = np.random.default_rng(9)
     lumpy = np.stack([unit_vector(rng, unit_vector(rng), 0.01) for _ in range(50)] * 60)  # 3,000 rows, 50 distinct
     same = np.repeat(unit_vector(rng)[None, :], 2500, axis=0)
     for vectors in (lumpy, same):
-        cells = ccip_cluster.bounded_cells(ccip_cluster.normalized(vectors.astype(np.float32)), 400)
+        cells = ccip_cluster.bounded_cells(vectors.astype(np.float32), 400)
         assert max(len(c) for c in cells) <= 400
         assert sorted(np.concatenate(cells).tolist()) == list(range(len(vectors)))
 

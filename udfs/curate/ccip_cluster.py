@@ -145,7 +145,7 @@ class BlockPlan:
         self.finite = None if finite.all() else np.flatnonzero(finite)
         self.usable = vectors if self.finite is None else vectors[self.finite]
         self.split = len(self.usable) > settings.max_block
-        self.members = (bounded_cells(normalized(self.usable), settings.max_block) if self.split
+        self.members = (bounded_cells(self.usable, settings.max_block) if self.split
                         else [np.arange(len(self.usable))])
 
     def sets(self) -> list[Selection]:
@@ -203,29 +203,45 @@ def differences_for(metric_model: str) -> Differences:
     return Differences(metric_model)
 
 
-def bounded_cells(unit: np.ndarray, max_block: int) -> list[np.ndarray]:
-    """Row indices of k-means cells of at most max_block rows each.
+KMEANS_SAMPLE = 100_000  # crops k-means is fitted on; a larger cell is then assigned a chunk at a time
+
+
+def bounded_cells(vectors: np.ndarray, max_block: int) -> list[np.ndarray]:
+    """Row indices of k-means cells (on the normalised vectors) of at most max_block rows each.
 
     k-means cells are not equal: on similar pictures one cell can take most of a block, and the
     difference matrix (and OPTICS's time) grows with the square of a cell. A cell that is still
     too large is cut again by k-means, and by position when k-means cannot split it (vectors
     that are all but identical), so the cost per crop stays bounded by max_block.
     """
-    from sklearn.cluster import MiniBatchKMeans
-
-    pending, cells = [np.arange(len(unit))], []
+    pending, cells = [np.arange(len(vectors))], []
     while pending:
         members = pending.pop()
         if len(members) <= max_block:
             cells.append(members)
             continue
-        assigned = MiniBatchKMeans(n_clusters=math.ceil(len(members) / max_block), random_state=0,
-                                   n_init=3, batch_size=4096).fit_predict(unit[members])
+        assigned = kmeans_cells(vectors, members, math.ceil(len(members) / max_block))
         parts = [members[assigned == cell] for cell in np.unique(assigned)]
         if len(parts) == 1:
             parts = np.array_split(members, math.ceil(len(members) / max_block))
         pending.extend(parts)
     return cells
+
+
+def kmeans_cells(vectors: np.ndarray, members: np.ndarray, cells: int) -> np.ndarray:
+    """The k-means cell of each member row. Fitted on at most KMEANS_SAMPLE of them (or 64 per
+    cell): a block of a million crops then needs neither a normalised copy of itself (3 GB) nor
+    k-means passes over all of it; each row is assigned its nearest centre, a chunk at a time."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    sample = members
+    if len(members) > max(KMEANS_SAMPLE, 64 * cells):
+        picked = np.random.default_rng(0).choice(len(members), max(KMEANS_SAMPLE, 64 * cells), replace=False)
+        sample = members[np.sort(picked)]
+    model = MiniBatchKMeans(n_clusters=cells, random_state=0, n_init=3, batch_size=4096)
+    model.fit(normalized(vectors[sample]))
+    return np.concatenate([model.predict(normalized(vectors[members[i:i + ROW_CHUNK]]))
+                           for i in range(0, len(members), ROW_CHUNK)])
 
 
 def cluster_means(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
