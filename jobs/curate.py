@@ -162,8 +162,10 @@ def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -
 def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
     run_model(con, "070_cluster_crops", params)
     settings = ccip_cluster.ClusterSettings.from_config(opts)
+    total = con.execute("select count(*) from cluster_crops").fetchall()[0][0]
     crops = con.sql("select key, crop, block, block_characters, vector from cluster_crops")
-    labels = ccip_cluster.cluster_blocks(crops, settings)
+    labels = ccip_cluster.cluster_blocks(
+        crops, settings, lambda done: print(f"curate: clusters {done:,}/{total:,} crops", flush=True))
     con.register("crop_clusters_arrow", labels)
     con.execute("create or replace table crop_clusters as select * from crop_clusters_arrow")
     con.unregister("crop_clusters_arrow")

@@ -342,15 +342,21 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
     con.register("crops", crops)
     settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2, max_block=10, threshold=0.1)
 
+    reported: list[int] = []
+
     def labels() -> dict[str, tuple[str, int]]:
-        out = ccip_cluster.cluster_blocks(con.sql("select * from crops order by block, key"), settings)
+        reported.clear()
+        out = ccip_cluster.cluster_blocks(con.sql("select * from crops order by block, key"), settings,
+                                          reported.append)
         return {k: (b, c) for k, b, c in zip(out["key"].to_pylist(), out["block"].to_pylist(),
                                              out["cluster"].to_pylist(), strict=True)}
 
     one_window = labels()
+    assert reported == [len(vectors)]
     monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # each block a window alone
     per_block = labels()
     assert one_window == per_block
+    assert reported == list(np.cumsum(np.unique(blocks, return_counts=True)[1]))  # progress after each window
     clusters = {c for _, c in one_window.values()} - {-1}
     assert len(clusters) > 3
     for cluster in clusters:  # a cluster never spans two blocks

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,23 +314,30 @@ def attach_noise(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSetti
 WINDOW_ROWS = 200_000  # crops whose blocks are planned and clustered together (~600 MB of vectors)
 
 
-def cluster_blocks(cursor, settings: ClusterSettings) -> pa.Table:
+def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], None] | None = None) -> pa.Table:
     """Cluster the rows of `cursor` (key, crop, block, block_characters, vector), block by block.
 
     Rows arrive ordered by block. Blocks are gathered up to WINDOW_ROWS crops (one block larger
     than that is a window alone), and all the sets of a window are clustered at once, in
-    parallel (cluster_sets). Cluster ids are unique across blocks; -1 is noise.
+    parallel (cluster_sets); `progress` is told the crops done after each window. Cluster ids
+    are unique across blocks; -1 is noise.
     """
     differences = Differences(settings.metric_model)
     out: list[pa.Table] = []
     window: list[pa.Table] = []
-    offset = 0
+    offset = done = 0
     for block in _blocks(cursor):
         window.append(block)
         if sum(b.num_rows for b in window) >= WINDOW_ROWS:
             offset = _cluster_window(window, settings, differences, offset, out)
+            done += sum(b.num_rows for b in window)
             window = []
-    _cluster_window(window, settings, differences, offset, out)
+            if progress:
+                progress(done)
+    if window:
+        _cluster_window(window, settings, differences, offset, out)
+        if progress:
+            progress(done + sum(b.num_rows for b in window))
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
