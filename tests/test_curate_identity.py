@@ -353,10 +353,12 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
 
     one_window = labels()
     assert reported == [len(vectors)]
-    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # each block a window alone
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # windows of fewer blocks,
+    monkeypatch.setattr(ccip_cluster, "READ_ROWS", 4)  # each block read in several batches
     per_block = labels()
     assert one_window == per_block
-    assert reported == list(np.cumsum(np.unique(blocks, return_counts=True)[1]))  # progress after each window
+    # each block a window alone (whole blocks, however the reads cut them), progress after each
+    assert reported == np.cumsum(np.unique(blocks, return_counts=True)[1]).tolist()
     clusters = {c for _, c in one_window.values()} - {-1}
     assert len(clusters) > 3
     for cluster in clusters:  # a cluster never spans two blocks

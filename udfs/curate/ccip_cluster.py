@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -128,7 +129,8 @@ def cluster_vectors(vectors: np.ndarray, settings: ClusterSettings, differences:
     """Labels of one block: directly when small, else k-means cells + merge across cells.
     A crop whose embedding is not finite (a broken model output) is noise."""
     plan = BlockPlan(vectors, settings)
-    return plan.labels(cluster_sets(plan.sets(), settings), settings, differences)
+    plan.cut()
+    return plan.labels(cluster_sets(plan.sets(), settings), differences)
 
 
 # A vector set to cluster: rows of an array, copied out only when it is clustered or sent
@@ -137,21 +139,26 @@ Selection = tuple[np.ndarray, np.ndarray]
 
 class BlockPlan:
     """One block's vector sets to cluster (the block, or its k-means cells when it is larger
-    than max_block), and how their labels make the block's labels."""
+    than max_block: cut() finds them), and how their labels make the block's labels."""
 
     def __init__(self, vectors: np.ndarray, settings: ClusterSettings) -> None:
+        self.settings = settings
         self.size = len(vectors)
         finite = np.isfinite(vectors).all(axis=1)  # the others are noise
         self.finite = None if finite.all() else np.flatnonzero(finite)
         self.usable = vectors if self.finite is None else vectors[self.finite]
         self.split = len(self.usable) > settings.max_block
-        self.members = (bounded_cells(self.usable, settings.max_block) if self.split
-                        else [np.arange(len(self.usable))])
+        self.members = [np.arange(len(self.usable))]
+
+    def cut(self) -> None:
+        """The k-means cells of a block larger than max_block (the costly part of a plan)."""
+        if self.split:
+            self.members = bounded_cells(self.usable, self.settings.max_block)
 
     def sets(self) -> list[Selection]:
         return [(self.usable, members) for members in self.members]
 
-    def labels(self, set_labels: list[np.ndarray], settings: ClusterSettings, differences: Differences) -> np.ndarray:
+    def labels(self, set_labels: list[np.ndarray], differences: Differences) -> np.ndarray:
         """The block's labels (-1: noise) from each set's labels, in the order of sets()."""
         usable = np.full(len(self.usable), -1, dtype=np.int64)
         next_label = 0
@@ -160,7 +167,7 @@ class BlockPlan:
             usable[members[kept]] = found[kept] + next_label
             next_label += int(found.max()) + 1 if kept.any() else 0
         if self.split:
-            usable = merge_close_clusters(self.usable, usable, settings, differences)
+            usable = merge_close_clusters(self.usable, usable, self.settings, differences)
         if self.finite is None:
             return usable
         labels = np.full(self.size, -1, dtype=np.int64)
@@ -171,25 +178,58 @@ class BlockPlan:
 SET_TASK_ROWS = 4000  # crops per clustering task: small sets travel together
 
 
-def cluster_sets(sets: list[Selection], settings: ClusterSettings) -> list[np.ndarray]:
-    """The labels of each vector set, clustered alone (cluster_matrix of its differences).
+class SetRunner:
+    """Clusters vector sets alone (cluster_matrix of their differences) as they are added.
 
     In Ray tasks when Ray is up (curate's steps run in a Ray worker; each set is independent,
-    and OPTICS is a Python loop per crop, ~0.4 ms, that one process cannot share across cores),
-    else here. Small sets are sent a few to a task."""
-    import ray
+    and OPTICS is a Python loop per crop, ~0.4 ms, that one process cannot share across cores):
+    sets are sent a few to a task, up to SET_TASK_ROWS crops, each task submitted as soon as it
+    is full, so that tasks run while the caller plans the next blocks. Sets that never fill
+    one task are clustered here; so are all of them when Ray is not up."""
 
-    if not ray.is_initialized() or sum(len(rows) for _, rows in sets) <= SET_TASK_ROWS:
-        return [labels for vectors, rows in sets for labels in cluster_set_group([vectors[rows]], settings)]
-    groups: list[list[Selection]] = [[]]
-    for selection in sets:
-        if groups[-1] and sum(len(rows) for _, rows in groups[-1]) + len(selection[1]) > SET_TASK_ROWS:
-            groups.append([])
-        groups[-1].append(selection)
-    task = ray.remote(num_cpus=1)(cluster_set_group)
-    # each set's rows are copied out as its task is submitted (into the object store)
-    futures = [task.remote([vectors[rows] for vectors, rows in group], settings) for group in groups]
-    return [labels for future in futures for labels in ray.get(future)]
+    def __init__(self, settings: ClusterSettings) -> None:
+        import ray
+
+        self.settings = settings
+        self.task = ray.remote(num_cpus=1)(cluster_set_group) if ray.is_initialized() else None
+        self.group: list[Selection] = []
+        self.submitted: list = []  # one ObjectRef per task, in order
+
+    def add(self, sets: list[Selection]) -> None:
+        for selection in sets:
+            if self.group and sum(len(rows) for _, rows in self.group) + len(selection[1]) > SET_TASK_ROWS:
+                self._submit()
+            self.group.append(selection)
+
+    def _submit(self) -> None:
+        # each set's rows are copied out as its task is submitted (into the object store)
+        sets = [vectors[rows] for vectors, rows in self.group]
+        self.group = []
+        if self.task is None:
+            self.submitted.append(cluster_set_group(sets, self.settings))
+        else:
+            self.submitted.append(self.task.remote(sets, self.settings))
+
+    def labels(self) -> list[np.ndarray]:
+        """The labels of every set added, in the order added."""
+        import ray
+
+        if self.group:
+            if self.submitted:
+                self._submit()
+            else:  # too few crops for a task
+                self.submitted.append(cluster_set_group([v[rows] for v, rows in self.group], self.settings))
+                self.group = []
+        done = [ray.get(part) if isinstance(part, ray.ObjectRef) else part for part in self.submitted]
+        self.submitted = []
+        return [labels for part in done for labels in part]
+
+
+def cluster_sets(sets: list[Selection], settings: ClusterSettings) -> list[np.ndarray]:
+    """The labels of each vector set, clustered alone (SetRunner)."""
+    runner = SetRunner(settings)
+    runner.add(sets)
+    return runner.labels()
 
 
 def cluster_set_group(sets: list[np.ndarray], settings: ClusterSettings) -> list[np.ndarray]:
@@ -312,66 +352,73 @@ def attach_noise(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSetti
 
 
 WINDOW_ROWS = 200_000  # crops whose blocks are planned and clustered together (~600 MB of vectors)
+READ_ROWS = 50_000  # crops per batch read from DuckDB
 
 
 def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], None] | None = None) -> pa.Table:
     """Cluster the rows of `cursor` (key, crop, block, block_characters, vector), block by block.
 
-    Rows arrive ordered by block. Blocks are gathered up to WINDOW_ROWS crops (one block larger
-    than that is a window alone), and all the sets of a window are clustered at once, in
-    parallel (cluster_sets); `progress` is told the crops done after each window. Cluster ids
-    are unique across blocks; -1 is noise.
+    Rows arrive ordered by block. They are cut into windows of whole blocks of about
+    WINDOW_ROWS crops (one larger block is a window alone), and all the sets of a window are
+    clustered at once, in parallel (SetRunner); `progress` is told the crops done after each
+    window. Cluster ids are unique across blocks; -1 is noise.
     """
     differences = Differences(settings.metric_model)
     out: list[pa.Table] = []
-    window: list[pa.Table] = []
     offset = done = 0
-    for block in _blocks(cursor):
-        window.append(block)
-        if sum(b.num_rows for b in window) >= WINDOW_ROWS:
-            offset = _cluster_window(window, settings, differences, offset, out)
-            done += sum(b.num_rows for b in window)
-            window = []
-            if progress:
-                progress(done)
-    if window:
-        _cluster_window(window, settings, differences, offset, out)
+    for window in _windows(cursor):
+        offset = _cluster_window(window, settings, differences, offset, out)
+        done += window.num_rows
         if progress:
-            progress(done + sum(b.num_rows for b in window))
+            progress(done)
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
-def _blocks(cursor) -> Iterator[pa.Table]:
-    """The rows of each block, one table per block (rows arrive ordered by block)."""
+def _windows(cursor) -> Iterator[pa.Table]:
+    """The rows in tables of whole blocks, each of at least WINDOW_ROWS rows but the last."""
     pending: list[pa.RecordBatch] = []
-    for batch in cursor.to_arrow_reader(50_000):
-        names = batch.column("block").to_numpy(zero_copy_only=False)
-        cuts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), batch.num_rows]
-        for start, stop in zip(cuts, cuts[1:], strict=False):
-            if pending and pending[-1].column("block")[0].as_py() != names[start]:
-                yield pa.Table.from_batches(pending).combine_chunks()
-                pending = []
-            pending.append(batch.slice(start, stop - start))
-    if pending:
+    rows = 0
+    for batch in cursor.to_arrow_reader(READ_ROWS):
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows < WINDOW_ROWS:
+            continue
+        table = pa.Table.from_batches(pending)
+        # the last block may go on in the next batch: it waits for the next window
+        last = table.num_rows - pc.sum(pc.equal(table["block"], table["block"][-1])).as_py()
+        if last > 0:
+            yield table.slice(0, last).combine_chunks()
+            pending, rows = table.slice(last).to_batches(), table.num_rows - last
+    if rows:
         yield pa.Table.from_batches(pending).combine_chunks()
 
 
-def _cluster_window(blocks: list[pa.Table], settings: ClusterSettings, differences: Differences, offset: int,
+def _cluster_window(window: pa.Table, settings: ClusterSettings, differences: Differences, offset: int,
                     out: list[pa.Table]) -> int:
-    """Cluster a window of blocks into `out`, their cluster ids from `offset`; the next offset."""
-    plans = []
-    for block in blocks:
-        vectors = block["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        plans.append(BlockPlan(vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32), settings))
-    set_labels = iter(cluster_sets([s for plan in plans for s in plan.sets()], settings))
-    for block, plan in zip(blocks, plans, strict=True):
-        labels = plan.labels([next(set_labels) for _ in plan.members], settings, differences)
-        shifted = np.where(labels >= 0, labels + offset, -1)
-        offset += int(labels.max()) + 1 if (labels >= 0).any() else 0
-        out.append(pa.table({"key": block["key"], "crop": block["crop"].cast(pa.int32()),
-                             "cluster": pa.array(shifted.astype(np.int32)), "block": block["block"],
-                             "block_characters": block["block_characters"].cast(pa.int32())},
-                            schema=OUTPUT_SCHEMA))
+    """Cluster a window's blocks into `out`, their cluster ids from `offset`; the next offset.
+
+    The sets of blocks that need no k-means are sent first, so that their tasks run while the
+    large blocks are cut into cells."""
+    vectors = window["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
+    names = window["block"].to_numpy(zero_copy_only=False)
+    cuts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), window.num_rows]
+    plans = [BlockPlan(vectors[a:b], settings) for a, b in zip(cuts, cuts[1:], strict=False)]
+    runner = SetRunner(settings)
+    order = [p for p in plans if not p.split] + [p for p in plans if p.split]
+    for plan in order:
+        plan.cut()
+        runner.add(plan.sets())
+    found = iter(runner.labels())
+    set_labels = {id(plan): [next(found) for _ in plan.members] for plan in order}
+    labels = []
+    for plan in plans:
+        block = plan.labels(set_labels[id(plan)], differences)
+        labels.append(np.where(block >= 0, block + offset, -1))
+        offset += int(block.max()) + 1 if (block >= 0).any() else 0
+    out.append(pa.table({"key": window["key"], "crop": window["crop"].cast(pa.int32()),
+                         "cluster": pa.array(np.concatenate(labels).astype(np.int32)), "block": window["block"],
+                         "block_characters": window["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA))
     return offset
 
 
