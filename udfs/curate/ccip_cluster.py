@@ -9,7 +9,9 @@ precomputed difference matrix (identical neighbourhoods), block by block:
 - a block larger than `max_block` is cut into k-means cells of about that size (scikit-learn
   MiniBatchKMeans on the normalised vectors), each cell is clustered, and clusters of different
   cells whose mean vectors (imgutils' ccip_merge) are within the same-character threshold are
-  merged. Cost: O(sum of cell sizes squared) instead of O(n squared).
+  merged. Cost: O(sum of cell sizes squared) instead of O(n squared);
+- the sets (blocks, cells) of a window of crops are clustered in parallel Ray tasks when Ray is
+  up, and nothing per cluster pair or per (crop, cluster) pair is held whole.
 
 The difference is 1 - cosine similarity, or the CCIP metric model (model_metrics.onnx, the
 model imgutils' ccip_batch_differences runs) when one is configured.
@@ -366,16 +368,18 @@ def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], 
     differences = Differences(settings.metric_model)
     out: list[pa.Table] = []
     offset = done = 0
-    for window in _windows(cursor):
-        offset = _cluster_window(window, settings, differences, offset, out)
+    for window, vectors in _windows(cursor):
+        offset = _cluster_window(window, vectors, settings, differences, offset, out)
         done += window.num_rows
         if progress:
             progress(done)
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
-def _windows(cursor) -> Iterator[pa.Table]:
-    """The rows in tables of whole blocks, each of at least WINDOW_ROWS rows but the last."""
+def _windows(cursor) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(the rows but their vectors, the vectors) of windows of whole blocks, each of at least
+    WINDOW_ROWS rows but the last. Only the vectors of the window at work and of the batch
+    being read are in memory: the read batches are let go before a window is handed out."""
     pending: list[pa.RecordBatch] = []
     rows = 0
     for batch in cursor.to_arrow_reader(READ_ROWS):
@@ -387,20 +391,25 @@ def _windows(cursor) -> Iterator[pa.Table]:
         # the last block may go on in the next batch: it waits for the next window
         last = table.num_rows - pc.sum(pc.equal(table["block"], table["block"][-1])).as_py()
         if last > 0:
-            yield table.slice(0, last).combine_chunks()
+            window = _without_vectors(table.slice(0, last))
             pending, rows = table.slice(last).to_batches(), table.num_rows - last
+            del table
+            yield window
     if rows:
-        yield pa.Table.from_batches(pending).combine_chunks()
+        yield _without_vectors(pa.Table.from_batches(pending))
 
 
-def _cluster_window(window: pa.Table, settings: ClusterSettings, differences: Differences, offset: int,
-                    out: list[pa.Table]) -> int:
+def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    vectors = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in window["vector"].chunks])
+    return window.drop_columns(["vector"]), vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
+
+
+def _cluster_window(window: pa.Table, vectors: np.ndarray, settings: ClusterSettings, differences: Differences,
+                    offset: int, out: list[pa.Table]) -> int:
     """Cluster a window's blocks into `out`, their cluster ids from `offset`; the next offset.
 
     The sets of blocks that need no k-means are sent first, so that their tasks run while the
     large blocks are cut into cells."""
-    vectors = window["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vectors = vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
     names = window["block"].to_numpy(zero_copy_only=False)
     cuts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), window.num_rows]
     plans = [BlockPlan(vectors[a:b], settings) for a, b in zip(cuts, cuts[1:], strict=False)]
