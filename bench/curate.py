@@ -6,7 +6,8 @@ step against a careful Python loop applying the same rules with every lookup pre
 Data: --images images with ~--tags source tags each, drawn with Danbooru's tag frequencies
 (../shared/tagdata/danbooru_tags.csv when present, Zipf otherwise), 60% with a character tag,
 a rating, 0-2 face detections, a random 64-bit phash (1% planted near copies), and CCIP vectors
-for --crops person crops (random identities of ~50 crops; 768 floats each).
+for --crops person crops (random identities of ~50 crops; 768 floats each). A real set has about
+one person crop per image; clustering at that scale is measured by bench/cluster.py.
 Curate runs in a child process with its own local Ray (started outside the timing); the peak
 memory is that of the Ray worker that ran curate's SQL (the job's summary says it). The loop
 (PrecomputedPruning) must give the same tags in the same order as curate for its --sample
