@@ -85,15 +85,13 @@ class Differences:
         np.fill_diagonal(diff, 0.0)
         return np.clip(diff, 0.0, None)
 
-
     def cross(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Differences of each row of `a` to each row of `b` (len(a) x len(b)), without the
         (len(a) + len(b))^2 matrix of __call__: the metric model sees `a` with a slice of `b`."""
         if self.session is None:
             return np.clip(1.0 - (normalized(a) @ normalized(b).T).astype(np.float64), 0.0, None)
-        step = PAIR_CHUNK
-        return np.concatenate([self(np.concatenate([a, b[i:i + step]]))[: len(a), len(a):]
-                               for i in range(0, len(b), step)], axis=1)
+        return np.concatenate([self(np.concatenate([a, b[i:i + PAIR_CHUNK]]))[: len(a), len(a):]
+                               for i in range(0, len(b), PAIR_CHUNK)], axis=1)
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
