@@ -197,19 +197,21 @@ class SetRunner:
         self.settings = settings
         self.task = ray.remote(num_cpus=1)(cluster_set_group) if in_tasks and ray.is_initialized() else None
         self.group: list[Selection] = []
-        self.submitted: list = []  # one ObjectRef per task, in order
+        self.group_rows = 0  # crops in self.group
+        self.submitted: list = []  # per group: an ObjectRef, or the labels when clustered here
 
     def add(self, sets: list[Selection]) -> None:
         for selection in sets:
-            if self.group and sum(len(rows) for _, rows in self.group) + len(selection[1]) > SET_TASK_ROWS:
+            if self.group and self.group_rows + len(selection[1]) > SET_TASK_ROWS:
                 self._submit()
             self.group.append(selection)
+            self.group_rows += len(selection[1])
 
-    def _submit(self) -> None:
+    def _submit(self, here: bool = False) -> None:
         # each set's rows are copied out as its task is submitted (into the object store)
         sets = [vectors[rows] for vectors, rows in self.group]
-        self.group = []
-        if self.task is None:
+        self.group, self.group_rows = [], 0
+        if here or self.task is None:
             self.submitted.append(cluster_set_group(sets, self.settings))
         else:
             self.submitted.append(self.task.remote(sets, self.settings))
@@ -219,11 +221,7 @@ class SetRunner:
         import ray
 
         if self.group:
-            if self.submitted:
-                self._submit()
-            else:  # too few crops for a task
-                self.submitted.append(cluster_set_group([v[rows] for v, rows in self.group], self.settings))
-                self.group = []
+            self._submit(here=not self.submitted)  # too few crops for a task: clustered here
         done = [ray.get(part) if isinstance(part, ray.ObjectRef) else part for part in self.submitted]
         self.submitted = []
         return [labels for part in done for labels in part]
@@ -367,7 +365,7 @@ def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], 
     clustered at once, in parallel (SetRunner); `progress` is told the crops done after each
     window. Cluster ids are unique across blocks; -1 is noise.
     """
-    differences = Differences(settings.metric_model)
+    differences = differences_for(settings.metric_model)  # the one the clustering here uses too
     out: list[pa.Table] = []
     offset = done = 0
     for window, vectors in _windows(cursor):
