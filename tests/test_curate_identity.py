@@ -363,3 +363,28 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
     assert len(clusters) > 3
     for cluster in clusters:  # a cluster never spans two blocks
         assert len({b for b, c in one_window.values() if c == cluster}) == 1
+
+
+def test_crops_stored_out_of_block_order_are_clustered_by_whole_blocks(tmp_path, monkeypatch):
+    # the work database does not keep insertion order, and a parallel scan of a large table
+    # interleaves its row groups: the job must order the crops by block where it reads them
+    from udfs.curate import ccip_cluster
+
+    rng = np.random.default_rng(12)
+    vectors, _ = _identities(rng, n_ids=4, per_id=8, noise=2)
+    blocks = [["", "alice", "bob"][i % 3] for i in range(len(vectors))]  # stored interleaved
+    crops = pa.table({"key": [f"k{i:03d}" for i in range(len(vectors))],
+                      "crop": pa.array([0] * len(vectors), pa.int32()),
+                      "block": blocks, "block_characters": pa.array([int(b != "") for b in blocks], pa.int32()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), CCIP_DIM)})
+    con = curate.open_database(tmp_path / "work.duckdb", {"memory_limit": "1GB", "threads": 1})
+    con.register("crops_arrow", crops)
+    con.execute("create table cluster_crops as select * from crops_arrow")
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2, max_block=10, threshold=0.1)
+    whole = ccip_cluster.cluster_blocks(con.sql("select * from cluster_crops order by block, key, crop"), settings)
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # a window per block: a block cut in pieces would show
+    got = curate.crop_clusters(con, settings)
+    assert got.sort_by("key").to_pylist() == whole.sort_by("key").to_pylist()
+    assert len(set(whole["cluster"].to_pylist()) - {-1}) > 3
+    with pytest.raises(ValueError, match="ordered by block"):  # read in storage order: refused, not mislabelled
+        ccip_cluster.cluster_blocks(con.sql("select * from cluster_crops"), settings)

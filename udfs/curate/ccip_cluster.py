@@ -360,7 +360,8 @@ READ_ROWS = 50_000  # crops per batch read from DuckDB
 def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], None] | None = None) -> pa.Table:
     """Cluster the rows of `cursor` (key, crop, block, block_characters, vector), block by block.
 
-    Rows arrive ordered by block. They are cut into windows of whole blocks of about
+    Rows must arrive ordered by block (a block seen again after others is an error: its pieces
+    would be clustered apart). They are cut into windows of whole blocks of about
     WINDOW_ROWS crops (one larger block is a window alone), and all the sets of a window are
     clustered at once, in parallel (SetRunner); `progress` is told the crops done after each
     window. Cluster ids are unique across blocks; -1 is noise.
@@ -368,7 +369,9 @@ def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], 
     differences = differences_for(settings.metric_model)  # the one the clustering here uses too
     out: list[pa.Table] = []
     offset = done = 0
+    last_block = None
     for window, vectors in _windows(cursor):
+        last_block = _check_order(window["block"], last_block)
         offset = _cluster_window(window, vectors, settings, differences, offset, out)
         done += window.num_rows
         if progress:
@@ -397,6 +400,14 @@ def _windows(cursor) -> Iterator[tuple[pa.Table, np.ndarray]]:
             yield window
     if rows:
         yield _without_vectors(pa.Table.from_batches(pending))
+
+
+def _check_order(blocks: pa.ChunkedArray, after: str | None) -> str:
+    """The window's last block; raises unless its blocks are in order and follow `after`."""
+    names = blocks.to_numpy(zero_copy_only=False)
+    if (after is not None and names[0] <= after) or not (names[1:] >= names[:-1]).all():
+        raise ValueError("cluster_blocks: crops must come ordered by block (ORDER BY block)")
+    return names[-1]
 
 
 def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
