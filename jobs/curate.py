@@ -172,12 +172,8 @@ def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> 
 def crop_clusters(con: duckdb.DuckDBPyConnection, settings: ccip_cluster.ClusterSettings) -> pa.Table:
     """The cluster of each crop of `cluster_crops`, clustered block by block."""
     total = con.execute("select count(*) from cluster_crops").fetchall()[0][0]
-    # ordered here, where it is read: the work database does not preserve insertion order
-    # (open_database), so a scan of a table of several row groups can interleave its blocks,
-    # and cluster_blocks needs each block's crops together
-    crops = con.sql("select key, crop, block, block_characters, vector from cluster_crops order by block, key, crop")
     return ccip_cluster.cluster_blocks(
-        crops, settings, lambda done: print(f"curate: clusters {done:,}/{total:,} crops", flush=True))
+        con, "cluster_crops", settings, lambda done: print(f"curate: clusters {done:,}/{total:,} crops", flush=True))
 
 
 def build_balance(con: duckdb.DuckDBPyConnection, params: dict) -> None:

@@ -13,5 +13,5 @@ select c.key, c.crop, coalesce(array_to_string(m.characters, '+'), '') as block,
        coalesce(m.n_characters, 0) as block_characters, c.vector
 from chosen c
 left join image_meta m on m.key = c.key
--- not ordered here: the job reads the rows ordered by block (jobs/curate.py crop_clusters), as
--- a table's scan does not keep the order it was written in
+-- not ordered here: udfs/curate/ccip_cluster.cluster_blocks reads the rows in the order it needs,
+-- as a table's scan does not keep the order it was written in

@@ -346,14 +346,13 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
 
     def labels() -> dict[str, tuple[str, int]]:
         reported.clear()
-        out = ccip_cluster.cluster_blocks(con.sql("select * from crops order by block, key"), settings,
-                                          reported.append)
+        out = ccip_cluster.cluster_blocks(con, "crops", settings, reported.append)
         return {k: (b, c) for k, b, c in zip(out["key"].to_pylist(), out["block"].to_pylist(),
                                              out["cluster"].to_pylist(), strict=True)}
 
     one_window = labels()
     assert reported == [len(vectors)]
-    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # windows of fewer blocks,
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 12)  # windows of fewer blocks (none larger than a window),
     monkeypatch.setattr(ccip_cluster, "READ_ROWS", 4)  # each block read in several batches
     per_block = labels()
     assert one_window == per_block
@@ -381,10 +380,41 @@ def test_crops_stored_out_of_block_order_are_clustered_by_whole_blocks(tmp_path,
     con.register("crops_arrow", crops)
     con.execute("create table cluster_crops as select * from crops_arrow")
     settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2, max_block=10, threshold=0.1)
-    whole = ccip_cluster.cluster_blocks(con.sql("select * from cluster_crops order by block, key, crop"), settings)
-    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5)  # a window per block: a block cut in pieces would show
+    con.execute("create table ordered as select * from crops_arrow order by block, key")
+    whole = ccip_cluster.cluster_blocks(con, "ordered", settings)
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 15)  # a window per block: a block cut in pieces would show
     got = curate.crop_clusters(con, settings)
     assert got.sort_by("key").to_pylist() == whole.sort_by("key").to_pylist()
     assert len(set(whole["cluster"].to_pylist()) - {-1}) > 3
-    with pytest.raises(ValueError, match="ordered by block"):  # read in storage order: refused, not mislabelled
-        ccip_cluster.cluster_blocks(con.sql("select * from cluster_crops"), settings)
+
+
+@pytest.mark.parametrize("in_tasks", [False, True])
+def test_a_block_larger_than_a_window_clusters_as_a_block_cut_in_memory(monkeypatch, request, in_tasks):
+    import duckdb
+
+    from udfs.curate import ccip_cluster
+
+    if in_tasks:
+        request.getfixturevalue("ray_local")
+        monkeypatch.setattr(ccip_cluster, "PARALLEL_MIN_ROWS", 0)
+    rng = np.random.default_rng(13)
+    vectors, truth = _identities(rng, n_ids=4, per_id=12, noise=3)
+    vectors[5] = np.nan  # a broken embedding: noise
+    truth[5] = -1
+    order = rng.permutation(len(vectors))
+    vectors, truth = vectors[order], truth[order]
+    crops = pa.table({"key": [f"k{i:03d}" for i in range(len(vectors))],
+                      "crop": pa.array([0] * len(vectors), pa.int32()),
+                      "block": [""] * len(vectors), "block_characters": pa.array([0] * len(vectors), pa.int32()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), CCIP_DIM)})
+    con = duckdb.connect()
+    con.register("crops", crops)
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=3, max_block=10, threshold=0.1)
+    in_memory = ccip_cluster.cluster_blocks(con, "crops", settings).sort_by("key")["cluster"].to_pylist()
+    reported: list[int] = []
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 12)  # the block of 51 crops: several windows of its cells
+    monkeypatch.setattr(ccip_cluster, "READ_ROWS", 5)
+    streamed = ccip_cluster.cluster_blocks(con, "crops", settings, reported.append).sort_by("key")
+    assert _same_partition(streamed["cluster"].to_pylist(), list(truth))
+    assert _same_partition(in_memory, list(truth))
+    assert len(reported) > 2 and reported[-1] == len(vectors) and reported == sorted(reported)

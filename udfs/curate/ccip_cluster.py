@@ -11,7 +11,9 @@ precomputed difference matrix (identical neighbourhoods), block by block:
   cells whose mean vectors (imgutils' ccip_merge) are within the same-character threshold are
   merged. Cost: O(sum of cell sizes squared) instead of O(n squared);
 - the sets (blocks, cells) of a window of crops are clustered in parallel Ray tasks when Ray is
-  up, and nothing per cluster pair or per (crop, cluster) pair is held whole.
+  up, and nothing per cluster pair or per (crop, cluster) pair is held whole;
+- a block larger than a window (WINDOW_ROWS crops) is read from DuckDB a window of its cells at
+  a time (LargeBlock): memory is bounded by the window, not by the largest block.
 
 The difference is 1 - cosine similarity, or the CCIP metric model (model_metrics.onnx, the
 model imgutils' ccip_batch_differences runs) when one is configured.
@@ -158,15 +160,17 @@ class BlockPlan:
     def sets(self) -> list[Selection]:
         return [(self.usable, members) for members in self.members]
 
-    def labels(self, set_labels: list[np.ndarray], differences: Differences) -> np.ndarray:
-        """The block's labels (-1: noise) from each set's labels, in the order of sets()."""
+    def labels(self, set_labels: list[np.ndarray], differences: Differences, merge: bool = True) -> np.ndarray:
+        """The block's labels (-1: noise) from each set's labels, in the order of sets(); the
+        clusters of its cells merged unless `merge` is false (a large block's cell: the block
+        merges them all at its end)."""
         usable = np.full(len(self.usable), -1, dtype=np.int64)
         next_label = 0
         for members, found in zip(self.members, set_labels, strict=True):
             kept = found >= 0
             usable[members[kept]] = found[kept] + next_label
             next_label += int(found.max()) + 1 if kept.any() else 0
-        if self.split:
+        if self.split and merge:
             usable = merge_close_clusters(self.usable, usable, self.settings, differences)
         if self.finite is None:
             return usable
@@ -274,20 +278,24 @@ def kmeans_cells(vectors: np.ndarray, members: np.ndarray, cells: int) -> np.nda
     """The k-means cell of each member row. Fitted on at most KMEANS_SAMPLE of them (or 64 per
     cell): a block of a million crops then needs neither a normalised copy of itself (3 GB) nor
     k-means passes over all of it; each row is assigned its nearest centre, a chunk at a time."""
-    from sklearn.cluster import MiniBatchKMeans
-
     sample = members
     if len(members) > max(KMEANS_SAMPLE, 64 * cells):
         picked = np.random.default_rng(0).choice(len(members), max(KMEANS_SAMPLE, 64 * cells), replace=False)
         sample = members[np.sort(picked)]
-    model = MiniBatchKMeans(n_clusters=cells, random_state=0, n_init=3, batch_size=4096)
-    model.fit(normalized(vectors[sample]))
+    model = fitted_kmeans(vectors[sample], cells)
     return np.concatenate([model.predict(normalized(vectors[members[i:i + ROW_CHUNK]]))
                            for i in range(0, len(members), ROW_CHUNK)])
 
 
-def cluster_means(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean of the normalised vectors, mean vector length) of each cluster in `ids`.
+def fitted_kmeans(sample: np.ndarray, cells: int):
+    """MiniBatchKMeans with `cells` centres, fitted on the normalised sample vectors."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    return MiniBatchKMeans(n_clusters=cells, random_state=0, n_init=3, batch_size=4096).fit(normalized(sample))
+
+
+def cluster_sums(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(sum of the normalised vectors, sum of the vector lengths, crops) of each cluster in `ids`.
 
     One pass over the crops (a one-hot sparse matrix times the vectors, a chunk of rows at a
     time): a mask per cluster would read every crop once per cluster, and a block of a million
@@ -304,6 +312,12 @@ def cluster_means(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> t
         sums += one_hot @ normalized(chunk)
         lengths += one_hot @ np.linalg.norm(chunk, axis=1)
         counts += np.bincount(cluster, minlength=len(ids))
+    return sums, lengths, counts
+
+
+def cluster_means(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of the normalised vectors, mean vector length) of each cluster in `ids`."""
+    sums, lengths, counts = cluster_sums(vectors, labels, ids)
     return (sums / counts[:, None]).astype(np.float32), lengths / counts
 
 
@@ -313,86 +327,113 @@ PAIR_CHUNK = 2048  # rows per difference matrix of the cross-cluster passes (204
 
 def merge_close_clusters(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSettings,
                          differences: Differences) -> np.ndarray:
-    """Merge clusters whose mean vectors (imgutils' ccip_merge) differ by <= the threshold."""
+    """The labels of a block cut in cells, its clusters merged (merged_clusters) and its noise
+    attached to the merged clusters (attached)."""
     ids = np.unique(labels[labels >= 0])
     if len(ids) < 2:
         return labels
-    unit_means, lengths = cluster_means(vectors, labels, ids)
-    means = normalized(unit_means) * lengths[:, None].astype(np.float32)
-    pairs = []
-    for start in range(0, len(ids), PAIR_CHUNK):  # the clusters' pairs a chunk at a time: never clusters^2 floats
-        a, b = np.nonzero(differences.cross(means[start:start + PAIR_CHUNK], means) <= settings.threshold)
-        pairs.append((a + start, b))
-    a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-    _, merged = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids))),
-                                     directed=False)
+    sums, lengths, counts = cluster_sums(vectors, labels, ids)
+    merged = merged_clusters(sums, lengths, counts, settings, differences)
     clustered = labels >= 0
     labels = labels.copy()
     labels[clustered] = merged[np.searchsorted(ids, labels[clustered])]
-    return attach_noise(vectors, labels, settings, differences)
+    noise = np.flatnonzero(~clustered)
+    labels[noise] = attached(vectors, noise, merged_means(sums, counts, merged), settings, differences)
+    return labels
 
 
-def attach_noise(vectors: np.ndarray, labels: np.ndarray, settings: ClusterSettings,
-                 differences: Differences) -> np.ndarray:
-    """Give a noise crop of a split block the closest cluster whose mean is within the threshold.
+def merged_clusters(sums: np.ndarray, lengths: np.ndarray, counts: np.ndarray, settings: ClusterSettings,
+                    differences: Differences) -> np.ndarray:
+    """The merged cluster (0..m-1) of each cluster, from their cluster_sums: clusters whose mean
+    vectors (imgutils' ccip_merge) differ by <= the threshold, transitively, become one."""
+    unit_means, mean_lengths = (sums / counts[:, None]).astype(np.float32), lengths / counts
+    means = normalized(unit_means) * mean_lengths[:, None].astype(np.float32)
+    pairs = []
+    for start in range(0, len(means), PAIR_CHUNK):  # the clusters' pairs a chunk at a time: never clusters^2 floats
+        a, b = np.nonzero(differences.cross(means[start:start + PAIR_CHUNK], means) <= settings.threshold)
+        pairs.append((a + start, b))
+    a, b = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    _, merged = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(len(means), len(means))),
+                                     directed=False)
+    return merged
+
+
+def merged_means(sums: np.ndarray, counts: np.ndarray, merged: np.ndarray) -> np.ndarray:
+    """The mean normalised vector of each merged cluster, from its clusters' sums."""
+    one_hot = coo_matrix((np.ones(len(merged)), (merged, np.arange(len(merged)))),
+                         shape=(int(merged.max()) + 1, len(merged))).tocsr()
+    return ((one_hot @ sums) / (one_hot @ counts)[:, None]).astype(np.float32)
+
+
+def attached(vectors: np.ndarray, noise: np.ndarray, means: np.ndarray, settings: ClusterSettings,
+             differences: Differences) -> np.ndarray:
+    """The merged cluster of each noise crop (rows `noise` of `vectors`): the one whose mean is
+    closest, when within the threshold; else -1.
 
     A cell boundary can leave a few crops of an identity with fewer than min_samples
     neighbours in their cell; on the whole block they would have been border points.
     """
-    ids = np.unique(labels[labels >= 0])
-    noise = np.flatnonzero(labels < 0)
-    if len(ids) == 0 or len(noise) == 0:
-        return labels
-    means, _ = cluster_means(vectors, labels, ids)
+    found = np.full(len(noise), -1, dtype=np.int64)
     for start in range(0, len(noise), PAIR_CHUNK):
-        chunk = noise[start:start + PAIR_CHUNK]
-        diff = differences.cross(vectors[chunk], means)
+        diff = differences.cross(vectors[noise[start:start + PAIR_CHUNK]], means)
         best = diff.argmin(axis=1)
-        close = diff[np.arange(len(chunk)), best] <= settings.threshold
-        labels[chunk[close]] = ids[best[close]]
-    return labels
+        close = diff[np.arange(len(best)), best] <= settings.threshold
+        found[start:start + PAIR_CHUNK][close] = best[close]
+    return found
 
 
 WINDOW_ROWS = 200_000  # crops whose blocks are planned and clustered together (~600 MB of vectors)
 READ_ROWS = 50_000  # crops per batch read from DuckDB
 
 
-def cluster_blocks(cursor, settings: ClusterSettings, progress: Callable[[int], None] | None = None) -> pa.Table:
-    """Cluster the rows of `cursor` (key, crop, block, block_characters, vector), block by block.
+def cluster_blocks(con, table: str, settings: ClusterSettings,
+                   progress: Callable[[int], None] | None = None) -> pa.Table:
+    """Cluster the crops of the DuckDB table `table` (key, crop, block, block_characters,
+    vector), block by block. Cluster ids are unique across blocks; -1 is noise.
 
-    Rows must arrive ordered by block (a block seen again after others is an error: its pieces
-    would be clustered apart). They are cut into windows of whole blocks of about
-    WINDOW_ROWS crops (one larger block is a window alone), and all the sets of a window are
-    clustered at once, in parallel (SetRunner); `progress` is told the crops done after each
-    window. Cluster ids are unique across blocks; -1 is noise.
+    Blocks of up to WINDOW_ROWS crops are read in windows of whole blocks of about WINDOW_ROWS
+    crops, and all the sets of a window are clustered at once, in parallel (SetRunner). A larger
+    block is clustered by LargeBlock, a window of its k-means cells at a time: no more than about
+    a window's vectors are in memory, whatever the size of a block. `progress` is told the crops
+    done after each window.
     """
     differences = differences_for(settings.metric_model)  # the one the clustering here uses too
+    large = f'select block from "{table}" group by block having count(*) > $rows'
+    # ordered here: a table's scan need not return rows in the order they were written
+    # (curate's work database does not preserve insertion order)
+    small = con.sql(f'select key, crop, block, block_characters, vector from "{table}" '
+                    f"where block not in ({large}) order by block, key, crop", params={"rows": WINDOW_ROWS})
     out: list[pa.Table] = []
     offset = done = 0
-    last_block = None
-    for window, vectors in _windows(cursor):
-        last_block = _check_order(window["block"], last_block)
+    for window, vectors in _windows(small.to_arrow_reader(READ_ROWS), "block"):
         offset = _cluster_window(window, vectors, settings, differences, offset, out)
         done += window.num_rows
         if progress:
             progress(done)
+    for (block,) in con.execute(large + " order by block", {"rows": WINDOW_ROWS}).fetchall():
+        rows = LargeBlock(con, table, block, settings, differences).labels(progress, done)
+        cluster = rows["cluster"].to_numpy()
+        out.append(rows.set_column(2, "cluster", pa.array(np.where(cluster >= 0, cluster + offset, -1), pa.int32())))
+        offset += int(cluster.max()) + 1 if (cluster >= 0).any() else 0
+        done += rows.num_rows
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
-def _windows(cursor) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """(the rows but their vectors, the vectors) of windows of whole blocks, each of at least
-    WINDOW_ROWS rows but the last. Only the vectors of the window at work and of the batch
-    being read are in memory: the read batches are let go before a window is handed out."""
+def _windows(reader: pa.RecordBatchReader, unit: str) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(the rows but their vectors, the vectors) of windows of whole units (blocks, or cells of
+    a large block: the rows arrive ordered by `unit`), each of at least WINDOW_ROWS rows but the
+    last. Only the vectors of the window at work and of the batch being read are in memory: the
+    read batches are let go before a window is handed out."""
     pending: list[pa.RecordBatch] = []
     rows = 0
-    for batch in cursor.to_arrow_reader(READ_ROWS):
+    for batch in reader:
         pending.append(batch)
         rows += batch.num_rows
         if rows < WINDOW_ROWS:
             continue
         table = pa.Table.from_batches(pending)
-        # the last block may go on in the next batch: it waits for the next window
-        last = table.num_rows - pc.sum(pc.equal(table["block"], table["block"][-1])).as_py()
+        # the last unit may go on in the next batch: it waits for the next window
+        last = table.num_rows - pc.sum(pc.equal(table[unit], table[unit][-1])).as_py()
         if last > 0:
             window = _without_vectors(table.slice(0, last))
             pending, rows = table.slice(last).to_batches(), table.num_rows - last
@@ -402,17 +443,13 @@ def _windows(cursor) -> Iterator[tuple[pa.Table, np.ndarray]]:
         yield _without_vectors(pa.Table.from_batches(pending))
 
 
-def _check_order(blocks: pa.ChunkedArray, after: str | None) -> str:
-    """The window's last block; raises unless its blocks are in order and follow `after`."""
-    names = blocks.to_numpy(zero_copy_only=False)
-    if (after is not None and names[0] <= after) or not (names[1:] >= names[:-1]).all():
-        raise ValueError("cluster_blocks: crops must come ordered by block (ORDER BY block)")
-    return names[-1]
-
-
 def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    vectors = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in window["vector"].chunks])
-    return window.drop_columns(["vector"]), vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
+    return window.drop_columns(["vector"]), _vector_array(window["vector"])
+
+
+def _vector_array(column: pa.ChunkedArray) -> np.ndarray:
+    vectors = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks])
+    return vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
 
 
 def _cluster_window(window: pa.Table, vectors: np.ndarray, settings: ClusterSettings, differences: Differences,
@@ -440,6 +477,115 @@ def _cluster_window(window: pa.Table, vectors: np.ndarray, settings: ClusterSett
                          "cluster": pa.array(np.concatenate(labels).astype(np.int32)), "block": window["block"],
                          "block_characters": window["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA))
     return offset
+
+
+class LargeBlock:
+    """A block of more than WINDOW_ROWS crops, clustered as BlockPlan clusters a block cut in
+    k-means cells, without ever holding all its vectors: they are read from DuckDB four times.
+
+    1. a sample of the block (the first KMEANS_SAMPLE by a hash of key and crop) fits k-means;
+    2. each crop is assigned its cell (a batch at a time; only keys and cells are kept);
+    3. the crops are read ordered by cell, a window of whole cells at a time: each cell is
+       clustered alone (cut again if still larger than max_block), the sums of its clusters
+       (cluster_sums) are kept and its vectors let go;
+    4. the clusters are merged from their sums (merged_clusters), and the noise crops are read
+       once more to be attached to the merged clusters (attached).
+    """
+
+    def __init__(self, con, table: str, block: str, settings: ClusterSettings, differences: Differences) -> None:
+        self.con, self.table, self.block = con, table, block
+        self.settings, self.differences = settings, differences
+
+    def labels(self, progress: Callable[[int], None] | None = None, done_before: int = 0) -> pa.Table:
+        """The block's rows (OUTPUT_SCHEMA), cluster ids from 0; `progress` is told
+        done_before + the block's crops done after each window."""
+        self.con.register("large_block_cells", self._cells())
+        try:
+            rows, labels, ids, sums = self._cluster_cells(progress, done_before)
+        finally:
+            self.con.unregister("large_block_cells")
+        if len(ids) >= 2:
+            merged = merged_clusters(*sums, self.settings, self.differences)
+            clustered = labels >= 0
+            labels[clustered] = merged[np.searchsorted(ids, labels[clustered])]
+            self._attach_noise(rows, labels, merged_means(sums[0], sums[2], merged))
+        return pa.table({"key": rows["key"], "crop": rows["crop"].cast(pa.int32()),
+                         "cluster": pa.array(labels.astype(np.int32)), "block": rows["block"],
+                         "block_characters": rows["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA)
+
+    def _read(self, query: str) -> pa.RecordBatchReader:
+        return self.con.sql(query, params={"block": self.block}).to_arrow_reader(READ_ROWS)
+
+    def _cells(self) -> pa.Table:
+        """(key, crop, cell) of every crop; a crop whose embedding is not finite: cell 0."""
+        n = self.con.execute(f'select count(*) from "{self.table}" where block = $block',
+                             {"block": self.block}).fetchall()[0][0]
+        cells = math.ceil(n / self.settings.max_block)
+        sample = _vector_array(self.con.sql(
+            f'select vector from "{self.table}" where block = $block order by hash(key, crop), key, crop '
+            f"limit {max(KMEANS_SAMPLE, 64 * cells)}", params={"block": self.block}).to_arrow_table()["vector"])
+        sample = sample[np.isfinite(sample).all(axis=1)]
+        model = fitted_kmeans(sample, min(cells, len(sample))) if len(sample) else None
+        parts = []
+        for batch in self._read(f'select key, crop, vector from "{self.table}" where block = $block'):
+            vectors = _vector_array(pa.chunked_array([batch["vector"]]))
+            finite = np.isfinite(vectors).all(axis=1)
+            cell = np.zeros(len(vectors), dtype=np.int32)
+            if model is not None and finite.any():
+                cell[finite] = model.predict(normalized(vectors[finite]))
+            parts.append(pa.table({"key": batch["key"], "crop": batch["crop"], "cell": cell}))
+        return pa.concat_tables(parts)
+
+    def _cluster_cells(self, progress, done: int) -> tuple[pa.Table, np.ndarray, np.ndarray, tuple]:
+        """(the rows but their vectors, their labels, the cluster ids, the clusters' sums)."""
+        reader = self._read(f'select t.key, t.crop, t.block, t.block_characters, c.cell, t.vector '
+                            f'from "{self.table}" t join large_block_cells c using (key, crop) '
+                            f"where t.block = $block order by c.cell, t.key, t.crop")
+        rows, labels, ids, sums = [], [], [], []
+        next_id = 0
+        for window, vectors in _windows(reader, "cell"):
+            found = self._cluster_window(window, vectors, next_id)
+            next_id = int(found.max()) + 1 if (found >= 0).any() else next_id
+            ids.append(np.unique(found[found >= 0]))
+            sums.append(cluster_sums(vectors, found, ids[-1]))
+            rows.append(window.drop_columns(["cell"]))
+            labels.append(found)
+            done += window.num_rows
+            if progress:
+                progress(done)
+        return (pa.concat_tables(rows), np.concatenate(labels), np.concatenate(ids),
+                tuple(np.concatenate(part) for part in zip(*sums, strict=True)))
+
+    def _cluster_window(self, window: pa.Table, vectors: np.ndarray, next_id: int) -> np.ndarray:
+        """Labels of a window of whole cells, each clustered alone, ids from next_id."""
+        cells = window["cell"].to_numpy()
+        cuts = [0, *(np.flatnonzero(cells[1:] != cells[:-1]) + 1).tolist(), len(cells)]
+        plans = [BlockPlan(vectors[a:b], self.settings) for a, b in zip(cuts, cuts[1:], strict=False)]
+        runner = SetRunner(self.settings, in_tasks=len(vectors) >= PARALLEL_MIN_ROWS)
+        for plan in plans:
+            plan.cut()
+            runner.add(plan.sets())
+        found = iter(runner.labels())
+        labels = []
+        for plan in plans:
+            cell = plan.labels([next(found) for _ in plan.members], self.differences, merge=False)
+            labels.append(np.where(cell >= 0, cell + next_id, -1))
+            next_id += int(cell.max()) + 1 if (cell >= 0).any() else 0
+        return np.concatenate(labels)
+
+    def _attach_noise(self, rows: pa.Table, labels: np.ndarray, means: np.ndarray) -> None:
+        noise = np.flatnonzero(labels < 0)
+        self.con.register("large_block_noise", pa.table({"key": rows["key"].take(noise),
+                                                         "crop": rows["crop"].take(noise), "row": noise}))
+        try:
+            for batch in self._read(f'select n.row, t.vector from "{self.table}" t '
+                                    f"join large_block_noise n using (key, crop) where t.block = $block"):
+                vectors = _vector_array(pa.chunked_array([batch["vector"]]))
+                finite = np.flatnonzero(np.isfinite(vectors).all(axis=1))
+                row = batch["row"].to_numpy()[finite]
+                labels[row] = attached(vectors, finite, means, self.settings, self.differences)
+        finally:
+            self.con.unregister("large_block_noise")
 
 
 def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
