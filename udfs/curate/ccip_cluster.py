@@ -288,10 +288,14 @@ def kmeans_cells(vectors: np.ndarray, members: np.ndarray, cells: int) -> np.nda
 
 
 def fitted_kmeans(sample: np.ndarray, cells: int):
-    """MiniBatchKMeans with `cells` centres, fitted on the normalised sample vectors."""
+    """MiniBatchKMeans with `cells` centres, fitted on the sample vectors once normalised. The
+    sample is normalised in place (callers hand over a copy of their rows): a copy of a sample
+    of KMEANS_SAMPLE crops would be 300 MB more."""
     from sklearn.cluster import MiniBatchKMeans
 
-    return MiniBatchKMeans(n_clusters=cells, random_state=0, n_init=3, batch_size=4096).fit(normalized(sample))
+    norms = np.linalg.norm(sample, axis=1, keepdims=True)
+    sample /= np.where(norms > 0, norms, 1.0)
+    return MiniBatchKMeans(n_clusters=cells, random_state=0, n_init=3, batch_size=4096).fit(sample)
 
 
 def cluster_sums(vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -483,7 +487,7 @@ class LargeBlock:
     """A block of more than WINDOW_ROWS crops, clustered as BlockPlan clusters a block cut in
     k-means cells, without ever holding all its vectors: they are read from DuckDB four times.
 
-    1. a sample of the block (the first KMEANS_SAMPLE by a hash of key and crop) fits k-means;
+    1. a sample of the block (about KMEANS_SAMPLE crops, by a hash of key and crop) fits k-means;
     2. each crop is assigned its cell (a batch at a time; only keys and cells are kept);
     3. the crops are read ordered by cell, a window of whole cells at a time: each cell is
        clustered alone (cut again if still larger than max_block), the sums of its clusters
@@ -521,11 +525,16 @@ class LargeBlock:
         n = self.con.execute(f'select count(*) from "{self.table}" where block = $block',
                              {"block": self.block}).fetchall()[0][0]
         cells = math.ceil(n / self.settings.max_block)
-        sample = _vector_array(self.con.sql(
-            f'select vector from "{self.table}" where block = $block order by hash(key, crop), key, crop '
-            f"limit {max(KMEANS_SAMPLE, 64 * cells)}", params={"block": self.block}).to_arrow_table()["vector"])
+        # about KMEANS_SAMPLE crops, picked by a hash of where they are (the same on a rerun),
+        # read as a stream: an ORDER BY ... LIMIT would hold the sample in DuckDB as well
+        share = min(1.0, max(KMEANS_SAMPLE, 64 * cells) / n)
+        reader = self.con.sql(f'select vector from "{self.table}" where block = $block and hash(key, crop) <= $cut',
+                              params={"block": self.block, "cut": int(share * (2**64 - 1))}).to_arrow_reader(READ_ROWS)
+        sample = [_vector_array(pa.chunked_array([batch["vector"]])) for batch in reader]
+        sample = np.concatenate(sample) if sample else np.empty((0, schemas.CCIP_DIM), np.float32)
         sample = sample[np.isfinite(sample).all(axis=1)]
         model = fitted_kmeans(sample, min(cells, len(sample))) if len(sample) else None
+        del sample
         parts = []
         for batch in self._read(f'select key, crop, vector from "{self.table}" where block = $block'):
             vectors = _vector_array(pa.chunked_array([batch["vector"]]))
