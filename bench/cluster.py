@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import result  # noqa: E402
+from bench.results import memory_mib, result  # noqa: E402
 from schemas import CCIP_DIM  # noqa: E402
 from udfs.curate.ccip_cluster import ClusterSettings, cluster_blocks  # noqa: E402
 
@@ -93,7 +92,7 @@ def main() -> int:
     if args.child:
         warm_up()
         seconds, clusters = clustered(Path(args.child))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = memory_mib()
         print(json.dumps({"seconds": seconds, "clusters": clusters, "peak_mib": peak}))
         return 0
     if args.quick:

@@ -22,3 +22,11 @@ def alternated(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str,
             side()
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def memory_mib(field: str = "VmHWM") -> float:
+    """This process's peak RSS (VmHWM) or RSS now (VmRSS), in MiB. Not getrusage's ru_maxrss: on
+    Linux a child process starts with its parent's RSS at the fork as its peak."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024

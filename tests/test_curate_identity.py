@@ -352,12 +352,13 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
 
     one_window = labels()
     assert reported == [len(vectors)]
-    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 12)  # windows of fewer blocks (none larger than a window),
+    # windows of fewer blocks, none larger than a window: '' (12 crops) fills one, alice and bob (11 each) the next
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 12)
     monkeypatch.setattr(ccip_cluster, "READ_ROWS", 4)  # each block read in several batches
     per_block = labels()
     assert one_window == per_block
-    # each block a window alone (whole blocks, however the reads cut them), progress after each
-    assert reported == np.cumsum(np.unique(blocks, return_counts=True)[1]).tolist()
+    # whole blocks in each window, however the reads cut them; progress after each window
+    assert reported == [12, len(vectors)]
     clusters = {c for _, c in one_window.values()} - {-1}
     assert len(clusters) > 3
     for cluster in clusters:  # a cluster never spans two blocks

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -403,13 +404,10 @@ def cluster_blocks(con, table: str, settings: ClusterSettings,
     """
     differences = differences_for(settings.metric_model)  # the one the clustering here uses too
     large = f'select block from "{table}" group by block having count(*) > $rows'
-    # ordered here: a table's scan need not return rows in the order they were written
-    # (curate's work database does not preserve insertion order)
-    small = con.sql(f'select key, crop, block, block_characters, vector from "{table}" '
-                    f"where block not in ({large}) order by block, key, crop", params={"rows": WINDOW_ROWS})
+    small = f'select key, crop, block, block_characters, vector from "{table}" where block not in ({large})'
     out: list[pa.Table] = []
     offset = done = 0
-    for window, vectors in _windows(small.to_arrow_reader(READ_ROWS), "block"):
+    for window, vectors in ordered_windows(con, small, {"rows": WINDOW_ROWS}, "block, key, crop", "block"):
         offset = _cluster_window(window, vectors, settings, differences, offset, out)
         done += window.num_rows
         if progress:
@@ -423,32 +421,98 @@ def cluster_blocks(con, table: str, settings: ClusterSettings,
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
-def _windows(reader: pa.RecordBatchReader, unit: str) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """(the rows but their vectors, the vectors) of windows of whole units (blocks, or cells of
-    a large block: the rows arrive ordered by `unit`), each of at least WINDOW_ROWS rows but the
-    last. Only the vectors of the window at work and of the batch being read are in memory: the
-    read batches are let go before a window is handed out."""
-    pending: list[pa.RecordBatch] = []
-    rows = 0
-    for batch in reader:
-        pending.append(batch)
-        rows += batch.num_rows
-        if rows < WINDOW_ROWS:
-            continue
-        table = pa.Table.from_batches(pending)
-        # the last unit may go on in the next batch: it waits for the next window
-        last = table.num_rows - pc.sum(pc.equal(table[unit], table[unit][-1])).as_py()
-        if last > 0:
-            window = _without_vectors(table.slice(0, last))
-            pending, rows = table.slice(last).to_batches(), table.num_rows - last
-            del table
-            yield window
-    if rows:
-        yield _without_vectors(pa.Table.from_batches(pending))
+def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(the rows but their vectors, the vectors) of the rows of the query `source` (with key,
+    crop and vector columns) in `order_by` order, a window of whole units (blocks, or cells of a
+    large block) at a time, each window of at least WINDOW_ROWS rows but the last.
+
+    DuckDB does not sort the vectors: an ORDER BY with 3 KB of vector a row does not spill well
+    (DuckDB 2.0: Out of Memory once the vectors outgrow memory_limit). Only the keys are sorted,
+    which gives each row its window and place; the vectors are read once, in storage order, into
+    a file per window (Arrow IPC, under DuckDB's temp directory), and each window is put in order
+    in memory when it is read back."""
+    con.execute(f"create or replace temp table window_rows as "
+                f"select key, crop, row_number() over (order by {order_by}) as place, "
+                f"dense_rank() over (order by {unit}) as unit_number from ({source})", params)
+    sizes = con.execute("select unit_number, count(*) as n from window_rows group by unit_number "
+                        "order by unit_number").fetchnumpy()
+    con.register("unit_windows", pa.table({"unit_number": sizes["unit_number"],
+                                           "window": _windows_of_units(sizes["n"])}))
+    con.execute("create or replace temp table row_windows as select r.key, r.crop, w.window, r.place "
+                "from window_rows r join unit_windows w using (unit_number)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="booruset-windows-", dir=_spill_dir(con)) as folder:
+            # the hash table on row_windows (keys), never on the rows with their vectors: with
+            # the same row counts on both sides, DuckDB's optimizer may pick either
+            con.execute("set disabled_optimizers = 'join_order,build_side_probe_side'")
+            try:
+                files = _scatter(con.sql(f"select r.window, r.place, s.* from ({source}) s "
+                                         f"join row_windows r on r.key = s.key and r.crop = s.crop",
+                                         params=params).to_arrow_reader(READ_ROWS), Path(folder))
+            finally:
+                con.execute("reset disabled_optimizers")
+            for path in files:
+                with pa.ipc.open_stream(path) as stream:
+                    rows = stream.read_all()
+                path.unlink()
+                rows = rows.take(pc.sort_indices(rows["place"])).drop_columns(["window", "place"])
+                yield _without_vectors(rows)
+    finally:
+        con.unregister("unit_windows")
+        con.execute("drop table if exists window_rows; drop table if exists row_windows")
+
+
+def _windows_of_units(sizes: np.ndarray) -> np.ndarray:
+    """The window of each unit, in order: a window closes once it holds WINDOW_ROWS rows."""
+    windows = np.empty(len(sizes), dtype=np.int64)
+    window = rows = 0
+    for i, size in enumerate(sizes.tolist()):
+        windows[i] = window
+        rows += size
+        if rows >= WINDOW_ROWS:
+            window, rows = window + 1, 0
+    return windows
+
+
+def _scatter(reader: pa.RecordBatchReader, folder: Path) -> list[Path]:
+    """Each batch's rows appended to the file of their window; the files in window order."""
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    try:
+        for batch in reader:
+            window = batch["window"].to_numpy()
+            order = np.argsort(window, kind="stable")
+            batch, window = batch.take(pa.array(order)), window[order]
+            starts = [0, *(np.flatnonzero(window[1:] != window[:-1]) + 1).tolist(), len(window)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                if int(window[a]) not in writers:
+                    writers[int(window[a])] = pa.ipc.new_stream(folder / f"{int(window[a]):06d}.arrow", batch.schema)
+                writers[int(window[a])].write_batch(batch.slice(a, b - a))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return [folder / f"{w:06d}.arrow" for w in sorted(writers)]
+
+
+def _finite(vectors: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(vectors).all(axis=1)
+    return vectors if finite.all() else vectors[finite]
+
+
+def _spill_dir(con) -> str | None:
+    """DuckDB's temp directory (curate's is on the work database's disk), made if missing."""
+    folder = con.execute("select current_setting('temp_directory')").fetchall()[0][0]
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    return window.drop_columns(["vector"]), _vector_array(window["vector"])
+    """(the other columns, copied, the vectors). Copied: slices of what was read would keep the
+    whole read buffer, its vectors included, alive as long as the keys are kept (to the end)."""
+    rest = window.drop_columns(["vector"])
+    return (pa.table([pa.concat_arrays(column.chunks) for column in rest.columns], names=rest.column_names),
+            _vector_array(window["vector"]))
 
 
 def _vector_array(column: pa.ChunkedArray) -> np.ndarray:
@@ -530,9 +594,8 @@ class LargeBlock:
         share = min(1.0, max(KMEANS_SAMPLE, 64 * cells) / n)
         reader = self.con.sql(f'select vector from "{self.table}" where block = $block and hash(key, crop) <= $cut',
                               params={"block": self.block, "cut": int(share * (2**64 - 1))}).to_arrow_reader(READ_ROWS)
-        sample = [_vector_array(pa.chunked_array([batch["vector"]])) for batch in reader]
+        sample = [_finite(_vector_array(pa.chunked_array([batch["vector"]]))) for batch in reader]
         sample = np.concatenate(sample) if sample else np.empty((0, schemas.CCIP_DIM), np.float32)
-        sample = sample[np.isfinite(sample).all(axis=1)]
         model = fitted_kmeans(sample, min(cells, len(sample))) if len(sample) else None
         del sample
         parts = []
@@ -542,17 +605,18 @@ class LargeBlock:
             cell = np.zeros(len(vectors), dtype=np.int32)
             if model is not None and finite.any():
                 cell[finite] = model.predict(normalized(vectors[finite]))
-            parts.append(pa.table({"key": batch["key"], "crop": batch["crop"], "cell": cell}))
+            # copies of the keys (see _without_vectors)
+            parts.append(pa.table({"key": pa.concat_arrays([batch["key"]]), "crop": pa.concat_arrays([batch["crop"]]),
+                                   "cell": cell}))
         return pa.concat_tables(parts)
 
     def _cluster_cells(self, progress, done: int) -> tuple[pa.Table, np.ndarray, np.ndarray, tuple]:
         """(the rows but their vectors, their labels, the cluster ids, the clusters' sums)."""
-        reader = self._read(f'select t.key, t.crop, t.block, t.block_characters, c.cell, t.vector '
-                            f'from "{self.table}" t join large_block_cells c using (key, crop) '
-                            f"where t.block = $block order by c.cell, t.key, t.crop")
+        source = (f'select t.key, t.crop, t.block, t.block_characters, c.cell, t.vector '
+                  f'from "{self.table}" t join large_block_cells c using (key, crop) where t.block = $block')
         rows, labels, ids, sums = [], [], [], []
         next_id = 0
-        for window, vectors in _windows(reader, "cell"):
+        for window, vectors in ordered_windows(self.con, source, {"block": self.block}, "cell, key, crop", "cell"):
             found = self._cluster_window(window, vectors, next_id)
             next_id = int(found.max()) + 1 if (found >= 0).any() else next_id
             ids.append(np.unique(found[found >= 0]))
