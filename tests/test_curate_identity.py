@@ -419,3 +419,30 @@ def test_a_block_larger_than_a_window_clusters_as_a_block_cut_in_memory(monkeypa
     assert _same_partition(streamed["cluster"].to_pylist(), list(truth))
     assert _same_partition(in_memory, list(truth))
     assert len(reported) > 2 and reported[-1] == len(vectors) and reported == sorted(reported)
+
+
+def test_crops_whose_vectors_outgrow_duckdbs_memory_limit_are_clustered(tmp_path, monkeypatch):
+    # DuckDB 2.0 cannot sort rows of 3 KB vectors once they outgrow memory_limit (Out of Memory,
+    # it does not spill them): the vectors are never sorted in DuckDB. 20,000 crops, 61 MB of
+    # vectors, under a 32 MB limit; blocks of 20 crops of two identities each
+    from udfs.curate import ccip_cluster
+
+    rng = np.random.default_rng(14)
+    n, per_block = 20_000, 20
+    centres = rng.standard_normal((n // 10, CCIP_DIM)).astype(np.float32)
+    vectors = np.repeat(centres, 10, axis=0) + 0.01 * rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
+    crops = pa.table({"key": [f"k{i:06d}" for i in range(n)], "crop": pa.array(np.zeros(n), pa.int32()),
+                      "block": [f"b{i // per_block:05d}" for i in range(n)],
+                      "block_characters": pa.array(np.ones(n), pa.int32()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), CCIP_DIM)})
+    con = curate.open_database(tmp_path / "work.duckdb", {"memory_limit": "1GB", "threads": 2})
+    con.register("crops_arrow", crops)
+    con.execute("create table cluster_crops as select * from crops_arrow")
+    con.unregister("crops_arrow")
+    con.execute("set memory_limit = '32MB'")
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 5000)
+    monkeypatch.setattr(ccip_cluster, "READ_ROWS", 1000)
+    settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2)
+    got = curate.crop_clusters(con, settings).sort_by("key")
+    assert got["key"].to_pylist() == crops["key"].to_pylist()
+    assert _same_partition(got["cluster"].to_pylist(), np.arange(n) // 10)
