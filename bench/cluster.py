@@ -123,7 +123,7 @@ def main() -> int:
             print(f"{n:,} crops: in Ray tasks {ours[n]:.1f} s ({ours[n] / n * 1e6:,.0f} s per million crops), "
                   f"one process {serial:.1f} s ({serial / n * 1e6:,.0f} s per million), "
                   f"speed-up {serial / ours[n]:.2f} on {cores} cores; one process peaks at {max(peaks):,.0f} MiB "
-                  "(DuckDB's sort of the crops included)",
+                  "(DuckDB's memory included)",
                   flush=True)
     small, big = ours[args.crops // 4], ours[args.crops]
     print(result("cluster_tasks_per_core_vs_one_process", serial / big / cores, GOAL_PER_CORE))

@@ -367,7 +367,7 @@ def test_blocks_clustered_in_several_windows_label_as_in_one(monkeypatch):
 
 def test_crops_stored_out_of_block_order_are_clustered_by_whole_blocks(tmp_path, monkeypatch):
     # the work database does not keep insertion order, and a parallel scan of a large table
-    # interleaves its row groups: the job must order the crops by block where it reads them
+    # interleaves its row groups: cluster_blocks must put the crops in block order itself
     from udfs.curate import ccip_cluster
 
     rng = np.random.default_rng(12)
@@ -383,7 +383,7 @@ def test_crops_stored_out_of_block_order_are_clustered_by_whole_blocks(tmp_path,
     settings = ccip_cluster.ClusterSettings(method="dbscan", eps=0.1, min_samples=2, max_block=10, threshold=0.1)
     con.execute("create table ordered as select * from crops_arrow order by block, key")
     whole = ccip_cluster.cluster_blocks(con, "ordered", settings)
-    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 15)  # a window per block: a block cut in pieces would show
+    monkeypatch.setattr(ccip_cluster, "WINDOW_ROWS", 15)  # two windows: a block cut in pieces would show
     got = curate.crop_clusters(con, settings)
     assert got.sort_by("key").to_pylist() == whole.sort_by("key").to_pylist()
     assert len(set(whole["cluster"].to_pylist()) - {-1}) > 3
