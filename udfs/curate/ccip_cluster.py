@@ -21,6 +21,7 @@ model imgutils' ccip_batch_differences runs) when one is configured.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import tempfile
@@ -442,15 +443,10 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
                 "from window_rows r join unit_windows w using (unit_number)")
     try:
         with tempfile.TemporaryDirectory(prefix="booruset-windows-", dir=_spill_dir(con)) as folder:
-            # the hash table on row_windows (keys), never on the rows with their vectors: with
-            # the same row counts on both sides, DuckDB's optimizer may pick either
-            con.execute("set disabled_optimizers = 'join_order,build_side_probe_side'")
-            try:
+            with _joins_as_written(con):
                 files = _scatter(con.sql(f"select r.window, r.place, s.* from ({source}) s "
                                          f"join row_windows r on r.key = s.key and r.crop = s.crop",
                                          params=params).to_arrow_reader(READ_ROWS), Path(folder))
-            finally:
-                con.execute("reset disabled_optimizers")
             for path in files:
                 with pa.ipc.open_stream(path) as stream:
                     rows = stream.read_all()
@@ -460,6 +456,19 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
     finally:
         con.unregister("unit_windows")
         con.execute("drop table if exists window_rows; drop table if exists row_windows")
+
+
+@contextlib.contextmanager
+def _joins_as_written(con) -> Iterator[None]:
+    """Each join's hash table on its right side as written (the keys), never on the rows with
+    their vectors: with about as many rows on both sides, DuckDB's optimizer may pick either.
+    Whatever the queries read must be drained inside (a setting cannot change under an open
+    result)."""
+    con.execute("set disabled_optimizers = 'join_order,build_side_probe_side'")
+    try:
+        yield
+    finally:
+        con.execute("reset disabled_optimizers")
 
 
 def _windows_of_units(sizes: np.ndarray) -> np.ndarray:
@@ -650,13 +659,15 @@ class LargeBlock:
         noise = np.flatnonzero(labels < 0)
         self.con.register("large_block_noise", pa.table({"key": rows["key"].take(noise),
                                                          "crop": rows["crop"].take(noise), "row": noise}))
+        query = (f'select n.row, t.vector from "{self.table}" t '
+                 f"join large_block_noise n using (key, crop) where t.block = $block")
         try:
-            for batch in self._read(f'select n.row, t.vector from "{self.table}" t '
-                                    f"join large_block_noise n using (key, crop) where t.block = $block"):
-                vectors = _vector_array(pa.chunked_array([batch["vector"]]))
-                finite = np.flatnonzero(np.isfinite(vectors).all(axis=1))
-                row = batch["row"].to_numpy()[finite]
-                labels[row] = attached(vectors, finite, means, self.settings, self.differences)
+            with _joins_as_written(self.con):
+                for batch in self._read(query):
+                    vectors = _vector_array(pa.chunked_array([batch["vector"]]))
+                    finite = np.flatnonzero(np.isfinite(vectors).all(axis=1))
+                    row = batch["row"].to_numpy()[finite]
+                    labels[row] = attached(vectors, finite, means, self.settings, self.differences)
         finally:
             self.con.unregister("large_block_noise")
 
