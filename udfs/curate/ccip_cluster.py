@@ -508,9 +508,10 @@ def _finite(vectors: np.ndarray) -> np.ndarray:
 
 
 def _spill_dir(con) -> str | None:
-    """DuckDB's temp directory (curate's is on the work database's disk), made if missing."""
+    """DuckDB's temp directory (curate's is on the work database's disk), made if missing; None
+    (the system's) for an in-memory database, whose default is '.tmp' in the working directory."""
     folder = con.execute("select current_setting('temp_directory')").fetchall()[0][0]
-    if not folder:
+    if not folder or not Path(folder).is_absolute():
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     return folder
