@@ -409,15 +409,17 @@ def cluster_blocks(con, table: str, settings: ClusterSettings,
     out: list[pa.Table] = []
     offset = done = 0
     for window, vectors in ordered_windows(con, small, {"rows": WINDOW_ROWS}, "block, key, crop", "block"):
-        offset = _cluster_window(window, vectors, settings, differences, offset, out)
+        labels = _unit_labels(window["block"].to_numpy(zero_copy_only=False), vectors, settings, differences, offset)
+        out.append(_output(window, labels))
+        offset = _next_id(labels, offset)
         done += window.num_rows
         if progress:
             progress(done)
     for (block,) in con.execute(large + " order by block", {"rows": WINDOW_ROWS}).fetchall():
-        rows = LargeBlock(con, table, block, settings, differences).labels(progress, done)
-        cluster = rows["cluster"].to_numpy()
-        out.append(rows.set_column(2, "cluster", pa.array(np.where(cluster >= 0, cluster + offset, -1), pa.int32())))
-        offset += int(cluster.max()) + 1 if (cluster >= 0).any() else 0
+        rows, labels = LargeBlock(con, table, block, settings, differences).labels(progress, done)
+        labels = np.where(labels >= 0, labels + offset, -1)
+        out.append(_output(rows, labels))
+        offset = _next_id(labels, offset)
         done += rows.num_rows
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
@@ -530,14 +532,15 @@ def _vector_array(column: pa.ChunkedArray) -> np.ndarray:
     return vectors.reshape(-1, schemas.CCIP_DIM).astype(np.float32, copy=False)
 
 
-def _cluster_window(window: pa.Table, vectors: np.ndarray, settings: ClusterSettings, differences: Differences,
-                    offset: int, out: list[pa.Table]) -> int:
-    """Cluster a window's blocks into `out`, their cluster ids from `offset`; the next offset.
+def _unit_labels(units: np.ndarray, vectors: np.ndarray, settings: ClusterSettings, differences: Differences,
+                 first_id: int, merge: bool = True) -> np.ndarray:
+    """Labels (-1: noise) of a window's units, the runs of equal `units` (blocks, or a large
+    block's cells), each clustered alone, cluster ids from first_id; the cells a unit is cut in
+    merged unless `merge` is false (BlockPlan.labels).
 
-    The sets of blocks that need no k-means are sent first, so that their tasks run while the
-    large blocks are cut into cells."""
-    names = window["block"].to_numpy(zero_copy_only=False)
-    cuts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), window.num_rows]
+    The sets of units that need no k-means are sent first, so that their tasks run while the
+    large units are cut into cells."""
+    cuts = [0, *(np.flatnonzero(units[1:] != units[:-1]) + 1).tolist(), len(units)]
     plans = [BlockPlan(vectors[a:b], settings) for a, b in zip(cuts, cuts[1:], strict=False)]
     runner = SetRunner(settings, in_tasks=len(vectors) >= PARALLEL_MIN_ROWS)
     order = [p for p in plans if not p.split] + [p for p in plans if p.split]
@@ -546,15 +549,23 @@ def _cluster_window(window: pa.Table, vectors: np.ndarray, settings: ClusterSett
         runner.add(plan.sets())
     found = iter(runner.labels())
     set_labels = {id(plan): [next(found) for _ in plan.members] for plan in order}
-    labels = []
+    labels, next_id = [], first_id
     for plan in plans:
-        block = plan.labels(set_labels[id(plan)], differences)
-        labels.append(np.where(block >= 0, block + offset, -1))
-        offset += int(block.max()) + 1 if (block >= 0).any() else 0
-    out.append(pa.table({"key": window["key"], "crop": window["crop"].cast(pa.int32()),
-                         "cluster": pa.array(np.concatenate(labels).astype(np.int32)), "block": window["block"],
-                         "block_characters": window["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA))
-    return offset
+        unit = plan.labels(set_labels[id(plan)], differences, merge)
+        labels.append(np.where(unit >= 0, unit + next_id, -1))
+        next_id += int(unit.max()) + 1 if (unit >= 0).any() else 0
+    return np.concatenate(labels)
+
+
+def _next_id(labels: np.ndarray, first_id: int) -> int:
+    """The first cluster id after those of `labels` (first_id when all are noise)."""
+    return int(labels.max()) + 1 if (labels >= 0).any() else first_id
+
+
+def _output(rows: pa.Table, labels: np.ndarray) -> pa.Table:
+    return pa.table({"key": rows["key"], "crop": rows["crop"].cast(pa.int32()),
+                     "cluster": pa.array(labels.astype(np.int32)), "block": rows["block"],
+                     "block_characters": rows["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA)
 
 
 class LargeBlock:
@@ -574,9 +585,10 @@ class LargeBlock:
         self.con, self.table, self.block = con, table, block
         self.settings, self.differences = settings, differences
 
-    def labels(self, progress: Callable[[int], None] | None = None, done_before: int = 0) -> pa.Table:
-        """The block's rows (OUTPUT_SCHEMA), cluster ids from 0; `progress` is told
-        done_before + the block's crops done after each window."""
+    def labels(self, progress: Callable[[int], None] | None = None,
+               done_before: int = 0) -> tuple[pa.Table, np.ndarray]:
+        """(the block's rows but their vectors, their labels: cluster ids from 0, -1 noise);
+        `progress` is told done_before + the block's crops done after each window."""
         self.con.register("large_block_cells", self._cells())
         try:
             rows, labels, ids, sums = self._cluster_cells(progress, done_before)
@@ -587,9 +599,7 @@ class LargeBlock:
             clustered = labels >= 0
             labels[clustered] = merged[np.searchsorted(ids, labels[clustered])]
             self._attach_noise(rows, labels, merged_means(sums[0], sums[2], merged))
-        return pa.table({"key": rows["key"], "crop": rows["crop"].cast(pa.int32()),
-                         "cluster": pa.array(labels.astype(np.int32)), "block": rows["block"],
-                         "block_characters": rows["block_characters"].cast(pa.int32())}, schema=OUTPUT_SCHEMA)
+        return rows, labels
 
     def _read(self, query: str) -> pa.RecordBatchReader:
         return self.con.sql(query, params={"block": self.block}).to_arrow_reader(READ_ROWS)
@@ -627,8 +637,9 @@ class LargeBlock:
         rows, labels, ids, sums = [], [], [], []
         next_id = 0
         for window, vectors in ordered_windows(self.con, source, {"block": self.block}, "cell, key, crop", "cell"):
-            found = self._cluster_window(window, vectors, next_id)
-            next_id = int(found.max()) + 1 if (found >= 0).any() else next_id
+            found = _unit_labels(window["cell"].to_numpy(), vectors, self.settings, self.differences, next_id,
+                                 merge=False)  # the block merges the clusters of all its cells at its end
+            next_id = _next_id(found, next_id)
             ids.append(np.unique(found[found >= 0]))
             sums.append(cluster_sums(vectors, found, ids[-1]))
             rows.append(window.drop_columns(["cell"]))
@@ -638,23 +649,6 @@ class LargeBlock:
                 progress(done)
         return (pa.concat_tables(rows), np.concatenate(labels), np.concatenate(ids),
                 tuple(np.concatenate(part) for part in zip(*sums, strict=True)))
-
-    def _cluster_window(self, window: pa.Table, vectors: np.ndarray, next_id: int) -> np.ndarray:
-        """Labels of a window of whole cells, each clustered alone, ids from next_id."""
-        cells = window["cell"].to_numpy()
-        cuts = [0, *(np.flatnonzero(cells[1:] != cells[:-1]) + 1).tolist(), len(cells)]
-        plans = [BlockPlan(vectors[a:b], self.settings) for a, b in zip(cuts, cuts[1:], strict=False)]
-        runner = SetRunner(self.settings, in_tasks=len(vectors) >= PARALLEL_MIN_ROWS)
-        for plan in plans:
-            plan.cut()
-            runner.add(plan.sets())
-        found = iter(runner.labels())
-        labels = []
-        for plan in plans:
-            cell = plan.labels([next(found) for _ in plan.members], self.differences, merge=False)
-            labels.append(np.where(cell >= 0, cell + next_id, -1))
-            next_id += int(cell.max()) + 1 if (cell >= 0).any() else 0
-        return np.concatenate(labels)
 
     def _attach_noise(self, rows: pa.Table, labels: np.ndarray, means: np.ndarray) -> None:
         noise = np.flatnonzero(labels < 0)
