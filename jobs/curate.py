@@ -19,6 +19,7 @@ import resource
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -145,21 +146,36 @@ def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: 
 
 def build_duplicates(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
     run_model(con, "060_phash_pairs", params)
-    run_model(con, "061_embedding_vectors", params)
-    con.execute("create or replace table embedding_candidates (id_a bigint, id_b bigint)")
-    if float(opts["embedding_similarity"]) > 0:
-        for part in near_duplicates.embedding_candidates(
-                con, int(opts["lsh_tables"]), int(opts["lsh_bits"]), int(opts["lsh_window"])):
-            con.register("candidates_arrow", part)
-            con.execute("insert into embedding_candidates select * from candidates_arrow")
-            con.unregister("candidates_arrow")
-    run_model(con, "061_embedding_pairs", params)
+    build_embedding_pairs(con, params, opts)
     run_model(con, "062_exact_pairs", params)
     components = near_duplicates.components(con, ["phash_pairs", "embedding_pairs", "exact_pairs"])
     con.register("duplicate_components_arrow", components)
     con.execute("create or replace table duplicate_components as select * from duplicate_components_arrow")
     con.unregister("duplicate_components_arrow")
     run_model(con, "063_duplicates", params)
+
+
+def build_embedding_pairs(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
+    """embedding_pairs: LSH candidates (near_duplicates.EmbeddingVectors) whose vectors are similar."""
+    run_model(con, "061_embedding_ids", params)
+    for table in ("embedding_candidates", "similar_embeddings"):
+        con.execute(f"create or replace table {table} (id_a bigint, id_b bigint)")
+    if float(opts["embedding_similarity"]) > 0:
+        query, _, wanted = model_sql("061_embedding_vectors", params)
+        with near_duplicates.EmbeddingVectors(con, query, wanted, int(opts["lsh_tables"]),
+                                              int(opts["lsh_bits"])) as vectors:
+            insert_parts(con, "embedding_candidates", vectors.candidates(int(opts["lsh_window"])))
+            with con.cursor() as cursor:  # read there while the job's connection inserts
+                pairs = cursor.sql("select distinct id_a, id_b from embedding_candidates").to_arrow_reader(500_000)
+                insert_parts(con, "similar_embeddings", vectors.similar(pairs, float(opts["embedding_similarity"])))
+    run_model(con, "061_embedding_pairs", params)
+
+
+def insert_parts(con: duckdb.DuckDBPyConnection, table: str, parts: Iterable[pa.Table]) -> None:
+    for part in parts:
+        con.register("part_arrow", part)
+        con.execute(f'insert into "{table}" select * from part_arrow')
+        con.unregister("part_arrow")
 
 
 def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:

@@ -1,11 +1,7 @@
 -- embedding_pairs: image pairs whose whole-image embeddings have cosine similarity
--- >= $embedding_similarity. Only the candidate pairs of the LSH step (embedding_candidates,
--- written by the job: ids that share a bucket in at least one table) are compared.
-with candidates as (
-    select distinct id_a, id_b from embedding_candidates
-)
-select va.key as key_a, vb.key as key_b
-from candidates c
-join embedding_vectors va on va.id = c.id_a
-join embedding_vectors vb on vb.id = c.id_b
-where array_cosine_similarity(va.vector, vb.vector) >= $embedding_similarity
+-- >= curate.embedding_similarity: the pairs udfs/curate/near_duplicates.py found among the LSH
+-- candidates (similar_embeddings, written by the job as ids), as keys.
+select a.key as key_a, b.key as key_b
+from similar_embeddings s
+join embedding_ids a on a.id = s.id_a
+join embedding_ids b on b.id = s.id_b

@@ -1,11 +1,8 @@
--- embedding_vectors: one whole-image embedding per image with a dense integer id (0..n-1), the
--- input of the LSH step (udfs/curate/near_duplicates.py), which pairs ids, not keys. Empty when
--- embedding duplicates are off ($embedding_similarity = 0).
-with whole_image as (
-    select key, any_value(vector)::float[768] as vector  -- Parquet gives a list; CCIP vectors are 768 floats
-    from embeddings
-    where $embedding_similarity > 0 and crop = -1 and ($embedding_model = '' or model = $embedding_model)
-    group by key
-)
-select (row_number() over (order by key) - 1)::bigint as id, key, vector
-from whole_image
+-- embedding_vectors: the whole-image vector of each embedding_ids id, in storage order. Not a
+-- table: udfs/curate/near_duplicates.py streams it once. DuckDB cannot spill a sort, aggregate
+-- or hash table whose rows carry 768-float vectors (Out of Memory once they outgrow
+-- memory_limit), so the vectors are only streamed through a join whose hash table holds the ids.
+select i.id, e.vector
+from embeddings e
+join embedding_ids i on i.key = e.key and i.model = e.model
+where e.crop = -1

@@ -244,10 +244,15 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
 
 
 # ---- bounds on similar pictures ---------------------------------------------------------------
-def _vectors_table(con, vectors):
+def _embedding_vectors(con, vectors, tables, bits):
+    """near_duplicates.EmbeddingVectors over `vectors` (ids 0..n-1) as the job's SQL gives them."""
+    from udfs.curate import near_duplicates
+
     con.register("vectors_arrow", pa.table({"id": np.arange(len(vectors)),
                                             "vector": pa.array(list(vectors), pa.list_(pa.float32(), CCIP_DIM))}))
-    con.execute("create table embedding_vectors as select * from vectors_arrow")
+    con.execute("create table vectors as select * from vectors_arrow")
+    con.execute("create table embedding_ids as select id from vectors")
+    return near_duplicates.EmbeddingVectors(con, "select id, vector from vectors", {}, tables, bits)
 
 
 def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
@@ -255,21 +260,46 @@ def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
     vector and table instead of 4.5 million pairs; planted near copies among random vectors are all found."""
     import duckdb
 
-    from udfs.curate import near_duplicates
-
     rng = np.random.default_rng(8)
     base = unit_vector(rng)
     similar = [unit_vector(rng, base, 0.001) for _ in range(3000)]
     randoms = [unit_vector(rng) for _ in range(400)]
     copies = [unit_vector(rng, v, 0.002) for v in randoms[:40]]  # ids 3400.. are copies of 3000..
     con = duckdb.connect()
-    _vectors_table(con, similar + randoms + copies)
-    pairs = pa.concat_tables(near_duplicates.embedding_candidates(con, tables=8, bits=16, window=5))
+    with _embedding_vectors(con, similar + randoms + copies, tables=8, bits=16) as vectors:
+        pairs = pa.concat_tables(vectors.candidates(window=5))
     assert pairs.num_rows <= 3440 * 5 * 8
     found = set(zip(pairs["id_a"].to_pylist(), pairs["id_b"].to_pylist(), strict=True))
     assert {(3000 + i, 3400 + i) for i in range(40)} <= found
     linked = {i for pair in found for i in pair if i < 3000}
     assert len(linked) == 3000  # every similar vector is compared with some neighbour
+
+
+def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(workspace, tmp_path, monkeypatch):
+    # DuckDB 2.0 cannot spill a sort, aggregate or hash table whose rows carry 3 KB vectors: the
+    # old SQL (vectors grouped by key, numbered by a window, joined to the candidate pairs) ran
+    # Out of Memory. 20,000 images, 61 MB of vectors in parts of 1,000 rows (as annotate writes
+    # them) under a 32 MB limit; every 10th image has a near copy, the rest are unrelated
+    from udfs.curate import near_duplicates
+
+    monkeypatch.setattr(near_duplicates, "READ_ROWS", 1000)  # what a read holds in DuckDB: 3 MB
+    rng = np.random.default_rng(15)
+    n = 20_000
+    vectors = rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
+    vectors[1::10] = vectors[::10] + 0.05 * rng.standard_normal((n // 10, CCIP_DIM)).astype(np.float32)
+    keys = [f"k{i:06d}" for i in range(n)]
+    for start in range(0, n, 1000):
+        rows = slice(start, start + 1000)
+        workspace.add_part("embeddings", f"p{start}", pa.table({
+            "key": keys[rows], "crop": pa.array(np.full(1000, -1), pa.int32()), "model": ["ccip"] * 1000,
+            **{side: pa.array(np.full(1000, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].reshape(-1)), CCIP_DIM)}))
+    opts = curate_config(workspace)["curate"]
+    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "32MB"})
+    curate.attach_inputs(con, workspace)
+    curate.build_embedding_pairs(con, curate.sql_params(opts), opts)
+    got = set(con.execute("select key_a, key_b from embedding_pairs").fetchall())
+    assert got == {(keys[i], keys[i + 1]) for i in range(0, n, 10)}
 
 
 @pytest.mark.parametrize("kmeans_sample", [100_000, 500])  # all rows; or k-means fitted on a sample of them

@@ -21,7 +21,6 @@ model imgutils' ccip_batch_differences runs) when one is configured.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import tempfile
@@ -38,6 +37,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 import schemas
+from udfs.curate.work_database import joins_as_written, spill_dir
 
 OUTPUT_SCHEMA = pa.schema([("key", pa.string()), ("crop", pa.int32()), ("cluster", pa.int32()),
                            ("block", pa.string()), ("block_characters", pa.int32())])
@@ -444,8 +444,8 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
     con.execute("create or replace temp table row_windows as select r.key, r.crop, w.window, r.place "
                 "from window_rows r join unit_windows w using (unit_number)")
     try:
-        with tempfile.TemporaryDirectory(prefix="booruset-windows-", dir=_spill_dir(con)) as folder:
-            with _joins_as_written(con):
+        with tempfile.TemporaryDirectory(prefix="booruset-windows-", dir=spill_dir(con)) as folder:
+            with joins_as_written(con):
                 files = _scatter(con.sql(f"select r.window, r.place, s.* from ({source}) s "
                                          f"join row_windows r on r.key = s.key and r.crop = s.crop",
                                          params=params).to_arrow_reader(READ_ROWS), Path(folder))
@@ -458,19 +458,6 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
     finally:
         con.unregister("unit_windows")
         con.execute("drop table if exists window_rows; drop table if exists row_windows")
-
-
-@contextlib.contextmanager
-def _joins_as_written(con) -> Iterator[None]:
-    """Each join's hash table on its right side as written (the keys), never on the rows with
-    their vectors: with about as many rows on both sides, DuckDB's optimizer may pick either.
-    Whatever the queries read must be drained inside (a setting cannot change under an open
-    result)."""
-    con.execute("set disabled_optimizers = 'join_order,build_side_probe_side'")
-    try:
-        yield
-    finally:
-        con.execute("reset disabled_optimizers")
 
 
 def _windows_of_units(sizes: np.ndarray) -> np.ndarray:
@@ -507,16 +494,6 @@ def _scatter(reader: pa.RecordBatchReader, folder: Path) -> list[Path]:
 def _finite(vectors: np.ndarray) -> np.ndarray:
     finite = np.isfinite(vectors).all(axis=1)
     return vectors if finite.all() else vectors[finite]
-
-
-def _spill_dir(con) -> str | None:
-    """DuckDB's temp directory (curate's is on the work database's disk), made if missing; None
-    (the system's) for an in-memory database, whose default is '.tmp' in the working directory."""
-    folder = con.execute("select current_setting('temp_directory')").fetchall()[0][0]
-    if not folder or not Path(folder).is_absolute():
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -657,7 +634,7 @@ class LargeBlock:
         query = (f'select n.row, t.vector from "{self.table}" t '
                  f"join large_block_noise n using (key, crop) where t.block = $block")
         try:
-            with _joins_as_written(self.con):
+            with joins_as_written(self.con):
                 for batch in self._read(query):
                     vectors = _vector_array(pa.chunked_array([batch["vector"]]))
                     finite = np.flatnonzero(np.isfinite(vectors).all(axis=1))
