@@ -64,6 +64,20 @@ def test_embedding_duplicates(workspace):
     assert dups["copy"]["dup_group"] == "copy"  # same size: the first key
 
 
+def test_broken_and_zero_embeddings_are_no_ones_duplicates(workspace):
+    # DuckDB's `NaN >= 0.96` is true: the old SQL paired every NaN vector, and two zero vectors
+    # (a cosine of NaN), with the images it was compared with, and dropped them as duplicates
+    rng = np.random.default_rng(2)
+    a = unit_vector(rng)
+    vectors = {"orig": a, "copy": unit_vector(rng, a, 0.002), "other": unit_vector(rng),
+               "nan_1": np.full(CCIP_DIM, np.nan), "nan_2": np.full(CCIP_DIM, np.nan),
+               "zero_1": np.zeros(CCIP_DIM), "zero_2": np.zeros(CCIP_DIM)}
+    workspace.add_part("images", "p", image_rows(list(vectors)))
+    workspace.add_part("embeddings", "p", [embedding_row(k, v) for k, v in vectors.items()])
+    curate.run(curate_config(workspace), workspace)
+    assert {r["key"] for r in workspace.read_table("duplicates").to_pylist()} == {"orig", "copy"}
+
+
 # ---- clusters ---------------------------------------------------------------------------------
 def _identities(rng, n_ids=3, per_id=10, noise=4, spread=0.25):
     centres = [unit_vector(rng) for _ in range(n_ids)]

@@ -42,7 +42,6 @@ class EmbeddingVectors:
     def __init__(self, con: duckdb.DuckDBPyConnection, query: str, params: dict, tables: int, bits: int) -> None:
         if not 1 <= bits <= 62 - SORT_BITS:
             raise ValueError(f"curate.lsh_bits must be between 1 and {62 - SORT_BITS}")
-        self.bits = bits
         n = con.execute("select coalesce(max(id) + 1, 0) from embedding_ids").fetchall()[0][0]
         self.codes = np.zeros((tables, n), np.int64)
         self._file = tempfile.NamedTemporaryFile(prefix="booruset-vectors-", dir=spill_dir(con))
