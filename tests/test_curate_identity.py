@@ -292,24 +292,24 @@ def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
 def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(workspace, tmp_path, monkeypatch):
     # DuckDB 2.0 cannot spill a sort, aggregate or hash table whose rows carry 3 KB vectors: the
     # old SQL (vectors grouped by key, numbered by a window, joined to the candidate pairs) ran
-    # Out of Memory. 20,000 images, 61 MB of vectors in parts of 1,000 rows (as annotate writes
-    # them) under a 32 MB limit; every 10th image has a near copy, the rest are unrelated
+    # Out of Memory. 40,000 images, 123 MB of vectors in parts of 2,000 rows (as annotate writes
+    # them) under a 64 MB limit; every 10th image has a near copy, the rest are unrelated
     from udfs.curate import near_duplicates
 
     monkeypatch.setattr(near_duplicates, "READ_ROWS", 1000)  # what a read holds in DuckDB: 3 MB
     rng = np.random.default_rng(15)
-    n = 20_000
+    n = 40_000
     vectors = rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
     vectors[1::10] = vectors[::10] + 0.05 * rng.standard_normal((n // 10, CCIP_DIM)).astype(np.float32)
     keys = [f"k{i:06d}" for i in range(n)]
-    for start in range(0, n, 1000):
-        rows = slice(start, start + 1000)
+    for start in range(0, n, 2000):
+        rows = slice(start, start + 2000)
         workspace.add_part("embeddings", f"p{start}", pa.table({
-            "key": keys[rows], "crop": pa.array(np.full(1000, -1), pa.int32()), "model": ["ccip"] * 1000,
-            **{side: pa.array(np.full(1000, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
+            "key": keys[rows], "crop": pa.array(np.full(2000, -1), pa.int32()), "model": ["ccip"] * 2000,
+            **{side: pa.array(np.full(2000, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].reshape(-1)), CCIP_DIM)}))
     opts = curate_config(workspace)["curate"]
-    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "32MB"})
+    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "64MB"})
     curate.attach_inputs(con, workspace)
     curate.build_embedding_pairs(con, curate.sql_params(opts), opts)
     got = set(con.execute("select key_a, key_b from embedding_pairs").fetchall())
