@@ -15,7 +15,6 @@ leaves the old tables as they were, never half of each.
 from __future__ import annotations
 
 import re
-import resource
 import tempfile
 import time
 import uuid
@@ -30,7 +29,7 @@ import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.ray_env import run_in_worker
-from jobs.summary import JobSummary
+from jobs.summary import JobSummary, PeakMemory
 from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
@@ -65,7 +64,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
     """Every step in a work database of its own, the results written as new Parquet parts
     (unpublished); returns their names, the row counts and the seconds per step."""
-    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             attach_inputs(con, ws)
@@ -78,8 +77,7 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
             rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
         finally:
             con.close()
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak_mib}
+    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak.mib}
 
 
 # ---- the steps ------------------------------------------------------------------------------

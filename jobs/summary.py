@@ -42,3 +42,27 @@ class JobSummary:
 
     def print(self) -> None:
         print(self.render(), file=sys.stdout, flush=True)
+
+
+class PeakMemory:
+    """The peak RSS of this process while in the block, in MiB (`mib`; 0 where /proc is not Linux's).
+
+    Not getrusage's ru_maxrss: that is the process's peak since it started, which in a reused Ray
+    worker includes every task it ran before, and in a fresh one its parent's RSS at the fork.
+    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the RSS now."""
+
+    def __enter__(self) -> PeakMemory:
+        self.mib = 0.0
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                self.mib = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            self.mib = 0.0
