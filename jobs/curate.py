@@ -33,6 +33,7 @@ from jobs.summary import JobSummary, PeakMemory
 from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
+from udfs.curate.work_database import joins_as_written
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings", "edits"]
@@ -177,13 +178,19 @@ def insert_parts(con: duckdb.DuckDBPyConnection, table: str, parts: Iterable[pa.
 
 
 def build_clusters(con: duckdb.DuckDBPyConnection, params: dict, opts: dict) -> None:
-    run_model(con, "070_cluster_crops", params)
+    build_cluster_crops(con, params)
     labels = crop_clusters(con, ccip_cluster.ClusterSettings.from_config(opts))
     con.register("crop_clusters_arrow", labels)
     con.execute("create or replace table crop_clusters as select * from crop_clusters_arrow")
     con.unregister("crop_clusters_arrow")
     run_model(con, "071_reference_matches", params)
     run_model(con, "072_clusters", params)
+
+
+def build_cluster_crops(con: duckdb.DuckDBPyConnection, params: dict) -> None:
+    """cluster_crops (sql/070): the vectors stream through joins whose hash tables hold keys."""
+    with joins_as_written(con):
+        run_model(con, "070_cluster_crops", params)
 
 
 def crop_clusters(con: duckdb.DuckDBPyConnection, settings: ccip_cluster.ClusterSettings) -> pa.Table:

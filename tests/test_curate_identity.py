@@ -316,6 +316,38 @@ def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(wor
     assert got == {(keys[i], keys[i + 1]) for i in range(0, n, 10)}
 
 
+def test_crops_to_cluster_are_chosen_when_their_vectors_outgrow_duckdbs_memory_limit(workspace, tmp_path):
+    # sql/070's `not exists` over embeddings made DuckDB keep every row, vectors included, for its
+    # delim join: Out of Memory. 40,000 images (whole-image vectors; every other one has two
+    # person crops too), 80,000 rows, 246 MB of vectors in parts of 2,000 images, a 128 MB
+    # limit (the old SQL: Out of Memory there; DuckDB's own reads and writes need about 100 MB)
+    n = 40_000
+    rng = np.random.default_rng(16)
+    keys = np.array([f"k{i:06d}" for i in range(n)])
+    for start in range(0, n, 2000):
+        part = keys[start:start + 2000]
+        crop_keys = part[::2]
+        rows_keys = np.concatenate([part, crop_keys, crop_keys])
+        crops = np.concatenate([np.full(len(part), -1), np.zeros(len(crop_keys)), np.ones(len(crop_keys))])
+        m = len(rows_keys)
+        workspace.add_part("embeddings", f"p{start}", pa.table({
+            "key": rows_keys, "crop": pa.array(crops, pa.int32()), "model": ["ccip"] * m,
+            **{side: pa.array(np.full(m, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.standard_normal(m * CCIP_DIM).astype(np.float32)), CCIP_DIM)}))
+    opts = curate_config(workspace)["curate"]
+    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "128MB"})
+    curate.attach_inputs(con, workspace)
+    con.execute("create table image_meta as select key, ['c' || (i % 7)] as characters, 1 as n_characters "
+                "from (select key, row_number() over (order by key) as i from (select distinct key from embeddings))")
+    curate.build_cluster_crops(con, curate.sql_params(opts))
+    got = con.execute("select crop, count(*), count(distinct key), min(block), max(block) from cluster_crops "
+                      "group by crop order by crop").fetchall()
+    assert got == [(-1, n // 2, n // 2, "c0", "c6"), (0, n // 2, n // 2, "c0", "c6"), (1, n // 2, n // 2, "c0", "c6")]
+    whole = {k for (k,) in con.execute("select key from cluster_crops where crop = -1").fetchall()}
+    assert whole == set(keys[1::2].tolist())  # the images without person crops
+
+
 @pytest.mark.parametrize("kmeans_sample", [100_000, 500])  # all rows; or k-means fitted on a sample of them
 def test_cells_are_bounded_even_for_identical_vectors(monkeypatch, kmeans_sample):
     from udfs.curate import ccip_cluster
