@@ -86,16 +86,17 @@ class EmbeddingVectors:
                 yield pa.table({"id_a": np.minimum(a, b), "id_b": np.maximum(a, b)}, schema=CANDIDATES_SCHEMA)
 
     def similar(self, pairs: Iterable[pa.RecordBatch], similarity: float) -> Iterator[pa.Table]:
-        """The (id_a, id_b) pairs whose cosine similarity is >= `similarity`."""
+        """The (id_a, id_b) pairs whose cosine similarity is >= `similarity`, one table per batch."""
         for batch in pairs:
-            for start in range(0, batch.num_rows, PAIRS_PER_STEP):
-                part = batch.slice(start, PAIRS_PER_STEP)
-                a, b = part.column("id_a").to_numpy(), part.column("id_b").to_numpy()
-                order = np.argsort(a, kind="stable")  # the file read in id order, as far as one side goes
-                a, b = a[order], b[order]
+            ids_a, ids_b = batch.column("id_a").to_numpy(), batch.column("id_b").to_numpy()
+            order = np.argsort(ids_a, kind="stable")  # the file read in id order, as far as one side goes
+            ids_a, ids_b = ids_a[order], ids_b[order]
+            keep = np.zeros(len(ids_a), bool)
+            for start in range(0, len(ids_a), PAIRS_PER_STEP):
+                a, b = ids_a[start:start + PAIRS_PER_STEP], ids_b[start:start + PAIRS_PER_STEP]
                 cosine = np.einsum("ij,ij->i", self.vectors[a], self.vectors[b])
-                keep = cosine >= similarity  # NaN (a broken vector) is never similar
-                yield pa.table({"id_a": a[keep], "id_b": b[keep]}, schema=CANDIDATES_SCHEMA)
+                keep[start:start + PAIRS_PER_STEP] = cosine >= similarity  # NaN (a broken vector) never is
+            yield pa.table({"id_a": ids_a[keep], "id_b": ids_b[keep]}, schema=CANDIDATES_SCHEMA)
 
 
 def sign_codes(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
