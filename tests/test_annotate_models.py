@@ -183,6 +183,10 @@ def test_tagger_tags_each_person_crop_as_get_wd14_tags_tags_the_crop(fake_models
     high = np.full(len(tagger.names), 0.9)
     assert [c for _, c, _ in tagger.tags(high, whole=False)].count("rating") == 0
     assert [c for _, c, _ in tagger.tags(high, whole=True)].count("rating") == 4
+    broken = high.copy()
+    broken[tagger.rating] = [np.nan, 0.9, np.nan, 0.1]  # scores of a model that broke on a picture
+    assert [s for _, c, s in tagger.tags(broken, whole=True) if c == "rating"] == [0.9, 0.1]
+    assert tagger.tags(np.full(len(tagger.names), np.nan), whole=True) == []
     out = tagger(batch)
     floor = spec["score_floor"]
     for data, result, boxes in zip(images, out["out"], out["crop_boxes"], strict=True):

@@ -88,8 +88,10 @@ class WdTagger(ModelActor):
 
     def tags(self, pred: np.ndarray, whole: bool = True) -> list[list]:
         """[tag, category, score] of every label above the floor, and of the ratings for a whole
-        image (a person crop's rating says nothing the image's does not)."""
+        image (a person crop's rating says nothing the image's does not). A NaN score (a model
+        that broke on this picture) is no tag: DuckDB orders NaN above every number, so curate
+        would take it as the image's surest rating."""
         # imgutils compares in float64 (pred.astype(float)), so does this
         values = pred.astype(float)
-        keep = np.flatnonzero(np.where(self.rating, whole, values > self.floor))
+        keep = np.flatnonzero(np.where(self.rating, whole & ~np.isnan(values), values > self.floor))
         return [[self.names[i], self.categories[i], values[i]] for i in keep]
