@@ -292,13 +292,14 @@ def test_lsh_candidates_stay_linear_on_one_huge_bucket_and_keep_near_copies():
 def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(workspace, tmp_path, monkeypatch):
     # DuckDB 2.0 cannot spill a sort, aggregate or hash table whose rows carry 3 KB vectors: the
     # old SQL (vectors grouped by key, numbered by a window, joined to the candidate pairs) ran
-    # Out of Memory. 40,000 images, 123 MB of vectors in parts of 2,000 rows (as annotate writes
-    # them) under a 64 MB limit; every 10th image has a near copy, the rest are unrelated
+    # Out of Memory. 80,000 images, 246 MB of vectors in parts of 2,000 rows (as annotate writes
+    # them) under a 128 MB limit (DuckDB's own parallel reads need about 60 MB); every 10th image
+    # has a near copy, the rest are unrelated
     from udfs.curate import near_duplicates
 
     monkeypatch.setattr(near_duplicates, "READ_ROWS", 1000)  # what a read holds in DuckDB: 3 MB
     rng = np.random.default_rng(15)
-    n = 40_000
+    n = 80_000
     vectors = rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
     vectors[1::10] = vectors[::10] + 0.05 * rng.standard_normal((n // 10, CCIP_DIM)).astype(np.float32)
     keys = [f"k{i:06d}" for i in range(n)]
@@ -309,7 +310,7 @@ def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(wor
             **{side: pa.array(np.full(2000, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].reshape(-1)), CCIP_DIM)}))
     opts = curate_config(workspace)["curate"]
-    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "64MB"})
+    con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "128MB"})
     curate.attach_inputs(con, workspace)
     curate.build_embedding_pairs(con, curate.sql_params(opts), opts)
     got = set(con.execute("select key_a, key_b from embedding_pairs").fetchall())
