@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from jobs.config import load_config
 from schemas import CCIP_DIM
@@ -36,6 +37,15 @@ def face_row(key: str, x0: float, y0: float, x1: float, y1: float, score: float 
 def embedding_row(key: str, vector: np.ndarray, crop: int = -1) -> dict:
     return {"key": key, "crop": crop, "model": "ccip", "x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0,
             "vector": vector.astype(np.float32).tolist()}
+
+
+def embedding_table(keys, crops, vectors: np.ndarray) -> pa.Table:
+    """Embeddings rows as an Arrow table (boxes 0,0-1,1): many rows at once, unlike embedding_row."""
+    n = len(keys)
+    return pa.table({"key": keys, "crop": pa.array(crops, pa.int32()), "model": ["ccip"] * n,
+                     **{side: pa.array(np.full(n, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
+                     "vector": pa.FixedSizeListArray.from_arrays(
+                         pa.array(np.asarray(vectors, np.float32).reshape(-1)), CCIP_DIM)})
 
 
 def unit_vector(rng: np.random.Generator, near: np.ndarray | None = None, noise: float = 0.0) -> np.ndarray:

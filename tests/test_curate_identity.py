@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from curate_data import curate_config, embedding_row, image_rows, source_rows, unit_vector
+from curate_data import curate_config, embedding_row, embedding_table, image_rows, source_rows, unit_vector
 
 from jobs import curate
 from schemas import CCIP_DIM
@@ -305,10 +305,7 @@ def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(wor
     keys = [f"k{i:06d}" for i in range(n)]
     for start in range(0, n, 2000):
         rows = slice(start, start + 2000)
-        workspace.add_part("embeddings", f"p{start}", pa.table({
-            "key": keys[rows], "crop": pa.array(np.full(2000, -1), pa.int32()), "model": ["ccip"] * 2000,
-            **{side: pa.array(np.full(2000, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].reshape(-1)), CCIP_DIM)}))
+        workspace.add_part("embeddings", f"p{start}", embedding_table(keys[rows], np.full(2000, -1), vectors[rows]))
     opts = curate_config(workspace)["curate"]
     con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "128MB"})
     curate.attach_inputs(con, workspace)
@@ -330,12 +327,8 @@ def test_crops_to_cluster_are_chosen_when_their_vectors_outgrow_duckdbs_memory_l
         crop_keys = part[::2]
         rows_keys = np.concatenate([part, crop_keys, crop_keys])
         crops = np.concatenate([np.full(len(part), -1), np.zeros(len(crop_keys)), np.ones(len(crop_keys))])
-        m = len(rows_keys)
-        workspace.add_part("embeddings", f"p{start}", pa.table({
-            "key": rows_keys, "crop": pa.array(crops, pa.int32()), "model": ["ccip"] * m,
-            **{side: pa.array(np.full(m, float(side[1])), pa.float32()) for side in ("x0", "y0", "x1", "y1")},
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.standard_normal(m * CCIP_DIM).astype(np.float32)), CCIP_DIM)}))
+        workspace.add_part("embeddings", f"p{start}", embedding_table(
+            rows_keys, crops, rng.standard_normal((len(rows_keys), CCIP_DIM))))
     opts = curate_config(workspace)["curate"]
     con = curate.open_database(tmp_path / "work.duckdb", {**opts, "memory_limit": "128MB"})
     curate.attach_inputs(con, workspace)

@@ -530,7 +530,7 @@ def _unit_labels(units: np.ndarray, vectors: np.ndarray, settings: ClusterSettin
     for plan in plans:
         unit = plan.labels(set_labels[id(plan)], differences, merge)
         labels.append(np.where(unit >= 0, unit + next_id, -1))
-        next_id += int(unit.max()) + 1 if (unit >= 0).any() else 0
+        next_id = _next_id(labels[-1], next_id)
     return np.concatenate(labels)
 
 
