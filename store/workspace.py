@@ -438,8 +438,11 @@ class Workspace:
             con.execute("set lock_configuration = true")
         return con
 
-    def attach_tables(self, con: duckdb.DuckDBPyConnection, names: list[str] | None = None) -> None:
-        """Each table (`names`, default all) on `con` over its published files, all of one generation.
+    def attach_tables(self, con: duckdb.DuckDBPyConnection, names: list[str] | None = None,
+                      published: dict | None = None) -> None:
+        """Each table (`names`, default all) on `con` over its published files, all of one
+        generation: `published` (a `published()` read earlier, to attach the same files on a
+        second connection), else the one published now.
 
         Local files are DuckDB views over read_parquet. Object storage is read through the same
         pyarrow filesystem the jobs write with (endpoint, region and credentials from the
@@ -447,7 +450,7 @@ class Workspace:
         dataset, which DuckDB scans with projection and filter pushdown. No DuckDB extension is
         needed, so nothing is downloaded at run time.
         """
-        published = self.published()
+        published = published or self.published()
         short = published.get("short_parts", {})
         for name in names or list(schemas.TABLES):
             self.attach_parts(con, name, published["tables"].get(name, []), union_by_name=name in short)
