@@ -16,30 +16,33 @@ with meta as (
 combination_sizes as (
     select combination, count(*) as n_images from meta group by combination
 ),
-segments as (
-    select m.key, to_json(m) as row_json,
-        map {
-            'n_characters': case when m.n_characters >= $max_characters then $max_characters || '+_characters'
-                                 when m.n_characters = 1 then '1_character'
-                                 else m.n_characters || '_characters' end,
-            'character': case when m.n_characters = 0 or length(m.combination) >= 100
-                                   or s.n_images < $min_images_per_combination then 'character_others'
-                              else replace(m.combination, '.', '') end,
-            'fh_ratio': coalesce(b.name, 'no_face'),
-            'n_people': m.n_people || case when m.n_people = 1 then '_person' else '_people' end,
-            'n_faces': m.n_faces || case when m.n_faces = 1 then '_face' else '_faces' end,
-            'rating': coalesce(m.rating, 'unrated')
-        } as named
+path_format as (
+    -- the format as one list, so that each image's path is built in its own row (a join with
+    -- group_format and a string_agg ordered within each image: 3x the time at 1M images); the
+    -- row as JSON only when a segment names another column
+    select list(segment order by level) as segments,
+           bool_or(segment not in ('n_characters', 'character', 'fh_ratio', 'n_people', 'n_faces', 'rating')) as reads_columns
+    from group_format
+),
+image_facts as (
+    select m.*, f.segments, case when f.reads_columns then to_json(m) end as row_json,
+           s.n_images as combination_images, b.name as fh_ratio_bin
     from meta m
+    cross join path_format f
     join combination_sizes s on s.combination = m.combination
     left join fh_ratio_bins b on m.fh_ratio >= b.lo and (m.fh_ratio < b.hi or (b.last and m.fh_ratio <= b.hi))
 )
-select s.key,
-       string_agg(
-           replace(coalesce(s.named[f.segment],
-                            f.segment || '_' || coalesce(json_extract_string(s.row_json, '$."' || f.segment || '"'), 'none')),
-                   '/', '_'),
-           '/' order by f.level) as path
-from segments s
-cross join group_format f
-group by s.key
+select key, array_to_string(list_transform(segments, lambda segment: replace(case segment
+        when 'n_characters' then case when n_characters >= $max_characters then $max_characters || '+_characters'
+                                      when n_characters = 1 then '1_character'
+                                      else n_characters || '_characters' end
+        when 'character' then case when n_characters = 0 or length(combination) >= 100
+                                        or combination_images < $min_images_per_combination then 'character_others'
+                                   else replace(combination, '.', '') end
+        when 'fh_ratio' then coalesce(fh_ratio_bin, 'no_face')
+        when 'n_people' then n_people || case when n_people = 1 then '_person' else '_people' end
+        when 'n_faces' then n_faces || case when n_faces = 1 then '_face' else '_faces' end
+        when 'rating' then coalesce(rating, 'unrated')
+        else segment || '_' || coalesce(json_extract_string(row_json, '$."' || segment || '"'), 'none') end,
+    '/', '_')), '/') as path
+from image_facts
