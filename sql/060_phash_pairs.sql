@@ -7,15 +7,21 @@
 -- Only hashes with structure take part: a flat or near-flat image (detail below
 -- $phash_min_detail, or a hash with almost all bits equal, as smooth gradients give) has a pHash
 -- that says nothing about its content; such images are compared in 062_exact_pairs instead.
-with band_values as materialized (
-    select key, phash, band,
-           (phash >> (band * $band_bits)::ubigint)
+with hashed as materialized (
+    -- integer ids, so that the ~70M probes (1M images) carry no key strings
+    select row_number() over () as id, key, phash
+    from images
+    where phash is not null
+      and coalesce(detail, 255) >= $phash_min_detail  -- null: ingested before detail was measured
+      and bit_count(phash) between 8 and 56
+),
+band_values as materialized (
+    -- the band number in the high bits: one integer join key (band_bits <= 22, as bands >= 3)
+    select id, phash,
+           (band::ubigint << 32::ubigint) | ((phash >> (band * $band_bits)::ubigint)
              & (case when (band + 1) * $band_bits >= 64 then 18446744073709551615::ubigint
-                     else (1::ubigint << $band_bits::ubigint) - 1::ubigint end) as band_value
-    from (select key, phash, unnest(range(0, $bands)) as band from images
-          where phash is not null
-            and coalesce(detail, 255) >= $phash_min_detail  -- null: ingested before detail was measured
-            and bit_count(phash) between 8 and 56)
+                     else (1::ubigint << $band_bits::ubigint) - 1::ubigint end)) as band_value
+    from (select id, phash, unnest(range(0, $bands)) as band from hashed)
 ),
 flips as (
     select 0::ubigint as mask
@@ -27,10 +33,17 @@ flips as (
     where $radius >= 2 and i < j
 ),
 probes as (
-    select v.key, v.phash, v.band, xor(v.band_value, f.mask) as band_value
+    select v.id, v.phash, xor(v.band_value, f.mask) as band_value
     from band_values v, flips f
+),
+id_pairs as (
+    -- ids are not in key order: each pair is found from both sides, and ordered by key below
+    select distinct p.id as id_a, v.id as id_b
+    from probes p
+    join band_values v on v.band_value = p.band_value
+    where bit_count(xor(p.phash, v.phash)) <= $phash_distance and p.id <> v.id
 )
-select distinct p.key as key_a, v.key as key_b
-from probes p
-join band_values v on v.band = p.band and v.band_value = p.band_value and p.key < v.key
-where bit_count(xor(p.phash, v.phash)) <= $phash_distance
+select distinct least(a.key, b.key) as key_a, greatest(a.key, b.key) as key_b
+from id_pairs p
+join hashed a on a.id = p.id_a
+join hashed b on b.id = p.id_b
