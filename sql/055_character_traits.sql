@@ -5,8 +5,9 @@
 -- curate's optional trait drop (drop_character_traits), which would leave nothing to count.
 -- Parameters: $trait_share, $trait_min_images, $general_threshold. Reads image_meta, source_tags,
 -- tag_scores, character_trait_tags.
-with solo_images as (
-    select key, characters[1] as character
+with solo_images as materialized (
+    -- integer ids, so that the (image, tag) union and the counts below hash integers, not strings
+    select key, characters[1] as character, row_number() over () as image_id
     from image_meta
     where len(characters) = 1
 ),
@@ -17,25 +18,26 @@ character_images as (
     having count(*) >= $trait_min_images
 ),
 trait_tags as (
-    select s.key, s.tag
+    select i.image_id, c.tag_id
     from source_tags s
-    semi join solo_images i on i.key = s.key
-    semi join character_trait_tags c on c.tag = s.tag
+    join solo_images i on i.key = s.key
+    join character_trait_tags c on c.tag = s.tag
     union
-    select t.key, t.tag
+    select i.image_id, c.tag_id
     from tag_scores t
-    semi join solo_images i on i.key = t.key
-    semi join character_trait_tags c on c.tag = t.tag
+    join solo_images i on i.key = t.key
+    join character_trait_tags c on c.tag = t.tag
     where t.category = 'general' and t.score > $general_threshold and coalesce(t.crop, -1) = -1
 ),
 trait_counts as (
-    select i.character, t.tag, count(*) as n
+    select i.character, t.tag_id, count(*) as n
     from trait_tags t
-    join solo_images i on i.key = t.key
-    group by i.character, t.tag
+    join solo_images i on i.image_id = t.image_id
+    group by i.character, t.tag_id
 )
-select t.character, t.tag, c.images, (t.n / c.images)::float as share
+select t.character, g.tag, c.images, (t.n / c.images)::float as share
 from trait_counts t
 join character_images c on c.character = t.character
+join character_trait_tags g on g.tag_id = t.tag_id
 where t.n >= $trait_share * c.images
-order by t.character, t.tag
+order by t.character, g.tag
