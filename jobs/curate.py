@@ -14,6 +14,7 @@ leaves the old tables as they were, never half of each.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 import schemas
 from jobs.balance import balance_weights, group_format_table
@@ -71,7 +73,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
     """Every step in a work database of its own, the results written as new Parquet parts
     (unpublished); returns their names, the row counts and the seconds per step."""
-    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak:
+    with (tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak,
+          threadpool_limits(limits=int(opts["threads"]) or len(os.sched_getaffinity(0)), user_api="blas")):
+        # Ray starts the worker of a num_cpus=1 task with OMP_NUM_THREADS=1, and BLAS follows it:
+        # the matrix products of the LSH codes and of clustering would run on one core while
+        # DuckDB runs on all of them (LSH codes of 100,000 vectors on 2 cores: 1.65 s -> 0.95 s)
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             inputs = ws.published()
