@@ -141,9 +141,15 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
             write_model(cursor, ws, "040_tags", {**params, **bounds}, parts[partition])
 
     with ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:
-        for done, _ in enumerate(pool.map(write_partition, range(partitions)), start=1):
-            if partitions > 1:
-                print(f"curate: tags partition {done}/{partitions}", flush=True)
+        written = [pool.submit(write_partition, partition) for partition in range(partitions)]
+        try:
+            for done, partition in enumerate(written, start=1):
+                partition.result()
+                if partitions > 1:
+                    print(f"curate: tags partition {done}/{partitions}", flush=True)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
+            raise
     ws.attach_parts(con, "tags", parts)
     edits = con.execute("select count(*) from edit_state where field = 'tags'").fetchall()[0][0]
     if edits:  # a person's tag edits (booruset review) win over what the steps above decided
