@@ -14,7 +14,6 @@ leaves the old tables as they were, never half of each.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -73,11 +72,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
     """Every step in a work database of its own, the results written as new Parquet parts
     (unpublished); returns their names, the row counts and the seconds per step."""
-    with (tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak,
-          threadpool_limits(limits=int(opts["threads"]) or len(os.sched_getaffinity(0)), user_api="blas")):
-        # Ray starts the worker of a num_cpus=1 task with OMP_NUM_THREADS=1, and BLAS follows it:
-        # the matrix products of the LSH codes and of clustering would run on one core while
-        # DuckDB runs on all of them (LSH codes of 100,000 vectors on 2 cores: 1.65 s -> 0.95 s)
+    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             inputs = ws.published()
@@ -103,7 +98,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, ws: Workspace, opts: dict, gene
     params = sql_params(opts)
     timings: dict[str, float] = {}
     tag_parts: list[str] = []
-    for step, action in [
+    steps = [
         ("tags", lambda: tag_parts.extend(build_tags(con, ws, params, opts, generation, inputs))),
         ("image_meta", lambda: run_model(con, "050_image_meta", params)),
         ("character_traits", lambda: run_model(con, "055_character_traits", params)),
@@ -112,11 +107,17 @@ def build_tables(con: duckdb.DuckDBPyConnection, ws: Workspace, opts: dict, gene
         ("person_tags", lambda: run_model(con, "075_person_tags", params)),
         ("groups", lambda: run_model(con, "080_groups", params)),
         ("balance", lambda: build_balance(con, params)),
-    ]:
-        began = time.perf_counter()
-        action()
-        timings[step] = time.perf_counter() - began
-        print(f"curate: {step} done in {timings[step]:.1f} s", flush=True)
+    ]
+    # Ray starts the worker of a num_cpus=1 task with OMP_NUM_THREADS=1, and BLAS follows it: the
+    # matrix products of the LSH codes and of clustering would run on one core while DuckDB runs
+    # on all of them (LSH codes of 100,000 vectors on 2 cores: 1.65 s -> 0.95 s)
+    threads = con.execute("select current_setting('threads')").fetchone()[0]
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for step, action in steps:
+            began = time.perf_counter()
+            action()
+            timings[step] = time.perf_counter() - began
+            print(f"curate: {step} done in {timings[step]:.1f} s", flush=True)
     return timings, tag_parts
 
 
