@@ -453,8 +453,7 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
                 with pa.ipc.open_stream(path) as stream:
                     rows = stream.read_all()
                 path.unlink()
-                rows = rows.take(pc.sort_indices(rows["place"])).drop_columns(["window", "place"])
-                yield _without_vectors(rows)
+                yield _without_vectors(rows.drop_columns(["window"]), order_by="place")
     finally:
         con.unregister("unit_windows")
         con.execute("drop table if exists window_rows; drop table if exists row_windows")
@@ -479,7 +478,7 @@ def _scatter(reader: pa.RecordBatchReader, folder: Path) -> list[Path]:
         for batch in reader:
             window = batch["window"].to_numpy()
             order = np.argsort(window, kind="stable")
-            batch, window = batch.take(pa.array(order)), window[order]
+            batch, window = _taken(batch, order), window[order]
             starts = [0, *(np.flatnonzero(window[1:] != window[:-1]) + 1).tolist(), len(window)]
             for a, b in zip(starts, starts[1:], strict=False):
                 if int(window[a]) not in writers:
@@ -491,17 +490,31 @@ def _scatter(reader: pa.RecordBatchReader, folder: Path) -> list[Path]:
     return [folder / f"{w:06d}.arrow" for w in sorted(writers)]
 
 
+def _taken(batch: pa.RecordBatch, order: np.ndarray) -> pa.RecordBatch:
+    """The batch's rows in `order`, the vectors moved in numpy (a fixed-size list after): Arrow's
+    take on the variable-size list DuckDB returns for them took 1.27 s for 50,000 rows, numpy 0.05 s."""
+    rest = batch.drop_columns(["vector"]).take(pa.array(order))
+    vectors = _vector_array(pa.chunked_array([batch["vector"]]))[order]
+    return rest.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)),
+                                                                          schemas.CCIP_DIM))
+
+
 def _finite(vectors: np.ndarray) -> np.ndarray:
     finite = np.isfinite(vectors).all(axis=1)
     return vectors if finite.all() else vectors[finite]
 
 
-def _without_vectors(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """(the other columns, copied, the vectors). Copied: slices of what was read would keep the
-    whole read buffer, its vectors included, alive as long as the keys are kept (to the end)."""
+def _without_vectors(window: pa.Table, order_by: str | None = None) -> tuple[pa.Table, np.ndarray]:
+    """(the other columns, copied, the vectors), the rows ordered by `order_by` (a column then
+    dropped) when given, the vectors in numpy (see _taken). Copied: slices of what was read would
+    keep the whole read buffer, its vectors included, alive as long as the keys are kept."""
+    vectors = _vector_array(window["vector"])
     rest = window.drop_columns(["vector"])
+    if order_by is not None:
+        order = pc.sort_indices(window[order_by]).to_numpy()
+        rest, vectors = rest.drop_columns([order_by]).take(order), vectors[order]
     return (pa.table([pa.concat_arrays(column.chunks) for column in rest.columns], names=rest.column_names),
-            _vector_array(window["vector"]))
+            vectors)
 
 
 def _vector_array(column: pa.ChunkedArray) -> np.ndarray:
