@@ -192,7 +192,7 @@ class SetRunner:
     """Clusters vector sets alone (cluster_matrix of their differences) as they are added.
 
     In Ray tasks when Ray is up (curate's steps run in a Ray worker; each set is independent,
-    and OPTICS is a Python loop per crop, ~0.4 ms, that one process cannot share across cores):
+    and its differences and OPTICS's loop, ~0.04 ms a crop in a cell of 2,000, run on one core):
     sets are sent a few to a task, up to SET_TASK_ROWS crops, each task submitted as soon as it
     is full, so that tasks run while the caller plans the next blocks. Sets that never fill
     one task are clustered here; so are all of them when Ray is not up or in_tasks is false."""
