@@ -44,11 +44,17 @@ from udfs.curate.ccip_cluster import ClusterSettings, cluster_blocks  # noqa: E4
 GOAL_PER_CORE = 0.8
 
 
-def write_crops(path: Path, n: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
+def identity_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n CCIP-like vectors: identities of ~50 crops each, spread 0.3 (the benches' crops)."""
     identities = rng.standard_normal((max(1, n // 50), CCIP_DIM)).astype(np.float32)
     vectors = identities[rng.integers(0, len(identities), n)]
     vectors += 0.3 * rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
+    return vectors
+
+
+def write_crops(path: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    vectors = identity_vectors(rng, n)
     named = rng.random(n) < 0.5
     blocks = np.where(named, np.char.add("character_", rng.integers(0, 1000, n).astype(str)), "")
     pq.write_table(pa.table({

@@ -37,6 +37,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cluster import identity_vectors  # noqa: E402
 from bench.results import memory_mib, result  # noqa: E402
 from schemas import CCIP_DIM  # noqa: E402
 
@@ -45,10 +46,7 @@ def write_block(path: Path, n: int, seed: int = 0) -> None:
     """A DuckDB database at `path` with the table `crops`: one block of n crops."""
     import duckdb
 
-    rng = np.random.default_rng(seed)
-    identities = rng.standard_normal((max(1, n // 50), CCIP_DIM)).astype(np.float32)
-    vectors = identities[rng.integers(0, len(identities), n)]
-    vectors += 0.3 * rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
+    vectors = identity_vectors(np.random.default_rng(seed), n)
     crops = pa.table({
         "key": [f"bench/{i:08d}" for i in range(n)], "crop": pa.array(np.zeros(n), pa.int32()),
         "block": [""] * n, "block_characters": pa.array(np.zeros(n), pa.int32()),

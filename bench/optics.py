@@ -26,8 +26,8 @@ from sklearn.cluster import OPTICS
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cluster import identity_vectors  # noqa: E402
 from bench.results import alternated, result  # noqa: E402
-from schemas import CCIP_DIM  # noqa: E402
 from udfs.curate.ccip_cluster import ClusterSettings, Differences  # noqa: E402
 from udfs.curate.optics import optics_labels  # noqa: E402
 
@@ -35,11 +35,7 @@ GOAL = 10
 
 
 def cell(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    identities = rng.standard_normal((max(1, n // 50), CCIP_DIM)).astype(np.float32)
-    vectors = identities[rng.integers(0, len(identities), n)]
-    vectors += 0.3 * rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
-    return Differences()(vectors)
+    return Differences()(identity_vectors(np.random.default_rng(seed), n))
 
 
 def main() -> int:
