@@ -453,7 +453,7 @@ def ordered_windows(con, source: str, params: dict, order_by: str, unit: str) ->
                 with pa.ipc.open_stream(path) as stream:
                     rows = stream.read_all()
                 path.unlink()
-                yield _without_vectors(rows.drop_columns(["window"]), order_by="place")
+                yield _window_rows(rows)
     finally:
         con.unregister("unit_windows")
         con.execute("drop table if exists window_rows; drop table if exists row_windows")
@@ -504,17 +504,14 @@ def _finite(vectors: np.ndarray) -> np.ndarray:
     return vectors if finite.all() else vectors[finite]
 
 
-def _without_vectors(window: pa.Table, order_by: str | None = None) -> tuple[pa.Table, np.ndarray]:
-    """(the other columns, copied, the vectors), the rows ordered by `order_by` (a column then
-    dropped) when given, the vectors in numpy (see _taken). Copied: slices of what was read would
-    keep the whole read buffer, its vectors included, alive as long as the keys are kept."""
-    vectors = _vector_array(window["vector"])
-    rest = window.drop_columns(["vector"])
-    if order_by is not None:
-        order = pc.sort_indices(window[order_by]).to_numpy()
-        rest, vectors = rest.drop_columns([order_by]).take(order), vectors[order]
+def _window_rows(window: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """(the other columns, copied, the vectors) of a window file, in `place` order, the vectors
+    moved in numpy (see _taken). Copied: slices of what was read would keep the whole read
+    buffer, its vectors included, alive as long as the keys are kept (to the end)."""
+    order = pc.sort_indices(window["place"]).to_numpy()
+    rest = window.drop_columns(["window", "place", "vector"]).take(order)
     return (pa.table([pa.concat_arrays(column.chunks) for column in rest.columns], names=rest.column_names),
-            vectors)
+            _vector_array(window["vector"])[order])
 
 
 def _vector_array(column: pa.ChunkedArray) -> np.ndarray:
@@ -615,7 +612,7 @@ class LargeBlock:
             cell = np.zeros(len(vectors), dtype=np.int32)
             if model is not None and finite.any():
                 cell[finite] = model.predict(normalized(vectors[finite]))
-            # copies of the keys (see _without_vectors)
+            # copies of the keys (see _window_rows)
             parts.append(pa.table({"key": pa.concat_arrays([batch["key"]]), "crop": pa.concat_arrays([batch["crop"]]),
                                    "cell": cell}))
         return pa.concat_tables(parts)

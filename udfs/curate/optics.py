@@ -23,8 +23,9 @@ def optics_graph(diff: np.ndarray, min_samples: int, max_eps: float) -> tuple[np
     """(ordering, core distances, reachability, predecessor) of sklearn.cluster.compute_optics_graph
     for a float64 difference matrix (metric "precomputed"), 2 <= min_samples <= len(diff)."""
     n = len(diff)
-    # sklearn: the min_samples-th nearest, the point itself included (kneighbors of the matrix)
-    core = np.partition(diff, min_samples - 1, axis=1)[:, min_samples - 1].astype(np.float64)
+    # sklearn: the min_samples-th nearest, the point itself included (kneighbors of the matrix);
+    # copied out, so that the partitioned copy of the matrix is freed before the loop
+    core = np.partition(diff, min_samples - 1, axis=1)[:, min_samples - 1].copy()
     core[core > max_eps] = np.inf
     np.around(core, decimals=DECIMALS, out=core)
     reachability = np.full(n, np.inf)
