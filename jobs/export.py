@@ -38,7 +38,16 @@ import pyarrow.parquet as pq
 
 import schemas
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray, largest_first, run_in_worker, unit_tasks
+from jobs.ray_env import (
+    Progress,
+    collect_units,
+    init_ray,
+    largest_first,
+    run_in_worker,
+    start_in_worker,
+    unit_tasks,
+    worker_result,
+)
 from jobs.summary import JobSummary
 from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
@@ -114,9 +123,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     if pending:
         infos += run_units(cfg, ws, out, pending)
+    # the manifest reads the units' own parts, so it is written while the driver publishes them
+    manifest = start_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
     ws.publish()
+    counts = worker_result(manifest)
     clear(ws, PLAN)
-    counts = run_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
     shards = write_wids_index(out, units, counts["files"]) if "webdataset" in opts["formats"] else 0
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
@@ -297,7 +308,8 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:
     """Outputs of units no longer planned (selection or options changed): files, parts, markers.
-    Returns the number of units forgotten.
+    Returns the number of units whose files were removed (those of this `out`; an export to
+    another folder keeps its files, its units are only forgotten).
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
@@ -315,7 +327,7 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
                 if os.path.isfile(path):
                     os.remove(path)
         ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
-    return len(stale)
+    return len(here)
 
 
 def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[str]) -> int:
@@ -340,13 +352,17 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
 def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
     """<out>/manifest.parquet from the export_manifest rows of `units` (sql/export_manifest.sql),
     streamed from DuckDB (which sorts within its memory limit, spilling beyond) to the file, in a
-    worker (run_in_worker): no manifest row reaches the driver, which gets the counts it prints
-    and the wids index needs: {"files": {(layout, path): samples}, "text_cut": images}."""
+    worker (start_in_worker): no manifest row reaches the driver, which gets the counts it prints
+    and the wids index needs: {"files": {(layout, path): samples}, "text_cut": images}.
+    It reads the committed units' own parts (a unit's export_manifest part is named by its id),
+    published or not yet."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "manifest.parquet")
     tmp = os.path.join(out, f".tmp-{uuid.uuid4().hex}-manifest.parquet")
-    con = ws.connect()
+    con = ws.connect(views=False)
     try:
+        short = "export_manifest" in ws.published().get("short_parts", {})  # parts of an older version
+        ws.attach_parts(con, "export_manifest", units, union_by_name=short)
         con.register("current_units", pa.table({"unit": pa.array(units, pa.string())}))
         con.execute("create temp view current_manifest as " + sql_text("export_manifest.sql"))
         with pq.ParquetWriter(tmp, schemas.TABLES["export_manifest"], compression="zstd") as writer:

@@ -66,9 +66,19 @@ def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any
     the task runs in a pooled worker: a fresh worker per call (max_calls=1) cost 1.7 s of start-up
     every time. `fn` must be a module-level function and its result small; an exception it raises
     is raised here as itself."""
+    return worker_result(start_in_worker(cfg, ws, fn, *args))
+
+
+def start_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
+    """run_in_worker without the wait: the driver goes on while the task runs; worker_result(ref)
+    then gives its result (or raises its exception)."""
     init_ray(cfg)
     task = ray.remote(num_cpus=1)(_with_workspace)
-    failed, result = ray.get(task.remote(fn, ws.root, ws.memory_limit, args))
+    return task.remote(fn, ws.root, ws.memory_limit, args)
+
+
+def worker_result(ref: ray.ObjectRef) -> Any:
+    failed, result = ray.get(ref)
     if failed:
         raise result
     return result

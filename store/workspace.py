@@ -5,6 +5,7 @@ Layout (local path or any pyarrow filesystem URI such as s3://bucket/ws):
     state/<job>/<unit>.json         marker written after a unit's parts are in place; it names them
     state/published.json            the published generation: the files readers see, per table
     catalog.duckdb                  one view per table (local workspaces only)
+    state/catalog.json              a fingerprint of the views catalog.duckdb holds
 
 A unit's parts have deterministic names, so a unit that is re-run after a crash overwrites
 its own partial output instead of adding rows twice; the marker makes it count as done.
@@ -48,6 +49,7 @@ SQL = Path(__file__).resolve().parent.parent / "sql"
 DERIVED_VIEWS = ("edit_state", "image_tag_lists")  # in order: the second reads the first
 CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
+CATALOG_STATE = "state/catalog.json"  # the fingerprint of the views catalog.duckdb holds
 # Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
 UNIT_JOBS = ("ingest", "annotate", "caption", "export")
 # DuckDB's own default is 80% of the machine's memory, and it keeps what it may use: a
@@ -277,7 +279,7 @@ class Workspace:
                                     "schemas": {t: schema_fingerprint(t) for t in sorted(schemas.TABLES)},
                                     "short_parts": self._short_parts(previous, tables)})
         fault_point("BOORUSET_KILL_AFTER_PUBLISHES")
-        self.refresh_catalog()
+        self.refresh_catalog(only_if_changed=True)
         return generation
 
     def _retired(self, previous: dict, tables: dict[str, set[str]]) -> dict[str, dict[str, float]]:
@@ -417,8 +419,9 @@ class Workspace:
             body = f"select {cols} where false"
         return f'create or replace view "{name}" as {body}'
 
-    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB with one view per table (no lock on the catalog file).
+    def connect(self, read_only: bool = False, views: bool = True) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with one view per table (no lock on the catalog file); views=False:
+        none, for a caller that attaches the parts it reads (attach_parts).
 
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
@@ -427,7 +430,8 @@ class Workspace:
             self._spill = tempfile.mkdtemp(prefix="booruset-duckdb-")
             atexit.register(shutil.rmtree, self._spill, True)
         con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": self._spill})
-        self._create_views(con)
+        if views:
+            self._create_views(con)
         if read_only:
             if self.local:
                 tables = f"{self.base}/tables/"
@@ -470,11 +474,19 @@ class Workspace:
         for name in DERIVED_VIEWS:
             create_derived_view(con, name)
 
-    def refresh_catalog(self) -> str | None:
-        """Rewrite catalog.duckdb so that `duckdb <ws>/catalog.duckdb` sees every table."""
+    def refresh_catalog(self, only_if_changed: bool = False) -> str | None:
+        """Rewrite catalog.duckdb so that `duckdb <ws>/catalog.duckdb` sees every table.
+
+        only_if_changed: not when the views would be the same as the file's (a publish at a job's
+        start with nothing new): writing the file costs ~50 ms, mostly DuckDB's open and close.
+        state/catalog.json holds the fingerprint of the views the file has, written after it."""
         if not self.local:
             return None  # DuckDB cannot write a database file to object storage
         path = f"{self.base}/catalog.duckdb"
+        fingerprint = self._catalog_fingerprint()
+        if only_if_changed and os.path.exists(path) and \
+                (self.read_json(CATALOG_STATE) or {}).get("fingerprint") == fingerprint:
+            return path
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
         # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
         # storage format both read.
@@ -484,7 +496,17 @@ class Workspace:
         finally:
             con.close()
         Path(tmp).replace(path)
+        self.write_json(CATALOG_STATE, {"fingerprint": fingerprint})
         return path
+
+    def _catalog_fingerprint(self) -> str:
+        """A hash of every statement that makes the catalog's views, from the published generation."""
+        published = self.published()
+        short = published.get("short_parts", {})
+        statements = [self.view_sql(name, published["tables"].get(name, []), name in short)
+                      for name in schemas.TABLES]
+        statements += [(SQL / f"{name}.sql").read_text(encoding="utf-8") for name in DERIVED_VIEWS]
+        return hashlib.sha1("\n;\n".join([CATALOG_STORAGE_VERSION, *statements]).encode()).hexdigest()
 
 
 _events_in_this_process: dict[str, int] = defaultdict(int)

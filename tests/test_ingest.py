@@ -169,6 +169,33 @@ def test_sample_workspace_catalog_answers_sql(tmp_path):
     assert out.stdout.strip() == "24"
 
 
+def test_catalog_is_rewritten_only_when_its_views_change(tmp_path):
+    """A publish with nothing new (a job's start) leaves catalog.duckdb as it is; a publish with a
+    new part rewrites it; a catalog whose fingerprint was never written (a process killed between
+    the two writes) is rewritten at the next publish even with nothing new."""
+    ws = Workspace(str(tmp_path / "ws"))
+    row = {"key": "a", "tag": "x", "category": "general", "origin": "txt", "position": 0}
+    ws.add_part("source_tags", "unit-a", [row])
+    catalog = tmp_path / "ws" / "catalog.duckdb"
+
+    def rows() -> int:
+        con = duckdb.connect(str(catalog), read_only=True)
+        try:
+            return con.execute("select count(*) from source_tags").fetchone()[0]
+        finally:
+            con.close()
+
+    written = catalog.stat().st_ino
+    ws.publish()
+    assert catalog.stat().st_ino == written and rows() == 1
+    ws.add_part("source_tags", "unit-b", [row, row])
+    assert catalog.stat().st_ino != written and rows() == 3
+    written = catalog.stat().st_ino
+    (tmp_path / "ws" / "state" / "catalog.json").unlink()
+    ws.publish()
+    assert catalog.stat().st_ino != written and rows() == 3
+
+
 def test_duplicate_keys_in_one_shard(tmp_path):
     png = encode(picture(), "PNG")
     buf = tmp_path / "dup.tar"
