@@ -254,7 +254,9 @@ def write_model(con: duckdb.DuckDBPyConnection, ws: Workspace, model: str, param
     folder = ws.table_dir(table)
     ws.fs.create_dir(folder, recursive=True)
     path = sql_string(f"{folder}/{part}.parquet")
-    con.execute(f"copy ({select}) to {path} (format parquet, compression zstd)", wanted)
+    # zstd level 1 (pyarrow's default, as the other parts are written), not DuckDB's 3: a tag
+    # partition's COPY 15% of its CPU time at 3, about a quarter less at 1, files <1% larger
+    con.execute(f"copy ({select}) to {path} (format parquet, compression zstd, compression_level 1)", wanted)
 
 
 def model_sql(model: str, params: dict) -> tuple[str, str, dict]:
