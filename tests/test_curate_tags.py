@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from curate_data import curate_config, image_rows, score_rows, source_rows, tags_of
@@ -118,7 +119,6 @@ def _empty_blacklist(workspace) -> str:
 def _rules_without_conflicts(workspace) -> str:
     """A rules dir whose impossible / alias tables are empty: only the overlap rule acts."""
     import shutil
-    from pathlib import Path
 
     from udfs.curate.tag_rules import RULES_DIR
 
@@ -233,6 +233,26 @@ def test_character_traits_match_imgutils(workspace):
     kept = {tag for tags in tags_of(workspace).values() for tag in tags} - {"eileen"}
     assert kept == {t for t in TRAIT_CASES if not is_basic_character_tag(t)}
     assert "drills" in kept and "cat_ear" not in kept
+
+
+def test_imgutils_character_lists_are_read_without_importing_the_tagging_package():
+    """curate reads imgutils' CHAR_* lists from the module's source (importing imgutils.tagging
+    imports transformers): the same five lists, and the package is not imported by the read."""
+    import subprocess
+    import sys
+
+    from imgutils.tagging import character
+
+    from udfs.curate.tag_rules import imgutils_character_lists
+
+    lists = imgutils_character_lists()
+    names = ["CHAR_WHITELIST_SUFFIX", "CHAR_WHITELIST_PREFIX", "CHAR_WHITELIST_WORD", "CHAR_SUFFIXES", "CHAR_PREFIXES"]
+    assert {name: lists[name] for name in names} == {name: getattr(character, name) for name in names}
+    check = ("import sys; from udfs.curate.tag_rules import imgutils_character_lists; imgutils_character_lists(); "
+             "print('imgutils.tagging' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_blacklist_entries_take_word_forms_and_spaces(workspace, tmp_path):

@@ -7,6 +7,7 @@ lists come from a path (or from a tagger's label file).
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 from pathlib import Path
@@ -120,16 +121,31 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
         rows += [("whitelist", w) for w in data.get("whitelist", [])]
         rows += [("suffix", w) for w in groups("suffixes")] + [("prefix", w) for w in groups("prefixes")]
     else:
-        from imgutils.tagging import character as imgutils_character
-
-        rows += [("whitelist_suffix", w) for w in imgutils_character.CHAR_WHITELIST_SUFFIX]
-        rows += [("whitelist_prefix", w) for w in imgutils_character.CHAR_WHITELIST_PREFIX]
-        rows += [("whitelist", w) for w in imgutils_character.CHAR_WHITELIST_WORD]
-        rows += [("suffix", w) for w in imgutils_character.CHAR_SUFFIXES]
-        rows += [("prefix", w) for w in imgutils_character.CHAR_PREFIXES]
+        lists = imgutils_character_lists()
+        rows += [("whitelist_suffix", w) for w in lists["CHAR_WHITELIST_SUFFIX"]]
+        rows += [("whitelist_prefix", w) for w in lists["CHAR_WHITELIST_PREFIX"]]
+        rows += [("whitelist", w) for w in lists["CHAR_WHITELIST_WORD"]]
+        rows += [("suffix", w) for w in lists["CHAR_SUFFIXES"]]
+        rows += [("prefix", w) for w in lists["CHAR_PREFIXES"]]
     expanded = sorted({(kind, form) for kind, word in rows for form in word_forms(underscored(word), kind)})
     return pa.table({"kind": [r[0] for r in expanded], "pattern": [r[1] for r in expanded]},
                     schema=_schema("kind", "pattern"))
+
+
+def imgutils_character_lists() -> dict[str, list[str]]:
+    """The CHAR_* word lists of imgutils.tagging.character, read from its source as literals.
+
+    Importing that module runs the imgutils.tagging package, whose camie tagger imports
+    transformers: 1.9 s in every fresh worker, for five lists of strings."""
+    import imgutils  # its own __init__ is light
+
+    source = Path(imgutils.__file__).parent / "tagging" / "character.py"
+    lists = {}
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id.startswith("CHAR_"):
+            lists[node.targets[0].id] = ast.literal_eval(node.value)
+    return lists
 
 
 def word_forms(pattern: str, kind: str = "whitelist") -> list[str]:
