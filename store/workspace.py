@@ -469,8 +469,8 @@ class Workspace:
             files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
             con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet", filesystem=self.fs))
 
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        self.attach_tables(con)
+    def _create_views(self, con: duckdb.DuckDBPyConnection, published: dict | None = None) -> None:
+        self.attach_tables(con, published=published)
         for name in DERIVED_VIEWS:
             create_derived_view(con, name)
 
@@ -483,7 +483,8 @@ class Workspace:
         if not self.local:
             return None  # DuckDB cannot write a database file to object storage
         path = f"{self.base}/catalog.duckdb"
-        fingerprint = self._catalog_fingerprint()
+        published = self.published()  # read once: the fingerprint and the views are of one generation
+        fingerprint = self._catalog_fingerprint(published)
         if only_if_changed and os.path.exists(path) and \
                 (self.read_json(CATALOG_STATE) or {}).get("fingerprint") == fingerprint:
             return path
@@ -492,16 +493,15 @@ class Workspace:
         # storage format both read.
         con = duckdb.connect(tmp, config={"storage_compatibility_version": CATALOG_STORAGE_VERSION})
         try:
-            self._create_views(con)
+            self._create_views(con, published)
         finally:
             con.close()
         Path(tmp).replace(path)
         self.write_json(CATALOG_STATE, {"fingerprint": fingerprint})
         return path
 
-    def _catalog_fingerprint(self) -> str:
-        """A hash of every statement that makes the catalog's views, from the published generation."""
-        published = self.published()
+    def _catalog_fingerprint(self, published: dict) -> str:
+        """A hash of every statement that makes the catalog's views over the `published` generation."""
         short = published.get("short_parts", {})
         statements = [self.view_sql(name, published["tables"].get(name, []), name in short)
                       for name in schemas.TABLES]
