@@ -1,8 +1,8 @@
 """Export throughput against competent one-process loops, in the same run.
 
-Makes N composited images as input shards (bench/ingest.py's generator), runs ingest (not timed;
-curate and caption add only metadata columns, so the export falls back to the source tags), then,
-alternating the sides `--repeats` times (median reported), times:
+Makes N composited images as input shards (bench/ingest.py: made once, kept in the bench cache),
+runs ingest (not timed; curate and caption add only metadata columns, so the export falls back to
+the source tags), then, alternating the sides `--repeats` times (median reported), times:
   - `booruset export` of original bytes (Ray tasks on a local Ray with every core, Ray already
     started; plan, read the input shards, write shards + manifest + wids index, commit units)
     against a plain loop writing exactly the exported members (read back from the export's own
@@ -20,7 +20,7 @@ Ends with:
     RESULT export_resized_per_core_vs_same_loop ratio=<export MB/s per core / loop MB/s> goal=0.8 met=yes|no
     RESULT export_resize_codec_vs_previous ratio=<previous path s / resize_image s> goal=1.5 met=yes|no
 
-    python bench/export.py --quick          # 600 images (100 through the codecs), 3 rounds: ~5 minutes
+    python bench/export.py --quick          # 600 images (50 through the codecs), 3 rounds: about 3 minutes
     python bench/export.py --images 2000
 """
 
@@ -42,7 +42,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.ingest import make_shards  # noqa: E402
+from bench.ingest import cached_shards  # noqa: E402
 from bench.results import result  # noqa: E402
 from jobs import export, ingest  # noqa: E402
 from jobs.config import load_config, merge  # noqa: E402
@@ -178,17 +178,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--codec-images", type=int, help="images through the codec comparison (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="600 images, 100 of them through the codec comparison (about 5 minutes on 2 cores)")
+                        help="600 images, 50 of them through the codec comparison (about 3 minutes on 2 cores)")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.codec_images = 600, 100
+        args.images, args.codec_images = 600, 50
     sides = ("original", "stage", "tar", "resized", "loop", "new", "old")
     figures: dict[str, list[float]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "inputs"
-        inputs.mkdir()
-        print(f"making {args.images} composited images ...", flush=True)
-        make_shards(inputs, args.images, args.per_shard, args.seed)
+        inputs = cached_shards(args.images, args.per_shard, args.seed)[0]
         cfg = load_config(None, [f'workspace.path="{tmp}/ws"', f'ingest.inputs=["{inputs}"]',
                                  f"export.max_count={args.max_count}"])
         ws = Workspace(cfg["workspace"]["path"])

@@ -18,13 +18,29 @@ import os
 from pathlib import Path
 
 CACHE = Path(os.environ.get("BOORUSET_BENCH_CACHE", Path.home() / ".cache" / "booruset-bench"))
-VERSION = 1  # part of the cached file's name: bump when the architecture or weights change
+VERSION = 2  # part of the cached file's name: bump when the architecture, weights or export change
 
 
 def wd_vit_tagger(path: Path, n_labels: int, size: int = 448, seed: int = 0) -> Path:
     """Write the WD v3 ViT-B/16 tagger (random weights) to `path` unless it is there already."""
     if path.is_file():
         return path
+    import torch
+
+    model = wd_vit_module(n_labels, size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.zeros(1, size, size, 3),), str(partial), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output", "embedding"],
+                          dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"},
+                                        "embedding": {0: "batch_size"}})
+    partial.rename(path)  # a killed export leaves no half file under the cached name
+    return path
+
+
+def wd_vit_module(n_labels: int, size: int = 448, seed: int = 0):
+    """The WD v3 ViT-B/16 tagger as a torch module (eval mode, random weights)."""
     import torch
     from torch import nn
 
@@ -39,8 +55,9 @@ def wd_vit_tagger(path: Path, n_labels: int, size: int = 448, seed: int = 0) -> 
         def forward(self, x):
             b, n, d = x.shape
             q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            attention = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)
-            x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, n, d))
+            # softmax(q k^T / sqrt(d_head)) v; fused on a GPU, plain matmuls and softmax in the export
+            attended = nn.functional.scaled_dot_product_attention(q, k, v)
+            x = x + self.proj(attended.transpose(1, 2).reshape(b, n, d))
             return x + self.mlp(self.norm2(x))
 
     class Tagger(nn.Module):
@@ -69,12 +86,4 @@ def wd_vit_tagger(path: Path, n_labels: int, size: int = 448, seed: int = 0) -> 
         # random features score every label near 0.5; a low bias leaves a booru-like few dozen
         # above the score floor, so post-processing handles as many tags as in production
         model.head.bias.fill_(-4.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with torch.no_grad():
-        torch.onnx.export(model, (torch.zeros(1, size, size, 3),), str(partial), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output", "embedding"],
-                          dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"},
-                                        "embedding": {0: "batch_size"}})
-    partial.rename(path)  # a killed export leaves no half file under the cached name
-    return path
+    return model
