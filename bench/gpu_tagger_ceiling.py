@@ -64,7 +64,7 @@ def torch_rates(n_labels: int, batch: int, runs: int) -> dict[str, float]:
     """images/s of the same architecture in torch on the GPU: fp32, TF32, bf16 autocast."""
     import torch
 
-    model = wd_vit_module(n_labels, SIDE).cuda()
+    model = wd_vit_module(n_labels, SIDE, fused_attention=True).cuda()
     data = torch.rand(batch, SIDE, SIDE, 3, device="cuda") * 255
     rates = {}
     for mode in ("fp32", "tf32", "bf16"):

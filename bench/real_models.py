@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 CACHE = Path(os.environ.get("BOORUSET_BENCH_CACHE", Path.home() / ".cache" / "booruset-bench"))
-VERSION = 2  # part of the cached file's name: bump when the architecture, weights or export change
+VERSION = 1  # part of the cached file's name: bump when the architecture, weights or export change
 
 
 def wd_vit_tagger(path: Path, n_labels: int, size: int = 448, seed: int = 0) -> Path:
@@ -39,8 +39,10 @@ def wd_vit_tagger(path: Path, n_labels: int, size: int = 448, seed: int = 0) -> 
     return path
 
 
-def wd_vit_module(n_labels: int, size: int = 448, seed: int = 0):
-    """The WD v3 ViT-B/16 tagger as a torch module (eval mode, random weights)."""
+def wd_vit_module(n_labels: int, size: int = 448, seed: int = 0, fused_attention: bool = False):
+    """The WD v3 ViT-B/16 tagger as a torch module (eval mode, random weights). fused_attention:
+    torch's scaled_dot_product_attention (for timing in torch on a GPU); the export keeps the
+    plain matmuls and softmax, the graph the CPU benches were measured on."""
     import torch
     from torch import nn
 
@@ -55,8 +57,10 @@ def wd_vit_module(n_labels: int, size: int = 448, seed: int = 0):
         def forward(self, x):
             b, n, d = x.shape
             q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            # softmax(q k^T / sqrt(d_head)) v; fused on a GPU, plain matmuls and softmax in the export
-            attended = nn.functional.scaled_dot_product_attention(q, k, v)
+            if fused_attention:  # the same softmax(q k^T / sqrt(d_head)) v in one kernel on a GPU
+                attended = nn.functional.scaled_dot_product_attention(q, k, v)
+            else:
+                attended = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1) @ v
             x = x + self.proj(attended.transpose(1, 2).reshape(b, n, d))
             return x + self.mlp(self.norm2(x))
 

@@ -120,6 +120,26 @@ def test_truncated_shard_keeps_what_it_can(tmp_path):
     assert images + summary.dropped == summary.rows_in
 
 
+def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):
+    """A local plain shard is read with seeks; a gzip one (which cannot be) as a stream: same rows."""
+    members = [(f"s{i}.{ext}", data) for i in range(4)
+               for ext, data in (("png", encode(picture(seed=i), "PNG")), ("txt", f"1girl, tag{i}".encode()))]
+    write_tar(tmp_path / "plain.tar", members)
+    with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as packed:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            packed.addfile(info, io.BytesIO(data))
+    rows = {}
+    for name in ("plain.tar", "packed.tar.gz"):
+        _, ws = run_ingest(tmp_path / name.split(".")[0], [str(tmp_path / name)])
+        images = ws.read_table("images").select(["member", "sha256", "phash"]).to_pylist()
+        tags = ws.read_table("source_tags").select(["tag"]).to_pylist()
+        rows[name] = (sorted(images, key=lambda r: r["member"]), sorted(t["tag"] for t in tags))
+        assert ws.read_table("errors").num_rows == 0
+    assert len(rows["plain.tar"][0]) == 4 and rows["plain.tar"] == rows["packed.tar.gz"]
+
+
 def test_folder_input_with_same_stem_sidecars(tmp_path):
     folder = tmp_path / "kohya" / "10_concept"
     folder.mkdir(parents=True)
