@@ -49,6 +49,7 @@ from jobs.config import load_config, merge  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.caption.caption_images import read_members  # noqa: E402
+from udfs.export.export_shard import COPY_PIECE  # noqa: E402
 from udfs.export.resize import output_extension, resize_image, target_size  # noqa: E402
 
 
@@ -66,7 +67,8 @@ def plain_tar_rate(members: list[list[tuple[str, bytes]]], folder: Path) -> tupl
     folder.mkdir()
     started = time.perf_counter()
     for index, shard in enumerate(members):
-        with tarfile.open(folder / f"plain-{index:06d}.tar", "w") as tar:
+        # the same copy piece as the export's writer: the two differ only in what is around the writes
+        with tarfile.open(folder / f"plain-{index:06d}.tar", "w", copybufsize=COPY_PIECE) as tar:
             for name, data in shard:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -131,7 +133,7 @@ def same_loop_rate(jobs: list, folder: Path, per_shard: int) -> float:
     folder.mkdir()
     started = time.perf_counter()
     for index in range(0, len(jobs), per_shard):
-        with tarfile.open(folder / f"loop-{index:06d}.tar", "w") as tar:
+        with tarfile.open(folder / f"loop-{index:06d}.tar", "w", copybufsize=COPY_PIECE) as tar:
             for i, (data, target, ext) in enumerate(jobs[index:index + per_shard]):
                 image = data if target is None else resize_image(data, target, ext, 95, False)
                 info = tarfile.TarInfo(f"{index + i:07d}.{ext}")

@@ -33,6 +33,7 @@ from udfs.export.safe_names import inside
 from udfs.ingest.sources import Unit, read_unit, safe_text
 
 JOB = "export"
+COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
 LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
 
 
@@ -75,11 +76,13 @@ class ShardTar:
     Written with tarfile's seekable "w" mode rather than webdataset.TarWriter, which opens
     tarfile in stream mode ("w|") and copies each member in 8 KB pieces: same tar format,
     about 1.6x faster on one core here (bench/export.py measures the writer against plain tar).
+    tarfile's own copy of a member is in 16 KiB pieces unless told (copybufsize): in 1 MiB
+    pieces an image is one or two writes, and the same bytes are written 2-2.5x faster.
     """
 
     def __init__(self, path: str) -> None:
         self.stream = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.tar = tarfile.open(fileobj=self.stream, mode="w", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(fileobj=self.stream, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_PIECE)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
