@@ -7,8 +7,10 @@ alternating the sides `--repeats` times (median reported):
   - `booruset ingest` (Ray Data on a local Ray with every core, Ray already started and one job run
     untimed before, a fresh workspace each time), per core: images/s / cores;
   - the baseline: one process opening and decoding each image as ingest does (JPEG in draft mode
-    at the smallest DCT scale that keeps 256 pixels, for the pHash; other formats in full), plus
-    its sha256: the floor of what ingest must do per image. The full-decode rate is printed too.
+    at the smallest DCT scale that keeps 256 pixels, for the pHash; 8-bit PNGs by libspng; other
+    formats in full by Pillow), plus its sha256: the floor of what ingest must do per image. The
+    same with Pillow for every image (ingest's decode before libspng) and Pillow's full decode are
+    printed too.
 And the import time of ingest's worker module in a fresh interpreter that has Ray Data loaded (what
 a new worker pays before its first image). Ends with:
 
@@ -52,6 +54,7 @@ from jobs.ray_env import init_ray  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.ingest.probe import PHASH_DRAFT_SIZE  # noqa: E402
 from udfs.ingest.sources import discover_units, read_unit  # noqa: E402
+from udfs.png_pixels import load_pixels  # noqa: E402
 
 
 def sample_art() -> tuple[list[Image.Image], list[Image.Image]]:
@@ -151,16 +154,17 @@ def full_decode_rate(encoded: list[bytes]) -> float:
     return len(encoded) / (time.perf_counter() - started)
 
 
-def same_decode_rate(encoded: list[bytes]) -> float:
-    """Images/s of one process doing ingest's own decode (udfs/ingest/probe.image_hashes: JPEG in
-    draft mode, the rest in full) and the sha256 of the bytes."""
+def same_decode_rate(encoded: list[bytes], pillow_only: bool = False) -> float:
+    """Images/s of one process doing ingest's own decode (udfs/ingest/probe.decoded: JPEG in draft
+    mode, 8-bit PNGs by libspng, the rest in full by Pillow) and the sha256 of the bytes; with
+    `pillow_only`, every image by Pillow (ingest's decode before libspng)."""
     started = time.perf_counter()
     for data in encoded:
         hashlib.sha256(data).digest()
         with Image.open(io.BytesIO(data)) as image:
             if image.format == "JPEG":
                 image.draft("RGB", PHASH_DRAFT_SIZE)
-            image.load()
+            image.load() if pillow_only else load_pixels(image, data)
     return len(encoded) / (time.perf_counter() - started)
 
 
@@ -205,20 +209,23 @@ def main() -> None:
         # a first job starts Ray's workers and Ray Data's actors (2-5 s on 2 cores): a cluster that
         # has run a job has them, so that one is not timed
         ingest_rates(shards, Path(tmp), -1)
-        ours, per_worker, baseline = [], [], []
+        ours, per_worker, baseline, pillow = [], [], [], []
         for run in range(args.repeats):  # alternated, so that a busy moment hits both sides
             rate, worker_rate = ingest_rates(shards, Path(tmp), run)
             ours.append(rate)
             per_worker.append(worker_rate)
             baseline.append(same_decode_rate(encoded))
+            pillow.append(same_decode_rate(encoded, pillow_only=True))
             print(f"round {run + 1}: ingest {rate:.1f} images/s ({worker_rate:.1f} per worker-second), "
-                  f"same decode {baseline[-1]:.1f} images/s", flush=True)
+                  f"same decode {baseline[-1]:.1f} images/s, Pillow-only {pillow[-1]:.1f}", flush=True)
         full = full_decode_rate(encoded)
     start = worker_import_seconds()
     rate, worker_rate, floor = statistics.median(ours), statistics.median(per_worker), statistics.median(baseline)
     print(f"cores: {cores}; median of {args.repeats}")
     print(f"full decode (Pillow open + load, 1 process): {full:.1f} images/s")
-    print(f"same decode + sha256 (1 process): {floor:.1f} images/s")
+    print(f"same decode + sha256 (1 process): {floor:.1f} images/s; with Pillow for every image (ingest's "
+          f"decode before libspng): {statistics.median(pillow):.1f}, ingest per core "
+          f"{rate / cores / statistics.median(pillow):.2f} x that")
     print(f"booruset ingest (probe, sha256, phash, sidecars, Parquet, Ray Data): {rate:.1f} images/s, "
           f"{rate / cores:.1f} per core; {worker_rate:.1f} per second of a worker's time in its units")
     print(f"ingest worker module import: {start:.2f} s")

@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 
 from udfs.opencv import cv2
 from udfs.orientation import upright
+from udfs.png_pixels import load_pixels
 
 # CCIP's normalisation (imgutils.metrics.ccip._normalize: CLIP mean and std, float64).
 CCIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
@@ -26,12 +27,12 @@ def decode(data: bytes, draft_size: int = 0) -> Image.Image:
     Pillow's draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale while keeping both
     sides >= draft_size: most of the decode cost is skipped when every model input is much
     smaller than the image. Boxes are relative, so they do not depend on the decoded size.
+    8-bit PNGs are decoded by libspng (udfs/png_pixels.py), to the same pixels.
     """
     image = Image.open(io.BytesIO(data))
     if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
         image.draft(image.mode, (draft_size, draft_size))
-    image.load()
-    return upright(image)
+    return upright(load_pixels(image, data))
 
 
 def has_alpha(image: Image.Image) -> bool:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from udfs.opencv import cv2
 from udfs.orientation import exif_orientation, upright
+from udfs.png_pixels import load_pixels
 
 # Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -82,11 +83,12 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
     """
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)  # first frame of animations
-        turned = exif_orientation(image) >= 5  # target is as displayed; the stored pixels are turned
         if image.format == "JPEG":
+            turned = exif_orientation(image) >= 5  # target is as displayed; the stored pixels are turned
             image.draft(image.mode, tuple(reversed(target)) if turned else tuple(target))
-        image.load()
-        image = upright(image)  # re-encoded images are upright and carry no orientation tag
+        # upright after the decode: Pillow decodes a PNG to look for its EXIF (it may follow the
+        # pixels), which, asked first, decoded it twice and hid a broken stream
+        image = upright(load_pixels(image, data))  # re-encoded images are upright, with no orientation tag
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
         width, height = target

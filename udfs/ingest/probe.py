@@ -12,6 +12,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from udfs.orientation import exif_orientation
+from udfs.png_pixels import load_pixels
 
 # The hash needs 32x32 pixels: decoding a JPEG at 1/8 scale (draft mode) still reads and
 # checks the whole stream, at a fraction of the cost of a full decode.
@@ -37,20 +38,25 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
         raise ProbeError("empty_file", "zero-byte image member")
     image = _open_checked(data, max_pixels)
     with image:
-        orientation = exif_orientation(image)
-        width, height = (image.height, image.width) if orientation >= 5 else (image.width, image.height)
+        size, fmt, mode = image.size, image.format or "", image.mode  # as stored: a JPEG's draft decode shrinks it
+        n_frames = int(getattr(image, "n_frames", 1))
+        pixels = decoded(image, data)  # before any other pixel access: JPEG draft mode
+        # from the decoded picture: Pillow looks for a PNG's EXIF by decoding it (its eXIf chunk
+        # may follow the pixels), which, asked first, both decoded twice and hid a broken stream
+        orientation = exif_orientation(pixels)
+        width, height = (size[1], size[0]) if orientation >= 5 else size
         row = {
             "width": width,
             "height": height,
-            "format": image.format or "",
-            "mode": image.mode,
-            "n_frames": int(getattr(image, "n_frames", 1)),
+            "format": fmt,
+            "mode": mode,
+            "n_frames": n_frames,
             "orientation": orientation,
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        row.update(image_hashes(image))  # first: JPEG draft mode must precede any pixel access
-        texts = embedded_texts(image)
+        row.update(image_hashes(pixels))
+        texts = embedded_texts(pixels, fmt)
     row["texts"] = texts
     return row
 
@@ -74,18 +80,30 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def image_hashes(image: Image.Image) -> dict:
-    """pHash, detail and colour signature of the first frame; decoding it also proves the file is whole."""
+def decoded(image: Image.Image, data: bytes) -> Image.Image:
+    """The first frame's pixels (a JPEG at the smallest DCT scale that keeps PHASH_DRAFT_SIZE,
+    an 8-bit PNG by libspng: udfs/png_pixels.py); decoding it also proves the file is whole."""
     try:
         if image.format == "JPEG":
             image.draft("RGB", PHASH_DRAFT_SIZE)
-        image.load()
+        return load_pixels(image, data)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_error(exc) from exc
+
+
+def image_hashes(image: Image.Image) -> dict:
+    """pHash, detail and colour signature of a picture (loaded here if it is not yet)."""
+    try:
         small = _reduced(_hashable(image))
         return {**grey_hashes(small.convert("L")), "colour": colour_signature(small)}
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc)
-        kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
-        raise ProbeError(kind, f"{type(exc).__name__}: {text}") from exc
+        raise _decode_error(exc) from exc
+
+
+def _decode_error(exc: Exception) -> ProbeError:
+    text = str(exc)
+    kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
+    return ProbeError(kind, f"{type(exc).__name__}: {text}")
 
 
 def grey_hashes(grey: Image.Image) -> dict:
@@ -123,13 +141,13 @@ def _hashable(image: Image.Image) -> Image.Image:
     return image
 
 
-def may_hold_generation_text(image: Image.Image) -> bool:
-    """Whether the image holds anything imgutils' SD and NovelAI readers read (TEXT_INFO_KEYS)."""
+def may_hold_generation_text(image: Image.Image, fmt: str) -> bool:
+    """Whether the image (of format `fmt`) holds anything imgutils' SD and NovelAI readers read (TEXT_INFO_KEYS)."""
     if any(key in image.info for key in TEXT_INFO_KEYS):
         return True
     if "exif" in image.info and image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment):
         return True
-    if image.format in ("PNG", "WEBP") and image.mode == "RGBA":
+    if fmt in ("PNG", "WEBP") and image.mode == "RGBA":
         from imgutils.metadata import LSBReadError, read_lsb_raw_bytes  # no torch in this one
 
         try:
@@ -140,14 +158,15 @@ def may_hold_generation_text(image: Image.Image) -> bool:
     return False
 
 
-def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
-    """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info.
+def embedded_texts(image: Image.Image, fmt: str) -> list[tuple[str, str]]:
+    """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info of a decoded image
+    (its info as opened) whose file is of format `fmt`.
 
     imgutils reads A1111 `parameters` and NovelAI metadata, including the stealth form that
     hides it in the least significant bits of the alpha channel.
     """
     texts: list[tuple[str, str]] = []
-    if not may_hold_generation_text(image):
+    if not may_hold_generation_text(image, fmt):
         return texts
     from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
 
@@ -163,7 +182,7 @@ def embedded_texts(image: Image.Image) -> list[tuple[str, str]]:
         if sd.parameters:
             texts.append(("sd_params", json.dumps(sd.parameters, sort_keys=True, default=str)))
         return texts
-    if image.format not in ("PNG", "WEBP"):
+    if fmt not in ("PNG", "WEBP"):
         return texts
     try:
         nai = get_naimeta_from_image(image)

@@ -1,0 +1,115 @@
+"""udfs/png_pixels.py: 8-bit PNGs decoded by libspng give Pillow's pixels, mode and info; every
+other file, and every file libspng refuses, is Pillow's to decode (and to report)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from udfs.ingest.probe import ProbeError, image_hashes, probe_image
+from udfs.orientation import exif_orientation
+from udfs.png_pixels import load_pixels, plain_png_mode
+
+
+def png_bytes(image: Image.Image, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG", **params)
+    return out.getvalue()
+
+
+def picture(mode: str, size: tuple[int, int] = (67, 41)) -> Image.Image:
+    rng = np.random.default_rng(len(mode))
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    pixels = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+    return Image.fromarray(pixels[:, :, 0] if bands == 1 else pixels, mode)
+
+
+def pillow_pixels(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def with_chunk_after_pixels(data: bytes, kind: bytes, body: bytes) -> bytes:
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    iend = data.rindex(b"IEND") - 4
+    return data[:iend] + chunk + data[iend:]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_8bit_pngs_are_decoded_by_libspng_with_pillows_pixels(mode):
+    data = png_bytes(picture(mode))
+    opened = Image.open(io.BytesIO(data))
+    decoded = load_pixels(opened, data)
+    assert decoded is not opened  # the libspng path, not Pillow's load
+    expected = pillow_pixels(data)
+    assert decoded.mode == expected.mode == mode
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_transparency_and_exif_orientation_are_kept():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotated 90 degrees
+    data = png_bytes(picture("RGB"), transparency=(1, 2, 3), exif=exif)
+    opened = Image.open(io.BytesIO(data))
+    decoded = load_pixels(opened, data)
+    assert decoded is not opened
+    assert decoded.info["transparency"] == (1, 2, 3)
+    assert exif_orientation(decoded) == 6
+
+
+@pytest.mark.parametrize("image", [
+    picture("RGB").convert("P", palette=Image.Palette.ADAPTIVE),  # palette
+    Image.fromarray(np.arange(64 * 32, dtype=np.uint16).reshape(32, 64) * 31),  # 16-bit grey
+    picture("L").convert("1"),  # 1-bit
+    picture("LA"),  # grey + alpha
+], ids=["palette", "16-bit", "1-bit", "grey-alpha"])
+def test_other_pngs_are_pillows_to_decode(image):
+    data = png_bytes(image)
+    assert plain_png_mode(data) is None
+    opened = Image.open(io.BytesIO(data))
+    decoded = load_pixels(opened, data)
+    assert decoded is opened
+    assert np.array_equal(np.asarray(decoded), np.asarray(pillow_pixels(data)))
+
+
+def test_animated_png_and_chunks_after_the_pixels_go_to_pillow():
+    frames = [picture("RGB"), picture("RGB").transpose(Image.Transpose.ROTATE_180)]
+    animated = png_bytes(frames[0], save_all=True, append_images=frames[1:])
+    assert plain_png_mode(animated) is None
+    trailing = with_chunk_after_pixels(png_bytes(picture("RGB")), b"tEXt", b"parameters\x00a prompt")
+    assert plain_png_mode(trailing) is None
+    opened = Image.open(io.BytesIO(trailing))
+    decoded = load_pixels(opened, trailing)
+    assert decoded is opened and decoded.info["parameters"] == "a prompt"  # read as Pillow loads
+
+
+def test_broken_pngs_get_pillows_errors():
+    data = png_bytes(picture("RGB", (300, 200)))
+    truncated = data[: len(data) // 2]
+    assert plain_png_mode(truncated) is None
+    with pytest.raises(OSError):
+        load_pixels(Image.open(io.BytesIO(truncated)), truncated)
+    start = data.index(b"IDAT") + 4 + 40  # inside the compressed pixels: whole chunks, IEND present
+    corrupt = data[:start] + bytes(200) + data[start + 200:]
+    assert plain_png_mode(corrupt) is None  # its CRC does not match: libspng would decode noise
+    with pytest.raises(OSError, match="broken data stream"):
+        load_pixels(Image.open(io.BytesIO(corrupt)), corrupt)
+    with pytest.raises(ProbeError) as caught:
+        probe_image(corrupt, 10**8)
+    assert caught.value.kind == "corrupt_image"
+
+
+def test_probe_hashes_equal_pillows():
+    for mode in ("RGB", "RGBA", "L", "LA"):  # LA: Pillow's path
+        data = png_bytes(picture(mode, (900, 700)))
+        row = probe_image(data, 10**8)
+        expected = image_hashes(pillow_pixels(data))
+        assert (row["phash"], row["detail"], row["colour"]) == (expected["phash"], expected["detail"],
+                                                                expected["colour"])
+        assert (row["format"], row["mode"], row["width"], row["height"]) == ("PNG", mode, 900, 700)

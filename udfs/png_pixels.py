@@ -1,0 +1,63 @@
+"""The pixels of an opened image, 8-bit PNGs through libspng (pyspng): the same pixels as
+Pillow's PNG decoder in about half the time (a 1070x601 RGB PNG: 35 -> 18 ms here; OpenCV's
+libpng takes 32). PNGs are a minority of a booru set's images but most of its decode time.
+
+Pillow stays the judge of what a file is: it opens every image (format, mode, size, the chunks
+before the pixel data) and decodes whatever this path does not take: palette, 1/2/4/16-bit and
+animated PNGs, a PNG with chunks after its pixel data (Pillow reads those as it loads), a
+truncated one and any whose chunk checksums do not match (pyspng tells libspng to use data with
+bad CRCs, and then it skips the zlib stream's Adler-32 too: it would decode a damaged file
+without a word where Pillow reports a broken data stream); and any file libspng refuses.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pyspng
+from PIL import Image
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type -> Pillow's mode for it at 8 bits a sample (a tRNS chunk stays in info, as Pillow
+# keeps it). Grey with alpha (4) is not here: libspng does not decode it to 8-bit grey + alpha.
+MODES = {0: "L", 2: "RGB", 6: "RGBA"}
+
+
+def load_pixels(image: Image.Image, data: bytes) -> Image.Image:
+    """`image` with its pixels loaded, `data` being its bytes: for a plain 8-bit PNG a new image
+    of the same mode and info (`image` stays unloaded), for anything else `image` after load()."""
+    mode = plain_png_mode(data) if image.format == "PNG" else None
+    if mode == image.mode:
+        try:
+            pixels = pyspng.load(data, mode)
+        except RuntimeError:  # libspng refuses it: Pillow decides (and names the error)
+            pass
+        else:
+            decoded = Image.fromarray(pixels, mode)
+            decoded.info = dict(image.info)  # transparency, EXIF orientation, text chunks
+            return decoded
+    image.load()
+    return image
+
+
+def plain_png_mode(data: bytes) -> str | None:
+    """Pillow's mode for a one-frame 8-bit grey, RGB or RGBA PNG whose chunks all have their
+    CRC and whose last chunk after the pixel data is IEND; None for any other file. The CRCs
+    cost ~0.35 ms a megabyte here, a fiftieth of the decode they stand for."""
+    if data[:8] != SIGNATURE or len(data) < 33 or data[12:16] != b"IHDR" or data[24] != 8:
+        return None
+    mode, view = MODES.get(data[25]), memoryview(data)
+    pos, pixels_seen = 8, False
+    while mode and pos + 12 <= len(data):
+        end = pos + 8 + int.from_bytes(data[pos:pos + 4], "big")  # the chunk's CRC is at end
+        if zlib.crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return None  # damaged (or cut inside this chunk)
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IEND":
+            return mode if pixels_seen else None
+        if kind == b"IDAT":
+            pixels_seen = True
+        elif kind == b"acTL" or pixels_seen:  # an animation; a chunk after the pixels
+            return None
+        pos = end + 4
+    return None  # no IEND: a truncated file
