@@ -113,3 +113,18 @@ def test_probe_hashes_equal_pillows():
         assert (row["phash"], row["detail"], row["colour"]) == (expected["phash"], expected["detail"],
                                                                 expected["colour"])
         assert (row["format"], row["mode"], row["width"], row["height"]) == ("PNG", mode, 900, 700)
+
+
+def test_previews_of_a_turned_png_are_upright():
+    """The caption's JPEG and the report's thumbnail decode through load_pixels, then turn the
+    picture by its EXIF orientation (kept in the decoded image's info)."""
+    from udfs.caption.caption_images import shrink_jpeg
+    from udfs.thumbnails import thumbnail_jpeg
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 wide, 40 high; displayed 40 wide, 80 high
+    data = png_bytes(picture("RGBA", (80, 40)), exif=exif)
+    assert plain_png_mode(data) == "RGBA"
+    for preview in (shrink_jpeg(data, 64), thumbnail_jpeg(data, 64)):
+        with Image.open(io.BytesIO(preview)) as image:
+            assert (image.format, image.size) == ("JPEG", (32, 64))

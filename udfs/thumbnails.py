@@ -7,6 +7,7 @@ import io
 from PIL import Image
 
 from udfs.orientation import upright
+from udfs.png_pixels import load_pixels
 
 
 def thumbnail_jpeg(data: bytes, size: int) -> bytes:
@@ -14,7 +15,7 @@ def thumbnail_jpeg(data: bytes, size: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = upright(image)
+        image = upright(load_pixels(image, data))  # upright after the decode: udfs/png_pixels.py
         image.thumbnail((size, size))
         rgba = image.convert("RGBA")
     flat = Image.new("RGB", rgba.size, "white")
