@@ -90,3 +90,17 @@ def exported(out) -> dict[str, tuple[Image.Image, dict]]:
         meta = json.loads(files["json"])
         result[meta["key"].rsplit("/", 1)[-1]] = (Image.open(io.BytesIO(files["jpg"])), meta)
     return result
+
+
+def test_probe_records_displayed_sizes_whoever_turns_the_pixels():
+    """A JPEG keeps its tag (decoders turn it); Pillow turns a TIFF's pixels as it loads them and
+    drops the tag, so its row says 1 and the size Pillow shows (once turned, not twice)."""
+    from udfs.ingest.probe import probe_image
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    tiff = io.BytesIO()
+    Image.new("RGB", (90, 60)).save(tiff, "TIFF", exif=exif)
+    for data, expected in ((turned_jpeg(6), (40, 60, 6)), (tiff.getvalue(), (60, 90, 1))):
+        row = probe_image(data, 10**8)
+        assert (row["width"], row["height"], row["orientation"]) == expected

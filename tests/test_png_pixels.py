@@ -89,6 +89,18 @@ def test_animated_png_and_chunks_after_the_pixels_go_to_pillow():
     assert decoded is opened and decoded.info["parameters"] == "a prompt"  # read as Pillow loads
 
 
+def test_rows_too_wide_for_pyspng_and_other_buffers_go_to_pillow():
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 600_000_000, 1, 8, 6, 0, 0, 0))
+    wide = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    assert plain_png_mode(wide) is None  # 2.4 GB a row: pyspng's stride would overflow
+    data = png_bytes(picture("RGB"))
+    opened = Image.open(io.BytesIO(data))
+    assert load_pixels(opened, bytearray(data)) is opened  # pyspng takes bytes only
+
+
 def test_broken_pngs_get_pillows_errors():
     data = png_bytes(picture("RGB", (300, 200)))
     truncated = data[: len(data) // 2]
