@@ -164,7 +164,10 @@ def same_decode_rate(encoded: list[bytes], pillow_only: bool = False) -> float:
         with Image.open(io.BytesIO(data)) as image:
             if image.format == "JPEG":
                 image.draft("RGB", PHASH_DRAFT_SIZE)
-            image.load() if pillow_only else load_pixels(image, data)
+            if pillow_only:
+                image.load()
+            else:
+                load_pixels(image, data)
     return len(encoded) / (time.perf_counter() - started)
 
 
