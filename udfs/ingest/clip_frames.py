@@ -23,7 +23,7 @@ import scipy.fft
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageSequence
 
-from udfs.ingest.probe import colour_signature, grey_hashes, image_hashes
+from udfs.ingest.probe import bits_above_median, colour_signature, grey_hashes, image_hashes
 from udfs.opencv import cv2
 
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
@@ -104,8 +104,7 @@ class Frame:
             grey = np.asarray(self.image().convert("L"))
         small = _area_resize(grey, HASH_SIDE).astype(np.float64)
         low = scipy.fft.dct(scipy.fft.dct(small, axis=0), axis=1)[:8, :8]
-        bits = (low > np.median(low)).flatten()
-        return int("".join("1" if b else "0" for b in bits), 2), float(small.std())
+        return bits_above_median(low), float(small.std())
 
     def hashes(self) -> dict:
         """phash, detail and colour (the `images` columns), as udfs/ingest/probe.py computes them.

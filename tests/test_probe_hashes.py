@@ -1,0 +1,65 @@
+"""udfs/ingest/probe.py's hashes: the pHash is imagehash.phash's, bit for bit (stored hashes of
+earlier ingests are compared with new ones), and the colour signature is the 2x2 grid it says."""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from udfs.ingest.probe import colour_signature, dct_phash, probe_image
+
+
+def imagehash_bits(picture: Image.Image) -> int:
+    return int(str(imagehash.phash(picture)), 16)
+
+
+def pictures_32() -> list[Image.Image]:
+    """32x32 grey pictures of every kind the median meets: noise, flat (all 64 values tie),
+    two-valued, stripes and gradients (many ties), and real art shrunk as probe shrinks it."""
+    rng = np.random.default_rng(7)
+    ramp = np.arange(32, dtype=np.uint8) * 8
+    arrays = [rng.integers(0, 256, (32, 32), dtype=np.uint8) for _ in range(200)]
+    arrays += [np.full((32, 32), value, np.uint8) for value in (0, 1, 128, 255)]
+    arrays += [(rng.integers(0, 2, (32, 32)) * 255).astype(np.uint8) for _ in range(50)]
+    arrays += [np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), np.add.outer(ramp, ramp) // 2,
+               np.tile(np.array([0, 255] * 16, np.uint8), (32, 1))]
+    art = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).convert("L")
+    arrays.append(np.asarray(art.resize((32, 32), Image.Resampling.LANCZOS)))
+    return [Image.fromarray(a, "L") for a in arrays]
+
+
+def test_phash_is_imagehashs():
+    for picture in pictures_32():
+        assert dct_phash(picture) == imagehash_bits(picture)
+
+
+def test_probed_phash_is_imagehashs_of_the_reduced_picture():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    for fmt, size in (("PNG", (300, 200)), ("PNG", (1400, 900)), ("JPEG", (1100, 800))):
+        image = Image.fromarray(base).resize(size, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, fmt)
+        decoded = Image.open(io.BytesIO(out.getvalue()))
+        decoded.draft("RGB", (256, 256))  # what probe decodes a JPEG to
+        decoded = decoded.convert("L")
+        factor = min(decoded.size) // 256
+        reduced = decoded.reduce(factor) if factor >= 2 else decoded
+        expected = imagehash_bits(reduced.resize((32, 32), Image.Resampling.LANCZOS))
+        assert probe_image(out.getvalue(), 10**8)["phash"] == expected, (fmt, size)
+
+
+def test_colour_signature_is_the_4_bit_mean_of_each_quarter():
+    quarters = np.zeros((8, 8, 3), np.uint8)
+    quarters[:4, :4] = (255, 0, 0)
+    quarters[:4, 4:] = (0, 255, 0)
+    quarters[4:, :4] = (0, 0, 255)
+    quarters[4:, 4:] = (200, 100, 50)  # 0xC, 0x6, 0x3 in four bits
+    rgb = Image.fromarray(quarters, "RGB")
+    expected = 0xF00_0F0_00F_C63
+    assert colour_signature(rgb) == expected
+    assert colour_signature(rgb.convert("RGBA")) == expected  # other modes are converted first
+    assert colour_signature(Image.new("L", (8, 8), 255)) == 0xFFF_FFF_FFF_FFF
