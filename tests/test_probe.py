@@ -1,5 +1,6 @@
-"""udfs/ingest/probe.py's hashes: the pHash is imagehash.phash's, bit for bit (stored hashes of
-earlier ingests are compared with new ones), and the colour signature is the 2x2 grid it says."""
+"""udfs/ingest/probe.py: the pHash is imagehash.phash's, bit for bit (stored hashes of earlier
+ingests are compared with new ones); the colour signature is the 2x2 grid it says; the quick look
+for stealth metadata says yes exactly where imgutils' own reader finds it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import io
 
 import imagehash
 import numpy as np
+from imgutils.metadata import LSBReadError, read_lsb_raw_bytes, write_lsb_raw_bytes
 from PIL import Image
 
-from udfs.ingest.probe import colour_signature, dct_phash, probe_image
+from udfs.ingest.probe import colour_signature, dct_phash, probe_image, starts_with_stealth_magic
 
 
 def imagehash_bits(picture: Image.Image) -> int:
@@ -63,3 +65,22 @@ def test_colour_signature_is_the_4_bit_mean_of_each_quarter():
     assert colour_signature(rgb) == expected
     assert colour_signature(rgb.convert("RGBA")) == expected  # other modes are converted first
     assert colour_signature(Image.new("L", (8, 8), 255)) == 0xFFF_FFF_FFF_FFF
+
+
+def imgutils_reads_stealth(image: Image.Image) -> bool:
+    try:
+        read_lsb_raw_bytes(image)
+    except LSBReadError:
+        return False
+    return True
+
+
+def test_stealth_magic_is_found_where_imgutils_finds_it():
+    rng = np.random.default_rng(11)
+    # tall (the magic in one column), short (spread over two or more), too small to hold it
+    for size in ((256, 256), (1024, 64), (640, 100), (90, 300), (400, 17), (5, 5), (1, 119)):
+        plain = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
+        assert not starts_with_stealth_magic(plain) and not imgutils_reads_stealth(plain), size
+        if min(size) >= 64 and size[0] >= 256:  # room for imgutils' writer (its error correction's tiles)
+            marked = write_lsb_raw_bytes(plain, b'{"prompt": "1girl"}')
+            assert starts_with_stealth_magic(marked) and imgutils_reads_stealth(marked), size
