@@ -257,6 +257,25 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     assert rows == {"alice_crop": "alice", "bob_crop": "bob"}
 
 
+def test_a_reference_image_that_does_not_decode_is_named(tmp_path):
+    """A damaged PNG among the references stops curate with its name, before any model loads:
+    it was embedded as noise (Pillow's EXIF lookup decoded it and the error was swallowed)."""
+    import io
+
+    from PIL import Image
+
+    from udfs.curate import ccip_cluster
+
+    (tmp_path / "refs" / "alice").mkdir(parents=True)
+    out = io.BytesIO()
+    Image.effect_noise((64, 96), 40).convert("RGB").save(out, "PNG")
+    data = out.getvalue()
+    start = data.index(b"IDAT") + 4 + 40  # inside the compressed pixels: every chunk still there
+    (tmp_path / "refs" / "alice" / "1.png").write_bytes(data[:start] + bytes(200) + data[start + 200:])
+    with pytest.raises(ValueError, match=r"reference image .*alice/1\.png does not decode"):
+        ccip_cluster.references(str(tmp_path / "refs"), {"size": 384, "models_dir": str(tmp_path / "none")})
+
+
 # ---- bounds on similar pictures ---------------------------------------------------------------
 def _embedding_vectors(con, vectors, tables, bits):
     """near_duplicates.EmbeddingVectors over `vectors` (ids 0..n-1) as the job's SQL gives them."""

@@ -680,12 +680,18 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
                    if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{root}: no <character>/<image> reference files")
-    model = CcipFeatures(ccip_spec, input="image", output="ccip")
     size = int(ccip_spec["size"])
     images = []
     for _character, file in files:
-        with Image.open(file) as image:
-            images.append(ccip_input(to_rgb_on_white(upright(image)), size))
+        try:
+            with Image.open(file) as image:
+                # decoded before its orientation is asked: Pillow decodes a PNG to look for its
+                # EXIF and our reader swallows errors, so a broken file became a noise embedding
+                image.load()
+                images.append(ccip_input(to_rgb_on_white(upright(image)), size))
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ValueError(f"reference image {file} does not decode: {type(exc).__name__}: {exc}") from exc
+    model = CcipFeatures(ccip_spec, input="image", output="ccip")
     vectors = model.features(np.stack(images)).astype(np.float32)
     return pa.table({"character": [c for c, _ in files],
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])},
