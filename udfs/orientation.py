@@ -11,7 +11,9 @@ from PIL import ExifTags, Image, ImageOps
 
 
 def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1..8), 1 when absent or unreadable."""
+    """The EXIF orientation tag (1..8), 1 when absent or unreadable. Ask it of a decoded image
+    (a JPEG's before its draft is the exception): Pillow decodes a PNG to find its EXIF, which
+    may follow the pixels, and an error there is swallowed here with the broken EXIF's."""
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
