@@ -5,8 +5,11 @@ folder chunk) -> rows with image bytes, streamed (CPU tasks) -> decode and per-m
 preprocessing (CPU tasks, draft mode) -> one actor pool per model (GPU when the cluster has
 one) -> Parquet parts written by CPU tasks (udfs/annotate/annotate_parts.py). The driver adds up the
 small per-batch summaries and writes a unit's marker, naming its parts, once all its rows are
-written; a unit counts as done once its marker lists every model of the run. Parts of a unit
-killed before its marker are named by no generation and deleted at the next start.
+written; a unit counts as done once its marker lists every model of the run. Each writer marks
+its batch done (state/annotate/batches/<unit>/): a unit killed before its marker keeps the
+batches it finished, and the next run reads only the rest of its images (a shard is thousands
+of images: minutes of GPU time, hours on a CPU). Parts that no marker names (a batch killed
+while it wrote) are deleted at the next start.
 """
 
 from __future__ import annotations
@@ -124,14 +127,20 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     units = units_of(ws)
     done = retire_stale_units(ws, {u["unit"] for u in units})
     pending = [u for u in units if not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
-    print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run; "
-          f"models: {', '.join(models) or 'none'}", flush=True)
+    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
+    resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
+    print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
+          + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
+          + f"; models: {', '.join(models) or 'none'}", flush=True)
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=len(units) - len(pending))
     summary.notes.extend(f"annotate: {line}" for line in skipped)
+    if resumed:
+        summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
+                             "(their batches kept, not redone)")
     pending_ids = {u["unit"] for u in pending}
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids]
     if pending and specs:
-        infos += Pipeline(cfg, ws, specs, done).run(pending)
+        infos += Pipeline(cfg, ws, specs, done).run(pending, batches)
     _fill_summary(summary, infos, specs)
     summary.seconds = time.perf_counter() - started
     ws.publish()
@@ -145,6 +154,25 @@ def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
     for unit in set(done) - current:
         ws.forget_unit(JOB, unit)
     return {unit: info for unit, info in done.items() if unit in current}
+
+
+def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str]) -> dict[str, list[dict]]:
+    """The batch markers a killed run left for the pending units with this run's pipeline (model
+    name -> identity), by unit. Other markers are dropped (the next start deletes their parts):
+    those of a unit that is done or gone, and those of a different set of models."""
+    wanted = {u["unit"] for u in pending}
+    kept: dict[str, list[dict]] = {}
+    for unit in ws.batch_units(JOB):
+        if unit not in wanted:
+            ws.forget_batches(JOB, unit)
+            continue
+        markers = ws.done_batches(JOB, unit)
+        stale = [batch for batch, marker in markers.items() if marker.get("pipeline") != pipeline]
+        if stale:
+            ws.forget_batches(JOB, unit, stale)
+        if len(stale) < len(markers):
+            kept[unit] = [marker for batch, marker in sorted(markers.items()) if batch not in stale]
+    return kept
 
 
 def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]) -> None:
@@ -189,15 +217,27 @@ class Pipeline:
         self.cfg, self.ws, self.specs, self.done = cfg, ws, specs, done
         self.opts = cfg[JOB]
 
-    def run(self, units: list[dict]) -> list[dict]:
-        """Run the pipeline; commit each unit when the writers report all its rows."""
+    def run(self, units: list[dict], batches: dict[str, list[dict]]) -> list[dict]:
+        """Run the pipeline over the images no finished batch (`batches`: a killed run's markers
+        by unit) holds; commit each unit when its batches and the writers hold all its rows."""
         init_ray(self.cfg)
         expected = {u["unit"]: u["rows"] for u in units}
         written: dict[str, int] = defaultdict(int)
         parts: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         infos: dict[str, dict] = defaultdict(dict)
-        done = []
-        with Progress(JOB, sum(expected.values()), units=len(units)) as progress:
+        for unit, markers in batches.items():
+            for marker in markers:
+                written[unit] += len(marker["keys"])
+                for table, names in marker["parts"].items():
+                    parts[unit][table].update(names)
+                infos[unit] = merge_infos(infos[unit], marker["info"])
+        # a unit whose batches were all done (killed before its marker) only needs the marker
+        done = [self.commit(u["unit"], parts.pop(u["unit"], defaultdict(set)), infos.pop(u["unit"]))
+                for u in units if written[u["unit"]] >= u["rows"]]
+        units = [u for u in units if written[u["unit"]] < u["rows"]]
+        if not units:
+            return done
+        with Progress(JOB, sum(expected[u["unit"]] - written[u["unit"]] for u in units), units=len(units)) as progress:
             for row in self.dataset(units).iter_rows():
                 unit = row["unit"]
                 written[unit] += row["rows"]
@@ -250,8 +290,10 @@ class Pipeline:
         outputs = [c for name in specs for c in self._output_columns(name)]
         ds = ds.select_columns([c for c in keep + outputs if c != "crop_boxes" or crops])
         models = {n: s["model"] for n, s in specs.items()}
+        pipeline = {n: s["identity"] for n, s in specs.items()}
         return ds.map_batches(write_unit_parts, batch_size=int(opts["decode_batch_size"]) * 4, num_cpus=task_cpus,
-                              batch_format="numpy", fn_kwargs={"workspace": self.ws.root, "models": models})
+                              batch_format="numpy",
+                              fn_kwargs={"workspace": self.ws.root, "models": models, "pipeline": pipeline})
 
     def crop_inputs(self) -> dict[str, list]:
         """The person crop columns to cut (column -> [kind, size]): CCIP's, and the tagger's when
@@ -296,5 +338,6 @@ class Pipeline:
         for table, names in previous.get("parts", {}).items():
             parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)
         self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
+        self.ws.forget_batches(JOB, unit)  # the unit marker names their parts now
         self.ws.publish_now_and_then()
         return info

@@ -3,6 +3,9 @@
 Layout (local path or any pyarrow filesystem URI such as s3://bucket/ws):
     tables/<table>/<part>.parquet   one file per unit of work (or per global job's output)
     state/<job>/<unit>.json         marker written after a unit's parts are in place; it names them
+    state/<job>/batches/<unit>/<batch>.json
+                                    marker of one finished batch of a unit not yet committed
+                                    (annotate): kept by a killed run, its parts are not redone
     state/published.json            the published generation: the files readers see, per table
     catalog.duckdb                  one view per table (local workspaces only)
     state/catalog.json              a fingerprint of the views catalog.duckdb holds
@@ -239,6 +242,59 @@ class Workspace:
                     done[info.base_name[: -len(".json")]] = json.loads(f.read())
         return done
 
+    # ---- batches of a unit not yet committed ------------------------------------------------
+    def batch_dir(self, job: str, unit: str) -> str:
+        return f"{self.state_dir(job)}/batches/{unit}"
+
+    def commit_batch(self, job: str, unit: str, batch: str, marker: dict) -> None:
+        """Mark one batch of a unit done, after its parts (marker["parts"]) are written: a unit
+        killed half-way keeps the batches it finished (begin_job leaves their parts), and its
+        unit marker, once the unit is whole, names them with the rest."""
+        folder = self.batch_dir(job, unit)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{batch}-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(json.dumps(marker, sort_keys=True).encode())
+        self.fs.move(tmp, f"{folder}/{batch}.json")
+        fault_point("BOORUSET_KILL_AFTER_BATCHES")
+
+    def done_batches(self, job: str, unit: str) -> dict[str, dict]:
+        """The batch markers of a unit not yet committed: {batch: marker}."""
+        selector = pafs.FileSelector(self.batch_dir(job, unit), allow_not_found=True)
+        done = {}
+        for info in self.fs.get_file_info(selector):
+            if info.is_file and info.base_name.endswith(".json") and not info.base_name.startswith("."):
+                with self.fs.open_input_stream(info.path) as f:
+                    done[info.base_name[: -len(".json")]] = json.loads(f.read())
+        return done
+
+    def batch_units(self, job: str) -> list[str]:
+        """The units that have batch markers."""
+        selector = pafs.FileSelector(f"{self.state_dir(job)}/batches", allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.Directory)
+
+    def forget_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
+        """Drop a unit's batch markers (`batches`, or all of them): once its unit marker names
+        their parts, or when they no longer count (the next begin_job deletes their parts)."""
+        folder = self.batch_dir(job, unit)
+        if batches is None:
+            if self.fs.get_file_info(folder).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(folder)
+            return
+        for batch in batches:
+            self.fs.delete_file(f"{folder}/{batch}.json")
+
+    def _batch_parts(self) -> dict[str, set[str]]:
+        """Parts named by the batch markers of every unit job."""
+        named: dict[str, set[str]] = defaultdict(set)
+        for job in UNIT_JOBS:
+            for unit in self.batch_units(job):
+                for marker in self.done_batches(job, unit).values():
+                    for table, parts in marker.get("parts", {}).items():
+                        named[table].update(parts)
+        return named
+
     # ---- publication ----------------------------------------------------------------------
     def published(self) -> dict:
         """The published generation: {"generation", "owned": {owner: {table: [part]}}, "tables"}."""
@@ -361,11 +417,13 @@ class Workspace:
     def begin_job(self) -> int:
         """At a writing job's start (under the workspace lock): publish what a killed run had
         committed, then delete the part files no generation names (parts of units that never
-        committed; outputs replaced by later generations, once retired_grace_s after that).
-        Returns the files deleted."""
+        committed, but for the batches they marked done; outputs replaced by later generations,
+        once retired_grace_s after that). Returns the files deleted."""
         self.publish()
         published = self.published()
         named = {t: set(p) for t, p in published["tables"].items()}
+        for table, parts in self._batch_parts().items():
+            named.setdefault(table, set()).update(parts)
         retired = published.get("retired", {})
         selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
         deleted = 0
@@ -525,9 +583,9 @@ def create_derived_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
 
 def fault_point(variable: str) -> None:
     """Fault injection for the resume tests: with BOORUSET_KILL_AFTER_COMMITS=N (or
-    BOORUSET_KILL_AFTER_PUBLISHES=N), the process that writes the N-th unit marker (or
-    published.json) SIGKILLs its process group right after it, as a preempted node would, at a
-    point that no outside poll can miss on a loaded machine."""
+    BOORUSET_KILL_AFTER_PUBLISHES=N, BOORUSET_KILL_AFTER_BATCHES=N), the process that writes the
+    N-th unit marker (or published.json, batch marker) SIGKILLs its process group right after
+    it, as a preempted node would, at a point that no outside poll can miss on a loaded machine."""
     limit = os.environ.get(variable)
     if not limit:
         return

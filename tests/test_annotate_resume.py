@@ -14,6 +14,7 @@ marker SIGKILL its whole process group (the driver and the Ray it started) right
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -44,18 +45,18 @@ def drawing(seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def shard_members(s: int) -> list[tuple[str, bytes]]:
+def shard_members(s: int, per_shard: int = PER_SHARD) -> list[tuple[str, bytes]]:
     members = []
-    for i in range(PER_SHARD):
+    for i in range(per_shard):
         members.append((f"img{s}_{i}.png", encode(drawing(s * 100 + i), "PNG")))
         members.append((f"img{s}_{i}.txt", f"1girl, tag_{s}_{i}".encode()))
     return members
 
 
-def make_shards(folder: Path) -> None:
+def make_shards(folder: Path, n_shards: int = N_SHARDS, per_shard: int = PER_SHARD) -> None:
     folder.mkdir()
-    for s in range(N_SHARDS):
-        write_tar(folder / f"shard-{s:03d}.tar", shard_members(s))
+    for s in range(n_shards):
+        write_tar(folder / f"shard-{s:03d}.tar", shard_members(s, per_shard))
 
 
 def drop_member(folder: Path) -> None:
@@ -64,10 +65,10 @@ def drop_member(folder: Path) -> None:
     write_tar(folder / "shard-003.tar", members)
 
 
-def annotate_process(ws: Path, models: Path, **extra_env: str) -> subprocess.Popen:
+def annotate_process(ws: Path, models: Path, *options: str, **extra_env: str) -> subprocess.Popen:
     return booruset("annotate", "-w", str(ws), "--set", 'annotate.models=["cascade_face", "face"]',
                     "--set", f"annotate.models_dir={json.dumps(str(models))}", "--set", "annotate.draft_size=0",
-                    **extra_env)
+                    *options, **extra_env)
 
 
 def rows(ws: Workspace, table: str) -> list[tuple]:
@@ -110,3 +111,52 @@ def test_killed_annotate_resumes_to_identical_tables(tmp_path):
     assert "face_detect_v1.4_s" in {d[1] for d in detections}
     assert len({d[0] for d in detections}) > N_SHARDS * PER_SHARD // 2  # most images have some detection
     assert [(e[2], e[4]) for e in rows(ref, "errors") if e[3] == "annotate"] == [(MISSING, "missing_member")]
+
+
+def annotate_part_files(root: Path) -> dict[str, set[str]]:
+    """The annotate part files on disk, per table."""
+    return {t: {p.stem for p in (root / "tables" / t).glob("annotate-*.parquet")} for t in TABLES}
+
+
+TABLES = ("detections", "embeddings", "tag_scores", "errors")
+
+
+def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
+    """A shard is one unit of thousands of images: a run killed half-way through one keeps the
+    batches it finished (their markers), and the next run annotates only the rest of its images,
+    ending with the rows of an uninterrupted run and no part file that no generation names."""
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    make_shards(shards, n_shards=3, per_shard=24)
+    ingest = booruset("ingest", "-w", str(tmp_path / "ingested"), "-i", str(shards))
+    assert ingest.wait(timeout=900) == 0, ingest.stdout.read()
+    for name in ("ref", "ws"):
+        shutil.copytree(tmp_path / "ingested", tmp_path / name)
+    small_batches = ("--set", "annotate.decode_batch_size=2")  # writers get 8 rows: 3 batches a unit
+
+    reference = annotate_process(tmp_path / "ref", models, *small_batches)
+    out, _ = reference.communicate(timeout=900)
+    assert reference.returncode == 0, out
+
+    victim = annotate_process(tmp_path / "ws", models, *small_batches, BOORUSET_KILL_AFTER_BATCHES="2")
+    out, _ = victim.communicate(timeout=900)
+    assert victim.returncode == -signal.SIGKILL, out
+    state = tmp_path / "ws" / "state" / "annotate"
+    kept = sum(len(json.loads(p.read_text())["keys"]) for p in state.glob("batches/*/*.json"))
+    assert kept, "the victim died before any batch marker"
+    assert len(list(state.glob("*.json"))) < 3  # at least one unit was not committed
+
+    again = annotate_process(tmp_path / "ws", models, *small_batches)
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    resumed = re.search(r"\((\d+) of their images finished by a killed run\)", out)
+    assert resumed, out
+    assert int(resumed.group(1)) == kept
+
+    ref, ws = Workspace(str(tmp_path / "ref")), Workspace(str(tmp_path / "ws"))
+    for table in TABLES:
+        assert rows(ws, table) == rows(ref, table), table
+    assert len({d[0] for d in rows(ref, "detections")}) > 3 * 24 // 2
+    assert not list(state.glob("batches/*/*.json"))  # the unit markers name their parts now
+    published = ws.published()["tables"]
+    assert annotate_part_files(tmp_path / "ws") == {
+        t: {p for p in published.get(t, []) if p.startswith("annotate-")} for t in TABLES}

@@ -1,10 +1,10 @@
 """The last step of annotate, in Ray tasks: model outputs -> Parquet parts of the unit's tables.
 
 Each batch of pipeline rows is turned into detections, embeddings, tag_scores and errors rows
-and written as parts named `annotate-<unit>-<pipeline name>-<random>`; the task
-returns one small row per unit it saw (rows done, parts written, counts). The driver only adds
-those up and writes a unit's marker once all its rows are in: no image, vector or per-row
-result passes through it.
+and written as parts named `annotate-<unit>-<pipeline name>-<random>`, then marked done by a
+batch marker (Workspace.commit_batch); the task returns one small row per unit it saw (rows
+done, parts written, counts). The driver only adds those up and writes a unit's marker once all
+its rows are in: no image, vector or per-row result passes through it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ JOB = "annotate"
 DETECTORS = ("cascade_face", "face", "head", "person")
 
 
-def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str]) -> dict[str, list]:
-    """map_batches UDF: write this batch's rows of each unit; one summary row per unit.
-    `models`: pipeline name -> `model` column value, in pipeline order."""
+def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str],
+                     pipeline: dict[str, str]) -> dict[str, list]:
+    """map_batches UDF: write this batch's rows of each unit and mark the batch done (its
+    parts, keys and counts: a killed run's next start skips those images); one summary row per
+    unit. `models`: pipeline name -> `model` column value, in pipeline order; `pipeline`:
+    pipeline name -> what the unit marker records as run (a batch counts only for the same)."""
     ws = Workspace(workspace)
     out: dict[str, list] = {"unit": [], "rows": [], "parts": [], "info": []}
     by_unit: dict[str, list[dict]] = defaultdict(list)
@@ -39,10 +42,13 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
             if part:  # empty parts are not written: the marker lists what there is
                 ws.write_part(table, f"{JOB}-{unit}-{name}-{tag}", part)
                 parts[table].append(f"{JOB}-{unit}-{name}-{tag}")
+        info = tables.info()
+        ws.commit_batch(JOB, unit, tag, {"parts": parts, "info": info, "pipeline": pipeline,
+                                         "keys": [str(row["key"]) for row in rows]})
         out["unit"].append(unit)
         out["rows"].append(len(rows))
         out["parts"].append(json.dumps(parts))
-        out["info"].append(json.dumps(tables.info()))
+        out["info"].append(json.dumps(info))
     return out
 
 

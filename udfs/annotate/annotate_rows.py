@@ -1,6 +1,7 @@
 """The CPU steps of annotate around the model actors: read image bytes, decode, crop persons.
 
-read_unit_images: one unit (an `images` part) -> one row per image it lists, with its bytes.
+read_unit_images: one unit (an `images` part) -> one row per image it lists (and no finished
+  batch holds), with its bytes.
 DecodeImages: bytes -> the fixed-size uint8 input of every enabled model (draft-mode decode).
 crop_persons: bytes + person boxes -> the person crops, preprocessed for CCIP and the tagger.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from schemas import REGIONS
 from store.workspace import Workspace
+from udfs.annotate.annotate_parts import JOB
 from udfs.annotate.ccip import crop_input, person_crops
 from udfs.annotate.images import (
     ccip_input,
@@ -32,12 +34,16 @@ from udfs.ingest.sources import Unit, read_unit
 
 
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
-    """Rows {unit, key, source, member, data} for the images of one unit (its `images` part),
-    yielded as they are read: a unit's bytes never sit in memory together."""
-    rows = Workspace(workspace).read_part("images", item["unit"], ["key", "source", "member"])
+    """Rows {unit, key, source, member, data} for the images of one unit (its `images` part)
+    but those of its batches a killed run finished, yielded as they are read: a unit's bytes
+    never sit in memory together."""
+    ws = Workspace(workspace)
+    rows = ws.read_part("images", item["unit"], ["key", "source", "member"])
+    finished = {key for marker in ws.done_batches(JOB, item["unit"]).values() for key in marker["keys"]}
     by_source: dict[str, dict[str, str]] = defaultdict(dict)
     for row in rows:
-        by_source[row["source"]][row["member"]] = row["key"]
+        if row["key"] not in finished:
+            by_source[row["source"]][row["member"]] = row["key"]
     for source, wanted in sorted(by_source.items()):
         if source.endswith(".tar"):
             unit = Unit("tar", source, "")
