@@ -234,7 +234,11 @@ class Workspace:
 
     def done_units(self, job: str) -> dict[str, dict]:
         """The units `job` has committed, with the info each was committed with."""
-        selector = pafs.FileSelector(self.state_dir(job), allow_not_found=True)
+        return self._markers(self.state_dir(job))
+
+    def _markers(self, folder: str) -> dict[str, dict]:
+        """{name: marker} of the marker files (<name>.json) in `folder`."""
+        selector = pafs.FileSelector(folder, allow_not_found=True)
         done = {}
         for info in self.fs.get_file_info(selector):
             if info.is_file and info.base_name.endswith(".json") and not info.base_name.startswith("."):
@@ -260,13 +264,7 @@ class Workspace:
 
     def done_batches(self, job: str, unit: str) -> dict[str, dict]:
         """The batch markers of a unit not yet committed: {batch: marker}."""
-        selector = pafs.FileSelector(self.batch_dir(job, unit), allow_not_found=True)
-        done = {}
-        for info in self.fs.get_file_info(selector):
-            if info.is_file and info.base_name.endswith(".json") and not info.base_name.startswith("."):
-                with self.fs.open_input_stream(info.path) as f:
-                    done[info.base_name[: -len(".json")]] = json.loads(f.read())
-        return done
+        return self._markers(self.batch_dir(job, unit))
 
     def batch_units(self, job: str) -> list[str]:
         """The units that have batch markers."""
