@@ -158,18 +158,18 @@ def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
 
 def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str]) -> dict[str, list[dict]]:
     """The batch markers a killed run left for the pending units with this run's pipeline (model
-    name -> identity), by unit. Other markers are dropped (the next start deletes their parts):
-    those of a unit that is done or gone, and those of a different set of models."""
+    name -> identity), by unit. Other markers are dropped with their parts: those of a unit that
+    is done or gone, and those of a different set of models."""
     wanted = {u["unit"] for u in pending}
     kept: dict[str, list[dict]] = {}
     for unit in ws.batch_units(JOB):
         if unit not in wanted:
-            ws.forget_batches(JOB, unit)
+            ws.drop_batches(JOB, unit)
             continue
         markers = ws.done_batches(JOB, unit)
         stale = [batch for batch, marker in markers.items() if marker.get("pipeline") != pipeline]
         if stale:
-            ws.forget_batches(JOB, unit, stale)
+            ws.drop_batches(JOB, unit, stale)
         if len(stale) < len(markers):
             kept[unit] = [marker for batch, marker in sorted(markers.items()) if batch not in stale]
     return kept

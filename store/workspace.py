@@ -283,6 +283,21 @@ class Workspace:
         for batch in batches:
             self.fs.delete_file(f"{folder}/{batch}.json")
 
+    def drop_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
+        """Forget batch markers that no longer count (`batches`, or all the unit's) and delete
+        their parts that were never published; a part a generation names or named (a unit
+        committed before its batch markers were forgotten) is left to publishing."""
+        published = self.published()
+        shown = {t: set(p) for t, p in published["tables"].items()}
+        for table, parts in published.get("retired", {}).items():
+            shown.setdefault(table, set()).update(parts)
+        markers = self.done_batches(job, unit)
+        for batch in markers if batches is None else batches:
+            for table, parts in markers[batch].get("parts", {}).items():
+                for part in set(parts) - shown.get(table, set()):
+                    self.delete_part(table, part)
+        self.forget_batches(job, unit, batches)
+
     def _batch_parts(self) -> dict[str, set[str]]:
         """Parts named by the batch markers of every unit job."""
         named: dict[str, set[str]] = defaultdict(set)

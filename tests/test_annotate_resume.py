@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,7 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
     kept = sum(len(json.loads(p.read_text())["keys"]) for p in state.glob("batches/*/*.json"))
     assert kept, "the victim died before any batch marker"
     assert len(list(state.glob("*.json"))) < 3  # at least one unit was not committed
+    shutil.copytree(tmp_path / "ws", tmp_path / "other")  # the killed run's state, for another set of models
 
     again = annotate_process(tmp_path / "ws", models, *small_batches)
     out, _ = again.communicate(timeout=900)
@@ -159,4 +161,20 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
     assert not list(state.glob("batches/*/*.json"))  # the unit markers name their parts now
     published = ws.published()["tables"]
     assert annotate_part_files(tmp_path / "ws") == {
+        t: {p for p in published.get(t, []) if p.startswith("annotate-")} for t in TABLES}
+
+    # with another set of models the killed run's batches do not count: dropped with their parts
+    face_only = ("--set", 'annotate.models=["face"]')
+    other = annotate_process(tmp_path / "other", models, *small_batches, *face_only)
+    out, _ = other.communicate(timeout=900)
+    assert other.returncode == 0, out
+    assert "finished by a killed run" not in out, out
+    assert not list((tmp_path / "other" / "state" / "annotate").glob("batches/*/*.json"))
+    other_ws = Workspace(str(tmp_path / "other"))
+    mine, theirs = rows(other_ws, "detections"), rows(ref, "detections")
+    face_rows = [d for d in theirs if d[1] == "face_detect_v1.4_s"]
+    assert face_rows and [d for d in mine if d[1] == "face_detect_v1.4_s"] == face_rows
+    assert not Counter(mine) - Counter(theirs)  # cascade rows only of the units the victim committed
+    published = other_ws.published()["tables"]
+    assert annotate_part_files(tmp_path / "other") == {
         t: {p for p in published.get(t, []) if p.startswith("annotate-")} for t in TABLES}
