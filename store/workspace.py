@@ -273,8 +273,8 @@ class Workspace:
                       if info.type == pafs.FileType.Directory)
 
     def forget_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
-        """Drop a unit's batch markers (`batches`, or all of them): once its unit marker names
-        their parts, or when they no longer count (the next begin_job deletes their parts)."""
+        """Drop a unit's batch markers (`batches`, or all of them) and leave their parts: once its
+        unit marker names them. (drop_batches: markers that no longer count, with their parts.)"""
         folder = self.batch_dir(job, unit)
         if batches is None:
             if self.fs.get_file_info(folder).type != pafs.FileType.NotFound:
