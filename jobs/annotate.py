@@ -159,19 +159,24 @@ def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
 def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str]) -> dict[str, list[dict]]:
     """The batch markers a killed run left for the pending units with this run's pipeline (model
     name -> identity), by unit. Other markers are dropped with their parts: those of a unit that
-    is done or gone, and those of a different set of models."""
+    is done or gone, those of a different set of models, and a second marker of the same images
+    (a writer task that Ray retried after its worker died had written the first)."""
     wanted = {u["unit"] for u in pending}
     kept: dict[str, list[dict]] = {}
     for unit in ws.batch_units(JOB):
         if unit not in wanted:
             ws.drop_batches(JOB, unit)
             continue
-        markers = ws.done_batches(JOB, unit)
-        stale = [batch for batch, marker in markers.items() if marker.get("pipeline") != pipeline]
+        seen: set[str] = set()
+        stale = []
+        for batch, marker in sorted(ws.done_batches(JOB, unit).items()):
+            if marker.get("pipeline") != pipeline or seen & set(marker["keys"]):
+                stale.append(batch)
+            else:
+                seen.update(marker["keys"])
+                kept.setdefault(unit, []).append(marker)
         if stale:
             ws.drop_batches(JOB, unit, stale)
-        if len(stale) < len(markers):
-            kept[unit] = [marker for batch, marker in sorted(markers.items()) if batch not in stale]
     return kept
 
 

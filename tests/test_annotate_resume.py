@@ -181,3 +181,33 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
     published = other_ws.published()["tables"]
     assert annotate_part_files(tmp_path / "other") == {
         t: {p for p in published.get(t, []) if p.startswith("annotate-")} for t in TABLES}
+
+
+def test_batch_markers_that_no_longer_count_go_with_their_parts(tmp_path):
+    """Of a killed run's batch markers, only those of this run's models count, once per image: a
+    marker of other models, or one of images an earlier marker holds (a writer task Ray retried),
+    is dropped with its parts, and a unit no longer pending loses its markers."""
+    from jobs.annotate import finished_batches
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.publish()  # a workspace that has published (ingest's), as any annotate run finds
+    pipeline = {"face": "face_detect_v1.4_s"}
+    box = {"model": "face_detect_v1.4_s", "index": 0, "label": "face", "score": 0.9,
+           "x0": 0.1, "y0": 0.1, "x1": 0.5, "y1": 0.5}
+    batches = {"a": (pipeline, ["k1", "k2"]), "b": (pipeline, ["k2", "k3"]),  # b: k2 again
+               "c": ({"face": "another_face_model"}, ["k4"]), "d": (pipeline, ["k5"])}
+    for batch, (models, keys) in batches.items():
+        ws.write_part("detections", f"annotate-u-face-{batch}", [{**box, "key": k} for k in keys])
+        ws.commit_batch("annotate", "u", batch, {"parts": {"detections": [f"annotate-u-face-{batch}"]},
+                                                 "info": {}, "pipeline": models, "keys": keys})
+    ws.write_part("detections", "annotate-gone-face-e", [{**box, "key": "k9"}])
+    ws.commit_batch("annotate", "gone", "e", {"parts": {"detections": ["annotate-gone-face-e"]},
+                                              "info": {}, "pipeline": pipeline, "keys": ["k9"]})
+    assert ws.begin_job() == 0  # a start keeps the parts batch markers name
+
+    kept = finished_batches(ws, [{"unit": "u", "rows": 6}], pipeline)
+
+    assert [m["keys"] for m in kept["u"]] == [["k1", "k2"], ["k5"]]
+    assert sorted(ws.done_batches("annotate", "u")) == ["a", "d"] and ws.batch_units("annotate") == ["u"]
+    on_disk = sorted(p.stem for p in (tmp_path / "ws" / "tables" / "detections").glob("*.parquet"))
+    assert on_disk == ["annotate-u-face-a", "annotate-u-face-d"]
