@@ -114,12 +114,12 @@ def test_killed_annotate_resumes_to_identical_tables(tmp_path):
     assert [(e[2], e[4]) for e in rows(ref, "errors") if e[3] == "annotate"] == [(MISSING, "missing_member")]
 
 
+TABLES = ("detections", "embeddings", "tag_scores", "errors")
+
+
 def annotate_part_files(root: Path) -> dict[str, set[str]]:
     """The annotate part files on disk, per table."""
     return {t: {p.stem for p in (root / "tables" / t).glob("annotate-*.parquet")} for t in TABLES}
-
-
-TABLES = ("detections", "embeddings", "tag_scores", "errors")
 
 
 def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
