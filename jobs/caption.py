@@ -28,6 +28,7 @@ from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
 from udfs.caption.related_tags import suggest_units_task
+from udfs.caption.reply_cache import remove_replies, units_with_replies
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
@@ -79,6 +80,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     remove_stale(ws, {u["unit"] for u in units})
     done = ws.done_units("caption")
     pending = [u for u in units if u["unit"] not in done]
+    remove_replies(ws, sorted(set(units_with_replies(ws)) - {u["unit"] for u in pending}))  # done or stale
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]

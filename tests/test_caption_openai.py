@@ -25,9 +25,11 @@ import pytest
 from PIL import Image
 from served_models import VLM_IMAGE_TOKENS
 
+from store.workspace import Workspace
 from udfs.caption.caption_prompts import caption_messages, tag_block
 from udfs.caption.caption_unit import Hint
 from udfs.caption.openai_transport import ChatEndpoint, EndpointError
+from udfs.caption.reply_cache import units_with_replies
 
 
 class Script:
@@ -246,6 +248,40 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_se
         # not shown the image, the model wrote from the tags alone: nothing independent to score against
         assert all(r["caption"] and r["accuracy"] is None and r["not_scored"] == "built_from_tags" for r in mine)
     assert summary.errors == 0
+    assert units_with_replies(workspace) == []  # each unit's kept replies go once it is committed
+
+
+def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
+    """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
+    process after a kill: new endpoint, new cache over the same workspace) sends only what was
+    not answered; a failed request is asked again; committing the unit drops its replies."""
+    from udfs.caption.openai_captioner import OpenAICaptioner
+
+    shard = write_shard(tmp_path / "s.tar")
+    server, url = fake(statuses=[400])  # the first request fails for good
+    options = dict(openai_options, base_url=url, model="joy", backoff_s=0.01, max_concurrency=1)
+    rows = [{"key": f"s/img{i}", "source": str(shard), "member": "img.png", "rating": "general"} for i in range(4)]
+    hints = [Hint(["1girl", f"tag_{i}"], ["general", "general"], i) for i in range(4)]
+    drafts = [f"Draft {i}." for i in range(4)]
+
+    killed = OpenAICaptioner(str(tmp_path / "ws"), options)
+    killed.keep_replies("unit-1")
+    first = killed.caption(rows[:3], hints[:3], drafts[:3], 0)
+    assert isinstance(first[0], EndpointError) and first[1:] == ["caption by joy"] * 2
+    assert len(server.received) == 3
+
+    again = OpenAICaptioner(str(tmp_path / "ws"), options)
+    replies = again.keep_replies("unit-1")
+    second = again.caption(rows, hints, drafts, 0)
+    assert second == ["caption by joy"] * 4
+    # sent again: the failed request and the new one; the two answered ones came from the cache
+    assert [r["seed"] for r in server.received[3:]] == [0, 3]
+    other = OpenAICaptioner(str(tmp_path / "ws"), options)
+    other.keep_replies("unit-2")  # another unit has replies of its own
+    other.caption(rows[1:2], hints[1:2], drafts[1:2], 0)
+    assert len(server.received) == 6
+    replies.clear()
+    assert units_with_replies(Workspace(str(tmp_path / "ws"))) == ["unit-2"]
 
 
 def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_path, openai_options):

@@ -26,6 +26,7 @@ from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
 from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
+from udfs.caption.reply_cache import ReplyCache
 from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
 
@@ -187,14 +188,32 @@ class UnitCaptioner:
             if rows.num_rows != expected:  # a unit committed with rows missing would never be redone
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
             started = time.perf_counter()
+            replies = self.keep_replies(unit)
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
             self.commit(unit, captions, errors, regions, info)
+            if replies is not None:
+                replies.clear()
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
         return out
+
+    def endpoints(self) -> list:
+        """The OpenAI-compatible endpoints this captioner asks (the rewriter's; a VLM backend's)."""
+        return [self.rewriter.endpoint] if self.rewriter is not None else []
+
+    def keep_replies(self, unit: str) -> ReplyCache | None:
+        """The unit's reply cache, given to every endpoint: a run killed in the middle of the unit
+        has kept the replies it got, and they are not asked for again (udfs/caption/reply_cache.py)."""
+        endpoints = self.endpoints()
+        if not endpoints:
+            return None
+        replies = ReplyCache(self.ws, unit)
+        for endpoint in endpoints:
+            endpoint.cache = replies
+        return replies
 
     def commit(self, unit: str, captions: list[dict], errors: list[dict], regions: list[dict], info: dict) -> None:
         """Write a unit's parts and commit it: its rows appear together, or (killed) not at all."""

@@ -34,6 +34,9 @@ class OpenAICaptioner(UnitCaptioner):
         self.routed = endpoint_from(options, "route_") if options.get("route_base_url") else None
         self.route_ratings = set(options.get("route_ratings") or [])
 
+    def endpoints(self) -> list[ChatEndpoint]:
+        return [*super().endpoints(), self.main, *([self.routed] if self.routed is not None else [])]
+
     def endpoint_for(self, row: dict) -> ChatEndpoint:
         if self.routed is not None and (row.get("rating") or "") in self.route_ratings:
             return self.routed

@@ -8,6 +8,8 @@ comes from an environment variable and never appears in reprs, logs or error mes
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -48,6 +50,7 @@ class ChatEndpoint:
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=float(timeout_s), limits=limits)
         self.retries_done = 0
+        self.cache = None  # a ReplyCache while a unit is captioned (chat_many)
 
     def __repr__(self) -> str:  # no key here, ever
         return f"ChatEndpoint({self.base_url!r}, model={self.model!r})"
@@ -86,7 +89,20 @@ class ChatEndpoint:
         return min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
 
     def chat_many(self, requests: list[dict]) -> list[str | EndpointError]:
-        """Many chats with at most `max_concurrency` in flight; each result is a reply or its error."""
+        """Many chats with at most `max_concurrency` in flight; each result is a reply or its error.
+        With a `cache` (udfs/caption/reply_cache.py: the replies of the unit being captioned), a
+        request it holds is not sent, and the replies got are added to it."""
+        if self.cache is None:
+            return self._send_many(requests)
+        ids = [request_id(self.base_url, self.model, request) for request in requests]
+        results: list[str | EndpointError | None] = [self.cache.get(rid) for rid in ids]
+        todo = [k for k, reply in enumerate(results) if reply is None]
+        for k, reply in zip(todo, self._send_many([requests[k] for k in todo]), strict=True):
+            results[k] = reply
+        self.cache.add({ids[k]: results[k] for k in todo if isinstance(results[k], str)})
+        return results
+
+    def _send_many(self, requests: list[dict]) -> list[str | EndpointError]:
         def one(request: dict) -> str | EndpointError:
             try:
                 return self.chat(**request)
@@ -100,6 +116,13 @@ class ChatEndpoint:
 
     def close(self) -> None:
         self.client.close()
+
+
+def request_id(base_url: str, model: str, request: dict) -> str:
+    """What identifies a request (chat's arguments): the same id is the same question, image
+    included, to the same model."""
+    what = json.dumps({"url": base_url, "model": model, **request}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(what.encode()).hexdigest()
 
 
 def _reply_text(response: httpx.Response) -> str:
