@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from store.workspace import Workspace, fault_point
+from store.workspace import Workspace
 
 REPLIES = "state/caption-replies"  # <unit>/<random>.parquet: request id, reply
 
@@ -43,7 +43,6 @@ class ReplyCache:
         table = pa.table({"id": list(replies), "reply": list(replies.values())})
         self.ws.write_parquet(f"{self.folder}/{uuid.uuid4().hex}.parquet", table)
         self.replies.update(replies)
-        fault_point("BOORUSET_KILL_AFTER_REPLIES")
 
     def clear(self) -> None:
         """Once the unit is committed: its captions hold what the replies were for."""
