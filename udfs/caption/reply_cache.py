@@ -25,7 +25,7 @@ class ReplyCache:
     (udfs/caption/openai_transport.request_id); ChatEndpoint.chat_many reads and adds to it."""
 
     def __init__(self, ws: Workspace, unit: str) -> None:
-        self.ws, self.folder = ws, f"{ws.base}/{REPLIES}/{unit}"
+        self.ws, self.unit, self.folder = ws, unit, f"{ws.base}/{REPLIES}/{unit}"
         self.replies: dict[str, str] = {}
         selector = pafs.FileSelector(self.folder, allow_not_found=True)
         for info in ws.fs.get_file_info(selector):
@@ -46,7 +46,7 @@ class ReplyCache:
 
     def clear(self) -> None:
         """Once the unit is committed: its captions hold what the replies were for."""
-        remove_replies(self.ws, [self.folder.rsplit("/", 1)[1]])
+        remove_replies(self.ws, [self.unit])
         self.replies = {}
 
 
