@@ -164,14 +164,16 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
     wanted = {u["unit"] for u in pending}
     kept: dict[str, list[dict]] = {}
     for unit in ws.batch_units(JOB):
+        markers = ws.done_batches(JOB, unit)
         if unit not in wanted:
-            ws.drop_batches(JOB, unit)
+            ws.drop_batches(JOB, unit, markers)
+            ws.forget_batches(JOB, unit)  # its folder too
             continue
         seen: set[str] = set()
-        stale = []
-        for batch, marker in sorted(ws.done_batches(JOB, unit).items()):
+        stale = {}
+        for batch, marker in sorted(markers.items()):
             if marker.get("pipeline") != pipeline or seen & set(marker["keys"]):
-                stale.append(batch)
+                stale[batch] = marker
             else:
                 seen.update(marker["keys"])
                 kept.setdefault(unit, []).append(marker)

@@ -217,13 +217,16 @@ class Workspace:
     def commit_unit(self, job: str, unit: str, info: dict, parts: dict[str, list[str]]) -> None:
         """Mark a unit done, after all its parts ({table: [part]}) are written; the next publish
         makes them visible."""
-        folder = self.state_dir(job)
-        self.fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/.tmp-{unit}-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(json.dumps({**info, "parts": parts}, sort_keys=True).encode())
-        self.fs.move(tmp, f"{folder}/{unit}.json")
+        self._write_marker(self.state_dir(job), unit, {**info, "parts": parts})
         fault_point("BOORUSET_KILL_AFTER_COMMITS")
+
+    def _write_marker(self, folder: str, name: str, marker: dict) -> None:
+        """`folder`/`name`.json, atomically: a temporary name, then a rename."""
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{name}-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(json.dumps(marker, sort_keys=True).encode())
+        self.fs.move(tmp, f"{folder}/{name}.json")
 
     def forget_unit(self, job: str, unit: str) -> None:
         """Retire a committed unit: the next publish drops its parts (see hold_publishing)."""
@@ -254,12 +257,7 @@ class Workspace:
         """Mark one batch of a unit done, after its parts (marker["parts"]) are written: a unit
         killed half-way keeps the batches it finished (begin_job leaves their parts), and its
         unit marker, once the unit is whole, names them with the rest."""
-        folder = self.batch_dir(job, unit)
-        self.fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/.tmp-{batch}-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(json.dumps(marker, sort_keys=True).encode())
-        self.fs.move(tmp, f"{folder}/{batch}.json")
+        self._write_marker(self.batch_dir(job, unit), batch, marker)
         fault_point("BOORUSET_KILL_AFTER_BATCHES")
 
     def done_batches(self, job: str, unit: str) -> dict[str, dict]:
@@ -283,20 +281,19 @@ class Workspace:
         for batch in batches:
             self.fs.delete_file(f"{folder}/{batch}.json")
 
-    def drop_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
-        """Forget batch markers that no longer count (`batches`, or all the unit's) and delete
-        their parts that were never published; a part a generation names or named (a unit
-        committed before its batch markers were forgotten) is left to publishing."""
+    def drop_batches(self, job: str, unit: str, markers: dict[str, dict]) -> None:
+        """Forget batch markers that no longer count ({batch: marker}, as done_batches gave them)
+        and delete their parts that were never published; a part a generation names or named (a
+        unit committed before its batch markers were forgotten) is left to publishing."""
         published = self.published()
         shown = {t: set(p) for t, p in published["tables"].items()}
         for table, parts in published.get("retired", {}).items():
             shown.setdefault(table, set()).update(parts)
-        markers = self.done_batches(job, unit)
-        for batch in markers if batches is None else batches:
-            for table, parts in markers[batch].get("parts", {}).items():
+        for marker in markers.values():
+            for table, parts in marker.get("parts", {}).items():
                 for part in set(parts) - shown.get(table, set()):
                     self.delete_part(table, part)
-        self.forget_batches(job, unit, batches)
+        self.forget_batches(job, unit, markers)
 
     def _batch_parts(self) -> dict[str, set[str]]:
         """Parts named by the batch markers of every unit job."""
