@@ -1,7 +1,7 @@
 """`booruset annotate`: images (+ their bytes from the inputs) -> detections, embeddings, tag_scores.
 
-Ray Data pipeline: units (one per published `images` part, i.e. an ingest unit: a shard or a
-folder chunk) -> rows with image bytes, streamed (CPU tasks) -> decode and per-model
+Ray Data pipeline: units (one per ingest unit: a shard or a folder chunk, with its published
+`images` parts) -> rows with image bytes, streamed (CPU tasks) -> decode and per-model
 preprocessing (CPU tasks, draft mode) -> one actor pool per model (GPU when the cluster has
 one) -> Parquet parts written by CPU tasks (udfs/annotate/annotate_parts.py). The driver adds up the
 small per-batch summaries and writes a unit's marker, naming its parts, once all its rows are
@@ -103,15 +103,24 @@ def input_column(spec: dict) -> str:
 
 # ---- units ---------------------------------------------------------------------------------
 def units_of(ws: Workspace) -> list[dict]:
-    """One unit per published `images` part (an ingest unit, bounded by ingest.folder_unit_size
-    or one shard): its name is the unit's id and says what it holds, so a changed folder chunk
-    is a new unit (and the old one is retired). The driver reads only each part's row count."""
+    """One unit per ingest unit (a shard, or a folder chunk of about ingest.folder_unit_size),
+    with its published `images` parts (one per ingest batch): its id says what it holds, so a
+    changed folder chunk is a new unit (and the old one is retired). The driver reads the ingest
+    markers and each part's row count, no rows."""
+    published = set(ws.published()["tables"].get("images", []))
+    owned = {unit: sorted(set(info["parts"].get("images", []) if "parts" in info else [unit]) & published)
+             for unit, info in ws.done_units("ingest").items()}
+    claimed = set().union(*owned.values())
+    for part in published - claimed:  # written before ingest markers named their parts
+        owned[part] = [part]
     units = []
-    for path in ws.part_files("images"):
-        with ws.fs.open_input_file(path) as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+    for unit, parts in sorted(owned.items()):
+        rows = 0
+        for part in parts:
+            with ws.fs.open_input_file(f"{ws.table_dir('images')}/{part}.parquet") as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
         if rows:
-            units.append({"unit": Path(path).stem, "rows": rows})
+            units.append({"unit": unit, "parts": parts, "rows": rows})
     return units
 
 
@@ -161,14 +170,8 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
     name -> identity), by unit. Other markers are dropped with their parts: those of a unit that
     is done or gone, those of a different set of models, and a second marker of the same images
     (a writer task that Ray retried after its worker died had written the first)."""
-    wanted = {u["unit"] for u in pending}
     kept: dict[str, list[dict]] = {}
-    for unit in ws.batch_units(JOB):
-        markers = ws.done_batches(JOB, unit)
-        if unit not in wanted:
-            ws.drop_batches(JOB, unit, markers)
-            ws.forget_batches(JOB, unit)  # its folder too
-            continue
+    for unit, markers in ws.pending_batches(JOB, {u["unit"] for u in pending}).items():
         seen: set[str] = set()
         stale = {}
         for batch, marker in sorted(markers.items()):

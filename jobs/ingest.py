@@ -13,7 +13,7 @@ from jobs.ray_env import Progress, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
-from udfs.ingest.ingest_unit import ingest_units
+from udfs.ingest.ingest_unit import JOB, ingest_units, kept_batches, options_fingerprint
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
 
@@ -55,10 +55,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     done = {uid: info for uid, info in ws.done_units("ingest").items() if not info.get("retired")}
     replaced, removed = retire_stale_units(ws, done, units)
     pending = [u for u in units if unit_key(u) not in done]
+    options = unit_options(cfg)
+    resumed = finished_samples(ws, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
+          + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
           + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else ""),
           flush=True)
-    results = _run_units(cfg, ws, pending) if pending else []
+    results = _run_units(cfg, ws, pending, options) if pending else []
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
         summary.rows_in += info["samples"]
@@ -67,6 +70,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         for table in ("images", "clips", "frames"):
             summary.rows_out[table] = summary.rows_out.get(table, 0) + info.get(table, 0)
     summary.seconds = time.perf_counter() - started
+    if resumed:
+        summary.notes.append(f"resumed: {resumed} samples of unfinished units were finished by a killed run "
+                             "(their rows kept, not read again)")
     if replaced:
         summary.notes.append(f"replaced: {replaced} units whose files changed; {removed} images are no longer in "
                              "the inputs (errors rows of kind removed_from_input)")
@@ -98,7 +104,8 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     if stale:
         ws.hold_publishing()
     for uid in stale:
-        rows = ws.read_part("images", uid, ["key", "source", "member", "clip"])
+        rows = [row for part in done[uid].get("parts", {}).get("images", [uid])
+                for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
         gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
                 if (r.get("clip") or r["key"]) not in planned and not _under(r["key"], shards)]
         ws.write_part("errors", f"removed-{uid}", [
@@ -116,19 +123,34 @@ def _under(key: str, prefixes: set[str]) -> bool:
     return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _run_units(cfg: Config, ws: Workspace, units: list[Unit]) -> list[dict]:
-    init_ray(cfg)
+def unit_options(cfg: Config) -> dict:
+    """The [ingest] options the unit tasks use."""
     opts = cfg["ingest"]
-    items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
-              "input": u.input} for u in largest_first(units, lambda unit: unit.size)]
     options = {k: int(opts[k]) for k in ("max_pixels", "max_member_bytes", "max_sidecar_bytes",
                                              "max_tag_chars", "max_tags", "max_text_chars")}
+    options["batch_samples"] = max(1, int(opts["batch_samples"]))
     options["follow_links_out"] = bool(opts["follow_links_out"])
     options["frames"] = frame_options(opts["frames"])
+    return options
+
+
+def finished_samples(ws: Workspace, pending: list[Unit], options: dict) -> int:
+    """The samples of pending units whose batches a killed run finished with these options, which
+    their tasks keep. Batch markers of other units (committed since, no longer planned) are
+    dropped with their parts."""
+    markers = ws.pending_batches(JOB, {unit_key(u) for u in pending})
+    fingerprint = options_fingerprint(options)
+    return sum(m["info"]["samples"] for found in markers.values() for m in kept_batches(found, fingerprint))
+
+
+def _run_units(cfg: Config, ws: Workspace, units: list[Unit], options: dict) -> list[dict]:
+    init_ray(cfg)
+    items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
+              "input": u.input} for u in largest_first(units, lambda unit: unit.size)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ingest_units,
-        batch_size=int(opts["shards_per_task"]),
+        batch_size=int(cfg["ingest"]["shards_per_task"]),
         fn_kwargs={"workspace": ws.root, "options": options},
     )
     # Ray Data reserves half of the CPUs for each operator's own use and lends the rest only

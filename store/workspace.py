@@ -5,7 +5,8 @@ Layout (local path or any pyarrow filesystem URI such as s3://bucket/ws):
     state/<job>/<unit>.json         marker written after a unit's parts are in place; it names them
     state/<job>/batches/<unit>/<batch>.json
                                     marker of one finished batch of a unit not yet committed
-                                    (annotate): kept by a killed run, its parts are not redone
+                                    (ingest, annotate): kept by a killed run, its parts are
+                                    not redone
     state/published.json            the published generation: the files readers see, per table
     catalog.duckdb                  one view per table (local workspaces only)
     state/catalog.json              a fingerprint of the views catalog.duckdb holds
@@ -270,6 +271,19 @@ class Workspace:
         return sorted(info.base_name for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.Directory)
 
+    def pending_batches(self, job: str, pending: set[str]) -> dict[str, dict[str, dict]]:
+        """The batch markers of the `pending` units ({unit: {batch: marker}}). Those of any other
+        unit (committed since, or no longer planned) are dropped with their unpublished parts."""
+        found = {}
+        for unit in self.batch_units(job):
+            markers = self.done_batches(job, unit)
+            if unit in pending:
+                found[unit] = markers
+            else:
+                self.drop_batches(job, unit, markers)
+                self.forget_batches(job, unit)  # its folder too
+        return found
+
     def forget_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
         """Drop a unit's batch markers (`batches`, or all of them) and leave their parts: once its
         unit marker names them. (drop_batches: markers that no longer count, with their parts.)"""
@@ -448,8 +462,9 @@ class Workspace:
         return deleted + self._delete_unnamed_frames(named.get("images", set()), retired)
 
     def _delete_unnamed_frames(self, images_parts: set[str], retired: dict[str, dict[str, float]]) -> int:
-        """Frame stores (frames/<unit>.tar, udfs/ingest/frame_store.py) of units whose images part
-        no generation names: a clip that changed or left the inputs, a unit that never committed."""
+        """Frame stores (frames/<part>.tar, udfs/ingest/frame_store.py) of ingest batches whose
+        images part no generation or batch marker names: a clip that changed or left the inputs,
+        a batch killed before its marker."""
         selector = pafs.FileSelector(f"{self.base}/frames", allow_not_found=True)
         deleted = 0
         for info in self.fs.get_file_info(selector):

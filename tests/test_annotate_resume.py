@@ -128,8 +128,10 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
     ending with the rows of an uninterrupted run and no part file that no generation names."""
     shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
     make_shards(shards, n_shards=3, per_shard=24)
-    ingest = booruset("ingest", "-w", str(tmp_path / "ingested"), "-i", str(shards))
+    # ingest batches of 10: each annotate unit (a shard) reads its images from 3 `images` parts
+    ingest = booruset("ingest", "-w", str(tmp_path / "ingested"), "-i", str(shards), "--set", "ingest.batch_samples=10")
     assert ingest.wait(timeout=900) == 0, ingest.stdout.read()
+    assert len(list((tmp_path / "ingested" / "tables" / "images").glob("*.parquet"))) == 3 * 3
     for name in ("ref", "ws"):
         shutil.copytree(tmp_path / "ingested", tmp_path / name)
     small_batches = ("--set", "annotate.decode_batch_size=2")  # writers get 8 rows: 3 batches a unit

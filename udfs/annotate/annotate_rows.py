@@ -34,11 +34,11 @@ from udfs.ingest.sources import Unit, read_unit
 
 
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
-    """Rows {unit, key, source, member, data} for the images of one unit (its `images` part)
+    """Rows {unit, key, source, member, data} for the images of one unit (its `images` parts)
     but those of its batches a killed run finished, yielded as they are read: a unit's bytes
     never sit in memory together."""
     ws = Workspace(workspace)
-    rows = ws.read_part("images", item["unit"], ["key", "source", "member"])
+    rows = [row for part in item["parts"] for row in ws.read_part("images", part, ["key", "source", "member"])]
     finished = {key for marker in ws.done_batches(JOB, item["unit"]).values() for key in marker["keys"]}
     by_source: dict[str, dict[str, str]] = defaultdict(dict)
     for row in rows:

@@ -1,9 +1,10 @@
-"""The workspace's frame store: one tar of encoded frames per ingest unit, `frames/<unit>.tar`.
+"""The workspace's frame store: one tar of encoded frames per ingest batch, `frames/<part>.tar`
+(the batch's `images` part).
 
 Frames are stored once, as members `<frame key>.<ext>` of a plain tar, so annotate, caption
 and export read them like the members of any input shard (`images.source` names the tar).
-The tar is named after the unit, so a rerun of the unit overwrites it, and it appears
-atomically (a temporary name, then a rename) before the unit commits.
+The tar is named after the batch's part, so a rerun of the batch overwrites it, and it appears
+atomically (a temporary name, then a rename) before the batch is marked done.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ FRAMES_DIR = "frames"
 
 
 class FrameStore:
-    """Writes the frames of one unit; opened on the first frame, so units without clips write nothing."""
+    """Writes the frames of one batch; opened on the first frame, so batches without clips write nothing."""
 
-    def __init__(self, ws: Workspace, unit: str) -> None:
-        self.ws, self.unit = ws, unit
-        self.path = f"{ws.base}/{FRAMES_DIR}/{unit}.tar"
-        self.uri = ws.uri(f"{FRAMES_DIR}/{unit}.tar")
-        self._tmp = f"{ws.base}/{FRAMES_DIR}/.tmp-{unit}-{uuid.uuid4().hex}.tar.tmp"
+    def __init__(self, ws: Workspace, part: str) -> None:
+        self.ws, self.part = ws, part
+        self.path = f"{ws.base}/{FRAMES_DIR}/{part}.tar"
+        self.uri = ws.uri(f"{FRAMES_DIR}/{part}.tar")
+        self._tmp = f"{ws.base}/{FRAMES_DIR}/.tmp-{part}-{uuid.uuid4().hex}.tar.tmp"
         self._stream = None
         self._tar: tarfile.TarFile | None = None
 

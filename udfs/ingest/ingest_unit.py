@@ -1,16 +1,22 @@
 """Ray Data batch UDF of the ingest job: read, probe and parse whole units, commit them.
 
-Each unit (an input shard or a folder chunk) is read, its tables are written as parts
-named after the unit, and the unit is committed; the UDF returns one summary row per unit.
-Writing inside the task keeps a unit's rows together, which is what makes resume exact.
+Each unit (an input shard or a folder chunk) is read in batches of `batch_samples` samples:
+each batch's tables are written as parts named after the unit and the batch, then the batch is
+marked done, and once the whole unit is written its marker names every batch's parts. The UDF
+returns one summary row per unit. A unit's memory is one batch's rows, whatever its size, and
+a run killed half-way through a unit redoes only the batches it had not marked: the samples of
+a unit come in the same order every time (a unit's id says what it holds), so a finished batch
+is a range of that order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 from store.workspace import Workspace
@@ -29,6 +35,7 @@ from udfs.ingest.sources import (
     split_key,
 )
 
+JOB = "ingest"
 TABLES = ("images", "source_tags", "source_text", "errors", "clips")
 # A sample's picture: a video first (a same-key still is its poster, reported as extra_image)
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
@@ -42,19 +49,7 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
     for i in range(len(batch["unit"])):
         unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]),
                     input=batch["input"][i])
-        started = time.perf_counter()
-        rows = UnitRows(unit, FrameStore(ws, batch["unit"][i]))
-        try:
-            for item in read_unit(unit, options["max_member_bytes"], options["follow_links_out"]):
-                rows.add(item, options)
-            rows.frame_store.close()  # before the commit that names its frames
-        finally:
-            rows.frame_store.abort()
-        for table in TABLES:
-            ws.write_part(table, batch["unit"][i], rows.tables[table])
-        info = rows.summary(time.perf_counter() - started)
-        info["input"] = unit.input
-        ws.commit_unit("ingest", batch["unit"][i], info, parts={t: [batch["unit"][i]] for t in TABLES})
+        info = UnitIngest(ws, batch["unit"][i], unit, options).run()
         out["unit"].append(batch["unit"][i])
         for name in SUMMARY:
             out[name].append(info[name])
@@ -62,12 +57,98 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
     return out
 
 
-class UnitRows:
-    """The rows of the ingest tables for one unit, and its accounting."""
+def options_fingerprint(options: dict) -> str:
+    """What a batch's rows depend on besides its unit: a batch written with other limits is
+    redone. The batch size is not in it: a batch marker says which samples it holds."""
+    rules = {k: v for k, v in options.items() if k != "batch_samples"}
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
-    def __init__(self, unit: Unit, frame_store: FrameStore) -> None:
+
+def batch_name(index: int) -> str:
+    return f"b{index:05d}"
+
+
+def kept_batches(markers: dict[str, dict], fingerprint: str) -> list[dict]:
+    """The batch markers a rerun of a unit keeps ({batch: marker}, as done_batches gives them):
+    b00000, b00001, ... in a row, written with this run's options, each starting where the one
+    before ended. The first that is not stops the row; later ones are redone (and overwritten)."""
+    kept: list[dict] = []
+    for index in itertools.count():
+        marker = markers.get(batch_name(index))
+        if marker is None or marker.get("options") != fingerprint or marker["items"][0] != (
+                kept[-1]["items"][1] if kept else 0):
+            return kept
+        kept.append(marker)
+
+
+class UnitIngest:
+    """One unit, batch by batch, then its commit; the batches a killed run finished are kept."""
+
+    def __init__(self, ws: Workspace, uid: str, unit: Unit, options: dict) -> None:
+        self.ws, self.uid, self.unit, self.options = ws, uid, unit, options
+        self.fingerprint = options_fingerprint(options)
+        self.markers = kept_batches(ws.done_batches(JOB, uid), self.fingerprint)
+
+    def run(self) -> dict:
+        skip = self.markers[-1]["items"][1] if self.markers else 0
+        rows: UnitRows | None = None
+        started = time.perf_counter()
+        try:
+            # Skipped samples are still read (a shard is a stream), but never probed or parsed.
+            for position, item in enumerate(read_unit(self.unit, self.options["max_member_bytes"],
+                                                      self.options["follow_links_out"])):
+                if position < skip:
+                    continue
+                if rows is None:
+                    part = f"{self.uid}-{batch_name(len(self.markers))}"
+                    rows = UnitRows(self.unit, FrameStore(self.ws, part), part, position)
+                rows.add(item, self.options)
+                if rows.items >= self.options["batch_samples"]:
+                    self.commit_batch(rows, time.perf_counter() - started)
+                    rows, started = None, time.perf_counter()
+            if rows is not None:
+                self.commit_batch(rows, time.perf_counter() - started)
+                rows = None
+        finally:
+            if rows is not None:
+                rows.frame_store.abort()
+        return self.commit_unit()
+
+    def commit_batch(self, rows: UnitRows, seconds: float) -> None:
+        rows.frame_store.close()  # before the marker that names its frames
+        tables = [t for t in TABLES if rows.tables[t]]
+        for table in tables:
+            self.ws.write_part(table, rows.part, rows.tables[table])
+        marker = {"items": [rows.start, rows.start + rows.items], "options": self.fingerprint,
+                  "info": rows.summary(seconds), "parts": {table: [rows.part] for table in tables}}
+        self.ws.commit_batch(JOB, self.uid, batch_name(len(self.markers)), marker)
+        self.markers.append(marker)
+
+    def commit_unit(self) -> dict:
+        """The unit's marker, naming the parts of all its batches, with their summaries added up."""
+        parts: dict[str, list[str]] = defaultdict(list)
+        info: dict[str, Any] = {name: 0 for name in (*SUMMARY, "dropped")}
+        kinds: Counter[str] = Counter()
+        for marker in self.markers:
+            for table, names in marker["parts"].items():
+                parts[table] += names
+            for name in info:
+                info[name] += marker["info"][name]
+            kinds.update(marker["info"]["error_kinds"])
+        info.update(error_kinds=dict(kinds), seconds=round(info["seconds"], 4), input=self.unit.input)
+        self.ws.commit_unit(JOB, self.uid, info, parts=dict(parts))
+        self.ws.forget_batches(JOB, self.uid)
+        return info
+
+
+class UnitRows:
+    """The rows of the ingest tables for one batch of a unit, and its accounting."""
+
+    def __init__(self, unit: Unit, frame_store: FrameStore, part: str = "", start: int = 0) -> None:
         self.unit = unit
-        self.frame_store = frame_store  # where this unit's clips put their kept frames
+        self.frame_store = frame_store  # where this batch's clips put their kept frames
+        self.part, self.start = part, start  # the batch's part name, its first item in the unit
+        self.items = 0  # samples and problem tuples read into this batch
         self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.samples = 0
         self.bytes = 0
@@ -76,6 +157,7 @@ class UnitRows:
         self.tag_counts: Counter[str] = Counter()  # tags kept per key, for max_tags
 
     def add(self, item: Sample | tuple[str, str, str], options: dict) -> None:
+        self.items += 1
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
             member, kind, message = item
             key = f"{self.unit.prefix}/{split_key(member)[0]}" if member else self.unit.prefix
