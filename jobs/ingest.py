@@ -56,7 +56,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     replaced, removed = retire_stale_units(ws, done, units)
     pending = [u for u in units if unit_key(u) not in done]
     options = unit_options(cfg)
-    resumed = finished_samples(ws, pending, options)
+    resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
           + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else ""),
@@ -134,11 +134,12 @@ def unit_options(cfg: Config) -> dict:
     return options
 
 
-def finished_samples(ws: Workspace, pending: list[Unit], options: dict) -> int:
+def finished_samples(ws: Workspace, units: list[Unit], pending: list[Unit], options: dict) -> int:
     """The samples of pending units whose batches a killed run finished with these options, which
-    their tasks keep. Batch markers of other units (committed since, no longer planned) are
-    dropped with their parts."""
-    markers = ws.pending_batches(JOB, {unit_key(u) for u in pending})
+    their tasks keep. Batch markers of other units of the planned inputs (committed since, no
+    longer there) are dropped with their parts; those of other inputs are left for their run."""
+    inputs = {u.input for u in units}
+    markers = ws.pending_batches(JOB, {unit_key(u) for u in pending}, lambda m: m.get("input") not in inputs)
     fingerprint = options_fingerprint(options)
     return sum(m["info"]["samples"] for found in markers.values() for m in kept_batches(found, fingerprint))
 

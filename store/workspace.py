@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
@@ -271,15 +271,18 @@ class Workspace:
         return sorted(info.base_name for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.Directory)
 
-    def pending_batches(self, job: str, pending: set[str]) -> dict[str, dict[str, dict]]:
+    def pending_batches(self, job: str, pending: set[str], elsewhere: Callable[[dict], bool] | None = None
+                        ) -> dict[str, dict[str, dict]]:
         """The batch markers of the `pending` units ({unit: {batch: marker}}). Those of any other
-        unit (committed since, or no longer planned) are dropped with their unpublished parts."""
+        unit (committed since, or no longer planned) are dropped with their unpublished parts,
+        but for units with a marker that `elsewhere` says is of work this run does not plan
+        (another input of ingest): left for the run that plans it."""
         found = {}
         for unit in self.batch_units(job):
             markers = self.done_batches(job, unit)
             if unit in pending:
                 found[unit] = markers
-            else:
+            elif elsewhere is None or not any(elsewhere(m) for m in markers.values()):
                 self.drop_batches(job, unit, markers)
                 self.forget_batches(job, unit)  # its folder too
         return found

@@ -15,6 +15,7 @@ from hostile_data import EXPECTED, encode, hostile_members, picture, write_tar
 from jobs import ingest
 from jobs.config import load_config
 from store.workspace import Workspace
+from udfs.ingest.sources import Unit, read_unit
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -340,3 +341,23 @@ def test_probe_reads_generation_text_without_torch_unless_an_image_holds_some():
     text = "1girl, solo\nNegative prompt: lowres\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 96x64"
     texts = dict(probe_image(exif_comment_jpeg(text), 10**8)["texts"])
     assert (texts["sd_prompt"], texts["sd_negative"]) == ("1girl, solo", "lowres") and '"Seed": 3' in texts["sd_params"]
+
+
+def test_a_folder_chunk_is_read_one_sample_at_a_time(tmp_path):
+    """A folder unit holds up to 4x ingest.folder_unit_size files: their bytes are read sample by
+    sample as they are yielded, never all at once (a file removed after the first sample came
+    out is found missing then, not read before)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / f"{name}.png").write_bytes(encode(picture(), "PNG"))
+        (root / f"{name}.txt").write_text(f"tag_{name}")
+    unit = Unit("folder", str(root), "in", sorted(str(p) for p in root.iterdir()))
+    samples = read_unit(unit, 10**9)
+    first = next(samples)
+    (root / "c.png").unlink()
+    rest = list(samples)
+    assert [s.key for s in (first, *rest)] == ["a", "b", "c"]
+    assert set(rest[0].members) == {"png", "txt"}
+    assert set(rest[1].members) == {"txt"}
+    assert [(member, kind) for member, kind, _ in rest[1].problems] == [("c.png", "unreadable")]

@@ -339,3 +339,15 @@ def test_run_on_a_folder_of_clips_exports_frames_with_their_clips_tags(tmp_path)
     assert one_clip.returncode == 0, log[-3000:]
     keys = pq.read_table(tmp_path / "scenes" / "manifest.parquet").column("key").to_pylist()
     assert sorted(keys) == ["in/scenes/f000000", "in/scenes/f000024", "in/scenes/f000048"]
+
+
+def test_a_batch_that_keeps_no_frames_removes_the_tar_of_a_run_that_did(tmp_path):
+    """A batch rewritten with other frame options may keep no frame: its name's old tar, which
+    no row names any more, goes (begin_job spares the frame tars of published images parts)."""
+    ws = Workspace(str(tmp_path / "ws"))
+    store = FrameStore(ws, "u-b00000")
+    store.add("in/clip/f000000.jpg", b"jpeg bytes")
+    store.close()
+    assert Path(store.path).exists()
+    FrameStore(ws, "u-b00000").close()
+    assert not Path(store.path).exists()

@@ -9,14 +9,18 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 from hostile_data import encode, picture, write_tar
 from kill_mid_run import kill_after_commits
 
+from jobs.config import load_config
+from jobs.ingest import unit_options
 from store.workspace import Workspace
-from udfs.ingest.ingest_unit import kept_batches, options_fingerprint
+from udfs.ingest.ingest_unit import UnitIngest, kept_batches, options_fingerprint
+from udfs.ingest.sources import Unit
 
 REPO = Path(__file__).resolve().parent.parent
 N_SHARDS = 12
@@ -134,3 +138,81 @@ def test_a_rerun_keeps_only_batches_in_a_row_written_with_its_options():
     assert options_fingerprint({"max_tags": 5, "batch_samples": 4}) == options_fingerprint(
         {"max_tags": 5, "batch_samples": 1000})
     assert options_fingerprint({"max_tags": 5}) != options_fingerprint({"max_tags": 6})
+
+
+# ---- a unit's batches, in one process, on real shards ------------------------------------------
+def small_shard(path: Path) -> Path:
+    """9 samples: a PNG and its tags each."""
+    members = []
+    for i in range(9):
+        members += [(f"img{i}.png", encode(picture(96, 64, seed=i), "PNG")), (f"img{i}.txt", f"tag_{i}".encode())]
+    return write_tar(path, members)
+
+
+def cut_short(full: Path, path: Path) -> Path:
+    """The shard cut inside the 6th sample's image, as a read that failed there sees it."""
+    data = full.read_bytes()
+    with tarfile.open(full) as tar:
+        sixth = next(m for m in tar.getmembers() if m.name == "img5.png")
+    path.write_bytes(data[: sixth.offset_data + sixth.size // 2])
+    return path
+
+
+def tables_of(ws: Workspace) -> dict[str, list]:
+    ws.publish()
+    return {name: sorted_table(ws, name).to_pylist() for name in ("images", "source_tags", "errors")}
+
+
+def ingest_in_process(root: Path, shard: Path, options: dict, commit: bool = True) -> Workspace:
+    """Unit "u" of the shard (its key prefix "in/s") ingested by the job's own task code; without
+    `commit`, only its batches are written, as by a run killed before the unit's marker."""
+    ws = Workspace(str(root))
+    task = UnitIngest(ws, "u", Unit("tar", str(shard), "in/s", input="in"), options)
+    if commit:
+        task.run()
+    else:
+        assert task.write_batches()
+    return ws
+
+
+def test_batches_of_a_read_that_ended_early_are_not_kept_by_a_whole_read(tmp_path):
+    """A shard read cut short (a passing read error) ends its last batch with the cut sample
+    and a `corrupt_shard` row; a rerun that reads the whole shard must not keep that batch
+    (it would lose a sample and keep a false error), and a rerun whose read ends before the
+    kept batches must not keep them either (it would commit samples it cannot vouch for)."""
+    options = unit_options(load_config(overrides=["ingest.batch_samples=4"]))
+    full, short = small_shard(tmp_path / "full.tar"), cut_short(tmp_path / "full.tar", tmp_path / "short.tar")
+    for written, read in ((short, full), (full, short)):
+        shard = tmp_path / "shard.tar"
+        shard.write_bytes(written.read_bytes())
+        ws = ingest_in_process(tmp_path / f"ws-{written.stem}", shard, options, commit=False)
+        assert ws.done_batches("ingest", "u")
+        shard.write_bytes(read.read_bytes())
+        ingest_in_process(tmp_path / f"ws-{written.stem}", shard, options)
+        reference = ingest_in_process(tmp_path / f"ref-{read.stem}", shard, options)  # same path: same rows
+        assert tables_of(ws) == tables_of(reference), f"written from {written.name}, read from {read.name}"
+        assert not ws.done_batches("ingest", "u")
+    errors = tables_of(Workspace(str(tmp_path / "ref-short")))["errors"]
+    assert {e["kind"] for e in errors} == {"truncated_shard", "corrupt_shard"}
+
+
+def test_a_rerun_with_other_options_drops_every_batch_marker_before_writing(tmp_path):
+    """Markers past those a rerun keeps name part files it rewrites: they go at its start, so
+    that a run killed after it never keeps a marker over another run's rows."""
+    options = unit_options(load_config(overrides=["ingest.batch_samples=4"]))
+    shard = small_shard(tmp_path / "shard.tar")
+    ws = ingest_in_process(tmp_path / "ws", shard, options, commit=False)
+    assert sorted(ws.done_batches("ingest", "u")) == ["b00000", "b00001", "b00002"]
+    UnitIngest(ws, "u", Unit("tar", str(shard), "in/s", input="in"), {**options, "max_tags": 1})
+    assert ws.done_batches("ingest", "u") == {}
+
+
+def test_batches_of_inputs_a_run_does_not_plan_are_left_for_their_run(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    for unit, input_id in (("u1", "a"), ("u2", "b")):
+        ws.write_part("images", f"{unit}-b00000", [{"key": f"{input_id}/x"}])
+        ws.commit_batch("ingest", unit, "b00000", {"input": input_id, "parts": {"images": [f"{unit}-b00000"]}})
+    assert ws.pending_batches("ingest", set(), lambda marker: marker["input"] not in {"a"}) == {}
+    assert ws.batch_units("ingest") == ["u2"]  # u1's input was planned, u1 was not: its batch went
+    assert (tmp_path / "ws" / "tables" / "images" / "u2-b00000.parquet").exists()
+    assert not (tmp_path / "ws" / "tables" / "images" / "u1-b00000.parquet").exists()

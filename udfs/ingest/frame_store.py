@@ -13,6 +13,8 @@ import io
 import tarfile
 import uuid
 
+import pyarrow.fs as pafs
+
 from store.workspace import Workspace
 
 FRAMES_DIR = "frames"
@@ -41,8 +43,11 @@ class FrameStore:
         self._tar.addfile(info, io.BytesIO(data))
 
     def close(self) -> None:
-        """Finish the tar and give it its name (nothing when no frame was added)."""
+        """Finish the tar and give it its name. With no frame added, a tar of that name (from
+        a run whose batch kept frames with other options) goes: no row of the batch names it."""
         if self._tar is None:
+            if self.ws.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+                self.ws.fs.delete_file(self.path)
             return
         self._tar.close()
         self._stream.close()

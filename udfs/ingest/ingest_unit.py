@@ -68,6 +68,15 @@ def batch_name(index: int) -> str:
     return f"b{index:05d}"
 
 
+def item_id(item: Sample | tuple[str, str, str]) -> list[str]:
+    """What a batch marker records of its last item, to check that a rerun reads the unit the
+    same way up to there: a sample's key and the kinds of its problems (a sample cut short by
+    a shard that ended early differs from the whole one), or a problem's member and kind."""
+    if isinstance(item, tuple):
+        return [item[0], item[1]]
+    return [item.key, *(kind for _, kind, _ in item.problems)]
+
+
 def kept_batches(markers: dict[str, dict], fingerprint: str) -> list[dict]:
     """The batch markers a rerun of a unit keeps ({batch: marker}, as done_batches gives them):
     b00000, b00001, ... in a row, written with this run's options, each starting where the one
@@ -87,40 +96,62 @@ class UnitIngest:
     def __init__(self, ws: Workspace, uid: str, unit: Unit, options: dict) -> None:
         self.ws, self.uid, self.unit, self.options = ws, uid, unit, options
         self.fingerprint = options_fingerprint(options)
-        self.markers = kept_batches(ws.done_batches(JOB, uid), self.fingerprint)
+        found = ws.done_batches(JOB, uid)
+        self.markers = kept_batches(found, self.fingerprint)
+        # markers past the kept ones name parts this run rewrites: gone before it does, so that
+        # no later run keeps a marker over another run's rows
+        self.drop_batches({name: m for name, m in found.items() if m not in self.markers})
 
     def run(self) -> dict:
+        if not self.write_batches():  # the unit read differently this time: its kept batches do not fit
+            self.drop_batches({batch_name(i): m for i, m in enumerate(self.markers)})
+            self.markers = []
+            self.write_batches()
+        return self.commit_unit()
+
+    def write_batches(self) -> bool:
+        """Read the unit and write the batches after the kept ones; False, having written
+        nothing, when the read does not pass through the kept batches' last item (a shard that
+        ended early this time, or the last time)."""
         skip = self.markers[-1]["items"][1] if self.markers else 0
         rows: UnitRows | None = None
+        position = -1
         started = time.perf_counter()
         try:
             # Skipped samples are still read (a shard is a stream), but never probed or parsed.
             for position, item in enumerate(read_unit(self.unit, self.options["max_member_bytes"],
                                                       self.options["follow_links_out"])):
                 if position < skip:
+                    if position == skip - 1 and item_id(item) != self.markers[-1]["last"]:
+                        return False
                     continue
                 if rows is None:
                     part = f"{self.uid}-{batch_name(len(self.markers))}"
                     rows = UnitRows(self.unit, FrameStore(self.ws, part), part, position)
                 rows.add(item, self.options)
                 if rows.items >= self.options["batch_samples"]:
-                    self.commit_batch(rows, time.perf_counter() - started)
+                    self.commit_batch(rows, item, time.perf_counter() - started)
                     rows, started = None, time.perf_counter()
             if rows is not None:
-                self.commit_batch(rows, time.perf_counter() - started)
+                self.commit_batch(rows, item, time.perf_counter() - started)
                 rows = None
         finally:
             if rows is not None:
                 rows.frame_store.abort()
-        return self.commit_unit()
+        return position + 1 >= skip
 
-    def commit_batch(self, rows: UnitRows, seconds: float) -> None:
+    def drop_batches(self, markers: dict[str, dict]) -> None:
+        if markers:
+            self.ws.drop_batches(JOB, self.uid, markers)
+
+    def commit_batch(self, rows: UnitRows, last: Sample | tuple[str, str, str], seconds: float) -> None:
         rows.frame_store.close()  # before the marker that names its frames
         tables = [t for t in TABLES if rows.tables[t]]
         for table in tables:
             self.ws.write_part(table, rows.part, rows.tables[table])
-        marker = {"items": [rows.start, rows.start + rows.items], "options": self.fingerprint,
-                  "info": rows.summary(seconds), "parts": {table: [rows.part] for table in tables}}
+        marker = {"items": [rows.start, rows.start + rows.items], "last": item_id(last), "input": self.unit.input,
+                  "options": self.fingerprint, "info": rows.summary(seconds),
+                  "parts": {table: [rows.part] for table in tables}}
         self.ws.commit_batch(JOB, self.uid, batch_name(len(self.markers)), marker)
         self.markers.append(marker)
 

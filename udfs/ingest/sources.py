@@ -286,26 +286,40 @@ def _add_member(sample: Sample, ext: str, name: str, size: int, limit: int, read
 
 def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
                  ) -> Iterator[Sample | tuple[str, str, str]]:
+    """A folder chunk's samples: its files grouped by key first (names only), then each sample's
+    bytes read as it is yielded, so that only one sample's bytes are in memory at a time."""
     root = unit.uri
-    samples: dict[str, Sample] = {}
+    entries: dict[str, list[tuple[str, str, OSError | None]]] = {}  # key -> (name, path, lstat error)
     for full in unit.files:
         rel = safe_text(os.path.relpath(full, root))
         try:
             refusal = _refusal(full, root, links_leave_input)
-            if refusal:
-                yield (rel, *refusal)
-                continue
-            key, ext = split_key(rel)
-            sample = samples.setdefault(key, Sample(key, {}, {}))
+        except OSError as exc:
+            refusal, error = None, exc
+        else:
+            error = None
+        if refusal:
+            yield (rel, *refusal)
+            continue
+        entries.setdefault(split_key(rel)[0], []).append((rel, full, error))
+    for key, files in entries.items():
+        yield _folder_sample(key, files, max_member_bytes)
+
+
+def _folder_sample(key: str, files: list[tuple[str, str, OSError | None]], max_member_bytes: int) -> Sample:
+    sample = Sample(key, {}, {})
+    for rel, full, error in files:
+        ext = split_key(rel)[1]
+        try:
+            if error is not None:
+                raise error
             if ext in VIDEO_EXTENSIONS and ext not in sample.members:
                 sample.members[ext], sample.member_names[ext], sample.paths[ext] = b"", rel, full
                 continue
             _add_member(sample, ext, rel, os.path.getsize(full), max_member_bytes, lambda f=full: Path(f).read_bytes())
         except OSError as exc:
-            key, _ = split_key(rel)
-            samples.setdefault(key, Sample(key, {}, {})).problems.append(
-                (rel, "unreadable", f"{type(exc).__name__}: {exc}"))
-    yield from samples.values()
+            sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
+    return sample
 
 
 def _refusal(full: str, root: str, links_leave_input: bool) -> tuple[str, str] | None:
