@@ -13,7 +13,7 @@ from jobs.ray_env import Progress, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
-from udfs.ingest.ingest_unit import JOB, ingest_units, kept_batches, options_fingerprint
+from udfs.ingest.ingest_unit import JOB, SUMMARY, ingest_units, kept_batches, options_fingerprint
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
 
 
@@ -175,8 +175,6 @@ def frame_options(opts: dict) -> dict:
 
 
 def _info_of(row: dict) -> dict:
-    done = {k: row[k] for k in ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")}
+    done = {k: row[k] for k in SUMMARY}
     done["error_kinds"] = json.loads(row["error_kinds"])
-    # a clip is one sample and many images
-    done["dropped"] = done["samples"] - (done["images"] - done["frames"]) - done["clips"]
     return done

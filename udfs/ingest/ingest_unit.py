@@ -39,7 +39,7 @@ JOB = "ingest"
 TABLES = ("images", "source_tags", "source_text", "errors", "clips")
 # A sample's picture: a video first (a same-key still is its poster, reported as extra_image)
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
-SUMMARY = ("samples", "images", "clips", "frames", "errors", "bytes", "seconds")
+SUMMARY = ("samples", "images", "clips", "frames", "errors", "dropped", "bytes", "seconds")
 
 
 def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
@@ -158,7 +158,7 @@ class UnitIngest:
     def commit_unit(self) -> dict:
         """The unit's marker, naming the parts of all its batches, with their summaries added up."""
         parts: dict[str, list[str]] = defaultdict(list)
-        info: dict[str, Any] = {name: 0 for name in (*SUMMARY, "dropped")}
+        info: dict[str, Any] = {name: 0 for name in SUMMARY}
         kinds: Counter[str] = Counter()
         for marker in self.markers:
             for table, names in marker["parts"].items():
@@ -324,7 +324,8 @@ class UnitRows:
         kinds = Counter(e["kind"] for e in self.tables["errors"])
         return {"samples": self.samples, "images": len(self.tables["images"]), "clips": self.clips,
                 "frames": self.frames, "errors": len(self.tables["errors"]), "error_kinds": dict(kinds),
-                "dropped": sum(e["dropped"] for e in self.tables["errors"]),
+                # samples that left no image and no clip (one may have several dropped errors rows)
+                "dropped": self.samples - (len(self.tables["images"]) - self.frames) - self.clips,
                 "bytes": self.bytes, "seconds": round(seconds, 4)}
 
 
