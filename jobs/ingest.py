@@ -9,7 +9,7 @@ import time
 import ray
 
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray, largest_first
+from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
@@ -160,7 +160,8 @@ def _run_units(cfg: Config, ws: Workspace, units: list[Unit], options: dict) -> 
     # whose outputs are one small summary row per unit: there is nothing downstream to reserve
     # for. This dataset's context only; other jobs keep the reservation.
     ds.context.op_resource_reservation_enabled = False
-    return collect_units(ds.iter_rows(), Progress("ingest", units=len(items)), _info_of, ws.publish_now_and_then)
+    progress = Progress("ingest", units=len(items), running=RunningBatches(ws, JOB))
+    return collect_units(ds.iter_rows(), progress, _info_of, ws.publish_now_and_then)
 
 
 def frame_options(opts: dict) -> dict:

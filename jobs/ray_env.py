@@ -10,6 +10,7 @@ are off. `-v` (the CLI sets BOORUSET_VERBOSE=1) shows Ray's logs and progress ba
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+import pyarrow.fs as pafs
 import ray
 
 from jobs.config import REPO, Config
@@ -223,9 +225,11 @@ class Progress:
     """
 
     def __init__(self, stage: str, total: int | None = None, *, what: str = "images",
-                 units: int | None = None, interval: float = PROGRESS_INTERVAL_S, out: IO[str] | None = None) -> None:
+                 units: int | None = None, interval: float = PROGRESS_INTERVAL_S, out: IO[str] | None = None,
+                 running: Callable[[], int] | None = None) -> None:
         self.stage, self.total, self.what, self.units_total = stage, total, what, units
         self.interval, self.out = interval, out
+        self.running = running  # what the units not yet done have done so far (RunningBatches)
         self.done = self.units_done = 0
         self.started = time.perf_counter()
         self._lock = threading.Lock()
@@ -251,6 +255,8 @@ class Progress:
     def line(self) -> str:
         with self._lock:
             done, units = self.done, self.units_done
+        if self.running is not None:
+            done += self.running()
         elapsed = time.perf_counter() - self.started
         parts = [f"{done}/{self.total} {self.what}" if self.total is not None else f"{done} {self.what}"]
         if self.units_total is not None:
@@ -267,6 +273,41 @@ class Progress:
     def _tick(self) -> None:
         while not self._stop.wait(self.interval):
             self.print_line()
+
+
+class RunningBatches:
+    """The images in the batch markers of `job`'s units that are still running, written since
+    this was made: how far a unit has got while it runs (one shard can take an hour), for
+    Progress(running=...). Each marker is read once; a unit's markers go when it commits, and its
+    images then come in with its summary row."""
+
+    def __init__(self, ws: Workspace, job: str) -> None:
+        self.ws, self.folder = ws, f"{ws.state_dir(job)}/batches"
+        # a killed run's markers are not this run's work (a marker rewritten since is: its mtime)
+        self.images: dict[tuple[str, int | None], int] = dict.fromkeys(self._markers(), 0)
+        self.last = 0
+
+    def _markers(self) -> list[tuple[str, int | None]]:
+        selector = pafs.FileSelector(self.folder, recursive=True, allow_not_found=True)
+        return [(i.path, i.mtime_ns) for i in self.ws.fs.get_file_info(selector)
+                if i.is_file and i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+
+    def __call__(self) -> int:
+        try:
+            markers = self._markers()
+        except OSError:  # a unit's folder went while it was listed (its unit committed): as before
+            return self.last
+        self.last = sum(self._images(marker) for marker in markers)
+        return self.last
+
+    def _images(self, marker: tuple[str, int | None]) -> int:
+        if marker not in self.images:
+            try:
+                with self.ws.fs.open_input_stream(marker[0]) as f:
+                    self.images[marker] = int(json.loads(f.read())["info"]["images"])
+            except FileNotFoundError:  # its unit committed since the listing: its markers went
+                self.images[marker] = 0
+        return self.images[marker]
 
 
 def collect_units(rows: Iterable[dict], progress: Progress, info_of: Callable[[dict], dict],

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from jobs.ray_env import Progress
+from jobs.ray_env import Progress, RunningBatches
+from store.workspace import Workspace
 from tests.conftest import REPO, SAMPLE_SHARDS
 from tests.test_run import booruset_command
 
@@ -34,6 +35,25 @@ def test_progress_prints_a_line_per_interval_and_one_at_the_end():
     with pytest.raises(RuntimeError), Progress("ingest", units=2, interval=60, out=out):
         raise RuntimeError("a failing stage prints no final progress line")
     assert out.getvalue() == ""
+
+
+def test_progress_counts_the_finished_batches_of_units_still_running(tmp_path):
+    """A shard can take an hour: ingest's progress counts the batches its running units marked
+    done (batch markers), not those a killed run left, and a unit's images once, at its end."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.commit_batch("ingest", "old", "b00000", {"info": {"images": 7}, "parts": {}})  # a killed run's
+    running = RunningBatches(ws, "ingest")
+    progress = Progress("ingest", units=2, out=io.StringIO(), running=running)
+    assert progress.line().startswith("ingest: 0 images, 0/2 units")
+    ws.commit_batch("ingest", "u", "b00000", {"info": {"images": 4}, "parts": {}})
+    ws.commit_batch("ingest", "u", "b00001", {"info": {"images": 3}, "parts": {}})
+    assert progress.line().startswith("ingest: 7 images, 0/2 units")
+    time.sleep(0.05)  # a new modification time
+    ws.commit_batch("ingest", "old", "b00000", {"info": {"images": 5}, "parts": {}})  # redone by this run
+    assert progress.line().startswith("ingest: 12 images, 0/2 units")
+    ws.forget_batches("ingest", "u")  # the unit committed: its images come with its summary row
+    progress.add(7, units=1)
+    assert progress.line().startswith("ingest: 12 images, 1/2 units")
 
 
 def test_ingest_prints_progress_and_summary_without_noise(tmp_path):
