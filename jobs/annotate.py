@@ -25,7 +25,7 @@ import ray
 from jobs.config import Config, ConfigError
 from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
-from store.workspace import Workspace
+from store.workspace import Workspace, images_parts
 from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
 from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path
@@ -108,8 +108,7 @@ def units_of(ws: Workspace) -> list[dict]:
     changed folder chunk is a new unit (and the old one is retired). The driver reads the ingest
     markers and each part's row count, no rows."""
     published = set(ws.published()["tables"].get("images", []))
-    owned = {unit: sorted(set(info["parts"].get("images", []) if "parts" in info else [unit]) & published)
-             for unit, info in ws.done_units("ingest").items()}
+    owned = {unit: sorted(set(images_parts(unit, info)) & published) for unit, info in ws.done_units("ingest").items()}
     claimed = set().union(*owned.values())
     for part in published - claimed:  # written before ingest markers named their parts
         owned[part] = [part]

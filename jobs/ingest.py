@@ -11,7 +11,7 @@ import ray
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
-from store.workspace import Workspace, unit_id
+from store.workspace import Workspace, images_parts, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import JOB, SUMMARY, ingest_units, kept_batches, options_fingerprint
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, resolve_inputs, split_key
@@ -104,7 +104,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     if stale:
         ws.hold_publishing()
     for uid in stale:
-        rows = [row for part in done[uid].get("parts", {}).get("images", [uid])
+        rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
         gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
                 if (r.get("clip") or r["key"]) not in planned and not _under(r["key"], shards)]

@@ -632,6 +632,12 @@ if any(name.startswith("BOORUSET_KILL_AFTER_") for name in os.environ):
 TEMP_PREFIXES = (".tmp-", ".catalog-")
 
 
+def images_parts(unit: str, marker: dict) -> list[str]:
+    """The `images` parts of a committed ingest unit: one per batch, or the unit's own name for a
+    unit committed before markers named their parts."""
+    return marker["parts"].get("images", []) if "parts" in marker else [unit]
+
+
 def legacy_unit_parts(job: str, unit: str, visible: dict[str, set[str]]) -> dict[str, list[str]]:
     """The parts of a unit committed before markers named them: the names each job used then,
     where such a file is there."""
