@@ -105,21 +105,22 @@ def input_column(spec: dict) -> str:
 def units_of(ws: Workspace) -> list[dict]:
     """One unit per ingest unit (a shard, or a folder chunk of about ingest.folder_unit_size),
     with its published `images` parts (one per ingest batch): its id says what it holds, so a
-    changed folder chunk is a new unit (and the old one is retired). The driver reads the ingest
-    markers and each part's row count, no rows."""
+    changed folder chunk is a new unit (and the old one is retired). Its rows are the `images`
+    its ingest marker counted: the driver reads the markers, no Parquet file (an ingest unit has
+    a part per batch). Published parts that no marker claims (written before markers named
+    their parts) are units of their own, counted from their footers."""
     published = set(ws.published()["tables"].get("images", []))
-    owned = {unit: sorted(set(images_parts(unit, info)) & published) for unit, info in ws.done_units("ingest").items()}
-    claimed = set().union(*owned.values())
-    for part in published - claimed:  # written before ingest markers named their parts
-        owned[part] = [part]
-    units = []
-    for unit, parts in sorted(owned.items()):
-        rows = 0
-        for part in parts:
-            with ws.fs.open_input_file(f"{ws.table_dir('images')}/{part}.parquet") as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
+    units, claimed = [], set()
+    for unit, info in sorted(ws.done_units("ingest").items()):
+        parts = sorted(set(images_parts(unit, info)) & published)
+        claimed.update(parts)
+        if parts and info.get("images"):
+            units.append({"unit": unit, "parts": parts, "rows": int(info["images"])})
+    for part in sorted(published - claimed):
+        with ws.fs.open_input_file(f"{ws.table_dir('images')}/{part}.parquet") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
         if rows:
-            units.append({"unit": unit, "parts": parts, "rows": rows})
+            units.append({"unit": part, "parts": [part], "rows": rows})
     return units
 
 
@@ -179,8 +180,7 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
             else:
                 seen.update(marker["keys"])
                 kept.setdefault(unit, []).append(marker)
-        if stale:
-            ws.drop_batches(JOB, unit, stale)
+        ws.drop_batches(JOB, unit, stale)
     return kept
 
 

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import pyarrow.fs as pafs
 import ray
 
 from jobs.config import REPO, Config
@@ -282,15 +281,13 @@ class RunningBatches:
     images then come in with its summary row."""
 
     def __init__(self, ws: Workspace, job: str) -> None:
-        self.ws, self.folder = ws, f"{ws.state_dir(job)}/batches"
+        self.ws, self.job = ws, job
         # a killed run's markers are not this run's work (a marker rewritten since is: its mtime)
         self.images: dict[tuple[str, int | None], int] = dict.fromkeys(self._markers(), 0)
         self.last = 0
 
     def _markers(self) -> list[tuple[str, int | None]]:
-        selector = pafs.FileSelector(self.folder, recursive=True, allow_not_found=True)
-        return [(i.path, i.mtime_ns) for i in self.ws.fs.get_file_info(selector)
-                if i.is_file and i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+        return [(info.path, info.mtime_ns) for info in self.ws.batch_marker_files(self.job)]
 
     def __call__(self) -> int:
         try:

@@ -242,13 +242,16 @@ class Workspace:
 
     def _markers(self, folder: str) -> dict[str, dict]:
         """{name: marker} of the marker files (<name>.json) in `folder`."""
-        selector = pafs.FileSelector(folder, allow_not_found=True)
         done = {}
-        for info in self.fs.get_file_info(selector):
-            if info.is_file and info.base_name.endswith(".json") and not info.base_name.startswith("."):
-                with self.fs.open_input_stream(info.path) as f:
-                    done[info.base_name[: -len(".json")]] = json.loads(f.read())
+        for info in self._marker_files(folder):
+            with self.fs.open_input_stream(info.path) as f:
+                done[info.base_name[: -len(".json")]] = json.loads(f.read())
         return done
+
+    def _marker_files(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
+        return [info for info in self.fs.get_file_info(selector)
+                if info.is_file and info.base_name.endswith(".json") and not info.base_name.startswith(".")]
 
     # ---- batches of a unit not yet committed ------------------------------------------------
     def batch_dir(self, job: str, unit: str) -> str:
@@ -270,6 +273,10 @@ class Workspace:
         selector = pafs.FileSelector(f"{self.state_dir(job)}/batches", allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.Directory)
+
+    def batch_marker_files(self, job: str) -> list[pafs.FileInfo]:
+        """The batch marker files of every unit of `job` (path, mtime), not read."""
+        return self._marker_files(f"{self.state_dir(job)}/batches", recursive=True)
 
     def pending_batches(self, job: str, pending: set[str], elsewhere: Callable[[dict], bool] | None = None
                         ) -> dict[str, dict[str, dict]]:
@@ -302,6 +309,8 @@ class Workspace:
         """Forget batch markers that no longer count ({batch: marker}, as done_batches gave them)
         and delete their parts that were never published; a part a generation names or named (a
         unit committed before its batch markers were forgotten) is left to publishing."""
+        if not markers:
+            return
         published = self.published()
         shown = {t: set(p) for t, p in published["tables"].items()}
         for table, parts in published.get("retired", {}).items():

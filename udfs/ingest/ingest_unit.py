@@ -100,11 +100,11 @@ class UnitIngest:
         self.markers = kept_batches(found, self.fingerprint)
         # markers past the kept ones name parts this run rewrites: gone before it does, so that
         # no later run keeps a marker over another run's rows
-        self.drop_batches({name: m for name, m in found.items() if m not in self.markers})
+        ws.drop_batches(JOB, uid, {name: m for name, m in found.items() if m not in self.markers})
 
     def run(self) -> dict:
         if not self.write_batches():  # the unit read differently this time: its kept batches do not fit
-            self.drop_batches({batch_name(i): m for i, m in enumerate(self.markers)})
+            self.ws.drop_batches(JOB, self.uid, {batch_name(i): m for i, m in enumerate(self.markers)})
             self.markers = []
             self.write_batches()
         return self.commit_unit()
@@ -139,10 +139,6 @@ class UnitIngest:
             if rows is not None:
                 rows.frame_store.abort()
         return position + 1 >= skip
-
-    def drop_batches(self, markers: dict[str, dict]) -> None:
-        if markers:
-            self.ws.drop_batches(JOB, self.uid, markers)
 
     def commit_batch(self, rows: UnitRows, last: Sample | tuple[str, str, str], seconds: float) -> None:
         rows.frame_store.close()  # before the marker that names its frames
