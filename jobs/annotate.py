@@ -300,7 +300,7 @@ class Pipeline:
         ds = ds.select_columns([c for c in keep + outputs if c != "crop_boxes" or crops])
         models = {n: s["model"] for n, s in specs.items()}
         pipeline = {n: s["identity"] for n, s in specs.items()}
-        return ds.map_batches(write_unit_parts, batch_size=int(opts["decode_batch_size"]) * 4, num_cpus=task_cpus,
+        return ds.map_batches(write_unit_parts, batch_size=int(opts["write_batch_size"]), num_cpus=task_cpus,
                               batch_format="numpy",
                               fn_kwargs={"workspace": self.ws.root, "models": models, "pipeline": pipeline})
 

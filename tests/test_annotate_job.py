@@ -41,9 +41,13 @@ def test_annotate_sample_every_model_and_resume(ingested, models_dir):
     from jobs.config import merge
 
     cfg, ws = ingested
-    merge(cfg, {"annotate": {"models_dir": models_dir, "draft_size": 256}})
+    # decode batches of 1 image: the writer still takes a unit's rows in one batch (write_batch_size)
+    merge(cfg, {"annotate": {"models_dir": models_dir, "draft_size": 256, "decode_batch_size": 1}})
     summary = annotate.run(cfg, ws)
     assert summary.rows_in == 24 and summary.errors == 0 and summary.units_done == 3
+    for unit, marker in ws.done_units("annotate").items():  # one part per table and model, not per decode batch
+        for table, parts in marker["parts"].items():
+            assert len({annotate.part_pipeline_name(p, unit) for p in parts}) == len(parts), (table, parts)
     con = ws.connect()
     per_model = dict(con.execute("select model, count(*) from detections group by 1").fetchall())
     assert set(per_model) == {"lbpcascade_animeface", "face_detect_v1.4_s", "head_detect_v2.0_s",

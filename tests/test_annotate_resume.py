@@ -134,7 +134,8 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
     assert len(list((tmp_path / "ingested" / "tables" / "images").glob("*.parquet"))) == 3 * 3
     for name in ("ref", "ws"):
         shutil.copytree(tmp_path / "ingested", tmp_path / name)
-    small_batches = ("--set", "annotate.decode_batch_size=2")  # writers get 8 rows: 3 batches a unit
+    # writers get 8 rows: 3 batches a unit
+    small_batches = ("--set", "annotate.decode_batch_size=2", "--set", "annotate.write_batch_size=8")
 
     reference = annotate_process(tmp_path / "ref", models, *small_batches)
     out, _ = reference.communicate(timeout=900)
