@@ -97,6 +97,19 @@ def hostile_members() -> list[tuple[str, bytes]]:
         ("a1111.png", a1111_png()),
         ("nai.png", nai_png(stealth_only=False)),
         ("stealth.png", nai_png(stealth_only=True)),
+        # sidecars that once failed the whole job, or became tags with NULs in them
+        ("bigint.png", encode(picture(seed=15), "PNG")),
+        ("bigint.json", b'{"tags": ["1girl"], "id": ' + b"9" * 5000 + b"}"),
+        ("deep.png", encode(picture(seed=16), "PNG")),
+        ("deep.json", b"[" * 200_000),
+        ("surrogate.png", encode(picture(seed=17), "PNG")),
+        ("surrogate.json", b'{"tags": ["ok", "bad\\ud800tag"]}'),
+        ("tagsdict.png", encode(picture(seed=18), "PNG")),
+        ("tagsdict.json", b'{"tags": {"a": 1, "b": null}}'),
+        ("utf16.png", encode(picture(seed=19), "PNG")),
+        ("utf16.txt", "1girl, solo".encode("utf-16-le")),
+        ("nul.png", encode(picture(seed=20), "PNG")),
+        ("nul.txt", b"1girl\x00, \x00solo, \x00"),
     ]
 
 
@@ -109,7 +122,8 @@ EXPECTED = {
     "palette": ("image", "P"), "animated": ("image", "P"), "cp1252": ("image", "RGB"),
     "hugeside": ("image", "RGB"), "../escape": ("image", "RGB"), "dir/ünïcödé 🎨": ("image", "RGB"),
     "orphan": ("error", "no_image"), "a1111": ("image", "RGB"), "nai": ("image", "RGB"),
-    "stealth": ("image", "RGBA"),
+    "stealth": ("image", "RGBA"), "bigint": ("image", "RGB"), "deep": ("image", "RGB"), "surrogate": ("image", "RGB"),
+    "tagsdict": ("image", "RGB"), "utf16": ("image", "RGB"), "nul": ("image", "RGB"),
 }
 
 

@@ -43,7 +43,7 @@ def test_every_member_is_accounted_for(hostile):
     assert summary.rows_in == len(EXPECTED)
     dropped = [e for e in errors.to_pylist() if e["dropped"]]
     assert images.num_rows + len(dropped) == summary.rows_in
-    assert "accounting: 17 images + 5 dropped samples = 22 samples seen" in summary.render()
+    assert "accounting: 23 images + 5 dropped samples = 28 samples seen" in summary.render()
 
 
 def test_each_bad_sample_has_its_reason(hostile):
@@ -93,6 +93,26 @@ def test_sidecar_problems_keep_the_image(hostile):
     errors = {r["key"]: r for r in ws.read_table("errors").to_pylist()}
     assert errors["hostile/hugeside"]["kind"] == "sidecar_too_large"
     assert errors["hostile/hugeside"]["dropped"] is False
+
+
+def test_broken_sidecars_are_reported_and_keep_their_image(hostile):
+    """JSON the parser refuses in other ways than a syntax error, lone surrogates, NULs, UTF-16
+    without a BOM: each an errors row of its own, never the job's failure, never a tag with a NUL."""
+    _, ws = hostile
+    errors: dict[str, list[tuple[str, str]]] = {}
+    for r in ws.read_table("errors").to_pylist():
+        errors.setdefault(r["key"].removeprefix("hostile/"), []).append((r["kind"], r["message"]))
+    tags: dict[str, list[str]] = {}
+    for r in sorted(ws.read_table("source_tags").to_pylist(), key=lambda r: (r["key"], r["position"])):
+        tags.setdefault(r["key"].removeprefix("hostile/"), []).append(r["tag"])
+    assert [k for k, m in errors["bigint"]] == ["sidecar_json"] and "digits" in errors["bigint"][0][1]
+    assert [k for k, m in errors["deep"]] == ["sidecar_json"] and "RecursionError" in errors["deep"][0][1]
+    assert [k for k, m in errors["tagsdict"]] == ["sidecar_json"]
+    assert "bigint" not in tags and "deep" not in tags and "tagsdict" not in tags
+    assert [k for k, m in errors["surrogate"]] == ["bad_characters"]
+    assert tags["surrogate"] == ["ok", "bad?tag"]
+    assert [k for k, m in errors["utf16"]] == ["sidecar_encoding_guessed"] and tags["utf16"] == ["1girl", "solo"]
+    assert [k for k, m in errors["nul"]] == ["bad_characters"] and tags["nul"] == ["1girl", "solo"]
 
 
 def test_embedded_metadata(hostile):

@@ -24,7 +24,14 @@ from udfs.ingest.clips import ANIMATED_FORMATS, ingest_clip
 from udfs.ingest.frame_selection import FrameRules
 from udfs.ingest.frame_store import FrameStore
 from udfs.ingest.probe import ProbeError, probe_image
-from udfs.ingest.sidecars import SidecarError, decode_text, parse_sidecar
+from udfs.ingest.sidecars import (
+    SidecarError,
+    decode_text,
+    has_lone_surrogate,
+    parse_sidecar,
+    replace_lone_surrogates,
+    without_controls,
+)
 from udfs.ingest.sources import (
     IMAGE_EXTENSIONS,
     SIDECAR_EXTENSIONS,
@@ -274,10 +281,18 @@ class UnitRows:
             text, guessed = decode_text(data)
             if guessed:
                 self.error(key, member, "sidecar_encoding_guessed", f"not UTF-8; read as {guessed}", dropped=False)
+            text, controls = without_controls(text)
+            if controls:
+                self.error(key, member, "bad_characters", f"{controls} control characters (NUL, ...) removed",
+                           dropped=False)
             tags, texts, origin = parse_sidecar(ext, text)
         except SidecarError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=False)
             return
+        if any(has_lone_surrogate(t) for t, _ in tags):
+            self.error(key, member, "bad_characters", "tags with half a UTF-16 pair (a \\udXXX escape): "
+                       "each replaced with '?'", dropped=False)
+            tags = [(replace_lone_surrogates(t), c) for t, c in tags]
         origin = origin_of_all or origin
         for position, (tag, category) in enumerate(self.bounded_tags(key, member, tags, options)):
             self.tables["source_tags"] += [
@@ -306,6 +321,10 @@ class UnitRows:
                   options: dict) -> None:
         limit = options["max_text_chars"]
         for kind, text in texts:
+            if has_lone_surrogate(text):
+                self.error(key, member, "bad_characters", f"{kind} with half a UTF-16 pair (a \\udXXX escape): "
+                           "each replaced with '?'", dropped=False)
+                text = replace_lone_surrogates(text)
             if len(text) > limit:
                 self.error(key, member, "text_too_long", f"{kind} of {len(text)} characters > max_text_chars "
                            f"{limit}; left out", dropped=False)

@@ -41,19 +41,70 @@ PREFERRED_ENCODINGS = ["cp1252", "gb18030", "cp932", "big5", "cp949"]
 
 
 def decode_text(data: bytes) -> tuple[str, str | None]:
-    """(text, None) for UTF-8 (with or without BOM); else (text, the encoding guessed)."""
+    """(text, None) for UTF-8 (with or without BOM); else (text, the encoding guessed). NUL
+    bytes are valid UTF-8: UTF-16 without a BOM (a NUL every other byte for Latin text) would
+    pass as UTF-8 with NULs, so a text of more than 30% NULs is read as UTF-16 or guessed."""
     try:
-        return data.decode("utf-8-sig"), None
+        utf8: str | None = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        pass
-    matches = list(from_bytes(data))
+        utf8 = None
+    if utf8 is not None and utf8.count("\x00") <= 0.3 * len(data):
+        return utf8, None  # stray NULs: removed by the caller (without_controls), and reported
+    if wide := utf16_text(data):
+        return wide
+    # without a NUL, a short legacy-encoded text can pass for UTF-16 CJK: not a tag file's encoding
+    excluded = [] if 0 in data else ["utf_16", "utf_16_be", "utf_16_le", "utf_32", "utf_32_be", "utf_32_le"]
+    matches = list(from_bytes(data, cp_exclusion=excluded))
     if not matches:
+        if utf8 is not None:
+            return utf8, None
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
     least = min(m.chaos for m in matches)
     best = [m for m in matches if m.chaos == least]
     rank = {name: i for i, name in enumerate(PREFERRED_ENCODINGS)}
     chosen = min(best, key=lambda m: rank.get(m.encoding, len(rank)))
+    if utf8 is not None and chosen.encoding in ("utf_8", "ascii"):
+        return utf8, None
     return str(chosen), chosen.encoding
+
+
+def utf16_text(data: bytes) -> tuple[str, str] | None:
+    """(text, encoding) of UTF-16 with a byte order mark, or without one when the NULs of
+    Latin characters sit on one side (charset_normalizer mixes up the byte order of short texts)."""
+    candidates = ["utf-16"] if data[:2] in (b"\xff\xfe", b"\xfe\xff") else []
+    half = len(data) // 2
+    if len(data) % 2 == 0:
+        odd, even = data[1::2].count(0), data[0::2].count(0)
+        candidates += ["utf-16-le"] if odd >= 0.6 * half > even else ["utf-16-be"] if even >= 0.6 * half > odd else []
+    for encoding in candidates:
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            pass
+    return None
+
+
+# C0 controls but tab and line breaks, and DEL: no tag or caption holds them (a NUL-padded file does).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def without_controls(text: str) -> tuple[str, int]:
+    """`text` without control characters (CONTROL_CHARACTERS), and how many there were."""
+    cleaned = CONTROL_CHARACTERS.sub("", text)
+    return cleaned, len(text) - len(cleaned)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether `text` holds half a UTF-16 pair (a JSON "\\ud800" escape): Parquet's UTF-8 can't."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def replace_lone_surrogates(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")  # each one becomes "?"
 
 
 def normalize_tag(tag: str) -> str:
@@ -119,8 +170,8 @@ def _parse_three_line(text: str) -> list[tuple[str, str]]:
 def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     try:
         post = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SidecarError("sidecar_json", f"invalid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # also an int past 4300 digits, nesting past the stack
+        raise SidecarError("sidecar_json", f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(post, dict):
         raise SidecarError("sidecar_json", "JSON sidecar is not an object")
     tags: list[tuple[str, str]] = []
@@ -134,7 +185,10 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         origin = "danbooru_json"
     else:
         raw = post.get("tags", [])
-        items = raw if isinstance(raw, list) else str(raw).split(",")
+        if not isinstance(raw, (list, str)) or isinstance(raw, list) and not all(
+                isinstance(t, (str, int, float)) for t in raw):
+            raise SidecarError("sidecar_json", '"tags" is neither a string nor a list of tag strings')
+        items = raw if isinstance(raw, list) else raw.split(",")
         tags = [(normalize_tag(str(t)), "general") for t in items if str(t).strip()]
         origin = "json"
     for kind in ("caption", "prompt"):

@@ -1,0 +1,27 @@
+"""How sidecar bytes become text: UTF-8, UTF-16 with and without a byte order mark, legacy code pages."""
+
+from __future__ import annotations
+
+import pytest
+
+from udfs.ingest.sidecars import decode_text, without_controls
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"1girl, solo", ("1girl, solo", None)),
+    ("\ufeff1girl, café".encode(), ("1girl, café", None)),
+    ("かわいい".encode("utf-16"), ("かわいい", "utf-16")),  # with a BOM, no NUL in it
+    ("1girl, solo".encode("utf-16-le"), ("1girl, solo", "utf-16-le")),
+    ("a, b".encode("utf-16-be"), ("a, b", "utf-16-be")),  # short: the NULs' side says the order
+    ("かわいい, smile".encode("utf-16-le"), ("かわいい, smile", "utf-16-le")),
+    ("かわいい, 猫耳".encode("cp932"), ("かわいい, 猫耳", "cp932")),
+])
+def test_decode_text(data, expected):
+    assert decode_text(data) == expected
+
+
+def test_stray_nuls_stay_utf8_and_are_removed_by_the_caller():
+    text, guessed = decode_text(b"1girl\x00, \x00solo, smile")
+    assert guessed is None
+    assert without_controls(text) == ("1girl, solo, smile", 2)
+    assert without_controls("line one\r\nline\ttwo\x07") == ("line one\r\nline\ttwo", 1)
