@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import subprocess
 import sys
@@ -139,6 +140,30 @@ def test_truncated_shard_keeps_what_it_can(tmp_path):
     assert 1 <= images < 6
     assert any(e["kind"] == "corrupt_shard" for e in errors)
     assert images + summary.dropped == summary.rows_in
+
+
+def test_a_shard_whose_member_headers_end_badly_says_so(tmp_path):
+    """tarfile stops quietly at a missing, cut or damaged member header past the first: each such
+    shard gets an errors row, read with seeks (plain) or as a stream (gzip)."""
+    members = [(f"s{i}.png", encode(picture(seed=i), "PNG")) for i in range(4)]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        third = tar.getmembers()[2].offset  # where the third member's header starts
+    damaged = bytearray(whole)
+    damaged[third + 148:third + 156] = b"0000000\x00"  # its header's checksum is wrong
+    (tmp_path / "in").mkdir()
+    shards = {"boundary": whole[:third], "in_header": whole[:third + 100], "bad_header": bytes(damaged)}
+    for name, data in shards.items():
+        (tmp_path / "in" / f"{name}.tar").write_bytes(data)
+    (tmp_path / "in" / "whole.tar").write_bytes(whole)
+    (tmp_path / "packed.tar.gz").write_bytes(gzip.compress(whole[:third]))
+    _, ws = run_ingest(tmp_path, [str(tmp_path / "in"), str(tmp_path / "packed.tar.gz")])
+    errors = {e["key"].removeprefix("in/"): e for e in ws.read_table("errors").to_pylist()}
+    assert {k: e["kind"] for k, e in errors.items()} == {
+        "boundary": "truncated_shard", "in_header": "truncated_shard", "bad_header": "corrupt_shard",
+        "packed.tar.gz": "truncated_shard"}
+    assert "end-of-archive" in errors["boundary"]["message"] and "bad checksum" in errors["bad_header"]["message"]
+    assert ws.read_table("images").num_rows == 2 * 4 + 4  # what each read before its end, and the whole one
 
 
 def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):
