@@ -200,6 +200,27 @@ def test_folder_input_with_same_stem_sidecars(tmp_path):
     assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["no_image"]
 
 
+def test_folder_names_with_several_dots(tmp_path):
+    """In a folder the key ends at the last dot (booru downloads are named `yande.re 123 tags.jpg`),
+    a sidecar may be named after its image's whole name (gallery-dl's `a.jpg.json`), and a file
+    of another kind beside an image is reported, not passed over."""
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    picture(seed=1).save(folder / "yande.re 123 long_hair.jpg")
+    picture(seed=2).save(folder / "abc.jpg")
+    (folder / "abc.jpg.json").write_text('{"tags": ["1girl", "smile"]}')
+    picture(seed=3).save(folder / "stem.png")
+    (folder / "stem.psd").write_bytes(b"8BPS layers")
+    picture(seed=4).save(folder / ".hidden.png")
+    _, ws = run_ingest(tmp_path, [str(folder)])
+    assert sorted(ws.read_table("images")["key"].to_pylist()) == ["dl/.hidden", "dl/abc", "dl/stem",
+                                                                  "dl/yande.re 123 long_hair"]
+    assert sorted(ws.read_table("source_tags")["tag"].to_pylist()) == ["1girl", "smile"]
+    errors = ws.read_table("errors").to_pylist()
+    assert [(e["key"], e["member"], e["kind"], e["dropped"]) for e in errors] == [
+        ("dl/stem", "stem.psd", "ignored_member", False)]
+
+
 def test_uri_and_brace_inputs(tmp_path):
     for i in range(3):
         write_tar(tmp_path / f"part-{i}.tar", [(f"k{i}.png", encode(picture(seed=i), "PNG"))])

@@ -38,8 +38,8 @@ from udfs.ingest.sources import (
     VIDEO_EXTENSIONS,
     Sample,
     Unit,
+    member_key,
     read_unit,
-    split_key,
 )
 
 JOB = "ingest"
@@ -194,7 +194,7 @@ class UnitRows:
         self.items += 1
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
             member, kind, message = item
-            key = f"{self.unit.prefix}/{split_key(member)[0]}" if member else self.unit.prefix
+            key = f"{self.unit.prefix}/{member_key(member, self.unit.kind)}" if member else self.unit.prefix
             self.error(key, member, kind, message, dropped=False)
             return
         self.samples += 1
@@ -266,6 +266,9 @@ class UnitRows:
             if other in MEDIA_EXTENSIONS and other != ext:
                 self.error(key, sample.member_names[other], "extra_image",
                            f"sample has a .{ext} image already; .{other} ignored", dropped=False)
+            elif other not in MEDIA_EXTENSIONS and other not in SIDECAR_EXTENSIONS:
+                self.error(key, sample.member_names[other], "ignored_member",
+                           f"'.{other}' is no image, video or sidecar extension: not read", dropped=False)
         for side in SIDECAR_EXTENSIONS:
             if side in sample.members:
                 self.add_sidecar(key, targets, origin, sample, side, options)

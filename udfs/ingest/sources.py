@@ -25,6 +25,7 @@ SIDECAR_EXTENSIONS = ("txt", "tags", "json", "caption")
 # Clips read by PyAV (udfs/ingest/clip_frames.py). Animated GIF/APNG/WebP are images until ingest
 # sees more than one frame in them.
 VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi", "mpg", "mpeg", "ts", "flv", "wmv", "ogv")
+READ_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + SIDECAR_EXTENSIONS + VIDEO_EXTENSIONS)
 
 
 @dataclass
@@ -62,6 +63,25 @@ def split_key(name: str) -> tuple[str, str]:
     stem, dot, ext = base.partition(".")
     key = f"{directory}/{stem}" if directory else stem
     return key, ext.lower() if dot else ""
+
+
+def split_folder_name(name: str) -> tuple[str, str]:
+    """A folder file's (key, extension). The key ends at the last dot: `yande.re 123.jpg` is one
+    image (the first-dot rule is WebDataset's, for shards). A sidecar named after its image's
+    whole name (`a.jpg.json`, as gallery-dl writes them) has the image's key."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.rpartition(".")
+    if not stem:  # no dot, or a dot-file such as `.png`: a name without an extension
+        stem, ext = base, ""
+    inner, inner_dot, inner_ext = stem.rpartition(".")
+    if ext.lower() in SIDECAR_EXTENSIONS and inner and inner_ext.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+        stem = inner
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def member_key(name: str, kind: str) -> str:
+    """The sample key of a member of a unit of `kind` ("tar" or "folder")."""
+    return (split_key if kind == "tar" else split_folder_name)(name)[0]
 
 
 # ---- discovering units --------------------------------------------------------------------
@@ -156,7 +176,7 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
         units.append(_tar_unit(tar, input_id, os.path.relpath(tar, root), stamp, size))
     by_key: dict[str, list[str]] = {}  # a sample's files stay in one chunk
     for full in loose:
-        by_key.setdefault(split_key(os.path.relpath(full, root))[0], []).append(full)
+        by_key.setdefault(split_folder_name(os.path.relpath(full, root))[0], []).append(full)
     clips = sorted(k for k, files in by_key.items() if any(_is_video(f) for f in files))
     chunks = [[k] for k in clips]  # a video is a unit of its own: a kill mid-episode redoes only it
     chunks += content_defined_chunks(sorted(set(by_key) - set(clips)), folder_unit_size)
@@ -171,7 +191,7 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
 
 
 def _is_video(path: str) -> bool:
-    return split_key(os.path.basename(path))[1] in VIDEO_EXTENSIONS
+    return split_folder_name(os.path.basename(path))[1] in VIDEO_EXTENSIONS
 
 
 def _file_stat(path: str) -> tuple[int, str]:
@@ -316,7 +336,8 @@ def _add_member(sample: Sample, ext: str, name: str, size: int, limit: int, read
     if size > limit:
         sample.problems.append((name, "too_large", f"{size} bytes > max_member_bytes {limit}"))
         return
-    sample.members[ext] = read()
+    # a member of another kind (a .npy latent, a .psd) is named, not read: ingest reports it as ignored
+    sample.members[ext] = read() if ext in READ_EXTENSIONS else b""
     sample.member_names[ext] = name
 
 
@@ -337,7 +358,7 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
         if refusal:
             yield (rel, *refusal)
             continue
-        entries.setdefault(split_key(rel)[0], []).append((rel, full, error))
+        entries.setdefault(split_folder_name(rel)[0], []).append((rel, full, error))
     for key, files in entries.items():
         yield _folder_sample(key, files, max_member_bytes)
 
@@ -345,7 +366,7 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
 def _folder_sample(key: str, files: list[tuple[str, str, OSError | None]], max_member_bytes: int) -> Sample:
     sample = Sample(key, {}, {})
     for rel, full, error in files:
-        ext = split_key(rel)[1]
+        ext = split_folder_name(rel)[1]
         try:
             if error is not None:
                 raise error
