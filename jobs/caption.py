@@ -78,7 +78,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
     units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
     remove_stale(ws, {u["unit"] for u in units})
-    done = ws.done_units("caption")
+    # a unit whose images a passing failure left uncaptioned (a server down) is done again
+    done = {unit: info for unit, info in ws.done_units("caption").items() if not info.get("transient")}
     pending = [u for u in units if u["unit"] not in done]
     remove_replies(ws, sorted(set(units_with_replies(ws)) - {u["unit"] for u in pending}))  # done or stale
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
@@ -222,7 +223,7 @@ def captioner_class(backend: str) -> type:
 
 
 def add_infos(summary: JobSummary, infos: list[dict]) -> None:
-    accuracy, captioned, scored, flagged = 0.0, 0, 0, 0
+    accuracy, captioned, scored, flagged, transient = 0.0, 0, 0, 0, 0
     not_scored: Counter[str] = Counter()
     against: Counter[str] = Counter()
     for info in infos:
@@ -236,7 +237,11 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         against.update(info.get("scored_against", {}))
         flagged += info["flagged"]
         accuracy += info["accuracy_sum"]
+        transient += info.get("transient", 0)
     summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
+    if transient:
+        summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "
+                             "timed out): the next run asks for them again")
     if scored:
         by = ", ".join(f"{n} against {what}" for what, n in sorted(against.items()))
         summary.notes.append(f"scored {scored} captions ({by}): mean accuracy {accuracy / scored:.3f}")

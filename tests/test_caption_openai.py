@@ -251,6 +251,36 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_se
     assert units_with_replies(workspace) == []  # each unit's kept replies go once it is committed
 
 
+def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_run(fake, ray_local, workspace,
+                                                                                    config):
+    """A server error that outlasts its retries (here: one 503, no retry) leaves an image without a
+    caption; its unit is committed (the run goes on) but the next run does it again, sending only
+    the request that failed: the unit's other replies were kept."""
+    from test_caption_job import write_inputs  # tests/ is on sys.path under pytest
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    server, url = fake(statuses=[503])
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": False, "max_attempts": 1,
+        "max_retries": 0, "max_concurrency": 1, "unit_size": 10, "concurrency": 1, "tags_from_text": False,
+        "related_tags": False}})
+    first = caption.run(config, workspace)
+    assert first.errors_by_kind["server_error"] == 1 and first.errors_by_kind["no_caption"] == 1
+    assert "1 images failed for a passing reason" in first.render()
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 4
+    assert len(server.received) == 5
+
+    second = caption.run(config, workspace)
+    assert second.units_done == 1 and second.errors == 0
+    assert len(server.received) == 6  # only the failed one was asked again
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 5
+    assert units_with_replies(workspace) == []
+    assert caption.run(config, workspace).units_done == 0
+
+
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was

@@ -194,7 +194,7 @@ class UnitCaptioner:
             errors += region_errors
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
             self.commit(unit, captions, errors, regions, info)
-            if replies is not None:
+            if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
@@ -409,6 +409,17 @@ def _rank(row: dict) -> float:
     return row["accuracy"] + row.get("_bonus", 0.0)
 
 
+# Failures of the moment (a server down, overloaded, slow): an image left without a caption by
+# them is asked again by the next run, which redoes its unit (jobs/caption.py).
+TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error"})
+
+
+def transient_failures(errors: list[dict]) -> int:
+    """Images left without a caption whose attempts failed for a passing reason (TRANSIENT_KINDS)."""
+    passing = {e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS}
+    return len({e["key"] for e in errors if e["kind"] == "no_caption" and e["key"] in passing})
+
+
 def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
@@ -419,7 +430,8 @@ def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: fl
             "accuracy_sum": float(np.sum(scored)) if scored else 0.0,
             "attempts": Counter(str(c["attempt"]) for c in captions),
             "error_kinds": dict(Counter(e["kind"] for e in errors)),
-            "dropped": sum(e["dropped"] for e in errors), "seconds": round(seconds, 4)}
+            "dropped": sum(e["dropped"] for e in errors), "transient": transient_failures(errors),
+            "seconds": round(seconds, 4)}
 
 
 class TemplateCaptioner(UnitCaptioner):
