@@ -29,7 +29,7 @@ tagger_candidates as (
         or (t.category = 'character' and t.score > $character_threshold))
 ),
 tagger_ratings as (
-    select i.image_id, arg_max(t.tag, t.score) as tag, 'rating' as category, max(t.score) as score,
+    select i.image_id, arg_max(t.tag, {'score': t.score, 'tag': t.tag}) as tag, 'rating' as category, max(t.score) as score,
            null::integer as position
     from tag_scores t
     join image_part i on i.key = t.key
@@ -56,7 +56,7 @@ categorized as (
 one_row_per_tag as (
     select g.image_id, g.tag_id, k.category, g.score, g.position
     from (
-        select image_id, tag_id, arg_max(category_id, score) as category_id, max(score)::float as score,
+        select image_id, tag_id, arg_max(category_id, {'score': score, 'id': category_id}) as category_id, max(score)::float as score,
                min(position) as position
         from categorized
         group by image_id, tag_id

@@ -20,7 +20,7 @@ face_facts as (
     select key,
            count(*)::integer as n_faces,
            list('fvp ' || cast(floor(50 * (y0 + y1)) as integer) || ' fhp ' || cast(floor(50 * (x0 + x1)) as integer)
-                order by height_ratio desc, x0, y0) as facepos,
+                order by height_ratio desc, x0, y0, x1, y1) as facepos,
            max(height_ratio)::float as fh_ratio
     from faces
     group by key
@@ -49,7 +49,7 @@ tag_facts as (
     -- gets no row, which the left joins below read as no characters and no rating
     select key,
            list(tag order by tag) filter (where category = 'character') as characters,
-           arg_max(tag, score) filter (where category = 'rating') as rating
+           arg_max(tag, {'score': score, 'tag': tag}) filter (where category = 'rating') as rating
     from tags
     where category in ('character', 'rating')
     group by key

@@ -8,7 +8,7 @@ with differences as (
     cross join (select character, vector::float[768] as vector from character_references) r
     group by c.key, c.crop, r.character
 )
-select key, crop, arg_min(character, difference) as character, min(difference) as difference
+select key, crop, arg_min(character, {'difference': difference, 'character': character}) as character, min(difference) as difference
 from differences
 group by key, crop
 having min(difference) <= $ccip_threshold

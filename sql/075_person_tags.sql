@@ -42,7 +42,7 @@ characters_by_cluster as (
     where i.category = 'character'
 ),
 characters_by_score as (
-    select i.key, arg_max(c.person, c.score) as person, i.tag, i.category, any_value(i.rank) as rank
+    select i.key, arg_max(c.person, {'score': c.score, 'first': -c.person}) as person, i.tag, i.category, any_value(i.rank) as rank
     from image_tags i
     join crop_scores c on c.key = i.key and c.tag = i.tag
     anti join characters_by_cluster b on b.key = i.key and b.tag = i.tag

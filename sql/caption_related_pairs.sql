@@ -7,7 +7,7 @@
 -- bounded by the vocabulary, not by the number of images.
 -- Parameters: $min_support, $min_pmi.
 with tag_counts as (
-    select tag, any_value(category) as category, count(*) as n_tag,
+    select tag, min(category) as category, count(*) as n_tag,
            (row_number() over (order by tag))::integer as tag_id
     from visual_tags
     group by tag

@@ -11,7 +11,7 @@ with candidates as (
 ),
 best_per_tag as (
     -- ties in pmi go to the first tag by name, so reruns give the same rows
-    select key, tag, any_value(category) as category, max(pmi) as score,
+    select key, tag, min(category) as category, max(pmi) as score,
            arg_min(because, {'pmi': -pmi, 'because': because}) as because,
            arg_min(support, {'pmi': -pmi, 'because': because}) as support
     from candidates

@@ -14,7 +14,7 @@ with curated as not materialized (
     from tags
 ),
 source_distinct as not materialized (
-    select key, tag, coalesce(any_value(category), 'general') as category, 1.0::float as score,
+    select key, tag, coalesce(min(category), 'general') as category, 1.0::float as score,
            min(position)::bigint as position
     from source_tags
     where coalesce(category, 'general') <> 'rating'

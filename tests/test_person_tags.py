@@ -45,3 +45,16 @@ def test_each_person_gets_the_image_tags_their_crop_scores(workspace):
     assert sorted(right["tags"]) == ["eileen_(ren'py)", "red_hair", "short_hair", "smile"]
     assert dict(zip(right["tags"], right["categories"], strict=True))["eileen_(ren'py)"] == "character"
     assert abs(left["x0"] - 0.05) < 1e-6 and abs(left["x1"] - 0.45) < 1e-6
+
+
+def test_a_character_both_crops_score_alike_goes_to_the_first_person(workspace):
+    """Ties are broken by the data, not by the order rows arrive in: a rerun gives the same rows."""
+    workspace.add_part("images", "p", image_rows(["tie"]))
+    rows = [tag_row("tie", "2girls", 0.9), tag_row("tie", "lucy_(ren'py)", 0.9, -1, "character")]
+    rows += [tag_row("tie", "lucy_(ren'py)", 0.6, crop, "character") for crop in (1, 0)]  # person 1's row first
+    workspace.add_part("tag_scores", "p", rows)
+    workspace.add_part("detections", "p", [person("tie", 0, 0.55, 0.1, 0.95, 0.95),
+                                           person("tie", 1, 0.05, 0.1, 0.45, 0.9)])
+    curate.run(curate_config(workspace), workspace)
+    owners = [r["person"] for r in workspace.read_table("person_tags").to_pylist() if "lucy_(ren'py)" in r["tags"]]
+    assert owners == [0]
