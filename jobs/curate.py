@@ -152,7 +152,7 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
             pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
             raise
     ws.attach_parts(con, "tags", parts)
-    edits = con.execute("select count(*) from edit_state where field = 'tags'").fetchall()[0][0]
+    edits = con.execute("select count(*) from edit_state where field in ('tags', 'character')").fetchall()[0][0]
     if edits:  # a person's tag edits (booruset review) win over what the steps above decided
         run_model(con, "045_edited_tags", params)
         edited = export_table(con, ws, "tags", f"{generation}-e", source="edited_tags")
@@ -160,7 +160,7 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         for part in parts:  # not published: no reader has seen them
             ws.delete_part("tags", part)
         parts = edited
-        print(f"curate: {edits} tag edits applied", flush=True)
+        print(f"curate: {edits} tag and character edits applied", flush=True)
     return parts
 
 

@@ -4,28 +4,38 @@
 -- workspace has tag edits, and then puts it in place of `tags` (jobs/curate.py), so image_meta,
 -- groups and balance see the edits. An image with no curated tags keeps none here: its source
 -- tags stand in for them (sql/image_tag_lists.sql), and that view applies its edits.
+-- A character a person set replaces the image's character tags (set to '': it has none), so that
+-- KEY.txt, the caption and KEY.json name the same character.
 -- Parameters: none. Reads tags, edit_state, tag_vocabulary.
 with tag_edits as (
-    select key, subject as tag, new is not null as present
+    select key, subject as tag, new is not null as present, coalesce(v.category, 'general') as category
     from edit_state
+    left join tag_vocabulary as v on v.tag = edit_state.subject
     where field = 'tags'
+    union all
+    select key, new as tag, true as present, 'character' as category
+    from edit_state
+    where field = 'character' and new is not null and new <> ''
+),
+character_edits as (
+    select key, new as tag from edit_state where field = 'character' and new is not null
 ),
 kept as (
     select t.*
     from tags as t
     anti join (select key, tag from tag_edits where not present) as r using (key, tag)
+    where t.category <> 'character'
+       or not exists (select 1 from character_edits as c where c.key = t.key and c.tag <> t.tag)
 ),
 last_ranks as (
     select key, max(rank) as last_rank from tags group by key
 ),
 added as (
-    select e.key, e.tag, coalesce(v.category, 'general') as category, 1.0::float as score,
+    select e.key, e.tag, e.category, 1.0::float as score,
            (m.last_rank + row_number() over (partition by e.key order by e.tag))::integer as rank
-    from tag_edits as e
+    from (select key, tag, min(category) as category from tag_edits where present group by key, tag) as e
     join last_ranks as m using (key)
-    left join tag_vocabulary as v using (tag)
-    where e.present
-      and not exists (select 1 from tags as t where t.key = e.key and t.tag = e.tag)
+    where not exists (select 1 from tags as t where t.key = e.key and t.tag = e.tag)
 )
 select * from kept
 union all

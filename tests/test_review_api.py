@@ -201,8 +201,8 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     from jobs import curate
 
     client, ws, app = review
-    key = all_keys(ws)[4]
     con = ws.connect()
+    key = con.execute("select min(key) from tags where category = 'character'").fetchone()[0]
     tag = con.execute("select tag from tags where key = $k and category = 'general' order by rank limit 1",
                       {"k": key}).fetchone()[0]
     client.post("/api/edits", json={"key": key, "remove_tags": [tag], "add_tags": ["added_by_review"],
@@ -212,7 +212,11 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     curate.run(app.cfg, ws)
     con = ws.connect()
     curated = [r[0] for r in con.execute("select tag from tags where key = $k order by rank", {"k": key}).fetchall()]
-    assert tag not in curated and curated[-1] == "added_by_review"
+    assert tag not in curated and curated[-2:] == ["added_by_review", "someone_(review)"]
+    # the character set replaces the character tags: KEY.txt, the caption and KEY.json agree
+    characters = con.execute("select list(tag) from tags where key = $k and category = 'character'",
+                             {"k": key}).fetchone()[0]
+    assert characters == ["someone_(review)"]
     # the tag step's own parts, replaced by the edited ones, are gone (never published)
     published = ws.published()["tables"]["tags"]
     generation = published[0].split("-")[1]
