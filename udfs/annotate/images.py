@@ -12,6 +12,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from udfs.eight_bit import eight_bit
 from udfs.opencv import cv2
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
@@ -32,7 +33,7 @@ def decode(data: bytes, draft_size: int = 0) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
         image.draft(image.mode, (draft_size, draft_size))
-    return upright(load_pixels(image, data))
+    return eight_bit(upright(load_pixels(image, data)))
 
 
 def has_alpha(image: Image.Image) -> bool:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from schemas import REGIONS
 from udfs.annotate.images import region_images
+from udfs.eight_bit import eight_bit
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
 
@@ -86,7 +87,7 @@ def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size directly
         # the model sees what a person sees (upright after the decode: udfs/png_pixels.py)
-        return _jpeg(_flat_rgb(upright(load_pixels(image, data))), max_side, quality)
+        return _jpeg(_flat_rgb(eight_bit(upright(load_pixels(image, data)))), max_side, quality)
 
 
 def region_jpegs(data: bytes, overlap: float, max_side: int, quality: int = 90) -> list[bytes]:
@@ -97,7 +98,7 @@ def region_jpegs(data: bytes, overlap: float, max_side: int, quality: int = 90) 
         # a region is over half the picture's side: twice max_side is all a region needs, and
         # the crop, overlap and blur scale with the side (a 12 MP JPEG: 1.6 s -> 0.6 s)
         image.draft("RGB", (2 * max_side, 2 * max_side))
-        image = load_pixels(image, data)
+        image = eight_bit(load_pixels(image, data))
         factor = max(image.size) // (2 * max_side)
         image = image.reduce(factor) if factor >= 2 else image
         return [_jpeg(_flat_rgb(region), max_side, quality) for region in region_images(upright(image), overlap)]
