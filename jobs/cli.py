@@ -30,7 +30,7 @@ SERVERS = ("review",)
 # command: (one-line help, example)
 COMMANDS = {
     "ingest": ("read WebDataset shards / image folders into images, source_tags, source_text, errors",
-               "booruset ingest -i shards/{000..099}.tar -i ~/pictures/folder"),
+               "booruset ingest -i 'shards/{000..099}.tar' -i ~/pictures/folder"),
     "annotate": ("run the detectors, CCIP and the WD tagger on every image",
                  "booruset annotate --set annotate.models='[\"cascade_face\", \"tagger\"]'"),
     "curate": ("SQL curation: tags, image facts, duplicates, character clusters, groups, balance",

@@ -128,7 +128,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.publish()
     counts = worker_result(manifest)
     clear(ws, PLAN)
-    shards = write_wids_index(out, units, counts["files"]) if "webdataset" in opts["formats"] else 0
+    if "webdataset" in opts["formats"]:
+        shards = write_wids_index(out, units, counts["files"])
+    else:
+        shards = remove_wids_index(out)
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
@@ -337,15 +340,19 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
     try:
         con.register("stale_units", pa.table({"unit": pa.array(stale, pa.string())}))
         con.register("current_units", pa.table({"unit": pa.array(current, pa.string())}))
-        deleted = 0
+        deleted, folders = 0, set()
         for batch in con.sql(sql_text("export_stale_files.sql")).to_arrow_reader(MANIFEST_BATCH):
             for relative in batch.column("file").to_pylist():
                 path = inside(out, relative)
                 if os.path.isfile(path):
                     os.remove(path)
                     deleted += 1
+                    folders.add(os.path.dirname(path))
     finally:
         con.close()
+    for folder in sorted(folders, reverse=True):  # a concept folder left empty goes too (deepest first)
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
     return deleted
 
 
@@ -374,6 +381,14 @@ def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
         con.close()
     os.replace(tmp, path)
     return {"files": files, "text_cut": int(text_cut)}
+
+
+def remove_wids_index(out: str) -> int:
+    """An export without the webdataset layout leaves no index of shards it removed; returns 0."""
+    index = os.path.join(out, "webdataset", "index.wids.json")
+    if os.path.exists(index):
+        os.remove(index)
+    return 0
 
 
 def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], int]) -> int:

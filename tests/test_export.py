@@ -332,3 +332,21 @@ def test_a_key_range_of_the_selection_reaches_every_scan_of_a_per_image_table(tm
     keyed = [s for s in scans if "key" in s["Projections"]]
     assert len(keyed) >= 8  # images, tags, source_tags (twice), image_meta, captions, duplicates, balance, ...
     assert [s["Projections"] for s in keyed if "key >= 'shards/renpy-000001'" not in str(s.get("Filters"))] == []
+
+
+def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_path, ray_local):
+    """Dropping the webdataset layout removes its shards and their wids index; dropping kohya
+    removes its files and the concept folders they leave empty."""
+    from jobs import export
+    from jobs.config import merge
+
+    out = tmp_path / "switch"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset", "kohya"]',
+                    "export.max_count=4")
+    export.run(cfg, ws)
+    assert (out / "webdataset" / "index.wids.json").exists() and list((out / "kohya").iterdir())
+    merge(cfg, {"export": {"formats": ["everydream"]}})
+    export.run(cfg, ws)
+    assert not (out / "webdataset" / "index.wids.json").exists()
+    assert not list((out / "webdataset").glob("*.tar"))
+    assert not (out / "kohya").exists() or not list((out / "kohya").iterdir())

@@ -25,3 +25,11 @@ def test_stray_nuls_stay_utf8_and_are_removed_by_the_caller():
     assert guessed is None
     assert without_controls(text) == ("1girl, solo, smile", 2)
     assert without_controls("line one\r\nline\ttwo\x07") == ("line one\r\nline\ttwo", 1)
+
+
+def test_a_json_tags_string_splits_like_a_tags_file():
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags = parse_sidecar("json", '{"tags": "1girl long_hair smile"}')[0]
+    assert [t for t, _ in tags] == ["1girl", "long_hair", "smile"]
+    assert [t for t, _ in parse_sidecar("json", '{"tags": "1girl, long hair"}')[0]] == ["1girl", "long_hair"]

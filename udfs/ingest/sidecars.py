@@ -188,7 +188,8 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         if not isinstance(raw, (list, str)) or isinstance(raw, list) and not all(
                 isinstance(t, (str, int, float)) for t in raw):
             raise SidecarError("sidecar_json", '"tags" is neither a string nor a list of tag strings')
-        items = raw if isinstance(raw, list) else raw.split(",")
+        # a string is a tag list as in a .tags file: comma-separated, else space-separated
+        items = raw if isinstance(raw, list) else raw.split("," if "," in raw else None)
         tags = [(normalize_tag(str(t)), "general") for t in items if str(t).strip()]
         origin = "json"
     for kind in ("caption", "prompt"):
