@@ -27,6 +27,7 @@ such as the parts of a unit that never committed, go at once).
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import json
 import os
@@ -62,6 +63,10 @@ DUCKDB_MEMORY_LIMIT = "2GB"
 # How long a part file dropped by a publish stays on disk for readers of the generation before:
 # longer than a query over the old file list runs (`booruset sql`, the report, a job's scan).
 RETIRED_GRACE_S = 900.0
+# A marker file last written this long ago may be kept in memory by its mtime and size
+# (Workspace._markers): a rewrite within the same second of the clock that stamps it (object
+# storage's, a second apart) could otherwise look unchanged.
+MARKER_SETTLED_S = 60.0
 
 
 def unit_id(*parts: str) -> str:
@@ -91,6 +96,7 @@ class Workspace:
         self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
+        self._marker_cache: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), marker)
         self.retired_grace_s = RETIRED_GRACE_S
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
@@ -241,11 +247,25 @@ class Workspace:
         return self._markers(self.state_dir(job))
 
     def _markers(self, folder: str) -> dict[str, dict]:
-        """{name: marker} of the marker files (<name>.json) in `folder`."""
+        """{name: marker} of the marker files (<name>.json) in `folder`.
+
+        A marker file this process read before, unchanged since (same mtime and size in the
+        listing) and older than MARKER_SETTLED_S then, is not read again: a job publishes every
+        minute, each publish lists every job's markers, and on object storage each read is a
+        request (10,000 markers: minutes a publish). A rewrite after that has a later mtime."""
         done = {}
+        settled = time.time() - MARKER_SETTLED_S
         for info in self._marker_files(folder):
-            with self.fs.open_input_stream(info.path) as f:
-                done[info.base_name[: -len(".json")]] = json.loads(f.read())
+            stamp = (info.mtime_ns, info.size)
+            cached = self._marker_cache.get(info.path)
+            if cached is not None and cached[0] == stamp:
+                marker = copy.deepcopy(cached[1])  # callers may change what they get
+            else:
+                with self.fs.open_input_stream(info.path) as f:
+                    marker = json.loads(f.read())
+                if info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
+                    self._marker_cache[info.path] = (stamp, copy.deepcopy(marker))
+            done[info.base_name[: -len(".json")]] = marker
         return done
 
     def _marker_files(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:
