@@ -350,3 +350,22 @@ def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_p
     assert not (out / "webdataset" / "index.wids.json").exists()
     assert not list((out / "webdataset").glob("*.tar"))
     assert not (out / "kohya").exists() or not list((out / "kohya").iterdir())
+
+
+def test_a_parquet_shard_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """The parquet layout holds at most ROW_GROUP_BYTES of images in memory, not a whole shard."""
+    import pyarrow.parquet as pq
+
+    from udfs.export.export_shard import ParquetShard
+
+    monkeypatch.setattr(ParquetShard, "ROW_GROUP_BYTES", 2500)
+    rows = [{"key": f"k{i}", "image": {"bytes": bytes([i]) * 1000, "path": f"k{i}.png"}, "text": "t", "tags": ["a"],
+             "characters": [], "multiply": 1.0, "repeats": 1, "json": "{}"} for i in range(7)]
+    shard = ParquetShard(str(tmp_path / "train-000000.parquet"))
+    for row in rows:
+        shard.write(row)
+    assert shard.bytes <= 2500  # flushed as it went
+    shard.close()
+    written = pq.ParquetFile(tmp_path / "train-000000.parquet")
+    assert written.metadata.num_row_groups == 3  # 3 + 3 + 1 rows
+    assert written.read().to_pylist() == rows

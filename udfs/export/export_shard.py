@@ -19,7 +19,7 @@ import os
 import tarfile
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,6 +95,35 @@ class ShardTar:
         self.stream.close()
 
 
+class ParquetShard:
+    """One output Parquet file of the parquet layout, written a row group at a time: a unit's
+    memory holds at most ROW_GROUP_BYTES of image bytes, not a whole shard's (max_bytes, 1 GB
+    by default, and copies of it when the table was built and encoded at the end)."""
+
+    ROW_GROUP_BYTES = 64 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.writer = pq.ParquetWriter(path, parquet_schema(), compression="zstd")
+        self.rows: list[dict] = []
+        self.bytes = 0
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        self.bytes += len(row["image"]["bytes"])
+        if self.bytes >= self.ROW_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.writer.schema))
+        self.rows, self.bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
 def local_tar_members(path: str, wanted: set[str], max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
     """(member, bytes) of the wanted members of a local, uncompressed shard, read with seeks.
 
@@ -127,7 +156,7 @@ class UnitExport:
         self.ws, self.out, self.plan, self.options = ws, out, plan, options
         self.layouts = options["layouts"]
         self.shards: dict[int, tuple[str, ShardTar]] = {}
-        self.parquet_rows: dict[int, list[dict]] = defaultdict(list)
+        self.parquets: dict[int, tuple[str, ParquetShard]] = {}
         self.manifest: list[dict] = []
         self.errors: list[dict] = []
         self.files: list[str] = []
@@ -184,7 +213,7 @@ class UnitExport:
                 self.record(sample, copy["name"], "webdataset", f"webdataset/{shard_name(copy['shard'])}",
                             f"{copy['name']}.{ext}", image)
             if "parquet" in self.layouts:
-                self.parquet_rows[copy["shard"]].append(self.parquet_row(sample, copy["name"], image))
+                self.parquet_writer(copy["shard"]).write(self.parquet_row(sample, copy["name"], image))
                 self.record(sample, copy["name"], "parquet", f"parquet/{parquet_name(copy['shard'])}",
                             f"{copy['name']}.{ext}", image)
         name = sample["name"]
@@ -234,31 +263,37 @@ class UnitExport:
             self.shards[index] = (tmp, ShardTar(tmp))
         return self.shards[index][1]
 
+    def parquet_writer(self, index: int) -> ParquetShard:
+        if index not in self.parquets:
+            final = inside(self.out, f"parquet/{parquet_name(index)}")
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{parquet_name(index)}"
+            self.parquets[index] = (tmp, ParquetShard(tmp))
+        return self.parquets[index][1]
+
     def finish(self) -> None:
-        if "webdataset" in self.layouts:
-            for index in self.plan["shards"]:  # a planned shard whose samples all failed is still there, empty
+        for index in self.plan["shards"]:  # a planned shard whose samples all failed is still there, empty
+            if "webdataset" in self.layouts:
                 self.shard_writer(index)
-        if "parquet" in self.layouts:
-            for index in self.plan["shards"]:
-                self.parquet_rows.setdefault(index, [])
-        for index, (tmp, writer) in sorted(self.shards.items()):
-            writer.close()
-            os.replace(tmp, inside(self.out, f"webdataset/{shard_name(index)}"))
-            self.files.append(f"webdataset/{shard_name(index)}")
-        self.shards.clear()
-        if self.parquet_rows:
-            schema = parquet_schema()
-            for index, rows in sorted(self.parquet_rows.items()):
-                sink = pa.BufferOutputStream()
-                pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
-                self.write_file(f"parquet/{parquet_name(index)}", sink.getvalue().to_pybytes(), listed=True)
+            if "parquet" in self.layouts:
+                self.parquet_writer(index)
+        layouts = (("webdataset", self.shards, shard_name), ("parquet", self.parquets, parquet_name))
+        for layout, writers, name in layouts:
+            for index, (tmp, writer) in sorted(writers.items()):
+                writer.close()
+                os.replace(tmp, inside(self.out, f"{layout}/{name(index)}"))
+                self.files.append(f"{layout}/{name(index)}")
+            writers.clear()
         unit = self.plan["unit"]
         self.ws.write_part("export_manifest", unit, self.manifest)
         self.ws.write_part("errors", f"export-{unit}", self.errors)
 
     def abort_open_shards(self) -> None:
-        for tmp, writer in self.shards.values():
-            writer.stream.close()
+        for tmp, writer in [*self.shards.values(), *self.parquets.values()]:
+            if isinstance(writer, ShardTar):
+                writer.stream.close()
+            else:
+                writer.writer.close()
             if os.path.exists(tmp):
                 os.remove(tmp)
 
