@@ -144,23 +144,32 @@ def balance_plot(out: Path, rows: list[dict]) -> str:
 
 
 def accuracy_plot(out: Path, rows: list[dict]) -> str:
-    """A histogram of the scored captions by backend, and what the scores were computed against."""
+    """A histogram of the scored captions by backend, and what the scores were computed against
+    (`rows`: counts per backend and accuracy bin, sql/report_caption_accuracy.sql)."""
     if not rows:
         return no_data("captions")
-    scored = [r for r in rows if r["accuracy"] is not None]
-    against = Counter(r["scored_against"] or "unknown" for r in scored)  # unknown: scored before it was recorded
-    not_scored = Counter(r["not_scored"] or "unknown" for r in rows if r["accuracy"] is None)
-    summary = (f"<p>{len(rows)} captions: {len(scored)} scored"
+    scored = [r for r in rows if r["bin"] is not None]
+    against: Counter[str] = Counter()
+    not_scored: Counter[str] = Counter()
+    for r in rows:  # unknown: scored (or not) before the reason was recorded
+        if r["bin"] is None:
+            not_scored[r["not_scored"] or "unknown"] += r["n"]
+        else:
+            against[r["scored_against"] or "unknown"] += r["n"]
+    summary = (f"<p>{sum(r['n'] for r in rows)} captions: {sum(r['n'] for r in scored)} scored"
                + "".join(f", {n} against {html.escape(what)}" for what, n in sorted(against.items()))
                + "".join(f"; {n} not scored ({html.escape(why)})" for why, n in sorted(not_scored.items()))
-               + f"; {sum(1 for r in scored if r['flagged'])} flagged for review.</p>")
+               + f"; {sum(r['flagged'] for r in scored)} flagged for review.</p>")
     if not scored:
         return summary
-    by_backend: dict[str, list[float]] = defaultdict(list)
+    by_backend: dict[str, list[int]] = defaultdict(lambda: [0] * 20)
     for r in scored:
-        by_backend[r["backend"]].append(float(r["accuracy"]))
+        by_backend[r["backend"]][r["bin"]] += r["n"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.hist(list(by_backend.values()), bins=[i / 20 for i in range(21)], label=list(by_backend), stacked=True)
+    bottom = [0] * 20
+    for backend, counts in sorted(by_backend.items()):
+        ax.bar([i / 20 for i in range(20)], counts, width=0.05, align="edge", bottom=bottom, label=backend)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     ax.set_xlabel("accuracy of the accepted caption")
     ax.set_ylabel("images")
     ax.legend(fontsize=8)

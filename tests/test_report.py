@@ -81,13 +81,23 @@ def test_report_renders_in_chromium_with_all_images_loaded(report, tmp_path):
 
 
 def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
-    from jobs.report import accuracy_plot
+    """The plot gets counts from SQL (one row per backend, bin and reason), never a row per caption."""
+    import duckdb
 
-    rows = [{"key": f"k{i}", "backend": "openai:joy", "accuracy": a, "flagged": a < 0.4, "scored_against": w,
-             "not_scored": None} for i, (a, w) in enumerate([(0.9, "tagger"), (0.3, "tagger"), (0.7, "curated_tags")])]
-    rows.append({"key": "k9", "backend": "openai:joy", "accuracy": None, "flagged": False, "scored_against": None,
-                 "not_scored": "built_from_tags"})
+    from jobs.report import accuracy_plot, sql_text
+
+    captions = [("k0", 0.9, "tagger", None), ("k1", 0.3, "tagger", None), ("k2", 0.7, "curated_tags", None),
+                ("k3", 0.31, "tagger", None), ("k4", 1.0, "tagger", None), ("k9", None, None, "built_from_tags")]
+    con = duckdb.connect()
+    con.execute("""create table captions as select key, 'openai:joy' as backend, accuracy, accuracy < 0.4 as flagged,
+                   scored_against, not_scored, true as accepted
+                   from (values """ + ", ".join("(?, ?::double, ?, ?)" for _ in captions) + """)
+                   t(key, accuracy, scored_against, not_scored)""", [v for row in captions for v in row])
+    result = con.execute(sql_text("report_caption_accuracy"))
+    rows = [dict(zip([d[0] for d in result.description], row, strict=True)) for row in result.fetchall()]
+    assert len(rows) == 5  # the two captions of 0.3 and 0.31 are one row of 2
+    assert {r["bin"] for r in rows} == {6, 14, 18, 19, None}
     html = accuracy_plot(tmp_path, rows)
-    assert "4 captions: 3 scored, 1 against curated_tags, 2 against tagger; 1 not scored (built_from_tags); " \
-           "1 flagged for review." in html
+    assert "6 captions: 5 scored, 1 against curated_tags, 4 against tagger; 1 not scored (built_from_tags); " \
+           "2 flagged for review." in html
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
