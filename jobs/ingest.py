@@ -14,7 +14,7 @@ from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import JOB, SUMMARY, ingest_units, kept_batches, options_fingerprint
-from udfs.ingest.sources import Unit, assign_input_ids, discover_units, member_key, resolve_inputs
+from udfs.ingest.sources import Unit, assign_input_ids, discover_units, member_key, resolve_inputs, safe_text
 
 
 def input_specs(cfg: Config) -> list[str]:
@@ -97,12 +97,14 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     current = {unit_key(u) for u in units}
     inputs = {u.input for u in units}
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
-    planned = {f"{u.prefix}/{member_key(os.path.relpath(f, u.uri), u.kind)}" for u in units if u.kind == "folder"
-               for f in u.files}
+    if not stale:
+        return 0, 0
+    ws.hold_publishing()
+    # the keys of every planned folder file (as ingest names them): only when units went stale
+    planned = {f"{u.prefix}/{member_key(safe_text(os.path.relpath(f, u.uri)), u.kind)}"
+               for u in units if u.kind == "folder" for f in u.files}
     shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
     removed = 0
-    if stale:
-        ws.hold_publishing()
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -28,7 +27,7 @@ from jobs.summary import JobSummary  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
-from udfs.ingest.sources import Unit, read_unit  # noqa: E402
+from udfs.ingest.sources import Unit, member_path, read_unit  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
@@ -204,7 +203,7 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
                         found[wanted[member.name]] = tar.extractfile(member).read()
     for source, wanted in by_source.items():
         kind = "tar" if source.endswith(".tar") else "folder"
-        unit = Unit(kind, source, "", [os.path.join(source, m) for m in wanted] if kind == "folder" else [])
+        unit = Unit(kind, source, "", [member_path(source, m) for m in wanted] if kind == "folder" else [])
         for sample in read_unit(unit, 1 << 30):
             if not isinstance(sample, tuple):
                 for ext, name in sample.member_names.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -427,3 +428,26 @@ def test_a_folder_chunk_is_read_one_sample_at_a_time(tmp_path):
     assert set(rest[0].members) == {"png", "txt"}
     assert set(rest[1].members) == {"txt"}
     assert [(member, kind) for member, kind, _ in rest[1].problems] == [("c.png", "unreadable")]
+
+
+def test_a_file_name_that_is_not_utf8_is_found_again_by_later_jobs(tmp_path):
+    """Its member is stored with the undecodable bytes written as \\xNN (Parquet holds UTF-8):
+    the jobs after ingest find the file again, and a re-ingest does not call it removed."""
+    from udfs.caption.caption_images import read_members
+    from udfs.ingest.sources import member_path
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd = os.fsdecode(b"caf\xe9.png")
+    picture(seed=1).save(os.path.join(folder, odd))
+    picture(seed=2).save(folder / "plain.png")
+    _, ws = run_ingest(tmp_path, [str(folder)])
+    row = next(r for r in ws.read_table("images").to_pylist() if r["key"].startswith("odd/caf"))
+    assert row["member"] == "caf\\xe9.png"
+    path = member_path(row["source"], row["member"])
+    assert Path(path).read_bytes() == Path(folder, odd).read_bytes()
+    assert read_members([row["source"]], [row["member"]]) == [Path(path).read_bytes()]  # the captioner's read
+    picture(seed=3).save(folder / "added.png")  # the folder's unit changes: its images are planned again
+    _, ws = run_ingest(tmp_path, [str(folder)])
+    assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == []
+    assert ws.read_table("images").num_rows == 3

@@ -9,7 +9,6 @@ crop_persons: bytes + person boxes -> the person crops, preprocessed for CCIP an
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from udfs.annotate.images import (
     to_rgb_on_white,
     yolo_input,
 )
-from udfs.ingest.sources import Unit, read_unit
+from udfs.ingest.sources import Unit, member_path, read_unit
 
 
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
@@ -48,7 +47,7 @@ def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int
         if source.endswith(".tar"):
             unit = Unit("tar", source, "")
         else:
-            unit = Unit("folder", source, "", [os.path.join(source, m) for m in sorted(wanted)])
+            unit = Unit("folder", source, "", [member_path(source, m) for m in sorted(wanted)])
         missing = dict(wanted)
         for sample in read_unit(unit, max_member_bytes):
             if isinstance(sample, tuple):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import tarfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from PIL import Image
 from schemas import REGIONS
 from udfs.annotate.images import region_images
 from udfs.eight_bit import eight_bit
+from udfs.ingest.sources import member_path
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
 
@@ -67,7 +67,7 @@ def _read_source(source: str, names: set[str]):
             return
         return
     for name in names:
-        path = os.path.join(source, name)
+        path = member_path(source, name)
         try:
             with _open(path) as f:
                 yield name, f.read()

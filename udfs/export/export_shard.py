@@ -30,7 +30,7 @@ from store.workspace import Workspace
 from udfs.export.export_plan import placed, read_plan
 from udfs.export.resize import resize_image
 from udfs.export.safe_names import inside
-from udfs.ingest.sources import Unit, read_unit, safe_text
+from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
 
 JOB = "export"
 COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
@@ -188,7 +188,7 @@ class UnitExport:
                 return
             except tarfile.ReadError:
                 pass  # not a plain tar (compressed?): read_unit detects the format
-        files = [os.path.join(source, m) for m in wanted] if self.plan["kind"] == "folder" else []
+        files = [member_path(source, m) for m in wanted] if self.plan["kind"] == "folder" else []
         for sample in read_unit(Unit(self.plan["kind"], source, "", files), limit):
             if isinstance(sample, tuple):
                 continue  # shard-level problems: ingest reported them; missing members show below

@@ -57,6 +57,16 @@ def safe_text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def member_path(folder: str, member: str) -> str:
+    """The file of a folder's member as the tables name it: safe_text's form writes a name's
+    undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back."""
+    path = os.path.join(folder, member)
+    if "\\x" in member and "://" not in folder and not os.path.lexists(path):
+        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
+        return os.path.join(folder, os.fsdecode(raw))
+    return path
+
+
 def split_key(name: str) -> tuple[str, str]:
     """WebDataset's rule: the key ends at the first dot of the file name."""
     directory, _, base = name.rpartition("/")
