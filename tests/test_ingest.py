@@ -451,3 +451,22 @@ def test_a_file_name_that_is_not_utf8_is_found_again_by_later_jobs(tmp_path):
     _, ws = run_ingest(tmp_path, [str(folder)])
     assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == []
     assert ws.read_table("images").num_rows == 3
+
+
+def test_long_generation_texts_are_left_out_and_the_image_kept(tmp_path):
+    """A compressed text chunk past Pillow's MAX_TEXT_CHUNK (it refused the whole file) and a
+    `parameters` text too long to parse (imgutils' parser takes minutes on 100,000 characters of
+    one line) both give a text_too_long row; the images are kept."""
+    from PIL import PngImagePlugin
+
+    members = []
+    for name, size, packed in (("zipped", 3_000_000, True), ("plain", 60_000, False)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", "x" * size, zip=packed)
+        members.append((f"{name}.png", encode(picture(seed=size % 7), "PNG", pnginfo=info)))
+    _, ws = run_ingest(tmp_path, [str(write_tar(tmp_path / "texts.tar", members))])
+    assert sorted(ws.read_table("images")["key"].to_pylist()) == ["texts/plain", "texts/zipped"]
+    errors = ws.read_table("errors").to_pylist()
+    assert sorted((e["key"], e["kind"], e["dropped"]) for e in errors) == [
+        ("texts/plain", "text_too_long", False), ("texts/zipped", "text_too_long", False)]
+    assert ws.read_table("source_text").num_rows == 0

@@ -224,7 +224,7 @@ class UnitRows:
         data = sample.members[ext]
         self.bytes += len(data)
         try:
-            probed = probe_image(data, options["max_pixels"])
+            probed = probe_image(data, options["max_pixels"], options["max_text_chars"])
         except ProbeError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=True)
             return

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import scipy.fftpack
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from udfs.orientation import exif_orientation
 from udfs.png_pixels import load_pixels
@@ -35,8 +35,27 @@ class ProbeError(Exception):
         self.kind = kind
 
 
-def probe_image(data: bytes, max_pixels: int) -> dict:
-    """The `images` columns of one encoded image, plus its embedded texts under "texts"."""
+def probe_image(data: bytes, max_pixels: int, max_text_chars: int = 20_000) -> dict:
+    """The `images` columns of one encoded image, plus its embedded texts under "texts".
+
+    Pillow refuses a PNG whose compressed text chunk inflates past MAX_TEXT_CHUNK (1 MB): such
+    a file is probed again with text chunks allowed up to MAX_TEXT_MEMORY (all its text chunks
+    together, 64 MB), so that the image is kept and the text is refused by ingest's own limit
+    (max_text_chars: a text_too_long row), as an uncompressed one is."""
+    try:
+        return _probe(data, max_pixels, max_text_chars)
+    except ProbeError as exc:
+        if "MAX_TEXT_CHUNK" not in str(exc):
+            raise
+    chunk = PngImagePlugin.MAX_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY
+    try:
+        return _probe(data, max_pixels, max_text_chars)
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK = chunk
+
+
+def _probe(data: bytes, max_pixels: int, max_text_chars: int) -> dict:
     if not data:
         raise ProbeError("empty_file", "zero-byte image member")
     image = _open_checked(data, max_pixels)
@@ -59,7 +78,7 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         row.update(image_hashes(pixels))
-        texts = embedded_texts(pixels, fmt)
+        texts = embedded_texts(pixels, fmt, max_text_chars)
     row["texts"] = texts
     return row
 
@@ -174,6 +193,17 @@ def may_hold_generation_text(image: Image.Image, fmt: str) -> bool:
     return False
 
 
+def generation_texts(image: Image.Image) -> list[str]:
+    """The texts imgutils' readers would parse from the image's info (TEXT_INFO_KEYS, the EXIF
+    UserComment), as they are: what embedded_texts measures before it lets them be parsed."""
+    texts = [str(image.info[key]) for key in TEXT_INFO_KEYS if key in image.info]
+    if "exif" in image.info:
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+        if comment:
+            texts.append(comment.decode("latin-1") if isinstance(comment, bytes) else str(comment))
+    return texts
+
+
 def starts_with_stealth_magic(image: Image.Image) -> bool:
     """Whether an RGBA picture's alpha low bits begin with STEALTH_MAGIC, read in imgutils'
     order from only the columns that hold it. imgutils' reader copies the whole picture into an
@@ -187,16 +217,22 @@ def starts_with_stealth_magic(image: Image.Image) -> bool:
     return np.packbits(alpha.T.reshape(-1)[:bits] & 1).tobytes() == STEALTH_MAGIC
 
 
-def embedded_texts(image: Image.Image, fmt: str) -> list[tuple[str, str]]:
+def embedded_texts(image: Image.Image, fmt: str, max_chars: int = 20_000) -> list[tuple[str, str]]:
     """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info of a decoded image
     (its info as opened) whose file is of format `fmt`.
 
     imgutils reads A1111 `parameters` and NovelAI metadata, including the stealth form that
-    hides it in the least significant bits of the alpha channel.
+    hides it in the least significant bits of the alpha channel. A text longer than `max_chars`
+    is not parsed (imgutils' A1111 parser takes seconds on 20,000 characters of one line, and
+    minutes on 100,000): it comes back whole as `generation_text`, which ingest then leaves out
+    as too long.
     """
     texts: list[tuple[str, str]] = []
     if not may_hold_generation_text(image, fmt):
         return texts
+    longest = max(generation_texts(image), key=len, default="")
+    if len(longest) > max_chars:
+        return [("generation_text", longest)]
     from imgutils.sd import get_naimeta_from_image, get_sdmeta_from_image
 
     try:
