@@ -83,7 +83,9 @@ def test_sidecar_formats(hostile):
     assert ("hakurei_reimu", "character", "three_line") in tags["three"]
     assert ("touhou", "copyright", "three_line") in tags["three"]
     assert ("red_skirt", "general", "three_line") in tags["three"]
-    assert ("hatsune_miku", "character", "danbooru_json") in tags["post"]
+    # who and from what first, as in a .txt
+    assert [(t, c) for t, c, _ in tags["post"][:3]] == [("hatsune_miku", "character"), ("vocaloid", "copyright"),
+                                                         ("someone", "artist")]
     assert ("sensitive", "rating", "danbooru_json") in tags["post"]
     assert ("highres", "meta", "danbooru_json") in tags["post"]
     assert [t for t, _, _ in tags["cp1252"]][:2] == ["café", "naïve"]

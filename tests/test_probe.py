@@ -8,10 +8,11 @@ import io
 
 import imagehash
 import numpy as np
+import pytest
 from imgutils.metadata import LSBReadError, read_lsb_raw_bytes, write_lsb_raw_bytes
 from PIL import Image
 
-from udfs.ingest.probe import colour_signature, dct_phash, probe_image, starts_with_stealth_magic
+from udfs.ingest.probe import ProbeError, colour_signature, dct_phash, probe_image, starts_with_stealth_magic
 
 
 def imagehash_bits(picture: Image.Image) -> int:
@@ -84,3 +85,11 @@ def test_stealth_magic_is_found_where_imgutils_finds_it():
         if min(size) >= 64 and size[0] >= 256:  # room for imgutils' writer (its error correction's tiles)
             marked = write_lsb_raw_bytes(plain, b'{"prompt": "1girl"}')
             assert starts_with_stealth_magic(marked) and imgutils_reads_stealth(marked), size
+
+
+def test_a_picture_in_a_mode_pillow_cannot_convert_says_so():
+    out = io.BytesIO()
+    Image.new("LAB", (40, 40)).save(out, "TIFF")
+    with pytest.raises(ProbeError) as refused:
+        probe_image(out.getvalue(), 10**8)
+    assert refused.value.kind == "unsupported_mode"  # not corrupt_image: the file is whole

@@ -15,6 +15,9 @@ from udfs.ingest.sidecars import decode_text, without_controls
     ("a, b".encode("utf-16-be"), ("a, b", "utf-16-be")),  # short: the NULs' side says the order
     ("かわいい, smile".encode("utf-16-le"), ("かわいい, smile", "utf-16-le")),
     ("かわいい, 猫耳".encode("cp932"), ("かわいい, 猫耳", "cp932")),
+    ("café, résumé".encode("cp1252"), ("café, résumé", "cp1252")),  # short: was read as cp1006 (Urdu)
+    ("猫, 可爱".encode("gb18030"), ("猫, 可爱", "gb18030")),
+    ("кошка, девушка".encode("cp1251"), ("кошка, девушка", "cp1251")),
 ])
 def test_decode_text(data, expected):
     assert decode_text(data) == expected

@@ -124,6 +124,8 @@ def image_hashes(image: Image.Image) -> dict:
 
 def _decode_error(exc: Exception) -> ProbeError:
     text = str(exc)
+    if "conversion from" in text and "not supported" in text:  # a whole picture in a mode Pillow can't convert (LAB)
+        return ProbeError("unsupported_mode", f"{type(exc).__name__}: {text}")
     kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
     return ProbeError(kind, f"{type(exc).__name__}: {text}")
 

@@ -17,11 +17,13 @@ import re
 
 from charset_normalizer import from_bytes
 
+# In the order their tags are listed (a tag's position ranks it): who and from what first, as in
+# a kohya .txt, so that a `keep_tokens` prefix holds the character, not the last general tag.
 DANBOORU_FIELDS = {
-    "tag_string_general": "general",
     "tag_string_character": "character",
     "tag_string_copyright": "copyright",
     "tag_string_artist": "artist",
+    "tag_string_general": "general",
     "tag_string_meta": "meta",
 }
 RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
@@ -38,6 +40,10 @@ class SidecarError(Exception):
 # Short texts often fit several legacy code pages equally well; among the best fits, prefer
 # the ones that sidecar writers actually use (Windows western, Chinese, Japanese, ...).
 PREFERRED_ENCODINGS = ["cp1252", "gb18030", "cp932", "big5", "cp949"]
+# The code pages the guesser may choose from: those of the people who write tag files. Left to
+# all it knows, it read a short Western text as cp1006 (Urdu) or as UTF-16 CJK.
+SIDECAR_ENCODINGS = [*PREFERRED_ENCODINGS, "latin_1", "shift_jis", "euc_jp", "euc_kr", "cp1250", "cp1251",
+                     "koi8_r", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp1258", "cp874"]
 
 
 def decode_text(data: bytes) -> tuple[str, str | None]:
@@ -52,20 +58,18 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
         return utf8, None  # stray NULs: removed by the caller (without_controls), and reported
     if wide := utf16_text(data):
         return wide
-    # without a NUL, a short legacy-encoded text can pass for UTF-16 CJK: not a tag file's encoding
-    excluded = [] if 0 in data else ["utf_16", "utf_16_be", "utf_16_le", "utf_32", "utf_32_be", "utf_32_le"]
-    matches = list(from_bytes(data, cp_exclusion=excluded))
+    matches = list(from_bytes(data, cp_isolation=SIDECAR_ENCODINGS))
     if not matches:
         if utf8 is not None:
             return utf8, None
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
     least = min(m.chaos for m in matches)
-    best = [m for m in matches if m.chaos == least]
+    # a match stands for every code page that reads the bytes the same (could_be_from_charset):
+    # among the best fits, the one whose reading a preferred code page shares, named after it
     rank = {name: i for i, name in enumerate(PREFERRED_ENCODINGS)}
-    chosen = min(best, key=lambda m: rank.get(m.encoding, len(rank)))
-    if utf8 is not None and chosen.encoding in ("utf_8", "ascii"):
-        return utf8, None
-    return str(chosen), chosen.encoding
+    readings = [(min(rank.get(e, len(rank)) for e in m.could_be_from_charset), m) for m in matches if m.chaos == least]
+    place, chosen = min(readings, key=lambda reading: reading[0])
+    return str(chosen), PREFERRED_ENCODINGS[place] if place < len(rank) else chosen.encoding
 
 
 def utf16_text(data: bytes) -> tuple[str, str] | None:
