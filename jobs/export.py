@@ -52,7 +52,7 @@ from jobs.summary import JobSummary
 from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
-from udfs.export.export_shard import JOB, atomic_write, export_unit, shard_name
+from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, shard_name
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
@@ -301,12 +301,19 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     opts = cfg[JOB]
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
                "png_compress_level": int(opts["png_compress_level"]),
-               "max_member_bytes": int(cfg["ingest"]["max_member_bytes"])}
+               "max_member_bytes": int(cfg["ingest"]["max_member_bytes"]), "out_check": uuid.uuid4().hex}
     items = ({k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")}
              for u in largest_first(units, lambda unit: unit["work"]))
-    infos = unit_tasks(export_unit, items, float(opts["task_num_cpus"]), workspace=ws.root, out=out, options=options)
-    progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
-    return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
+    # the file each task looks for (check_out_is_shared): out is one folder for every node
+    check = os.path.join(out, OUT_CHECK)
+    atomic_write(check, options["out_check"].encode())
+    try:
+        infos = unit_tasks(export_unit, items, float(opts["task_num_cpus"]), workspace=ws.root, out=out,
+                           options=options)
+        progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
+        return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
+    finally:
+        os.remove(check)
 
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:

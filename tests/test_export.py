@@ -369,3 +369,13 @@ def test_a_parquet_shard_is_written_a_row_group_at_a_time(tmp_path, monkeypatch)
     written = pq.ParquetFile(tmp_path / "train-000000.parquet")
     assert written.metadata.num_row_groups == 3  # 3 + 3 + 1 rows
     assert written.read().to_pylist() == rows
+
+
+def test_an_export_task_refuses_an_out_folder_the_driver_did_not_mark(tmp_path):
+    """On a cluster export.out must be shared storage: a task on a node that does not see the
+    driver's check file in it says so, instead of writing shards nobody will find."""
+    from udfs.export.export_shard import export_unit
+
+    with pytest.raises(RuntimeError, match="shared storage mounted at the same path"):
+        export_unit({"unit": "u", "source": "s", "kind": "tar", "path": "p", "offset": 0, "shards": 1},
+                    str(tmp_path / "ws"), str(tmp_path / "elsewhere"), {"out_check": "token"})

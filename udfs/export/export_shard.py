@@ -48,6 +48,7 @@ def parquet_name(index: int) -> str:
 def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -> dict:
     """Ray task: export one unit (its plan read from the plan file its planning task wrote,
     shards moved to their global numbers) and commit it; returns the unit's info."""
+    check_out_is_shared(out, options["out_check"])
     ws = Workspace(workspace)
     offset, shards = int(item["offset"]), int(item["shards"])
     plan = {"unit": item["unit"], "source": item["source"], "kind": item["kind"],
@@ -56,6 +57,24 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
     ws.commit_unit(JOB, plan["unit"], info,
                    parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
     return info
+
+
+OUT_CHECK = ".booruset-export-check"
+
+
+def check_out_is_shared(out: str, token: str) -> None:
+    """RuntimeError unless `out` holds the check file the driver wrote there for this run: on a
+    cluster, export.out must be one folder that every node mounts at the same path (the driver
+    writes the wids index and removes stale files there; each task writes its shards there)."""
+    check = os.path.join(out, OUT_CHECK)
+    try:
+        with open(check) as f:
+            if f.read() == token:
+                return
+    except OSError:
+        pass
+    raise RuntimeError(f"export.out {out} is not the driver's folder on node {os.uname().nodename}: on a cluster it "
+                       "must be shared storage mounted at the same path on every node")
 
 
 def parquet_schema() -> pa.Schema:
