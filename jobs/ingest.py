@@ -63,6 +63,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
+    if removed:  # written by this run: counted with its errors
+        summary.errors_by_kind["removed_from_input"] = removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
         summary.rows_in += info["samples"]
         summary.dropped += info["dropped"]

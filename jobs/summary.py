@@ -36,7 +36,8 @@ class JobSummary:
             f"rows in: {self.rows_in}",
             "rows out: " + ", ".join(f"{k} {v}" for k, v in self.rows_out.items()),
             f"errors: {self.errors}" + (f" ({kinds})" if self.errors else ""),
-            f"time: {self.seconds:.1f} s, {rate:.1f} rows/s",
+            f"time: {self.seconds:.1f} s, " + (f"{rate:.1f} rows/s" if self.units_done or not self.units_skipped
+                                                else "nothing to run (a rate would count rows done before)"),
         ]
         return "\n".join(lines + self.notes)
 

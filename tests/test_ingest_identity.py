@@ -71,6 +71,7 @@ def test_a_removed_file_is_reported_and_its_rows_go(tmp_path):
     removed = [e for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input"]
     assert [(e["key"], e["member"]) for e in removed] == [("art/img05", "img05.png")]
     assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+    assert summary.errors_by_kind["removed_from_input"] == 1  # its errors row counts with the run's errors
 
 
 def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):

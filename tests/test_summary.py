@@ -1,8 +1,8 @@
-"""The memory figure jobs report in their summary."""
+"""The summary every job prints, and the memory figure jobs report in it."""
 
 import numpy as np
 
-from jobs.summary import PeakMemory
+from jobs.summary import JobSummary, PeakMemory
 
 
 def rss_mib() -> float:
@@ -21,3 +21,10 @@ def test_peak_memory_is_the_blocks_own_not_the_process_peak_before_it():
         del inside
     assert quiet.mib < before + 100
     assert busy.mib >= quiet.mib + 190
+
+
+def test_a_run_with_every_unit_done_before_prints_no_rate():
+    skipped = JobSummary("ingest", rows_in=2264, seconds=0.4, units_skipped=3)
+    assert "time: 0.4 s, nothing to run" in skipped.render() and "rows/s" not in skipped.render()
+    ran = JobSummary("ingest", rows_in=100, seconds=2.0, units_done=1, units_skipped=3)
+    assert "time: 2.0 s, 50.0 rows/s" in ran.render()
