@@ -102,19 +102,21 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     (udfs/caption/caption_tags.py): the texts are staged one file per unit, an actor pool ranks
     the tags of a unit and writes them; the driver gets part names and counts. Returns the rows
     written."""
-    from udfs.caption.caption_tags import OWNER, PART, TextTagger, load_vocabulary
+    from udfs.caption.caption_tags import OWNER, PART, TextTagger, csv_vocabulary, dataset_vocabulary
 
     opts = cfg["caption"]
     units = run_in_worker(cfg, ws, stage_texts, TEXT_UNIT_IMAGES)
     if not units:
         ws.publish({OWNER: {}})
         return 0
+    # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
+    vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
     # one unit per call: the actor reads its unit's texts and writes the tags it finds
     pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
     ds = staged_units_dataset(units).map_batches(
         TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
         fn_constructor_kwargs={"workspace": ws.root, "part_prefix": f"{PART}-{uuid.uuid4().hex[:12]}-",
-                               "vocabulary": load_vocabulary(ws, opts["tag_vocabulary"]),
+                               "vocabulary": vocabulary,
                                "top_k": int(opts["text_tags_top_k"]),
                                "min_similarity": float(opts["text_tags_min_similarity"]),
                                "model": opts["embedding_model"]})

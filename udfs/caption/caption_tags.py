@@ -98,20 +98,25 @@ class TextTagger:
         return out
 
 
-def load_vocabulary(ws: Workspace, path: str) -> list[tuple[str, str]]:
-    """Known tags: a Danbooru tag CSV (name,category,count,aliases) when given, plus the dataset's own."""
+def dataset_vocabulary(ws: Workspace) -> list[tuple[str, str]]:
+    """The dataset's own tags and categories (sql/caption_tag_vocabulary.sql): a scan of the tag
+    tables, so the job runs it in a Ray task (run_in_worker), not in the driver."""
+    con = ws.connect()
+    try:
+        return [(t, c) for t, c in con.sql(_sql("caption_tag_vocabulary.sql")).fetchall()]
+    finally:
+        con.close()
+
+
+def csv_vocabulary(path: str) -> list[tuple[str, str]]:
+    """Known tags of a Danbooru tag CSV (name,category,count,aliases); [] without one."""
     vocabulary: list[tuple[str, str]] = []
     if path:
         with open(path, newline="", encoding="utf-8") as f:
             for row in csv.reader(f):
                 if row and not row[0].startswith("#"):
                     vocabulary.append((row[0], DANBOORU_CATEGORIES.get(row[1] if len(row) > 1 else "0", "general")))
-    con = ws.connect()
-    try:
-        seen = con.sql(_sql("caption_tag_vocabulary.sql")).fetchall()
-    finally:
-        con.close()
-    return [(t, c) for t, c in seen] + vocabulary
+    return vocabulary
 
 
 def _sql(name: str) -> str:
