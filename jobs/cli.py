@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs import models
 
             return models.main(cfg, list_only=args.list, source=args.source)
+        if args.command in ("ingest", "run"):  # a missing input leaves no new, empty workspace behind
+            from jobs.ingest import check_inputs
+
+            check_inputs(cfg)
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if args.command == "sql":

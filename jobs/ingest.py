@@ -33,6 +33,14 @@ def unit_key(unit: Unit) -> str:
     return unit_id(unit.prefix, unit.kind, unit.uri, unit.stamp, *unit.files[:1], *unit.files[-1:])
 
 
+def check_inputs(cfg: Config) -> None:
+    """ConfigError for an input that is not there, before a workspace is made for it."""
+    try:
+        resolve_inputs(input_specs(cfg))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
     """The units of the configured inputs, with input ids from the workspace's registry (new
     inputs get one, stored before any of their rows are written)."""

@@ -118,6 +118,7 @@ def test_missing_input_is_one_line(capsys, tmp_path):
     assert code == 2
     line = one_line(err)
     assert line.startswith("booruset: configuration error:") and "no_such_folder" in line
+    assert not (tmp_path / "ws").exists()  # no empty workspace left behind
 
 
 # ---- help and version -----------------------------------------------------------------------
