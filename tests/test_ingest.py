@@ -472,3 +472,13 @@ def test_long_generation_texts_are_left_out_and_the_image_kept(tmp_path):
     assert sorted((e["key"], e["kind"], e["dropped"]) for e in errors) == [
         ("texts/plain", "text_too_long", False), ("texts/zipped", "text_too_long", False)]
     assert ws.read_table("source_text").num_rows == 0
+
+
+def test_an_unreadable_file_names_its_member(tmp_path):
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    os.symlink("b.png", folder / "a.png")  # a loop of links: no read gets through
+    os.symlink("a.png", folder / "b.png")
+    _, ws = run_ingest(tmp_path, [str(folder)], "ingest.follow_links_out=true")
+    errors = sorted((e["key"], e["member"], e["kind"]) for e in ws.read_table("errors").to_pylist())
+    assert errors == [("loop/a", "a.png", "unreadable"), ("loop/b", "b.png", "unreadable")]

@@ -208,7 +208,8 @@ class UnitRows:
             image_ext = None  # a second sample under a key already taken: never two rows per key
         if image_ext is None:
             kind, message = _missing_image_reason(problems, sample)
-            member = next(iter(sample.member_names.values()), "")
+            # the member it had, else the one its problem names (a file that could not be read)
+            member = next(iter(sample.member_names.values()), next((m for m, _, _ in problems if m), ""))
             self.error(key, member, kind, message, dropped=True)
             problems = [p for p in problems if p[1] != kind]
         else:
