@@ -60,7 +60,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
         top = int(opts["top_n"])
         data = {
-            "stages": query("report_stages"), "errors": query("report_errors"),
+            "stages": query("report_stages", annotated=annotated_images(ws)), "errors": query("report_errors"),
             "tags": query("report_tag_frequency", top_n=top), "characters": query("report_characters", top_n=top),
             "people": query("report_people"), "balance": query("report_balance"),
             "accuracy": query("report_caption_accuracy"), "examples": query("report_examples", n=int(opts["examples"])),
@@ -90,6 +90,12 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"report: {out / 'index.html'}")
     return summary
+
+
+def annotated_images(ws: Workspace) -> int:
+    """The images annotate processed and kept, from its unit markers (no table row tells an image
+    that got no detection and no score from one never annotated)."""
+    return sum(info.get("images", 0) - info.get("dropped", 0) for info in ws.done_units("annotate").values())
 
 
 # ---- plots -------------------------------------------------------------------------------

@@ -1,17 +1,11 @@
 -- report_stages: images that reached each stage, in pipeline order (one row per stage).
--- Parameters: none. Reads images, errors, tag_scores, detections, embeddings, tags, captions,
+-- Parameters: $annotated, the images annotate's unit markers say it processed (an image with no
+-- detection and no score leaves no row to count here). Reads images, errors, tags, captions,
 -- duplicates, export_manifest.
 with ingest_dropped as (
     select count(distinct coalesce(key, source || ':' || member)) as n
     from errors
     where stage = 'ingest' and dropped
-),
-annotated as (
-    select key from tag_scores
-    union
-    select key from detections
-    union
-    select key from embeddings
 ),
 duplicates_left_out as (
     select count(distinct key) as n from duplicates where not is_representative
@@ -20,7 +14,7 @@ select 1 as step, 'samples seen' as stage, (select count(*) from images) + (sele
 union all
 select 2, 'ingested', count(*) from images
 union all
-select 3, 'annotated', count(*) from annotated
+select 3, 'annotated', $annotated::bigint
 union all
 select 4, 'tagged (curated tags)', count(distinct key) from tags
 union all

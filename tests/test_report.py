@@ -101,3 +101,14 @@ def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
     assert "6 captions: 5 scored, 1 against curated_tags, 4 against tagger; 1 not scored (built_from_tags); " \
            "2 flagged for review." in html
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_annotated_images_come_from_annotates_markers(tmp_path):
+    """An image annotate ran on with no detection and no score leaves no row: the count is the markers'."""
+    from jobs.report import annotated_images
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.commit_unit("annotate", "a", {"images": 10, "dropped": 2}, parts={})
+    ws.commit_unit("annotate", "b", {"images": 5, "dropped": 0}, parts={"detections": ["annotate-b-face-x"]})
+    assert annotated_images(ws) == 13
