@@ -8,7 +8,7 @@
 -- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
 -- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
--- image_meta, captions, balance, duplicates, errors, edit_state, caption_regions.
+-- image_meta, captions, balance, duplicates, errors, edit_state, caption_regions, source_text.
 with accepted as (
     select key,
            arg_max(caption, attempt) as caption,
@@ -41,6 +41,13 @@ character_edits as (
 ),
 exclude_edits as (
     select key, new = 'true' as excluded from edit_state where field = 'exclude'
+),
+own_texts as (
+    -- the texts that came with the image (a .caption sidecar, a JSON caption, its generation
+    -- prompt): KEY.json carries them beside the caption the pipeline wrote
+    select key, list({'kind': kind, 'text': text} order by kind, text) as own_texts
+    from source_text
+    group by key
 ),
 region_captions as (
     -- the 2x2 region captions (caption.regions) as one structured caption
@@ -85,6 +92,7 @@ select i.key,
        d.dup_group,
        coalesce(e.n_errors, 0) as n_errors,
        rc.region_caption,
+       o.own_texts,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply
 from images as i
@@ -98,6 +106,7 @@ left join caption_edits as cap using (key)
 left join character_edits as ce using (key)
 left join exclude_edits as x using (key)
 left join region_captions as rc using (key)
+left join own_texts as o using (key)
 where not ($drop_duplicates and not coalesce(d.is_representative, true))
   and not ($drop_flagged and cap.key is null and coalesce(a.flagged, false))
   and not ($drop_excluded and coalesce(x.excluded, false))

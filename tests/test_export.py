@@ -55,9 +55,13 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
     assert 0 < len(expected) < 24  # the sample has near duplicates, which are left out
     dropped = {r[0] for r in ws.connect().execute("select key from duplicates where not is_representative").fetchall()}
     seen = {}
+    own = {}  # the texts that came with the images (.caption sidecars, JSON captions)
+    for key, kind, text in ws.connect().execute("select key, kind, text from source_text order by all").fetchall():
+        own.setdefault(key, {}).setdefault(kind, []).append(text)
     for sample in wds.WebDataset(shard_paths(out), shardshuffle=False).decode("pil"):
         meta = sample["json"]
         key = meta["key"]
+        assert meta.get("source_texts") == own.get(key)
         image = next(sample[e] for e in ("jpg", "png", "webp") if e in sample)
         assert image.size == (meta["width"], meta["height"]) and max(image.size) <= 1024
         assert sample["txt"] == expected[key]["caption"]
@@ -66,6 +70,7 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
         assert meta["source"]["member"] and meta["tags"] and "accuracy" in meta["scores"]
         seen[key] = sample["__key__"]
     assert set(seen) == set(expected) and not set(seen) & dropped
+    assert set(own) & set(seen)  # some exported image came with a text of its own
     assert summary.rows_in == len(expected) and summary.errors == 0
 
 

@@ -66,6 +66,10 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     }
     if rules.clip_token_budget:  # what the budget did to KEY.txt
         meta["clip_tokens"] = {"budget": rules.clip_token_budget, "tokens": clip_tokens(txt), "cut": cut}
+    if row.get("own_texts"):  # the texts that came with the image: {kind: [text, ...]}
+        meta["source_texts"] = {}
+        for own in row["own_texts"]:
+            meta["source_texts"].setdefault(own["kind"], []).append(own["text"])
     if row.get("region_caption"):  # the 2x2 region captions (caption.regions)
         meta["region_caption"] = row["region_caption"]
     if row.get("lint"):  # the character's fixed traits the caption repeats (caption lint)
