@@ -13,7 +13,7 @@ import tarfile
 import threading
 from pathlib import Path
 
-from udfs.ingest.sources import Unit, read_unit, safe_text
+from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
 from udfs.thumbnails import thumbnail_jpeg
 
 MAX_MEMBER_BYTES = 1 << 30
@@ -42,7 +42,7 @@ def image_bytes(source: str, member: str) -> bytes | None:
             f.seek(found[0])
             return f.read(found[1])
     if "://" not in source:
-        path = Path(source, member).resolve()
+        path = Path(member_path(source, member)).resolve()  # a name that is not UTF-8: its bytes put back
         if not path.is_relative_to(Path(source).resolve()) or not path.is_file():
             return None
         return path.read_bytes()

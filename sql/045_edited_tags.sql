@@ -27,14 +27,17 @@ kept as (
     where t.category <> 'character'
        or not exists (select 1 from character_edits as c where c.key = t.key and c.tag <> t.tag)
 ),
-last_ranks as (
-    select key, max(rank) as last_rank from tags group by key
+ranks as (
+    select key, min(rank) as first_rank, max(rank) as last_rank from tags group by key
 ),
 added as (
+    -- an added tag after the image's others; a character set in review first (where kohya's
+    -- keep_tokens and the token budget keep it, as the character tags it replaces were)
     select e.key, e.tag, e.category, 1.0::float as score,
-           (m.last_rank + row_number() over (partition by e.key order by e.tag))::integer as rank
+           (case when e.category = 'character' then m.first_rank - 1
+                 else m.last_rank + row_number() over (partition by e.key order by e.tag) end)::integer as rank
     from (select key, tag, min(category) as category from tag_edits where present group by key, tag) as e
-    join last_ranks as m using (key)
+    join ranks as m using (key)
     where not exists (select 1 from tags as t where t.key = e.key and t.tag = e.tag)
 )
 select * from kept

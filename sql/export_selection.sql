@@ -26,7 +26,7 @@ with accepted as (
     group by key
 ),
 duplicate_groups as (
-    select key, any_value(dup_group) as dup_group, bool_and(is_representative) as is_representative
+    select key, min(dup_group) as dup_group, bool_and(is_representative) as is_representative
     from duplicates
     group by key
 ),

@@ -39,7 +39,7 @@ added as (
     select e.key, e.tag, coalesce(c.category, 'general') as category, 1.0::float as score,
            9223372036854775807 as position
     from tag_edits as e
-    left join (select tag, any_value(category) as category from tags
+    left join (select tag, min(category) as category from tags
                where tag in (select tag from tag_edits where present) group by tag) as c using (tag)
     -- a left join, not `not exists`: DuckDB moves a key filter on e across it into job_tags' scans
     left join job_tags as j using (key, tag)

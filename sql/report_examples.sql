@@ -2,7 +2,7 @@
 -- export), with where to find their bytes, their caption and their tags in rank order.
 -- Parameters: $n. Reads images, export_manifest, captions, tags, source_tags.
 with exported as (
-    select key, any_value(path) as path, any_value(image) as image
+    select key, min(path) as path, arg_min(image, path) as image
     from export_manifest
     where layout = 'webdataset'
     group by key

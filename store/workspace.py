@@ -27,7 +27,6 @@ such as the parts of a unit that never committed, go at once).
 from __future__ import annotations
 
 import atexit
-import copy
 import hashlib
 import json
 import os
@@ -96,7 +95,7 @@ class Workspace:
         self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
-        self._marker_cache: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), marker)
+        self._marker_cache: dict[str, tuple[tuple[int, int], bytes]] = {}  # path -> ((mtime_ns, size), its bytes)
         self.retired_grace_s = RETIRED_GRACE_S
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
@@ -259,13 +258,13 @@ class Workspace:
             stamp = (info.mtime_ns, info.size)
             cached = self._marker_cache.get(info.path)
             if cached is not None and cached[0] == stamp:
-                marker = copy.deepcopy(cached[1])  # callers may change what they get
+                data = cached[1]  # parsed anew: each caller gets a marker of its own to change
             else:
                 with self.fs.open_input_stream(info.path) as f:
-                    marker = json.loads(f.read())
+                    data = f.read()
                 if info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
-                    self._marker_cache[info.path] = (stamp, copy.deepcopy(marker))
-            done[info.base_name[: -len(".json")]] = marker
+                    self._marker_cache[info.path] = (stamp, data)
+            done[info.base_name[: -len(".json")]] = json.loads(data)
         return done
 
     def _marker_files(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:

@@ -110,6 +110,8 @@ def hostile_members() -> list[tuple[str, bytes]]:
         ("utf16.txt", "1girl, solo".encode("utf-16-le")),
         ("nul.png", encode(picture(seed=20), "PNG")),
         ("nul.txt", b"1girl\x00, \x00solo, \x00"),
+        ("nuljson.png", encode(picture(seed=21), "PNG")),
+        ("nuljson.json", b'{"tags": ["long\\u0000hair", "ok", "\\u0007"]}'),
     ]
 
 
@@ -123,7 +125,7 @@ EXPECTED = {
     "hugeside": ("image", "RGB"), "../escape": ("image", "RGB"), "dir/ünïcödé 🎨": ("image", "RGB"),
     "orphan": ("error", "no_image"), "a1111": ("image", "RGB"), "nai": ("image", "RGB"),
     "stealth": ("image", "RGBA"), "bigint": ("image", "RGB"), "deep": ("image", "RGB"), "surrogate": ("image", "RGB"),
-    "tagsdict": ("image", "RGB"), "utf16": ("image", "RGB"), "nul": ("image", "RGB"),
+    "tagsdict": ("image", "RGB"), "utf16": ("image", "RGB"), "nul": ("image", "RGB"), "nuljson": ("image", "RGB"),
 }
 
 

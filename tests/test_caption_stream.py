@@ -123,7 +123,8 @@ def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transfo
     output, _ = victim.communicate(timeout=600)
     committed = len(ws.done_units("caption"))
     assert victim.returncode != 0 and 1 <= committed < IMAGES // 2, output
-    before = {u: Path(ws.table_dir("captions"), f"{u}.parquet").stat().st_mtime_ns for u in ws.done_units("caption")}
+    before = {u: Path(ws.table_dir("captions"), f"{m['parts']['captions'][0]}.parquet").stat().st_mtime_ns
+              for u, m in ws.done_units("caption").items()}
     assert stream_folder(ws), "the units in flight kept the replies they had"
 
     again = booruset("caption", "-w", ws.root, *sets)
@@ -133,7 +134,8 @@ def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transfo
     done_before = int(re.search(r"(\d+) done before", out).group(1))
     assert committed <= done_before < IMAGES // 2, out
     for unit, mtime in before.items():  # the units committed before the kill were not redone
-        assert Path(ws.table_dir("captions"), f"{unit}.parquet").stat().st_mtime_ns == mtime
+        part = ws.done_units("caption")[unit]["parts"]["captions"][0]
+        assert Path(ws.table_dir("captions"), f"{part}.parquet").stat().st_mtime_ns == mtime
     assert caption_rows(ws) == caption_rows(reference)
     assert stream_folder(ws) == []
 
@@ -167,13 +169,15 @@ def test_sigkill_of_the_openai_backend_loses_only_the_unit_in_flight(transformer
     victim = booruset("caption", "-w", ws.root, *sets)
     committed = kill_after_commits(victim, Path(ws.base) / "state" / "caption", at_least=1, poll_s=0.05)
     assert 1 <= committed < IMAGES // 2
-    before = {u: Path(ws.table_dir("captions"), f"{u}.parquet").stat().st_mtime_ns for u in ws.done_units("caption")}
+    before = {u: Path(ws.table_dir("captions"), f"{m['parts']['captions'][0]}.parquet").stat().st_mtime_ns
+              for u, m in ws.done_units("caption").items()}
 
     again = booruset("caption", "-w", ws.root, *sets)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
     assert f"{committed} done before" in out, out
     for unit, mtime in before.items():
-        assert Path(ws.table_dir("captions"), f"{unit}.parquet").stat().st_mtime_ns == mtime
+        part = ws.done_units("caption")[unit]["parts"]["captions"][0]
+        assert Path(ws.table_dir("captions"), f"{part}.parquet").stat().st_mtime_ns == mtime
     assert caption_rows(ws) == caption_rows(reference)
     assert {r[2] for r in caption_rows(ws)} == {"openai:smollm2", "rewrite:smollm2"}

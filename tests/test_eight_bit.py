@@ -27,6 +27,7 @@ PICTURES = {
     "png16": encoded((RAMP * 65535).astype(np.uint16), "PNG"),
     "tiff_float": encoded(RAMP.astype(np.float32), "TIFF"),
     "tiff_int32": encoded((RAMP * 4_000_000).astype(np.int32), "TIFF"),
+    "tiff_float_nan": encoded(np.where(RAMP == RAMP[0, 5], np.nan, RAMP).astype(np.float32), "TIFF"),  # not black
 }
 
 

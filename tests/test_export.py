@@ -376,10 +376,13 @@ def test_a_parquet_shard_is_written_a_row_group_at_a_time(tmp_path, monkeypatch)
     assert written.read().to_pylist() == rows
 
 
-def test_an_export_task_refuses_an_out_folder_the_driver_did_not_mark(tmp_path):
+def test_an_export_task_refuses_an_out_folder_the_driver_did_not_mark(tmp_path, monkeypatch):
     """On a cluster export.out must be shared storage: a task on a node that does not see the
     driver's check file in it says so, instead of writing shards nobody will find."""
+    from udfs.export import export_shard
     from udfs.export.export_shard import export_unit
+
+    monkeypatch.setattr(export_shard, "OUT_CHECK_TRIES", 2)  # one wait of a second, not four
 
     with pytest.raises(RuntimeError, match="shared storage mounted at the same path"):
         export_unit({"unit": "u", "source": "s", "kind": "tar", "path": "p", "offset": 0, "shards": 1},

@@ -45,7 +45,7 @@ def test_every_member_is_accounted_for(hostile):
     assert summary.rows_in == len(EXPECTED)
     dropped = [e for e in errors.to_pylist() if e["dropped"]]
     assert images.num_rows + len(dropped) == summary.rows_in
-    assert "accounting: 23 images + 5 dropped samples = 28 samples seen" in summary.render()
+    assert "accounting: 24 images + 5 dropped samples = 29 samples seen" in summary.render()
 
 
 def test_each_bad_sample_has_its_reason(hostile):
@@ -117,6 +117,7 @@ def test_broken_sidecars_are_reported_and_keep_their_image(hostile):
     assert tags["surrogate"] == ["ok", "bad?tag"]
     assert [k for k, m in errors["utf16"]] == ["sidecar_encoding_guessed"] and tags["utf16"] == ["1girl", "solo"]
     assert [k for k, m in errors["nul"]] == ["bad_characters"] and tags["nul"] == ["1girl", "solo"]
+    assert [k for k, m in errors["nuljson"]] == ["bad_characters"] and tags["nuljson"] == ["longhair", "ok"]
 
 
 def test_embedded_metadata(hostile):

@@ -18,6 +18,7 @@ from udfs.ingest.sidecars import decode_text, without_controls
     ("café, résumé".encode("cp1252"), ("café, résumé", "cp1252")),  # short: was read as cp1006 (Urdu)
     ("猫, 可爱".encode("gb18030"), ("猫, 可爱", "gb18030")),
     ("кошка, девушка".encode("cp1251"), ("кошка, девушка", "cp1251")),
+    ("長い髪, 少女, 笑顔, 青い目".encode("utf-16-be"), ("長い髪, 少女, 笑顔, 青い目", "utf-16-be")),  # CJK: few NULs
 ])
 def test_decode_text(data, expected):
     assert decode_text(data) == expected
@@ -36,3 +37,22 @@ def test_a_json_tags_string_splits_like_a_tags_file():
     tags = parse_sidecar("json", '{"tags": "1girl long_hair smile"}')[0]
     assert [t for t, _ in tags] == ["1girl", "long_hair", "smile"]
     assert [t for t, _ in parse_sidecar("json", '{"tags": "1girl, long hair"}')[0]] == ["1girl", "long_hair"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"tags": {"general": ["1girl"], "character": ["miku"], "species": ["cat"]}}',  # e621, gallery-dl
+     [("1girl", "general"), ("miku", "character"), ("cat", "general")]),
+    ('{"tags": null, "caption": "a cat"}', []),
+])
+def test_json_tags_of_other_shapes(text, expected):
+    from udfs.ingest.sidecars import parse_sidecar
+
+    assert parse_sidecar("json", text)[0] == expected
+
+
+@pytest.mark.parametrize("text", ['{"tags": [true]}', '{"tags": [["a"]]}', '{"tags": {"general": "a"}}', '{"tags": 3}'])
+def test_json_tags_that_are_not_tag_strings_are_refused(text):
+    from udfs.ingest.sidecars import SidecarError, parse_sidecar
+
+    with pytest.raises(SidecarError):
+        parse_sidecar("json", text)

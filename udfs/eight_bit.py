@@ -17,11 +17,15 @@ def eight_bit(image: Image.Image) -> Image.Image:
     """`image` itself, or for a wide mode an "L" picture of its samples scaled to 0..255."""
     if image.mode not in WIDE_MODES:
         return image
-    samples = np.asarray(image, dtype=np.float64)
-    low, high = sample_range(image.mode, *((samples.min(), samples.max()) if samples.size else (0.0, 0.0)))
-    scaled = (samples - low) * (255.0 / (high - low)) if high > low else np.zeros_like(samples)
+    samples = np.asarray(image, dtype=np.float32)  # exact for 16-bit; float32 TIFFs are float32
+    finite = np.isfinite(samples)
+    present = samples[finite] if not finite.all() else samples  # a NaN or inf does not set the range
+    low, high = sample_range(image.mode, *((present.min(), present.max()) if present.size else (0.0, 0.0)))
+    scale = np.float32(255.0 / (high - low) if high > low else 0.0)
+    scaled = (np.nan_to_num(samples, nan=low, posinf=high, neginf=low) - low) * scale
     grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
-    grey.info = dict(image.info)  # EXIF orientation, transparency
+    # EXIF orientation and the rest; not a 16-bit transparency key, which means nothing in "L"
+    grey.info = {k: v for k, v in image.info.items() if k != "transparency"}
     return grey
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -216,13 +217,16 @@ class UnitCaptioner:
         return replies
 
     def commit(self, unit: str, captions: list[dict], errors: list[dict], regions: list[dict], info: dict) -> None:
-        """Write a unit's parts and commit it: its rows appear together, or (killed) not at all."""
-        self.ws.write_part("captions", unit, captions)
-        self.ws.write_part("errors", f"caption-{unit}", errors)
-        parts = {"captions": [unit], "errors": [f"caption-{unit}"]}
+        """Write a unit's parts and commit it: its rows appear together, or (killed) not at all.
+        New part names each time: a unit done again (a passing failure) never rewrites the files
+        a published generation names; publishing retires them."""
+        name = f"{unit}-{uuid.uuid4().hex[:8]}"
+        self.ws.write_part("captions", name, captions)
+        self.ws.write_part("errors", f"caption-{name}", errors)
+        parts = {"captions": [name], "errors": [f"caption-{name}"]}
         if regions:
-            self.ws.write_part("caption_regions", unit, regions)
-            parts["caption_regions"] = [unit]
+            self.ws.write_part("caption_regions", name, regions)
+            parts["caption_regions"] = [name]
         self.ws.commit_unit("caption", unit, info, parts=parts)
 
     def region_rows(self, table: pa.Table) -> tuple[list[dict], list[dict]]:

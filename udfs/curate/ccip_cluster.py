@@ -674,6 +674,7 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
 
     from udfs.annotate.ccip import CcipFeatures
     from udfs.annotate.images import ccip_input, to_rgb_on_white
+    from udfs.eight_bit import eight_bit
     from udfs.orientation import upright
 
     files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() for f in sorted(d.iterdir())
@@ -688,7 +689,7 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
                 # decoded before its orientation is asked: Pillow decodes a PNG to look for its
                 # EXIF and our reader swallows errors, so a broken file became a noise embedding
                 image.load()
-                images.append(ccip_input(to_rgb_on_white(upright(image)), size))
+                images.append(ccip_input(to_rgb_on_white(eight_bit(upright(image))), size))
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ValueError(f"reference image {file} does not decode: {type(exc).__name__}: {exc}") from exc
     model = CcipFeatures(ccip_spec, input="image", output="ccip")

@@ -60,6 +60,7 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
 
 
 OUT_CHECK = ".booruset-export-check"
+OUT_CHECK_TRIES = 5
 
 
 def check_out_is_shared(out: str, token: str) -> None:
@@ -67,12 +68,17 @@ def check_out_is_shared(out: str, token: str) -> None:
     cluster, export.out must be one folder that every node mounts at the same path (the driver
     writes the wids index and removes stale files there; each task writes its shards there)."""
     check = os.path.join(out, OUT_CHECK)
-    try:
-        with open(check) as f:
-            if f.read() == token:
-                return
-    except OSError:
-        pass
+    for attempt in range(OUT_CHECK_TRIES):  # NFS and FUSE mounts cache a name's absence for seconds
+        if attempt:
+            time.sleep(1.0)
+            if os.path.isdir(out):
+                os.listdir(out)  # a listing refreshes an NFS client's view of the folder
+        try:
+            with open(check) as f:
+                if f.read() == token:
+                    return
+        except OSError:
+            pass
     raise RuntimeError(f"export.out {out} is not the driver's folder on node {os.uname().nodename}: on a cluster it "
                        "must be shared storage mounted at the same path on every node")
 
@@ -309,10 +315,10 @@ class UnitExport:
 
     def abort_open_shards(self) -> None:
         for tmp, writer in [*self.shards.values(), *self.parquets.values()]:
-            if isinstance(writer, ShardTar):
-                writer.stream.close()
-            else:
-                writer.writer.close()
+            try:
+                writer.stream.close() if isinstance(writer, ShardTar) else writer.writer.close()
+            except Exception:  # noqa: BLE001, S110 - a full disk fails the close too; the file goes anyway
+                pass
             if os.path.exists(tmp):
                 os.remove(tmp)
 

@@ -64,10 +64,16 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
     return out
 
 
+# Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
+# a killed run's batches written by the code before are redone, not mixed with the new rows.
+READER_VERSION = 2
+
+
 def options_fingerprint(options: dict) -> str:
-    """What a batch's rows depend on besides its unit: a batch written with other limits is
-    redone. The batch size is not in it: a batch marker says which samples it holds."""
-    rules = {k: v for k, v in options.items() if k != "batch_samples"}
+    """What a batch's rows depend on besides its unit: a batch written with other limits (or
+    another READER_VERSION) is redone. The batch size is not in it: a batch marker says which
+    samples it holds."""
+    rules = {k: v for k, v in options.items() if k != "batch_samples"} | {"reader": READER_VERSION}
     return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -297,6 +303,11 @@ class UnitRows:
             self.error(key, member, "bad_characters", "tags with half a UTF-16 pair (a \\udXXX escape): "
                        "each replaced with '?'", dropped=False)
             tags = [(replace_lone_surrogates(t), c) for t, c in tags]
+        cleaned = [(without_controls(t)[0], c) for t, c in tags]  # a JSON "\\u0000" escape, after parsing
+        if cleaned != tags:
+            self.error(key, member, "bad_characters", "control characters in tags (a JSON \\u0000 escape) removed",
+                       dropped=False)
+            tags = [(t, c) for t, c in cleaned if t]
         origin = origin_of_all or origin
         for position, (tag, category) in enumerate(self.bounded_tags(key, member, tags, options)):
             self.tables["source_tags"] += [

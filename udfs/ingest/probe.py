@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import warnings
 
 import numpy as np
@@ -27,6 +28,9 @@ TEXT_INFO_KEYS = ("parameters", "comment", "Comment")
 STEALTH_MAGIC = b"stealth_pngcomp"
 
 
+_TEXT_LIMIT_RAISED = threading.Lock()
+
+
 class ProbeError(Exception):
     """A sample that cannot be ingested; `kind` is the errors row's kind."""
 
@@ -47,12 +51,13 @@ def probe_image(data: bytes, max_pixels: int, max_text_chars: int = 20_000) -> d
     except ProbeError as exc:
         if "MAX_TEXT_CHUNK" not in str(exc):
             raise
-    chunk = PngImagePlugin.MAX_TEXT_CHUNK
-    PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY
-    try:
-        return _probe(data, max_pixels, max_text_chars)
-    finally:
-        PngImagePlugin.MAX_TEXT_CHUNK = chunk
+    with _TEXT_LIMIT_RAISED:  # a module global of Pillow's: one thread at a time raises it
+        chunk = PngImagePlugin.MAX_TEXT_CHUNK
+        PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY
+        try:
+            return _probe(data, max_pixels, max_text_chars)
+        finally:
+            PngImagePlugin.MAX_TEXT_CHUNK = chunk
 
 
 def _probe(data: bytes, max_pixels: int, max_text_chars: int) -> dict:
@@ -196,13 +201,17 @@ def may_hold_generation_text(image: Image.Image, fmt: str) -> bool:
 
 
 def generation_texts(image: Image.Image) -> list[str]:
-    """The texts imgutils' readers would parse from the image's info (TEXT_INFO_KEYS, the EXIF
-    UserComment), as they are: what embedded_texts measures before it lets them be parsed."""
-    texts = [str(image.info[key]) for key in TEXT_INFO_KEYS if key in image.info]
+    """The texts imgutils' A1111 parser would read (`parameters`, a GIF `comment`, the EXIF
+    UserComment), as they are: what embedded_texts measures before it lets them be parsed.
+    NovelAI's `Comment` is JSON, read by json.loads in linear time: not measured."""
+    texts = [str(image.info[key]) for key in ("parameters", "comment") if key in image.info]
     if "exif" in image.info:
         comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-        if comment:
-            texts.append(comment.decode("latin-1") if isinstance(comment, bytes) else str(comment))
+        if isinstance(comment, bytes):  # an 8-byte charset header, then UTF-16 or single bytes
+            wide = comment.startswith(b"UNICODE")
+            texts.append(comment[8:].decode("utf-16-be" if wide else "latin-1", errors="replace"))
+        elif comment:
+            texts.append(str(comment))
     return texts
 
 

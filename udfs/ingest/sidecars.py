@@ -62,6 +62,8 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
     if not matches:
         if utf8 is not None:
             return utf8, None
+        if wide := utf16_text(data, loose=True):
+            return wide
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
     least = min(m.chaos for m in matches)
     # a match stands for every code page that reads the bytes the same (could_be_from_charset):
@@ -72,14 +74,20 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
     return str(chosen), PREFERRED_ENCODINGS[place] if place < len(rank) else chosen.encoding
 
 
-def utf16_text(data: bytes) -> tuple[str, str] | None:
+def utf16_text(data: bytes, loose: bool = False) -> tuple[str, str] | None:
     """(text, encoding) of UTF-16 with a byte order mark, or without one when the NULs of
-    Latin characters sit on one side (charset_normalizer mixes up the byte order of short texts)."""
+    Latin characters sit on one side (charset_normalizer mixes up the byte order of short texts).
+    `loose`: any even-length text that decodes, in the byte order its few NULs suggest (CJK text
+    without a BOM, whose ASCII commas and spaces are its only NULs): when nothing else fits."""
     candidates = ["utf-16"] if data[:2] in (b"\xff\xfe", b"\xfe\xff") else []
-    half = len(data) // 2
     if len(data) % 2 == 0:
-        odd, even = data[1::2].count(0), data[0::2].count(0)
-        candidates += ["utf-16-le"] if odd >= 0.6 * half > even else ["utf-16-be"] if even >= 0.6 * half > odd else []
+        half, odd, even = len(data) // 2, data[1::2].count(0), data[0::2].count(0)
+        if odd >= 0.6 * half > even or loose and odd >= even:
+            candidates.append("utf-16-le")
+        if even >= 0.6 * half > odd or loose:
+            candidates.append("utf-16-be")
+        if loose and even > odd:
+            candidates.append("utf-16-le")
     for encoding in candidates:
         try:
             return data.decode(encoding), encoding
@@ -171,6 +179,28 @@ def _parse_three_line(text: str) -> list[tuple[str, str]]:
     return tags
 
 
+# e621 / gallery-dl's categories of a "tags" object; any other name is a general tag
+JSON_TAG_CATEGORIES = {"character": "character", "copyright": "copyright", "artist": "artist", "meta": "meta"}
+
+
+def _json_tags(raw: object) -> list[tuple[str, str]]:
+    """(tag, category) of a JSON sidecar's "tags": a list of tag strings; one string split as a
+    .tags file (comma-separated, else space-separated); or an object of lists by category (e621,
+    gallery-dl). Missing or null: no tags."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = raw.split("," if "," in raw else None)
+    by_category = raw.items() if isinstance(raw, dict) else [("general", raw)]
+    tags = []
+    for category, items in by_category:
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise SidecarError("sidecar_json", '"tags" holds something other than tag strings')
+        tags += [(normalize_tag(t), JSON_TAG_CATEGORIES.get(str(category).lower(), "general")) for t in items
+                 if t.strip()]
+    return tags
+
+
 def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     try:
         post = json.loads(text)
@@ -188,14 +218,7 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
             tags.append((rating, "rating"))
         origin = "danbooru_json"
     else:
-        raw = post.get("tags", [])
-        if not isinstance(raw, (list, str)) or isinstance(raw, list) and not all(
-                isinstance(t, (str, int, float)) for t in raw):
-            raise SidecarError("sidecar_json", '"tags" is neither a string nor a list of tag strings')
-        # a string is a tag list as in a .tags file: comma-separated, else space-separated
-        items = raw if isinstance(raw, list) else raw.split("," if "," in raw else None)
-        tags = [(normalize_tag(str(t)), "general") for t in items if str(t).strip()]
-        origin = "json"
+        tags, origin = _json_tags(post.get("tags")), "json"
     for kind in ("caption", "prompt"):
         if isinstance(post.get(kind), str) and post[kind].strip():
             texts.append(("caption" if kind == "caption" else "sd_prompt", post[kind].strip()))
