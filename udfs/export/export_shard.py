@@ -280,19 +280,21 @@ class UnitExport:
         if listed:
             self.files.append(relative)
 
+    def temp_path(self, relative: str) -> str:
+        """A temporary name beside the export's file `relative`, renamed to it by finish()."""
+        final = inside(self.out, relative)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        return f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(final)}"
+
     def shard_writer(self, index: int) -> ShardTar:
         if index not in self.shards:
-            final = inside(self.out, f"webdataset/{shard_name(index)}")
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{shard_name(index)}"
+            tmp = self.temp_path(f"webdataset/{shard_name(index)}")
             self.shards[index] = (tmp, ShardTar(tmp))
         return self.shards[index][1]
 
     def parquet_writer(self, index: int) -> ParquetShard:
         if index not in self.parquets:
-            final = inside(self.out, f"parquet/{parquet_name(index)}")
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{parquet_name(index)}"
+            tmp = self.temp_path(f"parquet/{parquet_name(index)}")
             self.parquets[index] = (tmp, ParquetShard(tmp))
         return self.parquets[index][1]
 
