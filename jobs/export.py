@@ -128,10 +128,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.publish()
     counts = worker_result(manifest)
     clear(ws, PLAN)
+    shards = 0
     if "webdataset" in opts["formats"]:
         shards = write_wids_index(out, units, counts["files"])
     else:
-        shards = remove_wids_index(out)
+        remove_wids_index(out)  # no index left naming the shards this run removed
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
@@ -390,12 +391,10 @@ def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
     return {"files": files, "text_cut": int(text_cut)}
 
 
-def remove_wids_index(out: str) -> int:
-    """An export without the webdataset layout leaves no index of shards it removed; returns 0."""
+def remove_wids_index(out: str) -> None:
     index = os.path.join(out, "webdataset", "index.wids.json")
     if os.path.exists(index):
         os.remove(index)
-    return 0
 
 
 def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], int]) -> int:

@@ -10,7 +10,17 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from udfs.orientation import upright
+from udfs.png_pixels import load_pixels
+
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def displayed(image: Image.Image, data: bytes) -> Image.Image:
+    """An opened image (`data`, its bytes) as a person sees it: its pixels loaded (8-bit PNGs by
+    libspng, udfs/png_pixels.py), turned upright after the decode (Pillow decodes a PNG to find
+    its EXIF: asked first, it decoded twice), at 8 bits a sample."""
+    return eight_bit(upright(load_pixels(image, data)))
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

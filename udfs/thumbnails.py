@@ -6,9 +6,7 @@ import io
 
 from PIL import Image
 
-from udfs.eight_bit import eight_bit
-from udfs.orientation import upright
-from udfs.png_pixels import load_pixels
+from udfs.eight_bit import displayed
 
 
 def thumbnail_jpeg(data: bytes, size: int) -> bytes:
@@ -16,7 +14,7 @@ def thumbnail_jpeg(data: bytes, size: int) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = eight_bit(upright(load_pixels(image, data)))  # upright after the decode: udfs/png_pixels.py
+        image = displayed(image, data)
         image.thumbnail((size, size))
         rgba = image.convert("RGBA")
     flat = Image.new("RGB", rgba.size, "white")

@@ -12,10 +12,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from udfs.eight_bit import eight_bit
+from udfs.eight_bit import displayed
 from udfs.opencv import cv2
-from udfs.orientation import upright
-from udfs.png_pixels import load_pixels
 
 # CCIP's normalisation (imgutils.metrics.ccip._normalize: CLIP mean and std, float64).
 CCIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073))
@@ -33,7 +31,7 @@ def decode(data: bytes, draft_size: int = 0) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
         image.draft(image.mode, (draft_size, draft_size))
-    return eight_bit(upright(load_pixels(image, data)))
+    return displayed(image, data)
 
 
 def has_alpha(image: Image.Image) -> bool:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from schemas import REGIONS
 from udfs.annotate.images import region_images
-from udfs.eight_bit import eight_bit
+from udfs.eight_bit import displayed, eight_bit
 from udfs.ingest.sources import member_path
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
@@ -87,7 +87,7 @@ def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size directly
         # the model sees what a person sees (upright after the decode: udfs/png_pixels.py)
-        return _jpeg(_flat_rgb(eight_bit(upright(load_pixels(image, data)))), max_side, quality)
+        return _jpeg(_flat_rgb(displayed(image, data)), max_side, quality)
 
 
 def region_jpegs(data: bytes, overlap: float, max_side: int, quality: int = 90) -> list[bytes]:

@@ -13,10 +13,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from udfs.eight_bit import eight_bit
+from udfs.eight_bit import displayed
 from udfs.opencv import cv2
-from udfs.orientation import exif_orientation, upright
-from udfs.png_pixels import load_pixels
+from udfs.orientation import exif_orientation
 
 # Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -89,7 +88,7 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
             image.draft(image.mode, tuple(reversed(target)) if turned else tuple(target))
         # upright after the decode: Pillow decodes a PNG to look for its EXIF (it may follow the
         # pixels), which, asked first, decoded it twice and hid a broken stream
-        image = eight_bit(upright(load_pixels(image, data)))  # re-encoded images are upright, with no orientation tag
+        image = displayed(image, data)  # re-encoded images are upright, with no orientation tag
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
         width, height = target

@@ -26,6 +26,7 @@ from udfs.ingest.frame_store import FrameStore
 from udfs.ingest.probe import ProbeError, probe_image
 from udfs.ingest.sidecars import (
     SidecarError,
+    cleaned_tags,
     decode_text,
     has_lone_surrogate,
     parse_sidecar,
@@ -299,15 +300,9 @@ class UnitRows:
         except SidecarError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=False)
             return
-        if any(has_lone_surrogate(t) for t, _ in tags):
-            self.error(key, member, "bad_characters", "tags with half a UTF-16 pair (a \\udXXX escape): "
-                       "each replaced with '?'", dropped=False)
-            tags = [(replace_lone_surrogates(t), c) for t, c in tags]
-        cleaned = [(without_controls(t)[0], c) for t, c in tags]  # a JSON "\\u0000" escape, after parsing
-        if cleaned != tags:
-            self.error(key, member, "bad_characters", "control characters in tags (a JSON \\u0000 escape) removed",
-                       dropped=False)
-            tags = [(t, c) for t, c in cleaned if t]
+        tags, problems = cleaned_tags(tags)
+        for problem in problems:
+            self.error(key, member, "bad_characters", problem, dropped=False)
         origin = origin_of_all or origin
         for position, (tag, category) in enumerate(self.bounded_tags(key, member, tags, options)):
             self.tables["source_tags"] += [

@@ -228,7 +228,7 @@ def starts_with_stealth_magic(image: Image.Image) -> bool:
     return np.packbits(alpha.T.reshape(-1)[:bits] & 1).tobytes() == STEALTH_MAGIC
 
 
-def embedded_texts(image: Image.Image, fmt: str, max_chars: int = 20_000) -> list[tuple[str, str]]:
+def embedded_texts(image: Image.Image, fmt: str, max_chars: int) -> list[tuple[str, str]]:
     """(kind, text) pairs from PNG text chunks, EXIF and stealth PNG info of a decoded image
     (its info as opened) whose file is of format `fmt`.
 

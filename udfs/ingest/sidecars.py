@@ -82,12 +82,12 @@ def utf16_text(data: bytes, loose: bool = False) -> tuple[str, str] | None:
     candidates = ["utf-16"] if data[:2] in (b"\xff\xfe", b"\xfe\xff") else []
     if len(data) % 2 == 0:
         half, odd, even = len(data) // 2, data[1::2].count(0), data[0::2].count(0)
-        if odd >= 0.6 * half > even or loose and odd >= even:
+        if odd >= 0.6 * half > even:
             candidates.append("utf-16-le")
-        if even >= 0.6 * half > odd or loose:
+        elif even >= 0.6 * half > odd:
             candidates.append("utf-16-be")
-        if loose and even > odd:
-            candidates.append("utf-16-le")
+        if loose:  # both orders, the one the NULs favour first
+            candidates += ["utf-16-be", "utf-16-le"] if even > odd else ["utf-16-le", "utf-16-be"]
     for encoding in candidates:
         try:
             return data.decode(encoding), encoding
@@ -117,6 +117,21 @@ def has_lone_surrogate(text: str) -> bool:
 
 def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")  # each one becomes "?"
+
+
+def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Parsed tags that Parquet can hold and a trainer can use, and what was done to them:
+    half UTF-16 pairs (a JSON "\\ud800" escape) become "?", control characters (a JSON "\\u0000"
+    escape, past without_controls on the raw text) go, and a tag left empty goes too."""
+    problems = []
+    if any(has_lone_surrogate(t) for t, _ in tags):
+        problems.append("tags with half a UTF-16 pair (a \\udXXX escape): each replaced with '?'")
+        tags = [(replace_lone_surrogates(t), c) for t, c in tags]
+    cleaned = [(without_controls(t)[0], c) for t, c in tags]
+    if cleaned != tags:
+        problems.append("control characters in tags (a JSON \\u0000 escape) removed")
+        tags = [(t, c) for t, c in cleaned if t]
+    return tags, problems
 
 
 def normalize_tag(tag: str) -> str:
