@@ -50,6 +50,8 @@ IMAGES_PER_PARTITION = 62_500
 # the window's sort per image, the file's close). 1M images x 30 tags on 2 cores: 32.7 s one at
 # a time, 25.6-29.3 s two at a time.
 CONCURRENT_PARTITIONS = 2
+# The tables sql/040_tags.sql reads a partition's keys of.
+PARTITIONED_INPUTS = ("source_tags", "tag_scores")
 ROWS_PER_FILE = 4_000_000
 
 
@@ -136,9 +138,9 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
 
     def write_partition(partition: int) -> None:
         with con.cursor() as cursor:
-            if not ws.local:  # registered pyarrow datasets: seen by the connection that registered them
-                ws.attach_tables(cursor, ["source_tags", "tag_scores"], inputs)
             bounds = partition_bounds(cursor, n_images, partitions, partition)
+        # the partition's query opens only the source_tags and tag_scores parts its keys can be in
+        with ws.key_range_cursor(con, PARTITIONED_INPUTS, bounds["first_key"], bounds["last_key"], inputs) as cursor:
             write_model(cursor, ws, "040_tags", {**params, **bounds}, parts[partition])
 
     with ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:

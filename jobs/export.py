@@ -61,6 +61,11 @@ PLAN = "state/export-plan"  # the staged selection and plans of the running expo
 # images per key range of the selection: measured at 200,000 images with 37 curated tags each,
 # ~0.6 GB of DuckDB memory (1.0 GB at 50,000), well inside the default 2 GB duckdb_memory_limit
 SELECTION_CHUNK = 25_000
+# Tables of one part per ingest batch or annotate / caption unit (thousands at a million images),
+# which a key range of the selection reads only the parts of that can hold its keys
+# (Workspace.key_range_cursor). Not `tags`: sql/image_tag_lists.sql reads it across keys.
+RANGED_TABLES = ("images", "source_tags", "source_text", "captions", "caption_regions", "errors")
+WHOLE_TABLES = tuple(name for name in schemas.TABLES if name not in RANGED_TABLES)
 MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file, and of stale file names
 SELECTION_ROW_GROUP = 1024  # rows per row group of a staged chunk: a unit's task reads about its own
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
@@ -166,7 +171,8 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tu
     clear(ws, PLAN)  # what a killed export staged
     for folder in ("selection", "units"):
         ws.fs.create_dir(f"{ws.base}/{PLAN}/{folder}", recursive=True)
-    con = ws.connect()
+    published = ws.published()
+    con = ws.connect(published=published)
     try:
         total = con.execute("select count(*) from images").fetchall()[0][0]
         ranges = key_ranges(con, chunk)
@@ -175,7 +181,8 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tu
         chunks = []
         for index, (first, last) in enumerate(ranges):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
-            rows = stage_chunk(ws, con, query, {**params, "first": first, "last": last}, path, where)
+            with ws.key_range_cursor(con, RANGED_TABLES, first, last, published, WHOLE_TABLES) as cursor:
+                rows = stage_chunk(ws, cursor, query, {**params, "first": first, "last": last}, path, where)
             if rows:
                 chunks.append({"first": first, "last": last, "path": path})
             print(f"export selection: key range {index + 1}/{len(ranges)}, {rows} images selected", flush=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import duckdb
 
 from jobs.config import REPO, ConfigError
-from jobs.export import SELECTION_CHUNK, check_where, key_ranges
+from jobs.export import RANGED_TABLES, SELECTION_CHUNK, WHOLE_TABLES, check_where, key_ranges
 from store.workspace import Workspace
 
 # sql/review_rows.sql over sql/export_selection.sql, whose parameters it takes
@@ -107,13 +107,15 @@ class ReviewIndex:
     def build(self, generation: int) -> None:
         started = time.perf_counter()
         # read-only as `booruset sql`: a filter can read the workspace's tables and nothing else
-        con = self.ws.connect(read_only=True)
+        published = self.ws.published()
+        con = self.ws.connect(read_only=True, published=published)
         # in key ranges of BUILD_CHUNK images: DuckDB's memory is bounded by a chunk, not the
         # workspace (the key filter reaches the table scans, sql/image_tag_lists.sql)
         query = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
         con.execute(f"create table review_rows as {query} limit 0", {**KEEP_ALL, "first": "", "last": None})
         for first, last in key_ranges(con, BUILD_CHUNK):
-            con.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
+            with self.ws.key_range_cursor(con, RANGED_TABLES, first, last, published, WHOLE_TABLES) as cursor:
+                cursor.execute(f"insert into review_rows {query}", {**KEEP_ALL, "first": first, "last": last})
         if self.con is not None:
             self.con.close()  # only now: a build that failed leaves the old table serving
         self.con, self.generation = con, generation

@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import schemas
+from store.part_ranges import PartKeyRanges
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
@@ -96,6 +97,7 @@ class Workspace:
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
         self._marker_cache: dict[str, tuple[tuple[int, int], bytes]] = {}  # path -> ((mtime_ns, size), its bytes)
+        self.part_key_ranges = PartKeyRanges(self.fs)
         self.retired_grace_s = RETIRED_GRACE_S
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
@@ -507,7 +509,7 @@ class Workspace:
         return deleted
 
     # ---- SQL ----------------------------------------------------------------------------
-    def view_sql(self, name: str, parts: list[str], union_by_name: bool = False) -> str:
+    def view_sql(self, name: str, parts: list[str], union_by_name: bool = False, temporary: bool = False) -> str:
         """DDL of the view over one table's published `parts`: the schema's columns, matched by
         name in every file.
 
@@ -531,11 +533,13 @@ class Workspace:
                 f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name]
             )
             body = f"select {cols} where false"
-        return f'create or replace view "{name}" as {body}'
+        return f'create or replace {"temp " if temporary else ""}view "{name}" as {body}'
 
-    def connect(self, read_only: bool = False, views: bool = True) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB with one view per table (no lock on the catalog file); views=False:
-        none, for a caller that attaches the parts it reads (attach_parts).
+    def connect(self, read_only: bool = False, views: bool = True,
+                published: dict | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with one view per table (no lock on the catalog file) over the
+        `published` generation (default: the one published now); views=False: none, for a caller
+        that attaches the parts it reads (attach_parts).
 
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
@@ -545,7 +549,7 @@ class Workspace:
             atexit.register(shutil.rmtree, self._spill, True)
         con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": self._spill})
         if views:
-            self._create_views(con)
+            self._create_views(con, published)
         if read_only:
             if self.local:
                 tables = f"{self.base}/tables/"
@@ -573,12 +577,31 @@ class Workspace:
         for name in names or list(schemas.TABLES):
             self.attach_parts(con, name, published["tables"].get(name, []), union_by_name=name in short)
 
+    def key_range_cursor(self, con: duckdb.DuckDBPyConnection, names: Iterable[str], first: str,
+                         last: str | None, published: dict, others: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:
+        """A cursor of `con` for a query of the keys in [first, last] (last None: no upper end) in
+        which tables `names` hold only those of their `published` parts that can have such keys
+        (store/part_ranges.py says why: each part's footer is then read once, not once a range).
+        `others`: the tables the query reads whole, which a local workspace's cursor already sees
+        (the views of `con`), but an object store's does not (a registered dataset is seen only by
+        the connection that registered it)."""
+        cursor = con.cursor()
+        short = published.get("short_parts", {})
+        for name in [*names, *([] if self.local else others)]:
+            parts = published["tables"].get(name, [])
+            if name in names:
+                paths = {f"{self.table_dir(name)}/{part}.parquet": part for part in parts}
+                parts = [paths[path] for path in self.part_key_ranges.meeting(list(paths), first, last)]
+            self.attach_parts(cursor, name, parts, union_by_name=name in short, temporary=True)
+        return cursor
+
     def attach_parts(self, con: duckdb.DuckDBPyConnection, name: str, parts: list[str],
-                     union_by_name: bool = False) -> None:
+                     union_by_name: bool = False, temporary: bool = False) -> None:
         """Table `name` on `con` over the given parts of its folder (published or not yet);
-        union_by_name when some part lacks a column (Workspace._short_parts)."""
+        union_by_name when some part lacks a column (Workspace._short_parts); temporary: a view of
+        this connection alone (a registered dataset always is)."""
         if self.local or not parts:
-            con.execute(self.view_sql(name, parts, union_by_name))
+            con.execute(self.view_sql(name, parts, union_by_name, temporary))
         else:
             files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
             con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet", filesystem=self.fs))
