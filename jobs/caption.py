@@ -43,10 +43,11 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions", "own_captions")
 # Options that shape the region captions only: no new units for them while caption.regions is off.
 REGION_OPTIONS = ("region_prompt", "region_overlap")
 REWRITERS = ("", "openai", "vllm")
+OWN_CAPTIONS = ("score", "ignore")
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
 
@@ -66,6 +67,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = caption_options(cfg)
     if opts["backend"] not in BACKENDS:
         raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
+    if opts["own_captions"] not in OWN_CAPTIONS:
+        raise ConfigError(f"caption.own_captions must be one of {OWN_CAPTIONS}, not {opts['own_captions']!r}")
     if opts["rewrite"] not in REWRITERS:
         raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
     if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
@@ -225,7 +228,7 @@ def captioner_class(backend: str) -> type:
 
 
 def add_infos(summary: JobSummary, infos: list[dict]) -> None:
-    accuracy, captioned, scored, flagged, transient = 0.0, 0, 0, 0, 0
+    accuracy, captioned, scored, flagged, transient, own, own_accepted = 0.0, 0, 0, 0, 0, 0, 0
     not_scored: Counter[str] = Counter()
     against: Counter[str] = Counter()
     for info in infos:
@@ -240,10 +243,15 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         flagged += info["flagged"]
         accuracy += info["accuracy_sum"]
         transient += info.get("transient", 0)
+        own += info.get("own_captions", 0)
+        own_accepted += info.get("own_accepted", 0)
     summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
     if transient:
         summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "
                              "timed out): the next run asks for them again")
+    if own:
+        summary.notes.append(f"own captions (sidecars, JSON): {own} scored, {own_accepted} accepted "
+                             "(at caption.target, or the backend gave none)")
     if scored:
         by = ", ".join(f"{n} against {what}" for what, n in sorted(against.items()))
         summary.notes.append(f"scored {scored} captions ({by}): mean accuracy {accuracy / scored:.3f}")

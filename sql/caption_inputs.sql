@@ -11,7 +11,11 @@
 -- person_tags.
 -- regions: with annotate.tagger.regions, the tagger's tags of each 2x2 region (caption.regions).
 with texts as (
-    select key, list(text order by kind, text) as texts
+    select key,
+           list(text order by kind, text) as texts,
+           -- the captions the image came with (a .caption sidecar, a JSON caption; not prompts):
+           -- scored as candidates (caption.own_captions)
+           list(distinct text order by text) filter (where kind = 'caption') as own_captions
     from source_text
     where kind in ('caption', 'sd_prompt', 'nai_comment')
     group by key
@@ -81,6 +85,7 @@ select i.key,
        coalesce(m.characters, []::varchar[]) as characters,
        coalesce(m.rating, t.source_rating) as rating,
        coalesce(x.texts, []::varchar[]) as texts,
+       coalesce(x.own_captions, []::varchar[]) as own_captions,
        g.key is not null as tagger_ran,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,

@@ -107,6 +107,44 @@ def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, wor
     assert "red hair" not in girl["caption"] and "blue eyes" not in girl["caption"]
 
 
+def test_an_images_own_caption_is_scored_and_accepted_at_target(ray_local, workspace, config):
+    """Captions the images came with are attempt -1 (backend "own"), scored against the tagger
+    like a model's: one at the target is accepted and the template is not run for its image; one
+    below loses to the template; an image without tags keeps its own caption, not scored."""
+    write_inputs(workspace)
+    girl_tags = ["1girl", "red_hair", "short_hair", "blue_eyes", "white_shirt", "blue_skirt", "smile", "standing"]
+    workspace.add_part("tag_scores", "u", [
+        {"key": k, "crop": -1, "tag": t, "category": "general", "score": 0.9, "model": "wd"}
+        for k, tags in (("a/girl", girl_tags), ("a/pair", ["2girls", "black_hair", "school_uniform", "sky"]))
+        for t in tags])
+    good = ("A girl with short red hair and blue eyes, wearing a white shirt and a blue skirt, "
+            "standing and smiling.")
+    workspace.add_part("source_text", "u", [
+        {"key": "a/girl", "kind": "caption", "text": good},
+        {"key": "a/girl", "kind": "sd_prompt", "text": "masterpiece, 1girl"},  # a prompt is not a caption
+        {"key": "a/pair", "kind": "caption", "text": "A bowl of fruit on a wooden table."},
+        {"key": "a/untagged", "kind": "caption", "text": "A quiet harbour at dawn."}])
+    summary = caption.run(configure(config, target=0.6), workspace)
+    rows = {(r["key"], r["attempt"]): r for r in workspace.read_table("captions").to_pylist()}
+
+    girl = rows[("a/girl", -1)]
+    assert girl["backend"] == "own" and girl["caption"] == good and girl["accepted"]
+    assert girl["scored_against"] == "tagger" and girl["accuracy"] >= 0.6 and girl["quality_tags"]
+    assert ("a/girl", 0) not in rows  # settled: no template caption made
+    fruit, pair = rows[("a/pair", -1)], rows[("a/pair", 0)]
+    assert fruit["accuracy"] < 0.6 and not fruit["accepted"]
+    assert pair["accepted"] and pair["backend"] == "template:english"
+    harbour = rows[("a/untagged", -1)]
+    assert harbour["accepted"] and harbour["accuracy"] is None and harbour["not_scored"] == "no_evidence"
+    assert workspace.read_table("errors").num_rows == 0  # a/untagged has a caption now: no no_tags row
+    assert "own captions (sidecars, JSON): 3 scored, 2 accepted" in " ".join(summary.notes)
+
+    caption.run(configure(config, own_captions="ignore"), workspace)
+    rows = workspace.read_table("captions").to_pylist()
+    assert {r["backend"] for r in rows} == {"template:english"} and len(rows) == 4
+    assert [e["kind"] for e in workspace.read_table("errors").to_pylist()] == ["no_tags"]
+
+
 class EchoDraft(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint on loopback whose "VLM" writes back the draft caption of
     its prompt (the template of this attempt's tags): a caption whose words the test knows, from a

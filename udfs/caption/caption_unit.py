@@ -32,6 +32,8 @@ from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
 
 PINNED = ("count", "count_word", "character", "copyright")  # tag groups loop-back never drops nor moves
+# The attempt number of an image's own captions (caption.own_captions): before the backend's 0, 1, ...
+OWN_ATTEMPT = -1
 
 
 @dataclass
@@ -128,6 +130,15 @@ def evidence_for(row: dict, builds_from_tags: bool, vocab: TemplateVocab) -> Evi
     return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab))
 
 
+def own_evidence(row: dict, vocab: TemplateVocab) -> Evidence:
+    """The evidence for an image's own caption: as for a model shown the image, but an image with
+    neither tagger tags nor curated tags has none."""
+    evidence = evidence_for(row, False, vocab)
+    if evidence.against == "curated_tags" and not evidence.tags:
+        return Evidence(None, [], [], None, "no_evidence")
+    return evidence
+
+
 @dataclass
 class Judge:
     """One unit's evidence, reference captions (the template of the evidence) and names."""
@@ -157,15 +168,31 @@ class UnitCaptioner:
         self.builds_from_tags = not (self.sees_image and options.get("send_images", True))
         self.vocab = TemplateVocab()
         self.templates = TemplateCaptions(self.vocab)
-        encoder = None if self.builds_from_tags else SentenceEncoder(  # nothing to score: no model to load
-            options["embedding_model"], batch_size=int(options["embedding_batch_size"]),
-            cpu_batch_size=int(options["embedding_cpu_batch_size"]))
-        skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
-        self.scorer = CaptionScorer(encoder, skip_tags=skip, categories=tuple(options["score_categories"]))
+        # nothing to score: no model to load
+        self.scorer = self.make_scorer(None if self.builds_from_tags else self.make_encoder())
+        self._own_scorer: CaptionScorer | None = None  # see own_scorer
         self.lint = TraitLint(self.scorer)
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
                                   int(options["accuracy_step"]), float(options["review_floor"]))
         self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
+
+    def make_encoder(self) -> SentenceEncoder:
+        return SentenceEncoder(self.opts["embedding_model"], batch_size=int(self.opts["embedding_batch_size"]),
+                               cpu_batch_size=int(self.opts["embedding_cpu_batch_size"]))
+
+    def make_scorer(self, encoder: SentenceEncoder | None) -> CaptionScorer:
+        skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
+        return CaptionScorer(encoder, skip_tags=skip, categories=tuple(self.opts["score_categories"]))
+
+    def own_scorer(self) -> CaptionScorer:
+        """The scorer of the images' own captions: the backend's, or for a backend whose captions
+        are not scored (the template) one made at the first own caption, so that the sentence
+        model is loaded only for a dataset that brings captions."""
+        if self.scorer.encoder is not None:
+            return self.scorer
+        if self._own_scorer is None:
+            self._own_scorer = self.make_scorer(self.make_encoder())
+        return self._own_scorer
 
     def make_rewriter(self, options: dict[str, Any]):
         from udfs.caption.rewriter import make_rewriter
@@ -272,9 +299,10 @@ class UnitCaptioner:
         if self.opts["lint_strip_traits"]:
             rows = [without_traits(r) for r in rows]
         errors: list[dict] = []
-        todo = [r for r in rows if r["tags"] or not self.needs_tags]
+        own_on = self.opts["own_captions"] == "score"
+        todo = [r for r in rows if self.can_caption(r) or (own_on and r.get("own_captions"))]
         for r in rows:
-            if not (r["tags"] or not self.needs_tags):
+            if not (self.can_caption(r) or (own_on and r.get("own_captions"))):
                 errors.append(self._error(r, "no_tags", "no curated or source tags: the template has nothing to say",
                                           dropped=True))
         drafts = self._english([r["tags"] for r in todo], [r["categories"] for r in todo],
@@ -283,11 +311,14 @@ class UnitCaptioner:
         references = [""] * len(todo) if self.builds_from_tags else self._english(
             [e.tags for e in evidence], [e.categories for e in evidence], [e.people for e in evidence])
         judge = Judge(evidence, references, [image_names(r) for r in todo])
-        attempts: list[dict] = []
-        best: dict[int, float] = {}  # an image with no score is settled by its first caption
-        pending = list(range(len(todo)))
         seed, target = int(self.opts["seed"]), float(self.opts["target"])
+        attempts = self._own_captions(todo, target, errors)
+        # an image with no score is settled by its first caption; one by an own caption at target
+        best: dict[int, float] = {r["_i"]: r["accuracy"] for r in attempts if not r.get("_fallback")}
+        pending = [i for i in range(len(todo)) if i not in best and self.can_caption(todo[i])]
         for attempt in range(int(self.opts["max_attempts"])):
+            if not pending:
+                break
             hints = [hint_for(todo[i], attempt, seed, float(self.opts["drop_per_attempt"]), self.vocab)
                      for i in pending]
             attempt_drafts = self._drafts(todo, pending, hints, drafts, attempt)
@@ -305,10 +336,40 @@ class UnitCaptioner:
                 break
         if self.rewriter is not None:
             attempts += self._rewrites(attempts, todo, judge, errors)
+        captioned = {row["_i"] for row in attempts}
         for i, r in enumerate(todo):
-            if i not in best:
+            if i not in captioned:
                 errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
         return self._accept(attempts), errors
+
+    def _own_captions(self, todo: list[dict], target: float, errors: list[dict]) -> list[dict]:
+        """Attempt rows (OWN_ATTEMPT, backend "own") of the captions the images came with, when
+        caption.own_captions is "score". Each is scored like a caption of a model shown the image,
+        against evidence it was not written from (evidence_for). One that reaches `target` is
+        accepted as it is, and no model is asked for its image; one below (or not scorable) is
+        marked `_fallback`: accepted only when the backend gives the image no caption."""
+        if self.opts["own_captions"] != "score":
+            return []
+        done = [(i, int(self.opts["seed"]), self._text(row, text), "own")
+                for i, row in enumerate(todo) for text in row.get("own_captions") or []
+                if self._acceptable(row, text, "own caption", errors)]
+        if not done:
+            return []
+        images = sorted({i for i, *_ in done})
+        evidence = {i: own_evidence(todo[i], self.vocab) for i in images}
+        english = self._english([evidence[i].tags for i in images], [evidence[i].categories for i in images],
+                                [evidence[i].people for i in images])
+        references = dict(zip(images, english, strict=True))
+        judge = Judge([evidence.get(i, BUILT_FROM_TAGS) for i in range(len(todo))],
+                      [references.get(i, "") for i in range(len(todo))], [image_names(r) for r in todo])
+        rows = self._scored(done, OWN_ATTEMPT, todo, judge, self.own_scorer())
+        for row in rows:
+            if row["accuracy"] is None or row["accuracy"] < target:
+                row["_fallback"] = True
+        return rows
+
+    def can_caption(self, row: dict) -> bool:
+        return bool(row["tags"]) or not self.needs_tags
 
     def _text(self, row: dict, result: str) -> str:
         """A caption's final text: trimmed, and without the character's traits when asked."""
@@ -328,12 +389,12 @@ class UnitCaptioner:
         return self._english([h.tags for h in hints], [h.categories for h in hints],
                              [todo[i]["n_people"] for i in pending], [todo[i].get("persons") for i in pending])
 
-    def _scored(self, done, attempt, todo, judge: Judge) -> list[dict]:
+    def _scored(self, done, attempt, todo, judge: Judge, scorer: CaptionScorer | None = None) -> list[dict]:
         """Attempt rows of the captions in `done`, scored against each image's evidence."""
         if not done:
             return []
         scored = [j for j, d in enumerate(done) if judge.evidence[d[0]].against is not None]
-        scores = judge.score(self.scorer, [done[j][0] for j in scored], [done[j][2] for j in scored]) \
+        scores = judge.score(scorer or self.scorer, [done[j][0] for j in scored], [done[j][2] for j in scored]) \
             if scored else None
         by_done = dict(zip(scored, range(len(scored)), strict=True))
         rows = []
@@ -389,6 +450,7 @@ class UnitCaptioner:
         for row in attempts:
             row.pop("_i", None)
             row.pop("_bonus", None)
+            row.pop("_fallback", None)
         return attempts
 
     def _error(self, row: dict, kind: str, message: str, dropped: bool = False) -> dict:
@@ -408,6 +470,8 @@ def _best_rows(attempts: list[dict]) -> dict[int, dict]:
 
 
 def _rank(row: dict) -> float:
+    if row.get("_fallback"):
+        return -2.0  # an own caption below target: only when the backend gave none
     if row["accuracy"] is None:
         return 1.0 if "_bonus" in row else 0.0
     return row["accuracy"] + row.get("_bonus", 0.0)
@@ -433,6 +497,8 @@ def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: fl
             "flagged": sum(c["flagged"] for c in accepted),
             "accuracy_sum": float(np.sum(scored)) if scored else 0.0,
             "attempts": Counter(str(c["attempt"]) for c in captions),
+            "own_captions": sum(c["attempt"] == OWN_ATTEMPT for c in captions),
+            "own_accepted": sum(c["attempt"] == OWN_ATTEMPT for c in accepted),
             "error_kinds": dict(Counter(e["kind"] for e in errors)),
             "dropped": sum(e["dropped"] for e in errors), "transient": transient_failures(errors),
             "seconds": round(seconds, 4)}
