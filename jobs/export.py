@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -122,6 +123,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
         ws.publish()  # the manifest rows of the files just removed go at once
     done = ws.done_units(JOB)
+    lost = forget_lost_units(ws, out, units, done)
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
@@ -145,7 +147,25 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                          f"(duplicates, flagged captions, export.where)")
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
+    if lost:
+        summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
     return summary
+
+
+def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
+    """Forget (and take out of `done`) the done units of this plan whose files are not all in
+    `out` any more: the shards and files their markers name, and one per-image file of each
+    folder they wrote in (a few checks per unit, not one per image). Returns how many."""
+    lost = [u["unit"] for u in units if u["unit"] in done and not outputs_present(out, done[u["unit"]])]
+    for unit in lost:
+        ws.forget_unit(JOB, unit)
+        del done[unit]
+    return len(lost)
+
+
+def outputs_present(out: str, info: dict) -> bool:
+    return all(os.path.isfile(os.path.join(out, relative)) for relative in [*info.get("files", []),
+                                                                           *info.get("witnesses", [])])
 
 
 # ---- selection ------------------------------------------------------------------------------
@@ -325,27 +345,39 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
 
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:
-    """Outputs of units no longer planned (selection or options changed): files, parts, markers.
-    Returns the number of units whose files were removed (those of this `out`; an export to
-    another folder keeps its files, its units are only forgotten).
+    """Outputs of units of this `out` no longer planned (selection or options changed): files,
+    parts, markers. Returns the number of units whose files were removed. The units of an export
+    to another folder keep their files and markers: an export there again removes what is stale
+    then (forgotten here, their files were left there for good).
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
     reads only the markers, which name a unit's shards, Parquet files and multiply.txt)."""
     done = ws.done_units(JOB)
-    stale = {u: info for u, info in done.items() if u not in current}
+    stale = {u: info for u, info in done.items() if u not in current and info.get("out") in (out, None)}
     keep = {f for u, info in done.items() if u in current for f in info.get("files", [])}
     here = sorted(unit for unit, info in stale.items() if info.get("out") == out)
     if here:
         run_in_worker(cfg, ws, remove_image_files, out, here, sorted(u for u in done if u in current))
+    folders = set()
     for unit, info in stale.items():
         if info.get("out") == out:
             for relative in set(info.get("files", [])) - keep:
                 path = os.path.join(out, relative)
                 if os.path.isfile(path):
                     os.remove(path)
+                    folders.add(os.path.dirname(path))
         ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
+    remove_empty_folders(out, folders)
     return len(here)
+
+
+def remove_empty_folders(out: str, folders: Iterable[str]) -> None:
+    """Remove each of `folders` left empty, and its parents up to `out` left empty by that."""
+    for folder in sorted(set(folders), key=len, reverse=True):  # deepest first
+        while folder != out and folder.startswith(out + os.sep) and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
 
 
 def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[str]) -> int:
@@ -365,9 +397,7 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
                     folders.add(os.path.dirname(path))
     finally:
         con.close()
-    for folder in sorted(folders, reverse=True):  # a concept folder left empty goes too (deepest first)
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+    remove_empty_folders(out, folders)  # a concept folder left empty goes too (one with multiply.txt: later)
     return deleted
 
 

@@ -118,6 +118,23 @@ def test_balance_table_from_groups(workspace, tmp_path):
     assert rows["crowd"]["weight"] == pytest.approx(0.1)
 
 
+def test_near_duplicates_the_export_leaves_out_do_not_weigh_in_the_balance(workspace):
+    """Three copies of one scenery image and one picture of alice: the export keeps one of the
+    copies, so the balance shares 0_characters' weight among one image, not three (it gave
+    alice a multiply of 3 against 1, and the export then wrote them 3:1 instead of 1:1)."""
+    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    workspace.add_part("images", "p", rows)
+    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
+    workspace.add_part("source_tags", "p",
+                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
+    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+    rows = {r["key"]: r for r in workspace.read_table("balance").to_pylist()}
+    assert {k: r["multiply"] for k, r in rows.items()} == {"copy1": 1.0, "copy2": 1.0, "copy3": 1.0, "alice": 1.0}
+    assert rows["copy1"]["probability"] == pytest.approx(0.5) and rows["copy1"]["weight"] == pytest.approx(0.5)
+
+
 def test_unknown_group_segment_is_a_config_error(workspace):
     from jobs.config import ConfigError
 

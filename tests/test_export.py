@@ -14,6 +14,7 @@ import tarfile
 import pytest
 
 from tests.export_data import base_config, prepared_workspace
+from udfs.export.export_plan import repeats_of
 
 ALL = '["webdataset", "kohya", "everydream", "parquet"]'
 
@@ -66,7 +67,7 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
         assert image.size == (meta["width"], meta["height"]) and max(image.size) <= 1024
         assert sample["txt"] == expected[key]["caption"]
         assert meta["multiply"] == pytest.approx(expected[key]["multiply"])
-        assert meta["repeats"] == max(1, int(expected[key]["multiply"] + 0.5))
+        assert meta["repeats"] == repeats_of(expected[key]["multiply"], key)
         assert meta["source"]["member"] and meta["tags"] and "accuracy" in meta["scores"]
         seen[key] = sample["__key__"]
     assert set(seen) == set(expected) and not set(seen) & dropped
@@ -175,7 +176,7 @@ def test_kohya_and_everydream_folders(exported):
         meta_txt = image.with_suffix(".txt").read_text()
         key = next(k for k, v in expected.items() if v["caption"] == meta_txt and
                    image.stem.endswith(k.split("/")[-1]))
-        assert int(repeats) == max(1, int(expected[key]["multiply"] + 0.5)) and concept
+        assert int(repeats) == repeats_of(expected[key]["multiply"], key) and concept
     folders = [p for p in (out / "everydream").iterdir() if p.is_dir()]
     ed_images = [p for f in folders for p in f.iterdir() if p.suffix in (".jpg", ".png", ".webp")]
     assert len(ed_images) == len(expected)
@@ -277,7 +278,7 @@ def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, 
     expected = expected_rows(ws)
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "rep" / "webdataset")
                                                         .glob("*.tar")), shardshuffle=False)]
-    assert len(keys) == len(set(keys)) == sum(max(1, int(r["multiply"] + 0.5)) for r in expected.values())
+    assert len(keys) == len(set(keys)) == sum(repeats_of(r["multiply"], key) for key, r in expected.items())
 
 
 def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_local):
@@ -354,7 +355,40 @@ def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_p
     export.run(cfg, ws)
     assert not (out / "webdataset" / "index.wids.json").exists()
     assert not list((out / "webdataset").glob("*.tar"))
-    assert not (out / "kohya").exists() or not list((out / "kohya").iterdir())
+    assert not (out / "kohya").exists()
+    assert list((out / "everydream").rglob("multiply.txt"))
+    merge(cfg, {"export": {"formats": ["webdataset"]}})
+    export.run(cfg, ws)  # the folders that held multiply.txt go too, and everydream/ with them
+    assert not (out / "everydream").exists()
+
+
+def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp_path_factory, tmp_path,
+                                                                             ray_local):
+    """A done unit whose files were deleted (a concept folder, the shards) is exported again, not
+    counted as done; an export to a second folder leaves the first one's units known, so that
+    exporting to the first again removes its stale files there."""
+    from jobs import export
+    from jobs.config import merge
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{first}"', 'export.formats=["webdataset", "kohya"]',
+                    "export.max_count=4")
+    export.run(cfg, ws)
+    files = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file() and p.suffix != ".parquet"}
+    shutil.rmtree(first / "kohya")
+    for shard in (first / "webdataset").glob("*.tar"):
+        shard.unlink()
+    again = export.run(cfg, ws)
+    assert again.units_done > 0 and any("written again" in note for note in again.notes)
+    assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*")
+            if p.is_file() and p.suffix != ".parquet"} == files
+
+    merge(cfg, {"export": {"out": str(second)}})
+    export.run(cfg, ws)
+    merge(cfg, {"export": {"out": str(first), "concept": "zz"}})
+    export.run(cfg, ws)
+    assert {p.name for p in (first / "kohya").iterdir()} <= {f"{n}_zz" for n in range(1, 101)}
+    assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
 
 
 def test_a_parquet_shard_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):

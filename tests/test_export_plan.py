@@ -16,9 +16,9 @@ def options(**changes):
 
 
 def selection(n: int, source: str = "/in/a.tar", width: int = 800, height: int = 600, nbytes: int = 100_000,
-              fmt: str = "JPEG", multiply: float = 1.0) -> pa.Table:
+              fmt: str = "JPEG", multiply: float = 1.0, mode: str = "RGB") -> pa.Table:
     return pa.Table.from_pylist([{
-        "key": f"a/{i:03d}", "source": source, "member": f"{i:03d}.jpg", "format": fmt, "width": width,
+        "key": f"a/{i:03d}", "source": source, "member": f"{i:03d}.jpg", "format": fmt, "mode": mode, "width": width,
         "height": height, "bytes": nbytes, "tags": ["1girl", "long_hair", "^_^"],
         "categories": ["general"] * 3, "tag_scores": [1.0, 0.9, 0.5], "characters": [], "rating": "general",
         "n_people": 1, "caption": None, "tag_inclusion": None, "english_similarity": None,
@@ -77,12 +77,29 @@ def test_sizes_text_json_and_repeats():
     assert sample["size"] == [1024, 512] and sample["reencode"] and sample["ext"] == "jpg"
     assert sample["txt"] == "1girl, long hair, ^_^"
     meta = json.loads(sample["json"])
-    assert meta["multiply"] == 2.5 and meta["repeats"] == 3 and meta["tag_scores"]["long_hair"] == 0.9
-    assert sample["kohya"] == "3_g__h" and sample["everydream"] == "g__h_x2.5"
+    assert meta["multiply"] == 2.5 and meta["repeats"] in (2, 3) and meta["tag_scores"]["long_hair"] == 0.9
+    assert sample["kohya"] == f"{meta['repeats']}_g__h" and sample["everydream"] == "g__h_x2.5"
     small = plan_units(selection(1, width=512, height=512), options(max_size=1024))
     assert small[0]["samples"][0]["size"] == [512, 512] and not small[0]["samples"][0]["reencode"]
     gif = plan_units(selection(1, width=64, height=64, fmt="GIF"), options())
     assert gif[0]["samples"][0]["reencode"] and gif[0]["samples"][0]["ext"] == "png"
+    # a trainer's Image.convert("RGB") clips 16-bit samples: white; re-encoded at 8 bits instead
+    grey16 = plan_units(selection(1, width=64, height=64, fmt="PNG", mode="I;16"), options())
+    assert grey16[0]["samples"][0]["reencode"] and grey16[0]["samples"][0]["ext"] == "png"
+
+
+def test_fractional_multiply_keeps_the_groups_repeats():
+    """Whole repeats per image (kohya folders, materialised copies) add up to the multiply of the
+    group: 1.33 and 1.4 are not both 1, and an image gets the same repeats in every export."""
+    for multiply in (1.33, 1.4, 2.5, 4.8):
+        samples = plan_units(selection(2000, multiply=multiply), options())[0]["samples"]
+        repeats = [s["repeats"] for s in samples]
+        assert set(repeats) == {int(multiply), int(multiply) + 1}
+        assert sum(repeats) / len(repeats) == pytest.approx(multiply, abs=0.05)
+        assert {s["kohya"] for s in samples} == {f"{int(multiply)}_g__h", f"{int(multiply) + 1}_g__h"}
+        assert [s["repeats"] for s in plan_units(selection(2000, multiply=multiply), options())[0]["samples"]] \
+            == repeats
+    assert {s["repeats"] for s in plan_units(selection(50, multiply=0.4), options())[0]["samples"]} == {1}
 
 
 def test_materialised_repeats_get_unique_names():

@@ -36,6 +36,9 @@ def test_safe_names_are_unique_and_plain_keys_stay_readable():
     assert len(set(names)) == len(names)
     assert safe_name("renpy-000000/eileen_happy") == "renpy-000000__eileen_happy"
     assert safe_name("a__b") != safe_name("a/b")  # "__" in a key cannot pose as a folder separator
+    # one file on a file system that ignores case (Windows, macOS), where kohya users train
+    cased = [safe_name(k) for k in ("in/Eileen", "in/eileen", "in/EILEEN", "IN/eileen")]
+    assert len({name.lower() for name in cased}) == 4
 
 
 def test_inside_refuses_paths_outside_the_root(tmp_path):

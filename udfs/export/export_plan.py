@@ -29,9 +29,15 @@ from udfs.export.tag_text import TagTextRules
 TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
 
 
-def repeats_of(multiply: float) -> int:
-    """multiply rounded half up, at least 1 (kohya's <repeats>_ folders and materialised copies)."""
-    return max(1, math.floor(float(multiply) + 0.5))
+def repeats_of(multiply: float, key: str) -> int:
+    """Whole repeats for kohya's <repeats>_ folders and materialised copies: floor(multiply), plus
+    one for a share of the images equal to multiply's fraction, chosen by a hash of the key (the
+    same image gets the same repeats in every export). A group's repeats then add up to its
+    multiply times its images (within sampling noise), where rounding each image alike made 1.33
+    and 1.4 both 1. At least 1: only EveryDream's multiply.txt and KEY.json weigh an image less."""
+    whole = math.floor(float(multiply))
+    share = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()) / 2**64
+    return max(1, whole + (share < float(multiply) - whole))
 
 
 def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dict:
@@ -39,7 +45,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     width, height = int(row["width"] or 0), int(row["height"] or 0)
     size = target_size(width, height, opts) if width and height else (width, height)
     orientation = int(row.get("orientation") or 1)
-    reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"])
+    reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"],
+                              mode=row.get("mode"))
     ext = output_extension(row["format"])
     caption, text_from = None, "tags"
     if opts["text"] == "regions" and row.get("region_caption"):
@@ -48,7 +55,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         caption, text_from = row["caption"], "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
-    repeats = repeats_of(row["multiply"])
+    repeats = repeats_of(row["multiply"], row["key"])
     concept = opts["concept"] or row["group"] or "all"
     meta = {
         "key": row["key"], "source": {"source": row["source"], "member": row["member"]},

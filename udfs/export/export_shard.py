@@ -185,6 +185,9 @@ class UnitExport:
         self.manifest: list[dict] = []
         self.errors: list[dict] = []
         self.files: list[str] = []
+        # one per-image file of each folder the unit writes in: a later export checks that they
+        # are still there (a folder deleted, `out` emptied) before it counts the unit as done
+        self.witnesses: dict[str, str] = {}
         self.bytes_out = 0
 
     def run(self) -> dict:
@@ -279,6 +282,8 @@ class UnitExport:
         atomic_write(inside(self.out, relative), data)
         if listed:
             self.files.append(relative)
+        else:
+            self.witnesses.setdefault(os.path.dirname(relative), relative)
 
     def temp_path(self, relative: str) -> str:
         """A temporary name beside the export's file `relative`, renamed to it by finish()."""
@@ -329,4 +334,5 @@ class UnitExport:
         exported = len({m["key"] for m in self.manifest})
         return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
                 "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
-                "files": sorted(set(self.files)), "out": self.out, "samples_written": len(self.manifest)}
+                "files": sorted(set(self.files)), "witnesses": sorted(self.witnesses.values()), "out": self.out,
+                "samples_written": len(self.manifest)}

@@ -19,6 +19,9 @@ from udfs.orientation import exif_orientation
 
 # Formats trainers read as they are; anything else (GIF, BMP, TIFF, ...) is re-encoded.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# Modes a trainer's `Image.convert("RGB")` reads right. Pillow clips the samples of 16-bit and
+# float pictures (I;16, I, F) to 255: such a file copied as it is trains as a white image.
+PASSTHROUGH_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})
 Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
 
 
@@ -65,10 +68,12 @@ def output_extension(fmt: str) -> str:
     return PASSTHROUGH.get((fmt or "").upper(), "png")
 
 
-def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], turned: bool = False) -> bool:
-    """Whether the exported image is re-encoded: a format trainers do not read, another size,
-    or stored pixels that must be turned upright (`turned`: EXIF orientation to apply)."""
-    return (fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target) or turned
+def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], turned: bool = False,
+                   mode: str | None = None) -> bool:
+    """Whether the exported image is re-encoded: a format or `mode` trainers do not read right,
+    another size, or stored pixels that must be turned upright (`turned`: EXIF orientation to apply)."""
+    return ((fmt or "").upper() not in PASSTHROUGH or (width, height) != tuple(target) or turned
+            or (mode is not None and mode not in PASSTHROUGH_MODES))
 
 
 def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool,

@@ -2,9 +2,10 @@
 
 Keys come from tar headers and folder paths of untrusted inputs: `../x`, `/etc/passwd`,
 `a\\b`, control characters, Windows device names, dots (WebDataset ends a key at the first
-dot of the file name), and names too long for a file system all occur. A safe name keeps the
-readable part of the key and adds a short hash whenever anything had to change, so two keys
-never end up with the same name.
+dot of the file name), names too long for a file system, and keys that differ only in case
+(one file on Windows and macOS, where kohya users train) all occur. A safe name keeps the
+readable part of the key and adds a short hash whenever anything had to change or the key has
+capitals, so two keys never end up with the same name, whatever the file system's case rule.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ def key_digest(key: str) -> str:
 def safe_name(key: str) -> str:
     """A flat file-name stem for `key`: [A-Za-z0-9_-] only, "/" as "__", unique per key.
 
-    Keys made of [A-Za-z0-9_-] path segments (without "__") map one to one without a hash;
-    any other key gets "-<sha1 prefix>" so that sanitising can never merge two keys.
+    Lower-case keys made of [a-z0-9_-] path segments (without "__") map one to one without a
+    hash; any other key gets "-<sha1 prefix>" so that neither sanitising nor a file system that
+    ignores case can merge two keys.
     """
     segments = [UNSAFE.sub("_", s).strip("_") for s in key.split("/")]
     readable = "__".join(s for s in segments if s) or "sample"
     lossless = "__" not in key and all(s and not UNSAFE.search(s) for s in key.split("/"))
-    lossless = lossless and readable == key.replace("/", "__")
+    lossless = lossless and readable == key.replace("/", "__") and key == key.lower()
     device = readable.lower() in WINDOWS_DEVICES
     if lossless and not device and len(readable) <= MAX_NAME:
         return readable

@@ -12,6 +12,12 @@ from udfs.export.clip_tokens import fit_tags  # the tokenizer itself loads on th
 SORTS = ("rank", "score")
 
 
+def tag_form(tag: str) -> str:
+    """A tag as the tables hold it (Danbooru's: lower case, underscores), from a user's spelling
+    ("Long hair" is long_hair)."""
+    return "_".join(tag.strip().lower().split())
+
+
 @dataclass(frozen=True)
 class TagTextRules:
     underscores: bool = False
@@ -30,7 +36,7 @@ class TagTextRules:
         return cls(underscores=bool(opts["tag_underscores"]),
                    category_order=tuple(opts["tag_category_order"]), sort=str(opts["tag_sort"]),
                    exclude_categories=frozenset(opts["exclude_tag_categories"]),
-                   exclude_tags=frozenset(opts["exclude_tags"]),
+                   exclude_tags=frozenset(tag_form(t) for t in opts["exclude_tags"]),
                    escape_parentheses=bool(opts["escape_parentheses"]), keep_tokens=int(opts["keep_tokens"]),
                    keep_tokens_separator=str(opts["keep_tokens_separator"]),
                    clip_token_budget=int(opts["clip_token_budget"]))
@@ -40,8 +46,12 @@ class TagTextRules:
         first = {category: i for i, category in enumerate(self.category_order)}
         kept = [(first.get(c, len(first)), -float(s) if self.sort == "score" else 0.0, i, t)
                 for i, (t, c, s) in enumerate(zip(tags, categories, scores, strict=True))
-                if c not in self.exclude_categories and t not in self.exclude_tags]
+                if c not in self.exclude_categories and t not in self.exclude_tags and not self.parts_text(t)]
         return [t for *_, t in sorted(kept)]
+
+    def parts_text(self, tag: str) -> bool:
+        """A tag holding the keep_tokens separator would split the text where kohya looks for it."""
+        return bool(self.keep_tokens_separator) and self.keep_tokens_separator.strip() in tag
 
     def spell(self, tag: str) -> str:
         # underscores become spaces except in kaomoji such as ^_^ (no letters)
