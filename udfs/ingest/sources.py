@@ -172,30 +172,33 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     opening them). Folder units are content-defined chunks of the sorted sample keys, so adding or
     removing a file changes only the unit it falls in; keys never depend on the chunks.
     """
-    tars, loose = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    tars, loose = [], []  # (full path, path relative to root)
+    # relative paths are cut from os.walk's own strings: os.path.relpath took half the listing's
+    # time (100k images, 150k files: 8.0 s in all)
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         dirnames[:] = sorted(d for d in dirnames if d not in linked)  # never walk out through a link
+        prefix = dirpath[len(top) + 1:] + "/" if dirpath != top else ""
         for name in sorted(filenames + linked):
             full = os.path.join(dirpath, name)
             is_tar = name.endswith(".tar") and os.path.isfile(full) and not os.path.islink(full)
-            (tars if is_tar else loose).append(full)
+            (tars if is_tar else loose).append((full, prefix + name))
     units = []
-    for tar in tars:
+    for tar, rel in tars:
         size, stamp = _file_stat(tar)
-        units.append(_tar_unit(tar, input_id, os.path.relpath(tar, root), stamp, size))
-    by_key: dict[str, list[str]] = {}  # a sample's files stay in one chunk
-    for full in loose:
-        by_key.setdefault(split_folder_name(os.path.relpath(full, root))[0], []).append(full)
-    clips = sorted(k for k, files in by_key.items() if any(_is_video(f) for f in files))
+        units.append(_tar_unit(tar, input_id, rel, stamp, size))
+    by_key: dict[str, list[tuple[str, str]]] = {}  # a sample's files stay in one chunk
+    for full, rel in loose:
+        by_key.setdefault(split_folder_name(rel)[0], []).append((full, rel))
+    clips = sorted(k for k, files in by_key.items() if any(_is_video(rel) for _, rel in files))
     chunks = [[k] for k in clips]  # a video is a unit of its own: a kill mid-episode redoes only it
     chunks += content_defined_chunks(sorted(set(by_key) - set(clips)), folder_unit_size)
     for chunk in chunks:
         files = [f for k in chunk for f in by_key[k]]
-        stats = [_file_stat(f) for f in files]
-        units.append(Unit("folder", str(root), input_id, files, input=input_id,
-                          stamp=_stamp(*[(os.path.relpath(f, root), stamp)
-                                         for f, (_, stamp) in zip(files, stats, strict=True)]),
+        stats = [_file_stat(full) for full, _ in files]
+        units.append(Unit("folder", top, input_id, [full for full, _ in files], input=input_id,
+                          stamp=_stamp(*[(rel, stamp) for (_, rel), (_, stamp) in zip(files, stats, strict=True)]),
                           size=sum(size for size, _ in stats)))
     return units
 
