@@ -207,6 +207,8 @@ def test_every_clip_is_accounted_for(clip_folder):
     assert clips["in/long"]["frames_kept"] >= 1
     assert clips["in/scenes"]["slices"] == 3 and clips["in/scenes"]["codec"] == "h264"
     assert clips["in/wave"]["format"] == "GIF" and clips["in/wave"]["frames_kept"] == 4
+    wave = clips["in/wave"]  # 4 frames of 0.6 s: an animation's rate and length come from its frames
+    assert wave["duration"] == pytest.approx(2.4) and wave["fps"] == pytest.approx(1 / 0.6, abs=1e-3)
     assert (clips["in/blink"]["format"], clips["in/blink"]["frames_kept"]) == ("PNG", 3)  # APNG
     assert (clips["in/turn"]["format"], clips["in/turn"]["frames_kept"]) == ("WEBP", 2)
     assert f"1 images + 6 clips ({len(frames)} frames) + 3 dropped samples = 10 samples seen" in summary.render()

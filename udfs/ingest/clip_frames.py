@@ -267,7 +267,8 @@ class ClipReader:
         with image:
             if image.width * image.height > self.max_pixels:
                 raise ClipError("frame_too_large", f"{image.width}x{image.height} frames > {self.max_pixels} pixels")
-            yield ClipInfo(image.format or "", image.format or "", image.width, image.height, 0.0, 0.0)
+            fmt = image.format or ""
+            yield ClipInfo(fmt, fmt, image.width, image.height, 0.0, 0.0)
             time = 0.0
             try:
                 for index, frame in enumerate(ImageSequence.Iterator(image)):
@@ -277,6 +278,8 @@ class ClipReader:
                     if time >= self.wanted_from:
                         yield Frame(index, time, picture)
                     time += duration or 0.1  # browsers show frames without a duration for 0.1 s
+                # only the frames say how long an animation runs: its rate and length, once known
+                yield ClipInfo(fmt, fmt, image.width, image.height, round(self.decoded / time, 3), round(time, 6))
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc
