@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import ImageColor
 
 import schemas
 from jobs.config import REPO, Config, ConfigError
@@ -73,7 +74,7 @@ SELECTION_ROW_GROUP = 1024  # rows per row group of a staged chunk: a unit's tas
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
            "png_compress_level", "max_count", "max_bytes", "text", "tag_underscores", "materialize_repeats", "concept",
            "tag_category_order", "tag_sort", "exclude_tag_categories", "exclude_tags", "escape_parentheses",
-           "keep_tokens", "keep_tokens_separator", "clip_token_budget")
+           "keep_tokens", "keep_tokens_separator", "clip_token_budget", "alpha_background")
 
 
 def sql_text(name: str) -> str:
@@ -104,6 +105,11 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
     if not 0 <= int(opts["png_compress_level"]) <= 9:
         raise ConfigError("export.png_compress_level must be a zlib level, 0 to 9")
+    if opts["alpha_background"]:
+        try:
+            ImageColor.getrgb(str(opts["alpha_background"]))
+        except ValueError as exc:
+            raise ConfigError(f"export.alpha_background {opts['alpha_background']!r}: {exc}") from exc
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
 

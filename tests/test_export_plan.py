@@ -187,3 +187,28 @@ def test_resized_images_keep_their_colours_and_transparency():
     out = np.asarray(Image.open(io.BytesIO(resize_image(png.getvalue(), (60, 40), "png", 95, False))))
     visible = out[out[..., 3] > 0]
     assert visible[:, 0].max() == 0 and visible[:, 2].min() == 255  # no red bled into the blue edge
+
+
+def test_transparent_pictures_are_flattened_onto_alpha_background_when_asked():
+    """kohya reads a sprite with convert("RGB"): its transparent pixels (black here) become the
+    background it trains on. export.alpha_background flattens them onto a colour, at any size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from udfs.export.resize import resize_image
+
+    sprite = np.zeros((64, 64, 4), dtype=np.uint8)
+    sprite[16:48, 16:48] = (0, 0, 255, 255)  # an opaque blue square on transparent black
+    png = io.BytesIO()
+    Image.fromarray(sprite, "RGBA").save(png, "PNG")
+    row = {**selection(1, width=64, height=64, fmt="PNG", mode="RGBA").to_pylist()[0]}
+    kept = plan_units(pa.Table.from_pylist([row]), options())[0]["samples"][0]
+    flat = plan_units(pa.Table.from_pylist([row]), options(alpha_background="white"))[0]["samples"][0]
+    assert not kept["reencode"] and flat["reencode"] and flat["background"] == "white"
+    out = Image.open(io.BytesIO(resize_image(png.getvalue(), (64, 64), "png", 95, False, 1, flat["background"])))
+    pixels = np.asarray(out)
+    assert out.mode == "RGB" and tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[32, 32]) == (0, 0, 255)
+    opaque = plan_units(selection(1, width=64, height=64, fmt="PNG"), options(alpha_background="white"))
+    assert not opaque[0]["samples"][0]["reencode"]  # an RGB picture has nothing to flatten

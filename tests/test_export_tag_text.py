@@ -142,7 +142,8 @@ def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp
     assert f"clip_token_budget 40: KEY.txt of {len(cut)} images cut to fit" in " ".join(summary.notes)
 
 
-@pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1"])
+@pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",
+                                      'export.alpha_background="not a colour"'])
 def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
     from jobs import export
     from jobs.config import ConfigError

@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 
 from store.workspace import Workspace
 from udfs.export.clip_tokens import clip_tokens, fit_caption
-from udfs.export.resize import estimated_bytes, needs_reencode, output_extension, target_size
+from udfs.export.resize import ALPHA_MODES, estimated_bytes, needs_reencode, output_extension, target_size
 from udfs.export.safe_names import key_digest, safe_folder, safe_name
 from udfs.export.tag_text import TagTextRules
 
@@ -45,8 +45,9 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     width, height = int(row["width"] or 0), int(row["height"] or 0)
     size = target_size(width, height, opts) if width and height else (width, height)
     orientation = int(row.get("orientation") or 1)
+    background = str(opts.get("alpha_background") or "") if row.get("mode") in ALPHA_MODES else ""
     reencode = needs_reencode(row["format"], width, height, size, turned=orientation != 1 and opts["upright"],
-                              mode=row.get("mode"))
+                              mode=row.get("mode")) or bool(background)
     ext = output_extension(row["format"])
     caption, text_from = None, "tags"
     if opts["text"] == "regions" and row.get("region_caption"):
@@ -91,6 +92,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "key": row["key"], "member": row["member"], "clip": row.get("clip"), "name": safe_name(row["key"]),
         "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
+        "background": background,
         "txt": txt, "json": meta_text, "text_cut": cut,
         "multiply": float(row["multiply"]), "repeats": repeats,
         "kohya": f"{repeats}_{safe_folder(concept)}",

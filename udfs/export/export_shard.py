@@ -229,7 +229,7 @@ class UnitExport:
         try:
             image = data if not sample["reencode"] else resize_image(
                 data, tuple(sample["size"]), sample["ext"], int(self.options["jpeg_quality"]), bool(sample["crop"]),
-                int(self.options["png_compress_level"]))
+                int(self.options["png_compress_level"]), sample.get("background", ""))
         except Exception as exc:  # any decoder or encoder failure: an errors row, the run goes on
             self.error(sample, "resize_failed", f"{type(exc).__name__}: {exc}")
             return

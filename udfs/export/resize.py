@@ -22,6 +22,8 @@ PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Modes a trainer's `Image.convert("RGB")` reads right. Pillow clips the samples of 16-bit and
 # float pictures (I;16, I, F) to 255: such a file copied as it is trains as a white image.
 PASSTHROUGH_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})
+# Modes that can hold transparency: flattened onto export.alpha_background when it is set.
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P"})
 Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
 
 
@@ -77,9 +79,9 @@ def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], t
 
 
 def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool,
-                 png_compress_level: int = 1) -> bytes:
-    """Decode (JPEG: reduced in the DCT, never below the target), one resample (cover + centre crop
-    for buckets), encode as `ext`.
+                 png_compress_level: int = 1, background: str = "") -> bytes:
+    """Decode (JPEG: reduced in the DCT, never below the target), flatten transparency onto
+    `background` when one is given, one resample (cover + centre crop for buckets), encode as `ext`.
 
     The resample is OpenCV's, as kohya sd-scripts resizes its buckets (INTER_AREA down, Lanczos up):
     4-7x faster than Pillow's Lanczos on these sizes. JPEG is encoded without Pillow's `optimize`
@@ -96,6 +98,10 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
         image = displayed(image, data)  # re-encoded images are upright, with no orientation tag
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        if background and image.mode in ("RGBA", "LA"):
+            flat = Image.new("RGB", image.size, background)
+            flat.paste(image.convert("RGB"), mask=image.getchannel("A"))
+            image = flat
         width, height = target
         if crop:
             scale = max(width / image.width, height / image.height)
