@@ -15,6 +15,7 @@ while it wrote) are deleted at the next start.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -152,6 +153,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         infos += Pipeline(cfg, ws, specs, done).run(pending, batches)
     _fill_summary(summary, infos, specs)
     summary.seconds = time.perf_counter() - started
+    ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
 
@@ -230,6 +232,7 @@ class Pipeline:
         """Run the pipeline over the images no finished batch (`batches`: a killed run's markers
         by unit) holds; commit each unit when its batches and the writers hold all its rows."""
         init_ray(self.cfg)
+        self.check_cpus()
         expected = {u["unit"]: u["rows"] for u in units}
         written: dict[str, int] = defaultdict(int)
         parts: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -259,6 +262,25 @@ class Pipeline:
                     done.append(self.commit(unit, parts.pop(unit, defaultdict(set)), infos.pop(unit)))
                     progress.add(units=1)
         return done
+
+    def check_cpus(self) -> None:
+        """The model pools and one of the CPU tasks (read, decode, crop, write) must fit in Ray's
+        CPUs at once: the pools' actors start first, and when they hold every CPU no task ever
+        runs and the job waits for good (ray.num_cpus = 1 with the default four pools). A local
+        Ray fails the job with the numbers; a cluster (which may add nodes) gets a warning."""
+        pools = {name: int(spec["concurrency"]) * float(spec["num_cpus"]) for name, spec in self.specs.items()}
+        needed = sum(pools.values()) + float(self.opts["task_num_cpus"])
+        have = float(ray.cluster_resources().get("CPU", 0))
+        if needed <= have:
+            return
+        detail = ", ".join(f"{name} {cpus:g}" for name, cpus in pools.items())
+        message = (f"annotate needs {needed:g} CPUs at once (model pools: {detail}; a CPU task: "
+                   f"annotate.task_num_cpus {float(self.opts['task_num_cpus']):g}) but Ray has {have:g}: lower "
+                   "annotate.<model>.num_cpus, .concurrency or annotate.task_num_cpus, or give Ray more (ray.num_cpus)")
+        if self.cfg["ray"]["address"] or "RAY_ADDRESS" in os.environ:
+            print(f"warning: {message}", flush=True)
+            return
+        raise ConfigError(message)
 
     def _output_columns(self, name: str) -> list[str]:
         base = f"out_{name}"

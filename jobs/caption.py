@@ -43,7 +43,9 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
                 "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions", "own_captions")
+                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+# caption.own_captions is not among them: it reaches the digest of the rows that have own captions
+# alone (sql/caption_units.sql), so that turning it on or off redoes only their units.
 # Options that shape the region captions only: no new units for them while caption.regions is off.
 REGION_OPTIONS = ("region_prompt", "region_overlap")
 REWRITERS = ("", "openai", "vllm")
@@ -93,6 +95,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     clear(ws, INPUTS)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
+    ws.release_hold("caption")  # every planned unit is committed: the replaced rows may go
     ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
         summary.rows_out["tag_suggestions"] = related_tags(cfg, ws)
@@ -176,6 +179,7 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         for name in EVIDENCE_OPTIONS:
             con.execute(f"set variable {name} = ?", [curate[name]])
         con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
+        con.execute("set variable own_captions = ?", [opts["own_captions"] == "score"])
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
         reader = con.sql(sql_text("caption_units.sql"),
                          params={"unit_size": max(1, int(opts["unit_size"]))}).to_arrow_reader(50_000)
@@ -250,7 +254,7 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "
                              "timed out): the next run asks for them again")
     if own:
-        summary.notes.append(f"own captions (sidecars, JSON): {own} scored, {own_accepted} accepted "
+        summary.notes.append(f"own captions (sidecars, JSON): {own} read, {own_accepted} accepted "
                              "(at caption.target, or the backend gave none)")
     if scored:
         by = ", ".join(f"{n} against {what}" for what, n in sorted(against.items()))

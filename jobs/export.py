@@ -99,6 +99,8 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
     if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
+    if opts["keep_tokens_separator"] and not str(opts["keep_tokens_separator"]).strip():
+        raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text such as \"|||\"")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     if int(opts["clip_token_budget"]) < 0:
@@ -164,7 +166,7 @@ def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str
     folder they wrote in (a few checks per unit, not one per image). Returns how many."""
     lost = [u["unit"] for u in units if u["unit"] in done and not outputs_present(out, done[u["unit"]])]
     for unit in lost:
-        ws.forget_unit(JOB, unit)
+        ws.forget_unit(JOB, unit, hold=False)  # rewritten under the same names
         del done[unit]
     return len(lost)
 
@@ -373,7 +375,8 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
                 if os.path.isfile(path):
                     os.remove(path)
                     folders.add(os.path.dirname(path))
-        ws.forget_unit(JOB, unit)  # its parts leave at the next publish, its files at the next job's start
+        # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
+        ws.forget_unit(JOB, unit, hold=False)
     remove_empty_folders(out, folders)
     return len(here)
 

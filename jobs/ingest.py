@@ -93,6 +93,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if not out.get("frames"):  # inputs without clips: the summary as before
         for table in ("clips", "frames"):
             out.pop(table, None)
+    ws.release_hold("ingest")  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
 
@@ -109,7 +110,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
     if not stale:
         return 0, 0
-    ws.hold_publishing()
+    ws.hold_publishing("ingest")
     # the keys of every planned folder file (as ingest names them): only when units went stale
     planned = {f"{u.prefix}/{member_key(safe_text(os.path.relpath(f, u.uri)), u.kind)}"
                for u in units if u.kind == "folder" for f in u.files}

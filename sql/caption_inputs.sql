@@ -6,7 +6,7 @@
 -- its own tags over curate's thresholds (not the source tags) and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold,
--- caption_regions.
+-- caption_regions, own_captions.
 -- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits,
 -- person_tags.
 -- regions: with annotate.tagger.regions, the tagger's tags of each 2x2 region (caption.regions).
@@ -85,7 +85,8 @@ select i.key,
        coalesce(m.characters, []::varchar[]) as characters,
        coalesce(m.rating, t.source_rating) as rating,
        coalesce(x.texts, []::varchar[]) as texts,
-       coalesce(x.own_captions, []::varchar[]) as own_captions,
+       -- null unless read (caption.own_captions = "score") and there are some: sql/caption_units.sql
+       case when getvariable('own_captions') then x.own_captions end as own_captions,
        g.key is not null as tagger_ran,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,

@@ -1,8 +1,12 @@
 -- caption_inputs (a temp view of sql/caption_inputs.sql) cut into units of $unit_size images in
 -- key order. row_digest is a digest of each row's values: a unit's id hashes its rows' digests,
 -- so new tags, texts or people make a new unit instead of reusing stale captions.
+-- own_captions counts only where an image has some (the merge patch takes the null out): rows
+-- without keep the digest they had before the column was added, so an upgrade does not make
+-- every unit new (every VLM caption asked for again).
 select *,
        (row_number() over (order by key) - 1) // $unit_size as unit_index,
-       md5(to_json(caption_inputs)::varchar) as row_digest
+       md5(json_merge_patch(to_json(caption_inputs), '{"own_captions": null}')::varchar
+           || coalesce(to_json(own_captions)::varchar, '')) as row_digest
 from caption_inputs
 order by key

@@ -22,8 +22,9 @@ FOOTER_READERS = 16
 
 
 class PartKeyRanges:
-    """Key bounds of part files, cached by path (a part file is never rewritten under its name
-    with other rows: units rewrite their own parts with the same keys, curate writes new names)."""
+    """Key bounds of part files, cached by path. A job's parts keep their keys under their names
+    (a unit done again writes the same images' rows; curate and caption write new names); a part
+    rewritten with other keys (Workspace.add_part) is forgotten by the workspace that writes it."""
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
@@ -35,6 +36,9 @@ class PartKeyRanges:
             with ThreadPoolExecutor(FOOTER_READERS) as pool:
                 self._bounds.update(zip(missing, pool.map(self._read_bounds, missing), strict=True))
         return {path: self._bounds[path] for path in paths}
+
+    def forget(self, path: str) -> None:
+        self._bounds.pop(path, None)
 
     def meeting(self, paths: list[str], first: str, last: str | None) -> list[str]:
         """The paths whose keys can fall in [first, last] (last None: no upper end)."""

@@ -55,6 +55,7 @@ DERIVED_VIEWS = ("edit_state", "image_tag_lists")  # in order: the second reads 
 CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
 CATALOG_STATE = "state/catalog.json"  # the fingerprint of the views catalog.duckdb holds
+HOLDS = "state/holds"  # <job>.json: the parts readers keep while a run of the job replaces units
 # Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
 UNIT_JOBS = ("ingest", "annotate", "caption", "export")
 # DuckDB's own default is 80% of the machine's memory, and it keeps what it may use: a
@@ -148,6 +149,7 @@ class Workspace:
         if self.local:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, path)
+        self.part_key_ranges.forget(path)
 
     def write_part_batches(self, name: str, part: str, batches: Iterable[pa.RecordBatch]) -> int:
         """Write one part from a stream of record batches (bounded memory), atomically; its rows."""
@@ -163,6 +165,7 @@ class Workspace:
         if self.local:
             fsync(tmp)
         self.fs.move(tmp, f"{folder}/{part}.parquet")
+        self.part_key_ranges.forget(f"{folder}/{part}.parquet")
         return rows
 
     def add_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
@@ -236,9 +239,11 @@ class Workspace:
             out.write(json.dumps(marker, sort_keys=True).encode())
         self.fs.move(tmp, f"{folder}/{name}.json")
 
-    def forget_unit(self, job: str, unit: str) -> None:
-        """Retire a committed unit: the next publish drops its parts (see hold_publishing)."""
-        self.hold_publishing()
+    def forget_unit(self, job: str, unit: str, hold: bool = True) -> None:
+        """Retire a committed unit: the publish after the job's end drops its parts (with `hold`,
+        see hold_publishing; without, the next publish)."""
+        if hold:
+            self.hold_publishing(job)
         path = f"{self.state_dir(job)}/{unit}.json"
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             self.fs.delete_file(path)
@@ -365,14 +370,13 @@ class Workspace:
         previous = self.published()
         owners = {**previous["owned"], **(owned or {})}
         tables: dict[str, set[str]] = defaultdict(set)
-        visible: dict[str, set[str]] | None = None  # listed only for markers from before "parts"
+        holds = self.holds()
         for job in UNIT_JOBS:
-            for unit, info in self.done_units(job).items():
-                if "parts" not in info and visible is None:
-                    visible = self._visible_parts()
-                parts = info["parts"] if "parts" in info else legacy_unit_parts(job, unit, visible)
-                for table, names in parts.items():
-                    tables[table].update(names)
+            # a run of `job` that retired units and stopped before it replaced them all: readers
+            # keep the parts of its last complete generation until a run of it ends
+            parts_of_job = holds[job] if job in holds else self._unit_parts(job)
+            for table, names in parts_of_job.items():
+                tables[table].update(names)
         if first:  # a workspace from before generations: keep what its readers saw
             claimed = {t: set(p) for t, p in tables.items()}
             for parts_by_table in (owned or {}).values():
@@ -394,6 +398,26 @@ class Workspace:
         fault_point("BOORUSET_KILL_AFTER_PUBLISHES")
         self.refresh_catalog(only_if_changed=True)
         return generation
+
+    def _unit_parts(self, job: str) -> dict[str, set[str]]:
+        """{table: parts} of the units `job` has committed (their markers name them)."""
+        tables: dict[str, set[str]] = defaultdict(set)
+        visible: dict[str, set[str]] | None = None  # listed only for markers from before "parts"
+        for unit, info in self.done_units(job).items():
+            if "parts" not in info and visible is None:
+                visible = self._visible_parts()
+            parts = info["parts"] if "parts" in info else legacy_unit_parts(job, unit, visible)
+            for table, names in parts.items():
+                tables[table].update(names)
+        return tables
+
+    def holds(self) -> dict[str, dict[str, list[str]]]:
+        """{job: {table: parts}} of the jobs whose run is replacing units (hold_publishing)."""
+        found = {}
+        for info in self._marker_files(f"{self.base}/{HOLDS}"):
+            with self.fs.open_input_stream(info.path) as f:
+                found[info.base_name[: -len(".json")]] = json.loads(f.read())["tables"]
+        return found
 
     def _retired(self, previous: dict, tables: dict[str, set[str]]) -> dict[str, dict[str, float]]:
         """Parts the previous generations named and this one does not, with when they left: the
@@ -465,11 +489,25 @@ class Workspace:
         if not self._hold and time.monotonic() - self._published_at >= interval:
             self.publish()
 
-    def hold_publishing(self) -> None:
-        """No publish until the job's end: this run retired units whose replacements it is
-        writing, and a generation in between would show the table with the old rows gone and
-        the new ones not all there."""
+    def hold_publishing(self, job: str) -> None:
+        """No new generation of `job`'s tables until its run ends (release_hold): this run
+        retires units whose replacements it is writing, and a generation in between would show
+        the old rows gone and the new ones not all there. The hold is a file (state/holds/), so
+        that a run killed in between holds too: the next job to publish, whichever it is, keeps
+        the parts `job`'s units had before (a run that holds already keeps the first ones)."""
         self._hold = True
+        path = f"{HOLDS}/{job}.json"
+        if self.read_json(path) is None:
+            self.fs.create_dir(f"{self.base}/{HOLDS}", recursive=True)
+            self.write_json(path, {"tables": {t: sorted(p) for t, p in sorted(self._unit_parts(job).items())},
+                                   "time": time.time()})
+
+    def release_hold(self, job: str) -> None:
+        """The run of `job` has written every unit it planned: publishes show its units again."""
+        path = f"{self.base}/{HOLDS}/{job}.json"
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_file(path)
+        self._hold = False
 
     def begin_job(self) -> int:
         """At a writing job's start (under the workspace lock): publish what a killed run had
@@ -481,6 +519,11 @@ class Workspace:
         named = {t: set(p) for t, p in published["tables"].items()}
         for table, parts in self._batch_parts().items():
             named.setdefault(table, set()).update(parts)
+        for job in self.holds():  # the units a held run committed: not published yet, still its output
+            print(f"{job}: a run stopped while it replaced units; readers see its tables as they were "
+                  f"until a run of `booruset {job}` ends", flush=True)
+            for table, parts in self._unit_parts(job).items():
+                named.setdefault(table, set()).update(parts)
         retired = published.get("retired", {})
         selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
         deleted = 0

@@ -102,3 +102,19 @@ def test_annotate_offline_without_models_runs_the_cascade_alone(ingested, tmp_pa
     skipped = [n for n in summary.notes if "skipped" in n]
     assert len(skipped) == 5 and all("annotate.models_dir" in n for n in skipped)
     assert summary.rows_out["detections"] > 12 and summary.rows_out["tag_scores"] == 0
+
+
+def test_pools_that_leave_no_cpu_for_the_tasks_fail_with_the_numbers(ingested, tmp_path):
+    """Ray starts the pools' actors first: pools holding every CPU left the decode tasks none,
+    and annotate printed 0/N images for good. A local Ray now fails it at once, saying why."""
+    import ray
+
+    from jobs import annotate
+    from jobs.config import ConfigError, merge
+
+    cfg, ws = ingested
+    cpus = ray.cluster_resources()["CPU"]
+    merge(cfg, {"annotate": {"models_dir": str(tmp_path / "empty"), "cascade_face": {"num_cpus": cpus}}})
+    with pytest.raises(ConfigError, match=f"annotate needs {cpus + 0.5:g} CPUs at once .* Ray has {cpus:g}"):
+        annotate.run(cfg, ws)
+    assert ws.done_units("annotate") == {}

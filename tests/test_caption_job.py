@@ -137,9 +137,11 @@ def test_an_images_own_caption_is_scored_and_accepted_at_target(ray_local, works
     harbour = rows[("a/untagged", -1)]
     assert harbour["accepted"] and harbour["accuracy"] is None and harbour["not_scored"] == "no_evidence"
     assert workspace.read_table("errors").num_rows == 0  # a/untagged has a caption now: no no_tags row
-    assert "own captions (sidecars, JSON): 3 scored, 2 accepted" in " ".join(summary.notes)
+    assert "own captions (sidecars, JSON): 3 read, 2 accepted" in " ".join(summary.notes)
 
-    caption.run(configure(config, own_captions="ignore"), workspace)
+    ignored = caption.run(configure(config, own_captions="ignore"), workspace)
+    # only the units with own captions are new: b/from_source's unit (none) keeps its id
+    assert (ignored.units_done, ignored.units_skipped) == (2, 1)
     rows = workspace.read_table("captions").to_pylist()
     assert {r["backend"] for r in rows} == {"template:english"} and len(rows) == 4
     assert [e["kind"] for e in workspace.read_table("errors").to_pylist()] == ["no_tags"]

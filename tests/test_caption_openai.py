@@ -251,32 +251,40 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_se
     assert units_with_replies(workspace) == []  # each unit's kept replies go once it is committed
 
 
+@pytest.mark.parametrize("own_captions", [False, True])
 def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_run(fake, ray_local, workspace,
-                                                                                    config):
+                                                                                    config, own_captions):
     """A server error that outlasts its retries (here: one 503, no retry) leaves an image without a
     caption; its unit is committed (the run goes on) but the next run does it again, sending only
-    the request that failed: the unit's other replies were kept."""
+    the request that failed: the unit's other replies were kept. An image whose own caption (below
+    target) stood in for the failed one is asked again too."""
     from test_caption_job import write_inputs  # tests/ is on sys.path under pytest
 
     from jobs import caption
     from jobs.config import merge
 
     write_inputs(workspace)
+    if own_captions:  # no match for any image's tags: below target, kept only if the server gives none
+        workspace.add_part("source_text", "own", [{"key": k, "kind": "caption", "text": "A bowl of fruit."}
+                                                  for k in ("a/girl", "a/pair", "a/scene", "b/from_source")])
     server, url = fake(statuses=[503])
     merge(config, {"caption": {
         "backend": "openai", "base_url": url, "model": "joy", "send_images": False, "max_attempts": 1,
         "max_retries": 0, "max_concurrency": 1, "unit_size": 10, "concurrency": 1, "tags_from_text": False,
         "related_tags": False}})
     first = caption.run(config, workspace)
-    assert first.errors_by_kind["server_error"] == 1 and first.errors_by_kind["no_caption"] == 1
+    failed = "no_model_caption" if own_captions else "no_caption"
+    assert first.errors_by_kind["server_error"] == 1 and first.errors_by_kind[failed] == 1
     assert "1 images failed for a passing reason" in first.render()
-    assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 4
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 4 + own_captions
     assert len(server.received) == 5
 
     second = caption.run(config, workspace)
     assert second.units_done == 1 and second.errors == 0
     assert len(server.received) == 6  # only the failed one was asked again
-    assert workspace.read_table("captions").num_rows == 5  # one caption each: the first run's rows are gone
+    captions = workspace.read_table("captions").to_pylist()
+    assert len(captions) == 5 + 4 * own_captions  # a caption each (and the own ones): the first run's are gone
+    assert {r["backend"] for r in captions if r["accepted"]} == {"openai:joy"}
     assert not [e for e in workspace.read_table("errors").to_pylist() if e["stage"].startswith("caption")]
     assert units_with_replies(workspace) == []
     assert caption.run(config, workspace).units_done == 0

@@ -40,11 +40,11 @@ def test_excluded_categories_and_keep_tokens_separator():
 def test_a_tag_holding_the_separator_is_left_out_and_exclusions_take_either_spelling():
     rules = TagTextRules.from_options({
         "tag_underscores": False, "tag_category_order": [], "tag_sort": "rank", "exclude_tag_categories": [],
-        "exclude_tags": ["Long Hair", " smile "], "escape_parentheses": False, "keep_tokens": 1,
+        "exclude_tags": ["Long Hair", " smile ", "eileen \\(ren'py\\)"], "escape_parentheses": False, "keep_tokens": 1,
         "keep_tokens_separator": "|||", "clip_token_budget": 0})
     tags, categories = [*TAGS, "|||", "a|||b"], [*CATEGORIES, "general", "general"]
     # kohya reads text after a second separator as a fixed suffix
-    assert rules.text(tags, categories, [*SCORES, 1.0, 1.0]) == "solo ||| 1girl, eileen (ren'py), general, ^_^"
+    assert rules.text(tags, categories, [*SCORES, 1.0, 1.0]) == "solo ||| 1girl, general, ^_^"
 
 
 def test_export_writes_tags_as_configured(tmp_path_factory, tmp_path, ray_local):
@@ -143,7 +143,7 @@ def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp
 
 
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",
-                                      'export.alpha_background="not a colour"'])
+                                      'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "'])
 def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
     from jobs import export
     from jobs.config import ConfigError

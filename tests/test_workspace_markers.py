@@ -36,3 +36,36 @@ def test_a_settled_marker_is_read_once_and_a_rewritten_one_again(tmp_path):
     os.utime(old, (an_hour_ago + 1, an_hour_ago + 1))  # rewritten: another mtime
     assert ws.done_units("ingest")["old"]["images"] == 7
     assert Workspace(str(tmp_path / "ws")).done_units("ingest")["old"]["images"] == 7  # another process reads it
+
+
+def test_a_run_killed_while_replacing_units_leaves_readers_the_last_complete_generation(tmp_path):
+    """A caption run whose options changed forgets its old units' markers, then commits new units;
+    killed in between, the next job to start (any job: its begin_job publishes) must not publish
+    the old rows gone and the new ones half there, nor delete the new units' files. The run that
+    ends (release_hold) publishes the new units."""
+    ws = Workspace(str(tmp_path / "ws"))
+    row = [{"key": "a/1", "attempt": 0, "caption": "old", "accepted": True}]
+    for unit in ("u1", "u2"):
+        ws.write_part("captions", f"{unit}-old", row)
+        ws.commit_unit("caption", unit, {}, parts={"captions": [f"{unit}-old"]})
+    ws.publish()
+    ws.forget_unit("caption", "u1")  # the killed run: both old units forgotten, one new one written
+    ws.forget_unit("caption", "u2")
+    ws.write_part("captions", "n1-new", row)
+    ws.commit_unit("caption", "n1", {}, parts={"captions": ["n1-new"]})
+
+    other = Workspace(str(tmp_path / "ws"))  # the next process, another job
+    other.begin_job()
+    assert other.published()["tables"]["captions"] == ["u1-old", "u2-old"]
+    assert (tmp_path / "ws" / "tables" / "captions" / "n1-new.parquet").exists()
+    other.publish_now_and_then(interval=0)
+    assert other.published()["tables"]["captions"] == ["u1-old", "u2-old"]
+
+    rerun = Workspace(str(tmp_path / "ws"))  # caption again: it finishes the new units
+    rerun.begin_job()
+    rerun.write_part("captions", "n2-new", row)
+    rerun.commit_unit("caption", "n2", {}, parts={"captions": ["n2-new"]})
+    rerun.release_hold("caption")
+    rerun.publish()
+    assert rerun.published()["tables"]["captions"] == ["n1-new", "n2-new"]
+    assert rerun.holds() == {}

@@ -316,6 +316,7 @@ class UnitCaptioner:
         # an image with no score is settled by its first caption; one by an own caption at target
         best: dict[int, float] = {r["_i"]: r["accuracy"] for r in attempts if not r.get("_fallback")}
         pending = [i for i in range(len(todo)) if i not in best and self.can_caption(todo[i])]
+        asked = set(pending)  # the images the backend is asked to caption
         for attempt in range(int(self.opts["max_attempts"])):
             if not pending:
                 break
@@ -340,6 +341,9 @@ class UnitCaptioner:
         for i, r in enumerate(todo):
             if i not in captioned:
                 errors.append(self._error(r, "no_caption", "every caption attempt failed", dropped=True))
+            elif i in asked and i not in best:  # a row saying so, and a passing failure is asked again
+                errors.append(self._error(r, "no_model_caption", "every caption attempt failed: the image's own "
+                                          "caption (below caption.target) was kept"))
         return self._accept(attempts), errors
 
     def _own_captions(self, todo: list[dict], target: float, errors: list[dict]) -> list[dict]:
@@ -483,9 +487,10 @@ TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_e
 
 
 def transient_failures(errors: list[dict]) -> int:
-    """Images left without a caption whose attempts failed for a passing reason (TRANSIENT_KINDS)."""
+    """Images left without a model's caption (none, or their own below target) whose attempts
+    failed for a passing reason (TRANSIENT_KINDS)."""
     passing = {e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS}
-    return len({e["key"] for e in errors if e["kind"] == "no_caption" and e["key"] in passing})
+    return len({e["key"] for e in errors if e["kind"] in ("no_caption", "no_model_caption") and e["key"] in passing})
 
 
 def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:

@@ -8,14 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from udfs.export.clip_tokens import fit_tags  # the tokenizer itself loads on the first count
+from udfs.ingest.sidecars import normalize_tag
 
 SORTS = ("rank", "score")
-
-
-def tag_form(tag: str) -> str:
-    """A tag as the tables hold it (Danbooru's: lower case, underscores), from a user's spelling
-    ("Long hair" is long_hair)."""
-    return "_".join(tag.strip().lower().split())
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,8 @@ class TagTextRules:
         return cls(underscores=bool(opts["tag_underscores"]),
                    category_order=tuple(opts["tag_category_order"]), sort=str(opts["tag_sort"]),
                    exclude_categories=frozenset(opts["exclude_tag_categories"]),
-                   exclude_tags=frozenset(tag_form(t) for t in opts["exclude_tags"]),
+                   # as the tables hold them, however the user spelled them ("Long hair", "a \\(b\\)")
+                   exclude_tags=frozenset(normalize_tag(t) for t in opts["exclude_tags"]),
                    escape_parentheses=bool(opts["escape_parentheses"]), keep_tokens=int(opts["keep_tokens"]),
                    keep_tokens_separator=str(opts["keep_tokens_separator"]),
                    clip_token_budget=int(opts["clip_token_budget"]))
@@ -51,7 +47,8 @@ class TagTextRules:
 
     def parts_text(self, tag: str) -> bool:
         """A tag holding the keep_tokens separator would split the text where kohya looks for it."""
-        return bool(self.keep_tokens_separator) and self.keep_tokens_separator.strip() in tag
+        separator = self.keep_tokens_separator.strip()
+        return bool(separator) and separator in tag
 
     def spell(self, tag: str) -> str:
         # underscores become spaces except in kaomoji such as ^_^ (no letters)

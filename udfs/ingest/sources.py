@@ -179,7 +179,8 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     for dirpath, dirnames, filenames in os.walk(top):
         linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         dirnames[:] = sorted(d for d in dirnames if d not in linked)  # never walk out through a link
-        prefix = dirpath[len(top) + 1:] + "/" if dirpath != top else ""
+        inner = dirpath[len(top):].lstrip(os.sep)  # also when the root is "/"
+        prefix = inner + "/" if inner else ""
         for name in sorted(filenames + linked):
             full = os.path.join(dirpath, name)
             is_tar = name.endswith(".tar") and os.path.isfile(full) and not os.path.islink(full)
