@@ -157,6 +157,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.notes.extend(where_notes(out, opts["formats"], shards))
     if lost:
         summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
+    if counts.get("left_files"):
+        summary.notes.append(f"removed {counts['left_files']} files an earlier export left in {out} "
+                             "(named by its manifest.parquet, not by this export)")
     return summary
 
 
@@ -353,16 +356,16 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
 
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:
-    """Outputs of units of this `out` no longer planned (selection or options changed): files,
-    parts, markers. Returns the number of units whose files were removed. The units of an export
-    to another folder keep their files and markers: an export there again removes what is stale
-    then (forgotten here, their files were left there for good).
+    """Outputs of units no longer planned (selection or options changed): files, parts, markers.
+    Returns the number of units whose files were removed (those of this `out`; an export to
+    another folder keeps its files, its units are only forgotten: what they left there goes when
+    an export to that folder ends, from the folder's own manifest, see write_manifest).
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
     reads only the markers, which name a unit's shards, Parquet files and multiply.txt)."""
     done = ws.done_units(JOB)
-    stale = {u: info for u, info in done.items() if u not in current and info.get("out") in (out, None)}
+    stale = {u: info for u, info in done.items() if u not in current}
     keep = {f for u, info in done.items() if u in current for f in info.get("files", [])}
     here = sorted(unit for unit, info in stale.items() if info.get("out") == out)
     if here:
@@ -431,10 +434,32 @@ def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
                 writer.write_table(schemas.conform(pa.Table.from_batches([batch]), "export_manifest"))
         files = {(layout, file): n for layout, file, n in con.sql(sql_text("export_file_samples.sql")).fetchall()}
         text_cut = con.sql(sql_text("export_text_cut.sql")).fetchall()[0][0]
+        left = remove_left_files(con, out, path) if os.path.exists(path) else 0
     finally:
         con.close()
     os.replace(tmp, path)
-    return {"files": files, "text_cut": int(text_cut)}
+    return {"files": files, "text_cut": int(text_cut), "left_files": left}
+
+
+def remove_left_files(con: duckdb.DuckDBPyConnection, out: str, previous: str) -> int:
+    """Delete the files the folder's `previous` manifest names and this export's does not
+    (sql/export_left_files.sql): those an earlier export to this folder wrote whose units a later
+    export to another folder forgot. The markers cannot name them any more; the folder's own
+    manifest still does. Returns the number deleted."""
+    deleted, folders = 0, set()
+    for batch in con.sql(sql_text("export_left_files.sql"), params={"previous": previous}
+                         ).to_arrow_reader(MANIFEST_BATCH):
+        for relative in batch.column("file").to_pylist():
+            try:
+                path = inside(out, relative)
+            except ValueError:  # a manifest edited by hand: nothing outside the folder is touched
+                continue
+            if os.path.isfile(path):
+                os.remove(path)
+                deleted += 1
+                folders.add(os.path.dirname(path))
+    remove_empty_folders(out, folders)
+    return deleted
 
 
 def remove_wids_index(out: str) -> None:

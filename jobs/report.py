@@ -17,7 +17,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import duckdb
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
@@ -54,8 +53,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     (out / "examples").mkdir(parents=True, exist_ok=True)
     con = ws.connect()
     try:
-        only_current_export(con, ws, export_folder(cfg, ws))
-
         def query(name: str, **params) -> list[dict]:
             result = con.execute(sql_text(name), params or None)
             cols = [d[0] for d in result.description]
@@ -219,17 +216,6 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
                     if name in wanted:
                         found[wanted[name]] = sample.members[ext]
     return found
-
-
-def only_current_export(con: duckdb.DuckDBPyConnection, ws: Workspace, out: str) -> None:
-    """export_manifest on `con` as the rows of the export to `out` alone: the units of an export
-    to another folder stay committed (their files are there), and their rows would count twice
-    and point the examples at files that are not in `out`."""
-    published = ws.published()
-    ours = {part for info in ws.done_units("export").values() if info.get("out") in (out, None)
-            for part in info.get("parts", {}).get("export_manifest", [])}
-    parts = [p for p in published["tables"].get("export_manifest", []) if p in ours]
-    ws.attach_parts(con, "export_manifest", parts, union_by_name="export_manifest" in published.get("short_parts", {}))
 
 
 def export_folder(cfg: Config, ws: Workspace) -> str:

@@ -365,8 +365,9 @@ def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_p
 def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp_path_factory, tmp_path,
                                                                              ray_local):
     """A done unit whose files were deleted (a concept folder, the shards) is exported again, not
-    counted as done; an export to a second folder leaves the first one's units known, so that
-    exporting to the first again removes its stale files there."""
+    counted as done. An export to a second folder forgets the first one's units (their files
+    stay): exporting to the first again removes what its own manifest.parquet names and the new
+    export does not write, and leaves the second folder as it was."""
     from jobs import export
     from jobs.config import merge
 
@@ -386,8 +387,9 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
     merge(cfg, {"export": {"out": str(second)}})
     export.run(cfg, ws)
     merge(cfg, {"export": {"out": str(first), "concept": "zz"}})
-    export.run(cfg, ws)
+    back = export.run(cfg, ws)
     assert {p.name for p in (first / "kohya").iterdir()} <= {f"{n}_zz" for n in range(1, 101)}
+    assert any(note.startswith("removed ") and "an earlier export left" in note for note in back.notes)
     assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
 
 
