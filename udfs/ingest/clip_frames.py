@@ -279,7 +279,8 @@ class ClipReader:
                         yield Frame(index, time, picture)
                     time += duration or 0.1  # browsers show frames without a duration for 0.1 s
                 # only the frames say how long an animation runs: its rate and length, once known
-                yield ClipInfo(fmt, fmt, image.width, image.height, round(self.decoded / time, 3), round(time, 6))
+                rate = round(self.decoded / time, 3) if time else 0.0
+                yield ClipInfo(fmt, fmt, image.width, image.height, rate, round(time, 6))
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc
