@@ -28,7 +28,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -370,18 +370,28 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
     here = sorted(unit for unit, info in stale.items() if info.get("out") == out)
     if here:
         run_in_worker(cfg, ws, remove_image_files, out, here, sorted(u for u in done if u in current))
-    folders = set()
-    for unit, info in stale.items():
-        if info.get("out") == out:
-            for relative in set(info.get("files", [])) - keep:
-                path = os.path.join(out, relative)
-                if os.path.isfile(path):
-                    os.remove(path)
-                    folders.add(os.path.dirname(path))
+    delete_files(out, sorted({f for unit in here for f in stale[unit].get("files", [])} - keep))
+    for unit in stale:
         # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
         ws.forget_unit(JOB, unit, hold=False)
-    remove_empty_folders(out, folders)
     return len(here)
+
+
+def delete_files(out: str, relatives: Iterable[str]) -> int:
+    """Delete the files of the export folder `out` named by `relatives` (paths in it; one that
+    would leave it is passed over), then the folders they leave empty. Returns how many."""
+    deleted, folders = 0, set()
+    for relative in relatives:
+        try:
+            path = inside(out, relative)
+        except ValueError:  # a manifest edited by hand: nothing outside the folder is touched
+            continue
+        if os.path.isfile(path):
+            os.remove(path)
+            deleted += 1
+            folders.add(os.path.dirname(path))
+    remove_empty_folders(out, folders)
+    return deleted
 
 
 def remove_empty_folders(out: str, folders: Iterable[str]) -> None:
@@ -399,18 +409,10 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
     try:
         con.register("stale_units", pa.table({"unit": pa.array(stale, pa.string())}))
         con.register("current_units", pa.table({"unit": pa.array(current, pa.string())}))
-        deleted, folders = 0, set()
-        for batch in con.sql(sql_text("export_stale_files.sql")).to_arrow_reader(MANIFEST_BATCH):
-            for relative in batch.column("file").to_pylist():
-                path = inside(out, relative)
-                if os.path.isfile(path):
-                    os.remove(path)
-                    deleted += 1
-                    folders.add(os.path.dirname(path))
+        # a concept folder left empty goes too (one with multiply.txt: in remove_stale)
+        return delete_files(out, file_column(con.sql(sql_text("export_stale_files.sql"))))
     finally:
         con.close()
-    remove_empty_folders(out, folders)  # a concept folder left empty goes too (one with multiply.txt: later)
-    return deleted
 
 
 def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
@@ -446,20 +448,13 @@ def remove_left_files(con: duckdb.DuckDBPyConnection, out: str, previous: str) -
     (sql/export_left_files.sql): those an earlier export to this folder wrote whose units a later
     export to another folder forgot. The markers cannot name them any more; the folder's own
     manifest still does. Returns the number deleted."""
-    deleted, folders = 0, set()
-    for batch in con.sql(sql_text("export_left_files.sql"), params={"previous": previous}
-                         ).to_arrow_reader(MANIFEST_BATCH):
-        for relative in batch.column("file").to_pylist():
-            try:
-                path = inside(out, relative)
-            except ValueError:  # a manifest edited by hand: nothing outside the folder is touched
-                continue
-            if os.path.isfile(path):
-                os.remove(path)
-                deleted += 1
-                folders.add(os.path.dirname(path))
-    remove_empty_folders(out, folders)
-    return deleted
+    return delete_files(out, file_column(con.sql(sql_text("export_left_files.sql"), params={"previous": previous})))
+
+
+def file_column(relation: duckdb.DuckDBPyRelation) -> Iterator[str]:
+    """The `file` column of a query, streamed in batches of MANIFEST_BATCH rows."""
+    for batch in relation.to_arrow_reader(MANIFEST_BATCH):
+        yield from batch.column("file").to_pylist()
 
 
 def remove_wids_index(out: str) -> None:

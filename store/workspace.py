@@ -413,11 +413,7 @@ class Workspace:
 
     def holds(self) -> dict[str, dict[str, list[str]]]:
         """{job: {table: parts}} of the jobs whose run is replacing units (hold_publishing)."""
-        found = {}
-        for info in self._marker_files(f"{self.base}/{HOLDS}"):
-            with self.fs.open_input_stream(info.path) as f:
-                found[info.base_name[: -len(".json")]] = json.loads(f.read())["tables"]
-        return found
+        return {job: hold["tables"] for job, hold in self._markers(f"{self.base}/{HOLDS}").items()}
 
     def _retired(self, previous: dict, tables: dict[str, set[str]]) -> dict[str, dict[str, float]]:
         """Parts the previous generations named and this one does not, with when they left: the
