@@ -79,6 +79,7 @@ people_detected as (
 select i.key,
        i.source,
        i.member,
+       i.member_offset,
        coalesce(t.tags, []::varchar[]) as tags,
        coalesce(t.categories, []::varchar[]) as categories,
        m.n_people,

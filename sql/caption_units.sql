@@ -3,10 +3,11 @@
 -- so new tags, texts or people make a new unit instead of reusing stale captions.
 -- own_captions counts only where an image has some (the merge patch takes the null out): rows
 -- without keep the digest they had before the column was added, so an upgrade does not make
--- every unit new (every VLM caption asked for again).
+-- every unit new (every VLM caption asked for again). member_offset (where the image is in its
+-- shard) says nothing of the image: it is never in the digest.
 select *,
        (row_number() over (order by key) - 1) // $unit_size as unit_index,
-       md5(json_merge_patch(to_json(caption_inputs), '{"own_captions": null}')::varchar
+       md5(json_merge_patch(to_json(caption_inputs), '{"own_captions": null, "member_offset": null}')::varchar
            || coalesce(to_json(own_captions)::varchar, '')) as row_digest
 from caption_inputs
 order by key

@@ -62,6 +62,7 @@ region_captions as (
 select i.key,
        i.source,
        i.member,
+       i.member_offset,
        i.format,
        i.mode,
        i.width,

@@ -91,6 +91,17 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
     assert len(workspace.read_table("errors")) == 1
 
 
+def test_where_an_image_lies_in_its_shard_is_not_part_of_its_units_id(ray_local, workspace, config):
+    """An ingest that records images.member_offset (or a shard whose members moved) changes no
+    caption unit: the captions are kept, not asked for again."""
+    write_inputs(workspace)
+    caption.run(configure(config), workspace)
+    images = workspace.read_table("images").to_pylist()
+    workspace.add_part("images", "u", [{**row, "member_offset": 1024 * i} for i, row in enumerate(images)])
+    again = caption.run(configure(config), workspace)
+    assert again.units_done == 0 and again.units_skipped == 3
+
+
 def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, workspace, config):
     write_inputs(workspace)
     workspace.add_part("character_traits", "u", [

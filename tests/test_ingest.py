@@ -200,6 +200,7 @@ def test_folder_input_with_same_stem_sidecars(tmp_path):
     summary, ws = run_ingest(tmp_path, [str(tmp_path / "kohya")], "ingest.folder_unit_size=2")
     assert sorted(ws.read_table("images")["key"].to_pylist()) == [
         "kohya/10_concept/img0", "kohya/10_concept/img1", "kohya/10_concept/img2"]  # <input id>/<path>
+    assert ws.read_table("images")["member_offset"].null_count == 3  # files, not members of a shard
     assert ws.read_table("source_tags").num_rows == 6
     assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["no_image"]
 
@@ -484,3 +485,13 @@ def test_an_unreadable_file_names_its_member(tmp_path):
     _, ws = run_ingest(tmp_path, [str(folder)], "ingest.follow_links_out=true")
     errors = sorted((e["key"], e["member"], e["kind"]) for e in ws.read_table("errors").to_pylist())
     assert errors == [("loop/a", "a.png", "unreadable"), ("loop/b", "b.png", "unreadable")]
+
+
+def test_each_image_row_says_where_its_member_header_starts_in_its_shard(hostile):
+    """images.member_offset: where a later job seeks to read the image (udfs/source_members.py)."""
+    _, ws = hostile
+    rows = ws.read_table("images").to_pylist()
+    with tarfile.open(rows[0]["source"]) as tar:
+        headers = {m.name: m.offset for m in tar}
+    for row in rows:
+        assert row["member_offset"] == headers[row["member"]], row["member"]

@@ -10,7 +10,7 @@ import base64
 import io
 import tarfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyarrow.fs as pafs
 from PIL import Image
@@ -21,18 +21,21 @@ from udfs.eight_bit import displayed, eight_bit
 from udfs.ingest.sources import member_path
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
+from udfs.source_members import local_tar_members
 
 REGION_INDEX = {name: i for i, name in enumerate(REGIONS.values())}  # region_jpegs' order
 
 
 def request_urls(sources: list[str], members: list[str], regions: list[str], max_side: int,
-                 overlap: float) -> list[str | None]:
+                 overlap: float, offsets: list[int | None] | None = None) -> list[str | None]:
     """Data URLs of what each VLM request shows: its image (region "") or one of the image's 2x2
     regions ("top left", ...: the tagger's crop); None where the image cannot be read. Each
-    member is read once and cut once, however many requests show it."""
+    member is read once and cut once, however many requests show it. offsets: images.member_offset
+    of each (where its shard header starts), for a seek instead of a walk through the shard."""
     made: dict[tuple[str, str, bool], list[str] | None] = {}
     out: list[str | None] = []
-    for source, member, region, data in zip(sources, members, regions, read_members(sources, members), strict=True):
+    read = read_members(sources, members, offsets)
+    for source, member, region, data in zip(sources, members, regions, read, strict=True):
         whole = not region
         if (source, member, whole) not in made:
             encode = (lambda d: [shrink_jpeg(d, max_side)]) if whole else (lambda d: region_jpegs(d, overlap, max_side))
@@ -42,29 +45,33 @@ def request_urls(sources: list[str], members: list[str], regions: list[str], max
     return out
 
 
-def read_members(sources: list[str], members: list[str]) -> list[bytes | None]:
-    """Raw bytes of each (source, member); None where it cannot be read. Each shard is opened once."""
+def read_members(sources: list[str], members: list[str], offsets: list[int | None] | None = None
+                 ) -> list[bytes | None]:
+    """Raw bytes of each (source, member); None where it cannot be read. Each shard is opened
+    once; a local one is read with seeks to the members' offsets (udfs/source_members.py)."""
     wanted: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    where: dict[str, dict[str, int | None]] = defaultdict(dict)
     for i, (source, member) in enumerate(zip(sources, members, strict=True)):
         if source and member:
             wanted[source][member].append(i)
+            where[source][member] = offsets[i] if offsets else None
     out: list[bytes | None] = [None] * len(sources)
     for source, names in wanted.items():
-        for member, data in _read_source(source, set(names)):
+        for member, data in _read_source(source, where[source]):
             for i in names[member]:
                 out[i] = data
     return out
 
 
-def _read_source(source: str, names: set[str]):
+def _read_source(source: str, names: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
     if ".tar" in source.rsplit("/", 1)[-1]:
-        try:
-            with _open(source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for info in tar:
-                    if info.isfile() and info.name in names:
-                        yield info.name, tar.extractfile(info).read()
-        except (tarfile.TarError, OSError, EOFError):
-            return
+        if "://" not in source:
+            try:
+                yield from local_tar_members(source, names, None)
+                return
+            except (tarfile.ReadError, OSError):
+                pass  # compressed, or not there: the stream says no more than nothing read
+        yield from _stream_tar(source, set(names))
         return
     for name in names:
         path = member_path(source, name)
@@ -73,6 +80,21 @@ def _read_source(source: str, names: set[str]):
                 yield name, f.read()
         except OSError:
             continue
+
+
+def _stream_tar(source: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
+    """The named members of a shard that cannot be read with seeks (object storage, compressed),
+    read as a stream that stops once all are found."""
+    try:
+        with _open(source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for info in tar:
+                if info.isfile() and info.name in names:
+                    names.discard(info.name)
+                    yield info.name, tar.extractfile(info).read()
+                    if not names:
+                        return
+    except (tarfile.TarError, OSError, EOFError):
+        return
 
 
 def _open(uri: str):

@@ -42,7 +42,8 @@ from udfs.caption.rewriter import must_keep
 
 STREAM = "state/caption-stream"
 REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key", pa.string()),
-                            ("source", pa.string()), ("member", pa.string()), ("seed", pa.int64()),
+                            ("source", pa.string()), ("member", pa.string()), ("member_offset", pa.int64()),
+                            ("seed", pa.int64()),
                             ("text", pa.string()), ("tags", pa.list_(pa.string())),
                             ("categories", pa.list_(pa.string()))])
 REPLY_SCHEMA = pa.schema([("stage", pa.string()), ("key", pa.string()), ("caption", pa.string()),
@@ -124,7 +125,8 @@ class ReplayCaptioner(UnitCaptioner):
         if missing:
             raise NeedReplies(name, [
                 {"unit": self.unit, "stage": stage, "key": row["key"], "source": row.get("source") or "",
-                 "member": row.get("member") or "", "seed": seed, "text": text, "tags": tags, "categories": cats}
+                 "member": row.get("member") or "", "member_offset": row.get("member_offset"), "seed": seed,
+                 "text": text, "tags": tags, "categories": cats}
                 for stage, row, (text, tags, cats, seed) in missing])
         out: list[str | Exception] = []
         for stage, row in zip(stages, rows, strict=True):
@@ -183,7 +185,8 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
     shown = [i for i, r in enumerate(rows) if r["stage"] != REWRITE] if options["send_images"] else []
     overlap = float(options["region_overlap"]) if any(regions) else 0.0  # annotate's, passed on by the job
     urls = dict(zip(shown, request_urls([rows[i]["source"] for i in shown], [rows[i]["member"] for i in shown],
-                                        [regions[i] for i in shown], int(options["image_max_side"]), overlap),
+                                        [regions[i] for i in shown], int(options["image_max_side"]), overlap,
+                                        [rows[i].get("member_offset") for i in shown]),
                     strict=True))
     messages, errors = [], []
     for i, r in enumerate(rows):

@@ -79,4 +79,5 @@ class OpenAICaptioner(UnitCaptioner):
         """What each request shows: the row's image, or its region `regions[i]` when given."""
         overlap = float(self.opts["region_overlap"]) if regions else 0.0  # annotate's, passed on by the job
         return request_urls([r.get("source") or "" for r in rows], [r.get("member") or "" for r in rows],
-                            regions or [""] * len(rows), int(self.opts["image_max_side"]), overlap)
+                            regions or [""] * len(rows), int(self.opts["image_max_side"]), overlap,
+                            [r.get("member_offset") for r in rows])

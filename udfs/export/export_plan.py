@@ -89,7 +89,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
     return {
-        "key": row["key"], "member": row["member"], "clip": row.get("clip"), "name": safe_name(row["key"]),
+        "key": row["key"], "member": row["member"], "offset": row.get("member_offset"), "clip": row.get("clip"),
+        "name": safe_name(row["key"]),
         "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
         "background": background,

@@ -30,7 +30,8 @@ from store.workspace import Workspace
 from udfs.export.export_plan import placed, read_plan
 from udfs.export.resize import resize_image
 from udfs.export.safe_names import inside
-from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
+from udfs.ingest.sources import Unit, member_path, read_unit
+from udfs.source_members import local_tar_members
 
 JOB = "export"
 COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
@@ -149,23 +150,6 @@ class ParquetShard:
         self.writer.close()
 
 
-def local_tar_members(path: str, wanted: set[str], max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
-    """(member, bytes) of the wanted members of a local, uncompressed shard, read with seeks.
-
-    udfs.ingest.sources.read_unit streams a shard ("r|*", 8 KB pieces, every member read): about 8x
-    slower on one core for a local file than tarfile's random-access mode, which also skips the
-    members the export does not want. Names go through the same safe_text as at ingest.
-    """
-    with tarfile.open(path, mode="r:") as tar:
-        try:
-            for info in tar:
-                name = safe_text(info.name)
-                if info.isfile() and name in wanted and info.size <= max_member_bytes:
-                    yield name, tar.extractfile(info).read()
-        except (tarfile.TarError, EOFError, OSError):
-            return  # a truncated shard: the members not read are reported as missing
-
-
 def atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
@@ -195,7 +179,7 @@ class UnitExport:
         samples = {s["member"]: s for s in self.plan["samples"]}
         seen: set[str] = set()
         try:
-            for name, data in self.members(set(samples)):
+            for name, data in self.members({m: s.get("offset") for m, s in samples.items()}):
                 if name not in seen:  # the first of repeated names, as ingest took it
                     seen.add(name)
                     self.export_sample(samples[name], data)
@@ -207,8 +191,9 @@ class UnitExport:
             self.abort_open_shards()
         return self.info(time.perf_counter() - started)
 
-    def members(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
-        """(member, bytes) of the unit's wanted members: seekable reads for local shards, else read_unit."""
+    def members(self, wanted: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
+        """(member, bytes) of the unit's wanted members (name -> header offset): seeks in local
+        shards, else read_unit."""
         source, limit = self.plan["source"], int(self.options["max_member_bytes"])
         if self.plan["kind"] == "tar" and "://" not in source:
             try:

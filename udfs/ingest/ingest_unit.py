@@ -240,7 +240,8 @@ class UnitRows:
         if probed["n_frames"] > 1 and probed["format"] in ANIMATED_FORMATS and options["frames"]["enabled"]:
             self.add_clip(key, sample, ext, True, texts, options)
             return
-        self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member, **probed})
+        self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member,
+                                      "member_offset": sample.offsets.get(ext), **probed})
         self.add_companions(key, [key], None, sample, ext, texts, options)
 
     def add_clip(self, key: str, sample: Sample, ext: str, animated: bool, texts: list[tuple[str, str]],

@@ -50,6 +50,9 @@ class Sample:
     # stream, never read whole (an episode is gigabytes); their `members` entry is b""
     paths: dict[str, str] = field(default_factory=dict)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (member, kind, msg)
+    # extension -> where the member's header starts in its shard (a shard's members only): later
+    # jobs seek there instead of walking every header (udfs/source_members.py)
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 def safe_text(name: str) -> str:
@@ -327,6 +330,8 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                         current.problems.append((name, "duplicate_key", f"key {key!r} seen earlier in the shard"))
                     seen.add(key)
                 _add_member(current, ext, name, info.size, max_member_bytes, lambda i=info: tar.extractfile(i).read())
+                if current.member_names.get(ext) == name:
+                    current.offsets[ext] = info.offset
             ended = _how_it_ended(tar)
         if ended:
             if current is not None:

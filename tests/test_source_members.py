@@ -1,0 +1,60 @@
+"""Members read back from local shards by the jobs after ingest (udfs/source_members.py)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from udfs.ingest.sources import Unit, read_unit
+from udfs.source_members import local_tar_members
+
+MEMBERS = [("a.jpg", b"A" * 700), ("a.txt", b"tags a"), ("b.jpg", b"B" * 1300), ("b.txt", b"tags b"),
+           ("c.jpg", b"C" * 90)]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> dict[str, int]:
+    """The tar, and where each member's header starts in it."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return {m.name: m.offset for m in tar}
+
+
+def test_ingest_records_where_each_member_header_starts(tmp_path):
+    offsets = write_tar(tmp_path / "s.tar", MEMBERS)
+    samples = list(read_unit(Unit("tar", str(tmp_path / "s.tar"), "s"), 10**6))
+    assert {s.member_names[ext]: s.offsets[ext] for s in samples for ext in s.members} == offsets
+
+
+def test_members_are_read_at_their_offsets_past_a_header_a_walk_cannot_pass(tmp_path):
+    """A zeroed header reads as tar's end to a walk from the start; the members after it are
+    still read at the offsets ingest recorded."""
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    with open(path, "r+b") as f:
+        f.seek(offsets["b.txt"])
+        f.write(bytes(512))
+    wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"], "c.jpg": offsets["c.jpg"]}
+    assert dict(local_tar_members(str(path), wanted, 10**6)) == {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300,
+                                                                 "c.jpg": b"C" * 90}
+    walked = dict(local_tar_members(str(path), dict.fromkeys(wanted), 10**6))
+    assert walked == {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300}
+
+
+def test_a_shard_rewritten_since_ingest_is_walked_for_the_members_no_longer_at_their_offsets(tmp_path):
+    path = tmp_path / "s.tar"
+    old = write_tar(path, MEMBERS)
+    write_tar(path, [MEMBERS[2], ("c.jpg", b"new c"), MEMBERS[0]])  # reordered, c.jpg rewritten
+    got = list(local_tar_members(str(path), {"a.jpg": old["a.jpg"], "c.jpg": old["c.jpg"]}, 10**6))
+    assert sorted(got) == [("a.jpg", b"A" * 700), ("c.jpg", b"new c")]
+
+
+def test_a_member_over_the_size_limit_is_not_read(tmp_path):
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"], "c.jpg": None}
+    assert dict(local_tar_members(str(path), wanted, 1000)) == {"a.jpg": b"A" * 700, "c.jpg": b"C" * 90}
