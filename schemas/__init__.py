@@ -20,8 +20,8 @@ images = pa.schema(
         ("key", pa.string()),  # "<source stem>/<sample key>": unique across sources
         ("source", pa.string()),  # shard path or folder the sample came from
         ("member", pa.string()),  # image member name inside the shard / file in the folder
-        # where the member's header starts in its shard (offset in the uncompressed tar), for the
-        # later jobs' seeks (udfs/source_members.py); null for folders and video/animation frames
+        # where the member's header starts in its shard or frame store tar (offset in the
+        # uncompressed tar), for the later jobs' seeks (udfs/source_members.py); null for folders
         ("member_offset", pa.int64()),
         ("width", pa.int32()),  # as displayed (EXIF orientation applied)
         ("height", pa.int32()),

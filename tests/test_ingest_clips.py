@@ -59,7 +59,9 @@ def test_kept_frames_are_stored_once_with_their_hash(tmp_path):
     result = select(tmp_path, clip)
     with tarfile.open(result.frames[0]["source"]) as tar:
         stored = {m.name: tar.extractfile(m).read() for m in tar}
+        headers = {m.name: m.offset for m in tar}
     assert sorted(stored) == sorted(f["member"] for f in result.frames)
+    assert {f["member"]: f["member_offset"] for f in result.frames} == headers  # where later jobs seek
     for frame in result.frames:
         data = stored[frame["member"]]
         assert hashlib.sha256(data).hexdigest() == frame["sha256"] and len(data) == frame["bytes"]

@@ -8,8 +8,8 @@ with the square of the shard. On a 2,000-image shard (2 cores), export's tasks t
 0.5 s with seeks, and the captioner's reads in batches of 32 took 36 s against 0.3 s.
 Ingest records where each image member's header starts (images.member_offset),
 so a reader seeks there, checks that the header names the member, and reads its bytes; only
-members without an offset (older workspaces, frames, a header that no longer matches: the shard
-was rewritten) are looked for by walking the headers, and the walk stops when all are found.
+members without an offset (older workspaces, a header that no longer matches: the shard was
+rewritten) are looked for by walking the headers, and the walk stops when all are found.
 """
 
 from __future__ import annotations

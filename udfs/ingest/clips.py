@@ -88,9 +88,10 @@ def _store_frame(clip_key: str, frame: Frame, hashes: dict, slice_index: int, ru
     data = out.getvalue()
     key = frame_key(clip_key, frame.index)
     member = f"{key}.{rules.format}"
-    store.add(member, data)
-    return {"key": key, "source": store.uri, "member": member, "width": image.width, "height": image.height,
-            "format": fmt, "mode": image.mode, "n_frames": 1, "orientation": 1, "bytes": len(data),
+    offset = store.add(member, data)
+    return {"key": key, "source": store.uri, "member": member, "member_offset": offset,
+            "width": image.width, "height": image.height, "format": fmt, "mode": image.mode, "n_frames": 1,
+            "orientation": 1, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), **hashes,
             "clip": clip_key, "frame": frame.index, "frame_time": round(frame.time, 6), "slice": slice_index}
 

@@ -31,7 +31,8 @@ class FrameStore:
         self._stream = None
         self._tar: tarfile.TarFile | None = None
 
-    def add(self, member: str, data: bytes) -> None:
+    def add(self, member: str, data: bytes) -> int:
+        """Store one frame; returns where its header starts in the tar (images.member_offset)."""
         if self._tar is None:
             self.ws.fs.create_dir(f"{self.ws.base}/{FRAMES_DIR}", recursive=True)
             self._stream = self.ws.fs.open_output_stream(self._tmp)
@@ -40,7 +41,9 @@ class FrameStore:
             self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.PAX_FORMAT)
         info = tarfile.TarInfo(member)
         info.size, info.mtime, info.mode = len(data), 0, 0o444
+        offset = self._tar.offset
         self._tar.addfile(info, io.BytesIO(data))
+        return offset
 
     def close(self) -> None:
         """Finish the tar and give it its name. With no frame added, a tar of that name (from
