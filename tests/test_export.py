@@ -279,6 +279,9 @@ def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, 
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "rep" / "webdataset")
                                                         .glob("*.tar")), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == sum(repeats_of(r["multiply"], key) for key, r in expected.items())
+    manifest = ws.read_table("export_manifest").to_pylist()
+    copies = [(r["path"], r["key"]) for r in manifest if r["layout"] == "webdataset"]
+    assert len(copies) == len(keys) and len(set(copies)) == len(copies)  # no shard holds two copies of an image
 
 
 def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_local):

@@ -102,11 +102,17 @@ def test_fractional_multiply_keeps_the_groups_repeats():
     assert {s["repeats"] for s in plan_units(selection(50, multiply=0.4), options())[0]["samples"]} == {1}
 
 
-def test_materialised_repeats_get_unique_names():
-    units = plan_units(selection(2, multiply=3.0), options(materialize_repeats=True, max_count=4))
+def test_materialised_repeats_get_unique_names_and_a_shard_of_their_own():
+    """Copies of one image are never in one shard: a trainer's shuffle buffer would batch them."""
+    units = plan_units(selection(3, multiply=3.0), options(materialize_repeats=True, max_count=2))
     names = [c["name"] for s in units[0]["samples"] for c in s["copies"]]
-    assert names == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2"]
-    assert shards_of(units) == [[0, 0, 0, 0, 1, 1]]
+    assert names == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2",
+                     "a__002", "a__002-r1", "a__002-r2"]
+    assert [[c["shard"] for c in s["copies"]] for s in units[0]["samples"]] == [[0, 2, 4], [0, 2, 4], [1, 3, 5]]
+    assert units[0]["shards"] == 6
+    mixed = plan_units(selection(20, multiply=1.5), options(materialize_repeats=True, max_count=8))
+    copies = [[c["shard"] for c in s["copies"]] for s in mixed[0]["samples"]]
+    assert all(len(set(shards)) == len(shards) for shards in copies) and {len(c) for c in copies} == {1, 2}
 
 
 def test_unit_ids_change_with_shaping_options_only():

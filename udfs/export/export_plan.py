@@ -117,24 +117,48 @@ def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
     """A unit's samples with their copies and shard numbers counted from 0; and its shard count.
 
     Shards are cut by count and by planned bytes (exact for original bytes, area-scaled for
-    re-encoded images); a shard never mixes units."""
-    max_count, max_bytes = int(opts["max_count"]), int(opts["max_bytes"])
+    re-encoded images); a shard never mixes units. Materialised repeats are placed a round at a
+    time, each round in shards of its own (every sample's first copy, then every second copy,
+    ...): an image's copies are never in one shard, where a trainer's shuffle buffer would put
+    them side by side into one batch."""
     materialize = bool(opts["materialize_repeats"])
     names: set[str] = set()
     rules = TagTextRules.from_options(opts)
-    samples, shard, count, size = [], 0, 0, 0
+    samples = []
     for row in rows:
         sample = sample_plan(row, opts, rules)
         sample["name"] = unique_name(sample["name"], row["key"], names)
         sample["copies"] = []
-        for n in range(sample["repeats"] if materialize else 1):
-            if count and (count + 1 > max_count or size + sample["planned_bytes"] > max_bytes):
-                shard, count, size = shard + 1, 0, 0
-            name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{row['key']}\0{n}", names)
-            sample["copies"].append({"name": name, "shard": shard})
-            count, size = count + 1, size + sample["planned_bytes"]
         samples.append(sample)
-    return samples, (shard + 1 if samples else 0)
+    cut = ShardCut(int(opts["max_count"]), int(opts["max_bytes"]))
+    rounds = max((s["repeats"] for s in samples), default=1) if materialize else 1
+    for n in range(rounds):
+        cut.next_shard()
+        for sample in samples:
+            if n == 0 or n < sample["repeats"]:
+                name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{sample['key']}\0{n}",
+                                                                 names)
+                sample["copies"].append({"name": name, "shard": cut.place(sample["planned_bytes"])})
+    return samples, (cut.shard + 1 if samples else 0)
+
+
+class ShardCut:
+    """Shard numbers for samples in write order: a new shard before the sample that would take the
+    current one past max_count samples or max_bytes (a shard holds at least one sample)."""
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.shard, self.count, self.size = 0, 0, 0
+
+    def next_shard(self) -> None:
+        """The next sample starts a shard (unless the current one is empty)."""
+        self.count = self.max_count if self.count else 0
+
+    def place(self, planned_bytes: int) -> int:
+        if self.count and (self.count + 1 > self.max_count or self.size + planned_bytes > self.max_bytes):
+            self.shard, self.count, self.size = self.shard + 1, 0, 0
+        self.count, self.size = self.count + 1, self.size + planned_bytes
+        return self.shard
 
 
 def unique_name(name: str, key: str, names: set[str]) -> str:
