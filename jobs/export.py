@@ -27,7 +27,7 @@ import json
 import os
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -124,8 +124,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
-    total, chunks, groups = run_in_worker(cfg, ws, stage_selection, opts,
-                                          unit_images(opts, int(cfg["ingest"]["folder_unit_size"])), SELECTION_CHUNK)
+    total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
+                                                    unit_images(opts, int(cfg["ingest"]["folder_unit_size"])),
+                                                    SELECTION_CHUNK)
     selected = sum(g["rows"] for g in groups)
     units = plan_units(cfg, ws, groups, out) if groups else []
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
@@ -151,8 +152,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
-    summary.notes.append(f"left out before export: {total - selected} of {total} images "
-                         f"(duplicates, flagged captions, export.where)")
+    summary.notes.append(left_out_note(total, selected, left_out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
     if lost:
@@ -186,10 +186,12 @@ def unit_images(opts: dict, folder_unit_size: int) -> int:
     return max(1, min(int(opts["max_count"]), folder_unit_size))
 
 
-def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tuple[int, int, list[dict]]:
-    """(images in the workspace, key ranges staged, the export units in export order), in a
-    worker: the selection is run one key range of `chunk` images at a time (DuckDB's memory is
-    bounded by a chunk, not the workspace) and streamed into one Parquet file per range under
+def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
+                    ) -> tuple[int, int, list[dict], dict[str, int]]:
+    """(images in the workspace, key ranges staged, the export units in export order, the images
+    left out by each reason but export.where: sql/export_left_out.sql), in a worker: the
+    selection is run one key range of `chunk` images at a time (DuckDB's memory is bounded by a
+    chunk, not the workspace) and streamed into one Parquet file per range under
     state/export-plan/selection/; the units are then cut from the staged keys alone
     (sql/export_units.sql). A unit names its source, its key range and the files that hold it,
     for its tasks to read; no row of the selection comes back from here.
@@ -209,18 +211,29 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int) -> tu
         ranges = key_ranges(con, chunk)
         where = str(opts["where"]).strip()
         query, params = selection_query(con, opts, where)
-        chunks = []
+        chunks, left_out = [], Counter()
         for index, (first, last) in enumerate(ranges):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
             with ws.key_range_cursor(con, RANGED_TABLES, first, last, published, WHOLE_TABLES) as cursor:
                 rows = stage_chunk(ws, cursor, query, {**params, "first": first, "last": last}, path, where)
+                left_out.update(dict(cursor.execute(sql_text("export_left_out.sql"),
+                                                    {**params, "first": first, "last": last}).fetchall()))
             if rows:
                 chunks.append({"first": first, "last": last, "path": path})
             print(f"export selection: key range {index + 1}/{len(ranges)}, {rows} images selected", flush=True)
         units = cut_units(ws, con, chunks, unit_size, where)
     finally:
         con.close()
-    return total, len(chunks), units
+    return total, len(chunks), units, dict(left_out)
+
+
+def left_out_note(total: int, selected: int, left_out: dict[str, int]) -> str:
+    """The summary's line on the images the selection left out, by reason."""
+    by_where = total - selected - sum(left_out.values())
+    reasons = [f"{n} {reason}" for reason, n in sorted(left_out.items())]
+    reasons += [f"{by_where} by export.where"] if by_where else []
+    return f"left out before export: {total - selected} of {total} images" + (f": {', '.join(reasons)}"
+                                                                              if reasons else "")
 
 
 def key_ranges(con: duckdb.DuckDBPyConnection, chunk: int) -> list[tuple[str, str | None]]:

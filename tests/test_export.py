@@ -225,6 +225,12 @@ def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory,
     summary = export.run(cfg, ws)
     expected = {k for k in expected_rows(ws) if "/bg_" in k}
     assert summary.rows_in == len(expected) > 0
+    con = ws.connect()
+    duplicates = con.execute("select count(distinct key) from duplicates where not is_representative").fetchall()[0][0]
+    assert duplicates > 0
+    by_where = 24 - len(expected) - duplicates
+    assert (f"left out before export: {24 - len(expected)} of 24 images: {duplicates} near duplicates, "
+            f"{by_where} by export.where") in summary.notes
     merge(cfg, {"export": {"where": "true; drop table images"}})
     with pytest.raises(ConfigError):
         export.run(cfg, ws)

@@ -133,6 +133,8 @@ def test_caption_exclude_and_character_edits_reach_the_export_selection(review):
     params = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": True}
     exported = {r[0] for r in con.execute(sql_text("export_selection.sql"), params).fetchall()}
     assert key not in exported
+    left_out = con.execute(sql_text("export_left_out.sql"), {**params, "first": "", "last": None}).fetchall()
+    assert left_out == [("excluded in review", 1)]  # what the export's summary counts
     client.post("/api/edits", json={"key": key, "caption": "", "exclude": False, "character": ""})
     row = client.get(f"/api/images/{key}").json()["row"]
     assert not row["excluded"] and not row["caption_edited"] and row["characters"] == []
