@@ -49,6 +49,22 @@ own_texts as (
     from source_text
     group by key
 ),
+caption_variants as (
+    -- the best caption of each origin (the template, the captioning model, the rewriter), for
+    -- KEY.json's captions; own captions are in own_texts already
+    select key, list({'origin': origin, 'caption': caption} order by origin) as caption_variants
+    from (
+        select key, caption,
+               case when backend like 'template:%' then 'template'
+                    when backend like 'rewrite:%' then 'rewrite'
+                    else 'model' end as origin,
+               accuracy, attempt
+        from captions
+        where backend <> 'own' and caption <> ''
+        qualify row_number() over (partition by key, origin order by accuracy desc nulls last, attempt desc) = 1
+    )
+    group by key
+),
 region_captions as (
     -- the 2x2 region captions (caption.regions) as one structured caption
     select key,
@@ -94,6 +110,7 @@ select i.key,
        d.dup_group,
        coalesce(e.n_errors, 0) as n_errors,
        rc.region_caption,
+       cv.caption_variants,
        o.own_texts,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply
@@ -108,6 +125,7 @@ left join caption_edits as cap using (key)
 left join character_edits as ce using (key)
 left join exclude_edits as x using (key)
 left join region_captions as rc using (key)
+left join caption_variants as cv using (key)
 left join own_texts as o using (key)
 where not ($drop_duplicates and not coalesce(d.is_representative, true))
   and not ($drop_flagged and cap.key is null and coalesce(a.flagged, false))

@@ -55,7 +55,7 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
     expected = expected_rows(ws)
     assert 0 < len(expected) < 24  # the sample has near duplicates, which are left out
     dropped = {r[0] for r in ws.connect().execute("select key from duplicates where not is_representative").fetchall()}
-    seen = {}
+    seen, templates = {}, 0
     own = {}  # the texts that came with the images (.caption sidecars, JSON captions)
     for key, kind, text in ws.connect().execute("select key, kind, text from source_text order by all").fetchall():
         own.setdefault(key, {}).setdefault(kind, []).append(text)
@@ -69,9 +69,14 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
         assert meta["multiply"] == pytest.approx(expected[key]["multiply"])
         assert meta["repeats"] == repeats_of(expected[key]["multiply"], key)
         assert meta["source"]["member"] and meta["tags"] and "accuracy" in meta["scores"]
+        captions = meta["captions"]  # an image whose own caption was accepted has no template caption
+        assert set(captions) <= {"tags", "template"} and len(captions["tags"].split(", ")) == len(meta["tags"])
+        assert captions.get("template", expected[key]["caption"]) == expected[key]["caption"]
+        templates += "template" in captions
         seen[key] = sample["__key__"]
     assert set(seen) == set(expected) and not set(seen) & dropped
     assert set(own) & set(seen)  # some exported image came with a text of its own
+    assert templates > 0
     assert summary.rows_in == len(expected) and summary.errors == 0
 
 
@@ -214,6 +219,28 @@ def fresh(tmp_path_factory, *overrides):
 
     path = prepared_workspace(tmp_path_factory)
     return base_config(path, *overrides), Workspace(str(path))
+
+
+def test_the_selection_carries_the_best_caption_of_each_origin(tmp_path_factory):
+    """KEY.json's captions: per origin (template, captioning model, rewriter) the best-scored
+    attempt; the image's own caption is in source_texts, not here."""
+    from jobs.export import sql_text
+
+    _, ws = fresh(tmp_path_factory)
+    key = sorted(expected_rows(ws))[0]
+    template = ws.connect().execute("select caption from captions where key = $k and attempt = 0",
+                                    {"k": key}).fetchone()[0]
+    attempts = [(1, "openai:joy", "a worse model caption", 0.5), (2, "openai:joy", "the better model caption", 0.7),
+                (3, "rewrite:openai", "a short one", 0.68), (-1, "own", "the image's own", 0.9)]
+    ws.add_part("captions", "variants", [{"key": key, "attempt": a, "backend": b, "seed": 0, "caption": c,
+                                          "accuracy": acc, "accepted": a == 3, "flagged": False}
+                                         for a, b, c, acc in attempts])
+    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True}
+    variants = dict(ws.connect().execute(f"select key, caption_variants from ({sql_text('export_selection.sql')})",
+                                         params).fetchall())
+    assert variants[key] == [{"origin": "model", "caption": "the better model caption"},
+                             {"origin": "rewrite", "caption": "a short one"},
+                             {"origin": "template", "caption": template}]
 
 
 def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory, ray_local):

@@ -72,6 +72,10 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
         "orientation": 1 if reencode else orientation,
     }
+    # every caption the image has, by origin (the tags as text, the template, the captioning
+    # model, the rewriter): a trainer may pick or mix them per step
+    meta["captions"] = {"tags": rules.text(row["tags"], row["categories"], row["tag_scores"]),
+                        **{v["origin"]: v["caption"] for v in row.get("caption_variants") or []}}
     if rules.clip_token_budget:  # what the budget did to KEY.txt
         meta["clip_tokens"] = {"budget": rules.clip_token_budget, "tokens": clip_tokens(txt), "cut": cut}
     if row.get("own_texts"):  # the texts that came with the image: {kind: [text, ...]}
