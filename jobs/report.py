@@ -27,7 +27,7 @@ from jobs.summary import JobSummary  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
-from udfs.ingest.sources import Unit, member_path, read_unit  # noqa: E402
+from udfs.source_members import source_members  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
@@ -199,7 +199,7 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
         if r["shard"]:
             by_shard[r["shard"]][r["shard_member"]] = r["key"]
         else:
-            by_source[r["source"]][r["member"]] = r["key"]
+            by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
     for shard, wanted in by_shard.items():
         path = Path(export) / shard
         if path.is_file():
@@ -209,12 +209,9 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
                         found[wanted[member.name]] = tar.extractfile(member).read()
     for source, wanted in by_source.items():
         kind = "tar" if source.endswith(".tar") else "folder"
-        unit = Unit(kind, source, "", [member_path(source, m) for m in wanted] if kind == "folder" else [])
-        for sample in read_unit(unit, 1 << 30):
-            if not isinstance(sample, tuple):
-                for ext, name in sample.member_names.items():
-                    if name in wanted:
-                        found[wanted[name]] = sample.members[ext]
+        offsets = {member: offset for member, (_, offset) in wanted.items()}
+        for name, data in source_members(source, kind, offsets, 1 << 30):
+            found[wanted[name][0]] = data
     return found
 
 

@@ -8,7 +8,7 @@ with exported as (
     group by key
 ),
 pool as (
-    select i.key, i.source, i.member, e.path as shard, e.image as shard_member,
+    select i.key, i.source, i.member, i.member_offset, e.path as shard, e.image as shard_member,
            row_number() over (order by hash(i.key), i.key) as pick
     from images i
     left join exported e using (key)
@@ -20,7 +20,7 @@ image_tags as (
 source_tag_lists as (
     select key, list(tag order by position, tag) as tags from source_tags group by key
 )
-select p.key, p.source, p.member, p.shard, p.shard_member, c.caption, c.accuracy,
+select p.key, p.source, p.member, p.member_offset, p.shard, p.shard_member, c.caption, c.accuracy,
        coalesce(t.tags, s.tags, []::varchar[]) as tags
 from pool p
 left join captions c on c.key = p.key and c.accepted

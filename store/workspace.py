@@ -27,6 +27,7 @@ such as the parts of a unit that never committed, go at once).
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -612,7 +613,7 @@ class Workspace:
         needed, so nothing is downloaded at run time.
         """
         published = published or self.published()
-        short = published.get("short_parts", {})
+        short = short_tables(published)
         for name in names or list(schemas.TABLES):
             self.attach_parts(con, name, published["tables"].get(name, []), union_by_name=name in short)
 
@@ -625,7 +626,7 @@ class Workspace:
         (the views of `con`), but an object store's does not (a registered dataset is seen only by
         the connection that registered it)."""
         cursor = con.cursor()
-        short = published.get("short_parts", {})
+        short = short_tables(published)
         for name in [*names, *([] if self.local else others)]:
             parts = published["tables"].get(name, [])
             if name in names:
@@ -678,16 +679,27 @@ class Workspace:
 
     def _catalog_fingerprint(self, published: dict) -> str:
         """A hash of every statement that makes the catalog's views over the `published` generation."""
-        short = published.get("short_parts", {})
+        short = short_tables(published)
         statements = [self.view_sql(name, published["tables"].get(name, []), name in short)
                       for name in schemas.TABLES]
         statements += [(SQL / f"{name}.sql").read_text(encoding="utf-8") for name in DERIVED_VIEWS]
         return hashlib.sha1("\n;\n".join([CATALOG_STORAGE_VERSION, *statements]).encode()).hexdigest()
 
 
+def short_tables(published: dict) -> set[str]:
+    """The tables whose views read their parts by name (union_by_name): those with parts that lack
+    a column (Workspace._short_parts), and, until the next publish finds those parts, every table
+    whose schema changed since `published` was written (an older version published it: a reader
+    such as `booruset sql` or the review page runs before any job of this version has)."""
+    fingerprints = published.get("schemas", {})
+    changed = {t for t in schemas.TABLES if fingerprints.get(t) != schema_fingerprint(t)}
+    return set(published.get("short_parts", {})) | changed
+
+
 _events_in_this_process: dict[str, int] = defaultdict(int)
 
 
+@functools.cache  # the schemas are fixed in a process; readers ask at every connect
 def schema_fingerprint(table: str) -> str:
     """The column names and types of a table's schema, hashed: published.json records them."""
     return hashlib.sha1(str(schemas.TABLES[table]).encode()).hexdigest()[:16]

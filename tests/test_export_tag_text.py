@@ -137,6 +137,10 @@ def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp
                for m, s in zip(metas, samples, strict=True))
     cut = {m["key"] for m in metas if m["clip_tokens"]["cut"]}
     assert cut and len(cut) < len(samples)
+    for meta, sample in zip(metas, samples, strict=True):  # KEY.json keeps the whole tag text
+        whole = meta["captions"]["tags"]
+        assert (whole == sample["txt"].decode()) == (meta["key"] not in cut)
+        assert len(whole.split(", ")) == len(meta["tags"])
     manifest = {r["key"]: r["text_cut"] for r in ws.read_table("export_manifest").to_pylist()}
     assert {k for k, n in manifest.items() if n} == cut
     assert f"clip_token_budget 40: KEY.txt of {len(cut)} images cut to fit" in " ".join(summary.notes)

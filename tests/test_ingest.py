@@ -363,7 +363,10 @@ def test_parts_from_before_a_column_was_added_are_read_with_nulls(tmp_path):
         pq.write_table(before_position, f"{ws.table_dir('source_tags')}/{part}.parquet")
     older = {k: v for k, v in ws.published().items() if k not in ("schemas", "short_parts")}
     older["owned"]["old"] = {"source_tags": ["unit-0", "unit-z"]}  # as the older version published them
+    older["tables"]["source_tags"] = ["unit-0", "unit-m", "unit-z"]
     ws.write_json("state/published.json", older)
+    # a reader before any job of this version published: the changed schemas' views read by name
+    assert ws.connect().execute("select count(*), count(position) from source_tags").fetchone() == (3, 1)
     ws.publish()
     assert ws.published()["short_parts"] == {"source_tags": ["unit-0", "unit-z"]}
     con = ws.connect()

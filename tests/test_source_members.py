@@ -6,11 +6,13 @@ import io
 import tarfile
 from pathlib import Path
 
+from udfs.caption.caption_images import read_members
 from udfs.ingest.sources import Unit, read_unit
 from udfs.source_members import local_tar_members
 
+LONG = "a/" + "long-folder-name/" * 8 + "d.jpg"  # over tar's 100 characters: a pax header before it
 MEMBERS = [("a.jpg", b"A" * 700), ("a.txt", b"tags a"), ("b.jpg", b"B" * 1300), ("b.txt", b"tags b"),
-           ("c.jpg", b"C" * 90)]
+           ("c.jpg", b"C" * 90), (LONG, b"D" * 30)]
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> dict[str, int]:
@@ -21,7 +23,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> dict[str, int]:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with tarfile.open(path) as tar:
-        return {m.name: m.offset for m in tar}
+        return {m.name: m.offset for m in tar}  # a member after a pax header: where the pax header starts
 
 
 def test_ingest_records_where_each_member_header_starts(tmp_path):
@@ -38,11 +40,15 @@ def test_members_are_read_at_their_offsets_past_a_header_a_walk_cannot_pass(tmp_
     with open(path, "r+b") as f:
         f.seek(offsets["b.txt"])
         f.write(bytes(512))
-    wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"], "c.jpg": offsets["c.jpg"]}
-    assert dict(local_tar_members(str(path), wanted, 10**6)) == {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300,
-                                                                 "c.jpg": b"C" * 90}
+    wanted = {name: offsets[name] for name in ("a.jpg", "b.jpg", "c.jpg", LONG)}
+    every = {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300, "c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(local_tar_members(str(path), wanted, 10**6)) == every
     walked = dict(local_tar_members(str(path), dict.fromkeys(wanted), 10**6))
     assert walked == {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300}
+    # the captioner's reads (udfs/caption/caption_images.py) seek the same way
+    names = list(wanted)
+    assert read_members([str(path)] * 4, names, [wanted[n] for n in names]) == [every[n] for n in names]
+    assert read_members([str(path)] * 4, names) == [every["a.jpg"], every["b.jpg"], None, None]
 
 
 def test_a_shard_rewritten_since_ingest_is_walked_for_the_members_no_longer_at_their_offsets(tmp_path):
@@ -58,3 +64,16 @@ def test_a_member_over_the_size_limit_is_not_read(tmp_path):
     offsets = write_tar(path, MEMBERS)
     wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"], "c.jpg": None}
     assert dict(local_tar_members(str(path), wanted, 1000)) == {"a.jpg": b"A" * 700, "c.jpg": b"C" * 90}
+
+
+def test_a_repeated_member_name_is_read_as_ingest_took_it(tmp_path):
+    """The first of a repeated name that fits max_member_bytes: its offset, and the walk's pick."""
+    path = tmp_path / "s.tar"
+    write_tar(path, [("a.jpg", b"first-long"), ("a.jpg", b"second"), ("a.txt", b"tags")])
+    with tarfile.open(path) as tar:
+        first, second = [m.offset for m in tar.getmembers()[:2]]
+    for limit, data, offset in ((10**6, b"first-long", first), (8, b"second", second)):
+        [sample] = [s for s in read_unit(Unit("tar", str(path), "s"), limit) if not isinstance(s, tuple)]
+        assert (sample.members["jpg"], sample.offsets["jpg"]) == (data, offset)
+        assert dict(local_tar_members(str(path), {"a.jpg": offset}, limit)) == {"a.jpg": data}
+        assert dict(local_tar_members(str(path), {"a.jpg": None}, limit)) == {"a.jpg": data}

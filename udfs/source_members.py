@@ -17,7 +17,28 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 
-from udfs.ingest.sources import safe_text
+from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
+
+
+def source_members(source: str, kind: str, wanted: dict[str, int | None], max_member_bytes: int
+                   ) -> Iterator[tuple[str, bytes]]:
+    """(member, bytes) of the wanted members (name -> header offset or None) of a shard (kind
+    "tar") or a folder: seeks in a local plain shard, else udfs.ingest.sources.read_unit (a stream
+    of the shard, the named files of a folder). What is not found is not yielded: the caller
+    reports it missing."""
+    if kind == "tar" and "://" not in source:
+        try:
+            yield from local_tar_members(source, wanted, max_member_bytes)
+            return
+        except (tarfile.ReadError, OSError):
+            pass  # compressed (read_unit detects the format), or gone (it says so)
+    files = [member_path(source, m) for m in wanted] if kind == "folder" else []
+    for sample in read_unit(Unit(kind, source, "", files), max_member_bytes):
+        if isinstance(sample, tuple):
+            continue  # shard-level problems: ingest reported them
+        for ext, name in sample.member_names.items():
+            if name in wanted:
+                yield name, sample.members[ext]
 
 
 def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes: int | None
@@ -34,7 +55,9 @@ def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes
             if info is None or safe_text(info.name) != name or not info.isfile():
                 left.add(name)  # moved or rewritten since ingest: walk for it
             elif _fits(info, max_member_bytes):
-                yield name, tar.extractfile(info).read()
+                data = _member_bytes(tar, info)
+                if data is not None:  # else cut short since ingest: reported missing
+                    yield name, data
     if left:
         yield from _walk(path, left, max_member_bytes)
 
@@ -49,6 +72,13 @@ def _header_at(tar: tarfile.TarFile, offset: int) -> tarfile.TarInfo | None:
         return None
 
 
+def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes | None:
+    try:
+        return tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+
+
 def _fits(info: tarfile.TarInfo, max_member_bytes: int | None) -> bool:
     return max_member_bytes is None or info.size <= max_member_bytes
 
@@ -59,10 +89,9 @@ def _walk(path: str, names: set[str], max_member_bytes: int | None) -> Iterator[
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
                 name = safe_text(info.name)
-                if name in names and info.isfile():
-                    names.discard(name)
-                    if _fits(info, max_member_bytes):
-                        yield name, tar.extractfile(info).read()
+                if name in names and info.isfile() and _fits(info, max_member_bytes):
+                    names.discard(name)  # a later one of the name is not read (ingest took this one)
+                    yield name, tar.extractfile(info).read()
                     if not names:
                         return
     except (tarfile.TarError, EOFError, OSError):

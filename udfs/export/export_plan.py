@@ -74,7 +74,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     }
     # every caption the image has, by origin (the tags as text, the template, the captioning
     # model, the rewriter): a trainer may pick or mix them per step
-    meta["captions"] = {"tags": rules.text(row["tags"], row["categories"], row["tag_scores"]),
+    meta["captions"] = {"tags": rules.whole_text(row["tags"], row["categories"], row["tag_scores"]),
                         **{v["origin"]: v["caption"] for v in row.get("caption_variants") or []}}
     if rules.clip_token_budget:  # what the budget did to KEY.txt
         meta["clip_tokens"] = {"budget": rules.clip_token_budget, "tokens": clip_tokens(txt), "cut": cut}
@@ -122,9 +122,9 @@ def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
 
     Shards are cut by count and by planned bytes (exact for original bytes, area-scaled for
     re-encoded images); a shard never mixes units. Materialised repeats are placed a round at a
-    time, each round in shards of its own (every sample's first copy, then every second copy,
-    ...): an image's copies are never in one shard, where a trainer's shuffle buffer would put
-    them side by side into one batch."""
+    time (every sample's first copy, then every second copy, ...), and a copy whose image is in
+    the shard already starts the next one: a shard never holds two copies of one image (the
+    writer puts a sample's copies of one shard side by side, as it reads the image once)."""
     materialize = bool(opts["materialize_repeats"])
     names: set[str] = set()
     rules = TagTextRules.from_options(opts)
@@ -137,31 +137,31 @@ def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
     cut = ShardCut(int(opts["max_count"]), int(opts["max_bytes"]))
     rounds = max((s["repeats"] for s in samples), default=1) if materialize else 1
     for n in range(rounds):
-        cut.next_shard()
         for sample in samples:
             if n == 0 or n < sample["repeats"]:
                 name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{sample['key']}\0{n}",
                                                                  names)
-                sample["copies"].append({"name": name, "shard": cut.place(sample["planned_bytes"])})
+                sample["copies"].append({"name": name, "shard": cut.place(sample["key"], sample["planned_bytes"])})
     return samples, (cut.shard + 1 if samples else 0)
 
 
 class ShardCut:
-    """Shard numbers for samples in write order: a new shard before the sample that would take the
-    current one past max_count samples or max_bytes (a shard holds at least one sample)."""
+    """Shard numbers for samples in plan order: a new shard before the sample that would take the
+    current one past max_count samples or max_bytes, or whose image it holds already (a shard
+    holds at least one sample)."""
 
     def __init__(self, max_count: int, max_bytes: int) -> None:
         self.max_count, self.max_bytes = max_count, max_bytes
-        self.shard, self.count, self.size = 0, 0, 0
+        self.shard, self.size = 0, 0
+        self.keys: set[str] = set()  # the images in the current shard: at most max_count
 
-    def next_shard(self) -> None:
-        """The next sample starts a shard (unless the current one is empty)."""
-        self.count = self.max_count if self.count else 0
-
-    def place(self, planned_bytes: int) -> int:
-        if self.count and (self.count + 1 > self.max_count or self.size + planned_bytes > self.max_bytes):
-            self.shard, self.count, self.size = self.shard + 1, 0, 0
-        self.count, self.size = self.count + 1, self.size + planned_bytes
+    def place(self, key: str, planned_bytes: int) -> int:
+        full = len(self.keys) + 1 > self.max_count or self.size + planned_bytes > self.max_bytes
+        if self.keys and (full or key in self.keys):
+            self.shard, self.size = self.shard + 1, 0
+            self.keys.clear()
+        self.keys.add(key)
+        self.size += planned_bytes
         return self.shard
 
 

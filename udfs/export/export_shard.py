@@ -20,7 +20,6 @@ import tarfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -30,8 +29,7 @@ from store.workspace import Workspace
 from udfs.export.export_plan import placed, read_plan
 from udfs.export.resize import resize_image
 from udfs.export.safe_names import inside
-from udfs.ingest.sources import Unit, member_path, read_unit
-from udfs.source_members import local_tar_members
+from udfs.source_members import source_members
 
 JOB = "export"
 COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
@@ -179,7 +177,9 @@ class UnitExport:
         samples = {s["member"]: s for s in self.plan["samples"]}
         seen: set[str] = set()
         try:
-            for name, data in self.members({m: s.get("offset") for m, s in samples.items()}):
+            wanted = {member: sample.get("offset") for member, sample in samples.items()}
+            for name, data in source_members(self.plan["source"], self.plan["kind"], wanted,
+                                             int(self.options["max_member_bytes"])):
                 if name not in seen:  # the first of repeated names, as ingest took it
                     seen.add(name)
                     self.export_sample(samples[name], data)
@@ -190,24 +190,6 @@ class UnitExport:
         finally:
             self.abort_open_shards()
         return self.info(time.perf_counter() - started)
-
-    def members(self, wanted: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
-        """(member, bytes) of the unit's wanted members (name -> header offset): seeks in local
-        shards, else read_unit."""
-        source, limit = self.plan["source"], int(self.options["max_member_bytes"])
-        if self.plan["kind"] == "tar" and "://" not in source:
-            try:
-                yield from local_tar_members(source, wanted, limit)
-                return
-            except tarfile.ReadError:
-                pass  # not a plain tar (compressed?): read_unit detects the format
-        files = [member_path(source, m) for m in wanted] if self.plan["kind"] == "folder" else []
-        for sample in read_unit(Unit(self.plan["kind"], source, "", files), limit):
-            if isinstance(sample, tuple):
-                continue  # shard-level problems: ingest reported them; missing members show below
-            for ext, name in sample.member_names.items():
-                if name in wanted:
-                    yield name, sample.members[ext]
 
     # ---- one sample ---------------------------------------------------------------------
     def export_sample(self, sample: dict, data: bytes) -> None:

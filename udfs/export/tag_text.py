@@ -60,12 +60,16 @@ class TagTextRules:
     def text(self, tags: list[str], categories: list[str], scores: list[float]) -> str:
         return self.fitted(tags, categories, scores)[0]
 
+    def whole_text(self, tags: list[str], categories: list[str], scores: list[float]) -> str:
+        """The text without the CLIP token budget."""
+        return self.join([self.spell(t) for t in self.ordered(tags, categories, scores)])
+
     def fitted(self, tags: list[str], categories: list[str], scores: list[float]) -> tuple[str, int]:
         """The text, and how many of its lowest-ranked tags the CLIP token budget left out (never
         the keep_tokens ones)."""
-        words = [self.spell(t) for t in self.ordered(tags, categories, scores)]
         if not self.clip_token_budget:
-            return self.join(words), 0
+            return self.whole_text(tags, categories, scores), 0
+        words = [self.spell(t) for t in self.ordered(tags, categories, scores)]
         return fit_tags(words, self.keep_tokens, self.clip_token_budget, self.join)
 
     def join(self, words: list[str]) -> str:

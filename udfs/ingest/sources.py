@@ -330,8 +330,8 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                         current.problems.append((name, "duplicate_key", f"key {key!r} seen earlier in the shard"))
                     seen.add(key)
                 _add_member(current, ext, name, info.size, max_member_bytes, lambda i=info: tar.extractfile(i).read())
-                if current.member_names.get(ext) == name:
-                    current.offsets[ext] = info.offset
+                if current.member_names.get(ext) == name and ext not in current.offsets:
+                    current.offsets[ext] = info.offset  # the first of a repeated name: the one ingest read
             ended = _how_it_ended(tar)
         if ended:
             if current is not None:
