@@ -92,7 +92,7 @@ class ReviewApp:
         if row is None:
             return PlainTextResponse("no such image", status_code=404)
         try:
-            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"])
+            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"))
         except Exception as exc:  # noqa: BLE001 - an undecodable image: say so, the page goes on
             return PlainTextResponse(f"cannot make a thumbnail: {type(exc).__name__}", status_code=422)
         if data is None:
@@ -101,7 +101,7 @@ class ReviewApp:
 
     def original(self, request: Request) -> Response:
         row = self.index.row(request.query_params.get("key", ""))
-        data = image_bytes(row["source"], row["member"]) if row else None
+        data = image_bytes(row["source"], row["member"], row.get("member_offset")) if row else None
         if data is None:
             return PlainTextResponse("no such image", status_code=404)
         media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")

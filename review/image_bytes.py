@@ -14,11 +14,13 @@ import threading
 from pathlib import Path
 
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
+from udfs.source_members import local_tar_members
 from udfs.thumbnails import thumbnail_jpeg
 
 MAX_MEMBER_BYTES = 1 << 30
-# Member offsets of the last shards read: a grid page shows many images of one shard, and
-# tarfile finds a member only by walking every header before it.
+# Member offsets of the last shards read, for rows without images.member_offset (ingested by an
+# older version): a grid page shows many images of one shard, and tarfile finds a member only by
+# walking every header before it.
 SHARD_INDEXES = 16
 
 
@@ -30,11 +32,15 @@ def shard_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
         return {safe_text(m.name): (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
-def image_bytes(source: str, member: str) -> bytes | None:
-    """The stored bytes of one image, None when its source no longer has it."""
+def image_bytes(source: str, member: str, offset: int | None = None) -> bytes | None:
+    """The stored bytes of one image, None when its source no longer has it. offset: where its
+    header starts in its shard (images.member_offset), read with one seek; without it, from the
+    shard's index."""
     if source.endswith(".tar") and "://" not in source:
         if not os.path.isfile(source):
             return None
+        if offset is not None:
+            return dict(local_tar_members(source, {member: offset}, MAX_MEMBER_BYTES)).get(member)
         found = shard_index(source, os.stat(source).st_mtime_ns).get(member)
         if found is None:
             return None
@@ -63,13 +69,14 @@ class Thumbnails:
     def __init__(self, folder: Path, size: int) -> None:
         self.folder, self.size = folder, size
 
-    def get(self, key: str, sha256: str | None, source: str, member: str) -> bytes | None:
+    def get(self, key: str, sha256: str | None, source: str, member: str, offset: int | None = None
+            ) -> bytes | None:
         # named by the image's content hash when known: a changed image gets a new thumbnail
         name = hashlib.sha1(f"{key}\x00{sha256 or ''}\x00{self.size}".encode("utf-8", "surrogateescape")).hexdigest()
         path = self.folder / name[:2] / f"{name}.jpg"
         if path.is_file():
             return path.read_bytes()
-        data = image_bytes(source, member)
+        data = image_bytes(source, member, offset)
         if data is None:
             return None
         thumb = thumbnail_jpeg(data, self.size)

@@ -4,6 +4,7 @@ selection honours at once, bulk actions with undo, the token and the host check.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from urllib.parse import quote
 
@@ -98,6 +99,8 @@ def test_image_api_and_page_show_everything_about_one_image(review):
     assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
     original = client.get("/original", params={"key": key})
     assert original.status_code == 200 and original.headers["x-content-type-options"] == "nosniff"
+    assert details["row"]["member_offset"] is not None  # read with one seek in its shard
+    assert hashlib.sha256(original.content).hexdigest() == details["row"]["sha256"]
 
 
 def test_tag_edit_applies_at_once_and_undo_takes_it_back(review):
