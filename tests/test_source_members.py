@@ -8,7 +8,7 @@ from pathlib import Path
 
 from udfs.caption.caption_images import read_members
 from udfs.ingest.sources import Unit, read_unit
-from udfs.source_members import local_tar_members
+from udfs.source_members import local_tar_members, source_members
 
 LONG = "a/" + "long-folder-name/" * 8 + "d.jpg"  # over tar's 100 characters: a pax header before it
 MEMBERS = [("a.jpg", b"A" * 700), ("a.txt", b"tags a"), ("b.jpg", b"B" * 1300), ("b.txt", b"tags b"),
@@ -77,3 +77,24 @@ def test_a_repeated_member_name_is_read_as_ingest_took_it(tmp_path):
         assert (sample.members["jpg"], sample.offsets["jpg"]) == (data, offset)
         assert dict(local_tar_members(str(path), {"a.jpg": offset}, limit)) == {"a.jpg": data}
         assert dict(local_tar_members(str(path), {"a.jpg": None}, limit)) == {"a.jpg": data}
+
+
+def test_a_shard_on_object_storage_is_read_from_its_first_wanted_member(tmp_path):
+    """A URI source (file:// here, s3:// on a cluster): one ranged stream from the first wanted
+    member's header, where a stream from the start ends at a zeroed header before them."""
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    with open(path, "r+b") as f:
+        f.seek(offsets["b.txt"])
+        f.write(bytes(512))
+    uri = path.as_uri()
+    wanted = {"c.jpg": offsets["c.jpg"], LONG: offsets[LONG]}
+    assert dict(source_members(uri, "tar", wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(source_members(uri, "tar", dict.fromkeys(wanted), 10**6)) == {}
+
+
+def test_members_no_longer_at_their_offsets_on_object_storage_are_read_from_the_start(tmp_path):
+    path = tmp_path / "s.tar"
+    old = write_tar(path, MEMBERS)
+    write_tar(path, [("c.jpg", b"new c"), MEMBERS[0]])  # shorter now: c.jpg's old offset is past its end
+    assert list(source_members(path.as_uri(), "tar", {"c.jpg": old["c.jpg"]}, 10**6)) == [("c.jpg", b"new c")]

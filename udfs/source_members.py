@@ -1,44 +1,80 @@
-"""Members that ingest accepted, read back from their local shards by the later jobs (export,
-the captioner's images).
+"""Members that ingest accepted, read back from their sources by the later jobs (export, the
+captioners' images, the report's examples, the review page).
 
 A job reads a few members of a shard at a time (an export unit is max_count images of a shard of
 any size, a caption batch a few dozen). Finding them by walking the shard from the start costs each
 read the headers (or, read as a stream, the bytes) of the whole shard before them: the work grows
 with the square of the shard. On a 2,000-image shard (2 cores), export's tasks took 1.3 s against
 0.5 s with seeks, and the captioner's reads in batches of 32 took 36 s against 0.3 s.
-Ingest records where each image member's header starts (images.member_offset),
-so a reader seeks there, checks that the header names the member, and reads its bytes; only
-members without an offset (older workspaces, a header that no longer matches: the shard was
-rewritten) are looked for by walking the headers, and the walk stops when all are found.
+
+Ingest records where each image member's header starts (images.member_offset). In a local shard a
+reader seeks there, checks that the header names the member, and reads its bytes; only members
+without an offset (older workspaces, a header that no longer matches: the shard was rewritten) are
+looked for by walking the headers, and the walk stops when all are found. A shard on object
+storage is read as one stream from the first wanted member (ranged GETs of RANGE_PIECE).
 """
 
 from __future__ import annotations
 
+import sys
 import tarfile
 from collections.abc import Iterator
+
+import pyarrow.fs as pafs
 
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
 
 
-def source_members(source: str, kind: str, wanted: dict[str, int | None], max_member_bytes: int
+def source_members(source: str, kind: str, wanted: dict[str, int | None], max_member_bytes: int | None
                    ) -> Iterator[tuple[str, bytes]]:
     """(member, bytes) of the wanted members (name -> header offset or None) of a shard (kind
-    "tar") or a folder: seeks in a local plain shard, else udfs.ingest.sources.read_unit (a stream
-    of the shard, the named files of a folder). What is not found is not yielded: the caller
-    reports it missing."""
+    "tar") or a folder: seeks in a local plain shard; in a shard on object storage whose members
+    all have offsets, one ranged stream from the first of them; else udfs.ingest.sources.read_unit
+    (a stream of the shard from its start, the named files of a folder), stopping once all are
+    found. What is not found is not yielded: the caller reports it missing."""
     if kind == "tar" and "://" not in source:
         try:
             yield from local_tar_members(source, wanted, max_member_bytes)
             return
         except (tarfile.ReadError, OSError):
             pass  # compressed (read_unit detects the format), or gone (it says so)
-    files = [member_path(source, m) for m in wanted] if kind == "folder" else []
-    for sample in read_unit(Unit(kind, source, "", files), max_member_bytes):
+    left = set(wanted)
+    if kind == "tar" and "://" in source and wanted and None not in wanted.values():
+        try:  # what it finds leaves `left`
+            yield from _ranged_stream(source, min(wanted.values()), left, max_member_bytes)
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # compressed (the offsets are not the file's), unreachable: read_unit says which
+    if left:
+        yield from _read_unit_members(source, kind, left, max_member_bytes)
+
+
+def _ranged_stream(uri: str, start: int, names: set[str], max_member_bytes: int | None
+                   ) -> Iterator[tuple[str, bytes]]:
+    """The named members of a plain shard on object storage, read as one stream from `start` (a
+    member's header) in RANGE_PIECE reads, each one ranged GET: an export unit or a caption batch
+    reads its own span of the shard, not the shard up to it."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_file(path) as raw:
+        raw.seek(start)
+        with tarfile.open(fileobj=raw, mode="r|", bufsize=RANGE_PIECE) as tar:
+            yield from _found(tar, names, max_member_bytes)
+
+
+RANGE_PIECE = 8 << 20  # object storage answers a GET in tens of ms: pieces of MBs, not tarfile's 10 KiB
+
+
+def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None
+                       ) -> Iterator[tuple[str, bytes]]:
+    files = [member_path(source, m) for m in names] if kind == "folder" else []
+    for sample in read_unit(Unit(kind, source, "", files), max_member_bytes or sys.maxsize):
         if isinstance(sample, tuple):
             continue  # shard-level problems: ingest reported them
         for ext, name in sample.member_names.items():
-            if name in wanted:
+            if name in names:
+                names.discard(name)
                 yield name, sample.members[ext]
+        if not names:
+            return
 
 
 def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes: int | None
@@ -87,12 +123,18 @@ def _walk(path: str, names: set[str], max_member_bytes: int | None) -> Iterator[
     """The named members found walking the headers from the start, stopping once all are found."""
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                name = safe_text(info.name)
-                if name in names and info.isfile() and _fits(info, max_member_bytes):
-                    names.discard(name)  # a later one of the name is not read (ingest took this one)
-                    yield name, tar.extractfile(info).read()
-                    if not names:
-                        return
+            yield from _found(tar, names, max_member_bytes)
     except (tarfile.TarError, EOFError, OSError):
         return  # a truncated shard: the members not read are reported as missing
+
+
+def _found(tar: tarfile.TarFile, names: set[str], max_member_bytes: int | None) -> Iterator[tuple[str, bytes]]:
+    """The named members of `tar` from where it stands, the first of each name that fits (as
+    ingest took it), until all are found (`names` is emptied)."""
+    for info in tar:
+        name = safe_text(info.name)
+        if name in names and info.isfile() and _fits(info, max_member_bytes):
+            names.discard(name)
+            yield name, tar.extractfile(info).read()
+            if not names:
+                return

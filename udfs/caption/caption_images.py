@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import base64
 import io
-import tarfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-import pyarrow.fs as pafs
 from PIL import Image
 
 from schemas import REGIONS
 from udfs.annotate.images import region_images
 from udfs.eight_bit import displayed, eight_bit
-from udfs.ingest.sources import member_path
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
-from udfs.source_members import local_tar_members
+from udfs.source_members import source_members
 
 REGION_INDEX = {name: i for i, name in enumerate(REGIONS.values())}  # region_jpegs' order
 
@@ -64,44 +61,11 @@ def read_members(sources: list[str], members: list[str], offsets: list[int | Non
 
 
 def _read_source(source: str, names: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
-    if ".tar" in source.rsplit("/", 1)[-1]:
-        if "://" not in source:
-            try:
-                yield from local_tar_members(source, names, None)
-                return
-            except (tarfile.ReadError, OSError):
-                pass  # compressed, or not there: the stream says no more than nothing read
-        yield from _stream_tar(source, set(names))
-        return
-    for name in names:
-        path = member_path(source, name)
-        try:
-            with _open(path) as f:
-                yield name, f.read()
-        except OSError:
-            continue
-
-
-def _stream_tar(source: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
-    """The named members of a shard that cannot be read with seeks (object storage, compressed),
-    read as a stream that stops once all are found."""
+    kind = "tar" if ".tar" in source.rsplit("/", 1)[-1] else "folder"  # .tar.gz too: read as a stream
     try:
-        with _open(source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for info in tar:
-                if info.isfile() and info.name in names:
-                    names.discard(info.name)
-                    yield info.name, tar.extractfile(info).read()
-                    if not names:
-                        return
-    except (tarfile.TarError, OSError, EOFError):
-        return
-
-
-def _open(uri: str):
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs.open_input_stream(path)
-    return open(uri, "rb")
+        yield from source_members(source, kind, names, None)
+    except OSError:
+        return  # an unreachable source: its images are reported unreadable
 
 
 def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:
