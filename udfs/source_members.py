@@ -32,13 +32,15 @@ def source_members(source: str, kind: str, wanted: dict[str, int | None], max_me
     all have offsets, one ranged stream from the first of them; else udfs.ingest.sources.read_unit
     (a stream of the shard from its start, the named files of a folder), stopping once all are
     found. What is not found is not yielded: the caller reports it missing."""
+    left = set(wanted)
     if kind == "tar" and "://" not in source:
         try:
-            yield from local_tar_members(source, wanted, max_member_bytes)
+            for name, data in local_tar_members(source, wanted, max_member_bytes):
+                left.discard(name)  # a failure part way: read_unit looks only for the rest
+                yield name, data
             return
         except (tarfile.ReadError, OSError):
             pass  # compressed (read_unit detects the format), or gone (it says so)
-    left = set(wanted)
     if kind == "tar" and "://" in source and wanted and None not in wanted.values():
         try:  # what it finds leaves `left`
             yield from _ranged_stream(source, min(wanted.values()), left, max_member_bytes)
