@@ -91,6 +91,7 @@ def images_chunk(rng, keys) -> pa.Table:
     copies = rng.random(n) < 0.01
     phash[1:][copies[1:]] = phash[:-1][copies[1:]] ^ np.uint64(1 << 5)  # near copy of the previous image
     return pa.table({"key": keys, "source": pa.array(["bench"] * n), "member": keys,
+                     "member_offset": pa.nulls(n, pa.int64()),
                      "width": pa.array(rng.integers(512, 4096, n), pa.int32()),
                      "height": pa.array(rng.integers(512, 4096, n), pa.int32()),
                      "format": pa.array(["JPEG"] * n), "mode": pa.array(["RGB"] * n),
