@@ -57,6 +57,7 @@ from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, shard_name
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
+from udfs.ingest.sources import source_kind
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
@@ -288,7 +289,7 @@ def cut_units(ws: Workspace, con: duckdb.DuckDBPyConnection, chunks: list[dict],
         raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
     units = con.execute(sql_text("export_units.sql"), {"unit_images": unit_size}).fetchall()
     return [{"group": index, "source": source, "first_key": first, "last_key": last, "rows": n_images,
-             "kind": "tar" if source.endswith(".tar") else "folder", "files": overlapping(chunks, first, last),
+             "kind": source_kind(source), "files": overlapping(chunks, first, last),
              "path": f"{ws.base}/{PLAN}/units/{index}.plan.json"}
             for index, source, first, last, n_images in units]
 

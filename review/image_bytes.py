@@ -13,8 +13,8 @@ import tarfile
 import threading
 from pathlib import Path
 
-from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
-from udfs.source_members import local_tar_members
+from udfs.ingest.sources import member_path, safe_text, source_kind
+from udfs.source_members import source_members
 from udfs.thumbnails import thumbnail_jpeg
 
 MAX_MEMBER_BYTES = 1 << 30
@@ -35,32 +35,27 @@ def shard_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
 def image_bytes(source: str, member: str, offset: int | None = None) -> bytes | None:
     """The stored bytes of one image, None when its source no longer has it. offset: where its
     header starts in its shard (images.member_offset), read with one seek; without it, from the
-    shard's index."""
-    if source.endswith(".tar") and "://" not in source:
-        if not os.path.isfile(source):
-            return None
-        if offset is not None:
-            return dict(local_tar_members(source, {member: offset}, MAX_MEMBER_BYTES)).get(member)
-        found = shard_index(source, os.stat(source).st_mtime_ns).get(member)
-        if found is None:
-            return None
-        with open(source, "rb") as f:
-            f.seek(found[0])
-            return f.read(found[1])
-    if "://" not in source:
+    shard's index (a plain local shard) or a read of the shard (compressed, on object storage)."""
+    if source_kind(source) == "folder":
         path = Path(member_path(source, member)).resolve()  # a name that is not UTF-8: its bytes put back
         if not path.is_relative_to(Path(source).resolve()) or not path.is_file():
             return None
         return path.read_bytes()
-    # object storage: stream the shard or read the one file (slow, but rare for a local review)
-    kind = "tar" if source.endswith(".tar") else "folder"
-    unit = Unit(kind, source, "", [f"{source}/{member}"] if kind == "folder" else [])
-    for sample in read_unit(unit, MAX_MEMBER_BYTES):
-        if not isinstance(sample, tuple):
-            for ext, name in sample.member_names.items():
-                if name == member:
-                    return sample.members[ext]
-    return None
+    if offset is None and "://" not in source:
+        try:
+            index = shard_index(source, os.stat(source).st_mtime_ns)
+        except OSError:
+            return None  # gone
+        except tarfile.ReadError:
+            index = None  # compressed: read as a stream below
+        if index is not None:
+            found = index.get(member)
+            if found is None:
+                return None
+            with open(source, "rb") as f:
+                f.seek(found[0])
+                return f.read(found[1])
+    return dict(source_members(source, "tar", {member: offset}, MAX_MEMBER_BYTES)).get(member)
 
 
 class Thumbnails:

@@ -459,3 +459,30 @@ def test_an_export_task_refuses_an_out_folder_the_driver_did_not_mark(tmp_path, 
     with pytest.raises(RuntimeError, match="shared storage mounted at the same path"):
         export_unit({"unit": "u", "source": "s", "kind": "tar", "path": "p", "offset": 0, "shards": 1},
                     str(tmp_path / "ws"), str(tmp_path / "elsewhere"), {"out_check": "token"})
+
+
+def test_images_of_a_gzip_shard_are_all_exported(tmp_path, ray_local):
+    """A shard ingest read as a stream (`.tar.gz`: no name ending in .tar) is read back as a
+    shard, not looked for as a folder of files (every image was missing_member)."""
+    import gzip
+
+    from jobs import curate, export, ingest
+    from store.workspace import Workspace
+    from tests.conftest import SAMPLE_SHARDS
+
+    packed = tmp_path / "renpy.tar.gz"
+    packed.write_bytes(gzip.compress((SAMPLE_SHARDS / "renpy-000002.tar").read_bytes(), compresslevel=1))
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{packed}"]', 'export.formats=["webdataset"]',
+                      "export.drop_duplicates=false")
+    ws = Workspace(str(tmp_path / "ws"))
+    for job in (ingest, curate):
+        job.run(cfg, ws)
+    images = ws.read_table("images")
+    assert images.num_rows > 0 and set(images["source"].to_pylist()) == {str(packed)}
+    summary = export.run(cfg, ws)
+    assert summary.errors == 0
+    exported = set()
+    for path in shard_paths(tmp_path / "ws" / "export"):
+        with tarfile.open(path) as tar:
+            exported |= {m.name for m in tar if not m.name.endswith((".txt", ".json"))}
+    assert len(exported) == images.num_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -98,3 +99,32 @@ def test_members_no_longer_at_their_offsets_on_object_storage_are_read_from_the_
     old = write_tar(path, MEMBERS)
     write_tar(path, [("c.jpg", b"new c"), MEMBERS[0]])  # shorter now: c.jpg's old offset is past its end
     assert list(source_members(path.as_uri(), "tar", {"c.jpg": old["c.jpg"]}, 10**6)) == [("c.jpg", b"new c")]
+
+
+def test_a_compressed_shard_is_read_as_a_shard_whatever_its_name(tmp_path):
+    """images.source names a shard or a folder; which one is not in the name's ending: a .tar.gz
+    is a shard (read as a stream), a folder named x.tar a folder (export, annotate, the captioner,
+    the report and the review page all ask source_kind)."""
+    from review.image_bytes import image_bytes
+    from store.workspace import Workspace
+    from udfs.annotate.annotate_rows import read_unit_images
+    from udfs.ingest.sources import source_kind
+
+    offsets = write_tar(tmp_path / "s.tar", MEMBERS)
+    packed = tmp_path / "s.tar.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "s.tar").read_bytes()))
+    (tmp_path / "odd.tar").mkdir()
+    (tmp_path / "odd.tar" / "e.jpg").write_bytes(b"E")
+    assert [source_kind(str(p)) for p in (packed, tmp_path / "s.tar", tmp_path / "odd.tar")] == ["tar", "tar", "folder"]
+    assert source_kind("s3://bucket/shards/s.tgz") == "tar"
+
+    assert image_bytes(str(packed), "c.jpg", offsets["c.jpg"]) == b"C" * 90
+    assert image_bytes(str(packed), LONG) == b"D" * 30
+    assert image_bytes(str(tmp_path / "odd.tar"), "e.jpg") == b"E"
+    assert read_members([str(packed)] * 2, ["b.jpg", "nope.jpg"]) == [b"B" * 1300, None]
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.write_part("images", "u0", [{"key": f"k/{m}", "source": str(packed), "member": m} for m in ("a.jpg", "b.jpg")]
+                  + [{"key": "k/e", "source": str(tmp_path / "odd.tar"), "member": "e.jpg"}])
+    rows = list(read_unit_images({"unit": "u0", "parts": ["u0"]}, str(tmp_path / "ws"), 10**6))
+    assert {r["key"]: r["data"] for r in rows} == {"k/a.jpg": b"A" * 700, "k/b.jpg": b"B" * 1300, "k/e": b"E"}

@@ -29,7 +29,7 @@ from udfs.annotate.images import (
     to_rgb_on_white,
     yolo_input,
 )
-from udfs.ingest.sources import Unit, member_path, read_unit
+from udfs.ingest.sources import Unit, member_path, read_unit, source_kind
 
 
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
@@ -44,7 +44,7 @@ def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int
         if row["key"] not in finished:
             by_source[row["source"]][row["member"]] = row["key"]
     for source, wanted in sorted(by_source.items()):
-        if source.endswith(".tar"):
+        if source_kind(source) == "tar":
             unit = Unit("tar", source, "")
         else:
             unit = Unit("folder", source, "", [member_path(source, m) for m in sorted(wanted)])

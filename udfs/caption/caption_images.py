@@ -16,6 +16,7 @@ from PIL import Image
 from schemas import REGIONS
 from udfs.annotate.images import region_images
 from udfs.eight_bit import displayed, eight_bit
+from udfs.ingest.sources import source_kind
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
 from udfs.source_members import source_members
@@ -61,9 +62,8 @@ def read_members(sources: list[str], members: list[str], offsets: list[int | Non
 
 
 def _read_source(source: str, names: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
-    kind = "tar" if ".tar" in source.rsplit("/", 1)[-1] else "folder"  # .tar.gz too: read as a stream
     try:
-        yield from source_members(source, kind, names, None)
+        yield from source_members(source, source_kind(source), names, None)
     except OSError:
         return  # an unreachable source: its images are reported unreadable
 

@@ -60,6 +60,14 @@ def safe_text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def source_kind(source: str) -> str:
+    """"folder" or "tar": how ingest read the images of `source` (images.source). Folder units
+    come only from local directories; every other input is read as a shard, whatever its name
+    (.tar, .tar.gz, an object on storage). Not from the name's ending: a `.tar.gz` shard taken
+    for a folder had every image missing in export."""
+    return "folder" if "://" not in source and os.path.isdir(source) else "tar"
+
+
 def member_path(folder: str, member: str) -> str:
     """The file of a folder's member as the tables name it: safe_text's form writes a name's
     undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back."""
