@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import s3_endpoint  # noqa: F401 (a session fixture: one server)
 from served_models import served_models, transformers_server  # noqa: F401 (session fixtures: one server)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,65 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import time
 from pathlib import Path
 
 import psutil
-import pyarrow.fs as pafs
 import pytest
+from s3_server import AWS, free_port
 
 from store.workspace import Workspace
 from tests.conftest import REPO, SAMPLE_SHARDS
 from tests.onnx_fakes import face_model_dir
-
-AWS = {"AWS_ACCESS_KEY_ID": "booruset-test", "AWS_SECRET_ACCESS_KEY": "booruset-test",
-       "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-# Ports Ray's components take by default on every node (dashboard agent, dashboard, client
-# server): a port drawn by the OS is in the same range as the agent's 52365, and once was it,
-# which failed `ray start` ("... is trying to use a port number 52365 that is used by other components")
-RAY_DEFAULT_PORTS = {52365, 8265, 10001}
-
-
-def free_port() -> int:
-    """A free loopback port that none of Ray's default ports is."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in RAY_DEFAULT_PORTS:
-            return port
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """host:port of a moto S3 server process with a bucket `ws-bucket`."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)
-    endpoint = f"127.0.0.1:{port}"
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True,
-                           access_key=AWS["AWS_ACCESS_KEY_ID"], secret_key=AWS["AWS_SECRET_ACCESS_KEY"])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            fs.create_dir("ws-bucket")
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield endpoint
-    server.kill()
-    server.wait()
 
 
 @pytest.fixture(scope="module")

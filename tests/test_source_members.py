@@ -7,6 +7,8 @@ import io
 import tarfile
 from pathlib import Path
 
+from s3_server import AWS, s3_filesystem
+
 from udfs.caption.caption_images import read_members
 from udfs.ingest.sources import Unit, read_unit
 from udfs.source_members import local_tar_members, source_members
@@ -128,3 +130,25 @@ def test_a_compressed_shard_is_read_as_a_shard_whatever_its_name(tmp_path):
                   + [{"key": "k/e", "source": str(tmp_path / "odd.tar"), "member": "e.jpg"}])
     rows = list(read_unit_images({"unit": "u0", "parts": ["u0"]}, str(tmp_path / "ws"), 10**6))
     assert {r["key"]: r["data"] for r in rows} == {"k/a.jpg": b"A" * 700, "k/b.jpg": b"B" * 1300, "k/e": b"E"}
+
+
+def test_a_shard_on_s3_is_read_with_ranged_gets_from_its_first_wanted_member(tmp_path, s3_endpoint, monkeypatch):
+    """The same on a real S3-compatible server on loopback (moto's, tests/s3_server.py): members
+    past a zeroed header are found, so the read began at the first wanted member's offset (a
+    stream that begins before that header ends there, as ingest's own stream of the shard did);
+    the captioner's reads take the same path."""
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    with open(path, "r+b") as f:
+        f.seek(offsets["b.txt"])
+        f.write(bytes(512))
+    with s3_filesystem(s3_endpoint).open_output_stream("ws-bucket/shards/s.tar") as out:
+        out.write(path.read_bytes())
+    uri = f"s3://ws-bucket/shards/s.tar?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    wanted = {"c.jpg": offsets["c.jpg"], LONG: offsets[LONG]}
+    assert dict(source_members(uri, "tar", wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(source_members(uri, "tar", {"a.jpg": offsets["a.jpg"], "c.jpg": None}, 10**6)) == {"a.jpg": b"A" * 700}
+    names = [LONG, "c.jpg"]
+    assert read_members([uri] * 2, names, [offsets[n] for n in names]) == [b"D" * 30, b"C" * 90]
