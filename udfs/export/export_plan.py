@@ -25,6 +25,7 @@ from udfs.export.clip_tokens import clip_tokens, fit_caption
 from udfs.export.resize import ALPHA_MODES, estimated_bytes, needs_reencode, output_extension, target_size
 from udfs.export.safe_names import key_digest, safe_folder, safe_name
 from udfs.export.tag_text import TagTextRules
+from udfs.ingest.sources import input_location
 
 TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
 
@@ -58,8 +59,8 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     txt, cut = budgeted_text(caption, row, rules)
     repeats = repeats_of(row["multiply"], row["key"])
     concept = opts["concept"] or row["group"] or "all"
-    meta = {
-        "key": row["key"], "source": {"source": row["source"], "member": row["member"]},
+    meta = {  # the source without a URI's query: a trainer's metadata holds no endpoint or options
+        "key": row["key"], "source": {"source": input_location(row["source"]), "member": row["member"]},
         "caption": row["caption"], "text_from": text_from,
         "tags": row["tags"], "tag_categories": row["categories"],
         "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),

@@ -126,7 +126,7 @@ def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, 
     another input has the name already. The caller stores the result as the new registry."""
     ids = dict(registered)
     taken = set(ids.values())
-    for path in paths:
+    for path in map(input_location, paths):
         if path in ids:
             continue
         name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
@@ -137,13 +137,20 @@ def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, 
     return ids
 
 
+def input_location(path: str) -> str:
+    """Where an input is, the key of its id: a URI without its query, which holds how to reach
+    the store (endpoint_override, scheme, region), not what is in it. A new endpoint for the
+    same bucket keeps the input's id, and the query never becomes part of a key."""
+    return path.split("?", 1)[0] if "://" in path else path
+
+
 def discover_units(inputs: list[str], folder_unit_size: int, ids: dict[str, str] | None = None) -> list[Unit]:
     """Every unit of every input, in a stable order; keys start with the input's id in `ids`."""
     paths = resolve_inputs(inputs)
     ids = ids if ids is not None else assign_input_ids(paths, {})
     units: list[Unit] = []
     for path in paths:
-        units.extend(_units_of(path, ids[path], folder_unit_size))
+        units.extend(_units_of(path, ids[input_location(path)], folder_unit_size))
     return units
 
 
@@ -155,9 +162,10 @@ def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
             raise FileNotFoundError(f"input not found: {path}")
         if info.type == pafs.FileType.Directory:
             files = fs.get_file_info(pafs.FileSelector(local, recursive=True))
-            scheme = path.split("://", 1)[0]
+            scheme, query = path.split("://", 1)[0], path[len(input_location(path)):]
             tars = sorted((f for f in files if f.path.endswith(".tar")), key=lambda f: f.path)
-            return [_tar_unit(f"{scheme}://{f.path}", input_id, os.path.relpath(f.path, local),
+            # each shard's URI keeps the input's query: the endpoint and options it is read with
+            return [_tar_unit(f"{scheme}://{f.path}{query}", input_id, os.path.relpath(f.path, local),
                               _stamp(f.size, f.mtime_ns), f.size) for f in tars]
         return [_tar_unit(path, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
     if os.path.isdir(path):
