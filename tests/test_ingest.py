@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -190,6 +191,22 @@ def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):
         rows[name] = (sorted(images, key=lambda r: r["member"]), sorted(t["tag"] for t in tags))
         assert ws.read_table("errors").num_rows == 0
     assert len(rows["plain.tar"][0]) == 4 and rows["plain.tar"] == rows["packed.tar.gz"]
+
+
+def test_compressed_shards_in_a_folder_are_shards(tmp_path):
+    """A folder of inputs may hold .tar.gz / .tgz / .tar.xz shards beside plain ones: each is read
+    as a shard (not passed over as a stray file), its keys named without the suffix."""
+    members = [(f"s{i}.{ext}", data) for i in range(2)
+               for ext, data in (("png", encode(picture(seed=i), "PNG")), ("txt", f"1girl, tag{i}".encode()))]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    plain = write_tar(folder / "a.tar", members).read_bytes()
+    (folder / "b.tar.gz").write_bytes(gzip.compress(plain))
+    (folder / "c.tgz").write_bytes(gzip.compress(plain))
+    (folder / "d.tar.xz").write_bytes(lzma.compress(plain))
+    _, ws = run_ingest(tmp_path, [str(folder)])
+    assert sorted(ws.read_table("images")["key"].to_pylist()) == [f"in/{s}/s{i}" for s in "abcd" for i in range(2)]
+    assert ws.read_table("errors").num_rows == 0
 
 
 def test_folder_input_with_same_stem_sidecars(tmp_path):

@@ -163,7 +163,8 @@ def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
         if info.type == pafs.FileType.Directory:
             files = fs.get_file_info(pafs.FileSelector(local, recursive=True))
             scheme, query = path.split("://", 1)[0], path[len(input_location(path)):]
-            tars = sorted((f for f in files if f.path.endswith(".tar")), key=lambda f: f.path)
+            tars = sorted((f for f in files if f.type == pafs.FileType.File and SHARD_NAME.search(f.path)),
+                          key=lambda f: f.path)
             # each shard's URI keeps the input's query: the endpoint and options it is read with
             return [_tar_unit(f"{scheme}://{f.path}{query}", input_id, os.path.relpath(f.path, local),
                               _stamp(f.size, f.mtime_ns), f.size) for f in tars]
@@ -178,9 +179,14 @@ def _stamp(*values: object) -> str:
     return hashlib.sha1(repr(values).encode()).hexdigest()[:16]
 
 
+# Shards in a folder of inputs: plain or compressed tars (read_unit reads them as a stream; tarfile
+# detects the compression). A compressed shard named as one input is read the same way.
+SHARD_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
+
+
 def _tar_unit(uri: str, input_id: str, rel: str, stamp: str, size: int) -> Unit:
     """A shard: keys are `<input id>/<shard path in the input, without .tar>/<member key>`."""
-    inner = re.sub(r"\.tar$", "", rel)
+    inner = SHARD_NAME.sub("", rel)
     return Unit("tar", uri, f"{input_id}/{inner}" if inner else input_id, input=input_id, stamp=stamp, size=size)
 
 
@@ -202,7 +208,7 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
         prefix = inner + "/" if inner else ""
         for name in sorted(filenames + linked):
             full = os.path.join(dirpath, name)
-            is_tar = name.endswith(".tar") and os.path.isfile(full) and not os.path.islink(full)
+            is_tar = bool(SHARD_NAME.search(name)) and os.path.isfile(full) and not os.path.islink(full)
             (tars if is_tar else loose).append((full, prefix + name))
     units = []
     for tar, rel in tars:
