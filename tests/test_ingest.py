@@ -252,6 +252,17 @@ def test_uri_and_brace_inputs(tmp_path):
     assert summary.rows_out["images"] == 3
 
 
+def test_a_uri_folder_of_images_without_shards_is_refused_at_once(tmp_path):
+    """Folders of images are read from local disks: one on object storage (file:// stands in) is
+    a config error naming it, not a run that ingests nothing."""
+    from jobs.config import ConfigError
+
+    (tmp_path / "pictures").mkdir()
+    picture(seed=1).save(tmp_path / "pictures" / "a.png")
+    with pytest.raises(ConfigError, match="no shards .* under file://.*pictures"):
+        run_ingest(tmp_path, [f"file://{tmp_path}/pictures"])
+
+
 def test_rerun_skips_done_units(tmp_path):
     write_tar(tmp_path / "one.tar", [("a.png", encode(picture(), "PNG"))])
     first, ws = run_ingest(tmp_path, [str(tmp_path / "one.tar")])

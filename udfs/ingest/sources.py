@@ -165,6 +165,11 @@ def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
             scheme, query = path.split("://", 1)[0], path[len(input_location(path)):]
             tars = sorted((f for f in files if f.type == pafs.FileType.File and SHARD_NAME.search(f.path)),
                           key=lambda f: f.path)
+            if not tars and any(f.type == pafs.FileType.File for f in files):
+                # a folder of images on object storage: not read (folders are read from local
+                # disks); said at once rather than a run that ingests nothing
+                raise FileNotFoundError(f"no shards (.tar, .tar.gz, ...) under {input_location(path)}: "
+                                        "folders of images are read from a local disk or mount")
             # each shard's URI keeps the input's query: the endpoint and options it is read with
             return [_tar_unit(f"{scheme}://{f.path}{query}", input_id, os.path.relpath(f.path, local),
                               _stamp(f.size, f.mtime_ns), f.size) for f in tars]
