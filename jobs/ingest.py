@@ -52,7 +52,7 @@ def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
         if ids != registered:
             ws.write_json(REGISTRY, ids)
         return discover_units(paths, int(opts["folder_unit_size"]), ids)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
 

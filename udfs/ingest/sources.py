@@ -121,12 +121,18 @@ def resolve_inputs(specs: list[str]) -> list[str]:
 
 
 def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, str]:
-    """Input ids, unique in the workspace and stable: the one `registered` for the path, else the
-    input's name (a shard's without .tar), else the name and a hash of the full path when
-    another input has the name already. The caller stores the result as the new registry."""
+    """Input ids, unique in the workspace and stable, by input_location: the one `registered` for
+    it, else the input's name (a shard's without .tar), else the name and a hash of the full
+    location when another input has the name already. The caller stores the result as the new
+    registry. ValueError for two inputs at one location with different URI options."""
+    by_location = {input_location(p): p for p in paths}
+    if len(by_location) < len(paths):  # they would share one id, and so their keys
+        twice = next(p for p in paths if by_location[input_location(p)] != p)
+        other = by_location[input_location(twice)]
+        raise ValueError(f"two inputs at one place, with different options: {twice} and {other}")
     ids = dict(registered)
     taken = set(ids.values())
-    for path in map(input_location, paths):
+    for path in by_location:
         if path in ids:
             continue
         name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
