@@ -263,6 +263,16 @@ def test_a_uri_folder_of_images_without_shards_is_refused_at_once(tmp_path):
         run_ingest(tmp_path, [f"file://{tmp_path}/pictures"])
 
 
+def test_input_ids_leave_out_a_uris_query_and_keep_the_ones_registered_with_it():
+    from udfs.ingest.sources import assign_input_ids
+
+    ids = assign_input_ids(["s3://b/shards?endpoint_override=h:9000", "/data/shards"], {})
+    assert ids == {"s3://b/shards": "shards", "/data/shards": "shards-" + ids["/data/shards"][-8:]}
+    assert assign_input_ids(["s3://b/shards?endpoint_override=other:9000"], ids)["s3://b/shards"] == "shards"
+    old = {"s3://b/s.tar?endpoint_override=h:9000": "s.tar_endpoint_override_h_9000"}  # an earlier version's
+    assert assign_input_ids(["s3://b/s.tar?endpoint_override=h:9000"], old)["s3://b/s.tar"] == old[next(iter(old))]
+
+
 def test_rerun_skips_done_units(tmp_path):
     write_tar(tmp_path / "one.tar", [("a.png", encode(picture(), "PNG"))])
     first, ws = run_ingest(tmp_path, [str(tmp_path / "one.tar")])

@@ -132,8 +132,11 @@ def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, 
         raise ValueError(f"two inputs at one place, with different options: {twice} and {other}")
     ids = dict(registered)
     taken = set(ids.values())
-    for path in by_location:
+    for path, given in by_location.items():
         if path in ids:
+            continue
+        if given in ids:  # registered with its query by an earlier version: its keys stay
+            ids[path] = ids[given]
             continue
         name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
         if name in taken:
