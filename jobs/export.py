@@ -57,7 +57,6 @@ from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, shard_name
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
-from udfs.ingest.sources import source_kind
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
@@ -289,7 +288,7 @@ def cut_units(ws: Workspace, con: duckdb.DuckDBPyConnection, chunks: list[dict],
         raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
     units = con.execute(sql_text("export_units.sql"), {"unit_images": unit_size}).fetchall()
     return [{"group": index, "source": source, "first_key": first, "last_key": last, "rows": n_images,
-             "kind": source_kind(source), "files": overlapping(chunks, first, last),
+             "files": overlapping(chunks, first, last),
              "path": f"{ws.base}/{PLAN}/units/{index}.plan.json"}
             for index, source, first, last, n_images in units]
 
@@ -337,7 +336,7 @@ def place_units(groups: list[dict], planned: dict[int, dict], shaping: str) -> l
         digest = hashlib.sha1(shaping.encode())
         digest.update(f"{plan['digest']}:{offset}".encode())
         uid = unit_id(f"export-{Path(group['source']).stem}-{group['first_key']}", digest.hexdigest())
-        units.append({"unit": uid, "source": group["source"], "kind": group["kind"], "path": group["path"],
+        units.append({"unit": uid, "source": group["source"], "path": group["path"],
                       "offset": offset, "shards": int(plan["shards"]), "samples": int(plan["samples"]),
                       "work": int(plan.get("work", 0))})
         offset += int(plan["shards"])
@@ -355,7 +354,7 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
     options = {"layouts": list(opts["formats"]), "jpeg_quality": int(opts["jpeg_quality"]),
                "png_compress_level": int(opts["png_compress_level"]),
                "max_member_bytes": int(cfg["ingest"]["max_member_bytes"]), "out_check": uuid.uuid4().hex}
-    items = ({k: u[k] for k in ("unit", "source", "kind", "path", "offset", "shards")}
+    items = ({k: u[k] for k in ("unit", "source", "path", "offset", "shards")}
              for u in largest_first(units, lambda unit: unit["work"]))
     # the file each task looks for (check_out_is_shared): out is one folder for every node
     check = os.path.join(out, OUT_CHECK)

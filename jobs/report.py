@@ -27,7 +27,6 @@ from jobs.summary import JobSummary  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
-from udfs.ingest.sources import source_kind  # noqa: E402
 from udfs.source_members import source_members  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
@@ -209,9 +208,8 @@ def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
                     if member.name in wanted:
                         found[wanted[member.name]] = tar.extractfile(member).read()
     for source, wanted in by_source.items():
-        kind = source_kind(source)
         offsets = {member: offset for member, (_, offset) in wanted.items()}
-        for name, data in source_members(source, kind, offsets, 1 << 30):
+        for name, data in source_members(source, offsets, 1 << 30):
             found[wanted[name][0]] = data
     return found
 

@@ -55,7 +55,7 @@ def image_bytes(source: str, member: str, offset: int | None = None) -> bytes | 
             with open(source, "rb") as f:
                 f.seek(found[0])
                 return f.read(found[1])
-    return dict(source_members(source, "tar", {member: offset}, MAX_MEMBER_BYTES)).get(member)
+    return dict(source_members(source, {member: offset}, MAX_MEMBER_BYTES)).get(member)
 
 
 class Thumbnails:

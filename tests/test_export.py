@@ -457,7 +457,7 @@ def test_an_export_task_refuses_an_out_folder_the_driver_did_not_mark(tmp_path, 
     monkeypatch.setattr(export_shard, "OUT_CHECK_TRIES", 2)  # one wait of a second, not four
 
     with pytest.raises(RuntimeError, match="shared storage mounted at the same path"):
-        export_unit({"unit": "u", "source": "s", "kind": "tar", "path": "p", "offset": 0, "shards": 1},
+        export_unit({"unit": "u", "source": "s", "path": "p", "offset": 0, "shards": 1},
                     str(tmp_path / "ws"), str(tmp_path / "elsewhere"), {"out_check": "token"})
 
 

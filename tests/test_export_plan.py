@@ -36,7 +36,7 @@ def plan_units(table: pa.Table, opts: dict, out: str = "/out") -> list[dict]:
     for i, source in enumerate(dict.fromkeys(table["source"].to_pylist())):
         rows = [r for r in table.to_pylist() if r["source"] == source]
         samples[i], shards = plan_samples(rows, opts)
-        groups.append({"group": i, "source": source, "kind": "tar", "first_key": rows[0]["key"], "path": ""})
+        groups.append({"group": i, "source": source, "first_key": rows[0]["key"], "path": ""})
         planned[i] = {"shards": shards, "samples": len(rows), "work": unit_work(rows, samples[i]),
                       "digest": json.dumps(samples[i], sort_keys=True)}
     units = place_units(groups, planned, shaping_of(opts, out))
@@ -156,7 +156,7 @@ def test_units_whose_shards_move_get_new_ids():
     from jobs.export import place_units
 
     def ids(first_unit_shards: int) -> list[str]:
-        groups = [{"group": i, "source": f"/in/{i}.tar", "kind": "tar", "first_key": f"{i}/0", "path": ""}
+        groups = [{"group": i, "source": f"/in/{i}.tar", "first_key": f"{i}/0", "path": ""}
                   for i in range(3)]
         planned = {0: {"shards": first_unit_shards, "samples": 4, "digest": "a"},
                    1: {"shards": 1, "samples": 1, "digest": "b"}, 2: {"shards": 2, "samples": 5, "digest": "c"}}

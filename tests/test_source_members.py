@@ -92,15 +92,15 @@ def test_a_shard_on_object_storage_is_read_from_its_first_wanted_member(tmp_path
         f.write(bytes(512))
     uri = path.as_uri()
     wanted = {"c.jpg": offsets["c.jpg"], LONG: offsets[LONG]}
-    assert dict(source_members(uri, "tar", wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
-    assert dict(source_members(uri, "tar", dict.fromkeys(wanted), 10**6)) == {}
+    assert dict(source_members(uri, wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(source_members(uri, dict.fromkeys(wanted), 10**6)) == {}
 
 
 def test_members_no_longer_at_their_offsets_on_object_storage_are_read_from_the_start(tmp_path):
     path = tmp_path / "s.tar"
     old = write_tar(path, MEMBERS)
     write_tar(path, [("c.jpg", b"new c"), MEMBERS[0]])  # shorter now: c.jpg's old offset is past its end
-    assert list(source_members(path.as_uri(), "tar", {"c.jpg": old["c.jpg"]}, 10**6)) == [("c.jpg", b"new c")]
+    assert list(source_members(path.as_uri(), {"c.jpg": old["c.jpg"]}, 10**6)) == [("c.jpg", b"new c")]
 
 
 def test_a_compressed_shard_is_read_as_a_shard_whatever_its_name(tmp_path):
@@ -148,7 +148,7 @@ def test_a_shard_on_s3_is_read_with_ranged_gets_from_its_first_wanted_member(tmp
         out.write(path.read_bytes())
     uri = f"s3://ws-bucket/shards/s.tar?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
     wanted = {"c.jpg": offsets["c.jpg"], LONG: offsets[LONG]}
-    assert dict(source_members(uri, "tar", wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
-    assert dict(source_members(uri, "tar", {"a.jpg": offsets["a.jpg"], "c.jpg": None}, 10**6)) == {"a.jpg": b"A" * 700}
+    assert dict(source_members(uri, wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(source_members(uri, {"a.jpg": offsets["a.jpg"], "c.jpg": None}, 10**6)) == {"a.jpg": b"A" * 700}
     names = [LONG, "c.jpg"]
     assert read_members([uri] * 2, names, [offsets[n] for n in names]) == [b"D" * 30, b"C" * 90]

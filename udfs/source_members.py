@@ -22,17 +22,18 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from udfs.ingest.sources import Unit, member_path, read_unit, safe_text
+from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
-def source_members(source: str, kind: str, wanted: dict[str, int | None], max_member_bytes: int | None
+def source_members(source: str, wanted: dict[str, int | None], max_member_bytes: int | None
                    ) -> Iterator[tuple[str, bytes]]:
-    """(member, bytes) of the wanted members (name -> header offset or None) of a shard (kind
-    "tar") or a folder: seeks in a local plain shard; in a shard on object storage whose members
-    all have offsets, one ranged stream from the first of them; else udfs.ingest.sources.read_unit
-    (a stream of the shard from its start, the named files of a folder), stopping once all are
-    found. What is not found is not yielded: the caller reports it missing."""
-    left = set(wanted)
+    """(member, bytes) of the wanted members (name -> header offset or None) of a shard or a
+    folder (images.source, told apart by source_kind): seeks in a local plain shard; in a shard
+    on object storage whose members all have offsets, one ranged stream from the first of them;
+    else udfs.ingest.sources.read_unit (a stream of the shard from its start, the named files of
+    a folder), stopping once all are found. What is not found is not yielded: the caller reports
+    it missing."""
+    kind, left = source_kind(source), set(wanted)
     if kind == "tar" and "://" not in source:
         try:
             for name, data in local_tar_members(source, wanted, max_member_bytes):

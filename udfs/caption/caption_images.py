@@ -16,7 +16,6 @@ from PIL import Image
 from schemas import REGIONS
 from udfs.annotate.images import region_images
 from udfs.eight_bit import displayed, eight_bit
-from udfs.ingest.sources import source_kind
 from udfs.orientation import upright
 from udfs.png_pixels import load_pixels
 from udfs.source_members import source_members
@@ -63,7 +62,7 @@ def read_members(sources: list[str], members: list[str], offsets: list[int | Non
 
 def _read_source(source: str, names: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
     try:
-        yield from source_members(source, source_kind(source), names, None)
+        yield from source_members(source, names, None)
     except OSError:
         return  # an unreachable source: its images are reported unreadable
 

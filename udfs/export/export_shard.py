@@ -50,7 +50,7 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
     check_out_is_shared(out, options["out_check"])
     ws = Workspace(workspace)
     offset, shards = int(item["offset"]), int(item["shards"])
-    plan = {"unit": item["unit"], "source": item["source"], "kind": item["kind"],
+    plan = {"unit": item["unit"], "source": item["source"],
             "shards": list(range(offset, offset + shards)), "samples": placed(read_plan(ws, item["path"]), offset)}
     info = UnitExport(ws, out, plan, options).run()
     ws.commit_unit(JOB, plan["unit"], info,
@@ -178,7 +178,7 @@ class UnitExport:
         seen: set[str] = set()
         try:
             wanted = {member: sample.get("offset") for member, sample in samples.items()}
-            for name, data in source_members(self.plan["source"], self.plan["kind"], wanted,
+            for name, data in source_members(self.plan["source"], wanted,
                                              int(self.options["max_member_bytes"])):
                 if name not in seen:  # the first of repeated names, as ingest took it
                     seen.add(name)
