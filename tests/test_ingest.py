@@ -150,27 +150,52 @@ def test_truncated_shard_keeps_what_it_can(tmp_path):
 
 
 def test_a_shard_whose_member_headers_end_badly_says_so(tmp_path):
-    """tarfile stops quietly at a missing, cut or damaged member header past the first: each such
-    shard gets an errors row, read with seeks (plain) or as a stream (gzip)."""
+    """tarfile stops quietly at a missing, cut or zeroed member header: each such shard gets an
+    errors row, read with seeks (plain) or as a stream (gzip)."""
     members = [(f"s{i}.png", encode(picture(seed=i), "PNG")) for i in range(4)]
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
     with tarfile.open(tmp_path / "whole.tar") as tar:
         third = tar.getmembers()[2].offset  # where the third member's header starts
-    damaged = bytearray(whole)
-    damaged[third + 148:third + 156] = b"0000000\x00"  # its header's checksum is wrong
     (tmp_path / "in").mkdir()
-    shards = {"boundary": whole[:third], "in_header": whole[:third + 100], "bad_header": bytes(damaged)}
+    shards = {"boundary": whole[:third], "in_header": whole[:third + 100], "whole": whole}
     for name, data in shards.items():
         (tmp_path / "in" / f"{name}.tar").write_bytes(data)
-    (tmp_path / "in" / "whole.tar").write_bytes(whole)
     (tmp_path / "packed.tar.gz").write_bytes(gzip.compress(whole[:third]))
     _, ws = run_ingest(tmp_path, [str(tmp_path / "in"), str(tmp_path / "packed.tar.gz")])
     errors = {e["key"].removeprefix("in/"): e for e in ws.read_table("errors").to_pylist()}
     assert {k: e["kind"] for k, e in errors.items()} == {
-        "boundary": "truncated_shard", "in_header": "truncated_shard", "bad_header": "corrupt_shard",
-        "packed.tar.gz": "truncated_shard"}
-    assert "end-of-archive" in errors["boundary"]["message"] and "bad checksum" in errors["bad_header"]["message"]
-    assert ws.read_table("images").num_rows == 2 * 4 + 4  # what each read before its end, and the whole one
+        "boundary": "truncated_shard", "in_header": "truncated_shard", "packed.tar.gz": "truncated_shard"}
+    assert "end-of-archive" in errors["boundary"]["message"]
+    assert ws.read_table("images").num_rows == 3 * 2 + 4  # what each read before its end, and the whole one
+
+
+def test_a_damaged_member_header_loses_that_member_only(tmp_path):
+    """Past a damaged or zeroed member header, the shard is read on from the next good header (GNU
+    tar's "skipping to next header"): the members after it are kept, and an errors row says where
+    the bytes that were lost lie. Shards written one after the other are read whole, without one."""
+    members = [(f"s{i}.png", encode(picture(seed=i), "PNG")) for i in range(4)]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    other = write_tar(tmp_path / "other.tar", [(f"t{i}.png", data) for i, (_, data) in enumerate(members)])
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        third, fourth = [m.offset for m in tar.getmembers()[2:]]
+    bad_sum, zeroed = bytearray(whole), bytearray(whole)
+    bad_sum[third + 148:third + 156] = b"0000000\x00"  # the third header's checksum is wrong
+    zeroed[third:third + 512] = bytes(512)  # tar's end, to tarfile: it stopped there without a word
+    (tmp_path / "in").mkdir()
+    for name, data in {"bad_sum.tar": bad_sum, "zeroed.tar": zeroed, "bad_packed.tar.gz": gzip.compress(bad_sum),
+                       "two_in_one.tar": whole + other.read_bytes()}.items():
+        (tmp_path / "in" / name).write_bytes(data)
+    summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
+    errors = {e["key"].removeprefix("in/"): e for e in ws.read_table("errors").to_pylist()}
+    assert {k: e["kind"] for k, e in errors.items()} == dict.fromkeys(("bad_sum", "zeroed", "bad_packed"),
+                                                                      "corrupt_shard")
+    assert "bad checksum" in errors["bad_sum"]["message"] and "zeroed" in errors["zeroed"]["message"]
+    assert f"at byte {third} " in errors["bad_sum"]["message"] and f"at byte {fourth};" in errors["bad_sum"]["message"]
+    keys = {k.removeprefix("in/") for k in ws.read_table("images").column("key").to_pylist()}
+    for shard in ("bad_sum", "zeroed", "bad_packed"):
+        assert {k for k in keys if k.startswith(shard + "/")} == {f"{shard}/s{i}" for i in (0, 1, 3)}
+    assert {k for k in keys if k.startswith("two_in_one/")} == {f"two_in_one/{p}{i}" for p in "st" for i in range(4)}
+    assert summary.rows_in == 3 * 3 + 8
 
 
 def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):

@@ -29,6 +29,24 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> dict[str, int]:
         return {m.name: m.offset for m in tar}  # a member after a pax header: where the pax header starts
 
 
+def hide_the_members_after(path: Path, offset: int) -> None:
+    """Put at `offset` a well-formed header of a member that claims the rest of the shard and
+    more: a walk from the start, or a stream, passes over every member after it, where a read
+    that seeks to a later member's own header finds that member."""
+    info = tarfile.TarInfo("b.txt")
+    info.size = 1 << 30
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(info.tobuf(tarfile.GNU_FORMAT))
+
+
+def damage_header(path: Path, offset: int) -> None:
+    """The header at `offset` with a checksum that does not match it."""
+    with open(path, "r+b") as f:
+        f.seek(offset + 148)
+        f.write(b"0000000\x00")
+
+
 def test_ingest_records_where_each_member_header_starts(tmp_path):
     offsets = write_tar(tmp_path / "s.tar", MEMBERS)
     samples = list(read_unit(Unit("tar", str(tmp_path / "s.tar"), "s"), 10**6))
@@ -36,13 +54,11 @@ def test_ingest_records_where_each_member_header_starts(tmp_path):
 
 
 def test_members_are_read_at_their_offsets_past_a_header_a_walk_cannot_pass(tmp_path):
-    """A zeroed header reads as tar's end to a walk from the start; the members after it are
-    still read at the offsets ingest recorded."""
+    """A header that claims the rest of the shard hides the members after it from a walk from the
+    start; they are still read at the offsets ingest recorded."""
     path = tmp_path / "s.tar"
     offsets = write_tar(path, MEMBERS)
-    with open(path, "r+b") as f:
-        f.seek(offsets["b.txt"])
-        f.write(bytes(512))
+    hide_the_members_after(path, offsets["b.txt"])
     wanted = {name: offsets[name] for name in ("a.jpg", "b.jpg", "c.jpg", LONG)}
     every = {"a.jpg": b"A" * 700, "b.jpg": b"B" * 1300, "c.jpg": b"C" * 90, LONG: b"D" * 30}
     assert dict(local_tar_members(str(path), wanted, 10**6)) == every
@@ -52,6 +68,25 @@ def test_members_are_read_at_their_offsets_past_a_header_a_walk_cannot_pass(tmp_
     names = list(wanted)
     assert read_members([str(path)] * 4, names, [wanted[n] for n in names]) == [every[n] for n in names]
     assert read_members([str(path)] * 4, names) == [every["a.jpg"], every["b.jpg"], None, None]
+
+
+def test_walks_and_streams_read_on_past_a_damaged_header(tmp_path):
+    """Members without an offset (an older workspace), in a compressed shard, in a stream from an
+    earlier member: each is found past a damaged member header, as ingest read them; only the
+    member under that header is lost."""
+    from review.image_bytes import image_bytes
+
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    damage_header(path, offsets["b.txt"])
+    after = {"c.jpg": b"C" * 90, LONG: b"D" * 30}
+    assert dict(local_tar_members(str(path), {**dict.fromkeys(after), "b.txt": None}, 10**6)) == after
+    packed = tmp_path / "s.tar.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert dict(source_members(str(packed), dict.fromkeys(after), 10**6)) == after
+    ranged = {"b.jpg": offsets["b.jpg"], "c.jpg": offsets["c.jpg"]}  # one stream from b.jpg, through b.txt
+    assert dict(source_members(path.as_uri(), ranged, 10**6)) == {"b.jpg": b"B" * 1300, "c.jpg": b"C" * 90}
+    assert image_bytes(str(path), LONG) == b"D" * 30  # the review page's index of a shard
 
 
 def test_a_shard_rewritten_since_ingest_is_walked_for_the_members_no_longer_at_their_offsets(tmp_path):
@@ -84,12 +119,10 @@ def test_a_repeated_member_name_is_read_as_ingest_took_it(tmp_path):
 
 def test_a_shard_on_object_storage_is_read_from_its_first_wanted_member(tmp_path):
     """A URI source (file:// here, s3:// on a cluster): one ranged stream from the first wanted
-    member's header, where a stream from the start ends at a zeroed header before them."""
+    member's header, where a stream from the start passes over them (a header before them claims the rest)."""
     path = tmp_path / "s.tar"
     offsets = write_tar(path, MEMBERS)
-    with open(path, "r+b") as f:
-        f.seek(offsets["b.txt"])
-        f.write(bytes(512))
+    hide_the_members_after(path, offsets["b.txt"])
     uri = path.as_uri()
     wanted = {"c.jpg": offsets["c.jpg"], LONG: offsets[LONG]}
     assert dict(source_members(uri, wanted, 10**6)) == {"c.jpg": b"C" * 90, LONG: b"D" * 30}
@@ -134,16 +167,14 @@ def test_a_compressed_shard_is_read_as_a_shard_whatever_its_name(tmp_path):
 
 def test_a_shard_on_s3_is_read_with_ranged_gets_from_its_first_wanted_member(tmp_path, s3_endpoint, monkeypatch):
     """The same on a real S3-compatible server on loopback (moto's, tests/s3_server.py): members
-    past a zeroed header are found, so the read began at the first wanted member's offset (a
-    stream that begins before that header ends there, as ingest's own stream of the shard did);
+    that a header before them hides from a stream of the whole shard are found, so the read began
+    at the first wanted member's offset;
     the captioner's reads take the same path."""
     for name, value in AWS.items():
         monkeypatch.setenv(name, value)
     path = tmp_path / "s.tar"
     offsets = write_tar(path, MEMBERS)
-    with open(path, "r+b") as f:
-        f.seek(offsets["b.txt"])
-        f.write(bytes(512))
+    hide_the_members_after(path, offsets["b.txt"])
     with s3_filesystem(s3_endpoint).open_output_stream("ws-bucket/shards/s.tar") as out:
         out.write(path.read_bytes())
     uri = f"s3://ws-bucket/shards/s.tar?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
