@@ -178,24 +178,26 @@ def test_a_damaged_member_header_loses_that_member_only(tmp_path):
     other = write_tar(tmp_path / "other.tar", [(f"t{i}.png", data) for i, (_, data) in enumerate(members)])
     with tarfile.open(tmp_path / "whole.tar") as tar:
         third, fourth = [m.offset for m in tar.getmembers()[2:]]
-    bad_sum, zeroed = bytearray(whole), bytearray(whole)
+    bad_sum, zeroed, first_bad = bytearray(whole), bytearray(whole), bytearray(whole)
     bad_sum[third + 148:third + 156] = b"0000000\x00"  # the third header's checksum is wrong
     zeroed[third:third + 512] = bytes(512)  # tar's end, to tarfile: it stopped there without a word
+    first_bad[148:156] = b"0000000\x00"  # the shard did not open as a tar: all four were lost
     (tmp_path / "in").mkdir()
     for name, data in {"bad_sum.tar": bad_sum, "zeroed.tar": zeroed, "bad_packed.tar.gz": gzip.compress(bad_sum),
+                       "first_bad.tar": first_bad, "first_bad_packed.tar.gz": gzip.compress(first_bad),
                        "two_in_one.tar": whole + other.read_bytes()}.items():
         (tmp_path / "in" / name).write_bytes(data)
     summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
     errors = {e["key"].removeprefix("in/"): e for e in ws.read_table("errors").to_pylist()}
-    assert {k: e["kind"] for k, e in errors.items()} == dict.fromkeys(("bad_sum", "zeroed", "bad_packed"),
-                                                                      "corrupt_shard")
+    damaged = {"bad_sum": 2, "zeroed": 2, "bad_packed": 2, "first_bad": 0, "first_bad_packed": 0}  # which member
+    assert {k: e["kind"] for k, e in errors.items()} == dict.fromkeys(damaged, "corrupt_shard")
     assert "bad checksum" in errors["bad_sum"]["message"] and "zeroed" in errors["zeroed"]["message"]
     assert f"at byte {third} " in errors["bad_sum"]["message"] and f"at byte {fourth};" in errors["bad_sum"]["message"]
     keys = {k.removeprefix("in/") for k in ws.read_table("images").column("key").to_pylist()}
-    for shard in ("bad_sum", "zeroed", "bad_packed"):
-        assert {k for k in keys if k.startswith(shard + "/")} == {f"{shard}/s{i}" for i in (0, 1, 3)}
+    for shard, lost in damaged.items():
+        assert {k for k in keys if k.startswith(shard + "/")} == {f"{shard}/s{i}" for i in range(4) if i != lost}
     assert {k for k in keys if k.startswith("two_in_one/")} == {f"two_in_one/{p}{i}" for p in "st" for i in range(4)}
-    assert summary.rows_in == 3 * 3 + 8
+    assert summary.rows_in == 5 * 3 + 8
 
 
 def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):
