@@ -136,6 +136,17 @@ def test_frame_bounds(tmp_path):
     assert huge.clip["frames_seen"] == 0  # refused before decoding
 
 
+def test_an_animation_stopped_early_keeps_the_frame_rate_of_the_frames_it_read(tmp_path):
+    """Only its frames say how fast an animation runs; a read stopped at max_decoded_frames still
+    gives the rate of those it decoded (it was 0), and no length (the rest is not read)."""
+    gif = write_gif(tmp_path / "wave.gif", [scene_picture(i) for i in range(8)], duration_ms=50)
+    whole = select(tmp_path, gif, animated=True)
+    assert (whole.clip["fps"], whole.clip["duration"], whole.clip["frames_seen"]) == (20.0, 0.4, 8)
+    stopped = select(tmp_path, gif, animated=True, max_decoded_frames=3)
+    assert [k for k, _ in stopped.problems] == ["too_many_frames"]
+    assert (stopped.clip["fps"], stopped.clip["duration"]) == (20.0, 0.0)
+
+
 # ---- the ingest job on a folder of clips ------------------------------------------------------
 def audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as container:

@@ -161,7 +161,13 @@ class ClipReader:
         self.data, self.animated, self.max_pixels, self.seek_seconds = data, animated, max_pixels, seek_seconds
         self.wanted_from = 0.0
         self.decoded = 0  # frames decoded, including those skipped
+        self.shown_seconds = 0.0  # an animation's: how long the frames decoded so far are shown
         self.reformatter = VideoReformatter()
+
+    def frame_rate(self) -> float:
+        """An animation's frames per second over the frames decoded so far (0 before any): all
+        of them, or those before the caller stopped (the rest are not read to measure it)."""
+        return round(self.decoded / self.shown_seconds, 3) if self.shown_seconds else 0.0
 
     def skip_until(self, time: float) -> None:
         self.wanted_from = max(self.wanted_from, time)
@@ -269,18 +275,17 @@ class ClipReader:
                 raise ClipError("frame_too_large", f"{image.width}x{image.height} frames > {self.max_pixels} pixels")
             fmt = image.format or ""
             yield ClipInfo(fmt, fmt, image.width, image.height, 0.0, 0.0)
-            time = 0.0
             try:
                 for index, frame in enumerate(ImageSequence.Iterator(image)):
                     self.decoded += 1
                     picture = frame.convert("RGB")  # loads the frame: WebP states its duration only then
-                    duration = float(frame.info.get("duration") or 0) / 1000
+                    time = self.shown_seconds
+                    # browsers show frames without a duration for 0.1 s
+                    self.shown_seconds += float(frame.info.get("duration") or 0) / 1000 or 0.1
                     if time >= self.wanted_from:
                         yield Frame(index, time, picture)
-                    time += duration or 0.1  # browsers show frames without a duration for 0.1 s
                 # only the frames say how long an animation runs: its rate and length, once known
-                rate = round(self.decoded / time, 3) if time else 0.0
-                yield ClipInfo(fmt, fmt, image.width, image.height, rate, round(time, 6))
+                yield ClipInfo(fmt, fmt, image.width, image.height, self.frame_rate(), round(self.shown_seconds, 6))
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc

@@ -7,6 +7,7 @@ frame is `<clip key>/f<frame index>`: the same on every run, whatever else is in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ def ingest_clip(clip_key: str, data: bytes | str, animated: bool, rules: FrameRu
                 reader.skip_until(selector.next_time)
     except ClipError as exc:
         result.problems.append((exc.kind, str(exc)))
+    if info is not None and animated and not info.fps:  # stopped before its last frame: the rate so far
+        info = dataclasses.replace(info, fps=reader.frame_rate())
     if info is not None and reader.decoded == 0 and not result.problems:
         result.problems.append(("empty_clip", "the clip has no frames"))
     result.clip.update(_clip_columns(info, reader.decoded, len(result.frames), selector.slices,
