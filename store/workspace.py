@@ -98,7 +98,8 @@ class Workspace:
         self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
-        self._marker_cache: dict[str, tuple[tuple[int, int], bytes]] = {}  # path -> ((mtime_ns, size), its bytes)
+        # folder -> {path: ((mtime_ns, size), its bytes)}, of the markers its last listing found
+        self._marker_cache: dict[str, dict[str, tuple[tuple[int, int], bytes]]] = {}
         self.part_key_ranges = PartKeyRanges(self.fs)
         self.retired_grace_s = RETIRED_GRACE_S
         if not create:
@@ -259,20 +260,24 @@ class Workspace:
         A marker file this process read before, unchanged since (same mtime and size in the
         listing) and older than MARKER_SETTLED_S then, is not read again: a job publishes every
         minute, each publish lists every job's markers, and on object storage each read is a
-        request (10,000 markers: minutes a publish). A rewrite after that has a later mtime."""
+        request (10,000 markers: minutes a publish). A rewrite after that has a later mtime. The
+        cache keeps only the markers of the folder's last listing: those deleted since go."""
         done = {}
         settled = time.time() - MARKER_SETTLED_S
+        cache, kept = self._marker_cache.pop(folder, {}), {}
         for info in self._marker_files(folder):
             stamp = (info.mtime_ns, info.size)
-            cached = self._marker_cache.get(info.path)
+            cached = cache.get(info.path)
             if cached is not None and cached[0] == stamp:
                 data = cached[1]  # parsed anew: each caller gets a marker of its own to change
             else:
                 with self.fs.open_input_stream(info.path) as f:
                     data = f.read()
-                if info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
-                    self._marker_cache[info.path] = (stamp, data)
+            if info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
+                kept[info.path] = (stamp, data)
             done[info.base_name[: -len(".json")]] = json.loads(data)
+        if kept:
+            self._marker_cache[folder] = kept
         return done
 
     def _marker_files(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:

@@ -38,6 +38,24 @@ def test_a_settled_marker_is_read_once_and_a_rewritten_one_again(tmp_path):
     assert Workspace(str(tmp_path / "ws")).done_units("ingest")["old"]["images"] == 7  # another process reads it
 
 
+def test_the_cache_keeps_only_the_markers_the_last_listing_found(tmp_path):
+    """A marker gone from its folder leaves the cache at the next listing (a driver lists every
+    job's markers for hours): one written again later at that path, even with the same size and
+    mtime, is read."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.commit_unit("ingest", "u", {"images": 1}, parts={"images": ["a"]})
+    path = f"{ws.state_dir('ingest')}/u.json"
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    assert ws.done_units("ingest")["u"]["images"] == 1  # cached: settled
+    ws.forget_unit("ingest", "u")
+    assert ws.done_units("ingest") == {}
+    with open(path, "w") as f:
+        f.write(json.dumps({"images": 1, "parts": {"images": ["a"]}}, sort_keys=True))
+    rewrite_same_size(path, {"images": 5, "parts": {"images": ["a"]}}, an_hour_ago)
+    assert ws.done_units("ingest")["u"]["images"] == 5
+
+
 def test_a_run_killed_while_replacing_units_leaves_readers_the_last_complete_generation(tmp_path):
     """A caption run whose options changed forgets its old units' markers, then commits new units;
     killed in between, the next job to start (any job: its begin_job publishes) must not publish
