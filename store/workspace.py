@@ -331,6 +331,7 @@ class Workspace:
         unit marker names them. (drop_batches: markers that no longer count, with their parts.)"""
         folder = self.batch_dir(job, unit)
         if batches is None:
+            self._marker_cache.pop(folder, None)  # never listed again: its cache would stay
             if self.fs.get_file_info(folder).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(folder)
             return

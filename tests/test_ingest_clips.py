@@ -137,14 +137,19 @@ def test_frame_bounds(tmp_path):
 
 
 def test_an_animation_stopped_early_keeps_the_frame_rate_of_the_frames_it_read(tmp_path):
-    """Only its frames say how fast an animation runs; a read stopped at max_decoded_frames still
-    gives the rate of those it decoded (it was 0), and no length (the rest is not read)."""
+    """Only its frames say how fast an animation runs; a read stopped at max_decoded_frames, or by
+    a file cut short, still gives the rate of the frames it decoded (it was 0), and no length."""
     gif = write_gif(tmp_path / "wave.gif", [scene_picture(i) for i in range(8)], duration_ms=50)
     whole = select(tmp_path, gif, animated=True)
     assert (whole.clip["fps"], whole.clip["duration"], whole.clip["frames_seen"]) == (20.0, 0.4, 8)
     stopped = select(tmp_path, gif, animated=True, max_decoded_frames=3)
     assert [k for k, _ in stopped.problems] == ["too_many_frames"]
     assert (stopped.clip["fps"], stopped.clip["duration"]) == (20.0, 0.0)
+    data = gif.read_bytes()
+    for share in (0.3, 0.5, 0.7, 0.9):  # cut inside a frame: that frame does not count
+        (tmp_path / "cut.gif").write_bytes(data[:int(len(data) * share)])
+        cut = select(tmp_path, tmp_path / "cut.gif", animated=True)
+        assert [k for k, _ in cut.problems] == ["truncated_clip"] and cut.clip["fps"] == 20.0, share
 
 
 # ---- the ingest job on a folder of clips ------------------------------------------------------

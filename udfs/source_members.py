@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from udfs.ingest.sources import Unit, member_path, read_past_bad_headers, read_unit, safe_text, source_kind
+from udfs.ingest.shard_tar import WatchedHeader, read_past_bad_headers
+from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
 def source_members(source: str, wanted: dict[str, int | None], max_member_bytes: int | None
@@ -59,7 +60,7 @@ def _ranged_stream(uri: str, start: int, names: set[str], max_member_bytes: int 
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as raw:
         raw.seek(start)
-        with tarfile.open(fileobj=raw, mode="r|", bufsize=RANGE_PIECE) as tar:
+        with tarfile.open(fileobj=raw, mode="r|", bufsize=RANGE_PIECE, tarinfo=WatchedHeader) as tar:
             yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
 
 
@@ -125,7 +126,7 @@ def _fits(info: tarfile.TarInfo, max_member_bytes: int | None) -> bool:
 def _walk(path: str, names: set[str], max_member_bytes: int | None) -> Iterator[tuple[str, bytes]]:
     """The named members found walking the headers from the start, stopping once all are found."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(path, mode="r:", tarinfo=WatchedHeader) as tar:
             yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
     except (tarfile.TarError, EOFError, OSError):
         return  # a truncated shard: the members not read are reported as missing

@@ -161,13 +161,13 @@ class ClipReader:
         self.data, self.animated, self.max_pixels, self.seek_seconds = data, animated, max_pixels, seek_seconds
         self.wanted_from = 0.0
         self.decoded = 0  # frames decoded, including those skipped
-        self.shown_seconds = 0.0  # an animation's: how long the frames decoded so far are shown
+        self.shown_frames, self.shown_seconds = 0, 0.0  # an animation's frames decoded whole, how long they show
         self.reformatter = VideoReformatter()
 
     def frame_rate(self) -> float:
         """An animation's frames per second over the frames decoded so far (0 before any): all
         of them, or those before the caller stopped (the rest are not read to measure it)."""
-        return round(self.decoded / self.shown_seconds, 3) if self.shown_seconds else 0.0
+        return round(self.shown_frames / self.shown_seconds, 3) if self.shown_seconds else 0.0
 
     def skip_until(self, time: float) -> None:
         self.wanted_from = max(self.wanted_from, time)
@@ -282,6 +282,7 @@ class ClipReader:
                     time = self.shown_seconds
                     # browsers show frames without a duration for 0.1 s
                     self.shown_seconds += float(frame.info.get("duration") or 0) / 1000 or 0.1
+                    self.shown_frames += 1
                     if time >= self.wanted_from:
                         yield Frame(index, time, picture)
                 # only the frames say how long an animation runs: its rate and length, once known

@@ -13,12 +13,13 @@ import re
 import stat
 import tarfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
+
+from udfs.ingest.shard_tar import how_it_ended, open_tar, problems_before
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
 SIDECAR_EXTENSIONS = ("txt", "tags", "json", "caption")
@@ -284,124 +285,10 @@ def read_unit(unit: Unit, max_member_bytes: int, links_leave_input: bool = True
         yield from _read_folder(unit, max_member_bytes, links_leave_input)
 
 
-def _open(uri: str):
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs.open_input_stream(path)
-    return open(uri, "rb")
-
-
-def read_past_bad_headers(tar: tarfile.TarFile) -> tarfile.TarFile:
-    """`tar` (opened) reading on past a damaged or zeroed member header to the next good one, as
-    GNU tar does ("Skipping to next header"): tarfile's ignore_zeros tries each 512-byte block
-    after a bad header until one has a valid checksum. Without it the members after one damaged
-    header are all lost. Set after opening, so that a file that does not start with a header
-    still fails to open as a plain tar (and is read as compressed, or refused). What it cannot
-    tell: a member that is itself a tar, under a damaged header, gives its inner members."""
-    tar.ignore_zeros = True
-    return tar
-
-
-class _WatchedHeader(tarfile.TarInfo):
-    """tarfile's member header, remembering on the archive the blocks that were no header: the
-    first of them since the last good header, whether any held data (not all zeros: a damaged
-    header, and the member it stood for), and why the last header read failed (see _gap_before
-    and _how_it_ended). tarfile skips or stops at them quietly."""
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as exc:
-            tar.booruset_end = exc  # type: ignore[attr-defined]
-            if not isinstance(exc, (tarfile.EOFHeaderError, tarfile.InvalidHeaderError)):
-                raise  # the end of the file: no block to skip
-            gap = getattr(tar, "booruset_gap", None)
-            if gap is None:
-                gap = tar.booruset_gap = {"start": tar.offset, "zeros": isinstance(exc, tarfile.EOFHeaderError),
-                                          "why": None}  # type: ignore[attr-defined]
-            if gap["why"] is None and isinstance(exc, tarfile.InvalidHeaderError):  # zero blocks alone: tar's end
-                gap["why"] = "a zeroed header" if gap["zeros"] else str(exc) or type(exc).__name__
-            raise
-
-
-def _gap_before(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str, str] | None:
-    """The problem of the blocks skipped before the member `info` (just read), as a (member, kind,
-    message) item, when they held data: a damaged header and the member it stood for. None when
-    nothing was skipped, or only zero blocks (tars written one after the other)."""
-    gap = getattr(tar, "booruset_gap", None)
-    tar.booruset_gap = None  # type: ignore[attr-defined]
-    if gap is None or gap["why"] is None:
-        return None
-    return ("", "corrupt_shard", f"bad member header at byte {gap['start']} ({gap['why']}): read on from the next "
-                                 f"good header, at byte {info.offset}; the member(s) in the "
-                                 f"{info.offset - gap['start']} bytes between are lost")
-
-
-def _how_it_ended(tar: tarfile.TarFile) -> tuple[str, str, str] | None:
-    """The problem of a shard whose member headers ended otherwise than with tar's end-of-archive
-    (zero) blocks, as a (member, kind, message) item; None for a whole shard."""
-    end, gap = getattr(tar, "booruset_end", None), getattr(tar, "booruset_gap", None)
-    if gap is not None and gap["why"] is not None:
-        return ("", "corrupt_shard", f"bad member header at byte {gap['start']} ({gap['why']}) and no good header "
-                                     "after it: the members from there on are lost")
-    if gap is not None or end is None:  # zero blocks to the end (a partial last one: padding cut short)
-        return None
-    if isinstance(end, tarfile.EmptyHeaderError):
-        return ("", "truncated_shard", f"shard ends at byte {tar.offset} without tar's end-of-archive blocks: "
-                                       "cut short after a member? any members after it are lost")
-    return ("", "truncated_shard", f"shard ends inside the member header at byte {tar.offset}: "
-                                   "the members from there on are lost")
-
-
-@contextmanager
-def _open_tar(uri: str) -> Iterator[tarfile.TarFile]:
-    """A local uncompressed shard opened for seeks: each member is one read of its own bytes, not
-    64 KiB pieces copied through a stream buffer and joined. Anything else (object storage, a
-    compressed shard, not a tar at all) is read as a stream, which detects the compression and
-    says what is wrong with the rest. A stream whose first header is bad is read again looking for
-    the first good one (a damaged first header lost the whole shard; a file that is no tar at all
-    is read through to find none, once)."""
-    if "://" not in uri:
-        try:
-            tar = tarfile.open(uri, mode="r:", tarinfo=_WatchedHeader)
-        except tarfile.ReadError:
-            tar = None
-        if tar is not None:
-            with tar:
-                yield read_past_bad_headers(tar)
-            return
-    try:
-        with _open_stream(uri) as tar:
-            yield read_past_bad_headers(tar)
-        return
-    except _FirstHeaderError:
-        pass
-    with _open_stream(uri, from_a_good_header=True) as tar:
-        yield tar
-
-
-class _FirstHeaderError(tarfile.ReadError):
-    """A stream could not be opened: its first member header is bad (or it is no tar)."""
-
-
-@contextmanager
-def _open_stream(uri: str, from_a_good_header: bool = False) -> Iterator[tarfile.TarFile]:
-    with _open(uri) as raw:
-        try:
-            # 64 KiB reads: tarfile's default 10 KiB pieces cost a third more (90 -> 55 ms for 100 MB)
-            tar = tarfile.open(fileobj=raw, mode="r|*", bufsize=1 << 16, tarinfo=_WatchedHeader,
-                               ignore_zeros=from_a_good_header)
-        except tarfile.ReadError as exc:
-            if from_a_good_header:
-                raise
-            raise _FirstHeaderError(str(exc)) from exc  # or a broken compressed stream: it fails again
-        with tar:
-            yield tar
-
-
 def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, str, str]]:
-    """A shard's samples, member by member in shard order.
+    """A shard's samples, member by member in shard order, read past damaged member headers
+    (udfs/ingest/shard_tar.py), with a problem item for each damaged stretch and for a shard that
+    ended badly.
 
     Written on tarfile rather than webdataset's tar iterator because that one reads every
     member whole before the caller sees it: we must refuse huge members before reading them,
@@ -410,12 +297,16 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
     current: Sample | None = None
     seen: set[str] = set()
     try:
-        with _open_tar(uri) as tar:
+        with open_tar(uri) as tar:
             for info in tar:
-                gap = _gap_before(tar, info)
-                if gap:
-                    yield gap
                 name = safe_text(info.name)
+                problems, skip = problems_before(tar, info)
+                if problems and current is not None and (skip or split_key(name)[0] != current.key):
+                    yield current  # the sample before the damage, then the damage
+                    current = None
+                yield from problems
+                if skip:
+                    continue
                 if not info.isfile():
                     yield (name, "not_a_regular_file", f"tar member is a {TAR_TYPES.get(info.type, 'special file')}")
                     continue
@@ -430,7 +321,7 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 _add_member(current, ext, name, info.size, max_member_bytes, lambda i=info: tar.extractfile(i).read())
                 if current.member_names.get(ext) == name and ext not in current.offsets:
                     current.offsets[ext] = info.offset  # the first of a repeated name: the one ingest read
-            ended = _how_it_ended(tar)
+            ended = how_it_ended(tar)
         if ended:
             if current is not None:
                 yield current

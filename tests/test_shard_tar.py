@@ -1,0 +1,137 @@
+"""udfs/ingest/shard_tar.py through read_unit: a damaged shard loses only the members under the
+damage, says where, and never gives members that are not in it. Each case is read as a plain
+local shard (seeks) and gzipped (a stream): the same items both ways."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from udfs.ingest.sources import Unit, read_unit
+
+MEMBERS = [(f"k{i}.{ext}", bytes([65 + i]) * (900 if ext == "jpg" else 10)) for i in range(4) for ext in ("jpg", "txt")]
+LONG = "x" * 120 + ".jpg"  # over the header's 100 bytes: a pax (or GNU long-name) header before it
+
+
+def tar_bytes(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def headers(data: bytes) -> dict[str, tuple[int, int]]:
+    """{member: (where its headers start, where its own ustar header is)}."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data - 512) for m in tar}
+
+
+def damaged(data: bytes, at: int, zeroed: int = 0) -> bytes:
+    """`data` with a wrong checksum in the header at `at`, or `zeroed` bytes of zeros from there."""
+    out = bytearray(data)
+    if zeroed:
+        out[at:at + zeroed] = bytes(zeroed)
+    else:
+        out[at + 148:at + 156] = b"0000000\x00"
+    return bytes(out)
+
+
+def items(tmp_path: Path, data: bytes) -> list:
+    """What read_unit gives for `data` as a plain shard, checked equal to what it gives gzipped:
+    samples as (key, sorted extensions), problems as (member, kind, message)."""
+    seen = []
+    for name, content in (("s.tar", data), ("s.tar.gz", gzip.compress(data))):
+        (tmp_path / name).write_bytes(content)
+        seen.append([x if isinstance(x, tuple) else (x.key, sorted(x.members))
+                     for x in read_unit(Unit("tar", str(tmp_path / name), "s"), 10**6)])
+    assert seen[0] == seen[1]
+    return seen[0]
+
+
+def samples(found: list) -> list[str]:
+    return [x[0] for x in found if len(x) == 2]
+
+
+def problems(found: list) -> list[tuple[str, str, str]]:
+    return [x for x in found if len(x) == 3]
+
+
+def test_a_whole_shard_has_no_problem(tmp_path):
+    assert items(tmp_path, tar_bytes(MEMBERS)) == [(f"k{i}", ["jpg", "txt"]) for i in range(4)]
+
+
+@pytest.mark.parametrize("zeroed", [0, 512])
+def test_a_damaged_or_zeroed_header_loses_its_member_only(tmp_path, zeroed):
+    data = tar_bytes(MEMBERS)
+    at = headers(data)["k1.jpg"][0]
+    found = items(tmp_path, damaged(data, at, zeroed))
+    assert found[0] == ("k0", ["jpg", "txt"])  # the sample before comes before the damage's row
+    assert samples(found) == ["k0", "k1", "k2", "k3"] and ("k1", ["txt"]) in found
+    [(member, kind, message)] = problems(found)
+    why = "a zeroed header" if zeroed else "bad checksum"
+    assert (member, kind) == ("", "corrupt_shard")
+    assert f"at byte {at} ({why})" in message and f"at byte {headers(data)['k1.txt'][0]};" in message
+
+
+def test_a_damaged_or_zeroed_first_header(tmp_path):
+    """A bad first header kept the shard from opening, a zeroed one made it an empty archive:
+    every member was lost, the zeroed case without a word."""
+    data = tar_bytes(MEMBERS)
+    for zeroed in (0, 512):
+        found = items(tmp_path, damaged(data, 0, zeroed))
+        assert samples(found) == ["k0", "k1", "k2", "k3"] and found[1] == ("k0", ["txt"])
+        assert [k for _, k, _ in problems(found)] == ["corrupt_shard"] and "at byte 0" in found[0][2]
+
+
+def test_the_zeroed_header_of_an_empty_member_is_reported(tmp_path):
+    data = tar_bytes([("a.jpg", b"A" * 700), ("a.txt", b""), ("b.jpg", b"B" * 600)])
+    found = items(tmp_path, damaged(data, headers(data)["a.txt"][0], 512))
+    assert samples(found) == ["a", "b"] and "512 bytes between are lost" in problems(found)[0][2]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_damaged_long_name_header_does_not_give_its_member_a_cut_name(tmp_path, fmt):
+    """Past a damaged pax / GNU long-name header, the member's own header holds only the first
+    100 bytes of its name: not read under that name (it would be a sample no one wrote)."""
+    data = tar_bytes([("a.jpg", b"A" * 700), (LONG, b"X" * 600), ("c.jpg", b"C" * 300)], fmt)
+    found = items(tmp_path, damaged(data, headers(data)[LONG][0]))
+    assert samples(found) == ["a", "c"]
+    assert [(m, k) for m, k, _ in problems(found)] == [("", "corrupt_shard"), ("x" * 100, "corrupt_shard")]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_damaged_header_after_a_long_name_header_is_read_past(tmp_path, fmt):
+    """tarfile stops the whole shard there (a SubsequentHeaderError)."""
+    data = tar_bytes([("a.jpg", b"A" * 700), (LONG, b"X" * 600), ("c.jpg", b"C" * 300)], fmt)
+    long_at, own_header = headers(data)[LONG]
+    found = items(tmp_path, damaged(data, own_header))
+    assert samples(found) == ["a", "c"]
+    [(_, kind, message)] = problems(found)
+    assert kind == "corrupt_shard" and f"at byte {long_at} " in message
+
+
+def test_data_after_tars_end_is_reported_not_read(tmp_path):
+    """Two zero blocks end a tar. What follows is not read (a shorter shard written over a longer
+    one would give the stale members), but it is reported: it may be members lost to a zeroed
+    stretch, or a second archive appended."""
+    data, short = tar_bytes(MEMBERS), tar_bytes(MEMBERS[:2])
+    longer = tar_bytes([(f"z{i}.jpg", b"Z" * 5000) for i in range(6)])
+    cases = {"stale tail": short + longer[len(short):], "appended": short + data,
+             "zeroed stretch": damaged(data, headers(data)["k1.txt"][0], 4096)}
+    for case, shard in cases.items():
+        found = items(tmp_path, shard)
+        assert samples(found) == (["k0", "k1"] if case == "zeroed stretch" else ["k0"]), case
+        [(_, kind, message)] = problems(found)
+        assert kind == "corrupt_shard" and "end-of-archive blocks" in message and "then data again" in message, case
+
+
+def test_a_file_that_is_no_tar_says_so(tmp_path):
+    [(_, kind, message)] = items(tmp_path, bytes(range(256)) * 40)
+    assert kind == "corrupt_shard" and "is it a tar?" in message
