@@ -13,7 +13,7 @@ import tarfile
 import threading
 from pathlib import Path
 
-from udfs.ingest.shard_tar import WatchedHeader, read_past_bad_headers
+from udfs.ingest.shard_tar import open_plain_tar
 from udfs.ingest.sources import member_path, safe_text, source_kind
 from udfs.source_members import source_members
 from udfs.thumbnails import thumbnail_jpeg
@@ -29,8 +29,8 @@ SHARD_INDEXES = 16
 def shard_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
     """{member: (data offset, size)} of a local shard (the mtime in the key: a rewritten shard is
     read again)."""
-    with tarfile.open(path, mode="r:", tarinfo=WatchedHeader) as tar:
-        return {safe_text(m.name): (m.offset_data, m.size) for m in read_past_bad_headers(tar) if m.isfile()}
+    with open_plain_tar(path) as tar:
+        return {safe_text(m.name): (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
 def image_bytes(source: str, member: str, offset: int | None = None) -> bytes | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -115,6 +117,49 @@ def test_a_damaged_header_after_a_long_name_header_is_read_past(tmp_path, fmt):
     assert samples(found) == ["a", "c"]
     [(_, kind, message)] = problems(found)
     assert kind == "corrupt_shard" and f"at byte {long_at} " in message
+
+
+def test_a_long_named_member_lost_inside_a_sample_leaves_the_sample_whole(tmp_path):
+    """The member under the damaged long-name header goes; the sample's other members stay one
+    sample (not a second one under the same key, which ingest drops as a duplicate)."""
+    key = "x" * 120
+    data = tar_bytes([("a.jpg", b"A" * 700), (f"{key}.txt", b"tags"), (f"{key}.cls", b"7"), (f"{key}.jpg", b"X" * 600),
+                      ("c.jpg", b"C" * 300)])
+    found = items(tmp_path, damaged(data, headers(data)[f"{key}.cls"][0]))
+    assert samples(found) == ["a", key, "c"] and (key, ["jpg", "txt"]) in found
+    assert [m for m, _, _ in problems(found)] == ["", "x" * 100]
+
+
+def test_a_name_of_100_bytes_after_a_damaged_header_is_its_own(tmp_path):
+    """Only a name the skipped blocks hold at greater length was cut; one that simply fills the
+    header's name field (no long-name header) is read."""
+    own = "y" * 96 + ".jpg"
+    data = tar_bytes([("a.jpg", b"A" * 700), ("b.jpg", b"B" * 600), (own, b"Y" * 300), ("c.jpg", b"C" * 300)])
+    found = items(tmp_path, damaged(data, headers(data)["b.jpg"][0]))
+    assert samples(found) == ["a", "y" * 96, "c"] and len(problems(found)) == 1
+
+
+def test_zero_blocks_in_the_data_of_a_member_under_a_damaged_header_do_not_end_the_shard(tmp_path):
+    """A member's data may hold zero blocks (an .npy latent, a BMP): past its damaged header they
+    are not tar's end."""
+    data = tar_bytes([("a.jpg", b"A" * 700), ("b.npy", b"\x93NUMPY" + bytes(4000)), ("b.jpg", b"B" * 600),
+                      ("c.jpg", b"C" * 300)])
+    found = items(tmp_path, damaged(data, headers(data)["b.npy"][0]))
+    assert samples(found) == ["a", "b", "c"] and len(problems(found)) == 1
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is not installed")
+def test_a_cut_name_in_a_gnu_tar_oldgnu_shard(tmp_path):
+    """GNU tar's oldgnu format keeps 99 bytes of a long name in the member's own header."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name, data in (("a.jpg", b"A" * 700), ("l" * 120 + ".jpg", b"L" * 600), ("c.jpg", b"C" * 300)):
+        (folder / name).write_bytes(data)
+    names = sorted(p.name for p in folder.iterdir())
+    subprocess.run(["tar", "--format=oldgnu", "-cf", str(tmp_path / "g.tar"), "-C", str(folder), *names], check=True)
+    data = (tmp_path / "g.tar").read_bytes()
+    found = items(tmp_path, damaged(data, headers(data)["l" * 120 + ".jpg"][0]))
+    assert samples(found) == ["a", "c"] and len(problems(found)) == 2
 
 
 def test_data_after_tars_end_is_reported_not_read(tmp_path):

@@ -87,6 +87,10 @@ def test_walks_and_streams_read_on_past_a_damaged_header(tmp_path):
     ranged = {"b.jpg": offsets["b.jpg"], "c.jpg": offsets["c.jpg"]}  # one stream from b.jpg, through b.txt
     assert dict(source_members(path.as_uri(), ranged, 10**6)) == {"b.jpg": b"B" * 1300, "c.jpg": b"C" * 90}
     assert image_bytes(str(path), LONG) == b"D" * 30  # the review page's index of a shard
+    first_zeroed = tmp_path / "z.tar"  # tarfile opens it as an empty archive
+    first_zeroed.write_bytes(bytes(512) + path.read_bytes()[512:])
+    assert dict(local_tar_members(str(first_zeroed), dict.fromkeys(after), 10**6)) == after
+    assert image_bytes(str(first_zeroed), "c.jpg") == b"C" * 90
 
 
 def test_a_shard_rewritten_since_ingest_is_walked_for_the_members_no_longer_at_their_offsets(tmp_path):

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from udfs.ingest.shard_tar import WatchedHeader, read_past_bad_headers
+from udfs.ingest.shard_tar import WatchedHeader, open_plain_tar, read_past_bad_headers
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
@@ -126,8 +126,8 @@ def _fits(info: tarfile.TarInfo, max_member_bytes: int | None) -> bool:
 def _walk(path: str, names: set[str], max_member_bytes: int | None) -> Iterator[tuple[str, bytes]]:
     """The named members found walking the headers from the start, stopping once all are found."""
     try:
-        with tarfile.open(path, mode="r:", tarinfo=WatchedHeader) as tar:
-            yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
+        with open_plain_tar(path) as tar:
+            yield from _found(tar, names, max_member_bytes)
     except (tarfile.TarError, EOFError, OSError):
         return  # a truncated shard: the members not read are reported as missing
 

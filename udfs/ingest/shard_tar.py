@@ -44,6 +44,14 @@ class WatchedHeader(tarfile.TarInfo):
     last good header that were no header, and how the headers ended."""
 
     @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.HeaderError as exc:
+            exc.booruset_block = buf  # type: ignore[attr-defined]  # what was skipped (see _cut_name)
+            raise
+
+    @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
         watch = tar.__dict__.setdefault("booruset_watch", {"gap": None, "zero_at": None, "end": None})
         try:
@@ -51,36 +59,44 @@ class WatchedHeader(tarfile.TarInfo):
         except tarfile.SubsequentHeaderError as exc:
             # the header after a pax or GNU long-name header is bad: tarfile would stop reading
             # the shard; skipped like any bad block instead (with the long-name header's blocks)
-            _skipped(watch, tar.offset, f"a bad header after a long-name header: {exc}")
+            _skipped(watch, tar.offset, f"a bad header after a long-name header: {exc}", b"")
             raise tarfile.InvalidHeaderError(str(exc)) from exc
         except tarfile.EOFHeaderError:
-            if watch["zero_at"] == tar.offset - BLOCK:  # the second zero block in a row: tar's end
+            gap = watch["gap"]
+            # two zero blocks in a row end the archive; not inside a stretch a bad header began
+            # (the data of the member it stood for may hold zero blocks)
+            if watch["zero_at"] == tar.offset - BLOCK and not (gap and gap["why"]):
                 watch["end"] = "end-of-archive"
                 raise tarfile.EmptyHeaderError("end-of-archive blocks") from None  # tarfile stops there
             watch["zero_at"] = tar.offset
-            _skipped(watch, tar.offset, None)
+            _skipped(watch, tar.offset, None, b"")
             raise
         except tarfile.InvalidHeaderError as exc:
-            _skipped(watch, tar.offset, str(exc) or type(exc).__name__)
+            _skipped(watch, tar.offset, str(exc) or type(exc).__name__, getattr(exc, "booruset_block", b""))
             raise
         except tarfile.HeaderError as exc:  # the file ends: at a block boundary, or inside a header
             watch["end"] = exc
             raise
 
 
-def _skipped(watch: dict, offset: int, why: str | None) -> None:
+LAST_BLOCKS = 8  # of a stretch skipped, kept to tell a cut name (a long name's header is 1-2 blocks)
+
+
+def _skipped(watch: dict, offset: int, why: str | None, block: bytes) -> None:
     """Note a block that is no header at `offset` (why: None for a zero block)."""
     gap = watch["gap"]
     if gap is None:
-        gap = watch["gap"] = {"start": offset, "why": None, "zeros_first": why is None}
+        gap = watch["gap"] = {"start": offset, "why": None, "zeros_first": why is None, "blocks": []}
     if gap["why"] is None and why is not None:
         gap["why"] = "a zeroed header" if gap["zeros_first"] else why
+    if block:
+        gap["blocks"] = [*gap["blocks"][1 - LAST_BLOCKS:], block]
 
 
 def problems_before(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[list[Problem], bool]:
     """(problems, skip the member) for the member `info` just read: the blocks skipped before it
-    when they held data (a damaged header and the member it stood for), and `info` itself when
-    its name was cut (its long-name header was among them)."""
+    (a damaged header and the member it stood for), and `info` itself when its name was cut (its
+    long-name header was among them)."""
     watch = tar.__dict__.get("booruset_watch") or {}
     gap = watch.get("gap")
     watch["gap"] = None
@@ -90,12 +106,23 @@ def problems_before(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[list[P
     problems = [("", "corrupt_shard", f"bad member header at byte {gap['start']} ({why}): read on from the "
                                       f"next good header, at byte {info.offset}; the member(s) in the "
                                       f"{info.offset - gap['start']} bytes between are lost")]
-    cut = len(info.name.encode("utf-8", "surrogateescape")) == NAME_FIELD and "path" not in info.pax_headers
+    cut = _cut_name(info.name, gap["blocks"])
     if cut:
-        problems.append((info.name, "corrupt_shard", f"its name fills the header's {NAME_FIELD} bytes right after a "
-                                                     "damaged header: cut from a longer name whose long-name header "
-                                                     "was lost; not read"))
+        problems.append((info.name, "corrupt_shard", "its header holds only the start of its name: the long-name "
+                                                     "header before it was damaged; not read"))
     return problems, cut
+
+
+def _cut_name(name: str, skipped: list[bytes]) -> bool:
+    """Whether `name`, of a member right after skipped blocks, is the start of a longer name those
+    blocks hold (a lost pax `path=` record or GNU long-name data): a member's own header keeps
+    only the first 99 or 100 bytes of a long name."""
+    start = name.encode("utf-8", "surrogateescape")
+    if len(start) < NAME_FIELD - 1:
+        return False
+    held = b"".join(skipped)
+    at = held.find(start)
+    return at >= 0 and held[at + len(start):at + len(start) + 1] not in (b"", b"\0", b"\n")
 
 
 def how_it_ended(tar: tarfile.TarFile) -> Problem | None:
@@ -143,17 +170,19 @@ def _data_after(fileobj) -> int | None:
 @contextmanager
 def open_tar(uri: str) -> Iterator[tarfile.TarFile]:
     """A shard opened for reading its members in order, past damaged headers. A local
-    uncompressed one is opened for seeks: each member is one read of its own bytes, not pieces
-    copied through a stream buffer and joined. Anything else (object storage, a compressed shard)
-    is read as a stream, which detects the compression and says what is wrong with the rest. A
-    shard whose first header is bad (it does not open) or zeroed (it opens as an empty archive)
-    is read again as a stream that looks for its first good header; a file that is no tar at all
-    is read through once to find none."""
+    uncompressed one is opened for seeks (open_plain_tar). Anything else (object storage, a
+    compressed shard) is read as a stream, which detects the compression and says what is wrong
+    with the rest. A stream whose first header is bad (it does not open) or zeroed (it opens as
+    an empty archive) is read again looking for its first good header; a file that is no tar at
+    all is read through once to find none."""
     if "://" not in uri:
-        tar = _opened(lambda: tarfile.open(uri, mode="r:", tarinfo=WatchedHeader))
+        try:
+            tar = open_plain_tar(uri)
+        except tarfile.ReadError:
+            tar = None
         if tar is not None:
             with tar:
-                yield read_past_bad_headers(tar)
+                yield tar
             return
     with _open(uri) as raw:
         tar = _opened(lambda: tarfile.open(fileobj=raw, mode="r|*", bufsize=STREAM_PIECE, tarinfo=WatchedHeader))
@@ -164,6 +193,18 @@ def open_tar(uri: str) -> Iterator[tarfile.TarFile]:
     with _open(uri) as raw, tarfile.open(fileobj=raw, mode="r|*", bufsize=STREAM_PIECE, tarinfo=WatchedHeader,
                                          ignore_zeros=True) as tar:
         yield tar
+
+
+def open_plain_tar(path: str) -> tarfile.TarFile:
+    """A local uncompressed shard opened for seeks, reading past damaged headers: each member is
+    one read of its own bytes, not pieces copied through a stream buffer and joined. ReadError
+    when it is no plain tar (compressed), or its first header is bad (open_tar reads it as a
+    stream from its first good header)."""
+    tar = tarfile.open(path, mode="r:", tarinfo=WatchedHeader)
+    if tar.firstmember is None:  # a zeroed first header reads as an empty archive: look past it
+        tar.close()  # it began with a zero block, so it is no compressed file: read as plain
+        tar = tarfile.open(path, mode="r:", tarinfo=WatchedHeader, ignore_zeros=True)
+    return read_past_bad_headers(tar)
 
 
 def _opened(open_tar_file) -> tarfile.TarFile | None:

@@ -301,7 +301,7 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
             for info in tar:
                 name = safe_text(info.name)
                 problems, skip = problems_before(tar, info)
-                if problems and current is not None and (skip or split_key(name)[0] != current.key):
+                if problems and current is not None and not skip and split_key(name)[0] != current.key:
                     yield current  # the sample before the damage, then the damage
                     current = None
                 yield from problems
