@@ -67,7 +67,7 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
-READER_VERSION = 2
+READER_VERSION = 3  # 3: shards are read past damaged member headers
 
 
 def options_fingerprint(options: dict) -> str:
