@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,7 +14,7 @@ from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, larg
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
-from udfs.ingest.ingest_unit import JOB, SUMMARY, ingest_units, kept_batches, options_fingerprint
+from udfs.ingest.ingest_unit import JOB, READER_VERSION, SUMMARY, ingest_units, kept_batches, options_fingerprint
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, member_key, resolve_inputs, safe_text
 
 
@@ -61,13 +62,16 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     units = plan_units(cfg, ws)
     ws.begin_job()
     done = {uid: info for uid, info in ws.done_units("ingest").items() if not info.get("retired")}
+    units, reread = read_damaged_again(units, done)
     replaced, removed = retire_stale_units(ws, done, units)
+    replaced -= reread
     pending = [u for u in units if unit_key(u) not in done]
     options = unit_options(cfg)
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
-          + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else ""),
+          + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else "")
+          + (f"; {reread} damaged shards read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
@@ -86,6 +90,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if replaced:
         summary.notes.append(f"replaced: {replaced} units whose files changed; {removed} images are no longer in "
                              "the inputs (errors rows of kind removed_from_input)")
+    if reread:
+        summary.notes.append(f"read again: {reread} damaged shards that an earlier version read with less "
+                             "recovered (their rows replaced)")
     out = summary.rows_out
     clips = f" + {out['clips']} clips ({out['frames']} frames)" if out.get("clips") else ""
     summary.notes.append(f"accounting: {out.get('images', 0) - out.get('frames', 0)} images{clips} + "
@@ -96,6 +103,26 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.release_hold("ingest")  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
+
+
+SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
+
+
+def read_damaged_again(units: list[Unit], done: dict[str, dict]) -> tuple[list[Unit], int]:
+    """The units to plan, with each shard that an older reader (READER_VERSION) found damaged
+    planned again under a key of its own (the reader in its stamp): the newer reader may recover
+    members the older lost, and the unit then replaces the old one as a changed shard does
+    (retire_stale_units). A shard read again once keeps that key. (units, shards read again now)"""
+    planned, reread = [], 0
+    for unit in units:
+        again = dataclasses.replace(unit, stamp=f"{unit.stamp}|reader{READER_VERSION}")
+        old = done.get(unit_key(unit))
+        if unit.kind == "tar" and (unit_key(again) in done or (
+                old and old.get("reader", 2) < READER_VERSION and SHARD_DAMAGE & set(old["error_kinds"]))):
+            reread += unit_key(again) not in done
+            unit = again
+        planned.append(unit)
+    return planned, reread
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) -> tuple[int, int]:

@@ -176,7 +176,8 @@ class UnitIngest:
             for name in info:
                 info[name] += marker["info"][name]
             kinds.update(marker["info"]["error_kinds"])
-        info.update(error_kinds=dict(kinds), seconds=round(info["seconds"], 4), input=self.unit.input)
+        info.update(error_kinds=dict(kinds), seconds=round(info["seconds"], 4), input=self.unit.input,
+                    reader=READER_VERSION)
         self.ws.commit_unit(JOB, self.uid, info, parts=dict(parts))
         self.ws.forget_batches(JOB, self.uid)
         return info
