@@ -61,10 +61,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     units = plan_units(cfg, ws)
     ws.begin_job()
-    done = {uid: info for uid, info in ws.done_units("ingest").items() if not info.get("retired")}
-    units, reread = read_damaged_again(units, done)
-    replaced, removed = retire_stale_units(ws, done, units)
-    replaced -= reread
+    markers = ws.done_units("ingest")
+    done = {uid: info for uid, info in markers.items() if not info.get("retired")}
+    units, reread, superseded = read_damaged_again(units, markers)
+    replaced, removed = retire_stale_units(ws, done, units, superseded)
     pending = [u for u in units if unit_key(u) not in done]
     options = unit_options(cfg)
     resumed = finished_samples(ws, units, pending, options)
@@ -108,27 +108,45 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
 
 
-def read_damaged_again(units: list[Unit], done: dict[str, dict]) -> tuple[list[Unit], int]:
+def read_damaged_again(units: list[Unit], markers: dict[str, dict]) -> tuple[list[Unit], int, set[str]]:
     """The units to plan, with each shard that an older reader (READER_VERSION) found damaged
-    planned again under a key of its own (the reader in its stamp): the newer reader may recover
-    members the older lost, and the unit then replaces the old one as a changed shard does
-    (retire_stale_units). A shard read again once keeps that key. (units, shards read again now)"""
-    planned, reread = [], 0
+    planned again under a key of its own (its stamp + `|reader<version>`): the newer reader may
+    recover members the older lost, and the unit replaces the old one as a changed shard does
+    (retire_stale_units). The decision is read from the markers, retired ones included, so that
+    a run killed after retiring the old unit plans the same key again. (units, shards read again,
+    the keys of the units they replace)"""
+    planned, reread, superseded = [], 0, set()
     for unit in units:
-        again = dataclasses.replace(unit, stamp=f"{unit.stamp}|reader{READER_VERSION}")
-        old = done.get(unit_key(unit))
-        if unit.kind == "tar" and (unit_key(again) in done or (
-                old and old.get("reader", 2) < READER_VERSION and SHARD_DAMAGE & set(old["error_kinds"]))):
-            reread += unit_key(again) not in done
-            unit = again
-        planned.append(unit)
-    return planned, reread
+        keyed = [unit] + [_read_by(unit, version) for version in range(3, READER_VERSION + 1)]
+        seen = [u for u in keyed if unit_key(u) in markers] if unit.kind == "tar" else []
+        if seen and _damaged_for_an_older_reader(markers[unit_key(seen[-1])]):
+            planned.append(keyed[-1])
+            reread += 1
+            superseded.add(unit_key(seen[-1]))
+        else:
+            planned.append(seen[-1] if seen else unit)
+    return planned, reread, superseded
 
 
-def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) -> tuple[int, int]:
+def _read_by(unit: Unit, version: int) -> Unit:
+    return dataclasses.replace(unit, stamp=f"{unit.stamp}|reader{version}")
+
+
+def _damaged_for_an_older_reader(marker: dict) -> bool:
+    """Whether a unit's marker says a reader older than READER_VERSION found its shard damaged
+    (a marker without `reader`: before 3; a marker retired for a new read keeps `damaged_reader`)."""
+    if marker.get("retired"):
+        return marker.get("damaged_reader", READER_VERSION) < READER_VERSION
+    return marker.get("reader", 2) < READER_VERSION and bool(SHARD_DAMAGE & set(marker.get("error_kinds", {})))
+
+
+def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()
+                       ) -> tuple[int, int]:
     """Retire the committed units of the inputs being ingested that are no longer in the plan (a
     folder chunk that gained or lost a file, a rewritten or deleted shard): their rows go, and
     each image that is not planned again gets a `removed_from_input` errors row. (units, images)
+    `superseded`: units whose shards a newer reader reads again (not counted; their retired
+    markers say so, for read_damaged_again).
 
     A retired unit's marker is rewritten to name only its removed_from_input part, so dropping
     its rows and reporting them is one step for readers (at the next publish) and for a rerun."""
@@ -142,7 +160,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
     planned = {f"{u.prefix}/{member_key(safe_text(os.path.relpath(f, u.uri)), u.kind)}"
                for u in units if u.kind == "folder" for f in u.files}
     shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
-    removed = 0
+    removed = rereads = 0
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
@@ -152,10 +170,13 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit]) 
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
         removed += len(gone)
-        ws.commit_unit("ingest", uid, {"retired": True, "input": done[uid].get("input")},
-                       parts={"errors": [f"removed-{uid}"]})
+        retired = {"retired": True, "input": done[uid].get("input")}
+        if uid in superseded:
+            retired["damaged_reader"] = done[uid].get("reader", 2)
+            rereads += 1
+        ws.commit_unit("ingest", uid, retired, parts={"errors": [f"removed-{uid}"]})
         done.pop(uid)
-    return len(stale), removed
+    return len(stale) - rereads, removed
 
 
 def _under(key: str, prefixes: set[str]) -> bool:
