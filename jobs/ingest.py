@@ -117,8 +117,11 @@ def read_damaged_again(units: list[Unit], markers: dict[str, dict]) -> tuple[lis
     the keys of the units they replace)"""
     planned, reread, superseded = [], 0, set()
     for unit in units:
+        if unit.kind != "tar":  # only shards are read past damage
+            planned.append(unit)
+            continue
         keyed = [unit] + [_read_by(unit, version) for version in range(3, READER_VERSION + 1)]
-        seen = [u for u in keyed if unit_key(u) in markers] if unit.kind == "tar" else []
+        seen = [u for u in keyed if unit_key(u) in markers]
         if seen and _damaged_for_an_older_reader(markers[unit_key(seen[-1])]):
             planned.append(keyed[-1])
             reread += 1

@@ -53,7 +53,7 @@ class WatchedHeader(tarfile.TarInfo):
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        watch = tar.__dict__.setdefault("booruset_watch", {"gap": None, "zero_at": None, "end": None})
+        watch = _watch(tar)
         try:
             return super().fromtarfile(tar)
         except tarfile.SubsequentHeaderError as exc:
@@ -79,6 +79,14 @@ class WatchedHeader(tarfile.TarInfo):
             raise
 
 
+def _watch(tar: tarfile.TarFile) -> dict:
+    """What WatchedHeader keeps on `tar`: the stretch being skipped (gap), the last zero block, the end."""
+    watch = tar.__dict__.get("booruset_watch")
+    if watch is None:
+        watch = tar.booruset_watch = {"gap": None, "zero_at": None, "end": None}  # type: ignore[attr-defined]
+    return watch
+
+
 LAST_BLOCKS = 8  # of a stretch skipped, kept to tell a cut name (a long name's header is 1-2 blocks)
 
 
@@ -97,9 +105,8 @@ def problems_before(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[list[P
     """(problems, skip the member) for the member `info` just read: the blocks skipped before it
     (a damaged header and the member it stood for), and `info` itself when its name was cut (its
     long-name header was among them)."""
-    watch = tar.__dict__.get("booruset_watch") or {}
-    gap = watch.get("gap")
-    watch["gap"] = None
+    watch = _watch(tar)
+    gap, watch["gap"] = watch["gap"], None
     if gap is None:
         return [], False
     why = gap["why"] or "a zeroed header"  # zero blocks alone inside an archive: an empty member's header, say
@@ -128,8 +135,8 @@ def _cut_name(name: str, skipped: list[bytes]) -> bool:
 def how_it_ended(tar: tarfile.TarFile) -> Problem | None:
     """The problem of a shard whose headers did not end with tar's end-of-archive blocks and only
     zeros after them, as a (member, kind, message) item; None for a whole shard."""
-    watch = tar.__dict__.get("booruset_watch") or {}
-    end, gap = watch.get("end"), watch.get("gap")
+    watch = _watch(tar)
+    end, gap = watch["end"], watch["gap"]
     if gap is not None and gap["why"] is not None:
         if not tar.members and gap["start"] == 0:
             return ("", "corrupt_shard", f"no tar member header anywhere in the file ({gap['why']} at byte 0): "
