@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -20,6 +21,7 @@ AWS = {"AWS_ACCESS_KEY_ID": "booruset-test", "AWS_SECRET_ACCESS_KEY": "booruset-
 # server): a port drawn by the OS is in the same range as the agent's 52365, and once was it,
 # which failed `ray start` ("... is trying to use a port number 52365 that is used by other components")
 RAY_DEFAULT_PORTS = {52365, 8265, 10001}
+SERVER_LOGS: dict[str, Path] = {}  # endpoint -> the server's log: one line per request it answered
 
 
 def free_port() -> int:
@@ -40,6 +42,7 @@ def s3_endpoint(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     endpoint = f"127.0.0.1:{port}"
+    SERVER_LOGS[endpoint] = log
     fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True,
                            access_key=AWS["AWS_ACCESS_KEY_ID"], secret_key=AWS["AWS_SECRET_ACCESS_KEY"])
     deadline = time.monotonic() + 60
@@ -55,6 +58,13 @@ def s3_endpoint(tmp_path_factory):
     yield endpoint
     server.kill()
     server.wait()
+
+
+def get_requests(endpoint: str, bucket_key: str) -> int:
+    """How many GETs of the object `bucket_key` the server at `endpoint` has answered so far (its
+    log line is written, line-buffered, as it starts the response)."""
+    log = SERVER_LOGS[endpoint].read_text(errors="replace")
+    return sum(log.count(f"GET /{bucket_key}{end}") for end in (" HTTP", "?"))
 
 
 def s3_filesystem(endpoint: str) -> pafs.S3FileSystem:

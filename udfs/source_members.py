@@ -11,7 +11,7 @@ Ingest records where each image member's header starts (images.member_offset). I
 reader seeks there, checks that the header names the member, and reads its bytes; only members
 without an offset (older workspaces, a header that no longer matches: the shard was rewritten) are
 looked for by walking the headers, and the walk stops when all are found. A shard on object
-storage is read as one stream from the first wanted member (ranged GETs of RANGE_PIECE).
+storage is read as one stream from the first wanted member (ranged GETs of OBJECT_PIECE).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from udfs.ingest.shard_tar import WatchedHeader, open_plain_tar, read_past_bad_headers
+from udfs.ingest.shard_tar import OBJECT_PIECE, WatchedHeader, open_plain_tar, read_past_bad_headers
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
@@ -55,16 +55,14 @@ def source_members(source: str, wanted: dict[str, int | None], max_member_bytes:
 def _ranged_stream(uri: str, start: int, names: set[str], max_member_bytes: int | None
                    ) -> Iterator[tuple[str, bytes]]:
     """The named members of a plain shard on object storage, read as one stream from `start` (a
-    member's header) in RANGE_PIECE reads, each one ranged GET: an export unit or a caption batch
+    member's header) in OBJECT_PIECE reads, each one ranged GET: an export unit or a caption batch
     reads its own span of the shard, not the shard up to it."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as raw:
         raw.seek(start)
-        with tarfile.open(fileobj=raw, mode="r|", bufsize=RANGE_PIECE, tarinfo=WatchedHeader) as tar:
+        with tarfile.open(fileobj=raw, mode="r|", bufsize=OBJECT_PIECE, tarinfo=WatchedHeader) as tar:
             yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
 
-
-RANGE_PIECE = 8 << 20  # object storage answers a GET in tens of ms: pieces of MBs, not tarfile's 10 KiB
 
 
 def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None

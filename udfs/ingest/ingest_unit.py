@@ -67,7 +67,7 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
-READER_VERSION = 3  # 3: shards are read past damaged member headers
+READER_VERSION = 4  # 3: shards are read past damaged member headers; 4: compressed shards read whole
 
 
 def options_fingerprint(options: dict) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from udfs.ingest.shard_tar import how_it_ended, open_tar, problems_before
+from udfs.ingest.shard_tar import READ_ERRORS, how_it_ended, open_tar, problems_before
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
 SIDECAR_EXTENSIONS = ("txt", "tags", "json", "caption")
@@ -194,9 +194,9 @@ def _stamp(*values: object) -> str:
     return hashlib.sha1(repr(values).encode()).hexdigest()[:16]
 
 
-# Shards in a folder of inputs: plain or compressed tars (read_unit reads them as a stream; tarfile
-# detects the compression). A compressed shard named as one input is read the same way.
-SHARD_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
+# Shards in a folder of inputs: plain or compressed tars (read_unit reads them as a stream,
+# decompressed as their first bytes say). A compressed shard named as one input is read the same way.
+SHARD_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz|tar\.zst|tzst)$")
 
 
 def _tar_unit(uri: str, input_id: str, rel: str, stamp: str, size: int) -> Unit:
@@ -327,7 +327,7 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 yield current
                 current = None
             yield ended
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except READ_ERRORS as exc:
         if current is not None:
             current.problems.append(("", "truncated_shard", f"shard ended early: {exc}"))
             yield current
