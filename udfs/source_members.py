@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
+from store.read_ahead import ReadAhead
 from udfs.ingest.shard_tar import OBJECT_PIECE, WatchedHeader, open_plain_tar, read_past_bad_headers
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
@@ -45,22 +46,25 @@ def source_members(source: str, wanted: dict[str, int | None], max_member_bytes:
             pass  # compressed (read_unit detects the format), or gone (it says so)
     if kind == "tar" and "://" in source and wanted and None not in wanted.values():
         try:  # what it finds leaves `left`
-            yield from _ranged_stream(source, min(wanted.values()), left, max_member_bytes)
+            yield from _ranged_stream(source, list(wanted.values()), left, max_member_bytes)
         except (tarfile.TarError, EOFError, OSError):
             pass  # compressed (the offsets are not the file's), unreachable: read_unit says which
     if left:
         yield from _read_unit_members(source, kind, left, max_member_bytes)
 
 
-def _ranged_stream(uri: str, start: int, names: set[str], max_member_bytes: int | None
+def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_bytes: int | None
                    ) -> Iterator[tuple[str, bytes]]:
-    """The named members of a plain shard on object storage, read as one stream from `start` (a
-    member's header) in OBJECT_PIECE reads, each one ranged GET: an export unit or a caption batch
-    reads its own span of the shard, not the shard up to it."""
+    """The named members of a plain shard on object storage, read as one stream from the first of
+    their headers' offsets (`wanted`) in OBJECT_PIECE reads, each one ranged GET: an export unit
+    or a caption batch reads its own span of the shard, not the shard up to it."""
     fs, path = pafs.FileSystem.from_uri(uri)
+    start = min(wanted)
     with fs.open_input_file(path) as raw:
         raw.seek(start)
-        with tarfile.open(fileobj=raw, mode="r|", bufsize=OBJECT_PIECE, tarinfo=WatchedHeader) as tar:
+        # ahead while the last wanted header is not yet fetched; the pieces after it only when asked for
+        with ReadAhead(raw, OBJECT_PIECE, ahead_until=max(wanted) - start + 1) as stream, \
+                tarfile.open(fileobj=stream, mode="r|", bufsize=OBJECT_PIECE, tarinfo=WatchedHeader) as tar:
             yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
 
 

@@ -30,11 +30,14 @@ from contextlib import ExitStack, closing, contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from store.read_ahead import ReadAhead
+
 BLOCK = tarfile.BLOCKSIZE
 NAME_FIELD = 100  # bytes of a tar header's name field: a longer name needs a pax or GNU long-name header first
 STREAM_PIECE = 1 << 16  # tarfile's default 10 KiB reads cost a third more (90 -> 55 ms for 100 MB)
 # Object storage answers a GET in tens of ms, and Arrow's S3 stream makes each read one ranged GET:
-# a shard there is read in pieces of MBs (tarfile's 64 KiB reads were 761 GETs for a 50 MB shard).
+# a shard there is read in pieces of MBs (tarfile's 64 KiB reads were 761 GETs for a 50 MB shard),
+# one ahead (store/read_ahead.py).
 OBJECT_PIECE = 8 << 20
 Problem = tuple[str, str, str]  # (member, kind, message): an errors row of the shard or of a member
 # What reading a shard may raise: tarfile's errors, a cut or damaged compressed stream (EOFError,
@@ -288,9 +291,11 @@ def _opened(open_tar_file) -> tarfile.TarFile | None:
 
 
 def _open(uri: str, piece: int | None):
-    """The file at `uri` as it is stored, read from object storage in `piece`s (None: as asked)."""
+    """The file at `uri` as it is stored, read from object storage in `piece`s, each fetched while
+    the one before is used (None: each read as asked)."""
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
         # compression=None: Arrow would otherwise decompress by the name's ending
-        return fs.open_input_stream(path, compression=None, buffer_size=piece)
+        raw = fs.open_input_stream(path, compression=None)
+        return ReadAhead(raw, piece) if piece else raw
     return open(uri, "rb")
