@@ -14,12 +14,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 class ReadAhead:
     """The bytes of `raw` (a stream: only its read() is used), fetched `piece` bytes at a time, the
-    next piece's read started as soon as the last one's bytes are taken. An error of a read is
-    raised by the read() that reaches its piece, after the bytes before it.
+    next piece's read started as soon as the last one's bytes are taken. A read that fails is
+    raised once the bytes before it are taken, and by every read after it (a stream with a gap
+    in it is no stream).
 
     `ahead_until`: read ahead only while fewer bytes than this have been fetched, then each piece
-    when it is asked for (a reader that needs a span: no GET for a piece it will not read, and no
-    wait for one when it closes). None: to the end."""
+    when it is asked for (a reader that needs a span: no GET for a piece it will not read). None:
+    to the end."""
 
     def __init__(self, raw, piece: int, ahead_until: int | None = None) -> None:
         self.raw, self.piece, self.ahead_until = raw, piece, ahead_until
@@ -27,11 +28,22 @@ class ReadAhead:
         self.next: Future | None = self.pool.submit(raw.read, piece)
         self.data, self.at = b"", 0
         self.fetched, self.ended, self.closed = 0, False, False
+        self.error: BaseException | None = None
 
-    def read(self, size: int = -1) -> bytes:
-        """`size` bytes (all that is left for a negative size), fewer only at the end."""
+    def read(self, size: int | None = -1) -> bytes:
+        """`size` bytes (all that is left for None or a negative size), fewer only at the end, or
+        before a read that failed (raised by the next call)."""
+        size = -1 if size is None else size
         parts = []
-        while size != 0 and self._fill():
+        while size != 0:
+            try:
+                if not self._fill():
+                    break
+            except Exception as exc:
+                self.error = exc
+                if not parts:
+                    raise
+                break
             end = len(self.data) if size < 0 else min(len(self.data), self.at + size)
             parts.append(self.data[self.at:end])
             size -= end - self.at if size > 0 else 0
@@ -42,6 +54,8 @@ class ReadAhead:
         """Whether bytes are left in the current piece, taking the next one when it is used up."""
         if self.at < len(self.data):
             return True
+        if self.error is not None:
+            raise self.error
         if self.ended:
             return False
         future, self.next = self.next or self.pool.submit(self.raw.read, self.piece), None
@@ -53,13 +67,17 @@ class ReadAhead:
         return not self.ended
 
     def close(self) -> None:
-        """Wait for a read in flight (a GET cannot be called back), then close `raw`."""
+        """Close `raw`, once a read in flight has ended (a GET cannot be called back): without
+        waiting for it, as a reader that stops early (it found what it wanted) has no use for it."""
         if self.closed:
             return
         self.closed = True
-        self.pool.shutdown(wait=True)
-        self.next = None
-        self.raw.close()
+        pending, self.next = self.next, None
+        self.pool.shutdown(wait=False)
+        if pending is None:
+            self.raw.close()
+        else:
+            pending.add_done_callback(lambda _: self.raw.close())  # at once when it has ended
 
     def __enter__(self) -> ReadAhead:
         return self

@@ -70,18 +70,37 @@ def test_no_piece_past_ahead_until_is_fetched_unless_asked_for():
     assert raw.closed
 
 
-def test_close_waits_for_a_fetch_in_flight_and_closes_the_stream():
+def test_after_a_failed_fetch_every_read_raises():
+    """A stream with a gap in it is no stream: no read goes on after the piece that failed."""
+    with ReadAhead(CountedStream(DATA, fail_at=3), PIECE) as stream:
+        assert stream.read(10) == DATA[:10]
+        assert stream.read(3 * PIECE) == DATA[10:2 * PIECE]  # the bytes before the failed piece first
+        for _ in range(2):
+            with pytest.raises(OSError, match="went away"):
+                stream.read(10)
+
+
+def test_read_none_reads_everything():
+    with ReadAhead(CountedStream(DATA), PIECE) as stream:
+        assert stream.read(None) == DATA
+
+
+def test_close_does_not_wait_for_a_fetch_in_flight_and_closes_the_stream_after_it():
     release = threading.Event()
 
     class SlowStream(CountedStream):
         def read(self, size: int = -1) -> bytes:
-            if self.reads == 1:
+            if self.reads == 1:  # the second piece's fetch
                 release.wait(10)
             return super().read(size)
 
     raw = SlowStream(DATA)
     stream = ReadAhead(raw, PIECE)
     assert stream.read(1) == DATA[:1]
-    threading.Timer(0.2, release.set).start()
     stream.close()
-    assert raw.closed and release.is_set()
+    assert not raw.closed  # its fetch is still under way
+    release.set()
+    deadline = time.monotonic() + 10
+    while not raw.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert raw.closed

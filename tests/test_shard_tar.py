@@ -239,6 +239,39 @@ def test_a_damaged_compressed_stream_keeps_what_came_before_and_says_so(tmp_path
     assert [x[1] for x in found if isinstance(x, tuple)] == ["corrupt_shard"]
 
 
+def pzstd_like(data: bytes) -> bytes:
+    """zstd frames each after a skippable frame (magic 0x184D2A50, little-endian), as pzstd writes."""
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"size"
+    return in_pieces(data, lambda piece: skippable + COMPRESSORS["zstd"](piece))
+
+
+def test_compressed_formats_are_told_by_their_whole_magic(tmp_path):
+    """pzstd's shards begin with a skippable frame; an .lzma file (xz's older format) is read as
+    tarfile reads it; a plain shard whose first member's name begins "BZh" is no bzip2 file (read
+    as a stream here: file://)."""
+    whole = [(f"k{i}", ["jpg", "txt"]) for i in range(10)]
+    renamed = [("BZh" + name, data) for name, data in BIG]
+    for name, data, keys in (("z.tar.zst", pzstd_like(tar_bytes(BIG)), whole),
+                             ("a.tar.lzma", lzma.compress(tar_bytes(BIG), format=lzma.FORMAT_ALONE), whole),
+                             ("b.tar", tar_bytes(renamed), [("BZh" + k, exts) for k, exts in whole])):
+        (tmp_path / name).write_bytes(data)
+        for uri in (str(tmp_path / name), (tmp_path / name).as_uri()):
+            assert [x if isinstance(x, tuple) else (x.key, sorted(x.members))
+                    for x in read_unit(Unit("tar", uri, "s"), 10**7)] == keys, uri
+
+
+def test_a_gzip_whose_check_fails_at_its_end_is_reported(tmp_path):
+    """gzip checks a member's CRC after its last byte, which for a .tar.gz comes after tar's end:
+    a byte changed inside a member's data is reported there."""
+    data = bytearray(gzip.compress(tar_bytes(BIG), compresslevel=0))  # stored: the byte reaches the member
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "s.tar.gz").write_bytes(bytes(data))
+    found = list(read_unit(Unit("tar", str(tmp_path / "s.tar.gz"), "s"), 10**7))
+    [(member, kind, message)] = [x for x in found if isinstance(x, tuple)]
+    assert kind == "corrupt_shard" and "CRC check failed" in message and "damaged" in message
+    assert [x.key for x in found[:-1]] == [f"k{i}" for i in range(10)]
+
+
 def test_a_gzip_member_whose_header_is_damaged_is_reported_with_the_rest(tmp_path):
     """Past a damaged member header the rest of a gzip cannot be read; ending there is said (the
     tar stream ends inside a member), unlike junk after the last member."""

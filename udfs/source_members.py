@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from store.read_ahead import ReadAhead
-from udfs.ingest.shard_tar import OBJECT_PIECE, WatchedHeader, open_plain_tar, read_past_bad_headers
+from udfs.ingest.shard_tar import OBJECT_PIECE, STREAM_PIECE, WatchedHeader, open_plain_tar, read_past_bad_headers
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
@@ -60,12 +60,14 @@ def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_byte
     or a caption batch reads its own span of the shard, not the shard up to it."""
     fs, path = pafs.FileSystem.from_uri(uri)
     start = min(wanted)
-    with fs.open_input_file(path) as raw:
-        raw.seek(start)
-        # ahead while the last wanted header is not yet fetched; the pieces after it only when asked for
-        with ReadAhead(raw, OBJECT_PIECE, ahead_until=max(wanted) - start + 1) as stream, \
-                tarfile.open(fileobj=stream, mode="r|", bufsize=OBJECT_PIECE, tarinfo=WatchedHeader) as tar:
-            yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
+    raw = fs.open_input_file(path)
+    raw.seek(start)  # only sets the position
+    # ReadAhead closes `raw`; it reads ahead while the last wanted header is not yet fetched, the
+    # pieces after it only when asked for. tarfile's buffer stays small: it copies what is left of
+    # it at each header read (8 MiB ones took 1.1 s for 2,000 members against 0.08 s).
+    with ReadAhead(raw, OBJECT_PIECE, ahead_until=max(wanted) - start + 1) as stream, \
+            tarfile.open(fileobj=stream, mode="r|", bufsize=STREAM_PIECE, tarinfo=WatchedHeader) as tar:
+        yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
 
 
 

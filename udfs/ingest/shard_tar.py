@@ -22,6 +22,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -43,15 +44,7 @@ Problem = tuple[str, str, str]  # (member, kind, message): an errors row of the 
 # What reading a shard may raise: tarfile's errors, a cut or damaged compressed stream (EOFError,
 # OSError; gzip's inflate raises zlib.error, xz's lzma.LZMAError) and a file that cannot be read.
 READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
-# A compressed shard's first bytes -> what reads all of it: Python's readers where it has one (they
-# read every member or stream, and gzip's takes the zero padding a tape or block writer adds
-# after the last member), Arrow's for zstd (in the standard library from Python 3.14 only).
-DECOMPRESSORS = {
-    b"\x1f\x8b": lambda raw: GzipMembers(raw),
-    b"BZh": bz2.BZ2File,
-    b"\xfd7zXZ\x00": lzma.LZMAFile,
-    b"\x28\xb5\x2f\xfd": lambda raw: pa.CompressedInputStream(raw, "zstd"),
-}
+HEAD = 10  # bytes of a shard that tell its compression (bzip2's magic is the longest)
 
 
 def read_past_bad_headers(tar: tarfile.TarFile) -> tarfile.TarFile:
@@ -169,7 +162,14 @@ def how_it_ended(tar: tarfile.TarFile) -> Problem | None:
         return ("", "corrupt_shard", f"bad member header at byte {gap['start']} ({gap['why']}) and no good header "
                                      "after it: the members from there on are lost")
     if end == "end-of-archive":
-        after = _data_after(tar.fileobj)
+        try:
+            after = _data_after(tar.fileobj)
+        except EOFError:
+            return None  # a compressed stream cut inside the padding after the end: the members were whole
+        except READ_ERRORS as exc:  # gzip checks a member's CRC only after its last byte: here, at the end
+            return ("", "corrupt_shard", f"reading on after tar's end-of-archive blocks failed ({type(exc).__name__}: "
+                                         f"{exc}): a compressed shard's check came out wrong, some member's bytes "
+                                         "are damaged")
         if after is None:
             return None
         return ("", "corrupt_shard", f"tar's end-of-archive blocks at byte {tar.offset - BLOCK}, then data again from "
@@ -188,14 +188,11 @@ def _data_after(fileobj) -> int | None:
     """Where the first byte other than zero lies from the file's position on, None when there is
     none: past tar's end-of-archive blocks come only zeros (a record's padding), normally."""
     position = fileobj.tell()
-    try:
-        while piece := fileobj.read(1 << 20):
-            data = piece.lstrip(b"\0")
-            if data:
-                return position + len(piece) - len(data)
-            position += len(piece)
-    except READ_ERRORS:
-        return None  # a compressed stream cut inside the padding, or junk after it: the members were whole
+    while piece := fileobj.read(1 << 20):
+        data = piece.lstrip(b"\0")
+        if data:
+            return position + len(piece) - len(data)
+        position += len(piece)
     return None
 
 
@@ -227,6 +224,24 @@ def open_tar(uri: str) -> Iterator[tarfile.TarFile]:
         yield tar
 
 
+def decompressor(head: bytes):
+    """What reads all of a shard that begins with `head` (its first HEAD bytes); None for one that
+    is no compressed file. Python's readers where it has one: they read every gzip member or bz2
+    and xz stream, and gzip's takes the zero padding a tape or block writer adds after the last
+    member. Arrow's for zstd (in the standard library from Python 3.14 only), which also skips the
+    skippable frames pzstd writes before each frame. The magics are tarfile's, whole: a plain tar
+    whose first name begins "BZh" is no bzip2 file."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return GzipMembers
+    if re.match(rb"BZh[1-9]1AY&SY", head):
+        return bz2.BZ2File
+    if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):  # xz, and the older .lzma
+        return lzma.LZMAFile
+    if head.startswith(b"\x28\xb5\x2f\xfd") or re.match(rb"[\x50-\x5f]\x2a\x4d\x18", head):
+        return lambda raw: pa.CompressedInputStream(raw, "zstd")
+    return None
+
+
 class GzipMembers:
     """Python's gzip reader over every member of a shard, ending where what follows a member is no
     gzip (junk after the last one; as its bz2 and xz readers end) rather than raising there and
@@ -255,11 +270,11 @@ class GzipMembers:
 
 @contextmanager
 def tar_stream(uri: str) -> Iterator:
-    """The bytes of the shard at `uri` as a tar stream: decompressed (DECOMPRESSORS) when its
-    first bytes are a compressed format's magic, as they are."""
+    """The bytes of the shard at `uri` as a tar stream: decompressed when its first bytes are a
+    compressed format's magic (decompressor), as they are."""
     with _open(uri, piece=None) as raw:
-        magic = raw.read(6)
-    decompress = next((make for start, make in DECOMPRESSORS.items() if magic.startswith(start)), None)
+        head = raw.read(HEAD)
+    decompress = decompressor(head)
     with ExitStack() as opened:
         stream = opened.enter_context(_open(uri, piece=OBJECT_PIECE))
         yield opened.enter_context(closing(decompress(stream))) if decompress else stream
