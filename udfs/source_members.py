@@ -70,7 +70,6 @@ def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_byte
         yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
 
 
-
 def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None
                        ) -> Iterator[tuple[str, bytes]]:
     files = [member_path(source, m) for m in names] if kind == "folder" else []

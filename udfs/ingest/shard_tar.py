@@ -168,8 +168,8 @@ def how_it_ended(tar: tarfile.TarFile) -> Problem | None:
             return None  # a compressed stream cut inside the padding after the end: the members were whole
         except READ_ERRORS as exc:  # gzip checks a member's CRC only after its last byte: here, at the end
             return ("", "corrupt_shard", f"reading on after tar's end-of-archive blocks failed ({type(exc).__name__}: "
-                                         f"{exc}): a compressed shard's check came out wrong, some member's bytes "
-                                         "are damaged")
+                                         f"{exc}): where a compressed shard's check came out wrong, some member's "
+                                         "bytes are damaged")
         if after is None:
             return None
         return ("", "corrupt_shard", f"tar's end-of-archive blocks at byte {tar.offset - BLOCK}, then data again from "
@@ -253,6 +253,7 @@ class GzipMembers:
         self.gz, self.started = gzip.GzipFile(fileobj=raw, mode="rb"), False
 
     def read(self, size: int = -1) -> bytes:
+        """At most `size` bytes (a piece for -1), b"" only at the end: what tarfile's stream asks."""
         try:
             data = self.gz.read1(size)
         except gzip.BadGzipFile as exc:
