@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
@@ -13,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 from hostile_data import EXPECTED, encode, hostile_members, picture, write_tar
 from s3_server import AWS, s3_filesystem
@@ -255,8 +257,9 @@ def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):
 
 
 def test_compressed_shards_in_a_folder_are_shards(tmp_path):
-    """A folder of inputs may hold .tar.gz / .tgz / .tar.xz shards beside plain ones: each is read
-    as a shard (not passed over as a stray file), its keys named without the suffix."""
+    """A folder of inputs may hold .tar.gz / .tgz / .tar.xz / .tar.bz2 / .tar.zst shards beside plain
+    ones (each written in pieces: bgzip, pbzip2, pzstd): each is read as a shard (not passed over
+    as a stray file), whole, its keys named without the suffix."""
     members = [(f"s{i}.{ext}", data) for i in range(2)
                for ext, data in (("png", encode(picture(seed=i), "PNG")), ("txt", f"1girl, tag{i}".encode()))]
     folder = tmp_path / "in"
@@ -265,8 +268,13 @@ def test_compressed_shards_in_a_folder_are_shards(tmp_path):
     (folder / "b.tar.gz").write_bytes(gzip.compress(plain))
     (folder / "c.tgz").write_bytes(gzip.compress(plain))
     (folder / "d.tar.xz").write_bytes(lzma.compress(plain))
+    half = len(plain) // 2  # two pieces: a reader of the first alone would lose members
+    zstd = pa.Codec("zstd")
+    for name, compress in (("e.tar.bz2", bz2.compress), ("f.tar.zst", lambda b: zstd.compress(b, asbytes=True)),
+                           ("g.tar.gz", gzip.compress)):
+        (folder / name).write_bytes(compress(plain[:half]) + compress(plain[half:]))
     _, ws = run_ingest(tmp_path, [str(folder)])
-    assert sorted(ws.read_table("images")["key"].to_pylist()) == [f"in/{s}/s{i}" for s in "abcd" for i in range(2)]
+    assert sorted(ws.read_table("images")["key"].to_pylist()) == [f"in/{s}/s{i}" for s in "abcdefg" for i in range(2)]
     assert ws.read_table("errors").num_rows == 0
 
 
