@@ -37,7 +37,7 @@ def image_bytes(source: str, member: str, offset: int | None = None) -> bytes | 
     """The stored bytes of one image, None when its source no longer has it. offset: where its
     header starts in its shard (images.member_offset), read with one seek; without it, from the
     shard's index (a plain local shard) or a read of the shard (compressed, on object storage)."""
-    if source_kind(source) == "folder":
+    if source_kind(source) == "folder" and "://" not in source:  # on object storage: source_members below
         path = Path(member_path(source, member)).resolve()  # a name that is not UTF-8: its bytes put back
         if not path.is_relative_to(Path(source).resolve()) or not path.is_file():
             return None

@@ -321,15 +321,40 @@ def test_uri_and_brace_inputs(tmp_path):
     assert summary.rows_out["images"] == 3
 
 
-def test_a_uri_folder_of_images_without_shards_is_refused_at_once(tmp_path):
-    """Folders of images are read from local disks: one on object storage (file:// stands in) is
-    a config error naming it, not a run that ingests nothing."""
-    from jobs.config import ConfigError
+def a_folder_of_images(folder: Path) -> Path:
+    """Loose images with sidecars, in a subfolder too, one name with a space and one with two dots."""
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a", "b c", "sub/d", "yande.re 5"]):
+        picture(seed=i).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"1girl, tag{i}")
+    (folder / "sub" / "e.jpg").write_bytes(encode(picture(seed=9), "JPEG"))
+    (folder / "notes.md").write_text("not a sample")
+    return folder
 
-    (tmp_path / "pictures").mkdir()
-    picture(seed=1).save(tmp_path / "pictures" / "a.png")
-    with pytest.raises(ConfigError, match="no shards .* under file://.*pictures"):
-        run_ingest(tmp_path, [f"file://{tmp_path}/pictures"])
+
+def test_a_uri_folder_of_images_is_read_as_the_folder_on_disk(tmp_path):
+    """A folder of images on object storage (file:// stands in; S3 below) is read as folder units:
+    the same keys, bytes and tags as the folder read from disk, and a changed file redoes only
+    its unit."""
+    folder = a_folder_of_images(tmp_path / "pictures")
+    tables = {}
+    for side, spec in (("disk", str(folder)), ("uri", folder.as_uri())):
+        _, ws = run_ingest(tmp_path / side, [spec], "ingest.folder_unit_size=2")
+        con = ws.connect()
+        tables[side] = [con.execute(f"select * exclude (source) from {t} order by all").fetchall()
+                        for t in ("images", "errors")]
+        tables[side].append(con.execute("select * from source_tags order by all").fetchall())
+        sources = {row[0] for row in con.execute("select distinct source from images").fetchall()}
+        assert sources == ({str(folder)} if side == "disk" else {folder.as_uri() + "/"}), side
+    assert tables["uri"] == tables["disk"]
+    images = tables["uri"][0]
+    assert len(images) == 5 and any("yande.re 5" in str(row) for row in images)
+    assert [row[3] for row in tables["uri"][1]] == ["no_image"]  # notes.md, as on disk
+
+    picture(seed=7).save(folder / "a.png")  # changed: its unit alone is read again
+    summary, ws = run_ingest(tmp_path / "uri", [folder.as_uri()], "ingest.folder_unit_size=2")
+    assert summary.units_done == 1 and summary.units_skipped >= 1 and summary.rows_out["images"] == 5
+    assert ws.connect().execute("select count(*) from images").fetchone()[0] == 5
 
 
 def test_input_ids_leave_out_a_uris_query_and_keep_the_ones_registered_with_it():
@@ -653,6 +678,52 @@ def test_a_folder_of_shards_on_s3_is_ingested_and_exported_as_the_same_folder_on
         assert s3_meta.pop("source")["source"] == uri.split("?")[0] + "/" + name.split("__")[1] + ".tar"
         assert disk_meta.pop("source")["source"] == str(local / name.split("__")[1]) + ".tar"
         assert s3_meta == disk_meta
+
+
+def test_a_folder_of_images_on_s3_is_ingested_and_exported_as_the_same_folder_on_disk(tmp_path, s3_endpoint,
+                                                                                       monkeypatch):
+    """Loose images and sidecars in an S3 folder (moto on loopback): folder units read with the
+    input's endpoint, several objects fetched at once; the same rows and exported files as the
+    folder on disk; the review page and export read the images back from S3."""
+    from jobs import curate, export
+    from review.image_bytes import image_bytes
+    from tests.export_data import base_config
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    local = a_folder_of_images(tmp_path / "pics")
+    fs = s3_filesystem(s3_endpoint)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with fs.open_output_stream(f"ws-bucket/folder-test/pics/{path.relative_to(local)}", compression=None) as out:
+            out.write(path.read_bytes())
+    uri = f"s3://ws-bucket/folder-test/pics?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    results = {}
+    for side, inputs in (("s3", uri), ("disk", str(local))):
+        cfg = base_config(tmp_path / side, f'ingest.inputs=["{inputs}"]', "ingest.folder_unit_size=2",
+                          "export.drop_duplicates=false")
+        ws = Workspace(str(tmp_path / side))
+        for job in (ingest, curate, export):
+            job.run(cfg, ws)
+        con = ws.connect()
+        images = con.execute("select key, sha256, phash, member, source from images order by key").fetchall()
+        errors = con.execute("select key, member, kind from errors order by all").fetchall()
+        results[side] = (images, errors, exported_members(tmp_path / side / "export"))
+    (s3_images, s3_errors, s3_exported), (disk_images, disk_errors, disk_exported) = results["s3"], results["disk"]
+    assert len(s3_images) == len(disk_images) == 5
+    assert [row[:4] for row in s3_images] == [row[:4] for row in disk_images] and s3_errors == disk_errors
+    folder_uri = uri.split("?")[0] + "/?" + uri.split("?")[1]
+    assert {row[4] for row in s3_images} == {folder_uri}
+    assert s3_exported.keys() == disk_exported.keys() and len(s3_exported) > len(s3_images)
+    for name, data in s3_exported.items():
+        if not name.endswith(".json"):
+            assert data == disk_exported[name], name
+            continue
+        s3_meta, disk_meta = json.loads(data), json.loads(disk_exported[name])
+        assert s3_meta.pop("source")["source"] == uri.split("?")[0] + "/"
+        assert disk_meta.pop("source")["source"] == str(local)
+        assert s3_meta == disk_meta
+    key, _, _, member, source = s3_images[0]
+    assert image_bytes(source, member) == (local / member).read_bytes()
 
 
 def exported_members(folder: Path) -> dict[str, bytes]:

@@ -371,3 +371,15 @@ def test_a_batch_that_keeps_no_frames_removes_the_tar_of_a_run_that_did(tmp_path
     assert Path(store.path).exists()
     FrameStore(ws, "u-b00000").close()
     assert not Path(store.path).exists()
+
+
+def test_a_clip_folder_on_object_storage_gives_the_clips_of_the_folder_on_disk(tmp_path, ray_local):
+    """file:// stands in for object storage, where a video is read whole (on disk it is streamed
+    from its file): the same clips, frames and errors."""
+    folder = make_clip_folder(tmp_path / "in")
+    _, disk = run_ingest(folder, tmp_path / "disk")
+    _, uri = run_ingest(folder.as_uri(), tmp_path / "uri")
+    for table, columns in (("clips", "key, frames_kept, slices, fps, codec, format"),
+                           ("images", "key, sha256, phash, clip, frame"), ("errors", "key, member, kind, dropped")):
+        rows = [ws.connect().execute(f"select {columns} from {table} order by all").fetchall() for ws in (disk, uri)]
+        assert rows[0] == rows[1] and rows[0], table

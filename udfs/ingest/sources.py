@@ -12,7 +12,9 @@ import os
 import re
 import stat
 import tarfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,15 +65,21 @@ def safe_text(name: str) -> str:
 
 def source_kind(source: str) -> str:
     """"folder" or "tar": how ingest read the images of `source` (images.source). Folder units
-    come only from local directories; every other input is read as a shard, whatever its name
-    (.tar, .tar.gz, an object on storage). Not from the name's ending: a `.tar.gz` shard taken
-    for a folder had every image missing in export."""
-    return "folder" if "://" not in source and os.path.isdir(source) else "tar"
+    come from local directories and, on object storage, have a URI whose path ends with "/"
+    (_object_units); every other input is read as a shard, whatever its name (.tar, .tar.gz, an
+    object on storage). Not from the name's ending: a `.tar.gz` shard taken for a folder had
+    every image missing in export."""
+    if "://" in source:
+        return "folder" if input_location(source).endswith("/") else "tar"
+    return "folder" if os.path.isdir(source) else "tar"
 
 
 def member_path(folder: str, member: str) -> str:
     """The file of a folder's member as the tables name it: safe_text's form writes a name's
-    undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back."""
+    undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back.
+    On object storage, the object's URI without the folder's query (read with the folder's)."""
+    if "://" in folder:
+        return input_location(folder) + member
     path = os.path.join(folder, member)
     if "\\x" in member and "://" not in folder and not os.path.lexists(path):
         raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
@@ -166,28 +174,36 @@ def discover_units(inputs: list[str], folder_unit_size: int, ids: dict[str, str]
 
 def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
     if "://" in path:
-        fs, local = pafs.FileSystem.from_uri(path)
-        info = fs.get_file_info(local)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"input not found: {path}")
-        if info.type == pafs.FileType.Directory:
-            files = fs.get_file_info(pafs.FileSelector(local, recursive=True))
-            scheme, query = path.split("://", 1)[0], path[len(input_location(path)):]
-            tars = sorted((f for f in files if f.type == pafs.FileType.File and SHARD_NAME.search(f.path)),
-                          key=lambda f: f.path)
-            if not tars and any(f.type == pafs.FileType.File for f in files):
-                # a folder of images on object storage: not read (folders are read from local
-                # disks); said at once rather than a run that ingests nothing
-                raise FileNotFoundError(f"no shards (.tar, .tar.gz, ...) under {input_location(path)}: "
-                                        "folders of images are read from a local disk or mount")
-            # each shard's URI keeps the input's query: the endpoint and options it is read with
-            return [_tar_unit(f"{scheme}://{f.path}{query}", input_id, os.path.relpath(f.path, local),
-                              _stamp(f.size, f.mtime_ns), f.size) for f in tars]
-        return [_tar_unit(path, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
+        return _object_units(path, input_id, folder_unit_size)
     if os.path.isdir(path):
         return _dir_units(Path(path), input_id, folder_unit_size)
     st = os.stat(path)
     return [_tar_unit(path, input_id, "", _stamp(st.st_size, st.st_mtime_ns), st.st_size)]
+
+
+def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
+    """The units of an input on object storage: a shard, or a folder's shards and its loose files
+    in folder units, as a local folder's (_dir_units). Each shard's URI keeps the input's query
+    (the endpoint and options it is read with); a folder unit's URI is the folder's with a
+    trailing "/" (how source_kind tells it from a shard), its files URIs without the query."""
+    fs, local = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(local)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {uri}")
+    if info.type != pafs.FileType.Directory:
+        return [_tar_unit(uri, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
+    scheme, query = uri.split("://", 1)[0], uri[len(input_location(uri)):]
+    top = local.rstrip("/")
+    listed = sorted((f for f in fs.get_file_info(pafs.FileSelector(top, recursive=True))
+                     if f.type == pafs.FileType.File), key=lambda f: f.path)
+    units, loose = [], []
+    for f in listed:
+        rel = f.path[len(top) + 1:]
+        if SHARD_NAME.search(f.path):
+            units.append(_tar_unit(f"{scheme}://{f.path}{query}", input_id, rel, _stamp(f.size, f.mtime_ns), f.size))
+        else:
+            loose.append((f"{scheme}://{f.path}", rel, f.size, f"{f.size}-{f.mtime_ns}"))
+    return units + _folder_units(f"{scheme}://{top}/{query}", input_id, loose, folder_unit_size)
 
 
 def _stamp(*values: object) -> str:
@@ -229,18 +245,26 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     for tar, rel in tars:
         size, stamp = _file_stat(tar)
         units.append(_tar_unit(tar, input_id, rel, stamp, size))
-    by_key: dict[str, list[tuple[str, str]]] = {}  # a sample's files stay in one chunk
-    for full, rel in loose:
-        by_key.setdefault(split_folder_name(rel)[0], []).append((full, rel))
-    clips = sorted(k for k, files in by_key.items() if any(_is_video(rel) for _, rel in files))
+    return units + _folder_units(top, input_id, [(full, rel, *_file_stat(full)) for full, rel in loose],
+                                 folder_unit_size)
+
+
+def _folder_units(top: str, input_id: str, files: list[tuple[str, str, int, str]], folder_unit_size: int
+                  ) -> list[Unit]:
+    """Folder units of a folder's loose `files` (full path or URI, path in the folder, bytes,
+    stamp): content-defined chunks of the sorted sample keys, a video a unit of its own."""
+    by_key: dict[str, list[tuple[str, str, int, str]]] = {}  # a sample's files stay in one chunk
+    for file in files:
+        by_key.setdefault(split_folder_name(file[1])[0], []).append(file)
+    clips = sorted(k for k, group in by_key.items() if any(_is_video(rel) for _, rel, _, _ in group))
     chunks = [[k] for k in clips]  # a video is a unit of its own: a kill mid-episode redoes only it
     chunks += content_defined_chunks(sorted(set(by_key) - set(clips)), folder_unit_size)
+    units = []
     for chunk in chunks:
-        files = [f for k in chunk for f in by_key[k]]
-        stats = [_file_stat(full) for full, _ in files]
-        units.append(Unit("folder", top, input_id, [full for full, _ in files], input=input_id,
-                          stamp=_stamp(*[(rel, stamp) for (_, rel), (_, stamp) in zip(files, stats, strict=True)]),
-                          size=sum(size for size, _ in stats)))
+        group = [f for k in chunk for f in by_key[k]]
+        units.append(Unit("folder", top, input_id, [full for full, _, _, _ in group], input=input_id,
+                          stamp=_stamp(*[(rel, stamp) for _, rel, _, stamp in group]),
+                          size=sum(size for _, _, size, _ in group)))
     return units
 
 
@@ -353,6 +377,9 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
                  ) -> Iterator[Sample | tuple[str, str, str]]:
     """A folder chunk's samples: its files grouped by key first (names only), then each sample's
     bytes read as it is yielded, so that only one sample's bytes are in memory at a time."""
+    if "://" in unit.uri:
+        yield from _read_object_folder(unit, max_member_bytes)
+        return
     root = unit.uri
     entries: dict[str, list[tuple[str, str, OSError | None]]] = {}  # key -> (name, path, lstat error)
     for full in unit.files:
@@ -382,6 +409,41 @@ def _folder_sample(key: str, files: list[tuple[str, str, OSError | None]], max_m
                 sample.members[ext], sample.member_names[ext], sample.paths[ext] = b"", rel, full
                 continue
             _add_member(sample, ext, rel, os.path.getsize(full), max_member_bytes, lambda f=full: Path(f).read_bytes())
+        except OSError as exc:
+            sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
+    return sample
+
+
+# Samples of a folder on object storage fetched ahead of the one being read: each object is a GET
+# of its own (tens of ms, where probing an image takes a few), so several are under way at once.
+OBJECT_SAMPLES_AHEAD = 8
+
+
+def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
+    """A folder chunk's samples on object storage, in key order, up to OBJECT_SAMPLES_AHEAD of
+    them fetched at once. No links, FIFOs or devices there: every listed object is a file."""
+    fs, _ = pafs.FileSystem.from_uri(unit.uri)
+    root = input_location(unit.uri)
+    entries: dict[str, list[tuple[str, str]]] = {}  # key -> (name in the folder, path in the store)
+    for full in unit.files:
+        rel = full[len(root):]
+        entries.setdefault(split_folder_name(rel)[0], []).append((rel, full.split("://", 1)[1]))
+    with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
+        pending: deque = deque()
+        for key, files in entries.items():
+            pending.append(pool.submit(_object_sample, fs, key, files, max_member_bytes))
+            if len(pending) >= OBJECT_SAMPLES_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], max_member_bytes: int) -> Sample:
+    sample = Sample(key, {}, {})
+    for rel, path in files:
+        try:
+            with fs.open_input_file(path) as f:
+                _add_member(sample, split_folder_name(rel)[1], rel, f.size(), max_member_bytes, f.read)
         except OSError as exc:
             sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     return sample
