@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import ray
@@ -15,7 +14,7 @@ from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts, unit_id
 from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import JOB, READER_VERSION, SUMMARY, ingest_units, kept_batches, options_fingerprint
-from udfs.ingest.sources import Unit, assign_input_ids, discover_units, member_key, resolve_inputs, safe_text
+from udfs.ingest.sources import Unit, assign_input_ids, discover_units, folder_member, member_key, resolve_inputs
 
 
 def input_specs(cfg: Config) -> list[str]:
@@ -160,7 +159,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
         return 0, 0
     ws.hold_publishing("ingest")
     # the keys of every planned folder file (as ingest names them): only when units went stale
-    planned = {f"{u.prefix}/{member_key(safe_text(os.path.relpath(f, u.uri)), u.kind)}"
+    planned = {f"{u.prefix}/{member_key(folder_member(u.uri, f), u.kind)}"
                for u in units if u.kind == "folder" for f in u.files}
     shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
     removed = rereads = 0

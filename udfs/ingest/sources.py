@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
@@ -72,6 +73,14 @@ def source_kind(source: str) -> str:
     if "://" in source:
         return "folder" if input_location(source).endswith("/") else "tar"
     return "folder" if os.path.isdir(source) else "tar"
+
+
+def folder_member(folder: str, file: str) -> str:
+    """The member name (images.member) of a file of a folder unit: its path in the folder. On
+    object storage a unit's files are the folder's URI (without its query) and the name."""
+    if "://" in folder:
+        return file[len(input_location(folder)):]
+    return safe_text(os.path.relpath(file, folder))
 
 
 def member_path(folder: str, member: str) -> str:
@@ -190,20 +199,29 @@ def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
     info = fs.get_file_info(local)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input not found: {uri}")
-    if info.type != pafs.FileType.Directory:
-        return [_tar_unit(uri, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
     scheme, query = uri.split("://", 1)[0], uri[len(input_location(uri)):]
+    if info.type != pafs.FileType.Directory:  # a shard, never with a "/" after it: that says folder
+        shard = f"{input_location(uri).rstrip('/')}{query}"
+        return [_tar_unit(shard, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
     top = local.rstrip("/")
     listed = sorted((f for f in fs.get_file_info(pafs.FileSelector(top, recursive=True))
                      if f.type == pafs.FileType.File), key=lambda f: f.path)
+    folder = f"{scheme}://{uri_path(top)}/"
     units, loose = [], []
     for f in listed:
         rel = f.path[len(top) + 1:]
         if SHARD_NAME.search(f.path):
-            units.append(_tar_unit(f"{scheme}://{f.path}{query}", input_id, rel, _stamp(f.size, f.mtime_ns), f.size))
+            units.append(_tar_unit(f"{folder}{uri_path(rel)}{query}", input_id, rel, _stamp(f.size, f.mtime_ns),
+                                   f.size))
         else:
-            loose.append((f"{scheme}://{f.path}", rel, f.size, f"{f.size}-{f.mtime_ns}"))
-    return units + _folder_units(f"{scheme}://{top}/{query}", input_id, loose, folder_unit_size)
+            loose.append((f"{folder}{rel}", rel, f.size, f"{f.size}-{f.mtime_ns}"))
+    return units + _folder_units(f"{folder}{query}", input_id, loose, folder_unit_size)
+
+
+def uri_path(path: str) -> str:
+    """A listed path as a URI's path: what the URI syntax does not allow (a space, "#", "?", "%",
+    letters beyond ASCII) percent-encoded, as pyarrow's from_uri decodes it."""
+    return quote(path, safe="/!$&'()*+,;=:@~")
 
 
 def _stamp(*values: object) -> str:
@@ -383,7 +401,7 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
     root = unit.uri
     entries: dict[str, list[tuple[str, str, OSError | None]]] = {}  # key -> (name, path, lstat error)
     for full in unit.files:
-        rel = safe_text(os.path.relpath(full, root))
+        rel = folder_member(root, full)
         try:
             refusal = _refusal(full, root, links_leave_input)
         except OSError as exc:
@@ -421,13 +439,13 @@ OBJECT_SAMPLES_AHEAD = 8
 
 def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
     """A folder chunk's samples on object storage, in key order, up to OBJECT_SAMPLES_AHEAD of
-    them fetched at once. No links, FIFOs or devices there: every listed object is a file."""
-    fs, _ = pafs.FileSystem.from_uri(unit.uri)
-    root = input_location(unit.uri)
+    them fetched at once (so up to that many samples' bytes in memory, plus the one read). No
+    links, FIFOs or devices there: every listed object is a file."""
+    fs, top = pafs.FileSystem.from_uri(unit.uri)
     entries: dict[str, list[tuple[str, str]]] = {}  # key -> (name in the folder, path in the store)
     for full in unit.files:
-        rel = full[len(root):]
-        entries.setdefault(split_folder_name(rel)[0], []).append((rel, full.split("://", 1)[1]))
+        rel = folder_member(unit.uri, full)
+        entries.setdefault(split_folder_name(rel)[0], []).append((rel, f"{top.rstrip('/')}/{rel}"))
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
         pending: deque = deque()
         for key, files in entries.items():
@@ -444,7 +462,7 @@ def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], 
         try:
             with fs.open_input_file(path) as f:
                 _add_member(sample, split_folder_name(rel)[1], rel, f.size(), max_member_bytes, f.read)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a key pyarrow refuses as a path (`a//b.png`)
             sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     return sample
 
