@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from s3_server import AWS, free_port  # noqa: E402
+from s3_server import AWS, s3_filesystem, start_moto  # noqa: E402
 
 from bench.ingest import cached_shards  # noqa: E402
 from bench.results import alternated, result  # noqa: E402
@@ -52,22 +51,8 @@ MAX_PIXELS = 178956970
 
 
 def start_server(log: Path) -> tuple[subprocess.Popen, pafs.S3FileSystem, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)
-    endpoint = f"127.0.0.1:{port}"
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True,
-                           access_key=AWS["AWS_ACCESS_KEY_ID"], secret_key=AWS["AWS_SECRET_ACCESS_KEY"])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            fs.create_dir("bench-bucket")
-            return server, fs, endpoint
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.5)
+    server, endpoint = start_moto(log, "bench-bucket")
+    return server, s3_filesystem(endpoint), endpoint
 
 
 def probe(data: bytes) -> None:
@@ -129,17 +114,6 @@ def buffered_loop(fs: pafs.S3FileSystem, paths: list[str]) -> int:
     return images
 
 
-def cpu_seconds(sides: dict, rounds: int) -> dict[str, float]:
-    """Median CPU seconds of this process (all its threads) of each side, alternated."""
-    spent: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, side in sides.items():
-            started = time.process_time()
-            side()
-            spent[name].append(time.process_time() - started)
-    return {name: statistics.median(values) for name, values in spent.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -169,8 +143,8 @@ def main() -> None:
                               "s3 folder": lambda: probe_units(s3_folder),
                               "disk folder": lambda: probe_units(disk_folder),
                               "s3 folder, 1 at a time": lambda: one_at_a_time(s3_folder)}, args.repeats)
-        cpu = cpu_seconds({"s3 folder": lambda: probe_units(s3_folder),
-                           "disk folder": lambda: probe_units(disk_folder)}, args.repeats)
+        cpu = alternated({"s3 folder": lambda: probe_units(s3_folder), "disk folder": lambda: probe_units(disk_folder)},
+                         args.repeats, clock=time.process_time)  # this process's CPU, all its threads
     finally:
         server.kill()
     images = counts.pop()

@@ -34,11 +34,10 @@ def free_port() -> int:
             return port
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """host:port of a moto S3 server process with a bucket `ws-bucket`."""
+def start_moto(log: Path, bucket: str) -> tuple[subprocess.Popen, str]:
+    """(the process, host:port) of a moto S3 server on loopback with `bucket`, logging to `log`
+    (one line per request); RuntimeError when it does not come up within a minute."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     endpoint = f"127.0.0.1:{port}"
@@ -48,13 +47,22 @@ def s3_endpoint(tmp_path_factory):
     deadline = time.monotonic() + 60
     while True:
         try:
-            fs.create_dir("ws-bucket")
-            break
+            fs.create_dir(bucket)
+            return server, endpoint
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 server.kill()
-                pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """host:port of a moto S3 server process with a bucket `ws-bucket`."""
+    try:
+        server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "server.log", "ws-bucket")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield endpoint
     server.kill()
     server.wait()
