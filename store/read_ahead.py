@@ -50,6 +50,11 @@ class ReadAhead:
             self.at = end
         return b"".join(parts)
 
+    def peek(self, size: int) -> bytes:
+        """Up to `size` of the next bytes, left to be read (no more than the current piece holds)."""
+        self._fill()
+        return self.data[self.at:self.at + size]
+
     def _fill(self) -> bool:
         """Whether bytes are left in the current piece, taking the next one when it is used up."""
         if self.at < len(self.data):

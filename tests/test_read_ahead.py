@@ -104,3 +104,10 @@ def test_close_does_not_wait_for_a_fetch_in_flight_and_closes_the_stream_after_i
     while not raw.closed and time.monotonic() < deadline:
         time.sleep(0.01)
     assert raw.closed
+
+
+def test_peek_leaves_the_bytes_to_be_read():
+    with ReadAhead(CountedStream(DATA), PIECE) as stream:
+        assert stream.peek(10) == DATA[:10] and stream.read(4) == DATA[:4]
+        assert stream.peek(10) == DATA[4:14] and stream.read() == DATA[4:]
+        assert stream.peek(10) == b""

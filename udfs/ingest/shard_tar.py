@@ -272,12 +272,11 @@ class GzipMembers:
 @contextmanager
 def tar_stream(uri: str) -> Iterator:
     """The bytes of the shard at `uri` as a tar stream: decompressed when its first bytes are a
-    compressed format's magic (decompressor), as they are."""
-    with _open(uri, piece=None) as raw:
-        head = raw.read(HEAD)
-    decompress = decompressor(head)
+    compressed format's magic (decompressor), as they are. The file is opened once: its first
+    bytes are peeked at, not read (on object storage a second open is a HEAD and a GET more)."""
     with ExitStack() as opened:
-        stream = opened.enter_context(_open(uri, piece=OBJECT_PIECE))
+        stream = opened.enter_context(_open(uri))
+        decompress = decompressor(stream.peek(HEAD)[:HEAD])
         yield opened.enter_context(closing(decompress(stream))) if decompress else stream
 
 
@@ -306,12 +305,11 @@ def _opened(open_tar_file) -> tarfile.TarFile | None:
     return tar
 
 
-def _open(uri: str, piece: int | None):
-    """The file at `uri` as it is stored, read from object storage in `piece`s, each fetched while
-    the one before is used (None: each read as asked)."""
+def _open(uri: str):
+    """The file at `uri` as it is stored, with peek(): from object storage in OBJECT_PIECEs, each
+    fetched while the one before is used."""
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
         # compression=None: Arrow would otherwise decompress by the name's ending
-        raw = fs.open_input_stream(path, compression=None)
-        return ReadAhead(raw, piece) if piece else raw
-    return open(uri, "rb")
+        return ReadAhead(fs.open_input_stream(path, compression=None), OBJECT_PIECE)
+    return open(uri, "rb")  # a BufferedReader: its peek() reads the first 8 KiB
