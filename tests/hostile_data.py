@@ -111,7 +111,8 @@ def hostile_members() -> list[tuple[str, bytes]]:
         ("nul.png", encode(picture(seed=20), "PNG")),
         ("nul.txt", b"1girl\x00, \x00solo, \x00"),
         ("nuljson.png", encode(picture(seed=21), "PNG")),
-        ("nuljson.json", b'{"tags": ["long\\u0000hair", "ok", "\\u0007"]}'),
+        ("nuljson.json", b'{"tags": ["long\\u0000hair", "ok", "\\u0007"], '
+                         b'"caption": "a girl\\u0000 with \\u001b[31mred hair\\nand a bow"}'),
     ]
 
 

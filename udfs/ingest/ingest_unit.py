@@ -333,6 +333,12 @@ class UnitRows:
                   options: dict) -> None:
         limit = options["max_text_chars"]
         for kind, text in texts:
+            # a JSON sidecar's escapes ("\u001b") and an image's own text chunks get past the
+            # raw sidecar's cleaning
+            text, controls = without_controls(text)
+            if controls:
+                self.error(key, member, "bad_characters", f"{kind} with {controls} control characters (NUL, ESC, ...): "
+                           "removed", dropped=False)
             if has_lone_surrogate(text):
                 self.error(key, member, "bad_characters", f"{kind} with half a UTF-16 pair (a \\udXXX escape): "
                            "each replaced with '?'", dropped=False)

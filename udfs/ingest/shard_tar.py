@@ -234,15 +234,33 @@ def decompressor(head: bytes):
     if head.startswith(b"\x1f\x8b\x08"):
         return GzipMembers
     if re.match(rb"BZh[1-9]1AY&SY", head):
-        return bz2.BZ2File
+        return lambda raw: DecompressedPieces(bz2.BZ2File(raw))
     if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):  # xz, and the older .lzma
-        return lzma.LZMAFile
+        return lambda raw: DecompressedPieces(lzma.LZMAFile(raw))
     if head.startswith(b"\x28\xb5\x2f\xfd") or re.match(rb"[\x50-\x5f]\x2a\x4d\x18", head):
-        return lambda raw: pa.CompressedInputStream(raw, "zstd")
+        return lambda raw: DecompressedPieces(pa.CompressedInputStream(raw, "zstd"))
     return None
 
 
-class GzipMembers:
+class DecompressedPieces:
+    """A decompressing reader read piece by piece (read1): its read(size) decompresses until it has
+    `size` bytes, and where the compressed file is cut short raises there and drops what the same
+    call had decompressed (up to tarfile's 64 KiB: a cut .tar.xz of six small samples gave none).
+    A piece at a time, the error comes on a read that holds nothing yet, after the pieces before
+    the cut were handed on."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def read(self, size: int = -1) -> bytes:
+        """At most `size` bytes (a piece for -1), b"" only at the end: what tarfile's stream asks."""
+        return self.reader.read1(size if size >= 0 else STREAM_PIECE)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class GzipMembers(DecompressedPieces):
     """Python's gzip reader over every member of a shard, ending where what follows a member is no
     gzip (junk after the last one; as its bz2 and xz readers end) rather than raising there and
     losing the members decompressed in the same read: read1 decompresses one member's data at a
@@ -250,12 +268,12 @@ class GzipMembers:
     ends its tar stream inside a member, which is reported (how_it_ended)."""
 
     def __init__(self, raw) -> None:
-        self.gz, self.started = gzip.GzipFile(fileobj=raw, mode="rb"), False
+        super().__init__(gzip.GzipFile(fileobj=raw, mode="rb"))
+        self.started = False
 
     def read(self, size: int = -1) -> bytes:
-        """At most `size` bytes (a piece for -1), b"" only at the end: what tarfile's stream asks."""
         try:
-            data = self.gz.read1(size)
+            data = super().read(size)
         except gzip.BadGzipFile as exc:
             # no gzip at all where it began: said, not read as an empty shard; a damaged member
             # (a CRC that does not match) is said too
@@ -264,9 +282,6 @@ class GzipMembers:
             return b""
         self.started = True
         return data
-
-    def close(self) -> None:
-        self.gz.close()
 
 
 @contextmanager
