@@ -685,6 +685,24 @@ def test_a_folder_of_shards_on_s3_is_ingested_and_exported_as_the_same_folder_on
         assert s3_meta == disk_meta
 
 
+def test_a_shard_and_its_unpacked_folder_on_s3_are_refused_as_on_disk(s3_endpoint, monkeypatch):
+    """The listing of an S3 folder is checked as a local folder's (tests/test_ingest_identity.py):
+    `s.tar` beside `s/a.png` would give the same keys."""
+    from udfs.ingest.sources import discover_units
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    fs = s3_filesystem(s3_endpoint)
+    for name in ("s.tar", "s/a.png", "t.tar"):
+        with fs.open_output_stream(f"ws-bucket/prefix-test/in/{name}") as out:
+            out.write(b"not read")
+    uri = f"s3://ws-bucket/prefix-test/in?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    with pytest.raises(ValueError, match="s.tar and s/a.png in s3://ws-bucket/prefix-test/in/ would both"):
+        discover_units([uri], 100)
+    fs.delete_file("ws-bucket/prefix-test/in/s/a.png")
+    assert sorted(u.prefix for u in discover_units([uri], 100)) == ["in/s", "in/t"]
+
+
 def test_a_folder_of_images_on_s3_is_ingested_and_exported_as_the_same_folder_on_disk(tmp_path, s3_endpoint,
                                                                                        monkeypatch):
     """Loose images and sidecars in an S3 folder (moto on loopback): folder units read with the

@@ -12,7 +12,7 @@ import pytest
 from hostile_data import encode, picture
 
 from jobs import ingest
-from jobs.config import load_config
+from jobs.config import ConfigError, load_config
 from store.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -88,6 +88,42 @@ def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
     # the ids are the workspace's: ingesting b alone later keeps b's keys
     _, ws = ingest_inputs(tmp_path / "ws", tmp_path / "b" / "dup")
     assert images_by_key(ws) == keys
+
+
+def one_image_tar(path, member: str = "a.png") -> None:
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
+        data = encode(picture(seed=1), "PNG")
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("beside", ["s.tar.gz", "s/a.png", "s/sub.tar", "s/deeper/b.png"])
+def test_a_shard_and_what_would_share_its_keys_are_refused_before_anything_is_read(tmp_path, beside):
+    """A shard's keys are its path without .tar then its members' names: `s.tar` beside `s.tar.gz`,
+    or beside the folder `s/` it was unpacked to, gave two images rows under one key (export then
+    refused the workspace). Refused at planning with both names; names that only look alike pass."""
+    folder = tmp_path / "in"
+    (folder / "s" / "deeper").mkdir(parents=True)
+    one_image_tar(folder / "s.tar")
+    if beside.endswith((".tar", ".gz")):
+        one_image_tar(folder / beside)
+    else:
+        add_image(folder / beside.rsplit("/", 1)[0], beside.rsplit("/", 1)[1].removesuffix(".png"), 2)
+    with pytest.raises(ConfigError, match=r"s\.tar and s.* would both give keys that begin s/"):
+        ingest_inputs(tmp_path / "ws", folder)
+    assert not list((tmp_path / "ws").rglob("*.parquet"))
+
+
+def test_names_that_only_look_like_a_shards_are_its_neighbours(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "s2").mkdir(parents=True)
+    one_image_tar(folder / "s.tar")
+    one_image_tar(folder / "s.x.tar")
+    add_image(folder, "s", 3)  # key in/s: beside the shard's in/s/a, not under one prefix
+    add_image(folder / "s2", "a", 4)
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert sorted(images_by_key(ws)) == ["in/s", "in/s.x/a", "in/s/a", "in/s2/a"]
 
 
 def test_units_know_their_bytes_and_the_largest_start_first(tmp_path):

@@ -215,6 +215,8 @@ def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
                                    f.size))
         else:
             loose.append((f"{folder}{rel}", rel, f.size, f"{f.size}-{f.mtime_ns}"))
+    check_key_prefixes([f.path[len(top) + 1:] for f in listed if SHARD_NAME.search(f.path)],
+                       [rel for _, rel, _, _ in loose], folder)
     return units + _folder_units(f"{folder}{query}", input_id, loose, folder_unit_size)
 
 
@@ -231,6 +233,34 @@ def _stamp(*values: object) -> str:
 # Shards in a folder of inputs: plain or compressed tars (read_unit reads them as a stream,
 # decompressed as their first bytes say). A compressed shard named as one input is read the same way.
 SHARD_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz|tar\.zst|tzst)$")
+
+
+def check_key_prefixes(shards: list[str], loose: list[str], folder: str) -> None:
+    """ValueError where the shards and loose files of a folder (paths in it) would give keys
+    under one prefix, which then would not say where an image is: a shard's keys are its path
+    without .tar (.tar.gz, ...) then its members' names, so `s.tar` and `s.tar.gz`, or `s.tar`
+    and the folder `s/` it was unpacked to, give the same keys (two rows under one key, every
+    later join doubled). Told from the listing, before anything is read."""
+    by_prefix: dict[str, str] = {}
+    for rel in shards:
+        inner = SHARD_NAME.sub("", rel)
+        if inner in by_prefix:
+            raise ValueError(_shared_prefix(by_prefix[inner], rel, inner, folder))
+        by_prefix[inner] = rel
+    if not by_prefix:
+        return
+    for rel, inside in [(rel, SHARD_NAME.sub("", rel)) for rel in shards] + [(rel, rel) for rel in loose]:
+        parts = inside.split("/")[:-1]  # the folders it is in, each a prefix of its keys
+        for depth in range(1, len(parts) + 1):
+            inner = "/".join(parts[:depth])
+            if inner in by_prefix:
+                raise ValueError(_shared_prefix(by_prefix[inner], rel, inner, folder))
+
+
+def _shared_prefix(shard: str, other: str, inner: str, folder: str) -> str:
+    return (f"{shard} and {other} in {folder} would both give keys that begin {inner}/ (a shard's keys are its "
+            "path without .tar, .tar.gz, ... then its members' names): keep one of them, or move one to a "
+            "folder of its own")
 
 
 def _tar_unit(uri: str, input_id: str, rel: str, stamp: str, size: int) -> Unit:
@@ -259,6 +289,7 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
             full = os.path.join(dirpath, name)
             is_tar = bool(SHARD_NAME.search(name)) and os.path.isfile(full) and not os.path.islink(full)
             (tars if is_tar else loose).append((full, prefix + name))
+    check_key_prefixes([rel for _, rel in tars], [rel for _, rel in loose], top)
     units = []
     for tar, rel in tars:
         size, stamp = _file_stat(tar)
