@@ -285,12 +285,24 @@ def cut_units(ws: Workspace, con: duckdb.DuckDBPyConnection, chunks: list[dict],
     con.register("export_selected", pads.dataset([c["path"] for c in chunks], format="parquet", filesystem=ws.fs))
     rows, keys = con.execute("select count(*), count(distinct key) from export_selected").fetchall()[0]
     if rows != keys:
-        raise ConfigError(f"export.where {where!r} repeats images: it must be a condition on one row")
+        raise ConfigError(repeated_keys(con, where))
     units = con.execute(sql_text("export_units.sql"), {"unit_images": unit_size}).fetchall()
     return [{"group": index, "source": source, "first_key": first, "last_key": last, "rows": n_images,
              "files": overlapping(chunks, first, last),
              "path": f"{ws.base}/{PLAN}/units/{index}.plan.json"}
             for index, source, first, last, n_images in units]
+
+
+def repeated_keys(con: duckdb.DuckDBPyConnection, where: str) -> str:
+    """Why a key is in the selection more than once: the images table holds it twice (two of
+    ingest's inputs under one key), or export.where joins rows of its own."""
+    key, times = con.execute("select key, count(*) from export_selected group by key having count(*) > 1 "
+                             "order by key limit 1").fetchone()
+    sources = [s for (s,) in con.execute("select source from images where key = ? order by source", [key]).fetchall()]
+    if len(sources) > 1:
+        return (f"the images table holds the key {key!r} {len(sources)} times (from {', '.join(sources)}): "
+                "one key must be one image: rename or remove one of the files and ingest again")
+    return f"export.where {where!r} repeats images ({key!r} {times} times): it must be a condition on one row"
 
 
 def overlapping(chunks: list[dict], first_key: str, last_key: str) -> list[str]:
