@@ -486,3 +486,48 @@ def test_images_of_a_gzip_shard_are_all_exported(tmp_path, ray_local):
         with tarfile.open(path) as tar:
             exported |= {m.name for m in tar if not m.name.endswith((".txt", ".json"))}
     assert len(exported) == images.num_rows
+
+
+def test_a_shard_rewritten_since_ingest_is_not_exported_with_the_old_rows(tmp_path, ray_local):
+    """The shard's images swapped around in place after ingest (same member names, other
+    pictures): a member not of the size ingest saw is a missing_member row, never exported under
+    the rows (size, tags, captions) of the picture it replaced; every image exported is the one
+    its key's sha256 names."""
+    from jobs import curate, export, ingest
+    from store.workspace import Workspace
+    from tests.conftest import SAMPLE_SHARDS
+
+    shard = tmp_path / "renpy.tar"
+    shutil.copy(SAMPLE_SHARDS / "renpy-000002.tar", shard)
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{shard}"]', 'export.formats=["webdataset"]',
+                      "export.drop_duplicates=false")
+    ws = Workspace(str(tmp_path / "ws"))
+    for job in (ingest, curate):
+        job.run(cfg, ws)
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    images = [i for i, (m, _) in enumerate(members) if m.name.endswith((".png", ".jpg", ".webp"))]
+    swapped = dict(members)
+    for i, j in zip(images, images[1:] + images[:1], strict=True):
+        swapped[members[i][0]] = members[j][1]
+    with tarfile.open(shard, "w") as tar:
+        for info, _ in members:
+            data = swapped[info]
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sha = {r["key"]: r["sha256"] for r in ws.read_table("images").to_pylist()}
+    summary = export.run(cfg, ws)
+    missing = [e for e in ws.read_table("errors").to_pylist() if e["stage"] == "export"]
+    assert len(images) > 2 and summary.errors_by_kind.get("missing_member") == len(missing) > 0
+    exported, keys = {}, {}
+    for path in shard_paths(tmp_path / "ws" / "export"):
+        with tarfile.open(path) as tar:
+            for m in tar:
+                name, _, ext = m.name.rpartition(".")
+                data = tar.extractfile(m).read()
+                if ext == "json":
+                    keys[name] = json.loads(data)["key"]
+                elif ext != "txt":
+                    exported[name] = hashlib.sha256(data).hexdigest()
+    assert len(exported) + len(missing) == len(images)
+    assert {name: sha[keys[name]] for name in exported} == exported

@@ -101,6 +101,30 @@ def test_a_shard_rewritten_since_ingest_is_walked_for_the_members_no_longer_at_t
     assert sorted(got) == [("a.jpg", b"A" * 700), ("c.jpg", b"new c")]
 
 
+def test_a_member_of_another_size_than_ingest_saw_is_not_found(tmp_path):
+    """Given the sizes ingest saw (images.bytes), a member rewritten since (the same name, other
+    bytes) is not handed out as the image the rows describe: at its offset, on a walk, in a
+    compressed shard read as a stream, on object storage and in a folder; one of the same size is."""
+    sizes = {"a.jpg": 700, "c.jpg": 90}
+    members = [("a.jpg", b"a" * 700), ("c.jpg", b"a new picture")] + MEMBERS[1:4]
+    shard = tmp_path / "s.tar"
+    old = write_tar(shard, MEMBERS)
+    new = write_tar(shard, members)
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name, data in members:
+        (folder / name).write_bytes(data)
+    kept = {"a.jpg": b"a" * 700}
+    for offsets in (old, new, {}):
+        wanted = {name: offsets.get(name) for name in sizes}
+        assert dict(local_tar_members(str(shard), wanted, 10**6, sizes)) == kept
+        assert dict(source_members(shard.as_uri(), wanted, 10**6, sizes)) == kept
+    for source in (str(tmp_path / "s.tar.gz"), str(folder)):
+        assert dict(source_members(source, dict.fromkeys(sizes), 10**6, sizes)) == kept
+    assert dict(source_members(str(shard), dict.fromkeys(sizes), 10**6)) == {**kept, "c.jpg": b"a new picture"}
+
+
 def test_a_member_over_the_size_limit_is_not_read(tmp_path):
     path = tmp_path / "s.tar"
     offsets = write_tar(path, MEMBERS)

@@ -27,18 +27,21 @@ from udfs.ingest.shard_tar import OBJECT_PIECE, STREAM_PIECE, WatchedHeader, ope
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
 
-def source_members(source: str, wanted: dict[str, int | None], max_member_bytes: int | None
-                   ) -> Iterator[tuple[str, bytes]]:
+def source_members(source: str, wanted: dict[str, int | None], max_member_bytes: int | None,
+                   sizes: dict[str, int] | None = None) -> Iterator[tuple[str, bytes]]:
     """(member, bytes) of the wanted members (name -> header offset or None) of a shard or a
     folder (images.source, told apart by source_kind): seeks in a local plain shard; in a shard
     on object storage whose members all have offsets, one ranged stream from the first of them;
     else udfs.ingest.sources.read_unit (a stream of the shard from its start, the named files of
     a folder), stopping once all are found. What is not found is not yielded: the caller reports
-    it missing."""
+    it missing. With `sizes` (name -> images.bytes), a member of another size is not the one
+    ingest saw (the shard or file was rewritten since): it is not found either, rather than
+    paired with the rows of the picture it replaced."""
     kind, left = source_kind(source), set(wanted)
+    sizes = sizes or {}
     if kind == "tar" and "://" not in source:
         try:
-            for name, data in local_tar_members(source, wanted, max_member_bytes):
+            for name, data in local_tar_members(source, wanted, max_member_bytes, sizes):
                 left.discard(name)  # a failure part way: read_unit looks only for the rest
                 yield name, data
             return
@@ -46,15 +49,15 @@ def source_members(source: str, wanted: dict[str, int | None], max_member_bytes:
             pass  # compressed (read_unit detects the format), or gone (it says so)
     if kind == "tar" and "://" in source and wanted and None not in wanted.values():
         try:  # what it finds leaves `left`
-            yield from _ranged_stream(source, list(wanted.values()), left, max_member_bytes)
+            yield from _ranged_stream(source, list(wanted.values()), left, max_member_bytes, sizes)
         except (tarfile.TarError, EOFError, OSError):
             pass  # compressed (the offsets are not the file's), unreachable: read_unit says which
     if left:
-        yield from _read_unit_members(source, kind, left, max_member_bytes)
+        yield from _read_unit_members(source, kind, left, max_member_bytes, sizes)
 
 
-def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_bytes: int | None
-                   ) -> Iterator[tuple[str, bytes]]:
+def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_bytes: int | None,
+                   sizes: dict[str, int]) -> Iterator[tuple[str, bytes]]:
     """The named members of a plain shard on object storage, read as one stream from the first of
     their headers' offsets (`wanted`) in OBJECT_PIECE reads, each one ranged GET: an export unit
     or a caption batch reads its own span of the shard, not the shard up to it."""
@@ -67,25 +70,25 @@ def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_byte
     # it at each header read (8 MiB ones took 1.1 s for 2,000 members against 0.08 s).
     with ReadAhead(raw, OBJECT_PIECE, ahead_until=max(wanted) - start + 1) as stream, \
             tarfile.open(fileobj=stream, mode="r|", bufsize=STREAM_PIECE, tarinfo=WatchedHeader) as tar:
-        yield from _found(read_past_bad_headers(tar), names, max_member_bytes)
+        yield from _found(read_past_bad_headers(tar), names, max_member_bytes, sizes)
 
 
-def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None
-                       ) -> Iterator[tuple[str, bytes]]:
+def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None,
+                       sizes: dict[str, int]) -> Iterator[tuple[str, bytes]]:
     files = [member_path(source, m) for m in names] if kind == "folder" else []
     for sample in read_unit(Unit(kind, source, "", files), max_member_bytes or sys.maxsize):
         if isinstance(sample, tuple):
             continue  # shard-level problems: ingest reported them
         for ext, name in sample.member_names.items():
-            if name in names:
+            if name in names and sizes.get(name, len(sample.members[ext])) == len(sample.members[ext]):
                 names.discard(name)
                 yield name, sample.members[ext]
         if not names:
             return
 
 
-def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes: int | None
-                      ) -> Iterator[tuple[str, bytes]]:
+def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes: int | None,
+                      sizes: dict[str, int] | None = None) -> Iterator[tuple[str, bytes]]:
     """(member, bytes) of the wanted members (name -> header offset or None) of a local,
     uncompressed shard: those with an offset in shard order, then the rest as the walk finds
     them (the first of repeated names, as ingest took it). tarfile.ReadError when the file is
@@ -95,14 +98,14 @@ def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes
         left = {name for name, offset in wanted.items() if offset is None}
         for name, offset in sorted(((n, o) for n, o in wanted.items() if o is not None), key=lambda item: item[1]):
             info = _header_at(tar, int(offset))
-            if info is None or safe_text(info.name) != name or not info.isfile():
+            if info is None or safe_text(info.name) != name or not info.isfile() or not _as_seen(info, sizes):
                 left.add(name)  # moved or rewritten since ingest: walk for it
             elif _fits(info, max_member_bytes):
                 data = _member_bytes(tar, info)
                 if data is not None:  # else cut short since ingest: reported missing
                     yield name, data
     if left:
-        yield from _walk(path, left, max_member_bytes)
+        yield from _walk(path, left, max_member_bytes, sizes)
 
 
 def _header_at(tar: tarfile.TarFile, offset: int) -> tarfile.TarInfo | None:
@@ -126,21 +129,28 @@ def _fits(info: tarfile.TarInfo, max_member_bytes: int | None) -> bool:
     return max_member_bytes is None or info.size <= max_member_bytes
 
 
-def _walk(path: str, names: set[str], max_member_bytes: int | None) -> Iterator[tuple[str, bytes]]:
+def _as_seen(info: tarfile.TarInfo, sizes: dict[str, int] | None) -> bool:
+    """Whether the member has the size ingest saw (when it is known)."""
+    return not sizes or sizes.get(safe_text(info.name), info.size) == info.size
+
+
+def _walk(path: str, names: set[str], max_member_bytes: int | None, sizes: dict[str, int] | None
+          ) -> Iterator[tuple[str, bytes]]:
     """The named members found walking the headers from the start, stopping once all are found."""
     try:
         with open_plain_tar(path) as tar:
-            yield from _found(tar, names, max_member_bytes)
+            yield from _found(tar, names, max_member_bytes, sizes)
     except (tarfile.TarError, EOFError, OSError):
         return  # a truncated shard: the members not read are reported as missing
 
 
-def _found(tar: tarfile.TarFile, names: set[str], max_member_bytes: int | None) -> Iterator[tuple[str, bytes]]:
+def _found(tar: tarfile.TarFile, names: set[str], max_member_bytes: int | None, sizes: dict[str, int] | None
+           ) -> Iterator[tuple[str, bytes]]:
     """The named members of `tar` from where it stands, the first of each name that fits (as
-    ingest took it), until all are found (`names` is emptied)."""
+    ingest took it) and has the size ingest saw, until all are found (`names` is emptied)."""
     for info in tar:
         name = safe_text(info.name)
-        if name in names and info.isfile() and _fits(info, max_member_bytes):
+        if name in names and info.isfile() and _fits(info, max_member_bytes) and _as_seen(info, sizes):
             names.discard(name)
             yield name, tar.extractfile(info).read()
             if not names:

@@ -95,6 +95,9 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
     return {
         "key": row["key"], "member": row["member"], "offset": row.get("member_offset"), "clip": row.get("clip"),
+        # the bytes ingest saw: a member of another size was rewritten since (not exported with
+        # these rows); in the plan's digest, so that a unit whose images changed is written again
+        "bytes": row["bytes"],
         "name": safe_name(row["key"]),
         "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,

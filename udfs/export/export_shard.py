@@ -178,14 +178,15 @@ class UnitExport:
         seen: set[str] = set()
         try:
             wanted = {member: sample.get("offset") for member, sample in samples.items()}
-            for name, data in source_members(self.plan["source"], wanted,
-                                             int(self.options["max_member_bytes"])):
+            sizes = {member: sample["bytes"] for member, sample in samples.items() if sample.get("bytes") is not None}
+            for name, data in source_members(self.plan["source"], wanted, int(self.options["max_member_bytes"]),
+                                             sizes):
                 if name not in seen:  # the first of repeated names, as ingest took it
                     seen.add(name)
                     self.export_sample(samples[name], data)
             for member in sorted(set(samples) - seen):
-                self.error(samples[member], "missing_member", "member not found in its source (moved or rewritten "
-                                                              "since ingest?)")
+                self.error(samples[member], "missing_member", "member not found in its source, or not of the size "
+                                                              "ingest saw (moved or rewritten since ingest?)")
             self.finish()
         finally:
             self.abort_open_shards()
