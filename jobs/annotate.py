@@ -149,6 +149,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                              "(their batches kept, not redone)")
     pending_ids = {u["unit"] for u in pending}
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids]
+    if specs and pending_ids & set(done):
+        # units run again (a model changed, one added) replace rows readers have: they keep seeing
+        # the old ones, also after a kill, until every unit is written (release_hold below)
+        ws.hold_publishing(JOB)
     if pending and specs:
         infos += Pipeline(cfg, ws, specs, done).run(pending, batches)
     _fill_summary(summary, infos, specs)

@@ -340,13 +340,14 @@ class Workspace:
 
     def drop_batches(self, job: str, unit: str, markers: dict[str, dict]) -> None:
         """Forget batch markers that no longer count ({batch: marker}, as done_batches gave them)
-        and delete their parts that were never published; a part a generation names or named (a
-        unit committed before its batch markers were forgotten) is left to publishing."""
+        and delete their parts that were never published; a part a generation names or named, or
+        a committed unit's marker names (a unit committed before its batch markers were forgotten,
+        not yet published while a run holds: hold_publishing), is left to publishing."""
         if not markers:
             return
         published = self.published()
         shown = {t: set(p) for t, p in published["tables"].items()}
-        for table, parts in published.get("retired", {}).items():
+        for table, parts in [*published.get("retired", {}).items(), *self._unit_parts(job).items()]:
             shown.setdefault(table, set()).update(parts)
         for marker in markers.values():
             for table, parts in marker.get("parts", {}).items():

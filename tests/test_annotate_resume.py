@@ -214,3 +214,35 @@ def test_batch_markers_that_no_longer_count_go_with_their_parts(tmp_path):
     assert sorted(ws.done_batches("annotate", "u")) == ["a", "d"] and ws.batch_units("annotate") == ["u"]
     on_disk = sorted(p.stem for p in (tmp_path / "ws" / "tables" / "detections").glob("*.parquet"))
     assert on_disk == ["annotate-u-face-a", "annotate-u-face-d"]
+
+
+def test_a_killed_run_that_replaces_units_leaves_readers_the_old_rows(tmp_path):
+    """A run whose face model changed (another version of it staged) replaces every unit's rows of
+    that model; killed part way, the next job to publish (here the workspace's own publish, as any
+    job's start does) shows the old rows, not a mix of the two models; the run done again shows
+    only the new ones."""
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    face = next(models.glob("*/*/face_detect_v1.4_s"))
+    shutil.copytree(face, face.parent / "face_detect_v1.4_n")  # the same fake: the same boxes
+    make_shards(shards, n_shards=6)
+    ws_path = tmp_path / "ws"
+    ingest = booruset("ingest", "-w", str(ws_path), "-i", str(shards))
+    assert ingest.wait(timeout=900) == 0, ingest.stdout.read()
+    first = annotate_process(ws_path, models)
+    assert first.wait(timeout=900) == 0, first.stdout.read()
+    before = rows(Workspace(str(ws_path)), "detections")
+    assert {d[1] for d in before} == {"face_detect_v1.4_s"}
+
+    newer = ("--set", 'annotate.face.file="face_detect_v1.4_n/model.onnx"')
+    victim = annotate_process(ws_path, models, *newer, BOORUSET_KILL_AFTER_COMMITS="2")
+    out, _ = victim.communicate(timeout=900)
+    assert victim.returncode == -signal.SIGKILL, out
+    ws = Workspace(str(ws_path))
+    ws.publish()
+    assert rows(ws, "detections") == before
+
+    again = annotate_process(ws_path, models, *newer)
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    after = rows(Workspace(str(ws_path)), "detections")
+    assert after == sorted((d[0], "face_detect_v1.4_n", *d[2:]) for d in before)

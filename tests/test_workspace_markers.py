@@ -87,3 +87,28 @@ def test_a_run_killed_while_replacing_units_leaves_readers_the_last_complete_gen
     rerun.publish()
     assert rerun.published()["tables"]["captions"] == ["n1-new", "n2-new"]
     assert rerun.holds() == {}
+
+
+def test_a_held_units_part_outlives_the_batch_markers_a_kill_left(tmp_path):
+    """A run that holds (replacing units) commits a unit and is killed before it forgets the
+    unit's batch markers: its part is in no generation yet, but the unit's marker names it. The
+    next run drops those batch markers and keeps the part (it deleted it, and the publish at the
+    run's end failed on the missing file)."""
+    box = {"key": "k", "model": "m", "index": 0, "label": "face", "score": 0.75, "x0": 0.0, "y0": 0.0,
+           "x1": 1.0, "y1": 1.0}
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.write_part("detections", "annotate-u-old", [box])
+    ws.commit_unit("annotate", "u", {}, parts={"detections": ["annotate-u-old"]})
+    ws.publish()
+    ws.hold_publishing("annotate")  # the next run replaces u
+    ws.write_part("detections", "annotate-u-new", [{**box, "score": 0.5}])
+    ws.commit_batch("annotate", "u", "b0", {"parts": {"detections": ["annotate-u-new"]}, "keys": ["k"]})
+    ws.commit_unit("annotate", "u", {}, parts={"detections": ["annotate-u-new"]})  # killed here
+
+    again = Workspace(str(tmp_path / "ws"))
+    again.begin_job()
+    assert again.connect().execute("select score from detections").fetchall() == [(0.75,)]  # held
+    assert again.pending_batches("annotate", set()) == {}  # u is done: its batch markers go
+    again.release_hold("annotate")
+    again.publish()
+    assert again.connect().execute("select score from detections").fetchall() == [(0.5,)]
