@@ -131,6 +131,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     units = plan_units(cfg, ws, groups, out) if groups else []
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
         ws.publish()  # the manifest rows of the files just removed go at once
+        remove_wids_index(out)  # and the index naming them: written again at the run's end
     done = ws.done_units(JOB)
     lost = forget_lost_units(ws, out, units, done)
     pending = [u for u in units if u["unit"] not in done]

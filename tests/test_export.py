@@ -531,3 +531,32 @@ def test_a_shard_rewritten_since_ingest_is_not_exported_with_the_old_rows(tmp_pa
                     exported[name] = hashlib.sha256(data).hexdigest()
     assert len(exported) + len(missing) == len(images)
     assert {name: sha[keys[name]] for name in exported} == exported
+
+
+def test_a_replacing_export_that_dies_leaves_no_index_naming_removed_shards(tmp_path_factory, tmp_path, ray_local,
+                                                                          monkeypatch):
+    """An export whose options changed deletes the replaced units' shards first: one that dies
+    then (here its units' run raises, as a lost cluster would) leaves no index.wids.json naming
+    shards that are gone, and no manifest rows for them; the next export writes both again."""
+    from jobs import export
+    from jobs.config import merge
+
+    out = tmp_path / "replaced"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset"]', "export.max_count=4")
+    export.run(cfg, ws)
+    index = out / "webdataset" / "index.wids.json"
+    assert index.exists() and ws.read_table("export_manifest").num_rows > 0
+    merge(cfg, {"export": {"text": "tags"}})
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("the cluster went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "run_units", dies)
+        with pytest.raises(RuntimeError, match="went away"):
+            export.run(cfg, ws)
+    assert not index.exists() and not list((out / "webdataset").glob("*.tar"))
+    assert ws.connect().execute("select count(*) from export_manifest").fetchone() == (0,)
+    export.run(cfg, ws)
+    named = [s["url"] for s in json.loads(index.read_text())["shardlist"]]
+    assert named and all((out / "webdataset" / url).is_file() for url in named)
