@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 
 import ray
 
-from jobs.config import SAMPLE_SHARDS, Config, ConfigError
+from jobs.config import SAMPLE_SHARDS, Config, ConfigError, load_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts, unit_id
@@ -58,14 +59,14 @@ def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
-    units = plan_units(cfg, ws)
+    options = unit_options(cfg)
+    units = read_with(plan_units(cfg, ws), options)
     ws.begin_job()
     markers = ws.done_units("ingest")
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
     units, reread, superseded = read_damaged_again(units, markers)
     replaced, removed = retire_stale_units(ws, done, units, superseded)
     pending = [u for u in units if unit_key(u) not in done]
-    options = unit_options(cfg)
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
@@ -102,6 +103,23 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.release_hold("ingest")  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
+
+
+def read_with(units: list[Unit], options: dict) -> list[Unit]:
+    """The units, each stamped with the ingest limits it is read with when they are not the
+    defaults: a unit read under other limits (max_tags, max_pixels, the frame rules...) is another
+    unit, so that changing them reads every unit again (replacing its rows, as a changed shard's)
+    and a run killed part way and done again with other limits ends as one run with them would.
+    Units read with the defaults keep the keys they had before limits were part of them."""
+    mark = _limits(options)
+    if mark == _limits(unit_options(load_config(None, []))):
+        return units
+    return [dataclasses.replace(u, stamp=f"{u.stamp}|limits{mark}") for u in units]
+
+
+def _limits(options: dict) -> str:
+    rules = {k: v for k, v in options.items() if k != "batch_samples"}  # a marker says which samples a batch holds
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})

@@ -192,3 +192,31 @@ def test_tar_members_that_are_not_regular_files(tmp_path):
                       "odd/hard": "tar member is a hard link", "odd/tty": "tar member is a character device",
                       "odd/disk": "tar member is a block device", "odd/pipe": "tar member is a FIFO"}
     assert summary.rows_out["images"] + summary.dropped == summary.rows_in
+
+
+def test_other_ingest_limits_read_every_unit_again(tmp_path):
+    """Rows follow the limits of the last run: a run with another max_tags reads every unit again
+    (units read under other limits are other units), replacing their rows without a
+    removed_from_input row; before, units already read kept the old limits and only the rest
+    took the new ones, so a run killed part way ended otherwise than one that was not."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        picture(seed=i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("1girl, solo, smile, red_hair, long_hair")
+    ws_path = tmp_path / "ws"
+
+    def tags_per_image(*overrides: str) -> set[int]:
+        quoted = f'"{folder}"'
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f"ingest.inputs=[{quoted}]",
+                                 "ingest.folder_unit_size=2", *overrides])
+        summary = ingest.run(cfg, Workspace(str(ws_path)))
+        assert "removed_from_input" not in summary.errors_by_kind
+        counts = Workspace(str(ws_path)).connect().execute("select count(*) from source_tags group by key")
+        return {n for (n,) in counts.fetchall()}
+
+    assert tags_per_image() == {5}
+    keys = images_by_key(Workspace(str(ws_path)))
+    assert tags_per_image("ingest.max_tags=2") == {2}
+    assert images_by_key(Workspace(str(ws_path))) == keys
+    assert tags_per_image() == {5}
