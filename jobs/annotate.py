@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from jobs.config import Config, ConfigError
+from jobs.config import Config, ConfigError, load_config
 from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
@@ -71,15 +71,30 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
     return specs, skipped
 
 
+# The options of each model that change its rows (the rest say how it runs: batch sizes, CPUs).
+ROW_OPTIONS = {"cascade_face": ("path", "scale_factor", "min_neighbors", "min_size", "max_side"),
+               "face": ("conf_threshold", "iou_threshold"), "head": ("conf_threshold", "iou_threshold"),
+               "person": ("conf_threshold", "iou_threshold"), "ccip": ("size", "crop_padding", "max_crops"),
+               "tagger": ("score_floor",)}
+
+
 def model_identity(name: str, spec: dict, opts: dict) -> str:
     """What a unit's marker records as run: the model, and for the tagger what it tagged (person
-    crops, 2x2 regions), so that turning those on or changing them reruns the units."""
-    if name != "tagger":
-        return spec["model"]
-    crops = "person" in opts["models"] and bool(spec["person_crops"])
-    cut = f"crops{opts['ccip']['max_crops']}x{opts['ccip']['crop_padding']}" if crops else "nocrops"
-    regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
-    return f"{spec['model']}+{cut}+{regions}"
+    crops, 2x2 regions), so that turning those on or changing them reruns the units; then the
+    options that change its rows where they are not the defaults (`@min_size=32`, and the decode's
+    draft_size), so that changing them reruns it too. Models run with the defaults keep the
+    identity they had before options were part of it."""
+    identity = spec["model"]
+    if name == "tagger":
+        crops = "person" in opts["models"] and bool(spec["person_crops"])
+        cut = f"crops{opts['ccip']['max_crops']}x{opts['ccip']['crop_padding']}" if crops else "nocrops"
+        regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
+        identity = f"{identity}+{cut}+{regions}"
+    defaults = load_config(None, [])[JOB]
+    changed = [f"{key}={spec[key]}" for key in ROW_OPTIONS[name] if spec[key] != defaults[name][key]]
+    if opts["draft_size"] != defaults["draft_size"]:
+        changed.append(f"draft_size={opts['draft_size']}")
+    return f"{identity}@{','.join(changed)}" if changed else identity
 
 
 def model_input(name: str, spec: dict) -> list:

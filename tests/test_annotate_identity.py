@@ -28,9 +28,9 @@ def sample_pngs(count: int) -> list[tuple[str, bytes]]:
     return found
 
 
-def annotated(ws_path, folder) -> tuple[object, list[tuple]]:
+def annotated(ws_path, folder, *overrides: str) -> tuple[object, list[tuple]]:
     cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
-                             'annotate.models=["cascade_face"]'])
+                             'annotate.models=["cascade_face"]', *overrides])
     ws = Workspace(str(ws_path))
     ingest.run(cfg, ws)
     summary = annotate.run(cfg, ws)
@@ -80,3 +80,19 @@ def test_a_model_added_later_leaves_the_earlier_rows_once(tmp_path):
     assert both == run(tmp_path / "fresh", '["cascade_face", "face"]')
     assert {r[1] for r in both} == {"lbpcascade_animeface", "face_detect_v1.4_s"}
     assert [r for r in both if r[1] == "lbpcascade_animeface"] == first
+
+
+def test_options_that_change_a_models_rows_run_it_again(tmp_path):
+    """The cascade's min_size is part of what was run: changed, the units run again and the rows
+    are those of one run with it (they were the old ones: the units counted as done); back to
+    the default, the rows are the first ones again."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(4):
+        (folder / name).write_bytes(data)
+    _, default = annotated(tmp_path / "ws", folder)
+    again, larger = annotated(tmp_path / "ws", folder, "annotate.cascade_face.min_size=200")
+    assert again.units_done == 1
+    _, fresh = annotated(tmp_path / "fresh", folder, "annotate.cascade_face.min_size=200")
+    assert larger == fresh and len(larger) < len(default)
+    assert annotated(tmp_path / "ws", folder)[1] == default
