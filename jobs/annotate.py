@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from jobs.config import Config, ConfigError, load_config
+from jobs.config import Config, ConfigError, default_config
 from jobs.ray_env import Progress, init_ray
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
@@ -90,7 +90,7 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
         cut = f"crops{opts['ccip']['max_crops']}x{opts['ccip']['crop_padding']}" if crops else "nocrops"
         regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
         identity = f"{identity}+{cut}+{regions}"
-    defaults = load_config(None, [])[JOB]
+    defaults = default_config()[JOB]
     changed = [f"{key}={spec[key]}" for key in ROW_OPTIONS[name] if spec[key] != defaults[name][key]]
     if opts["draft_size"] != defaults["draft_size"]:
         changed.append(f"draft_size={opts['draft_size']}")

@@ -45,6 +45,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return validate(cfg)
 
 
+@functools.cache
+def default_config() -> Config:
+    """The defaults alone, checked: what jobs compare a run's options with (read it, never change it)."""
+    return load_config(None, [])
+
+
 def merge(cfg: dict, update: dict, where: str = "") -> None:
     """Merge `update` into `cfg` at any depth, refusing sections and options that do not exist."""
     for name, value in update.items():

@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from jobs.config import SAMPLE_SHARDS, Config, ConfigError, load_config
+from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts, unit_id
@@ -112,7 +112,7 @@ def read_with(units: list[Unit], options: dict) -> list[Unit]:
     and a run killed part way and done again with other limits ends as one run with them would.
     Units read with the defaults keep the keys they had before limits were part of them."""
     mark = _limits(options)
-    if mark == _limits(unit_options(load_config(None, []))):
+    if mark == _limits(unit_options(default_config())):
         return units
     return [dataclasses.replace(u, stamp=f"{u.stamp}|limits{mark}") for u in units]
 

@@ -347,7 +347,8 @@ class Workspace:
             return
         published = self.published()
         shown = {t: set(p) for t, p in published["tables"].items()}
-        for table, parts in [*published.get("retired", {}).items(), *self._unit_parts(job).items()]:
+        committed = (self.read_json(f"state/{job}/{unit}.json") or {}).get("parts", {})
+        for table, parts in [*published.get("retired", {}).items(), *committed.items()]:
             shown.setdefault(table, set()).update(parts)
         for marker in markers.values():
             for table, parts in marker.get("parts", {}).items():

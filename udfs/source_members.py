@@ -80,7 +80,7 @@ def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes
         if isinstance(sample, tuple):
             continue  # shard-level problems: ingest reported them
         for ext, name in sample.member_names.items():
-            if name in names and sizes.get(name, len(sample.members[ext])) == len(sample.members[ext]):
+            if name in names and _as_seen(name, len(sample.members[ext]), sizes):
                 names.discard(name)
                 yield name, sample.members[ext]
         if not names:
@@ -98,7 +98,8 @@ def local_tar_members(path: str, wanted: dict[str, int | None], max_member_bytes
         left = {name for name, offset in wanted.items() if offset is None}
         for name, offset in sorted(((n, o) for n, o in wanted.items() if o is not None), key=lambda item: item[1]):
             info = _header_at(tar, int(offset))
-            if info is None or safe_text(info.name) != name or not info.isfile() or not _as_seen(info, sizes):
+            rewritten = info is None or safe_text(info.name) != name or not info.isfile()
+            if rewritten or not _as_seen(name, info.size, sizes):
                 left.add(name)  # moved or rewritten since ingest: walk for it
             elif _fits(info, max_member_bytes):
                 data = _member_bytes(tar, info)
@@ -129,9 +130,9 @@ def _fits(info: tarfile.TarInfo, max_member_bytes: int | None) -> bool:
     return max_member_bytes is None or info.size <= max_member_bytes
 
 
-def _as_seen(info: tarfile.TarInfo, sizes: dict[str, int] | None) -> bool:
-    """Whether the member has the size ingest saw (when it is known)."""
-    return not sizes or sizes.get(safe_text(info.name), info.size) == info.size
+def _as_seen(name: str, size: int, sizes: dict[str, int] | None) -> bool:
+    """Whether the member `name` of `size` bytes has the size ingest saw (when it is known)."""
+    return not sizes or sizes.get(name, size) == size
 
 
 def _walk(path: str, names: set[str], max_member_bytes: int | None, sizes: dict[str, int] | None
@@ -150,7 +151,7 @@ def _found(tar: tarfile.TarFile, names: set[str], max_member_bytes: int | None, 
     ingest took it) and has the size ingest saw, until all are found (`names` is emptied)."""
     for info in tar:
         name = safe_text(info.name)
-        if name in names and info.isfile() and _fits(info, max_member_bytes) and _as_seen(info, sizes):
+        if name in names and info.isfile() and _fits(info, max_member_bytes) and _as_seen(name, info.size, sizes):
             names.discard(name)
             yield name, tar.extractfile(info).read()
             if not names:

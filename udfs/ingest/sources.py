@@ -207,16 +207,16 @@ def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
     listed = sorted((f for f in fs.get_file_info(pafs.FileSelector(top, recursive=True))
                      if f.type == pafs.FileType.File), key=lambda f: f.path)
     folder = f"{scheme}://{uri_path(top)}/"
-    units, loose = [], []
+    units, shards, loose = [], [], []
     for f in listed:
         rel = f.path[len(top) + 1:]
         if SHARD_NAME.search(f.path):
+            shards.append(rel)
             units.append(_tar_unit(f"{folder}{uri_path(rel)}{query}", input_id, rel, _stamp(f.size, f.mtime_ns),
                                    f.size))
         else:
             loose.append((f"{folder}{rel}", rel, f.size, f"{f.size}-{f.mtime_ns}"))
-    check_key_prefixes([f.path[len(top) + 1:] for f in listed if SHARD_NAME.search(f.path)],
-                       [rel for _, rel, _, _ in loose], folder)
+    check_key_prefixes(shards, [rel for _, rel, _, _ in loose], folder)
     return units + _folder_units(f"{folder}{query}", input_id, loose, folder_unit_size)
 
 
@@ -249,7 +249,7 @@ def check_key_prefixes(shards: list[str], loose: list[str], folder: str) -> None
         by_prefix[inner] = rel
     if not by_prefix:
         return
-    for rel, inside in [(rel, SHARD_NAME.sub("", rel)) for rel in shards] + [(rel, rel) for rel in loose]:
+    for inside, rel in [*by_prefix.items(), *((rel, rel) for rel in loose)]:
         parts = inside.split("/")[:-1]  # the folders it is in, each a prefix of its keys
         for depth in range(1, len(parts) + 1):
             inner = "/".join(parts[:depth])
