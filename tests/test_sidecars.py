@@ -56,3 +56,21 @@ def test_json_tags_that_are_not_tag_strings_are_refused(text):
 
     with pytest.raises(SidecarError):
         parse_sidecar("json", text)
+
+
+def test_a_json_tag_holding_commas_is_the_tags_it_joins():
+    """Export writes KEY.txt with commas between tags, and no Danbooru tag holds one: an item
+    "smile, open mouth" read as one tag came back as two tags after export."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    assert parse_sidecar("json", '{"tags": ["1girl", "smile, open mouth", " , "]}')[0] == [
+        ("1girl", "general"), ("smile", "general"), ("open_mouth", "general")]
+    assert parse_sidecar("json", '{"tags": {"character": ["miku, rin"]}}')[0] == [
+        ("miku", "character"), ("rin", "character")]
+
+
+def test_a_category_prefix_with_no_tag_after_it_names_no_tag():
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags = parse_sidecar("txt", "character:, 1girl, artist: , copyright:renpy")[0]
+    assert tags == [("1girl", "general"), ("renpy", "copyright")]

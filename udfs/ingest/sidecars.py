@@ -147,7 +147,8 @@ def split_tags(text: str, sep: str) -> list[str]:
 
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
 # words count, so Danbooru tags with a colon (`re:zero_kara...`, `:d`) stay tags.
-CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:\s*(\S.*)$", re.I)
+# A prefix with nothing after it (`character:`) names no tag and is dropped.
+CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:\s*(.*)$", re.I)
 
 
 def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
@@ -211,8 +212,10 @@ def _json_tags(raw: object) -> list[tuple[str, str]]:
     for category, items in by_category:
         if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
             raise SidecarError("sidecar_json", '"tags" holds something other than tag strings')
-        tags += [(normalize_tag(t), JSON_TAG_CATEGORIES.get(str(category).lower(), "general")) for t in items
-                 if t.strip()]
+        # No Danbooru tag holds a comma, and export's KEY.txt separates tags with commas: an item
+        # "smile, open mouth" is two tags joined by the tool that wrote it.
+        category = JSON_TAG_CATEGORIES.get(str(category).lower(), "general")
+        tags += [(t, category) for item in items for t in split_tags(item, ",")]
     return tags
 
 
