@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -158,26 +159,44 @@ def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
     return 0
 
 
-# `booruset sql` only reads: SELECT (with DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN.
+# `booruset sql` only reads: SELECT (with DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN of one.
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
+# EXPLAIN ANALYZE runs the statement it explains: what follows the EXPLAIN must be a read too
+EXPLAIN_PREFIX = re.compile(r"^\s*explain\s+(analyze\s+)?(\([^()]*\)\s*)?", re.I)
+
+
+def statement_kind(statement: object) -> str:
+    """The kind of a parsed statement; for an EXPLAIN, the kind of the statement it explains."""
+    import duckdb
+
+    kind = statement.type.name
+    if kind != "EXPLAIN":
+        return kind
+    prefix = EXPLAIN_PREFIX.match(statement.query)
+    inner = duckdb.extract_statements(statement.query[prefix.end():]) if prefix else []
+    return statement_kind(inner[0]) if len(inner) == 1 else "commented EXPLAIN"  # comments hide what it explains
 
 
 def sql(ws: Workspace, query: str) -> int:
+    """Each statement's answer, printed; 2 for a statement that would write or that fails."""
     import duckdb
 
     try:
-        kinds = [s.type.name for s in duckdb.extract_statements(query)]
-        refused = [k for k in kinds if k not in READ_STATEMENTS]
+        statements = duckdb.extract_statements(query)
+        refused = [k for k in map(statement_kind, statements) if k not in READ_STATEMENTS]
         if refused:
             print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "
                   f"(only {', '.join(READ_STATEMENTS)})", file=sys.stderr)
             return 2
-        result = ws.connect(read_only=True).sql(query)
+        con = ws.connect(read_only=True)
+        for statement in statements:
+            # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
+            answer = con.sql(statement.query)
+            if answer is not None:
+                answer.show(max_rows=200, max_width=200)
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    if result is not None:
-        result.show(max_rows=200, max_width=200)
     return 0
 
 

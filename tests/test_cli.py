@@ -198,13 +198,32 @@ def test_disk_full_during_export_is_one_line_with_a_log(tmp_path, sample_ws):
     ("install httpfs", "LOAD"),
     ("create table t as select 1", "CREATE"),
     ("select 1; drop view images", "DROP"),
+    # EXPLAIN ANALYZE runs what it explains, and tables/ is the one folder DuckDB may touch
+    ("explain analyze copy (select * from images limit 0) to '{ws}/tables/images/{part}'", "COPY"),
+    ("EXPLAIN (FORMAT json) copy (select 1) to '{ws}/tables/images/x.parquet'", "COPY"),
+    ("/* why */ explain analyze copy (select 1) to '{ws}/tables/images/x.parquet'", "commented EXPLAIN"),
 ])
 def test_sql_refuses_statements_that_write(capsys, sample_ws, query, refused):
-    before = sorted(p.name for p in (sample_ws / "tables" / "images").iterdir())
-    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query.format(ws=sample_ws))
+    before = {p.name: p.stat().st_size for p in (sample_ws / "tables" / "images").iterdir()}
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query.format(ws=sample_ws, part=min(before)))
     assert code == 2
     assert one_line(err).startswith(f"booruset sql: {refused} statements are refused")
-    assert sorted(p.name for p in (sample_ws / "tables" / "images").iterdir()) == before
+    assert {p.name: p.stat().st_size for p in (sample_ws / "tables" / "images").iterdir()} == before
+
+
+def test_sql_explains_and_answers_each_statement(capsys, sample_ws):
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws),
+                           "explain analyze select count(*) from images; select 'first' as a; select 'second' as b")
+    assert code == 0
+    assert "Total Time" in out and "first" in out and "second" in out
+
+
+@pytest.mark.parametrize("query", ["select cast(key as int) from images", "select error('boom')"])
+def test_sql_that_fails_as_it_runs_is_one_line(capsys, sample_ws, query):
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query)
+    assert code == 2
+    assert "Error" in one_line(err)
+    assert not (sample_ws / "logs").exists()
 
 
 def test_sql_reads_nothing_outside_the_workspace(capsys, sample_ws):
