@@ -9,6 +9,7 @@ page 10,000 costs what page 1 costs. An edit rebuilds only its images' rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -160,23 +161,32 @@ class ReviewIndex:
             self.checked[filters] = condition, params
             return condition, params
 
+    @contextlib.contextmanager
+    def running(self, filters: Filters) -> Iterator[tuple[str, dict]]:
+        """The filter's SQL (check) for a query that runs it. A condition that fails on a row (a
+        cast, error()) fails only as it runs, past check's `limit 0`: the same ConfigError."""
+        condition, params = self.check(filters)
+        try:
+            yield condition, params
+        except duckdb.Error as exc:
+            raise ConfigError(f"filter {filters.where!r}: {exc}") from exc
+
     def page(self, filters: Filters, after: str | None, limit: int) -> tuple[list[dict], str | None]:
         """Up to `limit` grid rows with key > after, in key order, and the `after` of the next page
         (None on the last)."""
-        condition, params = self.check(filters)
         columns = ", ".join(f'"{c}"' for c in GRID_COLUMNS)
-        rows = self.query(f"select {columns} from review_rows where key > $after and ({condition}) "
-                          f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
+        with self.running(filters) as (condition, params):
+            rows = self.query(f"select {columns} from review_rows where key > $after and ({condition}) "
+                              f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, rows[-1]["key"] if more else None
 
     def before(self, filters: Filters, key: str, limit: int) -> str | None:
         """The `after` cursor of the page that ends just before `key` (for "previous")."""
-        condition, params = self.check(filters)
-        query = (f"select min(key) from (select key from review_rows where key < $key and ({condition}) "
-                 f"order by key desc limit $limit)")
-        with self.lock:
+        with self.running(filters) as (condition, params), self.lock:
+            query = (f"select min(key) from (select key from review_rows where key < $key and ({condition}) "
+                     f"order by key desc limit $limit)")
             first = self.fresh().execute(query, {**params, "key": key, "limit": int(limit)}).fetchone()[0]
             if first is None:
                 return None
@@ -184,8 +194,7 @@ class ReviewIndex:
 
     def neighbours(self, filters: Filters, key: str) -> tuple[str | None, str | None]:
         """The previous and next key under the filter (keyboard navigation on the image page)."""
-        condition, params = self.check(filters)
-        with self.lock:
+        with self.running(filters) as (condition, params), self.lock:
             con = self.fresh()
             prev = con.execute(f"select max(key) from review_rows where key < $key and ({condition})",
                                {**params, "key": key}).fetchone()[0]
@@ -198,16 +207,14 @@ class ReviewIndex:
             return self.fresh().execute("select count(*) from review_rows").fetchone()[0]
 
     def count(self, filters: Filters) -> int:
-        condition, params = self.check(filters)
-        with self.lock:
+        with self.running(filters) as (condition, params), self.lock:
             return self.fresh().execute(f"select count(*) from review_rows where {condition}", params).fetchone()[0]
 
     def rows(self, filters: Filters, columns: tuple[str, ...]) -> Iterator[dict]:
         """Some columns of every row under the filter, in key order (bulk actions), fetched in
         batches: a bulk action over a million images never holds them all as Python objects."""
-        condition, params = self.check(filters)
         names = ", ".join(f'"{c}"' for c in columns)
-        with self.lock:
+        with self.running(filters) as (condition, params), self.lock:
             cur = self.fresh().execute(f"select {names} from review_rows where {condition} order by key", params)
             while batch := cur.fetchmany(10_000):
                 for row in batch:

@@ -76,6 +76,20 @@ def test_hostile_filters_are_refused_with_a_reason(review, where):
     assert len(all_keys(ws)) > 0
 
 
+@pytest.mark.parametrize("where", ["cast(key as int) > 0", "error('no') is null"])
+def test_filters_that_fail_as_they_run_are_refused_with_a_reason(review, where):
+    """They pass the check's `limit 0` and fail on the first row they meet."""
+    client, _, _ = review
+    answer = client.get("/api/images", params={"where": where})
+    assert answer.status_code == 400 and answer.json()["error"].startswith(f"filter {where!r}")
+    grid = client.get("/", params={"where": where})
+    assert grid.status_code == 200 and "filter" in grid.text
+    key = all_keys(review[1])[0]
+    assert client.get("/image", params={"key": key, "where": where}).status_code == 200
+    bulk = client.post("/api/bulk", json={"where": where, "add_tags": ["x"]})
+    assert bulk.status_code == 400 and "error" in bulk.json()
+
+
 @pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a\x00b",
                                  "' or 1=1 --", "<script>alert(1)</script>"])
 def test_hostile_keys_reach_no_file(review, key):
