@@ -3,7 +3,7 @@
 -- (score 1.0, its category from tag_vocabulary, else general). Curate runs this only when the
 -- workspace has tag edits, and then puts it in place of `tags` (jobs/curate.py), so image_meta,
 -- groups and balance see the edits. An image with no curated tags keeps none here: its source
--- tags stand in for them (sql/image_tag_lists.sql), and that view applies its edits.
+-- tags stand in for them until curate has seen it (sql/image_tag_lists.sql), and that view applies its edits.
 -- A character a person set replaces the image's character tags (set to '': it has none), so that
 -- KEY.txt, the caption and KEY.json name the same character.
 -- Parameters: none. Reads tags, edit_state, tag_vocabulary.

@@ -1,13 +1,15 @@
 -- image_tag_lists: one row per image that has tags, with its tag lists in order.
--- Tags are the curated `tags` in rank order; an image without curated tags falls back to its
--- `source_tags` (sidecar order, score 1.0). source_rating is a rating tag from the sidecars.
+-- Tags are the curated `tags` in rank order; an image curate has not seen (no `image_meta` row:
+-- ingested since, or never curated) falls back to its `source_tags` (sidecar order, score 1.0).
+-- One curate left without tags (all blacklisted) keeps none. source_rating is a rating tag from
+-- the sidecars.
 -- A person's tag edits (edit_state, from `booruset review`) apply on top: a removed tag is gone,
 -- an added one comes last (score 1.0, the category the tag has elsewhere in `tags`, else general).
 -- A view every workspace connection has (store/workspace.py); captioners, export and the review
 -- page read it. Written so that a filter on the key reaches the table scans (one image's lists
 -- in a fraction of the whole): CTEs read twice are `not materialized`, and one aggregate, no
 -- full join, makes the result.
--- Parameters: none. Reads tags, source_tags, edit_state.
+-- Parameters: none. Reads tags, image_meta, source_tags, edit_state.
 with curated as not materialized (
     select key, tag, coalesce(category, 'general') as category, coalesce(score, 1.0)::float as score,
            rank::bigint as position
@@ -20,15 +22,23 @@ source_distinct as not materialized (
     where coalesce(category, 'general') <> 'rating'
     group by key, tag
 ),
+curated_images as not materialized (
+    -- a row without a tag for each image curate has seen, so that its tags stand even when there
+    -- are none: the source tags it removed (a blacklisted one) do not come back
+    select key, null::varchar as tag, null::varchar as category, null::float as score, null::bigint as position
+    from image_meta
+),
 job_tags as not materialized (
-    -- an image's curated tags if it has any, else its source tags: a window over the key, not an
-    -- anti join with every key of `tags`, so that a key filter reaches both scans
+    -- an image's curated tags if curate has seen it, else its source tags: a window over the key,
+    -- not an anti join with every key of `tags`, so that a key filter reaches all three scans
     select * exclude (curated, has_curated)
     from (select *, bool_or(curated) over (partition by key) as has_curated
           from (select *, true as curated from curated
                 union all
+                select *, true as curated from curated_images
+                union all
                 select *, false as curated from source_distinct))
-    where curated or not has_curated
+    where (curated or not has_curated) and tag is not null
 ),
 tag_edits as (
     select key, subject as tag, new is not null as present

@@ -68,6 +68,22 @@ def test_blacklist_default_and_custom(workspace, tmp_path):
     assert sorted(tags_of(workspace)["a"]) == ["cosplay", "smile"]
 
 
+def test_an_image_whose_only_tags_curate_removed_has_none_in_its_tag_lists(workspace):
+    """image_tag_lists falls back to source tags for an image curate has not seen; one whose tags
+    were all blacklisted got them back, and export wrote `cosplay` to its KEY.txt."""
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["cosplay"]) + source_rows("b", ["smile"]))
+    con = workspace.connect()
+    assert dict(con.execute("select key, tags from image_tag_lists").fetchall()) == {"a": ["cosplay"], "b": ["smile"]}
+    run_curate(workspace)
+    con = workspace.connect()
+    assert dict(con.execute("select key, tags from image_tag_lists").fetchall()) == {"b": ["smile"]}
+    workspace.add_part("images", "q", image_rows(["c"]))  # ingested after curate: its own tags
+    workspace.add_part("source_tags", "q", source_rows("c", ["cosplay"]))
+    con = workspace.connect()
+    assert dict(con.execute("select key, tags from image_tag_lists").fetchall()) == {"b": ["smile"], "c": ["cosplay"]}
+
+
 @pytest.mark.parametrize(("scores", "kept"), [
     ({"1girl": 0.9, "multiple_girls": 0.5}, ["1girl"]),
     ({"1girl": 0.5, "multiple_girls": 0.9}, ["multiple_girls"]),
