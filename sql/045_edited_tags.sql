@@ -21,11 +21,15 @@ character_edits as (
     select key, new as tag from edit_state where field = 'character' and new is not null
 ),
 kept as (
+    -- less the removed tags, the character tags a set character replaces, and the set
+    -- character's own tag when the image has it in another category (a plain .txt's `eileen`):
+    -- it comes back from `added` as the character
     select t.*
     from tags as t
     anti join (select key, tag from tag_edits where not present) as r using (key, tag)
-    where t.category <> 'character'
-       or not exists (select 1 from character_edits as c where c.key = t.key and c.tag <> t.tag)
+    where not exists (select 1 from character_edits as c
+                      where c.key = t.key
+                        and (t.category = 'character' and c.tag <> t.tag or t.category <> 'character' and c.tag = t.tag))
 ),
 ranks as (
     select key, min(rank) as first_rank, max(rank) as last_rank from tags group by key
@@ -38,7 +42,7 @@ added as (
                  else m.last_rank + row_number() over (partition by e.key order by e.tag) end)::integer as rank
     from (select key, tag, min(category) as category from tag_edits where present group by key, tag) as e
     join ranks as m using (key)
-    where not exists (select 1 from tags as t where t.key = e.key and t.tag = e.tag)
+    where not exists (select 1 from kept as t where t.key = e.key and t.tag = e.tag)
 )
 select * from kept
 union all

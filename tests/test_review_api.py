@@ -251,6 +251,25 @@ def test_curate_applies_tag_and_character_edits_to_its_tables(review):
     assert excluded not in balanced and key in balanced  # an excluded image weighs nothing in the balance
 
 
+def test_a_character_set_to_a_tag_the_image_has_makes_that_tag_its_character(review):
+    """A plain .txt's `eileen`, then set as the character: it stayed a general tag where it was."""
+    from jobs import curate
+
+    client, ws, app = review
+    con = ws.connect()
+    key, tag = con.execute("select key, arg_max(tag, rank) from tags as t where category = 'general' "
+                           "and not exists (select 1 from edit_state as e where e.key = t.key "
+                           "                and (field = 'character' or subject = t.tag)) "
+                           "group by key order by key limit 1").fetchone()
+    assert client.post("/api/edits", json={"key": key, "character": tag}).status_code == 200
+    curate.run(app.cfg, ws)
+    con = ws.connect()
+    rows = con.execute("select tag, category from tags where key = $k order by rank", {"k": key}).fetchall()
+    assert rows[0] == (tag, "character") and [t for t, _ in rows].count(tag) == 1
+    assert [t for t, c in rows if c == "character"] == [tag]
+    assert con.execute("select characters from image_meta where key = $k", {"k": key}).fetchone()[0] == [tag]
+
+
 def test_cluster_members_come_nearest_first(review):
     import numpy as np
 
