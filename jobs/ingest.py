@@ -71,7 +71,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
           + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else "")
-          + (f"; {reread} damaged shards read again by a better reader" if reread else ""),
+          + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
@@ -91,8 +91,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"replaced: {replaced} units whose files changed; {removed} images are no longer in "
                              "the inputs (errors rows of kind removed_from_input)")
     if reread:
-        summary.notes.append(f"read again: {reread} damaged shards that an earlier version read with less "
-                             "recovered (their rows replaced)")
+        summary.notes.append(f"read again: {reread} units whose damaged shards or images an earlier version "
+                             "read with less recovered (their rows replaced)")
     out = summary.rows_out
     clips = f" + {out['clips']} clips ({out['frames']} frames)" if out.get("clips") else ""
     summary.notes.append(f"accounting: {out.get('images', 0) - out.get('frames', 0)} images{clips} + "
@@ -123,20 +123,21 @@ def _limits(options: dict) -> str:
 
 
 SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
+# What each READER_VERSION reads better than the one before: a unit an older reader committed with
+# errors of one of these kinds is read again (read_damaged_again), and only such a unit.
+READ_BETTER = {3: SHARD_DAMAGE, 4: SHARD_DAMAGE, 5: frozenset({"corrupt_image"})}
 
 
 def read_damaged_again(units: list[Unit], markers: dict[str, dict]) -> tuple[list[Unit], int, set[str]]:
-    """The units to plan, with each shard that an older reader (READER_VERSION) found damaged
-    planned again under a key of its own (its stamp + `|reader<version>`): the newer reader may
-    recover members the older lost, and the unit replaces the old one as a changed shard does
+    """The units to plan, with each unit in which an older reader (READER_VERSION) met errors a
+    newer one reads better (READ_BETTER) planned again under a key of its own (its stamp +
+    `|reader<version>`): the newer reader may recover members or images the older lost, and the
+    unit replaces the old one as a changed shard does
     (retire_stale_units). The decision is read from the markers, retired ones included, so that
     a run killed after retiring the old unit plans the same key again. (units, shards read again,
     the keys of the units they replace)"""
     planned, reread, superseded = [], 0, set()
     for unit in units:
-        if unit.kind != "tar":  # only shards are read past damage
-            planned.append(unit)
-            continue
         keyed = [unit] + [_read_by(unit, version) for version in range(3, READER_VERSION + 1)]
         seen = [u for u in keyed if unit_key(u) in markers]
         if seen and _damaged_for_an_older_reader(markers[unit_key(seen[-1])]):
@@ -153,11 +154,12 @@ def _read_by(unit: Unit, version: int) -> Unit:
 
 
 def _damaged_for_an_older_reader(marker: dict) -> bool:
-    """Whether a unit's marker says a reader older than READER_VERSION found its shard damaged
-    (a marker without `reader`: before 3; a marker retired for a new read keeps `damaged_reader`)."""
+    """Whether a unit's marker says a reader older than READER_VERSION met errors that a newer
+    one reads better (a marker without `reader`: before 3; a marker retired for a new read keeps `damaged_reader`)."""
     if marker.get("retired"):
         return marker.get("damaged_reader", READER_VERSION) < READER_VERSION
-    return marker.get("reader", 2) < READER_VERSION and bool(SHARD_DAMAGE & set(marker.get("error_kinds", {})))
+    read_better = set().union(*(READ_BETTER[v] for v in range(marker.get("reader", 2) + 1, READER_VERSION + 1)))
+    return bool(read_better & set(marker.get("error_kinds", {})))
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()

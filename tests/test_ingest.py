@@ -230,7 +230,7 @@ def test_a_shard_an_older_reader_found_damaged_is_read_again_once(tmp_path):
 
     for rerun in ("read again", "killed before the new unit's commit, run again"):
         summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
-        assert summary.units_done == 1 and any("read again: 1 damaged" in n for n in summary.notes), rerun
+        assert summary.units_done == 1 and any(n.startswith("read again: 1 units") for n in summary.notes), rerun
         assert not any(n.startswith("replaced") for n in summary.notes), rerun
         assert sorted(ws.read_table("images").column("key").to_pylist()) == keys, rerun
         assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == ["corrupt_shard"], rerun  # not twice
@@ -239,6 +239,37 @@ def test_a_shard_an_older_reader_found_damaged_is_read_again_once(tmp_path):
             (state / new_unit).unlink()
     summary, _ = run_ingest(tmp_path, [str(tmp_path / "in")])
     assert summary.units_done == 0 and summary.rows_out["images"] == 7
+
+
+def test_units_with_images_an_older_reader_could_not_probe_are_read_again_once(tmp_path):
+    """Readers before 5 dropped palette and 1-bit images of 512 pixels a side or more as
+    corrupt_image. A shard or folder unit committed with a corrupt_image row by such a reader is
+    read again, its rows replaced (not doubled); a unit without one is not."""
+    palette = io.BytesIO()
+    picture(seed=1).resize((600, 520)).quantize(16).save(palette, "PNG")
+    broken = bytearray(encode(picture(seed=2), "PNG"))
+    broken[100:140] = b"\xff" * 40  # a broken data stream: corrupt_image
+    for folder in ("in", "clean"):
+        (tmp_path / folder).mkdir()
+    write_tar(tmp_path / "in" / "s.tar", [("p.png", palette.getvalue()), ("bad.png", bytes(broken))])
+    (tmp_path / "in" / "p.png").write_bytes(palette.getvalue())
+    (tmp_path / "in" / "bad.png").write_bytes(bytes(broken))
+    (tmp_path / "clean" / "ok.png").write_bytes(encode(picture(seed=3), "PNG"))
+    inputs = [str(tmp_path / "in"), str(tmp_path / "clean")]
+    _, ws = run_ingest(tmp_path, inputs)
+    keys = ["clean/ok", "in/p", "in/s/p"]
+    assert sorted(ws.read_table("images").column("key").to_pylist()) == keys
+    state = Path(ws.state_dir("ingest"))
+    for path in state.glob("*.json"):  # as reader 4 committed them: the palette image lost too
+        marker = json.loads(path.read_text())
+        marker["reader"] = 4
+        path.write_text(json.dumps(marker, sort_keys=True))
+    summary, ws = run_ingest(tmp_path, inputs)
+    assert summary.units_done == 2 and any(n.startswith("read again: 2 units") for n in summary.notes)
+    assert sorted(ws.read_table("images").column("key").to_pylist()) == keys
+    assert sorted(e["key"] for e in ws.read_table("errors").to_pylist()) == ["in/bad", "in/s/bad"]
+    summary, _ = run_ingest(tmp_path, inputs)
+    assert summary.units_done == 0 and summary.rows_out["images"] == 3
 
 
 def test_compressed_and_plain_shards_give_the_same_rows(tmp_path):

@@ -93,3 +93,22 @@ def test_a_picture_in_a_mode_pillow_cannot_convert_says_so():
     with pytest.raises(ProbeError) as refused:
         probe_image(out.getvalue(), 10**8)
     assert refused.value.kind == "unsupported_mode"  # not corrupt_image: the file is whole
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("P", "PNG"), ("P", "GIF"), ("1", "PNG")])
+def test_palette_and_one_bit_pictures_of_any_size_are_hashed_as_their_colours(mode, fmt):
+    """Image.reduce refuses P and 1 ("image has wrong mode"): every such image of 512 pixels a side
+    or more was dropped as corrupt_image. Small ones keep the hashes they had."""
+    rng = np.random.default_rng(5)
+    colours = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((1200, 900))
+    for size in ((400, 300), (1200, 900)):
+        picture = colours.resize(size).quantize(32) if mode != "1" else colours.resize(size).convert("1")
+        out = io.BytesIO()
+        picture.save(out, fmt)
+        probed = probe_image(out.getvalue(), 10**8)
+        stored = Image.open(io.BytesIO(out.getvalue()))
+        assert probed["mode"] == stored.mode and probed["width"] == size[0]
+        as_colours = io.BytesIO()
+        stored.convert("L" if stored.mode == "1" else "RGB").save(as_colours, "PNG")
+        expected = probe_image(as_colours.getvalue(), 10**8)
+        assert (probed["phash"], probed["colour"]) == (expected["phash"], expected["colour"]), (mode, size)

@@ -67,7 +67,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
-READER_VERSION = 4  # 3: shards are read past damaged member headers; 4: compressed shards read whole
+# 3: shards are read past damaged member headers; 4: compressed shards read whole; 5: palette and
+# 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows)
+READER_VERSION = 5
 
 
 def options_fingerprint(options: dict) -> str:

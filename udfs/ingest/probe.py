@@ -172,12 +172,19 @@ def _reduced(image: Image.Image) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
+# Modes whose pixels Image.reduce can't average ("image has wrong mode"; a PA's indices it would
+# average as numbers): the same hashes from their colours (tests/test_probe.py holds them equal).
+REDUCED_AS = {"P": "RGB", "PA": "RGBA", "1": "L"}
+
+
 def _hashable(image: Image.Image) -> Image.Image:
     """16-bit and float modes do not convert straight to L in Pillow: scale them first."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         return image.point(lambda v: v / 256).convert("L")
     if image.mode == "F":
         return image.convert("L")
+    if image.mode in REDUCED_AS and min(image.size) >= 2 * PHASH_DRAFT_SIZE[0]:  # what _reduced reduces
+        return image.convert(REDUCED_AS[image.mode])
     return image
 
 
