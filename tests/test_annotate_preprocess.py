@@ -34,8 +34,10 @@ SHAPES = [(1280, 720), (1024, 653), (999, 1), (320, 720), (600, 600), (448, 300)
           (1500, 1499), (97, 31)]
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
 def test_tagger_input_is_imgutils_pixel_for_pixel(mode):
+    """For a grey or 1-bit picture, imgutils' of its RGB copy: imgutils pastes it through itself
+    as a mask (test_grey_pictures_reach_the_tagger_as_they_look)."""
     from imgutils.tagging.wd14 import _prepare_image_for_tagging
 
     from udfs.annotate.images import tagger_input
@@ -44,10 +46,26 @@ def test_tagger_input_is_imgutils_pixel_for_pixel(mode):
     for width, height in SHAPES:
         for target in (448, 64):
             image = _picture(rng, width, height, mode)
-            theirs = _prepare_image_for_tagging(image, target)[0]
+            theirs = _prepare_image_for_tagging(image.convert("RGB") if mode in ("L", "1") else image, target)[0]
             ours = tagger_input(image, target)
             assert ours.dtype == np.uint8 and ours.flags.c_contiguous
             assert np.array_equal(ours.astype(np.float32), theirs), (width, height, mode, target)
+
+
+@pytest.mark.parametrize("mode", ["L", "1"])
+def test_grey_pictures_reach_the_tagger_as_they_look(mode):
+    """A black square on white: imgutils' input is all white (the picture masks itself). Ours
+    keeps the square, as the 2x2 regions' and CCIP's inputs of the same picture do."""
+    from imgutils.tagging.wd14 import _prepare_image_for_tagging
+
+    from udfs.annotate.images import tagger_input
+
+    image = Image.new(mode, (128, 96), 255)
+    image.paste(0, (32, 16, 96, 80))
+    ours = tagger_input(image, 64)
+    assert ours[32, 32].tolist() == [0, 0, 0] and ours[2, 32].tolist() == [255, 255, 255]
+    assert np.array_equal(ours, tagger_input(image.convert("RGB"), 64))
+    assert _prepare_image_for_tagging(image, 64)[0][32, 32].tolist() == [255, 255, 255]  # imgutils' blank
 
 
 def test_tagger_alone_skips_the_flattening(monkeypatch):

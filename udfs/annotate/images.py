@@ -70,7 +70,8 @@ def yolo_tensor(batch: np.ndarray) -> np.ndarray:
 
 
 def tagger_input(image: Image.Image, target: int) -> np.ndarray:
-    """imgutils.tagging.wd14._prepare_image_for_tagging: white square pad, bicubic, BGR (uint8).
+    """imgutils.tagging.wd14._prepare_image_for_tagging: white square pad, bicubic, BGR (uint8);
+    a grey or 1-bit picture as its RGB copy would be (_paste).
 
     Equal to it pixel for pixel, with less work where the padding is rows (wide pictures):
     Pillow resizes in two passes, along x then along y, rounding to uint8 in between, so the
@@ -103,11 +104,18 @@ def _bgr(rgb: Image.Image) -> np.ndarray:
     return cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2BGR)
 
 
+# Modes whose paste through themselves is a paste through their alpha channel
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La"})
+
+
 def _paste(canvas: Image.Image, image: Image.Image, at: tuple[int, int]) -> None:
-    """imgutils' paste onto white: through the image's own mask where it has one."""
-    try:
+    """imgutils' paste onto white, through the image's alpha where it has one. imgutils passes
+    the image as its own mask whatever its mode: a grey or 1-bit picture then masks itself, its
+    dark pixels left white (line art and manga pages reached the tagger blank, while the regions,
+    crops and CCIP saw them whole). Those paste as they are here; every other mode as imgutils'."""
+    if image.mode in ALPHA_MODES:
         canvas.paste(image, at, mask=image)
-    except ValueError:  # no usable mask (RGB, P, ...): imgutils pastes without one
+    else:  # RGB, P, L, 1, ...: imgutils' paste without a mask (for RGB and P after a ValueError)
         canvas.paste(image, at)
 
 
