@@ -290,6 +290,48 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert caption.run(config, workspace).units_done == 0
 
 
+def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_one(fake, ray_local, workspace,
+                                                                                    config):
+    """An attempt that failed for a passing reason is not a poor caption: the image is not looped
+    back with fewer tags at once (it was, so a server's bad minute changed which attempts an
+    image got, and the next run, seeing a caption, never asked again). Its unit is done again."""
+    from test_caption_job import IMAGES, write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    shard = Path(workspace.base).parent / "s.tar"
+    with tarfile.open(shard, "w") as tar:  # shown its image, a caption is scored: "caption by joy" poorly
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(png, format="PNG")
+        for key in IMAGES:
+            info = tarfile.TarInfo(key.split("/")[1] + ".png")
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    write_inputs(workspace, str(shard))
+    server, url = fake(statuses=[503])
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": True, "max_attempts": 2,
+        "target": 1.0, "max_retries": 0, "max_concurrency": 1, "unit_size": 10, "concurrency": 1,
+        "tags_from_text": False, "related_tags": False}})
+    first = caption.run(config, workspace)
+    assert first.errors_by_kind["server_error"] == 1
+    assert "1 images failed for a passing reason" in first.render()
+    attempts = {}
+    for row in workspace.read_table("captions").to_pylist():
+        attempts.setdefault(row["key"], []).append(row["attempt"])
+    assert sorted(sorted(a) for a in attempts.values()) == [[0, 1]] * 4  # the failed image: none yet
+    asked = len(server.received)
+    second = caption.run(config, workspace)
+    assert second.units_done == 1 and second.errors == 0
+    assert len(server.received) == asked + 2  # its attempts 0 and 1, and nothing else
+    attempts = {}
+    for row in workspace.read_table("captions").to_pylist():
+        attempts.setdefault(row["key"], []).append(row["attempt"])
+    assert len(attempts) == 5 and all(sorted(a) == [0, 1] for a in attempts.values())
+    assert caption.run(config, workspace).units_done == 0
+
+
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was

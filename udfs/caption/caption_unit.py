@@ -324,15 +324,19 @@ class UnitCaptioner:
                      for i in pending]
             attempt_drafts = self._drafts(todo, pending, hints, drafts, attempt)
             results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
-            done = []
+            done, interrupted = [], set()
             for i, hint, result in zip(pending, hints, results, strict=True):
                 if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
+                elif getattr(result, "kind", None) in TRANSIENT_KINDS:
+                    # not a poor caption: the next run asks this attempt again (its unit is redone,
+                    # transient_failures), rather than this one spending the image's later attempts
+                    interrupted.add(i)
             for row in self._scored(done, attempt, todo, judge):
                 attempts.append(row)
                 settled = math.inf if row["accuracy"] is None else row["accuracy"]
                 best[row["_i"]] = max(best.get(row["_i"], -1.0), settled)
-            pending = [i for i in pending if best.get(i, -1.0) < target]
+            pending = [i for i in pending if best.get(i, -1.0) < target and i not in interrupted]
             if not pending:
                 break
         if self.rewriter is not None:
@@ -487,10 +491,10 @@ TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_e
 
 
 def transient_failures(errors: list[dict]) -> int:
-    """Images left without a model's caption (none, or their own below target) whose attempts
-    failed for a passing reason (TRANSIENT_KINDS)."""
-    passing = {e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS}
-    return len({e["key"] for e in errors if e["kind"] in ("no_caption", "no_model_caption") and e["key"] in passing})
+    """Images with a request that failed for a passing reason (TRANSIENT_KINDS): their unit is
+    done again by the next run, which asks only for what failed (the replies are kept), so that
+    it ends as a run without the failure would have (the same attempts, the same caption)."""
+    return len({e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS})
 
 
 def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
