@@ -147,6 +147,94 @@ def test_timeout_is_retried_then_reported(fake):
     assert err.value.kind == "timeout" and endpoint.retries_done == 1
 
 
+def serve_bodies(bodies: list[tuple[dict, bytes, float]]):
+    """A loopback server answering 200 with each (headers, body, seconds a byte) in turn: what a
+    broken or hostile server sends."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            headers, body, per_byte = bodies.pop(0) if bodies else ({}, b"", 0.0)
+            try:
+                self.send_response(200)
+                for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                                    **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                for i in range(0, len(body), 1 if per_byte else len(body) or 1):
+                    self.wfile.write(body[i:i + (1 if per_byte else len(body))])
+                    self.wfile.flush()
+                    time.sleep(per_byte)
+            except OSError:
+                pass  # the client gave up on it
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def completion(content) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
+    """Each of these ended the whole caption run (a UnicodeEncodeError writing the reply cache, a
+    RecursionError, httpx's DecodingError), or kept control characters in an accepted caption."""
+    bodies = [
+        ({}, b'{"choices": [{"message": {"content": "a girl \\udc80 smiles\\u0000\\u001b[31m"}}]}', 0.0),
+        ({}, b"[" * 200_000 + b"]" * 200_000, 0.0),
+        ({"Content-Encoding": "gzip"}, b"not gzip at all", 0.0),
+        ({}, completion([{"type": "text", "text": "two "}, {"type": "image_url"}, {"type": "text", "text": "parts"}]),
+         0.0),
+        ({}, completion(12345), 0.0),
+    ]
+    server, url = serve_bodies(bodies)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)  # bodies in order
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(5)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert results[0] == "a girl ? smiles[31m"
+    assert [r.kind for r in results[1:3]] == ["bad_reply", "bad_reply"]
+    assert results[3] == "two parts"
+    assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
+
+
+def test_timeout_bounds_the_whole_reply_not_each_read():
+    """A server sending its reply a byte every 0.1 s never lets a 1 s read timeout fire."""
+    server, url = serve_bodies([({}, completion("slow " * 20), 0.1)])
+    try:
+        started = time.monotonic()
+        with pytest.raises(EndpointError) as err:
+            ChatEndpoint(url, "m", max_retries=0, timeout_s=1.0).chat(MESSAGES)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.kind == "timeout" and time.monotonic() - started < 3
+
+
+def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):
+    """A unit's replies reach its cache while its other requests are still out: a kill then
+    leaves them kept (they were written only once every request was back)."""
+    from udfs.caption import openai_transport
+    from udfs.caption.reply_cache import ReplyCache
+
+    script, url = fake(delay=0.3)
+    endpoint = ChatEndpoint(url, "m", max_concurrency=1)
+    endpoint.cache = ReplyCache(Workspace(str(tmp_path / "ws")), "unit-1")
+    kept_when = []
+    add = endpoint.cache.add
+    endpoint.cache.add = lambda replies: (kept_when.append((len(replies), len(script.received))), add(replies))
+    monkeypatch.setattr(openai_transport, "KEEP_EVERY_S", 0.0)
+    endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(3)])
+    assert kept_when[0] == (1, 1)  # the first reply kept before the second request was sent
+    assert ReplyCache(Workspace(str(tmp_path / "ws")), "unit-1").replies.keys() == endpoint.cache.replies.keys()
+    assert len(endpoint.cache.replies) == 3
+
+
 def test_concurrency_is_bounded(fake):
     # The fake answers nothing until four requests are in flight at once, and counts the most it ever
     # held: exactly max_concurrency with a bounded client, whatever the machine's load. The 0.2 s it

@@ -2,8 +2,11 @@
 
 Written on httpx rather than the `openai` client so that the retry policy is ours and
 visible: retries on 429, 5xx and transport errors with exponential backoff (honouring
-Retry-After), a timeout per request, and a bounded number of requests in flight. The API key
-comes from an environment variable and never appears in reprs, logs or error messages.
+Retry-After), a timeout per request (the whole exchange, not each read), and a bounded number
+of requests in flight. The API key comes from an environment variable and never appears in
+reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
+UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
+completion (malformed, nested past the parser, an undecodable body) is a bad_reply.
 """
 
 from __future__ import annotations
@@ -12,12 +15,20 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
+from udfs.ingest.sidecars import replace_lone_surrogates, without_controls
+
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
+KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
+
+
+class Overdue(Exception):
+    """The whole reply did not come within timeout_s (a server trickling its body)."""
 
 
 class EndpointError(RuntimeError):
@@ -48,7 +59,8 @@ class ChatEndpoint:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=float(timeout_s), limits=limits)
+        self.timeout_s = float(timeout_s)
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
         self.retries_done = 0
         self.cache = None  # a ReplyCache while a unit is captioned (chat_many)
 
@@ -67,21 +79,39 @@ class ChatEndpoint:
             if attempt:
                 self.retries_done += 1
             try:
-                response = self.client.post("chat/completions", json=payload)
-            except httpx.TimeoutException as exc:
-                last, kind, wait = f"timeout: {type(exc).__name__}", "timeout", None
+                status, headers, body = self._post(payload)
+            except (httpx.TimeoutException, Overdue) as exc:
+                last, kind, wait = f"timeout: {type(exc).__name__}: {exc}", "timeout", None
             except httpx.TransportError as exc:
                 last, kind, wait = f"transport error: {type(exc).__name__}: {exc}", "unreachable", None
+            except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
+                last, kind, wait = f"undecodable reply: {exc}", "bad_reply", None
             else:
-                if response.status_code == 200:
-                    return _reply_text(response)
-                last = f"HTTP {response.status_code}: {response.text[:300]}"
-                if response.status_code not in RETRY_STATUS:
+                if status == 200:
+                    return _reply_text(body)
+                last = f"HTTP {status}: {_excerpt(body)}"
+                if status not in RETRY_STATUS:
                     raise EndpointError("http_error", last)
-                kind, wait = ("rate_limited" if response.status_code == 429 else "server_error"), _retry_after(response)
+                kind, wait = ("rate_limited" if status == 429 else "server_error"), _retry_after(headers)
             if attempt < self.max_retries:
                 self.sleep(self._backoff(attempt, wait))
         raise EndpointError(kind, f"gave up after {self.max_retries + 1} tries: {last}")
+
+    def _post(self, payload: dict) -> tuple[int, httpx.Headers, bytes]:
+        """(status, headers, body) of one request, the body read within timeout_s of the start
+        (httpx's timeout bounds each read: a byte a second held a request, and its job, for
+        ever) and at most MAX_REPLY_BYTES long. A read that stalls is cut by httpx's own timeout,
+        so a request takes at most about twice timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        with self.client.stream("POST", "chat/completions", json=payload) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_REPLY_BYTES:
+                    raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise Overdue(f"no whole reply within {self.timeout_s:g} s")
+            return response.status_code, response.headers, bytes(body)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -91,18 +121,31 @@ class ChatEndpoint:
     def chat_many(self, requests: list[dict]) -> list[str | EndpointError]:
         """Many chats with at most `max_concurrency` in flight; each result is a reply or its error.
         With a `cache` (udfs/caption/reply_cache.py: the replies of the unit being captioned), a
-        request it holds is not sent, and the replies got are added to it."""
+        request it holds is not sent, and the replies got are added to it as they come (every
+        KEEP_EVERY_S), so that a run killed in the middle asks only for the rest."""
         if self.cache is None:
-            return self._send_many(requests)
+            results: list[str | EndpointError | None] = [None] * len(requests)
+            for k, reply in self._send_each(requests):
+                results[k] = reply
+            return results
         ids = [request_id(self.base_url, self.model, request) for request in requests]
-        results: list[str | EndpointError | None] = [self.cache.get(rid) for rid in ids]
+        results = [self.cache.get(rid) for rid in ids]
         todo = [k for k, reply in enumerate(results) if reply is None]
-        for k, reply in zip(todo, self._send_many([requests[k] for k in todo]), strict=True):
-            results[k] = reply
-        self.cache.add({ids[k]: results[k] for k in todo if isinstance(results[k], str)})
+        got, kept_at = {}, time.monotonic()
+        try:
+            for j, reply in self._send_each([requests[k] for k in todo]):
+                results[todo[j]] = reply
+                if isinstance(reply, str):
+                    got[ids[todo[j]]] = reply
+                if got and time.monotonic() - kept_at >= KEEP_EVERY_S:
+                    self.cache.add(got)
+                    got, kept_at = {}, time.monotonic()
+        finally:
+            self.cache.add(got)
         return results
 
-    def _send_many(self, requests: list[dict]) -> list[str | EndpointError]:
+    def _send_each(self, requests: list[dict]) -> Iterator[tuple[int, str | EndpointError]]:
+        """(index, reply or error) of each request, as they come back."""
         def one(request: dict) -> str | EndpointError:
             try:
                 return self.chat(**request)
@@ -110,9 +153,11 @@ class ChatEndpoint:
                 return exc
 
         if not requests:
-            return []
+            return
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            return list(pool.map(one, requests))
+            futures = {pool.submit(one, request): k for k, request in enumerate(requests)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
 
     def close(self) -> None:
         self.client.close()
@@ -125,16 +170,28 @@ def request_id(base_url: str, model: str, request: dict) -> str:
     return hashlib.sha256(what.encode()).hexdigest()
 
 
-def _reply_text(response: httpx.Response) -> str:
+def _reply_text(body: bytes) -> str:
+    """The text of a chat completion's first choice (a string, or a list of text parts), with
+    half UTF-16 pairs (a JSON "\\udc80" escape) as "?" and control characters removed."""
     try:
-        return response.json()["choices"][0]["message"]["content"] or ""
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise EndpointError("bad_reply", f"reply is not a chat completion: {response.text[:300]}") from exc
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+        raise EndpointError("bad_reply", f"reply is not a chat completion: {_excerpt(body)}") from exc
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
+        content = "".join(str(part.get("text") or "") for part in content
+                          if isinstance(part, dict) and part.get("type") == "text")
+    if content is not None and not isinstance(content, str):
+        raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
+    return without_controls(replace_lone_surrogates(content or ""))[0]
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _excerpt(body: bytes) -> str:
+    return body[:300].decode("utf-8", "replace")
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
     for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = response.headers.get(header)
+        value = headers.get(header)
         if value:
             try:
                 return max(0.0, float(value) / divisor)
