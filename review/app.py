@@ -47,6 +47,7 @@ class ReviewApp:
 
     def __init__(self, cfg: Config, ws: Workspace, token: str | None = None) -> None:
         self.cfg, self.ws, self.token = cfg, ws, token
+        self.max_tag_chars = int(cfg["ingest"]["max_tag_chars"])  # added tags are bounded as ingest's
         self.index = ReviewIndex(ws)
         self.log = EditLog(ws)
         thumbs = Path(ws.base) / "review" / "thumbs" if ws.local else Path.home() / ".cache" / "booruset" / "thumbs"
@@ -153,7 +154,7 @@ class ReviewApp:
             if row is None:
                 return JSONResponse({"error": "no such image"}, status_code=404)
             try:
-                changes = EditRequest.from_json(body).changes(row)
+                changes = EditRequest.from_json(body, self.max_tag_chars).changes(row)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             return self.write(changes)
@@ -163,7 +164,8 @@ class ReviewApp:
         with self.index.lock:
             try:
                 filters = filters_of(body)
-                edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")})
+                edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")},
+                                             self.max_tag_chars)
                 if body.get("preview", True):
                     return JSONResponse({"count": self.index.count(filters)})
                 wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")

@@ -19,6 +19,7 @@ import schemas
 from jobs.config import REPO
 from store.lock import WorkspaceLock
 from store.workspace import Workspace
+from udfs.ingest.sidecars import has_lone_surrogate, split_tags, without_controls
 
 OWNER = "review"  # the owner of the edits parts in the published generation
 # Parts are merged into one when there are this many: each is a file that every query opens.
@@ -29,16 +30,29 @@ UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
 
 class EditRequest:
     """What one image should become: tags to add and remove, a caption, exclusion, a character.
-    None leaves a field alone; caption "" goes back to the generated caption."""
+    None leaves a field alone; caption "" goes back to the generated caption.
+
+    Tags and the character take the form ingest gives sidecar tags (`Long Hair` is `long_hair`;
+    `red hair, blue eyes` two tags; control characters out), so that an added tag is the curated
+    one it names, `exclude_tags` reaches it, and KEY.txt's commas stay separators."""
 
     def __init__(self, add_tags: list[str] | None = None, remove_tags: list[str] | None = None,
-                 caption: str | None = None, exclude: bool | None = None, character: str | None = None) -> None:
-        self.add_tags = [t.strip() for t in add_tags or [] if t.strip()]
-        self.remove_tags = [t.strip() for t in remove_tags or [] if t.strip()]
-        self.caption, self.exclude, self.character = caption, exclude, character
+                 caption: str | None = None, exclude: bool | None = None, character: str | None = None,
+                 max_tag_chars: int = 200) -> None:
+        self.add_tags = [t for item in add_tags or [] for t in _tags(item)]
+        # also as typed: a tag an earlier version stored unnormalised can still be removed
+        self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
+        too_long = [t for t in self.add_tags if len(t) > max_tag_chars]
+        if too_long:
+            raise ValueError(f"tag {too_long[0][:40]!r}... is over {max_tag_chars} characters (ingest.max_tag_chars)")
+        if character is not None and len(_tags(character)) > 1:
+            raise ValueError("character must be one tag (no commas)")
+        self.caption = without_controls(caption)[0] if caption is not None else None
+        self.exclude = exclude
+        self.character = None if character is None else "".join(_tags(character))
 
     @classmethod
-    def from_json(cls, body: dict) -> EditRequest:
+    def from_json(cls, body: dict, max_tag_chars: int = 200) -> EditRequest:
         def strings(name: str) -> list[str]:
             value = body.get(name) or []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -48,8 +62,11 @@ class EditRequest:
         for name, kind in (("caption", str), ("exclude", bool), ("character", str)):
             if body.get(name) is not None and not isinstance(body[name], kind):
                 raise ValueError(f"{name} must be a {kind.__name__}")
+        texts = [*strings("add_tags"), *strings("remove_tags"), body.get("caption") or "", body.get("character") or ""]
+        if any(has_lone_surrogate(t) for t in texts):
+            raise ValueError("half a UTF-16 pair (a \\udXXX escape) in the edit: not text")
         return cls(strings("add_tags"), strings("remove_tags"), body.get("caption"), body.get("exclude"),
-                   body.get("character"))
+                   body.get("character"), max_tag_chars)
 
     def changes(self, row: dict) -> list[dict]:
         """The edit rows that turn `row` (a review_rows row) into what was asked."""
@@ -64,11 +81,16 @@ class EditRequest:
         if self.exclude is not None and self.exclude != row["excluded"]:
             out.append({"key": key, "field": "exclude", "old": str(row["excluded"]).lower(),
                         "new": str(self.exclude).lower()})
-        wanted = [self.character.strip()] if self.character and self.character.strip() else []
+        wanted = [self.character] if self.character else []
         if self.character is not None and wanted != list(row["characters"] or []):
             out.append({"key": key, "field": "character", "old": ", ".join(row["characters"] or []),
-                        "new": self.character.strip()})
+                        "new": self.character})
         return out
+
+
+def _tags(text: str) -> list[str]:
+    """A person's tag as ingest reads a sidecar's: Danbooru form, split at commas, no controls."""
+    return split_tags(without_controls(text)[0], ",")
 
 
 class EditLog:

@@ -5,6 +5,7 @@ selection honours at once, bulk actions with undo, the token and the host check.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from urllib.parse import quote
 
@@ -134,6 +135,31 @@ def test_tag_edit_applies_at_once_and_undo_takes_it_back(review):
     assert tag in tags_of(ws, key) and "my_new_tag" not in tags_of(ws, key)
     rows = ws.connect().execute("select count(*) from edits where key = $k", {"k": key}).fetchone()[0]
     assert rows == 4  # append-only: the edit and its undo
+
+
+def test_added_tags_take_the_form_of_curated_ones(review):
+    """As typed they reached KEY.txt: `Long Hair` beside the curated long_hair and past
+    exclude_tags, `red hair, blue eyes` as two tags to a trainer, a NUL byte, 5,000 characters."""
+    client, ws, _ = review
+    key = all_keys(ws)[4]
+    before = tags_of(ws, key)
+    done = client.post("/api/edits", json={"key": key, "add_tags": ["Edited  Tag", "red hair, blue eyes", "bow\x00tie",
+                                                                  before[0].replace("_", " ").upper()]})
+    assert done.status_code == 200
+    after = tags_of(ws, key)
+    assert after[:len(before)] == before and len(after) == len(set(after))  # the upper-case one is there already
+    assert set(after) == set(before) | {"blue_eyes", "bowtie", "edited_tag", "red_hair"}
+    client.post("/api/edits", json={"key": key, "remove_tags": ["EDITED TAG"]})
+    assert "edited_tag" not in tags_of(ws, key)
+    for body, reason in (({"add_tags": ["y" * 5000]}, "max_tag_chars"), ({"add_tags": ["a\udc80"]}, "UTF-16"),
+                         ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag")):
+        # ASCII JSON: a half pair travels as its escape, as a browser or script would send it
+        answer = client.post("/api/edits", content=json.dumps({"key": key, **body}),
+                             headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and reason in answer.json()["error"], body
+    client.post("/api/edits", json={"key": key, "character": "Someone (Review)"})
+    assert client.get(f"/api/images/{key}").json()["row"]["characters"] == ["someone_(review)"]
+    client.post("/api/edits", json={"key": key, "character": ""})
 
 
 def test_caption_exclude_and_character_edits_reach_the_export_selection(review):
