@@ -334,6 +334,32 @@ def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_lo
             assert image.size in sizes
 
 
+BUCKET_A_STRIP = """
+import io, resource, sys
+from PIL import Image
+from udfs.export.resize import resize_image
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+data = io.BytesIO()
+Image.new("RGB", (1, 40_000), (200, 30, 30)).save(data, "PNG")
+out = Image.open(io.BytesIO(resize_image(data.getvalue(), (256, 1280), "png", 90, crop=True)))
+print(out.size, out.getpixel((128, 640)))
+"""
+
+
+def test_a_bucketed_strip_is_cut_before_it_is_resampled():
+    """A 1x40,000 strip into a 256x1280 bucket: covering the bucket with the whole strip first
+    was 256x10,240,000 pixels (7.3 GB); here under a 3 GB address space limit it takes kilobytes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", BUCKET_A_STRIP], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(256, 1280) (200, 30, 30)"
+
+
 def test_a_selection_staged_in_small_key_ranges_exports_the_same_files(tmp_path_factory, tmp_path, ray_local,
                                                                       monkeypatch):
     """The selection runs one key range at a time (bounded memory); units of 4 images then cross

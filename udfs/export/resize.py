@@ -81,7 +81,8 @@ def needs_reencode(fmt: str, width: int, height: int, target: tuple[int, int], t
 def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: int, crop: bool,
                  png_compress_level: int = 1, background: str = "") -> bytes:
     """Decode (JPEG: reduced in the DCT, never below the target), flatten transparency onto
-    `background` when one is given, one resample (cover + centre crop for buckets), encode as `ext`.
+    `background` when one is given, one resample (for buckets: of the centre part that covers the
+    bucket), encode as `ext`.
 
     The resample is OpenCV's, as kohya sd-scripts resizes its buckets (INTER_AREA down, Lanczos up):
     4-7x faster than Pillow's Lanczos on these sizes. JPEG is encoded without Pillow's `optimize`
@@ -104,11 +105,12 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
             image = flat
         width, height = target
         if crop:
+            # cut what the bucket shows before the resample: covering the bucket with the whole
+            # picture first made a 1x8000 strip 256x2,048,000 pixels (gigabytes) for one crop
             scale = max(width / image.width, height / image.height)
-            cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = resampled(image, cover)
-            left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
+            keep = (max(1, min(image.width, round(width / scale))), max(1, min(image.height, round(height / scale))))
+            left, top = (image.width - keep[0]) // 2, (image.height - keep[1]) // 2
+            image = resampled(image.crop((left, top, left + keep[0], top + keep[1])), (width, height))
         elif image.size != (width, height):
             image = resampled(image, (width, height))
         out = io.BytesIO()
