@@ -4,6 +4,7 @@ planning task's udfs/export/export_plan.py), and the driver's global shard numbe
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pytest
@@ -106,8 +107,15 @@ def test_materialised_repeats_get_unique_names_and_a_shard_of_their_own():
     """Copies of one image are never in one shard: a trainer's shuffle buffer would batch them."""
     units = plan_units(selection(3, multiply=3.0), options(materialize_repeats=True, max_count=2))
     names = [c["name"] for s in units[0]["samples"] for c in s["copies"]]
-    assert names == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2",
-                     "a__002", "a__002-r1", "a__002-r2"]
+    copies = [re.sub(r"-[0-9a-f]{10}$", "", n) for n in names]  # a copy's name carries a digest
+    assert copies == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2",
+                      "a__002", "a__002-r1", "a__002-r2"]
+    assert len(set(names)) == 9 and all(re.search(r"-r\d-[0-9a-f]{10}$", n) for n in names if n not in copies)
+    # the key `x-r1`'s own safe name, in another unit, is `x-r1`: never a copy's
+    other = plan_units(pa.Table.from_pylist([{**r, "key": r["key"] + "-r1"}
+                                             for r in selection(3, multiply=3.0).to_pylist()]),
+                       options(materialize_repeats=True, max_count=2))
+    assert not set(names) & {c["name"] for s in other[0]["samples"] for c in s["copies"]}
     # a round at a time (000 001 | 002 000 | 001 002 | 000 001 | 002), two to a shard, and a new
     # shard where the image is in the current one already
     assert [[c["shard"] for c in s["copies"]] for s in units[0]["samples"]] == [[0, 1, 3], [0, 2, 3], [1, 2, 4]]

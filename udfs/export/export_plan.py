@@ -143,8 +143,7 @@ def plan_samples(rows: list[dict], opts: dict) -> tuple[list[dict], int]:
     for n in range(rounds):
         for sample in samples:
             if n == 0 or n < sample["repeats"]:
-                name = sample["name"] if n == 0 else unique_name(f"{sample['name']}-r{n}", f"{sample['key']}\0{n}",
-                                                                 names)
+                name = sample["name"] if n == 0 else unique_name(copy_name(sample, n), sample["key"], names)
                 sample["copies"].append({"name": name, "shard": cut.place(sample["key"], sample["planned_bytes"])})
     return samples, (cut.shard + 1 if samples else 0)
 
@@ -167,6 +166,12 @@ class ShardCut:
         self.keys.add(key)
         self.size += planned_bytes
         return self.shard
+
+
+def copy_name(sample: dict, n: int) -> str:
+    """The name of a sample's n-th materialised copy: with a digest, as a safe name that had to
+    change: `x-r1` alone is the safe name of the key `x-r1`, in another unit of the export."""
+    return f"{sample['name']}-r{n}-{key_digest(sample['key'] + chr(0) + str(n))}"
 
 
 def unique_name(name: str, key: str, names: set[str]) -> str:
