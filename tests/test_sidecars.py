@@ -74,3 +74,20 @@ def test_a_category_prefix_with_no_tag_after_it_names_no_tag():
 
     tags = parse_sidecar("txt", "character:, 1girl, artist: , copyright:renpy")[0]
     assert tags == [("1girl", "general"), ("renpy", "copyright")]
+
+
+def test_a_prefixed_tag_list_over_two_lines_is_not_the_three_line_form():
+    """Read as the three-line form, `smile` was a character and `general:2girls` a character tag
+    of that name; curate then made `smile` a character in other images too."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags, _, origin = parse_sidecar("txt", "character:eileen, smile\ncharacter:lucy, general:2girls")
+    assert origin == "txt"
+    assert tags == [("eileen", "character"), ("smile", "general"), ("lucy", "character"), ("2girls", "general")]
+    three = parse_sidecar("tags", "copyright: touhou\ncharacter: hakurei reimu, kirisame marisa\ngeneral tags: 2girls")
+    assert three == ([("touhou", "copyright"), ("hakurei_reimu", "character"), ("kirisame_marisa", "character"),
+                      ("2girls", "general")], [], "three_line")
+    assert parse_sidecar("txt", "1girl, smile\nlong hair")[0] == [
+        ("1girl", "general"), ("smile", "general"), ("long_hair", "general")]
+    assert parse_sidecar("tags", "1girl smile\nlong_hair")[0] == [
+        ("1girl", "general"), ("smile", "general"), ("long_hair", "general")]

@@ -172,15 +172,22 @@ def parse_sidecar(ext: str, data: bytes | str) -> tuple[list[tuple[str, str]], l
         return _parse_json(text)
     if _is_three_line(text):
         return _parse_three_line(text), [], "three_line"
+    lines = ",".join(text.splitlines())  # a comma list over several lines: a line ends a tag too
     if ext == "tags":
-        sep = "," if "," in text else " "
-        return categorized_tags(text, sep), [], "booru"
-    return categorized_tags(text, ","), [], "txt"
+        return (categorized_tags(lines, ",") if "," in text else categorized_tags(text, " ")), [], "booru"
+    return categorized_tags(lines, ","), [], "txt"
 
 
 def _is_three_line(text: str) -> bool:
+    """`copyright: ...` / `character: ...` / `general tags: ...`, each label once. A kohya tag list
+    with prefixes over lines (`character:eileen, smile` / `character:lucy, general:2girls`)
+    repeats a label or prefixes a later tag: read as one, it made `smile` a character."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return len(lines) >= 2 and all(THREE_LINE.match(ln) for ln in lines)
+    if len(lines) < 2 or not all(THREE_LINE.match(ln) for ln in lines):
+        return False
+    labels = [THREE_LINE.match(ln).group(1).lower() for ln in lines]
+    later_prefixed = any(CATEGORY_PREFIX.match(part) for ln in lines for part in ln.split(",")[1:])
+    return len(set(labels)) == len(labels) and not later_prefixed
 
 
 def _parse_three_line(text: str) -> list[tuple[str, str]]:
