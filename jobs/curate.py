@@ -60,7 +60,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     DuckDB's joins over the whole dataset, not the head), then publish them from here."""
     started = time.perf_counter()
     opts = {**cfg["curate"], "tag_list": tag_list_path(cfg)}
-    sql_params(opts)  # a bad option is a ConfigError before any worker starts
+    check_options(opts)  # a bad option is a ConfigError before any worker starts
     ws.begin_job()
     built = run_in_worker(cfg, ws, build, opts, ccip_spec(cfg))
     ws.publish({OWNER: built["files"]})
@@ -266,6 +266,22 @@ def model_sql(model: str, params: dict) -> tuple[str, str, dict]:
     query = (SQL_DIR / f"{model}.sql").read_text(encoding="utf-8")
     wanted = {name: params[name] for name in set(re.findall(r"\$([a-z_]+)", query))}
     return query, model.split("_", 1)[1], wanted
+
+
+def check_options(opts: dict) -> None:
+    """ConfigError for an option the worker would stumble on, with what it must be."""
+    sql_params(opts)
+    try:
+        ccip_cluster.ClusterSettings.from_config(opts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    top = 62 - near_duplicates.SORT_BITS
+    if not 1 <= int(opts["lsh_bits"]) <= top or int(opts["lsh_tables"]) < 1:
+        raise ConfigError(f"curate.lsh_bits must be between 1 and {top}, and curate.lsh_tables at least 1")
+    try:
+        duckdb.connect(config={"memory_limit": str(opts["memory_limit"])}).close()
+    except duckdb.Error as exc:
+        raise ConfigError(f"curate.memory_limit {opts['memory_limit']!r}: {exc}") from None
 
 
 def sql_params(opts: dict) -> dict:

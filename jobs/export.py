@@ -114,6 +114,9 @@ def check_options(opts: dict) -> None:
             raise ConfigError(f"export.alpha_background {opts['alpha_background']!r}: {exc}") from exc
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
+    if opts["buckets"] and not 1 <= int(opts["bucket_step"]) <= int(opts["bucket_min_side"]) <= int(
+            opts["bucket_max_side"]):
+        raise ConfigError("export.buckets needs 1 <= bucket_step <= bucket_min_side <= bucket_max_side")
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:

@@ -6,6 +6,7 @@ import ipaddress
 import secrets
 
 from jobs.config import Config, ConfigError
+from jobs.export import check_options
 from review.app import ReviewApp
 from store.workspace import Workspace
 
@@ -26,6 +27,7 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
 
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)  # reachable by others: never without a token
+    check_options(cfg["export"])  # the page shows the KEY.txt export would write: with options it takes
     if ws.read_json("state/published.json") is None:
         raise ConfigError(f"{ws.root} has no tables yet: run `booruset run` (or ingest) first")
     app = ReviewApp(cfg, ws, token)

@@ -96,6 +96,21 @@ def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, over
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize(("command", "override", "expected"), [
+    ("curate", 'curate.cluster_method="bogus"', "curate.cluster_method must be optics or dbscan"),
+    ("curate", 'curate.memory_limit="lots"', "curate.memory_limit 'lots'"),
+    ("curate", "curate.lsh_bits=0", "curate.lsh_bits must be between 1"),
+    ("export", "export.bucket_step=0", "export.buckets needs 1 <= bucket_step"),
+])
+def test_options_a_worker_would_stumble_on_are_configuration_errors(capsys, sample_ws, command, override, expected):
+    """They failed inside the Ray worker: exit 1, a traceback log, after the job had started."""
+    extra = ["--set", "export.buckets=true", "--set", "export.max_size=512"] if command == "export" else []
+    code, _, err = run_cli(capsys, command, "-w", str(sample_ws), "--set", override, *extra)
+    assert code == 2
+    assert one_line(err).startswith(f"booruset: configuration error: {expected}")
+    assert not (sample_ws / "logs").exists()
+
+
 def test_bad_value_in_a_config_file(capsys, tmp_path):
     bad = tmp_path / "my.toml"
     bad.write_text('[ingest]\ninputs = "/data/shards"\n', encoding="utf-8")
