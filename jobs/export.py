@@ -169,8 +169,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
     """Forget (and take out of `done`) the done units of this plan whose files are not all in
-    `out` any more: the shards and files their markers name, and one per-image file of each
-    folder they wrote in (a few checks per unit, not one per image). Returns how many."""
+    `out` any more, or not as written: the shards (and their sizes) and files their markers
+    name, and one per-image file of each folder they wrote in (a few checks per unit, not one
+    per image). Returns how many."""
     lost = [u["unit"] for u in units if u["unit"] in done and not outputs_present(out, done[u["unit"]])]
     for unit in lost:
         ws.forget_unit(JOB, unit, hold=False)  # rewritten under the same names
@@ -179,8 +180,12 @@ def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str
 
 
 def outputs_present(out: str, info: dict) -> bool:
-    return all(os.path.isfile(os.path.join(out, relative)) for relative in [*info.get("files", []),
-                                                                           *info.get("witnesses", [])])
+    """Whether the files a unit wrote are in `out`, its shards of the size it wrote them (a
+    marker from before sizes were kept: present is enough)."""
+    present = all(os.path.isfile(os.path.join(out, relative)) for relative in [*info.get("files", []),
+                                                                              *info.get("witnesses", [])])
+    return present and all(os.path.getsize(os.path.join(out, relative)) == size
+                           for relative, size in info.get("sizes", {}).items())
 
 
 # ---- selection ------------------------------------------------------------------------------

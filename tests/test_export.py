@@ -455,6 +455,25 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
     assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
 
 
+def test_a_shard_another_workspace_wrote_over_is_written_again(tmp_path_factory, tmp_path, ray_local):
+    """Two workspaces exporting to one folder write shards of the same names: the first's units,
+    done by their markers, were skipped, and its shards held the second's samples under its own
+    manifest and index."""
+    from jobs import export
+
+    out = tmp_path / "shared"
+    cfg_a, ws_a = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset"]')
+    cfg_b, ws_b = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset"]',
+                        'export.where="hash(key) % 2 = 0"')
+    export.run(cfg_a, ws_a)
+    mine = {p.name: p.read_bytes() for p in (out / "webdataset").glob("*.tar")}
+    export.run(cfg_b, ws_b)
+    assert {p.name: p.read_bytes() for p in (out / "webdataset").glob("*.tar")} != mine
+    again = export.run(cfg_a, ws_a)
+    assert any("written again" in note for note in again.notes)
+    assert {p.name: p.read_bytes() for p in (out / "webdataset").glob("*.tar")} == mine
+
+
 def test_a_parquet_shard_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):
     """The parquet layout holds at most ROW_GROUP_BYTES of images in memory, not a whole shard."""
     import pyarrow.parquet as pq

@@ -170,6 +170,9 @@ class UnitExport:
         # one per-image file of each folder the unit writes in: a later export checks that they
         # are still there (a folder deleted, `out` emptied) before it counts the unit as done
         self.witnesses: dict[str, str] = {}
+        # bytes of each shard written: a later run takes the unit as done only while they match
+        # (another workspace's export to the same folder writes shards of the same names)
+        self.sizes: dict[str, int] = {}
         self.bytes_out = 0
 
     def run(self) -> dict:
@@ -281,8 +284,10 @@ class UnitExport:
         for layout, writers, name in layouts:
             for index, (tmp, writer) in sorted(writers.items()):
                 writer.close()
-                os.replace(tmp, inside(self.out, f"{layout}/{name(index)}"))
+                path = inside(self.out, f"{layout}/{name(index)}")
+                os.replace(tmp, path)
                 self.files.append(f"{layout}/{name(index)}")
+                self.sizes[f"{layout}/{name(index)}"] = os.path.getsize(path)
             writers.clear()
         unit = self.plan["unit"]
         self.ws.write_part("export_manifest", unit, self.manifest)
@@ -303,4 +308,5 @@ class UnitExport:
         return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
                 "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
                 "files": sorted(set(self.files)), "witnesses": sorted(self.witnesses.values()), "out": self.out,
+                "sizes": self.sizes,
                 "samples_written": len(self.manifest)}
