@@ -91,3 +91,10 @@ def test_a_prefixed_tag_list_over_two_lines_is_not_the_three_line_form():
         ("1girl", "general"), ("smile", "general"), ("long_hair", "general")]
     assert parse_sidecar("tags", "1girl smile\nlong_hair")[0] == [
         ("1girl", "general"), ("smile", "general"), ("long_hair", "general")]
+
+
+def test_tags_that_look_the_same_are_one_tag():
+    from udfs.ingest.sidecars import parse_sidecar
+
+    text = "cafe\u0301, caf\u00e9, smile\u200b, \u202esmile, 猫耳，笑顔"
+    assert [t for t, _ in parse_sidecar("txt", text)[0]] == ["caf\u00e9", "caf\u00e9", "smile", "smile", "猫耳", "笑顔"]

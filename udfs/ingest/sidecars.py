@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 from charset_normalizer import from_bytes
 
@@ -134,15 +135,28 @@ def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], li
     return tags, problems
 
 
+# Format characters (Unicode Cf: bidi overrides, zero-width spaces and joiners, BOMs): invisible,
+# in no Danbooru tag, and they make two tags of one that looks the same
+FORMAT_CHARACTERS = re.compile(r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
+
+
 def normalize_tag(tag: str) -> str:
-    """Danbooru form: lower case, underscores, prompt escapes `\\(` removed."""
+    """Danbooru form: lower case, underscores, prompt escapes `\\(` removed; one Unicode form
+    (NFC: `é` typed as e + a combining accent is `é`), no invisible format characters."""
+    tag = unicodedata.normalize("NFC", FORMAT_CHARACTERS.sub("", tag))
     tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
     return re.sub(r"\s+", "_", tag).lower()
 
 
 def split_tags(text: str, sep: str) -> list[str]:
-    parts = text.split(sep) if sep != " " else text.split()
-    return [t for t in (normalize_tag(p) for p in parts) if t]
+    return [t for t in (normalize_tag(p) for p in _parts(text, sep)) if t]
+
+
+def _parts(text: str, sep: str) -> list[str]:
+    """A tag list cut at `sep`; a comma list at full-width commas too (`猫耳，笑顔`)."""
+    if sep == " ":
+        return text.split()
+    return text.replace("\uff0c", sep).split(sep) if sep == "," else text.split(sep)
 
 
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
@@ -153,9 +167,8 @@ CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:
 
 def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
     """(tag, category) of a tag list: "general", unless the tag says `category:tag`."""
-    parts = text.split(sep) if sep != " " else text.split()
     tags = []
-    for part in parts:
+    for part in _parts(text, sep):
         match = CATEGORY_PREFIX.match(part)
         category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
         if tag := normalize_tag(raw):
