@@ -115,10 +115,17 @@ TYPE_NAMES = {"bool": "true or false", "int": "a whole number >= 0", "float": "a
               "str": "a string", "list": "a list", "dict": "a table"}
 
 
+ELEMENT_TYPES = {"string_type": "a string", "int_type": "a whole number", "bool_type": "true or false",
+                 "float_type": "a number"}
+
+
 def _describe(error: dict) -> str:
     """One line: the option, the value given, and what it must be."""
     names = [str(n) for n in error["loc"] if not isinstance(n, int)]
-    option = ".".join(names)
+    option = ".".join(names) + "".join(f"[{n}]" for n in error["loc"] if isinstance(n, int))
+    value = error.get("input")
+    if option != ".".join(names) and error["type"] in ELEMENT_TYPES:  # one element of a list
+        return f"{option} = {value!r} ({type(value).__name__}): expected {ELEMENT_TYPES[error['type']]}"
     default: Any = _read(DEFAULTS)
     for n in names:
         default = default.get(n) if isinstance(default, dict) else None
@@ -126,7 +133,6 @@ def _describe(error: dict) -> str:
     if isinstance(default, list) and default:
         inner = default[0]
         expected = f"a list of {TYPE_NAMES.get(type(inner).__name__, 'values').removeprefix('a ')}s"
-    value = error.get("input")
     got = f"{value!r} ({type(value).__name__})" if error["type"] != "missing" else "nothing"
     if error["type"] == "extra_forbidden":
         return f"unknown option {option}"

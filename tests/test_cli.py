@@ -79,6 +79,7 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
     ("ingest.max_pixels=abc", "ingest.max_pixels = 'abc' (str): expected a whole number >= 0"),
     ("ingest.max_pixels=1.5", "ingest.max_pixels = 1.5 (float): expected a whole number >= 0"),
     ('ingest.inputs="/path"', "ingest.inputs = '/path' (str): expected a list of strings"),
+    ("export.exclude_tags=[1, 2]", "export.exclude_tags[0] = 1 (int): expected a string"),
     ("export.max_count=-5", "export.max_count = -5 (int): expected a whole number >= 0"),
     ("caption.send_images=yes", "caption.send_images = 'yes' (str): expected true or false"),
     ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
