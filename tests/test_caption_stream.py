@@ -1,7 +1,8 @@
 """The vllm backend's stream (udfs/caption/caption_stream.py) end to end against a real server on loopback.
 
-No GPU here, so no vLLM engine: the stream runs with ray.data.llm's HttpRequestProcessorConfig
-(`caption.vllm_url`) against `transformers serve` (tests/served_models.py), the tiny LLaVA taking
+No GPU here, so no vLLM engine: the stream runs with its server transport (`caption.vllm_url`,
+udfs/caption/vllm_captioner.ChatRequests) against `transformers serve` (tests/served_models.py)
+and a misbehaving loopback server (tests/test_caption_openai.py's), the tiny LLaVA taking
 the images and SmolLM2 the rewrites. Everything else is what runs with an engine: the request
 rows, the image reads, the replies written per unit, the settling actors and the per-unit
 commits. The engine processor's config is checked in test_caption_vllm.py.
@@ -181,3 +182,44 @@ def test_sigkill_of_the_openai_backend_loses_only_the_unit_in_flight(transformer
         assert Path(ws.table_dir("captions"), f"{part}.parquet").stat().st_mtime_ns == mtime
     assert caption_rows(ws) == caption_rows(reference)
     assert {r[2] for r in caption_rows(ws)} == {"openai:smollm2", "rewrite:smollm2"}
+
+
+def test_a_server_failing_some_requests_ends_no_run_and_the_next_asks_only_those(ray_local, tmp_path, shard):
+    """A 503 outlasting its retries, and a reply that is not JSON, on two of the stream's requests:
+    ray.data.llm's HTTP stage ended the job on either. Here the first is a passing failure
+    (server_error: its image is not looped back with fewer tags, its unit is done again by the
+    next run, which asks only for it) and the second the reply's own (bad_reply)."""
+    from test_caption_openai import Script, serve
+
+    from jobs.config import load_config
+    from store.workspace import Workspace
+
+    script = Script([503, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200])
+    server, url = serve(script)
+    try:
+        config = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', "ray.num_cpus=2"])
+        merge(config, {"caption": {**stream_options(url), "rewrite": "none", "max_retries": 0,
+                                   "vllm_batch_size": 1}})
+        ws = Workspace(str(tmp_path / "ws"))
+        write_inputs(ws, shard)
+        first = caption.run(config, ws)
+        assert first.errors_by_kind["server_error"] == 1 and "1 images failed for a passing reason" in first.render()
+        failed = [e["key"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "server_error"]
+        attempts = {}
+        for row in ws.read_table("captions").to_pylist():
+            attempts.setdefault(row["key"], []).append(row["attempt"])
+        assert failed[0] not in attempts  # not looped back to attempt 1 with fewer tags
+        assert all(sorted(a) == [0, 1] for a in attempts.values()) and len(attempts) == IMAGES - 2
+        asked = len(script.received)
+        second = caption.run(config, ws)
+        assert second.units_done == 1 and "server_error" not in second.errors_by_kind
+        assert len(script.received) == asked + 2  # the failed image's attempts 0 and 1, nothing else
+        attempts = {}
+        for row in ws.read_table("captions").to_pylist():
+            attempts.setdefault(row["key"], []).append(row["attempt"])
+        assert len(attempts) == IMAGES - 1 and all(sorted(a) == [0, 1] for a in attempts.values())
+        assert stream_folder(ws) == []
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()

@@ -1,5 +1,6 @@
 """The vllm backend without a GPU: what can be checked here is the ray.data.llm processor config,
-the request rows (prompt with the tag block, the draft and the image) and the reply handling.
+the request rows (prompt with the tag block, the draft and the image), the reply handling and the
+server transport (`caption.vllm_url`) against a loopback server.
 The engine itself needs CUDA and vllm: bench/gpu_smoke_caption.py runs it on a GPU machine."""
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from jobs.config import load_config
 from udfs.caption.caption_prompts import caption_messages
 from udfs.caption.vllm_captioner import (
     PLACEHOLDER,
+    ChatRequests,
     engine_kwargs,
-    http_config,
-    http_postprocess,
-    http_preprocess,
     postprocess,
     preprocess,
     processor_config,
@@ -44,14 +43,6 @@ def test_rewrite_processor_is_text_only_with_the_rewrite_model(opts):
     assert "limit_mm_per_prompt" not in config.engine_kwargs
 
 
-def test_http_config_posts_chat_completions_with_the_key(opts, monkeypatch):
-    monkeypatch.setenv("SERVE_KEY", "s3cret")
-    config = http_config("http://gpu-node:8000/v1/", opts, "SERVE_KEY")
-    assert config.url == "http://gpu-node:8000/v1/chat/completions"
-    assert config.headers == {"Authorization": "Bearer s3cret"}
-    assert http_config("http://gpu-node:8000/v1", opts, "").headers == {}
-
-
 def test_request_rows_carry_prompt_image_and_sampling(opts):
     messages = caption_messages(["1girl", "gotou_hitori", "bocchi_the_rock!"], ["general", "character", "copyright"],
                                 "Gotou Hitori from Bocchi the Rock!.", "data:image/jpeg;base64,AAAA",
@@ -69,12 +60,37 @@ def test_request_rows_carry_prompt_image_and_sampling(opts):
     assert postprocess({**carried, "generated_text": ' "A girl.\n" '}) == {**carried, "caption": "A girl."}
 
 
-def test_unreadable_image_rows_cross_the_stream_as_one_token_placeholders():
+def test_unreadable_image_rows_cross_the_engine_as_one_token_placeholders():
     failed = {"unit": "u", "stage": "a0", "key": "k", "error": "unreadable_image: cannot read x.png", "seed": 1,
               "messages": ""}
-    row = http_preprocess(failed, "m", 120, 0.6)
-    assert row["payload"]["messages"] == PLACEHOLDER and row["payload"]["max_tokens"] == 1
-    reply = http_postprocess({**row, "http_response": {"choices": [{"message": {"content": "x"}}]}})
-    assert reply["caption"] is None and reply["error"] == failed["error"]
-    empty = http_postprocess({**row, "error": "", "http_response": {"error": "overloaded"}})
-    assert empty["caption"] is None and empty["error"].startswith("model_error: no reply")
+    row = preprocess(failed, 120, 0.6)
+    assert row["messages"] == PLACEHOLDER and row["sampling_params"]["max_tokens"] == 1
+    assert postprocess({**row, "generated_text": "x"}) == {**{k: failed[k] for k in ("unit", "stage", "key", "error")},
+                                                           "caption": None}
+
+
+def test_the_server_transport_asks_each_request_once_and_says_why_one_failed(opts, monkeypatch):
+    """ChatRequests on a loopback server: a row that could not be read is not sent, a reply is
+    cleaned, a 503 past the retries is a server_error (a passing failure), with the key sent."""
+    import pyarrow as pa
+    from test_caption_openai import Script, serve
+
+    monkeypatch.setenv("SERVE_KEY", "s3cret")
+    script = Script([200, 503])
+    server, url = serve(script)
+    try:
+        stage = ChatRequests(url, "m", "SERVE_KEY", 120, 0.6, dict(opts, max_retries=0, vllm_batch_size=1))
+        messages = json.dumps([{"role": "user", "content": "hi"}])
+        batch = pa.Table.from_pylist([
+            {"unit": "u", "stage": "a0", "key": "k0", "seed": 1, "messages": messages, "error": ""},
+            {"unit": "u", "stage": "a0", "key": "k1", "seed": 2, "messages": "", "error": "unreadable_image: x.png"},
+            {"unit": "u", "stage": "a0", "key": "k2", "seed": 3, "messages": messages, "error": ""}])
+        out = stage(batch).to_pylist()
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()
+    assert [(r["key"], r["caption"]) for r in out] == [("k0", "caption by m"), ("k1", None), ("k2", None)]
+    assert out[1]["error"] == "unreadable_image: x.png" and out[2]["error"].startswith("server_error: ")
+    assert [r["seed"] for r in script.received] == [1, 3] and script.received[0]["max_tokens"] == 120
+    assert script.headers[0]["Authorization"] == "Bearer s3cret"

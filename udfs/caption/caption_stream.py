@@ -36,7 +36,7 @@ from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_images import request_urls
 from udfs.caption.caption_prompts import caption_messages, prompt_for, rewrite_messages
-from udfs.caption.caption_unit import Hint, UnitCaptioner, unit_info
+from udfs.caption.caption_unit import TRANSIENT_KINDS, Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
 from udfs.caption.rewriter import must_keep
 
@@ -160,8 +160,19 @@ class ReplayCaptioner(UnitCaptioner):
         errors += region_errors
         info = unit_info(table.num_rows, captions, errors, 0.0)
         self.commit(unit, captions, errors, regions, info)
-        self.ws.fs.delete_dir(f"{self.ws.base}/{STREAM}/{unit}")
+        self.forget_replies(unit, info)
         return {"unit": unit, "info": info}
+
+    def forget_replies(self, unit: str, info: dict) -> None:
+        """A committed unit's stream folder goes; with passing failures (the next run does the
+        unit again) its other replies stay, so that only the failed requests are asked again."""
+        folder = f"{self.ws.base}/{STREAM}/{unit}"
+        kept = [r for r in self.replies.values()
+                if r["error"].partition(": ")[0] not in TRANSIENT_KINDS] if info["transient"] else []
+        self.ws.fs.delete_dir(folder)  # killed before the write below: the next run asks them all again
+        if kept:
+            self.ws.write_parquet(f"{folder}/replies/{uuid.uuid4().hex}.parquet",
+                                  pa.Table.from_pylist(kept, REPLY_SCHEMA))
 
 
 def read_replies(ws: Workspace, unit: str) -> dict[tuple[str, str], dict]:

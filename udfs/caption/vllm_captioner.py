@@ -2,8 +2,12 @@
 
 Two transports behind one request row (unit, stage, key, seed, messages, error):
 - a vLLM engine in GPU actors (`vLLMEngineProcessorConfig`, default JoyCaption);
-- an OpenAI-compatible server such as `vllm serve` on GPU nodes (`caption.vllm_url`), through
-  `HttpRequestProcessorConfig`: the same stream, with the engine kept outside the job.
+- an OpenAI-compatible server such as `vllm serve` on GPU nodes (`caption.vllm_url`): the same
+  stream, with the engine kept outside the job, its requests sent by ChatRequests with the
+  `openai` backend's transport (udfs/caption/openai_transport.py). Not ray.data.llm's
+  HttpRequestProcessorConfig: its stage ends the whole job on a 5xx that outlasts its retries
+  or on a reply that is not JSON, bounds no request's total time, and cannot say which
+  failures are passing (to be asked again by the next run) and which are the reply's own.
 
 The configs and the pre/post-processing are plain code importable without vllm (the engine is
 only imported inside the GPU actors), so they are tested on machines without a GPU;
@@ -13,8 +17,9 @@ bench/gpu_smoke_caption.py runs the engine where there is one.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
+
+import pyarrow as pa
 
 from udfs.caption.caption_prompts import clean_reply
 
@@ -48,20 +53,6 @@ def processor_config(opts: dict[str, Any], rewrite: bool = False):
         chat_template_stage=True, tokenize_stage=True, detokenize_stage=True)
 
 
-def http_config(url: str, opts: dict[str, Any], api_key_env: str):
-    """HttpRequestProcessorConfig posting chat completions to an OpenAI-compatible server at `url` (…/v1)."""
-    from ray.data.llm import HttpRequestProcessorConfig
-
-    key = os.environ.get(api_key_env, "") if api_key_env else ""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return HttpRequestProcessorConfig(
-        url=f"{url.rstrip('/')}/chat/completions", headers=headers, concurrency=int(opts["vllm_concurrency"]),
-        batch_size=int(opts["vllm_batch_size"]), max_retries=int(opts["max_retries"]),
-        base_retry_wait_time_in_s=float(opts["backoff_s"]),
-        # the stage waits on the server: a whole CPU per actor would starve the stream's tasks
-        http_request_stage={"num_cpus": 0.25})
-
-
 def sampling(row: dict[str, Any], max_tokens: int, temperature: float) -> tuple[list, dict]:
     """The messages and sampling parameters of one request row (a placeholder for an error row)."""
     if row.get("error"):
@@ -79,25 +70,41 @@ def postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return {**{c: row[c] for c in CARRIED}, "caption": None if row["error"] else clean_reply(row.get("generated_text"))}
 
 
-def http_preprocess(row: dict[str, Any], model: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-    messages, params = sampling(row, max_tokens, temperature)
-    return {**{c: row[c] for c in CARRIED}, "payload": {"model": model, "messages": messages, **params}}
+class ChatRequests:
+    """map_batches UDF of the `vllm_url` transport: each request row's chat completion from the
+    server, its reply as `caption` or its failure as `error` ("<kind>: <message>", the kinds of
+    EndpointError: server_error, timeout, ... are passing failures the next run asks again)."""
 
+    def __init__(self, url: str, model: str, api_key_env: str, max_tokens: int, temperature: float,
+                 opts: dict[str, Any]) -> None:
+        from udfs.caption.openai_transport import ChatEndpoint
 
-def http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    out = {c: row[c] for c in CARRIED}
-    if row["error"]:
-        return {**out, "caption": None}
-    choices = (row.get("http_response") or {}).get("choices") or []
-    text = (choices[0].get("message") or {}).get("content") if choices else None
-    if not isinstance(text, str):
-        answer = json.dumps(row.get("http_response"))[:300]
-        return {**out, "caption": None, "error": f"model_error: no reply in {answer}"}
-    return {**out, "caption": clean_reply(text)}
+        self.endpoint = ChatEndpoint(url, model, api_key_env, timeout_s=float(opts["timeout_s"]),
+                                     max_retries=int(opts["max_retries"]), backoff_s=float(opts["backoff_s"]),
+                                     max_concurrency=int(opts["vllm_batch_size"]))
+        self.max_tokens, self.temperature = max_tokens, temperature
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        asked = [i for i, row in enumerate(rows) if not row["error"]]
+        requests = []
+        for i in asked:
+            messages, params = sampling(rows[i], self.max_tokens, self.temperature)
+            requests.append({"messages": messages, **params})
+        captions: list[str | None] = [None] * len(rows)
+        errors = [row["error"] for row in rows]
+        for i, reply in zip(asked, self.endpoint.chat_many(requests), strict=True):
+            if isinstance(reply, str):
+                captions[i] = clean_reply(reply)
+            else:
+                errors[i] = f"{reply.kind}: {reply}"
+        return pa.table({**{c: batch[c] for c in CARRIED if c != "error"},
+                         "error": pa.array(errors, pa.string()), "caption": pa.array(captions, pa.string())})
 
 
 def build_processor(opts: dict[str, Any], rewrite: bool = False):
-    """The processor of one stream pass: captions (with images) or rewrites (text only)."""
+    """The processor of one stream pass, dataset to dataset: captions (with images) or rewrites
+    (text only), by the engine or by the server at `caption.vllm_url`."""
     from ray.data.llm import build_processor as build
 
     max_tokens = int(opts["rewrite_max_tokens"] if rewrite else opts["max_tokens"])
@@ -106,7 +113,11 @@ def build_processor(opts: dict[str, Any], rewrite: bool = False):
         url = opts["rewrite_base_url"] if rewrite else opts["vllm_url"]
         model = opts["rewrite_model"] if rewrite else opts["vllm_model"]
         key_env = opts["rewrite_api_key_env"] if rewrite else opts["api_key_env"]
-        return build(http_config(url, opts, key_env), postprocess=http_postprocess,
-                     preprocess=lambda row: http_preprocess(row, model, max_tokens, temperature))
+        kwargs = {"url": url, "model": model, "api_key_env": key_env, "max_tokens": max_tokens,
+                  "temperature": temperature, "opts": opts}
+        # the actors wait on the server: a whole CPU each would starve the stream's tasks
+        return lambda ds: ds.map_batches(ChatRequests, fn_constructor_kwargs=kwargs, batch_format="pyarrow",
+                                         batch_size=int(opts["vllm_batch_size"]),
+                                         concurrency=int(opts["vllm_concurrency"]), num_cpus=0.25)
     return build(processor_config(opts, rewrite), postprocess=postprocess,
                  preprocess=lambda row: preprocess(row, max_tokens, temperature))
