@@ -198,7 +198,7 @@ def test_a_server_failing_some_requests_ends_no_run_and_the_next_asks_only_those
     server, url = serve(script)
     try:
         config = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', "ray.num_cpus=2"])
-        merge(config, {"caption": {**stream_options(url), "rewrite": "none", "max_retries": 0,
+        merge(config, {"caption": {**stream_options(url), "rewrite": "", "max_retries": 0,
                                    "vllm_batch_size": 1}})
         ws = Workspace(str(tmp_path / "ws"))
         write_inputs(ws, shard)
