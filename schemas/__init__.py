@@ -277,7 +277,8 @@ export_manifest = pa.schema(
     [
         ("key", pa.string()),  # the image's key in the workspace
         ("clip", pa.string()),  # the clip's key for a video or animation frame, else null
-        ("sample_key", pa.string()),  # its safe name in the export (+ "-r<n>" for materialised repeats)
+        ("frame_time", pa.float64()),  # the frame's time in its clip (seconds), else null
+        ("sample_key", pa.string()),  # its safe name in the export (+ "-r<n>-<digest>" for materialised repeats)
         ("layout", pa.string()),  # webdataset, kohya, everydream, parquet
         ("path", pa.string()),  # shard / folder / Parquet file, relative to the export folder
         ("image", pa.string()),  # image member or file name

@@ -352,7 +352,9 @@ def test_run_on_a_folder_of_clips_exports_frames_with_their_clips_tags(tmp_path)
         assert meta["clip"] == clip
         assert ("eileen" if clip == "in/scenes" else "lucy") in meta["tags"]
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
-    assert {(m["key"], m["clip"]) for m in manifest} == {(m["key"], m["clip"]) for m in metas}
+    assert {(m["key"], m["clip"], m["frame_time"]) for m in manifest} == {
+        (m["key"], m["clip"], m["frame_time"]) for m in metas}
+    assert {m["frame_time"] for m in manifest} == {0.0, 2.0, 4.0}  # 12 fps: frames 0, 24 and 48
 
     one_clip = booruset("export", "-w", str(ws), "--out", str(tmp_path / "scenes"), "--where", "clip = 'in/scenes'")
     log, _ = one_clip.communicate(timeout=900)

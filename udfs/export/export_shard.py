@@ -234,7 +234,8 @@ class UnitExport:
     def record(self, sample: dict, name: str, layout: str, path: str, image_name: str, image: bytes) -> None:
         self.bytes_out += len(image)
         self.manifest.append({
-            "key": sample["key"], "clip": sample.get("clip"), "sample_key": name, "layout": layout, "path": path,
+            "key": sample["key"], "clip": sample.get("clip"), "frame_time": frame_time(sample),
+            "sample_key": name, "layout": layout, "path": path,
             "image": image_name,
             "width": sample["size"][0], "height": sample["size"][1], "image_bytes": len(image),
             "reencoded": bool(sample["reencode"]), "orientation": int(sample["orientation"]),
@@ -310,3 +311,9 @@ class UnitExport:
                 "files": sorted(set(self.files)), "witnesses": sorted(self.witnesses.values()), "out": self.out,
                 "sizes": self.sizes,
                 "samples_written": len(self.manifest)}
+
+
+def frame_time(sample: dict) -> float | None:
+    """A frame's time in its clip, from the sample's json (not a field of the plan: one there
+    would change every unit's digest, and so write every export again)."""
+    return json.loads(sample["json"]).get("frame_time") if sample.get("clip") else None
