@@ -26,9 +26,10 @@ face_facts as (
     group by key
 ),
 people_detected as (
+    -- a box clipped to nothing at the image's edge is no person
     select key, count(*)::integer as n_people_detected
     from detections
-    where label = $person_label and score >= $person_threshold
+    where label = $person_label and score >= $person_threshold and x1 > x0 and y1 > y0
     group by key
 ),
 count_by_gender as (

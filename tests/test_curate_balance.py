@@ -75,6 +75,7 @@ def _people_workspace(ws):
         face_row("solo", 0.7, 0.7, 0.72, 0.74, score=0.1),  # below the face threshold
         face_row("pair", 0.1, 0.0, 0.2, 0.2), face_row("pair", 0.6, 0.5, 0.9, 1.0),
         face_row("none", 0.0, 0.0, 0.5, 0.5, label="person"), face_row("none", 0.5, 0.0, 1.0, 0.5, label="person"),
+        face_row("none", 1.0, 0.2, 1.0, 0.6, label="person"),  # clipped to nothing at the edge: no person
     ])
 
 
