@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import socket
 
 from jobs.config import Config, ConfigError
 from jobs.export import check_options
@@ -30,6 +31,7 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
     check_options(cfg["export"])  # the page shows the KEY.txt export would write: with options it takes
     if ws.read_json("state/published.json") is None:
         raise ConfigError(f"{ws.root} has no tables yet: run `booruset run` (or ingest) first")
+    listening = listen(host, port)  # before "open ...": a port in use must not print an address
     app = ReviewApp(cfg, ws, token)
     app.index.fresh()
     print(f"review: {app.index.total()} images of {ws.root}, indexed in {app.index.build_seconds:.1f} s", flush=True)
@@ -37,5 +39,15 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
     address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"review: open {address}  (Ctrl-C stops)", flush=True)
     hosts = ["*"] if not is_loopback(host) else [*LOOPBACK, host, f"[{host}]"]
-    uvicorn.run(app.asgi(hosts), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app.asgi(hosts), log_level="warning")).run(sockets=[listening])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port another server holds is one line and exit 2 (it
+    printed this server's address, then uvicorn failed with exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(f"review: cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -51,6 +51,17 @@ def served(tmp_path_factory, ray_local):
         server.wait(timeout=30)
 
 
+def test_a_port_in_use_is_one_line_and_no_address(served):
+    """Another server on the port: this one says so and exits 2, printing no address to open."""
+    path, url = served
+    port = url.rsplit(":", 1)[1].strip("/")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    second = subprocess.run([*booruset_command(), "review", "-w", str(path), "--port", port], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "review: open" not in second.stdout
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr and "Traceback" not in second.stderr
+
+
 def pick_image(path) -> tuple[str, str, str]:
     """A character, an exported image of it (on the filtered grid's first page: the sample is small),
     and a tag of it that the caption puts in words."""
