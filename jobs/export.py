@@ -54,7 +54,7 @@ from jobs.summary import JobSummary
 from store.staging import clear
 from store.workspace import Workspace, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
-from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, shard_name
+from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, file_stamp, shard_name
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
@@ -114,9 +114,10 @@ def check_options(opts: dict) -> None:
             raise ConfigError(f"export.alpha_background {opts['alpha_background']!r}: {exc}") from exc
     if opts["buckets"] and int(opts["max_size"]) <= 0:
         raise ConfigError("export.buckets needs export.max_size (the bucket resolution)")
-    if opts["buckets"] and not 1 <= int(opts["bucket_step"]) <= int(opts["bucket_min_side"]) <= int(
-            opts["bucket_max_side"]):
-        raise ConfigError("export.buckets needs 1 <= bucket_step <= bucket_min_side <= bucket_max_side")
+    sides = [int(opts[k]) for k in ("bucket_step", "bucket_min_side", "bucket_max_side")]
+    if opts["buckets"] and not (1 <= sides[0] <= sides[1] <= sides[2] and sides[0] <= int(opts["max_size"])):
+        raise ConfigError("export.buckets needs 1 <= bucket_step <= bucket_min_side <= bucket_max_side, "
+                          "and bucket_step <= max_size")
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
@@ -180,12 +181,12 @@ def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str
 
 
 def outputs_present(out: str, info: dict) -> bool:
-    """Whether the files a unit wrote are in `out`, its shards of the size it wrote them (a
-    marker from before sizes were kept: present is enough)."""
+    """Whether the files a unit wrote are in `out`, its shards the very files it wrote (size and
+    modification time; a marker from before they were kept: present is enough)."""
     present = all(os.path.isfile(os.path.join(out, relative)) for relative in [*info.get("files", []),
                                                                               *info.get("witnesses", [])])
-    return present and all(os.path.getsize(os.path.join(out, relative)) == size
-                           for relative, size in info.get("sizes", {}).items())
+    return present and all(file_stamp(os.path.join(out, relative)) == stamp
+                           for relative, stamp in info.get("stamps", {}).items())
 
 
 # ---- selection ------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.begin_job()
     markers = ws.done_units("ingest")
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
-    units, reread, superseded = read_damaged_again(units, markers)
+    units, reread, superseded = read_damaged_again(ws, units, markers)
     replaced, removed = retire_stale_units(ws, done, units, superseded)
     pending = [u for u in units if unit_key(u) not in done]
     resumed = finished_samples(ws, units, pending, options)
@@ -123,12 +123,15 @@ def _limits(options: dict) -> str:
 
 
 SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
-# What each READER_VERSION reads better than the one before: a unit an older reader committed with
-# errors of one of these kinds is read again (read_damaged_again), and only such a unit.
-READ_BETTER = {3: SHARD_DAMAGE, 4: SHARD_DAMAGE, 5: frozenset({"corrupt_image"})}
+# What each READER_VERSION reads better than the one before: error kind -> what its message says
+# (None: any). A unit an older reader committed with such an error is read again
+# (read_damaged_again), and only such a unit: a re-read unit is a new unit, annotated again.
+READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
+               5: {"corrupt_image": "image has wrong mode"}}  # palette and 1-bit images, 512 px and up
 
 
-def read_damaged_again(units: list[Unit], markers: dict[str, dict]) -> tuple[list[Unit], int, set[str]]:
+def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]
+                       ) -> tuple[list[Unit], int, set[str]]:
     """The units to plan, with each unit in which an older reader (READER_VERSION) met errors a
     newer one reads better (READ_BETTER) planned again under a key of its own (its stamp +
     `|reader<version>`): the newer reader may recover members or images the older lost, and the
@@ -140,7 +143,7 @@ def read_damaged_again(units: list[Unit], markers: dict[str, dict]) -> tuple[lis
     for unit in units:
         keyed = [unit] + [_read_by(unit, version) for version in range(3, READER_VERSION + 1)]
         seen = [u for u in keyed if unit_key(u) in markers]
-        if seen and _damaged_for_an_older_reader(markers[unit_key(seen[-1])]):
+        if seen and _damaged_for_an_older_reader(ws, unit_key(seen[-1]), markers[unit_key(seen[-1])]):
             planned.append(keyed[-1])
             reread += 1
             superseded.add(unit_key(seen[-1]))
@@ -153,13 +156,22 @@ def _read_by(unit: Unit, version: int) -> Unit:
     return dataclasses.replace(unit, stamp=f"{unit.stamp}|reader{version}")
 
 
-def _damaged_for_an_older_reader(marker: dict) -> bool:
+def _damaged_for_an_older_reader(ws: Workspace, uid: str, marker: dict) -> bool:
     """Whether a unit's marker says a reader older than READER_VERSION met errors that a newer
-    one reads better (a marker without `reader`: before 3; a marker retired for a new read keeps `damaged_reader`)."""
+    one reads better (a marker without `reader`: before 3; a marker retired for a new read keeps
+    `damaged_reader`). Where READ_BETTER names a message, the unit's errors rows are read to find
+    it: a few rows, and only for units whose marker counts that kind."""
     if marker.get("retired"):
         return marker.get("damaged_reader", READER_VERSION) < READER_VERSION
-    read_better = set().union(*(READ_BETTER[v] for v in range(marker.get("reader", 2) + 1, READER_VERSION + 1)))
-    return bool(read_better & set(marker.get("error_kinds", {})))
+    better: dict[str, str | None] = {}
+    for version in range(marker.get("reader", 2) + 1, READER_VERSION + 1):
+        better.update(READ_BETTER[version])
+    kinds = set(better) & set(marker.get("error_kinds", {}))
+    if any(better[kind] is None for kind in kinds):
+        return True
+    parts = marker["parts"].get("errors", []) if "parts" in marker else [uid]
+    return bool(kinds) and any(row["kind"] in kinds and better[row["kind"]] in (row["message"] or "")
+                               for part in parts for row in ws.read_part("errors", part, ["kind", "message"]))
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()

@@ -42,7 +42,7 @@ class EditRequest:
         self.add_tags = [t for item in add_tags or [] for t in _tags(item)]
         # also as typed: a tag an earlier version stored unnormalised can still be removed
         self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
-        too_long = [t for t in self.add_tags if len(t) > max_tag_chars]
+        too_long = [t for t in [*self.add_tags, *_tags(character or "")] if len(t) > max_tag_chars]
         if too_long:
             raise ValueError(f"tag {too_long[0][:40]!r}... is over {max_tag_chars} characters (ingest.max_tag_chars)")
         if character is not None and len(_tags(character)) > 1:

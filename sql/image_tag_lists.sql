@@ -1,8 +1,8 @@
 -- image_tag_lists: one row per image that has tags, with its tag lists in order.
--- Tags are the curated `tags` in rank order; an image curate has not seen (no `image_meta` row:
--- ingested since, or never curated) falls back to its `source_tags` (sidecar order, score 1.0).
--- One curate left without tags (all blacklisted) keeps none. source_rating is a rating tag from
--- the sidecars.
+-- Tags are the curated `tags` in rank order; an image without curated tags falls back to its
+-- `source_tags` (sidecar order, score 1.0), unless curate has seen it (an `image_meta` row) and
+-- left it none (all blacklisted): then only the tags the caption job derived from its text
+-- since (origin caption). source_rating is a rating tag from the sidecars.
 -- A person's tag edits (edit_state, from `booruset review`) apply on top: a removed tag is gone,
 -- an added one comes last (score 1.0, the category the tag has elsewhere in `tags`, else general).
 -- A view every workspace connection has (store/workspace.py); captioners, export and the review
@@ -17,28 +17,26 @@ with curated as not materialized (
 ),
 source_distinct as not materialized (
     select key, tag, coalesce(min(category), 'general') as category, 1.0::float as score,
-           min(position)::bigint as position
+           min(position)::bigint as position, bool_or(origin = 'caption') as from_text
     from source_tags
     where coalesce(category, 'general') <> 'rating'
     group by key, tag
 ),
-curated_images as not materialized (
-    -- a row without a tag for each image curate has seen, so that its tags stand even when there
-    -- are none: the source tags it removed (a blacklisted one) do not come back
-    select key, null::varchar as tag, null::varchar as category, null::float as score, null::bigint as position
-    from image_meta
-),
 job_tags as not materialized (
-    -- an image's curated tags if curate has seen it, else its source tags: a window over the key,
-    -- not an anti join with every key of `tags`, so that a key filter reaches all three scans
-    select * exclude (curated, has_curated)
-    from (select *, bool_or(curated) over (partition by key) as has_curated
-          from (select *, true as curated from curated
+    -- an image's curated tags if it has any; else its source tags, unless curate has seen the
+    -- image (an image_meta row) and left it none: the tags it removed (a blacklisted one) do not
+    -- come back. The tags the caption job derives from the image's own text after curate
+    -- (origin caption) stand in all the same. A window over the key, not an anti join with
+    -- every key of `tags`, so that a key filter reaches all three scans.
+    select key, tag, category, score, position
+    from (select *, bool_or(kind = 'curated') over (partition by key) as has_curated,
+                 bool_or(kind = 'seen') over (partition by key) as seen
+          from (select key, tag, category, score, position, 'curated' as kind, false as from_text from curated
                 union all
-                select *, true as curated from curated_images
+                select key, null, null, null, null, 'seen', false from image_meta
                 union all
-                select *, false as curated from source_distinct))
-    where (curated or not has_curated) and tag is not null
+                select key, tag, category, score, position, 'source', from_text from source_distinct))
+    where kind = 'curated' or (kind = 'source' and not has_curated and (not seen or from_text))
 ),
 tag_edits as (
     select key, subject as tag, new is not null as present

@@ -82,6 +82,11 @@ def test_an_image_whose_only_tags_curate_removed_has_none_in_its_tag_lists(works
     workspace.add_part("source_tags", "q", source_rows("c", ["cosplay"]))
     con = workspace.connect()
     assert dict(con.execute("select key, tags from image_tag_lists").fetchall()) == {"b": ["smile"], "c": ["cosplay"]}
+    # tags the caption job derives from an image's own text after curate stand in for none
+    workspace.add_part("source_tags", "r", [{**row, "origin": "caption"} for row in source_rows("a", ["1girl"])])
+    con = workspace.connect()
+    assert dict(con.execute("select key, tags from image_tag_lists").fetchall()) == {
+        "a": ["1girl"], "b": ["smile"], "c": ["cosplay"]}
 
 
 @pytest.mark.parametrize(("scores", "kept"), [

@@ -243,31 +243,42 @@ def test_a_shard_an_older_reader_found_damaged_is_read_again_once(tmp_path):
 
 def test_units_with_images_an_older_reader_could_not_probe_are_read_again_once(tmp_path):
     """Readers before 5 dropped palette and 1-bit images of 512 pixels a side or more as
-    corrupt_image. A shard or folder unit committed with a corrupt_image row by such a reader is
-    read again, its rows replaced (not doubled); a unit without one is not."""
+    corrupt_image ("image has wrong mode"). A shard or folder unit committed with such a row by
+    such a reader is read again, its rows replaced (not doubled); a unit whose corrupt_image is
+    another (a broken file, which no reader recovers) is not: a unit read again is annotated again."""
+    import pyarrow.parquet as pq
+
     palette = io.BytesIO()
     picture(seed=1).resize((600, 520)).quantize(16).save(palette, "PNG")
     broken = bytearray(encode(picture(seed=2), "PNG"))
     broken[100:140] = b"\xff" * 40  # a broken data stream: corrupt_image
-    for folder in ("in", "clean"):
+    for folder in ("in", "clean", "broken"):
         (tmp_path / folder).mkdir()
     write_tar(tmp_path / "in" / "s.tar", [("p.png", palette.getvalue()), ("bad.png", bytes(broken))])
     (tmp_path / "in" / "p.png").write_bytes(palette.getvalue())
-    (tmp_path / "in" / "bad.png").write_bytes(bytes(broken))
     (tmp_path / "clean" / "ok.png").write_bytes(encode(picture(seed=3), "PNG"))
-    inputs = [str(tmp_path / "in"), str(tmp_path / "clean")]
+    (tmp_path / "broken" / "bad.png").write_bytes(bytes(broken))
+    inputs = [str(tmp_path / f) for f in ("in", "clean", "broken")]
     _, ws = run_ingest(tmp_path, inputs)
     keys = ["clean/ok", "in/p", "in/s/p"]
     assert sorted(ws.read_table("images").column("key").to_pylist()) == keys
     state = Path(ws.state_dir("ingest"))
-    for path in state.glob("*.json"):  # as reader 4 committed them: the palette image lost too
+    for path in state.glob("*.json"):  # as reader 4 committed them: the palette images lost too
         marker = json.loads(path.read_text())
         marker["reader"] = 4
+        if marker["input"] == "in":
+            marker["error_kinds"]["corrupt_image"] = marker["error_kinds"].get("corrupt_image", 0) + 1
+            errors = Path(ws.table_dir("errors")) / f"{marker['parts']['images'][0]}.parquet"
+            rows = pq.read_table(errors).to_pylist() if errors.exists() else []
+            lost = {"key": "in/p", "source": "in", "member": "p.png", "stage": "ingest", "kind": "corrupt_image",
+                    "message": "ValueError: image has wrong mode", "dropped": True}
+            ws.write_part("errors", errors.stem, rows + [lost])
+            marker["parts"]["errors"] = [errors.stem]
         path.write_text(json.dumps(marker, sort_keys=True))
     summary, ws = run_ingest(tmp_path, inputs)
     assert summary.units_done == 2 and any(n.startswith("read again: 2 units") for n in summary.notes)
     assert sorted(ws.read_table("images").column("key").to_pylist()) == keys
-    assert sorted(e["key"] for e in ws.read_table("errors").to_pylist()) == ["in/bad", "in/s/bad"]
+    assert sorted(e["key"] for e in ws.read_table("errors").to_pylist()) == ["broken/bad", "in/s/bad"]
     summary, _ = run_ingest(tmp_path, inputs)
     assert summary.units_done == 0 and summary.rows_out["images"] == 3
 

@@ -151,7 +151,8 @@ def test_added_tags_take_the_form_of_curated_ones(review):
     assert set(after) == set(before) | {"blue_eyes", "bowtie", "edited_tag", "red_hair"}
     client.post("/api/edits", json={"key": key, "remove_tags": ["EDITED TAG"]})
     assert "edited_tag" not in tags_of(ws, key)
-    for body, reason in (({"add_tags": ["y" * 5000]}, "max_tag_chars"), ({"add_tags": ["a\udc80"]}, "UTF-16"),
+    for body, reason in (({"add_tags": ["y" * 5000]}, "max_tag_chars"), ({"character": "z" * 5000}, "max_tag_chars"),
+                         ({"add_tags": ["a\udc80"]}, "UTF-16"),
                          ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag")):
         # ASCII JSON: a half pair travels as its escape, as a browser or script would send it
         answer = client.post("/api/edits", content=json.dumps({"key": key, **body}),

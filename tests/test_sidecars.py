@@ -84,6 +84,10 @@ def test_a_prefixed_tag_list_over_two_lines_is_not_the_three_line_form():
     tags, _, origin = parse_sidecar("txt", "character:eileen, smile\ncharacter:lucy, general:2girls")
     assert origin == "txt"
     assert tags == [("eileen", "character"), ("smile", "general"), ("lucy", "character"), ("2girls", "general")]
+    tags, _, origin = parse_sidecar("txt", "character:eileen, smile\ncopyright:renpy, 1girl")
+    assert origin == "txt" and ("smile", "general") in tags and ("1girl", "general") in tags
+    three = parse_sidecar("txt", "character: eileen, lucy\ncharacter: mary")  # a label twice: still the form
+    assert three == ([("eileen", "character"), ("lucy", "character"), ("mary", "character")], [], "three_line")
     three = parse_sidecar("tags", "copyright: touhou\ncharacter: hakurei reimu, kirisame marisa\ngeneral tags: 2girls")
     assert three == ([("touhou", "copyright"), ("hakurei_reimu", "character"), ("kirisame_marisa", "character"),
                       ("2girls", "general")], [], "three_line")

@@ -170,9 +170,10 @@ class UnitExport:
         # one per-image file of each folder the unit writes in: a later export checks that they
         # are still there (a folder deleted, `out` emptied) before it counts the unit as done
         self.witnesses: dict[str, str] = {}
-        # bytes of each shard written: a later run takes the unit as done only while they match
-        # (another workspace's export to the same folder writes shards of the same names)
-        self.sizes: dict[str, int] = {}
+        # size and modification time of each shard written: a later run takes the unit as done
+        # only while they match (another workspace's export to the same folder writes shards of
+        # the same names, often of the same size: tar pads to 10 KiB)
+        self.stamps: dict[str, list[int]] = {}
         self.bytes_out = 0
 
     def run(self) -> dict:
@@ -288,7 +289,7 @@ class UnitExport:
                 path = inside(self.out, f"{layout}/{name(index)}")
                 os.replace(tmp, path)
                 self.files.append(f"{layout}/{name(index)}")
-                self.sizes[f"{layout}/{name(index)}"] = os.path.getsize(path)
+                self.stamps[f"{layout}/{name(index)}"] = file_stamp(path)
             writers.clear()
         unit = self.plan["unit"]
         self.ws.write_part("export_manifest", unit, self.manifest)
@@ -309,7 +310,7 @@ class UnitExport:
         return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
                 "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
                 "files": sorted(set(self.files)), "witnesses": sorted(self.witnesses.values()), "out": self.out,
-                "sizes": self.sizes,
+                "stamps": self.stamps,
                 "samples_written": len(self.manifest)}
 
 
@@ -317,3 +318,9 @@ def frame_time(sample: dict) -> float | None:
     """A frame's time in its clip, from the sample's json (not a field of the plan: one there
     would change every unit's digest, and so write every export again)."""
     return json.loads(sample["json"]).get("frame_time") if sample.get("clip") else None
+
+
+def file_stamp(path: str) -> list[int]:
+    """[bytes, modification time in ns] of a written file: what says it is still the one written."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]

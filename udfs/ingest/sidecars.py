@@ -30,6 +30,8 @@ DANBOORU_FIELDS = {
 RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
 THREE_LINE = re.compile(r"^\s*(copyright|character|artist|general tags|general|meta)\s*:", re.I)
 THREE_LINE_CATEGORY = {"general tags": "general"}
+# a three-line form's label: a space after its colon (or the line ends there), unlike a kohya prefix
+THREE_LINE_LABEL = re.compile(r"^\s*(copyright|character|artist|general tags|general|meta)\s*:(\s|$)", re.I)
 
 
 class SidecarError(Exception):
@@ -187,20 +189,20 @@ def parse_sidecar(ext: str, data: bytes | str) -> tuple[list[tuple[str, str]], l
         return _parse_three_line(text), [], "three_line"
     lines = ",".join(text.splitlines())  # a comma list over several lines: a line ends a tag too
     if ext == "tags":
-        return (categorized_tags(lines, ",") if "," in text else categorized_tags(text, " ")), [], "booru"
+        commas = "," in text or "\uff0c" in text
+        return (categorized_tags(lines, ",") if commas else categorized_tags(text, " ")), [], "booru"
     return categorized_tags(lines, ","), [], "txt"
 
 
 def _is_three_line(text: str) -> bool:
-    """`copyright: ...` / `character: ...` / `general tags: ...`, each label once. A kohya tag list
-    with prefixes over lines (`character:eileen, smile` / `character:lucy, general:2girls`)
-    repeats a label or prefixes a later tag: read as one, it made `smile` a character."""
+    """`copyright: ...` / `character: ...` / `general tags: ...`: every line a label, a colon and a
+    space. A kohya tag list with prefixes over lines (`character:eileen, smile` /
+    `copyright:renpy, 1girl`) writes them without the space, or prefixes a later tag; read as
+    three lines, it made `smile` a character and `1girl` a copyright."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    if len(lines) < 2 or not all(THREE_LINE.match(ln) for ln in lines):
+    if len(lines) < 2 or not all(THREE_LINE_LABEL.match(ln) for ln in lines):
         return False
-    labels = [THREE_LINE.match(ln).group(1).lower() for ln in lines]
-    later_prefixed = any(CATEGORY_PREFIX.match(part) for ln in lines for part in ln.split(",")[1:])
-    return len(set(labels)) == len(labels) and not later_prefixed
+    return not any(CATEGORY_PREFIX.match(part) for ln in lines for part in ln.split(",")[1:])
 
 
 def _parse_three_line(text: str) -> list[tuple[str, str]]:
