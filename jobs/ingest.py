@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 
@@ -12,9 +11,17 @@ import ray
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
-from store.workspace import Workspace, images_parts, unit_id
+from store.workspace import Workspace, images_parts, unit_id, unit_parts
 from udfs.ingest.clips import PILLOW_FORMAT
-from udfs.ingest.ingest_unit import JOB, READER_VERSION, SUMMARY, ingest_units, kept_batches, options_fingerprint
+from udfs.ingest.ingest_unit import (
+    JOB,
+    READER_VERSION,
+    SUMMARY,
+    ingest_units,
+    kept_batches,
+    limits_digest,
+    options_fingerprint,
+)
 from udfs.ingest.sources import Unit, assign_input_ids, discover_units, folder_member, member_key, resolve_inputs
 
 
@@ -111,15 +118,10 @@ def read_with(units: list[Unit], options: dict) -> list[Unit]:
     unit, so that changing them reads every unit again (replacing its rows, as a changed shard's)
     and a run killed part way and done again with other limits ends as one run with them would.
     Units read with the defaults keep the keys they had before limits were part of them."""
-    mark = _limits(options)
-    if mark == _limits(unit_options(default_config())):
+    mark = limits_digest(options)
+    if mark == limits_digest(unit_options(default_config())):
         return units
     return [dataclasses.replace(u, stamp=f"{u.stamp}|limits{mark}") for u in units]
-
-
-def _limits(options: dict) -> str:
-    rules = {k: v for k, v in options.items() if k != "batch_samples"}  # a marker says which samples a batch holds
-    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
@@ -169,7 +171,7 @@ def _damaged_for_an_older_reader(ws: Workspace, uid: str, marker: dict) -> bool:
     kinds = set(better) & set(marker.get("error_kinds", {}))
     if any(better[kind] is None for kind in kinds):
         return True
-    parts = marker["parts"].get("errors", []) if "parts" in marker else [uid]
+    parts = unit_parts(uid, marker, "errors")
     return bool(kinds) and any(row["kind"] in kinds and better[row["kind"]] in (row["message"] or "")
                                for part in parts for row in ws.read_part("errors", part, ["kind", "message"]))
 

@@ -42,14 +42,15 @@ class EditRequest:
         self.add_tags = [t for item in add_tags or [] for t in _tags(item)]
         # also as typed: a tag an earlier version stored unnormalised can still be removed
         self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
-        too_long = [t for t in [*self.add_tags, *_tags(character or "")] if len(t) > max_tag_chars]
+        named = _tags(character or "")
+        too_long = [t for t in [*self.add_tags, *named] if len(t) > max_tag_chars]
         if too_long:
             raise ValueError(f"tag {too_long[0][:40]!r}... is over {max_tag_chars} characters (ingest.max_tag_chars)")
-        if character is not None and len(_tags(character)) > 1:
+        if len(named) > 1:
             raise ValueError("character must be one tag (no commas)")
         self.caption = without_controls(caption)[0] if caption is not None else None
         self.exclude = exclude
-        self.character = None if character is None else "".join(_tags(character))
+        self.character = None if character is None else "".join(named)
 
     @classmethod
     def from_json(cls, body: dict, max_tag_chars: int = 200) -> EditRequest:

@@ -745,7 +745,12 @@ TEMP_PREFIXES = (".tmp-", ".catalog-")
 def images_parts(unit: str, marker: dict) -> list[str]:
     """The `images` parts of a committed ingest unit: one per batch, or the unit's own name for a
     unit committed before markers named their parts."""
-    return marker["parts"].get("images", []) if "parts" in marker else [unit]
+    return unit_parts(unit, marker, "images")
+
+
+def unit_parts(unit: str, marker: dict, table: str) -> list[str]:
+    """The parts of `table` a committed ingest unit wrote (see images_parts)."""
+    return marker["parts"].get(table, []) if "parts" in marker else [unit]
 
 
 def legacy_unit_parts(job: str, unit: str, visible: dict[str, set[str]]) -> dict[str, list[str]]:

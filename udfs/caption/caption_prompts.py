@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from udfs.caption.template_caption import words_of
-from udfs.ingest.sidecars import replace_lone_surrogates, without_controls
+from udfs.ingest.sidecars import printable
 
 CAPTION_PROMPT = (
     "Write a descriptive caption for this image in a formal tone, in one paragraph.\n"
@@ -56,7 +56,7 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
 def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?")."""
-    text = without_controls(replace_lone_surrogates(text or ""))[0].strip()
+    text = printable(text or "").strip()
     for label in ("Shorter caption:", "Caption:"):
         if text.startswith(label):
             text = text[len(label):].strip()

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
-from udfs.ingest.sidecars import replace_lone_surrogates, without_controls
+from udfs.ingest.sidecars import printable
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
@@ -182,7 +182,7 @@ def _reply_text(body: bytes) -> str:
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
-    return without_controls(replace_lone_surrogates(content or ""))[0]
+    return printable(content or "")
 
 
 def _excerpt(body: bytes) -> str:

@@ -72,12 +72,17 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 READER_VERSION = 5
 
 
+def limits_digest(options: dict, **more: object) -> str:
+    """A digest of the ingest limits (`more` added): what a unit's rows depend on besides its
+    files. The batch size is not in it: a batch marker says which samples it holds."""
+    rules = {k: v for k, v in options.items() if k != "batch_samples"} | more
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def options_fingerprint(options: dict) -> str:
     """What a batch's rows depend on besides its unit: a batch written with other limits (or
-    another READER_VERSION) is redone. The batch size is not in it: a batch marker says which
-    samples it holds."""
-    rules = {k: v for k, v in options.items() if k != "batch_samples"} | {"reader": READER_VERSION}
-    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
+    another READER_VERSION) is redone."""
+    return limits_digest(options, reader=READER_VERSION)
 
 
 def batch_name(index: int) -> str:

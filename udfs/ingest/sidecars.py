@@ -28,7 +28,6 @@ DANBOORU_FIELDS = {
     "tag_string_meta": "meta",
 }
 RATINGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
-THREE_LINE = re.compile(r"^\s*(copyright|character|artist|general tags|general|meta)\s*:", re.I)
 THREE_LINE_CATEGORY = {"general tags": "general"}
 # a three-line form's label: a space after its colon (or the line ends there), unlike a kohya prefix
 THREE_LINE_LABEL = re.compile(r"^\s*(copyright|character|artist|general tags|general|meta)\s*:(\s|$)", re.I)
@@ -122,6 +121,12 @@ def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")  # each one becomes "?"
 
 
+def printable(text: str) -> str:
+    """Text a model or a server sent, as Parquet can hold it: half UTF-16 pairs as "?", no
+    control characters."""
+    return without_controls(replace_lone_surrogates(text))[0]
+
+
 def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
     """Parsed tags that Parquet can hold and a trainer can use, and what was done to them:
     half UTF-16 pairs (a JSON "\\ud800" escape) become "?", control characters (a JSON "\\u0000"
@@ -155,10 +160,8 @@ def split_tags(text: str, sep: str) -> list[str]:
 
 
 def _parts(text: str, sep: str) -> list[str]:
-    """A tag list cut at `sep`; a comma list at full-width commas too (`猫耳，笑顔`)."""
-    if sep == " ":
-        return text.split()
-    return text.replace("\uff0c", sep).split(sep) if sep == "," else text.split(sep)
+    """A tag list cut at `sep` (" " or ","); a comma list at full-width commas too (`猫耳，笑顔`)."""
+    return text.split() if sep == " " else text.replace("\uff0c", ",").split(",")
 
 
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
@@ -208,7 +211,7 @@ def _is_three_line(text: str) -> bool:
 def _parse_three_line(text: str) -> list[tuple[str, str]]:
     tags = []
     for line in text.splitlines():
-        match = THREE_LINE.match(line)
+        match = THREE_LINE_LABEL.match(line)
         if not match:
             continue
         label = match.group(1).lower()
