@@ -17,10 +17,12 @@ def test_peak_memory_is_the_blocks_own_not_the_process_peak_before_it():
     with PeakMemory() as quiet:
         pass
     with PeakMemory() as busy:
+        # the block's own start, not quiet's: in the full suite other threads free memory between
+        start = rss_mib()
         inside = np.ones(200 * 2**20 // 8)
         del inside
     assert quiet.mib < before + 100
-    assert busy.mib >= quiet.mib + 190
+    assert busy.mib >= start + 190
 
 
 def test_a_run_with_every_unit_done_before_prints_no_rate():
