@@ -232,6 +232,7 @@ def crop_clusters(con: duckdb.DuckDBPyConnection, settings: ccip_cluster.Cluster
 
 
 def build_balance(con: duckdb.DuckDBPyConnection, params: dict) -> None:
+    run_model(con, "084_group_members", params)
     run_model(con, "085_group_counts", params)
     run_model(con, "090_balance_folders", params)
     run_model(con, "091_balance", params)

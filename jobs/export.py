@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -69,6 +70,7 @@ SELECTION_CHUNK = 25_000
 RANGED_TABLES = ("images", "source_tags", "source_text", "captions", "caption_regions", "errors")
 WHOLE_TABLES = tuple(name for name in schemas.TABLES if name not in RANGED_TABLES)
 MANIFEST_BATCH = 50_000  # rows per batch from DuckDB to the manifest file, and of stale file names
+STAT_THREADS = 16  # stats at once when checking a done unit's files are still there
 SELECTION_ROW_GROUP = 1024  # rows per row group of a staged chunk: a unit's task reads about its own
 # Options that change what a unit writes: a change makes new unit ids (old outputs are removed).
 SHAPING = ("formats", "max_size", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "jpeg_quality",
@@ -137,7 +139,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
     done = ws.done_units(JOB)
-    lost = forget_lost_units(ws, out, units, done)
+    lost = forget_lost_units(cfg, ws, out, units, done)
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
@@ -168,12 +170,15 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
+def forget_lost_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
     """Forget (and take out of `done`) the done units of this plan whose files are not all in
     `out` any more, or not as written: the shards (and their sizes) and files their markers
-    name, and one per-image file of each folder they wrote in (a few checks per unit, not one
-    per image). Returns how many."""
-    lost = [u["unit"] for u in units if u["unit"] in done and not outputs_present(out, done[u["unit"]])]
+    name, checked here, and their per-image files (kohya, EveryDream), named by their manifest
+    rows and checked in a worker. Returns how many."""
+    checked = [u["unit"] for u in units if u["unit"] in done]
+    lost = {unit for unit in checked if not outputs_present(out, done[unit])}
+    if set(cfg[JOB]["formats"]) & {"kohya", "everydream"} and checked:
+        lost.update(run_in_worker(cfg, ws, units_missing_files, out, sorted(set(checked) - lost)))
     for unit in lost:
         ws.forget_unit(JOB, unit, hold=False)  # rewritten under the same names
         del done[unit]
@@ -181,10 +186,9 @@ def forget_lost_units(ws: Workspace, out: str, units: list[dict], done: dict[str
 
 
 def outputs_present(out: str, info: dict) -> bool:
-    """Whether the files a unit wrote are in `out`, its shards the very files it wrote (size and
-    modification time; a marker from before they were kept: present is enough)."""
-    present = all(os.path.isfile(os.path.join(out, relative)) for relative in [*info.get("files", []),
-                                                                              *info.get("witnesses", [])])
+    """Whether the files a unit's marker names are in `out`, its shards the very files it wrote
+    (size and modification time; a marker from before they were kept: present is enough)."""
+    present = all(os.path.isfile(os.path.join(out, relative)) for relative in info.get("files", []))
     return present and all(file_stamp(os.path.join(out, relative)) == stamp
                            for relative, stamp in info.get("stamps", {}).items())
 
@@ -484,6 +488,29 @@ def remove_left_files(con: duckdb.DuckDBPyConnection, out: str, previous: str) -
     export to another folder forgot. The markers cannot name them any more; the folder's own
     manifest still does. Returns the number deleted."""
     return delete_files(out, file_column(con.sql(sql_text("export_left_files.sql"), params={"previous": previous})))
+
+
+def units_missing_files(ws: Workspace, out: str, units: list[str]) -> list[str]:
+    """The `units` one of whose per-image files (sql/export_unit_files.sql) is not in `out`, in a
+    worker (run_in_worker): one stat per file, STAT_THREADS at a time, as on the network file
+    system a cluster's export folder is each stat is a round trip. It reads the units' own
+    manifest parts, published or not yet (a run killed before its publish committed them)."""
+    con = ws.connect(views=False)
+    missing: set[str] = set()
+    try:
+        short = "export_manifest" in ws.published().get("short_parts", {})  # parts of an older version
+        ws.attach_parts(con, "export_manifest", units, union_by_name=short)
+        con.register("checked_units", pa.table({"unit": pa.array(units, pa.string())}))
+        with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
+            for batch in con.sql(sql_text("export_unit_files.sql")).to_arrow_reader(MANIFEST_BATCH):
+                rows = [(unit, file) for unit, file in zip(batch.column("unit").to_pylist(),
+                                                           batch.column("file").to_pylist(), strict=True)
+                        if unit not in missing]
+                found = pool.map(lambda row: os.path.isfile(os.path.join(out, row[1])), rows)
+                missing.update(unit for (unit, _), present in zip(rows, found, strict=True) if not present)
+    finally:
+        con.close()
+    return sorted(missing)
 
 
 def file_column(relation: duckdb.DuckDBPyRelation) -> Iterator[str]:

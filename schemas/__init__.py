@@ -221,6 +221,7 @@ balance = pa.schema(
         ("weight", pa.float64()),  # per-image weight
         ("probability", pa.float64()),  # probability of the image's folder
         ("multiply", pa.float64()),
+        ("repeats", pa.int32()),  # whole repeats: kohya's <repeats>_ folder, materialised copies
     ]
 )
 

@@ -113,7 +113,9 @@ select i.key,
        cv.caption_variants,
        o.own_texts,
        coalesce(b.path, '') as "group",
-       coalesce(b.multiply, 1.0) as multiply
+       coalesce(b.multiply, 1.0) as multiply,
+       -- a balance an older curate wrote has no repeats: multiply rounded, until curate runs again
+       coalesce(b.repeats, greatest(1, round(coalesce(b.multiply, 1.0))))::integer as repeats
 from images as i
 left join image_tag_lists as t using (key)
 left join image_meta as m using (key)

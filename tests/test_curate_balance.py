@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import duckdb
 import pyarrow as pa
 import pytest
 from curate_data import curate_config, face_row, image_rows, score_rows, source_rows
@@ -142,3 +143,51 @@ def test_unknown_group_segment_is_a_config_error(workspace):
     workspace.add_part("images", "p", image_rows(["a"]))
     with pytest.raises(ConfigError):
         curate.run(curate_config(workspace, group_format="n_characters/nonsense"), workspace)
+
+
+def balance_of(groups: dict[str, int], duplicates: list[tuple[str, int, bool]] = ()) -> dict[str, dict]:
+    """sql/084-091 on `groups` (path: its number of images, keys `<path>/<i>`) and duplicate rows
+    (key, dup_group, is_representative), with no weights: the balance table by key."""
+    con = duckdb.connect()
+    try:
+        keys = [(f"{path}/{i}", path) for path, n in groups.items() for i in range(n)]
+        con.register("groups", pa.table({"key": [k for k, _ in keys], "path": [p for _, p in keys]}))
+        con.register("duplicates", pa.table({"key": [d[0] for d in duplicates], "dup_group": [d[1] for d in duplicates],
+                                             "is_representative": [d[2] for d in duplicates]},
+                                            schema=pa.schema([("key", pa.string()), ("dup_group", pa.int64()),
+                                                              ("is_representative", pa.bool_())])))
+        con.register("balance_weights", balance.balance_weights(""))
+        curate.build_balance(con, {"min_multiply": 1.0, "max_multiply": 100.0})
+        return {r["key"]: r for r in con.table("balance").to_arrow_table().to_pylist()}
+    finally:
+        con.close()
+
+
+def test_a_groups_whole_repeats_add_up_to_its_multiply():
+    """kohya folders and materialised copies need whole repeats: floor(multiply) or one more, given
+    out so that a group's repeats are its multiply times its images, however small the group (a
+    coin per image gave a group of 5 at 1.6 anything from 6 to 10 repeats)."""
+    rows = balance_of({"big": 8, "five": 5, "seven": 7, "three": 3})
+    by_group = {}
+    for row in rows.values():
+        by_group.setdefault(row["path"], []).append(row)
+    for members in by_group.values():
+        multiply = members[0]["multiply"]
+        assert {r["repeats"] for r in members} <= {int(multiply), int(multiply) + 1}
+        assert sum(r["repeats"] for r in members) == round(multiply * len(members))
+    assert by_group["five"][0]["multiply"] == 1.6 and sum(r["repeats"] for r in by_group["five"]) == 8
+    assert by_group["three"][0]["multiply"] == 2.67 and sum(r["repeats"] for r in by_group["three"]) == 8
+    # an image keeps its repeats when another group changes
+    again = balance_of({"big": 8, "five": 5, "seven": 7, "three": 3, "other": 2})
+    assert {k: r["repeats"] for k, r in again.items() if r["path"] == "five"} == \
+        {k: r["repeats"] for k, r in rows.items() if r["path"] == "five"}
+
+
+def test_the_repeats_go_to_the_images_the_export_keeps():
+    """A near duplicate the export leaves out gets no extra repeat that its group then lacks: the
+    five kept images at 1.6 still add up to 8."""
+    duplicates = [("five/0", 1, True), *((f"five/{i}", 1, False) for i in range(5, 9))]
+    rows = balance_of({"big": 8, "five": 9}, duplicates)
+    kept = [r for k, r in rows.items() if k.startswith("five/") and int(k.split("/")[1]) < 5]
+    assert kept[0]["multiply"] == 1.6 and sum(r["repeats"] for r in kept) == 8
+    assert all(rows[f"five/{i}"]["repeats"] == 1 for i in range(5, 9))

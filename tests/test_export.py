@@ -14,7 +14,6 @@ import tarfile
 import pytest
 
 from tests.export_data import base_config, prepared_workspace
-from udfs.export.export_plan import repeats_of
 
 ALL = '["webdataset", "kohya", "everydream", "parquet"]'
 
@@ -35,13 +34,14 @@ def expected_rows(ws) -> dict[str, dict]:
     """What must be exported, straight from the workspace tables (not from the export's SQL)."""
     con = ws.connect()
     rows = con.execute("""
-        select i.key, i.sha256, i.width, i.height, c.caption, b.multiply
+        select i.key, i.sha256, i.width, i.height, c.caption, b.multiply, b.repeats
         from images i
         left join captions c on c.key = i.key and c.accepted
         left join balance b on b.key = i.key
         where i.key not in (select key from duplicates where not is_representative)
           and not coalesce(c.flagged, false)""").fetchall()
-    return {r[0]: {"sha256": r[1], "width": r[2], "height": r[3], "caption": r[4], "multiply": r[5]} for r in rows}
+    return {r[0]: {"sha256": r[1], "width": r[2], "height": r[3], "caption": r[4], "multiply": r[5], "repeats": r[6]}
+            for r in rows}
 
 
 def shard_paths(out) -> list[str]:
@@ -67,7 +67,7 @@ def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
         assert image.size == (meta["width"], meta["height"]) and max(image.size) <= 1024
         assert sample["txt"] == expected[key]["caption"]
         assert meta["multiply"] == pytest.approx(expected[key]["multiply"])
-        assert meta["repeats"] == repeats_of(expected[key]["multiply"], key)
+        assert meta["repeats"] == expected[key]["repeats"]
         assert meta["source"]["member"] and meta["tags"] and "accuracy" in meta["scores"]
         captions = meta["captions"]  # an image whose own caption was accepted has no template caption
         assert set(captions) <= {"tags", "template"} and len(captions["tags"].split(", ")) == len(meta["tags"])
@@ -181,7 +181,7 @@ def test_kohya_and_everydream_folders(exported):
         meta_txt = image.with_suffix(".txt").read_text()
         key = next(k for k, v in expected.items() if v["caption"] == meta_txt and
                    image.stem.endswith(k.split("/")[-1]))
-        assert int(repeats) == repeats_of(expected[key]["multiply"], key) and concept
+        assert int(repeats) == expected[key]["repeats"] and concept
     folders = [p for p in (out / "everydream").iterdir() if p.is_dir()]
     ed_images = [p for f in folders for p in f.iterdir() if p.suffix in (".jpg", ".png", ".webp")]
     assert len(ed_images) == len(expected)
@@ -293,6 +293,15 @@ def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_
     assert on_disk() == named_by_manifest()
     named = {f for info in ws.done_units("export").values() for f in info["files"]}
     assert named and all(f.endswith("/multiply.txt") for f in named)
+    # one image file and one KEY.txt deleted by hand: their units are written again, the others not
+    kohya_image = sorted(f for f in on_disk() if f.startswith("kohya/") and not f.endswith(".txt"))[-1]
+    everydream_txt = sorted(f for f in on_disk() if f.startswith("everydream/") and f.endswith(".txt")
+                            and not f.endswith("/multiply.txt"))[0]
+    for lost in (kohya_image, everydream_txt):
+        (out / lost).unlink()
+    repaired = export.run(cfg, ws)
+    assert on_disk() == named_by_manifest() and {kohya_image, everydream_txt} <= on_disk()
+    assert repaired.units_done == 2 and repaired.units_skipped == first.units_done - 2
     merge(cfg, {"export": {"where": "key like '%/bg\\_%' escape '\\'"}})
     narrow = export.run(cfg, ws)
     assert 0 < narrow.rows_in < first.rows_in
@@ -311,7 +320,7 @@ def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, 
     expected = expected_rows(ws)
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "rep" / "webdataset")
                                                         .glob("*.tar")), shardshuffle=False)]
-    assert len(keys) == len(set(keys)) == sum(repeats_of(r["multiply"], key) for key, r in expected.items())
+    assert len(keys) == len(set(keys)) == sum(r["repeats"] for r in expected.values())
     manifest = ws.read_table("export_manifest").to_pylist()
     copies = [(r["path"], r["key"]) for r in manifest if r["layout"] == "webdataset"]
     assert len(copies) == len(keys) and len(set(copies)) == len(copies)  # no shard holds two copies of an image

@@ -17,14 +17,14 @@ def options(**changes):
 
 
 def selection(n: int, source: str = "/in/a.tar", width: int = 800, height: int = 600, nbytes: int = 100_000,
-              fmt: str = "JPEG", multiply: float = 1.0, mode: str = "RGB") -> pa.Table:
+              fmt: str = "JPEG", multiply: float = 1.0, mode: str = "RGB", repeats: int = 1) -> pa.Table:
     return pa.Table.from_pylist([{
         "key": f"a/{i:03d}", "source": source, "member": f"{i:03d}.jpg", "format": fmt, "mode": mode, "width": width,
         "height": height, "bytes": nbytes, "tags": ["1girl", "long_hair", "^_^"],
         "categories": ["general"] * 3, "tag_scores": [1.0, 0.9, 0.5], "characters": [], "rating": "general",
         "n_people": 1, "caption": None, "tag_inclusion": None, "english_similarity": None,
         "subject_consistency": None, "accuracy": None, "quality_tags": [], "flagged": False, "group": "g/h",
-        "multiply": multiply} for i in range(n)])
+        "multiply": multiply, "repeats": repeats} for i in range(n)])
 
 
 def plan_units(table: pa.Table, opts: dict, out: str = "/out") -> list[dict]:
@@ -73,12 +73,12 @@ def test_shards_never_mix_units_and_numbers_continue():
 
 
 def test_sizes_text_json_and_repeats():
-    units = plan_units(selection(1, width=2048, height=1024, multiply=2.5), options(max_size=1024))
+    units = plan_units(selection(1, width=2048, height=1024, multiply=2.5, repeats=3), options(max_size=1024))
     sample = units[0]["samples"][0]
     assert sample["size"] == [1024, 512] and sample["reencode"] and sample["ext"] == "jpg"
     assert sample["txt"] == "1girl, long hair, ^_^"
     meta = json.loads(sample["json"])
-    assert meta["multiply"] == 2.5 and meta["repeats"] in (2, 3) and meta["tag_scores"]["long_hair"] == 0.9
+    assert meta["multiply"] == 2.5 and meta["repeats"] == 3 and meta["tag_scores"]["long_hair"] == 0.9
     assert sample["kohya"] == f"{meta['repeats']}_g__h" and sample["everydream"] == "g__h_x2.5"
     small = plan_units(selection(1, width=512, height=512), options(max_size=1024))
     assert small[0]["samples"][0]["size"] == [512, 512] and not small[0]["samples"][0]["reencode"]
@@ -89,23 +89,18 @@ def test_sizes_text_json_and_repeats():
     assert grey16[0]["samples"][0]["reencode"] and grey16[0]["samples"][0]["ext"] == "png"
 
 
-def test_fractional_multiply_keeps_the_groups_repeats():
-    """Whole repeats per image (kohya folders, materialised copies) add up to the multiply of the
-    group: 1.33 and 1.4 are not both 1, and an image gets the same repeats in every export."""
-    for multiply in (1.33, 1.4, 2.5, 4.8):
-        samples = plan_units(selection(2000, multiply=multiply), options())[0]["samples"]
-        repeats = [s["repeats"] for s in samples]
-        assert set(repeats) == {int(multiply), int(multiply) + 1}
-        assert sum(repeats) / len(repeats) == pytest.approx(multiply, abs=0.05)
-        assert {s["kohya"] for s in samples} == {f"{int(multiply)}_g__h", f"{int(multiply) + 1}_g__h"}
-        assert [s["repeats"] for s in plan_units(selection(2000, multiply=multiply), options())[0]["samples"]] \
-            == repeats
-    assert {s["repeats"] for s in plan_units(selection(50, multiply=0.4), options())[0]["samples"]} == {1}
+def test_the_balance_repeats_name_the_kohya_folder():
+    """An image's whole repeats (sql/091_balance.sql gives them out per group) name its kohya
+    folder; its multiply stays as it is for KEY.json and EveryDream."""
+    for multiply, repeats in ((1.33, 2), (1.33, 1), (0.4, 1), (4.8, 5)):
+        sample = plan_units(selection(1, multiply=multiply, repeats=repeats), options())[0]["samples"][0]
+        assert sample["repeats"] == repeats and sample["kohya"] == f"{repeats}_g__h"
+        assert json.loads(sample["json"])["multiply"] == multiply
 
 
 def test_materialised_repeats_get_unique_names_and_a_shard_of_their_own():
     """Copies of one image are never in one shard: a trainer's shuffle buffer would batch them."""
-    units = plan_units(selection(3, multiply=3.0), options(materialize_repeats=True, max_count=2))
+    units = plan_units(selection(3, multiply=3.0, repeats=3), options(materialize_repeats=True, max_count=2))
     names = [c["name"] for s in units[0]["samples"] for c in s["copies"]]
     copies = [re.sub(r"-[0-9a-f]{10}$", "", n) for n in names]  # a copy's name carries a digest
     assert copies == ["a__000", "a__000-r1", "a__000-r2", "a__001", "a__001-r1", "a__001-r2",
@@ -113,14 +108,15 @@ def test_materialised_repeats_get_unique_names_and_a_shard_of_their_own():
     assert len(set(names)) == 9 and all(re.search(r"-r\d-[0-9a-f]{10}$", n) for n in names if n not in copies)
     # the key `x-r1`'s own safe name, in another unit, is `x-r1`: never a copy's
     other = plan_units(pa.Table.from_pylist([{**r, "key": r["key"] + "-r1"}
-                                             for r in selection(3, multiply=3.0).to_pylist()]),
+                                             for r in selection(3, multiply=3.0, repeats=3).to_pylist()]),
                        options(materialize_repeats=True, max_count=2))
     assert not set(names) & {c["name"] for s in other[0]["samples"] for c in s["copies"]}
     # a round at a time (000 001 | 002 000 | 001 002 | 000 001 | 002), two to a shard, and a new
     # shard where the image is in the current one already
     assert [[c["shard"] for c in s["copies"]] for s in units[0]["samples"]] == [[0, 1, 3], [0, 2, 3], [1, 2, 4]]
     assert units[0]["shards"] == 5
-    mixed = plan_units(selection(20, multiply=1.5), options(materialize_repeats=True, max_count=8))
+    halves = [{**r, "repeats": 1 + i % 2} for i, r in enumerate(selection(20, multiply=1.5).to_pylist())]
+    mixed = plan_units(pa.Table.from_pylist(halves), options(materialize_repeats=True, max_count=8))
     copies = [[c["shard"] for c in s["copies"]] for s in mixed[0]["samples"]]
     assert all(len(set(shards)) == len(shards) for shards in copies) and {len(c) for c in copies} == {1, 2}
 
@@ -139,6 +135,17 @@ def test_kohya_buckets(size):
     buckets = bucket_sizes(1024, 256, 2048, 64)
     assert size in buckets and all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
     assert nearest_bucket(size[0] * 3, size[1] * 3, buckets) == size
+
+
+def test_buckets_are_chosen_as_kohya_chooses_them():
+    """kohya's select_bucket: the smallest |bucket aspect - image aspect| (not of their logs, which
+    put 1371x1000 in 1216x832 where kohya puts it in 1152x896), an image at a bucket's size stays."""
+    from udfs.export.resize import bucket_sizes, nearest_bucket
+
+    buckets = bucket_sizes(1024, 256, 2048, 64)
+    assert nearest_bucket(1371, 1000, buckets) == (1152, 896)
+    assert nearest_bucket(447, 1000, buckets) == (640, 1536)
+    assert nearest_bucket(832, 1216, buckets) == (832, 1216)
 
 
 def test_units_that_re_encode_start_before_units_that_copy():
@@ -228,3 +235,16 @@ def test_transparent_pictures_are_flattened_onto_alpha_background_when_asked():
     assert out.mode == "RGB" and tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[32, 32]) == (0, 0, 255)
     opaque = plan_units(selection(1, width=64, height=64, fmt="PNG"), options(alpha_background="white"))
     assert not opaque[0]["samples"][0]["reencode"]  # an RGB picture has nothing to flatten
+
+
+def test_the_text_is_one_line():
+    """kohya trains on a caption file's first line only: a caption over two lines (from its source,
+    or typed in review) is one line in KEY.txt, KEY.json keeps it as it was, and a caption of
+    white space alone is no caption (the tags are written)."""
+    rows = selection(2).to_pylist()
+    rows[0]["caption"] = "A girl smiles.\r\n\n  She waves.\t"
+    rows[1]["caption"] = " \n\u3000 "
+    samples = plan_units(pa.Table.from_pylist(rows), options(text="caption"))[0]["samples"]
+    assert samples[0]["txt"] == "A girl smiles. She waves."
+    assert json.loads(samples[0]["json"])["caption"] == rows[0]["caption"]
+    assert samples[1]["txt"] == "1girl, long hair, ^_^" and json.loads(samples[1]["json"])["text_from"] == "tags"

@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 
+from tests.curate_data import source_rows
 from tests.export_data import base_config
 from tests.hostile_data import encode, hostile_members, picture, write_tar
 
@@ -25,7 +26,7 @@ def test_safe_name_is_a_plain_short_file_name(key):
     from udfs.export.safe_names import MAX_NAME, safe_name
 
     name = safe_name(key)
-    assert SAFE.fullmatch(name) and len(name) <= MAX_NAME + 11
+    assert SAFE.fullmatch(name) and len(name) <= MAX_NAME
     assert name.lower() not in ("con", "nul")
 
 
@@ -71,10 +72,19 @@ def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
                       'export.concept="../../evil/concept"', "export.drop_duplicates=false", "export.max_size=64")
     ws = Workspace(str(tmp_path / "ws"))
     ingest.run(cfg, ws)
-    curate.run(cfg, ws)  # no captions: txt falls back to the tags
+    keys = sorted(ws.read_table("images").column("key").to_pylist())
+    # no captions: txt falls back to the tags; every image but one has a tag, and that one has no
+    # text to write (kohya refuses an empty caption file): an errors row, not an empty KEY.txt
+    tagless = sorted(set(keys) - set(ws.read_table("source_tags").column("key").to_pylist()))
+    untagged = tagless[-1]
+    ws.add_part("source_tags", "test-tags", [row for key in tagless if key != untagged
+                                             for row in source_rows(key, ["smile"])])
+    curate.run(cfg, ws)
     summary = export.run(cfg, ws)
-    images = ws.read_table("images").num_rows
-    assert summary.rows_in == images and summary.errors == 0  # odd modes (CMYK, I;16, P, GIF) all export
+    images = len(keys) - 1
+    assert summary.rows_in == len(keys) and summary.errors == 1  # odd modes (CMYK, I;16, P, GIF) all export
+    assert ws.connect().execute("select key, kind from errors where stage = 'export'").fetchall() == [
+        (untagged, "empty_text")]
 
     root = os.path.realpath(out)
     for dirpath, dirnames, filenames in os.walk(tmp_path):
@@ -99,3 +109,32 @@ def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
     for sample in samples:
         image = next(sample[e] for e in ("jpg", "png", "webp") if e in sample)
         assert max(image.size) <= 64 and image.size == (sample["json"]["width"], sample["json"]["height"])
+
+
+def test_wids_reads_the_longest_names_a_shard_holds(tmp_path, monkeypatch):
+    """A member name over a tar header's 100 bytes goes in a PAX header, which wids (the reader of
+    index.wids.json) does not read: the sample lost its extension. The longest safe name, as
+    the 999th materialised copy, with its longest extension, still fits."""
+    import json
+
+    import wids
+
+    from udfs.export.export_plan import copy_name
+    from udfs.export.export_shard import ShardTar
+    from udfs.export.safe_names import safe_name
+
+    key = "yande.re 1234567 blue_eyes long_hair smile looking_at_viewer school_uniform pleated_skirt " * 3
+    name = copy_name({"name": safe_name(key), "key": key}, 999)
+    shard = tmp_path / "shard-000000.tar"
+    writer = ShardTar(str(shard))
+    writer.write(name, {"webp": b"RIFF", "txt": b"smile", "json": b"{}"})
+    writer.close()
+    with tarfile.open(shard) as tar:
+        assert all(len(m.name) <= 100 and not m.pax_headers for m in tar.getmembers())
+    (tmp_path / "index.json").write_text(json.dumps({"wids_version": 1, "shardlist": [
+        {"url": str(shard), "nsamples": 1, "filesize": shard.stat().st_size}]}))
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    sample = wids.ShardListDataset(str(tmp_path / "index.json"), transformations=[])[0]
+    assert sample["__key__"] == name  # members as BytesIO without transformations
+    assert {k: v.getvalue() for k, v in sample.items() if k.startswith(".")} == {
+        ".webp": b"RIFF", ".txt": b"smile", ".json": b"{}"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any
 
 import pyarrow as pa
@@ -30,15 +29,11 @@ from udfs.ingest.sources import input_location
 TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
 
 
-def repeats_of(multiply: float, key: str) -> int:
-    """Whole repeats for kohya's <repeats>_ folders and materialised copies: floor(multiply), plus
-    one for a share of the images equal to multiply's fraction, chosen by a hash of the key (the
-    same image gets the same repeats in every export). A group's repeats then add up to its
-    multiply times its images (within sampling noise), where rounding each image alike made 1.33
-    and 1.4 both 1. At least 1: only EveryDream's multiply.txt and KEY.json weigh an image less."""
-    whole = math.floor(float(multiply))
-    share = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()) / 2**64
-    return max(1, whole + (share < float(multiply) - whole))
+def one_line(text: str | None) -> str:
+    """KEY.txt's text on one line, runs of white space as one space: kohya trains on a caption
+    file's first line only, so a caption that came with the image or was typed in review over
+    two lines lost its second (KEY.json keeps the text as it was)."""
+    return " ".join(text.split()) if text else ""
 
 
 def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dict:
@@ -51,13 +46,13 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
                               mode=row.get("mode")) or bool(background)
     ext = output_extension(row["format"])
     caption, text_from = None, "tags"
-    if opts["text"] == "regions" and row.get("region_caption"):
-        caption, text_from = row["region_caption"], "regions"
-    elif opts["text"] in ("caption", "regions") and row["caption"]:
-        caption, text_from = row["caption"], "caption"
+    if opts["text"] == "regions" and one_line(row.get("region_caption")):
+        caption, text_from = one_line(row["region_caption"]), "regions"
+    elif opts["text"] in ("caption", "regions") and one_line(row["caption"]):
+        caption, text_from = one_line(row["caption"]), "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
-    repeats = repeats_of(row["multiply"], row["key"])
+    repeats = int(row["repeats"])  # the balance gives them out per group (sql/091_balance.sql)
     concept = opts["concept"] or row["group"] or "all"
     meta = {  # the source without a URI's query: a trainer's metadata holds no endpoint or options
         "key": row["key"], "source": {"source": input_location(row["source"]), "member": row["member"]},

@@ -167,9 +167,6 @@ class UnitExport:
         self.manifest: list[dict] = []
         self.errors: list[dict] = []
         self.files: list[str] = []
-        # one per-image file of each folder the unit writes in: a later export checks that they
-        # are still there (a folder deleted, `out` emptied) before it counts the unit as done
-        self.witnesses: dict[str, str] = {}
         # size and modification time of each shard written: a later run takes the unit as done
         # only while they match (another workspace's export to the same folder writes shards of
         # the same names, often of the same size: tar pads to 10 KiB)
@@ -178,7 +175,7 @@ class UnitExport:
 
     def run(self) -> dict:
         started = time.perf_counter()
-        samples = {s["member"]: s for s in self.plan["samples"]}
+        samples = {s["member"]: s for s in self.plan["samples"] if self.has_text(s)}
         seen: set[str] = set()
         try:
             wanted = {member: sample.get("offset") for member, sample in samples.items()}
@@ -197,6 +194,15 @@ class UnitExport:
         return self.info(time.perf_counter() - started)
 
     # ---- one sample ---------------------------------------------------------------------
+    def has_text(self, sample: dict) -> bool:
+        """Whether the sample has a text to write; else an errors row, and it is left out."""
+        if sample["txt"]:
+            return True
+        self.error(sample, "empty_text", "no text to write: no caption, and no tag left by the export's tag rules "
+                                         "(kohya refuses an empty caption file; EveryDream would caption the image "
+                                         "with its file name)")
+        return False
+
     def export_sample(self, sample: dict, data: bytes) -> None:
         try:
             image = data if not sample["reencode"] else resize_image(
@@ -255,8 +261,6 @@ class UnitExport:
         atomic_write(inside(self.out, relative), data)
         if listed:
             self.files.append(relative)
-        else:
-            self.witnesses.setdefault(os.path.dirname(relative), relative)
 
     def temp_path(self, relative: str) -> str:
         """A temporary name beside the export's file `relative`, renamed to it by finish()."""
@@ -309,7 +313,7 @@ class UnitExport:
         exported = len({m["key"] for m in self.manifest})
         return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
                 "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
-                "files": sorted(set(self.files)), "witnesses": sorted(self.witnesses.values()), "out": self.out,
+                "files": sorted(set(self.files)), "out": self.out,
                 "stamps": self.stamps,
                 "samples_written": len(self.manifest)}
 

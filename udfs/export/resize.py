@@ -46,9 +46,14 @@ def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> tu
 
 
 def nearest_bucket(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to the image's (kohya: smallest |log ratio| error)."""
+    """The bucket kohya's BucketManager.select_bucket gives the image, so that a trainer that
+    buckets again keeps it there: its own size when that is a bucket, else the bucket of the
+    smallest |bucket width/height - image width/height|, the first of `sizes` (sorted, as kohya's)
+    on a tie."""
+    if (width, height) in sizes:
+        return width, height
     aspect = width / height
-    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - math.log(aspect)), -s[0] * s[1]))
+    return min(sizes, key=lambda s: abs(s[0] / s[1] - aspect))
 
 
 def target_size(width: int, height: int, opts: dict) -> tuple[int, int]:

@@ -16,7 +16,11 @@ import re
 
 UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-MAX_NAME = 120  # characters; leaves room for a folder, the hash, a repeat suffix and an extension
+# characters of a safe name, its digest included: with a materialised copy's suffix
+# (-r<n>-<digest>, n < 1000) and ".json", a shard member's name fits the 100 bytes of a tar
+# header's own name field. Longer names need a PAX header, and wids (the random-access reader
+# of index.wids.json) reads the 100-byte field only: the member lost its extension.
+MAX_NAME = 78
 
 
 def key_digest(key: str) -> str:
@@ -37,7 +41,8 @@ def safe_name(key: str) -> str:
     device = readable.lower() in WINDOWS_DEVICES
     if lossless and not device and len(readable) <= MAX_NAME:
         return readable
-    return f"{readable[:MAX_NAME].rstrip('_')}-{key_digest(key)}"
+    digest = key_digest(key)
+    return f"{readable[:MAX_NAME - len(digest) - 1].rstrip('_')}-{digest}"
 
 
 def safe_folder(name: str) -> str:
