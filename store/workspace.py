@@ -570,17 +570,18 @@ class Workspace:
         DuckDB cannot bind parameters in DDL, so the file paths (the workspace path is the user's)
         go in as escaped SQL string literals.
         """
+        nulls = ", ".join(f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name])
         if parts:
             # DuckDB expands globs even in a list of files, hence the glob escape
             folder = glob_escape(self.table_dir(name))
             files = ", ".join(sql_string(f"{folder}/{glob_escape(part)}.parquet") for part in parts)
             cols = ", ".join(f'"{f.name}"' for f in schemas.TABLES[name])
-            body = f"select {cols} from read_parquet([{files}], union_by_name = {str(union_by_name).lower()})"
+            source = f"read_parquet([{files}], union_by_name = {str(union_by_name).lower()})"
+            if union_by_name:  # a column no part has yet (all written before it was added): nulls
+                source = f"(select * from {source} union all by name select {nulls} where false)"
+            body = f"select {cols} from {source}"
         else:
-            cols = ", ".join(
-                f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name]
-            )
-            body = f"select {cols} where false"
+            body = f"select {nulls} where false"
         return f'create or replace {"temp " if temporary else ""}view "{name}" as {body}'
 
     def connect(self, read_only: bool = False, views: bool = True,

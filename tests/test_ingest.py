@@ -559,6 +559,25 @@ def test_parts_from_before_a_column_was_added_are_read_with_nulls(tmp_path):
     assert ws.published()["short_parts"] == {"source_tags": ["unit-0", "unit-z"]}
 
 
+def test_a_column_that_no_part_has_yet_reads_as_nulls(tmp_path):
+    """Every part of a table written before a column was added (balance.repeats, by an older
+    curate): reading by name alone found no such column (a Binder Error ended the export)."""
+    import pyarrow.parquet as pq
+
+    import schemas
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.add_part("source_tags", "unit-m", [{"key": "a", "tag": "x", "category": "general", "origin": "txt"}])
+    before_position = schemas.conform([{"key": "b", "tag": "y", "category": "general", "origin": "txt"}],
+                                      "source_tags").drop_columns(["position"])
+    pq.write_table(before_position, f"{ws.table_dir('source_tags')}/unit-m.parquet")
+    older = {k: v for k, v in ws.published().items() if k not in ("schemas", "short_parts")}
+    ws.write_json("state/published.json", older)
+    assert ws.connect().execute("select key, position from source_tags").fetchall() == [("b", None)]
+    ws.publish()
+    assert ws.connect().execute("select key, position from source_tags").fetchall() == [("b", None)]
+
+
 def exif_comment_jpeg(text: str) -> bytes:
     """A JPEG with generation text in its EXIF UserComment, as A1111 writes it for JPEG and WebP."""
     import piexif
