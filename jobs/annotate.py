@@ -151,7 +151,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.begin_job()
     units = units_of(ws)
     done = retire_stale_units(ws, {u["unit"] for u in units})
-    pending = [u for u in units if not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
+    # no model to run (none configured, or none whose files are here): no unit is run, and none
+    # is done by having every model of an empty set
+    pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
     resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
     print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
@@ -163,7 +165,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
                              "(their batches kept, not redone)")
     pending_ids = {u["unit"] for u in pending}
-    infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids]
+    infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids and u["unit"] in done]
     if specs and pending_ids & set(done):
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
         # the old ones, also after a kill, until every unit is written (release_hold below)

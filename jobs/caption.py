@@ -15,6 +15,7 @@ Steps:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 import uuid
@@ -64,6 +65,16 @@ def caption_options(cfg: Config) -> dict:
     return {**cfg["caption"], "region_overlap": float(cfg["annotate"]["tagger"]["region_overlap"])}
 
 
+def check_vllm_here(cfg: Config, opts: dict) -> None:
+    """The vllm backend's engine (no caption.vllm_url) on local Ray runs vLLM in this machine's
+    workers: without it installed, each of them failed at length. On a cluster only its GPU nodes
+    need it, so the check is left to them."""
+    if opts["backend"] == "vllm" and not opts["vllm_url"] and not cfg["ray"]["address"] \
+            and importlib.util.find_spec("vllm") is None:
+        raise ConfigError('caption.backend = "vllm" runs vLLM here, and it is not installed: pip install -e ".[gpu]" '
+                          "on a CUDA machine, or point caption.vllm_url at a running `vllm serve`")
+
+
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = caption_options(cfg)
@@ -76,6 +87,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
+    check_vllm_here(cfg, opts)
     summary = JobSummary("caption")
     ws.begin_job()
     if opts["tags_from_text"]:

@@ -137,26 +137,43 @@ def _toml_string(value: str) -> str:
 
 
 def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
-    started = time.perf_counter()
+    """The jobs in order. One that drops more than ray.max_error_rate of its rows stops the run,
+    but for the report, which is still written: it is where the errors are shown."""
+    started, stopped, ran = time.perf_counter(), False, []
     for name in names:
         runner = job_runner(name)
         if runner is None:
             print(f"{name}: not available in this version; skipped", flush=True)
             continue
+        if stopped and name != "report":
+            continue
         summary = runner(cfg, ws)
         summary.print()
+        ran.append(name)
         if summary.error_rate > float(cfg["ray"]["max_error_rate"]):
-            print(f"{name}: error rate {summary.error_rate:.1%} > max_error_rate; stopping", file=sys.stderr)
-            return 1
+            print(f"{name}: error rate {summary.error_rate:.1%} > max_error_rate; stopping"
+                  + ("; the report is still written" if "report" in names and name != "report" else ""),
+                  file=sys.stderr, flush=True)
+            stopped = True
     if len(names) > 1:
         print(f"== run finished in {time.perf_counter() - started:.1f} s; workspace {ws.root}")
-    if "report" in names and "export" in names:
-        from jobs.export import out_dir
-        from jobs.report import report_dir
+    if {"export", "report"} <= set(ran):
+        print_outputs(cfg, ws)
+    return 1 if stopped else 0
 
-        print(f"== shards: {out_dir(cfg, ws)}/webdataset/\n== report: {report_dir(cfg, ws) / 'index.html'}")
-        print(f"== look at it and correct it: booruset review -w {ws.root}")
-    return 0
+
+def print_outputs(cfg: Config, ws: Workspace) -> None:
+    """Where a run's results are: its export's layouts, its report, the review command."""
+    from jobs.export import out_dir
+    from jobs.report import report_dir
+
+    out = out_dir(cfg, ws)
+    names = {"webdataset": "shards", "kohya": "kohya folders", "everydream": "EveryDream folders",
+             "parquet": "Parquet files"}
+    for layout in cfg["export"]["formats"]:
+        print(f"== {names.get(layout, layout)}: {out}/{layout}/")
+    print(f"== report: {report_dir(cfg, ws) / 'index.html'}")
+    print(f"== look at it and correct it: booruset review -w {ws.root}")
 
 
 # `booruset sql` only reads: SELECT (with DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN of one.

@@ -104,6 +104,21 @@ def test_annotate_offline_without_models_runs_the_cascade_alone(ingested, tmp_pa
     assert summary.rows_out["detections"] > 12 and summary.rows_out["tag_scores"] == 0
 
 
+@pytest.mark.parametrize("models", [["tagger"], []])
+def test_no_model_to_run_is_a_summary_not_a_crash(ingested, tmp_path, models):
+    """Only models whose files are not here (offline), or none at all: nothing runs, the summary
+    says how to get them (a KeyError on the units never annotated ended `booruset run`)."""
+    from jobs import annotate
+    from jobs.config import merge
+
+    cfg, ws = ingested
+    merge(cfg, {"annotate": {"models_dir": str(tmp_path / "empty"), "models": models}})
+    summary = annotate.run(cfg, ws)
+    assert summary.units_done == 0 and summary.rows_in == 0 and not ws.done_units("annotate")
+    skipped = [n for n in summary.notes if "skipped" in n]
+    assert len(skipped) == len(models) and all(n.startswith("annotate: tagger: skipped") for n in skipped)
+
+
 def test_pools_that_leave_no_cpu_for_the_tasks_fail_with_the_numbers(ingested, tmp_path):
     """Ray starts the pools' actors first: pools holding every CPU left the decode tasks none,
     and annotate printed 0/N images for good. A local Ray now fails it at once, saying why."""

@@ -112,6 +112,19 @@ def test_options_a_worker_would_stumble_on_are_configuration_errors(capsys, samp
     assert not (sample_ws / "logs").exists()
 
 
+def test_the_vllm_engine_without_vllm_is_one_line(capsys, sample_ws):
+    """Local Ray runs the vllm backend's engine in this machine's workers: without vLLM, each of
+    them failed with a traceback (116 lines) after the job had started."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    code, _, err = run_cli(capsys, "caption", "-w", str(sample_ws), "--set", 'caption.backend="vllm"')
+    assert code == 2
+    assert one_line(err).startswith('booruset: configuration error: caption.backend = "vllm" runs vLLM here')
+    assert not (sample_ws / "logs").exists()
+
+
 def test_bad_value_in_a_config_file(capsys, tmp_path):
     bad = tmp_path / "my.toml"
     bad.write_text('[ingest]\ninputs = "/data/shards"\n', encoding="utf-8")

@@ -40,3 +40,27 @@ def test_run_without_arguments_exports_the_sample_and_writes_the_report(tmp_path
     assert f"shards: {workspace / 'export' / 'webdataset'}" in done.stdout
     assert f"report: {workspace / 'report' / 'index.html'}" in done.stdout
     assert "annotate: tagger: skipped" in done.stdout  # offline: says how to enable the model
+
+
+def test_a_run_stopped_by_its_error_rate_still_writes_the_report(tmp_path, ray_local, capsys):
+    """Pictures without tags or captions (no tagger offline): caption has nothing to say (no_tags,
+    not a drop), the export leaves every image out (empty_text), which stops the run, and the
+    report that shows why is still written."""
+    from jobs.cli import run_jobs
+    from store.workspace import Workspace
+    from tests.export_data import base_config
+    from tests.hostile_data import encode, picture
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"p{seed}.png").write_bytes(encode(picture(seed=seed), "PNG"))
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{folder}"]', f'export.out="{tmp_path / "out"}"')
+    ws = Workspace(str(tmp_path / "ws"))
+    assert run_jobs(cfg, ws, ["ingest", "curate", "caption", "export", "report"]) == 1
+    err = capsys.readouterr().err
+    assert "export: error rate 100.0% > max_error_rate; stopping; the report is still written" in err
+    assert "caption: error rate" not in err
+    kinds = ws.connect().execute("select stage, kind, dropped from errors order by all").fetchall()
+    assert kinds == [("caption:template", "no_tags", False)] * 3 + [("export", "empty_text", True)] * 3
+    assert (tmp_path / "ws" / "report" / "index.html").is_file()
