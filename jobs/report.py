@@ -17,6 +17,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import duckdb
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
@@ -51,22 +52,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = cfg[JOB]
     out = report_dir(cfg, ws)
     (out / "examples").mkdir(parents=True, exist_ok=True)
-    con = ws.connect()
-    try:
-        def query(name: str, **params) -> list[dict]:
-            result = con.execute(sql_text(name), params or None)
-            cols = [d[0] for d in result.description]
-            return [dict(zip(cols, row, strict=True)) for row in result.fetchall()]
-
-        top = int(opts["top_n"])
-        data = {
-            "stages": query("report_stages", annotated=annotated_images(ws)), "errors": query("report_errors"),
-            "tags": query("report_tag_frequency", top_n=top), "characters": query("report_characters", top_n=top),
-            "people": query("report_people"), "balance": query("report_balance"),
-            "accuracy": query("report_caption_accuracy"), "examples": query("report_examples", n=int(opts["examples"])),
-        }
-    finally:
-        con.close()
+    top = int(opts["top_n"])
+    data = report_data(cfg, ws)
     sections = [
         section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
                                              [r["images"] for r in data["stages"]], "images")),
@@ -90,6 +77,32 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"report: {out / 'index.html'}")
     return summary
+
+
+def query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]:
+    """The rows of sql/<name>.sql as dicts, with its $parameters bound."""
+    result = con.execute(sql_text(name), params or None)
+    cols = [d[0] for d in result.description]
+    return [dict(zip(cols, row, strict=True)) for row in result.fetchall()]
+
+
+def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
+    """The rows of every section, from the workspace tables (sql/report_*.sql)."""
+    opts = cfg[JOB]
+    top = int(opts["top_n"])
+    con = ws.connect()
+    try:
+        return {
+            "stages": query(con, "report_stages", annotated=annotated_images(ws)),
+            "errors": query(con, "report_errors"),
+            "tags": query(con, "report_tag_frequency", top_n=top),
+            "characters": query(con, "report_characters", top_n=top),
+            "people": query(con, "report_people"), "balance": query(con, "report_balance"),
+            "accuracy": query(con, "report_caption_accuracy"),
+            "examples": query(con, "report_examples", n=int(opts["examples"])),
+        }
+    finally:
+        con.close()
 
 
 def annotated_images(ws: Workspace) -> int:
