@@ -32,6 +32,10 @@ from udfs.source_members import source_members  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
+# Labels are tags, keys and group paths as typed: matplotlib reads the text between two `$` as
+# math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
+# each plot (a decorator), not globally: a program that imports the report keeps its setting.
+LITERAL_TEXT = {"text.parse_math": False}
 
 
 def sql_text(name: str) -> str:
@@ -124,6 +128,7 @@ def no_data(what: str) -> str:
     return f'<p class="empty">No {html.escape(what)} in this workspace.</p>'
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def bar_plot(out: Path, name: str, labels: list, values: list, unit: str, horizontal: bool = True) -> str:
     if not labels:
         return no_data(name)
@@ -141,6 +146,7 @@ def bar_plot(out: Path, name: str, labels: list, values: list, unit: str, horizo
     return save(fig, out, name)
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def balance_plot(out: Path, rows: list[dict]) -> str:
     if not rows:
         return no_data("balance groups")
@@ -161,6 +167,7 @@ def balance_plot(out: Path, rows: list[dict]) -> str:
                                         f"</tr>{table}</table>")
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def accuracy_plot(out: Path, rows: list[dict]) -> str:
     """A histogram of the scored captions by backend, and what the scores were computed against
     (`rows`: counts per backend and accuracy bin, sql/report_caption_accuracy.sql)."""

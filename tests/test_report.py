@@ -116,3 +116,50 @@ def test_annotated_images_come_from_annotates_markers(tmp_path):
     ws.commit_unit("annotate", "a", {"images": 10, "dropped": 2}, parts={})
     ws.commit_unit("annotate", "b", {"images": 5, "dropped": 0}, parts={"detections": ["annotate-b-face-x"]})
     assert annotated_images(ws) == 13
+
+
+# ---- workspaces written by hand: a few images with real bytes, the rows a case needs ----------
+def hand_workspace(tmp_path, source: dict[str, list[str]], curated: dict[str, list[str]] | None = None,
+                   *overrides: str):
+    """Images `in/<name>` (PNG files in tmp_path/in, their input) with their source tags
+    ("character:name" for a character tag), and, with `curated`, what curate made of the images
+    it has seen: their tags (an empty list: all removed) and an image_meta row without characters."""
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, ws = tmp_path / "in", Workspace(str(tmp_path / "ws"))
+    folder.mkdir()
+    for i, name in enumerate(source):
+        (folder / f"{name}.png").write_bytes(encode(picture(seed=i), "PNG"))
+    ws.add_part("images", "hand", [{"key": f"in/{n}", "source": str(folder), "member": f"{n}.png", "width": 96,
+                                    "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1} for n in source])
+    ws.add_part("source_tags", "hand", [{"key": f"in/{n}", "tag": t.rpartition(":")[2],
+                                         "category": t.rpartition(":")[0] or "general", "origin": "txt", "position": i}
+                                        for n, tags in source.items() for i, t in enumerate(tags)])
+    if curated is not None:
+        ws.add_part("tags", "hand", [{"key": f"in/{n}", "tag": t, "category": "general", "score": 1.0, "rank": i}
+                                     for n, tags in curated.items() for i, t in enumerate(tags)])
+        ws.add_part("image_meta", "hand", [{"key": f"in/{n}", "characters": []} for n in curated])
+    return base_config(tmp_path / "ws", *overrides), ws
+
+
+def test_labels_with_dollars_are_drawn_as_typed(tmp_path):
+    """A tag like `$_$` once crashed the report (matplotlib's mathtext); `$x^2$` was drawn as x²."""
+    import matplotlib
+    from PIL import Image
+
+    from jobs.report import balance_plot, bar_plot
+
+    def width(name: str, label: str) -> int:
+        bar_plot(tmp_path, name, [label], [1], "images")
+        with Image.open(tmp_path / f"{name}.png") as image:
+            return image.width
+
+    # as math, `$x^2$` is an x with a small 2, narrower than the three characters x^2; as typed, wider
+    assert width("typed", "dollar $x^2$ math") > width("plain", "dollar x^2 math")
+    assert width("smiley", "$_$") > width("underscore", "_")
+    balance_plot(tmp_path, [{"path": "$_$/dollar $x^2$ math", "images": 1, "samples": 1.0, "share_before": 1.0,
+                             "share_after": 1.0}])
+    assert (tmp_path / "balance.png").is_file()
+    assert matplotlib.rcParams["text.parse_math"]  # only the report's plots draw text as typed
+
