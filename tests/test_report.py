@@ -163,3 +163,16 @@ def test_labels_with_dollars_are_drawn_as_typed(tmp_path):
     assert (tmp_path / "balance.png").is_file()
     assert matplotlib.rcParams["text.parse_math"]  # only the report's plots draw text as typed
 
+
+def test_tags_curate_removed_are_never_shown(tmp_path):
+    """`bad` was removed by curate from both images it saw (b kept none); c, not curated yet,
+    shows its source tags: the rule of the image_tag_lists view that export reads."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile", "bad"], "b": ["bad"], "c": ["cat"]},
+                             curated={"a": ["smile"], "b": []})
+    data = report.report_data(cfg, ws)
+    assert {r["tag"]: r["images"] for r in data["tags"]} == {"smile": 1, "cat": 1}
+    assert {r["key"]: r["tags"] for r in data["examples"]} == {"in/a": ["smile"], "in/b": [], "in/c": ["cat"]}
+    report.run(cfg, ws)
+    assert "bad" not in (tmp_path / "ws" / "report" / "index.html").read_text()
