@@ -97,7 +97,7 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
     con = ws.connect()
     try:
         return {
-            "stages": query(con, "report_stages", annotated=annotated_images(ws)),
+            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws)),
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),
@@ -107,6 +107,12 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
         }
     finally:
         con.close()
+
+
+def samples_seen(ws: Workspace) -> int:
+    """The input samples of the current ingest units, as ingest's summary counts them (its markers:
+    a clip is one sample whatever its frames, each dropped member one, also a repeated name)."""
+    return sum(info.get("samples", 0) for info in ws.done_units("ingest").values() if not info.get("retired"))
 
 
 def annotated_images(ws: Workspace) -> int:

@@ -176,3 +176,27 @@ def test_tags_curate_removed_are_never_shown(tmp_path):
     assert {r["key"]: r["tags"] for r in data["examples"]} == {"in/a": ["smile"], "in/b": [], "in/c": ["cat"]}
     report.run(cfg, ws)
     assert "bad" not in (tmp_path / "ws" / "report" / "index.html").read_text()
+
+
+def test_samples_seen_is_ingests_accounting(tmp_path, ray_local):
+    """A clip is one sample however many frames it keeps, and each dropped member is one sample,
+    also three of the same name: the report says what ingest's own summary line says (its count
+    of images and distinct dropped keys was 6 here: 2 frames for one clip, 3 drops as 1)."""
+    from jobs import ingest, report
+    from store.workspace import Workspace
+    from tests.clip_data import three_scenes, write_gif
+    from tests.hostile_data import encode, picture, write_tar
+
+    gif = write_gif(tmp_path / "anim.gif", three_scenes(seconds=1.0, fps=4)).read_bytes()
+    dup = encode(picture(seed=2), "PNG")
+    # a name met again after other members is a sample of its own, dropped (duplicate_key)
+    write_tar(tmp_path / "s.tar", [("dup.png", dup), ("still.png", encode(picture(seed=1), "PNG")), ("dup.png", dup),
+                                   ("anim.gif", gif), ("dup.png", dup), ("ok.png", dup), ("dup.png", dup)])
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{tmp_path / "s.tar"}"]')
+    ws = Workspace(str(tmp_path / "ws"))
+    summary = ingest.run(cfg, ws)
+    frames = summary.rows_out["frames"]
+    assert frames >= 2 and f"+ 1 clips ({frames} frames) + 3 dropped samples = 7 samples seen" in summary.render()
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    assert stages["samples seen"] == summary.rows_in == 7
+    assert stages["ingested"] == 3 + frames  # still.png, ok.png, the first dup.png and the frames
