@@ -117,8 +117,13 @@ def samples_seen(ws: Workspace) -> int:
 
 def annotated_images(ws: Workspace) -> int:
     """The images annotate processed and kept, from its unit markers (no table row tells an image
-    that got no detection and no score from one never annotated)."""
-    return sum(info.get("images", 0) - info.get("dropped", 0) for info in ws.done_units("annotate").values())
+    that got no detection and no score from one never annotated), of the units annotate plans
+    now: the marker of a unit whose images left the input counts images that are gone."""
+    from jobs.annotate import units_of
+
+    current = {u["unit"] for u in units_of(ws)}
+    return sum(info.get("images", 0) - info.get("dropped", 0)
+               for unit, info in ws.done_units("annotate").items() if unit in current)
 
 
 # ---- plots -------------------------------------------------------------------------------

@@ -108,13 +108,22 @@ def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
 
 
 def test_annotated_images_come_from_annotates_markers(tmp_path):
-    """An image annotate ran on with no detection and no score leaves no row: the count is the markers'."""
+    """An image annotate ran on with no detection and no score leaves no row: the count is the
+    markers', of the units ingest has now. The marker of a unit ingest retired since (its images
+    left the input) once counted too, and "annotated" exceeded "ingested"."""
     from jobs.report import annotated_images
     from store.workspace import Workspace
 
     ws = Workspace(str(tmp_path / "ws"))
+    for unit, n in (("a", 10), ("b", 5)):
+        ws.write_part("images", f"{unit}-b00000", [{"key": f"{unit}/{i}"} for i in range(n)])
+        ws.commit_unit("ingest", unit, {"images": n, "samples": n}, parts={"images": [f"{unit}-b00000"]})
+    ws.write_part("errors", "removed-gone", [{"key": "gone/0", "kind": "removed_from_input"}])
+    ws.commit_unit("ingest", "gone", {"retired": True}, parts={"errors": ["removed-gone"]})
+    ws.publish()
     ws.commit_unit("annotate", "a", {"images": 10, "dropped": 2}, parts={})
     ws.commit_unit("annotate", "b", {"images": 5, "dropped": 0}, parts={"detections": ["annotate-b-face-x"]})
+    ws.commit_unit("annotate", "gone", {"images": 7, "dropped": 0}, parts={})
     assert annotated_images(ws) == 13
 
 
