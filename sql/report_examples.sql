@@ -1,11 +1,13 @@
--- report_examples: $n example images spread over the dataset (exported ones when there is an
--- export), with where to find their bytes, their caption and their tags in rank order: those of
--- the image_tag_lists view (what export writes), so a tag curate removed is not on a card.
+-- report_examples: $n example images spread over the dataset (exported ones, of any layout, when
+-- there is an export), with where to find their bytes (their webdataset shard member, if any;
+-- the report reads the others from their inputs), their caption and their tags in rank order:
+-- those of the image_tag_lists view (what export writes), so a tag curate removed is not on a card.
 -- Parameters: $n. Reads images, export_manifest, captions, image_tag_lists.
 with exported as (
-    select key, min(path) as path, arg_min(image, path) as image
+    select key,
+           min(path) filter (where layout = 'webdataset') as path,
+           arg_min(image, path) filter (where layout = 'webdataset') as image
     from export_manifest
-    where layout = 'webdataset'
     group by key
 ),
 pool as (

@@ -209,3 +209,18 @@ def test_samples_seen_is_ingests_accounting(tmp_path, ray_local):
     stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
     assert stages["samples seen"] == summary.rows_in == 7
     assert stages["ingested"] == 3 + frames  # still.png, ok.png, the first dup.png and the frames
+
+
+def test_examples_are_the_exported_images_of_any_layout(tmp_path):
+    """An export without the webdataset layout (kohya only, here of one image of three) once left
+    the examples to all the images, exported or not."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"], "c": ["smile"]})
+    ws.add_part("export_manifest", "hand", [{"key": "in/b", "sample_key": "in__b", "layout": "kohya",
+                                             "path": "kohya/1_smile", "image": "in__b.png"}])
+    assert [r["key"] for r in report.report_data(cfg, ws)["examples"]] == ["in/b"]
+    report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__b.jpg"]
+
