@@ -223,21 +223,32 @@ def error_table(rows: list[dict]) -> str:
 
 # ---- examples ----------------------------------------------------------------------------
 def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
-    """Image bytes of the examples: from the export's shards when exported, else from the inputs."""
-    found: dict[str, bytes] = {}
-    by_shard, by_source = defaultdict(dict), defaultdict(dict)
+    """Image bytes of the examples: from the export's shards when exported, else (not exported, or
+    the shards are not in `export`: export.out changed, the folder moved or removed) the inputs."""
+    found = shard_bytes([r for r in rows if r["shard"]], export)
+    return found | input_bytes([r for r in rows if r["key"] not in found])
+
+
+def shard_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
+    by_shard: dict[str, dict[str, str]] = defaultdict(dict)
     for r in rows:
-        if r["shard"]:
-            by_shard[r["shard"]][r["shard_member"]] = r["key"]
-        else:
-            by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
+        by_shard[r["shard"]][r["shard_member"]] = r["key"]
+    found: dict[str, bytes] = {}
     for shard, wanted in by_shard.items():
         path = Path(export) / shard
-        if path.is_file():
+        if export and path.is_file():
             with tarfile.open(path) as tar:
                 for member in tar:
                     if member.name in wanted:
                         found[wanted[member.name]] = tar.extractfile(member).read()
+    return found
+
+
+def input_bytes(rows: list[dict]) -> dict[str, bytes]:
+    by_source: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for r in rows:
+        by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
+    found: dict[str, bytes] = {}
     for source, wanted in by_source.items():
         offsets = {member: offset for member, (_, offset) in wanted.items()}
         for name, data in source_members(source, offsets, 1 << 30):

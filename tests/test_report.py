@@ -224,3 +224,20 @@ def test_examples_are_the_exported_images_of_any_layout(tmp_path):
     page = (tmp_path / "ws" / "report" / "index.html").read_text()
     assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__b.jpg"]
 
+
+def test_examples_fall_back_to_the_inputs_when_the_export_is_elsewhere(tmp_path):
+    """The shards are not where this config says the export is (export.out elsewhere, the folder
+    moved or removed): the cards show the images from their inputs, not "image not found"."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"]}, None,
+                             f'export.out="{tmp_path / "moved"}"')
+    ws.add_part("export_manifest", "hand", [
+        {"key": f"in/{n}", "sample_key": f"in__{n}", "layout": "webdataset", "path": "webdataset/shard-000000.tar",
+         "image": f"in__{n}.png"} for n in "ab"])
+    report.run(cfg, ws)
+    out = tmp_path / "ws" / "report"
+    page = (out / "index.html").read_text()
+    assert "image not found" not in page
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__a.jpg", "examples/in__b.jpg"]
+    assert all((out / "examples" / f"in__{n}.jpg").read_bytes()[:2] == b"\xff\xd8" for n in "ab")
