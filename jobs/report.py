@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -36,6 +37,8 @@ JOB = "report"
 # math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
 LITERAL_TEXT = {"text.parse_math": False}
+# The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
+PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
 
 
 def sql_text(name: str) -> str:
@@ -55,15 +58,28 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = cfg[JOB]
     out = report_dir(cfg, ws)
-    (out / "examples").mkdir(parents=True, exist_ok=True)
-    top = int(opts["top_n"])
+    out.mkdir(parents=True, exist_ok=True)
     data = report_data(cfg, ws)
-    sections = [
+    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws)))
+    atomic_write(str(out / "index.html"), page.encode())
+    shown = page_files(page)
+    remove_stale(out, shown)
+    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
+                         units_done=1, rows_out={"plots": sum(1 for f in shown if not f.startswith("examples/")),
+                                                 "examples": len(data["examples"])})
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append(f"report: {out / 'index.html'}")
+    return summary
+
+
+def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str) -> list[str]:
+    """The sections of the page; their plots and thumbnails are written into `out`."""
+    return [
         section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
                                              [r["images"] for r in data["stages"]], "images")),
         section("Errors by kind", bar_plot(out, "errors", [f"{r['stage']}: {r['kind']}" for r in data["errors"]],
                                            [r["n"] for r in data["errors"]], "errors"), error_table(data["errors"])),
-        section(f"Tag frequencies (top {top} general tags)",
+        section(f"Tag frequencies (top {int(opts['top_n'])} general tags)",
                 bar_plot(out, "tags", [r["tag"] for r in data["tags"]], [r["images"] for r in data["tags"]], "images")),
         section("Characters", bar_plot(out, "characters", [r["character"] for r in data["characters"]],
                                        [r["images"] for r in data["characters"]], "images")),
@@ -71,16 +87,25 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
         section("Balance before and after multiply", balance_plot(out, data["balance"])),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
-        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export_folder(cfg, ws))),
+        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export)),
     ]
-    page = render_page(ws.root, sections)
-    atomic_write(str(out / "index.html"), page.encode())
-    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
-                         units_done=1, rows_out={"plots": sum(1 for p in out.glob("*.png")),
-                                                 "examples": len(data["examples"])})
-    summary.seconds = time.perf_counter() - started
-    summary.notes.append(f"report: {out / 'index.html'}")
-    return summary
+
+
+def page_files(page: str) -> set[str]:
+    """The plots and thumbnails the page shows, relative to its folder: each one this run wrote."""
+    return {html.unescape(src) for src in re.findall(r'<img src="([^"]+)"', page)}
+
+
+def remove_stale(out: Path, shown: set[str]) -> None:
+    """Remove the plots and thumbnails of an earlier report that this one did not write (a section
+    with no data now, fewer or other examples): a reader of the folder, and the summary's count,
+    see this report's files only. Other files of the folder are left alone."""
+    written = [out / f"{name}.png" for name in PLOTS] + list((out / "examples").glob("*.jpg"))
+    for path in written:
+        if path.relative_to(out).as_posix() not in shown:
+            path.unlink(missing_ok=True)
+    if (out / "examples").is_dir() and not any((out / "examples").iterdir()):
+        (out / "examples").rmdir()
 
 
 def query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]:
@@ -269,6 +294,7 @@ def examples_html(out: Path, rows: list[dict], size: int, export: str) -> str:
     if not rows:
         return no_data("images")
     images = example_bytes(rows, export)
+    (out / "examples").mkdir(exist_ok=True)
     cards = []
     for r in rows:
         picture = '<div class="missing">image not found</div>'

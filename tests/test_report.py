@@ -241,3 +241,26 @@ def test_examples_fall_back_to_the_inputs_when_the_export_is_elsewhere(tmp_path)
     assert "image not found" not in page
     assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__a.jpg", "examples/in__b.jpg"]
     assert all((out / "examples" / f"in__{n}.jpg").read_bytes()[:2] == b"\xff\xd8" for n in "ab")
+
+
+def test_a_report_leaves_only_its_own_files(tmp_path):
+    """Plots and thumbnails of an earlier report that this one does not write (no captions or
+    balance now, fewer examples) once stayed beside the page, and the summary counted every PNG
+    of the folder. Files that are not the report's stay."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"], "c": ["cat"]})
+    out = tmp_path / "ws" / "report"
+    (out / "examples").mkdir(parents=True)
+    for old in ("accuracy.png", "balance.png", "examples/in__gone.jpg"):
+        (out / old).write_bytes(b"written by an earlier report")
+    (out / "notes.txt").write_text("a person's notes")
+    report.run(cfg, ws)
+    cfg["report"]["examples"] = 1
+    summary = report.run(cfg, ws)
+    shown = set(re.findall(r'<img src="([^"]+)"', (out / "index.html").read_text()))
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == shown | {"index.html",
+                                                                                            "notes.txt"}
+    plots = {s for s in shown if not s.startswith("examples/")}
+    assert "stages.png" in plots and len(shown - plots) == 1
+    assert summary.rows_out == {"plots": len(plots), "examples": 1}
