@@ -37,6 +37,12 @@ JOB = "report"
 # math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
 LITERAL_TEXT = {"text.parse_math": False}
+# Bounds of the [report] options. top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to
+# draw and make a picture no one reads). examples: a DuckDB BIGINT, the type of its parameter.
+# thumb_size: a thumbnail of fewer pixels shows nothing; one of more is no thumbnail.
+TOP_N = (1, 1000)
+EXAMPLES = (0, 2**63 - 1)
+THUMB_SIZE = (16, 4096)
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
 
@@ -54,9 +60,19 @@ def report_dir(cfg: Config, ws: Workspace) -> Path:
     return Path(out).resolve()
 
 
+def check_options(opts: dict) -> None:
+    """ConfigError for a [report] option out of its bounds (0 examples: the page says there are none)."""
+    for name, (low, high), what in (("top_n", TOP_N, "bars in the tag and character plots"),
+                                    ("examples", EXAMPLES, "example images; 0: none"),
+                                    ("thumb_size", THUMB_SIZE, "pixels on a thumbnail's long side")):
+        if not low <= int(opts[name]) <= high:
+            raise ConfigError(f"report.{name} must be {low} to {high} ({what}), not {opts[name]}")
+
+
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = cfg[JOB]
+    check_options(opts)
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
     data = report_data(cfg, ws)
@@ -87,7 +103,8 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
         section("Balance before and after multiply", balance_plot(out, data["balance"])),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
-        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export)),
+        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
+                                            int(opts["examples"]))),
     ]
 
 
@@ -290,7 +307,9 @@ def export_folder(cfg: Config, ws: Workspace) -> str:
         return ""
 
 
-def examples_html(out: Path, rows: list[dict], size: int, export: str) -> str:
+def examples_html(out: Path, rows: list[dict], size: int, export: str, wanted: int) -> str:
+    if not wanted:
+        return '<p class="empty">No example images: report.examples is 0.</p>'
     if not rows:
         return no_data("images")
     images = example_bytes(rows, export)

@@ -264,3 +264,42 @@ def test_a_report_leaves_only_its_own_files(tmp_path):
     plots = {s for s in shown if not s.startswith("examples/")}
     assert "stages.png" in plots and len(shown - plots) == 1
     assert summary.rows_out == {"plots": len(plots), "examples": 1}
+
+
+@pytest.mark.parametrize("option", ["report.top_n=0", "report.top_n=1001", "report.top_n=99999999999999999999",
+                                    "report.examples=99999999999999999999", "report.thumb_size=0",
+                                    "report.thumb_size=15", "report.thumb_size=99999999999999999999"])
+def test_odd_report_options_are_one_line_configuration_errors(tmp_path, capsys, option):
+    """top_n=0 said "No tags in this workspace", thumb_size=0 made broken cards, a top_n past
+    DuckDB's BIGINT ended in a ConversionException (exit 1)."""
+    from jobs import cli
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    assert cli.main(["report", "-w", str(tmp_path / "ws"), "--set", option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"booruset: configuration error: {option.split('=')[0]} ") and err.count("\n") == 1
+    assert not (tmp_path / "ws" / "report").exists()
+
+
+def test_a_run_refuses_odd_report_options_before_its_first_job(tmp_path, capsys):
+    """The report is the last job of `booruset run`: its options are checked before ingest starts."""
+    from jobs import cli
+    from tests.hostile_data import encode, picture
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(picture(), "PNG"))
+    assert cli.main(["run", "-i", str(tmp_path / "in"), "-w", str(tmp_path / "ws"), "--set", "report.top_n=0"]) == 2
+    assert capsys.readouterr().err.startswith("booruset: configuration error: report.top_n ")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_no_examples_is_said_as_such(tmp_path):
+    """report.examples=0 said "No images in this workspace." under Examples."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"]}, None, "report.examples=0")
+    summary = report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert "No example images: report.examples is 0." in page and "No images" not in page
+    assert not (tmp_path / "ws" / "report" / "examples").exists() and summary.rows_out["examples"] == 0
