@@ -303,3 +303,16 @@ def test_no_examples_is_said_as_such(tmp_path):
     page = (tmp_path / "ws" / "report" / "index.html").read_text()
     assert "No example images: report.examples is 0." in page and "No images" not in page
     assert not (tmp_path / "ws" / "report" / "examples").exists() and summary.rows_out["examples"] == 0
+
+
+def test_characters_of_images_curate_has_not_seen_come_from_their_source_tags(tmp_path):
+    """Before curate ran, the section said "No characters in this workspace." though the sidecars
+    named them. An image curate has seen has curate's characters (here none), whatever its sidecar says."""
+    from jobs import report
+
+    source = {"a": ["character:hatsune_miku", "smile"], "b": ["smile"], "c": ["character:hatsune_miku"]}
+    for case, curated, expected in (("before", None, {"hatsune_miku": 2, "(none)": 1}),
+                                    ("after", {"a": ["smile"]}, {"hatsune_miku": 1, "(none)": 2})):
+        (tmp_path / case).mkdir()
+        cfg, ws = hand_workspace(tmp_path / case, source, curated)
+        assert {r["character"]: r["images"] for r in report.report_data(cfg, ws)["characters"]} == expected, case
