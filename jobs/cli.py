@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.ingest import check_inputs
 
             check_inputs(cfg)
+        if args.command in ("report", "run"):  # the report is a run's last job: not hours later
+            from jobs.report import check_options
+
+            check_options(cfg["report"])
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if args.command == "sql":

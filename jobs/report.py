@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import html
 import io
+import re
 import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import duckdb
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
@@ -31,6 +33,18 @@ from udfs.source_members import source_members  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
+# Labels are tags, keys and group paths as typed: matplotlib reads the text between two `$` as
+# math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
+# each plot (a decorator), not globally: a program that imports the report keeps its setting.
+LITERAL_TEXT = {"text.parse_math": False}
+# Bounds of the [report] options. top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to
+# draw and make a picture no one reads). examples: a DuckDB BIGINT, the type of its parameter.
+# thumb_size: a thumbnail of fewer pixels shows nothing; one of more is no thumbnail.
+TOP_N = (1, 1000)
+EXAMPLES = (0, 2**63 - 1)
+THUMB_SIZE = (16, 4096)
+# The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
+PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
 
 
 def sql_text(name: str) -> str:
@@ -46,33 +60,42 @@ def report_dir(cfg: Config, ws: Workspace) -> Path:
     return Path(out).resolve()
 
 
+def check_options(opts: dict) -> None:
+    """ConfigError for a [report] option out of its bounds (0 examples: the page says there are none)."""
+    for name, (low, high), what in (("top_n", TOP_N, "bars in the tag and character plots"),
+                                    ("examples", EXAMPLES, "example images; 0: none"),
+                                    ("thumb_size", THUMB_SIZE, "pixels on a thumbnail's long side")):
+        if not low <= int(opts[name]) <= high:
+            raise ConfigError(f"report.{name} must be {low} to {high} ({what}), not {opts[name]}")
+
+
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = cfg[JOB]
+    check_options(opts)
     out = report_dir(cfg, ws)
-    (out / "examples").mkdir(parents=True, exist_ok=True)
-    con = ws.connect()
-    try:
-        def query(name: str, **params) -> list[dict]:
-            result = con.execute(sql_text(name), params or None)
-            cols = [d[0] for d in result.description]
-            return [dict(zip(cols, row, strict=True)) for row in result.fetchall()]
+    out.mkdir(parents=True, exist_ok=True)
+    data = report_data(cfg, ws)
+    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws)))
+    atomic_write(str(out / "index.html"), page.encode())
+    shown = page_files(page)
+    remove_stale(out, shown)
+    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
+                         units_done=1, rows_out={"plots": sum(1 for f in shown if not f.startswith("examples/")),
+                                                 "examples": len(data["examples"])})
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append(f"report: {out / 'index.html'}")
+    return summary
 
-        top = int(opts["top_n"])
-        data = {
-            "stages": query("report_stages", annotated=annotated_images(ws)), "errors": query("report_errors"),
-            "tags": query("report_tag_frequency", top_n=top), "characters": query("report_characters", top_n=top),
-            "people": query("report_people"), "balance": query("report_balance"),
-            "accuracy": query("report_caption_accuracy"), "examples": query("report_examples", n=int(opts["examples"])),
-        }
-    finally:
-        con.close()
-    sections = [
+
+def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str) -> list[str]:
+    """The sections of the page; their plots and thumbnails are written into `out`."""
+    return [
         section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
                                              [r["images"] for r in data["stages"]], "images")),
         section("Errors by kind", bar_plot(out, "errors", [f"{r['stage']}: {r['kind']}" for r in data["errors"]],
                                            [r["n"] for r in data["errors"]], "errors"), error_table(data["errors"])),
-        section(f"Tag frequencies (top {top} general tags)",
+        section(f"Tag frequencies (top {int(opts['top_n'])} general tags)",
                 bar_plot(out, "tags", [r["tag"] for r in data["tags"]], [r["images"] for r in data["tags"]], "images")),
         section("Characters", bar_plot(out, "characters", [r["character"] for r in data["characters"]],
                                        [r["images"] for r in data["characters"]], "images")),
@@ -80,22 +103,69 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
         section("Balance before and after multiply", balance_plot(out, data["balance"])),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
-        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export_folder(cfg, ws))),
+        section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
+                                            int(opts["examples"]))),
     ]
-    page = render_page(ws.root, sections)
-    atomic_write(str(out / "index.html"), page.encode())
-    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
-                         units_done=1, rows_out={"plots": sum(1 for p in out.glob("*.png")),
-                                                 "examples": len(data["examples"])})
-    summary.seconds = time.perf_counter() - started
-    summary.notes.append(f"report: {out / 'index.html'}")
-    return summary
+
+
+def page_files(page: str) -> set[str]:
+    """The plots and thumbnails the page shows, relative to its folder: each one this run wrote."""
+    return {html.unescape(src) for src in re.findall(r'<img src="([^"]+)"', page)}
+
+
+def remove_stale(out: Path, shown: set[str]) -> None:
+    """Remove the plots and thumbnails of an earlier report that this one did not write (a section
+    with no data now, fewer or other examples): a reader of the folder, and the summary's count,
+    see this report's files only. Other files of the folder are left alone."""
+    written = [out / f"{name}.png" for name in PLOTS] + list((out / "examples").glob("*.jpg"))
+    for path in written:
+        if path.relative_to(out).as_posix() not in shown:
+            path.unlink(missing_ok=True)
+    if (out / "examples").is_dir() and not any((out / "examples").iterdir()):
+        (out / "examples").rmdir()
+
+
+def query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]:
+    """The rows of sql/<name>.sql as dicts, with its $parameters bound."""
+    result = con.execute(sql_text(name), params or None)
+    cols = [d[0] for d in result.description]
+    return [dict(zip(cols, row, strict=True)) for row in result.fetchall()]
+
+
+def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
+    """The rows of every section, from the workspace tables (sql/report_*.sql)."""
+    opts = cfg[JOB]
+    top = int(opts["top_n"])
+    con = ws.connect()
+    try:
+        return {
+            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws)),
+            "errors": query(con, "report_errors"),
+            "tags": query(con, "report_tag_frequency", top_n=top),
+            "characters": query(con, "report_characters", top_n=top),
+            "people": query(con, "report_people"), "balance": query(con, "report_balance"),
+            "accuracy": query(con, "report_caption_accuracy"),
+            "examples": query(con, "report_examples", n=int(opts["examples"])),
+        }
+    finally:
+        con.close()
+
+
+def samples_seen(ws: Workspace) -> int:
+    """The input samples of the current ingest units, as ingest's summary counts them (its markers:
+    a clip is one sample whatever its frames, each dropped member one, also a repeated name)."""
+    return sum(info.get("samples", 0) for info in ws.done_units("ingest").values() if not info.get("retired"))
 
 
 def annotated_images(ws: Workspace) -> int:
     """The images annotate processed and kept, from its unit markers (no table row tells an image
-    that got no detection and no score from one never annotated)."""
-    return sum(info.get("images", 0) - info.get("dropped", 0) for info in ws.done_units("annotate").values())
+    that got no detection and no score from one never annotated), of the units annotate plans
+    now: the marker of a unit whose images left the input counts images that are gone."""
+    from jobs.annotate import units_of
+
+    current = {u["unit"] for u in units_of(ws)}
+    return sum(info.get("images", 0) - info.get("dropped", 0)
+               for unit, info in ws.done_units("annotate").items() if unit in current)
 
 
 # ---- plots -------------------------------------------------------------------------------
@@ -111,6 +181,7 @@ def no_data(what: str) -> str:
     return f'<p class="empty">No {html.escape(what)} in this workspace.</p>'
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def bar_plot(out: Path, name: str, labels: list, values: list, unit: str, horizontal: bool = True) -> str:
     if not labels:
         return no_data(name)
@@ -128,6 +199,7 @@ def bar_plot(out: Path, name: str, labels: list, values: list, unit: str, horizo
     return save(fig, out, name)
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def balance_plot(out: Path, rows: list[dict]) -> str:
     if not rows:
         return no_data("balance groups")
@@ -148,6 +220,7 @@ def balance_plot(out: Path, rows: list[dict]) -> str:
                                         f"</tr>{table}</table>")
 
 
+@matplotlib.rc_context(LITERAL_TEXT)
 def accuracy_plot(out: Path, rows: list[dict]) -> str:
     """A histogram of the scored captions by backend, and what the scores were computed against
     (`rows`: counts per backend and accuracy bin, sql/report_caption_accuracy.sql)."""
@@ -192,21 +265,32 @@ def error_table(rows: list[dict]) -> str:
 
 # ---- examples ----------------------------------------------------------------------------
 def example_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
-    """Image bytes of the examples: from the export's shards when exported, else from the inputs."""
-    found: dict[str, bytes] = {}
-    by_shard, by_source = defaultdict(dict), defaultdict(dict)
+    """Image bytes of the examples: from the export's shards when exported, else (not exported, or
+    the shards are not in `export`: export.out changed, the folder moved or removed) the inputs."""
+    found = shard_bytes([r for r in rows if r["shard"]], export)
+    return found | input_bytes([r for r in rows if r["key"] not in found])
+
+
+def shard_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
+    by_shard: dict[str, dict[str, str]] = defaultdict(dict)
     for r in rows:
-        if r["shard"]:
-            by_shard[r["shard"]][r["shard_member"]] = r["key"]
-        else:
-            by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
+        by_shard[r["shard"]][r["shard_member"]] = r["key"]
+    found: dict[str, bytes] = {}
     for shard, wanted in by_shard.items():
         path = Path(export) / shard
-        if path.is_file():
+        if export and path.is_file():
             with tarfile.open(path) as tar:
                 for member in tar:
                     if member.name in wanted:
                         found[wanted[member.name]] = tar.extractfile(member).read()
+    return found
+
+
+def input_bytes(rows: list[dict]) -> dict[str, bytes]:
+    by_source: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for r in rows:
+        by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
+    found: dict[str, bytes] = {}
     for source, wanted in by_source.items():
         offsets = {member: offset for member, (_, offset) in wanted.items()}
         for name, data in source_members(source, offsets, 1 << 30):
@@ -223,10 +307,13 @@ def export_folder(cfg: Config, ws: Workspace) -> str:
         return ""
 
 
-def examples_html(out: Path, rows: list[dict], size: int, export: str) -> str:
+def examples_html(out: Path, rows: list[dict], size: int, export: str, wanted: int) -> str:
+    if not wanted:
+        return '<p class="empty">No example images: report.examples is 0.</p>'
     if not rows:
         return no_data("images")
     images = example_bytes(rows, export)
+    (out / "examples").mkdir(exist_ok=True)
     cards = []
     for r in rows:
         picture = '<div class="missing">image not found</div>'

@@ -1,10 +1,13 @@
--- report_examples: $n example images spread over the dataset (exported ones when there is an
--- export), with where to find their bytes, their caption and their tags in rank order.
--- Parameters: $n. Reads images, export_manifest, captions, tags, source_tags.
+-- report_examples: $n example images spread over the dataset (exported ones, of any layout, when
+-- there is an export), with where to find their bytes (their webdataset shard member, if any;
+-- the report reads the others from their inputs), their caption and their tags in rank order:
+-- those of the image_tag_lists view (what export writes), so a tag curate removed is not on a card.
+-- Parameters: $n. Reads images, export_manifest, captions, image_tag_lists.
 with exported as (
-    select key, min(path) as path, arg_min(image, path) as image
+    select key,
+           min(path) filter (where layout = 'webdataset') as path,
+           arg_min(image, path) filter (where layout = 'webdataset') as image
     from export_manifest
-    where layout = 'webdataset'
     group by key
 ),
 pool as (
@@ -13,18 +16,11 @@ pool as (
     from images i
     left join exported e using (key)
     where e.key is not null or not exists (select 1 from exported)
-),
-image_tags as (
-    select key, list(tag order by rank, tag) as tags from tags group by key
-),
-source_tag_lists as (
-    select key, list(tag order by position, tag) as tags from source_tags group by key
 )
 select p.key, p.source, p.member, p.member_offset, p.shard, p.shard_member, c.caption, c.accuracy,
-       coalesce(t.tags, s.tags, []::varchar[]) as tags
+       coalesce(l.tags, []::varchar[]) as tags
 from pool p
 left join captions c on c.key = p.key and c.accepted
-left join image_tags t on t.key = p.key
-left join source_tag_lists s on s.key = p.key
+left join image_tag_lists l on l.key = p.key
 where p.pick <= $n
 order by p.key

@@ -1,16 +1,13 @@
 -- report_stages: images that reached each stage, in pipeline order (one row per stage).
--- Parameters: $annotated, the images annotate's unit markers say it processed (an image with no
--- detection and no score leaves no row to count here). Reads images, errors, tags, captions,
--- duplicates, export_manifest.
-with ingest_dropped as (
-    select count(distinct coalesce(key, source || ':' || member)) as n
-    from errors
-    where stage = 'ingest' and dropped
-),
-duplicates_left_out as (
+-- Parameters: $samples_seen, the input samples ingest's unit markers count (an image, a clip
+-- whatever its frames, a dropped member: ingest's own accounting; the tables cannot tell a
+-- repeated dropped member from one); $annotated, the images annotate's unit markers say it
+-- processed (an image with no detection and no score leaves no row to count here). Reads images,
+-- tags, captions, duplicates, export_manifest.
+with duplicates_left_out as (
     select count(distinct key) as n from duplicates where not is_representative
 )
-select 1 as step, 'samples seen' as stage, (select count(*) from images) + (select n from ingest_dropped) as images
+select 1 as step, 'samples seen' as stage, $samples_seen::bigint as images
 union all
 select 2, 'ingested', count(*) from images
 union all

@@ -108,11 +108,211 @@ def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
 
 
 def test_annotated_images_come_from_annotates_markers(tmp_path):
-    """An image annotate ran on with no detection and no score leaves no row: the count is the markers'."""
+    """An image annotate ran on with no detection and no score leaves no row: the count is the
+    markers', of the units ingest has now. The marker of a unit ingest retired since (its images
+    left the input) once counted too, and "annotated" exceeded "ingested"."""
     from jobs.report import annotated_images
     from store.workspace import Workspace
 
     ws = Workspace(str(tmp_path / "ws"))
+    for unit, n in (("a", 10), ("b", 5)):
+        ws.write_part("images", f"{unit}-b00000", [{"key": f"{unit}/{i}"} for i in range(n)])
+        ws.commit_unit("ingest", unit, {"images": n, "samples": n}, parts={"images": [f"{unit}-b00000"]})
+    ws.write_part("errors", "removed-gone", [{"key": "gone/0", "kind": "removed_from_input"}])
+    ws.commit_unit("ingest", "gone", {"retired": True}, parts={"errors": ["removed-gone"]})
+    ws.publish()
     ws.commit_unit("annotate", "a", {"images": 10, "dropped": 2}, parts={})
     ws.commit_unit("annotate", "b", {"images": 5, "dropped": 0}, parts={"detections": ["annotate-b-face-x"]})
+    ws.commit_unit("annotate", "gone", {"images": 7, "dropped": 0}, parts={})
     assert annotated_images(ws) == 13
+
+
+# ---- workspaces written by hand: a few images with real bytes, the rows a case needs ----------
+def hand_workspace(tmp_path, source: dict[str, list[str]], curated: dict[str, list[str]] | None = None,
+                   *overrides: str):
+    """Images `in/<name>` (PNG files in tmp_path/in, their input) with their source tags
+    ("character:name" for a character tag), and, with `curated`, what curate made of the images
+    it has seen: their tags (an empty list: all removed) and an image_meta row without characters."""
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, ws = tmp_path / "in", Workspace(str(tmp_path / "ws"))
+    folder.mkdir()
+    for i, name in enumerate(source):
+        (folder / f"{name}.png").write_bytes(encode(picture(seed=i), "PNG"))
+    ws.add_part("images", "hand", [{"key": f"in/{n}", "source": str(folder), "member": f"{n}.png", "width": 96,
+                                    "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1} for n in source])
+    ws.add_part("source_tags", "hand", [{"key": f"in/{n}", "tag": t.rpartition(":")[2],
+                                         "category": t.rpartition(":")[0] or "general", "origin": "txt", "position": i}
+                                        for n, tags in source.items() for i, t in enumerate(tags)])
+    if curated is not None:
+        ws.add_part("tags", "hand", [{"key": f"in/{n}", "tag": t, "category": "general", "score": 1.0, "rank": i}
+                                     for n, tags in curated.items() for i, t in enumerate(tags)])
+        ws.add_part("image_meta", "hand", [{"key": f"in/{n}", "characters": []} for n in curated])
+    return base_config(tmp_path / "ws", *overrides), ws
+
+
+def test_labels_with_dollars_are_drawn_as_typed(tmp_path):
+    """A tag like `$_$` once crashed the report (matplotlib's mathtext); `$x^2$` was drawn as x²."""
+    import matplotlib
+    from PIL import Image
+
+    from jobs.report import balance_plot, bar_plot
+
+    def width(name: str, label: str) -> int:
+        bar_plot(tmp_path, name, [label], [1], "images")
+        with Image.open(tmp_path / f"{name}.png") as image:
+            return image.width
+
+    # as math, `$x^2$` is an x with a small 2, narrower than the three characters x^2; as typed, wider
+    assert width("typed", "dollar $x^2$ math") > width("plain", "dollar x^2 math")
+    assert width("smiley", "$_$") > width("underscore", "_")
+    balance_plot(tmp_path, [{"path": "$_$/dollar $x^2$ math", "images": 1, "samples": 1.0, "share_before": 1.0,
+                             "share_after": 1.0}])
+    assert (tmp_path / "balance.png").is_file()
+    assert matplotlib.rcParams["text.parse_math"]  # only the report's plots draw text as typed
+
+
+def test_tags_curate_removed_are_never_shown(tmp_path):
+    """`bad` was removed by curate from both images it saw (b kept none); c, not curated yet,
+    shows its source tags: the rule of the image_tag_lists view that export reads."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile", "bad"], "b": ["bad"], "c": ["cat"]},
+                             curated={"a": ["smile"], "b": []})
+    data = report.report_data(cfg, ws)
+    assert {r["tag"]: r["images"] for r in data["tags"]} == {"smile": 1, "cat": 1}
+    assert {r["key"]: r["tags"] for r in data["examples"]} == {"in/a": ["smile"], "in/b": [], "in/c": ["cat"]}
+    report.run(cfg, ws)
+    assert "bad" not in (tmp_path / "ws" / "report" / "index.html").read_text()
+
+
+def test_samples_seen_is_ingests_accounting(tmp_path, ray_local):
+    """A clip is one sample however many frames it keeps, and each dropped member is one sample,
+    also three of the same name: the report says what ingest's own summary line says (its count
+    of images and distinct dropped keys was 6 here: 2 frames for one clip, 3 drops as 1)."""
+    from jobs import ingest, report
+    from store.workspace import Workspace
+    from tests.clip_data import three_scenes, write_gif
+    from tests.hostile_data import encode, picture, write_tar
+
+    gif = write_gif(tmp_path / "anim.gif", three_scenes(seconds=1.0, fps=4)).read_bytes()
+    dup = encode(picture(seed=2), "PNG")
+    # a name met again after other members is a sample of its own, dropped (duplicate_key)
+    write_tar(tmp_path / "s.tar", [("dup.png", dup), ("still.png", encode(picture(seed=1), "PNG")), ("dup.png", dup),
+                                   ("anim.gif", gif), ("dup.png", dup), ("ok.png", dup), ("dup.png", dup)])
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{tmp_path / "s.tar"}"]')
+    ws = Workspace(str(tmp_path / "ws"))
+    summary = ingest.run(cfg, ws)
+    frames = summary.rows_out["frames"]
+    assert frames >= 2 and f"+ 1 clips ({frames} frames) + 3 dropped samples = 7 samples seen" in summary.render()
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    assert stages["samples seen"] == summary.rows_in == 7
+    assert stages["ingested"] == 3 + frames  # still.png, ok.png, the first dup.png and the frames
+
+
+def test_examples_are_the_exported_images_of_any_layout(tmp_path):
+    """An export without the webdataset layout (kohya only, here of one image of three) once left
+    the examples to all the images, exported or not."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"], "c": ["smile"]})
+    ws.add_part("export_manifest", "hand", [{"key": "in/b", "sample_key": "in__b", "layout": "kohya",
+                                             "path": "kohya/1_smile", "image": "in__b.png"}])
+    assert [r["key"] for r in report.report_data(cfg, ws)["examples"]] == ["in/b"]
+    report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__b.jpg"]
+
+
+def test_examples_fall_back_to_the_inputs_when_the_export_is_elsewhere(tmp_path):
+    """The shards are not where this config says the export is (export.out elsewhere, the folder
+    moved or removed): the cards show the images from their inputs, not "image not found"."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"]}, None,
+                             f'export.out="{tmp_path / "moved"}"')
+    ws.add_part("export_manifest", "hand", [
+        {"key": f"in/{n}", "sample_key": f"in__{n}", "layout": "webdataset", "path": "webdataset/shard-000000.tar",
+         "image": f"in__{n}.png"} for n in "ab"])
+    report.run(cfg, ws)
+    out = tmp_path / "ws" / "report"
+    page = (out / "index.html").read_text()
+    assert "image not found" not in page
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__a.jpg", "examples/in__b.jpg"]
+    assert all((out / "examples" / f"in__{n}.jpg").read_bytes()[:2] == b"\xff\xd8" for n in "ab")
+
+
+def test_a_report_leaves_only_its_own_files(tmp_path):
+    """Plots and thumbnails of an earlier report that this one does not write (no captions or
+    balance now, fewer examples) once stayed beside the page, and the summary counted every PNG
+    of the folder. Files that are not the report's stay."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"], "c": ["cat"]})
+    out = tmp_path / "ws" / "report"
+    (out / "examples").mkdir(parents=True)
+    for old in ("accuracy.png", "balance.png", "examples/in__gone.jpg"):
+        (out / old).write_bytes(b"written by an earlier report")
+    (out / "notes.txt").write_text("a person's notes")
+    report.run(cfg, ws)
+    cfg["report"]["examples"] = 1
+    summary = report.run(cfg, ws)
+    shown = set(re.findall(r'<img src="([^"]+)"', (out / "index.html").read_text()))
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == shown | {"index.html",
+                                                                                            "notes.txt"}
+    plots = {s for s in shown if not s.startswith("examples/")}
+    assert "stages.png" in plots and len(shown - plots) == 1
+    assert summary.rows_out == {"plots": len(plots), "examples": 1}
+
+
+@pytest.mark.parametrize("option", ["report.top_n=0", "report.top_n=1001", "report.top_n=99999999999999999999",
+                                    "report.examples=99999999999999999999", "report.thumb_size=0",
+                                    "report.thumb_size=15", "report.thumb_size=99999999999999999999"])
+def test_odd_report_options_are_one_line_configuration_errors(tmp_path, capsys, option):
+    """top_n=0 said "No tags in this workspace", thumb_size=0 made broken cards, a top_n past
+    DuckDB's BIGINT ended in a ConversionException (exit 1)."""
+    from jobs import cli
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    assert cli.main(["report", "-w", str(tmp_path / "ws"), "--set", option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"booruset: configuration error: {option.split('=')[0]} ") and err.count("\n") == 1
+    assert not (tmp_path / "ws" / "report").exists()
+
+
+def test_a_run_refuses_odd_report_options_before_its_first_job(tmp_path, capsys):
+    """The report is the last job of `booruset run`: its options are checked before ingest starts."""
+    from jobs import cli
+    from tests.hostile_data import encode, picture
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(picture(), "PNG"))
+    assert cli.main(["run", "-i", str(tmp_path / "in"), "-w", str(tmp_path / "ws"), "--set", "report.top_n=0"]) == 2
+    assert capsys.readouterr().err.startswith("booruset: configuration error: report.top_n ")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_no_examples_is_said_as_such(tmp_path):
+    """report.examples=0 said "No images in this workspace." under Examples."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"]}, None, "report.examples=0")
+    summary = report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert "No example images: report.examples is 0." in page and "No images" not in page
+    assert not (tmp_path / "ws" / "report" / "examples").exists() and summary.rows_out["examples"] == 0
+
+
+def test_characters_of_images_curate_has_not_seen_come_from_their_source_tags(tmp_path):
+    """Before curate ran, the section said "No characters in this workspace." though the sidecars
+    named them. An image curate has seen has curate's characters (here none), whatever its sidecar says."""
+    from jobs import report
+
+    source = {"a": ["character:hatsune_miku", "smile"], "b": ["smile"], "c": ["character:hatsune_miku"]}
+    for case, curated, expected in (("before", None, {"hatsune_miku": 2, "(none)": 1}),
+                                    ("after", {"a": ["smile"]}, {"hatsune_miku": 1, "(none)": 2})):
+        (tmp_path / case).mkdir()
+        cfg, ws = hand_workspace(tmp_path / case, source, curated)
+        assert {r["character"]: r["images"] for r in report.report_data(cfg, ws)["characters"]} == expected, case
