@@ -9,11 +9,12 @@ import argparse
 import importlib
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable
 
-from jobs.config import Config, ConfigError, load_config
+from jobs.config import Config, ConfigError, load_config, out_folder
 from jobs.errors import report_failure
 from jobs.summary import JobSummary
 from store.lock import WorkspaceLock
@@ -173,7 +174,7 @@ def print_outputs(cfg: Config, ws: Workspace) -> None:
     for layout in cfg["export"]["formats"]:
         print(f"== {names.get(layout, layout)}: {out}/{layout}/")
     print(f"== report: {report_dir(cfg, ws) / 'index.html'}")
-    print(f"== look at it and correct it: booruset review -w {ws.root}")
+    print(f"== look at it and correct it: booruset review -w {shlex.quote(ws.root)}")
 
 
 # `booruset sql` only reads: SELECT (with DESCRIBE, SHOW, SUMMARIZE, FROM ...) and EXPLAIN of one.
@@ -224,6 +225,14 @@ def one_line(message: str) -> str:
     return " ".join(kept)
 
 
+def check_out_folders(cfg: Config, ws: Workspace, command: str) -> None:
+    """export.out and report.out, which must be local folders, before the first job: a run on an
+    s3:// workspace without them failed at export, after hours of the jobs before it."""
+    for job in ("export", "report"):
+        if command in (job, "run"):
+            out_folder(job, cfg, ws.local, ws.base)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -245,16 +254,17 @@ def main(argv: list[str] | None = None) -> int:
             check_options(cfg["report"])
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
+        check_out_folders(cfg, ws, args.command)
         if args.command == "sql":
             return sql(ws, args.query)
         if args.command in SERVERS:
             from review.server import serve
 
             return serve(cfg, ws, args.host, args.port, args.token)
-        ws.check_writable()
         names = PIPELINE + ["report"] if args.command == "run" else [args.command]
-        if args.command in READERS:
+        if args.command in READERS:  # they write nothing in the workspace: read-only access is enough
             return run_jobs(cfg, ws, names)
+        ws.check_writable()
         with WorkspaceLock(ws, args.command):
             swept = ws.sweep_temp(before=time.time())
             if swept:

@@ -29,6 +29,19 @@ class ConfigError(ValueError):
     """Bad configuration: the job stops with a clear message and a non-zero exit."""
 
 
+def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
+    """[job].out (export's or report's folder), which must be local: a URI became a local folder
+    named `s3:`; unset, the workspace's own `<job>/` folder, which only a local workspace has."""
+    out = str(cfg[job]["out"])
+    if "://" in out:
+        raise ConfigError(f"{job}.out must be a local folder (on a cluster, one every node mounts), not {out!r}")
+    if not out:
+        if not ws_local:
+            raise ConfigError(f"{job}.out must be set to a local folder when the workspace is not local")
+        out = f"{ws_base}/{job}"
+    return Path(out).resolve()
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from PIL import ImageColor
 
 import schemas
-from jobs.config import REPO, Config, ConfigError
+from jobs.config import REPO, Config, ConfigError, out_folder
 from jobs.ray_env import (
     Progress,
     collect_units,
@@ -85,12 +85,7 @@ def sql_text(name: str) -> str:
 
 def out_dir(cfg: Config, ws: Workspace) -> str:
     """[export] out, or <workspace>/export for a local workspace."""
-    out = cfg["export"]["out"]
-    if not out:
-        if not ws.local:
-            raise ConfigError("export.out must be set to a local folder when the workspace is not local")
-        out = f"{ws.base}/export"
-    return str(Path(out).resolve())
+    return str(out_folder(JOB, cfg, ws.local, ws.base))
 
 
 def check_options(opts: dict) -> None:

@@ -45,8 +45,10 @@ def check_inputs(cfg: Config) -> None:
     """ConfigError for an input that is not there, before a workspace is made for it."""
     try:
         resolve_inputs(input_specs(cfg))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
+    except OSError as exc:  # object storage refused or unreachable: said before a workspace is made
+        raise ConfigError(f"cannot read the inputs: {exc}") from exc
 
 
 def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jobs.config import REPO, Config, ConfigError  # noqa: E402
+from jobs.config import REPO, Config, ConfigError, out_folder  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
@@ -52,12 +52,7 @@ def sql_text(name: str) -> str:
 
 
 def report_dir(cfg: Config, ws: Workspace) -> Path:
-    out = cfg[JOB]["out"]
-    if not out:
-        if not ws.local:
-            raise ConfigError("report.out must be set to a local folder when the workspace is not local")
-        out = f"{ws.base}/report"
-    return Path(out).resolve()
+    return out_folder(JOB, cfg, ws.local, ws.base)
 
 
 def check_options(opts: dict) -> None:

@@ -193,6 +193,9 @@ class ReviewApp:
                 batch = self.log.append(changes)
             except WorkspaceBusy as exc:
                 return JSONResponse({"error": f"{exc}; edits are possible again when it ends"}, status_code=409)
+            except OSError as exc:  # a workspace this server may read but not write (read-only keys)
+                return JSONResponse({"error": f"the edit could not be written to the workspace: {exc}"},
+                                    status_code=503)
             if batch:
                 self.index.after_edit(sorted({c["key"] for c in changes}), before)
         return JSONResponse({"batch": batch, "edits": len(changes), "images": len({c["key"] for c in changes})})

@@ -88,8 +88,9 @@ class WorkspaceLock:
 
     def _take_lease(self) -> None:
         current = self._read_lease()
-        if current and current.get("expires", 0) > time.time():
-            raise WorkspaceBusy(busy_message(current))
+        if current and current.get("expires", 0) > time.time() and not died_here(current):
+            ends = time.strftime("%H:%M:%S", time.localtime(current["expires"]))
+            raise WorkspaceBusy(f"{busy_message(current)} (its lease ends at {ends} unless it is renewed)")
         mine = {**holder_info(self.job), "token": os.urandom(8).hex()}
         self._write_lease(mine)
         if self._read_lease().get("token") != mine["token"]:  # another writer wrote after us
@@ -111,6 +112,20 @@ class WorkspaceLock:
     def _write_lease(self, mine: dict) -> None:
         with self.ws.fs.open_output_stream(self._lease_path()) as out:
             out.write(json.dumps({**mine, "expires": time.time() + LEASE_S}).encode())
+
+
+def died_here(holder: dict) -> bool:
+    """Whether the lease's holder was a process of this host that is gone (killed): its lease is
+    free at once, as a local workspace's flock is, not LEASE_S later."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _parse(text: str) -> dict:

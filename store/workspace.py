@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -49,6 +50,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from store.part_ranges import PartKeyRanges
+from store.uris import filesystem_of
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
@@ -88,7 +90,10 @@ class Workspace:
     def __init__(self, root: str, create: bool = True, memory_limit: str = DUCKDB_MEMORY_LIMIT) -> None:
         """Open the workspace at `root`, creating it when `create`; else WorkspaceError if absent."""
         if "://" in root:
-            self.fs, self.base = pafs.FileSystem.from_uri(root)
+            try:
+                self.fs, self.base = filesystem_of(root)
+            except ValueError as exc:
+                raise WorkspaceError(f"workspace: {exc}") from exc
             self.local = False
         else:
             self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
@@ -104,7 +109,7 @@ class Workspace:
         self.retired_grace_s = RETIRED_GRACE_S
         if not create:
             if self.fs.get_file_info(f"{self.base}/tables").type != pafs.FileType.Directory:
-                raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {root} ...` first)")
+                raise WorkspaceError(f"no workspace at {root} (run `booruset ingest -w {shlex.quote(root)} ...` first)")
             return
         try:
             self.fs.create_dir(f"{self.base}/tables", recursive=True)

@@ -204,16 +204,20 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
 
 
 def test_timeout_bounds_the_whole_reply_not_each_read():
-    """A server sending its reply a byte every 0.1 s never lets a 1 s read timeout fire."""
-    server, url = serve_bodies([({}, completion("slow " * 20), 0.1)])
+    """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
+    timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a
+    loaded machine spent over a second building the client and stopping the server)."""
+    server, url = serve_bodies([({}, completion("slow " * 60), 0.1)])
     try:
+        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=1.0)
         started = time.monotonic()
         with pytest.raises(EndpointError) as err:
-            ChatEndpoint(url, "m", max_retries=0, timeout_s=1.0).chat(MESSAGES)
+            endpoint.chat(MESSAGES)
+        elapsed = time.monotonic() - started
     finally:
         server.shutdown()
         server.server_close()
-    assert err.value.kind == "timeout" and time.monotonic() - started < 3
+    assert err.value.kind == "timeout" and elapsed < 10
 
 
 def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):

@@ -176,7 +176,9 @@ def test_sigkill_of_the_openai_backend_loses_only_the_unit_in_flight(transformer
     again = booruset("caption", "-w", ws.root, *sets)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
-    assert f"{committed} done before" in out, out
+    # the actors are in process groups of their own: one may commit a unit in the second after the kill
+    done_before = int(re.search(r"(\d+) done before", out).group(1))
+    assert committed <= done_before < IMAGES // 2, out
     for unit, mtime in before.items():
         part = ws.done_units("caption")[unit]["parts"]["captions"][0]
         assert Path(ws.table_dir("captions"), f"{part}.parquet").stat().st_mtime_ns == mtime

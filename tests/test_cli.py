@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
+from s3_server import s3_filesystem
 
 from jobs import cli
 from jobs.config import load_config
+from tests.conftest import REPO
 from tests.export_data import prepared_workspace
 
 BOORUSET = Path(sys.executable).with_name("booruset")
@@ -303,3 +306,43 @@ def test_export_sweeps_its_own_folder(sample_ws, tmp_path):
     os.utime(stale, (1_000_000_000, 1_000_000_000))
     export.run(base_config(sample_ws, f'export.out="{out}"'), Workspace(str(sample_ws)))
     assert not stale.exists() and list((out / "webdataset").glob("shard-*.tar"))
+
+
+@pytest.mark.parametrize(("command", "option"), [("export", "export.out"), ("report", "report.out")])
+def test_an_output_folder_on_object_storage_is_refused(capsys, sample_ws, tmp_path, command, option):
+    """export.out and report.out are local folders: a URI there was written to a local folder named `s3:`."""
+    code, _, err = run_cli(capsys, command, "-w", str(sample_ws), "--set", f'{option}="s3://bucket/out"')
+    assert code == 2
+    assert one_line(err) == (f"booruset: configuration error: {option} must be a local folder (on a cluster, one "
+                             "every node mounts), not 's3://bucket/out'")
+    assert not (sample_ws / "s3:").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_object_storage_mistakes_are_one_line_before_any_job(capsys, tmp_path, s3_endpoint, monkeypatch):
+    """On an s3:// workspace: a run without a local export.out failed at export, after every job
+    before it; a raw '#' dropped the endpoint after it (requests went to AWS); a URI pyarrow cannot
+    parse was exit 1 with a log; a missing input left a new, empty workspace behind."""
+    from s3_server import AWS
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    query = f"endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    shards = str(REPO / "sample" / "shards")
+    cases = [
+        (["run", "-w", f"s3://ws-bucket/cli-run?{query}", "-i", shards],
+         "configuration error: export.out must be set to a local folder when the workspace is not local"),
+        (["ingest", "-w", f"s3://ws-bucket/raw#hash?{query}", "-i", shards],
+         f"workspace: write '#' as %23 in s3://ws-bucket/raw#hash?{query}"),
+        (["ingest", "-w", f"s3://ws-bucket/a b ü?{query}", "-i", shards], "workspace: cannot parse the URI"),
+        (["ingest", "-w", str(tmp_path / "ws"), "-i", f"s3://ws-bucket/in#1?{query}"],
+         "configuration error: write '#' as %23"),
+        (["ingest", "-w", str(tmp_path / "ws"), "-i", f"s3://ws-bucket/nothing-here?{query}"],
+         f"configuration error: input not found: s3://ws-bucket/nothing-here?{query}"),
+    ]
+    for argv, expected in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, err
+        assert one_line(err).startswith(f"booruset: {expected}"), err
+    assert not (tmp_path / "ws").exists()
+    listed = s3_filesystem(s3_endpoint).get_file_info(pafs.FileSelector("ws-bucket", recursive=True))
+    assert not [f.path for f in listed if f.path.startswith("ws-bucket/cli-run/tables/images")]

@@ -228,6 +228,25 @@ def test_edits_wait_while_a_job_holds_the_workspace(review):
     assert busy.status_code == 409 and "curate" in busy.json()["error"]
 
 
+def test_an_edit_the_workspace_cannot_take_is_an_error_not_a_crash(review):
+    """A workspace the server may read but not write (read-only keys on object storage): writing
+    the edit failed with an OSError, a 500 and a traceback. Here the lock file cannot be opened
+    (a folder in its place: the tests run as root, whom permissions do not stop)."""
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    lock = Path(ws.base) / "lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    try:
+        refused = client.post("/api/edits", json={"key": key, "exclude": True})
+    finally:
+        lock.rmdir()
+    assert refused.status_code == 503 and "could not be written" in refused.json()["error"]
+    written = client.post("/api/edits", json={"key": key, "exclude": True})
+    assert written.status_code == 200
+    client.post("/api/undo", json={"batch": written.json()["batch"]})  # as it was, for the other tests
+
+
 def test_a_token_guards_every_request(review):
     from starlette.testclient import TestClient
 

@@ -211,3 +211,16 @@ def test_a_shard_on_s3_is_read_with_ranged_gets_from_its_first_wanted_member(tmp
     assert dict(source_members(uri, {"a.jpg": offsets["a.jpg"], "c.jpg": None}, 10**6)) == {"a.jpg": b"A" * 700}
     names = [LONG, "c.jpg"]
     assert read_members([uri] * 2, names, [offsets[n] for n in names]) == [b"D" * 30, b"C" * 90]
+
+
+def test_a_folders_members_come_in_name_order(tmp_path):
+    """The members of a folder source come in name order, not a set's (which changes with each
+    process's hash seed): an export shard of a folder input held its samples in another order on
+    every run."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    names = [f"{word}{i}.jpg" for i, word in enumerate(["zeta", "alpha", "mid", "beta", "omega"] * 6)]
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    got = [name for name, _ in source_members(str(folder), dict.fromkeys(names), 10**6)]
+    assert got == sorted(names)

@@ -17,12 +17,14 @@ def test_peak_memory_is_the_blocks_own_not_the_process_peak_before_it():
     with PeakMemory() as quiet:
         pass
     with PeakMemory() as busy:
-        # the block's own start, not quiet's: in the full suite other threads free memory between
-        start = rss_mib()
+        # the RSS while the block holds its 200 MiB: its peak is that, whatever other threads of
+        # the full suite free meanwhile (against the block's start, 42 MiB went); VmHWM lags VmRSS
+        # by the kernel's per-thread counters (a few pages each)
         inside = np.ones(200 * 2**20 // 8)
+        during = rss_mib()
         del inside
     assert quiet.mib < before + 100
-    assert busy.mib >= start + 190
+    assert busy.mib >= during - 8 and rss_mib() < during - 150  # the peak, not the RSS at its end
 
 
 def test_a_run_with_every_unit_done_before_prints_no_rate():

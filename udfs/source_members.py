@@ -75,7 +75,9 @@ def _ranged_stream(uri: str, wanted: list[int], names: set[str], max_member_byte
 
 def _read_unit_members(source: str, kind: str, names: set[str], max_member_bytes: int | None,
                        sizes: dict[str, int]) -> Iterator[tuple[str, bytes]]:
-    files = [member_path(source, m) for m in names] if kind == "folder" else []
+    # in name order: a set's order changes with each process's hash seed, and so did the order
+    # of an export shard's samples from a folder input
+    files = [member_path(source, m) for m in sorted(names)] if kind == "folder" else []
     for sample in read_unit(Unit(kind, source, "", files), max_member_bytes or sys.maxsize):
         if isinstance(sample, tuple):
             continue  # shard-level problems: ingest reported them

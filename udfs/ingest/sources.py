@@ -22,6 +22,7 @@ from urllib.parse import quote
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
+from store.uris import filesystem_of
 from udfs.ingest.shard_tar import READ_ERRORS, how_it_ended, open_tar, problems_before
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
@@ -129,6 +130,9 @@ def resolve_inputs(specs: list[str]) -> list[str]:
     paths: list[str] = []
     for spec in specs:
         if "://" in spec:
+            fs, path = filesystem_of(spec)
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"input not found: {spec}")
             paths.append(spec)
             continue
         found = [p for part in braceexpand(spec) for p in sorted(globlib.glob(part))]
@@ -195,7 +199,7 @@ def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
     in folder units, as a local folder's (_dir_units). Each shard's URI keeps the input's query
     (the endpoint and options it is read with); a folder unit's URI is the folder's with a
     trailing "/" (how source_kind tells it from a shard), its files URIs without the query."""
-    fs, local = pafs.FileSystem.from_uri(uri)
+    fs, local = filesystem_of(uri)
     info = fs.get_file_info(local)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input not found: {uri}")
