@@ -156,10 +156,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
     resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
-    print(f"annotate: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
+    done_before = len([u for u in units if u["unit"] in done and u not in pending])
+    print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
-          + f"; models: {', '.join(models) or 'none'}", flush=True)
-    summary = JobSummary(JOB, units_done=len(pending), units_skipped=len(units) - len(pending))
+          + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
+    summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "

@@ -24,7 +24,7 @@ from collections import Counter
 import ray
 
 from jobs.config import REPO, Config, ConfigError
-from jobs.ray_env import Progress, collect_units, init_ray, run_in_worker
+from jobs.ray_env import Progress, collect_units, init_ray, local_ray, run_in_worker
 from jobs.summary import JobSummary
 from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
@@ -65,11 +65,12 @@ def caption_options(cfg: Config) -> dict:
     return {**cfg["caption"], "region_overlap": float(cfg["annotate"]["tagger"]["region_overlap"])}
 
 
-def check_vllm_here(cfg: Config, opts: dict) -> None:
-    """The vllm backend's engine (no caption.vllm_url) on local Ray runs vLLM in this machine's
+def check_vllm_here(cfg: Config) -> None:
+    """The vllm backend's engine (no caption.vllm_url) on a local Ray runs vLLM in this machine's
     workers: without it installed, each of them failed at length. On a cluster only its GPU nodes
-    need it, so the check is left to them."""
-    if opts["backend"] == "vllm" and not opts["vllm_url"] and not cfg["ray"]["address"] \
+    need it, so the check is left to them. `booruset run` checks before its first job."""
+    opts = cfg["caption"]
+    if opts["backend"] == "vllm" and not opts["vllm_url"] and local_ray(cfg) \
             and importlib.util.find_spec("vllm") is None:
         raise ConfigError('caption.backend = "vllm" runs vLLM here, and it is not installed: pip install -e ".[gpu]" '
                           "on a CUDA machine, or point caption.vllm_url at a running `vllm serve`")
@@ -87,7 +88,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
-    check_vllm_here(cfg, opts)
+    check_vllm_here(cfg)
     summary = JobSummary("caption")
     ws.begin_job()
     if opts["tags_from_text"]:

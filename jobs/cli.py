@@ -225,12 +225,13 @@ def one_line(message: str) -> str:
     return " ".join(kept)
 
 
-def check_out_folders(cfg: Config, ws: Workspace, command: str) -> None:
+def check_out_folders(cfg: Config, command: str) -> None:
     """export.out and report.out, which must be local folders, before the first job: a run on an
     s3:// workspace without them failed at export, after hours of the jobs before it."""
+    path = str(cfg["workspace"]["path"])
     for job in ("export", "report"):
         if command in (job, "run"):
-            out_folder(job, cfg, ws.local, ws.base)
+            out_folder(job, cfg, "://" not in path, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,9 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.report import check_options
 
             check_options(cfg["report"])
+        if args.command in ("caption", "run"):
+            from jobs.caption import check_vllm_here
+
+            check_vllm_here(cfg)
+        check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
-        check_out_folders(cfg, ws, args.command)
         if args.command == "sql":
             return sql(ws, args.query)
         if args.command in SERVERS:

@@ -37,13 +37,19 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def local_ray(cfg: Config) -> bool:
+    """Whether the jobs start a Ray of their own on this machine: no ray.address, and not inside
+    `ray job submit` (which sets RAY_ADDRESS for the command it runs)."""
+    return not cfg["ray"]["address"] and "RAY_ADDRESS" not in os.environ
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named in the config, the one `ray job submit` runs in, or start a local Ray."""
     if not ray.is_initialized():
         address = cfg["ray"]["address"] or None
         kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                         "include_dashboard": False, "log_to_driver": True}
-        if address is None and "RAY_ADDRESS" not in os.environ:
+        if local_ray(cfg):
             if cfg["ray"]["num_cpus"]:
                 kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])
             # tasks import jobs/, store/, udfs/, schemas/ from the repository root

@@ -38,10 +38,11 @@ JOB = "report"
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
 LITERAL_TEXT = {"text.parse_math": False}
 # Bounds of the [report] options. top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to
-# draw and make a picture no one reads). examples: a DuckDB BIGINT, the type of its parameter.
-# thumb_size: a thumbnail of fewer pixels shows nothing; one of more is no thumbnail.
+# draw and make a picture no one reads). examples: the driver holds their image bytes at once (a
+# page of thousands is no overview either). thumb_size: a thumbnail of fewer pixels shows
+# nothing; one of more is no thumbnail.
 TOP_N = (1, 1000)
-EXAMPLES = (0, 2**63 - 1)
+EXAMPLES = (0, 1000)
 THUMB_SIZE = (16, 4096)
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")

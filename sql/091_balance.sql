@@ -3,7 +3,7 @@
 -- An image's repeats are floor(multiply), plus one for the first round(n_images x multiply's
 -- fraction) images of its group in md5(key) order, the images the export keeps first: a
 -- group's repeats add up to its multiply times its images (1.6 over 5 images: 8, where a coin
--- per image gave 6 to 10), and an image keeps its repeats while its group does. At least 1:
+-- per image gave 5 to 10), and an image keeps its repeats while its group does. At least 1:
 -- only EveryDream's multiply.txt and KEY.json weigh an image less.
 -- Parameters: none. Reads group_members, group_counts, balance_folders.
 with ranked as (

@@ -32,8 +32,20 @@ class WorkspaceBusy(WorkspaceError):
 
 
 def holder_info(job: str) -> dict:
-    return {"job": job, "pid": os.getpid(), "host": socket.gethostname(),
+    return {"job": job, "pid": os.getpid(), "host": socket.gethostname(), "processes": process_space(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def process_space() -> str:
+    """Which pids this process can see and signal: the kernel's boot and its pid namespace. Hosts
+    of one name do not tell (containers with the host's network, machines all named localhost);
+    "" where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def busy_message(info: dict) -> str:
@@ -115,9 +127,10 @@ class WorkspaceLock:
 
 
 def died_here(holder: dict) -> bool:
-    """Whether the lease's holder was a process of this host that is gone (killed): its lease is
-    free at once, as a local workspace's flock is, not LEASE_S later."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """Whether the lease's holder was a process of this kernel and pid namespace that is gone
+    (killed): its lease is free at once, as a local workspace's flock is, not LEASE_S later."""
+    here = process_space()
+    if not here or holder.get("processes") != here or not isinstance(holder.get("pid"), int):
         return False
     try:
         os.kill(holder["pid"], 0)

@@ -68,7 +68,7 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
     source = next(r for r in rows if r["key"] == "b/from_source")
     assert "green hair" in source["caption"]  # no curated tags: source tags are used
     errors = workspace.read_table("errors").to_pylist()
-    # not a drop: the export writes the image if it has a text by then, else leaves it out (empty_text)
+    # not a drop: the export writes the image if it has a text by then (empty_text rows otherwise)
     assert [(e["key"], e["kind"], e["dropped"]) for e in errors] == [("a/untagged", "no_tags", False)]
     assert summary.rows_in == 5 and summary.rows_out["captions"] == 4 and summary.dropped == 0
     assert summary.units_done == 3

@@ -128,6 +128,26 @@ def test_the_vllm_engine_without_vllm_is_one_line(capsys, sample_ws):
     assert not (sample_ws / "logs").exists()
 
 
+def test_run_refuses_the_vllm_engine_before_its_first_job_but_not_on_a_cluster(capsys, tmp_path, monkeypatch):
+    """`booruset run` says it before ingest (not after hours of annotate and curate); inside
+    `ray job submit` (RAY_ADDRESS), only the cluster's GPU nodes need vLLM: no refusal."""
+    import importlib.util
+
+    from jobs.caption import check_vllm_here
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    code, _, err = run_cli(capsys, "run", "-w", str(tmp_path / "ws"), "-i", str(REPO / "sample" / "shards"),
+                           "--set", 'caption.backend="vllm"')
+    assert code == 2 and "runs vLLM here" in one_line(err) and not (tmp_path / "ws").exists()
+    cfg = load_config(None, ['caption.backend="vllm"'])
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    check_vllm_here(cfg)
+    monkeypatch.delenv("RAY_ADDRESS")
+    cfg["caption"]["vllm_url"] = "http://127.0.0.1:8000/v1"
+    check_vllm_here(cfg)
+
+
 def test_bad_value_in_a_config_file(capsys, tmp_path):
     bad = tmp_path / "my.toml"
     bad.write_text('[ingest]\ninputs = "/data/shards"\n', encoding="utf-8")
@@ -339,6 +359,8 @@ def test_object_storage_mistakes_are_one_line_before_any_job(capsys, tmp_path, s
         (["ingest", "-w", str(tmp_path / "ws"), "-i", f"s3://ws-bucket/nothing-here?{query}"],
          f"configuration error: input not found: s3://ws-bucket/nothing-here?{query}"),
     ]
+    cases.append((["run", "-w", str(tmp_path / "ws"), "-i", shards, "--set", 'export.out="s3://ws-bucket/out"'],
+                  "configuration error: export.out must be a local folder"))
     for argv, expected in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2, err

@@ -166,7 +166,7 @@ def balance_of(groups: dict[str, int], duplicates: list[tuple[str, int, bool]] =
 def test_a_groups_whole_repeats_add_up_to_its_multiply():
     """kohya folders and materialised copies need whole repeats: floor(multiply) or one more, given
     out so that a group's repeats are its multiply times its images, however small the group (a
-    coin per image gave a group of 5 at 1.6 anything from 6 to 10 repeats)."""
+    coin per image gave a group of 5 at 1.6 anything from 5 to 10 repeats)."""
     rows = balance_of({"big": 8, "five": 5, "seven": 7, "three": 3})
     by_group = {}
     for row in rows.values():

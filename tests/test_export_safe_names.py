@@ -74,17 +74,22 @@ def test_hostile_shard_exports_inside_the_folder(tmp_path, ray_local):
     ingest.run(cfg, ws)
     keys = sorted(ws.read_table("images").column("key").to_pylist())
     # no captions: txt falls back to the tags; every image but one has a tag, and that one has no
-    # text to write (kohya refuses an empty caption file): an errors row, not an empty KEY.txt
+    # text to write: not in the kohya and EveryDream folders (kohya refuses an empty caption
+    # file), with an errors row, but in the shards and the Parquet files
     tagless = sorted(set(keys) - set(ws.read_table("source_tags").column("key").to_pylist()))
     untagged = tagless[-1]
     ws.add_part("source_tags", "test-tags", [row for key in tagless if key != untagged
                                              for row in source_rows(key, ["smile"])])
     curate.run(cfg, ws)
     summary = export.run(cfg, ws)
-    images = len(keys) - 1
+    images = len(keys)
     assert summary.rows_in == len(keys) and summary.errors == 1  # odd modes (CMYK, I;16, P, GIF) all export
-    assert ws.connect().execute("select key, kind from errors where stage = 'export'").fetchall() == [
-        (untagged, "empty_text")]
+    assert ws.connect().execute("select key, kind, dropped from errors where stage = 'export'").fetchall() == [
+        (untagged, "empty_text", False)]
+    layouts = ws.connect().execute("select layout, count(*), count(*) filter (where key = $k) from export_manifest "
+                                   "group by 1 order by 1", {"k": untagged}).fetchall()
+    assert layouts == [("everydream", images - 1, 0), ("kohya", images - 1, 0), ("parquet", images, 1),
+                       ("webdataset", images, 1)]
 
     root = os.path.realpath(out)
     for dirpath, dirnames, filenames in os.walk(tmp_path):

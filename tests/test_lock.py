@@ -82,16 +82,18 @@ def test_lease_on_a_uri_workspace(tmp_path):
 
 
 def test_the_lease_of_a_killed_job_on_this_host_is_free_at_once(tmp_path):
-    """kill -9 leaves a URI workspace's lease until it expires (120 s): a job of this host whose
-    process is gone holds it no more; a live holder's, or another host's, still does, and the
-    message says when it ends."""
+    """kill -9 leaves a URI workspace's lease until it expires (120 s): a job of this kernel and pid
+    namespace whose process is gone holds it no more; a live holder's, or one of processes this
+    one cannot see, still does, and the message says when it ends."""
     import json
 
     ws = Workspace((tmp_path / "ws").as_uri())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lease = {"job": "ingest", "host": socket.gethostname(), "since": "then", "token": "t",
-             "expires": time.time() + 100}
+    from store.lock import process_space
+
+    lease = {"job": "ingest", "host": socket.gethostname(), "processes": process_space(), "since": "then",
+             "token": "t", "expires": time.time() + 100}
     lock_json = tmp_path / "ws" / "lock.json"
     for holder, busy in ((dead.pid, False), (os.getpid(), True), ("not a pid", True)):
         lock_json.write_text(json.dumps({**lease, "pid": holder}))
@@ -101,9 +103,11 @@ def test_the_lease_of_a_killed_job_on_this_host_is_free_at_once(tmp_path):
         else:
             with WorkspaceLock(ws, "curate"):
                 assert json.loads(lock_json.read_text())["job"] == "curate"
-    lock_json.write_text(json.dumps({**lease, "pid": dead.pid, "host": "elsewhere"}))
-    with pytest.raises(WorkspaceBusy):
-        WorkspaceLock(ws, "curate").__enter__()
+    # another kernel or pid namespace (a container with the host's name), or a lease without it
+    for other in ({"processes": "another-boot/4026531836"}, {"processes": None}):
+        lock_json.write_text(json.dumps({**lease, "pid": dead.pid, **other}))
+        with pytest.raises(WorkspaceBusy):
+            WorkspaceLock(ws, "curate").__enter__()
 
 
 def test_add_part_publishes_only_while_no_job_holds_the_workspace(tmp_path):

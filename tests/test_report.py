@@ -267,7 +267,7 @@ def test_a_report_leaves_only_its_own_files(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["report.top_n=0", "report.top_n=1001", "report.top_n=99999999999999999999",
-                                    "report.examples=99999999999999999999", "report.thumb_size=0",
+                                    "report.examples=1001", "report.thumb_size=0",
                                     "report.thumb_size=15", "report.thumb_size=99999999999999999999"])
 def test_odd_report_options_are_one_line_configuration_errors(tmp_path, capsys, option):
     """top_n=0 said "No tags in this workspace", thumb_size=0 made broken cards, a top_n past

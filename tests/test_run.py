@@ -44,8 +44,8 @@ def test_run_without_arguments_exports_the_sample_and_writes_the_report(tmp_path
 
 def test_a_run_stopped_by_its_error_rate_still_writes_the_report(tmp_path, ray_local, capsys):
     """Pictures without tags or captions (no tagger offline): caption has nothing to say (no_tags,
-    not a drop), the export leaves every image out (empty_text), which stops the run, and the
-    report that shows why is still written."""
+    not a drop), an export to kohya folders leaves every image out (empty_text: kohya refuses an
+    empty caption file), which stops the run, and the report that shows why is still written."""
     from jobs.cli import run_jobs
     from store.workspace import Workspace
     from tests.export_data import base_config
@@ -55,7 +55,8 @@ def test_a_run_stopped_by_its_error_rate_still_writes_the_report(tmp_path, ray_l
     folder.mkdir()
     for seed in range(3):
         (folder / f"p{seed}.png").write_bytes(encode(picture(seed=seed), "PNG"))
-    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{folder}"]', f'export.out="{tmp_path / "out"}"')
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{folder}"]', f'export.out="{tmp_path / "out"}"',
+                      'export.formats=["kohya"]')
     ws = Workspace(str(tmp_path / "ws"))
     assert run_jobs(cfg, ws, ["ingest", "curate", "caption", "export", "report"]) == 1
     err = capsys.readouterr().err

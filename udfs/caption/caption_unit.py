@@ -303,8 +303,8 @@ class UnitCaptioner:
         todo = [r for r in rows if self.can_caption(r) or (own_on and r.get("own_captions"))]
         for r in rows:
             if not (self.can_caption(r) or (own_on and r.get("own_captions"))):
-                # not lost here: the export writes the image if it has a text by then (a person's
-                # caption in review), else leaves it out with an empty_text row
+                # not lost here: the export writes the image with whatever text it has by then (a
+                # person's caption in review); without any, not to kohya folders (empty_text rows)
                 errors.append(self._error(r, "no_tags", "no curated or source tags: the template has nothing to say",
                                           dropped=False))
         drafts = self._english([r["tags"] for r in todo], [r["categories"] for r in todo],

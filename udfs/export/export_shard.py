@@ -34,6 +34,7 @@ from udfs.source_members import source_members
 JOB = "export"
 COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
 LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
+FOLDER_LAYOUTS = ("kohya", "everydream")  # a file per image and its KEY.txt, in concept folders
 
 
 def shard_name(index: int) -> str:
@@ -195,13 +196,20 @@ class UnitExport:
 
     # ---- one sample ---------------------------------------------------------------------
     def has_text(self, sample: dict) -> bool:
-        """Whether the sample has a text to write; else an errors row, and it is left out."""
-        if sample["txt"]:
+        """Whether the sample is written to any layout. One with no text (no caption, and no tag
+        past the tag rules) is left out of the kohya and EveryDream folders, with an errors row:
+        kohya refuses an empty caption file, and EveryDream would caption the image with its file
+        name. Shards and Parquet files take it (a trainer's caption dropout wants such samples);
+        it is dropped when the export has no other layout."""
+        folders = [layout for layout in FOLDER_LAYOUTS if layout in self.layouts]
+        if sample["txt"] or not folders:
             return True
-        self.error(sample, "empty_text", "no text to write: no caption, and no tag left by the export's tag rules "
-                                         "(kohya refuses an empty caption file; EveryDream would caption the image "
-                                         "with its file name)")
-        return False
+        elsewhere = any(layout not in FOLDER_LAYOUTS for layout in self.layouts)
+        message = (f"no text to write: no caption, and no tag left by the export's tag rules; left out of "
+                   f"{' and '.join(folders)} (kohya refuses an empty caption file, EveryDream would caption the "
+                   "image with its file name)")
+        self.error(sample, "empty_text", message, dropped=not elsewhere)
+        return elsewhere
 
     def export_sample(self, sample: dict, data: bytes) -> None:
         try:
@@ -223,8 +231,8 @@ class UnitExport:
                 self.record(sample, copy["name"], "parquet", f"parquet/{parquet_name(copy['shard'])}",
                             f"{copy['name']}.{ext}", image)
         name = sample["name"]
-        for layout in ("kohya", "everydream"):
-            if layout in self.layouts:
+        for layout in FOLDER_LAYOUTS:
+            if layout in self.layouts and txt:
                 folder = f"{layout}/{sample[layout]}"
                 self.write_file(f"{folder}/{name}.{ext}", image)
                 self.write_file(f"{folder}/{name}.txt", txt.encode())
@@ -249,9 +257,9 @@ class UnitExport:
             "multiply": float(sample["multiply"]), "repeats": int(sample["repeats"]),
             "text_cut": int(sample.get("text_cut", 0)), "unit": self.plan["unit"]})
 
-    def error(self, sample: dict, kind: str, message: str) -> None:
+    def error(self, sample: dict, kind: str, message: str, dropped: bool = True) -> None:
         self.errors.append({"key": sample["key"], "source": self.plan["source"], "member": sample["member"],
-                            "stage": JOB, "kind": kind, "message": message, "dropped": True})
+                            "stage": JOB, "kind": kind, "message": message, "dropped": dropped})
 
     # ---- files --------------------------------------------------------------------------
     def write_file(self, relative: str, data: bytes, listed: bool = False) -> None:
@@ -311,7 +319,8 @@ class UnitExport:
     def info(self, seconds: float) -> dict:
         kinds = Counter(e["kind"] for e in self.errors)
         exported = len({m["key"] for m in self.manifest})
-        return {"images": len(self.plan["samples"]), "exported": exported, "dropped": len(self.errors),
+        return {"images": len(self.plan["samples"]), "exported": exported,
+                "dropped": sum(e["dropped"] for e in self.errors),
                 "error_kinds": dict(kinds), "bytes": self.bytes_out, "seconds": seconds,
                 "files": sorted(set(self.files)), "out": self.out,
                 "stamps": self.stamps,
