@@ -36,6 +36,7 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
     app.index.fresh()
     print(f"review: {app.index.total()} images of {ws.root}, indexed in {app.index.build_seconds:.1f} s", flush=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    port = listening.getsockname()[1]  # --port 0: the free port the system gave
     address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"review: open {address}  (Ctrl-C stops)", flush=True)
     hosts = ["*"] if not is_loopback(host) else [*LOOPBACK, host, f"[{host}]"]

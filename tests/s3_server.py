@@ -58,11 +58,15 @@ def start_moto(log: Path, bucket: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """host:port of a moto S3 server process with a bucket `ws-bucket`."""
-    try:
-        server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "server.log", "ws-bucket")
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+    """host:port of a moto S3 server process with a bucket `ws-bucket`. Up to three ports: the one
+    drawn is free when drawn, and may be another process's by the time moto binds it."""
+    for attempt in range(3):
+        try:
+            server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "server.log", "ws-bucket")
+            break
+        except RuntimeError as exc:
+            if attempt == 2:
+                pytest.fail(str(exc))
     yield endpoint
     server.kill()
     server.wait()

@@ -7,8 +7,8 @@ and the image page are left in test-artifacts/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,29 +23,24 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(tmp_path_factory, ray_local):
-    """The prepared sample served by `booruset review` on a free loopback port."""
+    """The prepared sample served by `booruset review` on the free loopback port it is given (port
+    0: a port picked here and bound later by the server could be taken in between)."""
     path = prepared_workspace(tmp_path_factory)
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen([*booruset_command(), "review", "-w", str(path), "--port", str(port)], env=env,
+    server = subprocess.Popen([*booruset_command(), "review", "-w", str(path), "--port", "0"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = time.monotonic()
         for line in server.stdout:
-            if "review: open" in line:
+            opened = re.search(r"review: open (http://127\.0\.0\.1:\d+/)", line)
+            if opened:
                 break
             assert time.monotonic() - started < 120, "review did not start"
         else:
             pytest.fail(f"review exited: {server.wait()}")
-        yield path, f"http://127.0.0.1:{port}/"
+        yield path, opened.group(1)
     finally:
         server.terminate()
         server.wait(timeout=30)
