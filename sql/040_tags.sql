@@ -36,13 +36,24 @@ tagger_ratings as (
     where t.key between $first_key and $last_key and t.category = 'rating' and coalesce(t.crop, -1) = -1
     group by i.image_id
 ),
+rating_names as (
+    -- the ratings, and their aliases: a plain source tag of these names (`explicit` in a kohya
+    -- .txt) is the image's rating once categorized below, as one written `rating:explicit` is
+    select tag from tag_vocabulary where category = 'rating'
+    union
+    select a.alias from tag_aliases a join tag_vocabulary v on v.tag = a.tag where v.category = 'rating'
+),
+source_ratings as (
+    select distinct image_id from source_candidates
+    where category = 'rating' or (category = 'general' and tag in (select tag from rating_names))
+),
 candidates as (
     select * from source_candidates
     union all
     select * from tagger_candidates
     union all
     select r.* from tagger_ratings r
-    anti join (select image_id from source_candidates where category = 'rating') s on s.image_id = r.image_id
+    anti join source_ratings s on s.image_id = r.image_id
 ),
 categorized as (
     -- categories as small integer ids (category_ids): arg_max over a string per (image, tag)

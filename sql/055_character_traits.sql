@@ -2,9 +2,10 @@
 -- trait tags (character_trait_tags: hair, eyes, ...) that at least $trait_share of the images
 -- naming that character alone carry, over at least $trait_min_images such images.
 -- The tags are the source tags and the tagger's tags over $general_threshold, read before
--- curate's optional trait drop (drop_character_traits), which would leave nothing to count.
+-- curate's optional trait drop (drop_character_traits), which would leave nothing to count, and
+-- through the aliases as sql/040_tags.sql reads them (`blond_hair` is blonde_hair).
 -- Parameters: $trait_share, $trait_min_images, $general_threshold. Reads image_meta, source_tags,
--- tag_scores, character_trait_tags.
+-- tag_scores, tag_aliases, character_trait_tags.
 with solo_images as materialized (
     -- integer ids, so that the (image, tag) union and the counts below hash integers, not strings
     select key, characters[1] as character, row_number() over () as image_id
@@ -21,12 +22,14 @@ trait_tags as (
     select i.image_id, c.tag_id
     from source_tags s
     join solo_images i on i.key = s.key
-    join character_trait_tags c on c.tag = s.tag
+    left join tag_aliases a on a.alias = s.tag
+    join character_trait_tags c on c.tag = coalesce(a.tag, s.tag)
     union
     select i.image_id, c.tag_id
     from tag_scores t
     join solo_images i on i.key = t.key
-    join character_trait_tags c on c.tag = t.tag
+    left join tag_aliases a on a.alias = t.tag
+    join character_trait_tags c on c.tag = coalesce(a.tag, t.tag)
     where t.category = 'general' and t.score > $general_threshold and coalesce(t.crop, -1) = -1
 ),
 trait_counts as (

@@ -36,6 +36,21 @@ def test_source_rating_wins_over_tagger_rating(workspace):
     assert tags_of(workspace)["a"] == ["explicit"]
 
 
+def test_a_plain_source_tag_the_tag_list_calls_a_rating_is_the_only_rating(workspace, tmp_path):
+    """`explicit` in a kohya .txt (category general) is a rating once the tag list categorizes it,
+    or one of its aliases: the tagger's rating stood beside it (two ratings)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('general,9,1,""\nexplicit,9,1,"nsfw"\nsmile,0,1,""\n', encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b", "c"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["explicit", "smile"]) + source_rows("b", ["nsfw"])
+                       + source_rows("c", ["smile"]))
+    workspace.add_part("tag_scores", "p", [r for k in "abc" for r in score_rows(k, {"general": 0.9}, "rating")])
+    run_curate(workspace, tag_list=str(tag_list))
+    ratings = sorted((r["key"], r["tag"]) for r in workspace.read_table("tags").to_pylist()
+                     if r["category"] == "rating")
+    assert ratings == [("a", "explicit"), ("b", "explicit"), ("c", "general")]
+
+
 def test_aliases_from_rules_and_tag_list_and_categories(workspace, tmp_path):
     tag_list = tmp_path / "danbooru.csv"
     tag_list.write_text('1girl,0,100,"1girls,sole_female"\nlong_hair,0,50,"/lh,longhair"\n'
@@ -202,6 +217,21 @@ def test_a_characters_fixed_traits_are_those_most_of_its_solo_images_carry(works
     # lucy has two solo images (< trait_min_images); the duo names two characters and counts for neither
     assert traits == [("eileen", "blue_eyes", 4, 1.0), ("eileen", "red_hair", 4, 1.0)]
     assert "red_hair" not in tags_of(workspace)["e0"]  # dropped from the tags, still counted
+
+
+def test_character_traits_count_a_trait_written_as_an_alias(workspace, tmp_path):
+    """`blond_hair` in the sources is blonde_hair, in the tags and in the traits alike (the traits
+    read the raw tag and found none)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('blonde_hair,0,1,"blond_hair"\nsmile,0,1,""\neileen,4,1,""\n', encoding="utf-8")
+    keys = [f"e{i}" for i in range(3)]
+    workspace.add_part("images", "p", image_rows(keys))
+    workspace.add_part("source_tags", "p", [r for k in keys for r in source_rows(k, ["blond_hair", "smile"])
+                                            + source_rows(k, ["eileen"], "character")])
+    run_curate(workspace, tag_list=str(tag_list), trait_share=0.5, trait_min_images=3)
+    assert "blonde_hair" in tags_of(workspace)["e0"]
+    assert [(r["character"], r["tag"]) for r in workspace.read_table("character_traits").to_pylist()] == [
+        ("eileen", "blonde_hair")]
 
 
 def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
