@@ -156,7 +156,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
     resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
-    done_before = len([u for u in units if u["unit"] in done and u not in pending])
+    pending_ids = {u["unit"] for u in pending}
+    done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
           + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
@@ -165,7 +166,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
                              "(their batches kept, not redone)")
-    pending_ids = {u["unit"] for u in pending}
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids and u["unit"] in done]
     if specs and pending_ids & set(done):
         # units run again (a model changed, one added) replace rows readers have: they keep seeing

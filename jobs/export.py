@@ -54,7 +54,15 @@ from jobs.summary import JobSummary
 from store.staging import clear
 from store.workspace import Workspace, short_tables, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
-from udfs.export.export_shard import JOB, OUT_CHECK, atomic_write, export_unit, file_stamp, shard_name
+from udfs.export.export_shard import (
+    FOLDER_LAYOUTS,
+    JOB,
+    OUT_CHECK,
+    atomic_write,
+    export_unit,
+    file_stamp,
+    shard_name,
+)
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
@@ -170,8 +178,9 @@ def forget_lost_units(cfg: Config, ws: Workspace, out: str, units: list[dict], d
     rows and checked in a worker. Returns how many."""
     checked = [u["unit"] for u in units if u["unit"] in done]
     lost = {unit for unit in checked if not outputs_present(out, done[unit])}
-    if set(cfg[JOB]["formats"]) & {"kohya", "everydream"} and checked:
-        lost.update(run_in_worker(cfg, ws, units_missing_files, out, sorted(set(checked) - lost)))
+    whole = sorted(set(checked) - lost)
+    if set(cfg[JOB]["formats"]) & set(FOLDER_LAYOUTS) and whole:
+        lost.update(run_in_worker(cfg, ws, units_missing_files, out, whole))
     for unit in lost:
         ws.forget_unit(JOB, unit, hold=False)  # rewritten under the same names
         del done[unit]

@@ -171,11 +171,11 @@ def _damaged_for_an_older_reader(ws: Workspace, uid: str, marker: dict) -> bool:
     for version in range(marker.get("reader", 2) + 1, READER_VERSION + 1):
         better.update(READ_BETTER[version])
     kinds = set(better) & set(marker.get("error_kinds", {}))
-    if any(better[kind] is None for kind in kinds):
-        return True
-    parts = unit_parts(uid, marker, "errors")
-    return bool(kinds) and any(row["kind"] in kinds and better[row["kind"]] in (row["message"] or "")
-                               for part in parts for row in ws.read_part("errors", part, ["kind", "message"]))
+    if not kinds or any(better[kind] is None for kind in kinds):
+        return bool(kinds)
+    return any(row["kind"] in kinds and better[row["kind"]] in (row["message"] or "")
+               for part in unit_parts(uid, marker, "errors")
+               for row in ws.read_part("errors", part, ["kind", "message"]))
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()

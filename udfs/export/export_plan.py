@@ -46,10 +46,11 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
                               mode=row.get("mode")) or bool(background)
     ext = output_extension(row["format"])
     caption, text_from = None, "tags"
-    if opts["text"] == "regions" and one_line(row.get("region_caption")):
-        caption, text_from = one_line(row["region_caption"]), "regions"
-    elif opts["text"] in ("caption", "regions") and one_line(row["caption"]):
-        caption, text_from = one_line(row["caption"]), "caption"
+    regions, own = one_line(row.get("region_caption")), one_line(row["caption"])
+    if opts["text"] == "regions" and regions:
+        caption, text_from = regions, "regions"
+    elif opts["text"] in ("caption", "regions") and own:
+        caption, text_from = own, "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
     repeats = int(row["repeats"])  # the balance gives them out per group (sql/091_balance.sql)

@@ -176,7 +176,7 @@ class UnitExport:
 
     def run(self) -> dict:
         started = time.perf_counter()
-        samples = {s["member"]: s for s in self.plan["samples"] if self.has_text(s)}
+        samples = {s["member"]: s for s in self.plan["samples"] if self.written_anywhere(s)}
         seen: set[str] = set()
         try:
             wanted = {member: sample.get("offset") for member, sample in samples.items()}
@@ -195,7 +195,7 @@ class UnitExport:
         return self.info(time.perf_counter() - started)
 
     # ---- one sample ---------------------------------------------------------------------
-    def has_text(self, sample: dict) -> bool:
+    def written_anywhere(self, sample: dict) -> bool:
         """Whether the sample is written to any layout. One with no text (no caption, and no tag
         past the tag rules) is left out of the kohya and EveryDream folders, with an errors row:
         kohya refuses an empty caption file, and EveryDream would caption the image with its file
