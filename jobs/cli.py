@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from jobs.config import Config, ConfigError, load_config, out_folder
+from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
 from jobs.errors import report_failure
 from jobs.summary import JobSummary
 from store.lock import WorkspaceLock
@@ -231,7 +231,7 @@ def check_out_folders(cfg: Config, command: str) -> None:
     path = str(cfg["workspace"]["path"])
     for job in ("export", "report"):
         if command in (job, "run"):
-            out_folder(job, cfg, "://" not in path, path)
+            check_writable_folder(f"{job}.out", out_folder(job, cfg, "://" not in path, path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +41,18 @@ def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
             raise ConfigError(f"{job}.out must be set to a local folder when the workspace is not local")
         out = f"{ws_base}/{job}"
     return Path(out).resolve()
+
+
+def check_writable_folder(option: str, folder: Path) -> None:
+    """ConfigError unless `folder` exists as a folder we may write, or could be made in one: a
+    report on a read-only workspace failed at its mkdir with a traceback, after reading it all.
+    access() answers EROFS for a read-only mount even to root, without writing anything."""
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # False where not searchable
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {str(folder)!r} cannot be made: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {str(folder)!r} cannot be written ({str(existing)!r} is read-only "
+                          f"to this user): set {option} to a folder you can write")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -368,3 +368,18 @@ def test_object_storage_mistakes_are_one_line_before_any_job(capsys, tmp_path, s
     assert not (tmp_path / "ws").exists()
     listed = s3_filesystem(s3_endpoint).get_file_info(pafs.FileSelector("ws-bucket", recursive=True))
     assert not [f.path for f in listed if f.path.startswith("ws-bucket/cli-run/tables/images")]
+
+
+@pytest.mark.parametrize(("command", "option"), [("export", "export.out"), ("report", "report.out")])
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_job(capsys, sample_ws, tmp_path, command,
+                                                                          option):
+    """A report on a workspace it may only read failed at its mkdir (exit 1, a traceback in a log)
+    after reading the whole workspace; a file where the folder should be did the same. As root
+    here, a file in the way stands for a read-only mount: both are refused by the same check."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run_cli(capsys, command, "-w", str(sample_ws), "--set", f'{option}="{blocker / "out"}"')
+    assert code == 2
+    assert one_line(err) == (f"booruset: configuration error: {option} {str(blocker / 'out')!r} cannot be made: "
+                             f"{str(blocker)!r} is a file")
+    assert not out
