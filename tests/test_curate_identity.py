@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -69,6 +71,23 @@ def test_copies_with_one_phash_are_one_group_through_linear_edges(workspace):
     dups = workspace.read_table("duplicates").to_pylist()
     assert {r["key"] for r in dups} == {*copies, "near"} and {r["dup_group"] for r in dups} == {"copy0000"}
     assert {r["reason"] for r in dups} == {"phash"}
+
+
+def test_an_excluded_image_is_not_its_groups_representative(workspace):
+    """The export leaves out an excluded image and every member of its duplicate group but the
+    representative: a person who excluded the largest copy lost every copy of the picture."""
+    rows = image_rows(["big", "small_a", "small_b"], phash=0x0123_4567_89AB_CDEF)
+    rows[0]["width"] = 2000
+    workspace.add_part("images", "p", [{**r, "sha256": "same bytes"} for r in rows])
+    now = datetime.datetime.now(datetime.UTC)
+    workspace.add_part("edits", "e", [{"key": "big", "field": "exclude", "old": None, "new": "true", "time": now,
+                                       "seq": 0, "batch": "b"}])
+    curate.run(curate_config(workspace), workspace)
+    dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
+    assert set(dups) == {"big", "small_a", "small_b"} and {r["dup_group"] for r in dups.values()} == {"small_a"}
+    assert [k for k, r in dups.items() if r["is_representative"]] == ["small_a"]
+    balance = {r["key"]: r["repeats"] for r in workspace.read_table("balance").to_pylist()}
+    assert set(balance) == {"small_a", "small_b"}
 
 
 def test_embedding_duplicates(workspace):
