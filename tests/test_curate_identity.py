@@ -238,6 +238,23 @@ def test_reference_classification_and_noise(workspace, tmp_path):
         assert (rows[key]["cluster"] == -1) == (t == -1)
 
 
+@pytest.mark.parametrize("table", [
+    pa.table({"character": ["alice"], "vector": ["not a vector"]}),  # pyarrow: ArrowNotImplementedError
+    pa.table({"character": ["alice"], "vector": pa.array([[0.5] * 512], pa.list_(pa.float32()))}),
+    pa.table({"name": ["alice"], "vector": pa.array([[0.5] * CCIP_DIM], pa.list_(pa.float32()))}),
+])
+def test_a_references_file_that_is_no_references_table_is_a_config_error(workspace, tmp_path, table):
+    """A references Parquet whose vector column is text ended curate with a traceback (exit 1);
+    every table that is not (character, vector of 768 floats) is one line naming the file."""
+    from jobs.config import ConfigError
+
+    refs = tmp_path / "refs.parquet"
+    pq.write_table(table, refs)
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="refs.parquet: not a table of references"):
+        curate.run(curate_config(workspace, references=str(refs)), workspace)
+
+
 def test_merge_close_clusters_joins_halves_of_one_identity():
     from udfs.curate import ccip_cluster
 
