@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,9 +36,23 @@ def balance_weights(path: str) -> pa.Table:
                     continue
                 if len(row) != 2:
                     raise ValueError(f"{path}: each row must be pattern,weight; got {row!r}")
-                weights[row[0]] = float(row[1])
+                weights[row[0]] = positive_weight(path, row)
     return pa.table({"ord": pa.array(range(len(weights)), pa.int32()), "pattern": list(weights),
                      "weight": pa.array(list(weights.values()), pa.float64())})
+
+
+def positive_weight(path: str, row: list[str]) -> float:
+    """The weight of a `pattern,weight` row: a number > 0. A folder of weight 0 has probability 0
+    and no smallest per-image weight to divide by: its multiply came out NaN, clipped to
+    max_multiply (the most repeats for the folder meant to have none), and `*,0` gave every
+    folder max_multiply; a negative weight gave negative multiplies."""
+    try:
+        weight = float(row[1])
+    except ValueError:
+        raise ValueError(f"{path}: the weight of {row!r} is not a number") from None
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{path}: the weight of {row!r} must be a number > 0 (a smaller one weighs a folder less)")
+    return weight
 
 
 def group_format_table(fmt: str, columns: list[str]) -> pa.Table:

@@ -276,6 +276,10 @@ def check_options(opts: dict) -> None:
         ccip_cluster.ClusterSettings.from_config(opts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if float(opts["min_multiply"]) <= 0 or float(opts["max_multiply"]) <= 0:
+        # multiply is relative to the smallest per-image weight times min_multiply: 0 made every
+        # image's 0 (EveryDream's multiply.txt then trains none, kohya's folders still one repeat)
+        raise ConfigError("curate.min_multiply and curate.max_multiply must be more than 0")
     top = 62 - near_duplicates.SORT_BITS
     if not 1 <= int(opts["lsh_bits"]) <= top or int(opts["lsh_tables"]) < 1:
         raise ConfigError(f"curate.lsh_bits must be between 1 and {top}, and curate.lsh_tables at least 1")

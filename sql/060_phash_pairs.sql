@@ -1,19 +1,27 @@
 -- phash_pairs: image pairs whose perceptual hashes differ in at most $phash_distance bits,
 -- without an all-pairs join (multi-index hashing): the 64-bit hash is cut into $bands bands of
 -- $band_bits bits; two hashes within distance k have at least one band within distance
--- $radius = floor(k / bands) (pigeonhole). Each image probes, per band, its band value with
+-- $radius = floor(k / bands) (pigeonhole). Each hash probes, per band, its band value with
 -- every flip of at most $radius bits against the exact band values of the others; only
 -- those candidates get the full 64-bit comparison. The job picks bands so that radius <= 2.
 -- Only hashes with structure take part: a flat or near-flat image (detail below
 -- $phash_min_detail, or a hash with almost all bits equal, as smooth gradients give) has a pHash
 -- that says nothing about its content; such images are compared in 062_exact_pairs instead.
+-- The pairs are edges for the connected components of the duplicate groups, not every pair:
+-- the images of one hash are each paired with its first key (a star), and two hashes within the
+-- distance by their first keys. Thousands of copies of one picture (re-encoded, or the same
+-- file) made every pair of them: 4,000 copies were 8M pairs, two minutes and 2.5 GB.
 with hashed as materialized (
-    -- integer ids, so that the ~70M probes (1M images) carry no key strings
-    select row_number() over () as id, key, phash
+    select key, phash
     from images
     where phash is not null
       and coalesce(detail, 255) >= $phash_min_detail  -- null: ingested before detail was measured
       and bit_count(phash) between 8 and 56
+),
+hashes as materialized (
+    -- integer ids, so that the ~70M probes (1M images) carry no key strings
+    select row_number() over () as id, phash, first_key
+    from (select phash, min(key) as first_key from hashed group by phash)
 ),
 band_values as materialized (
     -- the band number in the high bits: one integer join key (band_bits <= 22, as bands >= 3)
@@ -21,7 +29,7 @@ band_values as materialized (
            (band::ubigint << 32::ubigint) | ((phash >> (band * $band_bits)::ubigint)
              & (case when (band + 1) * $band_bits >= 64 then 18446744073709551615::ubigint
                      else (1::ubigint << $band_bits::ubigint) - 1::ubigint end)) as band_value
-    from (select id, phash, unnest(range(0, $bands)) as band from hashed)
+    from (select id, phash, unnest(range(0, $bands)) as band from hashes)
 ),
 flips as (
     select 0::ubigint as mask
@@ -42,8 +50,19 @@ id_pairs as (
     from probes p
     join band_values v on v.band_value = p.band_value
     where bit_count(xor(p.phash, v.phash)) <= $phash_distance and p.id <> v.id
+),
+near_hashes as (
+    select distinct least(a.first_key, b.first_key) as key_a, greatest(a.first_key, b.first_key) as key_b
+    from id_pairs p
+    join hashes a on a.id = p.id_a
+    join hashes b on b.id = p.id_b
+),
+same_hash as (
+    select h.first_key as key_a, i.key as key_b
+    from hashed i
+    join hashes h on h.phash = i.phash
+    where i.key <> h.first_key
 )
-select distinct least(a.key, b.key) as key_a, greatest(a.key, b.key) as key_b
-from id_pairs p
-join hashed a on a.id = p.id_a
-join hashed b on b.id = p.id_b
+select key_a, key_b from near_hashes
+union all
+select key_a, key_b from same_hash

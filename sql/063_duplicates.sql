@@ -1,19 +1,26 @@
 -- duplicates: every image in a near-duplicate group (duplicate_components: key, component,
 -- from the connected components of phash_pairs, embedding_pairs and exact_pairs), with its
--- group's representative: the largest image (width x height, then bytes), then the first key.
+-- group's representative: the largest image (width x height, then bytes), then the first key,
+-- among the images a person did not exclude (edit_state, booruset review) when there are any:
+-- the export leaves out an excluded image and every other member of its group, so an excluded
+-- representative took the whole group out of the training set.
 -- reason: the strongest evidence the image is in: identical (same bytes), phash, colour (flat
 -- images of one colour), else embedding.
-with members as (
-    select d.key, d.component, i.width, i.height, i.bytes
+with excluded as (
+    select key from edit_state where field = 'exclude' and new = 'true'
+),
+members as (
+    select d.key, d.component, i.width, i.height, i.bytes, x.key is not null as excluded
     from duplicate_components d
     left join images i on i.key = d.key
+    left join excluded x on x.key = d.key
 ),
 representatives as (
     select component, key as representative
     from (
         select component, key, row_number() over (
             partition by component
-            order by coalesce(width, 0)::bigint * coalesce(height, 0) desc, coalesce(bytes, 0) desc, key
+            order by excluded, coalesce(width, 0)::bigint * coalesce(height, 0) desc, coalesce(bytes, 0) desc, key
         ) as place
         from members
     )

@@ -2,8 +2,8 @@
 -- scored, annotate.tagger.person_crops): the box, position words and the person's own tags.
 -- Each curated general tag of the image goes to every person whose crop scores it over
 -- $general_threshold; a tag no crop scores stays with the image (the scene). A character tag
--- goes to the crop CCIP clustered as that character (clusters), else to the crop that scores it
--- highest. position: left / centre / right by the box centre's thirds; quadrant: top left,
+-- goes to one crop: the crop CCIP clustered as that character (clusters; of several, the one
+-- that scores it highest), else to the crop that scores it highest. position: left / centre / right by the box centre's thirds; quadrant: top left,
 -- top right, bottom left, bottom right by its halves.
 -- Parameters: $general_threshold, $person_label, $person_threshold. Reads detections,
 -- tag_scores, tags, clusters.
@@ -35,11 +35,18 @@ general_tags as (
     where i.category = 'general' and c.score > $general_threshold
 ),
 characters_by_cluster as (
-    select i.key, c.crop as person, i.tag, i.category, i.rank
+    -- one person per character tag: a block of images tagged with one character gives that
+    -- character to every real cluster in it (sql/072_clusters.sql), a companion the tags do not
+    -- name included, so two crops of an image can be clustered as it; the one that scores the
+    -- tag highest takes it (then the first person), as in characters_by_score
+    select i.key, arg_max(c.crop, {'score': coalesce(s.score, 0), 'first': -c.crop}) as person, i.tag, i.category,
+           any_value(i.rank) as rank
     from image_tags i
     join clusters c on c.key = i.key and c.character = i.tag and c.crop >= 0
     semi join persons p on p.key = c.key and p.person = c.crop
+    left join crop_scores s on s.key = c.key and s.person = c.crop and s.tag = i.tag
     where i.category = 'character'
+    group by i.key, i.tag, i.category
 ),
 characters_by_score as (
     select i.key, arg_max(c.person, {'score': c.score, 'first': -c.person}) as person, i.tag, i.category, any_value(i.rank) as rank

@@ -63,6 +63,30 @@ def test_weights_with_hostile_names(tmp_path):
     assert got == pytest.approx({"it's;a,b": 2 / 6, "日本語": 3 / 6, "plain": 1 / 6})
 
 
+@pytest.mark.parametrize("row", ["a,0", "*,0", "a,-1", "a,nan", "a,inf", "a,heavy"])
+def test_a_weight_that_is_not_a_number_above_zero_is_refused(workspace, tmp_path, row):
+    """A weight of 0 gave its folder a NaN multiply, clipped to max_multiply: the most repeats for
+    the folder meant to have none (`*,0`: max_multiply everywhere); a negative one, negative multiplies."""
+    from jobs.config import ConfigError
+
+    weights = tmp_path / "weights.csv"
+    weights.write_text(f"b,2\n{row}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="must be a number > 0|is not a number"):
+        balance.balance_weights(str(weights))
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="weights.csv"):
+        curate.run(curate_config(workspace, weights=str(weights), group_format="n_people"), workspace)
+
+
+@pytest.mark.parametrize("option", ["min_multiply", "max_multiply"])
+def test_a_multiply_bound_of_zero_is_refused(workspace, option):
+    from jobs.config import ConfigError
+
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="more than 0"):
+        curate.run(curate_config(workspace, **{option: 0.0}), workspace)
+
+
 def _people_workspace(ws):
     ws.add_part("images", "p", image_rows(["solo", "pair", "crowd", "none"], width=1000, height=500))
     ws.add_part("source_tags", "p",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +53,41 @@ def test_phash_pairs_match_brute_force(workspace, distance):
             if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= distance:
                 expected |= {keys[i], keys[j]}
     assert got == expected and len(expected) >= 6
+
+
+def test_copies_with_one_phash_are_one_group_through_linear_edges(workspace):
+    """Thousands of copies of one picture with one pHash (re-encoded, other bytes) are one group,
+    from a star of edges: every pair of them made 2,000 copies 2M pairs (4,000: two minutes, 2.5 GB)."""
+    base = 0x0123_4567_89AB_CDEF
+    copies = [f"copy{i:04d}" for i in range(2000)]
+    rows = image_rows(copies, phash=base) + image_rows(["near"], phash=base ^ 0b101)
+    rows += image_rows(["far"], phash=base ^ 0xFFFF_0000_0000_FFFF)
+    workspace.add_part("images", "p", [{**r, "detail": 30.0} for r in rows])
+    con = duckdb.connect()
+    con.register("images", workspace.read_table("images"))
+    curate.run_model(con, "060_phash_pairs", curate.sql_params(curate_config(workspace)["curate"]))
+    assert con.execute("select count(*) from phash_pairs").fetchone()[0] <= len(copies)
+    curate.run(curate_config(workspace), workspace)
+    dups = workspace.read_table("duplicates").to_pylist()
+    assert {r["key"] for r in dups} == {*copies, "near"} and {r["dup_group"] for r in dups} == {"copy0000"}
+    assert {r["reason"] for r in dups} == {"phash"}
+
+
+def test_an_excluded_image_is_not_its_groups_representative(workspace):
+    """The export leaves out an excluded image and every member of its duplicate group but the
+    representative: a person who excluded the largest copy lost every copy of the picture."""
+    rows = image_rows(["big", "small_a", "small_b"], phash=0x0123_4567_89AB_CDEF)
+    rows[0]["width"] = 2000
+    workspace.add_part("images", "p", [{**r, "sha256": "same bytes"} for r in rows])
+    now = datetime.datetime.now(datetime.UTC)
+    workspace.add_part("edits", "e", [{"key": "big", "field": "exclude", "old": None, "new": "true", "time": now,
+                                       "seq": 0, "batch": "b"}])
+    curate.run(curate_config(workspace), workspace)
+    dups = {r["key"]: r for r in workspace.read_table("duplicates").to_pylist()}
+    assert set(dups) == {"big", "small_a", "small_b"} and {r["dup_group"] for r in dups.values()} == {"small_a"}
+    assert [k for k, r in dups.items() if r["is_representative"]] == ["small_a"]
+    balance = {r["key"]: r["repeats"] for r in workspace.read_table("balance").to_pylist()}
+    assert set(balance) == {"small_a", "small_b"}
 
 
 def test_embedding_duplicates(workspace):
@@ -198,6 +236,23 @@ def test_reference_classification_and_noise(workspace, tmp_path):
     for key, t in zip(keys, truth, strict=True):
         assert rows[key]["character"] == {0: "alice", 1: "bob", -1: None}[int(t)]
         assert (rows[key]["cluster"] == -1) == (t == -1)
+
+
+@pytest.mark.parametrize("table", [
+    pa.table({"character": ["alice"], "vector": ["not a vector"]}),  # pyarrow: ArrowNotImplementedError
+    pa.table({"character": ["alice"], "vector": pa.array([[0.5] * 512], pa.list_(pa.float32()))}),
+    pa.table({"name": ["alice"], "vector": pa.array([[0.5] * CCIP_DIM], pa.list_(pa.float32()))}),
+])
+def test_a_references_file_that_is_no_references_table_is_a_config_error(workspace, tmp_path, table):
+    """A references Parquet whose vector column is text ended curate with a traceback (exit 1);
+    every table that is not (character, vector of 768 floats) is one line naming the file."""
+    from jobs.config import ConfigError
+
+    refs = tmp_path / "refs.parquet"
+    pq.write_table(table, refs)
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="refs.parquet: not a table of references"):
+        curate.run(curate_config(workspace, references=str(refs)), workspace)
 
 
 def test_merge_close_clusters_joins_halves_of_one_identity():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from curate_data import curate_config, face_row, image_rows
+import numpy as np
+from curate_data import curate_config, embedding_row, face_row, image_rows, source_rows, unit_vector
 
 from jobs import curate
 
@@ -58,3 +59,27 @@ def test_a_character_both_crops_score_alike_goes_to_the_first_person(workspace):
     curate.run(curate_config(workspace), workspace)
     owners = [r["person"] for r in workspace.read_table("person_tags").to_pylist() if "lucy_(ren'py)" in r["tags"]]
     assert owners == [0]
+
+
+def test_a_character_clustered_on_two_crops_goes_to_one_person(workspace):
+    """Images tagged with one character, each with an untagged companion: every real cluster of
+    the block is named after the character (sql/072_clusters.sql), the companion's too, and both
+    people got the character ("On the left, Alice; on the right, Alice"). The crop that scores
+    the tag highest takes it."""
+    rng = np.random.default_rng(1)
+    alice, companion = unit_vector(rng), unit_vector(rng)
+    keys = [f"img{i}" for i in range(4)]
+    workspace.add_part("images", "p", image_rows(keys))
+    workspace.add_part("source_tags", "p", [r for k in keys for r in source_rows(k, ["alice"], "character")])
+    workspace.add_part("embeddings", "p", [embedding_row(k, unit_vector(rng, v, 0.01), crop)
+                                           for k in keys for crop, v in ((0, companion), (1, alice))])
+    workspace.add_part("detections", "p", [row for k in keys for row in (person(k, 0, 0.05, 0.1, 0.45, 0.9),
+                                                                         person(k, 1, 0.55, 0.1, 0.95, 0.9))])
+    workspace.add_part("tag_scores", "p", [tag_row(k, "alice", score, crop, "character")
+                                           for k in keys for crop, score in ((0, 0.2), (1, 0.7))])
+    curate.run(curate_config(workspace, cluster_method="dbscan"), workspace)
+    clusters = workspace.read_table("clusters").to_pylist()
+    assert {r["character"] for r in clusters} == {"alice"} and len({r["cluster"] for r in clusters}) == 2
+    rows = workspace.read_table("person_tags").to_pylist()
+    assert sorted((r["key"], r["person"], r["tags"]) for r in rows) == [
+        (k, p, ["alice"] if p == 1 else []) for k in keys for p in (0, 1)]

@@ -665,8 +665,13 @@ def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
         return REFERENCES_SCHEMA.empty_table()
     if Path(path).is_dir():
         return reference_folder(Path(path), ccip_spec or {})
-    table = pq.read_table(path, columns=["character", "vector"])
-    return table.cast(REFERENCES_SCHEMA)
+    try:
+        return pq.read_table(path, columns=["character", "vector"]).cast(REFERENCES_SCHEMA)
+    except pa.ArrowException as exc:  # not only ArrowInvalid: a text vector is ArrowNotImplementedError
+        if isinstance(exc, OSError):  # a file that cannot be read says so itself
+            raise
+        raise ValueError(f"{path}: not a table of references (character, vector of {schemas.CCIP_DIM} "
+                         f"floats): {exc}") from None
 
 
 def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
