@@ -3,8 +3,9 @@
 -- Each curated general tag of the image goes to every person whose crop scores it over
 -- $general_threshold; a tag no crop scores stays with the image (the scene). A character tag
 -- goes to one crop: the crop CCIP clustered as that character (clusters; of several, the one
--- that scores it highest), else to the crop that scores it highest. position: left / centre / right by the box centre's thirds; quadrant: top left,
--- top right, bottom left, bottom right by its halves.
+-- that scores it highest), else to the crop that scores it highest. position: left / centre /
+-- right by the box centre's thirds; quadrant: top left, top right, bottom left, bottom right by
+-- its halves.
 -- Parameters: $general_threshold, $person_label, $person_threshold. Reads detections,
 -- tag_scores, tags, clusters.
 with tagged_crops as (
