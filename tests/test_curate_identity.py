@@ -116,6 +116,19 @@ def test_broken_and_zero_embeddings_are_no_ones_duplicates(workspace):
     assert {r["key"] for r in workspace.read_table("duplicates").to_pylist()} == {"orig", "copy"}
 
 
+
+def test_annotations_of_images_an_ingest_removed_are_left_out(workspace):
+    """Between an ingest that removed files and the next annotate, annotate's rows of those
+    files are still there: curate put the removed keys into duplicates and clusters."""
+    rng = np.random.default_rng(3)
+    a = unit_vector(rng)
+    workspace.add_part("images", "p", image_rows(["kept"]))
+    workspace.add_part("embeddings", "p", [embedding_row("kept", a), embedding_row("gone", unit_vector(rng, a, 0.002)),
+                                           embedding_row("gone_too", unit_vector(rng), crop=0)])
+    curate.run(curate_config(workspace), workspace)
+    assert workspace.read_table("duplicates").num_rows == 0
+    assert {r["key"] for r in workspace.read_table("clusters").to_pylist()} == {"kept"}
+
 # ---- clusters ---------------------------------------------------------------------------------
 def _identities(rng, n_ids=3, per_id=10, noise=4, spread=0.25):
     centres = [unit_vector(rng) for _ in range(n_ids)]
@@ -377,6 +390,7 @@ def test_whole_image_embeddings_that_outgrow_duckdbs_memory_limit_are_paired(wor
     vectors = rng.standard_normal((n, CCIP_DIM)).astype(np.float32)
     vectors[1::10] = vectors[::10] + 0.05 * rng.standard_normal((n // 10, CCIP_DIM)).astype(np.float32)
     keys = [f"k{i:06d}" for i in range(n)]
+    workspace.add_part("images", "p", image_rows(keys))
     for start in range(0, n, 2000):
         rows = slice(start, start + 2000)
         workspace.add_part("embeddings", f"p{start}", embedding_table(keys[rows], np.full(2000, -1), vectors[rows]))
