@@ -58,6 +58,7 @@ from udfs.export.export_shard import (
     FOLDER_LAYOUTS,
     JOB,
     OUT_CHECK,
+    STARTED,
     atomic_write,
     export_unit,
     file_stamp,
@@ -131,6 +132,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
     ws.begin_job()
+    unfinished = remove_unfinished(ws)
     total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
                                                     unit_images(opts, int(cfg["ingest"]["folder_unit_size"])),
                                                     SELECTION_CHUNK)
@@ -163,12 +165,36 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.notes.append(left_out_note(total, selected, left_out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
     summary.notes.extend(where_notes(out, opts["formats"], shards))
+    if unfinished:
+        summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
     if lost:
         summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
     if counts.get("left_files"):
         summary.notes.append(f"removed {counts['left_files']} files an earlier export left in {out} "
                              "(named by its manifest.parquet, not by this export)")
     return summary
+
+
+def remove_unfinished(ws: Workspace) -> int:
+    """Delete the files of the units a killed export started and never committed (their records
+    in state/export/started/): no marker or manifest names them, and a plan without those units
+    (another selection, other options) would leave them where trainers read them. A done unit
+    that shared one of these files is written again (forget_lost_units). Returns how many."""
+    done = ws.done_units(JOB)
+    started = ws.done_units(STARTED)
+    for unit, record in started.items():
+        if unit not in done:
+            delete_files(record["out"], record["files"])
+            delete_files(record["out"], lone_multiply_files(record["out"], record["files"]))
+        ws.forget_unit(STARTED, unit, hold=False)
+    return sum(unit not in done for unit in started)
+
+
+def lone_multiply_files(out: str, relatives: Iterable[str]) -> list[str]:
+    """The multiply.txt of the EveryDream folders of `relatives` that hold nothing else."""
+    folders = {os.path.dirname(r) for r in relatives if r.startswith("everydream/")}
+    return [f"{folder}/multiply.txt" for folder in sorted(folders)
+            if os.path.isdir(os.path.join(out, folder)) and os.listdir(os.path.join(out, folder)) == ["multiply.txt"]]
 
 
 def forget_lost_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:

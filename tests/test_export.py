@@ -310,6 +310,46 @@ def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_
     assert len(images) == 2 * narrow.rows_in and all("bg_" in os.path.basename(f) for f in images)
 
 
+def test_files_of_a_unit_killed_mid_write_are_not_left_when_the_selection_changes(tmp_path_factory, tmp_path,
+                                                                                 ray_local):
+    """kohya and EveryDream files are written image by image as a unit runs; a unit killed before
+    its commit is named by no marker and no manifest. A rerun with another selection (or other
+    options) must not leave its files in the folders trainers read: here a real `booruset export`
+    of the character sprites is SIGKILLed after a few files, and an export of the backgrounds
+    alone then keeps exactly the files its manifest names."""
+    import signal
+
+    import pyarrow.parquet as pq
+
+    from jobs import export
+    from jobs.config import merge
+    from tests.kill_mid_run import booruset
+
+    out = tmp_path / "killed"
+    layouts = '["kohya", "everydream"]'
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', f"export.formats={layouts}", "export.max_count=4")
+
+    def on_disk() -> set[str]:
+        return {str(p.relative_to(out)) for layout in ("kohya", "everydream") if (out / layout).is_dir()
+                for p in (out / layout).rglob("*") if p.is_file()}
+
+    sprites = "key not like '%/bg\\_%' escape '\\'"
+    victim = booruset("export", "-w", ws.root, "--set", f'export.out="{out}"', "--set", f"export.formats={layouts}",
+                      "--set", "export.max_count=4", "--set", f"export.where={json.dumps(sprites)}",
+                      BOORUSET_KILL_AFTER_EXPORT_FILES="5")
+    output = victim.communicate(timeout=600)[0]
+    assert victim.returncode == -signal.SIGKILL, output[-3000:]
+    assert on_disk(), "the killed export wrote no file"
+    merge(cfg, {"export": {"where": "key like '%/bg\\_%' escape '\\'"}})
+    backgrounds = export.run(cfg, ws)
+    named = set()
+    for row in pq.read_table(out / "manifest.parquet").to_pylist():
+        named |= {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
+        if row["layout"] == "everydream":
+            named.add(f"{row['path']}/multiply.txt")
+    assert backgrounds.rows_in > 0 and on_disk() == named
+
+
 def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.workspace import Workspace
+from store.workspace import Workspace, fault_point
 from udfs.export.export_plan import placed, read_plan
 from udfs.export.resize import resize_image
 from udfs.export.safe_names import inside
@@ -35,6 +35,7 @@ JOB = "export"
 COPY_PIECE = 1 << 20  # bytes tarfile copies a member in (ShardTar)
 LAYOUT_DIRS = {"webdataset": "webdataset", "kohya": "kohya", "everydream": "everydream", "parquet": "parquet"}
 FOLDER_LAYOUTS = ("kohya", "everydream")  # a file per image and its KEY.txt, in concept folders
+STARTED = f"{JOB}/started"  # state/export/started/<unit>.json: the files of a unit not yet committed
 
 
 def shard_name(index: int) -> str:
@@ -53,10 +54,29 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
     offset, shards = int(item["offset"]), int(item["shards"])
     plan = {"unit": item["unit"], "source": item["source"],
             "shards": list(range(offset, offset + shards)), "samples": placed(read_plan(ws, item["path"]), offset)}
+    # before the first file: a unit killed before its commit is named by no marker and no
+    # manifest, and a rerun with another plan would leave its files where trainers read them
+    ws.fs.create_dir(ws.state_dir(STARTED), recursive=True)
+    files = planned_files(plan, options["layouts"])
+    ws.write_json(f"state/{STARTED}/{plan['unit']}.json", {"out": out, "files": files})
     info = UnitExport(ws, out, plan, options).run()
     ws.commit_unit(JOB, plan["unit"], info,
                    parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
+    ws.forget_unit(STARTED, plan["unit"], hold=False)
     return info
+
+
+def planned_files(plan: dict, layouts: list[str]) -> list[str]:
+    """Every file of the export folder a unit may write: its shards and Parquet files, and its
+    images' kohya and EveryDream files (not multiply.txt: other units' images share it)."""
+    files = [f"{layout}/{name(index)}" for layout, name in (("webdataset", shard_name), ("parquet", parquet_name))
+             if layout in layouts for index in plan["shards"]]
+    for sample in plan["samples"]:
+        for layout in FOLDER_LAYOUTS:
+            if layout in layouts:
+                folder = f"{layout}/{sample[layout]}"
+                files += [f"{folder}/{sample['name']}.{sample['ext']}", f"{folder}/{sample['name']}.txt"]
+    return files
 
 
 OUT_CHECK = ".booruset-export-check"
@@ -267,6 +287,7 @@ class UnitExport:
         file, a folder's multiply.txt); a per-image file (kohya and EveryDream images and .txt)
         is named by its manifest row instead, so that a marker stays small at any unit size."""
         atomic_write(inside(self.out, relative), data)
+        fault_point("BOORUSET_KILL_AFTER_EXPORT_FILES")
         if listed:
             self.files.append(relative)
 
