@@ -59,7 +59,7 @@ def write_embeddings(root: Path, n: int, seed: int = 0) -> None:
     ws, rng = Workspace(str(root)), np.random.default_rng(seed)
     for start in range(0, n, PART_ROWS):
         m = min(PART_ROWS, n - start)
-        ws.add_part("images", f"b{start}", pa.table({"key": [f"bench/{i:08d}" for i in range(start, start + m)]}))
+        ws.add_part("images", f"b{start}", [{"key": f"bench/{i:08d}"} for i in range(start, start + m)])
         vectors = rng.standard_normal((m, CCIP_DIM)).astype(np.float32)
         vectors[1::50] = vectors[::50][: len(vectors[1::50])] + 0.05 * rng.standard_normal(
             vectors[1::50].shape).astype(np.float32)

@@ -50,6 +50,9 @@ def init_ray(cfg: Config) -> None:
         kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                         "include_dashboard": False, "log_to_driver": True}
         if local_ray(cfg):
+            # a Ray of its own even where `ray start` left a cluster on this machine: address None
+            # joins that one, which refuses num_cpus and has none of the runtime_env below
+            address = "local"
             if cfg["ray"]["num_cpus"]:
                 kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])
             # tasks import jobs/, store/, udfs/, schemas/ from the repository root

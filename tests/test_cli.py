@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -383,3 +384,19 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_job(capsys,
     assert one_line(err) == (f"booruset: configuration error: {option} {str(blocker / 'out')!r} cannot be made: "
                              f"{str(blocker)!r} is a file")
     assert not out
+
+
+def test_a_report_on_a_read_only_workspace_asks_for_a_report_folder(capsys, sample_ws, tmp_path):
+    """report only reads the workspace, but its default folder is inside it: on a read-only mount
+    that was a traceback (exit 1) after reading it all; now one line naming the option."""
+    with tmpfs(tmp_path / "ro", "size=64m") as mnt:
+        shutil.copytree(sample_ws, mnt / "ws")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        code, _, err = run_cli(capsys, "report", "-w", str(mnt / "ws"))
+        assert code == 2
+        assert one_line(err) == (f"booruset: configuration error: report.out {str(mnt / 'ws' / 'report')!r} cannot "
+                                 f"be written ({str(mnt / 'ws')!r} is read-only to this user): set report.out to a "
+                                 "folder you can write")
+        code, _, err = run_cli(capsys, "report", "-w", str(mnt / "ws"), "--set", f'report.out="{tmp_path / "r"}"')
+        assert code == 0, err
+        assert (tmp_path / "r" / "index.html").is_file()
