@@ -10,11 +10,6 @@ report, not here.
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-import time
-
 import pyarrow as pa
 import pytest
 
@@ -209,45 +204,3 @@ def test_kaomoji_keep_their_underscores_as_imgutils_writes_them(kaomoji):
     from udfs.export.tag_text import TagTextRules
 
     assert TagTextRules().spell(kaomoji) == kaomoji
-
-
-# ---- the reply cache ----------------------------------------------------------------------------
-
-@XFAIL
-def test_replies_got_are_kept_while_a_slow_request_is_still_out(tmp_path):
-    """Two replies come at once, the third takes 6 s: a kill at 4 s should find the two kept
-    ("written as they come, every 2 s"); they are flushed only when the next reply arrives."""
-    from store.workspace import Workspace
-    from udfs.caption.openai_transport import ChatEndpoint
-    from udfs.caption.reply_cache import ReplyCache
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if body["messages"][0]["content"] == "slow":
-                time.sleep(6)
-            payload = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ws = Workspace(str(tmp_path / "ws"))
-        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", timeout_s=30)
-        endpoint.cache = ReplyCache(ws, "unit")
-        requests = [{"messages": [{"role": "user", "content": c}]} for c in ("a", "b", "slow")]
-        worker = threading.Thread(target=endpoint.chat_many, args=(requests,), daemon=True)
-        worker.start()
-        time.sleep(4)
-        kept = len(ReplyCache(ws, "unit").replies)  # what a run killed now would find
-        worker.join()
-        assert kept == 2
-    finally:
-        server.shutdown()
-        server.server_close()
