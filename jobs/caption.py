@@ -39,12 +39,14 @@ TEXT_UNIT_IMAGES = 5000
 RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
 RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
+# Not among them: how the work is done (actors, CPUs, retries, timeouts, batch sizes, engine
+# settings, key variables), which leaves the answers as they were.
 UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "drop_per_attempt", "review_floor",
                 "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
-                "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+                "vllm_url", "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_max_tokens", "rewrite_tolerance",
+                "rewrite_keep_categories", "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
 # caption.own_captions is not among them: it reaches the digest of the rows that have own captions
 # alone (sql/caption_units.sql), so that turning it on or off redoes only their units.
 # Options that shape the region captions only: no new units for them while caption.regions is off.

@@ -141,14 +141,6 @@ def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(t
     assert best["caption"] == own, rows
 
 
-@XFAIL
-def test_rewrite_max_tokens_is_part_of_a_caption_units_identity():
-    """Changing caption.rewrite_max_tokens keeps every unit done: no rewrite is asked again."""
-    from jobs.caption import UNIT_OPTIONS
-
-    assert "rewrite_max_tokens" in UNIT_OPTIONS
-
-
 # ---- quality tags -------------------------------------------------------------------------------
 
 @XFAIL
