@@ -67,6 +67,37 @@ def caption_options(cfg: Config) -> dict:
     return {**cfg["caption"], "region_overlap": float(cfg["annotate"]["tagger"]["region_overlap"])}
 
 
+def check_options(opts: dict) -> None:
+    """ConfigError for a [caption] option out of its domain, with what it must be."""
+    if opts["backend"] not in BACKENDS:
+        raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
+    if opts["own_captions"] not in OWN_CAPTIONS:
+        raise ConfigError(f"caption.own_captions must be one of {OWN_CAPTIONS}, not {opts['own_captions']!r}")
+    if opts["rewrite"] not in REWRITERS:
+        raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
+    if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
+        raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
+                          'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
+    check_quality_bands(opts["quality_bands"], opts["accuracy_step"])
+
+
+def check_quality_bands(bands: list, step: int) -> None:
+    """The quality tags' bands ([lowest accuracy, tag], highest first) and accuracy_NN step: the
+    bands are read from the top, so bands in another order gave every caption the lowest one,
+    and a step of 0 failed every unit after its requests were paid for."""
+    if not 1 <= int(step) <= 50:
+        raise ConfigError(f"caption.accuracy_step must be 1 to 50 (an accuracy_NN tag every that many points), "
+                          f"not {step}")
+    lows = []
+    for band in bands:
+        if len(band) != 2 or isinstance(band[0], str) or not 0 <= band[0] <= 1 \
+                or not isinstance(band[1], str) or not band[1].strip():
+            raise ConfigError(f"caption.quality_bands: each band is [lowest accuracy 0..1, tag], not {band!r}")
+        lows.append(float(band[0]))
+    if any(higher <= lower for higher, lower in zip(lows, lows[1:], strict=False)):
+        raise ConfigError(f"caption.quality_bands must be given highest first, each lower than the one before: {lows}")
+
+
 def check_vllm_here(cfg: Config) -> None:
     """The vllm backend's engine (no caption.vllm_url) on a local Ray runs vLLM in this machine's
     workers: without it installed, each of them failed at length. On a cluster only its GPU nodes
@@ -81,15 +112,7 @@ def check_vllm_here(cfg: Config) -> None:
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = caption_options(cfg)
-    if opts["backend"] not in BACKENDS:
-        raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
-    if opts["own_captions"] not in OWN_CAPTIONS:
-        raise ConfigError(f"caption.own_captions must be one of {OWN_CAPTIONS}, not {opts['own_captions']!r}")
-    if opts["rewrite"] not in REWRITERS:
-        raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
-    if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
-        raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
-                          'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
+    check_options(opts)  # a bad option is a ConfigError before any request is paid for
     check_vllm_here(cfg)
     summary = JobSummary("caption")
     ws.begin_job()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs import caption
-from jobs.config import merge
+from jobs.config import ConfigError, merge
 from udfs.caption.reply_cache import ReplyCache, units_with_replies
 
 IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
@@ -117,6 +117,20 @@ def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, conf
     for option, value in (("rewrite_max_tokens", 50), ("vllm_url", "http://gpu-node:8000/v1"), ("max_tokens", 100)):
         assert not unit_ids(**{option: value}) & before, option
     assert unit_ids(concurrency=7, timeout_s=5.0, max_retries=1, vllm_batch_size=4) == before
+
+
+@pytest.mark.parametrize("options", [
+    {"accuracy_step": 0}, {"accuracy_step": 60},
+    {"quality_bands": [[0.4, "auto_bad_caption"], [0.9, "auto_best_caption"]]},  # lowest first
+    {"quality_bands": [[0.9, "auto_best_caption"], [0.9, "auto_good_caption"]]},
+    {"quality_bands": [[1.5, "auto_best_caption"]]}, {"quality_bands": [["auto_best_caption", 0.9]]},
+    {"quality_bands": [[0.9]]}, {"quality_bands": [[0.9, " "]]},
+])
+def test_quality_bands_out_of_their_domain_are_refused_before_any_caption(workspace, config, options):
+    write_inputs(workspace)
+    with pytest.raises(ConfigError, match=r"caption\.(accuracy_step|quality_bands)"):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
 
 
 def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, workspace, config):

@@ -124,6 +124,9 @@ def test_quality_bands():
     assert bands.flagged(0.39) and not bands.flagged(0.4)
     custom = QualityBands(((0.5, "good"), (0.0, "bad")), step=25, review_floor=0.2)
     assert custom.tags(0.6) == ["good", "accuracy_50"]
+    # below the lowest band: no band's name (0.3 was auto_good_caption here)
+    above = QualityBands(((0.9, "auto_best_caption"), (0.75, "auto_good_caption")), 10, 0.4)
+    assert above.tags(0.3) == ["accuracy_30"] and above.tags(0.8) == ["auto_good_caption", "accuracy_80"]
 
 
 def test_trait_lint_finds_and_cuts_multi_word_traits_only():

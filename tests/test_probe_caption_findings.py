@@ -141,24 +141,6 @@ def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(t
     assert best["caption"] == own, rows
 
 
-# ---- quality tags -------------------------------------------------------------------------------
-
-@XFAIL
-def test_a_caption_below_every_band_gets_no_band_tag():
-    from udfs.caption.caption_scoring import QualityBands
-
-    bands = QualityBands(((0.9, "auto_best_caption"), (0.75, "auto_good_caption")), 10, 0.4)
-    assert "auto_good_caption" not in bands.tags(0.3)
-
-
-@XFAIL
-def test_accuracy_step_zero_is_refused_before_the_job_runs():
-    from jobs.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError):
-        load_config(None, ["caption.accuracy_step=0"])
-
-
 # ---- caption lint -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
