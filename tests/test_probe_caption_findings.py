@@ -141,34 +141,6 @@ def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(t
     assert best["caption"] == own, rows
 
 
-# ---- caption lint -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def lint():
-    from udfs.caption.caption_lint import TraitLint
-    from udfs.caption.caption_scoring import CaptionScorer
-
-    return TraitLint(CaptionScorer(None))
-
-
-@XFAIL
-def test_stripping_a_trait_never_cuts_inside_a_word(lint):
-    """'İ' lower-cases to two characters: the spans of the lower-cased text are off by one."""
-    assert lint.strip("İstanbul girl Eileen with red hair smiles.", ["red_hair"]) == \
-        "İstanbul girl Eileen with hair smiles."
-
-
-@XFAIL
-def test_stripping_a_trait_said_after_its_noun_leaves_no_broken_clause(lint):
-    out = lint.strip("Her eyes are blue and her hair is red.", ["red_hair", "blue_eyes"])
-    assert "are and" not in out and not out.endswith("is."), out
-
-
-@XFAIL
-def test_a_hyphenated_trait_is_linted(lint):
-    assert lint.offending("A red-haired girl smiles.", ["red_hair"]) == ["red_hair"]
-
-
 # ---- tag text for trainers ----------------------------------------------------------------------
 
 @XFAIL
