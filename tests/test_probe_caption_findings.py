@@ -139,14 +139,3 @@ def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(t
     rows, _ = captioner.caption_unit(pa.Table.from_pylist([input_row(own=[own], tagger=False)]))
     best = next(r for r in rows if r["accepted"])
     assert best["caption"] == own, rows
-
-
-# ---- tag text for trainers ----------------------------------------------------------------------
-
-@XFAIL
-@pytest.mark.parametrize("kaomoji", ["o_o", "u_u", "x_x", "(o)_(o)", ">_o"])
-def test_kaomoji_keep_their_underscores_as_imgutils_writes_them(kaomoji):
-    """imgutils.tagging.format (a dependency) keeps these; kohya's tagger keeps tags of 3 characters."""
-    from udfs.export.tag_text import TagTextRules
-
-    assert TagTextRules().spell(kaomoji) == kaomoji
