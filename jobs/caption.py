@@ -30,6 +30,7 @@ from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
 from udfs.caption.related_tags import suggest_units_task
 from udfs.caption.reply_cache import remove_replies, units_with_replies
+from udfs.curate import tag_rules
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
@@ -305,8 +306,14 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
 def related_tags(cfg: Config, ws: Workspace) -> int:
     """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run): the related
     pairs here (an aggregate per pair of tags), the suggestions per unit of images in CPU tasks
-    (udfs/caption/related_tags.py); returns the suggestions written."""
+    (udfs/caption/related_tags.py); returns the suggestions written. The tags are the images' tags
+    with a person's edits (image_tag_lists), and a suggestion never breaks curate's impossible
+    combinations nor brings back a tag a person removed."""
     opts = cfg["caption"]
+    try:  # the rules curate applied to the tags: no suggestion breaks them
+        impossible = tag_rules.impossible(cfg["curate"]["rules_dir"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"caption: cannot load curate's impossible_tags.csv: {exc}") from exc
     run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
     pairs_path, units = run_in_worker(cfg, ws, stage_related, opts, RELATED_UNIT_IMAGES)
     if not units:
@@ -316,7 +323,7 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     ds = staged_units_dataset(units).map_batches(
         suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
         fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
-                   "top_k": int(opts["related_top_k"])})
+                   "top_k": int(opts["related_top_k"]), "impossible": impossible})
     parts, rows = collect_parts(ds, Progress("related tags", units=len(units)), "images")
     ws.publish({"caption:related_tags": {"tag_suggestions": sorted(parts)}})
     clear(ws, RELATED)
