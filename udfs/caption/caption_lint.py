@@ -42,6 +42,7 @@ class TraitLint:
 
     def __init__(self, scorer: CaptionScorer) -> None:
         self.scorer = scorer  # its word forms and its memo of tag words
+        self._trait_words: dict[str, tuple[str, ...]] = {}
 
     def offending(self, caption: str, traits: list[str]) -> list[str]:
         """The trait tags `caption` expresses, in the order given."""
@@ -63,8 +64,11 @@ class TraitLint:
 
     def trait_words(self, trait: str) -> tuple[str, ...]:
         """The tag's words as caption_words reads a caption (an "x-ray" tag: "x", "ray")."""
-        return tuple(w.form for w in caption_words(" ".join(self.scorer.words_of_tag(trait, "general")),
-                                                    self.scorer.forms))
+        found = self._trait_words.get(trait)
+        if found is None:
+            said = " ".join(self.scorer.words_of_tag(trait, "general"))
+            found = self._trait_words[trait] = tuple(w.form for w in caption_words(said, self.scorer.forms))
+        return found
 
 
 def caption_words(text: str, forms: WordForms) -> list[Word]:
@@ -156,7 +160,7 @@ def cut_out(text: str, cuts: list[tuple[int, int]]) -> str:
     out = [text[a:b] for a, b in pieces]
     for k in range(len(out) - 1):
         out[k] = _fit_article(out[k], "".join(out[k + 1:]))  # the next word may be past further cuts
-        starts_sentence = not out[k].strip() and k == 0 or out[k].rstrip().endswith((".", "!", "?"))
+        starts_sentence = (k == 0 and not out[k].strip()) or out[k].rstrip().endswith((".", "!", "?"))
         if starts_sentence and text[pieces[k][1]].isupper():
             out[k + 1] = re.sub(r"^(\W*)(\w)", lambda m: m.group(1) + m.group(2).upper(), out[k + 1])
     return "".join(out)
