@@ -30,6 +30,7 @@ from store.staging import clear, stage_units
 from store.workspace import Workspace, unit_id
 from udfs.caption.related_tags import suggest_units_task
 from udfs.caption.reply_cache import remove_replies, units_with_replies
+from udfs.curate import tag_rules
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
@@ -39,12 +40,14 @@ TEXT_UNIT_IMAGES = 5000
 RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
 RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
+# Not among them: how the work is done (actors, CPUs, retries, timeouts, batch sizes, engine
+# settings, key variables), which leaves the answers as they were.
 UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "drop_per_attempt", "review_floor",
                 "quality_bands", "accuracy_step", "score_categories", "embedding_model", "asp_probabilities",
                 "asp_max_tags", "asp_shuffle", "asp_underscores", "model", "base_url", "prompt", "send_images",
                 "max_tokens", "temperature", "route_base_url", "route_model", "route_ratings", "vllm_model",
-                "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_tolerance", "rewrite_keep_categories",
-                "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
+                "vllm_url", "rewrite", "rewrite_model", "rewrite_base_url", "rewrite_max_tokens", "rewrite_tolerance",
+                "rewrite_keep_categories", "max_caption_chars", "image_max_side", "lint_strip_traits", "regions")
 # caption.own_captions is not among them: it reaches the digest of the rows that have own captions
 # alone (sql/caption_units.sql), so that turning it on or off redoes only their units.
 # Options that shape the region captions only: no new units for them while caption.regions is off.
@@ -65,6 +68,37 @@ def caption_options(cfg: Config) -> dict:
     return {**cfg["caption"], "region_overlap": float(cfg["annotate"]["tagger"]["region_overlap"])}
 
 
+def check_options(opts: dict) -> None:
+    """ConfigError for a [caption] option out of its domain, with what it must be."""
+    if opts["backend"] not in BACKENDS:
+        raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
+    if opts["own_captions"] not in OWN_CAPTIONS:
+        raise ConfigError(f"caption.own_captions must be one of {OWN_CAPTIONS}, not {opts['own_captions']!r}")
+    if opts["rewrite"] not in REWRITERS:
+        raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
+    if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
+        raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
+                          'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
+    check_quality_bands(opts["quality_bands"], opts["accuracy_step"])
+
+
+def check_quality_bands(bands: list, step: int) -> None:
+    """The quality tags' bands ([lowest accuracy, tag], highest first) and accuracy_NN step: the
+    bands are read from the top, so bands in another order gave every caption the lowest one,
+    and a step of 0 failed every unit after its requests were paid for."""
+    if not 1 <= int(step) <= 50:
+        raise ConfigError(f"caption.accuracy_step must be 1 to 50 (an accuracy_NN tag every that many points), "
+                          f"not {step}")
+    lows = []
+    for band in bands:
+        if len(band) != 2 or isinstance(band[0], str) or not 0 <= band[0] <= 1 \
+                or not isinstance(band[1], str) or not band[1].strip():
+            raise ConfigError(f"caption.quality_bands: each band is [lowest accuracy 0..1, tag], not {band!r}")
+        lows.append(float(band[0]))
+    if any(higher <= lower for higher, lower in zip(lows, lows[1:], strict=False)):
+        raise ConfigError(f"caption.quality_bands must be given highest first, each lower than the one before: {lows}")
+
+
 def check_vllm_here(cfg: Config) -> None:
     """The vllm backend's engine (no caption.vllm_url) on a local Ray runs vLLM in this machine's
     workers: without it installed, each of them failed at length. On a cluster only its GPU nodes
@@ -79,15 +113,7 @@ def check_vllm_here(cfg: Config) -> None:
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
     opts = caption_options(cfg)
-    if opts["backend"] not in BACKENDS:
-        raise ConfigError(f"caption.backend must be one of {BACKENDS}, not {opts['backend']!r}")
-    if opts["own_captions"] not in OWN_CAPTIONS:
-        raise ConfigError(f"caption.own_captions must be one of {OWN_CAPTIONS}, not {opts['own_captions']!r}")
-    if opts["rewrite"] not in REWRITERS:
-        raise ConfigError(f"caption.rewrite must be one of {REWRITERS}, not {opts['rewrite']!r}")
-    if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
-        raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
-                          'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
+    check_options(opts)  # a bad option is a ConfigError before any request is paid for
     check_vllm_here(cfg)
     summary = JobSummary("caption")
     ws.begin_job()
@@ -280,8 +306,14 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
 def related_tags(cfg: Config, ws: Workspace) -> int:
     """tag_suggestions from co-occurrence PMI over the whole dataset (rebuilt each run): the related
     pairs here (an aggregate per pair of tags), the suggestions per unit of images in CPU tasks
-    (udfs/caption/related_tags.py); returns the suggestions written."""
+    (udfs/caption/related_tags.py); returns the suggestions written. The tags are the images' tags
+    with a person's edits (image_tag_lists), and a suggestion never breaks curate's impossible
+    combinations nor brings back a tag a person removed."""
     opts = cfg["caption"]
+    try:  # the rules curate applied to the tags: no suggestion breaks them
+        impossible = tag_rules.impossible(cfg["curate"]["rules_dir"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"caption: cannot load curate's impossible_tags.csv: {exc}") from exc
     run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
     pairs_path, units = run_in_worker(cfg, ws, stage_related, opts, RELATED_UNIT_IMAGES)
     if not units:
@@ -291,7 +323,7 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     ds = staged_units_dataset(units).map_batches(
         suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
         fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
-                   "top_k": int(opts["related_top_k"])})
+                   "top_k": int(opts["related_top_k"]), "impossible": impossible})
     parts, rows = collect_parts(ds, Progress("related tags", units=len(units)), "images")
     ws.publish({"caption:related_tags": {"tag_suggestions": sorted(parts)}})
     clear(ws, RELATED)

@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
             check_options(cfg["report"])
         if args.command in ("caption", "run"):
-            from jobs.caption import check_vllm_here
+            from jobs.caption import check_options, check_vllm_here
 
+            check_options(cfg["caption"])
             check_vllm_here(cfg)
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,

@@ -1,13 +1,28 @@
 -- caption_related_tags: for one unit of images, the tags often seen with an image's tags that the
 -- image lacks. A suggestion for an image is a tag b it lacks from a related pair (a, b) of one of
--- its tags a; its score is the best such pmi; at most $top_k per image, best first.
--- Inputs: image_tags (key, tag: the unit's visual tags), related_pairs (tag, related, category,
--- pmi, support: sql/caption_related_pairs.sql over the whole dataset). Parameter: $top_k.
-with candidates as (
+-- its tags a; its score is the best such pmi; at most $top_k per image, best first. Never
+-- suggested: a tag a person removed from the image in review, and a tag that cannot stand beside
+-- one the image has (curate's impossible combinations, either way: no 3girls for a solo image).
+-- Inputs: image_tags (key, tag, present: the unit's visual tags, and the tags a person removed,
+-- not present), related_pairs (tag, related, category, pmi, support: sql/caption_related_pairs.sql
+-- over the whole dataset), impossible_tags (tag_a, tag_b, winner: curate.rules_dir's
+-- impossible_tags.csv). Parameter: $top_k.
+with have as (
+    select key, tag from image_tags where present
+),
+conflicts as (
+    select h.key, r.other as tag
+    from have as h
+    join (select tag_a as tag, tag_b as other from impossible_tags
+          union
+          select tag_b, tag_a from impossible_tags) as r using (tag)
+),
+candidates as (
     select t.key, p.related as tag, p.category, p.tag as because, p.pmi, p.support
-    from image_tags as t
+    from have as t
     join related_pairs as p on p.tag = t.tag
-    anti join image_tags as have on have.key = t.key and have.tag = p.related
+    anti join image_tags as known on known.key = t.key and known.tag = p.related
+    anti join conflicts as c on c.key = t.key and c.tag = p.related
 ),
 best_per_tag as (
     -- ties in pmi go to the first tag by name, so reruns give the same rows

@@ -4,7 +4,9 @@
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql), as for the captioners.
 -- Caption: the accepted attempt. Video frames carry their clip's key (`--where "clip = '...'"`).
 -- A person's edits (edit_state, from `booruset review`) win: their caption replaces the accepted
--- one (its scores are then null, not_scored 'edited_by_person'), their character replaces the curated ones,
+-- one (its scores are then null, not_scored 'edited_by_person', with no quality tags or lint: those
+-- were the replaced caption's) and the captions of every origin (KEY.json's captions: the generated
+-- ones are what the person corrected, so only theirs, 'edited', is left), their character replaces the curated ones,
 -- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
 -- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
@@ -104,13 +106,14 @@ select i.key,
        case when cap.key is null then a.scored_against end as scored_against,
        case when cap.key is null then a.not_scored else 'edited_by_person' end as not_scored,
        case when cap.key is null then coalesce(a.lint, []::varchar[]) else []::varchar[] end as lint,
-       coalesce(a.quality_tags, []::varchar[]) as quality_tags,
+       case when cap.key is null then coalesce(a.quality_tags, []::varchar[]) else []::varchar[] end as quality_tags,
        cap.key is null and coalesce(a.flagged, false) as flagged,
        coalesce(x.excluded, false) as excluded,
        d.dup_group,
        coalesce(e.n_errors, 0) as n_errors,
        rc.region_caption,
-       cv.caption_variants,
+       case when cap.key is null then cv.caption_variants
+            else [{'origin': 'edited', 'caption': cap.caption}] end as caption_variants,
        o.own_texts,
        coalesce(b.path, '') as "group",
        coalesce(b.multiply, 1.0) as multiply,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import http.server
 import io
 import json
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs import caption
-from jobs.config import merge
+from jobs.config import ConfigError, merge
 from udfs.caption.reply_cache import ReplyCache, units_with_replies
 
 IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
@@ -101,6 +102,35 @@ def test_where_an_image_lies_in_its_shard_is_not_part_of_its_units_id(ray_local,
     workspace.add_part("images", "u", [{**row, "member_offset": 1024 * i} for i, row in enumerate(images)])
     again = caption.run(configure(config), workspace)
     assert again.units_done == 0 and again.units_skipped == 3
+
+
+def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, config):
+    """A unit's id hashes the options its rows depend on: changing one (the rewrite's token limit,
+    the server the vllm stream asks) captions its images again; how the work is done does not."""
+    write_inputs(workspace)
+
+    def unit_ids(**options) -> set[str]:
+        cfg = configure(copy.deepcopy(config), **options)
+        return {u["unit"] for u in caption.stage_inputs(workspace, caption.caption_options(cfg), cfg["curate"])}
+
+    before = unit_ids()
+    for option, value in (("rewrite_max_tokens", 50), ("vllm_url", "http://gpu-node:8000/v1"), ("max_tokens", 100)):
+        assert not unit_ids(**{option: value}) & before, option
+    assert unit_ids(concurrency=7, timeout_s=5.0, max_retries=1, vllm_batch_size=4) == before
+
+
+@pytest.mark.parametrize("options", [
+    {"accuracy_step": 0}, {"accuracy_step": 60},
+    {"quality_bands": [[0.4, "auto_bad_caption"], [0.9, "auto_best_caption"]]},  # lowest first
+    {"quality_bands": [[0.9, "auto_best_caption"], [0.9, "auto_good_caption"]]},
+    {"quality_bands": [[1.5, "auto_best_caption"]]}, {"quality_bands": [["auto_best_caption", 0.9]]},
+    {"quality_bands": [[0.9]]}, {"quality_bands": [[0.9, " "]]},
+])
+def test_quality_bands_out_of_their_domain_are_refused_before_any_caption(workspace, config, options):
+    write_inputs(workspace)
+    with pytest.raises(ConfigError, match=r"caption\.(accuracy_step|quality_bands)"):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
 
 
 def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, workspace, config):

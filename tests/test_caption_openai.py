@@ -243,6 +243,48 @@ def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):
     assert len(endpoint.cache.replies) == 3
 
 
+def test_replies_got_are_kept_while_a_slow_request_is_still_out(tmp_path, monkeypatch):
+    """Seven replies come at once, the eighth takes 3 s: a kill after 1.5 s finds the seven kept,
+    in one write (they were written only when the next reply came, and so not at all until the
+    slow one was back)."""
+    from udfs.caption import openai_transport
+    from udfs.caption.reply_cache import REPLIES, ReplyCache
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body["messages"][0]["content"] == "slow":
+                time.sleep(3)
+            payload = completion("ok")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(openai_transport, "KEEP_EVERY_S", 0.5)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ws = Workspace(str(tmp_path / "ws"))
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", timeout_s=30)
+        endpoint.cache = ReplyCache(ws, "unit")
+        requests = [{"messages": [{"role": "user", "content": c}]} for c in [*"abcdefg", "slow"]]
+        worker = threading.Thread(target=endpoint.chat_many, args=(requests,), daemon=True)
+        worker.start()
+        time.sleep(1.5)
+        kept = len(ReplyCache(ws, "unit").replies)  # what a run killed now would find
+        files = len(list((tmp_path / "ws" / REPLIES / "unit").glob("*.parquet")))
+        worker.join()
+        assert kept == 7 and files < 7  # kept on time, not a write per reply
+        assert len(ReplyCache(ws, "unit").replies) == 8
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_concurrency_is_bounded(fake):
     # The fake answers nothing until four requests are in flight at once, and counts the most it ever
     # held: exactly max_concurrency with a bounded client, whatever the machine's load. The 0.2 s it

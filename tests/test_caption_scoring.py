@@ -124,6 +124,9 @@ def test_quality_bands():
     assert bands.flagged(0.39) and not bands.flagged(0.4)
     custom = QualityBands(((0.5, "good"), (0.0, "bad")), step=25, review_floor=0.2)
     assert custom.tags(0.6) == ["good", "accuracy_50"]
+    # below the lowest band: no band's name (0.3 was auto_good_caption here)
+    above = QualityBands(((0.9, "auto_best_caption"), (0.75, "auto_good_caption")), 10, 0.4)
+    assert above.tags(0.3) == ["accuracy_30"] and above.tags(0.8) == ["auto_good_caption", "accuracy_80"]
 
 
 def test_trait_lint_finds_and_cuts_multi_word_traits_only():
@@ -136,6 +139,50 @@ def test_trait_lint_finds_and_cuts_multi_word_traits_only():
     stripped = lint.strip(caption, ["red_hair", "blue_eyes", "freckles"])
     assert stripped == "Eileen with short hair and eyes, in a red dress. She has freckles."
     assert lint.offending(stripped, ["red_hair", "blue_eyes", "freckles"]) == ["freckles"]
+
+
+@pytest.fixture(scope="module")
+def lint():
+    from udfs.caption.caption_lint import TraitLint
+
+    return TraitLint(CaptionScorer(None))
+
+
+def test_stripping_a_trait_never_cuts_inside_a_word(lint):
+    """'İ' lower-cases to two characters: spans of the lower-cased text were off by one ("rhair")."""
+    assert lint.strip("İstanbul girl Eileen with red hair smiles.", ["red_hair"]) == \
+        "İstanbul girl Eileen with hair smiles."
+    assert lint.strip("ŞİŞLİ İİ: Eileen with short red hair and blue eyes.", ["red_hair", "blue_eyes"]) == \
+        "ŞİŞLİ İİ: Eileen with short hair and eyes."
+
+
+@pytest.mark.parametrize("caption", [
+    "Her eyes are blue and her hair is red.",  # was "Her eyes are and her hair is."
+    "A blue sky with eyes drawn on the clouds.",  # the sky lost its "blue"
+    "She has long, red hair.",  # "long, hair"
+    "Very red hair.",  # "Very hair"
+    "She is red-haired and blue-eyed.",
+    "Dark-red hair.",
+])
+def test_a_trait_said_any_other_way_than_before_its_noun_is_left_and_stays_flagged(lint, caption):
+    traits = ["red_hair", "blue_eyes"]
+    assert lint.strip(caption, traits) == caption
+    assert lint.offending(caption, traits)
+
+
+@pytest.mark.parametrize(("caption", "stripped"), [
+    ("A red-haired girl smiles.", "A girl smiles."),
+    ("A blue-eyed, red-haired girl smiles.", "A girl smiles."),
+    ("Red-haired Eileen and an auburn-haired elf.", "Eileen and an elf."),
+    ("An orange-haired, blue-eyed girl.", "A girl."),
+    ("Eileen with very long red hair.", "Eileen with very long hair."),
+])
+def test_a_hyphenated_trait_is_linted_and_stripped_before_its_noun(lint, caption, stripped):
+    traits = ["red_hair", "blue_eyes", "orange_hair", "auburn_hair"]
+    assert lint.offending(caption, traits)
+    assert lint.strip(caption, traits) == stripped
+    assert lint.offending(stripped, traits) == []
+    assert lint.offending("A red-haired girl smiles.", ["red_hair"]) == ["red_hair"]
 
 
 def test_batched_tag_inclusion_equals_the_per_row_definition():

@@ -62,3 +62,34 @@ def test_related_tags_suggest_what_usually_comes_along(ray_local, workspace, con
     assert by_key == sorted(suggestions, key=lambda s: (s["key"], s["tag"]))
     assert len(workspace.published()["owned"]["caption:related_tags"]["tag_suggestions"]) == 4  # 13 images: 4+4+4+1
     assert not (Path(workspace.base) / caption.RELATED).exists()
+
+
+def test_related_tags_respect_impossible_combinations_and_review_edits(ray_local, workspace, config):
+    """No 3girls for a solo / 1girl image (curate's impossible_tags.csv); a tag a person removed
+    suggests nothing and is not suggested back; a tag a person added is no suggestion, and
+    suggests as the image's own tags do."""
+    import datetime
+
+    rows = []
+    for i in range(6):
+        rows += tag_rows(f"g/{i}", ["3girls", "school_uniform", "classroom"])
+        rows += tag_rows(f"d/{i}", ["dog", "outdoors"])
+    rows += tag_rows("s/solo", ["1girl", "solo", "school_uniform"])
+    rows += tag_rows("e/removed", ["cat_ears", "school_uniform"])
+    rows += tag_rows("e/back", ["classroom", "school_uniform"])
+    rows += tag_rows("e/added", ["classroom"])
+    workspace.add_part("tags", "u", rows)
+    now = datetime.datetime.now(datetime.UTC)
+    edits = [("e/removed", "school_uniform", None), ("e/back", "school_uniform", None),
+             ("e/added", None, "school_uniform")]  # (key, old, new): a removal, a removal, an addition
+    workspace.add_part("edits", "u", [{"key": key, "field": "tags", "old": old, "new": new, "time": now, "seq": 0,
+                                       "batch": key} for key, old, new in edits])
+    merge(config, {"caption": {"related_min_support": 3, "related_min_pmi": 0.3, "related_top_k": 5}})
+    caption.related_tags(config, workspace)
+    suggested: dict[str, list[tuple[str, str]]] = {}
+    for s in workspace.read_table("tag_suggestions").to_pylist():
+        suggested.setdefault(s["key"], []).append((s["tag"], s["because"]))
+    assert suggested["s/solo"] == [("classroom", "school_uniform")]  # 3girls was suggested here
+    assert "e/removed" not in suggested  # school_uniform, removed, suggested 3girls and classroom
+    assert [tag for tag, _ in suggested["e/back"]] == ["3girls"]  # not school_uniform again
+    assert [tag for tag, _ in suggested["e/added"]] == ["3girls"]  # school_uniform is the image's now

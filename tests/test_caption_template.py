@@ -93,6 +93,12 @@ def test_asp_caption_is_reproducible_and_keeps_count_tags_first(vocab):
     assert len(others) > 1  # another seed, another shuffle
 
 
+def test_asp_caption_keeps_the_underscores_of_kaomoji(vocab):
+    tags, cats = ["1girl", "o_o", "u_u", "(o)_(o)", "long_hair"], ["general"] * 5
+    caption = asp_caption("k", tags, cats, None, 0, vocab, AspOptions({}, shuffle=False))
+    assert caption == "1girl, o_o, u_u, (o)_(o), long hair"
+
+
 def test_asp_component_probabilities(vocab):
     tags, cats = ["1girl", "gotou_hitori", "smile"], ["general", "character", "general"]
     options = AspOptions({"characters": 0.5}, shuffle=False)

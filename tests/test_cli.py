@@ -129,6 +129,19 @@ def test_the_vllm_engine_without_vllm_is_one_line(capsys, sample_ws):
     assert not (sample_ws / "logs").exists()
 
 
+@pytest.mark.parametrize(("option", "says"), [
+    ("caption.accuracy_step=0", "caption.accuracy_step must be 1 to 50"),
+    ('caption.quality_bands=[[0.4, "auto_bad_caption"], [0.9, "auto_best_caption"]]', "highest first"),
+    ('caption.quality_bands=[[90, "auto_best_caption"]]', "lowest accuracy 0..1"),
+])
+def test_run_refuses_bad_quality_bands_before_its_first_job(capsys, tmp_path, option, says):
+    """A step of 0 failed each caption unit after its requests were paid for ("cannot convert
+    float NaN to integer"); bands lowest first gave every caption the lowest one."""
+    code, _, err = run_cli(capsys, "run", "-w", str(tmp_path / "ws"), "-i", str(REPO / "sample" / "shards"),
+                           "--set", option)
+    assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
 def test_run_refuses_the_vllm_engine_before_its_first_job_but_not_on_a_cluster(capsys, tmp_path, monkeypatch):
     """`booruset run` says it before ingest (not after hours of annotate and curate); inside
     `ray job submit` (RAY_ADDRESS), only the cluster's GPU nodes need vLLM: no refusal."""

@@ -243,6 +243,43 @@ def test_the_selection_carries_the_best_caption_of_each_origin(tmp_path_factory)
                              {"origin": "template", "caption": template}]
 
 
+def test_a_caption_edited_in_review_keeps_nothing_of_the_caption_it_replaced(workspace):
+    """KEY.json of an image whose VLM caption scored 0.2 and a person then rewrote: the caption is
+    theirs, not scored, and neither the replaced caption's quality tags (auto_worst_caption beside
+    not_scored edited_by_person) nor the generated captions they corrected are offered."""
+    import datetime
+
+    from jobs.config import default_config
+    from jobs.export import sql_text
+    from udfs.export.export_plan import sample_plan
+
+    workspace.add_part("images", "u", [{"key": "a/girl", "source": "s.tar", "member": "girl.png", "width": 64,
+                                        "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 1,
+                                        "sha256": "x", "phash": 0}])
+    workspace.add_part("tags", "u", [{"key": "a/girl", "tag": "long_hair", "category": "general", "score": 1.0,
+                                      "rank": 0}])
+    workspace.add_part("captions", "u", [
+        {"key": "a/girl", "attempt": 0, "backend": "template:english", "seed": 0, "caption": "A girl with long hair.",
+         "accepted": False, "flagged": False, "not_scored": "built_from_tags", "quality_tags": [], "lint": []},
+        {"key": "a/girl", "attempt": 1, "backend": "openai:joy", "seed": 1, "caption": "A boy on a horse.",
+         "accuracy": 0.2, "tag_inclusion": 0.2, "english_similarity": 0.2, "subject_consistency": 0.2,
+         "scored_against": "tagger", "accepted": True, "flagged": False, "lint": ["red_hair"],
+         "quality_tags": ["auto_worst_caption", "accuracy_20"]}])
+    now = datetime.datetime.now(datetime.UTC)
+    workspace.add_part("edits", "u", [{"key": "a/girl", "field": "caption", "old": "A boy on a horse.",
+                                       "new": "A girl with long hair smiles.", "time": now, "seq": 0, "batch": "b"}])
+    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True}
+    con = workspace.connect()
+    cursor = con.execute(sql_text("export_selection.sql"), params)
+    row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
+    meta = json.loads(sample_plan(row, default_config()["export"])["json"])
+    assert meta["caption"] == "A girl with long hair smiles." and meta["caption_edited"]
+    assert meta["quality_tags"] == [] and "lint" not in meta
+    assert meta["scores"] == {"accuracy": None, "tag_inclusion": None, "english_similarity": None,
+                              "subject_consistency": None, "scored_against": None, "not_scored": "edited_by_person"}
+    assert meta["captions"] == {"tags": "long hair", "edited": "A girl with long hair smiles."}
+
+
 def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory, ray_local):
     from jobs import export
     from jobs.config import ConfigError, merge

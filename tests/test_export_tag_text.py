@@ -21,6 +21,20 @@ def test_default_rules_keep_the_curated_order_with_spaces():
         "solo, 1girl, eileen (ren'py), long hair, smile, general, ^_^"
 
 
+@pytest.mark.parametrize("tag", ["o_o", "u_u", "x_x", "(o)_(o)", ">_o", "^_^", "0_0", "long_hair",
+                                 "eileen_(ren'py)", "\\m/", "\\||/", "!_!"])
+@pytest.mark.parametrize("escape", [False, True])
+def test_a_tag_is_spelled_as_imgutils_writes_it(tag, escape):
+    """Kaomoji keep their underscores (o_o was "o o"), backslashes are escaped with the
+    parentheses: as imgutils.tagging.tags_to_text, a dependency, writes a tag with spaces."""
+    from imgutils.tagging import tags_to_text
+
+    assert TagTextRules(escape_parentheses=escape).spell(tag) == tags_to_text({tag: 1.0}, use_spaces=True,
+                                                                              use_escape=escape)
+    assert TagTextRules(underscores=True, escape_parentheses=escape).spell(tag) == tags_to_text(
+        {tag: 1.0}, use_spaces=False, use_escape=escape)
+
+
 def test_categories_first_then_by_score_without_excluded_tags():
     rules = TagTextRules(category_order=("character", "rating"), sort="score",
                          exclude_tags=frozenset({"solo"}), escape_parentheses=True)

@@ -199,7 +199,8 @@ def _numbers_said(text: pa.Array, pattern: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QualityBands:
-    """Quality tags from accuracy: named bands (highest first) and accuracy_NN steps."""
+    """Quality tags from accuracy: named bands (highest first; below the lowest, no band tag) and
+    accuracy_NN steps. The caption job checks the values (jobs/caption.check_options)."""
 
     bands: tuple[tuple[float, str], ...] = ((0.9, "auto_best_caption"), (0.75, "auto_good_caption"),
                                             (0.6, "auto_okay_caption"), (0.4, "auto_bad_caption"),
@@ -208,7 +209,7 @@ class QualityBands:
     review_floor: float = 0.4
 
     def tags(self, accuracy: float) -> list[str]:
-        out = [next((name for low, name in self.bands if accuracy >= low), self.bands[-1][1])]
+        out = [name for low, name in self.bands if accuracy >= low][:1]
         percent = int(np.floor(accuracy * 100 + 1e-6) // self.step * self.step)
         percent = min(percent, 100 - self.step)
         if percent >= self.step:

@@ -16,11 +16,15 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 import httpx
 
 from udfs.ingest.sidecars import printable
+
+if TYPE_CHECKING:
+    from udfs.caption.reply_cache import ReplyCache
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
@@ -122,7 +126,8 @@ class ChatEndpoint:
         """Many chats with at most `max_concurrency` in flight; each result is a reply or its error.
         With a `cache` (udfs/caption/reply_cache.py: the replies of the unit being captioned), a
         request it holds is not sent, and the replies got are added to it as they come (every
-        KEEP_EVERY_S), so that a run killed in the middle asks only for the rest."""
+        KEEP_EVERY_S, also while no further reply comes), so that a run killed in the middle asks
+        only for the rest."""
         if self.cache is None:
             results: list[str | EndpointError | None] = [None] * len(requests)
             for k, reply in self._send_each(requests):
@@ -131,21 +136,22 @@ class ChatEndpoint:
         ids = [request_id(self.base_url, self.model, request) for request in requests]
         results = [self.cache.get(rid) for rid in ids]
         todo = [k for k, reply in enumerate(results) if reply is None]
-        got, kept_at = {}, time.monotonic()
+        kept = KeptReplies(self.cache)
         try:
-            for j, reply in self._send_each([requests[k] for k in todo]):
+            for j, reply in self._send_each([requests[k] for k in todo], kept.due_in, kept.keep):
                 results[todo[j]] = reply
                 if isinstance(reply, str):
-                    got[ids[todo[j]]] = reply
-                if got and time.monotonic() - kept_at >= KEEP_EVERY_S:
-                    self.cache.add(got)
-                    got, kept_at = {}, time.monotonic()
+                    kept.add(ids[todo[j]], reply)
+                kept.keep()
         finally:
-            self.cache.add(got)
+            kept.keep(now=True)
         return results
 
-    def _send_each(self, requests: list[dict]) -> Iterator[tuple[int, str | EndpointError]]:
-        """(index, reply or error) of each request, as they come back."""
+    def _send_each(self, requests: list[dict], due_in: Callable[[], float | None] = lambda: None,
+                   on_time: Callable[[], None] = lambda: None) -> Iterator[tuple[int, str | EndpointError]]:
+        """(index, reply or error) of each request, as they come back. While none comes, `on_time`
+        is called every `due_in()` seconds (None: no call), so that what was got is kept while a
+        slow request is still out."""
         def one(request: dict) -> str | EndpointError:
             try:
                 return self.chat(**request)
@@ -156,11 +162,39 @@ class ChatEndpoint:
             return
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
             futures = {pool.submit(one, request): k for k, request in enumerate(requests)}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=due_in(), return_when=FIRST_COMPLETED)
+                if not done:
+                    on_time()
+                for future in done:
+                    yield futures[future], future.result()
 
     def close(self) -> None:
         self.client.close()
+
+
+class KeptReplies:
+    """The replies chat_many got that its cache does not hold yet: written to it at most every
+    KEEP_EVERY_S (one file each time, not one per reply), and at the latest KEEP_EVERY_S after
+    they came."""
+
+    def __init__(self, cache: ReplyCache) -> None:
+        self.cache, self.kept_at = cache, time.monotonic()
+        self.got: dict[str, str] = {}
+
+    def add(self, rid: str, reply: str) -> None:
+        self.got[rid] = reply
+
+    def due_in(self) -> float | None:
+        """Seconds until the replies got are due to be written; None while there are none."""
+        return max(0.0, self.kept_at + KEEP_EVERY_S - time.monotonic()) if self.got else None
+
+    def keep(self, now: bool = False) -> None:
+        """Write the replies got if they are due (or `now`)."""
+        if self.got and (now or time.monotonic() - self.kept_at >= KEEP_EVERY_S):
+            self.cache.add(self.got)
+            self.got, self.kept_at = {}, time.monotonic()
 
 
 def request_id(base_url: str, model: str, request: dict) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -23,9 +24,10 @@ SQL = Path(__file__).resolve().parents[2] / "sql" / "caption_related_tags.sql"
 
 
 def suggest_units_task(batch: dict[str, Any], workspace: str, pairs_path: str, part_prefix: str,
-                       top_k: int) -> dict[str, list]:
+                       top_k: int, impossible: pa.Table) -> dict[str, list]:
     """map_batches UDF: for each staged unit of the batch, write `tag_suggestions/<prefix><index>`;
-    return the part names and their rows."""
+    return the part names and their rows. `impossible`: curate's impossible tag combinations
+    (udfs/curate/tag_rules.impossible), whose tags are not suggested beside each other."""
     ws = Workspace(workspace, create=False)
     query = SQL.read_text(encoding="utf-8")
     out: dict[str, list] = {"part": [], "rows": [], "images": []}
@@ -38,6 +40,7 @@ def suggest_units_task(batch: dict[str, Any], workspace: str, pairs_path: str, p
         try:
             con.register("image_tags", image_tags)
             con.register("related_pairs", pairs)
+            con.register("impossible_tags", impossible)
             suggestions = con.sql(query, params={"top_k": top_k}).to_arrow_table()
         finally:
             con.close()

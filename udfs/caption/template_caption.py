@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from udfs.tag_spelling import spaced
+
 VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "template_vocab.toml"
 GROUPS = ("hair", "eyes", "clothes", "pose", "expression", "background")
 NUMBER_WORDS = ["no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -465,5 +467,5 @@ def asp_caption(key: str, tags: list[str], categories: list[str], rating: str | 
         if parts[component] and rng.random() < options.probabilities.get(component, 1.0):
             out.extend(parts[component])
     if not options.underscores:
-        out = [words_of(t) for t in out]
+        out = [spaced(t) for t in out]  # kaomoji (o_o) keep theirs, as imgutils writes them
     return options.separator.join(out)

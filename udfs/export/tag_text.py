@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from udfs.export.clip_tokens import fit_tags  # the tokenizer itself loads on the first count
 from udfs.ingest.sidecars import normalize_tag
+from udfs.tag_spelling import escaped, spaced
 
 SORTS = ("rank", "score")
 
@@ -51,11 +52,10 @@ class TagTextRules:
         return bool(separator) and separator in tag
 
     def spell(self, tag: str) -> str:
-        # underscores become spaces except in kaomoji such as ^_^ (no letters)
-        text = tag if self.underscores or not any(c.isalpha() for c in tag) else tag.replace("_", " ")
-        if self.escape_parentheses:
-            text = text.replace("(", "\\(").replace(")", "\\)")
-        return text
+        """As imgutils.tagging.tags_to_text writes it (udfs/tag_spelling.py): underscores as
+        spaces except in kaomoji (o_o, ^_^), and `\\`, `(`, `)` escaped."""
+        text = tag if self.underscores else spaced(tag)
+        return escaped(text) if self.escape_parentheses else text
 
     def text(self, tags: list[str], categories: list[str], scores: list[float]) -> str:
         return self.fitted(tags, categories, scores)[0]
