@@ -359,3 +359,46 @@ def test_undo_of_an_older_edit_leaves_a_later_one_standing(review):
     assert client.get(f"/api/images/{key}").json()["row"]["caption"] == "Second words."
     unchanged = client.post("/api/edits", json={"key": key, "caption": "Second words."}).json()
     assert unchanged["edits"] == 0
+
+
+NO_TAG_TEXT = ('export.text="tags"',
+               'export.exclude_tag_categories=["general", "character", "copyright", "rating", "meta", "artist"]')
+
+
+@pytest.mark.parametrize("formats, says", [
+    (["kohya"], "left out of the export (kohya folders"),
+    (["kohya", "everydream", "webdataset"], "left out of the kohya and everydream folders"),
+    (["webdataset"], "writes it with an empty KEY.txt")])
+def test_the_preview_of_an_image_with_no_text_says_what_the_export_does_with_it(review, formats, says):
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[0]
+    cfg = base_config(Path(ws.base), *NO_TAG_TEXT, f"export.formats={json.dumps(formats)}")
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    preview = client.get(f"/api/images/{key}").json()["export"]
+    assert preview["txt"] == "" and says in preview["left_out"]
+    assert says in client.get("/image", params={"key": key}).text  # the page says it, not an empty KEY.txt
+    assert review[0].get(f"/api/images/{key}").json()["export"]["left_out"] is None  # it has a text by default
+
+
+def test_an_image_the_preview_says_is_left_out_is_left_out_of_the_kohya_export(tmp_path_factory, ray_local):
+    from jobs import export
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.export_data import base_config, prepared_workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    cfg = base_config(path, *NO_TAG_TEXT, 'export.formats=["kohya"]', "export.drop_duplicates=false",
+                      "export.drop_flagged=false")
+    app = ReviewApp(cfg, ws)
+    said = {k for k in all_keys(ws) if app.details(k)["export"]["left_out"]}
+    export.run(cfg, ws)
+    rows = ws.connect().execute("select key, dropped from errors where stage = 'export' and kind = 'empty_text'"
+                                ).fetchall()
+    assert said == {k for k, _ in rows} == set(all_keys(ws)) and all(dropped for _, dropped in rows)
+    assert not list((path / "export" / "kohya").rglob("*.txt"))
