@@ -153,7 +153,9 @@ def test_added_tags_take_the_form_of_curated_ones(review):
     assert "edited_tag" not in tags_of(ws, key)
     for body, reason in (({"add_tags": ["y" * 5000]}, "max_tag_chars"), ({"character": "z" * 5000}, "max_tag_chars"),
                          ({"add_tags": ["a\udc80"]}, "UTF-16"),
-                         ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag")):
+                         ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag"),
+                         # a person's caption is bounded as a captioner's (a 1 MB one reached KEY.txt)
+                         ({"caption": "w" * 4001}, "caption.max_caption_chars")):
         # ASCII JSON: a half pair travels as its escape, as a browser or script would send it
         answer = client.post("/api/edits", content=json.dumps({"key": key, **body}),
                              headers={"Content-Type": "application/json"})
@@ -207,6 +209,13 @@ def test_edited_text_is_escaped_on_the_page(review):
     client.post("/api/edits", json={"key": key, "add_tags": ["<script>alert(1)</script>"]})
     page = client.get("/image", params={"key": key}).text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_body_nested_too_deeply_for_the_json_reader_is_a_400(review):
+    client, ws, _ = review
+    for path in ("/api/edits", "/api/bulk", "/api/undo"):
+        answer = client.post(path, content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"] == "the body is not JSON"  # was a 500
 
 
 def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
