@@ -53,6 +53,27 @@ def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
     return Path(out).resolve()
 
 
+# Options that name a local file or folder (or a URI): a leading `~` is the home folder, as a shell
+# would read it (`out = "~/exports"` made a folder named `~` in the current one).
+PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annotate.cascade_face.path",
+                "curate.tag_list", "curate.rules_dir", "curate.blacklist", "curate.overlap_tags",
+                "curate.character_tags", "curate.ccip_metric_model", "curate.references", "curate.weights",
+                "caption.embedding_model", "caption.tag_vocabulary", "export.out", "report.out")
+
+
+def expand_home(cfg: Config) -> Config:
+    """PATH_OPTIONS with a leading `~` or `~user` as the home folder (Path.expanduser)."""
+    def expand(value: str) -> str:
+        return str(Path(value).expanduser()) if value.startswith("~") else value
+
+    for option in PATH_OPTIONS:
+        *sections, name = option.split(".")
+        table = functools.reduce(lambda t, s: t[s], sections, cfg)
+        value = table[name]
+        table[name] = [expand(v) for v in value] if isinstance(value, list) else expand(value)
+    return cfg
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
@@ -66,7 +87,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         for name in reversed(names):
             update = {name: update}
         merge(cfg, update)
-    return validate(cfg)
+    return expand_home(validate(cfg))
 
 
 @functools.cache

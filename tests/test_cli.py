@@ -190,6 +190,20 @@ def default_rows() -> list:
     return tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))["caption"]["quality_bands"]
 
 
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, monkeypatch):
+    """`out = "~/exports"` made a folder named `~` in the current one (which `rm -rf ~` then cleans up)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ['export.out="~/exports"', 'ingest.inputs=["~/shards", "s3://b/~x", "rel"]',
+                             'curate.tag_list="~/tags.csv"', 'caption.embedding_model="org/model"'])
+    assert cfg["export"]["out"] == str(tmp_path / "exports") and cfg["curate"]["tag_list"] == str(tmp_path / "tags.csv")
+    assert cfg["ingest"]["inputs"] == [str(tmp_path / "shards"), "s3://b/~x", "rel"]
+    assert cfg["caption"]["embedding_model"] == "org/model"
+    code, _, err = run_cli(capsys, "sql", "--set", 'workspace.path="~/ws"', "select 1")
+    assert code == 2 and one_line(err).startswith(f"booruset: no workspace at {tmp_path / 'ws'}")
+    assert not (tmp_path / "~").exists()
+
+
 def test_set_reaches_nested_tables_and_keeps_types():
     cfg = load_config(None, ['annotate.cascade_face.path="/models/cascade.xml"', "annotate.cascade_face.min_size=32",
                              "ray.max_error_rate=1"])
