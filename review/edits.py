@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from jobs.config import REPO
-from store.lock import WorkspaceLock
+from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace
 from udfs.ingest.sidecars import has_lone_surrogate, split_tags, without_controls
 
@@ -110,7 +110,7 @@ class EditLog:
         batch = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         now = datetime.now(UTC)
         rows = [{**c, "time": now, "seq": i, "batch": batch} for i, c in enumerate(changes)]
-        with WorkspaceLock(self.ws, "review"):  # WorkspaceBusy while a job runs
+        with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):  # WorkspaceBusy while a job runs
             part = f"review-{batch}"
             self.ws.write_part("edits", part, rows)
             parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]

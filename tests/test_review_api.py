@@ -218,6 +218,33 @@ def test_a_body_nested_too_deeply_for_the_json_reader_is_a_400(review):
         assert answer.status_code == 400 and answer.json()["error"] == "the body is not JSON"  # was a 500
 
 
+def test_two_review_servers_editing_one_workspace_both_write(review):
+    """Each edit holds the workspace for a moment: one server's edit was refused (409, "workspace
+    busy: review") while the other's was being written."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    first, ws, _ = review
+    second = TestClient(ReviewApp(base_config(Path(ws.base)), ws).asgi(["testserver"]))
+    key = all_keys(ws)[5]
+    answers: list[int] = []
+
+    def edits(client, name: str) -> None:
+        for i in range(8):
+            answers.append(client.post("/api/edits", json={"key": key, "caption": f"{name} {i}"}).status_code)
+
+    threads = [threading.Thread(target=edits, args=(c, n)) for c, n in ((first, "a"), (second, "b"))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert answers == [200] * 16
+    assert first.get(f"/api/images/{key}").json()["row"]["caption"] in ("a 7", "b 7")
+    first.post("/api/edits", json={"key": key, "caption": ""})
+
+
 def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
     client, ws, _ = review
     key = all_keys(ws)[0]
