@@ -218,6 +218,23 @@ def test_a_body_nested_too_deeply_for_the_json_reader_is_a_400(review):
         assert answer.status_code == 400 and answer.json()["error"] == "the body is not JSON"  # was a 500
 
 
+def test_thumbnails_of_a_workspace_review_cannot_write_are_served_uncached(review, tmp_path):
+    """A read-only workspace (review reads it, README): every thumbnail was a 422 "cannot make a
+    thumbnail: OSError", as its cache folder could not be written; the grid had no pictures."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    app = ReviewApp(base_config(Path(ws.base)), ws)
+    (tmp_path / "a-file").write_text("not a folder")
+    app.thumbs.folder = tmp_path / "a-file" / "thumbs"  # no folder can be made there, as on a read-only mount
+    answer = TestClient(app.asgi(["testserver"])).get("/thumb", params={"key": all_keys(ws)[0]})
+    assert answer.status_code == 200 and answer.content[:3] == b"\xff\xd8\xff"
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
 def test_two_review_servers_editing_one_workspace_both_write(review):
     """Each edit holds the workspace for a moment: one server's edit was refused (409, "workspace
     busy: review") while the other's was being written."""
