@@ -17,7 +17,7 @@ from collections.abc import Callable
 from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
 from jobs.errors import report_failure
 from jobs.summary import JobSummary
-from store.lock import WorkspaceLock
+from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
 
 # The jobs in pipeline order; `run` runs those whose module exists.
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in READERS:  # they write nothing in the workspace: read-only access is enough
             return run_jobs(cfg, ws, names)
         ws.check_writable()
-        with WorkspaceLock(ws, args.command):
+        with WorkspaceLock(ws, args.command, SHORT_WAIT_S):  # not refused by a review edit's moment
             swept = ws.sweep_temp(before=time.time())
             if swept:
                 print(f"{args.command}: removed {swept} temporary files left by runs that died", flush=True)

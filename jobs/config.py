@@ -17,7 +17,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +66,27 @@ def check_writable_folder(option: str, folder: Path) -> None:
                           f"to this user): set {option} to a folder you can write")
 
 
+# Options that name a local file or folder (or a URI): a leading `~` is the home folder, as a shell
+# would read it (`out = "~/exports"` made a folder named `~` in the current one).
+PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annotate.cascade_face.path",
+                "curate.tag_list", "curate.rules_dir", "curate.blacklist", "curate.overlap_tags",
+                "curate.character_tags", "curate.ccip_metric_model", "curate.references", "curate.weights",
+                "caption.embedding_model", "caption.tag_vocabulary", "export.out", "report.out")
+
+
+def expand_home(cfg: Config) -> Config:
+    """PATH_OPTIONS with a leading `~` or `~user` as the home folder (Path.expanduser)."""
+    def expand(value: str) -> str:
+        return str(Path(value).expanduser()) if value.startswith("~") else value
+
+    for option in PATH_OPTIONS:
+        *sections, name = option.split(".")
+        table = functools.reduce(lambda t, s: t[s], sections, cfg)
+        value = table[name]
+        table[name] = [expand(v) for v in value] if isinstance(value, list) else expand(value)
+    return cfg
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
@@ -68,7 +100,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         for name in reversed(names):
             update = {name: update}
         merge(cfg, update)
-    return validate(cfg)
+    return expand_home(validate(cfg))
 
 
 @functools.cache
@@ -85,7 +117,7 @@ def merge(cfg: dict, update: dict, where: str = "") -> None:
             raise ConfigError(f"unknown config section [{path}]" if not where else f"unknown option {path}")
         if isinstance(cfg[name], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path} must be a table, not {value!r}")
+                raise ConfigError(f"{path} must be a table, not {_shown(value)}")
             merge(cfg[name], value, path)
         else:
             cfg[name] = copy.deepcopy(value)
@@ -120,11 +152,17 @@ def _field_type(name: str, default: Any) -> Any:
 
 def _element_type(name: str, items: list) -> Any:
     if items and all(isinstance(i, list) for i in items):
-        # e.g. quality_bands = [[0.9, "tag"], ...]: lists of the first element's types
-        inner = {_scalar_type(v) for i in items for v in i}
-        return list[functools.reduce(lambda a, b: a | b, inner)]
+        # e.g. quality_bands = [[0.9, "tag"], ...]: rows of the first row's types, place by place
+        # ([["y", 0.2]] or [[0.5]] failed in a caption worker, after Ray had started)
+        row = tuple[tuple(_scalar_type(v) for v in items[0])]
+        return Annotated[row, BeforeValidator(_row_as_tuple), PlainSerializer(list)]
     kinds = {_scalar_type(i) for i in items} or {StrictStr}
     return functools.reduce(lambda a, b: a | b, kinds)
+
+
+def _row_as_tuple(value: Any) -> Any:
+    """A row of a list-of-rows option as the tuple its strict type checks (a list is no tuple)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _scalar_type(default: Any) -> Any:
@@ -150,8 +188,9 @@ def _describe(error: dict) -> str:
     names = [str(n) for n in error["loc"] if not isinstance(n, int)]
     option = ".".join(names) + "".join(f"[{n}]" for n in error["loc"] if isinstance(n, int))
     value = error.get("input")
+    value = list(value) if isinstance(value, tuple) else value  # a row of a list-of-rows option, as given
     if option != ".".join(names) and error["type"] in ELEMENT_TYPES:  # one element of a list
-        return f"{option} = {value!r} ({type(value).__name__}): expected {ELEMENT_TYPES[error['type']]}"
+        return f"{option} = {_shown(value)} ({type(value).__name__}): expected {ELEMENT_TYPES[error['type']]}"
     default: Any = _read(DEFAULTS)
     for n in names:
         default = default.get(n) if isinstance(default, dict) else None
@@ -159,18 +198,29 @@ def _describe(error: dict) -> str:
     if isinstance(default, list) and default:
         inner = default[0]
         expected = f"a list of {TYPE_NAMES.get(type(inner).__name__, 'values').removeprefix('a ')}s"
-    got = f"{value!r} ({type(value).__name__})" if error["type"] != "missing" else "nothing"
+        if isinstance(inner, list):  # rows: [[0.9, "tag"], ...]
+            places = ", ".join(TYPE_NAMES[type(v).__name__].removeprefix("a ").split(" >=")[0] for v in inner)
+            expected = f"a list of [{places}] rows"
+    got = f"{_shown(value)} ({type(value).__name__})" if error["type"] != "missing" else "nothing"
     if error["type"] == "extra_forbidden":
         return f"unknown option {option}"
     return f"{option} = {got}: expected {expected or error['msg']}" + (
         "" if error["type"].endswith("_type") else f" ({error['msg']})")
 
 
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value in a one-line message: its repr, cut (a 5,000-character value made a 5,000-character line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _read(path: Path) -> Config:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: a value is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError, an integer of thousands of digits
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -180,9 +230,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set wants section.option=value, got {item!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except RecursionError:  # thousands of nested brackets: no option's value
+        raise ConfigError(f"--set {name}: the value is nested too deeply") from None
+    except ValueError:  # not TOML (TOMLDecodeError), or an integer of thousands of digits
         try:
             value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = raw  # a bare word: a string
     return names, value

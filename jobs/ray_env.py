@@ -50,8 +50,9 @@ def init_ray(cfg: Config) -> None:
         kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING,
                         "include_dashboard": False, "log_to_driver": True}
         if local_ray(cfg):
-            # a Ray of its own even where `ray start` left a cluster on this machine: address None
-            # joins that one, which refuses num_cpus and has none of the runtime_env below
+            # a Ray of our own: with no address, ray.init joins the cluster that the last `ray start`
+            # on this machine named in /tmp/ray/ray_current_cluster (another project's, or one long
+            # dead: ray.num_cpus then failed with a ValueError, and without it the job hung)
             address = "local"
             if cfg["ray"]["num_cpus"]:
                 kwargs["num_cpus"] = int(cfg["ray"]["num_cpus"])

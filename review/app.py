@@ -48,6 +48,7 @@ class ReviewApp:
     def __init__(self, cfg: Config, ws: Workspace, token: str | None = None) -> None:
         self.cfg, self.ws, self.token = cfg, ws, token
         self.max_tag_chars = int(cfg["ingest"]["max_tag_chars"])  # added tags are bounded as ingest's
+        self.max_caption_chars = int(cfg["caption"]["max_caption_chars"])  # a caption as a captioner's
         self.index = ReviewIndex(ws)
         self.log = EditLog(ws)
         thumbs = Path(ws.base) / "review" / "thumbs" if ws.local else Path.home() / ".cache" / "booruset" / "thumbs"
@@ -154,7 +155,7 @@ class ReviewApp:
             if row is None:
                 return JSONResponse({"error": "no such image"}, status_code=404)
             try:
-                changes = EditRequest.from_json(body, self.max_tag_chars).changes(row)
+                changes = EditRequest.from_json(body, self.max_tag_chars, self.max_caption_chars).changes(row)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             return self.write(changes)
@@ -252,7 +253,7 @@ async def json_body(request: Request) -> dict | Response:
         return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415)
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets (a 500 before)
         return JSONResponse({"error": "the body is not JSON"}, status_code=400)
     return body if isinstance(body, dict) else JSONResponse({"error": "send a JSON object"}, status_code=400)
 

@@ -7,6 +7,7 @@ import json
 from jobs.config import REPO
 from review.selection import ReviewIndex
 from udfs.export.export_plan import sample_plan
+from udfs.export.export_shard import empty_text_layouts
 from udfs.export.safe_names import safe_name
 
 # Other members of a duplicate group or a character cluster shown beside the image.
@@ -79,8 +80,23 @@ def cluster_members(index: ReviewIndex, key: str, model: str) -> list[dict]:
 
 
 def export_preview(row: dict, export_options: dict) -> dict:
-    """The KEY.txt and KEY.json export would write for this image (udfs/export/export_plan.py)."""
+    """The KEY.txt and KEY.json export would write for this image (udfs/export/export_plan.py),
+    and, for an image with no text, what the export does with it (`left_out`; None otherwise)."""
     plan = sample_plan(row, export_options)
     return {"name": safe_name(row["key"]), "txt": plan["txt"],
             "json": json.dumps(json.loads(plan["json"]), ensure_ascii=False, indent=1, sort_keys=True),
-            "ext": plan["ext"]}
+            "ext": plan["ext"], "left_out": None if plan["txt"] else empty_text_note(export_options["formats"])}
+
+
+def empty_text_note(formats: list[str]) -> str:
+    """What the export does with an image that has no text (UnitExport.written_anywhere)."""
+    folders, elsewhere = empty_text_layouts(formats)
+    if not folders:
+        return "no text: the export writes it with an empty KEY.txt (caption dropout)"
+    names = " and ".join(folders)
+    if not elsewhere:
+        return (f"no text: left out of the export ({names} folders; an empty_text errors row): kohya refuses an "
+                "empty caption file, EveryDream would caption the image with its file name")
+    others = " and ".join(f for f in formats if f not in folders)
+    return (f"no text: left out of the {names} folders (an empty_text errors row); the {others} output keeps "
+            "it with an empty KEY.txt (caption dropout)")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from jobs.config import REPO
-from store.lock import WorkspaceLock
+from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace
 from udfs.ingest.sidecars import has_lone_surrogate, split_tags, without_controls
 
@@ -38,7 +38,7 @@ class EditRequest:
 
     def __init__(self, add_tags: list[str] | None = None, remove_tags: list[str] | None = None,
                  caption: str | None = None, exclude: bool | None = None, character: str | None = None,
-                 max_tag_chars: int = 200) -> None:
+                 max_tag_chars: int = 200, max_caption_chars: int = 4000) -> None:
         self.add_tags = [t for item in add_tags or [] for t in _tags(item)]
         # also as typed: a tag an earlier version stored unnormalised can still be removed
         self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
@@ -49,11 +49,14 @@ class EditRequest:
         if len(named) > 1:
             raise ValueError("character must be one tag (no commas)")
         self.caption = without_controls(caption)[0] if caption is not None else None
+        if self.caption is not None and len(self.caption) > max_caption_chars:  # as a captioner's would be
+            raise ValueError(f"the caption is {len(self.caption)} characters, over {max_caption_chars} "
+                             "(caption.max_caption_chars)")
         self.exclude = exclude
         self.character = None if character is None else "".join(named)
 
     @classmethod
-    def from_json(cls, body: dict, max_tag_chars: int = 200) -> EditRequest:
+    def from_json(cls, body: dict, max_tag_chars: int = 200, max_caption_chars: int = 4000) -> EditRequest:
         def strings(name: str) -> list[str]:
             value = body.get(name) or []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -67,7 +70,7 @@ class EditRequest:
         if any(has_lone_surrogate(t) for t in texts):
             raise ValueError("half a UTF-16 pair (a \\udXXX escape) in the edit: not text")
         return cls(strings("add_tags"), strings("remove_tags"), body.get("caption"), body.get("exclude"),
-                   body.get("character"), max_tag_chars)
+                   body.get("character"), max_tag_chars, max_caption_chars)
 
     def changes(self, row: dict) -> list[dict]:
         """The edit rows that turn `row` (a review_rows row) into what was asked."""
@@ -107,7 +110,7 @@ class EditLog:
         batch = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         now = datetime.now(UTC)
         rows = [{**c, "time": now, "seq": i, "batch": batch} for i, c in enumerate(changes)]
-        with WorkspaceLock(self.ws, "review"):  # WorkspaceBusy while a job runs
+        with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):  # WorkspaceBusy while a job runs
             part = f"review-{batch}"
             self.ws.write_part("edits", part, rows)
             parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]

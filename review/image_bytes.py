@@ -6,6 +6,7 @@ file. Nothing from the request becomes a path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -76,8 +77,12 @@ class Thumbnails:
         if data is None:
             return None
         thumb = thumbnail_jpeg(data, self.size)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-        tmp.write_bytes(thumb)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(thumb)
+            os.replace(tmp, path)
+        except OSError:  # a workspace review may read but not write (a read-only mount): served, not kept
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return thumb

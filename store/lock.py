@@ -53,21 +53,36 @@ def busy_message(info: dict) -> str:
             f"since {info.get('since', '?')}")
 
 
-class WorkspaceLock:
-    """`with WorkspaceLock(ws, "curate"):` holds the workspace for one job (WorkspaceBusy if taken)."""
+# How long a writer waits for a holder that may let go at once: a review edit holds the workspace
+# for about 50 ms, and a job started in that moment, or an edit from a second review server, was
+# refused ("workspace busy: review ...") though the workspace was free a moment later.
+SHORT_WAIT_S = 2.0
+RETRY_S = 0.05
 
-    def __init__(self, ws: Workspace, job: str) -> None:
-        self.ws, self.job = ws, job
+
+class WorkspaceLock:
+    """`with WorkspaceLock(ws, "curate"):` holds the workspace for one job (WorkspaceBusy if it is
+    still taken after `wait_s` seconds)."""
+
+    def __init__(self, ws: Workspace, job: str, wait_s: float = 0.0) -> None:
+        self.ws, self.job, self.wait_s = ws, job, wait_s
         self._file: IO[str] | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> WorkspaceLock:
-        if self.ws.local:
-            self._lock_file()
-        else:
-            self._take_lease()
-        return self
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                if self.ws.local:
+                    self._lock_file()
+                else:
+                    self._take_lease()
+                return self
+            except WorkspaceBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RETRY_S)
 
     def __exit__(self, *_: object) -> None:
         if self._file is not None:

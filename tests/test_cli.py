@@ -89,6 +89,13 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
     ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
     ("annotate.cascade_face.nope=1", "unknown option annotate.cascade_face.nope"),
     ("nosection.x=1", "unknown config section [nosection]"),
+    # rows of a list-of-rows option are checked place by place (they failed in a caption worker)
+    ('caption.quality_bands=[[0.5, "x"], ["y", 0.2]]', "caption.quality_bands[1][0] = 'y' (str): expected a number"),
+    ("caption.quality_bands=[[0.5]]", "caption.quality_bands[0][1] = nothing: expected a list of [number, string]"),
+    ('caption.quality_bands=[0.5, "x"]', "caption.quality_bands[0] = 0.5 (float): expected a list of [number, string]"),
+    # values no parser takes: a one-line error, not a RecursionError or ValueError traceback (exit 1)
+    ("export.formats=" + "[" * 5000, "--set export.formats: the value is nested too deeply"),
+    ("caption.seed=" + "9" * 5000, "caption.seed = '9999"),
 ])
 def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, override, expected):
     import ray
@@ -168,6 +175,47 @@ def test_bad_value_in_a_config_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "ingest", "--config", str(bad), "-w", str(tmp_path / "ws"))
     assert code == 2
     assert "ingest.inputs = '/data/shards' (str): expected a list of strings" in one_line(err)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[ray]\nnum_cpus = " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
+    ("[export]\nformats = " + "[" * 3000 + "]" * 3000 + "\n", "a value is nested too deeply"),
+    ("[export]\nformats = ['\xff']\n", "codec can't decode"),
+])
+def test_a_config_file_no_parser_takes_is_one_line(capsys, tmp_path, text, expected):
+    bad = tmp_path / "my.toml"
+    bad.write_bytes(text.encode("latin-1"))
+    code, _, err = run_cli(capsys, "ingest", "--config", str(bad), "-w", str(tmp_path / "ws"))
+    assert code == 2 and expected in one_line(err) and len(one_line(err)) < 400
+    assert not (tmp_path / "ws").exists()
+
+
+def test_rows_of_a_list_of_rows_option_stay_lists():
+    cfg = load_config(None, ['caption.quality_bands=[[1, "best"], [0, "rest"]]'])
+    assert cfg["caption"]["quality_bands"] == [[1.0, "best"], [0.0, "rest"]]
+    assert default_rows() == load_config(None, [])["caption"]["quality_bands"]
+
+
+def default_rows() -> list:
+    import tomllib
+
+    from jobs.config import DEFAULTS
+
+    return tomllib.loads(DEFAULTS.read_text(encoding="utf-8"))["caption"]["quality_bands"]
+
+
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, monkeypatch):
+    """`out = "~/exports"` made a folder named `~` in the current one (which `rm -rf ~` then cleans up)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ['export.out="~/exports"', 'ingest.inputs=["~/shards", "s3://b/~x", "rel"]',
+                             'curate.tag_list="~/tags.csv"', 'caption.embedding_model="org/model"'])
+    assert cfg["export"]["out"] == str(tmp_path / "exports") and cfg["curate"]["tag_list"] == str(tmp_path / "tags.csv")
+    assert cfg["ingest"]["inputs"] == [str(tmp_path / "shards"), "s3://b/~x", "rel"]
+    assert cfg["caption"]["embedding_model"] == "org/model"
+    code, _, err = run_cli(capsys, "sql", "--set", 'workspace.path="~/ws"', "select 1")
+    assert code == 2 and one_line(err).startswith(f"booruset: no workspace at {tmp_path / 'ws'}")
+    assert not (tmp_path / "~").exists()
 
 
 def test_set_reaches_nested_tables_and_keeps_types():

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -132,27 +130,3 @@ def test_run_on_a_cluster_with_an_s3_workspace_matches_a_local_run(tmp_path, s3_
     assert refused.returncode == 2 and "root:" not in refused.stdout
     assert refused.stderr.count("\n") == 1  # one line
 
-
-def test_a_local_run_starts_its_own_ray_beside_a_ray_start_cluster(tmp_path):
-    """Without ray.address, a job starts a Ray of its own: it joined a `ray start` cluster left on
-    the machine (ray.init's address None finds it), which refused ray.num_cpus (exit 1). Ray
-    records that cluster in its temp dir, which RAY_TMPDIR moves out of other tests' way."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # short: Ray's socket paths are bounded
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"})
-    try:
-        started = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-                                  f"--port={free_port()}", "--num-cpus=1", "--disable-usage-stats",
-                                  "--include-dashboard=false", "--object-store-memory=100000000"],
-                                 env=env, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stderr[-2000:]
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", "ingest", "-w", str(tmp_path / "ws"),
-                               "-i", str(SAMPLE_SHARDS), "--set", "ray.num_cpus=1"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert Workspace(str(tmp_path / "ws")).read_table("images").num_rows > 0
-    finally:  # `ray stop` would stop every Ray on the machine: end only this one's processes
-        for process in psutil.process_iter(["cmdline"]):
-            if any(str(ray_tmp) in part for part in process.info["cmdline"] or []):
-                process.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)

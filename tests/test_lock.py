@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from jobs import cli
-from store.lock import WorkspaceBusy, WorkspaceLock
+from store.lock import SHORT_WAIT_S, WorkspaceBusy, WorkspaceLock
 from store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,29 @@ def test_second_writer_refuses_with_the_holder(holder, tmp_path, capsys):
         assert err == (f"booruset: workspace busy: curate pid {holder.pid} on host {socket.gethostname()} "
                        f"since {err.rsplit('since ', 1)[1]}"), err
         time.strptime(err.rsplit("since ", 1)[1], "%Y-%m-%dT%H:%M:%S%z")
+
+
+def test_a_writer_waits_out_a_holder_that_lets_go_at_once(tmp_path):
+    """A review edit holds the workspace for about 50 ms: a job started then (or an edit from a
+    second review server) was refused with "workspace busy: review", though it was free at once."""
+    ws = Workspace(str(tmp_path / "ws"))
+    held, results = threading.Event(), []
+
+    def edit() -> None:
+        with WorkspaceLock(ws, "review"):
+            held.set()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=edit)
+    thread.start()
+    held.wait()
+    with pytest.raises(WorkspaceBusy, match="workspace busy: review"):
+        WorkspaceLock(Workspace(str(tmp_path / "ws")), "curate").__enter__()  # no wait: refused
+    started = time.monotonic()
+    with WorkspaceLock(Workspace(str(tmp_path / "ws")), "curate", SHORT_WAIT_S):
+        results.append(time.monotonic() - started)
+    thread.join()
+    assert 0.1 < results[0] < SHORT_WAIT_S
 
 
 def test_readers_need_no_lock(holder, tmp_path, capsys):

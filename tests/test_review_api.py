@@ -153,7 +153,9 @@ def test_added_tags_take_the_form_of_curated_ones(review):
     assert "edited_tag" not in tags_of(ws, key)
     for body, reason in (({"add_tags": ["y" * 5000]}, "max_tag_chars"), ({"character": "z" * 5000}, "max_tag_chars"),
                          ({"add_tags": ["a\udc80"]}, "UTF-16"),
-                         ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag")):
+                         ({"caption": "bad \ud800 half"}, "UTF-16"), ({"character": "a, b"}, "one tag"),
+                         # a person's caption is bounded as a captioner's (a 1 MB one reached KEY.txt)
+                         ({"caption": "w" * 4001}, "caption.max_caption_chars")):
         # ASCII JSON: a half pair travels as its escape, as a browser or script would send it
         answer = client.post("/api/edits", content=json.dumps({"key": key, **body}),
                              headers={"Content-Type": "application/json"})
@@ -207,6 +209,57 @@ def test_edited_text_is_escaped_on_the_page(review):
     client.post("/api/edits", json={"key": key, "add_tags": ["<script>alert(1)</script>"]})
     page = client.get("/image", params={"key": key}).text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_body_nested_too_deeply_for_the_json_reader_is_a_400(review):
+    client, ws, _ = review
+    for path in ("/api/edits", "/api/bulk", "/api/undo"):
+        answer = client.post(path, content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"] == "the body is not JSON"  # was a 500
+
+
+def test_thumbnails_of_a_workspace_review_cannot_write_are_served_uncached(review, tmp_path):
+    """A read-only workspace (review reads it, README): every thumbnail was a 422 "cannot make a
+    thumbnail: OSError", as its cache folder could not be written; the grid had no pictures."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    app = ReviewApp(base_config(Path(ws.base)), ws)
+    (tmp_path / "a-file").write_text("not a folder")
+    app.thumbs.folder = tmp_path / "a-file" / "thumbs"  # no folder can be made there, as on a read-only mount
+    answer = TestClient(app.asgi(["testserver"])).get("/thumb", params={"key": all_keys(ws)[0]})
+    assert answer.status_code == 200 and answer.content[:3] == b"\xff\xd8\xff"
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_two_review_servers_editing_one_workspace_both_write(review):
+    """Each edit holds the workspace for a moment: one server's edit was refused (409, "workspace
+    busy: review") while the other's was being written."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    first, ws, _ = review
+    second = TestClient(ReviewApp(base_config(Path(ws.base)), ws).asgi(["testserver"]))
+    key = all_keys(ws)[5]
+    answers: list[int] = []
+
+    def edits(client, name: str) -> None:
+        for i in range(8):
+            answers.append(client.post("/api/edits", json={"key": key, "caption": f"{name} {i}"}).status_code)
+
+    threads = [threading.Thread(target=edits, args=(c, n)) for c, n in ((first, "a"), (second, "b"))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert answers == [200] * 16
+    assert first.get(f"/api/images/{key}").json()["row"]["caption"] in ("a 7", "b 7")
+    first.post("/api/edits", json={"key": key, "caption": ""})
 
 
 def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
@@ -359,3 +412,46 @@ def test_undo_of_an_older_edit_leaves_a_later_one_standing(review):
     assert client.get(f"/api/images/{key}").json()["row"]["caption"] == "Second words."
     unchanged = client.post("/api/edits", json={"key": key, "caption": "Second words."}).json()
     assert unchanged["edits"] == 0
+
+
+NO_TAG_TEXT = ('export.text="tags"',
+               'export.exclude_tag_categories=["general", "character", "copyright", "rating", "meta", "artist"]')
+
+
+@pytest.mark.parametrize("formats, says", [
+    (["kohya"], "left out of the export (kohya folders"),
+    (["kohya", "everydream", "webdataset"], "left out of the kohya and everydream folders"),
+    (["webdataset"], "writes it with an empty KEY.txt")])
+def test_the_preview_of_an_image_with_no_text_says_what_the_export_does_with_it(review, formats, says):
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[0]
+    cfg = base_config(Path(ws.base), *NO_TAG_TEXT, f"export.formats={json.dumps(formats)}")
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    preview = client.get(f"/api/images/{key}").json()["export"]
+    assert preview["txt"] == "" and says in preview["left_out"]
+    assert says in client.get("/image", params={"key": key}).text  # the page says it, not an empty KEY.txt
+    assert review[0].get(f"/api/images/{key}").json()["export"]["left_out"] is None  # it has a text by default
+
+
+def test_an_image_the_preview_says_is_left_out_is_left_out_of_the_kohya_export(tmp_path_factory, ray_local):
+    from jobs import export
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.export_data import base_config, prepared_workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    cfg = base_config(path, *NO_TAG_TEXT, 'export.formats=["kohya"]', "export.drop_duplicates=false",
+                      "export.drop_flagged=false")
+    app = ReviewApp(cfg, ws)
+    said = {k for k in all_keys(ws) if app.details(k)["export"]["left_out"]}
+    export.run(cfg, ws)
+    rows = ws.connect().execute("select key, dropped from errors where stage = 'export' and kind = 'empty_text'"
+                                ).fetchall()
+    assert said == {k for k, _ in rows} == set(all_keys(ws)) and all(dropped for _, dropped in rows)
+    assert not list((path / "export" / "kohya").rglob("*.txt"))

@@ -65,3 +65,32 @@ def test_a_run_stopped_by_its_error_rate_still_writes_the_report(tmp_path, ray_l
     kinds = ws.connect().execute("select stage, kind, dropped from errors order by all").fetchall()
     assert kinds == [("caption:template", "no_tags", False)] * 3 + [("export", "empty_text", True)] * 3
     assert (tmp_path / "ws" / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("num_cpus", ["1", "0"])
+def test_a_job_starts_its_own_ray_whatever_cluster_ray_start_left_named(tmp_path, num_cpus):
+    """ray.init() without an address joins the cluster named in <ray temp dir>/ray_current_cluster
+    (written by `ray start`, left there when that cluster died): with ray.num_cpus a job failed
+    ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"), without
+    it the job hung trying to reach the dead address (and an alive one, another project's, ran it)."""
+    import tempfile
+
+    if not list(SAMPLE_SHARDS.glob("*.tar")):
+        pytest.skip("bundled sample shards missing")
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    try:
+        os.makedirs(f"{ray_tmp}/ray")
+        with open(f"{ray_tmp}/ray/ray_current_cluster", "w", encoding="utf-8") as f:
+            f.write("127.0.0.1:9")  # a `ray start` long gone
+        shard = tmp_path / "in"
+        shard.mkdir()
+        shutil.copy(sorted(SAMPLE_SHARDS.glob("*.tar"))[0], shard)
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([*booruset_command(), "ingest", "-w", str(tmp_path / "ws"), "-i", str(shard),
+                               "--set", f"ray.num_cpus={num_cpus}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "rows out: images" in done.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

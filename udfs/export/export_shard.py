@@ -169,6 +169,14 @@ class ParquetShard:
         self.writer.close()
 
 
+def empty_text_layouts(layouts) -> tuple[list[str], bool]:
+    """Where a sample with no text goes (UnitExport.written_anywhere; the review page's preview
+    says the same): the folder layouts of `layouts` that leave it out, and whether another layout
+    (shards, Parquet) still writes it."""
+    return ([layout for layout in FOLDER_LAYOUTS if layout in layouts],
+            any(layout not in FOLDER_LAYOUTS for layout in layouts))
+
+
 def atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
@@ -221,10 +229,9 @@ class UnitExport:
         kohya refuses an empty caption file, and EveryDream would caption the image with its file
         name. Shards and Parquet files take it (a trainer's caption dropout wants such samples);
         it is dropped when the export has no other layout."""
-        folders = [layout for layout in FOLDER_LAYOUTS if layout in self.layouts]
+        folders, elsewhere = empty_text_layouts(self.layouts)
         if sample["txt"] or not folders:
             return True
-        elsewhere = any(layout not in FOLDER_LAYOUTS for layout in self.layouts)
         message = (f"no text to write: no caption, and no tag left by the export's tag rules; left out of "
                    f"{' and '.join(folders)} (kohya refuses an empty caption file, EveryDream would caption the "
                    "image with its file name)")
