@@ -129,4 +129,3 @@ def test_run_on_a_cluster_with_an_s3_workspace_matches_a_local_run(tmp_path, s3_
     refused = booruset(tmp_path, "sql", "-w", uri, "select * from read_csv('/etc/passwd')")
     assert refused.returncode == 2 and "root:" not in refused.stdout
     assert refused.stderr.count("\n") == 1  # one line
-
