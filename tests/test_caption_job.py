@@ -228,15 +228,19 @@ def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, wor
         assert sorted(r["attempt"] for r in mine) == [0, 1, 2]  # the target is unreachable: loop-back stops at N
         accepted = [r for r in mine if r["accepted"]]
         assert len(accepted) == 1 and accepted[0]["accuracy"] == max(r["accuracy"] for r in mine)
-        for r in mine:
-            assert r["accuracy"] == pytest.approx(
-                (r["tag_inclusion"] + r["english_similarity"] + r["subject_consistency"]) / 3, abs=1e-6)
+        for r in mine:  # the mean of the three, times the share of the caption's claims not made up
+            assert r["accuracy"] <= (r["tag_inclusion"] + r["english_similarity"] + r["subject_consistency"]) / 3 \
+                + 1e-6
             assert r["quality_tags"][0].startswith("auto_") and r["flagged"] == (r["accuracy"] < 0.4)
             assert r["scored_against"] == ("tagger" if key in ("a/girl", "a/pair") else "curated_tags")
     girl = next(r for r in rows if r["key"] == "a/girl" and r["attempt"] == 0)
     # the caption says red hair (the source tags); of the tagger's black_hair and smile only smile is in it
     assert "red hair" in girl["caption"] and "black hair" not in girl["caption"]
     assert girl["tag_inclusion"] == pytest.approx(0.5) and girl["accuracy"] < 0.9
+    # it says Eileen (her character: right), red hair (the tagger's 0.2: under its threshold, not
+    # well under it: no verdict) and blue eyes, which the tagger scored well under: one of two made up
+    mean = (girl["tag_inclusion"] + girl["english_similarity"] + girl["subject_consistency"]) / 3
+    assert girl["accuracy"] == pytest.approx(mean / 2, abs=1e-6)
     pair = next(r for r in rows if r["key"] == "a/pair" and r["attempt"] == 0)
     assert pair["subject_consistency"] == 1.0 and pair["tag_inclusion"] == 1.0  # two girls, two person boxes
     assert any("against tagger" in n and "against curated_tags" in n for n in summary.notes)

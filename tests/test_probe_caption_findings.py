@@ -81,25 +81,6 @@ def test_a_vlm_that_hands_back_its_draft_is_not_scored_as_a_perfect_caption(vlm)
 
 
 @XFAIL
-def test_a_caption_naming_the_wrong_character_and_colours_scores_below_target(vlm):
-    """'Sylvie with green hair and yellow eyes' for Eileen with red hair and blue eyes."""
-    def swapped(hint, draft):
-        for a, b in (("Eileen", "Sylvie"), ("red", "green"), ("blue", "yellow"), ("white", "black")):
-            draft = draft.replace(a, b)
-        return draft
-
-    row = accepted(vlm, swapped)
-    assert row["accuracy"] < 0.6 and "auto_good_caption" not in row["quality_tags"], row
-
-
-@XFAIL
-def test_a_caption_adding_a_character_and_objects_not_on_the_image_loses_accuracy(vlm):
-    draft = accepted(vlm, lambda hint, draft: draft)
-    added = accepted(vlm, lambda hint, draft: draft + " Hatsune Miku and Lucy stand beside her holding a sword.")
-    assert added["accuracy"] < draft["accuracy"] - 0.1, (draft["accuracy"], added["accuracy"])
-
-
-@XFAIL
 def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_good_caption(vlm):
     from udfs.caption.caption_prompts import caption_messages
 

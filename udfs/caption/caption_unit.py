@@ -26,7 +26,7 @@ import pyarrow as pa
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
-from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
+from udfs.caption.caption_scoring import CaptionScorer, ClaimEvidence, QualityBands, Scores, SentenceEncoder
 from udfs.caption.reply_cache import ReplyCache
 from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
@@ -110,6 +110,12 @@ class Evidence:
     categories: list[str]
     people: int | None
     not_scored: str | None = None
+    # what a caption's claims are checked against (caption_scoring.Claims): the image's characters;
+    # the tags the tagger scored near its threshold (no verdict on them); closed: the tagger's
+    # evidence, where a value it scored well below its threshold is denied
+    characters: tuple[str, ...] = ()
+    uncertain: tuple[str, ...] = ()
+    closed: bool = False
 
 
 BUILT_FROM_TAGS = Evidence(None, [], [], None, "built_from_tags")
@@ -123,11 +129,14 @@ def evidence_for(row: dict, builds_from_tags: bool, vocab: TemplateVocab) -> Evi
     """
     if builds_from_tags:
         return BUILT_FROM_TAGS
+    characters = tuple(row.get("characters") or ())
     if row.get("tagger_ran"):
         tags, categories = list(row["tagger_tags"]), list(row["tagger_categories"])
         people = row.get("n_people_detected") or count_people(tags, vocab)
-        return Evidence("tagger", tags, categories, people)
-    return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab))
+        return Evidence("tagger", tags, categories, people, characters=characters,
+                        uncertain=tuple(row.get("tagger_near") or ()), closed=True)
+    return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab),
+                    characters=characters)
 
 
 def own_evidence(row: dict, vocab: TemplateVocab) -> Evidence:
@@ -148,9 +157,12 @@ class Judge:
     names: list[list[str]]
 
     def score(self, scorer: CaptionScorer, images: list[int], captions: list[str]) -> Scores:
-        return scorer.score(captions, [self.references[i] for i in images],
-                            [self.evidence[i].tags for i in images], [self.evidence[i].categories for i in images],
-                            [self.evidence[i].people for i in images], [self.names[i] for i in images])
+        evidence = [self.evidence[i] for i in images]
+        claims = ClaimEvidence([list(e.characters) for e in evidence], [list(e.uncertain) for e in evidence],
+                               [e.closed for e in evidence])
+        return scorer.score(captions, [self.references[i] for i in images], [e.tags for e in evidence],
+                            [e.categories for e in evidence], [e.people for e in evidence],
+                            [self.names[i] for i in images], claims)
 
 
 class UnitCaptioner:
@@ -182,7 +194,9 @@ class UnitCaptioner:
 
     def make_scorer(self, encoder: SentenceEncoder | None) -> CaptionScorer:
         skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
-        return CaptionScorer(encoder, skip_tags=skip, categories=tuple(self.opts["score_categories"]))
+        # caption.characters: the dataset's character tags (the job's), the names a caption may make up
+        return CaptionScorer(encoder, skip_tags=skip, categories=tuple(self.opts["score_categories"]),
+                             characters=self.opts.get("characters") or ())
 
     def own_scorer(self) -> CaptionScorer:
         """The scorer of the images' own captions: the backend's, or for a backend whose captions
