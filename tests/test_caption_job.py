@@ -160,15 +160,17 @@ def test_an_images_own_caption_is_scored_and_accepted_at_target(ray_local, works
 
 
 class EchoDraft(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint on loopback whose "VLM" writes back the draft caption of
-    its prompt (the template of this attempt's tags): a caption whose words the test knows, from a
-    backend that is scored (a test double for a VLM, which cannot run here)."""
+    """An OpenAI-compatible chat endpoint on loopback whose "VLM" writes the draft caption of its
+    prompt (the template of this attempt's tags) after words of its own: a caption whose words the
+    test knows, from a backend that is scored (a test double for a VLM, which cannot run here).
+    The draft alone would be refused: it is the prompt handed back."""
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         content = body["messages"][-1]["content"]  # the image (a data URL) and the text, or the text
         prompt = content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
-        text = prompt.split("DRAFT:", 1)[1]
+        draft = prompt.split("DRAFT:", 1)[1]
+        text = "In this picture: " + draft if draft.strip() else ""
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -322,3 +322,29 @@ def test_a_caption_adding_a_character_and_objects_not_on_the_image_loses_accurac
     draft, _ = accepted(vlm, lambda hint, _: right)
     added, _ = accepted(vlm, lambda hint, _: right + " Hatsune Miku and Lucy stand beside her holding a sword.")
     assert added["accuracy"] < draft["accuracy"] - 0.1, (draft["accuracy"], added["accuracy"])
+
+
+def test_a_vlm_that_hands_back_its_draft_is_not_scored_as_a_perfect_caption(vlm):
+    """The draft is the template caption of the tags, which hold the tagger's: handed back, it
+    scored 0.97 against the tagger (1.0 against curated tags) though the model said nothing. No
+    score can tell it from a model that agrees (every claim in it is right): it is refused as the
+    prompt handed back, and the loop-back asks again."""
+    row, errors = accepted(vlm, lambda hint, draft: draft)
+    assert row is None
+    assert [e["kind"] for e in errors] == ["prompt_echo", "no_caption"]
+    assert "draft caption it was given" in errors[0]["message"]
+    own_words, _ = accepted(vlm, lambda hint, draft: "In this picture: " + draft)
+    assert own_words["accepted"] and own_words["accuracy"] > 0.9  # words of its own: a caption, scored
+
+
+def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_caption(vlm):
+    """The prompt handed back (its instructions, tag block and draft) scored 0.88, auto_good_caption."""
+    from udfs.caption.caption_prompts import caption_messages
+
+    def echo(hint, draft):
+        return caption_messages(hint.tags, hint.categories, draft, None)[1]["content"]
+
+    row, errors = accepted(vlm, echo)
+    assert row is None and errors[0]["kind"] == "prompt_echo" and "repeats the prompt" in errors[0]["message"]
+    tag_block, errors = accepted(vlm, lambda hint, draft: "A girl smiles. general tags: 1girl, smile")
+    assert tag_block is None and "tag block" in errors[0]["message"]

@@ -69,36 +69,6 @@ def accepted(captioner, reply, row=None):
     return next(r for r in rows if r["accepted"])
 
 
-# ---- honest scores ------------------------------------------------------------------------------
-
-@XFAIL
-def test_a_vlm_that_hands_back_its_draft_is_not_scored_as_a_perfect_caption(vlm):
-    """The draft is the template caption of the tags; a template caption is not scored (built
-    from the tags), but the same text handed back by a VLM scores ~0.95 against the tagger tags
-    the draft was written from (1.0 against curated_tags where no tagger ran)."""
-    row = accepted(vlm, lambda hint, draft: draft)
-    assert row["accuracy"] is None or row["accuracy"] < 0.75, row
-
-
-@XFAIL
-def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_good_caption(vlm):
-    from udfs.caption.caption_prompts import caption_messages
-
-    def echo(hint, draft):
-        return caption_messages(hint.tags, hint.categories, draft, None)[1]["content"]
-
-    row = accepted(vlm, echo)
-    assert row["accuracy"] < 0.6, row
-
-
-@XFAIL
-def test_a_reasoning_block_is_not_part_of_the_caption():
-    from udfs.caption.caption_prompts import clean_reply
-
-    reply = "<think>The tags say red hair and blue eyes.</think>\n\nEileen smiles."
-    assert clean_reply(reply) == "Eileen smiles."
-
-
 # ---- the rewriter -------------------------------------------------------------------------------
 
 class ScriptedRewriter:

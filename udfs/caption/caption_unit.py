@@ -26,6 +26,7 @@ import pyarrow as pa
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
+from udfs.caption.caption_prompts import CAPTION_PROMPT, REWRITE_PROMPT, EchoCheck
 from udfs.caption.caption_scoring import CaptionScorer, ClaimEvidence, QualityBands, Scores, SentenceEncoder
 from udfs.caption.reply_cache import ReplyCache
 from udfs.caption.template_batch import TemplateCaptions
@@ -187,6 +188,9 @@ class UnitCaptioner:
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
                                   int(options["accuracy_step"]), float(options["review_floor"]))
         self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
+        # a reply holding a line of these is the prompt repeated, not a caption
+        self.echo = EchoCheck([options.get("prompt") or CAPTION_PROMPT, options.get("region_prompt") or "",
+                               REWRITE_PROMPT])
 
     def make_encoder(self) -> SentenceEncoder:
         return SentenceEncoder(self.opts["embedding_model"], batch_size=int(self.opts["embedding_batch_size"]),
@@ -296,8 +300,8 @@ class UnitCaptioner:
             return out, []
         errors: list[dict] = []
         results = self.caption_regions(owners, [r["region"] for r in out], hints, drafts)
-        for row, image, result in zip(out, owners, results, strict=True):
-            if self._acceptable(image, result, f"region {row['region']} (its template caption kept)", errors):
+        for row, image, draft, result in zip(out, owners, drafts, results, strict=True):
+            if self._acceptable(image, result, f"region {row['region']} (its template caption kept)", errors, draft):
                 row["caption"], row["backend"] = self._text(image, result), self.backend_name(image)
         return out, errors
 
@@ -341,8 +345,8 @@ class UnitCaptioner:
             attempt_drafts = self._drafts(todo, pending, hints, drafts, attempt)
             results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
             done, interrupted = [], set()
-            for i, hint, result in zip(pending, hints, results, strict=True):
-                if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
+            for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
+                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
                 elif getattr(result, "kind", None) in TRANSIENT_KINDS:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
@@ -455,9 +459,17 @@ class UnitCaptioner:
             row["_bonus"] = tolerance
         return rows
 
-    def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict]) -> bool:
-        """A non-empty caption within max_caption_chars; else an errors row saying why not."""
+    def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
+                    draft: str | None = None) -> bool:
+        """A non-empty caption within max_caption_chars that is not the prompt (or the `draft` it
+        gave) handed back; else an errors row saying why not (and the loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
+        # a draft handed back is refused only where captions are scored: the template's caption is
+        # its draft, and a caption made from the tags alone is not scored anyway
+        echo = self.echo.why(result, None if self.builds_from_tags else draft) if isinstance(result, str) else None
+        if echo is not None:
+            errors.append(self._error(row, "prompt_echo", f"{what}: {echo}"))
+            return False
         if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
             return True
         if isinstance(result, str) and result.strip():
