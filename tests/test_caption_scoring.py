@@ -348,3 +348,63 @@ def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_caption(vlm):
     assert row is None and errors[0]["kind"] == "prompt_echo" and "repeats the prompt" in errors[0]["message"]
     tag_block, errors = accepted(vlm, lambda hint, draft: "A girl smiles. general tags: 1girl, smile")
     assert tag_block is None and "tag block" in errors[0]["message"]
+
+
+# ---- the rewriter's captions, checked and scored as the caption they rewrite --------------------
+
+class ScriptedRewriter:
+    """A rewriter whose reply to every caption is `text` (what a small LLM answered in a probe)."""
+
+    name = "smol"
+    endpoint = None
+
+    def __init__(self, text):
+        self.text = text
+
+    def must_keep(self, tags, categories):
+        return tags
+
+    def rewrite(self, rows, captions, keep):
+        return [self.text] * len(rows)
+
+
+OWN = "Eileen, a girl with short red hair and blue eyes, smiles in a white shirt and a blue skirt."
+
+
+def rewritten(tmp_path, text, own=None, tagger=False):
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import TemplateCaptioner
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "characters": list(KNOWN), "rewrite": ""}
+    captioner = TemplateCaptioner(str(tmp_path / "ws"), options)
+    captioner.rewriter = ScriptedRewriter(text)
+    rows, errors = captioner.caption_unit(pa.Table.from_pylist([input_row(own=own, tagger=tagger)]))
+    return {r["backend"]: r for r in rows}, next(r for r in rows if r["accepted"]), errors
+
+
+def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(tmp_path):
+    """Template backend, own captions scored, rewrite on: the rewrite of an image's own caption was
+    marked built_from_tags (it was written from the own caption) and, unscored, always won."""
+    rows, best, errors = rewritten(tmp_path, "I am sorry, but as an AI I cannot rewrite this caption.", own=[OWN])
+    assert best["caption"] == OWN and best["backend"] == "own" and best["accuracy"] >= 0.6
+    assert "rewrite:smol" not in rows and [e["kind"] for e in errors] == ["refusal"]
+
+
+def test_a_rewrite_of_an_own_caption_is_scored_against_its_evidence_and_wins_only_when_not_worse(tmp_path):
+    rows, best, _ = rewritten(tmp_path, "Eileen and Lucy, two girls, stand beside Hatsune Miku.", own=[OWN])
+    made_up = rows["rewrite:smol"]
+    assert made_up["scored_against"] == "curated_tags" and made_up["not_scored"] is None
+    assert made_up["accuracy"] < rows["own"]["accuracy"] and best["backend"] == "own"
+    rows, best, _ = rewritten(tmp_path, "Eileen, with short red hair and blue eyes, smiles in a white shirt and a "
+                              "blue skirt.", own=[OWN])
+    assert best["backend"] == "rewrite:smol" and best["accuracy"] >= rows["own"]["accuracy"] - 0.05
+
+
+def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_refusal_keeps_the_template(
+        tmp_path):
+    rows, best, _ = rewritten(tmp_path, "Eileen smiles in a white shirt.")
+    assert best["backend"] == "rewrite:smol" and best["accuracy"] is None and best["not_scored"] == "built_from_tags"
+    rows, best, errors = rewritten(tmp_path, "I'm sorry, I can't help with that.")
+    assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["refusal"]
+    rows, best, errors = rewritten(tmp_path, "Rewrite this image caption to be shorter and plainer. Eileen smiles.")
+    assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["prompt_echo"]

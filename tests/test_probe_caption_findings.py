@@ -15,87 +15,12 @@ import json
 import threading
 import time
 
-import pyarrow as pa
 import pytest
-
-from udfs.caption.caption_unit import TemplateCaptioner, UnitCaptioner
 
 XFAIL = pytest.mark.xfail(strict=True)
 
-TAGS = ["1girl", "solo", "eileen_(ren'py)", "ren'py", "short_hair", "red_hair", "blue_eyes", "smile",
-        "white_shirt", "blue_skirt", "standing"]
-CATS = ["general", "general", "character", "copyright", "general", "general", "general", "general",
-        "general", "general", "general"]
-
-
-@pytest.fixture(scope="module")
-def options():
-    from jobs.config import load_config
-
-    return {**load_config()["caption"], "region_overlap": 0.1}
-
-
-def input_row(key="a/girl", own=None, tagger=True):
-    """One row as sql/caption_inputs.sql gives it: the tagger ran and agrees with the curated tags."""
-    return {"key": key, "source": "", "member": "", "member_offset": None, "tags": TAGS, "categories": CATS,
-            "n_people": 1, "characters": ["eileen_(ren'py)"], "rating": "general", "texts": [],
-            "own_captions": own, "tagger_ran": tagger,
-            "tagger_tags": [t for t, c in zip(TAGS, CATS, strict=True) if c != "copyright"] if tagger else [],
-            "tagger_categories": [c for c in CATS if c != "copyright"] if tagger else [],
-            "n_people_detected": 1 if tagger else None, "traits": [], "persons": None, "regions": None}
-
-
-class ScriptedVLM(UnitCaptioner):
-    """A VLM backend shown the image whose reply is `reply(prompt_hint, draft)`: what a server
-    answered in the probe, without the server."""
-
-    backend = "openai"
-    needs_tags = False
-    sees_image = True
-    reply = staticmethod(lambda hint, draft: draft)
-
-    def caption(self, rows, hints, drafts, attempt):
-        return [self.reply(h, d) for h, d in zip(hints, drafts, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory, options):
-    return ScriptedVLM(str(tmp_path_factory.mktemp("ws") / "ws"), dict(options, max_attempts=1))
-
-
-def accepted(captioner, reply, row=None):
-    captioner.reply = staticmethod(reply)
-    rows, _ = captioner.caption_unit(pa.Table.from_pylist([row or input_row()]))
-    return next(r for r in rows if r["accepted"])
-
 
 # ---- the rewriter -------------------------------------------------------------------------------
-
-class ScriptedRewriter:
-    name = "smol"
-    endpoint = None
-
-    def __init__(self, text):
-        self.text = text
-
-    def must_keep(self, tags, categories):
-        return tags
-
-    def rewrite(self, rows, captions, keep):
-        return [self.text] * len(rows)
-
-
-@XFAIL
-def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(tmp_path, options):
-    """Template backend, own captions scored, rewrite on: the rewrite of an image's own caption is
-    marked built_from_tags (it was written from the own caption) and, unscored, always wins."""
-    own = "Eileen, a girl with short red hair and blue eyes, smiles in a white shirt and a blue skirt."
-    captioner = TemplateCaptioner(str(tmp_path / "ws"), dict(options, rewrite=""))
-    captioner.rewriter = ScriptedRewriter("I am sorry, but as an AI I cannot rewrite this caption.")
-    rows, _ = captioner.caption_unit(pa.Table.from_pylist([input_row(own=[own], tagger=False)]))
-    best = next(r for r in rows if r["accepted"])
-    assert best["caption"] == own, rows
-
 
 @XFAIL
 def test_rewrite_max_tokens_is_part_of_a_caption_units_identity():

@@ -91,7 +91,17 @@ def clean_reply(text: str | None) -> str:
     return text
 
 
-ECHO_MIN_WORDS = 4  # a prompt line this long in a reply is the prompt repeated, not a caption's words
+# A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
+REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|unfortunately, i"
+                     r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
+                     r"|\bas an ai\b|\bas a language model\b", re.I)
+
+
+def refusal(text: str) -> bool:
+    return REFUSAL.search(text) is not None
+
+
+ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words
 
 
 def normal_words(text: str) -> str:
@@ -104,7 +114,7 @@ class EchoCheck:
     tags, which a caption is never scored against: it was built from them)."""
 
     def __init__(self, templates: list[str]) -> None:
-        lines = {normal_words(piece) for t in templates for piece in re.split(r"\{[a-z_]+\}|\n", t)}
+        lines = {normal_words(piece) for t in templates for piece in re.split(r"\{[a-z_]+\}|\n|[.;:!?](?:\s|$)", t)}
         self.lines = sorted(line for line in lines if len(line.split()) >= ECHO_MIN_WORDS)
 
     def why(self, reply: str, draft: str | None = None) -> str | None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
-from udfs.caption.caption_prompts import CAPTION_PROMPT, REWRITE_PROMPT, EchoCheck
+from udfs.caption.caption_prompts import CAPTION_PROMPT, REWRITE_PROMPT, EchoCheck, refusal
 from udfs.caption.caption_scoring import CaptionScorer, ClaimEvidence, QualityBands, Scores, SentenceEncoder
 from udfs.caption.reply_cache import ReplyCache
 from udfs.caption.template_batch import TemplateCaptions
@@ -380,21 +380,24 @@ class UnitCaptioner:
             return []
         done = [(i, int(self.opts["seed"]), self._text(row, text), "own")
                 for i, row in enumerate(todo) for text in row.get("own_captions") or []
-                if self._acceptable(row, text, "own caption", errors)]
+                if self._acceptable(row, text, "own caption", errors, model=False)]
         if not done:
             return []
+        rows = self._scored(done, OWN_ATTEMPT, todo, self._own_judge(todo, done), self.own_scorer())
+        for row in rows:
+            if row["accuracy"] is None or row["accuracy"] < target:
+                row["_fallback"] = True
+        return rows
+
+    def _own_judge(self, todo: list[dict], done: list[tuple]) -> Judge:
+        """The judge of the own captions in `done` (and of their rewrites): own_evidence."""
         images = sorted({i for i, *_ in done})
         evidence = {i: own_evidence(todo[i], self.vocab) for i in images}
         english = self._english([evidence[i].tags for i in images], [evidence[i].categories for i in images],
                                 [evidence[i].people for i in images])
         references = dict(zip(images, english, strict=True))
-        judge = Judge([evidence.get(i, BUILT_FROM_TAGS) for i in range(len(todo))],
-                      [references.get(i, "") for i in range(len(todo))], [image_names(r) for r in todo])
-        rows = self._scored(done, OWN_ATTEMPT, todo, judge, self.own_scorer())
-        for row in rows:
-            if row["accuracy"] is None or row["accuracy"] < target:
-                row["_fallback"] = True
-        return rows
+        return Judge([evidence.get(i, BUILT_FROM_TAGS) for i in range(len(todo))],
+                     [references.get(i, "") for i in range(len(todo))], [image_names(r) for r in todo])
 
     def can_caption(self, row: dict) -> bool:
         return bool(row["tags"]) or not self.needs_tags
@@ -444,31 +447,45 @@ class UnitCaptioner:
         return rows
 
     def _rewrites(self, attempts, todo, judge: Judge, errors) -> list[dict]:
+        """A rewrite of each image's best caption (refusals and echoes refused: the caption stays).
+        It is scored as that caption was: against the same evidence by the same scorer (an own
+        caption's rewrite against own_evidence), or not, with the same reason (a template
+        caption's rewrite was built from the tags too). It wins only where it is not worse: within
+        rewrite_tolerance of the original, and never below caption.target where that reached it."""
         best = _best_rows(attempts)
         chosen = [best[i] for i in sorted(best)]
         keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
         results = self.rewriter.rewrite([todo[r["_i"]] for r in chosen], [r["caption"] for r in chosen], keep)
-        done = []
+        own, done = [], []
         for r, result in zip(chosen, results, strict=True):
             if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
-                done.append((r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
+                (own if r["attempt"] == OWN_ATTEMPT else done).append(
+                    (r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
         rows = self._scored(done, attempt, todo, judge)
-        tolerance = float(self.opts["rewrite_tolerance"])
-        for row in rows:  # a shorter caption may lose a little accuracy and still win
-            row["_bonus"] = tolerance
+        if own:
+            rows += self._scored(own, attempt, todo, self._own_judge(todo, own), self.own_scorer())
+        originals = {r["_i"]: r for r in chosen}
+        tolerance, target = float(self.opts["rewrite_tolerance"]), float(self.opts["target"])
+        for row in rows:
+            row["_wins"] = _rewrite_wins(row, originals[row["_i"]], tolerance, target)
         return rows
 
     def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
-                    draft: str | None = None) -> bool:
-        """A non-empty caption within max_caption_chars that is not the prompt (or the `draft` it
-        gave) handed back; else an errors row saying why not (and the loop-back asks again)."""
+                    draft: str | None = None, model: bool = True) -> bool:
+        """A non-empty caption within max_caption_chars; from a model, neither the prompt (or the
+        `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
+        loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
         # a draft handed back is refused only where captions are scored: the template's caption is
         # its draft, and a caption made from the tags alone is not scored anyway
-        echo = self.echo.why(result, None if self.builds_from_tags else draft) if isinstance(result, str) else None
+        echo = self.echo.why(result, None if self.builds_from_tags else draft) \
+            if model and isinstance(result, str) else None
         if echo is not None:
             errors.append(self._error(row, "prompt_echo", f"{what}: {echo}"))
+            return False
+        if model and isinstance(result, str) and refusal(result):
+            errors.append(self._error(row, "refusal", f"{what}: the model declined: {result[:200]}"))
             return False
         if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
             return True
@@ -485,7 +502,7 @@ class UnitCaptioner:
             row["accepted"] = True
         for row in attempts:
             row.pop("_i", None)
-            row.pop("_bonus", None)
+            row.pop("_wins", None)
             row.pop("_fallback", None)
         return attempts
 
@@ -494,9 +511,21 @@ class UnitCaptioner:
                 "stage": f"caption:{self.backend}", "kind": kind, "message": str(message)[:2000], "dropped": dropped}
 
 
+def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
+    """Whether a rewrite replaces the caption it was written from. Unscored (as its original was),
+    it wins: it was asked for, and nothing says it is worse. Scored, a shorter caption may lose a
+    little accuracy (rewrite_tolerance) and still win, but never fall below the target its
+    original reached."""
+    if rewrite["accuracy"] is None or original["accuracy"] is None:
+        return rewrite["accuracy"] is None and original["accuracy"] is None
+    if original["accuracy"] >= target > rewrite["accuracy"]:
+        return False
+    return rewrite["accuracy"] + tolerance >= original["accuracy"]
+
+
 def _best_rows(attempts: list[dict]) -> dict[int, dict]:
-    """Per image the row with the highest accuracy (+ a rewrite's tolerance); the first on ties.
-    Without scores the rewrite wins: it was asked for, and nothing says it is worse."""
+    """Per image the row with the highest accuracy; the first on ties. A rewrite is the best row
+    where it beats the caption it was written from (_rewrite_wins), else never."""
     best: dict[int, dict] = {}
     for row in attempts:
         current = best.get(row["_i"])
@@ -506,11 +535,11 @@ def _best_rows(attempts: list[dict]) -> dict[int, dict]:
 
 
 def _rank(row: dict) -> float:
+    if "_wins" in row:  # a rewrite: its original is the best of the rest
+        return math.inf if row["_wins"] else -math.inf
     if row.get("_fallback"):
         return -2.0  # an own caption below target: only when the backend gave none
-    if row["accuracy"] is None:
-        return 1.0 if "_bonus" in row else 0.0
-    return row["accuracy"] + row.get("_bonus", 0.0)
+    return 0.0 if row["accuracy"] is None else row["accuracy"]
 
 
 # Failures of the moment (a server down, overloaded, slow): an image left without a caption by
