@@ -76,6 +76,14 @@ image_persons as (
     from person_tags
     group by key
 ),
+text_tagged as (
+    -- images whose every source tag caption.tags_from_text took from their own text (origin
+    -- caption): their curated tags say what their own caption says, no evidence for it
+    select key
+    from source_tags
+    group by key
+    having bool_and(origin = 'caption')
+),
 people_detected as (
     select key, count(*)::integer as n_people_detected
     from detections
@@ -95,6 +103,7 @@ select i.key,
        -- null unless read (caption.own_captions = "score") and there are some: sql/caption_units.sql
        case when getvariable('own_captions') then x.own_captions end as own_captions,
        g.key is not null as tagger_ran,
+       y.key is not null as tags_from_text,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,
        coalesce(g.near, []::varchar[]) as tagger_near,
@@ -109,6 +118,7 @@ left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
 left join texts as x using (key)
 left join tagger_tags as g using (key)
+left join text_tagged as y using (key)
 left join people_detected as d using (key)
 left join image_traits as r using (key)
 left join image_persons as p using (key)

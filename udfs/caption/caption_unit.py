@@ -142,9 +142,10 @@ def evidence_for(row: dict, builds_from_tags: bool, vocab: TemplateVocab) -> Evi
 
 def own_evidence(row: dict, vocab: TemplateVocab) -> Evidence:
     """The evidence for an image's own caption: as for a model shown the image, but an image with
-    neither tagger tags nor curated tags has none."""
+    neither tagger tags nor curated tags has none, nor has one whose tags were taken from its own
+    text (caption.tags_from_text): they say what the caption says."""
     evidence = evidence_for(row, False, vocab)
-    if evidence.against == "curated_tags" and not evidence.tags:
+    if evidence.against == "curated_tags" and (not evidence.tags or row.get("tags_from_text")):
         return Evidence(None, [], [], None, "no_evidence")
     return evidence
 
