@@ -408,3 +408,17 @@ def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_
     assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["refusal"]
     rows, best, errors = rewritten(tmp_path, "Rewrite this image caption to be shorter and plainer. Eileen smiles.")
     assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["prompt_echo"]
+
+
+@pytest.mark.parametrize("text, declined", [
+    ("I am sorry, but as an AI I cannot rewrite this caption.", True),
+    ("Eileen smiles. As an AI language model, I cannot see colours.", True),
+    ("Unfortunately, I am unable to view images.", True),
+    ("I can't see the image.", True),
+    ("A girl cosplaying as an AI assistant.", False),
+    ("A sorry-looking dog who cannot sleep.", False),
+])
+def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined

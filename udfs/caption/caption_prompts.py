@@ -94,7 +94,7 @@ def clean_reply(text: str | None) -> str:
 # A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
 REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|unfortunately, i"
                      r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
-                     r"|\bas an ai\b|\bas a language model\b", re.I)
+                     r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
 
 
 def refusal(text: str) -> bool:
