@@ -37,6 +37,10 @@ def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
     assert caption.tags_from_text(config, workspace) == 3
     assert len(workspace.read_table("source_tags")) == 3
     assert not (Path(workspace.base) / caption.TEXTS).exists()  # the staged texts are gone
+    # curate makes them the image's curated tags: still its text's, and found again (they were
+    # dropped, and the next curate left the image untagged, its caption scored against them)
+    workspace.add_part("tags", "curated", tag_rows("p/1", [r["tag"] for r in rows]))
+    assert caption.tags_from_text(config, workspace) == 3
 
 
 def test_an_own_caption_is_never_scored_against_the_tags_taken_from_it(ray_local, workspace, config):
