@@ -103,6 +103,24 @@ def test_where_an_image_lies_in_its_shard_is_not_part_of_its_units_id(ray_local,
     assert again.units_done == 0 and again.units_skipped == 3
 
 
+def test_a_tag_scored_near_its_threshold_is_not_part_of_a_units_id(workspace, config):
+    """caption_inputs.tagger_near (the tags a caption may say without being wrong) comes from the
+    tag_scores tagger_tags come from: it makes no new unit, nor did adding it (every VLM caption
+    asked for again on the upgrade)."""
+    write_inputs(workspace)
+    workspace.add_part("tag_scores", "u", [{"key": "a/girl", "crop": -1, "tag": "red_hair", "category": "general",
+                                            "score": 0.9, "model": "wd"}])
+    opts = caption.caption_options(configure(config))
+
+    def units():
+        return [u["unit"] for u in caption.stage_inputs(workspace, opts, config["curate"])]
+
+    before = units()
+    workspace.add_part("tag_scores", "near", [{"key": "a/girl", "crop": -1, "tag": "brown_hair",
+                                               "category": "general", "score": 0.3, "model": "wd"}])
+    assert units() == before
+
+
 def test_lint_flags_a_characters_fixed_traits_and_strip_cuts_them(ray_local, workspace, config):
     write_inputs(workspace)
     workspace.add_part("character_traits", "u", [
