@@ -213,7 +213,7 @@ def precision_of(caption, tags, categories, characters=(), uncertain=(), closed=
 
 EILEEN = (["eileen_(ren'py)", "red_hair", "short_hair", "blue_eyes", "smile"],
           ["character", "general", "general", "general", "general"])
-KNOWN = ("eileen_(ren'py)", "lucy_(ren'py)", "sylvie_(ren'py)", "hatsune_miku", "saber_(fate)")
+KNOWN = ("eileen_(ren'py)", "lucy_(ren'py)", "sylvie_(ren'py)", "hatsune_miku", "saber_(fate)", "red_(pokemon)")
 
 
 @pytest.mark.parametrize("caption, precision", [
@@ -223,6 +223,7 @@ KNOWN = ("eileen_(ren'py)", "lucy_(ren'py)", "sylvie_(ren'py)", "hatsune_miku", 
     ("Eileen with red wavy hair, a red hair ribbon and blue eyes.", 1.0),  # the ribbon is no hair colour
     ("Eileen holds a saber beside Hatsune Miku.", 0.5),  # "saber" is no name written so; Miku is
     ("A girl in a green dress smiles.", 1.0),  # nothing checkable: nothing made up
+    ("Red hair frames Eileen's face.", 1.0),  # a colour, not Red of Pokemon
 ])
 def test_precision_counts_made_up_names_and_values_against_curated_tags(caption, precision):
     assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=KNOWN) == pytest.approx(precision)

@@ -521,7 +521,9 @@ class Claims:
         self.values = np.array(sorted({v for v, _ in pairs}), dtype=np.int64)
         self.stop = np.array(sorted({scorer.word_id(norm(w)) for w in STOP}), dtype=np.int64)
         self.not_attribute = np.array(sorted({scorer.word_id(norm(w)) for w in NOT_THE_ATTRIBUTE}), dtype=np.int64)
-        names = sorted({w for c in characters if (w := scorer.words_of_tag(c, "character"))})
+        # a name that is only colour words ("Red", "Blue" of Pokemon) is read as a colour: "Red hair ..."
+        colours = {norm(v) for v in FAMILY_VALUES}
+        names = sorted({w for c in characters if (w := scorer.words_of_tag(c, "character")) and not set(w) <= colours})
         self.name_index = {n: i for i, n in enumerate(names)}
         ids = [[scorer.word_id(w) for w in n] for n in names]
         self.name_words = np.fromiter((w for n in ids for w in n), dtype=np.int64)
