@@ -121,6 +121,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
     units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
+    # the names a caption may make up are looked for among the dataset's characters (in a worker: a scan)
+    opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
     remove_stale(ws, {u["unit"] for u in units})
     # a unit whose images a passing failure left uncaptioned (a server down) is done again
     done = {unit: info for unit, info in ws.done_units("caption").items() if not info.get("transient")}
@@ -232,6 +234,15 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         units.append({"unit": unit_id(f"caption-{unit['first']['key']}", digest.hexdigest()), "path": unit["path"],
                       "rows": unit["rows"]})
     return units
+
+
+def dataset_characters(ws: Workspace) -> list[str]:
+    """The character tags the dataset knows (sql/caption_characters.sql)."""
+    con = ws.connect()
+    try:
+        return [tag for (tag,) in con.sql(sql_text("caption_characters.sql")).fetchall()]
+    finally:
+        con.close()
 
 
 def remove_stale(ws: Workspace, current: set[str]) -> None:

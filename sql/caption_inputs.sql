@@ -3,7 +3,8 @@
 -- Tags come from the image_tag_lists view (sql/image_tag_lists.sql). Rating: image_meta, else
 -- a source rating tag.
 -- Evidence (README, "Honest caption scores"): when the tagger ran on the image,
--- its own tags over curate's thresholds (not the source tags) and the person detections.
+-- its own tags over curate's thresholds (not the source tags), those it scored over half a
+-- threshold but not over it (tagger_near), and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold,
 -- caption_regions, own_captions.
@@ -23,16 +24,21 @@ with texts as (
 tagger_scores as (
     -- the tagger's scores of the whole image (crop -1) and of its 2x2 regions (crop -2..-5), each
     -- kept when strictly above curate's threshold for its category, as sql/040_tags.sql keeps them
+    -- near: not kept, but over half the threshold (not "well below" it: a caption saying it is
+    -- neither right nor wrong; the tagger scored every other tag under half its threshold)
     select key, coalesce(crop, -1) as crop, tag, category, score,
            (category = 'general' and score > getvariable('general_threshold'))
-           or (category = 'character' and score > getvariable('character_threshold')) as kept
+           or (category = 'character' and score > getvariable('character_threshold')) as kept,
+           (category = 'general' and score > getvariable('general_threshold') / 2)
+           or (category = 'character' and score > getvariable('character_threshold') / 2) as over_half
     from tag_scores
     where coalesce(crop, -1) < 0
 ),
 tagger_tags as (
     select key,
            list(tag order by score desc, tag) filter (where kept) as tags,
-           list(category order by score desc, tag) filter (where kept) as categories
+           list(category order by score desc, tag) filter (where kept) as categories,
+           list(tag order by score desc, tag) filter (where over_half and not kept) as near
     from tagger_scores
     where crop = -1
     group by key
@@ -70,6 +76,14 @@ image_persons as (
     from person_tags
     group by key
 ),
+text_tagged as (
+    -- images whose every source tag caption.tags_from_text took from their own text (origin
+    -- caption): their curated tags say what their own caption says, no evidence for it
+    select key
+    from source_tags
+    group by key
+    having bool_and(origin = 'caption')
+),
 people_detected as (
     select key, count(*)::integer as n_people_detected
     from detections
@@ -89,8 +103,10 @@ select i.key,
        -- null unless read (caption.own_captions = "score") and there are some: sql/caption_units.sql
        case when getvariable('own_captions') then x.own_captions end as own_captions,
        g.key is not null as tagger_ran,
+       y.key is not null as tags_from_text,
        coalesce(g.tags, []::varchar[]) as tagger_tags,
        coalesce(g.categories, []::varchar[]) as tagger_categories,
+       coalesce(g.near, []::varchar[]) as tagger_near,
        d.n_people_detected,
        coalesce(r.traits, []::varchar[]) as traits,
        p.persons,
@@ -102,6 +118,7 @@ left join image_tag_lists as t using (key)
 left join image_meta as m using (key)
 left join texts as x using (key)
 left join tagger_tags as g using (key)
+left join text_tagged as y using (key)
 left join people_detected as d using (key)
 left join image_traits as r using (key)
 left join image_persons as p using (key)

@@ -1,8 +1,16 @@
 -- caption_text_images: images with a caption or SD prompt of their own but no tags at all
 -- (neither curated tags nor source tags other than those earlier derived from this text).
+-- Curated tags count only where the image has a source other than its text (other source tags,
+-- the tagger): curate makes the tags derived from the text curated tags, and an image left with
+-- those alone is untagged still (its tags found again, not dropped; its own caption is never
+-- scored against them).
 -- Parameters: none.
-with tagged as (
+with text_tagged as (
+    select key from source_tags group by key having bool_and(origin = 'caption')
+),
+tagged as (
     select distinct key from tags
+    where key not in (select key from text_tagged) or key in (select key from tag_scores)
     union
     select distinct key from source_tags where origin <> 'caption'
 )

@@ -203,6 +203,28 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
 
+@pytest.mark.parametrize("reply, caption", [
+    ("<think>The tags say red hair and blue eyes.</think>\n\nEileen smiles.", "Eileen smiles."),
+    ("<think>A reasoning block cut off by max_tokens, never closed", ""),
+    ("Sure! Here is a descriptive caption for the image:\n\n**Sylvie** smiles.\n\nLet me know if you want it "
+     "shorter!", "Sylvie smiles."),
+    ("Okay, here's the caption: Eileen smiles.", "Eileen smiles."),
+    ("Sure, a girl smiles.", "A girl smiles."),
+    ("# Caption\n- A girl with *red* hair smiles.\n- She wears a `white` shirt.",
+     "A girl with red hair smiles. She wears a white shirt."),
+    ("**Caption:** A girl smiles.\n\nNote: I could not see her feet.", "A girl smiles."),
+    ("A girl smiles. (Note: the background is blurry.)", "A girl smiles."),
+    # caption words that look like chatter stay
+    ("Here is the girl, holding a note: it says 2 * 3.", "Here is the girl, holding a note: it says 2 * 3."),
+    ("A snake_case sign and a 2-year-old cat (note the collar).", "A snake_case sign and a 2-year-old cat (note "
+     "the collar)."),
+])
+def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
+    from udfs.caption.caption_prompts import clean_reply
+
+    assert clean_reply(reply) == caption
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a

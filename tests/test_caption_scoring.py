@@ -246,3 +246,227 @@ def test_batched_subject_consistency_equals_the_per_row_definition():
     one_by_one = [subject_consistency(c, n, m) for c, n, m in zip(captions, people, names, strict=True)]
     assert {0.0, 0.5, 1.0} <= set(one_by_one)
     assert subject_consistency_batch(captions, people, names).tolist() == one_by_one
+
+
+# ---- precision: what a caption makes up ---------------------------------------------------------
+
+def precision_of(caption, tags, categories, characters=(), uncertain=(), closed=False, known=()):
+    from udfs.caption.caption_scoring import ClaimEvidence
+
+    scorer = CaptionScorer(None, characters=known)
+    evidence = ClaimEvidence([list(characters)], [list(uncertain)], [closed])
+    return float(scorer.precision_batch([caption], [tags], [categories], evidence)[0])
+
+
+EILEEN = (["eileen_(ren'py)", "red_hair", "short_hair", "blue_eyes", "smile"],
+          ["character", "general", "general", "general", "general"])
+KNOWN = ("eileen_(ren'py)", "lucy_(ren'py)", "sylvie_(ren'py)", "hatsune_miku", "saber_(fate)", "red_(pokemon)")
+
+
+@pytest.mark.parametrize("caption, precision", [
+    ("Eileen with short red hair and blue eyes smiles.", 1.0),
+    ("Sylvie with short green hair and yellow eyes smiles.", 0.0),  # a name and two values made up
+    ("Eileen has red hair and green eyes.", 2 / 3),
+    ("Eileen with red wavy hair, a red hair ribbon and blue eyes.", 1.0),  # the ribbon is no hair colour
+    ("Eileen holds a saber beside Hatsune Miku.", 0.5),  # "saber" is no name written so; Miku is
+    ("A girl in a green dress smiles.", 1.0),  # nothing checkable: nothing made up
+    ("Red hair frames Eileen's face.", 1.0),  # a colour, not Red of Pokemon
+])
+def test_precision_counts_made_up_names_and_values_against_curated_tags(caption, precision):
+    assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=KNOWN) == pytest.approx(precision)
+
+
+def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_threshold():
+    """Curated tags deny a value only where they give another of its family; the tagger's evidence
+    denies every value it neither kept nor scored over half its threshold (tagger_near)."""
+    tags, cats = ["1girl", "smile"], ["general", "general"]  # no hair colour among them
+    assert precision_of("A girl with green hair smiles.", tags, cats) == 1.0
+    assert precision_of("A girl with green hair smiles.", tags, cats, closed=True) == 0.0
+    assert precision_of("A girl with green hair smiles.", tags, cats, uncertain=["green_hair"], closed=True) == 1.0
+    # a mixed family (multicolored, streaked, heterochromia) has more than one value
+    assert precision_of("A girl with red and black hair.", ["multicolored_hair", "red_hair"],
+                        ["general", "general"], closed=True) == 1.0
+
+
+def test_batched_precision_on_many_rows_equals_each_row_alone():
+    from udfs.caption.caption_scoring import ClaimEvidence
+
+    scorer = CaptionScorer(None, characters=KNOWN)
+    pieces = ["Eileen", "Lucy", "Hatsune Miku", "miku", "red hair", "green hair", "blue eyes", "yellow eyes",
+              "a girl", "and", "with", "wavy", "red wavy hair", "Ünïcode", "."]
+    rng = random.Random(5)
+    captions = [" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(300)]
+    tags = [rng.sample(EILEEN[0] + ["green_hair", "lucy_(ren'py)"], rng.randint(0, 4)) for _ in captions]
+    cats = [["character" if "(" in t else "general" for t in row] for row in tags]
+    evidence = ClaimEvidence([rng.choice([[], ["eileen_(ren'py)"]]) for _ in captions],
+                             [rng.choice([[], ["yellow_eyes"]]) for _ in captions],
+                             [rng.random() < 0.5 for _ in captions])
+    batch = scorer.precision_batch(captions, tags, cats, evidence)
+    alone = [precision_of(c, t, k, evidence.characters[i], evidence.uncertain[i], evidence.closed[i], KNOWN)
+             for i, (c, t, k) in enumerate(zip(captions, tags, cats, strict=True))]
+    assert batch.tolist() == pytest.approx(alone)
+    assert {0.0, 1.0} <= set(alone) and any(0 < v < 1 for v in alone)
+
+
+# ---- a captioner's replies, scored as the caption job scores them -------------------------------
+
+IMAGE_TAGS = ["1girl", "solo", "eileen_(ren'py)", "ren'py", "short_hair", "red_hair", "blue_eyes", "smile",
+              "white_shirt", "blue_skirt", "standing"]
+IMAGE_CATS = ["general", "general", "character", "copyright"] + ["general"] * 7
+
+
+def input_row(key="a/girl", own=None, tagger=True):
+    """One row as sql/caption_inputs.sql gives it: the tagger ran and agrees with the curated tags."""
+    kept = [(t, c) for t, c in zip(IMAGE_TAGS, IMAGE_CATS, strict=True) if c != "copyright"] if tagger else []
+    return {"key": key, "source": "", "member": "", "member_offset": None, "tags": IMAGE_TAGS,
+            "categories": IMAGE_CATS, "n_people": 1, "characters": ["eileen_(ren'py)"], "rating": "general",
+            "texts": [], "own_captions": own, "tagger_ran": tagger, "tagger_tags": [t for t, _ in kept],
+            "tagger_categories": [c for _, c in kept], "tagger_near": [],
+            "n_people_detected": 1 if tagger else None, "traits": [], "persons": None, "regions": None}
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """A VLM backend shown the image whose reply is `reply(hint, draft)`: what a server answered
+    in a probe, without the server. The dataset's characters as the caption job gives them."""
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import UnitCaptioner
+
+    class ScriptedVLM(UnitCaptioner):
+        backend = "openai"
+        needs_tags = False
+        sees_image = True
+        reply = staticmethod(lambda hint, draft: draft)
+
+        def caption(self, rows, hints, drafts, attempt):
+            return [self.reply(h, d) for h, d in zip(hints, drafts, strict=True)]
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "max_attempts": 1, "characters": list(KNOWN)}
+    return ScriptedVLM(str(tmp_path_factory.mktemp("ws") / "ws"), options)
+
+
+def accepted(captioner, reply, row=None):
+    captioner.reply = staticmethod(reply)
+    rows, errors = captioner.caption_unit(pa.Table.from_pylist([row or input_row()]))
+    return next((r for r in rows if r["accepted"]), None), errors
+
+
+@pytest.mark.parametrize("tagger", [True, False])
+def test_a_caption_naming_the_wrong_character_and_colours_scores_below_target(vlm, tagger):
+    """'Sylvie with green hair and yellow eyes' for Eileen with red hair and blue eyes scored
+    0.68 against the tagger (auto_okay_caption): tag_inclusion counts only what is left out."""
+    def swapped(hint, draft):
+        for a, b in (("Eileen", "Sylvie"), ("red", "green"), ("blue", "yellow"), ("white", "black")):
+            draft = draft.replace(a, b)
+        return draft
+
+    row, _ = accepted(vlm, swapped, input_row(tagger=tagger))
+    assert row["accuracy"] < 0.6 and "auto_good_caption" not in row["quality_tags"], row
+
+
+def test_a_caption_adding_a_character_and_objects_not_on_the_image_loses_accuracy(vlm):
+    """The same caption with 'Hatsune Miku and Lucy stand beside her' added scored 0.90, auto_best."""
+    right = "Eileen, a girl with short red hair and blue eyes, smiles in a white shirt and a blue skirt."
+    draft, _ = accepted(vlm, lambda hint, _: right)
+    added, _ = accepted(vlm, lambda hint, _: right + " Hatsune Miku and Lucy stand beside her holding a sword.")
+    assert added["accuracy"] < draft["accuracy"] - 0.1, (draft["accuracy"], added["accuracy"])
+
+
+def test_a_vlm_that_hands_back_its_draft_is_not_scored_as_a_perfect_caption(vlm):
+    """The draft is the template caption of the tags, which hold the tagger's: handed back, it
+    scored 0.97 against the tagger (1.0 against curated tags) though the model said nothing. No
+    score can tell it from a model that agrees (every claim in it is right): it is refused as the
+    prompt handed back, and the loop-back asks again."""
+    row, errors = accepted(vlm, lambda hint, draft: draft)
+    assert row is None
+    assert [e["kind"] for e in errors] == ["prompt_echo", "no_caption"]
+    assert "draft caption it was given" in errors[0]["message"]
+    own_words, _ = accepted(vlm, lambda hint, draft: "In this picture: " + draft)
+    assert own_words["accepted"] and own_words["accuracy"] > 0.9  # words of its own: a caption, scored
+
+
+def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_caption(vlm):
+    """The prompt handed back (its instructions, tag block and draft) scored 0.88, auto_good_caption."""
+    from udfs.caption.caption_prompts import caption_messages
+
+    def echo(hint, draft):
+        return caption_messages(hint.tags, hint.categories, draft, None)[1]["content"]
+
+    row, errors = accepted(vlm, echo)
+    assert row is None and errors[0]["kind"] == "prompt_echo" and "repeats the prompt" in errors[0]["message"]
+    tag_block, errors = accepted(vlm, lambda hint, draft: "A girl smiles. general tags: 1girl, smile")
+    assert tag_block is None and "tag block" in errors[0]["message"]
+
+
+# ---- the rewriter's captions, checked and scored as the caption they rewrite --------------------
+
+class ScriptedRewriter:
+    """A rewriter whose reply to every caption is `text` (what a small LLM answered in a probe)."""
+
+    name = "smol"
+    endpoint = None
+
+    def __init__(self, text):
+        self.text = text
+
+    def must_keep(self, tags, categories):
+        return tags
+
+    def rewrite(self, rows, captions, keep):
+        return [self.text] * len(rows)
+
+
+OWN = "Eileen, a girl with short red hair and blue eyes, smiles in a white shirt and a blue skirt."
+
+
+def rewritten(tmp_path, text, own=None, tagger=False):
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import TemplateCaptioner
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "characters": list(KNOWN), "rewrite": ""}
+    captioner = TemplateCaptioner(str(tmp_path / "ws"), options)
+    captioner.rewriter = ScriptedRewriter(text)
+    rows, errors = captioner.caption_unit(pa.Table.from_pylist([input_row(own=own, tagger=tagger)]))
+    return {r["backend"]: r for r in rows}, next(r for r in rows if r["accepted"]), errors
+
+
+def test_a_refusal_from_the_rewriter_does_not_replace_an_own_caption_at_target(tmp_path):
+    """Template backend, own captions scored, rewrite on: the rewrite of an image's own caption was
+    marked built_from_tags (it was written from the own caption) and, unscored, always won."""
+    rows, best, errors = rewritten(tmp_path, "I am sorry, but as an AI I cannot rewrite this caption.", own=[OWN])
+    assert best["caption"] == OWN and best["backend"] == "own" and best["accuracy"] >= 0.6
+    assert "rewrite:smol" not in rows and [e["kind"] for e in errors] == ["refusal"]
+
+
+def test_a_rewrite_of_an_own_caption_is_scored_against_its_evidence_and_wins_only_when_not_worse(tmp_path):
+    rows, best, _ = rewritten(tmp_path, "Eileen and Lucy, two girls, stand beside Hatsune Miku.", own=[OWN])
+    made_up = rows["rewrite:smol"]
+    assert made_up["scored_against"] == "curated_tags" and made_up["not_scored"] is None
+    assert made_up["accuracy"] < rows["own"]["accuracy"] and best["backend"] == "own"
+    rows, best, _ = rewritten(tmp_path, "Eileen, with short red hair and blue eyes, smiles in a white shirt and a "
+                              "blue skirt.", own=[OWN])
+    assert best["backend"] == "rewrite:smol" and best["accuracy"] >= rows["own"]["accuracy"] - 0.05
+
+
+def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_refusal_keeps_the_template(
+        tmp_path):
+    rows, best, _ = rewritten(tmp_path, "Eileen smiles in a white shirt.")
+    assert best["backend"] == "rewrite:smol" and best["accuracy"] is None and best["not_scored"] == "built_from_tags"
+    rows, best, errors = rewritten(tmp_path, "I'm sorry, I can't help with that.")
+    assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["refusal"]
+    rows, best, errors = rewritten(tmp_path, "Rewrite this image caption to be shorter and plainer. Eileen smiles.")
+    assert best["backend"] == "template:english" and [e["kind"] for e in errors] == ["prompt_echo"]
+
+
+@pytest.mark.parametrize("text, declined", [
+    ("I am sorry, but as an AI I cannot rewrite this caption.", True),
+    ("Eileen smiles. As an AI language model, I cannot see colours.", True),
+    ("Unfortunately, I am unable to view images.", True),
+    ("I can't see the image.", True),
+    ("A girl cosplaying as an AI assistant.", False),
+    ("A sorry-looking dog who cannot sleep.", False),
+])
+def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined

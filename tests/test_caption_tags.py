@@ -37,6 +37,34 @@ def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
     assert caption.tags_from_text(config, workspace) == 3
     assert len(workspace.read_table("source_tags")) == 3
     assert not (Path(workspace.base) / caption.TEXTS).exists()  # the staged texts are gone
+    # curate makes them the image's curated tags: still its text's, and found again (they were
+    # dropped, and the next curate left the image untagged, its caption scored against them)
+    workspace.add_part("tags", "curated", tag_rows("p/1", [r["tag"] for r in rows]))
+    assert caption.tags_from_text(config, workspace) == 3
+
+
+def test_an_own_caption_is_never_scored_against_the_tags_taken_from_it(ray_local, workspace, config):
+    """An untagged image's own caption was scored against the tags caption.tags_from_text took
+    from that same caption: tag_inclusion 1.0, accepted, no captioner asked. It has no evidence
+    (the template captions it from those tags); where the tagger ran, the tagger's is its evidence."""
+    own = "A girl with blue hair in a school uniform smiles."
+    workspace.add_part("images", "u", [
+        {"key": k, "source": "s.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64, "format": "PNG",
+         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": "x", "phash": 0} for k in ("a/1", "p/1", "p/2")])
+    workspace.add_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"]))
+    workspace.add_part("source_text", "u", [{"key": k, "kind": "caption", "text": own} for k in ("p/1", "p/2")])
+    workspace.add_part("tag_scores", "u", [  # the tagger ran on p/2 alone
+        {"key": "p/2", "crop": -1, "tag": t, "category": "general", "score": 0.9, "model": "wd"}
+        for t in ("1girl", "blue_hair", "serafuku", "smile")])
+    merge(config, {"caption": {"unit_size": 2, "concurrency": 1, "tags_from_text": True, "target": 0.6,
+                               "text_tags_min_similarity": 0.0, "related_tags": False}})
+    caption.run(config, workspace)
+    assert {r["key"] for r in workspace.read_table("source_tags").to_pylist()} == {"p/1", "p/2"}
+    rows = {(r["key"], r["attempt"]): r for r in workspace.read_table("captions").to_pylist()}
+    untagged = rows[("p/1", -1)]
+    assert untagged["accuracy"] is None and untagged["not_scored"] == "no_evidence" and not untagged["accepted"]
+    assert rows[("p/1", 0)]["accepted"] and rows[("p/1", 0)]["backend"] == "template:english"
+    assert rows[("p/2", -1)]["scored_against"] == "tagger"
 
 
 def test_related_tags_suggest_what_usually_comes_along(ray_local, workspace, config, monkeypatch):

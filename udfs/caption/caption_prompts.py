@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from udfs.caption.template_caption import words_of
 from udfs.ingest.sidecars import printable
 
@@ -53,14 +55,75 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
     return [{"role": "user", "content": text}]
 
 
+# What chat models wrap a caption in, none of it caption: a reasoning block (one never closed,
+# cut off by max_tokens, runs to the end), an opener ("Sure! Here is a caption for the image:"),
+# markdown (headings, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
+REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.S | re.I)
+OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alright)[.!,]\s*)?"
+                    r"(?:here(?:'s| is)\b[^:\n]*\b(?:caption|description)\b[^:\n]*:\s*)?", re.I)
+HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
+LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
+EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)(\S(?:.*?\S)?)\1(?!\w)")
+CLOSING_NOTE = re.compile(r"(?:^|(?<=[.!?\n])\s*)\(?(?:notes?:|let me know\b|i hope (?:this|that)\b|feel free\b"
+                          r"|would you like\b|do you want\b)", re.I | re.M)
+LABELS = ("Shorter caption:", "Rewritten caption:", "Image caption:", "Caption:", "Description:")
+
+
 def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
-    no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?")."""
-    text = printable(text or "").strip()
-    for label in ("Shorter caption:", "Caption:"):
-        if text.startswith(label):
+    no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what
+    chat models wrap it in (REASONING, OPENER, markdown, a CLOSING_NOTE)."""
+    text = REASONING.sub(" ", printable(text or ""))
+    text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", text)))
+    note = CLOSING_NOTE.search(text)
+    if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
+        text = text[: note.start()]
+    text = text.strip()
+    if (opener := OPENER.match(text)) and opener.end():
+        text = text[opener.end():]
+        text = text[:1].upper() + text[1:]  # "Sure, a girl smiles." is "A girl smiles."
+    for label in LABELS:
+        if text[: len(label)].lower() == label.lower():
             text = text[len(label):].strip()
     text = " ".join(text.split())
     if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text
+
+
+# A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
+REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|unfortunately, i"
+                     r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
+                     r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
+
+
+def refusal(text: str) -> bool:
+    return REFUSAL.search(text) is not None
+
+
+ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words
+
+
+def normal_words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+class EchoCheck:
+    """Whether a reply repeats the prompt instead of captioning: it holds a line of the prompts'
+    instructions or the tag block, or it is the draft caption handed back (the template of the
+    tags, which a caption is never scored against: it was built from them)."""
+
+    def __init__(self, templates: list[str]) -> None:
+        lines = {normal_words(piece) for t in templates for piece in re.split(r"\{[a-z_]+\}|\n|[.;:!?](?:\s|$)", t)}
+        self.lines = sorted(line for line in lines if len(line.split()) >= ECHO_MIN_WORDS)
+
+    def why(self, reply: str, draft: str | None = None) -> str | None:
+        words = f" {normal_words(reply)} "
+        line = next((line for line in self.lines if f" {line} " in words), None)
+        if line is not None:
+            return f"the reply repeats the prompt ({line!r})"
+        if "general tags:" in reply.lower():
+            return "the reply repeats the prompt's tag block"
+        if draft and words.strip() == normal_words(draft):
+            return "the reply is the draft caption it was given, handed back"
+        return None

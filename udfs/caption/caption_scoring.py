@@ -14,12 +14,18 @@ that evidence's.
   the template caption of the evidence tags.
 - subject_consistency: 1 when the caption speaks of as many people as n_people, 0 when it speaks
   of another number, 0.5 when it says nothing countable.
+- precision: the share of the caption's checkable claims that the evidence does not contradict
+  (Claims): the characters it names (a name of the dataset's characters, capitalised, that is not
+  one of the image's) and the values it gives exclusive attributes ("green hair" where the image
+  has red hair; with the tagger's evidence, a value the tagger scored well below its threshold).
+  tag_inclusion measures what a caption leaves out, precision what it makes up.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,15 @@ STOP = frozenset("a an the at of on in with to and or from by for own".split())
 BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word
 MAX_CACHED_WORDS = 500_000  # distinct caption words a scorer remembers before it starts over
 SCORED_CATEGORIES = ("general", "character", "copyright")
+# Attributes an image has one value of (its hair colour, its eye colour): a caption giving another
+# value contradicts the evidence. The head word of each family, and the values looked for.
+FAMILY_HEADS = ("hair", "eyes")
+FAMILY_VALUES = ("red", "blue", "green", "yellow", "pink", "purple", "white", "black", "brown", "grey", "gray",
+                 "orange", "aqua", "blonde", "blond", "silver", "golden")
+# Tags saying the image has several values of a family: none of its values is then a contradiction.
+MIXED_TAGS = {"multicolored_hair": "hair", "gradient_hair": "hair", "two-tone_hair": "hair",
+              "streaked_hair": "hair", "colored_inner_hair": "hair", "rainbow_hair": "hair",
+              "multicolored_eyes": "eyes", "heterochromia": "eyes", "gradient_eyes": "eyes"}
 
 NUMBERS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pair": 2, "couple": 2, "three": 3,
            "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "both": 2}
@@ -251,10 +266,14 @@ class Scores:
     tag_inclusion: np.ndarray
     english_similarity: np.ndarray
     subject_consistency: np.ndarray
+    precision: np.ndarray | None = None
 
     @property
     def accuracy(self) -> np.ndarray:
-        return (self.tag_inclusion + self.english_similarity + self.subject_consistency) / 3.0
+        """The mean of the three, times precision: a caption that makes up half of what it claims
+        keeps half its score, however much of the evidence it also says."""
+        mean = (self.tag_inclusion + self.english_similarity + self.subject_consistency) / 3.0
+        return mean if self.precision is None else mean * self.precision
 
 
 class CaptionScorer:
@@ -262,11 +281,14 @@ class CaptionScorer:
     embeddings of all captions and references go through the model in one batched call."""
 
     def __init__(self, encoder: SentenceEncoder | None, forms: WordForms | None = None,
-                 categories: tuple[str, ...] = SCORED_CATEGORIES, skip_tags: frozenset[str] = frozenset()) -> None:
+                 categories: tuple[str, ...] = SCORED_CATEGORIES, skip_tags: frozenset[str] = frozenset(),
+                 characters: Iterable[str] = ()) -> None:
         self.encoder = encoder
         self.forms = forms or WordForms()
         self.categories = categories
         self.skip_tags = skip_tags  # count tags: subject_consistency judges them
+        self.characters = tuple(characters)  # the character tags a caption's names are looked up in
+        self._claims: Claims | None = None  # built from word ids: rebuilt when the ids start over
         self._tag_words: dict[tuple[str, str], tuple[str, ...]] = {}
         self._word_ids: dict[str, int] = {}
         self._raw_word_ids: dict[str, int] = {}  # a word as the caption has it -> its normalised id
@@ -289,8 +311,8 @@ class CaptionScorer:
             return 1.0
         return sum(expresses(w, positions) for w in scored) / len(scored)
 
-    def tag_inclusion_batch(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list
-                            ) -> np.ndarray:
+    def tag_inclusion_batch(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list,
+                            words: CaptionWords | None = None) -> np.ndarray:
         """tag_inclusion of every row at once (float64, one per caption): the captions are
         split into words by Arrow, each distinct word is normalised once, and the search for
         each tag's head word with its other words near it is array arithmetic over word ids
@@ -298,10 +320,7 @@ class CaptionScorer:
         tags, categories = _list_array(tags), _list_array(categories)
         if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
             raise ValueError("every row needs one category per tag")
-        if len(self._raw_word_ids) > self.max_cached_words:  # a long-lived actor meets new words forever
-            for cache in (self._word_ids, self._raw_word_ids, self._pair_word_ids):
-                cache.clear()
-        words = CaptionWords.of(captions, self)
+        words = words or self.caption_words(captions)
         pairs = self._scored_pairs(tags, categories)
         expressed = words.expressed(pairs)
         n = len(captions)
@@ -313,6 +332,27 @@ class CaptionScorer:
         for i in np.flatnonzero(~words.ascii):
             out[i] = self.tag_inclusion(captions[i] or "", tags[i].as_py(), categories[i].as_py())
         return out
+
+    def caption_words(self, captions: list[str]) -> CaptionWords:
+        """The batch's words as ids (CaptionWords), after forgetting the cached words once there
+        are too many (a long-lived actor meets new words forever)."""
+        if len(self._raw_word_ids) > self.max_cached_words:
+            for cache in (self._word_ids, self._raw_word_ids, self._pair_word_ids):
+                cache.clear()
+            self._claims = None
+        return CaptionWords.of(captions, self)
+
+    def claims(self) -> Claims:
+        if self._claims is None:
+            self._claims = Claims(self, self.characters)
+        return self._claims
+
+    def precision_batch(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list,
+                        evidence: ClaimEvidence | None = None, words: CaptionWords | None = None) -> np.ndarray:
+        """precision of every row (float64): 1 - contradicted / checked claims, 1 without any."""
+        words = words or self.caption_words(captions)
+        evidence = evidence or ClaimEvidence.open(len(captions))
+        return self.claims().precision(words, _list_array(tags), _list_array(categories), evidence)
 
     def word_id(self, word: str) -> int:
         """A dense id per normalised word (shared by caption words and tag words)."""
@@ -364,9 +404,13 @@ class CaptionScorer:
         return inclusion, subject_consistency_batch(captions, n_people, names).astype(np.float32)
 
     def score(self, captions: list[str], references: list[str], tags: list[list[str]],
-              categories: list[list[str]], n_people: list[int | None], names: list[list[str]]) -> Scores:
-        inclusion, subject = self.lexical(captions, tags, categories, n_people, names)
-        return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject)
+              categories: list[list[str]], n_people: list[int | None], names: list[list[str]],
+              claims: ClaimEvidence | None = None) -> Scores:
+        words = self.caption_words(captions)
+        inclusion = self.tag_inclusion_batch(captions, tags, categories, words).astype(np.float32)
+        subject = subject_consistency_batch(captions, n_people, names).astype(np.float32)
+        precision = self.precision_batch(captions, tags, categories, claims, words).astype(np.float32)
+        return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject, precision)
 
 
 @dataclass
@@ -389,6 +433,7 @@ class CaptionWords:
     starts: np.ndarray
     ends: np.ndarray
     ascii: np.ndarray  # per caption: only ASCII characters
+    capital: np.ndarray  # per word: written with a capital first letter (a name, or a sentence's start)
 
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
@@ -405,8 +450,13 @@ class CaptionWords:
                         for w in encoded.dictionary.to_pylist()], dtype=np.int64)
         counts = np.bincount(rows, minlength=len(captions))
         ends = np.cumsum(counts)
+        # the same runs of the text as written: every byte keeps its place when ASCII is lower-cased,
+        # and non-ASCII bytes are word bytes in both, so run i of one is run i of the other
+        cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(original, IN_CASED_WORD)), characters=WORD_INNER)
+        cased = cased.filter(pa.array(keep)) if len(cased) == len(keep) else pa.array([""] * len(raw))
+        capital = pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False)
         return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
-                   pc.string_is_ascii(original).to_numpy(zero_copy_only=False))
+                   pc.string_is_ascii(original).to_numpy(zero_copy_only=False), capital.astype(bool))
 
     def expressed(self, pairs: TagPairs) -> np.ndarray:
         """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
@@ -435,12 +485,185 @@ class CaptionWords:
         return np.bincount(occ_pair, weights=missing == 0, minlength=len(pairs.row)) > 0
 
 
+@dataclass
+class ClaimEvidence:
+    """What a batch's claims are checked against, per caption: the image's characters (tags), the
+    tags the tagger scored near its threshold (neither kept nor well below it: no verdict), and
+    whether the evidence is closed (the tagger's: a value it neither kept nor came near is denied)
+    or open (curated tags: a value is denied only where the image has another of its family)."""
+
+    characters: list[list[str]]
+    uncertain: list[list[str]]
+    closed: list[bool]
+
+    @classmethod
+    def open(cls, n: int) -> ClaimEvidence:
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], [False] * n)
+
+
+# Words after "red hair" that make it something else ("a red hair ribbon", "blue eye shadow").
+NOT_THE_ATTRIBUTE = ("ribbon", "ornament", "bow", "clip", "tie", "pin", "flower", "band", "accessory", "shadow",
+                     "patch", "mask", "liner", "color", "colour", "dye")
+
+
+class Claims:
+    """The checkable vocabulary of one scorer as word ids: attribute values (value word + head word
+    of a FAMILY_HEADS family) and character names (their words, head last), and the checks of a
+    batch's claims against its evidence."""
+
+    def __init__(self, scorer: CaptionScorer, characters: Iterable[str]) -> None:
+        self.scorer = scorer
+        norm = scorer.forms.norm
+        heads = sorted({scorer.word_id(norm(h)) for h in FAMILY_HEADS})
+        pairs = sorted({(scorer.word_id(norm(v)), h) for v in FAMILY_VALUES for h in heads},
+                       key=lambda p: _pair_key(*p))
+        self.attr_keys = np.array([_pair_key(v, h) for v, h in pairs], dtype=np.int64)  # sorted
+        self.attr_family = np.array([h for _, h in pairs], dtype=np.int64)
+        self.values = np.array(sorted({v for v, _ in pairs}), dtype=np.int64)
+        self.stop = np.array(sorted({scorer.word_id(norm(w)) for w in STOP}), dtype=np.int64)
+        self.not_attribute = np.array(sorted({scorer.word_id(norm(w)) for w in NOT_THE_ATTRIBUTE}), dtype=np.int64)
+        # a name that is only colour words ("Red", "Blue" of Pokemon) is read as a colour: "Red hair ..."
+        colours = {norm(v) for v in FAMILY_VALUES}
+        names = sorted({w for c in characters if (w := scorer.words_of_tag(c, "character")) and not set(w) <= colours})
+        self.name_index = {n: i for i, n in enumerate(names)}
+        ids = [[scorer.word_id(w) for w in n] for n in names]
+        self.name_words = np.fromiter((w for n in ids for w in n), dtype=np.int64)
+        self.name_offsets = np.concatenate([[0], np.cumsum([len(n) for n in ids], dtype=np.int64)]).astype(np.int64)
+        name_heads = np.array([n[-1] for n in ids], dtype=np.int64)
+        self.head_order = np.argsort(name_heads, kind="stable")
+        self.head_sorted = name_heads[self.head_order]
+        self._facts: dict[str, tuple[int, int, int]] = {}  # "tag\x1fcategory" -> (attribute, mixed family, name)
+
+    def precision(self, words: CaptionWords, tags: pa.ListArray, categories: pa.ListArray,
+                  evidence: ClaimEvidence) -> np.ndarray:
+        n = len(words.starts)
+        row_of = np.repeat(np.arange(n), words.ends - words.starts)
+        attr_rows, attrs = self._attribute_claims(words, row_of)
+        name_rows, names = self._name_claims(words, row_of)
+        strings = pa.list_(pa.string())
+        known = self._facts_of(tags, categories)
+        near = self._facts_of(pa.array(evidence.uncertain, strings), None)
+        chars = self._facts_of(pa.array(evidence.characters, strings), None, "character")
+        has = known.attr >= 0
+        told = _keys(known.row[has], known.attr[has])  # values the evidence gives
+        present = _keys(known.row[has], self.attr_family[known.attr[has]])  # families it gives a value of
+        unsure = _keys(near.row[near.attr >= 0], near.attr[near.attr >= 0])
+        mixed = np.concatenate([_keys(f.row[f.mixed >= 0], f.mixed[f.mixed >= 0]) for f in (known, near)])
+        names_told = np.concatenate([_keys(f.row[f.name >= 0], f.name[f.name >= 0]) for f in (known, chars)])
+        names_near = _keys(near.row[near.name >= 0], near.name[near.name >= 0])
+        # an attribute value: right when the evidence gives it; wrong when the evidence is the
+        # tagger's (closed) or gives another value of its family, unless near or a mixed family
+        claim, family = _keys(attr_rows, attrs), _keys(attr_rows, self.attr_family[attrs])
+        right = np.isin(claim, told)
+        closed = np.asarray(evidence.closed, dtype=bool)[attr_rows] if len(attr_rows) else np.zeros(0, bool)
+        wrong = ~right & ~np.isin(claim, unsure) & ~np.isin(family, mixed) & (closed | np.isin(family, present))
+        # a name: right when it is one of the image's characters, wrong otherwise (unless near)
+        name_claim = _keys(name_rows, names)
+        name_right = np.isin(name_claim, names_told)
+        name_wrong = ~name_right & ~np.isin(name_claim, names_near)
+        checked = np.bincount(attr_rows, weights=right | wrong, minlength=n) + \
+            np.bincount(name_rows, weights=name_right | name_wrong, minlength=n)
+        denied = np.bincount(attr_rows, weights=wrong, minlength=n) + np.bincount(name_rows, weights=name_wrong,
+                                                                                   minlength=n)
+        return np.where(checked > 0, 1.0 - denied / np.maximum(checked, 1), 1.0)
+
+    def _attribute_claims(self, words: CaptionWords, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, attribute) of each value the captions give a family: the value word right before
+        the head word, or two before with a word between that is neither a value nor a stop word
+        ("red wavy hair"; not "red and blue hair", where red is the other value's)."""
+        ids, rows, attrs = words.ids, [], []
+        after = np.append(ids[1:], -1)  # the word after each word in its caption, -1 at the end
+        after[np.append(row_of[1:] != row_of[:-1], True)] = -1
+        for gap in (1, 2):
+            if len(ids) <= gap:
+                continue
+            keys = _pair_key(ids[:-gap], ids[gap:])
+            at = np.searchsorted(self.attr_keys, keys)
+            hit = (self.attr_keys[np.minimum(at, len(self.attr_keys) - 1)] == keys) & (row_of[:-gap] == row_of[gap:])
+            hit &= ~np.isin(after[gap:], self.not_attribute)  # the word after the head
+            if gap == 2:
+                middle = ids[1:-1]
+                hit &= ~np.isin(middle, self.stop) & ~np.isin(middle, self.values)
+            rows.append(row_of[:-gap][hit])
+            attrs.append(at[hit])
+        none = [np.zeros(0, np.int64)]
+        return _distinct(np.concatenate(rows or none), np.concatenate(attrs or none))
+
+    def _name_claims(self, words: CaptionWords, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, name) of each character name of the vocabulary a caption says: its head word
+        written with a capital, its other words near it (CaptionWords.expressed)."""
+        if not len(self.head_sorted) or not len(words.ids):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        first = np.searchsorted(self.head_sorted, words.ids, "left")
+        count = (np.searchsorted(self.head_sorted, words.ids, "right") - first) * words.capital
+        at = np.repeat(np.arange(len(words.ids)), count)
+        rows, names = _distinct(row_of[at], self.head_order[np.repeat(first, count) + _ranks(count)])
+        said = words.expressed(TagPairs(row=rows, tag=names, words=self.name_words, offsets=self.name_offsets))
+        return rows[said], names[said]
+
+    def _facts_of(self, tags: pa.ListArray, categories: pa.ListArray | None, category: str = "general") -> TagFacts:
+        """For each (row, tag) of the lists: the attribute value it is (-1: none), the family it
+        says is mixed (-1), the name of the vocabulary it is (-1)."""
+        flat = pc.list_flatten(tags).fill_null("")
+        cats = pc.list_flatten(categories).fill_null("") if categories is not None else \
+            pa.array([category] * len(flat), pa.string())
+        keys = pc.binary_join_element_wise(flat, pc.if_else(pc.equal(cats, ""), "general", cats), "\x1f")
+        distinct = pc.unique(keys)
+        which = pc.index_in(keys, value_set=distinct).to_numpy()
+        facts = np.array([self._fact(k) for k in distinct.to_pylist()], dtype=np.int64).reshape(-1, 3)
+        rows = pc.list_parent_indices(tags).to_numpy()
+        return TagFacts(rows, *(facts[which].T if len(which) else np.zeros((3, 0), np.int64)))
+
+    def _fact(self, key: str) -> tuple[int, int, int]:
+        found = self._facts.get(key)
+        if found is None:
+            tag, category = key.split("\x1f", 1)
+            words = self.scorer.words_of_tag(tag, category)
+            ids = [self.scorer.word_id(w) for w in words[-2:]]
+            attr = -1
+            if len(ids) == 2:
+                at = int(np.searchsorted(self.attr_keys, _pair_key(*ids)))
+                attr = at if at < len(self.attr_keys) and self.attr_keys[at] == _pair_key(*ids) else -1
+            mixed = MIXED_TAGS.get(tag)
+            family = self.scorer.word_id(self.scorer.forms.norm(mixed)) if mixed else -1
+            name = self.name_index.get(self.scorer.words_of_tag(tag, "character"), -1) \
+                if category == "character" else -1
+            found = self._facts[key] = (attr, family, name)
+        return found
+
+
+@dataclass
+class TagFacts:
+    """Per (row, tag) of some tag lists: the row and what the tag is to Claims (-1: nothing)."""
+
+    row: np.ndarray
+    attr: np.ndarray
+    mixed: np.ndarray
+    name: np.ndarray
+
+
+def _pair_key(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray | int:
+    """One int64 for a pair of non-negative ids below 2**31."""
+    return (np.asarray(a, dtype=np.int64) << 32) | np.asarray(b, dtype=np.int64) if isinstance(a, np.ndarray) \
+        else (int(a) << 32) | int(b)
+
+
+def _keys(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return _pair_key(np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.int64))
+
+
+def _distinct(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.unique(_keys(rows, values))
+    return keys >> 32, keys & 0xFFFFFFFF
+
+
 # ASCII bytes that WORD takes; bytes of other characters are kept too (captions with them are
 # scored in Python, see tag_inclusion_batch)
 IN_WORD = np.array([chr(b) in "abcdefghijklmnopqrstuvwxyz0123456789" + WORD_INNER or b >= 128 for b in range(256)])
+IN_CASED_WORD = IN_WORD | np.array([65 <= b <= 90 for b in range(256)])  # and A-Z: the text before lower-casing
 
 
-def _word_runs(text: pa.Array) -> pa.ListArray:
+def _word_runs(text: pa.Array, in_word: np.ndarray = IN_WORD) -> pa.ListArray:
     """Each lower-case caption split into the runs of WORD's characters (for ASCII text, what a
     regex split on every other character gives). By hand rather than split_pattern_regex, which
     costs RE2 about 150 ns a match with some 50 gaps per caption: one table lookup turns every
@@ -449,7 +672,7 @@ def _word_runs(text: pa.Array) -> pa.ListArray:
     if data is None or not len(text):
         return pc.ascii_split_whitespace(text)
     raw = np.frombuffer(data, np.uint8)
-    spaced = np.where(IN_WORD[raw], raw, np.uint8(32)).astype(np.uint8)
+    spaced = np.where(in_word[raw], raw, np.uint8(32)).astype(np.uint8)
     return pc.ascii_split_whitespace(pa.StringArray.from_buffers(len(text), offsets, pa.py_buffer(spaced),
                                                                  offset=text.offset))
 

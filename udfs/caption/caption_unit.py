@@ -26,7 +26,8 @@ import pyarrow as pa
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_lint import TraitLint
-from udfs.caption.caption_scoring import CaptionScorer, QualityBands, Scores, SentenceEncoder
+from udfs.caption.caption_prompts import CAPTION_PROMPT, REWRITE_PROMPT, EchoCheck, refusal
+from udfs.caption.caption_scoring import CaptionScorer, ClaimEvidence, QualityBands, Scores, SentenceEncoder
 from udfs.caption.reply_cache import ReplyCache
 from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
@@ -110,6 +111,12 @@ class Evidence:
     categories: list[str]
     people: int | None
     not_scored: str | None = None
+    # what a caption's claims are checked against (caption_scoring.Claims): the image's characters;
+    # the tags the tagger scored near its threshold (no verdict on them); closed: the tagger's
+    # evidence, where a value it scored well below its threshold is denied
+    characters: tuple[str, ...] = ()
+    uncertain: tuple[str, ...] = ()
+    closed: bool = False
 
 
 BUILT_FROM_TAGS = Evidence(None, [], [], None, "built_from_tags")
@@ -123,18 +130,22 @@ def evidence_for(row: dict, builds_from_tags: bool, vocab: TemplateVocab) -> Evi
     """
     if builds_from_tags:
         return BUILT_FROM_TAGS
+    characters = tuple(row.get("characters") or ())
     if row.get("tagger_ran"):
         tags, categories = list(row["tagger_tags"]), list(row["tagger_categories"])
         people = row.get("n_people_detected") or count_people(tags, vocab)
-        return Evidence("tagger", tags, categories, people)
-    return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab))
+        return Evidence("tagger", tags, categories, people, characters=characters,
+                        uncertain=tuple(row.get("tagger_near") or ()), closed=True)
+    return Evidence("curated_tags", list(row["tags"]), list(row["categories"]), image_people(row, vocab),
+                    characters=characters)
 
 
 def own_evidence(row: dict, vocab: TemplateVocab) -> Evidence:
     """The evidence for an image's own caption: as for a model shown the image, but an image with
-    neither tagger tags nor curated tags has none."""
+    neither tagger tags nor curated tags has none, nor has one whose tags were taken from its own
+    text (caption.tags_from_text): they say what the caption says."""
     evidence = evidence_for(row, False, vocab)
-    if evidence.against == "curated_tags" and not evidence.tags:
+    if evidence.against == "curated_tags" and (not evidence.tags or row.get("tags_from_text")):
         return Evidence(None, [], [], None, "no_evidence")
     return evidence
 
@@ -148,9 +159,12 @@ class Judge:
     names: list[list[str]]
 
     def score(self, scorer: CaptionScorer, images: list[int], captions: list[str]) -> Scores:
-        return scorer.score(captions, [self.references[i] for i in images],
-                            [self.evidence[i].tags for i in images], [self.evidence[i].categories for i in images],
-                            [self.evidence[i].people for i in images], [self.names[i] for i in images])
+        evidence = [self.evidence[i] for i in images]
+        claims = ClaimEvidence([list(e.characters) for e in evidence], [list(e.uncertain) for e in evidence],
+                               [e.closed for e in evidence])
+        return scorer.score(captions, [self.references[i] for i in images], [e.tags for e in evidence],
+                            [e.categories for e in evidence], [e.people for e in evidence],
+                            [self.names[i] for i in images], claims)
 
 
 class UnitCaptioner:
@@ -175,6 +189,9 @@ class UnitCaptioner:
         self.bands = QualityBands(tuple((float(lo), str(name)) for lo, name in options["quality_bands"]),
                                   int(options["accuracy_step"]), float(options["review_floor"]))
         self.rewriter = self.make_rewriter(options) if options.get("rewrite") else None
+        # a reply holding a line of these is the prompt repeated, not a caption
+        self.echo = EchoCheck([options.get("prompt") or CAPTION_PROMPT, options.get("region_prompt") or "",
+                               REWRITE_PROMPT])
 
     def make_encoder(self) -> SentenceEncoder:
         return SentenceEncoder(self.opts["embedding_model"], batch_size=int(self.opts["embedding_batch_size"]),
@@ -182,7 +199,9 @@ class UnitCaptioner:
 
     def make_scorer(self, encoder: SentenceEncoder | None) -> CaptionScorer:
         skip = frozenset(self.vocab.count) | frozenset(self.vocab.count_words)
-        return CaptionScorer(encoder, skip_tags=skip, categories=tuple(self.opts["score_categories"]))
+        # caption.characters: the dataset's character tags (the job's), the names a caption may make up
+        return CaptionScorer(encoder, skip_tags=skip, categories=tuple(self.opts["score_categories"]),
+                             characters=self.opts.get("characters") or ())
 
     def own_scorer(self) -> CaptionScorer:
         """The scorer of the images' own captions: the backend's, or for a backend whose captions
@@ -282,8 +301,8 @@ class UnitCaptioner:
             return out, []
         errors: list[dict] = []
         results = self.caption_regions(owners, [r["region"] for r in out], hints, drafts)
-        for row, image, result in zip(out, owners, results, strict=True):
-            if self._acceptable(image, result, f"region {row['region']} (its template caption kept)", errors):
+        for row, image, draft, result in zip(out, owners, drafts, results, strict=True):
+            if self._acceptable(image, result, f"region {row['region']} (its template caption kept)", errors, draft):
                 row["caption"], row["backend"] = self._text(image, result), self.backend_name(image)
         return out, errors
 
@@ -327,8 +346,8 @@ class UnitCaptioner:
             attempt_drafts = self._drafts(todo, pending, hints, drafts, attempt)
             results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
             done, interrupted = [], set()
-            for i, hint, result in zip(pending, hints, results, strict=True):
-                if self._acceptable(todo[i], result, f"attempt {attempt}", errors):
+            for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
+                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
                 elif getattr(result, "kind", None) in TRANSIENT_KINDS:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
@@ -362,21 +381,24 @@ class UnitCaptioner:
             return []
         done = [(i, int(self.opts["seed"]), self._text(row, text), "own")
                 for i, row in enumerate(todo) for text in row.get("own_captions") or []
-                if self._acceptable(row, text, "own caption", errors)]
+                if self._acceptable(row, text, "own caption", errors, model=False)]
         if not done:
             return []
+        rows = self._scored(done, OWN_ATTEMPT, todo, self._own_judge(todo, done), self.own_scorer())
+        for row in rows:
+            if row["accuracy"] is None or row["accuracy"] < target:
+                row["_fallback"] = True
+        return rows
+
+    def _own_judge(self, todo: list[dict], done: list[tuple]) -> Judge:
+        """The judge of the own captions in `done` (and of their rewrites): own_evidence."""
         images = sorted({i for i, *_ in done})
         evidence = {i: own_evidence(todo[i], self.vocab) for i in images}
         english = self._english([evidence[i].tags for i in images], [evidence[i].categories for i in images],
                                 [evidence[i].people for i in images])
         references = dict(zip(images, english, strict=True))
-        judge = Judge([evidence.get(i, BUILT_FROM_TAGS) for i in range(len(todo))],
-                      [references.get(i, "") for i in range(len(todo))], [image_names(r) for r in todo])
-        rows = self._scored(done, OWN_ATTEMPT, todo, judge, self.own_scorer())
-        for row in rows:
-            if row["accuracy"] is None or row["accuracy"] < target:
-                row["_fallback"] = True
-        return rows
+        return Judge([evidence.get(i, BUILT_FROM_TAGS) for i in range(len(todo))],
+                     [references.get(i, "") for i in range(len(todo))], [image_names(r) for r in todo])
 
     def can_caption(self, row: dict) -> bool:
         return bool(row["tags"]) or not self.needs_tags
@@ -426,24 +448,46 @@ class UnitCaptioner:
         return rows
 
     def _rewrites(self, attempts, todo, judge: Judge, errors) -> list[dict]:
+        """A rewrite of each image's best caption (refusals and echoes refused: the caption stays).
+        It is scored as that caption was: against the same evidence by the same scorer (an own
+        caption's rewrite against own_evidence), or not, with the same reason (a template
+        caption's rewrite was built from the tags too). It wins only where it is not worse: within
+        rewrite_tolerance of the original, and never below caption.target where that reached it."""
         best = _best_rows(attempts)
         chosen = [best[i] for i in sorted(best)]
         keep = [self.rewriter.must_keep(todo[r["_i"]]["tags"], todo[r["_i"]]["categories"]) for r in chosen]
         results = self.rewriter.rewrite([todo[r["_i"]] for r in chosen], [r["caption"] for r in chosen], keep)
-        done = []
+        own, done = [], []
         for r, result in zip(chosen, results, strict=True):
             if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
-                done.append((r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
+                (own if r["attempt"] == OWN_ATTEMPT else done).append(
+                    (r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
         rows = self._scored(done, attempt, todo, judge)
-        tolerance = float(self.opts["rewrite_tolerance"])
-        for row in rows:  # a shorter caption may lose a little accuracy and still win
-            row["_bonus"] = tolerance
+        if own:
+            rows += self._scored(own, attempt, todo, self._own_judge(todo, own), self.own_scorer())
+        originals = {r["_i"]: r for r in chosen}
+        tolerance, target = float(self.opts["rewrite_tolerance"]), float(self.opts["target"])
+        for row in rows:
+            row["_wins"] = _rewrite_wins(row, originals[row["_i"]], tolerance, target)
         return rows
 
-    def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict]) -> bool:
-        """A non-empty caption within max_caption_chars; else an errors row saying why not."""
+    def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
+                    draft: str | None = None, model: bool = True) -> bool:
+        """A non-empty caption within max_caption_chars; from a model, neither the prompt (or the
+        `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
+        loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
+        # a draft handed back is refused only where captions are scored: the template's caption is
+        # its draft, and a caption made from the tags alone is not scored anyway
+        echo = self.echo.why(result, None if self.builds_from_tags else draft) \
+            if model and isinstance(result, str) else None
+        if echo is not None:
+            errors.append(self._error(row, "prompt_echo", f"{what}: {echo}"))
+            return False
+        if model and isinstance(result, str) and refusal(result):
+            errors.append(self._error(row, "refusal", f"{what}: the model declined: {result[:200]}"))
+            return False
         if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
             return True
         if isinstance(result, str) and result.strip():
@@ -459,7 +503,7 @@ class UnitCaptioner:
             row["accepted"] = True
         for row in attempts:
             row.pop("_i", None)
-            row.pop("_bonus", None)
+            row.pop("_wins", None)
             row.pop("_fallback", None)
         return attempts
 
@@ -468,9 +512,21 @@ class UnitCaptioner:
                 "stage": f"caption:{self.backend}", "kind": kind, "message": str(message)[:2000], "dropped": dropped}
 
 
+def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
+    """Whether a rewrite replaces the caption it was written from. Unscored (as its original was),
+    it wins: it was asked for, and nothing says it is worse. Scored, a shorter caption may lose a
+    little accuracy (rewrite_tolerance) and still win, but never fall below the target its
+    original reached."""
+    if rewrite["accuracy"] is None or original["accuracy"] is None:
+        return rewrite["accuracy"] is None and original["accuracy"] is None
+    if original["accuracy"] >= target > rewrite["accuracy"]:
+        return False
+    return rewrite["accuracy"] + tolerance >= original["accuracy"]
+
+
 def _best_rows(attempts: list[dict]) -> dict[int, dict]:
-    """Per image the row with the highest accuracy (+ a rewrite's tolerance); the first on ties.
-    Without scores the rewrite wins: it was asked for, and nothing says it is worse."""
+    """Per image the row with the highest accuracy; the first on ties. A rewrite is the best row
+    where it beats the caption it was written from (_rewrite_wins), else never."""
     best: dict[int, dict] = {}
     for row in attempts:
         current = best.get(row["_i"])
@@ -480,11 +536,11 @@ def _best_rows(attempts: list[dict]) -> dict[int, dict]:
 
 
 def _rank(row: dict) -> float:
+    if "_wins" in row:  # a rewrite: its original is the best of the rest
+        return math.inf if row["_wins"] else -math.inf
     if row.get("_fallback"):
         return -2.0  # an own caption below target: only when the backend gave none
-    if row["accuracy"] is None:
-        return 1.0 if "_bonus" in row else 0.0
-    return row["accuracy"] + row.get("_bonus", 0.0)
+    return 0.0 if row["accuracy"] is None else row["accuracy"]
 
 
 # Failures of the moment (a server down, overloaded, slow): an image left without a caption by
