@@ -218,6 +218,8 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     ("Here is the girl, holding a note: it says 2 * 3.", "Here is the girl, holding a note: it says 2 * 3."),
     ("A snake_case sign and a 2-year-old cat (note the collar).", "A snake_case sign and a 2-year-old cat (note "
      "the collar)."),
+    ("A girl with a _long_ scarf ^_^ and >_< faces.", "A girl with a long scarf ^_^ and >_< faces."),  # kaomoji
+    ("Here\u2019s a caption for the image: A girl smiles.", "A girl smiles."),
 ])
 def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
     from udfs.caption.caption_prompts import clean_reply

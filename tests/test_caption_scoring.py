@@ -288,6 +288,23 @@ def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_thres
                         ["general", "general"], closed=True) == 1.0
 
 
+
+@pytest.mark.parametrize("caption, precision", [
+    ("Amber light fills the room. Eileen smiles.", 1.0),  # a sentence's first word, not the name
+    ("Dawn breaks over the sea; Crystal earrings dangle from her ears.", 1.0),
+    ("A girl smiles at Amber.", 0.0),  # the name, written as one mid-sentence
+    ("A girl with golden eyes and red hair.", 1.0),  # golden eyes are yellow ones, not blonde
+    ("A girl with a white hair scrunchie and red hair.", 1.0),  # an accessory, not a hair colour
+])
+def test_words_that_only_look_like_claims_are_not_made_up(caption, precision):
+    """From a review: one-word names ("amber_(genshin_impact)") matched any sentence's first word,
+    "golden eyes" read as blonde ones, a white hair scrunchie as white hair: an honest caption
+    scored 0 or 0.5, with the worst quality tag and a loop-back."""
+    tags, cats = ["red_hair", "yellow_eyes", "1girl"], ["general"] * 3
+    known = ("amber_(genshin_impact)", "dawn_(pokemon)", "crystal_(pokemon)")
+    assert precision_of(caption, tags, cats, known=known) == pytest.approx(precision)
+    assert precision_of(caption, tags, cats, closed=True, known=known) == pytest.approx(precision)
+
 def test_batched_precision_on_many_rows_equals_each_row_alone():
     from udfs.caption.caption_scoring import ClaimEvidence
 
@@ -465,6 +482,9 @@ def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_
     ("I can't see the image.", True),
     ("A girl cosplaying as an AI assistant.", False),
     ("A sorry-looking dog who cannot sleep.", False),
+    ("I\u2019m sorry, but I can\u2019t help with identifying people in images.", True),  # curly apostrophes
+    ("I\u2019m unable to describe this image.", True),
+    ("Immature trees line the path.", False),
 ])
 def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
     from udfs.caption.caption_prompts import refusal

@@ -22,7 +22,7 @@ def test_default_rules_keep_the_curated_order_with_spaces():
 
 
 @pytest.mark.parametrize("tag", ["o_o", "u_u", "x_x", "(o)_(o)", ">_o", "^_^", "0_0", "long_hair",
-                                 "eileen_(ren'py)", "\\m/", "\\||/", "!_!"])
+                                 "eileen_(ren'py)", "\\m/", "\\||/"])
 @pytest.mark.parametrize("escape", [False, True])
 def test_a_tag_is_spelled_as_imgutils_writes_it(tag, escape):
     """Kaomoji keep their underscores (o_o was "o o"), backslashes are escaped with the
@@ -33,6 +33,13 @@ def test_a_tag_is_spelled_as_imgutils_writes_it(tag, escape):
                                                                               use_escape=escape)
     assert TagTextRules(underscores=True, escape_parentheses=escape).spell(tag) == tags_to_text(
         {tag: 1.0}, use_spaces=False, use_escape=escape)
+
+
+@pytest.mark.parametrize("tag", [";_;", "-_-", "<_<", "!_!"])
+def test_a_tag_without_letters_keeps_its_underscores_beyond_imgutils_list(tag):
+    """imgutils keeps the underscores of the kaomoji on its list only (";_;" became "; ;"); a tag
+    without a letter is a kaomoji whatever the list says, as the export spelled it before."""
+    assert TagTextRules().spell(tag) == tag
 
 
 def test_categories_first_then_by_score_without_excluded_tags():

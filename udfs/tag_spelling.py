@@ -31,9 +31,12 @@ def imgutils_format() -> tuple[frozenset[str], re.Pattern]:
 
 
 def spaced(tag: str) -> str:
-    """imgutils' remove_underline: the tag with spaces for underscores, a kaomoji as it is."""
+    """imgutils' remove_underline: the tag with spaces for underscores, a kaomoji as it is; and,
+    beyond imgutils' list of them, any tag without a letter (";_;", "-_-", "<_<" are kaomoji too)."""
     tag = tag.strip()
-    return tag if tag in imgutils_format()[0] else tag.replace("_", " ")
+    if tag in imgutils_format()[0] or not any(c.isalpha() for c in tag):
+        return tag
+    return tag.replace("_", " ")
 
 
 def escaped(text: str) -> str:

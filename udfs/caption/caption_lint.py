@@ -76,13 +76,13 @@ def caption_words(text: str, forms: WordForms) -> list[Word]:
     the original text: lower() may change a string's length ("İ" is two characters lower-cased),
     so the places come from a character by character map. A hyphenated word that is no known
     form of its own ("yellow-haired" is one) is read as its parts."""
-    lowered, origin = [], []
-    for i, char in enumerate(text):
-        low = char.lower()
-        lowered.append(low)
-        origin += [i] * len(low)
+    lowered = text.lower()
+    if len(lowered) == len(text):  # nearly always: every character keeps its place
+        origin: list[int] | range = range(len(text))
+    else:
+        origin = [i for i, char in enumerate(text) for _ in char.lower()]
     words: list[Word] = []
-    for whole, match in enumerate(WORD.finditer("".join(lowered))):
+    for whole, match in enumerate(WORD.finditer(lowered)):
         start = origin[match.start()]
         raw = match.group()
         if "-" not in raw.strip("-") or raw in forms.synonyms:

@@ -60,10 +60,11 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
 # markdown (headings, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
 REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.S | re.I)
 OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alright)[.!,]\s*)?"
-                    r"(?:here(?:'s| is)\b[^:\n]*\b(?:caption|description)\b[^:\n]*:\s*)?", re.I)
+                    r"(?:here(?:['\u2019]s| is)\b[^:\n]*\b(?:caption|description)\b[^:\n]*:\s*)?", re.I)
 HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
-EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)(\S(?:.*?\S)?)\1(?!\w)")
+# a letter or digit right inside the marks: "^_^" and ">_<" are kaomoji, not emphasis
+EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.*?[^\s_])?)\1(?!\w)")
 CLOSING_NOTE = re.compile(r"(?:^|(?<=[.!?\n])\s*)\(?(?:notes?:|let me know\b|i hope (?:this|that)\b|feel free\b"
                           r"|would you like\b|do you want\b)", re.I | re.M)
 LABELS = ("Shorter caption:", "Rewritten caption:", "Image caption:", "Caption:", "Description:")
@@ -92,13 +93,14 @@ def clean_reply(text: str | None) -> str:
 
 
 # A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
-REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|unfortunately, i"
+REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i'?m (?:unable|not able)\b|i am sorry|sorry, (?:but )?i"
+                     r"|i apologi[sz]e|unfortunately, i"
                      r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
                      r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
 
 
 def refusal(text: str) -> bool:
-    return REFUSAL.search(text) is not None
+    return REFUSAL.search(text.replace("\u2019", "'").replace("\u2018", "'")) is not None  # "I\u2019m sorry"
 
 
 ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words

@@ -352,7 +352,8 @@ class CaptionScorer:
         """precision of every row (float64): 1 - contradicted / checked claims, 1 without any."""
         words = words or self.caption_words(captions)
         evidence = evidence or ClaimEvidence.open(len(captions))
-        return self.claims().precision(words, _list_array(tags), _list_array(categories), evidence)
+        firsts = sentence_first_words(captions, self)
+        return self.claims().precision(words, _list_array(tags), _list_array(categories), evidence, firsts)
 
     def word_id(self, word: str) -> int:
         """A dense id per normalised word (shared by caption words and tag words)."""
@@ -503,7 +504,9 @@ class ClaimEvidence:
 
 # Words after "red hair" that make it something else ("a red hair ribbon", "blue eye shadow").
 NOT_THE_ATTRIBUTE = ("ribbon", "ornament", "bow", "clip", "tie", "pin", "flower", "band", "accessory", "shadow",
-                     "patch", "mask", "liner", "color", "colour", "dye")
+                     "patch", "mask", "liner", "color", "colour", "dye", "scrunchie", "stick", "tube", "bead",
+                     "bell", "ring", "bun", "cover", "ornaments", "tubes", "beads", "rings", "bobble", "pins",
+                     "clips", "ribbons", "bows", "flowers", "sticks")
 
 
 class Claims:
@@ -515,7 +518,10 @@ class Claims:
         self.scorer = scorer
         norm = scorer.forms.norm
         heads = sorted({scorer.word_id(norm(h)) for h in FAMILY_HEADS})
-        pairs = sorted({(scorer.word_id(norm(v)), h) for v in FAMILY_VALUES for h in heads},
+        # "golden eyes" are yellow eyes, but golden is a synonym of blonde (data/caption/synonyms.toml,
+        # for hair): a blonde value of the eyes is not looked for, rather than read as made up
+        unchecked = {(scorer.word_id(norm("blonde")), scorer.word_id(norm("eyes")))}
+        pairs = sorted({(scorer.word_id(norm(v)), h) for v in FAMILY_VALUES for h in heads} - unchecked,
                        key=lambda p: _pair_key(*p))
         self.attr_keys = np.array([_pair_key(v, h) for v, h in pairs], dtype=np.int64)  # sorted
         self.attr_family = np.array([h for _, h in pairs], dtype=np.int64)
@@ -535,7 +541,7 @@ class Claims:
         self._facts: dict[str, tuple[int, int, int]] = {}  # "tag\x1fcategory" -> (attribute, mixed family, name)
 
     def precision(self, words: CaptionWords, tags: pa.ListArray, categories: pa.ListArray,
-                  evidence: ClaimEvidence) -> np.ndarray:
+                  evidence: ClaimEvidence, sentence_firsts: np.ndarray | None = None) -> np.ndarray:
         n = len(words.starts)
         row_of = np.repeat(np.arange(n), words.ends - words.starts)
         attr_rows, attrs = self._attribute_claims(words, row_of)
@@ -561,6 +567,12 @@ class Claims:
         name_claim = _keys(name_rows, names)
         name_right = np.isin(name_claim, names_told)
         name_wrong = ~name_right & ~np.isin(name_claim, names_near)
+        if sentence_firsts is not None and len(names):
+            # a one-word name not the image's ("Amber", "Dawn", "Crystal") that starts a sentence is
+            # as likely the word: its capital says nothing ("Amber light fills the room.")
+            one_word = (self.name_offsets[names + 1] - self.name_offsets[names]) == 1
+            heads = self.name_words[self.name_offsets[names + 1] - 1]
+            name_wrong &= ~(one_word & np.isin(_keys(name_rows, heads), sentence_firsts))
         checked = np.bincount(attr_rows, weights=right | wrong, minlength=n) + \
             np.bincount(name_rows, weights=name_right | name_wrong, minlength=n)
         denied = np.bincount(attr_rows, weights=wrong, minlength=n) + np.bincount(name_rows, weights=name_wrong,
@@ -630,6 +642,23 @@ class Claims:
                 if category == "character" else -1
             found = self._facts[key] = (attr, family, name)
         return found
+
+
+SENTENCE_END = r"[.!?;:]+[\s\"')\]]*"
+FIRST_WORD = r"^[^A-Za-z0-9]*(?P<word>[A-Za-z0-9][A-Za-z0-9'\-]*)"
+
+
+def sentence_first_words(captions: list[str], scorer: CaptionScorer) -> np.ndarray:
+    """_keys(row, word id) of the first word of every sentence of each caption (the caption's
+    first word included): the words whose capital a sentence gives them, not a name."""
+    sentences = pc.split_pattern_regex(pa.array(captions, pa.string()).fill_null(""), SENTENCE_END)
+    rows = pc.list_parent_indices(sentences).to_numpy()
+    found = pc.extract_regex(pc.list_flatten(sentences), FIRST_WORD)
+    words = pc.utf8_lower(pc.struct_field(found, "word"))
+    valid = pc.is_valid(words).to_numpy(zero_copy_only=False)
+    encoded = pc.dictionary_encode(words.filter(pa.array(valid)))
+    ids = np.array([scorer.word_id(scorer.forms.norm(w)) for w in encoded.dictionary.to_pylist()], dtype=np.int64)
+    return _keys(rows[valid], ids[encoded.indices.to_numpy()]) if len(encoded) else np.zeros(0, np.int64)
 
 
 @dataclass
