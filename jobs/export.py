@@ -179,15 +179,18 @@ def remove_unfinished(ws: Workspace) -> int:
     """Delete the files of the units a killed export started and never committed (their records
     in state/export/started/): no marker or manifest names them, and a plan without those units
     (another selection, other options) would leave them where trainers read them. A done unit
-    that shared one of these files is written again (forget_lost_units). Returns how many."""
+    that shared one of these files is written again (forget_lost_units). Makes the records'
+    folder for this run's units. Returns how many were removed."""
+    ws.fs.create_dir(ws.state_dir(STARTED), recursive=True)
     done = ws.done_units(JOB)
-    started = ws.done_units(STARTED)
-    for unit, record in started.items():
+    removed = 0
+    for unit, record in ws.done_units(STARTED).items():
         if unit not in done:
             delete_files(record["out"], record["files"])
             delete_files(record["out"], lone_multiply_files(record["out"], record["files"]))
+            removed += 1
         ws.forget_unit(STARTED, unit, hold=False)
-    return sum(unit not in done for unit in started)
+    return removed
 
 
 def lone_multiply_files(out: str, relatives: Iterable[str]) -> list[str]:

@@ -56,7 +56,7 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
             "shards": list(range(offset, offset + shards)), "samples": placed(read_plan(ws, item["path"]), offset)}
     # before the first file: a unit killed before its commit is named by no marker and no
     # manifest, and a rerun with another plan would leave its files where trainers read them
-    ws.fs.create_dir(ws.state_dir(STARTED), recursive=True)
+    # (the folder of these records is made once, by the driver: jobs/export.remove_unfinished)
     files = planned_files(plan, options["layouts"])
     ws.write_json(f"state/{STARTED}/{plan['unit']}.json", {"out": out, "files": files})
     info = UnitExport(ws, out, plan, options).run()
