@@ -11,6 +11,10 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[cpu]"
+	# dghs-imgutils pulls opencv-contrib-python, the GUI build: its cv2 needs libGL, which
+	# containers such as rayproject/ray lack. The same version's headless build replaces its files.
+	$(PIP) --no-deps --force-reinstall "opencv-contrib-python-headless==$$($(PY) -c \
+	  'from importlib.metadata import version; print(version("opencv-contrib-python"))')"
 	touch $@
 
 # The test tools on top of the runtime (every one installs from wheels).

@@ -211,3 +211,34 @@ def test_onnxruntime_comes_from_exactly_one_extra():
     assert any(d.startswith("onnxruntime-gpu") for d in extras["gpu"])
     assert not any(d.startswith("onnxruntime>") for d in extras["gpu"])
     assert any(d.startswith("ray[llm]") for d in extras["gpu"])
+
+
+def test_setup_commands_replace_the_gui_opencv(config, tmp_path):
+    """dghs-imgutils installs opencv-contrib-python, whose cv2 needs libGL (absent in the
+    rayproject/ray images): every node type installs the same version's headless build after
+    the project. The command runs here in a shell, with a `pip` on PATH that records its
+    arguments, and the real `python` to read the installed version."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pip").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$PIP_ARGS"\n')
+    (bin_dir / "pip").chmod(0o755)
+    # a script, not a link: a link to a venv's python would not find the venv's packages
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    assert shutil.which("sh")
+    for name in config["available_node_types"]:
+        commands = _effective_setup(config, name)
+        project = next(i for i, cmd in enumerate(commands) if INSTALL_PROJECT.search(cmd))
+        headless = [cmd for cmd in commands[project + 1:] if "opencv-contrib-python-headless" in cmd]
+        assert len(headless) == 1, (name, commands)
+        args_file = tmp_path / f"{name}.args"
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PIP_ARGS": str(args_file)}
+        subprocess.run(["sh", "-c", headless[0]], env=env, check=True)
+        assert args_file.read_text().split("\n")[:-1] == [
+            "install", "--no-deps", "--force-reinstall",
+            f"opencv-contrib-python-headless=={version('opencv-contrib-python')}"], name
