@@ -6,6 +6,7 @@ import json
 
 from jobs.config import REPO
 from review.selection import ReviewIndex
+from udfs.caption.tags_digest import tags_digest
 from udfs.export.export_plan import sample_plan
 from udfs.export.export_shard import empty_text_layouts
 from udfs.export.safe_names import safe_name
@@ -21,15 +22,18 @@ def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_mo
     if row is None:
         return None
     params = {"key": key}
+    captions = index.query("select attempt, backend, caption, accuracy, tag_inclusion, english_similarity, "
+                           "subject_consistency, scored_against, not_scored, lint, quality_tags, flagged, "
+                           "accepted, tags_digest from captions where key = $key order by attempt", params)
+    edits = index.query("select field, old, new, time, batch from edits where key = $key "
+                        "order by time desc, batch desc, seq desc limit 50", params)
     return {
         "row": row,
+        "caption_older_than_tags": caption_older_than_tags(row, captions, edits),
         "tags": tag_table(index, row),
         "detections": index.query("select label, model, score, x0, y0, x1, y1 from detections where key = $key "
                                   "order by label, score desc", params),
-        "captions": index.query("select attempt, backend, caption, accuracy, tag_inclusion, english_similarity, "
-                                "subject_consistency, scored_against, not_scored, lint, quality_tags, flagged, "
-                                "accepted from captions "
-                                "where key = $key order by attempt", params),
+        "captions": captions,
         "duplicates": index.query("select d.key, d.reason, d.is_representative, r.sha256 from duplicates d "
                                   "join review_rows r using (key) where d.dup_group = "
                                   "(select any_value(dup_group) from duplicates where key = $key) "
@@ -37,10 +41,21 @@ def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_mo
         "clusters": cluster_members(index, key, cluster_model),
         "errors": index.query("select stage, kind, message, dropped from errors where key = $key order by stage, kind",
                               params),
-        "edits": index.query("select field, old, new, time, batch from edits where key = $key "
-                             "order by time desc, batch desc, seq desc limit 50", params),
+        "edits": edits,
         "export": export_preview(row, export_options),
     }
+
+
+def caption_older_than_tags(row: dict, captions: list[dict], edits: list[dict]) -> bool:
+    """Whether the image's generated caption was written from other tags than it has now (a tag
+    edit, or a curate since): `booruset caption` would write it again. An own caption was not
+    written from the tags. Captions from before captions.tags_digest: whether a tag was edited."""
+    accepted = [c for c in captions if c["accepted"] and c["backend"] != "own"]
+    if row.get("caption_edited") or not accepted:
+        return False
+    if accepted[0]["tags_digest"] is None:
+        return any(e["field"] == "tags" for e in edits)
+    return accepted[0]["tags_digest"] != tags_digest(row["tags"])
 
 
 def tag_table(index: ReviewIndex, row: dict) -> list[dict]:

@@ -244,6 +244,9 @@ captions = pa.schema(
         ("quality_tags", pa.list_(pa.string())),
         ("flagged", pa.bool_()),
         ("accepted", pa.bool_()),
+        # of the image's tag list the caption was written from (udfs/caption/tags_digest.py): the
+        # review page tells a caption older than the tags; null in parts from before the column
+        ("tags_digest", pa.string()),
     ]
 )
 

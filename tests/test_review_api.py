@@ -455,3 +455,35 @@ def test_an_image_the_preview_says_is_left_out_is_left_out_of_the_kohya_export(t
                                 ).fetchall()
     assert said == {k for k, _ in rows} == set(all_keys(ws)) and all(dropped for _, dropped in rows)
     assert not list((path / "export" / "kohya").rglob("*.txt"))
+
+
+def test_the_page_says_when_a_caption_is_older_than_the_image_tags(tmp_path_factory, ray_local):
+    """The warning follows the tags the accepted caption was written from: none on a fresh
+    caption, shown after a tag edit, gone once `booruset caption` wrote it again, and back after
+    an undo (the caption now has the edited tags)."""
+    from starlette.testclient import TestClient
+
+    from jobs import caption
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    cfg = base_config(path)
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    key = ws.connect().execute("select min(key) from captions where accepted and backend <> 'own'").fetchone()[0]
+
+    def warned() -> bool:
+        page = client.get("/image", params={"key": key})
+        assert page.status_code == 200
+        return 'id="caption-older-than-tags"' in page.text
+
+    assert not warned()
+    batch = client.post("/api/edits", json={"key": key, "add_tags": ["red_scarf"]}).json()["batch"]
+    assert warned()
+    caption.run(cfg, ws)
+    assert "red scarf" in ws.connect().execute("select caption from captions where key = $k and accepted",
+                                               {"k": key}).fetchone()[0]
+    assert not warned()
+    client.post("/api/undo", json={"batch": batch})
+    assert warned()

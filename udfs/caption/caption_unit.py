@@ -29,6 +29,7 @@ from udfs.caption.caption_lint import TraitLint
 from udfs.caption.caption_prompts import CAPTION_PROMPT, REWRITE_PROMPT, EchoCheck, refusal
 from udfs.caption.caption_scoring import CaptionScorer, ClaimEvidence, QualityBands, Scores, SentenceEncoder
 from udfs.caption.reply_cache import ReplyCache
+from udfs.caption.tags_digest import tags_digest
 from udfs.caption.template_batch import TemplateCaptions
 from udfs.caption.template_caption import AspOptions, TemplateVocab, asp_caption, name_of
 
@@ -436,7 +437,7 @@ class UnitCaptioner:
                    "subject_consistency": None, "accuracy": None, "scored_against": judge.evidence[i].against,
                    "not_scored": judge.evidence[i].not_scored,
                    "lint": self.lint.offending(caption, todo[i].get("traits") or []), "quality_tags": [],
-                   "flagged": False, "accepted": False}
+                   "flagged": False, "accepted": False, "tags_digest": tags_digest(todo[i]["tags"])}
             if j in by_done:
                 k = by_done[j]
                 acc = float(scores.accuracy[k])
