@@ -215,3 +215,24 @@ def test_the_repeats_go_to_the_images_the_export_keeps():
     kept = [r for k, r in rows.items() if k.startswith("five/") and int(k.split("/")[1]) < 5]
     assert kept[0]["multiply"] == 1.6 and sum(r["repeats"] for r in kept) == 8
     assert all(rows[f"five/{i}"]["repeats"] == 1 for i in range(5, 9))
+
+
+def test_characters_whose_names_differ_never_share_a_group(workspace):
+    """A group is one folder of the balance and of the kohya / EveryDream export: two different
+    character combinations must never get one path. Dots were dropped and "/" became "_", so
+    `a.b` and `ab`, `x/y` and `x_y`, and the one character `p+q` and the pair `p`, `q` were
+    each one group, balanced (and exported) as one."""
+    names = {"dot": ["a.b"], "nodot": ["ab"], "slash": ["x/y"], "underscore": ["x_y"], "plus": ["p+q"],
+             "pair": ["p", "q"], "dots": [".."], "empty": ["."]}
+    workspace.add_part("images", "p", image_rows(list(names)))
+    workspace.add_part("source_tags", "p", [row for key, characters in names.items()
+                                            for row in source_rows(key, characters, "character")])
+    curate.run(curate_config(workspace, group_format="character"), workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    meta = {r["key"]: r["characters"] for r in workspace.read_table("image_meta").to_pylist()}
+    assert meta == names  # the tags themselves are kept as they are
+    assert len(set(groups.values())) == len(names), groups
+    assert all("/" not in path and path not in ("", ".", "..") for path in groups.values()), groups
+    assert groups["nodot"] == "ab" and groups["pair"] == "p+q" and groups["underscore"] == "x_y"
+    rows = workspace.read_table("balance").to_pylist()
+    assert {r["multiply"] for r in rows} == {1.0} and len({r["path"] for r in rows}) == len(names)
