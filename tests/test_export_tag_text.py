@@ -58,6 +58,42 @@ def test_excluded_categories_and_keep_tokens_separator():
         == "solo, 1girl"
 
 
+def kohya_fixed_tags(text: str, separator: str) -> list[str]:
+    """The tags kohya sd-scripts never shuffles when the caption holds its keep_tokens_separator
+    (train_util's process_caption: what is before the first separator, split at commas)."""
+    assert separator in text
+    return [t.strip() for t in text.split(separator, 1)[0].split(",") if t.strip()]
+
+
+def test_a_separator_keeps_every_character_of_a_multi_character_image():
+    """keep_tokens counts tags, and a count cannot fit images with one character and images with
+    two: keep_tokens=1 kept eileen and let kohya shuffle lucy among the general tags. With a
+    separator the kept part is per image: the count, and the rest of a category of
+    tag_category_order that it ends inside."""
+    tags = ["2girls", "lucy", "eileen", "renpy", "smile"]
+    categories = ["general", "character", "character", "copyright", "general"]
+    rules = TagTextRules(category_order=("character", "copyright"), keep_tokens=1, keep_tokens_separator="|||")
+    text = rules.text(tags, categories, [1.0] * 5)
+    assert text == "lucy, eileen ||| renpy, 2girls, smile"
+    assert kohya_fixed_tags(text, "|||") == ["lucy", "eileen"]
+    # one character: the count alone; a count that ends on a category's last tag: as it was
+    assert rules.text(tags[2:], categories[2:], [1.0] * 3) == "eileen ||| renpy, smile"
+    two = TagTextRules(category_order=("character", "copyright"), keep_tokens=3, keep_tokens_separator="|||")
+    assert two.text(tags, categories, [1.0] * 5) == "lucy, eileen, renpy ||| 2girls, smile"
+    # the budget never leaves a kept tag out, the extended ones included
+    budget = TagTextRules(category_order=("character",), keep_tokens=1, keep_tokens_separator="|||",
+                          clip_token_budget=8)
+    assert budget.fitted(tags, categories, [1.0] * 5) == ("lucy, eileen ||| 2girls", 2)
+    assert TagTextRules(category_order=("character",), keep_tokens=1, keep_tokens_separator="|||",
+                        clip_token_budget=2).fitted(tags, categories, [1.0] * 5) == ("lucy, eileen", 3)
+    # without a separator kohya keeps a fixed count: the text is the same, and the split is said
+    plain = TagTextRules(category_order=("character",), keep_tokens=1)
+    assert plain.text(tags, categories, [1.0] * 5) == "lucy, eileen, 2girls, renpy, smile"
+    assert "keeps 1 of the image's 2 character tags" in plain.keep_warning(tags, categories, [1.0] * 5)
+    assert plain.keep_warning(tags[2:], categories[2:], [1.0] * 3) == ""
+    assert rules.keep_warning(tags, categories, [1.0] * 5) == ""
+
+
 def test_a_tag_holding_the_separator_is_left_out_and_exclusions_take_either_spelling():
     rules = TagTextRules.from_options({
         "tag_underscores": False, "tag_category_order": [], "tag_sort": "rank", "exclude_tag_categories": [],
@@ -80,22 +116,27 @@ def test_export_writes_tags_as_configured(tmp_path_factory, tmp_path, ray_local)
     export.run(cfg, ws)
     samples = list(wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")), shardshuffle=False))
     assert samples
-    with_character = 0
+    with_character = two_characters = 0
     for sample in samples:
         txt, meta = sample["txt"].decode(), json.loads(sample["json"])
         kept = [t for t, c in zip(meta["tags"], meta["tag_categories"], strict=True) if c != "rating"]
         written = [w.strip() for w in txt.replace("|||", ",").split(",") if w.strip()]
         assert len(written) == len(kept), (txt, kept)  # every tag but the ratings
-        assert meta["keep_tokens"] == 1
         assert all(c != "rating" or t not in txt for t, c in zip(meta["tags"], meta["tag_categories"], strict=True))
         characters = [t for t, c in zip(meta["tags"], meta["tag_categories"], strict=True) if c == "character"]
         if characters:
             with_character += 1
-            first = characters[0].replace("_", " ").replace("(", "\\(").replace(")", "\\)")
-            assert txt.startswith(first), txt
+            spelled = [c.replace("_", " ").replace("(", "\\(").replace(")", "\\)") for c in characters]
+            assert txt.startswith(spelled[0]), txt
+            # what kohya keeps is what is before the separator: every character, also of a
+            # two-character image (keep_tokens=1 kept the first and shuffled the second)
+            if len(kept) > len(characters):
+                assert kohya_fixed_tags(txt, "|||") == spelled, txt
+                assert meta["keep_tokens"] == len(characters)
+                two_characters += len(characters) == 2
         if len(kept) > 1:
             assert txt.count(" ||| ") == 1 and "(" not in txt.replace("\\(", "")
-    assert with_character > 0
+    assert with_character > 0 and two_characters > 0
 
 
 def test_clip_tokens_are_clips_own_bpe_tokens():
@@ -165,6 +206,47 @@ def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp
     manifest = {r["key"]: r["text_cut"] for r in ws.read_table("export_manifest").to_pylist()}
     assert {k for k, n in manifest.items() if n} == cut
     assert f"clip_token_budget 40: KEY.txt of {len(cut)} images cut to fit" in " ".join(summary.notes)
+
+
+def test_kept_tags_over_the_budget_and_a_split_character_run_are_errors_rows(tmp_path_factory, tmp_path, ray_local):
+    """The budget never leaves out the kept tags, so KEY.txt could go over it with nothing said;
+    and keep_tokens without a separator shuffles the second character of a two-character image.
+    Both are errors rows (the image is exported) counted in the summary."""
+    import webdataset as wds
+
+    from jobs import export
+    from udfs.export.clip_tokens import clip_tokens
+
+    out = tmp_path / "out"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.text="tags"',
+                    'export.tag_category_order=["character"]', "export.keep_tokens=2", "export.clip_token_budget=5")
+    summary = export.run(cfg, ws)
+    samples = {s["__key__"]: s for s in wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")),
+                                                         shardshuffle=False)}
+    over = {json.loads(s["json"])["key"] for s in samples.values() if clip_tokens(s["txt"].decode()) > 5}
+    errors = [r for r in ws.read_table("errors").to_pylist() if r["stage"] == "export"]
+    flagged = {r["key"] for r in errors if r["kind"] == "over_token_budget"}
+    assert over and flagged == over and not any(r["dropped"] for r in errors)
+    assert summary.errors_by_kind["over_token_budget"] == len(over) and summary.dropped == 0
+    assert len(samples) == summary.rows_out["webdataset samples"]  # all exported all the same
+
+    out2 = tmp_path / "out2"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out2}"', 'export.text="tags"',
+                    'export.tag_category_order=["character"]', "export.keep_tokens=1")
+    summary = export.run(cfg, ws)
+    split = {r["key"] for r in ws.read_table("errors").to_pylist() if r["kind"] == "keep_tokens_split"}
+    two = {key for (key,) in ws.connect().execute(
+        "select key from image_meta where len(characters) = 2 and key in (select key from export_manifest)").fetchall()}
+    assert split and split == two
+    assert summary.errors_by_kind["keep_tokens_split"] == len(two)
+
+
+def test_keep_tokens_that_can_never_fit_the_budget_are_refused(tmp_path_factory):
+    from jobs import export
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot fit export.clip_token_budget 75"):
+        export.run(*fresh(tmp_path_factory, "export.keep_tokens=40", "export.clip_token_budget=75"))
 
 
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",

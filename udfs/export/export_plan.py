@@ -53,6 +53,10 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         caption, text_from = own, "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
+    keep_tokens = int(opts["keep_tokens"])
+    if caption is None and rules.keep_tokens_separator:  # the kept part is per image (TagTextRules.kept)
+        ordered = rules.ordered_pairs(row["tags"], row["categories"], row["tag_scores"])
+        keep_tokens = max(keep_tokens, rules.kept([c for _, c in ordered]))
     repeats = int(row["repeats"])  # the balance gives them out per group (sql/091_balance.sql)
     concept = opts["concept"] or row["group"] or "all"
     meta = {  # the source without a URI's query: a trainer's metadata holds no endpoint or options
@@ -63,7 +67,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
         "scores": {k: row.get(k) for k in ("accuracy", "tag_inclusion", "english_similarity", "subject_consistency",
                                            "scored_against", "not_scored")},
-        "quality_tags": row["quality_tags"], "group": row["group"], "keep_tokens": int(opts["keep_tokens"]),
+        "quality_tags": row["quality_tags"], "group": row["group"], "keep_tokens": keep_tokens,
         "multiply": float(row["multiply"]), "repeats": repeats,
         "width": size[0], "height": size[1], "original_width": width, "original_height": height,
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
@@ -89,7 +93,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         meta["clip"], meta["frame_time"] = row["clip"], row["frame_time"]
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
-    return {
+    plan = {
         "key": row["key"], "member": row["member"], "offset": row.get("member_offset"), "clip": row.get("clip"),
         # the bytes ingest saw: a member of another size was rewritten since (not exported with
         # these rows); in the plan's digest, so that a unit whose images changed is written again
@@ -104,6 +108,26 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",
         "planned_bytes": image_bytes + len(txt.encode()) + len(meta_text.encode()) + TAR_OVERHEAD,
     }
+    warnings = text_warnings(caption, row, rules, txt)
+    if warnings:  # only then: a key in every sample would change every unit's digest
+        plan["text_warnings"] = warnings
+    return plan
+
+
+def text_warnings(caption: str | None, row: dict, rules: TagTextRules, txt: str) -> list[dict]:
+    """What is wrong with KEY.txt that the export cannot mend, as errors rows to write (the image
+    is exported): the kept tags alone over the CLIP token budget (the budget never leaves them
+    out), or kohya's fixed keep_tokens count splitting the image's leading category."""
+    warnings = []
+    if caption is None and rules.clip_token_budget and clip_tokens(txt) > rules.clip_token_budget:
+        warnings.append({"kind": "over_token_budget", "message": (
+            f"KEY.txt is {clip_tokens(txt)} CLIP tokens, over export.clip_token_budget {rules.clip_token_budget}: "
+            "its keep_tokens tags alone are longer, and the budget never leaves them out (a trainer cuts the "
+            "text at its limit)")})
+    split = rules.keep_warning(row["tags"], row["categories"], row["tag_scores"]) if caption is None else ""
+    if split:
+        warnings.append({"kind": "keep_tokens_split", "message": split})
+    return warnings
 
 
 def budgeted_text(caption: str | None, row: dict, rules: TagTextRules) -> tuple[str, int]:
