@@ -103,8 +103,11 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
     if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
-    if opts["keep_tokens_separator"] and not str(opts["keep_tokens_separator"]).strip():
-        raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text such as \"|||\"")
+    separator = str(opts["keep_tokens_separator"])
+    # a line break in it would make KEY.txt two lines, and kohya trains on the first alone
+    if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
+        raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text on one line, "
+                          "such as \"|||\"")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])

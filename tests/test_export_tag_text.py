@@ -250,7 +250,8 @@ def test_keep_tokens_that_can_never_fit_the_budget_are_refused(tmp_path_factory)
 
 
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",
-                                      'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "'])
+                                      'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "',
+                                      'export.keep_tokens_separator="|||\\n"'])
 def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
     from jobs import export
     from jobs.config import ConfigError
