@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +27,9 @@ from udfs.export.safe_names import key_digest, safe_folder, safe_name
 from udfs.export.tag_text import TagTextRules
 from udfs.ingest.sources import input_location
 
-TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
+TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (at most 3 x 1023 bytes)
+# a shard's end: two zero blocks, then zeros to a whole record (tarfile pads to 10 KiB), at most
+TAR_END = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE - tarfile.BLOCKSIZE
 
 
 def one_line(text: str | None) -> str:
@@ -175,13 +178,13 @@ class ShardCut:
 
     def __init__(self, max_count: int, max_bytes: int) -> None:
         self.max_count, self.max_bytes = max_count, max_bytes
-        self.shard, self.size = 0, 0
+        self.shard, self.size = 0, TAR_END  # a shard's bytes: its samples and its end
         self.keys: set[str] = set()  # the images in the current shard: at most max_count
 
     def place(self, key: str, planned_bytes: int) -> int:
         full = len(self.keys) + 1 > self.max_count or self.size + planned_bytes > self.max_bytes
         if self.keys and (full or key in self.keys):
-            self.shard, self.size = self.shard + 1, 0
+            self.shard, self.size = self.shard + 1, TAR_END
             self.keys.clear()
         self.keys.add(key)
         self.size += planned_bytes
