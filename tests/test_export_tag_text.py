@@ -182,6 +182,22 @@ def test_a_long_caption_is_cut_after_its_last_whole_sentence_that_fits():
     assert cut and clip_tokens(words) == 10 and words == " ".join(["word"] * 10)
 
 
+def test_a_caption_without_spaces_is_cut_not_emptied():
+    """Japanese and Chinese captions have no spaces (and no space after 。): a caption over the
+    budget was cut to nothing, its image then left out of the kohya and EveryDream folders as one
+    without text. It is cut after its last whole sentence that fits, else at its longest start."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    sentence = "金髪の少女が教室の窓際に立って微笑んでいる。"
+    text, cut = fit_caption(sentence * 10, 75)
+    assert cut and text and clip_tokens(text) <= 75
+    assert text == sentence * (len(text) // len(sentence))  # whole sentences
+    assert clip_tokens(text + sentence) > 75
+    one = "金髪の少女が教室の窓際に立って微笑んでいる" * 10  # one sentence, no end mark
+    text, cut = fit_caption(one, 75)
+    assert cut and text and one.startswith(text) and clip_tokens(text) <= 75 < clip_tokens(one[:len(text) + 1])
+
+
 def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 
