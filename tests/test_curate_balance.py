@@ -39,6 +39,20 @@ def test_issue_example_from_a_folder_tree(tmp_path, capsys):
     assert "multiply 24" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args", [["missing"], ["dataset", "--min-multiply", "0"],
+                                  ["dataset", "--max-multiply", "-3"]])
+def test_the_folder_tool_refuses_a_missing_folder_and_bounds_not_above_zero(tmp_path, capsys, args):
+    """A mistyped folder printed nothing and exited 0; bounds of 0 or below gave every folder a
+    multiply of 0 or -3 (and --write wrote them), which curate refuses for the same options."""
+    (tmp_path / "dataset" / "a").mkdir(parents=True)
+    (tmp_path / "dataset" / "a" / "1.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        balance.main([str(tmp_path / args[0]), *args[1:], "--write"])
+    assert exit_info.value.code == 2
+    assert ("not a folder" if args[0] == "missing" else "more than 0") in capsys.readouterr().err
+    assert not (tmp_path / "dataset" / "a" / "multiply.txt").exists()
+
+
 def test_own_images_count_as_a_child_min_max_multiply_and_rounding(tmp_path):
     counts = pa.table({"path": ["a", "a/b", "c"], "n_images": [3, 3, 1]})
     got = {r["path"]: r for r in balance.balance_folders(counts, balance.balance_weights(""), 2.0, 5.0).to_pylist()}
