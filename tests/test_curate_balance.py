@@ -250,3 +250,23 @@ def test_characters_whose_names_differ_never_share_a_group(workspace):
     assert groups["nodot"] == "ab" and groups["pair"] == "p+q" and groups["underscore"] == "x_y"
     rows = workspace.read_table("balance").to_pylist()
     assert {r["multiply"] for r in rows} == {1.0} and len({r["path"] for r in rows}) == len(names)
+
+
+def test_the_reports_balance_counts_the_images_the_export_keeps(workspace):
+    """The report's "after multiply" share is what the export trains on: near duplicates it leaves
+    out are not counted. Three copies of one scenery and one picture of alice are balanced 1:1
+    (one copy exported, multiply 1 each); the report counted the copies and showed 3:1."""
+    from jobs.report import query
+
+    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    workspace.add_part("images", "p", rows)
+    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
+    workspace.add_part("source_tags", "p",
+                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
+    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+    report = {r["path"]: r for r in query(workspace.connect(), "report_balance")}
+    assert {p: (r["images"], r["samples"]) for p, r in report.items()} == {"0_characters": (1, 1.0),
+                                                                           "1_character": (1, 1.0)}
+    assert all(r["share_after"] == pytest.approx(0.5) for r in report.values())
