@@ -53,9 +53,11 @@ def test_excluded_categories_and_keep_tokens_separator():
     rules = TagTextRules(underscores=True, exclude_categories=frozenset({"rating"}), keep_tokens=2,
                          keep_tokens_separator="|||")
     assert rules.text(TAGS, CATEGORIES, SCORES) == "solo, 1girl ||| eileen_(ren'py), long_hair, smile, ^_^"
-    # no separator when nothing follows the kept tags
-    assert TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text(TAGS[:2], CATEGORIES[:2], SCORES[:2]) \
-        == "solo, 1girl"
+    # the separator also when nothing follows the kept tags: kohya keeps exactly what is before it,
+    # and without it falls back to its own keep_tokens count (0: the kept tags shuffled and dropped)
+    text = TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text(TAGS[:2], CATEGORIES[:2], SCORES[:2])
+    assert text == "solo, 1girl |||" and kohya_fixed_tags(text, "|||") == ["solo", "1girl"]
+    assert TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text([], [], []) == ""
 
 
 def kohya_fixed_tags(text: str, separator: str) -> list[str]:
@@ -85,7 +87,7 @@ def test_a_separator_keeps_every_character_of_a_multi_character_image():
                           clip_token_budget=8)
     assert budget.fitted(tags, categories, [1.0] * 5) == ("lucy, eileen ||| 2girls", 2)
     assert TagTextRules(category_order=("character",), keep_tokens=1, keep_tokens_separator="|||",
-                        clip_token_budget=2).fitted(tags, categories, [1.0] * 5) == ("lucy, eileen", 3)
+                        clip_token_budget=2).fitted(tags, categories, [1.0] * 5) == ("lucy, eileen |||", 3)
     # without a separator kohya keeps a fixed count: the text is the same, and the split is said
     plain = TagTextRules(category_order=("character",), keep_tokens=1)
     assert plain.text(tags, categories, [1.0] * 5) == "lucy, eileen, 2girls, renpy, smile"
@@ -134,8 +136,8 @@ def test_export_writes_tags_as_configured(tmp_path_factory, tmp_path, ray_local)
                 assert kohya_fixed_tags(txt, "|||") == spelled, txt
                 assert meta["keep_tokens"] == len(characters)
                 two_characters += len(characters) == 2
-        if len(kept) > 1:
-            assert txt.count(" ||| ") == 1 and "(" not in txt.replace("\\(", "")
+        if kept:  # the separator after the kept tags, also when none follows
+            assert txt.count("|||") == 1 and "(" not in txt.replace("\\(", "")
     assert with_character > 0 and two_characters > 0
 
 

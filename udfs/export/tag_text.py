@@ -109,9 +109,12 @@ class TagTextRules:
                         lambda words: self.join(words, keep))
 
     def join(self, words: list[str], keep: int | None = None) -> str:
-        """The words with the separator after the first `keep` (keep_tokens when not given)."""
-        keep = self.keep_tokens if keep is None else keep
-        if self.keep_tokens_separator and 0 < keep < len(words):
+        """The words with the separator after the first `keep` (keep_tokens when not given), also
+        when no word follows them (all kept, or the budget left out the rest): kohya falls back to
+        its own keep_tokens count for a text without the separator, and shuffled and dropped
+        (caption_tag_dropout_rate) the kept tags past that count."""
+        keep = min(self.keep_tokens if keep is None else keep, len(words))
+        if self.keep_tokens_separator and keep:
             head, tail = words[:keep], words[keep:]
-            return f"{', '.join(head)} {self.keep_tokens_separator} {', '.join(tail)}"
+            return f"{', '.join(head)} {self.keep_tokens_separator} {', '.join(tail)}".rstrip()
         return ", ".join(words)
