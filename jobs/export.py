@@ -103,12 +103,19 @@ def check_options(opts: dict) -> None:
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
     if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
         raise ConfigError("export.max_count and export.max_bytes must be positive")
-    if opts["keep_tokens_separator"] and not str(opts["keep_tokens_separator"]).strip():
-        raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text such as \"|||\"")
+    separator = str(opts["keep_tokens_separator"])
+    # a line break in it would make KEY.txt two lines, and kohya trains on the first alone
+    if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
+        raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text on one line, "
+                          "such as \"|||\"")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
-    if int(opts["clip_token_budget"]) < 0:
+    budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])
+    if budget < 0:
         raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
+    if budget and 2 * keep - 1 > budget:  # each tag a token at least, a comma after each but the last
+        raise ConfigError(f"export.keep_tokens {keep} cannot fit export.clip_token_budget {budget}: {keep} tags take "
+                          f"{2 * keep - 1} CLIP tokens at least, and the budget never leaves kept tags out")
     if not 0 <= int(opts["png_compress_level"]) <= 9:
         raise ConfigError("export.png_compress_level must be a zlib level, 0 to 9")
     if opts["alpha_background"]:

@@ -6,10 +6,17 @@
 --   fh_ratio      fh_ratio_<lo>-<hi> from fh_ratio_bins(lo, hi, name), or no_face
 --   n_people      1_person, 2_people, ...; n_faces: 1_face, 2_faces, ...; rating: the rating
 --   any other image_meta column: <column>_<value>
+-- Values from data (character tags, the rating, other columns) are escaped so that two different
+-- values never give one path (a group is one folder of the balance and of the export): '%', '/'
+-- and, in a character's name, '+' as %25, %2F, %2B, and a leading '.' as %2E (no segment is '.'
+-- or '..'). Dots were dropped and '/' was '_': `a.b` and `ab`, `x/y` and `x_y`, the character
+-- `p+q` and the pair p, q were one group.
 -- Images a person excluded (edit_state, booruset review) get no group: they are not exported, so
 -- they must not weigh in the balance of the others.
 with meta as (
-    select m.*, array_to_string(m.characters, '+') as combination
+    select m.*,
+           array_to_string(list_transform(m.characters, lambda c: regexp_replace(
+               replace(replace(replace(c, '%', '%25'), '/', '%2F'), '+', '%2B'), '^\.', '%2E')), '+') as combination
     from image_meta m
     anti join (select key from edit_state where field = 'exclude' and new = 'true') x on x.key = m.key
 ),
@@ -32,17 +39,18 @@ image_facts as (
     join combination_sizes s on s.combination = m.combination
     left join fh_ratio_bins b on m.fh_ratio >= b.lo and (m.fh_ratio < b.hi or (b.last and m.fh_ratio <= b.hi))
 )
-select key, array_to_string(list_transform(segments, lambda segment: replace(case segment
+select key, array_to_string(list_transform(segments, lambda segment: case segment
         when 'n_characters' then case when n_characters >= $max_characters then $max_characters || '+_characters'
                                       when n_characters = 1 then '1_character'
                                       else n_characters || '_characters' end
         when 'character' then case when n_characters = 0 or length(combination) >= 100
                                         or combination_images < $min_images_per_combination then 'character_others'
-                                   else replace(combination, '.', '') end
+                                   else combination end
         when 'fh_ratio' then coalesce(fh_ratio_bin, 'no_face')
         when 'n_people' then n_people || case when n_people = 1 then '_person' else '_people' end
         when 'n_faces' then n_faces || case when n_faces = 1 then '_face' else '_faces' end
-        when 'rating' then coalesce(rating, 'unrated')
-        else segment || '_' || coalesce(json_extract_string(row_json, '$."' || segment || '"'), 'none') end,
-    '/', '_')), '/') as path
+        when 'rating' then regexp_replace(replace(replace(coalesce(rating, 'unrated'), '%', '%25'), '/', '%2F'),
+                                          '^\.', '%2E')
+        else segment || '_' || replace(replace(coalesce(json_extract_string(row_json, '$."' || segment || '"'), 'none'),
+                                               '%', '%25'), '/', '%2F') end), '/') as path
 from image_facts

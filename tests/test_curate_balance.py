@@ -39,6 +39,20 @@ def test_issue_example_from_a_folder_tree(tmp_path, capsys):
     assert "multiply 24" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args", [["missing"], ["dataset", "--min-multiply", "0"],
+                                  ["dataset", "--max-multiply", "-3"]])
+def test_the_folder_tool_refuses_a_missing_folder_and_bounds_not_above_zero(tmp_path, capsys, args):
+    """A mistyped folder printed nothing and exited 0; bounds of 0 or below gave every folder a
+    multiply of 0 or -3 (and --write wrote them), which curate refuses for the same options."""
+    (tmp_path / "dataset" / "a").mkdir(parents=True)
+    (tmp_path / "dataset" / "a" / "1.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        balance.main([str(tmp_path / args[0]), *args[1:], "--write"])
+    assert exit_info.value.code == 2
+    assert ("not a folder" if args[0] == "missing" else "more than 0") in capsys.readouterr().err
+    assert not (tmp_path / "dataset" / "a" / "multiply.txt").exists()
+
+
 def test_own_images_count_as_a_child_min_max_multiply_and_rounding(tmp_path):
     counts = pa.table({"path": ["a", "a/b", "c"], "n_images": [3, 3, 1]})
     got = {r["path"]: r for r in balance.balance_folders(counts, balance.balance_weights(""), 2.0, 5.0).to_pylist()}
@@ -215,3 +229,44 @@ def test_the_repeats_go_to_the_images_the_export_keeps():
     kept = [r for k, r in rows.items() if k.startswith("five/") and int(k.split("/")[1]) < 5]
     assert kept[0]["multiply"] == 1.6 and sum(r["repeats"] for r in kept) == 8
     assert all(rows[f"five/{i}"]["repeats"] == 1 for i in range(5, 9))
+
+
+def test_characters_whose_names_differ_never_share_a_group(workspace):
+    """A group is one folder of the balance and of the kohya / EveryDream export: two different
+    character combinations must never get one path. Dots were dropped and "/" became "_", so
+    `a.b` and `ab`, `x/y` and `x_y`, and the one character `p+q` and the pair `p`, `q` were
+    each one group, balanced (and exported) as one."""
+    names = {"dot": ["a.b"], "nodot": ["ab"], "slash": ["x/y"], "underscore": ["x_y"], "plus": ["p+q"],
+             "pair": ["p", "q"], "dots": [".."], "empty": ["."]}
+    workspace.add_part("images", "p", image_rows(list(names)))
+    workspace.add_part("source_tags", "p", [row for key, characters in names.items()
+                                            for row in source_rows(key, characters, "character")])
+    curate.run(curate_config(workspace, group_format="character"), workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    meta = {r["key"]: r["characters"] for r in workspace.read_table("image_meta").to_pylist()}
+    assert meta == names  # the tags themselves are kept as they are
+    assert len(set(groups.values())) == len(names), groups
+    assert all("/" not in path and path not in ("", ".", "..") for path in groups.values()), groups
+    assert groups["nodot"] == "ab" and groups["pair"] == "p+q" and groups["underscore"] == "x_y"
+    rows = workspace.read_table("balance").to_pylist()
+    assert {r["multiply"] for r in rows} == {1.0} and len({r["path"] for r in rows}) == len(names)
+
+
+def test_the_reports_balance_counts_the_images_the_export_keeps(workspace):
+    """The report's "after multiply" share is what the export trains on: near duplicates it leaves
+    out are not counted. Three copies of one scenery and one picture of alice are balanced 1:1
+    (one copy exported, multiply 1 each); the report counted the copies and showed 3:1."""
+    from jobs.report import query
+
+    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    workspace.add_part("images", "p", rows)
+    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
+    workspace.add_part("source_tags", "p",
+                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
+    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+    report = {r["path"]: r for r in query(workspace.connect(), "report_balance")}
+    assert {p: (r["images"], r["samples"]) for p, r in report.items()} == {"0_characters": (1, 1.0),
+                                                                           "1_character": (1, 1.0)}
+    assert all(r["share_after"] == pytest.approx(0.5) for r in report.values())

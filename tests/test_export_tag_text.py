@@ -53,9 +53,47 @@ def test_excluded_categories_and_keep_tokens_separator():
     rules = TagTextRules(underscores=True, exclude_categories=frozenset({"rating"}), keep_tokens=2,
                          keep_tokens_separator="|||")
     assert rules.text(TAGS, CATEGORIES, SCORES) == "solo, 1girl ||| eileen_(ren'py), long_hair, smile, ^_^"
-    # no separator when nothing follows the kept tags
-    assert TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text(TAGS[:2], CATEGORIES[:2], SCORES[:2]) \
-        == "solo, 1girl"
+    # the separator also when nothing follows the kept tags: kohya keeps exactly what is before it,
+    # and without it falls back to its own keep_tokens count (0: the kept tags shuffled and dropped)
+    text = TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text(TAGS[:2], CATEGORIES[:2], SCORES[:2])
+    assert text == "solo, 1girl |||" and kohya_fixed_tags(text, "|||") == ["solo", "1girl"]
+    assert TagTextRules(keep_tokens=9, keep_tokens_separator="|||").text([], [], []) == ""
+
+
+def kohya_fixed_tags(text: str, separator: str) -> list[str]:
+    """The tags kohya sd-scripts never shuffles when the caption holds its keep_tokens_separator
+    (train_util's process_caption: what is before the first separator, split at commas)."""
+    assert separator in text
+    return [t.strip() for t in text.split(separator, 1)[0].split(",") if t.strip()]
+
+
+def test_a_separator_keeps_every_character_of_a_multi_character_image():
+    """keep_tokens counts tags, and a count cannot fit images with one character and images with
+    two: keep_tokens=1 kept eileen and let kohya shuffle lucy among the general tags. With a
+    separator the kept part is per image: the count, and the rest of a category of
+    tag_category_order that it ends inside."""
+    tags = ["2girls", "lucy", "eileen", "renpy", "smile"]
+    categories = ["general", "character", "character", "copyright", "general"]
+    rules = TagTextRules(category_order=("character", "copyright"), keep_tokens=1, keep_tokens_separator="|||")
+    text = rules.text(tags, categories, [1.0] * 5)
+    assert text == "lucy, eileen ||| renpy, 2girls, smile"
+    assert kohya_fixed_tags(text, "|||") == ["lucy", "eileen"]
+    # one character: the count alone; a count that ends on a category's last tag: as it was
+    assert rules.text(tags[2:], categories[2:], [1.0] * 3) == "eileen ||| renpy, smile"
+    two = TagTextRules(category_order=("character", "copyright"), keep_tokens=3, keep_tokens_separator="|||")
+    assert two.text(tags, categories, [1.0] * 5) == "lucy, eileen, renpy ||| 2girls, smile"
+    # the budget never leaves a kept tag out, the extended ones included
+    budget = TagTextRules(category_order=("character",), keep_tokens=1, keep_tokens_separator="|||",
+                          clip_token_budget=8)
+    assert budget.fitted(tags, categories, [1.0] * 5) == ("lucy, eileen ||| 2girls", 2)
+    assert TagTextRules(category_order=("character",), keep_tokens=1, keep_tokens_separator="|||",
+                        clip_token_budget=2).fitted(tags, categories, [1.0] * 5) == ("lucy, eileen |||", 3)
+    # without a separator kohya keeps a fixed count: the text is the same, and the split is said
+    plain = TagTextRules(category_order=("character",), keep_tokens=1)
+    assert plain.text(tags, categories, [1.0] * 5) == "lucy, eileen, 2girls, renpy, smile"
+    assert "keeps 1 of the image's 2 character tags" in plain.keep_warning(tags, categories, [1.0] * 5)
+    assert plain.keep_warning(tags[2:], categories[2:], [1.0] * 3) == ""
+    assert rules.keep_warning(tags, categories, [1.0] * 5) == ""
 
 
 def test_a_tag_holding_the_separator_is_left_out_and_exclusions_take_either_spelling():
@@ -80,22 +118,27 @@ def test_export_writes_tags_as_configured(tmp_path_factory, tmp_path, ray_local)
     export.run(cfg, ws)
     samples = list(wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")), shardshuffle=False))
     assert samples
-    with_character = 0
+    with_character = two_characters = 0
     for sample in samples:
         txt, meta = sample["txt"].decode(), json.loads(sample["json"])
         kept = [t for t, c in zip(meta["tags"], meta["tag_categories"], strict=True) if c != "rating"]
         written = [w.strip() for w in txt.replace("|||", ",").split(",") if w.strip()]
         assert len(written) == len(kept), (txt, kept)  # every tag but the ratings
-        assert meta["keep_tokens"] == 1
         assert all(c != "rating" or t not in txt for t, c in zip(meta["tags"], meta["tag_categories"], strict=True))
         characters = [t for t, c in zip(meta["tags"], meta["tag_categories"], strict=True) if c == "character"]
         if characters:
             with_character += 1
-            first = characters[0].replace("_", " ").replace("(", "\\(").replace(")", "\\)")
-            assert txt.startswith(first), txt
-        if len(kept) > 1:
-            assert txt.count(" ||| ") == 1 and "(" not in txt.replace("\\(", "")
-    assert with_character > 0
+            spelled = [c.replace("_", " ").replace("(", "\\(").replace(")", "\\)") for c in characters]
+            assert txt.startswith(spelled[0]), txt
+            # what kohya keeps is what is before the separator: every character, also of a
+            # two-character image (keep_tokens=1 kept the first and shuffled the second)
+            if len(kept) > len(characters):
+                assert kohya_fixed_tags(txt, "|||") == spelled, txt
+                assert meta["keep_tokens"] == len(characters)
+                two_characters += len(characters) == 2
+        if kept:  # the separator after the kept tags, also when none follows
+            assert txt.count("|||") == 1 and "(" not in txt.replace("\\(", "")
+    assert with_character > 0 and two_characters > 0
 
 
 def test_clip_tokens_are_clips_own_bpe_tokens():
@@ -141,6 +184,22 @@ def test_a_long_caption_is_cut_after_its_last_whole_sentence_that_fits():
     assert cut and clip_tokens(words) == 10 and words == " ".join(["word"] * 10)
 
 
+def test_a_caption_without_spaces_is_cut_not_emptied():
+    """Japanese and Chinese captions have no spaces (and no space after 。): a caption over the
+    budget was cut to nothing, its image then left out of the kohya and EveryDream folders as one
+    without text. It is cut after its last whole sentence that fits, else at its longest start."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    sentence = "金髪の少女が教室の窓際に立って微笑んでいる。"
+    text, cut = fit_caption(sentence * 10, 75)
+    assert cut and text and clip_tokens(text) <= 75
+    assert text == sentence * (len(text) // len(sentence))  # whole sentences
+    assert clip_tokens(text + sentence) > 75
+    one = "金髪の少女が教室の窓際に立って微笑んでいる" * 10  # one sentence, no end mark
+    text, cut = fit_caption(one, 75)
+    assert cut and text and one.startswith(text) and clip_tokens(text) <= 75 < clip_tokens(one[:len(text) + 1])
+
+
 def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 
@@ -167,8 +226,50 @@ def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp
     assert f"clip_token_budget 40: KEY.txt of {len(cut)} images cut to fit" in " ".join(summary.notes)
 
 
+def test_kept_tags_over_the_budget_and_a_split_character_run_are_errors_rows(tmp_path_factory, tmp_path, ray_local):
+    """The budget never leaves out the kept tags, so KEY.txt could go over it with nothing said;
+    and keep_tokens without a separator shuffles the second character of a two-character image.
+    Both are errors rows (the image is exported) counted in the summary."""
+    import webdataset as wds
+
+    from jobs import export
+    from udfs.export.clip_tokens import clip_tokens
+
+    out = tmp_path / "out"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.text="tags"',
+                    'export.tag_category_order=["character"]', "export.keep_tokens=2", "export.clip_token_budget=5")
+    summary = export.run(cfg, ws)
+    samples = {s["__key__"]: s for s in wds.WebDataset(sorted(str(p) for p in (out / "webdataset").glob("*.tar")),
+                                                         shardshuffle=False)}
+    over = {json.loads(s["json"])["key"] for s in samples.values() if clip_tokens(s["txt"].decode()) > 5}
+    errors = [r for r in ws.read_table("errors").to_pylist() if r["stage"] == "export"]
+    flagged = {r["key"] for r in errors if r["kind"] == "over_token_budget"}
+    assert over and flagged == over and not any(r["dropped"] for r in errors)
+    assert summary.errors_by_kind["over_token_budget"] == len(over) and summary.dropped == 0
+    assert len(samples) == summary.rows_out["webdataset samples"]  # all exported all the same
+
+    out2 = tmp_path / "out2"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out2}"', 'export.text="tags"',
+                    'export.tag_category_order=["character"]', "export.keep_tokens=1")
+    summary = export.run(cfg, ws)
+    split = {r["key"] for r in ws.read_table("errors").to_pylist() if r["kind"] == "keep_tokens_split"}
+    two = {key for (key,) in ws.connect().execute(
+        "select key from image_meta where len(characters) = 2 and key in (select key from export_manifest)").fetchall()}
+    assert split and split == two
+    assert summary.errors_by_kind["keep_tokens_split"] == len(two)
+
+
+def test_keep_tokens_that_can_never_fit_the_budget_are_refused(tmp_path_factory):
+    from jobs import export
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot fit export.clip_token_budget 75"):
+        export.run(*fresh(tmp_path_factory, "export.keep_tokens=40", "export.clip_token_budget=75"))
+
+
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",
-                                      'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "'])
+                                      'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "',
+                                      'export.keep_tokens_separator="|||\\n"'])
 def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
     from jobs import export
     from jobs.config import ConfigError

@@ -18,7 +18,8 @@ from pathlib import Path
 
 VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 49408 tokens = 2 x 256 bytes + these merges + 2 special
-SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+# where a sentence ends: the space after . ! ? ;, and right after 。！？ (no space follows them)
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|(?<=[。！？])")
 
 
 @lru_cache(maxsize=1)
@@ -64,24 +65,35 @@ def fit_tags(words: list[str], keep: int, budget: int, join) -> tuple[str, int]:
 
 def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     """`text` within `budget` CLIP tokens: its longest run of whole sentences that fits, else its
-    longest run of whole words; (text, whether it was cut)."""
+    longest run of whole words, else (a first word longer than the budget: Japanese or Chinese,
+    written without spaces) its longest start that fits; (text, whether it was cut). A caption
+    without spaces was cut to nothing, and its image left out of the folder layouts as one with
+    no text."""
     if clip_tokens(text) <= budget:
         return text, False
-    sentences = SENTENCE_END.split(text)
     kept = ""
-    for sentence in sentences:
-        longer = f"{kept} {sentence}".strip()
+    for end in SENTENCE_END.finditer(text):
+        longer = text[:end.start()].strip()
         if clip_tokens(longer) > budget:
             break
         kept = longer
     if kept:
         return kept, True
     words = text.split()
-    low, high = 0, len(words)  # the most words that fit: counts grow with the words
+    n = longest_fit(len(words), lambda k: " ".join(words[:k]), budget)
+    if n:
+        return " ".join(words[:n]), True
+    n = longest_fit(len(text), lambda k: text[:k].rstrip(), budget)
+    return text[:n].rstrip(), True
+
+
+def longest_fit(size: int, prefix, budget: int) -> int:
+    """The largest k <= size with prefix(k) within `budget` CLIP tokens (counts grow with k)."""
+    low, high = 0, size
     while low < high:
         mid = (low + high + 1) // 2
-        if clip_tokens(" ".join(words[:mid])) <= budget:
+        if clip_tokens(prefix(mid)) <= budget:
             low = mid
         else:
             high = mid - 1
-    return " ".join(words[:low]), True
+    return low

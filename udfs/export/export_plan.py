@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +27,9 @@ from udfs.export.safe_names import key_digest, safe_folder, safe_name
 from udfs.export.tag_text import TagTextRules
 from udfs.ingest.sources import input_location
 
-TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (planning estimate)
+TAR_OVERHEAD = 3 * 1024  # three tar headers and their padding per sample (at most 3 x 1023 bytes)
+# a shard's end: two zero blocks, then zeros to a whole record (tarfile pads to 10 KiB), at most
+TAR_END = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE - tarfile.BLOCKSIZE
 
 
 def one_line(text: str | None) -> str:
@@ -53,6 +56,10 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         caption, text_from = own, "caption"
     rules = rules or TagTextRules.from_options(opts)
     txt, cut = budgeted_text(caption, row, rules)
+    keep_tokens = int(opts["keep_tokens"])
+    if caption is None and rules.keep_tokens_separator:  # the kept part is per image (TagTextRules.kept)
+        ordered = rules.ordered_pairs(row["tags"], row["categories"], row["tag_scores"])
+        keep_tokens = max(keep_tokens, rules.kept([c for _, c in ordered]))
     repeats = int(row["repeats"])  # the balance gives them out per group (sql/091_balance.sql)
     concept = opts["concept"] or row["group"] or "all"
     meta = {  # the source without a URI's query: a trainer's metadata holds no endpoint or options
@@ -63,7 +70,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "characters": row["characters"], "rating": row["rating"], "n_people": row["n_people"],
         "scores": {k: row.get(k) for k in ("accuracy", "tag_inclusion", "english_similarity", "subject_consistency",
                                            "scored_against", "not_scored")},
-        "quality_tags": row["quality_tags"], "group": row["group"], "keep_tokens": int(opts["keep_tokens"]),
+        "quality_tags": row["quality_tags"], "group": row["group"], "keep_tokens": keep_tokens,
         "multiply": float(row["multiply"]), "repeats": repeats,
         "width": size[0], "height": size[1], "original_width": width, "original_height": height,
         # the EXIF orientation the exported bytes carry: 1 = upright; else a reader must turn them
@@ -89,7 +96,7 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         meta["clip"], meta["frame_time"] = row["clip"], row["frame_time"]
     meta_text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     image_bytes = estimated_bytes(int(row["bytes"] or 0), width, height, size, reencode)
-    return {
+    plan = {
         "key": row["key"], "member": row["member"], "offset": row.get("member_offset"), "clip": row.get("clip"),
         # the bytes ingest saw: a member of another size was rewritten since (not exported with
         # these rows); in the plan's digest, so that a unit whose images changed is written again
@@ -104,6 +111,26 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         "everydream": f"{safe_folder(concept)}_x{round(float(row['multiply']), 2):g}",
         "planned_bytes": image_bytes + len(txt.encode()) + len(meta_text.encode()) + TAR_OVERHEAD,
     }
+    warnings = text_warnings(caption, row, rules, txt)
+    if warnings:  # only then: a key in every sample would change every unit's digest
+        plan["text_warnings"] = warnings
+    return plan
+
+
+def text_warnings(caption: str | None, row: dict, rules: TagTextRules, txt: str) -> list[dict]:
+    """What is wrong with KEY.txt that the export cannot mend, as errors rows to write (the image
+    is exported): the kept tags alone over the CLIP token budget (the budget never leaves them
+    out), or kohya's fixed keep_tokens count splitting the image's leading category."""
+    warnings = []
+    if caption is None and rules.clip_token_budget and clip_tokens(txt) > rules.clip_token_budget:
+        warnings.append({"kind": "over_token_budget", "message": (
+            f"KEY.txt is {clip_tokens(txt)} CLIP tokens, over export.clip_token_budget {rules.clip_token_budget}: "
+            "its keep_tokens tags alone are longer, and the budget never leaves them out (a trainer cuts the "
+            "text at its limit)")})
+    split = rules.keep_warning(row["tags"], row["categories"], row["tag_scores"]) if caption is None else ""
+    if split:
+        warnings.append({"kind": "keep_tokens_split", "message": split})
+    return warnings
 
 
 def budgeted_text(caption: str | None, row: dict, rules: TagTextRules) -> tuple[str, int]:
@@ -151,13 +178,13 @@ class ShardCut:
 
     def __init__(self, max_count: int, max_bytes: int) -> None:
         self.max_count, self.max_bytes = max_count, max_bytes
-        self.shard, self.size = 0, 0
+        self.shard, self.size = 0, TAR_END  # a shard's bytes: its samples and its end
         self.keys: set[str] = set()  # the images in the current shard: at most max_count
 
     def place(self, key: str, planned_bytes: int) -> int:
         full = len(self.keys) + 1 > self.max_count or self.size + planned_bytes > self.max_bytes
         if self.keys and (full or key in self.keys):
-            self.shard, self.size = self.shard + 1, 0
+            self.shard, self.size = self.shard + 1, TAR_END
             self.keys.clear()
         self.keys.add(key)
         self.size += planned_bytes

@@ -247,6 +247,8 @@ class UnitExport:
             self.error(sample, "resize_failed", f"{type(exc).__name__}: {exc}")
             return
         ext, txt, meta = sample["ext"], sample["txt"], sample["json"]
+        for warning in sample.get("text_warnings", []):  # exported all the same (export_plan.text_warnings)
+            self.error(sample, warning["kind"], warning["message"], dropped=False)
         for copy in sample["copies"]:
             if "webdataset" in self.layouts:
                 writer = self.shard_writer(copy["shard"])
