@@ -45,6 +45,11 @@ GOLDEN = [
     (["1girl", "eileen_(ren'py)", "ren'py", "piroshki", "official_art", "short_hair", "red_hair"],
      ["general", "character", "copyright", "artist", "meta", "general", "general"],
      "Eileen from Ren'py with short red hair."),
+    # a name that ends in a full stop ends its sentence with it
+    (["1girl", "c.c.", "green_hair", "smile"], ["general", "character", "general", "general"],
+     "C.c. with green hair. She is smiling."),
+    (["2girls", "kallen_stadtfeld", "c.c."], ["general", "character", "character"],
+     "Kallen Stadtfeld and C.c."),
 ]
 
 

@@ -32,6 +32,7 @@ from udfs.caption.template_caption import (
     _capital,
     english_from_infos,
     join_and,
+    one_full_stop,
     person_places,
     with_article,
 )
@@ -224,7 +225,8 @@ class BatchTemplate:
                      *self.background_sentences(pick("background"), n),
                      self.also_sentence(every.where(also_group >= 0), also_group[also_group >= 0], n)]
         # each sentence ends in ". " or is empty: join, then drop the last space
-        return _python(pc.utf8_rtrim(pc.binary_join_element_wise(*sentences, ""), characters=" "))
+        return [one_full_stop(text) for text in
+                _python(pc.utf8_rtrim(pc.binary_join_element_wise(*sentences, ""), characters=" "))]
 
     # -- the subject: once per distinct combination of count, character and copyright tags ------
 

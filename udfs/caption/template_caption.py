@@ -11,6 +11,7 @@ captions for a whole Arrow batch (the caption job's path).
 from __future__ import annotations
 
 import random
+import re
 import tomllib
 import zlib
 from dataclasses import dataclass
@@ -186,7 +187,16 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     sentences.append(_background_sentence(by_group.get("background", []), vocab))
     if also:
         sentences.append("Other details: " + join_and(_dedupe(i.words for i in also)) + ".")
-    return " ".join(s for s in sentences if s)
+    return one_full_stop(" ".join(s for s in sentences if s))
+
+
+DOUBLE_FULL_STOP = re.compile(r"(?<!\.)\.\.(?!\.)")
+
+
+def one_full_stop(text: str) -> str:
+    """A name that ends in a full stop (C.C., Dr.) ends its sentence with it: "is C.c.." would
+    read as a typo. An ellipsis stays."""
+    return DOUBLE_FULL_STOP.sub(".", text) if ".." in text else text
 
 
 def _persons_sentence(persons: list[Person], subject: Subject, by_group: dict[str, list[TagInfo]],
