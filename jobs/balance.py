@@ -5,7 +5,8 @@ the same way:
     python -m jobs.balance DATASET_DIR [--weights weights.csv] [--min-multiply 1] [--max-multiply 100] [--write]
 
 prints each folder's probability and multiply; --write also writes DIR/multiply.txt per folder
-as the original tool does. The computation is sql/090_balance_folders.sql in both cases.
+as the original tool does. Hidden folders and files (a leading dot) are left out. The
+computation is sql/090_balance_folders.sql in both cases.
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ def group_format_table(fmt: str, columns: list[str]) -> pa.Table:
 
 
 def folder_counts(root: str) -> pa.Table:
-    """(path, n_images) of every folder under root that holds images (path relative, '' = root)."""
+    """(path, n_images) of every folder under root that holds images (path relative, '' = root).
+    Hidden folders and files (.ipynb_checkpoints, .thumbnails) are no concepts: left out."""
     paths, counts = [], []
-    for folder, _dirs, files in os.walk(root):
-        n = sum(1 for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        n = sum(1 for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
         if n:
             rel = os.path.relpath(folder, root)
             paths.append("" if rel == "." else Path(rel).as_posix())

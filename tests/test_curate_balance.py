@@ -53,6 +53,14 @@ def test_the_folder_tool_refuses_a_missing_folder_and_bounds_not_above_zero(tmp_
     assert not (tmp_path / "dataset" / "a" / "multiply.txt").exists()
 
 
+def test_the_folder_tool_leaves_hidden_folders_and_files_out(tmp_path):
+    for rel in ("a/1.png", "a/.2.png", ".ipynb_checkpoints/1.png", "b/.thumbnails/1.jpg", "b/1.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    counts = balance.folder_counts(str(tmp_path)).to_pylist()
+    assert sorted((r["path"], r["n_images"]) for r in counts) == [("a", 1), ("b", 1)]
+
+
 def test_own_images_count_as_a_child_min_max_multiply_and_rounding(tmp_path):
     counts = pa.table({"path": ["a", "a/b", "c"], "n_images": [3, 3, 1]})
     got = {r["path"]: r for r in balance.balance_folders(counts, balance.balance_weights(""), 2.0, 5.0).to_pylist()}
