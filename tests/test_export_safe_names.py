@@ -143,3 +143,14 @@ def test_wids_reads_the_longest_names_a_shard_holds(tmp_path, monkeypatch):
     assert sample["__key__"] == name  # members as BytesIO without transformations
     assert {k: v.getvalue() for k, v in sample.items() if k.startswith(".")} == {
         ".webp": b"RIFF", ".txt": b"smile", ".json": b"{}"}
+
+
+@pytest.mark.parametrize("text,says", [("tags", "export.text = 'tags'"), ("caption", "no caption, and no tag")])
+def test_the_empty_text_row_says_why_the_image_has_no_text(tmp_path, text, says):
+    """With export.text = "tags" a caption is never the text: the row does not blame a missing one."""
+    from udfs.export.export_shard import UnitExport
+
+    unit = UnitExport(None, str(tmp_path), {"source": "s.tar"}, {"layouts": ["kohya", "webdataset"], "text": text})
+    assert unit.written_anywhere({"key": "k", "member": "k.png", "txt": ""})
+    assert len(unit.errors) == 1 and unit.errors[0]["kind"] == "empty_text" and not unit.errors[0]["dropped"]
+    assert says in unit.errors[0]["message"] and "kohya" in unit.errors[0]["message"]

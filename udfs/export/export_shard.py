@@ -232,7 +232,9 @@ class UnitExport:
         folders, elsewhere = empty_text_layouts(self.layouts)
         if sample["txt"] or not folders:
             return True
-        message = (f"no text to write: no caption, and no tag left by the export's tag rules; left out of "
+        why = "no tag left by the export's tag rules (export.text = 'tags')" \
+            if self.options.get("text") == "tags" else "no caption, and no tag left by the export's tag rules"
+        message = (f"no text to write: {why}; left out of "
                    f"{' and '.join(folders)} (kohya refuses an empty caption file, EveryDream would caption the "
                    "image with its file name)")
         self.error(sample, "empty_text", message, dropped=not elsewhere)
