@@ -79,16 +79,12 @@ def check_options(opts: dict) -> None:
     if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
-    check_quality_bands(opts["quality_bands"], opts["accuracy_step"])
+    check_quality_bands(opts["quality_bands"])
 
 
-def check_quality_bands(bands: list, step: int) -> None:
-    """The quality tags' bands ([lowest accuracy, tag], highest first) and accuracy_NN step: the
-    bands are read from the top, so bands in another order gave every caption the lowest one,
-    and a step of 0 failed every unit after its requests were paid for."""
-    if not 1 <= int(step) <= 50:
-        raise ConfigError(f"caption.accuracy_step must be 1 to 50 (an accuracy_NN tag every that many points), "
-                          f"not {step}")
+def check_quality_bands(bands: list) -> None:
+    """The quality tags' bands ([lowest accuracy, tag], highest first): the bands are read from
+    the top, so bands in another order gave every caption the lowest one."""
     lows = []
     for band in bands:
         if len(band) != 2 or isinstance(band[0], str) or not 0 <= band[0] <= 1 \

@@ -225,6 +225,34 @@ def one_line(message: str) -> str:
     return " ".join(kept)
 
 
+def check_jobs(cfg: Config, names: list[str]) -> None:
+    """Each job's own checks of its options (rules that tie options together, inputs that must be
+    there) for every job of the command, before the first starts: `run --set export.text=bogus`
+    failed at export, after the hours of the jobs before it."""
+    if "ingest" in names:
+        from jobs.ingest import check_inputs, frame_options
+
+        check_inputs(cfg)
+        frame_options(cfg["ingest"]["frames"])
+    if "annotate" in names:
+        from jobs import annotate
+
+        annotate.check_options(cfg["annotate"])
+    if "curate" in names:
+        from jobs import curate
+
+        curate.check_options(cfg["curate"])
+    if "caption" in names:
+        from jobs.caption import caption_options, check_options, check_vllm_here
+
+        check_options(caption_options(cfg))
+        check_vllm_here(cfg)
+    if "export" in names:
+        from jobs import export
+
+        export.check_options(cfg["export"])
+
+
 def check_out_folders(cfg: Config, command: str) -> None:
     """export.out and report.out, which must be local folders, before the first job: a run on an
     s3:// workspace without them failed at export, after hours of the jobs before it."""
@@ -245,19 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             from jobs import models
 
             return models.main(cfg, list_only=args.list, source=args.source)
-        if args.command in ("ingest", "run"):  # a missing input leaves no new, empty workspace behind
-            from jobs.ingest import check_inputs
-
-            check_inputs(cfg)
-        if args.command in ("report", "run"):  # the report is a run's last job: not hours later
-            from jobs.report import check_options
-
-            check_options(cfg["report"])
-        if args.command in ("caption", "run"):
-            from jobs.caption import check_options, check_vllm_here
-
-            check_options(cfg["caption"])
-            check_vllm_here(cfg)
+        names = PIPELINE + ["report"] if args.command == "run" else [args.command]
+        check_jobs(cfg, names)  # every job's options, before the first job starts
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
@@ -267,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
             from review.server import serve
 
             return serve(cfg, ws, args.host, args.port, args.token)
-        names = PIPELINE + ["report"] if args.command == "run" else [args.command]
         if args.command in READERS:  # they write nothing in the workspace: read-only access is enough
             return run_jobs(cfg, ws, names)
         ws.check_writable()

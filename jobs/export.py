@@ -101,16 +101,10 @@ def check_options(opts: dict) -> None:
         raise ConfigError(f"export.formats: unknown or empty {unknown} (known: {', '.join(LAYOUTS)})")
     if opts["text"] not in ("caption", "tags", "regions"):
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
-    if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
-        raise ConfigError("export.max_count and export.max_bytes must be positive")
     if opts["keep_tokens_separator"] and not str(opts["keep_tokens_separator"]).strip():
         raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text such as \"|||\"")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
-    if int(opts["clip_token_budget"]) < 0:
-        raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
-    if not 0 <= int(opts["png_compress_level"]) <= 9:
-        raise ConfigError("export.png_compress_level must be a zlib level, 0 to 9")
     if opts["alpha_background"]:
         try:
             ImageColor.getrgb(str(opts["alpha_background"]))

@@ -267,8 +267,6 @@ def frame_options(opts: dict) -> dict:
     """[ingest.frames], checked where the meaning lives."""
     if opts["format"] not in PILLOW_FORMAT:
         raise ConfigError(f"ingest.frames.format must be one of {', '.join(PILLOW_FORMAT)}, not {opts['format']!r}")
-    if not 1 <= opts["quality"] <= 100:
-        raise ConfigError("ingest.frames.quality must be 1..100")
     if opts["max_side"] < opts["min_side"]:
         raise ConfigError("ingest.frames.max_side must be >= min_side")
     return dict(opts)

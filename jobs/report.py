@@ -37,13 +37,6 @@ JOB = "report"
 # math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
 LITERAL_TEXT = {"text.parse_math": False}
-# Bounds of the [report] options. top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to
-# draw and make a picture no one reads). examples: the driver holds their image bytes at once (a
-# page of thousands is no overview either). thumb_size: a thumbnail of fewer pixels shows
-# nothing; one of more is no thumbnail.
-TOP_N = (1, 1000)
-EXAMPLES = (0, 1000)
-THUMB_SIZE = (16, 4096)
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
 
@@ -56,19 +49,9 @@ def report_dir(cfg: Config, ws: Workspace) -> Path:
     return out_folder(JOB, cfg, ws.local, ws.base)
 
 
-def check_options(opts: dict) -> None:
-    """ConfigError for a [report] option out of its bounds (0 examples: the page says there are none)."""
-    for name, (low, high), what in (("top_n", TOP_N, "bars in the tag and character plots"),
-                                    ("examples", EXAMPLES, "example images; 0: none"),
-                                    ("thumb_size", THUMB_SIZE, "pixels on a thumbnail's long side")):
-        if not low <= int(opts[name]) <= high:
-            raise ConfigError(f"report.{name} must be {low} to {high} ({what}), not {opts[name]}")
-
-
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
-    opts = cfg[JOB]
-    check_options(opts)
+    opts = cfg[JOB]  # its bounds are checked with the config (jobs/config.DOMAINS)
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
     data = report_data(cfg, ws)
