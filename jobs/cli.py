@@ -201,6 +201,10 @@ def sql(ws: Workspace, query: str) -> int:
 
     try:
         statements = duckdb.extract_statements(query)
+        if not statements:  # "", blanks, a comment or a lone ";": exit 0 with no answer read as one
+            print("booruset sql: the query is empty: give one SQL statement, e.g. "
+                  "booruset sql \"select count(*) from images\"", file=sys.stderr)
+            return 2
         refused = [k for k in map(statement_kind, statements) if k not in READ_STATEMENTS]
         if refused:
             print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "

@@ -519,3 +519,13 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
                            "--set", option)
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
+@pytest.mark.parametrize("query", ["", "   \n", "-- nothing", "/* nothing */ ;", ";"])
+def test_sql_with_no_statement_is_one_line(capsys, tmp_path, query):
+    """An empty query (a shell variable that was not set) exited 0 with no output."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    code, out, err = run_cli(capsys, "sql", "-w", str(tmp_path / "ws"), query)
+    assert code == 2 and out == ""
+    assert one_line(err).startswith("booruset sql: the query is empty")
+
