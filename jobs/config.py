@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import fnmatch
 import functools
 import os
@@ -117,13 +118,34 @@ def merge(cfg: dict, update: dict, where: str = "") -> None:
     for name, value in update.items():
         path = f"{where}.{name}" if where else name
         if name not in cfg:
-            raise ConfigError(f"unknown config section [{path}]" if not where else f"unknown option {path}")
+            raise ConfigError((f"unknown config section [{path}]" if not where else f"unknown option {path}")
+                              + _near_miss(name, cfg, where))
         if isinstance(cfg[name], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} must be a table, not {_shown(value)}")
             merge(cfg[name], value, path)
         else:
             cfg[name] = copy.deepcopy(value)
+
+
+def _near_miss(name: str, table: dict, where: str) -> str:
+    """' (did you mean X?)' for a misspelt option or section (the closest name of its table), or
+    an option put in another section than its own (caption.max_error_rate: ray.max_error_rate)."""
+    close = difflib.get_close_matches(name, [str(n) for n in table], n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {where + '.' if where else ''}{close[0]}?)"
+    elsewhere = [path for path in _option_paths(_read(DEFAULTS), "") if path.rsplit(".", 1)[-1] == name]
+    if len(elsewhere) > 3:  # batch_size: six of [annotate]'s tables
+        elsewhere = elsewhere[:2] + [f"{len(elsewhere) - 2} more"]
+    return f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+
+
+def _option_paths(table: dict, where: str) -> list[str]:
+    paths = []
+    for name, value in table.items():
+        path = f"{where}.{name}" if where else name
+        paths += _option_paths(value, path) if isinstance(value, dict) else [path]
+    return paths
 
 
 def validate(cfg: Config) -> Config:

@@ -519,6 +519,7 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
                            "--set", option)
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
+
 @pytest.mark.parametrize("query", ["", "   \n", "-- nothing", "/* nothing */ ;", ";"])
 def test_sql_with_no_statement_is_one_line(capsys, tmp_path, query):
     """An empty query (a shell variable that was not set) exited 0 with no output."""
@@ -529,3 +530,16 @@ def test_sql_with_no_statement_is_one_line(capsys, tmp_path, query):
     assert code == 2 and out == ""
     assert one_line(err).startswith("booruset sql: the query is empty")
 
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("curate.phash_distanc=3", "unknown option curate.phash_distanc (did you mean curate.phash_distance?)"),
+    ("curat.phash_distance=3", "unknown config section [curat] (did you mean curate?)"),
+    ("annotate.tagger.batchsize=3",
+     "unknown option annotate.tagger.batchsize (did you mean annotate.tagger.batch_size?)"),
+    ("caption.max_error_rate=0.1", "unknown option caption.max_error_rate (did you mean ray.max_error_rate?)"),
+    ("ingest.zzz=3", "unknown option ingest.zzz"),
+])
+def test_an_unknown_option_names_the_one_meant(capsys, tmp_path, override, says):
+    """A misspelt option or one in another section said only "unknown option"."""
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--set", override)
+    assert code == 2 and one_line(err) == f"booruset: configuration error: {says}"
