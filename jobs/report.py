@@ -55,7 +55,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
     data = report_data(cfg, ws)
-    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws)))
+    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws),
+                                              bool(cfg["export"]["drop_duplicates"])))
     atomic_write(str(out / "index.html"), page.encode())
     shown = page_files(page)
     remove_stale(out, shown)
@@ -67,7 +68,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str) -> list[str]:
+def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str,
+                  drop_duplicates: bool = True) -> list[str]:
     """The sections of the page; their plots and thumbnails are written into `out`."""
     return [
         section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
@@ -80,7 +82,9 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
                                        [r["images"] for r in data["characters"]], "images")),
         section("People per image", bar_plot(out, "people", [r["n_people"] for r in data["people"]],
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
-        section("Balance before and after multiply", balance_plot(out, data["balance"])),
+        section("Balance before and after multiply", balance_plot(out, data["balance"]),
+                "<p>Over the images the export keeps: near duplicates that are not their group's representative "
+                "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else ""),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
         section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
                                             int(opts["examples"]))),
@@ -122,7 +126,8 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),
-            "people": query(con, "report_people"), "balance": query(con, "report_balance"),
+            "people": query(con, "report_people"),
+            "balance": query(con, "report_balance", drop_duplicates=bool(cfg["export"]["drop_duplicates"])),
             "accuracy": query(con, "report_caption_accuracy"),
             "examples": query(con, "report_examples", n=int(opts["examples"])),
         }
