@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -341,12 +342,22 @@ def _shown(value: Any, limit: int = 120) -> str:
 
 
 def _read(path: Path) -> Config:
+    """A TOML file, or a YAML one (.yaml, .yml) with the same tables: the YAML file was read as TOML
+    ("Expected '=' after a key")."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            return tomllib.loads(text)
+        table = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError, an integer of thousands of digits
-        raise ConfigError(f"{path}: {exc}") from None
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
+        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from None
+    if table is None:  # an empty file, or only comments
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: expected tables of options (section: option: value), not {_shown(table)}")
+    return table
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

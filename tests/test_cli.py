@@ -543,3 +543,20 @@ def test_an_unknown_option_names_the_one_meant(capsys, tmp_path, override, says)
     """A misspelt option or one in another section said only "unknown option"."""
     code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--set", override)
     assert code == 2 and one_line(err) == f"booruset: configuration error: {says}"
+
+
+def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
+    """DESIGN: one config file, TOML or YAML. A YAML file was read as TOML: "Expected '=' after a key"."""
+    (tmp_path / "run.yaml").write_text("curate:\n  phash_distance: 3\nannotate:\n  tagger:\n    batch_size: 8\n")
+    cfg = load_config(str(tmp_path / "run.yaml"), ["curate.lsh_bits=12"])
+    assert (cfg["curate"]["phash_distance"], cfg["annotate"]["tagger"]["batch_size"]) == (3, 8)
+    assert cfg["curate"]["lsh_bits"] == 12 and cfg["caption"]["target"] == 0.6  # the rest: defaults, --set
+    (tmp_path / "empty.yml").write_text("# nothing yet\n")
+    assert load_config(str(tmp_path / "empty.yml")) == load_config(None)
+    for name, text, says in (("bad.yaml", "curate: [1,\n", "bad.yaml: while parsing"),
+                             ("list.yaml", "- curate\n", "list.yaml: expected tables of options"),
+                             ("domain.yaml", "ray:\n  max_error_rate: .inf\n",
+                              "ray.max_error_rate = inf (float): expected a number from 0 to 1")):
+        (tmp_path / name).write_text(text)
+        code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / name))
+        assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
