@@ -110,12 +110,24 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name == "review":
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                            "only; any other needs a token, made if not given)")
-        p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+        p.add_argument("--port", type=port_number, default=8765,
+                       help="port, 0 to 65535 (default 8765; 0: any free one)")
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
         p.add_argument("--list", action="store_true", help="only list which model files are present or missing")
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
+
+
+def port_number(text: str) -> int:
+    """--port: a TCP port (70000 failed in bind() with a traceback and a log file, exit 1)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is no port: 0 to 65535 (0: any free one)")
+    return port
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

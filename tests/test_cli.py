@@ -560,3 +560,15 @@ def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
         (tmp_path / name).write_text(text)
         code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / name))
         assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("port", ["70000", "-5", "http"])
+def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
+    """--port 70000 failed in bind() (OverflowError): a traceback log and exit 1."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["review", "-w", str(tmp_path / "ws"), "--port", port])
+    assert exit_code.value.code == 2
+    assert "argument --port: " in capsys.readouterr().err and not (tmp_path / "ws" / "logs").exists()
