@@ -44,7 +44,7 @@ COMMANDS = {
     "run": ("run every job in order on the inputs, then write the report (no arguments: the bundled sample)",
             "booruset run -i shards/ --config my.toml"),
     "report": ("write the HTML report of a workspace (plots and example images)", "booruset report -w ws"),
-    "sql": ("run one SQL query over the workspace tables and print the answer",
+    "sql": ("run SQL queries over the workspace tables (read only) and print the answers",
             "booruset sql \"select format, count(*) from images group by 1\""),
     "review": ("serve a local web page to look at, filter and correct the dataset (edits apply to the next export)",
                "booruset review -w workspace --port 8765"),
@@ -106,7 +106,9 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                        help="layout to write (repeatable; export.formats)")
         p.add_argument("--out", help="export folder (export.out; default: WORKSPACE/export)")
     if name == "sql":
-        p.add_argument("query", help="one SQL statement; the tables are views (images, tags, captions, ...)")
+        p.add_argument("query", help="SQL that only reads: select (describe, summarize, from ...) or explain, several "
+                                     "separated by ';' each answered in turn; the tables are views (images, tags, "
+                                     "captions, ...)")
     if name == "review":
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                            "only; any other needs a token, made if not given)")
