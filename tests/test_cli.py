@@ -572,3 +572,20 @@ def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
         cli.main(["review", "-w", str(tmp_path / "ws"), "--port", port])
     assert exit_code.value.code == 2
     assert "argument --port: " in capsys.readouterr().err and not (tmp_path / "ws" / "logs").exists()
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["ingest", "-w", "", "-i", "in"], "--workspace"),
+    (["ingest", "-w", "ws", "-i", ""], "--input"),
+    (["sql", "-w", " ", "select 1"], "--workspace"),
+    (["export", "-w", "ws", "--out", ""], "--out"),
+])
+def test_an_empty_path_flag_is_a_mistake_not_the_default(capsys, tmp_path, monkeypatch, args, flag):
+    """`booruset ingest -w "$WS" -i "$IN"` with both unset ingested the bundled sample ("" in
+    ingest.inputs) into ./workspace."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err) == f"booruset: configuration error: {flag} is empty: give a path " \
+                                          "(an unset shell variable?)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no workspace made
