@@ -176,9 +176,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
         # the old ones, also after a kill, until every unit is written (release_hold below)
         ws.hold_publishing(JOB)
-    if pending and specs:
-        infos += Pipeline(cfg, ws, specs, done).run(pending, batches)
+    run_now = Pipeline(cfg, ws, specs, done).run(pending, batches) if pending and specs else []
+    infos += run_now
     _fill_summary(summary, infos, specs)
+    summary.rows_run = sum(info["images"] for info in run_now)
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()

@@ -141,8 +141,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
-    if pending:
-        infos += run_units(cfg, ws, out, pending)
+    run_now = run_units(cfg, ws, out, pending) if pending else []
+    infos += run_now
     # the manifest reads the units' own parts, so it is written while the driver publishes them
     manifest = start_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
     ws.publish()
@@ -153,7 +153,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         shards = write_wids_index(out, units, counts["files"])
     else:
         remove_wids_index(out)  # no index left naming the shards this run removed
-    summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
+    summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
+                         rows_run=sum(info["images"] for info in run_now))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
     summary.seconds = time.perf_counter() - started
     summary.notes.append(left_out_note(total, selected, left_out))

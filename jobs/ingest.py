@@ -83,7 +83,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
-    summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
+    summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending),
+                         rows_run=sum(info["samples"] for info in results))
     if removed:  # written by this run: counted with its errors
         summary.errors_by_kind["removed_from_input"] = removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
