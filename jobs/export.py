@@ -101,6 +101,9 @@ def check_options(opts: dict) -> None:
         raise ConfigError(f"export.formats: unknown or empty {unknown} (known: {', '.join(LAYOUTS)})")
     if opts["text"] not in ("caption", "tags", "regions"):
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
+    where = str(opts["where"]).strip()
+    if where:  # its syntax, before the first job of a run (it failed at export); its columns bind at export
+        check_where(f"select * from (select 1) as export_selection where (\n{where}\n)", where)
     if opts["keep_tokens_separator"] and not str(opts["keep_tokens_separator"]).strip():
         raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text such as \"|||\"")
     if opts["tag_sort"] not in SORTS:
@@ -290,7 +293,7 @@ def selection_query(con: duckdb.DuckDBPyConnection, opts: dict, where: str) -> t
              f"where key >= $first and ($last is null or key < $last)")
     if where:
         query = f"{query} and (\n{where}\n)"
-        check_where(con, query, where)
+        check_where(query, where)
     params = {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
               "drop_excluded": True}
     return f"{query}\norder by source, key", params
@@ -350,11 +353,12 @@ def overlapping(chunks: list[dict], first_key: str, last_key: str) -> list[str]:
     return [c["path"] for c in chunks if c["first"] <= last_key and (c["last"] is None or c["last"] > first_key)]
 
 
-def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
+def check_where(query: str, where: str) -> None:
+    """ConfigError unless `query`, the selection with the user's `where`, parses as one SELECT."""
     try:
-        statements = con.extract_statements(query)
-    except duckdb.Error as exc:
-        raise ConfigError(f"export.where {where!r} is not a SQL condition: {exc}") from exc
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:  # its first line: the rest is an excerpt of the wrapped query, with a caret
+        raise ConfigError(f"export.where {where!r} is not a SQL condition: {str(exc).splitlines()[0]}") from exc
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise ConfigError(f"export.where {where!r} must be one condition (it ran as more than one statement)")
 

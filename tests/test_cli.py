@@ -511,6 +511,8 @@ def test_every_number_option_refuses_negative_and_non_finite_values():
     ('curate.group_format="n_characters/bogus"', "curate.group_format 'n_characters/bogus': unknown segments"),
     ("curate.fh_ratio_bins=[0.5, 0.1]", "curate.fh_ratio_bins must be at least two increasing edges"),
     ("ingest.frames.max_side=32", "ingest.frames.max_side must be >= min_side"),
+    ('export.where="rating = "', "export.where 'rating =' is not a SQL condition"),
+    ('export.where="true; drop table images"', "export.where 'true; drop table images' is not a SQL condition"),
 ])
 def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, option, says):
     """Each job checked its own options only when it started: `run --set export.text=bogus`
