@@ -210,9 +210,9 @@ def _scalar_type(default: Any, option: str = "") -> Any:
 
 
 # Numbers whose domain is narrower than the ">= 0" of every number: pydantic bounds by option (a
-# `*` is any one table: each model of [annotate]). Out of them, a value went through to a worker
-# that stumbled on it after hours of the jobs before, or to none, and the rows were wrong: a
-# probability of 1.5, a batch of 0 images, a quality of 500.
+# `*` is any one table: each model of [annotate]; the first pattern that matches wins). Out of
+# them, a value went through to a worker that stumbled on it after hours of the jobs before, or to
+# none, and the rows were wrong: a probability of 1.5, a batch of 0 images, a quality of 500.
 SHARE = {"ge": 0, "le": 1}  # a share, probability, score or similarity
 AT_LEAST_1 = {"ge": 1}
 DOMAINS: dict[str, dict[str, float]] = {
@@ -230,7 +230,7 @@ DOMAINS: dict[str, dict[str, float]] = {
     "annotate.cascade_face.min_size": AT_LEAST_1, "annotate.cascade_face.max_side": AT_LEAST_1,
     "annotate.ccip.size": AT_LEAST_1,
     "annotate.tagger.score_floor": SHARE, "annotate.tagger.region_overlap": {"ge": 0, "le": 0.5},
-    "curate.*_threshold": SHARE, "curate.ccip_threshold": {"ge": 0, "le": 2},  # 1 - cosine
+    "curate.ccip_threshold": {"ge": 0, "le": 2}, "curate.*_threshold": SHARE,  # ccip's is a 1 - cosine
     "curate.trait_share": SHARE, "curate.trait_min_images": AT_LEAST_1, "curate.max_face_aspect": AT_LEAST_1,
     "curate.phash_distance": {"ge": 0, "le": 63}, "curate.embedding_similarity": SHARE,
     "curate.lsh_tables": AT_LEAST_1, "curate.lsh_bits": AT_LEAST_1, "curate.lsh_window": AT_LEAST_1,

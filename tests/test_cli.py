@@ -591,3 +591,14 @@ def test_an_empty_path_flag_is_a_mistake_not_the_default(capsys, tmp_path, monke
     assert code == 2 and one_line(err) == f"booruset: configuration error: {flag} is empty: give a path " \
                                           "(an unset shell variable?)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no workspace made
+
+
+def test_a_wildcard_domain_does_not_hide_a_narrower_option():
+    """curate.ccip_threshold is a difference (1 - cosine, up to 2): curate.*_threshold's 0..1 is not its."""
+    from jobs.config import ConfigError
+
+    assert load_config(None, ["curate.ccip_threshold=1.5"])["curate"]["ccip_threshold"] == 1.5
+    with pytest.raises(ConfigError, match="curate.ccip_threshold = 2.5 \\(float\\): expected a number from 0 to 2"):
+        load_config(None, ["curate.ccip_threshold=2.5"])
+    with pytest.raises(ConfigError, match="curate.face_threshold = 1.5 \\(float\\): expected a number from 0 to 1"):
+        load_config(None, ["curate.face_threshold=1.5"])
