@@ -158,7 +158,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         remove_wids_index(out)  # no index left naming the shards this run removed
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
                          rows_run=sum(info["images"] for info in run_now))
-    add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
+    add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]), run_now)
     summary.seconds = time.perf_counter() - started
     summary.notes.append(left_out_note(total, selected, left_out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
@@ -581,14 +581,16 @@ def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], i
 
 
 # ---- summary --------------------------------------------------------------------------------
-def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int = 0) -> None:
-    """The summary from the units' infos and the manifest's counts (write_manifest)."""
-    seconds, written = 0.0, 0
+def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int,
+              run_now: list[dict]) -> None:
+    """The summary from the units' infos and the manifest's counts (write_manifest); the bytes
+    written are those of the units run now (`run_now`): a run with every unit done before said
+    "image bytes written: 3.1 MB" and wrote none."""
     for info in infos:
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
-        seconds += info["seconds"]
-        written += info["bytes"]
+    seconds = sum(info["seconds"] for info in run_now)
+    written = sum(info["bytes"] for info in run_now)
     per_layout: dict[str, int] = defaultdict(int)
     for (layout, _), samples in counts["files"].items():
         per_layout[layout] += samples

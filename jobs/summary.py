@@ -37,7 +37,8 @@ class JobSummary:
         lines = [
             f"== {self.job} summary",
             f"units: {self.units_done} run, {self.units_skipped} already done (skipped)",
-            f"rows in: {self.rows_in}" + (f" ({run} in the units run now)" if run != self.rows_in else ""),
+            f"rows in: {self.rows_in}" + (f" ({run} in the units run now)" if run != self.rows_in and self.units_done
+                                          else ""),
             "rows out: " + ", ".join(f"{k} {v}" for k, v in self.rows_out.items()),
             f"errors: {self.errors}" + (f" ({kinds})" if self.errors else ""),
             f"time: {self.seconds:.1f} s, " + (f"{rate:.1f} rows/s" if self.units_done or not self.units_skipped
