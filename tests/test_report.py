@@ -343,3 +343,15 @@ def test_balance_counts_the_images_the_export_keeps(tmp_path, drop_duplicates, e
     assert {r["path"]: (r["images"], r["samples"]) for r in rows} == expected
     total = sum(samples for _, samples in expected.values())
     assert {r["path"]: r["share_after"] for r in rows} == {p: s / total for p, (_, s) in expected.items()}
+
+
+def test_people_counts_each_image_of_the_images_table_once(tmp_path):
+    """People per image read image_meta alone: images ingested since curate ran were not in it (26
+    images, bars adding up to 24), and an image gone from the inputs still counted until curate ran."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("image_meta", "hand", [{"key": "in/a", "n_people": 1, "characters": []},
+                                       {"key": "in/gone", "n_people": 2, "characters": []}])
+    people = report.report_data(cfg, ws)["people"]
+    assert [(r["n_people"], r["images"]) for r in people] == [("1", 1), ("unknown", 2)]
