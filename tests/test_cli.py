@@ -481,7 +481,6 @@ def test_a_report_on_a_read_only_workspace_asks_for_a_report_folder(capsys, samp
 def test_every_number_option_refuses_negative_and_non_finite_values():
     """Each number in defaults.toml has a domain checked with the config: inf, nan and -1 went
     through for max_error_rate (inf let every job pass), probabilities and more."""
-    import math
     import tomllib
 
     from jobs.config import DEFAULTS, ConfigError
@@ -502,7 +501,6 @@ def test_every_number_option_refuses_negative_and_non_finite_values():
             with pytest.raises(ConfigError, match=rf"^{re.escape(option)} = "):
                 load_config(None, [f"{option}={value}"])
         assert load_config(None, [f"{option}={default!r}"])  # its default stays valid
-        assert not (isinstance(default, float) and math.isnan(default))
 
 
 @pytest.mark.parametrize(("option", "says"), [
