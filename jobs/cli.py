@@ -147,7 +147,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "where", None) is not None:
         overrides.append(f"export.where={_toml_string(args.where)}")
     if getattr(args, "format", None):
-        overrides.append("export.formats=[" + ", ".join(_toml_string(f) for f in args.format) + "]")
+        # each layout once: `--format kohya --format kohya` printed its folder twice
+        overrides.append("export.formats=[" + ", ".join(_toml_string(f) for f in dict.fromkeys(args.format)) + "]")
     if getattr(args, "out", None):
         overrides.append(f"export.out={_toml_string(args.out)}")
     return load_config(args.config, overrides)

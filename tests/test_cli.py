@@ -600,3 +600,8 @@ def test_a_wildcard_domain_does_not_hide_a_narrower_option():
         load_config(None, ["curate.ccip_threshold=2.5"])
     with pytest.raises(ConfigError, match="curate.face_threshold = 1.5 \\(float\\): expected a number from 0 to 1"):
         load_config(None, ["curate.face_threshold=1.5"])
+
+
+def test_a_format_given_twice_is_one_layout():
+    args = cli.build_parser().parse_args(["export", "--format", "kohya", "--format", "webdataset", "--format", "kohya"])
+    assert cli.config_from_args(args)["export"]["formats"] == ["kohya", "webdataset"]
