@@ -51,13 +51,18 @@ def model_name(name: str, spec: dict) -> str:
     return file.parent.name or file.stem
 
 
-def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
-    """Specs of the configured models that can be loaded here, and a message per skipped one."""
-    opts = cfg[JOB]
-    specs, skipped = {}, []
+def check_options(opts: dict) -> None:
+    """ConfigError for a model name annotate does not know."""
     unknown = [n for n in opts["models"] if n not in KNOWN]
     if unknown:
         raise ConfigError(f"annotate.models: unknown models {unknown} (known: {', '.join(KNOWN)})")
+
+
+def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
+    """Specs of the configured models that can be loaded here, and a message per skipped one."""
+    opts = cfg[JOB]
+    check_options(opts)
+    specs, skipped = {}, []
     for name in [n for n in KNOWN if n in opts["models"]]:  # pipeline order
         spec = {**opts[name], "models_dir": opts["models_dir"], "name": name}
         try:
@@ -171,9 +176,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
         # the old ones, also after a kill, until every unit is written (release_hold below)
         ws.hold_publishing(JOB)
-    if pending and specs:
-        infos += Pipeline(cfg, ws, specs, done).run(pending, batches)
+    run_now = Pipeline(cfg, ws, specs, done).run(pending, batches) if pending and specs else []
+    infos += run_now
     _fill_summary(summary, infos, specs)
+    summary.rows_run = sum(info["images"] for info in run_now)
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()

@@ -79,16 +79,12 @@ def check_options(opts: dict) -> None:
     if opts["rewrite"] == "vllm" and opts["backend"] != "vllm":
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
-    check_quality_bands(opts["quality_bands"], opts["accuracy_step"])
+    check_quality_bands(opts["quality_bands"])
 
 
-def check_quality_bands(bands: list, step: int) -> None:
-    """The quality tags' bands ([lowest accuracy, tag], highest first) and accuracy_NN step: the
-    bands are read from the top, so bands in another order gave every caption the lowest one,
-    and a step of 0 failed every unit after its requests were paid for."""
-    if not 1 <= int(step) <= 50:
-        raise ConfigError(f"caption.accuracy_step must be 1 to 50 (an accuracy_NN tag every that many points), "
-                          f"not {step}")
+def check_quality_bands(bands: list) -> None:
+    """The quality tags' bands ([lowest accuracy, tag], highest first): the bands are read from
+    the top, so bands in another order gave every caption the lowest one."""
     lows = []
     for band in bands:
         if len(band) != 2 or isinstance(band[0], str) or not 0 <= band[0] <= 1 \
@@ -131,11 +127,12 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
-    if pending:
-        infos += run_units(cfg, ws, pending, opts)
+    run_now = run_units(cfg, ws, pending, opts) if pending else []
+    infos += run_now
     clear(ws, INPUTS)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
+    summary.rows_run = sum(info["images"] for info in run_now)
     ws.release_hold("caption")  # every planned unit is committed: the replaced rows may go
     ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
@@ -282,7 +279,7 @@ def captioner_class(backend: str) -> type:
 
 
 def add_infos(summary: JobSummary, infos: list[dict]) -> None:
-    accuracy, captioned, scored, flagged, transient, own, own_accepted = 0.0, 0, 0, 0, 0, 0, 0
+    accuracy, captioned, scored, scored_rows, flagged, transient, own, own_accepted = 0.0, 0, 0, 0, 0, 0, 0, 0
     not_scored: Counter[str] = Counter()
     against: Counter[str] = Counter()
     for info in infos:
@@ -292,6 +289,7 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         summary.rows_out["captions"] = summary.rows_out.get("captions", 0) + info["rows"]
         captioned += info["captioned"]
         scored += info.get("scored", 0)
+        scored_rows += info.get("scored_rows", info.get("scored", 0))  # a marker before the count: its accepted
         not_scored.update(info.get("not_scored", {}))
         against.update(info.get("scored_against", {}))
         flagged += info["flagged"]
@@ -308,7 +306,11 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
                              "(at caption.target, or the backend gave none)")
     if scored:
         by = ", ".join(f"{n} against {what}" for what, n in sorted(against.items()))
-        summary.notes.append(f"scored {scored} captions ({by}): mean accuracy {accuracy / scored:.3f}")
+        # of the accepted captions: the table has a scored row for every attempt (an own caption
+        # below target, loop-back attempts), which "scored 4 captions" left out (5 on the sample)
+        summary.notes.append(f"accepted captions scored: {scored} ({by}), mean accuracy {accuracy / scored:.3f}"
+                             + (f"; caption rows scored: {scored_rows} (attempts not accepted too)"
+                                if scored_rows != scored else ""))
     if not_scored:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(not_scored.items()))
         summary.notes.append(f"not scored: {why} (no independent evidence: README, Honest caption scores)")

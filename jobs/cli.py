@@ -44,7 +44,7 @@ COMMANDS = {
     "run": ("run every job in order on the inputs, then write the report (no arguments: the bundled sample)",
             "booruset run -i shards/ --config my.toml"),
     "report": ("write the HTML report of a workspace (plots and example images)", "booruset report -w ws"),
-    "sql": ("run one SQL query over the workspace tables and print the answer",
+    "sql": ("run SQL queries over the workspace tables (read only) and print the answers",
             "booruset sql \"select format, count(*) from images group by 1\""),
     "review": ("serve a local web page to look at, filter and correct the dataset (edits apply to the next export)",
                "booruset review -w workspace --port 8765"),
@@ -106,11 +106,14 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                        help="layout to write (repeatable; export.formats)")
         p.add_argument("--out", help="export folder (export.out; default: WORKSPACE/export)")
     if name == "sql":
-        p.add_argument("query", help="one SQL statement; the tables are views (images, tags, captions, ...)")
+        p.add_argument("query", help="SQL that only reads: select (describe, summarize, from ...) or explain, several "
+                                     "separated by ';' each answered in turn; the tables are views (images, tags, "
+                                     "captions, ...)")
     if name == "review":
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                            "only; any other needs a token, made if not given)")
-        p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+        p.add_argument("--port", type=port_number, default=8765,
+                       help="port, 0 to 65535 (default 8765; 0: any free one)")
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
@@ -118,7 +121,24 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port (70000 failed in bind() with a traceback and a log file, exit 1)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is no port: 0 to 65535 (0: any free one)")
+    return port
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    # an empty value (`-w "$WS"` with WS unset) is a mistake, not the default: `ingest -w "" -i ""`
+    # ingested the bundled sample ("" in ingest.inputs) into ./workspace
+    for flag, values in (("--workspace", [args.workspace]), ("--input", getattr(args, "input", [])),
+                         ("--out", [getattr(args, "out", None)])):
+        if any(v is not None and not v.strip() for v in values):
+            raise ConfigError(f"{flag} is empty: give a path (an unset shell variable?)")
     overrides = list(args.set)
     if args.workspace:
         overrides.append(f"workspace.path={_toml_string(args.workspace)}")
@@ -127,7 +147,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "where", None) is not None:
         overrides.append(f"export.where={_toml_string(args.where)}")
     if getattr(args, "format", None):
-        overrides.append("export.formats=[" + ", ".join(_toml_string(f) for f in args.format) + "]")
+        # each layout once: `--format kohya --format kohya` printed its folder twice
+        overrides.append("export.formats=[" + ", ".join(_toml_string(f) for f in dict.fromkeys(args.format)) + "]")
     if getattr(args, "out", None):
         overrides.append(f"export.out={_toml_string(args.out)}")
     return load_config(args.config, overrides)
@@ -201,6 +222,10 @@ def sql(ws: Workspace, query: str) -> int:
 
     try:
         statements = duckdb.extract_statements(query)
+        if not statements:  # "", blanks, a comment or a lone ";": exit 0 with no answer read as one
+            print("booruset sql: the query is empty: give one SQL statement, e.g. "
+                  "booruset sql \"select count(*) from images\"", file=sys.stderr)
+            return 2
         refused = [k for k in map(statement_kind, statements) if k not in READ_STATEMENTS]
         if refused:
             print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "
@@ -225,6 +250,34 @@ def one_line(message: str) -> str:
     return " ".join(kept)
 
 
+def check_jobs(cfg: Config, names: list[str]) -> None:
+    """Each job's own checks of its options (rules that tie options together, inputs that must be
+    there) for every job of the command, before the first starts: `run --set export.text=bogus`
+    failed at export, after the hours of the jobs before it."""
+    if "ingest" in names:
+        from jobs.ingest import check_inputs, frame_options
+
+        check_inputs(cfg)
+        frame_options(cfg["ingest"]["frames"])
+    if "annotate" in names:
+        from jobs import annotate
+
+        annotate.check_options(cfg["annotate"])
+    if "curate" in names:
+        from jobs import curate
+
+        curate.check_options(cfg["curate"])
+    if "caption" in names:
+        from jobs.caption import caption_options, check_options, check_vllm_here
+
+        check_options(caption_options(cfg))
+        check_vllm_here(cfg)
+    if "export" in names:
+        from jobs import export
+
+        export.check_options(cfg["export"])
+
+
 def check_out_folders(cfg: Config, command: str) -> None:
     """export.out and report.out, which must be local folders, before the first job: a run on an
     s3:// workspace without them failed at export, after hours of the jobs before it."""
@@ -245,19 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             from jobs import models
 
             return models.main(cfg, list_only=args.list, source=args.source)
-        if args.command in ("ingest", "run"):  # a missing input leaves no new, empty workspace behind
-            from jobs.ingest import check_inputs
-
-            check_inputs(cfg)
-        if args.command in ("report", "run"):  # the report is a run's last job: not hours later
-            from jobs.report import check_options
-
-            check_options(cfg["report"])
-        if args.command in ("caption", "run"):
-            from jobs.caption import check_options, check_vllm_here
-
-            check_options(cfg["caption"])
-            check_vllm_here(cfg)
+        names = PIPELINE + ["report"] if args.command == "run" else [args.command]
+        check_jobs(cfg, names)  # every job's options, before the first job starts
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
@@ -267,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             from review.server import serve
 
             return serve(cfg, ws, args.host, args.port, args.token)
-        names = PIPELINE + ["report"] if args.command == "run" else [args.command]
         if args.command in READERS:  # they write nothing in the workspace: read-only access is enough
             return run_jobs(cfg, ws, names)
         ws.check_writable()

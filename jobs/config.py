@@ -2,21 +2,26 @@
 
 defaults.toml is the one documented list of options. The checks are a pydantic model
 generated from it: every option takes the type of its default (an int option refuses "abc"
-and 1.5, a list option refuses a bare string, a table refuses unknown keys) and numbers are
-never negative. Options with a narrower domain (one of a few words, a range) are checked by
-the job that reads them, where the meaning lives.
+and 1.5, a list option refuses a bare string, a table refuses unknown keys), numbers are
+finite and never negative, and DOMAINS, NAMES and WORDS below narrow single options (a share
+is at most 1, a batch at least 1, a label not ""), so that all of it is said before any job
+starts. Rules that tie options together are checked by the job that reads them, where the
+meaning lives (each job's check_options, which the CLI runs before the first job too).
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import difflib
+import fnmatch
 import functools
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -114,13 +119,34 @@ def merge(cfg: dict, update: dict, where: str = "") -> None:
     for name, value in update.items():
         path = f"{where}.{name}" if where else name
         if name not in cfg:
-            raise ConfigError(f"unknown config section [{path}]" if not where else f"unknown option {path}")
+            raise ConfigError((f"unknown config section [{path}]" if not where else f"unknown option {path}")
+                              + _near_miss(name, cfg, where))
         if isinstance(cfg[name], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} must be a table, not {_shown(value)}")
             merge(cfg[name], value, path)
         else:
             cfg[name] = copy.deepcopy(value)
+
+
+def _near_miss(name: str, table: dict, where: str) -> str:
+    """' (did you mean X?)' for a misspelt option or section (the closest name of its table), or
+    an option put in another section than its own (caption.max_error_rate: ray.max_error_rate)."""
+    close = difflib.get_close_matches(name, [str(n) for n in table], n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {where + '.' if where else ''}{close[0]}?)"
+    elsewhere = [path for path in _option_paths(_read(DEFAULTS), "") if path.rsplit(".", 1)[-1] == name]
+    if len(elsewhere) > 3:  # batch_size: six of [annotate]'s tables
+        elsewhere = elsewhere[:2] + [f"{len(elsewhere) - 2} more"]
+    return f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+
+
+def _option_paths(table: dict, where: str) -> list[str]:
+    paths = []
+    for name, value in table.items():
+        path = f"{where}.{name}" if where else name
+        paths += _option_paths(value, path) if isinstance(value, dict) else [path]
+    return paths
 
 
 def validate(cfg: Config) -> Config:
@@ -145,18 +171,20 @@ def _model(name: str, table: dict) -> type[BaseModel]:
 def _field_type(name: str, default: Any) -> Any:
     if isinstance(default, dict):
         return _model(name, default)
+    option = name.removeprefix("config.")
     if isinstance(default, list):
-        return list[_element_type(name, default)]
-    return _scalar_type(default)
+        return list[_element_type(option, default)]
+    return _scalar_type(default, option)
 
 
-def _element_type(name: str, items: list) -> Any:
+def _element_type(option: str, items: list) -> Any:
     if items and all(isinstance(i, list) for i in items):
         # e.g. quality_bands = [[0.9, "tag"], ...]: rows of the first row's types, place by place
         # ([["y", 0.2]] or [[0.5]] failed in a caption worker, after Ray had started)
         row = tuple[tuple(_scalar_type(v) for v in items[0])]
         return Annotated[row, BeforeValidator(_row_as_tuple), PlainSerializer(list)]
-    kinds = {_scalar_type(i) for i in items} or {StrictStr}
+    # one type per kind of default (a union of equal types made pydantic name each in its messages)
+    kinds = [_scalar_type(i, option) for i in {type(i): i for i in items}.values()] or [StrictStr]
     return functools.reduce(lambda a, b: a | b, kinds)
 
 
@@ -165,18 +193,115 @@ def _row_as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _scalar_type(default: Any) -> Any:
+def _scalar_type(default: Any, option: str = "") -> Any:
     if isinstance(default, bool):
         return StrictBool
     if isinstance(default, int):
-        return Annotated[StrictInt, Field(ge=0)]
+        return Annotated[StrictInt, Field(**domain(option))]
     if isinstance(default, float):
-        return Annotated[float, Field(ge=0)]  # strict float still takes an int
+        # strict float still takes an int; inf and nan are no option's value (max_error_rate = inf
+        # let every job pass whatever it dropped)
+        return Annotated[float, Field(allow_inf_nan=False, **domain(option))]
+    if option in WORDS:
+        return Literal[WORDS[option]]
+    if _matches(option, NAMES):
+        return Annotated[StrictStr, Field(pattern=r"\S")]
     return StrictStr
+
+
+# Numbers whose domain is narrower than the ">= 0" of every number: pydantic bounds by option (a
+# `*` is any one table: each model of [annotate]; the first pattern that matches wins). Out of
+# them, a value went through to a worker that stumbled on it after hours of the jobs before, or to
+# none, and the rows were wrong: a probability of 1.5, a batch of 0 images, a quality of 500.
+SHARE = {"ge": 0, "le": 1}  # a share, probability, score or similarity
+AT_LEAST_1 = {"ge": 1}
+DOMAINS: dict[str, dict[str, float]] = {
+    "ray.max_error_rate": SHARE,
+    "ingest.max_*": AT_LEAST_1, "ingest.folder_unit_size": AT_LEAST_1, "ingest.shards_per_task": AT_LEAST_1,
+    "ingest.batch_samples": AT_LEAST_1,
+    "ingest.frames.scene_threshold": {"ge": 0, "le": 255}, "ingest.frames.similarity_distance": {"ge": 0, "le": 64},
+    "ingest.frames.max_frames_per_slice": AT_LEAST_1, "ingest.frames.max_frames_per_clip": AT_LEAST_1,
+    "ingest.frames.max_decoded_frames": AT_LEAST_1, "ingest.frames.min_side": AT_LEAST_1,
+    "ingest.frames.max_side": AT_LEAST_1, "ingest.frames.quality": {"ge": 1, "le": 100},
+    "annotate.decode_batch_size": AT_LEAST_1, "annotate.write_batch_size": AT_LEAST_1,
+    "annotate.*.batch_size": AT_LEAST_1, "annotate.*.cpu_batch_size": AT_LEAST_1, "annotate.*.concurrency": AT_LEAST_1,
+    "annotate.*.conf_threshold": SHARE, "annotate.*.iou_threshold": SHARE,
+    "annotate.cascade_face.scale_factor": {"gt": 1},  # OpenCV's detectMultiScale asserts it
+    "annotate.cascade_face.min_size": AT_LEAST_1, "annotate.cascade_face.max_side": AT_LEAST_1,
+    "annotate.ccip.size": AT_LEAST_1,
+    "annotate.tagger.score_floor": SHARE, "annotate.tagger.region_overlap": {"ge": 0, "le": 0.5},
+    "curate.ccip_threshold": {"ge": 0, "le": 2}, "curate.*_threshold": SHARE,  # ccip's is a 1 - cosine
+    "curate.trait_share": SHARE, "curate.trait_min_images": AT_LEAST_1, "curate.max_face_aspect": AT_LEAST_1,
+    "curate.phash_distance": {"ge": 0, "le": 63}, "curate.embedding_similarity": SHARE,
+    "curate.lsh_tables": AT_LEAST_1, "curate.lsh_bits": AT_LEAST_1, "curate.lsh_window": AT_LEAST_1,
+    "curate.max_block": AT_LEAST_1, "curate.max_characters": AT_LEAST_1,
+    # multiply is relative to the smallest weight times min_multiply: 0 made every image's 0
+    "curate.min_multiply": {"gt": 0}, "curate.max_multiply": {"gt": 0},
+    "caption.unit_size": AT_LEAST_1, "caption.concurrency": AT_LEAST_1, "caption.max_attempts": AT_LEAST_1,
+    "caption.target": SHARE, "caption.drop_per_attempt": SHARE, "caption.max_caption_chars": AT_LEAST_1,
+    # a step of 0 failed each caption unit after its requests were paid for
+    "caption.review_floor": SHARE, "caption.accuracy_step": {"ge": 1, "le": 50},
+    "caption.embedding_batch_size": AT_LEAST_1, "caption.embedding_cpu_batch_size": AT_LEAST_1,
+    "caption.asp_probabilities.*": SHARE,
+    "caption.max_concurrency": AT_LEAST_1, "caption.timeout_s": {"gt": 0}, "caption.max_tokens": AT_LEAST_1,
+    "caption.temperature": {"ge": 0, "le": 2}, "caption.image_max_side": AT_LEAST_1,
+    "caption.vllm_concurrency": AT_LEAST_1, "caption.vllm_batch_size": AT_LEAST_1, "caption.vllm_num_gpus": AT_LEAST_1,
+    "caption.vllm_max_model_len": AT_LEAST_1, "caption.vllm_gpu_memory_utilization": {"gt": 0, "le": 1},
+    "caption.rewrite_max_tokens": AT_LEAST_1, "caption.rewrite_tolerance": SHARE,
+    "caption.text_tags_top_k": AT_LEAST_1, "caption.text_tags_min_similarity": SHARE,
+    "caption.related_min_support": AT_LEAST_1, "caption.related_top_k": AT_LEAST_1,
+    "export.jpeg_quality": {"ge": 1, "le": 100}, "export.png_compress_level": {"ge": 0, "le": 9},
+    "export.max_count": AT_LEAST_1, "export.max_bytes": AT_LEAST_1,
+    # top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to draw and make a picture no one
+    # reads; past DuckDB's BIGINT a ConversionException). examples: the driver holds their image
+    # bytes at once. thumb_size: a thumbnail of fewer pixels shows nothing, of more is none.
+    "report.top_n": {"ge": 1, "le": 1000}, "report.examples": {"ge": 0, "le": 1000},
+    "report.thumb_size": {"ge": 16, "le": 4096},
+}
+# Strings that name something and cannot be "" or blank (face_label = "" counted no face anywhere).
+NAMES = ("workspace.*", "annotate.*.repo", "annotate.*.file", "annotate.cascade_face.model", "annotate.tagger.labels_*",
+         "curate.face_label", "curate.person_label", "curate.group_format", "curate.cluster_method",
+         "curate.memory_limit", "caption.backend", "caption.model", "caption.vllm_model", "caption.rewrite_model",
+         "caption.base_url", "caption.rewrite_base_url", "caption.prompt", "caption.region_prompt", "export.text",
+         "export.tag_sort", "ingest.frames.format")
+# Words no job checks before it runs (annotate.device = "gpu" ran on the CPU without a word).
+WORDS = {"annotate.device": ("auto", "cuda", "cpu"), "caption.template_style": ("english", "asp")}
+
+
+def domain(option: str) -> dict[str, float]:
+    """The pydantic bounds of a number option: DOMAINS' first match, else >= 0."""
+    return next((bounds for pattern, bounds in DOMAINS.items() if fnmatch.fnmatchcase(option, pattern)), {"ge": 0})
+
+
+def _matches(option: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(option, p) for p in patterns)
+
+
+def _domain_text(bounds: dict[str, float]) -> str:
+    low = f">= {bounds['ge']}" if "ge" in bounds else f"> {bounds['gt']}" if "gt" in bounds else ""
+    if "le" not in bounds:
+        return low
+    return f"from {bounds['ge']} to {bounds['le']}" if "ge" in bounds else f"{low} and <= {bounds['le']}"
+
+
+def _expected(option: str, default: Any) -> str:
+    """What a scalar option (or one element of a list option) must be, in words."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int | float):
+        return ("a whole number " if isinstance(default, int) else "a number ") + _domain_text(domain(option))
+    if option in WORDS:
+        return "one of " + ", ".join(map(repr, WORDS[option]))
+    if isinstance(default, str):
+        return "a name, not empty" if _matches(option, NAMES) else "a string"
+    return ""
 
 
 TYPE_NAMES = {"bool": "true or false", "int": "a whole number >= 0", "float": "a number >= 0",
               "str": "a string", "list": "a list", "dict": "a table"}
+# What a pydantic error of these types means is in the expected words: no need for its own text.
+SAID_BY_EXPECTED = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                    "string_pattern_mismatch", "literal_error")
 
 
 ELEMENT_TYPES = {"string_type": "a string", "int_type": "a whole number", "bool_type": "true or false",
@@ -194,7 +319,9 @@ def _describe(error: dict) -> str:
     default: Any = _read(DEFAULTS)
     for n in names:
         default = default.get(n) if isinstance(default, dict) else None
-    expected = TYPE_NAMES.get(type(default).__name__, "")
+    if option != ".".join(names) and isinstance(default, list) and default and error["type"] in SAID_BY_EXPECTED:
+        default = default[0]  # an element of a list out of its domain: fh_ratio_bins[1] = nan
+    expected = _expected(".".join(names), default) or TYPE_NAMES.get(type(default).__name__, "")
     if isinstance(default, list) and default:
         inner = default[0]
         expected = f"a list of {TYPE_NAMES.get(type(inner).__name__, 'values').removeprefix('a ')}s"
@@ -205,7 +332,7 @@ def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown option {option}"
     return f"{option} = {got}: expected {expected or error['msg']}" + (
-        "" if error["type"].endswith("_type") else f" ({error['msg']})")
+        "" if error["type"].endswith("_type") or error["type"] in SAID_BY_EXPECTED else f" ({error['msg']})")
 
 
 def _shown(value: Any, limit: int = 120) -> str:
@@ -215,12 +342,22 @@ def _shown(value: Any, limit: int = 120) -> str:
 
 
 def _read(path: Path) -> Config:
+    """A TOML file, or a YAML one (.yaml, .yml) with the same tables: the YAML file was read as TOML
+    ("Expected '=' after a key")."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            return tomllib.loads(text)
+        table = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError, an integer of thousands of digits
-        raise ConfigError(f"{path}: {exc}") from None
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
+        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from None
+    if table is None:  # an empty file, or only comments
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: expected tables of options (section: option: value), not {_shown(table)}")
+    return table
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

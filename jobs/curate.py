@@ -276,24 +276,24 @@ def check_options(opts: dict) -> None:
         ccip_cluster.ClusterSettings.from_config(opts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if float(opts["min_multiply"]) <= 0 or float(opts["max_multiply"]) <= 0:
-        # multiply is relative to the smallest per-image weight times min_multiply: 0 made every
-        # image's 0 (EveryDream's multiply.txt then trains none, kohya's folders still one repeat)
-        raise ConfigError("curate.min_multiply and curate.max_multiply must be more than 0")
+    # min_multiply, max_multiply > 0, lsh_bits and lsh_tables >= 1: jobs/config.DOMAINS
     top = 62 - near_duplicates.SORT_BITS
-    if not 1 <= int(opts["lsh_bits"]) <= top or int(opts["lsh_tables"]) < 1:
-        raise ConfigError(f"curate.lsh_bits must be between 1 and {top}, and curate.lsh_tables at least 1")
+    if int(opts["lsh_bits"]) > top:
+        raise ConfigError(f"curate.lsh_bits must be between 1 and {top}")
     try:
         duckdb.connect(config={"memory_limit": str(opts["memory_limit"])}).close()
     except duckdb.Error as exc:
         raise ConfigError(f"curate.memory_limit {opts['memory_limit']!r}: {exc}") from None
+    try:  # the lookups made from options alone (the files are read when curate runs)
+        group_format_table(opts["group_format"], schemas.image_meta.names)
+        fh_ratio_bins(opts["fh_ratio_bins"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def sql_params(opts: dict) -> dict:
     """The SQL parameters from the [curate] options (values go in as bindings, never as text)."""
-    distance = int(opts["phash_distance"])
-    if not 0 <= distance < 64:
-        raise ConfigError("curate.phash_distance must be between 0 and 63")
+    distance = int(opts["phash_distance"])  # 0 to 63: jobs/config.DOMAINS
     return {
         "general_threshold": float(opts["general_threshold"]),
         "character_threshold": float(opts["character_threshold"]),

@@ -101,8 +101,9 @@ def check_options(opts: dict) -> None:
         raise ConfigError(f"export.formats: unknown or empty {unknown} (known: {', '.join(LAYOUTS)})")
     if opts["text"] not in ("caption", "tags", "regions"):
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
-    if int(opts["max_count"]) < 1 or int(opts["max_bytes"]) < 1:
-        raise ConfigError("export.max_count and export.max_bytes must be positive")
+    where = str(opts["where"]).strip()
+    if where:  # its syntax, before the first job of a run (it failed at export); its columns bind at export
+        check_where(f"select * from (select 1) as export_selection where (\n{where}\n)", where)
     separator = str(opts["keep_tokens_separator"])
     # a line break in it would make KEY.txt two lines, and kohya trains on the first alone
     if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
@@ -111,13 +112,9 @@ def check_options(opts: dict) -> None:
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])
-    if budget < 0:
-        raise ConfigError("export.clip_token_budget must be 0 (no limit) or a number of CLIP tokens, e.g. 75 or 225")
     if budget and 2 * keep - 1 > budget:  # each tag a token at least, a comma after each but the last
         raise ConfigError(f"export.keep_tokens {keep} cannot fit export.clip_token_budget {budget}: {keep} tags take "
                           f"{2 * keep - 1} CLIP tokens at least, and the budget never leaves kept tags out")
-    if not 0 <= int(opts["png_compress_level"]) <= 9:
-        raise ConfigError("export.png_compress_level must be a zlib level, 0 to 9")
     if opts["alpha_background"]:
         try:
             ImageColor.getrgb(str(opts["alpha_background"]))
@@ -154,8 +151,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
-    if pending:
-        infos += run_units(cfg, ws, out, pending)
+    run_now = run_units(cfg, ws, out, pending) if pending else []
+    infos += run_now
     # the manifest reads the units' own parts, so it is written while the driver publishes them
     manifest = start_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
     ws.publish()
@@ -166,8 +163,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         shards = write_wids_index(out, units, counts["files"])
     else:
         remove_wids_index(out)  # no index left naming the shards this run removed
-    summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending))
-    add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]))
+    summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
+                         rows_run=sum(info["images"] for info in run_now))
+    add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]), run_now)
     summary.seconds = time.perf_counter() - started
     summary.notes.append(left_out_note(total, selected, left_out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
@@ -302,7 +300,7 @@ def selection_query(con: duckdb.DuckDBPyConnection, opts: dict, where: str) -> t
              f"where key >= $first and ($last is null or key < $last)")
     if where:
         query = f"{query} and (\n{where}\n)"
-        check_where(con, query, where)
+        check_where(query, where)
     params = {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
               "drop_excluded": True}
     return f"{query}\norder by source, key", params
@@ -362,11 +360,12 @@ def overlapping(chunks: list[dict], first_key: str, last_key: str) -> list[str]:
     return [c["path"] for c in chunks if c["first"] <= last_key and (c["last"] is None or c["last"] > first_key)]
 
 
-def check_where(con: duckdb.DuckDBPyConnection, query: str, where: str) -> None:
+def check_where(query: str, where: str) -> None:
+    """ConfigError unless `query`, the selection with the user's `where`, parses as one SELECT."""
     try:
-        statements = con.extract_statements(query)
-    except duckdb.Error as exc:
-        raise ConfigError(f"export.where {where!r} is not a SQL condition: {exc}") from exc
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:  # its first line: the rest is an excerpt of the wrapped query, with a caret
+        raise ConfigError(f"export.where {where!r} is not a SQL condition: {str(exc).splitlines()[0]}") from exc
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise ConfigError(f"export.where {where!r} must be one condition (it ran as more than one statement)")
 
@@ -589,14 +588,16 @@ def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], i
 
 
 # ---- summary --------------------------------------------------------------------------------
-def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int = 0) -> None:
-    """The summary from the units' infos and the manifest's counts (write_manifest)."""
-    seconds, written = 0.0, 0
+def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int,
+              run_now: list[dict]) -> None:
+    """The summary from the units' infos and the manifest's counts (write_manifest); the bytes
+    written are those of the units run now (`run_now`): a run with every unit done before said
+    "image bytes written: 3.1 MB" and wrote none."""
     for info in infos:
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
-        seconds += info["seconds"]
-        written += info["bytes"]
+    seconds = sum(info["seconds"] for info in run_now)
+    written = sum(info["bytes"] for info in run_now)
     per_layout: dict[str, int] = defaultdict(int)
     for (layout, _), samples in counts["files"].items():
         per_layout[layout] += samples

@@ -83,7 +83,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
-    summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
+    summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending),
+                         rows_run=sum(info["samples"] for info in results))
     if removed:  # written by this run: counted with its errors
         summary.errors_by_kind["removed_from_input"] = removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
@@ -267,8 +268,6 @@ def frame_options(opts: dict) -> dict:
     """[ingest.frames], checked where the meaning lives."""
     if opts["format"] not in PILLOW_FORMAT:
         raise ConfigError(f"ingest.frames.format must be one of {', '.join(PILLOW_FORMAT)}, not {opts['format']!r}")
-    if not 1 <= opts["quality"] <= 100:
-        raise ConfigError("ingest.frames.quality must be 1..100")
     if opts["max_side"] < opts["min_side"]:
         raise ConfigError("ingest.frames.max_side must be >= min_side")
     return dict(opts)

@@ -37,13 +37,6 @@ JOB = "report"
 # math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
 LITERAL_TEXT = {"text.parse_math": False}
-# Bounds of the [report] options. top_n: bars of a plot (each 0.28 in high; 3,000 took 25 s to
-# draw and make a picture no one reads). examples: the driver holds their image bytes at once (a
-# page of thousands is no overview either). thumb_size: a thumbnail of fewer pixels shows
-# nothing; one of more is no thumbnail.
-TOP_N = (1, 1000)
-EXAMPLES = (0, 1000)
-THUMB_SIZE = (16, 4096)
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
 
@@ -56,23 +49,14 @@ def report_dir(cfg: Config, ws: Workspace) -> Path:
     return out_folder(JOB, cfg, ws.local, ws.base)
 
 
-def check_options(opts: dict) -> None:
-    """ConfigError for a [report] option out of its bounds (0 examples: the page says there are none)."""
-    for name, (low, high), what in (("top_n", TOP_N, "bars in the tag and character plots"),
-                                    ("examples", EXAMPLES, "example images; 0: none"),
-                                    ("thumb_size", THUMB_SIZE, "pixels on a thumbnail's long side")):
-        if not low <= int(opts[name]) <= high:
-            raise ConfigError(f"report.{name} must be {low} to {high} ({what}), not {opts[name]}")
-
-
 def run(cfg: Config, ws: Workspace) -> JobSummary:
     started = time.perf_counter()
-    opts = cfg[JOB]
-    check_options(opts)
+    opts = cfg[JOB]  # its bounds are checked with the config (jobs/config.DOMAINS)
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
     data = report_data(cfg, ws)
-    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws)))
+    page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws),
+                                              bool(cfg["export"]["drop_duplicates"])))
     atomic_write(str(out / "index.html"), page.encode())
     shown = page_files(page)
     remove_stale(out, shown)
@@ -84,7 +68,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str) -> list[str]:
+def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str,
+                  drop_duplicates: bool = True) -> list[str]:
     """The sections of the page; their plots and thumbnails are written into `out`."""
     return [
         section("Images per stage", bar_plot(out, "stages", [r["stage"] for r in data["stages"]],
@@ -97,7 +82,9 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
                                        [r["images"] for r in data["characters"]], "images")),
         section("People per image", bar_plot(out, "people", [r["n_people"] for r in data["people"]],
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
-        section("Balance before and after multiply", balance_plot(out, data["balance"])),
+        section("Balance before and after multiply", balance_plot(out, data["balance"]),
+                "<p>Over the images the export keeps: near duplicates that are not their group's representative "
+                "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else ""),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
         section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
                                             int(opts["examples"]))),
@@ -139,7 +126,8 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),
-            "people": query(con, "report_people"), "balance": query(con, "report_balance"),
+            "people": query(con, "report_people"),
+            "balance": query(con, "report_balance", drop_duplicates=bool(cfg["export"]["drop_duplicates"])),
             "accuracy": query(con, "report_caption_accuracy"),
             "examples": query(con, "report_examples", n=int(opts["examples"])),
         }

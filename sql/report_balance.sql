@@ -1,17 +1,19 @@
 -- report_balance: per balance group, its share of the images before multiply and its share of
 -- the training samples after (sum of multiply), over the images the export keeps: a near
--- duplicate that is not its group's representative is left out (export.drop_duplicates, as
--- sql/084_group_members.sql and 085_group_counts.sql count them; a group of such duplicates
--- only counts them all). Counting them showed a balanced dataset as unbalanced (three copies of
--- one picture, one exported, against one other picture: 3:1 for an export of 1:1).
--- Parameters: none. Reads balance, duplicates.
+-- duplicate that is not its group's representative is left out ($drop_duplicates,
+-- export.drop_duplicates), as sql/084_group_members.sql and 085_group_counts.sql count them (a
+-- group of such duplicates only counts them all). Counting them showed a balanced dataset as
+-- unbalanced (three copies of one picture, one exported, against one other picture: 3:1 for an
+-- export of 1:1; a group of 12 images, 8 of them such duplicates, 12 samples for an export of 4).
+-- Parameters: $drop_duplicates. Reads balance, duplicates.
 with duplicate_keys as (
     select key, bool_and(is_representative) as is_representative
     from duplicates
     group by key
 ),
 members as (
-    select b.path, b.multiply, coalesce(d.is_representative, true) as exported
+    select b.path, b.multiply,
+           not ($drop_duplicates and not coalesce(d.is_representative, true)) as exported
     from balance b
     left join duplicate_keys d using (key)
 ),

@@ -89,6 +89,7 @@ def test_annotate_sample_every_model_and_resume(ingested, models_dir):
     ws.write_part("tag_scores", f"annotate-{unit}-tagger", [])
     redo = annotate.run(cfg, ws)
     assert redo.units_done == 1
+    assert 0 < redo.rows_run < redo.rows_in == 24  # the rate counts the images of the unit run now
     assert {t: _rows(ws, t) for t in before} == before
 
 

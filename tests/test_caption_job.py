@@ -119,8 +119,7 @@ def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, conf
     assert unit_ids(concurrency=7, timeout_s=5.0, max_retries=1, vllm_batch_size=4) == before
 
 
-@pytest.mark.parametrize("options", [
-    {"accuracy_step": 0}, {"accuracy_step": 60},
+@pytest.mark.parametrize("options", [  # accuracy_step's 1 to 50: with the config (tests/test_cli.py)
     {"quality_bands": [[0.4, "auto_bad_caption"], [0.9, "auto_best_caption"]]},  # lowest first
     {"quality_bands": [[0.9, "auto_best_caption"], [0.9, "auto_good_caption"]]},
     {"quality_bands": [[1.5, "auto_best_caption"]]}, {"quality_bands": [["auto_best_caption", 0.9]]},
@@ -128,7 +127,7 @@ def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, conf
 ])
 def test_quality_bands_out_of_their_domain_are_refused_before_any_caption(workspace, config, options):
     write_inputs(workspace)
-    with pytest.raises(ConfigError, match=r"caption\.(accuracy_step|quality_bands)"):
+    with pytest.raises(ConfigError, match=r"caption\.quality_bands"):
         caption.run(configure(config, **options), workspace)
     assert workspace.done_units("caption") == {}
 
@@ -198,10 +197,16 @@ def test_an_images_own_caption_is_scored_and_accepted_at_target(ray_local, works
     assert harbour["accepted"] and harbour["accuracy"] is None and harbour["not_scored"] == "no_evidence"
     assert workspace.read_table("errors").num_rows == 0  # a/untagged has a caption now: no no_tags row
     assert "own captions (sidecars, JSON): 3 read, 2 accepted" in " ".join(summary.notes)
+    # the summary's scored counts are the table's: girl's accepted caption; fruit's, not accepted, too
+    scored_rows = sum(r["accuracy"] is not None for r in rows.values())
+    assert scored_rows == 2
+    assert any(n.startswith("accepted captions scored: 1 (1 against tagger)") and
+               n.endswith("; caption rows scored: 2 (attempts not accepted too)") for n in summary.notes), summary.notes
 
     ignored = caption.run(configure(config, own_captions="ignore"), workspace)
     # only the units with own captions are new: b/from_source's unit (none) keeps its id
     assert (ignored.units_done, ignored.units_skipped) == (2, 1)
+    assert 0 < ignored.rows_run < ignored.rows_in  # the rate counts the images of the units run now
     rows = workspace.read_table("captions").to_pylist()
     assert {r["backend"] for r in rows} == {"template:english"} and len(rows) == 4
     assert [e["kind"] for e in workspace.read_table("errors").to_pylist()] == ["no_tags"]

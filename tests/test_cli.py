@@ -79,12 +79,27 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("ray.max_error_rate=abc", "ray.max_error_rate = 'abc' (str): expected a number >= 0"),
-    ("ingest.max_pixels=abc", "ingest.max_pixels = 'abc' (str): expected a whole number >= 0"),
-    ("ingest.max_pixels=1.5", "ingest.max_pixels = 1.5 (float): expected a whole number >= 0"),
+    ("ray.max_error_rate=abc", "ray.max_error_rate = 'abc' (str): expected a number from 0 to 1"),
+    ("ingest.max_pixels=abc", "ingest.max_pixels = 'abc' (str): expected a whole number >= 1"),
+    ("ingest.max_pixels=1.5", "ingest.max_pixels = 1.5 (float): expected a whole number >= 1"),
     ('ingest.inputs="/path"', "ingest.inputs = '/path' (str): expected a list of strings"),
     ("export.exclude_tags=[1, 2]", "export.exclude_tags[0] = 1 (int): expected a string"),
-    ("export.max_count=-5", "export.max_count = -5 (int): expected a whole number >= 0"),
+    ("export.max_count=-5", "export.max_count = -5 (int): expected a whole number >= 1"),
+    # values out of their option's domain (jobs/config.DOMAINS, NAMES, WORDS): all went through
+    ("ray.max_error_rate=inf", "ray.max_error_rate = inf (float): expected a number from 0 to 1"),
+    ("ray.max_error_rate=nan", "ray.max_error_rate = nan (float): expected a number from 0 to 1"),
+    ("ray.max_error_rate=1.5", "ray.max_error_rate = 1.5 (float): expected a number from 0 to 1"),
+    ("caption.asp_probabilities.copyright=1.5",
+     "caption.asp_probabilities.copyright = 1.5 (float): expected a number from 0 to 1"),
+    ("curate.max_multiply=inf", "curate.max_multiply = inf (float): expected a number > 0"),
+    ("annotate.tagger.batch_size=0", "annotate.tagger.batch_size = 0 (int): expected a whole number >= 1"),
+    ("caption.accuracy_step=60", "caption.accuracy_step = 60 (int): expected a whole number from 1 to 50"),
+    ("caption.unit_size=0", "caption.unit_size = 0 (int): expected a whole number >= 1"),
+    ("export.jpeg_quality=500", "export.jpeg_quality = 500 (int): expected a whole number from 1 to 100"),
+    ("curate.fh_ratio_bins=[0.0, nan]", "curate.fh_ratio_bins[1] = nan (float): expected a number >= 0"),
+    ('curate.face_label=""', "curate.face_label = '' (str): expected a name, not empty"),
+    ('curate.person_label="  "', "curate.person_label = '  ' (str): expected a name, not empty"),
+    ('annotate.device="gpu"', "annotate.device = 'gpu' (str): expected one of 'auto', 'cuda', 'cpu'"),
     ("caption.send_images=yes", "caption.send_images = 'yes' (str): expected true or false"),
     ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
     ("annotate.cascade_face.nope=1", "unknown option annotate.cascade_face.nope"),
@@ -111,7 +126,7 @@ def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, over
 @pytest.mark.parametrize(("command", "override", "expected"), [
     ("curate", 'curate.cluster_method="bogus"', "curate.cluster_method must be optics or dbscan"),
     ("curate", 'curate.memory_limit="lots"', "curate.memory_limit 'lots'"),
-    ("curate", "curate.lsh_bits=0", "curate.lsh_bits must be between 1"),
+    ("curate", "curate.lsh_bits=60", "curate.lsh_bits must be between 1"),
     ("export", "export.bucket_step=0", "export.buckets needs 1 <= bucket_step"),
 ])
 def test_options_a_worker_would_stumble_on_are_configuration_errors(capsys, sample_ws, command, override, expected):
@@ -137,7 +152,7 @@ def test_the_vllm_engine_without_vllm_is_one_line(capsys, sample_ws):
 
 
 @pytest.mark.parametrize(("option", "says"), [
-    ("caption.accuracy_step=0", "caption.accuracy_step must be 1 to 50"),
+    ("caption.accuracy_step=0", "caption.accuracy_step = 0 (int): expected a whole number from 1 to 50"),
     ('caption.quality_bands=[[0.4, "auto_bad_caption"], [0.9, "auto_best_caption"]]', "highest first"),
     ('caption.quality_bands=[[90, "auto_best_caption"]]', "lowest accuracy 0..1"),
 ])
@@ -461,3 +476,132 @@ def test_a_report_on_a_read_only_workspace_asks_for_a_report_folder(capsys, samp
         code, _, err = run_cli(capsys, "report", "-w", str(mnt / "ws"), "--set", f'report.out="{tmp_path / "r"}"')
         assert code == 0, err
         assert (tmp_path / "r" / "index.html").is_file()
+
+
+def test_every_number_option_refuses_negative_and_non_finite_values():
+    """Each number in defaults.toml has a domain checked with the config: inf, nan and -1 went
+    through for max_error_rate (inf let every job pass), probabilities and more."""
+    import tomllib
+
+    from jobs.config import DEFAULTS, ConfigError
+
+    def numbers(table: dict, where: str):
+        for name, value in table.items():
+            option = f"{where}.{name}" if where else name
+            if isinstance(value, dict):
+                yield from numbers(value, option)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                yield option, value
+
+    found = list(numbers(tomllib.loads(DEFAULTS.read_text()), ""))
+    assert len(found) > 100
+    for option, default in found:
+        bad = ["-1"] + (["inf", "nan", "-inf"] if isinstance(default, float) else [])
+        for value in bad:
+            with pytest.raises(ConfigError, match=rf"^{re.escape(option)} = "):
+                load_config(None, [f"{option}={value}"])
+        assert load_config(None, [f"{option}={default!r}"])  # its default stays valid
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    ('export.text="bogus"', "export.text must be"),
+    ('annotate.models=["face", "nope"]', "annotate.models: unknown models ['nope']"),
+    ('curate.group_format="n_characters/bogus"', "curate.group_format 'n_characters/bogus': unknown segments"),
+    ("curate.fh_ratio_bins=[0.5, 0.1]", "curate.fh_ratio_bins must be at least two increasing edges"),
+    ("ingest.frames.max_side=32", "ingest.frames.max_side must be >= min_side"),
+    ('export.where="rating = "', "export.where 'rating =' is not a SQL condition"),
+    ('export.where="true; drop table images"', "export.where 'true; drop table images' is not a SQL condition"),
+])
+def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, option, says):
+    """Each job checked its own options only when it started: `run --set export.text=bogus`
+    ingested, annotated, curated and captioned first, then failed."""
+    code, _, err = run_cli(capsys, "run", "-w", str(tmp_path / "ws"), "-i", str(REPO / "sample" / "shards"),
+                           "--set", option)
+    assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("query", ["", "   \n", "-- nothing", "/* nothing */ ;", ";"])
+def test_sql_with_no_statement_is_one_line(capsys, tmp_path, query):
+    """An empty query (a shell variable that was not set) exited 0 with no output."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    code, out, err = run_cli(capsys, "sql", "-w", str(tmp_path / "ws"), query)
+    assert code == 2 and out == ""
+    assert one_line(err).startswith("booruset sql: the query is empty")
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("curate.phash_distanc=3", "unknown option curate.phash_distanc (did you mean curate.phash_distance?)"),
+    ("curat.phash_distance=3", "unknown config section [curat] (did you mean curate?)"),
+    ("annotate.tagger.batchsize=3",
+     "unknown option annotate.tagger.batchsize (did you mean annotate.tagger.batch_size?)"),
+    ("caption.max_error_rate=0.1", "unknown option caption.max_error_rate (did you mean ray.max_error_rate?)"),
+    ("ingest.zzz=3", "unknown option ingest.zzz"),
+])
+def test_an_unknown_option_names_the_one_meant(capsys, tmp_path, override, says):
+    """A misspelt option or one in another section said only "unknown option"."""
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--set", override)
+    assert code == 2 and one_line(err) == f"booruset: configuration error: {says}"
+
+
+def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
+    """DESIGN: one config file, TOML or YAML. A YAML file was read as TOML: "Expected '=' after a key"."""
+    (tmp_path / "run.yaml").write_text("curate:\n  phash_distance: 3\nannotate:\n  tagger:\n    batch_size: 8\n")
+    cfg = load_config(str(tmp_path / "run.yaml"), ["curate.lsh_bits=12"])
+    assert (cfg["curate"]["phash_distance"], cfg["annotate"]["tagger"]["batch_size"]) == (3, 8)
+    assert cfg["curate"]["lsh_bits"] == 12 and cfg["caption"]["target"] == 0.6  # the rest: defaults, --set
+    (tmp_path / "empty.yml").write_text("# nothing yet\n")
+    assert load_config(str(tmp_path / "empty.yml")) == load_config(None)
+    for name, text, says in (("bad.yaml", "curate: [1,\n", "bad.yaml: while parsing"),
+                             ("list.yaml", "- curate\n", "list.yaml: expected tables of options"),
+                             ("domain.yaml", "ray:\n  max_error_rate: .inf\n",
+                              "ray.max_error_rate = inf (float): expected a number from 0 to 1")):
+        (tmp_path / name).write_text(text)
+        code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / name))
+        assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("port", ["70000", "-5", "http"])
+def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
+    """--port 70000 failed in bind() (OverflowError): a traceback log and exit 1."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["review", "-w", str(tmp_path / "ws"), "--port", port])
+    assert exit_code.value.code == 2
+    assert "argument --port: " in capsys.readouterr().err and not (tmp_path / "ws" / "logs").exists()
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["ingest", "-w", "", "-i", "in"], "--workspace"),
+    (["ingest", "-w", "ws", "-i", ""], "--input"),
+    (["sql", "-w", " ", "select 1"], "--workspace"),
+    (["export", "-w", "ws", "--out", ""], "--out"),
+])
+def test_an_empty_path_flag_is_a_mistake_not_the_default(capsys, tmp_path, monkeypatch, args, flag):
+    """`booruset ingest -w "$WS" -i "$IN"` with both unset ingested the bundled sample ("" in
+    ingest.inputs) into ./workspace."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err) == f"booruset: configuration error: {flag} is empty: give a path " \
+                                          "(an unset shell variable?)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no workspace made
+
+
+def test_a_wildcard_domain_does_not_hide_a_narrower_option():
+    """curate.ccip_threshold is a difference (1 - cosine, up to 2): curate.*_threshold's 0..1 is not its."""
+    from jobs.config import ConfigError
+
+    assert load_config(None, ["curate.ccip_threshold=1.5"])["curate"]["ccip_threshold"] == 1.5
+    with pytest.raises(ConfigError, match="curate.ccip_threshold = 2.5 \\(float\\): expected a number from 0 to 2"):
+        load_config(None, ["curate.ccip_threshold=2.5"])
+    with pytest.raises(ConfigError, match="curate.face_threshold = 1.5 \\(float\\): expected a number from 0 to 1"):
+        load_config(None, ["curate.face_threshold=1.5"])
+
+
+def test_a_format_given_twice_is_one_layout():
+    args = cli.build_parser().parse_args(["export", "--format", "kohya", "--format", "webdataset", "--format", "kohya"])
+    assert cli.config_from_args(args)["export"]["formats"] == ["kohya", "webdataset"]

@@ -201,6 +201,7 @@ def test_rerun_resumes_and_a_lost_unit_is_rewritten_identically(exported):
     before = {p: open(p, "rb").read() for p in shard_paths(out)}
     again = export.run(cfg, ws)
     assert again.units_done == 0 and again.units_skipped > 0
+    assert not any(n.startswith("image bytes written") for n in again.notes)  # it wrote none
     # a unit killed before its commit: its marker and one of its shards are gone
     marker = sorted(ws.done_units("export"))[0]
     info = ws.done_units("export")[marker]
@@ -209,6 +210,8 @@ def test_rerun_resumes_and_a_lost_unit_is_rewritten_identically(exported):
     lost.unlink()
     redo = export.run(cfg, ws)
     assert redo.units_done == 1
+    assert redo.rows_run == info["images"] < redo.rows_in  # the rate counts the images of the unit run now
+    assert any(n.startswith(f"image bytes written: {info['bytes'] / 1e6:.1f} MB,") for n in redo.notes)
     assert {p: open(p, "rb").read() for p in shard_paths(out)} == before
     assert not [p for p in out.rglob(".tmp-*")]
 

@@ -401,6 +401,8 @@ def test_a_uri_folder_of_images_is_read_as_the_folder_on_disk(tmp_path):
     picture(width=80, seed=7).save(folder / "a.png")  # changed: its unit alone is read again
     summary, ws = run_ingest(tmp_path / "uri", [folder.as_uri()], "ingest.folder_unit_size=2")
     assert summary.units_done == 1 and summary.units_skipped >= 1 and summary.rows_out["images"] == 5
+    # the rate counts the samples of the unit read now, not those of the units done before
+    assert 0 < summary.rows_run < summary.rows_in and f"({summary.rows_run} in the units run now)" in summary.render()
     assert ws.connect().execute("select count(*) from images").fetchone()[0] == 5
 
 

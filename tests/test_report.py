@@ -316,3 +316,42 @@ def test_characters_of_images_curate_has_not_seen_come_from_their_source_tags(tm
         (tmp_path / case).mkdir()
         cfg, ws = hand_workspace(tmp_path / case, source, curated)
         assert {r["character"]: r["images"] for r in report.report_data(cfg, ws)["characters"]} == expected, case
+
+
+@pytest.mark.parametrize(("drop_duplicates", "expected"), [
+    ("true", {"g1": (1, 2.0), "g2": (2, 2.0)}),
+    ("false", {"g1": (2, 4.0), "g2": (2, 2.0)}),
+])
+def test_balance_counts_the_images_the_export_keeps(tmp_path, drop_duplicates, expected):
+    """The balance gives a group's multiply to the images the export keeps (near duplicates that
+    are not their group's representative are left out, export.drop_duplicates): the report summed
+    multiply over every image, so on the sample a group of 12 images, 8 of them such duplicates,
+    showed 12 training samples where the export wrote 4."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": [], "d": []}, None,
+                             f"export.drop_duplicates={drop_duplicates}")
+    ws.add_part("balance", "hand", [{"key": f"in/{k}", "path": path, "weight": 1.0, "probability": 0.5,
+                                     "multiply": multiply, "repeats": int(multiply)}
+                                    for k, path, multiply in (("a", "g1", 2.0), ("b", "g1", 2.0),
+                                                              ("c", "g2", 1.0), ("d", "g2", 1.0))])
+    ws.add_part("duplicates", "hand", [{"key": "in/a", "dup_group": "in/a", "is_representative": True,
+                                        "reason": "phash"},
+                                       {"key": "in/b", "dup_group": "in/a", "is_representative": False,
+                                        "reason": "phash"}])
+    rows = report.report_data(cfg, ws)["balance"]
+    assert {r["path"]: (r["images"], r["samples"]) for r in rows} == expected
+    total = sum(samples for _, samples in expected.values())
+    assert {r["path"]: r["share_after"] for r in rows} == {p: s / total for p, (_, s) in expected.items()}
+
+
+def test_people_counts_each_image_of_the_images_table_once(tmp_path):
+    """People per image read image_meta alone: images ingested since curate ran were not in it (26
+    images, bars adding up to 24), and an image gone from the inputs still counted until curate ran."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("image_meta", "hand", [{"key": "in/a", "n_people": 1, "characters": []},
+                                       {"key": "in/gone", "n_people": 2, "characters": []}])
+    people = report.report_data(cfg, ws)["people"]
+    assert [(r["n_people"], r["images"]) for r in people] == [("1", 1), ("unknown", 2)]

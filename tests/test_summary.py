@@ -32,3 +32,11 @@ def test_a_run_with_every_unit_done_before_prints_no_rate():
     assert "time: 0.4 s, nothing to run" in skipped.render() and "rows/s" not in skipped.render()
     ran = JobSummary("ingest", rows_in=100, seconds=2.0, units_done=1, units_skipped=3)
     assert "time: 2.0 s, 50.0 rows/s" in ran.render()
+
+
+def test_the_rate_counts_the_rows_of_the_units_run_now():
+    """rows_in counts every current unit, those done before too: 29 rows in 28.5 s said 1.0 rows/s
+    where the run read the 5 samples of its one new unit."""
+    partial = JobSummary("ingest", rows_in=29, rows_run=5, seconds=28.5, units_done=1, units_skipped=3)
+    assert "rows in: 29 (5 in the units run now)" in partial.render()
+    assert "time: 28.5 s, 0.2 rows/s" in partial.render()

@@ -560,6 +560,7 @@ def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: fl
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
     return {"images": images, "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
+            "scored_rows": sum(c["accuracy"] is not None for c in captions),  # attempts not accepted too
             "not_scored": dict(Counter(c["not_scored"] for c in accepted if c["not_scored"])),
             "scored_against": dict(Counter(c["scored_against"] for c in accepted if c["scored_against"])),
             "flagged": sum(c["flagged"] for c in accepted),
