@@ -64,6 +64,10 @@ def init_ray(cfg: Config) -> None:
             # a driver joining a cluster from outside: the code travels with the job, so worker
             # nodes need only the dependencies (inside `ray job submit` the job's own runtime_env holds)
             kwargs["runtime_env"] = cluster_runtime_env()
+        if not sys.stdout.isatty():
+            # what workers print (curate's progress) comes with a coloured "(pid=...)" prefix:
+            # escape codes in a log file or a pipe
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
         ray.init(address=address, **kwargs)
     quiet_ray_data()

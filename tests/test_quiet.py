@@ -7,6 +7,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -103,3 +104,18 @@ def test_run_in_worker_runs_the_planning_query_in_another_process(ray_local, wor
     assert pid != os.getpid() and base == workspace.base
     with pytest.raises(ConfigError, match="not a SQL condition"):
         run_in_worker(config, workspace, workspace_pid, True)
+
+
+def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
+    """curate prints its progress in a Ray task: Ray forwards the line with a coloured prefix,
+    which in a log file or a pipe is escape codes."""
+    code = ("import ray, time; from jobs.config import load_config; from jobs.ray_env import init_ray; "
+            "init_ray(load_config(None, ['workspace.path=\"ws\"', 'ray.num_cpus=1'])); "
+            "ray.get(ray.remote(lambda: print('curate: tags partition 1/1', flush=True)).remote()); "
+            "time.sleep(2)")  # the driver prints forwarded lines from a thread
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "curate: tags partition 1/1" in done.stdout and "\x1b[" not in done.stdout, done.stdout
