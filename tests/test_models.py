@@ -375,3 +375,62 @@ def test_the_skip_message_says_hf_download_and_models_fetch(models_dir, monkeypa
     assert "huggingface-cli" not in message
     if models_dir:
         assert "--local-dir /shared/models/booruset-test/no-such-repo" in message
+
+
+@pytest.mark.parametrize(("row", "why"), [("3,,0,5", "has rows with no name (data row 4)"),
+                                          ("3,1girl,0,5", "names '1girl' twice (data rows 2 and 4)")])
+def test_a_label_file_with_a_nameless_or_repeated_row_is_unusable(row, why, source, tmp_path, capsys):
+    """Scores are named by position in the label file: a row with no name was read as a NaN
+    tag name, a repeated name gives one image two scores for one tag."""
+    labels = source / LABELS_REPO / LABELS_FILE
+    labels.write_text(LABELS + row + "\n")
+    code, out, _ = booruset(capsys, "models", "fetch", "--source", str(source),
+                            "--set", f'annotate.models_dir="{tmp_path / "models"}"')
+    assert code == 1
+    assert why in lines_about(out, f"{LABELS_REPO}/{LABELS_FILE}")[0]
+
+
+def test_a_tag_named_null_is_a_tag(tmp_path):
+    """pandas' defaults read the names null, nan, none, n/a as missing values (NaN tags)."""
+    from udfs.annotate.wd_tagger import load_labels
+
+    path = tmp_path / "selected_tags.csv"
+    path.write_text(LABELS + "3,null,0,5\n4,none,0,5\n5,n/a,0,5\n")
+    assert load_labels(str(path))[0] == ["general", "1girl", "eileen", "null", "none", "n/a"]
+
+
+def test_a_detector_whose_output_is_not_the_contract_is_refused(source, tmp_path, capsys):
+    """A face model whose output is [batch, 3] (not YOLO's [batch, 4 + classes, anchors]) failed
+    every image in imgutils' post-processing, each a model errors row; now annotate refuses it."""
+    from onnx import TensorProto, helper
+
+    from store.workspace import Workspace
+
+    repo, folder, _, _ = DETECTORS["face"]
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["images"], ["output0"], axes=[2, 3], keepdims=0)], "flat",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 640, 640])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    for key, value in {"imgsz": "[640, 640]", "names": "{0: 'face'}"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path = source / repo / folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"')
+    assert code == 2
+    assert f"{path} has output shape ['batch', 3], not a detector's" in err
+
+
+def test_a_ccip_model_of_another_width_is_refused(source, tmp_path, capsys):
+    """embeddings.vector holds CCIP_DIM floats: a feature model of another width failed every
+    writer task in Ray (ValueError: cannot reshape), and annotate with a traceback."""
+    from store.workspace import Workspace
+    from tests.onnx_fakes import ccip_model
+
+    ccip_model(source / CCIP_REPO / CCIP_FILE, dim=1024)
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"')
+    assert code == 2
+    assert f"{source / CCIP_REPO / CCIP_FILE} gives 1024 features, not CCIP's 768" in err

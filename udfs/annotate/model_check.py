@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import schemas
+
 KINDS = ("detector", "ccip", "tagger", "labels", "model_type")
 
 
@@ -79,6 +81,9 @@ def _onnx(path: str, channels_last: bool) -> str:
     if len(outputs[0]) != 2:
         return f"has output shape {outputs[0]}, not [batch, labels]" if channels_last \
             else f"has output shape {outputs[0]}, not [batch, features]"
+    if not channels_last and isinstance(outputs[0][1], int) and outputs[0][1] != schemas.CCIP_DIM:
+        # embeddings.vector is a fixed-size list: another width failed every writer task
+        return f"gives {outputs[0][1]} features, not CCIP's {schemas.CCIP_DIM} (schemas.CCIP_DIM)"
     return ""
 
 
@@ -88,6 +93,10 @@ def _detector(path: str) -> str:
     inputs, outputs = _onnx_io(path)
     if not inputs or not outputs:
         return "is no ONNX model (no graph inputs or outputs)"
+    if len(inputs[0]) != 4:
+        return f"has input shape {inputs[0]}, not an image batch (4 axes)"
+    if len(outputs[0]) != 3:  # YOLO [batch, 4 + classes, anchors]; RT-DETR [batch, queries, 4 + classes]
+        return f"has output shape {outputs[0]}, not a detector's [batch, boxes and scores, anchors] (3 axes)"
     try:
         detector_meta(path)
     except KeyError as exc:
@@ -99,7 +108,18 @@ def _labels(path: str) -> str:
     from udfs.annotate.wd_tagger import load_labels
 
     names, _ = load_labels(path)
-    return "" if names else "holds no labels"
+    if not names:
+        return "holds no labels"
+    # the tagger's scores are named by position: an empty name, or one twice, is a broken file
+    empty = [i for i, name in enumerate(names) if not name.strip()]
+    if empty:
+        return f"has rows with no name (data row {empty[0] + 1}{', ...' if len(empty) > 1 else ''})"
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            return f"names {name!r} twice (data rows {seen[name] + 1} and {i + 1})"
+        seen[name] = i
+    return ""
 
 
 def _model_type(path: str) -> str:

@@ -22,8 +22,9 @@ CATEGORIES = {9: "rating", 0: "general", 4: "character"}
 
 
 def load_labels(path: str) -> tuple[list[str], list[str]]:
-    """(tag names, category names) in the model's output order."""
-    frame = pd.read_csv(path)
+    """(tag names, category names) in the model's output order. Names are read as written: pandas'
+    defaults read a tag named `null`, `nan`, `none` or `n/a` as a missing value (NaN)."""
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"name": str})
     return frame["name"].tolist(), [CATEGORIES.get(int(c), str(c)) for c in frame["category"]]
 
 
