@@ -435,6 +435,13 @@ class Pipeline:
         info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
         for table, names in previous.get("parts", {}).items():
             parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)
+        # and their counts (markers written before counts per model were kept have none to add)
+        info["by_model"] = dict(info.get("by_model", {}))
+        for name, counts in previous.get("by_model", {}).items():
+            if name not in rerun and name in pipeline:
+                info["by_model"][name] = counts
+                info["rows"] = dict(Counter(info["rows"]) + Counter(counts["rows"]))
+                info["error_kinds"] = dict(Counter(info["error_kinds"]) + Counter(counts["error_kinds"]))
         self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
         self.ws.forget_batches(JOB, unit)  # the unit marker names their parts now
         self.ws.publish_now_and_then()
