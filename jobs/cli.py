@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
 
             check_options(cfg["caption"])
             check_vllm_here(cfg)
+        if args.command == "run":  # an unusable model file stops the run now, not after hours of ingest
+            from jobs.annotate import available_models
+
+            available_models(cfg)
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))

@@ -434,3 +434,12 @@ def test_a_ccip_model_of_another_width_is_refused(source, tmp_path, capsys):
     code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"')
     assert code == 2
     assert f"{source / CCIP_REPO / CCIP_FILE} gives 1024 features, not CCIP's 768" in err
+
+
+def test_run_checks_the_model_files_before_ingest(source, tmp_path, capsys):
+    """`booruset run` with an unusable model file stops before it ingests anything (annotate
+    found it only after ingest, which can take hours), and leaves no workspace behind."""
+    name = next(iter(unusable_source(source)))
+    code, _, err = booruset(capsys, "run", "-w", str(tmp_path / "ws"), "--set", f'annotate.models_dir="{source}"')
+    assert code == 2 and str(source / name) in err and "is empty (0 bytes)" in err
+    assert not (tmp_path / "ws").exists()
