@@ -206,7 +206,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
           + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
-    summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before)
+    summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
+                         rows_run=sum(u["rows"] for u in pending) - resumed if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "

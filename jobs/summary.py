@@ -18,6 +18,9 @@ class JobSummary:
     units_done: int = 0
     units_skipped: int = 0
     dropped: int = 0  # inputs that produced no output row because of an error
+    # the rows this run worked on, where rows_in also counts rows of units done before (or by a
+    # killed run): the rate is over these; None: over rows_in
+    rows_run: int | None = None
 
     @property
     def errors(self) -> int:
@@ -29,14 +32,16 @@ class JobSummary:
 
     def render(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items()))
-        rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
+        done = self.rows_in if self.rows_run is None else self.rows_run
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        over = f" over the {done} rows run now" if done != self.rows_in else ""
         lines = [
             f"== {self.job} summary",
             f"units: {self.units_done} run, {self.units_skipped} already done (skipped)",
             f"rows in: {self.rows_in}",
             "rows out: " + ", ".join(f"{k} {v}" for k, v in self.rows_out.items()),
             f"errors: {self.errors}" + (f" ({kinds})" if self.errors else ""),
-            f"time: {self.seconds:.1f} s, " + (f"{rate:.1f} rows/s" if self.units_done or not self.units_skipped
+            f"time: {self.seconds:.1f} s, " + (f"{rate:.1f} rows/s{over}" if self.units_done or not self.units_skipped
                                                 else "nothing to run (a rate would count rows done before)"),
         ]
         return "\n".join(lines + self.notes)
