@@ -128,8 +128,9 @@ def fetch_files(files: list[ModelFile], root: Path, source: str | None) -> int:
             outcome, detail = fetch_one(f, root, source)
             if why and outcome == "fetched":
                 detail += f"; replaced a file that {why}" if not why.startswith("staged") else f"; replaced one {why}"
-        if outcome == "not at the source" and f.required:
-            outcome = "failed"
+        if outcome == "not at the source" and (f.required or why):
+            # an optional file may be absent, but one staged unusable would fail its loader
+            outcome, detail = "failed", detail + (f"; the staged file {why}" if why else "")
         counts[outcome] += 1
         detail = f" ({detail})" if outcome == "fetched" else f": {detail}" if detail else ""
         print(f"{outcome}  {f.name}{detail}", flush=True)

@@ -443,3 +443,27 @@ def test_run_checks_the_model_files_before_ingest(source, tmp_path, capsys):
     code, _, err = booruset(capsys, "run", "-w", str(tmp_path / "ws"), "--set", f'annotate.models_dir="{source}"')
     assert code == 2 and str(source / name) in err and "is empty (0 bytes)" in err
     assert not (tmp_path / "ws").exists()
+
+
+def test_an_unusable_optional_side_file_is_not_left_as_fine(source, tmp_path, capsys):
+    """model_type.json may be absent (the detector is then a YOLO), but one that does not read
+    (here cut to half) fails the detector's loader: fetch says failed when it cannot replace
+    it, and annotate names it."""
+    from store.workspace import Workspace
+
+    repo, folder, _, _ = DETECTORS["face"]
+    side = f"{repo}/{folder}/model_type.json"
+    dst = tmp_path / "models"
+    where = f'annotate.models_dir="{dst}"'
+    assert booruset(capsys, "models", "fetch", "--source", str(source), "--set", where)[0] == 0
+    (dst / side).write_text('{"model_ty')
+    (source / side).unlink()
+    code, out, _ = booruset(capsys, "models", "fetch", "--source", str(source), "--set", where)
+    assert code == 1
+    (line,) = lines_about(out, side)
+    assert line.startswith("failed") and "the staged file is 10 bytes, not the 22" in line
+    code, _, err = booruset(capsys, "annotate", "-w", Workspace(str(tmp_path / "ws")).root, "--set", where)
+    assert code == 2 and f"{dst / side} is 10 bytes, not the 22" in err
+    (Path(dst) / "booruset-models.json").unlink()  # staged by hand: no record of its size, still caught
+    code, _, err = booruset(capsys, "annotate", "-w", Workspace(str(tmp_path / "ws")).root, "--set", where)
+    assert code == 2 and f"{dst / side} cannot be read as JSON" in err
