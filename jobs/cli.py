@@ -114,7 +114,8 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
-        p.add_argument("--list", action="store_true", help="only list which model files are present or missing")
+        p.add_argument("--list", action="store_true",
+                       help="only check the model files: present (size, revision), unusable (why) or missing")
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
 
 
