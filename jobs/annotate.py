@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -31,9 +32,10 @@ from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
 from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path
 from udfs.annotate.ccip import CcipFeatures
-from udfs.annotate.model_files import ModelUnavailable, model_file
-from udfs.annotate.onnx_session import file_input_shape
-from udfs.annotate.wd_tagger import WdTagger
+from udfs.annotate.model_check import kind_of, staged_problem
+from udfs.annotate.model_files import ModelUnavailable, model_file, optional_file, staged_record
+from udfs.annotate.onnx_session import file_input_shape, file_output_shape
+from udfs.annotate.wd_tagger import WdTagger, load_labels
 from udfs.annotate.yolo_detector import YoloDetector, detector_meta
 
 JOB = "annotate"
@@ -78,9 +80,11 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
 
 # The options of each model that change its rows (the rest say how it runs: batch sizes, CPUs).
 ROW_OPTIONS = {"cascade_face": ("path", "scale_factor", "min_neighbors", "min_size", "max_side"),
-               "face": ("conf_threshold", "iou_threshold"), "head": ("conf_threshold", "iou_threshold"),
-               "person": ("conf_threshold", "iou_threshold"), "ccip": ("size", "crop_padding", "max_crops"),
-               "tagger": ("score_floor",)}
+               "face": ("revision", "conf_threshold", "iou_threshold"),
+               "head": ("revision", "conf_threshold", "iou_threshold"),
+               "person": ("revision", "conf_threshold", "iou_threshold"),
+               "ccip": ("revision", "size", "crop_padding", "max_crops"),
+               "tagger": ("revision", "labels_revision", "score_floor")}
 
 
 def model_identity(name: str, spec: dict, opts: dict) -> str:
@@ -103,18 +107,59 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
 
 
 def model_input(name: str, spec: dict) -> list:
-    """(kind, size) of the preprocessed input the model needs; resolves (downloads) its files."""
+    """(kind, size) of the preprocessed input the model needs; resolves (downloads) its files
+    and checks that each reads as what it must be (ConfigError naming the file when not)."""
     if name == "cascade_face":
         cascade_path(spec)
         return ["gray", int(spec["max_side"])]
-    path = model_file(spec["repo"], spec["file"], spec["models_dir"])
+    path = usable_file(name, spec, spec["repo"], spec["file"], spec["revision"])
     if name == "tagger":
-        model_file(spec["labels_repo"], spec["labels_file"], spec["models_dir"])
+        labels = usable_file(name, spec, spec["labels_repo"], spec["labels_file"], spec["labels_revision"])
+        check_label_count(path, labels)
         return ["tagger", int(file_input_shape(path)[1])]
     if name == "ccip":
         return ["ccip", int(spec["size"])]
+    side = optional_file(spec["repo"], posixpath.join(posixpath.dirname(spec["file"]), "model_type.json"),
+                         spec["models_dir"], spec["revision"])
+    if side:
+        check_usable(name, spec, spec["repo"], side, "model_type")
     size, _ = detector_meta(path)
     return ["yolo", list(size)]
+
+
+def usable_file(name: str, spec: dict, repo: str, file: str, revision: str) -> str:
+    """The local path of a model's file (model_file), checked usable."""
+    path = model_file(repo, file, spec["models_dir"], revision)
+    check_usable(name, spec, repo, path, kind_of(file, name))
+    return path
+
+
+def check_usable(name: str, spec: dict, repo: str, path: str, kind: str) -> None:
+    """A 0-byte, cut or foreign model file (a failed copy or download) fails the job here, in one
+    line naming it and the fix, not in Ray actors or the driver with a traceback naming none."""
+    models_dir = spec["models_dir"]
+    root = Path(models_dir) / repo if models_dir else None
+    staged = root is not None and Path(path).is_relative_to(root)
+    record = staged_record(models_dir, repo, Path(path).relative_to(root).as_posix()) if staged else None
+    why = staged_problem(path, kind, record)
+    if not why:
+        return
+    fix = (f"fetch it again with `booruset models fetch --set annotate.models_dir={models_dir}` "
+           "(it replaces unusable files)" if staged
+           else f"delete it and download it again (`hf download {repo} ... --force-download`), or stage the "
+                "models with `booruset models fetch --set annotate.models_dir=DIR`")
+    raise ConfigError(f"annotate.{name}: the model file {path} {why}: {fix}")
+
+
+def check_label_count(model: str, labels: str) -> None:
+    """The tagger's scores are read by position in its label file: a file of another length
+    (another tagger's labels) would name every score wrongly, or fail every image."""
+    outputs = file_output_shape(model)
+    n_labels = len(load_labels(labels)[0])
+    if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != n_labels:
+        raise ConfigError(f"annotate.tagger: the model {model} scores {outputs[1]} labels but its label file "
+                          f"{labels} has {n_labels}: set annotate.tagger.labels_repo / labels_file to the "
+                          "model's own selected_tags.csv")
 
 
 def input_column(spec: dict) -> str:
@@ -166,7 +211,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
           + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
-    summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before)
+    summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
+                         rows_run=sum(u["rows"] for u in pending) - resumed if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
@@ -179,7 +225,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     run_now = Pipeline(cfg, ws, specs, done).run(pending, batches) if pending and specs else []
     infos += run_now
     _fill_summary(summary, infos, specs)
-    summary.rows_run = sum(info["images"] for info in run_now)
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()
@@ -396,6 +441,13 @@ class Pipeline:
         info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
         for table, names in previous.get("parts", {}).items():
             parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)
+        # and their counts (markers written before counts per model were kept have none to add)
+        info["by_model"] = dict(info.get("by_model", {}))
+        for name, counts in previous.get("by_model", {}).items():
+            if name not in rerun and name in pipeline:
+                info["by_model"][name] = counts
+                info["rows"] = dict(Counter(info["rows"]) + Counter(counts["rows"]))
+                info["error_kinds"] = dict(Counter(info["error_kinds"]) + Counter(counts["error_kinds"]))
         self.ws.commit_unit(JOB, unit, info, parts={t: sorted(p) for t, p in parts.items()})
         self.ws.forget_batches(JOB, unit)  # the unit marker names their parts now
         self.ws.publish_now_and_then()

@@ -117,7 +117,8 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
-        p.add_argument("--list", action="store_true", help="only list which model files are present or missing")
+        p.add_argument("--list", action="store_true",
+                       help="only check the model files: present (size, revision), unusable (why) or missing")
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
 
 
@@ -263,6 +264,8 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         from jobs import annotate
 
         annotate.check_options(cfg["annotate"])
+        if len(names) > 1:  # run: an unusable model file stops it now, not after hours of ingest
+            annotate.available_models(cfg)  # (annotate alone checks them as it starts)
     if "curate" in names:
         from jobs import curate
 

@@ -347,7 +347,8 @@ def tag_list_path(cfg: Config) -> str:
     if opts["tag_list"] or "tagger" not in annotate.get("models", []):
         return opts["tag_list"]
     tagger = annotate["tagger"]
-    return optional_file(tagger["labels_repo"], tagger["labels_file"], annotate.get("models_dir", "")) or ""
+    return optional_file(tagger["labels_repo"], tagger["labels_file"], annotate.get("models_dir", ""),
+                         tagger.get("labels_revision", "main")) or ""
 
 
 def ccip_spec(cfg: Config) -> dict:

@@ -96,3 +96,39 @@ def test_options_that_change_a_models_rows_run_it_again(tmp_path):
     _, fresh = annotated(tmp_path / "fresh", folder, "annotate.cascade_face.min_size=200")
     assert larger == fresh and len(larger) < len(default)
     assert annotated(tmp_path / "ws", folder)[1] == default
+
+
+def test_the_summary_counts_the_rows_a_unit_keeps_from_models_not_run_again(tmp_path):
+    """Units annotated with two models, then run again with one of them (an option changed, the
+    other model left out of annotate.models): the unit keeps the other model's rows, and the
+    summaries count them. They counted only the rerun model's: 'detections 3' over a table of
+    1,339, on that run and on every run after it that skipped the unit."""
+    from tests.onnx_fakes import face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(4):
+        (folder / name).write_bytes(data)
+    models = face_model_dir(tmp_path / "models")
+    ws_path = tmp_path / "ws"
+
+    def run(*overrides: str):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 f'annotate.models_dir="{models}"', *overrides])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        summary = annotate.run(cfg, ws)
+        tables = {t: ws.connect().execute(f"select count(*) from {t}").fetchone()[0]
+                  for t in ("detections", "embeddings", "tag_scores")}
+        return summary, tables
+
+    both, tables = run('annotate.models=["cascade_face", "face"]')
+    assert both.rows_out == tables and tables["detections"] > 0
+    cascade = ['annotate.models=["cascade_face"]', "annotate.cascade_face.min_size=32"]
+    again, tables = run(*cascade)
+    assert again.units_done == 1
+    kept = Workspace(str(ws_path)).connect().execute(
+        "select count(*) from detections where model = 'face_detect_v1.4_s'").fetchone()[0]
+    assert kept > 0 and again.rows_out == tables
+    skipped, tables = run(*cascade)
+    assert skipped.units_done == 0 and skipped.rows_out == tables

@@ -134,3 +134,19 @@ def test_pools_that_leave_no_cpu_for_the_tasks_fail_with_the_numbers(ingested, t
     with pytest.raises(ConfigError, match=f"annotate needs {cpus + 0.5:g} CPUs at once .* Ray has {cpus:g}"):
         annotate.run(cfg, ws)
     assert ws.done_units("annotate") == {}
+
+
+def test_the_rate_counts_the_images_this_run_annotated(ingested, tmp_path):
+    """One of three units run again: the summary's rows/s is over its 8 images, not over the 24
+    of all three (the rate of a rerun of 1 unit in 1,000 was 1,000 times too high)."""
+    from jobs import annotate
+    from jobs.config import merge
+
+    cfg, ws = ingested
+    merge(cfg, {"annotate": {"models_dir": str(tmp_path / "empty"), "models": ["cascade_face"]}})
+    annotate.run(cfg, ws)
+    unit = sorted(ws.done_units("annotate"))[0]
+    ws.fs.delete_file(f"{ws.state_dir('annotate')}/{unit}.json")
+    again = annotate.run(cfg, ws)
+    assert again.units_done == 1 and again.units_skipped == 2 and again.rows_in == 24
+    assert f"{8 / again.seconds:.1f} rows/s" in again.render() and "(8 in the units run now)" in again.render()

@@ -56,7 +56,12 @@ def merge_infos(a: dict, b: dict) -> dict:
     """The info of two batches of one unit (counts add up; providers are the same)."""
     if not a:
         return b
-    return {"images": a["images"] + b["images"], "dropped": a["dropped"] + b["dropped"],
+    by_model = {name: {"rows": dict(Counter(a.get("by_model", {}).get(name, {}).get("rows", {}))
+                                    + Counter(b.get("by_model", {}).get(name, {}).get("rows", {}))),
+                       "error_kinds": dict(Counter(a.get("by_model", {}).get(name, {}).get("error_kinds", {}))
+                                           + Counter(b.get("by_model", {}).get(name, {}).get("error_kinds", {})))}
+                for name in {*a.get("by_model", {}), *b.get("by_model", {})}}
+    return {"images": a["images"] + b["images"], "dropped": a["dropped"] + b["dropped"], "by_model": by_model,
             "error_kinds": dict(Counter(a["error_kinds"]) + Counter(b["error_kinds"])),
             "rows": dict(Counter(a["rows"]) + Counter(b["rows"])), "providers": {**a["providers"], **b["providers"]},
             "nodes": {m: sorted(set(a["nodes"].get(m, [])) | set(b["nodes"].get(m, [])))
@@ -127,10 +132,16 @@ class UnitTables:
     def info(self) -> dict:
         errors = [e for (table, _), rows in self.parts.items() if table == "errors" for e in rows]
         rows: Counter = Counter()
-        for (table, _), part in self.parts.items():
+        # the same per model (pipeline name): a unit run again with some of its models keeps the
+        # others' parts, and its marker's counts must keep theirs too (Pipeline.commit)
+        by_model: dict[str, dict] = defaultdict(lambda: {"rows": {}, "error_kinds": {}})
+        for (table, name), part in self.parts.items():
             if table != "errors":
                 rows[table] += len(part)
-        return {"images": len(self.rows), "dropped": sum(e["dropped"] for e in errors),
+                by_model[name]["rows"][table] = len(part)
+            elif name != "decode":
+                by_model[name]["error_kinds"] = dict(Counter(e["kind"] for e in part))
+        return {"images": len(self.rows), "dropped": sum(e["dropped"] for e in errors), "by_model": dict(by_model),
                 "error_kinds": dict(Counter(e["kind"] for e in errors)), "rows": dict(rows),
                 "providers": self.providers, "nodes": {m: sorted(n) for m, n in self.nodes.items()},
                 "model_seconds": dict(self.seconds)}

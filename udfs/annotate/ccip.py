@@ -46,7 +46,7 @@ class CcipFeatures(ModelActor):
     def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
                  drop_input: bool = True) -> None:
         super().__init__(output, drop=(input,) * drop_input + ("ccip_crops",))
-        path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
+        path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""), spec.get("revision", "main"))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         self.max_batch = rows_per_run(self.session, self.provider, spec)
         self.size = int(spec["size"])

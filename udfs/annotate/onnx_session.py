@@ -82,8 +82,17 @@ def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, da
 
 def file_input_shape(path: str) -> list[int | str]:
     """The first input's shape as the ONNX file declares it (read without starting a session)."""
+    return _file_shape(path, "input")
+
+
+def file_output_shape(path: str) -> list[int | str]:
+    """The first output's shape as the ONNX file declares it."""
+    return _file_shape(path, "output")
+
+
+def _file_shape(path: str, which: str) -> list[int | str]:
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims = getattr(model.graph, which)[0].type.tensor_type.shape.dim
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]

@@ -22,8 +22,9 @@ CATEGORIES = {9: "rating", 0: "general", 4: "character"}
 
 
 def load_labels(path: str) -> tuple[list[str], list[str]]:
-    """(tag names, category names) in the model's output order."""
-    frame = pd.read_csv(path)
+    """(tag names, category names) in the model's output order. Names are read as written: pandas'
+    defaults read a tag named `null`, `nan`, `none` or `n/a` as a missing value (NaN)."""
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"name": str})
     return frame["name"].tolist(), [CATEGORIES.get(int(c), str(c)) for c in frame["category"]]
 
 
@@ -37,8 +38,9 @@ class WdTagger(ModelActor):
                  drop_input: bool = True) -> None:
         super().__init__(output, drop=(input,) * drop_input + ("tagger_crops", "tagger_regions"))
         models_dir = spec.get("models_dir", "")
-        path = model_file(spec["repo"], spec["file"], models_dir)
-        self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir))
+        path = model_file(spec["repo"], spec["file"], models_dir, spec.get("revision", "main"))
+        self.names, self.categories = load_labels(model_file(spec["labels_repo"], spec["labels_file"], models_dir,
+                                                             spec.get("labels_revision", "main")))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         # crops and regions multiply a batch's images (up to 1 + max_crops + 4 each): run them
         # max_batch at a time (run_batched converts each chunk to float32 as it goes in)

@@ -34,7 +34,7 @@ def model_type(spec: dict) -> str:
     """"yolo" or "rtdetr", from the repository's <model>/model_type.json as imgutils reads it."""
     folder = spec["file"].rsplit("/", 1)[0] if "/" in spec["file"] else ""
     path = optional_file(spec["repo"], f"{folder}/model_type.json" if folder else "model_type.json",
-                         spec.get("models_dir", ""))
+                         spec.get("models_dir", ""), spec.get("revision", "main"))
     if path is None:
         return "yolo"
     with open(path) as f:
@@ -47,7 +47,7 @@ class YoloDetector(ModelActor):
     def __init__(self, spec: dict, input: str, output: str, device: str = "auto",
                  drop_input: bool = True) -> None:
         super().__init__(output, drop=(input,) * drop_input)
-        path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""))
+        path = model_file(spec["repo"], spec["file"], spec.get("models_dir", ""), spec.get("revision", "main"))
         self.session, self.provider = open_session(path, device, spec.get("threads", 0))
         self.size, self.labels = detector_meta(path)
         self.kind = model_type(spec)
