@@ -41,6 +41,8 @@ from udfs.ingest.sources import (
     Unit,
     member_key,
     read_unit,
+    split_folder_name,
+    split_key,
 )
 
 JOB = "ingest"
@@ -68,8 +70,10 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
 # 3: shards are read past damaged member headers; 4: compressed shards read whole; 5: palette and
-# 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows)
-READER_VERSION = 5
+# 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
+# second image under one key and extension is a dropped sample, and a name's own `\xNN` is
+# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
+READER_VERSION = 6
 
 
 def limits_digest(options: dict, **more: object) -> str:
@@ -230,7 +234,11 @@ class UnitRows:
         else:
             self.add_image(key, sample, image_ext, options)
         for member, kind, message in problems:
-            self.error(key, member, kind, message, dropped=False)
+            # a second image or video under the sample's key and extension (a tar's `/a.png`
+            # beside `a.png`, a name repeated) is a picture not ingested: a dropped sample
+            lost = kind == "duplicate_member" and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
+            self.samples += lost
+            self.error(key, member, kind, message, dropped=lost)
 
     def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> None:
         member = sample.member_names[ext]
@@ -367,6 +375,11 @@ class UnitRows:
                 # samples that left no image and no clip (one may have several dropped errors rows)
                 "dropped": self.samples - (len(self.tables["images"]) - self.frames) - self.clips,
                 "bytes": self.bytes, "seconds": round(seconds, 4)}
+
+
+def _extension(member: str, unit_kind: str) -> str:
+    """A member's extension as its unit's samples are keyed (first dot in a shard, last in a folder)."""
+    return (split_key if unit_kind == "tar" else split_folder_name)(member)[1]
 
 
 def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) -> tuple[str, str]:

@@ -61,7 +61,12 @@ class Sample:
 
 
 def safe_text(name: str) -> str:
-    """Names from tar headers can hold undecodable bytes; keep them visible, not lost."""
+    """Names from tar headers and folders can hold undecodable bytes; keep them visible, not lost:
+    each such byte is written `\\xNN`. A backslash that the name itself has before `xNN` is
+    written `\\x5c`, so that a file literally named `\\xe9.png` and one whose name is the byte
+    0xE9 get two keys (they had one, and the second image was lost); every other name, a backslash
+    elsewhere included, is as it was."""
+    name = re.sub(r"\\(?=x[0-9a-f]{2})", r"\\x5c", name)
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -86,15 +91,18 @@ def folder_member(folder: str, file: str) -> str:
 
 def member_path(folder: str, member: str) -> str:
     """The file of a folder's member as the tables name it: safe_text's form writes a name's
-    undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back.
-    On object storage, the object's URI without the folder's query (read with the folder's)."""
+    undecodable bytes (and a backslash before `xNN`) as `\\xNN`, so those bytes are put back; where
+    no file has the name they give, the name as written (a member stored by a version that did
+    not escape such a backslash). On object storage, the object's URI without the folder's query
+    (read with the folder's)."""
     if "://" in folder:
         return input_location(folder) + member
     path = os.path.join(folder, member)
-    if "\\x" in member and "://" not in folder and not os.path.lexists(path):
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
-        return os.path.join(folder, os.fsdecode(raw))
-    return path
+    if "\\x" not in member:
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
+    decoded = os.path.join(folder, os.fsdecode(raw))
+    return decoded if os.path.lexists(decoded) or not os.path.lexists(path) else path
 
 
 def split_key(name: str) -> tuple[str, str]:
