@@ -136,6 +136,22 @@ def test_frame_bounds(tmp_path):
     assert huge.clip["frames_seen"] == 0  # refused before decoding
 
 
+def test_a_damaged_stretch_in_the_middle_of_a_video_is_reported(tmp_path):
+    """200 zero bytes in the middle of a 10 s MKV: FFmpeg skips the damaged stretch (2 s of
+    frames) and decodes on, with no error; the frames before and after stay, and the loss is a
+    frames_missing row. The whole clip has none."""
+    clip = write_video(tmp_path / "pan.mkv", slow_pan(seconds=10.0, fps=12))
+    assert select(tmp_path, clip).problems == []
+    data = bytearray(clip.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(200)
+    (tmp_path / "damaged.mkv").write_bytes(bytes(data))
+    damaged = select(tmp_path, tmp_path / "damaged.mkv")
+    assert [kind for kind, _ in damaged.problems] == ["frames_missing"]
+    assert damaged.clip["frames_seen"] < 110 and damaged.clip["errors"] == 1
+    assert max(f["frame_time"] for f in damaged.frames) > 8.0  # the frames after the hole are there
+
+
 def test_an_animation_stopped_early_keeps_the_frame_rate_of_the_frames_it_read(tmp_path):
     """Only its frames say how fast an animation runs; a read stopped at max_decoded_frames, or by
     a file cut short, still gives the rate of the frames it decoded (it was 0), and no length."""
