@@ -22,7 +22,18 @@ from udfs.ingest.ingest_unit import (
     limits_digest,
     options_fingerprint,
 )
-from udfs.ingest.sources import Unit, assign_input_ids, discover_units, folder_member, member_key, resolve_inputs
+from udfs.ingest.sources import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Unit,
+    assign_input_ids,
+    discover_units,
+    folder_member,
+    resolve_inputs,
+    split_folder_name,
+)
+
+MEDIA_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
 
 
 def input_specs(cfg: Config) -> list[str]:
@@ -195,9 +206,10 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     if not stale:
         return 0, 0
     ws.hold_publishing("ingest")
-    # the keys of every planned folder file (as ingest names them): only when units went stale
-    planned = {f"{u.prefix}/{member_key(folder_member(u.uri, f), u.kind)}"
-               for u in units if u.kind == "folder" for f in u.files}
+    # the keys of every planned folder image or video (as ingest names them): only when units went
+    # stale. Not its sidecars: an image removed beside its kept `.txt` is gone from the input too
+    planned = {f"{u.prefix}/{key}" for u in units if u.kind == "folder" for f in u.files
+               for key, ext in [split_folder_name(folder_member(u.uri, f))] if ext in MEDIA_EXTENSIONS}
     shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
     removed = rereads = 0
     for uid in stale:

@@ -74,6 +74,22 @@ def test_a_removed_file_is_reported_and_its_rows_go(tmp_path):
     assert summary.errors_by_kind["removed_from_input"] == 1  # its errors row counts with the run's errors
 
 
+def test_an_image_removed_beside_its_kept_sidecar_is_reported_removed(tmp_path):
+    """img05.png deleted, img05.txt left: the image is gone from the input as much as when both
+    go. It was a no_image row only, and the summary said "0 images are no longer in the inputs"."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(12):
+        add_image(folder, f"img{i:02d}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    (folder / "img05.png").unlink()
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert "art/img05" not in images_by_key(ws)
+    kinds = sorted((e["kind"], e["member"]) for e in ws.read_table("errors").to_pylist())
+    assert kinds == [("no_image", "img05.txt"), ("removed_from_input", "img05.png")]
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+
+
 def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
     for side in ("a", "b"):
         folder = tmp_path / side / "dup"
