@@ -404,6 +404,27 @@ def test_a_uri_folder_of_images_is_read_as_the_folder_on_disk(tmp_path):
     assert ws.connect().execute("select count(*) from images").fetchone()[0] == 5
 
 
+def test_a_name_with_a_backslash_before_xnn_has_one_key_on_disk_and_on_object_storage(tmp_path):
+    """`\\xe9.png` on disk is keyed `\\x5cxe9` (apart from a name with the byte 0xE9); the same
+    folder read through a URI gives the same keys and members, and later jobs read the file back."""
+    from review.image_bytes import image_bytes
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    picture(seed=1).save(folder / "\\xe9.png")
+    picture(seed=2).save(folder / "a\\b.png")
+    tables = {}
+    for side, spec in (("disk", str(folder)), ("uri", folder.as_uri())):
+        _, ws = run_ingest(tmp_path / side, [spec])
+        tables[side] = rows = ws.read_table("images").select(["key", "member", "sha256", "source"]).to_pylist()
+        for row in rows:
+            assert image_bytes(row["source"], row["member"]) == (folder / row["member"].replace("\\x5c", "\\")
+                                                                 ).read_bytes(), side
+    assert sorted(r["key"] for r in tables["uri"]) == ["pics/\\x5cxe9", "pics/a\\b"]
+    assert [(r["key"], r["member"], r["sha256"]) for r in sorted(tables["uri"], key=lambda r: r["key"])] == [
+        (r["key"], r["member"], r["sha256"]) for r in sorted(tables["disk"], key=lambda r: r["key"])]
+
+
 def test_input_ids_leave_out_a_uris_query_and_keep_the_ones_registered_with_it():
     from udfs.ingest.sources import assign_input_ids
 

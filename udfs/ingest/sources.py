@@ -84,8 +84,8 @@ def source_kind(source: str) -> str:
 def folder_member(folder: str, file: str) -> str:
     """The member name (images.member) of a file of a folder unit: its path in the folder. On
     object storage a unit's files are the folder's URI (without its query) and the name."""
-    if "://" in folder:
-        return file[len(input_location(folder)):]
+    if "://" in folder:  # names on object storage are UTF-8: only a backslash before xNN is escaped
+        return safe_text(file[len(input_location(folder)):])
     return safe_text(os.path.relpath(file, folder))
 
 
@@ -94,9 +94,9 @@ def member_path(folder: str, member: str) -> str:
     undecodable bytes (and a backslash before `xNN`) as `\\xNN`, so those bytes are put back; where
     no file has the name they give, the name as written (a member stored by a version that did
     not escape such a backslash). On object storage, the object's URI without the folder's query
-    (read with the folder's)."""
+    (read with the folder's), with an escaped backslash put back."""
     if "://" in folder:
-        return input_location(folder) + member
+        return input_location(folder) + member.replace("\\x5c", "\\")
     path = os.path.join(folder, member)
     if "\\x" not in member:
         return path
@@ -488,7 +488,8 @@ def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
     entries: dict[str, list[tuple[str, str]]] = {}  # key -> (name in the folder, path in the store)
     for full in unit.files:
         rel = folder_member(unit.uri, full)
-        entries.setdefault(split_folder_name(rel)[0], []).append((rel, f"{top.rstrip('/')}/{rel}"))
+        entries.setdefault(split_folder_name(rel)[0], []).append(
+            (rel, f"{top.rstrip('/')}/{full[len(input_location(unit.uri)):]}"))
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
         pending: deque = deque()
         for key, files in entries.items():
