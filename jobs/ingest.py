@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 
 import ray
 
+import schemas
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
@@ -86,6 +88,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
     units, reread, superseded = read_damaged_again(ws, units, markers)
     replaced, removed = retire_stale_units(ws, done, units, superseded)
+    forget_returned(ws, markers, units)
     pending = [u for u in units if unit_key(u) not in done]
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
@@ -206,11 +209,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     if not stale:
         return 0, 0
     ws.hold_publishing("ingest")
-    # the keys of every planned folder image or video (as ingest names them): only when units went
-    # stale. Not its sidecars: an image removed beside its kept `.txt` is gone from the input too
-    planned = {f"{u.prefix}/{key}" for u in units if u.kind == "folder" for f in u.files
-               for key, ext in [split_folder_name(folder_member(u.uri, f))] if ext in MEDIA_EXTENSIONS}
-    shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
+    planned, shards = planned_keys(units)
     removed = rereads = 0
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
@@ -228,6 +227,47 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
         ws.commit_unit("ingest", uid, retired, parts={"errors": [f"removed-{uid}"]})
         done.pop(uid)
     return len(stale) - rereads, removed
+
+
+def planned_keys(units: list[Unit]) -> tuple[set[str], set[str]]:
+    """(the keys of every planned folder image or video, as ingest names them; the key prefixes
+    of the planned shards, whose keys a shard still there keeps). Not a folder's sidecars: an
+    image removed beside its kept `.txt` is gone from the input too."""
+    planned = {f"{u.prefix}/{key}" for u in units if u.kind == "folder" for f in u.files
+               for key, ext in [split_folder_name(folder_member(u.uri, f))] if ext in MEDIA_EXTENSIONS}
+    return planned, {u.prefix for u in units if u.kind == "tar"}
+
+
+def forget_returned(ws: Workspace, markers: dict[str, dict], units: list[Unit]) -> int:
+    """Drop the removed_from_input rows of the images that are in the inputs again (a file put
+    back, a shard restored): they said "no longer in the input" beside the image's new rows.
+    Each retired unit's marker is rewritten to name a part without those rows (none when no
+    row is left), after that part is written. The number of rows dropped."""
+    inputs = {u.input for u in units}
+    retired = {uid: m for uid, m in markers.items() if m.get("retired") and m.get("input") in inputs
+               and m.get("parts", {}).get("errors")}
+    if not retired:
+        return 0
+    planned, shards = planned_keys(units)
+
+    def back(key: str) -> bool:
+        clip, _, last = key.rpartition("/")  # a frame's key: `<clip key>/f<index>`
+        return key in planned or _under(key, shards) or (re.fullmatch(r"f\d{6}", last) and clip in planned)
+
+    dropped = 0
+    for uid, marker in retired.items():
+        rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
+        kept = [row for row in rows if not back(row["key"])]
+        if len(kept) == len(rows):
+            continue
+        ws.hold_publishing("ingest")
+        part = f"removed-{uid}-{len(kept)}-{unit_id(*(row['key'] for row in kept))}"
+        if kept:
+            ws.write_part("errors", part, kept)
+        info = {k: v for k, v in marker.items() if k != "parts"}
+        ws.commit_unit("ingest", uid, info, parts={"errors": [part]} if kept else {})
+        dropped += len(rows) - len(kept)
+    return dropped
 
 
 def _under(key: str, prefixes: set[str]) -> bool:

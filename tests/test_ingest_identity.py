@@ -90,6 +90,32 @@ def test_an_image_removed_beside_its_kept_sidecar_is_reported_removed(tmp_path):
     assert any("1 images are no longer in the inputs" in n for n in summary.notes)
 
 
+def test_an_image_put_back_loses_its_removed_from_input_row(tmp_path):
+    """A file removed, then put back: its removed_from_input row stayed for ever, saying "no
+    longer in the input" beside the image's rows. Only the rows of images put back go."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(12):
+        add_image(folder, f"img{i:02d}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    for name in ("img03", "img05"):
+        (folder / f"{name}.png").unlink()
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert removed_keys(ws) == ["art/img03", "art/img05"]
+    add_image(folder, "img05", 5)
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert "art/img05" in images_by_key(ws) and removed_keys(ws) == ["art/img03"]
+    add_image(folder, "img03", 3)
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert ws.read_table("errors").num_rows == 0 and len(images_by_key(ws)) == 12
+    summary, _ = ingest_inputs(tmp_path / "ws", folder)
+    assert summary.units_done == 0
+
+
+def removed_keys(ws) -> list[str]:
+    return sorted(e["key"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input")
+
+
 def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
     for side in ("a", "b"):
         folder = tmp_path / side / "dup"
