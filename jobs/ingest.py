@@ -87,8 +87,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     markers = ws.done_units("ingest")
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
     units, reread, superseded = read_damaged_again(ws, units, markers)
-    replaced, removed = retire_stale_units(ws, done, units, superseded)
-    forget_returned(ws, markers, units)
+    replaced, removed, provisional = retire_stale_units(ws, done, units, superseded)
+    back = forget_returned(ws, units)
     pending = [u for u in units if unit_key(u) not in done]
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
@@ -97,6 +97,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
+    back.update(forget_returned(ws, units))  # a rewritten shard's members read again are not removed
+    removed += sum(max(0, n - back.get(uid, 0)) for uid, n in provisional.items())
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
     if removed:  # written by this run: counted with its errors
         summary.errors_by_kind["removed_from_input"] = removed
@@ -194,10 +196,13 @@ def _damaged_for_an_older_reader(ws: Workspace, uid: str, marker: dict) -> bool:
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()
-                       ) -> tuple[int, int]:
+                       ) -> tuple[int, int, dict[str, int]]:
     """Retire the committed units of the inputs being ingested that are no longer in the plan (a
     folder chunk that gained or lost a file, a rewritten or deleted shard): their rows go, and
-    each image that is not planned again gets a `removed_from_input` errors row. (units, images)
+    each image that is not planned again gets a `removed_from_input` errors row. So does every
+    image of a shard still there but changed: which of its members it still holds is known only
+    once it is read, and forget_returned then drops the rows of those it does (provisional).
+    (units, images gone, {unit: its provisional rows})
     `superseded`: units whose shards a newer reader reads again (not counted; their retired
     markers say so, for read_damaged_again).
 
@@ -207,26 +212,30 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     inputs = {u.input for u in units}
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
     if not stale:
-        return 0, 0
+        return 0, 0, {}
     ws.hold_publishing("ingest")
     planned, shards = planned_keys(units)
     removed = rereads = 0
+    provisional: dict[str, int] = {}
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
         gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
-                if (r.get("clip") or r["key"]) not in planned and not _under(r["key"], shards)]
+                if (r.get("clip") or r["key"]) not in planned]
         ws.write_part("errors", f"removed-{uid}", [
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
-        removed += len(gone)
+        maybe = sum(_under(r["key"], shards) for r in gone)
+        removed += len(gone) - maybe
+        if maybe:
+            provisional[uid] = maybe
         retired = {"retired": True, "input": done[uid].get("input")}
         if uid in superseded:
             retired["damaged_reader"] = done[uid].get("reader", 2)
             rereads += 1
         ws.commit_unit("ingest", uid, retired, parts={"errors": [f"removed-{uid}"]})
         done.pop(uid)
-    return len(stale) - rereads, removed
+    return len(stale) - rereads, removed, provisional
 
 
 def planned_keys(units: list[Unit]) -> tuple[set[str], set[str]]:
@@ -238,23 +247,40 @@ def planned_keys(units: list[Unit]) -> tuple[set[str], set[str]]:
     return planned, {u.prefix for u in units if u.kind == "tar"}
 
 
-def forget_returned(ws: Workspace, markers: dict[str, dict], units: list[Unit]) -> int:
+def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
     """Drop the removed_from_input rows of the images that are in the inputs again (a file put
-    back, a shard restored): they said "no longer in the input" beside the image's new rows.
-    Each retired unit's marker is rewritten to name a part without those rows (none when no
-    row is left), after that part is written. The number of rows dropped."""
+    back, a shard restored, the members a rewritten shard still holds): they said "no longer in
+    the input" beside the image's new rows. A folder's image is back when it is planned; a
+    shard's, when the committed unit of its shard has it (until then its row stays). Each retired
+    unit's marker is rewritten to name a part without those rows (none when no row is left),
+    after that part is written. {retired unit: rows dropped}"""
+    markers = ws.done_units("ingest")
     inputs = {u.input for u in units}
     retired = {uid: m for uid, m in markers.items() if m.get("retired") and m.get("input") in inputs
                and m.get("parts", {}).get("errors")}
     if not retired:
-        return 0
+        return {}
     planned, shards = planned_keys(units)
+    shard_units = {u.prefix: unit_key(u) for u in units if u.kind == "tar"}
+    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images
+
+    def in_shard(prefix: str) -> set[str]:
+        if prefix not in held:
+            uid = shard_units[prefix]
+            marker = markers.get(uid) or {"retired": True}
+            held[prefix] = set() if marker.get("retired") else {
+                row["key"] for part in images_parts(uid, marker) for row in ws.read_part("images", part, ["key"])}
+        return held[prefix]
 
     def back(key: str) -> bool:
+        parts = key.split("/")
+        shard = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in shards), None)
+        if shard is not None:
+            return key in in_shard(shard)
         clip, _, last = key.rpartition("/")  # a frame's key: `<clip key>/f<index>`
-        return key in planned or _under(key, shards) or (re.fullmatch(r"f\d{6}", last) and clip in planned)
+        return key in planned or bool(re.fullmatch(r"f\d{6}", last) and clip in planned)
 
-    dropped = 0
+    dropped: dict[str, int] = {}
     for uid, marker in retired.items():
         rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
         kept = [row for row in rows if not back(row["key"])]
@@ -266,7 +292,7 @@ def forget_returned(ws: Workspace, markers: dict[str, dict], units: list[Unit]) 
             ws.write_part("errors", part, kept)
         info = {k: v for k, v in marker.items() if k != "parts"}
         ws.commit_unit("ingest", uid, info, parts={"errors": [part]} if kept else {})
-        dropped += len(rows) - len(kept)
+        dropped[uid] = len(rows) - len(kept)
     return dropped
 
 

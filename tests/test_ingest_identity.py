@@ -112,6 +112,35 @@ def test_an_image_put_back_loses_its_removed_from_input_row(tmp_path):
     assert summary.units_done == 0
 
 
+def test_a_member_gone_from_a_rewritten_shard_is_reported_removed(tmp_path):
+    """A shard written again without b.png: b's rows went with no removed_from_input row, and
+    the summary said 0 images were no longer in the inputs. The members it still holds are not
+    reported; a second run changes nothing."""
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "s.tar"
+    members = {name: encode(picture(seed=i), "PNG") for i, name in enumerate(("a.png", "b.png", "c.png"))}
+
+    def write(names: list[str]) -> None:
+        with tarfile.open(shard, "w") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = len(members[name])
+                tar.addfile(info, io.BytesIO(members[name]))
+
+    write(["a.png", "b.png", "c.png"])
+    ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    write(["a.png", "c.png"])
+    summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert sorted(images_by_key(ws)) == ["in/s/a", "in/s/c"] and removed_keys(ws) == ["in/s/b"]
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+    assert summary.errors_by_kind["removed_from_input"] == 1
+    write(["a.png", "b.png", "c.png"])  # put back
+    summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert len(images_by_key(ws)) == 3 and removed_keys(ws) == [] and "removed_from_input" not in summary.errors_by_kind
+    summary, _ = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert summary.units_done == 0
+
+
 def removed_keys(ws) -> list[str]:
     return sorted(e["key"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input")
 
