@@ -148,7 +148,7 @@ SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
 # (read_damaged_again), and only such a unit: a re-read unit is a new unit, annotated again.
 READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                5: {"corrupt_image": "image has wrong mode"},  # palette and 1-bit images, 512 px and up
-               6: {"duplicate_member": None}}  # a lost second image: a dropped sample, or a key of its own
+               6: dict.fromkeys(("duplicate_member", "extra_image"))}  # a lost second image: dropped, or keyed
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

@@ -727,6 +727,24 @@ def test_a_second_image_under_one_key_is_a_dropped_sample(tmp_path):
     assert sorted(ws.read_table("images").column("key").to_pylist()) == ["in/s/abs", "in/s/b"]
 
 
+def test_a_second_picture_beside_a_still_is_a_dropped_sample(tmp_path):
+    """`a.jpg` and `a.png` in a folder: one key, one image; the other was an extra_image row with
+    dropped false, lost without counting. A good b.png beside a broken b.jpg was lost with no
+    row at all: it is the image now, and the broken one a dropped sample."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(picture(seed=1), "JPEG"))
+    (folder / "a.png").write_bytes(encode(picture(seed=2), "PNG"))
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "b.png").write_bytes(encode(picture(seed=3), "PNG"))
+    summary, ws = run_ingest(tmp_path, [str(folder)])
+    errors = sorted((e["member"], e["kind"], e["dropped"]) for e in ws.read_table("errors").to_pylist())
+    assert errors == [("a.png", "extra_image", True), ("b.jpg", "not_an_image", True)]
+    assert {r["key"]: r["member"] for r in ws.read_table("images").to_pylist()} == {"pics/a": "a.jpg",
+                                                                                     "pics/b": "b.png"}
+    assert "accounting: 2 images + 2 dropped samples = 4 samples seen" in summary.render()
+
+
 def test_long_generation_texts_are_left_out_and_the_image_kept(tmp_path):
     """A compressed text chunk past Pillow's MAX_TEXT_CHUNK (it refused the whole file) and a
     `parameters` text too long to parse (imgutils' parser takes minutes on 100,000 characters of

@@ -71,7 +71,7 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
 # 3: shards are read past damaged member headers; 4: compressed shards read whole; 5: palette and
 # 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
-# second image under one key and extension is a dropped sample, and a name's own `\xNN` is
+# second image under one key is a dropped sample (but a clip's poster), and a name's own `\xNN` is
 # written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
 READER_VERSION = 6
 
@@ -221,7 +221,8 @@ class UnitRows:
 
     def add_sample(self, sample: Sample, options: dict) -> None:
         key = f"{self.unit.prefix}/{sample.key}"
-        image_ext = next((e for e in MEDIA_EXTENSIONS if e in sample.members), None)
+        pictures = [e for e in MEDIA_EXTENSIONS if e in sample.members]
+        image_ext = pictures[0] if pictures else None
         problems = list(sample.problems)
         if any(kind == "duplicate_key" for _, kind, _ in problems):
             image_ext = None  # a second sample under a key already taken: never two rows per key
@@ -231,8 +232,15 @@ class UnitRows:
             member = next(iter(sample.member_names.values()), next((m for m, _, _ in problems if m), ""))
             self.error(key, member, kind, message, dropped=True)
             problems = [p for p in problems if p[1] != kind]
+            if pictures:
+                self.extra_pictures(key, sample, pictures[0], pictures[1:], clip=False)
         else:
-            self.add_image(key, sample, image_ext, options)
+            for index, ext in enumerate(pictures):
+                self.samples += index > 0  # the picture before could not be read: a dropped sample
+                read_as = self.add_image(key, sample, ext, options)
+                if read_as:
+                    self.extra_pictures(key, sample, ext, pictures[index + 1:], clip=read_as == "clip")
+                    break
         for member, kind, message in problems:
             # a second image or video under the sample's key and extension (a tar's `/a.png`
             # beside `a.png`, a name repeated) is a picture not ingested: a dropped sample
@@ -240,25 +248,36 @@ class UnitRows:
             self.samples += lost
             self.error(key, member, kind, message, dropped=lost)
 
-    def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> None:
+    def extra_pictures(self, key: str, sample: Sample, ext: str, others: list[str], clip: bool) -> None:
+        """The sample's pictures after the one it was read with (`ext`): beside a still (a.png and
+        a.jpg in a folder) each is a picture lost, a dropped sample; beside a clip, its poster."""
+        for other in others:
+            self.samples += not clip
+            self.error(key, sample.member_names[other], "extra_image",
+                       f"sample has a .{ext} image already; .{other} ignored", dropped=not clip)
+
+    def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> str | None:
+        """The sample's picture: "clip" (a video or an animation), "image", or None when it
+        cannot be read (an errors row; the sample's next picture, if any, is tried)."""
         member = sample.member_names[ext]
         if ext in VIDEO_EXTENSIONS:
             self.add_clip(key, sample, ext, False, [], options)
-            return
+            return "clip"
         data = sample.members[ext]
         self.bytes += len(data)
         try:
             probed = probe_image(data, options["max_pixels"], options["max_text_chars"])
         except ProbeError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=True)
-            return
+            return None
         texts = probed.pop("texts")
         if probed["n_frames"] > 1 and probed["format"] in ANIMATED_FORMATS and options["frames"]["enabled"]:
             self.add_clip(key, sample, ext, True, texts, options)
-            return
+            return "clip"
         self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member,
                                       "member_offset": sample.offsets.get(ext), **probed})
         self.add_companions(key, [key], None, sample, ext, texts, options)
+        return "image"
 
     def add_clip(self, key: str, sample: Sample, ext: str, animated: bool, texts: list[tuple[str, str]],
                  options: dict) -> None:
@@ -283,15 +302,12 @@ class UnitRows:
 
     def add_companions(self, key: str, targets: list[str], origin: str | None, sample: Sample, ext: str,
                        texts: list[tuple[str, str]], options: dict) -> None:
-        """The image's embedded texts, its sidecars and the extra pictures of its sample, for the
-        `targets` (the image itself, or the frames of a clip)."""
+        """The image's embedded texts and its sidecars, for the `targets` (the image itself, or the
+        frames of a clip), and the members of its sample that are not read."""
         member = sample.member_names[ext]
         self.add_texts(key, targets, member, texts, options)
         for other in sample.members:
-            if other in MEDIA_EXTENSIONS and other != ext:
-                self.error(key, sample.member_names[other], "extra_image",
-                           f"sample has a .{ext} image already; .{other} ignored", dropped=False)
-            elif other not in MEDIA_EXTENSIONS and other not in SIDECAR_EXTENSIONS:
+            if other not in MEDIA_EXTENSIONS and other not in SIDECAR_EXTENSIONS:
                 self.error(key, sample.member_names[other], "ignored_member",
                            f"'.{other}' is no image, video or sidecar extension: not read", dropped=False)
         for side in SIDECAR_EXTENSIONS:
