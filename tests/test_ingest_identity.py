@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 from hostile_data import encode, picture
+from kill_mid_run import booruset
 
 from jobs import ingest
 from jobs.config import ConfigError, load_config
@@ -139,6 +140,14 @@ def test_a_member_gone_from_a_rewritten_shard_is_reported_removed(tmp_path):
     assert len(images_by_key(ws)) == 3 and removed_keys(ws) == [] and "removed_from_input" not in summary.errors_by_kind
     summary, _ = ingest_inputs(tmp_path / "ws", tmp_path / "in")
     assert summary.units_done == 0
+
+    write(["c.png", "a.png"])  # killed right after the old unit is retired, then run again
+    killed = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(tmp_path / "in"), "--set",
+                      "ingest.folder_unit_size=3", BOORUSET_KILL_AFTER_COMMITS="1")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    _, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert sorted(images_by_key(ws)) == ["in/s/a", "in/s/c"] and removed_keys(ws) == ["in/s/b"]
 
 
 def removed_keys(ws) -> list[str]:
