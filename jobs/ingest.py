@@ -100,8 +100,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     back.update(forget_returned(ws, units))  # a rewritten shard's members read again are not removed
     removed += sum(max(0, n - back.get(uid, 0)) for uid, n in provisional.items())
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
-    if removed:  # written by this run: counted with its errors
-        summary.errors_by_kind["removed_from_input"] = removed
+    if still_removed := removed_rows(ws, units):  # the rows in the table, as every other kind's count
+        summary.errors_by_kind["removed_from_input"] = still_removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
         summary.rows_in += info["samples"]
         summary.dropped += info["dropped"]
@@ -229,7 +229,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
         removed += len(gone) - maybe
         if maybe:
             provisional[uid] = maybe
-        retired = {"retired": True, "input": done[uid].get("input")}
+        retired = {"retired": True, "input": done[uid].get("input"), "removed": len(gone)}
         if uid in superseded:
             retired["damaged_reader"] = done[uid].get("reader", 2)
             rereads += 1
@@ -290,10 +290,20 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
         part = f"removed-{uid}-{len(kept)}-{unit_id(*(row['key'] for row in kept))}"
         if kept:
             ws.write_part("errors", part, kept)
-        info = {k: v for k, v in marker.items() if k != "parts"}
+        info = {k: v for k, v in marker.items() if k != "parts"} | {"removed": len(kept)}
         ws.commit_unit("ingest", uid, info, parts={"errors": [part]} if kept else {})
         dropped[uid] = len(rows) - len(kept)
     return dropped
+
+
+def removed_rows(ws: Workspace, units: list[Unit]) -> int:
+    """The removed_from_input rows of the planned inputs: what their retired units' markers
+    count (a marker from before they did: the rows of its part)."""
+    inputs = {u.input for u in units}
+    return sum(marker["removed"] if "removed" in marker else
+               sum(len(ws.read_part("errors", part, ["key"])) for part in marker.get("parts", {}).get("errors", []))
+               for marker in ws.done_units("ingest").values()
+               if marker.get("retired") and marker.get("input") in inputs)
 
 
 def _under(key: str, prefixes: set[str]) -> bool:

@@ -73,6 +73,8 @@ def test_a_removed_file_is_reported_and_its_rows_go(tmp_path):
     assert [(e["key"], e["member"]) for e in removed] == [("art/img05", "img05.png")]
     assert any("1 images are no longer in the inputs" in n for n in summary.notes)
     assert summary.errors_by_kind["removed_from_input"] == 1  # its errors row counts with the run's errors
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)  # nothing to do: the table's rows, as for every kind
+    assert summary.units_done == 0 and summary.errors == ws.read_table("errors").num_rows == 1
 
 
 def test_an_image_removed_beside_its_kept_sidecar_is_reported_removed(tmp_path):
