@@ -150,6 +150,20 @@ def test_a_damaged_stretch_in_the_middle_of_a_video_is_reported(tmp_path):
     assert [kind for kind, _ in damaged.problems] == ["frames_missing"]
     assert damaged.clip["frames_seen"] < 110 and damaged.clip["errors"] == 1
     assert max(f["frame_time"] for f in damaged.frames) > 8.0  # the frames after the hole are there
+    # a packet at 7 s that the decoder refuses: decoding stopped there (corrupt_clip) and lost the
+    # last 3 s. In the file the packet starts with its Matroska block header (track, time, flags:
+    # 4 bytes), then the H.264 NAL length: 0xFF as its first byte makes a NAL longer than the packet
+    with av.open(str(clip)) as container:
+        packet = next(p for p in container.demux(container.streams.video[0])
+                      if p.pts is not None and p.pts * p.time_base >= 7 and p.size > 100)
+        where = packet.pos + 4
+    data = bytearray(clip.read_bytes())
+    data[where] = 0xFF
+    (tmp_path / "refused.mkv").write_bytes(bytes(data))
+    refused = select(tmp_path, tmp_path / "refused.mkv")
+    assert [kind for kind, _ in refused.problems] == ["frames_missing"]
+    assert "1 damaged packets skipped" in refused.problems[0][1] and refused.clip["frames_seen"] > 110
+    assert max(f["frame_time"] for f in refused.frames) > 8.0
 
 
 def test_an_animation_stopped_early_keeps_the_frame_rate_of_the_frames_it_read(tmp_path):

@@ -154,6 +154,7 @@ def _subsampled_rgb(frame: av.VideoFrame, step: int) -> np.ndarray:
 # rate) say that frames between them were lost: a 2 s hole in a 12 fps MKV whose middle was
 # damaged had no other trace. A variable-rate clip holds a still picture for a while, not seconds.
 MIN_GAP_SECONDS, GAP_FRAMES = 1.0, 10
+MAX_SKIPPED_PACKETS = 100  # damaged packets skipped in one clip before it is given up as corrupt
 
 
 class ClipReader:
@@ -171,6 +172,7 @@ class ClipReader:
         # (from, to) seconds between two frames decoded one after the other, without a seek, that
         # lie further apart than a frame rate allows: FFmpeg skips a damaged stretch and goes on
         self.gaps: list[tuple[float, float]] = []
+        self.skipped = 0  # packets FFmpeg refused (a damaged stretch): skipped, decoding goes on
         self.reformatter = VideoReformatter()
 
     def frame_rate(self) -> float:
@@ -253,7 +255,14 @@ class ClipReader:
                     index = round(time * rate) if rate else self.decoded - 1
                     yield Frame(int(index), time, frame, self.reformatter)
             except av.FFmpegError as exc:
-                raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)}") from exc
+                # a packet the decoder refuses ends the decode loop, not the clip: FFmpeg's own
+                # command line goes on past it, and so does a new loop (a 10 s MKV with 100 bad
+                # bytes at 7 s lost its last 4 s). Bounded, for a file that fails at every packet.
+                self.skipped += 1
+                if self.skipped > MAX_SKIPPED_PACKETS:
+                    raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)} "
+                                                    f"({self.skipped} damaged packets)") from exc
+                restart = True
             if not restart:
                 break
         if info.duration and reached >= 0 and reached + max(1.0, 0.1 * info.duration) < info.duration:
