@@ -148,7 +148,9 @@ SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
 # (read_damaged_again), and only such a unit: a re-read unit is a new unit, annotated again.
 READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                5: {"corrupt_image": "image has wrong mode"},  # palette and 1-bit images, 512 px and up
-               6: dict.fromkeys(("duplicate_member", "extra_image"))}  # a lost second image: dropped, or keyed
+               # a lost second image or a link named as one: dropped, or keyed
+               6: {**dict.fromkeys(("duplicate_member", "extra_image", "link_outside_input")),
+                   "not_a_regular_file": "link"}}
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

@@ -252,6 +252,9 @@ def test_folder_entries_that_are_not_regular_files(tmp_path):
     assert errors["art/outside_link"][0] == errors["art/out_dir_link"][0] == "link_outside_input"
     assert errors["art/pipe"] == ("not_a_regular_file", "folder entry is a FIFO")
     assert errors["art/dir_link"] == ("not_a_regular_file", "folder entry is a directory")
+    # an entry named as an image that is not read is a picture lost: a dropped sample (it was not)
+    dropped = {e["key"] for e in ws.read_table("errors").to_pylist() if e["dropped"]}
+    assert dropped == {"art/outside_link", "art/pipe"}
 
 
 def test_tar_members_that_are_not_regular_files(tmp_path):
@@ -274,6 +277,10 @@ def test_tar_members_that_are_not_regular_files(tmp_path):
                       "odd/hard": "tar member is a hard link", "odd/tty": "tar member is a character device",
                       "odd/disk": "tar member is a block device", "odd/pipe": "tar member is a FIFO"}
     assert summary.rows_out["images"] + summary.dropped == summary.rows_in
+    # the links and devices named as images were lost without counting: dropped samples now
+    dropped = {e["key"] for e in ws.read_table("errors").to_pylist() if e["dropped"]}
+    assert dropped == {"odd/link", "odd/hard", "odd/tty", "odd/disk", "odd/pipe"}
+    assert (summary.rows_in, summary.dropped) == (6, 5)
 
 
 def test_other_ingest_limits_read_every_unit_again(tmp_path):

@@ -49,6 +49,8 @@ JOB = "ingest"
 TABLES = ("images", "source_tags", "source_text", "errors", "clips")
 # A sample's picture: a video first (a same-key still is its poster, reported as extra_image)
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+# the kinds of a member that is not opened: not a regular file, or a link out of a folder input
+NOT_OPENED = ("not_a_regular_file", "link_outside_input")
 SUMMARY = ("samples", "images", "clips", "frames", "errors", "dropped", "bytes", "seconds")
 
 
@@ -71,7 +73,8 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
 # 3: shards are read past damaged member headers; 4: compressed shards read whole; 5: palette and
 # 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
-# second image under one key is a dropped sample (but a clip's poster), and a name's own `\xNN` is
+# second image under one key, or a member named as one that is not opened (a link), is a dropped
+# sample (but a clip's poster), and a name's own `\xNN` is
 # written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
 READER_VERSION = 6
 
@@ -214,7 +217,11 @@ class UnitRows:
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
             member, kind, message = item
             key = f"{self.unit.prefix}/{member_key(member, self.unit.kind)}" if member else self.unit.prefix
-            self.error(key, member, kind, message, dropped=False)
+            # an entry named as an image or video that is not opened (a tar's hard or symbolic
+            # link, a folder's link out of the input, a FIFO) is a picture not ingested: dropped
+            lost = kind in NOT_OPENED and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
+            self.samples += lost
+            self.error(key, member, kind, message, dropped=lost)
             return
         self.samples += 1
         self.add_sample(item, options)
