@@ -87,9 +87,12 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     markers = ws.done_units("ingest")
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
     units, reread, superseded = read_damaged_again(ws, units, markers)
+    killed = "ingest" in ws.holds()  # a run that replaced units and did not end
     replaced, removed, provisional = retire_stale_units(ws, done, units, superseded)
-    back = forget_returned(ws, units)
     pending = [u for u in units if unit_key(u) not in done]
+    # only units read again (a file put back, a shard written again), by this run or a killed
+    # one, bring an image back: a run with nothing to do reads no removed rows
+    back = forget_returned(ws, units) if pending or killed else {}
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
@@ -97,7 +100,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
-    back.update(forget_returned(ws, units))  # a rewritten shard's members read again are not removed
+    if pending:  # a rewritten shard's members read again are not removed
+        back.update(forget_returned(ws, units))
     removed += sum(max(0, n - back.get(uid, 0)) for uid, n in provisional.items())
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending))
     if still_removed := removed_rows(ws, units):  # the rows in the table, as every other kind's count
