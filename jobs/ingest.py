@@ -246,8 +246,8 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
 
 def planned_keys(units: list[Unit]) -> tuple[set[str], set[str]]:
     """(the keys of every planned folder image or video, as ingest names them; the key prefixes
-    of the planned shards, whose keys a shard still there keeps). Not a folder's sidecars: an
-    image removed beside its kept `.txt` is gone from the input too."""
+    of the planned shards, whose images only a read of the shard tells). Not a folder's
+    sidecars: an image removed beside its kept `.txt` is gone from the input too."""
     planned = {f"{u.prefix}/{key}" for u in units if u.kind == "folder" for f in u.files
                for key, ext in [split_folder_name(folder_member(u.uri, f))] if ext in MEDIA_EXTENSIONS}
     return planned, {u.prefix for u in units if u.kind == "tar"}
