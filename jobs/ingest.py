@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 
 import ray
 
+import schemas
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
@@ -22,7 +24,18 @@ from udfs.ingest.ingest_unit import (
     limits_digest,
     options_fingerprint,
 )
-from udfs.ingest.sources import Unit, assign_input_ids, discover_units, folder_member, member_key, resolve_inputs
+from udfs.ingest.sources import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Unit,
+    assign_input_ids,
+    discover_units,
+    folder_member,
+    resolve_inputs,
+    split_folder_name,
+)
+
+MEDIA_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
 
 
 def input_specs(cfg: Config) -> list[str]:
@@ -74,8 +87,12 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     markers = ws.done_units("ingest")
     done = {uid: info for uid, info in markers.items() if not info.get("retired")}
     units, reread, superseded = read_damaged_again(ws, units, markers)
-    replaced, removed = retire_stale_units(ws, done, units, superseded)
+    killed = "ingest" in ws.holds()  # a run that replaced units and did not end
+    replaced, removed, provisional = retire_stale_units(ws, done, units, superseded)
     pending = [u for u in units if unit_key(u) not in done]
+    # only units read again (a file put back, a shard written again), by this run or a killed
+    # one, bring an image back: a run with nothing to do reads no removed rows
+    back = forget_returned(ws, units) if pending or killed else {}
     resumed = finished_samples(ws, units, pending, options)
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
@@ -83,10 +100,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []
+    if pending:  # a rewritten shard's members read again are not removed
+        back.update(forget_returned(ws, units))
+    removed += sum(max(0, n - back.get(uid, 0)) for uid, n in provisional.items())
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending),
                          rows_run=sum(info["samples"] for info in results))
-    if removed:  # written by this run: counted with its errors
-        summary.errors_by_kind["removed_from_input"] = removed
+    if still_removed := removed_rows(ws, units):  # the rows in the table, as every other kind's count
+        summary.errors_by_kind["removed_from_input"] = still_removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
         summary.rows_in += info["samples"]
         summary.dropped += info["dropped"]
@@ -132,7 +152,10 @@ SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
 # (None: any). A unit an older reader committed with such an error is read again
 # (read_damaged_again), and only such a unit: a re-read unit is a new unit, annotated again.
 READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
-               5: {"corrupt_image": "image has wrong mode"}}  # palette and 1-bit images, 512 px and up
+               5: {"corrupt_image": "image has wrong mode"},  # palette and 1-bit images, 512 px and up
+               # a lost second image or a link named as one: dropped, or keyed
+               6: {**dict.fromkeys(("duplicate_member", "extra_image", "link_outside_input")),
+                   "not_a_regular_file": "link"}}
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]
@@ -180,10 +203,13 @@ def _damaged_for_an_older_reader(ws: Workspace, uid: str, marker: dict) -> bool:
 
 
 def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], superseded: set[str] = frozenset()
-                       ) -> tuple[int, int]:
+                       ) -> tuple[int, int, dict[str, int]]:
     """Retire the committed units of the inputs being ingested that are no longer in the plan (a
     folder chunk that gained or lost a file, a rewritten or deleted shard): their rows go, and
-    each image that is not planned again gets a `removed_from_input` errors row. (units, images)
+    each image that is not planned again gets a `removed_from_input` errors row. So does every
+    image of a shard still there but changed: which of its members it still holds is known only
+    once it is read, and forget_returned then drops the rows of those it does (provisional).
+    (units, images gone, {unit: its provisional rows})
     `superseded`: units whose shards a newer reader reads again (not counted; their retired
     markers say so, for read_damaged_again).
 
@@ -193,29 +219,98 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     inputs = {u.input for u in units}
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
     if not stale:
-        return 0, 0
+        return 0, 0, {}
     ws.hold_publishing("ingest")
-    # the keys of every planned folder file (as ingest names them): only when units went stale
-    planned = {f"{u.prefix}/{member_key(folder_member(u.uri, f), u.kind)}"
-               for u in units if u.kind == "folder" for f in u.files}
-    shards = {u.prefix for u in units if u.kind == "tar"}  # a shard still there keeps its keys
+    planned, shards = planned_keys(units)
     removed = rereads = 0
+    provisional: dict[str, int] = {}
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
         gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
-                if (r.get("clip") or r["key"]) not in planned and not _under(r["key"], shards)]
+                if (r.get("clip") or r["key"]) not in planned]
         ws.write_part("errors", f"removed-{uid}", [
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
-        removed += len(gone)
-        retired = {"retired": True, "input": done[uid].get("input")}
+        maybe = sum(_under(r["key"], shards) for r in gone)
+        removed += len(gone) - maybe
+        if maybe:
+            provisional[uid] = maybe
+        retired = {"retired": True, "input": done[uid].get("input"), "removed": len(gone)}
         if uid in superseded:
             retired["damaged_reader"] = done[uid].get("reader", 2)
             rereads += 1
         ws.commit_unit("ingest", uid, retired, parts={"errors": [f"removed-{uid}"]})
         done.pop(uid)
-    return len(stale) - rereads, removed
+    return len(stale) - rereads, removed, provisional
+
+
+def planned_keys(units: list[Unit]) -> tuple[set[str], set[str]]:
+    """(the keys of every planned folder image or video, as ingest names them; the key prefixes
+    of the planned shards, whose images only a read of the shard tells). Not a folder's
+    sidecars: an image removed beside its kept `.txt` is gone from the input too."""
+    planned = {f"{u.prefix}/{key}" for u in units if u.kind == "folder" for f in u.files
+               for key, ext in [split_folder_name(folder_member(u.uri, f))] if ext in MEDIA_EXTENSIONS}
+    return planned, {u.prefix for u in units if u.kind == "tar"}
+
+
+def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
+    """Drop the removed_from_input rows of the images that are in the inputs again (a file put
+    back, a shard restored, the members a rewritten shard still holds): they said "no longer in
+    the input" beside the image's new rows. A folder's image is back when it is planned; a
+    shard's, when the committed unit of its shard has it (until then its row stays). Each retired
+    unit's marker is rewritten to name a part without those rows (none when no row is left),
+    after that part is written. {retired unit: rows dropped}"""
+    markers = ws.done_units("ingest")
+    inputs = {u.input for u in units}
+    retired = {uid: m for uid, m in markers.items() if m.get("retired") and m.get("input") in inputs
+               and m.get("parts", {}).get("errors")}
+    if not retired:
+        return {}
+    planned, shards = planned_keys(units)
+    shard_units = {u.prefix: unit_key(u) for u in units if u.kind == "tar"}
+    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images
+
+    def in_shard(prefix: str) -> set[str]:
+        if prefix not in held:
+            uid = shard_units[prefix]
+            marker = markers.get(uid) or {"retired": True}
+            held[prefix] = set() if marker.get("retired") else {
+                row["key"] for part in images_parts(uid, marker) for row in ws.read_part("images", part, ["key"])}
+        return held[prefix]
+
+    def back(key: str) -> bool:
+        parts = key.split("/")
+        shard = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in shards), None)
+        if shard is not None:
+            return key in in_shard(shard)
+        clip, _, last = key.rpartition("/")  # a frame's key: `<clip key>/f<index>`
+        return key in planned or bool(re.fullmatch(r"f\d{6}", last) and clip in planned)
+
+    dropped: dict[str, int] = {}
+    for uid, marker in retired.items():
+        rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
+        kept = [row for row in rows if not back(row["key"])]
+        if len(kept) == len(rows):
+            continue
+        ws.hold_publishing("ingest")
+        part = f"removed-{uid}-{len(kept)}-{unit_id(*(row['key'] for row in kept))}"
+        if kept:
+            ws.write_part("errors", part, kept)
+        info = {k: v for k, v in marker.items() if k != "parts"} | {"removed": len(kept)}
+        ws.commit_unit("ingest", uid, info, parts={"errors": [part]} if kept else {})
+        dropped[uid] = len(rows) - len(kept)
+    return dropped
+
+
+def removed_rows(ws: Workspace, units: list[Unit]) -> int:
+    """The removed_from_input rows of the planned inputs: what their retired units' markers
+    count (a marker from before they did: the rows of its part)."""
+    inputs = {u.input for u in units}
+    return sum(marker["removed"] if "removed" in marker else
+               sum(len(ws.read_part("errors", part, ["key"])) for part in marker.get("parts", {}).get("errors", []))
+               for marker in ws.done_units("ingest").values()
+               if marker.get("retired") and marker.get("input") in inputs)
 
 
 def _under(key: str, prefixes: set[str]) -> bool:

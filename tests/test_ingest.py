@@ -406,6 +406,27 @@ def test_a_uri_folder_of_images_is_read_as_the_folder_on_disk(tmp_path):
     assert ws.connect().execute("select count(*) from images").fetchone()[0] == 5
 
 
+def test_a_name_with_a_backslash_before_xnn_has_one_key_on_disk_and_on_object_storage(tmp_path):
+    """`\\xe9.png` on disk is keyed `\\x5cxe9` (apart from a name with the byte 0xE9); the same
+    folder read through a URI gives the same keys and members, and later jobs read the file back."""
+    from review.image_bytes import image_bytes
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    picture(seed=1).save(folder / "\\xe9.png")
+    picture(seed=2).save(folder / "a\\b.png")
+    tables = {}
+    for side, spec in (("disk", str(folder)), ("uri", folder.as_uri())):
+        _, ws = run_ingest(tmp_path / side, [spec])
+        tables[side] = rows = ws.read_table("images").select(["key", "member", "sha256", "source"]).to_pylist()
+        for row in rows:
+            assert image_bytes(row["source"], row["member"]) == (folder / row["member"].replace("\\x5c", "\\")
+                                                                 ).read_bytes(), side
+    assert sorted(r["key"] for r in tables["uri"]) == ["pics/\\x5cxe9", "pics/a\\b"]
+    assert [(r["key"], r["member"], r["sha256"]) for r in sorted(tables["uri"], key=lambda r: r["key"])] == [
+        (r["key"], r["member"], r["sha256"]) for r in sorted(tables["disk"], key=lambda r: r["key"])]
+
+
 def test_input_ids_leave_out_a_uris_query_and_keep_the_ones_registered_with_it():
     from udfs.ingest.sources import assign_input_ids
 
@@ -661,6 +682,69 @@ def test_a_file_name_that_is_not_utf8_is_found_again_by_later_jobs(tmp_path):
     _, ws = run_ingest(tmp_path, [str(folder)])
     assert [e["kind"] for e in ws.read_table("errors").to_pylist()] == []
     assert ws.read_table("images").num_rows == 3
+
+
+def test_a_name_with_an_undecodable_byte_and_one_with_its_escape_as_text_are_two_images(tmp_path):
+    """`\\xe9.png` (a backslash, then `xe9`) and a name whose byte is 0xE9 were both written
+    `\\xe9.png`: one key, one image lost as a duplicate_member. Now the literal backslash is
+    written `\\x5c`: two keys, and later jobs find each file again; a plain name keeps its key."""
+    from udfs.ingest.sources import member_path
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Path(os.fsdecode(os.path.join(os.fsencode(folder), b"\xe9.png"))).write_bytes(encode(picture(seed=1), "PNG"))
+    picture(seed=2).save(folder / "\\xe9.png")
+    picture(seed=3).save(folder / "a\\b.png")  # a backslash not before xNN: its name as it was
+    summary, ws = run_ingest(tmp_path, [str(folder)])
+    rows = {r["key"]: r for r in ws.read_table("images").to_pylist()}
+    assert sorted(rows) == ["odd/\\x5cxe9", "odd/\\xe9", "odd/a\\b"]
+    assert ws.read_table("errors").num_rows == 0 and summary.dropped == 0
+    for key, name in (("odd/\\xe9", b"\xe9.png"), ("odd/\\x5cxe9", b"\\xe9.png"), ("odd/a\\b", b"a\\b.png")):
+        path = member_path(rows[key]["source"], rows[key]["member"])
+        assert Path(path).read_bytes() == Path(os.fsdecode(os.path.join(os.fsencode(folder), name))).read_bytes()
+
+
+def test_a_second_image_under_one_key_is_a_dropped_sample(tmp_path):
+    """A shard's `/abs.png` and `abs.png` have one key (both are valid names: neither key can
+    change). The second was an errors row with dropped false: an image lost, counted nowhere.
+    It is a dropped sample now, in the table and the summary's accounting; a unit an older
+    reader committed with such a row is read again."""
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "s.tar", [("/abs.png", encode(picture(seed=1), "PNG")),
+                                          ("abs.png", encode(picture(seed=2), "PNG")),
+                                          ("abs.txt", b"smile"), ("abs.txt", b"frown"),
+                                          ("b.png", encode(picture(seed=3), "PNG"))])
+    summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
+    errors = {e["member"]: e["dropped"] for e in ws.read_table("errors").to_pylist()}
+    assert errors == {"abs.png": True, "abs.txt": False}  # a second sidecar loses no picture
+    assert (summary.rows_in, summary.dropped, ws.read_table("images").num_rows) == (3, 1, 2)
+    assert "accounting: 2 images + 1 dropped samples = 3 samples seen" in summary.render()
+    state = Path(ws.state_dir("ingest"))
+    for path in state.glob("*.json"):  # as reader 5 committed it
+        marker = json.loads(path.read_text())
+        marker.update(reader=5, samples=2, dropped=0)
+        path.write_text(json.dumps(marker, sort_keys=True))
+    summary, ws = run_ingest(tmp_path, [str(tmp_path / "in")])
+    assert summary.units_done == 1 and (summary.rows_in, summary.dropped) == (3, 1)
+    assert sorted(ws.read_table("images").column("key").to_pylist()) == ["in/s/abs", "in/s/b"]
+
+
+def test_a_second_picture_beside_a_still_is_a_dropped_sample(tmp_path):
+    """`a.jpg` and `a.png` in a folder: one key, one image; the other was an extra_image row with
+    dropped false, lost without counting. A good b.png beside a broken b.jpg was lost with no
+    row at all: it is the image now, and the broken one a dropped sample."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(picture(seed=1), "JPEG"))
+    (folder / "a.png").write_bytes(encode(picture(seed=2), "PNG"))
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "b.png").write_bytes(encode(picture(seed=3), "PNG"))
+    summary, ws = run_ingest(tmp_path, [str(folder)])
+    errors = sorted((e["member"], e["kind"], e["dropped"]) for e in ws.read_table("errors").to_pylist())
+    assert errors == [("a.png", "extra_image", True), ("b.jpg", "not_an_image", True)]
+    assert {r["key"]: r["member"] for r in ws.read_table("images").to_pylist()} == {"pics/a": "a.jpg",
+                                                                                     "pics/b": "b.png"}
+    assert "accounting: 2 images + 2 dropped samples = 4 samples seen" in summary.render()
 
 
 def test_long_generation_texts_are_left_out_and_the_image_kept(tmp_path):

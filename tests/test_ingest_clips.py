@@ -136,6 +136,39 @@ def test_frame_bounds(tmp_path):
     assert huge.clip["frames_seen"] == 0  # refused before decoding
 
 
+def damaged(clip: Path, at: float, offset: int, value: bytes, name: str) -> Path:
+    """`clip` with `value` written `offset` bytes into the first key frame packet at or after `at`
+    seconds (in an MKV a packet starts with its block header: track, time, flags, 4 bytes; then
+    the H.264 NAL length). At the packet's place in the file: the same damage whatever x264 wrote."""
+    with av.open(str(clip)) as container:
+        packet = next(p for p in container.demux(container.streams.video[0])
+                      if p.pts is not None and p.pts * p.time_base >= at and p.is_keyframe)
+        where = packet.pos + offset
+    data = bytearray(clip.read_bytes())
+    data[where:where + len(value)] = value
+    out = clip.with_name(name)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_damaged_stretch_in_the_middle_of_a_video_is_reported(tmp_path):
+    """A 10 s MKV (a key frame every 2 s) whose key frame at 4 s has a zeroed block header: FFmpeg
+    skips the frames up to the next key frame (2 s) and decodes on, with no error; the frames
+    before and after stay, and the loss is a frames_missing row. The whole clip has none."""
+    clip = write_video(tmp_path / "pan.mkv", slow_pan(seconds=10.0, fps=12))
+    assert select(tmp_path, clip).problems == []
+    gap = select(tmp_path, damaged(clip, 4.0, 0, bytes(4), "gap.mkv"))
+    assert [kind for kind, _ in gap.problems] == ["frames_missing"] and "stretches without frames" in gap.problems[0][1]
+    assert gap.clip["frames_seen"] < 110 and gap.clip["errors"] == 1
+    assert max(f["frame_time"] for f in gap.frames) > 8.0  # the frames after the hole are there
+    # 0xFF as the NAL length's first byte of the key frame at 6 s: a NAL longer than its packet,
+    # which the decoder refuses. Decoding stopped there (corrupt_clip) and lost the last 4 s.
+    refused = select(tmp_path, damaged(clip, 6.0, 4, b"\xff", "refused.mkv"))
+    assert [kind for kind, _ in refused.problems] == ["frames_missing"]
+    assert "1 damaged packets skipped" in refused.problems[0][1]
+    assert max(f["frame_time"] for f in refused.frames) > 8.0
+
+
 def test_an_animation_stopped_early_keeps_the_frame_rate_of_the_frames_it_read(tmp_path):
     """Only its frames say how fast an animation runs; a read stopped at max_decoded_frames, or by
     a file cut short, still gives the rate of the frames it decoded (it was 0), and no length."""

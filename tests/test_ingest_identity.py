@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 from hostile_data import encode, picture
+from kill_mid_run import booruset
 
 from jobs import ingest
 from jobs.config import ConfigError, load_config
@@ -72,6 +73,87 @@ def test_a_removed_file_is_reported_and_its_rows_go(tmp_path):
     assert [(e["key"], e["member"]) for e in removed] == [("art/img05", "img05.png")]
     assert any("1 images are no longer in the inputs" in n for n in summary.notes)
     assert summary.errors_by_kind["removed_from_input"] == 1  # its errors row counts with the run's errors
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)  # nothing to do: the table's rows, as for every kind
+    assert summary.units_done == 0 and summary.errors == ws.read_table("errors").num_rows == 1
+
+
+def test_an_image_removed_beside_its_kept_sidecar_is_reported_removed(tmp_path):
+    """img05.png deleted, img05.txt left: the image is gone from the input as much as when both
+    go. It was a no_image row only, and the summary said "0 images are no longer in the inputs"."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(12):
+        add_image(folder, f"img{i:02d}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    (folder / "img05.png").unlink()
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert "art/img05" not in images_by_key(ws)
+    kinds = sorted((e["kind"], e["member"]) for e in ws.read_table("errors").to_pylist())
+    assert kinds == [("no_image", "img05.txt"), ("removed_from_input", "img05.png")]
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+
+
+def test_an_image_put_back_loses_its_removed_from_input_row(tmp_path):
+    """A file removed, then put back: its removed_from_input row stayed for ever, saying "no
+    longer in the input" beside the image's rows. Only the rows of images put back go."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(12):
+        add_image(folder, f"img{i:02d}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    for name in ("img03", "img05"):
+        (folder / f"{name}.png").unlink()
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert removed_keys(ws) == ["art/img03", "art/img05"]
+    add_image(folder, "img05", 5)
+    _, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert "art/img05" in images_by_key(ws) and removed_keys(ws) == ["art/img03"]
+    add_image(folder, "img03", 3)
+    summary, ws = ingest_inputs(tmp_path / "ws", folder)
+    assert ws.read_table("errors").num_rows == 0 and len(images_by_key(ws)) == 12
+    summary, _ = ingest_inputs(tmp_path / "ws", folder)
+    assert summary.units_done == 0
+
+
+def test_a_member_gone_from_a_rewritten_shard_is_reported_removed(tmp_path):
+    """A shard written again without b.png: b's rows went with no removed_from_input row, and
+    the summary said 0 images were no longer in the inputs. The members it still holds are not
+    reported; a second run changes nothing."""
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "s.tar"
+    members = {name: encode(picture(seed=i), "PNG") for i, name in enumerate(("a.png", "b.png", "c.png"))}
+
+    def write(names: list[str]) -> None:
+        with tarfile.open(shard, "w") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = len(members[name])
+                tar.addfile(info, io.BytesIO(members[name]))
+
+    write(["a.png", "b.png", "c.png"])
+    ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    write(["a.png", "c.png"])
+    summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert sorted(images_by_key(ws)) == ["in/s/a", "in/s/c"] and removed_keys(ws) == ["in/s/b"]
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+    assert summary.errors_by_kind["removed_from_input"] == 1
+    write(["a.png", "b.png", "c.png"])  # put back
+    summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert len(images_by_key(ws)) == 3 and removed_keys(ws) == [] and "removed_from_input" not in summary.errors_by_kind
+    summary, _ = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert summary.units_done == 0
+
+    write(["c.png", "a.png"])  # killed right after the old unit is retired, then run again
+    killed = booruset("ingest", "-w", str(tmp_path / "ws"), "-i", str(tmp_path / "in"), "--set",
+                      "ingest.folder_unit_size=3", BOORUSET_KILL_AFTER_COMMITS="1")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    _, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert sorted(images_by_key(ws)) == ["in/s/a", "in/s/c"] and removed_keys(ws) == ["in/s/b"]
+
+
+def removed_keys(ws) -> list[str]:
+    return sorted(e["key"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input")
 
 
 def test_inputs_with_the_same_name_get_distinct_ids(tmp_path):
@@ -170,6 +252,9 @@ def test_folder_entries_that_are_not_regular_files(tmp_path):
     assert errors["art/outside_link"][0] == errors["art/out_dir_link"][0] == "link_outside_input"
     assert errors["art/pipe"] == ("not_a_regular_file", "folder entry is a FIFO")
     assert errors["art/dir_link"] == ("not_a_regular_file", "folder entry is a directory")
+    # an entry named as an image that is not read is a picture lost: a dropped sample (it was not)
+    dropped = {e["key"] for e in ws.read_table("errors").to_pylist() if e["dropped"]}
+    assert dropped == {"art/outside_link", "art/pipe"}
 
 
 def test_tar_members_that_are_not_regular_files(tmp_path):
@@ -192,6 +277,10 @@ def test_tar_members_that_are_not_regular_files(tmp_path):
                       "odd/hard": "tar member is a hard link", "odd/tty": "tar member is a character device",
                       "odd/disk": "tar member is a block device", "odd/pipe": "tar member is a FIFO"}
     assert summary.rows_out["images"] + summary.dropped == summary.rows_in
+    # the links and devices named as images were lost without counting: dropped samples now
+    dropped = {e["key"] for e in ws.read_table("errors").to_pylist() if e["dropped"]}
+    assert dropped == {"odd/link", "odd/hard", "odd/tty", "odd/disk", "odd/pipe"}
+    assert (summary.rows_in, summary.dropped) == (6, 5)
 
 
 def test_other_ingest_limits_read_every_unit_again(tmp_path):

@@ -150,6 +150,13 @@ def _subsampled_rgb(frame: av.VideoFrame, step: int) -> np.ndarray:
     return cv2.cvtColor(cv2.merge((y[:height, :width], u[:height, :width], v[:height, :width])), cv2.COLOR_YUV2RGB)
 
 
+# Two frames decoded in a row further apart than this (and than GAP_FRAMES frames at the nominal
+# rate) say that frames between them were lost: a 2 s hole in a 12 fps MKV whose middle was
+# damaged had no other trace. A variable-rate clip holds a still picture for a while, not seconds.
+MIN_GAP_SECONDS, GAP_FRAMES = 1.0, 10
+MAX_SKIPPED_PACKETS = 100  # damaged packets skipped in one clip before it is given up as corrupt
+
+
 class ClipReader:
     """Opens one clip and yields its frames in order.
 
@@ -162,6 +169,10 @@ class ClipReader:
         self.wanted_from = 0.0
         self.decoded = 0  # frames decoded, including those skipped
         self.shown_frames, self.shown_seconds = 0, 0.0  # an animation's frames decoded whole, how long they show
+        # (from, to) seconds between two frames decoded one after the other, without a seek, that
+        # lie further apart than a frame rate allows: FFmpeg skips a damaged stretch and goes on
+        self.gaps: list[tuple[float, float]] = []
+        self.skipped = 0  # packets FFmpeg refused (a damaged stretch): skipped, decoding goes on
         self.reformatter = VideoReformatter()
 
     def frame_rate(self) -> float:
@@ -217,6 +228,7 @@ class ClipReader:
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         last_time, sought, reached = -1.0, -1.0, -1.0  # reached: the latest time decoded
         rate = Fraction(info.fps).limit_denominator(1001) if info.fps else Fraction(0)
+        gap = max(MIN_GAP_SECONDS, GAP_FRAMES / info.fps) if info.fps else MIN_GAP_SECONDS
         while True:
             restart = False
             try:
@@ -224,6 +236,8 @@ class ClipReader:
                 for frame in decoded if self.seek_seconds else decoded_ahead(decoded):
                     self.decoded += 1
                     time = float(frame.time - start) if frame.time is not None else self.decoded / max(info.fps, 1)
+                    if not self.seek_seconds and reached >= 0 and time - reached > gap:  # a reader that
+                        self.gaps.append((reached, time))  # seeks or skips frames leaves gaps of its own
                     reached = max(reached, time)
                     if self.seek_seconds and rate:
                         self._skip_unreferenced(stream, time)
@@ -241,7 +255,14 @@ class ClipReader:
                     index = round(time * rate) if rate else self.decoded - 1
                     yield Frame(int(index), time, frame, self.reformatter)
             except av.FFmpegError as exc:
-                raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)}") from exc
+                # a packet the decoder refuses ends the decode loop, not the clip: FFmpeg's own
+                # command line goes on past it, and so does a new loop (a 10 s MKV with 100 bad
+                # bytes at 7 s lost its last 4 s). Bounded, for a file that fails at every packet.
+                self.skipped += 1
+                if self.skipped > MAX_SKIPPED_PACKETS:
+                    raise ClipError("corrupt_clip", f"decoding stopped: {_reason(exc)} "
+                                                    f"({self.skipped} damaged packets)") from exc
+                restart = True
             if not restart:
                 break
         if info.duration and reached >= 0 and reached + max(1.0, 0.1 * info.duration) < info.duration:

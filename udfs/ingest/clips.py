@@ -58,6 +58,8 @@ def ingest_clip(clip_key: str, data: bytes | str, animated: bool, rules: FrameRu
                 reader.skip_until(selector.next_time)
     except ClipError as exc:
         result.problems.append((exc.kind, str(exc)))
+    if reader.gaps or (reader.skipped and not any(kind == "corrupt_clip" for kind, _ in result.problems)):
+        result.problems.append(("frames_missing", _gaps_message(reader.gaps, reader.skipped)))
     if info is not None and animated and not info.fps:  # stopped before its last frame: the rate so far
         info = dataclasses.replace(info, fps=reader.frame_rate())
     if info is not None and reader.decoded == 0 and not result.problems:
@@ -71,6 +73,15 @@ def _check_size(info: ClipInfo, rules: FrameRules) -> None:
     if min(info.width, info.height) < rules.min_side:
         raise ClipError("frames_too_small", f"{info.width}x{info.height} frames: shorter side < "
                                             f"ingest.frames.min_side {rules.min_side}; skipped")
+
+
+def _gaps_message(gaps: list[tuple[float, float]], skipped: int) -> str:
+    lost = sum(end - start for start, end in gaps)
+    first = ", ".join(f"{start:.2f}-{end:.2f} s" for start, end in gaps[:3])
+    stretches = (f"{len(gaps)} stretches without frames ({lost:.2f} s in all: {first}"
+                 f"{', ...' if len(gaps) > 3 else ''})") if gaps else ""
+    packets = f"{skipped} damaged packets skipped" if skipped else ""
+    return f"{'; '.join(filter(None, (stretches, packets)))}: the frames around them stay"
 
 
 def _too_many(decoded: int, kept: int, rules: FrameRules) -> str:

@@ -41,12 +41,16 @@ from udfs.ingest.sources import (
     Unit,
     member_key,
     read_unit,
+    split_folder_name,
+    split_key,
 )
 
 JOB = "ingest"
 TABLES = ("images", "source_tags", "source_text", "errors", "clips")
 # A sample's picture: a video first (a same-key still is its poster, reported as extra_image)
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+# the kinds of a member that is not opened: not a regular file, or a link out of a folder input
+NOT_OPENED = ("not_a_regular_file", "link_outside_input")
 SUMMARY = ("samples", "images", "clips", "frames", "errors", "dropped", "bytes", "seconds")
 
 
@@ -68,8 +72,11 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
 # a killed run's batches written by the code before are redone, not mixed with the new rows.
 # 3: shards are read past damaged member headers; 4: compressed shards read whole; 5: palette and
-# 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows)
-READER_VERSION = 5
+# 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
+# second image under one key, or a member named as one that is not opened (a link), is a dropped
+# sample (but a clip's poster), and a name's own `\xNN` is
+# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
+READER_VERSION = 6
 
 
 def limits_digest(options: dict, **more: object) -> str:
@@ -210,14 +217,19 @@ class UnitRows:
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
             member, kind, message = item
             key = f"{self.unit.prefix}/{member_key(member, self.unit.kind)}" if member else self.unit.prefix
-            self.error(key, member, kind, message, dropped=False)
+            # an entry named as an image or video that is not opened (a tar's hard or symbolic
+            # link, a folder's link out of the input, a FIFO) is a picture not ingested: dropped
+            lost = kind in NOT_OPENED and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
+            self.samples += lost
+            self.error(key, member, kind, message, dropped=lost)
             return
         self.samples += 1
         self.add_sample(item, options)
 
     def add_sample(self, sample: Sample, options: dict) -> None:
         key = f"{self.unit.prefix}/{sample.key}"
-        image_ext = next((e for e in MEDIA_EXTENSIONS if e in sample.members), None)
+        pictures = [e for e in MEDIA_EXTENSIONS if e in sample.members]
+        image_ext = pictures[0] if pictures else None
         problems = list(sample.problems)
         if any(kind == "duplicate_key" for _, kind, _ in problems):
             image_ext = None  # a second sample under a key already taken: never two rows per key
@@ -227,30 +239,52 @@ class UnitRows:
             member = next(iter(sample.member_names.values()), next((m for m, _, _ in problems if m), ""))
             self.error(key, member, kind, message, dropped=True)
             problems = [p for p in problems if p[1] != kind]
+            if pictures:
+                self.extra_pictures(key, sample, pictures[0], pictures[1:], clip=False)
         else:
-            self.add_image(key, sample, image_ext, options)
+            for index, ext in enumerate(pictures):
+                self.samples += index > 0  # the picture before could not be read: a dropped sample
+                read_as = self.add_image(key, sample, ext, options)
+                if read_as:
+                    self.extra_pictures(key, sample, ext, pictures[index + 1:], clip=read_as == "clip")
+                    break
         for member, kind, message in problems:
-            self.error(key, member, kind, message, dropped=False)
+            # a second image or video under the sample's key and extension (a tar's `/a.png`
+            # beside `a.png`, a name repeated) is a picture not ingested: a dropped sample
+            lost = kind == "duplicate_member" and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
+            self.samples += lost
+            self.error(key, member, kind, message, dropped=lost)
 
-    def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> None:
+    def extra_pictures(self, key: str, sample: Sample, ext: str, others: list[str], clip: bool) -> None:
+        """The sample's pictures after the one it was read with (`ext`): beside a still (a.png and
+        a.jpg in a folder) each is a picture lost, a dropped sample; beside a clip, its poster."""
+        for other in others:
+            self.samples += not clip
+            self.error(key, sample.member_names[other], "extra_image",
+                       f"sample has a .{ext} image already; .{other} ignored", dropped=not clip)
+
+    def add_image(self, key: str, sample: Sample, ext: str, options: dict) -> str | None:
+        """The sample's picture: "clip" (a video or an animation), "image", or None when it
+        cannot be read (an errors row; the sample's next picture, if any, is tried)."""
         member = sample.member_names[ext]
         if ext in VIDEO_EXTENSIONS:
             self.add_clip(key, sample, ext, False, [], options)
-            return
+            return "clip"
         data = sample.members[ext]
         self.bytes += len(data)
         try:
             probed = probe_image(data, options["max_pixels"], options["max_text_chars"])
         except ProbeError as exc:
             self.error(key, member, exc.kind, str(exc), dropped=True)
-            return
+            return None
         texts = probed.pop("texts")
         if probed["n_frames"] > 1 and probed["format"] in ANIMATED_FORMATS and options["frames"]["enabled"]:
             self.add_clip(key, sample, ext, True, texts, options)
-            return
+            return "clip"
         self.tables["images"].append({"key": key, "source": self.unit.uri, "member": member,
                                       "member_offset": sample.offsets.get(ext), **probed})
         self.add_companions(key, [key], None, sample, ext, texts, options)
+        return "image"
 
     def add_clip(self, key: str, sample: Sample, ext: str, animated: bool, texts: list[tuple[str, str]],
                  options: dict) -> None:
@@ -275,15 +309,12 @@ class UnitRows:
 
     def add_companions(self, key: str, targets: list[str], origin: str | None, sample: Sample, ext: str,
                        texts: list[tuple[str, str]], options: dict) -> None:
-        """The image's embedded texts, its sidecars and the extra pictures of its sample, for the
-        `targets` (the image itself, or the frames of a clip)."""
+        """The image's embedded texts and its sidecars, for the `targets` (the image itself, or the
+        frames of a clip), and the members of its sample that are not read."""
         member = sample.member_names[ext]
         self.add_texts(key, targets, member, texts, options)
         for other in sample.members:
-            if other in MEDIA_EXTENSIONS and other != ext:
-                self.error(key, sample.member_names[other], "extra_image",
-                           f"sample has a .{ext} image already; .{other} ignored", dropped=False)
-            elif other not in MEDIA_EXTENSIONS and other not in SIDECAR_EXTENSIONS:
+            if other not in MEDIA_EXTENSIONS and other not in SIDECAR_EXTENSIONS:
                 self.error(key, sample.member_names[other], "ignored_member",
                            f"'.{other}' is no image, video or sidecar extension: not read", dropped=False)
         for side in SIDECAR_EXTENSIONS:
@@ -367,6 +398,11 @@ class UnitRows:
                 # samples that left no image and no clip (one may have several dropped errors rows)
                 "dropped": self.samples - (len(self.tables["images"]) - self.frames) - self.clips,
                 "bytes": self.bytes, "seconds": round(seconds, 4)}
+
+
+def _extension(member: str, unit_kind: str) -> str:
+    """A member's extension as its unit's samples are keyed (first dot in a shard, last in a folder)."""
+    return (split_key if unit_kind == "tar" else split_folder_name)(member)[1]
 
 
 def _missing_image_reason(problems: list[tuple[str, str, str]], sample: Sample) -> tuple[str, str]:

@@ -61,7 +61,12 @@ class Sample:
 
 
 def safe_text(name: str) -> str:
-    """Names from tar headers can hold undecodable bytes; keep them visible, not lost."""
+    """Names from tar headers and folders can hold undecodable bytes; keep them visible, not lost:
+    each such byte is written `\\xNN`. A backslash that the name itself has before `xNN` is
+    written `\\x5c`, so that a file literally named `\\xe9.png` and one whose name is the byte
+    0xE9 get two keys (they had one, and the second image was lost); every other name, a backslash
+    elsewhere included, is as it was."""
+    name = re.sub(r"\\(?=x[0-9a-f]{2})", r"\\x5c", name)
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -79,22 +84,25 @@ def source_kind(source: str) -> str:
 def folder_member(folder: str, file: str) -> str:
     """The member name (images.member) of a file of a folder unit: its path in the folder. On
     object storage a unit's files are the folder's URI (without its query) and the name."""
-    if "://" in folder:
-        return file[len(input_location(folder)):]
+    if "://" in folder:  # names on object storage are UTF-8: only a backslash before xNN is escaped
+        return safe_text(file[len(input_location(folder)):])
     return safe_text(os.path.relpath(file, folder))
 
 
 def member_path(folder: str, member: str) -> str:
     """The file of a folder's member as the tables name it: safe_text's form writes a name's
-    undecodable bytes as `\\xNN`, so where no file has the name as written, those bytes are put back.
-    On object storage, the object's URI without the folder's query (read with the folder's)."""
+    undecodable bytes (and a backslash before `xNN`) as `\\xNN`, so those bytes are put back; where
+    no file has the name they give, the name as written (a member stored by a version that did
+    not escape such a backslash). On object storage, the object's URI without the folder's query
+    (read with the folder's), with an escaped backslash put back."""
     if "://" in folder:
-        return input_location(folder) + member
+        return input_location(folder) + member.replace("\\x5c", "\\")
     path = os.path.join(folder, member)
-    if "\\x" in member and "://" not in folder and not os.path.lexists(path):
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
-        return os.path.join(folder, os.fsdecode(raw))
-    return path
+    if "\\x" not in member:
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), member.encode("utf-8"))
+    decoded = os.path.join(folder, os.fsdecode(raw))
+    return decoded if os.path.lexists(decoded) or not os.path.lexists(path) else path
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -480,7 +488,8 @@ def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
     entries: dict[str, list[tuple[str, str]]] = {}  # key -> (name in the folder, path in the store)
     for full in unit.files:
         rel = folder_member(unit.uri, full)
-        entries.setdefault(split_folder_name(rel)[0], []).append((rel, f"{top.rstrip('/')}/{rel}"))
+        entries.setdefault(split_folder_name(rel)[0], []).append(
+            (rel, f"{top.rstrip('/')}/{full[len(input_location(unit.uri)):]}"))
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
         pending: deque = deque()
         for key, files in entries.items():
