@@ -264,8 +264,6 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         from jobs import annotate
 
         annotate.check_options(cfg["annotate"])
-        if len(names) > 1:  # run: an unusable model file stops it now, not after hours of ingest
-            annotate.available_models(cfg)  # (annotate alone checks them as it starts)
     if "curate" in names:
         from jobs import curate
 
@@ -279,6 +277,12 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         from jobs import export
 
         export.check_options(cfg["export"])
+    if "annotate" in names and len(names) > 1:
+        # run: an unusable model file stops it now, not after hours of ingest (annotate alone
+        # checks them as it starts); last, as it reads every model file
+        from jobs import annotate
+
+        annotate.available_models(cfg)
 
 
 def check_out_folders(cfg: Config, command: str) -> None:

@@ -118,6 +118,9 @@ def merge(cfg: dict, update: dict, where: str = "") -> None:
     """Merge `update` into `cfg` at any depth, refusing sections and options that do not exist."""
     for name, value in update.items():
         path = f"{where}.{name}" if where else name
+        if not isinstance(name, str):  # YAML reads `on:` as true and `1:` as 1
+            raise ConfigError(f"{_shown(name)} in {f'[{where}]' if where else 'the config'} is no option name: "
+                              "quote it")
         if name not in cfg:
             raise ConfigError((f"unknown config section [{path}]" if not where else f"unknown option {path}")
                               + _near_miss(name, cfg, where))

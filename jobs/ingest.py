@@ -104,7 +104,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         back.update(forget_returned(ws, units))
     removed += sum(max(0, n - back.get(uid, 0)) for uid, n in provisional.items())
     summary = JobSummary("ingest", units_done=len(pending), units_skipped=len(units) - len(pending),
-                         rows_run=sum(info["samples"] for info in results))
+                         rows_run=sum(info["samples"] for info in results) - resumed)
     if still_removed := removed_rows(ws, units):  # the rows in the table, as every other kind's count
         summary.errors_by_kind["removed_from_input"] = still_removed
     for info in [done[unit_key(u)] for u in units if unit_key(u) in done] + results:
@@ -153,9 +153,10 @@ SHARD_DAMAGE = frozenset({"corrupt_shard", "truncated_shard"})
 # (read_damaged_again), and only such a unit: a re-read unit is a new unit, annotated again.
 READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                5: {"corrupt_image": "image has wrong mode"},  # palette and 1-bit images, 512 px and up
-               # a lost second image or a link named as one: dropped, or keyed
-               6: {**dict.fromkeys(("duplicate_member", "extra_image", "link_outside_input")),
-                   "not_a_regular_file": "link"}}
+               # a name with a literal \xNN and one with that byte had one key: now two. (A second
+               # picture or a link named as one now counts as dropped: accounting only, and a
+               # unit read again is annotated again, so those are not read again for it.)
+               6: {"duplicate_member": None}}
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,20 +196,24 @@ def download(f: ModelFile, root: Path) -> tuple[str, dict]:
     if not hub_reachable():  # fail at once rather than through the client's retries, per file
         raise ConnectionError("the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set)")
     dest = root / f.repo / f.file
+    # into a folder of its own beside the layout, then renamed over the file there once it checks
+    # out: the file staged before (unusable, or of another revision) stays until then, and the
+    # client's local_dir metadata cannot take a file already there for the one asked for
+    root.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
     try:
         # the commit the revision names now, downloaded as such: what the record says is what came
         commit = get_hf_file_metadata(hf_hub_url(f.repo, f.file, revision=f.revision)).commit_hash or f.revision
-        # a file here already is unusable or of another revision: the client could keep it as current
-        dest.unlink(missing_ok=True)
-        # local_dir=<root>/<repo> puts the file at <root>/<repo>/<file>; the client downloads to an
-        # .incomplete file under <root>/<repo>/.cache/huggingface/ and renames it in place when complete
-        hf_hub_download(repo_id=f.repo, filename=f.file, revision=commit, local_dir=root / f.repo)
+        got = Path(hf_hub_download(repo_id=f.repo, filename=f.file, revision=commit, local_dir=fresh))
+        why = problem(got, f.kind)
+        if why:
+            raise Unusable(f"the downloaded file {why}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, dest)
     except RemoteEntryNotFoundError:
         return f"the repository {f.repo} has no {f.file}" + (f" at {f.revision}" if f.revision != "main" else ""), {}
-    why = problem(dest, f.kind)
-    if why:
-        dest.unlink(missing_ok=True)
-        raise Unusable(f"the downloaded file {why}")
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
     return "", {"revision": f.revision, "commit": commit, "source": "hub"}
 
 

@@ -151,7 +151,7 @@ class ReviewIndex:
             condition, params = filters.sql()
             query = f"select key from review_rows where {condition}"
             if filters.where.strip():
-                check_where(con, query, filters.where.strip())
+                check_where(query, filters.where.strip())
             try:
                 con.execute(f"{query} limit 0", params)
             except duckdb.Error as exc:

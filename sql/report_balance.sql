@@ -1,28 +1,23 @@
 -- report_balance: per balance group, its share of the images before multiply and its share of
 -- the training samples after (sum of multiply), over the images the export keeps: a near
 -- duplicate that is not its group's representative is left out ($drop_duplicates,
--- export.drop_duplicates), as sql/084_group_members.sql and 085_group_counts.sql count them (a
--- group of such duplicates only counts them all). Counting them showed a balanced dataset as
--- unbalanced (three copies of one picture, one exported, against one other picture: 3:1 for an
--- export of 1:1; a group of 12 images, 8 of them such duplicates, 12 samples for an export of 4).
+-- export.drop_duplicates), as the export leaves it out. Counting them showed a balanced dataset
+-- as unbalanced (three copies of one picture, one exported, against one other picture: 3:1 for
+-- an export of 1:1; a group of 12 images, 8 of them such duplicates, 12 samples for an export of
+-- 4). A group of such duplicates only (their representatives in other groups) has no row: the
+-- export writes none of it.
 -- Parameters: $drop_duplicates. Reads balance, duplicates.
 with duplicate_keys as (
     select key, bool_and(is_representative) as is_representative
     from duplicates
     group by key
 ),
-members as (
-    select b.path, b.multiply,
-           not ($drop_duplicates and not coalesce(d.is_representative, true)) as exported
+per_group as (
+    select b.path, count(*) as images, sum(b.multiply) as samples
     from balance b
     left join duplicate_keys d using (key)
-),
-per_group as (
-    select path,
-           coalesce(nullif(count(*) filter (where exported), 0), count(*)) as images,
-           case when bool_or(exported) then sum(multiply) filter (where exported) else sum(multiply) end as samples
-    from members
-    group by path
+    where not ($drop_duplicates and not coalesce(d.is_representative, true))
+    group by b.path
 )
 select path,
        images,

@@ -490,3 +490,20 @@ def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
     from udfs.caption.caption_prompts import refusal
 
     assert refusal(text) == declined
+
+
+def test_the_tags_digest_is_of_the_image_tags_before_its_traits_are_stripped(vlm):
+    """The review page compares captions.tags_digest with the image's tags (traits included):
+    with lint_strip_traits a digest of the stripped tags never matched, and the page said every
+    caption was older than its tags."""
+    from udfs.caption.tags_digest import tags_digest
+
+    row = {**input_row(), "traits": ["red_hair", "short_hair"]}
+    options, reply = vlm.opts, vlm.reply
+    vlm.opts = {**options, "lint_strip_traits": True}
+    vlm.reply = staticmethod(lambda hint, draft: "Eileen is standing and smiling in a white shirt and a blue skirt.")
+    try:
+        captions, _ = vlm.caption_unit(pa.Table.from_pylist([row]))
+    finally:
+        vlm.opts, vlm.reply = options, staticmethod(reply)
+    assert captions and all(r["tags_digest"] == tags_digest(IMAGE_TAGS) for r in captions)

@@ -556,7 +556,9 @@ def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
     for name, text, says in (("bad.yaml", "curate: [1,\n", "bad.yaml: while parsing"),
                              ("list.yaml", "- curate\n", "list.yaml: expected tables of options"),
                              ("domain.yaml", "ray:\n  max_error_rate: .inf\n",
-                              "ray.max_error_rate = inf (float): expected a number from 0 to 1")):
+                              "ray.max_error_rate = inf (float): expected a number from 0 to 1"),
+                             # YAML 1.1 reads on, yes and no as booleans: a traceback in the near-miss search
+                             ("keys.yaml", "curate:\n  on: 1\n", "True in [curate] is no option name")):
         (tmp_path / name).write_text(text)
         code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / name))
         assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()

@@ -200,6 +200,26 @@ def test_fetch_from_the_hub_downloads_into_the_layout(hub, source, tmp_path, cap
     assert ccip["sha256"] == hashlib.sha256((dst / CCIP_REPO / CCIP_FILE).read_bytes()).hexdigest()
 
 
+def test_a_download_that_fails_leaves_the_staged_file_in_place(hub, source, tmp_path, capsys, monkeypatch):
+    """The file staged before was deleted before its replacement was asked for: a download cut
+    by the network left no model at all."""
+    dst = tmp_path / "models"
+    where = f'annotate.models_dir="{dst}"'
+    assert booruset(capsys, "models", "fetch", "--set", where)[0] == 0
+    staged = (dst / CCIP_REPO / CCIP_FILE).read_bytes()
+
+    def cut(repo_id: str, filename: str, revision: str, local_dir: Path) -> str:
+        (Path(local_dir) / filename).parent.mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_bytes(staged[:100])  # part of it, then the network goes
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut)
+    code, out, _ = booruset(capsys, "models", "fetch", "--set", where, "--set", "annotate.ccip.revision=v1")
+    assert code != 0 and "connection reset" in out
+    assert (dst / CCIP_REPO / CCIP_FILE).read_bytes() == staged
+    assert not list(dst.glob(".download-*"))
+
+
 def test_a_pinned_revision_is_fetched_recorded_and_read(hub, source, tmp_path, capsys, monkeypatch):
     """annotate.<model>.revision pins a model: fetch downloads that revision (replacing a file
     of another one), records it, and model_file reads a staged file only at that revision."""

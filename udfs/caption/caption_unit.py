@@ -316,6 +316,8 @@ class UnitCaptioner:
     def caption_unit(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
         """All attempt rows (scored, best accepted, quality tags) and error rows of one unit."""
         rows = table.to_pylist()
+        for r in rows:  # of the image's tags as the review page has them: before lint_strip_traits
+            r["tags_digest"] = tags_digest(r["tags"])
         if self.opts["lint_strip_traits"]:
             rows = [without_traits(r) for r in rows]
         errors: list[dict] = []
@@ -437,7 +439,7 @@ class UnitCaptioner:
                    "subject_consistency": None, "accuracy": None, "scored_against": judge.evidence[i].against,
                    "not_scored": judge.evidence[i].not_scored,
                    "lint": self.lint.offending(caption, todo[i].get("traits") or []), "quality_tags": [],
-                   "flagged": False, "accepted": False, "tags_digest": tags_digest(todo[i]["tags"])}
+                   "flagged": False, "accepted": False, "tags_digest": todo[i]["tags_digest"]}
             if j in by_done:
                 k = by_done[j]
                 acc = float(scores.accuracy[k])
