@@ -58,15 +58,10 @@ def problem(path: str | Path, kind: str) -> str:
 
 def _onnx_io(path: str) -> tuple[list[list], list[list]]:
     """Shapes of the graph's inputs and outputs (ints, or the names of dynamic axes)."""
-    import onnx
+    from udfs.annotate.onnx_session import onnx_header
 
-    model = onnx.load(path, load_external_data=False)
-
-    def shapes(values) -> list[list]:
-        return [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-                for v in values]
-
-    return shapes(model.graph.input), shapes(model.graph.output)
+    inputs, outputs, _ = onnx_header(path)
+    return [list(s) for s in inputs], [list(s) for s in outputs]
 
 
 def _onnx(path: str, channels_last: bool) -> str:

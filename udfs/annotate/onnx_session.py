@@ -6,7 +6,9 @@ reports `session.get_providers()[0]` (what onnxruntime actually uses), not what 
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 try:
     import onnxruntime as ort
@@ -91,8 +93,29 @@ def file_output_shape(path: str) -> list[int | str]:
 
 
 def _file_shape(path: str, which: str) -> list[int | str]:
+    inputs, outputs, _ = onnx_header(path)
+    return list((inputs if which == "input" else outputs)[0])
+
+
+OnnxHeader = tuple[tuple[tuple[int | str, ...], ...], tuple[tuple[int | str, ...], ...], dict[str, str]]
+
+
+def onnx_header(path: str) -> OnnxHeader:
+    """(input shapes, output shapes, metadata) of an ONNX file, each shape ints or the names of
+    dynamic axes. Parsing a tagger's file takes seconds, and the model check, the pool's input
+    and output shapes and the detector's labels all ask: once per file as it is now."""
+    info = os.stat(path)
+    return _onnx_header(path, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _onnx_header(path: str, _mtime_ns: int, _size: int) -> OnnxHeader:
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    dims = getattr(model.graph, which)[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+
+    def shapes(values) -> tuple[tuple[int | str, ...], ...]:
+        return tuple(tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+                           for d in v.type.tensor_type.shape.dim) for v in values)
+
+    return shapes(model.graph.input), shapes(model.graph.output), {p.key: p.value for p in model.metadata_props}

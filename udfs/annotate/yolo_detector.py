@@ -12,18 +12,16 @@ import ast
 import json
 
 import numpy as np
-import onnx
 
 from udfs.annotate.images import yolo_tensor
 from udfs.annotate.model_actor import ModelActor
 from udfs.annotate.model_files import model_file, optional_file
-from udfs.annotate.onnx_session import fixed_batch, open_session, run_batched
+from udfs.annotate.onnx_session import fixed_batch, onnx_header, open_session, run_batched
 
 
 def detector_meta(path: str) -> tuple[tuple[int, int], list[str]]:
     """(input size (w, h), labels) from the metadata ultralytics writes into the ONNX file."""
-    model = onnx.load(path, load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = onnx_header(path)[2]
     # imgutils reads "imgsz" as given and uses it as (width, height); 640 when absent
     size = tuple(json.loads(meta["imgsz"])) if "imgsz" in meta else (640, 640)
     names = ast.literal_eval(meta["names"])
