@@ -56,7 +56,7 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
     independent is left to score it against, so its scores are null with the reason, it gets no
     quality tags and an unreachable target does not make it loop back."""
     write_inputs(workspace)
-    summary = caption.run(configure(config, max_attempts=3, target=1.01), workspace)
+    summary = caption.run(configure(config, max_attempts=3, target=1.0), workspace)
     rows = workspace.read_table("captions").to_pylist()
     captioned = ["a/girl", "a/pair", "a/scene", "b/from_source"]
     assert sorted(r["key"] for r in rows) == captioned  # one attempt each
@@ -270,7 +270,7 @@ def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, wor
         {"key": "a/pair", "model": "person", "label": "person", "score": 0.9, "x0": x, "y0": 0.1, "x1": x + 0.3,
          "y1": 0.9} for x in (0.1, 0.6)])
     configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=True,
-              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.01, related_tags=False)
+              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.0, related_tags=False)
     summary = caption.run(config, workspace)
     rows = workspace.read_table("captions").to_pylist()
     # a VLM needs no tags, but this one echoes the draft, and a/untagged's is empty: no caption
@@ -304,7 +304,7 @@ def test_vlm_captions_are_scored_against_the_tagger_and_loop_back(ray_local, wor
 def test_a_vlm_not_shown_the_image_writes_from_the_tags_and_is_not_scored(ray_local, workspace, config, echo_server):
     write_inputs(workspace)
     configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=False,
-              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.01, related_tags=False)
+              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=3, target=1.0, related_tags=False)
     caption.run(config, workspace)
     rows = workspace.read_table("captions").to_pylist()
     assert sorted(r["key"] for r in rows) == ["a/girl", "a/pair", "a/scene", "b/from_source"]  # one attempt each

@@ -54,9 +54,9 @@ def write_inputs(ws, shard: Path) -> None:
 
 
 def stream_options(url: str) -> dict:
-    # target 1.01: every image takes both attempts, then the rewrite pass: three rounds of the stream.
+    # target 1.0 (never reached by these short replies): every image takes both attempts, then the rewrite pass: three rounds of the stream.
     return {"backend": "vllm", "vllm_url": url, "vllm_model": "tinyvlm", "api_key_env": "", "max_tokens": 6,
-            "temperature": 0.0, "max_attempts": 2, "target": 1.01, "rewrite": "vllm", "rewrite_base_url": url,
+            "temperature": 0.0, "max_attempts": 2, "target": 1.0, "rewrite": "vllm", "rewrite_base_url": url,
             "rewrite_model": "smollm2", "rewrite_api_key_env": "", "rewrite_max_tokens": 6, "unit_size": 2,
             "concurrency": 1, "vllm_batch_size": 4, "vllm_concurrency": 1, "max_retries": 1,
             "tags_from_text": False, "related_tags": False}
@@ -144,7 +144,7 @@ def test_sigkill_mid_stream_loses_only_what_was_in_flight(uninterrupted, transfo
 def openai_options(url: str) -> dict:
     # the openai backend on the same server: text only (SmolLM2), both attempts and the rewrite
     return {"backend": "openai", "base_url": url, "model": "smollm2", "api_key_env": "", "send_images": False,
-            "max_tokens": 6, "temperature": 0.0, "max_attempts": 2, "target": 1.01, "max_concurrency": 2,
+            "max_tokens": 6, "temperature": 0.0, "max_attempts": 2, "target": 1.0, "max_concurrency": 2,
             "timeout_s": 120.0, "rewrite": "openai", "rewrite_base_url": url, "rewrite_model": "smollm2",
             "rewrite_api_key_env": "", "rewrite_max_tokens": 6, "unit_size": 2, "concurrency": 1,
             "tags_from_text": False, "related_tags": False}
