@@ -54,7 +54,8 @@ def write_inputs(ws, shard: Path) -> None:
 
 
 def stream_options(url: str) -> dict:
-    # target 1.0 (never reached by these short replies): every image takes both attempts, then the rewrite pass: three rounds of the stream.
+    # target 1.0 (never reached by these short replies): every image takes both attempts, then the
+    # rewrite pass: three rounds of the stream.
     return {"backend": "vllm", "vllm_url": url, "vllm_model": "tinyvlm", "api_key_env": "", "max_tokens": 6,
             "temperature": 0.0, "max_attempts": 2, "target": 1.0, "rewrite": "vllm", "rewrite_base_url": url,
             "rewrite_model": "smollm2", "rewrite_api_key_env": "", "rewrite_max_tokens": 6, "unit_size": 2,
