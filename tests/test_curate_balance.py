@@ -10,6 +10,19 @@ from curate_data import curate_config, face_row, image_rows, score_rows, source_
 from jobs import balance, curate
 
 
+def curate_three_copies_and_alice(workspace) -> None:
+    """Three copies of one scenery image (one exported) and one picture of alice, curated into
+    groups by n_characters."""
+    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    workspace.add_part("images", "p", rows)
+    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
+    workspace.add_part("source_tags", "p",
+                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
+    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+
+
 def test_issue_example_exactly(tmp_path):
     """The scheme's own example: probabilities 0.3, 0.45, 0.2, 0.05 -> multiplies 24, 18, 32, 1."""
     weights = tmp_path / "weights.csv"
@@ -170,14 +183,7 @@ def test_near_duplicates_the_export_leaves_out_do_not_weigh_in_the_balance(works
     """Three copies of one scenery image and one picture of alice: the export keeps one of the
     copies, so the balance shares 0_characters' weight among one image, not three (it gave
     alice a multiply of 3 against 1, and the export then wrote them 3:1 instead of 1:1)."""
-    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
-    for row in rows[:3]:
-        row["sha256"] = "same bytes"
-    workspace.add_part("images", "p", rows)
-    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
-    workspace.add_part("source_tags", "p",
-                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
-    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+    curate_three_copies_and_alice(workspace)
     rows = {r["key"]: r for r in workspace.read_table("balance").to_pylist()}
     assert {k: r["multiply"] for k, r in rows.items()} == {"copy1": 1.0, "copy2": 1.0, "copy3": 1.0, "alice": 1.0}
     assert rows["copy1"]["probability"] == pytest.approx(0.5) and rows["copy1"]["weight"] == pytest.approx(0.5)
@@ -266,14 +272,7 @@ def test_the_reports_balance_counts_the_images_the_export_keeps(workspace):
     (one copy exported, multiply 1 each); the report counted the copies and showed 3:1."""
     from jobs.report import query
 
-    rows = image_rows(["copy1", "copy2", "copy3", "alice"])
-    for row in rows[:3]:
-        row["sha256"] = "same bytes"
-    workspace.add_part("images", "p", rows)
-    copies = [r for k in ("copy1", "copy2", "copy3") for r in source_rows(k, ["scenery"])]
-    workspace.add_part("source_tags", "p",
-                       [*source_rows("alice", ["1girl"]), *source_rows("alice", ["alice"], "character"), *copies])
-    curate.run(curate_config(workspace, group_format="n_characters"), workspace)
+    curate_three_copies_and_alice(workspace)
     report = {r["path"]: r for r in query(workspace.connect(), "report_balance", drop_duplicates=True)}
     assert {p: (r["images"], r["samples"]) for p, r in report.items()} == {"0_characters": (1, 1.0),
                                                                            "1_character": (1, 1.0)}
