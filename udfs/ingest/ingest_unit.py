@@ -51,6 +51,8 @@ TABLES = ("images", "source_tags", "source_text", "errors", "clips")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 # the kinds of a member that is not opened: not a regular file, or a link out of a folder input
 NOT_OPENED = ("not_a_regular_file", "link_outside_input")
+# the kinds of a member row whose picture, if it is one, is not ingested (member_problem)
+LOST_PICTURE_KINDS = (*NOT_OPENED, "duplicate_member")
 SUMMARY = ("samples", "images", "clips", "frames", "errors", "dropped", "bytes", "seconds")
 
 
@@ -217,11 +219,7 @@ class UnitRows:
         if isinstance(item, tuple):  # a member that is no sample, or the unit itself (a corrupt shard)
             member, kind, message = item
             key = f"{self.unit.prefix}/{member_key(member, self.unit.kind)}" if member else self.unit.prefix
-            # an entry named as an image or video that is not opened (a tar's hard or symbolic
-            # link, a folder's link out of the input, a FIFO) is a picture not ingested: dropped
-            lost = kind in NOT_OPENED and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
-            self.samples += lost
-            self.error(key, member, kind, message, dropped=lost)
+            self.member_problem(key, member, kind, message)
             return
         self.samples += 1
         self.add_sample(item, options)
@@ -249,11 +247,16 @@ class UnitRows:
                     self.extra_pictures(key, sample, ext, pictures[index + 1:], clip=read_as == "clip")
                     break
         for member, kind, message in problems:
-            # a second image or video under the sample's key and extension (a tar's `/a.png`
-            # beside `a.png`, a name repeated) is a picture not ingested: a dropped sample
-            lost = kind == "duplicate_member" and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
-            self.samples += lost
-            self.error(key, member, kind, message, dropped=lost)
+            self.member_problem(key, member, kind, message)
+
+    def member_problem(self, key: str, member: str, kind: str, message: str) -> None:
+        """An errors row of a member. One named as an image or video that is not ingested is a
+        dropped sample: an entry not opened (a tar's hard or symbolic link, a folder's link out of
+        the input, a FIFO), or a second picture under the sample's key and extension (a tar's
+        `/a.png` beside `a.png`, a name repeated)."""
+        lost = kind in LOST_PICTURE_KINDS and _extension(member, self.unit.kind) in MEDIA_EXTENSIONS
+        self.samples += lost
+        self.error(key, member, kind, message, dropped=lost)
 
     def extra_pictures(self, key: str, sample: Sample, ext: str, others: list[str], clip: bool) -> None:
         """The sample's pictures after the one it was read with (`ext`): beside a still (a.png and
