@@ -223,6 +223,16 @@ def test_a_cpu_tagger_runs_cpu_batch_size_images_at_a_time_with_the_same_tags(fa
         assert np.allclose([t[2] for t in chunked_tags], [t[2] for t in whole_tags], atol=TOL)
 
 
+def test_model_sessions_leave_the_cores_when_a_run_ends(fake_models):
+    """onnxruntime's intra-op threads spin after each run by default, burning CPU the decode tasks
+    of the same node need: every model session (each model actor's) is opened with spinning off."""
+    from udfs.annotate.wd_tagger import WdTagger
+
+    tagger = WdTagger(_spec("tagger", fake_models), "in_tagger", "out", device="cpu")
+    options = tagger.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_the_float_input_buffer_kept_between_runs_gives_the_scores_of_fresh_arrays(fake_models):
     """WdTagger.float_input reuses one float32 buffer across session.runs: a smaller batch after a
     larger one, and a larger after a smaller, score exactly as a fresh float32 copy does."""

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+SPINNING = "session.intra_op.allow_spinning"
 
 
 def wanted_providers(device: str) -> list[str]:
@@ -38,6 +39,10 @@ def open_session(path: str, device: str = "auto", threads: int = 0) -> tuple[ort
     """An InferenceSession for `path` and the provider it actually runs on."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's intra-op threads spin between runs by default: CPU time the decode tasks and
+    # other actors of a Ray node then do not get (under load the WD ViT tagger took ~20% more CPU
+    # seconds an image spinning; bench/annotate.py measures it per CPU second)
+    options.add_session_config_entry(SPINNING, "0")
     if threads:
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(path, options, providers=wanted_providers(device))
