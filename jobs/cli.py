@@ -6,6 +6,7 @@ Each command is one job over a workspace (default ./workspace); `booruset run` r
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import re
@@ -294,8 +295,37 @@ def check_out_folders(cfg: Config, command: str) -> None:
             check_writable_folder(f"{job}.out", out_folder(job, cfg, "://" not in path, path))
 
 
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments. An argument the command does not know is refused by the command's
+    own parser (its usage line, not the top level's), naming the option meant when one is close:
+    argparse in Python 3.11 suggests nothing (`--whre`: did you mean --where?)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _command_parser(parser, args.command)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{_option_hint(command, unknown)}")
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    # argparse keeps its subcommands' parsers only in its (private) subparsers action
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _option_hint(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --where?)' for the first unknown option close to one of the command's."""
+    known = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.7)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     if args.verbose:
         os.environ["BOORUSET_VERBOSE"] = "1"
     ws = None

@@ -38,6 +38,20 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["export", "--whre", "x = 1"], "unrecognized arguments: --whre x = 1 (did you mean --where?)"),
+    (["ingest", "--inptu=a"], "unrecognized arguments: --inptu=a (did you mean --input?)"),
+    (["curate", "--zzz"], "unrecognized arguments: --zzz"),
+])
+def test_an_unknown_option_is_refused_by_its_command_naming_the_one_meant(capsys, argv, hint):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith(f"usage: booruset {argv[0]} ")  # the command's usage, not the top level's
+    assert err.strip().splitlines()[-1] == f"booruset {argv[0]}: error: {hint}"
+
+
 @pytest.fixture
 def sample_ws(tmp_path_factory, ray_local) -> Path:
     """A workspace with the sample ingested, curated and captioned (a fresh copy)."""
