@@ -109,6 +109,9 @@ def check_options(opts: dict) -> None:
     if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
         raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text on one line, "
                           "such as \"|||\"")
+    if "," in separator:  # KEY.txt joins tags with ", ": kohya would cut the text at the first tag's comma
+        raise ConfigError(f"export.keep_tokens_separator {separator!r} must not hold a comma: KEY.txt separates "
+                          "tags with commas, and kohya keeps what is before the separator's first occurrence")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])
