@@ -109,6 +109,9 @@ def check_options(opts: dict) -> None:
     if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
         raise ConfigError("export.keep_tokens_separator must be \"\" (none) or visible text on one line, "
                           "such as \"|||\"")
+    if "," in separator:  # KEY.txt joins tags with ", ": kohya would cut the text at the first tag's comma
+        raise ConfigError(f"export.keep_tokens_separator {separator!r} must not hold a comma: KEY.txt separates "
+                          "tags with commas, and kohya keeps what is before the separator's first occurrence")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
     budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])
@@ -434,8 +437,10 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:
     """Outputs of units no longer planned (selection or options changed): files, parts, markers.
     Returns the number of units whose files were removed (those of this `out`; an export to
-    another folder keeps its files, its units are only forgotten: what they left there goes when
-    an export to that folder ends, from the folder's own manifest, see write_manifest).
+    another folder keeps the files its manifest names, its units are only forgotten: what they
+    left there goes when an export to that folder ends, from the folder's own manifest, see
+    write_manifest; the files of units of an export to it that stopped before its manifest go
+    now, see remove_unfinished_files).
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
@@ -447,6 +452,14 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
     if here:
         run_in_worker(cfg, ws, remove_image_files, out, here, sorted(u for u in done if u in current))
     delete_files(out, sorted({f for unit in here for f in stale[unit].get("files", [])} - keep))
+    elsewhere: dict[str, dict[str, dict]] = defaultdict(dict)
+    for unit, info in stale.items():
+        if info.get("out") and info["out"] != out:
+            elsewhere[info["out"]][unit] = info
+    for folder, units in sorted(elsewhere.items()):
+        if unfinished := run_in_worker(cfg, ws, remove_unfinished_files, folder, units):
+            print(f"export: removed from {folder} the files of {unfinished} units an export to it stopped before "
+                  "its end had written", flush=True)
     for unit in stale:
         # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
         ws.forget_unit(JOB, unit, hold=False)
@@ -487,6 +500,33 @@ def remove_image_files(ws: Workspace, out: str, stale: list[str], current: list[
         con.register("current_units", pa.table({"unit": pa.array(current, pa.string())}))
         # a concept folder left empty goes too (one with multiply.txt: in remove_stale)
         return delete_files(out, file_column(con.sql(sql_text("export_stale_files.sql"))))
+    finally:
+        con.close()
+
+
+def remove_unfinished_files(ws: Workspace, out: str, units: dict[str, dict]) -> int:
+    """Delete from the export folder `out` the files of those of `units` (stale units of an
+    export to it, {unit: marker}) that its manifest.parquet does not name: units of an export
+    to it that stopped before its manifest (killed, a full disk). Once forgotten, no marker or
+    manifest names their files, and the next export to that folder left them where trainers
+    read them. Files the manifest names stay (its last complete export wrote them). Returns how
+    many units were such. Runs in a worker (run_in_worker)."""
+    manifest = os.path.join(out, "manifest.parquet")
+    con = ws.connect()
+    try:
+        if os.path.exists(manifest):
+            con.register("folder_manifest", pads.dataset(manifest, format="parquet"))
+        else:
+            con.register("folder_manifest", schemas.TABLES["export_manifest"].empty_table())
+        named = {row[0] for row in con.execute(sql_text("export_manifest_units.sql")).fetchall()}
+        unfinished = sorted(set(units) - named)
+        if not unfinished:
+            return 0
+        con.register("unfinished_units", pa.table({"unit": pa.array(unfinished, pa.string())}))
+        markers = sorted({f for unit in unfinished for f in units[unit].get("files", [])})
+        con.register("marker_files", pa.table({"file": pa.array(markers, pa.string())}))
+        delete_files(out, file_column(con.sql(sql_text("export_unfinished_files.sql"))))
+        return len(unfinished)
     finally:
         con.close()
 

@@ -59,6 +59,7 @@ CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
 CATALOG_STATE = "state/catalog.json"  # the fingerprint of the views catalog.duckdb holds
 HOLDS = "state/holds"  # <job>.json: the parts readers keep while a run of the job replaces units
+JSON_READ_TRIES = 5  # reads of a JSON file met half-replaced by another process (Workspace.read_json)
 # Jobs whose unit markers name parts (state/<job>/<unit>.json with "parts").
 UNIT_JOBS = ("ingest", "annotate", "caption", "export")
 # DuckDB's own default is 80% of the machine's memory, and it keeps what it may use: a
@@ -195,11 +196,21 @@ class Workspace:
             return parquet.read(columns=present).to_pylist()
 
     def read_json(self, rel: str) -> dict | None:
+        """The JSON file `rel` (None when there is none). On object storage a read is a HEAD (the
+        size) then a ranged GET, so one that meets another process's write_json of the file gets
+        the new version cut at the old one's size: it is read again (one write takes milliseconds)."""
         path = f"{self.base}/{rel}"
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        for attempt in range(JSON_READ_TRIES):
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    return json.loads(f.read())
+            except (ValueError, OSError):
+                if attempt == JSON_READ_TRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
     def write_json(self, rel: str, value: dict) -> None:
         """Atomically: a temporary name, then a rename."""

@@ -390,6 +390,45 @@ def test_files_of_a_unit_killed_mid_write_are_not_left_when_the_selection_change
     assert backgrounds.rows_in > 0 and on_disk() == named
 
 
+def test_units_of_an_export_that_never_ended_are_not_left_when_another_folder_is_exported_between(
+        tmp_path_factory, tmp_path, ray_local, monkeypatch):
+    """An export stopped after some units committed, before its manifest (a SIGKILL, a full
+    disk), leaves their files in its folder, named by their markers alone. An export to another
+    folder then forgot those units (stale, of another folder), and the next export to the first
+    folder neither knew nor removed their shards and kohya files: trainers read images that no
+    export of that folder selected."""
+    import pyarrow.parquet as pq
+
+    from jobs import export
+    from jobs.config import merge
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    backgrounds, sprites = "key like '%/bg\\_%' escape '\\'", "key not like '%/bg\\_%' escape '\\'"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{first}"', 'export.formats=["webdataset", "kohya"]',
+                    "export.max_count=2", f"export.where={json.dumps(backgrounds)}")
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped before the manifest")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "start_in_worker", stopped)
+        with pytest.raises(RuntimeError):
+            export.run(cfg, ws)
+    left = {str(p.relative_to(first)) for p in first.rglob("*") if p.is_file()}
+    assert any(f.startswith("kohya/") for f in left) and any(f.startswith("webdataset/shard-") for f in left)
+    merge(cfg, {"export": {"out": str(other), "where": sprites}})
+    export.run(cfg, ws)
+    merge(cfg, {"export": {"out": str(first), "max_count": 100}})
+    again = export.run(cfg, ws)
+    named = {"manifest.parquet", "webdataset/index.wids.json"}
+    for row in pq.read_table(first / "manifest.parquet").to_pylist():
+        named |= {row["path"]} if row["layout"] == "webdataset" else \
+            {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
+    assert again.rows_in > 0
+    assert {str(p.relative_to(first)) for p in first.rglob("*") if p.is_file()} == named
+    assert not [p for p in first.rglob("*bg_*")]
+
+
 def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 

@@ -212,6 +212,27 @@ def test_resized_images_keep_their_colours_and_transparency():
     assert visible[:, 0].max() == 0 and visible[:, 2].min() == 255  # no red bled into the blue edge
 
 
+def test_a_lab_picture_is_re_encoded_without_an_alpha_channel():
+    """A LAB TIFF's bands are L, A and B: its `A` (the green-red axis) was taken for an alpha
+    channel, and the re-encoded PNG was RGBA (opaque, twice the channels to store and decode).
+    A picture with real transparency stays transparent."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from udfs.export.resize import resize_image
+
+    lab = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).convert("LAB").save(lab, "TIFF")
+    out = Image.open(io.BytesIO(resize_image(lab.getvalue(), (20, 15), "png", 95, False)))
+    assert out.mode == "RGB"
+    assert np.abs(np.asarray(out).reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 4
+    palette = io.BytesIO()
+    Image.new("P", (40, 30), 0).save(palette, "PNG", transparency=0)
+    assert Image.open(io.BytesIO(resize_image(palette.getvalue(), (20, 15), "png", 95, False))).mode == "RGBA"
+
+
 def test_transparent_pictures_are_flattened_onto_alpha_background_when_asked():
     """kohya reads a sprite with convert("RGB"): its transparent pixels (black here) become the
     background it trains on. export.alpha_background flattens them onto a colour, at any size."""

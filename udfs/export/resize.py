@@ -103,7 +103,8 @@ def resize_image(data: bytes, target: tuple[int, int], ext: str, jpeg_quality: i
         # pixels), which, asked first, decoded it twice and hid a broken stream
         image = displayed(image, data)  # re-encoded images are upright, with no orientation tag
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
-            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+            # not `"A" in getbands()`: LAB's bands are L, A, B, and its A is a colour axis
+            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
         if background and image.mode in ("RGBA", "LA"):
             flat = Image.new("RGB", image.size, background)
             flat.paste(image.convert("RGB"), mask=image.getchannel("A"))
