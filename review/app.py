@@ -52,7 +52,9 @@ class ReviewApp:
         self.index = ReviewIndex(ws)
         self.log = EditLog(ws)
         thumbs = Path(ws.base) / "review" / "thumbs" if ws.local else Path.home() / ".cache" / "booruset" / "thumbs"
-        self.thumbs = Thumbnails(thumbs, THUMB_SIZE)
+        # a picture ingest took through a link out of its folder is read as export reads it
+        self.follow_links_out = bool(cfg["ingest"]["follow_links_out"])
+        self.thumbs = Thumbnails(thumbs, THUMB_SIZE, self.follow_links_out)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
 
     # ---- pages --------------------------------------------------------------------------
@@ -103,7 +105,8 @@ class ReviewApp:
 
     def original(self, request: Request) -> Response:
         row = self.index.row(request.query_params.get("key", ""))
-        data = image_bytes(row["source"], row["member"], row.get("member_offset")) if row else None
+        data = (image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out)
+                if row else None)
         if data is None:
             return PlainTextResponse("no such image", status_code=404)
         media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")

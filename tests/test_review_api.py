@@ -487,3 +487,33 @@ def test_the_page_says_when_a_caption_is_older_than_the_image_tags(tmp_path_fact
     assert not warned()
     client.post("/api/undo", json={"batch": batch})
     assert warned()
+
+
+def test_a_picture_ingest_took_through_a_link_out_of_its_folder_is_shown(tmp_path, ray_local):
+    """With ingest.follow_links_out ingest, export and the report read a linked picture; the review
+    page answered 404 for it ("no such image"), and for its thumbnail. Without the option a link
+    out of the folder (one put there after ingest) stays unread."""
+    from starlette.testclient import TestClient
+
+    from jobs import ingest
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "pic.png").write_bytes(encode(picture(), "PNG"))
+    (folder / "linked.png").symlink_to(outside / "pic.png")
+    ws = Workspace(str(tmp_path / "ws"))
+    cfg = load_config(None, [f'workspace.path="{ws.root}"', "ray.num_cpus=2", "ingest.follow_links_out=true",
+                             f'ingest.inputs=["{folder}"]'])
+    ingest.run(cfg, ws)
+    key = all_keys(ws)[0]
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    original = client.get("/original", params={"key": key})
+    assert original.status_code == 200 and original.content == (outside / "pic.png").read_bytes()
+    assert client.get("/thumb", params={"key": key}).status_code == 200
+    strict = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
+    assert strict.get("/original", params={"key": key}).status_code == 404
