@@ -48,6 +48,7 @@ class ReviewApp:
     def __init__(self, cfg: Config, ws: Workspace, token: str | None = None) -> None:
         self.cfg, self.ws, self.token = cfg, ws, token
         self.max_tag_chars = int(cfg["ingest"]["max_tag_chars"])  # added tags are bounded as ingest's
+        self.max_tags = int(cfg["ingest"]["max_tags"])  # and so are the tags of an image
         self.max_caption_chars = int(cfg["caption"]["max_caption_chars"])  # a caption as a captioner's
         self.index = ReviewIndex(ws)
         self.log = EditLog(ws)
@@ -158,7 +159,8 @@ class ReviewApp:
             if row is None:
                 return JSONResponse({"error": "no such image"}, status_code=404)
             try:
-                changes = EditRequest.from_json(body, self.max_tag_chars, self.max_caption_chars).changes(row)
+                changes = EditRequest.from_json(body, self.max_tag_chars, self.max_caption_chars,
+                                                self.max_tags).changes(row)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             return self.write(changes)
@@ -169,7 +171,7 @@ class ReviewApp:
             try:
                 filters = filters_of(body)
                 edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")},
-                                             self.max_tag_chars)
+                                             self.max_tag_chars, max_tags=self.max_tags)
                 if body.get("preview", True):
                     return JSONResponse({"count": self.index.count(filters)})
                 wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")

@@ -517,3 +517,30 @@ def test_a_picture_ingest_took_through_a_link_out_of_its_folder_is_shown(tmp_pat
     assert client.get("/thumb", params={"key": key}).status_code == 200
     strict = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
     assert strict.get("/original", params={"key": key}).status_code == 404
+
+
+def test_an_edit_that_would_pass_max_tags_on_an_image_is_refused(review):
+    """Tags per image are bounded as ingest bounds a sidecar's (ingest.max_tags): one POST of 5,000
+    tags wrote 5,000 edits and gave the image 5,000 tags in KEY.txt; a bulk action writes that many
+    for every image of its filter."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[8]
+    has = len(tags_of(ws, key))
+    client = TestClient(ReviewApp(base_config(Path(ws.base), f"ingest.max_tags={has + 2}"), ws).asgi(["testserver"]))
+    edits = ws.connect().execute("select count(*) from edits").fetchone()[0]
+    for path, body in (("/api/edits", {"key": key}), ("/api/bulk", {"tag": tags_of(ws, key)[0], "preview": False})):
+        answer = client.post(path, json={**body, "add_tags": ["many_a", "many_b", "many_c"]})
+        assert answer.status_code == 400 and "ingest.max_tags" in answer.json()["error"], path
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits  # nothing written
+    done = client.post("/api/edits", json={"key": key, "add_tags": ["many_a", "many_b"]}).json()
+    assert done["edits"] == 2 and len(tags_of(ws, key)) == has + 2
+    swap = client.post("/api/edits", json={"key": key, "remove_tags": [tags_of(ws, key)[0]], "add_tags": ["many_c"]})
+    assert swap.status_code == 200 and swap.json()["edits"] == 2  # one out, one in: still within
+    for batch in (swap.json()["batch"], done["batch"]):
+        client.post("/api/undo", json={"batch": batch})
+    assert len(tags_of(ws, key)) == has
