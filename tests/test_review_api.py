@@ -544,3 +544,14 @@ def test_an_edit_that_would_pass_max_tags_on_an_image_is_refused(review):
     for batch in (swap.json()["batch"], done["batch"]):
         client.post("/api/undo", json={"batch": batch})
     assert len(tags_of(ws, key)) == has
+
+
+@pytest.mark.parametrize("host, address", [("127.0.0.1", "http://127.0.0.1:8765/"), ("0.0.0.0", "http://127.0.0.1:8765/"),
+                                           ("::1", "http://[::1]:8765/"), ("::", "http://[::1]:8765/"),
+                                           ("fe80::1", "http://[fe80::1]:8765/"), ("localhost", "http://localhost:8765/")])
+def test_the_printed_address_opens_in_a_browser(host, address):
+    """`--host ::1` printed http://::1:8765/, which no browser opens (an IPv6 address goes in brackets)."""
+    from review.server import open_address
+
+    assert open_address(host, 8765, None) == address
+    assert open_address(host, 8765, "s3cret") == address + "?token=s3cret"
