@@ -97,6 +97,7 @@ def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
                    scored_against, not_scored, true as accepted
                    from (values """ + ", ".join("(?, ?::double, ?, ?)" for _ in captions) + """)
                    t(key, accuracy, scored_against, not_scored)""", [v for row in captions for v in row])
+    con.execute("create table edit_state (key varchar, field varchar, new varchar)")  # no person's caption
     result = con.execute(sql_text("report_caption_accuracy"))
     rows = [dict(zip([d[0] for d in result.description], row, strict=True)) for row in result.fetchall()]
     assert len(rows) == 5  # the two captions of 0.3 and 0.31 are one row of 2
@@ -355,3 +356,28 @@ def test_people_counts_each_image_of_the_images_table_once(tmp_path):
                                        {"key": "in/gone", "n_people": 2, "characters": []}])
     people = report.report_data(cfg, ws)["people"]
     assert [(r["n_people"], r["images"]) for r in people] == [("1", 1), ("unknown", 2)]
+
+
+def test_a_caption_a_person_wrote_in_review_is_the_one_shown_and_not_scored(tmp_path):
+    """The export writes a person's caption (`booruset review`) in place of the generated one, not
+    scored (`edited_by_person`): the report's card showed the generated caption with its accuracy,
+    and the accuracy section counted that replaced caption's score."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"]})
+    ws.add_part("captions", "hand", [{"key": f"in/{n}", "attempt": 0, "backend": "openai:joy", "caption": f"Made {n}.",
+                                      "accuracy": 0.75, "scored_against": "tagger", "flagged": False, "accepted": True}
+                                     for n in "ab"])
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "caption", "old": "Made a.", "new": "A person <wrote> this.",
+                                   "time": datetime.now(UTC), "seq": 0, "batch": "b1"}])
+    data = report.report_data(cfg, ws)
+    assert {r["key"]: (r["caption"], r["accuracy"]) for r in data["examples"]} == {
+        "in/a": ("A person <wrote> this.", None), "in/b": ("Made b.", 0.75)}
+    assert {(r["bin"], r["not_scored"], r["n"]) for r in data["accuracy"]} == {(15, None, 1),
+                                                                              (None, "edited_by_person", 1)}
+    report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert "A person &lt;wrote&gt; this." in page and "Made a." not in page
+    assert "2 captions: 1 scored, 1 against tagger; 1 not scored (edited_by_person)" in page
