@@ -381,3 +381,21 @@ def test_a_caption_a_person_wrote_in_review_is_the_one_shown_and_not_scored(tmp_
     page = (tmp_path / "ws" / "report" / "index.html").read_text()
     assert "A person &lt;wrote&gt; this." in page and "Made a." not in page
     assert "2 captions: 1 scored, 1 against tagger; 1 not scored (edited_by_person)" in page
+
+
+def test_a_character_a_person_set_in_review_is_counted_as_the_export_writes_it(tmp_path):
+    """The export writes a person's character (`booruset review`) at once; the report counted the
+    image under its curated character until curate ran again. "" clears it, as in the export."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["character:hatsune_miku"], "b": ["character:hatsune_miku"],
+                                        "c": ["character:hatsune_miku"]})
+    now = datetime.now(UTC)
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "character", "old": "hatsune_miku", "new": "eileen_(renpy)",
+                                   "time": now, "seq": 0, "batch": "b1"},
+                                  {"key": "in/b", "field": "character", "old": "hatsune_miku", "new": "",
+                                   "time": now, "seq": 1, "batch": "b1"}])
+    assert {r["character"]: r["images"] for r in report.report_data(cfg, ws)["characters"]} == {
+        "eileen_(renpy)": 1, "hatsune_miku": 1, "(none)": 1}
