@@ -4,7 +4,7 @@
 -- hundred rows at any number of images, for the report's histogram.
 -- A caption a person wrote in `booruset review` (edit_state) stands in for the accepted one, as
 -- in the export: not scored ('edited_by_person'), never flagged (the flag was the replaced one's).
--- Parameters: none. Reads captions, edit_state.
+-- Parameters: none. Reads captions, edit_state, images.
 with caption_edits as (
     select key from edit_state where field = 'caption' and new is not null
 ),
@@ -25,5 +25,6 @@ select backend,
        count(*) as n,
        count(*) filter (where flagged) as flagged
 from written
+where key in (select key from images)  -- not a picture gone from the inputs (its rows stay until caption runs)
 group by all
 order by all
