@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 PAGE = 60  # grid page size
 MAX_LIMIT = 500
 THUMB_SIZE = 256
+MISSING = "image missing from its source, or not of the size ingest saw (rewritten since ingest?)"
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
                "gif": "image/gif", "bmp": "image/bmp", "tiff": "image/tiff", "avif": "image/avif"}
 
@@ -97,19 +98,22 @@ class ReviewApp:
         if row is None:
             return PlainTextResponse("no such image", status_code=404)
         try:
-            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"))
+            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"),
+                                   row.get("bytes"))
         except Exception as exc:  # noqa: BLE001 - an undecodable image: say so, the page goes on
             return PlainTextResponse(f"cannot make a thumbnail: {type(exc).__name__}", status_code=422)
         if data is None:
-            return PlainTextResponse("image missing from its source", status_code=404)
+            return PlainTextResponse(MISSING, status_code=404)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def original(self, request: Request) -> Response:
         row = self.index.row(request.query_params.get("key", ""))
-        data = (image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out)
-                if row else None)
-        if data is None:
+        if row is None:
             return PlainTextResponse("no such image", status_code=404)
+        data = image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out,
+                           row.get("bytes"))
+        if data is None:
+            return PlainTextResponse(MISSING, status_code=404)
         media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")
         # the bytes are the user's files: never let a browser run them as a page
         return Response(data, media_type=media, headers={"X-Content-Type-Options": "nosniff",

@@ -555,3 +555,27 @@ def test_the_printed_address_opens_in_a_browser(host, address):
 
     assert open_address(host, 8765, None) == address
     assert open_address(host, 8765, "s3cret") == address + "?token=s3cret"
+
+
+def test_a_picture_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tmp_path, ray_local):
+    """A file replaced in the input folder after ingest (an edit, a re-encode): the page showed the
+    new picture under the boxes, tags and caption made of the old one. The export refuses it
+    (`missing_member`: not of the size ingest saw); so does the page now."""
+    from starlette.testclient import TestClient
+
+    from jobs import ingest
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(picture(seed=1), "PNG"))
+    ws = Workspace(str(tmp_path / "ws"))
+    cfg = load_config(None, [f'workspace.path="{ws.root}"', "ray.num_cpus=2", f'ingest.inputs=["{folder}"]'])
+    ingest.run(cfg, ws)
+    (folder / "a.png").write_bytes(encode(picture(200, 150, seed=2), "PNG"))  # another picture, another size
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    for path in ("/original", "/thumb"):
+        assert client.get(path, params={"key": all_keys(ws)[0]}).status_code == 404, path
