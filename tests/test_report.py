@@ -421,3 +421,25 @@ def test_an_image_gone_from_the_inputs_counts_in_no_stage_nor_group(tmp_path):
     assert stages["ingested"] == stages["tagged (curated tags)"] == stages["captioned"] == 2
     assert [(r["path"], r["images"], r["samples"]) for r in data["balance"]] == [("g1", 2, 2.0)]
     assert sum(r["n"] for r in data["accuracy"]) == 2
+
+
+def test_an_example_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tmp_path):
+    """A file replaced in the input folder after ingest: its card showed the new picture beside the
+    caption and tags of the old one (the export refuses it: not of the size ingest saw)."""
+    from jobs import report
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, ws = tmp_path / "in", Workspace(str(tmp_path / "ws"))
+    folder.mkdir()
+    kept, replaced = encode(picture(seed=1), "PNG"), encode(picture(seed=2), "PNG")
+    (folder / "kept.png").write_bytes(kept)
+    (folder / "replaced.png").write_bytes(replaced)
+    ws.add_part("images", "hand", [{"key": f"in/{n}", "source": str(folder), "member": f"{n}.png", "width": 96,
+                                    "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": len(data)}
+                                   for n, data in (("kept", kept), ("replaced", replaced))])
+    (folder / "replaced.png").write_bytes(encode(picture(200, 150, seed=3), "PNG"))
+    report.run(base_config(tmp_path / "ws"), ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__kept.jpg"]
+    assert page.count("image not found") == 1
