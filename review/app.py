@@ -37,6 +37,9 @@ from store.workspace import Workspace
 HERE = Path(__file__).resolve().parent
 PAGE = 60  # grid page size
 MAX_LIMIT = 500
+# The largest edit is ingest.max_tags tags of max_tag_chars characters (each up to 6 bytes as a
+# JSON escape) and a caption: a few MB. A body past this is not read (it was read whole, any size).
+MAX_BODY = 16 << 20
 THUMB_SIZE = 256
 MISSING = "image missing from its source, or not of the size ingest saw (rewritten since ingest?)"
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
@@ -260,8 +263,14 @@ def static_file(name: str, media_type: str):
 async def json_body(request: Request) -> dict | Response:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY:
+            return JSONResponse({"error": f"the body is over {MAX_BODY} bytes: no edit is that large"},
+                                status_code=413)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(bytes(data))
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets (a 500 before)
         return JSONResponse({"error": "the body is not JSON"}, status_code=400)
     return body if isinstance(body, dict) else JSONResponse({"error": "send a JSON object"}, status_code=400)

@@ -579,3 +579,18 @@ def test_a_picture_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tmp
     client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
     for path in ("/original", "/thumb"):
         assert client.get(path, params={"key": all_keys(ws)[0]}).status_code == 404, path
+
+
+def test_a_body_larger_than_any_edit_is_refused_unread(review):
+    """A POST was read whole into memory whatever its size (a few GB of JSON took the server down);
+    the largest edit (ingest.max_tags tags of max_tag_chars, a caption) is far below the bound."""
+    from review.app import MAX_BODY
+
+    client, _, _ = review
+    key = all_keys(review[1])[0]
+    huge = b'{"key": "' + key.encode() + b'", "caption": "' + b"w" * MAX_BODY + b'"}'
+    for path in ("/api/edits", "/api/bulk", "/api/undo"):
+        answer = client.post(path, content=huge, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413 and "bytes" in answer.json()["error"], path
+    largest = {"key": key, "add_tags": ["t" * 199 + f"{i:04d}"[-1] for i in range(1000)], "caption": "w" * 4000}
+    assert len(json.dumps(largest)) < MAX_BODY
