@@ -19,7 +19,7 @@ import schemas
 from jobs.config import REPO
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace
-from udfs.ingest.sidecars import has_lone_surrogate, split_tags, without_controls
+from udfs.ingest.sidecars import categorized_tags, has_lone_surrogate, without_controls
 
 OWNER = "review"  # the owner of the edits parts in the published generation
 # Parts are merged into one when there are this many: each is a file that every query opens.
@@ -101,8 +101,10 @@ class EditRequest:
 
 
 def _tags(text: str) -> list[str]:
-    """A person's tag as ingest reads a sidecar's: Danbooru form, split at commas, no controls."""
-    return split_tags(without_controls(text)[0], ",")
+    """A person's tag as ingest reads a sidecar's: Danbooru form, split at commas, no controls, a
+    category prefix off (`character:eileen` is eileen; its category is the vocabulary's, as for
+    any added tag: an edit names a tag, not its category)."""
+    return [tag for tag, _ in categorized_tags(without_controls(text)[0], ",")]
 
 
 class EditLog:

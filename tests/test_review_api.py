@@ -594,3 +594,18 @@ def test_a_body_larger_than_any_edit_is_refused_unread(review):
         assert answer.status_code == 413 and "bytes" in answer.json()["error"], path
     largest = {"key": key, "add_tags": ["t" * 199 + f"{i:04d}"[-1] for i in range(1000)], "caption": "w" * 4000}
     assert len(json.dumps(largest)) < MAX_BODY
+
+
+def test_a_tag_typed_with_a_category_prefix_is_the_tag_ingest_would_read(review):
+    """`character:eileen` in a sidecar is the tag eileen; typed in review it became the tag
+    `character:eileen` in KEY.txt (and `artist: someone` the tag `artist:_someone`)."""
+    client, ws, _ = review
+    key = all_keys(ws)[11]
+    before = tags_of(ws, key)
+    done = client.post("/api/edits", json={"key": key, "add_tags": ["character:Some One", "artist: someone else"]})
+    assert done.status_code == 200 and done.json()["edits"] == 2
+    assert set(tags_of(ws, key)) - set(before) == {"some_one", "someone_else"}
+    client.post("/api/edits", json={"key": key, "remove_tags": ["artist:someone else"]})
+    assert "someone_else" not in tags_of(ws, key)
+    assert client.post("/api/undo", json={"batch": done.json()["batch"]}).status_code == 200
+    assert tags_of(ws, key) == before
