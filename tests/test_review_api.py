@@ -609,3 +609,29 @@ def test_a_tag_typed_with_a_category_prefix_is_the_tag_ingest_would_read(review)
     assert "someone_else" not in tags_of(ws, key)
     assert client.post("/api/undo", json={"batch": done.json()["batch"]}).status_code == 200
     assert tags_of(ws, key) == before
+
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_a_mistake_not_every_address(tmp_path, capsys, monkeypatch, host):
+    """`--host "$HOST"` with HOST unset listened on every address of the machine and printed
+    http://:PORT/ to open; an empty -w is refused the same way."""
+    import review.server
+    from jobs import cli
+    from store.workspace import Workspace
+
+    def serve(*args):
+        raise AssertionError(f"served on {args[2]!r}")
+    monkeypatch.setattr(review.server, "serve", serve)
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.publish()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["review", "-w", ws.root, "--host", host, "--port", "0"])
+    assert stopped.value.code == 2 and "--host" in capsys.readouterr().err
+
+
+def test_an_ipv6_host_may_be_written_in_brackets():
+    """`--host [::1]` (as in the address a browser opens) was "Name or service not known"."""
+    from jobs.cli import listen_host
+
+    assert listen_host("[::1]") == "::1" and listen_host("::1") == "::1" and listen_host("0.0.0.0") == "0.0.0.0"
