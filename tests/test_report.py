@@ -443,3 +443,24 @@ def test_an_example_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tm
     page = (tmp_path / "ws" / "report" / "index.html").read_text()
     assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__kept.jpg"]
     assert page.count("image not found") == 1
+
+
+def test_an_image_excluded_in_review_is_not_in_its_balance_group(tmp_path):
+    """The export leaves an image excluded in review out at once; the balance section counted it
+    (images and samples) until curate ran again. Included again, it counts again."""
+    from datetime import UTC, datetime, timedelta
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("balance", "hand", [{"key": f"in/{k}", "path": "g1", "weight": 1.0, "probability": 1.0,
+                                     "multiply": 2.0, "repeats": 2} for k in "abc"])
+    now = datetime.now(UTC)
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "exclude", "old": "false", "new": "true", "time": now,
+                                   "seq": 0, "batch": "b1"},
+                                  {"key": "in/b", "field": "exclude", "old": "false", "new": "true", "time": now,
+                                   "seq": 1, "batch": "b1"},
+                                  {"key": "in/b", "field": "exclude", "old": "true", "new": "false",
+                                   "time": now + timedelta(seconds=1), "seq": 0, "batch": "b2"}])
+    rows = report.report_data(cfg, ws)["balance"]
+    assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0)]
