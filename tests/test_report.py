@@ -416,9 +416,12 @@ def test_an_image_gone_from_the_inputs_counts_in_no_stage_nor_group(tmp_path):
                                       "accepted": True} for k in keys])
     ws.add_part("balance", "hand", [{"key": k, "path": "g1", "weight": 1.0, "probability": 1.0, "multiply": 1.0,
                                      "repeats": 1} for k in keys])
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": "in/a", "is_representative": k == "in/a",
+                                        "reason": "phash"} for k in ("in/a", "in/gone")])
     data = report.report_data(cfg, ws)
     stages = {r["stage"]: r["images"] for r in data["stages"]}
     assert stages["ingested"] == stages["tagged (curated tags)"] == stages["captioned"] == 2
+    assert stages["after duplicates"] == 2  # the gone duplicate is no image left out
     assert [(r["path"], r["images"], r["samples"]) for r in data["balance"]] == [("g1", 2, 2.0)]
     assert sum(r["n"] for r in data["accuracy"]) == 2
 
