@@ -12,6 +12,7 @@ send that without a CORS preflight, which this server never grants).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from pathlib import Path
@@ -235,19 +236,22 @@ class TokenCheck:
 
     def __init__(self, app, token: str) -> None:
         self.app, self.token = app, token
+        # a browser keeps one cookie per name and host whatever the port: named after the token, the
+        # cookie of another review server on this host (another token) does not replace this one
+        self.cookie = f"booruset_review_{hashlib.sha256(token.encode()).hexdigest()[:12]}"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        given = (request.query_params.get("token") or request.cookies.get("booruset_review")
+        given = (request.query_params.get("token") or request.cookies.get(self.cookie)
                  or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return await PlainTextResponse("token required: open the address booruset review printed",
                                            status_code=401)(scope, receive, send)
         if request.query_params.get("token"):  # first visit: keep it in a cookie, drop it from the address
             response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
-            response.set_cookie("booruset_review", self.token, httponly=True, samesite="strict")
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 

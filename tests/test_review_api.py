@@ -312,7 +312,10 @@ def test_a_token_guards_every_request(review):
     assert guarded.get("/api/images", headers={"authorization": "Bearer s3cret"}).status_code == 200
     first = guarded.get("/?token=s3cret", follow_redirects=False)
     assert first.status_code == 303 and "token" not in first.headers["location"]
-    assert guarded.get("/", cookies={"booruset_review": "s3cret"}).status_code == 200
+    guarded.cookies.clear()
+    for cookie in first.cookies.jar:  # the cookie the first visit set (its name is the server's own)
+        guarded.cookies.set(cookie.name, cookie.value)
+    assert guarded.get("/").status_code == 200
 
 
 def test_curate_applies_tag_and_character_edits_to_its_tables(review):
@@ -635,3 +638,26 @@ def test_an_ipv6_host_may_be_written_in_brackets():
     from jobs.cli import listen_host
 
     assert listen_host("[::1]") == "::1" and listen_host("::1") == "::1" and listen_host("0.0.0.0") == "0.0.0.0"
+
+
+def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
+    """A browser keeps cookies by host, not port: the second review server opened (another
+    workspace, another token) replaced the first one's cookie, and every page of the first
+    was then 401 "token required"."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+
+    _, ws, app = review
+    first, second = (TestClient(ReviewApp(app.cfg, ws, token=t).asgi(["testserver"]))
+                     for t in ("first-token", "second-token"))
+    browser: dict[str, str] = {}  # one host's cookies, as a browser keeps them for both ports
+    for client, token in ((first, "first-token"), (second, "second-token")):
+        opened = client.get(f"/?token={token}", follow_redirects=False)
+        assert opened.status_code == 303
+        browser.update({c.name: c.value for c in opened.cookies.jar})
+    for client in (first, second):
+        client.cookies.clear()
+        for name, value in browser.items():
+            client.cookies.set(name, value)
+        assert client.get("/api/images").status_code == 200
