@@ -43,6 +43,12 @@ MAX_LIMIT = 500
 MAX_BODY = 16 << 20
 THUMB_SIZE = 256
 MISSING = "image missing from its source, or not of the size ingest saw (rewritten since ingest?)"
+# The fields each POST takes: any other is refused, not ignored (a misspelt filter of a bulk action
+# left it to every image of the workspace).
+EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude", "character"})
+FILTER_TEXTS = ("where", "character", "group", "tag")
+FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
+BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
                "gif": "image/gif", "bmp": "image/bmp", "tiff": "image/tiff", "avif": "image/avif"}
 
@@ -161,6 +167,8 @@ class ReviewApp:
 
     def edit(self, body: dict) -> Response:
         """{key, add_tags, remove_tags, caption, exclude, character}: the edits of one image."""
+        if error := unknown_fields(body, EDIT_FIELDS):
+            return JSONResponse({"error": error}, status_code=400)
         key = body.get("key")
         with self.index.lock:  # the row the changes are made from is the one they replace
             row = self.index.row(key) if isinstance(key, str) else None
@@ -175,6 +183,9 @@ class ReviewApp:
 
     def bulk(self, body: dict) -> Response:
         """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
+        wrong = [name for name in FILTER_TEXTS if body.get(name) is not None and not isinstance(body[name], str)]
+        if error := unknown_fields(body, BULK_FIELDS) or (wrong and f"{wrong[0]} must be text (a filter)"):
+            return JSONResponse({"error": error}, status_code=400)
         with self.index.lock:
             try:
                 filters = filters_of(body)
@@ -278,6 +289,12 @@ async def json_body(request: Request) -> dict | Response:
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets (a 500 before)
         return JSONResponse({"error": "the body is not JSON"}, status_code=400)
     return body if isinstance(body, dict) else JSONResponse({"error": "send a JSON object"}, status_code=400)
+
+
+def unknown_fields(body: dict, known: frozenset[str]) -> str | None:
+    """The reason to refuse a body with a field `known` lacks (None: all are known)."""
+    unknown = sorted(set(body) - known)
+    return f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})" if unknown else None
 
 
 def filters_of(values) -> Filters:

@@ -661,3 +661,22 @@ def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
         for name, value in browser.items():
             client.cookies.set(name, value)
         assert client.get("/api/images").status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/bulk", {"wehre": "false", "add_tags": ["everywhere"], "preview": False}),  # a misspelt filter
+    ("/api/bulk", {"where": ["false"], "add_tags": ["everywhere"], "preview": False}),  # a filter not as text
+    ("/api/bulk", {"character": 7, "add_tags": ["everywhere"], "preview": False}),
+    ("/api/bulk", {"tag": "x", "caption": "a bulk caption", "preview": False}),  # not a bulk action
+    ("/api/edits", {"add_tag": ["everywhere"]}),
+])
+def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
+    """A bulk action with its filter misspelt, or not text, applied to every image of the workspace
+    (the filter was ignored); an edit with a misspelt field answered 200 and wrote nothing."""
+    client, ws, _ = review
+    if path == "/api/edits":
+        body = {"key": all_keys(ws)[0], **body}
+    edits = ws.connect().execute("select count(*) from edits").fetchone()[0]
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400 and "error" in answer.json()
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
