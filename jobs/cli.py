@@ -111,8 +111,9 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                                      "separated by ';' each answered in turn; the tables are views (images, tags, "
                                      "captions, ...)")
     if name == "review":
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                           "only; any other needs a token, made if not given)")
+        p.add_argument("--host", type=listen_host, default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; any other needs a token, "
+                            "made if not given)")
         p.add_argument("--port", type=port_number, default=8765,
                        help="port, 0 to 65535 (default 8765; 0: any free one)")
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
@@ -121,6 +122,17 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--list", action="store_true",
                        help="only check the model files: present (size, revision), unusable (why) or missing")
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
+
+
+def listen_host(text: str) -> str:
+    """--host: an address, an IPv6 one also in brackets as in a URL (`[::1]`). Empty (`--host
+    "$HOST"` with HOST unset) is a mistake: bind() takes "" as every address of the machine."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise argparse.ArgumentTypeError("empty: give an address (an unset shell variable?); 0.0.0.0: every one")
+    return host
 
 
 def port_number(text: str) -> int:

@@ -271,13 +271,16 @@ def shard_bytes(rows: list[dict], export: str) -> dict[str, bytes]:
 
 
 def input_bytes(rows: list[dict]) -> dict[str, bytes]:
+    """The examples' bytes from their inputs; a member no longer of the size ingest saw (images.bytes:
+    rewritten since) is another picture, not found, as the export has it."""
     by_source: dict[str, dict[str, tuple]] = defaultdict(dict)
     for r in rows:
-        by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"))
+        by_source[r["source"]][r["member"]] = (r["key"], r.get("member_offset"), r.get("bytes"))
     found: dict[str, bytes] = {}
     for source, wanted in by_source.items():
-        offsets = {member: offset for member, (_, offset) in wanted.items()}
-        for name, data in source_members(source, offsets, 1 << 30):
+        offsets = {member: offset for member, (_, offset, _) in wanted.items()}
+        sizes = {member: size for member, (_, _, size) in wanted.items() if size is not None}
+        for name, data in source_members(source, offsets, 1 << 30, sizes):
             found[wanted[name][0]] = data
     return found
 

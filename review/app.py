@@ -12,6 +12,7 @@ send that without a CORS preflight, which this server never grants).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from pathlib import Path
@@ -37,7 +38,17 @@ from store.workspace import Workspace
 HERE = Path(__file__).resolve().parent
 PAGE = 60  # grid page size
 MAX_LIMIT = 500
+# The largest edit is ingest.max_tags tags of max_tag_chars characters (each up to 6 bytes as a
+# JSON escape) and a caption: a few MB. A body past this is not read (it was read whole, any size).
+MAX_BODY = 16 << 20
 THUMB_SIZE = 256
+MISSING = "image missing from its source, or not of the size ingest saw (rewritten since ingest?)"
+# The fields each POST takes: any other is refused, not ignored (a misspelt filter of a bulk action
+# left it to every image of the workspace).
+EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude", "character"})
+FILTER_TEXTS = ("where", "character", "group", "tag")
+FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
+BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
                "gif": "image/gif", "bmp": "image/bmp", "tiff": "image/tiff", "avif": "image/avif"}
 
@@ -48,11 +59,14 @@ class ReviewApp:
     def __init__(self, cfg: Config, ws: Workspace, token: str | None = None) -> None:
         self.cfg, self.ws, self.token = cfg, ws, token
         self.max_tag_chars = int(cfg["ingest"]["max_tag_chars"])  # added tags are bounded as ingest's
+        self.max_tags = int(cfg["ingest"]["max_tags"])  # and so are the tags of an image
         self.max_caption_chars = int(cfg["caption"]["max_caption_chars"])  # a caption as a captioner's
         self.index = ReviewIndex(ws)
         self.log = EditLog(ws)
         thumbs = Path(ws.base) / "review" / "thumbs" if ws.local else Path.home() / ".cache" / "booruset" / "thumbs"
-        self.thumbs = Thumbnails(thumbs, THUMB_SIZE)
+        # a picture ingest took through a link out of its folder is read as export reads it
+        self.follow_links_out = bool(cfg["ingest"]["follow_links_out"])
+        self.thumbs = Thumbnails(thumbs, THUMB_SIZE, self.follow_links_out)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
 
     # ---- pages --------------------------------------------------------------------------
@@ -94,18 +108,22 @@ class ReviewApp:
         if row is None:
             return PlainTextResponse("no such image", status_code=404)
         try:
-            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"))
+            data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"),
+                                   row.get("bytes"))
         except Exception as exc:  # noqa: BLE001 - an undecodable image: say so, the page goes on
             return PlainTextResponse(f"cannot make a thumbnail: {type(exc).__name__}", status_code=422)
         if data is None:
-            return PlainTextResponse("image missing from its source", status_code=404)
+            return PlainTextResponse(MISSING, status_code=404)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def original(self, request: Request) -> Response:
         row = self.index.row(request.query_params.get("key", ""))
-        data = image_bytes(row["source"], row["member"], row.get("member_offset")) if row else None
-        if data is None:
+        if row is None:
             return PlainTextResponse("no such image", status_code=404)
+        data = image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out,
+                           row.get("bytes"))
+        if data is None:
+            return PlainTextResponse(MISSING, status_code=404)
         media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")
         # the bytes are the user's files: never let a browser run them as a page
         return Response(data, media_type=media, headers={"X-Content-Type-Options": "nosniff",
@@ -149,24 +167,30 @@ class ReviewApp:
 
     def edit(self, body: dict) -> Response:
         """{key, add_tags, remove_tags, caption, exclude, character}: the edits of one image."""
+        if error := unknown_fields(body, EDIT_FIELDS):
+            return JSONResponse({"error": error}, status_code=400)
         key = body.get("key")
         with self.index.lock:  # the row the changes are made from is the one they replace
             row = self.index.row(key) if isinstance(key, str) else None
             if row is None:
                 return JSONResponse({"error": "no such image"}, status_code=404)
             try:
-                changes = EditRequest.from_json(body, self.max_tag_chars, self.max_caption_chars).changes(row)
+                changes = EditRequest.from_json(body, self.max_tag_chars, self.max_caption_chars,
+                                                self.max_tags).changes(row)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             return self.write(changes)
 
     def bulk(self, body: dict) -> Response:
         """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
+        wrong = [name for name in FILTER_TEXTS if body.get(name) is not None and not isinstance(body[name], str)]
+        if error := unknown_fields(body, BULK_FIELDS) or (wrong and f"{wrong[0]} must be text (a filter)"):
+            return JSONResponse({"error": error}, status_code=400)
         with self.index.lock:
             try:
                 filters = filters_of(body)
                 edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")},
-                                             self.max_tag_chars)
+                                             self.max_tag_chars, max_tags=self.max_tags)
                 if body.get("preview", True):
                     return JSONResponse({"count": self.index.count(filters)})
                 wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")
@@ -223,19 +247,22 @@ class TokenCheck:
 
     def __init__(self, app, token: str) -> None:
         self.app, self.token = app, token
+        # a browser keeps one cookie per name and host whatever the port: named after the token, the
+        # cookie of another review server on this host (another token) does not replace this one
+        self.cookie = f"booruset_review_{hashlib.sha256(token.encode()).hexdigest()[:12]}"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        given = (request.query_params.get("token") or request.cookies.get("booruset_review")
+        given = (request.query_params.get("token") or request.cookies.get(self.cookie)
                  or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return await PlainTextResponse("token required: open the address booruset review printed",
                                            status_code=401)(scope, receive, send)
         if request.query_params.get("token"):  # first visit: keep it in a cookie, drop it from the address
             response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
-            response.set_cookie("booruset_review", self.token, httponly=True, samesite="strict")
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -251,11 +278,23 @@ def static_file(name: str, media_type: str):
 async def json_body(request: Request) -> dict | Response:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY:
+            return JSONResponse({"error": f"the body is over {MAX_BODY} bytes: no edit is that large"},
+                                status_code=413)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(bytes(data))
     except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets (a 500 before)
         return JSONResponse({"error": "the body is not JSON"}, status_code=400)
     return body if isinstance(body, dict) else JSONResponse({"error": "send a JSON object"}, status_code=400)
+
+
+def unknown_fields(body: dict, known: frozenset[str]) -> str | None:
+    """The reason to refuse a body with a field `known` lacks (None: all are known)."""
+    unknown = sorted(set(body) - known)
+    return f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})" if unknown else None
 
 
 def filters_of(values) -> Filters:

@@ -19,7 +19,7 @@ import schemas
 from jobs.config import REPO
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace
-from udfs.ingest.sidecars import has_lone_surrogate, split_tags, without_controls
+from udfs.ingest.sidecars import categorized_tags, has_lone_surrogate, without_controls
 
 OWNER = "review"  # the owner of the edits parts in the published generation
 # Parts are merged into one when there are this many: each is a file that every query opens.
@@ -38,8 +38,11 @@ class EditRequest:
 
     def __init__(self, add_tags: list[str] | None = None, remove_tags: list[str] | None = None,
                  caption: str | None = None, exclude: bool | None = None, character: str | None = None,
-                 max_tag_chars: int = 200, max_caption_chars: int = 4000) -> None:
-        self.add_tags = [t for item in add_tags or [] for t in _tags(item)]
+                 max_tag_chars: int = 200, max_caption_chars: int = 4000, max_tags: int = 1000) -> None:
+        self.max_tags = max_tags
+        self.add_tags = list(dict.fromkeys(t for item in add_tags or [] for t in _tags(item)))
+        if len(self.add_tags) > max_tags:  # before any image is looked at: a bulk action multiplies them
+            raise ValueError(f"{len(self.add_tags)} tags to add, over {max_tags} (ingest.max_tags)")
         # also as typed: a tag an earlier version stored unnormalised can still be removed
         self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
         named = _tags(character or "")
@@ -56,7 +59,8 @@ class EditRequest:
         self.character = None if character is None else "".join(named)
 
     @classmethod
-    def from_json(cls, body: dict, max_tag_chars: int = 200, max_caption_chars: int = 4000) -> EditRequest:
+    def from_json(cls, body: dict, max_tag_chars: int = 200, max_caption_chars: int = 4000,
+                  max_tags: int = 1000) -> EditRequest:
         def strings(name: str) -> list[str]:
             value = body.get(name) or []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -70,15 +74,19 @@ class EditRequest:
         if any(has_lone_surrogate(t) for t in texts):
             raise ValueError("half a UTF-16 pair (a \\udXXX escape) in the edit: not text")
         return cls(strings("add_tags"), strings("remove_tags"), body.get("caption"), body.get("exclude"),
-                   body.get("character"), max_tag_chars, max_caption_chars)
+                   body.get("character"), max_tag_chars, max_caption_chars, max_tags)
 
     def changes(self, row: dict) -> list[dict]:
         """The edit rows that turn `row` (a review_rows row) into what was asked."""
         key, tags = row["key"], set(row["tags"] or [])
         out = [{"key": key, "field": "tags", "old": t, "new": None} for t in dict.fromkeys(self.remove_tags)
                if t in tags]
-        out += [{"key": key, "field": "tags", "old": None, "new": t} for t in dict.fromkeys(self.add_tags)
-                if t not in tags and t not in self.remove_tags]
+        added = [{"key": key, "field": "tags", "old": None, "new": t} for t in self.add_tags
+                 if t not in tags and t not in self.remove_tags]
+        if added and len(tags) - len(out) + len(added) > self.max_tags:  # as ingest bounds a sidecar's
+            raise ValueError(f"{key} would have {len(tags) - len(out) + len(added)} tags, over {self.max_tags} "
+                             "(ingest.max_tags)")
+        out += added
         unchanged = self.caption == row["caption"] or (not self.caption and not row["caption_edited"])
         if self.caption is not None and not unchanged:
             out.append({"key": key, "field": "caption", "old": row["caption"], "new": self.caption or None})
@@ -93,8 +101,10 @@ class EditRequest:
 
 
 def _tags(text: str) -> list[str]:
-    """A person's tag as ingest reads a sidecar's: Danbooru form, split at commas, no controls."""
-    return split_tags(without_controls(text)[0], ",")
+    """A person's tag as ingest reads a sidecar's: Danbooru form, split at commas, no controls, a
+    category prefix off (`character:eileen` is eileen; its category is the vocabulary's, as for
+    any added tag: an edit names a tag, not its category)."""
+    return [tag for tag, _ in categorized_tags(without_controls(text)[0], ",")]
 
 
 class EditLog:

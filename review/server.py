@@ -35,13 +35,20 @@ def serve(cfg: Config, ws: Workspace, host: str, port: int, token: str | None) -
     app = ReviewApp(cfg, ws, token)
     app.index.fresh()
     print(f"review: {app.index.total()} images of {ws.root}, indexed in {app.index.build_seconds:.1f} s", flush=True)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     port = listening.getsockname()[1]  # --port 0: the free port the system gave
-    address = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
-    print(f"review: open {address}  (Ctrl-C stops)", flush=True)
+    print(f"review: open {open_address(host, port, token)}  (Ctrl-C stops)", flush=True)
     hosts = ["*"] if not is_loopback(host) else [*LOOPBACK, host, f"[{host}]"]
     uvicorn.Server(uvicorn.Config(app.asgi(hosts), log_level="warning")).run(sockets=[listening])
     return 0
+
+
+def open_address(host: str, port: int, token: str | None) -> str:
+    """The address to open in a browser: the loopback one for a server on every address, an IPv6
+    address in brackets (http://::1:8765/ opens nothing)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -3,9 +3,12 @@
 -- whatever its frames, a dropped member: ingest's own accounting; the tables cannot tell a
 -- repeated dropped member from one); $annotated, the images annotate's unit markers say it
 -- processed (an image with no detection and no score leaves no row to count here). Reads images,
--- tags, captions, duplicates, export_manifest.
+-- tags, captions, duplicates, export_manifest. Tagged, captioned and the duplicates left out count
+-- the images ingested now: rows of a picture gone from the inputs stay until curate and caption
+-- run again.
 with duplicates_left_out as (
-    select count(distinct key) as n from duplicates where not is_representative
+    select count(distinct key) as n from duplicates
+    where not is_representative and key in (select key from images)
 )
 select 1 as step, 'samples seen' as stage, $samples_seen::bigint as images
 union all
@@ -13,9 +16,10 @@ select 2, 'ingested', count(*) from images
 union all
 select 3, 'annotated', $annotated::bigint
 union all
-select 4, 'tagged (curated tags)', count(distinct key) from tags
+select 4, 'tagged (curated tags)', count(distinct key) from tags where key in (select key from images)
 union all
-select 5, 'captioned', count(distinct key) from captions where accepted
+select 5, 'captioned', count(distinct key) from captions
+where accepted and key in (select key from images)
 union all
 select 6, 'after duplicates', (select count(*) from images) - (select n from duplicates_left_out)
 union all

@@ -97,6 +97,8 @@ def test_accuracy_plot_says_what_each_score_was_computed_against(tmp_path):
                    scored_against, not_scored, true as accepted
                    from (values """ + ", ".join("(?, ?::double, ?, ?)" for _ in captions) + """)
                    t(key, accuracy, scored_against, not_scored)""", [v for row in captions for v in row])
+    con.execute("create table edit_state (key varchar, field varchar, new varchar)")  # no person's caption
+    con.execute("create table images as select key from captions")
     result = con.execute(sql_text("report_caption_accuracy"))
     rows = [dict(zip([d[0] for d in result.description], row, strict=True)) for row in result.fetchall()]
     assert len(rows) == 5  # the two captions of 0.3 and 0.31 are one row of 2
@@ -355,3 +357,113 @@ def test_people_counts_each_image_of_the_images_table_once(tmp_path):
                                        {"key": "in/gone", "n_people": 2, "characters": []}])
     people = report.report_data(cfg, ws)["people"]
     assert [(r["n_people"], r["images"]) for r in people] == [("1", 1), ("unknown", 2)]
+
+
+def test_a_caption_a_person_wrote_in_review_is_the_one_shown_and_not_scored(tmp_path):
+    """The export writes a person's caption (`booruset review`) in place of the generated one, not
+    scored (`edited_by_person`): the report's card showed the generated caption with its accuracy,
+    and the accuracy section counted that replaced caption's score."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"]})
+    ws.add_part("captions", "hand", [{"key": f"in/{n}", "attempt": 0, "backend": "openai:joy", "caption": f"Made {n}.",
+                                      "accuracy": 0.75, "scored_against": "tagger", "flagged": False, "accepted": True}
+                                     for n in "ab"])
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "caption", "old": "Made a.", "new": "A person <wrote> this.",
+                                   "time": datetime.now(UTC), "seq": 0, "batch": "b1"}])
+    data = report.report_data(cfg, ws)
+    assert {r["key"]: (r["caption"], r["accuracy"]) for r in data["examples"]} == {
+        "in/a": ("A person <wrote> this.", None), "in/b": ("Made b.", 0.75)}
+    assert {(r["bin"], r["not_scored"], r["n"]) for r in data["accuracy"]} == {(15, None, 1),
+                                                                              (None, "edited_by_person", 1)}
+    report.run(cfg, ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert "A person &lt;wrote&gt; this." in page and "Made a." not in page
+    assert "2 captions: 1 scored, 1 against tagger; 1 not scored (edited_by_person)" in page
+
+
+def test_a_character_a_person_set_in_review_is_counted_as_the_export_writes_it(tmp_path):
+    """The export writes a person's character (`booruset review`) at once; the report counted the
+    image under its curated character until curate ran again. "" clears it, as in the export."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["character:hatsune_miku"], "b": ["character:hatsune_miku"],
+                                        "c": ["character:hatsune_miku"]})
+    now = datetime.now(UTC)
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "character", "old": "hatsune_miku", "new": "eileen_(renpy)",
+                                   "time": now, "seq": 0, "batch": "b1"},
+                                  {"key": "in/b", "field": "character", "old": "hatsune_miku", "new": "",
+                                   "time": now, "seq": 1, "batch": "b1"}])
+    assert {r["character"]: r["images"] for r in report.report_data(cfg, ws)["characters"]} == {
+        "eileen_(renpy)": 1, "hatsune_miku": 1, "(none)": 1}
+
+
+def test_an_image_gone_from_the_inputs_counts_in_no_stage_nor_group(tmp_path):
+    """Ingest run again after a picture left the input: until curate and caption ran again, the
+    report said 2 ingested but 3 tagged and 3 captioned, and its balance group still held it (the
+    export, which starts from the images table, leaves it out)."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": []})
+    keys = ["in/a", "in/b", "in/gone"]
+    ws.add_part("tags", "hand", [{"key": k, "tag": "smile", "category": "general", "score": 1.0, "rank": 0}
+                                 for k in keys])
+    ws.add_part("captions", "hand", [{"key": k, "attempt": 0, "backend": "template", "caption": "A smile.",
+                                      "accepted": True} for k in keys])
+    ws.add_part("balance", "hand", [{"key": k, "path": "g1", "weight": 1.0, "probability": 1.0, "multiply": 1.0,
+                                     "repeats": 1} for k in keys])
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": "in/a", "is_representative": k == "in/a",
+                                        "reason": "phash"} for k in ("in/a", "in/gone")])
+    data = report.report_data(cfg, ws)
+    stages = {r["stage"]: r["images"] for r in data["stages"]}
+    assert stages["ingested"] == stages["tagged (curated tags)"] == stages["captioned"] == 2
+    assert stages["after duplicates"] == 2  # the gone duplicate is no image left out
+    assert [(r["path"], r["images"], r["samples"]) for r in data["balance"]] == [("g1", 2, 2.0)]
+    assert sum(r["n"] for r in data["accuracy"]) == 2
+
+
+def test_an_example_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tmp_path):
+    """A file replaced in the input folder after ingest: its card showed the new picture beside the
+    caption and tags of the old one (the export refuses it: not of the size ingest saw)."""
+    from jobs import report
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, ws = tmp_path / "in", Workspace(str(tmp_path / "ws"))
+    folder.mkdir()
+    kept, replaced = encode(picture(seed=1), "PNG"), encode(picture(seed=2), "PNG")
+    (folder / "kept.png").write_bytes(kept)
+    (folder / "replaced.png").write_bytes(replaced)
+    ws.add_part("images", "hand", [{"key": f"in/{n}", "source": str(folder), "member": f"{n}.png", "width": 96,
+                                    "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": len(data)}
+                                   for n, data in (("kept", kept), ("replaced", replaced))])
+    (folder / "replaced.png").write_bytes(encode(picture(200, 150, seed=3), "PNG"))
+    report.run(base_config(tmp_path / "ws"), ws)
+    page = (tmp_path / "ws" / "report" / "index.html").read_text()
+    assert re.findall(r'<img src="(examples/[^"]+)"', page) == ["examples/in__kept.jpg"]
+    assert page.count("image not found") == 1
+
+
+def test_an_image_excluded_in_review_is_not_in_its_balance_group(tmp_path):
+    """The export leaves an image excluded in review out at once; the balance section counted it
+    (images and samples) until curate ran again. Included again, it counts again."""
+    from datetime import UTC, datetime, timedelta
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("balance", "hand", [{"key": f"in/{k}", "path": "g1", "weight": 1.0, "probability": 1.0,
+                                     "multiply": 2.0, "repeats": 2} for k in "abc"])
+    now = datetime.now(UTC)
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "exclude", "old": "false", "new": "true", "time": now,
+                                   "seq": 0, "batch": "b1"},
+                                  {"key": "in/b", "field": "exclude", "old": "false", "new": "true", "time": now,
+                                   "seq": 1, "batch": "b1"},
+                                  {"key": "in/b", "field": "exclude", "old": "true", "new": "false",
+                                   "time": now + timedelta(seconds=1), "seq": 0, "batch": "b2"}])
+    rows = report.report_data(cfg, ws)["balance"]
+    assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0)]

@@ -312,7 +312,10 @@ def test_a_token_guards_every_request(review):
     assert guarded.get("/api/images", headers={"authorization": "Bearer s3cret"}).status_code == 200
     first = guarded.get("/?token=s3cret", follow_redirects=False)
     assert first.status_code == 303 and "token" not in first.headers["location"]
-    assert guarded.get("/", cookies={"booruset_review": "s3cret"}).status_code == 200
+    guarded.cookies.clear()
+    for cookie in first.cookies.jar:  # the cookie the first visit set (its name is the server's own)
+        guarded.cookies.set(cookie.name, cookie.value)
+    assert guarded.get("/").status_code == 200
 
 
 def test_curate_applies_tag_and_character_edits_to_its_tables(review):
@@ -487,3 +490,193 @@ def test_the_page_says_when_a_caption_is_older_than_the_image_tags(tmp_path_fact
     assert not warned()
     client.post("/api/undo", json={"batch": batch})
     assert warned()
+
+
+def test_a_picture_ingest_took_through_a_link_out_of_its_folder_is_shown(tmp_path, ray_local):
+    """With ingest.follow_links_out ingest, export and the report read a linked picture; the review
+    page answered 404 for it ("no such image"), and for its thumbnail. Without the option a link
+    out of the folder (one put there after ingest) stays unread."""
+    from starlette.testclient import TestClient
+
+    from jobs import ingest
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "pic.png").write_bytes(encode(picture(), "PNG"))
+    (folder / "linked.png").symlink_to(outside / "pic.png")
+    ws = Workspace(str(tmp_path / "ws"))
+    cfg = load_config(None, [f'workspace.path="{ws.root}"', "ray.num_cpus=2", "ingest.follow_links_out=true",
+                             f'ingest.inputs=["{folder}"]'])
+    ingest.run(cfg, ws)
+    key = all_keys(ws)[0]
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    original = client.get("/original", params={"key": key})
+    assert original.status_code == 200 and original.content == (outside / "pic.png").read_bytes()
+    assert client.get("/thumb", params={"key": key}).status_code == 200
+    strict = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
+    assert strict.get("/original", params={"key": key}).status_code == 404
+
+
+def test_an_edit_that_would_pass_max_tags_on_an_image_is_refused(review):
+    """Tags per image are bounded as ingest bounds a sidecar's (ingest.max_tags): one POST of 5,000
+    tags wrote 5,000 edits and gave the image 5,000 tags in KEY.txt; a bulk action writes that many
+    for every image of its filter."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[8]
+    has = len(tags_of(ws, key))
+    client = TestClient(ReviewApp(base_config(Path(ws.base), f"ingest.max_tags={has + 2}"), ws).asgi(["testserver"]))
+    edits = ws.connect().execute("select count(*) from edits").fetchone()[0]
+    for path, body in (("/api/edits", {"key": key}), ("/api/bulk", {"tag": tags_of(ws, key)[0], "preview": False})):
+        answer = client.post(path, json={**body, "add_tags": ["many_a", "many_b", "many_c"]})
+        assert answer.status_code == 400 and "ingest.max_tags" in answer.json()["error"], path
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits  # nothing written
+    done = client.post("/api/edits", json={"key": key, "add_tags": ["many_a", "many_b"]}).json()
+    assert done["edits"] == 2 and len(tags_of(ws, key)) == has + 2
+    swap = client.post("/api/edits", json={"key": key, "remove_tags": [tags_of(ws, key)[0]], "add_tags": ["many_c"]})
+    assert swap.status_code == 200 and swap.json()["edits"] == 2  # one out, one in: still within
+    for batch in (swap.json()["batch"], done["batch"]):
+        client.post("/api/undo", json={"batch": batch})
+    assert len(tags_of(ws, key)) == has
+
+
+@pytest.mark.parametrize("host, address", [("127.0.0.1", "http://127.0.0.1:8765/"), ("0.0.0.0", "http://127.0.0.1:8765/"),
+                                           ("::1", "http://[::1]:8765/"), ("::", "http://[::1]:8765/"),
+                                           ("fe80::1", "http://[fe80::1]:8765/"), ("localhost", "http://localhost:8765/")])
+def test_the_printed_address_opens_in_a_browser(host, address):
+    """`--host ::1` printed http://::1:8765/, which no browser opens (an IPv6 address goes in brackets)."""
+    from review.server import open_address
+
+    assert open_address(host, 8765, None) == address
+    assert open_address(host, 8765, "s3cret") == address + "?token=s3cret"
+
+
+def test_a_picture_rewritten_since_ingest_is_not_shown_as_the_one_ingest_saw(tmp_path, ray_local):
+    """A file replaced in the input folder after ingest (an edit, a re-encode): the page showed the
+    new picture under the boxes, tags and caption made of the old one. The export refuses it
+    (`missing_member`: not of the size ingest saw); so does the page now."""
+    from starlette.testclient import TestClient
+
+    from jobs import ingest
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(picture(seed=1), "PNG"))
+    ws = Workspace(str(tmp_path / "ws"))
+    cfg = load_config(None, [f'workspace.path="{ws.root}"', "ray.num_cpus=2", f'ingest.inputs=["{folder}"]'])
+    ingest.run(cfg, ws)
+    (folder / "a.png").write_bytes(encode(picture(200, 150, seed=2), "PNG"))  # another picture, another size
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+    for path in ("/original", "/thumb"):
+        assert client.get(path, params={"key": all_keys(ws)[0]}).status_code == 404, path
+
+
+def test_a_body_larger_than_any_edit_is_refused_unread(review):
+    """A POST was read whole into memory whatever its size (a few GB of JSON took the server down);
+    the largest edit (ingest.max_tags tags of max_tag_chars, a caption) is far below the bound."""
+    from review.app import MAX_BODY
+
+    client, _, _ = review
+    key = all_keys(review[1])[0]
+    huge = b'{"key": "' + key.encode() + b'", "caption": "' + b"w" * MAX_BODY + b'"}'
+    for path in ("/api/edits", "/api/bulk", "/api/undo"):
+        answer = client.post(path, content=huge, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413 and "bytes" in answer.json()["error"], path
+    largest = {"key": key, "add_tags": ["t" * 199 + f"{i:04d}"[-1] for i in range(1000)], "caption": "w" * 4000}
+    assert len(json.dumps(largest)) < MAX_BODY
+
+
+def test_a_tag_typed_with_a_category_prefix_is_the_tag_ingest_would_read(review):
+    """`character:eileen` in a sidecar is the tag eileen; typed in review it became the tag
+    `character:eileen` in KEY.txt (and `artist: someone` the tag `artist:_someone`)."""
+    client, ws, _ = review
+    key = all_keys(ws)[11]
+    before = tags_of(ws, key)
+    done = client.post("/api/edits", json={"key": key, "add_tags": ["character:Some One", "artist: someone else"]})
+    assert done.status_code == 200 and done.json()["edits"] == 2
+    assert set(tags_of(ws, key)) - set(before) == {"some_one", "someone_else"}
+    client.post("/api/edits", json={"key": key, "remove_tags": ["artist:someone else"]})
+    assert "someone_else" not in tags_of(ws, key)
+    assert client.post("/api/undo", json={"batch": done.json()["batch"]}).status_code == 200
+    assert tags_of(ws, key) == before
+
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_a_mistake_not_every_address(tmp_path, capsys, monkeypatch, host):
+    """`--host "$HOST"` with HOST unset listened on every address of the machine and printed
+    http://:PORT/ to open; an empty -w is refused the same way."""
+    import review.server
+    from jobs import cli
+    from store.workspace import Workspace
+
+    def serve(*args):
+        raise AssertionError(f"served on {args[2]!r}")
+    monkeypatch.setattr(review.server, "serve", serve)
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.publish()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["review", "-w", ws.root, "--host", host, "--port", "0"])
+    assert stopped.value.code == 2 and "--host" in capsys.readouterr().err
+
+
+def test_an_ipv6_host_may_be_written_in_brackets():
+    """`--host [::1]` (as in the address a browser opens) was "Name or service not known"."""
+    from jobs.cli import listen_host
+
+    assert listen_host("[::1]") == "::1" and listen_host("::1") == "::1" and listen_host("0.0.0.0") == "0.0.0.0"
+
+
+def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
+    """A browser keeps cookies by host, not port: the second review server opened (another
+    workspace, another token) replaced the first one's cookie, and every page of the first
+    was then 401 "token required"."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+
+    _, ws, app = review
+    first, second = (TestClient(ReviewApp(app.cfg, ws, token=t).asgi(["testserver"]))
+                     for t in ("first-token", "second-token"))
+    browser: dict[str, str] = {}  # one host's cookies, as a browser keeps them for both ports
+    for client, token in ((first, "first-token"), (second, "second-token")):
+        opened = client.get(f"/?token={token}", follow_redirects=False)
+        assert opened.status_code == 303
+        browser.update({c.name: c.value for c in opened.cookies.jar})
+    for client in (first, second):
+        client.cookies.clear()
+        for name, value in browser.items():
+            client.cookies.set(name, value)
+        assert client.get("/api/images").status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/bulk", {"wehre": "false", "add_tags": ["everywhere"], "preview": False}),  # a misspelt filter
+    ("/api/bulk", {"where": ["false"], "add_tags": ["everywhere"], "preview": False}),  # a filter not as text
+    ("/api/bulk", {"character": 7, "add_tags": ["everywhere"], "preview": False}),
+    ("/api/bulk", {"tag": "x", "caption": "a bulk caption", "preview": False}),  # not a bulk action
+    ("/api/edits", {"add_tag": ["everywhere"]}),
+])
+def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
+    """A bulk action with its filter misspelt, or not text, applied to every image of the workspace
+    (the filter was ignored); an edit with a misspelt field answered 200 and wrote nothing."""
+    client, ws, _ = review
+    if path == "/api/edits":
+        body = {"key": all_keys(ws)[0], **body}
+    edits = ws.connect().execute("select count(*) from edits").fetchone()[0]
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400 and "error" in answer.json()
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
