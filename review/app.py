@@ -5,9 +5,9 @@ POST /api/edits, POST /api/bulk, POST /api/undo. Images: /thumb?key=, /original?
 
 Safety: a key from a request is only ever looked up in the workspace's tables; the filter is
 checked as export.where is; every value reaches SQL as a parameter; pages are autoescaped. With a
-token, every request must carry it (cookie, `Authorization: Bearer`, or `?token=` once). Requests
-must name this server's host (DNS rebinding), and POSTs must be JSON (a cross-site form cannot
-send that without a CORS preflight, which this server never grants).
+token, every request must carry it (cookie, `Authorization: Bearer`, or `?token=` once). On loopback,
+requests must name this server's host (DNS rebinding; elsewhere the token guards them), and POSTs must
+be JSON (a cross-site form cannot send that without a CORS preflight, which this server never grants).
 """
 
 from __future__ import annotations
