@@ -62,6 +62,47 @@ def test_aliases_from_rules_and_tag_list_and_categories(workspace, tmp_path):
     assert rows == {"1girl": "general", "long_hair": "general", "hatsune_miku": "character", "smile": "general"}
 
 
+def test_a_listed_tag_is_never_an_alias_whatever_the_row_order(workspace, tmp_path):
+    """Danbooru's list keeps stale aliases: `sonic_the_hedgehog`, a character with a row of its own,
+    is also listed as an alias of the copyright `sonic_(series)` (row 2388 of ../shared's list, the
+    character's own row 4842). A name was no alias only when its row came first: the character
+    became the copyright, and `sonic`, its alias, a character still (images of one character
+    split in two tags)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('sonic_(series),3,11362,sonic_the_hedgehog\nsonic_the_hedgehog,4,3890,sonic\n',
+                        encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["sonic_the_hedgehog"]) + source_rows("b", ["sonic"]))
+    run_curate(workspace, tag_list=str(tag_list))
+    rows = sorted((r["key"], r["tag"], r["category"]) for r in workspace.read_table("tags").to_pylist())
+    assert rows == [("a", "sonic_the_hedgehog", "character"), ("b", "sonic_the_hedgehog", "character")]
+
+
+def test_the_rules_aliases_win_over_the_tag_lists_and_chains_end_at_one_tag(workspace, tmp_path):
+    """aliases.csv choosing `blond_hair` where the list says blond_hair -> blonde_hair made a circle
+    followed one step: `blond_hair` became blonde_hair and `blonde_hair` blond_hair. A list alias of
+    a name the file aliases goes on to the file's tag (yellow_hair -> blonde_hair -> blond_hair)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('blonde_hair,0,100,"blond_hair,yellow_hair"\n', encoding="utf-8")
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("alias,tag\nblonde_hair,blond_hair\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b", "c"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["blonde_hair"]) + source_rows("b", ["blond_hair"])
+                       + source_rows("c", ["yellow_hair"]))
+    run_curate(workspace, tag_list=str(tag_list), rules_dir=rules)
+    assert tags_of(workspace) == {"a": ["blond_hair"], "b": ["blond_hair"], "c": ["blond_hair"]}
+
+
+def test_aliases_that_go_round_in_a_circle_are_a_config_error(workspace):
+    from jobs.config import ConfigError
+
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("alias,tag\nx,y\ny,z\nz,x\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="x -> y -> z -> x"):
+        run_curate(workspace, rules_dir=rules)
+
+
 def test_category_learned_from_other_sidecars(workspace):
     workspace.add_part("images", "p", image_rows(["a", "b"]))
     workspace.add_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])

@@ -53,8 +53,11 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
             elif not labelled and len(row) >= 2:
                 categories[row[0]] = CATEGORY_NAMES.get(row[1], "general")
                 for alias in (row[3].split(",") if len(row) > 3 and row[3] else []):
-                    if alias and alias not in categories:
+                    if alias:
                         aliases.setdefault(alias, row[0])
+    # a name with a row of its own is a tag, wherever its row is: Danbooru's list keeps stale
+    # aliases (`sonic_the_hedgehog`, a character, also listed as an alias of `sonic_(series)`)
+    aliases = {alias: tag for alias, tag in aliases.items() if alias not in categories}
     return (
         pa.table({"tag": list(categories), "category": list(categories.values())}, schema=_schema("tag", "category")),
         pa.table({"alias": list(aliases), "tag": list(aliases.values())}, schema=_schema("alias", "tag")),
@@ -62,13 +65,34 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
 
 
 def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
-    """Aliases of the tag list, overridden by data/rules/aliases.csv (the repository's own)."""
-    merged = dict(zip(list_aliases["alias"].to_pylist(), list_aliases["tag"].to_pylist(), strict=True))
+    """Aliases of the tag list, overridden by data/rules/aliases.csv (the repository's own), each
+    to its final tag: the SQL follows one step, so a chain (a -> b -> c) must be c already.
+
+    A name the file aliases a tag to is that tag, whatever the list says of it (the file's
+    blonde_hair -> blond_hair beside the list's blond_hair -> blonde_hair: both are blond_hair,
+    not each the other); a list alias of a name the file aliases goes on to the file's tag."""
     override = rules_file(rules_dir, "aliases.csv")
-    if override.is_file():
-        merged.update({r["alias"]: r["tag"] for r in read_csv_rows(override)})
+    rows = {r["alias"]: r["tag"] for r in read_csv_rows(override)} if override.is_file() else {}
+    chosen = {alias: final_tag(rows, alias, str(override)) for alias in rows}
+    tags = set(chosen.values())
+    merged = {alias: tag for alias, tag in zip(list_aliases["alias"].to_pylist(), list_aliases["tag"].to_pylist(),
+                                              strict=True) if alias not in tags}
+    merged.update(chosen)
+    merged = {alias: final_tag(merged, alias, str(override)) for alias in merged}
     merged = {a: t for a, t in merged.items() if a != t}
     return pa.table({"alias": list(merged), "tag": list(merged.values())}, schema=_schema("alias", "tag"))
+
+
+def final_tag(aliases: dict[str, str], alias: str, source: str) -> str:
+    """The tag at the end of `alias`'s chain (an alias of itself ends it); ValueError for a circle."""
+    chain = [alias]
+    while chain[-1] in aliases and aliases[chain[-1]] != chain[-1]:
+        tag = aliases[chain[-1]]
+        if tag in chain:
+            circle = " -> ".join([*chain[chain.index(tag):], tag])
+            raise ValueError(f"{source}: aliases that go round in a circle: {circle}")
+        chain.append(tag)
+    return chain[-1]
 
 
 def blacklist(path: str) -> pa.Table:
