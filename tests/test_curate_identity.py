@@ -325,6 +325,29 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     assert rows == {"alice_crop": "alice", "bob_crop": "bob"}
 
 
+def test_hidden_files_and_folders_of_a_reference_folder_are_left_out(tmp_path):
+    """A folder copied from a Mac holds `._1.png` (AppleDouble, no picture): curate stopped on it as
+    a reference image that does not decode; and `.thumbnails/` became a character of that name."""
+    from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+    from PIL import Image
+
+    from udfs.curate import ccip_cluster
+
+    ccip_model(tmp_path / "models" / CCIP_REPO / CCIP_FILE)
+    for folder in ("alice", ".thumbnails"):
+        (tmp_path / "refs" / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 96), (250, 20, 20)).save(tmp_path / "refs" / folder / "1.png")
+    (tmp_path / "refs" / "alice" / "._1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    spec = {**curate_config_ccip(), "models_dir": str(tmp_path / "models")}
+    assert ccip_cluster.references(str(tmp_path / "refs"), spec)["character"].to_pylist() == ["alice"]
+
+
+def curate_config_ccip() -> dict:
+    from jobs.config import load_config
+
+    return load_config(None, [])["annotate"]["ccip"]
+
+
 def test_a_reference_image_that_does_not_decode_is_named(tmp_path):
     """A damaged PNG among the references stops curate with its name, before any model loads:
     it was embedded as noise (Pillow's EXIF lookup decoded it and the error was swallowed)."""

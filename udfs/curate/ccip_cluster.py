@@ -682,8 +682,9 @@ def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
     from udfs.eight_bit import eight_bit
     from udfs.orientation import upright
 
-    files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() for f in sorted(d.iterdir())
-                   if f.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden entries are no references: a Mac's `._1.png` (no picture), a viewer's `.thumbnails/`
+    files = sorted((d.name, f) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
     if not files:
         raise ValueError(f"{root}: no <character>/<image> reference files")
     size = int(ccip_spec["size"])
