@@ -214,6 +214,22 @@ def test_clusters_match_imgutils_ccip_clustering(workspace, tmp_path, monkeypatc
     assert len(set(expected) - {-1}) == 3
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"cluster_min_samples": 1}, "cluster_min_samples must be at least 2 for optics"),
+    ({"max_block": 3}, "max_block must be at least"),  # under optics' 5
+    ({"cluster_method": "dbscan", "cluster_min_samples": 4, "max_block": 3}, "max_block must be at least"),
+])
+def test_clustering_options_that_leave_every_crop_noise_are_config_errors(workspace, options, message):
+    """OPTICS with min_samples 1 (sklearn's OPTICS refuses it) labelled two clear identities of 6
+    crops all noise, and so did a max_block under min_samples (k-means cells too small to hold a
+    cluster), without a word."""
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        curate.check_options(curate_config(workspace, **options)["curate"])
+    curate.check_options(curate_config(workspace, cluster_method="dbscan", cluster_min_samples=1)["curate"])
+
+
 def test_blocks_by_character_tags_and_large_block_merge(workspace):
     rng = np.random.default_rng(3)
     vectors, truth = _identities(rng, n_ids=2, per_id=12, noise=0)

@@ -63,9 +63,17 @@ class ClusterSettings:
         threshold = float(opts["ccip_threshold"])
         # imgutils' ccip_default_clustering_params: optics (0.5, 5), dbscan (threshold, 2)
         default_eps, default_min = (0.5, 5) if method == "optics" else (threshold, 2)
-        return cls(method=method, eps=float(opts["cluster_eps"]) or default_eps,
-                   min_samples=int(opts["cluster_min_samples"]) or default_min, threshold=threshold,
-                   metric_model=str(opts["ccip_metric_model"]), max_block=int(opts["max_block"]))
+        settings = cls(method=method, eps=float(opts["cluster_eps"]) or default_eps,
+                       min_samples=int(opts["cluster_min_samples"]) or default_min, threshold=threshold,
+                       metric_model=str(opts["ccip_metric_model"]), max_block=int(opts["max_block"]))
+        # both left every crop noise without a word: sklearn's OPTICS refuses min_samples 1, and
+        # a k-means cell of a large block is at most max_block crops
+        if method == "optics" and settings.min_samples < 2:
+            raise ValueError("curate.cluster_min_samples must be at least 2 for optics (0: its default, 5)")
+        if settings.max_block < settings.min_samples:
+            raise ValueError(f"curate.max_block must be at least the clusters' min_samples ({settings.min_samples}): "
+                             "a smaller k-means cell holds no cluster")
+        return settings
 
 
 class Differences:
