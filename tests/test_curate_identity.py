@@ -284,6 +284,20 @@ def test_a_references_file_that_is_no_references_table_is_a_config_error(workspa
         curate.run(curate_config(workspace, references=str(refs)), workspace)
 
 
+def test_each_crop_is_clustered_once_when_images_have_embeddings_of_two_models(workspace):
+    """With cluster_model "" ("any"), an image embedded by two CCIP models had each crop in
+    cluster_crops twice, and the windows' join on (key, crop) made it four rows of clusters: 8
+    crops gave 32 rows. Each image takes the first model by name, as the duplicates step does."""
+    vectors, truth = _identities(np.random.default_rng(8), n_ids=1, per_id=8, noise=0)
+    keys = _write_crops(workspace, vectors)
+    workspace.add_part("embeddings", "p2", [{**embedding_row(k, -v, crop=0), "model": "ccip_b"}
+                                            for k, v in zip(keys, vectors, strict=True)])
+    curate.run(curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3), workspace)
+    rows = workspace.read_table("clusters").to_pylist()
+    assert sorted((r["key"], r["crop"]) for r in rows) == [(k, 0) for k in keys]
+    assert len({r["cluster"] for r in rows}) == 1 and rows[0]["cluster"] >= 0
+
+
 def test_merge_close_clusters_joins_halves_of_one_identity():
     from udfs.curate import ccip_cluster
 
