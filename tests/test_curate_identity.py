@@ -117,6 +117,20 @@ def test_broken_and_zero_embeddings_are_no_ones_duplicates(workspace):
 
 
 
+def test_embedding_similarity_1_pairs_every_image_with_an_identical_embedding(workspace):
+    """embedding_similarity = 1 (the top of its range: equal embeddings only) found 12 of 40 images
+    that share their vector with another: float32 rounding gives a vector's cosine with itself as
+    0.9999995 as often as 1."""
+    rng = np.random.default_rng(9)
+    vectors = [unit_vector(rng) * 3.7 for _ in range(20)]
+    keys = [f"k{i:02d}" for i in range(40)]
+    workspace.add_part("images", "p", image_rows(keys))
+    workspace.add_part("embeddings", "p", [embedding_row(k, vectors[i % 20]) for i, k in enumerate(keys)])
+    curate.run(curate_config(workspace, embedding_similarity=1.0), workspace)
+    dups = workspace.read_table("duplicates").to_pylist()
+    assert len(dups) == 40 and len({r["dup_group"] for r in dups}) == 20
+
+
 def test_annotations_of_images_an_ingest_removed_are_left_out(workspace):
     """Between an ingest that removed files and the next annotate, annotate's rows of those
     files are still there: curate put the removed keys into duplicates and clusters."""
