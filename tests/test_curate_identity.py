@@ -312,6 +312,28 @@ def test_each_crop_is_clustered_once_when_images_have_embeddings_of_two_models(w
     assert len({r["cluster"] for r in rows}) == 1 and rows[0]["cluster"] >= 0
 
 
+@pytest.mark.parametrize(("broken", "message"), [
+    ({"vector": [0.0] * CCIP_DIM}, r"reference 2 \('alice'\): its vector is zero or not finite"),
+    ({"vector": [float("nan")] * CCIP_DIM}, r"reference 2 \('alice'\): its vector is zero or not finite"),
+    ({"character": None}, "reference 2 has no character"),
+])
+def test_a_broken_reference_is_a_config_error(workspace, tmp_path, broken, message):
+    """One zero or NaN vector among a character's references made the mean difference of every
+    crop to that character NaN: the character matched nothing, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    rng = np.random.default_rng(4)
+    vectors, truth = _identities(rng, n_ids=2, per_id=8, noise=0)
+    _write_crops(workspace, vectors)
+    rows = [{"character": "alice", "vector": vectors[0].tolist()}, {"character": "bob", "vector": vectors[8].tolist()},
+            {"character": "alice", "vector": vectors[1].tolist(), **broken}]
+    refs = tmp_path / "refs.parquet"
+    pq.write_table(pa.table({"character": pa.array([r["character"] for r in rows], pa.string()),
+                             "vector": pa.array([r["vector"] for r in rows], pa.list_(pa.float32(), CCIP_DIM))}), refs)
+    with pytest.raises(ConfigError, match=message):
+        curate.run(curate_config(workspace, references=str(refs), ccip_threshold=0.1), workspace)
+
+
 def test_merge_close_clusters_joins_halves_of_one_identity():
     from udfs.curate import ccip_cluster
 

@@ -672,14 +672,30 @@ def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
     if not path:
         return REFERENCES_SCHEMA.empty_table()
     if Path(path).is_dir():
-        return reference_folder(Path(path), ccip_spec or {})
+        return checked_references(reference_folder(Path(path), ccip_spec or {}), path)
     try:
-        return pq.read_table(path, columns=["character", "vector"]).cast(REFERENCES_SCHEMA)
+        table = pq.read_table(path, columns=["character", "vector"]).cast(REFERENCES_SCHEMA)
     except pa.ArrowException as exc:  # not only ArrowInvalid: a text vector is ArrowNotImplementedError
         if isinstance(exc, OSError):  # a file that cannot be read says so itself
             raise
         raise ValueError(f"{path}: not a table of references (character, vector of {schemas.CCIP_DIM} "
                          f"floats): {exc}") from None
+    return checked_references(table, path)
+
+
+def checked_references(table: pa.Table, path: str) -> pa.Table:
+    """The table, or ValueError naming its first reference (from 0) with no character or with a
+    zero, missing or not finite vector: the SQL averages a crop's differences to each character's
+    references, and one NaN among them made the character match nothing, silently."""
+    characters = table["character"].to_pylist()
+    vectors = table["vector"].combine_chunks()
+    for row in range(table.num_rows):
+        if characters[row] is None:
+            raise ValueError(f"{path}: reference {row} has no character")
+        vector = vectors[row].values.to_numpy(zero_copy_only=False) if vectors[row].is_valid else None
+        if vector is None or not np.isfinite(vector).all() or not vector.any():
+            raise ValueError(f"{path}: reference {row} ({characters[row]!r}): its vector is zero or not finite")
+    return table
 
 
 def reference_folder(root: Path, ccip_spec: dict) -> pa.Table:
