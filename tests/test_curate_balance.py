@@ -98,6 +98,14 @@ def test_weights_with_hostile_names(tmp_path):
     assert got == pytest.approx({"it's;a,b": 2 / 6, "日本語": 3 / 6, "plain": 1 / 6})
 
 
+def test_a_weights_file_saved_with_a_byte_order_mark_weighs_its_first_folder(tmp_path):
+    """A CSV saved as "CSV UTF-8" by Excel starts with a byte order mark: its first pattern was
+    `\ufeffalice`, which no folder matches, and that folder kept weight 1 without a word."""
+    weights = tmp_path / "weights.csv"
+    weights.write_text("\ufeffalice,3\n", encoding="utf-8")
+    assert balance.balance_weights(str(weights))["pattern"].to_pylist() == ["alice"]
+
+
 @pytest.mark.parametrize("row", ["a,0", "*,0", "a,-1", "a,nan", "a,inf", "a,heavy"])
 def test_a_weight_that_is_not_a_number_above_zero_is_refused(workspace, tmp_path, row):
     """A weight of 0 gave its folder a NaN multiply, clipped to max_multiply: the most repeats for

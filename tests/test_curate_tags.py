@@ -103,6 +103,21 @@ def test_aliases_that_go_round_in_a_circle_are_a_config_error(workspace):
         run_curate(workspace, rules_dir=rules)
 
 
+def test_lookup_files_saved_with_a_byte_order_mark_read_as_without(workspace, tmp_path):
+    """A tagger label file saved by Excel ("CSV UTF-8") starts with a byte order mark: its header
+    was no longer `tag_id,name,category`, the file was read as a Danbooru list of ids, and every
+    tag was general (characters lost); aliases.csv with one failed curate with KeyError 'alias'."""
+    tag_list = tmp_path / "selected_tags.csv"
+    tag_list.write_text("\ufefftag_id,name,category,count\n1,eileen_(ren'py),4,10\n", encoding="utf-8")
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("\ufeffalias,tag\neileen,eileen_(ren'py)\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["eileen", "smile"]))
+    run_curate(workspace, tag_list=str(tag_list), rules_dir=rules)
+    rows = {r["tag"]: r["category"] for r in workspace.read_table("tags").to_pylist()}
+    assert rows == {"eileen_(ren'py)": "character", "smile": "general"}
+
+
 def test_category_learned_from_other_sidecars(workspace):
     workspace.add_part("images", "p", image_rows(["a", "b"]))
     workspace.add_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])

@@ -16,6 +16,8 @@ import pyarrow as pa
 from hbutils.string import plural_form, singular_form
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "data" / "rules"
+# The lookup files are read as "utf-8-sig": a byte order mark (Excel's "CSV UTF-8") is no part
+# of the first header or tag, and a file without one reads as UTF-8.
 
 # Category numbers of Danbooru's tag list and of the WD taggers' selected_tags.csv.
 CATEGORY_NAMES = {"0": "general", "1": "artist", "3": "copyright", "4": "character", "5": "meta", "9": "rating"}
@@ -31,7 +33,7 @@ def rules_file(rules_dir: str, name: str) -> Path:
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -44,7 +46,7 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
     categories: dict[str, str] = {}
     aliases: dict[str, str] = {}
     if path:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
         labelled = bool(rows) and rows[0][:3] == ["tag_id", "name", "category"]
         for row in rows[1:] if labelled else rows:
@@ -100,7 +102,7 @@ def blacklist(path: str) -> pa.Table:
 
     As imgutils.tagging.drop_blacklisted_tags: spaces or underscores alike, and an entry also
     takes the singular and plural of its last word (`breast` drops `breasts`)."""
-    text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8")
+    text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8-sig")
     entries = {underscored(line) for line in text.splitlines() if line.strip() and not line.startswith("#")}
     tags = sorted({form for entry in entries for form in word_forms(entry)})
     return pa.table({"tag": tags}, schema=_schema("tag"))
@@ -110,7 +112,7 @@ def overlap(path: str) -> pa.Table:
     """`{tag: [more specific tags]}` (imgutils' overlap_tags data) as (tag, implied_by) rows."""
     pairs: list[tuple[str, str]] = []
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         pairs = [(underscored(k), underscored(v)) for k, values in data.items() for v in values]
     return pa.table({"tag": [p[0] for p in pairs], "implied_by": [p[1] for p in pairs]},
                     schema=_schema("tag", "implied_by"))
@@ -140,7 +142,7 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
     """
     rows: list[tuple[str, str]] = []
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         groups = lambda key: [w for group in data.get(key, [])[: level + 1] for w in group]  # noqa: E731
         rows += [("whitelist", w) for w in data.get("whitelist", [])]
         rows += [("suffix", w) for w in groups("suffixes")] + [("prefix", w) for w in groups("prefixes")]
