@@ -173,6 +173,19 @@ def test_impossible_combinations(workspace, scores, kept):
     assert tags_of(workspace)["a"] == kept
 
 
+def test_an_impossible_combination_of_a_tag_with_itself_is_a_config_error(workspace):
+    """A row `smile,smile,a` in impossible_tags.csv paired every image's smile with itself, and the
+    loser, smile, left every image without a word."""
+    from jobs.config import ConfigError
+
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "impossible_tags.csv").write_text("tag_a,tag_b,winner\nsmile,smile,a\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["smile", "1girl"]))
+    with pytest.raises(ConfigError, match="impossible_tags.csv: smile cannot rule out itself"):
+        run_curate(workspace, rules_dir=rules)
+
+
 def test_overlap_table_and_substring_rule(workspace, tmp_path):
     overlap = tmp_path / "overlap.json"
     overlap.write_text(json.dumps({"long_hair": ["very_long_hair"], "breasts": ["large_breasts"]}), encoding="utf-8")

@@ -123,6 +123,8 @@ def impossible(rules_dir: str) -> pa.Table:
     for r in rows:
         if r["winner"] not in ("a", "b", "score"):
             raise ValueError(f"impossible_tags.csv: winner must be a, b or score, got {r['winner']!r}")
+        if r["tag_a"] == r["tag_b"]:  # the SQL pairs the tag with itself: it left every image
+            raise ValueError(f"impossible_tags.csv: {r['tag_a']} cannot rule out itself")
     return pa.table({k: [r[k] for r in rows] for k in ("tag_a", "tag_b", "winner")},
                     schema=_schema("tag_a", "tag_b", "winner"))
 
