@@ -186,6 +186,21 @@ def test_an_impossible_combination_of_a_tag_with_itself_is_a_config_error(worksp
         run_curate(workspace, rules_dir=rules)
 
 
+def test_overlap_rules_written_with_an_alias_act_on_its_tag(workspace, tmp_path):
+    """imgutils' overlap data names 78 tags that Danbooru's list makes aliases (`object_hug` for
+    hugging_object, `see-through` for see-through_clothes): the image's tags are read through the
+    aliases, the rules were not, so `hugging_object` stayed beside `pillow_hug`."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('hugging_object,0,24850,object_hug\npillow_hug,0,10,""\n', encoding="utf-8")
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps({"object_hug": ["pillow_hug", "doll_hug"]}), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["object_hug", "pillow_hug"])
+                       + source_rows("b", ["hugging_object"]))
+    run_curate(workspace, tag_list=str(tag_list), overlap_tags=str(overlap))
+    assert tags_of(workspace) == {"a": ["pillow_hug"], "b": ["hugging_object"]}
+
+
 def test_overlap_table_and_substring_rule(workspace, tmp_path):
     overlap = tmp_path / "overlap.json"
     overlap.write_text(json.dumps({"long_hair": ["very_long_hair"], "breasts": ["large_breasts"]}), encoding="utf-8")
