@@ -436,6 +436,30 @@ def test_hidden_files_and_folders_of_a_reference_folder_are_left_out(tmp_path):
     assert ccip_cluster.references(str(tmp_path / "refs"), spec)["character"].to_pylist() == ["alice"]
 
 
+def test_reference_characters_are_named_as_ingest_writes_tags(tmp_path):
+    """Tags are in Danbooru form (lower case, underscores, NFC: ingest's normalize_tag); a folder
+    `Alice (Genshin)` or a macOS folder name in NFD (`pokémon` as e + a combining accent) named a
+    character no tag equals, so its crops never met the image's character tag (person_tags)."""
+    import unicodedata
+
+    from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+    from PIL import Image
+
+    from udfs.curate import ccip_cluster
+
+    ccip_model(tmp_path / "models" / CCIP_REPO / CCIP_FILE)
+    for folder in ("Alice (Genshin)", unicodedata.normalize("NFD", "pokémon_trainer")):
+        (tmp_path / "refs" / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 96), (250, 20, 20)).save(tmp_path / "refs" / folder / "1.png")
+    spec = {**curate_config_ccip(), "models_dir": str(tmp_path / "models")}
+    assert ccip_cluster.references(str(tmp_path / "refs"), spec)["character"].to_pylist() == [
+        "alice_(genshin)", unicodedata.normalize("NFC", "pokémon_trainer")]
+    table = tmp_path / "refs.parquet"
+    vectors = pa.array([[0.5] * CCIP_DIM], pa.list_(pa.float32(), CCIP_DIM))
+    pq.write_table(pa.table({"character": [" Bob  Smith "], "vector": vectors}), table)
+    assert ccip_cluster.references(str(table))["character"].to_pylist() == ["bob_smith"]
+
+
 def curate_config_ccip() -> dict:
     from jobs.config import load_config
 

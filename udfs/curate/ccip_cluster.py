@@ -684,18 +684,22 @@ def references(path: str, ccip_spec: dict | None = None) -> pa.Table:
 
 
 def checked_references(table: pa.Table, path: str) -> pa.Table:
-    """The table, or ValueError naming its first reference (from 0) with no character or with a
-    zero, missing or not finite vector: the SQL averages a crop's differences to each character's
+    """The table with its characters named as ingest writes tags (normalize_tag: `Alice (Genshin)`
+    is alice_(genshin), a macOS folder name's NFD is NFC), so that they equal the images' character
+    tags; or ValueError naming its first reference (from 0) with no character or with a zero,
+    missing or not finite vector: the SQL averages a crop's differences to each character's
     references, and one NaN among them made the character match nothing, silently."""
-    characters = table["character"].to_pylist()
+    from udfs.ingest.sidecars import normalize_tag
+
+    characters = [normalize_tag(c) if c is not None else None for c in table["character"].to_pylist()]
     vectors = table["vector"].combine_chunks()
     for row in range(table.num_rows):
-        if characters[row] is None:
+        if not characters[row]:
             raise ValueError(f"{path}: reference {row} has no character")
         vector = vectors[row].values.to_numpy(zero_copy_only=False) if vectors[row].is_valid else None
         if vector is None or not np.isfinite(vector).all() or not vector.any():
             raise ValueError(f"{path}: reference {row} ({characters[row]!r}): its vector is zero or not finite")
-    return table
+    return table.set_column(0, "character", pa.array(characters, pa.string()))
 
 
 REFERENCE_MEANS_SCHEMA = pa.schema([("character", pa.string()), ("length", pa.float64()),
