@@ -201,6 +201,19 @@ def test_overlap_rules_written_with_an_alias_act_on_its_tag(workspace, tmp_path)
     assert tags_of(workspace) == {"a": ["pillow_hug"], "b": ["hugging_object"]}
 
 
+@pytest.mark.parametrize("data", [{"long_hair": "very_long_hair"}, ["long_hair"], {"long_hair": [["very_long_hair"]]}])
+def test_an_overlap_file_not_of_tags_to_lists_of_tags_is_a_config_error(workspace, tmp_path, data):
+    """`{"long_hair": "very_long_hair"}` (a string, not a list) made the rules long_hair <- v,
+    long_hair <- e, ... one per letter: none acted, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps(data), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="overlap.json: expected"):
+        run_curate(workspace, overlap_tags=str(overlap))
+
+
 def test_overlap_table_and_substring_rule(workspace, tmp_path):
     overlap = tmp_path / "overlap.json"
     overlap.write_text(json.dumps({"long_hair": ["very_long_hair"], "breasts": ["large_breasts"]}), encoding="utf-8")

@@ -113,6 +113,10 @@ def overlap(path: str) -> pa.Table:
     pairs: list[tuple[str, str]] = []
     if path:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        # a string is a list of letters to Python: {"long_hair": "very_long_hair"} made one rule a letter
+        if not isinstance(data, dict) or not all(isinstance(values, list) and all(isinstance(v, str) for v in values)
+                                                 for values in data.values()):
+            raise ValueError(f"{path}: expected {{tag: [more specific tags]}}")
         pairs = [(underscored(k), underscored(v)) for k, values in data.items() for v in values]
     return pa.table({"tag": [p[0] for p in pairs], "implied_by": [p[1] for p in pairs]},
                     schema=_schema("tag", "implied_by"))
