@@ -342,6 +342,19 @@ def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
     assert sorted(tags_of(workspace)["a"]) == ["eileen", "pubic_hair", "smile"]
 
 
+@pytest.mark.parametrize("data", [{"suffixes": ["hair", "eyes"]}, {"whitelist": "drill"}, ["hair"]])
+def test_trait_rules_not_in_anime_screenshot_pipelines_form_are_a_config_error(workspace, tmp_path, data):
+    """`"suffixes": ["hair", "eyes"]` (one flat list, not a list of groups) made suffix rules of
+    single letters (h, a, i, r): red_hair stayed a trait of no one, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    path = tmp_path / "character_tags.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="character_tags.json: expected"):
+        run_curate(workspace, drop_character_traits=True, character_tags=str(path))
+
+
 def test_rank_solo_then_count_tags_then_characters_then_score(workspace):
     from imgutils.tagging import sort_tags
 

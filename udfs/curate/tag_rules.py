@@ -149,6 +149,7 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
     rows: list[tuple[str, str]] = []
     if path:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        check_trait_rules(data, path)
         groups = lambda key: [w for group in data.get(key, [])[: level + 1] for w in group]  # noqa: E731
         rows += [("whitelist", w) for w in data.get("whitelist", [])]
         rows += [("suffix", w) for w in groups("suffixes")] + [("prefix", w) for w in groups("prefixes")]
@@ -162,6 +163,17 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
     expanded = sorted({(kind, form) for kind, word in rows for form in word_forms(underscored(word), kind)})
     return pa.table({"kind": [r[0] for r in expanded], "pattern": [r[1] for r in expanded]},
                     schema=_schema("kind", "pattern"))
+
+
+def check_trait_rules(data: object, path: str) -> None:
+    """ValueError unless `data` has anime_screenshot_pipeline's form: a flat list of suffixes (a
+    string is a list of letters to Python) made a rule of each letter, none of which acted."""
+    words = lambda value: isinstance(value, list) and all(isinstance(w, str) for w in value)  # noqa: E731
+    if not (isinstance(data, dict) and words(data.get("whitelist", []))
+            and all(isinstance(data.get(key, []), list) and all(words(group) for group in data.get(key, []))
+                    for key in ("suffixes", "prefixes"))):
+        raise ValueError(f'{path}: expected {{"whitelist": [tags], "suffixes": [[words], ...], '
+                         f'"prefixes": [[words], ...]}}')
 
 
 def imgutils_character_lists() -> dict[str, list[str]]:
