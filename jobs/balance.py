@@ -31,7 +31,7 @@ def balance_weights(path: str) -> pa.Table:
     semantics: a repeated pattern keeps its first place in the order and its last weight."""
     weights: dict[str, float] = {}
     if path:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             for row in csv.reader(f):
                 if not row or not "".join(row).strip():
                     continue

@@ -370,7 +370,7 @@ def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict, ccip: dict | None =
             "count_tags": tag_rules.count_tags(opts["rules_dir"]),
             "character_trait_rules": tag_rules.character_trait_rules(
                 opts["character_tags"], int(opts["character_trait_level"])),
-            "character_references": ccip_cluster.references(opts["references"], ccip),
+            "character_references": ccip_cluster.reference_means(ccip_cluster.references(opts["references"], ccip)),
             "group_format": group_format_table(opts["group_format"], schemas.image_meta.names),
             "fh_ratio_bins": fh_ratio_bins(opts["fh_ratio_bins"]),
             "balance_weights": balance_weights(opts["weights"]),

@@ -25,11 +25,15 @@ substring_pairs as (
     join general_tags g on g.len = w.len and g.tag = substr(w.implied_by, w.start_at, w.len)
 ),
 overlap_pairs as (
-    select o.tag, o.implied_by
+    -- through the aliases, as the images' tags are read: imgutils' data names tags that
+    -- Danbooru's list makes aliases (object_hug for hugging_object)
+    select a.tag, b.tag as implied_by
     from tag_overlap o
-    join general_tags a on a.tag = o.tag
-    join general_tags b on b.tag = o.implied_by
-    where o.tag <> o.implied_by
+    left join tag_aliases x on x.alias = o.tag
+    left join tag_aliases y on y.alias = o.implied_by
+    join general_tags a on a.tag = coalesce(x.tag, o.tag)
+    join general_tags b on b.tag = coalesce(y.tag, o.implied_by)
+    where a.tag <> b.tag
 ),
 pairs as (
     select tag, implied_by from substring_pairs

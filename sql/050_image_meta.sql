@@ -1,20 +1,30 @@
 -- image_meta: facts per image from images, the curated tags and the detections.
 --   n_faces   faces with score >= $face_threshold whose box (in pixels) is at most
---             $max_face_aspect times longer than wide or wide than long
+--             $max_face_aspect times longer than wide or wide than long, of one face detector
+--             (the first model by name that found one)
 --   facepos   one "fvp <v> fhp <h>" per face: the face centre's vertical / horizontal
 --             position in percent of the image (0 top / left), largest face first
 --   fh_ratio  height of the largest face / image height
 --   n_people  from count tags (1girl, 2girls, ..., 6+girls, boys, others, solo) when the image
 --             has any, else from person detections, else n_faces
 --   characters  the character tags, or the character a person set (edit_state, booruset review)
-with faces as (
-    select d.key, d.x0, d.y0, d.x1, d.y1, d.y1 - d.y0 as height_ratio
+with detected_faces as (
+    select d.key, d.model, d.x0, d.y0, d.x1, d.y1, d.y1 - d.y0 as height_ratio
     from detections d
     join images i on i.key = d.key
     where d.label = $face_label and d.score >= $face_threshold
       and (d.x1 - d.x0) > 0 and (d.y1 - d.y0) > 0
       and greatest((d.x1 - d.x0) * i.width, (d.y1 - d.y0) * i.height)
           <= $max_face_aspect * least((d.x1 - d.x0) * i.width, (d.y1 - d.y0) * i.height)
+),
+face_models as (
+    -- one detector's faces per image, the first model by name that found one (as the embedding
+    -- steps choose a model): the default models run two face detectors (the YOLO face model and
+    -- the cascade), and each face was counted once per detector
+    select key, min(model) as model from detected_faces group by key
+),
+faces as (
+    select f.* from detected_faces f semi join face_models m on m.key = f.key and m.model = f.model
 ),
 face_facts as (
     select key,

@@ -98,6 +98,14 @@ def test_weights_with_hostile_names(tmp_path):
     assert got == pytest.approx({"it's;a,b": 2 / 6, "日本語": 3 / 6, "plain": 1 / 6})
 
 
+def test_a_weights_file_saved_with_a_byte_order_mark_weighs_its_first_folder(tmp_path):
+    """A CSV saved as "CSV UTF-8" by Excel starts with a byte order mark: its first pattern was
+    `\ufeffalice`, which no folder matches, and that folder kept weight 1 without a word."""
+    weights = tmp_path / "weights.csv"
+    weights.write_text("\ufeffalice,3\n", encoding="utf-8")
+    assert balance.balance_weights(str(weights))["pattern"].to_pylist() == ["alice"]
+
+
 @pytest.mark.parametrize("row", ["a,0", "*,0", "a,-1", "a,nan", "a,inf", "a,heavy"])
 def test_a_weight_that_is_not_a_number_above_zero_is_refused(workspace, tmp_path, row):
     """A weight of 0 gave its folder a NaN multiply, clipped to max_multiply: the most repeats for
@@ -137,6 +145,25 @@ def _people_workspace(ws):
         face_row("none", 0.0, 0.0, 0.5, 0.5, label="person"), face_row("none", 0.5, 0.0, 1.0, 0.5, label="person"),
         face_row("none", 1.0, 0.2, 1.0, 0.6, label="person"),  # clipped to nothing at the edge: no person
     ])
+
+
+def test_a_face_both_face_detectors_find_is_one_face(workspace):
+    """The default models run two face detectors (annotate.models: cascade_face and face), both
+    labelling "face": a picture of one girl had n_faces 2, two facepos and n_people 2 (no count
+    tag, no person box), and went to a 2_people group. Each image's faces are one detector's: the
+    first model by name that found one, as the embedding steps choose a model."""
+    workspace.add_part("images", "p", image_rows(["one", "cascade_only"]))
+    workspace.add_part("detections", "p", [
+        {**face_row("one", 0.4, 0.2, 0.6, 0.4, score=1.0), "model": "lbpcascade_animeface"},
+        {**face_row("one", 0.41, 0.21, 0.6, 0.41, score=0.8), "model": "face_detect_v1.4_s"},
+        {**face_row("cascade_only", 0.1, 0.1, 0.3, 0.3, score=1.0), "model": "lbpcascade_animeface"},
+        {**face_row("cascade_only", 0.5, 0.1, 0.7, 0.3, score=1.0), "model": "lbpcascade_animeface"},
+    ])
+    curate.run(curate_config(workspace, group_format="n_people"), workspace)
+    meta = {r["key"]: r for r in workspace.read_table("image_meta").to_pylist()}
+    assert (meta["one"]["n_faces"], meta["one"]["facepos"], meta["one"]["n_people"]) == (1, ["fvp 31 fhp 50"], 1)
+    assert meta["one"]["fh_ratio"] == pytest.approx(0.2)
+    assert (meta["cascade_only"]["n_faces"], meta["cascade_only"]["n_people"]) == (2, 2)
 
 
 def test_image_meta_facts(workspace):

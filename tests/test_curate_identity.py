@@ -117,6 +117,20 @@ def test_broken_and_zero_embeddings_are_no_ones_duplicates(workspace):
 
 
 
+def test_embedding_similarity_1_pairs_every_image_with_an_identical_embedding(workspace):
+    """embedding_similarity = 1 (the top of its range: equal embeddings only) found 12 of 40 images
+    that share their vector with another: float32 rounding gives a vector's cosine with itself as
+    0.9999995 as often as 1."""
+    rng = np.random.default_rng(9)
+    vectors = [unit_vector(rng) * 3.7 for _ in range(20)]
+    keys = [f"k{i:02d}" for i in range(40)]
+    workspace.add_part("images", "p", image_rows(keys))
+    workspace.add_part("embeddings", "p", [embedding_row(k, vectors[i % 20]) for i, k in enumerate(keys)])
+    curate.run(curate_config(workspace, embedding_similarity=1.0), workspace)
+    dups = workspace.read_table("duplicates").to_pylist()
+    assert len(dups) == 40 and len({r["dup_group"] for r in dups}) == 20
+
+
 def test_annotations_of_images_an_ingest_removed_are_left_out(workspace):
     """Between an ingest that removed files and the next annotate, annotate's rows of those
     files are still there: curate put the removed keys into duplicates and clusters."""
@@ -214,6 +228,22 @@ def test_clusters_match_imgutils_ccip_clustering(workspace, tmp_path, monkeypatc
     assert len(set(expected) - {-1}) == 3
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"cluster_min_samples": 1}, "cluster_min_samples must be at least 2 for optics"),
+    ({"max_block": 3}, "max_block must be at least"),  # under optics' 5
+    ({"cluster_method": "dbscan", "cluster_min_samples": 4, "max_block": 3}, "max_block must be at least"),
+])
+def test_clustering_options_that_leave_every_crop_noise_are_config_errors(workspace, options, message):
+    """OPTICS with min_samples 1 (sklearn's OPTICS refuses it) labelled two clear identities of 6
+    crops all noise, and so did a max_block under min_samples (k-means cells too small to hold a
+    cluster), without a word."""
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        curate.check_options(curate_config(workspace, **options)["curate"])
+    curate.check_options(curate_config(workspace, cluster_method="dbscan", cluster_min_samples=1)["curate"])
+
+
 def test_blocks_by_character_tags_and_large_block_merge(workspace):
     rng = np.random.default_rng(3)
     vectors, truth = _identities(rng, n_ids=2, per_id=12, noise=0)
@@ -266,6 +296,70 @@ def test_a_references_file_that_is_no_references_table_is_a_config_error(workspa
     workspace.add_part("images", "p", image_rows(["a"]))
     with pytest.raises(ConfigError, match="refs.parquet: not a table of references"):
         curate.run(curate_config(workspace, references=str(refs)), workspace)
+
+
+def test_each_crop_is_clustered_once_when_images_have_embeddings_of_two_models(workspace):
+    """With cluster_model "" ("any"), an image embedded by two CCIP models had each crop in
+    cluster_crops twice, and the windows' join on (key, crop) made it four rows of clusters: 8
+    crops gave 32 rows. Each image takes the first model by name, as the duplicates step does."""
+    vectors, truth = _identities(np.random.default_rng(8), n_ids=1, per_id=8, noise=0)
+    keys = _write_crops(workspace, vectors)
+    workspace.add_part("embeddings", "p2", [{**embedding_row(k, -v, crop=0), "model": "ccip_b"}
+                                            for k, v in zip(keys, vectors, strict=True)])
+    curate.run(curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3), workspace)
+    rows = workspace.read_table("clusters").to_pylist()
+    assert sorted((r["key"], r["crop"]) for r in rows) == [(k, 0) for k in keys]
+    assert len({r["cluster"] for r in rows}) == 1 and rows[0]["cluster"] >= 0
+
+
+def test_reference_matches_are_the_smallest_mean_difference_to_each_characters_references(workspace, tmp_path):
+    """sql/071 compares each crop with one mean per character (the join of every crop with every
+    reference took 28 s of 35 for 20,000 crops and 200 references); the match must stay the
+    character whose references have the smallest mean 1 - cosine, as the per-reference join gave."""
+    rng = np.random.default_rng(11)
+    centres = [unit_vector(rng) for _ in range(3)]
+    crops = np.stack([unit_vector(rng, centres[i % 3], 0.015) * (1 + i % 5) for i in range(30)] + [unit_vector(rng)])
+    keys = _write_crops(workspace, crops)
+    characters = ["alice", "alice", "alice", "bob", "carol", "carol"]
+    refs = np.stack([unit_vector(rng, centres[c], 0.015) * 2.5 for c in (0, 0, 0, 1, 2, 2)])
+    path = tmp_path / "refs.parquet"
+    vectors = pa.array(refs.tolist(), pa.list_(pa.float32(), CCIP_DIM))
+    pq.write_table(pa.table({"character": characters, "vector": vectors}), path)
+    threshold = 0.3
+    curate.run(curate_config(workspace, references=str(path), ccip_threshold=threshold), workspace)
+    con = duckdb.connect()
+    con.register("clusters", workspace.read_table("clusters"))
+    got = dict(con.execute("select key, character from clusters").fetchall())
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    names = sorted(set(characters))
+    for key, crop in zip(keys, crops, strict=True):
+        means = [np.mean([1 - unit(crop) @ unit(r) for r, c in zip(refs, characters, strict=True) if c == name])
+                 for name in names]
+        expected = names[int(np.argmin(means))] if min(means) <= threshold else None
+        assert got[key] == expected, (key, means)
+    assert {got[k] for k in keys[:30]} == set(names) and got[keys[30]] is None
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    ({"vector": [0.0] * CCIP_DIM}, r"reference 2 \('alice'\): its vector is zero or not finite"),
+    ({"vector": [float("nan")] * CCIP_DIM}, r"reference 2 \('alice'\): its vector is zero or not finite"),
+    ({"character": None}, "reference 2 has no character"),
+])
+def test_a_broken_reference_is_a_config_error(workspace, tmp_path, broken, message):
+    """One zero or NaN vector among a character's references made the mean difference of every
+    crop to that character NaN: the character matched nothing, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    rng = np.random.default_rng(4)
+    vectors, truth = _identities(rng, n_ids=2, per_id=8, noise=0)
+    _write_crops(workspace, vectors)
+    rows = [{"character": "alice", "vector": vectors[0].tolist()}, {"character": "bob", "vector": vectors[8].tolist()},
+            {"character": "alice", "vector": vectors[1].tolist(), **broken}]
+    refs = tmp_path / "refs.parquet"
+    pq.write_table(pa.table({"character": pa.array([r["character"] for r in rows], pa.string()),
+                             "vector": pa.array([r["vector"] for r in rows], pa.list_(pa.float32(), CCIP_DIM))}), refs)
+    with pytest.raises(ConfigError, match=message):
+        curate.run(curate_config(workspace, references=str(refs), ccip_threshold=0.1), workspace)
 
 
 def test_merge_close_clusters_joins_halves_of_one_identity():
@@ -323,6 +417,53 @@ def test_reference_folder_embedded_with_annotates_ccip_model(workspace, tmp_path
     curate.run(cfg, workspace)
     rows = {r["key"]: r["character"] for r in workspace.read_table("clusters").to_pylist()}
     assert rows == {"alice_crop": "alice", "bob_crop": "bob"}
+
+
+def test_hidden_files_and_folders_of_a_reference_folder_are_left_out(tmp_path):
+    """A folder copied from a Mac holds `._1.png` (AppleDouble, no picture): curate stopped on it as
+    a reference image that does not decode; and `.thumbnails/` became a character of that name."""
+    from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+    from PIL import Image
+
+    from udfs.curate import ccip_cluster
+
+    ccip_model(tmp_path / "models" / CCIP_REPO / CCIP_FILE)
+    for folder in ("alice", ".thumbnails"):
+        (tmp_path / "refs" / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 96), (250, 20, 20)).save(tmp_path / "refs" / folder / "1.png")
+    (tmp_path / "refs" / "alice" / "._1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    spec = {**curate_config_ccip(), "models_dir": str(tmp_path / "models")}
+    assert ccip_cluster.references(str(tmp_path / "refs"), spec)["character"].to_pylist() == ["alice"]
+
+
+def test_reference_characters_are_named_as_ingest_writes_tags(tmp_path):
+    """Tags are in Danbooru form (lower case, underscores, NFC: ingest's normalize_tag); a folder
+    `Alice (Genshin)` or a macOS folder name in NFD (`pokémon` as e + a combining accent) named a
+    character no tag equals, so its crops never met the image's character tag (person_tags)."""
+    import unicodedata
+
+    from onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+    from PIL import Image
+
+    from udfs.curate import ccip_cluster
+
+    ccip_model(tmp_path / "models" / CCIP_REPO / CCIP_FILE)
+    for folder in ("Alice (Genshin)", unicodedata.normalize("NFD", "pokémon_trainer")):
+        (tmp_path / "refs" / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 96), (250, 20, 20)).save(tmp_path / "refs" / folder / "1.png")
+    spec = {**curate_config_ccip(), "models_dir": str(tmp_path / "models")}
+    assert ccip_cluster.references(str(tmp_path / "refs"), spec)["character"].to_pylist() == [
+        "alice_(genshin)", unicodedata.normalize("NFC", "pokémon_trainer")]
+    table = tmp_path / "refs.parquet"
+    vectors = pa.array([[0.5] * CCIP_DIM], pa.list_(pa.float32(), CCIP_DIM))
+    pq.write_table(pa.table({"character": [" Bob  Smith "], "vector": vectors}), table)
+    assert ccip_cluster.references(str(table))["character"].to_pylist() == ["bob_smith"]
+
+
+def curate_config_ccip() -> dict:
+    from jobs.config import load_config
+
+    return load_config(None, [])["annotate"]["ccip"]
 
 
 def test_a_reference_image_that_does_not_decode_is_named(tmp_path):

@@ -62,6 +62,62 @@ def test_aliases_from_rules_and_tag_list_and_categories(workspace, tmp_path):
     assert rows == {"1girl": "general", "long_hair": "general", "hatsune_miku": "character", "smile": "general"}
 
 
+def test_a_listed_tag_is_never_an_alias_whatever_the_row_order(workspace, tmp_path):
+    """Danbooru's list keeps stale aliases: `sonic_the_hedgehog`, a character with a row of its own,
+    is also listed as an alias of the copyright `sonic_(series)` (row 2388 of ../shared's list, the
+    character's own row 4842). A name was no alias only when its row came first: the character
+    became the copyright, and `sonic`, its alias, a character still (images of one character
+    split in two tags)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('sonic_(series),3,11362,sonic_the_hedgehog\nsonic_the_hedgehog,4,3890,sonic\n',
+                        encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["sonic_the_hedgehog"]) + source_rows("b", ["sonic"]))
+    run_curate(workspace, tag_list=str(tag_list))
+    rows = sorted((r["key"], r["tag"], r["category"]) for r in workspace.read_table("tags").to_pylist())
+    assert rows == [("a", "sonic_the_hedgehog", "character"), ("b", "sonic_the_hedgehog", "character")]
+
+
+def test_the_rules_aliases_win_over_the_tag_lists_and_chains_end_at_one_tag(workspace, tmp_path):
+    """aliases.csv choosing `blond_hair` where the list says blond_hair -> blonde_hair made a circle
+    followed one step: `blond_hair` became blonde_hair and `blonde_hair` blond_hair. A list alias of
+    a name the file aliases goes on to the file's tag (yellow_hair -> blonde_hair -> blond_hair)."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('blonde_hair,0,100,"blond_hair,yellow_hair"\n', encoding="utf-8")
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("alias,tag\nblonde_hair,blond_hair\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b", "c"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["blonde_hair"]) + source_rows("b", ["blond_hair"])
+                       + source_rows("c", ["yellow_hair"]))
+    run_curate(workspace, tag_list=str(tag_list), rules_dir=rules)
+    assert tags_of(workspace) == {"a": ["blond_hair"], "b": ["blond_hair"], "c": ["blond_hair"]}
+
+
+def test_aliases_that_go_round_in_a_circle_are_a_config_error(workspace):
+    from jobs.config import ConfigError
+
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("alias,tag\nx,y\ny,z\nz,x\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="x -> y -> z -> x"):
+        run_curate(workspace, rules_dir=rules)
+
+
+def test_lookup_files_saved_with_a_byte_order_mark_read_as_without(workspace, tmp_path):
+    """A tagger label file saved by Excel ("CSV UTF-8") starts with a byte order mark: its header
+    was no longer `tag_id,name,category`, the file was read as a Danbooru list of ids, and every
+    tag was general (characters lost); aliases.csv with one failed curate with KeyError 'alias'."""
+    tag_list = tmp_path / "selected_tags.csv"
+    tag_list.write_text("\ufefftag_id,name,category,count\n1,eileen_(ren'py),4,10\n", encoding="utf-8")
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "aliases.csv").write_text("\ufeffalias,tag\neileen,eileen_(ren'py)\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["eileen", "smile"]))
+    run_curate(workspace, tag_list=str(tag_list), rules_dir=rules)
+    rows = {r["tag"]: r["category"] for r in workspace.read_table("tags").to_pylist()}
+    assert rows == {"eileen_(ren'py)": "character", "smile": "general"}
+
+
 def test_category_learned_from_other_sidecars(workspace):
     workspace.add_part("images", "p", image_rows(["a", "b"]))
     workspace.add_part("source_tags", "p", source_rows("a", ["eileen_(ren'py)", "smile"])
@@ -115,6 +171,47 @@ def test_impossible_combinations(workspace, scores, kept):
     workspace.add_part("tag_scores", "p", score_rows("a", scores))
     run_curate(workspace)
     assert tags_of(workspace)["a"] == kept
+
+
+def test_an_impossible_combination_of_a_tag_with_itself_is_a_config_error(workspace):
+    """A row `smile,smile,a` in impossible_tags.csv paired every image's smile with itself, and the
+    loser, smile, left every image without a word."""
+    from jobs.config import ConfigError
+
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "impossible_tags.csv").write_text("tag_a,tag_b,winner\nsmile,smile,a\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["smile", "1girl"]))
+    with pytest.raises(ConfigError, match="impossible_tags.csv: smile cannot rule out itself"):
+        run_curate(workspace, rules_dir=rules)
+
+
+def test_overlap_rules_written_with_an_alias_act_on_its_tag(workspace, tmp_path):
+    """imgutils' overlap data names 78 tags that Danbooru's list makes aliases (`object_hug` for
+    hugging_object, `see-through` for see-through_clothes): the image's tags are read through the
+    aliases, the rules were not, so `hugging_object` stayed beside `pillow_hug`."""
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('hugging_object,0,24850,object_hug\npillow_hug,0,10,""\n', encoding="utf-8")
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps({"object_hug": ["pillow_hug", "doll_hug"]}), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a", "b"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["object_hug", "pillow_hug"])
+                       + source_rows("b", ["hugging_object"]))
+    run_curate(workspace, tag_list=str(tag_list), overlap_tags=str(overlap))
+    assert tags_of(workspace) == {"a": ["pillow_hug"], "b": ["hugging_object"]}
+
+
+@pytest.mark.parametrize("data", [{"long_hair": "very_long_hair"}, ["long_hair"], {"long_hair": [["very_long_hair"]]}])
+def test_an_overlap_file_not_of_tags_to_lists_of_tags_is_a_config_error(workspace, tmp_path, data):
+    """`{"long_hair": "very_long_hair"}` (a string, not a list) made the rules long_hair <- v,
+    long_hair <- e, ... one per letter: none acted, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps(data), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="overlap.json: expected"):
+        run_curate(workspace, overlap_tags=str(overlap))
 
 
 def test_overlap_table_and_substring_rule(workspace, tmp_path):
@@ -243,6 +340,19 @@ def test_character_traits_from_anime_screenshot_pipeline_json(workspace):
     assert sorted(tags_of(workspace)["a"]) == ["eileen", "fang", "pubic_hair", "smile"]
     run_curate(workspace, drop_character_traits=True, character_tags=str(path), character_trait_level=1)
     assert sorted(tags_of(workspace)["a"]) == ["eileen", "pubic_hair", "smile"]
+
+
+@pytest.mark.parametrize("data", [{"suffixes": ["hair", "eyes"]}, {"whitelist": "drill"}, ["hair"]])
+def test_trait_rules_not_in_anime_screenshot_pipelines_form_are_a_config_error(workspace, tmp_path, data):
+    """`"suffixes": ["hair", "eyes"]` (one flat list, not a list of groups) made suffix rules of
+    single letters (h, a, i, r): red_hair stayed a trait of no one, and curate said nothing."""
+    from jobs.config import ConfigError
+
+    path = tmp_path / "character_tags.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    with pytest.raises(ConfigError, match="character_tags.json: expected"):
+        run_curate(workspace, drop_character_traits=True, character_tags=str(path))
 
 
 def test_rank_solo_then_count_tags_then_characters_then_score(workspace):

@@ -25,6 +25,9 @@ SORT_BITS = 12  # extra hyperplanes past lsh_bits: they order a bucket so that c
 CANDIDATES_SCHEMA = pa.schema([("id_a", pa.int64()), ("id_b", pa.int64())])
 READ_ROWS = 20_000  # vectors per read: 60 MB
 PAIRS_PER_STEP = 8_192  # pairs compared at once: their two vectors are 50 MB
+# float32 rounding: a unit vector's cosine with itself comes out anywhere in 1 +- 5e-7, so that
+# embedding_similarity = 1 (equal embeddings only) missed most equal pairs without this slack
+COSINE_ROUNDING = 1e-6
 
 
 class EmbeddingVectors:
@@ -95,7 +98,8 @@ class EmbeddingVectors:
             for start in range(0, len(ids_a), PAIRS_PER_STEP):
                 a, b = ids_a[start:start + PAIRS_PER_STEP], ids_b[start:start + PAIRS_PER_STEP]
                 cosine = np.einsum("ij,ij->i", self.vectors[a], self.vectors[b])
-                keep[start:start + PAIRS_PER_STEP] = cosine >= similarity  # NaN (a broken vector) never is
+                # NaN (a broken vector) is never similar
+                keep[start:start + PAIRS_PER_STEP] = cosine >= similarity - COSINE_ROUNDING
             yield pa.table({"id_a": ids_a[keep], "id_b": ids_b[keep]}, schema=CANDIDATES_SCHEMA)
 
 

@@ -16,6 +16,8 @@ import pyarrow as pa
 from hbutils.string import plural_form, singular_form
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "data" / "rules"
+# The lookup files are read as "utf-8-sig": a byte order mark (Excel's "CSV UTF-8") is no part
+# of the first header or tag, and a file without one reads as UTF-8.
 
 # Category numbers of Danbooru's tag list and of the WD taggers' selected_tags.csv.
 CATEGORY_NAMES = {"0": "general", "1": "artist", "3": "copyright", "4": "character", "5": "meta", "9": "rating"}
@@ -31,7 +33,7 @@ def rules_file(rules_dir: str, name: str) -> Path:
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -44,7 +46,7 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
     categories: dict[str, str] = {}
     aliases: dict[str, str] = {}
     if path:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
         labelled = bool(rows) and rows[0][:3] == ["tag_id", "name", "category"]
         for row in rows[1:] if labelled else rows:
@@ -53,8 +55,11 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
             elif not labelled and len(row) >= 2:
                 categories[row[0]] = CATEGORY_NAMES.get(row[1], "general")
                 for alias in (row[3].split(",") if len(row) > 3 and row[3] else []):
-                    if alias and alias not in categories:
+                    if alias:
                         aliases.setdefault(alias, row[0])
+    # a name with a row of its own is a tag, wherever its row is: Danbooru's list keeps stale
+    # aliases (`sonic_the_hedgehog`, a character, also listed as an alias of `sonic_(series)`)
+    aliases = {alias: tag for alias, tag in aliases.items() if alias not in categories}
     return (
         pa.table({"tag": list(categories), "category": list(categories.values())}, schema=_schema("tag", "category")),
         pa.table({"alias": list(aliases), "tag": list(aliases.values())}, schema=_schema("alias", "tag")),
@@ -62,13 +67,34 @@ def tag_list(path: str) -> tuple[pa.Table, pa.Table]:
 
 
 def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
-    """Aliases of the tag list, overridden by data/rules/aliases.csv (the repository's own)."""
-    merged = dict(zip(list_aliases["alias"].to_pylist(), list_aliases["tag"].to_pylist(), strict=True))
+    """Aliases of the tag list, overridden by data/rules/aliases.csv (the repository's own), each
+    to its final tag: the SQL follows one step, so a chain (a -> b -> c) must be c already.
+
+    A name the file aliases a tag to is that tag, whatever the list says of it (the file's
+    blonde_hair -> blond_hair beside the list's blond_hair -> blonde_hair: both are blond_hair,
+    not each the other); a list alias of a name the file aliases goes on to the file's tag."""
     override = rules_file(rules_dir, "aliases.csv")
-    if override.is_file():
-        merged.update({r["alias"]: r["tag"] for r in read_csv_rows(override)})
+    rows = {r["alias"]: r["tag"] for r in read_csv_rows(override)} if override.is_file() else {}
+    chosen = {alias: final_tag(rows, alias, str(override)) for alias in rows}
+    tags = set(chosen.values())
+    merged = {alias: tag for alias, tag in zip(list_aliases["alias"].to_pylist(), list_aliases["tag"].to_pylist(),
+                                              strict=True) if alias not in tags}
+    merged.update(chosen)
+    merged = {alias: final_tag(merged, alias, str(override)) for alias in merged}
     merged = {a: t for a, t in merged.items() if a != t}
     return pa.table({"alias": list(merged), "tag": list(merged.values())}, schema=_schema("alias", "tag"))
+
+
+def final_tag(aliases: dict[str, str], alias: str, source: str) -> str:
+    """The tag at the end of `alias`'s chain (an alias of itself ends it); ValueError for a circle."""
+    chain = [alias]
+    while chain[-1] in aliases and aliases[chain[-1]] != chain[-1]:
+        tag = aliases[chain[-1]]
+        if tag in chain:
+            circle = " -> ".join([*chain[chain.index(tag):], tag])
+            raise ValueError(f"{source}: aliases that go round in a circle: {circle}")
+        chain.append(tag)
+    return chain[-1]
 
 
 def blacklist(path: str) -> pa.Table:
@@ -76,7 +102,7 @@ def blacklist(path: str) -> pa.Table:
 
     As imgutils.tagging.drop_blacklisted_tags: spaces or underscores alike, and an entry also
     takes the singular and plural of its last word (`breast` drops `breasts`)."""
-    text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8")
+    text = Path(path or RULES_DIR / "blacklist.txt").read_text(encoding="utf-8-sig")
     entries = {underscored(line) for line in text.splitlines() if line.strip() and not line.startswith("#")}
     tags = sorted({form for entry in entries for form in word_forms(entry)})
     return pa.table({"tag": tags}, schema=_schema("tag"))
@@ -86,7 +112,11 @@ def overlap(path: str) -> pa.Table:
     """`{tag: [more specific tags]}` (imgutils' overlap_tags data) as (tag, implied_by) rows."""
     pairs: list[tuple[str, str]] = []
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        # a string is a list of letters to Python: {"long_hair": "very_long_hair"} made one rule a letter
+        if not isinstance(data, dict) or not all(isinstance(values, list) and all(isinstance(v, str) for v in values)
+                                                 for values in data.values()):
+            raise ValueError(f"{path}: expected {{tag: [more specific tags]}}")
         pairs = [(underscored(k), underscored(v)) for k, values in data.items() for v in values]
     return pa.table({"tag": [p[0] for p in pairs], "implied_by": [p[1] for p in pairs]},
                     schema=_schema("tag", "implied_by"))
@@ -97,6 +127,8 @@ def impossible(rules_dir: str) -> pa.Table:
     for r in rows:
         if r["winner"] not in ("a", "b", "score"):
             raise ValueError(f"impossible_tags.csv: winner must be a, b or score, got {r['winner']!r}")
+        if r["tag_a"] == r["tag_b"]:  # the SQL pairs the tag with itself: it left every image
+            raise ValueError(f"impossible_tags.csv: {r['tag_a']} cannot rule out itself")
     return pa.table({k: [r[k] for r in rows] for k in ("tag_a", "tag_b", "winner")},
                     schema=_schema("tag_a", "tag_b", "winner"))
 
@@ -116,7 +148,8 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
     """
     rows: list[tuple[str, str]] = []
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        check_trait_rules(data, path)
         groups = lambda key: [w for group in data.get(key, [])[: level + 1] for w in group]  # noqa: E731
         rows += [("whitelist", w) for w in data.get("whitelist", [])]
         rows += [("suffix", w) for w in groups("suffixes")] + [("prefix", w) for w in groups("prefixes")]
@@ -130,6 +163,17 @@ def character_trait_rules(path: str, level: int) -> pa.Table:
     expanded = sorted({(kind, form) for kind, word in rows for form in word_forms(underscored(word), kind)})
     return pa.table({"kind": [r[0] for r in expanded], "pattern": [r[1] for r in expanded]},
                     schema=_schema("kind", "pattern"))
+
+
+def check_trait_rules(data: object, path: str) -> None:
+    """ValueError unless `data` has anime_screenshot_pipeline's form: a flat list of suffixes (a
+    string is a list of letters to Python) made a rule of each letter, none of which acted."""
+    words = lambda value: isinstance(value, list) and all(isinstance(w, str) for w in value)  # noqa: E731
+    if not (isinstance(data, dict) and words(data.get("whitelist", []))
+            and all(isinstance(data.get(key, []), list) and all(words(group) for group in data.get(key, []))
+                    for key in ("suffixes", "prefixes"))):
+        raise ValueError(f'{path}: expected {{"whitelist": [tags], "suffixes": [[words], ...], '
+                         f'"prefixes": [[words], ...]}}')
 
 
 def imgutils_character_lists() -> dict[str, list[str]]:
