@@ -277,6 +277,9 @@ def check_options(opts: dict) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     # min_multiply, max_multiply > 0, lsh_bits and lsh_tables >= 1: jobs/config.DOMAINS
+    if float(opts["min_multiply"]) > float(opts["max_multiply"]):  # every multiply would be max_multiply
+        raise ConfigError(f"curate.min_multiply {opts['min_multiply']} is above curate.max_multiply "
+                          f"{opts['max_multiply']}: every image would get max_multiply, nothing balanced")
     top = 62 - near_duplicates.SORT_BITS
     if int(opts["lsh_bits"]) > top:
         raise ConfigError(f"curate.lsh_bits must be between 1 and {top}")

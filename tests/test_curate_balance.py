@@ -130,6 +130,17 @@ def test_a_multiply_bound_of_zero_is_refused(option):
         load_config(None, [f"curate.{option}=0.0"])
 
 
+def test_a_min_multiply_above_max_multiply_is_refused():
+    """Every multiply is clipped at max_multiply: with the smallest above it, all images got the same."""
+    from jobs import curate
+    from jobs.config import ConfigError, load_config
+
+    opts = load_config(None, ["curate.min_multiply=5.0", "curate.max_multiply=2.0"])["curate"]
+    with pytest.raises(ConfigError, match="curate.min_multiply 5.0 is above curate.max_multiply 2.0"):
+        curate.check_options(opts)
+    curate.check_options(load_config(None, ["curate.min_multiply=2.0", "curate.max_multiply=2.0"])["curate"])
+
+
 def _people_workspace(ws):
     ws.add_part("images", "p", image_rows(["solo", "pair", "crowd", "none"], width=1000, height=500))
     ws.add_part("source_tags", "p",
