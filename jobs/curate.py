@@ -68,6 +68,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in built["timings"].items()))
     summary.notes.append(f"peak memory of the worker that built the tables: {built['peak_mib']:.0f} MiB")
+    summary.notes += built["notes"]
     return summary
 
 
@@ -86,9 +87,23 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
             files = {name: tag_parts if name == "tags" else export_table(con, ws, name, generation)
                      for name in OUTPUTS}
             rows_out = {name: con.execute(f'select count(*) from "{name}"').fetchone()[0] for name in OUTPUTS}
+            notes = [note] if (note := cluster_model_note(con, str(opts["cluster_model"]))) else []
         finally:
             con.close()
-    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak.mib}
+    return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak.mib,
+            "notes": notes}
+
+
+def cluster_model_note(con: duckdb.DuckDBPyConnection, model: str) -> str | None:
+    """What the summary says when curate.cluster_model names no model of the embeddings table
+    (a typo): every crop is then left out of the clusters, which is otherwise silent."""
+    if not model or con.execute("select 1 from embeddings where model = $m limit 1", {"m": model}).fetchone():
+        return None
+    found = [row[0] for row in con.execute("select distinct model from embeddings order by 1 limit 10").fetchall()]
+    if not found:
+        return None
+    return (f"curate.cluster_model {model!r} names no model of the embeddings ({', '.join(found)}): "
+            "no crop was clustered")
 
 
 # ---- the steps ------------------------------------------------------------------------------

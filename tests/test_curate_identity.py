@@ -312,6 +312,19 @@ def test_each_crop_is_clustered_once_when_images_have_embeddings_of_two_models(w
     assert len({r["cluster"] for r in rows}) == 1 and rows[0]["cluster"] >= 0
 
 
+def test_a_cluster_model_no_embedding_has_is_said_in_the_summary(workspace):
+    """A misspelt curate.cluster_model left every crop out of the clusters without a word."""
+    vectors, _ = _identities(np.random.default_rng(8), n_ids=1, per_id=8, noise=0)
+    _write_crops(workspace, vectors)
+    options = {"cluster_method": "dbscan", "cluster_eps": 0.1, "cluster_min_samples": 3}
+    summary = curate.run(curate_config(workspace, cluster_model="ccpi", **options), workspace)
+    assert workspace.read_table("clusters").num_rows == 0
+    assert any("curate.cluster_model 'ccpi' names no model of the embeddings (ccip)" in n for n in summary.notes)
+    summary = curate.run(curate_config(workspace, cluster_model="ccip", **options), workspace)
+    assert workspace.read_table("clusters").num_rows == 8
+    assert not any("cluster_model" in n for n in summary.notes)
+
+
 def test_reference_matches_are_the_smallest_mean_difference_to_each_characters_references(workspace, tmp_path):
     """sql/071 compares each crop with one mean per character (the join of every crop with every
     reference took 28 s of 35 for 20,000 crops and 200 references); the match must stay the
