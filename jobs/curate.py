@@ -379,13 +379,18 @@ def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict, ccip: dict | None =
     """Lookup files -> tables in the work database (the SQL reads them by these names)."""
     try:
         categories, list_aliases = tag_rules.tag_list(opts["tag_list"])
+        aliases = tag_rules.alias_table(list_aliases, opts["rules_dir"])
         tables = {
             "tag_categories": categories,
-            "tag_aliases": tag_rules.alias_table(list_aliases, opts["rules_dir"]),
-            "tag_blacklist": tag_rules.blacklist(opts["blacklist"]),
+            "tag_aliases": aliases,
+            # the rules name tags as the images' tags are read, through the aliases
+            "tag_blacklist": tag_rules.through_aliases(tag_rules.blacklist(opts["blacklist"]), aliases, ("tag",),
+                                                       "blacklist"),
             "tag_overlap": tag_rules.overlap(opts["overlap_tags"]),
-            "impossible_tags": tag_rules.impossible(opts["rules_dir"]),
-            "count_tags": tag_rules.count_tags(opts["rules_dir"]),
+            "impossible_tags": tag_rules.through_aliases(tag_rules.impossible(opts["rules_dir"]), aliases,
+                                                         ("tag_a", "tag_b"), "impossible_tags.csv"),
+            "count_tags": tag_rules.through_aliases(tag_rules.count_tags(opts["rules_dir"]), aliases, ("tag",),
+                                                    "count_tags.csv"),
             "character_trait_rules": tag_rules.character_trait_rules(
                 opts["character_tags"], int(opts["character_trait_level"])),
             "character_references": ccip_cluster.reference_means(ccip_cluster.references(opts["references"], ccip)),

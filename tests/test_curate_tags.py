@@ -93,6 +93,30 @@ def test_the_rules_aliases_win_over_the_tag_lists_and_chains_end_at_one_tag(work
     assert tags_of(workspace) == {"a": ["blond_hair"], "b": ["blond_hair"], "c": ["blond_hair"]}
 
 
+def test_blacklist_impossible_and_count_rules_written_with_an_alias_act_on_its_tag(workspace, tmp_path):
+    """The images' tags are read through the aliases; a rule written with an alias name (the tag
+    list makes `blonde_hair` an alias of `blond_hair`) acted on no image."""
+    from jobs.config import ConfigError
+
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('blond_hair,0,100,"blonde_hair"\nsmile,0,100,"smiling"\n1girl,0,100,"one_girl"\n'
+                        'frown,0,100,""\n', encoding="utf-8")
+    rules = _rules_without_conflicts(workspace)
+    Path(rules, "impossible_tags.csv").write_text("tag_a,tag_b,winner\nsmiling,frown,a\n", encoding="utf-8")
+    Path(rules, "count_tags.csv").write_text("tag,gender,n\none_girl,girls,1\n", encoding="utf-8")
+    blacklist = tmp_path / "blacklist.txt"
+    blacklist.write_text("blonde_hair\n", encoding="utf-8")
+    workspace.add_part("images", "p", image_rows(["a"]))
+    workspace.add_part("source_tags", "p", source_rows("a", ["blond_hair", "smile", "frown", "1girl"]))
+    run_curate(workspace, tag_list=str(tag_list), rules_dir=rules, blacklist=str(blacklist))
+    assert sorted(tags_of(workspace)["a"]) == ["1girl", "smile"]
+    assert workspace.read_table("image_meta").to_pylist()[0]["n_people_tags"] == 1
+
+    Path(rules, "impossible_tags.csv").write_text("tag_a,tag_b,winner\nsmiling,smile,a\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"impossible_tags.csv: smiling, smile are one tag \(smile\)"):
+        run_curate(workspace, tag_list=str(tag_list), rules_dir=rules, blacklist=str(blacklist))
+
+
 def test_aliases_that_go_round_in_a_circle_are_a_config_error(workspace):
     from jobs.config import ConfigError
 

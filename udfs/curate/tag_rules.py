@@ -85,6 +85,23 @@ def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
     return pa.table({"alias": list(merged), "tag": list(merged.values())}, schema=_schema("alias", "tag"))
 
 
+def through_aliases(rules: pa.Table, aliases: pa.Table, columns: tuple[str, ...], source: str) -> pa.Table:
+    """A rule table with the tags of `columns` written as the images' tags are read: an alias as
+    its tag (a blacklist entry `blonde_hair` acts on `blond_hair` when the tag list makes it an
+    alias; written as the alias it acted on no image). ValueError for a row whose two tags become
+    one (an impossible combination of a tag with itself would take it from every image)."""
+    canonical = dict(zip(aliases["alias"].to_pylist(), aliases["tag"].to_pylist(), strict=True))
+    values = {name: [canonical.get(tag, tag) for tag in rules[name].to_pylist()] for name in columns}
+    if len(columns) == 2:
+        for index, (first, second) in enumerate(zip(*values.values(), strict=True)):
+            if first == second:
+                row = ", ".join(str(rules[name][index]) for name in columns)
+                raise ValueError(f"{source}: {row} are one tag ({first}) through the aliases")
+    for name, tags in values.items():
+        rules = rules.set_column(rules.schema.get_field_index(name), name, pa.array(tags, pa.string()))
+    return rules
+
+
 def final_tag(aliases: dict[str, str], alias: str, source: str) -> str:
     """The tag at the end of `alias`'s chain (an alias of itself ends it); ValueError for a circle."""
     chain = [alias]
