@@ -494,6 +494,36 @@ def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_
     assert caption.run(config, workspace).units_done == 0
 
 
+def test_a_key_or_model_the_server_refuses_leaves_the_units_to_the_run_after_the_fix(fake, ray_local, workspace,
+                                                                                      config):
+    """A wrong key (401), an account out of credit (402), a model or path the server does not
+    have (404) is refused alike for every request until the config is fixed, as a wrong host is
+    unreachable: no image is asked again with fewer tags, and the units are done again by the
+    next run. They were committed with every image `no_caption` (3 requests each), and the run
+    after the fix captioned nothing: '1 done before, 0 to run'."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    server, url = fake(statuses=[401] * 100)
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": False, "max_attempts": 3,
+        "max_retries": 2, "backoff_s": 0.01, "max_concurrency": 1, "unit_size": 10, "concurrency": 1,
+        "tags_from_text": False, "related_tags": False}})
+    first = caption.run(config, workspace)
+    assert first.errors_by_kind["endpoint_refused"] == 5 and "http_error" not in first.errors_by_kind
+    assert "5 images failed for a passing reason" in first.render()
+    assert len(server.received) == 5  # not retried, not looped back
+    assert len(workspace.read_table("captions")) == 0
+
+    server.statuses.clear()  # the key is fixed
+    second = caption.run(config, workspace)
+    assert second.units_done == 1 and second.errors == 0
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist() if r["accepted"]}) == 5
+
+
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was

@@ -546,9 +546,10 @@ def _rank(row: dict) -> float:
     return 0.0 if row["accuracy"] is None else row["accuracy"]
 
 
-# Failures of the moment (a server down, overloaded, slow): an image left without a caption by
-# them is asked again by the next run, which redoes its unit (jobs/caption.py).
-TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error"})
+# Failures of the moment (a server down, overloaded, slow) or of the endpoint's config (a key or
+# model it refuses: openai_transport.REFUSED_STATUS): an image left without a caption by them is
+# asked again by the next run, which redoes its unit (jobs/caption.py).
+TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error", "endpoint_refused"})
 
 
 def transient_failures(errors: list[dict]) -> int:

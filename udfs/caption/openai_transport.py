@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from udfs.caption.reply_cache import ReplyCache
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Refused for every request alike until the config is fixed (a key, an account out of credit, a
+# model or path the server does not have): not retried, and like an unreachable host a passing
+# failure whose units the next run does again (they were committed with no caption for good).
+REFUSED_STATUS = frozenset({401, 402, 403, 404})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
@@ -94,6 +98,8 @@ class ChatEndpoint:
                 if status == 200:
                     return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
+                if status in REFUSED_STATUS:
+                    raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
                 if status not in RETRY_STATUS:
                     raise EndpointError("http_error", last)
                 kind, wait = ("rate_limited" if status == 429 else "server_error"), _retry_after(headers)
