@@ -203,6 +203,35 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
 
+def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
+    """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
+    ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after
+    its last whole sentence; one without any is no caption (`truncated`: the loop-back asks again)."""
+    def cut(content: str, finish: str = "length") -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                        "finish_reason": finish}]}).encode()
+
+    bodies = [({}, cut("A girl with red hair smiles. She stands in a field of sunflo"), 0.0),
+              ({}, cut('She says "Hello!" and waves. Behind her, a'), 0.0),
+              ({}, cut("A girl smiles at the viewer."), 0.0),
+              ({}, cut("\u5c11\u5973\u304c\u7b11\u3046\u3002\u5f7c\u5973\u306f"), 0.0),
+              ({}, cut("A girl with red hair stands in a fie"), 0.0),
+              ({}, cut("<think>The tags say red hair. So the"), 0.0),
+              ({}, cut("A girl with red hair stands in a fie", "stop"), 0.0)]
+    server, url = serve_bodies(bodies)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)  # bodies in order
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(7)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert results[:4] == ["A girl with red hair smiles.", 'She says "Hello!" and waves.',
+                           "A girl smiles at the viewer.", "\u5c11\u5973\u304c\u7b11\u3046\u3002"]
+    assert [getattr(r, "kind", r) for r in results[4:6]] == ["truncated", "truncated"]
+    assert "max_tokens" in str(results[4])
+    assert results[6] == "A girl with red hair stands in a fie"  # the model stopped there: its caption
+
+
 @pytest.mark.parametrize("reply, caption", [
     ("<think>The tags say red hair and blue eyes.</think>\n\nEileen smiles.", "Eileen smiles."),
     ("<think>A reasoning block cut off by max_tokens, never closed", ""),

@@ -70,6 +70,19 @@ CLOSING_NOTE = re.compile(r"(?:^|(?<=[.!?\n])\s*)\(?(?:notes?:|let me know\b|i h
 LABELS = ("Shorter caption:", "Rewritten caption:", "Image caption:", "Caption:", "Description:")
 
 
+# Where a sentence ends: a full stop, "!" or "?" (closing quotes and brackets with it) before a
+# space or the end, or a CJK one, which needs no space after it.
+SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019]*(?=\s|\Z)"
+                          r"|[\u3002\uff01\uff1f][\u300d\u300f\uff09\"\u201d]*")
+
+
+def whole_sentences(text: str) -> str:
+    """A reply cut off by max_tokens up to the end of its last whole sentence ("" when it has
+    none): its last sentence is half said ("... in a field of sunflo")."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else ""
+
+
 def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what

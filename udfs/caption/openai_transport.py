@@ -6,7 +6,8 @@ Retry-After), a timeout per request (the whole exchange, not each read), and a b
 of requests in flight. The API key comes from an environment variable and never appears in
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
-completion (malformed, nested past the parser, an undecodable body) is a bad_reply.
+completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
+max_tokens cut off (finish_reason "length") ends after its last whole sentence.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from udfs.caption.caption_prompts import REASONING, whole_sentences
 from udfs.ingest.sidecars import printable
 
 if TYPE_CHECKING:
@@ -214,15 +216,26 @@ def _reply_text(body: bytes) -> str:
     """The text of a chat completion's first choice (a string, or a list of text parts), with
     half UTF-16 pairs (a JSON "\\udc80" escape) as "?" and control characters removed."""
     try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+        choice = json.loads(body)["choices"][0]
+        content, finish = choice["message"]["content"], choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:
         raise EndpointError("bad_reply", f"reply is not a chat completion: {_excerpt(body)}") from exc
     if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
         content = "".join(str(part.get("text") or "") for part in content
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
-    return printable(content or "")
+    text = printable(content or "")
+    return whole_reply(text) if finish == "length" else text
+
+
+def whole_reply(text: str) -> str:
+    """A reply max_tokens cut off, up to its last whole sentence; one without any (a reasoning
+    block's sentences are none) is no caption."""
+    whole = whole_sentences(text)
+    if not REASONING.sub(" ", whole).strip():
+        raise EndpointError("truncated", f"max_tokens cut the reply off before its first sentence ended: {text[:200]}")
+    return whole
 
 
 def _excerpt(body: bytes) -> str:
