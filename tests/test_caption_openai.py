@@ -553,6 +553,47 @@ def test_a_key_or_model_the_server_refuses_leaves_the_units_to_the_run_after_the
     assert len({r["key"] for r in workspace.read_table("captions").to_pylist() if r["accepted"]}) == 5
 
 
+def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
+    """A reply of punctuation or invisible characters ("... !!! ???", a zero-width space) is no
+    caption: an `empty_caption` errors row, and the loop-back asks again. It was accepted (not
+    scored, a model not shown the image: the first caption settles its image) and exported as
+    KEY.txt."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    replies = {0: "\u200b", 1: "... !!! ???", 2: "A girl smiles."}  # by attempt (the request's seed)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            payload = completion(replies[body["seed"]])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "m",
+            "send_images": False, "max_attempts": 3, "seed": 0, "max_retries": 0, "unit_size": 10, "concurrency": 1,
+            "tags_from_text": False, "related_tags": False}})
+        summary = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    accepted = [r for r in workspace.read_table("captions").to_pylist() if r["accepted"]]
+    assert len(accepted) == 5 and {(r["attempt"], r["caption"]) for r in accepted} == {(2, "A girl smiles.")}
+    assert summary.errors_by_kind == {"empty_caption": 10}
+
+
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was

@@ -477,7 +477,7 @@ class UnitCaptioner:
 
     def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
                     draft: str | None = None, model: bool = True) -> bool:
-        """A non-empty caption within max_caption_chars; from a model, neither the prompt (or the
+        """A caption with a word in it, within max_caption_chars; from a model, neither the prompt (or the
         `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
         loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
@@ -491,11 +491,14 @@ class UnitCaptioner:
         if model and isinstance(result, str) and refusal(result):
             errors.append(self._error(row, "refusal", f"{what}: the model declined: {result[:200]}"))
             return False
-        if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
+        text = result.strip() if isinstance(result, str) else ""
+        if says_a_word(text) and len(text) <= limit:
             return True
-        if isinstance(result, str) and result.strip():
+        if len(text) > limit:
             errors.append(self._error(row, "caption_too_long",
-                                      f"{what}: {len(result.strip())} characters > max_caption_chars {limit}"))
+                                      f"{what}: {len(text)} characters > max_caption_chars {limit}"))
+        elif text:
+            errors.append(self._error(row, "empty_caption", f"{what}: not a word in the reply: {text[:200]!r}"))
         else:
             kind = getattr(result, "kind", "empty_caption") if result is not None else "empty_caption"
             errors.append(self._error(row, kind, f"{what}: {result or 'empty reply'}"))
@@ -513,6 +516,12 @@ class UnitCaptioner:
     def _error(self, row: dict, kind: str, message: str, dropped: bool = False) -> dict:
         return {"key": row["key"], "source": row.get("source") or "", "member": row.get("member") or "",
                 "stage": f"caption:{self.backend}", "kind": kind, "message": str(message)[:2000], "dropped": dropped}
+
+
+def says_a_word(text: str) -> bool:
+    """Whether a caption holds a letter or a digit, in any script: "... !!! ???" or a zero-width
+    space is no caption."""
+    return any(ch.isalnum() for ch in text)
 
 
 def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
