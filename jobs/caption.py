@@ -287,6 +287,8 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
         summary.rows_out["captions"] = summary.rows_out.get("captions", 0) + info["rows"]
+        if info.get("regions"):  # a marker before the count has none
+            summary.rows_out["caption_regions"] = summary.rows_out.get("caption_regions", 0) + info["regions"]
         captioned += info["captioned"]
         scored += info.get("scored", 0)
         scored_rows += info.get("scored_rows", info.get("scored", 0))  # a marker before the count: its accepted

@@ -240,7 +240,7 @@ class UnitCaptioner:
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
-            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
+            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started, len(regions))
             self.commit(unit, captions, errors, regions, info)
             if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
@@ -568,7 +568,7 @@ def transient_failures(errors: list[dict]) -> int:
     return len({e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS})
 
 
-def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
+def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
     return {"images": images, "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
@@ -582,6 +582,7 @@ def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: fl
             "own_accepted": sum(c["attempt"] == OWN_ATTEMPT for c in accepted),
             "error_kinds": dict(Counter(e["kind"] for e in errors)),
             "dropped": sum(e["dropped"] for e in errors), "transient": transient_failures(errors),
+            "regions": regions,  # caption_regions rows
             "seconds": round(seconds, 4)}
 
 
