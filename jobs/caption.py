@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 
@@ -80,6 +81,20 @@ def check_options(opts: dict) -> None:
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
     check_quality_bands(opts["quality_bands"])
+    check_urls(opts)
+
+
+def check_urls(opts: dict) -> None:
+    """The endpoints the options will ask are http(s) URLs with a host: httpx refuses any other
+    ("localhost:8000/v1"), and every request then failed as unreachable after its retries."""
+    asked = {"base_url": opts["backend"] == "openai",
+             "route_base_url": opts["backend"] == "openai" and bool(opts["route_base_url"]),
+             "vllm_url": opts["backend"] == "vllm" and bool(opts["vllm_url"]),
+             "rewrite_base_url": opts["rewrite"] == "openai" or (opts["rewrite"] == "vllm" and bool(opts["vllm_url"]))}
+    for name in (name for name, used in asked.items() if used):
+        url = urllib.parse.urlsplit(opts[name])
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"caption.{name} must be an http:// or https:// URL with a host, not {opts[name]!r}")
 
 
 def check_quality_bands(bands: list) -> None:
