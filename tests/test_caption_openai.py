@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import io
 import json
@@ -136,6 +137,43 @@ def test_gives_up_after_max_retries_and_does_not_retry_400(fake):
     with pytest.raises(EndpointError) as err:
         ChatEndpoint(url, "m", backoff_s=0.01, max_retries=2).chat(MESSAGES)
     assert err.value.kind == "http_error" and len(script.received) == 1
+
+
+def test_retry_after_as_an_http_date_is_honoured():
+    """Retry-After may be an HTTP date (RFC 9110) as well as seconds: a proxy's "come back at
+    12:00:10" was ignored, and the retry came after backoff_s (1 s), into the same 429."""
+    from email.utils import format_datetime
+
+    wait_until = format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=10),
+                                 usegmt=True)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            first = not hasattr(self.server, "asked")
+            self.server.asked = True
+            payload = b"{}" if first else completion("ok")
+            self.send_response(429 if first else 200)
+            if first:
+                self.send_header("Retry-After", wait_until)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sleeps = []
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=1, backoff_s=1.0,
+                                sleep=sleeps.append)
+        assert endpoint.chat(MESSAGES) == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(sleeps) == 1 and 7.0 < sleeps[0] <= 10.0
 
 
 def test_timeout_is_retried_then_reported(fake):

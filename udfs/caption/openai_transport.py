@@ -12,6 +12,8 @@ max_tokens cut off (finish_reason "length") ends after its last whole sentence.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import json
 import os
@@ -243,11 +245,25 @@ def _excerpt(body: bytes) -> str:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from Retry-After-Ms or Retry-After, in seconds or an HTTP date (RFC 9110)."""
     for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = headers.get(header)
         if value:
             try:
                 return max(0.0, float(value) / divisor)
             except ValueError:
-                continue
+                pass
+            if header == "retry-after":
+                return _seconds_until(value)
     return None
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """Seconds from now until an HTTP date ("Wed, 21 Oct 2026 07:28:00 GMT"); None if it is none."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
