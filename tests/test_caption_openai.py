@@ -632,6 +632,25 @@ def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
     assert summary.errors_by_kind == {"empty_caption": 10}
 
 
+def test_an_image_that_cannot_be_read_is_not_read_again_for_each_attempt(fake, ray_local, workspace, config):
+    """An image the captioner cannot read (its shard is gone) cannot be sent with fewer tags
+    either: one `unreadable_image` row, not one per attempt (3 rows and 3 reads for one image),
+    and no request."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace, "gone.tar")
+    server, url = fake()
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": True, "max_attempts": 3,
+        "target": 1.0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+    summary = caption.run(config, workspace)
+    assert summary.errors_by_kind == {"unreadable_image": 5, "no_caption": 5}
+    assert server.received == []
+
+
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was

@@ -352,9 +352,10 @@ class UnitCaptioner:
             for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
                 if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
-                elif getattr(result, "kind", None) in TRANSIENT_KINDS:
+                elif getattr(result, "kind", None) in TRANSIENT_KINDS | UNREADABLE:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
-                    # transient_failures), rather than this one spending the image's later attempts
+                    # transient_failures), rather than this one spending the image's later attempts;
+                    # an image that cannot be read cannot be asked with fewer tags either
                     interrupted.add(i)
             for row in self._scored(done, attempt, todo, judge):
                 attempts.append(row)
@@ -559,6 +560,10 @@ def _rank(row: dict) -> float:
 # model it refuses: openai_transport.REFUSED_STATUS): an image left without a caption by them is
 # asked again by the next run, which redoes its unit (jobs/caption.py).
 TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error", "endpoint_refused"})
+
+
+# The image could not be read to be shown: no later attempt can show it (one errors row, not one each).
+UNREADABLE = frozenset({"unreadable_image"})
 
 
 def transient_failures(errors: list[dict]) -> int:
