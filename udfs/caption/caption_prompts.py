@@ -76,11 +76,13 @@ SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019]*(?=\s|\Z)"
                           r"|[\u3002\uff01\uff1f][\u300d\u300f\uff09\"\u201d]*")
 
 
-def whole_sentences(text: str) -> str:
-    """A reply cut off by max_tokens up to the end of its last whole sentence ("" when it has
-    none): its last sentence is half said ("... in a field of sunflo")."""
-    ends = [m.end() for m in SENTENCE_END.finditer(text)]
-    return text[: ends[-1]] if ends else ""
+def whole_reply(text: str) -> str:
+    """A reply max_tokens cut off, up to the end of its last whole sentence: its last sentence is
+    half said ("... in a field of sunflo"). A reasoning block's sentences are none of the caption's;
+    a reply without a whole sentence is left as it is (a short budget's one-sentence caption)."""
+    said = REASONING.sub(" ", text)
+    ends = [m.end() for m in SENTENCE_END.finditer(said)]
+    return said[: ends[-1]] if ends else said
 
 
 def clean_reply(text: str | None) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from udfs.caption.caption_prompts import REASONING, whole_sentences
+from udfs.caption.caption_prompts import whole_reply
 from udfs.ingest.sidecars import printable
 
 if TYPE_CHECKING:
@@ -229,15 +229,6 @@ def _reply_text(body: bytes) -> str:
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
     text = printable(content or "")
     return whole_reply(text) if finish == "length" else text
-
-
-def whole_reply(text: str) -> str:
-    """A reply max_tokens cut off, up to its last whole sentence; one without any (a reasoning
-    block's sentences are none) is no caption."""
-    whole = whole_sentences(text)
-    if not REASONING.sub(" ", whole).strip():
-        raise EndpointError("truncated", f"max_tokens cut the reply off before its first sentence ended: {text[:200]}")
-    return whole
 
 
 def _excerpt(body: bytes) -> str:

@@ -21,8 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from udfs.caption.caption_prompts import clean_reply
-from udfs.caption.openai_transport import EndpointError, whole_reply
+from udfs.caption.caption_prompts import clean_reply, whole_reply
 
 # request columns every stage hands on to the replies; error is "" or "<kind>: <message>"
 CARRIED = ("unit", "stage", "key", "error")
@@ -69,17 +68,11 @@ def preprocess(row: dict[str, Any], max_tokens: int, temperature: float) -> dict
 
 def postprocess(row: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
     """The reply row of an engine's output; one of `max_tokens` tokens was cut off by the limit
-    and ends after its last whole sentence (none: a `truncated` failure, asked again)."""
-    out = {**{c: row[c] for c in CARRIED}, "caption": None}
-    if row["error"]:
-        return out
+    and ends after its last whole sentence (caption_prompts.whole_reply)."""
     text = row.get("generated_text") or ""
     if max_tokens is not None and int(row.get("num_generated_tokens") or 0) >= max_tokens:
-        try:
-            text = whole_reply(text)
-        except EndpointError as exc:
-            return {**out, "error": f"{exc.kind}: {exc}"}
-    return {**out, "caption": clean_reply(text)}
+        text = whole_reply(text)
+    return {**{c: row[c] for c in CARRIED}, "caption": None if row["error"] else clean_reply(text)}
 
 
 class ChatRequests:
