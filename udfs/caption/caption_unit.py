@@ -443,7 +443,8 @@ class UnitCaptioner:
                    "flagged": False, "accepted": False, "tags_digest": todo[i]["tags_digest"]}
             if j in by_done:
                 k = by_done[j]
-                acc = float(scores.accuracy[k])
+                # float32 scores: (0.8 + 1 + 0) / 3 is 0.59999996, under a band or target of 0.6
+                acc = round(float(scores.accuracy[k]), 6)
                 row.update(tag_inclusion=float(scores.tag_inclusion[k]),
                            english_similarity=float(scores.english_similarity[k]),
                            subject_consistency=float(scores.subject_consistency[k]), accuracy=acc,
