@@ -507,10 +507,13 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert "1 images failed for a passing reason" in first.render()
     assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 4 + own_captions
     assert len(server.received) == 5
+    # what the run paid for: the summary said nothing of the requests it sent
+    assert "requests: 5 sent (0 of them retries), 0 answered by replies kept" in first.render()
 
     second = caption.run(config, workspace)
     assert second.units_done == 1 and second.errors == 0
     assert len(server.received) == 6  # only the failed one was asked again
+    assert "requests: 1 sent (0 of them retries), 4 answered by replies kept" in second.render()
     captions = workspace.read_table("captions").to_pylist()
     assert len(captions) == 5 + 4 * own_captions  # a caption each (and the own ones): the first run's are gone
     assert {r["backend"] for r in captions if r["accepted"]} == {"openai:joy"}
@@ -546,6 +549,7 @@ def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_
     first = caption.run(config, workspace)
     assert first.errors_by_kind["server_error"] == 1
     assert "1 images failed for a passing reason" in first.render()
+    assert f"requests: {len(server.received)} sent (0 of them retries)" in first.render()
     attempts = {}
     for row in workspace.read_table("captions").to_pylist():
         attempts.setdefault(row["key"], []).append(row["attempt"])

@@ -235,12 +235,13 @@ class UnitCaptioner:
             rows = read_unit_rows(self.ws, path)
             if rows.num_rows != expected:  # a unit committed with rows missing would never be redone
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
-            started = time.perf_counter()
+            started, asked = time.perf_counter(), self.request_counts()
             replies = self.keep_replies(unit)
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started, len(regions))
+            info["requests"] = dict(self.request_counts() - asked)  # of this unit
             self.commit(unit, captions, errors, regions, info)
             if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
@@ -251,6 +252,13 @@ class UnitCaptioner:
     def endpoints(self) -> list:
         """The OpenAI-compatible endpoints this captioner asks (the rewriter's; a VLM backend's)."""
         return [self.rewriter.endpoint] if self.rewriter is not None else []
+
+    def request_counts(self) -> Counter:
+        """Requests sent, retried and answered by kept replies so far, over every endpoint."""
+        counts: Counter[str] = Counter()
+        for endpoint in self.endpoints():
+            counts.update(endpoint.counts)
+        return counts
 
     def keep_replies(self, unit: str) -> ReplyCache | None:
         """The unit's reply cache, given to every endpoint: a run killed in the middle of the unit

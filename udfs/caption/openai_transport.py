@@ -17,7 +17,9 @@ import email.utils
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
@@ -73,7 +75,10 @@ class ChatEndpoint:
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self.timeout_s = float(timeout_s)
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
-        self.retries_done = 0
+        # what was paid for: requests sent (each try), retries among them, requests answered by
+        # the kept replies (chat_many); counted from many threads
+        self.counts: Counter[str] = Counter()
+        self._counting = threading.Lock()
         self.cache = None  # a ReplyCache while a unit is captioned (chat_many)
 
     def __repr__(self) -> str:  # no key here, ever
@@ -88,8 +93,9 @@ class ChatEndpoint:
             payload["seed"] = int(seed)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
+            self.count("sent")
             if attempt:
-                self.retries_done += 1
+                self.count("retries")
             try:
                 status, headers, body = self._post(payload)
             except (httpx.TimeoutException, Overdue) as exc:
@@ -110,6 +116,14 @@ class ChatEndpoint:
             if attempt < self.max_retries:
                 self.sleep(self._backoff(attempt, wait))
         raise EndpointError(kind, f"gave up after {self.max_retries + 1} tries: {last}")
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._counting:
+            self.counts[what] += n
+
+    @property
+    def retries_done(self) -> int:
+        return self.counts["retries"]
 
     def _post(self, payload: dict) -> tuple[int, httpx.Headers, bytes]:
         """(status, headers, body) of one request, the body read within timeout_s of the start
@@ -146,6 +160,7 @@ class ChatEndpoint:
         ids = [request_id(self.base_url, self.model, request) for request in requests]
         results = [self.cache.get(rid) for rid in ids]
         todo = [k for k, reply in enumerate(results) if reply is None]
+        self.count("reused", len(requests) - len(todo))
         kept = KeptReplies(self.cache)
         try:
             for j, reply in self._send_each([requests[k] for k in todo], kept.due_in, kept.keep):
