@@ -113,6 +113,17 @@ def test_word_forms():
     assert forms.norm("grey") == forms.norm("gray")
 
 
+def test_a_caption_about_something_else_is_the_worst_band_not_below_every_band(scorer):
+    """A caption about two men and the stock market for a girl in a red dress: no tag said, the
+    wrong number of people and a cosine below 0 made an accuracy of -0.05, which is no accuracy
+    (0..1) and got no quality tag at all: not even auto_worst_caption."""
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    s = score_one(scorer, "Two men discuss the stock market, which fell sharply on Tuesday amid inflation fears.",
+                  reference)
+    assert s["english_similarity"] < 0 and s["accuracy"] == 0.0
+    assert QualityBands().tags(s["accuracy"]) == ["auto_worst_caption"]
+
+
 def test_quality_bands():
     bands = QualityBands()
     assert bands.tags(0.95) == ["auto_best_caption", "accuracy_90"]
