@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 
@@ -80,6 +81,20 @@ def check_options(opts: dict) -> None:
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
     check_quality_bands(opts["quality_bands"])
+    check_urls(opts)
+
+
+def check_urls(opts: dict) -> None:
+    """The endpoints the options will ask are http(s) URLs with a host: httpx refuses any other
+    ("localhost:8000/v1"), and every request then failed as unreachable after its retries."""
+    asked = {"base_url": opts["backend"] == "openai",
+             "route_base_url": opts["backend"] == "openai" and bool(opts["route_base_url"]),
+             "vllm_url": opts["backend"] == "vllm" and bool(opts["vllm_url"]),
+             "rewrite_base_url": opts["rewrite"] == "openai" or (opts["rewrite"] == "vllm" and bool(opts["vllm_url"]))}
+    for name in (name for name, used in asked.items() if used):
+        url = urllib.parse.urlsplit(opts[name])
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"caption.{name} must be an http:// or https:// URL with a host, not {opts[name]!r}")
 
 
 def check_quality_bands(bands: list) -> None:
@@ -133,6 +148,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
     summary.rows_run = sum(info["images"] for info in run_now)
+    add_requests(summary, run_now)
     ws.release_hold("caption")  # every planned unit is committed: the replaced rows may go
     ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
@@ -287,6 +303,8 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
         summary.rows_out["captions"] = summary.rows_out.get("captions", 0) + info["rows"]
+        if info.get("regions"):  # a marker before the count has none
+            summary.rows_out["caption_regions"] = summary.rows_out.get("caption_regions", 0) + info["regions"]
         captioned += info["captioned"]
         scored += info.get("scored", 0)
         scored_rows += info.get("scored_rows", info.get("scored", 0))  # a marker before the count: its accepted
@@ -300,7 +318,7 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
     summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
     if transient:
         summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "
-                             "timed out): the next run asks for them again")
+                             "timed out, or refusing the key or model: fix it): the next run asks for them again")
     if own:
         summary.notes.append(f"own captions (sidecars, JSON): {own} read, {own_accepted} accepted "
                              "(at caption.target, or the backend gave none)")
@@ -314,6 +332,17 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
     if not_scored:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(not_scored.items()))
         summary.notes.append(f"not scored: {why} (no independent evidence: README, Honest caption scores)")
+
+
+def add_requests(summary: JobSummary, run_now: list[dict]) -> None:
+    """What this run asked the model endpoints (the openai backend and rewriter): the cost of a
+    hosted model. The units done before were paid for by the runs that did them."""
+    requests: Counter[str] = Counter()
+    for info in run_now:
+        requests.update(info.get("requests") or {})
+    if requests:
+        summary.notes.append(f"requests: {requests['sent']} sent ({requests['retries']} of them retries), "
+                             f"{requests['reused']} answered by replies kept from an earlier run")
 
 
 def related_tags(cfg: Config, ws: Workspace) -> int:

@@ -132,6 +132,22 @@ def test_quality_bands_out_of_their_domain_are_refused_before_any_caption(worksp
     assert workspace.done_units("caption") == {}
 
 
+@pytest.mark.parametrize("options", [
+    {"backend": "openai", "base_url": "localhost:8000/v1"}, {"backend": "openai", "base_url": "ftp://host/v1"},
+    {"backend": "openai", "base_url": "http//host/v1"},
+    {"backend": "openai", "route_base_url": "127.0.0.1:8001/v1", "route_model": "other"},
+    {"rewrite": "openai", "rewrite_base_url": "localhost:8000/v1"},
+    {"backend": "vllm", "vllm_url": "localhost:8000/v1"},
+])
+def test_an_endpoint_url_without_its_scheme_is_refused_before_any_request(workspace, config, options):
+    """A URL httpx cannot send to (no http:// or https://) failed every request as `unreachable`,
+    each after max_retries backoffs (15 s with the defaults), and left every unit to the next run."""
+    write_inputs(workspace)
+    with pytest.raises(ConfigError, match=r"caption\.\w*(url|_url).*http://"):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
+
+
 def test_a_tag_scored_near_its_threshold_is_not_part_of_a_units_id(workspace, config):
     """caption_inputs.tagger_near (the tags a caption may say without being wrong) comes from the
     tag_scores tagger_tags come from: it makes no new unit, nor did adding it (every VLM caption

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import io
 import json
@@ -138,6 +139,43 @@ def test_gives_up_after_max_retries_and_does_not_retry_400(fake):
     assert err.value.kind == "http_error" and len(script.received) == 1
 
 
+def test_retry_after_as_an_http_date_is_honoured():
+    """Retry-After may be an HTTP date (RFC 9110) as well as seconds: a proxy's "come back at
+    12:00:10" was ignored, and the retry came after backoff_s (1 s), into the same 429."""
+    from email.utils import format_datetime
+
+    wait_until = format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=10),
+                                 usegmt=True)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            first = not hasattr(self.server, "asked")
+            self.server.asked = True
+            payload = b"{}" if first else completion("ok")
+            self.send_response(429 if first else 200)
+            if first:
+                self.send_header("Retry-After", wait_until)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sleeps = []
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=1, backoff_s=1.0,
+                                sleep=sleeps.append)
+        assert endpoint.chat(MESSAGES) == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(sleeps) == 1 and 7.0 < sleeps[0] <= 10.0
+
+
 def test_timeout_is_retried_then_reported(fake):
     _, url = fake(delay=50.0)  # ends at teardown; no loaded machine turns 50 s into 0.2 s
     endpoint = ChatEndpoint(url, "m", timeout_s=0.2, backoff_s=0.01, max_retries=1)
@@ -201,6 +239,35 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert [r.kind for r in results[1:3]] == ["bad_reply", "bad_reply"]
     assert results[3] == "two parts"
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
+
+
+def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
+    """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
+    ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after
+    its last whole sentence (not one of a reasoning block); one without any stays as it is."""
+    def cut(content: str, finish: str = "length") -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                        "finish_reason": finish}]}).encode()
+
+    bodies = [({}, cut("A girl with red hair smiles. She stands in a field of sunflo"), 0.0),
+              ({}, cut('She says "Hello!" and waves. Behind her, a'), 0.0),
+              ({}, cut("A girl smiles at the viewer."), 0.0),
+              ({}, cut("\u5c11\u5973\u304c\u7b11\u3046\u3002\u5f7c\u5973\u306f"), 0.0),
+              ({}, cut("A girl with red hair stands in a fie"), 0.0),
+              ({}, cut("<think>The tags say red hair.</think> A girl smiles. She holds a red umbr"), 0.0),
+              ({}, cut("A girl with red hair stands in a fie", "stop"), 0.0)]
+    server, url = serve_bodies(bodies)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)  # bodies in order
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(7)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert results[:4] == ["A girl with red hair smiles.", 'She says "Hello!" and waves.',
+                           "A girl smiles at the viewer.", "\u5c11\u5973\u304c\u7b11\u3046\u3002"]
+    assert results[4] == "A girl with red hair stands in a fie"  # no whole sentence: as it was
+    assert results[5].strip() == "A girl smiles."
+    assert results[6] == "A girl with red hair stands in a fie"  # the model stopped there: its caption
 
 
 @pytest.mark.parametrize("reply, caption", [
@@ -440,10 +507,13 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert "1 images failed for a passing reason" in first.render()
     assert len({r["key"] for r in workspace.read_table("captions").to_pylist()}) == 4 + own_captions
     assert len(server.received) == 5
+    # what the run paid for: the summary said nothing of the requests it sent
+    assert "requests: 5 sent (0 of them retries), 0 answered by replies kept" in first.render()
 
     second = caption.run(config, workspace)
     assert second.units_done == 1 and second.errors == 0
     assert len(server.received) == 6  # only the failed one was asked again
+    assert "requests: 1 sent (0 of them retries), 4 answered by replies kept" in second.render()
     captions = workspace.read_table("captions").to_pylist()
     assert len(captions) == 5 + 4 * own_captions  # a caption each (and the own ones): the first run's are gone
     assert {r["backend"] for r in captions if r["accepted"]} == {"openai:joy"}
@@ -479,6 +549,7 @@ def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_
     first = caption.run(config, workspace)
     assert first.errors_by_kind["server_error"] == 1
     assert "1 images failed for a passing reason" in first.render()
+    assert f"requests: {len(server.received)} sent (0 of them retries)" in first.render()
     attempts = {}
     for row in workspace.read_table("captions").to_pylist():
         attempts.setdefault(row["key"], []).append(row["attempt"])
@@ -492,6 +563,96 @@ def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_
         attempts.setdefault(row["key"], []).append(row["attempt"])
     assert len(attempts) == 5 and all(sorted(a) == [0, 1] for a in attempts.values())
     assert caption.run(config, workspace).units_done == 0
+
+
+def test_a_key_or_model_the_server_refuses_leaves_the_units_to_the_run_after_the_fix(fake, ray_local, workspace,
+                                                                                      config):
+    """A wrong key (401), an account out of credit (402), a model or path the server does not
+    have (404) is refused alike for every request until the config is fixed, as a wrong host is
+    unreachable: no image is asked again with fewer tags, and the units are done again by the
+    next run. They were committed with every image `no_caption` (3 requests each), and the run
+    after the fix captioned nothing: '1 done before, 0 to run'."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    server, url = fake(statuses=[401] * 100)
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": False, "max_attempts": 3,
+        "max_retries": 2, "backoff_s": 0.01, "max_concurrency": 1, "unit_size": 10, "concurrency": 1,
+        "tags_from_text": False, "related_tags": False}})
+    first = caption.run(config, workspace)
+    assert first.errors_by_kind["endpoint_refused"] == 5 and "http_error" not in first.errors_by_kind
+    assert "5 images failed for a passing reason" in first.render()
+    assert len(server.received) == 5  # not retried, not looped back
+    assert len(workspace.read_table("captions")) == 0
+
+    server.statuses.clear()  # the key is fixed
+    second = caption.run(config, workspace)
+    assert second.units_done == 1 and second.errors == 0
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist() if r["accepted"]}) == 5
+
+
+def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
+    """A reply of punctuation or invisible characters ("... !!! ???", a zero-width space) is no
+    caption: an `empty_caption` errors row, and the loop-back asks again. It was accepted (not
+    scored, a model not shown the image: the first caption settles its image) and exported as
+    KEY.txt."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    replies = {0: "\u200b", 1: "... !!! ???", 2: "A girl smiles."}  # by attempt (the request's seed)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            payload = completion(replies[body["seed"]])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "m",
+            "send_images": False, "max_attempts": 3, "seed": 0, "max_retries": 0, "unit_size": 10, "concurrency": 1,
+            "tags_from_text": False, "related_tags": False}})
+        summary = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    accepted = [r for r in workspace.read_table("captions").to_pylist() if r["accepted"]]
+    assert len(accepted) == 5 and {(r["attempt"], r["caption"]) for r in accepted} == {(2, "A girl smiles.")}
+    assert summary.errors_by_kind == {"empty_caption": 10}
+
+
+def test_an_image_that_cannot_be_read_is_not_read_again_for_each_attempt(fake, ray_local, workspace, config):
+    """An image the captioner cannot read (its shard is gone) cannot be sent with fewer tags
+    either: one `unreadable_image` row, not one per attempt (3 rows and 3 reads for one image),
+    and no request."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace, "gone.tar")
+    server, url = fake()
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": True, "max_attempts": 3,
+        "target": 1.0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+    summary = caption.run(config, workspace)
+    assert summary.errors_by_kind == {"unreadable_image": 5, "no_caption": 5}
+    assert server.received == []
 
 
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):

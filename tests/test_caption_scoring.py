@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -110,6 +111,17 @@ def test_word_forms():
     forms = WordForms()
     assert forms.words("Blond girls' dresses") == forms.words("blonde girl dress")
     assert forms.norm("grey") == forms.norm("gray")
+
+
+def test_a_caption_about_something_else_is_the_worst_band_not_below_every_band(scorer):
+    """A caption about two men and the stock market for a girl in a red dress: no tag said, the
+    wrong number of people and a cosine below 0 made an accuracy of -0.05, which is no accuracy
+    (0..1) and got no quality tag at all: not even auto_worst_caption."""
+    reference = english_caption(TAGS, CATS, TemplateVocab())
+    s = score_one(scorer, "Two men discuss the stock market, which fell sharply on Tuesday amid inflation fears.",
+                  reference)
+    assert s["english_similarity"] < 0 and s["accuracy"] == 0.0
+    assert QualityBands().tags(s["accuracy"]) == ["auto_worst_caption"]
 
 
 def test_quality_bands():
@@ -413,6 +425,20 @@ def test_a_reply_that_repeats_the_prompt_is_not_accepted_as_a_caption(vlm):
     assert row is None and errors[0]["kind"] == "prompt_echo" and "repeats the prompt" in errors[0]["message"]
     tag_block, errors = accepted(vlm, lambda hint, draft: "A girl smiles. general tags: 1girl, smile")
     assert tag_block is None and "tag block" in errors[0]["message"]
+
+
+def test_an_accuracy_on_a_band_boundary_is_in_that_band(vlm, monkeypatch):
+    """Scores are float32: 4 of 5 tags said, a similarity of 1 and the wrong number of people is
+    (0.8 + 1 + 0) / 3 = 0.6, computed as 0.59999996 (0.6 in the table): it was tagged
+    auto_bad_caption and accuracy_50, and looped back as below a target of 0.6."""
+    from udfs.caption.caption_scoring import Scores
+
+    def score(captions, *args, **kwargs):
+        return Scores(*(np.full(len(captions), v, np.float32) for v in (0.8, 1.0, 0.0, 1.0)))
+
+    monkeypatch.setattr(vlm.scorer, "score", score)
+    row, _ = accepted(vlm, lambda hint, draft: "In this picture: " + draft)
+    assert row["accuracy"] >= 0.6 and row["quality_tags"] == ["auto_okay_caption", "accuracy_60"]
 
 
 # ---- the rewriter's captions, checked and scored as the caption they rewrite --------------------

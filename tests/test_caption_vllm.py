@@ -60,6 +60,17 @@ def test_request_rows_carry_prompt_image_and_sampling(opts):
     assert postprocess({**carried, "generated_text": ' "A girl.\n" '}) == {**carried, "caption": "A girl."}
 
 
+def test_an_engine_reply_cut_by_max_tokens_keeps_its_whole_sentences():
+    """A reply of max_tokens tokens was cut off by the limit: it ends after its last whole
+    sentence (one without any stays as it is)."""
+    carried = {"unit": "u", "stage": "a0", "key": "k", "error": ""}
+    cut = {**carried, "generated_text": "A girl smiles. She holds a red umbr", "num_generated_tokens": 120}
+    assert postprocess(cut, 120) == {**carried, "caption": "A girl smiles."}
+    assert postprocess({**cut, "num_generated_tokens": 80}, 120)["caption"] == "A girl smiles. She holds a red umbr"
+    alone = {**cut, "generated_text": "A girl holds a red umbr"}
+    assert postprocess(alone, 120)["caption"] == "A girl holds a red umbr"
+
+
 def test_unreadable_image_rows_cross_the_engine_as_one_token_placeholders():
     failed = {"unit": "u", "stage": "a0", "key": "k", "error": "unreadable_image: cannot read x.png", "seed": 1,
               "messages": ""}

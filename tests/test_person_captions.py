@@ -163,10 +163,11 @@ def test_the_2x2_option_tags_and_captions_four_regions_and_export_joins_them(tmp
     config, ws = prepare(tmp_path, config, workspace, ((250, 90, 60), (50, 60, 140)), regions=True)
     merge(config, {"annotate": {"tagger": {"regions": True}}, "caption": {"regions": True},
                    "export": {"text": "regions", "out": str(tmp_path / "out")}})
-    for job in (ingest, annotate, curate, caption, export):
-        job.run(config, ws)
+    summaries = {job.__name__: job.run(config, ws) for job in (ingest, annotate, curate, caption, export)}
     regions = {r["region"]: r for r in ws.read_table("caption_regions").to_pylist()}
     assert sorted(regions) == ["bottom left", "bottom right", "top left", "top right"]
+    # the summary counts every table the job writes: it said "rows out: captions 1" alone
+    assert summaries["jobs.caption"].rows_out["caption_regions"] == 4
     # the left half is Eileen's (the colour tagger's red), the right half Lucy's
     for name, hair in (("top left", "red_hair"), ("bottom left", "red_hair"), ("top right", "black_hair"),
                        ("bottom right", "black_hair")):

@@ -70,6 +70,21 @@ CLOSING_NOTE = re.compile(r"(?:^|(?<=[.!?\n])\s*)\(?(?:notes?:|let me know\b|i h
 LABELS = ("Shorter caption:", "Rewritten caption:", "Image caption:", "Caption:", "Description:")
 
 
+# Where a sentence ends: a full stop, "!" or "?" (closing quotes and brackets with it) before a
+# space or the end, or a CJK one, which needs no space after it.
+SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019]*(?=\s|\Z)"
+                          r"|[\u3002\uff01\uff1f][\u300d\u300f\uff09\"\u201d]*")
+
+
+def whole_reply(text: str) -> str:
+    """A reply max_tokens cut off, up to the end of its last whole sentence: its last sentence is
+    half said ("... in a field of sunflo"). A reasoning block's sentences are none of the caption's;
+    a reply without a whole sentence is left as it is (a short budget's one-sentence caption)."""
+    said = REASONING.sub(" ", text)
+    ends = [m.end() for m in SENTENCE_END.finditer(said)]
+    return said[: ends[-1]] if ends else said
+
+
 def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what

@@ -271,8 +271,9 @@ class Scores:
     @property
     def accuracy(self) -> np.ndarray:
         """The mean of the three, times precision: a caption that makes up half of what it claims
-        keeps half its score, however much of the evidence it also says."""
-        mean = (self.tag_inclusion + self.english_similarity + self.subject_consistency) / 3.0
+        keeps half its score, however much of the evidence it also says. At least 0: a cosine
+        below 0 (a caption about something else) says no less than one of 0."""
+        mean = np.maximum((self.tag_inclusion + self.english_similarity + self.subject_consistency) / 3.0, 0.0)
         return mean if self.precision is None else mean * self.precision
 
 

@@ -235,12 +235,13 @@ class UnitCaptioner:
             rows = read_unit_rows(self.ws, path)
             if rows.num_rows != expected:  # a unit committed with rows missing would never be redone
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
-            started = time.perf_counter()
+            started, asked = time.perf_counter(), self.request_counts()
             replies = self.keep_replies(unit)
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
-            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started)
+            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started, len(regions))
+            info["requests"] = dict(self.request_counts() - asked)  # of this unit
             self.commit(unit, captions, errors, regions, info)
             if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
@@ -251,6 +252,13 @@ class UnitCaptioner:
     def endpoints(self) -> list:
         """The OpenAI-compatible endpoints this captioner asks (the rewriter's; a VLM backend's)."""
         return [self.rewriter.endpoint] if self.rewriter is not None else []
+
+    def request_counts(self) -> Counter:
+        """Requests sent, retried and answered by kept replies so far, over every endpoint."""
+        counts: Counter[str] = Counter()
+        for endpoint in self.endpoints():
+            counts.update(endpoint.counts)
+        return counts
 
     def keep_replies(self, unit: str) -> ReplyCache | None:
         """The unit's reply cache, given to every endpoint: a run killed in the middle of the unit
@@ -352,9 +360,10 @@ class UnitCaptioner:
             for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
                 if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
-                elif getattr(result, "kind", None) in TRANSIENT_KINDS:
+                elif getattr(result, "kind", None) in TRANSIENT_KINDS | UNREADABLE:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
-                    # transient_failures), rather than this one spending the image's later attempts
+                    # transient_failures), rather than this one spending the image's later attempts;
+                    # an image that cannot be read cannot be asked with fewer tags either
                     interrupted.add(i)
             for row in self._scored(done, attempt, todo, judge):
                 attempts.append(row)
@@ -442,7 +451,8 @@ class UnitCaptioner:
                    "flagged": False, "accepted": False, "tags_digest": todo[i]["tags_digest"]}
             if j in by_done:
                 k = by_done[j]
-                acc = float(scores.accuracy[k])
+                # float32 scores: (0.8 + 1 + 0) / 3 is 0.59999996, under a band or target of 0.6
+                acc = round(float(scores.accuracy[k]), 6)
                 row.update(tag_inclusion=float(scores.tag_inclusion[k]),
                            english_similarity=float(scores.english_similarity[k]),
                            subject_consistency=float(scores.subject_consistency[k]), accuracy=acc,
@@ -477,7 +487,7 @@ class UnitCaptioner:
 
     def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
                     draft: str | None = None, model: bool = True) -> bool:
-        """A non-empty caption within max_caption_chars; from a model, neither the prompt (or the
+        """A caption with a word in it, within max_caption_chars; from a model, neither the prompt (or the
         `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
         loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
@@ -491,11 +501,14 @@ class UnitCaptioner:
         if model and isinstance(result, str) and refusal(result):
             errors.append(self._error(row, "refusal", f"{what}: the model declined: {result[:200]}"))
             return False
-        if isinstance(result, str) and result.strip() and len(result.strip()) <= limit:
+        text = result.strip() if isinstance(result, str) else ""
+        if says_a_word(text) and len(text) <= limit:
             return True
-        if isinstance(result, str) and result.strip():
+        if len(text) > limit:
             errors.append(self._error(row, "caption_too_long",
-                                      f"{what}: {len(result.strip())} characters > max_caption_chars {limit}"))
+                                      f"{what}: {len(text)} characters > max_caption_chars {limit}"))
+        elif text:
+            errors.append(self._error(row, "empty_caption", f"{what}: not a word in the reply: {text[:200]!r}"))
         else:
             kind = getattr(result, "kind", "empty_caption") if result is not None else "empty_caption"
             errors.append(self._error(row, kind, f"{what}: {result or 'empty reply'}"))
@@ -513,6 +526,12 @@ class UnitCaptioner:
     def _error(self, row: dict, kind: str, message: str, dropped: bool = False) -> dict:
         return {"key": row["key"], "source": row.get("source") or "", "member": row.get("member") or "",
                 "stage": f"caption:{self.backend}", "kind": kind, "message": str(message)[:2000], "dropped": dropped}
+
+
+def says_a_word(text: str) -> bool:
+    """Whether a caption holds a letter or a digit, in any script: "... !!! ???" or a zero-width
+    space is no caption."""
+    return any(ch.isalnum() for ch in text)
 
 
 def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
@@ -546,9 +565,14 @@ def _rank(row: dict) -> float:
     return 0.0 if row["accuracy"] is None else row["accuracy"]
 
 
-# Failures of the moment (a server down, overloaded, slow): an image left without a caption by
-# them is asked again by the next run, which redoes its unit (jobs/caption.py).
-TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error"})
+# Failures of the moment (a server down, overloaded, slow) or of the endpoint's config (a key or
+# model it refuses: openai_transport.REFUSED_STATUS): an image left without a caption by them is
+# asked again by the next run, which redoes its unit (jobs/caption.py).
+TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error", "endpoint_refused"})
+
+
+# The image could not be read to be shown: no later attempt can show it (one errors row, not one each).
+UNREADABLE = frozenset({"unreadable_image"})
 
 
 def transient_failures(errors: list[dict]) -> int:
@@ -558,7 +582,7 @@ def transient_failures(errors: list[dict]) -> int:
     return len({e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS})
 
 
-def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float) -> dict:
+def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
     return {"images": images, "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
@@ -572,6 +596,7 @@ def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: fl
             "own_accepted": sum(c["attempt"] == OWN_ATTEMPT for c in accepted),
             "error_kinds": dict(Counter(e["kind"] for e in errors)),
             "dropped": sum(e["dropped"] for e in errors), "transient": transient_failures(errors),
+            "regions": regions,  # caption_regions rows
             "seconds": round(seconds, 4)}
 
 

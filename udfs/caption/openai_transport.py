@@ -6,27 +6,37 @@ Retry-After), a timeout per request (the whole exchange, not each read), and a b
 of requests in flight. The API key comes from an environment variable and never appears in
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
-completion (malformed, nested past the parser, an undecodable body) is a bad_reply.
+completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
+max_tokens cut off (finish_reason "length") ends after its last whole sentence.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import httpx
 
+from udfs.caption.caption_prompts import whole_reply
 from udfs.ingest.sidecars import printable
 
 if TYPE_CHECKING:
     from udfs.caption.reply_cache import ReplyCache
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Refused for every request alike until the config is fixed (a key, an account out of credit, a
+# model or path the server does not have): not retried, and like an unreachable host a passing
+# failure whose units the next run does again (they were committed with no caption for good).
+REFUSED_STATUS = frozenset({401, 402, 403, 404})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
@@ -65,7 +75,10 @@ class ChatEndpoint:
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self.timeout_s = float(timeout_s)
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
-        self.retries_done = 0
+        # what was paid for: requests sent (each try), retries among them, requests answered by
+        # the kept replies (chat_many); counted from many threads
+        self.counts: Counter[str] = Counter()
+        self._counting = threading.Lock()
         self.cache = None  # a ReplyCache while a unit is captioned (chat_many)
 
     def __repr__(self) -> str:  # no key here, ever
@@ -80,8 +93,9 @@ class ChatEndpoint:
             payload["seed"] = int(seed)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
+            self.count("sent")
             if attempt:
-                self.retries_done += 1
+                self.count("retries")
             try:
                 status, headers, body = self._post(payload)
             except (httpx.TimeoutException, Overdue) as exc:
@@ -94,12 +108,22 @@ class ChatEndpoint:
                 if status == 200:
                     return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
+                if status in REFUSED_STATUS:
+                    raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
                 if status not in RETRY_STATUS:
                     raise EndpointError("http_error", last)
                 kind, wait = ("rate_limited" if status == 429 else "server_error"), _retry_after(headers)
             if attempt < self.max_retries:
                 self.sleep(self._backoff(attempt, wait))
         raise EndpointError(kind, f"gave up after {self.max_retries + 1} tries: {last}")
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._counting:
+            self.counts[what] += n
+
+    @property
+    def retries_done(self) -> int:
+        return self.counts["retries"]
 
     def _post(self, payload: dict) -> tuple[int, httpx.Headers, bytes]:
         """(status, headers, body) of one request, the body read within timeout_s of the start
@@ -136,6 +160,7 @@ class ChatEndpoint:
         ids = [request_id(self.base_url, self.model, request) for request in requests]
         results = [self.cache.get(rid) for rid in ids]
         todo = [k for k, reply in enumerate(results) if reply is None]
+        self.count("reused", len(requests) - len(todo))
         kept = KeptReplies(self.cache)
         try:
             for j, reply in self._send_each([requests[k] for k in todo], kept.due_in, kept.keep):
@@ -208,15 +233,17 @@ def _reply_text(body: bytes) -> str:
     """The text of a chat completion's first choice (a string, or a list of text parts), with
     half UTF-16 pairs (a JSON "\\udc80" escape) as "?" and control characters removed."""
     try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+        choice = json.loads(body)["choices"][0]
+        content, finish = choice["message"]["content"], choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:
         raise EndpointError("bad_reply", f"reply is not a chat completion: {_excerpt(body)}") from exc
     if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
         content = "".join(str(part.get("text") or "") for part in content
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
-    return printable(content or "")
+    text = printable(content or "")
+    return whole_reply(text) if finish == "length" else text
 
 
 def _excerpt(body: bytes) -> str:
@@ -224,11 +251,25 @@ def _excerpt(body: bytes) -> str:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from Retry-After-Ms or Retry-After, in seconds or an HTTP date (RFC 9110)."""
     for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = headers.get(header)
         if value:
             try:
                 return max(0.0, float(value) / divisor)
             except ValueError:
-                continue
+                pass
+            if header == "retry-after":
+                return _seconds_until(value)
     return None
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """Seconds from now until an HTTP date ("Wed, 21 Oct 2026 07:28:00 GMT"); None if it is none."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from udfs.caption.caption_prompts import clean_reply
+from udfs.caption.caption_prompts import clean_reply, whole_reply
 
 # request columns every stage hands on to the replies; error is "" or "<kind>: <message>"
 CARRIED = ("unit", "stage", "key", "error")
@@ -66,8 +66,13 @@ def preprocess(row: dict[str, Any], max_tokens: int, temperature: float) -> dict
     return {**{c: row[c] for c in CARRIED}, "messages": messages, "sampling_params": params}
 
 
-def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    return {**{c: row[c] for c in CARRIED}, "caption": None if row["error"] else clean_reply(row.get("generated_text"))}
+def postprocess(row: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
+    """The reply row of an engine's output; one of `max_tokens` tokens was cut off by the limit
+    and ends after its last whole sentence (caption_prompts.whole_reply)."""
+    text = row.get("generated_text") or ""
+    if max_tokens is not None and int(row.get("num_generated_tokens") or 0) >= max_tokens:
+        text = whole_reply(text)
+    return {**{c: row[c] for c in CARRIED}, "caption": None if row["error"] else clean_reply(text)}
 
 
 class ChatRequests:
@@ -119,5 +124,5 @@ def build_processor(opts: dict[str, Any], rewrite: bool = False):
         return lambda ds: ds.map_batches(ChatRequests, fn_constructor_kwargs=kwargs, batch_format="pyarrow",
                                          batch_size=int(opts["vllm_batch_size"]),
                                          concurrency=int(opts["vllm_concurrency"]), num_cpus=0.25)
-    return build(processor_config(opts, rewrite), postprocess=postprocess,
+    return build(processor_config(opts, rewrite), postprocess=lambda row: postprocess(row, max_tokens),
                  preprocess=lambda row: preprocess(row, max_tokens, temperature))
