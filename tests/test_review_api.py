@@ -668,6 +668,8 @@ def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
     ("/api/bulk", {"where": ["false"], "add_tags": ["everywhere"], "preview": False}),  # a filter not as text
     ("/api/bulk", {"character": 7, "add_tags": ["everywhere"], "preview": False}),
     ("/api/bulk", {"tag": "x", "caption": "a bulk caption", "preview": False}),  # not a bulk action
+    ("/api/bulk", {"flagged": ["1"], "add_tags": ["everywhere"], "preview": False}),  # a quick filter not a flag
+    ("/api/bulk", {"edited": "only", "add_tags": ["everywhere"], "preview": False}),
     ("/api/edits", {"add_tag": ["everywhere"]}),
 ])
 def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
@@ -680,3 +682,4 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     answer = client.post(path, json=body)
     assert answer.status_code == 400 and "error" in answer.json()
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
+
