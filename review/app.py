@@ -49,6 +49,7 @@ EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude",
 FILTER_TEXTS = ("where", "character", "group", "tag")
 FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
 BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
+UNDO_FIELDS = frozenset({"batch"})
 # a quick filter's values (a checkbox sends "1"); any other is refused, not read as off (which
 # left a bulk action to every image)
 FLAG_TEXTS = frozenset({"", "0", "1", "false", "true", "off", "on", "no", "yes"})
@@ -206,6 +207,8 @@ class ReviewApp:
 
     def undo(self, body: dict) -> Response:
         """{batch}: the edits that take back what that batch still decides."""
+        if error := unknown_fields(body, UNDO_FIELDS):
+            return JSONResponse({"error": error}, status_code=400)
         batch = body.get("batch")
         if not isinstance(batch, str) or not batch:
             return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)

@@ -683,3 +683,17 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     assert answer.status_code == 400 and "error" in answer.json()
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
 
+
+def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
+    """Every POST refuses a field it does not take (README): {"batch", "key"} undid the whole batch,
+    every image of it, where the key said one."""
+    client, ws, _ = review
+    first, second = all_keys(ws)[1:3]
+    done = client.post("/api/bulk", json={"where": f"key in ('{first}', '{second}')", "add_tags": ["undo_probe"],
+                                          "preview": False}).json()
+    assert done["images"] == 2
+    answer = client.post("/api/undo", json={"batch": done["batch"], "key": first})
+    assert answer.status_code == 400 and "key" in answer.json()["error"]
+    assert "undo_probe" in tags_of(ws, first) and "undo_probe" in tags_of(ws, second)
+    assert client.post("/api/undo", json={"batch": done["batch"]}).status_code == 200
+    assert "undo_probe" not in tags_of(ws, first) + tags_of(ws, second)
