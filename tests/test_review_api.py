@@ -697,3 +697,25 @@ def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
     assert "undo_probe" in tags_of(ws, first) and "undo_probe" in tags_of(ws, second)
     assert client.post("/api/undo", json={"batch": done["batch"]}).status_code == 200
     assert "undo_probe" not in tags_of(ws, first) + tags_of(ws, second)
+
+
+def test_an_image_over_max_tags_may_still_swap_a_tag(review):
+    """Its curated tags (a sidecar's, bounded by ingest.max_tags, and the tagger's) may be more than
+    ingest.max_tags: an edit that leaves it no more tags than it has, such as one tag for another,
+    is within the bound; one that adds is refused."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[9]
+    has = tags_of(ws, key)
+    client = TestClient(ReviewApp(base_config(Path(ws.base), f"ingest.max_tags={len(has) - 2}"), ws)
+                        .asgi(["testserver"]))
+    grown = client.post("/api/edits", json={"key": key, "add_tags": ["over_a"]})
+    assert grown.status_code == 400 and "ingest.max_tags" in grown.json()["error"]
+    swap = client.post("/api/edits", json={"key": key, "remove_tags": [has[-1]], "add_tags": ["over_a"]})
+    assert swap.status_code == 200 and swap.json()["edits"] == 2
+    client.post("/api/undo", json={"batch": swap.json()["batch"]})
+    assert tags_of(ws, key) == has
