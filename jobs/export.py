@@ -69,6 +69,10 @@ from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
+# state/export/open/<digest of out>.json ({"out"}): an export to that folder began and has not
+# ended (written before its units, removed once its manifest is): the only folders whose units
+# the folder's manifest does not name were left by a stopped export (remove_unfinished_files)
+OPEN = f"{JOB}/open"
 # images per key range of the selection: measured at 200,000 images with 37 curated tags each,
 # ~0.6 GB of DuckDB memory (1.0 GB at 50,000), well inside the default 2 GB duckdb_memory_limit
 SELECTION_CHUNK = 25_000
@@ -148,6 +152,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
+    ws.fs.create_dir(ws.state_dir(OPEN), recursive=True)
+    ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
     lost = forget_lost_units(cfg, ws, out, units, done)
     pending = [u for u in units if u["unit"] not in done]
@@ -160,6 +166,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     manifest = start_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
     ws.publish()
     counts = worker_result(manifest)
+    ws.forget_unit(OPEN, open_name(out), hold=False)  # its manifest names every unit it wrote
     clear(ws, PLAN)
     shards = 0
     if "webdataset" in opts["formats"]:
@@ -440,7 +447,8 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
     another folder keeps the files its manifest names, its units are only forgotten: what they
     left there goes when an export to that folder ends, from the folder's own manifest, see
     write_manifest; the files of units of an export to it that stopped before its manifest go
-    now, see remove_unfinished_files).
+    now, see remove_unfinished_files, if its state/export/open record says so: a folder whose
+    export ended keeps its files, also when its manifest was deleted by hand).
 
     A file is kept when a current, committed unit wrote it too (same name in the new plan). The
     per-image files are found from the stale units' manifest rows, in a worker (the driver
@@ -452,9 +460,12 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
     if here:
         run_in_worker(cfg, ws, remove_image_files, out, here, sorted(u for u in done if u in current))
     delete_files(out, sorted({f for unit in here for f in stale[unit].get("files", [])} - keep))
+    # only a folder whose last export did not end: without that record its manifest names all its
+    # units (or was deleted by hand: then its files are the user's to keep)
+    open_folders = {record["out"]: name for name, record in ws.done_units(OPEN).items() if record["out"] != out}
     elsewhere: dict[str, dict[str, dict]] = defaultdict(dict)
     for unit, info in stale.items():
-        if info.get("out") and info["out"] != out:
+        if info.get("out") in open_folders:
             elsewhere[info["out"]][unit] = info
     for folder, units in sorted(elsewhere.items()):
         if unfinished := run_in_worker(cfg, ws, remove_unfinished_files, folder, units):
@@ -463,7 +474,14 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
     for unit in stale:
         # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
         ws.forget_unit(JOB, unit, hold=False)
+    for folder in elsewhere:  # none of its units is left
+        ws.forget_unit(OPEN, open_folders[folder], hold=False)
     return len(here)
+
+
+def open_name(out: str) -> str:
+    """The name of the export folder `out`'s record in state/export/open/."""
+    return hashlib.sha1(out.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def delete_files(out: str, relatives: Iterable[str]) -> int:

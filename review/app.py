@@ -49,6 +49,10 @@ EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude",
 FILTER_TEXTS = ("where", "character", "group", "tag")
 FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
 BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
+UNDO_FIELDS = frozenset({"batch"})
+# a quick filter's values (a checkbox sends "1"); any other is refused, not read as off (which
+# left a bulk action to every image)
+FLAG_TEXTS = frozenset({"", "0", "1", "false", "true", "off", "on", "no", "yes"})
 MEDIA_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "webp": "image/webp",
                "gif": "image/gif", "bmp": "image/bmp", "tiff": "image/tiff", "avif": "image/avif"}
 
@@ -184,7 +188,9 @@ class ReviewApp:
     def bulk(self, body: dict) -> Response:
         """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
         wrong = [name for name in FILTER_TEXTS if body.get(name) is not None and not isinstance(body[name], str)]
-        if error := unknown_fields(body, BULK_FIELDS) or (wrong and f"{wrong[0]} must be text (a filter)"):
+        not_flags = [name for name in FILTER_FLAGS if not is_flag(body.get(name))]
+        if error := (unknown_fields(body, BULK_FIELDS) or (wrong and f"{wrong[0]} must be text (a filter)")
+                     or (not_flags and f"{not_flags[0]} must be true or false (a quick filter)")):
             return JSONResponse({"error": error}, status_code=400)
         with self.index.lock:
             try:
@@ -201,6 +207,8 @@ class ReviewApp:
 
     def undo(self, body: dict) -> Response:
         """{batch}: the edits that take back what that batch still decides."""
+        if error := unknown_fields(body, UNDO_FIELDS):
+            return JSONResponse({"error": error}, status_code=400)
         batch = body.get("batch")
         if not isinstance(batch, str) or not batch:
             return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)
@@ -295,6 +303,13 @@ def unknown_fields(body: dict, known: frozenset[str]) -> str | None:
     """The reason to refuse a body with a field `known` lacks (None: all are known)."""
     unknown = sorted(set(body) - known)
     return f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})" if unknown else None
+
+
+def is_flag(value) -> bool:
+    """Whether a quick filter's value in a JSON body is one: absent, a bool, or a checkbox's text."""
+    if value is None or isinstance(value, bool):
+        return True
+    return isinstance(value, str | int) and str(value).lower() in FLAG_TEXTS
 
 
 def filters_of(values) -> Filters:

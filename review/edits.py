@@ -83,9 +83,11 @@ class EditRequest:
                if t in tags]
         added = [{"key": key, "field": "tags", "old": None, "new": t} for t in self.add_tags
                  if t not in tags and t not in self.remove_tags]
-        if added and len(tags) - len(out) + len(added) > self.max_tags:  # as ingest bounds a sidecar's
-            raise ValueError(f"{key} would have {len(tags) - len(out) + len(added)} tags, over {self.max_tags} "
-                             "(ingest.max_tags)")
+        after = len(tags) - len(out) + len(added)
+        # as ingest bounds a sidecar's; an image over it already (a sidecar's tags and the tagger's)
+        # may still have a tag replaced, not more added
+        if added and after > self.max_tags and after > len(tags):
+            raise ValueError(f"{key} would have {after} tags, over {self.max_tags} (ingest.max_tags)")
         out += added
         unchanged = self.caption == row["caption"] or (not self.caption and not row["caption_edited"])
         if self.caption is not None and not unchanged:

@@ -429,6 +429,25 @@ def test_units_of_an_export_that_never_ended_are_not_left_when_another_folder_is
     assert not [p for p in first.rglob("*bg_*")]
 
 
+def test_a_folder_whose_export_ended_keeps_its_files_without_its_manifest(tmp_path_factory, tmp_path, ray_local):
+    """The files of units an export stopped before its end left are removed when another folder is
+    exported, those of an export that ended stay: with its manifest.parquet deleted (before an
+    upload, where the Hub would read it as the dataset), all 34 files of a finished export were
+    removed from its folder by an export to another folder."""
+    from jobs import export
+    from jobs.config import merge
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{first}"', 'export.formats=["webdataset", "kohya"]')
+    export.run(cfg, ws)
+    (first / "manifest.parquet").unlink()
+    written = {str(p.relative_to(first)) for p in first.rglob("*") if p.is_file()}
+    assert any(f.startswith("kohya/") for f in written)
+    merge(cfg, {"export": {"out": str(other)}})
+    export.run(cfg, ws)
+    assert {str(p.relative_to(first)) for p in first.rglob("*") if p.is_file()} == written
+
+
 def test_materialised_repeats_write_each_sample_repeats_times(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 

@@ -668,6 +668,8 @@ def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
     ("/api/bulk", {"where": ["false"], "add_tags": ["everywhere"], "preview": False}),  # a filter not as text
     ("/api/bulk", {"character": 7, "add_tags": ["everywhere"], "preview": False}),
     ("/api/bulk", {"tag": "x", "caption": "a bulk caption", "preview": False}),  # not a bulk action
+    ("/api/bulk", {"flagged": ["1"], "add_tags": ["everywhere"], "preview": False}),  # a quick filter not a flag
+    ("/api/bulk", {"edited": "only", "add_tags": ["everywhere"], "preview": False}),
     ("/api/edits", {"add_tag": ["everywhere"]}),
 ])
 def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
@@ -680,3 +682,40 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     answer = client.post(path, json=body)
     assert answer.status_code == 400 and "error" in answer.json()
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
+
+
+def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
+    """Every POST refuses a field it does not take (README): {"batch", "key"} undid the whole batch,
+    every image of it, where the key said one."""
+    client, ws, _ = review
+    first, second = all_keys(ws)[1:3]
+    done = client.post("/api/bulk", json={"where": f"key in ('{first}', '{second}')", "add_tags": ["undo_probe"],
+                                          "preview": False}).json()
+    assert done["images"] == 2
+    answer = client.post("/api/undo", json={"batch": done["batch"], "key": first})
+    assert answer.status_code == 400 and "key" in answer.json()["error"]
+    assert "undo_probe" in tags_of(ws, first) and "undo_probe" in tags_of(ws, second)
+    assert client.post("/api/undo", json={"batch": done["batch"]}).status_code == 200
+    assert "undo_probe" not in tags_of(ws, first) + tags_of(ws, second)
+
+
+def test_an_image_over_max_tags_may_still_swap_a_tag(review):
+    """Its curated tags (a sidecar's, bounded by ingest.max_tags, and the tagger's) may be more than
+    ingest.max_tags: an edit that leaves it no more tags than it has, such as one tag for another,
+    is within the bound; one that adds is refused."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from tests.export_data import base_config
+
+    _, ws, _ = review
+    key = all_keys(ws)[9]
+    has = tags_of(ws, key)
+    client = TestClient(ReviewApp(base_config(Path(ws.base), f"ingest.max_tags={len(has) - 2}"), ws)
+                        .asgi(["testserver"]))
+    grown = client.post("/api/edits", json={"key": key, "add_tags": ["over_a"]})
+    assert grown.status_code == 400 and "ingest.max_tags" in grown.json()["error"]
+    swap = client.post("/api/edits", json={"key": key, "remove_tags": [has[-1]], "add_tags": ["over_a"]})
+    assert swap.status_code == 200 and swap.json()["edits"] == 2
+    client.post("/api/undo", json={"batch": swap.json()["batch"]})
+    assert tags_of(ws, key) == has
