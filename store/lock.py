@@ -22,7 +22,7 @@ from typing import IO
 
 import pyarrow.fs as pafs
 
-from store.workspace import Workspace, WorkspaceError
+from store.workspace import JSON_READ_TRIES, Workspace, WorkspaceError
 
 LEASE_S = 120.0
 
@@ -130,11 +130,19 @@ class WorkspaceLock:
             self._write_lease(mine)
 
     def _read_lease(self) -> dict:
+        """The lease ({} when there is none). A read that meets the holder's renewal gets the new
+        lease cut at the old one's size (a HEAD, then a ranged GET: Workspace.read_json), which
+        read as no lease let a second job take the workspace: it is read again."""
         path = self._lease_path()
-        if self.ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return {}
-        with self.ws.fs.open_input_stream(path) as f:
-            return _parse(f.read().decode("utf-8", "replace"))
+        for attempt in range(JSON_READ_TRIES):
+            if self.ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return {}
+            with self.ws.fs.open_input_stream(path) as f:
+                text = f.read().decode("utf-8", "replace")
+            if info := _parse(text):
+                return info
+            time.sleep(RETRY_S * (attempt + 1))
+        return {}  # unreadable for good: a damaged lease holds nothing
 
     def _write_lease(self, mine: dict) -> None:
         with self.ws.fs.open_output_stream(self._lease_path()) as out:

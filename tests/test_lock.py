@@ -105,6 +105,36 @@ def test_lease_on_a_uri_workspace(tmp_path):
         pass
 
 
+def test_a_lease_read_while_its_holder_renews_it_on_object_storage_is_held(s3_endpoint, monkeypatch):
+    """On object storage a read is a HEAD and then a ranged GET: one that met the holder's renewal
+    got the new lease cut at the old one's size, read it as no lease, and a second job took the
+    workspace beside the first."""
+    from s3_server import AWS
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    uri = f"s3://ws-bucket/lease-race?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    holder, other = WorkspaceLock(Workspace(uri), "curate"), WorkspaceLock(Workspace(uri), "ingest")
+    leases = [{"job": "curate", "pid": 1, "token": "t" * n} for n in range(1, 40, 6)]  # of other sizes
+    holder._write_lease(leases[0])
+    stop = threading.Event()
+
+    def renew() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            holder._write_lease(leases[n % len(leases)])
+
+    thread = threading.Thread(target=renew)
+    thread.start()
+    try:
+        reads = [other._read_lease() for _ in range(150)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(read.get("token", "").startswith("t") for read in reads)
+
+
 def test_the_lease_of_a_killed_job_on_this_host_is_free_at_once(tmp_path):
     """kill -9 leaves a URI workspace's lease until it expires (120 s): a job of this kernel and pid
     namespace whose process is gone holds it no more; a live holder's, or one of processes this
