@@ -116,6 +116,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["tags_from_text"]:
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
+        if curated_other_text_tags(ws):
+            curate_again(cfg, ws, summary)
     units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
     # the names a caption may make up are looked for among the dataset's characters (in a worker: a scan)
     opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
@@ -169,6 +171,30 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
     clear(ws, TEXTS)
     return written
+
+
+def curated_other_text_tags(ws: Workspace) -> bool:
+    """Whether curate has run here and its last build read other tags from texts than
+    tags_from_text has just published (or none: curate ran before this run's tags_from_text)."""
+    from jobs import curate
+
+    if not ws.published()["owned"].get(curate.OWNER):
+        return False  # no curated tables: the captioners read the source tags as they are
+    # a curate of an older version recorded nothing: as if it read none (the digest of no rows)
+    read = (ws.read_json(curate.TEXT_TAGS_STATE) or {}).get("digest", hashlib.md5(b"").hexdigest())
+    return read != ws.connect().execute(sql_text("text_tags_digest.sql")).fetchone()[0]
+
+
+def curate_again(cfg: Config, ws: Workspace, summary: JobSummary) -> None:
+    """Curate once more, now that the tags from texts changed: curate makes them curated tags
+    (ranked, implied, grouped), which the next run's curate would do, and the captions written
+    from the tags before that would all be written again then."""
+    from jobs import curate
+
+    print("caption: the tags taken from texts changed since curate ran: curating again", flush=True)
+    curated = curate.run(cfg, ws)
+    curated.print()
+    summary.notes.append(f"curated again ({curated.seconds:.1f} s): the tags taken from texts had changed")
 
 
 def stage_texts(ws: Workspace, unit_images: int) -> list[dict]:
