@@ -40,6 +40,7 @@ TEXTS = "state/caption-texts"  # the untagged images' texts, while tags are foun
 TEXT_UNIT_IMAGES = 5000
 RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
 RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
+NO_TEXT_TAGS = "0-0"  # sql/text_tags_digest.sql of no rows
 # Options that change what a unit's rows are: a change makes new units (old parts are removed).
 # Not among them: how the work is done (actors, CPUs, retries, timeouts, batch sizes, engine
 # settings, key variables), which leaves the answers as they were.
@@ -131,6 +132,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if opts["tags_from_text"]:
         added = tags_from_text(cfg, ws)
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
+        if curated_other_text_tags(cfg, ws):
+            curate_again(cfg, ws, summary)
     units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
     # the names a caption may make up are looked for among the dataset's characters (in a worker: a scan)
     opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
@@ -185,6 +188,39 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
     clear(ws, TEXTS)
     return written
+
+
+def curated_other_text_tags(cfg: Config, ws: Workspace) -> bool:
+    """Whether curate has run here and its last build read other tags from texts than
+    tags_from_text has just published (or none: curate ran before this run's tags_from_text)."""
+    from jobs import curate
+
+    if not ws.published()["owned"].get(curate.OWNER):
+        return False  # no curated tables: the captioners read the source tags as they are
+    # a curate of an older version recorded nothing: as if it read none (the digest of no rows)
+    read = (ws.read_json(curate.TEXT_TAGS_STATE) or {}).get("digest", NO_TEXT_TAGS)
+    return read != run_in_worker(cfg, ws, text_tags_digest)  # a scan of source_tags: not in the driver
+
+
+def text_tags_digest(ws: Workspace) -> str:
+    """sql/text_tags_digest.sql over the published source_tags (in a worker: run_in_worker)."""
+    con = ws.connect()
+    try:
+        return con.execute(sql_text("text_tags_digest.sql")).fetchone()[0]
+    finally:
+        con.close()
+
+
+def curate_again(cfg: Config, ws: Workspace, summary: JobSummary) -> None:
+    """Curate once more, now that the tags from texts changed: curate makes them curated tags
+    (ranked, implied, grouped), which the next run's curate would do, and the captions written
+    from the tags before that would all be written again then."""
+    from jobs import curate
+
+    print("caption: the tags taken from texts changed since curate ran: curating again", flush=True)
+    curated = curate.run(cfg, ws)
+    curated.print()
+    summary.notes.append(f"curated again ({curated.seconds:.1f} s): the tags taken from texts had changed")
 
 
 def stage_texts(ws: Workspace, unit_images: int) -> list[dict]:

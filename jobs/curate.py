@@ -41,6 +41,8 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 INPUTS = ["images", "source_tags", "tag_scores", "detections", "embeddings", "edits"]
 OUTPUTS = ["tags", "image_meta", "character_traits", "duplicates", "clusters", "person_tags", "groups", "balance"]
 OWNER = "curate"  # the owner of curate's parts in the published generation
+# The digest of the tags from texts (sql/text_tags_digest.sql) the last published build read
+TEXT_TAGS_STATE = "state/curate-text-tags.json"
 # About 2M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
 # caches (1M images x 30 tags on 2 cores: 46-53 s in partitions of 250,000, 35-38 s of 62,500,
 # 39 s of 31,250; a partition's fixed cost shows below that).
@@ -64,6 +66,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.begin_job()
     built = run_in_worker(cfg, ws, build, opts, ccip_spec(cfg))
     ws.publish({OWNER: built["files"]})
+    ws.write_json(TEXT_TAGS_STATE, {"digest": built["text_tags"]})  # after: a kill between curates once more
     summary = JobSummary("curate", units_done=1, rows_in=built["rows_in"], rows_out=built["rows_out"])
     summary.seconds = time.perf_counter() - started
     summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in built["timings"].items()))
@@ -82,6 +85,7 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
             attach_inputs(con, ws, inputs)
             load_lookups(con, opts, ccip)
             rows_in = con.execute("select count(*) from images").fetchone()[0]
+            text_tags = con.execute((SQL_DIR / "text_tags_digest.sql").read_text(encoding="utf-8")).fetchone()[0]
             generation = uuid.uuid4().hex[:12]
             timings, tag_parts = build_tables(con, ws, opts, generation, inputs)
             files = {name: tag_parts if name == "tags" else export_table(con, ws, name, generation)
@@ -91,7 +95,7 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
         finally:
             con.close()
     return {"files": files, "rows_in": rows_in, "rows_out": rows_out, "timings": timings, "peak_mib": peak.mib,
-            "notes": notes}
+            "notes": notes, "text_tags": text_tags}
 
 
 def cluster_model_note(con: duckdb.DuckDBPyConnection, model: str) -> str | None:

@@ -121,3 +121,35 @@ def test_related_tags_respect_impossible_combinations_and_review_edits(ray_local
     assert "e/removed" not in suggested  # school_uniform, removed, suggested 3girls and classroom
     assert [tag for tag, _ in suggested["e/back"]] == ["3girls"]  # not school_uniform again
     assert [tag for tag, _ in suggested["e/added"]] == ["3girls"]  # school_uniform is the image's now
+
+
+def test_a_second_run_of_curate_and_caption_changes_nothing(ray_local, workspace, config):
+    """Curate runs before caption, whose tags_from_text then gives untagged images tags from their
+    own prompts: the next curate made those curated tags (other tag ranks, so other captions), so a
+    second `booruset run` rewrote tags and captions, and a run killed after tags_from_text ended
+    with other rows than an uninterrupted one. The caption job curates again when the tags taken
+    from texts are not the ones the last curate read: the first run ends where the second would."""
+    from jobs import curate
+
+    prompt = "masterpiece, 1girl, (blue hair:1.2), school_uniform, smile"
+    workspace.add_part("images", "u", [
+        {"key": k, "source": "s.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64, "format": "PNG",
+         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": k, "phash": i * 0xFFFF}
+        for i, k in enumerate(("a/1", "p/1"))])
+    workspace.add_part("source_tags", "u", [{"key": "a/1", "tag": t, "category": "general", "origin": "txt",
+                                             "position": i} for i, t in enumerate(("1girl", "blue_hair", "smile"))])
+    workspace.add_part("source_text", "u", [{"key": "p/1", "kind": "sd_prompt", "text": prompt}])
+    merge(config, {"caption": {"tags_from_text": True, "text_tags_min_similarity": 0.0, "related_tags": False}})
+
+    def tables() -> dict[str, list]:
+        con = workspace.connect()
+        return {t: con.execute(f"select * from {t} order by all").fetchall() for t in ("tags", "captions")}
+
+    curate.run(config, workspace)
+    caption.run(config, workspace)
+    first = tables()
+    assert {row[0] for row in first["tags"]} == {"a/1", "p/1"}  # p/1's tags from its prompt are curated
+    curate.run(config, workspace)
+    summary = caption.run(config, workspace)
+    assert tables() == first
+    assert summary.units_done == 0
