@@ -147,28 +147,16 @@ def test_retry_after_as_an_http_date_is_honoured():
     wait_until = format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=10),
                                  usegmt=True)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers["Content-Length"]))
-            first = not hasattr(self.server, "asked")
-            self.server.asked = True
-            payload = b"{}" if first else completion("ok")
-            self.send_response(429 if first else 200)
-            if first:
-                self.send_header("Retry-After", wait_until)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    asked = []
 
-        def log_message(self, *args):
-            pass
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        asked.append(body)
+        return (429, {"Retry-After": wait_until}, b"{}") if len(asked) == 1 else (200, {}, completion("ok"))
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url = answer_with(respond)
     sleeps = []
     try:
-        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=1, backoff_s=1.0,
-                                sleep=sleeps.append)
+        endpoint = ChatEndpoint(url, "m", max_retries=1, backoff_s=1.0, sleep=sleeps.append)
         assert endpoint.chat(MESSAGES) == "ok"
     finally:
         server.shutdown()
@@ -204,6 +192,26 @@ def serve_bodies(bodies: list[tuple[dict, bytes, float]]):
                     time.sleep(per_byte)
             except OSError:
                 pass  # the client gave up on it
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def answer_with(respond):
+    """A loopback server answering each POST with respond(request body) -> (status, headers,
+    payload); returns (server, base_url)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            status, headers, payload = respond(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(payload)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
 
         def log_message(self, *args):
             pass
@@ -341,26 +349,16 @@ def test_replies_got_are_kept_while_a_slow_request_is_still_out(tmp_path, monkey
     from udfs.caption import openai_transport
     from udfs.caption.reply_cache import REPLIES, ReplyCache
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if body["messages"][0]["content"] == "slow":
-                time.sleep(3)
-            payload = completion("ok")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        if body["messages"][0]["content"] == "slow":
+            time.sleep(3)
+        return 200, {}, completion("ok")
 
     monkeypatch.setattr(openai_transport, "KEEP_EVERY_S", 0.5)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url = answer_with(respond)
     try:
         ws = Workspace(str(tmp_path / "ws"))
-        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", timeout_s=30)
+        endpoint = ChatEndpoint(url, "m", timeout_s=30)
         endpoint.cache = ReplyCache(ws, "unit")
         requests = [{"messages": [{"role": "user", "content": c}]} for c in [*"abcdefg", "slow"]]
         worker = threading.Thread(target=endpoint.chat_many, args=(requests,), daemon=True)
@@ -607,26 +605,12 @@ def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
 
     replies = {0: "\u200b", 1: "... !!! ???", 2: "A girl smiles."}  # by attempt (the request's seed)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            payload = completion(replies[body["seed"]])
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url = answer_with(lambda body: (200, {}, completion(replies[body["seed"]])))
     try:
         write_inputs(workspace)
         merge(config, {"caption": {
-            "backend": "openai", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "m",
-            "send_images": False, "max_attempts": 3, "seed": 0, "max_retries": 0, "unit_size": 10, "concurrency": 1,
-            "tags_from_text": False, "related_tags": False}})
+            "backend": "openai", "base_url": url, "model": "m", "send_images": False, "max_attempts": 3, "seed": 0,
+            "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
         summary = caption.run(config, workspace)
     finally:
         server.shutdown()
