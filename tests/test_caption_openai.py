@@ -201,6 +201,17 @@ def serve_bodies(bodies: list[tuple[dict, bytes, float]]):
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
+def replies_in_order(bodies: list[tuple[dict, bytes, float]]) -> list:
+    """What chat_many makes of serve_bodies' bodies, one request at a time (so in their order)."""
+    server, url = serve_bodies(bodies)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)
+        return endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(len(bodies))])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def answer_with(respond):
     """A loopback server answering each POST with respond(request body) -> (status, headers,
     payload); returns (server, base_url)."""
@@ -236,13 +247,7 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
          0.0),
         ({}, completion(12345), 0.0),
     ]
-    server, url = serve_bodies(bodies)
-    try:
-        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)  # bodies in order
-        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(5)])
-    finally:
-        server.shutdown()
-        server.server_close()
+    results = replies_in_order(bodies)
     assert results[0] == "a girl ? smiles[31m"
     assert [r.kind for r in results[1:3]] == ["bad_reply", "bad_reply"]
     assert results[3] == "two parts"
@@ -264,13 +269,7 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
               ({}, cut("A girl with red hair stands in a fie"), 0.0),
               ({}, cut("<think>The tags say red hair.</think> A girl smiles. She holds a red umbr"), 0.0),
               ({}, cut("A girl with red hair stands in a fie", "stop"), 0.0)]
-    server, url = serve_bodies(bodies)
-    try:
-        endpoint = ChatEndpoint(url, "m", max_retries=0, timeout_s=5, max_concurrency=1)  # bodies in order
-        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(7)])
-    finally:
-        server.shutdown()
-        server.server_close()
+    results = replies_in_order(bodies)
     assert results[:4] == ["A girl with red hair smiles.", 'She says "Hello!" and waves.',
                            "A girl smiles at the viewer.", "\u5c11\u5973\u304c\u7b11\u3046\u3002"]
     assert results[4] == "A girl with red hair stands in a fie"  # no whole sentence: as it was
