@@ -387,8 +387,7 @@ def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict, ccip: dict | None =
             "tag_blacklist": tag_rules.through_aliases(tag_rules.blacklist(opts["blacklist"]), aliases, ("tag",),
                                                        "blacklist"),
             "tag_overlap": tag_rules.overlap(opts["overlap_tags"]),
-            "impossible_tags": tag_rules.through_aliases(tag_rules.impossible(opts["rules_dir"]), aliases,
-                                                         ("tag_a", "tag_b"), "impossible_tags.csv"),
+            "impossible_tags": tag_rules.impossible_through_aliases(opts["rules_dir"], aliases),
             "count_tags": tag_rules.through_aliases(tag_rules.count_tags(opts["rules_dir"]), aliases, ("tag",),
                                                     "count_tags.csv"),
             "character_trait_rules": tag_rules.character_trait_rules(
