@@ -388,10 +388,12 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
     with a person's edits (image_tag_lists), and a suggestion never breaks curate's impossible
     combinations nor brings back a tag a person removed."""
     opts = cfg["caption"]
-    try:  # the rules curate applied to the tags: no suggestion breaks them
-        impossible = tag_rules.impossible(cfg["curate"]["rules_dir"])
+    try:  # the rules curate applied to the tags, read through the aliases as it does: no suggestion breaks them
+        curate_opts = cfg["curate"]
+        aliases = tag_rules.alias_table(tag_rules.tag_list(curate_opts["tag_list"])[1], curate_opts["rules_dir"])
+        impossible = tag_rules.impossible_through_aliases(curate_opts["rules_dir"], aliases)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"caption: cannot load curate's impossible_tags.csv: {exc}") from exc
+        raise ConfigError(f"caption: cannot load curate's impossible_tags.csv or its aliases: {exc}") from exc
     run = uuid.uuid4().hex[:12]  # new part names each run: readers of the last ones keep them
     pairs_path, units = run_in_worker(cfg, ws, stage_related, opts, RELATED_UNIT_IMAGES)
     if not units:

@@ -391,13 +391,14 @@ def load_lookups(con: duckdb.DuckDBPyConnection, opts: dict, ccip: dict | None =
             "tag_blacklist": tag_rules.through_aliases(tag_rules.blacklist(opts["blacklist"]), aliases, ("tag",),
                                                        "blacklist"),
             "tag_overlap": tag_rules.overlap(opts["overlap_tags"]),
-            "impossible_tags": tag_rules.through_aliases(tag_rules.impossible(opts["rules_dir"]), aliases,
-                                                         ("tag_a", "tag_b"), "impossible_tags.csv"),
+            "impossible_tags": tag_rules.impossible_through_aliases(opts["rules_dir"], aliases),
             "count_tags": tag_rules.through_aliases(tag_rules.count_tags(opts["rules_dir"]), aliases, ("tag",),
                                                     "count_tags.csv"),
             "character_trait_rules": tag_rules.character_trait_rules(
                 opts["character_tags"], int(opts["character_trait_level"])),
-            "character_references": ccip_cluster.reference_means(ccip_cluster.references(opts["references"], ccip)),
+            # a reference named with an alias (reimu_hakurei) is the images' tag (hakurei_reimu)
+            "character_references": ccip_cluster.reference_means(tag_rules.through_aliases(
+                ccip_cluster.references(opts["references"], ccip), aliases, ("character",), "curate.references")),
             "group_format": group_format_table(opts["group_format"], schemas.image_meta.names),
             "fh_ratio_bins": fh_ratio_bins(opts["fh_ratio_bins"]),
             "balance_weights": balance_weights(opts["weights"]),

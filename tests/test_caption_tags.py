@@ -153,3 +153,23 @@ def test_a_second_run_of_curate_and_caption_changes_nothing(ray_local, workspace
     summary = caption.run(config, workspace)
     assert tables() == first
     assert summary.units_done == 0
+
+
+def test_related_tags_read_the_impossible_combinations_through_the_aliases(ray_local, workspace, config, tmp_path):
+    """curate reads impossible_tags.csv through the aliases (a rule `sole_female,3girls` acts on
+    1girl, sole_female's tag): the suggestions read it as written, and gave a 1girl image 3girls."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "aliases.csv").write_text("alias,tag\nsole_female,1girl\n", encoding="utf-8")
+    (rules / "impossible_tags.csv").write_text("tag_a,tag_b,winner\nsole_female,3girls,score\n", encoding="utf-8")
+    rows = []
+    for i in range(6):
+        rows += tag_rows(f"g/{i}", ["3girls", "school_uniform", "classroom"])
+        rows += tag_rows(f"d/{i}", ["dog", "outdoors"])
+    rows += tag_rows("s/one", ["1girl", "school_uniform"])
+    workspace.add_part("tags", "u", rows)
+    merge(config, {"curate": {"rules_dir": str(rules)},
+                   "caption": {"related_min_support": 3, "related_min_pmi": 0.3, "related_top_k": 5}})
+    caption.related_tags(config, workspace)
+    suggested = {s["tag"] for s in workspace.read_table("tag_suggestions").to_pylist() if s["key"] == "s/one"}
+    assert suggested == {"classroom"}

@@ -473,6 +473,25 @@ def test_reference_characters_are_named_as_ingest_writes_tags(tmp_path):
     assert ccip_cluster.references(str(table))["character"].to_pylist() == ["bob_smith"]
 
 
+def test_reference_characters_are_read_through_the_aliases(workspace, tmp_path):
+    """The images' character tags are read through the aliases (Danbooru's list makes
+    reimu_hakurei an alias of hakurei_reimu), so a reference folder `Reimu Hakurei` named a
+    character no tag equals: its crops were clustered as reimu_hakurei and never met the image's
+    hakurei_reimu (person_tags), as the blacklist and count rules did before they were read so."""
+    rng = np.random.default_rng(6)
+    vectors, _ = _identities(rng, n_ids=1, per_id=4, noise=0)
+    keys = _write_crops(workspace, vectors, characters=["reimu_hakurei"] * 4)
+    tag_list = tmp_path / "danbooru.csv"
+    tag_list.write_text('hakurei_reimu,4,1,"reimu_hakurei,/hr"\n', encoding="utf-8")
+    refs = tmp_path / "refs.parquet"
+    pq.write_table(pa.table({"character": ["reimu_hakurei"],
+                             "vector": pa.array([vectors[0].tolist()], pa.list_(pa.float32(), CCIP_DIM))}), refs)
+    curate.run(curate_config(workspace, tag_list=str(tag_list), references=str(refs), ccip_threshold=0.3), workspace)
+    assert {r["tag"] for r in workspace.read_table("tags").to_pylist()} == {"hakurei_reimu"}
+    assert {(r["key"], r["character"]) for r in workspace.read_table("clusters").to_pylist()} == {
+        (k, "hakurei_reimu") for k in keys}
+
+
 def curate_config_ccip() -> dict:
     from jobs.config import load_config
 

@@ -85,6 +85,12 @@ def alias_table(list_aliases: pa.Table, rules_dir: str) -> pa.Table:
     return pa.table({"alias": list(merged), "tag": list(merged.values())}, schema=_schema("alias", "tag"))
 
 
+def impossible_through_aliases(rules_dir: str, aliases: pa.Table) -> pa.Table:
+    """impossible_tags.csv read as curate applies it, through the aliases (the caption job's
+    suggestions keep to the same rules)."""
+    return through_aliases(impossible(rules_dir), aliases, ("tag_a", "tag_b"), "impossible_tags.csv")
+
+
 def through_aliases(rules: pa.Table, aliases: pa.Table, columns: tuple[str, ...], source: str) -> pa.Table:
     """A rule table with the tags of `columns` written as the images' tags are read: an alias as
     its tag (a blacklist entry `blonde_hair` acts on `blond_hair` when the tag list makes it an
