@@ -61,7 +61,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     """Build the eight tables in a Ray task (on a cluster, a worker node with the memory for
     DuckDB's joins over the whole dataset, not the head), then publish them from here."""
     started = time.perf_counter()
-    opts = {**cfg["curate"], "tag_list": tag_list_path(cfg)}
+    opts = {**cfg["curate"], "tag_list": tag_list_path(cfg), "cascade_face_model": cascade_face_model(cfg)}
     check_options(opts)  # a bad option is a ConfigError before any worker starts
     ws.begin_job()
     built = run_in_worker(cfg, ws, build, opts, ccip_spec(cfg))
@@ -313,6 +313,12 @@ def check_options(opts: dict) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def cascade_face_model(cfg: Config) -> str:
+    """The `model` of the cascade's face rows (jobs/annotate.model_name): the weakest detector,
+    whose faces count only where no other detector found one."""
+    return str(cfg.get("annotate", {}).get("cascade_face", {}).get("model", ""))
+
+
 def sql_params(opts: dict) -> dict:
     """The SQL parameters from the [curate] options (values go in as bindings, never as text)."""
     distance = int(opts["phash_distance"])  # 0 to 63: jobs/config.DOMAINS
@@ -323,6 +329,7 @@ def sql_params(opts: dict) -> dict:
         "trait_share": float(opts["trait_share"]),
         "trait_min_images": int(opts["trait_min_images"]),
         "face_label": str(opts["face_label"]),
+        "cascade_face_model": str(opts.get("cascade_face_model", "")),  # added by run(), not an option
         "face_threshold": float(opts["face_threshold"]),
         "max_face_aspect": float(opts["max_face_aspect"]),
         "person_label": str(opts["person_label"]),

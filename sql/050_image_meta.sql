@@ -1,7 +1,7 @@
 -- image_meta: facts per image from images, the curated tags and the detections.
 --   n_faces   faces with score >= $face_threshold whose box (in pixels) is at most
 --             $max_face_aspect times longer than wide or wide than long, of one face detector
---             (the first model by name that found one)
+--             (the first model by name that found one, the cascade's last)
 --   facepos   one "fvp <v> fhp <h>" per face: the face centre's vertical / horizontal
 --             position in percent of the image (0 top / left), largest face first
 --   fh_ratio  height of the largest face / image height
@@ -18,10 +18,13 @@ with detected_faces as (
           <= $max_face_aspect * least((d.x1 - d.x0) * i.width, (d.y1 - d.y0) * i.height)
 ),
 face_models as (
-    -- one detector's faces per image, the first model by name that found one (as the embedding
-    -- steps choose a model): the default models run two face detectors (the YOLO face model and
-    -- the cascade), and each face was counted once per detector
-    select key, min(model) as model from detected_faces group by key
+    -- one detector's faces per image: the default models run two face detectors (the YOLO face
+    -- model and the cascade), and each face was counted once per detector. The first model by
+    -- name that found one (as the embedding steps choose a model), the cascade
+    -- ($cascade_face_model, the weakest) only where no other did
+    select key, coalesce(min(model) filter (where model <> $cascade_face_model), min(model)) as model
+    from detected_faces
+    group by key
 ),
 faces as (
     select f.* from detected_faces f semi join face_models m on m.key = f.key and m.model = f.model

@@ -162,19 +162,25 @@ def test_a_face_both_face_detectors_find_is_one_face(workspace):
     """The default models run two face detectors (annotate.models: cascade_face and face), both
     labelling "face": a picture of one girl had n_faces 2, two facepos and n_people 2 (no count
     tag, no person box), and went to a 2_people group. Each image's faces are one detector's: the
-    first model by name that found one, as the embedding steps choose a model."""
-    workspace.add_part("images", "p", image_rows(["one", "cascade_only"]))
+    first model by name that found one, as the embedding steps choose a model, the cascade only
+    where no other found one."""
+    workspace.add_part("images", "p", image_rows(["one", "cascade_only", "own_yolo"]))
     workspace.add_part("detections", "p", [
         {**face_row("one", 0.4, 0.2, 0.6, 0.4, score=1.0), "model": "lbpcascade_animeface"},
         {**face_row("one", 0.41, 0.21, 0.6, 0.41, score=0.8), "model": "face_detect_v1.4_s"},
         {**face_row("cascade_only", 0.1, 0.1, 0.3, 0.3, score=1.0), "model": "lbpcascade_animeface"},
         {**face_row("cascade_only", 0.5, 0.1, 0.7, 0.3, score=1.0), "model": "lbpcascade_animeface"},
+        # a YOLO face model of one's own whose name sorts after the cascade's
+        {**face_row("own_yolo", 0.1, 0.1, 0.3, 0.3, score=1.0), "model": "lbpcascade_animeface"},
+        {**face_row("own_yolo", 0.5, 0.1, 0.7, 0.3, score=1.0), "model": "lbpcascade_animeface"},
+        {**face_row("own_yolo", 0.5, 0.5, 0.7, 0.7, score=0.9), "model": "yolov8_anime_face"},
     ])
     curate.run(curate_config(workspace, group_format="n_people"), workspace)
     meta = {r["key"]: r for r in workspace.read_table("image_meta").to_pylist()}
     assert (meta["one"]["n_faces"], meta["one"]["facepos"], meta["one"]["n_people"]) == (1, ["fvp 31 fhp 50"], 1)
     assert meta["one"]["fh_ratio"] == pytest.approx(0.2)
     assert (meta["cascade_only"]["n_faces"], meta["cascade_only"]["n_people"]) == (2, 2)
+    assert (meta["own_yolo"]["n_faces"], meta["own_yolo"]["facepos"]) == (1, ["fvp 60 fhp 60"])  # not the cascade's
 
 
 def test_image_meta_facts(workspace):
