@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.config import Config, ConfigError, default_config
-from jobs.ray_env import Progress, init_ray
+from jobs.ray_env import Progress, init_ray, local_ray
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
 from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
@@ -294,6 +294,32 @@ def wants_gpus(device: str) -> bool:
     return device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def cpu_shortfall(specs: dict[str, dict], opts: dict, have: float) -> str | None:
+    """What annotate lacks, when the model pools and one of the CPU tasks (read, decode, crop,
+    write) do not fit in `have` CPUs at once: the pools' actors start first, and when they hold
+    every CPU no task ever runs and the job waits for good (ray.num_cpus = 1 with the default
+    four pools). None when they fit."""
+    pools = {name: int(spec["concurrency"]) * float(spec["num_cpus"]) for name, spec in specs.items()}
+    needed = sum(pools.values()) + float(opts["task_num_cpus"])
+    if needed <= have:
+        return None
+    detail = ", ".join(f"{name} {cpus:g}" for name, cpus in pools.items())
+    return (f"annotate needs {needed:g} CPUs at once (model pools: {detail}; a CPU task: "
+            f"annotate.task_num_cpus {float(opts['task_num_cpus']):g}) but Ray has {have:g}: lower "
+            "annotate.<model>.num_cpus, .concurrency or annotate.task_num_cpus, or give Ray more (ray.num_cpus)")
+
+
+def check_local_cpus(cfg: Config, specs: dict[str, dict]) -> None:
+    """ConfigError, before any job of a `run`, when annotate's pools cannot fit in the local Ray
+    the run will start (ray.num_cpus, else this machine's CPUs, which Ray's count never exceeds):
+    it stopped the run only once annotate began, after ingest."""
+    if not local_ray(cfg):
+        return
+    have = float(cfg["ray"]["num_cpus"] or os.cpu_count() or 1)
+    if message := cpu_shortfall(specs, cfg[JOB], have):
+        raise ConfigError(message)
+
+
 class Pipeline:
     """The Ray Data pipeline of one annotate run and the per-unit commits in the driver."""
 
@@ -337,20 +363,12 @@ class Pipeline:
         return done
 
     def check_cpus(self) -> None:
-        """The model pools and one of the CPU tasks (read, decode, crop, write) must fit in Ray's
-        CPUs at once: the pools' actors start first, and when they hold every CPU no task ever
-        runs and the job waits for good (ray.num_cpus = 1 with the default four pools). A local
+        """The model pools and one of the CPU tasks must fit in Ray's CPUs (cpu_shortfall). A local
         Ray fails the job with the numbers; a cluster (which may add nodes) gets a warning."""
-        pools = {name: int(spec["concurrency"]) * float(spec["num_cpus"]) for name, spec in self.specs.items()}
-        needed = sum(pools.values()) + float(self.opts["task_num_cpus"])
-        have = float(ray.cluster_resources().get("CPU", 0))
-        if needed <= have:
+        message = cpu_shortfall(self.specs, self.opts, float(ray.cluster_resources().get("CPU", 0)))
+        if message is None:
             return
-        detail = ", ".join(f"{name} {cpus:g}" for name, cpus in pools.items())
-        message = (f"annotate needs {needed:g} CPUs at once (model pools: {detail}; a CPU task: "
-                   f"annotate.task_num_cpus {float(self.opts['task_num_cpus']):g}) but Ray has {have:g}: lower "
-                   "annotate.<model>.num_cpus, .concurrency or annotate.task_num_cpus, or give Ray more (ray.num_cpus)")
-        if self.cfg["ray"]["address"] or "RAY_ADDRESS" in os.environ:
+        if not local_ray(self.cfg):
             print(f"warning: {message}", flush=True)
             return
         raise ConfigError(message)

@@ -295,7 +295,7 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         # checks them as it starts); last, as it reads every model file
         from jobs import annotate
 
-        annotate.available_models(cfg)
+        annotate.check_local_cpus(cfg, annotate.available_models(cfg)[0])
 
 
 def check_out_folders(cfg: Config, command: str) -> None:

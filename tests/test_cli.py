@@ -525,6 +525,7 @@ def test_every_number_option_refuses_negative_and_non_finite_values():
     ("ingest.frames.max_side=32", "ingest.frames.max_side must be >= min_side"),
     ('export.where="rating = "', "export.where 'rating =' is not a SQL condition"),
     ('export.where="true; drop table images"', "export.where 'true; drop table images' is not a SQL condition"),
+    ("annotate.cascade_face.num_cpus=4096", "annotate needs 4096.5 CPUs at once (model pools: cascade_face 4096;"),
 ])
 def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, option, says):
     """Each job checked its own options only when it started: `run --set export.text=bogus`
