@@ -20,11 +20,10 @@ import threading
 import time
 from typing import IO
 
-import pyarrow.fs as pafs
-
-from store.workspace import JSON_READ_TRIES, Workspace, WorkspaceError
+from store.workspace import Workspace, WorkspaceError
 
 LEASE_S = 120.0
+LEASE_FILE = "lock.json"  # in the workspace's root, on object storage (a local one has a flock)
 
 
 class WorkspaceBusy(WorkspaceError):
@@ -111,7 +110,7 @@ class WorkspaceLock:
 
     # ---- URI: a lease with an expiry -----------------------------------------------------
     def _lease_path(self) -> str:
-        return f"{self.ws.base}/lock.json"
+        return f"{self.ws.base}/{LEASE_FILE}"
 
     def _take_lease(self) -> None:
         current = self._read_lease()
@@ -130,19 +129,14 @@ class WorkspaceLock:
             self._write_lease(mine)
 
     def _read_lease(self) -> dict:
-        """The lease ({} when there is none). A read that meets the holder's renewal gets the new
-        lease cut at the old one's size (a HEAD, then a ranged GET: Workspace.read_json), which
-        read as no lease let a second job take the workspace: it is read again."""
-        path = self._lease_path()
-        for attempt in range(JSON_READ_TRIES):
-            if self.ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return {}
-            with self.ws.fs.open_input_stream(path) as f:
-                text = f.read().decode("utf-8", "replace")
-            if info := _parse(text):
-                return info
-            time.sleep(RETRY_S * (attempt + 1))
-        return {}  # unreadable for good: a damaged lease holds nothing
+        """The lease ({} when there is none). Workspace.read_json reads again a lease met in the
+        middle of its holder's renewal (cut at the old one's size on object storage), which read
+        as no lease let a second job take the workspace."""
+        try:
+            info = self.ws.read_json(LEASE_FILE)
+        except ValueError:  # unreadable for good: a damaged lease holds nothing
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def _write_lease(self, mine: dict) -> None:
         with self.ws.fs.open_output_stream(self._lease_path()) as out:
