@@ -15,7 +15,6 @@ leaves the old tables as they were, never half of each.
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
 from jobs.ray_env import run_in_worker
 from jobs.summary import JobSummary, PeakMemory
+from store.scratch import temporary_folder
 from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
@@ -78,7 +78,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
     """Every step in a work database of its own, the results written as new Parquet parts
     (unpublished); returns their names, the row counts and the seconds per step."""
-    with tempfile.TemporaryDirectory(prefix="booruset-curate-") as tmp, PeakMemory() as peak:
+    with temporary_folder("booruset-curate-") as tmp, PeakMemory() as peak:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             inputs = ws.published()

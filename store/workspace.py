@@ -26,16 +26,13 @@ such as the parts of a unit that never committed, go at once).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -50,6 +47,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from store.part_ranges import PartKeyRanges
+from store.scratch import process_folder
 from store.uris import filesystem_of
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
@@ -101,7 +99,6 @@ class Workspace:
             self.local = True
         self.root = root if not self.local else self.base
         self.memory_limit = memory_limit  # of the DuckDB that connect() opens
-        self._spill: str | None = None  # where that DuckDB spills; one folder per process
         self._published_at = time.monotonic()
         self._hold = False  # no publish mid-run (see hold_publishing)
         # folder -> {path: ((mtime_ns, size), its bytes)}, of the markers its last listing found
@@ -609,10 +606,8 @@ class Workspace:
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
         """
-        if self._spill is None:
-            self._spill = tempfile.mkdtemp(prefix="booruset-duckdb-")
-            atexit.register(shutil.rmtree, self._spill, True)
-        con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": self._spill})
+        spill = process_folder("booruset-duckdb-")  # one per process, not per unpickled Workspace
+        con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": spill})
         if views:
             self._create_views(con, published)
         if read_only:

@@ -1,0 +1,66 @@
+"""Scratch folders in the node's temp folder that a killed process does not leave behind.
+
+Ray ends its worker processes without running atexit handlers, and a job killed with SIGKILL runs
+nothing at all: a scratch folder removed only at exit stays forever (one per worker process, and a
+killed curate leaves its work database and spill files, gigabytes at millions of images). So each
+folder is named for the process that made it, and a process making one removes the folders of its
+kind whose process is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_MADE: dict[str, tuple[int, str]] = {}  # kind -> (pid, folder) of this process's shared folder
+
+
+def process_folder(kind: str) -> str:
+    """One folder of `kind` (a name prefix such as "booruset-duckdb-") for this process, made on
+    first use and removed when the process exits (or by a later process once it is gone)."""
+    made = _MADE.get(kind)
+    if made is None or made[0] != os.getpid():  # a forked child makes its own
+        remove_orphans(kind)
+        folder = tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-")
+        atexit.register(shutil.rmtree, folder, True)
+        _MADE[kind] = (os.getpid(), folder)
+    return _MADE[kind][1]
+
+
+def temporary_folder(kind: str) -> tempfile.TemporaryDirectory:
+    """A TemporaryDirectory of `kind` for one piece of work, named for this process."""
+    remove_orphans(kind)
+    return tempfile.TemporaryDirectory(prefix=f"{kind}{os.getpid()}-")
+
+
+def remove_orphans(kind: str) -> int:
+    """Remove the folders of `kind` in the temp folder whose process is gone; returns how many."""
+    named = re.compile(re.escape(kind) + r"(\d+)-")
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{glob_safe(kind)}*"):
+        match = named.match(folder.name)
+        if match and folder.is_dir() and not folder.is_symlink() and not process_alive(int(match[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this node (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # not a pid at all
+        return False
+    return True
+
+
+def glob_safe(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
