@@ -64,6 +64,7 @@ from udfs.export.export_shard import (
     file_stamp,
     shard_name,
 )
+from udfs.export.resize import bucket_sides
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
@@ -134,6 +135,11 @@ def check_options(opts: dict) -> None:
     if opts["buckets"] and not (1 <= sides[0] <= sides[1] <= sides[2] and sides[0] <= int(opts["max_size"])):
         raise ConfigError("export.buckets needs 1 <= bucket_step <= bucket_min_side <= bucket_max_side, "
                           "and bucket_step <= max_size")
+    low, high = bucket_sides(sides[1], sides[2], sides[0]) if opts["buckets"] else (0, 0)
+    if opts["buckets"] and not low <= int(opts["max_size"]) <= high:  # kohya asserts it of its bucket options
+        raise ConfigError(f"export.buckets needs bucket_min_side <= max_size <= bucket_max_side (rounded to "
+                          f"bucket_step: {low} <= {opts['max_size']} <= {high}), as kohya does: a trainer "
+                          "could not bucket the images with the export's options")
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
