@@ -208,6 +208,20 @@ def test_image_meta_facts(workspace):
     assert meta["none"]["n_people_detected"] == 2 and meta["none"]["fh_ratio"] is None
 
 
+@pytest.mark.parametrize("edges", [[0.1, 0.5, 1.0], [0.0, 0.1, 0.5]])
+def test_fh_ratio_bins_that_leave_faces_out_are_refused(edges):
+    """A face's height ratio is from 0 to 1, and an image with no bin for it was grouped as no_face:
+    with [0.1, 0.5, 1.0] the small faces of crowd scenes, with [0.0, 0.1, 0.5] every close-up, were
+    balanced (and exported to a folder) as pictures without a face."""
+    from jobs.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        curate.fh_ratio_bins(edges)
+    with pytest.raises(ConfigError, match="from 0 to 1"):
+        curate.check_options({**load_config()["curate"], "fh_ratio_bins": edges})
+    assert curate.fh_ratio_bins([0.0, 1.0]).num_rows == 1
+
+
 def test_groups_format_and_character_others(workspace):
     _people_workspace(workspace)
     curate.run(curate_config(workspace, min_images_per_combination=1), workspace)
