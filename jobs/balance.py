@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):  # os.walk of a mistyped path finds nothing: an empty answer
         parser.error(f"{args.root} is not a folder")
-    if args.min_multiply <= 0 or args.max_multiply <= 0:  # as curate.min_multiply / max_multiply
-        parser.error("--min-multiply and --max-multiply must be more than 0")
+    if args.min_multiply < 0.01 or args.max_multiply < 0.01:  # as curate.min_multiply / max_multiply
+        # multiplies are rounded to 2 decimals: a smaller bound gave multiply.txt files of 0
+        parser.error("--min-multiply and --max-multiply must be at least 0.01")
     result = balance_folders(folder_counts(args.root), balance_weights(args.weights),
                              args.min_multiply, args.max_multiply)
     for row in sorted(result.to_pylist(), key=lambda r: r["multiply"]):

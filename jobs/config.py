@@ -238,8 +238,9 @@ DOMAINS: dict[str, dict[str, float]] = {
     "curate.phash_distance": {"ge": 0, "le": 63}, "curate.embedding_similarity": SHARE,
     "curate.lsh_tables": AT_LEAST_1, "curate.lsh_bits": AT_LEAST_1, "curate.lsh_window": AT_LEAST_1,
     "curate.max_block": AT_LEAST_1, "curate.max_characters": AT_LEAST_1,
-    # multiply is relative to the smallest weight times min_multiply: 0 made every image's 0
-    "curate.min_multiply": {"gt": 0}, "curate.max_multiply": {"gt": 0},
+    # multiply is relative to the smallest weight times min_multiply, rounded to 2 decimals: 0 made
+    # every image's 0, and below 0.005 the smallest group's multiply rounded to 0 (EveryDream never trains it)
+    "curate.min_multiply": {"ge": 0.01}, "curate.max_multiply": {"ge": 0.01},
     "caption.unit_size": AT_LEAST_1, "caption.concurrency": AT_LEAST_1, "caption.max_attempts": AT_LEAST_1,
     "caption.target": SHARE, "caption.drop_per_attempt": SHARE, "caption.max_caption_chars": AT_LEAST_1,
     # a step of 0 failed each caption unit after its requests were paid for

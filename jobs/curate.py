@@ -422,6 +422,9 @@ def fh_ratio_bins(edges: list[float]) -> pa.Table:
     edges = [float(e) for e in edges]
     if len(edges) < 2 or edges != sorted(edges):
         raise ValueError("curate.fh_ratio_bins must be at least two increasing edges")
+    if edges[0] > 0 or edges[-1] < 1:  # a face with no bin was grouped as no_face (sql/080_groups.sql)
+        raise ValueError(f"curate.fh_ratio_bins {edges} must go from 0 to 1 (a face's height ratio): an image whose "
+                         "face has no bin was grouped with the images without a face")
     pairs = list(zip(edges, edges[1:], strict=False))
     return pa.table({
         "lo": [lo for lo, _ in pairs], "hi": [hi for _, hi in pairs],

@@ -64,10 +64,12 @@ from udfs.export.export_shard import (
     file_stamp,
     shard_name,
 )
+from udfs.export.resize import bucket_sides
 from udfs.export.safe_names import inside
 from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
+KOHYA_CONFIG = "kohya/dataset.toml"  # kohya sd-scripts' --dataset_config for the kohya folders (write_kohya_config)
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
 # state/export/open/<digest of out>.json ({"out"}): an export to that folder began and has not
 # ended (written before its units, removed once its manifest is): the only folders whose units
@@ -133,6 +135,11 @@ def check_options(opts: dict) -> None:
     if opts["buckets"] and not (1 <= sides[0] <= sides[1] <= sides[2] and sides[0] <= int(opts["max_size"])):
         raise ConfigError("export.buckets needs 1 <= bucket_step <= bucket_min_side <= bucket_max_side, "
                           "and bucket_step <= max_size")
+    low, high = bucket_sides(sides[1], sides[2], sides[0]) if opts["buckets"] else (0, 0)
+    if opts["buckets"] and not low <= int(opts["max_size"]) <= high:  # kohya asserts it of its bucket options
+        raise ConfigError(f"export.buckets needs bucket_min_side <= max_size <= bucket_max_side (rounded to "
+                          f"bucket_step: {low} <= {opts['max_size']} <= {high}), as kohya does: a trainer "
+                          "could not bucket the images with the export's options")
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
@@ -152,6 +159,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
+        remove_kohya_config(out)  # and kohya's dataset config naming their folders: likewise
     ws.fs.create_dir(ws.state_dir(OPEN), recursive=True)
     ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
@@ -173,6 +181,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         shards = write_wids_index(out, units, counts["files"])
     else:
         remove_wids_index(out)  # no index left naming the shards this run removed
+    write_kohya_config(out, opts, counts["files"])
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
                          rows_run=sum(info["images"] for info in run_now))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]), run_now)
@@ -645,6 +654,47 @@ def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], i
     return len(shardlist)
 
 
+def remove_kohya_config(out: str) -> None:
+    """Delete kohya/dataset.toml, and the kohya folder when that leaves it empty."""
+    delete_files(out, [KOHYA_CONFIG])
+
+
+def write_kohya_config(out: str, opts: dict, files: dict[tuple[str, str], int]) -> None:
+    """kohya/dataset.toml, kohya sd-scripts' --dataset_config for the kohya folders of this export
+    (`files`: the manifest's (layout, path) counts; none: no config). With a dataset config kohya
+    takes a folder's repeats from num_repeats alone (1 unless given: the `<repeats>_` of a folder
+    name counts only with --train_data_dir), captions from `.caption` files unless told, and
+    buckets, keep_tokens and the separator from its options, which must be the export's: other
+    buckets resize every image again, another keep_tokens shuffles the kept tags."""
+    folders = sorted(path for layout, path in files if layout == "kohya")
+    if "kohya" not in opts["formats"] or not folders:
+        remove_kohya_config(out)
+        return
+    lines = ["# kohya sd-scripts dataset config of the folders beside it (--dataset_config), written by booruset",
+             "# export: the folders' repeats, the KEY.txt captions, and the export's keep_tokens and buckets",
+             "[general]", 'caption_extension = ".txt"']
+    if int(opts["keep_tokens"]):
+        lines.append(f"keep_tokens = {int(opts['keep_tokens'])}")
+    if opts["keep_tokens_separator"]:
+        lines.append(f"keep_tokens_separator = {toml_string(str(opts['keep_tokens_separator']))}")
+    lines += ["", "[[datasets]]"]
+    if opts["buckets"]:  # kohya's buckets from these are the export's: each image stays at its size
+        lines += ["enable_bucket = true", f"resolution = {int(opts['max_size'])}",
+                  f"min_bucket_reso = {int(opts['bucket_min_side'])}",
+                  f"max_bucket_reso = {int(opts['bucket_max_side'])}",
+                  f"bucket_reso_steps = {int(opts['bucket_step'])}"]
+    for folder in folders:  # kohya/<repeats>_<concept>
+        repeats = int(os.path.basename(folder).split("_", 1)[0])
+        lines += ["", "  [[datasets.subsets]]", f"  image_dir = {toml_string(os.path.join(out, folder))}",
+                  f"  num_repeats = {repeats}"]
+    atomic_write(os.path.join(out, KOHYA_CONFIG), ("\n".join(lines) + "\n").encode())
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: JSON's string escapes are TOML's, and TOML escapes DEL too."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 # ---- summary --------------------------------------------------------------------------------
 def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: list[str], budget: int,
               run_now: list[dict]) -> None:
@@ -674,7 +724,9 @@ def where_notes(out: str, layouts: list[str], shards: int) -> list[str]:
         notes.append(f"webdataset: {out}/webdataset/shard-{{000000..{shards - 1:06d}}}.tar "
                      f"(wids index: {out}/webdataset/index.wids.json)")
     for layout in layouts:
-        if layout != "webdataset":
+        if layout == "kohya" and os.path.exists(os.path.join(out, KOHYA_CONFIG)):
+            notes.append(f"kohya: {out}/kohya/ (kohya's --dataset_config: {out}/{KOHYA_CONFIG})")
+        elif layout != "webdataset":
             notes.append(f"{layout}: {out}/{layout}/")
     notes.append(f"manifest: {out}/manifest.parquet")
     return notes

@@ -105,7 +105,7 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
     ("ray.max_error_rate=1.5", "ray.max_error_rate = 1.5 (float): expected a number from 0 to 1"),
     ("caption.asp_probabilities.copyright=1.5",
      "caption.asp_probabilities.copyright = 1.5 (float): expected a number from 0 to 1"),
-    ("curate.max_multiply=inf", "curate.max_multiply = inf (float): expected a number > 0"),
+    ("curate.max_multiply=inf", "curate.max_multiply = inf (float): expected a number >= 0.01"),
     ("annotate.tagger.batch_size=0", "annotate.tagger.batch_size = 0 (int): expected a whole number >= 1"),
     ("caption.accuracy_step=60", "caption.accuracy_step = 60 (int): expected a whole number from 1 to 50"),
     ("caption.unit_size=0", "caption.unit_size = 0 (int): expected a whole number >= 1"),

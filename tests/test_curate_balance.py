@@ -53,7 +53,7 @@ def test_issue_example_from_a_folder_tree(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["missing"], ["dataset", "--min-multiply", "0"],
-                                  ["dataset", "--max-multiply", "-3"]])
+                                  ["dataset", "--max-multiply", "-3"], ["dataset", "--min-multiply", "0.004"]])
 def test_the_folder_tool_refuses_a_missing_folder_and_bounds_not_above_zero(tmp_path, capsys, args):
     """A mistyped folder printed nothing and exited 0; bounds of 0 or below gave every folder a
     multiply of 0 or -3 (and --write wrote them), which curate refuses for the same options."""
@@ -62,7 +62,7 @@ def test_the_folder_tool_refuses_a_missing_folder_and_bounds_not_above_zero(tmp_
     with pytest.raises(SystemExit) as exit_info:
         balance.main([str(tmp_path / args[0]), *args[1:], "--write"])
     assert exit_info.value.code == 2
-    assert ("not a folder" if args[0] == "missing" else "more than 0") in capsys.readouterr().err
+    assert ("not a folder" if args[0] == "missing" else "at least 0.01") in capsys.readouterr().err
     assert not (tmp_path / "dataset" / "a" / "multiply.txt").exists()
 
 
@@ -122,12 +122,22 @@ def test_a_weight_that_is_not_a_number_above_zero_is_refused(workspace, tmp_path
 
 
 @pytest.mark.parametrize("option", ["min_multiply", "max_multiply"])
-def test_a_multiply_bound_of_zero_is_refused(option):
-    """multiply is relative to the smallest weight times min_multiply: 0 made every image's 0."""
+@pytest.mark.parametrize("value", ["0.0", "0.004"])
+def test_a_multiply_bound_that_rounds_to_zero_is_refused(option, value):
+    """multiply is relative to the smallest weight times min_multiply, rounded to 2 decimals: 0
+    made every image's 0, and 0.004 made the smallest group's 0.0 (EveryDream's multiply.txt then
+    never trains its images, while kohya's folder gave them 1 repeat)."""
     from jobs.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=f"curate.{option} = 0.0 \\(float\\): expected a number > 0"):
-        load_config(None, [f"curate.{option}=0.0"])
+    with pytest.raises(ConfigError, match=f"curate.{option} = {value} \\(float\\): expected a number >= 0.01"):
+        load_config(None, [f"curate.{option}={value}"])
+
+
+def test_the_smallest_multiply_allowed_does_not_round_to_zero():
+    counts = pa.table({"path": ["many", "one"], "n_images": pa.array([1000, 1], pa.int64())})
+    got = {r["path"]: r["multiply"] for r in balance.balance_folders(counts, balance.balance_weights(""), 0.01,
+                                                                      100.0).to_pylist()}
+    assert got == {"many": 0.01, "one": 10.0}
 
 
 def test_a_min_multiply_above_max_multiply_is_refused():
@@ -196,6 +206,20 @@ def test_image_meta_facts(workspace):
     assert meta["crowd"]["n_people"] == 8 and meta["crowd"]["n_people_tags"] == 8
     assert meta["none"]["n_people"] == 2 and meta["none"]["n_people_tags"] is None
     assert meta["none"]["n_people_detected"] == 2 and meta["none"]["fh_ratio"] is None
+
+
+@pytest.mark.parametrize("edges", [[0.1, 0.5, 1.0], [0.0, 0.1, 0.5]])
+def test_fh_ratio_bins_that_leave_faces_out_are_refused(edges):
+    """A face's height ratio is from 0 to 1, and an image with no bin for it was grouped as no_face:
+    with [0.1, 0.5, 1.0] the small faces of crowd scenes, with [0.0, 0.1, 0.5] every close-up, were
+    balanced (and exported to a folder) as pictures without a face."""
+    from jobs.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        curate.fh_ratio_bins(edges)
+    with pytest.raises(ConfigError, match="from 0 to 1"):
+        curate.check_options({**load_config()["curate"], "fh_ratio_bins": edges})
+    assert curate.fh_ratio_bins([0.0, 1.0]).num_rows == 1
 
 
 def test_groups_format_and_character_others(workspace):

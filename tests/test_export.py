@@ -173,7 +173,7 @@ def test_datasets_loads_the_parquet_layout(exported):
 def test_kohya_and_everydream_folders(exported):
     _, ws, _, out = exported
     expected = expected_rows(ws)
-    kohya = [p for p in (out / "kohya").rglob("*") if p.is_file()]
+    kohya = [p for p in (out / "kohya").rglob("*") if p.is_file() and p.parent != out / "kohya"]  # not dataset.toml
     images = [p for p in kohya if p.suffix != ".txt"]
     assert len(images) == len(expected)
     for image in images:
@@ -327,14 +327,14 @@ def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_
             files |= {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
             if row["layout"] == "everydream":
                 files.add(f"{row['path']}/multiply.txt")
-        return files
+        return files | {"kohya/dataset.toml"}  # the driver's config of the kohya folders
 
     first = export.run(cfg, ws)
     assert on_disk() == named_by_manifest()
     named = {f for info in ws.done_units("export").values() for f in info["files"]}
     assert named and all(f.endswith("/multiply.txt") for f in named)
     # one image file and one KEY.txt deleted by hand: their units are written again, the others not
-    kohya_image = sorted(f for f in on_disk() if f.startswith("kohya/") and not f.endswith(".txt"))[-1]
+    kohya_image = sorted(f for f in on_disk() if f.startswith("kohya/") and not f.endswith((".txt", ".toml")))[-1]
     everydream_txt = sorted(f for f in on_disk() if f.startswith("everydream/") and f.endswith(".txt")
                             and not f.endswith("/multiply.txt"))[0]
     for lost in (kohya_image, everydream_txt):
@@ -346,7 +346,7 @@ def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_
     narrow = export.run(cfg, ws)
     assert 0 < narrow.rows_in < first.rows_in
     assert on_disk() == named_by_manifest()
-    images = [f for f in on_disk() if not f.endswith(".txt")]
+    images = [f for f in on_disk() if not f.endswith((".txt", ".toml"))]
     assert len(images) == 2 * narrow.rows_in and all("bg_" in os.path.basename(f) for f in images)
 
 
@@ -382,7 +382,7 @@ def test_files_of_a_unit_killed_mid_write_are_not_left_when_the_selection_change
     assert on_disk(), "the killed export wrote no file"
     merge(cfg, {"export": {"where": "key like '%/bg\\_%' escape '\\'"}})
     backgrounds = export.run(cfg, ws)
-    named = set()
+    named = {"kohya/dataset.toml"}
     for row in pq.read_table(out / "manifest.parquet").to_pylist():
         named |= {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
         if row["layout"] == "everydream":
@@ -420,7 +420,7 @@ def test_units_of_an_export_that_never_ended_are_not_left_when_another_folder_is
     export.run(cfg, ws)
     merge(cfg, {"export": {"out": str(first), "max_count": 100}})
     again = export.run(cfg, ws)
-    named = {"manifest.parquet", "webdataset/index.wids.json"}
+    named = {"manifest.parquet", "webdataset/index.wids.json", "kohya/dataset.toml"}
     for row in pq.read_table(first / "manifest.parquet").to_pylist():
         named |= {row["path"]} if row["layout"] == "webdataset" else \
             {f"{row['path']}/{row['image']}", f"{row['path']}/{row['sample_key']}.txt"}
@@ -479,6 +479,61 @@ def test_buckets_resize_to_kohya_bucket_sizes(tmp_path_factory, tmp_path, ray_lo
     for path in images:
         with Image.open(io.BytesIO(path.read_bytes())) as image:
             assert image.size in sizes
+
+
+# what kohya sd-scripts' config_util accepts in a DreamBooth-style dataset config (its voluptuous
+# schema refuses any other key): [general] and [[datasets]] take the ascendable options,
+# [[datasets.subsets]] those and image_dir
+KOHYA_SUBSET_OPTIONS = {"color_aug", "face_crop_aug_range", "flip_aug", "num_repeats", "random_crop",
+                        "shuffle_caption", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+                        "enable_wildcard", "token_warmup_min", "token_warmup_step", "caption_prefix",
+                        "caption_suffix", "caption_extension", "class_tokens", "cache_info"}
+KOHYA_DATASET_OPTIONS = {"batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_bucket", "max_bucket_reso",
+                         "min_bucket_reso", "resolution", "network_multiplier"}
+
+
+def test_kohya_gets_a_dataset_config_with_the_exports_repeats_captions_and_buckets(tmp_path_factory, tmp_path,
+                                                                                    ray_local):
+    """kohya's --dataset_config takes each folder's repeats from num_repeats (1 unless given: the
+    <repeats>_ of a folder name counts only for --train_data_dir), its captions from
+    `.caption` files unless told, and buckets, keep_tokens and the separator from its own
+    options: kohya/dataset.toml says what the export wrote, so that a trainer keeps it as it is."""
+    import tomllib
+
+    from PIL import Image
+
+    from jobs import export
+    from jobs.config import merge
+
+    out = tmp_path / "cfg"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["kohya"]', "export.buckets=true",
+                    "export.max_size=512", 'export.text="tags"', "export.keep_tokens=1",
+                    'export.keep_tokens_separator="|||"')
+    export.run(cfg, ws)
+    config = tomllib.loads((out / "kohya" / "dataset.toml").read_text(encoding="utf-8"))
+    assert set(config) == {"general", "datasets"} and len(config["datasets"]) == 1
+    general, dataset = config["general"], config["datasets"][0]
+    assert set(general) <= KOHYA_SUBSET_OPTIONS | KOHYA_DATASET_OPTIONS
+    assert set(dataset) - {"subsets"} <= KOHYA_SUBSET_OPTIONS | KOHYA_DATASET_OPTIONS
+    assert general == {"caption_extension": ".txt", "keep_tokens": 1, "keep_tokens_separator": "|||"}
+    # kohya's buckets from these are the export's, so each image stays at its size
+    assert {k: v for k, v in dataset.items() if k != "subsets"} == {
+        "enable_bucket": True, "resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+        "bucket_reso_steps": 64}
+    folders = sorted(p for p in (out / "kohya").iterdir() if p.is_dir())
+    assert sorted(s["image_dir"] for s in dataset["subsets"]) == [str(p) for p in folders]
+    images = 0
+    for subset in dataset["subsets"]:
+        assert set(subset) == {"image_dir", "num_repeats"}
+        assert subset["num_repeats"] == int(os.path.basename(subset["image_dir"]).split("_")[0])
+        for image in (p for p in os.scandir(subset["image_dir"]) if not p.name.endswith(".txt")):
+            with Image.open(image.path) as opened:
+                assert opened.size[0] % 64 == 0 and opened.size[1] % 64 == 0
+            images += subset["num_repeats"]
+    assert images == sum(r["repeats"] for r in expected_rows(ws).values())
+    merge(cfg, {"export": {"where": "false"}})  # no folder left: no config naming gone ones
+    export.run(cfg, ws)
+    assert not (out / "kohya").exists()
 
 
 BUCKET_A_STRIP = """
@@ -597,7 +652,7 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
     export.run(cfg, ws)
     merge(cfg, {"export": {"out": str(first), "concept": "zz"}})
     back = export.run(cfg, ws)
-    assert {p.name for p in (first / "kohya").iterdir()} <= {f"{n}_zz" for n in range(1, 101)}
+    assert {p.name for p in (first / "kohya").iterdir() if p.is_dir()} <= {f"{n}_zz" for n in range(1, 101)}
     assert any(note.startswith("removed ") and "an earlier export left" in note for note in back.notes)
     assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
 

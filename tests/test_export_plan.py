@@ -148,6 +148,31 @@ def test_buckets_are_chosen_as_kohya_chooses_them():
     assert nearest_bucket(832, 1216, buckets) == (832, 1216)
 
 
+def test_bucket_sides_that_are_not_steps_are_rounded_as_kohya_rounds_them():
+    """kohya rounds min_bucket_reso down and max_bucket_reso up to a multiple of bucket_reso_steps
+    before it makes its buckets: with sides 300 and 2000 it buckets from 256 to 2048, and an image
+    exported to a 300-wide bucket was not at a bucket of kohya's, which resized it again."""
+    from udfs.export.resize import bucket_sizes
+
+    assert bucket_sizes(1024, 300, 2000, 64) == bucket_sizes(1024, 256, 2048, 64)
+    assert all(w % 64 == 0 and h % 64 == 0 for w, h in bucket_sizes(1024, 300, 2000, 64))
+
+
+@pytest.mark.parametrize(("max_size", "low", "high"), [(512, 768, 2048), (1024, 256, 512), (512, 520, 2048)])
+def test_buckets_kohya_refuses_are_refused(max_size, low, high):
+    """kohya asserts min_bucket_reso <= resolution <= max_bucket_reso (after rounding them to steps):
+    a trainer could not bucket with the export's options (and its own buckets change every size)."""
+    from jobs.config import ConfigError
+    from jobs.export import check_options
+
+    opts = options(buckets=True, max_size=max_size, bucket_min_side=low, bucket_max_side=high, bucket_step=64)
+    if low - low % 64 <= max_size <= high:  # 520 is 512 to kohya
+        check_options(opts)
+        return
+    with pytest.raises(ConfigError, match="kohya"):
+        check_options(opts)
+
+
 def test_units_that_re_encode_start_before_units_that_copy():
     """The driver starts the costliest units first (jobs/ray_env.largest_first), so that no long
     unit runs alone at the end: a unit of large images to resize outweighs units that copy more

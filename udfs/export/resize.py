@@ -27,12 +27,21 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "P"})
 Image.MAX_IMAGE_PIXELS = None  # ingest already refused decompression bombs (max_pixels)
 
 
+def bucket_sides(min_side: int, max_side: int, step: int) -> tuple[int, int]:
+    """The smallest and largest bucket sides as kohya uses them (its adjust_min_max_bucket_reso_by_steps):
+    the smallest rounded down, the largest up, to a multiple of `step`."""
+    return min_side - min_side % step, max_side + (-max_side) % step
+
+
 @lru_cache(maxsize=16)
 def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> tuple[tuple[int, int], ...]:
-    """kohya sd-scripts' make_bucket_resolutions: sizes of area <= resolution^2 in steps of `step`.
+    """kohya sd-scripts' make_bucket_resolutions: sizes of area <= resolution^2 in steps of `step`,
+    between the sides kohya makes of min_side and max_side (bucket_sides): with 300 and 2000 kohya
+    buckets from 256 to 2048, and an image at a 300-wide bucket of ours was resized again.
 
     Written out here because sd-scripts is not an installable library; same algorithm.
     """
+    min_side, max_side = bucket_sides(min_side, max_side, step)
     max_area = resolution * resolution
     sizes = {(int(math.sqrt(max_area) // step) * step,) * 2}
     width = min_side
