@@ -271,3 +271,24 @@ def test_regions_are_cut_from_every_image_mode(mode):
     assert [r.size for r in regions] == [(120, 60), (120, 60), (120, 60), (120, 60)]
     assert all(tagger_input(r, 64).shape == (64, 64, 3) for r in regions)
     assert [r.size for r in region_images(Image.new(mode, (1, 1)), 0.1)] == [(1, 1)] * 4
+
+
+def test_a_model_that_fixes_its_batch_above_one_runs_any_number_of_images(fake_models, tmp_path):
+    """An export that fixes its batch at 4 (TensorRT-minded exports do) gets 4 rows per run:
+    fewer images (a batch of 2, the last 1 of 5) are padded, and the boxes are those of a
+    dynamic-batch export of the same weights. Every image failed 'invalid dimensions'."""
+    from tests.onnx_fakes import yolo_model
+    from udfs.annotate.yolo_detector import YoloDetector
+
+    repo, folder, label, _ = DETECTORS["face"]
+    found = {}
+    for batch in (4, None):
+        root = tmp_path / f"batch{batch}"
+        yolo_model(root / repo / folder / "model.onnx", label, batch)
+        detector = YoloDetector(_spec("face", str(root)), "in_yolo", "out", device="cpu")
+        for n in (2, 5):
+            out = detector(_batch(_test_images()[:n], {"in_yolo": ["yolo", [640, 640]]}))
+            assert list(out["out_error"]) == [""] * n
+            found[batch, n] = list(out["out"])
+    assert found[4, 2] == found[None, 2] and found[4, 5] == found[None, 5]
+    assert sum(len(json.loads(o)) for o in found[4, 5]) > 5
