@@ -132,3 +132,30 @@ def test_the_summary_counts_the_rows_a_unit_keeps_from_models_not_run_again(tmp_
     assert kept > 0 and again.rows_out == tables
     skipped, tables = run(*cascade)
     assert skipped.units_done == 0 and skipped.rows_out == tables
+
+
+def test_a_source_rewritten_since_ingest_is_not_annotated_as_the_image_ingest_saw(tmp_path):
+    """Files replaced after ingest (another picture; one cut short) are missing_member errors
+    rows naming the cause, as export, the report and the review page refuse them (a member not
+    of the size ingest saw, images.bytes): annotate gave the other picture's boxes to the key
+    whose images row (width, height, sha256) is the first one's, and called the cut one
+    undecodable."""
+    images = sample_pngs(3)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in images:
+        (folder / name).write_bytes(data)
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'annotate.models=["cascade_face"]'])
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    (folder / images[0][0]).write_bytes(images[2][1])  # another picture under the first one's name
+    (folder / images[1][0]).write_bytes(images[1][1][: len(images[1][1]) // 2])  # cut short
+    summary = annotate.run(cfg, ws)
+    keys = [f"art/{name.rsplit('.', 1)[0]}" for name, _ in images]
+    con = ws.connect()
+    errors = con.execute("select key, kind, message from errors where stage = 'annotate' order by key").fetchall()
+    assert [(k, kind) for k, kind, _ in errors] == [(keys[0], "missing_member"), (keys[1], "missing_member")]
+    assert all("not of the size ingest saw" in message for _, _, message in errors)
+    assert {k for (k,) in con.execute("select distinct key from detections").fetchall()} == {keys[2]}
+    assert summary.errors_by_kind == {"missing_member": 2}
