@@ -118,6 +118,7 @@ def model_input(name: str, spec: dict) -> list:
         check_label_count(path, labels)
         return ["tagger", int(file_input_shape(path)[1])]
     if name == "ccip":
+        check_ccip_size(path, int(spec["size"]))
         return ["ccip", int(spec["size"])]
     side = optional_file(spec["repo"], posixpath.join(posixpath.dirname(spec["file"]), "model_type.json"),
                          spec["models_dir"], spec["revision"])
@@ -160,6 +161,15 @@ def check_label_count(model: str, labels: str) -> None:
         raise ConfigError(f"annotate.tagger: the model {model} scores {outputs[1]} labels but its label file "
                           f"{labels} has {n_labels}: set annotate.tagger.labels_repo / labels_file to the "
                           "model's own selected_tags.csv")
+
+
+def check_ccip_size(model: str, size: int) -> None:
+    """CCIP's inputs are cut to annotate.ccip.size: a file that fixes another side refused every
+    image at run time (a model_failed errors row each)."""
+    sides = file_input_shape(model)[2:]
+    if any(isinstance(side, int) and side != size for side in sides):
+        raise ConfigError(f"annotate.ccip: annotate.ccip.size is {size} but the model takes {sides[0]} x {sides[1]} "
+                          f"pixels ({model}): set annotate.ccip.size to its side")
 
 
 def input_column(spec: dict) -> str:
