@@ -214,13 +214,16 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # no model to run (none configured, or none whose files are here): no unit is run, and none
     # is done by having every model of an empty set
     pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
-    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
+    run_specs = models_to_run(specs, pending, done)
+    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()})
     resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
     pending_ids = {u["unit"] for u in pending}
     done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
-          + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
+          + f"; models: {', '.join(models) or 'none (nothing to run)'}"
+          + (f" (running {', '.join(sorted(s['identity'] for s in run_specs.values()))}; the others' rows are kept)"
+             if pending and len(run_specs) < len(specs) else ""), flush=True)
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
                          rows_run=sum(u["rows"] for u in pending) - resumed if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
@@ -232,13 +235,30 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
         # the old ones, also after a kill, until every unit is written (release_hold below)
         ws.hold_publishing(JOB)
-    run_now = Pipeline(cfg, ws, specs, done).run(pending, batches) if pending and specs else []
+    run_now = Pipeline(cfg, ws, run_specs, done).run(pending, batches) if pending and specs else []
     infos += run_now
     _fill_summary(summary, infos, specs)
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
+
+
+def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, dict]) -> dict[str, dict]:
+    """The models to run on the pending units: those a unit's marker does not record as run with
+    their identity (every model for a unit never annotated, or marked before markers named each
+    model), and those they feed or read from: CCIP's and the tagger's person crops are cut from
+    this run's person boxes. The other models' rows stay (Pipeline.commit keeps their parts):
+    a changed detector threshold re-ran the tagger over the whole collection."""
+    names = {name for u in pending for name, spec in specs.items()
+             if done.get(u["unit"], {}).get("pipeline", {}).get(name) != spec["identity"]}
+    crops = {name for name in ("ccip", "tagger")
+             if "person" in specs and name in specs and (name == "ccip" or specs[name]["person_crops"])}
+    if "person" in names:
+        names |= crops
+    if names & crops:
+        names.add("person")
+    return {name: spec for name, spec in specs.items() if name in names}
 
 
 def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:

@@ -159,3 +159,41 @@ def test_a_source_rewritten_since_ingest_is_not_annotated_as_the_image_ingest_sa
     assert all("not of the size ingest saw" in message for _, _, message in errors)
     assert {k for (k,) in con.execute("select distinct key from detections").fetchall()} == {keys[2]}
     assert summary.errors_by_kind == {"missing_member": 2}
+
+
+def test_a_changed_option_runs_only_its_model_again(tmp_path):
+    """The cascade's min_size changed: only the cascade runs again; the face model's parts stay
+    the ones it wrote (every model ran again: a detector's threshold re-ran the tagger over the
+    whole collection, hours on a CPU), and the tables equal one run with the new option."""
+    from tests.onnx_fakes import face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(4):
+        (folder / name).write_bytes(data)
+    models = face_model_dir(tmp_path / "models")
+
+    def run(ws_path, *overrides: str):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 'annotate.models=["cascade_face", "face"]', f'annotate.models_dir="{models}"',
+                                 *overrides])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        summary = annotate.run(cfg, ws)
+        (marker,) = ws.done_units("annotate").values()
+        rows = ws.connect().execute("select key, model, label, score, x0, y0, x1, y1 from detections order by all")
+        return summary, marker, rows.fetchall()
+
+    _, before, _ = run(tmp_path / "ws")
+    summary, after, rows = run(tmp_path / "ws", "annotate.cascade_face.min_size=200")
+    assert summary.units_done == 1
+
+    def parts(marker: dict, name: str) -> list[str]:
+        return [p for p in marker["parts"]["detections"] if f"-{name}-" in p]
+
+    assert parts(after, "face") == parts(before, "face")
+    assert parts(after, "cascade_face") != parts(before, "cascade_face")
+    assert after["models"] == sorted(["face_detect_v1.4_s", "lbpcascade_animeface@min_size=200"])
+    _, fresh_marker, fresh = run(tmp_path / "fresh", "annotate.cascade_face.min_size=200")
+    assert rows == fresh and after["rows"] == fresh_marker["rows"]
+    assert summary.rows_out == {t: fresh_marker["rows"].get(t, 0) for t in ("detections", "embeddings", "tag_scores")}
