@@ -75,7 +75,19 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
         spec["model"] = model_name(name, spec)
         spec["identity"] = model_identity(name, spec, opts)
         specs[name] = spec
+    check_model_names(specs)
     return specs, skipped
+
+
+def check_model_names(specs: dict[str, dict]) -> None:
+    """ConfigError for two models that would write the same `model` column (annotate.head set to
+    the face model's file): their rows could not be told apart, each box counted twice."""
+    seen: dict[str, str] = {}
+    for name, spec in specs.items():
+        if spec["model"] in seen:
+            raise ConfigError(f"annotate.{seen[spec['model']]} and annotate.{name} both write model "
+                              f"'{spec['model']}': give each its own model file")
+        seen[spec["model"]] = name
 
 
 # The options of each model that change its rows (the rest say how it runs: batch sizes, CPUs).

@@ -522,3 +522,17 @@ def test_a_model_whose_input_is_not_what_annotate_feeds_it_is_refused(case, sour
     assert {"detector_nhwc": "not a detector's [batch, 3, height, width]",
             "ccip_nhwc": "not CCIP's [batch, 3, size, size]",
             "ccip_size": "annotate.ccip.size is 224 but the model takes 384 x 384"}[case] in err
+
+
+def test_two_models_writing_the_same_model_name_are_refused(source, tmp_path, capsys):
+    """annotate.head set to the face model's file: both wrote detections with model
+    'face_detect_v1.4_s', each face twice under one name that no query can tell apart (and the
+    summary merged their providers and model time). One line now."""
+    from store.workspace import Workspace
+
+    repo, folder, _, _ = DETECTORS["face"]
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"', "--set",
+                            f'annotate.head.repo="{repo}"', "--set", f'annotate.head.file="{folder}/model.onnx"')
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "annotate.face and annotate.head both write model 'face_detect_v1.4_s'" in err
