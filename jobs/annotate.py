@@ -303,6 +303,7 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
 
 def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]) -> None:
     seconds: Counter = Counter()
+    images: Counter = Counter()  # per model, the images of the units it ran on (not every model runs on each)
     providers: dict[str, set] = defaultdict(set)
     nodes: dict[str, set] = defaultdict(set)
     for info in infos:
@@ -312,12 +313,13 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
         for table in TABLES[:3]:
             summary.rows_out[table] = summary.rows_out.get(table, 0) + info["rows"].get(table, 0)
         seconds.update(info.get("model_seconds", {}))
+        images.update({model: info["images"] for model in info.get("model_seconds", {})})
         for model, provider in info.get("providers", {}).items():
             providers[model].add(provider)
         for model, ids in info.get("nodes", {}).items():
             nodes[model].update(ids)
     for model in sorted(providers):
-        rate = summary.rows_in / seconds[model] if seconds[model] else 0.0
+        rate = images[model] / seconds[model] if seconds[model] else 0.0
         where = ", ".join(sorted(n[:12] for n in nodes[model] if n)) or "?"
         summary.notes.append(f"{model}: provider {', '.join(sorted(providers[model]))} on Ray node {where}; "
                              f"{rate:.1f} images/s of model time")

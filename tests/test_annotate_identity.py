@@ -197,3 +197,20 @@ def test_a_changed_option_runs_only_its_model_again(tmp_path):
     _, fresh_marker, fresh = run(tmp_path / "fresh", "annotate.cascade_face.min_size=200")
     assert rows == fresh and after["rows"] == fresh_marker["rows"]
     assert summary.rows_out == {t: fresh_marker["rows"].get(t, 0) for t in ("detections", "embeddings", "tag_scores")}
+
+
+def test_a_models_rate_is_over_the_images_it_ran_on():
+    """One unit's marker has the face model's time (10 images in 5 s), the other's not (only the
+    cascade ran on it again): the face model ran 2.0 images/s, not the 4.0 that all 20 images
+    over its 5 s said."""
+    from jobs.summary import JobSummary
+
+    def info(seconds: dict) -> dict:
+        return {"images": 10, "dropped": 0, "error_kinds": {}, "rows": {}, "model_seconds": seconds,
+                "providers": {m: "CPUExecutionProvider" for m in seconds}, "nodes": {m: ["n"] for m in seconds}}
+
+    summary = JobSummary("annotate")
+    annotate._fill_summary(summary, [info({"face": 5.0, "cascade": 1.0}), info({"cascade": 1.0})], {})
+    assert summary.rows_in == 20
+    assert any(n.startswith("face: ") and n.endswith("2.0 images/s of model time") for n in summary.notes)
+    assert any(n.startswith("cascade: ") and n.endswith("10.0 images/s of model time") for n in summary.notes)
