@@ -69,6 +69,10 @@ def yolo_tensor(batch: np.ndarray) -> np.ndarray:
     return (batch.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
 
 
+# Pixels per strip of a tall picture's padded rows (tagger_input): 6 MB of RGB at a time
+STRIP_PIXELS = 1 << 21
+
+
 def tagger_input(image: Image.Image, target: int) -> np.ndarray:
     """imgutils.tagging.wd14._prepare_image_for_tagging: white square pad, bicubic, BGR (uint8);
     a grey or 1-bit picture as its RGB copy would be (_paste).
@@ -103,10 +107,6 @@ def tagger_input(image: Image.Image, target: int) -> np.ndarray:
         top = (side - height) // 2
         between[:top], between[top : top + height], between[top + height :] = white, rows, white
     return _bgr(Image.fromarray(between).resize((target, target), Image.BICUBIC))  # y pass
-
-
-# Pixels per strip of a tall picture's padded rows (tagger_input): 6 MB of RGB at a time
-STRIP_PIXELS = 1 << 21
 
 
 def _bgr(rgb: Image.Image) -> np.ndarray:
