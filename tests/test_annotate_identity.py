@@ -214,3 +214,22 @@ def test_a_models_rate_is_over_the_images_it_ran_on():
     assert summary.rows_in == 20
     assert any(n.startswith("face: ") and n.endswith("2.0 images/s of model time") for n in summary.notes)
     assert any(n.startswith("cascade: ") and n.endswith("10.0 images/s of model time") for n in summary.notes)
+
+
+def test_the_person_crops_tie_the_person_detector_ccip_and_the_tagger():
+    """Which models a changed identity runs again: the face model alone; the person detector
+    with CCIP and the tagger (their crops are cut from its boxes); CCIP or the tagger with the
+    person detector (this run's boxes to cut from); every model for a unit never annotated."""
+    specs = {name: {"identity": name, "person_crops": True} for name in ("face", "person", "ccip", "tagger")}
+    marker = {"pipeline": {name: name for name in specs}}
+
+    def rerun(changed: str, pending=({"unit": "u"},), done=None) -> set[str]:
+        now = {name: {**spec, "identity": name + "@x" if name == changed else name} for name, spec in specs.items()}
+        return set(annotate.models_to_run(now, list(pending), {"u": marker} if done is None else done))
+
+    assert rerun("face") == {"face"}
+    assert rerun("person") == {"person", "ccip", "tagger"}
+    assert rerun("ccip") == {"ccip", "person"} and rerun("tagger") == {"tagger", "person"}
+    assert rerun("", done={}) == set(specs) and rerun("face", pending=()) == set()
+    specs["tagger"]["person_crops"] = False
+    assert rerun("person") == {"person", "ccip"} and rerun("tagger") == {"tagger"}
