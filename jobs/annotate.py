@@ -30,7 +30,7 @@ from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
 from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
-from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path
+from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path, load_cascade
 from udfs.annotate.ccip import CcipFeatures
 from udfs.annotate.model_check import kind_of, staged_problem
 from udfs.annotate.model_files import ModelUnavailable, model_file, optional_file, staged_record
@@ -122,7 +122,11 @@ def model_input(name: str, spec: dict) -> list:
     """(kind, size) of the preprocessed input the model needs; resolves (downloads) its files
     and checks that each reads as what it must be (ConfigError naming the file when not)."""
     if name == "cascade_face":
-        cascade_path(spec)
+        try:  # a file that is no cascade failed every actor in OpenCV, after Ray started
+            load_cascade(cascade_path(spec))
+        except ValueError as exc:
+            raise ConfigError(f"annotate.cascade_face: {exc}: set annotate.cascade_face.path to a cascade XML, "
+                              'or "" for the bundled one') from None
         return ["gray", int(spec["max_side"])]
     path = usable_file(name, spec, spec["repo"], spec["file"], spec["revision"])
     if name == "tagger":

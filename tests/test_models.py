@@ -536,3 +536,18 @@ def test_two_models_writing_the_same_model_name_are_refused(source, tmp_path, ca
                             f'annotate.head.repo="{repo}"', "--set", f'annotate.head.file="{folder}/model.onnx"')
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "annotate.face and annotate.head both write model 'face_detect_v1.4_s'" in err
+
+
+def test_a_cascade_path_that_is_no_cascade_is_refused(tmp_path, capsys):
+    """annotate.cascade_face.path naming a file that is no OpenCV cascade started Ray, and every
+    cascade actor died in OpenCV ('SystemError: ... returned a result with an exception set'):
+    the job failed with a traceback. One line at the start now, naming the file."""
+    from store.workspace import Workspace
+
+    bad = tmp_path / "faces.xml"
+    bad.write_text("not a cascade\n")
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", 'annotate.models=["cascade_face"]',
+                            "--set", f'annotate.cascade_face.path="{bad}"')
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{bad} cannot be read as an OpenCV cascade" in err
