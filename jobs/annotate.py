@@ -30,7 +30,7 @@ from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
 from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
-from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path
+from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path, load_cascade
 from udfs.annotate.ccip import CcipFeatures
 from udfs.annotate.model_check import kind_of, staged_problem
 from udfs.annotate.model_files import ModelUnavailable, model_file, optional_file, staged_record
@@ -75,7 +75,19 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
         spec["model"] = model_name(name, spec)
         spec["identity"] = model_identity(name, spec, opts)
         specs[name] = spec
+    check_model_names(specs)
     return specs, skipped
+
+
+def check_model_names(specs: dict[str, dict]) -> None:
+    """ConfigError for two models that would write the same `model` column (annotate.head set to
+    the face model's file): their rows could not be told apart, each box counted twice."""
+    seen: dict[str, str] = {}
+    for name, spec in specs.items():
+        if spec["model"] in seen:
+            raise ConfigError(f"annotate.{seen[spec['model']]} and annotate.{name} both write model "
+                              f"'{spec['model']}': give each its own model file")
+        seen[spec["model"]] = name
 
 
 # The options of each model that change its rows (the rest say how it runs: batch sizes, CPUs).
@@ -110,7 +122,11 @@ def model_input(name: str, spec: dict) -> list:
     """(kind, size) of the preprocessed input the model needs; resolves (downloads) its files
     and checks that each reads as what it must be (ConfigError naming the file when not)."""
     if name == "cascade_face":
-        cascade_path(spec)
+        try:  # a file that is no cascade failed every actor in OpenCV, after Ray started
+            load_cascade(cascade_path(spec))
+        except ValueError as exc:
+            raise ConfigError(f"annotate.cascade_face: {exc}: set annotate.cascade_face.path to a cascade XML, "
+                              'or "" for the bundled one') from None
         return ["gray", int(spec["max_side"])]
     path = usable_file(name, spec, spec["repo"], spec["file"], spec["revision"])
     if name == "tagger":
@@ -118,6 +134,7 @@ def model_input(name: str, spec: dict) -> list:
         check_label_count(path, labels)
         return ["tagger", int(file_input_shape(path)[1])]
     if name == "ccip":
+        check_ccip_size(path, int(spec["size"]))
         return ["ccip", int(spec["size"])]
     side = optional_file(spec["repo"], posixpath.join(posixpath.dirname(spec["file"]), "model_type.json"),
                          spec["models_dir"], spec["revision"])
@@ -162,6 +179,15 @@ def check_label_count(model: str, labels: str) -> None:
                           "model's own selected_tags.csv")
 
 
+def check_ccip_size(model: str, size: int) -> None:
+    """CCIP's inputs are cut to annotate.ccip.size: a file that fixes another side refused every
+    image at run time (a model_failed errors row each)."""
+    sides = file_input_shape(model)[2:]
+    if any(isinstance(side, int) and side != size for side in sides):
+        raise ConfigError(f"annotate.ccip: annotate.ccip.size is {size} but the model takes {sides[0]} x {sides[1]} "
+                          f"pixels ({model}): set annotate.ccip.size to its side")
+
+
 def input_column(spec: dict) -> str:
     kind, size = spec["input"]
     return f"in_{kind}_{size[0]}x{size[1]}" if kind == "yolo" else f"in_{kind}"
@@ -204,13 +230,16 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # no model to run (none configured, or none whose files are here): no unit is run, and none
     # is done by having every model of an empty set
     pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
-    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in specs.items()})
+    run_specs = models_to_run(specs, pending, done)
+    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()})
     resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
     pending_ids = {u["unit"] for u in pending}
     done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
-          + f"; models: {', '.join(models) or 'none (nothing to run)'}", flush=True)
+          + f"; models: {', '.join(models) or 'none (nothing to run)'}"
+          + (f" (running {', '.join(sorted(s['identity'] for s in run_specs.values()))}; the others' rows are kept)"
+             if pending and len(run_specs) < len(specs) else ""), flush=True)
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
                          rows_run=sum(u["rows"] for u in pending) - resumed if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
@@ -222,13 +251,30 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
         # the old ones, also after a kill, until every unit is written (release_hold below)
         ws.hold_publishing(JOB)
-    run_now = Pipeline(cfg, ws, specs, done).run(pending, batches) if pending and specs else []
+    run_now = Pipeline(cfg, ws, run_specs, done).run(pending, batches) if pending and specs else []
     infos += run_now
     _fill_summary(summary, infos, specs)
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()
     return summary
+
+
+def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, dict]) -> dict[str, dict]:
+    """The models to run on the pending units: those a unit's marker does not record as run with
+    their identity (every model for a unit never annotated, or marked before markers named each
+    model), and those they feed or read from: CCIP's and the tagger's person crops are cut from
+    this run's person boxes. The other models' rows stay (Pipeline.commit keeps their parts):
+    a changed detector threshold re-ran the tagger over the whole collection."""
+    names = {name for u in pending for name, spec in specs.items()
+             if done.get(u["unit"], {}).get("pipeline", {}).get(name) != spec["identity"]}
+    crops = {name for name in ("ccip", "tagger")
+             if "person" in specs and name in specs and (name == "ccip" or specs[name]["person_crops"])}
+    if "person" in names:
+        names |= crops
+    if names & crops:
+        names.add("person")
+    return {name: spec for name, spec in specs.items() if name in names}
 
 
 def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
@@ -261,6 +307,7 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
 
 def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]) -> None:
     seconds: Counter = Counter()
+    images: Counter = Counter()  # per model, the images of the units it ran on (not every model runs on each)
     providers: dict[str, set] = defaultdict(set)
     nodes: dict[str, set] = defaultdict(set)
     for info in infos:
@@ -270,12 +317,13 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
         for table in TABLES[:3]:
             summary.rows_out[table] = summary.rows_out.get(table, 0) + info["rows"].get(table, 0)
         seconds.update(info.get("model_seconds", {}))
+        images.update({model: info["images"] for model in info.get("model_seconds", {})})
         for model, provider in info.get("providers", {}).items():
             providers[model].add(provider)
         for model, ids in info.get("nodes", {}).items():
             nodes[model].update(ids)
     for model in sorted(providers):
-        rate = summary.rows_in / seconds[model] if seconds[model] else 0.0
+        rate = images[model] / seconds[model] if seconds[model] else 0.0
         where = ", ".join(sorted(n[:12] for n in nodes[model] if n)) or "?"
         summary.notes.append(f"{model}: provider {', '.join(sorted(providers[model]))} on Ray node {where}; "
                              f"{rate:.1f} images/s of model time")

@@ -132,3 +132,104 @@ def test_the_summary_counts_the_rows_a_unit_keeps_from_models_not_run_again(tmp_
     assert kept > 0 and again.rows_out == tables
     skipped, tables = run(*cascade)
     assert skipped.units_done == 0 and skipped.rows_out == tables
+
+
+def test_a_source_rewritten_since_ingest_is_not_annotated_as_the_image_ingest_saw(tmp_path):
+    """Files replaced after ingest (another picture; one cut short) are missing_member errors
+    rows naming the cause, as export, the report and the review page refuse them (a member not
+    of the size ingest saw, images.bytes): annotate gave the other picture's boxes to the key
+    whose images row (width, height, sha256) is the first one's, and called the cut one
+    undecodable."""
+    images = sample_pngs(3)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in images:
+        (folder / name).write_bytes(data)
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'annotate.models=["cascade_face"]'])
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    (folder / images[0][0]).write_bytes(images[2][1])  # another picture under the first one's name
+    (folder / images[1][0]).write_bytes(images[1][1][: len(images[1][1]) // 2])  # cut short
+    summary = annotate.run(cfg, ws)
+    keys = [f"art/{name.rsplit('.', 1)[0]}" for name, _ in images]
+    con = ws.connect()
+    errors = con.execute("select key, kind, message from errors where stage = 'annotate' order by key").fetchall()
+    assert [(k, kind) for k, kind, _ in errors] == [(keys[0], "missing_member"), (keys[1], "missing_member")]
+    assert all("not of the size ingest saw" in message for _, _, message in errors)
+    assert {k for (k,) in con.execute("select distinct key from detections").fetchall()} == {keys[2]}
+    assert summary.errors_by_kind == {"missing_member": 2}
+
+
+def test_a_changed_option_runs_only_its_model_again(tmp_path):
+    """The cascade's min_size changed: only the cascade runs again; the face model's parts stay
+    the ones it wrote (every model ran again: a detector's threshold re-ran the tagger over the
+    whole collection, hours on a CPU), and the tables equal one run with the new option."""
+    from tests.onnx_fakes import face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(4):
+        (folder / name).write_bytes(data)
+    models = face_model_dir(tmp_path / "models")
+
+    def run(ws_path, *overrides: str):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 'annotate.models=["cascade_face", "face"]', f'annotate.models_dir="{models}"',
+                                 *overrides])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        summary = annotate.run(cfg, ws)
+        (marker,) = ws.done_units("annotate").values()
+        rows = ws.connect().execute("select key, model, label, score, x0, y0, x1, y1 from detections order by all")
+        return summary, marker, rows.fetchall()
+
+    _, before, _ = run(tmp_path / "ws")
+    summary, after, rows = run(tmp_path / "ws", "annotate.cascade_face.min_size=200")
+    assert summary.units_done == 1
+
+    def parts(marker: dict, name: str) -> list[str]:
+        return [p for p in marker["parts"]["detections"] if f"-{name}-" in p]
+
+    assert parts(after, "face") == parts(before, "face")
+    assert parts(after, "cascade_face") != parts(before, "cascade_face")
+    assert after["models"] == sorted(["face_detect_v1.4_s", "lbpcascade_animeface@min_size=200"])
+    _, fresh_marker, fresh = run(tmp_path / "fresh", "annotate.cascade_face.min_size=200")
+    assert rows == fresh and after["rows"] == fresh_marker["rows"]
+    assert summary.rows_out == {t: fresh_marker["rows"].get(t, 0) for t in ("detections", "embeddings", "tag_scores")}
+
+
+def test_a_models_rate_is_over_the_images_it_ran_on():
+    """One unit's marker has the face model's time (10 images in 5 s), the other's not (only the
+    cascade ran on it again): the face model ran 2.0 images/s, not the 4.0 that all 20 images
+    over its 5 s said."""
+    from jobs.summary import JobSummary
+
+    def info(seconds: dict) -> dict:
+        return {"images": 10, "dropped": 0, "error_kinds": {}, "rows": {}, "model_seconds": seconds,
+                "providers": {m: "CPUExecutionProvider" for m in seconds}, "nodes": {m: ["n"] for m in seconds}}
+
+    summary = JobSummary("annotate")
+    annotate._fill_summary(summary, [info({"face": 5.0, "cascade": 1.0}), info({"cascade": 1.0})], {})
+    assert summary.rows_in == 20
+    assert any(n.startswith("face: ") and n.endswith("2.0 images/s of model time") for n in summary.notes)
+    assert any(n.startswith("cascade: ") and n.endswith("10.0 images/s of model time") for n in summary.notes)
+
+
+def test_the_person_crops_tie_the_person_detector_ccip_and_the_tagger():
+    """Which models a changed identity runs again: the face model alone; the person detector
+    with CCIP and the tagger (their crops are cut from its boxes); CCIP or the tagger with the
+    person detector (this run's boxes to cut from); every model for a unit never annotated."""
+    specs = {name: {"identity": name, "person_crops": True} for name in ("face", "person", "ccip", "tagger")}
+    marker = {"pipeline": {name: name for name in specs}}
+
+    def rerun(changed: str, pending=({"unit": "u"},), done=None) -> set[str]:
+        now = {name: {**spec, "identity": name + "@x" if name == changed else name} for name, spec in specs.items()}
+        return set(annotate.models_to_run(now, list(pending), {"u": marker} if done is None else done))
+
+    assert rerun("face") == {"face"}
+    assert rerun("person") == {"person", "ccip", "tagger"}
+    assert rerun("ccip") == {"ccip", "person"} and rerun("tagger") == {"tagger", "person"}
+    assert rerun("", done={}) == set(specs) and rerun("face", pending=()) == set()
+    specs["tagger"]["person_crops"] = False
+    assert rerun("person") == {"person", "ccip"} and rerun("tagger") == {"tagger"}

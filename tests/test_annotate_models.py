@@ -271,3 +271,67 @@ def test_regions_are_cut_from_every_image_mode(mode):
     assert [r.size for r in regions] == [(120, 60), (120, 60), (120, 60), (120, 60)]
     assert all(tagger_input(r, 64).shape == (64, 64, 3) for r in regions)
     assert [r.size for r in region_images(Image.new(mode, (1, 1)), 0.1)] == [(1, 1)] * 4
+
+
+def test_a_model_that_fixes_its_batch_above_one_runs_any_number_of_images(fake_models, tmp_path):
+    """An export that fixes its batch at 4 (TensorRT-minded exports do) gets 4 rows per run:
+    fewer images (a batch of 2, the last 1 of 5) are padded, and the boxes are those of a
+    dynamic-batch export of the same weights. Every image failed 'invalid dimensions'."""
+    from tests.onnx_fakes import yolo_model
+    from udfs.annotate.yolo_detector import YoloDetector
+
+    repo, folder, label, _ = DETECTORS["face"]
+    found = {}
+    for batch in (4, None):
+        root = tmp_path / f"batch{batch}"
+        yolo_model(root / repo / folder / "model.onnx", label, batch)
+        detector = YoloDetector(_spec("face", str(root)), "in_yolo", "out", device="cpu")
+        for n in (2, 5):
+            out = detector(_batch(_test_images()[:n], {"in_yolo": ["yolo", [640, 640]]}))
+            assert list(out["out_error"]) == [""] * n
+            found[batch, n] = list(out["out"])
+    assert found[4, 2] == found[None, 2] and found[4, 5] == found[None, 5]
+    assert sum(len(json.loads(o)) for o in found[4, 5]) > 5
+
+
+def _dynamic_output_width(path, name: str):
+    """The ONNX file with its first output's second axis made dynamic: what the model gives is
+    known only once it runs (the start's model check reads a number there)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = name
+    onnx.save(model, str(path))
+
+
+def test_a_ccip_model_of_another_width_is_an_error_per_image_not_a_failed_writer(tmp_path):
+    """A CCIP file whose feature axis is dynamic and gives 512 features passes the start's check;
+    its rows then failed the writer task (a reshape to 768), and with it the job. Each image is
+    a model_failed error naming the width."""
+    from tests.onnx_fakes import ccip_model
+    from udfs.annotate.annotate_parts import UnitTables
+    from udfs.annotate.ccip import CcipFeatures
+
+    _dynamic_output_width(ccip_model(tmp_path / CCIP_REPO / CCIP_FILE, dim=512), "features")
+    batch = CcipFeatures(_spec("ccip", str(tmp_path)), "in_ccip", "out_ccip", device="cpu")(
+        _batch(_test_images()[:2], {"in_ccip": ["ccip", 384]}))
+    assert all("gives 512 features, not 768" in e for e in batch["out_ccip_error"])
+    rows = [{**{c: batch[c][i] for c in batch}, "crop_boxes": "[]"} for i in range(2)]
+    tables = UnitTables({"ccip": "ccip"}, rows)
+    assert [e["kind"] for e in tables.parts["errors", "ccip"]] == ["model_failed"] * 2
+    assert tables.parts["embeddings", "ccip"] == []
+
+
+def test_a_tagger_scoring_other_than_its_labels_says_so_per_image(tmp_path):
+    """A tagger whose label axis is dynamic (100 scores) beside a label file of 50: every image
+    failed with numpy's 'operands could not be broadcast'; the error now names both counts."""
+    from tests.onnx_fakes import tagger_model
+    from udfs.annotate.wd_tagger import WdTagger
+
+    _dynamic_output_width(tagger_model(tmp_path / TAGGER_REPO / TAGGER_FILE, 100), "labels")
+    lines = shared_path("tagdata", "wd_v3_selected_tags.csv").read_text(encoding="utf-8").splitlines()[:51]
+    (tmp_path / LABELS_REPO).mkdir(parents=True)
+    (tmp_path / LABELS_REPO / LABELS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    batch = WdTagger(_spec("tagger", str(tmp_path)), "in_tagger", "out", device="cpu")(
+        _batch(_test_images()[:2], {"in_tagger": ["tagger", 448]}))
+    assert all("scores 100 labels but its label file" in e and "has 50" in e for e in batch["out_error"])

@@ -31,7 +31,7 @@ def _picture(rng: np.random.Generator, width: int, height: int, mode: str) -> Im
 
 # wide (the rows-only x pass), tall, square, already at the model's side, one pixel high
 SHAPES = [(1280, 720), (1024, 653), (999, 1), (320, 720), (600, 600), (448, 300), (300, 448), (448, 448),
-          (1500, 1499), (97, 31)]
+          (1500, 1499), (97, 31), (1, 999), (31, 97), (40, 5000)]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
@@ -50,6 +50,26 @@ def test_tagger_input_is_imgutils_pixel_for_pixel(mode):
             ours = tagger_input(image, target)
             assert ours.dtype == np.uint8 and ours.flags.c_contiguous
             assert np.array_equal(ours.astype(np.float32), theirs), (width, height, mode, target)
+
+
+def test_a_tall_picture_is_never_padded_to_a_whole_square(monkeypatch):
+    """A webtoon strip (800 x 16,000 pixels, far under ingest.max_pixels) was pasted on a white
+    16,000-pixel square, 768 MB, to make the tagger's 448 x 448 input (969 MiB more peak memory
+    in the decode task than its 16,000 x 800 twin, and 1x20,000 took 1.5 GiB): no image made on
+    the way holds more than a few million pixels, and the input is still imgutils' (above)."""
+    from udfs.annotate import images
+
+    made = []
+    new = Image.new
+
+    def recording_new(mode, size, *args, **kwargs):
+        made.append(size[0] * size[1])
+        return new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "new", recording_new)
+    tall = Image.new("RGB", (200, 8000), (10, 200, 30))
+    assert images.tagger_input(tall, 448).shape == (448, 448, 3)
+    assert made and max(made) <= 1 << 22
 
 
 @pytest.mark.parametrize("mode", ["L", "1"])

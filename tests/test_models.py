@@ -487,3 +487,67 @@ def test_an_unusable_optional_side_file_is_not_left_as_fine(source, tmp_path, ca
     (Path(dst) / "booruset-models.json").unlink()  # staged by hand: no record of its size, still caught
     code, _, err = booruset(capsys, "annotate", "-w", Workspace(str(tmp_path / "ws")).root, "--set", where)
     assert code == 2 and f"{dst / side} cannot be read as JSON" in err
+
+
+def _channels_last(path: Path, name: str) -> None:
+    """The ONNX file's first input declared [batch, h, w, 3] (a channels-last export)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    side = dims[2].dim_value
+    for dim, value in zip(dims[1:], (side, side, 3), strict=True):
+        dim.dim_value = value
+    model.graph.input[0].name = name
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("case", ["detector_nhwc", "ccip_nhwc", "ccip_size"])
+def test_a_model_whose_input_is_not_what_annotate_feeds_it_is_refused(case, source, tmp_path, capsys):
+    """A channels-last detector or CCIP export, or annotate.ccip.size other than the side the CCIP
+    file fixes, passed the start's check, and onnxruntime then refused every image ('invalid
+    dimensions'): a model_failed errors row per image, for the whole collection. One line now."""
+    from store.workspace import Workspace
+
+    repo, folder, _, _ = DETECTORS["face"]
+    path = {"detector_nhwc": source / repo / folder / "model.onnx",
+            "ccip_nhwc": source / CCIP_REPO / CCIP_FILE, "ccip_size": source / CCIP_REPO / CCIP_FILE}[case]
+    if case != "ccip_size":
+        _channels_last(path, "images" if case == "detector_nhwc" else "input")
+    size = ["--set", "annotate.ccip.size=224"] if case == "ccip_size" else []
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"', *size)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(path) in err
+    assert {"detector_nhwc": "not a detector's [batch, 3, height, width]",
+            "ccip_nhwc": "not CCIP's [batch, 3, size, size]",
+            "ccip_size": "annotate.ccip.size is 224 but the model takes 384 x 384"}[case] in err
+
+
+def test_two_models_writing_the_same_model_name_are_refused(source, tmp_path, capsys):
+    """annotate.head set to the face model's file: both wrote detections with model
+    'face_detect_v1.4_s', each face twice under one name that no query can tell apart (and the
+    summary merged their providers and model time). One line now."""
+    from store.workspace import Workspace
+
+    repo, folder, _, _ = DETECTORS["face"]
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", f'annotate.models_dir="{source}"', "--set",
+                            f'annotate.head.repo="{repo}"', "--set", f'annotate.head.file="{folder}/model.onnx"')
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "annotate.face and annotate.head both write model 'face_detect_v1.4_s'" in err
+
+
+def test_a_cascade_path_that_is_no_cascade_is_refused(tmp_path, capsys):
+    """annotate.cascade_face.path naming a file that is no OpenCV cascade started Ray, and every
+    cascade actor died in OpenCV ('SystemError: ... returned a result with an exception set'):
+    the job failed with a traceback. One line at the start now, naming the file."""
+    from store.workspace import Workspace
+
+    bad = tmp_path / "faces.xml"
+    bad.write_text("not a cascade\n")
+    ws = Workspace(str(tmp_path / "ws"))
+    code, _, err = booruset(capsys, "annotate", "-w", ws.root, "--set", 'annotate.models=["cascade_face"]',
+                            "--set", f'annotate.cascade_face.path="{bad}"')
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{bad} cannot be read as an OpenCV cascade" in err

@@ -35,14 +35,19 @@ from udfs.ingest.sources import Unit, member_path, read_unit, source_kind
 def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int) -> Iterator[dict]:
     """Rows {unit, key, source, member, data} for the images of one unit (its `images` parts)
     but those of its batches a killed run finished, yielded as they are read: a unit's bytes
-    never sit in memory together."""
+    never sit in memory together. A member no longer of the size ingest saw (images.bytes: the
+    file or shard was rewritten since) is another picture: it comes with no bytes (missing), as
+    export and the review page have it, not annotated under the key of the one it replaced."""
     ws = Workspace(workspace)
-    rows = [row for part in item["parts"] for row in ws.read_part("images", part, ["key", "source", "member"])]
+    rows = [row for part in item["parts"] for row in ws.read_part("images", part, ["key", "source", "member", "bytes"])]
     finished = {key for marker in ws.done_batches(JOB, item["unit"]).values() for key in marker["keys"]}
     by_source: dict[str, dict[str, str]] = defaultdict(dict)
+    sizes: dict[tuple[str, str], int] = {}
     for row in rows:
         if row["key"] not in finished:
             by_source[row["source"]][row["member"]] = row["key"]
+            if row["bytes"] is not None:
+                sizes[row["source"], row["member"]] = int(row["bytes"])
     for source, wanted in sorted(by_source.items()):
         if source_kind(source) == "tar":
             unit = Unit("tar", source, "")
@@ -53,7 +58,7 @@ def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int
             if isinstance(sample, tuple):
                 continue  # shard-level problems were reported by ingest; missing members show below
             for ext, name in sample.member_names.items():
-                if name in missing:
+                if name in missing and sizes.get((source, name), len(sample.members[ext])) == len(sample.members[ext]):
                     yield {"unit": item["unit"], "key": missing.pop(name), "source": source, "member": name,
                            "data": sample.members[ext]}
         for member, key in sorted(missing.items()):
@@ -63,7 +68,8 @@ def read_unit_images(item: dict[str, Any], workspace: str, max_member_bytes: int
 def make_inputs(data: bytes, inputs: dict[str, list], draft_size: int) -> dict[str, Any]:
     """Decode once and build every model's input; raises on undecodable bytes."""
     if not data:
-        raise FileNotFoundError("member not found in its source (moved or rewritten since ingest?)")
+        raise FileNotFoundError("member not found in its source, or not of the size ingest saw "
+                                "(moved or rewritten since ingest?)")
     image = decode(data, draft_size)
     # the detectors', CCIP's and the grey inputs start from the picture flattened on white; the
     # tagger's do not (it pastes onto its own white square): flatten only when one is wanted

@@ -27,15 +27,25 @@ def cascade_path(spec: dict) -> str:
     return str(path)
 
 
+def load_cascade(path: str) -> cv2.CascadeClassifier:
+    """The OpenCV cascade at `path`; ValueError when the file is none (OpenCV raises a
+    SystemError for some files and returns an empty classifier for others)."""
+    try:
+        cascade = cv2.CascadeClassifier(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to load it says it is no cascade
+        raise ValueError(f"{path} cannot be read as an OpenCV cascade ({type(exc).__name__})") from None
+    if cascade.empty():
+        raise ValueError(f"{path} cannot be read as an OpenCV cascade (it loads empty)")
+    return cascade
+
+
 class CascadeFaceDetector(ModelActor):
     """map_batches callable: grey canvas column `input` + `gray_w`/`gray_h` -> JSON relative boxes."""
 
     def __init__(self, spec: dict, input: str, output: str, device: str = "cpu",
                  drop_input: bool = True) -> None:
         super().__init__(output, drop=(input,) * drop_input + ("gray_w", "gray_h"))
-        self.cascade = cv2.CascadeClassifier(cascade_path(spec))
-        if self.cascade.empty():
-            raise ValueError(f"{cascade_path(spec)} is not an OpenCV cascade")
+        self.cascade = load_cascade(cascade_path(spec))
         self.scale, self.neighbors = float(spec["scale_factor"]), int(spec["min_neighbors"])
         self.min_size = int(spec["min_size"])
         self.input = input

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+import schemas
 from udfs.annotate.images import ccip_input, ccip_tensor, crop_box, decode, to_rgb_on_white
 from udfs.annotate.model_actor import ModelActor
 from udfs.annotate.model_files import model_file
@@ -68,6 +69,12 @@ class CcipFeatures(ModelActor):
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         (out,) = run_batched(self.session, [outputs[0].name], inputs[0].name, images, self.max_batch,
                              prepare=ccip_tensor)
+        if out.ndim != 2 or out.shape[1] != schemas.CCIP_DIM:
+            # embeddings.vector is a fixed-size list: another width failed the writer task, and the
+            # job with it (a file whose feature axis is dynamic passes the start's model check)
+            raise ValueError(f"the CCIP model gives {out.shape[1] if out.ndim == 2 else list(out.shape[1:])} "
+                             f"features, not {schemas.CCIP_DIM}: set annotate.ccip.repo / file to a CCIP "
+                             "feature model")
         return out
 
 

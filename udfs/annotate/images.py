@@ -69,32 +69,43 @@ def yolo_tensor(batch: np.ndarray) -> np.ndarray:
     return (batch.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
 
 
+# Pixels per strip of a tall picture's padded rows (tagger_input): 6 MB of RGB at a time
+STRIP_PIXELS = 1 << 21
+
+
 def tagger_input(image: Image.Image, target: int) -> np.ndarray:
     """imgutils.tagging.wd14._prepare_image_for_tagging: white square pad, bicubic, BGR (uint8);
     a grey or 1-bit picture as its RGB copy would be (_paste).
 
-    Equal to it pixel for pixel, with less work where the padding is rows (wide pictures):
-    Pillow resizes in two passes, along x then along y, rounding to uint8 in between, so the
-    x pass runs on the picture's own rows only; every padding row comes out of it as one
-    constant row (a white row resized), put in place before the y pass.
+    Equal to it pixel for pixel, without the padded square: Pillow resizes in two passes, along
+    x then along y, rounding to uint8 in between, and the x pass works row by row. A wide
+    picture's padding rows each come out of it as one constant row (a white row resized); a
+    tall picture's rows are padded and x-passed a strip at a time (a 800 x 16,000 strip was
+    pasted on a 16,000-pixel square: 768 MB for a 448-pixel input). The y pass then runs on
+    the x-passed rows (side x target).
     """
     width, height = image.size
     side = max(width, height)
-    if width < side or side == target:  # padding columns (or no resize): imgutils' way
+    if side == target:  # no resize: imgutils' way (a square of the model's side)
         padded = Image.new("RGB", (side, side), (255, 255, 255))
         _paste(padded, image, ((side - width) // 2, (side - height) // 2))
-        if side != target:
-            padded = padded.resize((target, target), Image.BICUBIC)
         return _bgr(padded)
-    flat = image  # an RGB picture pastes as it is (an RGB image is no mask)
-    if image.mode != "RGB":
-        flat = Image.new("RGB", (width, height), (255, 255, 255))
-        _paste(flat, image, (0, 0))
-    rows = np.asarray(flat.resize((target, height), Image.BICUBIC))  # x pass, picture rows
-    white = np.asarray(Image.new("RGB", (side, 1), (255, 255, 255)).resize((target, 1), Image.BICUBIC))
     between = np.empty((side, target, 3), np.uint8)
-    top = (side - height) // 2
-    between[:top], between[top : top + height], between[top + height :] = white, rows, white
+    if width < side:  # tall: padding columns, in each row
+        left, strip = (side - width) // 2, max(1, STRIP_PIXELS // side)
+        for y in range(0, height, strip):
+            rows = Image.new("RGB", (side, min(strip, height - y)), (255, 255, 255))
+            _paste(rows, image.crop((0, y, width, y + rows.height)), (left, 0))
+            between[y : y + rows.height] = np.asarray(rows.resize((target, rows.height), Image.BICUBIC))
+    else:  # wide or square: padding rows (or none)
+        flat = image  # an RGB picture pastes as it is (an RGB image is no mask)
+        if image.mode != "RGB":
+            flat = Image.new("RGB", (width, height), (255, 255, 255))
+            _paste(flat, image, (0, 0))
+        rows = np.asarray(flat.resize((target, height), Image.BICUBIC))  # x pass, picture rows
+        white = np.asarray(Image.new("RGB", (side, 1), (255, 255, 255)).resize((target, 1), Image.BICUBIC))
+        top = (side - height) // 2
+        between[:top], between[top : top + height], between[top + height :] = white, rows, white
     return _bgr(Image.fromarray(between).resize((target, target), Image.BICUBIC))  # y pass
 
 

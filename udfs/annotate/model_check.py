@@ -73,6 +73,8 @@ def _onnx(path: str, channels_last: bool) -> str:
         return f"has input shape {shape}, not an image batch (4 axes)"
     if channels_last and (shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]):
         return f"has input shape {shape}, not the WD tagger's [batch, size, size, 3]"
+    if not channels_last and shape[1] != 3:  # annotate feeds CCIP channels first
+        return f"has input shape {shape}, not CCIP's [batch, 3, size, size]"
     if len(outputs[0]) != 2:
         return f"has output shape {outputs[0]}, not [batch, labels]" if channels_last \
             else f"has output shape {outputs[0]}, not [batch, features]"
@@ -90,6 +92,8 @@ def _detector(path: str) -> str:
         return "is no ONNX model (no graph inputs or outputs)"
     if len(inputs[0]) != 4:
         return f"has input shape {inputs[0]}, not an image batch (4 axes)"
+    if inputs[0][1] != 3:  # annotate feeds ultralytics' layout, channels first
+        return f"has input shape {inputs[0]}, not a detector's [batch, 3, height, width]"
     if len(outputs[0]) != 3:  # YOLO [batch, 4 + classes, anchors]; RT-DETR [batch, queries, 4 + classes]
         return f"has output shape {outputs[0]}, not a detector's [batch, boxes and scores, anchors] (3 axes)"
     try:

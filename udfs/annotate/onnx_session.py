@@ -75,11 +75,21 @@ def run_batched(session: ort.InferenceSession, outputs: list[str], name: str, da
                 prepare=None):
     """One session.run for the whole batch, or a loop of max_batch rows at a time. `prepare`
     (uint8 rows -> the model's float input) runs per chunk, so the float copy of a large stack
-    (an image's person crops and regions multiply a batch) never exists whole."""
+    (an image's person crops and regions multiply a batch) never exists whole. A model file
+    that fixes its batch (4, say) gets exactly that many rows per run: a shorter chunk (a batch
+    of 2, the last of 5) is padded with blank rows, whose outputs are dropped (onnxruntime
+    refused it, and every image of such a model failed)."""
     import numpy as np
 
+    fixed = fixed_batch(session)
+    max_batch = fixed or max_batch
+
     def run(rows):
-        return session.run(outputs, {name: prepare(rows) if prepare is not None else rows})
+        n = len(rows)
+        if fixed and n < fixed:
+            rows = np.concatenate([rows, np.zeros((fixed - n, *rows.shape[1:]), rows.dtype)])
+        results = session.run(outputs, {name: prepare(rows) if prepare is not None else rows})
+        return [result[:n] for result in results] if fixed else results
 
     if max_batch is None or len(data) <= max_batch:
         return run(data)

@@ -75,6 +75,11 @@ class WdTagger(ModelActor):
         # the tagger's first output is the label scores (the second, with embeddings, is unused)
         (preds,) = run_batched(self.session, [outputs[0].name], inputs[0].name, images, self.max_batch,
                                prepare=self.float_input)
+        if preds.ndim != 2 or preds.shape[1] != len(self.names):
+            # scores are named by position (the start checks a label axis the file fixes, not a dynamic one)
+            raise ValueError(f"the tagger scores {preds.shape[1] if preds.ndim == 2 else list(preds.shape[1:])} "
+                             f"labels but its label file has {len(self.names)}: set annotate.tagger.labels_repo / "
+                             "labels_file to the model's own selected_tags.csv")
         return preds
 
     def float_input(self, rows: np.ndarray) -> np.ndarray:
