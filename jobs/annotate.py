@@ -456,9 +456,9 @@ class Pipeline:
             ds = self._pool(ds, "ccip", CcipFeatures, gpus)
         if "tagger" in specs:
             ds = self._pool(ds, "tagger", WdTagger, gpus)
-        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height", "crop_boxes"]
+        keep = ["unit", "key", "source", "member", "ok", "decode_error", "width", "height"]
         outputs = [c for name in specs for c in self._output_columns(name)]
-        ds = ds.select_columns([c for c in keep + outputs if c != "crop_boxes" or crops])
+        ds = ds.select_columns(keep + ["crop_boxes", "crop_error"] * bool(crops) + outputs)
         models = {n: s["model"] for n, s in specs.items()}
         pipeline = {n: s["identity"] for n, s in specs.items()}
         return ds.map_batches(write_unit_parts, batch_size=int(opts["write_batch_size"]), num_cpus=task_cpus,

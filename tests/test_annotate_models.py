@@ -335,3 +335,25 @@ def test_a_tagger_scoring_other_than_its_labels_says_so_per_image(tmp_path):
     batch = WdTagger(_spec("tagger", str(tmp_path)), "in_tagger", "out", device="cpu")(
         _batch(_test_images()[:2], {"in_tagger": ["tagger", 448]}))
     assert all("scores 100 labels but its label file" in e and "has 50" in e for e in batch["out_error"])
+
+
+def test_person_crops_that_cannot_be_cut_become_an_errors_row():
+    """crop_persons decodes the image again to cut it: a failure there (bytes changed since, no
+    memory) lost the image's crops with no trace. Now its message reaches the unit's errors and
+    the image keeps its other rows."""
+    from udfs.annotate.annotate_parts import UnitTables
+    from udfs.annotate.annotate_rows import crop_persons
+
+    good = _test_images()[0]
+    batch = {"unit": np.array(["u", "u"]), "key": np.array(["a", "b"]), "source": np.array(["s", "s"]),
+             "member": np.array(["a.png", "b.png"]), "ok": np.array([True, True]),
+             "decode_error": np.array(["", ""], dtype=object), "width": np.array([300, 300]),
+             "height": np.array([400, 400]), "data": np.array([good, good[:40]], dtype=object),
+             "out_person": np.array([json.dumps([[10, 20, 200, 300, "person", 0.9]])] * 2, dtype=object)}
+    out = crop_persons(batch, "out_person", 0, 0.05, 8, {"ccip_crops": ["ccip", 384]})
+    assert out["crop_error"][0] == "" and len(out["ccip_crops"][0]) == 384 * 384 * 3
+    assert out["crop_error"][1].startswith("person crops not cut: ") and out["ccip_crops"][1] == b""
+
+    rows = [{k: v[i] for k, v in out.items()} for i in range(2)]
+    errors = UnitTables({}, rows).parts[("errors", "decode")]
+    assert [(e["key"], e["kind"], e["dropped"]) for e in errors] == [("b", "crop_failed", False)]

@@ -96,6 +96,8 @@ class UnitTables:
             kind, message = json.loads(row["decode_error"])
             self.error(row, "decode", JOB, kind, message, dropped=True)
             return
+        if row.get("crop_error"):
+            self.error(row, "decode", JOB, "crop_failed", str(row["crop_error"]), dropped=False)
         for name, model in self.models.items():
             out = f"out_{name}"
             self.providers[model] = str(row[f"{out}_provider"])

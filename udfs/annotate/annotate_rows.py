@@ -128,21 +128,23 @@ def crop_persons(batch: dict[str, np.ndarray], person_column: str, draft_size: i
                  max_crops: int, inputs: dict[str, list]) -> dict[str, np.ndarray]:
     """map_batches (CPU task): each image's person crops, once, as every model that reads them
     wants them (`inputs`: column -> ["ccip" | "tagger", size]), and their boxes (`crop_boxes`,
-    JSON [[person index, x0, y0, x1, y1], ...]); drops the image bytes."""
+    JSON [[person index, x0, y0, x1, y1], ...]) and `crop_error` (the message where cutting them
+    failed: an errors row; the image keeps its other rows); drops the image bytes."""
     n = len(batch["key"])
     columns = {c: np.full(n, b"", dtype=object) for c in inputs}
-    boxes = np.full(n, "[]", dtype=object)
+    boxes, failed = np.full(n, "[]", dtype=object), np.full(n, "", dtype=object)
     for i in range(n):
         persons = json.loads(batch[person_column][i]) if batch["ok"][i] else []
         if not persons:
             continue
         try:
             crops, found = person_crops(batch["data"][i], draft_size, persons, padding, max_crops)
-        except Exception:  # decoded fine once already; a failure here only loses the crops
+        except Exception as exc:  # decoded once already (a changed file, memory): only the crops are lost
+            failed[i] = f"person crops not cut: {type(exc).__name__}: {exc}"[:2000]
             continue
         for column, (kind, size) in inputs.items():
             prepare = crop_input if kind == "ccip" else tagger_input
             columns[column][i] = np.stack([prepare(c, int(size)) for c in crops]).tobytes() if crops else b""
         boxes[i] = json.dumps(found)
     batch.pop("data")
-    return {**batch, **columns, "crop_boxes": boxes}
+    return {**batch, **columns, "crop_boxes": boxes, "crop_error": failed}
