@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pyarrow.fs as pafs
 import pytest
 from s3_server import s3_filesystem
@@ -387,6 +388,25 @@ def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, 
     for name in ("g[1]", "star*"):
         code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(source) from errors")
         assert code == 0 and f"{rows[name]} │ {name}" in out, out
+
+
+@pytest.mark.parametrize("name", ["what?", "back\\slash"])
+def test_a_workspace_path_duckdb_reads_as_a_query_or_a_separator_gets_its_catalog(capsys, tmp_path, name):
+    """DuckDB opens a database file at 'a?b/x' as 'a.wal?b/x' and at 'a\\b/x' as 'a/b/x': the
+    publish that writes catalog.duckdb failed with a traceback on such a workspace, every job's."""
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / name))
+    ws.add_part("errors", "p", [{"key": "k", "source": "s", "member": "m", "stage": "ingest", "kind": "k",
+                                 "message": "", "dropped": False}])
+    safe = tmp_path / "copy.duckdb"
+    shutil.copyfile(tmp_path / name / "catalog.duckdb", safe)
+    con = duckdb.connect(str(safe), read_only=True)
+    assert con.execute("select count(*) from errors").fetchone() == (1,)
+    con.close()
+    assert not [p.name for p in (tmp_path / name).iterdir() if p.name.startswith(".catalog-")]
+    code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(key) from errors")
+    assert code == 0 and "1 │ k" in out, out
 
 
 # ---- temporary files of runs that died ------------------------------------------------------
