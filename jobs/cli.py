@@ -12,14 +12,19 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
 from jobs.errors import report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
+
+if TYPE_CHECKING:
+    import duckdb
 
 # The jobs in pipeline order; `run` runs those whose module exists.
 PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]
@@ -247,14 +252,39 @@ def sql(ws: Workspace, query: str) -> int:
             return 2
         con = ws.connect(read_only=True)
         for statement in statements:
-            # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
-            answer = con.sql(statement.query)
-            if answer is not None:
-                answer.show(max_rows=200, max_width=200)
+            show_answer(con, statement.query)
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
+
+
+def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Print the answer of one statement (at most 200 rows), or raise its error.
+
+    It runs in a thread of its own: DuckDB's show() does not see Ctrl-C, so a query that never
+    ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query."""
+    failure: list[BaseException] = []
+
+    def answer() -> None:
+        try:
+            # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
+            relation = con.sql(query)
+            if relation is not None:
+                relation.show(max_rows=200, max_width=200)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=answer, name="booruset-sql", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        con.interrupt()
+        raise
+    if failure:
+        raise failure[0]
 
 
 def one_line(message: str) -> str:

@@ -7,8 +7,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -375,6 +377,27 @@ def test_sql_reads_nothing_outside_the_workspace(capsys, sample_ws):
     assert code == 2 and "Permission Error" in one_line(err)
     code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), "set enable_external_access = true")
     assert code == 2 and "SET statements are refused" in one_line(err)
+
+
+def test_ctrl_c_stops_a_query_that_does_not_end(tmp_path):
+    """DuckDB's show() does not see SIGINT: `booruset sql` on a query that never ended went on
+    after Ctrl-C, which only a kill stopped."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    query = "select count(*) from range(100000000000000) a"
+    child = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "-w", str(tmp_path / "ws"), query],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    time.sleep(4)  # started, and inside the query
+    child.send_signal(signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert one_line(err) == "booruset: interrupted"
 
 
 def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, tmp_path):
