@@ -59,14 +59,15 @@ def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
     return Path(out).resolve()
 
 
-def check_writable_folder(option: str, folder: Path) -> None:
+def check_writable_folder(option: str, folder: Path, write: bool = True) -> None:
     """ConfigError unless `folder` exists as a folder we may write, or could be made in one: a
     report on a read-only workspace failed at its mkdir with a traceback, after reading it all.
-    access() answers EROFS for a read-only mount even to root, without writing anything."""
+    access() answers EROFS for a read-only mount even to root, without writing anything.
+    write=False: only that no file stands where the folder or one above it should be."""
     existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # False where not searchable
     if not existing.is_dir():
         raise ConfigError(f"{option} {str(folder)!r} cannot be made: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if write and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {str(folder)!r} cannot be written ({str(existing)!r} is read-only "
                           f"to this user): set {option} to a folder you can write")
 
