@@ -352,7 +352,7 @@ def _read(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() not in (".yaml", ".yml"):
             return tomllib.loads(text)
-        table = yaml.safe_load(text)
+        table = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except RecursionError:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
@@ -362,6 +362,25 @@ def _read(path: Path) -> Config:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: expected tables of options (section: option: value), not {_shown(table)}")
     return table
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping as TOML does: PyYAML kept
+    the last, so a second `annotate:` block dropped every option of the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, then options that override it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the constructor below says so
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -622,6 +622,21 @@ def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
         assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
 
+def test_a_yaml_key_given_twice_is_refused_as_in_toml(capsys, tmp_path):
+    """TOML refuses a section or option given twice; YAML kept the last one without a word, so a
+    second `annotate:` block dropped every option of the first."""
+    (tmp_path / "twice.yaml").write_text("annotate:\n  tagger:\n    batch_size: 8\nray:\n  max_error_rate: 0.5\n"
+                                         "annotate:\n  face:\n    batch_size: 4\n")
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / "twice.yaml"))
+    assert code == 2 and not (tmp_path / "ws").exists()
+    assert "twice.yaml: 'annotate' is given twice (first on line 1)" in one_line(err) and "line 6" in one_line(err)
+    # a merge key's options overridden after it are no repetition
+    (tmp_path / "merge.yaml").write_text("annotate:\n  face: &f {batch_size: 8, threads: 2}\n"
+                                         "  head:\n    <<: *f\n    batch_size: 4\n")
+    cfg = load_config(str(tmp_path / "merge.yaml"))
+    assert (cfg["annotate"]["head"]["batch_size"], cfg["annotate"]["head"]["threads"]) == (4, 2)
+
+
 @pytest.mark.parametrize("port", ["70000", "-5", "http"])
 def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
     """--port 70000 failed in bind() (OverflowError): a traceback log and exit 1."""
