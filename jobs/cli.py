@@ -335,6 +335,10 @@ def check_out_folders(cfg: Config, command: str) -> None:
     for job in ("export", "report"):
         if command in (job, "run"):
             check_writable_folder(f"{job}.out", out_folder(job, cfg, "://" not in path, path))
+    if command in ("report", "run") and cfg["report"]["out"]:  # the workspace's own report/ is the report's
+        from jobs.report import check_out
+
+        check_out(out_folder("report", cfg, "://" not in path, path))
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
