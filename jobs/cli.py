@@ -263,8 +263,10 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
     """Print the answer of one statement (at most 200 rows), or raise its error.
 
     It runs in a thread of its own: DuckDB's show() does not see Ctrl-C, so a query that never
-    ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query."""
+    ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query and
+    waits for it to stop: a process that exits with DuckDB still running in a thread aborts."""
     failure: list[BaseException] = []
+    done = threading.Event()  # not Thread.join: a join that Ctrl-C interrupted can return early
 
     def answer() -> None:
         try:
@@ -274,14 +276,16 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
                 relation.show(max_rows=200, max_width=200)
         except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
             failure.append(exc)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=answer, name="booruset-sql", daemon=True)
-    worker.start()
+    threading.Thread(target=answer, name="booruset-sql", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.1)
+        while not done.wait(0.1):
+            pass
     except KeyboardInterrupt:
         con.interrupt()
+        done.wait()  # a second Ctrl-C leaves at once
         raise
     if failure:
         raise failure[0]

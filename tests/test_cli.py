@@ -385,12 +385,16 @@ def test_ctrl_c_stops_a_query_that_does_not_end(tmp_path):
     from store.workspace import Workspace
 
     Workspace(str(tmp_path / "ws"))
+    (tmp_path / "tmp").mkdir()
     query = "select count(*) from range(100000000000000) a"
     child = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "-w", str(tmp_path / "ws"), query],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")},
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
-    time.sleep(4)  # started, and inside the query
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "tmp").glob("booruset-duckdb-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # its DuckDB's spill folder: the connection is made, the query next
+    time.sleep(2)
     child.send_signal(signal.SIGINT)
     try:
         _, err = child.communicate(timeout=15)
