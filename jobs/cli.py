@@ -153,9 +153,10 @@ def port_number(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     # an empty value (`-w "$WS"` with WS unset) is a mistake, not the default: `ingest -w "" -i ""`
-    # ingested the bundled sample ("" in ingest.inputs) into ./workspace
+    # ingested the bundled sample ("" in ingest.inputs) into ./workspace; `--config ""` ran with
+    # the defaults alone
     for flag, values in (("--workspace", [args.workspace]), ("--input", getattr(args, "input", [])),
-                         ("--out", [getattr(args, "out", None)])):
+                         ("--out", [getattr(args, "out", None)]), ("--config", [args.config])):
         if any(v is not None and not v.strip() for v in values):
             raise ConfigError(f"{flag} is empty: give a path (an unset shell variable?)")
     overrides = list(args.set)

@@ -658,6 +658,8 @@ def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
     (["ingest", "-w", "ws", "-i", ""], "--input"),
     (["sql", "-w", " ", "select 1"], "--workspace"),
     (["export", "-w", "ws", "--out", ""], "--out"),
+    # `--config "$CFG"` with CFG unset ran with the defaults alone
+    (["sql", "-w", "ws", "--config", "", "select 1"], "--config"),
 ])
 def test_an_empty_path_flag_is_a_mistake_not_the_default(capsys, tmp_path, monkeypatch, args, flag):
     """`booruset ingest -w "$WS" -i "$IN"` with both unset ingested the bundled sample ("" in
