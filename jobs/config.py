@@ -97,9 +97,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
     if path:
-        if not Path(path).is_file():
+        if not Path(path).expanduser().is_file():  # `--config=~/run.toml`: the shell leaves that `~`
             raise ConfigError(f"config file not found: {path}")
-        merge(cfg, _read(Path(path)))
+        merge(cfg, _read(Path(path).expanduser()))
     for item in overrides or []:
         names, value = _parse_override(item)
         update: Any = value

@@ -248,6 +248,10 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, m
     code, _, err = run_cli(capsys, "sql", "--set", 'workspace.path="~/ws"', "select 1")
     assert code == 2 and one_line(err).startswith(f"booruset: no workspace at {tmp_path / 'ws'}")
     assert not (tmp_path / "~").exists()
+    # the config file too: `--config=~/run.toml` reaches the program with its `~` (the shell
+    # expands none after `--config=`), which was "config file not found: ~/run.toml"
+    (tmp_path / "run.toml").write_text('[export]\nout = "elsewhere"\n')
+    assert load_config("~/run.toml")["export"]["out"] == "elsewhere"
 
 
 def test_set_reaches_nested_tables_and_keeps_types():
