@@ -257,6 +257,10 @@ def sql(ws: Workspace, query: str) -> int:
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader stopped reading (`booruset sql ... | head`): no failure, and nothing more to
+        # write; stdout goes to /dev/null so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

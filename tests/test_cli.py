@@ -408,6 +408,23 @@ def test_ctrl_c_stops_a_query_that_does_not_end(tmp_path):
     assert one_line(err) == "booruset: interrupted"
 
 
+def test_a_reader_that_stops_reading_is_no_failure(tmp_path):
+    """`booruset sql ... | head`: head's exit closed the pipe, and the next answer failed with a
+    BrokenPipeError: exit 1 and a log file written into the workspace that sql only reads."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    query = "; ".join(["select range, 'row' as name from range(1000)"] * 60)  # far more than a pipe holds
+    child = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "-w", str(tmp_path / "ws"), query],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.stdout.readline()
+    child.stdout.close()  # as head -1 does
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 0 and err == ""
+    assert not (tmp_path / "ws" / "logs").exists()
+
+
 def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, tmp_path):
     from store.workspace import Workspace
 
