@@ -12,14 +12,19 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
 from jobs.errors import report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
+
+if TYPE_CHECKING:
+    import duckdb
 
 # The jobs in pipeline order; `run` runs those whose module exists.
 PIPELINE = ["ingest", "annotate", "curate", "caption", "export"]
@@ -148,9 +153,10 @@ def port_number(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     # an empty value (`-w "$WS"` with WS unset) is a mistake, not the default: `ingest -w "" -i ""`
-    # ingested the bundled sample ("" in ingest.inputs) into ./workspace
+    # ingested the bundled sample ("" in ingest.inputs) into ./workspace; `--config ""` ran with
+    # the defaults alone
     for flag, values in (("--workspace", [args.workspace]), ("--input", getattr(args, "input", [])),
-                         ("--out", [getattr(args, "out", None)])):
+                         ("--out", [getattr(args, "out", None)]), ("--config", [args.config])):
         if any(v is not None and not v.strip() for v in values):
             raise ConfigError(f"{flag} is empty: give a path (an unset shell variable?)")
     overrides = list(args.set)
@@ -247,14 +253,47 @@ def sql(ws: Workspace, query: str) -> int:
             return 2
         con = ws.connect(read_only=True)
         for statement in statements:
-            # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
-            answer = con.sql(statement.query)
-            if answer is not None:
-                answer.show(max_rows=200, max_width=200)
+            show_answer(con, statement.query)
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader stopped reading (`booruset sql ... | head`): no failure, and nothing more to
+        # write; stdout goes to /dev/null so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Print the answer of one statement (at most 200 rows), or raise its error.
+
+    It runs in a thread of its own: DuckDB's show() does not see Ctrl-C, so a query that never
+    ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query and
+    waits for it to stop: a process that exits with DuckDB still running in a thread aborts."""
+    failure: list[BaseException] = []
+    done = threading.Event()  # not Thread.join: a join that Ctrl-C interrupted can return early
+
+    def answer() -> None:
+        try:
+            # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
+            relation = con.sql(query)
+            if relation is not None:
+                relation.show(max_rows=200, max_width=200)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=answer, name="booruset-sql", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        con.interrupt()
+        done.wait()  # a second Ctrl-C leaves at once
+        raise
+    if failure:
+        raise failure[0]
 
 
 def one_line(message: str) -> str:
@@ -305,6 +344,10 @@ def check_out_folders(cfg: Config, command: str) -> None:
     for job in ("export", "report"):
         if command in (job, "run"):
             check_writable_folder(f"{job}.out", out_folder(job, cfg, "://" not in path, path))
+    if command in ("report", "run") and cfg["report"]["out"]:  # the workspace's own report/ is the report's
+        from jobs.report import check_out
+
+        check_out(out_folder("report", cfg, "://" not in path, path))
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:

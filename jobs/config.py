@@ -59,14 +59,15 @@ def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
     return Path(out).resolve()
 
 
-def check_writable_folder(option: str, folder: Path) -> None:
+def check_writable_folder(option: str, folder: Path, write: bool = True) -> None:
     """ConfigError unless `folder` exists as a folder we may write, or could be made in one: a
     report on a read-only workspace failed at its mkdir with a traceback, after reading it all.
-    access() answers EROFS for a read-only mount even to root, without writing anything."""
+    access() answers EROFS for a read-only mount even to root, without writing anything.
+    write=False: only that no file stands where the folder or one above it should be."""
     existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # False where not searchable
     if not existing.is_dir():
         raise ConfigError(f"{option} {str(folder)!r} cannot be made: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if write and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {str(folder)!r} cannot be written ({str(existing)!r} is read-only "
                           f"to this user): set {option} to a folder you can write")
 
@@ -96,9 +97,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
     if path:
-        if not Path(path).is_file():
+        if not Path(path).expanduser().is_file():  # `--config=~/run.toml`: the shell leaves that `~`
             raise ConfigError(f"config file not found: {path}")
-        merge(cfg, _read(Path(path)))
+        merge(cfg, _read(Path(path).expanduser()))
     for item in overrides or []:
         names, value = _parse_override(item)
         update: Any = value
@@ -352,7 +353,7 @@ def _read(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() not in (".yaml", ".yml"):
             return tomllib.loads(text)
-        table = yaml.safe_load(text)
+        table = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except RecursionError:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
@@ -362,6 +363,25 @@ def _read(path: Path) -> Config:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: expected tables of options (section: option: value), not {_shown(table)}")
     return table
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping as TOML does: PyYAML kept
+    the last, so a second `annotate:` block dropped every option of the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, then options that override it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the constructor below says so
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {first_line[key] + 1})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

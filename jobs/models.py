@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import Config, ConfigError
+from jobs.config import Config, ConfigError, check_writable_folder
 from udfs.annotate.model_check import kind_of, problem, staged_problem
 from udfs.annotate.model_files import RECORD, at_revision, hub_reachable, staged_records
 
@@ -72,6 +72,9 @@ def main(cfg: Config, list_only: bool, source: str | None) -> int:
     if source is not None and not Path(source).is_dir():
         raise ConfigError(f"models fetch --source: {source} is not a folder")
     files = model_files(cfg)
+    # a file in the way (or a read-only folder) failed each model file on its own line, and
+    # --list called every file missing as if the folder were empty
+    check_writable_folder("annotate.models_dir", Path(models_dir), write=not list_only)
     if list_only:
         return list_files(files, Path(models_dir))
     return fetch_files(files, Path(models_dir), source)

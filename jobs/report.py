@@ -45,8 +45,29 @@ def sql_text(name: str) -> str:
     return (REPO / "sql" / f"{name}.sql").read_text(encoding="utf-8")
 
 
+# In the head of every report's index.html (render_page): how a folder is known to hold one.
+PAGE_MARK = "<title>booruset report</title>"
+
+
 def report_dir(cfg: Config, ws: Workspace) -> Path:
     return out_folder(JOB, cfg, ws.local, ws.base)
+
+
+def check_out(folder: Path) -> None:
+    """report.out, when set, must be new, empty or hold a report: a report replaces index.html and
+    its plots and removes the examples/*.jpg it does not show, which in a folder of other files
+    were a person's own (their page and photos, gone without a word)."""
+    if folder.is_dir() and any(folder.iterdir()) and not holds_report(folder):
+        raise ConfigError(f"report.out {str(folder)!r} holds files that are not a booruset report: "
+                          "give a new or empty folder")
+
+
+def holds_report(folder: Path) -> bool:
+    try:
+        with open(folder / "index.html", encoding="utf-8", errors="replace") as page:
+            return PAGE_MARK in page.read(1000)
+    except OSError:
+        return False
 
 
 def run(cfg: Config, ws: Workspace) -> JobSummary:
@@ -54,6 +75,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = cfg[JOB]  # its bounds are checked with the config (jobs/config.DOMAINS)
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "index.html").exists():  # the folder holds a report from now on, if killed too (check_out)
+        atomic_write(str(out / "index.html"), render_page(ws.root, ["<p>The report is being written.</p>"]).encode())
     data = report_data(cfg, ws)
     page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws),
                                               bool(cfg["export"]["drop_duplicates"])))
@@ -338,7 +361,7 @@ td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 
 
 def render_page(workspace: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>booruset report</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{PAGE_MARK}'
             f"<style>{STYLE}</style></head><body><h1>booruset report</h1>"
             f"<p>Workspace: <code>{html.escape(workspace)}</code>, {time.strftime('%Y-%m-%d %H:%M')}</p>"
             f"{''.join(sections)}</body></html>\n")

@@ -686,13 +686,18 @@ class Workspace:
                 (self.read_json(CATALOG_STATE) or {}).get("fingerprint") == fingerprint:
             return path
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
-        # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
-        # storage format both read.
-        con = duckdb.connect(tmp, config={"storage_compatibility_version": CATALOG_STORAGE_VERSION})
-        try:
-            self._create_views(con, published)
-        finally:
-            con.close()
+        # Written in a folder of its own, then copied: DuckDB opens a database file at `ws?x/...` as
+        # `ws.wal?x/...` and at `ws\x/...` as `ws/x/...`, which failed every publish of such a workspace.
+        with tempfile.TemporaryDirectory(prefix="booruset-catalog-") as folder:
+            # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
+            # storage format both read.
+            con = duckdb.connect(f"{folder}/catalog.duckdb",
+                                 config={"storage_compatibility_version": CATALOG_STORAGE_VERSION})
+            try:
+                self._create_views(con, published)
+            finally:
+                con.close()
+            shutil.copyfile(f"{folder}/catalog.duckdb", tmp)
         Path(tmp).replace(path)
         self.write_json(CATALOG_STATE, {"fingerprint": fingerprint})
         return path

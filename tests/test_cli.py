@@ -7,10 +7,13 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import duckdb
 import pyarrow.fs as pafs
 import pytest
 from s3_server import s3_filesystem
@@ -245,6 +248,10 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, m
     code, _, err = run_cli(capsys, "sql", "--set", 'workspace.path="~/ws"', "select 1")
     assert code == 2 and one_line(err).startswith(f"booruset: no workspace at {tmp_path / 'ws'}")
     assert not (tmp_path / "~").exists()
+    # the config file too: `--config=~/run.toml` reaches the program with its `~` (the shell
+    # expands none after `--config=`), which was "config file not found: ~/run.toml"
+    (tmp_path / "run.toml").write_text('[export]\nout = "elsewhere"\n')
+    assert load_config("~/run.toml")["export"]["out"] == "elsewhere"
 
 
 def test_set_reaches_nested_tables_and_keeps_types():
@@ -376,6 +383,48 @@ def test_sql_reads_nothing_outside_the_workspace(capsys, sample_ws):
     assert code == 2 and "SET statements are refused" in one_line(err)
 
 
+def test_ctrl_c_stops_a_query_that_does_not_end(tmp_path):
+    """DuckDB's show() does not see SIGINT: `booruset sql` on a query that never ended went on
+    after Ctrl-C, which only a kill stopped."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    (tmp_path / "tmp").mkdir()
+    query = "select count(*) from range(100000000000000) a"
+    child = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "-w", str(tmp_path / "ws"), query],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "tmp").glob("booruset-duckdb-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # its DuckDB's spill folder: the connection is made, the query next
+    time.sleep(2)
+    child.send_signal(signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert one_line(err) == "booruset: interrupted"
+
+
+def test_a_reader_that_stops_reading_is_no_failure(tmp_path):
+    """`booruset sql ... | head`: head's exit closed the pipe, and the next answer failed with a
+    BrokenPipeError: exit 1 and a log file written into the workspace that sql only reads."""
+    from store.workspace import Workspace
+
+    Workspace(str(tmp_path / "ws"))
+    query = "; ".join(["select range, 'row' as name from range(1000)"] * 60)  # far more than a pipe holds
+    child = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "-w", str(tmp_path / "ws"), query],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.stdout.readline()
+    child.stdout.close()  # as head -1 does
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 0 and err == ""
+    assert not (tmp_path / "ws" / "logs").exists()
+
+
 def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, tmp_path):
     from store.workspace import Workspace
 
@@ -387,6 +436,25 @@ def test_workspace_paths_with_glob_characters_read_only_their_own_files(capsys, 
     for name in ("g[1]", "star*"):
         code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(source) from errors")
         assert code == 0 and f"{rows[name]} │ {name}" in out, out
+
+
+@pytest.mark.parametrize("name", ["what?", "back\\slash"])
+def test_a_workspace_path_duckdb_reads_as_a_query_or_a_separator_gets_its_catalog(capsys, tmp_path, name):
+    """DuckDB opens a database file at 'a?b/x' as 'a.wal?b/x' and at 'a\\b/x' as 'a/b/x': the
+    publish that writes catalog.duckdb failed with a traceback on such a workspace, every job's."""
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / name))
+    ws.add_part("errors", "p", [{"key": "k", "source": "s", "member": "m", "stage": "ingest", "kind": "k",
+                                 "message": "", "dropped": False}])
+    safe = tmp_path / "copy.duckdb"
+    shutil.copyfile(tmp_path / name / "catalog.duckdb", safe)
+    con = duckdb.connect(str(safe), read_only=True)
+    assert con.execute("select count(*) from errors").fetchone() == (1,)
+    con.close()
+    assert not [p.name for p in (tmp_path / name).iterdir() if p.name.startswith(".catalog-")]
+    code, out, _ = run_cli(capsys, "sql", "-w", str(tmp_path / name), "select count(*), min(key) from errors")
+    assert code == 0 and "1 │ k" in out, out
 
 
 # ---- temporary files of runs that died ------------------------------------------------------
@@ -579,6 +647,21 @@ def test_a_yaml_config_file_is_read_as_its_tables(capsys, tmp_path):
         assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
 
+def test_a_yaml_key_given_twice_is_refused_as_in_toml(capsys, tmp_path):
+    """TOML refuses a section or option given twice; YAML kept the last one without a word, so a
+    second `annotate:` block dropped every option of the first."""
+    (tmp_path / "twice.yaml").write_text("annotate:\n  tagger:\n    batch_size: 8\nray:\n  max_error_rate: 0.5\n"
+                                         "annotate:\n  face:\n    batch_size: 4\n")
+    code, _, err = run_cli(capsys, "ingest", "-w", str(tmp_path / "ws"), "--config", str(tmp_path / "twice.yaml"))
+    assert code == 2 and not (tmp_path / "ws").exists()
+    assert "twice.yaml: 'annotate' is given twice (first on line 1)" in one_line(err) and "line 6" in one_line(err)
+    # a merge key's options overridden after it are no repetition
+    (tmp_path / "merge.yaml").write_text("annotate:\n  face: &f {batch_size: 8, threads: 2}\n"
+                                         "  head:\n    <<: *f\n    batch_size: 4\n")
+    cfg = load_config(str(tmp_path / "merge.yaml"))
+    assert (cfg["annotate"]["head"]["batch_size"], cfg["annotate"]["head"]["threads"]) == (4, 2)
+
+
 @pytest.mark.parametrize("port", ["70000", "-5", "http"])
 def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
     """--port 70000 failed in bind() (OverflowError): a traceback log and exit 1."""
@@ -596,6 +679,8 @@ def test_a_port_out_of_range_is_a_usage_error(capsys, tmp_path, port):
     (["ingest", "-w", "ws", "-i", ""], "--input"),
     (["sql", "-w", " ", "select 1"], "--workspace"),
     (["export", "-w", "ws", "--out", ""], "--out"),
+    # `--config "$CFG"` with CFG unset ran with the defaults alone
+    (["sql", "-w", "ws", "--config", "", "select 1"], "--config"),
 ])
 def test_an_empty_path_flag_is_a_mistake_not_the_default(capsys, tmp_path, monkeypatch, args, flag):
     """`booruset ingest -w "$WS" -i "$IN"` with both unset ingested the bundled sample ("" in

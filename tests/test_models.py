@@ -382,6 +382,23 @@ def test_a_missing_source_folder_is_a_configuration_error(tmp_path, capsys):
     assert code == 2 and "not a folder" in err
 
 
+@pytest.mark.parametrize("list_only", [False, True])
+def test_a_models_dir_that_is_a_file_is_one_line(list_only, source, tmp_path, capsys):
+    """A file where the folder should be: fetch printed a NotADirectoryError line per model file and
+    --list called every file missing, as if the folder were empty. (A read-only folder, which root
+    cannot make here, is refused by the same check as export.out's.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for models_dir in (blocker, blocker / "models"):
+        listing = ["--list"] if list_only else []
+        code, out, err = booruset(capsys, "models", "fetch", "--source", str(source), *listing,
+                                  "--set", f'annotate.models_dir="{models_dir}"')
+        assert code == 2 and not out
+        assert err.strip() == (f"booruset: configuration error: annotate.models_dir {str(models_dir)!r} cannot be "
+                               f"made: {str(blocker)!r} is a file")
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("models_dir", ["", "/shared/models"])
 def test_the_skip_message_says_hf_download_and_models_fetch(models_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

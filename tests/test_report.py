@@ -268,6 +268,30 @@ def test_a_report_leaves_only_its_own_files(tmp_path):
     assert summary.rows_out == {"plots": len(plots), "examples": 1}
 
 
+def test_a_report_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """report.out set to a folder of a person's files: the report overwrote its index.html and
+    stages.png and deleted every examples/*.jpg it did not show (their holiday photos), exit 0.
+    Now refused before any job; a new or empty folder, or one holding a report, is written."""
+    from jobs import cli
+
+    hand_workspace(tmp_path, {"a": ["smile"]})
+    mine = tmp_path / "mine"
+    (mine / "examples").mkdir(parents=True)
+    files = {"examples/holiday.jpg": b"a photo", "stages.png": b"my plot", "index.html": b"<p>my page</p>"}
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    capsys.readouterr()
+    assert cli.main(["report", "-w", str(tmp_path / "ws"), "--set", f'report.out="{mine}"']) == 2
+    assert capsys.readouterr().err == (f"booruset: configuration error: report.out {str(mine)!r} holds files that "
+                                       "are not a booruset report: give a new or empty folder\n")
+    assert {p.relative_to(mine).as_posix(): p.read_bytes() for p in mine.rglob("*") if p.is_file()} == files
+    for out in (tmp_path / "new", tmp_path / "new"):  # new, then holding the report written the first time
+        assert cli.main(["report", "-w", str(tmp_path / "ws"), "--set", f'report.out="{out}"']) == 0
+        assert "stages.png" in (out / "index.html").read_text()
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", "-w", str(tmp_path / "ws"), "--set", f'report.out="{tmp_path / "empty"}"']) == 0
+
+
 @pytest.mark.parametrize("option", ["report.top_n=0", "report.top_n=1001", "report.top_n=99999999999999999999",
                                     "report.examples=1001", "report.thumb_size=0",
                                     "report.thumb_size=15", "report.thumb_size=99999999999999999999"])
