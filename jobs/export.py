@@ -280,10 +280,12 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
         ranges = key_ranges(con, chunk)
         where = str(opts["where"]).strip()
         query, params = selection_query(con, opts, where)
+        duplicates = export_duplicates(con, params)
         chunks, left_out = [], Counter()
         for index, (first, last) in enumerate(ranges):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
             with ws.key_range_cursor(con, RANGED_TABLES, first, last, published, WHOLE_TABLES) as cursor:
+                cursor.register("duplicates", duplicates)  # in place of curate's, for this cursor alone
                 rows = stage_chunk(ws, cursor, query, {**params, "first": first, "last": last}, path, where)
                 left_out.update(dict(cursor.execute(sql_text("export_left_out.sql"),
                                                     {**params, "first": first, "last": last}).fetchall()))
@@ -294,6 +296,14 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
     finally:
         con.close()
     return total, len(chunks), units, dict(left_out)
+
+
+def export_duplicates(con: duckdb.DuckDBPyConnection, params: dict) -> pa.Table:
+    """The duplicates table with the representative the export keeps (sql/export_duplicates.sql):
+    curate's, unless the export leaves it out for another reason now. Over the whole workspace,
+    once: a chunk's cursor sees only its key range of images and captions, a group any of them."""
+    wanted = {"drop_flagged": params["drop_flagged"], "drop_excluded": params["drop_excluded"]}
+    return con.sql(sql_text("export_duplicates.sql"), params=wanted).to_arrow_table()
 
 
 def left_out_note(total: int, selected: int, left_out: dict[str, int]) -> str:

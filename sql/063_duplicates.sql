@@ -29,8 +29,8 @@ representatives as (
 evidence as (
     select key_a as key, reason from exact_pairs
     union select key_b, reason from exact_pairs
-    union select key_a, 'phash' from phash_pairs
-    union select key_b, 'phash' from phash_pairs
+    union select key_a, reason from phash_pairs
+    union select key_b, reason from phash_pairs
 ),
 strongest as (
     select key, min(case reason when 'identical' then 1 when 'phash' then 2 else 3 end) as strength

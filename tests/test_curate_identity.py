@@ -777,3 +777,44 @@ def test_crops_whose_vectors_outgrow_duckdbs_memory_limit_are_clustered(tmp_path
     got = curate.crop_clusters(con, settings).sort_by("key")
     assert got["key"].to_pylist() == crops["key"].to_pylist()
     assert _same_partition(got["cluster"].to_pylist(), np.arange(n) // 10)
+
+
+def staged_keys(ws, drop_flagged: bool = True) -> set[str]:
+    """The keys export's selection stages (export.stage_selection, run here, not in a worker)."""
+    from jobs import export
+    from jobs.config import default_config
+
+    opts = {**default_config()["export"], "drop_flagged": drop_flagged}
+    _, _, units, _ = export.stage_selection(ws, opts, 1000, 2)  # key ranges of 2: a group spans ranges
+    files = sorted({f for u in units for f in u["files"]})
+    return set(pq.read_table(files, columns=["key"]).column("key").to_pylist()) if files else set()
+
+
+@pytest.mark.parametrize("left_out", ["flagged", "excluded", "gone"])
+def test_the_export_keeps_the_next_copy_when_it_leaves_out_the_representative(workspace, left_out):
+    """Curate picks a group's representative before captions exist and before a person excludes
+    in review; the export left out every other copy as a near duplicate, so a representative whose
+    accepted caption was flagged (drop_flagged, the default), that was excluded after curate, or
+    whose file an ingest removed took the whole picture out of the training set."""
+    rows = image_rows(["a_big", "b_mid", "c_small", "other"], phash=None)
+    rows[0]["width"], rows[1]["width"] = 3000, 2000
+    workspace.add_part("images", "p", [{**r, "sha256": "other" if r["key"] == "other" else "same bytes"}
+                                       for r in rows])
+    curate.run(curate_config(workspace), workspace)
+    dups = {r["key"]: r["is_representative"] for r in workspace.read_table("duplicates").to_pylist()}
+    assert dups == {"a_big": True, "b_mid": False, "c_small": False}
+    assert staged_keys(workspace) == {"a_big", "other"}
+    if left_out == "flagged":
+        workspace.add_part("captions", "c", [{"key": k, "attempt": 0, "backend": "openai:joy", "seed": 0,
+                                              "caption": "a girl", "accuracy": 0.9, "accepted": True,
+                                              "flagged": k == "a_big"} for k in ("a_big", "b_mid", "c_small")])
+    elif left_out == "excluded":
+        now = datetime.datetime.now(datetime.UTC)
+        workspace.add_part("edits", "e", [{"key": "a_big", "field": "exclude", "old": None, "new": "true",
+                                           "time": now, "seq": 0, "batch": "b"}])
+    else:
+        workspace.add_part("images", "p", [{**r, "sha256": "other" if r["key"] == "other" else "same bytes"}
+                                           for r in rows if r["key"] != "a_big"])  # an ingest removed it
+    assert staged_keys(workspace) == {"b_mid", "other"}  # the next largest copy, not none of them
+    if left_out == "flagged":
+        assert staged_keys(workspace, drop_flagged=False) == {"a_big", "other"}

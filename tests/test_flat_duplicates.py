@@ -38,6 +38,18 @@ def drawing(seed: int) -> Image.Image:
     return image
 
 
+def sketch(seed: int) -> Image.Image:
+    """A few faint grey lines on white: a picture with content whose detail is below
+    curate.phash_min_detail (1 to 3), flat to the duplicates' rules."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (800, 800), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randrange(1, 6)):
+        draw.line([(rng.randrange(800), rng.randrange(800)), (rng.randrange(800), rng.randrange(800))],
+                  fill=(200, 200, 200), width=rng.randrange(2, 10))
+    return image
+
+
 def write_folder(folder) -> dict[str, str]:
     """The pictures, by name, with what each must be a duplicate of ("" = of nothing)."""
     folder.mkdir()
@@ -55,6 +67,15 @@ def write_folder(folder) -> dict[str, str]:
     detailed = drawing(seed=7)
     detailed.save(folder / "detailed.png")
     detailed.resize((128, 128)).save(folder / "detailed_small.png")
+    # its half-size JPEG has a pHash 2 bits away and the same colour: flat images paired only
+    # with the very same pHash, so that a pale picture and its resized copy were no duplicates;
+    # other sketches of that colour are 24 to 34 bits away
+    sketch(0).save(folder / "sketch.png")
+    sketch(0).resize((400, 400), Image.Resampling.LANCZOS).save(folder / "sketch_small.jpg", quality=90)
+    for seed in (1, 2, 4):
+        sketch(seed).save(folder / f"sketch_{seed}.png")
+        expect[f"sketch_{seed}"] = ""
+    expect |= {"sketch": "sketch_small", "sketch_small": "sketch"}
     expect |= {"flat_00": "flat_00_copy", "flat_00_copy": "flat_00", "blue": "blue_again",
                "blue_again": "blue", "detailed": "detailed_small", "detailed_small": "detailed"}
     return expect
@@ -77,8 +98,9 @@ def test_flat_images_pair_by_colour_identical_files_always(tmp_path):
     for name, row in dups.items():
         groups.setdefault(row["dup_group"], set()).add(name)
     assert sorted(map(sorted, groups.values())) == [["blue", "blue_again"], ["detailed", "detailed_small"],
-                                                    ["flat_00", "flat_00_copy"]]
+                                                    ["flat_00", "flat_00_copy"], ["sketch", "sketch_small"]]
     assert {name for name, partner in expect.items() if partner} == set(dups)
     assert dups["flat_00"]["reason"] == "identical"
     assert dups["blue"]["reason"] == "colour"
     assert dups["detailed_small"]["reason"] == "phash"
+    assert images["sketch"]["detail"] < 4 and dups["sketch_small"]["reason"] == "colour"
