@@ -143,6 +143,32 @@ def test_golden_person_clauses(vocab, persons, expected):
     assert alone == TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))
 
 
+@pytest.mark.parametrize("tags,n_persons,expected", [
+    # the count tags say one girl, two crops were tagged: no clause per person (it said "A girl.
+    # On the left, a girl with red hair; on the right, a girl with black hair.")
+    (["1girl", "red_hair", "black_hair"], 2, "as without persons"),
+    # no one at all: no person clauses (it said "A scene without people. On the left, a person; ...")
+    (["no_humans", "tree"], 2, "as without persons"),
+    # 6+girls is six or more: seven crops are seven girls (it said "Six girls." and seven clauses)
+    (["6+girls", "red_hair", "blue_hair", "green_hair", "black_hair", "white_hair", "pink_hair", "grey_hair"], 7,
+     None),
+])
+def test_person_clauses_never_contradict_the_head_count(vocab, tags, n_persons, expected):
+    """Each person's clause says "a girl": as many clauses as the count tags say people (6+: at
+    least six), or none, so that a caption never says how many twice, differently."""
+    hair = [t for t in tags if t.endswith("_hair")]
+    places = [("left", "top left"), ("left", "bottom left"), ("centre", "top left"), ("centre", "top right"),
+              ("right", "top right"), ("right", "bottom right"), ("right", "bottom left")]
+    persons = [person(p, q, hair[i:i + 1]) for i, (p, q) in enumerate(places[:n_persons])]
+    categories = pa.array([["general"] * len(tags)])
+    got = TemplateCaptions(vocab).english(pa.array([tags]), categories, pa.array([None], pa.int32()), [persons])
+    if expected is None:  # seven people share thirds and quadrants: no places; count the clauses
+        assert got[0].startswith("Seven girls. ") and got[0].lower().count("a girl with") == 7
+    else:
+        assert got == TemplateCaptions(vocab).english(pa.array([tags]), categories)
+        assert ";" not in got[0]  # no clause per person
+
+
 def test_person_places():
     from udfs.caption.template_caption import person_places
 
