@@ -227,3 +227,18 @@ def test_batched_template_edge_batches(vocab):
     assert nulls == [english_caption(["", "1girl"], ["general", "general"], vocab)]
     with pytest.raises(ValueError):
         captioner.english(pa.array([["1girl", "smile"]], strings), pa.array([["general"]], strings))
+
+
+def test_kaomoji_keep_their_underscores_in_the_template_and_the_tag_block(vocab):
+    """A kaomoji is written as trainers' texts write it (udfs/tag_spelling.spaced): "o_o", not
+    "o o"; ";_;", not "; ;". Other tags still read as words."""
+    from udfs.caption.caption_prompts import tag_block
+
+    tags, categories = ["1girl", "o_o", ";_;", "cat_ears", "_"], ["general"] * 5
+    caption = english_caption(tags, categories, vocab)
+    batch = TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))[0]
+    assert caption == batch
+    assert "o_o" in caption and ";_;" in caption and "cat ears" in caption
+    assert "o o" not in caption and "; ;" not in caption and "_." not in caption
+    block = tag_block(tags, categories)
+    assert "o_o" in block and ";_;" in block and "o o" not in block

@@ -47,8 +47,10 @@ class TagInfo:
 
 
 def words_of(tag: str) -> str:
-    """Tag to plain words: underscores become spaces."""
-    return tag.replace("_", " ").strip()
+    """Tag to plain words: underscores become spaces, but in kaomoji, written as trainers' texts
+    write them (udfs/tag_spelling.spaced: "o_o" and ";_;" read "o o" and "; ;"); "" for a tag
+    of underscores alone."""
+    return spaced(tag).strip() if tag.strip("_ ") else ""
 
 
 def name_of(tag: str) -> str:
