@@ -183,6 +183,17 @@ def test_a_trait_said_any_other_way_than_before_its_noun_is_left_and_stays_flagg
 
 
 @pytest.mark.parametrize(("caption", "stripped"), [
+    # "red hair" naming a ribbon's colour is no trait: the ribbon kept its colour ("a hair ribbon")
+    ("Eileen with short red hair and a red hair ribbon.", "Eileen with short hair and a red hair ribbon."),
+    ("Eileen wears orange hair clips.", "Eileen wears orange hair clips."),
+    # a cut right after an opening bracket leaves no space there (it left "Eileen ( hair) smiles.")
+    ("Eileen (red hair) smiles.", "Eileen (hair) smiles."),
+])
+def test_stripping_cuts_only_the_trait_and_leaves_tidy_text(lint, caption, stripped):
+    assert lint.strip(caption, ["red_hair", "blue_eyes", "orange_hair"]) == stripped
+
+
+@pytest.mark.parametrize(("caption", "stripped"), [
     ("A red-haired girl smiles.", "A girl smiles."),
     ("A blue-eyed, red-haired girl smiles.", "A girl smiles."),
     ("Red-haired Eileen and an auburn-haired elf.", "Eileen and an elf."),
