@@ -141,6 +141,19 @@ def test_quality_bands():
     assert above.tags(0.3) == ["accuracy_30"] and above.tags(0.8) == ["auto_good_caption", "accuracy_80"]
 
 
+def test_quality_bands_at_their_edges_and_steps_that_do_not_divide_100():
+    bands = QualityBands()
+    for low, name in QualityBands.bands:  # each band from its exact lowest accuracy up
+        assert bands.tags(low)[0] == name
+    assert bands.tags(0.9) == ["auto_best_caption", "accuracy_90"] and bands.tags(0.6) == ["auto_okay_caption",
+                                                                                            "accuracy_60"]
+    # steps of 3: 0, 3, ..., 96, 99; a perfect caption and a 0.99 one were accuracy_97, no step at all
+    threes = QualityBands(step=3)
+    assert threes.tags(0.98)[1] == "accuracy_96"
+    assert threes.tags(0.99)[1] == "accuracy_99" and threes.tags(1.0)[1] == "accuracy_99"
+    assert QualityBands(step=7).tags(1.0)[1] == "accuracy_98"
+
+
 def test_trait_lint_finds_and_cuts_multi_word_traits_only():
     from udfs.caption.caption_lint import TraitLint
 

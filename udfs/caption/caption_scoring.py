@@ -226,7 +226,9 @@ class QualityBands:
     def tags(self, accuracy: float) -> list[str]:
         out = [name for low, name in self.bands if accuracy >= low][:1]
         percent = int(np.floor(accuracy * 100 + 1e-6) // self.step * self.step)
-        percent = min(percent, 100 - self.step)
+        # the top step holds 1.0 (accuracy_100 would be a tag of perfect captions alone): the
+        # highest step under 100, which 100 - step is only for steps that divide 100 (3: 99, not 97)
+        percent = min(percent, 99 // self.step * self.step)
         if percent >= self.step:
             out.append(f"accuracy_{percent}")
         return out
