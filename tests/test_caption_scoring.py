@@ -312,6 +312,22 @@ def test_precision_counts_made_up_names_and_values_against_curated_tags(caption,
     assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=KNOWN) == pytest.approx(precision)
 
 
+@pytest.mark.parametrize("caption, precision", [
+    # non-ASCII punctuation ends a word as ASCII punctuation does: "hair…" and "hair—and" were one
+    # word each, and a made-up hair colour went unchecked (1.0)
+    ("Eileen has green hair…", 0.5),
+    ("Eileen has green hair—and a smile.", 0.5),
+    ("Eileen and “Sylvie” smile.", 0.5),
+    # a name with non-ASCII letters is a name: "Ryōko" was never found (the tag's words were "ry", "ko")
+    ("Eileen smiles beside Ryōko.", 0.5),
+    ("Eileen smiles beside Zoë Hart.", 0.5),
+    ("Eileen, with red hair, smiles at Ángel…", 2 / 3),
+])
+def test_precision_reads_captions_with_non_ascii_text_as_ascii_ones(caption, precision):
+    known = (*KNOWN, "ryōko_(ryō)", "zoë_hart", "ángel_(x)")
+    assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=known) == pytest.approx(precision)
+
+
 def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_threshold():
     """Curated tags deny a value only where they give another of its family; the tagger's evidence
     denies every value it neither kept nor scored over half its threshold (tagger_near)."""
