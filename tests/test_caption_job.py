@@ -160,6 +160,22 @@ def test_an_endpoint_url_without_its_scheme_is_refused_before_any_request(worksp
     assert workspace.done_units("caption") == {}
 
 
+@pytest.mark.parametrize("options", [
+    {"prompt": 'Answer as JSON: {"caption": "..."}\n{tag_block}'},  # literal braces: {{ and }}
+    {"prompt": "Tags: {tags}\nDraft: {draft}"},  # no such field
+    {"regions": True, "region_prompt": "The {region} part: {tag_block} {"},
+])
+def test_a_prompt_str_format_cannot_fill_is_refused_before_any_request(workspace, config, options):
+    """A prompt is filled with str.format ({tag_block}, {draft}, {region}): one it cannot fill
+    raised KeyError or ValueError in every captioner actor, the unit failed, with a traceback
+    that did not say which option."""
+    write_inputs(workspace)
+    options = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", **options}
+    with pytest.raises(ConfigError, match=r"caption\.(region_)?prompt.*\{\{"):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
+
+
 def test_a_tag_scored_near_its_threshold_is_not_part_of_a_units_id(workspace, config):
     """caption_inputs.tagger_near (the tags a caption may say without being wrong) comes from the
     tag_scores tagger_tags come from: it makes no new unit, nor did adding it (every VLM caption
