@@ -347,13 +347,17 @@ def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_thres
     ("A girl smiles at Amber.", 0.0),  # the name, written as one mid-sentence
     ("A girl with golden eyes and red hair.", 1.0),  # golden eyes are yellow ones, not blonde
     ("A girl with a white hair scrunchie and red hair.", 1.0),  # an accessory, not a hair colour
+    # the same for a name with non-ASCII letters, and after a curly quote
+    ("Ámbar light fills the room.", 1.0),
+    ("“Amber light fills the room,” she says.", 1.0),
+    ("A girl smiles at Ámbar.", 0.0),
 ])
 def test_words_that_only_look_like_claims_are_not_made_up(caption, precision):
     """From a review: one-word names ("amber_(genshin_impact)") matched any sentence's first word,
     "golden eyes" read as blonde ones, a white hair scrunchie as white hair: an honest caption
     scored 0 or 0.5, with the worst quality tag and a loop-back."""
     tags, cats = ["red_hair", "yellow_eyes", "1girl"], ["general"] * 3
-    known = ("amber_(genshin_impact)", "dawn_(pokemon)", "crystal_(pokemon)")
+    known = ("amber_(genshin_impact)", "dawn_(pokemon)", "crystal_(pokemon)", "ámbar_(x)")
     assert precision_of(caption, tags, cats, known=known) == pytest.approx(precision)
     assert precision_of(caption, tags, cats, closed=True, known=known) == pytest.approx(precision)
 

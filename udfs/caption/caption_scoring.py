@@ -661,7 +661,9 @@ class Claims:
 
 
 SENTENCE_END = r"[.!?;:]+[\s\"')\]]*"
-FIRST_WORD = r"^[^A-Za-z0-9]*(?P<word>[A-Za-z0-9][A-Za-z0-9'\-]*)"
+# letters and digits of any script: a name with non-ASCII letters ("Ámbar") is found (Claims._name_words),
+# and so must its word be when it only starts a sentence
+FIRST_WORD = r"^[^\pL\pN]*(?P<word>[\pL\pN][\pL\pN'\-]*)"
 
 
 def sentence_first_words(captions: list[str], scorer: CaptionScorer) -> np.ndarray:
