@@ -169,6 +169,21 @@ def test_person_clauses_never_contradict_the_head_count(vocab, tags, n_persons, 
         assert ";" not in got[0]  # no clause per person
 
 
+def test_a_person_with_nothing_to_say_and_no_place_gets_no_clause(vocab):
+    """A clause of "a person" alone (no name, no trait, no place to tell them apart) says nothing the
+    count does not: twelve of them were "12 people. A person; a person; ...; a person." (60 CLIP
+    tokens for nothing)."""
+    crowd = [person("centre", "top left", []) for _ in range(12)]
+    got = TemplateCaptions(vocab).english(pa.array([["smile"]]), pa.array([["general"]]),
+                                          pa.array([12], pa.int32()), [crowd])
+    assert got == ["12 people. They are smiling."]
+    three = [person("left", "top left", []), person("left", "top left", ["red_hair"]),
+             person("right", "top right", [])]
+    got = TemplateCaptions(vocab).english(pa.array([["3girls", "red_hair"]]), pa.array([["general"] * 2]),
+                                          pa.array([3], pa.int32()), [three])
+    assert got == ["Three girls. A girl with red hair."]
+
+
 def test_person_places():
     from udfs.caption.template_caption import person_places
 

@@ -232,11 +232,13 @@ def _persons_sentence(persons: list[Person], subject: Subject, by_group: dict[st
         who = Subject({noun or "person": 1}, names, series if len(names) == 1 else []).noun_phrase()
         features = _phrases(own, ("hair", "eyes"), vocab)
         clothes = _phrases(own, ("clothes",), vocab)
+        if not (person.where or names or features or clothes):
+            continue  # "a person" and nothing else: the count says as much
         clause = (person.where + ", " if person.where else "") + who
         clause += (" with " + join_and(features) if features else "") + (", wearing " + join_and(clothes)
                                                                           if clothes else "")
         clauses.append(clause)
-    return _capital("; ".join(clauses)) + "."
+    return _capital("; ".join(clauses)) + "." if clauses else ""
 
 
 def person_places(positions: list[str], quadrants: list[str]) -> list[str]:
