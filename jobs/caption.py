@@ -83,6 +83,22 @@ def check_options(opts: dict) -> None:
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
     check_quality_bands(opts["quality_bands"])
     check_urls(opts)
+    check_prompts(opts)
+
+
+def check_prompts(opts: dict) -> None:
+    """The VLM prompts are filled with str.format: a brace it cannot fill (JSON in the prompt, a
+    field of another name) raised KeyError or ValueError in every captioner actor, after the job
+    had started, in a traceback that did not name the option."""
+    if opts["backend"] == "template":
+        return  # no prompt is sent
+    fields = {"tag_block": "", "draft": "", "region": ""}
+    for name in ("prompt", "region_prompt") if opts["regions"] else ("prompt",):
+        try:
+            str(opts[name]).format(**fields)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"caption.{name} can use {{tag_block}}, {{draft}} and {{region}} and no other field; "
+                              f"write a literal brace twice ({{{{, }}}}): {type(exc).__name__} {exc}") from exc
 
 
 def check_urls(opts: dict) -> None:

@@ -94,6 +94,9 @@ select i.key,
        i.source,
        i.member,
        i.member_offset,
+       -- the member's size at ingest: a member of another size is a picture nobody ingested (the
+       -- shard or file was rewritten since), read as not found as export reads it
+       i.bytes,
        coalesce(t.tags, []::varchar[]) as tags,
        coalesce(t.categories, []::varchar[]) as categories,
        m.n_people,

@@ -4,14 +4,17 @@
 -- own_captions counts only where an image has some (the merge patch takes the null out): rows
 -- without keep the digest they had before the column was added, so an upgrade does not make
 -- every unit new (every VLM caption asked for again). member_offset (where the image is in its
--- shard) says nothing of the image: it is never in the digest. Nor is tagger_near (the tags the
+-- shard) says nothing of the image: it is never in the digest, nor is bytes (the member's size at
+-- ingest: it only lets a reader tell a rewritten member from the one ingested, and in the digest
+-- it would have made every unit new on the upgrade that added it). Nor is tagger_near (the tags the
 -- tagger scored near its thresholds): it comes from the tag_scores and thresholds tagger_tags
 -- come from, and in the digest it would have made every unit new on the upgrade that added it.
 -- tags_from_text counts only where true, for the same reason.
 select *,
        (row_number() over (order by key) - 1) // $unit_size as unit_index,
        md5(json_merge_patch(to_json(caption_inputs),
-                            '{"own_captions": null, "member_offset": null, "tagger_near": null, "tags_from_text": null}'
+                            '{"own_captions": null, "member_offset": null, "bytes": null, "tagger_near": null,
+                              "tags_from_text": null}'
                             )::varchar
            || coalesce(to_json(own_captions)::varchar, '')
            || case when tags_from_text then 'tags_from_text' else '' end) as row_digest

@@ -21,9 +21,11 @@ IMAGES = ["a/girl", "a/pair", "a/scene", "a/untagged", "b/from_source"]
 
 
 def write_inputs(ws, source: str = "nowhere.tar"):
+    sizes = member_sizes(source)  # images.bytes: the size ingest saw of each member of a real shard
     ws.add_part("images", "u", [
         {"key": k, "source": source, "member": k.split("/")[1] + ".png", "width": 64, "height": 64,
-         "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": "x", "phash": 0} for k in IMAGES])
+         "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": sizes.get(k.split("/")[1] + ".png", 1),
+         "sha256": "x", "phash": 0} for k in IMAGES])
     curated = {
         "a/girl": [("1girl", "general"), ("eileen_(ren'py)", "character"), ("ren'py", "copyright"),
                    ("red_hair", "general"), ("short_hair", "general"), ("blue_eyes", "general"),
@@ -44,6 +46,14 @@ def write_inputs(ws, source: str = "nowhere.tar"):
     ws.add_part("source_tags", "u", [
         {"key": "b/from_source", "tag": t, "category": "general", "origin": "txt", "position": i}
         for i, t in enumerate(["1boy", "green_hair", "jacket"])])
+
+
+def member_sizes(source: str) -> dict[str, int]:
+    """The size of each member of the shard `source` ({} when there is none)."""
+    if not Path(source).is_file():
+        return {}
+    with tarfile.open(source) as tar:
+        return {info.name: info.size for info in tar}
 
 
 def configure(config, **options):
@@ -95,11 +105,13 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
 
 def test_where_an_image_lies_in_its_shard_is_not_part_of_its_units_id(ray_local, workspace, config):
     """An ingest that records images.member_offset (or a shard whose members moved) changes no
-    caption unit: the captions are kept, not asked for again."""
+    caption unit: the captions are kept, not asked for again. Nor does images.bytes, which caption
+    reads only to tell a rewritten member from the one ingested."""
     write_inputs(workspace)
     caption.run(configure(config), workspace)
     images = workspace.read_table("images").to_pylist()
-    workspace.add_part("images", "u", [{**row, "member_offset": 1024 * i} for i, row in enumerate(images)])
+    workspace.add_part("images", "u", [{**row, "member_offset": 1024 * i, "bytes": 1000 + i}
+                                       for i, row in enumerate(images)])
     again = caption.run(configure(config), workspace)
     assert again.units_done == 0 and again.units_skipped == 3
 
@@ -144,6 +156,22 @@ def test_an_endpoint_url_without_its_scheme_is_refused_before_any_request(worksp
     each after max_retries backoffs (15 s with the defaults), and left every unit to the next run."""
     write_inputs(workspace)
     with pytest.raises(ConfigError, match=r"caption\.\w*(url|_url).*http://"):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
+
+
+@pytest.mark.parametrize("options", [
+    {"prompt": 'Answer as JSON: {"caption": "..."}\n{tag_block}'},  # literal braces: {{ and }}
+    {"prompt": "Tags: {tags}\nDraft: {draft}"},  # no such field
+    {"regions": True, "region_prompt": "The {region} part: {tag_block} {"},
+])
+def test_a_prompt_str_format_cannot_fill_is_refused_before_any_request(workspace, config, options):
+    """A prompt is filled with str.format ({tag_block}, {draft}, {region}): one it cannot fill
+    raised KeyError or ValueError in every captioner actor, the unit failed, with a traceback
+    that did not say which option."""
+    write_inputs(workspace)
+    options = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", **options}
+    with pytest.raises(ConfigError, match=r"caption\.(region_)?prompt.*\{\{"):
         caption.run(configure(config, **options), workspace)
     assert workspace.done_units("caption") == {}
 
@@ -325,3 +353,31 @@ def test_a_vlm_not_shown_the_image_writes_from_the_tags_and_is_not_scored(ray_lo
     rows = workspace.read_table("captions").to_pylist()
     assert sorted(r["key"] for r in rows) == ["a/girl", "a/pair", "a/scene", "b/from_source"]  # one attempt each
     assert all(r["accuracy"] is None and r["not_scored"] == "built_from_tags" and r["accepted"] for r in rows)
+
+
+def test_an_image_rewritten_since_ingest_is_not_captioned_under_the_old_ones_tags(ray_local, workspace, config,
+                                                                                  echo_server, tmp_path):
+    """A shard rewritten since ingest (the same member names, other pictures of other sizes) holds
+    pictures nobody ingested: a VLM shown them would caption a new picture under the old one's tags.
+    As export does (images.bytes), caption reads them as not found: an unreadable_image row saying
+    so, no request, no caption."""
+    shard = write_shard(tmp_path / "s.tar")
+    write_inputs(workspace, shard)
+    with tarfile.open(shard, "w") as tar:  # rewritten: a/girl.png is now another, larger picture
+        for key in IMAGES:
+            png = io.BytesIO()
+            side = 96 if key == "a/girl" else 64
+            Image.effect_noise((side, side), 60).convert("RGB").save(png, format="PNG") if key == "a/girl" \
+                else Image.new("RGB", (64, 64), (200, 60, 60)).save(png, format="PNG")
+            info = tarfile.TarInfo(key.split("/")[1] + ".png")
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+    assert member_sizes(shard)["girl.png"] != workspace.read_table("images").to_pylist()[0]["bytes"]
+    configure(config, backend="openai", base_url=echo_server, model="echo", api_key_env="", send_images=True,
+              prompt="{tag_block}\nDRAFT:{draft}", max_attempts=1, related_tags=False)
+    caption.run(config, workspace)
+    assert "a/girl" not in {r["key"] for r in workspace.read_table("captions").to_pylist()}
+    assert {"a/pair", "a/scene"} <= {r["key"] for r in workspace.read_table("captions").to_pylist()}
+    errors = [e for e in workspace.read_table("errors").to_pylist() if e["key"] == "a/girl"]
+    unreadable = [e for e in errors if e["kind"] == "unreadable_image"]
+    assert len(unreadable) == 1 and "size ingest saw" in unreadable[0]["message"]

@@ -141,6 +141,19 @@ def test_quality_bands():
     assert above.tags(0.3) == ["accuracy_30"] and above.tags(0.8) == ["auto_good_caption", "accuracy_80"]
 
 
+def test_quality_bands_at_their_edges_and_steps_that_do_not_divide_100():
+    bands = QualityBands()
+    for low, name in QualityBands.bands:  # each band from its exact lowest accuracy up
+        assert bands.tags(low)[0] == name
+    assert bands.tags(0.9) == ["auto_best_caption", "accuracy_90"] and bands.tags(0.6) == ["auto_okay_caption",
+                                                                                            "accuracy_60"]
+    # steps of 3: 0, 3, ..., 96, 99; a perfect caption and a 0.99 one were accuracy_97, no step at all
+    threes = QualityBands(step=3)
+    assert threes.tags(0.98)[1] == "accuracy_96"
+    assert threes.tags(0.99)[1] == "accuracy_99" and threes.tags(1.0)[1] == "accuracy_99"
+    assert QualityBands(step=7).tags(1.0)[1] == "accuracy_98"
+
+
 def test_trait_lint_finds_and_cuts_multi_word_traits_only():
     from udfs.caption.caption_lint import TraitLint
 
@@ -180,6 +193,17 @@ def test_a_trait_said_any_other_way_than_before_its_noun_is_left_and_stays_flagg
     traits = ["red_hair", "blue_eyes"]
     assert lint.strip(caption, traits) == caption
     assert lint.offending(caption, traits)
+
+
+@pytest.mark.parametrize(("caption", "stripped"), [
+    # "red hair" naming a ribbon's colour is no trait: the ribbon kept its colour ("a hair ribbon")
+    ("Eileen with short red hair and a red hair ribbon.", "Eileen with short hair and a red hair ribbon."),
+    ("Eileen wears orange hair clips.", "Eileen wears orange hair clips."),
+    # a cut right after an opening bracket leaves no space there (it left "Eileen ( hair) smiles.")
+    ("Eileen (red hair) smiles.", "Eileen (hair) smiles."),
+])
+def test_stripping_cuts_only_the_trait_and_leaves_tidy_text(lint, caption, stripped):
+    assert lint.strip(caption, ["red_hair", "blue_eyes", "orange_hair"]) == stripped
 
 
 @pytest.mark.parametrize(("caption", "stripped"), [
@@ -288,6 +312,22 @@ def test_precision_counts_made_up_names_and_values_against_curated_tags(caption,
     assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=KNOWN) == pytest.approx(precision)
 
 
+@pytest.mark.parametrize("caption, precision", [
+    # non-ASCII punctuation ends a word as ASCII punctuation does: "hair…" and "hair—and" were one
+    # word each, and a made-up hair colour went unchecked (1.0)
+    ("Eileen has green hair…", 0.5),
+    ("Eileen has green hair—and a smile.", 0.5),
+    ("Eileen and “Sylvie” smile.", 0.5),
+    # a name with non-ASCII letters is a name: "Ryōko" was never found (the tag's words were "ry", "ko")
+    ("Eileen smiles beside Ryōko.", 0.5),
+    ("Eileen smiles beside Zoë Hart.", 0.5),
+    ("Eileen, with red hair, smiles at Ángel…", 2 / 3),
+])
+def test_precision_reads_captions_with_non_ascii_text_as_ascii_ones(caption, precision):
+    known = (*KNOWN, "ryōko_(ryō)", "zoë_hart", "ángel_(x)")
+    assert precision_of(caption, *EILEEN, characters=["eileen_(ren'py)"], known=known) == pytest.approx(precision)
+
+
 def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_threshold():
     """Curated tags deny a value only where they give another of its family; the tagger's evidence
     denies every value it neither kept nor scored over half its threshold (tagger_near)."""
@@ -307,13 +347,17 @@ def test_precision_against_the_tagger_denies_what_it_scored_well_below_its_thres
     ("A girl smiles at Amber.", 0.0),  # the name, written as one mid-sentence
     ("A girl with golden eyes and red hair.", 1.0),  # golden eyes are yellow ones, not blonde
     ("A girl with a white hair scrunchie and red hair.", 1.0),  # an accessory, not a hair colour
+    # the same for a name with non-ASCII letters, and after a curly quote
+    ("Ámbar light fills the room.", 1.0),
+    ("“Amber light fills the room,” she says.", 1.0),
+    ("A girl smiles at Ámbar.", 0.0),
 ])
 def test_words_that_only_look_like_claims_are_not_made_up(caption, precision):
     """From a review: one-word names ("amber_(genshin_impact)") matched any sentence's first word,
     "golden eyes" read as blonde ones, a white hair scrunchie as white hair: an honest caption
     scored 0 or 0.5, with the worst quality tag and a loop-back."""
     tags, cats = ["red_hair", "yellow_eyes", "1girl"], ["general"] * 3
-    known = ("amber_(genshin_impact)", "dawn_(pokemon)", "crystal_(pokemon)")
+    known = ("amber_(genshin_impact)", "dawn_(pokemon)", "crystal_(pokemon)", "ámbar_(x)")
     assert precision_of(caption, tags, cats, known=known) == pytest.approx(precision)
     assert precision_of(caption, tags, cats, closed=True, known=known) == pytest.approx(precision)
 

@@ -43,9 +43,12 @@ def write_shard(path: Path) -> Path:
 
 def write_inputs(ws, shard: Path) -> None:
     keys = [f"k/{i}" for i in range(IMAGES)]
+    with tarfile.open(shard) as tar:  # images.bytes: the size ingest saw
+        sizes = {info.name: info.size for info in tar}
     ws.add_part("images", "u", [
         {"key": k, "source": str(shard), "member": f"{i}.png", "width": 64, "height": 48, "format": "PNG",
-         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": k, "phash": i} for i, k in enumerate(keys)])
+         "mode": "RGB", "n_frames": 1, "bytes": sizes.get(f"{i}.png", 1), "sha256": k, "phash": i}
+        for i, k in enumerate(keys)])
     ws.add_part("tags", "u", [
         {"key": k, "tag": t, "category": "general", "score": 1.0, "rank": r}
         for k in keys for r, t in enumerate(["1girl", "solo", "red_hair", "smile"])])
@@ -226,3 +229,23 @@ def test_a_server_failing_some_requests_ends_no_run_and_the_next_asks_only_those
         script.stop.set()
         server.shutdown()
         server.server_close()
+
+
+def test_the_stream_does_not_show_a_member_rewritten_since_ingest(shard, tmp_path):
+    """A request row whose member is not of the size ingest saw (images.bytes: the shard was
+    rewritten since) gets an unreadable_image error saying so, not the new picture in its messages."""
+    import pyarrow as pa
+
+    from jobs.config import load_config
+    from udfs.caption.caption_stream import REQUEST_SCHEMA, request_messages
+
+    with tarfile.open(shard) as tar:
+        sizes = {info.name: info.size for info in tar}
+    rows = [{"unit": "u", "stage": "a0", "key": key, "source": str(shard), "member": member, "member_offset": None,
+             "bytes": seen, "seed": 0, "text": "A girl.", "tags": ["1girl"], "categories": ["general"]}
+            for key, member, seen in (("k/0", "0.png", sizes["0.png"]), ("k/1", "1.png", sizes["1.png"] + 1))]
+    options = {**load_config(None, [])["caption"], "send_images": True, "region_overlap": 0.0}
+    out = request_messages(pa.Table.from_pylist(rows, REQUEST_SCHEMA), options).to_pylist()
+    assert out[0]["error"] == "" and "data:image/jpeg;base64," in out[0]["messages"]
+    assert out[1]["messages"] == "" and out[1]["error"].startswith("unreadable_image: ")
+    assert "size ingest saw" in out[1]["error"]

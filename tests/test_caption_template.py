@@ -143,6 +143,47 @@ def test_golden_person_clauses(vocab, persons, expected):
     assert alone == TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))
 
 
+@pytest.mark.parametrize("tags,n_persons,expected", [
+    # the count tags say one girl, two crops were tagged: no clause per person (it said "A girl.
+    # On the left, a girl with red hair; on the right, a girl with black hair.")
+    (["1girl", "red_hair", "black_hair"], 2, "as without persons"),
+    # no one at all: no person clauses (it said "A scene without people. On the left, a person; ...")
+    (["no_humans", "tree"], 2, "as without persons"),
+    # 6+girls is six or more: seven crops are seven girls (it said "Six girls." and seven clauses)
+    (["6+girls", "red_hair", "blue_hair", "green_hair", "black_hair", "white_hair", "pink_hair", "grey_hair"], 7,
+     None),
+])
+def test_person_clauses_never_contradict_the_head_count(vocab, tags, n_persons, expected):
+    """Each person's clause says "a girl": as many clauses as the count tags say people (6+: at
+    least six), or none, so that a caption never says how many twice, differently."""
+    hair = [t for t in tags if t.endswith("_hair")]
+    places = [("left", "top left"), ("left", "bottom left"), ("centre", "top left"), ("centre", "top right"),
+              ("right", "top right"), ("right", "bottom right"), ("right", "bottom left")]
+    persons = [person(p, q, hair[i:i + 1]) for i, (p, q) in enumerate(places[:n_persons])]
+    categories = pa.array([["general"] * len(tags)])
+    got = TemplateCaptions(vocab).english(pa.array([tags]), categories, pa.array([None], pa.int32()), [persons])
+    if expected is None:  # seven people share thirds and quadrants: no places; count the clauses
+        assert got[0].startswith("Seven girls. ") and got[0].lower().count("a girl with") == 7
+    else:
+        assert got == TemplateCaptions(vocab).english(pa.array([tags]), categories)
+        assert ";" not in got[0]  # no clause per person
+
+
+def test_a_person_with_nothing_to_say_and_no_place_gets_no_clause(vocab):
+    """A clause of "a person" alone (no name, no trait, no place to tell them apart) says nothing the
+    count does not: twelve of them were "12 people. A person; a person; ...; a person." (60 CLIP
+    tokens for nothing)."""
+    crowd = [person("centre", "top left", []) for _ in range(12)]
+    got = TemplateCaptions(vocab).english(pa.array([["smile"]]), pa.array([["general"]]),
+                                          pa.array([12], pa.int32()), [crowd])
+    assert got == ["12 people. They are smiling."]
+    three = [person("left", "top left", []), person("left", "top left", ["red_hair"]),
+             person("right", "top right", [])]
+    got = TemplateCaptions(vocab).english(pa.array([["3girls", "red_hair"]]), pa.array([["general"] * 2]),
+                                          pa.array([3], pa.int32()), [three])
+    assert got == ["Three girls. A girl with red hair."]
+
+
 def test_person_places():
     from udfs.caption.template_caption import person_places
 
@@ -201,3 +242,18 @@ def test_batched_template_edge_batches(vocab):
     assert nulls == [english_caption(["", "1girl"], ["general", "general"], vocab)]
     with pytest.raises(ValueError):
         captioner.english(pa.array([["1girl", "smile"]], strings), pa.array([["general"]], strings))
+
+
+def test_kaomoji_keep_their_underscores_in_the_template_and_the_tag_block(vocab):
+    """A kaomoji is written as trainers' texts write it (udfs/tag_spelling.spaced): "o_o", not
+    "o o"; ";_;", not "; ;". Other tags still read as words."""
+    from udfs.caption.caption_prompts import tag_block
+
+    tags, categories = ["1girl", "o_o", ";_;", "cat_ears", "_"], ["general"] * 5
+    caption = english_caption(tags, categories, vocab)
+    batch = TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))[0]
+    assert caption == batch
+    assert "o_o" in caption and ";_;" in caption and "cat ears" in caption
+    assert "o o" not in caption and "; ;" not in caption and "_." not in caption
+    block = tag_block(tags, categories)
+    assert "o_o" in block and ";_;" in block and "o o" not in block

@@ -200,6 +200,18 @@ def test_a_caption_without_spaces_is_cut_not_emptied():
     assert cut and text and one.startswith(text) and clip_tokens(text) <= 75 < clip_tokens(one[:len(text) + 1])
 
 
+@pytest.mark.parametrize("unit", ["🇯🇵", "👨\u200d👩\u200d👧", "e\u0301", "👍🏽"])
+def test_a_caption_cut_at_a_character_keeps_every_character_whole(unit):
+    """A cut at the longest start that fits falls between what a reader sees as characters (grapheme
+    clusters), not inside one: a flag was cut to half a flag (🇯), a family emoji to a couple, é (e and
+    a combining accent) to e, a thumb to one without its skin tone."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    text, cut = fit_caption(unit * 200, 75)
+    assert cut and text and clip_tokens(text) <= 75
+    assert text == unit * (len(text) // len(unit))
+
+
 def test_export_keeps_every_key_txt_within_the_clip_budget(tmp_path_factory, tmp_path, ray_local):
     import webdataset as wds
 

@@ -24,14 +24,16 @@ REGION_INDEX = {name: i for i, name in enumerate(REGIONS.values())}  # region_jp
 
 
 def request_urls(sources: list[str], members: list[str], regions: list[str], max_side: int,
-                 overlap: float, offsets: list[int | None] | None = None) -> list[str | None]:
+                 overlap: float, offsets: list[int | None] | None = None,
+                 sizes: list[int | None] | None = None) -> list[str | None]:
     """Data URLs of what each VLM request shows: its image (region "") or one of the image's 2x2
     regions ("top left", ...: the tagger's crop); None where the image cannot be read. Each
     member is read once and cut once, however many requests show it. offsets: images.member_offset
-    of each (where its shard header starts), for a seek instead of a walk through the shard."""
+    of each (where its shard header starts), for a seek instead of a walk through the shard.
+    sizes: images.bytes of each; a member of another size is not read (read_members)."""
     made: dict[tuple[str, str, bool], list[str] | None] = {}
     out: list[str | None] = []
-    read = read_members(sources, members, offsets)
+    read = read_members(sources, members, offsets, sizes)
     for source, member, region, data in zip(sources, members, regions, read, strict=True):
         whole = not region
         if (source, member, whole) not in made:
@@ -42,29 +44,41 @@ def request_urls(sources: list[str], members: list[str], regions: list[str], max
     return out
 
 
-def read_members(sources: list[str], members: list[str], offsets: list[int | None] | None = None
-                 ) -> list[bytes | None]:
+def read_members(sources: list[str], members: list[str], offsets: list[int | None] | None = None,
+                 sizes: list[int | None] | None = None) -> list[bytes | None]:
     """Raw bytes of each (source, member); None where it cannot be read. Each shard is opened
-    once; a local one is read with seeks to the members' offsets (udfs/source_members.py)."""
+    once; a local one is read with seeks to the members' offsets (udfs/source_members.py).
+    sizes: images.bytes of each (None: unknown). A member of another size is a picture nobody
+    ingested (its shard or file was rewritten since): None, as export has it, rather than a new
+    picture captioned under the old one's tags."""
     wanted: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     where: dict[str, dict[str, int | None]] = defaultdict(dict)
+    seen: dict[str, dict[str, int]] = defaultdict(dict)
     for i, (source, member) in enumerate(zip(sources, members, strict=True)):
         if source and member:
             wanted[source][member].append(i)
             where[source][member] = offsets[i] if offsets else None
+            if sizes and sizes[i] is not None:
+                seen[source][member] = int(sizes[i])
     out: list[bytes | None] = [None] * len(sources)
     for source, names in wanted.items():
-        for member, data in _read_source(source, where[source]):
+        for member, data in _read_source(source, where[source], seen[source]):
             for i in names[member]:
                 out[i] = data
     return out
 
 
-def _read_source(source: str, names: dict[str, int | None]) -> Iterator[tuple[str, bytes]]:
+def _read_source(source: str, names: dict[str, int | None], sizes: dict[str, int]) -> Iterator[tuple[str, bytes]]:
     try:
-        yield from source_members(source, names, None)
+        yield from source_members(source, names, None, sizes)
     except OSError:
         return  # an unreachable source: its images are reported unreadable
+
+
+def unreadable_message(row: dict) -> str:
+    """An unreadable_image row's message for an image request_urls could not read."""
+    return (f"cannot read {row.get('member')} from {row.get('source')}: missing, not an image, or not of the "
+            "size ingest saw (moved or rewritten since ingest?)")
 
 
 def shrink_jpeg(data: bytes, max_side: int, quality: int = 90) -> bytes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from udfs.caption.caption_scoring import WORD, CaptionScorer, WordForms, expresses, word_positions
+from udfs.caption.caption_scoring import NOT_THE_ATTRIBUTE, WORD, CaptionScorer, WordForms, expresses, word_positions
 
 VOWELS = "aeiou"
 ADVERBS = frozenset("very quite rather so too most more less".split())  # and words ending in -ly
@@ -57,8 +57,9 @@ class TraitLint:
             return caption
         words = caption_words(caption, self.scorer.forms)
         cuts: list[tuple[int, int]] = []
+        objects = frozenset(self.scorer.forms.norm(w) for w in NOT_THE_ATTRIBUTE)
         for trait in traits:
-            cuts += adjective_cuts(caption, words, self.trait_words(trait))
+            cuts += adjective_cuts(caption, words, self.trait_words(trait), objects)
         cuts = after_commas(caption, sorted(set(cuts)))
         return _tidy(cut_out(caption, cuts)) if cuts else caption
 
@@ -94,12 +95,14 @@ def caption_words(text: str, forms: WordForms) -> list[Word]:
     return words
 
 
-def adjective_cuts(text: str, words: list[Word], trait: tuple[str, ...]) -> list[tuple[int, int]]:
+def adjective_cuts(text: str, words: list[Word], trait: tuple[str, ...],
+                   objects: frozenset[str] = frozenset()) -> list[tuple[int, int]]:
     """The spans to cut for each place `trait` (its words, the noun last) is said as adjectives
     right before its noun ("red hair", "very long hair"; nothing but spaces between them): its
     adjectives, or the whole of a hyphenated word made of the trait alone ("red-haired") where a
     noun follows it. Left as they are: a trait partly inside a hyphenated word ("dark-red hair"),
-    after an adverb ("very red hair" is no "very hair")."""
+    after an adverb ("very red hair" is no "very hair"), and one whose noun names a thing of it
+    (`objects`, the scorer's NOT_THE_ATTRIBUTE: "a red hair ribbon" is a red ribbon, not red hair)."""
     n = len(trait)
     if n < 2:
         return []  # a one-word trait cannot be cut without rewriting the sentence
@@ -110,6 +113,8 @@ def adjective_cuts(text: str, words: list[Word], trait: tuple[str, ...]) -> list
                                                                                              strict=False)):
             continue
         if i >= n and _joined(text, words[i - n], run[0]) and _adverb(text[words[i - n].start:words[i - n].end]):
+            continue
+        if i + 1 < len(words) and words[i + 1].form in objects and _joined(text, run[-1], words[i + 1]):
             continue
         wholes = [[w for w in words if w.whole == r.whole] for r in run]
         if all(len(whole) == 1 for whole in wholes):  # words of their own: the adjectives go
@@ -179,5 +184,6 @@ def _fit_article(before: str, after: str) -> str:
 
 
 def _tidy(text: str) -> str:
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"\s+([,.;:!?)\]])", r"\1", text)
+    text = re.sub(r"([(\[])\s+", r"\1", text)  # "Eileen (red hair)" -> "Eileen (hair)", not "( hair)"
     return re.sub(r"\s{2,}", " ", text).strip()

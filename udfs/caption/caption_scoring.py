@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 SYNONYMS_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "synonyms.toml"
 WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
 WORD_INNER = "'-+"  # the characters WORD takes inside a word but never first
+NAME_RUN = re.compile(r"(?:[a-z0-9'\-+]|[^\x00-\x7f\W])+")  # a word of CaptionWords: non-ASCII letters in it
 STOP = frozenset("a an the at of on in with to and or from by for own".split())
 BEFORE, AFTER = 3, 2  # how far a tag's other words may stand from its head word
 MAX_CACHED_WORDS = 500_000  # distinct caption words a scorer remembers before it starts over
@@ -226,7 +227,9 @@ class QualityBands:
     def tags(self, accuracy: float) -> list[str]:
         out = [name for low, name in self.bands if accuracy >= low][:1]
         percent = int(np.floor(accuracy * 100 + 1e-6) // self.step * self.step)
-        percent = min(percent, 100 - self.step)
+        # the top step holds 1.0 (accuracy_100 would be a tag of perfect captions alone): the
+        # highest step under 100, which 100 - step is only for steps that divide 100 (3: 99, not 97)
+        percent = min(percent, 99 // self.step * self.step)
         if percent >= self.step:
             out.append(f"accuracy_{percent}")
         return out
@@ -440,6 +443,8 @@ class CaptionWords:
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
         original = pa.array(captions, pa.string()).fill_null("")
+        ascii = pc.string_is_ascii(original).to_numpy(zero_copy_only=False)
+        original = _non_ascii_punctuation_spaced(original, ascii)
         text = pc.utf8_lower(original)
         pieces = _word_runs(text)
         rows = pc.list_parent_indices(pieces).to_numpy()
@@ -458,7 +463,7 @@ class CaptionWords:
         cased = cased.filter(pa.array(keep)) if len(cased) == len(keep) else pa.array([""] * len(raw))
         capital = pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False)
         return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
-                   pc.string_is_ascii(original).to_numpy(zero_copy_only=False), capital.astype(bool))
+                   ascii, capital.astype(bool))
 
     def expressed(self, pairs: TagPairs) -> np.ndarray:
         """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
@@ -531,7 +536,7 @@ class Claims:
         self.not_attribute = np.array(sorted({scorer.word_id(norm(w)) for w in NOT_THE_ATTRIBUTE}), dtype=np.int64)
         # a name that is only colour words ("Red", "Blue" of Pokemon) is read as a colour: "Red hair ..."
         colours = {norm(v) for v in FAMILY_VALUES}
-        names = sorted({w for c in characters if (w := scorer.words_of_tag(c, "character")) and not set(w) <= colours})
+        names = sorted({w for c in characters if (w := self._name_words(c)) and not set(w) <= colours})
         self.name_index = {n: i for i, n in enumerate(names)}
         ids = [[scorer.word_id(w) for w in n] for n in names]
         self.name_words = np.fromiter((w for n in ids for w in n), dtype=np.int64)
@@ -614,6 +619,17 @@ class Claims:
         said = words.expressed(TagPairs(row=rows, tag=names, words=self.name_words, offsets=self.name_offsets))
         return rows[said], names[said]
 
+    def _name_words(self, tag: str) -> tuple[str, ...]:
+        """A character tag's name as CaptionWords reads a caption: a non-ASCII letter is part of
+        its word ("Ryōko" is one word), where WORD (tag_words) splits there ("ry", "ko")."""
+        words = self.scorer.words_of_tag(tag, "character")
+        if not words or tag.isascii():
+            return words
+        base = tag.split("_(")[0] if "_(" in tag and tag.endswith(")") else tag
+        norm = self.scorer.forms.norm
+        runs = (norm(run.lstrip(WORD_INNER)) for run in NAME_RUN.findall(base.replace("_", " ").lower()))
+        return tuple(w for w in runs if w and w not in STOP)
+
     def _facts_of(self, tags: pa.ListArray, categories: pa.ListArray | None, category: str = "general") -> TagFacts:
         """For each (row, tag) of the lists: the attribute value it is (-1: none), the family it
         says is mixed (-1), the name of the vocabulary it is (-1)."""
@@ -639,14 +655,15 @@ class Claims:
                 attr = at if at < len(self.attr_keys) and self.attr_keys[at] == _pair_key(*ids) else -1
             mixed = MIXED_TAGS.get(tag)
             family = self.scorer.word_id(self.scorer.forms.norm(mixed)) if mixed else -1
-            name = self.name_index.get(self.scorer.words_of_tag(tag, "character"), -1) \
-                if category == "character" else -1
+            name = self.name_index.get(self._name_words(tag), -1) if category == "character" else -1
             found = self._facts[key] = (attr, family, name)
         return found
 
 
 SENTENCE_END = r"[.!?;:]+[\s\"')\]]*"
-FIRST_WORD = r"^[^A-Za-z0-9]*(?P<word>[A-Za-z0-9][A-Za-z0-9'\-]*)"
+# letters and digits of any script: a name with non-ASCII letters ("Ámbar") is found (Claims._name_words),
+# and so must its word be when it only starts a sentence
+FIRST_WORD = r"^[^\pL\pN]*(?P<word>[\pL\pN][\pL\pN'\-]*)"
 
 
 def sentence_first_words(captions: list[str], scorer: CaptionScorer) -> np.ndarray:
@@ -705,6 +722,22 @@ def _word_runs(text: pa.Array, in_word: np.ndarray = IN_WORD) -> pa.ListArray:
     spaced = np.where(in_word[raw], raw, np.uint8(32)).astype(np.uint8)
     return pc.ascii_split_whitespace(pa.StringArray.from_buffers(len(text), offsets, pa.py_buffer(spaced),
                                                                  offset=text.offset))
+
+
+NON_ASCII_NON_WORD = re.compile(r"[^\x00-\x7f\w]")  # non-ASCII punctuation, symbols, spaces: "…", "—", "“"
+
+
+def _non_ascii_punctuation_spaced(captions: pa.Array, ascii: np.ndarray) -> pa.Array:
+    """The captions with each non-ASCII character that is no letter or digit as a space, so that
+    it ends a word as ASCII punctuation does (_word_runs takes every non-ASCII byte into its
+    word: "hair…" and "hair—and" were one word, and the claim "green hair" went unchecked).
+    Non-ASCII letters stay in their word ("Ryōko"): Claims reads the names so (_name_words)."""
+    if ascii.all():
+        return captions
+    texts = captions.to_pylist()
+    for i in np.flatnonzero(~ascii):
+        texts[i] = NON_ASCII_NON_WORD.sub(" ", texts[i])
+    return pa.array(texts, pa.string())
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

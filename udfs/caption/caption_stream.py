@@ -34,7 +34,7 @@ import ray
 
 from store.staging import read_unit_rows
 from store.workspace import Workspace
-from udfs.caption.caption_images import request_urls
+from udfs.caption.caption_images import request_urls, unreadable_message
 from udfs.caption.caption_prompts import caption_messages, prompt_for, rewrite_messages
 from udfs.caption.caption_unit import TRANSIENT_KINDS, Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
@@ -43,7 +43,7 @@ from udfs.caption.rewriter import must_keep
 STREAM = "state/caption-stream"
 REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key", pa.string()),
                             ("source", pa.string()), ("member", pa.string()), ("member_offset", pa.int64()),
-                            ("seed", pa.int64()),
+                            ("bytes", pa.int64()), ("seed", pa.int64()),
                             ("text", pa.string()), ("tags", pa.list_(pa.string())),
                             ("categories", pa.list_(pa.string()))])
 REPLY_SCHEMA = pa.schema([("stage", pa.string()), ("key", pa.string()), ("caption", pa.string()),
@@ -125,7 +125,8 @@ class ReplayCaptioner(UnitCaptioner):
         if missing:
             raise NeedReplies(name, [
                 {"unit": self.unit, "stage": stage, "key": row["key"], "source": row.get("source") or "",
-                 "member": row.get("member") or "", "member_offset": row.get("member_offset"), "seed": seed,
+                 "member": row.get("member") or "", "member_offset": row.get("member_offset"),
+                 "bytes": row.get("bytes"), "seed": seed,
                  "text": text, "tags": tags, "categories": cats}
                 for stage, row, (text, tags, cats, seed) in missing])
         out: list[str | Exception] = []
@@ -197,7 +198,8 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
     overlap = float(options["region_overlap"]) if any(regions) else 0.0  # annotate's, passed on by the job
     urls = dict(zip(shown, request_urls([rows[i]["source"] for i in shown], [rows[i]["member"] for i in shown],
                                         [regions[i] for i in shown], int(options["image_max_side"]), overlap,
-                                        [rows[i].get("member_offset") for i in shown]),
+                                        [rows[i].get("member_offset") for i in shown],
+                                        [rows[i].get("bytes") for i in shown]),
                     strict=True))
     messages, errors = [], []
     for i, r in enumerate(rows):
@@ -206,7 +208,7 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
             errors.append("")
         elif options["send_images"] and urls.get(i) is None:
             messages.append("")
-            errors.append(f"unreadable_image: cannot read {r['member']} from {r['source']}")
+            errors.append(f"unreadable_image: {unreadable_message(r)}")
         else:
             messages.append(json.dumps(caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
                                                         template=prompt_for(options, regions[i]), region=regions[i])))

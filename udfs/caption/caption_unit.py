@@ -292,7 +292,7 @@ class UnitCaptioner:
         if not self.opts["regions"] or "regions" not in table.column_names:
             return [], []
         # what a backend and the lint look at: where the image is, its rating (routing), its traits
-        images = table.select([c for c in ("key", "source", "member", "member_offset", "rating", "traits")
+        images = table.select([c for c in ("key", "source", "member", "member_offset", "bytes", "rating", "traits")
                                if c in table.column_names]).to_pylist()
         out, owners = [], []
         for image, regions in zip(images, table["regions"].to_pylist(), strict=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from udfs.caption.caption_images import request_urls
+from udfs.caption.caption_images import request_urls, unreadable_message
 from udfs.caption.caption_prompts import caption_messages, clean_reply, prompt_for
 from udfs.caption.caption_unit import Hint, UnitCaptioner
 from udfs.caption.openai_transport import ChatEndpoint, EndpointError
@@ -60,7 +60,7 @@ class OpenAICaptioner(UnitCaptioner):
         by_endpoint: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             if self.opts["send_images"] and urls[i] is None:
-                message = f"cannot read {row.get('member')} from {row.get('source')}"
+                message = unreadable_message(row)
                 results[i] = EndpointError("unreadable_image", message)
             else:
                 by_endpoint.setdefault(id(self.endpoint_for(row)), []).append(i)
@@ -80,4 +80,4 @@ class OpenAICaptioner(UnitCaptioner):
         overlap = float(self.opts["region_overlap"]) if regions else 0.0  # annotate's, passed on by the job
         return request_urls([r.get("source") or "" for r in rows], [r.get("member") or "" for r in rows],
                             regions or [""] * len(rows), int(self.opts["image_max_side"]), overlap,
-                            [r.get("member_offset") for r in rows])
+                            [r.get("member_offset") for r in rows], [r.get("bytes") for r in rows])

@@ -47,8 +47,10 @@ class TagInfo:
 
 
 def words_of(tag: str) -> str:
-    """Tag to plain words: underscores become spaces."""
-    return tag.replace("_", " ").strip()
+    """Tag to plain words: underscores become spaces, but in kaomoji, written as trainers' texts
+    write them (udfs/tag_spelling.spaced: "o_o" and ";_;" read "o o" and "; ;"); "" for a tag
+    of underscores alone."""
+    return spaced(tag).strip() if tag.strip("_ ") else ""
 
 
 def name_of(tag: str) -> str:
@@ -165,13 +167,15 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     """The English caption of one image from its classified tags (in rank order). With two or
     more `persons`, each gets a clause of their own name, traits and clothes by position, and the
     image-level sentences say the rest (the scene)."""
-    persons = persons if persons and len(persons) > 1 else []
+    persons = counted_persons(infos, persons)
     theirs = {i.tag for p in persons for i in p.infos if i.group in PERSON_GROUPS}
     by_group: dict[str, list[TagInfo]] = {}
     for info in infos:
         if not theirs or info.tag not in theirs or info.group not in PERSON_GROUPS:
             by_group.setdefault(info.group, []).append(info)
     subject = Subject.of(by_group, n_people if not persons else max(n_people or 0, len(persons)))
+    if persons and subject.people < len(persons):  # 6+girls: six or more, as many as were seen
+        subject = Subject({next(iter(subject.counts)): len(persons)}, subject.names, subject.series)
     merge = subject.people <= 1  # one person's "long_hair" and "red_hair" are one head of hair
     sentences = [subject.first_sentence(_phrases(by_group, ("hair", "eyes"), vocab, merge=merge),
                                         _phrases(by_group, ("clothes",), vocab, merge=merge))]
@@ -188,6 +192,21 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     if also:
         sentences.append("Other details: " + join_and(_dedupe(i.words for i in also)) + ".")
     return one_full_stop(" ".join(s for s in sentences if s))
+
+
+def counted_persons(infos: list[TagInfo], persons: list[Person] | None) -> list[Person]:
+    """The persons that get a clause each: two or more, and as many as the count tags say
+    (6+girls: six or more of one noun), or any number without count tags. Else none: "A girl. On
+    the left, a girl ...; on the right, a girl ..." said how many twice, differently (a poster
+    or a reflection the person detector took for someone)."""
+    if not persons or len(persons) < 2:
+        return []
+    counts = [i for i in infos if i.group == "count"]
+    if not counts:
+        return persons
+    said = sum(max(i.count, 0) for i in counts)
+    open_ended = len({i.noun for i in counts}) == 1 and any(i.tag.startswith("6+") for i in counts)
+    return persons if len(persons) == said or (open_ended and len(persons) > said) else []
 
 
 DOUBLE_FULL_STOP = re.compile(r"(?<!\.)\.\.(?!\.)")
@@ -213,11 +232,13 @@ def _persons_sentence(persons: list[Person], subject: Subject, by_group: dict[st
         who = Subject({noun or "person": 1}, names, series if len(names) == 1 else []).noun_phrase()
         features = _phrases(own, ("hair", "eyes"), vocab)
         clothes = _phrases(own, ("clothes",), vocab)
+        if not (person.where or names or features or clothes):
+            continue  # "a person" and nothing else: the count says as much
         clause = (person.where + ", " if person.where else "") + who
         clause += (" with " + join_and(features) if features else "") + (", wearing " + join_and(clothes)
                                                                           if clothes else "")
         clauses.append(clause)
-    return _capital("; ".join(clauses)) + "."
+    return _capital("; ".join(clauses)) + "." if clauses else ""
 
 
 def person_places(positions: list[str], quadrants: list[str]) -> list[str]:

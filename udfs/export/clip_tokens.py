@@ -16,6 +16,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+import regex  # \X, grapheme clusters (the tokenizers' own dependency)
+
 VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 49408 tokens = 2 x 256 bytes + these merges + 2 special
 # where a sentence ends: the space after . ! ? ;, and right after 。！？ (no space follows them)
@@ -66,7 +68,7 @@ def fit_tags(words: list[str], keep: int, budget: int, join) -> tuple[str, int]:
 def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     """`text` within `budget` CLIP tokens: its longest run of whole sentences that fits, else its
     longest run of whole words, else (a first word longer than the budget: Japanese or Chinese,
-    written without spaces) its longest start that fits; (text, whether it was cut). A caption
+    written without spaces) its longest start of whole characters that fits; (text, whether it was cut). A caption
     without spaces was cut to nothing, and its image left out of the folder layouts as one with
     no text."""
     if clip_tokens(text) <= budget:
@@ -83,8 +85,11 @@ def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     n = longest_fit(len(words), lambda k: " ".join(words[:k]), budget)
     if n:
         return " ".join(words[:n]), True
-    n = longest_fit(len(text), lambda k: text[:k].rstrip(), budget)
-    return text[:n].rstrip(), True
+    # at a character as a reader sees one (a grapheme cluster: a flag, an emoji of several, e and
+    # its combining accent), not at a code point inside one
+    chars = regex.findall(r"\X", text)
+    n = longest_fit(len(chars), lambda k: "".join(chars[:k]).rstrip(), budget)
+    return "".join(chars[:n]).rstrip(), True
 
 
 def longest_fit(size: int, prefix, budget: int) -> int:
