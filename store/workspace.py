@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import time
 import uuid
@@ -47,7 +48,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from store.part_ranges import PartKeyRanges
-from store.scratch import process_folder
+from store.scratch import process_folder, temporary_folder
 from store.uris import filesystem_of
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
@@ -688,7 +689,7 @@ class Workspace:
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
         # Written in a folder of its own, then copied: DuckDB opens a database file at `ws?x/...` as
         # `ws.wal?x/...` and at `ws\x/...` as `ws/x/...`, which failed every publish of such a workspace.
-        with tempfile.TemporaryDirectory(prefix="booruset-catalog-") as folder:
+        with temporary_folder("booruset-catalog-") as folder:
             # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
             # storage format both read.
             con = duckdb.connect(f"{folder}/catalog.duckdb",
