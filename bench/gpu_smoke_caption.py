@@ -2,8 +2,9 @@
 
     python bench/gpu_smoke_caption.py [--model fancyfeast/llama-joycaption-beta-one-hf-llava] [--workspace DIR]
 
-Needs CUDA, vllm, and the model (hub access or a local path). Where one is missing it says
-which and exits 0, so it can run anywhere.
+Needs CUDA and the model (hub access or a local path), and vLLM: this environment's where it has
+one (caption.vllm_environment = "node"), else the one Ray builds for the engines from PyPI
+("isolated", the default). Where CUDA is missing it says so and exits 0, so it can run anywhere.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import tempfile
 
 
 def missing() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install booruset[gpu])"
     import torch
 
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
+
+
+def engine_environment() -> str:
+    """ "node" where this Python has vLLM, else "isolated" (Ray installs it for the engines)."""
+    return "node" if importlib.util.find_spec("vllm") is not None else "isolated"
 
 
 def main() -> int:
@@ -39,7 +43,7 @@ def main() -> int:
 
     root = args.workspace or tempfile.mkdtemp(prefix="booruset-caption-smoke-")
     cfg = load_config(None, [f'workspace.path="{root}"', 'caption.backend="vllm"', f'caption.vllm_model="{args.model}"',
-                             "caption.max_attempts=2"])
+                             "caption.max_attempts=2", f'caption.vllm_environment="{engine_environment()}"'])
     ws = Workspace(root)
     ingest.run(cfg, ws).print()
     summary = caption.run(cfg, ws)

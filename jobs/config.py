@@ -270,7 +270,8 @@ NAMES = ("workspace.*", "annotate.*.repo", "annotate.*.file", "annotate.cascade_
          "caption.base_url", "caption.rewrite_base_url", "caption.prompt", "caption.region_prompt", "export.text",
          "export.tag_sort", "ingest.frames.format")
 # Words no job checks before it runs (annotate.device = "gpu" ran on the CPU without a word).
-WORDS = {"annotate.device": ("auto", "cuda", "cpu"), "caption.template_style": ("english", "asp")}
+WORDS = {"annotate.device": ("auto", "cuda", "cpu"), "caption.template_style": ("english", "asp"),
+         "caption.vllm_environment": ("isolated", "node")}
 
 
 def domain(option: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from jobs.config import load_config
+from jobs.config import ConfigError, load_config
 from udfs.caption.caption_prompts import caption_messages
 from udfs.caption.vllm_captioner import (
     PLACEHOLDER,
@@ -35,6 +35,22 @@ def test_processor_config_values(opts):
     kwargs = engine_kwargs(opts)
     assert kwargs["enable_prefix_caching"] is True and kwargs["limit_mm_per_prompt"] == {"image": 1}
     assert kwargs["max_model_len"] == 4096 and kwargs["tensor_parallel_size"] == 1
+
+
+def test_engines_get_an_environment_of_their_own_with_the_vllm_this_ray_pins(opts):
+    """The vLLM that ray[llm] pins needs numpy 2, which dghs-imgutils' numpy<2 keeps out of the
+    project's environment ([gpu] could not be installed): by default Ray builds the engines one."""
+    import ray
+
+    for rewrite in (False, True):
+        config = processor_config(opts, rewrite=rewrite)
+        assert config.runtime_env == {"pip": [f"ray[llm]=={ray.__version__}"]}
+    assert processor_config(dict(opts, vllm_environment="node")).runtime_env is None
+
+
+def test_the_engine_environment_is_one_of_two_words():
+    with pytest.raises(ConfigError, match="caption.vllm_environment"):
+        load_config(None, ['caption.vllm_environment="conda"'])
 
 
 def test_rewrite_processor_is_text_only_with_the_rewrite_model(opts):

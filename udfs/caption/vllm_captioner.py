@@ -50,7 +50,19 @@ def processor_config(opts: dict[str, Any], rewrite: bool = False):
         concurrency=int(opts["vllm_concurrency"]), batch_size=int(opts["vllm_batch_size"]),
         should_continue_on_error=True,  # a failed row becomes an errors row, not a failed job
         prepare_multimodal_stage={"enabled": not rewrite, "chat_template_content_format": "openai"},
-        chat_template_stage=True, tokenize_stage=True, detokenize_stage=True)
+        chat_template_stage=True, tokenize_stage=True, detokenize_stage=True,
+        runtime_env=engine_environment(str(opts["vllm_environment"])))
+
+
+def engine_environment(where: str) -> dict[str, Any] | None:
+    """The runtime_env of the engine stages (caption.vllm_environment): "isolated" installs the vLLM
+    that this Ray's ray.data.llm pins into a virtualenv of their own (the project's numpy<2 cannot
+    hold it); "node" leaves them the node's environment."""
+    if where == "node":
+        return None
+    import ray
+
+    return {"pip": [f"ray[llm]=={ray.__version__}"]}
 
 
 def sampling(row: dict[str, Any], max_tokens: int, temperature: float) -> tuple[list, dict]:
