@@ -310,7 +310,12 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
     images: Counter = Counter()  # per model, the images of the units it ran on (not every model runs on each)
     providers: dict[str, set] = defaultdict(set)
     nodes: dict[str, set] = defaultdict(set)
+    failed: Counter = Counter()  # per pipeline name: its model_failed rows, and the images it ran on
+    ran: Counter = Counter()
     for info in infos:
+        for name, counts in info.get("by_model", {}).items():
+            failed[name] += counts.get("error_kinds", {}).get("model_failed", 0)
+            ran[name] += info["images"] - info["dropped"]
         summary.rows_in += info["images"]
         summary.dropped += info["dropped"]
         summary.errors_by_kind.update(info["error_kinds"])
@@ -327,6 +332,9 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
         where = ", ".join(sorted(n[:12] for n in nodes[model] if n)) or "?"
         summary.notes.append(f"{model}: provider {', '.join(sorted(providers[model]))} on Ray node {where}; "
                              f"{rate:.1f} images/s of model time")
+    for name in sorted(n for n in failed if failed[n]):
+        summary.notes.append(f"{name}: failed on {failed[name]} of the {ran[name]} images it ran on (model_failed)")
+        summary.failed_share = max(summary.failed_share, failed[name] / ran[name])
 
 
 def part_pipeline_name(part: str, unit: str) -> str:

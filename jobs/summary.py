@@ -18,6 +18,9 @@ class JobSummary:
     units_done: int = 0
     units_skipped: int = 0
     dropped: int = 0  # inputs that produced no output row because of an error
+    # the largest share of its inputs one step failed on without dropping them (annotate: a model
+    # that failed on every image leaves them without its rows, which is no success either)
+    failed_share: float = 0.0
     # rows of the units this run worked on, where rows_in also counts the units done before: the
     # throughput's numerator (29 rows in 28.5 s said 1.0 rows/s where the run read 5); None: rows_in
     rows_run: int | None = None
@@ -28,7 +31,7 @@ class JobSummary:
 
     @property
     def error_rate(self) -> float:
-        return self.dropped / self.rows_in if self.rows_in else 0.0
+        return max(self.dropped / self.rows_in if self.rows_in else 0.0, self.failed_share)
 
     def render(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items()))

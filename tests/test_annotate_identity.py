@@ -216,6 +216,27 @@ def test_a_models_rate_is_over_the_images_it_ran_on():
     assert any(n.startswith("cascade: ") and n.endswith("10.0 images/s of model time") for n in summary.notes)
 
 
+def test_a_model_failing_on_most_images_fails_the_job():
+    """model_failed rows keep their images (the other models' rows stay), so they never counted
+    towards ray.max_error_rate: a tagger that failed on every image let `booruset run` go on to
+    export every image untagged, exit 0. Its share of failures now counts."""
+    from jobs.summary import JobSummary
+
+    def info(failed: int, dropped: int = 0) -> dict:
+        by_model = {"tagger": {"rows": {}, "error_kinds": {"model_failed": failed} if failed else {}},
+                    "face": {"rows": {"detections": 10}, "error_kinds": {}}}
+        return {"images": 10, "dropped": dropped, "error_kinds": {"model_failed": failed}, "rows": {},
+                "model_seconds": {}, "providers": {}, "nodes": {}, "by_model": by_model}
+
+    summary = JobSummary("annotate")
+    annotate._fill_summary(summary, [info(8, dropped=2), info(10)], {})
+    assert summary.error_rate == 1.0 and summary.dropped == 2
+    assert "tagger: failed on 18 of the 18 images it ran on (model_failed)" in summary.notes
+    healthy = JobSummary("annotate")
+    annotate._fill_summary(healthy, [info(1), info(0)], {})
+    assert healthy.error_rate == 0.05
+
+
 def test_the_person_crops_tie_the_person_detector_ccip_and_the_tagger():
     """Which models a changed identity runs again: the face model alone; the person detector
     with CCIP and the tagger (their crops are cut from its boxes); CCIP or the tagger with the
