@@ -102,3 +102,31 @@ def test_tags_that_look_the_same_are_one_tag():
 
     text = "cafe\u0301, caf\u00e9, smile\u200b, \u202esmile, 猫耳，笑顔"
     assert [t for t, _ in parse_sidecar("txt", text)[0]] == ["caf\u00e9", "caf\u00e9", "smile", "smile", "猫耳", "笑顔"]
+
+
+@pytest.mark.parametrize("text", [
+    # gelbooru, yande.re, konachan, safebooru via gallery-dl's `tags` option: space-joined strings
+    '{"category": "gelbooru", "tags": "1girl hatsune_miku smile vocaloid highres", "rating": "general", '
+    '"tags_character": "hatsune_miku", "tags_copyright": "vocaloid", "tags_general": "1girl smile", '
+    '"tags_metadata": "highres"}',
+    # sankaku, zerochan: lists
+    '{"tags": ["1girl", "Hatsune Miku", "smile", "vocaloid", "highres"], "tags_character": ["Hatsune Miku"], '
+    '"tags_copyright": ["vocaloid"], "tags_general": ["1girl", "smile"], "tags_meta": ["highres"]}',
+])
+def test_gallery_dl_tag_categories_name_the_characters(text):
+    """gallery-dl writes a booru post's tags as one `tags` field plus `tags_<category>` fields;
+    read as plain tags, every character was general, and the character first (as Danbooru
+    posts are read), so that a keep_tokens prefix holds it."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags, _, origin = parse_sidecar("json", text)
+    assert tags == [("hatsune_miku", "character"), ("vocaloid", "copyright"), ("1girl", "general"),
+                    ("smile", "general"), ("highres", "meta")]
+    assert origin == "json"
+
+
+def test_gallery_dl_category_fields_of_other_types_are_refused():
+    from udfs.ingest.sidecars import SidecarError, parse_sidecar
+
+    with pytest.raises(SidecarError, match="tags_character"):
+        parse_sidecar("json", '{"tags": "a b", "tags_character": 3}')

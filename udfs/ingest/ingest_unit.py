@@ -77,8 +77,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
 # second image under one key, or a member named as one that is not opened (a link), is a dropped
 # sample (but a clip's poster), and a name's own `\xNN` is
-# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
-READER_VERSION = 6
+# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost); 7: a
+# JSON sidecar's gallery-dl `tags_<category>` fields give its tags their categories
+READER_VERSION = 7
 
 
 def limits_digest(options: dict, **more: object) -> str:

@@ -220,8 +220,12 @@ def _parse_three_line(text: str) -> list[tuple[str, str]]:
     return tags
 
 
-# e621 / gallery-dl's categories of a "tags" object; any other name is a general tag
-JSON_TAG_CATEGORIES = {"character": "character", "copyright": "copyright", "artist": "artist", "meta": "meta"}
+# e621 / gallery-dl's categories of a "tags" object or of `tags_<category>` fields (gelbooru's
+# `metadata`); any other name is a general tag
+JSON_TAG_CATEGORIES = {"character": "character", "copyright": "copyright", "artist": "artist", "meta": "meta",
+                       "metadata": "meta"}
+# the order of a post's tags by category, as Danbooru posts are read (DANBOORU_FIELDS)
+CATEGORY_ORDER = {category: rank for rank, category in enumerate(DANBOORU_FIELDS.values())}
 
 
 def _json_tags(raw: object) -> list[tuple[str, str]]:
@@ -244,6 +248,36 @@ def _json_tags(raw: object) -> list[tuple[str, str]]:
     return tags
 
 
+def _gallery_dl_categories(post: dict) -> dict[str, str]:
+    """tag -> category from gallery-dl's `tags_<category>` fields, which it writes beside the
+    post's `tags` (its `tags` option): space-joined strings (gelbooru, moebooru) or lists
+    (sankaku, zerochan). A field of another type is refused where its name is a category."""
+    found: dict[str, str] = {}
+    for field, value in post.items():
+        name = str(field)[5:].lower()
+        if not str(field).startswith("tags_"):
+            continue
+        if isinstance(value, str):
+            value = value.split("," if "," in value else None)
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            if name in JSON_TAG_CATEGORIES or name == "general":
+                raise SidecarError("sidecar_json", f'"{field}" holds something other than tag strings')
+            continue
+        for tag in (t for item in value for t in split_tags(item, ",")):
+            found.setdefault(tag, JSON_TAG_CATEGORIES.get(name, "general"))
+    return found
+
+
+def _categorized(tags: list[tuple[str, str]], categories: dict[str, str]) -> list[tuple[str, str]]:
+    """`tags` with the categories gallery-dl's fields give them (and the tags only those fields
+    name), characters first as in a Danbooru post; `tags` as they were without such fields."""
+    if not categories:
+        return tags
+    listed = {t for t, _ in tags}
+    named = [(t, categories.get(t, c)) for t, c in tags] + [(t, c) for t, c in categories.items() if t not in listed]
+    return sorted(named, key=lambda tag: CATEGORY_ORDER.get(tag[1], len(CATEGORY_ORDER)))
+
+
 def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     try:
         post = json.loads(text)
@@ -261,7 +295,7 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
             tags.append((rating, "rating"))
         origin = "danbooru_json"
     else:
-        tags, origin = _json_tags(post.get("tags")), "json"
+        tags, origin = _categorized(_json_tags(post.get("tags")), _gallery_dl_categories(post)), "json"
     for kind in ("caption", "prompt"):
         if isinstance(post.get(kind), str) and post[kind].strip():
             texts.append(("caption" if kind == "caption" else "sd_prompt", post[kind].strip()))
