@@ -157,7 +157,7 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                # picture or a link named as one now counts as dropped: accounting only, and a
                # unit read again is annotated again, so those are not read again for it.)
                6: {"duplicate_member": None},
-               7: {}}  # categories from gallery-dl's tags_<category> fields: no unit is read again for them
+               7: {}, 8: {}}  # sidecars read better (gallery-dl's categories, cut UTF-8): none read again for them
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

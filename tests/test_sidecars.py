@@ -130,3 +130,44 @@ def test_gallery_dl_category_fields_of_other_types_are_refused():
 
     with pytest.raises(SidecarError, match="tags_character"):
         parse_sidecar("json", '{"tags": "a b", "tags_character": 3}')
+
+
+@pytest.mark.parametrize("text", ["1girl, 長い髪, 笑顔, 猫耳", "初音ミク, ツインテール", "café, naïve, 長"])
+@pytest.mark.parametrize("cut", [1, 2])
+def test_utf8_cut_inside_its_last_character_stays_utf8(text, cut):
+    """A sidecar written with a byte limit, or copied short, ends inside a character: it was
+    guessed as a legacy code page, every tag of it garbled (`й•·гЃ„й«Є` for `長い髪`, read as cp1251)."""
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    data = text.encode()
+    assert decode_text(data[:-cut]) == (text[:-1], CUT_UTF8)
+
+
+@pytest.mark.parametrize("data", ["café".encode("cp1252"), "naïve".encode("cp1252"), "東".encode("cp932")])
+def test_a_legacy_text_ending_in_a_high_byte_is_not_taken_for_cut_utf8(data):
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    assert decode_text(data)[1] != CUT_UTF8
+
+
+def test_a_cut_utf8_sidecar_keeps_its_tags_and_says_what_was_cut():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hostile_data import encode, picture
+
+    from jobs.config import load_config
+    from jobs.ingest import unit_options
+    from udfs.ingest.ingest_unit import UnitRows
+    from udfs.ingest.sources import Sample, Unit
+
+    text = "1girl, 長い髪, 笑顔".encode()[:-1]
+    sample = Sample("a", {"png": encode(picture(), "PNG"), "txt": text}, {"png": "a.png", "txt": "a.txt"})
+    rows = UnitRows(Unit("tar", "s.tar", "s"), frame_store=None)
+    rows.add(sample, unit_options(load_config(None, [])))
+    assert [(r["tag"], r["category"]) for r in rows.tables["source_tags"]] == [
+        ("1girl", "general"), ("長い髪", "general"), ("笑", "general")]
+    [error] = rows.tables["errors"]
+    assert (error["kind"], error["dropped"]) == ("bad_characters", False)
+    assert "cut inside its last character" in error["message"]

@@ -25,6 +25,7 @@ from udfs.ingest.frame_selection import FrameRules
 from udfs.ingest.frame_store import FrameStore
 from udfs.ingest.probe import ProbeError, probe_image
 from udfs.ingest.sidecars import (
+    CUT_UTF8,
     SidecarError,
     cleaned_tags,
     decode_text,
@@ -78,8 +79,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # second image under one key, or a member named as one that is not opened (a link), is a dropped
 # sample (but a clip's poster), and a name's own `\xNN` is
 # written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost); 7: a
-# JSON sidecar's gallery-dl `tags_<category>` fields give its tags their categories
-READER_VERSION = 7
+# JSON sidecar's gallery-dl `tags_<category>` fields give its tags their categories; 8: UTF-8 cut
+# inside its last character is UTF-8 (it was guessed as a legacy code page, its tags garbled)
+READER_VERSION = 8
 
 
 def limits_digest(options: dict, **more: object) -> str:
@@ -334,7 +336,10 @@ class UnitRows:
             return
         try:
             text, guessed = decode_text(data)
-            if guessed:
+            if guessed == CUT_UTF8:
+                self.error(key, member, "bad_characters", "UTF-8 cut inside its last character: that character "
+                           "left out", dropped=False)
+            elif guessed:
                 self.error(key, member, "sidecar_encoding_guessed", f"not UTF-8; read as {guessed}", dropped=False)
             text, controls = without_controls(text)
             if controls:

@@ -51,11 +51,14 @@ SIDECAR_ENCODINGS = [*PREFERRED_ENCODINGS, "latin_1", "shift_jis", "euc_jp", "eu
 def decode_text(data: bytes) -> tuple[str, str | None]:
     """(text, None) for UTF-8 (with or without BOM); else (text, the encoding guessed). NUL
     bytes are valid UTF-8: UTF-16 without a BOM (a NUL every other byte for Latin text) would
-    pass as UTF-8 with NULs, so a text of more than 30% NULs is read as UTF-16 or guessed."""
+    pass as UTF-8 with NULs, so a text of more than 30% NULs is read as UTF-16 or guessed. UTF-8
+    that ends inside a character is UTF-8 without it: (text, CUT_UTF8)."""
     try:
         utf8: str | None = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
         utf8 = None
+        if cut := _cut_utf8(data, exc):
+            return cut, CUT_UTF8
     if utf8 is not None and utf8.count("\x00") <= 0.3 * len(data):
         return utf8, None  # stray NULs: removed by the caller (without_controls), and reported
     if wide := utf16_text(data):
@@ -74,6 +77,21 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
     readings = [(min(rank.get(e, len(rank)) for e in m.could_be_from_charset), m) for m in matches if m.chaos == least]
     place, chosen = min(readings, key=lambda reading: reading[0])
     return str(chosen), PREFERRED_ENCODINGS[place] if place < len(rank) else chosen.encoding
+
+
+# decode_text's "encoding" of UTF-8 that ends inside a character (written with a byte limit,
+# copied short): read as UTF-8 without that character, not guessed as a legacy code page
+CUT_UTF8 = "utf-8 cut inside its last character"
+
+
+def _cut_utf8(data: bytes, error: UnicodeDecodeError) -> str | None:
+    """The text of UTF-8 whose only fault is a last character cut short, without it: its bytes
+    before are UTF-8 holding at least one character beyond ASCII (a legacy text with its only
+    high byte last, cp1252 `caf\xe9`, has none), and the bytes cut hold no NUL (UTF-16)."""
+    if error.reason != "unexpected end of data" or b"\x00" in data:
+        return None
+    before = data[: error.start]
+    return before.decode("utf-8-sig") if max(before, default=0) >= 0x80 else None
 
 
 def utf16_text(data: bytes, loose: bool = False) -> tuple[str, str] | None:
