@@ -157,7 +157,8 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                # picture or a link named as one now counts as dropped: accounting only, and a
                # unit read again is annotated again, so those are not read again for it.)
                6: {"duplicate_member": None},
-               7: {}, 8: {}}  # sidecars read better (gallery-dl's categories, cut UTF-8): none read again for them
+               # sidecars read better (gallery-dl's categories, cut UTF-8, code pages): none read again for them
+               7: {}, 8: {}, 9: {}}
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

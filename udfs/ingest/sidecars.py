@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections import Counter
 
 from charset_normalizer import from_bytes
 
@@ -70,13 +71,82 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
         if wide := utf16_text(data, loose=True):
             return wide
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
-    least = min(m.chaos for m in matches)
-    # a match stands for every code page that reads the bytes the same (could_be_from_charset):
-    # among the best fits, the one whose reading a preferred code page shares, named after it
+    return best_reading(data, matches)
+
+
+def best_reading(data: bytes, matches: list) -> tuple[str, str]:
+    """(text, code page) of the legacy code page that reads `data` best: the fewest characters
+    a tag file is unlikely to hold (implausible_characters), then charset_normalizer's chaos (of
+    the match that stands for it; one it left out counts as chaos 1), then the preferred code
+    pages. Its chaos alone read short kanji tag lists in Shift-JIS as Korean or Cyrillic
+    (`1girl, 東方, 博麗霊夢, solo` as `1girl, 뱦뺴, 뵊쀭쀬뼯, solo`), a Big5 one as Central European."""
     rank = {name: i for i, name in enumerate(PREFERRED_ENCODINGS)}
-    readings = [(min(rank.get(e, len(rank)) for e in m.could_be_from_charset), m) for m in matches if m.chaos == least]
-    place, chosen = min(readings, key=lambda reading: reading[0])
-    return str(chosen), PREFERRED_ENCODINGS[place] if place < len(rank) else chosen.encoding
+    readings = []
+    for encoding in SIDECAR_ENCODINGS:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        chaos = min((m.chaos for m in matches if encoding in m.could_be_from_charset), default=1.0)
+        readings.append((implausible_characters(text, encoding), chaos, rank.get(encoding, len(rank)), encoding, text))
+    *_, encoding, text = min(readings)
+    return text, encoding
+
+
+# The common planes of the multi-byte code pages, as (lead, trail) byte ranges: symbols, kana
+# and the first level of Han characters (JIS X 0208, GB 2312, Big5), or the Hangul of KS X 1001.
+# Another code page's text read as one of these falls mostly outside them (a GBK or UHC
+# extension, a second-level kanji, a Hanja), as a CJK text read as a single-byte code page
+# gives punctuation inside words.
+COMMON_PLANES = {
+    "cp932": ((0x81, 0x84, 0x40, 0xFC), (0x88, 0x98, 0x40, 0xFC)),
+    "shift_jis": ((0x81, 0x84, 0x40, 0xFC), (0x88, 0x98, 0x40, 0xFC)),
+    "euc_jp": ((0xA1, 0xA5, 0xA1, 0xFE), (0xB0, 0xCF, 0xA1, 0xFE)),
+    "gb18030": ((0xA1, 0xA9, 0xA1, 0xFE), (0xB0, 0xD7, 0xA1, 0xFE)),
+    "big5": ((0xA1, 0xA3, 0x40, 0xFE), (0xA4, 0xC6, 0x40, 0xFE)),
+    "cp949": ((0xA1, 0xAC, 0xA1, 0xFE), (0xB0, 0xC8, 0xA1, 0xFE)),
+    "euc_kr": ((0xA1, 0xAC, 0xA1, 0xFE), (0xB0, 0xC8, 0xA1, 0xFE)),
+}
+TYPOGRAPHY = frozenset("’‘“”–—…·•、。・「」『』（）！？～　，：；【】《》")
+# how much of a reading is judged: enough to tell, and a 1 MB sidecar judged in milliseconds
+JUDGED_CHARACTERS = 4096
+
+
+def implausible_characters(text: str, encoding: str) -> int:
+    """How many characters of `text` (read as `encoding`) a tag file is unlikely to hold: beyond
+    ASCII, neither a letter nor common typography; half-width katakana; letters outside the
+    text's main script; for a multi-byte code page, a character outside its common planes; for
+    a single-byte one, punctuation between two letters (an apostrophe aside) or a letter of
+    another script next to an ASCII letter."""
+    text = text[:JUDGED_CHARACTERS]
+    planes = COMMON_PLANES.get(encoding)
+    scripts: Counter[str] = Counter()
+    odd = 0
+    for i, char in enumerate(text):
+        if char < "\x80" or (char in TYPOGRAPHY and (planes or not _between_letters(text, i) or char == "’")):
+            continue
+        if not char.isalpha() or "\uff61" <= char <= "\uff9f":
+            odd += 1
+            continue
+        script = _script(char)
+        scripts[script] += 1
+        if planes:
+            code = char.encode(encoding)
+            odd += len(code) == 2 and not any(lo <= code[0] <= hi and t_lo <= code[1] <= t_hi
+                                               for lo, hi, t_lo, t_hi in planes)
+        elif script != "LATIN" and any(n < "\x80" and n.isalpha() for n in text[max(i - 1, 0):i + 2]):
+            odd += 1
+    return odd + sum(scripts.values()) - max(scripts.values(), default=0)
+
+
+def _between_letters(text: str, i: int) -> bool:
+    return 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
+
+
+def _script(char: str) -> str:
+    """The script of a letter, from its Unicode name: Han and kana are one (Japanese writes both)."""
+    script = unicodedata.name(char, "OTHER").split()[0]
+    return "CJK" if script.startswith(("HIRAGANA", "KATAKANA", "IDEOGRAPHIC")) else script
 
 
 # decode_text's "encoding" of UTF-8 that ends inside a character (written with a byte limit,
