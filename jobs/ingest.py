@@ -157,8 +157,9 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                # picture or a link named as one now counts as dropped: accounting only, and a
                # unit read again is annotated again, so those are not read again for it.)
                6: {"duplicate_member": None},
-               # sidecars read better (gallery-dl's categories, cut UTF-8, code pages): none read again for them
-               7: {}, 8: {}, 9: {}}
+               # sidecars read better (gallery-dl's categories, cut UTF-8, code pages, hydrus's namespaces):
+               # no unit is read again for them
+               7: {}, 8: {}, 9: {}, 10: {}}
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

@@ -195,3 +195,14 @@ def test_a_long_legacy_sidecar_is_judged_quickly_and_right():
     started = time.perf_counter()
     assert decode_text(data)[1] == "cp932"
     assert time.perf_counter() - started < 5
+
+
+def test_hydrus_namespaces_in_a_txt_name_the_artist_and_copyright():
+    """A hydrus tag export (`Image_1.jpg.txt`, a tag a line) writes the artist as `creator:` and
+    the work as `series:` (or `studio:`): those were tags `creator:splashbrush`, in every caption."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    text = "character:samus aran\ncreator:splashbrush\nseries:metroid\nstudio:nintendo\nblue eyes\n"
+    assert parse_sidecar("txt", text)[0] == [("samus_aran", "character"), ("splashbrush", "artist"),
+                                             ("metroid", "copyright"), ("nintendo", "copyright"),
+                                             ("blue_eyes", "general")]

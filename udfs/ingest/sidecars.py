@@ -254,8 +254,10 @@ def _parts(text: str, sep: str) -> list[str]:
 
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
 # words count, so Danbooru tags with a colon (`re:zero_kara...`, `:d`) stay tags.
-# A prefix with nothing after it (`character:`) names no tag and is dropped.
-CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:\s*(.*)$", re.I)
+# A prefix with nothing after it (`character:`) names no tag and is dropped. Hydrus's namespaces
+# for the artist and the work (its tag exports: a tag a line) are these categories too.
+CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general|creator|series|studio)\s*:\s*(.*)$", re.I)
+HYDRUS_NAMESPACES = {"creator": "artist", "series": "copyright", "studio": "copyright"}
 
 
 def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
@@ -264,6 +266,7 @@ def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
     for part in _parts(text, sep):
         match = CATEGORY_PREFIX.match(part)
         category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
+        category = HYDRUS_NAMESPACES.get(category, category)
         if tag := normalize_tag(raw):
             tags.append((tag, category))
     return tags
