@@ -82,8 +82,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # JSON sidecar's gallery-dl `tags_<category>` fields give its tags their categories; 8: UTF-8 cut
 # inside its last character is UTF-8 (it was guessed as a legacy code page, its tags garbled); 9:
 # a legacy code page is the one whose reading holds the fewest unlikely characters; 10: hydrus's
-# `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories
-READER_VERSION = 10
+# `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories; 11: the files
+# an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples
+READER_VERSION = 11
 
 
 def limits_digest(options: dict, **more: object) -> str:
