@@ -160,7 +160,8 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                # sidecars read better (gallery-dl's categories, cut UTF-8, code pages, hydrus's namespaces):
                # no unit is read again for them
                7: {}, 8: {}, 9: {}, 10: {},
-               11: {}}  # OS files (._NAME, .DS_Store) no samples: accounting only, as for 6
+               11: {},  # OS files (._NAME, .DS_Store) no samples: accounting only, as for 6
+               12: {}}  # a zero-byte video's row says empty_file: its kind only
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

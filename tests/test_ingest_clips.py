@@ -136,6 +136,18 @@ def test_frame_bounds(tmp_path):
     assert huge.clip["frames_seen"] == 0  # refused before decoding
 
 
+def test_a_zero_byte_video_says_so(tmp_path):
+    """It was a corrupt_clip "no container FFmpeg can read: Invalid data found when processing
+    input", as a video of random bytes is; an image of no bytes is an empty_file."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    on_disk = select(tmp_path, empty)
+    in_memory = ingest_clip("in/clip", b"", False, FrameRules(), 10**9, FrameStore(Workspace(str(tmp_path / "w")), "u"))
+    for result in (on_disk, in_memory):
+        assert result.problems == [("empty_file", "zero-byte video")] and result.frames == []
+        assert result.clip["frames_seen"] == 0
+
+
 def damaged(clip: Path, at: float, offset: int, value: bytes, name: str) -> Path:
     """`clip` with `value` written `offset` bytes into the first key frame packet at or after `at`
     seconds (in an MKV a packet starts with its block header: track, time, flags, 4 bytes; then

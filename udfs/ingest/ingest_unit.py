@@ -83,8 +83,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # inside its last character is UTF-8 (it was guessed as a legacy code page, its tags garbled); 9:
 # a legacy code page is the one whose reading holds the fewest unlikely characters; 10: hydrus's
 # `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories; 11: the files
-# an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples
-READER_VERSION = 11
+# an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples;
+# 12: a zero-byte video is an empty_file (it was a corrupt_clip)
+READER_VERSION = 12
 
 
 def limits_digest(options: dict, **more: object) -> str:
