@@ -368,6 +368,18 @@ def test_uri_and_brace_inputs(tmp_path):
     assert summary.rows_out["images"] == 3
 
 
+def test_an_input_whose_name_has_glob_or_brace_characters_is_itself(tmp_path):
+    """A folder named `[2023] art` (a downloader's date prefix) or `art {a,b}` was "input not
+    found": its name was read as a pattern, which it does not match. A path that is there is itself."""
+    from udfs.ingest.sources import resolve_inputs
+
+    for name in ("[2023] art", "art {a,b}", "set [v2].tar"):
+        (tmp_path / name).mkdir()
+        assert resolve_inputs([str(tmp_path / name)]) == [str(tmp_path / name)]
+    assert resolve_inputs([f"{tmp_path}/art {{a,b}}", f"{tmp_path}/*]*"]) == [
+        str(tmp_path / "art {a,b}"), str(tmp_path / "[2023] art"), str(tmp_path / "set [v2].tar")]
+
+
 def a_folder_of_images(folder: Path) -> Path:
     """Loose images with sidecars, in a subfolder too, one name with a space and one with two dots."""
     (folder / "sub").mkdir(parents=True)

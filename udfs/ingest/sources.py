@@ -158,7 +158,8 @@ def os_file(name: str) -> tuple[str, str] | None:
 
 # ---- discovering units --------------------------------------------------------------------
 def resolve_inputs(specs: list[str]) -> list[str]:
-    """The concrete inputs of the specs (globs and braces expanded): absolute paths or URIs."""
+    """The concrete inputs of the specs (globs and braces expanded, unless a spec names a path
+    that is there): absolute paths or URIs."""
     paths: list[str] = []
     for spec in specs:
         if "://" in spec:
@@ -166,6 +167,9 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(f"input not found: {spec}")
             paths.append(spec)
+            continue
+        if os.path.exists(spec):  # `[2023] art`, `art {a,b}`: a name that is there is no pattern
+            paths.append(str(Path(spec).resolve()))
             continue
         found = [p for part in braceexpand(spec) for p in sorted(globlib.glob(part))]
         if not found or not all(os.path.exists(p) for p in found):
