@@ -206,3 +206,29 @@ def test_hydrus_namespaces_in_a_txt_name_the_artist_and_copyright():
     assert parse_sidecar("txt", text)[0] == [("samus_aran", "character"), ("splashbrush", "artist"),
                                              ("metroid", "copyright"), ("nintendo", "copyright"),
                                              ("blue_eyes", "general")]
+
+
+def test_a_danbooru_post_with_only_its_whole_tag_string_gives_its_tags():
+    """A post fetched with `only=...,tag_string` has no per-category fields: its tags were lost."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags, _, origin = parse_sidecar("json", '{"id": 1, "tag_string": "1girl solo hatsune_miku", "rating": "g"}')
+    assert tags == [("1girl", "general"), ("solo", "general"), ("hatsune_miku", "general"), ("general", "rating")]
+    assert origin == "danbooru_json"
+
+
+@pytest.mark.parametrize("text", ['{"content": "new art!", "hashtags": ["miku"]}', '{}'])
+def test_a_json_sidecar_with_no_field_read_says_so(text):
+    """A JSON of another shape (a gallery-dl twitter post) gave no tag and no errors row: its tags
+    were lost without a word."""
+    from udfs.ingest.sidecars import SidecarError, parse_sidecar
+
+    with pytest.raises(SidecarError, match="no tags, tag_string, caption or prompt field"):
+        parse_sidecar("json", text)
+
+
+@pytest.mark.parametrize("text", ['{"tags": []}', '{"tags": null, "caption": "a cat"}', '{"tags_general": "a"}'])
+def test_a_json_sidecar_with_an_empty_field_read_is_no_error(text):
+    from udfs.ingest.sidecars import parse_sidecar
+
+    parse_sidecar("json", text)

@@ -84,8 +84,9 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # a legacy code page is the one whose reading holds the fewest unlikely characters; 10: hydrus's
 # `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories; 11: the files
 # an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples;
-# 12: a zero-byte video is an empty_file (it was a corrupt_clip)
-READER_VERSION = 12
+# 12: a zero-byte video is an empty_file (it was a corrupt_clip); 13: a JSON sidecar's Danbooru
+# `tag_string` alone gives tags, and one with no field read is a sidecar_json row
+READER_VERSION = 13
 
 
 def limits_digest(options: dict, **more: object) -> str:

@@ -369,6 +369,10 @@ def _categorized(tags: list[tuple[str, str]], categories: dict[str, str]) -> lis
     return sorted(named, key=lambda tag: CATEGORY_ORDER.get(tag[1], len(CATEGORY_ORDER)))
 
 
+# the fields of a JSON sidecar read besides Danbooru's per-category ones (and gallery-dl's `tags_<category>`)
+READ_FIELDS = ("tag_string", "tags", "caption", "prompt")
+
+
 def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     try:
         post = json.loads(text)
@@ -376,10 +380,17 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         raise SidecarError("sidecar_json", f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(post, dict):
         raise SidecarError("sidecar_json", "JSON sidecar is not an object")
+    if not any(f in post for f in (*DANBOORU_FIELDS, *READ_FIELDS)) and not any(str(f).startswith("tags_")
+                                                                              for f in post):
+        fields = ", ".join(sorted(map(str, post))[:10]) or "none"
+        raise SidecarError("sidecar_json", f"no tags, tag_string, caption or prompt field (its fields: {fields}): "
+                                           "nothing read")
     tags: list[tuple[str, str]] = []
     texts: list[tuple[str, str]] = []
-    if any(f in post for f in DANBOORU_FIELDS):
-        for field, category in DANBOORU_FIELDS.items():
+    # a post fetched with only its whole tag list has no per-category fields: all general
+    fields = DANBOORU_FIELDS if any(f in post for f in DANBOORU_FIELDS) else {"tag_string": "general"}
+    if any(f in post for f in fields):
+        for field, category in fields.items():
             tags += [(t, category) for t in split_tags(str(post.get(field) or ""), " ")]
         rating = RATINGS.get(str(post.get("rating", "")).lower()[:1])
         if rating:
