@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 
 from udfs.ingest.sidecars import decode_text, without_controls
@@ -141,6 +143,13 @@ def test_utf8_cut_inside_its_last_character_stays_utf8(text, cut):
 
     data = text.encode()
     assert decode_text(data[:-cut]) == (text[:-1], CUT_UTF8)
+    assert decode_text(codecs.BOM_UTF8 + data[:-cut]) == (text[:-1], CUT_UTF8)  # the mark is no character
+
+
+def test_a_byte_order_mark_says_utf8_whatever_is_cut():
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    assert decode_text(codecs.BOM_UTF8 + b"caf\xc3") == ("caf", CUT_UTF8)
 
 
 @pytest.mark.parametrize("data", ["café".encode("cp1252"), "naïve".encode("cp1252"), "東".encode("cp932")])

@@ -12,6 +12,7 @@ Conventions (by extension):
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import unicodedata
@@ -155,13 +156,15 @@ CUT_UTF8 = "utf-8 cut inside its last character"
 
 
 def _cut_utf8(data: bytes, error: UnicodeDecodeError) -> str | None:
-    """The text of UTF-8 whose only fault is a last character cut short, without it: its bytes
-    before are UTF-8 holding at least one character beyond ASCII (a legacy text with its only
-    high byte last, cp1252 `caf\xe9`, has none), and the bytes cut hold no NUL (UTF-16)."""
+    """The text of UTF-8 (`error`: its utf-8-sig decoding's) whose only fault is a last character
+    cut short, without it: its bytes before are UTF-8 that starts with a byte order mark or holds
+    a character beyond ASCII (a legacy text with its only high byte last, cp1252 `caf\xe9`, does
+    neither), and hold no NUL (UTF-16)."""
     if error.reason != "unexpected end of data" or b"\x00" in data:
         return None
-    before = data[: error.start]
-    return before.decode("utf-8-sig") if max(before, default=0) >= 0x80 else None
+    marked = data.startswith(codecs.BOM_UTF8)
+    before = data[len(codecs.BOM_UTF8) if marked else 0:][: error.start]  # its positions count after the mark
+    return before.decode("utf-8") if marked or max(before, default=0) >= 0x80 else None
 
 
 def utf16_text(data: bytes, loose: bool = False) -> tuple[str, str] | None:
