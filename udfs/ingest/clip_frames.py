@@ -23,7 +23,7 @@ import scipy.fft
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageSequence
 
-from udfs.ingest.probe import bits_above_median, colour_signature, grey_hashes, image_hashes
+from udfs.ingest.probe import DECODE_ERRORS, bits_above_median, colour_signature, grey_hashes, image_hashes
 from udfs.opencv import cv2
 
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
@@ -289,7 +289,9 @@ class ClipReader:
     def _animation(self) -> Iterator[ClipInfo | Frame]:
         try:
             image = Image.open(self._file())
-        except (OSError, ValueError, SyntaxError) as exc:
+        except Image.DecompressionBombError as exc:  # probe refused such a file first; bytes as a clip's too
+            raise ClipError("frame_too_large", str(exc)) from exc
+        except DECODE_ERRORS as exc:
             raise ClipError("corrupt_clip", f"{type(exc).__name__}: {exc}") from exc
         with image:
             if image.width * image.height > self.max_pixels:
@@ -308,7 +310,9 @@ class ClipReader:
                         yield Frame(index, time, picture)
                 # only the frames say how long an animation runs: its rate and length, once known
                 yield ClipInfo(fmt, fmt, image.width, image.height, self.frame_rate(), round(self.shown_seconds, 6))
-            except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            except Image.DecompressionBombError as exc:  # a later frame's own size, checked as it is reached
+                raise ClipError("frame_too_large", f"frame {self.decoded}: {exc}; the frames before stay") from exc
+            except DECODE_ERRORS as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc
 
