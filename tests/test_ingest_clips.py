@@ -457,3 +457,12 @@ def test_a_frame_too_large_met_in_an_animation_keeps_the_frames_before(tmp_path)
 def write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_video_in_a_codec_no_decoder_reads_is_an_unsupported_codec_row(tmp_path):
+    """Saying so read the stream's `codec_tag`, which PyAV's streams no longer have: an
+    AttributeError that failed the ingest job."""
+    clip = write_video(tmp_path / "a.mp4", three_scenes(seconds=1.0))
+    unknown = write_bytes(tmp_path / "b.mp4", clip.read_bytes().replace(b"avc1", b"zzzz"))
+    result = select(tmp_path, unknown)
+    assert [kind for kind, _ in result.problems] == ["unsupported_codec"] and result.frames == []

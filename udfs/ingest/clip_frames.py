@@ -210,8 +210,10 @@ class ClipReader:
 
     def _video_info(self, container: av.container.InputContainer, stream: av.VideoStream) -> ClipInfo:
         ctx = stream.codec_context
-        if ctx is None or not ctx.codec.name:
-            raise ClipError("unsupported_codec", f"no decoder for codec {stream.codec_tag!r}")
+        if ctx is None or not ctx.codec.name:  # (a stream has no codec_tag of its own in PyAV 12 and later)
+            tag = getattr(ctx, "codec_tag", "") or "unknown"
+            raise ClipError("unsupported_codec", f"no decoder for the codec of video stream {stream.index} "
+                                                 f"(tag {tag!r}) in a {container.format.name} container")
         width, height = ctx.width, ctx.height
         if width * height > self.max_pixels:
             raise ClipError("frame_too_large", f"{width}x{height} frames > {self.max_pixels} pixels")
