@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -230,7 +231,28 @@ class UnitRows:
             self.member_problem(key, member, kind, message)
             return
         self.samples += 1
-        self.add_sample(item, options)
+        before = self.marks(item.key)
+        try:
+            self.add_sample(item, options)
+        except MemoryError:
+            raise  # not the sample's: a rerun must not read it otherwise
+        except Exception as exc:  # noqa: BLE001 - a decoder's unforeseen error loses its sample, not the run
+            self.restore(item.key, before)
+            member = next(iter(item.member_names.values()), "")
+            said = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # an address: not the same on a rerun
+            self.error(f"{self.unit.prefix}/{item.key}", member, "ingest_error", said, dropped=True)
+
+    def marks(self, key: str) -> tuple:
+        """Where the rows and counts stand before a sample (restore puts them back)."""
+        return ({t: len(rows) for t, rows in self.tables.items()}, self.samples, self.bytes, self.clips, self.frames,
+                self.tag_counts[f"{self.unit.prefix}/{key}"])
+
+    def restore(self, key: str, marks: tuple) -> None:
+        """The rows and counts as they were before a sample that failed half-way (its frames stay
+        in the batch's frame tar, named by no row)."""
+        lengths, self.samples, self.bytes, self.clips, self.frames, self.tag_counts[f"{self.unit.prefix}/{key}"] = marks
+        for table, length in lengths.items():
+            del self.tables[table][length:]
 
     def add_sample(self, sample: Sample, options: dict) -> None:
         key = f"{self.unit.prefix}/{sample.key}"
