@@ -156,7 +156,13 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                # a name with a literal \xNN and one with that byte had one key: now two. (A second
                # picture or a link named as one now counts as dropped: accounting only, and a
                # unit read again is annotated again, so those are not read again for it.)
-               6: {"duplicate_member": None}}
+               6: {"duplicate_member": None},
+               # sidecars read better (gallery-dl's categories, cut UTF-8, code pages, hydrus's namespaces):
+               # no unit is read again for them
+               7: {}, 8: {}, 9: {}, 10: {},
+               11: {},  # OS files (._NAME, .DS_Store) no samples: accounting only, as for 6
+               12: {},  # a zero-byte video's row says empty_file: its kind only
+               13: {}}  # JSON sidecars read better (a lone tag_string, a row for none read): as for 7-10
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

@@ -368,6 +368,18 @@ def test_uri_and_brace_inputs(tmp_path):
     assert summary.rows_out["images"] == 3
 
 
+def test_an_input_whose_name_has_glob_or_brace_characters_is_itself(tmp_path):
+    """A folder named `[2023] art` (a downloader's date prefix) or `art {a,b}` was "input not
+    found": its name was read as a pattern, which it does not match. A path that is there is itself."""
+    from udfs.ingest.sources import resolve_inputs
+
+    for name in ("[2023] art", "art {a,b}", "set [v2].tar"):
+        (tmp_path / name).mkdir()
+        assert resolve_inputs([str(tmp_path / name)]) == [str(tmp_path / name)]
+    assert resolve_inputs([f"{tmp_path}/art {{a,b}}", f"{tmp_path}/*]*"]) == [
+        str(tmp_path / "art {a,b}"), str(tmp_path / "[2023] art"), str(tmp_path / "set [v2].tar")]
+
+
 def a_folder_of_images(folder: Path) -> Path:
     """Loose images with sidecars, in a subfolder too, one name with a space and one with two dots."""
     (folder / "sub").mkdir(parents=True)
@@ -950,3 +962,34 @@ def exported_members(folder: Path) -> dict[str, bytes]:
         with tarfile.open(shard) as tar:
             members.update({m.name: tar.extractfile(m).read() for m in tar})
     return members
+
+
+def test_an_unforeseen_error_on_one_sample_is_its_errors_row_not_the_runs_end(monkeypatch):
+    """Decoders raise more than they document (libavif's RuntimeError, PyAV's AttributeError
+    each failed whole jobs): whatever one sample raises loses that sample, with a row that
+    says what, and none of its half-written rows; the samples after it are read."""
+    from udfs.ingest import ingest_unit
+    from udfs.ingest.sources import Sample
+
+    real = ingest_unit.parse_sidecar
+
+    def parse(ext, text):  # after the sample's images row was made
+        if text == "1girl":
+            raise KeyError("a plugin's bug")
+        return real(ext, text)
+
+    monkeypatch.setattr(ingest_unit, "parse_sidecar", parse)
+    rows = ingest_unit.UnitRows(Unit("tar", "s.tar", "s"), frame_store=None)
+    options = ingest.unit_options(load_config(None, []))
+    rows.add(Sample("bad", {"png": encode(picture(seed=1), "PNG"), "txt": b"1girl"},
+                    {"png": "bad.png", "txt": "bad.txt"}), options)
+    rows.add(Sample("good", {"png": encode(picture(seed=2), "PNG"), "txt": b"solo"},
+                    {"png": "good.png", "txt": "good.txt"}), options)
+    assert [r["key"] for r in rows.tables["images"]] == ["s/good"]
+    assert [r["key"] for r in rows.tables["source_tags"]] == ["s/good"]
+    [error] = rows.tables["errors"]
+    assert (error["key"], error["member"], error["kind"], error["dropped"]) == (
+        "s/bad", "bad.png", "ingest_error", True)
+    assert error["message"] == "KeyError: \"a plugin's bug\""
+    summary = rows.summary(0.0)
+    assert (summary["samples"], summary["images"], summary["dropped"]) == (2, 1, 1)

@@ -136,6 +136,18 @@ def test_frame_bounds(tmp_path):
     assert huge.clip["frames_seen"] == 0  # refused before decoding
 
 
+def test_a_zero_byte_video_says_so(tmp_path):
+    """It was a corrupt_clip "no container FFmpeg can read: Invalid data found when processing
+    input", as a video of random bytes is; an image of no bytes is an empty_file."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    on_disk = select(tmp_path, empty)
+    in_memory = ingest_clip("in/clip", b"", False, FrameRules(), 10**9, FrameStore(Workspace(str(tmp_path / "w")), "u"))
+    for result in (on_disk, in_memory):
+        assert result.problems == [("empty_file", "zero-byte video")] and result.frames == []
+        assert result.clip["frames_seen"] == 0
+
+
 def damaged(clip: Path, at: float, offset: int, value: bytes, name: str) -> Path:
     """`clip` with `value` written `offset` bytes into the first key frame packet at or after `at`
     seconds (in an MKV a packet starts with its block header: track, time, flags, 4 bytes; then
@@ -418,3 +430,39 @@ def test_a_clip_folder_on_object_storage_gives_the_clips_of_the_folder_on_disk(t
                            ("images", "key, sha256, phash, clip, frame"), ("errors", "key, member, kind, dropped")):
         rows = [ws.connect().execute(f"select {columns} from {table} order by all").fetchall() for ws in (disk, uri)]
         assert rows[0] == rows[1] and rows[0], table
+
+
+def gif_with_a_huge_second_frame() -> bytes:
+    """A 64x64 GIF whose second frame's descriptor claims 65535x65535 pixels: Pillow checks
+    such a frame only when it seeks to it, after probe has looked at the first."""
+    frames = [Image.fromarray(scene_picture(i, (64, 64))).convert("P") for i in range(3)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    data = bytearray(out.getvalue())
+    whole_frame = bytes([0x2C, 0, 0, 0, 0, 64, 0, 64, 0])  # an image descriptor: at 0, 0, 64 x 64
+    descriptors = [i for i in range(len(data)) if data[i:i + 9] == whole_frame]
+    data[descriptors[1] + 5:descriptors[1] + 9] = b"\xff\xff\xff\xff"
+    return bytes(data)
+
+
+def test_a_frame_too_large_met_in_an_animation_keeps_the_frames_before(tmp_path):
+    """It raised DecompressionBombError out of ingest and failed the job (Ray retried the unit,
+    then gave up)."""
+    result = select(tmp_path, write_bytes(tmp_path / "bomb.gif", gif_with_a_huge_second_frame()), animated=True,
+                    max_pixels=178956970, similarity_distance=0)
+    assert [kind for kind, _ in result.problems] == ["frame_too_large"]
+    assert [f["frame"] for f in result.frames] == [0]
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_video_in_a_codec_no_decoder_reads_is_an_unsupported_codec_row(tmp_path):
+    """Saying so read the stream's `codec_tag`, which PyAV's streams no longer have: an
+    AttributeError that failed the ingest job."""
+    clip = write_video(tmp_path / "a.mp4", three_scenes(seconds=1.0))
+    unknown = write_bytes(tmp_path / "b.mp4", clip.read_bytes().replace(b"avc1", b"zzzz"))
+    result = select(tmp_path, unknown)
+    assert [kind for kind, _ in result.problems] == ["unsupported_codec"] and result.frames == []

@@ -309,3 +309,38 @@ def test_other_ingest_limits_read_every_unit_again(tmp_path):
     assert tags_per_image("ingest.max_tags=2") == {2}
     assert images_by_key(Workspace(str(ws_path))) == keys
     assert tags_per_image() == {5}
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # a `._` file's header
+
+
+def test_files_an_operating_system_leaves_are_not_samples(tmp_path):
+    """A tar made on macOS holds a `._NAME` AppleDouble file before each file, and folders copied
+    about hold `.DS_Store`, `Thumbs.db`, `desktop.ini`: each was a dropped sample (the `._` ones
+    under one key `dir/`, `duplicate_key`), and the job failed on max_error_rate with every image
+    ingested. They are ignored members: named, not read, not samples."""
+    members = []
+    for i in range(3):
+        members += [(f"dir/._img{i}.png", APPLE_DOUBLE), (f"dir/img{i}.png", encode(picture(seed=i), "PNG")),
+                    (f"dir/img{i}.txt", b"1girl")]
+    members += [("dir/.DS_Store", b"\0\0\0\1Bud1"), ("._dir", APPLE_DOUBLE), ("__MACOSX/dir/._img0.png", APPLE_DOUBLE)]
+    shard = tmp_path / "in" / "mac.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "in" / "art"
+    folder.mkdir()
+    add_image(folder, "a", 5)
+    for name, data in (("._a.png", APPLE_DOUBLE), (".DS_Store", b"\0\0\0\1Bud1"), ("Thumbs.db", b"\xd0\xcf\x11\xe0"),
+                       ("desktop.ini", b"[.ShellClassInfo]\r\n")):
+        (folder / name).write_bytes(data)
+    summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    assert sorted(images_by_key(ws)) == ["in/art/a", "in/mac/dir/img0", "in/mac/dir/img1", "in/mac/dir/img2"]
+    errors = {e["key"]: (e["kind"], e["dropped"]) for e in ws.read_table("errors").to_pylist()}
+    assert errors == {key: ("ignored_member", False) for key in (
+        "in/mac/dir/._img0", "in/mac/dir/._img1", "in/mac/dir/._img2", "in/mac/dir/.DS_Store", "in/mac/._dir",
+        "in/mac/__MACOSX/dir/._img0", "in/art/._a", "in/art/.DS_Store", "in/art/Thumbs", "in/art/desktop")}
+    assert (summary.rows_in, summary.dropped) == (4, 0)

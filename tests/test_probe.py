@@ -112,3 +112,33 @@ def test_palette_and_one_bit_pictures_of_any_size_are_hashed_as_their_colours(mo
         stored.convert("L" if stored.mode == "1" else "RGB").save(as_colours, "PNG")
         expected = probe_image(as_colours.getvalue(), 10**8)
         assert (probed["phash"], probed["colour"]) == (expected["phash"], expected["colour"]), (mode, size)
+
+
+def damaged_avif() -> bytes:
+    """An AVIF whose coded pixels are zeros: libavif refuses them with a RuntimeError."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(out, "AVIF")
+    data = out.getvalue()
+    start = data.find(b"mdat") + 4
+    return data[:start] + bytes(len(data) - start)
+
+
+def tiff_with_a_broken_next_ifd() -> bytes:
+    """A TIFF whose pointer to a second page points far past its end: Pillow's TiffImagePlugin
+    raises TypeError("Missing dimensions")."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(out, "TIFF")
+    data = bytearray(out.getvalue())
+    first = int.from_bytes(data[4:8], "little")
+    entries = int.from_bytes(data[first:first + 2], "little")
+    data[first + 2 + 12 * entries + 3] = 34  # the next IFD's offset, now 0x22000000
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data", [damaged_avif(), tiff_with_a_broken_next_ifd()], ids=["avif", "tiff"])
+def test_every_error_a_decoder_raises_is_a_corrupt_image(data):
+    """Errors of other types than OSError / ValueError escaped probe and failed the ingest job
+    (Ray retried the unit, then gave up): one bad AVIF or TIFF stopped a run of millions."""
+    with pytest.raises(ProbeError) as refused:
+        probe_image(data, 10**8)
+    assert refused.value.kind == "corrupt_image"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 
 from udfs.ingest.sidecars import decode_text, without_controls
@@ -102,3 +104,140 @@ def test_tags_that_look_the_same_are_one_tag():
 
     text = "cafe\u0301, caf\u00e9, smile\u200b, \u202esmile, 猫耳，笑顔"
     assert [t for t, _ in parse_sidecar("txt", text)[0]] == ["caf\u00e9", "caf\u00e9", "smile", "smile", "猫耳", "笑顔"]
+
+
+@pytest.mark.parametrize("text", [
+    # gelbooru, yande.re, konachan, safebooru via gallery-dl's `tags` option: space-joined strings
+    '{"category": "gelbooru", "tags": "1girl hatsune_miku smile vocaloid highres", "rating": "general", '
+    '"tags_character": "hatsune_miku", "tags_copyright": "vocaloid", "tags_general": "1girl smile", '
+    '"tags_metadata": "highres"}',
+    # sankaku, zerochan: lists
+    '{"tags": ["1girl", "Hatsune Miku", "smile", "vocaloid", "highres"], "tags_character": ["Hatsune Miku"], '
+    '"tags_copyright": ["vocaloid"], "tags_general": ["1girl", "smile"], "tags_meta": ["highres"]}',
+])
+def test_gallery_dl_tag_categories_name_the_characters(text):
+    """gallery-dl writes a booru post's tags as one `tags` field plus `tags_<category>` fields;
+    read as plain tags, every character was general, and the character first (as Danbooru
+    posts are read), so that a keep_tokens prefix holds it."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags, _, origin = parse_sidecar("json", text)
+    assert tags == [("hatsune_miku", "character"), ("vocaloid", "copyright"), ("1girl", "general"),
+                    ("smile", "general"), ("highres", "meta")]
+    assert origin == "json"
+
+
+def test_gallery_dl_category_fields_of_other_types_are_refused():
+    from udfs.ingest.sidecars import SidecarError, parse_sidecar
+
+    with pytest.raises(SidecarError, match="tags_character"):
+        parse_sidecar("json", '{"tags": "a b", "tags_character": 3}')
+
+
+@pytest.mark.parametrize("text", ["1girl, 長い髪, 笑顔, 猫耳", "初音ミク, ツインテール", "café, naïve, 長"])
+@pytest.mark.parametrize("cut", [1, 2])
+def test_utf8_cut_inside_its_last_character_stays_utf8(text, cut):
+    """A sidecar written with a byte limit, or copied short, ends inside a character: it was
+    guessed as a legacy code page, every tag of it garbled (`й•·гЃ„й«Є` for `長い髪`, read as cp1251)."""
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    data = text.encode()
+    assert decode_text(data[:-cut]) == (text[:-1], CUT_UTF8)
+    assert decode_text(codecs.BOM_UTF8 + data[:-cut]) == (text[:-1], CUT_UTF8)  # the mark is no character
+
+
+def test_a_byte_order_mark_says_utf8_whatever_is_cut():
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    assert decode_text(codecs.BOM_UTF8 + b"caf\xc3") == ("caf", CUT_UTF8)
+
+
+@pytest.mark.parametrize("data", ["café".encode("cp1252"), "naïve".encode("cp1252"), "東".encode("cp932")])
+def test_a_legacy_text_ending_in_a_high_byte_is_not_taken_for_cut_utf8(data):
+    from udfs.ingest.sidecars import CUT_UTF8
+
+    assert decode_text(data)[1] != CUT_UTF8
+
+
+def test_a_cut_utf8_sidecar_keeps_its_tags_and_says_what_was_cut():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hostile_data import encode, picture
+
+    from jobs.config import load_config
+    from jobs.ingest import unit_options
+    from udfs.ingest.ingest_unit import UnitRows
+    from udfs.ingest.sources import Sample, Unit
+
+    text = "1girl, 長い髪, 笑顔".encode()[:-1]
+    sample = Sample("a", {"png": encode(picture(), "PNG"), "txt": text}, {"png": "a.png", "txt": "a.txt"})
+    rows = UnitRows(Unit("tar", "s.tar", "s"), frame_store=None)
+    rows.add(sample, unit_options(load_config(None, [])))
+    assert [(r["tag"], r["category"]) for r in rows.tables["source_tags"]] == [
+        ("1girl", "general"), ("長い髪", "general"), ("笑", "general")]
+    [error] = rows.tables["errors"]
+    assert (error["kind"], error["dropped"]) == ("bad_characters", False)
+    assert "cut inside its last character" in error["message"]
+
+
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("1girl, 東方, 博麗霊夢, solo", "cp932"),  # was Korean: 1girl, 뱦뺴, 뵊쀭쀬뼯, solo
+    ("桜, 眼鏡, 博麗霊夢, 長髪", "cp932"),
+    ("1girl, 東方, 博麗霊夢, 巫女, 赤いリボン, solo, 笑顔", "cp932"),  # was Cyrillic: 1girl, “Њ•ы, ...
+    ("1girl, 和服, solo", "gb18030"),  # was cp1252: 1girl, ºÍ·þ, solo
+    ("貓耳, 1girl, 泳裝, 微笑", "big5"),  # was half-width katakana: ｿﾟｦﾕ, 1girl, ...
+    ("очки, 1girl, solo", "cp1251"),  # was Chinese: 铟觇, 1girl, solo
+    ("żółw, dívka, úsměv, dlouhé vlasy", "cp1250"),  # was cp1252: ¿ó³w, ...
+])
+def test_legacy_tag_lists_are_read_in_their_code_page(text, encoding):
+    """charset_normalizer's chaos alone misread short tag lists of the code pages tag writers use
+    (of 200 random lists of common tags, it read 126 of Shift-JIS and 119 of Big5 right)."""
+    assert decode_text(text.encode(encoding)) == (text, encoding)
+
+
+def test_a_long_legacy_sidecar_is_judged_quickly_and_right():
+    import time
+
+    data = ("1girl, 東方, 博麗霊夢, solo, " * 30_000).encode("cp932")  # about a megabyte; was Korean
+    started = time.perf_counter()
+    assert decode_text(data)[1] == "cp932"
+    assert time.perf_counter() - started < 5
+
+
+def test_hydrus_namespaces_in_a_txt_name_the_artist_and_copyright():
+    """A hydrus tag export (`Image_1.jpg.txt`, a tag a line) writes the artist as `creator:` and
+    the work as `series:` (or `studio:`): those were tags `creator:splashbrush`, in every caption."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    text = "character:samus aran\ncreator:splashbrush\nseries:metroid\nstudio:nintendo\nblue eyes\n"
+    assert parse_sidecar("txt", text)[0] == [("samus_aran", "character"), ("splashbrush", "artist"),
+                                             ("metroid", "copyright"), ("nintendo", "copyright"),
+                                             ("blue_eyes", "general")]
+
+
+def test_a_danbooru_post_with_only_its_whole_tag_string_gives_its_tags():
+    """A post fetched with `only=...,tag_string` has no per-category fields: its tags were lost."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags, _, origin = parse_sidecar("json", '{"id": 1, "tag_string": "1girl solo hatsune_miku", "rating": "g"}')
+    assert tags == [("1girl", "general"), ("solo", "general"), ("hatsune_miku", "general"), ("general", "rating")]
+    assert origin == "danbooru_json"
+
+
+@pytest.mark.parametrize("text", ['{"content": "new art!", "hashtags": ["miku"]}', '{}'])
+def test_a_json_sidecar_with_no_field_read_says_so(text):
+    """A JSON of another shape (a gallery-dl twitter post) gave no tag and no errors row: its tags
+    were lost without a word."""
+    from udfs.ingest.sidecars import SidecarError, parse_sidecar
+
+    with pytest.raises(SidecarError, match="no tags, tag_string, caption or prompt field"):
+        parse_sidecar("json", text)
+
+
+@pytest.mark.parametrize("text", ['{"tags": []}', '{"tags": null, "caption": "a cat"}', '{"tags_general": "a"}'])
+def test_a_json_sidecar_with_an_empty_field_read_is_no_error(text):
+    from udfs.ingest.sidecars import parse_sidecar
+
+    parse_sidecar("json", text)

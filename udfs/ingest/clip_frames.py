@@ -23,7 +23,7 @@ import scipy.fft
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageSequence
 
-from udfs.ingest.probe import bits_above_median, colour_signature, grey_hashes, image_hashes
+from udfs.ingest.probe import DECODE_ERRORS, bits_above_median, colour_signature, grey_hashes, image_hashes
 from udfs.opencv import cv2
 
 # The small picture scene-cut detection compares (PySceneDetect also works on downscaled frames)
@@ -210,8 +210,10 @@ class ClipReader:
 
     def _video_info(self, container: av.container.InputContainer, stream: av.VideoStream) -> ClipInfo:
         ctx = stream.codec_context
-        if ctx is None or not ctx.codec.name:
-            raise ClipError("unsupported_codec", f"no decoder for codec {stream.codec_tag!r}")
+        if ctx is None or not ctx.codec.name:  # (a stream has no codec_tag of its own in PyAV 12 and later)
+            tag = getattr(ctx, "codec_tag", "") or "unknown"
+            raise ClipError("unsupported_codec", f"no decoder for the codec of video stream {stream.index} "
+                                                 f"(tag {tag!r}) in a {container.format.name} container")
         width, height = ctx.width, ctx.height
         if width * height > self.max_pixels:
             raise ClipError("frame_too_large", f"{width}x{height} frames > {self.max_pixels} pixels")
@@ -289,7 +291,9 @@ class ClipReader:
     def _animation(self) -> Iterator[ClipInfo | Frame]:
         try:
             image = Image.open(self._file())
-        except (OSError, ValueError, SyntaxError) as exc:
+        except Image.DecompressionBombError as exc:  # probe refused such a file first; bytes as a clip's too
+            raise ClipError("frame_too_large", str(exc)) from exc
+        except DECODE_ERRORS as exc:
             raise ClipError("corrupt_clip", f"{type(exc).__name__}: {exc}") from exc
         with image:
             if image.width * image.height > self.max_pixels:
@@ -308,7 +312,9 @@ class ClipReader:
                         yield Frame(index, time, picture)
                 # only the frames say how long an animation runs: its rate and length, once known
                 yield ClipInfo(fmt, fmt, image.width, image.height, self.frame_rate(), round(self.shown_seconds, 6))
-            except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            except Image.DecompressionBombError as exc:  # a later frame's own size, checked as it is reached
+                raise ClipError("frame_too_large", f"frame {self.decoded}: {exc}; the frames before stay") from exc
+            except DECODE_ERRORS as exc:
                 raise ClipError("truncated_clip", f"frames end after {self.decoded}: {type(exc).__name__}: {exc}"
                                 ) from exc
 

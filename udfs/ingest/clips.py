@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -38,6 +39,10 @@ def frame_key(clip_key: str, index: int) -> str:
 def ingest_clip(clip_key: str, data: bytes | str, animated: bool, rules: FrameRules, max_pixels: int,
                 store: FrameStore) -> ClipResult:
     """Decode, select and store the frames of one clip. Frames kept before the clip breaks stay."""
+    if _no_bytes(data):  # FFmpeg's own word for it is "Invalid data found", as for random bytes
+        result = ClipResult({"key": clip_key}, problems=[("empty_file", "zero-byte video")])
+        result.clip.update(_clip_columns(None, 0, 0, 0, 1))
+        return result
     reader = ClipReader(data, animated, max_pixels, rules.seek_seconds if rules.may_seek else 0.0)
     selector = FrameSelector(rules)
     result = ClipResult({"key": clip_key})
@@ -67,6 +72,15 @@ def ingest_clip(clip_key: str, data: bytes | str, animated: bool, rules: FrameRu
     result.clip.update(_clip_columns(info, reader.decoded, len(result.frames), selector.slices,
                                      len(result.problems)))
     return result
+
+
+def _no_bytes(data: bytes | str) -> bool:
+    """Whether a clip (its bytes, or the path of its file) is empty; a file that cannot be
+    looked at is left to the reader, which says why."""
+    try:
+        return (os.path.getsize(data) if isinstance(data, str) else len(data)) == 0
+    except OSError:
+        return False
 
 
 def _check_size(info: ClipInfo, rules: FrameRules) -> None:

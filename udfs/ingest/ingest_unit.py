@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -25,6 +26,7 @@ from udfs.ingest.frame_selection import FrameRules
 from udfs.ingest.frame_store import FrameStore
 from udfs.ingest.probe import ProbeError, probe_image
 from udfs.ingest.sidecars import (
+    CUT_UTF8,
     SidecarError,
     cleaned_tags,
     decode_text,
@@ -77,8 +79,15 @@ def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[s
 # 1-bit images of 512 pixels a side or more are probed (they were corrupt_image rows); 6: a
 # second image under one key, or a member named as one that is not opened (a link), is a dropped
 # sample (but a clip's poster), and a name's own `\xNN` is
-# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost)
-READER_VERSION = 6
+# written `\x5cxNN` (a name with the byte and one with the text had one key, one image lost); 7: a
+# JSON sidecar's gallery-dl `tags_<category>` fields give its tags their categories; 8: UTF-8 cut
+# inside its last character is UTF-8 (it was guessed as a legacy code page, its tags garbled); 9:
+# a legacy code page is the one whose reading holds the fewest unlikely characters; 10: hydrus's
+# `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories; 11: the files
+# an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples;
+# 12: a zero-byte video is an empty_file (it was a corrupt_clip); 13: a JSON sidecar's Danbooru
+# `tag_string` alone gives tags, and one with no field read is a sidecar_json row
+READER_VERSION = 13
 
 
 def limits_digest(options: dict, **more: object) -> str:
@@ -222,7 +231,28 @@ class UnitRows:
             self.member_problem(key, member, kind, message)
             return
         self.samples += 1
-        self.add_sample(item, options)
+        before = self.marks(item.key)
+        try:
+            self.add_sample(item, options)
+        except MemoryError:
+            raise  # not the sample's: a rerun must not read it otherwise
+        except Exception as exc:  # noqa: BLE001 - a decoder's unforeseen error loses its sample, not the run
+            self.restore(item.key, before)
+            member = next(iter(item.member_names.values()), "")
+            said = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # an address: not the same on a rerun
+            self.error(f"{self.unit.prefix}/{item.key}", member, "ingest_error", said, dropped=True)
+
+    def marks(self, key: str) -> tuple:
+        """Where the rows and counts stand before a sample (restore puts them back)."""
+        return ({t: len(rows) for t, rows in self.tables.items()}, self.samples, self.bytes, self.clips, self.frames,
+                self.tag_counts[f"{self.unit.prefix}/{key}"])
+
+    def restore(self, key: str, marks: tuple) -> None:
+        """The rows and counts as they were before a sample that failed half-way (its frames stay
+        in the batch's frame tar, named by no row)."""
+        lengths, self.samples, self.bytes, self.clips, self.frames, self.tag_counts[f"{self.unit.prefix}/{key}"] = marks
+        for table, length in lengths.items():
+            del self.tables[table][length:]
 
     def add_sample(self, sample: Sample, options: dict) -> None:
         key = f"{self.unit.prefix}/{sample.key}"
@@ -333,7 +363,10 @@ class UnitRows:
             return
         try:
             text, guessed = decode_text(data)
-            if guessed:
+            if guessed == CUT_UTF8:
+                self.error(key, member, "bad_characters", "UTF-8 cut inside its last character: that character "
+                           "left out", dropped=False)
+            elif guessed:
                 self.error(key, member, "sidecar_encoding_guessed", f"not UTF-8; read as {guessed}", dropped=False)
             text, controls = without_controls(text)
             if controls:

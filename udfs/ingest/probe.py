@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import threading
 import warnings
 
@@ -29,6 +30,12 @@ STEALTH_MAGIC = b"stealth_pngcomp"
 
 
 _TEXT_LIMIT_RAISED = threading.Lock()
+# What Pillow's plugins raise for bytes they cannot read: OSError and the like, and from some
+# more: libavif's RuntimeError ("Decoding of color planes failed"), a TIFF's TypeError ("Missing
+# dimensions") or KeyError, index and struct errors of a header that lies. Each is a bad image,
+# never the job's failure.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, TypeError, KeyError, IndexError,
+                 struct.error, ZeroDivisionError)
 
 
 class ProbeError(Exception):
@@ -66,7 +73,7 @@ def _probe(data: bytes, max_pixels: int, max_text_chars: int) -> dict:
     image = _open_checked(data, max_pixels)
     with image:
         size, fmt, mode = image.size, image.format or "", image.mode  # as stored: a JPEG's draft decode shrinks it
-        n_frames = int(getattr(image, "n_frames", 1))
+        n_frames = frame_count(image)
         pixels = decoded(image, data)  # before any other pixel access: JPEG draft mode
         # from the decoded picture: Pillow looks for a PNG's EXIF by decoding it (its eXIf chunk
         # may follow the pixels), which, asked first, both decoded twice and hid a broken stream
@@ -100,11 +107,20 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         # Pillow's message names the BytesIO object's address: not the same on a rerun
         raise ProbeError("not_an_image", "no image format recognises these bytes") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise ProbeError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
     if image.width * image.height > max_pixels:  # formats whose plugin skips the check
         raise ProbeError("decompression_bomb", f"{image.width}x{image.height} > {max_pixels} pixels")
     return image
+
+
+def frame_count(image: Image.Image) -> int:
+    """How many frames the file holds; counting them reads every frame's header (a GIF's, a
+    TIFF's pages), which may be broken."""
+    try:
+        return int(getattr(image, "n_frames", 1))
+    except DECODE_ERRORS as exc:
+        raise _decode_error(exc) from exc
 
 
 def decoded(image: Image.Image, data: bytes) -> Image.Image:
@@ -114,7 +130,7 @@ def decoded(image: Image.Image, data: bytes) -> Image.Image:
         if image.format == "JPEG":
             image.draft("RGB", PHASH_DRAFT_SIZE)
         return load_pixels(image, data)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except DECODE_ERRORS as exc:
         raise _decode_error(exc) from exc
 
 
@@ -123,7 +139,7 @@ def image_hashes(image: Image.Image) -> dict:
     try:
         small = _reduced(_hashable(image))
         return {**grey_hashes(small.convert("L")), "colour": colour_signature(small)}
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except DECODE_ERRORS as exc:
         raise _decode_error(exc) from exc
 
 

@@ -12,9 +12,11 @@ Conventions (by extension):
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import unicodedata
+from collections import Counter
 
 from charset_normalizer import from_bytes
 
@@ -51,11 +53,14 @@ SIDECAR_ENCODINGS = [*PREFERRED_ENCODINGS, "latin_1", "shift_jis", "euc_jp", "eu
 def decode_text(data: bytes) -> tuple[str, str | None]:
     """(text, None) for UTF-8 (with or without BOM); else (text, the encoding guessed). NUL
     bytes are valid UTF-8: UTF-16 without a BOM (a NUL every other byte for Latin text) would
-    pass as UTF-8 with NULs, so a text of more than 30% NULs is read as UTF-16 or guessed."""
+    pass as UTF-8 with NULs, so a text of more than 30% NULs is read as UTF-16 or guessed. UTF-8
+    that ends inside a character is UTF-8 without it: (text, CUT_UTF8)."""
     try:
         utf8: str | None = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
         utf8 = None
+        if cut := _cut_utf8(data, exc):
+            return cut, CUT_UTF8
     if utf8 is not None and utf8.count("\x00") <= 0.3 * len(data):
         return utf8, None  # stray NULs: removed by the caller (without_controls), and reported
     if wide := utf16_text(data):
@@ -67,13 +72,99 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
         if wide := utf16_text(data, loose=True):
             return wide
         raise SidecarError("sidecar_encoding", "not UTF-8 and no text encoding fits")
-    least = min(m.chaos for m in matches)
-    # a match stands for every code page that reads the bytes the same (could_be_from_charset):
-    # among the best fits, the one whose reading a preferred code page shares, named after it
+    return best_reading(data, matches)
+
+
+def best_reading(data: bytes, matches: list) -> tuple[str, str]:
+    """(text, code page) of the legacy code page that reads `data` best: the fewest characters
+    a tag file is unlikely to hold (implausible_characters), then charset_normalizer's chaos (of
+    the match that stands for it; one it left out counts as chaos 1), then the preferred code
+    pages. Its chaos alone read short kanji tag lists in Shift-JIS as Korean or Cyrillic
+    (`1girl, 東方, 博麗霊夢, solo` as `1girl, 뱦뺴, 뵊쀭쀬뼯, solo`), a Big5 one as Central European."""
     rank = {name: i for i, name in enumerate(PREFERRED_ENCODINGS)}
-    readings = [(min(rank.get(e, len(rank)) for e in m.could_be_from_charset), m) for m in matches if m.chaos == least]
-    place, chosen = min(readings, key=lambda reading: reading[0])
-    return str(chosen), PREFERRED_ENCODINGS[place] if place < len(rank) else chosen.encoding
+    readings = []
+    for encoding in SIDECAR_ENCODINGS:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        chaos = min((m.chaos for m in matches if encoding in m.could_be_from_charset), default=1.0)
+        readings.append((implausible_characters(text, encoding), chaos, rank.get(encoding, len(rank)), encoding, text))
+    *_, encoding, text = min(readings)
+    return text, encoding
+
+
+# The common planes of the multi-byte code pages, as (lead, trail) byte ranges: symbols, kana
+# and the first level of Han characters (JIS X 0208, GB 2312, Big5), or the Hangul of KS X 1001.
+# Another code page's text read as one of these falls mostly outside them (a GBK or UHC
+# extension, a second-level kanji, a Hanja), as a CJK text read as a single-byte code page
+# gives punctuation inside words.
+COMMON_PLANES = {
+    "cp932": ((0x81, 0x84, 0x40, 0xFC), (0x88, 0x98, 0x40, 0xFC)),
+    "shift_jis": ((0x81, 0x84, 0x40, 0xFC), (0x88, 0x98, 0x40, 0xFC)),
+    "euc_jp": ((0xA1, 0xA5, 0xA1, 0xFE), (0xB0, 0xCF, 0xA1, 0xFE)),
+    "gb18030": ((0xA1, 0xA9, 0xA1, 0xFE), (0xB0, 0xD7, 0xA1, 0xFE)),
+    "big5": ((0xA1, 0xA3, 0x40, 0xFE), (0xA4, 0xC6, 0x40, 0xFE)),
+    "cp949": ((0xA1, 0xAC, 0xA1, 0xFE), (0xB0, 0xC8, 0xA1, 0xFE)),
+    "euc_kr": ((0xA1, 0xAC, 0xA1, 0xFE), (0xB0, 0xC8, 0xA1, 0xFE)),
+}
+TYPOGRAPHY = frozenset("’‘“”–—…·•、。・「」『』（）！？～　，：；【】《》")
+# how much of a reading is judged: enough to tell, and a 1 MB sidecar judged in milliseconds
+JUDGED_CHARACTERS = 4096
+
+
+def implausible_characters(text: str, encoding: str) -> int:
+    """How many characters of `text` (read as `encoding`) a tag file is unlikely to hold: beyond
+    ASCII, neither a letter nor common typography; half-width katakana; letters outside the
+    text's main script; for a multi-byte code page, a character outside its common planes; for
+    a single-byte one, punctuation between two letters (an apostrophe aside) or a letter of
+    another script next to an ASCII letter."""
+    text = text[:JUDGED_CHARACTERS]
+    planes = COMMON_PLANES.get(encoding)
+    scripts: Counter[str] = Counter()
+    odd = 0
+    for i, char in enumerate(text):
+        if char < "\x80" or (char in TYPOGRAPHY and (planes or not _between_letters(text, i) or char == "’")):
+            continue
+        if not char.isalpha() or "\uff61" <= char <= "\uff9f":
+            odd += 1
+            continue
+        script = _script(char)
+        scripts[script] += 1
+        if planes:
+            code = char.encode(encoding)
+            odd += len(code) == 2 and not any(lo <= code[0] <= hi and t_lo <= code[1] <= t_hi
+                                               for lo, hi, t_lo, t_hi in planes)
+        elif script != "LATIN" and any(n < "\x80" and n.isalpha() for n in text[max(i - 1, 0):i + 2]):
+            odd += 1
+    return odd + sum(scripts.values()) - max(scripts.values(), default=0)
+
+
+def _between_letters(text: str, i: int) -> bool:
+    return 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
+
+
+def _script(char: str) -> str:
+    """The script of a letter, from its Unicode name: Han and kana are one (Japanese writes both)."""
+    script = unicodedata.name(char, "OTHER").split()[0]
+    return "CJK" if script.startswith(("HIRAGANA", "KATAKANA", "IDEOGRAPHIC")) else script
+
+
+# decode_text's "encoding" of UTF-8 that ends inside a character (written with a byte limit,
+# copied short): read as UTF-8 without that character, not guessed as a legacy code page
+CUT_UTF8 = "utf-8 cut inside its last character"
+
+
+def _cut_utf8(data: bytes, error: UnicodeDecodeError) -> str | None:
+    """The text of UTF-8 (`error`: its utf-8-sig decoding's) whose only fault is a last character
+    cut short, without it: its bytes before are UTF-8 that starts with a byte order mark or holds
+    a character beyond ASCII (a legacy text with its only high byte last, cp1252 `caf\xe9`, does
+    neither), and hold no NUL (UTF-16)."""
+    if error.reason != "unexpected end of data" or b"\x00" in data:
+        return None
+    marked = data.startswith(codecs.BOM_UTF8)
+    before = data[len(codecs.BOM_UTF8) if marked else 0:][: error.start]  # its positions count after the mark
+    return before.decode("utf-8") if marked or max(before, default=0) >= 0x80 else None
 
 
 def utf16_text(data: bytes, loose: bool = False) -> tuple[str, str] | None:
@@ -166,8 +257,10 @@ def _parts(text: str, sep: str) -> list[str]:
 
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
 # words count, so Danbooru tags with a colon (`re:zero_kara...`, `:d`) stay tags.
-# A prefix with nothing after it (`character:`) names no tag and is dropped.
-CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general)\s*:\s*(.*)$", re.I)
+# A prefix with nothing after it (`character:`) names no tag and is dropped. Hydrus's namespaces
+# for the artist and the work (its tag exports: a tag a line) are these categories too.
+CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general|creator|series|studio)\s*:\s*(.*)$", re.I)
+HYDRUS_NAMESPACES = {"creator": "artist", "series": "copyright", "studio": "copyright"}
 
 
 def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
@@ -176,6 +269,7 @@ def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
     for part in _parts(text, sep):
         match = CATEGORY_PREFIX.match(part)
         category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
+        category = HYDRUS_NAMESPACES.get(category, category)
         if tag := normalize_tag(raw):
             tags.append((tag, category))
     return tags
@@ -220,8 +314,12 @@ def _parse_three_line(text: str) -> list[tuple[str, str]]:
     return tags
 
 
-# e621 / gallery-dl's categories of a "tags" object; any other name is a general tag
-JSON_TAG_CATEGORIES = {"character": "character", "copyright": "copyright", "artist": "artist", "meta": "meta"}
+# e621 / gallery-dl's categories of a "tags" object or of `tags_<category>` fields (gelbooru's
+# `metadata`); any other name is a general tag
+JSON_TAG_CATEGORIES = {"character": "character", "copyright": "copyright", "artist": "artist", "meta": "meta",
+                       "metadata": "meta"}
+# the order of a post's tags by category, as Danbooru posts are read (DANBOORU_FIELDS)
+CATEGORY_ORDER = {category: rank for rank, category in enumerate(DANBOORU_FIELDS.values())}
 
 
 def _json_tags(raw: object) -> list[tuple[str, str]]:
@@ -244,6 +342,40 @@ def _json_tags(raw: object) -> list[tuple[str, str]]:
     return tags
 
 
+def _gallery_dl_categories(post: dict) -> dict[str, str]:
+    """tag -> category from gallery-dl's `tags_<category>` fields, which it writes beside the
+    post's `tags` (its `tags` option): space-joined strings (gelbooru, moebooru) or lists
+    (sankaku, zerochan). A field of another type is refused where its name is a category."""
+    found: dict[str, str] = {}
+    for field, value in post.items():
+        name = str(field)[5:].lower()
+        if not str(field).startswith("tags_"):
+            continue
+        if isinstance(value, str):
+            value = value.split("," if "," in value else None)
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            if name in JSON_TAG_CATEGORIES or name == "general":
+                raise SidecarError("sidecar_json", f'"{field}" holds something other than tag strings')
+            continue
+        for tag in (t for item in value for t in split_tags(item, ",")):
+            found.setdefault(tag, JSON_TAG_CATEGORIES.get(name, "general"))
+    return found
+
+
+def _categorized(tags: list[tuple[str, str]], categories: dict[str, str]) -> list[tuple[str, str]]:
+    """`tags` with the categories gallery-dl's fields give them (and the tags only those fields
+    name), characters first as in a Danbooru post; `tags` as they were without such fields."""
+    if not categories:
+        return tags
+    listed = {t for t, _ in tags}
+    named = [(t, categories.get(t, c)) for t, c in tags] + [(t, c) for t, c in categories.items() if t not in listed]
+    return sorted(named, key=lambda tag: CATEGORY_ORDER.get(tag[1], len(CATEGORY_ORDER)))
+
+
+# the fields of a JSON sidecar read besides Danbooru's per-category ones (and gallery-dl's `tags_<category>`)
+READ_FIELDS = ("tag_string", "tags", "caption", "prompt")
+
+
 def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     try:
         post = json.loads(text)
@@ -251,17 +383,24 @@ def _parse_json(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         raise SidecarError("sidecar_json", f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(post, dict):
         raise SidecarError("sidecar_json", "JSON sidecar is not an object")
+    if not any(f in post for f in (*DANBOORU_FIELDS, *READ_FIELDS)) and not any(str(f).startswith("tags_")
+                                                                              for f in post):
+        fields = ", ".join(sorted(map(str, post))[:10]) or "none"
+        raise SidecarError("sidecar_json", f"no tags, tag_string, caption or prompt field (its fields: {fields}): "
+                                           "nothing read")
     tags: list[tuple[str, str]] = []
     texts: list[tuple[str, str]] = []
-    if any(f in post for f in DANBOORU_FIELDS):
-        for field, category in DANBOORU_FIELDS.items():
+    # a post fetched with only its whole tag list has no per-category fields: all general
+    fields = DANBOORU_FIELDS if any(f in post for f in DANBOORU_FIELDS) else {"tag_string": "general"}
+    if any(f in post for f in fields):
+        for field, category in fields.items():
             tags += [(t, category) for t in split_tags(str(post.get(field) or ""), " ")]
         rating = RATINGS.get(str(post.get("rating", "")).lower()[:1])
         if rating:
             tags.append((rating, "rating"))
         origin = "danbooru_json"
     else:
-        tags, origin = _json_tags(post.get("tags")), "json"
+        tags, origin = _categorized(_json_tags(post.get("tags")), _gallery_dl_categories(post)), "json"
     for kind in ("caption", "prompt"):
         if isinstance(post.get(kind), str) and post[kind].strip():
             texts.append(("caption" if kind == "caption" else "sd_prompt", post[kind].strip()))

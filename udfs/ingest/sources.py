@@ -128,13 +128,38 @@ def split_folder_name(name: str) -> tuple[str, str]:
 
 
 def member_key(name: str, kind: str) -> str:
-    """The sample key of a member of a unit of `kind` ("tar" or "folder")."""
+    """The sample key of a member of a unit of `kind` ("tar" or "folder"). A shard's member whose
+    name starts with a dot has no key by WebDataset's rule (`dir/._a.png` would be `dir/`): its
+    errors row takes the folder rule's (`dir/._a`)."""
+    if kind == "tar" and not split_key(name)[0].rpartition("/")[2]:
+        return split_folder_name(name)[0]
     return (split_key if kind == "tar" else split_folder_name)(name)[0]
+
+
+# Files an operating system leaves beside the user's: macOS's AppleDouble `._NAME` (in every tar
+# made on a Mac, on every copy to a disk that is not a Mac's) and `.DS_Store`, a macOS zip's
+# `__MACOSX/` folder, Windows' `Thumbs.db` and `desktop.ini`. No sample: ignored, and named.
+OS_FILES = {".ds_store": "macOS folder settings", "thumbs.db": "Windows thumbnail cache",
+            "ehthumbs.db": "Windows thumbnail cache", "desktop.ini": "Windows folder settings"}
+
+
+def os_file(name: str) -> tuple[str, str] | None:
+    """The ignored_member problem of a member or folder entry (a path in its unit) that an
+    operating system left, else None."""
+    parts = name.split("/")
+    if parts[-1].startswith("._") or "__MACOSX" in parts[:-1]:
+        what = "a macOS AppleDouble file (resource fork and attributes)"
+    elif parts[-1].lower() in OS_FILES:
+        what = f"a {OS_FILES[parts[-1].lower()]} file"
+    else:
+        return None
+    return "ignored_member", f"{what}: no sample, not read"
 
 
 # ---- discovering units --------------------------------------------------------------------
 def resolve_inputs(specs: list[str]) -> list[str]:
-    """The concrete inputs of the specs (globs and braces expanded): absolute paths or URIs."""
+    """The concrete inputs of the specs (globs and braces expanded, unless a spec names a path
+    that is there): absolute paths or URIs."""
     paths: list[str] = []
     for spec in specs:
         if "://" in spec:
@@ -142,6 +167,9 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(f"input not found: {spec}")
             paths.append(spec)
+            continue
+        if os.path.exists(spec):  # `[2023] art`, `art {a,b}`: a name that is there is no pattern
+            paths.append(str(Path(spec).resolve()))
             continue
         found = [p for part in braceexpand(spec) for p in sorted(globlib.glob(part))]
         if not found or not all(os.path.exists(p) for p in found):
@@ -392,6 +420,9 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 yield from problems
                 if skip:
                     continue
+                if left := os_file(name):
+                    yield (name, *left)
+                    continue
                 if not info.isfile():
                     yield (name, "not_a_regular_file", f"tar member is a {TAR_TYPES.get(info.type, 'special file')}")
                     continue
@@ -445,6 +476,9 @@ def _read_folder(unit: Unit, max_member_bytes: int, links_leave_input: bool
     entries: dict[str, list[tuple[str, str, OSError | None]]] = {}  # key -> (name, path, lstat error)
     for full in unit.files:
         rel = folder_member(root, full)
+        if left := os_file(rel):
+            yield (rel, *left)
+            continue
         try:
             refusal = _refusal(full, root, links_leave_input)
         except OSError as exc:
@@ -480,7 +514,7 @@ def _folder_sample(key: str, files: list[tuple[str, str, OSError | None]], max_m
 OBJECT_SAMPLES_AHEAD = 8
 
 
-def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
+def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample | tuple[str, str, str]]:
     """A folder chunk's samples on object storage, in key order, up to OBJECT_SAMPLES_AHEAD of
     them fetched at once (so up to that many samples' bytes in memory, plus the one read). No
     links, FIFOs or devices there: every listed object is a file."""
@@ -488,6 +522,9 @@ def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample]:
     entries: dict[str, list[tuple[str, str]]] = {}  # key -> (name in the folder, path in the store)
     for full in unit.files:
         rel = folder_member(unit.uri, full)
+        if left := os_file(rel):
+            yield (rel, *left)
+            continue
         entries.setdefault(split_folder_name(rel)[0], []).append(
             (rel, f"{top.rstrip('/')}/{full[len(input_location(unit.uri)):]}"))
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
