@@ -289,8 +289,11 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
         while not done.wait(0.1):
             pass
     except KeyboardInterrupt:
+        # again and again: DuckDB forgets an interrupt while no query runs (the statement still
+        # being bound, its Parquet files read), and the query then ran to its end
         con.interrupt()
-        done.wait()  # a second Ctrl-C leaves at once
+        while not done.wait(0.1):  # a second Ctrl-C leaves at once
+            con.interrupt()
         raise
     if failure:
         raise failure[0]

@@ -4,15 +4,21 @@ Ray ends its worker processes without running atexit handlers, and a job killed 
 nothing at all: a scratch folder removed only at exit stays forever (one per worker process, and a
 killed curate leaves its work database and spill files, gigabytes at millions of images). So each
 folder is named for the process that made it, and a process making one removes the folders of its
-kind whose process is gone.
+kind whose process is gone. A pid means a process only to those that see the same pids (one host,
+one pid namespace): a folder name also says whose they are (`pid_space`), and a process leaves
+the folders of another space alone, live or not (a container with the host's /tmp mounted, nodes
+sharing one network TMPDIR: one's running pid 12345 is no process of the other's).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -25,7 +31,7 @@ def process_folder(kind: str) -> str:
     made = _MADE.get(kind)
     if made is None or made[0] != os.getpid():  # a forked child makes its own
         remove_orphans(kind)
-        folder = tempfile.mkdtemp(prefix=f"{kind}{os.getpid()}-")
+        folder = tempfile.mkdtemp(prefix=prefix(kind))
         atexit.register(shutil.rmtree, folder, True)
         _MADE[kind] = (os.getpid(), folder)
     return _MADE[kind][1]
@@ -34,12 +40,28 @@ def process_folder(kind: str) -> str:
 def temporary_folder(kind: str) -> tempfile.TemporaryDirectory:
     """A TemporaryDirectory of `kind` for one piece of work, named for this process."""
     remove_orphans(kind)
-    return tempfile.TemporaryDirectory(prefix=f"{kind}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=prefix(kind))
+
+
+def prefix(kind: str) -> str:
+    """The start of a folder name of `kind` for this process: its pid, then whose pids they are."""
+    return f"{kind}{os.getpid()}-{pid_space()}-"
+
+
+@functools.cache
+def pid_space() -> str:
+    """Eight hex digits naming the pids this process sees: its host and its pid namespace."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino  # the same number in every host's first namespace
+    except OSError:  # no /proc (macOS): the host alone
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
 
 
 def remove_orphans(kind: str) -> int:
-    """Remove the folders of `kind` in the temp folder whose process is gone; returns how many."""
-    named = re.compile(re.escape(kind) + r"(\d+)-")
+    """Remove the folders of `kind` in the temp folder whose process is gone; returns how many.
+    Only folders of this pid space: another's pid says nothing here."""
+    named = re.compile(re.escape(kind) + r"(\d+)-" + pid_space() + "-")
     removed = 0
     for folder in Path(tempfile.gettempdir()).glob(f"{glob_safe(kind)}*"):
         match = named.match(folder.name)

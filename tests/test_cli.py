@@ -707,3 +707,32 @@ def test_a_wildcard_domain_does_not_hide_a_narrower_option():
 def test_a_format_given_twice_is_one_layout():
     args = cli.build_parser().parse_args(["export", "--format", "kohya", "--format", "webdataset", "--format", "kohya"])
     assert cli.config_from_args(args)["export"]["formats"] == ["kohya", "webdataset"]
+
+
+def test_ctrl_c_before_the_query_runs_stops_it_too():
+    """Ctrl-C while the statement is still being read (con.sql binds it: every Parquet file of
+    the views it names, slow on a big or remote workspace) and not yet run: DuckDB forgets an
+    interrupt with no query running, and sql waited for the whole query after its Ctrl-C."""
+    import _thread
+    import threading
+
+    real = duckdb.connect()
+
+    class SlowToBind:  # the connection, with con.sql taking its time as a bind over many files does
+        def sql(self, query):
+            time.sleep(0.5)
+            return real.sql(query)
+
+        def interrupt(self):
+            real.interrupt()
+
+    threading.Timer(0.2, _thread.interrupt_main).start()  # Ctrl-C during the bind
+    guard = threading.Timer(30, real.interrupt)  # the test ends even where the fix is missing
+    guard.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.show_answer(SlowToBind(), "select count(*) from range(100000000000000) a")
+    finally:
+        guard.cancel()
+    assert time.monotonic() - started < 10

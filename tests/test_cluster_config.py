@@ -215,6 +215,17 @@ def test_onnxruntime_comes_from_exactly_one_extra():
     assert not any(d.startswith(("ray[llm]", "vllm")) for d in extras["gpu"])
 
 
+def test_the_gpu_extra_can_build_the_engines_environment():
+    """caption.vllm_environment = "isolated" (the default) is a runtime_env pip: on a node whose
+    Python is no virtualenv (conda, a system or pyenv Python) Ray makes it with `python -m
+    virtualenv`, which ray[data] does not install (ray[llm], in [gpu] before, did): the engines'
+    environment failed with 'No module named virtualenv'."""
+    import tomllib
+
+    gpu = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert any(re.split(r"[<>=!\[ ;]", d)[0] == "virtualenv" for d in gpu)
+
+
 def test_setup_commands_replace_the_gui_opencv(config, tmp_path):
     """dghs-imgutils installs opencv-contrib-python, whose cv2 needs libGL (absent in the
     rayproject/ray images): every node type installs the same version's headless build after

@@ -69,3 +69,23 @@ def test_every_workspace_of_a_process_spills_into_one_folder(temp_root, tmp_path
               for ws in (first, copy, Workspace(str(tmp_path / "ws")))}
     assert len(spills) == 1
     assert [p.name for p in temp_root.iterdir()] == [Path(spills.pop()).name]
+
+
+def unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare (a process in a pid namespace of its own)")
+def test_a_process_that_cannot_see_the_owner_leaves_its_folder(temp_root):
+    """A temp folder shared with processes that see other pids (a container with the host's /tmp
+    mounted, nodes with one network TMPDIR): pid 12345 of one is no process of the other, whose
+    cleanup removed the live folder of a running curate or DuckDB spill."""
+    mine = Path(scratch.process_folder("booruset-duckdb-"))
+    (mine / "spill.tmp").write_bytes(b"x")
+    code = "from store.scratch import process_folder; process_folder('booruset-duckdb-')"
+    env = {**os.environ, "TMPDIR": str(temp_root), "PYTHONPATH": str(REPO)}
+    subprocess.run(["unshare", "-Urpf", "--mount-proc", sys.executable, "-c", code], env=env, check=True)
+    assert (mine / "spill.tmp").is_file()
