@@ -73,11 +73,19 @@ def main(cfg: Config, list_only: bool, source: str | None) -> int:
         raise ConfigError(f"models fetch --source: {source} is not a folder")
     files = model_files(cfg)
     # a file in the way (or a read-only folder) failed each model file on its own line, and
-    # --list called every file missing as if the folder were empty
-    check_writable_folder("annotate.models_dir", Path(models_dir), write=not list_only)
+    # --list called every file missing as if the folder were empty. A read-only share that already
+    # holds every file is fine: fetch then only says so (an idempotent step of a cluster's setup).
+    check_writable_folder("annotate.models_dir", Path(models_dir),
+                          write=not list_only and not all_staged(files, Path(models_dir)))
     if list_only:
         return list_files(files, Path(models_dir))
     return fetch_files(files, Path(models_dir), source)
+
+
+def all_staged(files: list[ModelFile], root: Path) -> bool:
+    """Whether every file is staged under `root` at its revision and usable (fetch has nothing to do)."""
+    records = staged_records(root) if root.is_dir() else {}
+    return all((root / f.repo / f.file).is_file() and staged_problem_of(f, root, records) == "" for f in files)
 
 
 def staged_problem_of(f: ModelFile, root: Path, records: dict[str, dict]) -> str:

@@ -399,6 +399,21 @@ def test_a_models_dir_that_is_a_file_is_one_line(list_only, source, tmp_path, ca
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_read_only_share_that_holds_every_file_is_already_fetched(source, tmp_path, capsys, monkeypatch):
+    """fetch on a read-only share where every model is staged (a cluster's idempotent setup step)
+    says "already present" and exits 0; one with a file to fetch is refused in one line. root can
+    write anywhere here, so the read-only mount is os.access answering no, as it does (EROFS)."""
+    models_dir = tmp_path / "share"
+    staged = ["models", "fetch", "--source", str(source), "--set", f'annotate.models_dir="{models_dir}"']
+    assert booruset(capsys, *staged)[0] == 0
+    monkeypatch.setattr("jobs.config.os.access", lambda path, mode: False)
+    code, out, err = booruset(capsys, *staged)
+    assert code == 0 and not err and "0 fetched" in out and "already present" in out
+    next(p for p in models_dir.rglob("*.onnx")).unlink()
+    code, out, err = booruset(capsys, *staged)
+    assert code == 2 and not out and "cannot be written" in err
+
+
 @pytest.mark.parametrize("models_dir", ["", "/shared/models"])
 def test_the_skip_message_says_hf_download_and_models_fetch(models_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
