@@ -70,6 +70,7 @@ from udfs.export.tag_text import SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 KOHYA_CONFIG = "kohya/dataset.toml"  # kohya sd-scripts' --dataset_config for the kohya folders (write_kohya_config)
+EXPORT_DUPLICATES = "export_duplicates"  # the selection's duplicates table (export_duplicates)
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
 # state/export/open/<digest of out>.json ({"out"}): an export to that folder began and has not
 # ended (written before its units, removed once its manifest is): the only folders whose units
@@ -280,12 +281,13 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
         ranges = key_ranges(con, chunk)
         where = str(opts["where"]).strip()
         query, params = selection_query(con, opts, where)
-        duplicates = export_duplicates(con, params)
+        export_duplicates(con, params)
         chunks, left_out = [], Counter()
         for index, (first, last) in enumerate(ranges):
             path = f"{ws.base}/{PLAN}/selection/{index:05d}.parquet"
             with ws.key_range_cursor(con, RANGED_TABLES, first, last, published, WHOLE_TABLES) as cursor:
-                cursor.register("duplicates", duplicates)  # in place of curate's, for this cursor alone
+                # in place of curate's, for this cursor alone
+                cursor.execute(f"create or replace temp view duplicates as select * from {EXPORT_DUPLICATES}")
                 rows = stage_chunk(ws, cursor, query, {**params, "first": first, "last": last}, path, where)
                 left_out.update(dict(cursor.execute(sql_text("export_left_out.sql"),
                                                     {**params, "first": first, "last": last}).fetchall()))
@@ -298,12 +300,14 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
     return total, len(chunks), units, dict(left_out)
 
 
-def export_duplicates(con: duckdb.DuckDBPyConnection, params: dict) -> pa.Table:
-    """The duplicates table with the representative the export keeps (sql/export_duplicates.sql):
-    curate's, unless the export leaves it out for another reason now. Over the whole workspace,
-    once: a chunk's cursor sees only its key range of images and captions, a group any of them."""
+def export_duplicates(con: duckdb.DuckDBPyConnection, params: dict) -> None:
+    """Table EXPORT_DUPLICATES of `con`: the duplicates table with the representative the export
+    keeps (sql/export_duplicates.sql): curate's, unless the export leaves it out for another reason
+    now. Over the whole workspace, once: a chunk's cursor sees only its key range of images and
+    captions, a group any of them. A DuckDB table (spilled past its memory limit), not an Arrow one:
+    it has a row per image of a group, which in a worker's Python memory grew with the collection."""
     wanted = {"drop_flagged": params["drop_flagged"], "drop_excluded": params["drop_excluded"]}
-    return con.sql(sql_text("export_duplicates.sql"), params=wanted).to_arrow_table()
+    con.execute(f"create or replace table {EXPORT_DUPLICATES} as {sql_text('export_duplicates.sql')}", wanted)
 
 
 def left_out_note(total: int, selected: int, left_out: dict[str, int]) -> str:

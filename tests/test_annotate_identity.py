@@ -3,12 +3,16 @@ rows), and the rows of its earlier content are not kept beside the new ones."""
 
 from __future__ import annotations
 
+import json
 import tarfile
+from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from jobs import annotate, ingest
 from jobs.config import load_config
+from schemas import CCIP_DIM
 from store.workspace import Workspace
 from tests.conftest import SAMPLE_SHARDS
 
@@ -254,3 +258,42 @@ def test_the_person_crops_tie_the_person_detector_ccip_and_the_tagger():
     assert rerun("", done={}) == set(specs) and rerun("face", pending=()) == set()
     specs["tagger"]["person_crops"] = False
     assert rerun("person") == {"person", "ccip"} and rerun("tagger") == {"tagger"}
+
+
+def test_a_crop_failed_row_stays_while_the_crops_it_explains_stay():
+    """A unit run again for the cascade alone keeps the person detector's and CCIP's parts, so the
+    image whose person crops could not be cut still lacks their embeddings; its crop_failed errors
+    row was in the decode part, which every run replaces, so the row (and its count) was gone."""
+    from udfs.annotate.annotate_parts import UnitTables
+
+    row = {"unit": "u", "key": "a", "source": "s", "member": "a.png", "ok": True, "decode_error": "",
+           "width": 300, "height": 400, "crop_boxes": "[]", "crop_error": "person crops not cut: OSError: truncated",
+           "out_person": json.dumps([[10, 20, 200, 300, "person", 0.9]]),
+           "out_ccip": np.zeros((1, CCIP_DIM), np.float32).tobytes()}
+    for name in ("person", "ccip"):
+        row |= {f"out_{name}_provider": "cpu", f"out_{name}_node": "n", f"out_{name}_seconds": 0.1,
+                f"out_{name}_error": ""}
+    tables = UnitTables({"person": "person_v1", "ccip": "ccip_v1"}, [row])
+    first = {(table, name): f"annotate-u-{name}-t1" for (table, name), rows in tables.parts.items() if rows}
+    info = tables.info()
+    previous = {"pipeline": {"person": "person_v1", "ccip": "ccip_v1", "cascade_face": "cascade"},
+                "parts": {t: sorted(p for (table, _), p in first.items() if table == t) for t in ("detections",
+                                                                                          "embeddings", "errors")},
+                "by_model": info["by_model"], "rows": info["rows"], "error_kinds": info["error_kinds"]}
+    committed = {}
+
+    class Store:
+        def commit_unit(self, job, unit, info, parts):
+            committed.update(info=info, parts=parts)
+
+        def forget_batches(self, job, unit):
+            pass
+
+        def publish_now_and_then(self):
+            pass
+
+    pipeline = annotate.Pipeline({"annotate": {}}, Store(), {"cascade_face": {"identity": "cascade@min_size=200"}},
+                                 {"u": previous})
+    pipeline.commit("u", defaultdict(set), {"images": 1, "rows": {}, "error_kinds": {}, "by_model": {}})
+    assert committed["parts"].get("errors") == previous["parts"]["errors"]
+    assert committed["info"]["error_kinds"] == {"crop_failed": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import sys
 
 import duckdb
 import numpy as np
@@ -818,3 +819,33 @@ def test_the_export_keeps_the_next_copy_when_it_leaves_out_the_representative(wo
     assert staged_keys(workspace) == {"b_mid", "other"}  # the next largest copy, not none of them
     if left_out == "flagged":
         assert staged_keys(workspace, drop_flagged=False) == {"a_big", "other"}
+
+
+def test_the_exports_duplicates_are_not_held_in_python_memory(workspace, monkeypatch):
+    """The selection runs a key range at a time so that its memory is bounded by a range, not the
+    workspace; the duplicates table the export keeps (a row per image of a group, millions in a
+    large collection) was one Arrow table the staging loop held for the whole selection, outside
+    DuckDB's memory limit. Checked here: no Arrow table of more rows than a range in the frames
+    that stage a range."""
+    from jobs import export
+    from jobs.config import default_config
+
+    n, chunk = 2000, 500
+    keys = [f"k{i:05d}" for i in range(n)]
+    workspace.add_part("images", "p", image_rows(keys))
+    workspace.add_part("duplicates", "d", [{"key": k, "dup_group": keys[i - i % 2], "is_representative": i % 2 == 0,
+                                            "reason": "identical"} for i, k in enumerate(keys)])
+    held = []
+    stage_chunk = export.stage_chunk
+
+    def measured(*args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None:
+            held.extend(v.num_rows for v in frame.f_locals.values() if isinstance(v, pa.Table))
+            frame = frame.f_back
+        return stage_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(export, "stage_chunk", measured)
+    total, _, _, left_out = export.stage_selection(workspace, default_config()["export"], 10_000, chunk)
+    assert (total, left_out) == (n, {"near duplicates": n // 2})
+    assert max(held, default=0) <= chunk, f"an Arrow table of {max(held)} rows held while staging a range"

@@ -97,7 +97,10 @@ class UnitTables:
             self.error(row, "decode", JOB, kind, message, dropped=True)
             return
         if row.get("crop_error"):
-            self.error(row, "decode", JOB, "crop_failed", str(row["crop_error"]), dropped=False)
+            # in the person detector's part: crops are cut whenever it runs, and a unit run again
+            # without it keeps its part with the crops' (missing) rows; the decode part is always replaced
+            part = "person" if "person" in self.models else "decode"
+            self.error(row, part, JOB, "crop_failed", str(row["crop_error"]), dropped=False)
         for name, model in self.models.items():
             out = f"out_{name}"
             self.providers[model] = str(row[f"{out}_provider"])
