@@ -97,6 +97,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     print(f"ingest: {len(units)} units, {len(units) - len(pending)} done before, {len(pending)} to run"
           + (f" ({resumed} of their samples finished by a killed run)" if resumed else "")
           + (f"; {replaced} changed units replaced, {removed} images gone from the inputs" if replaced else "")
+          # a rewritten shard's members still there are known only once it is read: said, not counted as gone
+          + (f" (and up to {sum(provisional.values())} of {len(provisional)} rewritten shards, known once read)"
+             if provisional else "")
           + (f"; {reread} units read again by a better reader" if reread else ""),
           flush=True)
     results = _run_units(cfg, ws, pending, options) if pending else []

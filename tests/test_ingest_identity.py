@@ -152,6 +152,26 @@ def test_a_member_gone_from_a_rewritten_shard_is_reported_removed(tmp_path):
     assert sorted(images_by_key(ws)) == ["in/s/a", "in/s/c"] and removed_keys(ws) == ["in/s/b"]
 
 
+def test_the_start_line_does_not_say_a_rewritten_shards_members_stayed(tmp_path, capsys):
+    """A shard written again without b.png: ingest's first line said "0 images gone from the
+    inputs" (its members are known only once it is read) while its summary said 1. It now says
+    how many may be gone."""
+    (tmp_path / "in").mkdir()
+    shard = tmp_path / "in" / "s.tar"
+    members = {name: encode(picture(seed=i), "PNG") for i, name in enumerate(("a.png", "b.png"))}
+    for names in (["a.png", "b.png"], ["a.png"]):
+        with tarfile.open(shard, "w") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = len(members[name])
+                tar.addfile(info, io.BytesIO(members[name]))
+        capsys.readouterr()
+        summary, ws = ingest_inputs(tmp_path / "ws", tmp_path / "in")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "0 images gone from the inputs (and up to 2 of 1 rewritten shards, known once read)" in first, first
+    assert any("1 images are no longer in the inputs" in n for n in summary.notes)
+
+
 def removed_keys(ws) -> list[str]:
     return sorted(e["key"] for e in ws.read_table("errors").to_pylist() if e["kind"] == "removed_from_input")
 
