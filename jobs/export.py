@@ -52,7 +52,7 @@ from jobs.ray_env import (
 )
 from jobs.summary import JobSummary
 from store.staging import clear
-from store.workspace import Workspace, short_tables, sweep_temp_files, unit_id
+from store.workspace import INPUT_REGISTRY, Workspace, short_tables, sweep_temp_files, unit_id
 from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import (
     FOLDER_LAYOUTS,
@@ -281,6 +281,7 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
         ranges = key_ranges(con, chunk)
         where = str(opts["where"]).strip()
         query, params = selection_query(con, opts, where)
+        params["gone_inputs"] = gone_inputs(ws.read_json(INPUT_REGISTRY) or {})
         export_duplicates(con, params)
         chunks, left_out = [], Counter()
         for index, (first, last) in enumerate(ranges):
@@ -300,13 +301,25 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
     return total, len(chunks), units, dict(left_out)
 
 
+def gone_inputs(registry: dict[str, str]) -> list[str]:
+    """The ids of the inputs in the workspace's registry (location -> id) whose every location is a
+    local path that is no longer there: a collection moved to a new path is a new input to ingest,
+    and the old one's rows stay, unreadable (their copies chosen as representatives took the
+    pictures out of the export). Checked in the worker that stages the selection, as the export's
+    tasks read the inputs in workers. A location on object storage counts as there."""
+    there: dict[str, bool] = {}
+    for location, input_id in registry.items():
+        there[input_id] = there.get(input_id, False) or "://" in location or os.path.exists(location)
+    return sorted(input_id for input_id, present in there.items() if not present)
+
+
 def export_duplicates(con: duckdb.DuckDBPyConnection, params: dict) -> None:
     """Table EXPORT_DUPLICATES of `con`: the duplicates table with the representative the export
     keeps (sql/export_duplicates.sql): curate's, unless the export leaves it out for another reason
     now. Over the whole workspace, once: a chunk's cursor sees only its key range of images and
     captions, a group any of them. A DuckDB table (spilled past its memory limit), not an Arrow one:
     it has a row per image of a group, which in a worker's Python memory grew with the collection."""
-    wanted = {"drop_flagged": params["drop_flagged"], "drop_excluded": params["drop_excluded"]}
+    wanted = {k: params[k] for k in ("drop_flagged", "drop_excluded", "gone_inputs")}
     con.execute(f"create or replace table {EXPORT_DUPLICATES} as {sql_text('export_duplicates.sql')}", wanted)
 
 

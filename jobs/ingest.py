@@ -13,7 +13,7 @@ import schemas
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
 from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
 from jobs.summary import JobSummary
-from store.workspace import Workspace, images_parts, unit_id, unit_parts
+from store.workspace import INPUT_REGISTRY, Workspace, images_parts, unit_id, unit_parts
 from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import (
     JOB,
@@ -46,7 +46,7 @@ def input_specs(cfg: Config) -> list[str]:
     return specs
 
 
-REGISTRY = "state/inputs.json"  # input path -> input id, assigned once per workspace
+REGISTRY = INPUT_REGISTRY  # input path -> input id, assigned once per workspace
 
 
 def unit_key(unit: Unit) -> str:

@@ -26,7 +26,7 @@ from store.workspace import Workspace
 REVIEW_QUERY = (REPO / "sql" / "review_rows.sql").read_text(encoding="utf-8").replace(
     "from $selection", "from (\n" + (REPO / "sql" / "export_selection.sql").read_text(encoding="utf-8") + "\n)")
 # Every image, excluded or not: the page shows exclusions so that they can be taken back.
-KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False}
+KEEP_ALL = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": False, "gone_inputs": []}
 BUILD_CHUNK = SELECTION_CHUNK  # images per step of the review table's build (the same query as export's)
 # Edits of up to this many images refresh their rows one by one (a key equality reaches the
 # table scans); more rebuild the whole table.

@@ -3,12 +3,12 @@
 -- group the one image the export keeps is the representative. Curate's representative stays it
 -- unless the export leaves it out for another reason now: a person excluded it after curate
 -- ($drop_excluded), its accepted caption is flagged and not edited ($drop_flagged; captions come
--- after curate), or an ingest removed its file since. Then the next image by curate's order
+-- after curate), or an ingest removed its file since, or its input is gone ($gone_inputs). Then the next image by curate's order
 -- (largest, then bytes, then key) of those the export keeps is: curate's choice alone left every
 -- other copy out as a near duplicate, and the picture was gone from the training set.
 -- Run once over the whole workspace (a group's images are in any key range); the result has a
 -- row per image of a group, far fewer than the images.
--- Parameters: $drop_flagged, $drop_excluded. Reads duplicates, images, captions, edit_state.
+-- Parameters: $drop_flagged, $drop_excluded, $gone_inputs. Reads duplicates, images, captions, edit_state.
 with members as (
     select key, min(dup_group) as dup_group, bool_and(is_representative) as is_representative, min(reason) as reason
     from duplicates
@@ -31,6 +31,7 @@ ranked as (
     select m.*, row_number() over (
         partition by m.dup_group
         order by i.key is null,
+                 list_contains($gone_inputs::varchar[], split_part(m.key, '/', 1)),
                  $drop_excluded and x.key is not null,
                  $drop_flagged and e.key is null and coalesce(f.flagged, false),
                  not m.is_representative,

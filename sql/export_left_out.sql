@@ -1,6 +1,6 @@
 -- export_left_out: the images of one key range [$first, $last) ($last null: to the end) that
 -- sql/export_selection.sql leaves out, counted by reason (the first that applies, in this order):
--- excluded in review ($drop_excluded), a near duplicate that is not its group's representative
+-- gone with their input ($gone_inputs), excluded in review ($drop_excluded), a near duplicate that is not its group's representative
 -- ($drop_duplicates), an accepted caption flagged for review and not edited ($drop_flagged).
 -- The same conditions as the selection's; what export.where leaves out is the rest (jobs/export.py).
 with flagged_captions as (
@@ -22,6 +22,7 @@ exclude_edits as (
 ),
 reasons as (
     select case
+               when list_contains($gone_inputs::varchar[], split_part(i.key, '/', 1)) then 'gone with their input'
                when $drop_excluded and coalesce(x.excluded, false) then 'excluded in review'
                when $drop_duplicates and not coalesce(d.is_representative, true) then 'near duplicates'
                when $drop_flagged and cap.key is null and coalesce(f.flagged, false) then 'flagged captions'

@@ -9,7 +9,10 @@
 -- ones are what the person corrected, so only theirs, 'edited', is left), their character replaces the curated ones,
 -- and an excluded image is left out ($drop_excluded; the review page keeps it, to include again).
 -- The user's --where runs afterwards as a filter over a view of this selection (jobs/export.py).
--- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded. Reads images, image_tag_lists,
+-- Images of an input whose folder or shard is no longer there ($gone_inputs: input ids, the first
+-- part of a key) are left out: their files cannot be read (a collection moved to a new path, which
+-- ingest takes as a new input, leaves the old one's rows).
+-- Parameters: $drop_duplicates, $drop_flagged, $drop_excluded, $gone_inputs. Reads images, image_tag_lists,
 -- image_meta, captions, balance, duplicates, errors, edit_state, caption_regions, source_text.
 with accepted as (
     select key,
@@ -135,4 +138,5 @@ left join own_texts as o using (key)
 where not ($drop_duplicates and not coalesce(d.is_representative, true))
   and not ($drop_flagged and cap.key is null and coalesce(a.flagged, false))
   and not ($drop_excluded and coalesce(x.excluded, false))
+  and not list_contains($gone_inputs::varchar[], split_part(i.key, '/', 1))
 order by i.source, i.key

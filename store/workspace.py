@@ -56,6 +56,7 @@ SQL = Path(__file__).resolve().parent.parent / "sql"
 DERIVED_VIEWS = ("edit_state", "image_tag_lists")  # in order: the second reads the first
 CATALOG_STORAGE_VERSION = "v1.2.0"
 PUBLISHED = "state/published.json"
+INPUT_REGISTRY = "state/inputs.json"  # input location -> input id (the first part of its keys), from ingest
 CATALOG_STATE = "state/catalog.json"  # the fingerprint of the views catalog.duckdb holds
 HOLDS = "state/holds"  # <job>.json: the parts readers keep while a run of the job replaces units
 JSON_READ_TRIES = 5  # reads of a JSON file met half-replaced by another process (Workspace.read_json)

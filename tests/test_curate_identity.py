@@ -821,6 +821,27 @@ def test_the_export_keeps_the_next_copy_when_it_leaves_out_the_representative(wo
         assert staged_keys(workspace, drop_flagged=False) == {"a_big", "other"}
 
 
+def test_the_images_of_an_input_no_longer_there_leave_the_export_to_their_copies(workspace, tmp_path):
+    """A collection moved to a new path is a new input; the old input's rows stay. Curate made
+    the old, unreadable copies the representatives (their keys sort first), so the export wrote
+    neither copy of those pictures (a missing_member row each, exit 0). The old input's images are
+    now left out, counted, and their groups keep the copies that are there."""
+    from jobs import export
+    from jobs.config import default_config
+
+    (tmp_path / "col_moved").mkdir()
+    workspace.write_json("state/inputs.json", {str(tmp_path / "col"): "col", str(tmp_path / "col_moved"): "col_moved",
+                                               "s3://bucket/shards": "shards"})
+    rows = image_rows(["col/x", "col/y", "col_moved/x", "col_moved/y", "col_moved/z"], phash=None)
+    workspace.add_part("images", "p", [{**r, "sha256": r["key"].rsplit("/", 1)[1]} for r in rows])
+    curate.run(curate_config(workspace), workspace)
+    kept = {r["key"] for r in workspace.read_table("duplicates").to_pylist() if r["is_representative"]}
+    assert kept == {"col/x", "col/y"}  # curate's choice: the first key
+    assert staged_keys(workspace) == {"col_moved/x", "col_moved/y", "col_moved/z"}
+    left_out = export.stage_selection(workspace, default_config()["export"], 1000, 2)[3]
+    assert left_out == {"gone with their input": 2}
+
+
 def test_the_exports_duplicates_are_not_held_in_python_memory(workspace, monkeypatch):
     """The selection runs a key range at a time so that its memory is bounded by a range, not the
     workspace; the duplicates table the export keeps (a row per image of a group, millions in a

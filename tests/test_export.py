@@ -238,7 +238,7 @@ def test_the_selection_carries_the_best_caption_of_each_origin(tmp_path_factory)
     ws.add_part("captions", "variants", [{"key": key, "attempt": a, "backend": b, "seed": 0, "caption": c,
                                           "accuracy": acc, "accepted": a == 3, "flagged": False}
                                          for a, b, c, acc in attempts])
-    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True}
+    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True, "gone_inputs": []}
     variants = dict(ws.connect().execute(f"select key, caption_variants from ({sql_text('export_selection.sql')})",
                                          params).fetchall())
     assert variants[key] == [{"origin": "model", "caption": "the better model caption"},
@@ -271,7 +271,7 @@ def test_a_caption_edited_in_review_keeps_nothing_of_the_caption_it_replaced(wor
     now = datetime.datetime.now(datetime.UTC)
     workspace.add_part("edits", "u", [{"key": "a/girl", "field": "caption", "old": "A boy on a horse.",
                                        "new": "A girl with long hair smiles.", "time": now, "seq": 0, "batch": "b"}])
-    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True}
+    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True, "gone_inputs": []}
     con = workspace.connect()
     cursor = con.execute(sql_text("export_selection.sql"), params)
     row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))

@@ -176,7 +176,7 @@ def test_caption_exclude_and_character_edits_reach_the_export_selection(review):
     assert row["row"]["accuracy"] is None  # nothing scored the person's caption
     from jobs.export import sql_text
     con = ws.connect()
-    params = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": True}
+    params = {"drop_duplicates": False, "drop_flagged": False, "drop_excluded": True, "gone_inputs": []}
     exported = {r[0] for r in con.execute(sql_text("export_selection.sql"), params).fetchall()}
     assert key not in exported
     left_out = con.execute(sql_text("export_left_out.sql"), {**params, "first": "", "last": None}).fetchall()
