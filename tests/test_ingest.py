@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -993,3 +994,48 @@ def test_an_unforeseen_error_on_one_sample_is_its_errors_row_not_the_runs_end(mo
     assert error["message"] == "KeyError: \"a plugin's bug\""
     summary = rows.summary(0.0)
     assert (summary["samples"], summary["images"], summary["dropped"]) == (2, 1, 1)
+
+
+def test_an_s3_input_whose_endpoint_stops_answering_fails_the_unit_instead_of_committing_errors(
+        tmp_path, s3_endpoint, monkeypatch):
+    """The endpoint going down mid-run (here: the units read through a port nothing listens on)
+    is no fault of the objects: reading a folder unit or a shard raises StoreError, so that the
+    unit is not committed with an `unreadable` or `corrupt_shard` row for every sample (a rerun
+    skipped such units, and their images were never read). An object deleted since the listing
+    is still its own sample's unreadable row."""
+    from s3_server import free_port
+
+    from store.uris import StoreError
+    from udfs.ingest.sources import discover_units
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    fs = s3_filesystem(s3_endpoint)
+    local = a_folder_of_images(tmp_path / "pics")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with fs.open_output_stream(f"ws-bucket/down-test/in/{path.relative_to(local)}", compression=None) as out:
+            out.write(path.read_bytes())
+    with fs.open_output_stream("ws-bucket/down-test/in/s.tar", compression=None) as out:
+        out.write(write_tar(tmp_path / "s.tar", [("x.png", encode(picture(seed=1), "PNG"))]).read_bytes())
+    uri = f"s3://ws-bucket/down-test/in?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    units = discover_units([uri], 100)
+    assert sorted(u.kind for u in units) == ["folder", "tar"]
+    fs.delete_file("ws-bucket/down-test/in/a.png")  # gone since the listing: its own row
+    folder = next(u for u in units if u.kind == "folder")
+    rows = [p for s in read_unit(folder, 1 << 20) if not isinstance(s, tuple) for p in s.problems]
+    assert [(member, kind) for member, kind, _ in rows] == [("a.png", "unreadable")]
+    dead = str(free_port())
+
+    def read_down(unit: Unit) -> BaseException | None:
+        unit.uri = unit.uri.replace(s3_endpoint.rsplit(":", 1)[1], dead)
+        try:
+            list(read_unit(unit, 1 << 20))
+        except Exception as exc:  # noqa: BLE001 - checked below
+            return exc
+        return None
+
+    with ThreadPoolExecutor(2) as pool:  # Arrow retries a refused connection for 6 s: both at once
+        failures = list(pool.map(read_down, units))
+    for failure in failures:
+        assert isinstance(failure, StoreError) and "NETWORK_CONNECTION" in str(failure), failure
+        assert "run again" in str(failure)

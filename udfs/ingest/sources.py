@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from store.uris import filesystem_of
+from store.uris import filesystem_of, store_failure
 from udfs.ingest.shard_tar import READ_ERRORS, how_it_ended, open_tar, problems_before
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
@@ -444,6 +444,8 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 current = None
             yield ended
     except READ_ERRORS as exc:
+        if failed := store_failure(exc, uri):  # the store, not the shard: the unit fails, uncommitted
+            raise failed from exc
         if current is not None:
             current.problems.append(("", "truncated_shard", f"shard ended early: {exc}"))
             yield current
@@ -530,20 +532,23 @@ def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample | 
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
         pending: deque = deque()
         for key, files in entries.items():
-            pending.append(pool.submit(_object_sample, fs, key, files, max_member_bytes))
+            pending.append(pool.submit(_object_sample, fs, key, files, max_member_bytes, unit.uri))
             if len(pending) >= OBJECT_SAMPLES_AHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], max_member_bytes: int) -> Sample:
+def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], max_member_bytes: int,
+                   folder: str) -> Sample:
     sample = Sample(key, {}, {})
     for rel, path in files:
         try:
             with fs.open_input_file(path) as f:
                 _add_member(sample, split_folder_name(rel)[1], rel, f.size(), max_member_bytes, f.read)
         except (OSError, ValueError) as exc:  # ValueError: a key pyarrow refuses as a path (`a//b.png`)
+            if failed := store_failure(exc, folder):  # the store, not the object: the unit fails
+                raise failed from exc
             sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     return sample
 
