@@ -1007,6 +1007,7 @@ def test_an_s3_input_whose_endpoint_stops_answering_fails_the_unit_instead_of_co
 
     from store.uris import StoreError
     from udfs.ingest.sources import discover_units
+    from udfs.source_members import source_members
 
     for name, value in AWS.items():
         monkeypatch.setenv(name, value)
@@ -1025,17 +1026,22 @@ def test_an_s3_input_whose_endpoint_stops_answering_fails_the_unit_instead_of_co
     rows = [p for s in read_unit(folder, 1 << 20) if not isinstance(s, tuple) for p in s.problems]
     assert [(member, kind) for member, kind, _ in rows] == [("a.png", "unreadable")]
     dead = str(free_port())
-
-    def read_down(unit: Unit) -> BaseException | None:
+    for unit in units:
         unit.uri = unit.uri.replace(s3_endpoint.rsplit(":", 1)[1], dead)
+    # and export's and the captioners' reads (they made a missing_member or unreadable_image row
+    # of each image, and committed their units)
+    reads = [lambda u=u: list(read_unit(u, 1 << 20)) for u in units]
+    reads += [lambda u=u: list(source_members(u.uri, {"b c.png": None, "m.png": 0}, None)) for u in units]
+
+    def read_down(read) -> BaseException | None:
         try:
-            list(read_unit(unit, 1 << 20))
+            read()
         except Exception as exc:  # noqa: BLE001 - checked below
             return exc
         return None
 
-    with ThreadPoolExecutor(2) as pool:  # Arrow retries a refused connection for 6 s: both at once
-        failures = list(pool.map(read_down, units))
+    with ThreadPoolExecutor(len(reads)) as pool:  # Arrow retries a refused connection for 6 s: all at once
+        failures = list(pool.map(read_down, reads))
     for failure in failures:
         assert isinstance(failure, StoreError) and "NETWORK_CONNECTION" in str(failure), failure
         assert "run again" in str(failure)
