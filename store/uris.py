@@ -32,5 +32,6 @@ def store_failure(exc: BaseException, uri: str) -> StoreError | None:
     its own) or damaged; None otherwise. Arrow's S3 errors say "AWS Error <TYPE> during <operation>"."""
     if "://" not in uri or isinstance(exc, FileNotFoundError) or "AWS Error" not in str(exc):
         return None
-    return StoreError(f"object storage failed reading {uri.split('?', 1)[0]} ({exc}): nothing of it is committed; "
-                      "run again once the store answers (what is done is kept)")
+    # the advice first: the one line a failed job prints is cut at 300 characters
+    return StoreError(f"object storage failed reading {uri.split('?', 1)[0]}: run again once it answers (what is "
+                      f"done is kept, nothing of this is committed): {exc}")

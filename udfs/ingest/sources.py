@@ -445,7 +445,7 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
             yield ended
     except READ_ERRORS as exc:
         if failed := store_failure(exc, uri):  # the store, not the shard: the unit fails, uncommitted
-            raise failed from exc
+            raise failed from None  # its message holds exc's: the one line says what to do
         if current is not None:
             current.problems.append(("", "truncated_shard", f"shard ended early: {exc}"))
             yield current
@@ -548,7 +548,7 @@ def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], 
                 _add_member(sample, split_folder_name(rel)[1], rel, f.size(), max_member_bytes, f.read)
         except (OSError, ValueError) as exc:  # ValueError: a key pyarrow refuses as a path (`a//b.png`)
             if failed := store_failure(exc, folder):  # the store, not the object: the unit fails
-                raise failed from exc
+                raise failed from None  # its message holds exc's: the one line says what to do
             sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     return sample
 
