@@ -1045,3 +1045,26 @@ def test_an_s3_input_whose_endpoint_stops_answering_fails_the_unit_instead_of_co
     for failure in failures:
         assert isinstance(failure, StoreError) and "NETWORK_CONNECTION" in str(failure), failure
         assert "run again" in str(failure)
+
+
+def test_an_s3_input_written_with_a_trailing_slash_is_the_same_input(s3_endpoint, monkeypatch):
+    """`s3://b/in/?...` and `s3://b/in?...` are one folder, as `/data/in/` and `/data/in` are on
+    disk (resolved alike): one input id and the same keys. They were two locations: given both,
+    every image was ingested twice under two ids; given one then the other, the second's keys
+    took a hashed id (`in-1a2b3c4d/...`) beside the first's rows. An id registered with the slash
+    is kept."""
+    from udfs.ingest.sources import assign_input_ids, discover_units, resolve_inputs
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    with s3_filesystem(s3_endpoint).open_output_stream("ws-bucket/slash-test/in/a.png", compression=None) as out:
+        out.write(encode(picture(), "PNG"))
+    query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    plain, slashed = f"s3://ws-bucket/slash-test/in{query}", f"s3://ws-bucket/slash-test/in/{query}"
+    assert resolve_inputs([plain, slashed]) == resolve_inputs([slashed]) == [plain]
+    ids = assign_input_ids(resolve_inputs([plain]), {})
+    assert assign_input_ids(resolve_inputs([slashed]), ids) == ids == {"s3://ws-bucket/slash-test/in": "in"}
+    registered = {"s3://ws-bucket/slash-test/in/": "in"}  # by an earlier version, given with the slash
+    assert assign_input_ids(resolve_inputs([plain]), registered)["s3://ws-bucket/slash-test/in"] == "in"
+    keys = [[(u.prefix, u.files) for u in discover_units([spec], 100)] for spec in (plain, slashed)]
+    assert keys[0] == keys[1] and keys[0][0][0] == "in"

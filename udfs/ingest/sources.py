@@ -166,7 +166,7 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             fs, path = filesystem_of(spec)
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(f"input not found: {spec}")
-            paths.append(spec)
+            paths.append(without_trailing_slash(spec))
             continue
         if os.path.exists(spec):  # `[2023] art`, `art {a,b}`: a name that is there is no pattern
             paths.append(str(Path(spec).resolve()))
@@ -176,6 +176,16 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             raise FileNotFoundError(f"input not found: {spec}")
         paths += [str(Path(p).resolve()) for p in found]
     return list(dict.fromkeys(paths))
+
+
+def without_trailing_slash(uri: str) -> str:
+    """`uri` without "/" at the end of its path (its query kept): `s3://b/in/` and `s3://b/in` are
+    one folder, as a local path is resolved, and must be one input with one id and the same keys."""
+    location = input_location(uri)
+    trimmed = location.rstrip("/")
+    if not trimmed.split("://", 1)[1]:  # a root (`file:///`): nothing to trim
+        return uri
+    return trimmed + uri[len(location):]
 
 
 def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, str]:
@@ -195,6 +205,9 @@ def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, 
             continue
         if given in ids:  # registered with its query by an earlier version: its keys stay
             ids[path] = ids[given]
+            continue
+        if "://" in path and path + "/" in ids:  # registered with a trailing "/" by an earlier version
+            ids[path] = ids[path + "/"]
             continue
         name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
         if name in taken:
