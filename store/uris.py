@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -31,6 +33,8 @@ def store_failure(exc: BaseException, uri: str) -> StoreError | None:
     rather than the object being missing (FileNotFoundError: deleted since the listing, a row of
     its own) or damaged; None otherwise. Arrow's S3 errors say "AWS Error <TYPE> during <operation>"."""
     if "://" not in uri or isinstance(exc, FileNotFoundError) or "AWS Error" not in str(exc):
+        return None
+    if re.search(r"AWS Error (NO_SUCH_KEY|RESOURCE_NOT_FOUND)\b", str(exc)):  # deleted between its HEAD and GET
         return None
     # the advice first: the one line a failed job prints is cut at 300 characters
     return StoreError(f"object storage failed reading {uri.split('?', 1)[0]}: run again once it answers (what is "

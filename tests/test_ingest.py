@@ -1068,3 +1068,15 @@ def test_an_s3_input_written_with_a_trailing_slash_is_the_same_input(s3_endpoint
     assert assign_input_ids(resolve_inputs([plain]), registered)["s3://ws-bucket/slash-test/in"] == "in"
     keys = [[(u.prefix, u.files) for u in discover_units([spec], 100)] for spec in (plain, slashed)]
     assert keys[0] == keys[1] and keys[0][0][0] == "in"
+
+
+def test_an_object_gone_between_its_head_and_its_get_is_its_own_row_not_a_store_failure():
+    """Arrow says NO_SUCH_KEY in an OSError (not FileNotFoundError) when the GET after the HEAD
+    finds the object deleted: the object's fault, as a file deleted since the listing."""
+    from store.uris import store_failure
+
+    uri = "s3://b/in/?endpoint_override=h:9000"
+    gone = OSError("AWS Error NO_SUCH_KEY during GetObject operation: The specified key does not exist.")
+    assert store_failure(gone, uri) is None
+    assert store_failure(OSError("AWS Error ACCESS_DENIED during GetObject operation: denied"), uri) is not None
+    assert store_failure(OSError("AWS Error NETWORK_CONNECTION during GetObject operation"), "/local/in") is None
