@@ -33,6 +33,7 @@ from review.edits import UNDO_SQL, EditLog, EditRequest
 from review.image_bytes import Thumbnails, image_bytes
 from review.selection import Filters, ReviewIndex
 from store.lock import WorkspaceBusy
+from store.uris import StoreError
 from store.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +115,8 @@ class ReviewApp:
         try:
             data = self.thumbs.get(row["key"], row["sha256"], row["source"], row["member"], row.get("member_offset"),
                                    row.get("bytes"))
+        except StoreError as exc:  # the input's object storage does not answer: not the image's fault
+            return PlainTextResponse(str(exc), status_code=503)
         except Exception as exc:  # noqa: BLE001 - an undecodable image: say so, the page goes on
             return PlainTextResponse(f"cannot make a thumbnail: {type(exc).__name__}", status_code=422)
         if data is None:
@@ -124,8 +127,11 @@ class ReviewApp:
         row = self.index.row(request.query_params.get("key", ""))
         if row is None:
             return PlainTextResponse("no such image", status_code=404)
-        data = image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out,
-                           row.get("bytes"))
+        try:
+            data = image_bytes(row["source"], row["member"], row.get("member_offset"), self.follow_links_out,
+                               row.get("bytes"))
+        except StoreError as exc:  # the input's object storage does not answer: not missing, unavailable
+            return PlainTextResponse(str(exc), status_code=503)
         if data is None:
             return PlainTextResponse(MISSING, status_code=404)
         media = MEDIA_TYPES.get(str(row["format"]).lower(), "application/octet-stream")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -17,3 +19,23 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
     except (pa.ArrowInvalid, ValueError) as exc:
         raise ValueError(f"cannot parse the URI {uri}: percent-encode what a URI cannot hold (a space as %20, "
                          f"letters beyond ASCII) ({exc})") from exc
+
+
+class StoreError(RuntimeError):
+    """Object storage failed a request for a reason that is not the object's (the endpoint down or
+    timing out, access refused, the service failing). Not an OSError, so that the readers' handlers
+    of a damaged or vanished file let it through: the unit being read fails and is not committed,
+    where an errors row for each of its samples had made a rerun skip them all for good."""
+
+
+def store_failure(exc: BaseException, uri: str) -> StoreError | None:
+    """The StoreError for `exc`, raised reading `uri`, when object storage failed the request
+    rather than the object being missing (FileNotFoundError: deleted since the listing, a row of
+    its own) or damaged; None otherwise. Arrow's S3 errors say "AWS Error <TYPE> during <operation>"."""
+    if "://" not in uri or isinstance(exc, FileNotFoundError) or "AWS Error" not in str(exc):
+        return None
+    if re.search(r"AWS Error (NO_SUCH_KEY|RESOURCE_NOT_FOUND)\b", str(exc)):  # deleted between its HEAD and GET
+        return None
+    # the advice first: the one line a failed job prints is cut at 300 characters
+    return StoreError(f"object storage failed reading {uri.split('?', 1)[0]}: run again once it answers (what is "
+                      f"done is kept, nothing of this is committed): {exc}")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -993,3 +994,89 @@ def test_an_unforeseen_error_on_one_sample_is_its_errors_row_not_the_runs_end(mo
     assert error["message"] == "KeyError: \"a plugin's bug\""
     summary = rows.summary(0.0)
     assert (summary["samples"], summary["images"], summary["dropped"]) == (2, 1, 1)
+
+
+def test_an_s3_input_whose_endpoint_stops_answering_fails_the_unit_instead_of_committing_errors(
+        tmp_path, s3_endpoint, monkeypatch):
+    """The endpoint going down mid-run (here: the units read through a port nothing listens on)
+    is no fault of the objects: reading a folder unit or a shard raises StoreError, so that the
+    unit is not committed with an `unreadable` or `corrupt_shard` row for every sample (a rerun
+    skipped such units, and their images were never read). An object deleted since the listing
+    is still its own sample's unreadable row."""
+    from s3_server import free_port
+
+    from store.uris import StoreError
+    from udfs.ingest.sources import discover_units
+    from udfs.source_members import source_members
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    fs = s3_filesystem(s3_endpoint)
+    local = a_folder_of_images(tmp_path / "pics")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with fs.open_output_stream(f"ws-bucket/down-test/in/{path.relative_to(local)}", compression=None) as out:
+            out.write(path.read_bytes())
+    with fs.open_output_stream("ws-bucket/down-test/in/s.tar", compression=None) as out:
+        out.write(write_tar(tmp_path / "s.tar", [("x.png", encode(picture(seed=1), "PNG"))]).read_bytes())
+    uri = f"s3://ws-bucket/down-test/in?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    units = discover_units([uri], 100)
+    assert sorted(u.kind for u in units) == ["folder", "tar"]
+    fs.delete_file("ws-bucket/down-test/in/a.png")  # gone since the listing: its own row
+    folder = next(u for u in units if u.kind == "folder")
+    rows = [p for s in read_unit(folder, 1 << 20) if not isinstance(s, tuple) for p in s.problems]
+    assert [(member, kind) for member, kind, _ in rows] == [("a.png", "unreadable")]
+    dead = str(free_port())
+    for unit in units:
+        unit.uri = unit.uri.replace(s3_endpoint.rsplit(":", 1)[1], dead)
+    # and export's and the captioners' reads (they made a missing_member or unreadable_image row
+    # of each image, and committed their units)
+    reads = [lambda u=u: list(read_unit(u, 1 << 20)) for u in units]
+    reads += [lambda u=u: list(source_members(u.uri, {"b c.png": None, "m.png": 0}, None)) for u in units]
+
+    def read_down(read) -> BaseException | None:
+        try:
+            read()
+        except Exception as exc:  # noqa: BLE001 - checked below
+            return exc
+        return None
+
+    with ThreadPoolExecutor(len(reads)) as pool:  # Arrow retries a refused connection for 6 s: all at once
+        failures = list(pool.map(read_down, reads))
+    for failure in failures:
+        assert isinstance(failure, StoreError) and "NETWORK_CONNECTION" in str(failure), failure
+        assert "run again" in str(failure)
+
+
+def test_an_s3_input_written_with_a_trailing_slash_is_the_same_input(s3_endpoint, monkeypatch):
+    """`s3://b/in/?...` and `s3://b/in?...` are one folder, as `/data/in/` and `/data/in` are on
+    disk (resolved alike): one input id and the same keys. They were two locations: given both,
+    every image was ingested twice under two ids; given one then the other, the second's keys
+    took a hashed id (`in-1a2b3c4d/...`) beside the first's rows. An id registered with the slash
+    is kept."""
+    from udfs.ingest.sources import assign_input_ids, discover_units, resolve_inputs
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    with s3_filesystem(s3_endpoint).open_output_stream("ws-bucket/slash-test/in/a.png", compression=None) as out:
+        out.write(encode(picture(), "PNG"))
+    query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    plain, slashed = f"s3://ws-bucket/slash-test/in{query}", f"s3://ws-bucket/slash-test/in/{query}"
+    assert resolve_inputs([plain, slashed]) == resolve_inputs([slashed]) == [plain]
+    ids = assign_input_ids(resolve_inputs([plain]), {})
+    assert assign_input_ids(resolve_inputs([slashed]), ids) == ids == {"s3://ws-bucket/slash-test/in": "in"}
+    registered = {"s3://ws-bucket/slash-test/in/": "in"}  # by an earlier version, given with the slash
+    assert assign_input_ids(resolve_inputs([plain]), registered)["s3://ws-bucket/slash-test/in"] == "in"
+    keys = [[(u.prefix, u.files) for u in discover_units([spec], 100)] for spec in (plain, slashed)]
+    assert keys[0] == keys[1] and keys[0][0][0] == "in"
+
+
+def test_an_object_gone_between_its_head_and_its_get_is_its_own_row_not_a_store_failure():
+    """Arrow says NO_SUCH_KEY in an OSError (not FileNotFoundError) when the GET after the HEAD
+    finds the object deleted: the object's fault, as a file deleted since the listing."""
+    from store.uris import store_failure
+
+    uri = "s3://b/in/?endpoint_override=h:9000"
+    gone = OSError("AWS Error NO_SUCH_KEY during GetObject operation: The specified key does not exist.")
+    assert store_failure(gone, uri) is None
+    assert store_failure(OSError("AWS Error ACCESS_DENIED during GetObject operation: denied"), uri) is not None
+    assert store_failure(OSError("AWS Error NETWORK_CONNECTION during GetObject operation"), "/local/in") is None

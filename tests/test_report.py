@@ -491,3 +491,17 @@ def test_an_image_excluded_in_review_is_not_in_its_balance_group(tmp_path):
                                    "time": now + timedelta(seconds=1), "seq": 0, "batch": "b2"}])
     rows = report.report_data(cfg, ws)["balance"]
     assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0)]
+
+
+def test_examples_whose_object_storage_is_down_are_left_out_not_the_report(monkeypatch):
+    """The report needs read access to the workspace alone: an input whose endpoint is down (here,
+    a port nothing listens on) loses its examples, as a missing file does, and the report is still
+    written; the shards and folders that answer give theirs."""
+    from jobs import report
+    from tests.s3_server import AWS, free_port
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    down = f"s3://ws-bucket/in/?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    rows = [{"key": "in/a", "source": down, "member": "a.png", "member_offset": None, "bytes": 10}]
+    assert report.input_bytes(rows) == {}

@@ -719,3 +719,31 @@ def test_an_image_over_max_tags_may_still_swap_a_tag(review):
     assert swap.status_code == 200 and swap.json()["edits"] == 2
     client.post("/api/undo", json={"batch": swap.json()["batch"]})
     assert tags_of(ws, key) == has
+
+
+def test_an_image_whose_object_storage_is_down_is_unavailable_not_missing_nor_a_server_error(tmp_path, monkeypatch):
+    """An image on object storage whose endpoint does not answer (source_members raises StoreError:
+    tests/test_ingest.py): 503 with the store's message for the original and the thumbnail (the
+    original was a 500, the thumbnail "cannot make a thumbnail", as if the image were undecodable)."""
+    from starlette.testclient import TestClient
+
+    import review.app
+    import review.image_bytes
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.uris import StoreError
+    from store.workspace import Workspace
+
+    def down(*_args, **_kwargs):
+        raise StoreError("object storage failed reading s3://ws-bucket/in/: run again once it answers")
+
+    monkeypatch.setattr(review.app, "image_bytes", down)
+    monkeypatch.setattr(review.image_bytes, "image_bytes", down)
+    ws = Workspace(str(tmp_path / "ws"), create=True)
+    ws.add_part("images", "hand", [{"key": "in/a", "source": "s3://ws-bucket/in/?endpoint_override=h:9000",
+                                    "member": "a.png", "width": 96, "height": 64, "format": "PNG", "mode": "RGB",
+                                    "n_frames": 1, "bytes": 10, "sha256": "0" * 64}])
+    client = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
+    for path in ("/original", "/thumb"):
+        answer = client.get(path, params={"key": "in/a"})
+        assert answer.status_code == 503 and "object storage failed reading s3://ws-bucket/in/" in answer.text, path

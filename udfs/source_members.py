@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from store.read_ahead import ReadAhead
+from store.uris import store_failure
 from udfs.ingest.shard_tar import OBJECT_PIECE, STREAM_PIECE, WatchedHeader, open_plain_tar, read_past_bad_headers
 from udfs.ingest.sources import Unit, member_path, read_unit, safe_text, source_kind
 
@@ -50,8 +51,10 @@ def source_members(source: str, wanted: dict[str, int | None], max_member_bytes:
     if kind == "tar" and "://" in source and wanted and None not in wanted.values():
         try:  # what it finds leaves `left`
             yield from _ranged_stream(source, list(wanted.values()), left, max_member_bytes, sizes)
-        except (tarfile.TarError, EOFError, OSError):
-            pass  # compressed (the offsets are not the file's), unreachable: read_unit says which
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            if failed := store_failure(exc, source):  # the store does not answer: not again from the start
+                raise failed from None
+            # else compressed (the offsets are not the file's), or gone: read_unit says which
     if left:
         yield from _read_unit_members(source, kind, left, max_member_bytes, sizes)
 

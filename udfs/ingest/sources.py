@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from store.uris import filesystem_of
+from store.uris import filesystem_of, store_failure
 from udfs.ingest.shard_tar import READ_ERRORS, how_it_ended, open_tar, problems_before
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jxl")
@@ -166,7 +166,7 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             fs, path = filesystem_of(spec)
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(f"input not found: {spec}")
-            paths.append(spec)
+            paths.append(without_trailing_slash(spec))
             continue
         if os.path.exists(spec):  # `[2023] art`, `art {a,b}`: a name that is there is no pattern
             paths.append(str(Path(spec).resolve()))
@@ -176,6 +176,16 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             raise FileNotFoundError(f"input not found: {spec}")
         paths += [str(Path(p).resolve()) for p in found]
     return list(dict.fromkeys(paths))
+
+
+def without_trailing_slash(uri: str) -> str:
+    """`uri` without "/" at the end of its path (its query kept): `s3://b/in/` and `s3://b/in` are
+    one folder, as a local path is resolved, and must be one input with one id and the same keys."""
+    location = input_location(uri)
+    trimmed = location.rstrip("/")
+    if not trimmed.split("://", 1)[1]:  # a root (`file:///`): nothing to trim
+        return uri
+    return trimmed + uri[len(location):]
 
 
 def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, str]:
@@ -195,6 +205,9 @@ def assign_input_ids(paths: list[str], registered: dict[str, str]) -> dict[str, 
             continue
         if given in ids:  # registered with its query by an earlier version: its keys stay
             ids[path] = ids[given]
+            continue
+        if "://" in path and path + "/" in ids:  # registered with a trailing "/" by an earlier version
+            ids[path] = ids[path + "/"]
             continue
         name = re.sub(r"[^\w.@+-]+", "_", re.sub(r"\.tar$", "", path.rstrip("/").rsplit("/", 1)[-1])) or "input"
         if name in taken:
@@ -444,6 +457,8 @@ def _read_tar(uri: str, max_member_bytes: int) -> Iterator[Sample | tuple[str, s
                 current = None
             yield ended
     except READ_ERRORS as exc:
+        if failed := store_failure(exc, uri):  # the store, not the shard: the unit fails, uncommitted
+            raise failed from None  # its message holds exc's: the one line says what to do
         if current is not None:
             current.problems.append(("", "truncated_shard", f"shard ended early: {exc}"))
             yield current
@@ -530,20 +545,23 @@ def _read_object_folder(unit: Unit, max_member_bytes: int) -> Iterator[Sample | 
     with ThreadPoolExecutor(OBJECT_SAMPLES_AHEAD, thread_name_prefix="object-folder") as pool:
         pending: deque = deque()
         for key, files in entries.items():
-            pending.append(pool.submit(_object_sample, fs, key, files, max_member_bytes))
+            pending.append(pool.submit(_object_sample, fs, key, files, max_member_bytes, unit.uri))
             if len(pending) >= OBJECT_SAMPLES_AHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], max_member_bytes: int) -> Sample:
+def _object_sample(fs: pafs.FileSystem, key: str, files: list[tuple[str, str]], max_member_bytes: int,
+                   folder: str) -> Sample:
     sample = Sample(key, {}, {})
     for rel, path in files:
         try:
             with fs.open_input_file(path) as f:
                 _add_member(sample, split_folder_name(rel)[1], rel, f.size(), max_member_bytes, f.read)
         except (OSError, ValueError) as exc:  # ValueError: a key pyarrow refuses as a path (`a//b.png`)
+            if failed := store_failure(exc, folder):  # the store, not the object: the unit fails
+                raise failed from None  # its message holds exc's: the one line says what to do
             sample.problems.append((rel, "unreadable", f"{type(exc).__name__}: {exc}"))
     return sample
 
