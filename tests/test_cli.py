@@ -709,30 +709,39 @@ def test_a_format_given_twice_is_one_layout():
     assert cli.config_from_args(args)["export"]["formats"] == ["kohya", "webdataset"]
 
 
+CTRL_C_DURING_THE_BIND = """
+import signal, threading, time, os, duckdb
+from jobs import cli
+real = duckdb.connect()
+
+class SlowToBind:  # the connection, with con.sql taking its time as a bind over many files does
+    def sql(self, query):
+        time.sleep(0.5)
+        return real.sql(query)
+
+    def interrupt(self):
+        real.interrupt()
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C during the bind
+try:
+    cli.show_answer(SlowToBind(), "select count(*) from range(100000000000000) a")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
 def test_ctrl_c_before_the_query_runs_stops_it_too():
     """Ctrl-C while the statement is still being read (con.sql binds it: every Parquet file of
     the views it names, slow on a big or remote workspace) and not yet run: DuckDB forgets an
-    interrupt with no query running, and sql waited for the whole query after its Ctrl-C."""
-    import _thread
-    import threading
-
-    real = duckdb.connect()
-
-    class SlowToBind:  # the connection, with con.sql taking its time as a bind over many files does
-        def sql(self, query):
-            time.sleep(0.5)
-            return real.sql(query)
-
-        def interrupt(self):
-            real.interrupt()
-
-    threading.Timer(0.2, _thread.interrupt_main).start()  # Ctrl-C during the bind
-    guard = threading.Timer(30, real.interrupt)  # the test ends even where the fix is missing
-    guard.start()
+    interrupt with no query running, and sql waited for the whole query after its Ctrl-C. In a
+    process of its own: a SIGINT in pytest's, where Ray runs, is not the terminal's."""
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_THE_BIND], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     started = time.monotonic()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            cli.show_answer(SlowToBind(), "select count(*) from range(100000000000000) a")
+        out, err = child.communicate(timeout=30)
     finally:
-        guard.cancel()
-    assert time.monotonic() - started < 10
+        child.kill()
+    assert out.strip() == "interrupted", err
+    assert time.monotonic() - started < 20
