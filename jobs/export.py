@@ -348,7 +348,7 @@ def selection_query(con: duckdb.DuckDBPyConnection, opts: dict, where: str) -> t
         query = f"{query} and (\n{where}\n)"
         check_where(query, where)
     params = {"drop_duplicates": bool(opts["drop_duplicates"]), "drop_flagged": bool(opts["drop_flagged"]),
-              "drop_excluded": True}
+              "drop_excluded": True, "gone_inputs": []}  # stage_selection names the inputs gone
     return f"{query}\norder by source, key", params
 
 
