@@ -20,6 +20,7 @@ import threading
 import time
 from typing import IO
 
+from store.scratch import process_alive, process_space
 from store.workspace import Workspace, WorkspaceError
 
 LEASE_S = 120.0
@@ -33,18 +34,6 @@ class WorkspaceBusy(WorkspaceError):
 def holder_info(job: str) -> dict:
     return {"job": job, "pid": os.getpid(), "host": socket.gethostname(), "processes": process_space(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def process_space() -> str:
-    """Which pids this process can see and signal: the kernel's boot and its pid namespace. Hosts
-    of one name do not tell (containers with the host's network, machines all named localhost);
-    "" where /proc does not say."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return ""
 
 
 def busy_message(info: dict) -> str:
@@ -149,13 +138,7 @@ def died_here(holder: dict) -> bool:
     here = process_space()
     if not here or holder.get("processes") != here or not isinstance(holder.get("pid"), int):
         return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not process_alive(holder["pid"])
 
 
 def _parse(text: str) -> dict:

@@ -48,14 +48,23 @@ def prefix(kind: str) -> str:
     return f"{kind}{os.getpid()}-{pid_space()}-"
 
 
+def process_space() -> str:
+    """Which pids this process can see and signal: the kernel's boot and its pid namespace. Hosts
+    of one name do not tell (containers with the host's network, machines all named localhost);
+    "" where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 @functools.cache
 def pid_space() -> str:
-    """Eight hex digits naming the pids this process sees: its host and its pid namespace."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino  # the same number in every host's first namespace
-    except OSError:  # no /proc (macOS): the host alone
-        namespace = 0
-    return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+    """Eight hex digits naming the pids this process sees (process_space; the host where /proc
+    does not say)."""
+    return hashlib.sha256((process_space() or socket.gethostname()).encode()).hexdigest()[:8]
 
 
 def remove_orphans(kind: str) -> int:
