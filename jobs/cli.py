@@ -54,6 +54,8 @@ COMMANDS = {
             "booruset sql \"select format, count(*) from images group by 1\""),
     "review": ("serve a local web page to look at, filter and correct the dataset (edits apply to the next export)",
                "booruset review -w workspace --port 8765"),
+    "inputs": ("list the workspace's inputs (images, state, location), or forget one: its rows go",
+               "booruset inputs -w ws; booruset inputs -w ws --forget old_collection"),
     "models": ("download every configured model into annotate.models_dir, or list what is there",
                "booruset models fetch --set annotate.models_dir=/shared/models; booruset models fetch --list"),
 }
@@ -122,11 +124,25 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--port", type=port_number, default=8765,
                        help="port, 0 to 65535 (default 8765; 0: any free one)")
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
+    if name == "inputs":
+        p.add_argument("--forget", metavar="INPUT",
+                       help="retire this input (an id the list shows): its images leave every table at the next run")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
         p.add_argument("--list", action="store_true",
                        help="only check the model files: present (size, revision), unusable (why) or missing")
         p.add_argument("--source", help="copy from this folder (hub layout <repo>/<file>) instead of the Hub")
+
+
+def inputs_command(cfg: Config, ws: Workspace, forget: str | None) -> int:
+    """`booruset inputs`: the list reads only; forgetting writes, under the workspace lock."""
+    from jobs import inputs
+
+    if forget is None:
+        return inputs.show(ws)
+    ws.check_writable()
+    with WorkspaceLock(ws, "inputs", SHORT_WAIT_S):
+        return inputs.forget(cfg, ws, forget)
 
 
 def listen_host(text: str) -> str:
@@ -400,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if args.command == "sql":
             return sql(ws, args.query)
+        if args.command == "inputs":
+            return inputs_command(cfg, ws, args.forget)
         if args.command in SERVERS:
             from review.server import serve
 
