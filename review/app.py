@@ -46,7 +46,7 @@ THUMB_SIZE = 256
 MISSING = "image missing from its source, or not of the size ingest saw (rewritten since ingest?)"
 # The fields each POST takes: any other is refused, not ignored (a misspelt filter of a bulk action
 # left it to every image of the workspace).
-EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude", "character"})
+EDIT_FIELDS = frozenset({"key", "add_tags", "remove_tags", "caption", "exclude", "character", "not_duplicate"})
 FILTER_TEXTS = ("where", "character", "group", "tag")
 FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
 BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
@@ -176,7 +176,7 @@ class ReviewApp:
         return await run_in_threadpool(action, body)
 
     def edit(self, body: dict) -> Response:
-        """{key, add_tags, remove_tags, caption, exclude, character}: the edits of one image."""
+        """{key, add_tags, remove_tags, caption, exclude, character, not_duplicate}: the edits of one image."""
         if error := unknown_fields(body, EDIT_FIELDS):
             return JSONResponse({"error": error}, status_code=400)
         key = body.get("key")

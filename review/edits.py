@@ -29,8 +29,9 @@ UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
 
 
 class EditRequest:
-    """What one image should become: tags to add and remove, a caption, exclusion, a character.
-    None leaves a field alone; caption "" goes back to the generated caption.
+    """What one image should become: tags to add and remove, a caption, exclusion, a character,
+    whether it is no near duplicate of its group (not_duplicate: curate and the export then keep
+    it on its own). None leaves a field alone; caption "" goes back to the generated caption.
 
     Tags and the character take the form ingest gives sidecar tags (`Long Hair` is `long_hair`;
     `red hair, blue eyes` two tags; control characters out), so that an added tag is the curated
@@ -38,7 +39,8 @@ class EditRequest:
 
     def __init__(self, add_tags: list[str] | None = None, remove_tags: list[str] | None = None,
                  caption: str | None = None, exclude: bool | None = None, character: str | None = None,
-                 max_tag_chars: int = 200, max_caption_chars: int = 4000, max_tags: int = 1000) -> None:
+                 max_tag_chars: int = 200, max_caption_chars: int = 4000, max_tags: int = 1000,
+                 not_duplicate: bool | None = None) -> None:
         self.max_tags = max_tags
         self.add_tags = list(dict.fromkeys(t for item in add_tags or [] for t in _tags(item)))
         if len(self.add_tags) > max_tags:  # before any image is looked at: a bulk action multiplies them
@@ -56,6 +58,7 @@ class EditRequest:
             raise ValueError(f"the caption is {len(self.caption)} characters, over {max_caption_chars} "
                              "(caption.max_caption_chars)")
         self.exclude = exclude
+        self.not_duplicate = not_duplicate
         self.character = None if character is None else "".join(named)
 
     @classmethod
@@ -67,14 +70,14 @@ class EditRequest:
                 raise ValueError(f"{name} must be a list of strings")
             return value
 
-        for name, kind in (("caption", str), ("exclude", bool), ("character", str)):
+        for name, kind in (("caption", str), ("exclude", bool), ("character", str), ("not_duplicate", bool)):
             if body.get(name) is not None and not isinstance(body[name], kind):
                 raise ValueError(f"{name} must be a {kind.__name__}")
         texts = [*strings("add_tags"), *strings("remove_tags"), body.get("caption") or "", body.get("character") or ""]
         if any(has_lone_surrogate(t) for t in texts):
             raise ValueError("half a UTF-16 pair (a \\udXXX escape) in the edit: not text")
         return cls(strings("add_tags"), strings("remove_tags"), body.get("caption"), body.get("exclude"),
-                   body.get("character"), max_tag_chars, max_caption_chars, max_tags)
+                   body.get("character"), max_tag_chars, max_caption_chars, max_tags, body.get("not_duplicate"))
 
     def changes(self, row: dict) -> list[dict]:
         """The edit rows that turn `row` (a review_rows row) into what was asked."""
@@ -95,11 +98,23 @@ class EditRequest:
         if self.exclude is not None and self.exclude != row["excluded"]:
             out.append({"key": key, "field": "exclude", "old": str(row["excluded"]).lower(),
                         "new": str(self.exclude).lower()})
+        out += self.duplicate_change(row)
         wanted = [self.character] if self.character else []
         if self.character is not None and wanted != list(row["characters"] or []):
             out.append({"key": key, "field": "character", "old": ", ".join(row["characters"] or []),
                         "new": self.character})
         return out
+
+
+    def duplicate_change(self, row: dict) -> list[dict]:
+        """The not_duplicate edit, if it changes anything; refused for an image in no group."""
+        marked = bool(row.get("not_duplicate"))
+        if self.not_duplicate is None or self.not_duplicate == marked:
+            return []
+        if self.not_duplicate and row.get("dup_group") is None:
+            raise ValueError(f"{row['key']} is in no near-duplicate group")
+        return [{"key": row["key"], "field": "not_duplicate", "old": str(marked).lower(),
+                 "new": str(self.not_duplicate).lower()}]
 
 
 def _tags(text: str) -> list[str]:

@@ -3,17 +3,23 @@
 -- group's representative: the largest image (width x height, then bytes), then the first key,
 -- among the images a person did not exclude (edit_state, booruset review) when there are any:
 -- the export leaves out an excluded image and every other member of its group, so an excluded
--- representative took the whole group out of the training set.
+-- representative took the whole group out of the training set. An image a person marked as no
+-- duplicate (edit_state field not_duplicate) is in no group: a false match took it out of the
+-- training set, and nothing but a global phash_distance could give it back.
 -- reason: the strongest evidence the image is in: identical (same bytes), phash, colour (flat
 -- images of one colour), else embedding.
 with excluded as (
     select key from edit_state where field = 'exclude' and new = 'true'
+),
+not_duplicates as (
+    select key from edit_state where field = 'not_duplicate' and new = 'true'
 ),
 members as (
     select d.key, d.component, i.width, i.height, i.bytes, x.key is not null as excluded
     from duplicate_components d
     left join images i on i.key = d.key
     left join excluded x on x.key = d.key
+    anti join not_duplicates n on n.key = d.key
 ),
 representatives as (
     select component, key as representative

@@ -5,13 +5,18 @@
 -- ($drop_excluded), its accepted caption is flagged and not edited ($drop_flagged; captions come
 -- after curate), or an ingest removed its file since, or its input is gone ($gone_inputs). Then the next image by curate's order
 -- (largest, then bytes, then key) of those the export keeps is: curate's choice alone left every
--- other copy out as a near duplicate, and the picture was gone from the training set.
+-- other copy out as a near duplicate, and the picture was gone from the training set. An image a
+-- person marked as no duplicate (not_duplicate) is in no group, as curate's next run has it.
 -- Run once over the whole workspace (a group's images are in any key range); the result has a
 -- row per image of a group, far fewer than the images.
 -- Parameters: $drop_flagged, $drop_excluded, $gone_inputs. Reads duplicates, images, captions, edit_state.
-with members as (
+with not_duplicates as (
+    select key from edit_state where field = 'not_duplicate' and new = 'true'
+),
+members as (
     select key, min(dup_group) as dup_group, bool_and(is_representative) as is_representative, min(reason) as reason
     from duplicates
+    anti join not_duplicates using (key)
     group by key
 ),
 flagged as (

@@ -747,3 +747,43 @@ def test_an_image_whose_object_storage_is_down_is_unavailable_not_missing_nor_a_
     for path in ("/original", "/thumb"):
         answer = client.get(path, params={"key": "in/a"})
         assert answer.status_code == 503 and "object storage failed reading s3://ws-bucket/in/" in answer.text, path
+
+
+def test_an_image_marked_as_no_duplicate_is_exported_on_its_own_and_curate_takes_it_out_of_its_group(
+        tmp_path_factory, ray_local):
+    """A false near-duplicate match left the image out of every export, and nothing but a global
+    curate.phash_distance could give it back. `not_duplicate` keeps it in the export at once, and
+    curate's next run takes it out of its group; set back to false, it is a duplicate again."""
+    from starlette.testclient import TestClient
+
+    from jobs import curate, export
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    cfg = base_config(path, f'export.out="{path / "out"}"', 'export.formats=["webdataset"]')
+    client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+
+    def exported() -> set[str]:
+        export.run(cfg, ws)
+        return {k for (k,) in ws.connect().execute("select distinct key from export_manifest").fetchall()}
+
+    con = ws.connect()
+    key, group = con.execute("select key, dup_group from duplicates where not is_representative "
+                             "order by key limit 1").fetchone()
+    alone = con.execute("select min(key) from images where key not in (select key from duplicates)").fetchone()[0]
+    assert key not in exported() and group in exported()
+    assert client.post("/api/edits", json={"key": alone, "not_duplicate": True}).status_code == 400
+    assert client.post("/api/edits", json={"key": key, "not_duplicate": "yes"}).status_code == 400
+
+    assert client.post("/api/edits", json={"key": key, "not_duplicate": True}).status_code == 200
+    assert "back into its group" in client.get(f"/image?key={quote(key)}").text
+    assert {key, group} <= exported()  # at once, before curate runs again
+    curate.run(cfg, ws)
+    assert not ws.connect().execute("select count(*) from duplicates where key = $k", {"k": key}).fetchone()[0]
+    assert {key, group} <= exported()
+
+    assert client.post("/api/edits", json={"key": key, "not_duplicate": False}).status_code == 200
+    curate.run(cfg, ws)
+    assert key not in exported() and group in exported()

@@ -46,6 +46,10 @@ function imagePage() {
   }
   const toggle = document.getElementById("toggle-exclude");
   toggle.addEventListener("click", () => edit({key, exclude: toggle.dataset.exclude === "true"}));
+  const duplicate = document.getElementById("toggle-duplicate");
+  if (duplicate) {
+    duplicate.addEventListener("click", () => edit({key, not_duplicate: duplicate.dataset.notDuplicate === "true"}));
+  }
   document.getElementById("save-caption").addEventListener("click",
     () => edit({key, caption: document.getElementById("caption").value}));
   document.getElementById("reset-caption").addEventListener("click", () => edit({key, caption: ""}));
