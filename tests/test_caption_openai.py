@@ -301,6 +301,25 @@ def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(rep
     assert clean_reply(reply) == caption
 
 
+def test_a_long_hostile_reply_is_cleaned_in_linear_time():
+    """A server's reply of 10,000 newlines took 6 s to clean (the closing-note pattern scanned the
+    run of newlines again from each of them), 5,000 "*a " 2 s (each mark looked for its closing
+    one to the end of the line), an opener of 5,000 "caption" words 1.4 s; 100,000 characters took
+    minutes, growing with the square of the length, while the captioner's actor did nothing else.
+    Cleaned, they are what they were: no caption, or one the length check refuses."""
+    from udfs.caption.caption_prompts import clean_reply
+
+    replies = {"\n" * 10_000: "", "\n " * 5_000: "", "*a " * 5_000: ("*a " * 5_000).strip(),
+               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000}
+    started = time.perf_counter()
+    assert [clean_reply(reply) for reply in replies] == list(replies.values())
+    assert time.perf_counter() - started < 1.5
+    # the closing note is still found after blank lines and spaces, and still only where a line or sentence ends
+    assert clean_reply("A girl smiles.\n\n \t\n  Note: the feet are cut off.") == "A girl smiles."
+    assert clean_reply("A girl smiles\n \n(Let me know if you want more)") == "A girl smiles"
+    assert clean_reply("A girl reads the note: it says hi.") == "A girl reads the note: it says hi."
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a
