@@ -538,6 +538,34 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert caption.run(config, workspace).units_done == 0
 
 
+def test_a_server_down_for_every_image_fails_the_job_also_where_own_captions_stand_in(ray_local, workspace, config):
+    """The server is down for the whole run, and every image has a caption of its own (below
+    target): each image keeps its own caption and gets a no_model_caption row, none is dropped,
+    and the job's error rate was 0: `booruset caption` exited 0 with the model having captioned
+    nothing ('captioned 4 of 5 images'), and `booruset run` went on to export the stand-ins.
+    Images the model failed for a passing reason count against caption's error rate."""
+    import socket
+
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    workspace.add_part("source_text", "own", [{"key": k, "kind": "caption", "text": "A bowl of fruit."}
+                                              for k in ("a/girl", "a/pair", "a/scene", "b/from_source")])
+    with socket.socket() as sock:  # a port nothing listens on: the server is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "joy", "send_images": False,
+        "max_attempts": 1, "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False,
+        "related_tags": False}})
+    summary = caption.run(config, workspace)
+    assert summary.errors_by_kind["unreachable"] == 5 and summary.dropped == 1  # a/untagged has no own caption
+    assert summary.error_rate == 1.0 > config["ray"]["max_error_rate"]
+
+
 def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_one(fake, ray_local, workspace,
                                                                                     config):
     """An attempt that failed for a passing reason is not a poor caption: the image is not looped
