@@ -254,6 +254,18 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
 
+def test_a_refusal_in_the_refusal_field_is_a_refusal():
+    """OpenAI's API (GPT-4o) says a model declined in the message's `refusal`, its content null:
+    that was an `empty_caption` errors row 'empty reply', the model's words nowhere."""
+    declined = json.dumps({"choices": [{"message": {"role": "assistant", "content": None,
+                                                    "refusal": "I'm sorry, I can't help with that."}}]}).encode()
+    quiet = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A girl.", "refusal": None}}]})
+    results = replies_in_order([({}, declined, 0.0), ({}, quiet.encode(), 0.0)])
+    assert isinstance(results[0], EndpointError) and results[0].kind == "refusal"
+    assert "the model declined: I'm sorry, I can't help with that." == str(results[0])
+    assert results[1] == "A girl."
+
+
 def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
     ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after
