@@ -367,6 +367,10 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         transient += info.get("transient", 0)
         own += info.get("own_captions", 0)
         own_accepted += info.get("own_accepted", 0)
+    if summary.rows_in:
+        # an image whose own caption stood in for the backend's (no_model_caption) was captioned by
+        # no model either: a server down for every image exited 0 where the images had captions
+        summary.failed_share = (summary.dropped + summary.errors_by_kind["no_model_caption"]) / summary.rows_in
     summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
     if transient:
         summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "

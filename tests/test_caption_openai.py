@@ -254,6 +254,18 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
 
+def test_a_refusal_in_the_refusal_field_is_a_refusal():
+    """OpenAI's API (GPT-4o) says a model declined in the message's `refusal`, its content null:
+    that was an `empty_caption` errors row 'empty reply', the model's words nowhere."""
+    declined = json.dumps({"choices": [{"message": {"role": "assistant", "content": None,
+                                                    "refusal": "I'm sorry, I can't help with that."}}]}).encode()
+    quiet = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A girl.", "refusal": None}}]})
+    results = replies_in_order([({}, declined, 0.0), ({}, quiet.encode(), 0.0)])
+    assert isinstance(results[0], EndpointError) and results[0].kind == "refusal"
+    assert "the model declined: I'm sorry, I can't help with that." == str(results[0])
+    assert results[1] == "A girl."
+
+
 def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
     ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after
@@ -299,6 +311,25 @@ def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(rep
     from udfs.caption.caption_prompts import clean_reply
 
     assert clean_reply(reply) == caption
+
+
+def test_a_long_hostile_reply_is_cleaned_in_linear_time():
+    """A server's reply of 10,000 newlines took 6 s to clean (the closing-note pattern scanned the
+    run of newlines again from each of them), 5,000 "*a " 2 s (each mark looked for its closing
+    one to the end of the line), an opener of 5,000 "caption" words 1.4 s; 100,000 characters took
+    minutes, growing with the square of the length, while the captioner's actor did nothing else.
+    Cleaned, they are what they were: no caption, or one the length check refuses."""
+    from udfs.caption.caption_prompts import clean_reply
+
+    replies = {"\n" * 10_000: "", "\n " * 5_000: "", "*a " * 5_000: ("*a " * 5_000).strip(),
+               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000}
+    started = time.perf_counter()
+    assert [clean_reply(reply) for reply in replies] == list(replies.values())
+    assert time.perf_counter() - started < 1.5
+    # the closing note is still found after blank lines and spaces, and still only where a line or sentence ends
+    assert clean_reply("A girl smiles.\n\n \t\n  Note: the feet are cut off.") == "A girl smiles."
+    assert clean_reply("A girl smiles\n \n(Let me know if you want more)") == "A girl smiles"
+    assert clean_reply("A girl reads the note: it says hi.") == "A girl reads the note: it says hi."
 
 
 def test_timeout_bounds_the_whole_reply_not_each_read():
@@ -517,6 +548,34 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert not [e for e in workspace.read_table("errors").to_pylist() if e["stage"].startswith("caption")]
     assert units_with_replies(workspace) == []
     assert caption.run(config, workspace).units_done == 0
+
+
+def test_a_server_down_for_every_image_fails_the_job_also_where_own_captions_stand_in(ray_local, workspace, config):
+    """The server is down for the whole run, and every image has a caption of its own (below
+    target): each image keeps its own caption and gets a no_model_caption row, none is dropped,
+    and the job's error rate was 0: `booruset caption` exited 0 with the model having captioned
+    nothing ('captioned 4 of 5 images'), and `booruset run` went on to export the stand-ins.
+    Images the model failed for a passing reason count against caption's error rate."""
+    import socket
+
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    workspace.add_part("source_text", "own", [{"key": k, "kind": "caption", "text": "A bowl of fruit."}
+                                              for k in ("a/girl", "a/pair", "a/scene", "b/from_source")])
+    with socket.socket() as sock:  # a port nothing listens on: the server is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "joy", "send_images": False,
+        "max_attempts": 1, "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False,
+        "related_tags": False}})
+    summary = caption.run(config, workspace)
+    assert summary.errors_by_kind["unreachable"] == 5 and summary.dropped == 1  # a/untagged has no own caption
+    assert summary.error_rate == 1.0 > config["ray"]["max_error_rate"]
 
 
 def test_a_passing_failure_spends_no_attempt_and_the_next_run_ends_as_a_healthy_one(fake, ray_local, workspace,

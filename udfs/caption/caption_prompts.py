@@ -59,13 +59,18 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
 # cut off by max_tokens, runs to the end), an opener ("Sure! Here is a caption for the image:"),
 # markdown (headings, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
 REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.S | re.I)
+# Each part of a pattern that could scan a long reply is bounded (an opener's words, an emphasised
+# phrase) or starts once per place (a note's spaces): a server's reply of 10,000 newlines or of
+# "*a " repeated took seconds to minutes, growing with the square of its length, and held the
+# captioner's actor while it did.
 OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alright)[.!,]\s*)?"
-                    r"(?:here(?:['\u2019]s| is)\b[^:\n]*\b(?:caption|description)\b[^:\n]*:\s*)?", re.I)
+                    r"(?:here(?:['\u2019]s| is)\b[^:\n]{0,200}?\b(?:caption|description)\b[^:\n]{0,200}:\s*)?",
+                    re.I)
 HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
 # a letter or digit right inside the marks: "^_^" and ">_<" are kaomoji, not emphasis
-EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.*?[^\s_])?)\1(?!\w)")
-CLOSING_NOTE = re.compile(r"(?:^|(?<=[.!?\n])\s*)\(?(?:notes?:|let me know\b|i hope (?:this|that)\b|feel free\b"
+EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.{0,500}?[^\s_])?)\1(?!\w)")
+CLOSING_NOTE = re.compile(r"(?:^[^\S\n]*|(?<=[.!?])\s*)\(?(?:notes?:|let me know\b|i hope (?:this|that)\b|feel free\b"
                           r"|would you like\b|do you want\b)", re.I | re.M)
 LABELS = ("Shorter caption:", "Rewritten caption:", "Image caption:", "Caption:", "Description:")
 

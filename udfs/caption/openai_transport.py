@@ -242,6 +242,10 @@ def _reply_text(body: bytes) -> str:
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
+    declined = choice["message"].get("refusal")
+    if not content and isinstance(declined, str) and declined.strip():
+        # OpenAI's API says a model declined in `refusal`, with no content: that was an "empty reply"
+        raise EndpointError("refusal", f"the model declined: {printable(declined)[:200]}")
     text = printable(content or "")
     return whole_reply(text) if finish == "length" else text
 
