@@ -74,7 +74,10 @@ def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
         ids = assign_input_ids(paths, registered)
         if ids != registered:
             ws.write_json(REGISTRY, ids)
-        return discover_units(paths, int(opts["folder_unit_size"]), ids)
+        # a folder of a million files is minutes of listing before the first line: lines while it
+        # runs, none at its end (most listings take a moment)
+        with Progress("ingest: listing the inputs", what="files", end_line=False) as listing:
+            return discover_units(paths, int(opts["folder_unit_size"]), ids, listing.add)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
