@@ -282,7 +282,7 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
         return {}
     planned, shards = planned_keys(units)
     shard_units = {u.prefix: unit_key(u) for u in units if u.kind == "tar"}
-    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images
+    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images (one unit's shards)
 
     def in_shard(prefix: str) -> set[str]:
         if prefix not in held:
@@ -302,6 +302,9 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
 
     dropped: dict[str, int] = {}
     for uid, marker in retired.items():
+        # a retired unit's rows are of one shard: the keys of the shards read for the units before
+        # it go, else the driver held every key of an input whose shards were all written again
+        held.clear()
         rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
         kept = [row for row in rows if not back(row["key"])]
         if len(kept) == len(rows):
