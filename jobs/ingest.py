@@ -276,8 +276,10 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
     after that part is written. {retired unit: rows dropped}"""
     markers = ws.done_units("ingest")
     inputs = {u.input for u in units}
+    # a retired unit that reported no image (a folder chunk that gained a file) has none to drop:
+    # without it, a growing folder computed every planned key twice a run to look at no row
     retired = {uid: m for uid, m in markers.items() if m.get("retired") and m.get("input") in inputs
-               and m.get("parts", {}).get("errors")}
+               and m.get("parts", {}).get("errors") and m.get("removed") != 0}
     if not retired:
         return {}
     planned, shards = planned_keys(units)

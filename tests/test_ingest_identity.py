@@ -400,3 +400,25 @@ def test_putting_back_rewritten_shards_holds_one_shards_keys_at_a_time(tmp_path)
 
     few, many = peak(2), peak(10)
     assert many < 1.3 * few, (few, many)
+
+
+def test_a_growing_folder_lists_its_planned_keys_once_a_run(tmp_path, monkeypatch):
+    """A folder chunk that gains a file is retired with no image gone (its errors part is
+    empty); forget_returned then computed the key of every planned file of the inputs (a
+    relpath each: 1M files ~25 s on the driver) before and after every later run with work, to
+    find no row to look at. It skips retired units that reported no image."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(10, 30):
+        add_image(folder, f"img{i}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    calls = []
+    planned_keys = ingest.planned_keys
+    monkeypatch.setattr(ingest, "planned_keys", lambda units: calls.append(1) or planned_keys(units))
+    for name, seed in (("img15b", 100), ("img25b", 101)):
+        add_image(folder, name, seed)
+        calls.clear()
+        summary, ws = ingest_inputs(tmp_path / "ws", folder)
+        assert summary.units_done >= 1 and "removed_from_input" not in summary.errors_by_kind
+        assert len(calls) == 1  # retire_stale_units's, for the chunk the file fell in
+    assert sorted(images_by_key(ws)) == sorted(f"art/img{i}" for i in (*range(10, 30), "15b", "25b"))
