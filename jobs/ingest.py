@@ -74,7 +74,10 @@ def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:
         ids = assign_input_ids(paths, registered)
         if ids != registered:
             ws.write_json(REGISTRY, ids)
-        return discover_units(paths, int(opts["folder_unit_size"]), ids)
+        # a folder of a million files is minutes of listing before the first line: lines while it
+        # runs, none at its end (most listings take a moment)
+        with Progress("ingest: listing the inputs", what="files", end_line=False) as listing:
+            return discover_units(paths, int(opts["folder_unit_size"]), ids, listing.add)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -273,13 +276,15 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
     after that part is written. {retired unit: rows dropped}"""
     markers = ws.done_units("ingest")
     inputs = {u.input for u in units}
+    # a retired unit that reported no image (a folder chunk that gained a file) has none to drop:
+    # without it, a growing folder computed every planned key twice a run to look at no row
     retired = {uid: m for uid, m in markers.items() if m.get("retired") and m.get("input") in inputs
-               and m.get("parts", {}).get("errors")}
+               and m.get("parts", {}).get("errors") and m.get("removed") != 0}
     if not retired:
         return {}
     planned, shards = planned_keys(units)
     shard_units = {u.prefix: unit_key(u) for u in units if u.kind == "tar"}
-    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images
+    held: dict[str, set[str]] = {}  # shard prefix -> the keys of its committed unit's images (one unit's shards)
 
     def in_shard(prefix: str) -> set[str]:
         if prefix not in held:
@@ -299,6 +304,9 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
 
     dropped: dict[str, int] = {}
     for uid, marker in retired.items():
+        # a retired unit's rows are of one shard: the keys of the shards read for the units before
+        # it go, else the driver held every key of an input whose shards were all written again
+        held.clear()
         rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
         kept = [row for row in rows if not back(row["key"])]
         if len(kept) == len(rows):

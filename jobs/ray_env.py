@@ -238,10 +238,11 @@ class Progress:
     """
 
     def __init__(self, stage: str, total: int | None = None, *, what: str = "images",
-                 units: int | None = None, interval: float = PROGRESS_INTERVAL_S, out: IO[str] | None = None,
-                 running: Callable[[], int] | None = None) -> None:
+                 units: int | None = None, interval: float | None = None, out: IO[str] | None = None,
+                 running: Callable[[], int] | None = None, end_line: bool = True) -> None:
         self.stage, self.total, self.what, self.units_total = stage, total, what, units
-        self.interval, self.out = interval, out
+        self.interval, self.out = interval or PROGRESS_INTERVAL_S, out
+        self.end_line = end_line  # False: lines only while it runs (a step that is most often quick)
         self.running = running  # what the units not yet done have done so far (RunningBatches)
         self.done = self.units_done = 0
         self.started = time.perf_counter()
@@ -257,7 +258,7 @@ class Progress:
     def __exit__(self, exc_type: type | None, *_: Any) -> None:
         self._stop.set()
         self._ticker.join()
-        if exc_type is None:
+        if exc_type is None and self.end_line:
             self.print_line()
 
     def add(self, done: int = 0, units: int = 0) -> None:

@@ -364,3 +364,61 @@ def test_files_an_operating_system_leaves_are_not_samples(tmp_path):
         "in/mac/dir/._img0", "in/mac/dir/._img1", "in/mac/dir/._img2", "in/mac/dir/.DS_Store", "in/mac/._dir",
         "in/mac/__MACOSX/dir/._img0", "in/art/._a", "in/art/.DS_Store", "in/art/Thumbs", "in/art/desktop")}
     assert (summary.rows_in, summary.dropped) == (4, 0)
+
+
+def test_putting_back_rewritten_shards_holds_one_shards_keys_at_a_time(tmp_path):
+    """Every shard of an input written again (a re-download, a repack): forget_returned, in the
+    driver, checks each reported image against the keys of its shard's new unit, and kept the
+    keys of every shard it had read until it returned, the keys of the whole input at once (a
+    million images: ~100 MB more in the driver). A retired unit's rows are of one shard: its
+    keys are needed only while that unit is checked, so the peak does not grow with the shards."""
+    import tracemalloc
+
+    from udfs.ingest.sources import Unit
+
+    def peak(shards: int, per_shard: int = 3000) -> int:
+        ws = Workspace(str(tmp_path / f"ws{shards}"))
+        units = [Unit("tar", f"/in/s{i}.tar", f"in/s{i}", input="in", stamp="new") for i in range(shards)]
+        for i, unit in enumerate(units):
+            keys = [f"in/s{i}/{j:06d}" for j in range(per_shard)]
+            ws.write_part("images", f"now{i}", [{"key": k, "source": unit.uri, "member": f"{k[-6:]}.png"}
+                                                for k in keys])
+            ws.commit_unit("ingest", ingest.unit_key(unit), {"input": "in", "images": per_shard},
+                           parts={"images": [f"now{i}"]})
+            ws.write_part("errors", f"removed-old{i}", [
+                {"key": k, "source": unit.uri, "member": f"{k[-6:]}.png", "stage": "ingest",
+                 "kind": "removed_from_input", "message": "no longer in the input", "dropped": False} for k in keys])
+            ws.commit_unit("ingest", f"old{i}", {"retired": True, "input": "in", "removed": per_shard},
+                           parts={"errors": [f"removed-old{i}"]})
+        tracemalloc.start()
+        try:
+            back = ingest.forget_returned(ws, units)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert back == {f"old{i}": per_shard for i in range(shards)}  # every image is back
+
+    few, many = peak(2), peak(10)
+    assert many < 1.3 * few, (few, many)
+
+
+def test_a_growing_folder_lists_its_planned_keys_once_a_run(tmp_path, monkeypatch):
+    """A folder chunk that gains a file is retired with no image gone (its errors part is
+    empty); forget_returned then computed the key of every planned file of the inputs (a
+    relpath each: 1M files ~25 s on the driver) before and after every later run with work, to
+    find no row to look at. It skips retired units that reported no image."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(10, 30):
+        add_image(folder, f"img{i}", i)
+    ingest_inputs(tmp_path / "ws", folder)
+    calls = []
+    planned_keys = ingest.planned_keys
+    monkeypatch.setattr(ingest, "planned_keys", lambda units: calls.append(1) or planned_keys(units))
+    for name, seed in (("img15b", 100), ("img25b", 101)):
+        add_image(folder, name, seed)
+        calls.clear()
+        summary, ws = ingest_inputs(tmp_path / "ws", folder)
+        assert summary.units_done >= 1 and "removed_from_input" not in summary.errors_by_kind
+        assert len(calls) == 1  # retire_stale_units's, for the chunk the file fell in
+    assert sorted(images_by_key(ws)) == sorted(f"art/img{i}" for i in (*range(10, 30), "15b", "25b"))

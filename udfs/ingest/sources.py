@@ -13,7 +13,7 @@ import re
 import stat
 import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,26 +224,29 @@ def input_location(path: str) -> str:
     return path.split("?", 1)[0] if "://" in path else path
 
 
-def discover_units(inputs: list[str], folder_unit_size: int, ids: dict[str, str] | None = None) -> list[Unit]:
-    """Every unit of every input, in a stable order; keys start with the input's id in `ids`."""
+def discover_units(inputs: list[str], folder_unit_size: int, ids: dict[str, str] | None = None,
+                   listed: Callable[[int], None] = lambda files: None) -> list[Unit]:
+    """Every unit of every input, in a stable order; keys start with the input's id in `ids`.
+    `listed(n)` is told of each n files looked at (a folder of a million files takes minutes)."""
     paths = resolve_inputs(inputs)
     ids = ids if ids is not None else assign_input_ids(paths, {})
     units: list[Unit] = []
     for path in paths:
-        units.extend(_units_of(path, ids[input_location(path)], folder_unit_size))
+        units.extend(_units_of(path, ids[input_location(path)], folder_unit_size, listed))
     return units
 
 
-def _units_of(path: str, input_id: str, folder_unit_size: int) -> list[Unit]:
+def _units_of(path: str, input_id: str, folder_unit_size: int, listed: Callable[[int], None]) -> list[Unit]:
     if "://" in path:
-        return _object_units(path, input_id, folder_unit_size)
+        return _object_units(path, input_id, folder_unit_size, listed)
     if os.path.isdir(path):
-        return _dir_units(Path(path), input_id, folder_unit_size)
+        return _dir_units(Path(path), input_id, folder_unit_size, listed)
     st = os.stat(path)
+    listed(1)
     return [_tar_unit(path, input_id, "", _stamp(st.st_size, st.st_mtime_ns), st.st_size)]
 
 
-def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
+def _object_units(uri: str, input_id: str, folder_unit_size: int, listed: Callable[[int], None]) -> list[Unit]:
     """The units of an input on object storage: a shard, or a folder's shards and its loose files
     in folder units, as a local folder's (_dir_units). Each shard's URI keeps the input's query
     (the endpoint and options it is read with); a folder unit's URI is the folder's with a
@@ -257,11 +260,12 @@ def _object_units(uri: str, input_id: str, folder_unit_size: int) -> list[Unit]:
         shard = f"{input_location(uri).rstrip('/')}{query}"
         return [_tar_unit(shard, input_id, "", _stamp(info.size, info.mtime_ns), info.size)]
     top = local.rstrip("/")
-    listed = sorted((f for f in fs.get_file_info(pafs.FileSelector(top, recursive=True))
-                     if f.type == pafs.FileType.File), key=lambda f: f.path)
+    files = sorted((f for f in fs.get_file_info(pafs.FileSelector(top, recursive=True))
+                    if f.type == pafs.FileType.File), key=lambda f: f.path)
+    listed(len(files))
     folder = f"{scheme}://{uri_path(top)}/"
     units, shards, loose = [], [], []
-    for f in listed:
+    for f in files:
         rel = f.path[len(top) + 1:]
         if SHARD_NAME.search(f.path):
             shards.append(rel)
@@ -322,7 +326,7 @@ def _tar_unit(uri: str, input_id: str, rel: str, stamp: str, size: int) -> Unit:
     return Unit("tar", uri, f"{input_id}/{inner}" if inner else input_id, input=input_id, stamp=stamp, size=size)
 
 
-def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
+def _dir_units(root: Path, input_id: str, folder_unit_size: int, listed: Callable[[int], None]) -> list[Unit]:
     """Shards inside a directory are shard units; loose files form folder units.
 
     Every entry is listed, whatever it is (links, FIFOs, devices: read_unit reports those without
@@ -345,9 +349,9 @@ def _dir_units(root: Path, input_id: str, folder_unit_size: int) -> list[Unit]:
     check_key_prefixes([rel for _, rel in tars], [rel for _, rel in loose], top)
     units = []
     for tar, rel in tars:
-        size, stamp = _file_stat(tar)
+        size, stamp = _file_stat(tar, listed)
         units.append(_tar_unit(tar, input_id, rel, stamp, size))
-    return units + _folder_units(top, input_id, [(full, rel, *_file_stat(full)) for full, rel in loose],
+    return units + _folder_units(top, input_id, [(full, rel, *_file_stat(full, listed)) for full, rel in loose],
                                  folder_unit_size)
 
 
@@ -374,8 +378,9 @@ def _is_video(path: str) -> bool:
     return split_folder_name(os.path.basename(path))[1] in VIDEO_EXTENSIONS
 
 
-def _file_stat(path: str) -> tuple[int, str]:
+def _file_stat(path: str, listed: Callable[[int], None]) -> tuple[int, str]:
     """(bytes, stamp) of a listed file; one gone since the listing: 0 bytes, stamp "gone"."""
+    listed(1)
     try:
         st = os.lstat(path)
     except OSError:
