@@ -684,6 +684,18 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
 
 
+@pytest.mark.parametrize("params", [{"flaged": "1"}, {"flagged": "maybe"}, {"excluded": "only"}, {"wehre": "false"},
+                                    {"edited": ["1", "0"]}])
+def test_an_image_list_with_a_filter_it_does_not_know_is_refused_not_ignored(review, params):
+    """GET /api/images answered every image of the workspace for a misspelt quick filter or one that
+    is not true or false (README: refused rather than ignored), as the bulk action once did: a
+    script editing "the flagged images" from that list edited them all."""
+    client, ws, _ = review
+    answer = client.get("/api/images", params=params)
+    assert answer.status_code == 400 and "error" in answer.json()
+    assert client.get("/api/images", params={"flagged": "true", "excluded": "0", "limit": 3}).status_code == 200
+
+
 def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
     """Every POST refuses a field it does not take (README): {"batch", "key"} undid the whole batch,
     every image of it, where the key said one."""
