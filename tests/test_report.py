@@ -541,3 +541,23 @@ def test_balance_counts_what_the_export_selects_when_inputs_go_and_representativ
     assert exported == {"g1": 1, "g2": 2}  # in/b in place of in/a; in/d and in/e
     rows = report.report_data(cfg, ws)["balance"]
     assert {r["path"]: (r["images"], r["samples"]) for r in rows} == {g: (n, 2.0 * n) for g, n in exported.items()}
+
+
+def test_after_duplicates_keeps_the_copy_the_export_keeps_in_place_of_a_representative_it_leaves_out(tmp_path):
+    """A group's representative whose file an ingest removed since curate (or one excluded in review):
+    the export keeps the group's next copy, but the stages counted that copy among the near
+    duplicates left out, one image fewer "after duplicates" than the export keeps per such group."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"b": [], "c": [], "d": [], "e": []})
+    ws.add_part("duplicates", "hand", [
+        {"key": k, "dup_group": group, "is_representative": rep, "reason": "phash"}
+        for k, group, rep in (("in/removed", "g1", True), ("in/b", "g1", False),
+                              ("in/c", "g2", True), ("in/d", "g2", False), ("in/e", "g2", False))])
+    ws.add_part("edits", "hand", [{"key": "in/c", "field": "exclude", "old": "false", "new": "true",
+                                   "time": datetime.now(UTC), "seq": 0, "batch": "b1"}])
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    # in/b stands in for the removed picture, in/d for the excluded in/c; in/c and in/e are left out
+    assert stages["ingested"] == 4 and stages["after duplicates"] == 2
