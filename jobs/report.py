@@ -40,6 +40,9 @@ JOB = "report"
 LITERAL_TEXT = {"text.parse_math": False}
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
+# The balance section's row of the images the export writes with no group (once each, kohya's
+# `1_all`): curate has not balanced them yet.
+NO_GROUP = "(no group: not balanced by curate yet)"
 
 
 def sql_text(name: str) -> str:
@@ -159,7 +162,8 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
             "characters": query(con, "report_characters", top_n=top),
             "people": query(con, "report_people"),
             "balance": query(con, "report_balance", drop_duplicates=bool(cfg["export"]["drop_duplicates"]),
-                             drop_flagged=selection["drop_flagged"], gone_inputs=selection["gone_inputs"]),
+                             drop_flagged=selection["drop_flagged"], gone_inputs=selection["gone_inputs"],
+                             no_group=NO_GROUP),
             "accuracy": query(con, "report_caption_accuracy"),
             "examples": query(con, "report_examples", n=int(opts["examples"])),
         }

@@ -9,7 +9,7 @@
 -- showed a balanced dataset as unbalanced (three copies of one picture, one exported, against one
 -- other picture: 3:1 for an export of 1:1); counting the images of a moved input showed groups the
 -- export writes without them. A group the export writes nothing of has no row.
--- Parameters: $drop_duplicates, $drop_flagged, $gone_inputs. Reads balance, export_duplicates
+-- Parameters: $drop_duplicates, $drop_flagged, $gone_inputs, $no_group. Reads balance, export_duplicates
 -- (jobs/export.export_duplicates), images, captions, edit_state.
 with duplicate_keys as (
     select key, bool_and(is_representative) as is_representative
@@ -26,17 +26,20 @@ caption_edits as (
     select key from edit_state where field = 'caption' and new is not null
 ),
 per_group as (
-    select b.path, count(*) as images, sum(b.multiply) as samples
-    from balance b
+    -- from images: a picture gone from the inputs has a balance row until curate runs, no sample;
+    -- an image without a balance row (ingested since curate, or included again since curate left
+    -- it out) is exported once with no group ($no_group)
+    select coalesce(b.path, $no_group) as path, count(*) as images, sum(coalesce(b.multiply, 1.0)) as samples
+    from images i
+    left join balance b using (key)
     left join duplicate_keys d using (key)
     left join flagged_captions f using (key)
     left join caption_edits cap using (key)
     where not ($drop_duplicates and not coalesce(d.is_representative, true))
       and not ($drop_flagged and cap.key is null and coalesce(f.flagged, false))
-      and not list_contains($gone_inputs::varchar[], split_part(b.key, '/', 1))
-      and b.key in (select key from images)  -- a picture gone from the inputs: the export has none
-      and b.key not in (select key from edit_state where field = 'exclude' and new = 'true')
-    group by b.path
+      and not list_contains($gone_inputs::varchar[], split_part(i.key, '/', 1))
+      and i.key not in (select key from edit_state where field = 'exclude' and new = 'true')
+    group by all
 )
 select path,
        images,

@@ -561,3 +561,22 @@ def test_after_duplicates_keeps_the_copy_the_export_keeps_in_place_of_a_represen
     stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
     # in/b stands in for the removed picture, in/d for the excluded in/c; in/c and in/e are left out
     assert stages["ingested"] == 4 and stages["after duplicates"] == 2
+
+
+def test_images_the_export_writes_without_a_balance_group_are_counted(tmp_path):
+    """Images ingested since curate ran (or included again in review after curate left them out of
+    the balance) are exported with no group, once each (kohya's `1_all`); the balance section
+    left them out, so its shares were not those of the export (2 images of 3 in g1: 100%)."""
+    from jobs import export, report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("balance", "hand", [{"key": f"in/{k}", "path": "g1", "weight": 1.0, "probability": 0.5,
+                                     "multiply": 2.0, "repeats": 2} for k in "ab"])
+    _, _, units, _ = export.stage_selection(ws, cfg["export"], 100, 100)
+    staged = sorted({f for u in units for f in u["files"]})
+    exported = dict(ws.connect().execute('select "group", sum(repeats) from read_parquet($files) group by 1',
+                                         {"files": staged}).fetchall())
+    assert exported == {"g1": 4, "": 1}
+    rows = report.report_data(cfg, ws)["balance"]
+    assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0), (report.NO_GROUP, 1, 1.0)]
+    assert [r["share_before"] for r in rows] == [2 / 3, 1 / 3]
