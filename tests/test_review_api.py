@@ -759,3 +759,30 @@ def test_an_image_whose_object_storage_is_down_is_unavailable_not_missing_nor_a_
     for path in ("/original", "/thumb"):
         answer = client.get(path, params={"key": "in/a"})
         assert answer.status_code == 503 and "object storage failed reading s3://ws-bucket/in/" in answer.text, path
+
+
+def test_the_duplicate_group_marks_the_copy_the_export_keeps(tmp_path_factory, ray_local):
+    """A representative excluded in review: the export keeps the group's next copy, but the image
+    page (its strip's "kept", the API's is_representative) still named the excluded one, and the
+    copy the export writes as a near duplicate left out."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    first, second = all_keys(ws)[:2]
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": first, "is_representative": k == first,
+                                        "reason": "phash"} for k in (first, second)])
+    client = TestClient(ReviewApp(base_config(path), ws).asgi(["testserver"]))
+
+    def kept() -> list[str]:
+        found = client.get(f"/api/images/{quote(second)}").json()["duplicates"]
+        return [d["key"] for d in found if d["is_representative"]]
+
+    assert kept() == [first]
+    assert client.post("/api/edits", json={"key": first, "exclude": True}).status_code == 200
+    assert kept() == [second]
+    page = client.get("/image", params={"key": first}).text
+    assert f'title="{second} (phash, kept)"' in page and f'title="{first} (phash)"' in page
