@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jobs.config import REPO, Config, ConfigError, out_folder  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from store.uris import StoreError  # noqa: E402
-from store.workspace import Workspace  # noqa: E402
+from store.workspace import INPUT_REGISTRY, Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
 from udfs.source_members import source_members  # noqa: E402
@@ -40,6 +40,9 @@ JOB = "report"
 LITERAL_TEXT = {"text.parse_math": False}
 # The plots a report can write (<out>/<name>.png), beside <out>/examples/*.jpg.
 PLOTS = ("stages", "errors", "tags", "characters", "people", "balance", "accuracy")
+# The balance section's row of the images the export writes with no group (once each, kohya's
+# `1_all`): curate has not balanced them yet.
+NO_GROUP = "(no group: not balanced by curate yet)"
 
 
 def sql_text(name: str) -> str:
@@ -108,7 +111,10 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
                                              [r["images"] for r in data["people"]], "images", horizontal=False)),
         section("Balance before and after multiply", balance_plot(out, data["balance"]),
                 "<p>Over the images the export keeps: near duplicates that are not their group's representative "
-                "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else ""),
+                "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else "",
+                "<p>The images of inputs whose folder or shard is gone, those excluded in review and those with a "
+                "flagged caption (export.drop_flagged) are left out, as the export leaves them out.</p>"
+                if data["balance"] else ""),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
         section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
                                             int(opts["examples"]))),
@@ -141,22 +147,37 @@ def query(con: duckdb.DuckDBPyConnection, name: str, **params) -> list[dict]:
 
 def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
     """The rows of every section, from the workspace tables (sql/report_*.sql)."""
+    from jobs.export import export_duplicates
+
     opts = cfg[JOB]
     top = int(opts["top_n"])
     con = ws.connect()
     try:
+        selection = export_conditions(cfg, ws)
+        export_duplicates(con, selection)  # the representatives the export keeps, for the balance
         return {
             "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws)),
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),
             "people": query(con, "report_people"),
-            "balance": query(con, "report_balance", drop_duplicates=bool(cfg["export"]["drop_duplicates"])),
+            "balance": query(con, "report_balance", drop_duplicates=bool(cfg["export"]["drop_duplicates"]),
+                             drop_flagged=selection["drop_flagged"], gone_inputs=selection["gone_inputs"],
+                             no_group=NO_GROUP),
             "accuracy": query(con, "report_caption_accuracy"),
             "examples": query(con, "report_examples", n=int(opts["examples"])),
         }
     finally:
         con.close()
+
+
+def export_conditions(cfg: Config, ws: Workspace) -> dict:
+    """What the export's selection leaves out but near duplicates (sql/export_duplicates.sql's
+    parameters): the balance counts the images the export selects."""
+    from jobs.export import gone_inputs
+
+    return {"drop_flagged": bool(cfg["export"]["drop_flagged"]), "drop_excluded": True,
+            "gone_inputs": gone_inputs(ws.read_json(INPUT_REGISTRY) or {})}
 
 
 def samples_seen(ws: Workspace) -> int:

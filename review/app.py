@@ -51,6 +51,7 @@ FILTER_TEXTS = ("where", "character", "group", "tag")
 FILTER_FLAGS = ("flagged", "duplicates", "errors", "excluded", "edited")
 BULK_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "add_tags", "remove_tags", "exclude", "preview"})
 UNDO_FIELDS = frozenset({"batch"})
+IMAGES_FIELDS = frozenset({*FILTER_TEXTS, *FILTER_FLAGS, "after", "limit"})  # GET /api/images
 # a quick filter's values (a checkbox sends "1"); any other is refused, not read as off (which
 # left a bulk action to every image)
 FLAG_TEXTS = frozenset({"", "0", "1", "false", "true", "off", "on", "no", "yes"})
@@ -141,6 +142,8 @@ class ReviewApp:
 
     # ---- JSON API -----------------------------------------------------------------------
     def api_images(self, request: Request) -> Response:
+        if error := query_error(request.query_params):
+            return JSONResponse({"error": error}, status_code=400)
         filters = filters_of(request.query_params)
         try:
             limit = min(MAX_LIMIT, max(1, int(request.query_params.get("limit", PAGE))))
@@ -309,6 +312,15 @@ def unknown_fields(body: dict, known: frozenset[str]) -> str | None:
     """The reason to refuse a body with a field `known` lacks (None: all are known)."""
     unknown = sorted(set(body) - known)
     return f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})" if unknown else None
+
+
+def query_error(params) -> str | None:
+    """The reason to refuse GET /api/images's query (None: none): a parameter it does not take, one
+    given twice, or a quick filter that is not true or false. Ignored, each listed every image."""
+    twice = sorted({name for name in params if len(params.getlist(name)) > 1})
+    not_flags = [name for name in FILTER_FLAGS if not is_flag(params.get(name))]
+    return (unknown_fields(dict(params), IMAGES_FIELDS) or (twice and f"{twice[0]} is given more than once")
+            or (not_flags and f"{not_flags[0]} must be true or false (a quick filter)") or None)
 
 
 def is_flag(value) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from jobs.config import REPO
+from jobs.export import gone_inputs
 from review.selection import ReviewIndex
+from store.workspace import INPUT_REGISTRY, Workspace
 from udfs.caption.tags_digest import tags_digest
 from udfs.export.export_plan import sample_plan
 from udfs.export.export_shard import empty_text_layouts
@@ -15,6 +17,15 @@ from udfs.export.safe_names import safe_name
 NEIGHBOURS = 12
 CANDIDATES = 2000  # cluster members compared for "nearest" (sql/review_cluster_neighbours.sql)
 NEIGHBOURS_SQL = (REPO / "sql" / "review_cluster_neighbours.sql").read_text(encoding="utf-8")
+# The image's duplicate group as the export keeps it (sql/export_duplicates.sql over that group
+# alone): a representative the export leaves out (excluded since curate, its file or input gone)
+# has the next copy kept in its place, which curate's is_representative does not say.
+GROUP_SQL = (REPO / "sql" / "export_duplicates.sql").read_text(encoding="utf-8").replace(
+    "    from duplicates\n",
+    "    from duplicates\n    where dup_group = (select any_value(dup_group) from duplicates where key = $key)\n", 1)
+assert "where dup_group = " in GROUP_SQL  # export_duplicates.sql reads `duplicates` once, in `members`
+DUPLICATES_SQL = (f"select d.key, d.reason, d.is_representative, r.sha256 from ({GROUP_SQL}) as d "
+                  "join review_rows r using (key) order by d.is_representative desc, d.key limit $n")
 
 
 def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_model: str = "") -> dict | None:
@@ -34,16 +45,20 @@ def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_mo
         "detections": index.query("select label, model, score, x0, y0, x1, y1 from detections where key = $key "
                                   "order by label, score desc", params),
         "captions": captions,
-        "duplicates": index.query("select d.key, d.reason, d.is_representative, r.sha256 from duplicates d "
-                                  "join review_rows r using (key) where d.dup_group = "
-                                  "(select any_value(dup_group) from duplicates where key = $key) "
-                                  "order by d.is_representative desc, d.key limit $n", {**params, "n": NEIGHBOURS}),
+        "duplicates": index.query(DUPLICATES_SQL, {**params, "n": NEIGHBOURS, "drop_excluded": True,
+                                                   "drop_flagged": bool(export_options["drop_flagged"]),
+                                                   "gone_inputs": inputs_gone(index.ws)}),
         "clusters": cluster_members(index, key, cluster_model),
         "errors": index.query("select stage, kind, message, dropped from errors where key = $key order by stage, kind",
                               params),
         "edits": edits,
         "export": export_preview(row, export_options),
     }
+
+
+def inputs_gone(ws: Workspace) -> list[str]:
+    """The inputs whose folder or shard is no longer there (jobs/export.gone_inputs)."""
+    return gone_inputs(ws.read_json(INPUT_REGISTRY) or {})
 
 
 def caption_older_than_tags(row: dict, captions: list[dict], edits: list[dict]) -> bool:

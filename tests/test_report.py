@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections import Counter
 
 import pytest
 
@@ -505,3 +506,77 @@ def test_examples_whose_object_storage_is_down_are_left_out_not_the_report(monke
     down = f"s3://ws-bucket/in/?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
     rows = [{"key": "in/a", "source": down, "member": "a.png", "member_offset": None, "bytes": 10}]
     assert report.input_bytes(rows) == {}
+
+
+def test_balance_counts_what_the_export_selects_when_inputs_go_and_representatives_are_left_out(tmp_path):
+    """The balance section counts the images the export selects: the report left in a group the
+    images of an input whose folder is gone (moved), which the export leaves out ("gone with their
+    input"), and an image whose accepted caption is flagged (export.drop_flagged); and it took
+    curate's representative of a near-duplicate group, so a representative excluded in review took
+    its whole group out of the section while the export writes the next copy in its place."""
+    from datetime import UTC, datetime
+
+    from jobs import export, report
+    from store.workspace import INPUT_REGISTRY
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": [], "d": [], "e": []})
+    ws.add_part("images", "gone", [{"key": f"moved/{n}", "source": str(tmp_path / "moved"), "member": f"{n}.png",
+                                    "width": 96, "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1}
+                                   for n in ("x", "y")])
+    ws.write_json(INPUT_REGISTRY, {str(tmp_path / "in"): "in", str(tmp_path / "moved"): "moved"})
+    groups = {"in/a": "g1", "in/b": "g1", "in/c": "g2", "in/d": "g2", "in/e": "g2", "moved/x": "g2", "moved/y": "g3"}
+    ws.add_part("balance", "hand", [{"key": k, "path": g, "weight": 1.0, "probability": 0.5, "multiply": 2.0,
+                                     "repeats": 2} for k, g in groups.items()])
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": "in/a", "is_representative": k == "in/a",
+                                        "reason": "phash"} for k in ("in/a", "in/b")])
+    ws.add_part("captions", "hand", [{"key": "in/c", "attempt": 0, "backend": "template", "caption": "A smile.",
+                                      "accuracy": 0.1, "flagged": True, "accepted": True}])
+    ws.add_part("edits", "hand", [{"key": "in/a", "field": "exclude", "old": "false", "new": "true",
+                                   "time": datetime.now(UTC), "seq": 0, "batch": "b1"}])
+    _, _, units, left_out = export.stage_selection(ws, cfg["export"], 100, 100)
+    assert left_out == {"gone with their input": 2, "excluded in review": 1, "flagged captions": 1}
+    staged = sorted({f for u in units for f in u["files"]})
+    selected = ws.connect().execute("select key from read_parquet($files)", {"files": staged}).fetchall()
+    exported = Counter(groups[k] for (k,) in selected)
+    assert exported == {"g1": 1, "g2": 2}  # in/b in place of in/a; in/d and in/e
+    rows = report.report_data(cfg, ws)["balance"]
+    assert {r["path"]: (r["images"], r["samples"]) for r in rows} == {g: (n, 2.0 * n) for g, n in exported.items()}
+
+
+def test_after_duplicates_keeps_the_copy_the_export_keeps_in_place_of_a_representative_it_leaves_out(tmp_path):
+    """A group's representative whose file an ingest removed since curate (or one excluded in review):
+    the export keeps the group's next copy, but the stages counted that copy among the near
+    duplicates left out, one image fewer "after duplicates" than the export keeps per such group."""
+    from datetime import UTC, datetime
+
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"b": [], "c": [], "d": [], "e": []})
+    ws.add_part("duplicates", "hand", [
+        {"key": k, "dup_group": group, "is_representative": rep, "reason": "phash"}
+        for k, group, rep in (("in/removed", "g1", True), ("in/b", "g1", False),
+                              ("in/c", "g2", True), ("in/d", "g2", False), ("in/e", "g2", False))])
+    ws.add_part("edits", "hand", [{"key": "in/c", "field": "exclude", "old": "false", "new": "true",
+                                   "time": datetime.now(UTC), "seq": 0, "batch": "b1"}])
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    # in/b stands in for the removed picture, in/d for the excluded in/c; in/c and in/e are left out
+    assert stages["ingested"] == 4 and stages["after duplicates"] == 2
+
+
+def test_images_the_export_writes_without_a_balance_group_are_counted(tmp_path):
+    """Images ingested since curate ran (or included again in review after curate left them out of
+    the balance) are exported with no group, once each (kohya's `1_all`); the balance section
+    left them out, so its shares were not those of the export (2 images of 3 in g1: 100%)."""
+    from jobs import export, report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []})
+    ws.add_part("balance", "hand", [{"key": f"in/{k}", "path": "g1", "weight": 1.0, "probability": 0.5,
+                                     "multiply": 2.0, "repeats": 2} for k in "ab"])
+    _, _, units, _ = export.stage_selection(ws, cfg["export"], 100, 100)
+    staged = sorted({f for u in units for f in u["files"]})
+    exported = dict(ws.connect().execute('select "group", sum(repeats) from read_parquet($files) group by 1',
+                                         {"files": staged}).fetchall())
+    assert exported == {"g1": 4, "": 1}
+    rows = report.report_data(cfg, ws)["balance"]
+    assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0), (report.NO_GROUP, 1, 1.0)]
+    assert [r["share_before"] for r in rows] == [2 / 3, 1 / 3]

@@ -684,6 +684,18 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
 
 
+@pytest.mark.parametrize("params", [{"flaged": "1"}, {"flagged": "maybe"}, {"excluded": "only"}, {"wehre": "false"},
+                                    {"edited": ["1", "0"]}])
+def test_an_image_list_with_a_filter_it_does_not_know_is_refused_not_ignored(review, params):
+    """GET /api/images answered every image of the workspace for a misspelt quick filter or one that
+    is not true or false (README: refused rather than ignored), as the bulk action once did: a
+    script editing "the flagged images" from that list edited them all."""
+    client, ws, _ = review
+    answer = client.get("/api/images", params=params)
+    assert answer.status_code == 400 and "error" in answer.json()
+    assert client.get("/api/images", params={"flagged": "true", "excluded": "0", "limit": 3}).status_code == 200
+
+
 def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
     """Every POST refuses a field it does not take (README): {"batch", "key"} undid the whole batch,
     every image of it, where the key said one."""
@@ -787,3 +799,30 @@ def test_an_image_marked_as_no_duplicate_is_exported_on_its_own_and_curate_takes
     assert client.post("/api/edits", json={"key": key, "not_duplicate": False}).status_code == 200
     curate.run(cfg, ws)
     assert key not in exported() and group in exported()
+
+
+def test_the_duplicate_group_marks_the_copy_the_export_keeps(tmp_path_factory, ray_local):
+    """A representative excluded in review: the export keeps the group's next copy, but the image
+    page (its strip's "kept", the API's is_representative) still named the excluded one, and the
+    copy the export writes as a near duplicate left out."""
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+
+    path = prepared_workspace(tmp_path_factory)
+    ws = Workspace(str(path))
+    first, second = all_keys(ws)[:2]
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": first, "is_representative": k == first,
+                                        "reason": "phash"} for k in (first, second)])
+    client = TestClient(ReviewApp(base_config(path), ws).asgi(["testserver"]))
+
+    def kept() -> list[str]:
+        found = client.get(f"/api/images/{quote(second)}").json()["duplicates"]
+        return [d["key"] for d in found if d["is_representative"]]
+
+    assert kept() == [first]
+    assert client.post("/api/edits", json={"key": first, "exclude": True}).status_code == 200
+    assert kept() == [second]
+    page = client.get("/image", params={"key": first}).text
+    assert f'title="{second} (phash, kept)"' in page and f'title="{first} (phash)"' in page
