@@ -16,8 +16,11 @@ with not_duplicates as (
 members as (
     select key, min(dup_group) as dup_group, bool_and(is_representative) as is_representative, min(reason) as reason
     from duplicates
-    anti join not_duplicates using (key)
     group by key
+),
+grouped as (
+    select * from members
+    anti join not_duplicates using (key)
 ),
 flagged as (
     select key, bool_or(flagged) as flagged
@@ -42,7 +45,7 @@ ranked as (
                  not m.is_representative,
                  coalesce(i.width, 0)::bigint * coalesce(i.height, 0) desc, coalesce(i.bytes, 0) desc, m.key
     ) as place
-    from members m
+    from grouped m
     left join images i using (key)
     left join flagged f using (key)
     left join caption_edits e using (key)
