@@ -5,11 +5,13 @@ The curation logic is the SQL in sql/ (one SELECT per file, run in file-name ord
 creates the table its name ends with). Python does only what SQL cannot: loading lookup files,
 LSH buckets and connected components for duplicates, OPTICS/DBSCAN clustering of CCIP crops.
 
-Curate is a global job: each run rebuilds its eight tables. A Ray task builds them (the driver
-only publishes): intermediate tables live in a DuckDB database in a temporary directory (DuckDB
-spills to disk past `memory_limit`), the results are written as new Parquet parts, and one
-publish makes all eight visible at once (the workspace's published generation): a killed run
-leaves the old tables as they were, never half of each.
+Curate is a global job: each run rebuilds its eight tables, unless nothing it reads changed since
+the last build (its input tables' parts, its options and lookup files, its code: `booruset run`
+again after an export option changed took minutes at a million images for the same tables).
+A Ray task builds them (the driver only publishes): intermediate tables live in a DuckDB
+database in a temporary directory (DuckDB spills to disk past `memory_limit`), the results are
+written as new Parquet parts, and one publish makes all eight visible at once (the workspace's
+published generation): a killed run leaves the old tables as they were, never half of each.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import duckdb
@@ -32,6 +35,7 @@ from jobs.config import Config, ConfigError
 from jobs.ray_env import run_in_worker
 from jobs.summary import JobSummary, PeakMemory
 from store.scratch import temporary_folder
+from store.stamps import code_digest, file_stamps, fingerprint
 from store.workspace import Workspace, create_derived_view, fault_point, sql_string
 from udfs.annotate.model_files import ModelUnavailable, optional_file
 from udfs.curate import ccip_cluster, near_duplicates, tag_rules
@@ -43,6 +47,13 @@ OUTPUTS = ["tags", "image_meta", "character_traits", "duplicates", "clusters", "
 OWNER = "curate"  # the owner of curate's parts in the published generation
 # The digest of the tags from texts (sql/text_tags_digest.sql) the last published build read
 TEXT_TAGS_STATE = "state/curate-text-tags.json"
+# What the last published build read (inputs_fingerprint) and its summary's counts
+BUILT_STATE = "state/curate-built.json"
+# Options that name lookup files or folders: their contents are part of what a build reads
+FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights")
+# The code of a build: a new version of any of it builds again
+CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
+        Path(__file__).resolve().parent / "balance.py"]
 # About 2M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
 # caches (1M images x 30 tags on 2 cores: 46-53 s in partitions of 250,000, 35-38 s of 62,500,
 # 39 s of 31,250; a partition's fixed cost shows below that).
@@ -64,14 +75,36 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = {**cfg["curate"], "tag_list": tag_list_path(cfg), "cascade_face_model": cascade_face_model(cfg)}
     check_options(opts)  # a bad option is a ConfigError before any worker starts
     ws.begin_job()
+    fingerprint = inputs_fingerprint(ws, opts, ccip_spec(cfg))
+    last = ws.read_json(BUILT_STATE) or {}
+    if last.get("fingerprint") == fingerprint and ws.published()["owned"].get(OWNER):
+        return unchanged_summary(last, started)
     built = run_in_worker(cfg, ws, build, opts, ccip_spec(cfg))
     ws.publish({OWNER: built["files"]})
     ws.write_json(TEXT_TAGS_STATE, {"digest": built["text_tags"]})  # after: a kill between curates once more
+    ws.write_json(BUILT_STATE, {"fingerprint": fingerprint, "rows_in": built["rows_in"], "rows_out": built["rows_out"]})
     summary = JobSummary("curate", units_done=1, rows_in=built["rows_in"], rows_out=built["rows_out"])
     summary.seconds = time.perf_counter() - started
     summary.notes.append("steps: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in built["timings"].items()))
     summary.notes.append(f"peak memory of the worker that built the tables: {built['peak_mib']:.0f} MiB")
     summary.notes += built["notes"]
+    return summary
+
+
+def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict) -> str:
+    """A digest of what a build reads (store/stamps.py): the published parts of its input tables,
+    its options, the lookup files they name, imgutils' version (its tag data) and curate's code."""
+    return fingerprint(ws, INPUTS, options=opts, ccip=ccip, imgutils=version("dghs-imgutils"), code=code_digest(CODE),
+                       files={name: file_stamps(str(opts[name])) for name in FILE_OPTIONS if opts.get(name)})
+
+
+def unchanged_summary(last: dict, started: float) -> JobSummary:
+    """The summary of a run that found nothing changed since the last build."""
+    summary = JobSummary("curate", units_skipped=1, rows_in=int(last.get("rows_in", 0)),
+                         rows_out=dict(last.get("rows_out", {})))
+    summary.seconds = time.perf_counter() - started
+    summary.notes.append("nothing curate reads changed since its last build (input tables, options, lookup files, "
+                         "code): its tables are kept")
     return summary
 
 

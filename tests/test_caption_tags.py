@@ -83,13 +83,22 @@ def test_related_tags_suggest_what_usually_comes_along(ray_local, workspace, con
     assert [(s["tag"], s["because"], s["support"]) for s in lacking] == [("cat_tail", "cat_ears", 6)]
     assert lacking[0]["score"] > 0.3 and lacking[0]["origin"] == "pmi"
     assert not any(s["key"].startswith("k/") and s["tag"] in ("dog", "outdoors") for s in suggestions)
-    # the same rows when the images are cut into units of 4 (one task each), and nothing staged is left
+    # nothing they are made of changed: kept (a rerun with nothing new rebuilt them every time)
+    owned = workspace.published()["owned"]["caption:related_tags"]
+    assert caption.related_tags(config, workspace) == written
+    assert workspace.published()["owned"]["caption:related_tags"] == owned
+    # the same rows when the images are cut into units of 4 (one task each; built again, its record
+    # gone), and nothing staged is left
     monkeypatch.setattr(caption, "RELATED_UNIT_IMAGES", 4)
+    (Path(workspace.base) / caption.RELATED_STATE).unlink()
     assert caption.related_tags(config, workspace) == written
     by_key = sorted(workspace.read_table("tag_suggestions").to_pylist(), key=lambda s: (s["key"], s["tag"]))
     assert by_key == sorted(suggestions, key=lambda s: (s["key"], s["tag"]))
     assert len(workspace.published()["owned"]["caption:related_tags"]["tag_suggestions"]) == 4  # 13 images: 4+4+4+1
     assert not (Path(workspace.base) / caption.RELATED).exists()
+    workspace.add_part("tags", "more", tag_rows("k/new", ["cat_ears", "1girl"]))  # a change: built again
+    caption.related_tags(config, workspace)
+    assert ("k/new", "cat_tail") in {(s["key"], s["tag"]) for s in workspace.read_table("tag_suggestions").to_pylist()}
 
 
 def test_related_tags_respect_impossible_combinations_and_review_edits(ray_local, workspace, config):
