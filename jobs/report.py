@@ -112,8 +112,9 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
         section("Balance before and after multiply", balance_plot(out, data["balance"]),
                 "<p>Over the images the export keeps: near duplicates that are not their group's representative "
                 "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else "",
-                "<p>The images of inputs whose folder or shard is gone, those excluded in review and those with a "
-                "flagged caption (export.drop_flagged) are left out, as the export leaves them out.</p>"
+                "<p>The images of inputs whose folder or shard is gone, those excluded in review and, with "
+                "export.drop_flagged, those with a flagged caption are left out, as the export leaves them out "
+                "(export.where is not applied).</p>"
                 if data["balance"] else ""),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
         section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
