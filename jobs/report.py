@@ -166,7 +166,7 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
                              drop_flagged=selection["drop_flagged"], gone_inputs=selection["gone_inputs"],
                              no_group=NO_GROUP),
             "accuracy": query(con, "report_caption_accuracy"),
-            "examples": query(con, "report_examples", n=int(opts["examples"])),
+            "examples": query(con, "report_examples", n=int(opts["examples"]), gone_inputs=selection["gone_inputs"]),
         }
     finally:
         con.close()
