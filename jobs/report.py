@@ -157,7 +157,8 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
         selection = export_conditions(cfg, ws)
         export_duplicates(con, selection)  # the representatives the export keeps, for the balance
         return {
-            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws)),
+            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws),
+                            drop_duplicates=bool(cfg["export"]["drop_duplicates"])),
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),

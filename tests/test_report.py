@@ -597,3 +597,15 @@ def test_examples_before_an_export_are_not_picked_from_an_input_that_is_gone(tmp
     assert [r["key"] for r in report.report_data(cfg, ws)["examples"]] == ["in/a", "in/b"]
     report.run(cfg, ws)
     assert "image not found" not in (tmp_path / "ws" / "report" / "index.html").read_text()
+
+
+def test_after_duplicates_leaves_none_out_when_the_export_keeps_duplicates(tmp_path):
+    """With export.drop_duplicates off the export writes every copy, as the balance section counts
+    them; the stages still took the near duplicates out "after duplicates"."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []}, None, "export.drop_duplicates=false")
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": "in/a", "is_representative": k == "in/a",
+                                        "reason": "phash"} for k in ("in/a", "in/b")])
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    assert stages["ingested"] == stages["after duplicates"] == 3
