@@ -112,8 +112,9 @@ def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: st
         section("Balance before and after multiply", balance_plot(out, data["balance"]),
                 "<p>Over the images the export keeps: near duplicates that are not their group's representative "
                 "are left out (export.drop_duplicates).</p>" if data["balance"] and drop_duplicates else "",
-                "<p>The images of inputs whose folder or shard is gone, those excluded in review and those with a "
-                "flagged caption (export.drop_flagged) are left out, as the export leaves them out.</p>"
+                "<p>The images of inputs whose folder or shard is gone, those excluded in review and, with "
+                "export.drop_flagged, those with a flagged caption are left out, as the export leaves them out "
+                "(export.where is not applied).</p>"
                 if data["balance"] else ""),
         section("Caption accuracy", accuracy_plot(out, data["accuracy"])),
         section("Examples", examples_html(out, data["examples"], int(opts["thumb_size"]), export,
@@ -156,7 +157,8 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
         selection = export_conditions(cfg, ws)
         export_duplicates(con, selection)  # the representatives the export keeps, for the balance
         return {
-            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws)),
+            "stages": query(con, "report_stages", samples_seen=samples_seen(ws), annotated=annotated_images(ws),
+                            drop_duplicates=bool(cfg["export"]["drop_duplicates"])),
             "errors": query(con, "report_errors"),
             "tags": query(con, "report_tag_frequency", top_n=top),
             "characters": query(con, "report_characters", top_n=top),
@@ -165,7 +167,7 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
                              drop_flagged=selection["drop_flagged"], gone_inputs=selection["gone_inputs"],
                              no_group=NO_GROUP),
             "accuracy": query(con, "report_caption_accuracy"),
-            "examples": query(con, "report_examples", n=int(opts["examples"])),
+            "examples": query(con, "report_examples", n=int(opts["examples"]), gone_inputs=selection["gone_inputs"]),
         }
     finally:
         con.close()

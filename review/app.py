@@ -198,15 +198,18 @@ class ReviewApp:
         """{filter fields..., add_tags, remove_tags, exclude, preview}: the count, or the edits."""
         wrong = [name for name in FILTER_TEXTS if body.get(name) is not None and not isinstance(body[name], str)]
         not_flags = [name for name in FILTER_FLAGS if not is_flag(body.get(name))]
+        # a preview that is not a bool is refused: null or 0 applied the action to every image of the filter
+        preview = body.get("preview", True)
         if error := (unknown_fields(body, BULK_FIELDS) or (wrong and f"{wrong[0]} must be text (a filter)")
-                     or (not_flags and f"{not_flags[0]} must be true or false (a quick filter)")):
+                     or (not_flags and f"{not_flags[0]} must be true or false (a quick filter)")
+                     or (not isinstance(preview, bool) and "preview must be true or false")):
             return JSONResponse({"error": error}, status_code=400)
         with self.index.lock:
             try:
                 filters = filters_of(body)
                 edit = EditRequest.from_json({k: body.get(k) for k in ("add_tags", "remove_tags", "exclude")},
                                              self.max_tag_chars, max_tags=self.max_tags)
-                if body.get("preview", True):
+                if preview:
                     return JSONResponse({"count": self.index.count(filters)})
                 wanted = ("key", "tags", "caption", "caption_edited", "excluded", "characters")
                 changes = [c for row in self.index.rows(filters, wanted) for c in edit.changes(row)]

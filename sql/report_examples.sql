@@ -4,7 +4,8 @@
 -- those of the image_tag_lists view (what export writes), so a tag curate removed is not on a card.
 -- The caption is the one export writes: a person's from `booruset review` (edit_state) in place of
 -- the accepted one, with no accuracy (nothing scored it).
--- Parameters: $n. Reads images, export_manifest, captions, image_tag_lists, edit_state.
+-- Parameters: $n, $gone_inputs (jobs/export.gone_inputs). Reads images, export_manifest, captions,
+-- image_tag_lists, edit_state.
 with exported as (
     select key,
            min(path) filter (where layout = 'webdataset') as path,
@@ -17,7 +18,9 @@ pool as (
            row_number() over (order by hash(i.key), i.key) as pick
     from images i
     left join exported e using (key)
-    where e.key is not null or not exists (select 1 from exported)
+    -- before an export: not an image of an input whose folder or shard is gone (no picture to show)
+    where e.key is not null
+       or (not exists (select 1 from exported) and not list_contains($gone_inputs::varchar[], split_part(i.key, '/', 1)))
 )
 select p.key, p.source, p.member, p.member_offset, p.bytes, p.shard, p.shard_member,
        coalesce(e.caption, c.caption) as caption,

@@ -580,3 +580,32 @@ def test_images_the_export_writes_without_a_balance_group_are_counted(tmp_path):
     rows = report.report_data(cfg, ws)["balance"]
     assert [(r["path"], r["images"], r["samples"]) for r in rows] == [("g1", 2, 4.0), (report.NO_GROUP, 1, 1.0)]
     assert [r["share_before"] for r in rows] == [2 / 3, 1 / 3]
+
+
+def test_examples_before_an_export_are_not_picked_from_an_input_that_is_gone(tmp_path):
+    """Before any export, the examples are picked over the images table: those of an input whose
+    folder is gone (moved, and ingested again at its new path) took places as "image not found"
+    cards, where the images that are there were not shown."""
+    from jobs import report
+    from store.workspace import INPUT_REGISTRY
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["smile"]}, None, "report.examples=2")
+    ws.add_part("images", "gone", [{"key": f"moved/{n}", "source": str(tmp_path / "moved"), "member": f"{n}.png",
+                                    "width": 96, "height": 64, "format": "PNG", "mode": "RGB", "n_frames": 1}
+                                   for n in "abcdefgh"])
+    ws.write_json(INPUT_REGISTRY, {str(tmp_path / "in"): "in", str(tmp_path / "moved"): "moved"})
+    assert [r["key"] for r in report.report_data(cfg, ws)["examples"]] == ["in/a", "in/b"]
+    report.run(cfg, ws)
+    assert "image not found" not in (tmp_path / "ws" / "report" / "index.html").read_text()
+
+
+def test_after_duplicates_leaves_none_out_when_the_export_keeps_duplicates(tmp_path):
+    """With export.drop_duplicates off the export writes every copy, as the balance section counts
+    them; the stages still took the near duplicates out "after duplicates"."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": [], "b": [], "c": []}, None, "export.drop_duplicates=false")
+    ws.add_part("duplicates", "hand", [{"key": k, "dup_group": "in/a", "is_representative": k == "in/a",
+                                        "reason": "phash"} for k in ("in/a", "in/b")])
+    stages = {r["stage"]: r["images"] for r in report.report_data(cfg, ws)["stages"]}
+    assert stages["ingested"] == stages["after duplicates"] == 3

@@ -684,6 +684,18 @@ def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(revi
     assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
 
 
+@pytest.mark.parametrize("preview", [None, 0, "false", "no", []])
+def test_a_bulk_preview_that_is_not_true_or_false_is_refused(review, preview):
+    """`"preview": null` (a script's unset variable) or 0 applied the bulk action to every image of
+    its filter, where a missing preview only counts them; "false" only counted them."""
+    client, ws, _ = review
+    edits = ws.connect().execute("select count(*) from edits").fetchone()[0]
+    answer = client.post("/api/bulk", json={"add_tags": ["bulk_preview_probe"], "preview": preview})
+    assert answer.status_code == 400 and "preview" in answer.json()["error"]
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == edits
+    assert client.post("/api/bulk", json={"add_tags": ["bulk_preview_probe"]}).json() == {"count": len(all_keys(ws))}
+
+
 @pytest.mark.parametrize("params", [{"flaged": "1"}, {"flagged": "maybe"}, {"excluded": "only"}, {"wehre": "false"},
                                     {"edited": ["1", "0"]}])
 def test_an_image_list_with_a_filter_it_does_not_know_is_refused_not_ignored(review, params):
