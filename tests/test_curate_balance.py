@@ -338,10 +338,10 @@ def test_the_reports_balance_counts_the_images_the_export_keeps(workspace):
     """The report's "after multiply" share is what the export trains on: near duplicates it leaves
     out are not counted. Three copies of one scenery and one picture of alice are balanced 1:1
     (one copy exported, multiply 1 each); the report counted the copies and showed 3:1."""
-    from jobs.report import query
+    from jobs.report import report_data
 
     curate_three_copies_and_alice(workspace)
-    report = {r["path"]: r for r in query(workspace.connect(), "report_balance", drop_duplicates=True)}
+    report = {r["path"]: r for r in report_data(curate_config(workspace), workspace)["balance"]}
     assert {p: (r["images"], r["samples"]) for p, r in report.items()} == {"0_characters": (1, 1.0),
                                                                            "1_character": (1, 1.0)}
     assert all(r["share_after"] == pytest.approx(0.5) for r in report.values())
