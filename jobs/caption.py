@@ -21,6 +21,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter
+from importlib.metadata import version
 
 import ray
 
@@ -46,7 +47,7 @@ RELATED_STATE = "state/caption-related-built.json"
 RELATED_TABLES = ("images", "tags", "source_tags", "image_meta", "edits")
 RELATED_CODE = [REPO / "sql" / name for name in ("caption_related_pairs.sql", "caption_related_units.sql",
                                                  "caption_visual_tags.sql", "image_tag_lists.sql", "edit_state.sql")
-                ] + [REPO / "udfs" / "caption" / "related_tags.py"]
+                ] + [REPO / "udfs" / "caption" / "related_tags.py", REPO / "udfs" / "curate" / "tag_rules.py"]
 RELATED_OWNER = "caption:related_tags"
 RELATED_UNIT_IMAGES = 2000  # images per related-tags task: a few million candidate rows at most
 NO_TEXT_TAGS = "0-0"  # sql/text_tags_digest.sql of no rows
@@ -429,9 +430,10 @@ def related_tags(cfg: Config, ws: Workspace) -> int:
 
 def related_fingerprint(cfg: Config, ws: Workspace) -> str:
     """A digest of what the related tags are made of (store/stamps.py): the published parts of the
-    tables they read, the related options, curate's rule files and the code."""
+    tables they read, the related options, curate's rule files, imgutils' version (its rule data)
+    and the code."""
     opts, curate_opts = cfg["caption"], cfg["curate"]
-    return fingerprint(ws, RELATED_TABLES, code=code_digest(RELATED_CODE),
+    return fingerprint(ws, RELATED_TABLES, code=code_digest(RELATED_CODE), imgutils=version("dghs-imgutils"),
                        options={k: v for k, v in opts.items() if k.startswith("related_")},
                        files={k: file_stamps(str(curate_opts[k])) for k in ("tag_list", "rules_dir") if curate_opts[k]})
 
