@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import ray
 
 from jobs.config import REPO, Config
+from jobs.errors import stop_on_sigterm
 
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ def init_ray(cfg: Config) -> None:
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
         ray.init(address=address, **kwargs)
+        stop_on_sigterm()  # after ray.init, which sets its own handler
     quiet_ray_data()
 
 

@@ -745,3 +745,40 @@ def test_ctrl_c_before_the_query_runs_stops_it_too():
         child.kill()
     assert out.strip() == "interrupted", err
     assert time.monotonic() - started < 20
+
+
+SIGTERM_WHILE_RAY_RUNS = """
+import os, signal, sys, threading, time
+import ray
+from jobs import cli, ingest
+from jobs.ray_env import init_ray
+
+def nap():
+    time.sleep(60)
+
+def run(cfg, ws):  # the job, stopped by a SIGTERM while the driver waits for a Ray task
+    init_ray(cfg)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    ray.get(ray.remote(nap).remote())
+
+ingest.run = run
+sys.exit(cli.main(["ingest", "-w", sys.argv[1], "-i", sys.argv[2], "--set", "ray.num_cpus=1"]))
+"""
+
+
+def test_sigterm_stops_a_job_as_ctrl_c_does_with_one_line(tmp_path):
+    """SIGTERM (docker stop, Slurm's preemption, `ray job stop`, `timeout`) reached the handler
+    ray.init sets in the driver (sys.exit(15)) behind the Ray core worker's crash handler: a
+    native stack dump ("*** SIGTERM received ... PC: @ ...") on the terminal, exit status 15 or
+    1, and at times an abort (-6). It stops the job as Ctrl-C does: one line, 128 + 15. In a
+    process of its own: the signal must reach a driver, not pytest's process."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_RAY_RUNS, str(tmp_path / "ws"), str(folder)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "booruset: terminated (SIGTERM)" in done.stderr
+    assert "SIGTERM received" not in done.stdout + done.stderr
