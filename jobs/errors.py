@@ -36,7 +36,11 @@ def stop_on_sigterm() -> None:
 
 
 def _terminated(signum: int, _frame: object) -> None:
-    STOPPED_BY.append(signum)
+    stopped_by_sigterm()
+
+
+def stopped_by_sigterm() -> None:
+    STOPPED_BY.append(signal.SIGTERM)
     raise KeyboardInterrupt
 
 

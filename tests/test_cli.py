@@ -782,3 +782,20 @@ def test_sigterm_stops_a_job_as_ctrl_c_does_with_one_line(tmp_path):
     assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
     assert "booruset: terminated (SIGTERM)" in done.stderr
     assert "SIGTERM received" not in done.stdout + done.stderr
+
+
+def test_sigterm_while_ray_starts_stops_the_job_the_same_way(tmp_path):
+    """A SIGTERM while ray.init starts the local Ray met Ray's own handler (sys.exit(15)): the job
+    ended with exit status 15 and no word of why."""
+    script = SIGTERM_WHILE_RAY_RUNS.replace("    init_ray(cfg)\n    threading.Timer(1.0,", "    threading.Timer(0.3,")
+    script = script.replace("    ray.get(ray.remote(nap)", "    init_ray(cfg)\n    ray.get(ray.remote(nap)")
+    assert script.index("Timer(0.3") < script.index("init_ray(cfg)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ws"), str(folder)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "booruset: terminated (SIGTERM)" in done.stderr
