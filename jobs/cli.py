@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
-from jobs.errors import report_failure
+from jobs.errors import STOPPED_BY, report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"booruset: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if STOPPED_BY:
+            print(f"booruset: terminated ({signal.Signals(STOPPED_BY[0]).name})", file=sys.stderr)
+            return 128 + STOPPED_BY[0]
         print("booruset: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for a person, the traceback in a log file

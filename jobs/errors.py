@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -19,6 +21,27 @@ FRIENDLY_ERRNO = {
     errno.EPERM: "operation not permitted",
     errno.ENOENT: "no such file or directory",
 }
+
+# the signals that stopped this process (stop_on_sigterm): the CLI names it and exits 128 + signal
+STOPPED_BY: list[int] = []
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, Slurm's preemption, `ray job stop`, `timeout`) stops a job as Ctrl-C
+    does: a KeyboardInterrupt that the job's code unwinds. Called after ray.init: its driver
+    handler (sys.exit) ran behind the Ray core worker's crash handler, which printed a native
+    stack dump, and the process often aborted (exit -6) on its way out."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    stopped_by_sigterm()
+
+
+def stopped_by_sigterm() -> None:
+    STOPPED_BY.append(signal.SIGTERM)
+    raise KeyboardInterrupt
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import ray
 
 from jobs.config import REPO, Config
+from jobs.errors import stop_on_sigterm, stopped_by_sigterm
 
 T = TypeVar("T")
 
@@ -69,7 +71,13 @@ def init_ray(cfg: Config) -> None:
             # escape codes in a log file or a pipe
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except SystemExit as exc:  # a SIGTERM while Ray started: its own handler's sys.exit(15)
+            if exc.code != signal.SIGTERM:
+                raise
+            stopped_by_sigterm()
+        stop_on_sigterm()  # after ray.init, which sets its own handler
     quiet_ray_data()
 
 

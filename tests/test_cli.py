@@ -745,3 +745,57 @@ def test_ctrl_c_before_the_query_runs_stops_it_too():
         child.kill()
     assert out.strip() == "interrupted", err
     assert time.monotonic() - started < 20
+
+
+SIGTERM_WHILE_RAY_RUNS = """
+import os, signal, sys, threading, time
+import ray
+from jobs import cli, ingest
+from jobs.ray_env import init_ray
+
+def nap():
+    time.sleep(60)
+
+def run(cfg, ws):  # the job, stopped by a SIGTERM while the driver waits for a Ray task
+    init_ray(cfg)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    ray.get(ray.remote(nap).remote())
+
+ingest.run = run
+sys.exit(cli.main(["ingest", "-w", sys.argv[1], "-i", sys.argv[2], "--set", "ray.num_cpus=1"]))
+"""
+
+
+def test_sigterm_stops_a_job_as_ctrl_c_does_with_one_line(tmp_path):
+    """SIGTERM (docker stop, Slurm's preemption, `ray job stop`, `timeout`) reached the handler
+    ray.init sets in the driver (sys.exit(15)) behind the Ray core worker's crash handler: a
+    native stack dump ("*** SIGTERM received ... PC: @ ...") on the terminal, exit status 15 or
+    1, and at times an abort (-6). It stops the job as Ctrl-C does: one line, 128 + 15. In a
+    process of its own: the signal must reach a driver, not pytest's process."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_RAY_RUNS, str(tmp_path / "ws"), str(folder)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "booruset: terminated (SIGTERM)" in done.stderr
+    assert "SIGTERM received" not in done.stdout + done.stderr
+
+
+def test_sigterm_while_ray_starts_stops_the_job_the_same_way(tmp_path):
+    """A SIGTERM while ray.init starts the local Ray met Ray's own handler (sys.exit(15)): the job
+    ended with exit status 15 and no word of why."""
+    script = SIGTERM_WHILE_RAY_RUNS.replace("    init_ray(cfg)\n    threading.Timer(1.0,", "    threading.Timer(0.3,")
+    script = script.replace("    ray.get(ray.remote(nap)", "    init_ray(cfg)\n    ray.get(ray.remote(nap)")
+    assert script.index("Timer(0.3") < script.index("init_ray(cfg)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ws"), str(folder)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "booruset: terminated (SIGTERM)" in done.stderr
