@@ -332,6 +332,63 @@ def test_a_long_hostile_reply_is_cleaned_in_linear_time():
     assert clean_reply("A girl reads the note: it says hi.") == "A girl reads the note: it says hi."
 
 
+def test_a_server_down_for_every_request_is_not_asked_the_rest_of_the_unit():
+    """Each request to a server that does not answer takes its retries (15 s at the defaults; 10
+    minutes when it hangs), max_concurrency at a time: a unit of 500 images took 16 minutes (hung:
+    11 hours) to end with every image failed. After 8 such failures in a row the rest of the call
+    is not sent and fails as they did (the next run asks them again); the next call (the next
+    unit or attempt) asks the server afresh."""
+    from udfs.caption.openai_transport import Outage
+
+    state = {"down": True, "asked": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            state["asked"] += 1
+            if state["down"]:  # hangs up without a word, as a server going down does
+                self.close_connection = True
+                return
+            payload = completion("ok")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=1,
+                                backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
+        assert [r.kind for r in results] == ["unreachable"] * 40
+        # 8 requests of 2 tries each, and the one that had started when the eighth failed: 80 before
+        assert state["asked"] in (16, 18) and endpoint.counts["sent"] == state["asked"]
+        not_sent = [str(r) for r in results if str(r).startswith("not sent")]
+        assert len(not_sent) == 40 - state["asked"] // 2
+        assert "requests before it failed (the last: gave up after 2 tries: transport error" in not_sent[0]
+        state.update(down=False, asked=0)  # back: the next call asks it again
+        assert endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(10)]) == ["ok"] * 10
+    finally:
+        server.shutdown()
+        server.server_close()
+    # a reply between the failures starts the count again; an HTTP status is an answer (a 500 may
+    # be the request's own, every run: the requests after it would never be asked)
+    outage = Outage(8)
+    for result in [EndpointError("timeout", "")] * 7 + ["ok"] + [EndpointError("unreachable", "")] * 7:
+        outage.saw(result)
+    assert not outage.down()
+    outage.saw(EndpointError("unreachable", ""))
+    assert outage.down()
+    outage = Outage(8)
+    for result in [EndpointError("server_error", "")] * 20:
+        outage.saw(result)
+    assert not outage.down()
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a

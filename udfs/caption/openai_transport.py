@@ -38,6 +38,15 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # failure whose units the next run does again (they were committed with no caption for good).
 REFUSED_STATUS = frozenset({401, 402, 403, 404})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
+# Failures of a server that does not answer at all: down or hung (after each request's retries).
+# Once OUTAGE_AFTER of them (or max_concurrency, if more) come in a row, the requests of that
+# chat_many not yet started are not sent: each would take its retries (15 s refused, 10 minutes
+# hung at the defaults), 8 at a time, and a unit of 500 images took 16 minutes to 11 hours to
+# end with every image failed. They fail as the last one did, and the next run asks them again.
+# Not an HTTP status (a 500 may be a request's own, every run: the requests after it would never
+# be asked).
+OUTAGE_KINDS = frozenset({"unreachable", "timeout"})
+OUTAGE_AFTER = 8
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
 
@@ -185,6 +194,7 @@ class ChatEndpoint:
 
         if not requests:
             return
+        outage = Outage(max(OUTAGE_AFTER, self.max_concurrency))
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
             futures = {pool.submit(one, request): k for k, request in enumerate(requests)}
             pending = set(futures)
@@ -193,10 +203,37 @@ class ChatEndpoint:
                 if not done:
                     on_time()
                 for future in done:
+                    outage.saw(future.result())
                     yield futures[future], future.result()
+                if outage.down():  # the requests not started yet are not sent
+                    for future in [f for f in pending if f.cancel()]:
+                        pending.discard(future)
+                        yield futures[future], outage.error()
 
     def close(self) -> None:
         self.client.close()
+
+
+class Outage:
+    """Whether the requests of one chat_many have met a server that is down: `after` failures
+    of OUTAGE_KINDS in a row, with no reply between them."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.in_a_row = after, 0
+        self.last: EndpointError | None = None
+
+    def saw(self, result: str | EndpointError) -> None:
+        if isinstance(result, EndpointError) and result.kind in OUTAGE_KINDS:
+            self.in_a_row, self.last = self.in_a_row + 1, result
+        else:
+            self.in_a_row = 0
+
+    def down(self) -> bool:
+        return self.in_a_row >= self.after
+
+    def error(self) -> EndpointError:
+        return EndpointError(self.last.kind, f"not sent: the {self.in_a_row} requests before it failed "
+                                             f"(the last: {self.last})")
 
 
 class KeptReplies:
