@@ -31,7 +31,7 @@ UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
 class EditRequest:
     """What one image should become: tags to add and remove, a caption, exclusion, a character,
     whether it is no near duplicate of its group (not_duplicate: curate and the export then keep
-    it on its own). None leaves a field alone; caption "" goes back to the generated caption.
+    it on its own). None leaves a field alone; caption "" (or blanks) goes back to the generated caption.
 
     Tags and the character take the form ingest gives sidecar tags (`Long Hair` is `long_hair`;
     `red hair, blue eyes` two tags; control characters out), so that an added tag is the curated
@@ -53,7 +53,9 @@ class EditRequest:
             raise ValueError(f"tag {too_long[0][:40]!r}... is over {max_tag_chars} characters (ingest.max_tag_chars)")
         if len(named) > 1:
             raise ValueError("character must be one tag (no commas)")
-        self.caption = without_controls(caption)[0] if caption is not None else None
+        # a caption of blanks alone is no caption: back to the generated one (stored, it made the
+        # export write the tags as the image's text, with nothing on the page to say why)
+        self.caption = without_controls(caption)[0].strip() if caption is not None else None
         if self.caption is not None and len(self.caption) > max_caption_chars:  # as a captioner's would be
             raise ValueError(f"the caption is {len(self.caption)} characters, over {max_caption_chars} "
                              "(caption.max_caption_chars)")

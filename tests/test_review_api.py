@@ -838,3 +838,17 @@ def test_the_duplicate_group_marks_the_copy_the_export_keeps(tmp_path_factory, r
     assert kept() == [second]
     page = client.get("/image", params={"key": first}).text
     assert f'title="{second} (phash, kept)"' in page and f'title="{first} (phash)"' in page
+
+
+def test_a_caption_of_blanks_goes_back_to_the_generated_one(review):
+    """A caption of spaces alone was stored as a person's caption, and the export then wrote the
+    tags as the image's text: blanks are no caption, as "" is not."""
+    client, ws, _ = review
+    key = all_keys(ws)[4]
+    generated = client.get(f"/api/images/{key}").json()["row"]["caption"]
+    client.post("/api/edits", json={"key": key, "caption": "  Someone wrote this.  "})
+    row = client.get(f"/api/images/{key}").json()["row"]
+    assert row["caption_edited"] and row["caption"] == "Someone wrote this."
+    assert client.post("/api/edits", json={"key": key, "caption": " \n\t "}).status_code == 200
+    row = client.get(f"/api/images/{key}").json()["row"]
+    assert not row["caption_edited"] and row["caption"] == generated
