@@ -214,10 +214,14 @@ def replies_in_order(bodies: list[tuple[dict, bytes, float]]) -> list:
 
 def answer_with(respond):
     """A loopback server answering each POST with respond(request body) -> (status, headers,
-    payload); returns (server, base_url)."""
+    payload), or hanging up without a word where it gives None; returns (server, base_url)."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
-            status, headers, payload = respond(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = respond(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            if reply is None:
+                self.close_connection = True
+                return
+            status, headers, payload = reply
             self.send_response(status)
             for name, value in {"Content-Length": str(len(payload)), **headers}.items():
                 self.send_header(name, value)
@@ -342,27 +346,13 @@ def test_a_server_down_for_every_request_is_not_asked_the_rest_of_the_unit():
 
     state = {"down": True, "asked": 0}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers["Content-Length"]))
-            state["asked"] += 1
-            if state["down"]:  # hangs up without a word, as a server going down does
-                self.close_connection = True
-                return
-            payload = completion("ok")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def respond(_body):
+        state["asked"] += 1
+        return None if state["down"] else (200, {}, completion("ok"))  # down: hangs up, as a server going down does
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, base_url = answer_with(respond)
     try:
-        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=1,
-                                backoff_s=0.01, max_concurrency=1)
+        endpoint = ChatEndpoint(base_url, "m", max_retries=1, backoff_s=0.01, max_concurrency=1)
         results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
         assert [r.kind for r in results] == ["unreachable"] * 40
         # 8 requests of 2 tries each, and the one that had started when the eighth failed: 80 before
