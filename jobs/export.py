@@ -281,7 +281,7 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
         ranges = key_ranges(con, chunk)
         where = str(opts["where"]).strip()
         query, params = selection_query(con, opts, where)
-        params["gone_inputs"] = gone_inputs(ws.read_json(INPUT_REGISTRY) or {})
+        params["gone_inputs"] = workspace_gone_inputs(ws)
         export_duplicates(con, params)
         chunks, left_out = [], Counter()
         for index, (first, last) in enumerate(ranges):
@@ -299,6 +299,11 @@ def stage_selection(ws: Workspace, opts: dict, unit_size: int, chunk: int
     finally:
         con.close()
     return total, len(chunks), units, dict(left_out)
+
+
+def workspace_gone_inputs(ws: Workspace) -> list[str]:
+    """gone_inputs of the workspace's input registry."""
+    return gone_inputs(ws.read_json(INPUT_REGISTRY) or {})
 
 
 def gone_inputs(registry: dict[str, str]) -> list[str]:

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jobs.config import REPO, Config, ConfigError, out_folder  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
 from store.uris import StoreError  # noqa: E402
-from store.workspace import INPUT_REGISTRY, Workspace  # noqa: E402
+from store.workspace import Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
 from udfs.source_members import source_members  # noqa: E402
@@ -176,10 +176,10 @@ def report_data(cfg: Config, ws: Workspace) -> dict[str, list[dict]]:
 def export_conditions(cfg: Config, ws: Workspace) -> dict:
     """What the export's selection leaves out but near duplicates (sql/export_duplicates.sql's
     parameters): the balance counts the images the export selects."""
-    from jobs.export import gone_inputs
+    from jobs.export import workspace_gone_inputs
 
     return {"drop_flagged": bool(cfg["export"]["drop_flagged"]), "drop_excluded": True,
-            "gone_inputs": gone_inputs(ws.read_json(INPUT_REGISTRY) or {})}
+            "gone_inputs": workspace_gone_inputs(ws)}
 
 
 def samples_seen(ws: Workspace) -> int:

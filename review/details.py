@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 from jobs.config import REPO
-from jobs.export import gone_inputs
+from jobs.export import workspace_gone_inputs
 from review.selection import ReviewIndex
-from store.workspace import INPUT_REGISTRY, Workspace
 from udfs.caption.tags_digest import tags_digest
 from udfs.export.export_plan import sample_plan
 from udfs.export.export_shard import empty_text_layouts
@@ -47,18 +46,13 @@ def image_details(index: ReviewIndex, key: str, export_options: dict, cluster_mo
         "captions": captions,
         "duplicates": index.query(DUPLICATES_SQL, {**params, "n": NEIGHBOURS, "drop_excluded": True,
                                                    "drop_flagged": bool(export_options["drop_flagged"]),
-                                                   "gone_inputs": inputs_gone(index.ws)}),
+                                                   "gone_inputs": workspace_gone_inputs(index.ws)}),
         "clusters": cluster_members(index, key, cluster_model),
         "errors": index.query("select stage, kind, message, dropped from errors where key = $key order by stage, kind",
                               params),
         "edits": edits,
         "export": export_preview(row, export_options),
     }
-
-
-def inputs_gone(ws: Workspace) -> list[str]:
-    """The inputs whose folder or shard is no longer there (jobs/export.gone_inputs)."""
-    return gone_inputs(ws.read_json(INPUT_REGISTRY) or {})
 
 
 def caption_older_than_tags(row: dict, captions: list[dict], edits: list[dict]) -> bool:

@@ -15,9 +15,8 @@ import pyarrow.fs as pafs
 from store.workspace import Workspace
 
 
-def part_stamps(ws: Workspace, table: str) -> list[tuple[str, int, int]]:
-    """(part, size, mtime in ns) of each published part of `table`: one listing of its folder."""
-    parts = ws.published()["tables"].get(table, [])
+def part_stamps(ws: Workspace, table: str, parts: list[str]) -> list[tuple[str, int, int]]:
+    """(part, size, mtime in ns) of each of `parts` of `table`: one listing of its folder."""
     selector = pafs.FileSelector(ws.table_dir(table), allow_not_found=True)
     listed = {info.base_name: info for info in ws.fs.get_file_info(selector)}
     stamps = []
@@ -46,5 +45,6 @@ def code_digest(paths: Iterable[Path]) -> str:
 
 def fingerprint(ws: Workspace, tables: Iterable[str], **more: object) -> str:
     """The digest of the published parts of `tables` and of `more` (options, file stamps, ...)."""
-    what = {"parts": {table: part_stamps(ws, table) for table in tables}, **more}
+    published = ws.published()["tables"]
+    what = {"parts": {table: part_stamps(ws, table, published.get(table, [])) for table in tables}, **more}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
