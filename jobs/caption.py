@@ -28,6 +28,7 @@ import ray
 from jobs.config import REPO, Config, ConfigError
 from jobs.ray_env import Progress, collect_units, init_ray, local_ray, run_in_worker
 from jobs.summary import JobSummary
+from schemas import TABLES
 from store.staging import clear, stage_units
 from store.stamps import code_digest, file_stamps, fingerprint
 from store.workspace import Workspace, unit_id
@@ -40,6 +41,12 @@ BACKENDS = ("template", "openai", "vllm")
 INPUTS = "state/caption-inputs"  # the running job's input rows, one file per unit
 TEXTS = "state/caption-texts"  # the untagged images' texts, while tags are found in them
 TEXT_UNIT_IMAGES = 5000
+# What the published tags from text were made of (text_tags_fingerprint), and their rows
+TEXT_TAGS_STATE = "state/caption-text-tags-built.json"
+TEXT_TAGS_OPTIONS = ("text_tags_top_k", "text_tags_min_similarity", "embedding_model")
+TEXT_TAGS_CODE = [REPO / "sql" / name for name in ("caption_text_images.sql", "caption_text_units.sql",
+                                                   "caption_tag_vocabulary.sql")
+                  ] + [REPO / "udfs" / "caption" / name for name in ("caption_tags.py", "caption_scoring.py")]
 RELATED = "state/caption-related"  # the related pairs and each unit's image tags, while they are used
 # What the published tag_suggestions were computed from (related_fingerprint), and their count
 RELATED_STATE = "state/caption-related-built.json"
@@ -66,6 +73,14 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
 REGION_OPTIONS = ("region_prompt", "region_overlap")
 REWRITERS = ("", "openai", "vllm")
 OWN_CAPTIONS = ("score", "ignore")
+# The last staging's fingerprint and units (planned_units)
+PLAN_STATE = "state/caption-planned.json"
+# What a unit's rows may be made of: every table but what caption and export write themselves
+PLAN_TABLES = tuple(name for name in TABLES
+                    if name not in ("captions", "caption_regions", "tag_suggestions", "errors", "export_manifest"))
+PLAN_CODE = [REPO / "sql" / name for name in ("caption_inputs.sql", "caption_units.sql", "image_tag_lists.sql",
+                                              "edit_state.sql")] + [REPO / "jobs" / "caption.py",
+                                                                    REPO / "store" / "staging.py"]
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
 
@@ -160,13 +175,12 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
         if curated_other_text_tags(cfg, ws):
             curate_again(cfg, ws, summary)
-    units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
-    # the names a caption may make up are looked for among the dataset's characters (in a worker: a scan)
-    opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
+    units = planned_units(cfg, ws, opts)
     remove_stale(ws, {u["unit"] for u in units})
-    # a unit whose images a passing failure left uncaptioned (a server down) is done again
-    done = {unit: info for unit, info in ws.done_units("caption").items() if not info.get("transient")}
+    done = finished_units(ws)
     pending = [u for u in units if u["unit"] not in done]
+    if pending:  # the names a caption may make up are looked for among the dataset's characters (a scan)
+        opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
     remove_replies(ws, sorted(set(units_with_replies(ws)) - {u["unit"] for u in pending}))  # done or stale
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
@@ -200,6 +214,12 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         return 0
     # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
     vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
+    stamp = text_tags_fingerprint(opts, units, vocabulary)
+    last = ws.read_json(TEXT_TAGS_STATE) or {}
+    if last.get("fingerprint") == stamp and OWNER in ws.published()["owned"]:
+        clear(ws, TEXTS)
+        print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
+        return int(last.get("rows", 0))
     # one unit per call: the actor reads its unit's texts and writes the tags it finds
     pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
     ds = staged_units_dataset(units).map_batches(
@@ -212,8 +232,20 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     progress = Progress("caption (tags from text)", sum(u["rows"] for u in units), what="texts", units=len(units))
     parts, written = collect_parts(ds, progress, "texts")
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
+    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written})
     clear(ws, TEXTS)
     return written
+
+
+def text_tags_fingerprint(opts: dict, units: list[dict], vocabulary: list[tuple[str, str]]) -> str:
+    """A digest of what tags_from_text's rows are made of: the staged texts (their rows' digests),
+    the vocabulary, the options and the code. Of the content, not of the parts (store/stamps.py):
+    each build writes new parts, which curate and the caption units read, so a digest of parts
+    would have every run build again, and curate after it."""
+    digest = hashlib.sha256(code_digest(TEXT_TAGS_CODE).encode())
+    digest.update(json.dumps([[u["digest"] for u in units], vocabulary,
+                              {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
+    return digest.hexdigest()
 
 
 def curated_other_text_tags(cfg: Config, ws: Workspace) -> bool:
@@ -309,6 +341,35 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         units.append({"unit": unit_id(f"caption-{unit['first']['key']}", digest.hexdigest()), "path": unit["path"],
                       "rows": unit["rows"]})
     return units
+
+
+def planned_units(cfg: Config, ws: Workspace, opts: dict) -> list[dict]:
+    """This run's units: stage_inputs' in a worker, or the last run's when nothing they are made of
+    changed (plan_fingerprint) and every one of them is done. Staging reads every image's inputs
+    to find that out (41 s at 8,000 images): a rerun with nothing to do need not."""
+    stamp = plan_fingerprint(cfg, ws, opts)
+    last = ws.read_json(PLAN_STATE) or {}
+    done = finished_units(ws)
+    if last.get("fingerprint") == stamp and all(u["unit"] in done for u in last["units"]):
+        print("caption: nothing the captions are made of changed since the last run: inputs not staged again",
+              flush=True)
+        return last["units"]
+    units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
+    ws.write_json(PLAN_STATE, {"fingerprint": stamp, "units": [{"unit": u["unit"], "rows": u["rows"]} for u in units]})
+    return units
+
+
+def plan_fingerprint(cfg: Config, ws: Workspace, opts: dict) -> str:
+    """A digest of what stage_inputs' units are made of (store/stamps.py): the published parts of
+    the tables, caption's and curate's options, and the code."""
+    return fingerprint(ws, PLAN_TABLES, options=opts, curate={k: cfg["curate"][k] for k in EVIDENCE_OPTIONS},
+                       code=code_digest(PLAN_CODE))
+
+
+def finished_units(ws: Workspace) -> dict[str, dict]:
+    """The caption units done, by id. A unit whose images a passing failure left uncaptioned (a
+    server down) is not: it is done again."""
+    return {unit: info for unit, info in ws.done_units("caption").items() if not info.get("transient")}
 
 
 def dataset_characters(ws: Workspace) -> list[str]:

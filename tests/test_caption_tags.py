@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jobs import caption
 from jobs.config import merge
-from udfs.caption.caption_tags import candidates, phrase_of
+from udfs.caption.caption_tags import OWNER, candidates, phrase_of
 
 
 def tag_rows(key, tags):
@@ -33,14 +33,21 @@ def test_tags_from_text_writes_ranked_source_tags(ray_local, workspace, config):
     assert [r["position"] for r in rows] == [0, 1, 2]
     assert set(r["tag"] for r in rows) <= {"1girl", "blue_hair", "school_uniform", "smile", "masterpiece"}
     assert "red_dress" not in {r["tag"] for r in rows}
-    # a second run sees the image as untagged still (its tags came from its text) and rewrites the same part
+    # a second run sees the image as untagged still (its tags came from its text); the same texts
+    # and vocabulary keep the parts: new ones had curate and every caption unit read them again
+    owned = workspace.published()["owned"][OWNER]
     assert caption.tags_from_text(config, workspace) == 3
     assert len(workspace.read_table("source_tags")) == 3
+    assert workspace.published()["owned"][OWNER] == owned
     assert not (Path(workspace.base) / caption.TEXTS).exists()  # the staged texts are gone
     # curate makes them the image's curated tags: still its text's, and found again (they were
     # dropped, and the next curate left the image untagged, its caption scored against them)
     workspace.add_part("tags", "curated", tag_rows("p/1", [r["tag"] for r in rows]))
     assert caption.tags_from_text(config, workspace) == 3
+    # another text: built again
+    workspace.add_part("source_text", "more", [{"key": "p/2", "kind": "caption", "text": "a smile"}])
+    assert caption.tags_from_text(config, workspace) == 4
+    assert {r["key"] for r in workspace.read_table("source_tags").to_pylist()} == {"p/1", "p/2"}
 
 
 def test_an_own_caption_is_never_scored_against_the_tags_taken_from_it(ray_local, workspace, config):
