@@ -40,6 +40,7 @@ from PIL import ImageColor
 
 import schemas
 from jobs.config import REPO, Config, ConfigError, out_folder
+from jobs.export_moves import move_units
 from jobs.ray_env import (
     Progress,
     collect_units,
@@ -164,6 +165,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.fs.create_dir(ws.state_dir(OPEN), recursive=True)
     ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
+    moved = move_units(cfg, ws, out, units, done)
     lost = forget_lost_units(cfg, ws, out, units, done)
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
@@ -192,6 +194,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.notes.extend(where_notes(out, opts["formats"], shards))
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
+    if moved:
+        summary.notes.append(f"{moved} units done before moved to other shard numbers: their files renamed, "
+                             "not written again")
     if lost:
         summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
     if counts.get("left_files"):
@@ -450,12 +455,13 @@ def shaping_of(opts: dict, out: str) -> str:
 
 def place_units(groups: list[dict], planned: dict[int, dict], shaping: str) -> list[dict]:
     """Units in export order with their first global shard number and id. The id hashes the
-    shaping options, the unit's plan and its place, so a unit whose shards move is rewritten."""
+    shaping options and the unit's plan, not its place: a unit done before at other shard
+    numbers keeps its id and is renamed (jobs/export_moves.py), not exported again."""
     units, offset = [], 0
     for group in groups:
         plan = planned[group["group"]]
         digest = hashlib.sha1(shaping.encode())
-        digest.update(f"{plan['digest']}:{offset}".encode())
+        digest.update(str(plan["digest"]).encode())  # not its place: a moved unit is renamed
         uid = unit_id(f"export-{Path(group['source']).stem}-{group['first_key']}", digest.hexdigest())
         units.append({"unit": uid, "source": group["source"], "path": group["path"],
                       "offset": offset, "shards": int(plan["shards"]), "samples": int(plan["samples"]),

@@ -59,7 +59,7 @@ def export_unit(item: dict[str, Any], workspace: str, out: str, options: dict) -
     # (the folder of these records is made once, by the driver: jobs/export.remove_unfinished)
     files = planned_files(plan, options["layouts"])
     ws.write_json(f"state/{STARTED}/{plan['unit']}.json", {"out": out, "files": files})
-    info = UnitExport(ws, out, plan, options).run()
+    info = {**UnitExport(ws, out, plan, options).run(), "offset": offset}  # where its shards are: export_moves
     ws.commit_unit(JOB, plan["unit"], info,
                    parts={"export_manifest": [plan["unit"]], "errors": [f"export-{plan['unit']}"]})
     ws.forget_unit(STARTED, plan["unit"], hold=False)
