@@ -31,22 +31,43 @@ NAMERS = {"webdataset/shard": shard_name, "parquet/train": parquet_name}
 def move_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
     """Rename the files of the done `units` planned at another offset than they were written at,
     rewrite their manifest rows, commit them again and update `done`. Returns how many moved."""
+    moves = planned_moves(units, done)
+    if moves:
+        begin_moves(ws, out, moves)
+        rename_files(out, moves)
+        run_in_worker(cfg, ws, rewrite_manifests, {m["unit"]: m["by"] for m in moves})
+        commit_moves(ws, moves, done)
+    return len(moves)
+
+
+def planned_moves(units: list[dict], done: dict[str, dict]) -> list[dict]:
+    """{"unit", "by" (shard numbers on), "files" ({old: new})} of each done unit planned elsewhere.
+    A marker from before markers held the offset names no move: its unit's id is not planned."""
     moves = []
     for unit in units:
         info = done.get(unit["unit"])
         if info is not None and "offset" in info and int(info["offset"]) != unit["offset"]:
             by = unit["offset"] - int(info["offset"])
             moves.append({"unit": unit["unit"], "by": by, "files": renamed_files(info, by)})
-    if not moves:
-        return 0
-    for move in moves:  # from here a kill leaves the unit to be exported again, see the module's doc
+    return moves
+
+
+def begin_moves(ws: Workspace, out: str, moves: list[dict]) -> None:
+    """From here a kill leaves each unit to be exported again (see the module's doc): a record of
+    the files the move may leave, then the unit's marker forgotten."""
+    for move in moves:
         temps = [temporary_name(move["unit"], new) for new in move["files"].values()]
         ws.write_json(f"state/{STARTED}/{move['unit']}.json", {"out": out, "files": [*move["files"].values(), *temps]})
         ws.forget_unit(JOB, move["unit"], hold=False)
-    # two passes: a unit's new names may be the old names of another, not yet moved
+
+
+def rename_files(out: str, moves: list[dict]) -> None:
+    """Every file to its temporary name, then every one to its new name: a unit's new names may
+    be the old names of another, not yet moved. A file deleted by hand is passed over: the unit
+    is then found lost (jobs/export.forget_lost_units) and written again."""
     for move in moves:
         for old, new in move["files"].items():
-            if os.path.isfile(os.path.join(out, old)):  # one deleted by hand: found lost below, written again
+            if os.path.isfile(os.path.join(out, old)):
                 os.replace(os.path.join(out, old), os.path.join(out, temporary_name(move["unit"], new)))
     fault_point("BOORUSET_KILL_AFTER_EXPORT_MOVES")
     for move in moves:
@@ -54,13 +75,15 @@ def move_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: di
             temp = os.path.join(out, temporary_name(move["unit"], new))
             if os.path.isfile(temp):
                 os.replace(temp, os.path.join(out, new))
-    run_in_worker(cfg, ws, rewrite_manifests, {m["unit"]: m["by"] for m in moves})
+
+
+def commit_moves(ws: Workspace, moves: list[dict], done: dict[str, dict]) -> None:
+    """Each moved unit's marker again, with its new offset, files and stamps; its record gone."""
     for move in moves:
         info = moved_info(done[move["unit"]], move["by"], move["files"])
         ws.commit_unit(JOB, move["unit"], {k: v for k, v in info.items() if k != "parts"}, parts=info["parts"])
         ws.forget_unit(STARTED, move["unit"], hold=False)
         done[move["unit"]] = info
-    return len(moves)
 
 
 def renamed_files(info: dict, by: int) -> dict[str, str]:
