@@ -313,6 +313,22 @@ def test_the_repeats_go_to_the_images_the_export_keeps():
     assert all(rows[f"five/{i}"]["repeats"] == 1 for i in range(5, 9))
 
 
+def test_a_folder_of_left_out_duplicates_alone_weighs_nothing_in_the_balance():
+    """A folder whose images are all near duplicates the export leaves out is no folder of the
+    export: counted whole, it set the smallest per-image weight (100 copies: every exported
+    multiply 10 times too large, a: 10 and c: 100 for 1 and 10) and took a share from the folder
+    beside it (one copy alone in x/b: x/a's 20 images at 1 against y's 20 at 2, for 1:1)."""
+    copies = [("a/0", 1, True), *((f"b/{i}", 1, False) for i in range(100))]
+    rows = balance_of({"a": 10, "b": 100, "c": 1}, copies)
+    assert (rows["a/0"]["multiply"], rows["c/0"]["multiply"]) == (1.0, 10.0)
+    assert sum(r["repeats"] for k, r in rows.items() if not k.startswith("b/")) == 10 + 10
+    assert {(r["multiply"], r["repeats"], r["probability"]) for k, r in rows.items() if k.startswith("b/")} == \
+        {(1.0, 1, 0.0)}  # min_multiply, for an export that keeps them
+    rows = balance_of({"x/a": 20, "x/b": 1, "y": 20}, [("x/a/0", 1, True), ("x/b/0", 1, False)])
+    assert (rows["x/a/0"]["multiply"], rows["y/0"]["multiply"]) == (1.0, 1.0)
+    assert rows["x/a/0"]["probability"] == pytest.approx(0.5)
+
+
 def test_characters_whose_names_differ_never_share_a_group(workspace):
     """A group is one folder of the balance and of the kohya / EveryDream export: two different
     character combinations must never get one path. Dots were dropped and "/" became "_", so
