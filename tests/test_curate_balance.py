@@ -235,6 +235,27 @@ def test_groups_format_and_character_others(workspace):
     assert groups["crowd"] == "character_others/8_people/unrated/width_1000"
 
 
+def test_a_combination_of_copies_of_one_picture_is_one_image_for_min_images_per_combination(workspace):
+    """min_images_per_combination counts the pictures the export writes: three copies of one
+    picture of alice (one exported) are one image, not three, and go to character_others; bob's
+    two pictures keep their group. Counted whole, alice's one picture got a group (and its share
+    of the balance) of its own. A copy of bob's picture tagged carol (no picture of its own) still
+    has a group."""
+    rows = image_rows(["alice1", "alice2", "alice3", "bob1", "bob2", "carol1"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    rows[5]["sha256"] = "bob1"
+    workspace.add_part("images", "p", rows)
+    workspace.add_part("source_tags", "p", [r for k in ("alice1", "alice2", "alice3") for r in
+                                            source_rows(k, ["alice"], "character")]
+                       + [r for k in ("bob1", "bob2") for r in source_rows(k, ["bob"], "character")]
+                       + source_rows("carol1", ["carol"], "character"))
+    curate.run(curate_config(workspace, group_format="character", min_images_per_combination=2), workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups == {"alice1": "character_others", "alice2": "character_others", "alice3": "character_others",
+                      "bob1": "bob", "bob2": "bob", "carol1": "character_others"}
+
+
 def test_balance_table_from_groups(workspace, tmp_path):
     _people_workspace(workspace)
     weights = tmp_path / "w.csv"
