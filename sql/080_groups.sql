@@ -13,14 +13,16 @@
 -- `p+q` and the pair p, q were one group.
 -- $min_images_per_combination counts a combination's images without the near duplicates the
 -- export leaves out (a combination of copies of one picture is one image).
--- Images a person excluded (edit_state, booruset review) get no group: they are not exported, so
--- they must not weigh in the balance of the others.
+-- Images a person excluded (edit_state, booruset review), and those of an input whose folder or
+-- shard is gone ($gone_inputs: input ids, the first part of a key), get no group: they are not
+-- exported, so they must not weigh in the balance of the others.
 with meta as (
     select m.*,
            array_to_string(list_transform(m.characters, lambda c: regexp_replace(
                replace(replace(replace(c, '%', '%25'), '/', '%2F'), '+', '%2B'), '^\.', '%2E')), '+') as combination
     from image_meta m
     anti join (select key from edit_state where field = 'exclude' and new = 'true') x on x.key = m.key
+    where not list_contains($gone_inputs::varchar[], split_part(m.key, '/', 1))
 ),
 combination_sizes as (
     -- the pictures the export writes: a near duplicate that is not its group's representative is

@@ -256,6 +256,37 @@ def test_a_combination_of_copies_of_one_picture_is_one_image_for_min_images_per_
                       "bob1": "bob", "bob2": "bob", "carol1": "character_others"}
 
 
+def test_images_of_an_input_that_is_gone_are_out_of_the_balance(workspace, tmp_path):
+    """A collection moved to a new path is a new input; the old one's rows stay, and the export
+    leaves them out (their files cannot be read) and keeps the copies that are there. Curate
+    counted them: a picture alone in the gone input kept a group and its share (bob), and a copy
+    in the gone input (whose key sorts first) stayed its group's representative, so the balance
+    gave the image the export writes no extra repeat (the group's repeats came out short)."""
+    from store.workspace import INPUT_REGISTRY
+
+    (tmp_path / "new").mkdir()
+    workspace.write_json(INPUT_REGISTRY, {str(tmp_path / "old"): "col", str(tmp_path / "new"): "col_v2"})
+    rows = image_rows(["col/a1", "col_v2/a1", "col/b1", "col_v2/c1", "col_v2/c2", "col_v2/c3"])
+    rows[1]["sha256"] = "col/a1"  # the same picture in both inputs
+    workspace.add_part("images", "p", rows)
+    characters = {"col/a1": "alice", "col_v2/a1": "alice", "col/b1": "bob", "col_v2/c1": "carol", "col_v2/c2": "carol",
+                  "col_v2/c3": "carol"}
+    workspace.add_part("source_tags", "p", [r for k, c in characters.items() for r in source_rows(k, [c], "character")])
+    cfg = curate_config(workspace, group_format="character")
+    curate.run(cfg, workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups == {"col_v2/a1": "alice", "col_v2/c1": "carol", "col_v2/c2": "carol", "col_v2/c3": "carol"}
+    duplicates = {r["key"]: r["is_representative"] for r in workspace.read_table("duplicates").to_pylist()}
+    assert duplicates == {"col/a1": False, "col_v2/a1": True}
+    balance_rows = {r["key"]: r for r in workspace.read_table("balance").to_pylist()}
+    assert (balance_rows["col_v2/a1"]["multiply"], balance_rows["col_v2/a1"]["repeats"]) == (3.0, 3)
+    # the new input goes too: curate builds again (nothing it reads changed but the inputs there)
+    (tmp_path / "new").rmdir()
+    (tmp_path / "old").mkdir()
+    assert curate.run(cfg, workspace).units_done == 1
+    assert {r["key"] for r in workspace.read_table("groups").to_pylist()} == {"col/a1", "col/b1"}
+
+
 def test_balance_table_from_groups(workspace, tmp_path):
     _people_workspace(workspace)
     weights = tmp_path / "w.csv"
