@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 import schemas
 from jobs.balance import balance_weights, group_format_table
 from jobs.config import Config, ConfigError
+from jobs.export import workspace_gone_inputs
 from jobs.ray_env import run_in_worker
 from jobs.summary import JobSummary, PeakMemory
 from store.scratch import temporary_folder
@@ -75,7 +76,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = {**cfg["curate"], "tag_list": tag_list_path(cfg), "cascade_face_model": cascade_face_model(cfg)}
     check_options(opts)  # a bad option is a ConfigError before any worker starts
     ws.begin_job()
-    fingerprint = inputs_fingerprint(ws, opts, ccip_spec(cfg))
+    # the inputs no longer there, as this process sees them: a change builds again (the build
+    # checks in its worker, which reads the inputs as the export's do)
+    fingerprint = inputs_fingerprint(ws, opts, ccip_spec(cfg), workspace_gone_inputs(ws))
     last = ws.read_json(BUILT_STATE) or {}
     if last.get("fingerprint") == fingerprint and ws.published()["owned"].get(OWNER):
         return unchanged_summary(last, started)
@@ -91,11 +94,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict) -> str:
+def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict, gone: list[str]) -> str:
     """A digest of what a build reads (store/stamps.py): the published parts of its input tables,
-    its options, the lookup files they name, imgutils' version (its tag data) and curate's code."""
+    its options, the lookup files they name, imgutils' version (its tag data), curate's code and
+    the inputs that are `gone`."""
     return fingerprint(ws, INPUTS, options=opts, ccip=ccip, imgutils=version("dghs-imgutils"), code=code_digest(CODE),
-                       files={name: file_stamps(str(opts[name])) for name in FILE_OPTIONS if opts.get(name)})
+                       files={name: file_stamps(str(opts[name])) for name in FILE_OPTIONS if opts.get(name)},
+                       gone=gone)
 
 
 def unchanged_summary(last: dict, started: float) -> JobSummary:
@@ -115,6 +120,9 @@ def build(ws: Workspace, opts: dict, ccip: dict) -> dict:
         con = open_database(Path(tmp) / "curate.duckdb", opts)
         try:
             inputs = ws.published()
+            # images of an input whose folder or shard is gone are never exported: no representative of
+            # their near-duplicate group, no group of the balance (sql/063_duplicates, sql/080_groups)
+            opts = {**opts, "gone_inputs": workspace_gone_inputs(ws)}
             attach_inputs(con, ws, inputs)
             load_lookups(con, opts, ccip)
             rows_in = con.execute("select count(*) from images").fetchone()[0]
@@ -376,6 +384,7 @@ def sql_params(opts: dict) -> dict:
         "ccip_threshold": float(opts["ccip_threshold"]),
         "max_characters": int(opts["max_characters"]),
         "min_images_per_combination": int(opts["min_images_per_combination"]),
+        "gone_inputs": list(opts.get("gone_inputs", [])),  # added by build(), not an option
         "min_multiply": float(opts["min_multiply"]),
         "max_multiply": float(opts["max_multiply"]),
     }

@@ -5,7 +5,9 @@
 -- the export leaves out an excluded image and every other member of its group, so an excluded
 -- representative took the whole group out of the training set. An image a person marked as no
 -- duplicate (edit_state field not_duplicate) is in no group: a false match took it out of the
--- training set, and nothing but a global phash_distance could give it back.
+-- training set, and nothing but a global phash_distance could give it back. Nor is an image of
+-- an input whose folder or shard is gone ($gone_inputs: input ids) when the group has another:
+-- the export cannot read it and keeps a copy that is there (sql/export_duplicates.sql).
 -- reason: the strongest evidence the image is in: identical (same bytes), phash, colour (flat
 -- images of one colour), else embedding.
 with excluded as (
@@ -15,7 +17,8 @@ not_duplicates as (
     select key from edit_state where field = 'not_duplicate' and new = 'true'
 ),
 members as (
-    select d.key, d.component, i.width, i.height, i.bytes, x.key is not null as excluded
+    select d.key, d.component, i.width, i.height, i.bytes, x.key is not null as excluded,
+           list_contains($gone_inputs::varchar[], split_part(d.key, '/', 1)) as gone
     from duplicate_components d
     left join images i on i.key = d.key
     left join excluded x on x.key = d.key
@@ -26,7 +29,7 @@ representatives as (
     from (
         select component, key, row_number() over (
             partition by component
-            order by excluded, coalesce(width, 0)::bigint * coalesce(height, 0) desc, coalesce(bytes, 0) desc, key
+            order by excluded, gone, coalesce(width, 0)::bigint * coalesce(height, 0) desc, coalesce(bytes, 0) desc, key
         ) as place
         from members
     )

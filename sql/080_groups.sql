@@ -11,17 +11,27 @@
 -- and, in a character's name, '+' as %25, %2F, %2B, and a leading '.' as %2E (no segment is '.'
 -- or '..'). Dots were dropped and '/' was '_': `a.b` and `ab`, `x/y` and `x_y`, the character
 -- `p+q` and the pair p, q were one group.
--- Images a person excluded (edit_state, booruset review) get no group: they are not exported, so
--- they must not weigh in the balance of the others.
+-- $min_images_per_combination counts a combination's images without the near duplicates the
+-- export leaves out (a combination of copies of one picture is one image).
+-- Images a person excluded (edit_state, booruset review), and those of an input whose folder or
+-- shard is gone ($gone_inputs: input ids, the first part of a key), get no group: they are not
+-- exported, so they must not weigh in the balance of the others.
 with meta as (
     select m.*,
            array_to_string(list_transform(m.characters, lambda c: regexp_replace(
                replace(replace(replace(c, '%', '%25'), '/', '%2F'), '+', '%2B'), '^\.', '%2E')), '+') as combination
     from image_meta m
     anti join (select key from edit_state where field = 'exclude' and new = 'true') x on x.key = m.key
+    where not list_contains($gone_inputs::varchar[], split_part(m.key, '/', 1))
 ),
 combination_sizes as (
-    select combination, count(*) as n_images from meta group by combination
+    -- the pictures the export writes: a near duplicate that is not its group's representative is
+    -- left out (export.drop_duplicates, as sql/085_group_counts counts), so ten copies of one
+    -- picture are one image, not a combination with ten
+    select combination, count(*) as n_images
+    from meta
+    anti join (select key from duplicates group by key having not bool_and(is_representative)) d on d.key = meta.key
+    group by combination
 ),
 path_format as (
     -- the format as one list, so that each image's path is built in its own row (a join with
@@ -33,10 +43,10 @@ path_format as (
 ),
 image_facts as (
     select m.*, f.segments, case when f.reads_columns then to_json(m) end as row_json,
-           s.n_images as combination_images, b.name as fh_ratio_bin
+           coalesce(s.n_images, 0) as combination_images, b.name as fh_ratio_bin
     from meta m
     cross join path_format f
-    join combination_sizes s on s.combination = m.combination
+    left join combination_sizes s on s.combination = m.combination  -- none: copies of other combinations' pictures
     left join fh_ratio_bins b on m.fh_ratio >= b.lo and (m.fh_ratio < b.hi or (b.last and m.fh_ratio <= b.hi))
 )
 select key, array_to_string(list_transform(segments, lambda segment: case segment

@@ -235,6 +235,58 @@ def test_groups_format_and_character_others(workspace):
     assert groups["crowd"] == "character_others/8_people/unrated/width_1000"
 
 
+def test_a_combination_of_copies_of_one_picture_is_one_image_for_min_images_per_combination(workspace):
+    """min_images_per_combination counts the pictures the export writes: three copies of one
+    picture of alice (one exported) are one image, not three, and go to character_others; bob's
+    two pictures keep their group. Counted whole, alice's one picture got a group (and its share
+    of the balance) of its own. A copy of bob's picture tagged carol (no picture of its own) still
+    has a group."""
+    rows = image_rows(["alice1", "alice2", "alice3", "bob1", "bob2", "carol1"])
+    for row in rows[:3]:
+        row["sha256"] = "same bytes"
+    rows[5]["sha256"] = "bob1"
+    workspace.add_part("images", "p", rows)
+    workspace.add_part("source_tags", "p", [r for k in ("alice1", "alice2", "alice3") for r in
+                                            source_rows(k, ["alice"], "character")]
+                       + [r for k in ("bob1", "bob2") for r in source_rows(k, ["bob"], "character")]
+                       + source_rows("carol1", ["carol"], "character"))
+    curate.run(curate_config(workspace, group_format="character", min_images_per_combination=2), workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups == {"alice1": "character_others", "alice2": "character_others", "alice3": "character_others",
+                      "bob1": "bob", "bob2": "bob", "carol1": "character_others"}
+
+
+def test_images_of_an_input_that_is_gone_are_out_of_the_balance(workspace, tmp_path):
+    """A collection moved to a new path is a new input; the old one's rows stay, and the export
+    leaves them out (their files cannot be read) and keeps the copies that are there. Curate
+    counted them: a picture alone in the gone input kept a group and its share (bob), and a copy
+    in the gone input (whose key sorts first) stayed its group's representative, so the balance
+    gave the image the export writes no extra repeat (the group's repeats came out short)."""
+    from store.workspace import INPUT_REGISTRY
+
+    (tmp_path / "new").mkdir()
+    workspace.write_json(INPUT_REGISTRY, {str(tmp_path / "old"): "col", str(tmp_path / "new"): "col_v2"})
+    rows = image_rows(["col/a1", "col_v2/a1", "col/b1", "col_v2/c1", "col_v2/c2", "col_v2/c3"])
+    rows[1]["sha256"] = "col/a1"  # the same picture in both inputs
+    workspace.add_part("images", "p", rows)
+    characters = {"col/a1": "alice", "col_v2/a1": "alice", "col/b1": "bob", "col_v2/c1": "carol", "col_v2/c2": "carol",
+                  "col_v2/c3": "carol"}
+    workspace.add_part("source_tags", "p", [r for k, c in characters.items() for r in source_rows(k, [c], "character")])
+    cfg = curate_config(workspace, group_format="character")
+    curate.run(cfg, workspace)
+    groups = {r["key"]: r["path"] for r in workspace.read_table("groups").to_pylist()}
+    assert groups == {"col_v2/a1": "alice", "col_v2/c1": "carol", "col_v2/c2": "carol", "col_v2/c3": "carol"}
+    duplicates = {r["key"]: r["is_representative"] for r in workspace.read_table("duplicates").to_pylist()}
+    assert duplicates == {"col/a1": False, "col_v2/a1": True}
+    balance_rows = {r["key"]: r for r in workspace.read_table("balance").to_pylist()}
+    assert (balance_rows["col_v2/a1"]["multiply"], balance_rows["col_v2/a1"]["repeats"]) == (3.0, 3)
+    # the new input goes too: curate builds again (nothing it reads changed but the inputs there)
+    (tmp_path / "new").rmdir()
+    (tmp_path / "old").mkdir()
+    assert curate.run(cfg, workspace).units_done == 1
+    assert {r["key"] for r in workspace.read_table("groups").to_pylist()} == {"col/a1", "col/b1"}
+
+
 def test_balance_table_from_groups(workspace, tmp_path):
     _people_workspace(workspace)
     weights = tmp_path / "w.csv"
@@ -311,6 +363,22 @@ def test_the_repeats_go_to_the_images_the_export_keeps():
     kept = [r for k, r in rows.items() if k.startswith("five/") and int(k.split("/")[1]) < 5]
     assert kept[0]["multiply"] == 1.6 and sum(r["repeats"] for r in kept) == 8
     assert all(rows[f"five/{i}"]["repeats"] == 1 for i in range(5, 9))
+
+
+def test_a_folder_of_left_out_duplicates_alone_weighs_nothing_in_the_balance():
+    """A folder whose images are all near duplicates the export leaves out is no folder of the
+    export: counted whole, it set the smallest per-image weight (100 copies: every exported
+    multiply 10 times too large, a: 10 and c: 100 for 1 and 10) and took a share from the folder
+    beside it (one copy alone in x/b: x/a's 20 images at 1 against y's 20 at 2, for 1:1)."""
+    copies = [("a/0", 1, True), *((f"b/{i}", 1, False) for i in range(100))]
+    rows = balance_of({"a": 10, "b": 100, "c": 1}, copies)
+    assert (rows["a/0"]["multiply"], rows["c/0"]["multiply"]) == (1.0, 10.0)
+    assert sum(r["repeats"] for k, r in rows.items() if not k.startswith("b/")) == 10 + 10
+    assert {(r["multiply"], r["repeats"], r["probability"]) for k, r in rows.items() if k.startswith("b/")} == \
+        {(1.0, 1, 0.0)}  # min_multiply, for an export that keeps them
+    rows = balance_of({"x/a": 20, "x/b": 1, "y": 20}, [("x/a/0", 1, True), ("x/b/0", 1, False)])
+    assert (rows["x/a/0"]["multiply"], rows["y/0"]["multiply"]) == (1.0, 1.0)
+    assert rows["x/a/0"]["probability"] == pytest.approx(0.5)
 
 
 def test_characters_whose_names_differ_never_share_a_group(workspace):
