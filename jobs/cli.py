@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
-from jobs.errors import STOPPED_BY, report_failure
+from jobs.errors import STOPPED_BY, one_line, report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
@@ -316,13 +316,6 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
         raise failure[0]
 
 
-def one_line(message: str) -> str:
-    """DuckDB's message without its LINE/caret excerpt, on one line."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    kept = [ln for ln in lines if not ln.startswith("LINE ") and set(ln) != {"^"}]
-    return " ".join(kept)
-
-
 def check_jobs(cfg: Config, names: list[str]) -> None:
     """Each job's own checks of its options (rules that tie options together, inputs that must be
     there) for every job of the command, before the first starts: `run --set export.text=bogus`
@@ -432,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.command}: removed {swept} temporary files left by runs that died", flush=True)
             return run_jobs(cfg, ws, names)
     except ConfigError as exc:
-        print(f"booruset: configuration error: {exc}", file=sys.stderr)
+        # one line: DuckDB's messages end with an excerpt of the query, a caret under it
+        print(f"booruset: configuration error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except WorkspaceError as exc:
-        print(f"booruset: {exc}", file=sys.stderr)
+        print(f"booruset: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if STOPPED_BY:

@@ -593,6 +593,10 @@ def test_every_number_option_refuses_negative_and_non_finite_values():
     ("ingest.frames.max_side=32", "ingest.frames.max_side must be >= min_side"),
     ('export.where="rating = "', "export.where 'rating =' is not a SQL condition"),
     ('export.where="true; drop table images"', "export.where 'true; drop table images' is not a SQL condition"),
+    # a column the selection does not have: it bound only at export, after the four jobs before
+    ('export.where="n_characters > 0"', "export.where 'n_characters > 0': Binder Error: Referenced column "
+                                        "\"n_characters\" not found in FROM clause! Candidate bindings: "),
+    ("export.where=\"no_such_function(key)\"", "export.where 'no_such_function(key)': Catalog Error: Scalar Function"),
     ("annotate.cascade_face.num_cpus=4096", "annotate needs 4096.5 CPUs at once (model pools: cascade_face 4096;"),
 ])
 def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, option, says):
@@ -601,6 +605,14 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
     code, _, err = run_cli(capsys, "run", "-w", str(tmp_path / "ws"), "-i", str(REPO / "sample" / "shards"),
                            "--set", option)
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
+def test_an_export_where_that_fails_on_a_row_is_one_line(capsys, sample_ws):
+    """A condition that binds but fails on the rows (a key cast to a number) printed DuckDB's
+    message with its excerpt of the 150-line selection query under it: three lines."""
+    code, _, err = run_cli(capsys, "export", "-w", str(sample_ws), "--where", "key = 1")
+    assert code == 2
+    assert one_line(err).startswith("booruset: configuration error: export.where 'key = 1': Conversion Error: ")
 
 
 @pytest.mark.parametrize("query", ["", "   \n", "-- nothing", "/* nothing */ ;", ";"])
