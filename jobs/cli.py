@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
+from jobs.config import Config, ConfigError, check_memory_limit, check_writable_folder, load_config, out_folder
 from jobs.errors import STOPPED_BY, one_line, report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return models.main(cfg, list_only=args.list, source=args.source)
         names = PIPELINE + ["report"] if args.command == "run" else [args.command]
+        # every other command opens the workspace's DuckDB: "lots" failed there, a report with a traceback
+        check_memory_limit("workspace.duckdb_memory_limit", str(cfg["workspace"]["duckdb_memory_limit"]))
         check_jobs(cfg, names)  # every job's options, before the first job starts
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,

@@ -72,6 +72,16 @@ def check_writable_folder(option: str, folder: Path, write: bool = True) -> None
                           f"to this user): set {option} to a folder you can write")
 
 
+def check_memory_limit(option: str, value: str) -> None:
+    """ConfigError unless DuckDB takes `value` as a memory limit ("2GB", "500MiB", "50%")."""
+    import duckdb
+
+    try:
+        duckdb.connect(config={"memory_limit": value}).close()
+    except duckdb.Error as exc:
+        raise ConfigError(f"{option} {value!r}: {exc}") from None
+
+
 # Options that name a local file or folder (or a URI): a leading `~` is the home folder, as a shell
 # would read it (`out = "~/exports"` made a folder named `~` in the current one).
 PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annotate.cascade_face.path",

@@ -144,11 +144,15 @@ def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, over
     ("curate", 'curate.cluster_method="bogus"', "curate.cluster_method must be optics or dbscan"),
     ("curate", 'curate.memory_limit="lots"', "curate.memory_limit 'lots'"),
     ("curate", "curate.lsh_bits=60", "curate.lsh_bits must be between 1"),
+    # the workspace's own DuckDB: the report failed with a traceback and a log file (exit 1)
+    ("report", 'workspace.duckdb_memory_limit="lots"', "workspace.duckdb_memory_limit 'lots': Parser Error"),
+    ("sql", 'workspace.duckdb_memory_limit="2 gigs"', "workspace.duckdb_memory_limit '2 gigs': Parser Error"),
     ("export", "export.bucket_step=0", "export.buckets needs 1 <= bucket_step"),
 ])
 def test_options_a_worker_would_stumble_on_are_configuration_errors(capsys, sample_ws, command, override, expected):
     """They failed inside the Ray worker: exit 1, a traceback log, after the job had started."""
     extra = ["--set", "export.buckets=true", "--set", "export.max_size=512"] if command == "export" else []
+    extra += ["select 1"] if command == "sql" else []
     code, _, err = run_cli(capsys, command, "-w", str(sample_ws), "--set", override, *extra)
     assert code == 2
     assert one_line(err).startswith(f"booruset: configuration error: {expected}")
