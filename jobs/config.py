@@ -92,24 +92,35 @@ PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annot
 
 def expand_home(cfg: Config) -> Config:
     """PATH_OPTIONS with a leading `~` or `~user` as the home folder (Path.expanduser)."""
-    def expand(value: str) -> str:
-        return str(Path(value).expanduser()) if value.startswith("~") else value
-
     for option in PATH_OPTIONS:
         *sections, name = option.split(".")
         table = functools.reduce(lambda t, s: t[s], sections, cfg)
         value = table[name]
-        table[name] = [expand(v) for v in value] if isinstance(value, list) else expand(value)
+        table[name] = [home_path(option, v) for v in value] if isinstance(value, list) else home_path(option, value)
     return cfg
+
+
+def home_path(option: str, value: str) -> str:
+    """`value` with a leading `~` or `~user` as that home folder; ConfigError when there is none
+    (`~nobdy/ws`, HOME unset): Path.expanduser's RuntimeError was a traceback and exit 1."""
+    if not value.startswith("~"):
+        return value
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:
+        home = value.split("/", 1)[0]
+        raise ConfigError(f"{option} {value!r}: {home} is no home folder here (no such user, or HOME is not set)"
+                          ) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
     if path:
-        if not Path(path).expanduser().is_file():  # `--config=~/run.toml`: the shell leaves that `~`
-            raise ConfigError(f"config file not found: {path}")
-        merge(cfg, _read(Path(path).expanduser()))
+        file = Path(home_path("--config", path))  # `--config=~/run.toml`: the shell leaves that `~`
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}" + (" (a folder)" if file.is_dir() else ""))
+        merge(cfg, _read(file))
     for item in overrides or []:
         names, value = _parse_override(item)
         update: Any = value

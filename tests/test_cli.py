@@ -258,6 +258,19 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, m
     assert load_config("~/run.toml")["export"]["out"] == "elsewhere"
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["sql", "-w", "~no_such_user_b7/ws", "select 1"], "workspace.path '~no_such_user_b7/ws': ~no_such_user_b7 is no"),
+    (["ingest", "-w", "ws", "-i", "~no_such_user_b7"], "ingest.inputs '~no_such_user_b7': ~no_such_user_b7 is no"),
+    (["sql", "--config", "~no_such_user_b7/run.toml", "select 1"], "--config '~no_such_user_b7/run.toml': "),
+])
+def test_a_home_folder_that_is_not_there_is_one_line(capsys, tmp_path, monkeypatch, args, says):
+    """`-w ~wrongname/ws`: Path.expanduser's RuntimeError was a traceback in a log file and exit 1."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err).startswith(f"booruset: configuration error: {says}")
+    assert not list(tmp_path.iterdir())
+
+
 def test_set_reaches_nested_tables_and_keeps_types():
     cfg = load_config(None, ['annotate.cascade_face.path="/models/cascade.xml"', "annotate.cascade_face.min_size=32",
                              "ray.max_error_rate=1"])
