@@ -372,7 +372,7 @@ def _read(path: Path) -> Config:
     """A TOML file, or a YAML one (.yaml, .yml) with the same tables: the YAML file was read as TOML
     ("Expected '=' after a key")."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Notepad's UTF-8) is no TOML
         if path.suffix.lower() not in (".yaml", ".yml"):
             return tomllib.loads(text)
         table = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader

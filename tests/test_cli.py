@@ -226,6 +226,15 @@ def test_a_config_file_no_parser_takes_is_one_line(capsys, tmp_path, text, expec
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize("name", ["run.toml", "run.yaml"])
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path, name):
+    """Windows editors (Notepad) save UTF-8 with a byte order mark: the TOML file was refused
+    with "Invalid statement (at line 1, column 1)", a line that shows nothing wrong."""
+    text = "[ray]\nmax_error_rate = 0.2\n" if name.endswith(".toml") else "ray:\n  max_error_rate: 0.2\n"
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(str(tmp_path / name))["ray"]["max_error_rate"] == 0.2
+
+
 def test_rows_of_a_list_of_rows_option_stay_lists():
     cfg = load_config(None, ['caption.quality_bands=[[1, "best"], [0, "rest"]]'])
     assert cfg["caption"]["quality_bands"] == [[1.0, "best"], [0.0, "rest"]]
