@@ -270,7 +270,7 @@ def sql(ws: Workspace, query: str) -> int:
             return 2
         con = ws.connect(read_only=True)
         for statement in statements:
-            show_answer(con, statement.query)
+            show_answer(con, statement.query, plan=statement.type.name == "EXPLAIN")
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -281,8 +281,10 @@ def sql(ws: Workspace, query: str) -> int:
     return 0
 
 
-def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
-    """Print the answer of one statement (at most 200 rows), or raise its error.
+def show_answer(con: duckdb.DuckDBPyConnection, query: str, plan: bool = False) -> None:
+    """Print the answer of one statement (at most 200 rows), or raise its error. plan (an
+    EXPLAIN): the plan's text as DuckDB drew it; in a table cell its lines were one line with
+    `\n` between them, cut at 200 characters.
 
     It runs in a thread of its own: DuckDB's show() does not see Ctrl-C, so a query that never
     ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query and
@@ -294,7 +296,11 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
         try:
             # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
             relation = con.sql(query)
-            if relation is not None:
+            if relation is not None and plan:
+                rows = relation.fetchall()
+                for key, text in rows:  # (physical_plan | analyzed_plan, the drawing)
+                    print(*([key] if len(rows) > 1 else []), text, sep="\n")
+            elif relation is not None:
                 relation.show(max_rows=200, max_width=200)
         except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
             failure.append(exc)

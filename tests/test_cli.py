@@ -394,6 +394,17 @@ def test_sql_explains_and_answers_each_statement(capsys, sample_ws):
     assert "Total Time" in out and "first" in out and "second" in out
 
 
+def test_sql_prints_a_plan_as_drawn(capsys, sample_ws):
+    """An EXPLAIN's plan was shown as a table cell: its lines joined by a literal \\n, cut at 200
+    characters, so no plan of a real query could be read."""
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws), "explain select format, count(*) from images "
+                           "where width > 100 group by format; explain analyze select 1")
+    assert code == 0 and "\\n" not in out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(re.fullmatch(r"│ Filters: width > 100 *│", line) for line in lines)
+    assert any(re.fullmatch(r"│ Total Time: [\d.]+s *│", line) for line in lines)
+
+
 @pytest.mark.parametrize("query", ["select cast(key as int) from images", "select error('boom')"])
 def test_sql_that_fails_as_it_runs_is_one_line(capsys, sample_ws, query):
     code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query)
