@@ -265,8 +265,7 @@ def sql(ws: Workspace, query: str) -> int:
             return 2
         refused = [k for k in map(statement_kind, statements) if k not in READ_STATEMENTS]
         if refused:
-            print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "
-                  f"(only {', '.join(READ_STATEMENTS)})", file=sys.stderr)
+            print(f"booruset sql: {refusal(refused[0])}", file=sys.stderr)
             return 2
         con = ws.connect(read_only=True)
         for statement in statements:
@@ -279,6 +278,16 @@ def sql(ws: Workspace, query: str) -> int:
         # write; stdout goes to /dev/null so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def refusal(kind: str) -> str:
+    """Why a statement of this kind is not run. A PIVOT that finds its own columns (no IN list) is
+    parsed as several statements (a CREATE TYPE first, then what holds the PIVOT, a COPY as well
+    as a SELECT), which cannot be told apart: "MULTI statements are refused" said nothing of PIVOT."""
+    if kind == "MULTI":
+        return ("a PIVOT without IN runs as several statements, which are refused: name the values it spreads, "
+                "pivot images on format in ('PNG', 'JPEG') using count(*)")
+    return f"{kind} statements are refused: the workspace is read-only here (only {', '.join(READ_STATEMENTS)})"
 
 
 def show_answer(con: duckdb.DuckDBPyConnection, query: str, plan: bool = False) -> None:

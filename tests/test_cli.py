@@ -387,6 +387,19 @@ def test_sql_refuses_statements_that_write(capsys, sample_ws, query, refused):
     assert {p.name: p.stat().st_size for p in (sample_ws / "tables" / "images").iterdir()} == before
 
 
+@pytest.mark.parametrize("query", ["pivot images on format using count(*)",
+                                   "copy (pivot images on format using count(*)) to '{ws}/tables/images/x.csv'"])
+def test_sql_refuses_a_pivot_without_in_saying_how_to_write_it(capsys, sample_ws, query):
+    """Such a PIVOT is parsed as several statements (a COPY of one too): it was refused as "MULTI
+    statements", which named nothing the user wrote."""
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query.format(ws=sample_ws))
+    assert code == 2 and not (sample_ws / "tables" / "images" / "x.csv").exists()
+    assert one_line(err).startswith("booruset sql: a PIVOT without IN runs as several statements, which are "
+                                    "refused: name the values it spreads, pivot images on format in (")
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws), "pivot images on format in ('PNG') using count(*)")
+    assert code == 0 and "PNG" in out
+
+
 def test_sql_explains_and_answers_each_statement(capsys, sample_ws):
     code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws),
                            "explain analyze select count(*) from images; select 'first' as a; select 'second' as b")
