@@ -381,13 +381,32 @@ def check_out_folders(cfg: Config, command: str) -> None:
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """The parsed arguments. An argument the command does not know is refused by the command's
     own parser (its usage line, not the top level's), naming the option meant when one is close:
-    argparse in Python 3.11 suggests nothing (`--whre`: did you mean --where?)."""
+    argparse in Python 3.11 suggests nothing (`--whre`: did you mean --where?; `ingets`: ingest?)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    _check_command_word(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         command = _command_parser(parser, args.command)
         command.error(f"unrecognized arguments: {' '.join(unknown)}{_option_hint(command, unknown)}")
     return args
+
+
+def _check_command_word(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Usage errors before the command word that argparse words badly: a command's option put
+    before it (`booruset -w ws sql ...` was "invalid choice: 'ws'", `--config=x sql` "unrecognized
+    arguments: --config=x (did you mean --config?)"), and a misspelt command, with the one meant."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    flags = {flag for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+             for command in action.choices.values() for a in command._actions for flag in a.option_strings}
+    early = [a for a in argv[:first] if a.split("=", 1)[0] in flags - {"-h", "--help"}]
+    if early:
+        command = next((a for a in argv if a in COMMANDS), "COMMAND")
+        parser.error(f"{early[0].split('=', 1)[0]} goes after the command: booruset {command} {early[0]} ...")
+    if first < len(argv) and argv[first] not in COMMANDS:  # the top level has no option that takes a value
+        close = difflib.get_close_matches(argv[first], list(COMMANDS), n=1, cutoff=0.6)
+        parser.error(f"argument COMMAND: invalid choice: {argv[first]!r}"
+                     + (f" (did you mean {close[0]}?)" if close else f" (choose from {', '.join(COMMANDS)})"))
 
 
 def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -55,6 +55,21 @@ def test_an_unknown_option_is_refused_by_its_command_naming_the_one_meant(capsys
     assert err.strip().splitlines()[-1] == f"booruset {argv[0]}: error: {hint}"
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["ingets", "-w", "ws"], "argument COMMAND: invalid choice: 'ingets' (did you mean ingest?)"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from ingest, annotate, curate, "),
+    # a command's option before the command: "invalid choice: 'ws'", and "unrecognized arguments:
+    # --config=x.toml (did you mean --config?)"
+    (["-w", "ws", "sql", "select 1"], "-w goes after the command: booruset sql -w ..."),
+    (["--config=x.toml", "report"], "--config goes after the command: booruset report --config=x.toml ..."),
+])
+def test_a_misspelt_command_or_an_option_before_it_is_a_usage_error_that_says_so(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip().splitlines()[-1].startswith(f"booruset: error: {says}")
+
+
 @pytest.fixture
 def sample_ws(tmp_path_factory, ray_local) -> Path:
     """A workspace with the sample ingested, curated and captioned (a fresh copy)."""
