@@ -444,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
+        if "ingest" in names:
+            from jobs.ingest import check_sample_alone
+
+            check_sample_alone(cfg, ws)
         if args.command == "sql":
             return sql(ws, args.query)
         if args.command == "inputs":

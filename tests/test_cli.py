@@ -315,6 +315,26 @@ def test_missing_input_is_one_line(capsys, tmp_path):
 # ---- help and version -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["ingest", "run"])
+def test_no_input_for_a_workspace_of_other_inputs_is_a_mistake_not_the_sample(capsys, tmp_path, command):
+    """`booruset run -w ws` after `booruset run -w ws -i ~/art` ingested the bundled sample into
+    the user's dataset: 24 Ren'Py images in its balance and its export."""
+    from jobs.config import SAMPLE_SHARDS
+    from jobs.ingest import REGISTRY, check_sample_alone
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.write_json(REGISTRY, {str(SAMPLE_SHARDS): "shards"})
+    check_sample_alone(load_config(None, []), ws)  # the sample's own workspace: run again as often as wanted
+    ws.write_json(REGISTRY, {str(SAMPLE_SHARDS): "shards", str(tmp_path / "art"): "art"})
+    check_sample_alone(load_config(None, [f"ingest.inputs=[{str(tmp_path / 'art')!r}]"]), ws)
+    code, _, err = run_cli(capsys, command, "-w", str(tmp_path / "ws"))
+    assert code == 2 and one_line(err).startswith(
+        "booruset: configuration error: no input given (-i): the bundled sample would join this workspace's "
+        "inputs (art; `booruset inputs` lists them)")
+    assert not (tmp_path / "ws" / "tables" / "images").exists()
+
+
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
