@@ -58,7 +58,8 @@ COMMANDS = {
     "inputs": ("list the workspace's inputs (images, state, location), or forget one: its rows go",
                "booruset inputs -w ws; booruset inputs -w ws --forget old_collection"),
     "models": ("download every configured model into annotate.models_dir, or list what is there",
-               "booruset models fetch --set annotate.models_dir=/shared/models; booruset models fetch --list"),
+               "booruset models fetch --set annotate.models_dir=/shared/models; "
+               "booruset models fetch --set annotate.models_dir=/shared/models --list"),
 }
 
 

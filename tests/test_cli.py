@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -333,6 +334,21 @@ def test_no_input_for_a_workspace_of_other_inputs_is_a_mistake_not_the_sample(ca
         "booruset: configuration error: no input given (-i): the bundled sample would join this workspace's "
         "inputs (art; `booruset inputs` lists them)")
     assert not (tmp_path / "ws" / "tables" / "images").exists()
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_help_example_is_a_command_line_the_command_takes(command, monkeypatch, tmp_path):
+    """`booruset models --help` showed `booruset models fetch --list`, which fails as it is:
+    "models fetch needs a folder to stage the models in"."""
+    monkeypatch.setattr("jobs.ingest.check_inputs", lambda cfg: None)  # the examples' inputs are not here
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.toml").write_text("")
+    for line in cli.COMMANDS[command][1].split("; "):
+        argv = shlex.split(line)
+        assert argv[:2] == ["booruset", command]
+        cfg = cli.config_from_args(cli.parse_command_line(argv[1:]))
+        cli.check_jobs(cfg, cli.PIPELINE + ["report"] if command == "run" else [command])
+        assert command != "models" or cfg["annotate"]["models_dir"]
 
 
 def test_version_and_help(capsys):
