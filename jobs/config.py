@@ -102,7 +102,10 @@ def expand_home(cfg: Config) -> Config:
 
 def home_path(option: str, value: str) -> str:
     """`value` with a leading `~` or `~user` as that home folder; ConfigError when there is none
-    (`~nobdy/ws`, HOME unset): Path.expanduser's RuntimeError was a traceback and exit 1."""
+    (`~nobdy/ws`, HOME unset): Path.expanduser's RuntimeError was a traceback and exit 1. A path
+    of blanks alone is a mistake too: `export.out = " "` made a folder named " " in the current one."""
+    if value and not value.strip():
+        raise ConfigError(f"{option} {value!r} is blank: give a path, or \"\" for its default")
     if not value.startswith("~"):
         return value
     try:

@@ -136,6 +136,9 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
     ("caption.send_images=yes", "caption.send_images = 'yes' (str): expected true or false"),
     ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
     ("annotate.cascade_face.nope=1", "unknown option annotate.cascade_face.nope"),
+    # a path of blanks: a folder named " " in the current one
+    ('export.out=" "', "export.out ' ' is blank: give a path, or \"\" for its default"),
+    ('ingest.inputs=["\t"]', "ingest.inputs '\\t' is blank"),
     ("nosection.x=1", "unknown config section [nosection]"),
     # rows of a list-of-rows option are checked place by place (they failed in a caption worker)
     ('caption.quality_bands=[[0.5, "x"], ["y", 0.2]]', "caption.quality_bands[1][0] = 'y' (str): expected a number"),
