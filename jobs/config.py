@@ -121,7 +121,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     cfg = _read(DEFAULTS)
     if path:
         file = Path(home_path("--config", path))  # `--config=~/run.toml`: the shell leaves that `~`
-        if not file.is_file():
+        # not only a regular file: `--config <(...)` (a pipe, /dev/fd/63) was "config file not found"
+        if not file.exists() or file.is_dir():
             raise ConfigError(f"config file not found: {path}" + (" (a folder)" if file.is_dir() else ""))
         merge(cfg, _read(file))
     for item in overrides or []:
@@ -383,6 +384,8 @@ def _read(path: Path) -> Config:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
         raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from None
+    except OSError as exc:  # a file this user may not read: a traceback and exit 1
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
     if table is None:  # an empty file, or only comments
         return {}
     if not isinstance(table, dict):

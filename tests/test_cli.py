@@ -254,6 +254,31 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path, name):
     assert load_config(str(tmp_path / name))["ray"]["max_error_rate"] == 0.2
 
 
+def test_a_config_file_from_a_pipe_is_read_and_an_unreadable_one_is_one_line(capsys, tmp_path, monkeypatch):
+    """`--config <(...)` (a pipe, /dev/fd/N) was "config file not found"; a file this user may
+    not read was a PermissionError traceback and exit 1."""
+    read, write = os.pipe()
+    os.write(write, b"[ray]\nmax_error_rate = 0.2\n")
+    os.close(write)
+    try:
+        assert load_config(f"/dev/fd/{read}")["ray"]["max_error_rate"] == 0.2
+    finally:
+        os.close(read)
+    (tmp_path / "locked.toml").write_text("[ray]\n")
+
+    read_text = Path.read_text
+
+    def refused(self, *args, **kwargs):
+        if self.name == "locked.toml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    code, _, err = run_cli(capsys, "ingest", "--config", str(tmp_path / "locked.toml"), "-w", str(tmp_path / "ws"))
+    assert code == 2
+    assert one_line(err) == f"booruset: configuration error: {tmp_path / 'locked.toml'}: Permission denied"
+
+
 def test_rows_of_a_list_of_rows_option_stay_lists():
     cfg = load_config(None, ['caption.quality_bands=[[1, "best"], [0, "rest"]]'])
     assert cfg["caption"]["quality_bands"] == [[1.0, "best"], [0.0, "rest"]]
