@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.config import Config, ConfigError, check_memory_limit, check_writable_folder, load_config, out_folder
@@ -379,6 +380,29 @@ def check_out_folders(cfg: Config, command: str) -> None:
         check_out(out_folder("report", cfg, "://" not in path, path))
 
 
+def check_outputs_outside_inputs(cfg: Config, command: str) -> None:
+    """ConfigError when the workspace (or a run's export.out or report.out) is inside a folder it
+    ingests: the next ingest read the workspace's own files as images. `cd ~/art; booruset run -i .`
+    twice: 4 images became 18 (the export's copies, the report's plots and thumbnails), with 28
+    no_image errors, and the run stopped at its error rate."""
+    if command not in CREATES_WORKSPACE:
+        return
+    from jobs.ingest import input_specs
+
+    path = str(cfg["workspace"]["path"])
+    if "://" in path:
+        return  # a workspace on object storage has no folder of its own here; its outs are checked below
+    outputs = {"the workspace (-w)": Path(path).resolve()}
+    if command == "run":
+        outputs |= {f"{job}.out": out_folder(job, cfg, True, path) for job in ("export", "report")}
+    folders = [Path(s).resolve() for s in input_specs(cfg) if "://" not in s and Path(s).is_dir()]
+    for name, out in outputs.items():
+        for folder in folders:
+            if out == folder or folder in out.parents:
+                raise ConfigError(f"{name} {out} is inside the input folder {folder}, and an ingest of that folder "
+                                  "would read its files as images: put it outside")
+
+
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """The parsed arguments. An argument the command does not know is refused by the command's
     own parser (its usage line, not the top level's), naming the option meant when one is close:
@@ -443,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         check_memory_limit("workspace.duckdb_memory_limit", str(cfg["workspace"]["duckdb_memory_limit"]))
         check_jobs(cfg, names)  # every job's options, before the first job starts
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
+        check_outputs_outside_inputs(cfg, args.command)
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
         if "ingest" in names:

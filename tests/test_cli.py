@@ -379,6 +379,25 @@ def test_each_help_example_is_a_command_line_the_command_takes(command, monkeypa
         assert command != "models" or cfg["annotate"]["models_dir"]
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["run", "-i", "."], "the workspace (-w) {art}/workspace is inside the input folder {art}, and an ingest of "
+                         "that folder would read its files as images: put it outside"),
+    (["ingest", "-w", "sub/ws", "-i", "."], "the workspace (-w) {art}/sub/ws is inside the input folder {art}"),
+    (["run", "-w", "../ws", "-i", ".", "--out", "exported"], "export.out {art}/exported is inside the input folder"),
+    (["run", "-w", "../ws", "-i", ".", "--set", 'report.out="r"'], "report.out {art}/r is inside the input folder"),
+])
+def test_outputs_inside_a_folder_that_is_ingested_are_refused(capsys, tmp_path, monkeypatch, args, says):
+    """`cd ~/art; booruset run -i .` ingested the workspace's own files on the next run: 4 images
+    became 18 (the export's copies, the report's pictures), with 28 no_image errors."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "a.png").write_bytes(b"")
+    monkeypatch.chdir(art)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err).startswith("booruset: configuration error: " + says.format(art=art))
+    assert [p.name for p in art.iterdir()] == ["a.png"] and not (tmp_path / "ws").exists()
+
+
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
