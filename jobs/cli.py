@@ -16,10 +16,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.config import Config, ConfigError, check_writable_folder, load_config, out_folder
-from jobs.errors import STOPPED_BY, report_failure
+from jobs.config import Config, ConfigError, check_memory_limit, check_writable_folder, load_config, out_folder
+from jobs.errors import STOPPED_BY, one_line, report_failure
 from jobs.summary import JobSummary
 from store.lock import SHORT_WAIT_S, WorkspaceLock
 from store.workspace import Workspace, WorkspaceError
@@ -58,7 +59,8 @@ COMMANDS = {
     "inputs": ("list the workspace's inputs (images, state, location), or forget one: its rows go",
                "booruset inputs -w ws; booruset inputs -w ws --forget old_collection"),
     "models": ("download every configured model into annotate.models_dir, or list what is there",
-               "booruset models fetch --set annotate.models_dir=/shared/models; booruset models fetch --list"),
+               "booruset models fetch --set annotate.models_dir=/shared/models; "
+               "booruset models fetch --set annotate.models_dir=/shared/models --list"),
 }
 
 
@@ -265,12 +267,11 @@ def sql(ws: Workspace, query: str) -> int:
             return 2
         refused = [k for k in map(statement_kind, statements) if k not in READ_STATEMENTS]
         if refused:
-            print(f"booruset sql: {refused[0]} statements are refused: the workspace is read-only here "
-                  f"(only {', '.join(READ_STATEMENTS)})", file=sys.stderr)
+            print(f"booruset sql: {refusal(refused[0])}", file=sys.stderr)
             return 2
         con = ws.connect(read_only=True)
         for statement in statements:
-            show_answer(con, statement.query)
+            show_answer(con, statement.query, plan=statement.type.name == "EXPLAIN")
     except duckdb.Error as exc:
         print(f"booruset sql: {one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -281,8 +282,20 @@ def sql(ws: Workspace, query: str) -> int:
     return 0
 
 
-def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
-    """Print the answer of one statement (at most 200 rows), or raise its error.
+def refusal(kind: str) -> str:
+    """Why a statement of this kind is not run. A PIVOT that finds its own columns (no IN list) is
+    parsed as several statements (a CREATE TYPE first, then what holds the PIVOT, a COPY as well
+    as a SELECT), which cannot be told apart: "MULTI statements are refused" said nothing of PIVOT."""
+    if kind == "MULTI":
+        return ("a PIVOT without IN runs as several statements, which are refused: name the values it spreads, "
+                "pivot images on format in ('PNG', 'JPEG') using count(*)")
+    return f"{kind} statements are refused: the workspace is read-only here (only {', '.join(READ_STATEMENTS)})"
+
+
+def show_answer(con: duckdb.DuckDBPyConnection, query: str, plan: bool = False) -> None:
+    """Print the answer of one statement (at most 200 rows), or raise its error. plan (an
+    EXPLAIN): the plan's text as DuckDB drew it; in a table cell its lines were one line with
+    `\n` between them, cut at 200 characters.
 
     It runs in a thread of its own: DuckDB's show() does not see Ctrl-C, so a query that never
     ended went on until killed. The main thread waits, and on Ctrl-C interrupts the query and
@@ -294,7 +307,11 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
         try:
             # a relation runs when shown: a cast that fails on a row fails here, not in con.sql
             relation = con.sql(query)
-            if relation is not None:
+            if relation is not None and plan:
+                rows = relation.fetchall()
+                for key, text in rows:  # (physical_plan | analyzed_plan, the drawing)
+                    print(*([key] if len(rows) > 1 else []), text, sep="\n")
+            elif relation is not None:
                 relation.show(max_rows=200, max_width=200)
         except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
             failure.append(exc)
@@ -314,13 +331,6 @@ def show_answer(con: duckdb.DuckDBPyConnection, query: str) -> None:
         raise
     if failure:
         raise failure[0]
-
-
-def one_line(message: str) -> str:
-    """DuckDB's message without its LINE/caret excerpt, on one line."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    kept = [ln for ln in lines if not ln.startswith("LINE ") and set(ln) != {"^"}]
-    return " ".join(kept)
 
 
 def check_jobs(cfg: Config, names: list[str]) -> None:
@@ -370,16 +380,58 @@ def check_out_folders(cfg: Config, command: str) -> None:
         check_out(out_folder("report", cfg, "://" not in path, path))
 
 
+def check_outputs_outside_inputs(cfg: Config, command: str) -> None:
+    """ConfigError when the workspace (or a run's export.out or report.out) is inside a folder it
+    ingests: the next ingest read the workspace's own files as images. `cd ~/art; booruset run -i .`
+    twice: 4 images became 18 (the export's copies, the report's plots and thumbnails), with 28
+    no_image errors, and the run stopped at its error rate."""
+    if command not in CREATES_WORKSPACE:
+        return
+    from jobs.ingest import input_specs
+
+    path = str(cfg["workspace"]["path"])
+    if "://" in path:
+        return  # a workspace on object storage has no folder of its own here; its outs are checked below
+    outputs = {"the workspace (-w)": Path(path).resolve()}
+    if command == "run":
+        outputs |= {f"{job}.out": out_folder(job, cfg, True, path) for job in ("export", "report")}
+    folders = [Path(s).resolve() for s in input_specs(cfg) if "://" not in s and Path(s).is_dir()]
+    for name, out in outputs.items():
+        for folder in folders:
+            if out == folder or folder in out.parents:
+                raise ConfigError(f"{name} {out} is inside the input folder {folder}, and an ingest of that folder "
+                                  "would read its files as images: put it outside")
+
+
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """The parsed arguments. An argument the command does not know is refused by the command's
     own parser (its usage line, not the top level's), naming the option meant when one is close:
-    argparse in Python 3.11 suggests nothing (`--whre`: did you mean --where?)."""
+    argparse in Python 3.11 suggests nothing (`--whre`: did you mean --where?; `ingets`: ingest?)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    _check_command_word(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         command = _command_parser(parser, args.command)
         command.error(f"unrecognized arguments: {' '.join(unknown)}{_option_hint(command, unknown)}")
     return args
+
+
+def _check_command_word(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Usage errors before the command word that argparse words badly: a command's option put
+    before it (`booruset -w ws sql ...` was "invalid choice: 'ws'", `--config=x sql` "unrecognized
+    arguments: --config=x (did you mean --config?)"), and a misspelt command, with the one meant."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    flags = {flag for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+             for command in action.choices.values() for a in command._actions for flag in a.option_strings}
+    early = [a for a in argv[:first] if a.split("=", 1)[0] in flags - {"-h", "--help"}]
+    if early:
+        command = next((a for a in argv if a in COMMANDS), "COMMAND")
+        parser.error(f"{early[0].split('=', 1)[0]} goes after the command: booruset {command} {early[0]} ...")
+    if first < len(argv) and argv[first] not in COMMANDS:  # the top level has no option that takes a value
+        close = difflib.get_close_matches(argv[first], list(COMMANDS), n=1, cutoff=0.6)
+        parser.error(f"argument COMMAND: invalid choice: {argv[first]!r}"
+                     + (f" (did you mean {close[0]}?)" if close else f" (choose from {', '.join(COMMANDS)})"))
 
 
 def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -411,10 +463,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return models.main(cfg, list_only=args.list, source=args.source)
         names = PIPELINE + ["report"] if args.command == "run" else [args.command]
+        # every other command opens the workspace's DuckDB: "lots" failed there, a report with a traceback
+        check_memory_limit("workspace.duckdb_memory_limit", str(cfg["workspace"]["duckdb_memory_limit"]))
         check_jobs(cfg, names)  # every job's options, before the first job starts
         check_out_folders(cfg, args.command)  # a mistake leaves no new, empty workspace behind
+        check_outputs_outside_inputs(cfg, args.command)
         ws = Workspace(cfg["workspace"]["path"], create=args.command in CREATES_WORKSPACE,
                        memory_limit=str(cfg["workspace"]["duckdb_memory_limit"]))
+        if "ingest" in names:
+            from jobs.ingest import check_sample_alone
+
+            check_sample_alone(cfg, ws)
         if args.command == "sql":
             return sql(ws, args.query)
         if args.command == "inputs":
@@ -432,10 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.command}: removed {swept} temporary files left by runs that died", flush=True)
             return run_jobs(cfg, ws, names)
     except ConfigError as exc:
-        print(f"booruset: configuration error: {exc}", file=sys.stderr)
+        # one line: DuckDB's messages end with an excerpt of the query, a caret under it
+        print(f"booruset: configuration error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except WorkspaceError as exc:
-        print(f"booruset: {exc}", file=sys.stderr)
+        print(f"booruset: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if STOPPED_BY:

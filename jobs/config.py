@@ -72,6 +72,16 @@ def check_writable_folder(option: str, folder: Path, write: bool = True) -> None
                           f"to this user): set {option} to a folder you can write")
 
 
+def check_memory_limit(option: str, value: str) -> None:
+    """ConfigError unless DuckDB takes `value` as a memory limit ("2GB", "500MiB", "50%")."""
+    import duckdb
+
+    try:
+        duckdb.connect(config={"memory_limit": value}).close()
+    except duckdb.Error as exc:
+        raise ConfigError(f"{option} {value!r}: {exc}") from None
+
+
 # Options that name a local file or folder (or a URI): a leading `~` is the home folder, as a shell
 # would read it (`out = "~/exports"` made a folder named `~` in the current one).
 PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annotate.cascade_face.path",
@@ -82,24 +92,39 @@ PATH_OPTIONS = ("workspace.path", "ingest.inputs", "annotate.models_dir", "annot
 
 def expand_home(cfg: Config) -> Config:
     """PATH_OPTIONS with a leading `~` or `~user` as the home folder (Path.expanduser)."""
-    def expand(value: str) -> str:
-        return str(Path(value).expanduser()) if value.startswith("~") else value
-
     for option in PATH_OPTIONS:
         *sections, name = option.split(".")
         table = functools.reduce(lambda t, s: t[s], sections, cfg)
         value = table[name]
-        table[name] = [expand(v) for v in value] if isinstance(value, list) else expand(value)
+        table[name] = [home_path(option, v) for v in value] if isinstance(value, list) else home_path(option, value)
     return cfg
+
+
+def home_path(option: str, value: str) -> str:
+    """`value` with a leading `~` or `~user` as that home folder; ConfigError when there is none
+    (`~nobdy/ws`, HOME unset): Path.expanduser's RuntimeError was a traceback and exit 1. A path
+    of blanks alone is a mistake too: `export.out = " "` made a folder named " " in the current one."""
+    if value and not value.strip():
+        raise ConfigError(f"{option} {value!r} is blank: give a path, or \"\" for its default")
+    if not value.startswith("~"):
+        return value
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:
+        home = value.split("/", 1)[0]
+        raise ConfigError(f"{option} {value!r}: {home} is no home folder here (no such user, or HOME is not set)"
+                          ) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the file at `path`, then `section.option[.sub]=value` overrides, checked."""
     cfg = _read(DEFAULTS)
     if path:
-        if not Path(path).expanduser().is_file():  # `--config=~/run.toml`: the shell leaves that `~`
-            raise ConfigError(f"config file not found: {path}")
-        merge(cfg, _read(Path(path).expanduser()))
+        file = Path(home_path("--config", path))  # `--config=~/run.toml`: the shell leaves that `~`
+        # not only a regular file: `--config <(...)` (a pipe, /dev/fd/63) was "config file not found"
+        if not file.exists() or file.is_dir():
+            raise ConfigError(f"config file not found: {path}" + (" (a folder)" if file.is_dir() else ""))
+        merge(cfg, _read(file))
     for item in overrides or []:
         names, value = _parse_override(item)
         update: Any = value
@@ -351,7 +376,7 @@ def _read(path: Path) -> Config:
     """A TOML file, or a YAML one (.yaml, .yml) with the same tables: the YAML file was read as TOML
     ("Expected '=' after a key")."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Notepad's UTF-8) is no TOML
         if path.suffix.lower() not in (".yaml", ".yml"):
             return tomllib.loads(text)
         table = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
@@ -359,6 +384,8 @@ def _read(path: Path) -> Config:
         raise ConfigError(f"{path}: a value is nested too deeply") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:  # TOMLDecodeError, a 5,000-digit integer
         raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from None
+    except OSError as exc:  # a file this user may not read: a traceback and exit 1
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
     if table is None:  # an empty file, or only comments
         return {}
     if not isinstance(table, dict):

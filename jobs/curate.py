@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 import schemas
 from jobs.balance import balance_weights, group_format_table
-from jobs.config import Config, ConfigError
+from jobs.config import Config, ConfigError, check_memory_limit
 from jobs.export import workspace_gone_inputs
 from jobs.ray_env import run_in_worker
 from jobs.summary import JobSummary, PeakMemory
@@ -343,10 +343,7 @@ def check_options(opts: dict) -> None:
     top = 62 - near_duplicates.SORT_BITS
     if int(opts["lsh_bits"]) > top:
         raise ConfigError(f"curate.lsh_bits must be between 1 and {top}")
-    try:
-        duckdb.connect(config={"memory_limit": str(opts["memory_limit"])}).close()
-    except duckdb.Error as exc:
-        raise ConfigError(f"curate.memory_limit {opts['memory_limit']!r}: {exc}") from None
+    check_memory_limit("curate.memory_limit", str(opts["memory_limit"]))
     try:  # the lookups made from options alone (the files are read when curate runs)
         group_format_table(opts["group_format"], schemas.image_meta.names)
         fh_ratio_bins(opts["fh_ratio_bins"])

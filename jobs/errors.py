@@ -87,6 +87,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+def one_line(message: str) -> str:
+    """A message on one line; DuckDB's without its LINE/caret excerpt of the query."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    kept = [ln for ln in lines if not ln.startswith("LINE ") and set(ln) != {"^"}]
+    return " ".join(kept)
+
+
 def report_failure(command: str, exc: BaseException, ws) -> int:
     """Print one line for `exc` and where its traceback was written; the exit code (1)."""
     log = write_log(command, exc, ws)

@@ -40,6 +40,7 @@ from PIL import ImageColor
 
 import schemas
 from jobs.config import REPO, Config, ConfigError, out_folder
+from jobs.errors import one_line
 from jobs.export_moves import move_units
 from jobs.ray_env import (
     Progress,
@@ -53,7 +54,14 @@ from jobs.ray_env import (
 )
 from jobs.summary import JobSummary
 from store.staging import clear
-from store.workspace import INPUT_REGISTRY, Workspace, short_tables, sweep_temp_files, unit_id
+from store.workspace import (
+    INPUT_REGISTRY,
+    Workspace,
+    create_empty_views,
+    short_tables,
+    sweep_temp_files,
+    unit_id,
+)
 from udfs.export.export_plan import plan_unit
 from udfs.export.export_shard import (
     FOLDER_LAYOUTS,
@@ -110,8 +118,9 @@ def check_options(opts: dict) -> None:
     if opts["text"] not in ("caption", "tags", "regions"):
         raise ConfigError("export.text must be 'caption', 'tags' or 'regions'")
     where = str(opts["where"]).strip()
-    if where:  # its syntax, before the first job of a run (it failed at export); its columns bind at export
+    if where:  # before the first job of a run: a misspelt column failed at export, after hours of the jobs before
         check_where(f"select * from (select 1) as export_selection where (\n{where}\n)", where)
+        bind_where(opts, where)
     separator = str(opts["keep_tokens_separator"])
     # a line break in it would make KEY.txt two lines, and kohya trains on the first alone
     if separator and (not separator.strip() or "".join(separator.splitlines()) != separator):
@@ -431,6 +440,21 @@ def check_where(query: str, where: str) -> None:
         raise ConfigError(f"export.where {where!r} is not a SQL condition: {str(exc).splitlines()[0]}") from exc
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise ConfigError(f"export.where {where!r} must be one condition (it ran as more than one statement)")
+
+
+def bind_where(opts: dict, where: str) -> None:
+    """ConfigError unless the selection with the user's `where` binds: its columns and functions,
+    checked over empty tables (the workspace may not exist yet). A value that fails on a row
+    (a cast) still fails at export, where the rows are."""
+    con = duckdb.connect(config={"memory_limit": "256MB"})
+    try:
+        create_empty_views(con)
+        query, params = selection_query(con, opts, where)
+        con.execute(f"select * from ({query}) limit 0", {**params, "first": "", "last": None}).fetchall()
+    except duckdb.Error as exc:
+        raise ConfigError(f"export.where {where!r}: {one_line(str(exc))}") from None
+    finally:
+        con.close()
 
 
 # ---- plan -----------------------------------------------------------------------------------

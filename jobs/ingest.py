@@ -31,6 +31,7 @@ from udfs.ingest.sources import (
     assign_input_ids,
     discover_units,
     folder_member,
+    input_location,
     resolve_inputs,
     split_folder_name,
 )
@@ -62,6 +63,20 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError(str(exc)) from exc
     except OSError as exc:  # object storage refused or unreachable: said before a workspace is made
         raise ConfigError(f"cannot read the inputs: {exc}") from exc
+
+
+def check_sample_alone(cfg: Config, ws: Workspace) -> None:
+    """ConfigError when no input is given (ingest.inputs is "", the bundled sample) for a workspace
+    that holds other inputs: `booruset run -w ws` after `booruset run -w ws -i ~/art` added the
+    sample's 24 images to the user's dataset, its balance and its export."""
+    if any(cfg["ingest"]["inputs"]):
+        return
+    sample = input_location(str(SAMPLE_SHARDS))
+    others = sorted({i for location, i in (ws.read_json(REGISTRY) or {}).items() if location != sample})
+    if others:
+        raise ConfigError(f"no input given (-i): the bundled sample would join this workspace's inputs "
+                          f"({', '.join(others)}; `booruset inputs` lists them): name what to ingest with -i, "
+                          f"the sample too if it is wanted ({sample})")
 
 
 def plan_units(cfg: Config, ws: Workspace) -> list[Unit]:

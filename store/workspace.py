@@ -585,7 +585,7 @@ class Workspace:
         DuckDB cannot bind parameters in DDL, so the file paths (the workspace path is the user's)
         go in as escaped SQL string literals.
         """
-        nulls = ", ".join(f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name])
+        nulls = null_columns(name)
         if parts:
             # DuckDB expands globs even in a list of files, hence the glob escape
             folder = glob_escape(self.table_dir(name))
@@ -730,6 +730,21 @@ _events_in_this_process: dict[str, int] = defaultdict(int)
 def schema_fingerprint(table: str) -> str:
     """The column names and types of a table's schema, hashed: published.json records them."""
     return hashlib.sha1(str(schemas.TABLES[table]).encode()).hexdigest()[:16]
+
+
+def null_columns(name: str) -> str:
+    """Table `name`'s columns as typed nulls: the select list of an empty view of it."""
+    return ", ".join(f"cast(null as {duck_type(f.type)}) as \"{f.name}\"" for f in schemas.TABLES[name])
+
+
+def create_empty_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Every table on `con` as an empty view with its schema's columns, and the derived views over
+    them: what a query binds against before any workspace exists (export.where, checked before
+    the first job of a run)."""
+    for name in schemas.TABLES:
+        con.execute(f'create or replace view "{name}" as select {null_columns(name)} where false')
+    for name in DERIVED_VIEWS:
+        create_derived_view(con, name)
 
 
 def create_derived_view(con: duckdb.DuckDBPyConnection, name: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,21 @@ def test_an_unknown_option_is_refused_by_its_command_naming_the_one_meant(capsys
     assert exc.value.code == 2
     assert err.startswith(f"usage: booruset {argv[0]} ")  # the command's usage, not the top level's
     assert err.strip().splitlines()[-1] == f"booruset {argv[0]}: error: {hint}"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["ingets", "-w", "ws"], "argument COMMAND: invalid choice: 'ingets' (did you mean ingest?)"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from ingest, annotate, curate, "),
+    # a command's option before the command: "invalid choice: 'ws'", and "unrecognized arguments:
+    # --config=x.toml (did you mean --config?)"
+    (["-w", "ws", "sql", "select 1"], "-w goes after the command: booruset sql -w ..."),
+    (["--config=x.toml", "report"], "--config goes after the command: booruset report --config=x.toml ..."),
+])
+def test_a_misspelt_command_or_an_option_before_it_is_a_usage_error_that_says_so(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip().splitlines()[-1].startswith(f"booruset: error: {says}")
 
 
 @pytest.fixture
@@ -120,6 +136,9 @@ def test_commands_refuse_a_path_that_is_not_a_workspace(capsys, tmp_path, comman
     ("caption.send_images=yes", "caption.send_images = 'yes' (str): expected true or false"),
     ("annotate.cascade_face.min_size=abc", "annotate.cascade_face.min_size = 'abc' (str): expected a whole number"),
     ("annotate.cascade_face.nope=1", "unknown option annotate.cascade_face.nope"),
+    # a path of blanks: a folder named " " in the current one
+    ('export.out=" "', "export.out ' ' is blank: give a path, or \"\" for its default"),
+    ('ingest.inputs=["\t"]', "ingest.inputs '\\t' is blank"),
     ("nosection.x=1", "unknown config section [nosection]"),
     # rows of a list-of-rows option are checked place by place (they failed in a caption worker)
     ('caption.quality_bands=[[0.5, "x"], ["y", 0.2]]', "caption.quality_bands[1][0] = 'y' (str): expected a number"),
@@ -144,11 +163,15 @@ def test_bad_config_values_are_one_line_before_ray_starts(capsys, tmp_path, over
     ("curate", 'curate.cluster_method="bogus"', "curate.cluster_method must be optics or dbscan"),
     ("curate", 'curate.memory_limit="lots"', "curate.memory_limit 'lots'"),
     ("curate", "curate.lsh_bits=60", "curate.lsh_bits must be between 1"),
+    # the workspace's own DuckDB: the report failed with a traceback and a log file (exit 1)
+    ("report", 'workspace.duckdb_memory_limit="lots"', "workspace.duckdb_memory_limit 'lots': Parser Error"),
+    ("sql", 'workspace.duckdb_memory_limit="2 gigs"', "workspace.duckdb_memory_limit '2 gigs': Parser Error"),
     ("export", "export.bucket_step=0", "export.buckets needs 1 <= bucket_step"),
 ])
 def test_options_a_worker_would_stumble_on_are_configuration_errors(capsys, sample_ws, command, override, expected):
     """They failed inside the Ray worker: exit 1, a traceback log, after the job had started."""
     extra = ["--set", "export.buckets=true", "--set", "export.max_size=512"] if command == "export" else []
+    extra += ["select 1"] if command == "sql" else []
     code, _, err = run_cli(capsys, command, "-w", str(sample_ws), "--set", override, *extra)
     assert code == 2
     assert one_line(err).startswith(f"booruset: configuration error: {expected}")
@@ -222,6 +245,40 @@ def test_a_config_file_no_parser_takes_is_one_line(capsys, tmp_path, text, expec
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize("name", ["run.toml", "run.yaml"])
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path, name):
+    """Windows editors (Notepad) save UTF-8 with a byte order mark: the TOML file was refused
+    with "Invalid statement (at line 1, column 1)", a line that shows nothing wrong."""
+    text = "[ray]\nmax_error_rate = 0.2\n" if name.endswith(".toml") else "ray:\n  max_error_rate: 0.2\n"
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(str(tmp_path / name))["ray"]["max_error_rate"] == 0.2
+
+
+def test_a_config_file_from_a_pipe_is_read_and_an_unreadable_one_is_one_line(capsys, tmp_path, monkeypatch):
+    """`--config <(...)` (a pipe, /dev/fd/N) was "config file not found"; a file this user may
+    not read was a PermissionError traceback and exit 1."""
+    read, write = os.pipe()
+    os.write(write, b"[ray]\nmax_error_rate = 0.2\n")
+    os.close(write)
+    try:
+        assert load_config(f"/dev/fd/{read}")["ray"]["max_error_rate"] == 0.2
+    finally:
+        os.close(read)
+    (tmp_path / "locked.toml").write_text("[ray]\n")
+
+    read_text = Path.read_text
+
+    def refused(self, *args, **kwargs):
+        if self.name == "locked.toml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    code, _, err = run_cli(capsys, "ingest", "--config", str(tmp_path / "locked.toml"), "-w", str(tmp_path / "ws"))
+    assert code == 2
+    assert one_line(err) == f"booruset: configuration error: {tmp_path / 'locked.toml'}: Permission denied"
+
+
 def test_rows_of_a_list_of_rows_option_stay_lists():
     cfg = load_config(None, ['caption.quality_bands=[[1, "best"], [0, "rest"]]'])
     assert cfg["caption"]["quality_bands"] == [[1.0, "best"], [0.0, "rest"]]
@@ -254,6 +311,19 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_folder(capsys, tmp_path, m
     assert load_config("~/run.toml")["export"]["out"] == "elsewhere"
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["sql", "-w", "~no_such_user_b7/ws", "select 1"], "workspace.path '~no_such_user_b7/ws': ~no_such_user_b7 is no"),
+    (["ingest", "-w", "ws", "-i", "~no_such_user_b7"], "ingest.inputs '~no_such_user_b7': ~no_such_user_b7 is no"),
+    (["sql", "--config", "~no_such_user_b7/run.toml", "select 1"], "--config '~no_such_user_b7/run.toml': "),
+])
+def test_a_home_folder_that_is_not_there_is_one_line(capsys, tmp_path, monkeypatch, args, says):
+    """`-w ~wrongname/ws`: Path.expanduser's RuntimeError was a traceback in a log file and exit 1."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err).startswith(f"booruset: configuration error: {says}")
+    assert not list(tmp_path.iterdir())
+
+
 def test_set_reaches_nested_tables_and_keeps_types():
     cfg = load_config(None, ['annotate.cascade_face.path="/models/cascade.xml"', "annotate.cascade_face.min_size=32",
                              "ray.max_error_rate=1"])
@@ -272,6 +342,60 @@ def test_missing_input_is_one_line(capsys, tmp_path):
 
 
 # ---- help and version -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["ingest", "run"])
+def test_no_input_for_a_workspace_of_other_inputs_is_a_mistake_not_the_sample(capsys, tmp_path, command):
+    """`booruset run -w ws` after `booruset run -w ws -i ~/art` ingested the bundled sample into
+    the user's dataset: 24 Ren'Py images in its balance and its export."""
+    from jobs.config import SAMPLE_SHARDS
+    from jobs.ingest import REGISTRY, check_sample_alone
+    from store.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.write_json(REGISTRY, {str(SAMPLE_SHARDS): "shards"})
+    check_sample_alone(load_config(None, []), ws)  # the sample's own workspace: run again as often as wanted
+    ws.write_json(REGISTRY, {str(SAMPLE_SHARDS): "shards", str(tmp_path / "art"): "art"})
+    check_sample_alone(load_config(None, [f"ingest.inputs=[{str(tmp_path / 'art')!r}]"]), ws)
+    code, _, err = run_cli(capsys, command, "-w", str(tmp_path / "ws"))
+    assert code == 2 and one_line(err).startswith(
+        "booruset: configuration error: no input given (-i): the bundled sample would join this workspace's "
+        "inputs (art; `booruset inputs` lists them)")
+    assert not (tmp_path / "ws" / "tables" / "images").exists()
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_help_example_is_a_command_line_the_command_takes(command, monkeypatch, tmp_path):
+    """`booruset models --help` showed `booruset models fetch --list`, which fails as it is:
+    "models fetch needs a folder to stage the models in"."""
+    monkeypatch.setattr("jobs.ingest.check_inputs", lambda cfg: None)  # the examples' inputs are not here
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.toml").write_text("")
+    for line in cli.COMMANDS[command][1].split("; "):
+        argv = shlex.split(line)
+        assert argv[:2] == ["booruset", command]
+        cfg = cli.config_from_args(cli.parse_command_line(argv[1:]))
+        cli.check_jobs(cfg, cli.PIPELINE + ["report"] if command == "run" else [command])
+        assert command != "models" or cfg["annotate"]["models_dir"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["run", "-i", "."], "the workspace (-w) {art}/workspace is inside the input folder {art}, and an ingest of "
+                         "that folder would read its files as images: put it outside"),
+    (["ingest", "-w", "sub/ws", "-i", "."], "the workspace (-w) {art}/sub/ws is inside the input folder {art}"),
+    (["run", "-w", "../ws", "-i", ".", "--out", "exported"], "export.out {art}/exported is inside the input folder"),
+    (["run", "-w", "../ws", "-i", ".", "--set", 'report.out="r"'], "report.out {art}/r is inside the input folder"),
+])
+def test_outputs_inside_a_folder_that_is_ingested_are_refused(capsys, tmp_path, monkeypatch, args, says):
+    """`cd ~/art; booruset run -i .` ingested the workspace's own files on the next run: 4 images
+    became 18 (the export's copies, the report's pictures), with 28 no_image errors."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "a.png").write_bytes(b"")
+    monkeypatch.chdir(art)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and one_line(err).startswith("booruset: configuration error: " + says.format(art=art))
+    assert [p.name for p in art.iterdir()] == ["a.png"] and not (tmp_path / "ws").exists()
 
 
 def test_version_and_help(capsys):
@@ -361,11 +485,35 @@ def test_sql_refuses_statements_that_write(capsys, sample_ws, query, refused):
     assert {p.name: p.stat().st_size for p in (sample_ws / "tables" / "images").iterdir()} == before
 
 
+@pytest.mark.parametrize("query", ["pivot images on format using count(*)",
+                                   "copy (pivot images on format using count(*)) to '{ws}/tables/images/x.csv'"])
+def test_sql_refuses_a_pivot_without_in_saying_how_to_write_it(capsys, sample_ws, query):
+    """Such a PIVOT is parsed as several statements (a COPY of one too): it was refused as "MULTI
+    statements", which named nothing the user wrote."""
+    code, _, err = run_cli(capsys, "sql", "-w", str(sample_ws), query.format(ws=sample_ws))
+    assert code == 2 and not (sample_ws / "tables" / "images" / "x.csv").exists()
+    assert one_line(err).startswith("booruset sql: a PIVOT without IN runs as several statements, which are "
+                                    "refused: name the values it spreads, pivot images on format in (")
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws), "pivot images on format in ('PNG') using count(*)")
+    assert code == 0 and "PNG" in out
+
+
 def test_sql_explains_and_answers_each_statement(capsys, sample_ws):
     code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws),
                            "explain analyze select count(*) from images; select 'first' as a; select 'second' as b")
     assert code == 0
     assert "Total Time" in out and "first" in out and "second" in out
+
+
+def test_sql_prints_a_plan_as_drawn(capsys, sample_ws):
+    """An EXPLAIN's plan was shown as a table cell: its lines joined by a literal \\n, cut at 200
+    characters, so no plan of a real query could be read."""
+    code, out, _ = run_cli(capsys, "sql", "-w", str(sample_ws), "explain select format, count(*) from images "
+                           "where width > 100 group by format; explain analyze select 1")
+    assert code == 0 and "\\n" not in out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(re.fullmatch(r"│ Filters: width > 100 *│", line) for line in lines)
+    assert any(re.fullmatch(r"│ Total Time: [\d.]+s *│", line) for line in lines)
 
 
 @pytest.mark.parametrize("query", ["select cast(key as int) from images", "select error('boom')"])
@@ -593,6 +741,10 @@ def test_every_number_option_refuses_negative_and_non_finite_values():
     ("ingest.frames.max_side=32", "ingest.frames.max_side must be >= min_side"),
     ('export.where="rating = "', "export.where 'rating =' is not a SQL condition"),
     ('export.where="true; drop table images"', "export.where 'true; drop table images' is not a SQL condition"),
+    # a column the selection does not have: it bound only at export, after the four jobs before
+    ('export.where="n_characters > 0"', "export.where 'n_characters > 0': Binder Error: Referenced column "
+                                        "\"n_characters\" not found in FROM clause! Candidate bindings: "),
+    ("export.where=\"no_such_function(key)\"", "export.where 'no_such_function(key)': Catalog Error: Scalar Function"),
     ("annotate.cascade_face.num_cpus=4096", "annotate needs 4096.5 CPUs at once (model pools: cascade_face 4096;"),
 ])
 def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, option, says):
@@ -601,6 +753,14 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
     code, _, err = run_cli(capsys, "run", "-w", str(tmp_path / "ws"), "-i", str(REPO / "sample" / "shards"),
                            "--set", option)
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
+
+
+def test_an_export_where_that_fails_on_a_row_is_one_line(capsys, sample_ws):
+    """A condition that binds but fails on the rows (a key cast to a number) printed DuckDB's
+    message with its excerpt of the 150-line selection query under it: three lines."""
+    code, _, err = run_cli(capsys, "export", "-w", str(sample_ws), "--where", "key = 1")
+    assert code == 2
+    assert one_line(err).startswith("booruset: configuration error: export.where 'key = 1': Conversion Error: ")
 
 
 @pytest.mark.parametrize("query", ["", "   \n", "-- nothing", "/* nothing */ ;", ";"])
