@@ -910,3 +910,32 @@ def test_one_image_row_reads_only_that_image_edits(tmp_path):
     assert lists == {"a/1": ["red_hair"], "a/2": ["red_hair", "smile", "hat"], "a/3": ["red_hair", "smile"]}
     rows = con.execute(f"select key, edited, not_duplicate from ({REVIEW_QUERY}) order by key", KEEP_ALL).fetchall()
     assert rows == [("a/1", True, False), ("a/2", True, False), ("a/3", True, True)]
+
+
+def test_an_edits_part_is_in_key_order_in_row_groups_a_key_filter_can_skip(tmp_path, monkeypatch):
+    """A bulk action over many images writes one edits part: as one row group (pyarrow's default is a
+    million rows), a query of one image's edits read every row of it; in key order and in row groups,
+    it reads the group of that key. The merge of many parts keeps that."""
+    import pyarrow.parquet as pq
+
+    from review import edits
+    from store.workspace import Workspace
+
+    monkeypatch.setattr(edits, "ROW_GROUP", 4, raising=False)
+    monkeypatch.setattr(edits, "COMPACT_AT", 3)
+    ws = Workspace(str(tmp_path / "ws"))
+    log = edits.EditLog(ws)
+    keys = [f"a/{i:02d}" for i in (7, 3, 11, 0, 9, 1, 5, 10, 2, 8, 4, 6)]  # in no order, as a person edits
+    for batch in (keys, keys[:2], keys[2:5]):
+        log.append([{"key": k, "field": "exclude", "old": "false", "new": "true"} for k in batch])
+
+    def key_ranges(part: str) -> list[tuple[str, str]]:
+        meta = pq.ParquetFile(f"{ws.table_dir('edits')}/{part}.parquet").metadata
+        column = meta.schema.names.index("key")
+        return [(meta.row_group(g).column(column).statistics.min, meta.row_group(g).column(column).statistics.max)
+                for g in range(meta.num_row_groups)]
+
+    [merged] = ws.published()["owned"]["review"]["edits"]  # the third batch merged the three parts
+    ranges = key_ranges(merged)
+    assert len(ranges) == 5 and all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:], strict=False))
+    assert ws.connect().execute("select count(*) from edits").fetchone()[0] == 17
