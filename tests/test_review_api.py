@@ -989,3 +989,23 @@ def test_a_bulk_action_remakes_only_the_key_ranges_of_its_images(tmp_path, monke
     undone = client.post("/api/undo", json={"batch": answer.json()["batch"]})
     assert undone.status_code == 200 and "smile" in app.index.row("b/3")["tags"]
     assert table(app.index) == table(selection.ReviewIndex(ws))
+
+
+def test_a_caption_loaded_without_quality_tags_shows_on_the_image_page(tmp_path):
+    """captions rows a user loads (Workspace.add_part) may leave quality_tags null, as the schema
+    allows; the image page joined them as a list and was a 500 with a traceback."""
+    from starlette.testclient import TestClient
+
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.curate_data import image_rows
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.add_part("images", "i", image_rows(["a/1"]))
+    ws.add_part("captions", "c", [{"key": "a/1", "attempt": 0, "backend": "loaded", "caption": "a girl on a hill",
+                                   "accuracy": 0.8, "accepted": True, "flagged": False}])
+    client = TestClient(ReviewApp(load_config(None, []), ws).asgi(["testserver"]))
+    page = client.get("/image", params={"key": "a/1"})
+    assert page.status_code == 200 and "a girl on a hill" in page.text
+    assert client.get("/api/images/a/1").json()["captions"][0]["quality_tags"] is None
