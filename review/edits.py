@@ -24,6 +24,9 @@ from udfs.ingest.sidecars import categorized_tags, has_lone_surrogate, without_c
 OWNER = "review"  # the owner of the edits parts in the published generation
 # Parts are merged into one when there are this many: each is a file that every query opens.
 COMPACT_AT = 256
+# Rows per row group of an edits part, which is sorted by key: a query of one image's edits (its
+# review row, its page) reads one group, not every edit of a bulk action over the workspace.
+ROW_GROUP = 10_000
 # The edits that take back one batch (the app runs it on the review connection).
 UNDO_SQL = (REPO / "sql" / "edit_undo.sql").read_text(encoding="utf-8")
 
@@ -141,7 +144,7 @@ class EditLog:
         rows = [{**c, "time": now, "seq": i, "batch": batch} for i, c in enumerate(changes)]
         with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):  # WorkspaceBusy while a job runs
             part = f"review-{batch}"
-            self.ws.write_part("edits", part, rows)
+            self.ws.write_part("edits", part, by_key(rows), ROW_GROUP)
             parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]
             if len(parts) >= COMPACT_AT:
                 parts = [self.compact(parts, batch)]
@@ -154,5 +157,10 @@ class EditLog:
         folder = self.ws.table_dir("edits")
         tables = [pq.read_table(f"{folder}/{p}.parquet", filesystem=self.ws.fs, schema=schemas.edits) for p in parts]
         merged = f"review-merged-{batch}"
-        self.ws.write_part("edits", merged, pa.concat_tables(tables))
+        self.ws.write_part("edits", merged, pa.concat_tables(tables).sort_by("key"), ROW_GROUP)
         return merged
+
+
+def by_key(rows: list[dict]) -> pa.Table:
+    """The rows of one batch as a table in key order (each keeps its seq: the order within the batch)."""
+    return schemas.conform(rows, "edits").sort_by("key")

@@ -3,17 +3,26 @@
 -- undo of an earlier one). Each such (image, field, subject) goes back to what stood before: for a tag,
 -- the opposite of the batch's edit (a batch holds only real changes); for the other fields, the
 -- previous edit's value, or null (what the jobs made) when there was none.
--- Parameters: $batch. Reads edits, edit_state.
+-- Parameters: $batch. Reads edits.
 with undone as (
-    select key, field, old, new, seq,
+    select key, field, old, new, time, seq,
            case when field = 'tags' then coalesce(new, old) else '' end as subject
     from edits
     where batch = $batch
 ),
 still_standing as (
+    -- no later edit of its (image, field, subject): edit_state's latest, without computing
+    -- edit_state over every edit of the workspace
     select u.*
     from undone as u
-    semi join edit_state as s on s.key = u.key and s.field = u.field and s.subject = u.subject and s.batch = $batch
+    where not exists (
+        select 1
+        from edits as e
+        where e.key = u.key
+          and e.field = u.field
+          and case when e.field = 'tags' then coalesce(e.new, e.old) else '' end = u.subject
+          and (e.time > u.time or (e.time = u.time and (e.batch > $batch or (e.batch = $batch and e.seq > u.seq))))
+    )
 ),
 earlier as (
     select e.key, e.field, e.new,

@@ -8,8 +8,10 @@
 -- A view every workspace connection has (store/workspace.py); captioners, export and the review
 -- page read it. Written so that a filter on the key reaches the table scans (one image's lists
 -- in a fraction of the whole): CTEs read twice are `not materialized`, and one aggregate, no
--- full join, makes the result.
--- Parameters: none. Reads tags, image_meta, source_tags, edit_state.
+-- full join, makes the result; the edits are applied with left joins, not anti joins (DuckDB moves
+-- a key filter across a left join, not into an anti join's other side): a query of one image
+-- reads that image's edits, not every edit of the workspace.
+-- Parameters: none. Reads tags, image_meta, source_tags, edit_state, edits.
 with curated as not materialized (
     select key, tag, coalesce(category, 'general') as category, coalesce(score, 1.0)::float as score,
            rank::bigint as position
@@ -38,7 +40,7 @@ job_tags as not materialized (
                 select key, tag, category, score, position, 'source', from_text from source_distinct))
     where kind = 'curated' or (kind = 'source' and not has_curated and (not seen or from_text))
 ),
-tag_edits as (
+tag_edits as not materialized (
     select key, subject as tag, new is not null as present
     from edit_state
     where field = 'tags'
@@ -47,17 +49,22 @@ added as (
     select e.key, e.tag, coalesce(c.category, 'general') as category, 1.0::float as score,
            9223372036854775807 as position
     from tag_edits as e
+    -- the tags ever added (from edits, not edit_state: no key filter reaches this lookup, and
+    -- edit_state would sort every edit of the workspace for it; a tag added then removed is one
+    -- more tag looked up, which nothing joins)
     left join (select tag, min(category) as category from tags
-               where tag in (select tag from tag_edits where present) group by tag) as c using (tag)
+               where tag in (select new from edits where field = 'tags') group by tag) as c using (tag)
     -- a left join, not `not exists`: DuckDB moves a key filter on e across it into job_tags' scans
     left join job_tags as j using (key, tag)
     where e.present
       and j.key is null
 ),
 kept as (
+    -- the job's tags a person did not remove
     select j.*
     from job_tags as j
-    anti join (select key, tag from tag_edits where not present) as r using (key, tag)
+    left join (select key, tag from tag_edits where not present) as r using (key, tag)
+    where r.key is null
 ),
 source_ratings as (
     select key, tag, 'rating' as category, null::float as score, null::bigint as position

@@ -5,8 +5,12 @@
 -- key order. Parameters: those of export_selection. Reads images, edit_state.
 select s.*,
        i.sha256,
-       exists (select 1 from edit_state as e where e.key = s.key) as edited,
-       exists (select 1 from edit_state as e where e.key = s.key and e.field = 'not_duplicate' and e.new = 'true')
-           as not_duplicate
+       e.key is not null as edited,
+       coalesce(e.not_duplicate, false) as not_duplicate
 from $selection as s
 join images as i using (key)
+-- a join with edit_state per key, not `exists` subqueries: a key filter on the result reaches
+-- its scan of edits (each subquery read every edit of the workspace, at each row refresh)
+left join (select key, bool_or(field = 'not_duplicate' and new = 'true') as not_duplicate
+           from edit_state
+           group by key) as e using (key)

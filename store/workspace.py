@@ -143,16 +143,17 @@ class Workspace:
     def table_dir(self, name: str) -> str:
         return f"{self.base}/tables/{name}"
 
-    def write_part(self, name: str, part: str, table: pa.Table | list[dict]) -> None:
-        """Write one part of a table atomically: a temporary file, then a rename."""
-        self.write_parquet(f"{self.table_dir(name)}/{part}.parquet", schemas.conform(table, name))
+    def write_part(self, name: str, part: str, table: pa.Table | list[dict], row_group_size: int | None = None) -> None:
+        """Write one part of a table atomically: a temporary file, then a rename. row_group_size:
+        rows per row group (default pyarrow's, a million rows: one group, which a filter cannot skip)."""
+        self.write_parquet(f"{self.table_dir(name)}/{part}.parquet", schemas.conform(table, name), row_group_size)
 
-    def write_parquet(self, path: str, table: pa.Table) -> None:
+    def write_parquet(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
         """Write a Parquet file at `path` (a path in this workspace's filesystem) atomically."""
         folder, name = path.rsplit("/", 1)
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.tmp-{name}-{uuid.uuid4().hex}.parquet.tmp"
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
         if self.local:
             fsync(tmp)  # the bytes are on disk before the name says the part is complete
         self.fs.move(tmp, path)
