@@ -781,7 +781,8 @@ def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: lis
     summary.rows_out = {f"{layout} samples": per_layout.get(layout, 0) for layout in layouts}
     if budget:
         summary.notes.append(f"clip_token_budget {budget}: KEY.txt of {counts['text_cut']} images cut to fit "
-                             f"(tags left out lowest-ranked first, captions at a sentence; manifest text_cut)")
+                             "(tags left out lowest-ranked first, captions at a sentence, else a comma; "
+                             "manifest text_cut)")
     if seconds:
         summary.notes.append(f"image bytes written: {written / 1e6:.1f} MB, {written / 1e6 / seconds:.1f} MB/s "
                              f"of task time")

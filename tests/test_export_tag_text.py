@@ -184,6 +184,28 @@ def test_a_long_caption_is_cut_after_its_last_whole_sentence_that_fits():
     assert cut and clip_tokens(words) == 10 and words == " ".join(["word"] * 10)
 
 
+def test_a_caption_that_lists_tags_is_cut_between_two_tags():
+    """A caption that is a tag list (an asp template caption, a sidecar's tags as its caption) has no
+    sentence end: it was cut at a word, inside a tag ("..., day, blue" of "blue sky"; "eileen (ren'py"
+    without its parenthesis) or after a comma. It is cut after its last whole tag that fits."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    tags = ["1girl", "solo", "eileen (ren'py)", "long hair", "looking at viewer", ":d", "^_^", "school uniform",
+            "pleated skirt", "cherry blossoms", "blue sky", "holding bag", "zettai ryouiki", "looking back"]
+    caption = ", ".join(tags * 4)
+    for budget in range(8, 75):
+        text, cut = fit_caption(caption, budget)
+        assert cut and clip_tokens(text) <= budget
+        n = len(text.split(", "))
+        assert text == ", ".join((tags * 4)[:n]), (budget, text)  # whole tags, no comma at the end
+        assert clip_tokens(", ".join((tags * 4)[:n + 1])) > budget  # the next tag would not fit
+    # a sentence's clauses too, and a first part longer than the budget still at a word
+    text, _ = fit_caption("A girl with red hair, wearing a school uniform with a pleated skirt and a white shirt "
+                          "and a red neckerchief, standing outdoors under the cherry blossoms", 20)
+    assert text == "A girl with red hair"  # was "... and a white shirt and"
+    assert fit_caption("word " * 50 + ", end", 10)[0] == " ".join(["word"] * 10)
+
+
 def test_a_caption_without_spaces_is_cut_not_emptied():
     """Japanese and Chinese captions have no spaces (and no space after 。): a caption over the
     budget was cut to nothing, its image then left out of the kohya and EveryDream folders as one

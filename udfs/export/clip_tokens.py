@@ -22,6 +22,8 @@ VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "clip" / "bpe_simple
 MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 49408 tokens = 2 x 256 bytes + these merges + 2 special
 # where a sentence ends: the space after . ! ? ;, and right after 。！？ (no space follows them)
 SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|(?<=[。！？])")
+# where a comma-separated part ends: a tag of a caption that lists tags, a clause of a sentence
+PART_END = re.compile(r"\s*[,，、]")
 
 
 @lru_cache(maxsize=1)
@@ -67,8 +69,10 @@ def fit_tags(words: list[str], keep: int, budget: int, join) -> tuple[str, int]:
 
 def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     """`text` within `budget` CLIP tokens: its longest run of whole sentences that fits, else its
-    longest run of whole words, else (a first word longer than the budget: Japanese or Chinese,
-    written without spaces) its longest start of whole characters that fits; (text, whether it was cut). A caption
+    longest run of whole comma-separated parts (a caption that lists tags, "1girl, long hair,
+    ...", is cut between two tags, not inside one and before a comma), else its longest run of
+    whole words, else (a first word longer than the budget: Japanese or Chinese, written without
+    spaces) its longest start of whole characters that fits; (text, whether it was cut). A caption
     without spaces was cut to nothing, and its image left out of the folder layouts as one with
     no text."""
     if clip_tokens(text) <= budget:
@@ -81,6 +85,10 @@ def fit_caption(text: str, budget: int) -> tuple[str, bool]:
         kept = longer
     if kept:
         return kept, True
+    parts = [text[:end.start()] for end in PART_END.finditer(text)]
+    n = longest_fit(len(parts), lambda k: parts[k - 1] if k else "", budget)
+    if n and parts[n - 1].strip():
+        return parts[n - 1].strip(), True
     words = text.split()
     n = longest_fit(len(words), lambda k: " ".join(words[:k]), budget)
     if n:
