@@ -257,3 +257,13 @@ def test_kaomoji_keep_their_underscores_in_the_template_and_the_tag_block(vocab)
     assert "o o" not in caption and "; ;" not in caption and "_." not in caption
     block = tag_block(tags, categories)
     assert "o_o" in block and ";_;" in block and "o o" not in block
+
+
+@pytest.mark.parametrize("tags", [["1girl", "_"], ["_", "__"], ["1girl", "smile", "___"]])
+def test_a_tag_of_underscores_alone_adds_no_empty_sentence(vocab, tags):
+    """A tag with no words ("_", from a sidecar's "tag, _, tag") was the only one of the other
+    details: the caption ended in "Other details: ." in both paths."""
+    categories = ["general"] * len(tags)
+    caption = english_caption(tags, categories, vocab)
+    assert caption == TemplateCaptions(vocab).english(pa.array([tags]), pa.array([categories]))[0]
+    assert "Other details" not in caption and not caption.endswith(": .")

@@ -334,8 +334,7 @@ class BatchTemplate:
         sort = np.lexsort((np.arange(len(found)), order, found.row))
         found = Elements(found.row[sort], found.tag[sort])
         also = self._join_distinct(found.row, self.table.columns.words[found.tag], n)
-        return _sentence(pc.if_else(pa.array(np.bincount(found.row, minlength=n) > 0),
-                                    _say("Other details: ", also, "."), ""))
+        return _sentence(_say("Other details: ", also, ".", when=also))  # none: a tag of underscores alone
 
     def _join_distinct(self, rows: np.ndarray, ids: np.ndarray, n: int) -> pa.Array:
         """join_and of each row's strings, first occurrences only, empty strings and -1 left out

@@ -189,8 +189,9 @@ def english_from_infos(infos: list[TagInfo], vocab: TemplateVocab, n_people: int
     else:  # pose / expression words without people read as plain details
         also = by_group.get("pose", []) + by_group.get("expression", []) + by_group.get("also", [])
     sentences.append(_background_sentence(by_group.get("background", []), vocab))
-    if also:
-        sentences.append("Other details: " + join_and(_dedupe(i.words for i in also)) + ".")
+    also_words = _dedupe(i.words for i in also)  # none when its tags are underscores alone ("_")
+    if also_words:
+        sentences.append("Other details: " + join_and(also_words) + ".")
     return one_full_stop(" ".join(s for s in sentences if s))
 
 
