@@ -313,3 +313,38 @@ def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
 
     with pytest.raises(ConfigError):  # when the config is read (keep_tokens) or when export starts (tag_sort)
         export.run(*fresh(tmp_path_factory, override))
+
+
+def test_a_caption_edited_in_review_wins_over_the_region_captions(workspace):
+    """export.text = "regions": KEY.txt was the generated region captions also for an image whose
+    caption a person rewrote in review (the review page's preview showed their text ignored). Their
+    caption is the image's text, as it is with text = "caption"; an image nobody edited keeps its
+    region captions."""
+    import datetime
+
+    from jobs.config import default_config, merge
+    from jobs.export import sql_text
+    from udfs.export.export_plan import sample_plan
+
+    for key in ("a/edited", "a/generated"):
+        workspace.add_part("images", key.replace("/", "_"), [{
+            "key": key, "source": "s.tar", "member": "x.png", "width": 64, "height": 64, "format": "PNG",
+            "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": key, "phash": 0}])
+        workspace.add_part("captions", key.replace("/", "_"), [{
+            "key": key, "attempt": 0, "backend": "template:english", "seed": 0, "caption": "Eileen with red hair.",
+            "accepted": True, "flagged": False, "not_scored": "built_from_tags", "quality_tags": [], "lint": []}])
+        workspace.add_part("caption_regions", key.replace("/", "_"), [
+            {"key": key, "region": "top left", "backend": "template:english", "tags": ["red_hair"],
+             "caption": "Eileen with red hair."}])
+    workspace.add_part("edits", "u", [{"key": "a/edited", "field": "caption", "old": "Eileen with red hair.",
+                                       "new": "Lucy with\nblack hair.", "time": datetime.datetime.now(datetime.UTC),
+                                       "seq": 0, "batch": "b"}])
+    params = {"drop_duplicates": True, "drop_flagged": True, "drop_excluded": True, "gone_inputs": []}
+    cursor = workspace.connect().execute(sql_text("export_selection.sql"), params)
+    rows = {r[0]: dict(zip([d[0] for d in cursor.description], r, strict=True)) for r in cursor.fetchall()}
+    options = default_config()["export"]
+    merge(options, {"text": "regions"})
+    edited, generated = sample_plan(rows["a/edited"], options), sample_plan(rows["a/generated"], options)
+    assert edited["txt"] == "Lucy with black hair." and json.loads(edited["json"])["text_from"] == "caption"
+    assert generated["txt"] == "top left: Eileen with red hair" and json.loads(generated["json"])["text_from"] == \
+        "regions"

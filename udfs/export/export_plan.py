@@ -50,7 +50,9 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     ext = output_extension(row["format"])
     caption, text_from = None, "tags"
     regions, own = one_line(row.get("region_caption")), one_line(row["caption"])
-    if opts["text"] == "regions" and regions:
+    # a caption a person wrote in review is the image's text: the region captions are generated
+    # ones, of what they corrected (as KEY.json's captions then hold theirs alone)
+    if opts["text"] == "regions" and regions and not (row.get("caption_edited") and own):
         caption, text_from = regions, "regions"
     elif opts["text"] in ("caption", "regions") and own:
         caption, text_from = own, "caption"
