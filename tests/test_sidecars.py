@@ -78,6 +78,24 @@ def test_a_category_prefix_with_no_tag_after_it_names_no_tag():
     assert tags == [("1girl", "general"), ("renpy", "copyright")]
 
 
+def test_a_rating_prefix_is_the_images_rating_not_a_tag():
+    """`rating:explicit` in a tag list (Hydrus's namespace, a booru's metatag) was the general tag
+    `rating:explicit`: written into KEY.txt and the template caption ("Other details: rating:explicit")
+    whatever export.exclude_tag_categories said, beside the tagger's rating. A letter or a word is read
+    as a JSON sidecar's "rating" is; another value stays a tag."""
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags = parse_sidecar("txt", "1girl, rating:explicit, smile")[0]
+    assert tags == [("1girl", "general"), ("explicit", "rating"), ("smile", "general")]
+    assert parse_sidecar("txt", "Rating: Q, rating:g")[0] == [("questionable", "rating"), ("general", "rating")]
+    assert parse_sidecar("txt", "rating:other, rating:")[0] == [("rating:other", "general")]
+    assert parse_sidecar("tags", "1girl rating:e")[0] == [("1girl", "general"), ("explicit", "rating")]
+    # in the three-line form too, which it still is
+    three = "copyright: ren'py\ncharacter: eileen\ngeneral tags: 1girl, rating:explicit, smile"
+    assert parse_sidecar("txt", three) == ([("ren'py", "copyright"), ("eileen", "character"), ("1girl", "general"),
+                                           ("explicit", "rating"), ("smile", "general")], [], "three_line")
+
+
 def test_a_prefixed_tag_list_over_two_lines_is_not_the_three_line_form():
     """Read as the three-line form, `smile` was a character and `general:2girls` a character tag
     of that name; curate then made `smile` a character in other images too."""

@@ -258,9 +258,14 @@ def _parts(text: str, sep: str) -> list[str]:
 # An explicit category in a tag list: `character:eileen`, `copyright: my series`. Only these
 # words count, so Danbooru tags with a colon (`re:zero_kara...`, `:d`) stay tags.
 # A prefix with nothing after it (`character:`) names no tag and is dropped. Hydrus's namespaces
-# for the artist and the work (its tag exports: a tag a line) are these categories too.
-CATEGORY_PREFIX = re.compile(r"^\s*(character|copyright|artist|meta|general|creator|series|studio)\s*:\s*(.*)$", re.I)
+# for the artist and the work (its tag exports: a tag a line) are these categories too, and
+# `rating:explicit` (`rating:e`, Hydrus's and the boorus' rating) is the image's rating.
+CATEGORY_PREFIX = re.compile(
+    r"^\s*(character|copyright|artist|meta|general|creator|series|studio|rating)\s*:\s*(.*)$", re.I)
 HYDRUS_NAMESPACES = {"creator": "artist", "series": "copyright", "studio": "copyright"}
+# the values a `rating:` prefix gives: a letter or a word, read by its first letter as a JSON
+# sidecar's "rating" is (RATINGS); `rating:other` is no rating and stays a tag
+RATING_VALUES = {*RATINGS, *RATINGS.values(), "safe"}
 
 
 def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
@@ -270,6 +275,12 @@ def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
         match = CATEGORY_PREFIX.match(part)
         category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
         category = HYDRUS_NAMESPACES.get(category, category)
+        if category == "rating":  # was a tag, `rating:explicit` in KEY.txt, beside the tagger's rating
+            value = normalize_tag(raw)
+            if value in RATING_VALUES:
+                raw = RATINGS[value[0]]
+            else:  # no rating: the tag as it was written (`rating:` alone names none)
+                category, raw = "general", part if value else ""
         if tag := normalize_tag(raw):
             tags.append((tag, category))
     return tags
@@ -295,11 +306,13 @@ def _is_three_line(text: str) -> bool:
     """`copyright: ...` / `character: ...` / `general tags: ...`: every line a label, a colon and a
     space. A kohya tag list with prefixes over lines (`character:eileen, smile` /
     `copyright:renpy, 1girl`) writes them without the space, or prefixes a later tag; read as
-    three lines, it made `smile` a character and `1girl` a copyright."""
+    three lines, it made `smile` a character and `1girl` a copyright. A `rating:` tag is in either
+    form, and tells them apart no more than any other tag."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) < 2 or not all(THREE_LINE_LABEL.match(ln) for ln in lines):
         return False
-    return not any(CATEGORY_PREFIX.match(part) for ln in lines for part in ln.split(",")[1:])
+    prefixes = (CATEGORY_PREFIX.match(part) for ln in lines for part in ln.split(",")[1:])
+    return not any(m and m.group(1).lower() != "rating" for m in prefixes)
 
 
 def _parse_three_line(text: str) -> list[tuple[str, str]]:
@@ -310,7 +323,8 @@ def _parse_three_line(text: str) -> list[tuple[str, str]]:
             continue
         label = match.group(1).lower()
         category = THREE_LINE_CATEGORY.get(label, label)
-        tags += [(t, category) for t in split_tags(line[match.end() :], ",")]
+        # its tags have no prefix but `rating:` (_is_three_line), the image's rating
+        tags += [(t, c if c == "rating" else category) for t, c in categorized_tags(line[match.end():], ",")]
     return tags
 
 
