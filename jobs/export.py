@@ -75,7 +75,7 @@ from udfs.export.export_shard import (
 )
 from udfs.export.resize import bucket_sides
 from udfs.export.safe_names import inside
-from udfs.export.tag_text import SORTS
+from udfs.export.tag_text import CATEGORIES, SORTS
 
 LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 KOHYA_CONFIG = "kohya/dataset.toml"  # kohya sd-scripts' --dataset_config for the kohya folders (write_kohya_config)
@@ -131,6 +131,11 @@ def check_options(opts: dict) -> None:
                           "tags with commas, and kohya keeps what is before the separator's first occurrence")
     if opts["tag_sort"] not in SORTS:
         raise ConfigError(f"export.tag_sort must be one of {', '.join(SORTS)}")
+    for option in ("tag_category_order", "exclude_tag_categories"):  # "ratings" left every rating tag in KEY.txt
+        unknown = [c for c in opts[option] if c not in CATEGORIES]
+        if unknown:
+            raise ConfigError(f"export.{option}: no tag category {', '.join(map(repr, unknown))} (the categories: "
+                              f"{', '.join(CATEGORIES)})")
     budget, keep = int(opts["clip_token_budget"]), int(opts["keep_tokens"])
     if budget and 2 * keep - 1 > budget:  # each tag a token at least, a comma after each but the last
         raise ConfigError(f"export.keep_tokens {keep} cannot fit export.clip_token_budget {budget}: {keep} tags take "

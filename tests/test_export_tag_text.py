@@ -304,10 +304,12 @@ def test_keep_tokens_that_can_never_fit_the_budget_are_refused(tmp_path_factory)
 @pytest.mark.parametrize("override", ['export.tag_sort="random"', "export.keep_tokens=-1",
                                       'export.alpha_background="not a colour"', 'export.keep_tokens_separator=" "',
                                       'export.keep_tokens_separator="|||\\n"', 'export.keep_tokens_separator=","',
-                                      'export.keep_tokens_separator="|,|"'])
+                                      'export.keep_tokens_separator="|,|"', 'export.exclude_tag_categories=["ratings"]',
+                                      'export.tag_category_order=["Character"]'])
 def test_bad_tag_text_options_are_refused(tmp_path_factory, override):
     """Refused before any work. A separator with a comma: KEY.txt joins tags with ", ", and kohya cuts the text at the
-    separator's first occurrence, the comma after the first tag (keep_tokens 3 kept one)."""
+    separator's first occurrence, the comma after the first tag (keep_tokens 3 kept one). A category no tag has
+    ("ratings") was no category at all: every rating tag stayed in KEY.txt."""
     from jobs import export
     from jobs.config import ConfigError
 

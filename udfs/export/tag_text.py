@@ -12,6 +12,9 @@ from udfs.ingest.sidecars import normalize_tag
 from udfs.tag_spelling import escaped, spaced
 
 SORTS = ("rank", "score")
+# every tag's category is one of these (the sidecars' prefixes and fields, the tag lists' numbers,
+# the tagger's labels: udfs/ingest/sidecars.py, udfs/curate/tag_rules.CATEGORY_NAMES)
+CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
 
 
 @dataclass(frozen=True)
