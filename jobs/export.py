@@ -22,6 +22,7 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -160,6 +161,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     out = out_dir(cfg, ws)
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
+    remove_out_check(out)
     ws.begin_job()
     unfinished = remove_unfinished(ws)
     total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
@@ -517,6 +519,13 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
         return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
     finally:
         os.remove(check)
+
+
+def remove_out_check(out: str) -> None:
+    """The check file (run_units) of an export killed while its units ran: it is removed as they
+    end, so a killed run left it beside the shards, and a later run with nothing to run kept it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, OUT_CHECK))
 
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:

@@ -95,3 +95,20 @@ def test_a_move_killed_between_its_passes_ends_as_an_export_into_an_empty_folder
     assert folder_files(out) == folder_files(fresh)
     assert manifest_rows(out) == manifest_rows(fresh)
 
+
+
+def test_the_check_file_a_killed_export_left_goes_at_the_next_export(tmp_path_factory, ray_local):
+    """The driver writes .booruset-export-check in the export folder while its units run and
+    removes it as they end: a SIGKILL then left it there (found after a run killed mid-export),
+    and every later export with nothing to run kept it beside the shards, unlike a fresh export."""
+    from jobs import export
+    from store.workspace import Workspace
+    from udfs.export.export_shard import OUT_CHECK
+
+    path = prepared_workspace(tmp_path_factory)
+    ws, out = Workspace(str(path)), path / "export"
+    export.run(base_config(path), ws)
+    (out / OUT_CHECK).write_text("a token of the killed run")  # what the kill leaves
+    again = export.run(base_config(path), ws)
+    assert again.units_done == 0
+    assert not (out / OUT_CHECK).exists()
