@@ -178,6 +178,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     done = ws.done_units(JOB)
     moved = move_units(cfg, ws, out, units, done)
     lost = forget_lost_units(cfg, ws, out, units, done)
+    moved = [unit for unit in moved if unit in done]  # one found lost is written again, not renamed
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
@@ -206,7 +207,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
     if moved:
-        summary.notes.append(f"{moved} units done before moved to other shard numbers: their files renamed, "
+        summary.notes.append(f"{len(moved)} units done before moved to other shard numbers: their files renamed, "
                              "not written again")
     if lost:
         summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
