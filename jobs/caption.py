@@ -175,6 +175,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"tags from captions/prompts: {added} source_tags rows (origin caption)")
         if curated_other_text_tags(cfg, ws):
             curate_again(cfg, ws, summary)
+    elif drop_text_tags(ws) and curated_other_text_tags(cfg, ws):
+        summary.notes.append("caption.tags_from_text is off: the tags an earlier run took from texts are gone")
+        curate_again(cfg, ws, summary)
     units = planned_units(cfg, ws, opts)
     remove_stale(ws, {u["unit"] for u in units})
     done = finished_units(ws)
@@ -235,6 +238,18 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written})
     clear(ws, TEXTS)
     return written
+
+
+def drop_text_tags(ws: Workspace) -> bool:
+    """Unpublish the tags an earlier run took from texts, caption.tags_from_text now off: kept,
+    they stayed the images' tags, captions and KEY.txt, unlike a workspace that never had the
+    option on. Whether there were any."""
+    from udfs.caption.caption_tags import OWNER
+
+    if not ws.published()["owned"].get(OWNER):
+        return False
+    ws.publish({OWNER: {}})
+    return True
 
 
 def text_tags_fingerprint(opts: dict, units: list[dict], vocabulary: list[tuple[str, str]]) -> str:

@@ -22,6 +22,7 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -165,6 +166,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     out = out_dir(cfg, ws)
     # shards and files half-written by an export that died (disk full, SIGKILL) before this one
     sweep_temp_files(pafs.LocalFileSystem(), out, before=time.time())
+    remove_out_check(out)
     ws.begin_job()
     unfinished = remove_unfinished(ws)
     total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
@@ -181,6 +183,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     done = ws.done_units(JOB)
     moved = move_units(cfg, ws, out, units, done)
     lost = forget_lost_units(cfg, ws, out, units, done)
+    moved = [unit for unit in moved if unit in done]  # one found lost is written again, not renamed
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run -> {out}", flush=True)
@@ -209,7 +212,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
     if moved:
-        summary.notes.append(f"{moved} units done before moved to other shard numbers: their files renamed, "
+        summary.notes.append(f"{len(moved)} units done before moved to other shard numbers: their files renamed, "
                              "not written again")
     if lost:
         summary.notes.append(f"{lost} units done before were written again: files they wrote were gone from {out}")
@@ -522,6 +525,13 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
         return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
     finally:
         os.remove(check)
+
+
+def remove_out_check(out: str) -> None:
+    """The check file (run_units) of an export killed while its units ran: it is removed as they
+    end, so a killed run left it beside the shards, and a later run with nothing to run kept it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, OUT_CHECK))
 
 
 def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int:

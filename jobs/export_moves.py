@@ -28,16 +28,16 @@ NUMBERED = re.compile(r"^(webdataset/shard|parquet/train)-(\d{6})\.(tar|parquet)
 NAMERS = {"webdataset/shard": shard_name, "parquet/train": parquet_name}
 
 
-def move_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> int:
+def move_units(cfg: Config, ws: Workspace, out: str, units: list[dict], done: dict[str, dict]) -> list[str]:
     """Rename the files of the done `units` planned at another offset than they were written at,
-    rewrite their manifest rows, commit them again and update `done`. Returns how many moved."""
+    rewrite their manifest rows, commit them again and update `done`. Returns the ids of those moved."""
     moves = planned_moves(units, done)
     if moves:
         begin_moves(ws, out, moves)
         rename_files(out, moves)
         run_in_worker(cfg, ws, rewrite_manifests, {m["unit"]: m["by"] for m in moves})
         commit_moves(ws, moves, done)
-    return len(moves)
+    return [m["unit"] for m in moves]
 
 
 def planned_moves(units: list[dict], done: dict[str, dict]) -> list[dict]:

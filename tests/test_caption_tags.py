@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from jobs import caption
@@ -169,6 +170,45 @@ def test_a_second_run_of_curate_and_caption_changes_nothing(ray_local, workspace
     summary = caption.run(config, workspace)
     assert tables() == first
     assert summary.units_done == 0
+
+
+def test_tags_from_text_turned_off_drops_the_tags_an_earlier_run_took(ray_local, workspace, config, tmp_path):
+    """caption.tags_from_text on, then off: the tags taken from p/1's prompt stayed its source and
+    curated tags, and so its captions and KEY.txt, where a workspace that never had the option on
+    has none. They go, and curate runs again: the tables are those of that workspace."""
+    from jobs import curate
+    from store.workspace import Workspace
+
+    def fill(ws: Workspace) -> None:
+        ws.add_part("images", "u", [
+            {"key": k, "source": "s.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64,
+             "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": k, "phash": i * 0xFFFF}
+            for i, k in enumerate(("a/1", "p/1"))])
+        ws.add_part("source_tags", "u", [{"key": "a/1", "tag": t, "category": "general", "origin": "txt",
+                                          "position": i} for i, t in enumerate(("1girl", "blue_hair", "smile"))])
+        ws.add_part("source_text", "u", [{"key": "p/1", "kind": "sd_prompt", "text": "1girl, blue hair, smile"}])
+
+    def tables(ws: Workspace) -> dict[str, list]:
+        con = ws.connect()
+        captions = "select key, caption, backend, attempt, accepted from captions order by all"
+        return {t: con.execute(f"select * from {t} order by all").fetchall() for t in ("source_tags", "tags")} | {
+            "captions": con.execute(captions).fetchall()}
+
+    def run(ws: Workspace, on: bool) -> None:
+        cfg = copy.deepcopy(config)
+        merge(cfg, {"caption": {"tags_from_text": on, "text_tags_min_similarity": 0.0, "related_tags": False}})
+        curate.run(cfg, ws)
+        caption.run(cfg, ws)
+
+    fill(workspace)
+    run(workspace, True)
+    assert "p/1" in {row[0] for row in tables(workspace)["tags"]}  # its tags from its prompt
+    run(workspace, False)
+    fresh = Workspace(str(tmp_path / "fresh"))
+    fill(fresh)
+    run(fresh, False)
+    assert tables(workspace) == tables(fresh)
+    assert "p/1" not in {row[0] for row in tables(workspace)["tags"]}
 
 
 def test_related_tags_read_the_impossible_combinations_through_the_aliases(ray_local, workspace, config, tmp_path):

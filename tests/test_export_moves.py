@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -95,3 +96,41 @@ def test_a_move_killed_between_its_passes_ends_as_an_export_into_an_empty_folder
     assert folder_files(out) == folder_files(fresh)
     assert manifest_rows(out) == manifest_rows(fresh)
 
+
+
+def test_the_check_file_a_killed_export_left_goes_at_the_next_export(tmp_path_factory, ray_local):
+    """The driver writes .booruset-export-check in the export folder while its units run and
+    removes it as they end: a SIGKILL then left it there (found after a run killed mid-export),
+    and every later export with nothing to run kept it beside the shards, unlike a fresh export."""
+    from jobs import export
+    from store.workspace import Workspace
+    from udfs.export.export_shard import OUT_CHECK
+
+    path = prepared_workspace(tmp_path_factory)
+    ws, out = Workspace(str(path)), path / "export"
+    export.run(base_config(path), ws)
+    (out / OUT_CHECK).write_text("a token of the killed run")  # what the kill leaves
+    again = export.run(base_config(path), ws)
+    assert again.units_done == 0
+    assert not (out / OUT_CHECK).exists()
+
+
+def test_a_moved_unit_whose_files_were_deleted_counts_as_written_again_not_moved(tmp_path_factory, ray_local):
+    """A unit that moved and had files deleted by hand is written again (forget_lost_units): the
+    summary said "6 units done before moved ...: renamed, not written again" and "2 units done
+    before were written again" of the same run, with 4 units skipped."""
+    from jobs import export
+    from store.workspace import Workspace, sql_string
+
+    path = prepared_workspace(tmp_path_factory)
+    ws, out = Workspace(str(path)), path / "export"
+    export.run(base_config(path, *OPTIONS), ws)
+    (out / "webdataset" / "shard-000005.tar").unlink()
+    (out / "parquet" / "train-000002.parquet").unlink()
+    cfg = base_config(path, *OPTIONS, f"export.where={json.dumps('key <> ' + sql_string(first_key(out)))}")
+    summary = export.run(cfg, ws)
+    notes = " | ".join(summary.notes)
+    renamed = re.search(r"(\d+) units done before moved", notes)
+    assert renamed and "were written again" in notes, notes
+    assert 0 < int(renamed.group(1)) <= summary.units_skipped, notes  # renamed units are among those kept
+    assert folder_files(out) == folder_files(fresh_export(cfg, ws, path / "fresh"))
