@@ -65,6 +65,9 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
     if INGEST in ws.holds():
         raise WorkspaceError("an ingest that was replacing units did not end: run ingest to its end first")
     markers = {uid: m for uid, m in ws.done_units(INGEST).items() if m.get("input") == input_id}
+    if markers and all(m.get("forgotten") for m in markers.values()):  # it said "forgot b: 0 images of 3 units"
+        print(f"inputs: {input_id} is forgotten already: nothing to do", flush=True)
+        return 0
     images = sum(int(m.get("images", 0)) for m in markers.values() if not m.get("retired"))
     annotated = ws.done_units(ANNOTATE)
     for uid in markers:

@@ -96,3 +96,5 @@ def test_forgetting_an_unknown_input_is_one_line_and_a_named_one_says_so(two_inp
     assert "no input 'c' in this workspace (its inputs: a, b;" in capsys.readouterr().err
     assert main(["inputs", "-w", str(ws.root), "--forget", "b", "--set", f'ingest.inputs=["{a}", "{b}"]']) == 0
     assert f"inputs: ingest.inputs still names {b}: the next ingest reads it again" in capsys.readouterr().out
+    assert main(["inputs", "-w", str(ws.root), "--forget", "b"]) == 0  # again: it printed "forgot b: 0 images"
+    assert capsys.readouterr().out.strip() == "inputs: b is forgotten already: nothing to do"
