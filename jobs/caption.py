@@ -178,9 +178,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     elif drop_text_tags(ws) and curated_other_text_tags(cfg, ws):
         summary.notes.append("caption.tags_from_text is off: the tags an earlier run took from texts are gone")
         curate_again(cfg, ws, summary)
-    units = planned_units(cfg, ws, opts)
+    done = finished_units(ws)  # one read of the markers (a stale one among them is never looked up)
+    units = planned_units(cfg, ws, opts, done)
     remove_stale(ws, {u["unit"] for u in units})
-    done = finished_units(ws)
     pending = [u for u in units if u["unit"] not in done]
     if pending:  # the names a caption may make up are looked for among the dataset's characters (a scan)
         opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
@@ -358,13 +358,12 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     return units
 
 
-def planned_units(cfg: Config, ws: Workspace, opts: dict) -> list[dict]:
+def planned_units(cfg: Config, ws: Workspace, opts: dict, done: dict[str, dict]) -> list[dict]:
     """This run's units: stage_inputs' in a worker, or the last run's when nothing they are made of
-    changed (plan_fingerprint) and every one of them is done. Staging reads every image's inputs
+    changed (plan_fingerprint) and every one of them is `done`. Staging reads every image's inputs
     to find that out (41 s at 8,000 images): a rerun with nothing to do need not."""
     stamp = plan_fingerprint(cfg, ws, opts)
     last = ws.read_json(PLAN_STATE) or {}
-    done = finished_units(ws)
     if last.get("fingerprint") == stamp and all(u["unit"] in done for u in last["units"]):
         print("caption: nothing the captions are made of changed since the last run: inputs not staged again",
               flush=True)

@@ -524,7 +524,7 @@ def run_units(cfg: Config, ws: Workspace, out: str, units: list[dict]) -> list[d
         progress = Progress(JOB, sum(u["samples"] for u in units), units=len(units))
         return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
     finally:
-        os.remove(check)
+        remove_out_check(out)
 
 
 def remove_out_check(out: str) -> None:
