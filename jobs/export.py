@@ -441,13 +441,33 @@ def overlapping(chunks: list[dict], first_key: str, last_key: str) -> list[str]:
 
 
 def check_where(query: str, where: str) -> None:
-    """ConfigError unless `query`, the selection with the user's `where`, parses as one SELECT."""
+    """ConfigError unless `query`, the selection with the user's `where`, parses as one SELECT,
+    and `where` closes no parenthesis it did not open."""
+    if not parentheses_balanced(where):
+        # `true) or (true` parses, as `(key range and true) or true`: every key range's staging
+        # (and review's paging) would select every image
+        raise ConfigError(f"export.where {where!r} must be one condition: its parentheses do not pair up")
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:  # its first line: the rest is an excerpt of the wrapped query, with a caret
         raise ConfigError(f"export.where {where!r} is not a SQL condition: {str(exc).splitlines()[0]}") from exc
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise ConfigError(f"export.where {where!r} must be one condition (it ran as more than one statement)")
+
+
+def parentheses_balanced(where: str) -> bool:
+    """Whether `where`'s parentheses (not those in its strings and comments: DuckDB's own
+    tokenizer tells them apart) each close one it opened, and all are closed."""
+    tokens = duckdb.tokenize(where)
+    ends = [start for start, _ in tokens[1:]] + [len(where)]
+    depth = 0
+    for (start, kind), end in zip(tokens, ends, strict=True):
+        if kind == duckdb.token_type.operator:
+            token = where[start:end].strip()
+            depth += (token == "(") - (token == ")")
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 def bind_where(opts: dict, where: str) -> None:

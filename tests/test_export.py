@@ -304,6 +304,20 @@ def test_where_filters_the_selection_and_must_be_one_condition(tmp_path_factory,
     assert ws.read_table("images").num_rows == 24
 
 
+@pytest.mark.parametrize("where", ["true) or (true", "(rating = 'general')) or ((true"])
+def test_a_where_that_closes_a_parenthesis_it_did_not_open_is_refused_before_any_job(where):
+    """It parses, wrapped as `key in range and (<where>)`, as `(key in range and true) or true`:
+    each key range staged every image (an export of more than one range repeated them all)."""
+    from jobs.config import ConfigError, load_config
+    from jobs.export import bind_where
+
+    opts = load_config(None, [])["export"]
+    with pytest.raises(ConfigError, match="parentheses do not pair up"):
+        bind_where(opts, where)
+    for fine in ("caption like '%)%' or (rating = 'general')", "key in (select key from images) /* ) */"):
+        bind_where(opts, fine)
+
+
 def test_a_narrower_selection_deletes_the_files_of_the_images_it_leaves_out(tmp_path_factory, tmp_path, ray_local):
     """kohya and EveryDream files per image are named by the manifest, not by the unit markers
     (which stay small at any unit size): an export whose selection lost images deletes their
