@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import ray
 
-from jobs.config import REPO, Config
+from jobs.config import REPO, Config, ConfigError
 from jobs.errors import stop_on_sigterm, stopped_by_sigterm
 
 T = TypeVar("T")
@@ -70,6 +71,8 @@ def init_ray(cfg: Config) -> None:
             # what workers print (curate's progress) comes with a coloured "(pid=...)" prefix:
             # escape codes in a log file or a pipe
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        if not local_ray(cfg):
+            check_reachable(address or os.environ["RAY_ADDRESS"])
         # joining a cluster (ray.address, RAY_ADDRESS): its auth is left as the cluster has it
         try:
             ray.init(address=address, **kwargs)
@@ -79,6 +82,24 @@ def init_ray(cfg: Config) -> None:
             stopped_by_sigterm()
         stop_on_sigterm()  # after ray.init, which sets its own handler
     quiet_ray_data()
+
+
+REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str) -> None:
+    """ConfigError unless something answers at the cluster's host:port: ray.init retries an
+    address nothing listens on (a typo, a head that is down) for minutes before it fails."""
+    if address in ("auto", "local") or ":" not in address:
+        return  # Ray finds these itself (auto: the cluster `ray start` left on this machine)
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():
+        return  # not host:port: Ray says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"ray.address {address!r}: nothing answers there ({exc.strerror or exc}); is the "
+                          "cluster up? (`ray status` on its head node)") from None
 
 
 def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any) -> Any:

@@ -959,3 +959,26 @@ def test_sigterm_while_ray_starts_stops_the_job_the_same_way(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, done.stdout[-2000:] + done.stderr[-2000:]
     assert "booruset: terminated (SIGTERM)" in done.stderr
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_in_seconds(tmp_path):
+    """ray.init retried an address nothing listens on (a typo, a head that is down) for minutes,
+    printing GCS warnings, before a traceback. In a process of its own: the test session's Ray is
+    up in this one, and a job joins it without asking."""
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "ingest", "-w", str(tmp_path / "ws"), "-i", str(folder),
+                           "--set", f'ray.address="127.0.0.1:{port}"'], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"ray.address '127.0.0.1:{port}': nothing answers there" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and time.monotonic() - started < 60
