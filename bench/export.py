@@ -8,7 +8,8 @@ the source tags), then, alternating the sides `--repeats` times (median reported
     against a plain loop writing exactly the exported members (read back from the export's own
     shards, held in memory) into tar files with the same cuts, with Python's tarfile; the job's
     Ray stage (the tasks that read and write the shards) is also reported alone, against the same
-    loop, since the rest of the job is a fixed cost that does not grow with the images;
+    loop, with the seconds of the job's other steps: the selection (a worker's SQL), the plan (a
+    task per unit, ~50 us an image) and the rest (publishes, manifest, wids index);
   - `booruset export` with export.max_size (default 1024: decode, resize, encode) per core against
     one process doing the same decode -> resize -> encode (udfs/export/resize.resize_image) of the
     same images and writing the tar files;
@@ -81,32 +82,41 @@ def plain_tar_rate(members: list[list[tuple[str, bytes]]], folder: Path) -> tupl
 ORIGINAL_GOAL, RESIZED_GOAL, CODEC_GOAL = 0.8, 0.8, 1.5
 
 
-def export_rate(cfg: dict, ws: Workspace, out: Path, max_size: int) -> tuple[float, float, list[Path]]:
-    """(MB/s written by the whole job, MB/s of its Ray stage alone, the shards) of one export into a
-    fresh folder (new unit ids: nothing is reused). The Ray stage (export.run_units: the tasks that
-    read the inputs and write the shards) is timed apart from the job's fixed costs (selection,
-    plan, publishes, manifest), which do not grow with the images."""
+PARTS = {"run_in_worker": "selection", "plan_units": "plan", "run_units": "stage"}  # export's steps timed apart
+
+
+def export_rate(cfg: dict, ws: Workspace, out: Path, max_size: int) -> tuple[float, dict[str, float], list[Path]]:
+    """(MB/s written by the whole job, seconds of each of its PARTS and of the rest, the shards) of
+    one export into a fresh folder (new unit ids: nothing is reused). The Ray stage
+    (export.run_units: the tasks that read the inputs and write the shards) is timed apart from
+    the selection (a worker's SQL), the plan (a task per unit) and the rest (publishes, manifest,
+    wids index)."""
     cfg = merged(cfg, {"export": {"out": str(out), "max_size": max_size}})
-    stage: list[float] = []
-    run_units = export.run_units
+    seconds = dict.fromkeys([*PARTS.values(), "rest"], 0.0)
+    originals = {name: getattr(export, name) for name in PARTS}
 
-    def timed_units(*args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return run_units(*args, **kwargs)
-        finally:
-            stage.append(time.perf_counter() - began)
+    def timed(name: str):
+        def run(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                seconds[PARTS[name]] += time.perf_counter() - began
+        return run
 
-    export.run_units = timed_units
+    for name in PARTS:
+        setattr(export, name, timed(name))
     try:
         started = time.perf_counter()
         export.run(cfg, ws)
-        seconds = time.perf_counter() - started
+        total = time.perf_counter() - started
     finally:
-        export.run_units = run_units
+        for name, original in originals.items():
+            setattr(export, name, original)
+    seconds["rest"] = total - sum(seconds.values())
     shards = sorted((out / "webdataset").glob("shard-*.tar"))
     size = sum(p.stat().st_size for p in shards) / 1e6
-    return size / seconds, size / sum(stage), shards
+    return size / total, seconds | {"MB": size}, shards
 
 
 def merged(cfg: dict, changes: dict) -> dict:
@@ -186,6 +196,7 @@ def main() -> None:
         args.images, args.codec_images = 600, 50
     sides = ("original", "stage", "tar", "resized", "loop", "new", "old")
     figures: dict[str, list[float]] = {name: [] for name in sides}
+    split: dict[str, list[float]] = {name: [] for name in ("selection", "plan", "stage", "rest")}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = cached_shards(args.images, args.per_shard, args.seed)[0]
         cfg = load_config(None, [f'workspace.path="{tmp}/ws"', f'ingest.inputs=["{inputs}"]',
@@ -196,9 +207,11 @@ def main() -> None:
         ingest.run(cfg, ws)
         jobs = resize_jobs(ws, args.max_size)
         for run in range(args.repeats):  # alternated, so that a busy moment hits both sides
-            rate, stage, shards = export_rate(cfg, ws, Path(tmp) / f"original{run}", 0)
+            rate, parts, shards = export_rate(cfg, ws, Path(tmp) / f"original{run}", 0)
             figures["original"].append(rate)
-            figures["stage"].append(stage)
+            figures["stage"].append(parts["MB"] / parts["stage"])
+            for name in ("selection", "plan", "stage", "rest"):
+                split[name].append(parts[name])
             figures["tar"].append(plain_tar_rate(exported_members(shards), Path(tmp) / f"plain{run}")[0])
             figures["resized"].append(export_rate(cfg, ws, Path(tmp) / f"resized{run}", args.max_size)[0])
             figures["loop"].append(same_loop_rate(jobs, Path(tmp) / f"loop{run}", args.max_count))
@@ -213,7 +226,8 @@ def main() -> None:
           f"(bytes in memory, 1 process): {median['tar']:.1f} MB/s")
     print(f"export, original bytes, its Ray stage alone (tasks reading the input shards and writing the "
           f"shards): {median['stage']:.1f} MB/s, {median['stage'] / median['tar']:.2f} x the plain tar write; "
-          f"the rest of the job is fixed costs (selection, plan, publishes, manifest)")
+          f"the rest of the job: " + ", ".join(f"{name} {statistics.median(v):.3f} s" for name, v in split.items()
+                                                if name != "stage"))
     print(f"export, resized: {median['resized']:.1f} MB/s ({median['resized'] / cores:.1f} per core); "
           f"the same decode -> resize -> encode (or copy) + tar in 1 process: {median['loop']:.1f} MB/s")
     codec = min(resized, args.codec_images or resized)
