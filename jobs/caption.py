@@ -510,7 +510,8 @@ def related_fingerprint(cfg: Config, ws: Workspace) -> str:
     opts, curate_opts = cfg["caption"], cfg["curate"]
     return fingerprint(ws, RELATED_TABLES, code=code_digest(RELATED_CODE), imgutils=version("dghs-imgutils"),
                        options={k: v for k, v in opts.items() if k.startswith("related_")},
-                       files={k: file_stamps(str(curate_opts[k])) for k in ("tag_list", "rules_dir") if curate_opts[k]})
+                       files={k: file_stamps(path)
+                              for k, path in tag_rules.lookup_paths(curate_opts, ("tag_list", "rules_dir")).items()})
 
 
 def build_related_tags(cfg: Config, ws: Workspace) -> int:

@@ -96,11 +96,11 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict, gone: list[str]) -> str:
     """A digest of what a build reads (store/stamps.py): the published parts of its input tables,
-    its options, the lookup files they name, imgutils' version (its tag data), curate's code and
-    the inputs that are `gone`."""
+    its options, the lookup files they name (data/rules/ where they name none), imgutils' version (its
+    tag data), curate's code and the inputs that are `gone`."""
+    files = {name: file_stamps(path) for name, path in tag_rules.lookup_paths(opts, FILE_OPTIONS).items()}
     return fingerprint(ws, INPUTS, options=opts, ccip=ccip, imgutils=version("dghs-imgutils"), code=code_digest(CODE),
-                       files={name: file_stamps(str(opts[name])) for name in FILE_OPTIONS if opts.get(name)},
-                       gone=gone)
+                       files=files, gone=gone)
 
 
 def unchanged_summary(last: dict, started: float) -> JobSummary:

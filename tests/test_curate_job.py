@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 from curate_data import curate_config, face_row, image_rows, source_rows
 from kill_mid_run import booruset
 
-from jobs import curate
+from jobs import caption, curate
 from store.workspace import Workspace
+from udfs.curate import tag_rules
 
 
 def _workspace_with(ws, tag: str):
@@ -104,6 +106,26 @@ def test_a_rerun_with_nothing_changed_keeps_the_tables_and_any_change_builds_aga
     assert built(curate_config(workspace, phash_distance=2, blacklist=str(blacklist)))
     tags = {r["tag"] for r in workspace.read_table("tags").to_pylist()}
     assert "smile" not in tags and "frown" not in tags
+
+
+def test_an_edit_of_the_bundled_rules_builds_again(workspace, tmp_path, monkeypatch):
+    """With curate.rules_dir and curate.blacklist "" (the defaults) a build reads data/rules/: a
+    person's edit of its blacklist.txt (or a new version's aliases.csv) left the tags as they were,
+    curate saying "nothing curate reads changed"; the related tags, which read its rules, too."""
+    rules = tmp_path / "rules"
+    shutil.copytree(tag_rules.RULES_DIR, rules)
+    monkeypatch.setattr(tag_rules, "RULES_DIR", rules)
+    _workspace_with(workspace, "smile")
+    cfg = curate_config(workspace)
+    assert curate.run(cfg, workspace).units_done == 1
+    assert curate.run(cfg, workspace).units_skipped == 1
+    with (rules / "blacklist.txt").open("a", encoding="utf-8") as f:
+        f.write("smile\n")
+    assert curate.run(cfg, workspace).units_done == 1
+    related = caption.related_fingerprint(cfg, workspace)
+    with (rules / "impossible_tags.csv").open("a", encoding="utf-8") as f:
+        f.write("solo,3girls,score\n")
+    assert caption.related_fingerprint(cfg, workspace) != related
 
 
 def _published(ws) -> set[str]:
