@@ -50,8 +50,10 @@ OWNER = "curate"  # the owner of curate's parts in the published generation
 TEXT_TAGS_STATE = "state/curate-text-tags.json"
 # What the last published build read (inputs_fingerprint) and its summary's counts
 BUILT_STATE = "state/curate-built.json"
-# Options that name lookup files or folders: their contents are part of what a build reads
-FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights")
+# Options that name lookup files or folders (and the CCIP metric model): their contents are part
+# of what a build reads
+FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights",
+                "ccip_metric_model")
 # The code of a build: a new version of any of it builds again
 CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
         Path(__file__).resolve().parent / "balance.py"]
