@@ -54,6 +54,11 @@ BUILT_STATE = "state/curate-built.json"
 # of what a build reads
 FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights",
                 "ccip_metric_model")
+# Options that say how a build runs, not what it writes: changed, the tables are kept
+RUN_OPTIONS = ("memory_limit", "threads")
+# annotate.ccip's options that embed a folder of reference images (curate.references); its batch
+# sizes, actors and threads say how annotate runs
+CCIP_OPTIONS = ("repo", "file", "revision", "size", "models_dir")
 # The code of a build: a new version of any of it builds again
 CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
         Path(__file__).resolve().parent / "balance.py"]
@@ -98,11 +103,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict, gone: list[str]) -> str:
     """A digest of what a build reads (store/stamps.py): the published parts of its input tables,
-    its options, the lookup files they name (data/rules/ where they name none), imgutils' version (its
+    its options (but RUN_OPTIONS), the lookup files they name (data/rules/ where they name none), imgutils' version (its
     tag data), curate's code and the inputs that are `gone`."""
     files = {name: file_stamps(path) for name, path in tag_rules.lookup_paths(opts, FILE_OPTIONS).items()}
-    return fingerprint(ws, INPUTS, options=opts, ccip=ccip, imgutils=version("dghs-imgutils"), code=code_digest(CODE),
-                       files=files, gone=gone)
+    options = {k: v for k, v in opts.items() if k not in RUN_OPTIONS}
+    ccip = {k: ccip.get(k) for k in CCIP_OPTIONS} if opts.get("references") else {}  # else none is read
+    return fingerprint(ws, INPUTS, options=options, ccip=ccip, imgutils=version("dghs-imgutils"),
+                       code=code_digest(CODE), files=files, gone=gone)
 
 
 def unchanged_summary(last: dict, started: float) -> JobSummary:
