@@ -104,7 +104,8 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
     crops, 2x2 regions), so that turning those on or changing them reruns the units; then the
     options that change its rows where they are not the defaults (`@min_size=32`, and the decode's
     draft_size), so that changing them reruns it too. Models run with the defaults keep the
-    identity they had before options were part of it."""
+    identity they had before options were part of it, and the tagger with its own label file the
+    identity it had before the label file was part of it."""
     identity = spec["model"]
     if name == "tagger":
         crops = "person" in opts["models"] and bool(spec["person_crops"])
@@ -113,9 +114,19 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
         identity = f"{identity}+{cut}+{regions}"
     defaults = default_config()[JOB]
     changed = [f"{key}={spec[key]}" for key in ROW_OPTIONS[name] if spec[key] != defaults[name][key]]
+    if name == "tagger" and not own_labels(spec):  # they name its scores: another file renames them
+        changed.append(f"labels={spec['labels_repo']}/{spec['labels_file']}")
     if opts["draft_size"] != defaults["draft_size"]:
         changed.append(f"draft_size={opts['draft_size']}")
     return f"{identity}@{','.join(changed)}" if changed else identity
+
+
+def own_labels(spec: dict) -> bool:
+    """Whether the tagger reads its model's own label file: selected_tags.csv of the repository its
+    model's folder names (deepghs' exports of SmilingWolf's taggers), or of the model's repository.
+    Only another one is part of its identity: units tagged with the own file keep theirs."""
+    return spec["labels_file"] == "selected_tags.csv" and spec["labels_repo"] in (posixpath.dirname(spec["file"]),
+                                                                                   spec["repo"])
 
 
 def model_input(name: str, spec: dict) -> list:

@@ -25,7 +25,7 @@ from importlib.metadata import version
 
 import ray
 
-from jobs.config import REPO, Config, ConfigError
+from jobs.config import REPO, Config, ConfigError, default_config
 from jobs.ray_env import Progress, collect_units, init_ray, local_ray, run_in_worker
 from jobs.summary import JobSummary
 from schemas import TABLES
@@ -71,6 +71,13 @@ UNIT_OPTIONS = ("backend", "template_style", "seed", "max_attempts", "target", "
 # alone (sql/caption_units.sql), so that turning it on or off redoes only their units.
 # Options that shape the region captions only: no new units for them while caption.regions is off.
 REGION_OPTIONS = ("region_prompt", "region_overlap")
+# Unit options read only by one backend, by routing or by the rewriter (unread_options)
+OPENAI_OPTIONS = ("model", "base_url", "route_base_url", "route_model", "route_ratings")
+VLLM_OPTIONS = ("vllm_model", "vllm_url")
+VLM_OPTIONS = ("send_images", "max_tokens", "temperature", "image_max_side")
+ROUTE_OPTIONS = ("route_model", "route_ratings")
+REWRITE_OPTIONS = ("rewrite_model", "rewrite_base_url", "rewrite_max_tokens", "rewrite_tolerance",
+                   "rewrite_keep_categories")
 REWRITERS = ("", "openai", "vllm")
 OWN_CAPTIONS = ("score", "ignore")
 # The last staging's fingerprint and units (planned_units)
@@ -335,8 +342,7 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     A unit's id hashes its rows' values and the options that shape its output, so new tags or
     other options make a new unit instead of reusing stale captions.
     """
-    shaping_options = UNIT_OPTIONS + (REGION_OPTIONS if opts["regions"] else ())
-    shaping = json.dumps({k: opts.get(k) for k in shaping_options}, sort_keys=True, default=str)
+    shaping = unit_shaping(opts)
     con = ws.connect()
     try:
         for name in EVIDENCE_OPTIONS:
@@ -356,6 +362,35 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         units.append({"unit": unit_id(f"caption-{unit['first']['key']}", digest.hexdigest()), "path": unit["path"],
                       "rows": unit["rows"]})
     return units
+
+
+def unit_shaping(opts: dict) -> str:
+    """The options a unit's id hashes: UNIT_OPTIONS (and REGION_OPTIONS with caption.regions), those
+    this run does not read (unread_options) at their defaults, so that the ids stay those of a run
+    with the defaults: an openai run asked every image again (and paid for it) after caption.vllm_model
+    changed, a vllm run recaptioned every image on the GPUs after caption.model did."""
+    defaults = caption_options(default_config())
+    unread = unread_options(opts)
+    names = UNIT_OPTIONS + (REGION_OPTIONS if opts["regions"] else ())
+    return json.dumps({k: defaults.get(k) if k in unread else opts.get(k) for k in names}, sort_keys=True, default=str)
+
+
+def unread_options(opts: dict) -> set[str]:
+    """The unit options that the backend, the routing and the rewriter of `opts` do not read."""
+    unread: set[str] = set()
+    if opts["backend"] != "openai":
+        unread.update(OPENAI_OPTIONS)
+    if opts["backend"] != "vllm":
+        unread.update(VLLM_OPTIONS)
+    if opts["backend"] == "template":  # no model asked (the prompt still tells a rewrite's echo)
+        unread.update(VLM_OPTIONS + (() if opts["rewrite"] else ("prompt",)))
+    if not opts["route_base_url"]:
+        unread.update(ROUTE_OPTIONS)
+    if not opts["rewrite"]:
+        unread.update(REWRITE_OPTIONS)
+    elif opts["rewrite"] == "vllm" and not opts["vllm_url"]:  # an engine of rewrite_model, no server
+        unread.add("rewrite_base_url")
+    return unread
 
 
 def planned_units(cfg: Config, ws: Workspace, opts: dict, done: dict[str, dict]) -> list[dict]:
@@ -510,7 +545,8 @@ def related_fingerprint(cfg: Config, ws: Workspace) -> str:
     opts, curate_opts = cfg["caption"], cfg["curate"]
     return fingerprint(ws, RELATED_TABLES, code=code_digest(RELATED_CODE), imgutils=version("dghs-imgutils"),
                        options={k: v for k, v in opts.items() if k.startswith("related_")},
-                       files={k: file_stamps(str(curate_opts[k])) for k in ("tag_list", "rules_dir") if curate_opts[k]})
+                       files={k: file_stamps(path)
+                              for k, path in tag_rules.lookup_paths(curate_opts, ("tag_list", "rules_dir")).items()})
 
 
 def build_related_tags(cfg: Config, ws: Workspace) -> int:

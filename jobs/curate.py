@@ -50,8 +50,15 @@ OWNER = "curate"  # the owner of curate's parts in the published generation
 TEXT_TAGS_STATE = "state/curate-text-tags.json"
 # What the last published build read (inputs_fingerprint) and its summary's counts
 BUILT_STATE = "state/curate-built.json"
-# Options that name lookup files or folders: their contents are part of what a build reads
-FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights")
+# Options that name lookup files or folders (and the CCIP metric model): their contents are part
+# of what a build reads
+FILE_OPTIONS = ("tag_list", "rules_dir", "blacklist", "overlap_tags", "character_tags", "references", "weights",
+                "ccip_metric_model")
+# Options that say how a build runs, not what it writes: changed, the tables are kept
+RUN_OPTIONS = ("memory_limit", "threads")
+# annotate.ccip's options that embed a folder of reference images (curate.references); its batch
+# sizes, actors and threads say how annotate runs
+CCIP_OPTIONS = ("repo", "file", "revision", "size", "models_dir")
 # The code of a build: a new version of any of it builds again
 CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
         Path(__file__).resolve().parent / "balance.py"]
@@ -96,11 +103,13 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 def inputs_fingerprint(ws: Workspace, opts: dict, ccip: dict, gone: list[str]) -> str:
     """A digest of what a build reads (store/stamps.py): the published parts of its input tables,
-    its options, the lookup files they name, imgutils' version (its tag data), curate's code and
-    the inputs that are `gone`."""
-    return fingerprint(ws, INPUTS, options=opts, ccip=ccip, imgutils=version("dghs-imgutils"), code=code_digest(CODE),
-                       files={name: file_stamps(str(opts[name])) for name in FILE_OPTIONS if opts.get(name)},
-                       gone=gone)
+    its options (but RUN_OPTIONS), the lookup files they name (data/rules/ where they name none), imgutils' version (its
+    tag data), curate's code and the inputs that are `gone`."""
+    files = {name: file_stamps(path) for name, path in tag_rules.lookup_paths(opts, FILE_OPTIONS).items()}
+    options = {k: v for k, v in opts.items() if k not in RUN_OPTIONS}
+    ccip = {k: ccip.get(k) for k in CCIP_OPTIONS} if opts.get("references") else {}  # else none is read
+    return fingerprint(ws, INPUTS, options=options, ccip=ccip, imgutils=version("dghs-imgutils"),
+                       code=code_digest(CODE), files=files, gone=gone)
 
 
 def unchanged_summary(last: dict, started: float) -> JobSummary:

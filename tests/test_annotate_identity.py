@@ -297,3 +297,41 @@ def test_a_crop_failed_row_stays_while_the_crops_it_explains_stay():
     pipeline.commit("u", defaultdict(set), {"images": 1, "rows": {}, "error_kinds": {}, "by_model": {}})
     assert committed["parts"].get("errors") == previous["parts"]["errors"]
     assert committed["info"]["error_kinds"] == {"crop_failed": 1}
+
+
+def test_another_label_file_tags_again(tmp_path):
+    """The tagger's scores are named by its label file (annotate.tagger.labels_file): another one
+    of the same length (tags renamed) left every unit as done, tag_scores keeping the old names
+    while curate read categories from the new file. Now the tagger runs again, its rows those of
+    one run with the new file; back to the model's own file, the first rows again."""
+    from tests.onnx_fakes import LABELS_REPO, tagger_model
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(2):
+        (folder / name).write_bytes(data)
+    models = tmp_path / "models"
+    tagger_model(models / "deepghs/wd14_tagger_with_embeddings/SmilingWolf/wd-swinv2-tagger-v3/model.onnx", 6)
+    names = ["general", "sensitive", "1girl", "solo", "smile", "hat"]
+    for file, prefix in (("selected_tags.csv", ""), ("renamed_tags.csv", "new_")):
+        rows = [f"{i},{n if i < 2 else prefix + n},{9 if i < 2 else 0},10" for i, n in enumerate(names)]
+        (models / LABELS_REPO).mkdir(parents=True, exist_ok=True)
+        (models / LABELS_REPO / file).write_text("tag_id,name,category,count\n" + "\n".join(rows) + "\n")
+
+    def run(ws_path, *overrides: str):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 'annotate.models=["tagger"]', f'annotate.models_dir="{models}"',
+                                 "annotate.tagger.score_floor=0.0", *overrides])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        summary = annotate.run(cfg, ws)
+        return summary, ws.connect().execute("select key, crop, tag, category, score from tag_scores "
+                                             "order by all").fetchall()
+
+    renamed = 'annotate.tagger.labels_file="renamed_tags.csv"'
+    _, first = run(tmp_path / "ws")
+    again, rows = run(tmp_path / "ws", renamed)
+    assert again.units_done == 1
+    assert rows == run(tmp_path / "fresh", renamed)[1] and {r[2] for r in rows} >= {"new_1girl", "new_hat"}
+    back, rows = run(tmp_path / "ws")
+    assert back.units_done == 1 and rows == first

@@ -155,9 +155,38 @@ def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, conf
         return {u["unit"] for u in caption.stage_inputs(workspace, caption.caption_options(cfg), cfg["curate"])}
 
     before = unit_ids()
-    for option, value in (("rewrite_max_tokens", 50), ("vllm_url", "http://gpu-node:8000/v1"), ("max_tokens", 100)):
-        assert not unit_ids(**{option: value}) & before, option
+    for option, value, backend in (("rewrite_max_tokens", 50, {"rewrite": "openai"}),
+                                   ("vllm_url", "http://gpu-node:8000/v1", {"backend": "vllm"}),
+                                   ("max_tokens", 100, {"backend": "openai"})):
+        assert not unit_ids(**backend, **{option: value}) & unit_ids(**backend), option
     assert unit_ids(concurrency=7, timeout_s=5.0, max_retries=1, vllm_batch_size=4) == before
+
+
+def test_an_option_the_backend_does_not_read_is_not_part_of_a_units_id(ray_local, workspace, config):
+    """An openai run asked every image again (paid for each request) after caption.vllm_model or
+    the rewriter's model changed with the rewriter off; a vllm run recaptioned every image on its
+    GPUs after caption.model (the openai backend's) did. The options a run does not read keep its
+    units; those it reads still make new ones."""
+    write_inputs(workspace)
+
+    def unit_ids(**options) -> set[str]:
+        cfg = configure(copy.deepcopy(config), **options)
+        return {u["unit"] for u in caption.stage_inputs(workspace, caption.caption_options(cfg), cfg["curate"])}
+
+    others = {"vllm_model": "other/vlm", "vllm_url": "http://gpu-node:8000/v1", "rewrite_model": "other/llm",
+              "rewrite_max_tokens": 50, "route_model": "other/nsfw", "route_ratings": ["explicit"]}
+    assert unit_ids(backend="openai", **others) == unit_ids(backend="openai")
+    assert not unit_ids(backend="openai", model="other/vlm") & unit_ids(backend="openai")
+    assert unit_ids(backend="vllm", model="other/vlm", base_url="http://other:8000/v1") == unit_ids(backend="vllm")
+    assert unit_ids(backend="vllm", rewrite="vllm", rewrite_base_url="http://other:8000/v1") == unit_ids(
+        backend="vllm", rewrite="vllm")
+    # the template asks no model: a run with another endpoint's options keeps its captions
+    first = caption.run(configure(config), workspace)
+    rows = sorted(map(str, workspace.read_table("captions").to_pylist()))
+    again = caption.run(configure(config, model="other/vlm", temperature=0.1, max_tokens=100, send_images=False,
+                                  prompt="Describe: {tag_block}"), workspace)
+    assert (again.units_done, again.units_skipped) == (0, first.units_done)
+    assert sorted(map(str, workspace.read_table("captions").to_pylist())) == rows
 
 
 @pytest.mark.parametrize("options", [  # accuracy_step's 1 to 50: with the config (tests/test_cli.py)

@@ -168,9 +168,9 @@ def _write_crops(ws, vectors, characters=None):
     return keys
 
 
-def _metric_model(path) -> str:
+def _metric_model(path, scale: float = 1.0) -> str:
     """A tiny ONNX model with CCIP's model_metrics contract (input [N,768] -> output [N,N]):
-    1 - cosine similarity. Stand-in for the real metric model, which is on the Hub only."""
+    1 - cosine similarity (times `scale`). Stand-in for the real metric model, which is on the Hub only."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -181,14 +181,16 @@ def _metric_model(path) -> str:
         helper.make_node("Div", ["input", "norm"], ["unit"]),
         helper.make_node("Transpose", ["unit"], ["unit_t"], perm=[1, 0]),
         helper.make_node("MatMul", ["unit", "unit_t"], ["sim"]),
-        helper.make_node("Sub", ["one", "sim"], ["output"]),
+        helper.make_node("Sub", ["one", "sim"], ["difference"]),
+        helper.make_node("Mul", ["difference", "scale"], ["output"]),
     ]
     graph = helper.make_graph(
         nodes, "ccip_metrics",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", CCIP_DIM])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "N"])],
         [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
-         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+         helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
@@ -227,6 +229,23 @@ def test_clusters_match_imgutils_ccip_clustering(workspace, tmp_path, monkeypatc
         got = _clusters(workspace)
         assert _same_partition([got[k] for k in keys], list(expected)), metric_model
     assert len(set(expected) - {-1}) == 3
+
+
+def test_a_new_metric_model_at_the_same_path_clusters_again(workspace, tmp_path):
+    """curate.ccip_metric_model names a local ONNX file: one replaced at that path (a newer
+    metric) left the clusters of the old one, curate saying nothing it reads had changed."""
+    vectors, _ = _identities(np.random.default_rng(2))
+    _write_crops(workspace, vectors)
+    model = _metric_model(tmp_path / "model_metrics.onnx")
+    cfg = curate_config(workspace, cluster_method="dbscan", cluster_eps=0.1, cluster_min_samples=3,
+                        ccip_metric_model=model)
+    curate.run(cfg, workspace)
+    first = _clusters(workspace)
+    assert curate.run(cfg, workspace).units_skipped == 1
+    _metric_model(tmp_path / "model_metrics.onnx", scale=100.0)  # every crop far from every other
+    assert curate.run(cfg, workspace).units_done == 1
+    again = _clusters(workspace)
+    assert set(again.values()) == {-1} and again != first
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 from curate_data import curate_config, face_row, image_rows, source_rows
 from kill_mid_run import booruset
 
-from jobs import curate
+from jobs import caption, curate
 from store.workspace import Workspace
+from udfs.curate import tag_rules
 
 
 def _workspace_with(ws, tag: str):
@@ -31,7 +33,7 @@ def test_every_table_filled_and_rerun_replaces(workspace):
     first_parts = workspace.published()["owned"][curate.OWNER]
     assert all(summary.rows_out[name] > 0 for name in ("tags", "image_meta", "duplicates", "groups", "balance"))
     assert summary.rows_in == 2 and "tags" in summary.notes[0]
-    assert curate.run(curate_config(workspace, threads=1), workspace).units_done == 1  # another option: a build
+    assert curate.run(curate_config(workspace, phash_distance=5), workspace).units_done == 1  # another option: a build
     assert _snapshot(workspace) == first  # the same rows, not twice
     assert _files_on_disk(workspace) - _published(workspace) == {  # the first run's parts, until a job starts
         f"{t}/{p}.parquet" for t in curate.OUTPUTS for p in first_parts[t]}
@@ -69,7 +71,7 @@ def test_readers_of_the_previous_generation_keep_their_files_for_a_while(workspa
              if p.startswith("curate-")}
     reader = workspace.connect()  # views over the first run's files
     seen = reader.execute("select key, tag, rank from tags order by all").fetchall()
-    curate.run(curate_config(workspace, threads=1), workspace)  # another option: a build
+    curate.run(curate_config(workspace, phash_distance=5), workspace)  # another option: a build
     assert workspace.begin_job() == 0
     assert reader.execute("select key, tag, rank from tags order by all").fetchall() == seen
     workspace.retired_grace_s = 0  # as if the grace had passed
@@ -104,6 +106,41 @@ def test_a_rerun_with_nothing_changed_keeps_the_tables_and_any_change_builds_aga
     assert built(curate_config(workspace, phash_distance=2, blacklist=str(blacklist)))
     tags = {r["tag"] for r in workspace.read_table("tags").to_pylist()}
     assert "smile" not in tags and "frown" not in tags
+
+
+def test_an_edit_of_the_bundled_rules_builds_again(workspace, tmp_path, monkeypatch):
+    """With curate.rules_dir and curate.blacklist "" (the defaults) a build reads data/rules/: a
+    person's edit of its blacklist.txt (or a new version's aliases.csv) left the tags as they were,
+    curate saying "nothing curate reads changed"; the related tags, which read its rules, too."""
+    rules = tmp_path / "rules"
+    shutil.copytree(tag_rules.RULES_DIR, rules)
+    monkeypatch.setattr(tag_rules, "RULES_DIR", rules)
+    _workspace_with(workspace, "smile")
+    cfg = curate_config(workspace)
+    assert curate.run(cfg, workspace).units_done == 1
+    assert curate.run(cfg, workspace).units_skipped == 1
+    with (rules / "blacklist.txt").open("a", encoding="utf-8") as f:
+        f.write("smile\n")
+    assert curate.run(cfg, workspace).units_done == 1
+    related = caption.related_fingerprint(cfg, workspace)
+    with (rules / "impossible_tags.csv").open("a", encoding="utf-8") as f:
+        f.write("solo,3girls,score\n")
+    assert caption.related_fingerprint(cfg, workspace) != related
+
+
+def test_options_that_say_how_it_runs_build_nothing_again(workspace):
+    """curate's DuckDB threads and memory, and annotate's CCIP batch size and actors, change no row:
+    changed, they rebuilt every table (minutes at a million images, then the related tags and the
+    caption staging after it). annotate's CCIP model does matter where references are embedded."""
+    _workspace_with(workspace, "smile")
+    curate.run(curate_config(workspace), workspace)
+    tuned = curate_config(workspace, threads=1, memory_limit="2GB")
+    tuned["annotate"]["ccip"].update(batch_size=64, concurrency=2, threads=1)
+    assert curate.run(tuned, workspace).units_skipped == 1
+    opts = {**tuned["curate"], "tag_list": "", "cascade_face_model": "", "references": "refs"}
+    ccip = curate.ccip_spec(tuned)
+    assert curate.inputs_fingerprint(workspace, opts, {**ccip, "revision": "v2"}, []) != \
+        curate.inputs_fingerprint(workspace, opts, ccip, [])
 
 
 def _published(ws) -> set[str]:

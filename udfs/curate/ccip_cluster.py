@@ -253,9 +253,16 @@ def cluster_set_group(sets: list[np.ndarray], settings: ClusterSettings) -> list
     return [cluster_matrix(differences(vectors), settings) for vectors in sets]
 
 
-@functools.lru_cache(maxsize=2)
 def differences_for(metric_model: str) -> Differences:
-    """One Differences per process and model: a clustering task's worker loads the metric model once."""
+    """One Differences per process and model: a clustering task's worker loads the metric model once,
+    and again when the file is replaced (by its size and time, as curate's fingerprint sees it): a
+    pooled worker kept clustering with the old one."""
+    stat = Path(metric_model).stat() if metric_model and Path(metric_model).is_file() else None
+    return _differences(metric_model, (stat.st_size, stat.st_mtime_ns) if stat else None)
+
+
+@functools.lru_cache(maxsize=2)
+def _differences(metric_model: str, _stamp: tuple[int, int] | None) -> Differences:
     return Differences(metric_model)
 
 

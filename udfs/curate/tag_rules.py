@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,14 @@ def underscored(tag: str) -> str:
 
 def rules_file(rules_dir: str, name: str) -> Path:
     return Path(rules_dir or RULES_DIR) / name
+
+
+def lookup_paths(opts: dict, names: Iterable[str]) -> dict[str, str]:
+    """The files or folders that the lookup options `names` (curate's) have a build read: an empty
+    rules_dir or blacklist is the repository's data/rules/, which a person edits, or a new version
+    changes, as any folder of theirs."""
+    defaults = {"rules_dir": str(RULES_DIR), "blacklist": str(RULES_DIR / "blacklist.txt")}
+    return {name: str(opts[name]) or defaults[name] for name in names if opts.get(name) or name in defaults}
 
 
 def read_csv_rows(path: Path) -> list[dict]:
