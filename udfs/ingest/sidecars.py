@@ -223,6 +223,9 @@ def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], li
     half UTF-16 pairs (a JSON "\\ud800" escape) become "?", control characters (a JSON "\\u0000"
     escape, past without_controls on the raw text) go, and a tag left empty goes too."""
     problems = []
+    joined = "".join(t for t, _ in tags)  # one look at them all: most tag lists hold neither
+    if not CONTROL_CHARACTERS.search(joined) and not has_lone_surrogate(joined):
+        return tags, problems
     if any(has_lone_surrogate(t) for t, _ in tags):
         problems.append("tags with half a UTF-16 pair (a \\udXXX escape): each replaced with '?'")
         tags = [(replace_lone_surrogates(t), c) for t, c in tags]
@@ -236,14 +239,16 @@ def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], li
 # Format characters (Unicode Cf: bidi overrides, zero-width spaces and joiners, BOMs): invisible,
 # in no Danbooru tag, and they make two tags of one that looks the same
 FORMAT_CHARACTERS = re.compile(r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
+WHITESPACE = re.compile(r"\s+")
 
 
 def normalize_tag(tag: str) -> str:
     """Danbooru form: lower case, underscores, prompt escapes `\\(` removed; one Unicode form
     (NFC: `é` typed as e + a combining accent is `é`), no invisible format characters."""
-    tag = unicodedata.normalize("NFC", FORMAT_CHARACTERS.sub("", tag))
+    if not tag.isascii():  # ASCII is in NFC and holds no format character
+        tag = unicodedata.normalize("NFC", FORMAT_CHARACTERS.sub("", tag))
     tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
-    return re.sub(r"\s+", "_", tag).lower()
+    return WHITESPACE.sub("_", tag).lower()
 
 
 def split_tags(text: str, sep: str) -> list[str]:
@@ -272,7 +277,8 @@ def categorized_tags(text: str, sep: str) -> list[tuple[str, str]]:
     """(tag, category) of a tag list: "general", unless the tag says `category:tag`."""
     tags = []
     for part in _parts(text, sep):
-        match = CATEGORY_PREFIX.match(part)
+        # no colon, no prefix (and no regex run: most tags have none)
+        match = CATEGORY_PREFIX.match(part) if ":" in part else None
         category, raw = (match.group(1).lower(), match.group(2)) if match else ("general", part)
         category = HYDRUS_NAMESPACES.get(category, category)
         if category == "rating":  # was a tag, `rating:explicit` in KEY.txt, beside the tagger's rating
