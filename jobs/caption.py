@@ -23,15 +23,20 @@ import uuid
 from collections import Counter
 from importlib.metadata import version
 
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 
+from jobs import caption_cuts
 from jobs.config import REPO, Config, ConfigError, default_config
 from jobs.ray_env import Progress, collect_units, init_ray, local_ray, run_in_worker
 from jobs.summary import JobSummary
 from schemas import TABLES
 from store.staging import clear, stage_units
 from store.stamps import code_digest, file_stamps, fingerprint
-from store.workspace import Workspace, unit_id
+from store.workspace import Workspace
 from udfs.caption.related_tags import suggest_units_task
 from udfs.caption.reply_cache import remove_replies, units_with_replies
 from udfs.curate import tag_rules
@@ -39,6 +44,7 @@ from udfs.curate import tag_rules
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
 INPUTS = "state/caption-inputs"  # the running job's input rows, one file per unit
+ROWS = "state/caption-rows"  # every image's input rows, in key order, while the units are cut
 TEXTS = "state/caption-texts"  # the untagged images' texts, while tags are found in them
 TEXT_UNIT_IMAGES = 5000
 # What the published tags from text were made of (text_tags_fingerprint), and their rows
@@ -81,12 +87,13 @@ REWRITE_OPTIONS = ("rewrite_model", "rewrite_base_url", "rewrite_max_tokens", "r
 REWRITERS = ("", "openai", "vllm")
 OWN_CAPTIONS = ("score", "ignore")
 # The last staging's fingerprint and units (planned_units)
-PLAN_STATE = "state/caption-planned.json"
+PLAN_STATE = caption_cuts.PLAN_STATE
 # What a unit's rows may be made of: every table but what caption and export write themselves
 PLAN_TABLES = tuple(name for name in TABLES
                     if name not in ("captions", "caption_regions", "tag_suggestions", "errors", "export_manifest"))
 PLAN_CODE = [REPO / "sql" / name for name in ("caption_inputs.sql", "caption_units.sql", "image_tag_lists.sql",
                                               "edit_state.sql")] + [REPO / "jobs" / "caption.py",
+                                                                    REPO / "jobs" / "caption_cuts.py",
                                                                     REPO / "store" / "staging.py"]
 # curate's options that decide the tagger evidence captions are scored against (sql/caption_inputs.sql)
 EVIDENCE_OPTIONS = ("general_threshold", "character_threshold", "person_label", "person_threshold")
@@ -335,12 +342,13 @@ def collect_parts(ds: ray.data.Dataset, progress: Progress, counted: str) -> tup
 
 
 def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
-    """The units, each of `unit_size` images in key order (sql/caption_units.sql), their input rows
-    streamed from DuckDB into one file per unit (store/staging.py): {"unit", "path", "rows"}.
-    The tagger evidence in the rows uses curate's thresholds (`curate`: its options).
+    """The units (jobs/caption_cuts.py), their input rows streamed from DuckDB into one file per
+    unit (store/staging.py): {"unit", "path", "rows"}. The tagger evidence in the rows uses
+    curate's thresholds (`curate`: its options).
 
     A unit's id hashes its rows' values and the options that shape its output, so new tags or
-    other options make a new unit instead of reusing stale captions.
+    other options make a new unit instead of reusing stale captions; a unit done before whose
+    rows are unchanged keeps its range and id, whatever was added or removed around it.
     """
     shaping = unit_shaping(opts)
     con = ws.connect()
@@ -350,18 +358,42 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
         con.execute("set variable own_captions = ?", [opts["own_captions"] == "score"])
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
-        reader = con.sql(sql_text("caption_units.sql"),
-                         params={"unit_size": max(1, int(opts["unit_size"]))}).to_arrow_reader(50_000)
+        total = stage_rows(ws, con)
+        ranges = caption_cuts.unit_ranges(ws, con, shaping, total, max(1, int(opts["unit_size"])))
+        con.register("unit_ranges", pa.table({"start": [r[0] for r in ranges],
+                                              "unit_index": list(range(len(ranges)))}))
+        reader = con.sql("select r.* exclude (position), u.unit_index from caption_rows r "
+                         "asof join unit_ranges u on r.position >= u.start order by r.position").to_arrow_reader(50_000)
         staged = stage_units(ws, reader, INPUTS)
     finally:
         con.close()
-    units = []
-    for unit in staged:
-        digest = hashlib.sha1(shaping.encode())
-        digest.update(unit["digest"].encode())
-        units.append({"unit": unit_id(f"caption-{unit['first']['key']}", digest.hexdigest()), "path": unit["path"],
-                      "rows": unit["rows"]})
-    return units
+    clear(ws, ROWS)
+    return [{"unit": caption_cuts.caption_unit_id(shaping, unit["first"]["key"], unit["digest"]), "path": unit["path"],
+             "rows": unit["rows"], "first": unit["first"]["key"]} for unit in staged]
+
+
+def stage_rows(ws: Workspace, con: duckdb.DuckDBPyConnection) -> int:
+    """Every image's caption inputs with its row_digest and position in key order
+    (sql/caption_units.sql), computed once into a file under ROWS, then `caption_rows` on `con`:
+    the units are cut over them, then streamed from them. Returns the rows."""
+    clear(ws, ROWS)
+    ws.fs.create_dir(f"{ws.base}/{ROWS}", recursive=True)
+    path, writer, total = f"{ws.base}/{ROWS}/rows.parquet", None, 0
+    try:
+        for batch in con.sql(sql_text("caption_units.sql")).to_arrow_reader(50_000):
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema, filesystem=ws.fs)
+            writer.write_batch(batch)
+            total += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no image to caption: an empty table of no columns binds nothing
+        con.execute("create temp table caption_rows as select ''::varchar as key, ''::varchar as row_digest, "
+                    "0::bigint as position where false")
+    else:
+        con.register("caption_rows", pads.dataset(path, format="parquet", filesystem=ws.fs))
+    return total
 
 
 def unit_shaping(opts: dict) -> str:
@@ -404,7 +436,8 @@ def planned_units(cfg: Config, ws: Workspace, opts: dict, done: dict[str, dict])
               flush=True)
         return last["units"]
     units = run_in_worker(cfg, ws, stage_inputs, opts, cfg["curate"])
-    ws.write_json(PLAN_STATE, {"fingerprint": stamp, "units": [{"unit": u["unit"], "rows": u["rows"]} for u in units]})
+    ws.write_json(PLAN_STATE, {"fingerprint": stamp,
+                               "units": [{k: u[k] for k in ("unit", "rows", "first")} for u in units]})
     return units
 
 

@@ -1,5 +1,6 @@
--- caption_inputs (a temp view of sql/caption_inputs.sql) cut into units of $unit_size images in
--- key order. row_digest is a digest of each row's values: a unit's id hashes its rows' digests,
+-- caption_inputs (a temp view of sql/caption_inputs.sql) in key order, each row with its position
+-- in that order (jobs/caption_cuts.py cuts the units over the positions). row_digest is a digest
+-- of each row's values: a unit's id hashes its rows' digests,
 -- so new tags, texts or people make a new unit instead of reusing stale captions.
 -- own_captions counts only where an image has some (the merge patch takes the null out): rows
 -- without keep the digest they had before the column was added, so an upgrade does not make
@@ -11,7 +12,7 @@
 -- come from, and in the digest it would have made every unit new on the upgrade that added it.
 -- tags_from_text counts only where true, for the same reason.
 select *,
-       (row_number() over (order by key) - 1) // $unit_size as unit_index,
+       row_number() over (order by key) - 1 as position,
        md5(json_merge_patch(to_json(caption_inputs),
                             '{"own_captions": null, "member_offset": null, "bytes": null, "tagger_near": null,
                               "tags_from_text": null}'

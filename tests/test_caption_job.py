@@ -145,6 +145,53 @@ def test_a_rerun_with_nothing_changed_stages_no_inputs(ray_local, workspace, con
     assert "inputs not staged again" not in capsys.readouterr().out and redone.units_done == 1
 
 
+def added_image(ws, key: str, tags: list[str]) -> None:
+    """One more image with its curated tags, in parts of its own."""
+    row = {**ws.read_table("images").to_pylist()[0], "key": key, "member": key.split("/")[1] + ".png"}
+    ws.add_part("images", f"more-{key.replace('/', '-')}", [row])
+    ws.add_part("tags", f"more-{key.replace('/', '-')}", [{"key": key, "tag": t, "category": "general", "score": 1.0,
+                                                           "rank": r} for r, t in enumerate(tags)])
+
+
+def caption_rows(ws) -> list[tuple]:
+    return sorted((r["key"], r["attempt"], r["caption"], r["accepted"]) for r in ws.read_table("captions").to_pylist())
+
+
+@pytest.mark.parametrize("old_markers", [False, True])
+def test_an_image_added_captions_that_image_alone(ray_local, workspace, config, tmp_path, old_markers):
+    """Units were cut every unit_size images in key order: one image added before the others moved
+    every cut, every unit had other rows and a new id, and every image was captioned again (a VLM
+    asked and paid for the whole dataset after one file was added). Units done before whose rows
+    are unchanged keep their ranges now: an image added runs its own unit, or the unit it falls
+    in; markers written before they named their first key find it in their parts. Captions equal
+    those of a workspace that captioned every image at once."""
+    write_inputs(workspace)
+    caption.run(configure(config), workspace)
+    if old_markers:  # as an earlier version committed them
+        for unit, info in workspace.done_units("caption").items():
+            workspace._write_marker(workspace.state_dir("caption"), unit, {k: v for k, v in info.items()
+                                                                             if k != "first_key"})
+    units = sorted(workspace.done_units("caption"))
+    added_image(workspace, "a/aaa", ["1girl", "smile"])  # first in key order
+    added_image(workspace, "a/pb", ["1girl", "cat"])  # between the units [a/girl, a/pair] and [a/scene, a/untagged]
+    again = caption.run(configure(config), workspace)
+    assert (again.units_skipped, again.units_done, again.rows_run) == (3, 2, 2)
+    assert set(units) <= set(workspace.done_units("caption"))
+    assert {r["key"] for r in workspace.read_table("captions").to_pylist()} >= {"a/aaa", "a/pb", "a/girl"}
+
+    fresh = type(workspace)(str(tmp_path / "fresh"))  # the same rows as captioning all of them at once
+    write_inputs(fresh)
+    added_image(fresh, "a/aaa", ["1girl", "smile"])
+    added_image(fresh, "a/pb", ["1girl", "cat"])
+    caption.run(configure(copy.deepcopy(config)), fresh)
+    assert caption_rows(workspace) == caption_rows(fresh)
+
+    workspace.add_part("tags", "more-a-pb", [{"key": "a/pb", "tag": "dog", "category": "general", "score": 1.0,
+                                              "rank": 0}])
+    retagged = caption.run(configure(config), workspace)  # another tag: its unit alone
+    assert (retagged.units_done, retagged.rows_run) == (1, 1)
+
+
 def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, config):
     """A unit's id hashes the options its rows depend on: changing one (the rewrite's token limit,
     the server the vllm stream asks) captions its images again; how the work is done does not."""

@@ -242,6 +242,7 @@ class UnitCaptioner:
             errors += region_errors
             info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started, len(regions))
             info["requests"] = dict(self.request_counts() - asked)  # of this unit
+            info["first_key"] = rows["key"][0].as_py()  # where its range starts (jobs/caption_cuts.py)
             self.commit(unit, captions, errors, regions, info)
             if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
