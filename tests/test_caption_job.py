@@ -191,6 +191,12 @@ def test_an_image_added_captions_that_image_alone(ray_local, workspace, config, 
     retagged = caption.run(configure(config), workspace)  # another tag: its unit alone
     assert (retagged.units_done, retagged.rows_run) == (1, 1)
 
+    images = [r for r in workspace.read_table("images").to_pylist() if r["key"] in IMAGES and r["key"] != "a/scene"]
+    workspace.add_part("images", "u", images)  # a/scene removed: its unit's other image alone runs again
+    removed = caption.run(configure(config), workspace)
+    assert (removed.units_done, removed.rows_run) == (1, 1)
+    assert "a/scene" not in {r["key"] for r in workspace.read_table("captions").to_pylist()}
+
 
 def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, config):
     """A unit's id hashes the options its rows depend on: changing one (the rewrite's token limit,
