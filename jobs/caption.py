@@ -360,8 +360,8 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
         total = stage_rows(ws, con)
         ranges = caption_cuts.unit_ranges(ws, con, shaping, total, max(1, int(opts["unit_size"])))
-        con.register("unit_ranges", pa.table({"start": [r[0] for r in ranges],
-                                              "unit_index": list(range(len(ranges)))}))
+        con.register("unit_ranges", pa.table({"start": pa.array([r[0] for r in ranges], pa.int64()),
+                                              "unit_index": pa.array(range(len(ranges)), pa.int64())}))
         reader = con.sql("select r.* exclude (position), u.unit_index from caption_rows r "
                          "asof join unit_ranges u on r.position >= u.start order by r.position").to_arrow_reader(50_000)
         staged = stage_units(ws, reader, INPUTS)
@@ -388,9 +388,8 @@ def stage_rows(ws: Workspace, con: duckdb.DuckDBPyConnection) -> int:
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:  # no image to caption: an empty table of no columns binds nothing
-        con.execute("create temp table caption_rows as select ''::varchar as key, ''::varchar as row_digest, "
-                    "0::bigint as position where false")
+    if writer is None:  # no image to caption: a query with no rows still streams its columns
+        con.execute("create temp view caption_rows as " + sql_text("caption_units.sql"))
     else:
         con.register("caption_rows", pads.dataset(path, format="parquet", filesystem=ws.fs))
     return total
