@@ -159,7 +159,7 @@ class ReplayCaptioner(UnitCaptioner):
             self.ws.write_parquet(requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
         errors += region_errors
-        info = unit_info(table.num_rows, captions, errors, 0.0, len(regions))
+        info = unit_info(table, captions, errors, 0.0, len(regions))
         self.commit(unit, captions, errors, regions, info)
         self.forget_replies(unit, info)
         return {"unit": unit, "info": info}

@@ -240,9 +240,8 @@ class UnitCaptioner:
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
-            info = unit_info(rows.num_rows, captions, errors, time.perf_counter() - started, len(regions))
+            info = unit_info(rows, captions, errors, time.perf_counter() - started, len(regions))
             info["requests"] = dict(self.request_counts() - asked)  # of this unit
-            info["first_key"] = rows["key"][0].as_py()  # where its range starts (jobs/caption_cuts.py)
             self.commit(unit, captions, errors, regions, info)
             if replies is not None and not info["transient"]:  # else the rerun asks only what failed
                 replies.clear()
@@ -583,10 +582,13 @@ def transient_failures(errors: list[dict]) -> int:
     return len({e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS})
 
 
-def unit_info(images: int, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
+def unit_info(rows: pa.Table, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
+    """A caption unit's marker info: its counts, and its first key (jobs/caption_cuts.py finds its
+    range from it)."""
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
-    return {"images": images, "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
+    return {"images": rows.num_rows, "first_key": rows["key"][0].as_py() if rows.num_rows else None,
+            "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
             "scored_rows": sum(c["accuracy"] is not None for c in captions),  # attempts not accepted too
             "not_scored": dict(Counter(c["not_scored"] for c in accepted if c["not_scored"])),
             "scored_against": dict(Counter(c["scored_against"] for c in accepted if c["scored_against"])),
