@@ -49,6 +49,8 @@ TEXTS = "state/caption-texts"  # the untagged images' texts, while tags are foun
 TEXT_UNIT_IMAGES = 5000
 # What the published tags from text were made of (text_tags_fingerprint), and their rows
 TEXT_TAGS_STATE = "state/caption-text-tags-built.json"
+# What tags_from_text reads: sql/caption_text_images.sql and the vocabulary (sql/caption_tag_vocabulary.sql)
+TEXT_TAGS_TABLES = ("source_text", "source_tags", "tags", "tag_scores")
 TEXT_TAGS_OPTIONS = ("text_tags_top_k", "text_tags_min_similarity", "embedding_model")
 TEXT_TAGS_CODE = [REPO / "sql" / name for name in ("caption_text_images.sql", "caption_text_units.sql",
                                                    "caption_tag_vocabulary.sql")
@@ -225,16 +227,22 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     from udfs.caption.caption_tags import OWNER, PART, TextTagger, csv_vocabulary, dataset_vocabulary
 
     opts = cfg["caption"]
+    last = ws.read_json(TEXT_TAGS_STATE) or {}
+    if last.get("inputs") == text_tags_inputs(ws, opts) and OWNER in ws.published()["owned"]:
+        print("caption: tags from text: nothing they are made of changed since the last run: texts not staged again",
+              flush=True)
+        return int(last.get("rows", 0))
     units = run_in_worker(cfg, ws, stage_texts, TEXT_UNIT_IMAGES)
     if not units:
         ws.publish({OWNER: {}})
+        ws.write_json(TEXT_TAGS_STATE, {"rows": 0, "inputs": text_tags_inputs(ws, opts)})
         return 0
     # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
     vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
     stamp = text_tags_fingerprint(opts, units, vocabulary)
-    last = ws.read_json(TEXT_TAGS_STATE) or {}
     if last.get("fingerprint") == stamp and OWNER in ws.published()["owned"]:
         clear(ws, TEXTS)
+        ws.write_json(TEXT_TAGS_STATE, {**last, "inputs": text_tags_inputs(ws, opts)})
         print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
         return int(last.get("rows", 0))
     # one unit per call: the actor reads its unit's texts and writes the tags it finds
@@ -249,7 +257,7 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     progress = Progress("caption (tags from text)", sum(u["rows"] for u in units), what="texts", units=len(units))
     parts, written = collect_parts(ds, progress, "texts")
     ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
-    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written})
+    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written, "inputs": text_tags_inputs(ws, opts)})
     clear(ws, TEXTS)
     return written
 
@@ -275,6 +283,15 @@ def text_tags_fingerprint(opts: dict, units: list[dict], vocabulary: list[tuple[
     digest.update(json.dumps([[u["digest"] for u in units], vocabulary,
                               {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
     return digest.hexdigest()
+
+
+def text_tags_inputs(ws: Workspace, opts: dict) -> str:
+    """A digest of the published parts tags_from_text reads (store/stamps.py; its own source_tags
+    part among them, as it stands after its publish), its vocabulary file, options and code: the
+    same as after the last build, nothing is staged (three scans of the tag tables and texts)."""
+    csv = file_stamps(opts["tag_vocabulary"]) if opts["tag_vocabulary"] else []
+    return fingerprint(ws, TEXT_TAGS_TABLES, csv=csv, options={k: opts[k] for k in TEXT_TAGS_OPTIONS},
+                       code=code_digest(TEXT_TAGS_CODE))
 
 
 def curated_other_text_tags(cfg: Config, ws: Workspace) -> bool:

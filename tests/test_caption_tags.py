@@ -172,6 +172,30 @@ def test_a_second_run_of_curate_and_caption_changes_nothing(ray_local, workspace
     assert summary.units_done == 0
 
 
+def test_tags_from_text_stage_no_texts_when_nothing_they_read_changed(ray_local, workspace, config, capsys):
+    """Each run staged the untagged images' texts and the dataset's vocabulary (three scans of the
+    tag tables and texts) only to find the same tags. With none of the parts they read changed,
+    nor the vocabulary file, options or code, nothing is staged; a new text is."""
+    workspace.add_part("images", "u", [
+        {"key": k, "source": "s.tar", "member": k.split("/")[1] + ".png", "width": 64, "height": 64, "format": "PNG",
+         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": k, "phash": i}
+        for i, k in enumerate(("a/1", "p/1", "p/2"))])
+    workspace.add_part("source_tags", "u", [{"key": "a/1", "tag": t, "category": "general", "origin": "txt",
+                                             "position": i} for i, t in enumerate(("1girl", "blue_hair", "smile"))])
+    workspace.add_part("source_text", "u", [{"key": "p/1", "kind": "sd_prompt", "text": "1girl, smile, blue_hair"}])
+    merge(config, {"caption": {"tags_from_text": True, "text_tags_min_similarity": 0.0, "related_tags": False}})
+    caption.run(config, workspace)
+    tags = sorted(map(str, workspace.read_table("source_tags").to_pylist()))
+    capsys.readouterr()
+    caption.run(config, workspace)
+    assert "texts not staged again" in capsys.readouterr().out
+    assert sorted(map(str, workspace.read_table("source_tags").to_pylist())) == tags
+    workspace.add_part("source_text", "more", [{"key": "p/2", "kind": "sd_prompt", "text": "1girl, blue_hair"}])
+    caption.run(config, workspace)
+    assert "texts not staged again" not in capsys.readouterr().out
+    assert "p/2" in {r["key"] for r in workspace.read_table("source_tags").to_pylist()}
+
+
 def test_tags_from_text_turned_off_drops_the_tags_an_earlier_run_took(ray_local, workspace, config, tmp_path):
     """caption.tags_from_text on, then off: the tags taken from p/1's prompt stayed its source and
     curated tags, and so its captions and KEY.txt, where a workspace that never had the option on
