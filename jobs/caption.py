@@ -220,8 +220,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def tags_from_text(cfg: Config, ws: Workspace) -> int:
     """source_tags (origin caption) for untagged images with a caption or prompt of their own
     (udfs/caption/caption_tags.py): the texts are staged one file per unit, an actor pool ranks
-    the tags of a unit and writes them; the driver gets part names and counts. Returns the rows
-    written."""
+    the tags of a unit and writes them; the driver gets part names and counts. A unit built before
+    (the same texts: its digest) with the same vocabulary, options and code keeps its part: one
+    text added runs its unit alone, not every text of the dataset through the embedding model
+    again (hours at a million texts on a CPU). Returns the rows written."""
     from udfs.caption.caption_tags import OWNER, PART, TextTagger, csv_vocabulary, dataset_vocabulary
 
     opts = cfg["caption"]
@@ -231,27 +233,54 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         return 0
     # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
     vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
-    stamp = text_tags_fingerprint(opts, units, vocabulary)
-    last = ws.read_json(TEXT_TAGS_STATE) or {}
-    if last.get("fingerprint") == stamp and OWNER in ws.published()["owned"]:
+    stamp = text_tags_fingerprint(opts, vocabulary)
+    built = built_text_units(ws, stamp, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
+    kept = {u["digest"]: built[u["digest"]] for u in units if u["digest"] in built}
+    todo = [u for u in units if u["digest"] not in kept]
+    if not todo and len(kept) == len(built):
         clear(ws, TEXTS)
         print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
-        return int(last.get("rows", 0))
-    # one unit per call: the actor reads its unit's texts and writes the tags it finds
-    pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
-    ds = staged_units_dataset(units).map_batches(
-        TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
-        fn_constructor_kwargs={"workspace": ws.root, "part_prefix": f"{PART}-{uuid.uuid4().hex[:12]}-",
-                               "vocabulary": vocabulary,
-                               "top_k": int(opts["text_tags_top_k"]),
-                               "min_similarity": float(opts["text_tags_min_similarity"]),
-                               "model": opts["embedding_model"]})
-    progress = Progress("caption (tags from text)", sum(u["rows"] for u in units), what="texts", units=len(units))
-    parts, written = collect_parts(ds, progress, "texts")
-    ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
-    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written})
+        return sum(b["rows"] for b in kept.values())
+    if todo:  # one unit per call: the actor reads its unit's texts and writes the tags it finds
+        prefix = f"{PART}-{uuid.uuid4().hex[:12]}-"
+        pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(todo))))
+        ds = staged_units_dataset(todo).map_batches(
+            TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
+            fn_constructor_kwargs={"workspace": ws.root, "part_prefix": prefix,
+                                   "vocabulary": vocabulary,
+                                   "top_k": int(opts["text_tags_top_k"]),
+                                   "min_similarity": float(opts["text_tags_min_similarity"]),
+                                   "model": opts["embedding_model"]})
+        progress = Progress("caption (tags from text)", sum(u["rows"] for u in todo), what="texts", units=len(todo))
+        parts = collect_unit_parts(ds, progress)
+        kept.update({u["digest"]: parts[f"{prefix}{u['index']}"] for u in todo})
+    # the whole result replaces the last run's at once
+    ws.publish({OWNER: {"source_tags": sorted(b["part"] for b in kept.values())}})
+    written = sum(b["rows"] for b in kept.values())
+    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "units": kept, "rows": written})
     clear(ws, TEXTS)
     return written
+
+
+def built_text_units(ws: Workspace, stamp: str, published: list[str]) -> dict[str, dict]:
+    """The units the last tags_from_text built ({digest: {"part", "rows"}}), when it had `stamp`
+    and their parts are all still published; {} otherwise (a state of an earlier version, which
+    kept no units, builds them all once)."""
+    last = ws.read_json(TEXT_TAGS_STATE) or {}
+    units = last.get("units") or {}
+    if last.get("fingerprint") != stamp or {b["part"] for b in units.values()} != set(published):
+        return {}
+    return units
+
+
+def collect_unit_parts(ds: ray.data.Dataset, progress: Progress) -> dict[str, dict]:
+    """{part: {"part", "rows"}} of each unit call of `ds` (TextTagger's)."""
+    parts = {}
+    with progress:
+        for row in ds.iter_rows():
+            parts[row["part"]] = {"part": row["part"], "rows": int(row["rows"])}
+            progress.add(int(row["texts"]), units=1)
+    return parts
 
 
 def drop_text_tags(ws: Workspace) -> bool:
@@ -266,14 +295,13 @@ def drop_text_tags(ws: Workspace) -> bool:
     return True
 
 
-def text_tags_fingerprint(opts: dict, units: list[dict], vocabulary: list[tuple[str, str]]) -> str:
-    """A digest of what tags_from_text's rows are made of: the staged texts (their rows' digests),
+def text_tags_fingerprint(opts: dict, vocabulary: list[tuple[str, str]]) -> str:
+    """A digest of what every unit's tags from text are made of besides its texts (its digest):
     the vocabulary, the options and the code. Of the content, not of the parts (store/stamps.py):
     each build writes new parts, which curate and the caption units read, so a digest of parts
     would have every run build again, and curate after it."""
     digest = hashlib.sha256(code_digest(TEXT_TAGS_CODE).encode())
-    digest.update(json.dumps([[u["digest"] for u in units], vocabulary,
-                              {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
+    digest.update(json.dumps([vocabulary, {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
     return digest.hexdigest()
 
 
@@ -316,8 +344,8 @@ def stage_texts(ws: Workspace, unit_images: int) -> list[dict]:
     con = ws.connect()
     try:
         con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
-        reader = con.sql(sql_text("caption_text_units.sql"),
-                         params={"unit_size": unit_images}).to_arrow_reader(50_000)
+        reader = con.sql(sql_text("caption_text_units.sql"),  # content-defined cuts: see the SQL
+                         params={"unit_size": unit_images, "cut_every": 2 * unit_images}).to_arrow_reader(50_000)
         return stage_units(ws, reader, TEXTS)
     finally:
         con.close()
