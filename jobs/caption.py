@@ -223,8 +223,16 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     the tags of a unit and writes them; the driver gets part names and counts. A unit built before
     (the same texts: its digest) with the same vocabulary, options and code keeps its part: one
     text added runs its unit alone, not every text of the dataset through the embedding model
-    again (hours at a million texts on a CPU). Returns the rows written."""
-    from udfs.caption.caption_tags import OWNER, PART, TextTagger, csv_vocabulary, dataset_vocabulary
+    again (hours at a million texts on a CPU); a tag added to the dataset, the units whose texts
+    name it (unit_candidates_digests). Returns the rows written."""
+    from udfs.caption.caption_tags import (
+        OWNER,
+        PART,
+        TextTagger,
+        csv_vocabulary,
+        dataset_vocabulary,
+        unit_candidates_digests,
+    )
 
     opts = cfg["caption"]
     units = run_in_worker(cfg, ws, stage_texts, TEXT_UNIT_IMAGES)
@@ -233,10 +241,13 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         return 0
     # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
     vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
-    stamp = text_tags_fingerprint(opts, vocabulary)
-    built = built_text_units(ws, stamp, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
-    kept = {u["digest"]: built[u["digest"]] for u in units if u["digest"] in built}
-    todo = [u for u in units if u["digest"] not in kept]
+    stamp = text_tags_fingerprint(opts)
+    found = run_in_worker(cfg, ws, unit_candidates_digests, [u["path"] for u in units], vocabulary)
+    for unit, candidates_digest in zip(units, found, strict=True):  # what the unit's tags are made of
+        unit["built_from"] = hashlib.sha1(f"{stamp}-{unit['digest']}-{candidates_digest}".encode()).hexdigest()
+    built = built_text_units(ws, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
+    kept = {u["built_from"]: built[u["built_from"]] for u in units if u["built_from"] in built}
+    todo = [u for u in units if u["built_from"] not in kept]
     if not todo and len(kept) == len(built):
         clear(ws, TEXTS)
         print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
@@ -253,24 +264,21 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
                                    "model": opts["embedding_model"]})
         progress = Progress("caption (tags from text)", sum(u["rows"] for u in todo), what="texts", units=len(todo))
         parts = collect_unit_parts(ds, progress)
-        kept.update({u["digest"]: parts[f"{prefix}{u['index']}"] for u in todo})
+        kept.update({u["built_from"]: parts[f"{prefix}{u['index']}"] for u in todo})
     # the whole result replaces the last run's at once
     ws.publish({OWNER: {"source_tags": sorted(b["part"] for b in kept.values())}})
     written = sum(b["rows"] for b in kept.values())
-    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "units": kept, "rows": written})
+    ws.write_json(TEXT_TAGS_STATE, {"units": kept, "rows": written})
     clear(ws, TEXTS)
     return written
 
 
-def built_text_units(ws: Workspace, stamp: str, published: list[str]) -> dict[str, dict]:
-    """The units the last tags_from_text built ({digest: {"part", "rows"}}), when it had `stamp`
-    and their parts are all still published; {} otherwise (a state of an earlier version, which
+def built_text_units(ws: Workspace, published: list[str]) -> dict[str, dict]:
+    """The units the last tags_from_text built ({what a unit was built from: {"part", "rows"}}),
+    when their parts are all still published; {} otherwise (a state of an earlier version, which
     kept no units, builds them all once)."""
-    last = ws.read_json(TEXT_TAGS_STATE) or {}
-    units = last.get("units") or {}
-    if last.get("fingerprint") != stamp or {b["part"] for b in units.values()} != set(published):
-        return {}
-    return units
+    units = (ws.read_json(TEXT_TAGS_STATE) or {}).get("units") or {}
+    return units if {b["part"] for b in units.values()} == set(published) else {}
 
 
 def collect_unit_parts(ds: ray.data.Dataset, progress: Progress) -> dict[str, dict]:
@@ -295,13 +303,13 @@ def drop_text_tags(ws: Workspace) -> bool:
     return True
 
 
-def text_tags_fingerprint(opts: dict, vocabulary: list[tuple[str, str]]) -> str:
-    """A digest of what every unit's tags from text are made of besides its texts (its digest):
-    the vocabulary, the options and the code. Of the content, not of the parts (store/stamps.py):
-    each build writes new parts, which curate and the caption units read, so a digest of parts
-    would have every run build again, and curate after it."""
+def text_tags_fingerprint(opts: dict) -> str:
+    """A digest of what every unit's tags from text are made of besides its texts and their
+    candidate tags (tags_from_text): the options and the code. Of the content, not of the parts
+    (store/stamps.py): each build writes new parts, which curate and the caption units read, so a
+    digest of parts would have every run build again, and curate after it."""
     digest = hashlib.sha256(code_digest(TEXT_TAGS_CODE).encode())
-    digest.update(json.dumps([vocabulary, {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
+    digest.update(json.dumps({k: opts[k] for k in TEXT_TAGS_OPTIONS}, default=str).encode())
     return digest.hexdigest()
 
 

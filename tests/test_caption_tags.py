@@ -235,8 +235,9 @@ def test_one_text_added_embeds_its_own_unit_not_every_text(ray_local, workspace,
     """tags_from_text ran every untagged image's text through the embedding model again when one
     text was added (one digest over all units, units cut every TEXT_UNIT_IMAGES texts in key
     order: hours at a million texts on a CPU). Now the units are content-defined and a unit with
-    the same texts, vocabulary and options keeps its part: only the added text's unit runs, and
-    the tags equal those of a workspace that took them from every text at once."""
+    the same texts, candidate tags and options keeps its part: only the added text's unit runs (a
+    tag added that no text names, none), and the tags equal those of a workspace that took them
+    from every text at once."""
     monkeypatch.setattr(caption, "TEXT_UNIT_IMAGES", 2)
     words = ["blue hair", "smile", "school_uniform", "red dress", "cat ears"]
 
@@ -261,6 +262,10 @@ def test_one_text_added_embeds_its_own_unit_not_every_text(ray_local, workspace,
     new = after - before
     run_again = {r["key"] for part in new for r in workspace.read_part("source_tags", part, ["key"])}
     assert "p/11" in run_again and len(run_again) <= 4 and len(before - after) == 1  # of 13 texts
+    # a tag new to the dataset that no text names changes no unit's candidates: nothing runs
+    workspace.add_part("tags", "new", tag_rows("a/3", ["bunny"]))
+    assert caption.tags_from_text(config, workspace) == 2 * 13
+    assert set(workspace.published()["owned"][OWNER]["source_tags"]) == after
 
     fresh = type(workspace)(str(tmp_path / "fresh"))
     fill(fresh, list(range(0, 24, 2)))
