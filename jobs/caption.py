@@ -222,9 +222,19 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 def tags_from_text(cfg: Config, ws: Workspace) -> int:
     """source_tags (origin caption) for untagged images with a caption or prompt of their own
     (udfs/caption/caption_tags.py): the texts are staged one file per unit, an actor pool ranks
-    the tags of a unit and writes them; the driver gets part names and counts. Returns the rows
-    written."""
-    from udfs.caption.caption_tags import OWNER, PART, TextTagger, csv_vocabulary, dataset_vocabulary
+    the tags of a unit and writes them; the driver gets part names and counts. A unit built before
+    (the same texts: its digest) with the same vocabulary, options and code keeps its part: one
+    text added runs its unit alone, not every text of the dataset through the embedding model
+    again (hours at a million texts on a CPU); a tag added to the dataset, the units whose texts
+    name it (unit_candidates_digests). Returns the rows written."""
+    from udfs.caption.caption_tags import (
+        OWNER,
+        PART,
+        TextTagger,
+        csv_vocabulary,
+        dataset_vocabulary,
+        unit_candidates_digests,
+    )
 
     opts = cfg["caption"]
     last = ws.read_json(TEXT_TAGS_STATE) or {}
@@ -239,27 +249,55 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
         return 0
     # the CSV is the driver's file; the dataset's tags come from a scan, in a worker
     vocabulary = run_in_worker(cfg, ws, dataset_vocabulary) + csv_vocabulary(opts["tag_vocabulary"])
-    stamp = text_tags_fingerprint(opts, units, vocabulary)
-    if last.get("fingerprint") == stamp and OWNER in ws.published()["owned"]:
+    stamp = text_tags_fingerprint(opts)
+    found = run_in_worker(cfg, ws, unit_candidates_digests, [u["path"] for u in units], vocabulary)
+    for unit, candidates_digest in zip(units, found, strict=True):  # what the unit's tags are made of
+        unit["built_from"] = hashlib.sha1(f"{stamp}-{unit['digest']}-{candidates_digest}".encode()).hexdigest()
+    built = built_text_units(ws, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
+    kept = {u["built_from"]: built[u["built_from"]] for u in units if u["built_from"] in built}
+    todo = [u for u in units if u["built_from"] not in kept]
+    if not todo and len(kept) == len(built):
         clear(ws, TEXTS)
         ws.write_json(TEXT_TAGS_STATE, {**last, "inputs": text_tags_inputs(ws, opts)})
         print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
-        return int(last.get("rows", 0))
-    # one unit per call: the actor reads its unit's texts and writes the tags it finds
-    pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(units))))
-    ds = staged_units_dataset(units).map_batches(
-        TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
-        fn_constructor_kwargs={"workspace": ws.root, "part_prefix": f"{PART}-{uuid.uuid4().hex[:12]}-",
-                               "vocabulary": vocabulary,
-                               "top_k": int(opts["text_tags_top_k"]),
-                               "min_similarity": float(opts["text_tags_min_similarity"]),
-                               "model": opts["embedding_model"]})
-    progress = Progress("caption (tags from text)", sum(u["rows"] for u in units), what="texts", units=len(units))
-    parts, written = collect_parts(ds, progress, "texts")
-    ws.publish({OWNER: {"source_tags": parts}})  # the whole result replaces the last run's at once
-    ws.write_json(TEXT_TAGS_STATE, {"fingerprint": stamp, "rows": written, "inputs": text_tags_inputs(ws, opts)})
+        return sum(b["rows"] for b in kept.values())
+    if todo:  # one unit per call: the actor reads its unit's texts and writes the tags it finds
+        prefix = f"{PART}-{uuid.uuid4().hex[:12]}-"
+        pool = ray.data.ActorPoolStrategy(size=max(1, min(int(opts["concurrency"]), len(todo))))
+        ds = staged_units_dataset(todo).map_batches(
+            TextTagger, batch_size=1, compute=pool, num_cpus=float(opts["num_cpus"]),
+            fn_constructor_kwargs={"workspace": ws.root, "part_prefix": prefix,
+                                   "vocabulary": vocabulary,
+                                   "top_k": int(opts["text_tags_top_k"]),
+                                   "min_similarity": float(opts["text_tags_min_similarity"]),
+                                   "model": opts["embedding_model"]})
+        progress = Progress("caption (tags from text)", sum(u["rows"] for u in todo), what="texts", units=len(todo))
+        parts = collect_unit_parts(ds, progress)
+        kept.update({u["built_from"]: parts[f"{prefix}{u['index']}"] for u in todo})
+    # the whole result replaces the last run's at once
+    ws.publish({OWNER: {"source_tags": sorted(b["part"] for b in kept.values())}})
+    written = sum(b["rows"] for b in kept.values())
+    ws.write_json(TEXT_TAGS_STATE, {"units": kept, "rows": written, "inputs": text_tags_inputs(ws, opts)})
     clear(ws, TEXTS)
     return written
+
+
+def built_text_units(ws: Workspace, published: list[str]) -> dict[str, dict]:
+    """The units the last tags_from_text built ({what a unit was built from: {"part", "rows"}}),
+    when their parts are all still published; {} otherwise (a state of an earlier version, which
+    kept no units, builds them all once)."""
+    units = (ws.read_json(TEXT_TAGS_STATE) or {}).get("units") or {}
+    return units if {b["part"] for b in units.values()} == set(published) else {}
+
+
+def collect_unit_parts(ds: ray.data.Dataset, progress: Progress) -> dict[str, dict]:
+    """{part: {"part", "rows"}} of each unit call of `ds` (TextTagger's)."""
+    parts = {}
+    with progress:
+        for row in ds.iter_rows():
+            parts[row["part"]] = {"part": row["part"], "rows": int(row["rows"])}
+            progress.add(int(row["texts"]), units=1)
+    return parts
 
 
 def drop_text_tags(ws: Workspace) -> bool:
@@ -274,14 +312,13 @@ def drop_text_tags(ws: Workspace) -> bool:
     return True
 
 
-def text_tags_fingerprint(opts: dict, units: list[dict], vocabulary: list[tuple[str, str]]) -> str:
-    """A digest of what tags_from_text's rows are made of: the staged texts (their rows' digests),
-    the vocabulary, the options and the code. Of the content, not of the parts (store/stamps.py):
-    each build writes new parts, which curate and the caption units read, so a digest of parts
-    would have every run build again, and curate after it."""
+def text_tags_fingerprint(opts: dict) -> str:
+    """A digest of what every unit's tags from text are made of besides its texts and their
+    candidate tags (tags_from_text): the options and the code. Of the content, not of the parts
+    (store/stamps.py): each build writes new parts, which curate and the caption units read, so a
+    digest of parts would have every run build again, and curate after it."""
     digest = hashlib.sha256(code_digest(TEXT_TAGS_CODE).encode())
-    digest.update(json.dumps([[u["digest"] for u in units], vocabulary,
-                              {k: opts[k] for k in TEXT_TAGS_OPTIONS}], default=str).encode())
+    digest.update(json.dumps({k: opts[k] for k in TEXT_TAGS_OPTIONS}, default=str).encode())
     return digest.hexdigest()
 
 
@@ -333,8 +370,8 @@ def stage_texts(ws: Workspace, unit_images: int) -> list[dict]:
     con = ws.connect()
     try:
         con.execute("create temp view text_images as " + sql_text("caption_text_images.sql"))
-        reader = con.sql(sql_text("caption_text_units.sql"),
-                         params={"unit_size": unit_images}).to_arrow_reader(50_000)
+        reader = con.sql(sql_text("caption_text_units.sql"),  # content-defined cuts: see the SQL
+                         params={"unit_size": unit_images, "cut_every": 2 * unit_images}).to_arrow_reader(50_000)
         return stage_units(ws, reader, TEXTS)
     finally:
         con.close()

@@ -8,9 +8,10 @@ for nearly the whole dataset after one file was added to a folder).
 Now a unit committed before (a marker) whose rows are all still there, in a row and unchanged,
 keeps its range, and so its id: it is not run again. The images between such ranges (new ones,
 changed ones, those of units whose rows changed) are cut into units of unit_size images, the
-last of each stretch what is left. A unit's range is found from its first key (its marker's, or for a marker written
-before it had one, the smallest key its parts hold: every image of a unit has a captions or an
-errors row) and its row count; it is kept when the rows there hash to its id again.
+last of each stretch what is left (joined to the one before when under half unit_size). A
+unit's range is found from its first key (its marker's, or for a marker written before it had
+one, the smallest key its parts hold: every image of a unit has a captions or an errors row) and
+its row count; it is kept when the rows there hash to its id again.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def cut_ranges(kept: list[tuple[int, int]], total: int, unit_size: int) -> list[
 
 
 def gap_ranges(start: int, end: int, unit_size: int) -> list[tuple[int, int]]:
-    """[start, end) in ranges of unit_size, the last one what is left."""
-    bounds = [*range(start, end, max(1, unit_size)), end]
+    """[start, end) in ranges of unit_size, the last one what is left; a rest of fewer than half
+    unit_size joins the range before it. Cut every unit_size alone, each image added inside a
+    unit left a unit of 1 image behind it (the unit's range and its new image: unit_size and 1):
+    after 500 changes to 100,000 images in units of 500, 460 units, the median of 1 image, each
+    with its marker and parts. A range cut here starts where a gap or a range before it ends, so
+    a run killed and resumed cuts the units it had not finished as it had."""
+    size = max(1, unit_size)
+    bounds = [*range(start, end, size), end]
+    if len(bounds) > 2 and 2 * (end - bounds[-2]) < size:
+        del bounds[-2]
     return list(zip(bounds, bounds[1:], strict=False)) if end > start else []

@@ -198,6 +198,23 @@ def test_an_image_added_captions_that_image_alone(ray_local, workspace, config, 
     assert "a/scene" not in {r["key"] for r in workspace.read_table("captions").to_pylist()}
 
 
+def test_images_added_one_by_one_leave_no_units_of_one_image(ray_local, workspace, config):
+    """An image added inside a unit runs that unit again; the images there were cut every
+    unit_size, so the unit's range and its new image made a unit of unit_size and one of 1
+    image, and each later image added left another (after 500 changes to 100,000 images in units
+    of 500: 460 units, the median of 1 image, each with its marker and parts). A rest of fewer
+    than half unit_size now joins the unit before it: the units stay as many."""
+    write_inputs(workspace)
+    for key in ("b/x1", "b/x2", "b/x3"):
+        added_image(workspace, key, ["1girl", "smile"])
+    caption.run(configure(config, unit_size=4), workspace)  # 8 images: 2 units of 4
+    for key in ("a/girl2", "b/x0"):  # inside the first unit, then inside the second
+        added_image(workspace, key, ["1girl", "cat"])
+        again = caption.run(configure(config, unit_size=4), workspace)
+        assert (again.units_done, again.units_skipped, again.rows_run) == (1, 1, 5)
+    assert sorted(info["images"] for info in workspace.done_units("caption").values()) == [5, 5]
+
+
 def test_every_option_that_shapes_a_units_rows_is_part_of_its_id(workspace, config):
     """A unit's id hashes the options its rows depend on: changing one (the rewrite's token limit,
     the server the vllm stream asks) captions its images again; how the work is done does not."""

@@ -253,3 +253,46 @@ def test_related_tags_read_the_impossible_combinations_through_the_aliases(ray_l
     caption.related_tags(config, workspace)
     suggested = {s["tag"] for s in workspace.read_table("tag_suggestions").to_pylist() if s["key"] == "s/one"}
     assert suggested == {"classroom"}
+
+
+def test_one_text_added_embeds_its_own_unit_not_every_text(ray_local, workspace, config, tmp_path, monkeypatch):
+    """tags_from_text ran every untagged image's text through the embedding model again when one
+    text was added (one digest over all units, units cut every TEXT_UNIT_IMAGES texts in key
+    order: hours at a million texts on a CPU). Now the units are content-defined and a unit with
+    the same texts, candidate tags and options keeps its part: only the added text's unit runs (a
+    tag added that no text names, none), and the tags equal those of a workspace that took them
+    from every text at once."""
+    monkeypatch.setattr(caption, "TEXT_UNIT_IMAGES", 2)
+    words = ["blue hair", "smile", "school_uniform", "red dress", "cat ears"]
+
+    def fill(ws, keys: list[int]) -> None:
+        ws.add_part("tags", "u", tag_rows("a/1", ["1girl", "blue_hair", "school_uniform", "smile"])
+                    + tag_rows("a/2", ["red_dress", "cat_ears"]))
+        for k in keys:
+            ws.add_part("source_text", f"t{k}", [{"key": f"p/{k:02d}", "kind": "sd_prompt",
+                                                  "text": f"1girl, {words[k % 5]}, {words[(k + 2) % 5]}"}])
+
+    def rows(ws) -> list[tuple]:
+        return sorted((r["key"], r["tag"], r["position"]) for r in ws.read_table("source_tags").to_pylist())
+
+    merge(config, {"caption": {"text_tags_min_similarity": 0.0, "text_tags_top_k": 2}})
+    fill(workspace, list(range(0, 24, 2)))
+    caption.tags_from_text(config, workspace)
+    before = set(workspace.published()["owned"][OWNER]["source_tags"])
+    added = [{"key": "p/11", "kind": "sd_prompt", "text": "1girl, red dress"}]
+    workspace.add_part("source_text", "more", added)
+    assert caption.tags_from_text(config, workspace) == 2 * 13
+    after = set(workspace.published()["owned"][OWNER]["source_tags"])
+    new = after - before
+    run_again = {r["key"] for part in new for r in workspace.read_part("source_tags", part, ["key"])}
+    assert "p/11" in run_again and len(run_again) <= 4 and len(before - after) == 1  # of 13 texts
+    # a tag new to the dataset that no text names changes no unit's candidates: nothing runs
+    workspace.add_part("tags", "new", tag_rows("a/3", ["bunny"]))
+    assert caption.tags_from_text(config, workspace) == 2 * 13
+    assert set(workspace.published()["owned"][OWNER]["source_tags"]) == after
+
+    fresh = type(workspace)(str(tmp_path / "fresh"))
+    fill(fresh, list(range(0, 24, 2)))
+    fresh.add_part("source_text", "more", added)
+    caption.tags_from_text(copy.deepcopy(config), fresh)
+    assert rows(workspace) == rows(fresh)

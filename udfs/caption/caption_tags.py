@@ -9,6 +9,8 @@ top ones go to source_tags with origin "caption".
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -56,11 +58,7 @@ class TextTagger:
     def __init__(self, workspace: str, part_prefix: str, vocabulary: list[tuple[str, str]], top_k: int,
                  min_similarity: float, model: str = "") -> None:
         self.ws, self.part_prefix = Workspace(workspace, create=False), part_prefix
-        self.phrases = {}
-        for tag, category in vocabulary:
-            phrase = phrase_of(tag)
-            if phrase and category not in ("meta", "rating", "artist"):
-                self.phrases.setdefault(phrase, (tag, category))
+        self.phrases = tag_phrases(vocabulary)
         self.encoder = SentenceEncoder(model)
         self.top_k, self.min_similarity = top_k, min_similarity
 
@@ -96,6 +94,29 @@ class TextTagger:
                 out["origin"].append("caption")
                 out["position"].append(position)
         return out
+
+
+def tag_phrases(vocabulary: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """phrase -> (tag, category) of the tags a text may name (not meta, rating or artist tags)."""
+    phrases: dict[str, tuple[str, str]] = {}
+    for tag, category in vocabulary:
+        phrase = phrase_of(tag)
+        if phrase and category not in ("meta", "rating", "artist"):
+            phrases.setdefault(phrase, (tag, category))
+    return phrases
+
+
+def unit_candidates_digests(ws: Workspace, paths: list[str], vocabulary: list[tuple[str, str]]) -> list[str]:
+    """A digest of the candidate tags of each text of each staged unit (TextTagger's only use of
+    the vocabulary): a tag added to the dataset changes the units whose texts name it, no other.
+    Runs in a Ray task (run_in_worker): it reads every staged text."""
+    phrases = tag_phrases(vocabulary)
+    digests = []
+    for path in paths:
+        texts = read_unit_rows(ws, path)["text"].to_pylist()
+        found = json.dumps([candidates(t, phrases) for t in texts])
+        digests.append(hashlib.sha1(found.encode()).hexdigest())
+    return digests
 
 
 def dataset_vocabulary(ws: Workspace) -> list[tuple[str, str]]:
