@@ -9,9 +9,9 @@ Now a unit committed before (a marker) whose rows are all still there, in a row 
 keeps its range, and so its id: it is not run again. The images between such ranges (new ones,
 changed ones, those of units whose rows changed) are cut into units of unit_size images, the
 last of each stretch what is left (joined to the one before when under half unit_size). A
-unit's range is found from its first key (its marker's, or for a marker written before it had
-one, the smallest key its parts hold: every image of a unit has a captions or an errors row) and
-its row count; it is kept when the rows there hash to its id again.
+unit's range is found from its first key (its marker's, the last plan's, or for a marker written
+before markers had one, the smallest key its parts hold: every image of a unit has a captions or
+an errors row) and its row count; it is kept when the rows there hash to its id again.
 """
 
 from __future__ import annotations
