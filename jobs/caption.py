@@ -237,8 +237,8 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     )
 
     opts = cfg["caption"]
-    last = ws.read_json(TEXT_TAGS_STATE) or {}
-    if last.get("inputs") == text_tags_inputs(ws, opts) and OWNER in ws.published()["owned"]:
+    last, inputs = ws.read_json(TEXT_TAGS_STATE) or {}, text_tags_inputs(ws, opts)
+    if last.get("inputs") == inputs and OWNER in ws.published()["owned"]:
         print("caption: tags from text: nothing they are made of changed since the last run: texts not staged again",
               flush=True)
         return int(last.get("rows", 0))
@@ -253,12 +253,12 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     found = run_in_worker(cfg, ws, unit_candidates_digests, [u["path"] for u in units], vocabulary)
     for unit, candidates_digest in zip(units, found, strict=True):  # what the unit's tags are made of
         unit["built_from"] = hashlib.sha1(f"{stamp}-{unit['digest']}-{candidates_digest}".encode()).hexdigest()
-    built = built_text_units(ws, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
+    built = built_text_units(last, ws.published()["owned"].get(OWNER, {}).get("source_tags", []))
     kept = {u["built_from"]: built[u["built_from"]] for u in units if u["built_from"] in built}
     todo = [u for u in units if u["built_from"] not in kept]
     if not todo and len(kept) == len(built):
         clear(ws, TEXTS)
-        ws.write_json(TEXT_TAGS_STATE, {**last, "inputs": text_tags_inputs(ws, opts)})
+        ws.write_json(TEXT_TAGS_STATE, {**last, "inputs": inputs})  # nothing published since it was taken
         print("caption: tags from text: the same texts and vocabulary as the last run; its tags kept", flush=True)
         return sum(b["rows"] for b in kept.values())
     if todo:  # one unit per call: the actor reads its unit's texts and writes the tags it finds
@@ -272,8 +272,9 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
                                    "min_similarity": float(opts["text_tags_min_similarity"]),
                                    "model": opts["embedding_model"]})
         progress = Progress("caption (tags from text)", sum(u["rows"] for u in todo), what="texts", units=len(todo))
-        parts = collect_unit_parts(ds, progress)
-        kept.update({u["built_from"]: parts[f"{prefix}{u['index']}"] for u in todo})
+        rows = collect_parts(ds, progress, "texts")
+        kept.update({u["built_from"]: {"part": f"{prefix}{u['index']}", "rows": rows[f"{prefix}{u['index']}"]}
+                     for u in todo})
     # the whole result replaces the last run's at once
     ws.publish({OWNER: {"source_tags": sorted(b["part"] for b in kept.values())}})
     written = sum(b["rows"] for b in kept.values())
@@ -282,22 +283,12 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
     return written
 
 
-def built_text_units(ws: Workspace, published: list[str]) -> dict[str, dict]:
-    """The units the last tags_from_text built ({what a unit was built from: {"part", "rows"}}),
-    when their parts are all still published; {} otherwise (a state of an earlier version, which
-    kept no units, builds them all once)."""
-    units = (ws.read_json(TEXT_TAGS_STATE) or {}).get("units") or {}
+def built_text_units(last: dict, published: list[str]) -> dict[str, dict]:
+    """The units the last tags_from_text built (`last`: its state; {what a unit was built from:
+    {"part", "rows"}}), when their parts are all still published; {} otherwise (a state of an
+    earlier version, which kept no units, builds them all once)."""
+    units = last.get("units") or {}
     return units if {b["part"] for b in units.values()} == set(published) else {}
-
-
-def collect_unit_parts(ds: ray.data.Dataset, progress: Progress) -> dict[str, dict]:
-    """{part: {"part", "rows"}} of each unit call of `ds` (TextTagger's)."""
-    parts = {}
-    with progress:
-        for row in ds.iter_rows():
-            parts[row["part"]] = {"part": row["part"], "rows": int(row["rows"])}
-            progress.add(int(row["texts"]), units=1)
-    return parts
 
 
 def drop_text_tags(ws: Workspace) -> bool:
@@ -383,16 +374,15 @@ def staged_units_dataset(units: list[dict]) -> ray.data.Dataset:
                                override_num_blocks=len(units))
 
 
-def collect_parts(ds: ray.data.Dataset, progress: Progress, counted: str) -> tuple[list[str], int]:
-    """The parts the unit calls of `ds` wrote and their rows in all; each call's `counted` goes to
-    the progress line."""
-    parts, rows = [], 0
+def collect_parts(ds: ray.data.Dataset, progress: Progress, counted: str) -> dict[str, int]:
+    """{part: rows} of the parts the unit calls of `ds` wrote; each call's `counted` goes to the
+    progress line."""
+    parts = {}
     with progress:
         for row in ds.iter_rows():
-            parts.append(row["part"])
-            rows += int(row["rows"])
+            parts[row["part"]] = int(row["rows"])
             progress.add(int(row[counted]), units=1)
-    return parts, rows
+    return parts
 
 
 def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
@@ -654,10 +644,10 @@ def build_related_tags(cfg: Config, ws: Workspace) -> int:
         suggest_units_task, batch_size=1, num_cpus=float(opts["num_cpus"]),
         fn_kwargs={"workspace": ws.root, "pairs_path": pairs_path, "part_prefix": f"pmi-{run}-",
                    "top_k": int(opts["related_top_k"]), "impossible": impossible})
-    parts, rows = collect_parts(ds, Progress("related tags", units=len(units)), "images")
+    parts = collect_parts(ds, Progress("related tags", units=len(units)), "images")
     ws.publish({RELATED_OWNER: {"tag_suggestions": sorted(parts)}})
     clear(ws, RELATED)
-    return rows
+    return sum(parts.values())
 
 
 def stage_related(ws: Workspace, opts: dict, unit_images: int) -> tuple[str, list[dict]]:
