@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import re
 import time
 
-import ray
-
 import schemas
 from jobs.config import SAMPLE_SHARDS, Config, ConfigError, default_config
-from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first
+from jobs.ray_env import Progress, RunningBatches, collect_units, init_ray, largest_first, unit_tasks
 from jobs.summary import JobSummary
 from store.workspace import INPUT_REGISTRY, Workspace, images_parts, unit_id, unit_parts
 from udfs.ingest.clips import PILLOW_FORMAT
 from udfs.ingest.ingest_unit import (
     JOB,
     READER_VERSION,
-    SUMMARY,
     ingest_units,
     kept_batches,
     limits_digest,
@@ -373,23 +370,18 @@ def finished_samples(ws: Workspace, units: list[Unit], pending: list[Unit], opti
 
 
 def _run_units(cfg: Config, ws: Workspace, units: list[Unit], options: dict) -> list[dict]:
+    """The pending units in plain Ray tasks of ingest.shards_per_task units each, largest first.
+    Not a Ray Data dataset: each task reads and writes its own units and returns a few counts,
+    so there is nothing to stream between operators, and Ray Data's executor cost the driver
+    0.2 s (warm) of CPU beside 2 busy workers (bench/ingest.py) for no gain (as export's tasks)."""
     init_ray(cfg)
     items = [{"unit": unit_key(u), "kind": u.kind, "uri": u.uri, "prefix": u.prefix, "files": u.files,
               "input": u.input} for u in largest_first(units, lambda unit: unit.size)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        ingest_units,
-        batch_size=int(cfg["ingest"]["shards_per_task"]),
-        fn_kwargs={"workspace": ws.root, "options": options},
-    )
-    # Ray Data reserves half of the CPUs for each operator's own use and lends the rest only
-    # once the operator has produced outputs, so the second unit started only when the first
-    # was done (6 one-second tasks on 2 CPUs: 4.4 s instead of 3.1). Ingest is one operator
-    # whose outputs are one small summary row per unit: there is nothing downstream to reserve
-    # for. This dataset's context only; other jobs keep the reservation.
-    ds.context.op_resource_reservation_enabled = False
+    per_task = int(cfg["ingest"]["shards_per_task"])
+    batches = (items[i:i + per_task] for i in range(0, len(items), per_task))
+    infos = itertools.chain.from_iterable(unit_tasks(ingest_units, batches, 1.0, workspace=ws.root, options=options))
     progress = Progress("ingest", units=len(items), running=RunningBatches(ws, JOB))
-    return collect_units(ds.iter_rows(), progress, _info_of, ws.publish_now_and_then)
+    return collect_units(infos, progress, lambda info: info, ws.publish_now_and_then)
 
 
 def frame_options(opts: dict) -> dict:
@@ -399,9 +391,3 @@ def frame_options(opts: dict) -> dict:
     if opts["max_side"] < opts["min_side"]:
         raise ConfigError("ingest.frames.max_side must be >= min_side")
     return dict(opts)
-
-
-def _info_of(row: dict) -> dict:
-    done = {k: row[k] for k in SUMMARY}
-    done["error_kinds"] = json.loads(row["error_kinds"])
-    return done

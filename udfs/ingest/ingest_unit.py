@@ -58,19 +58,16 @@ LOST_PICTURE_KINDS = (*NOT_OPENED, "duplicate_member")
 SUMMARY = ("samples", "images", "clips", "frames", "errors", "dropped", "bytes", "seconds")
 
 
-def ingest_units(batch: dict[str, Any], workspace: str, options: dict) -> dict[str, list]:
-    """map_batches UDF: one summary row per unit of the batch."""
+def ingest_units(items: list[dict], workspace: str, options: dict) -> list[dict]:
+    """A Ray task (jobs/ray_env.unit_tasks): the units of `items` (ingest.shards_per_task of
+    them), each read and committed; one summary per unit."""
     ws = Workspace(workspace)
-    out: dict[str, list] = {"unit": [], "error_kinds": [], **{name: [] for name in SUMMARY}}
-    for i in range(len(batch["unit"])):
-        unit = Unit(batch["kind"][i], batch["uri"][i], batch["prefix"][i], list(batch["files"][i]),
-                    input=batch["input"][i])
-        info = UnitIngest(ws, batch["unit"][i], unit, options).run()
-        out["unit"].append(batch["unit"][i])
-        for name in SUMMARY:
-            out[name].append(info[name])
-        out["error_kinds"].append(json.dumps(info["error_kinds"]))
-    return out
+    infos = []
+    for item in items:
+        unit = Unit(item["kind"], item["uri"], item["prefix"], list(item["files"]), input=item["input"])
+        info = UnitIngest(ws, item["unit"], unit, options).run()
+        infos.append({name: info[name] for name in SUMMARY} | {"error_kinds": dict(info["error_kinds"])})
+    return infos
 
 
 # Bumped when the reading of a unit changes what rows it gives (sidecar parsing, member rules):
