@@ -4,15 +4,15 @@ Makes N realistic images by compositing the bundled sample's sprites onto its ba
 (random sizes and positions, JPEG and PNG), writes them as WebDataset shards (once: they are kept
 in the bench cache, ~/.cache/booruset-bench), then times,
 alternating the sides `--repeats` times (median reported):
-  - `booruset ingest` (Ray Data on a local Ray with every core, Ray already started and one job run
-    untimed before, a fresh workspace each time), per core: images/s / cores;
+  - `booruset ingest` (a Ray task per input shard on a local Ray with every core, Ray already
+    started and one job run untimed before, a fresh workspace each time), per core: images/s / cores;
   - the baseline: one process opening and decoding each image as ingest does (JPEG in draft mode
     at the smallest DCT scale that keeps 256 pixels, for the pHash; 8-bit PNGs by libspng; other
     formats in full by Pillow), plus its sha256: the floor of what ingest must do per image. The
     same with Pillow for every image (ingest's decode before libspng) and Pillow's full decode are
     printed too.
-And the import time of ingest's worker module in a fresh interpreter that has Ray Data loaded (what
-a new worker pays before its first image). Ends with:
+And the import time of ingest's worker module in a fresh interpreter that has Ray loaded (what a
+new worker pays before its first image). Ends with:
 
     RESULT ingest_per_core_vs_same_decode ratio=<ingest wall images/s per core / baseline> goal=0.8 met=yes|no
     RESULT ingest_per_worker_vs_same_decode ratio=<images per second of a worker's time in its units
@@ -184,8 +184,8 @@ def ingest_rates(shards: Path, root: Path, run: int) -> tuple[float, float]:
 
 
 def worker_import_seconds() -> float:
-    """Seconds a fresh interpreter with Ray Data loaded takes to import ingest's worker module."""
-    code = ("import time, ray.data; t = time.perf_counter(); import udfs.ingest.ingest_unit; "
+    """Seconds a fresh interpreter with Ray loaded takes to import ingest's worker module."""
+    code = ("import time, ray; t = time.perf_counter(); import udfs.ingest.ingest_unit; "
             "print(time.perf_counter() - t)")
     runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                                  check=True).stdout) for _ in range(3)]
@@ -209,7 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_ray(load_config(None, [f'workspace.path="{tmp}/ws"']))
         cores = int(ray.cluster_resources()["CPU"])  # what ingest's tasks run on
-        # a first job starts Ray's workers and Ray Data's actors (2-5 s on 2 cores): a cluster that
+        # a first job starts Ray's workers (2-5 s on 2 cores): a cluster that
         # has run a job has them, so that one is not timed
         ingest_rates(shards, Path(tmp), -1)
         ours, per_worker, baseline, pillow = [], [], [], []
@@ -229,7 +229,7 @@ def main() -> None:
     print(f"same decode + sha256 (1 process): {floor:.1f} images/s; with Pillow for every image (ingest's "
           f"decode before libspng): {statistics.median(pillow):.1f}, ingest per core "
           f"{rate / cores / statistics.median(pillow):.2f} x that")
-    print(f"booruset ingest (probe, sha256, phash, sidecars, Parquet, Ray Data): {rate:.1f} images/s, "
+    print(f"booruset ingest (probe, sha256, phash, sidecars, Parquet, Ray tasks): {rate:.1f} images/s, "
           f"{rate / cores:.1f} per core; {worker_rate:.1f} per second of a worker's time in its units")
     print(f"ingest worker module import: {start:.2f} s")
     print(result("ingest_per_core_vs_same_decode", rate / cores / floor, PER_CORE_GOAL))

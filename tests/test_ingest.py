@@ -459,6 +459,22 @@ def test_rerun_skips_done_units(tmp_path):
     assert second.rows_out["images"] == 1  # the summary still counts the whole input
 
 
+def test_several_shards_per_task_commit_each_shard_as_its_own_unit(tmp_path):
+    """ingest.shards_per_task = 2 over 3 shards: two tasks, still one unit (marker, rows) per
+    shard, and the same rows as one shard per task."""
+    for i in range(3):
+        write_tar(tmp_path / f"s{i}.tar", [(f"k{i}.png", encode(picture(seed=i), "PNG")), (f"k{i}.txt", b"tag")])
+    inputs = [str(tmp_path / f"s{i}.tar") for i in range(3)]
+    grouped, ws = run_ingest(tmp_path / "grouped", inputs, "ingest.shards_per_task=2")
+    alone, ws_alone = run_ingest(tmp_path / "alone", inputs)
+    assert (grouped.units_done, grouped.rows_out["images"]) == (3, 3)
+    assert len(ws.done_units("ingest")) == 3
+    assert sorted(ws.read_table("images").column("sha256").to_pylist()) == \
+        sorted(ws_alone.read_table("images").column("sha256").to_pylist())
+    again, _ = run_ingest(tmp_path / "grouped", inputs, "ingest.shards_per_task=2")
+    assert (again.units_done, again.units_skipped) == (0, 3)
+
+
 def test_sample_workspace_catalog_answers_sql(tmp_path):
     summary, ws = run_ingest(tmp_path, [""])
     assert summary.rows_out["images"] == 24 and summary.errors == 0
