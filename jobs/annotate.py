@@ -9,7 +9,10 @@ written; a unit counts as done once its marker lists every model of the run. Eac
 its batch done (state/annotate/batches/<unit>/): a unit killed before its marker keeps the
 batches it finished, and the next run reads only the rest of its images (a shard is thousands
 of images: minutes of GPU time, hours on a CPU). Parts that no marker names (a batch killed
-while it wrote) are deleted at the next start.
+while it wrote) are deleted at the next start. A unit that replaces one ingest replaced (a
+sidecar edited, an image added: the ingest unit's id changes) keeps the rows of the images the
+old one annotated from the same bytes (state/annotate/images/: each unit's keys and sha256),
+copied in a batch of its own: the models run only on its new or changed images.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from jobs.config import Config, ConfigError, default_config
-from jobs.ray_env import Progress, init_ray, local_ray
+from jobs.ray_env import Progress, init_ray, local_ray, unit_tasks
 from jobs.summary import JobSummary
 from store.workspace import Workspace, images_parts
-from udfs.annotate.annotate_parts import merge_infos, write_unit_parts
+from udfs.annotate.annotate_parts import copy_kept_rows, merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
 from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path, load_cascade
 from udfs.annotate.ccip import CcipFeatures
@@ -237,26 +242,45 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     models = sorted(spec["identity"] for spec in specs.values())
     ws.begin_job()
     units = units_of(ws)
-    done = retire_stale_units(ws, {u["unit"] for u in units})
+    current = {u["unit"] for u in units}
+    markers = ws.done_units(JOB)
+    done = {unit: info for unit, info in markers.items() if unit in current}
     # no model to run (none configured, or none whose files are here): no unit is run, and none
     # is done by having every model of an empty set
     pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
     run_specs = models_to_run(specs, pending, done)
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()})
-    resumed = sum(len(m["keys"]) for markers in batches.values() for m in markers)
+    resumed = sum(len(m["keys"]) for found in batches.values() for m in found)
+    kept = plan_kept_rows(ws, [u for u in pending if u["unit"] not in markers],
+                          {u: m for u, m in markers.items() if u not in current}, run_specs, batches)
+    reused = sum(len(item["keys"]) for item in kept)
     pending_ids = {u["unit"] for u in pending}
     done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
           + (f" ({resumed} of their images finished by a killed run)" if resumed else "")
+          + (f" ({reused} of their images annotated from the same bytes in replaced units: rows kept)"
+             if reused else "")
           + f"; models: {', '.join(models) or 'none (nothing to run)'}"
           + (f" (running {', '.join(sorted(s['identity'] for s in run_specs.values()))}; the others' rows are kept)"
              if pending and len(run_specs) < len(specs) else ""), flush=True)
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
-                         rows_run=sum(u["rows"] for u in pending) - resumed if specs else 0)
+                         rows_run=sum(u["rows"] for u in pending) - resumed - reused if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
                              "(their batches kept, not redone)")
+    if reused:
+        summary.notes.append(f"kept: {reused} images of replaced units (a sidecar changed, an image added) have "
+                             "the bytes they were annotated from: their rows are kept, no model ran on them")
+    if kept:
+        init_ray(cfg)
+        pipeline = {name: spec["identity"] for name, spec in run_specs.items()}
+        for marker in unit_tasks(copy_kept_rows, kept, float(cfg[JOB]["task_num_cpus"]), workspace=ws.root,
+                                 pipeline=pipeline):
+            batches.setdefault(marker.pop("unit"), []).append(marker)
+    # after the copies, which read the parts of the units retired here (readers keep them until the end)
+    retire_stale_units(ws, current)
+    keep_records(ws, units, done)
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids and u["unit"] in done]
     if specs and pending_ids & set(done):
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
@@ -288,13 +312,90 @@ def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, d
     return {name: spec for name, spec in specs.items() if name in names}
 
 
-def retire_stale_units(ws: Workspace, current: set[str]) -> dict[str, dict]:
-    """Forget the markers of units no longer planned (their images changed); the next publish
-    drops their rows. The markers of current units."""
-    done = ws.done_units(JOB)
-    for unit in set(done) - current:
+# ---- rows kept from replaced units ---------------------------------------------------------
+# state/annotate/images/<unit>.parquet: the images (key, sha256) each committed unit was annotated
+# from. ingest replaces a unit whose sidecars changed, or that gained an image, and drops its old
+# `images` rows: this record is what tells which images of the new unit have bytes annotated before.
+RECORD_SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
+
+
+def record_dir(ws: Workspace) -> str:
+    return f"{ws.state_dir(JOB)}/images"
+
+
+def write_record(ws: Workspace, unit: str, parts: list[str]) -> None:
+    rows = [row for part in parts for row in ws.read_part("images", part, ["key", "sha256"])]
+    ws.write_parquet(f"{record_dir(ws)}/{unit}.parquet", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
+
+
+def read_record(ws: Workspace, unit: str) -> dict[str, str]:
+    """{key: sha256} of a unit's record ({} where it has none: committed by a version without them)."""
+    path = f"{record_dir(ws)}/{unit}.parquet"
+    if ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return {}
+    table = pq.read_table(path, filesystem=ws.fs)
+    return dict(zip(table["key"].to_pylist(), table["sha256"].to_pylist(), strict=True))
+
+
+def keep_records(ws: Workspace, units: list[dict], done: dict[str, dict]) -> None:
+    """A record for each committed unit (those committed before records were kept get theirs now,
+    from their `images` rows, still the ones they were annotated from), and none for any other."""
+    selector = pafs.FileSelector(record_dir(ws), allow_not_found=True)
+    have = {info.base_name[: -len(".parquet")]: info.path for info in ws.fs.get_file_info(selector)
+            if info.is_file and info.base_name.endswith(".parquet")}
+    for unit in set(have) - set(done):
+        ws.fs.delete_file(have[unit])
+    for u in units:
+        if u["unit"] in done and u["unit"] not in have:
+            write_record(ws, u["unit"], u["parts"])
+
+
+def plan_kept_rows(ws: Workspace, new: list[dict], replaced: dict[str, dict], specs: dict[str, dict],
+                   batches: dict[str, list[dict]]) -> list[dict]:
+    """For each new unit (never annotated), the images that a replaced unit (its marker no longer
+    planned) annotated from the same bytes (key and sha256 the same) with every model of this run
+    and no errors row, and that no finished batch holds: {unit, keys, sources: [table, pipeline
+    name, part]} for copy_kept_rows. A model's rows depend on the image's bytes and its identity
+    alone, so these are the rows a run of the models would write."""
+    replaced = {unit: marker for unit, marker in sorted(replaced.items()) if "parts" in marker
+                and all(marker.get("pipeline", {}).get(name) == spec["identity"] for name, spec in specs.items())
+                # each part says its model (part_pipeline_name): one that did not would lose its rows
+                and all(part.startswith(f"{JOB}-{unit}-") for names in marker["parts"].values() for part in names)}
+    if not new or not replaced or not specs:
+        return []
+    had: dict[str, tuple[str, str]] = {}  # key -> (sha256, the replaced unit)
+    for unit, marker in replaced.items():
+        # an image with an errors row (a file missing then, a model failing) is run again
+        failed = {row["key"] for part in marker["parts"].get("errors", [])
+                  for row in ws.read_part("errors", part, ["key"])}
+        for key, sha256 in read_record(ws, unit).items():
+            if sha256 and key not in failed:
+                had.setdefault(key, (sha256, unit))
+    if not had:
+        return []
+    finished = {key for found in batches.values() for marker in found for key in marker["keys"]}
+    plan = []
+    for u in new:
+        keys, sources = [], set()
+        for part in u["parts"]:
+            for row in ws.read_part("images", part, ["key", "sha256"]):
+                key = row["key"]
+                if key in had and had[key][0] == row["sha256"] and key not in finished:
+                    keys.append(key)
+                    sources.add(had[key][1])
+        if keys:
+            parts = [[table, part_pipeline_name(part, unit), part] for unit in sorted(sources)
+                     for table, names in sorted(replaced[unit]["parts"].items()) if table != "errors"
+                     for part in names if part_pipeline_name(part, unit) in specs]
+            plan.append({"unit": u["unit"], "keys": sorted(keys), "sources": parts})
+    return plan
+
+
+def retire_stale_units(ws: Workspace, current: set[str]) -> None:
+    """Forget the markers of units no longer planned (ingest replaced them); the publish at the
+    job's end drops their rows."""
+    for unit in set(ws.done_units(JOB)) - current:
         ws.forget_unit(JOB, unit)
-    return {unit: info for unit, info in done.items() if unit in current}
 
 
 def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str]) -> dict[str, list[dict]]:
@@ -333,7 +434,8 @@ def _fill_summary(summary: JobSummary, infos: list[dict], specs: dict[str, dict]
         for table in TABLES[:3]:
             summary.rows_out[table] = summary.rows_out.get(table, 0) + info["rows"].get(table, 0)
         seconds.update(info.get("model_seconds", {}))
-        images.update({model: info["images"] for model in info.get("model_seconds", {})})
+        # the images this model's time was spent on: not those whose rows were kept from replaced units
+        images.update({model: info["images"] - info.get("reused", 0) for model in info.get("model_seconds", {})})
         for model, provider in info.get("providers", {}).items():
             providers[model].add(provider)
         for model, ids in info.get("nodes", {}).items():
@@ -409,12 +511,13 @@ class Pipeline:
                 for table, names in marker["parts"].items():
                     parts[unit][table].update(names)
                 infos[unit] = merge_infos(infos[unit], marker["info"])
-        # a unit whose batches were all done (killed before its marker) only needs the marker
-        done = [self.commit(u["unit"], parts.pop(u["unit"], defaultdict(set)), infos.pop(u["unit"]))
+        # a unit whose batches were all done (killed before its marker, or rows all kept) only needs the marker
+        done = [self.finish(u, parts.pop(u["unit"], defaultdict(set)), infos.pop(u["unit"]))
                 for u in units if written[u["unit"]] >= u["rows"]]
         units = [u for u in units if written[u["unit"]] < u["rows"]]
         if not units:
             return done
+        by_id = {u["unit"]: u for u in units}
         with Progress(JOB, sum(expected[u["unit"]] - written[u["unit"]] for u in units), units=len(units)) as progress:
             for row in self.dataset(units).iter_rows():
                 unit = row["unit"]
@@ -425,7 +528,7 @@ class Pipeline:
                 progress.add(row["rows"])
                 if written[unit] == expected[unit]:
                     # a unit whose rows wrote nothing (no detections, no errors) has no parts
-                    done.append(self.commit(unit, parts.pop(unit, defaultdict(set)), infos.pop(unit)))
+                    done.append(self.finish(by_id[unit], parts.pop(unit, defaultdict(set)), infos.pop(unit)))
                     progress.add(units=1)
         return done
 
@@ -516,6 +619,13 @@ class Pipeline:
         )
 
     # ---- commits ------------------------------------------------------------------------
+    def finish(self, unit: dict, parts: dict[str, set[str]], info: dict) -> dict:
+        """commit, then the unit's record of the images it was annotated from (a run killed in
+        between leaves it to the next start's keep_records, from the same `images` rows)."""
+        info = self.commit(unit["unit"], parts, info)
+        write_record(self.ws, unit["unit"], unit["parts"])
+        return info
+
     def commit(self, unit: str, parts: dict[str, set[str]], info: dict) -> dict:
         """The unit's marker: its parts and counts, keeping the parts of models run on it before
         that this run did not run again (this run's replace theirs: a changed model's rows go)."""

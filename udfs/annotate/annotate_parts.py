@@ -15,12 +15,18 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as pds
 
 import schemas
 from store.workspace import Workspace
 
 JOB = "annotate"
 DETECTORS = ("cascade_face", "face", "head", "person")
+
+
+def table_of(name: str) -> str:
+    """The table a model (pipeline name) writes its rows to."""
+    return {"ccip": "embeddings", "tagger": "tag_scores"}.get(name, "detections")
 
 
 def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str],
@@ -52,6 +58,37 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
     return out
 
 
+def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str]) -> dict:
+    """Ray task: the rows of the images (`keys`) of a new unit that a replaced unit annotated from
+    the same bytes with the same models (`sources`: [table, pipeline name, part] of its parts),
+    written as the new unit's parts and marked done as one batch (so a killed run keeps them,
+    and the models run on the unit's other images only). The batch marker, with its unit."""
+    ws = Workspace(workspace)
+    unit, keys = item["unit"], item["keys"]
+    tag = uuid.uuid4().hex[:16]
+    sources: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for table, name, part in item["sources"]:
+        sources[(table, name)].append(f"{ws.table_dir(table)}/{part}.parquet")
+    parts: dict[str, list[str]] = defaultdict(list)
+    rows: Counter = Counter()
+    by_model = {name: {"rows": {table_of(name): 0}, "error_kinds": {}} for name in pipeline}
+    for (table, name), files in sorted(sources.items()):
+        data = pds.dataset(files, schema=schemas.TABLES[table], filesystem=ws.fs, format="parquet")
+        part = f"{JOB}-{unit}-{name}-{tag}"
+        written = ws.write_part_batches(table, part, data.to_batches(filter=pds.field("key").isin(keys)))
+        if not written:  # as the writers: no empty part
+            ws.delete_part(table, part)
+            continue
+        parts[table].append(part)
+        rows[table] += written
+        by_model[name]["rows"][table] = written
+    info = {"images": len(keys), "dropped": 0, "by_model": by_model, "error_kinds": {}, "rows": dict(rows),
+            "providers": {}, "nodes": {}, "model_seconds": {}, "reused": len(keys)}
+    marker = {"parts": dict(parts), "info": info, "pipeline": pipeline, "keys": keys}
+    ws.commit_batch(JOB, unit, tag, marker)
+    return {"unit": unit, **marker}
+
+
 def merge_infos(a: dict, b: dict) -> dict:
     """The info of two batches of one unit (counts add up; providers are the same)."""
     if not a:
@@ -66,7 +103,8 @@ def merge_infos(a: dict, b: dict) -> dict:
             "rows": dict(Counter(a["rows"]) + Counter(b["rows"])), "providers": {**a["providers"], **b["providers"]},
             "nodes": {m: sorted(set(a["nodes"].get(m, [])) | set(b["nodes"].get(m, [])))
                       for m in {*a["nodes"], *b["nodes"]}},
-            "model_seconds": dict(Counter(a["model_seconds"]) + Counter(b["model_seconds"]))}
+            "model_seconds": dict(Counter(a["model_seconds"]) + Counter(b["model_seconds"])),
+            "reused": a.get("reused", 0) + b.get("reused", 0)}
 
 
 class UnitTables:
@@ -76,8 +114,7 @@ class UnitTables:
         self.models, self.rows = models, rows
         self.parts: dict[tuple[str, str], list[dict]] = {}
         for name in models:
-            table = {"ccip": "embeddings", "tagger": "tag_scores"}.get(name, "detections")
-            self.parts[(table, name)] = []
+            self.parts[(table_of(name), name)] = []
             self.parts[("errors", name)] = []
         self.parts[("errors", "decode")] = []
         self.providers: dict[str, str] = {}

@@ -1,0 +1,142 @@
+"""annotate runs its models only on images whose bytes it has not annotated: an ingest unit that
+ingest replaced because a sidecar changed (a `.txt` edited, a shard written again with other
+tags), or that gained an image, keeps the rows of the images whose sha256 is the same, and its
+rows are those of a fresh workspace."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import annotate, ingest
+from jobs.config import load_config
+from store.workspace import Workspace
+from tests.hostile_data import write_tar
+from tests.onnx_fakes import face_model_dir
+from tests.test_annotate_identity import sample_pngs
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TABLES = {"detections": "key, model, index, label, score, x0, y0, x1, y1",
+          "embeddings": "key, crop, model, vector::float[]",
+          "tag_scores": "key, crop, tag, score, model",
+          "errors": "key, source, member, stage, kind, message"}
+
+
+def annotated(ws_path, folder, models, *overrides: str, models_too: bool = True) -> tuple[object, dict[str, list]]:
+    """ingest then annotate (the cascade and the fake face YOLO); the summary and every annotate table."""
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'annotate.models=["cascade_face", "face"]', f'annotate.models_dir="{models}"',
+                             *overrides])
+    ws = Workspace(str(ws_path))
+    summary = ingest.run(cfg, ws)
+    if not models_too:
+        return summary, {}
+    summary = annotate.run(cfg, ws)
+    con = ws.connect()
+    only = {"errors": "where stage like 'annotate%'"}  # ingest's rows differ: an edit is no error
+    tables = {t: con.execute(f"select {cols} from {t} {only.get(t, '')} order by all").fetchall()
+              for t, cols in TABLES.items()}
+    return summary, tables
+
+
+def test_a_changed_sidecar_runs_no_model_and_a_new_image_only_its_own(tmp_path):
+    images = sample_pngs(7)
+    folder, models = tmp_path / "art", face_model_dir(tmp_path / "models")
+    folder.mkdir()
+    for name, data in images[:6]:
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl, solo")
+    first, rows = annotated(tmp_path / "ws", folder, models)
+    assert first.rows_run == 6 and rows["detections"]
+
+    (folder / images[0][0]).with_suffix(".txt").write_text("1girl, solo, smile")  # a tag edited
+    edited, rows = annotated(tmp_path / "ws", folder, models)
+    assert edited.units_done == 1 and edited.rows_run == 0 and edited.rows_in == 6
+    assert rows == annotated(tmp_path / "fresh1", folder, models)[1]
+
+    (folder / images[6][0]).write_bytes(images[6][1])  # one image added to the folder's unit
+    grown, rows = annotated(tmp_path / "ws", folder, models)
+    assert grown.units_done == 1 and grown.rows_run == 1 and grown.rows_in == 7
+    assert rows == annotated(tmp_path / "fresh2", folder, models)[1]
+
+
+def test_units_annotated_before_records_were_kept_get_theirs_at_the_next_run(tmp_path):
+    """A workspace annotated by a version that kept no record of the images' bytes: its next
+    annotate (nothing to run) writes the records, and a sidecar edited after that runs no model."""
+    import shutil
+
+    folder, models = tmp_path / "art", face_model_dir(tmp_path / "models")
+    folder.mkdir()
+    for name, data in sample_pngs(3):
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl")
+    annotated(tmp_path / "ws", folder, models)
+    shutil.rmtree(tmp_path / "ws" / "state" / "annotate" / "images")
+    assert annotated(tmp_path / "ws", folder, models)[0].units_done == 0
+    next(folder.glob("*.txt")).write_text("1girl, smile")
+    edited, _ = annotated(tmp_path / "ws", folder, models)
+    assert edited.units_done == 1 and edited.rows_run == 0
+
+
+def test_a_shard_written_again_reruns_only_its_changed_image(tmp_path):
+    """A shard rewritten with other tags and one image replaced by another picture: only that
+    image goes through the models."""
+    images = sample_pngs(5)
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    shards.mkdir()
+
+    def shard(tags: str, last: bytes) -> None:
+        members = [(f"s/{i}.png", data) for i, (_, data) in enumerate(images[:4])] + [("s/4.png", last)]
+        write_tar(shards / "a.tar", [m for name, data in members for m in ((name, data), (name[:-4] + ".txt",
+                                                                                         tags.encode()))])
+
+    shard("1girl", images[3][1])
+    first, _ = annotated(tmp_path / "ws", shards, models)
+    assert first.rows_run == 5
+    shard("1girl, smile", images[4][1])
+    again, rows = annotated(tmp_path / "ws", shards, models)
+    assert again.units_done == 1 and again.rows_run == 1 and again.rows_in == 5
+    assert rows == annotated(tmp_path / "fresh", shards, models)[1]
+
+
+def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_path):
+    """Shards written again with other tags (and one picture replaced): a run killed after its
+    first kept batch, then one killed after its first unit, then one to the end give the rows
+    of one annotate of a fresh workspace."""
+    import signal
+
+    from tests.test_annotate_resume import annotate_process, rows
+
+    images = sample_pngs(13)
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    shards.mkdir()
+
+    def write(tags: str, last: bytes) -> None:
+        for s in range(3):
+            pictures = [data for _, data in images[4 * s : 4 * s + 4]]
+            if s == 0:
+                pictures[-1] = last
+            write_tar(shards / f"{s}.tar", [m for i, data in enumerate(pictures)
+                                            for m in ((f"{i}.png", data), (f"{i}.txt", tags.encode()))])
+
+    def done(process, code: int) -> str:
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode == code, out
+        return out
+
+    as_killed = ("annotate.draft_size=0",)  # annotate_process's options
+    write("1girl", images[3][1])
+    annotated(tmp_path / "ws", shards, models, *as_killed)
+    write("1girl, smile", images[12][1])
+    annotated(tmp_path / "ws", shards, models, *as_killed, models_too=False)
+    killed = done(annotate_process(tmp_path / "ws", models, BOORUSET_KILL_AFTER_BATCHES="1"), -signal.SIGKILL)
+    assert "(11 of their images annotated from the same bytes in replaced units: rows kept)" in killed, killed
+    done(annotate_process(tmp_path / "ws", models, BOORUSET_KILL_AFTER_COMMITS="1"), -signal.SIGKILL)
+    done(annotate_process(tmp_path / "ws", models), 0)
+
+    annotated(tmp_path / "fresh", shards, models, *as_killed)
+    fresh = Workspace(str(tmp_path / "fresh"))
+    for table in ("detections", "embeddings", "tag_scores", "errors"):
+        expected = [r for r in rows(fresh, table) if table != "errors" or r[3] != "ingest"]
+        found = [r for r in rows(Workspace(str(tmp_path / "ws")), table) if table != "errors" or r[3] != "ingest"]
+        assert found == expected, table
