@@ -60,6 +60,27 @@ def test_a_changed_sidecar_runs_no_model_and_a_new_image_only_its_own(tmp_path):
     assert rows == annotated(tmp_path / "fresh2", folder, models)[1]
 
 
+def test_kept_rows_of_every_model_are_a_fresh_runs(tmp_path):
+    """The person crops' CCIP vectors and tag scores, the 2x2 regions' scores: kept as written."""
+    from tests.conftest import shared_path
+    from tests.onnx_fakes import build_models_dir
+
+    models = build_models_dir(tmp_path / "models", shared_path("tagdata", "wd_v3_selected_tags.csv"))
+    every = ('annotate.models=["cascade_face", "face", "head", "person", "ccip", "tagger"]',
+             "annotate.tagger.regions=true", "annotate.draft_size=256")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(3):
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl")
+    annotated(tmp_path / "ws", folder, models, *every)
+    next(folder.glob("*.txt")).write_text("1girl, smile")
+    edited, rows = annotated(tmp_path / "ws", folder, models, *every)
+    assert edited.rows_run == 0 and all(rows[t] for t in ("detections", "embeddings", "tag_scores"))
+    assert {r[1] for r in rows["embeddings"]} > {-1} and {r[1] for r in rows["tag_scores"]} > {-1}
+    assert rows == annotated(tmp_path / "fresh", folder, models, *every)[1]
+
+
 def test_units_annotated_before_records_were_kept_get_theirs_at_the_next_run(tmp_path):
     """A workspace annotated by a version that kept no record of the images' bytes: its next
     annotate (nothing to run) writes the records, and a sidecar edited after that runs no model."""
