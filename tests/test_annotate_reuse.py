@@ -52,6 +52,7 @@ def test_a_changed_sidecar_runs_no_model_and_a_new_image_only_its_own(tmp_path):
     (folder / images[0][0]).with_suffix(".txt").write_text("1girl, solo, smile")  # a tag edited
     edited, rows = annotated(tmp_path / "ws", folder, models)
     assert edited.units_done == 1 and edited.rows_run == 0 and edited.rows_in == 6
+    assert edited.rows_out == first.rows_out and edited.rows_out["detections"] == len(rows["detections"])
     assert rows == annotated(tmp_path / "fresh1", folder, models)[1]
 
     (folder / images[6][0]).write_bytes(images[6][1])  # one image added to the folder's unit
