@@ -4,7 +4,9 @@ Each batch of pipeline rows is turned into detections, embeddings, tag_scores an
 and written as parts named `annotate-<unit>-<pipeline name>-<random>`, then marked done by a
 batch marker (Workspace.commit_batch); the task returns one small row per unit it saw (rows
 done, parts written, counts). The driver only adds those up and writes a unit's marker once all
-its rows are in: no image, vector or per-row result passes through it.
+its rows are in: no image, vector or per-row result passes through it. copy_kept_rows writes the
+same parts and batch marker for the images of a new unit whose rows a replaced unit has (the same
+bytes, the same models), copied from its parts in a task: no model runs on them.
 """
 
 from __future__ import annotations
