@@ -337,7 +337,20 @@ def curated_other_text_tags(cfg: Config, ws: Workspace) -> bool:
         return False  # no curated tables: the captioners read the source tags as they are
     # a curate of an older version recorded nothing: as if it read none (the digest of no rows)
     read = (ws.read_json(curate.TEXT_TAGS_STATE) or {}).get("digest", NO_TEXT_TAGS)
-    return read != run_in_worker(cfg, ws, text_tags_digest)  # a scan of source_tags: not in the driver
+    return read != published_text_tags_digest(cfg, ws)
+
+
+def published_text_tags_digest(cfg: Config, ws: Workspace) -> str:
+    """text_tags_digest, scanned in a worker (a scan of source_tags: not in the driver) only when
+    the parts tags_from_text reads changed since it was last taken (text_tags_inputs): a caption
+    run with nothing new started a Ray worker to scan the same tags every time."""
+    state = ws.read_json(TEXT_TAGS_STATE) or {}
+    inputs = text_tags_inputs(ws, cfg["caption"])
+    if state.get("digest_of") == inputs:
+        return state["digest"]
+    digest = run_in_worker(cfg, ws, text_tags_digest)
+    ws.write_json(TEXT_TAGS_STATE, {**state, "digest_of": inputs, "digest": digest})
+    return digest
 
 
 def text_tags_digest(ws: Workspace) -> str:
