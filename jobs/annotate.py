@@ -101,6 +101,7 @@ ROW_OPTIONS = {"cascade_face": ("path", "scale_factor", "min_neighbors", "min_si
                "person": ("revision", "conf_threshold", "iou_threshold"),
                "ccip": ("revision", "size", "crop_padding", "max_crops"),
                "tagger": ("revision", "labels_revision", "score_floor")}
+CROP_OPTIONS = ("crop_padding", "max_crops")  # CCIP's: they count only with the person detector
 
 
 def model_identity(name: str, spec: dict, opts: dict) -> str:
@@ -109,7 +110,8 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
     options that change its rows where they are not the defaults (`@min_size=32`, and the decode's
     draft_size), so that changing them reruns it too. Models run with the defaults keep the
     identity they had before options were part of it, and the tagger with its own label file the
-    identity it had before the label file was part of it."""
+    identity it had before the label file was part of it. CCIP's crop options count only where
+    the person detector is configured (as the tagger's crops): without it they cut nothing."""
     identity = spec["model"]
     if name == "tagger":
         crops = "person" in opts["models"] and bool(spec["person_crops"])
@@ -117,7 +119,10 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
         regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
         identity = f"{identity}+{cut}+{regions}"
     defaults = default_config()[JOB]
-    changed = [f"{key}={spec[key]}" for key in ROW_OPTIONS[name] if spec[key] != defaults[name][key]]
+    options = ROW_OPTIONS[name]
+    if name == "ccip" and "person" not in opts["models"]:  # no person boxes: no crops to cut
+        options = tuple(key for key in options if key not in CROP_OPTIONS)
+    changed = [f"{key}={spec[key]}" for key in options if spec[key] != defaults[name][key]]
     if name == "tagger" and not own_labels(spec):  # they name its scores: another file renames them
         changed.append(f"labels={spec['labels_repo']}/{spec['labels_file']}")
     if opts["draft_size"] != defaults["draft_size"]:

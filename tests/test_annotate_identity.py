@@ -456,3 +456,29 @@ def test_a_tagger_or_label_file_replaced_at_its_path_tags_again(tmp_path):
         first = rows
     assert {r[2] for r in rows} >= {"new_1girl"}
 
+
+
+def test_ccip_crop_options_count_only_with_the_person_detector(tmp_path):
+    """Without the person detector CCIP cuts no crops: its crop options change none of its rows,
+    and changing them ran CCIP over every unit again (GPU time for the same embeddings)."""
+    from tests.onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(2):
+        (folder / name).write_bytes(data)
+    models = tmp_path / "models"
+    ccip_model(models / CCIP_REPO / CCIP_FILE)
+
+    def run(*overrides: str):
+        cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]',
+                                 "ray.num_cpus=2", 'annotate.models=["ccip"]', f'annotate.models_dir="{models}"',
+                                 *overrides])
+        ws = Workspace(str(tmp_path / "ws"))
+        ingest.run(cfg, ws)
+        return annotate.run(cfg, ws)
+
+    assert run().units_done == 1
+    assert run("annotate.ccip.crop_padding=0.2", "annotate.ccip.max_crops=2").units_done == 0
+    opts = load_config(None, ["annotate.ccip.crop_padding=0.2"])["annotate"]  # the person detector among them
+    assert annotate.model_identity("ccip", {**opts["ccip"], "model": "ccip"}, opts) == "ccip@crop_padding=0.2"
