@@ -223,7 +223,10 @@ def model_stamps(ws: Workspace, specs: dict[str, dict]) -> dict[str, str]:
         joined = "\n".join(digests[path][-1] for path in spec["files"])
         spec["stamp"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
     if any(known.get(path) != digest for path, digest in digests.items()):
-        ws.write_json(FILES_STATE, {**state, "digests": {**known, **digests}})
+        # the files of other folders are kept while they are there (models_dir switched back and
+        # forth); a gone one goes (a `ray job submit` working dir holding the bundled cascade)
+        kept = {path: digest for path, digest in known.items() if os.path.exists(path)}
+        ws.write_json(FILES_STATE, {**state, "digests": {**kept, **digests}})
     return state.get("stamps", {})
 
 

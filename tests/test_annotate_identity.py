@@ -482,3 +482,30 @@ def test_ccip_crop_options_count_only_with_the_person_detector(tmp_path):
     assert run("annotate.ccip.crop_padding=0.2", "annotate.ccip.max_crops=2").units_done == 0
     opts = load_config(None, ["annotate.ccip.crop_padding=0.2"])["annotate"]  # the person detector among them
     assert annotate.model_identity("ccip", {**opts["ccip"], "model": "ccip"}, opts) == "ccip@crop_padding=0.2"
+
+
+def test_a_model_file_is_read_again_only_when_it_changed(tmp_path):
+    """The digest of a model file (hundreds of MB, often on shared storage) is kept with the stat
+    it was read at: the next run takes it as it is while the stat is the same, digests the file
+    again once it changed, and forgets files no longer there."""
+    ws = Workspace(str(tmp_path / "ws"))
+    model, gone = tmp_path / "model.onnx", tmp_path / "gone.onnx"
+    model.write_bytes(b"weights")
+    gone.write_bytes(b"other weights")
+
+    def stamp(*files, workspace=ws) -> str:
+        specs = {"face": {"files": [str(f) for f in files]}}
+        annotate.model_stamps(workspace, specs)
+        return specs["face"]["stamp"]
+
+    stamp(model, gone)
+    state = ws.read_json(annotate.FILES_STATE)
+    state["digests"][str(model)][-1] = "0" * 64  # what a read of the file would not give
+    ws.write_json(annotate.FILES_STATE, state)
+    gone.unlink()
+    read = stamp(model, workspace=Workspace(str(tmp_path / "other")))
+    cached = stamp(model)
+    assert cached != read and cached == stamp(model)
+    model.write_bytes(b"newer weights")
+    assert stamp(model) not in (read, cached)
+    assert set(ws.read_json(annotate.FILES_STATE)["digests"]) == {str(model)}
