@@ -24,11 +24,12 @@ DETECTORS = ("cascade_face", "face", "head", "person")
 
 
 def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str],
-                     pipeline: dict[str, str]) -> dict[str, list]:
+                     pipeline: dict[str, str], stamps: dict[str, str]) -> dict[str, list]:
     """map_batches UDF: write this batch's rows of each unit and mark the batch done (its
     parts, keys and counts: a killed run's next start skips those images); one summary row per
     unit. `models`: pipeline name -> `model` column value, in pipeline order; `pipeline`:
-    pipeline name -> what the unit marker records as run (a batch counts only for the same)."""
+    pipeline name -> what the unit marker records as run, `stamps`: pipeline name -> its
+    files' digest (a batch counts only for the same)."""
     ws = Workspace(workspace)
     out: dict[str, list] = {"unit": [], "rows": [], "parts": [], "info": []}
     by_unit: dict[str, list[dict]] = defaultdict(list)
@@ -43,7 +44,7 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
                 ws.write_part(table, f"{JOB}-{unit}-{name}-{tag}", part)
                 parts[table].append(f"{JOB}-{unit}-{name}-{tag}")
         info = tables.info()
-        ws.commit_batch(JOB, unit, tag, {"parts": parts, "info": info, "pipeline": pipeline,
+        ws.commit_batch(JOB, unit, tag, {"parts": parts, "info": info, "pipeline": pipeline, "stamps": stamps,
                                          "keys": [str(row["key"]) for row in rows]})
         out["unit"].append(unit)
         out["rows"].append(len(rows))
