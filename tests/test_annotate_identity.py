@@ -350,6 +350,18 @@ def face_run(folder, models, ws_path, *overrides: str) -> tuple[object, list[tup
                                          "order by all").fetchall()
 
 
+def art_and_face_models(tmp_path, n: int) -> tuple:
+    """A folder of n sample PNGs, a models_dir with the face detector, and its DETECTORS entry
+    (repo, model folder, label, batch)."""
+    from tests.onnx_fakes import DETECTORS, face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(n):
+        (folder / name).write_bytes(data)
+    return folder, face_model_dir(tmp_path / "models"), DETECTORS["face"]
+
+
 def test_a_model_file_replaced_at_its_path_runs_again(tmp_path):
     """A staged model replaced at the same path by another one (a newer main fetched over it, other
     weights): the units kept the old model's boxes, every unit counted as done. Now the model
@@ -359,14 +371,9 @@ def test_a_model_file_replaced_at_its_path_runs_again(tmp_path):
     again too."""
     import shutil
 
-    from tests.onnx_fakes import DETECTORS, face_model_dir, yolo_model
+    from tests.onnx_fakes import yolo_model
 
-    folder = tmp_path / "art"
-    folder.mkdir()
-    for name, data in sample_pngs(4):
-        (folder / name).write_bytes(data)
-    models = face_model_dir(tmp_path / "models")
-    repo, model_folder, label, batch = DETECTORS["face"]
+    folder, models, (repo, model_folder, label, batch) = art_and_face_models(tmp_path, 4)
     ws = tmp_path / "ws"
 
     def cascade_parts() -> list[str]:
@@ -396,14 +403,9 @@ def test_a_model_file_replaced_at_its_path_runs_again(tmp_path):
 def test_units_marked_before_model_files_were_stamped_count_as_unchanged(tmp_path):
     """A workspace annotated by a version that kept no stamps (markers without them, no state of
     the files) is not annotated again; a model file replaced after that run is."""
-    from tests.onnx_fakes import DETECTORS, face_model_dir, yolo_model
+    from tests.onnx_fakes import yolo_model
 
-    folder = tmp_path / "art"
-    folder.mkdir()
-    for name, data in sample_pngs(2):
-        (folder / name).write_bytes(data)
-    models = face_model_dir(tmp_path / "models")
-    repo, model_folder, label, batch = DETECTORS["face"]
+    folder, models, (repo, model_folder, label, batch) = art_and_face_models(tmp_path, 2)
     ws_path = tmp_path / "ws"
     _, old = face_run(folder, models, ws_path)
     for marker in (ws_path / "state" / "annotate").glob("*.json"):  # as the earlier version wrote them
