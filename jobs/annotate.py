@@ -17,6 +17,7 @@ copied in a batch of its own: the models run only on its new or changed images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -47,6 +48,9 @@ JOB = "annotate"
 TABLES = ("detections", "embeddings", "tag_scores", "errors")
 DETECTORS = ("cascade_face", "face", "head", "person")
 KNOWN = (*DETECTORS, "ccip", "tagger")
+# the model files' digests by path (with the stat they were read at) and each model's stamp as
+# the last complete run had it (what units marked before stamps were kept were annotated with)
+FILES_STATE = "state/annotate-model-files.json"
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ def available_models(cfg: Config) -> tuple[dict[str, dict], list[str]]:
     for name in [n for n in KNOWN if n in opts["models"]]:  # pipeline order
         spec = {**opts[name], "models_dir": opts["models_dir"], "name": name}
         try:
-            spec["input"] = model_input(name, spec)
+            spec["input"], spec["files"] = model_input(name, spec)
         except ModelUnavailable as exc:
             skipped.append(f"{name}: skipped: {exc}")
             continue
@@ -102,6 +106,7 @@ ROW_OPTIONS = {"cascade_face": ("path", "scale_factor", "min_neighbors", "min_si
                "person": ("revision", "conf_threshold", "iou_threshold"),
                "ccip": ("revision", "size", "crop_padding", "max_crops"),
                "tagger": ("revision", "labels_revision", "score_floor")}
+CROP_OPTIONS = ("crop_padding", "max_crops")  # CCIP's: they count only with the person detector
 
 
 def model_identity(name: str, spec: dict, opts: dict) -> str:
@@ -110,7 +115,8 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
     options that change its rows where they are not the defaults (`@min_size=32`, and the decode's
     draft_size), so that changing them reruns it too. Models run with the defaults keep the
     identity they had before options were part of it, and the tagger with its own label file the
-    identity it had before the label file was part of it."""
+    identity it had before the label file was part of it. CCIP's crop options count only where
+    the person detector is configured (as the tagger's crops): without it they cut nothing."""
     identity = spec["model"]
     if name == "tagger":
         crops = "person" in opts["models"] and bool(spec["person_crops"])
@@ -118,7 +124,10 @@ def model_identity(name: str, spec: dict, opts: dict) -> str:
         regions = f"regions{spec['region_overlap']}" if spec["regions"] else "noregions"
         identity = f"{identity}+{cut}+{regions}"
     defaults = default_config()[JOB]
-    changed = [f"{key}={spec[key]}" for key in ROW_OPTIONS[name] if spec[key] != defaults[name][key]]
+    options = ROW_OPTIONS[name]
+    if name == "ccip" and "person" not in opts["models"]:  # no person boxes: no crops to cut
+        options = tuple(key for key in options if key not in CROP_OPTIONS)
+    changed = [f"{key}={spec[key]}" for key in options if spec[key] != defaults[name][key]]
     if name == "tagger" and not own_labels(spec):  # they name its scores: another file renames them
         changed.append(f"labels={spec['labels_repo']}/{spec['labels_file']}")
     if opts["draft_size"] != defaults["draft_size"]:
@@ -134,30 +143,32 @@ def own_labels(spec: dict) -> bool:
                                                                                    spec["repo"])
 
 
-def model_input(name: str, spec: dict) -> list:
-    """(kind, size) of the preprocessed input the model needs; resolves (downloads) its files
-    and checks that each reads as what it must be (ConfigError naming the file when not)."""
+def model_input(name: str, spec: dict) -> tuple[list, list[str]]:
+    """(kind, size) of the preprocessed input the model needs, and the local paths of the files
+    it reads; resolves (downloads) them and checks that each reads as what it must be
+    (ConfigError naming the file when not)."""
     if name == "cascade_face":
+        path = cascade_path(spec)
         try:  # a file that is no cascade failed every actor in OpenCV, after Ray started
-            load_cascade(cascade_path(spec))
+            load_cascade(path)
         except ValueError as exc:
             raise ConfigError(f"annotate.cascade_face: {exc}: set annotate.cascade_face.path to a cascade XML, "
                               'or "" for the bundled one') from None
-        return ["gray", int(spec["max_side"])]
+        return ["gray", int(spec["max_side"])], [path]
     path = usable_file(name, spec, spec["repo"], spec["file"], spec["revision"])
     if name == "tagger":
         labels = usable_file(name, spec, spec["labels_repo"], spec["labels_file"], spec["labels_revision"])
         check_label_count(path, labels)
-        return ["tagger", int(file_input_shape(path)[1])]
+        return ["tagger", int(file_input_shape(path)[1])], [path, labels]
     if name == "ccip":
         check_ccip_size(path, int(spec["size"]))
-        return ["ccip", int(spec["size"])]
+        return ["ccip", int(spec["size"])], [path]
     side = optional_file(spec["repo"], posixpath.join(posixpath.dirname(spec["file"]), "model_type.json"),
                          spec["models_dir"], spec["revision"])
     if side:
         check_usable(name, spec, spec["repo"], side, "model_type")
     size, _ = detector_meta(path)
-    return ["yolo", list(size)]
+    return ["yolo", list(size)], [path, *([side] if side else [])]
 
 
 def usable_file(name: str, spec: dict, repo: str, file: str, revision: str) -> str:
@@ -204,6 +215,56 @@ def check_ccip_size(model: str, size: int) -> None:
                           f"pixels ({model}): set annotate.ccip.size to its side")
 
 
+def model_stamps(ws: Workspace, specs: dict[str, dict]) -> dict[str, str]:
+    """Set each model's `stamp`: a digest of the content of the files it reads, which a unit's
+    marker records, so that a file replaced at its path (a newer main fetched over it, other
+    weights) runs its model again, and the same file found elsewhere (a models_dir staged anew,
+    the Hugging Face cache) does not. A file is read again only when its size, mtime or inode
+    changed. Returns the stamps of the last complete run (changed_files)."""
+    state = ws.read_json(FILES_STATE) or {}
+    known = state.get("digests", {})
+    digests = {path: file_digest(path, known.get(path)) for spec in specs.values() for path in spec["files"]}
+    for spec in specs.values():
+        joined = "\n".join(digests[path][-1] for path in spec["files"])
+        spec["stamp"] = hashlib.sha256(joined.encode()).hexdigest()[:16]
+    if any(known.get(path) != digest for path, digest in digests.items()):
+        # the files of other folders are kept while they are there (models_dir switched back and
+        # forth); a gone one goes (a `ray job submit` working dir holding the bundled cascade)
+        kept = {path: digest for path, digest in known.items() if os.path.exists(path)}
+        ws.write_json(FILES_STATE, {**state, "digests": {**kept, **digests}})
+    return state.get("stamps", {})
+
+
+def file_digest(path: str, known: list | None) -> list:
+    """[size, mtime_ns, inode, sha256] of a file; `known` (the same list read before) when its
+    stat has not changed: the tagger is hundreds of MB, on shared storage."""
+    st = os.stat(path)
+    seen = [st.st_size, st.st_mtime_ns, st.st_ino]
+    if known and known[:3] == seen:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return [*seen, digest.hexdigest()]
+
+
+def keep_stamps(ws: Workspace, specs: dict[str, dict], last: dict[str, str]) -> None:
+    """After a complete run, every unit holds rows of each model's files as they are now: they
+    become the stamps that units marked before stamps were kept count as annotated with."""
+    stamps = {**last, **{name: spec["stamp"] for name, spec in specs.items()}}
+    if stamps != last:
+        ws.write_json(FILES_STATE, {**(ws.read_json(FILES_STATE) or {}), "stamps": stamps})
+
+
+def changed_files(info: dict, specs: dict[str, dict], last: dict[str, str]) -> set[str]:
+    """The models whose files are not those a unit (its marker `info`) was annotated with: by
+    the stamps its marker records, else (marked before stamps were kept) the last complete
+    run's. Neither known: unchanged, so that a workspace annotated before is not annotated again."""
+    recorded = info.get("stamps", {})
+    return {name for name, spec in specs.items() if recorded.get(name, last.get(name, spec["stamp"])) != spec["stamp"]}
+
+
 def input_column(spec: dict) -> str:
     kind, size = spec["input"]
     return f"in_{kind}_{size[0]}x{size[1]}" if kind == "yolo" else f"in_{kind}"
@@ -241,18 +302,21 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         print(f"annotate: skipping {names}: model files not here (how to get them: the summary below)", flush=True)
     models = sorted(spec["identity"] for spec in specs.values())
     ws.begin_job()
+    last = model_stamps(ws, specs)
     units = units_of(ws)
     current = {u["unit"] for u in units}
     markers = ws.done_units(JOB)
     done = {unit: info for unit, info in markers.items() if unit in current}
     # no model to run (none configured, or none whose files are here): no unit is run, and none
     # is done by having every model of an empty set
-    pending = [u for u in units if specs and not set(models) <= set(done.get(u["unit"], {}).get("models", []))]
-    run_specs = models_to_run(specs, pending, done)
-    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()})
+    pending = [u for u in units if specs and (not set(models) <= set(done.get(u["unit"], {}).get("models", []))
+                                              or changed_files(done.get(u["unit"], {}), specs, last))]
+    run_specs = models_to_run(specs, pending, done, last)
+    batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()},
+                               {name: spec["stamp"] for name, spec in run_specs.items()})
     resumed = sum(len(m["keys"]) for found in batches.values() for m in found)
     kept = plan_kept_rows(ws, [u for u in pending if u["unit"] not in markers],
-                          {u: m for u, m in markers.items() if u not in current}, run_specs, batches)
+                          {u: m for u, m in markers.items() if u not in current}, run_specs, batches, last)
     reused = sum(len(item["keys"]) for item in kept)
     pending_ids = {u["unit"] for u in pending}
     done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
@@ -266,6 +330,10 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary = JobSummary(JOB, units_done=len(pending), units_skipped=done_before,
                          rows_run=sum(u["rows"] for u in pending) - resumed - reused if specs else 0)
     summary.notes.extend(f"annotate: {line}" for line in skipped)
+    replaced = sorted(set().union(*(changed_files(done.get(u["unit"], {}), specs, last) for u in pending)))
+    if replaced:  # else nothing says why units counted as done run again
+        summary.notes.append(f"model files replaced since units were annotated: {', '.join(replaced)} "
+                             "(run again on them)")
     if resumed:
         summary.notes.append(f"resumed: {resumed} images of unfinished units were finished by a killed run "
                              "(their batches kept, not redone)")
@@ -275,8 +343,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if kept:
         init_ray(cfg)
         pipeline = {name: spec["identity"] for name, spec in run_specs.items()}
+        stamps = {name: spec["stamp"] for name, spec in run_specs.items()}
         for marker in unit_tasks(copy_kept_rows, kept, float(cfg[JOB]["task_num_cpus"]), workspace=ws.root,
-                                 pipeline=pipeline):
+                                 pipeline=pipeline, stamps=stamps):
             batches.setdefault(marker.pop("unit"), []).append(marker)
     # after the copies, which read the parts of the units retired here (readers keep them until the end)
     retire_stale_units(ws, current)
@@ -292,17 +361,21 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     ws.release_hold(JOB)  # every planned unit is committed: the replaced rows may go
     ws.publish()
+    keep_stamps(ws, specs, last)
     return summary
 
 
-def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, dict]) -> dict[str, dict]:
+def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, dict],
+                  last: dict[str, str]) -> dict[str, dict]:
     """The models to run on the pending units: those a unit's marker does not record as run with
     their identity (every model for a unit never annotated, or marked before markers named each
-    model), and those they feed or read from: CCIP's and the tagger's person crops are cut from
-    this run's person boxes. The other models' rows stay (Pipeline.commit keeps their parts):
-    a changed detector threshold re-ran the tagger over the whole collection."""
+    model) or with their files (changed_files; `last`: the last complete run's stamps), and those
+    they feed or read from: CCIP's and the tagger's person crops are cut from this run's person
+    boxes. The other models' rows stay (Pipeline.commit keeps their parts): a changed detector
+    threshold re-ran the tagger over the whole collection."""
     names = {name for u in pending for name, spec in specs.items()
              if done.get(u["unit"], {}).get("pipeline", {}).get(name) != spec["identity"]}
+    names |= {name for u in pending for name in changed_files(done.get(u["unit"], {}), specs, last)}
     crops = {name for name in ("ccip", "tagger")
              if "person" in specs and name in specs and (name == "ccip" or specs[name]["person_crops"])}
     if "person" in names:
@@ -351,14 +424,16 @@ def keep_records(ws: Workspace, units: list[dict], done: dict[str, dict]) -> Non
 
 
 def plan_kept_rows(ws: Workspace, new: list[dict], replaced: dict[str, dict], specs: dict[str, dict],
-                   batches: dict[str, list[dict]]) -> list[dict]:
+                   batches: dict[str, list[dict]], last: dict[str, str]) -> list[dict]:
     """For each new unit (never annotated), the images that a replaced unit (its marker no longer
     planned) annotated from the same bytes (key and sha256 the same) with every model of this run
-    and no errors row, and that no finished batch holds: {unit, keys, sources: [table, pipeline
-    name, part]} for copy_kept_rows. A model's rows depend on the image's bytes and its identity
-    alone, so these are the rows a run of the models would write."""
+    (its identity and its files: changed_files, `last` the last complete run's stamps) and no
+    errors row, and that no finished batch holds: {unit, keys, sources: [table, pipeline name,
+    part]} for copy_kept_rows. A model's rows depend on the image's bytes, its identity and its
+    files alone, so these are the rows a run of the models would write."""
     replaced = {unit: marker for unit, marker in sorted(replaced.items()) if "parts" in marker
                 and all(marker.get("pipeline", {}).get(name) == spec["identity"] for name, spec in specs.items())
+                and not changed_files(marker, specs, last)
                 # each part says its model (part_pipeline_name): one that did not would lose its rows
                 and all(part.startswith(f"{JOB}-{unit}-") for names in marker["parts"].values() for part in names)}
     if not new or not replaced or not specs:
@@ -398,17 +473,20 @@ def retire_stale_units(ws: Workspace, current: set[str]) -> None:
         ws.forget_unit(JOB, unit)
 
 
-def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str]) -> dict[str, list[dict]]:
+def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str],
+                     stamps: dict[str, str]) -> dict[str, list[dict]]:
     """The batch markers a killed run left for the pending units with this run's pipeline (model
-    name -> identity), by unit. Other markers are dropped with their parts: those of a unit that
-    is done or gone, those of a different set of models, and a second marker of the same images
-    (a writer task that Ray retried after its worker died had written the first)."""
+    name -> identity) and model files (name -> stamp; markers written before stamps were kept
+    have none), by unit. Other markers are dropped with their parts: those of a unit that is
+    done or gone, those of a different set of models or files, and a second marker of the same
+    images (a writer task that Ray retried after its worker died had written the first)."""
     kept: dict[str, list[dict]] = {}
     for unit, markers in ws.pending_batches(JOB, {u["unit"] for u in pending}).items():
         seen: set[str] = set()
         stale = {}
         for batch, marker in sorted(markers.items()):
-            if marker.get("pipeline") != pipeline or seen & set(marker["keys"]):
+            if (marker.get("pipeline") != pipeline or marker.get("stamps", stamps) != stamps
+                    or seen & set(marker["keys"])):
                 stale[batch] = marker
             else:
                 seen.update(marker["keys"])
@@ -583,9 +661,11 @@ class Pipeline:
         ds = ds.select_columns(keep + ["crop_boxes", "crop_error"] * bool(crops) + outputs)
         models = {n: s["model"] for n, s in specs.items()}
         pipeline = {n: s["identity"] for n, s in specs.items()}
+        stamps = {n: s["stamp"] for n, s in specs.items()}
         return ds.map_batches(write_unit_parts, batch_size=int(opts["write_batch_size"]), num_cpus=task_cpus,
                               batch_format="numpy",
-                              fn_kwargs={"workspace": self.ws.root, "models": models, "pipeline": pipeline})
+                              fn_kwargs={"workspace": self.ws.root, "models": models, "pipeline": pipeline,
+                                         "stamps": stamps})
 
     def crop_inputs(self) -> dict[str, list]:
         """The person crop columns to cut (column -> [kind, size]): CCIP's, and the tagger's when
@@ -634,6 +714,9 @@ class Pipeline:
         pipeline = {n: m for n, m in previous.get("pipeline", {}).items() if n not in rerun}
         pipeline |= {n: s["identity"] for n, s in self.specs.items()}
         info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
+        # the files each model's rows come from (a model kept from before keeps its stamp, or none)
+        stamps = {n: m for n, m in previous.get("stamps", {}).items() if n not in rerun and n in pipeline}
+        info["stamps"] = stamps | {n: s["stamp"] for n, s in self.specs.items()}
         for table, names in previous.get("parts", {}).items():
             parts[table].update(p for p in names if part_pipeline_name(p, unit) not in rerun)
         # and their counts (markers written before counts per model were kept have none to add)

@@ -14,6 +14,7 @@ Steps:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.util
 import json
@@ -38,7 +39,7 @@ from store.staging import clear, stage_units
 from store.stamps import code_digest, file_stamps, fingerprint
 from store.workspace import Workspace
 from udfs.caption.related_tags import suggest_units_task
-from udfs.caption.reply_cache import remove_replies, units_with_replies
+from udfs.caption.reply_cache import remove_replies, reply_range, units_with_replies
 from udfs.curate import tag_rules
 
 SQL = REPO / "sql"
@@ -200,12 +201,16 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     pending = [u for u in units if u["unit"] not in done]
     if pending:  # the names a caption may make up are looked for among the dataset's characters (a scan)
         opts["characters"] = run_in_worker(cfg, ws, dataset_characters)
-    remove_replies(ws, sorted(set(units_with_replies(ws)) - {u["unit"] for u in pending}))  # done or stale
+    sources = reply_sources(ws, units, pending)
+    for unit in pending:
+        unit["previous"] = sources.get(unit["unit"], [])
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     run_now = run_units(cfg, ws, pending, opts) if pending else []
     infos += run_now
+    # the replies of units no longer planned, once the units that replaced them have borrowed them
+    remove_replies(ws, sorted(set(units_with_replies(ws)) - {u["unit"] for u in units}))
     clear(ws, INPUTS)
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
@@ -238,7 +243,8 @@ def tags_from_text(cfg: Config, ws: Workspace) -> int:
 
     opts = cfg["caption"]
     last, inputs = ws.read_json(TEXT_TAGS_STATE) or {}, text_tags_inputs(ws, opts)
-    if last.get("inputs") == inputs and OWNER in ws.published()["owned"]:
+    # a build that found no text publishes no part (a publish drops an owner without parts)
+    if last.get("inputs") == inputs and (OWNER in ws.published()["owned"] or not last.get("rows")):
         print("caption: tags from text: nothing they are made of changed since the last run: texts not staged again",
               flush=True)
         return int(last.get("rows", 0))
@@ -331,7 +337,20 @@ def curated_other_text_tags(cfg: Config, ws: Workspace) -> bool:
         return False  # no curated tables: the captioners read the source tags as they are
     # a curate of an older version recorded nothing: as if it read none (the digest of no rows)
     read = (ws.read_json(curate.TEXT_TAGS_STATE) or {}).get("digest", NO_TEXT_TAGS)
-    return read != run_in_worker(cfg, ws, text_tags_digest)  # a scan of source_tags: not in the driver
+    return read != published_text_tags_digest(cfg, ws)
+
+
+def published_text_tags_digest(cfg: Config, ws: Workspace) -> str:
+    """text_tags_digest, scanned in a worker (a scan of source_tags: not in the driver) only when
+    the parts tags_from_text reads changed since it was last taken (text_tags_inputs): a caption
+    run with nothing new started a Ray worker to scan the same tags every time."""
+    state = ws.read_json(TEXT_TAGS_STATE) or {}
+    inputs = text_tags_inputs(ws, cfg["caption"])
+    if state.get("digest_of") == inputs:
+        return state["digest"]
+    digest = run_in_worker(cfg, ws, text_tags_digest)
+    ws.write_json(TEXT_TAGS_STATE, {**state, "digest_of": inputs, "digest": digest})
+    return digest
 
 
 def text_tags_digest(ws: Workspace) -> str:
@@ -495,6 +514,27 @@ def finished_units(ws: Workspace) -> dict[str, dict]:
     """The caption units done, by id. A unit whose images a passing failure left uncaptioned (a
     server down) is not: it is done again."""
     return {unit: info for unit, info in ws.done_units("caption").items() if not info.get("transient")}
+
+
+def reply_sources(ws: Workspace, units: list[dict], pending: list[dict]) -> dict[str, list[str]]:
+    """{pending unit id: the units no longer planned whose kept replies are of images in its key
+    range} (udfs/caption/reply_cache.py). `units` are in key order, each from its first key to the
+    next one's; a kept folder's range is its first and last key."""
+    if not pending:
+        return {}
+    planned = {u["unit"] for u in units}
+    firsts = [u["first"] for u in units]
+    waiting = {u["unit"] for u in pending}
+    sources: dict[str, list[str]] = {}
+    for folder in units_with_replies(ws):
+        found = None if folder in planned else reply_range(ws, folder)
+        if found is None:
+            continue
+        # the units from the one holding its first key to the one holding its last
+        for unit in units[max(0, bisect.bisect_right(firsts, found[0]) - 1):bisect.bisect_right(firsts, found[1])]:
+            if unit["unit"] in waiting:
+                sources.setdefault(unit["unit"], []).append(folder)
+    return sources
 
 
 def dataset_characters(ws: Workspace) -> list[str]:

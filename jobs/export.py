@@ -55,6 +55,7 @@ from jobs.ray_env import (
 )
 from jobs.summary import JobSummary
 from store.staging import clear
+from store.stamps import code_digest, fingerprint
 from store.workspace import (
     INPUT_REGISTRY,
     Workspace,
@@ -82,6 +83,8 @@ LAYOUTS = ("webdataset", "kohya", "everydream", "parquet")
 KOHYA_CONFIG = "kohya/dataset.toml"  # kohya sd-scripts' --dataset_config for the kohya folders (write_kohya_config)
 EXPORT_DUPLICATES = "export_duplicates"  # the selection's duplicates table (export_duplicates)
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
+PLAN_STATE = "state/export-planned.json"  # the last plan: what it was made of (plan_stamp), its units
+PLAN_CODE = [REPO / "jobs" / "export.py", REPO / "udfs" / "export", REPO / "sql"]
 # state/export/open/<digest of out>.json ({"out"}): an export to that folder began and has not
 # ended (written before its units, removed once its manifest is): the only folders whose units
 # the folder's manifest does not name were left by a stopped export (remove_unfinished_files)
@@ -169,11 +172,21 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     remove_out_check(out)
     ws.begin_job()
     unfinished = remove_unfinished(ws)
-    total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
-                                                    unit_images(opts, int(cfg["ingest"]["folder_unit_size"])),
-                                                    SELECTION_CHUNK)
-    selected = sum(g["rows"] for g in groups)
-    units = plan_units(cfg, ws, groups, out) if groups else []
+    stamp = plan_stamp(cfg, ws, out)
+    last = last_plan(cfg, ws, out, stamp)
+    if last is not None:
+        total, chunks, selected, left_out, units = (last[k] for k in ("total", "chunks", "selected", "left_out",
+                                                                       "units"))
+        print("export: nothing the selection is made of changed since the last run, and every unit is in "
+              f"{out}: not staged nor planned again", flush=True)
+    else:
+        total, chunks, groups, left_out = run_in_worker(cfg, ws, stage_selection, opts,
+                                                        unit_images(opts, int(cfg["ingest"]["folder_unit_size"])),
+                                                        SELECTION_CHUNK)
+        selected = sum(g["rows"] for g in groups)
+        units = plan_units(cfg, ws, groups, out) if groups else []
+        ws.write_json(PLAN_STATE, {"stamp": stamp, "total": total, "chunks": chunks, "selected": selected,
+                                   "left_out": left_out, "units": units})
     if remove_stale(cfg, ws, out, {u["unit"] for u in units}):
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
@@ -182,7 +195,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
     moved = move_units(cfg, ws, out, units, done)
-    lost = forget_lost_units(cfg, ws, out, units, done)
+    lost = forget_lost_units(cfg, ws, out, units, done) if last is None else 0  # last_plan checked them
     moved = [unit for unit in moved if unit in done]  # one found lost is written again, not renamed
     pending = [u for u in units if u["unit"] not in done]
     print(f"export: {selected} of {total} images selected; {len(units)} units, "
@@ -220,6 +233,31 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append(f"removed {counts['left_files']} files an earlier export left in {out} "
                              "(named by its manifest.parquet, not by this export)")
     return summary
+
+
+def plan_stamp(cfg: Config, ws: Workspace, out: str) -> str:
+    """A digest of what the selection and the plan are made of (store/stamps.py), taken before
+    they are: the published parts of every table (the export's own among them), the inputs gone,
+    the export options, the output folder and the code."""
+    return fingerprint(ws, schemas.TABLES, gone=workspace_gone_inputs(ws), out=out, code=code_digest(PLAN_CODE),
+                       options={JOB: cfg[JOB], "folder_unit_size": cfg["ingest"]["folder_unit_size"]})
+
+
+def last_plan(cfg: Config, ws: Workspace, out: str, stamp: str) -> dict | None:
+    """The last run's plan (PLAN_STATE) when it was made of the same (plan_stamp) and every unit
+    of it is done with its files in `out`: staging the selection and planning it again (~80 s at
+    a million images) would give the same units. None otherwise: a unit to write again needs the
+    plan files, which a run deletes at its end."""
+    last = ws.read_json(PLAN_STATE) or {}
+    if last.get("stamp") != stamp:
+        return None
+    done = ws.done_units(JOB)
+    if not all(u["unit"] in done and outputs_present(out, done[u["unit"]]) for u in last["units"]):
+        return None
+    if set(cfg[JOB]["formats"]) & set(FOLDER_LAYOUTS) and last["units"] and \
+            run_in_worker(cfg, ws, units_missing_files, out, [u["unit"] for u in last["units"]]):
+        return None
+    return last
 
 
 def remove_unfinished(ws: Workspace) -> int:

@@ -24,16 +24,21 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on clusters and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+import schemas  # noqa: E402
 from jobs.config import REPO, Config, ConfigError, out_folder  # noqa: E402
 from jobs.summary import JobSummary  # noqa: E402
+from store.stamps import code_digest, file_stamps, fingerprint  # noqa: E402
 from store.uris import StoreError  # noqa: E402
-from store.workspace import Workspace  # noqa: E402
+from store.workspace import INPUT_REGISTRY, Workspace  # noqa: E402
 from udfs.export.export_shard import atomic_write  # noqa: E402
 from udfs.export.safe_names import safe_name  # noqa: E402
 from udfs.source_members import source_members  # noqa: E402
 from udfs.thumbnails import thumbnail_jpeg  # noqa: E402
 
 JOB = "report"
+EXPORT_OPTIONS = ("drop_duplicates", "drop_flagged", "out")
+CODE = [REPO / "jobs" / "report.py", REPO / "udfs" / "thumbnails.py", REPO / "udfs" / "source_members.py",
+        REPO / "sql" / "export_duplicates.sql", *sorted((REPO / "sql").glob("report_*.sql"))]
 # Labels are tags, keys and group paths as typed: matplotlib reads the text between two `$` as
 # math (mathtext), which drew `$x^2$` as x squared and failed on a tag such as `$_$`. Set for
 # each plot (a decorator), not globally: a program that imports the report keeps its setting.
@@ -51,6 +56,7 @@ def sql_text(name: str) -> str:
 
 # In the head of every report's index.html (render_page): how a folder is known to hold one.
 PAGE_MARK = "<title>booruset report</title>"
+INPUTS_MARK = '<meta name="booruset-inputs" content="{}">'  # what the page was made of (report_inputs)
 
 
 def report_dir(cfg: Config, ws: Workspace) -> Path:
@@ -79,11 +85,17 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     opts = cfg[JOB]  # its bounds are checked with the config (jobs/config.DOMAINS)
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
+    stamp = report_inputs(cfg, ws, out)
+    if report_current(out, stamp):
+        summary = JobSummary(JOB, units_skipped=1)
+        summary.notes += ["nothing the report shows changed since it was written (tables, markers, export, "
+                          "options, code): kept", f"report: {out / 'index.html'}"]
+        return summary
     if not (out / "index.html").exists():  # the folder holds a report from now on, if killed too (check_out)
         atomic_write(str(out / "index.html"), render_page(ws.root, ["<p>The report is being written.</p>"]).encode())
     data = report_data(cfg, ws)
     page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws),
-                                              bool(cfg["export"]["drop_duplicates"])))
+                                              bool(cfg["export"]["drop_duplicates"])), stamp)
     atomic_write(str(out / "index.html"), page.encode())
     shown = page_files(page)
     remove_stale(out, shown)
@@ -93,6 +105,30 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"report: {out / 'index.html'}")
     return summary
+
+
+def report_inputs(cfg: Config, ws: Workspace, out: Path) -> str:
+    """A digest of what the page is made of: the published tables, the ingest and annotate
+    markers (samples seen, images annotated), the input registry (inputs gone), the export's
+    manifest file (its shards hold the examples), the options and the code."""
+    markers = {job: sorted((unit, info.get("samples"), info.get("images"), info.get("dropped"), info.get("retired"))
+                           for unit, info in ws.done_units(job).items()) for job in ("ingest", "annotate")}
+    export = export_folder(cfg, ws)
+    return fingerprint(ws, schemas.TABLES, markers=markers, registry=ws.read_json(INPUT_REGISTRY),
+                       export=[export, file_stamps(f"{export}/manifest.parquet") if export else []],
+                       options={"report": cfg[JOB], "export": {k: cfg["export"][k] for k in EXPORT_OPTIONS}},
+                       out=str(out), code=code_digest(CODE))
+
+
+def report_current(out: Path, stamp: str) -> bool:
+    """Whether `out` holds the report of these inputs (report_inputs, in its page's head) with
+    every file it shows: a rerun with nothing new (a `booruset run` again) rebuilt it, ~50 s at a
+    million images. Kept in the page, not the workspace: the report only reads the workspace."""
+    try:
+        page = (out / "index.html").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return INPUTS_MARK.format(stamp) in page[:1000] and all((out / name).is_file() for name in page_files(page))
 
 
 def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str,
@@ -387,8 +423,9 @@ td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 """
 
 
-def render_page(workspace: str, sections: list[str]) -> str:
+def render_page(workspace: str, sections: list[str], inputs: str = "") -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{PAGE_MARK}'
+            f"{INPUTS_MARK.format(inputs) if inputs else ''}"
             f"<style>{STYLE}</style></head><body><h1>booruset report</h1>"
             f"<p>Workspace: <code>{html.escape(workspace)}</code>, {time.strftime('%Y-%m-%d %H:%M')}</p>"
             f"{''.join(sections)}</body></html>\n")

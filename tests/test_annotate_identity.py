@@ -245,12 +245,13 @@ def test_the_person_crops_tie_the_person_detector_ccip_and_the_tagger():
     """Which models a changed identity runs again: the face model alone; the person detector
     with CCIP and the tagger (their crops are cut from its boxes); CCIP or the tagger with the
     person detector (this run's boxes to cut from); every model for a unit never annotated."""
-    specs = {name: {"identity": name, "person_crops": True} for name in ("face", "person", "ccip", "tagger")}
+    specs = {name: {"identity": name, "person_crops": True, "stamp": "s"} for name in ("face", "person", "ccip",
+                                                                                         "tagger")}
     marker = {"pipeline": {name: name for name in specs}}
 
     def rerun(changed: str, pending=({"unit": "u"},), done=None) -> set[str]:
         now = {name: {**spec, "identity": name + "@x" if name == changed else name} for name, spec in specs.items()}
-        return set(annotate.models_to_run(now, list(pending), {"u": marker} if done is None else done))
+        return set(annotate.models_to_run(now, list(pending), {"u": marker} if done is None else done, {}))
 
     assert rerun("face") == {"face"}
     assert rerun("person") == {"person", "ccip", "tagger"}
@@ -292,8 +293,8 @@ def test_a_crop_failed_row_stays_while_the_crops_it_explains_stay():
         def publish_now_and_then(self):
             pass
 
-    pipeline = annotate.Pipeline({"annotate": {}}, Store(), {"cascade_face": {"identity": "cascade@min_size=200"}},
-                                 {"u": previous})
+    pipeline = annotate.Pipeline({"annotate": {}}, Store(),
+                                 {"cascade_face": {"identity": "cascade@min_size=200", "stamp": "s"}}, {"u": previous})
     pipeline.commit("u", defaultdict(set), {"images": 1, "rows": {}, "error_kinds": {}, "by_model": {}})
     assert committed["parts"].get("errors") == previous["parts"]["errors"]
     assert committed["info"]["error_kinds"] == {"crop_failed": 1}
@@ -335,3 +336,178 @@ def test_another_label_file_tags_again(tmp_path):
     assert rows == run(tmp_path / "fresh", renamed)[1] and {r[2] for r in rows} >= {"new_1girl", "new_hat"}
     back, rows = run(tmp_path / "ws")
     assert back.units_done == 1 and rows == first
+
+
+def face_run(folder, models, ws_path, *overrides: str) -> tuple[object, list[tuple]]:
+    """ingest + annotate with the cascade and the face model of `models`: the summary, the detections."""
+    cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'annotate.models=["cascade_face", "face"]', f'annotate.models_dir="{models}"',
+                             *overrides])
+    ws = Workspace(str(ws_path))
+    ingest.run(cfg, ws)
+    summary = annotate.run(cfg, ws)
+    return summary, ws.connect().execute("select key, model, label, score, x0, y0, x1, y1 from detections "
+                                         "order by all").fetchall()
+
+
+def art_and_face_models(tmp_path, n: int) -> tuple:
+    """A folder of n sample PNGs, a models_dir with the face detector, and its DETECTORS entry
+    (repo, model folder, label, batch)."""
+    from tests.onnx_fakes import DETECTORS, face_model_dir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(n):
+        (folder / name).write_bytes(data)
+    return folder, face_model_dir(tmp_path / "models"), DETECTORS["face"]
+
+
+def test_a_model_file_replaced_at_its_path_runs_again(tmp_path):
+    """A staged model replaced at the same path by another one (a newer main fetched over it, other
+    weights): the units kept the old model's boxes, every unit counted as done. Now the model
+    runs again (it alone) and its rows are those of one run with the new file; run once more, or
+    with the same files staged in another folder (new mtimes), nothing runs. Another repository's
+    file of the same path (annotate.face.repo: the model's name and identity leave it out) runs it
+    again too."""
+    import shutil
+
+    from tests.onnx_fakes import yolo_model
+
+    folder, models, (repo, model_folder, label, batch) = art_and_face_models(tmp_path, 4)
+    ws = tmp_path / "ws"
+
+    def cascade_parts() -> list[str]:
+        (marker,) = Workspace(str(ws)).done_units("annotate").values()
+        return [p for p in marker["parts"]["detections"] if "-cascade_face-" in p]
+
+    _, old = face_run(folder, models, ws)
+    before = cascade_parts()
+    yolo_model(models / repo / model_folder / "model.onnx", label, batch, seed=7)  # the newer weights
+    again, rows = face_run(folder, models, ws)
+    assert again.units_done == 1 and cascade_parts() == before
+    assert "model files replaced since units were annotated: face (run again on them)" in again.notes
+    _, fresh = face_run(folder, models, tmp_path / "fresh")
+    assert rows == fresh and rows != old
+    assert face_run(folder, models, ws)[0].units_done == 0
+    staged = shutil.copytree(models, tmp_path / "staged")
+    assert face_run(folder, staged, ws)[0].units_done == 0
+    # the same file in another repository (annotate.face.repo, which the model's name leaves out)
+    fork = "someone/anime_face_detection"
+    shutil.copytree(staged / repo, staged / fork)
+    yolo_model(staged / fork / model_folder / "model.onnx", label, batch, seed=3)
+    forked = f'annotate.face.repo="{fork}"'
+    again, rows = face_run(folder, staged, ws, forked)
+    assert again.units_done == 1 and rows == face_run(folder, staged, tmp_path / "fork", forked)[1]
+
+
+def test_units_marked_before_model_files_were_stamped_count_as_unchanged(tmp_path):
+    """A workspace annotated by a version that kept no stamps (markers without them, no state of
+    the files) is not annotated again; a model file replaced after that run is."""
+    from tests.onnx_fakes import yolo_model
+
+    folder, models, (repo, model_folder, label, batch) = art_and_face_models(tmp_path, 2)
+    ws_path = tmp_path / "ws"
+    _, old = face_run(folder, models, ws_path)
+    for marker in (ws_path / "state" / "annotate").glob("*.json"):  # as the earlier version wrote them
+        info = json.loads(marker.read_text())
+        assert info.pop("stamps")
+        marker.write_text(json.dumps(info))
+    (ws_path / annotate.FILES_STATE).unlink()
+
+    upgraded, rows = face_run(folder, models, ws_path)
+    assert upgraded.units_done == 0 and rows == old
+    yolo_model(models / repo / model_folder / "model.onnx", label, batch, seed=7)
+    again, rows = face_run(folder, models, ws_path)
+    assert again.units_done == 1 and rows == face_run(folder, models, tmp_path / "fresh")[1] != old
+
+
+def test_a_tagger_or_label_file_replaced_at_its_path_tags_again(tmp_path):
+    """The tagger's model file, then its own selected_tags.csv, replaced in place (a newer version
+    of each): tag_scores follow each, as one run with the new files has them."""
+    from tests.onnx_fakes import LABELS_REPO, TAGGER_FILE, TAGGER_REPO, tagger_model
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(2):
+        (folder / name).write_bytes(data)
+    models = tmp_path / "models"
+    names = ["general", "sensitive", "1girl", "solo", "smile", "hat"]
+
+    def stage(seed: int, prefix: str) -> None:
+        tagger_model(models / TAGGER_REPO / TAGGER_FILE, len(names), seed=seed)
+        rows = [f"{i},{n if i < 2 else prefix + n},{9 if i < 2 else 0},10" for i, n in enumerate(names)]
+        (models / LABELS_REPO).mkdir(parents=True, exist_ok=True)
+        (models / LABELS_REPO / "selected_tags.csv").write_text("tag_id,name,category,count\n" + "\n".join(rows) + "\n")
+
+    def run(ws_path):
+        cfg = load_config(None, [f'workspace.path="{ws_path}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                                 'annotate.models=["tagger"]', f'annotate.models_dir="{models}"',
+                                 "annotate.tagger.score_floor=0.0"])
+        ws = Workspace(str(ws_path))
+        ingest.run(cfg, ws)
+        summary = annotate.run(cfg, ws)
+        return summary, ws.connect().execute("select key, crop, tag, category, score from tag_scores "
+                                             "order by all").fetchall()
+
+    stage(0, "")
+    _, first = run(tmp_path / "ws")
+    for seed, prefix, fresh in ((1, "", "fresh1"), (1, "new_", "fresh2")):
+        stage(seed, prefix)
+        again, rows = run(tmp_path / "ws")
+        assert again.units_done == 1 and rows == run(tmp_path / fresh)[1] != first
+        first = rows
+    assert {r[2] for r in rows} >= {"new_1girl"}
+
+
+
+def test_ccip_crop_options_count_only_with_the_person_detector(tmp_path):
+    """Without the person detector CCIP cuts no crops: its crop options change none of its rows,
+    and changing them ran CCIP over every unit again (GPU time for the same embeddings)."""
+    from tests.onnx_fakes import CCIP_FILE, CCIP_REPO, ccip_model
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in sample_pngs(2):
+        (folder / name).write_bytes(data)
+    models = tmp_path / "models"
+    ccip_model(models / CCIP_REPO / CCIP_FILE)
+
+    def run(*overrides: str):
+        cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]',
+                                 "ray.num_cpus=2", 'annotate.models=["ccip"]', f'annotate.models_dir="{models}"',
+                                 *overrides])
+        ws = Workspace(str(tmp_path / "ws"))
+        ingest.run(cfg, ws)
+        return annotate.run(cfg, ws)
+
+    assert run().units_done == 1
+    assert run("annotate.ccip.crop_padding=0.2", "annotate.ccip.max_crops=2").units_done == 0
+    opts = load_config(None, ["annotate.ccip.crop_padding=0.2"])["annotate"]  # the person detector among them
+    assert annotate.model_identity("ccip", {**opts["ccip"], "model": "ccip"}, opts) == "ccip@crop_padding=0.2"
+
+
+def test_a_model_file_is_read_again_only_when_it_changed(tmp_path):
+    """The digest of a model file (hundreds of MB, often on shared storage) is kept with the stat
+    it was read at: the next run takes it as it is while the stat is the same, digests the file
+    again once it changed, and forgets files no longer there."""
+    ws = Workspace(str(tmp_path / "ws"))
+    model, gone = tmp_path / "model.onnx", tmp_path / "gone.onnx"
+    model.write_bytes(b"weights")
+    gone.write_bytes(b"other weights")
+
+    def stamp(*files, workspace=ws) -> str:
+        specs = {"face": {"files": [str(f) for f in files]}}
+        annotate.model_stamps(workspace, specs)
+        return specs["face"]["stamp"]
+
+    stamp(model, gone)
+    state = ws.read_json(annotate.FILES_STATE)
+    state["digests"][str(model)][-1] = "0" * 64  # what a read of the file would not give
+    ws.write_json(annotate.FILES_STATE, state)
+    gone.unlink()
+    read = stamp(model, workspace=Workspace(str(tmp_path / "other")))
+    cached = stamp(model)
+    assert cached != read and cached == stamp(model)
+    model.write_bytes(b"newer weights")
+    assert stamp(model) not in (read, cached)
+    assert set(ws.read_json(annotate.FILES_STATE)["digests"]) == {str(model)}

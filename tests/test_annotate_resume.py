@@ -187,9 +187,11 @@ def test_annotate_killed_inside_a_unit_keeps_its_finished_batches(tmp_path):
 
 
 def test_batch_markers_that_no_longer_count_go_with_their_parts(tmp_path):
-    """Of a killed run's batch markers, only those of this run's models count, once per image: a
-    marker of other models, or one of images an earlier marker holds (a writer task Ray retried),
-    is dropped with its parts, and a unit no longer pending loses its markers."""
+    """Of a killed run's batch markers, only those of this run's models and model files count,
+    once per image: a marker of other models, of another file of the model (replaced at its path
+    since), or one of images an earlier marker holds (a writer task Ray retried), is dropped with
+    its parts, and a unit no longer pending loses its markers. A marker written before model
+    files were stamped counts."""
     from jobs.annotate import finished_batches
 
     ws = Workspace(str(tmp_path / "ws"))
@@ -197,18 +199,21 @@ def test_batch_markers_that_no_longer_count_go_with_their_parts(tmp_path):
     pipeline = {"face": "face_detect_v1.4_s"}
     box = {"model": "face_detect_v1.4_s", "index": 0, "label": "face", "score": 0.9,
            "x0": 0.1, "y0": 0.1, "x1": 0.5, "y1": 0.5}
-    batches = {"a": (pipeline, ["k1", "k2"]), "b": (pipeline, ["k2", "k3"]),  # b: k2 again
-               "c": ({"face": "another_face_model"}, ["k4"]), "d": (pipeline, ["k5"])}
-    for batch, (models, keys) in batches.items():
+    stamps, before = {"face": "0123456789abcdef"}, {"face": "fedcba9876543210"}
+    batches = {"a": (pipeline, ["k1", "k2"], stamps), "b": (pipeline, ["k2", "k3"], stamps),  # b: k2 again
+               "c": ({"face": "another_face_model"}, ["k4"], stamps), "d": (pipeline, ["k5"], None),
+               "f": (pipeline, ["k6"], before)}
+    for batch, (models, keys, files) in batches.items():
         ws.write_part("detections", f"annotate-u-face-{batch}", [{**box, "key": k} for k in keys])
         ws.commit_batch("annotate", "u", batch, {"parts": {"detections": [f"annotate-u-face-{batch}"]},
-                                                 "info": {}, "pipeline": models, "keys": keys})
+                                                 "info": {}, "pipeline": models, "keys": keys}
+                        | ({"stamps": files} if files else {}))
     ws.write_part("detections", "annotate-gone-face-e", [{**box, "key": "k9"}])
     ws.commit_batch("annotate", "gone", "e", {"parts": {"detections": ["annotate-gone-face-e"]},
                                               "info": {}, "pipeline": pipeline, "keys": ["k9"]})
     assert ws.begin_job() == 0  # a start keeps the parts batch markers name
 
-    kept = finished_batches(ws, [{"unit": "u", "rows": 6}], pipeline)
+    kept = finished_batches(ws, [{"unit": "u", "rows": 7}], pipeline, stamps)
 
     assert [m["keys"] for m in kept["u"]] == [["k1", "k2"], ["k5"]]
     assert sorted(ws.done_batches("annotate", "u")) == ["a", "d"] and ws.batch_units("annotate") == ["u"]

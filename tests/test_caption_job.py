@@ -85,14 +85,15 @@ def test_template_captions_are_not_scored_nor_looped_back_and_resume(ray_local, 
     assert summary.units_done == 3
     assert "not scored: 4 built_from_tags (no independent evidence: README, Honest caption scores)" in summary.notes
 
-    # resume: nothing to do, same rows; the replies a killed run kept for a unit done since, or
-    # for a unit no longer planned, are removed (pending units keep theirs: test_caption_openai)
-    for unit in (sorted(workspace.done_units("caption"))[0], "a-unit-no-longer-planned"):
+    # resume: nothing to do, same rows; the replies kept for a unit no longer planned are
+    # removed, a done unit keeps its own (for a unit that replaces it later: test_caption_openai)
+    done_unit = sorted(workspace.done_units("caption"))[0]
+    for unit in (done_unit, "a-unit-no-longer-planned"):
         ReplyCache(workspace, unit).add({"request id": "reply"})
     assert len(units_with_replies(workspace)) == 2
     again = caption.run(config, workspace)
     assert again.units_done == 0 and again.units_skipped == 3
-    assert units_with_replies(workspace) == []
+    assert units_with_replies(workspace) == [done_unit]
     assert sorted(map(str, workspace.read_table("captions").to_pylist())) == sorted(map(str, rows))
 
     # another style: new units, the old ones' rows are gone

@@ -552,7 +552,8 @@ def test_caption_job_with_openai_backend_and_rewriter_on_smollm2(transformers_se
         # not shown the image, the model wrote from the tags alone: nothing independent to score against
         assert all(r["caption"] and r["accuracy"] is None and r["not_scored"] == "built_from_tags" for r in mine)
     assert summary.errors == 0
-    assert units_with_replies(workspace) == []  # each unit's kept replies go once it is committed
+    # each committed unit keeps its replies (for a unit that replaces it), no other folder is left
+    assert units_with_replies(workspace) == sorted(workspace.done_units("caption"))
 
 
 @pytest.mark.parametrize("own_captions", [False, True])
@@ -593,8 +594,46 @@ def test_images_a_passing_failure_left_uncaptioned_are_asked_again_by_the_next_r
     assert len(captions) == 5 + 4 * own_captions  # a caption each (and the own ones): the first run's are gone
     assert {r["backend"] for r in captions if r["accepted"]} == {"openai:joy"}
     assert not [e for e in workspace.read_table("errors").to_pylist() if e["stage"].startswith("caption")]
-    assert units_with_replies(workspace) == []
+    assert units_with_replies(workspace) == sorted(workspace.done_units("caption"))
     assert caption.run(config, workspace).units_done == 0
+
+
+def test_an_image_added_inside_a_unit_asks_only_for_that_image(fake, ray_local, workspace, config):
+    """An image added inside a caption unit gives the unit other rows and another id: it is run
+    again. Its other images were asked again too (a hosted model paid twice for each); the
+    replaced unit's replies are kept now, and the unit that replaces it is answered by them: only
+    the new image is sent. Taken out again, the image left in its unit runs again: nothing is sent."""
+    from test_caption_job import added_image, write_inputs  # tests/ is on sys.path under pytest
+
+    from jobs import caption
+    from jobs.config import merge
+
+    write_inputs(workspace)
+    server, url = fake()
+    merge(config, {"caption": {
+        "backend": "openai", "base_url": url, "model": "joy", "send_images": False, "max_attempts": 1,
+        "unit_size": 2, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+    caption.run(config, workspace)
+    assert len(server.received) == 5
+    before = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
+
+    added_image(workspace, "a/h", ["1girl", "cat"])  # inside the unit [a/girl, a/pair]
+    added = caption.run(config, workspace)
+    assert added.rows_run == 3  # its unit, cut in two
+    assert len(server.received) == 6 and "cat" in json.dumps(server.received[-1])
+    assert "requests: 1 sent (0 of them retries), 2 answered by replies kept" in added.render()
+    captions = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
+    assert captions == {**before, "a/h": "caption by joy"}
+    assert len(units_with_replies(workspace)) == len(workspace.done_units("caption"))  # the replaced one's went
+
+    workspace.add_part("images", "more-a-h", workspace.read_table("images").schema.empty_table())  # a/h gone
+    removed = caption.run(config, workspace)
+    assert (removed.units_done, removed.rows_run) == (1, 1) and len(server.received) == 6
+    assert {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()} == before
+
+    merge(config, {"caption": {"target": 0.5}})  # every unit new, and every request the same
+    retargeted = caption.run(config, workspace)
+    assert retargeted.units_done == len(workspace.done_units("caption")) and len(server.received) == 6
 
 
 def test_a_server_down_for_every_image_fails_the_job_also_where_own_captions_stand_in(ray_local, workspace, config):
@@ -747,7 +786,7 @@ def test_an_image_that_cannot_be_read_is_not_read_again_for_each_attempt(fake, r
 def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, openai_options):
     """A unit's replies are kept as they come: the next run's captioner of the same unit (a new
     process after a kill: new endpoint, new cache over the same workspace) sends only what was
-    not answered; a failed request is asked again; committing the unit drops its replies."""
+    not answered; a failed request is asked again; another unit has replies of its own."""
     from udfs.caption.openai_captioner import OpenAICaptioner
 
     shard = write_shard(tmp_path / "s.tar")
@@ -758,23 +797,22 @@ def test_captioner_keeps_replies_for_a_killed_units_next_run(fake, tmp_path, ope
     drafts = [f"Draft {i}." for i in range(4)]
 
     killed = OpenAICaptioner(str(tmp_path / "ws"), options)
-    killed.keep_replies("unit-1")
+    killed.keep_replies("unit-1", [])
     first = killed.caption(rows[:3], hints[:3], drafts[:3], 0)
     assert isinstance(first[0], EndpointError) and first[1:] == ["caption by joy"] * 2
     assert len(server.received) == 3
 
     again = OpenAICaptioner(str(tmp_path / "ws"), options)
-    replies = again.keep_replies("unit-1")
+    again.keep_replies("unit-1", [])
     second = again.caption(rows, hints, drafts, 0)
     assert second == ["caption by joy"] * 4
     # sent again: the failed request and the new one; the two answered ones came from the cache
     assert [r["seed"] for r in server.received[3:]] == [0, 3]
     other = OpenAICaptioner(str(tmp_path / "ws"), options)
-    other.keep_replies("unit-2")  # another unit has replies of its own
+    other.keep_replies("unit-2", [])  # another unit has replies of its own
     other.caption(rows[1:2], hints[1:2], drafts[1:2], 0)
     assert len(server.received) == 6
-    replies.clear()
-    assert units_with_replies(Workspace(str(tmp_path / "ws"))) == ["unit-2"]
+    assert units_with_replies(Workspace(str(tmp_path / "ws"))) == ["unit-1", "unit-2"]
 
 
 def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_path, openai_options):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from jobs import caption
+from jobs import caption, curate
 from jobs.config import merge
+from jobs.ray_env import run_in_worker
 from udfs.caption.caption_tags import OWNER, candidates, phrase_of
 
 
@@ -194,6 +195,29 @@ def test_tags_from_text_stage_no_texts_when_nothing_they_read_changed(ray_local,
     caption.run(config, workspace)
     assert "texts not staged again" not in capsys.readouterr().out
     assert "p/2" in {r["key"] for r in workspace.read_table("source_tags").to_pylist()}
+
+
+def test_tags_from_text_stage_nothing_again_in_a_dataset_without_untagged_texts(ray_local, workspace, config,
+                                                                               capsys, monkeypatch):
+    """A dataset whose texts all belong to tagged images (or that has none) gets no tags from
+    text: its first run found nothing, and every later run staged the texts again to find
+    nothing again (a scan of the texts and tags on a Ray worker, at every caption run)."""
+    workspace.add_part("images", "u", [
+        {"key": "a/1", "source": "s.tar", "member": "1.png", "width": 64, "height": 64, "format": "PNG",
+         "mode": "RGB", "n_frames": 1, "bytes": 1, "sha256": "a/1", "phash": 0}])
+    workspace.add_part("source_tags", "u", [{"key": "a/1", "tag": "1girl", "category": "general", "origin": "txt",
+                                             "position": 0}])
+    workspace.add_part("source_text", "u", [{"key": "a/1", "kind": "sd_prompt", "text": "1girl, smile"}])
+    merge(config, {"caption": {"tags_from_text": True, "related_tags": False}})
+    curate.run(config, workspace)
+    caption.run(config, workspace)
+    capsys.readouterr()
+    scans = []  # a spy: the real function runs, the test counts the worker tasks
+    monkeypatch.setattr(caption, "run_in_worker", lambda *a: scans.append(a[2].__name__) or run_in_worker(*a))
+    caption.run(config, workspace)
+    assert "texts not staged again" in capsys.readouterr().out
+    assert scans == []  # nor is the published text tags' digest scanned again (it changed with nothing)
+    assert workspace.read_table("source_tags").num_rows == 1
 
 
 def test_tags_from_text_turned_off_drops_the_tags_an_earlier_run_took(ray_local, workspace, config, tmp_path):

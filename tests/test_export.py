@@ -671,6 +671,39 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
     assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
 
 
+def test_an_export_with_nothing_new_stages_and_plans_nothing(tmp_path_factory, tmp_path, ray_local, capsys):
+    """Each export staged the whole selection and planned every unit again (~80 s at a million
+    images) to find every unit done. The last plan is kept with a digest of what it was made of:
+    the same tables, options and code, and every unit's files in `out`, reuse it. A file gone from
+    a kohya folder, or a table changed, stages and plans again."""
+    from jobs import export
+
+    out = tmp_path / "out"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset", "kohya"]',
+                    "export.max_count=4")
+    first = export.run(cfg, ws)
+    export.run(cfg, ws)  # its own manifest parts, published by the first, are new to it
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    kept = export.run(cfg, ws)
+    assert "not staged nor planned again" in capsys.readouterr().out
+    assert (kept.units_done, kept.units_skipped, kept.rows_in) == (0, first.units_done, first.rows_in)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # what was left out, and the key ranges staged
+    assert [n for n in kept.notes if n.startswith(("left out", "selection staged"))] == \
+        [n for n in first.notes if n.startswith(("left out", "selection staged"))]
+
+    caption = next(p for p in (out / "kohya").rglob("*.txt"))
+    caption.unlink()
+    again = export.run(cfg, ws)
+    assert "not staged nor planned again" not in capsys.readouterr().out
+    assert again.units_done == 1 and caption.is_file()
+    export.run(cfg, ws)  # the plan kept again
+    ws.add_part("source_text", "more", [{"key": sorted(expected_rows(ws))[0], "kind": "caption", "text": "A cat."}])
+    export.run(cfg, ws)
+    assert "not staged nor planned again" not in capsys.readouterr().out
+
+
 def test_a_shard_another_workspace_wrote_over_is_written_again(tmp_path_factory, tmp_path, ray_local):
     """Two workspaces exporting to one folder write shards of the same names: the first's units,
     done by their markers, were skipped, and its shards held the second's samples under its own

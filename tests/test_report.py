@@ -269,6 +269,30 @@ def test_a_report_leaves_only_its_own_files(tmp_path):
     assert summary.rows_out == {"plots": len(plots), "examples": 1}
 
 
+def test_a_report_of_the_same_inputs_is_kept_and_any_change_writes_it_again(tmp_path):
+    """A second report with nothing new (a `booruset run` again) queried every table and drew
+    every plot again: ~50 s at a million images. Now kept; a new row, another option or a file of
+    the page gone writes it again."""
+    from jobs import report
+
+    cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["cat"]})
+    page = tmp_path / "ws" / "report" / "index.html"
+    assert report.run(cfg, ws).units_done == 1
+    written = page.read_text()
+    again = report.run(cfg, ws)
+    assert (again.units_done, again.units_skipped) == (0, 1) and page.read_text() == written
+    assert any("nothing the report shows changed" in note for note in again.notes)
+
+    ws.add_part("source_tags", "more", [{"key": "in/b", "tag": "dog", "category": "general", "origin": "txt",
+                                         "position": 1}])
+    assert report.run(cfg, ws).units_done == 1 and "dog" in page.read_text()
+    cfg["report"]["top_n"] = 1
+    assert report.run(cfg, ws).units_done == 1
+    (page.parent / "tags.png").unlink()
+    assert report.run(cfg, ws).units_done == 1 and (page.parent / "tags.png").is_file()
+    assert report.run(cfg, ws).units_done == 0
+
+
 def test_a_report_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
     """report.out set to a folder of a person's files: the report overwrote its index.html and
     stages.png and deleted every examples/*.jpg it did not show (their holiday photos), exit 0.

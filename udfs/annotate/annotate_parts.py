@@ -32,11 +32,12 @@ def table_of(name: str) -> str:
 
 
 def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, str],
-                     pipeline: dict[str, str]) -> dict[str, list]:
+                     pipeline: dict[str, str], stamps: dict[str, str]) -> dict[str, list]:
     """map_batches UDF: write this batch's rows of each unit and mark the batch done (its
     parts, keys and counts: a killed run's next start skips those images); one summary row per
     unit. `models`: pipeline name -> `model` column value, in pipeline order; `pipeline`:
-    pipeline name -> what the unit marker records as run (a batch counts only for the same)."""
+    pipeline name -> what the unit marker records as run, `stamps`: pipeline name -> its
+    files' digest (a batch counts only for the same)."""
     ws = Workspace(workspace)
     out: dict[str, list] = {"unit": [], "rows": [], "parts": [], "info": []}
     by_unit: dict[str, list[dict]] = defaultdict(list)
@@ -51,7 +52,7 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
                 ws.write_part(table, f"{JOB}-{unit}-{name}-{tag}", part)
                 parts[table].append(f"{JOB}-{unit}-{name}-{tag}")
         info = tables.info()
-        ws.commit_batch(JOB, unit, tag, {"parts": parts, "info": info, "pipeline": pipeline,
+        ws.commit_batch(JOB, unit, tag, {"parts": parts, "info": info, "pipeline": pipeline, "stamps": stamps,
                                          "keys": [str(row["key"]) for row in rows]})
         out["unit"].append(unit)
         out["rows"].append(len(rows))
@@ -60,7 +61,7 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
     return out
 
 
-def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str]) -> dict:
+def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps: dict[str, str]) -> dict:
     """Ray task: the rows of the images (`keys`) of a new unit that a replaced unit annotated from
     the same bytes with the same models (`sources`: [table, pipeline name, part] of its parts),
     written as the new unit's parts and marked done as one batch (so a killed run keeps them,
@@ -86,7 +87,7 @@ def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str]) -> dict
         by_model[name]["rows"][table] = written
     info = {"images": len(keys), "dropped": 0, "by_model": by_model, "error_kinds": {}, "rows": dict(rows),
             "providers": {}, "nodes": {}, "model_seconds": {}, "reused": len(keys)}
-    marker = {"parts": dict(parts), "info": info, "pipeline": pipeline, "keys": keys}
+    marker = {"parts": dict(parts), "info": info, "pipeline": pipeline, "stamps": stamps, "keys": keys}
     ws.commit_batch(JOB, unit, tag, marker)
     return {"unit": unit, **marker}
 

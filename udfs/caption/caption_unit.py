@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from store.staging import read_unit_rows
 from store.workspace import Workspace
@@ -230,21 +231,23 @@ class UnitCaptioner:
     def __call__(self, batch: pa.Table) -> dict[str, list]:
         """Caption each unit of the batch (its rows read from the file the job staged), write, commit."""
         out: dict[str, list] = {"unit": [], "info": []}
-        for unit, path, expected in zip(batch["unit"].to_pylist(), batch["path"].to_pylist(),
-                                        batch["rows"].to_pylist(), strict=True):
+        previous = batch["previous"].to_pylist() if "previous" in batch.column_names else [[]] * batch.num_rows
+        for unit, path, expected, borrowed in zip(batch["unit"].to_pylist(), batch["path"].to_pylist(),
+                                                  batch["rows"].to_pylist(), previous, strict=True):
             rows = read_unit_rows(self.ws, path)
             if rows.num_rows != expected:  # a unit committed with rows missing would never be redone
                 raise RuntimeError(f"unit {unit}: {path} holds {rows.num_rows} of its {expected} rows")
             started, asked = time.perf_counter(), self.request_counts()
-            replies = self.keep_replies(unit)
+            replies = self.keep_replies(unit, borrowed or [])
             captions, errors = self.caption_unit(rows)
             regions, region_errors = self.region_rows(rows)
             errors += region_errors
             info = unit_info(rows, captions, errors, time.perf_counter() - started, len(regions))
             info["requests"] = dict(self.request_counts() - asked)  # of this unit
+            if replies is not None:  # kept: a failure's rerun, or a unit replacing this one, asks less
+                keys = rows["key"]
+                replies.settle(pc.min(keys).as_py(), pc.max(keys).as_py())
             self.commit(unit, captions, errors, regions, info)
-            if replies is not None and not info["transient"]:  # else the rerun asks only what failed
-                replies.clear()
             out["unit"].append(unit)
             out["info"].append(json.dumps(info))
         return out
@@ -260,13 +263,14 @@ class UnitCaptioner:
             counts.update(endpoint.counts)
         return counts
 
-    def keep_replies(self, unit: str) -> ReplyCache | None:
+    def keep_replies(self, unit: str, previous: list[str]) -> ReplyCache | None:
         """The unit's reply cache, given to every endpoint: a run killed in the middle of the unit
-        has kept the replies it got, and they are not asked for again (udfs/caption/reply_cache.py)."""
+        has kept the replies it got, and they are not asked for again; nor are those of the
+        `previous` units it replaces (udfs/caption/reply_cache.py)."""
         endpoints = self.endpoints()
         if not endpoints:
             return None
-        replies = ReplyCache(self.ws, unit)
+        replies = ReplyCache(self.ws, unit, previous)
         for endpoint in endpoints:
             endpoint.cache = replies
         return replies
