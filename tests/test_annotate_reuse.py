@@ -162,3 +162,25 @@ def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_p
         expected = [r for r in rows(fresh, table) if table != "errors" or r[3] != "ingest"]
         found = [r for r in rows(Workspace(str(tmp_path / "ws")), table) if table != "errors" or r[3] != "ingest"]
         assert found == expected, table
+
+
+def test_rows_of_a_model_whose_file_was_replaced_are_not_kept(tmp_path):
+    """A sidecar edited and the face model replaced at its path before the next annotate: the
+    replaced unit's face rows are of the old weights, so its images run again, and the rows are
+    those of a fresh workspace with the new model."""
+    from tests.onnx_fakes import DETECTORS, yolo_model
+
+    images = sample_pngs(3)
+    folder, models = tmp_path / "art", face_model_dir(tmp_path / "models")
+    folder.mkdir()
+    for name, data in images:
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl")
+    annotated(tmp_path / "ws", folder, models)
+    (folder / images[0][0]).with_suffix(".txt").write_text("1girl, smile")
+    repo, model_folder, label, batch = DETECTORS["face"]
+    yolo_model(models / repo / model_folder / "model.onnx", label, batch, seed=7)
+    again, rows = annotated(tmp_path / "ws", folder, models)
+    assert again.rows_run == 3
+    assert rows == annotated(tmp_path / "fresh", folder, models)[1]
+
