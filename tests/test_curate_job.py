@@ -46,10 +46,10 @@ def test_kill_before_publish_keeps_old_tables(workspace, monkeypatch):
     workspace.add_part("source_tags", "p", source_rows("a", ["frown"]) + source_rows("b", ["frown"]))
     real_publish = workspace.publish
 
-    def killed(owned=None):
+    def killed(owned=None, **options):
         if owned and curate.OWNER in owned:
             raise KeyboardInterrupt("killed before the publish")
-        return real_publish(owned)
+        return real_publish(owned, **options)
 
     monkeypatch.setattr(workspace, "publish", killed)
     with pytest.raises(KeyboardInterrupt):
