@@ -12,12 +12,16 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from udfs.ingest.clip_frames import ClipError, ClipInfo, ClipReader, Frame
 from udfs.ingest.frame_selection import FrameRules, FrameSelector
 from udfs.ingest.frame_store import FrameStore
+
+if TYPE_CHECKING:  # imported where a clip is met: PyAV, scipy.fft and OpenCV cost an ingest worker
+    # 0.15 s of its start, and most workers ingest still images only
+    from udfs.ingest.clip_frames import ClipInfo, Frame
 
 ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")  # Pillow formats whose files can hold an animation
 PILLOW_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -39,6 +43,8 @@ def frame_key(clip_key: str, index: int) -> str:
 def ingest_clip(clip_key: str, data: bytes | str, animated: bool, rules: FrameRules, max_pixels: int,
                 store: FrameStore) -> ClipResult:
     """Decode, select and store the frames of one clip. Frames kept before the clip breaks stay."""
+    from udfs.ingest.clip_frames import ClipError, ClipInfo, ClipReader
+
     if _no_bytes(data):  # FFmpeg's own word for it is "Invalid data found", as for random bytes
         result = ClipResult({"key": clip_key}, problems=[("empty_file", "zero-byte video")])
         result.clip.update(_clip_columns(None, 0, 0, 0, 1))
@@ -84,6 +90,8 @@ def _no_bytes(data: bytes | str) -> bool:
 
 
 def _check_size(info: ClipInfo, rules: FrameRules) -> None:
+    from udfs.ingest.clip_frames import ClipError
+
     if min(info.width, info.height) < rules.min_side:
         raise ClipError("frames_too_small", f"{info.width}x{info.height} frames: shorter side < "
                                             f"ingest.frames.min_side {rules.min_side}; skipped")
@@ -125,6 +133,8 @@ def _store_frame(clip_key: str, frame: Frame, hashes: dict, slice_index: int, ru
 
 
 def _clip_columns(info: ClipInfo | None, decoded: int, kept: int, slices: int, problems: int) -> dict:
+    from udfs.ingest.clip_frames import ClipInfo
+
     known = info or ClipInfo("", "", 0, 0, 0.0, 0.0)
     return {"format": known.format, "codec": known.codec, "width": known.width, "height": known.height,
             "fps": known.fps, "duration": known.duration, "frames_seen": decoded, "frames_kept": kept,

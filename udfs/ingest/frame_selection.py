@@ -14,11 +14,14 @@ still.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from udfs.ingest.clip_frames import Frame
 from udfs.opencv import cv2
+
+if TYPE_CHECKING:  # a type only: clip_frames' PyAV and scipy.fft load where a clip is met (udfs/ingest/clips.py)
+    from udfs.ingest.clip_frames import Frame
 
 
 @dataclass(frozen=True)
