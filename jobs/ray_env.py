@@ -117,8 +117,15 @@ def start_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: A
     """run_in_worker without the wait: the driver goes on while the task runs; worker_result(ref)
     then gives its result (or raises its exception)."""
     init_ray(cfg)
-    task = ray.remote(num_cpus=1)(_with_workspace)
+    # named for what it runs: Ray starts each line the task prints with its name, which was
+    # "(_with_workspace pid=...)" for every job's step
+    task = ray.remote(num_cpus=1)(_with_workspace).options(name=task_name(fn))
     return task.remote(fn, ws.root, ws.memory_limit, args)
+
+
+def task_name(fn: Callable[..., Any]) -> str:
+    """`curate.build`, `export.stage_selection`: the job's module and the function."""
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
 def worker_result(ref: ray.ObjectRef) -> Any:

@@ -134,11 +134,14 @@ def test_run_in_worker_runs_the_planning_query_in_another_process(ray_local, wor
 
 
 def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
-    """curate prints its progress in a Ray task: Ray forwards the line with a coloured prefix,
-    which in a log file or a pipe is escape codes."""
-    code = ("import ray, time; from jobs.config import load_config; from jobs.ray_env import init_ray; "
-            "init_ray(load_config(None, ['workspace.path=\"ws\"', 'ray.num_cpus=1'])); "
-            "ray.get(ray.remote(lambda: print('curate: tags partition 1/1', flush=True)).remote()); "
+    """curate prints its progress in a Ray task (run_in_worker): Ray forwards the line with a
+    coloured prefix, which in a log file or a pipe is escape codes; the prefix names the step the
+    task runs (it named run_in_worker's wrapper, `_with_workspace`, for every job)."""
+    code = ("import time; from jobs.config import load_config; from jobs.ray_env import run_in_worker; "
+            "from store.workspace import Workspace\n"
+            "def build(ws): print('curate: tags partition 1/1', flush=True)\n"
+            "cfg = load_config(None, ['workspace.path=\"ws\"', 'ray.num_cpus=1'])\n"
+            "run_in_worker(cfg, Workspace('ws'), build); "
             "time.sleep(2)")  # the driver prints forwarded lines from a thread
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX")}
     env["PYTHONPATH"] = str(REPO)
@@ -146,3 +149,4 @@ def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "curate: tags partition 1/1" in done.stdout and "\x1b[" not in done.stdout, done.stdout
+    assert "(__main__.build pid=" in done.stdout, done.stdout
