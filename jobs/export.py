@@ -55,7 +55,7 @@ from jobs.ray_env import (
 )
 from jobs.summary import JobSummary
 from store.staging import clear
-from store.stamps import code_digest, fingerprint
+from store.stamps import code_digest, file_stamps, fingerprint, part_stamps
 from store.workspace import (
     INPUT_REGISTRY,
     Workspace,
@@ -84,6 +84,9 @@ KOHYA_CONFIG = "kohya/dataset.toml"  # kohya sd-scripts' --dataset_config for th
 EXPORT_DUPLICATES = "export_duplicates"  # the selection's duplicates table (export_duplicates)
 PLAN = "state/export-plan"  # the staged selection and plans of the running export
 PLAN_STATE = "state/export-planned.json"  # the last plan: what it was made of (plan_stamp), its units
+# the last manifest written: its folder, what it was made of (manifest_stamp), its file's stamp
+# and the counts write_manifest gave (a rerun with the same keeps the file: kept_manifest)
+MANIFEST_STATE = "state/export-manifest.json"
 PLAN_CODE = [REPO / "jobs" / "export.py", REPO / "udfs" / "export", REPO / "sql"]
 # state/export/open/<digest of out>.json ({"out"}): an export to that folder began and has not
 # ended (written before its units, removed once its manifest is): the only folders whose units
@@ -203,10 +206,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     run_now = run_units(cfg, ws, out, pending) if pending else []
     infos += run_now
-    # the manifest reads the units' own parts, so it is written while the driver publishes them
-    manifest = start_in_worker(cfg, ws, write_manifest, out, sorted(u["unit"] for u in units))
-    ws.publish()
-    counts = worker_result(manifest)
+    counts = manifest_counts(cfg, ws, out, sorted(u["unit"] for u in units))
     ws.forget_unit(OPEN, open_name(out), hold=False)  # its manifest names every unit it wrote
     clear(ws, PLAN)
     shards = 0
@@ -237,10 +237,65 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
 
 def plan_stamp(cfg: Config, ws: Workspace, out: str) -> str:
     """A digest of what the selection and the plan are made of (store/stamps.py), taken before
-    they are: the published parts of every table (the export's own among them), the inputs gone,
-    the export options, the output folder and the code."""
-    return fingerprint(ws, schemas.TABLES, gone=workspace_gone_inputs(ws), out=out, code=code_digest(PLAN_CODE),
+    they are: the published parts of every table, the inputs gone, the export options, the output
+    folder and the code. Not the export's own rows (its export_manifest, its units' errors parts),
+    which give the selection nothing but what a user's `where` may read (n_errors, a subquery):
+    published at the end of each run that wrote units, they made every second run stage and plan
+    again."""
+    where = str(cfg[JOB]["where"])
+    reads_own = "errors" in where or "export_manifest" in where
+
+    def own_rows(table: str, part: str) -> bool:
+        return not reads_own and (table == "export_manifest" or (table == "errors" and part.startswith(f"{JOB}-")))
+
+    return fingerprint(ws, schemas.TABLES, skip=own_rows, gone=workspace_gone_inputs(ws), out=out,
+                       code=code_digest(PLAN_CODE),
                        options={JOB: cfg[JOB], "folder_unit_size": cfg["ingest"]["folder_unit_size"]})
+
+
+def manifest_counts(cfg: Config, ws: Workspace, out: str, units: list[str]) -> dict:
+    """Publish the units, and write <out>/manifest.parquet (write_manifest, in a worker, while the
+    driver publishes: it reads the units' own parts) unless the one there was written from the
+    same (kept_manifest). Its counts."""
+    stamp = manifest_stamp(ws, out, units)
+    if (counts := kept_manifest(ws, out, stamp)) is not None:
+        ws.publish()
+        return counts
+    manifest = start_in_worker(cfg, ws, write_manifest, out, units)
+    ws.publish()
+    counts = worker_result(manifest)
+    ws.write_json(MANIFEST_STATE, {"out": out, "stamp": stamp, "file": manifest_file_stamp(out),
+                                   "files": [[*path, n] for path, n in counts["files"].items()],
+                                   "text_cut": counts["text_cut"]})
+    return counts
+
+
+def manifest_stamp(ws: Workspace, out: str, units: list[str]) -> str:
+    """A digest of what write_manifest reads: the units' export_manifest parts (by name, size and
+    time), the folder and the code."""
+    return hashlib.sha256(json.dumps([out, part_stamps(ws, "export_manifest", units), code_digest(PLAN_CODE)]
+                                     ).encode()).hexdigest()
+
+
+def manifest_file_stamp(out: str) -> list:
+    return file_stamps(os.path.join(out, "manifest.parquet"))
+
+
+def kept_manifest(ws: Workspace, out: str, stamp: str) -> dict | None:
+    """The counts of the manifest in `out` when the last one written there was made of the same
+    (`stamp`) and is still the file there: writing it again gave the same rows, and a new file's
+    time made the report's inputs change (it keeps a page of the same inputs) on every
+    `booruset run`. None otherwise."""
+    last = ws.read_json(MANIFEST_STATE) or {}
+    if last.get("out") != out or last.get("stamp") != stamp or last.get("file") != json_list(manifest_file_stamp(out)):
+        return None
+    return {"files": {(layout, path): n for layout, path, n in last["files"]}, "text_cut": last["text_cut"],
+            "left_files": 0}
+
+
+def json_list(value: list) -> list:
+    """`value` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def last_plan(cfg: Config, ws: Workspace, out: str, stamp: str) -> dict | None:
@@ -776,6 +831,18 @@ def file_column(relation: duckdb.DuckDBPyRelation) -> Iterator[str]:
         yield from batch.column("file").to_pylist()
 
 
+def write_if_changed(path: str, data: bytes) -> None:
+    """atomic_write, unless the file holds `data` already: an export with nothing new leaves the
+    files trainers and sync tools watch as they were (their times too)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return
+    except OSError:
+        pass
+    atomic_write(path, data)
+
+
 def remove_wids_index(out: str) -> None:
     index = os.path.join(out, "webdataset", "index.wids.json")
     if os.path.exists(index):
@@ -792,7 +859,7 @@ def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], i
         shardlist.append({"url": name, "nsamples": files.get(("webdataset", f"webdataset/{name}"), 0),
                           "filesize": size})
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "booruset-export", "shardlist": shardlist}
-    atomic_write(os.path.join(out, "webdataset", "index.wids.json"), json.dumps(index, indent=1).encode())
+    write_if_changed(os.path.join(out, "webdataset", "index.wids.json"), json.dumps(index, indent=1).encode())
     return len(shardlist)
 
 
@@ -829,7 +896,7 @@ def write_kohya_config(out: str, opts: dict, files: dict[tuple[str, str], int]) 
         repeats = int(os.path.basename(folder).split("_", 1)[0])
         lines += ["", "  [[datasets.subsets]]", f"  image_dir = {toml_string(os.path.join(out, folder))}",
                   f"  num_repeats = {repeats}"]
-    atomic_write(os.path.join(out, KOHYA_CONFIG), ("\n".join(lines) + "\n").encode())
+    write_if_changed(os.path.join(out, KOHYA_CONFIG), ("\n".join(lines) + "\n").encode())
 
 
 def toml_string(text: str) -> str:

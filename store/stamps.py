@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -43,8 +43,11 @@ def code_digest(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(ws: Workspace, tables: Iterable[str], **more: object) -> str:
-    """The digest of the published parts of `tables` and of `more` (options, file stamps, ...)."""
+def fingerprint(ws: Workspace, tables: Iterable[str], skip: Callable[[str, str], bool] = lambda table, part: False,
+                **more: object) -> str:
+    """The digest of the published parts of `tables` (but those `skip(table, part)` says) and of
+    `more` (options, file stamps, ...)."""
     published = ws.published()["tables"]
-    what = {"parts": {table: part_stamps(ws, table, published.get(table, [])) for table in tables}, **more}
+    what = {"parts": {table: part_stamps(ws, table, [p for p in published.get(table, []) if not skip(table, p)])
+                      for table in tables}, **more}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

@@ -674,21 +674,33 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
 def test_an_export_with_nothing_new_stages_and_plans_nothing(tmp_path_factory, tmp_path, ray_local, capsys):
     """Each export staged the whole selection and planned every unit again (~80 s at a million
     images) to find every unit done. The last plan is kept with a digest of what it was made of:
-    the same tables, options and code, and every unit's files in `out`, reuse it. A file gone from
-    a kohya folder, or a table changed, stages and plans again."""
-    from jobs import export
+    the same tables, options and code, and every unit's files in `out`, reuse it, from the run
+    right after (the parts of export_manifest the first published are no input of the plan).
+    Nothing in `out` is written again, the manifest included (a new one changed the report's
+    inputs: every `booruset run` wrote the report again). A file gone from a kohya folder, or a
+    table changed, stages and plans again."""
+    from jobs import export, report
 
     out = tmp_path / "out"
     cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', 'export.formats=["webdataset", "kohya"]',
                     "export.max_count=4")
     first = export.run(cfg, ws)
-    export.run(cfg, ws)  # its own manifest parts, published by the first, are new to it
-    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    files = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    report_inputs = report.report_inputs(cfg, ws, tmp_path / "report")
     capsys.readouterr()
     kept = export.run(cfg, ws)
     assert "not staged nor planned again" in capsys.readouterr().out
     assert (kept.units_done, kept.units_skipped, kept.rows_in) == (0, first.units_done, first.rows_in)
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*")
+            if p.is_file()} == files
+    assert report.report_inputs(cfg, ws, tmp_path / "report") == report_inputs
+    assert [n for n in kept.notes if "samples" in n or n.startswith("webdataset")] == \
+        [n for n in first.notes if "samples" in n or n.startswith("webdataset")]  # the manifest's counts
+    manifest = (out / "manifest.parquet").read_bytes()
+    (out / "manifest.parquet").unlink()
+    export.run(cfg, ws)
+    assert (out / "manifest.parquet").read_bytes() == manifest
+    capsys.readouterr()
     # what was left out, and the key ranges staged
     assert [n for n in kept.notes if n.startswith(("left out", "selection staged"))] == \
         [n for n in first.notes if n.startswith(("left out", "selection staged"))]
@@ -698,7 +710,8 @@ def test_an_export_with_nothing_new_stages_and_plans_nothing(tmp_path_factory, t
     again = export.run(cfg, ws)
     assert "not staged nor planned again" not in capsys.readouterr().out
     assert again.units_done == 1 and caption.is_file()
-    export.run(cfg, ws)  # the plan kept again
+    export.run(cfg, ws)
+    assert "not staged nor planned again" in capsys.readouterr().out  # the unit written again is its own row
     ws.add_part("source_text", "more", [{"key": sorted(expected_rows(ws))[0], "kind": "caption", "text": "A cat."}])
     export.run(cfg, ws)
     assert "not staged nor planned again" not in capsys.readouterr().out
