@@ -18,10 +18,12 @@ copied in a batch of its own: the models run only on its new or changed images.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import posixpath
 import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import ray
 from jobs.config import Config, ConfigError, default_config
 from jobs.ray_env import Progress, init_ray, local_ray, unit_tasks
 from jobs.summary import JobSummary
+from store.part_ranges import KeyBounds
 from store.workspace import Workspace, images_parts
 from udfs.annotate.annotate_parts import copy_kept_rows, merge_infos, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
@@ -316,8 +319,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                                {name: spec["stamp"] for name, spec in run_specs.items()})
     resumed = sum(len(m["keys"]) for found in batches.values() for m in found)
     kept = plan_kept_rows(ws, [u for u in pending if u["unit"] not in markers],
-                          {u: m for u, m in markers.items() if u not in current}, run_specs, batches, last)
-    reused = sum(len(item["keys"]) for item in kept)
+                          {u: m for u, m in markers.items() if u not in current}, run_specs, last)
+    reused = copy_kept(cfg, ws, kept, run_specs, batches)
     pending_ids = {u["unit"] for u in pending}
     done_before = sum(1 for u in units if u["unit"] in done and u["unit"] not in pending_ids)
     print(f"annotate: {len(units)} units, {done_before} done before, {len(pending)} to run"
@@ -340,13 +343,6 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if reused:
         summary.notes.append(f"kept: {reused} images of replaced units (a sidecar changed, an image added) have "
                              "the bytes they were annotated from: their rows are kept, no model ran on them")
-    if kept:
-        init_ray(cfg)
-        pipeline = {name: spec["identity"] for name, spec in run_specs.items()}
-        stamps = {name: spec["stamp"] for name, spec in run_specs.items()}
-        for marker in unit_tasks(copy_kept_rows, kept, float(cfg[JOB]["task_num_cpus"]), workspace=ws.root,
-                                 pipeline=pipeline, stamps=stamps):
-            batches.setdefault(marker.pop("unit"), []).append(marker)
     # after the copies, which read the parts of the units retired here (readers keep them until the end)
     retire_stale_units(ws, current)
     keep_records(ws, units, done)
@@ -401,21 +397,17 @@ def write_record(ws: Workspace, unit: str, parts: list[str]) -> None:
     ws.write_parquet(f"{record_dir(ws)}/{unit}.parquet", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
 
 
-def read_record(ws: Workspace, unit: str) -> dict[str, str]:
-    """{key: sha256} of a unit's record ({} where it has none: committed by a version without them)."""
-    path = f"{record_dir(ws)}/{unit}.parquet"
-    if ws.fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return {}
-    table = pq.read_table(path, filesystem=ws.fs)
-    return dict(zip(table["key"].to_pylist(), table["sha256"].to_pylist(), strict=True))
+def record_files(ws: Workspace) -> dict[str, str]:
+    """{unit: path} of the units that have a record (those committed by a version without them have none)."""
+    selector = pafs.FileSelector(record_dir(ws), allow_not_found=True)
+    return {info.base_name[: -len(".parquet")]: info.path for info in ws.fs.get_file_info(selector)
+            if info.is_file and info.base_name.endswith(".parquet")}
 
 
 def keep_records(ws: Workspace, units: list[dict], done: dict[str, dict]) -> None:
     """A record for each committed unit (those committed before records were kept get theirs now,
     from their `images` rows, still the ones they were annotated from), and none for any other."""
-    selector = pafs.FileSelector(record_dir(ws), allow_not_found=True)
-    have = {info.base_name[: -len(".parquet")]: info.path for info in ws.fs.get_file_info(selector)
-            if info.is_file and info.base_name.endswith(".parquet")}
+    have = record_files(ws)
     for unit in set(have) - set(done):
         ws.fs.delete_file(have[unit])
     for u in units:
@@ -424,46 +416,91 @@ def keep_records(ws: Workspace, units: list[dict], done: dict[str, dict]) -> Non
 
 
 def plan_kept_rows(ws: Workspace, new: list[dict], replaced: dict[str, dict], specs: dict[str, dict],
-                   batches: dict[str, list[dict]], last: dict[str, str]) -> list[dict]:
-    """For each new unit (never annotated), the images that a replaced unit (its marker no longer
-    planned) annotated from the same bytes (key and sha256 the same) with every model of this run
-    (its identity and its files: changed_files, `last` the last complete run's stamps) and no
-    errors row, and that no finished batch holds: {unit, keys, sources: [table, pipeline name,
-    part]} for copy_kept_rows. A model's rows depend on the image's bytes, its identity and its
-    files alone, so these are the rows a run of the models would write."""
-    replaced = {unit: marker for unit, marker in sorted(replaced.items()) if "parts" in marker
+                   last: dict[str, str]) -> list[dict]:
+    """For each new unit (never annotated), the replaced units (their markers no longer planned)
+    that may hold rows of its images: those annotated with every model of this run (its identity
+    and its files: changed_files, `last` the last complete run's stamps) whose record's keys
+    meet the range of the new unit's keys. copy_kept_rows matches the images in a task: the
+    driver reads Parquet footers (a key range each), no row, so that a unit replaced by each
+    ingest unit (a new READER_VERSION, a folder chunked anew) costs it no memory per image, and
+    each task reads the replaced units its keys can be in, not all of them. {unit, parts (its
+    `images`), replaced: [{unit, record, errors (its parts), sources: [table, pipeline name,
+    part]}], tag (its batch's: a task that Ray runs again writes the same)}"""
+    records = record_files(ws)
+    replaced = {unit: marker for unit, marker in sorted(replaced.items()) if "parts" in marker and unit in records
                 and all(marker.get("pipeline", {}).get(name) == spec["identity"] for name, spec in specs.items())
                 and not changed_files(marker, specs, last)
                 # each part says its model (part_pipeline_name): one that did not would lose its rows
                 and all(part.startswith(f"{JOB}-{unit}-") for names in marker["parts"].values() for part in names)}
     if not new or not replaced or not specs:
         return []
-    had: dict[str, tuple[str, str]] = {}  # key -> (sha256, the replaced unit)
-    for unit, marker in replaced.items():
-        # an image with an errors row (a file missing then, a model failing) is run again
-        failed = {row["key"] for part in marker["parts"].get("errors", [])
-                  for row in ws.read_part("errors", part, ["key"])}
-        for key, sha256 in read_record(ws, unit).items():
-            if sha256 and key not in failed:
-                had.setdefault(key, (sha256, unit))
-    if not had:
-        return []
-    finished = {key for found in batches.values() for marker in found for key in marker["keys"]}
-    plan = []
-    for u in new:
-        keys, sources = [], set()
-        for part in u["parts"]:
-            for row in ws.read_part("images", part, ["key", "sha256"]):
-                key = row["key"]
-                if key in had and had[key][0] == row["sha256"] and key not in finished:
-                    keys.append(key)
-                    sources.add(had[key][1])
-        if keys:
-            parts = [[table, part_pipeline_name(part, unit), part] for unit in sorted(sources)
-                     for table, names in sorted(replaced[unit]["parts"].items()) if table != "errors"
-                     for part in names if part_pipeline_name(part, unit) in specs]
-            plan.append({"unit": u["unit"], "keys": sorted(keys), "sources": parts})
-    return plan
+    images = {u["unit"]: [f"{ws.table_dir('images')}/{part}.parquet" for part in u["parts"]] for u in new}
+    # footers read side by side (PartKeyRanges), each once
+    bounds = ws.part_key_ranges.bounds([*(records[unit] for unit in replaced),
+                                        *(path for paths in images.values() for path in paths)])
+    pairs = meeting_ranges({unit: key_span([bounds[p] for p in paths]) for unit, paths in images.items()},
+                           {unit: bounds[records[unit]] for unit in replaced})
+    return [{"unit": u["unit"], "parts": u["parts"],
+             "replaced": [kept_source(unit, replaced[unit], records[unit], specs) for unit in sorted(pairs[u["unit"]])],
+             "tag": uuid.uuid4().hex[:16]}
+            for u in new if pairs.get(u["unit"])]
+
+
+def kept_source(unit: str, marker: dict, record: str, specs: dict[str, dict]) -> dict:
+    """What copy_kept_rows reads of a replaced unit: its record, its errors parts (an image with an
+    errors row, a file missing then or a model failing, is run again) and the parts of this run's models."""
+    parts = marker["parts"]
+    return {"unit": unit, "record": record, "errors": parts.get("errors", []),
+            "sources": [[table, part_pipeline_name(part, unit), part] for table, names in sorted(parts.items())
+                        if table != "errors" for part in names if part_pipeline_name(part, unit) in specs]}
+
+
+def key_span(bounds: list[KeyBounds]) -> KeyBounds:
+    """The key range of several parts: (None, None) where one's is not known."""
+    if not bounds or any(low is None or high is None for low, high in bounds):
+        return None, None
+    return min(low for low, _ in bounds), max(high for _, high in bounds)
+
+
+def meeting_ranges(first: dict[str, KeyBounds], second: dict[str, KeyBounds]) -> dict[str, list[str]]:
+    """For each name of `first`, the names of `second` whose key range meets its own (a range not
+    known meets every one). One sweep over the ranges in key order: each pair that meets is found
+    once, and no pair that does not is looked at (10,000 units on each side: not 10^8 pairs)."""
+    known = [{n: b for n, b in side.items() if None not in b} for side in (first, second)]
+    unknown = [other for other in second if other not in known[1]]
+    met = {name: list(unknown if name in known[0] else second) for name in first}
+    # an event per range in the order of its lowest key; the ranges of the other side still open
+    # at it (a highest key not below that key) are the ones it meets
+    events = sorted((low, side, name, high) for side in (0, 1) for name, (low, high) in known[side].items())
+    open_ranges: tuple[list, list] = ([], [])  # per side: heaps of (highest key, name)
+    for low, side, name, high in events:
+        others = open_ranges[1 - side]
+        while others and others[0][0] < low:
+            heapq.heappop(others)
+        for _, other in others:
+            met[name if side == 0 else other].append(other if side == 0 else name)
+        heapq.heappush(open_ranges[side], (high, name))
+    return met
+
+
+def copy_kept(cfg: Config, ws: Workspace, kept: list[dict], specs: dict[str, dict],
+              batches: dict[str, list[dict]]) -> int:
+    """Run copy_kept_rows on each planned unit (plan_kept_rows); add each batch it writes to
+    `batches`. The images whose rows were kept."""
+    if not kept:
+        return 0
+    print(f"annotate: {len(kept)} new units may keep rows of the units they replace: matching their images",
+          flush=True)
+    init_ray(cfg)
+    pipeline = {name: spec["identity"] for name, spec in specs.items()}
+    stamps = {name: spec["stamp"] for name, spec in specs.items()}
+    reused = 0
+    for marker in unit_tasks(copy_kept_rows, kept, float(cfg[JOB]["task_num_cpus"]), workspace=ws.root,
+                             pipeline=pipeline, stamps=stamps):
+        if marker:
+            batches.setdefault(marker.pop("unit"), []).append(marker)
+            reused += marker["info"]["reused"]
+    return reused
 
 
 def retire_stale_units(ws: Workspace, current: set[str]) -> None:
@@ -585,7 +622,7 @@ class Pipeline:
         infos: dict[str, dict] = defaultdict(dict)
         for unit, markers in batches.items():
             for marker in markers:
-                written[unit] += len(marker["keys"])
+                written[unit] += marker["info"]["images"]  # its keys (copy_kept_rows returns no key)
                 for table, names in marker["parts"].items():
                     parts[unit][table].update(names)
                 infos[unit] = merge_infos(infos[unit], marker["info"])

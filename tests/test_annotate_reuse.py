@@ -152,7 +152,9 @@ def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_p
     write("1girl, smile", images[12][1])
     annotated(tmp_path / "ws", shards, models, *as_killed, models_too=False)
     killed = done(annotate_process(tmp_path / "ws", models, BOORUSET_KILL_AFTER_BATCHES="1"), -signal.SIGKILL)
-    assert "(11 of their images annotated from the same bytes in replaced units: rows kept)" in killed, killed
+    ws = Workspace(str(tmp_path / "ws"))
+    batches = [m for unit in ws.batch_units("annotate") for m in ws.done_batches("annotate", unit).values()]
+    assert [m for m in batches if m["info"].get("reused")], killed  # killed after a batch of kept rows
     done(annotate_process(tmp_path / "ws", models, BOORUSET_KILL_AFTER_COMMITS="1"), -signal.SIGKILL)
     done(annotate_process(tmp_path / "ws", models), 0)
 
@@ -162,6 +164,85 @@ def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_p
         expected = [r for r in rows(fresh, table) if table != "errors" or r[3] != "ingest"]
         found = [r for r in rows(Workspace(str(tmp_path / "ws")), table) if table != "errors" or r[3] != "ingest"]
         assert found == expected, table
+
+
+def test_every_unit_replaced_is_planned_from_footers_and_each_paired_with_its_own(tmp_path, monkeypatch):
+    """Every shard written again with other tags (as a new ingest READER_VERSION replaces every
+    unit): the driver plans reading no `images`, errors or record row (a million of each at a
+    million images), only Parquet footers, and each new unit's task reads the one replaced unit
+    its keys can be in, not every one; the rows are those of a fresh workspace."""
+    import pyarrow.parquet as pq
+
+    images = sample_pngs(10)
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    shards.mkdir()
+
+    def write(tags: str, last: bytes) -> None:
+        for s in range(3):
+            pictures = [data for _, data in images[3 * s : 3 * s + 3]]
+            if s == 0:
+                pictures[-1] = last
+            write_tar(shards / f"{s}.tar", [m for i, data in enumerate(pictures)
+                                            for m in ((f"{i}.png", data), (f"{i}.txt", tags.encode()))])
+
+    write("1girl", images[2][1])
+    annotated(tmp_path / "ws", shards, models)
+    write("1girl, smile", images[9][1])
+
+    planning, reads, plans = [], [], []
+    plan_kept_rows, read_part, read_table = annotate.plan_kept_rows, Workspace.read_part, pq.read_table
+
+    def plan(*args, **kwargs) -> list[dict]:
+        planning.append(True)
+        try:
+            found = plan_kept_rows(*args, **kwargs)
+        finally:
+            planning.clear()
+        plans.extend(found)
+        return found
+
+    def spy_part(self, name: str, part: str, columns: list[str]) -> list[dict]:
+        if planning:
+            reads.append((name, part))
+        return read_part(self, name, part, columns)
+
+    def spy_table(source, *args, **kwargs):
+        if planning:
+            reads.append(("read_table", str(source)))
+        return read_table(source, *args, **kwargs)
+
+    monkeypatch.setattr(annotate, "plan_kept_rows", plan)
+    monkeypatch.setattr(Workspace, "read_part", spy_part)
+    monkeypatch.setattr(pq, "read_table", spy_table)  # the records (tasks run in Ray's worker processes)
+    again, rows = annotated(tmp_path / "ws", shards, models)
+    assert reads == []
+    assert sorted(len(item["replaced"]) for item in plans) == [1, 1, 1]
+    assert again.units_done == 3 and again.rows_run == 1 and again.rows_in == 9
+    monkeypatch.undo()
+    assert rows == annotated(tmp_path / "fresh", shards, models)[1]
+
+
+def test_key_ranges_meet_as_every_pair_compared():
+    """meeting_ranges (a sweep) pairs the ranges that share a key, ends included, as comparing
+    every pair would; a range not known meets every one."""
+    import random
+
+    chance = random.Random(7)
+
+    def ranges(n: int, prefix: str) -> dict:
+        found = {}
+        for i in range(n):
+            low, high = sorted(f"{chance.randrange(60):02d}" for _ in range(2))
+            found[f"{prefix}{i}"] = (low, high) if chance.random() > 0.1 else (None, None)
+        return found
+
+    for _ in range(20):
+        first, second = ranges(30, "a"), ranges(25, "b")
+        expected = {a: sorted(b for b, (low, high) in second.items()
+                              if None in (first[a][0], low) or (low <= first[a][1] and high >= first[a][0]))
+                    for a in first}
+        met = annotate.meeting_ranges(first, second)
+        assert {a: sorted(met[a]) for a in first} == expected
 
 
 def test_rows_of_a_model_whose_file_was_replaced_are_not_kept(tmp_path):

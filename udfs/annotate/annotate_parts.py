@@ -6,7 +6,8 @@ batch marker (Workspace.commit_batch); the task returns one small row per unit i
 done, parts written, counts). The driver only adds those up and writes a unit's marker once all
 its rows are in: no image, vector or per-row result passes through it. copy_kept_rows writes the
 same parts and batch marker for the images of a new unit whose rows a replaced unit has (the same
-bytes, the same models), copied from its parts in a task: no model runs on them.
+bytes, the same models), matched (the unit's images against the replaced units' records) and
+copied from its parts in a task: no model runs on them, and the driver only pairs the units.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 
 import schemas
 from store.workspace import Workspace
@@ -61,35 +63,65 @@ def write_unit_parts(batch: dict[str, Any], workspace: str, models: dict[str, st
     return out
 
 
-def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps: dict[str, str]) -> dict:
-    """Ray task: the rows of the images (`keys`) of a new unit that a replaced unit annotated from
-    the same bytes with the same models (`sources`: [table, pipeline name, part] of its parts),
-    written as the new unit's parts and marked done as one batch (so a killed run keeps them,
-    and the models run on the unit's other images only). The batch marker, with its unit."""
+def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps: dict[str, str]) -> dict | None:
+    """Ray task: the rows of the images of a new unit (`parts`: its `images`) that a replaced unit
+    (`replaced`, in the order a key of two is kept from the first) annotated from the same bytes
+    (key and sha256 the same) with the same models and no errors row, and that no finished batch
+    holds, written as the new unit's parts and marked done as one batch (so a killed run keeps
+    them, and the models run on the unit's other images only). Reads one new unit and the
+    replaced units its keys can be in: none of it passes through the driver. {unit, parts,
+    info} of the batch marker; None where no image is kept (no batch)."""
     ws = Workspace(workspace)
-    unit, keys = item["unit"], item["keys"]
-    tag = uuid.uuid4().hex[:16]
+    unit, tag = item["unit"], item["tag"]  # the driver's tag: a task Ray runs again writes the same batch
+    keys = kept_keys(ws, item)
+    if not keys:
+        return None
     sources: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for table, name, part in item["sources"]:
-        sources[(table, name)].append(f"{ws.table_dir(table)}/{part}.parquet")
+    for old in item["replaced"]:
+        if old["unit"] in keys:
+            for table, name, part in old["sources"]:
+                sources[(table, name)].append(f"{ws.table_dir(table)}/{part}.parquet")
+    wanted = sorted(key for found in keys.values() for key in found)
     parts: dict[str, list[str]] = defaultdict(list)
     rows: Counter = Counter()
     by_model = {name: {"rows": {table_of(name): 0}, "error_kinds": {}} for name in pipeline}
     for (table, name), files in sorted(sources.items()):
         data = pds.dataset(files, schema=schemas.TABLES[table], filesystem=ws.fs, format="parquet")
         part = f"{JOB}-{unit}-{name}-{tag}"
-        written = ws.write_part_batches(table, part, data.to_batches(filter=pds.field("key").isin(keys)))
+        written = ws.write_part_batches(table, part, data.to_batches(filter=pds.field("key").isin(wanted)))
         if not written:  # as the writers: no empty part
             ws.delete_part(table, part)
             continue
         parts[table].append(part)
         rows[table] += written
         by_model[name]["rows"][table] = written
-    info = {"images": len(keys), "dropped": 0, "by_model": by_model, "error_kinds": {}, "rows": dict(rows),
-            "providers": {}, "nodes": {}, "model_seconds": {}, "reused": len(keys)}
-    marker = {"parts": dict(parts), "info": info, "pipeline": pipeline, "stamps": stamps, "keys": keys}
-    ws.commit_batch(JOB, unit, tag, marker)
-    return {"unit": unit, **marker}
+    info = {"images": len(wanted), "dropped": 0, "by_model": by_model, "error_kinds": {}, "rows": dict(rows),
+            "providers": {}, "nodes": {}, "model_seconds": {}, "reused": len(wanted)}
+    ws.commit_batch(JOB, unit, tag, {"parts": dict(parts), "info": info, "pipeline": pipeline, "stamps": stamps,
+                                     "keys": wanted})
+    return {"unit": unit, "parts": dict(parts), "info": info}
+
+
+def kept_keys(ws: Workspace, item: dict) -> dict[str, list[str]]:
+    """{replaced unit: the keys of the new unit's images whose rows it has}: see copy_kept_rows.
+    In memory: the new unit's (key, sha256), and one replaced unit's record and errors keys at a time."""
+    # the batches a killed run finished (finished_batches dropped those of other models or
+    # files), but this task's own: a worker that died after writing it, this task run again
+    finished = {key for batch, marker in ws.done_batches(JOB, item["unit"]).items() if batch != item["tag"]
+                for key in marker["keys"]}
+    images = {row["key"]: row["sha256"] for part in item["parts"]
+              for row in ws.read_part("images", part, ["key", "sha256"]) if row["key"] not in finished}
+    seen: set[str] = set()  # a key met in a replaced unit before: its bytes are those that count
+    kept: dict[str, list[str]] = defaultdict(list)
+    for old in item["replaced"]:
+        failed = {row["key"] for part in old["errors"] for row in ws.read_part("errors", part, ["key"])}
+        record = pq.read_table(old["record"], filesystem=ws.fs, columns=["key", "sha256"])
+        for key, sha256 in zip(record["key"].to_pylist(), record["sha256"].to_pylist(), strict=True):
+            if sha256 and key not in failed and key in images and key not in seen:
+                seen.add(key)
+                if images[key] == sha256:
+                    kept[old["unit"]].append(key)
+    return kept
 
 
 def merge_infos(a: dict, b: dict) -> dict:
