@@ -57,6 +57,7 @@ def sql_text(name: str) -> str:
 # In the head of every report's index.html (render_page): how a folder is known to hold one.
 PAGE_MARK = "<title>booruset report</title>"
 INPUTS_MARK = '<meta name="booruset-inputs" content="{}">'  # what the page was made of (report_inputs)
+IMAGES_MARK = '<meta name="booruset-images" content="{}">'  # the images it counted: a kept page's rows in
 
 
 def report_dir(cfg: Config, ws: Workspace) -> Path:
@@ -86,22 +87,21 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     out = report_dir(cfg, ws)
     out.mkdir(parents=True, exist_ok=True)
     stamp = report_inputs(cfg, ws, out)
-    if report_current(out, stamp):
-        summary = JobSummary(JOB, units_skipped=1)
+    if (page := report_current(out, stamp)) is not None:
+        summary = JobSummary(JOB, units_skipped=1, rows_in=page_images(page), rows_out=shown_counts(page_files(page)))
         summary.notes += ["nothing the report shows changed since it was written (tables, markers, export, "
                           "options, code): kept", f"report: {out / 'index.html'}"]
         return summary
     if not (out / "index.html").exists():  # the folder holds a report from now on, if killed too (check_out)
         atomic_write(str(out / "index.html"), render_page(ws.root, ["<p>The report is being written.</p>"]).encode())
     data = report_data(cfg, ws)
+    images = next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0)
     page = render_page(ws.root, page_sections(out, data, opts, export_folder(cfg, ws),
-                                              bool(cfg["export"]["drop_duplicates"])), stamp)
+                                              bool(cfg["export"]["drop_duplicates"])), stamp, images)
     atomic_write(str(out / "index.html"), page.encode())
     shown = page_files(page)
     remove_stale(out, shown)
-    summary = JobSummary(JOB, rows_in=next((r["images"] for r in data["stages"] if r["stage"] == "ingested"), 0),
-                         units_done=1, rows_out={"plots": sum(1 for f in shown if not f.startswith("examples/")),
-                                                 "examples": len(data["examples"])})
+    summary = JobSummary(JOB, rows_in=images, units_done=1, rows_out=shown_counts(shown))
     summary.seconds = time.perf_counter() - started
     summary.notes.append(f"report: {out / 'index.html'}")
     return summary
@@ -120,15 +120,28 @@ def report_inputs(cfg: Config, ws: Workspace, out: Path) -> str:
                        out=str(out), code=code_digest(CODE))
 
 
-def report_current(out: Path, stamp: str) -> bool:
+def report_current(out: Path, stamp: str) -> str | None:
     """Whether `out` holds the report of these inputs (report_inputs, in its page's head) with
     every file it shows: a rerun with nothing new (a `booruset run` again) rebuilt it, ~50 s at a
     million images. Kept in the page, not the workspace: the report only reads the workspace."""
     try:
         page = (out / "index.html").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return False
-    return INPUTS_MARK.format(stamp) in page[:1000] and all((out / name).is_file() for name in page_files(page))
+        return None
+    current = INPUTS_MARK.format(stamp) in page[:1000] and all((out / name).is_file() for name in page_files(page))
+    return page if current else None
+
+
+def page_images(page: str) -> int:
+    """The images a page counted (IMAGES_MARK; 0 in a page written before it was kept there)."""
+    found = re.search(IMAGES_MARK.format(r"(\d+)"), page[:1000])
+    return int(found.group(1)) if found else 0
+
+
+def shown_counts(shown: set[str]) -> dict[str, int]:
+    """The summary's rows out: the plots and the example thumbnails a page shows."""
+    examples = sum(1 for f in shown if f.startswith("examples/"))
+    return {"plots": len(shown) - examples, "examples": examples}
 
 
 def page_sections(out: Path, data: dict[str, list[dict]], opts: dict, export: str,
@@ -423,9 +436,9 @@ td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
 """
 
 
-def render_page(workspace: str, sections: list[str], inputs: str = "") -> str:
+def render_page(workspace: str, sections: list[str], inputs: str = "", images: int = 0) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{PAGE_MARK}'
-            f"{INPUTS_MARK.format(inputs) if inputs else ''}"
+            f"{INPUTS_MARK.format(inputs) + IMAGES_MARK.format(images) if inputs else ''}"
             f"<style>{STYLE}</style></head><body><h1>booruset report</h1>"
             f"<p>Workspace: <code>{html.escape(workspace)}</code>, {time.strftime('%Y-%m-%d %H:%M')}</p>"
             f"{''.join(sections)}</body></html>\n")

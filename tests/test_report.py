@@ -277,10 +277,14 @@ def test_a_report_of_the_same_inputs_is_kept_and_any_change_writes_it_again(tmp_
 
     cfg, ws = hand_workspace(tmp_path, {"a": ["smile"], "b": ["cat"]})
     page = tmp_path / "ws" / "report" / "index.html"
-    assert report.run(cfg, ws).units_done == 1
+    first = report.run(cfg, ws)
+    assert first.units_done == 1
     written = page.read_text()
     again = report.run(cfg, ws)
     assert (again.units_done, again.units_skipped) == (0, 1) and page.read_text() == written
+    # the kept page's counts, as the run that wrote it said them (they were rows in 0, rows out none)
+    assert (again.rows_in, again.rows_out) == (first.rows_in, first.rows_out) == (2, first.rows_out)
+    assert first.rows_out["plots"] > 0
     assert any("nothing the report shows changed" in note for note in again.notes)
 
     ws.add_part("source_tags", "more", [{"key": "in/b", "tag": "dog", "category": "general", "origin": "txt",
