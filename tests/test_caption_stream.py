@@ -249,3 +249,89 @@ def test_the_stream_does_not_show_a_member_rewritten_since_ingest(shard, tmp_pat
     assert out[0]["error"] == "" and "data:image/jpeg;base64," in out[0]["messages"]
     assert out[1]["messages"] == "" and out[1]["error"].startswith("unreadable_image: ")
     assert "size ingest saw" in out[1]["error"]
+
+
+def test_a_request_row_carries_its_digest_and_the_reply_a_replaced_unit_kept_of_it(shard, tmp_path):
+    """A request row's digest is of the request as it is sent: the picture in it (its data URL),
+    the model and the sampling; an option that changes no request leaves it. The reply a replaced
+    unit kept of the same request answers the row, for the unit that replaces it alone."""
+    import pyarrow as pa
+
+    from jobs.config import load_config
+    from store.workspace import Workspace
+    from udfs.caption.caption_stream import REQUEST_SCHEMA, request_messages
+    from udfs.caption.reply_cache import ReplyCache
+
+    with tarfile.open(shard) as tar:
+        sizes = {info.name: info.size for info in tar}
+    rows = [{"unit": "u", "stage": "a0", "key": key, "source": str(shard), "member": member, "member_offset": None,
+             "bytes": sizes[member], "seed": 0, "text": "A girl.", "tags": ["1girl"], "categories": ["general"]}
+            for key, member in (("k/0", "0.png"), ("k/1", "1.png"))]
+    table = pa.Table.from_pylist(rows, REQUEST_SCHEMA)
+    options = {**load_config(None, [])["caption"], "send_images": True, "region_overlap": 0.0}
+    first, other_picture = request_messages(table, options)["request"].to_pylist()
+    assert first and other_picture and first != other_picture  # the same question of another picture
+    assert request_messages(table, options)["request"].to_pylist() == [first, other_picture]
+    for changed in ({"vllm_model": "other/vlm"}, {"temperature": 0.1}, {"max_tokens": 7}, {"image_max_side": 32},
+                    {"prompt": "Describe {tag_block}"}):
+        assert request_messages(table, {**options, **changed})["request"][0].as_py() != first, changed
+    assert request_messages(table, {**options, "target": 0.5})["request"][0].as_py() == first
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ReplyCache(ws, "replaced").add({first: "A girl, kept."})
+    out = request_messages(table, options, ws.root, {"u": ["replaced"]})
+    assert out["kept"].to_pylist() == ["A girl, kept.", None]
+    assert out["request"].to_pylist() == [first, other_picture] and out["error"].to_pylist() == ["", ""]
+    assert request_messages(table, options, ws.root, {"v": ["replaced"]})["kept"].to_pylist() == [None, None]
+
+
+def test_an_image_added_inside_a_unit_sends_only_that_image_to_the_engine(ray_local, workspace, config):
+    """The stream kept a unit's replies by (unit, stage, key), and only until the unit committed:
+    an image added inside a unit gave it other rows and another id, and every image of it went
+    through the engine again. A committed unit keeps its replies by request now, with its images'
+    key range, and the unit that replaces it is answered by them: only the new image reaches the
+    engine (the server transport on loopback stands in for it here; the rest is the stream).
+    Taken out again, nothing does; nor after an option that changes no request."""
+    from test_caption_job import added_image
+    from test_caption_job import write_inputs as write_job_inputs
+    from test_caption_openai import Script, serve
+
+    from udfs.caption.reply_cache import units_with_replies
+
+    script = Script([])
+    server, url = serve(script)
+    try:
+        write_job_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "vllm", "vllm_url": url, "vllm_model": "joy", "api_key_env": "", "send_images": False,
+            "max_attempts": 1, "rewrite": "", "unit_size": 2, "concurrency": 1, "vllm_batch_size": 4,
+            "vllm_concurrency": 1, "tags_from_text": False, "related_tags": False}})
+        first = caption.run(config, workspace)
+        assert len(script.received) == 5 and "requests: 5 sent, 0 answered by replies kept" in first.render()
+        assert units_with_replies(workspace) == sorted(workspace.done_units("caption"))
+        before = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
+
+        added_image(workspace, "a/h", ["1girl", "cat"])  # inside the unit [a/girl, a/pair]
+        added = caption.run(config, workspace)
+        assert added.rows_run == 3  # its unit, cut in two
+        assert len(script.received) == 6 and "cat" in json.dumps(script.received[-1])
+        assert "requests: 1 sent, 2 answered by replies kept" in added.render()
+        captions = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
+        assert captions == {**before, "a/h": "caption by joy"}
+        assert len(units_with_replies(workspace)) == len(workspace.done_units("caption"))  # the replaced one's went
+        assert stream_folder(workspace) == []
+
+        workspace.add_part("images", "more-a-h", workspace.read_table("images").schema.empty_table())  # a/h gone
+        removed = caption.run(config, workspace)
+        assert (removed.units_done, removed.rows_run) == (1, 1) and len(script.received) == 6
+        assert "requests: 0 sent, 1 answered by replies kept" in removed.render()
+        assert {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()} == before
+
+        merge(config, {"caption": {"target": 0.5}})  # every unit new, and every request the same
+        retargeted = caption.run(config, workspace)
+        assert retargeted.units_done == len(workspace.done_units("caption")) and len(script.received) == 6
+        assert {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()} == before
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()
