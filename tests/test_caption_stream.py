@@ -72,6 +72,10 @@ def caption_rows(ws) -> list[tuple]:
                    None if r["accuracy"] is None else round(r["accuracy"], 6), r["accepted"]) for r in rows)
 
 
+def caption_texts(ws) -> list[tuple]:
+    return sorted((r["key"], r["attempt"], r["backend"], r["caption"]) for r in ws.read_table("captions").to_pylist())
+
+
 def stream_folder(ws) -> list[str]:
     selector = pafs.FileSelector(f"{ws.base}/state/caption-stream", recursive=True, allow_not_found=True)
     return [i.path for i in ws.fs.get_file_info(selector) if i.is_file]
@@ -285,13 +289,16 @@ def test_a_request_row_carries_its_digest_and_the_reply_a_replaced_unit_kept_of_
     assert request_messages(table, options, ws.root, {"v": ["replaced"]})["kept"].to_pylist() == [None, None]
 
 
-def test_an_image_added_inside_a_unit_sends_only_that_image_to_the_engine(ray_local, workspace, config):
+@pytest.mark.parametrize("rewrite", ["", "openai"])
+def test_an_image_added_inside_a_unit_sends_only_that_image_to_the_engine(ray_local, workspace, config, rewrite):
     """The stream kept a unit's replies by (unit, stage, key), and only until the unit committed:
     an image added inside a unit gave it other rows and another id, and every image of it went
     through the engine again. A committed unit keeps its replies by request now, with its images'
     key range, and the unit that replaces it is answered by them: only the new image reaches the
     engine (the server transport on loopback stands in for it here; the rest is the stream).
-    Taken out again, nothing does; nor after an option that changes no request."""
+    Taken out again, nothing does; nor after an option that changes no request. The `openai`
+    rewriter of the stream (the same server here: a request per image more) kept no reply at all,
+    and rewrote every image of the unit again."""
     from test_caption_job import added_image
     from test_caption_job import write_inputs as write_job_inputs
     from test_caption_openai import Script, serve
@@ -304,33 +311,38 @@ def test_an_image_added_inside_a_unit_sends_only_that_image_to_the_engine(ray_lo
         write_job_inputs(workspace)
         merge(config, {"caption": {
             "backend": "vllm", "vllm_url": url, "vllm_model": "joy", "api_key_env": "", "send_images": False,
-            "max_attempts": 1, "rewrite": "", "unit_size": 2, "concurrency": 1, "vllm_batch_size": 4,
-            "vllm_concurrency": 1, "tags_from_text": False, "related_tags": False}})
+            "max_attempts": 1, "unit_size": 2, "concurrency": 1, "vllm_batch_size": 4,
+            "vllm_concurrency": 1, "tags_from_text": False, "related_tags": False, "rewrite": rewrite,
+            "rewrite_base_url": url, "rewrite_model": "smol", "rewrite_api_key_env": ""}})
+        per_image = 2 if rewrite else 1  # requests: the caption, and its rewrite
         first = caption.run(config, workspace)
-        assert len(script.received) == 5 and "requests: 5 sent, 0 answered by replies kept" in first.render()
+        assert len(script.received) == 5 * per_image
+        assert f"requests: {5 * per_image} sent, 0 answered by replies kept" in first.render()
         assert units_with_replies(workspace) == sorted(workspace.done_units("caption"))
-        before = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
+        before = caption_texts(workspace)
 
         added_image(workspace, "a/h", ["1girl", "cat"])  # inside the unit [a/girl, a/pair]
         added = caption.run(config, workspace)
         assert added.rows_run == 3  # its unit, cut in two
-        assert len(script.received) == 6 and "cat" in json.dumps(script.received[-1])
-        assert "requests: 1 sent, 2 answered by replies kept" in added.render()
-        captions = {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()}
-        assert captions == {**before, "a/h": "caption by joy"}
+        assert len(script.received) == 6 * per_image and "cat" in json.dumps(script.received[5 * per_image])
+        assert f"requests: {per_image} sent, {2 * per_image} answered by replies kept" in added.render()
+        captions = caption_texts(workspace)
+        assert [r for r in captions if r[0] != "a/h"] == before
+        assert [r[2:] for r in captions if r[0] == "a/h"] == [r[2:] for r in before if r[0] == "a/girl"]
         assert len(units_with_replies(workspace)) == len(workspace.done_units("caption"))  # the replaced one's went
         assert stream_folder(workspace) == []
 
         workspace.add_part("images", "more-a-h", workspace.read_table("images").schema.empty_table())  # a/h gone
         removed = caption.run(config, workspace)
-        assert (removed.units_done, removed.rows_run) == (1, 1) and len(script.received) == 6
-        assert "requests: 0 sent, 1 answered by replies kept" in removed.render()
-        assert {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()} == before
+        assert (removed.units_done, removed.rows_run) == (1, 1) and len(script.received) == 6 * per_image
+        assert f"requests: 0 sent, {per_image} answered by replies kept" in removed.render()
+        assert caption_texts(workspace) == before
 
         merge(config, {"caption": {"target": 0.5}})  # every unit new, and every request the same
         retargeted = caption.run(config, workspace)
-        assert retargeted.units_done == len(workspace.done_units("caption")) and len(script.received) == 6
-        assert {r["key"]: r["caption"] for r in workspace.read_table("captions").to_pylist()} == before
+        assert retargeted.units_done == len(workspace.done_units("caption"))
+        assert len(script.received) == 6 * per_image
+        assert caption_texts(workspace) == before
     finally:
         script.stop.set()
         server.shutdown()

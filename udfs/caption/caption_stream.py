@@ -148,12 +148,20 @@ class ReplayCaptioner(UnitCaptioner):
                 out.append(reply["caption"])
         return out
 
-    def settle(self, unit: str, path: str) -> dict:
+    def endpoints(self) -> list:
+        """The `openai` rewriter's endpoint (the stream's own rewriter asks through the stream)."""
+        endpoint = getattr(self.rewriter, "endpoint", None)
+        return [endpoint] if endpoint is not None else []
+
+    def settle(self, unit: str, path: str, previous: list[str] = ()) -> dict:
         """Commit the unit (its rows in the job's staged file `path`) if its replies are all there:
-        {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}."""
+        {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}.
+        An `openai` rewriter asks through the unit's reply cache, as in the openai backend: what a
+        killed run or the `previous` units it replaces got is not asked again."""
         self.unit = unit
         table = read_unit_rows(self.ws, path)
         self.replies = read_replies(self.ws, unit)
+        cache, asked = self.keep_replies(unit, list(previous)), self.request_counts()
         need = None
         try:  # the regions are asked for with the first attempt: one round of the stream for both
             regions, region_errors = self.region_rows(table)
@@ -169,15 +177,17 @@ class ReplayCaptioner(UnitCaptioner):
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
         errors += region_errors
         info = unit_info(table, captions, errors, 0.0, len(regions))
-        self.keep_for_later(unit, table)
+        info["requests"] = dict(self.request_counts() - asked)  # the openai rewriter's (the driver adds the stream's)
+        self.keep_for_later(unit, table, cache)
         self.commit(unit, captions, errors, regions, info)
         self.forget_replies(unit, info)
         return {"unit": unit, "info": info}
 
-    def keep_for_later(self, unit: str, table: pa.Table) -> None:
+    def keep_for_later(self, unit: str, table: pa.Table, cache: ReplyCache | None) -> None:
         """Before the unit commits: its replies by request digest, with its images' key range, in its
-        reply cache, for a unit that replaces it to be answered by them (failures are asked again)."""
-        cache = ReplyCache(self.ws, unit)  # a unit done again after a passing failure has kept some
+        reply cache (with the openai rewriter's, if any), for a unit that replaces it to be answered
+        by them (failures are asked again)."""
+        cache = cache or ReplyCache(self.ws, unit)  # a unit done again after a passing failure has kept some
         cache.add({r["request"]: r["caption"] for r in self.replies.values()
                    if r["request"] and not r["error"] and r["caption"] is not None
                    and r["request"] not in cache.replies})
@@ -287,8 +297,8 @@ class UnitSettler:
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.captioner = ReplayCaptioner(workspace, options)
 
-    def settle(self, unit: str, path: str) -> dict:
-        return self.captioner.settle(unit, path)
+    def settle(self, unit: str, path: str, previous: list[str]) -> dict:
+        return self.captioner.settle(unit, path, previous)
 
 
 class StreamDriver:
@@ -327,7 +337,7 @@ class StreamDriver:
     def settle(self, unit: str) -> None:
         settler = self.settlers[self._next % len(self.settlers)]
         self._next += 1
-        self.in_flight[settler.settle.remote(unit, self.inputs[unit])] = unit
+        self.in_flight[settler.settle.remote(unit, self.inputs[unit], self.previous.get(unit, []))] = unit
 
     def harvest(self, wait: bool) -> None:
         """Collect settled units (all of them when `wait`): commits counted, requests kept for the next round."""
@@ -340,8 +350,10 @@ class StreamDriver:
                 del self.in_flight[ref]
                 result = ray.get(ref)
                 if "info" in result:
-                    if result["unit"] in self.asked:  # what this run asked for it (its summary's requests)
-                        result["info"]["requests"] = dict(self.asked.pop(result["unit"]))
+                    # what this run asked for it (its summary's requests): the stream's, the openai rewriter's
+                    requests = Counter(result["info"].get("requests") or {})
+                    requests.update(self.asked.pop(result["unit"], {}))
+                    result["info"]["requests"] = dict(requests)
                     self.infos.append(result["info"])
                     self.on_settled(int(result["info"]["images"]))
                     self.ws.publish_now_and_then()
