@@ -215,7 +215,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.units_done, summary.units_skipped = len(pending), len(units) - len(pending)
     add_infos(summary, infos)
     summary.rows_run = sum(info["images"] for info in run_now)
-    add_requests(summary, run_now)
+    add_requests(summary, run_now, retries=opts["backend"] != "vllm")
     ws.release_hold("caption")  # every planned unit is committed: the replaced rows may go
     ws.publish()  # the captions, before the related tags are computed over them
     if opts["related_tags"]:
@@ -626,14 +626,16 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
         summary.notes.append(f"not scored: {why} (no independent evidence: README, Honest caption scores)")
 
 
-def add_requests(summary: JobSummary, run_now: list[dict]) -> None:
-    """What this run asked the model endpoints (the openai backend and rewriter): the cost of a
-    hosted model. The units done before were paid for by the runs that did them."""
+def add_requests(summary: JobSummary, run_now: list[dict], retries: bool = True) -> None:
+    """What this run asked the model endpoints (the openai backend and rewriter; the vllm stream,
+    whose transports count no retries): the cost of a hosted model, or of the GPUs. The units done
+    before were paid for by the runs that did them."""
     requests: Counter[str] = Counter()
     for info in run_now:
         requests.update(info.get("requests") or {})
     if requests:
-        summary.notes.append(f"requests: {requests['sent']} sent ({requests['retries']} of them retries), "
+        retried = f" ({requests['retries']} of them retries)" if retries else ""
+        summary.notes.append(f"requests: {requests['sent']} sent{retried}, "
                              f"{requests['reused']} answered by replies kept from an earlier run")
 
 

@@ -72,6 +72,10 @@ def caption_rows(ws) -> list[tuple]:
                    None if r["accuracy"] is None else round(r["accuracy"], 6), r["accepted"]) for r in rows)
 
 
+def caption_texts(ws) -> list[tuple]:
+    return sorted((r["key"], r["attempt"], r["backend"], r["caption"]) for r in ws.read_table("captions").to_pylist())
+
+
 def stream_folder(ws) -> list[str]:
     selector = pafs.FileSelector(f"{ws.base}/state/caption-stream", recursive=True, allow_not_found=True)
     return [i.path for i in ws.fs.get_file_info(selector) if i.is_file]
@@ -249,3 +253,97 @@ def test_the_stream_does_not_show_a_member_rewritten_since_ingest(shard, tmp_pat
     assert out[0]["error"] == "" and "data:image/jpeg;base64," in out[0]["messages"]
     assert out[1]["messages"] == "" and out[1]["error"].startswith("unreadable_image: ")
     assert "size ingest saw" in out[1]["error"]
+
+
+def test_a_request_row_carries_its_digest_and_the_reply_a_replaced_unit_kept_of_it(shard, tmp_path):
+    """A request row's digest is of the request as it is sent: the picture in it (its data URL),
+    the model and the sampling; an option that changes no request leaves it. The reply a replaced
+    unit kept of the same request answers the row, for the unit that replaces it alone."""
+    import pyarrow as pa
+
+    from jobs.config import load_config
+    from store.workspace import Workspace
+    from udfs.caption.caption_stream import REQUEST_SCHEMA, request_messages
+    from udfs.caption.reply_cache import ReplyCache
+
+    with tarfile.open(shard) as tar:
+        sizes = {info.name: info.size for info in tar}
+    rows = [{"unit": "u", "stage": "a0", "key": key, "source": str(shard), "member": member, "member_offset": None,
+             "bytes": sizes[member], "seed": 0, "text": "A girl.", "tags": ["1girl"], "categories": ["general"]}
+            for key, member in (("k/0", "0.png"), ("k/1", "1.png"))]
+    table = pa.Table.from_pylist(rows, REQUEST_SCHEMA)
+    options = {**load_config(None, [])["caption"], "send_images": True, "region_overlap": 0.0}
+    first, other_picture = request_messages(table, options)["request"].to_pylist()
+    assert first and other_picture and first != other_picture  # the same question of another picture
+    assert request_messages(table, options)["request"].to_pylist() == [first, other_picture]
+    for changed in ({"vllm_model": "other/vlm"}, {"temperature": 0.1}, {"max_tokens": 7}, {"image_max_side": 32},
+                    {"prompt": "Describe {tag_block}"}):
+        assert request_messages(table, {**options, **changed})["request"][0].as_py() != first, changed
+    assert request_messages(table, {**options, "target": 0.5})["request"][0].as_py() == first
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ReplyCache(ws, "replaced").add({first: "A girl, kept."})
+    out = request_messages(table, options, ws.root, {"u": ["replaced"]})
+    assert out["kept"].to_pylist() == ["A girl, kept.", None]
+    assert out["request"].to_pylist() == [first, other_picture] and out["error"].to_pylist() == ["", ""]
+    assert request_messages(table, options, ws.root, {"v": ["replaced"]})["kept"].to_pylist() == [None, None]
+
+
+@pytest.mark.parametrize("rewrite", ["", "openai"])
+def test_an_image_added_inside_a_unit_sends_only_that_image_to_the_engine(ray_local, workspace, config, rewrite):
+    """The stream kept a unit's replies by (unit, stage, key), and only until the unit committed:
+    an image added inside a unit gave it other rows and another id, and every image of it went
+    through the engine again. A committed unit keeps its replies by request now, with its images'
+    key range, and the unit that replaces it is answered by them: only the new image reaches the
+    engine (the server transport on loopback stands in for it here; the rest is the stream).
+    Taken out again, nothing does; nor after an option that changes no request. The `openai`
+    rewriter of the stream (the same server here: a request per image more) kept no reply at all,
+    and rewrote every image of the unit again."""
+    from test_caption_job import added_image
+    from test_caption_job import write_inputs as write_job_inputs
+    from test_caption_openai import Script, serve
+
+    from udfs.caption.reply_cache import units_with_replies
+
+    script = Script([])
+    server, url = serve(script)
+    try:
+        write_job_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "vllm", "vllm_url": url, "vllm_model": "joy", "api_key_env": "", "send_images": False,
+            "max_attempts": 1, "unit_size": 2, "concurrency": 1, "vllm_batch_size": 4,
+            "vllm_concurrency": 1, "tags_from_text": False, "related_tags": False, "rewrite": rewrite,
+            "rewrite_base_url": url, "rewrite_model": "smol", "rewrite_api_key_env": ""}})
+        per_image = 2 if rewrite else 1  # requests: the caption, and its rewrite
+        first = caption.run(config, workspace)
+        assert len(script.received) == 5 * per_image
+        assert f"requests: {5 * per_image} sent, 0 answered by replies kept" in first.render()
+        assert units_with_replies(workspace) == sorted(workspace.done_units("caption"))
+        before = caption_texts(workspace)
+
+        added_image(workspace, "a/h", ["1girl", "cat"])  # inside the unit [a/girl, a/pair]
+        added = caption.run(config, workspace)
+        assert added.rows_run == 3  # its unit, cut in two
+        assert len(script.received) == 6 * per_image and "cat" in json.dumps(script.received[5 * per_image])
+        assert f"requests: {per_image} sent, {2 * per_image} answered by replies kept" in added.render()
+        captions = caption_texts(workspace)
+        assert [r for r in captions if r[0] != "a/h"] == before
+        assert [r[2:] for r in captions if r[0] == "a/h"] == [r[2:] for r in before if r[0] == "a/girl"]
+        assert len(units_with_replies(workspace)) == len(workspace.done_units("caption"))  # the replaced one's went
+        assert stream_folder(workspace) == []
+
+        workspace.add_part("images", "more-a-h", workspace.read_table("images").schema.empty_table())  # a/h gone
+        removed = caption.run(config, workspace)
+        assert (removed.units_done, removed.rows_run) == (1, 1) and len(script.received) == 6 * per_image
+        assert f"requests: 0 sent, {per_image} answered by replies kept" in removed.render()
+        assert caption_texts(workspace) == before
+
+        merge(config, {"caption": {"target": 0.5}})  # every unit new, and every request the same
+        retargeted = caption.run(config, workspace)
+        assert retargeted.units_done == len(workspace.done_units("caption"))
+        assert len(script.received) == 6 * per_image
+        assert caption_texts(workspace) == before
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()

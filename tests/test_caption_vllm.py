@@ -12,6 +12,7 @@ import pytest
 from jobs.config import ConfigError, load_config
 from udfs.caption.caption_prompts import caption_messages
 from udfs.caption.vllm_captioner import (
+    CARRIED,
     PLACEHOLDER,
     ChatRequests,
     engine_kwargs,
@@ -63,7 +64,8 @@ def test_request_rows_carry_prompt_image_and_sampling(opts):
     messages = caption_messages(["1girl", "gotou_hitori", "bocchi_the_rock!"], ["general", "character", "copyright"],
                                 "Gotou Hitori from Bocchi the Rock!.", "data:image/jpeg;base64,AAAA",
                                 template=opts["prompt"])
-    request = {"unit": "u", "stage": "a0", "key": "k", "error": "", "seed": 11, "messages": json.dumps(messages)}
+    request = {"unit": "u", "stage": "a0", "key": "k", "error": "", "request": "r", "kept": None, "seed": 11,
+               "messages": json.dumps(messages)}
     row = preprocess(request, 120, 0.6)
     assert row["sampling_params"] == {"max_tokens": 120, "temperature": 0.6, "seed": 11}
     assert (row["unit"], row["stage"], row["key"]) == ("u", "a0", "k")
@@ -72,14 +74,25 @@ def test_request_rows_carry_prompt_image_and_sampling(opts):
     text = user[1]["text"]
     assert "copyright: bocchi the rock!\ncharacter: gotou hitori\ngeneral tags: 1girl" in text
     assert "Gotou Hitori from Bocchi the Rock!." in text
-    carried = {"unit": "u", "stage": "a0", "key": "k", "error": ""}
+    carried = {"unit": "u", "stage": "a0", "key": "k", "error": "", "request": "r", "kept": None}
     assert postprocess({**carried, "generated_text": ' "A girl.\n" '}) == {**carried, "caption": "A girl."}
+
+
+def test_a_row_a_kept_reply_answers_crosses_the_engine_as_a_placeholder_and_gets_that_reply():
+    """A request that a replaced unit's kept reply answers (udfs/caption/caption_stream.request_messages)
+    is not asked again: the engine gets the one-token placeholder, the reply is the kept one."""
+    row = {"unit": "u", "stage": "a0", "key": "k", "error": "", "request": "r", "kept": "A girl, kept.", "seed": 1,
+           "messages": json.dumps([{"role": "user", "content": "hi"}])}
+    engine_row = preprocess(row, 120, 0.6)
+    assert engine_row["messages"] == PLACEHOLDER and engine_row["sampling_params"]["max_tokens"] == 1
+    replied = postprocess({**engine_row, "generated_text": "x", "num_generated_tokens": 1}, 120)
+    assert replied["caption"] == "A girl, kept." and (replied["request"], replied["error"]) == ("r", "")
 
 
 def test_an_engine_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """A reply of max_tokens tokens was cut off by the limit: it ends after its last whole
     sentence (one without any stays as it is)."""
-    carried = {"unit": "u", "stage": "a0", "key": "k", "error": ""}
+    carried = {"unit": "u", "stage": "a0", "key": "k", "error": "", "request": "r", "kept": None}
     cut = {**carried, "generated_text": "A girl smiles. She holds a red umbr", "num_generated_tokens": 120}
     assert postprocess(cut, 120) == {**carried, "caption": "A girl smiles."}
     assert postprocess({**cut, "num_generated_tokens": 80}, 120)["caption"] == "A girl smiles. She holds a red umbr"
@@ -89,16 +102,16 @@ def test_an_engine_reply_cut_by_max_tokens_keeps_its_whole_sentences():
 
 def test_unreadable_image_rows_cross_the_engine_as_one_token_placeholders():
     failed = {"unit": "u", "stage": "a0", "key": "k", "error": "unreadable_image: cannot read x.png", "seed": 1,
-              "messages": ""}
+              "messages": "", "request": "", "kept": None}
     row = preprocess(failed, 120, 0.6)
     assert row["messages"] == PLACEHOLDER and row["sampling_params"]["max_tokens"] == 1
-    assert postprocess({**row, "generated_text": "x"}) == {**{k: failed[k] for k in ("unit", "stage", "key", "error")},
-                                                           "caption": None}
+    assert postprocess({**row, "generated_text": "x"}) == {**{k: failed[k] for k in CARRIED}, "caption": None}
 
 
 def test_the_server_transport_asks_each_request_once_and_says_why_one_failed(opts, monkeypatch):
-    """ChatRequests on a loopback server: a row that could not be read is not sent, a reply is
-    cleaned, a 503 past the retries is a server_error (a passing failure), with the key sent."""
+    """ChatRequests on a loopback server: a row that could not be read is not sent, nor one that a
+    kept reply answers (its reply is that one), a reply is cleaned, a 503 past the retries is a
+    server_error (a passing failure), with the key sent."""
     import pyarrow as pa
     from test_caption_openai import Script, serve
 
@@ -109,15 +122,23 @@ def test_the_server_transport_asks_each_request_once_and_says_why_one_failed(opt
         stage = ChatRequests(url, "m", "SERVE_KEY", 120, 0.6, dict(opts, max_retries=0, vllm_batch_size=1))
         messages = json.dumps([{"role": "user", "content": "hi"}])
         batch = pa.Table.from_pylist([
-            {"unit": "u", "stage": "a0", "key": "k0", "seed": 1, "messages": messages, "error": ""},
-            {"unit": "u", "stage": "a0", "key": "k1", "seed": 2, "messages": "", "error": "unreadable_image: x.png"},
-            {"unit": "u", "stage": "a0", "key": "k2", "seed": 3, "messages": messages, "error": ""}])
+            {"unit": "u", "stage": "a0", "key": "k0", "seed": 1, "messages": messages, "error": "", "request": "r0",
+             "kept": None},
+            {"unit": "u", "stage": "a0", "key": "k1", "seed": 2, "messages": "", "error": "unreadable_image: x.png",
+             "request": "", "kept": None},
+            {"unit": "u", "stage": "a0", "key": "k3", "seed": 4, "messages": messages, "error": "", "request": "r3",
+             "kept": "A girl, kept."},
+            {"unit": "u", "stage": "a0", "key": "k2", "seed": 3, "messages": messages, "error": "", "request": "r2",
+             "kept": None}])
         out = stage(batch).to_pylist()
     finally:
         script.stop.set()
         server.shutdown()
         server.server_close()
-    assert [(r["key"], r["caption"]) for r in out] == [("k0", "caption by m"), ("k1", None), ("k2", None)]
-    assert out[1]["error"] == "unreadable_image: x.png" and out[2]["error"].startswith("server_error: ")
+    assert [(r["key"], r["caption"]) for r in out] == [("k0", "caption by m"), ("k1", None), ("k3", "A girl, kept."),
+                                                       ("k2", None)]
+    assert [r["request"] for r in out] == ["r0", "", "r3", "r2"]
+    assert out[1]["error"] == "unreadable_image: x.png" and out[3]["error"].startswith("server_error: ")
+    assert out[2]["error"] == ""
     assert [r["seed"] for r in script.received] == [1, 3] and script.received[0]["max_tokens"] == 120
     assert script.headers[0]["Authorization"] == "Bearer s3cret"

@@ -15,7 +15,11 @@ through the driver.
 
 Replies stay in `state/caption-stream/<unit>/` until the unit commits: a unit's id hashes its
 inputs and options, so after a kill the next run replays them and asks only for the replies it
-lacks. A kill loses at most the requests in flight.
+lacks. A kill loses at most the requests in flight. Each reply holds its request's digest
+(vllm_captioner.request_digest): a committed unit keeps its replies by digest, with its key range,
+in the reply cache of udfs/caption/reply_cache.py, and the unit that replaces it (an image added,
+removed or changed inside it; an option that changes no request) is answered by them wherever it
+asks the same: the CPU tasks find them, and those rows cross the engine as placeholders.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from udfs.caption.caption_images import request_urls, unreadable_message
 from udfs.caption.caption_prompts import caption_messages, prompt_for, rewrite_messages
 from udfs.caption.caption_unit import TRANSIENT_KINDS, Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
+from udfs.caption.reply_cache import ReplyCache
+from udfs.caption.reply_cache import read_replies as read_kept
 from udfs.caption.rewriter import must_keep
+from udfs.caption.vllm_captioner import request_digest
 
 STREAM = "state/caption-stream"
 REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key", pa.string()),
@@ -46,8 +53,10 @@ REQUEST_SCHEMA = pa.schema([("unit", pa.string()), ("stage", pa.string()), ("key
                             ("bytes", pa.int64()), ("seed", pa.int64()),
                             ("text", pa.string()), ("tags", pa.list_(pa.string())),
                             ("categories", pa.list_(pa.string()))])
+# error: "" or "<kind>: <message>"; request: the request's digest ("" for a row that was not asked, null
+# in the files of a version before it); kept: answered by a reply a replaced unit kept
 REPLY_SCHEMA = pa.schema([("stage", pa.string()), ("key", pa.string()), ("caption", pa.string()),
-                          ("error", pa.string())])  # "" or "<kind>: <message>"
+                          ("error", pa.string()), ("request", pa.string()), ("kept", pa.bool_())])
 REWRITE = "rewrite"  # the stage name of rewrites; caption attempts are a0, a1, ...
 REGION = "region:"  # the stages of 2x2 region captions: "region:top left", ...
 
@@ -139,12 +148,20 @@ class ReplayCaptioner(UnitCaptioner):
                 out.append(reply["caption"])
         return out
 
-    def settle(self, unit: str, path: str) -> dict:
+    def endpoints(self) -> list:
+        """The `openai` rewriter's endpoint (the stream's own rewriter asks through the stream)."""
+        endpoint = getattr(self.rewriter, "endpoint", None)
+        return [endpoint] if endpoint is not None else []
+
+    def settle(self, unit: str, path: str, previous: list[str] = ()) -> dict:
         """Commit the unit (its rows in the job's staged file `path`) if its replies are all there:
-        {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}."""
+        {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}.
+        An `openai` rewriter asks through the unit's reply cache, as in the openai backend: what a
+        killed run or the `previous` units it replaces got is not asked again."""
         self.unit = unit
         table = read_unit_rows(self.ws, path)
         self.replies = read_replies(self.ws, unit)
+        cache, asked = self.keep_replies(unit, list(previous)), self.request_counts()
         need = None
         try:  # the regions are asked for with the first attempt: one round of the stream for both
             regions, region_errors = self.region_rows(table)
@@ -160,9 +177,21 @@ class ReplayCaptioner(UnitCaptioner):
             return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
         errors += region_errors
         info = unit_info(table, captions, errors, 0.0, len(regions))
+        info["requests"] = dict(self.request_counts() - asked)  # the openai rewriter's (the driver adds the stream's)
+        self.keep_for_later(unit, table, cache)
         self.commit(unit, captions, errors, regions, info)
         self.forget_replies(unit, info)
         return {"unit": unit, "info": info}
+
+    def keep_for_later(self, unit: str, table: pa.Table, cache: ReplyCache | None) -> None:
+        """Before the unit commits: its replies by request digest, with its images' key range, in its
+        reply cache (with the openai rewriter's, if any), for a unit that replaces it to be answered
+        by them (failures are asked again)."""
+        cache = cache or ReplyCache(self.ws, unit)  # a unit done again after a passing failure has kept some
+        cache.add({r["request"]: r["caption"] for r in self.replies.values()
+                   if r["request"] and not r["error"] and r["caption"] is not None
+                   and r["request"] not in cache.replies})
+        cache.settle(pc.min(table["key"]).as_py(), pc.max(table["key"]).as_py())
 
     def forget_replies(self, unit: str, info: dict) -> None:
         """A committed unit's stream folder goes; with passing failures (the next run does the
@@ -189,9 +218,11 @@ def read_replies(ws: Workspace, unit: str) -> dict[tuple[str, str], dict]:
 
 
 # ---- the stream's CPU stages ------------------------------------------------------------------
-def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
+def request_messages(batch: pa.Table, options: dict[str, Any], workspace: str = "",
+                     previous: dict[str, list[str]] | None = None) -> pa.Table:
     """Request rows -> chat messages: caption stages with the image (read, shrunk, a data URL), region
-    stages with the region's crop, rewrites as text."""
+    stages with the region's crop, rewrites as text; with each its digest, and the reply that the
+    units its unit replaces (`previous`: unit -> their ids) kept of the same request, if any."""
     rows = batch.to_pylist()
     regions = [r["stage"][len(REGION):] if r["stage"].startswith(REGION) else "" for r in rows]
     shown = [i for i, r in enumerate(rows) if r["stage"] != REWRITE] if options["send_images"] else []
@@ -201,20 +232,37 @@ def request_messages(batch: pa.Table, options: dict[str, Any]) -> pa.Table:
                                         [rows[i].get("member_offset") for i in shown],
                                         [rows[i].get("bytes") for i in shown]),
                     strict=True))
-    messages, errors = [], []
+    borrowed = kept_replies(workspace, previous or {}, {r["unit"] for r in rows})
+    messages, errors, digests, kept = [], [], [], []
     for i, r in enumerate(rows):
         if r["stage"] == REWRITE:
-            messages.append(json.dumps(rewrite_messages(r["text"], r["tags"])))
-            errors.append("")
+            asked = rewrite_messages(r["text"], r["tags"])
         elif options["send_images"] and urls.get(i) is None:
             messages.append("")
             errors.append(f"unreadable_image: {unreadable_message(r)}")
+            digests.append("")
+            kept.append(None)
+            continue
         else:
-            messages.append(json.dumps(caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
-                                                        template=prompt_for(options, regions[i]), region=regions[i])))
-            errors.append("")
+            asked = caption_messages(r["tags"], r["categories"], r["text"], urls.get(i),
+                                     template=prompt_for(options, regions[i]), region=regions[i])
+        messages.append(json.dumps(asked))
+        errors.append("")
+        digests.append(request_digest(options, r["stage"] == REWRITE, asked, r["seed"]))
+        kept.append(borrowed.get(r["unit"], {}).get(digests[-1]))
     return pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"], "seed": batch["seed"],
-                     "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string())})
+                     "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string()),
+                     "request": pa.array(digests, pa.string()), "kept": pa.array(kept, pa.string())})
+
+
+def kept_replies(workspace: str, previous: dict[str, list[str]], units: set[str]) -> dict[str, dict[str, str]]:
+    """{unit: {request digest: reply}} that the units `previous` names for each of `units` kept."""
+    wanted = {unit: previous[unit] for unit in units if previous.get(unit)}
+    if not wanted:
+        return {}
+    ws = Workspace(workspace, create=False)
+    return {unit: {rid: reply for other in others for rid, reply in read_kept(ws, other).items()}
+            for unit, others in wanted.items()}
 
 
 def write_replies(batch: pa.Table, workspace: str) -> pa.Table:
@@ -225,15 +273,22 @@ def write_replies(batch: pa.Table, workspace: str) -> pa.Table:
         failed = batch["__inference_error__"].to_pylist()
         errors = [f"model_error: {f}" if f else e for e, f in zip(errors, failed, strict=True)]
     captions = batch["caption"] if "caption" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+    kept = pc.is_valid(batch["kept"])
     replies = pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"],
-                        "caption": captions.cast(pa.string()), "error": pa.array(errors, pa.string())})
-    acks: dict[str, list] = {"unit": [], "rows": []}
+                        "caption": captions.cast(pa.string()), "error": pa.array(errors, pa.string()),
+                        "request": batch["request"].cast(pa.string()), "kept": kept})
+    acks: dict[str, list] = {"unit": [], "rows": [], "sent": [], "kept": []}
     for unit in pc.unique(replies["unit"]).to_pylist():
         mine = replies.filter(pc.equal(replies["unit"], unit)).select(REPLY_SCHEMA.names)
         ws.write_parquet(f"{ws.base}/{STREAM}/{unit}/replies/{uuid.uuid4().hex}.parquet", mine.cast(REPLY_SCHEMA))
+        reused = pc.sum(mine["kept"].cast(pa.int64())).as_py() or 0
+        asked = pc.sum(pc.not_equal(mine["request"], "").cast(pa.int64())).as_py() or 0  # not an unreadable one
         acks["unit"].append(unit)
         acks["rows"].append(mine.num_rows)
-    return pa.table({"unit": pa.array(acks["unit"], pa.string()), "rows": pa.array(acks["rows"], pa.int64())})
+        acks["sent"].append(asked - reused)
+        acks["kept"].append(reused)
+    return pa.table({name: pa.array(values, pa.string() if name == "unit" else pa.int64())
+                     for name, values in acks.items()})
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -242,8 +297,8 @@ class UnitSettler:
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.captioner = ReplayCaptioner(workspace, options)
 
-    def settle(self, unit: str, path: str) -> dict:
-        return self.captioner.settle(unit, path)
+    def settle(self, unit: str, path: str, previous: list[str]) -> dict:
+        return self.captioner.settle(unit, path, previous)
 
 
 class StreamDriver:
@@ -253,6 +308,9 @@ class StreamDriver:
                  on_settled: Callable[[int], None]) -> None:
         self.ws, self.opts, self.on_settled = ws, opts, on_settled  # on_settled(images): a unit committed
         self.inputs = {u["unit"]: u["path"] for u in units}  # the files the job staged the units' rows in
+        # the committed units each replaces, whose kept replies answer its requests (jobs/caption.reply_sources)
+        self.previous = {u["unit"]: list(u.get("previous") or []) for u in units if u.get("previous")}
+        self.asked: dict[str, Counter[str]] = {}  # requests sent and answered by kept replies, by unit
         # the settlers mostly wait for the engine; a full CPU each would starve the stream's tasks
         self.settlers = [UnitSettler.options(num_cpus=0.25).remote(ws.root, opts)
                          for _ in range(max(1, min(int(opts["concurrency"]), len(units))))]
@@ -279,7 +337,7 @@ class StreamDriver:
     def settle(self, unit: str) -> None:
         settler = self.settlers[self._next % len(self.settlers)]
         self._next += 1
-        self.in_flight[settler.settle.remote(unit, self.inputs[unit])] = unit
+        self.in_flight[settler.settle.remote(unit, self.inputs[unit], self.previous.get(unit, []))] = unit
 
     def harvest(self, wait: bool) -> None:
         """Collect settled units (all of them when `wait`): commits counted, requests kept for the next round."""
@@ -292,6 +350,10 @@ class StreamDriver:
                 del self.in_flight[ref]
                 result = ray.get(ref)
                 if "info" in result:
+                    # what this run asked for it (its summary's requests): the stream's, the openai rewriter's
+                    requests = Counter(result["info"].get("requests") or {})
+                    requests.update(self.asked.pop(result["unit"], {}))
+                    result["info"]["requests"] = dict(requests)
                     self.infos.append(result["info"])
                     self.on_settled(int(result["info"]["images"]))
                     self.ws.publish_now_and_then()
@@ -304,15 +366,19 @@ class StreamDriver:
 
         expected = {r["unit"]: int(r["requests"]) for r in group}
         ds = ray.data.read_parquet([r["path"] for r in group], filesystem=self.ws.fs, schema=REQUEST_SCHEMA)
+        previous = {unit: self.previous[unit] for unit in expected if unit in self.previous}
         ds = ds.map_batches(request_messages, batch_format="pyarrow", batch_size=int(self.opts["vllm_batch_size"]),
-                            fn_kwargs={"options": self.opts}, num_cpus=0.5)
+                            fn_kwargs={"options": self.opts, "workspace": self.ws.root, "previous": previous},
+                            num_cpus=0.5)
         ds = build_processor(self.opts, rewrite=rewrite)(ds)
         ds = ds.map_batches(write_replies, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"workspace": self.ws.root}, num_cpus=0.25)
         seen: Counter[str] = Counter()
         for acks in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for unit, rows in zip(acks["unit"].to_pylist(), acks["rows"].to_pylist(), strict=True):
-                seen[unit] += rows
+            for ack in acks.to_pylist():
+                unit = ack["unit"]
+                seen[unit] += ack["rows"]
+                self.asked.setdefault(unit, Counter()).update(sent=ack["sent"], reused=ack["kept"])
                 if seen[unit] == expected[unit]:
                     self.settle(unit)
             self.harvest(wait=False)

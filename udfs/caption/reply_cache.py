@@ -12,6 +12,10 @@ them (`previous`: jobs/caption.reply_sources), and only the requests of what cha
 the others are answered as before, so the unchanged images keep their captions. The borrowed
 replies it used are written to its own folder before it commits; the replaced unit's folder
 goes at the end of the run.
+
+The `vllm` backend's stream keeps its units' replies here too, when they commit (by the digest
+of each request row: udfs/caption/vllm_captioner.request_digest), and its CPU tasks answer the
+requests of a unit that replaces them from them (udfs/caption/caption_stream.request_messages).
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ Two transports behind one request row (unit, stage, key, seed, messages, error):
   or on a reply that is not JSON, bounds no request's total time, and cannot say which
   failures are passing (to be asked again by the next run) and which are the reply's own.
 
+Each request row carries its digest (`request`: request_digest, the same question, image
+included, to the same model with the same sampling) into its reply, so that a committed unit's
+replies answer the unit that replaces it (udfs/caption/reply_cache.py). A row such a kept reply
+answers (`kept`) is not asked: the server transport does not send it, the engine gets the
+one-token placeholder of a row that could not be read, and the reply is the kept one.
+
 The configs and the pre/post-processing are plain code importable without vllm (the engine is
 only imported inside the GPU actors), so they are tested on machines without a GPU;
 bench/gpu_smoke_caption.py runs the engine where there is one.
@@ -23,8 +29,9 @@ import pyarrow as pa
 
 from udfs.caption.caption_prompts import clean_reply, whole_reply
 
-# request columns every stage hands on to the replies; error is "" or "<kind>: <message>"
-CARRIED = ("unit", "stage", "key", "error")
+# request columns every stage hands on to the replies; error is "" or "<kind>: <message>"; request:
+# the row's request_digest ("" for an error row); kept: the kept reply that answers it, or None
+CARRIED = ("unit", "stage", "key", "error", "request", "kept")
 # A request whose image could not be read still goes through the stream, as a one-token prompt, so
 # that every request row reaches the end of the stream where a unit's replies are counted.
 PLACEHOLDER = [{"role": "user", "content": "."}]
@@ -66,10 +73,33 @@ def engine_environment(where: str) -> dict[str, Any] | None:
 
 
 def sampling(row: dict[str, Any], max_tokens: int, temperature: float) -> tuple[list, dict]:
-    """The messages and sampling parameters of one request row (a placeholder for an error row)."""
-    if row.get("error"):
+    """The messages and sampling parameters of one request row (a placeholder for an error row, or
+    for one a kept reply answers)."""
+    if row.get("error") or row.get("kept") is not None:
         return PLACEHOLDER, {"max_tokens": 1, "temperature": 0.0}
     return json.loads(row["messages"]), {"max_tokens": max_tokens, "temperature": temperature, "seed": int(row["seed"])}
+
+
+def model_settings(opts: dict[str, Any], rewrite: bool = False) -> dict[str, Any]:
+    """Where the requests of a pass go and how they are sampled: url ("" for the engine), model,
+    max_tokens, temperature; the captioner's, or the rewriter's."""
+    url = (opts["rewrite_base_url"] if rewrite else opts["vllm_url"]) if opts.get("vllm_url") else ""
+    return {"url": url, "model": opts["rewrite_model"] if rewrite else opts["vllm_model"],
+            "max_tokens": int(opts["rewrite_max_tokens"] if rewrite else opts["max_tokens"]),
+            "temperature": 0.2 if rewrite else float(opts["temperature"])}
+
+
+def request_digest(opts: dict[str, Any], rewrite: bool, messages: list[dict], seed: int) -> str:
+    """What identifies a request row: the request that sampling() makes of it (the messages, the
+    image as its data URL, and the sampling parameters), to the model of model_settings; the id
+    the openai transport keeps its replies by (openai_transport.request_id). Runs in the CPU tasks:
+    the engine's actors, in an environment of their own, need not import the transport."""
+    from udfs.caption.openai_transport import request_id
+
+    settings = model_settings(opts, rewrite)
+    return request_id(settings["url"], settings["model"],
+                      {"messages": messages, "max_tokens": settings["max_tokens"],
+                       "temperature": settings["temperature"], "seed": int(seed)})
 
 
 def preprocess(row: dict[str, Any], max_tokens: int, temperature: float) -> dict[str, Any]:
@@ -81,10 +111,13 @@ def preprocess(row: dict[str, Any], max_tokens: int, temperature: float) -> dict
 def postprocess(row: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
     """The reply row of an engine's output; one of `max_tokens` tokens was cut off by the limit
     and ends after its last whole sentence (caption_prompts.whole_reply)."""
+    carried = {c: row[c] for c in CARRIED}
+    if row["error"] or row["kept"] is not None:  # the placeholder's token is no reply
+        return {**carried, "caption": None if row["error"] else row["kept"]}
     text = row.get("generated_text") or ""
     if max_tokens is not None and int(row.get("num_generated_tokens") or 0) >= max_tokens:
         text = whole_reply(text)
-    return {**{c: row[c] for c in CARRIED}, "caption": None if row["error"] else clean_reply(text)}
+    return {**carried, "caption": clean_reply(text)}
 
 
 class ChatRequests:
@@ -103,12 +136,12 @@ class ChatRequests:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        asked = [i for i, row in enumerate(rows) if not row["error"]]
+        asked = [i for i, row in enumerate(rows) if not row["error"] and row["kept"] is None]
         requests = []
         for i in asked:
             messages, params = sampling(rows[i], self.max_tokens, self.temperature)
             requests.append({"messages": messages, **params})
-        captions: list[str | None] = [None] * len(rows)
+        captions: list[str | None] = [None if row["error"] else row["kept"] for row in rows]
         errors = [row["error"] for row in rows]
         for i, reply in zip(asked, self.endpoint.chat_many(requests), strict=True):
             if isinstance(reply, str):
@@ -124,14 +157,12 @@ def build_processor(opts: dict[str, Any], rewrite: bool = False):
     (text only), by the engine or by the server at `caption.vllm_url`."""
     from ray.data.llm import build_processor as build
 
-    max_tokens = int(opts["rewrite_max_tokens"] if rewrite else opts["max_tokens"])
-    temperature = 0.2 if rewrite else float(opts["temperature"])
+    settings = model_settings(opts, rewrite)
+    max_tokens, temperature = settings["max_tokens"], settings["temperature"]
     if opts.get("vllm_url"):
-        url = opts["rewrite_base_url"] if rewrite else opts["vllm_url"]
-        model = opts["rewrite_model"] if rewrite else opts["vllm_model"]
         key_env = opts["rewrite_api_key_env"] if rewrite else opts["api_key_env"]
-        kwargs = {"url": url, "model": model, "api_key_env": key_env, "max_tokens": max_tokens,
-                  "temperature": temperature, "opts": opts}
+        kwargs = {"url": settings["url"], "model": settings["model"], "api_key_env": key_env,
+                  "max_tokens": max_tokens, "temperature": temperature, "opts": opts}
         # the actors wait on the server: a whole CPU each would starve the stream's tasks
         return lambda ds: ds.map_batches(ChatRequests, fn_constructor_kwargs=kwargs, batch_format="pyarrow",
                                          batch_size=int(opts["vllm_batch_size"]),
