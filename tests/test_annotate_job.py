@@ -150,3 +150,16 @@ def test_the_rate_counts_the_images_this_run_annotated(ingested, tmp_path):
     again = annotate.run(cfg, ws)
     assert again.units_done == 1 and again.units_skipped == 2 and again.rows_in == 24
     assert f"{8 / again.seconds:.1f} rows/s" in again.render() and "(8 in the units run now)" in again.render()
+
+
+def test_a_run_of_few_images_writes_in_several_batches():
+    """The progress line counts the rows the writers wrote: 600 images in one batch of
+    write_batch_size (1,024) said "0/600 images" for minutes with the models on a CPU, then 600.
+    A run of fewer than 8 such batches writes an eighth of its rows a batch (64 at the least);
+    a large run, and a smaller write_batch_size, as set."""
+    from jobs.annotate import write_batch_rows
+
+    assert write_batch_rows(1024, 600) == 75
+    assert write_batch_rows(1024, 24) == 64
+    assert write_batch_rows(1024, 1_000_000) == 1024
+    assert write_batch_rows(8, 600) == 8
