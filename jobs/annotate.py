@@ -316,7 +316,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     run_specs = models_to_run(specs, pending, done, last)
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()},
                                {name: spec["stamp"] for name, spec in run_specs.items()})
-    resumed = sum(len(m["keys"]) for found in batches.values() for m in found)
+    resumed = sum(m["info"]["images"] for found in batches.values() for m in found)
     kept = plan_kept_rows(ws, [u for u in pending if u["unit"] not in markers],
                           {u: m for u, m in markers.items() if u not in current}, run_specs, last)
     reused = copy_kept(cfg, ws, kept, run_specs, batches)
@@ -504,17 +504,19 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
     name -> identity) and model files (name -> stamp; markers written before stamps were kept
     have none), by unit. Other markers are dropped with their parts: those of a unit that is
     done or gone, those of a different set of models or files, and a second marker of the same
-    images (a writer task that Ray retried after its worker died had written the first)."""
+    images (a writer task that Ray retried after its worker died had written the first). The
+    markers come without their keys (info["images"] counts them; the tasks that read a unit's
+    images read its markers' keys): the driver holds one unit's keys at a time, not the run's."""
     kept: dict[str, list[dict]] = {}
-    for unit, markers in ws.pending_batches(JOB, {u["unit"] for u in pending}).items():
+    for unit, markers in ws.each_pending_batches(JOB, {u["unit"] for u in pending}):
         seen: set[str] = set()
         stale = {}
         for batch, marker in sorted(markers.items()):
-            if (marker.get("pipeline") != pipeline or marker.get("stamps", stamps) != stamps
-                    or seen & set(marker["keys"])):
+            keys = marker.pop("keys", [])
+            if marker.get("pipeline") != pipeline or marker.get("stamps", stamps) != stamps or seen.intersection(keys):
                 stale[batch] = marker
             else:
-                seen.update(marker["keys"])
+                seen.update(keys)
                 kept.setdefault(unit, []).append(marker)
         ws.drop_batches(JOB, unit, stale)
     return kept
@@ -618,7 +620,7 @@ class Pipeline:
         infos: dict[str, dict] = defaultdict(dict)
         for unit, markers in batches.items():
             for marker in markers:
-                written[unit] += marker["info"]["images"]  # its keys (copy_kept_rows returns no key)
+                written[unit] += marker["info"]["images"]  # its keys (the driver is given none)
                 for table, names in marker["parts"].items():
                     parts[unit][table].update(names)
                 infos[unit] = merge_infos(infos[unit], marker["info"])
