@@ -27,7 +27,6 @@ import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -37,7 +36,7 @@ from jobs.ray_env import Progress, init_ray, local_ray, unit_tasks
 from jobs.summary import JobSummary
 from store.part_ranges import KeyBounds
 from store.workspace import Workspace, images_parts
-from udfs.annotate.annotate_parts import copy_kept_rows, merge_infos, write_unit_parts
+from udfs.annotate.annotate_parts import copy_kept_rows, merge_infos, record_dir, write_record, write_unit_parts
 from udfs.annotate.annotate_rows import crop_persons, decode_images, read_unit_images
 from udfs.annotate.cascade_face import CascadeFaceDetector, cascade_path, load_cascade
 from udfs.annotate.ccip import CcipFeatures
@@ -317,7 +316,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     run_specs = models_to_run(specs, pending, done, last)
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()},
                                {name: spec["stamp"] for name, spec in run_specs.items()})
-    resumed = sum(len(m["keys"]) for found in batches.values() for m in found)
+    resumed = sum(m["info"]["images"] for found in batches.values() for m in found)
     kept = plan_kept_rows(ws, [u for u in pending if u["unit"] not in markers],
                           {u: m for u, m in markers.items() if u not in current}, run_specs, last)
     reused = copy_kept(cfg, ws, kept, run_specs, batches)
@@ -345,7 +344,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
                              "the bytes they were annotated from: their rows are kept, no model ran on them")
     # after the copies, which read the parts of the units retired here (readers keep them until the end)
     retire_stale_units(ws, current)
-    keep_records(ws, units, done)
+    keep_records(cfg, ws, units, done)
     infos = [done[u["unit"]] for u in units if u["unit"] not in pending_ids and u["unit"] in done]
     if specs and pending_ids & set(done):
         # units run again (a model changed, one added) replace rows readers have: they keep seeing
@@ -382,21 +381,7 @@ def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, d
 
 
 # ---- rows kept from replaced units ---------------------------------------------------------
-# state/annotate/images/<unit>.parquet: the images (key, sha256) each committed unit was annotated
-# from. ingest replaces a unit whose sidecars changed, or that gained an image, and drops its old
-# `images` rows: this record is what tells which images of the new unit have bytes annotated before.
-RECORD_SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
-
-
-def record_dir(ws: Workspace) -> str:
-    return f"{ws.state_dir(JOB)}/images"
-
-
-def write_record(ws: Workspace, unit: str, parts: list[str]) -> None:
-    rows = [row for part in parts for row in ws.read_part("images", part, ["key", "sha256"])]
-    ws.write_parquet(f"{record_dir(ws)}/{unit}.parquet", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
-
-
+# the records of the images each committed unit was annotated from: see annotate_parts.write_record
 def record_files(ws: Workspace) -> dict[str, str]:
     """{unit: path} of the units that have a record (those committed by a version without them have none)."""
     selector = pafs.FileSelector(record_dir(ws), allow_not_found=True)
@@ -404,15 +389,18 @@ def record_files(ws: Workspace) -> dict[str, str]:
             if info.is_file and info.base_name.endswith(".parquet")}
 
 
-def keep_records(ws: Workspace, units: list[dict], done: dict[str, dict]) -> None:
-    """A record for each committed unit (those committed before records were kept get theirs now,
-    from their `images` rows, still the ones they were annotated from), and none for any other."""
+def keep_records(cfg: Config, ws: Workspace, units: list[dict], done: dict[str, dict]) -> None:
+    """A record for each committed unit (a run killed between a unit's marker and its record, and
+    units committed before records were kept, get theirs now, from their `images` rows, still the
+    ones they were annotated from), written in Ray tasks; and none for any other."""
     have = record_files(ws)
     for unit in set(have) - set(done):
         ws.fs.delete_file(have[unit])
-    for u in units:
-        if u["unit"] in done and u["unit"] not in have:
-            write_record(ws, u["unit"], u["parts"])
+    missing = [{"unit": u["unit"], "parts": u["parts"]} for u in units if u["unit"] in done and u["unit"] not in have]
+    if missing:
+        init_ray(cfg)
+        for _ in unit_tasks(write_record, missing, float(cfg[JOB]["task_num_cpus"]), workspace=ws.root):
+            pass
 
 
 def plan_kept_rows(ws: Workspace, new: list[dict], replaced: dict[str, dict], specs: dict[str, dict],
@@ -528,17 +516,19 @@ def finished_batches(ws: Workspace, pending: list[dict], pipeline: dict[str, str
     name -> identity) and model files (name -> stamp; markers written before stamps were kept
     have none), by unit. Other markers are dropped with their parts: those of a unit that is
     done or gone, those of a different set of models or files, and a second marker of the same
-    images (a writer task that Ray retried after its worker died had written the first)."""
+    images (a writer task that Ray retried after its worker died had written the first). The
+    markers come without their keys (info["images"] counts them; the tasks that read a unit's
+    images read its markers' keys): the driver holds one unit's keys at a time, not the run's."""
     kept: dict[str, list[dict]] = {}
-    for unit, markers in ws.pending_batches(JOB, {u["unit"] for u in pending}).items():
+    for unit, markers in ws.each_pending_batches(JOB, {u["unit"] for u in pending}):
         seen: set[str] = set()
         stale = {}
         for batch, marker in sorted(markers.items()):
-            if (marker.get("pipeline") != pipeline or marker.get("stamps", stamps) != stamps
-                    or seen & set(marker["keys"])):
+            keys = marker.pop("keys", [])
+            if marker.get("pipeline") != pipeline or marker.get("stamps", stamps) != stamps or seen.intersection(keys):
                 stale[batch] = marker
             else:
-                seen.update(marker["keys"])
+                seen.update(keys)
                 kept.setdefault(unit, []).append(marker)
         ws.drop_batches(JOB, unit, stale)
     return kept
@@ -622,11 +612,19 @@ class Pipeline:
     def __init__(self, cfg: Config, ws: Workspace, specs: dict[str, dict], done: dict[str, dict]) -> None:
         self.cfg, self.ws, self.specs, self.done = cfg, ws, specs, done
         self.opts = cfg[JOB]
+        self.records: list[ray.ObjectRef] = []  # the record tasks of the units committed (finish)
 
     def run(self, units: list[dict], batches: dict[str, list[dict]]) -> list[dict]:
         """Run the pipeline over the images no finished batch (`batches`: a killed run's markers
-        by unit) holds; commit each unit when its batches and the writers hold all its rows."""
+        by unit) holds; commit each unit when its batches and the writers hold all its rows, and
+        wait for the units' records."""
         init_ray(self.cfg)
+        self.record_task = ray.remote(num_cpus=float(self.opts["task_num_cpus"]))(write_record)
+        done = self.commit_all(units, batches)
+        ray.get(self.records)
+        return done
+
+    def commit_all(self, units: list[dict], batches: dict[str, list[dict]]) -> list[dict]:
         self.check_cpus()
         expected = {u["unit"]: u["rows"] for u in units}
         written: dict[str, int] = defaultdict(int)
@@ -634,7 +632,7 @@ class Pipeline:
         infos: dict[str, dict] = defaultdict(dict)
         for unit, markers in batches.items():
             for marker in markers:
-                written[unit] += marker["info"]["images"]  # its keys (copy_kept_rows returns no key)
+                written[unit] += marker["info"]["images"]  # its keys (the driver is given none)
                 for table, names in marker["parts"].items():
                     parts[unit][table].update(names)
                 infos[unit] = merge_infos(infos[unit], marker["info"])
@@ -750,10 +748,12 @@ class Pipeline:
 
     # ---- commits ------------------------------------------------------------------------
     def finish(self, unit: dict, parts: dict[str, set[str]], info: dict) -> dict:
-        """commit, then the unit's record of the images it was annotated from (a run killed in
-        between leaves it to the next start's keep_records, from the same `images` rows)."""
+        """commit, then start the task that writes the unit's record of the images it was
+        annotated from (a run killed before it ends leaves it to the next start's keep_records,
+        from the same `images` rows): the driver reads no `images` row."""
         info = self.commit(unit["unit"], parts, info)
-        write_record(self.ws, unit["unit"], unit["parts"])
+        self.records.append(self.record_task.remote({"unit": unit["unit"], "parts": unit["parts"]},
+                                                    workspace=self.ws.root))
         return info
 
     def commit(self, unit: str, parts: dict[str, set[str]], info: dict) -> dict:

@@ -37,7 +37,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -270,8 +270,8 @@ class Workspace:
         """The units `job` has committed, with the info each was committed with."""
         return self._markers(self.state_dir(job))
 
-    def _markers(self, folder: str) -> dict[str, dict]:
-        """{name: marker} of the marker files (<name>.json) in `folder`.
+    def _markers(self, folder: str, cache: bool = True) -> dict[str, dict]:
+        """{name: marker} of the marker files (<name>.json) in `folder` (with `cache`, kept as below).
 
         A marker file this process read before, unchanged since (same mtime and size in the
         listing) and older than MARKER_SETTLED_S then, is not read again: a job publishes every
@@ -280,16 +280,16 @@ class Workspace:
         cache keeps only the markers of the folder's last listing: those deleted since go."""
         done = {}
         settled = time.time() - MARKER_SETTLED_S
-        cache, kept = self._marker_cache.pop(folder, {}), {}
+        cached_before, kept = self._marker_cache.pop(folder, {}), {}
         for info in self._marker_files(folder):
             stamp = (info.mtime_ns, info.size)
-            cached = cache.get(info.path)
+            cached = cached_before.get(info.path)
             if cached is not None and cached[0] == stamp:
                 data = cached[1]  # parsed anew: each caller gets a marker of its own to change
             else:
                 with self.fs.open_input_stream(info.path) as f:
                     data = f.read()
-            if info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
+            if cache and info.mtime_ns is not None and info.mtime_ns / 1e9 < settled:
                 kept[info.path] = (stamp, data)
             done[info.base_name[: -len(".json")]] = json.loads(data)
         if kept:
@@ -313,8 +313,10 @@ class Workspace:
         fault_point("BOORUSET_KILL_AFTER_BATCHES")
 
     def done_batches(self, job: str, unit: str) -> dict[str, dict]:
-        """The batch markers of a unit not yet committed: {batch: marker}."""
-        return self._markers(self.batch_dir(job, unit))
+        """The batch markers of a unit not yet committed: {batch: marker}. Not cached: each names
+        the keys of its images (annotate's: a thousand), and a job's start reads every unit's (a
+        run killed late at a million images: the driver kept a million keys until each unit committed)."""
+        return self._markers(self.batch_dir(job, unit), cache=False)
 
     def batch_units(self, job: str) -> list[str]:
         """The units that have batch markers."""
@@ -332,15 +334,19 @@ class Workspace:
         unit (committed since, or no longer planned) are dropped with their unpublished parts,
         but for units with a marker that `elsewhere` says is of work this run does not plan
         (another input of ingest): left for the run that plans it."""
-        found = {}
+        return dict(self.each_pending_batches(job, pending, elsewhere))
+
+    def each_pending_batches(self, job: str, pending: set[str], elsewhere: Callable[[dict], bool] | None = None
+                             ) -> Iterator[tuple[str, dict[str, dict]]]:
+        """pending_batches one unit at a time, read as it is asked for: a caller that keeps little
+        of each (annotate keeps no key) never holds every unit's markers."""
         for unit in self.batch_units(job):
             markers = self.done_batches(job, unit)
             if unit in pending:
-                found[unit] = markers
+                yield unit, markers
             elif elsewhere is None or not any(elsewhere(m) for m in markers.values()):
                 self.drop_batches(job, unit, markers)
                 self.forget_batches(job, unit)  # its folder too
-        return found
 
     def forget_batches(self, job: str, unit: str, batches: Iterable[str] | None = None) -> None:
         """Drop a unit's batch markers (`batches`, or all of them) and leave their parts: once its

@@ -215,7 +215,7 @@ def test_batch_markers_that_no_longer_count_go_with_their_parts(tmp_path):
 
     kept = finished_batches(ws, [{"unit": "u", "rows": 7}], pipeline, stamps)
 
-    assert [m["keys"] for m in kept["u"]] == [["k1", "k2"], ["k5"]]
+    assert [m["parts"]["detections"] for m in kept["u"]] == [["annotate-u-face-a"], ["annotate-u-face-d"]]
     assert sorted(ws.done_batches("annotate", "u")) == ["a", "d"] and ws.batch_units("annotate") == ["u"]
     on_disk = sorted(p.stem for p in (tmp_path / "ws" / "tables" / "detections").glob("*.parquet"))
     assert on_disk == ["annotate-u-face-a", "annotate-u-face-d"]
@@ -251,3 +251,58 @@ def test_a_killed_run_that_replaces_units_leaves_readers_the_old_rows(tmp_path):
     assert again.returncode == 0, out
     after = rows(Workspace(str(ws_path)), "detections")
     assert after == sorted((d[0], "face_detect_v1.4_n", *d[2:]) for d in before)
+
+
+def test_resume_holds_one_units_keys_at_a_time(tmp_path, monkeypatch):
+    """A killed run's batch markers each name their images' keys (a million at a million
+    images): the driver checks them one unit at a time, keeps none (the markers it plans with
+    come without them, counted by info["images"]) and caches none; duplicates are still found."""
+    import gc
+
+    import store.workspace
+    from jobs.annotate import finished_batches
+
+    class Keys(list):
+        """A marker's keys, counted while any of them is alive."""
+
+        live = 0
+
+        def __init__(self, keys: list[str]) -> None:
+            super().__init__(keys)
+            Keys.live += len(self)
+
+        def __del__(self) -> None:
+            Keys.live -= len(self)
+
+    monkeypatch.setattr(store.workspace, "MARKER_SETTLED_S", -1.0)  # each marker read is one to cache
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.publish()
+    pipeline, stamps = {"face": "face_detect_v1.4_s"}, {"face": "0123456789abcdef"}
+    units = [f"u{i}" for i in range(4)]
+    for unit in units:
+        for batch in range(3):
+            keys = [f"{unit}-k{batch * 10 + i}" for i in range(10)]
+            info = {"images": len(keys), "dropped": 0, "rows": {}, "error_kinds": {}}
+            ws.commit_batch("annotate", unit, f"b{batch}", {"parts": {}, "info": info, "pipeline": pipeline,
+                                                           "stamps": stamps, "keys": keys})
+    ws.commit_batch("annotate", "u0", "b9", {"parts": {}, "info": {"images": 1}, "pipeline": pipeline,
+                                             "stamps": stamps, "keys": ["u0-k5"]})  # a retried writer's
+    ws.begin_job()
+    peak = []
+    done_batches = Workspace.done_batches
+
+    def spy(self, job: str, unit: str) -> dict[str, dict]:
+        gc.collect()
+        peak.append(Keys.live)  # the keys the driver still holds when it reads the next unit's
+        markers = done_batches(self, job, unit)
+        for marker in markers.values():
+            marker["keys"] = Keys(marker["keys"])
+        return markers
+
+    monkeypatch.setattr(Workspace, "done_batches", spy)
+    kept = finished_batches(ws, [{"unit": u, "rows": 40} for u in units], pipeline, stamps)
+    gc.collect()
+    assert Keys.live == 0 and max(peak) <= 31  # one unit's keys at most, none after
+    assert {u: sum(m["info"]["images"] for m in found) for u, found in kept.items()} == dict.fromkeys(units, 30)
+    assert sorted(ws.done_batches("annotate", "u0")) == ["b0", "b1", "b2"]
+    assert not [folder for folder in ws._marker_cache if "/batches/" in folder]

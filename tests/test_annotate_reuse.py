@@ -265,3 +265,38 @@ def test_rows_of_a_model_whose_file_was_replaced_are_not_kept(tmp_path):
     assert again.rows_run == 3
     assert rows == annotated(tmp_path / "fresh", folder, models)[1]
 
+
+
+def test_records_are_written_in_tasks_not_the_driver(tmp_path, monkeypatch):
+    """The record of each committed unit (its images' key and sha256) is written by a Ray task:
+    the driver reads no `images` row for it, neither when a run commits its units nor when the
+    next start writes the records a run left unwritten (killed, or a version that kept none);
+    the records hold every image of their unit."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    images = sample_pngs(6)
+    shards, models = tmp_path / "shards", face_model_dir(tmp_path / "models")
+    shards.mkdir()
+    for s in range(2):
+        write_tar(shards / f"{s}.tar", [m for i, (_, data) in enumerate(images[3 * s : 3 * s + 3])
+                                        for m in ((f"{i}.png", data), (f"{i}.txt", b"1girl"))])
+    annotated(tmp_path / "ws", shards, models, models_too=False)
+    reads = []
+    read_part = Workspace.read_part
+
+    def spy_part(self, name: str, part: str, columns: list[str]) -> list[dict]:
+        reads.append(name)  # in the driver: the tasks run in Ray's worker processes
+        return read_part(self, name, part, columns)
+
+    monkeypatch.setattr(Workspace, "read_part", spy_part)
+    records = tmp_path / "ws" / "state" / "annotate" / "images"
+    for _ in range(2):  # a run that commits both units, then a start that finds no record
+        summary, _ = annotated(tmp_path / "ws", shards, models)
+        assert "images" not in reads
+        found = sorted(row for path in records.glob("*.parquet")
+                       for row in zip(*pq.read_table(path).to_pydict().values(), strict=True))
+        assert len(list(records.glob("*.parquet"))) == 2 and len(found) == 6 and all(sha for _, sha in found)
+        shutil.rmtree(records)
+    assert summary.units_done == 0

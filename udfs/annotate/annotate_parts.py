@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
@@ -100,6 +101,25 @@ def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps:
     ws.commit_batch(JOB, unit, tag, {"parts": dict(parts), "info": info, "pipeline": pipeline, "stamps": stamps,
                                      "keys": wanted})
     return {"unit": unit, "parts": dict(parts), "info": info}
+
+
+# state/annotate/images/<unit>.parquet: the images (key, sha256) each committed unit was annotated
+# from. ingest replaces a unit whose sidecars changed, or that gained an image, and drops its old
+# `images` rows: this record is what tells which images of the new unit have bytes annotated before.
+RECORD_SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
+
+
+def record_dir(ws: Workspace) -> str:
+    return f"{ws.state_dir(JOB)}/images"
+
+
+def write_record(item: dict, workspace: str) -> None:
+    """Ray task: the record of a committed unit (`parts`: its `images`), from its `images` rows.
+    In a task, not the driver: a unit's rows are thousands, a run's a million (the driver
+    only says which units are committed)."""
+    ws = Workspace(workspace)
+    rows = [row for part in item["parts"] for row in ws.read_part("images", part, ["key", "sha256"])]
+    ws.write_parquet(f"{record_dir(ws)}/{item['unit']}.parquet", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
 
 
 def kept_keys(ws: Workspace, item: dict) -> dict[str, list[str]]:
