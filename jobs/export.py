@@ -242,7 +242,7 @@ def plan_stamp(cfg: Config, ws: Workspace, out: str) -> str:
     which give the selection nothing but what a user's `where` may read (n_errors, a subquery):
     published at the end of each run that wrote units, they made every second run stage and plan
     again."""
-    where = str(cfg[JOB]["where"])
+    where = str(cfg[JOB]["where"]).lower()  # SQL names are not case-sensitive: N_ERRORS reads them too
     reads_own = "errors" in where or "export_manifest" in where
 
     def own_rows(table: str, part: str) -> bool:

@@ -717,6 +717,28 @@ def test_an_export_with_nothing_new_stages_and_plans_nothing(tmp_path_factory, t
     assert "not staged nor planned again" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("where", ["N_ERRORS = 0", "n_errors = 0", "key not in (select key from ERRORS)",
+                                   "key not in (select key from Export_Manifest)"])
+def test_a_where_reading_the_exports_own_rows_in_capitals_plans_again_when_they_change(tmp_path_factory, tmp_path,
+                                                                                       where):
+    """The plan is kept while its inputs are those of the last plan, the export's own rows (its
+    export_manifest, its errors parts) left out unless export.where reads them. SQL names are
+    not case-sensitive: `N_ERRORS = 0` reads the export's errors as `n_errors = 0` does, and an
+    image an export failed on was still planned, the plan kept, as if the where did not read them."""
+    from jobs import export
+
+    cfg, ws = fresh(tmp_path_factory, f'export.where="{where}"')
+    out = str(tmp_path / "out")
+    before = export.plan_stamp(cfg, ws, out)
+    key = sorted(expected_rows(ws))[0]
+    if "manifest" in where.lower():
+        ws.add_part("export_manifest", "export-x", [{"key": key}])
+    else:
+        ws.add_part("errors", "export-x", [{"key": key, "stage": "export", "kind": "missing_member",
+                                            "message": "gone", "dropped": False}])
+    assert export.plan_stamp(cfg, ws, out) != before
+
+
 def test_a_shard_another_workspace_wrote_over_is_written_again(tmp_path_factory, tmp_path, ray_local):
     """Two workspaces exporting to one folder write shards of the same names: the first's units,
     done by their markers, were skipped, and its shards held the second's samples under its own
