@@ -634,7 +634,8 @@ def add_requests(summary: JobSummary, run_now: list[dict], retries: bool = True)
     for info in run_now:
         requests.update(info.get("requests") or {})
     if requests:
-        retried = f" ({requests['retries']} of them retries)" if retries else ""
+        # the vllm stream counts none, but an openai rewriter beside it does
+        retried = f" ({requests['retries']} of them retries)" if retries or requests["retries"] else ""
         summary.notes.append(f"requests: {requests['sent']} sent{retried}, "
                              f"{requests['reused']} answered by replies kept from an earlier run")
 
