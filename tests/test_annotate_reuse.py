@@ -121,6 +121,17 @@ def test_a_shard_written_again_reruns_only_its_changed_image(tmp_path):
     assert rows == annotated(tmp_path / "fresh", shards, models)[1]
 
 
+def write_three_shards(shards, images: list, per_shard: int, tags: str, last: bytes) -> None:
+    """Shards 0-2 of `per_shard` of the `images` each, every picture with `tags` as its .txt, and
+    `last` as the last picture of shard 0."""
+    for s in range(3):
+        pictures = [data for _, data in images[per_shard * s : per_shard * (s + 1)]]
+        if s == 0:
+            pictures[-1] = last
+        write_tar(shards / f"{s}.tar", [m for i, data in enumerate(pictures)
+                                        for m in ((f"{i}.png", data), (f"{i}.txt", tags.encode()))])
+
+
 def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_path):
     """Shards written again with other tags (and one picture replaced): a run killed after its
     first kept batch, then one killed after its first unit, then one to the end give the rows
@@ -134,12 +145,7 @@ def test_killed_runs_that_keep_rows_end_with_the_rows_of_a_fresh_workspace(tmp_p
     shards.mkdir()
 
     def write(tags: str, last: bytes) -> None:
-        for s in range(3):
-            pictures = [data for _, data in images[4 * s : 4 * s + 4]]
-            if s == 0:
-                pictures[-1] = last
-            write_tar(shards / f"{s}.tar", [m for i, data in enumerate(pictures)
-                                            for m in ((f"{i}.png", data), (f"{i}.txt", tags.encode()))])
+        write_three_shards(shards, images, 4, tags, last)
 
     def done(process, code: int) -> str:
         out, _ = process.communicate(timeout=900)
@@ -178,12 +184,7 @@ def test_every_unit_replaced_is_planned_from_footers_and_each_paired_with_its_ow
     shards.mkdir()
 
     def write(tags: str, last: bytes) -> None:
-        for s in range(3):
-            pictures = [data for _, data in images[3 * s : 3 * s + 3]]
-            if s == 0:
-                pictures[-1] = last
-            write_tar(shards / f"{s}.tar", [m for i, data in enumerate(pictures)
-                                            for m in ((f"{i}.png", data), (f"{i}.txt", tags.encode()))])
+        write_three_shards(shards, images, 3, tags, last)
 
     write("1girl", images[2][1])
     annotated(tmp_path / "ws", shards, models)
