@@ -50,8 +50,11 @@ from jobs.config import load_config, merge  # noqa: E402
 from jobs.ray_env import init_ray  # noqa: E402
 from store.workspace import Workspace  # noqa: E402
 from udfs.caption.caption_images import read_members  # noqa: E402
-from udfs.export.export_shard import COPY_PIECE  # noqa: E402
 from udfs.export.resize import output_extension, resize_image, target_size  # noqa: E402
+
+# tarfile copies a member in 16 KiB pieces unless told: in 1 MiB pieces an image is one or two
+# writes, 2-2.5x faster (what a careful loop would set)
+COPY_PIECE = 1 << 20
 
 
 def exported_members(shards: list[Path]) -> list[list[tuple[str, bytes]]]:
@@ -68,7 +71,6 @@ def plain_tar_rate(members: list[list[tuple[str, bytes]]], folder: Path) -> tupl
     folder.mkdir()
     started = time.perf_counter()
     for index, shard in enumerate(members):
-        # the same copy piece as the export's writer: the two differ only in what is around the writes
         with tarfile.open(folder / f"plain-{index:06d}.tar", "w", copybufsize=COPY_PIECE) as tar:
             for name, data in shard:
                 info = tarfile.TarInfo(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 
 import pyarrow as pa
 import pytest
@@ -324,6 +325,36 @@ def test_a_written_shard_of_original_images_is_within_max_bytes(tmp_path):
                 assert path.stat().st_size <= max_bytes, (max_bytes, len(members), path.stat().st_size)
                 checked += 1
     assert checked
+
+
+def test_a_shard_is_byte_for_byte_what_tarfile_writes_and_webdataset_reads_it(tmp_path):
+    """ShardTar frames tarfile's own headers itself (no copy of each image through BytesIO): the
+    file must be the one tarfile.addfile writes (PAX headers for names tar's header cannot hold,
+    padding to 512-byte blocks, the end record), sizes of 0 to a few blocks and a non-ASCII key."""
+    import io
+
+    import webdataset as wds
+
+    from udfs.export.export_shard import ShardTar
+
+    samples = [("a", {"png": b"", "txt": b"x", "json": b"{}"}),
+               ("b" * 120, {"jpg": b"\xff" * 512, "txt": b"y" * 513, "json": b"{}"}),
+               ("\u6771\u65b9 \u00e9t\u00e9", {"webp": bytes(range(256)) * 9, "txt": "\u00e9".encode(), "json": b"{}"})]
+    ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
+    writer = ShardTar(str(ours))
+    for key, members in samples:
+        writer.write(key, members)
+    writer.close()
+    with tarfile.open(theirs, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+                tar.addfile(info, io.BytesIO(members[ext]))
+    assert ours.read_bytes() == theirs.read_bytes()
+    read = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+            for s in wds.WebDataset(str(ours), shardshuffle=False)]
+    assert read == samples
 
 
 # ---- units: content-defined cuts of a source's keys (sql/export_units.sql) ---------------------
