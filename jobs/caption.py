@@ -420,6 +420,7 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
             con.execute(f"set variable {name} = ?", [curate[name]])
         con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
         con.execute("set variable own_captions = ?", [opts["own_captions"] == "score"])
+        con.execute("set variable caption_images = ?", [shows_images(opts)])
         con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
         total = stage_rows(ws, con)
         ranges = caption_cuts.unit_ranges(ws, con, shaping, total, max(1, int(opts["unit_size"])))
@@ -433,6 +434,13 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     clear(ws, ROWS)
     return [{"unit": caption_cuts.caption_unit_id(shaping, unit["first"]["key"], unit["digest"]), "path": unit["path"],
              "rows": unit["rows"], "first": unit["first"]["key"]} for unit in staged]
+
+
+def shows_images(opts: dict) -> bool:
+    """Whether the captioner is shown the pictures (a VLM backend with send_images; the regions too):
+    then a picture's sha256 is in its row's digest (sql/caption_inputs.sql), and a picture replaced
+    under the same tags is captioned again."""
+    return opts["backend"] != "template" and bool(opts["send_images"])
 
 
 def stage_rows(ws: Workspace, con: duckdb.DuckDBPyConnection) -> int:

@@ -35,7 +35,8 @@ REFRESH_EACH = 50
 # the review query of one key range [$first, $last) ($last null: to the end), in key order
 RANGE_QUERY = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
 GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded", "dup_group", "n_errors",
-                "caption_edited", "edited", "width", "height", "clip")
+                "caption_edited", "edited", "width", "height", "clip",
+                "sha256")  # the thumbnail's URL names the picture: a replaced one is not the browser's old one
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 -- threshold but not over it (tagger_near), and the person detections.
 -- Parameters (DuckDB variables, set by the job before the view is read, since a view takes no
 -- prepared parameters): general_threshold, character_threshold, person_label, person_threshold,
--- caption_regions, own_captions.
+-- caption_regions, own_captions, caption_images.
 -- Reads images, image_tag_lists, image_meta, source_text, tag_scores, detections, character_traits,
 -- person_tags.
 -- regions: with annotate.tagger.regions, the tagger's tags of each 2x2 region (caption.regions).
@@ -97,6 +97,10 @@ select i.key,
        -- the member's size at ingest: a member of another size is a picture nobody ingested (the
        -- shard or file was rewritten since), read as not found as export reads it
        i.bytes,
+       -- the picture's digest, only where the captioner is shown the picture (caption_images): a
+       -- picture replaced under the same tags makes a new unit (its VLM caption described the old
+       -- one); a caption made from the tags alone is kept, as are template units on upgrade
+       case when getvariable('caption_images') then i.sha256 end as sha256,
        coalesce(t.tags, []::varchar[]) as tags,
        coalesce(t.categories, []::varchar[]) as categories,
        m.n_people,

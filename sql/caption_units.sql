@@ -10,14 +10,17 @@
 -- it would have made every unit new on the upgrade that added it). Nor is tagger_near (the tags the
 -- tagger scored near its thresholds): it comes from the tag_scores and thresholds tagger_tags
 -- come from, and in the digest it would have made every unit new on the upgrade that added it.
--- tags_from_text counts only where true, for the same reason.
+-- tags_from_text counts only where true, for the same reason. sha256 (the picture's, only where the
+-- captioner is shown it) counts only where there, for the same reason: a template run's digests
+-- stay those of the versions before it.
 select *,
        row_number() over (order by key) - 1 as position,
        md5(json_merge_patch(to_json(caption_inputs),
                             '{"own_captions": null, "member_offset": null, "bytes": null, "tagger_near": null,
-                              "tags_from_text": null}'
+                              "tags_from_text": null, "sha256": null}'
                             )::varchar
            || coalesce(to_json(own_captions)::varchar, '')
-           || case when tags_from_text then 'tags_from_text' else '' end) as row_digest
+           || case when tags_from_text then 'tags_from_text' else '' end
+           || coalesce(sha256, '')) as row_digest
 from caption_inputs
 order by key

@@ -841,3 +841,45 @@ def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_pa
         return reply.json()["usage"]["prompt_tokens"]
 
     assert prompt_tokens(image) - prompt_tokens(None) == VLM_IMAGE_TOKENS
+
+
+def test_an_image_replaced_under_the_same_tags_is_captioned_again(fake, ray_local, tmp_path):
+    """A member rewritten with another picture (same path, same sidecar tags) is ingested again
+    (a new sha256), and a VLM shown the picture must caption it again: its unit kept the old
+    reply, which describes the picture that is gone, because a unit's id hashed only the rows'
+    tags and texts. The other images are not asked again; a template run keeps its units."""
+    from test_annotate_identity import sample_pngs
+
+    from jobs import caption, ingest
+    from jobs.config import load_config, merge
+
+    pngs = sample_pngs(4)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in pngs[:3]:
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl, solo")
+    server, url = fake()
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'caption.backend="openai"', f'caption.base_url="{url}"', 'caption.model="joy"',
+                             "caption.send_images=true", "caption.max_attempts=1", "caption.unit_size=10",
+                             "caption.concurrency=1", "caption.tags_from_text=false", "caption.related_tags=false"])
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    caption.run(cfg, ws)
+    assert len(server.received) == 3
+    shown = {json.dumps(r["messages"][1]["content"][0]) for r in server.received}
+
+    (folder / pngs[0][0]).write_bytes(pngs[3][1])  # another picture, the same name and tags
+    ingest.run(cfg, ws)
+    again = caption.run(cfg, ws)
+    assert again.units_done == 1
+    assert len(server.received) == 4  # the replaced image only: the others' replies were kept
+    assert json.dumps(server.received[-1]["messages"][1]["content"][0]) not in shown
+    assert caption.run(cfg, ws).units_done == 0
+
+    merge(cfg, {"caption": {"backend": "template"}})  # written from the tags: a replaced picture changes nothing
+    caption.run(cfg, ws)
+    (folder / pngs[1][0]).write_bytes(pngs[0][1])
+    ingest.run(cfg, ws)
+    assert caption.run(cfg, ws).units_done == 0

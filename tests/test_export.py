@@ -889,3 +889,46 @@ def test_a_replacing_export_that_dies_leaves_no_index_naming_removed_shards(tmp_
     export.run(cfg, ws)
     named = [s["url"] for s in json.loads(index.read_text())["shardlist"]]
     assert named and all((out / "webdataset" / url).is_file() for url in named)
+
+
+def test_a_picture_replaced_under_the_same_size_is_exported_again(tmp_path, ray_local):
+    """A BMP fixed in place (another picture of the same dimensions: the same byte count, the same
+    tags) is ingested again with a new sha256. The export unit's plan held its size, not its
+    content, so the unit was kept and the shard went on holding the old picture."""
+    from PIL import Image
+
+    from jobs import caption, curate, export, ingest
+    from store.workspace import Workspace
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (48, 32), colour).save(folder / f"img{i}.bmp")
+        (folder / f"img{i}.txt").write_text("1girl, solo")
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{folder}"]', 'export.formats=["webdataset"]',
+                      "export.drop_duplicates=false")
+    ws = Workspace(str(tmp_path / "ws"))
+
+    def exported_colours() -> dict[str, tuple]:
+        for job in (ingest, curate, caption, export):
+            job.run(cfg, ws)
+        found, keys = {}, {}
+        for path in shard_paths(tmp_path / "ws" / "export"):
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    name, _, ext = m.name.rpartition(".")
+                    data = tar.extractfile(m).read()
+                    if ext == "json":
+                        keys[name] = json.loads(data)["key"]
+                    elif ext != "txt":
+                        found[name] = Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))
+        return {keys[name]: colour for name, colour in found.items()}
+
+    before = exported_colours()
+    assert sorted(before.values()) == sorted([(200, 30, 30), (30, 200, 30), (30, 30, 200)])
+    size = (folder / "img0.bmp").stat().st_size
+    Image.new("RGB", (48, 32), (250, 250, 0)).save(folder / "img0.bmp")  # fixed: another picture
+    assert (folder / "img0.bmp").stat().st_size == size
+    after = exported_colours()
+    key = next(k for k, c in before.items() if c == (200, 30, 30))
+    assert after == {**before, key: (250, 250, 0)}

@@ -21,7 +21,7 @@ def selection(n: int, source: str = "/in/a.tar", width: int = 800, height: int =
               fmt: str = "JPEG", multiply: float = 1.0, mode: str = "RGB", repeats: int = 1) -> pa.Table:
     return pa.Table.from_pylist([{
         "key": f"a/{i:03d}", "source": source, "member": f"{i:03d}.jpg", "format": fmt, "mode": mode, "width": width,
-        "height": height, "bytes": nbytes, "tags": ["1girl", "long_hair", "^_^"],
+        "height": height, "bytes": nbytes, "sha256": f"{i:064x}", "tags": ["1girl", "long_hair", "^_^"],
         "categories": ["general"] * 3, "tag_scores": [1.0, 0.9, 0.5], "characters": [], "rating": "general",
         "n_people": 1, "caption": None, "tag_inclusion": None, "english_similarity": None,
         "subject_consistency": None, "accuracy": None, "quality_tags": [], "flagged": False, "group": "g/h",

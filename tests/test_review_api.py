@@ -1038,3 +1038,35 @@ def test_an_undo_does_not_sort_every_edit_of_the_workspace(review):
         walk(node)
     assert whole == []
     assert con.execute(UNDO_SQL, {"batch": batch}).fetchall() == [(key, "tags", "undo_plan_tag", None)]
+
+
+def test_a_picture_replaced_and_ingested_again_gets_a_thumbnail_url_of_its_own(tmp_path, ray_local):
+    """The grid's thumbnails were /thumb?key=KEY, kept by the browser for an hour: a picture
+    replaced in its folder and ingested again (a new sha256, a new thumbnail on the server) still
+    showed the old thumbnail on the page. The URL names the picture now."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from jobs import ingest
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.workspace import Workspace
+    from tests.hostile_data import encode, picture
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(picture(seed=1), "PNG"))
+    ws = Workspace(str(tmp_path / "ws"))
+    cfg = load_config(None, [f'workspace.path="{ws.root}"', "ray.num_cpus=2", f'ingest.inputs=["{folder}"]'])
+
+    def thumb_url() -> str:
+        ingest.run(cfg, ws)
+        client = TestClient(ReviewApp(cfg, ws).asgi(["testserver"]))
+        found = re.findall(r'src="(thumb\?[^"]*)"', client.get("/").text)
+        assert len(found) == 1 and client.get("/" + found[0].replace("&amp;", "&")).status_code == 200
+        return found[0]
+
+    before = thumb_url()
+    (folder / "a.png").write_bytes(encode(picture(seed=2), "PNG"))  # another picture
+    assert thumb_url() != before

@@ -103,6 +103,9 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         # the bytes ingest saw: a member of another size was rewritten since (not exported with
         # these rows); in the plan's digest, so that a unit whose images changed is written again
         "bytes": row["bytes"],
+        # and what they were: a picture fixed in place may keep its size (a BMP, a TIFF of the same
+        # dimensions), and its unit, kept, went on holding the old picture
+        "sha256": row["sha256"],
         "name": safe_name(row["key"]),
         "size": list(size),
         "reencode": reencode, "orientation": meta["orientation"], "crop": bool(opts["buckets"]), "ext": ext,
