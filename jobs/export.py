@@ -23,9 +23,11 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -242,7 +244,8 @@ def plan_stamp(cfg: Config, ws: Workspace, out: str, code: str | None = None) ->
     folder and the code. Not the export's own rows (its export_manifest, its units' errors parts),
     which give the selection nothing but what a user's `where` may read (n_errors, a subquery):
     published at the end of each run that wrote units, they made every second run stage and plan
-    again. `code`: code_digest(PLAN_CODE), when the caller has it."""
+    again. And the files the `where` reads (where_files). `code`: code_digest(PLAN_CODE), when
+    the caller has it."""
     where = str(cfg[JOB]["where"]).lower()  # SQL names are not case-sensitive: N_ERRORS reads them too
     reads_own = "errors" in where or "export_manifest" in where
 
@@ -250,8 +253,38 @@ def plan_stamp(cfg: Config, ws: Workspace, out: str, code: str | None = None) ->
         return not reads_own and (table == "export_manifest" or (table == "errors" and part.startswith(f"{JOB}-")))
 
     return fingerprint(ws, schemas.TABLES, skip=own_rows, gone=workspace_gone_inputs(ws), out=out,
-                       code=code or code_digest(PLAN_CODE),
+                       code=code or code_digest(PLAN_CODE), where_files=where_files(str(cfg[JOB]["where"])),
                        options={JOB: cfg[JOB], "folder_unit_size": cfg["ingest"]["folder_unit_size"]})
+
+
+# a quoted literal of the where, from its first quote: 'it''s', "keep.csv"
+QUOTED = {"'": re.compile(r"'((?:[^']|'')*)'"), '"': re.compile(r'"((?:[^"]|"")*)"')}
+
+
+def where_files(where: str) -> list[list]:
+    """[path, size, mtime in ns] of each local file export.where names in a quoted literal (not
+    in a comment): read_csv('keep.csv'), `from 'picked-*.csv'` (a glob: the files it matches).
+    The selection changes with them: a keep list edited after an export was not read again, its
+    plan kept. Relative paths are the driver's (the selection's worker runs in its folder); a
+    literal that names no file (a tag, '%smile%') adds nothing; URIs (s3://...) are not stamped."""
+    try:
+        tokens = duckdb.tokenize(where)
+    except (duckdb.Error, RuntimeError):
+        return []
+    stamps: dict[str, list[int]] = {}
+    for pos, _ in tokens:
+        quoted = QUOTED.get(where[pos]) and QUOTED[where[pos]].match(where, pos)
+        if not quoted:
+            continue
+        literal = os.path.expanduser(quoted.group(1).replace(where[pos] * 2, where[pos]))
+        try:
+            for path in glob.glob(literal) if glob.has_magic(literal) else [literal]:
+                if os.path.isfile(path):
+                    st = os.stat(path)
+                    stamps[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns]
+        except (OSError, ValueError):  # gone since, or a literal no path can be (a NUL in it)
+            continue
+    return [[path, *stamp] for path, stamp in sorted(stamps.items())]
 
 
 def manifest_counts(cfg: Config, ws: Workspace, out: str, units: list[str], code: str) -> dict:
