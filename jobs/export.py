@@ -23,9 +23,11 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -175,7 +177,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     remove_out_check(out)
     ws.begin_job()
     unfinished = remove_unfinished(ws)
-    stamp = plan_stamp(cfg, ws, out)
+    code = code_digest(PLAN_CODE)  # once: the plan's stamp and the manifest's both name it
+    stamp = plan_stamp(cfg, ws, out, code)
     last = last_plan(cfg, ws, out, stamp)
     if last is not None:
         total, chunks, selected, left_out, units = (last[k] for k in ("total", "chunks", "selected", "left_out",
@@ -206,7 +209,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
     run_now = run_units(cfg, ws, out, pending) if pending else []
     infos += run_now
-    counts = manifest_counts(cfg, ws, out, sorted(u["unit"] for u in units))
+    counts = manifest_counts(cfg, ws, out, sorted(u["unit"] for u in units), code)
     ws.forget_unit(OPEN, open_name(out), hold=False)  # its manifest names every unit it wrote
     clear(ws, PLAN)
     shards = 0
@@ -235,13 +238,14 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     return summary
 
 
-def plan_stamp(cfg: Config, ws: Workspace, out: str) -> str:
+def plan_stamp(cfg: Config, ws: Workspace, out: str, code: str | None = None) -> str:
     """A digest of what the selection and the plan are made of (store/stamps.py), taken before
     they are: the published parts of every table, the inputs gone, the export options, the output
     folder and the code. Not the export's own rows (its export_manifest, its units' errors parts),
     which give the selection nothing but what a user's `where` may read (n_errors, a subquery):
     published at the end of each run that wrote units, they made every second run stage and plan
-    again."""
+    again. And the files the `where` reads (where_files). `code`: code_digest(PLAN_CODE), when
+    the caller has it."""
     where = str(cfg[JOB]["where"]).lower()  # SQL names are not case-sensitive: N_ERRORS reads them too
     reads_own = "errors" in where or "export_manifest" in where
 
@@ -249,15 +253,45 @@ def plan_stamp(cfg: Config, ws: Workspace, out: str) -> str:
         return not reads_own and (table == "export_manifest" or (table == "errors" and part.startswith(f"{JOB}-")))
 
     return fingerprint(ws, schemas.TABLES, skip=own_rows, gone=workspace_gone_inputs(ws), out=out,
-                       code=code_digest(PLAN_CODE),
+                       code=code or code_digest(PLAN_CODE), where_files=where_files(str(cfg[JOB]["where"])),
                        options={JOB: cfg[JOB], "folder_unit_size": cfg["ingest"]["folder_unit_size"]})
 
 
-def manifest_counts(cfg: Config, ws: Workspace, out: str, units: list[str]) -> dict:
+# a quoted literal of the where, from its first quote: 'it''s', "keep.csv"
+QUOTED = {"'": re.compile(r"'((?:[^']|'')*)'"), '"': re.compile(r'"((?:[^"]|"")*)"')}
+
+
+def where_files(where: str) -> list[list]:
+    """[path, size, mtime in ns] of each local file export.where names in a quoted literal (not
+    in a comment): read_csv('keep.csv'), `from 'picked-*.csv'` (a glob: the files it matches).
+    The selection changes with them: a keep list edited after an export was not read again, its
+    plan kept. Relative paths are the driver's (the selection's worker runs in its folder); a
+    literal that names no file (a tag, '%smile%') adds nothing; URIs (s3://...) are not stamped."""
+    try:
+        tokens = duckdb.tokenize(where)
+    except (duckdb.Error, RuntimeError):
+        return []
+    stamps: dict[str, list[int]] = {}
+    for pos, _ in tokens:
+        quoted = QUOTED.get(where[pos]) and QUOTED[where[pos]].match(where, pos)
+        if not quoted:
+            continue
+        literal = os.path.expanduser(quoted.group(1).replace(where[pos] * 2, where[pos]))
+        try:
+            for path in glob.glob(literal) if glob.has_magic(literal) else [literal]:
+                if os.path.isfile(path):
+                    st = os.stat(path)
+                    stamps[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns]
+        except (OSError, ValueError):  # gone since, or a literal no path can be (a NUL in it)
+            continue
+    return [[path, *stamp] for path, stamp in sorted(stamps.items())]
+
+
+def manifest_counts(cfg: Config, ws: Workspace, out: str, units: list[str], code: str) -> dict:
     """Publish the units, and write <out>/manifest.parquet (write_manifest, in a worker, while the
     driver publishes: it reads the units' own parts) unless the one there was written from the
     same (kept_manifest). Its counts."""
-    stamp = manifest_stamp(ws, out, units)
+    stamp = manifest_stamp(ws, out, units, code)
     if (counts := kept_manifest(ws, out, stamp)) is not None:
         ws.publish()
         return counts
@@ -270,10 +304,10 @@ def manifest_counts(cfg: Config, ws: Workspace, out: str, units: list[str]) -> d
     return counts
 
 
-def manifest_stamp(ws: Workspace, out: str, units: list[str]) -> str:
+def manifest_stamp(ws: Workspace, out: str, units: list[str], code: str) -> str:
     """A digest of what write_manifest reads: the units' export_manifest parts (by name, size and
-    time), the folder and the code."""
-    return hashlib.sha256(json.dumps([out, part_stamps(ws, "export_manifest", units), code_digest(PLAN_CODE)]
+    time), the folder and the code (`code`: code_digest(PLAN_CODE))."""
+    return hashlib.sha256(json.dumps([out, part_stamps(ws, "export_manifest", units), code]
                                      ).encode()).hexdigest()
 
 

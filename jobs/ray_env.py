@@ -9,10 +9,13 @@ are off. `-v` (the CLI sets BOORUSET_VERBOSE=1) shows Ray's logs and progress ba
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -113,12 +116,12 @@ def run_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any
     return worker_result(start_in_worker(cfg, ws, fn, *args))
 
 
-def start_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
-    """run_in_worker without the wait: the driver goes on while the task runs; worker_result(ref)
-    then gives its result (or raises its exception)."""
+def start_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: Any) -> ray.ObjectRefGenerator:
+    """run_in_worker without the wait: the driver goes on while the task runs; worker_result(run)
+    then prints what it printed and gives its result (or raises its exception)."""
     init_ray(cfg)
-    # named for what it runs: Ray starts each line the task prints with its name, which was
-    # "(_with_workspace pid=...)" for every job's step
+    # named for what it runs (Ray's name for the task in its logs and dashboard), which was
+    # "_with_workspace" for every job's step
     task = ray.remote(num_cpus=1)(_with_workspace).options(name=task_name(fn))
     return task.remote(fn, ws.root, ws.memory_limit, args)
 
@@ -128,8 +131,21 @@ def task_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
-def worker_result(ref: ray.ObjectRef) -> Any:
-    failed, result = ray.get(ref)
+def worker_result(run: ray.ObjectRefGenerator) -> Any:
+    """Print the lines the task printed, as they come, then give its result. Through the task's
+    own stream, not Ray's forwarding of its output (asynchronous, from its log file): the lines
+    of curate's steps came after the summary the driver printed once the task had returned, or
+    not at all when the driver ended first."""
+    ended: tuple[bool, Any] | None = None
+    for ref in run:
+        item = ray.get(ref)
+        if isinstance(item, str):
+            print(item, flush=True)
+        else:
+            ended = item
+    if ended is None:  # the task's stream ended without its result (_with_workspace always yields one)
+        raise RuntimeError("a worker's task ended without a result")
+    failed, result = ended
     if failed:
         raise result
     return result
@@ -182,13 +198,59 @@ def _settle(refs: list[ray.ObjectRef]) -> None:
             pass
 
 
-def _with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple) -> tuple[bool, Any]:
+def _with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple
+                    ) -> Iterator[str | tuple[bool, Any]]:
+    """Ray task (a generator): the lines fn prints, each as it ends, with the prefix Ray gives
+    a task's lines, then (failed, its result or its exception). fn runs in a thread whose
+    prints (sys.stdout) come here instead of the worker's log."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    ended: list[tuple[bool, Any]] = []
+
+    def work() -> None:
+        try:
+            with contextlib.redirect_stdout(LineQueue(lines)) as out:
+                ended.append(_call_with_workspace(fn, root, memory_limit, args))
+                out.end()  # a last line without its line break
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=work, name=task_name(fn), daemon=True).start()
+    prefix = f"({task_name(fn)} pid={os.getpid()}) "
+    while (line := lines.get()) is not None:
+        yield prefix + line
+    if ended:  # else fn ended the thread with no Exception (SystemExit): worker_result says so
+        yield ended[0]
+
+
+def _call_with_workspace(fn: Callable[..., Any], root: str, memory_limit: str, args: tuple) -> tuple[bool, Any]:
     from store.workspace import Workspace
 
     try:
         return False, fn(Workspace(root, create=False, memory_limit=memory_limit), *args)
     except Exception as exc:  # noqa: BLE001 - handed to the driver, which raises it (a ConfigError stays one)
         return True, exc
+
+
+class LineQueue(io.TextIOBase):
+    """A text stream that puts each whole line written to it on a queue (without its line break)."""
+
+    def __init__(self, lines: queue.Queue) -> None:
+        super().__init__()
+        self.lines, self.partial = lines, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *whole, self.partial = (self.partial + text).split("\n")
+        for line in whole:
+            self.lines.put(line)
+        return len(text)
+
+    def end(self) -> None:
+        if self.partial:
+            self.lines.put(self.partial)
+            self.partial = ""
 
 
 def quiet_ray_data() -> None:

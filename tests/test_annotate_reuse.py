@@ -301,3 +301,44 @@ def test_records_are_written_in_tasks_not_the_driver(tmp_path, monkeypatch):
         assert len(list(records.glob("*.parquet"))) == 2 and len(found) == 6 and all(sha for _, sha in found)
         shutil.rmtree(records)
     assert summary.units_done == 0
+
+
+def test_a_key_two_replaced_units_hold_is_copied_once(tmp_path):
+    """A key that two replaced units both hold, each with its rows, is kept from the first alone
+    (kept_keys chooses it), as copy_kept_rows says: the parts of every replaced unit that a new
+    unit keeps rows of were read for every key it kept, and a key of the first that the second
+    also holds came twice when the second gave another key. The twin is made here (copies of a
+    unit's parts and record under another name, the first's record without one image): no ingest
+    gives two of its units one key, so this is the task's own promise, checked on it directly."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from udfs.annotate.annotate_parts import copy_kept_rows
+
+    folder, models = tmp_path / "art", face_model_dir(tmp_path / "models")
+    folder.mkdir()
+    for name, data in sample_pngs(3):
+        (folder / name).write_bytes(data)
+    annotated(tmp_path / "ws", folder, models)
+    ws = Workspace(str(tmp_path / "ws"))
+    (unit, marker), = ws.done_units("annotate").items()
+    twin: dict[str, list[str]] = {}
+    for table, names in marker["parts"].items():
+        for part in names:
+            copy = part.replace(f"annotate-{unit}-", "annotate-twin-", 1)
+            shutil.copy(f"{ws.table_dir(table)}/{part}.parquet", f"{ws.table_dir(table)}/{copy}.parquet")
+            twin.setdefault(table, []).append(copy)
+    record = annotate.record_files(ws)[unit]
+    twin_record = record.replace(f"{unit}.parquet", "twin.parquet")
+    shutil.copy(record, twin_record)
+    pq.write_table(pq.read_table(record).sort_by("key").slice(0, 2), record)  # its last image from the twin
+    replaced = [annotate.kept_source(unit, marker, record, marker["pipeline"]),
+                annotate.kept_source("twin", {**marker, "parts": twin}, twin_record, marker["pipeline"])]
+    (images,) = annotate.units_of(ws)
+    found = copy_kept_rows({"unit": "new", "parts": images["parts"], "replaced": replaced, "tag": "t"}, ws.root,
+                           marker["pipeline"], marker["stamps"])
+    assert found["info"]["reused"] == 3 and found["parts"]["detections"]
+    for table, parts in found["parts"].items():
+        copied = sorted(r["key"] for part in parts for r in ws.read_part(table, part, ["key"]))
+        assert copied == sorted(r["key"] for part in marker["parts"][table] for r in ws.read_part(table, part, ["key"]))

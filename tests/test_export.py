@@ -932,3 +932,28 @@ def test_a_picture_replaced_under_the_same_size_is_exported_again(tmp_path, ray_
     after = exported_colours()
     key = next(k for k, c in before.items() if c == (200, 30, 30))
     assert after == {**before, key: (250, 250, 0)}
+
+
+def test_a_where_reading_a_file_selects_again_when_the_file_changes(tmp_path_factory, tmp_path, ray_local):
+    """export.where may read a list the user keeps beside the workspace (read_csv, or a file named
+    as a table): the plan was kept when only that file changed, and the export went on writing
+    the images it no longer named. Its size and time are in the plan's stamp, also through a glob."""
+    from jobs import export
+
+    keep, picked = tmp_path / "keep.csv", tmp_path / "picked-1.csv"
+    out = tmp_path / "out"
+    keys = sorted(expected_rows(fresh(tmp_path_factory)[1]))
+    where = (f"key in (select key from read_csv('{keep}')) -- not '{tmp_path}/notes.txt'\n"
+             f"and key not in (select key from '{tmp_path}/picked-*.csv')")
+    cfg, ws = fresh(tmp_path_factory, f"export.where={json.dumps(where)}", f'export.out="{out}"')
+    keep.write_text("key\n" + "\n".join(keys[:3]) + "\n")
+    picked.write_text("key\nnone\n")
+    assert export.run(cfg, ws).rows_in == 3
+    keep.write_text("key\n" + "\n".join(keys[:2]) + "\n")
+    assert export.run(cfg, ws).rows_in == 2
+    picked.write_text(f"key\n{keys[0]}\n")
+    assert export.run(cfg, ws).rows_in == 1
+    (tmp_path / "notes.txt").write_text("a comment's literal is no file the where reads")
+    before = export.plan_stamp(cfg, ws, str(out))
+    (tmp_path / "notes.txt").write_text("changed")
+    assert export.plan_stamp(cfg, ws, str(out)) == before

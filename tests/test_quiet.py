@@ -134,9 +134,9 @@ def test_run_in_worker_runs_the_planning_query_in_another_process(ray_local, wor
 
 
 def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
-    """curate prints its progress in a Ray task (run_in_worker): Ray forwards the line with a
-    coloured prefix, which in a log file or a pipe is escape codes; the prefix names the step the
-    task runs (it named run_in_worker's wrapper, `_with_workspace`, for every job)."""
+    """curate prints its progress in a Ray task (run_in_worker): its lines come with a prefix,
+    once Ray's coloured one, which in a log file or a pipe is escape codes; the prefix names the
+    step the task runs (it named run_in_worker's wrapper, `_with_workspace`, for every job)."""
     code = ("import time; from jobs.config import load_config; from jobs.ray_env import run_in_worker; "
             "from store.workspace import Workspace\n"
             "def build(ws): print('curate: tags partition 1/1', flush=True)\n"
@@ -150,3 +150,25 @@ def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert "curate: tags partition 1/1" in done.stdout and "\x1b[" not in done.stdout, done.stdout
     assert "(__main__.build pid=" in done.stdout, done.stdout
+
+
+def test_what_a_worker_printed_comes_before_what_the_driver_prints_next(tmp_path):
+    """run_in_worker's lines (curate's steps) come before the summary the driver prints once it
+    returns, whatever the delay of Ray's forwarding of a worker's output (asynchronous, from its
+    log file): they came after the summary, or not at all when the driver had ended before."""
+    code = ("from jobs.config import load_config; from jobs.ray_env import run_in_worker; "
+            "from store.workspace import Workspace\n"
+            "def build(ws):\n"
+            "    print('curate: tags done', flush=True)\n"
+            "    print('curate: balance', end=' ')\n"
+            "    print('done')\n"
+            "    return 7\n"
+            "cfg = load_config(None, ['workspace.path=\"ws\"', 'ray.num_cpus=1'])\n"
+            "print('== curate summary', run_in_worker(cfg, Workspace('ws'), build), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    lines = [re.sub(r"^\(__main__\.build pid=\d+\) ", "", ln) for ln in done.stdout.splitlines()]
+    assert lines[-3:] == ["curate: tags done", "curate: balance done", "== curate summary 7"], done.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -77,19 +78,20 @@ def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps:
     keys = kept_keys(ws, item)
     if not keys:
         return None
-    sources: dict[tuple[str, str], list[str]] = defaultdict(list)
+    # each replaced unit's parts give the keys kept from it alone: a key two of them hold (each
+    # with its rows) is copied once, from the one kept_keys chose
+    sources: dict[tuple[str, str], list[tuple[str, list[str]]]] = defaultdict(list)
     for old in item["replaced"]:
         if old["unit"] in keys:
             for table, name, part in old["sources"]:
-                sources[(table, name)].append(f"{ws.table_dir(table)}/{part}.parquet")
+                sources[(table, name)].append((f"{ws.table_dir(table)}/{part}.parquet", keys[old["unit"]]))
     wanted = sorted(key for found in keys.values() for key in found)
     parts: dict[str, list[str]] = defaultdict(list)
     rows: Counter = Counter()
     by_model = {name: {"rows": {table_of(name): 0}, "error_kinds": {}} for name in pipeline}
     for (table, name), files in sorted(sources.items()):
-        data = pds.dataset(files, schema=schemas.TABLES[table], filesystem=ws.fs, format="parquet")
         part = f"{JOB}-{unit}-{name}-{tag}"
-        written = ws.write_part_batches(table, part, data.to_batches(filter=pds.field("key").isin(wanted)))
+        written = ws.write_part_batches(table, part, kept_batches(ws, table, files))
         if not written:  # as the writers: no empty part
             ws.delete_part(table, part)
             continue
@@ -101,6 +103,13 @@ def copy_kept_rows(item: dict, workspace: str, pipeline: dict[str, str], stamps:
     ws.commit_batch(JOB, unit, tag, {"parts": dict(parts), "info": info, "pipeline": pipeline, "stamps": stamps,
                                      "keys": wanted})
     return {"unit": unit, "parts": dict(parts), "info": info}
+
+
+def kept_batches(ws: Workspace, table: str, files: list[tuple[str, list[str]]]) -> Iterator[pa.RecordBatch]:
+    """The rows of each part (path, the keys kept from its unit) for those keys, a part at a time."""
+    for path, keys in files:
+        data = pds.dataset(path, schema=schemas.TABLES[table], filesystem=ws.fs, format="parquet")
+        yield from data.to_batches(filter=pds.field("key").isin(keys))
 
 
 # state/annotate/images/<unit>.parquet: the images (key, sha256) each committed unit was annotated
