@@ -95,6 +95,18 @@ def test_a_picture_in_a_mode_pillow_cannot_convert_says_so():
     assert refused.value.kind == "unsupported_mode"  # not corrupt_image: the file is whole
 
 
+@pytest.mark.parametrize("keep", [400, 0.5], ids=["in-its-headers", "in-its-scan"])
+def test_a_jpeg_cut_short_is_a_truncated_image(keep):
+    """A JPEG cut inside its headers fails with Pillow's "Truncated File Read" (capital T): it was
+    called a corrupt_image, as if its bytes were damaged rather than missing."""
+    out = io.BytesIO()
+    Image.effect_noise((300, 300), 64).convert("RGB").save(out, "JPEG")
+    data = out.getvalue()
+    with pytest.raises(ProbeError) as refused:
+        probe_image(data[: keep if isinstance(keep, int) else int(len(data) * keep)], 10**8)
+    assert refused.value.kind == "truncated_image", refused.value
+
+
 @pytest.mark.parametrize(("mode", "fmt"), [("P", "PNG"), ("P", "GIF"), ("1", "PNG")])
 def test_palette_and_one_bit_pictures_of_any_size_are_hashed_as_their_colours(mode, fmt):
     """Image.reduce refuses P and 1 ("image has wrong mode"): every such image of 512 pixels a side

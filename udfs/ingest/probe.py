@@ -107,8 +107,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         # Pillow's message names the BytesIO object's address: not the same on a rerun
         raise ProbeError("not_an_image", "no image format recognises these bytes") from exc
-    except DECODE_ERRORS as exc:
-        raise ProbeError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    except DECODE_ERRORS as exc:  # the header itself: cut short (a JPEG's), or damaged
+        raise _decode_error(exc) from exc
     if image.width * image.height > max_pixels:  # formats whose plugin skips the check
         raise ProbeError("decompression_bomb", f"{image.width}x{image.height} > {max_pixels} pixels")
     return image
@@ -147,7 +147,7 @@ def _decode_error(exc: Exception) -> ProbeError:
     text = str(exc)
     if "conversion from" in text and "not supported" in text:  # a whole picture in a mode Pillow can't convert (LAB)
         return ProbeError("unsupported_mode", f"{type(exc).__name__}: {text}")
-    kind = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
+    kind = "truncated_image" if "truncated" in text.lower() or isinstance(exc, EOFError) else "corrupt_image"
     return ProbeError(kind, f"{type(exc).__name__}: {text}")
 
 
