@@ -38,8 +38,9 @@ from schemas import TABLES
 from store.staging import clear, stage_units
 from store.stamps import code_digest, file_stamps, fingerprint
 from store.workspace import Workspace
+from udfs.caption.caption_unit import PICTURES_IN_DIGEST
 from udfs.caption.related_tags import suggest_units_task
-from udfs.caption.reply_cache import remove_replies, reply_range, units_with_replies
+from udfs.caption.reply_cache import move_replies, remove_replies, reply_range, units_with_replies
 from udfs.curate import tag_rules
 
 SQL = REPO / "sql"
@@ -197,6 +198,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         curate_again(cfg, ws, summary)
     done = finished_units(ws)  # one read of the markers (a stale one among them is never looked up)
     units = planned_units(cfg, ws, opts, done)
+    adopt_units(ws, units, done)
     remove_stale(ws, {u["unit"] for u in units})
     pending = [u for u in units if u["unit"] not in done]
     if pending:  # the names a caption may make up are looked for among the dataset's characters (a scan)
@@ -416,24 +418,34 @@ def stage_inputs(ws: Workspace, opts: dict, curate: dict) -> list[dict]:
     shaping = unit_shaping(opts)
     con = ws.connect()
     try:
-        for name in EVIDENCE_OPTIONS:
-            con.execute(f"set variable {name} = ?", [curate[name]])
-        con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
-        con.execute("set variable own_captions = ?", [opts["own_captions"] == "score"])
-        con.execute("set variable caption_images = ?", [shows_images(opts)])
-        con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
-        total = stage_rows(ws, con)
-        ranges = caption_cuts.unit_ranges(ws, con, shaping, total, max(1, int(opts["unit_size"])))
+        total = caption_rows(ws, con, opts, curate)
+        ranges, adopted = caption_cuts.unit_ranges(ws, con, shaping, total, max(1, int(opts["unit_size"])))
         con.register("unit_ranges", pa.table({"start": pa.array([r[0] for r in ranges], pa.int64()),
                                               "unit_index": pa.array(range(len(ranges)), pa.int64())}))
-        reader = con.sql("select r.* exclude (position), u.unit_index from caption_rows r "
+        reader = con.sql("select r.* exclude (position, legacy_digest), u.unit_index from caption_rows r "
                          "asof join unit_ranges u on r.position >= u.start order by r.position").to_arrow_reader(50_000)
         staged = stage_units(ws, reader, INPUTS)
     finally:
         con.close()
     clear(ws, ROWS)
-    return [{"unit": caption_cuts.caption_unit_id(shaping, unit["first"]["key"], unit["digest"]), "path": unit["path"],
-             "rows": unit["rows"], "first": unit["first"]["key"]} for unit in staged]
+    units = [{"unit": caption_cuts.caption_unit_id(shaping, unit["first"]["key"], unit["digest"]), "path": unit["path"],
+              "rows": unit["rows"], "first": unit["first"]["key"]} for unit in staged]
+    for unit, staged_unit in zip(units, staged, strict=True):
+        if old := adopted.get(ranges[staged_unit["index"]]):
+            unit["adopted_from"] = old  # adopt_units
+    return units
+
+
+def caption_rows(ws: Workspace, con: duckdb.DuckDBPyConnection, opts: dict, curate: dict) -> int:
+    """`caption_rows` on `con`: every image's caption inputs with its digests and position
+    (stage_rows), with this run's options and curate's thresholds; returns how many."""
+    for name in EVIDENCE_OPTIONS:
+        con.execute(f"set variable {name} = ?", [curate[name]])
+    con.execute("set variable caption_regions = ?", [bool(opts["regions"])])
+    con.execute("set variable own_captions = ?", [opts["own_captions"] == "score"])
+    con.execute("set variable caption_images = ?", [shows_images(opts)])
+    con.execute("create temp view caption_inputs as " + sql_text("caption_inputs.sql"))
+    return stage_rows(ws, con)
 
 
 def shows_images(opts: dict) -> bool:
@@ -552,6 +564,21 @@ def dataset_characters(ws: Workspace) -> list[str]:
         return [tag for (tag,) in con.sql(sql_text("caption_characters.sql")).fetchall()]
     finally:
         con.close()
+
+
+def adopt_units(ws: Workspace, units: list[dict], done: dict[str, dict]) -> None:
+    """Give each unit committed before row digests held the picture, its rows unchanged
+    (caption_cuts.kept_ranges), the id it has now: a marker of that id naming the same parts, and
+    its kept replies. Its captions are kept; a picture replaced after this run makes it a new
+    unit. The old marker is forgotten with the units no longer planned (remove_stale)."""
+    for unit in units:
+        old = done.get(unit.get("adopted_from", ""))
+        if old is None or "parts" not in old or unit["unit"] in done:
+            continue
+        info = {k: v for k, v in old.items() if k != "parts"} | {PICTURES_IN_DIGEST: True}
+        move_replies(ws, unit["adopted_from"], unit["unit"])
+        ws.commit_unit("caption", unit["unit"], info, parts=old["parts"])
+        done[unit["unit"]] = {**info, "parts": old["parts"]}
 
 
 def remove_stale(ws: Workspace, current: set[str]) -> None:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store.workspace import Workspace, unit_id
+from udfs.caption.caption_unit import PICTURES_IN_DIGEST
 
 PLAN_STATE = "state/caption-planned.json"  # the last staging's fingerprint and units (jobs/caption.py)
 
@@ -30,12 +31,13 @@ PLAN_STATE = "state/caption-planned.json"  # the last staging's fingerprint and 
 # row digests in key order; a candidate whose first key is gone finds no rows
 CANDIDATE_ROWS = """
 with starts as (
-    select c.unit, c.first_key, c.rows, r.position as start
+    select c.unit, c.first_key, c.rows, c.legacy, r.position as start
     from unit_candidates c
     join caption_rows r on r.key = c.first_key
 )
-select s.unit, s.first_key, s.start, s.rows, count(*) as found,
-       string_agg(r.row_digest, '' order by r.position) as digests
+select s.unit, s.first_key, s.start, s.rows, s.legacy, count(*) as found,
+       string_agg(r.row_digest, '' order by r.position) as digests,
+       string_agg(r.legacy_digest, '' order by r.position) as legacy_digests
 from starts s
 join caption_rows r on r.position >= s.start and r.position < s.start + s.rows
 group by all
@@ -50,12 +52,16 @@ def caption_unit_id(shaping: str, first_key: str, rows_digest: str) -> str:
 
 
 def unit_ranges(ws: Workspace, con: duckdb.DuckDBPyConnection, shaping: str, total: int,
-                unit_size: int) -> list[tuple[int, int]]:
+                unit_size: int) -> tuple[list[tuple[int, int]], dict[tuple[int, int], str]]:
     """[start, end) positions, in key order, of this run's units over `con`'s caption_rows: the
-    ranges of committed units whose rows are unchanged, and the rows between cut anew."""
+    ranges of committed units whose rows are unchanged, and the rows between cut anew; and, by
+    its [start, end), each kept unit committed before row digests held the picture whose id
+    is another now (jobs/caption.py adopt_units gives its marker the id it has now)."""
     planned = {u["unit"]: u["first"] for u in (ws.read_json(PLAN_STATE) or {}).get("units", []) if u.get("first")}
     candidates = unit_candidates(ws, ws.done_units("caption"), planned)
-    return cut_ranges(kept_ranges(con, candidates, shaping), total, unit_size)
+    kept = kept_ranges(con, candidates, shaping)
+    ranges = cut_ranges([(start, end) for start, end, _, _ in kept], total, unit_size)
+    return ranges, {(start, end): unit for start, end, unit, now in kept if unit != now}
 
 
 def unit_candidates(ws: Workspace, markers: dict[str, dict], planned: dict[str, str]) -> pa.Table:
@@ -65,8 +71,10 @@ def unit_candidates(ws: Workspace, markers: dict[str, dict], planned: dict[str, 
     for unit, info in markers.items():
         first = info.get("first_key") or planned.get(unit) or first_key_of_parts(ws, info.get("parts") or {})
         if first is not None and info.get("images"):
-            rows.append({"unit": unit, "first_key": first, "rows": int(info["images"])})
-    schema = pa.schema([("unit", pa.string()), ("first_key", pa.string()), ("rows", pa.int64())])
+            rows.append({"unit": unit, "first_key": first, "rows": int(info["images"]),
+                         "legacy": not info.get(PICTURES_IN_DIGEST)})
+    schema = pa.schema([("unit", pa.string()), ("first_key", pa.string()), ("rows", pa.int64()),
+                        ("legacy", pa.bool_())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -90,18 +98,26 @@ def first_key_of_parts(ws: Workspace, parts: dict[str, list[str]]) -> str | None
     return min(keys) if keys else None
 
 
-def kept_ranges(con: duckdb.DuckDBPyConnection, candidates: pa.Table, shaping: str) -> list[tuple[int, int]]:
-    """The [start, end) of each candidate whose rows are all there and hash to its id."""
+def kept_ranges(con: duckdb.DuckDBPyConnection, candidates: pa.Table, shaping: str
+                ) -> list[tuple[int, int, str, str]]:
+    """The [start, end), id and id now of each candidate whose rows are all there and hash to its
+    id. A unit committed before row digests held the picture (`legacy`) is also known by the
+    digests it was made with (sql/caption_units.sql legacy_digest), and its id now is another
+    where a VLM is shown the pictures: the upgrade captions no picture again (one replaced before
+    it keeps its caption, as it did then; one replaced after it makes a new unit)."""
     if not candidates.num_rows:
         return []
     con.register("unit_candidates", candidates)
     kept = []
     cursor = con.execute(CANDIDATE_ROWS)
     while batch := cursor.fetchmany(256):  # a unit's digests are 32 bytes an image: a few units at a time
-        for unit, first, start, rows, found, digests in batch:
-            rows_digest = hashlib.sha1(digests.encode()).hexdigest()
-            if found == rows and caption_unit_id(shaping, first, rows_digest) == unit:
-                kept.append((int(start), int(start) + int(rows)))
+        for unit, first, start, rows, legacy, found, digests, legacy_digests in batch:
+            if found != rows:
+                continue
+            now = caption_unit_id(shaping, first, hashlib.sha1(digests.encode()).hexdigest())
+            if now == unit or (legacy and caption_unit_id(
+                    shaping, first, hashlib.sha1(legacy_digests.encode()).hexdigest()) == unit):
+                kept.append((int(start), int(start) + int(rows), unit, now))
     con.unregister("unit_candidates")
     return kept
 

@@ -10,17 +10,23 @@
 -- it would have made every unit new on the upgrade that added it). Nor is tagger_near (the tags the
 -- tagger scored near its thresholds): it comes from the tag_scores and thresholds tagger_tags
 -- come from, and in the digest it would have made every unit new on the upgrade that added it.
--- tags_from_text counts only where true, for the same reason. sha256 (the picture's, only where the
--- captioner is shown it) counts only where there, for the same reason: a template run's digests
--- stay those of the versions before it.
+-- tags_from_text counts only where true, for the same reason.
+-- sha256 (the picture's, only where the captioner is shown it: a VLM caption describes the
+-- picture) goes into row_digest, not into legacy_digest: the digest of versions before it, by
+-- which a unit committed by one of them is still known (jobs/caption_cuts.py kept_ranges), so
+-- the upgrade does not caption a VLM workspace again. A template run's digests are the same.
+with digested as (
+    select *,
+           md5(json_merge_patch(to_json(caption_inputs),
+                                '{"own_captions": null, "member_offset": null, "bytes": null, "tagger_near": null,
+                                  "tags_from_text": null, "sha256": null}'
+                                )::varchar
+               || coalesce(to_json(own_captions)::varchar, '')
+               || case when tags_from_text then 'tags_from_text' else '' end) as legacy_digest
+    from caption_inputs
+)
 select *,
        row_number() over (order by key) - 1 as position,
-       md5(json_merge_patch(to_json(caption_inputs),
-                            '{"own_captions": null, "member_offset": null, "bytes": null, "tagger_near": null,
-                              "tags_from_text": null, "sha256": null}'
-                            )::varchar
-           || coalesce(to_json(own_captions)::varchar, '')
-           || case when tags_from_text then 'tags_from_text' else '' end
-           || coalesce(sha256, '')) as row_digest
-from caption_inputs
+       case when sha256 is null then legacy_digest else md5(legacy_digest || sha256) end as row_digest
+from digested
 order by key

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import http.server
 import io
 import json
@@ -841,6 +842,77 @@ def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_pa
         return reply.json()["usage"]["prompt_tokens"]
 
     assert prompt_tokens(image) - prompt_tokens(None) == VLM_IMAGE_TOKENS
+
+
+def legacy_markers(cfg: dict, ws: Workspace) -> None:
+    """The caption markers as a version before row digests held the picture wrote them: each unit's
+    id made from its rows' legacy_digest, no PICTURES_IN_DIGEST, no kept replies (versions before
+    c9fac4d kept none) and no last plan (its stamp held another code digest)."""
+    from jobs import caption, caption_cuts
+    from udfs.caption.caption_unit import PICTURES_IN_DIGEST
+    from udfs.caption.reply_cache import remove_replies, units_with_replies
+
+    opts = caption.caption_options(cfg)
+    con = ws.connect()
+    caption.caption_rows(ws, con, opts, cfg["curate"])
+    rows = con.execute("select key, legacy_digest from caption_rows order by position").fetchall()
+    con.close()
+    caption.clear(ws, caption.ROWS)
+    keys = [key for key, _ in rows]
+    for unit, info in ws.done_units("caption").items():
+        start = keys.index(info["first_key"])
+        digest = hashlib.sha1("".join(d for _, d in rows[start:start + info["images"]]).encode()).hexdigest()
+        old = caption_cuts.caption_unit_id(caption.unit_shaping(opts), info["first_key"], digest)
+        assert old != unit  # the picture is in the digest now
+        ws.commit_unit("caption", old, {k: v for k, v in info.items() if k not in ("parts", PICTURES_IN_DIGEST)},
+                       parts=info["parts"])
+        ws.forget_unit("caption", unit, hold=False)
+    remove_replies(ws, units_with_replies(ws))
+    (Path(ws.base) / caption_cuts.PLAN_STATE).unlink()
+
+
+def test_the_upgrade_that_put_the_picture_in_row_digests_captions_no_picture_again(fake, ray_local, tmp_path):
+    """Units a VLM captioned before a picture's sha256 was in its row's digest have other ids than
+    their rows give now, and no kept replies (before c9fac4d): the upgrade would have asked the
+    server for every image again (a GPU recaption of a whole dataset). They are kept, under the
+    ids they have now, and a picture replaced after the upgrade is captioned again."""
+    from test_annotate_identity import sample_pngs
+
+    from jobs import caption, ingest
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import PICTURES_IN_DIGEST
+
+    pngs = sample_pngs(4)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in pngs[:3]:
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl, solo")
+    server, url = fake()
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'caption.backend="openai"', f'caption.base_url="{url}"', 'caption.model="joy"',
+                             "caption.send_images=true", "caption.max_attempts=1", "caption.unit_size=2",
+                             "caption.concurrency=1", "caption.tags_from_text=false", "caption.related_tags=false"])
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    caption.run(cfg, ws)
+    assert len(server.received) == 3
+    units = set(ws.done_units("caption"))
+    captions = ws.read_table("captions").sort_by("key").to_pylist()
+    legacy_markers(cfg, ws)
+    assert not set(ws.done_units("caption")) & units
+
+    upgraded = caption.run(cfg, ws)
+    assert (upgraded.units_done, len(server.received)) == (0, 3)
+    markers = ws.done_units("caption")
+    assert set(markers) == units and all(m[PICTURES_IN_DIGEST] for m in markers.values())
+    assert ws.read_table("captions").sort_by("key").to_pylist() == captions
+
+    (folder / pngs[0][0]).write_bytes(pngs[3][1])  # another picture, the same name and tags
+    ingest.run(cfg, ws)
+    assert caption.run(cfg, ws).units_done == 1
+    shown = [json.dumps(r["messages"][1]["content"][0]) for r in server.received]
+    assert len(set(shown[3:]) - set(shown[:3])) == 1  # the new picture, asked for
 
 
 def test_an_image_replaced_under_the_same_tags_is_captioned_again(fake, ray_local, tmp_path):

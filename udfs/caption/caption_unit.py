@@ -586,12 +586,18 @@ def transient_failures(errors: list[dict]) -> int:
     return len({e["key"] for e in errors if e["kind"] in TRANSIENT_KINDS})
 
 
+# a marker's flag: its unit's id was made from row digests that hold the picture where a VLM is
+# shown it (sql/caption_units.sql); a marker without it was made before, by legacy_digest
+PICTURES_IN_DIGEST = "pictures_in_digest"
+
+
 def unit_info(rows: pa.Table, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
     """A caption unit's marker info: its counts, and its first key (jobs/caption_cuts.py finds its
     range from it)."""
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
     return {"images": rows.num_rows, "first_key": rows["key"][0].as_py() if rows.num_rows else None,
+            PICTURES_IN_DIGEST: True,
             "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
             "scored_rows": sum(c["accuracy"] is not None for c in captions),  # attempts not accepted too
             "not_scored": dict(Counter(c["not_scored"] for c in accepted if c["not_scored"])),

@@ -94,6 +94,19 @@ def remove_replies(ws: Workspace, units: list[str]) -> None:
             ws.fs.delete_dir(folder)
 
 
+def move_replies(ws: Workspace, unit: str, to: str) -> None:
+    """A unit's kept replies, under another id (jobs/caption.py adopt_units). Where the store
+    cannot rename a folder (object storage) they stay, and go with the old id's at the job's end:
+    the unit's images are then asked again only when it is replaced."""
+    folder, moved = f"{ws.base}/{REPLIES}/{unit}", f"{ws.base}/{REPLIES}/{to}"
+    try:
+        if ws.fs.get_file_info(folder).type != pafs.FileType.NotFound and \
+                ws.fs.get_file_info(moved).type == pafs.FileType.NotFound:
+            ws.fs.move(folder, moved)
+    except OSError:
+        pass
+
+
 def units_with_replies(ws: Workspace) -> list[str]:
     selector = pafs.FileSelector(f"{ws.base}/{REPLIES}", allow_not_found=True)
     return sorted(i.base_name for i in ws.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
