@@ -352,13 +352,17 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         curate.check_options(cfg["curate"])
     if "caption" in names:
         from jobs.caption import caption_options, check_options, check_vllm_here
+        from jobs.ray_env import check_task_cpus
 
         check_options(caption_options(cfg))
         check_vllm_here(cfg)
+        check_task_cpus(cfg, "caption.num_cpus")
     if "export" in names:
         from jobs import export
+        from jobs.ray_env import check_task_cpus
 
         export.check_options(cfg["export"])
+        check_task_cpus(cfg, "export.task_num_cpus")
     if "annotate" in names and len(names) > 1:
         # run: an unusable model file stops it now, not after hours of ingest (annotate alone
         # checks them as it starts); last, as it reads every model file
