@@ -39,7 +39,8 @@ SERVERS = ("review",)
 
 # command: (one-line help, example)
 COMMANDS = {
-    "ingest": ("read WebDataset shards / image folders into images, source_tags, source_text, errors",
+    "ingest": ("read WebDataset shards / image folders (videos too) into images, source_tags, source_text, errors, "
+               "clips",
                "booruset ingest -i 'shards/{000..099}.tar' -i ~/pictures/folder"),
     "annotate": ("run the detectors, CCIP and the WD tagger on every image",
                  "booruset annotate --set annotate.models='[\"cascade_face\", \"tagger\"]'"),
@@ -129,7 +130,8 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "inputs":
         p.add_argument("--forget", metavar="INPUT",
-                       help="retire this input (an id the list shows): its images leave every table at the next run")
+                       help="retire this input (an id the list shows): its ingest and annotate rows go now, what "
+                            "the later jobs made of them at their next run")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
         p.add_argument("--list", action="store_true",
