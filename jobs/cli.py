@@ -346,8 +346,10 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         frame_options(cfg["ingest"]["frames"])
     if "annotate" in names:
         from jobs import annotate
+        from jobs.ray_env import check_task_cpus
 
         annotate.check_options(cfg["annotate"])
+        check_task_cpus(cfg, "annotate.task_num_cpus")  # its tasks run before the pools' check (check_cpus)
     if "curate" in names:
         from jobs import curate
 

@@ -755,14 +755,17 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
 
-@pytest.mark.parametrize(("command", "option"), [("export", "export.task_num_cpus"), ("caption", "caption.num_cpus")])
+@pytest.mark.parametrize(("command", "option"), [("export", "export.task_num_cpus"), ("caption", "caption.num_cpus"),
+                                                  ("annotate", "annotate.task_num_cpus")])
 def test_a_task_the_local_ray_cannot_fit_is_refused(capsys, monkeypatch, tmp_path, command, option):
     """A task or actor asking for more CPUs than the local Ray has is never scheduled: `booruset
     export --set export.task_num_cpus=1.5 --set ray.num_cpus=1` (or caption.num_cpus) printed
     "export plan: 0/15 images" and Ray's "No available node types can fulfill resource request
     {'CPU': 1.5}" for as long as it was left to run (ten minutes), where the README says a CPU
     task needing more CPUs than the local Ray has is refused with one line (before a workspace
-    is looked for; `run` checks every job's options the same way, before its first job)."""
+    is looked for; `run` checks every job's options the same way, before its first job). annotate
+    alone checked its CPUs only once its pipeline started, after copying the kept rows of replaced
+    units in tasks of annotate.task_num_cpus, which waited the same way."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a Ray of its own, as a person's command line starts
     code, _, err = run_cli(capsys, command, "-w", str(tmp_path / "ws"), "--set", "ray.num_cpus=1",
                            "--set", f"{option}=1.5")
