@@ -595,6 +595,20 @@ def cpu_shortfall(specs: dict[str, dict], opts: dict, have: float) -> str | None
             "annotate.<model>.num_cpus, .concurrency or annotate.task_num_cpus, or give Ray more (ray.num_cpus)")
 
 
+def gpu_shortfall(specs: dict[str, dict], have: float) -> str | None:
+    """What annotate lacks, when the model pools that ask for GPUs (wants_gpus) need more than Ray has:
+    their actors are never started and the job waits for good (annotate.device = "cuda" on a machine
+    whose Ray sees no GPU). None when they fit."""
+    pools = {name: int(spec["concurrency"]) * float(spec.get("num_gpus", 0)) for name, spec in specs.items()}
+    pools = {name: gpus for name, gpus in pools.items() if gpus}
+    needed = round(sum(pools.values()), 4)  # Ray counts GPU shares in 1/10,000: 0.1 + ... + 0.4 is 1
+    if needed <= have:
+        return None
+    detail = ", ".join(f"{name} {gpus:g}" for name, gpus in pools.items())
+    return (f"annotate's model pools ask for {needed:g} GPUs ({detail}) but Ray has {have:g}: set annotate.device "
+            'to "auto" or "cpu", or lower annotate.<model>.num_gpus or .concurrency')
+
+
 def check_local_cpus(cfg: Config, specs: dict[str, dict]) -> None:
     """ConfigError, before any job of a `run`, when annotate's pools cannot fit in the local Ray
     the run will start (ray.num_cpus, else this machine's CPUs, which Ray's count never exceeds):
@@ -658,9 +672,13 @@ class Pipeline:
         return done
 
     def check_cpus(self) -> None:
-        """The model pools and one of the CPU tasks must fit in Ray's CPUs (cpu_shortfall). A local
-        Ray fails the job with the numbers; a cluster (which may add nodes) gets a warning."""
-        message = cpu_shortfall(self.specs, self.opts, float(ray.cluster_resources().get("CPU", 0)))
+        """The model pools and one of the CPU tasks must fit in Ray's CPUs (cpu_shortfall), and the
+        pools that ask for GPUs in its GPUs (gpu_shortfall). A local Ray fails the job with the
+        numbers; a cluster (which may add nodes) gets a warning."""
+        resources = ray.cluster_resources()
+        message = cpu_shortfall(self.specs, self.opts, float(resources.get("CPU", 0)))
+        if message is None and wants_gpus(self.opts["device"]):
+            message = gpu_shortfall(self.specs, float(resources.get("GPU", 0)))
         if message is None:
             return
         if not local_ray(self.cfg):

@@ -39,7 +39,8 @@ SERVERS = ("review",)
 
 # command: (one-line help, example)
 COMMANDS = {
-    "ingest": ("read WebDataset shards / image folders into images, source_tags, source_text, errors",
+    "ingest": ("read WebDataset shards / image folders (videos too) into images, source_tags, source_text, errors, "
+               "clips",
                "booruset ingest -i 'shards/{000..099}.tar' -i ~/pictures/folder"),
     "annotate": ("run the detectors, CCIP and the WD tagger on every image",
                  "booruset annotate --set annotate.models='[\"cascade_face\", \"tagger\"]'"),
@@ -129,7 +130,8 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--token", help="secret every request must carry (printed in the address to open)")
     if name == "inputs":
         p.add_argument("--forget", metavar="INPUT",
-                       help="retire this input (an id the list shows): its images leave every table at the next run")
+                       help="retire this input (an id the list shows): its ingest and annotate rows go now, what "
+                            "the later jobs made of them at their next run")
     if name == "models":
         p.add_argument("action", choices=["fetch"], help="fetch: download the configured models")
         p.add_argument("--list", action="store_true",
@@ -344,21 +346,27 @@ def check_jobs(cfg: Config, names: list[str]) -> None:
         frame_options(cfg["ingest"]["frames"])
     if "annotate" in names:
         from jobs import annotate
+        from jobs.ray_env import check_task_cpus
 
         annotate.check_options(cfg["annotate"])
+        check_task_cpus(cfg, "annotate.task_num_cpus")  # its tasks run before the pools' check (check_cpus)
     if "curate" in names:
         from jobs import curate
 
         curate.check_options(cfg["curate"])
     if "caption" in names:
         from jobs.caption import caption_options, check_options, check_vllm_here
+        from jobs.ray_env import check_task_cpus
 
         check_options(caption_options(cfg))
         check_vllm_here(cfg)
+        check_task_cpus(cfg, "caption.num_cpus")
     if "export" in names:
         from jobs import export
+        from jobs.ray_env import check_task_cpus
 
         export.check_options(cfg["export"])
+        check_task_cpus(cfg, "export.task_num_cpus")
     if "annotate" in names and len(names) > 1:
         # run: an unusable model file stops it now, not after hours of ingest (annotate alone
         # checks them as it starts); last, as it reads every model file

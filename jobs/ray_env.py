@@ -49,6 +49,21 @@ def local_ray(cfg: Config) -> bool:
     return not cfg["ray"]["address"] and "RAY_ADDRESS" not in os.environ
 
 
+def check_task_cpus(cfg: Config, option: str) -> None:
+    """ConfigError when one task or actor of a job asks for more CPUs (`option`, e.g.
+    export.task_num_cpus) than the local Ray has (ray.num_cpus, else this machine's CPUs, which Ray's
+    count never exceeds): Ray never schedules it and the job waited for good. A cluster may have or
+    add larger nodes, so only a local Ray is checked."""
+    if not local_ray(cfg):
+        return
+    section, name = option.split(".")
+    cpus, have = float(cfg[section][name]), float(cfg["ray"]["num_cpus"] or os.cpu_count() or 1)
+    if cpus > have:
+        raise ConfigError(f"{option} {cpus:g} is more than the {have:g} CPUs of the local Ray (ray.num_cpus, else "
+                          "this machine's): Ray would never start such a task and the job would wait for good; "
+                          f"lower {option} or raise ray.num_cpus")
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named in the config, the one `ray job submit` runs in, or start a local Ray."""
     if not ray.is_initialized():

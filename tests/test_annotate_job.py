@@ -136,6 +136,26 @@ def test_pools_that_leave_no_cpu_for_the_tasks_fail_with_the_numbers(ingested, t
     assert ws.done_units("annotate") == {}
 
 
+def test_pools_asking_for_more_gpus_than_ray_has_fail_with_the_numbers(ingested, models_dir):
+    """annotate.device = "cuda" (README: the actors then always ask for their num_gpus) on a local
+    Ray without a GPU: the face pool's actors, each asking for 0.1 GPU, were never started, and
+    annotate printed "0/1 images" beside Ray's "No available node types can fulfill resource request
+    {'CPU': 0.25, 'GPU': 0.1}" for as long as it was left to run. It fails at once, saying why."""
+    import ray
+
+    from jobs import annotate
+    from jobs.config import ConfigError, merge
+
+    cfg, ws = ingested
+    gpus = ray.cluster_resources().get("GPU", 0) + 0.5  # more than this Ray has, GPU or not
+    merge(cfg, {"annotate": {"models_dir": models_dir, "models": ["face"], "device": "cuda",
+                             "face": {"num_gpus": gpus}}})
+    with pytest.raises(ConfigError, match=rf"annotate's model pools ask for {gpus:g} GPUs \(face {gpus:g}\) but "
+                                          rf"Ray has {gpus - 0.5:g}"):
+        annotate.run(cfg, ws)
+    assert ws.done_units("annotate") == {}
+
+
 def test_the_rate_counts_the_images_this_run_annotated(ingested, tmp_path):
     """One of three units run again: the summary's rows/s is over its 8 images, not over the 24
     of all three (the rate of a rerun of 1 unit in 1,000 was 1,000 times too high)."""

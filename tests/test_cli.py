@@ -755,6 +755,41 @@ def test_run_refuses_each_jobs_options_before_its_first_job(capsys, tmp_path, op
     assert code == 2 and says in one_line(err) and not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize(("command", "option"), [("export", "export.task_num_cpus"), ("caption", "caption.num_cpus"),
+                                                  ("annotate", "annotate.task_num_cpus")])
+def test_a_task_the_local_ray_cannot_fit_is_refused(capsys, monkeypatch, tmp_path, command, option):
+    """A task or actor asking for more CPUs than the local Ray has is never scheduled: `booruset
+    export --set export.task_num_cpus=1.5 --set ray.num_cpus=1` (or caption.num_cpus) printed
+    "export plan: 0/15 images" and Ray's "No available node types can fulfill resource request
+    {'CPU': 1.5}" for as long as it was left to run (ten minutes), where the README says a CPU
+    task needing more CPUs than the local Ray has is refused with one line (before a workspace
+    is looked for; `run` checks every job's options the same way, before its first job). annotate
+    alone checked its CPUs only once its pipeline started, after copying the kept rows of replaced
+    units in tasks of annotate.task_num_cpus, which waited the same way."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a Ray of its own, as a person's command line starts
+    code, _, err = run_cli(capsys, command, "-w", str(tmp_path / "ws"), "--set", "ray.num_cpus=1",
+                           "--set", f"{option}=1.5")
+    assert code == 2 and not (tmp_path / "ws").exists()
+    assert one_line(err) == (f"booruset: configuration error: {option} 1.5 is more than the 1 CPUs of the local "
+                             "Ray (ray.num_cpus, else this machine's): Ray would never start such a task and the "
+                             f"job would wait for good; lower {option} or raise ray.num_cpus")
+
+
+def test_a_task_larger_than_this_machine_is_left_to_a_cluster(monkeypatch):
+    """A cluster may have (or add) larger nodes than the driver's machine: only a local Ray is checked."""
+    from jobs.config import ConfigError
+    from jobs.ray_env import check_task_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, ["export.task_num_cpus=4096"])
+    with pytest.raises(ConfigError, match="export.task_num_cpus 4096 is more than"):
+        check_task_cpus(cfg, "export.task_num_cpus")
+    check_task_cpus(load_config(None, ["export.task_num_cpus=4096", 'ray.address="head:6379"']),
+                    "export.task_num_cpus")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # inside `ray job submit`
+    check_task_cpus(cfg, "export.task_num_cpus")
+
+
 def test_an_export_where_that_fails_on_a_row_is_one_line(capsys, sample_ws):
     """A condition that binds but fails on the rows (a key cast to a number) printed DuckDB's
     message with its excerpt of the 150-line selection query under it: three lines."""
