@@ -255,8 +255,9 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     for uid in stale:
         rows = [row for part in images_parts(uid, done[uid])
                 for row in ws.read_part("images", part, ["key", "source", "member", "clip"])]
-        gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows
-                if (r.get("clip") or r["key"]) not in planned]
+        # looked up in key order: the planned units' keys are built one unit after the other
+        absent = {key for key in sorted({r.get("clip") or r["key"] for r in rows}) if key not in planned}
+        gone = [{k: r[k] for k in ("key", "source", "member")} for r in rows if (r.get("clip") or r["key"]) in absent]
         ws.write_part("errors", f"removed-{uid}", [
             {**r, "stage": "ingest", "kind": "removed_from_input", "dropped": False,
              "message": "no longer in the input: its rows were removed"} for r in gone])
@@ -367,7 +368,8 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
         # it go, else the driver held every key of an input whose shards were all written again
         held.clear()
         rows = [row for part in marker["parts"]["errors"] for row in ws.read_part("errors", part, schemas.errors.names)]
-        kept = [row for row in rows if not back(row["key"])]
+        returned = {key for key in sorted({row["key"] for row in rows}) if back(key)}  # in key order: PlannedKeys
+        kept = [row for row in rows if row["key"] not in returned]
         if len(kept) == len(rows):
             continue
         ws.hold_publishing("ingest")
