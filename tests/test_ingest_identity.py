@@ -422,3 +422,57 @@ def test_a_growing_folder_lists_its_planned_keys_once_a_run(tmp_path, monkeypatc
         assert summary.units_done >= 1 and "removed_from_input" not in summary.errors_by_kind
         assert len(calls) == 1  # retire_stale_units's, for the chunk the file fell in
     assert sorted(images_by_key(ws)) == sorted(f"art/img{i}" for i in (*range(10, 30), "15b", "25b"))
+
+
+def test_the_planned_keys_of_a_rerun_hold_a_few_bytes_an_image(tmp_path):
+    """A rerun that retires a unit (a file added, removed or changed) checks each image it reported
+    against the planned keys of the folders: a set of every planned key held ~120 bytes an image
+    in the driver (a million images: 120 MB). The key ranges of the folder units, and a few units'
+    keys while they are looked in, tell the same."""
+    import gc
+    import tracemalloc
+
+    from udfs.ingest.sources import FileList, Unit
+
+    def unit(chunk: int) -> Unit:
+        names = [f"{chunk:03d}/{i:05d}_{i * 7919 % 100003:016x}.{ext}" for i in range(1000) for ext in ("png", "txt")]
+        return Unit("folder", "/data/in", "in", FileList("/data/in/", names), input="in", stamp="s")
+
+    units = [unit(chunk) for chunk in range(20)] + [Unit("tar", "/data/s.tar", "in/s", input="in")]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        planned, shards = ingest.planned_keys(units)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / 20000 < 10, f"{held / 20000:.0f} bytes an image held"
+    assert shards == {"in/s"}
+    keys = [f"in/{c:03d}/{i:05d}_{i * 7919 % 100003:016x}" for c in range(20) for i in range(1000)]
+    assert all(key in planned for key in keys)
+    assert not any(key in planned for key in (keys[5] + "0", keys[5][:-1], "in", "in/005", "in/s/x", "zz", ""))
+
+
+def test_a_retired_units_images_are_looked_up_in_key_order(tmp_path, monkeypatch):
+    """The planned keys are built a unit at a time as the keys checked fall in them (PlannedKeys
+    keeps a few): a retired unit's images in another order than their keys' (an old chunk now cut
+    in twelve) are checked in key order, each planned unit's keys built once, and the images gone
+    are reported as before."""
+    from udfs.ingest.sources import FileList, Unit
+
+    built = []
+    unit_keys = ingest.PlannedKeys.unit_keys
+    monkeypatch.setattr(ingest.PlannedKeys, "unit_keys", lambda self, index: built.append(index)
+                        or unit_keys(self, index))
+    names = [f"{i:03d}.png" for i in range(120) if i % 10 != 3]  # the images ending in 3 are gone
+    units = [Unit("folder", "/data/in", "in", FileList("/data/in/", names[c * 10:c * 10 + 10]), input="in", stamp="s")
+             for c in range(12)]
+    ws = Workspace(str(tmp_path / "ws"))
+    scrambled = [f"{(i * 7) % 120:03d}" for i in range(120)]  # every image, out of key order
+    ws.write_part("images", "old", [{"key": f"in/{k}", "source": "/data/in", "member": f"{k}.png"} for k in scrambled])
+    done = {"old": {"input": "in", "parts": {"images": ["old"]}}}
+    replaced, removed, _ = ingest.retire_stale_units(ws, done, units)
+    assert (replaced, removed) == (1, 12)
+    assert sorted(built) == sorted(set(built)), "a planned unit's keys built twice"
+    gone = sorted(row["key"] for row in ws.read_part("errors", "removed-old", ["key"]))
+    assert gone == [f"in/{i:03d}" for i in range(120) if i % 10 == 3]
