@@ -844,6 +844,33 @@ def test_captioner_sends_images_to_a_real_vlm_server(transformers_server, tmp_pa
     assert prompt_tokens(image) - prompt_tokens(None) == VLM_IMAGE_TOKENS
 
 
+def vlm_captioned(fake, tmp_path: Path, unit_size: int) -> tuple:
+    """Three sample PNGs with the same sidecar tags in a folder (a fourth picture kept aside),
+    ingested and captioned by the loopback server as a VLM shown the pictures: (the 4 PNGs as
+    (name, bytes), the folder, the server, the config, the workspace)."""
+    from test_annotate_identity import sample_pngs
+
+    from jobs import caption, ingest
+    from jobs.config import load_config
+
+    pngs = sample_pngs(4)
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name, data in pngs[:3]:
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("1girl, solo")
+    server, url = fake()
+    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
+                             'caption.backend="openai"', f'caption.base_url="{url}"', 'caption.model="joy"',
+                             "caption.send_images=true", "caption.max_attempts=1", f"caption.unit_size={unit_size}",
+                             "caption.concurrency=1", "caption.tags_from_text=false", "caption.related_tags=false"])
+    ws = Workspace(str(tmp_path / "ws"))
+    ingest.run(cfg, ws)
+    caption.run(cfg, ws)
+    assert len(server.received) == 3
+    return pngs, folder, server, cfg, ws
+
+
 def legacy_markers(cfg: dict, ws: Workspace) -> None:
     """The caption markers as a version before row digests held the picture wrote them: each unit's
     id made from its rows' legacy_digest, no PICTURES_IN_DIGEST, no kept replies (versions before
@@ -876,27 +903,10 @@ def test_the_upgrade_that_put_the_picture_in_row_digests_captions_no_picture_aga
     their rows give now, and no kept replies (before c9fac4d): the upgrade would have asked the
     server for every image again (a GPU recaption of a whole dataset). They are kept, under the
     ids they have now, and a picture replaced after the upgrade is captioned again."""
-    from test_annotate_identity import sample_pngs
-
     from jobs import caption, ingest
-    from jobs.config import load_config
     from udfs.caption.caption_unit import PICTURES_IN_DIGEST
 
-    pngs = sample_pngs(4)
-    folder = tmp_path / "art"
-    folder.mkdir()
-    for name, data in pngs[:3]:
-        (folder / name).write_bytes(data)
-        (folder / name).with_suffix(".txt").write_text("1girl, solo")
-    server, url = fake()
-    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
-                             'caption.backend="openai"', f'caption.base_url="{url}"', 'caption.model="joy"',
-                             "caption.send_images=true", "caption.max_attempts=1", "caption.unit_size=2",
-                             "caption.concurrency=1", "caption.tags_from_text=false", "caption.related_tags=false"])
-    ws = Workspace(str(tmp_path / "ws"))
-    ingest.run(cfg, ws)
-    caption.run(cfg, ws)
-    assert len(server.received) == 3
+    pngs, folder, server, cfg, ws = vlm_captioned(fake, tmp_path, unit_size=2)
     units = set(ws.done_units("caption"))
     captions = ws.read_table("captions").sort_by("key").to_pylist()
     legacy_markers(cfg, ws)
@@ -920,26 +930,10 @@ def test_an_image_replaced_under_the_same_tags_is_captioned_again(fake, ray_loca
     (a new sha256), and a VLM shown the picture must caption it again: its unit kept the old
     reply, which describes the picture that is gone, because a unit's id hashed only the rows'
     tags and texts. The other images are not asked again; a template run keeps its units."""
-    from test_annotate_identity import sample_pngs
-
     from jobs import caption, ingest
-    from jobs.config import load_config, merge
+    from jobs.config import merge
 
-    pngs = sample_pngs(4)
-    folder = tmp_path / "art"
-    folder.mkdir()
-    for name, data in pngs[:3]:
-        (folder / name).write_bytes(data)
-        (folder / name).with_suffix(".txt").write_text("1girl, solo")
-    server, url = fake()
-    cfg = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', f'ingest.inputs=["{folder}"]', "ray.num_cpus=2",
-                             'caption.backend="openai"', f'caption.base_url="{url}"', 'caption.model="joy"',
-                             "caption.send_images=true", "caption.max_attempts=1", "caption.unit_size=10",
-                             "caption.concurrency=1", "caption.tags_from_text=false", "caption.related_tags=false"])
-    ws = Workspace(str(tmp_path / "ws"))
-    ingest.run(cfg, ws)
-    caption.run(cfg, ws)
-    assert len(server.received) == 3
+    pngs, folder, server, cfg, ws = vlm_captioned(fake, tmp_path, unit_size=10)
     shown = {json.dumps(r["messages"][1]["content"][0]) for r in server.received}
 
     (folder / pngs[0][0]).write_bytes(pngs[3][1])  # another picture, the same name and tags

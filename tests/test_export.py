@@ -48,6 +48,21 @@ def shard_paths(out) -> list[str]:
     return sorted(str(p) for p in (out / "webdataset").glob("shard-*.tar"))
 
 
+def exported_images(out) -> dict[str, bytes]:
+    """{images.key (from the sample's json): the image member's bytes} of every exported shard."""
+    found, keys = {}, {}
+    for path in shard_paths(out):
+        with tarfile.open(path) as tar:
+            for m in tar:
+                name, _, ext = m.name.rpartition(".")
+                data = tar.extractfile(m).read()
+                if ext == "json":
+                    keys[name] = json.loads(data)["key"]
+                elif ext != "txt":
+                    found[name] = data
+    return {keys[name]: data for name, data in found.items()}
+
+
 def test_webdataset_reads_every_sample_with_image_caption_and_json(exported):
     import webdataset as wds
 
@@ -848,18 +863,10 @@ def test_a_shard_rewritten_since_ingest_is_not_exported_with_the_old_rows(tmp_pa
     summary = export.run(cfg, ws)
     missing = [e for e in ws.read_table("errors").to_pylist() if e["stage"] == "export"]
     assert len(images) > 2 and summary.errors_by_kind.get("missing_member") == len(missing) > 0
-    exported, keys = {}, {}
-    for path in shard_paths(tmp_path / "ws" / "export"):
-        with tarfile.open(path) as tar:
-            for m in tar:
-                name, _, ext = m.name.rpartition(".")
-                data = tar.extractfile(m).read()
-                if ext == "json":
-                    keys[name] = json.loads(data)["key"]
-                elif ext != "txt":
-                    exported[name] = hashlib.sha256(data).hexdigest()
+    exported = {key: hashlib.sha256(data).hexdigest()
+                for key, data in exported_images(tmp_path / "ws" / "export").items()}
     assert len(exported) + len(missing) == len(images)
-    assert {name: sha[keys[name]] for name in exported} == exported
+    assert {key: sha[key] for key in exported} == exported
 
 
 def test_a_replacing_export_that_dies_leaves_no_index_naming_removed_shards(tmp_path_factory, tmp_path, ray_local,
@@ -912,17 +919,8 @@ def test_a_picture_replaced_under_the_same_size_is_exported_again(tmp_path, ray_
     def exported_colours() -> dict[str, tuple]:
         for job in (ingest, curate, caption, export):
             job.run(cfg, ws)
-        found, keys = {}, {}
-        for path in shard_paths(tmp_path / "ws" / "export"):
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    name, _, ext = m.name.rpartition(".")
-                    data = tar.extractfile(m).read()
-                    if ext == "json":
-                        keys[name] = json.loads(data)["key"]
-                    elif ext != "txt":
-                        found[name] = Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))
-        return {keys[name]: colour for name, colour in found.items()}
+        return {key: Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))
+                for key, data in exported_images(tmp_path / "ws" / "export").items()}
 
     before = exported_colours()
     assert sorted(before.values()) == sorted([(200, 30, 30), (30, 200, 30), (30, 30, 200)])
