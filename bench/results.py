@@ -9,7 +9,10 @@ from collections.abc import Callable
 
 
 def result(name: str, ratio: float, goal: float) -> str:
-    return f"RESULT {name} ratio={ratio:.2f} goal={goal} met={'yes' if ratio >= goal else 'no'}"
+    """The figure's line. Four decimals where two would round onto the goal (1.098 against 1.1
+    read "ratio=1.10 goal=1.1 met=no")."""
+    shown = f"{ratio:.2f}" if f"{ratio:.2f}" != f"{goal:.2f}" else f"{ratio:.4f}"
+    return f"RESULT {name} ratio={shown} goal={goal} met={'yes' if ratio >= goal else 'no'}"
 
 
 def alternated(sides: dict[str, Callable[[], object]], rounds: int,
