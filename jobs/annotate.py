@@ -586,7 +586,8 @@ def cpu_shortfall(specs: dict[str, dict], opts: dict, have: float) -> str | None
     every CPU no task ever runs and the job waits for good (ray.num_cpus = 1 with the default
     four pools). None when they fit."""
     pools = {name: int(spec["concurrency"]) * float(spec["num_cpus"]) for name, spec in specs.items()}
-    needed = sum(pools.values()) + float(opts["task_num_cpus"])
+    # Ray counts CPU shares in 1/10,000: 3 x 0.2 + 0.3 + 0.1 is 1 (1.0000000000000002 in floats)
+    needed = round(sum(pools.values()) + float(opts["task_num_cpus"]), 4)
     if needed <= have:
         return None
     detail = ", ".join(f"{name} {cpus:g}" for name, cpus in pools.items())

@@ -136,8 +136,12 @@ def start_in_worker(cfg: Config, ws: Workspace, fn: Callable[..., Any], *args: A
     then prints what it printed and gives its result (or raises its exception)."""
     init_ray(cfg)
     # named for what it runs (Ray's name for the task in its logs and dashboard), which was
-    # "_with_workspace" for every job's step
-    task = ray.remote(num_cpus=1)(_with_workspace).options(name=task_name(fn))
+    # "_with_workspace" for every job's step. No CPU of a local Ray: fn runs in a thread of the
+    # task, and Ray gives a task's CPU back while it waits (ray.get) only in its main thread, so
+    # tasks fn submits and waits for (curate's SetRunner) never started on a 1-CPU Ray. A cluster
+    # keeps the CPU, which places the step on a node with CPUs (not a head node without any).
+    cpus = 0 if local_ray(cfg) else 1
+    task = ray.remote(num_cpus=cpus)(_with_workspace).options(name=task_name(fn))
     return task.remote(fn, ws.root, ws.memory_limit, args)
 
 

@@ -136,6 +136,18 @@ def test_pools_that_leave_no_cpu_for_the_tasks_fail_with_the_numbers(ingested, t
     assert ws.done_units("annotate") == {}
 
 
+def test_pools_that_fill_the_cpus_exactly_are_not_refused():
+    """Pools and a CPU task whose shares add up to Ray's CPUs exactly fit (Ray counts CPU shares
+    in 1/10,000): three actors of 0.2, one of 0.3 and tasks of 0.1 on ray.num_cpus = 1 added up to
+    1.0000000000000002 in floats, and annotate (and `booruset run`, before ingest) refused them with
+    "annotate needs 1 CPUs at once ... but Ray has 1"."""
+    from jobs.annotate import cpu_shortfall
+
+    specs = {"person": {"concurrency": 3, "num_cpus": 0.2}, "tagger": {"concurrency": 1, "num_cpus": 0.3}}
+    assert cpu_shortfall(specs, {"task_num_cpus": 0.1}, 1.0) is None
+    assert cpu_shortfall(specs, {"task_num_cpus": 0.1001}, 1.0) is not None  # a share more than Ray has
+
+
 def test_pools_asking_for_more_gpus_than_ray_has_fail_with_the_numbers(ingested, models_dir):
     """annotate.device = "cuda" (README: the actors then always ask for their num_gpus) on a local
     Ray without a GPU: the face pool's actors, each asking for 0.1 GPU, were never started, and

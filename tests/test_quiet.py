@@ -133,6 +133,33 @@ def test_run_in_worker_runs_the_planning_query_in_another_process(ray_local, wor
         run_in_worker(config, workspace, workspace_pid, True)
 
 
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def all_cpus_task(ws, cpus: int) -> int:
+    """Run by run_in_worker: a task of its own asking for every CPU of the local Ray, and its result
+    (curate's CCIP clustering submits tasks from its step in the worker, SetRunner)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=cpus)(add_one).remote(1), timeout=20)
+
+
+def test_run_in_worker_tasks_its_function_submits_get_every_cpu(ray_local, workspace, config):
+    """A step run by run_in_worker that submits tasks and waits for them (curate's SetRunner) leaves
+    them every CPU: the step runs in a thread of the task, where Ray's wait does not give back the
+    task's CPU as it does in its main thread, so on a 1-CPU Ray (ray.num_cpus=1) such tasks never
+    started and curate waited for good."""
+    import sys
+
+    from ray import cloudpickle
+
+    from jobs.ray_env import run_in_worker
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    assert run_in_worker(config, workspace, all_cpus_task, 2) == 2
+
+
 def test_what_workers_print_reaches_a_pipe_without_escape_codes(tmp_path):
     """curate prints its progress in a Ray task (run_in_worker): its lines come with a prefix,
     once Ray's coloured one, which in a log file or a pipe is escape codes; the prefix names the
