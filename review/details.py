@@ -15,10 +15,7 @@ from udfs.export.safe_names import safe_name
 # Other members of a duplicate group or a character cluster shown beside the image.
 NEIGHBOURS = 12
 CANDIDATES = 2000  # cluster members compared for "nearest" (sql/review_cluster_neighbours.sql)
-# with each member's sha256, which its thumbnail's URL carries (a replaced picture, a new URL)
-NEIGHBOURS_SQL = ("select n.key, n.similarity, i.sha256 from ("
-                  + (REPO / "sql" / "review_cluster_neighbours.sql").read_text(encoding="utf-8")
-                  + "\n) as n left join images as i using (key) order by n.similarity desc nulls last, n.key")
+NEIGHBOURS_SQL = (REPO / "sql" / "review_cluster_neighbours.sql").read_text(encoding="utf-8")
 # The image's duplicate group as the export keeps it (sql/export_duplicates.sql over that group
 # alone): a representative the export leaves out (excluded since curate, its file or input gone)
 # has the next copy kept in its place, which curate's is_representative does not say.
