@@ -555,6 +555,17 @@ def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_
     ("I\u2019m sorry, but I can\u2019t help with identifying people in images.", True),  # curly apostrophes
     ("I\u2019m unable to describe this image.", True),
     ("Immature trees line the path.", False),
+    # phrasings chat models decline with that were accepted as captions (a loopback server's replies)
+    ("I'm afraid I can't describe this image.", True),
+    ("Sorry. I can't help with that request.", True),
+    ("Sorry \u2014 I can't help with that.", True),
+    ("My apologies, but I cannot provide a caption for this image.", True),
+    ("Apologies, but I can't assist with that.", True),
+    ("I do not feel comfortable describing this image.", True),
+    ("I\u2019m not comfortable writing a caption for this image.", True),
+    ("Unfortunately I cannot describe this image.", True),
+    ("Sorry signs hang over the door.", False),
+    ("Apologies are written on a card.", False),
 ])
 def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
     from udfs.caption.caption_prompts import refusal

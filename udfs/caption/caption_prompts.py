@@ -113,9 +113,12 @@ def clean_reply(text: str | None) -> str:
 
 
 # A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
-REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i'?m (?:unable|not able)\b|i am sorry|sorry, (?:but )?i"
-                     r"|i apologi[sz]e|unfortunately, i"
-                     r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
+# Only at the start of the reply (or "as an AI, I" anywhere): a caption may well hold "sorry" or
+# "cannot". "Sorry" and "apologies" decline only when "I" follows ("Sorry. I can't", "My apologies,
+# but I cannot"; "Sorry signs hang over the door" is a caption).
+REFUSAL = re.compile(r"\A\W*(?:(?:i'?m|i am) (?:sorry|afraid|unable|not able|not comfortable)\b"
+                     r"|(?:sorry|(?:my )?apologies)\W+(?:but\W+)?i\b|i apologi[sz]e|unfortunately\W+i\b"
+                     r"|i (?:cannot|can't|can not|won't|will not|do not feel|don't feel)\b)"
                      r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
 
 
