@@ -765,6 +765,59 @@ def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
     assert summary.errors_by_kind == {"empty_caption": 10}
 
 
+LOOPS = {  # by attempt (the request's seed): a model stuck repeating itself until max_tokens
+    0: "A girl with red hair smiles, " * 120,
+    1: "A girl with red hair and " + "smiling " * 300,
+    2: "A girl with red hair smiles. She stands in a field. " * 3,
+}
+
+
+@pytest.mark.parametrize("text, looped", [
+    *[(text, True) for text in LOOPS.values()],
+    ("\u5c11\u5973\u304c\u7b11\u3046\u3002" * 40, True),  # a sentence in a script without spaces
+    ("A girl with red hair smiles. She stands in a field.", False),
+    ("A sign reads 'no no no no no' above a girl who says ha ha ha.", False),
+    ("She wears a red, red, red scarf, very very long, and a hat. " + "A long calm caption of many words "
+     "describing a quiet street at night, lamps and wet stones, a cat on a wall, and a girl with an umbrella "
+     "who walks past shops whose windows glow orange. " * 1, False),
+])
+def test_a_reply_stuck_in_a_loop_is_told_from_a_caption(text, looped):
+    from udfs.caption.caption_unit import repeated_phrase
+
+    assert (repeated_phrase(text) is not None) == looped
+
+
+def test_a_reply_stuck_in_a_loop_is_no_caption(ray_local, workspace, config):
+    """A model stuck in a loop ("A girl with red hair smiles, A girl with red hair smiles, ..." until
+    max_tokens) was accepted as the caption of every image (3,479 characters, under
+    max_caption_chars; not scored, a model not shown the image) and exported as KEY.txt. It is a
+    `repetition` errors row now, and the loop-back asks again."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    def reply(seed: int) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": LOOPS.get(seed, "A girl smiles.")},
+                                        "finish_reason": "length" if seed in LOOPS else "stop"}]}).encode()
+
+    server, url = answer_with(lambda body: (200, {}, reply(body["seed"])))
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": url, "model": "m", "send_images": False, "max_attempts": 4, "seed": 0,
+            "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+        summary = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    accepted = [r for r in workspace.read_table("captions").to_pylist() if r["accepted"]]
+    assert len(accepted) == 5 and {(r["attempt"], r["caption"]) for r in accepted} == {(3, "A girl smiles.")}
+    assert summary.errors_by_kind == {"repetition": 15}
+    message = next(e["message"] for e in workspace.read_table("errors").to_pylist() if e["kind"] == "repetition")
+    assert message.startswith("attempt 0: the reply says 'a girl with red hair smiles' 120 times in a row")
+
+
 def test_an_image_that_cannot_be_read_is_not_read_again_for_each_attempt(fake, ray_local, workspace, config):
     """An image the captioner cannot read (its shard is gone) cannot be sent with fewer tags
     either: one `unreadable_image` row, not one per attempt (3 rows and 3 reads for one image),

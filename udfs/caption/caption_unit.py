@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 import uuid
 import zlib
@@ -507,7 +508,13 @@ class UnitCaptioner:
             return False
         text = result.strip() if isinstance(result, str) else ""
         if says_a_word(text) and len(text) <= limit:
-            return True
+            loop = repeated_phrase(text) if model else None
+            if loop is None:
+                return True
+            phrase, times = loop
+            errors.append(self._error(row, "repetition", f"{what}: the reply says {phrase[:200]!r} {times} times "
+                                                         "in a row (a model stuck in a loop)"))
+            return False
         if len(text) > limit:
             errors.append(self._error(row, "caption_too_long",
                                       f"{what}: {len(text)} characters > max_caption_chars {limit}"))
@@ -536,6 +543,35 @@ def says_a_word(text: str) -> bool:
     """Whether a caption holds a letter or a digit, in any script: "... !!! ???" or a zero-width
     space is no caption."""
     return any(ch.isalnum() for ch in text)
+
+
+# A phrase said at least LOOP_REPEATS times back to back, and LOOP_WORDS words or more in all, is a
+# model stuck in a loop until max_tokens ("A girl smiles, A girl smiles, ..."), not a caption: no
+# caption says "smiling" 24 times in a row or one sentence three times over, while "no no no" or
+# "very very long" stay captions.
+LOOP_REPEATS, LOOP_WORDS = 3, 24
+
+
+def repeated_phrase(text: str) -> tuple[str, int] | None:
+    """(the phrase, how many times in a row) where `text` repeats one phrase over and over; else None."""
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < LOOP_WORDS:
+        return None
+    ids = np.unique(words, return_inverse=True)[1]
+    for period in range(1, len(words) // LOOP_REPEATS + 1):
+        # words[i + period] == words[i] for a run of k words: the phrase of `period` words from i
+        # is said k // period + 1 times in a row
+        same = np.concatenate(([False], ids[period:] == ids[:-period], [False]))
+        edges = np.flatnonzero(same[1:] != same[:-1])
+        starts, runs = edges[::2], edges[1::2] - edges[::2]
+        if not len(runs):
+            continue
+        longest = int(np.argmax(runs))
+        times = int(runs[longest]) // period + 1
+        if times >= LOOP_REPEATS and times * period >= LOOP_WORDS:
+            start = int(starts[longest])
+            return " ".join(words[start:start + period]), times
+    return None
 
 
 def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
