@@ -271,6 +271,23 @@ def test_a_refusal_in_the_refusal_field_is_a_refusal():
     assert results[1] == "A girl."
 
 
+def test_a_reply_the_servers_content_filter_stopped_is_a_refusal():
+    """finish_reason "content_filter" (Azure OpenAI, Gemini's OpenAI API): the service cut the reply
+    off, or gave none. The half-said text ("A girl with red hair takes off her") was accepted as the
+    image's caption, and a reply of nothing was an `empty_caption` 'empty reply', no word of why."""
+    def filtered(content: str | None) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                        "finish_reason": "content_filter"}]}).encode()
+
+    results = replies_in_order([({}, filtered("A girl with red hair takes off her"), 0.0), ({}, filtered(None), 0.0),
+                                ({}, completion("A girl smiles."), 0.0)])
+    assert [getattr(r, "kind", None) for r in results[:2]] == ["refusal", "refusal"]
+    assert str(results[0]) == ("the server's content filter stopped the reply (finish_reason content_filter): "
+                               "'A girl with red hair takes off her'")
+    assert str(results[1]) == "the server's content filter stopped the reply (finish_reason content_filter): ''"
+    assert results[2] == "A girl smiles."
+
+
 def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
     ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after

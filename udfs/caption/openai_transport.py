@@ -7,7 +7,8 @@ of requests in flight. The API key comes from an environment variable and never 
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
 completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
-max_tokens cut off (finish_reason "length") ends after its last whole sentence.
+max_tokens cut off (finish_reason "length") ends after its last whole sentence; one the service's
+content filter stopped (finish_reason "content_filter") is a refusal.
 """
 
 from __future__ import annotations
@@ -279,6 +280,12 @@ def _reply_text(body: bytes) -> str:
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
+    if finish == "content_filter":
+        # the service's filter (Azure OpenAI, Gemini) stopped the reply: what came is half a
+        # caption, or nothing; the model (its service) declined
+        said = printable(content or "")[:200]
+        raise EndpointError("refusal", f"the server's content filter stopped the reply (finish_reason "
+                                       f"content_filter): {said!r}")
     declined = choice["message"].get("refusal")
     if not content and isinstance(declined, str) and declined.strip():
         # OpenAI's API says a model declined in `refusal`, with no content: that was an "empty reply"
