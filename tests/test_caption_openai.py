@@ -140,6 +140,36 @@ def test_gives_up_after_max_retries_and_does_not_retry_400(fake):
     assert err.value.kind == "http_error" and len(script.received) == 1
 
 
+def test_a_429_for_an_account_out_of_credit_is_refused_not_retried():
+    """OpenAI says an account is out of credit with a 429 whose error code is insufficient_quota
+    (not a 402): it is so for every request until the account is topped up, as a 402 is, but it
+    was retried as a rate limit (5 tries each, 15 s of backoff, every request of every unit). An
+    ordinary 429 is still retried."""
+    quota = json.dumps({"error": {"message": "You exceeded your current quota, please check your plan and billing "
+                                             "details.", "type": "insufficient_quota", "code": "insufficient_quota"}})
+    asked = []
+
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        asked.append(body)
+        if body["messages"][0]["content"] == "broke":
+            return 429, {"Content-Type": "application/json"}, quota.encode()
+        if len(asked) == 2:
+            return 429, {}, b'{"error": {"code": "rate_limit_exceeded"}}'
+        return 200, {}, completion("ok")
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=4, backoff_s=0.01)
+        with pytest.raises(EndpointError) as err:
+            endpoint.chat([{"role": "user", "content": "broke"}])
+        assert err.value.kind == "endpoint_refused" and len(asked) == 1
+        assert "insufficient_quota" in str(err.value)
+        assert endpoint.chat(MESSAGES) == "ok" and len(asked) == 3  # a rate limit: retried
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_retry_after_as_an_http_date_is_honoured():
     """Retry-After may be an HTTP date (RFC 9110) as well as seconds: a proxy's "come back at
     12:00:10" was ignored, and the retry came after backoff_s (1 s), into the same 429."""

@@ -118,7 +118,7 @@ class ChatEndpoint:
                 if status == 200:
                     return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
-                if status in REFUSED_STATUS:
+                if status in REFUSED_STATUS or (status == 429 and _out_of_credit(body)):
                     raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
                 if status not in RETRY_STATUS:
                     raise EndpointError("http_error", last)
@@ -292,6 +292,16 @@ def _reply_text(body: bytes) -> str:
         raise EndpointError("refusal", f"the model declined: {printable(declined)[:200]}")
     text = printable(content or "")
     return whole_reply(text) if finish == "length" else text
+
+
+def _out_of_credit(body: bytes) -> bool:
+    """Whether a 429 says the account is out of credit: OpenAI's error code insufficient_quota, so
+    for every request until the account is topped up (a 402 elsewhere), not a rate limit."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def _excerpt(body: bytes) -> str:
