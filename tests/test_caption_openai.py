@@ -358,6 +358,10 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
      "the collar)."),
     ("A girl with a _long_ scarf ^_^ and >_< faces.", "A girl with a long scarf ^_^ and >_< faces."),  # kaomoji
     ("Here\u2019s a caption for the image: A girl smiles.", "A girl smiles."),
+    # a code fence round the caption (its language named or not) was kept: "``` A girl smiles. ```"
+    ("```\nA girl smiles.\n```", "A girl smiles."),
+    ("Here is the caption:\n```text\nA girl smiles.\nShe waves.\n```", "A girl smiles. She waves."),
+    ("~~~\nA girl smiles.\n~~~", "A girl smiles."),
 ])
 def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
     from udfs.caption.caption_prompts import clean_reply

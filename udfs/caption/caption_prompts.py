@@ -57,7 +57,7 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
 
 # What chat models wrap a caption in, none of it caption: a reasoning block (one never closed,
 # cut off by max_tokens, runs to the end), an opener ("Sure! Here is a caption for the image:"),
-# markdown (headings, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
+# markdown (headings, code fences, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
 REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.S | re.I)
 # Each part of a pattern that could scan a long reply is bounded (an opener's words, an emphasised
 # phrase) or starts once per place (a note's spaces): a server's reply of 10,000 newlines or of
@@ -67,6 +67,8 @@ OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alrigh
                     r"(?:here(?:['\u2019]s| is)\b[^:\n]{0,200}?\b(?:caption|description)\b[^:\n]{0,200}:\s*)?",
                     re.I)
 HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
+# a code fence's line (```, ```text, ~~~): a caption wrapped in one is the caption inside it
+FENCE = re.compile(r"^[ \t]*(?:```|~~~)[^\n`~]{0,40}$", re.M)
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
 # a letter or digit right inside the marks: "^_^" and ">_<" are kaomoji, not emphasis
 EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.{0,500}?[^\s_])?)\1(?!\w)")
@@ -95,7 +97,7 @@ def clean_reply(text: str | None) -> str:
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what
     chat models wrap it in (REASONING, OPENER, markdown, a CLOSING_NOTE)."""
     text = REASONING.sub(" ", printable(text or ""))
-    text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", text)))
+    text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", FENCE.sub("", text))))
     note = CLOSING_NOTE.search(text)
     if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
         text = text[: note.start()]
