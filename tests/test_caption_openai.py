@@ -362,6 +362,15 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     ("```\nA girl smiles.\n```", "A girl smiles."),
     ("Here is the caption:\n```text\nA girl smiles.\nShe waves.\n```", "A girl smiles. She waves."),
     ("~~~\nA girl smiles.\n~~~", "A girl smiles."),
+    # a server whose chat template or tokenizer config is wrong leaks the model's special tokens, and
+    # one that misses the end of the turn goes on with turns the model makes up: they were kept
+    ("A girl smiles.<|im_end|>", "A girl smiles."),
+    ("A girl smiles.</s>", "A girl smiles."),
+    ("A girl smiles.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nNow a longer one.", "A girl smiles."),
+    ("A girl smiles.<|im_end|>\n<|im_start|>user\nWrite a descriptive caption for this image", "A girl smiles."),
+    ("A girl smiles.<end_of_turn>\n<start_of_turn>user", "A girl smiles."),
+    ("A girl<|reserved_special_token_4|> smiles.", "A girl smiles."),
+    ("<|im_start|></s> A girl smiles.<|im_end|>", "A girl smiles."),
 ])
 def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
     from udfs.caption.caption_prompts import clean_reply
@@ -378,7 +387,8 @@ def test_a_long_hostile_reply_is_cleaned_in_linear_time():
     from udfs.caption.caption_prompts import clean_reply
 
     replies = {"\n" * 10_000: "", "\n " * 5_000: "", "*a " * 5_000: ("*a " * 5_000).strip(),
-               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000}
+               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000,
+               "</s>" * 20_000 + "A" + "<|x|>" * 20_000: "A"}
     started = time.perf_counter()
     assert [clean_reply(reply) for reply in replies] == list(replies.values())
     assert time.perf_counter() - started < 1.5

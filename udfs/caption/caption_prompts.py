@@ -67,6 +67,14 @@ OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alrigh
                     r"(?:here(?:['\u2019]s| is)\b[^:\n]{0,200}?\b(?:caption|description)\b[^:\n]{0,200}:\s*)?",
                     re.I)
 HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
+# A server whose chat template or tokenizer config is wrong leaks the model's special tokens; one that
+# misses the end of the turn goes on with turns the model makes up ("<|im_end|><|im_start|>user ...").
+# The reply ends at its first end (or start) of a turn after its first words; other special tokens
+# are taken out.
+END_OF_TURN = re.compile(r"<\|(?:im_end|im_start|eot_id|eom_id|end|endoftext|end_of_text|start_header_id)\|>"
+                         r"|</s>|<(?:end|start)_of_turn>|<eos>")
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,60}\|>")
+LEADING_TOKENS = re.compile(rf"\A(?:\s|{END_OF_TURN.pattern}|{SPECIAL_TOKEN.pattern})*")
 # a code fence's line (```, ```text, ~~~): a caption wrapped in one is the caption inside it
 FENCE = re.compile(r"^[ \t]*(?:```|~~~)[^\n`~]{0,40}$", re.M)
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
@@ -96,7 +104,12 @@ def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what
     chat models wrap it in (REASONING, OPENER, markdown, a CLOSING_NOTE)."""
-    text = REASONING.sub(" ", printable(text or ""))
+    text = printable(text or "")
+    text = text[LEADING_TOKENS.match(text).end():]
+    if end := END_OF_TURN.search(text):
+        text = text[: end.start()]
+    text = SPECIAL_TOKEN.sub("", text)
+    text = REASONING.sub(" ", text)
     text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", FENCE.sub("", text))))
     note = CLOSING_NOTE.search(text)
     if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
