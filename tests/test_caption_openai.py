@@ -441,6 +441,29 @@ def test_a_server_down_for_every_request_is_not_asked_the_rest_of_the_unit():
     assert not outage.down()
 
 
+def test_a_server_rate_limiting_every_request_is_not_asked_the_rest_of_the_unit():
+    """A provider whose quota is spent for the day (Gemini's 429 RESOURCE_EXHAUSTED) answers every
+    request 429 through all its retries: each of a unit's 500 requests took its 5 tries (15 s of
+    backoff at the defaults), 2,500 requests into a limit that told it to stop. As for a server that
+    is down, after 8 such failures in a row the rest of the call is not sent (the next run asks)."""
+    asked = []
+
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        asked.append(body)
+        return 429, {"Retry-After-Ms": "1"}, b'{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}'
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=1, backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.kind for r in results] == ["rate_limited"] * 40
+    assert len(asked) in (16, 18)  # 8 requests of 2 tries (and the one started when the eighth failed)
+    assert sum(str(r).startswith("not sent") for r in results) == 40 - len(asked) // 2
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a

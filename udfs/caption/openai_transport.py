@@ -39,14 +39,15 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # failure whose units the next run does again (they were committed with no caption for good).
 REFUSED_STATUS = frozenset({401, 402, 403, 404})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
-# Failures of a server that does not answer at all: down or hung (after each request's retries).
+# Failures of a server that does not answer at all: down or hung (after each request's retries),
+# or that rate-limits every request through its retries (a quota spent for the day).
 # Once OUTAGE_AFTER of them (or max_concurrency, if more) come in a row, the requests of that
 # chat_many not yet started are not sent: each would take its retries (15 s refused, 10 minutes
 # hung at the defaults), 8 at a time, and a unit of 500 images took 16 minutes to 11 hours to
 # end with every image failed. They fail as the last one did, and the next run asks them again.
-# Not an HTTP status (a 500 may be a request's own, every run: the requests after it would never
-# be asked).
-OUTAGE_KINDS = frozenset({"unreachable", "timeout"})
+# Not a 5xx (a 500 may be a request's own, every run: the requests after it would never be
+# asked); a 429 is never a request's own.
+OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited"})
 OUTAGE_AFTER = 8
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
