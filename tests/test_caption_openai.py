@@ -341,6 +341,24 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     assert results[6] == "A girl with red hair stands in a fie"  # the model stopped there: its caption
 
 
+def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
+    """A reasoning model that spent max_tokens thinking (its <think> block never closed, or the
+    server's reasoning_content with no content) left an `empty_caption` row 'empty reply': nothing
+    said that the budget ran out, nor what to raise."""
+    def cut(message: dict) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", **message},
+                                        "finish_reason": "length"}]}).encode()
+
+    results = replies_in_order([({}, cut({"content": "<think>The tags say red hair, so"}), 0.0),
+                                ({}, cut({"content": None, "reasoning_content": "The tags say red hair, so"}), 0.0),
+                                ({}, cut({"content": "A girl smiles. She"}), 0.0)])
+    for result in results[:2]:
+        assert isinstance(result, EndpointError) and result.kind == "empty_caption"
+        assert "max_tokens cut the reply off before any caption" in str(result)
+        assert "caption.max_tokens" in str(result)
+    assert results[2] == "A girl smiles."
+
+
 @pytest.mark.parametrize("reply, caption", [
     ("<think>The tags say red hair and blue eyes.</think>\n\nEileen smiles.", "Eileen smiles."),
     ("<think>A reasoning block cut off by max_tokens, never closed", ""),

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from udfs.caption.caption_prompts import whole_reply
+from udfs.caption.caption_prompts import REASONING, whole_reply
 from udfs.ingest.sidecars import printable
 
 if TYPE_CHECKING:
@@ -292,7 +292,16 @@ def _reply_text(body: bytes) -> str:
         # OpenAI's API says a model declined in `refusal`, with no content: that was an "empty reply"
         raise EndpointError("refusal", f"the model declined: {printable(declined)[:200]}")
     text = printable(content or "")
-    return whole_reply(text) if finish == "length" else text
+    if finish != "length":
+        return text
+    said = whole_reply(text)
+    if not any(ch.isalnum() for ch in REASONING.sub(" ", said)):
+        # a reasoning model that spent max_tokens thinking: an "empty reply" said nothing of why
+        thought = choice["message"].get("reasoning_content") or choice["message"].get("reasoning") or ""
+        spent = len(text) + (len(thought) if isinstance(thought, str) else 0)
+        raise EndpointError("empty_caption", f"max_tokens cut the reply off before any caption ({spent} characters "
+                                             "of reasoning or nothing): raise caption.max_tokens")
+    return said
 
 
 def _out_of_credit(body: bytes) -> bool:
