@@ -389,6 +389,12 @@ def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
     ("A girl smiles.<end_of_turn>\n<start_of_turn>user", "A girl smiles."),
     ("A girl<|reserved_special_token_4|> smiles.", "A girl smiles."),
     ("<|im_start|></s> A girl smiles.<|im_end|>", "A girl smiles."),
+    # a caption handed back as JSON (a model that answers in JSON, fenced or not) was kept with its braces
+    ('{"caption": "A girl smiles."}', "A girl smiles."),
+    ('```json\n{\n  "description": "A girl smiles."\n}\n```', "A girl smiles."),
+    ('{"Caption": "A girl smiles.", "confidence": 0.9}', "A girl smiles."),
+    ('{"tags": ["1girl"], "mood": "calm"}', '{"tags": ["1girl"], "mood": "calm"}'),  # no caption in it: as it is
+    ("{A girl} smiles.", "{A girl} smiles."),
 ])
 def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
     from udfs.caption.caption_prompts import clean_reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from udfs.caption.template_caption import words_of
@@ -109,8 +110,8 @@ def clean_reply(text: str | None) -> str:
     if end := END_OF_TURN.search(text):
         text = text[: end.start()]
     text = SPECIAL_TOKEN.sub("", text)
-    text = REASONING.sub(" ", text)
-    text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", FENCE.sub("", text))))
+    text = json_caption(FENCE.sub("", REASONING.sub(" ", text)))
+    text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", text)))
     note = CLOSING_NOTE.search(text)
     if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
         text = text[: note.start()]
@@ -125,6 +126,27 @@ def clean_reply(text: str | None) -> str:
     if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text
+
+
+CAPTION_KEYS = ("caption", "description", "text")
+
+
+def json_caption(text: str) -> str:
+    """The caption of a reply that is a JSON object holding one ({"caption": "A girl smiles."},
+    {"description": ...}, or its only text value); any other reply as it is."""
+    said = text.strip()
+    if not (said.startswith("{") and said.endswith("}")):
+        return text
+    try:
+        value = json.loads(said)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(value, dict):
+        return text
+    fields = {str(k).lower(): v for k, v in value.items()}
+    found = [fields[k] for k in CAPTION_KEYS if isinstance(fields.get(k), str)]
+    texts = [v for v in fields.values() if isinstance(v, str)]
+    return found[0] if found else texts[0] if len(texts) == 1 and len(fields) == 1 else text
 
 
 # A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
