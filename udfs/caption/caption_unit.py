@@ -176,6 +176,7 @@ class UnitCaptioner:
     backend = "base"
     needs_tags = True  # the template cannot caption an image without tags; a VLM can
     sees_image = False  # a VLM backend is shown the picture (when send_images is on)
+    model_writes = True  # its captions are a model's replies, checked as such (_acceptable's `model`)
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.ws = Workspace(workspace)
@@ -363,7 +364,7 @@ class UnitCaptioner:
             results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
             done, interrupted = [], set()
             for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
-                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
+                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft, model=self.model_writes):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
                 elif getattr(result, "kind", None) in TRANSIENT_KINDS | UNREADABLE:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
@@ -509,7 +510,9 @@ class UnitCaptioner:
         text = result.strip() if isinstance(result, str) else ""
         if says_a_word(text) and len(text) <= limit:
             loop = repeated_phrase(text) if model else None
-            if loop is None:
+            # a repetition the draft holds (a crowd said clause by clause) is the draft's, not a loop
+            held = repeated_phrase(draft) if loop is not None and draft else None
+            if loop is None or (held is not None and held[1] >= loop[1]):
                 return True
             phrase, times = loop
             errors.append(self._error(row, "repetition", f"{what}: the reply says {phrase[:200]!r} {times} times "
@@ -653,6 +656,7 @@ class TemplateCaptioner(UnitCaptioner):
     """No model: the English template, or the anime_screenshot_pipeline-style tag caption."""
 
     backend = "template"
+    model_writes = False  # its caption is the draft: no refusal, echo nor loop of a model
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)
