@@ -619,3 +619,19 @@ def test_a_crowd_said_clause_by_clause_is_no_loop(tmp_path, vlm):
     finally:
         vlm.reply = staticmethod(reply)
     assert "repetition" not in [e["kind"] for e in errors] and any(r["accepted"] for r in rows)
+
+
+def test_a_rewrite_that_keeps_the_repetition_of_its_caption_is_no_loop(tmp_path):
+    """The rewriter shortening the template's caption of a crowd keeps its clauses ("a girl with
+    black hair, wearing a school uniform; ..." six times): refused as a model stuck in a loop, the
+    rewrite was lost for a `repetition` row. Their repetition is the caption's, not the rewriter's."""
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import TemplateCaptioner
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "rewrite": ""}
+    captioner = TemplateCaptioner(str(tmp_path / "ws"), options)
+    template = captioner.caption_unit(pa.Table.from_pylist([crowd_row()]))[0][0]["caption"]
+    captioner.rewriter = ScriptedRewriter(template.replace("in a classroom", "in class").replace("Six", "6"))
+    rows, errors = captioner.caption_unit(pa.Table.from_pylist([crowd_row()]))
+    assert errors == []
+    assert next(r for r in rows if r["accepted"])["backend"] == "rewrite:smol"

@@ -478,7 +478,7 @@ class UnitCaptioner:
         results = self.rewriter.rewrite([todo[r["_i"]] for r in chosen], [r["caption"] for r in chosen], keep)
         own, done = [], []
         for r, result in zip(chosen, results, strict=True):
-            if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
+            if self._acceptable(todo[r["_i"]], result, "rewrite", errors, written_from=r["caption"]):
                 (own if r["attempt"] == OWN_ATTEMPT else done).append(
                     (r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
@@ -492,9 +492,10 @@ class UnitCaptioner:
         return rows
 
     def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
-                    draft: str | None = None, model: bool = True) -> bool:
+                    draft: str | None = None, model: bool = True, written_from: str | None = None) -> bool:
         """A caption with a word in it, within max_caption_chars; from a model, neither the prompt (or the
-        `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
+        `draft` it gave) handed back nor a refusal nor a loop (one the draft, or the caption a
+        rewrite was `written_from`, holds is none). Else an errors row saying why not (and the
         loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
         # a draft handed back is refused only where captions are scored: the template's caption is
@@ -510,8 +511,10 @@ class UnitCaptioner:
         text = result.strip() if isinstance(result, str) else ""
         if says_a_word(text) and len(text) <= limit:
             loop = repeated_phrase(text) if model else None
-            # a repetition the draft holds (a crowd said clause by clause) is the draft's, not a loop
-            held = repeated_phrase(draft) if loop is not None and draft else None
+            # a repetition the draft (or the caption a rewrite was `written_from`) holds, a crowd
+            # said clause by clause, is that text's, not a loop
+            source = written_from or draft
+            held = repeated_phrase(source) if loop is not None and source else None
             if loop is None or (held is not None and held[1] >= loop[1]):
                 return True
             phrase, times = loop
