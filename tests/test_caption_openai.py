@@ -140,6 +140,36 @@ def test_gives_up_after_max_retries_and_does_not_retry_400(fake):
     assert err.value.kind == "http_error" and len(script.received) == 1
 
 
+def test_a_429_for_an_account_out_of_credit_is_refused_not_retried():
+    """OpenAI says an account is out of credit with a 429 whose error code is insufficient_quota
+    (not a 402): it is so for every request until the account is topped up, as a 402 is, but it
+    was retried as a rate limit (5 tries each, 15 s of backoff, every request of every unit). An
+    ordinary 429 is still retried."""
+    quota = json.dumps({"error": {"message": "You exceeded your current quota, please check your plan and billing "
+                                             "details.", "type": "insufficient_quota", "code": "insufficient_quota"}})
+    asked = []
+
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        asked.append(body)
+        if body["messages"][0]["content"] == "broke":
+            return 429, {"Content-Type": "application/json"}, quota.encode()
+        if len(asked) == 2:
+            return 429, {}, b'{"error": {"code": "rate_limit_exceeded"}}'
+        return 200, {}, completion("ok")
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=4, backoff_s=0.01)
+        with pytest.raises(EndpointError) as err:
+            endpoint.chat([{"role": "user", "content": "broke"}])
+        assert err.value.kind == "endpoint_refused" and len(asked) == 1
+        assert "insufficient_quota" in str(err.value)
+        assert endpoint.chat(MESSAGES) == "ok" and len(asked) == 3  # a rate limit: retried
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_retry_after_as_an_http_date_is_honoured():
     """Retry-After may be an HTTP date (RFC 9110) as well as seconds: a proxy's "come back at
     12:00:10" was ignored, and the retry came after backoff_s (1 s), into the same 429."""
@@ -271,6 +301,23 @@ def test_a_refusal_in_the_refusal_field_is_a_refusal():
     assert results[1] == "A girl."
 
 
+def test_a_reply_the_servers_content_filter_stopped_is_a_refusal():
+    """finish_reason "content_filter" (Azure OpenAI, Gemini's OpenAI API): the service cut the reply
+    off, or gave none. The half-said text ("A girl with red hair takes off her") was accepted as the
+    image's caption, and a reply of nothing was an `empty_caption` 'empty reply', no word of why."""
+    def filtered(content: str | None) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                        "finish_reason": "content_filter"}]}).encode()
+
+    results = replies_in_order([({}, filtered("A girl with red hair takes off her"), 0.0), ({}, filtered(None), 0.0),
+                                ({}, completion("A girl smiles."), 0.0)])
+    assert [getattr(r, "kind", None) for r in results[:2]] == ["refusal", "refusal"]
+    assert str(results[0]) == ("the server's content filter stopped the reply (finish_reason content_filter): "
+                               "'A girl with red hair takes off her'")
+    assert str(results[1]) == "the server's content filter stopped the reply (finish_reason content_filter): ''"
+    assert results[2] == "A girl smiles."
+
+
 def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
     ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after
@@ -294,6 +341,24 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     assert results[6] == "A girl with red hair stands in a fie"  # the model stopped there: its caption
 
 
+def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
+    """A reasoning model that spent max_tokens thinking (its <think> block never closed, or the
+    server's reasoning_content with no content) left an `empty_caption` row 'empty reply': nothing
+    said that the budget ran out, nor what to raise."""
+    def cut(message: dict) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", **message},
+                                        "finish_reason": "length"}]}).encode()
+
+    results = replies_in_order([({}, cut({"content": "<think>The tags say red hair, so"}), 0.0),
+                                ({}, cut({"content": None, "reasoning_content": "The tags say red hair, so"}), 0.0),
+                                ({}, cut({"content": "A girl smiles. She"}), 0.0)])
+    for result in results[:2]:
+        assert isinstance(result, EndpointError) and result.kind == "empty_caption"
+        assert "max_tokens cut the reply off before any caption" in str(result)
+        assert "caption.max_tokens" in str(result)
+    assert results[2] == "A girl smiles."
+
+
 @pytest.mark.parametrize("reply, caption", [
     ("<think>The tags say red hair and blue eyes.</think>\n\nEileen smiles.", "Eileen smiles."),
     ("<think>A reasoning block cut off by max_tokens, never closed", ""),
@@ -311,6 +376,25 @@ def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
      "the collar)."),
     ("A girl with a _long_ scarf ^_^ and >_< faces.", "A girl with a long scarf ^_^ and >_< faces."),  # kaomoji
     ("Here\u2019s a caption for the image: A girl smiles.", "A girl smiles."),
+    # a code fence round the caption (its language named or not) was kept: "``` A girl smiles. ```"
+    ("```\nA girl smiles.\n```", "A girl smiles."),
+    ("Here is the caption:\n```text\nA girl smiles.\nShe waves.\n```", "A girl smiles. She waves."),
+    ("~~~\nA girl smiles.\n~~~", "A girl smiles."),
+    # a server whose chat template or tokenizer config is wrong leaks the model's special tokens, and
+    # one that misses the end of the turn goes on with turns the model makes up: they were kept
+    ("A girl smiles.<|im_end|>", "A girl smiles."),
+    ("A girl smiles.</s>", "A girl smiles."),
+    ("A girl smiles.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nNow a longer one.", "A girl smiles."),
+    ("A girl smiles.<|im_end|>\n<|im_start|>user\nWrite a descriptive caption for this image", "A girl smiles."),
+    ("A girl smiles.<end_of_turn>\n<start_of_turn>user", "A girl smiles."),
+    ("A girl<|reserved_special_token_4|> smiles.", "A girl smiles."),
+    ("<|im_start|></s> A girl smiles.<|im_end|>", "A girl smiles."),
+    # a caption handed back as JSON (a model that answers in JSON, fenced or not) was kept with its braces
+    ('{"caption": "A girl smiles."}', "A girl smiles."),
+    ('```json\n{\n  "description": "A girl smiles."\n}\n```', "A girl smiles."),
+    ('{"Caption": "A girl smiles.", "confidence": 0.9}', "A girl smiles."),
+    ('{"tags": ["1girl"], "mood": "calm"}', '{"tags": ["1girl"], "mood": "calm"}'),  # no caption in it: as it is
+    ("{A girl} smiles.", "{A girl} smiles."),
 ])
 def test_clean_reply_keeps_the_caption_and_drops_what_chat_models_wrap_it_in(reply, caption):
     from udfs.caption.caption_prompts import clean_reply
@@ -327,7 +411,8 @@ def test_a_long_hostile_reply_is_cleaned_in_linear_time():
     from udfs.caption.caption_prompts import clean_reply
 
     replies = {"\n" * 10_000: "", "\n " * 5_000: "", "*a " * 5_000: ("*a " * 5_000).strip(),
-               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000}
+               "_a " * 5_000: ("_a " * 5_000).strip(), "Here is " + "caption " * 5_000: "Here is" + " caption" * 5_000,
+               "</s>" * 20_000 + "A" + "<|x|>" * 20_000: "A"}
     started = time.perf_counter()
     assert [clean_reply(reply) for reply in replies] == list(replies.values())
     assert time.perf_counter() - started < 1.5
@@ -378,6 +463,29 @@ def test_a_server_down_for_every_request_is_not_asked_the_rest_of_the_unit():
     for result in [EndpointError("server_error", "")] * 20:
         outage.saw(result)
     assert not outage.down()
+
+
+def test_a_server_rate_limiting_every_request_is_not_asked_the_rest_of_the_unit():
+    """A provider whose quota is spent for the day (Gemini's 429 RESOURCE_EXHAUSTED) answers every
+    request 429 through all its retries: each of a unit's 500 requests took its 5 tries (15 s of
+    backoff at the defaults), 2,500 requests into a limit that told it to stop. As for a server that
+    is down, after 8 such failures in a row the rest of the call is not sent (the next run asks)."""
+    asked = []
+
+    def respond(body: dict) -> tuple[int, dict, bytes]:
+        asked.append(body)
+        return 429, {"Retry-After-Ms": "1"}, b'{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}'
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=1, backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.kind for r in results] == ["rate_limited"] * 40
+    assert len(asked) in (16, 18)  # 8 requests of 2 tries (and the one started when the eighth failed)
+    assert sum(str(r).startswith("not sent") for r in results) == 40 - len(asked) // 2
 
 
 def test_timeout_bounds_the_whole_reply_not_each_read():
@@ -763,6 +871,59 @@ def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
     accepted = [r for r in workspace.read_table("captions").to_pylist() if r["accepted"]]
     assert len(accepted) == 5 and {(r["attempt"], r["caption"]) for r in accepted} == {(2, "A girl smiles.")}
     assert summary.errors_by_kind == {"empty_caption": 10}
+
+
+LOOPS = {  # by attempt (the request's seed): a model stuck repeating itself until max_tokens
+    0: "A girl with red hair smiles, " * 120,
+    1: "A girl with red hair and " + "smiling " * 300,
+    2: "A girl with red hair smiles. She stands in a field. " * 3,
+}
+
+
+@pytest.mark.parametrize("text, looped", [
+    *[(text, True) for text in LOOPS.values()],
+    ("\u5c11\u5973\u304c\u7b11\u3046\u3002" * 40, True),  # a sentence in a script without spaces
+    ("A girl with red hair smiles. She stands in a field.", False),
+    ("A sign reads 'no no no no no' above a girl who says ha ha ha.", False),
+    ("She wears a red, red, red scarf, very very long, and a hat. " + "A long calm caption of many words "
+     "describing a quiet street at night, lamps and wet stones, a cat on a wall, and a girl with an umbrella "
+     "who walks past shops whose windows glow orange. " * 1, False),
+])
+def test_a_reply_stuck_in_a_loop_is_told_from_a_caption(text, looped):
+    from udfs.caption.caption_unit import repeated_phrase
+
+    assert (repeated_phrase(text) is not None) == looped
+
+
+def test_a_reply_stuck_in_a_loop_is_no_caption(ray_local, workspace, config):
+    """A model stuck in a loop ("A girl with red hair smiles, A girl with red hair smiles, ..." until
+    max_tokens) was accepted as the caption of every image (3,479 characters, under
+    max_caption_chars; not scored, a model not shown the image) and exported as KEY.txt. It is a
+    `repetition` errors row now, and the loop-back asks again."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    def reply(seed: int) -> bytes:
+        return json.dumps({"choices": [{"message": {"role": "assistant", "content": LOOPS.get(seed, "A girl smiles.")},
+                                        "finish_reason": "length" if seed in LOOPS else "stop"}]}).encode()
+
+    server, url = answer_with(lambda body: (200, {}, reply(body["seed"])))
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": url, "model": "m", "send_images": False, "max_attempts": 4, "seed": 0,
+            "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+        summary = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    accepted = [r for r in workspace.read_table("captions").to_pylist() if r["accepted"]]
+    assert len(accepted) == 5 and {(r["attempt"], r["caption"]) for r in accepted} == {(3, "A girl smiles.")}
+    assert summary.errors_by_kind == {"repetition": 15}
+    message = next(e["message"] for e in workspace.read_table("errors").to_pylist() if e["kind"] == "repetition")
+    assert message.startswith("attempt 0: the reply says 'a girl with red hair smiles' 120 times in a row")
 
 
 def test_an_image_that_cannot_be_read_is_not_read_again_for_each_attempt(fake, ray_local, workspace, config):

@@ -555,6 +555,17 @@ def test_a_rewrite_of_a_template_caption_is_not_scored_as_built_from_tags_and_a_
     ("I\u2019m sorry, but I can\u2019t help with identifying people in images.", True),  # curly apostrophes
     ("I\u2019m unable to describe this image.", True),
     ("Immature trees line the path.", False),
+    # phrasings chat models decline with that were accepted as captions (a loopback server's replies)
+    ("I'm afraid I can't describe this image.", True),
+    ("Sorry. I can't help with that request.", True),
+    ("Sorry \u2014 I can't help with that.", True),
+    ("My apologies, but I cannot provide a caption for this image.", True),
+    ("Apologies, but I can't assist with that.", True),
+    ("I do not feel comfortable describing this image.", True),
+    ("I\u2019m not comfortable writing a caption for this image.", True),
+    ("Unfortunately I cannot describe this image.", True),
+    ("Sorry signs hang over the door.", False),
+    ("Apologies are written on a card.", False),
 ])
 def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
     from udfs.caption.caption_prompts import refusal
@@ -577,3 +588,50 @@ def test_the_tags_digest_is_of_the_image_tags_before_its_traits_are_stripped(vlm
     finally:
         vlm.opts, vlm.reply = options, staticmethod(reply)
     assert captions and all(r["tags_digest"] == tags_digest(IMAGE_TAGS) for r in captions)
+
+
+def crowd_row() -> dict:
+    """Six girls the detector found in one third and one quadrant (no place tells them apart), each
+    with the same hair and clothes: the template writes the same clause six times."""
+    person = {"tags": ["black_hair", "school_uniform"], "categories": ["general", "general"],
+              "position": "centre", "quadrant": "top left"}
+    tags = ["6+girls", "black_hair", "school_uniform", "classroom"]
+    return {**input_row(key="a/crowd", tagger=False), "tags": tags, "categories": ["general"] * 4, "n_people": 6,
+            "characters": [], "persons": [person] * 6}
+
+
+def test_a_crowd_said_clause_by_clause_is_no_loop(tmp_path, vlm):
+    """The repetition check (a model stuck in a loop) refused the template's own caption of a crowd
+    ("a girl with black hair, wearing a school uniform; a girl with ..." six times): the image got
+    no caption at all. The template is no model; and a VLM's caption that keeps a repetition its
+    draft holds is the draft's words, not a loop."""
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import TemplateCaptioner, repeated_phrase
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "rewrite": ""}
+    rows, errors = TemplateCaptioner(str(tmp_path / "ws"), options).caption_unit(pa.Table.from_pylist([crowd_row()]))
+    assert errors == [] and len(rows) == 1 and rows[0]["accepted"]
+    assert repeated_phrase(rows[0]["caption"]) is not None  # the template's caption repeats its clause
+    reply = vlm.reply
+    vlm.reply = staticmethod(lambda hint, draft: "In a classroom, " + draft[0].lower() + draft[1:])
+    try:
+        rows, errors = vlm.caption_unit(pa.Table.from_pylist([crowd_row()]))
+    finally:
+        vlm.reply = staticmethod(reply)
+    assert "repetition" not in [e["kind"] for e in errors] and any(r["accepted"] for r in rows)
+
+
+def test_a_rewrite_that_keeps_the_repetition_of_its_caption_is_no_loop(tmp_path):
+    """The rewriter shortening the template's caption of a crowd keeps its clauses ("a girl with
+    black hair, wearing a school uniform; ..." six times): refused as a model stuck in a loop, the
+    rewrite was lost for a `repetition` row. Their repetition is the caption's, not the rewriter's."""
+    from jobs.config import load_config
+    from udfs.caption.caption_unit import TemplateCaptioner
+
+    options = {**load_config()["caption"], "region_overlap": 0.1, "rewrite": ""}
+    captioner = TemplateCaptioner(str(tmp_path / "ws"), options)
+    template = captioner.caption_unit(pa.Table.from_pylist([crowd_row()]))[0][0]["caption"]
+    captioner.rewriter = ScriptedRewriter(template.replace("in a classroom", "in class").replace("Six", "6"))
+    rows, errors = captioner.caption_unit(pa.Table.from_pylist([crowd_row()]))
+    assert errors == []
+    assert next(r for r in rows if r["accepted"])["backend"] == "rewrite:smol"

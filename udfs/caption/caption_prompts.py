@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from udfs.caption.template_caption import words_of
@@ -57,7 +58,7 @@ def rewrite_messages(caption: str, keep: list[str], template: str = REWRITE_PROM
 
 # What chat models wrap a caption in, none of it caption: a reasoning block (one never closed,
 # cut off by max_tokens, runs to the end), an opener ("Sure! Here is a caption for the image:"),
-# markdown (headings, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
+# markdown (headings, code fences, bullet marks, emphasis), a closing note ("Note: ...", "Let me know ...").
 REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(?:</\1>|\Z)", re.S | re.I)
 # Each part of a pattern that could scan a long reply is bounded (an opener's words, an emphasised
 # phrase) or starts once per place (a note's spaces): a server's reply of 10,000 newlines or of
@@ -67,6 +68,16 @@ OPENER = re.compile(r"\A(?:(?:sure|certainly|of course|okay|ok|absolutely|alrigh
                     r"(?:here(?:['\u2019]s| is)\b[^:\n]{0,200}?\b(?:caption|description)\b[^:\n]{0,200}:\s*)?",
                     re.I)
 HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), no part of the caption
+# A server whose chat template or tokenizer config is wrong leaks the model's special tokens; one that
+# misses the end of the turn goes on with turns the model makes up ("<|im_end|><|im_start|>user ...").
+# The reply ends at its first end (or start) of a turn after its first words; other special tokens
+# are taken out.
+END_OF_TURN = re.compile(r"<\|(?:im_end|im_start|eot_id|eom_id|end|endoftext|end_of_text|start_header_id)\|>"
+                         r"|</s>|<(?:end|start)_of_turn>|<eos>")
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,60}\|>")
+LEADING_TOKENS = re.compile(rf"\A(?:\s|{END_OF_TURN.pattern}|{SPECIAL_TOKEN.pattern})*")
+# a code fence's line (```, ```text, ~~~): a caption wrapped in one is the caption inside it
+FENCE = re.compile(r"^[ \t]*(?:```|~~~)[^\n`~]{0,40}$", re.M)
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
 # a letter or digit right inside the marks: "^_^" and ">_<" are kaomoji, not emphasis
 EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.{0,500}?[^\s_])?)\1(?!\w)")
@@ -94,7 +105,12 @@ def clean_reply(text: str | None) -> str:
     """A model's reply as a one-paragraph caption (no surrounding quotes, labels or blank lines,
     no control characters; half a UTF-16 pair, which Parquet cannot hold, as "?"), without what
     chat models wrap it in (REASONING, OPENER, markdown, a CLOSING_NOTE)."""
-    text = REASONING.sub(" ", printable(text or ""))
+    text = printable(text or "")
+    text = text[LEADING_TOKENS.match(text).end():]
+    if end := END_OF_TURN.search(text):
+        text = text[: end.start()]
+    text = SPECIAL_TOKEN.sub("", text)
+    text = json_caption(FENCE.sub("", REASONING.sub(" ", text)))
     text = EMPHASIS.sub(r"\2", LINE_MARKS.sub("", HEADING.sub("", text)))
     note = CLOSING_NOTE.search(text)
     if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
@@ -112,10 +128,34 @@ def clean_reply(text: str | None) -> str:
     return text
 
 
+CAPTION_KEYS = ("caption", "description", "text")
+
+
+def json_caption(text: str) -> str:
+    """The caption of a reply that is a JSON object holding one ({"caption": "A girl smiles."},
+    {"description": ...}, or its only text value); any other reply as it is."""
+    said = text.strip()
+    if not (said.startswith("{") and said.endswith("}")):
+        return text
+    try:
+        value = json.loads(said)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(value, dict):
+        return text
+    fields = {str(k).lower(): v for k, v in value.items()}
+    found = [fields[k] for k in CAPTION_KEYS if isinstance(fields.get(k), str)]
+    texts = [v for v in fields.values() if isinstance(v, str)]
+    return found[0] if found else texts[0] if len(texts) == 1 and len(fields) == 1 else text
+
+
 # A model declining: never a caption, however it scores ("I am sorry, but as an AI I cannot ...").
-REFUSAL = re.compile(r"\A\W*(?:i'?m sorry|i'?m (?:unable|not able)\b|i am sorry|sorry, (?:but )?i"
-                     r"|i apologi[sz]e|unfortunately, i"
-                     r"|i (?:cannot|can't|can not|am unable|'m unable|won't|will not)\b)"
+# Only at the start of the reply (or "as an AI, I" anywhere): a caption may well hold "sorry" or
+# "cannot". "Sorry" and "apologies" decline only when "I" follows ("Sorry. I can't", "My apologies,
+# but I cannot"; "Sorry signs hang over the door" is a caption).
+REFUSAL = re.compile(r"\A\W*(?:(?:i'?m|i am) (?:sorry|afraid|unable|not able|not comfortable)\b"
+                     r"|(?:sorry|(?:my )?apologies)\W+(?:but\W+)?i\b|i apologi[sz]e|unfortunately\W+i\b"
+                     r"|i (?:cannot|can't|can not|won't|will not|do not feel|don't feel)\b)"
                      r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
 
 

@@ -153,14 +153,17 @@ class ReplayCaptioner(UnitCaptioner):
         endpoint = getattr(self.rewriter, "endpoint", None)
         return [endpoint] if endpoint is not None else []
 
-    def settle(self, unit: str, path: str, previous: list[str] = ()) -> dict:
+    def settle(self, unit: str, path: str, previous: list[str] = (), first: bool = False) -> dict:
         """Commit the unit (its rows in the job's staged file `path`) if its replies are all there:
         {"unit", "info"}; else write the requests it lacks: {"unit", "stage", "requests", "path"}.
+        Both say in "earlier" how many requests the replies of an earlier run (killed, or one a
+        passing failure left the unit to) answered, at the `first` settle of this run.
         An `openai` rewriter asks through the unit's reply cache, as in the openai backend: what a
         killed run or the `previous` units it replaces got is not asked again."""
         self.unit = unit
         table = read_unit_rows(self.ws, path)
         self.replies = read_replies(self.ws, unit)
+        earlier = sum(bool(r["request"]) for r in self.replies.values()) if first else 0
         cache, asked = self.keep_replies(unit, list(previous)), self.request_counts()
         need = None
         try:  # the regions are asked for with the first attempt: one round of the stream for both
@@ -174,14 +177,15 @@ class ReplayCaptioner(UnitCaptioner):
         if need is not None:
             requests = f"{self.ws.base}/{STREAM}/{unit}/requests/{need.stage}.parquet"
             self.ws.write_parquet(requests, pa.Table.from_pylist(need.requests, REQUEST_SCHEMA))
-            return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests}
+            return {"unit": unit, "stage": need.stage, "requests": len(need.requests), "path": requests,
+                    "earlier": earlier}
         errors += region_errors
         info = unit_info(table, captions, errors, 0.0, len(regions))
         info["requests"] = dict(self.request_counts() - asked)  # the openai rewriter's (the driver adds the stream's)
         self.keep_for_later(unit, table, cache)
         self.commit(unit, captions, errors, regions, info)
         self.forget_replies(unit, info)
-        return {"unit": unit, "info": info}
+        return {"unit": unit, "info": info, "earlier": earlier}
 
     def keep_for_later(self, unit: str, table: pa.Table, cache: ReplyCache | None) -> None:
         """Before the unit commits: its replies by request digest, with its images' key range, in its
@@ -297,8 +301,8 @@ class UnitSettler:
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.captioner = ReplayCaptioner(workspace, options)
 
-    def settle(self, unit: str, path: str, previous: list[str]) -> dict:
-        return self.captioner.settle(unit, path, previous)
+    def settle(self, unit: str, path: str, previous: list[str], first: bool) -> dict:
+        return self.captioner.settle(unit, path, previous, first)
 
 
 class StreamDriver:
@@ -318,6 +322,7 @@ class StreamDriver:
         self.requests: list[dict] = []
         self.infos: list[dict] = []
         self._next = 0
+        self.settled: set[str] = set()  # units settled at least once in this run
 
     def run(self) -> list[dict]:
         remove_stale_streams(self.ws, set(self.inputs))
@@ -337,7 +342,9 @@ class StreamDriver:
     def settle(self, unit: str) -> None:
         settler = self.settlers[self._next % len(self.settlers)]
         self._next += 1
-        self.in_flight[settler.settle.remote(unit, self.inputs[unit], self.previous.get(unit, []))] = unit
+        first = unit not in self.settled
+        self.settled.add(unit)
+        self.in_flight[settler.settle.remote(unit, self.inputs[unit], self.previous.get(unit, []), first)] = unit
 
     def harvest(self, wait: bool) -> None:
         """Collect settled units (all of them when `wait`): commits counted, requests kept for the next round."""
@@ -349,6 +356,9 @@ class StreamDriver:
             for ref in ready:
                 del self.in_flight[ref]
                 result = ray.get(ref)
+                # requests the replies of an earlier run answered: "kept from an earlier run", as in
+                # the openai backend (they were counted only where a replaced unit kept them)
+                self.asked.setdefault(result["unit"], Counter()).update(reused=result.pop("earlier", 0))
                 if "info" in result:
                     # what this run asked for it (its summary's requests): the stream's, the openai rewriter's
                     requests = Counter(result["info"].get("requests") or {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 import uuid
 import zlib
@@ -175,6 +176,7 @@ class UnitCaptioner:
     backend = "base"
     needs_tags = True  # the template cannot caption an image without tags; a VLM can
     sees_image = False  # a VLM backend is shown the picture (when send_images is on)
+    model_writes = True  # its captions are a model's replies, checked as such (_acceptable's `model`)
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         self.ws = Workspace(workspace)
@@ -362,7 +364,7 @@ class UnitCaptioner:
             results = self.caption([todo[i] for i in pending], hints, attempt_drafts, attempt)
             done, interrupted = [], set()
             for i, hint, draft, result in zip(pending, hints, attempt_drafts, results, strict=True):
-                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft):
+                if self._acceptable(todo[i], result, f"attempt {attempt}", errors, draft, model=self.model_writes):
                     done.append((i, hint.seed, self._text(todo[i], result), self.backend_name(todo[i])))
                 elif getattr(result, "kind", None) in TRANSIENT_KINDS | UNREADABLE:
                     # not a poor caption: the next run asks this attempt again (its unit is redone,
@@ -476,7 +478,7 @@ class UnitCaptioner:
         results = self.rewriter.rewrite([todo[r["_i"]] for r in chosen], [r["caption"] for r in chosen], keep)
         own, done = [], []
         for r, result in zip(chosen, results, strict=True):
-            if self._acceptable(todo[r["_i"]], result, "rewrite", errors):
+            if self._acceptable(todo[r["_i"]], result, "rewrite", errors, written_from=r["caption"]):
                 (own if r["attempt"] == OWN_ATTEMPT else done).append(
                     (r["_i"], r["seed"], self._text(todo[r["_i"]], result), f"rewrite:{self.rewriter.name}"))
         attempt = max((r["attempt"] for r in attempts), default=-1) + 1
@@ -490,9 +492,10 @@ class UnitCaptioner:
         return rows
 
     def _acceptable(self, row: dict, result: str | Exception | None, what: str, errors: list[dict],
-                    draft: str | None = None, model: bool = True) -> bool:
+                    draft: str | None = None, model: bool = True, written_from: str | None = None) -> bool:
         """A caption with a word in it, within max_caption_chars; from a model, neither the prompt (or the
-        `draft` it gave) handed back nor a refusal. Else an errors row saying why not (and the
+        `draft` it gave) handed back nor a refusal nor a loop (one the draft, or the caption a
+        rewrite was `written_from`, holds is none). Else an errors row saying why not (and the
         loop-back asks again)."""
         limit = int(self.opts["max_caption_chars"])
         # a draft handed back is refused only where captions are scored: the template's caption is
@@ -507,7 +510,17 @@ class UnitCaptioner:
             return False
         text = result.strip() if isinstance(result, str) else ""
         if says_a_word(text) and len(text) <= limit:
-            return True
+            loop = repeated_phrase(text) if model else None
+            # a repetition the draft (or the caption a rewrite was `written_from`) holds, a crowd
+            # said clause by clause, is that text's, not a loop
+            source = written_from or draft
+            held = repeated_phrase(source) if loop is not None and source else None
+            if loop is None or (held is not None and held[1] >= loop[1]):
+                return True
+            phrase, times = loop
+            errors.append(self._error(row, "repetition", f"{what}: the reply says {phrase[:200]!r} {times} times "
+                                                         "in a row (a model stuck in a loop)"))
+            return False
         if len(text) > limit:
             errors.append(self._error(row, "caption_too_long",
                                       f"{what}: {len(text)} characters > max_caption_chars {limit}"))
@@ -536,6 +549,35 @@ def says_a_word(text: str) -> bool:
     """Whether a caption holds a letter or a digit, in any script: "... !!! ???" or a zero-width
     space is no caption."""
     return any(ch.isalnum() for ch in text)
+
+
+# A phrase said at least LOOP_REPEATS times back to back, and LOOP_WORDS words or more in all, is a
+# model stuck in a loop until max_tokens ("A girl smiles, A girl smiles, ..."), not a caption: no
+# caption says "smiling" 24 times in a row or one sentence three times over, while "no no no" or
+# "very very long" stay captions.
+LOOP_REPEATS, LOOP_WORDS = 3, 24
+
+
+def repeated_phrase(text: str) -> tuple[str, int] | None:
+    """(the phrase, how many times in a row) where `text` repeats one phrase over and over; else None."""
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < LOOP_WORDS:
+        return None
+    ids = np.unique(words, return_inverse=True)[1]
+    for period in range(1, len(words) // LOOP_REPEATS + 1):
+        # words[i + period] == words[i] for a run of k words: the phrase of `period` words from i
+        # is said k // period + 1 times in a row
+        same = np.concatenate(([False], ids[period:] == ids[:-period], [False]))
+        edges = np.flatnonzero(same[1:] != same[:-1])
+        starts, runs = edges[::2], edges[1::2] - edges[::2]
+        if not len(runs):
+            continue
+        longest = int(np.argmax(runs))
+        times = int(runs[longest]) // period + 1
+        if times >= LOOP_REPEATS and times * period >= LOOP_WORDS:
+            start = int(starts[longest])
+            return " ".join(words[start:start + period]), times
+    return None
 
 
 def _rewrite_wins(rewrite: dict, original: dict, tolerance: float, target: float) -> bool:
@@ -617,6 +659,7 @@ class TemplateCaptioner(UnitCaptioner):
     """No model: the English template, or the anime_screenshot_pipeline-style tag caption."""
 
     backend = "template"
+    model_writes = False  # its caption is the draft: no refusal, echo nor loop of a model
 
     def __init__(self, workspace: str, options: dict[str, Any]) -> None:
         super().__init__(workspace, options)

@@ -7,7 +7,8 @@ of requests in flight. The API key comes from an environment variable and never 
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
 completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
-max_tokens cut off (finish_reason "length") ends after its last whole sentence.
+max_tokens cut off (finish_reason "length") ends after its last whole sentence; one the service's
+content filter stopped (finish_reason "content_filter") is a refusal.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from udfs.caption.caption_prompts import whole_reply
+from udfs.caption.caption_prompts import REASONING, whole_reply
 from udfs.ingest.sidecars import printable
 
 if TYPE_CHECKING:
@@ -38,14 +39,15 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # failure whose units the next run does again (they were committed with no caption for good).
 REFUSED_STATUS = frozenset({401, 402, 403, 404})
 MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
-# Failures of a server that does not answer at all: down or hung (after each request's retries).
+# Failures of a server that does not answer at all: down or hung (after each request's retries),
+# or that rate-limits every request through its retries (a quota spent for the day).
 # Once OUTAGE_AFTER of them (or max_concurrency, if more) come in a row, the requests of that
 # chat_many not yet started are not sent: each would take its retries (15 s refused, 10 minutes
 # hung at the defaults), 8 at a time, and a unit of 500 images took 16 minutes to 11 hours to
 # end with every image failed. They fail as the last one did, and the next run asks them again.
-# Not an HTTP status (a 500 may be a request's own, every run: the requests after it would never
-# be asked).
-OUTAGE_KINDS = frozenset({"unreachable", "timeout"})
+# Not a 5xx (a 500 may be a request's own, every run: the requests after it would never be
+# asked); a 429 is never a request's own.
+OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited"})
 OUTAGE_AFTER = 8
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
@@ -117,7 +119,7 @@ class ChatEndpoint:
                 if status == 200:
                     return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
-                if status in REFUSED_STATUS:
+                if status in REFUSED_STATUS or (status == 429 and _out_of_credit(body)):
                     raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
                 if status not in RETRY_STATUS:
                     raise EndpointError("http_error", last)
@@ -279,12 +281,37 @@ def _reply_text(body: bytes) -> str:
                           if isinstance(part, dict) and part.get("type") == "text")
     if content is not None and not isinstance(content, str):
         raise EndpointError("bad_reply", f"the reply's content is a {type(content).__name__}, not text")
+    if finish == "content_filter":
+        # the service's filter (Azure OpenAI, Gemini) stopped the reply: what came is half a
+        # caption, or nothing; the model (its service) declined
+        said = printable(content or "")[:200]
+        raise EndpointError("refusal", f"the server's content filter stopped the reply (finish_reason "
+                                       f"content_filter): {said!r}")
     declined = choice["message"].get("refusal")
     if not content and isinstance(declined, str) and declined.strip():
         # OpenAI's API says a model declined in `refusal`, with no content: that was an "empty reply"
         raise EndpointError("refusal", f"the model declined: {printable(declined)[:200]}")
     text = printable(content or "")
-    return whole_reply(text) if finish == "length" else text
+    if finish != "length":
+        return text
+    said = whole_reply(text)
+    if not any(ch.isalnum() for ch in REASONING.sub(" ", said)):
+        # a reasoning model that spent max_tokens thinking: an "empty reply" said nothing of why
+        thought = choice["message"].get("reasoning_content") or choice["message"].get("reasoning") or ""
+        spent = len(text) + (len(thought) if isinstance(thought, str) else 0)
+        raise EndpointError("empty_caption", f"max_tokens cut the reply off before any caption ({spent} characters "
+                                             "of reasoning or nothing): raise caption.max_tokens")
+    return said
+
+
+def _out_of_credit(body: bytes) -> bool:
+    """Whether a 429 says the account is out of credit: OpenAI's error code insufficient_quota, so
+    for every request until the account is topped up (a 402 elsewhere), not a rate limit."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def _excerpt(body: bytes) -> str:
