@@ -42,6 +42,7 @@ from udfs.caption.caption_unit import PICTURES_IN_DIGEST
 from udfs.caption.related_tags import suggest_units_task
 from udfs.caption.reply_cache import move_replies, remove_replies, reply_range, units_with_replies
 from udfs.curate import tag_rules
+from udfs.ingest.sidecars import RATINGS
 
 SQL = REPO / "sql"
 BACKENDS = ("template", "openai", "vllm")
@@ -125,8 +126,23 @@ def check_options(opts: dict) -> None:
         raise ConfigError('caption.rewrite = "vllm" is a pass of the vllm backend\'s stream: use backend "vllm", '
                           'or rewrite "openai" (any OpenAI-compatible server, vllm serve included)')
     check_quality_bands(opts["quality_bands"])
+    check_names(opts)
     check_urls(opts)
     check_prompts(opts)
+
+
+def check_names(opts: dict) -> None:
+    """The tag categories and ratings the options name are ones the tables hold: a misspelt one
+    matched nothing, without a word (score_categories "characters" scored every caption without
+    its characters; route_ratings "nsfw" sent every explicit image to the main endpoint)."""
+    categories = sorted(set(tag_rules.CATEGORY_NAMES.values()))
+    ratings = list(dict.fromkeys(RATINGS.values()))
+    for option, known in (("score_categories", categories), ("rewrite_keep_categories", categories),
+                          ("route_ratings", ratings)):
+        unknown = [name for name in opts[option] if name not in known]
+        if unknown:
+            raise ConfigError(f"caption.{option}: no {'rating' if option == 'route_ratings' else 'tag category'} "
+                              f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})")
 
 
 def check_prompts(opts: dict) -> None:

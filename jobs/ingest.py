@@ -183,7 +183,8 @@ READ_BETTER = {3: dict.fromkeys(SHARD_DAMAGE), 4: dict.fromkeys(SHARD_DAMAGE),
                7: {}, 8: {}, 9: {}, 10: {},
                11: {},  # OS files (._NAME, .DS_Store) no samples: accounting only, as for 6
                12: {},  # a zero-byte video's row says empty_file: its kind only
-               13: {}}  # JSON sidecars read better (a lone tag_string, a row for none read): as for 7-10
+               13: {},  # JSON sidecars read better (a lone tag_string, a row for none read): as for 7-10
+               14: {}}  # escaped backslashes in tag lists read better: as for 7-10
 
 
 def read_damaged_again(ws: Workspace, units: list[Unit], markers: dict[str, dict]

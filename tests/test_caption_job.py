@@ -289,6 +289,23 @@ def test_an_endpoint_url_without_its_scheme_is_refused_before_any_request(worksp
     assert workspace.done_units("caption") == {}
 
 
+@pytest.mark.parametrize(("options", "named"), [
+    ({"score_categories": ["general", "characters"]}, r"caption\.score_categories.*'characters'"),
+    ({"rewrite_keep_categories": ["character", "Copyright"]}, r"caption\.rewrite_keep_categories.*'Copyright'"),
+    ({"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "route_base_url": "http://127.0.0.1:9/v1",
+      "route_model": "m", "route_ratings": ["nsfw", "explicit"]}, r"caption\.route_ratings.*'nsfw'"),
+])
+def test_a_tag_category_or_rating_that_does_not_exist_is_refused_before_any_caption(workspace, config, options,
+                                                                                       named):
+    """A misspelt category or rating matched no tag and no image, without a word: "characters"
+    scored captions without their characters, and route_ratings = ["nsfw"] sent every explicit
+    image to the main endpoint (export.tag_category_order refused the same names)."""
+    write_inputs(workspace)
+    with pytest.raises(ConfigError, match=named):
+        caption.run(configure(config, **options), workspace)
+    assert workspace.done_units("caption") == {}
+
+
 @pytest.mark.parametrize("options", [
     {"prompt": 'Answer as JSON: {"caption": "..."}\n{tag_block}'},  # literal braces: {{ and }}
     {"prompt": "Tags: {tags}\nDraft: {draft}"},  # no such field

@@ -350,3 +350,16 @@ def test_a_caption_edited_in_review_wins_over_the_region_captions(workspace):
     assert edited["txt"] == "Lucy with black hair." and json.loads(edited["json"])["text_from"] == "caption"
     assert generated["txt"] == "top left: Eileen with red hair" and json.loads(generated["json"])["text_from"] == \
         "regions"
+
+
+def test_an_excluded_tag_written_as_the_escaped_key_txt_spells_it_is_left_out():
+    """exclude_tags takes a tag as KEY.txt spells it: with escape_parentheses that is `\\\\m/` for
+    `\\m/`, which was not left out (only `\\(` and `\\)` were taken back)."""
+    options = {"tag_underscores": False, "tag_category_order": [], "tag_sort": "rank", "exclude_tag_categories": [],
+               "exclude_tags": [], "escape_parentheses": True, "keep_tokens": 0, "keep_tokens_separator": "",
+               "clip_token_budget": 0}
+    tags, categories = ["1girl", "\\m/", "\\(^o^)/"], ["general"] * 3
+    written = TagTextRules.from_options(options).text(tags, categories, [1.0] * 3)
+    assert written == "1girl, \\\\m/, \\\\\\(^o^\\)/"
+    excluded = TagTextRules.from_options({**options, "exclude_tags": written.split(", ")[1:]})
+    assert excluded.text(tags, categories, [1.0] * 3) == "1girl"

@@ -259,3 +259,18 @@ def test_a_json_sidecar_with_an_empty_field_read_is_no_error(text):
     from udfs.ingest.sidecars import parse_sidecar
 
     parse_sidecar("json", text)
+
+
+def test_a_tag_list_written_with_prompt_escapes_gives_the_tags_it_escapes():
+    """imgutils' tags_to_text (use_escape, its default) writes `\\m/` as `\\\\m/` and `\\(^o^)/`
+    as `\\\\\\(^o^\\)/`: only `\\(` and `\\)` were taken back, so such a tag was read with a
+    doubled backslash (another tag than Danbooru's) and the export, escaping it again, wrote four."""
+    from imgutils.tagging import tags_to_text
+
+    from udfs.ingest.sidecars import parse_sidecar
+
+    tags = ["\\m/", "\\(^o^)/", "star_(symbol)", ":\\"]
+    text = tags_to_text(dict.fromkeys(tags, 1.0), use_spaces=True, use_escape=True)
+    assert sorted(t for t, _ in parse_sidecar("txt", text)[0]) == sorted(tags)  # in its order of scores
+    # a backslash before anything else stays: `\m/` in a .tags file is the tag itself
+    assert [t for t, _ in parse_sidecar("tags", "\\m/ star_(symbol)")[0]] == ["\\m/", "star_(symbol)"]

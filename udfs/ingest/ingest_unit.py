@@ -83,8 +83,9 @@ def ingest_units(items: list[dict], workspace: str, options: dict) -> list[dict]
 # `creator:`, `series:`, `studio:` prefixes are the artist and copyright categories; 11: the files
 # an operating system leaves (`._NAME`, `.DS_Store`, `Thumbs.db`) are ignored members, no samples;
 # 12: a zero-byte video is an empty_file (it was a corrupt_clip); 13: a JSON sidecar's Danbooru
-# `tag_string` alone gives tags, and one with no field read is a sidecar_json row
-READER_VERSION = 13
+# `tag_string` alone gives tags, and one with no field read is a sidecar_json row; 14: a tag list's
+# escaped backslash (`\\m/`, as imgutils writes `\m/`) is a backslash, as `\(` was already `(`
+READER_VERSION = 14
 
 
 def limits_digest(options: dict, **more: object) -> str:

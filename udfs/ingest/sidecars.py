@@ -240,14 +240,17 @@ def cleaned_tags(tags: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], li
 # in no Danbooru tag, and they make two tags of one that looks the same
 FORMAT_CHARACTERS = re.compile(r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 WHITESPACE = re.compile(r"\s+")
+# prompt syntax's escapes, as imgutils' tags_to_text writes them: `\(`, `\)` and `\\` (a tag
+# such as `\m/` or `\(^o^)/`), taken back in one pass from the left: `\\\(` is `\(`
+PROMPT_ESCAPE = re.compile(r"\\([\\()])")
 
 
 def normalize_tag(tag: str) -> str:
-    """Danbooru form: lower case, underscores, prompt escapes `\\(` removed; one Unicode form
+    """Danbooru form: lower case, underscores, prompt escapes (`\\(`, `\\)`, `\\\\`) removed; one Unicode form
     (NFC: `é` typed as e + a combining accent is `é`), no invisible format characters."""
     if not tag.isascii():  # ASCII is in NFC and holds no format character
         tag = unicodedata.normalize("NFC", FORMAT_CHARACTERS.sub("", tag))
-    tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
+    tag = PROMPT_ESCAPE.sub(r"\1", tag.strip())
     return WHITESPACE.sub("_", tag).lower()
 
 
