@@ -62,7 +62,8 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
         known = ", ".join(sorted(set(registry.values()))) or "none"
         raise ConfigError(f"no input {input_id!r} in this workspace (its inputs: {known}; "
                           "`booruset inputs` lists them)")
-    if INGEST in ws.holds():
+    held = INGEST in ws.holds()
+    if held and not ws.holds_by_input(INGEST):  # a hold of an earlier version: all inputs or none
         raise WorkspaceError("an ingest that was replacing units did not end: run ingest to its end first")
     markers = {uid: m for uid, m in ws.done_units(INGEST).items() if m.get("input") == input_id}
     if markers and all(m.get("forgotten") for m in markers.values()):  # it said "forgot b: 0 images of 3 units"
@@ -76,6 +77,8 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
             ws.forget_unit(ANNOTATE, uid, hold=False)
     # batches a killed ingest finished of the input's units: dropped with their parts
     ws.pending_batches(INGEST, set(), elsewhere=lambda marker: marker.get("input") != input_id)
+    if held:  # a killed ingest was replacing units: this input's are all retired now, the others stay held
+        ws.release_hold(INGEST, {input_id})
     ws.publish()
     print(f"inputs: forgot {input_id}: {images:,} images of {len(markers):,} units; their ingest and annotate rows "
           "are gone, and curate, caption and export drop what they derived from them at their next run "
