@@ -555,6 +555,10 @@ class Workspace:
         an earlier version)."""
         return "inputs" in (self.read_json(f"{HOLDS}/{job}.json") or {})
 
+    def held_inputs(self, job: str) -> list[str]:
+        """The inputs `job`'s hold says its runs were replacing (hold_publishing; [] for none)."""
+        return (self.read_json(f"{HOLDS}/{job}.json") or {}).get("replacing", [])
+
     def release_hold(self, job: str, planned: Iterable[str] | None = None) -> None:
         """The run of `job` has written every unit it planned: publishes show its units again.
         `planned` (ingest): the inputs this run planned. An input a killed run was replacing
