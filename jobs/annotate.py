@@ -267,6 +267,17 @@ def changed_files(info: dict, specs: dict[str, dict], last: dict[str, str]) -> s
     return {name for name, spec in specs.items() if recorded.get(name, last.get(name, spec["stamp"])) != spec["stamp"]}
 
 
+def crops_changed(info: dict, specs: dict[str, dict]) -> set[str]:
+    """{"ccip"} when CCIP would embed person crops on a unit (its marker `info`) and did not, or
+    the other way round: the person detector put in or taken out of annotate.models since. CCIP's
+    identity with the default crop options is the same either way (it predates them), so it does
+    not say; the marker's `ccip_person_crops` does (one from before: crops where the person detector ran)."""
+    if "ccip" not in specs or "ccip" not in info.get("pipeline", {}):
+        return set()
+    cut = info.get("ccip_person_crops", "person" in info["pipeline"])
+    return {"ccip"} if cut != ("person" in specs) else set()
+
+
 def input_column(spec: dict) -> str:
     kind, size = spec["input"]
     return f"in_{kind}_{size[0]}x{size[1]}" if kind == "yolo" else f"in_{kind}"
@@ -312,7 +323,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     # no model to run (none configured, or none whose files are here): no unit is run, and none
     # is done by having every model of an empty set
     pending = [u for u in units if specs and (not set(models) <= set(done.get(u["unit"], {}).get("models", []))
-                                              or changed_files(done.get(u["unit"], {}), specs, last))]
+                                              or changed_files(done.get(u["unit"], {}), specs, last)
+                                              or crops_changed(done.get(u["unit"], {}), specs))]
     run_specs = models_to_run(specs, pending, done, last)
     batches = finished_batches(ws, pending, {name: spec["identity"] for name, spec in run_specs.items()},
                                {name: spec["stamp"] for name, spec in run_specs.items()})
@@ -371,6 +383,7 @@ def models_to_run(specs: dict[str, dict], pending: list[dict], done: dict[str, d
     names = {name for u in pending for name, spec in specs.items()
              if done.get(u["unit"], {}).get("pipeline", {}).get(name) != spec["identity"]}
     names |= {name for u in pending for name in changed_files(done.get(u["unit"], {}), specs, last)}
+    names |= {name for u in pending for name in crops_changed(done.get(u["unit"], {}), specs)}
     crops = {name for name in ("ccip", "tagger")
              if "person" in specs and name in specs and (name == "ccip" or specs[name]["person_crops"])}
     if "person" in names:
@@ -417,7 +430,7 @@ def plan_kept_rows(ws: Workspace, new: list[dict], replaced: dict[str, dict], sp
     records = record_files(ws)
     replaced = {unit: marker for unit, marker in sorted(replaced.items()) if "parts" in marker and unit in records
                 and all(marker.get("pipeline", {}).get(name) == spec["identity"] for name, spec in specs.items())
-                and not changed_files(marker, specs, last)
+                and not changed_files(marker, specs, last) and not crops_changed(marker, specs)
                 # each part says its model (part_pipeline_name): one that did not would lose its rows
                 and all(part.startswith(f"{JOB}-{unit}-") for names in marker["parts"].values() for part in names)}
     if not new or not replaced or not specs:
@@ -783,6 +796,10 @@ class Pipeline:
         pipeline = {n: m for n, m in previous.get("pipeline", {}).items() if n not in rerun}
         pipeline |= {n: s["identity"] for n, s in self.specs.items()}
         info["pipeline"], info["models"] = pipeline, sorted(set(pipeline.values()))
+        if "ccip" in self.specs:  # whether it embedded person crops (crops_changed): the person boxes ran with it
+            info["ccip_person_crops"] = "person" in self.specs
+        elif "ccip_person_crops" in previous:
+            info["ccip_person_crops"] = previous["ccip_person_crops"]
         # the files each model's rows come from (a model kept from before keeps its stamp, or none)
         stamps = {n: m for n, m in previous.get("stamps", {}).items() if n not in rerun and n in pipeline}
         info["stamps"] = stamps | {n: s["stamp"] for n, s in self.specs.items()}

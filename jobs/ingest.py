@@ -151,7 +151,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     if not out.get("frames"):  # inputs without clips: the summary as before
         for table in ("clips", "frames"):
             out.pop(table, None)
-    ws.release_hold("ingest")  # every planned unit is committed: the replaced rows may go
+    # every planned unit is committed: the replaced rows of the inputs it planned may go
+    ws.release_hold("ingest", {u.input for u in units})
     ws.publish()
     return summary
 
@@ -249,7 +250,7 @@ def retire_stale_units(ws: Workspace, done: dict[str, dict], units: list[Unit], 
     stale = sorted(uid for uid, info in done.items() if info.get("input") in inputs and uid not in current)
     if not stale:
         return 0, 0, {}
-    ws.hold_publishing("ingest")
+    ws.hold_publishing("ingest", {done[uid].get("input") or "" for uid in stale})
     planned, shards = planned_keys(units)
     removed = rereads = 0
     provisional: dict[str, int] = {}
@@ -373,7 +374,7 @@ def forget_returned(ws: Workspace, units: list[Unit]) -> dict[str, int]:
         kept = [row for row in rows if row["key"] not in returned]
         if len(kept) == len(rows):
             continue
-        ws.hold_publishing("ingest")
+        ws.hold_publishing("ingest", [marker.get("input") or ""])
         part = f"removed-{uid}-{len(kept)}-{unit_id(*(row['key'] for row in kept))}"
         if kept:
             ws.write_part("errors", part, kept)

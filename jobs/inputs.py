@@ -62,7 +62,8 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
         known = ", ".join(sorted(set(registry.values()))) or "none"
         raise ConfigError(f"no input {input_id!r} in this workspace (its inputs: {known}; "
                           "`booruset inputs` lists them)")
-    if INGEST in ws.holds():
+    held = INGEST in ws.holds()
+    if held and not ws.holds_by_input(INGEST):  # a hold of an earlier version: all inputs or none
         raise WorkspaceError("an ingest that was replacing units did not end: run ingest to its end first")
     markers = {uid: m for uid, m in ws.done_units(INGEST).items() if m.get("input") == input_id}
     if markers and all(m.get("forgotten") for m in markers.values()):  # it said "forgot b: 0 images of 3 units"
@@ -70,12 +71,23 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
         return 0
     images = sum(int(m.get("images", 0)) for m in markers.values() if not m.get("retired"))
     annotated = ws.done_units(ANNOTATE)
+    # one marker at a time: a forget killed part way keeps the input whole for readers (and the
+    # jobs after it) until a forget of it ends, as an ingest replacing units does
+    ws.hold_publishing(INGEST, [input_id])
+    # annotate's rows likewise; a hold a killed annotate run left is that run's to end
+    hold_annotate = ANNOTATE not in ws.holds() or ws.held_inputs(ANNOTATE) == [input_id]
+    if hold_annotate:
+        ws.hold_publishing(ANNOTATE, [input_id])
     for uid in markers:
         ws.commit_unit(INGEST, uid, {"retired": True, "forgotten": True, "input": input_id}, parts={})
         if uid in annotated:
             ws.forget_unit(ANNOTATE, uid, hold=False)
     # batches a killed ingest finished of the input's units: dropped with their parts
     ws.pending_batches(INGEST, set(), elsewhere=lambda marker: marker.get("input") != input_id)
+    # this input's units are all retired now; those of inputs a killed ingest was replacing stay held
+    ws.release_hold(INGEST, {input_id})
+    if hold_annotate:
+        ws.release_hold(ANNOTATE)
     ws.publish()
     print(f"inputs: forgot {input_id}: {images:,} images of {len(markers):,} units; their ingest and annotate rows "
           "are gone, and curate, caption and export drop what they derived from them at their next run "

@@ -435,14 +435,23 @@ class Workspace:
     def _unit_parts(self, job: str) -> dict[str, set[str]]:
         """{table: parts} of the units `job` has committed (their markers name them)."""
         tables: dict[str, set[str]] = defaultdict(set)
+        for parts in self._unit_parts_by_input(job).values():
+            for table, names in parts.items():
+                tables[table].update(names)
+        return tables
+
+    def _unit_parts_by_input(self, job: str) -> dict[str, dict[str, set[str]]]:
+        """{input id: {table: parts}} of the units `job` has committed, by the input their
+        markers name (ingest's; "" for a marker that names none)."""
+        inputs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         visible: dict[str, set[str]] | None = None  # listed only for markers from before "parts"
         for unit, info in self.done_units(job).items():
             if "parts" not in info and visible is None:
                 visible = self._visible_parts()
             parts = info["parts"] if "parts" in info else legacy_unit_parts(job, unit, visible)
             for table, names in parts.items():
-                tables[table].update(names)
-        return tables
+                inputs[info.get("input") or ""][table].update(names)
+        return inputs
 
     def holds(self) -> dict[str, dict[str, list[str]]]:
         """{job: {table: parts}} of the jobs whose run is replacing units (hold_publishing)."""
@@ -518,24 +527,60 @@ class Workspace:
         if not self._hold and time.monotonic() - self._published_at >= interval:
             self.publish()
 
-    def hold_publishing(self, job: str) -> None:
+    def hold_publishing(self, job: str, inputs: Iterable[str] = ()) -> None:
         """No new generation of `job`'s tables until its run ends (release_hold): this run
         retires units whose replacements it is writing, and a generation in between would show
         the old rows gone and the new ones not all there. The hold is a file (state/holds/), so
         that a run killed in between holds too: the next job to publish, whichever it is, keeps
-        the parts `job`'s units had before (a run that holds already keeps the first ones)."""
+        the parts `job`'s units had before (a run that holds already keeps the first ones).
+        `inputs` (ingest): the inputs whose units this run replaces; the hold keeps each input's
+        parts apart, so that a later run of the job that does not plan one of them keeps that
+        input's parts held when it ends (release_hold)."""
         self._hold = True
         path = f"{HOLDS}/{job}.json"
-        if self.read_json(path) is None:
+        hold = self.read_json(path)
+        if hold is None:
             self.fs.create_dir(f"{self.base}/{HOLDS}", recursive=True)
-            self.write_json(path, {"tables": {t: sorted(p) for t, p in sorted(self._unit_parts(job).items())},
-                                   "time": time.time()})
+            by_input = self._unit_parts_by_input(job)
+            hold = {"tables": sorted_parts(self._unit_parts(job)),
+                    "inputs": {i: sorted_parts(parts) for i, parts in sorted(by_input.items())},
+                    "replacing": [], "time": time.time()}
+        elif set(inputs) <= set(hold.get("replacing", [])):
+            return
+        hold["replacing"] = sorted({*hold.get("replacing", []), *inputs})
+        self.write_json(path, hold)
 
-    def release_hold(self, job: str) -> None:
-        """The run of `job` has written every unit it planned: publishes show its units again."""
-        path = f"{self.base}/{HOLDS}/{job}.json"
-        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-            self.fs.delete_file(path)
+    def holds_by_input(self, job: str) -> bool:
+        """Whether `job`'s hold keeps each input's parts apart (hold_publishing; not one written by
+        an earlier version)."""
+        return "inputs" in (self.read_json(f"{HOLDS}/{job}.json") or {})
+
+    def held_inputs(self, job: str) -> list[str]:
+        """The inputs `job`'s hold says its runs were replacing (hold_publishing; [] for none)."""
+        return (self.read_json(f"{HOLDS}/{job}.json") or {}).get("replacing", [])
+
+    def release_hold(self, job: str, planned: Iterable[str] | None = None) -> None:
+        """The run of `job` has written every unit it planned: publishes show its units again.
+        `planned` (ingest): the inputs this run planned. An input a killed run was replacing
+        that this run did not plan is still half replaced: its parts stay held (the others are
+        published), until a run that plans it ends."""
+        path = f"{HOLDS}/{job}.json"
+        hold = self.read_json(path)
+        left = set()
+        if hold is not None and planned is not None and "inputs" in hold:
+            left = set(hold.get("replacing", [])) - set(planned)
+        if left:
+            now = self._unit_parts_by_input(job)
+            inputs = {i: hold["inputs"].get(i, {}) if i in left else sorted_parts(now[i])
+                      for i in sorted({*now, *left})}
+            tables: dict[str, set[str]] = defaultdict(set)
+            for parts in inputs.values():
+                for table, names in parts.items():
+                    tables[table].update(names)
+            self.write_json(path, {"tables": sorted_parts(tables), "inputs": inputs,
+                                   "replacing": sorted(left), "time": hold["time"]})
+        elif hold is not None:
+            self.fs.delete_file(f"{self.base}/{path}")
         self._hold = False
 
     def begin_job(self) -> int:
@@ -724,6 +769,11 @@ class Workspace:
                       for name in schemas.TABLES]
         statements += [(SQL / f"{name}.sql").read_text(encoding="utf-8") for name in DERIVED_VIEWS]
         return hashlib.sha1("\n;\n".join([CATALOG_STORAGE_VERSION, *statements]).encode()).hexdigest()
+
+
+def sorted_parts(parts: dict[str, Iterable[str]]) -> dict[str, list[str]]:
+    """{table: parts} as JSON keeps it: tables and parts sorted."""
+    return {table: sorted(names) for table, names in sorted(parts.items())}
 
 
 def short_tables(published: dict) -> set[str]:

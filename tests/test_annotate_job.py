@@ -195,3 +195,31 @@ def test_a_run_of_few_images_writes_in_several_batches():
     assert write_batch_rows(1024, 24) == 64
     assert write_batch_rows(1024, 1_000_000) == 1024
     assert write_batch_rows(8, 600) == 8
+
+
+def test_taking_the_person_detector_out_drops_ccips_person_crops(ingested, models_dir):
+    """CCIP embeds each person crop beside the whole image. Taken out of annotate.models, the
+    person detector keeps its own rows (README), but a run without it must leave CCIP's rows as a
+    run that never had it: CCIP's identity with the default crop options is the same with and
+    without crops, so its crop embeddings stayed, and curate clustered them as people (the tagger's
+    went: its identity says `nocrops`). Put back, the crops are cut again."""
+    from jobs import annotate
+    from jobs.config import merge
+
+    cfg, ws = ingested
+    merge(cfg, {"annotate": {"models_dir": models_dir, "models": ["person", "ccip"]}})
+    annotate.run(cfg, ws)
+
+    def embeddings() -> tuple[int, int]:
+        return ws.connect().execute("select count(*) filter (where crop > 0), count(*) from embeddings").fetchone()
+
+    with_person = embeddings()
+    assert with_person[0] > 0
+    merge(cfg, {"annotate": {"models": ["ccip"]}})
+    annotate.run(cfg, ws)
+    assert embeddings() == (0, 24)
+    annotate.run(cfg, ws)  # settled: nothing to run
+    assert ws.done_units("annotate") and embeddings() == (0, 24)
+    merge(cfg, {"annotate": {"models": ["person", "ccip"]}})
+    annotate.run(cfg, ws)
+    assert embeddings() == with_person

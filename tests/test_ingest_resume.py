@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from hostile_data import encode, picture, write_tar
-from kill_mid_run import kill_after_commits
+from kill_mid_run import booruset, kill_after_commits
 
 from jobs.config import load_config
 from jobs.ingest import unit_options
@@ -216,3 +217,60 @@ def test_batches_of_inputs_a_run_does_not_plan_are_left_for_their_run(tmp_path):
     assert ws.batch_units("ingest") == ["u2"]  # u1's input was planned, u1 was not: its batch went
     assert (tmp_path / "ws" / "tables" / "images" / "u2-b00000.parquet").exists()
     assert not (tmp_path / "ws" / "tables" / "images" / "u1-b00000.parquet").exists()
+
+
+def test_an_ingest_of_another_input_keeps_what_a_killed_run_was_replacing(tmp_path):
+    """A run that replaces every unit of input `y` (its shards written again) is killed; an ingest
+    of another input `x` then ends. It did not replace `y`'s units, so readers (and the jobs
+    after it: export would delete `y`'s files) must still see `y` as it was, not gone with a
+    false `removed_from_input` row per image (they saw no image of `y` at all), while `x`'s new
+    rows are published. The next ingest of `y` ends the replacement."""
+    y, x = tmp_path / "y", tmp_path / "x"
+
+    def write_y(seed: int) -> None:
+        y.mkdir(exist_ok=True)
+        for s in range(2):
+            write_tar(y / f"y{s}.tar", [(f"i{s}_{i}.png", encode(picture(64, 48, seed=seed + s * 10 + i), "PNG"))
+                                        for i in range(4)])
+
+    def images(ws_path: Path) -> list[tuple]:
+        return Workspace(str(ws_path)).connect().execute(
+            "select key, sha256 from images order by key").fetchall()
+
+    write_y(0)
+    x.mkdir()
+    (x / "a.png").write_bytes(encode(picture(64, 48, seed=99), "PNG"))
+    small = ("--set", "ingest.batch_samples=2")
+    first = ingest_process(y, tmp_path / "ws", *small)
+    assert first.wait(timeout=900) == 0, first.stdout.read()
+    before = images(tmp_path / "ws")
+    assert len(before) == 8
+
+    write_y(1000)  # every shard written again: every unit of y is replaced
+    victim = ingest_process(y, tmp_path / "ws", *small, BOORUSET_KILL_AFTER_BATCHES="2")
+    out, _ = victim.communicate(timeout=900)
+    assert victim.returncode == -signal.SIGKILL, out
+
+    other = ingest_process(x, tmp_path / "ws", *small)
+    out, _ = other.communicate(timeout=900)
+    assert other.returncode == 0, out
+    ws = Workspace(str(tmp_path / "ws"))
+    now = images(tmp_path / "ws")
+    assert [r for r in now if r[0].startswith("y/")] == before
+    assert [r[0] for r in now if r[0].startswith("x/")] == ["x/a"]
+    assert ws.connect().execute("select count(*) from errors where kind = 'removed_from_input'").fetchone() == (0,)
+
+    # y given up instead (its folder moved away, say): forgetting it ends its hold, x stays
+    shutil.copytree(tmp_path / "ws", tmp_path / "forgets")
+    forget = booruset("inputs", "-w", str(tmp_path / "forgets"), "--forget", "y")
+    out, _ = forget.communicate(timeout=900)
+    assert forget.returncode == 0, out
+    assert [r[0] for r in images(tmp_path / "forgets")] == ["x/a"]
+    assert Workspace(str(tmp_path / "forgets")).holds() == {}
+
+    again = ingest_process(y, tmp_path / "ws", *small)
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    after = images(tmp_path / "ws")
+    assert len(after) == 9 and not set(before) & set(after)  # y's new bytes, and x
+    assert Workspace(str(tmp_path / "ws")).holds() == {}

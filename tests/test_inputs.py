@@ -98,3 +98,44 @@ def test_forgetting_an_unknown_input_is_one_line_and_a_named_one_says_so(two_inp
     assert f"inputs: ingest.inputs still names {b}: the next ingest reads it again" in capsys.readouterr().out
     assert main(["inputs", "-w", str(ws.root), "--forget", "b"]) == 0  # again: it printed "forgot b: 0 images"
     assert capsys.readouterr().out.strip() == "inputs: b is forgotten already: nothing to do"
+
+
+def test_a_forget_stopped_part_way_leaves_the_input_whole_until_one_ends(tmp_path, ray_local, monkeypatch):
+    """Forgetting retires the input's units one marker at a time, then publishes: one killed after
+    the first (a preempted node, ^C) left the next job to publish part of the input gone and part
+    there ("its rows leave the tables at once"). Now readers keep it whole until a forget of it
+    ends."""
+    from jobs.cli import run_jobs
+    from jobs.inputs import forget
+    from store.workspace import Workspace
+
+    a = collection(tmp_path / "a", ["p0"], seed=0)
+    b = collection(tmp_path / "b", ["q0", "q1", "q2", "q3"], seed=10)
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{a}", "{b}"]', "ingest.folder_unit_size=1")
+    ws = Workspace(str(tmp_path / "ws"))
+    assert run_jobs(cfg, ws, ["ingest"]) == 0
+
+    def b_images(ws: Workspace) -> int:
+        return ws.connect().execute("select count(*) from images where key like 'b/%'").fetchone()[0]
+
+    assert b_images(ws) == 4 and len(ws.done_units("ingest")) > 2
+    commit_unit = Workspace.commit_unit
+    commits = []
+
+    def killed_after_one(self, job: str, unit: str, info: dict, parts: dict) -> None:
+        if commits:
+            raise KeyboardInterrupt("killed")
+        commits.append(unit)
+        commit_unit(self, job, unit, info, parts)
+
+    monkeypatch.setattr(Workspace, "commit_unit", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        forget(cfg, Workspace(str(tmp_path / "ws")), "b")
+    monkeypatch.setattr(Workspace, "commit_unit", commit_unit)
+    nxt = Workspace(str(tmp_path / "ws"))
+    nxt.begin_job()  # the next job to start publishes
+    assert b_images(nxt) == 4
+
+    forget(cfg, Workspace(str(tmp_path / "ws")), "b")
+    assert b_images(Workspace(str(tmp_path / "ws"))) == 0
+    assert Workspace(str(tmp_path / "ws")).holds() == {}
