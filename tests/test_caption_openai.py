@@ -380,6 +380,12 @@ def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
     ("```\nA girl smiles.\n```", "A girl smiles."),
     ("Here is the caption:\n```text\nA girl smiles.\nShe waves.\n```", "A girl smiles. She waves."),
     ("~~~\nA girl smiles.\n~~~", "A girl smiles."),
+    # the caption on a fence's own line: no language name, nor text to drop with the fence
+    ("```A girl smiles at the viewer.\n```", "A girl smiles at the viewer."),
+    ("```A girl smiles.```", "A girl smiles."),
+    ("```text\nA girl smiles.```", "A girl smiles."),
+    ("``` text\nA girl smiles.\n~~~ markdown\n", "A girl smiles."),
+    ("A girl smiles.\n~~~ wavy banner ~~~", "A girl smiles. ~~~ wavy banner ~~~"),
     # a server whose chat template or tokenizer config is wrong leaks the model's special tokens, and
     # one that misses the end of the turn goes on with turns the model makes up: they were kept
     ("A girl smiles.<|im_end|>", "A girl smiles."),
