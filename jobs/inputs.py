@@ -66,7 +66,11 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
     if held and not ws.holds_by_input(INGEST):  # a hold of an earlier version: all inputs or none
         raise WorkspaceError("an ingest that was replacing units did not end: run ingest to its end first")
     markers = {uid: m for uid, m in ws.done_units(INGEST).items() if m.get("input") == input_id}
-    if markers and all(m.get("forgotten") for m in markers.values()):  # it said "forgot b: 0 images of 3 units"
+    again = bool(markers) and all(m.get("forgotten") for m in markers.values())
+    # a forget killed after its last marker, before it ended its holds: readers still see the
+    # input, and no ingest plans it again to end them; this forget goes on to its end
+    stopped = input_id in ws.held_inputs(INGEST) or ws.held_inputs(ANNOTATE) == [input_id]
+    if again and not stopped:  # it said "forgot b: 0 images of 3 units"
         print(f"inputs: {input_id} is forgotten already: nothing to do", flush=True)
         return 0
     images = sum(int(m.get("images", 0)) for m in markers.values() if not m.get("retired"))
@@ -89,6 +93,10 @@ def forget(cfg: Config, ws: Workspace, input_id: str) -> int:
     if hold_annotate:
         ws.release_hold(ANNOTATE)
     ws.publish()
+    if again:
+        print(f"inputs: {input_id} was forgotten by a forget that stopped before its end: its rows are gone now",
+              flush=True)
+        return 0
     print(f"inputs: forgot {input_id}: {images:,} images of {len(markers):,} units; their ingest and annotate rows "
           "are gone, and curate, caption and export drop what they derived from them at their next run "
           "(booruset run)", flush=True)

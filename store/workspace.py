@@ -596,8 +596,14 @@ class Workspace:
         for table, parts in self._batch_parts().items():
             named.setdefault(table, set()).update(parts)
         for job in self.holds():  # the units a held run committed: not published yet, still its output
-            print(f"{job}: a run stopped while it replaced units; readers see its tables as they were "
-                  f"until a run of `booruset {job}` ends", flush=True)
+            inputs = self.held_inputs(job) if self.holds_by_input(job) and job == "ingest" else []
+            if inputs:  # kept per input (release_hold): an ingest of other inputs does not end it
+                names = ", ".join(inputs)
+                print(f"{job}: a run stopped while it replaced units of {names}; readers see them as they were "
+                      f"until an ingest that reads {names} ends (or `booruset inputs --forget` of it)", flush=True)
+            else:
+                print(f"{job}: a run stopped while it replaced units; readers see its tables as they were "
+                      f"until a run of `booruset {job}` ends", flush=True)
             for table, parts in self._unit_parts(job).items():
                 named.setdefault(table, set()).update(parts)
         retired = published.get("retired", {})

@@ -380,6 +380,12 @@ def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
     ("```\nA girl smiles.\n```", "A girl smiles."),
     ("Here is the caption:\n```text\nA girl smiles.\nShe waves.\n```", "A girl smiles. She waves."),
     ("~~~\nA girl smiles.\n~~~", "A girl smiles."),
+    # the caption on a fence's own line: no language name, nor text to drop with the fence
+    ("```A girl smiles at the viewer.\n```", "A girl smiles at the viewer."),
+    ("```A girl smiles.```", "A girl smiles."),
+    ("```text\nA girl smiles.```", "A girl smiles."),
+    ("``` text\nA girl smiles.\n~~~ markdown\n", "A girl smiles."),
+    ("A girl smiles.\n~~~ wavy banner ~~~", "A girl smiles. ~~~ wavy banner ~~~"),
     # a server whose chat template or tokenizer config is wrong leaks the model's special tokens, and
     # one that misses the end of the turn goes on with turns the model makes up: they were kept
     ("A girl smiles.<|im_end|>", "A girl smiles."),
@@ -389,6 +395,11 @@ def test_a_reply_max_tokens_cut_off_before_any_caption_says_so():
     ("A girl smiles.<end_of_turn>\n<start_of_turn>user", "A girl smiles."),
     ("A girl<|reserved_special_token_4|> smiles.", "A girl smiles."),
     ("<|im_start|></s> A girl smiles.<|im_end|>", "A girl smiles."),
+    # a template with no generation prompt: the model writes its own turn's header, role name and all
+    ("<|im_start|>assistant\nA girl smiles.<|im_end|>", "A girl smiles."),
+    ("<|start_header_id|>assistant<|end_header_id|>\n\nA girl smiles.<|eot_id|>", "A girl smiles."),
+    ("<start_of_turn>model\nA girl smiles.<end_of_turn>", "A girl smiles."),
+    ("Model A smiles.", "Model A smiles."),  # no turn's header: a caption that begins with a role's name
     # a caption handed back as JSON (a model that answers in JSON, fenced or not) was kept with its braces
     ('{"caption": "A girl smiles."}', "A girl smiles."),
     ('```json\n{\n  "description": "A girl smiles."\n}\n```', "A girl smiles."),

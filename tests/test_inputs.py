@@ -139,3 +139,35 @@ def test_a_forget_stopped_part_way_leaves_the_input_whole_until_one_ends(tmp_pat
     forget(cfg, Workspace(str(tmp_path / "ws")), "b")
     assert b_images(Workspace(str(tmp_path / "ws"))) == 0
     assert Workspace(str(tmp_path / "ws")).holds() == {}
+
+
+def test_a_forget_stopped_after_its_last_marker_ends_at_the_next_forget(tmp_path, ray_local, monkeypatch):
+    """A forget killed after it retired the input's last unit, before it ended its holds: every
+    marker says forgotten, so the next forget said "forgotten already: nothing to do" and left
+    the holds, and readers saw the forgotten input's rows for good (no ingest plans it again)."""
+    from jobs.cli import run_jobs
+    from jobs.inputs import forget
+    from store.workspace import Workspace
+
+    a = collection(tmp_path / "a", ["p0"], seed=0)
+    b = collection(tmp_path / "b", ["q0", "q1"], seed=10)
+    cfg = base_config(tmp_path / "ws", f'ingest.inputs=["{a}", "{b}"]', "ingest.folder_unit_size=1")
+    ws = Workspace(str(tmp_path / "ws"))
+    assert run_jobs(cfg, ws, ["ingest"]) == 0
+
+    def b_images(ws: Workspace) -> int:
+        return ws.connect().execute("select count(*) from images where key like 'b/%'").fetchone()[0]
+
+    def killed(self, job: str, planned=None) -> None:
+        raise KeyboardInterrupt("killed")
+
+    release_hold = Workspace.release_hold
+    monkeypatch.setattr(Workspace, "release_hold", killed)
+    with pytest.raises(KeyboardInterrupt):
+        forget(cfg, Workspace(str(tmp_path / "ws")), "b")
+    monkeypatch.setattr(Workspace, "release_hold", release_hold)
+    assert b_images(Workspace(str(tmp_path / "ws"))) == 2  # held: whole until a forget of it ends
+
+    forget(cfg, Workspace(str(tmp_path / "ws")), "b")
+    assert b_images(Workspace(str(tmp_path / "ws"))) == 0
+    assert Workspace(str(tmp_path / "ws")).holds() == {}

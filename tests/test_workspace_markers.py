@@ -145,3 +145,19 @@ def test_a_json_read_while_another_process_replaces_it_on_object_storage_is_whol
         stop.set()
         thread.join()
     assert all(read in versions for read in reads)
+
+
+def test_a_job_start_names_the_inputs_an_ingest_hold_keeps_and_what_ends_it(tmp_path, capsys):
+    """An ingest hold kept per input ends only with an ingest (or a forget) of the inputs it keeps:
+    every job's start said "until a run of `booruset ingest` ends", and ingests of other inputs
+    ended with it still there."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.write_part("errors", "y1-b00000", [{"key": "y/1", "stage": "ingest", "kind": "corrupt_image"}])
+    ws.commit_unit("ingest", "y1", {"images": 0, "input": "y"}, parts={"errors": ["y1-b00000"]})
+    ws.hold_publishing("ingest", ["y"])
+    ws.release_hold("ingest", {"x"})  # an ingest of x ends: y stays held
+    Workspace(str(tmp_path / "ws")).begin_job()
+    said = capsys.readouterr().out
+    assert "booruset ingest` ends" not in said
+    assert "y" in said.split("replaced units of ", 1)[1].split(";")[0]
+    assert "inputs --forget" in said

@@ -75,9 +75,15 @@ HEADING = re.compile(r"^[ \t]*#{1,6}[ \t].*$", re.M)  # a title ("# Caption"), n
 END_OF_TURN = re.compile(r"<\|(?:im_end|im_start|eot_id|eom_id|end|endoftext|end_of_text|start_header_id)\|>"
                          r"|</s>|<(?:end|start)_of_turn>|<eos>")
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,60}\|>")
-LEADING_TOKENS = re.compile(rf"\A(?:\s|{END_OF_TURN.pattern}|{SPECIAL_TOKEN.pattern})*")
-# a code fence's line (```, ```text, ~~~): a caption wrapped in one is the caption inside it
-FENCE = re.compile(r"^[ \t]*(?:```|~~~)[^\n`~]{0,40}$", re.M)
+# a template with no generation prompt: the model writes its own turn's header first, role name and
+# all ("<|im_start|>assistant\n", Llama 3's, Gemma's): the role is no part of the caption
+TURN_HEADER = (r"(?:<\|im_start\|>|<\|start_header_id\|>|<start_of_turn>)[ \t]*(?i:assistant|model|gpt|bot)\b"
+               r"(?:[ \t]*<\|end_header_id\|>)?")
+LEADING_TOKENS = re.compile(rf"\A(?:\s|{TURN_HEADER}|{END_OF_TURN.pattern}|{SPECIAL_TOKEN.pattern})*")
+# a code fence (```, ```text, ~~~): a caption wrapped in one is the caption inside it. A line's
+# opening ``` goes with a language name that is all its line holds, not with text after it (the
+# caption itself: "```A girl smiles.", "```A girl smiles.```"); a ``` that ends a line closes one
+FENCE = re.compile(r"^[ \t]*(?:```(?:[ \t]*[\w+#.-]{0,40}[ \t]*$)?|~~~[ \t]*[\w+#.-]{0,40}[ \t]*$)|```[ \t]*$", re.M)
 LINE_MARKS = re.compile(r"^[ \t]*(?:[-*\u2022+][ \t]+|\d{1,2}[.)][ \t]+)", re.M)
 # a letter or digit right inside the marks: "^_^" and ">_<" are kaomoji, not emphasis
 EMPHASIS = re.compile(r"(?<!\w)(\*\*|__|\*|_|`)([^\W_](?:.{0,500}?[^\s_])?)\1(?!\w)")
