@@ -434,11 +434,7 @@ class Workspace:
 
     def _unit_parts(self, job: str) -> dict[str, set[str]]:
         """{table: parts} of the units `job` has committed (their markers name them)."""
-        tables: dict[str, set[str]] = defaultdict(set)
-        for parts in self._unit_parts_by_input(job).values():
-            for table, names in parts.items():
-                tables[table].update(names)
-        return tables
+        return merged_parts(self._unit_parts_by_input(job).values())
 
     def _unit_parts_by_input(self, job: str) -> dict[str, dict[str, set[str]]]:
         """{input id: {table: parts}} of the units `job` has committed, by the input their
@@ -541,8 +537,8 @@ class Workspace:
         hold = self.read_json(path)
         if hold is None:
             self.fs.create_dir(f"{self.base}/{HOLDS}", recursive=True)
-            by_input = self._unit_parts_by_input(job)
-            hold = {"tables": sorted_parts(self._unit_parts(job)),
+            by_input = self._unit_parts_by_input(job)  # the markers read once, for both
+            hold = {"tables": sorted_parts(merged_parts(by_input.values())),
                     "inputs": {i: sorted_parts(parts) for i, parts in sorted(by_input.items())},
                     "replacing": [], "time": time.time()}
         elif set(inputs) <= set(hold.get("replacing", [])):
@@ -573,11 +569,7 @@ class Workspace:
             now = self._unit_parts_by_input(job)
             inputs = {i: hold["inputs"].get(i, {}) if i in left else sorted_parts(now[i])
                       for i in sorted({*now, *left})}
-            tables: dict[str, set[str]] = defaultdict(set)
-            for parts in inputs.values():
-                for table, names in parts.items():
-                    tables[table].update(names)
-            self.write_json(path, {"tables": sorted_parts(tables), "inputs": inputs,
+            self.write_json(path, {"tables": sorted_parts(merged_parts(inputs.values())), "inputs": inputs,
                                    "replacing": sorted(left), "time": hold["time"]})
         elif hold is not None:
             self.fs.delete_file(f"{self.base}/{path}")
@@ -596,7 +588,7 @@ class Workspace:
         for table, parts in self._batch_parts().items():
             named.setdefault(table, set()).update(parts)
         for job in self.holds():  # the units a held run committed: not published yet, still its output
-            inputs = self.held_inputs(job) if self.holds_by_input(job) and job == "ingest" else []
+            inputs = self.held_inputs(job) if job == "ingest" else []  # [] for a hold of an earlier version
             if inputs:  # kept per input (release_hold): an ingest of other inputs does not end it
                 names = ", ".join(inputs)
                 print(f"{job}: a run stopped while it replaced units of {names}; readers see them as they were "
@@ -775,6 +767,15 @@ class Workspace:
                       for name in schemas.TABLES]
         statements += [(SQL / f"{name}.sql").read_text(encoding="utf-8") for name in DERIVED_VIEWS]
         return hashlib.sha1("\n;\n".join([CATALOG_STORAGE_VERSION, *statements]).encode()).hexdigest()
+
+
+def merged_parts(groups: Iterable[dict[str, Iterable[str]]]) -> dict[str, set[str]]:
+    """{table: parts} of several {table: parts} (a job's units, by input) together."""
+    tables: dict[str, set[str]] = defaultdict(set)
+    for parts in groups:
+        for table, names in parts.items():
+            tables[table].update(names)
+    return tables
 
 
 def sorted_parts(parts: dict[str, Iterable[str]]) -> dict[str, list[str]]:
