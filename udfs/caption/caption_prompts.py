@@ -129,7 +129,9 @@ def clean_reply(text: str | None) -> str:
         if text[: len(label)].lower() == label.lower():
             text = text[len(label):].strip()
     text = " ".join(text.split())
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+    # the quotes around the whole reply, not those of a caption that begins and ends with a quote
+    # ('"Hello," she says, "welcome."')
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
         text = text[1:-1].strip()
     return text
 

@@ -631,6 +631,10 @@ def transient_failures(errors: list[dict]) -> int:
 # a marker's flag: its unit's id was made from row digests that hold the picture where a VLM is
 # shown it (sql/caption_units.sql); a marker without it was made before, by legacy_digest
 PICTURES_IN_DIGEST = "pictures_in_digest"
+# a marker's version of the checks a model's reply passed before it was accepted (_acceptable):
+# raised with each change that refuses replies an earlier version let through, so that the units
+# committed before are looked at again once (udfs/caption/reply_recheck.py); none: before any
+REPLY_CHECKS_KEY, REPLY_CHECKS = "reply_checks", 1
 
 
 def unit_info(rows: pa.Table, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:
@@ -639,7 +643,7 @@ def unit_info(rows: pa.Table, captions: list[dict], errors: list[dict], seconds:
     accepted = [c for c in captions if c["accepted"]]
     scored = [c["accuracy"] for c in accepted if c["accuracy"] is not None]
     return {"images": rows.num_rows, "first_key": rows["key"][0].as_py() if rows.num_rows else None,
-            PICTURES_IN_DIGEST: True,
+            PICTURES_IN_DIGEST: True, REPLY_CHECKS_KEY: REPLY_CHECKS,
             "rows": len(captions), "captioned": len(accepted), "scored": len(scored),
             "scored_rows": sum(c["accuracy"] is not None for c in captions),  # attempts not accepted too
             "not_scored": dict(Counter(c["not_scored"] for c in accepted if c["not_scored"])),

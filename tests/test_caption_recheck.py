@@ -1,0 +1,88 @@
+"""Captions an earlier version accepted, looked at again under this version's reply checks
+(udfs/caption/reply_recheck.py, jobs/caption.recheck_captions), with the loopback server of
+test_caption_openai standing in for the model."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_caption_openai import fake, vlm_captioned  # noqa: F401 (fake: the server fixture)
+
+from udfs.caption.caption_unit import REPLY_CHECKS, REPLY_CHECKS_KEY
+from udfs.caption.reply_cache import REPLIES
+from udfs.caption.reply_recheck import refused_now
+
+REFUSED = "I'm sorry, but I can't help with describing this image."
+
+
+@pytest.mark.parametrize(("caption", "why"), [
+    ("A girl with red hair smiles at the viewer.", None),
+    ("A girl who cannot swim sits by the pool, sorry to be left out.", None),
+    ('"Hello," she says, "welcome."', None),
+    (REFUSED, "refusal"),
+    ("A girl smiles, " * 30, "repetition"),
+    ("```\nA girl smiles.\n```", "chat text around the caption"),
+    ("... !!! ???", "no word"),
+])
+def test_refused_now_names_what_the_checks_refuse(caption, why):
+    assert refused_now(caption) == why
+
+
+def as_an_earlier_version_left(ws, unit: str, marker: dict) -> None:
+    """The unit as a version with weaker checks committed it: its kept replies and accepted
+    captions are REFUSED, and its marker names no reply checks."""
+    folder = f"{ws.base}/{REPLIES}/{unit}"
+    for info in ws.fs.get_file_info(pa.fs.FileSelector(folder)):
+        if info.base_name.endswith(".parquet"):
+            table = pq.read_table(info.path)
+            pq.write_table(table.set_column(1, "reply", pa.array([REFUSED] * table.num_rows)), info.path)
+    for part in marker["parts"]["captions"]:
+        rows = ws.read_part("captions", part, ws.read_table("captions").column_names)
+        ws.write_part("captions", part, [{**r, "caption": REFUSED if r["accepted"] else r["caption"]} for r in rows])
+
+
+def test_a_refusal_an_earlier_version_accepted_is_no_caption_after_the_upgrade(fake, ray_local, tmp_path):  # noqa: F811
+    """A refusal kept as a caption by a version whose checks let it through (and its kept reply)
+    is refused by the next run: its unit runs again from its kept replies (no request: one attempt
+    allowed), the image has a `refusal` errors row and no caption; the other unit is only read and
+    marked, and a second run looks at nothing."""
+    from jobs import caption
+
+    _, _, server, cfg, ws = vlm_captioned(fake, tmp_path, unit_size=2)
+    markers = ws.done_units("caption")
+    assert all(m[REPLY_CHECKS_KEY] == REPLY_CHECKS for m in markers.values())
+    for unit, marker in markers.items():  # both as an earlier version's, one with a refusal
+        ws.commit_unit("caption", unit, {k: v for k, v in marker.items() if k not in ("parts", REPLY_CHECKS_KEY)},
+                       parts=marker["parts"])
+    refused_unit = min(markers)
+    as_an_earlier_version_left(ws, refused_unit, markers[refused_unit])
+    ws.publish()
+    keys = {r["key"] for part in markers[refused_unit]["parts"]["captions"]
+            for r in ws.read_part("captions", part, ["key"])}
+    kept = [r for r in ws.read_table("captions").to_pylist() if r["key"] not in keys]
+
+    upgraded = caption.run(cfg, ws)
+    assert upgraded.units_done == 1 and len(server.received) == 3
+    assert any("reply checks" in note and "refused now" in note for note in upgraded.notes)
+    captions = ws.read_table("captions").to_pylist()
+    assert not any(r["caption"] == REFUSED for r in captions)
+    assert [r for r in captions if r["key"] not in keys] == kept
+    refusals = {r["key"] for r in ws.read_table("errors").to_pylist() if r["kind"] == "refusal"}
+    assert refusals == keys
+    assert all(m[REPLY_CHECKS_KEY] == REPLY_CHECKS for m in ws.done_units("caption").values())
+
+    again = caption.run(cfg, ws)
+    assert again.units_done == 0 and len(server.received) == 3
+    assert not any("reply checks" in note for note in again.notes)
+
+
+@pytest.mark.parametrize(("reply", "caption"), [
+    ('"A girl smiles at the viewer."', "A girl smiles at the viewer."),
+    ('"Hello," she says, "welcome."', '"Hello," she says, "welcome."'),
+    ("'Tis a girl in a 'sailor' collar, 'cute'", "'Tis a girl in a 'sailor' collar, 'cute'"),
+])
+def test_clean_reply_drops_the_quotes_around_a_reply_not_those_of_its_caption(reply, caption):
+    from udfs.caption.caption_prompts import clean_reply
+
+    assert clean_reply(reply) == caption
