@@ -289,15 +289,27 @@ def units_of(ws: Workspace) -> list[dict]:
     with its published `images` parts (one per ingest batch): its id says what it holds, so a
     changed folder chunk is a new unit (and the old one is retired). Its rows are the `images`
     its ingest marker counted: the driver reads the markers, no Parquet file (an ingest unit has
-    a part per batch). Published parts that no marker claims (written before markers named
-    their parts) are units of their own, counted from their footers."""
+    a part per batch). An ingest stopped while it replaced an input's units left their markers
+    retired and their parts published (its hold): they are the units they were, as the hold
+    recorded them (held_units), so that their annotate units stay done and nothing moves until
+    that input's ingest ends; a unit with a marker that is not retired is the marker's. Published
+    parts that no marker claims (written before markers named their parts) are units of their
+    own, counted from their footers."""
     published = set(ws.published()["tables"].get("images", []))
+    markers = ws.done_units("ingest")
     units, claimed = [], set()
-    for unit, info in sorted(ws.done_units("ingest").items()):
+    for unit, info in sorted(markers.items()):
         parts = sorted(set(images_parts(unit, info)) & published)
         claimed.update(parts)
         if parts and info.get("images"):
             units.append({"unit": unit, "parts": parts, "rows": int(info["images"])})
+    for unit, held in sorted(ws.held_units("ingest").items()):
+        if unit in markers and not markers[unit].get("retired"):
+            continue
+        parts = sorted((set(held["parts"]) & published) - claimed)
+        claimed.update(parts)
+        if parts and held["images"]:
+            units.append({"unit": unit, "parts": parts, "rows": int(held["images"])})
     for part in sorted(published - claimed):
         with ws.fs.open_input_file(f"{ws.table_dir('images')}/{part}.parquet") as f:
             rows = pq.ParquetFile(f).metadata.num_rows

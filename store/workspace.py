@@ -436,12 +436,13 @@ class Workspace:
         """{table: parts} of the units `job` has committed (their markers name them)."""
         return merged_parts(self._unit_parts_by_input(job).values())
 
-    def _unit_parts_by_input(self, job: str) -> dict[str, dict[str, set[str]]]:
-        """{input id: {table: parts}} of the units `job` has committed, by the input their
-        markers name (ingest's; "" for a marker that names none)."""
+    def _unit_parts_by_input(self, job: str, markers: dict[str, dict] | None = None) -> dict[str, dict[str, set[str]]]:
+        """{input id: {table: parts}} of the units `job` has committed (`markers`: its done_units,
+        read here when not given), by the input their markers name (ingest's; "" for a marker
+        that names none)."""
         inputs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         visible: dict[str, set[str]] | None = None  # listed only for markers from before "parts"
-        for unit, info in self.done_units(job).items():
+        for unit, info in (self.done_units(job) if markers is None else markers).items():
             if "parts" not in info and visible is None:
                 visible = self._visible_parts()
             parts = info["parts"] if "parts" in info else legacy_unit_parts(job, unit, visible)
@@ -531,16 +532,20 @@ class Workspace:
         the parts `job`'s units had before (a run that holds already keeps the first ones).
         `inputs` (ingest): the inputs whose units this run replaces; the hold keeps each input's
         parts apart, so that a later run of the job that does not plan one of them keeps that
-        input's parts held when it ends (release_hold)."""
+        input's parts held when it ends (release_hold). An ingest hold also keeps each unit's
+        `images` parts and count (held_units): the units annotate reads while it holds."""
         self._hold = True
         path = f"{HOLDS}/{job}.json"
         hold = self.read_json(path)
         if hold is None:
             self.fs.create_dir(f"{self.base}/{HOLDS}", recursive=True)
-            by_input = self._unit_parts_by_input(job)  # the markers read once, for both
+            markers = self.done_units(job)  # read once, for each record
+            by_input = self._unit_parts_by_input(job, markers)
             hold = {"tables": sorted_parts(merged_parts(by_input.values())),
                     "inputs": {i: sorted_parts(parts) for i, parts in sorted(by_input.items())},
                     "replacing": [], "time": time.time()}
+            if job == "ingest":
+                hold["units"] = ingest_units_by_input(markers)
         elif set(inputs) <= set(hold.get("replacing", [])):
             return
         hold["replacing"] = sorted({*hold.get("replacing", []), *inputs})
@@ -555,6 +560,15 @@ class Workspace:
         """The inputs `job`'s hold says its runs were replacing (hold_publishing; [] for none)."""
         return (self.read_json(f"{HOLDS}/{job}.json") or {}).get("replacing", [])
 
+    def held_units(self, job: str) -> dict[str, dict]:
+        """{unit: {"parts": its `images` parts, "images": its images}} of the committed units whose
+        parts `job`'s hold keeps, as their markers said when it was written (hold_publishing:
+        ingest's). A run that stops while it replaces an input's units has retired their markers:
+        this is what still says which unit each held part is of (annotate's units_of). {} without
+        a hold, and for a hold written by an earlier version (it kept no units)."""
+        hold = self.read_json(f"{HOLDS}/{job}.json") or {}
+        return {unit: held for units in hold.get("units", {}).values() for unit, held in units.items()}
+
     def release_hold(self, job: str, planned: Iterable[str] | None = None) -> None:
         """The run of `job` has written every unit it planned: publishes show its units again.
         `planned` (ingest): the inputs this run planned. An input a killed run was replacing
@@ -566,11 +580,16 @@ class Workspace:
         if hold is not None and planned is not None and "inputs" in hold:
             left = set(hold.get("replacing", [])) - set(planned)
         if left:
-            now = self._unit_parts_by_input(job)
+            markers = self.done_units(job)
+            now = self._unit_parts_by_input(job, markers)
             inputs = {i: hold["inputs"].get(i, {}) if i in left else sorted_parts(now[i])
                       for i in sorted({*now, *left})}
-            self.write_json(path, {"tables": sorted_parts(merged_parts(inputs.values())), "inputs": inputs,
-                                   "replacing": sorted(left), "time": hold["time"]})
+            rewritten = {"tables": sorted_parts(merged_parts(inputs.values())), "inputs": inputs,
+                         "replacing": sorted(left), "time": hold["time"]}
+            if "units" in hold:  # as "inputs": the held inputs' units as they were, the others' as they are
+                units = ingest_units_by_input(markers)
+                rewritten["units"] = {i: hold["units"].get(i, {}) if i in left else units.get(i, {}) for i in inputs}
+            self.write_json(path, rewritten)
         elif hold is not None:
             self.fs.delete_file(f"{self.base}/{path}")
         self._hold = False
@@ -850,6 +869,18 @@ def images_parts(unit: str, marker: dict) -> list[str]:
     """The `images` parts of a committed ingest unit: one per batch, or the unit's own name for a
     unit committed before markers named their parts."""
     return unit_parts(unit, marker, "images")
+
+
+def ingest_units_by_input(markers: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{input id: {unit: {"parts": its `images` parts, "images": its images}}} of the committed,
+    not retired ingest units that name `images` parts (`markers`: ingest's done_units): one entry a unit,
+    what annotate plans a unit from (Workspace.held_units)."""
+    units: dict[str, dict[str, dict]] = defaultdict(dict)
+    for unit, marker in sorted(markers.items()):
+        parts = images_parts(unit, marker)
+        if parts and not marker.get("retired"):
+            units[marker.get("input") or ""][unit] = {"parts": sorted(parts), "images": int(marker.get("images", 0))}
+    return dict(units)
 
 
 def unit_parts(unit: str, marker: dict, table: str) -> list[str]:

@@ -15,6 +15,7 @@ from jobs.config import load_config
 from schemas import CCIP_DIM
 from store.workspace import Workspace
 from tests.conftest import SAMPLE_SHARDS
+from tests.hostile_data import write_tar
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -511,3 +512,74 @@ def test_a_model_file_is_read_again_only_when_it_changed(tmp_path):
     model.write_bytes(b"newer weights")
     assert stamp(model) not in (read, cached)
     assert set(ws.read_json(annotate.FILES_STATE)["digests"]) == {str(model)}
+
+
+def test_units_an_ingest_was_replacing_when_killed_are_annotated_as_they_were(tmp_path, monkeypatch):
+    """An ingest killed while it replaces units of input y (a shard written again) leaves y's old
+    rows published (the hold) and their markers retired. Every annotate run after it (here after
+    an ingest of another input, x) saw those held `images` parts as parts no marker claims: units
+    of their own, named by part, so it ran the models on y's old images again (or moved their
+    rows) and retired y's annotate units, and once y's ingest ended it moved them again. Now
+    they are the ingest units they were: nothing runs or moves until y's ingest ends, also after
+    a second run of it that stops before its end; then the rows are those of one uninterrupted run."""
+    from tests.kill_mid_run import booruset
+    from tests.onnx_fakes import face_model_dir
+
+    images = sample_pngs(6)
+    x, y, models = tmp_path / "x", tmp_path / "y", face_model_dir(tmp_path / "models")
+    x.mkdir()
+    y.mkdir()
+    (x / images[0][0]).write_bytes(images[0][1])
+    write_tar(y / "y0.tar", images[1:3])
+    write_tar(y / "y1.tar", images[3:5])
+
+    def config(ws_path, *inputs):
+        quoted = ", ".join(f'"{i}"' for i in inputs)
+        return load_config(None, [f'workspace.path="{ws_path}"', f"ingest.inputs=[{quoted}]", "ray.num_cpus=2",
+                                  'annotate.models=["cascade_face", "face"]', f'annotate.models_dir="{models}"'])
+
+    def state(ws: Workspace) -> tuple[dict, list[tuple]]:
+        rows = ws.connect().execute("select key, model, label, score, x0, y0, x1, y1 from detections "
+                                    "order by all").fetchall()
+        return ws.done_units("annotate"), rows
+
+    ws_path = tmp_path / "ws"
+    ws = Workspace(str(ws_path))
+    ingest.run(config(ws_path, x, y), ws)
+    annotate.run(config(ws_path, x, y), ws)
+    before = state(ws)
+    assert len(before[0]) == 3 and before[1]
+
+    write_tar(y / "y1.tar", images[3:6])  # y1 written again, an image added: its unit is replaced
+    killed = booruset("ingest", "-w", str(ws_path), "-i", str(y), BOORUSET_KILL_AFTER_COMMITS="1")
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode == -9, out  # right after y1's old unit was retired
+    ingest.run(config(ws_path, x), Workspace(str(ws_path)))
+    ws = Workspace(str(ws_path))
+    again = annotate.run(config(ws_path, x, y), ws)
+    assert again.units_done == 0 and again.rows_run == 0 and again.units_skipped == 3
+    assert state(ws) == before
+
+    # a second run of y stops after it committed y1's new unit, before its end
+    def stopped(self, job: str, planned=None) -> None:
+        raise KeyboardInterrupt("killed")
+
+    release_hold = Workspace.release_hold
+    monkeypatch.setattr(Workspace, "release_hold", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.run(config(ws_path, y), Workspace(str(ws_path)))
+    monkeypatch.setattr(Workspace, "release_hold", release_hold)
+    ws = Workspace(str(ws_path))
+    assert sum(not m.get("retired") for m in ws.done_units("ingest").values() if m["input"] == "y") == 2
+    again = annotate.run(config(ws_path, x, y), ws)
+    assert again.units_done == 0 and again.rows_run == 0 and state(ws) == before
+
+    ingest.run(config(ws_path, y), Workspace(str(ws_path)))  # y's ingest ends
+    ws = Workspace(str(ws_path))
+    last = annotate.run(config(ws_path, x, y), ws)
+    assert last.units_done == 1 and last.rows_run == 1  # y1's added image; its other two keep their rows
+    assert ws.holds() == {}
+    fresh = Workspace(str(tmp_path / "fresh"))
+    ingest.run(config(tmp_path / "fresh", x, y), fresh)
+    annotate.run(config(tmp_path / "fresh", x, y), fresh)
+    assert state(ws)[1] == state(fresh)[1]

@@ -161,3 +161,43 @@ def test_a_job_start_names_the_inputs_an_ingest_hold_keeps_and_what_ends_it(tmp_
     assert "booruset ingest` ends" not in said
     assert "y" in said.split("replaced units of ", 1)[1].split(";")[0]
     assert "inputs --forget" in said
+
+
+def test_an_ingest_hold_keeps_the_units_annotate_plans_from_its_inputs(tmp_path):
+    """annotate plans one unit per ingest marker; an ingest stopped while it replaced y's units
+    left their markers retired and their parts held, and annotate planned each held part as a
+    unit of its own, named by part. The hold keeps y's units as they were, also after an ingest
+    of x ends; a hold written by an earlier version keeps none: annotate plans as before."""
+    from jobs.annotate import units_of
+
+    ws = Workspace(str(tmp_path / "ws"))
+
+    def commit(unit: str, input_id: str, images: int) -> None:
+        ws.write_part("images", f"{unit}-b00000", [{"key": f"{input_id}/{unit}/{i}"} for i in range(images)])
+        ws.commit_unit("ingest", unit, {"images": images, "input": input_id}, parts={"images": [f"{unit}-b00000"]})
+
+    for unit, input_id, images in (("x1", "x", 1), ("y1", "y", 2), ("y2", "y", 3)):
+        commit(unit, input_id, images)
+    ws.publish()
+    before = units_of(ws)
+    assert [u["unit"] for u in before] == ["x1", "y1", "y2"]
+
+    ws.hold_publishing("ingest", ["y"])  # y2's shard written again: its unit retired, then killed
+    ws.commit_unit("ingest", "y2", {"retired": True, "input": "y", "removed": 0}, parts={})
+    commit("x2", "x", 1)  # an ingest of x adds a unit and ends: y stays held
+    ws.release_hold("ingest", {"x"})
+    ws.publish()
+    now = sorted(units_of(Workspace(str(tmp_path / "ws"))), key=lambda u: u["unit"])
+    assert now == sorted([*before, {"unit": "x2", "parts": ["x2-b00000"], "rows": 1}], key=lambda u: u["unit"])
+    assert Workspace(str(tmp_path / "ws")).held_units("ingest") == {  # one entry a unit
+        "x1": {"parts": ["x1-b00000"], "images": 1}, "x2": {"parts": ["x2-b00000"], "images": 1},
+        "y1": {"parts": ["y1-b00000"], "images": 2}, "y2": {"parts": ["y2-b00000"], "images": 3}}
+
+    hold = json.loads((tmp_path / "ws" / "state" / "holds" / "ingest.json").read_text())
+    del hold["units"]  # as an earlier version wrote it
+    (tmp_path / "ws" / "state" / "holds" / "ingest.json").write_text(json.dumps(hold))
+    earlier = Workspace(str(tmp_path / "ws"))
+    assert earlier.held_units("ingest") == {}
+    assert {"unit": "y2-b00000", "parts": ["y2-b00000"], "rows": 3} in units_of(earlier)
+    earlier.release_hold("ingest", {"x"})
+    assert "units" not in json.loads((tmp_path / "ws" / "state" / "holds" / "ingest.json").read_text())
