@@ -86,3 +86,40 @@ def test_clean_reply_drops_the_quotes_around_a_reply_not_those_of_its_caption(re
     from udfs.caption.caption_prompts import clean_reply
 
     assert clean_reply(reply) == caption
+
+
+def test_the_vllm_stream_runs_a_rechecked_unit_from_its_own_kept_replies(ray_local, tmp_path):
+    """The vllm backend's stream (no engine here: its server transport against the loopback
+    server): a unit holding a refusal an earlier version accepted runs again from the replies it
+    kept, with no request; the refusal is gone and the other units are not run."""
+    from test_caption_openai import Script, serve
+    from test_caption_stream import stream_options, write_inputs, write_shard
+
+    from jobs import caption
+    from jobs.config import load_config, merge
+    from store.workspace import Workspace
+
+    script = Script([])
+    server, url = serve(script)
+    try:
+        config = load_config(None, [f'workspace.path="{tmp_path / "ws"}"', "ray.num_cpus=2"])
+        merge(config, {"caption": {**stream_options(url), "rewrite": "", "max_attempts": 1}})
+        ws = Workspace(str(tmp_path / "ws"))
+        write_inputs(ws, write_shard(tmp_path / "s.tar"))
+        assert caption.run(config, ws).units_done == 4
+        asked, markers = len(script.received), ws.done_units("caption")
+        for unit, marker in markers.items():
+            ws.commit_unit("caption", unit, {k: v for k, v in marker.items() if k not in ("parts", REPLY_CHECKS_KEY)},
+                           parts=marker["parts"])
+        refused_unit = min(markers)
+        as_an_earlier_version_left(ws, refused_unit, markers[refused_unit])
+        ws.publish()
+
+        upgraded = caption.run(config, ws)
+        assert upgraded.units_done == 1 and len(script.received) == asked
+        assert not any(r["caption"] == REFUSED for r in ws.read_table("captions").to_pylist())
+        assert caption.run(config, ws).units_done == 0 and len(script.received) == asked
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()
