@@ -86,3 +86,51 @@ def test_clean_reply_drops_the_quotes_around_a_reply_not_those_of_its_caption(re
     from udfs.caption.caption_prompts import clean_reply
 
     assert clean_reply(reply) == caption
+
+
+def test_a_vllm_caption_an_earlier_cleaner_left_chat_text_in_is_cleaned_when_its_unit_runs_again(
+        ray_local, workspace, config):
+    """The vllm stream keeps a unit's replies as its cleaner left them (the caption text). A unit
+    whose caption holds chat text an earlier cleaner let through ("Sure, ...") is run again by the
+    recheck, answered by that kept reply: the kept reply replayed as it was, and the unit was
+    committed again with the same caption, marked as checked. The replay is cleaned as a reply is
+    now, and no request reaches the server."""
+    from test_caption_job import write_inputs
+    from test_caption_openai import Script, serve
+
+    from jobs import caption
+    from jobs.config import merge
+
+    script = Script([])
+    server, url = serve(script)
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "vllm", "vllm_url": url, "vllm_model": "joy", "api_key_env": "", "send_images": False,
+            "max_attempts": 1, "unit_size": 2, "concurrency": 1, "vllm_batch_size": 4, "vllm_concurrency": 1,
+            "tags_from_text": False, "related_tags": False}})
+        caption.run(config, workspace)
+        asked = len(script.received)
+        markers = workspace.done_units("caption")
+        unit = min(markers)
+        chatty = "Sure, caption by joy."  # what an earlier cleaner let through, kept and accepted
+        folder = f"{workspace.base}/{REPLIES}/{unit}"
+        for info in workspace.fs.get_file_info(pa.fs.FileSelector(folder)):
+            if info.base_name.endswith(".parquet"):
+                table = pq.read_table(info.path)
+                pq.write_table(table.set_column(1, "reply", pa.array([chatty] * table.num_rows)), info.path)
+        for part in markers[unit]["parts"]["captions"]:
+            rows = workspace.read_part("captions", part, workspace.read_table("captions").column_names)
+            workspace.write_part("captions", part, [{**r, "caption": chatty} for r in rows])
+        workspace.commit_unit("caption", unit, {k: v for k, v in markers[unit].items()
+                                                if k not in ("parts", REPLY_CHECKS_KEY)}, parts=markers[unit]["parts"])
+        workspace.publish()
+
+        again = caption.run(config, workspace)
+        assert again.units_done == 1 and len(script.received) == asked
+        texts = [r["caption"] for r in workspace.read_table("captions").to_pylist()]
+        assert chatty not in texts and "Caption by joy." in texts
+    finally:
+        script.stop.set()
+        server.shutdown()
+        server.server_close()
