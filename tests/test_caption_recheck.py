@@ -134,3 +134,27 @@ def test_a_vllm_caption_an_earlier_cleaner_left_chat_text_in_is_cleaned_when_its
         script.stop.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_refusal_an_earlier_version_kept_as_a_region_caption_runs_its_unit_again(ray_local, workspace, config):
+    """caption.regions: a VLM's caption of a region passes the same reply checks as the whole
+    picture's (a refused one keeps its template caption). The recheck read only the `captions`
+    parts of a unit, so a refusal an earlier version kept as a region's caption stayed, its unit
+    marked as checked; it is run again now, as for a refused caption of the whole picture."""
+    from jobs import caption
+    from jobs.summary import JobSummary
+    from udfs.caption.reply_cache import ReplyCache
+
+    fine = {"key": "a/1", "attempt": 0, "backend": "openai:joy", "caption": "A girl smiles.", "accepted": True}
+    workspace.write_part("captions", "u-1", [fine])
+    workspace.write_part("caption_regions", "u-1", [
+        {"key": "a/1", "region": "top left", "backend": "openai:joy", "tags": ["red_hair"], "caption": REFUSED},
+        {"key": "a/1", "region": "top right", "backend": "template:english", "tags": [], "caption": ""}])
+    parts = {"captions": ["u-1"], "caption_regions": ["u-1"]}
+    workspace.commit_unit("caption", "u", {"images": 1}, parts=parts)  # no reply checks: an earlier version's
+    ReplyCache(workspace, "u").add({"request": REFUSED})  # its kept replies
+    done = {"u": {"images": 1, "parts": parts}}
+
+    summary = JobSummary("caption")
+    assert caption.recheck_captions(config, workspace, done, summary) == {"u"}
+    assert "u" not in done and any("refused now" in note for note in summary.notes)
