@@ -81,6 +81,9 @@ def test_a_refusal_an_earlier_version_accepted_is_no_caption_after_the_upgrade(f
     ('"A girl smiles at the viewer."', "A girl smiles at the viewer."),
     ('"Hello," she says, "welcome."', '"Hello," she says, "welcome."'),
     ("'Tis a girl in a 'sailor' collar, 'cute'", "'Tis a girl in a 'sailor' collar, 'cute'"),
+    # an apostrophe inside a word is no quote: the reply is still wrapped in quotes
+    ("'A girl's red hat, the cat's bell.'", "A girl's red hat, the cat's bell."),
+    ('"A girl\'s hat."', "A girl's hat."),
 ])
 def test_clean_reply_drops_the_quotes_around_a_reply_not_those_of_its_caption(reply, caption):
     from udfs.caption.caption_prompts import clean_reply

@@ -130,8 +130,9 @@ def clean_reply(text: str | None) -> str:
             text = text[len(label):].strip()
     text = " ".join(text.split())
     # the quotes around the whole reply, not those of a caption that begins and ends with a quote
-    # ('"Hello," she says, "welcome."')
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
+    # ('"Hello," she says, "welcome."'); an apostrophe inside a word ("girl's") is no quote
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" \
+            and not re.search(rf"(?<!\w){text[0]}|{text[0]}(?!\w)", text[1:-1]):
         text = text[1:-1].strip()
     return text
 
