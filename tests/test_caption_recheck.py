@@ -161,3 +161,21 @@ def test_a_refusal_an_earlier_version_kept_as_a_region_caption_runs_its_unit_aga
     summary = JobSummary("caption")
     assert caption.recheck_captions(config, workspace, done, summary) == {"u"}
     assert "u" not in done and any("refused now" in note for note in summary.notes)
+
+
+@pytest.mark.parametrize(("reply", "caption"), [
+    ('"Caption: A girl smiles."', "A girl smiles."),
+    ('"Here is a caption: A girl smiles."', "A girl smiles."),
+    ('"Sure, a girl smiles."', "A girl smiles."),
+    ("Sure, sure, a girl smiles.", "A girl smiles."),
+    ("Caption: 'A girl's red hat.'", "A girl's red hat."),
+])
+def test_a_caption_this_version_cleaned_is_not_refused_by_its_own_recheck(reply, caption):
+    """clean_reply took off the quotes around a reply after its label or opener: '"Caption: A
+    girl smiles."' stayed 'Caption: A girl smiles.', a label in the caption, and a second cleaning
+    changed it, so the recheck (cleaned again != as committed) ran its unit again for a caption
+    the rerun cleaned the same way."""
+    from udfs.caption.caption_prompts import clean_reply
+
+    assert clean_reply(reply) == caption
+    assert refused_now(clean_reply(reply)) is None
