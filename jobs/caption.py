@@ -569,7 +569,8 @@ def recheck_captions(cfg: Config, ws: Workspace, done: dict[str, dict], summary:
     if not old:
         return set()
     init_ray(cfg)
-    items = [{"unit": unit, "captions": old[unit]["parts"].get("captions", [])} for unit in sorted(old)]
+    items = [{"unit": unit, "captions": old[unit]["parts"].get("captions", []),
+              "regions": old[unit]["parts"].get("caption_regions", [])} for unit in sorted(old)]
     chunks = [items[i:i + RECHECK_UNITS_PER_TASK] for i in range(0, len(items), RECHECK_UNITS_PER_TASK)]
     flagged = {f["unit"]: f for found in unit_tasks(recheck_units, chunks, 1.0, workspace=ws.root) for f in found}
     replied = set(units_with_replies(ws))

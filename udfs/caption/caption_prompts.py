@@ -122,6 +122,22 @@ def clean_reply(text: str | None) -> str:
     if note and text[: note.start()].strip():  # a reply that is all note is left for the checks to refuse
         text = text[: note.start()]
     text = text.strip()
+    # until nothing is taken off: a label or opener inside the quotes ('"Caption: A girl."'), or a
+    # second opener, was left in the caption, and a caption cleaned again was another (the reply
+    # recheck takes a caption that cleaning changes for chat text). A few times at most: "Sure. "
+    # said 10,000 times is a hostile reply, and each pass reads all of it
+    for _ in range(UNWRAP_PASSES):
+        if (unwrapped := unwrap(text)) == text:
+            break
+        text = unwrapped
+    return text
+
+
+UNWRAP_PASSES = 8
+
+
+def unwrap(text: str) -> str:
+    """`text` without one opener, label and pair of quotes around it (clean_reply)."""
     if (opener := OPENER.match(text)) and opener.end():
         text = text[opener.end():]
         text = text[:1].upper() + text[1:]  # "Sure, a girl smiles." is "A girl smiles."
@@ -130,8 +146,9 @@ def clean_reply(text: str | None) -> str:
             text = text[len(label):].strip()
     text = " ".join(text.split())
     # the quotes around the whole reply, not those of a caption that begins and ends with a quote
-    # ('"Hello," she says, "welcome."')
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
+    # ('"Hello," she says, "welcome."'); an apostrophe inside a word ("girl's") is no quote
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" \
+            and not re.search(rf"(?<!\w){text[0]}|{text[0]}(?!\w)", text[1:-1]):
         text = text[1:-1].strip()
     return text
 

@@ -39,7 +39,7 @@ import ray
 from store.staging import read_unit_rows
 from store.workspace import Workspace
 from udfs.caption.caption_images import request_urls, unreadable_message
-from udfs.caption.caption_prompts import caption_messages, prompt_for, rewrite_messages
+from udfs.caption.caption_prompts import caption_messages, clean_reply, prompt_for, rewrite_messages
 from udfs.caption.caption_unit import TRANSIENT_KINDS, Hint, UnitCaptioner, unit_info
 from udfs.caption.openai_transport import EndpointError
 from udfs.caption.reply_cache import ReplyCache
@@ -253,7 +253,10 @@ def request_messages(batch: pa.Table, options: dict[str, Any], workspace: str = 
         messages.append(json.dumps(asked))
         errors.append("")
         digests.append(request_digest(options, r["stage"] == REWRITE, asked, r["seed"]))
-        kept.append(borrowed.get(r["unit"], {}).get(digests[-1]))
+        # kept as the cleaner of its day left it: cleaned as a reply is now, as the openai backend's
+        # kept replies are (a unit the reply checks run again is answered by its own)
+        reply = borrowed.get(r["unit"], {}).get(digests[-1])
+        kept.append(None if reply is None else clean_reply(reply))
     return pa.table({"unit": batch["unit"], "stage": batch["stage"], "key": batch["key"], "seed": batch["seed"],
                      "messages": pa.array(messages, pa.string()), "error": pa.array(errors, pa.string()),
                      "request": pa.array(digests, pa.string()), "kept": pa.array(kept, pa.string())})

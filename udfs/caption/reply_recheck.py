@@ -38,16 +38,19 @@ def refused_now(text: str) -> str | None:
 
 
 def recheck_units(units: list[dict], workspace: str) -> list[dict]:
-    """Ray task: the units (each {"unit", "captions": its captions parts}) whose accepted model
-    captions hold one refused_now refuses, each {"unit", "refused": how many, "example": why and
-    the first}. One unit's captions in memory at a time."""
+    """Ray task: the units (each {"unit", "captions": its captions parts, "regions": its
+    caption_regions parts}) whose accepted model captions hold one refused_now refuses, each
+    {"unit", "refused": how many, "example": why and the first}. A region's caption passes the
+    same checks (a refused one keeps its template caption); each region row is the one kept. One
+    unit's captions in memory at a time."""
     ws = Workspace(workspace, create=False)
     flagged = []
     for unit in units:
         refused, example = 0, ""
-        for part in unit["captions"]:
-            for row in ws.read_part("captions", part, ["caption", "backend", "accepted"]):
-                if not row["accepted"] or not (row["backend"] or "").startswith(MODEL_BACKENDS):
+        parts = [("captions", p) for p in unit["captions"]] + [("caption_regions", p) for p in unit.get("regions", [])]
+        for table, part in parts:
+            for row in ws.read_part(table, part, ["caption", "backend", "accepted"]):
+                if not row.get("accepted", True) or not (row["backend"] or "").startswith(MODEL_BACKENDS):
                     continue
                 why = refused_now(row["caption"] or "")
                 if why is not None:
