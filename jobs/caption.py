@@ -214,7 +214,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         summary.notes.append("caption.tags_from_text is off: the tags an earlier run took from texts are gone")
         curate_again(cfg, ws, summary)
     done = finished_units(ws)  # one read of the markers (a stale one among them is never looked up)
-    rechecked = recheck_captions(cfg, ws, done, summary)  # before the plan: a unit to run again is staged
+    flagged = recheck_captions(cfg, ws, done)  # before the plan: a unit to run again is staged
     units = planned_units(cfg, ws, opts, done)
     adopt_units(ws, units, done)
     remove_stale(ws, {u["unit"] for u in units})
@@ -224,7 +224,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     sources = reply_sources(ws, units, pending)
     for unit in pending:
         # a unit run again for the reply checks is answered by its own kept replies
-        unit["previous"] = sources.get(unit["unit"], []) + ([unit["unit"]] if unit["unit"] in rechecked else [])
+        again = unit["unit"] in flagged and flagged[unit["unit"]]["again"]
+        unit["previous"] = sources.get(unit["unit"], []) + ([unit["unit"]] if again else [])
+    say_rechecked(flagged, {u["unit"] for u in pending}, summary)
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
     infos = [done[u["unit"]] for u in units if u["unit"] in done]
@@ -558,42 +560,46 @@ def finished_units(ws: Workspace) -> dict[str, dict]:
 RECHECK_UNITS_PER_TASK = 64
 
 
-def recheck_captions(cfg: Config, ws: Workspace, done: dict[str, dict], summary: JobSummary) -> set[str]:
+def recheck_captions(cfg: Config, ws: Workspace, done: dict[str, dict]) -> dict[str, dict]:
     """The units committed under earlier reply checks (REPLY_CHECKS), their captions read once in
     tasks (udfs/caption/reply_recheck.py). Those holding a caption the checks refuse now leave
     `done`: they run again, their kept replies answering what was asked before, so only the refused
     captions are asked for again (within caption.max_attempts). A unit without kept replies (a
     version before c9fac4d) would be asked for every image: it stays, and the summary says so.
-    The others are marked as checked. Returns the units to run again."""
+    The others are marked as checked. Returns the units found holding such captions, each
+    {"refused", "example", "again": whether it runs again}."""
     old = {unit: m for unit, m in done.items() if m.get(REPLY_CHECKS_KEY, 0) < REPLY_CHECKS and "parts" in m}
     if not old:
-        return set()
+        return {}
     init_ray(cfg)
     items = [{"unit": unit, "captions": old[unit]["parts"].get("captions", []),
               "regions": old[unit]["parts"].get("caption_regions", [])} for unit in sorted(old)]
     chunks = [items[i:i + RECHECK_UNITS_PER_TASK] for i in range(0, len(items), RECHECK_UNITS_PER_TASK)]
     flagged = {f["unit"]: f for found in unit_tasks(recheck_units, chunks, 1.0, workspace=ws.root) for f in found}
     replied = set(units_with_replies(ws))
-    again = {unit for unit in flagged if unit in replied}
+    for unit, found in flagged.items():
+        found["again"] = unit in replied
+    again = {unit for unit, found in flagged.items() if found["again"]}
     for unit in sorted(set(old) - again):
         info = {k: v for k, v in old[unit].items() if k != "parts"} | {REPLY_CHECKS_KEY: REPLY_CHECKS}
         ws.commit_unit("caption", unit, info, parts=old[unit]["parts"])
         done[unit] = {**info, "parts": old[unit]["parts"]}
     for unit in again:
         done.pop(unit)
-    say_rechecked(flagged, again, summary)
-    return again
+    return flagged
 
 
-def say_rechecked(flagged: dict[str, dict], again: set[str], summary: JobSummary) -> None:
-    """What recheck_captions found: the units run again, and those left as they are."""
+def say_rechecked(flagged: dict[str, dict], pending: set[str], summary: JobSummary) -> None:
+    """What recheck_captions found: the units run again (those still planned), and those left as
+    they are."""
+    again = {unit for unit, found in flagged.items() if found["again"] and unit in pending}
     if again:
         refused, example = sum(flagged[unit]["refused"] for unit in again), flagged[min(again)]["example"]
         print(f"caption: {refused} captions in {len(again)} units committed by an earlier version are replies the "
               f"checks refuse now (e.g. {example}): those units run again, from their kept replies", flush=True)
         summary.notes.append(f"reply checks: {refused} captions committed by an earlier version are refused now "
                              f"({len(again)} units run again from their kept replies; the refused are asked again)")
-    if left := set(flagged) - again:
+    if left := {unit for unit, found in flagged.items() if not found["again"]}:
         summary.notes.append(f"reply checks: {sum(flagged[u]['refused'] for u in left)} captions in {len(left)} units "
                              "committed by an early version are replies the checks refuse now, but those units kept "
                              f"no replies: running them again would ask for every image. E.g. "

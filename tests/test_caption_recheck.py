@@ -195,9 +195,11 @@ def test_a_refusal_an_earlier_version_kept_as_a_region_caption_runs_its_unit_aga
     ReplyCache(workspace, "u").add({"request": REFUSED})  # its kept replies
     done = {"u": {"images": 1, "parts": parts}}
 
+    flagged = caption.recheck_captions(config, workspace, done)
+    assert set(flagged) == {"u"} and flagged["u"]["again"] and "u" not in done
     summary = JobSummary("caption")
-    assert caption.recheck_captions(config, workspace, done, summary) == {"u"}
-    assert "u" not in done and any("refused now" in note for note in summary.notes)
+    caption.say_rechecked(flagged, {"u"}, summary)
+    assert any("refused now" in note for note in summary.notes)
 
 
 @pytest.mark.parametrize(("reply", "caption"), [
