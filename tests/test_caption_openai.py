@@ -499,6 +499,73 @@ def test_a_server_rate_limiting_every_request_is_not_asked_the_rest_of_the_unit(
     assert sum(str(r).startswith("not sent") for r in results) == 40 - len(asked) // 2
 
 
+def test_a_reply_that_is_no_chat_completion_is_retried_and_cut_off_when_every_reply_is_one():
+    """A proxy in front of the server (nginx's or a load balancer's error page, a captive portal)
+    answers 200 with an HTML page, an empty body or JSON without choices: no reply of the model at
+    all, a fault of the moment as a 502 is. It was a final `bad_reply`, never retried, and a proxy
+    answering every request so was asked for each of them in turn. It is retried now, and after 8
+    of them in a row the rest of the call is not sent (as for a server that is down)."""
+    html = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    state = {"proxy": [(200, {"Content-Type": "text/html"}, html), (200, {}, b""),
+                       (200, {"Content-Type": "application/json"}, b'{"object": "list", "data": []}')],
+             "asked": 0}
+
+    def respond(_body):
+        state["asked"] += 1
+        return state["proxy"].pop(0) if state["proxy"] else (200, {}, completion("ok"))
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=3, backoff_s=0.01, max_concurrency=1)
+        assert endpoint.chat(MESSAGES) == "ok" and state["asked"] == 4 and endpoint.retries_done == 3
+        state.update(proxy=[(200, {"Content-Type": "text/html"}, html)] * 1000, asked=0)
+        endpoint = ChatEndpoint(url, "m", max_retries=1, backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.kind for r in results] == ["bad_reply"] * 40
+    assert "502 Bad Gateway" in str(results[0])
+    assert state["asked"] in (16, 18)  # 8 requests of 2 tries (and the one started when the eighth failed)
+    assert sum(str(r).startswith("not sent") for r in results) == 40 - state["asked"] // 2
+
+
+def test_images_a_proxys_page_left_uncaptioned_are_asked_again_by_the_next_run(ray_local, workspace, config):
+    """A proxy answering its HTML page (status 200) to every request left each image `no_caption`
+    for good: the unit was done, and the run after the proxy was fixed asked nothing ('0 to run').
+    A reply that is no chat completion is a passing failure now: no attempt is spent on it, and
+    the next run asks for those images again."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    state = {"proxy": True, "asked": 0}
+
+    def respond(_body):
+        state["asked"] += 1
+        if state["proxy"]:
+            return 200, {"Content-Type": "text/html"}, b"<html><body>Service temporarily unavailable</body></html>"
+        return 200, {}, completion("A girl smiles.")
+
+    server, url = answer_with(respond)
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": url, "model": "m", "send_images": False, "max_attempts": 3,
+            "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+        first = caption.run(config, workspace)
+        assert first.errors_by_kind["bad_reply"] == 5 and state["asked"] == 5  # no attempt spent on it
+        assert "5 images failed for a passing reason" in first.render()
+        state.update(proxy=False, asked=0)
+        second = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert second.units_done == 1 and second.errors == 0 and state["asked"] == 5
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist() if r["accepted"]}) == 5
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a

@@ -611,10 +611,14 @@ def _rank(row: dict) -> float:
     return 0.0 if row["accuracy"] is None else row["accuracy"]
 
 
-# Failures of the moment (a server down, overloaded, slow) or of the endpoint's config (a key or
-# model it refuses: openai_transport.REFUSED_STATUS): an image left without a caption by them is
-# asked again by the next run, which redoes its unit (jobs/caption.py).
-TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error", "endpoint_refused"})
+# Failures of the moment (a server down, overloaded, slow, or a proxy answering with what is no
+# chat completion: bad_reply) or of the endpoint's config (a key or model it refuses:
+# openai_transport.REFUSED_STATUS): an image left without a caption by them is asked again by the
+# next run, which redoes its unit (jobs/caption.py). A valid completion with nothing in it
+# (empty_caption) is the model's own answer, as a refusal is: the same request gets it again, so
+# the loop-back asks with the next attempt's hint instead, and the next run does not.
+TRANSIENT_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "server_error", "endpoint_refused",
+                             "bad_reply"})
 
 
 # The image could not be read to be shown: no later attempt can show it (one errors row, not one each).

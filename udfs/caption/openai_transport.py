@@ -6,7 +6,8 @@ Retry-After), a timeout per request (the whole exchange, not each read), and a b
 of requests in flight. The API key comes from an environment variable and never appears in
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
-completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
+completion (a proxy's HTML page, an empty body, malformed, nested past the parser, an undecodable
+body) is a bad_reply, retried as a 5xx is and a passing failure the next run asks again. A reply
 max_tokens cut off (finish_reason "length") ends after its last whole sentence; one the service's
 content filter stopped (finish_reason "content_filter") is a refusal.
 """
@@ -46,8 +47,9 @@ MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this i
 # hung at the defaults), 8 at a time, and a unit of 500 images took 16 minutes to 11 hours to
 # end with every image failed. They fail as the last one did, and the next run asks them again.
 # Not a 5xx (a 500 may be a request's own, every run: the requests after it would never be
-# asked); a 429 is never a request's own.
-OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited"})
+# asked); a 429 is never a request's own, nor a reply that is no chat completion (bad_reply: a
+# proxy's HTML page to every request, 200 each time).
+OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "bad_reply"})
 OUTAGE_AFTER = 8
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
@@ -109,15 +111,21 @@ class ChatEndpoint:
                 self.count("retries")
             try:
                 status, headers, body = self._post(payload)
+                if status == 200:
+                    return _reply_text(body)
             except (httpx.TimeoutException, Overdue) as exc:
                 last, kind, wait = f"timeout: {type(exc).__name__}: {exc}", "timeout", None
             except httpx.TransportError as exc:
                 last, kind, wait = f"transport error: {type(exc).__name__}: {exc}", "unreachable", None
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
                 last, kind, wait = f"undecodable reply: {exc}", "bad_reply", None
+            except EndpointError as exc:
+                if exc.kind != "bad_reply":  # the model's own reply (a refusal, nothing said): final
+                    raise
+                # no chat completion at all (a proxy's HTML page, an empty body, JSON without
+                # choices, a body past MAX_REPLY_BYTES): the server's fault of the moment, as a 502 is
+                last, kind, wait = str(exc), "bad_reply", None
             else:
-                if status == 200:
-                    return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
                 if status in REFUSED_STATUS or (status == 429 and _out_of_credit(body)):
                     raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
