@@ -583,6 +583,39 @@ def test_timeout_bounds_the_whole_reply_not_each_read():
     assert err.value.kind == "timeout" and elapsed < 10
 
 
+def test_timeout_bounds_a_reply_whose_headers_come_a_byte_at_a_time():
+    """A server (an HTTP tarpit, a broken middlebox) sending its status line and headers a byte
+    every 0.1 s never lets a read timeout fire, and the deadline on the whole reply was only looked
+    at between body chunks: one request was held for hours (until 100 KiB of headers), its actor's
+    unit with it. The deadline covers the headers now: the request fails as a timeout."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(600):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # the client gave up on it
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=0, timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(EndpointError) as err:
+            endpoint.chat(MESSAGES)
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.kind == "timeout" and elapsed < 10
+
 def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):
     """A unit's replies reach its cache while its other requests are still out: a kill then
     leaves them kept (they were written only once every request was back)."""

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
+import httpcore
 import httpx
 
 from udfs.caption.caption_prompts import REASONING, whole_reply
@@ -58,6 +59,78 @@ class Overdue(Exception):
     """The whole reply did not come within timeout_s (a server trickling its body)."""
 
 
+class Deadlines:
+    """httpcore's network backend with a deadline on each thread's request: a read or write ends
+    at the deadline `until` set (httpx times each read alone, and a server sending its status line
+    and headers a byte at a time held a request for hours: the deadline of _post, looked at between
+    body chunks, had no word while the headers came). A request runs in its thread from the start
+    to its body's last read, so the thread's deadline is its own."""
+
+    def __init__(self) -> None:
+        self.backend = httpcore.SyncBackend()
+        self.local = threading.local()
+
+    def until(self, deadline: float | None) -> None:
+        self.local.deadline = deadline
+
+    def timeout(self, timeout: float | None) -> float | None:
+        """`timeout` or the time left to the thread's deadline, whichever is shorter."""
+        deadline = getattr(self.local, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the whole reply did not come within the request's timeout")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: object = None) -> DeadlineStream:
+        return DeadlineStream(self.backend.connect_tcp(host, port, self.timeout(timeout), local_address,
+                                                       socket_options), self)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: object = None) -> DeadlineStream:
+        return DeadlineStream(self.backend.connect_unix_socket(path, self.timeout(timeout), socket_options), self)
+
+    def sleep(self, seconds: float) -> None:
+        self.backend.sleep(seconds)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads and writes end at its thread's deadline (Deadlines)."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadlines: Deadlines) -> None:
+        self.stream, self.deadlines = stream, deadlines
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, self.deadlines.timeout(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, self.deadlines.timeout(timeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context: object, server_hostname: str | None = None,
+                  timeout: float | None = None) -> DeadlineStream:
+        return DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, self.deadlines.timeout(timeout)),
+                              self.deadlines)
+
+    def get_extra_info(self, info: str) -> object:
+        return self.stream.get_extra_info(info)
+
+
+def with_deadlines(client: httpx.Client, limits: httpx.Limits, deadlines: Deadlines) -> None:
+    """Give the client's own transport a pool of Deadlines connections, as httpx builds it but for
+    the network backend, which httpx takes no argument for. Not by Client(transport=...): a client
+    given its transport leaves out the proxies of the environment (HTTPS_PROXY, ...), which keep
+    httpx's own pool (their headers bounded only by httpx's timeout of each read)."""
+    client._transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        network_backend=deadlines)
+
+
 class EndpointError(RuntimeError):
     """A request that failed for good (after its retries, or with a status not worth retrying)."""
 
@@ -87,7 +160,9 @@ class ChatEndpoint:
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self.timeout_s = float(timeout_s)
+        self.deadlines = Deadlines()
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
+        with_deadlines(self.client, limits, self.deadlines)
         # what was paid for: requests sent (each try), retries among them, requests answered by
         # the kept replies (chat_many); counted from many threads
         self.counts: Counter[str] = Counter()
@@ -145,20 +220,23 @@ class ChatEndpoint:
         return self.counts["retries"]
 
     def _post(self, payload: dict) -> tuple[int, httpx.Headers, bytes]:
-        """(status, headers, body) of one request, the body read within timeout_s of the start
-        (httpx's timeout bounds each read: a byte a second held a request, and its job, for
-        ever) and at most MAX_REPLY_BYTES long. A read that stalls is cut by httpx's own timeout,
-        so a request takes at most about twice timeout_s."""
+        """(status, headers, body) of one request, the whole of it (connecting, the headers, the
+        body) within timeout_s of the start (httpx's timeout bounds each read: a byte a second held
+        a request, and its job, for ever) and the body at most MAX_REPLY_BYTES long."""
         deadline = time.monotonic() + self.timeout_s
-        with self.client.stream("POST", "chat/completions", json=payload) as response:
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_REPLY_BYTES:
-                    raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise Overdue(f"no whole reply within {self.timeout_s:g} s")
-            return response.status_code, response.headers, bytes(body)
+        self.deadlines.until(deadline)
+        try:
+            with self.client.stream("POST", "chat/completions", json=payload) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_REPLY_BYTES:
+                        raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise Overdue(f"no whole reply within {self.timeout_s:g} s")
+                return response.status_code, response.headers, bytes(body)
+        finally:
+            self.deadlines.until(None)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
