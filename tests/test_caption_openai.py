@@ -217,8 +217,9 @@ def serve_bodies(bodies: list[tuple[dict, bytes, float]]):
                                     **headers}.items():
                     self.send_header(name, value)
                 self.end_headers()
+                view = memoryview(body)  # no copy of a huge body in the server's thread
                 for i in range(0, len(body), 1 if per_byte else len(body) or 1):
-                    self.wfile.write(body[i:i + (1 if per_byte else len(body))])
+                    self.wfile.write(view[i:i + (1 if per_byte else len(body))])
                     self.wfile.flush()
                     time.sleep(per_byte)
             except OSError:
@@ -288,6 +289,26 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert results[3] == "two parts"
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
+
+def test_a_huge_reply_is_refused_before_it_is_parsed_in_bounded_memory():
+    """A reply body is read up to MAX_REPLY_BYTES and parsed whole. At 16 MB a completion padded
+    with empty JSON lists (a hostile or broken server) was accepted, and parsing it took 400 MB for
+    the one request (an actor has 8 in flight); a 50 MB body was cut at 16 MB. A chat completion is
+    kilobytes (a 32,000-token reply of escaped CJK is under 400 KB): one over 2 MB is a bad_reply,
+    and no request holds much more than that."""
+    import tracemalloc
+
+    padded = b'{"choices": [{"message": {"content": "A girl."}}], "pad": [' + b"[]," * 5_000_000 + b"[]]}"
+    huge = b" " * (50 << 20)
+    tracemalloc.start()
+    try:
+        results = replies_in_order([({}, padded, 0.0), ({}, huge, 0.0), ({}, completion("A girl smiles."), 0.0)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [getattr(r, "kind", r) for r in results] == ["bad_reply", "bad_reply", "A girl smiles."]
+    assert "a reply of more than" in str(results[0])
+    assert peak < 64 << 20
 
 def test_a_refusal_in_the_refusal_field_is_a_refusal():
     """OpenAI's API (GPT-4o) says a model declined in the message's `refusal`, its content null:

@@ -40,7 +40,10 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # model or path the server does not have): not retried, and like an unreachable host a passing
 # failure whose units the next run does again (they were committed with no caption for good).
 REFUSED_STATUS = frozenset({401, 402, 403, 404})
-MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
+# A chat completion is kilobytes (32,000 tokens of reasoning in escaped CJK are under 400 KB): a body
+# past this is no caption. It is parsed whole, and JSON of empty lists takes 25 times its size in
+# memory: 16 MB of it took 400 MB, for each of the requests in flight.
+MAX_REPLY_BYTES = 2 << 20
 # Failures of a server that does not answer at all: down or hung (after each request's retries),
 # or that rate-limits every request through its retries (a quota spent for the day).
 # Once OUTAGE_AFTER of them (or max_concurrency, if more) come in a row, the requests of that
