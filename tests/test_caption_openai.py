@@ -602,6 +602,7 @@ def test_timeout_bounds_the_whole_reply_not_each_read():
         server.shutdown()
         server.server_close()
     assert err.value.kind == "timeout" and elapsed < 10
+    assert "no whole reply within 1 s (caption.timeout_s)" in str(err.value)  # not httpx's bare "timed out"
 
 
 def test_timeout_bounds_a_reply_whose_headers_come_a_byte_at_a_time():
@@ -636,6 +637,8 @@ def test_timeout_bounds_a_reply_whose_headers_come_a_byte_at_a_time():
         server.shutdown()
         server.server_close()
     assert err.value.kind == "timeout" and elapsed < 10
+    assert "no whole reply within 1 s (caption.timeout_s)" in str(err.value)  # not httpx's bare "timed out"
+
 
 def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):
     """A unit's replies reach its cache while its other requests are still out: a kill then

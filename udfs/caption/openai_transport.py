@@ -192,7 +192,10 @@ class ChatEndpoint:
                 if status == 200:
                     return _reply_text(body)
             except (httpx.TimeoutException, Overdue) as exc:
-                last, kind, wait = f"timeout: {type(exc).__name__}: {exc}", "timeout", None
+                # the deadline cuts a read short, where httpx says no more than "timed out"
+                last = (f"timeout: no whole reply within {self.timeout_s:g} s (caption.timeout_s): "
+                        f"{type(exc).__name__}: {exc}")
+                kind, wait = "timeout", None
             except httpx.TransportError as exc:
                 last, kind, wait = f"transport error: {type(exc).__name__}: {exc}", "unreachable", None
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
@@ -236,7 +239,7 @@ class ChatEndpoint:
                     if len(body) > MAX_REPLY_BYTES:
                         raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        raise Overdue(f"no whole reply within {self.timeout_s:g} s")
+                        raise Overdue("its body was still coming")
                 return response.status_code, response.headers, bytes(body)
         finally:
             self.deadlines.until(None)
