@@ -1042,6 +1042,7 @@ LOOPS = {  # by attempt (the request's seed): a model stuck repeating itself unt
     (JAPANESE_CAPTION, False),
     (CHINESE_CAPTION, False),
     ("背景に「ゴゴゴゴゴゴゴゴ」という擬音が描かれ、ミクとミクとミクの三人が並んでいる。", False),
+    ("少女の吹き出しには「" + "・" * 30 + "」とだけ書かれている。", False),  # a silence: punctuation, no word
     ("A girl with red hair smiles. She stands in a field.", False),
     ("A sign reads 'no no no no no' above a girl who says ha ha ha.", False),
     ("She wears a red, red, red scarf, very very long, and a hat. " + "A long calm caption of many words "

@@ -559,7 +559,7 @@ def says_a_word(text: str) -> bool:
 # characters, and no loop.
 LOOP_REPEATS, LOOP_WORDS = 3, 24
 NO_SPACES = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"  # kana, han
-LOOP_WORD = re.compile(rf"[{NO_SPACES}]|[^\W{NO_SPACES}]+")
+LOOP_WORD = re.compile(rf"(?=\w)[{NO_SPACES}]|[^\W{NO_SPACES}]+")  # a kana's "・" or "゛" is no word
 JOINED = re.compile(rf"(?<=[{NO_SPACES}]) (?=[{NO_SPACES}])")
 # A loop's period is found among the distances between a run of LOOP_SPAN words and its two
 # nearest earlier occurrences (the phrase's own period, where the loop is said), and only those
