@@ -715,7 +715,8 @@ def add_infos(summary: JobSummary, infos: list[dict]) -> None:
     summary.notes.append(f"captioned {captioned} of {summary.rows_in} images; {flagged} flagged for review")
     if transient:
         summary.notes.append(f"{transient} images failed for a passing reason (server unreachable, overloaded, "
-                             "timed out, or refusing the key or model: fix it): the next run asks for them again")
+                             "timed out, answering what is no chat completion, or refusing the key or model: "
+                             "fix it): the next run asks for them again")
     if own:
         summary.notes.append(f"own captions (sidecars, JSON): {own} read, {own_accepted} accepted "
                              "(at caption.target, or the backend gave none)")

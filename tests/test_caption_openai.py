@@ -217,8 +217,9 @@ def serve_bodies(bodies: list[tuple[dict, bytes, float]]):
                                     **headers}.items():
                     self.send_header(name, value)
                 self.end_headers()
+                view = memoryview(body)  # no copy of a huge body in the server's thread
                 for i in range(0, len(body), 1 if per_byte else len(body) or 1):
-                    self.wfile.write(body[i:i + (1 if per_byte else len(body))])
+                    self.wfile.write(view[i:i + (1 if per_byte else len(body))])
                     self.wfile.flush()
                     time.sleep(per_byte)
             except OSError:
@@ -288,6 +289,26 @@ def test_hostile_replies_are_errors_or_clean_text_never_a_crash():
     assert results[3] == "two parts"
     assert isinstance(results[4], EndpointError) and "int, not text" in str(results[4])
 
+
+def test_a_huge_reply_is_refused_before_it_is_parsed_in_bounded_memory():
+    """A reply body is read up to MAX_REPLY_BYTES and parsed whole. At 16 MB a completion padded
+    with empty JSON lists (a hostile or broken server) was accepted, and parsing it took 400 MB for
+    the one request (an actor has 8 in flight); a 50 MB body was cut at 16 MB. A chat completion is
+    kilobytes (a 32,000-token reply of escaped CJK is under 400 KB): one over 2 MB is a bad_reply,
+    and no request holds much more than that."""
+    import tracemalloc
+
+    padded = b'{"choices": [{"message": {"content": "A girl."}}], "pad": [' + b"[]," * 5_000_000 + b"[]]}"
+    huge = b" " * (50 << 20)
+    tracemalloc.start()
+    try:
+        results = replies_in_order([({}, padded, 0.0), ({}, huge, 0.0), ({}, completion("A girl smiles."), 0.0)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [getattr(r, "kind", r) for r in results] == ["bad_reply", "bad_reply", "A girl smiles."]
+    assert "a reply of more than" in str(results[0])
+    assert peak < 64 << 20
 
 def test_a_refusal_in_the_refusal_field_is_a_refusal():
     """OpenAI's API (GPT-4o) says a model declined in the message's `refusal`, its content null:
@@ -499,6 +520,73 @@ def test_a_server_rate_limiting_every_request_is_not_asked_the_rest_of_the_unit(
     assert sum(str(r).startswith("not sent") for r in results) == 40 - len(asked) // 2
 
 
+def test_a_reply_that_is_no_chat_completion_is_retried_and_cut_off_when_every_reply_is_one():
+    """A proxy in front of the server (nginx's or a load balancer's error page, a captive portal)
+    answers 200 with an HTML page, an empty body or JSON without choices: no reply of the model at
+    all, a fault of the moment as a 502 is. It was a final `bad_reply`, never retried, and a proxy
+    answering every request so was asked for each of them in turn. It is retried now, and after 8
+    of them in a row the rest of the call is not sent (as for a server that is down)."""
+    html = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    state = {"proxy": [(200, {"Content-Type": "text/html"}, html), (200, {}, b""),
+                       (200, {"Content-Type": "application/json"}, b'{"object": "list", "data": []}')],
+             "asked": 0}
+
+    def respond(_body):
+        state["asked"] += 1
+        return state["proxy"].pop(0) if state["proxy"] else (200, {}, completion("ok"))
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=3, backoff_s=0.01, max_concurrency=1)
+        assert endpoint.chat(MESSAGES) == "ok" and state["asked"] == 4 and endpoint.retries_done == 3
+        state.update(proxy=[(200, {"Content-Type": "text/html"}, html)] * 1000, asked=0)
+        endpoint = ChatEndpoint(url, "m", max_retries=1, backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(40)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.kind for r in results] == ["bad_reply"] * 40
+    assert "502 Bad Gateway" in str(results[0])
+    assert state["asked"] in (16, 18)  # 8 requests of 2 tries (and the one started when the eighth failed)
+    assert sum(str(r).startswith("not sent") for r in results) == 40 - state["asked"] // 2
+
+
+def test_images_a_proxys_page_left_uncaptioned_are_asked_again_by_the_next_run(ray_local, workspace, config):
+    """A proxy answering its HTML page (status 200) to every request left each image `no_caption`
+    for good: the unit was done, and the run after the proxy was fixed asked nothing ('0 to run').
+    A reply that is no chat completion is a passing failure now: no attempt is spent on it, and
+    the next run asks for those images again."""
+    from test_caption_job import write_inputs
+
+    from jobs import caption
+    from jobs.config import merge
+
+    state = {"proxy": True, "asked": 0}
+
+    def respond(_body):
+        state["asked"] += 1
+        if state["proxy"]:
+            return 200, {"Content-Type": "text/html"}, b"<html><body>Service temporarily unavailable</body></html>"
+        return 200, {}, completion("A girl smiles.")
+
+    server, url = answer_with(respond)
+    try:
+        write_inputs(workspace)
+        merge(config, {"caption": {
+            "backend": "openai", "base_url": url, "model": "m", "send_images": False, "max_attempts": 3,
+            "max_retries": 0, "unit_size": 10, "concurrency": 1, "tags_from_text": False, "related_tags": False}})
+        first = caption.run(config, workspace)
+        assert first.errors_by_kind["bad_reply"] == 5 and state["asked"] == 5  # no attempt spent on it
+        assert "5 images failed for a passing reason" in first.render()
+        state.update(proxy=False, asked=0)
+        second = caption.run(config, workspace)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert second.units_done == 1 and second.errors == 0 and state["asked"] == 5
+    assert len({r["key"] for r in workspace.read_table("captions").to_pylist() if r["accepted"]}) == 5
+
+
 def test_timeout_bounds_the_whole_reply_not_each_read():
     """A server sending its reply a byte every 0.1 s (about 30 s in all) never lets a 1 s read
     timeout fire: only a deadline on the whole reply ends it. The clock covers the chat alone (a
@@ -514,6 +602,42 @@ def test_timeout_bounds_the_whole_reply_not_each_read():
         server.shutdown()
         server.server_close()
     assert err.value.kind == "timeout" and elapsed < 10
+    assert "no whole reply within 1 s (caption.timeout_s)" in str(err.value)  # not httpx's bare "timed out"
+
+
+def test_timeout_bounds_a_reply_whose_headers_come_a_byte_at_a_time():
+    """A server (an HTTP tarpit, a broken middlebox) sending its status line and headers a byte
+    every 0.1 s never lets a read timeout fire, and the deadline on the whole reply was only looked
+    at between body chunks: one request was held for hours (until 100 KiB of headers), its actor's
+    unit with it. The deadline covers the headers now: the request fails as a timeout."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(600):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # the client gave up on it
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=0, timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(EndpointError) as err:
+            endpoint.chat(MESSAGES)
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.kind == "timeout" and elapsed < 10
+    assert "no whole reply within 1 s (caption.timeout_s)" in str(err.value)  # not httpx's bare "timed out"
 
 
 def test_replies_are_kept_as_they_come(fake, tmp_path, monkeypatch):
@@ -884,6 +1008,22 @@ def test_a_reply_without_a_word_is_no_caption(ray_local, workspace, config):
     assert summary.errors_by_kind == {"empty_caption": 10}
 
 
+# real long captions in scripts without spaces: their characters repeat, but no phrase back to back
+JAPANESE_CAPTION = (
+    "桜の木の下で、長い黒髪の少女が白いワンピースを着て微笑んでいる。背景には青い空と遠くの山々が見え、花びらが風に"
+    "舞っている。彼女は右手に赤い傘を持ち、左手で髪を押さえている。足元には小さな白い猫が座っていて、少女を見上げている。"
+    "少女の瞳は青く、頬はほんのり赤い。ワンピースの裾にはレースの飾りがあり、胸元には小さなリボンが結ばれている。"
+    "画面の左側には木製のベンチがあり、その上に開いた本と麦わら帽子が置かれている。右奥には古い石造りの橋が川に"
+    "架かっていて、水面には桜の花びらが浮かんでいる。全体的に柔らかい光に包まれた、穏やかで春らしい雰囲気のイラストである。"
+    "線は細く繊細で、水彩画のような淡い色使いが特徴的だ。"
+)
+CHINESE_CAPTION = (
+    "一位留着长长黑发的少女站在樱花树下，身穿白色连衣裙，面带微笑。背景是蓝色的天空和远处的群山，花瓣在风中飞舞。"
+    "她右手拿着一把红色的雨伞，左手按住被风吹起的头发。她的脚边坐着一只小白猫，正抬头看着她。少女的眼睛是蓝色的，"
+    "脸颊微微泛红。连衣裙的下摆有蕾丝装饰，胸前系着一个小蝴蝶结。画面左侧有一张木制长椅，上面放着一本打开的书和一顶草帽。"
+    "右后方有一座古老的石桥横跨小河，水面上漂浮着樱花花瓣。整幅插画笼罩在柔和的光线中，充满宁静的春天气息。"
+)
+
 LOOPS = {  # by attempt (the request's seed): a model stuck repeating itself until max_tokens
     0: "A girl with red hair smiles, " * 120,
     1: "A girl with red hair and " + "smiling " * 300,
@@ -894,6 +1034,15 @@ LOOPS = {  # by attempt (the request's seed): a model stuck repeating itself unt
 @pytest.mark.parametrize("text, looped", [
     *[(text, True) for text in LOOPS.values()],
     ("\u5c11\u5973\u304c\u7b11\u3046\u3002" * 40, True),  # a sentence in a script without spaces
+    # ... and without punctuation either: one "word" of 900 characters, the loop inside it
+    ("女の子が笑っている" * 100, True),
+    ("一个女孩在笑" * 50, True),
+    ("少女が笑う" * 5, True),  # 25 characters, 5 times
+    ("A girl stands under a tree. 女の子が笑っている" * 4, True),
+    (JAPANESE_CAPTION, False),
+    (CHINESE_CAPTION, False),
+    ("背景に「ゴゴゴゴゴゴゴゴ」という擬音が描かれ、ミクとミクとミクの三人が並んでいる。", False),
+    ("少女の吹き出しには「" + "・" * 30 + "」とだけ書かれている。", False),  # a silence: punctuation, no word
     ("A girl with red hair smiles. She stands in a field.", False),
     ("A sign reads 'no no no no no' above a girl who says ha ha ha.", False),
     ("She wears a red, red, red scarf, very very long, and a hat. " + "A long calm caption of many words "
@@ -904,6 +1053,20 @@ def test_a_reply_stuck_in_a_loop_is_told_from_a_caption(text, looped):
     from udfs.caption.caption_unit import repeated_phrase
 
     assert (repeated_phrase(text) is not None) == looped
+
+
+def test_a_loop_in_a_script_without_spaces_is_found_cheaply():
+    """Characters of a script without spaces are each a word of the loop check: a 2,000-character
+    reply without a loop (the check's longest case: no period ends it early) is checked in
+    well under a millisecond here, a hundred of them in far less than a second anywhere."""
+    from udfs.caption.caption_unit import repeated_phrase
+
+    reply = (JAPANESE_CAPTION + CHINESE_CAPTION) * 4
+    reply = "".join(chr(0x4E00 + (ord(ch) * 7 + i) % 20_000) for i, ch in enumerate(reply[:2000]))  # no repeat
+    started = time.perf_counter()
+    assert all(repeated_phrase(reply) is None for _ in range(100))
+    assert time.perf_counter() - started < 1.0
+    assert repeated_phrase("女の子が笑っている" * 100) == ("女の子が笑っている", 100)
 
 
 def test_a_reply_stuck_in_a_loop_is_no_caption(ray_local, workspace, config):

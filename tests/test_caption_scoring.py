@@ -573,6 +573,55 @@ def test_a_refusal_is_told_from_a_caption_about_one(text, declined):
     assert refusal(text) == declined
 
 
+@pytest.mark.parametrize("text, declined", [
+    # declines in the other languages these models answer in were accepted as captions
+    ("抱歉，我无法描述这张图片。", True),
+    ("很抱歉，我不能帮助完成这个请求。", True),
+    ("我不能为这张图片生成描述。", True),
+    ("申し訳ありませんが、この画像の説明はできません。", True),
+    ("Lo siento, no puedo describir esta imagen.", True),
+    ("Lo siento, pero no puedo ayudar con eso.", True),
+    # a decline after a first sentence: half a caption, or none, and the model's words about it
+    ("Here is a caption. However, I cannot describe the explicit content of this image.", True),
+    ("A girl stands in a field. I'm sorry, but I can't describe the rest of this image.", True),
+    ("A girl with red hair. Unfortunately, I am unable to provide more detail about this image.", True),
+    ("A girl smiles. I don’t feel comfortable describing her outfit.", True),
+    ("一个女孩站在田野里。抱歉，我无法描述其余部分。", True),
+    ("少女が立っている。申し訳ございませんが、これ以上は説明できません。", True),
+    ("Una chica sonríe. Lo siento, pero no puedo describir el resto de la imagen.", True),
+    # captions that speak of not being able, of apologies, or quote someone who does
+    ("A girl who cannot swim stands by the pool.", False),
+    ('A boy bows. "I\'m sorry," he says to the girl.', False),
+    ('A girl holds a sign. "I cannot describe how happy I am," it reads.', False),
+    ("A poster on the wall reads: I can't describe it, I just love it.", False),
+    ("A girl in a red dress. I cannot determine her name from the image.", False),  # unsure, not declining
+    ("一个不能游泳的女孩站在泳池边。", False),
+    ("女孩举着写有“我不能”的牌子。", False),
+    ("申し訳なさそうな顔をした少女が頭を下げている。", False),
+    ("Una chica que no puede nadar está junto a la piscina.", False),
+    ('Un cartel que dice "Lo siento" cuelga sobre la puerta.', False),
+])
+def test_a_refusal_in_another_language_or_after_a_first_sentence_is_told_from_a_caption(text, declined):
+    """Only an English decline at the start of the reply was a refusal: the same in Chinese,
+    Japanese or Spanish, or one after a first sentence ("Here is a caption. However, I cannot
+    describe ..."), was accepted as the caption and exported."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
+def test_a_long_reply_is_checked_for_a_refusal_in_linear_time():
+    """Each later sentence's start is one place to look at: a reply of newlines or of sentence ends
+    and spaces must not be scanned again from each of them (the actor does nothing else meanwhile)."""
+    import time
+
+    from udfs.caption.caption_prompts import refusal
+
+    started = time.perf_counter()
+    assert not any(refusal(text) for text in ("\n" * 20_000, " \n" * 20_000, ". " * 50_000, "\u3002" + "\n" * 50_000))
+    assert refusal("A girl." + "\n" * 50_000 + "I cannot describe the rest.")
+    assert time.perf_counter() - started < 1.5
+
 def test_the_tags_digest_is_of_the_image_tags_before_its_traits_are_stripped(vlm):
     """The review page compares captions.tags_digest with the image's tags (traits included):
     with lint_strip_traits a digest of the stripped tags never matched, and the page said every

@@ -195,10 +195,10 @@ def test_sigkill_of_the_openai_backend_loses_only_the_unit_in_flight(transformer
 
 
 def test_a_server_failing_some_requests_ends_no_run_and_the_next_asks_only_those(ray_local, tmp_path, shard):
-    """A 503 outlasting its retries, and a reply that is not JSON, on two of the stream's requests:
-    ray.data.llm's HTTP stage ended the job on either. Here the first is a passing failure
+    """A 503 outlasting its retries on one of the stream's requests: ray.data.llm's HTTP stage
+    ended the job on it (and on a reply that is not JSON). Here it is a passing failure
     (server_error: its image is not looped back with fewer tags, its unit is done again by the
-    next run, which asks only for it) and the second the reply's own (bad_reply)."""
+    next run, which asks only for it)."""
     from test_caption_openai import Script, serve
 
     from jobs.config import load_config

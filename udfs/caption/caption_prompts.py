@@ -178,14 +178,42 @@ def json_caption(text: str) -> str:
 # Only at the start of the reply (or "as an AI, I" anywhere): a caption may well hold "sorry" or
 # "cannot". "Sorry" and "apologies" decline only when "I" follows ("Sorry. I can't", "My apologies,
 # but I cannot"; "Sorry signs hang over the door" is a caption).
+# The same in the other languages these models answer in: an apology with "I cannot" (Chinese
+# "抱歉，我无法", Spanish "Lo siento, no puedo"), Japanese "申し訳ありませんが" (not
+# "申し訳なさそうな", apologetic, a caption's word), and at the start of a reply a Chinese "我不能" /
+# "我无法" (I cannot): a caption speaks of the picture, never as "I" (one that quotes "我不能" holds
+# it after a quote mark, not first).
+DECLINE_ELSEWHERE = (r"(?:很|非常)?(?:抱歉|对不起)[，,、。！!\s]*(?:但是?[，,\s]*)?我(?:无法|不能)"
+                     r"|申し訳(?:ありません|ございません)(?:が|。|、)"
+                     r"|lo (?:siento|lamento)\W+(?:pero\W+)?no (?:puedo|me es posible)")
 REFUSAL = re.compile(r"\A\W*(?:(?:i'?m|i am) (?:sorry|afraid|unable|not able|not comfortable)\b"
                      r"|(?:sorry|(?:my )?apologies)\W+(?:but\W+)?i\b|i apologi[sz]e|unfortunately\W+i\b"
-                     r"|i (?:cannot|can't|can not|won't|will not|do not feel|don't feel)\b)"
+                     r"|i (?:cannot|can't|can not|won't|will not|do not feel|don't feel)\b"
+                     rf"|{DECLINE_ELSEWHERE}|我(?:无法|不能))"
                      r"|\bas (?:an ai|a language model)(?: language model| assistant| model)?,? i\b", re.I)
+# A decline after a first sentence ("Here is a caption. However, I cannot describe the rest of
+# it."): half a caption, or none, with the model's words about it. Later in a reply only a whole
+# sentence of declining the task is one: it starts right after a sentence's end (not after a
+# quote mark: 'A boy bows. "I'm sorry," he says.' is a caption), says "I" cannot / won't / am not
+# comfortable, and what: describe, caption, provide, ... ("a girl who cannot swim" is no
+# sentence of "I"; "I cannot determine her name" is a model unsure of something, not declining).
+# Where a later sentence starts: after a sentence's end and its spaces, or a line's first
+# character. Each place is one start (the spaces possessive, a line's start after no space): a reply
+# of 20,000 newlines took 40 s, each of them a start that scanned the rest.
+LATER_SENTENCE = r"(?:[.!?\u2026]\s++|[\u3002\uff01\uff1f]\s*+|(?<!\s)\n\s*+)"
+LATER_REFUSAL = re.compile(
+    rf"{LATER_SENTENCE}(?:(?:however|but|unfortunately|sadly|that said)\W++)?"
+    r"(?:(?:i'?m|i am) (?:sorry|afraid)\W++(?:but\W++)?)?"
+    r"(?:i (?:cannot|can't|can not|won't|will not|must decline to|do not feel comfortable|don't feel comfortable"
+    r"|am not comfortable|am unable to|am not able to)|i'?m (?:unable to|not able to|not comfortable))"
+    r"(?:\s++\w++){0,3}?\s++(?:describ|caption|provid|assist|compl[yi]|fulfil|generat|creat|writ|produc|continu"
+    r"|elaborat|depict|discuss|engag|go into|help (?:with|you))"
+    rf"|{LATER_SENTENCE}(?:(?:但是?|不过|然而)[，,\s]*)?(?:{DECLINE_ELSEWHERE})", re.I)
 
 
 def refusal(text: str) -> bool:
-    return REFUSAL.search(text.replace("\u2019", "'").replace("\u2018", "'")) is not None  # "I\u2019m sorry"
+    said = text.replace("\u2019", "'").replace("\u2018", "'")  # "I\u2019m sorry"
+    return REFUSAL.search(said) is not None or LATER_REFUSAL.search(said) is not None
 
 
 ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words

@@ -6,7 +6,8 @@ Retry-After), a timeout per request (the whole exchange, not each read), and a b
 of requests in flight. The API key comes from an environment variable and never appears in
 reprs, logs or error messages. A reply is the server's text: what Parquet cannot hold (half a
 UTF-16 pair) and control characters are taken out of it, and a reply that is no chat
-completion (malformed, nested past the parser, an undecodable body) is a bad_reply. A reply
+completion (a proxy's HTML page, an empty body, malformed, nested past the parser, an undecodable
+body) is a bad_reply, retried as a 5xx is and a passing failure the next run asks again. A reply
 max_tokens cut off (finish_reason "length") ends after its last whole sentence; one the service's
 content filter stopped (finish_reason "content_filter") is a refusal.
 """
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
+import httpcore
 import httpx
 
 from udfs.caption.caption_prompts import REASONING, whole_reply
@@ -38,7 +40,10 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 # model or path the server does not have): not retried, and like an unreachable host a passing
 # failure whose units the next run does again (they were committed with no caption for good).
 REFUSED_STATUS = frozenset({401, 402, 403, 404})
-MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this is no caption
+# A chat completion is kilobytes (32,000 tokens of reasoning in escaped CJK are under 400 KB): a body
+# past this is no caption. It is parsed whole, and JSON of empty lists takes 25 times its size in
+# memory: 16 MB of it took 400 MB, for each of the requests in flight.
+MAX_REPLY_BYTES = 2 << 20
 # Failures of a server that does not answer at all: down or hung (after each request's retries),
 # or that rate-limits every request through its retries (a quota spent for the day).
 # Once OUTAGE_AFTER of them (or max_concurrency, if more) come in a row, the requests of that
@@ -46,14 +51,87 @@ MAX_REPLY_BYTES = 16 << 20  # a chat completion is kilobytes; a body past this i
 # hung at the defaults), 8 at a time, and a unit of 500 images took 16 minutes to 11 hours to
 # end with every image failed. They fail as the last one did, and the next run asks them again.
 # Not a 5xx (a 500 may be a request's own, every run: the requests after it would never be
-# asked); a 429 is never a request's own.
-OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited"})
+# asked); a 429 is never a request's own, nor a reply that is no chat completion (bad_reply: a
+# proxy's HTML page to every request, 200 each time).
+OUTAGE_KINDS = frozenset({"unreachable", "timeout", "rate_limited", "bad_reply"})
 OUTAGE_AFTER = 8
 KEEP_EVERY_S = 2.0  # replies got are written to the unit's reply cache at least this often
 
 
 class Overdue(Exception):
     """The whole reply did not come within timeout_s (a server trickling its body)."""
+
+
+class Deadlines:
+    """httpcore's network backend with a deadline on each thread's request: a read or write ends
+    at the deadline `until` set (httpx times each read alone, and a server sending its status line
+    and headers a byte at a time held a request for hours: the deadline of _post, looked at between
+    body chunks, had no word while the headers came). A request runs in its thread from the start
+    to its body's last read, so the thread's deadline is its own."""
+
+    def __init__(self) -> None:
+        self.backend = httpcore.SyncBackend()
+        self.local = threading.local()
+
+    def until(self, deadline: float | None) -> None:
+        self.local.deadline = deadline
+
+    def timeout(self, timeout: float | None) -> float | None:
+        """`timeout` or the time left to the thread's deadline, whichever is shorter."""
+        deadline = getattr(self.local, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the whole reply did not come within the request's timeout")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: object = None) -> DeadlineStream:
+        return DeadlineStream(self.backend.connect_tcp(host, port, self.timeout(timeout), local_address,
+                                                       socket_options), self)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: object = None) -> DeadlineStream:
+        return DeadlineStream(self.backend.connect_unix_socket(path, self.timeout(timeout), socket_options), self)
+
+    def sleep(self, seconds: float) -> None:
+        self.backend.sleep(seconds)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads and writes end at its thread's deadline (Deadlines)."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadlines: Deadlines) -> None:
+        self.stream, self.deadlines = stream, deadlines
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, self.deadlines.timeout(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.stream.write(buffer, self.deadlines.timeout(timeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context: object, server_hostname: str | None = None,
+                  timeout: float | None = None) -> DeadlineStream:
+        return DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, self.deadlines.timeout(timeout)),
+                              self.deadlines)
+
+    def get_extra_info(self, info: str) -> object:
+        return self.stream.get_extra_info(info)
+
+
+def with_deadlines(client: httpx.Client, limits: httpx.Limits, deadlines: Deadlines) -> None:
+    """Give the client's own transport a pool of Deadlines connections, as httpx builds it but for
+    the network backend, which httpx takes no argument for. Not by Client(transport=...): a client
+    given its transport leaves out the proxies of the environment (HTTPS_PROXY, ...), which keep
+    httpx's own pool (their headers bounded only by httpx's timeout of each read)."""
+    client._transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        network_backend=deadlines)
 
 
 class EndpointError(RuntimeError):
@@ -85,7 +163,9 @@ class ChatEndpoint:
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self.timeout_s = float(timeout_s)
+        self.deadlines = Deadlines()
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
+        with_deadlines(self.client, limits, self.deadlines)
         # what was paid for: requests sent (each try), retries among them, requests answered by
         # the kept replies (chat_many); counted from many threads
         self.counts: Counter[str] = Counter()
@@ -109,15 +189,24 @@ class ChatEndpoint:
                 self.count("retries")
             try:
                 status, headers, body = self._post(payload)
+                if status == 200:
+                    return _reply_text(body)
             except (httpx.TimeoutException, Overdue) as exc:
-                last, kind, wait = f"timeout: {type(exc).__name__}: {exc}", "timeout", None
+                # the deadline cuts a read short, where httpx says no more than "timed out"
+                last = (f"timeout: no whole reply within {self.timeout_s:g} s (caption.timeout_s): "
+                        f"{type(exc).__name__}: {exc}")
+                kind, wait = "timeout", None
             except httpx.TransportError as exc:
                 last, kind, wait = f"transport error: {type(exc).__name__}: {exc}", "unreachable", None
             except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
                 last, kind, wait = f"undecodable reply: {exc}", "bad_reply", None
+            except EndpointError as exc:
+                if exc.kind != "bad_reply":  # the model's own reply (a refusal, nothing said): final
+                    raise
+                # no chat completion at all (a proxy's HTML page, an empty body, JSON without
+                # choices, a body past MAX_REPLY_BYTES): the server's fault of the moment, as a 502 is
+                last, kind, wait = str(exc), "bad_reply", None
             else:
-                if status == 200:
-                    return _reply_text(body)
                 last = f"HTTP {status}: {_excerpt(body)}"
                 if status in REFUSED_STATUS or (status == 429 and _out_of_credit(body)):
                     raise EndpointError("endpoint_refused", f"{last} (check the base_url, model and key of {self!r})")
@@ -137,20 +226,23 @@ class ChatEndpoint:
         return self.counts["retries"]
 
     def _post(self, payload: dict) -> tuple[int, httpx.Headers, bytes]:
-        """(status, headers, body) of one request, the body read within timeout_s of the start
-        (httpx's timeout bounds each read: a byte a second held a request, and its job, for
-        ever) and at most MAX_REPLY_BYTES long. A read that stalls is cut by httpx's own timeout,
-        so a request takes at most about twice timeout_s."""
+        """(status, headers, body) of one request, the whole of it (connecting, the headers, the
+        body) within timeout_s of the start (httpx's timeout bounds each read: a byte a second held
+        a request, and its job, for ever) and the body at most MAX_REPLY_BYTES long."""
         deadline = time.monotonic() + self.timeout_s
-        with self.client.stream("POST", "chat/completions", json=payload) as response:
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_REPLY_BYTES:
-                    raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise Overdue(f"no whole reply within {self.timeout_s:g} s")
-            return response.status_code, response.headers, bytes(body)
+        self.deadlines.until(deadline)
+        try:
+            with self.client.stream("POST", "chat/completions", json=payload) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_REPLY_BYTES:
+                        raise EndpointError("bad_reply", f"a reply of more than {MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise Overdue("its body was still coming")
+                return response.status_code, response.headers, bytes(body)
+        finally:
+            self.deadlines.until(None)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
