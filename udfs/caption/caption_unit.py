@@ -662,8 +662,10 @@ def transient_failures(errors: list[dict]) -> int:
 PICTURES_IN_DIGEST = "pictures_in_digest"
 # a marker's version of the checks a model's reply passed before it was accepted (_acceptable):
 # raised with each change that refuses replies an earlier version let through, so that the units
-# committed before are looked at again once (udfs/caption/reply_recheck.py); none: before any
-REPLY_CHECKS_KEY, REPLY_CHECKS = "reply_checks", 1
+# committed before are looked at again once (udfs/caption/reply_recheck.py); none: before any.
+# 2: refusals in Chinese, Japanese and Spanish and after a first sentence; loops in a script
+# without spaces
+REPLY_CHECKS_KEY, REPLY_CHECKS = "reply_checks", 2
 
 
 def unit_info(rows: pa.Table, captions: list[dict], errors: list[dict], seconds: float, regions: int = 0) -> dict:

@@ -128,7 +128,10 @@ def with_deadlines(client: httpx.Client, limits: httpx.Limits, deadlines: Deadli
     the network backend, which httpx takes no argument for. Not by Client(transport=...): a client
     given its transport leaves out the proxies of the environment (HTTPS_PROXY, ...), which keep
     httpx's own pool (their headers bounded only by httpx's timeout of each read)."""
-    client._transport._pool = httpcore.ConnectionPool(
+    transport = getattr(client, "_transport", None)
+    if not isinstance(getattr(transport, "_pool", None), httpcore.ConnectionPool):
+        return  # an httpx that builds its transport otherwise: each read keeps httpx's own timeout
+    transport._pool = httpcore.ConnectionPool(
         ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
         network_backend=deadlines)
