@@ -213,18 +213,20 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.forget_unit(OPEN, open_name(out), hold=False)  # its manifest names every unit it wrote
     clear(ws, PLAN)
     shards = 0
-    if "webdataset" in opts["formats"]:
+    if "webdataset" in opts["formats"] and any(u["shards"] for u in units):
         shards = write_wids_index(out, units, counts["files"])
-    else:
-        remove_wids_index(out)  # no index left naming the shards this run removed
+    else:  # no index left naming the shards this run removed; none for no shard (wids refuses it)
+        remove_wids_index(out)
     write_kohya_config(out, opts, counts["files"])
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
                          rows_run=sum(info["images"] for info in run_now))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]), run_now)
     summary.seconds = time.perf_counter() - started
     summary.notes.append(left_out_note(total, selected, left_out))
+    if not selected:
+        summary.notes.append(nothing_selected(out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
-    summary.notes.extend(where_notes(out, opts["formats"], shards))
+    summary.notes.extend(where_notes(out, opts["formats"], shards, counts["files"]))
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
     if moved:
@@ -878,9 +880,8 @@ def write_if_changed(path: str, data: bytes) -> None:
 
 
 def remove_wids_index(out: str) -> None:
-    index = os.path.join(out, "webdataset", "index.wids.json")
-    if os.path.exists(index):
-        os.remove(index)
+    """Delete webdataset/index.wids.json, and the webdataset folder when that leaves it empty."""
+    delete_files(out, ["webdataset/index.wids.json"])
 
 
 def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], int]) -> int:
@@ -962,15 +963,26 @@ def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: lis
                              f"of task time")
 
 
-def where_notes(out: str, layouts: list[str], shards: int) -> list[str]:
+def nothing_selected(out: str) -> str:
+    """The line an export that selected no image ends with (and a run's last lines)."""
+    return (f"nothing selected: no image passed the export's selection (its summary's \"left out before export\" "
+            f"says why), so no sample was written; {out}/manifest.parquet has no rows")
+
+
+def where_notes(out: str, layouts: list[str], shards: int, files: dict[tuple[str, str], int]) -> list[str]:
+    """Where each layout's files are: only the folders this export wrote files in (`files`: the
+    manifest's (layout, path) counts); an export that selected nothing named folders it never made."""
+    written = {layout for layout, _ in files}
     notes = []
     if "webdataset" in layouts and shards:
         notes.append(f"webdataset: {out}/webdataset/shard-{{000000..{shards - 1:06d}}}.tar "
                      f"(wids index: {out}/webdataset/index.wids.json)")
     for layout in layouts:
+        if layout == "webdataset" or layout not in written:
+            continue
         if layout == "kohya" and os.path.exists(os.path.join(out, KOHYA_CONFIG)):
             notes.append(f"kohya: {out}/kohya/ (kohya's --dataset_config: {out}/{KOHYA_CONFIG})")
-        elif layout != "webdataset":
+        else:
             notes.append(f"{layout}: {out}/{layout}/")
     notes.append(f"manifest: {out}/manifest.parquet")
     return notes

@@ -655,6 +655,32 @@ def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_p
     assert not (out / "everydream").exists()
 
 
+def test_an_export_that_selects_nothing_says_so_and_names_no_folder(tmp_path_factory, tmp_path, ray_local, capsys):
+    """`--where false`: the summary named out/kohya/, out/everydream/ and out/parquet/, folders it
+    never made, and said nothing of why no sample was written; a run's last lines named every
+    layout's folder; an index.wids.json with no shard (which wids refuses: "No shards found") was
+    left in a webdataset folder. It says plainly that nothing was selected, names only the
+    manifest it wrote (no rows), and leaves no layout folder."""
+    import pyarrow.parquet as pq
+
+    from jobs import export
+    from jobs.cli import print_outputs
+
+    out = tmp_path / "out"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', f"export.formats={ALL}", 'export.where="false"')
+    summary = export.run(cfg, ws)
+    text = summary.render()
+    assert "nothing selected" in text
+    for layout in ("webdataset", "kohya", "everydream", "parquet"):
+        assert f"{out}/{layout}" not in text
+        assert not (out / layout).exists()
+    assert f"manifest: {out}/manifest.parquet" in text and pq.read_table(out / "manifest.parquet").num_rows == 0
+    capsys.readouterr()
+    print_outputs(cfg, ws)
+    printed = capsys.readouterr().out
+    assert "nothing selected" in printed and not any(f"{out}/{layout}" in printed for layout in json.loads(ALL))
+
+
 def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp_path_factory, tmp_path,
                                                                              ray_local):
     """A done unit whose files were deleted (a concept folder, the shards) is exported again, not
