@@ -23,6 +23,7 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import glob
 import hashlib
 import json
@@ -197,6 +198,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
         remove_kohya_config(out)  # and kohya's dataset config naming their folders: likewise
+    taken = take_back(ws, out, {u["unit"] for u in units})
     ws.fs.create_dir(ws.state_dir(OPEN), recursive=True)
     ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
@@ -229,6 +231,9 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     summary.notes.extend(where_notes(out, opts["formats"], shards, counts["files"]))
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
+    if taken:
+        summary.notes.append(f"{taken} units written to {out} before an export to another folder taken back: "
+                             "their files kept, not written again")
     if moved:
         summary.notes.append(f"{len(moved)} units done before moved to other shard numbers: their files renamed, "
                              "not written again")
@@ -713,12 +718,33 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
         if unfinished := run_in_worker(cfg, ws, remove_unfinished_files, folder, units):
             print(f"export: removed from {folder} the files of {unfinished} units an export to it stopped before "
                   "its end had written", flush=True)
-    for unit in stale:
-        # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
-        ws.forget_unit(JOB, unit, hold=False)
+    for unit, info in stale.items():
+        if info.get("out") not in (out, None) and info["out"] not in open_folders:
+            # its files stay in a folder whose export ended: set aside, for an export back to it (take_back)
+            ws.park_unit(JOB, unit, info)
+        else:  # its files are gone: its parts leave at the next publish (no hold), their files at the next job's start
+            ws.forget_unit(JOB, unit, hold=False)
     for folder in elsewhere:  # none of its units is left
         ws.forget_unit(OPEN, open_folders[folder], hold=False)
     return len(here)
+
+
+def take_back(ws: Workspace, out: str, current: set[str]) -> int:
+    """Commit again the units of this plan that an export to another folder set aside
+    (remove_stale) after they were written to `out`: exporting to B then back to A wrote every
+    file of A again, though A's manifest still named them. Their files are checked as any done
+    unit's are (forget_lost_units). The other units set aside for `out` are forgotten (the files
+    they left go with `out`'s manifest, remove_left_files), and so are those of a folder whose
+    manifest is gone. Returns how many were taken back."""
+    taken = 0
+    done = ws.done_units(JOB)
+    for unit, info in ws.parked_units(JOB).items():
+        if info["out"] == out and unit in current and unit not in done and ws.parts_present(info["parts"]):
+            ws.unpark_unit(JOB, unit, info)
+            taken += 1
+        elif info["out"] == out or not os.path.exists(os.path.join(info["out"], "manifest.parquet")):
+            ws.drop_parked(JOB, unit)
+    return taken
 
 
 def open_name(out: str) -> str:
@@ -814,7 +840,10 @@ def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
         left = remove_left_files(con, out, path) if os.path.exists(path) else 0
     finally:
         con.close()
-    os.replace(tmp, path)
+    if os.path.exists(path) and filecmp.cmp(tmp, path, shallow=False):
+        os.remove(tmp)  # the same rows (an export back to this folder): the file and its time as they were
+    else:
+        os.replace(tmp, path)
     return {"files": files, "text_cut": int(text_cut), "left_files": left}
 
 
