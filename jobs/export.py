@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -992,6 +993,9 @@ def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: lis
                              f"of task time")
 
 
+URL_MARKS = ("#", "?")  # where a URL's path ends (webdataset's and wids' readers parse local paths as URLs)
+
+
 def nothing_selected(out: str) -> str:
     """The line an export that selected no image ends with (and a run's last lines)."""
     return (f"nothing selected: no image passed the export's selection (its summary's \"left out before export\" "
@@ -1006,6 +1010,11 @@ def where_notes(out: str, layouts: list[str], shards: int, files: dict[tuple[str
     if "webdataset" in layouts and shards:
         notes.append(f"webdataset: {out}/webdataset/shard-{{000000..{shards - 1:06d}}}.tar "
                      f"(wids index: {out}/webdataset/index.wids.json)")
+        if marks := [mark for mark in URL_MARKS if mark in out]:
+            # both parse a local path as a URL: the rest is its fragment or query ("No such file: .../C")
+            notes.append(f"webdataset and wids read a path as a URL, which {' and '.join(map(repr, marks))} in "
+                         f"{out} ends: open the shards and index.wids.json by their names from inside the folder "
+                         f"(cd {shlex.quote(out + '/webdataset')}), or export to a folder without them")
     for layout in layouts:
         if layout == "webdataset" or layout not in written:
             continue

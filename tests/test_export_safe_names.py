@@ -154,3 +154,35 @@ def test_the_empty_text_row_says_why_the_image_has_no_text(tmp_path, text, says)
     assert unit.written_anywhere({"key": "k", "member": "k.png", "txt": ""})
     assert len(unit.errors) == 1 and unit.errors[0]["kind"] == "empty_text" and not unit.errors[0]["dropped"]
     assert says in unit.errors[0]["message"] and "kohya" in unit.errors[0]["message"]
+
+
+@pytest.mark.parametrize("folder, mark", [("C# art", "#"), ("what?", "?")])
+def test_an_export_folder_with_a_url_mark_says_how_to_read_its_shards(tmp_path, monkeypatch, folder, mark):
+    """webdataset and wids take a local path for a URL: a "#" or "?" in export.out ends the path
+    there, and the shard pattern the summary printed (and the wids index by its path) failed with
+    "No such file or directory: '.../C'". The summary says so, and how to open them: by their
+    names from inside the folder, which works (checked here with both readers)."""
+    import json
+
+    import webdataset as wds
+    import wids
+
+    from jobs.export import where_notes
+    from udfs.export.export_shard import ShardTar
+
+    out = tmp_path / folder
+    (out / "webdataset").mkdir(parents=True)
+    shard = out / "webdataset" / "shard-000000.tar"
+    writer = ShardTar(str(shard))
+    writer.write("a", {"txt": b"smile", "json": b"{}"})
+    writer.close()
+    (out / "webdataset" / "index.wids.json").write_text(json.dumps({"wids_version": 1, "shardlist": [
+        {"url": shard.name, "nsamples": 1, "filesize": shard.stat().st_size}]}))
+    files = {("webdataset", "webdataset/shard-000000.tar"): 1}
+    notes = " ".join(where_notes(str(out), ["webdataset"], 1, files))
+    assert f"'{mark}'" in notes and "from inside" in notes and "cd " in notes
+    assert not any("from inside" in n for n in where_notes(str(tmp_path / "plain"), ["webdataset"], 1, files))
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(out / "webdataset")  # what the note says to do
+    assert [s["txt"] for s in wds.WebDataset(["shard-000000.tar"], shardshuffle=False)] == [b"smile"]
+    assert len(wids.ShardListDataset("index.wids.json")) == 1
