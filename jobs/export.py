@@ -1015,6 +1015,9 @@ def where_notes(out: str, layouts: list[str], shards: int, files: dict[tuple[str
             notes.append(f"webdataset and wids read a path as a URL, which {' and '.join(map(repr, marks))} in "
                          f"{out} ends: open the shards and index.wids.json by their names from inside the folder "
                          f"(cd {shlex.quote(out + '/webdataset')}), or export to a folder without them")
+        if "{" in out or "}" in out:  # webdataset expands braces anywhere in a URL string, the folder's too
+            notes.append(f"webdataset expands the braces in {out} as it does the shard numbers': pass the shards "
+                         "to it as a list of paths, not as the pattern above")
     for layout in layouts:
         if layout == "webdataset" or layout not in written:
             continue

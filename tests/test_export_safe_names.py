@@ -186,3 +186,25 @@ def test_an_export_folder_with_a_url_mark_says_how_to_read_its_shards(tmp_path, 
     monkeypatch.chdir(out / "webdataset")  # what the note says to do
     assert [s["txt"] for s in wds.WebDataset(["shard-000000.tar"], shardshuffle=False)] == [b"smile"]
     assert len(wids.ShardListDataset("index.wids.json")) == 1
+
+
+def test_an_export_folder_with_braces_says_to_pass_the_shards_as_a_list(tmp_path):
+    """webdataset expands braces anywhere in a URL string: the summary's pattern
+    "<out>/webdataset/shard-{000000..000004}.tar" under a folder "set {a,b}" opened "set a/..." and
+    failed. The summary says to pass the shards as a list of paths (which webdataset does not expand)."""
+    import webdataset as wds
+
+    from jobs.export import where_notes
+    from udfs.export.export_shard import ShardTar
+
+    out = tmp_path / "set {a,b}"
+    (out / "webdataset").mkdir(parents=True)
+    writer = ShardTar(str(out / "webdataset" / "shard-000000.tar"))
+    writer.write("a", {"txt": b"smile", "json": b"{}"})
+    writer.close()
+    files = {("webdataset", "webdataset/shard-000000.tar"): 1}
+    notes = " ".join(where_notes(str(out), ["webdataset"], 1, files))
+    assert "braces" in notes and "as a list" in notes
+    assert "braces" not in " ".join(where_notes(str(tmp_path / "plain"), ["webdataset"], 1, files))
+    shards = [str(out / "webdataset" / "shard-000000.tar")]  # what the note says to do
+    assert [s["txt"] for s in wds.WebDataset(shards, shardshuffle=False)] == [b"smile"]
