@@ -993,6 +993,7 @@ def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: lis
                              f"of task time")
 
 
+GLOB_MARKS = ("[", "]", "*", "?")  # what a glob pattern reads as other than itself
 URL_MARKS = ("#", "?")  # where a URL's path ends (webdataset's and wids' readers parse local paths as URLs)
 
 
@@ -1025,5 +1026,10 @@ def where_notes(out: str, layouts: list[str], shards: int, files: dict[tuple[str
             notes.append(f"kohya: {out}/kohya/ (kohya's --dataset_config: {out}/{KOHYA_CONFIG})")
         else:
             notes.append(f"{layout}: {out}/{layout}/")
+        if layout == "parquet" and (marks := [mark for mark in GLOB_MARKS if mark in out]):
+            # datasets globs every data_files entry, a plain path's too: "[2023] art" matched no file
+            notes.append(f"Hugging Face datasets reads data_files as glob patterns, and {out} holds "
+                         f"{' '.join(map(repr, marks))}: pass each path through glob.escape "
+                         "(load_dataset(\"parquet\", data_files=[glob.escape(p) for p in paths]))")
     notes.append(f"manifest: {out}/manifest.parquet")
     return notes

@@ -208,3 +208,28 @@ def test_an_export_folder_with_braces_says_to_pass_the_shards_as_a_list(tmp_path
     assert "braces" not in " ".join(where_notes(str(tmp_path / "plain"), ["webdataset"], 1, files))
     shards = [str(out / "webdataset" / "shard-000000.tar")]  # what the note says to do
     assert [s["txt"] for s in wds.WebDataset(shards, shardshuffle=False)] == [b"smile"]
+
+
+def test_an_export_folder_with_glob_marks_says_how_datasets_loads_its_parquet_files(tmp_path):
+    """Hugging Face datasets takes data_files for glob patterns, even a list of paths: under a folder
+    "[2023] art" it found no file ("Please pass `features` or at least one example"). The summary
+    says to pass them through glob.escape, which loads them (checked here)."""
+    import glob
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.export import where_notes
+
+    out = tmp_path / "[2023] art"
+    (out / "parquet").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["a", "b"], "text": ["smile", "hat"]}), out / "parquet" / "train-000000.parquet")
+    files = {("parquet", "parquet/train-000000.parquet"): 2}
+    notes = " ".join(where_notes(str(out), ["parquet"], 0, files))
+    assert "glob.escape" in notes and "'['" in notes
+    assert "glob.escape" not in " ".join(where_notes(str(tmp_path / "plain"), ["parquet"], 0, files))
+    paths = sorted(glob.glob(glob.escape(str(out)) + "/parquet/*.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=[glob.escape(p) for p in paths], split="train",
+                                   cache_dir=str(tmp_path / "cache"))  # what the note says to do
+    assert loaded["text"] == ["smile", "hat"]
