@@ -227,14 +227,20 @@ def run_jobs(cfg: Config, ws: Workspace, names: list[str]) -> int:
 
 def print_outputs(cfg: Config, ws: Workspace) -> None:
     """Where a run's results are: its export's layouts, its report, the review command."""
-    from jobs.export import out_dir
+    from jobs.export import PLAN_STATE, nothing_selected, out_dir
     from jobs.report import report_dir
 
     out = out_dir(cfg, ws)
     names = {"webdataset": "shards", "kohya": "kohya folders", "everydream": "EveryDream folders",
              "parquet": "Parquet files"}
-    for layout in cfg["export"]["formats"]:
+    # only the folders the export made: one that selected nothing makes none
+    written = [layout for layout in cfg["export"]["formats"] if os.path.isdir(os.path.join(out, layout))]
+    for layout in written:
         print(f"== {names.get(layout, layout)}: {out}/{layout}/")
+    if not (ws.read_json(PLAN_STATE) or {}).get("selected", 1):
+        print(f"== export: {nothing_selected(out)}")
+    elif not written:
+        print(f"== export: no files in {out}/ (the export summary says why)")
     print(f"== report: {report_dir(cfg, ws) / 'index.html'}")
     print(f"== look at it and correct it: booruset review -w {shlex.quote(ws.root)}")
 

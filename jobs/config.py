@@ -56,7 +56,20 @@ def out_folder(job: str, cfg: Config, ws_local: bool, ws_base: str) -> Path:
         if not ws_local:
             raise ConfigError(f"{job}.out must be set to a local folder when the workspace is not local")
         out = f"{ws_base}/{job}"
+    if job == "export" and not utf8(out):  # pyarrow, which lists and writes the export's folder, takes UTF-8 paths
+        raise ConfigError(f"{job}.out {out!r} is not UTF-8 text (a byte of another encoding, shown as \\udcXX): "
+                          "rename the folder, or choose another")
     return Path(out).resolve()
+
+
+def utf8(text: str) -> bool:
+    """Whether `text` is UTF-8 text: not a name with bytes of another encoding, which Python keeps as
+    lone surrogates (os.fsdecode, the command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_writable_folder(option: str, folder: Path, write: bool = True) -> None:

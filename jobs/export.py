@@ -23,11 +23,13 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import glob
 import hashlib
 import json
 import os
 import re
+import shlex
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -197,6 +199,7 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
         ws.publish()  # the manifest rows of the files just removed go at once
         remove_wids_index(out)  # and the index naming them: written again at the run's end
         remove_kohya_config(out)  # and kohya's dataset config naming their folders: likewise
+    taken = take_back(ws, out, {u["unit"] for u in units})
     ws.fs.create_dir(ws.state_dir(OPEN), recursive=True)
     ws.write_json(f"state/{OPEN}/{open_name(out)}.json", {"out": out})  # before any file of this run in `out`
     done = ws.done_units(JOB)
@@ -213,20 +216,25 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     ws.forget_unit(OPEN, open_name(out), hold=False)  # its manifest names every unit it wrote
     clear(ws, PLAN)
     shards = 0
-    if "webdataset" in opts["formats"]:
+    if "webdataset" in opts["formats"] and any(u["shards"] for u in units):
         shards = write_wids_index(out, units, counts["files"])
-    else:
-        remove_wids_index(out)  # no index left naming the shards this run removed
+    else:  # no index left naming the shards this run removed; none for no shard (wids refuses it)
+        remove_wids_index(out)
     write_kohya_config(out, opts, counts["files"])
     summary = JobSummary(JOB, rows_in=selected, units_done=len(pending), units_skipped=len(units) - len(pending),
                          rows_run=sum(info["images"] for info in run_now))
     add_infos(summary, infos, counts, opts["formats"], int(opts["clip_token_budget"]), run_now)
     summary.seconds = time.perf_counter() - started
     summary.notes.append(left_out_note(total, selected, left_out))
+    if not selected:
+        summary.notes.append(nothing_selected(out))
     summary.notes.append(f"selection staged in {chunks} key ranges of up to {SELECTION_CHUNK} images")
-    summary.notes.extend(where_notes(out, opts["formats"], shards))
+    summary.notes.extend(where_notes(out, opts["formats"], shards, counts["files"]))
     if unfinished:
         summary.notes.append(f"removed the files of {unfinished} units a killed export had started")
+    if taken:
+        summary.notes.append(f"{taken} units written to {out} before an export to another folder taken back: "
+                             "their files kept, not written again")
     if moved:
         summary.notes.append(f"{len(moved)} units done before moved to other shard numbers: their files renamed, "
                              "not written again")
@@ -711,12 +719,33 @@ def remove_stale(cfg: Config, ws: Workspace, out: str, current: set[str]) -> int
         if unfinished := run_in_worker(cfg, ws, remove_unfinished_files, folder, units):
             print(f"export: removed from {folder} the files of {unfinished} units an export to it stopped before "
                   "its end had written", flush=True)
-    for unit in stale:
-        # its files are gone: its parts leave at the next publish (no hold), its files at the next job's start
-        ws.forget_unit(JOB, unit, hold=False)
+    for unit, info in stale.items():
+        if info.get("out") not in (out, None) and info["out"] not in open_folders:
+            # its files stay in a folder whose export ended: set aside, for an export back to it (take_back)
+            ws.park_unit(JOB, unit, info)
+        else:  # its files are gone: its parts leave at the next publish (no hold), their files at the next job's start
+            ws.forget_unit(JOB, unit, hold=False)
     for folder in elsewhere:  # none of its units is left
         ws.forget_unit(OPEN, open_folders[folder], hold=False)
     return len(here)
+
+
+def take_back(ws: Workspace, out: str, current: set[str]) -> int:
+    """Commit again the units of this plan that an export to another folder set aside
+    (remove_stale) after they were written to `out`: exporting to B then back to A wrote every
+    file of A again, though A's manifest still named them. Their files are checked as any done
+    unit's are (forget_lost_units). The other units set aside for `out` are forgotten (the files
+    they left go with `out`'s manifest, remove_left_files), and so are those of a folder whose
+    manifest is gone. Returns how many were taken back."""
+    taken = 0
+    done = ws.done_units(JOB)
+    for unit, info in ws.parked_units(JOB).items():
+        if info["out"] == out and unit in current and unit not in done and ws.parts_present(info["parts"]):
+            ws.unpark_unit(JOB, unit, info)
+            taken += 1
+        elif info["out"] == out or not os.path.exists(os.path.join(info["out"], "manifest.parquet")):
+            ws.drop_parked(JOB, unit)
+    return taken
 
 
 def open_name(out: str) -> str:
@@ -812,7 +841,10 @@ def write_manifest(ws: Workspace, out: str, units: list[str]) -> dict:
         left = remove_left_files(con, out, path) if os.path.exists(path) else 0
     finally:
         con.close()
-    os.replace(tmp, path)
+    if os.path.exists(path) and filecmp.cmp(tmp, path, shallow=False):
+        os.remove(tmp)  # the same rows (an export back to this folder): the file and its time as they were
+    else:
+        os.replace(tmp, path)
     return {"files": files, "text_cut": int(text_cut), "left_files": left}
 
 
@@ -878,9 +910,8 @@ def write_if_changed(path: str, data: bytes) -> None:
 
 
 def remove_wids_index(out: str) -> None:
-    index = os.path.join(out, "webdataset", "index.wids.json")
-    if os.path.exists(index):
-        os.remove(index)
+    """Delete webdataset/index.wids.json, and the webdataset folder when that leaves it empty."""
+    delete_files(out, ["webdataset/index.wids.json"])
 
 
 def write_wids_index(out: str, units: list[dict], files: dict[tuple[str, str], int]) -> int:
@@ -962,15 +993,43 @@ def add_infos(summary: JobSummary, infos: list[dict], counts: dict, layouts: lis
                              f"of task time")
 
 
-def where_notes(out: str, layouts: list[str], shards: int) -> list[str]:
+GLOB_MARKS = ("[", "]", "*", "?")  # what a glob pattern reads as other than itself
+URL_MARKS = ("#", "?")  # where a URL's path ends (webdataset's and wids' readers parse local paths as URLs)
+
+
+def nothing_selected(out: str) -> str:
+    """The line an export that selected no image ends with (and a run's last lines)."""
+    return (f"nothing selected: no image passed the export's selection (its summary's \"left out before export\" "
+            f"says why), so no sample was written; {out}/manifest.parquet has no rows")
+
+
+def where_notes(out: str, layouts: list[str], shards: int, files: dict[tuple[str, str], int]) -> list[str]:
+    """Where each layout's files are: only the folders this export wrote files in (`files`: the
+    manifest's (layout, path) counts); an export that selected nothing named folders it never made."""
+    written = {layout for layout, _ in files}
     notes = []
     if "webdataset" in layouts and shards:
         notes.append(f"webdataset: {out}/webdataset/shard-{{000000..{shards - 1:06d}}}.tar "
                      f"(wids index: {out}/webdataset/index.wids.json)")
+        if marks := [mark for mark in URL_MARKS if mark in out]:
+            # both parse a local path as a URL: the rest is its fragment or query ("No such file: .../C")
+            notes.append(f"webdataset and wids read a path as a URL, which {' and '.join(map(repr, marks))} in "
+                         f"{out} ends: open the shards and index.wids.json by their names from inside the folder "
+                         f"(cd {shlex.quote(out + '/webdataset')}), or export to a folder without them")
+        if "{" in out or "}" in out:  # webdataset expands braces anywhere in a URL string, the folder's too
+            notes.append(f"webdataset expands the braces in {out} as it does the shard numbers': pass the shards "
+                         "to it as a list of paths, not as the pattern above")
     for layout in layouts:
+        if layout == "webdataset" or layout not in written:
+            continue
         if layout == "kohya" and os.path.exists(os.path.join(out, KOHYA_CONFIG)):
             notes.append(f"kohya: {out}/kohya/ (kohya's --dataset_config: {out}/{KOHYA_CONFIG})")
-        elif layout != "webdataset":
+        else:
             notes.append(f"{layout}: {out}/{layout}/")
+        if layout == "parquet" and (marks := [mark for mark in GLOB_MARKS if mark in out]):
+            # datasets globs every data_files entry, a plain path's too: "[2023] art" matched no file
+            notes.append(f"Hugging Face datasets reads data_files as glob patterns, and {out} holds "
+                         f"{' '.join(map(repr, marks))}: pass each path through glob.escape "
+                         "(load_dataset(\"parquet\", data_files=[glob.escape(p) for p in paths]))")
     notes.append(f"manifest: {out}/manifest.parquet")
     return notes

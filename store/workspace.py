@@ -270,6 +270,38 @@ class Workspace:
         """The units `job` has committed, with the info each was committed with."""
         return self._markers(self.state_dir(job))
 
+    # ---- units set aside ------------------------------------------------------------------
+    def park_unit(self, job: str, unit: str, marker: dict) -> None:
+        """Set a committed unit (`marker`: its marker) aside: no generation names its parts any
+        more (the next publish drops them), but begin_job keeps their files, and unpark_unit
+        commits it again as it was. Export's units of a folder it exports to no more: their files
+        stay in that folder, and an export back to it takes them back instead of writing them again."""
+        self._write_marker(self.parked_dir(job), unit, marker)
+        self.forget_unit(job, unit, hold=False)
+
+    def parked_dir(self, job: str) -> str:
+        return f"{self.state_dir(job)}/parked"
+
+    def parked_units(self, job: str) -> dict[str, dict]:
+        """{unit: marker} of the units of `job` set aside (park_unit)."""
+        return self._markers(self.parked_dir(job))
+
+    def unpark_unit(self, job: str, unit: str, marker: dict) -> None:
+        """Commit a unit set aside again (`marker`: parked_units'), with the parts it had."""
+        self._write_marker(self.state_dir(job), unit, marker)
+        self.drop_parked(job, unit)
+
+    def drop_parked(self, job: str, unit: str) -> None:
+        """Forget a unit set aside: the next job's start deletes its parts' files."""
+        path = f"{self.parked_dir(job)}/{unit}.json"
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_file(path)
+
+    def parts_present(self, parts: dict[str, list[str]]) -> bool:
+        """Whether every part of {table: [part]} has its file."""
+        paths = [f"{self.table_dir(t)}/{p}.parquet" for t, names in parts.items() for p in names]
+        return all(info.type == pafs.FileType.File for info in self.fs.get_file_info(paths))
+
     def _markers(self, folder: str, cache: bool = True) -> dict[str, dict]:
         """{name: marker} of the marker files (<name>.json) in `folder` (with `cache`, kept as below).
 
@@ -597,8 +629,8 @@ class Workspace:
     def begin_job(self) -> int:
         """At a writing job's start (under the workspace lock): publish what a killed run had
         committed, then delete the part files no generation names (parts of units that never
-        committed, but for the batches they marked done; outputs replaced by later generations,
-        once retired_grace_s after that). Returns the files deleted."""
+        committed, but for the batches they marked done and the units set aside; outputs replaced
+        by later generations, once retired_grace_s after that). Returns the files deleted."""
         # a new workspace's first job writes no catalog.duckdb of empty views (~40 ms) here: its
         # publish of rows does
         self.publish(empty_catalog=False)
@@ -617,6 +649,10 @@ class Workspace:
                       f"until a run of `booruset {job}` ends", flush=True)
             for table, parts in self._unit_parts(job).items():
                 named.setdefault(table, set()).update(parts)
+        for job in UNIT_JOBS:  # units set aside (park_unit): their parts wait for a run that takes them back
+            for marker in self.parked_units(job).values():
+                for table, parts in marker.get("parts", {}).items():
+                    named.setdefault(table, set()).update(parts)
         retired = published.get("retired", {})
         selector = pafs.FileSelector(f"{self.base}/tables", recursive=True, allow_not_found=True)
         deleted = 0

@@ -645,6 +645,18 @@ def test_an_output_folder_on_object_storage_is_refused(capsys, sample_ws, tmp_pa
     assert not (sample_ws / "s3:").exists() and not (tmp_path / "s3:").exists()
 
 
+def test_an_export_folder_whose_name_is_not_utf8_is_one_line_before_any_job(capsys, sample_ws, tmp_path):
+    """`--out` with a byte that is no UTF-8 (a folder named in Latin-1, "caf\\xe9"): Python keeps it
+    as a lone surrogate, and the export failed at its first file operation (pyarrow's paths are
+    UTF-8) with exit 1 and a traceback in a log, after Ray had started. It is a configuration error,
+    before any job, and nothing is made."""
+    out = str(tmp_path) + "/caf\udce9 out"
+    code, _, err = run_cli(capsys, "export", "-w", str(sample_ws), "--out", out)
+    assert code == 2
+    assert one_line(err).startswith(f"booruset: configuration error: export.out {out!r} is not UTF-8 text")
+    assert os.listdir(tmp_path) == []
+
+
 def test_object_storage_mistakes_are_one_line_before_any_job(capsys, tmp_path, s3_endpoint, monkeypatch):
     """On an s3:// workspace: a run without a local export.out failed at export, after every job
     before it; a raw '#' dropped the endpoint after it (requests went to AWS); a URI pyarrow cannot

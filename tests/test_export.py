@@ -655,6 +655,32 @@ def test_an_export_without_a_layout_leaves_nothing_of_it(tmp_path_factory, tmp_p
     assert not (out / "everydream").exists()
 
 
+def test_an_export_that_selects_nothing_says_so_and_names_no_folder(tmp_path_factory, tmp_path, ray_local, capsys):
+    """`--where false`: the summary named out/kohya/, out/everydream/ and out/parquet/, folders it
+    never made, and said nothing of why no sample was written; a run's last lines named every
+    layout's folder; an index.wids.json with no shard (which wids refuses: "No shards found") was
+    left in a webdataset folder. It says plainly that nothing was selected, names only the
+    manifest it wrote (no rows), and leaves no layout folder."""
+    import pyarrow.parquet as pq
+
+    from jobs import export
+    from jobs.cli import print_outputs
+
+    out = tmp_path / "out"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{out}"', f"export.formats={ALL}", 'export.where="false"')
+    summary = export.run(cfg, ws)
+    text = summary.render()
+    assert "nothing selected" in text
+    for layout in ("webdataset", "kohya", "everydream", "parquet"):
+        assert f"{out}/{layout}" not in text
+        assert not (out / layout).exists()
+    assert f"manifest: {out}/manifest.parquet" in text and pq.read_table(out / "manifest.parquet").num_rows == 0
+    capsys.readouterr()
+    print_outputs(cfg, ws)
+    printed = capsys.readouterr().out
+    assert "nothing selected" in printed and not any(f"{out}/{layout}" in printed for layout in json.loads(ALL))
+
+
 def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp_path_factory, tmp_path,
                                                                              ray_local):
     """A done unit whose files were deleted (a concept folder, the shards) is exported again, not
@@ -684,6 +710,38 @@ def test_files_gone_from_out_are_written_again_and_another_out_keeps_its_own(tmp
     assert {p.name for p in (first / "kohya").iterdir() if p.is_dir()} <= {f"{n}_zz" for n in range(1, 101)}
     assert any(note.startswith("removed ") and "an earlier export left" in note for note in back.notes)
     assert {p.name for p in (second / "kohya").iterdir()} == {p.parts[1] for p in files if p.parts[0] == "kohya"}
+
+
+def test_an_export_back_to_its_first_folder_keeps_the_files_it_wrote_there(tmp_path_factory, tmp_path, ray_local):
+    """export.out A, then B, then A again: an export to B forgot A's units (their files stay in A,
+    which its manifest names), and the export back to A wrote every shard and file of A again,
+    though they were intact and what the plan asks for (a rerun to A keeps them). A's units are
+    kept aside while another folder is exported to, their parts too (also past the sweep of a
+    job's start: here with no grace), and the export back to A takes them back, files untouched."""
+    from jobs import export
+    from jobs.config import merge
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg, ws = fresh(tmp_path_factory, f'export.out="{a}"', 'export.formats=["webdataset", "kohya"]',
+                    "export.max_count=4")
+    ws.retired_grace_s = 0  # as if each export started long after the one before
+    first = export.run(cfg, ws)
+
+    def stamps(folder):
+        return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+    written = stamps(a)
+    manifest = ws.read_table("export_manifest").sort_by("sample_key")
+    merge(cfg, {"export": {"out": str(b)}})
+    export.run(cfg, ws)
+    assert ws.read_table("export_manifest").num_rows == manifest.num_rows  # B's rows alone
+    merge(cfg, {"export": {"out": str(a)}})
+    back = export.run(cfg, ws)
+    assert back.units_done == 0 and back.units_skipped == first.units_done
+    assert stamps(a) == written  # not one file written again, the manifest neither
+    assert ws.read_table("export_manifest").sort_by("sample_key").equals(manifest)
+    assert back.rows_out == first.rows_out and back.errors_by_kind == first.errors_by_kind
+    assert list((b / "webdataset").glob("*.tar"))  # B keeps its own
 
 
 def test_an_export_with_nothing_new_stages_and_plans_nothing(tmp_path_factory, tmp_path, ray_local, capsys):

@@ -154,3 +154,82 @@ def test_the_empty_text_row_says_why_the_image_has_no_text(tmp_path, text, says)
     assert unit.written_anywhere({"key": "k", "member": "k.png", "txt": ""})
     assert len(unit.errors) == 1 and unit.errors[0]["kind"] == "empty_text" and not unit.errors[0]["dropped"]
     assert says in unit.errors[0]["message"] and "kohya" in unit.errors[0]["message"]
+
+
+@pytest.mark.parametrize("folder, mark", [("C# art", "#"), ("what?", "?")])
+def test_an_export_folder_with_a_url_mark_says_how_to_read_its_shards(tmp_path, monkeypatch, folder, mark):
+    """webdataset and wids take a local path for a URL: a "#" or "?" in export.out ends the path
+    there, and the shard pattern the summary printed (and the wids index by its path) failed with
+    "No such file or directory: '.../C'". The summary says so, and how to open them: by their
+    names from inside the folder, which works (checked here with both readers)."""
+    import json
+
+    import webdataset as wds
+    import wids
+
+    from jobs.export import where_notes
+    from udfs.export.export_shard import ShardTar
+
+    out = tmp_path / folder
+    (out / "webdataset").mkdir(parents=True)
+    shard = out / "webdataset" / "shard-000000.tar"
+    writer = ShardTar(str(shard))
+    writer.write("a", {"txt": b"smile", "json": b"{}"})
+    writer.close()
+    (out / "webdataset" / "index.wids.json").write_text(json.dumps({"wids_version": 1, "shardlist": [
+        {"url": shard.name, "nsamples": 1, "filesize": shard.stat().st_size}]}))
+    files = {("webdataset", "webdataset/shard-000000.tar"): 1}
+    notes = " ".join(where_notes(str(out), ["webdataset"], 1, files))
+    assert f"'{mark}'" in notes and "from inside" in notes and "cd " in notes
+    assert not any("from inside" in n for n in where_notes(str(tmp_path / "plain"), ["webdataset"], 1, files))
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(out / "webdataset")  # what the note says to do
+    assert [s["txt"] for s in wds.WebDataset(["shard-000000.tar"], shardshuffle=False)] == [b"smile"]
+    assert len(wids.ShardListDataset("index.wids.json")) == 1
+
+
+def test_an_export_folder_with_braces_says_to_pass_the_shards_as_a_list(tmp_path):
+    """webdataset expands braces anywhere in a URL string: the summary's pattern
+    "<out>/webdataset/shard-{000000..000004}.tar" under a folder "set {a,b}" opened "set a/..." and
+    failed. The summary says to pass the shards as a list of paths (which webdataset does not expand)."""
+    import webdataset as wds
+
+    from jobs.export import where_notes
+    from udfs.export.export_shard import ShardTar
+
+    out = tmp_path / "set {a,b}"
+    (out / "webdataset").mkdir(parents=True)
+    writer = ShardTar(str(out / "webdataset" / "shard-000000.tar"))
+    writer.write("a", {"txt": b"smile", "json": b"{}"})
+    writer.close()
+    files = {("webdataset", "webdataset/shard-000000.tar"): 1}
+    notes = " ".join(where_notes(str(out), ["webdataset"], 1, files))
+    assert "braces" in notes and "as a list" in notes
+    assert "braces" not in " ".join(where_notes(str(tmp_path / "plain"), ["webdataset"], 1, files))
+    shards = [str(out / "webdataset" / "shard-000000.tar")]  # what the note says to do
+    assert [s["txt"] for s in wds.WebDataset(shards, shardshuffle=False)] == [b"smile"]
+
+
+def test_an_export_folder_with_glob_marks_says_how_datasets_loads_its_parquet_files(tmp_path):
+    """Hugging Face datasets takes data_files for glob patterns, even a list of paths: under a folder
+    "[2023] art" it found no file ("Please pass `features` or at least one example"). The summary
+    says to pass them through glob.escape, which loads them (checked here)."""
+    import glob
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.export import where_notes
+
+    out = tmp_path / "[2023] art"
+    (out / "parquet").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["a", "b"], "text": ["smile", "hat"]}), out / "parquet" / "train-000000.parquet")
+    files = {("parquet", "parquet/train-000000.parquet"): 2}
+    notes = " ".join(where_notes(str(out), ["parquet"], 0, files))
+    assert "glob.escape" in notes and "'['" in notes
+    assert "glob.escape" not in " ".join(where_notes(str(tmp_path / "plain"), ["parquet"], 0, files))
+    paths = sorted(glob.glob(glob.escape(str(out)) + "/parquet/*.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=[glob.escape(p) for p in paths], split="train",
+                                   cache_dir=str(tmp_path / "cache"))  # what the note says to do
+    assert loaded["text"] == ["smile", "hat"]

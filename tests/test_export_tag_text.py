@@ -184,6 +184,69 @@ def test_a_long_caption_is_cut_after_its_last_whole_sentence_that_fits():
     assert cut and clip_tokens(words) == 10 and words == " ".join(["word"] * 10)
 
 
+@pytest.mark.parametrize("caption, first", [
+    ("A portrait of Dr. Eileen Sato, a scientist in a white lab coat, standing beside a window in a quiet "
+     "laboratory at dusk. She holds a clipboard and smiles warmly at the viewer while the light falls on her hair.",
+     "A portrait of Dr. Eileen Sato, a scientist in a white lab coat, standing beside a window in a quiet "
+     "laboratory at dusk."),
+    ("Mr. and Mrs. Smith stand on the pier with St. Mary's church behind them in the evening light and the sea "
+     "around them. A gull flies over the water and the boats.",
+     "Mr. and Mrs. Smith stand on the pier with St. Mary's church behind them in the evening light and the sea "
+     "around them."),
+    ("The room is full of small things, e.g. a cup of tea, a book and a cat, i.e. a quiet evening at home by "
+     "the fireplace. A clock hangs on the wall above it and ticks.",
+     "The room is full of small things, e.g. a cup of tea, a book and a cat, i.e. a quiet evening at home by "
+     "the fireplace."),
+    ("1. A girl with red hair stands in a field of flowers under a wide blue sky. 2. A boy with a kite runs "
+     "along the river bank beside a tall tree and a red bridge over the water.",
+     "1. A girl with red hair stands in a field of flowers under a wide blue sky."),
+    ("She says \"Good morning.\" Then she waves at the viewer from the window of the old school building "
+     "with cherry blossoms falling around her.",
+     "She says \"Good morning.\""),
+    ("She shouts \"Look out!\" at the boy who runs across the busy street with a red kite in his hands. Then "
+     "the car stops at the crossing under the traffic lights and the driver waves at them.",
+     "She shouts \"Look out!\" at the boy who runs across the busy street with a red kite in his hands."),
+])
+def test_a_long_caption_is_cut_at_a_real_sentence_end(caption, first):
+    """An abbreviation's period (Dr., Mr., e.g.) or a list's number (1.) is no sentence end: the
+    cut fell after it, and KEY.txt ended in a fragment ("A portrait of Dr.", "..., e.g.",
+    "... blue sky. 2."). A closing quote after the period is part of its sentence, and a quote the
+    sentence goes on after (a lower-case word) ends none."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    budget = clip_tokens(first) + 5  # the first sentence fits, the second does not
+    assert clip_tokens(caption) > budget
+    assert fit_caption(caption, budget) == (first, True)
+    for budget in range(4, clip_tokens(first)):  # shorter budgets: a comma's part or whole words
+        text, cut = fit_caption(caption, budget)
+        assert cut and clip_tokens(text) <= budget and caption.startswith(text)
+        assert not text.endswith(("Dr.", "Mr.", "Mrs.", "St.", "e.g.", "i.e.", " 1.", " 2.")) and text != "1."
+        assert caption[len(text)] in " ,", (budget, text)  # never inside a word
+
+
+def test_a_quote_the_sentence_goes_on_after_is_no_sentence_end():
+    """'She shouts "Look out!" at the boy ...' was cut to 'She shouts "Look out!"' when the rest of
+    its sentence did not fit: the lower-case word after the quote says the sentence goes on."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    caption = ("She shouts \"Look out!\" at the boy who runs across the busy street with a red kite in his hands. "
+               "Then the car stops.")
+    words = "She shouts \"Look out!\" at the boy"
+    assert fit_caption(caption, clip_tokens(words)) == (words, True)
+
+
+def test_a_caption_is_not_cut_inside_a_number_with_a_thousands_comma():
+    """"A crowd of 1,000 people" was cut at its comma, to "A crowd of 1"."""
+    from udfs.export.clip_tokens import clip_tokens, fit_caption
+
+    caption = ("A crowd of 1,000 people and 2,500 lanterns fill the street at night under the festival banners, "
+               "with stalls and music and dancing everywhere around them")
+    for budget in range(4, clip_tokens(caption)):
+        text, cut = fit_caption(caption, budget)
+        assert cut and clip_tokens(text) <= budget and caption.startswith(text)
+        assert caption[len(text)] in " ," and not text.endswith((" 1", " 2")), (budget, text)
+
+
 def test_a_caption_that_lists_tags_is_cut_between_two_tags():
     """A caption that is a tag list (an asp template caption, a sidecar's tags as its caption) has no
     sentence end: it was cut at a word, inside a tag ("..., day, blue" of "blue sky"; "eileen (ren'py"

@@ -201,3 +201,26 @@ def test_an_ingest_hold_keeps_the_units_annotate_plans_from_its_inputs(tmp_path)
     assert {"unit": "y2-b00000", "parts": ["y2-b00000"], "rows": 3} in units_of(earlier)
     earlier.release_hold("ingest", {"x"})
     assert "units" not in json.loads((tmp_path / "ws" / "state" / "holds" / "ingest.json").read_text())
+
+
+def test_a_parked_units_parts_leave_the_tables_but_outlive_the_sweep_until_dropped(tmp_path):
+    """park_unit (export's units of a folder exported to before another): its parts leave the
+    published tables at the next publish, but a job start's sweep keeps their files (here with no
+    grace) until it is dropped; unpark_unit publishes them again as they were."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.retired_grace_s = 0
+    ws.write_part("export_manifest", "u", [{"key": "k", "unit": "u"}])
+    ws.commit_unit("export", "u", {"out": "/a"}, parts={"export_manifest": ["u"]})
+    ws.publish()
+    assert ws.read_table("export_manifest").num_rows == 1
+    ws.park_unit("export", "u", ws.done_units("export")["u"])
+    ws.begin_job()
+    assert ws.done_units("export") == {} and ws.read_table("export_manifest").num_rows == 0
+    assert ws.parts_present({"export_manifest": ["u"]})
+    ws.unpark_unit("export", "u", ws.parked_units("export")["u"])
+    ws.publish()
+    assert ws.read_table("export_manifest").num_rows == 1 and ws.parked_units("export") == {}
+    ws.park_unit("export", "u", ws.done_units("export")["u"])
+    ws.drop_parked("export", "u")
+    ws.begin_job()
+    assert not ws.parts_present({"export_manifest": ["u"]})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,10 +21,21 @@ import regex  # \X, grapheme clusters (the tokenizers' own dependency)
 
 VOCAB_PATH = Path(__file__).resolve().parents[2] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 49408 tokens = 2 x 256 bytes + these merges + 2 special
-# where a sentence ends: the space after . ! ? ;, and right after 。！？ (no space follows them)
-SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|(?<=[。！？])")
-# where a comma-separated part ends: a tag of a caption that lists tags, a clause of a sentence
-PART_END = re.compile(r"\s*[,，、]")
+# where a sentence may end: . ! ? ; and the closing quotes or brackets after them, then a space;
+# 。！？ and their closing brackets, with no space after (group 1: the sentence's last character)
+SENTENCE_END = re.compile(r"([.!?;]+[\"'”’»)\]]*)\s+|([。！？]+[」』）)\"”’]*)")
+# Words whose period is no sentence end: a caption cut after "A portrait of Dr." or "..., e.g."
+# ends in a fragment. English captions (what VLMs write) need only the common titles and Latin
+# abbreviations; a missed one costs a cut at the sentence before, never a wrong one. A word with
+# a period inside (U.S., a.m.) and a single letter (an initial: J. Smith) count too.
+ABBREVIATIONS = frozenset("""mr mrs ms mx dr prof st mt ft jr sr rev gen col lt sgt capt vs etc e.g i.e cf ca approx
+    fig no vol ch pp ed inc ltd co dept est""".split())
+QUOTE_CLOSES = "\"'”’»"
+# a list's numbers: "1. A girl ... 2. A boy": a sentence that is only a number is no sentence
+LIST_NUMBER = re.compile(r"\(?\d{1,3}[.)]$")
+# where a comma-separated part ends: a tag of a caption that lists tags, a clause of a sentence;
+# not a comma between digits ("1,000 people" was cut to "1")
+PART_END = re.compile(r"\s*(?:(?<!\d),|,(?!\d)|[，、])")
 
 
 @lru_cache(maxsize=1)
@@ -78,8 +90,8 @@ def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     if clip_tokens(text) <= budget:
         return text, False
     kept = ""
-    for end in SENTENCE_END.finditer(text):
-        longer = text[:end.start()].strip()
+    for end in sentence_ends(text):
+        longer = text[:end].strip()
         if clip_tokens(longer) > budget:
             break
         kept = longer
@@ -91,6 +103,8 @@ def fit_caption(text: str, budget: int) -> tuple[str, bool]:
         return parts[n - 1].strip(), True
     words = text.split()
     n = longest_fit(len(words), lambda k: " ".join(words[:k]), budget)
+    while n > 1 and abbreviation(words[n - 1]):  # "A portrait of", not "A portrait of Dr."
+        n -= 1
     if n:
         return " ".join(words[:n]), True
     # at a character as a reader sees one (a grapheme cluster: a flag, an emoji of several, e and
@@ -98,6 +112,35 @@ def fit_caption(text: str, budget: int) -> tuple[str, bool]:
     chars = regex.findall(r"\X", text)
     n = longest_fit(len(chars), lambda k: "".join(chars[:k]).rstrip(), budget)
     return "".join(chars[:n]).rstrip(), True
+
+
+def sentence_ends(text: str) -> Iterator[int]:
+    """The positions in `text` after each of its sentences (SENTENCE_END), but not after an
+    abbreviation's period, a list's number, nor a quote its sentence goes on after."""
+    start = 0
+    for end in SENTENCE_END.finditer(text):
+        mark = end.group(1)
+        if mark is not None and mark[-1] in QUOTE_CLOSES and text[end.end():end.end() + 1].islower():
+            continue  # 'She shouts "Look out!" at the boy': the sentence goes on after the quote
+        if mark is not None and mark[0] == ".":
+            first = end.start(1)  # of the word the period ends (a walk back over it, not a split of the text)
+            while first > start and not text[first - 1].isspace():
+                first -= 1
+            word = text[first:end.start(1)]
+            if not word or abbreviation(word + mark) or LIST_NUMBER.match(text[start:end.end(1)].strip()):
+                continue
+        start = end.end()
+        yield end.end(1) if mark is not None else end.end()
+
+
+def abbreviation(word: str) -> bool:
+    """Whether `word` (with its period) is an abbreviation whose period ends no sentence."""
+    word = word.lstrip("\"'“‘«([").rstrip("\"'”’»)]")
+    if not word.endswith(".") or word.endswith(".."):
+        return False
+    stem = word[:-1].lower()
+    dotted = "." in stem and stem.replace(".", "").isalpha()  # e.g, U.S, a.m
+    return stem in ABBREVIATIONS or (len(stem) == 1 and stem.isalpha()) or dotted
 
 
 def longest_fit(size: int, prefix, budget: int) -> int:
