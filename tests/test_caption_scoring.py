@@ -610,6 +610,29 @@ def test_a_refusal_in_another_language_or_after_a_first_sentence_is_told_from_a_
     assert refusal(text) == declined
 
 
+@pytest.mark.parametrize("text, declined", [
+    # the words of someone or something in the picture, said without quote marks
+    ("A knight kneels.\nI cannot continue, he says in the caption below.", False),
+    ("A comic panel. I am unable to describe my joy, the narrator box reads.", False),
+    ("A warning sign. I will not continue past this point, hikers are told.", False),
+    ("A girl in a library. I won't discuss it, her shirt reads.", False),
+    ("The manga panel shows a girl shouting. I cannot stop laughing is written beside her.", False),
+    ("A text box reads:\nI can't write poems.\nA girl frowns below it.", False),
+    # the model's own, as before
+    ("A girl stands in a field. I'm sorry, but I can't describe the rest of this image.", True),
+    ("A girl smiles.\nI cannot describe the explicit content of this image, as it says nothing else.", True),
+    ("A girl smiles. I cannot describe her outfit. The sign reads: hello.", True),
+])
+def test_a_first_person_line_of_the_pictures_text_is_no_refusal(text, declined):
+    """Memes, comic panels and signs hold text in the first person, which a caption quotes without
+    quote marks as often as with: a sentence of "I cannot continue" that the caption gives to
+    someone (", he says", ", her shirt reads", "is written beside her", a line after "reads:") was
+    a refusal, the caption dropped for the next attempt's and its unit run again by the recheck."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
 def test_a_long_reply_is_checked_for_a_refusal_in_linear_time():
     """Each later sentence's start is one place to look at: a reply of newlines or of sentence ends
     and spaces must not be scanned again from each of them (the actor does nothing else meanwhile)."""

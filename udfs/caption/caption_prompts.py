@@ -211,9 +211,31 @@ LATER_REFUSAL = re.compile(
     rf"|{LATER_SENTENCE}(?:(?:但是?|不过|然而)[，,\s]*)?(?:{DECLINE_ELSEWHERE})", re.I)
 
 
+# A later sentence of "I cannot ..." that the caption gives to someone or something in the picture
+# (memes, comic panels and signs speak in the first person, quoted without quote marks as often as
+# with): 'I cannot continue, he says.', "I won't discuss it, her shirt reads.", "... is written
+# beside her", or a line after "reads:". Only its own sentence is looked at (up to
+# ATTRIBUTION_REACH characters from its start): the check stays linear in the reply.
+ATTRIBUTED = re.compile(r",\s*(?!(?:as|because|since|which|that|so|but|and|if|though)\b)(?:[\w']+\s+){0,3}"
+                        r"(?:says?|said|reads?|writes?|wrote|shouts?|shouted|asks?|asked|exclaims?|whispers?|"
+                        r"yells?|cries|cried|thinks?|thought|(?:is|are|was|were) told)\b"
+                        r"|\b(?:is|are|was|were) (?:written|printed|shown|displayed)\b", re.I)
+QUOTED_LINE = re.compile(r"\b(?:says?|said|reads?|read|written|text|bubble|sign)\s*:\s*\Z", re.I)
+SENTENCE_STOP = re.compile(r"[.!?\u2026\u3002\uff01\uff1f\n]")
+ATTRIBUTION_REACH = 300
+
+
 def refusal(text: str) -> bool:
     said = text.replace("\u2019", "'").replace("\u2018", "'")  # "I\u2019m sorry"
-    return REFUSAL.search(said) is not None or LATER_REFUSAL.search(said) is not None
+    if REFUSAL.search(said) is not None:
+        return True
+    for found in LATER_REFUSAL.finditer(said):
+        stop = SENTENCE_STOP.search(said, found.end(), found.end() + ATTRIBUTION_REACH)
+        sentence = said[found.start() + 1:stop.start() if stop else found.end() + ATTRIBUTION_REACH]
+        if not ATTRIBUTED.search(sentence) and not QUOTED_LINE.search(said, max(0, found.start() - 40),
+                                                                      found.start()):
+            return True
+    return False
 
 
 ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words
