@@ -633,6 +633,31 @@ def test_a_first_person_line_of_the_pictures_text_is_no_refusal(text, declined):
     assert refusal(text) == declined
 
 
+@pytest.mark.parametrize("text, declined", [
+    # a caption that opens with the picture's text, in quotes, then says whose it is
+    ("“我不能去”，女孩举着牌子说。", False),
+    ("“抱歉，我无法参加”的牌子挂在门上。", False),
+    ("「申し訳ありませんが、本日は休業です」と書かれた看板の前に少女が立っている。", False),
+    ('"Lo siento, no puedo ir", dice el cartel que sostiene una chica.', False),
+    ('"I can\'t believe it!" shouts a girl with red hair.', False),
+    ("'I won't go' is written on a sign held by a girl.", False),
+    # a reply that is a decline in quotes, or quotes its text and then declines
+    ('"I\'m sorry, but I can\'t describe this image."', True),
+    ("“抱歉，我无法描述这张图片。”", True),
+    ('"Hello" reads a sign. I\'m sorry, but I can\'t describe the rest of this image.', True),
+    ('"A girl." As an AI, I cannot describe more.', True),
+])
+def test_a_caption_opening_with_a_quotation_is_no_refusal(text, declined):
+    """The start of a reply was looked at past any quote mark (\\A\\W*): a caption opening with
+    the picture's text in quotes ('"I can't believe it!" shouts a girl', a sign's "我不能去" or
+    "Lo siento, no puedo ir") was a refusal, and the Chinese, Japanese and Spanish declines of
+    2fc1023 made more of them so. A quotation that closes with the caption going on after it is
+    the picture's text; a reply all in quotes is still the model's."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
 def test_a_long_reply_is_checked_for_a_refusal_in_linear_time():
     """Each later sentence's start is one place to look at: a reply of newlines or of sentence ends
     and spaces must not be scanned again from each of them (the actor does nothing else meanwhile)."""

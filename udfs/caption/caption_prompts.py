@@ -225,8 +225,28 @@ SENTENCE_STOP = re.compile(r"[.!?\u2026\u3002\uff01\uff1f\n]")
 ATTRIBUTION_REACH = 300
 
 
+# A reply that opens with a quotation and goes on after it opens with the picture's text, not the
+# model's words: '"I can't believe it!" shouts a girl', a sign's "“我不能去”，女孩说", "「申し訳
+# ありませんが、本日は休業です」と書かれた看板". REFUSAL looks at a reply's start past any quote
+# mark (\A\W*, for a decline the model put in quotes): it is looked at after the quotation.
+QUOTE_PAIRS = {'"': re.compile(r'"'), "\u201c": re.compile("\u201d"), "'": re.compile(r"'(?!\w)"),
+               "\u300c": re.compile("\u300d"), "\u300e": re.compile("\u300f"), "\u00ab": re.compile("\u00bb")}
+
+
+def after_opening_quotation(said: str) -> int:
+    """Where the quotation `said` opens with ends, when a caption goes on after it; 0 when it opens
+    with none, or is all one quotation (a decline the model put in quotes)."""
+    start = len(said) - len(said.lstrip())
+    closing = QUOTE_PAIRS.get(said[start:start + 1])
+    found = closing.search(said, start + 1) if closing else None
+    if found is None or not any(ch.isalnum() for ch in said[found.end():]):
+        return 0
+    return found.end()
+
+
 def refusal(text: str) -> bool:
     said = text.replace("\u2019", "'").replace("\u2018", "'")  # "I\u2019m sorry"
+    said = said[after_opening_quotation(said):]
     if REFUSAL.search(said) is not None:
         return True
     for found in LATER_REFUSAL.finditer(said):
