@@ -658,6 +658,30 @@ def test_a_caption_opening_with_a_quotation_is_no_refusal(text, declined):
     assert refusal(text) == declined
 
 
+@pytest.mark.parametrize("text, declined", [
+    ("Una chica llora. Lo siento, no puedo ir, dice el cartel.", False),
+    ("Una chica con un cartel. Lo siento, no puedo, se lee en él.", False),
+    ("女孩在哭。对不起，我不能去了，她说。", False),
+    ("门上挂着牌子。抱歉，我无法营业，牌子上写着。", False),
+    ("少女が看板を持っている。申し訳ありませんが、本日は休業ですと書かれている。", False),
+    ("少女が頭を下げている。申し訳ありません、遅れましたと言っている。", False),
+    # the model's own, as before
+    ("一个女孩站在田野里。抱歉，我无法描述其余部分。", True),
+    ("一个女孩站在田野里。抱歉，我无法说明这张图片的其余部分。", True),
+    ("一个女孩。抱歉，我不能描述，我说过了。", True),
+    ("少女が立っている。申し訳ございませんが、これ以上は説明できません。", True),
+    ("Una chica sonríe. Lo siento, pero no puedo describir el resto de la imagen.", True),
+])
+def test_a_decline_the_caption_gives_to_someone_in_another_language_is_no_refusal(text, declined):
+    """The Chinese, Japanese and Spanish declines after a first sentence (2fc1023) took a sign's or a
+    person's words that the caption gives to them ("..., dice el cartel", "...，她说",
+    "...と書かれている") for the model declining, as the English ones did before their attribution
+    was looked at."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
 def test_a_long_reply_is_checked_for_a_refusal_in_linear_time():
     """Each later sentence's start is one place to look at: a reply of newlines or of sentence ends
     and spaces must not be scanned again from each of them (the actor does nothing else meanwhile)."""

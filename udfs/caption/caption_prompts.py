@@ -219,7 +219,13 @@ LATER_REFUSAL = re.compile(
 ATTRIBUTED = re.compile(r",\s*(?!(?:as|because|since|which|that|so|but|and|if|though)\b)(?:[\w']+\s+){0,3}"
                         r"(?:says?|said|reads?|writes?|wrote|shouts?|shouted|asks?|asked|exclaims?|whispers?|"
                         r"yells?|cries|cried|thinks?|thought|(?:is|are|was|were) told)\b"
-                        r"|\b(?:is|are|was|were) (?:written|printed|shown|displayed)\b", re.I)
+                        r"|\b(?:is|are|was|were) (?:written|printed|shown|displayed)\b"
+                        # the same in the languages of DECLINE_ELSEWHERE: "..., dice el cartel", "...，她说",
+                        # "...，牌子上写着", "...と書かれている", "...と言っている"
+                        r"|,\s*(?:dicen?|dec[ií]a|grita|pregunta|susurra|exclama|se lee|reza)\b"
+                        r"|\b(?:est[aá]n?|estaba) escrit[oa]s?\b"
+                        r"|[，,、](?!\s*我)[^，,、]{0,6}(?:说(?!明)|說(?!明)|写着|寫著|喊道|问道)"
+                        r"|と(?:書かれ|書いて|記され|言っ|言う|言い|叫|話し|つぶや|呟)", re.I)
 QUOTED_LINE = re.compile(r"\b(?:says?|said|reads?|read|written|text|bubble|sign)\s*:\s*\Z", re.I)
 SENTENCE_STOP = re.compile(r"[.!?\u2026\u3002\uff01\uff1f\n]")
 ATTRIBUTION_REACH = 300
