@@ -339,6 +339,36 @@ def test_a_reply_the_servers_content_filter_stopped_is_a_refusal():
     assert results[2] == "A girl smiles."
 
 
+def test_a_completion_the_service_blocked_for_its_request_is_a_refusal_not_a_passing_failure():
+    """Gemini's OpenAI API answers a request it blocks for its image (PROHIBITED_CONTENT, common on
+    booru pictures) with 200 and a choice whose message is null; a guardrail (Bedrock's) with no
+    choice at all. That is the service's answer to this one request, every time it is asked: as a
+    `bad_reply` (a proxy's page) it was retried, redone by every later run for ever (a passing
+    failure), and 8 such images in a row cut off the rest of a healthy server's call."""
+    blocked = [json.dumps({"choices": [], "usage": {"prompt_tokens": 300}}).encode(),
+               json.dumps({"choices": [{"index": 0, "message": None, "finish_reason": "content_filter"}]}).encode(),
+               json.dumps({"choices": [{"index": 0, "finish_reason": "stop"}]}).encode()]
+    state = {"asked": 0}
+
+    def respond(body):
+        state["asked"] += 1
+        seed = body.get("seed", 0)
+        return 200, {"Content-Type": "application/json"}, blocked[seed % 3] if seed < 12 else completion("A girl.")
+
+    server, url = answer_with(respond)
+    try:
+        endpoint = ChatEndpoint(url, "m", max_retries=2, backoff_s=0.01, max_concurrency=1)
+        results = endpoint.chat_many([{"messages": MESSAGES, "seed": i} for i in range(14)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [getattr(r, "kind", r) for r in results[:3]] == ["refusal", "refusal", "empty_caption"]
+    assert [getattr(r, "kind", r) for r in results[3:12]] == [r.kind for r in results[:3]] * 3
+    assert results[12:] == ["A girl.", "A girl."]  # not cut off as an outage
+    assert state["asked"] == 14 and endpoint.retries_done == 0  # each asked once
+    assert "no choice" in str(results[0]) and "content_filter" in str(results[1])
+
+
 def test_a_reply_cut_by_max_tokens_keeps_its_whole_sentences():
     """finish_reason "length": the model was cut off by max_tokens, its last sentence half said
     ("... in a field of sunflo" was accepted and exported as the caption). The reply ends after

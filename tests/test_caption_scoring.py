@@ -610,6 +610,78 @@ def test_a_refusal_in_another_language_or_after_a_first_sentence_is_told_from_a_
     assert refusal(text) == declined
 
 
+@pytest.mark.parametrize("text, declined", [
+    # the words of someone or something in the picture, said without quote marks
+    ("A knight kneels.\nI cannot continue, he says in the caption below.", False),
+    ("A comic panel. I am unable to describe my joy, the narrator box reads.", False),
+    ("A warning sign. I will not continue past this point, hikers are told.", False),
+    ("A girl in a library. I won't discuss it, her shirt reads.", False),
+    ("The manga panel shows a girl shouting. I cannot stop laughing is written beside her.", False),
+    ("A text box reads:\nI can't write poems.\nA girl frowns below it.", False),
+    # the model's own, as before
+    ("A girl stands in a field. I'm sorry, but I can't describe the rest of this image.", True),
+    ("A girl smiles.\nI cannot describe the explicit content of this image, as it says nothing else.", True),
+    ("A girl smiles. I cannot describe her outfit. The sign reads: hello.", True),
+])
+def test_a_first_person_line_of_the_pictures_text_is_no_refusal(text, declined):
+    """Memes, comic panels and signs hold text in the first person, which a caption quotes without
+    quote marks as often as with: a sentence of "I cannot continue" that the caption gives to
+    someone (", he says", ", her shirt reads", "is written beside her", a line after "reads:") was
+    a refusal, the caption dropped for the next attempt's and its unit run again by the recheck."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
+@pytest.mark.parametrize("text, declined", [
+    # a caption that opens with the picture's text, in quotes, then says whose it is
+    ("“我不能去”，女孩举着牌子说。", False),
+    ("“抱歉，我无法参加”的牌子挂在门上。", False),
+    ("「申し訳ありませんが、本日は休業です」と書かれた看板の前に少女が立っている。", False),
+    ('"Lo siento, no puedo ir", dice el cartel que sostiene una chica.', False),
+    ('"I can\'t believe it!" shouts a girl with red hair.', False),
+    ("'I won't go' is written on a sign held by a girl.", False),
+    # a reply that is a decline in quotes, or quotes its text and then declines
+    ('"I\'m sorry, but I can\'t describe this image."', True),
+    ("“抱歉，我无法描述这张图片。”", True),
+    ('"Hello" reads a sign. I\'m sorry, but I can\'t describe the rest of this image.', True),
+    ('"A girl." As an AI, I cannot describe more.', True),
+])
+def test_a_caption_opening_with_a_quotation_is_no_refusal(text, declined):
+    """The start of a reply was looked at past any quote mark (\\A\\W*): a caption opening with
+    the picture's text in quotes ('"I can't believe it!" shouts a girl', a sign's "我不能去" or
+    "Lo siento, no puedo ir") was a refusal, and the Chinese, Japanese and Spanish declines of
+    2fc1023 made more of them so. A quotation that closes with the caption going on after it is
+    the picture's text; a reply all in quotes is still the model's."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
+@pytest.mark.parametrize("text, declined", [
+    ("Una chica llora. Lo siento, no puedo ir, dice el cartel.", False),
+    ("Una chica con un cartel. Lo siento, no puedo, se lee en él.", False),
+    ("女孩在哭。对不起，我不能去了，她说。", False),
+    ("门上挂着牌子。抱歉，我无法营业，牌子上写着。", False),
+    ("少女が看板を持っている。申し訳ありませんが、本日は休業ですと書かれている。", False),
+    ("少女が頭を下げている。申し訳ありません、遅れましたと言っている。", False),
+    # the model's own, as before
+    ("一个女孩站在田野里。抱歉，我无法描述其余部分。", True),
+    ("一个女孩站在田野里。抱歉，我无法说明这张图片的其余部分。", True),
+    ("一个女孩。抱歉，我不能描述，我说过了。", True),
+    ("少女が立っている。申し訳ございませんが、これ以上は説明できません。", True),
+    ("Una chica sonríe. Lo siento, pero no puedo describir el resto de la imagen.", True),
+])
+def test_a_decline_the_caption_gives_to_someone_in_another_language_is_no_refusal(text, declined):
+    """The Chinese, Japanese and Spanish declines after a first sentence (2fc1023) took a sign's or a
+    person's words that the caption gives to them ("..., dice el cartel", "...，她说",
+    "...と書かれている") for the model declining, as the English ones did before their attribution
+    was looked at."""
+    from udfs.caption.caption_prompts import refusal
+
+    assert refusal(text) == declined
+
+
 def test_a_long_reply_is_checked_for_a_refusal_in_linear_time():
     """Each later sentence's start is one place to look at: a reply of newlines or of sentence ends
     and spaces must not be scanned again from each of them (the actor does nothing else meanwhile)."""

@@ -211,9 +211,57 @@ LATER_REFUSAL = re.compile(
     rf"|{LATER_SENTENCE}(?:(?:但是?|不过|然而)[，,\s]*)?(?:{DECLINE_ELSEWHERE})", re.I)
 
 
+# A later sentence of "I cannot ..." that the caption gives to someone or something in the picture
+# (memes, comic panels and signs speak in the first person, quoted without quote marks as often as
+# with): 'I cannot continue, he says.', "I won't discuss it, her shirt reads.", "... is written
+# beside her", or a line after "reads:". Only its own sentence is looked at (up to
+# ATTRIBUTION_REACH characters from its start): the check stays linear in the reply.
+ATTRIBUTED = re.compile(r",\s*(?!(?:as|because|since|which|that|so|but|and|if|though)\b)(?:[\w']+\s+){0,3}"
+                        r"(?:says?|said|reads?|writes?|wrote|shouts?|shouted|asks?|asked|exclaims?|whispers?|"
+                        r"yells?|cries|cried|thinks?|thought|(?:is|are|was|were) told)\b"
+                        r"|\b(?:is|are|was|were) (?:written|printed|shown|displayed)\b"
+                        # the same in the languages of DECLINE_ELSEWHERE: "..., dice el cartel", "...，她说",
+                        # "...，牌子上写着", "...と書かれている", "...と言っている"
+                        r"|,\s*(?:dicen?|dec[ií]a|grita|pregunta|susurra|exclama|se lee|reza)\b"
+                        r"|\b(?:est[aá]n?|estaba) escrit[oa]s?\b"
+                        r"|[，,、](?!\s*我)[^，,、]{0,6}(?:说(?!明)|說(?!明)|写着|寫著|喊道|问道)"
+                        r"|と(?:書かれ|書いて|記され|言っ|言う|言い|叫|話し|つぶや|呟)", re.I)
+QUOTED_LINE = re.compile(r"\b(?:says?|said|reads?|read|written|text|bubble|sign)\s*:\s*\Z", re.I)
+SENTENCE_STOP = re.compile(r"[.!?\u2026\u3002\uff01\uff1f\n]")
+ATTRIBUTION_REACH = 300
+
+
+# A reply that opens with a quotation and goes on after it opens with the picture's text, not the
+# model's words: '"I can't believe it!" shouts a girl', a sign's "“我不能去”，女孩说", "「申し訳
+# ありませんが、本日は休業です」と書かれた看板". REFUSAL looks at a reply's start past any quote
+# mark (\A\W*, for a decline the model put in quotes): it is looked at after the quotation.
+QUOTE_PAIRS = {'"': re.compile(r'"'), "\u201c": re.compile("\u201d"), "'": re.compile(r"'(?!\w)"),
+               "\u300c": re.compile("\u300d"), "\u300e": re.compile("\u300f"), "\u00ab": re.compile("\u00bb")}
+
+
+def after_opening_quotation(said: str) -> int:
+    """Where the quotation `said` opens with ends, when a caption goes on after it; 0 when it opens
+    with none, or is all one quotation (a decline the model put in quotes)."""
+    start = len(said) - len(said.lstrip())
+    closing = QUOTE_PAIRS.get(said[start:start + 1])
+    found = closing.search(said, start + 1) if closing else None
+    if found is None or not any(ch.isalnum() for ch in said[found.end():]):
+        return 0
+    return found.end()
+
+
 def refusal(text: str) -> bool:
     said = text.replace("\u2019", "'").replace("\u2018", "'")  # "I\u2019m sorry"
-    return REFUSAL.search(said) is not None or LATER_REFUSAL.search(said) is not None
+    said = said[after_opening_quotation(said):]
+    if REFUSAL.search(said) is not None:
+        return True
+    for found in LATER_REFUSAL.finditer(said):
+        stop = SENTENCE_STOP.search(said, found.end(), found.end() + ATTRIBUTION_REACH)
+        sentence = said[found.start() + 1:stop.start() if stop else found.end() + ATTRIBUTION_REACH]
+        if not ATTRIBUTED.search(sentence) and not QUOTED_LINE.search(said, max(0, found.start() - 40),
+                                                                      found.start()):
+            return True
+    return False
 
 
 ECHO_MIN_WORDS = 5  # a prompt sentence this long in a reply is the prompt repeated, not a caption's words

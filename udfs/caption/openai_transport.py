@@ -367,8 +367,21 @@ def _reply_text(body: bytes) -> str:
     """The text of a chat completion's first choice (a string, or a list of text parts), with
     half UTF-16 pairs (a JSON "\\udc80" escape) as "?" and control characters removed."""
     try:
-        choice = json.loads(body)["choices"][0]
-        content, finish = choice["message"]["content"], choice.get("finish_reason")
+        choices = json.loads(body)["choices"]
+        if choices == []:
+            # A completion of this request with nothing in it is the service's answer to the
+            # request, each time it is asked: a guardrail blocking it gives no choice, Gemini's
+            # OpenAI API a choice whose message is null (PROHIBITED_CONTENT, for a picture). No
+            # passing failure (bad_reply: retried, redone by every run, and 8 of them in a row cut
+            # off the rest of a healthy server's call).
+            raise EndpointError("refusal", "the service blocked the request: a completion with no choice")
+        choice = choices[0]
+        message, finish = choice.get("message"), choice.get("finish_reason")
+        if message is None and finish != "content_filter":  # that one is said below
+            raise EndpointError("empty_caption", "a choice with no message (finish_reason "
+                                                 f"{printable(str(finish))[:40]}): the service said nothing")
+        content = None if message is None else message["content"]
+        message = message or {}
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:
         raise EndpointError("bad_reply", f"reply is not a chat completion: {_excerpt(body)}") from exc
     if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
@@ -382,7 +395,7 @@ def _reply_text(body: bytes) -> str:
         said = printable(content or "")[:200]
         raise EndpointError("refusal", f"the server's content filter stopped the reply (finish_reason "
                                        f"content_filter): {said!r}")
-    declined = choice["message"].get("refusal")
+    declined = message.get("refusal")
     if not content and isinstance(declined, str) and declined.strip():
         # OpenAI's API says a model declined in `refusal`, with no content: that was an "empty reply"
         raise EndpointError("refusal", f"the model declined: {printable(declined)[:200]}")
@@ -392,7 +405,7 @@ def _reply_text(body: bytes) -> str:
     said = whole_reply(text)
     if not any(ch.isalnum() for ch in REASONING.sub(" ", said)):
         # a reasoning model that spent max_tokens thinking: an "empty reply" said nothing of why
-        thought = choice["message"].get("reasoning_content") or choice["message"].get("reasoning") or ""
+        thought = message.get("reasoning_content") or message.get("reasoning") or ""
         spent = len(text) + (len(thought) if isinstance(thought, str) else 0)
         raise EndpointError("empty_caption", f"max_tokens cut the reply off before any caption ({spent} characters "
                                              "of reasoning or nothing): raise caption.max_tokens")
