@@ -91,6 +91,37 @@ def test_filters_that_fail_as_they_run_are_refused_with_a_reason(review, where):
     assert bulk.status_code == 400 and "error" in bulk.json()
 
 
+def test_a_filter_that_runs_too_long_is_stopped_and_refused(review):
+    """The review table has one connection, which every request waits for: a filter that ran for
+    minutes (a cross join in a subquery, typed or sent by any page of the browser to a loopback
+    server) held every page, thumbnail lookup and edit until it ended."""
+    import threading
+    import time
+
+    client, ws, app = review
+    slow = "(select count(*) from range(60000) a, range(60000) b where a.range * 3 + b.range = 7) > 0"
+    app.index.filter_seconds = 0.5
+    try:
+        started = time.monotonic()
+        answer = client.get("/api/images", params={"where": slow})
+        assert answer.status_code == 400 and "stopped" in answer.json()["error"]
+        assert time.monotonic() - started < 5
+        assert "stopped" in client.get("/", params={"where": slow}).text
+        bulk = client.post("/api/bulk", json={"where": slow, "add_tags": ["slow_probe"], "preview": False})
+        assert bulk.status_code == 400 and "stopped" in bulk.json()["error"]
+        assert "slow_probe" not in tags_of(ws, all_keys(ws)[0])
+        # a stopped filter leaves nothing behind: the next requests answer as ever
+        waited: list[int] = []
+        thread = threading.Thread(target=lambda: waited.append(client.get("/api/images", params={"where": slow})
+                                                               .status_code))
+        thread.start()
+        assert client.get("/api/images", params={"limit": 3}).status_code == 200
+        thread.join()
+        assert waited == [400] and len(client.get("/api/images", params={"limit": 500}).json()["images"]) > 3
+    finally:
+        del app.index.filter_seconds  # the class's own again
+
+
 @pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a\x00b",
                                  "' or 1=1 --", "<script>alert(1)</script>"])
 def test_hostile_keys_reach_no_file(review, key):
