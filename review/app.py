@@ -8,6 +8,7 @@ checked as export.where is; every value reaches SQL as a parameter; pages are au
 token, every request must carry it (cookie, `Authorization: Bearer`, or `?token=` once). On loopback,
 requests must name this server's host (DNS rebinding; elsewhere the token guards them), and POSTs must
 be JSON (a cross-site form cannot send that without a CORS preflight, which this server never grants).
+No other site may show a page in a frame (clickjacking).
 """
 
 from __future__ import annotations
@@ -259,7 +260,28 @@ class ReviewApp:
                   Route("/static/review.js", static_file("review.js", "text/javascript")),
                   Route("/static/review.css", static_file("review.css", "text/css"))]
         app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
-        return TokenCheck(app, self.token) if self.token else app
+        return NoFraming(TokenCheck(app, self.token) if self.token else app)
+
+
+class NoFraming:
+    """ASGI middleware: no response of this server is shown in another site's frame. A loopback
+    server needs no token, so a page framed invisibly over another site's buttons (clickjacking)
+    would take the person's clicks and keys as their own edits."""
+
+    HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'")]
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def framed(message) -> None:
+            if message["type"] == "http.response.start":  # beside a response's own policy (/original's sandbox)
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+        return await self.app(scope, receive, framed)
 
 
 class TokenCheck:

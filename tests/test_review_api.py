@@ -302,6 +302,19 @@ def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
     assert client.get("/", headers={"host": "evil.example"}).status_code == 400
 
 
+def test_no_other_site_can_show_the_pages_in_a_frame(review):
+    """Clickjacking: any web site could show the review page of a loopback server (no token, the
+    default) in an invisible frame over its own buttons, and a click or an `x` typed there excluded
+    images, or applied a bulk action, with the person's own same-origin requests."""
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    for path, params in (("/", {}), ("/image", {"key": key}), ("/api/images", {}), ("/original", {"key": key})):
+        answer = client.get(path, params=params)
+        assert answer.status_code == 200 and answer.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in answer.headers.get_list("content-security-policy")
+    assert "sandbox" in client.get("/original", params={"key": key}).headers.get_list("content-security-policy")
+
+
 def test_edits_wait_while_a_job_holds_the_workspace(review):
     from store.lock import WorkspaceLock
 
