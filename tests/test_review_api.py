@@ -315,6 +315,32 @@ def test_no_other_site_can_show_the_pages_in_a_frame(review):
     assert "sandbox" in client.get("/original", params={"key": key}).headers.get_list("content-security-policy")
 
 
+def test_another_site_cannot_make_the_browser_fetch_from_the_server(review):
+    """Any web page could have the browser GET from a loopback server (no token, the default):
+    `<img src="http://127.0.0.1:8765/api/images?where=...">` ran its SQL over the dataset, and how
+    long the answer took (a slow subquery or not) told the page what the tables hold, a bit a
+    request; its images showed the person's pictures. A browser says where a request comes from
+    (Sec-Fetch-Site): from another site, only a link opened (a navigation to a page) is served."""
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    embedded = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    for site in ("cross-site", "same-site"):  # same-site: a page of another port of this host
+        for path in ("/api/images", "/thumb", "/original", "/image", "/", f"/api/images/{quote(key, safe='')}"):
+            params = {"where": "true"} if path == "/api/images" else {"key": key}
+            answer = client.get(path, params=params, headers={**embedded, "sec-fetch-site": site})
+            assert answer.status_code == 403, path
+    framed = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "iframe"}
+    assert client.get("/", headers=framed).status_code == 403
+    link = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert client.get("/", headers=link).status_code == 200  # a link to the review page still opens
+    assert client.get("/image", params={"key": key}, headers=link).status_code == 200
+    own = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    assert client.get("/thumb", params={"key": key}, headers=own).status_code == 200
+    typed = {"sec-fetch-site": "none", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert client.get("/", headers=typed).status_code == 200
+    assert client.get("/api/images").status_code == 200  # a script or curl sends no Sec-Fetch-Site
+
+
 def test_edits_wait_while_a_job_holds_the_workspace(review):
     from store.lock import WorkspaceLock
 
