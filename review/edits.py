@@ -71,7 +71,7 @@ class EditRequest:
     def from_json(cls, body: dict, max_tag_chars: int = 200, max_caption_chars: int = 4000,
                   max_tags: int = 1000) -> EditRequest:
         def strings(name: str) -> list[str]:
-            value = body.get(name) or []
+            value = [] if body.get(name) is None else body[name]  # not `or []`: "", 0 and {} were no tags
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{name} must be a list of strings")
             return value

@@ -741,6 +741,9 @@ def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
     ("/api/bulk", {"flagged": ["1"], "add_tags": ["everywhere"], "preview": False}),  # a quick filter not a flag
     ("/api/bulk", {"edited": "only", "add_tags": ["everywhere"], "preview": False}),
     ("/api/edits", {"add_tag": ["everywhere"]}),
+    ("/api/edits", {"add_tags": 0}),  # not a list: answered 200, nothing written
+    ("/api/edits", {"remove_tags": ""}),
+    ("/api/bulk", {"remove_tags": False, "exclude": True, "preview": False}),
 ])
 def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
     """A bulk action with its filter misspelt, or not text, applied to every image of the workspace
