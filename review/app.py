@@ -305,7 +305,10 @@ class TokenCheck:
                                            status_code=401)(scope, receive, send)
         if request.query_params.get("token"):  # first visit: keep it in a cookie, drop it from the address
             response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
-            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
+            # lax, not strict: a browser sends no strict cookie in a navigation another site started
+            # (the address clicked in a web terminal, this redirect included, every reload of it);
+            # what another site could do with a lax one, OwnSiteOnly refuses but for opening a page
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="lax")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
