@@ -8,6 +8,8 @@ checked as export.where is; every value reaches SQL as a parameter; pages are au
 token, every request must carry it (cookie, `Authorization: Bearer`, or `?token=` once). On loopback,
 requests must name this server's host (DNS rebinding; elsewhere the token guards them), and POSTs must
 be JSON (a cross-site form cannot send that without a CORS preflight, which this server never grants).
+No other site may show a page in a frame (clickjacking), nor have the browser fetch from it
+(Sec-Fetch-Site): from another site only a link opened to a page is served.
 """
 
 from __future__ import annotations
@@ -259,7 +261,28 @@ class ReviewApp:
                   Route("/static/review.js", static_file("review.js", "text/javascript")),
                   Route("/static/review.css", static_file("review.css", "text/css"))]
         app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
-        return TokenCheck(app, self.token) if self.token else app
+        return NoFraming(OwnSiteOnly(TokenCheck(app, self.token) if self.token else app))
+
+
+class NoFraming:
+    """ASGI middleware: no response of this server is shown in another site's frame. A loopback
+    server needs no token, so a page framed invisibly over another site's buttons (clickjacking)
+    would take the person's clicks and keys as their own edits."""
+
+    HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'")]
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def framed(message) -> None:
+            if message["type"] == "http.response.start":  # beside a response's own policy (/original's sandbox)
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+        return await self.app(scope, receive, framed)
 
 
 class TokenCheck:
@@ -282,8 +305,33 @@ class TokenCheck:
                                            status_code=401)(scope, receive, send)
         if request.query_params.get("token"):  # first visit: keep it in a cookie, drop it from the address
             response = RedirectResponse(str(request.url.remove_query_params("token")), status_code=303)
-            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
+            # lax, not strict: a browser sends no strict cookie in a navigation another site started
+            # (the address clicked in a web terminal, this redirect included, every reload of it);
+            # what another site could do with a lax one, OwnSiteOnly refuses but for opening a page
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="lax")
             return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class OwnSiteOnly:
+    """ASGI middleware: a request the browser says another site made (Sec-Fetch-Site) is refused,
+    but for a link opened to a page. Any web page could have the browser GET from a loopback
+    server, which needs no token: its SQL filter ran over the dataset (how long the answer took told
+    the page what the tables hold) and its images showed the person's pictures. A request without
+    the header (curl, a script, an old browser) is not a browser's cross-site one to judge."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Request(scope).headers
+        link = (headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+                and scope["method"] in ("GET", "HEAD"))
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not link:
+            return await PlainTextResponse("refused: a request another site made", status_code=403)(
+                scope, receive, send)
         return await self.app(scope, receive, send)
 
 

@@ -50,6 +50,7 @@ class EditRequest:
             raise ValueError(f"{len(self.add_tags)} tags to add, over {max_tags} (ingest.max_tags)")
         # also as typed: a tag an earlier version stored unnormalised can still be removed
         self.remove_tags = [t for item in remove_tags or [] for t in (item.strip(), *_tags(item)) if t]
+        self.removing = frozenset(self.remove_tags)
         named = _tags(character or "")
         too_long = [t for t in [*self.add_tags, *named] if len(t) > max_tag_chars]
         if too_long:
@@ -70,7 +71,7 @@ class EditRequest:
     def from_json(cls, body: dict, max_tag_chars: int = 200, max_caption_chars: int = 4000,
                   max_tags: int = 1000) -> EditRequest:
         def strings(name: str) -> list[str]:
-            value = body.get(name) or []
+            value = [] if body.get(name) is None else body[name]  # not `or []`: "", 0 and {} were no tags
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{name} must be a list of strings")
             return value
@@ -87,10 +88,12 @@ class EditRequest:
     def changes(self, row: dict) -> list[dict]:
         """The edit rows that turn `row` (a review_rows row) into what was asked."""
         key, tags = row["key"], set(row["tags"] or [])
-        out = [{"key": key, "field": "tags", "old": t, "new": None} for t in dict.fromkeys(self.remove_tags)
-               if t in tags]
+        # the image's tags looked up among those to remove, never each of those in a list: a request
+        # may name a million (a bulk action: on every image)
+        out = [{"key": key, "field": "tags", "old": t, "new": None} for t in dict.fromkeys(row["tags"] or [])
+               if t in self.removing]
         added = [{"key": key, "field": "tags", "old": None, "new": t} for t in self.add_tags
-                 if t not in tags and t not in self.remove_tags]
+                 if t not in tags and t not in self.removing]
         after = len(tags) - len(out) + len(added)
         # as ingest bounds a sidecar's; an image over it already (a sidecar's tags and the tagger's)
         # may still have a tag replaced, not more added

@@ -34,6 +34,9 @@ BUILD_CHUNK = SELECTION_CHUNK  # images per step of the review table's build (th
 REFRESH_EACH = 50
 # the review query of one key range [$first, $last) ($last null: to the end), in key order
 RANGE_QUERY = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is null or key < $last) order by key"
+# A query with a person's filter is stopped past this: the review table has one connection, which
+# every request waits for (a cross join in a subquery held every page and edit for minutes).
+FILTER_SECONDS = 30.0
 GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded", "dup_group", "n_errors",
                 "caption_edited", "edited", "width", "height", "clip",
                 "sha256")  # the thumbnail's URL names the picture: a replaced one is not the browser's old one
@@ -76,6 +79,8 @@ class Filters:
 
 class ReviewIndex:
     """The review table of one workspace, rebuilt when the published generation changes."""
+
+    filter_seconds = FILTER_SECONDS
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
@@ -205,8 +210,10 @@ class ReviewIndex:
         (None on the last)."""
         columns = ", ".join(f'"{c}"' for c in GRID_COLUMNS)
         with self.running(filters) as (condition, params):
-            rows = self.query(f"select {columns} from review_rows where key > $after and ({condition}) "
-                              f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
+            cur = self.filtered(filters, f"select {columns} from review_rows where key > $after and ({condition}) "
+                                f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, rows[-1]["key"] if more else None
@@ -216,7 +223,7 @@ class ReviewIndex:
         with self.running(filters) as (condition, params), self.lock:
             query = (f"select min(key) from (select key from review_rows where key < $key and ({condition}) "
                      f"order by key desc limit $limit)")
-            first = self.fresh().execute(query, {**params, "key": key, "limit": int(limit)}).fetchone()[0]
+            first = self.filtered(filters, query, {**params, "key": key, "limit": int(limit)}).fetchone()[0]
             if first is None:
                 return None
             return self.con.execute("select max(key) from review_rows where key < $k", {"k": first}).fetchone()[0] or ""
@@ -224,11 +231,10 @@ class ReviewIndex:
     def neighbours(self, filters: Filters, key: str) -> tuple[str | None, str | None]:
         """The previous and next key under the filter (keyboard navigation on the image page)."""
         with self.running(filters) as (condition, params), self.lock:
-            con = self.fresh()
-            prev = con.execute(f"select max(key) from review_rows where key < $key and ({condition})",
-                               {**params, "key": key}).fetchone()[0]
-            nxt = con.execute(f"select min(key) from review_rows where key > $key and ({condition})",
-                              {**params, "key": key}).fetchone()[0]
+            prev = self.filtered(filters, f"select max(key) from review_rows where key < $key and ({condition})",
+                                 {**params, "key": key}).fetchone()[0]
+            nxt = self.filtered(filters, f"select min(key) from review_rows where key > $key and ({condition})",
+                                {**params, "key": key}).fetchone()[0]
         return prev, nxt
 
     def total(self) -> int:
@@ -237,17 +243,41 @@ class ReviewIndex:
 
     def count(self, filters: Filters) -> int:
         with self.running(filters) as (condition, params), self.lock:
-            return self.fresh().execute(f"select count(*) from review_rows where {condition}", params).fetchone()[0]
+            return self.filtered(filters, f"select count(*) from review_rows where {condition}", params).fetchone()[0]
 
     def rows(self, filters: Filters, columns: tuple[str, ...]) -> Iterator[dict]:
         """Some columns of every row under the filter, in key order (bulk actions), fetched in
         batches: a bulk action over a million images never holds them all as Python objects."""
         names = ", ".join(f'"{c}"' for c in columns)
         with self.running(filters) as (condition, params), self.lock:
-            cur = self.fresh().execute(f"select {names} from review_rows where {condition} order by key", params)
+            cur = self.filtered(filters, f"select {names} from review_rows where {condition} order by key", params)
             while batch := cur.fetchmany(10_000):
                 for row in batch:
                     yield dict(zip(columns, row, strict=True))
+
+    def filtered(self, filters: Filters, sql: str, params: dict) -> duckdb.DuckDBPyConnection:
+        """`sql`, a query with the filter's condition, run (its answer to fetch), stopped past
+        filter_seconds with a ConfigError that says so."""
+        with self.lock:
+            con = self.fresh()
+            guard, running = threading.Lock(), [True]
+
+            def stop() -> None:
+                with guard:  # not once the query is over: the fetch of its answer would fail
+                    if running[0]:
+                        con.interrupt()
+
+            timer = threading.Timer(self.filter_seconds, stop)
+            timer.start()
+            try:
+                return con.execute(sql, params)
+            except duckdb.InterruptException:
+                raise ConfigError(f"filter {filters.where!r} was stopped: it ran over {self.filter_seconds:g} s "
+                                  "(every page and edit waits while it runs)") from None
+            finally:
+                with guard:
+                    running[0] = False
+                timer.cancel()
 
     def row(self, key: str) -> dict | None:
         found = self.query("select * from review_rows where key = $key", {"key": key})

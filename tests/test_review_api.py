@@ -91,6 +91,37 @@ def test_filters_that_fail_as_they_run_are_refused_with_a_reason(review, where):
     assert bulk.status_code == 400 and "error" in bulk.json()
 
 
+def test_a_filter_that_runs_too_long_is_stopped_and_refused(review):
+    """The review table has one connection, which every request waits for: a filter that ran for
+    minutes (a cross join in a subquery, typed or sent by any page of the browser to a loopback
+    server) held every page, thumbnail lookup and edit until it ended."""
+    import threading
+    import time
+
+    client, ws, app = review
+    slow = "(select count(*) from range(60000) a, range(60000) b where a.range * 3 + b.range = 7) > 0"
+    app.index.filter_seconds = 0.5
+    try:
+        started = time.monotonic()
+        answer = client.get("/api/images", params={"where": slow})
+        assert answer.status_code == 400 and "stopped" in answer.json()["error"]
+        assert time.monotonic() - started < 5
+        assert "stopped" in client.get("/", params={"where": slow}).text
+        bulk = client.post("/api/bulk", json={"where": slow, "add_tags": ["slow_probe"], "preview": False})
+        assert bulk.status_code == 400 and "stopped" in bulk.json()["error"]
+        assert "slow_probe" not in tags_of(ws, all_keys(ws)[0])
+        # a stopped filter leaves nothing behind: the next requests answer as ever
+        waited: list[int] = []
+        thread = threading.Thread(target=lambda: waited.append(client.get("/api/images", params={"where": slow})
+                                                               .status_code))
+        thread.start()
+        assert client.get("/api/images", params={"limit": 3}).status_code == 200
+        thread.join()
+        assert waited == [400] and len(client.get("/api/images", params={"limit": 500}).json()["images"]) > 3
+    finally:
+        del app.index.filter_seconds  # the class's own again
+
+
 @pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a\x00b",
                                  "' or 1=1 --", "<script>alert(1)</script>"])
 def test_hostile_keys_reach_no_file(review, key):
@@ -269,6 +300,45 @@ def test_requests_that_a_browser_would_send_cross_site_are_refused(review):
                        headers={"content-type": "text/plain"})
     assert form.status_code == 415
     assert client.get("/", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_no_other_site_can_show_the_pages_in_a_frame(review):
+    """Clickjacking: any web site could show the review page of a loopback server (no token, the
+    default) in an invisible frame over its own buttons, and a click or an `x` typed there excluded
+    images, or applied a bulk action, with the person's own same-origin requests."""
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    for path, params in (("/", {}), ("/image", {"key": key}), ("/api/images", {}), ("/original", {"key": key})):
+        answer = client.get(path, params=params)
+        assert answer.status_code == 200 and answer.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in answer.headers.get_list("content-security-policy")
+    assert "sandbox" in client.get("/original", params={"key": key}).headers.get_list("content-security-policy")
+
+
+def test_another_site_cannot_make_the_browser_fetch_from_the_server(review):
+    """Any web page could have the browser GET from a loopback server (no token, the default):
+    `<img src="http://127.0.0.1:8765/api/images?where=...">` ran its SQL over the dataset, and how
+    long the answer took (a slow subquery or not) told the page what the tables hold, a bit a
+    request; its images showed the person's pictures. A browser says where a request comes from
+    (Sec-Fetch-Site): from another site, only a link opened (a navigation to a page) is served."""
+    client, ws, _ = review
+    key = all_keys(ws)[0]
+    embedded = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    for site in ("cross-site", "same-site"):  # same-site: a page of another port of this host
+        for path in ("/api/images", "/thumb", "/original", "/image", "/", f"/api/images/{quote(key, safe='')}"):
+            params = {"where": "true"} if path == "/api/images" else {"key": key}
+            answer = client.get(path, params=params, headers={**embedded, "sec-fetch-site": site})
+            assert answer.status_code == 403, path
+    framed = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "iframe"}
+    assert client.get("/", headers=framed).status_code == 403
+    link = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert client.get("/", headers=link).status_code == 200  # a link to the review page still opens
+    assert client.get("/image", params={"key": key}, headers=link).status_code == 200
+    own = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    assert client.get("/thumb", params={"key": key}, headers=own).status_code == 200
+    typed = {"sec-fetch-site": "none", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert client.get("/", headers=typed).status_code == 200
+    assert client.get("/api/images").status_code == 200  # a script or curl sends no Sec-Fetch-Site
 
 
 def test_edits_wait_while_a_job_holds_the_workspace(review):
@@ -671,6 +741,9 @@ def test_two_servers_with_tokens_on_one_host_keep_their_own_cookies(review):
     ("/api/bulk", {"flagged": ["1"], "add_tags": ["everywhere"], "preview": False}),  # a quick filter not a flag
     ("/api/bulk", {"edited": "only", "add_tags": ["everywhere"], "preview": False}),
     ("/api/edits", {"add_tag": ["everywhere"]}),
+    ("/api/edits", {"add_tags": 0}),  # not a list: answered 200, nothing written
+    ("/api/edits", {"remove_tags": ""}),
+    ("/api/bulk", {"remove_tags": False, "exclude": True, "preview": False}),
 ])
 def test_a_filter_or_action_the_server_does_not_know_is_refused_not_ignored(review, path, body):
     """A bulk action with its filter misspelt, or not text, applied to every image of the workspace
@@ -721,6 +794,24 @@ def test_an_undo_with_a_field_it_does_not_take_is_refused(review):
     assert "undo_probe" in tags_of(ws, first) and "undo_probe" in tags_of(ws, second)
     assert client.post("/api/undo", json={"batch": done["batch"]}).status_code == 200
     assert "undo_probe" not in tags_of(ws, first) + tags_of(ws, second)
+
+
+def test_an_edit_with_a_long_list_of_tags_to_remove_answers_at_once(review):
+    """Each tag to add was looked for in the list of tags to remove, one by one: 900 tags to add and
+    a million to remove (an 11 MB body, under the 16 MiB an edit may be) held the server, every
+    request waiting, for 12 s on one image, and a bulk action for that long on each image."""
+    import time
+
+    client, ws, _ = review
+    key = all_keys(ws)[10]
+    added = [f"long_add_{i}" for i in range(900)]
+    body = {"key": key, "add_tags": added, "remove_tags": [f"r{i}" for i in range(1_000_000)]}
+    started = time.monotonic()
+    done = client.post("/api/edits", json=body)
+    assert done.status_code == 200 and done.json()["edits"] == 900
+    assert time.monotonic() - started < 8  # reading the body and its tags: 3 s; the edit was 12 s more
+    client.post("/api/undo", json={"batch": done.json()["batch"]})
+    assert not set(added) & set(tags_of(ws, key))
 
 
 def test_an_image_over_max_tags_may_still_swap_a_tag(review):

@@ -24,17 +24,19 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture
-def served(tmp_path_factory, ray_local):
+def served(tmp_path_factory, ray_local, request):
     """The prepared sample served by `booruset review` on the free loopback port it is given (port
-    0: a port picked here and bound later by the server could be taken in between)."""
+    0: a port picked here and bound later by the server could be taken in between); more arguments
+    for it by indirect parametrization. Yields the workspace and the address it prints."""
     path = prepared_workspace(tmp_path_factory)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen([*booruset_command(), "review", "-w", str(path), "--port", "0"], env=env,
+    more = list(getattr(request, "param", []))
+    server = subprocess.Popen([*booruset_command(), "review", "-w", str(path), "--port", "0", *more], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = time.monotonic()
         for line in server.stdout:
-            opened = re.search(r"review: open (http://127\.0\.0\.1:\d+/)", line)
+            opened = re.search(r"review: open (http://127\.0\.0\.1:\d+/\S*)", line)
             if opened:
                 break
             assert time.monotonic() - started < 120, "review did not start"
@@ -141,6 +143,31 @@ def test_filter_open_remove_a_tag_by_keyboard_and_export_honours_it(served):
     assert tag not in meta["tags"]
     assert tag.replace("_", " ") not in txt.lower(), txt
     assert txt_before is None or txt != txt_before
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make browser)")
+@pytest.mark.parametrize("served", [["--token", "s3cret"]], indirect=True)
+def test_the_address_with_the_token_opened_from_a_link_on_another_site_shows_the_grid(served):
+    """The printed address clicked in a web page of another site (a web terminal, a notebook, a
+    chat) answered "token required", and so did every reload: the token visit set the cookie and
+    redirected, and a browser does not send a SameSite=Strict cookie in a navigation another site
+    started, that redirect's included. Only a typed address worked."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the test extra)")
+
+    _, url = served
+    assert url.endswith("?token=s3cret")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.route("http://terminal.example/", lambda route: route.fulfill(
+            content_type="text/html", body=f'<a id="open" href="{url}">open review</a>'))
+        page.goto("http://terminal.example/")
+        with page.expect_navigation(url=url.split("?")[0]):
+            page.click("#open")
+        assert page.locator("#grid li.card").count() >= 1, page.content()[:300]
+        page.reload()
+        assert page.locator("#grid li.card").count() >= 1, page.content()[:300]
+        browser.close()
 
 
 def exported_txt_or_none(path, key: str) -> tuple[str | None, dict | None]:
