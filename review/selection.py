@@ -209,7 +209,8 @@ class ReviewIndex:
         """Up to `limit` grid rows with key > after, in key order, and the `after` of the next page
         (None on the last)."""
         columns = ", ".join(f'"{c}"' for c in GRID_COLUMNS)
-        with self.running(filters) as (condition, params):
+        # the lock until the rows are fetched: another request's query on the one connection ends this one's result
+        with self.running(filters) as (condition, params), self.lock:
             cur = self.filtered(filters, f"select {columns} from review_rows where key > $after and ({condition}) "
                                 f"order by key limit $limit", {**params, "after": after or "", "limit": int(limit) + 1})
             names = [d[0] for d in cur.description]
