@@ -1161,3 +1161,24 @@ def test_a_picture_replaced_and_ingested_again_gets_a_thumbnail_url_of_its_own(t
     before = thumb_url()
     (folder / "a.png").write_bytes(encode(picture(seed=2), "PNG"))  # another picture
     assert thumb_url() != before
+
+
+def test_a_filter_longer_than_any_condition_is_refused_and_checked_filters_stay_small(review):
+    """A filter of any length was parsed (DuckDB's tokenizer and parser: ~10 s for 8 MB, which no
+    timer stops, the one connection held) and kept among the checked filters, 257 of them (~4 GB
+    of 8 MB filters). Sent by anyone who can reach the server, or by a page's link to it."""
+    from review.selection import MAX_FILTER_CHARS
+
+    client, ws, app = review
+    long = "key = 'x' or " * (MAX_FILTER_CHARS // 13 + 1) + "true"
+    answer = client.get("/api/images", params={"where": long})
+    assert answer.status_code == 400 and f"over {MAX_FILTER_CHARS}" in answer.json()["error"]
+    bulk = client.post("/api/bulk", json={"tag": "x" * (MAX_FILTER_CHARS + 1), "preview": True})
+    assert bulk.status_code == 400 and f"over {MAX_FILTER_CHARS}" in bulk.json()["error"]
+    assert client.get("/api/images", params={"where": long[-MAX_FILTER_CHARS:].split(" or ", 1)[1]}).status_code == 200
+    # filters just under the bound, each checked once: what is kept of them stays a few MB
+    for i in range(300):
+        assert client.get("/api/images", params={"tag": f"{i:04d}" + "t" * (MAX_FILTER_CHARS - 4),
+                                                 "limit": 1}).status_code == 200
+    kept = sum(len(text) for f in app.index.checked for text in (f.where, f.character, f.group, f.tag))
+    assert kept < 8_000_000
