@@ -35,7 +35,7 @@ from review.edits import UNDO_SQL, EditLog, EditRequest
 from review.image_bytes import Thumbnails, image_bytes
 from review.selection import Filters, ReviewIndex
 from store.lock import WorkspaceBusy
-from store.uris import StoreError
+from store.uris import StoreError, redacted
 from store.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
@@ -76,6 +76,7 @@ class ReviewApp:
         self.follow_links_out = bool(cfg["ingest"]["follow_links_out"])
         self.thumbs = Thumbnails(thumbs, THUMB_SIZE, self.follow_links_out)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
+        self.templates.env.filters["redacted"] = redacted  # an input's address may name its credentials
 
     # ---- pages --------------------------------------------------------------------------
     def grid(self, request: Request) -> Response:

@@ -1182,3 +1182,30 @@ def test_a_filter_longer_than_any_condition_is_refused_and_checked_filters_stay_
                                                  "limit": 1}).status_code == 200
     kept = sum(len(text) for f in app.index.checked for text in (f.where, f.character, f.group, f.tag))
     assert kept < 8_000_000
+
+
+def test_the_credentials_in_an_object_storage_address_are_shown_nowhere(tmp_path):
+    """pyarrow takes an input's credentials in its address (`s3://KEY:SECRET@bucket/...`): the 503
+    of an image whose store failed dropped the address's options but said the key and secret, and
+    the image page showed them with the image's source and in the export's KEY.json it previews
+    (the export wrote them there too: every trainer's copy of the set held them)."""
+    from starlette.testclient import TestClient
+
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.uris import redacted, store_failure
+    from store.workspace import Workspace
+
+    source = "s3://AKIDEXAMPLE:s3cr3t%2Fx@ws-bucket/in/?endpoint_override=h:9000"
+    failure = str(store_failure(OSError("AWS Error ACCESS_DENIED during GetObject operation: denied"), source))
+    assert "s3://***@ws-bucket/in/" in failure and "s3cr3t" not in failure and "AKIDEXAMPLE" not in failure
+    assert redacted("s3://ws-bucket/a@b/c.tar") == "s3://ws-bucket/a@b/c.tar"  # an @ in the path is no user
+    assert redacted("/data/in@home/a.tar") == "/data/in@home/a.tar"
+    ws = Workspace(str(tmp_path / "ws"), create=True)
+    ws.add_part("images", "hand", [{"key": "in/a", "source": source, "member": "a.png", "width": 96, "height": 64,
+                                    "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 10, "sha256": "0" * 64}])
+    client = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
+    page = client.get("/image", params={"key": "in/a"})
+    assert page.status_code == 200 and "ws-bucket/in/" in page.text
+    assert "s3cr3t" not in page.text and "AKIDEXAMPLE" not in page.text
+    assert "s3://***@ws-bucket/in/" in page.text.split('id="export-json"')[1]
