@@ -1209,3 +1209,34 @@ def test_the_credentials_in_an_object_storage_address_are_shown_nowhere(tmp_path
     assert page.status_code == 200 and "ws-bucket/in/" in page.text
     assert "s3cr3t" not in page.text and "AKIDEXAMPLE" not in page.text
     assert "s3://***@ws-bucket/in/" in page.text.split('id="export-json"')[1]
+
+
+def test_an_undo_leaves_standing_an_edit_another_server_wrote_while_it_waited(review):
+    """An undo's edits were worked out before the workspace was taken: another review server's
+    edit of the same field, written in between, was overwritten by the undo of an older one."""
+    import threading
+    import time
+
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from review.edits import EditLog
+    from store.lock import WorkspaceLock
+    from tests.export_data import base_config
+
+    client, ws, _ = review
+    key = all_keys(ws)[11]
+    mine = client.post("/api/edits", json={"key": key, "caption": "Mine."}).json()["batch"]
+    client.get(f"/api/images/{key}")  # the review table up to date: the undo is quick to reach the workspace
+    answers: list = []
+    with WorkspaceLock(ws, "another review server", 0):
+        undo = threading.Thread(target=lambda: answers.append(client.post("/api/undo", json={"batch": mine})))
+        undo.start()
+        time.sleep(1.0)  # the undo waits for the workspace (up to SHORT_WAIT_S)
+        EditLog(ws).write([{"key": key, "field": "caption", "old": "Mine.", "new": "Theirs."}])
+    undo.join()
+    assert answers[0].status_code == 404, answers[0].json()  # nothing of it still decides
+    other = TestClient(ReviewApp(base_config(Path(ws.base)), ws).asgi(["testserver"]))
+    assert other.get(f"/api/images/{key}").json()["row"]["caption"] == "Theirs."
+    assert client.get(f"/api/images/{key}").json()["row"]["caption"] == "Theirs."
+    client.post("/api/edits", json={"key": key, "caption": ""})
