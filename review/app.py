@@ -31,11 +31,11 @@ from starlette.templating import Jinja2Templates
 
 from jobs.config import Config, ConfigError
 from review.details import image_details
-from review.edits import UNDO_SQL, EditLog, EditRequest
+from review.edits import EditLog, EditRequest
 from review.image_bytes import Thumbnails, image_bytes
 from review.selection import Filters, ReviewIndex
 from store.lock import WorkspaceBusy
-from store.uris import StoreError
+from store.uris import StoreError, redacted
 from store.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
@@ -76,6 +76,7 @@ class ReviewApp:
         self.follow_links_out = bool(cfg["ingest"]["follow_links_out"])
         self.thumbs = Thumbnails(thumbs, THUMB_SIZE, self.follow_links_out)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
+        self.templates.env.filters["redacted"] = redacted  # an input's address may name its credentials
 
     # ---- pages --------------------------------------------------------------------------
     def grid(self, request: Request) -> Response:
@@ -226,18 +227,21 @@ class ReviewApp:
         batch = body.get("batch")
         if not isinstance(batch, str) or not batch:
             return JSONResponse({"error": "batch must be the id an edit returned"}, status_code=400)
-        with self.index.lock:
-            changes = self.index.query(UNDO_SQL, {"batch": batch})
-            if not changes:
-                return JSONResponse({"error": "nothing of that batch to undo (unknown, or edited since)"},
-                                    status_code=404)
-            return self.write(changes)
+        # worked out with the workspace held (EditLog.undo): not from this server's table, which
+        # lacks another server's edit written meanwhile
+        return self.written(lambda: self.log.undo(batch),
+                            nothing="nothing of that batch to undo (unknown, or edited since)")
 
     def write(self, changes: list[dict]) -> Response:
+        return self.written(lambda: (self.log.append(changes), changes))
+
+    def written(self, append, nothing: str | None = None) -> Response:
+        """The answer to `append()`, which writes a batch of edits and returns its id and edits
+        (`nothing`: a 404 that says so when there were none)."""
         with self.index.lock:  # one edit at a time, and no page read between the write and the refresh
             before = self.index.generation
             try:
-                batch = self.log.append(changes)
+                batch, changes = append()
             except WorkspaceBusy as exc:
                 return JSONResponse({"error": f"{exc}; edits are possible again when it ends"}, status_code=409)
             except OSError as exc:  # a workspace this server may read but not write (read-only keys)
@@ -245,6 +249,8 @@ class ReviewApp:
                                     status_code=503)
             if batch:
                 self.index.after_edit(sorted({c["key"] for c in changes}), before)
+        if nothing and not changes:
+            return JSONResponse({"error": nothing}, status_code=404)
         return JSONResponse({"batch": batch, "edits": len(changes), "images": len({c["key"] for c in changes})})
 
     def details(self, key: str) -> dict | None:

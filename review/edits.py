@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -142,16 +143,37 @@ class EditLog:
         """Write one batch; its id (None when there is nothing to write)."""
         if not changes:
             return None
+        with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):  # WorkspaceBusy while a job runs
+            return self.write(changes)
+
+    def undo(self, batch: str) -> tuple[str | None, list[dict]]:
+        """Write the edits that take back what `batch` still decides (sql/edit_undo.sql), worked
+        out with the workspace held, over the edits published now: another server's later edit of
+        a field, written while this one waited, stands. The new batch's id and its edits."""
+        with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):
+            con = duckdb.connect()
+            try:
+                self.ws.attach_tables(con, ["edits"])
+                cur = con.execute(UNDO_SQL, {"batch": batch})
+                names = [d[0] for d in cur.description]
+                changes = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            finally:
+                con.close()
+            return self.write(changes), changes
+
+    def write(self, changes: list[dict]) -> str | None:
+        """Write one batch, the caller holding the workspace lock; its id (None: nothing to write)."""
+        if not changes:
+            return None
         batch = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         now = datetime.now(UTC)
         rows = [{**c, "time": now, "seq": i, "batch": batch} for i, c in enumerate(changes)]
-        with WorkspaceLock(self.ws, "review", SHORT_WAIT_S):  # WorkspaceBusy while a job runs
-            part = f"review-{batch}"
-            self.ws.write_part("edits", part, by_key(rows), ROW_GROUP)
-            parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]
-            if len(parts) >= COMPACT_AT:
-                parts = [self.compact(parts, batch)]
-            self.ws.publish({OWNER: {"edits": parts}})
+        part = f"review-{batch}"
+        self.ws.write_part("edits", part, by_key(rows), ROW_GROUP)
+        parts = self.ws.published()["owned"].get(OWNER, {}).get("edits", []) + [part]
+        if len(parts) >= COMPACT_AT:
+            parts = [self.compact(parts, batch)]
+        self.ws.publish({OWNER: {"edits": parts}})
         return batch
 
     def compact(self, parts: list[str], batch: str) -> str:

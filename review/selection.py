@@ -37,6 +37,14 @@ RANGE_QUERY = f"select * from ({REVIEW_QUERY}) where key >= $first and ($last is
 # A query with a person's filter is stopped past this: the review table has one connection, which
 # every request waits for (a cross join in a subquery held every page and edit for minutes).
 FILTER_SECONDS = 30.0
+# A filter's text is parsed before any timer can stop it (DuckDB's tokenizer and parser, ~1.2 s a
+# MB, the one connection held): 8 MB took 10 s. A typed condition is a few hundred characters, one a
+# notebook writes (`key in (...)` of some hundred keys) a few KB; 32,000 parse in ~40 ms.
+MAX_FILTER_CHARS = 32_000
+# The checked filters kept (check) are dropped past this many characters of filter text or
+# CHECKED_FILTERS filters: 257 filters of 8 MB were kept, ~4 GB.
+CHECKED_CHARS = 2_000_000
+CHECKED_FILTERS = 256
 GRID_COLUMNS = ("key", "characters", "group", "accuracy", "flagged", "excluded", "dup_group", "n_errors",
                 "caption_edited", "edited", "width", "height", "clip",
                 "sha256")  # the thumbnail's URL names the picture: a replaced one is not the browser's old one
@@ -55,6 +63,10 @@ class Filters:
     errors: bool = False
     excluded: bool = False
     edited: bool = False
+
+    def chars(self) -> int:
+        """The length of its texts."""
+        return len(self.where) + len(self.character) + len(self.group) + len(self.tag)
 
     def sql(self) -> tuple[str, dict]:
         """The condition (quick filters as parameters) and its parameters."""
@@ -90,6 +102,7 @@ class ReviewIndex:
         self.stamp: object = None
         self.build_seconds = 0.0
         self.checked: dict[Filters, tuple[str, dict]] = {}  # filters validated on the current table
+        self.checked_chars = 0  # the filter text they hold
 
     # ---- building ---------------------------------------------------------------------
     def fresh(self) -> duckdb.DuckDBPyConnection:
@@ -129,6 +142,7 @@ class ReviewIndex:
             self.con.close()  # only now: a build that failed leaves the old table serving
         self.con, self.generation = con, generation
         self.checked.clear()
+        self.checked_chars = 0
         self.build_seconds = time.perf_counter() - started
 
     def after_edit(self, keys: list[str], generation_before: int) -> None:
@@ -178,6 +192,9 @@ class ReviewIndex:
     def check(self, filters: Filters) -> tuple[str, dict]:
         """The filter's SQL, validated as export.where is (one SELECT that runs); once per filter
         and table (a grid page asks for the page and for the previous page's cursor)."""
+        chars = filters.chars()
+        if chars > MAX_FILTER_CHARS:
+            raise ConfigError(f"the filter is {chars} characters, over {MAX_FILTER_CHARS}: no condition is that long")
         with self.lock:
             con = self.fresh()
             if filters in self.checked:
@@ -190,9 +207,11 @@ class ReviewIndex:
                 con.execute(f"{query} limit 0", params)
             except duckdb.Error as exc:
                 raise ConfigError(f"filter {filters.where!r}: {exc}") from exc
-            if len(self.checked) > 256:
+            if len(self.checked) >= CHECKED_FILTERS or self.checked_chars + chars > CHECKED_CHARS:
                 self.checked.clear()
+                self.checked_chars = 0
             self.checked[filters] = condition, params
+            self.checked_chars += chars
             return condition, params
 
     @contextlib.contextmanager

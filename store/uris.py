@@ -13,12 +13,13 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
     URI it cannot parse, and for a raw "#": pyarrow takes the rest as a fragment and drops it, so
     the endpoint and options after it were lost and requests went to AWS itself."""
     if "#" in uri:
-        raise ValueError(f"write '#' as %23 in {uri} (pyarrow drops everything after a '#': the endpoint and options)")
+        raise ValueError(f"write '#' as %23 in {redacted(uri)} (pyarrow drops everything after a '#': "
+                         "the endpoint and options)")
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError) as exc:
-        raise ValueError(f"cannot parse the URI {uri}: percent-encode what a URI cannot hold (a space as %20, "
-                         f"letters beyond ASCII) ({exc})") from exc
+        raise ValueError(f"cannot parse the URI {redacted(uri)}: percent-encode what a URI cannot hold "
+                         f"(a space as %20, letters beyond ASCII) ({exc})") from exc
 
 
 class StoreError(RuntimeError):
@@ -37,5 +38,15 @@ def store_failure(exc: BaseException, uri: str) -> StoreError | None:
     if re.search(r"AWS Error (NO_SUCH_KEY|RESOURCE_NOT_FOUND)\b", str(exc)):  # deleted between its HEAD and GET
         return None
     # the advice first: the one line a failed job prints is cut at 300 characters
-    return StoreError(f"object storage failed reading {uri.split('?', 1)[0]}: run again once it answers (what is "
-                      f"done is kept, nothing of this is committed): {exc}")
+    return StoreError(f"object storage failed reading {redacted(uri.split('?', 1)[0])}: run again once it answers "
+                      f"(what is done is kept, nothing of this is committed): {exc}")
+
+
+# the user part of an address (`s3://KEY:SECRET@bucket/...`, as pyarrow takes credentials): up to
+# the first "/", "?" or "#", so that an "@" in a path or a local file's name is left alone
+USER_PART = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
+
+def redacted(uri: str) -> str:
+    """`uri` with the credentials it may name replaced by ***, for a message or a page."""
+    return USER_PART.sub(r"\1***@", uri)

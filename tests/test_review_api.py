@@ -1161,3 +1161,82 @@ def test_a_picture_replaced_and_ingested_again_gets_a_thumbnail_url_of_its_own(t
     before = thumb_url()
     (folder / "a.png").write_bytes(encode(picture(seed=2), "PNG"))  # another picture
     assert thumb_url() != before
+
+
+def test_a_filter_longer_than_any_condition_is_refused_and_checked_filters_stay_small(review):
+    """A filter of any length was parsed (DuckDB's tokenizer and parser: ~10 s for 8 MB, which no
+    timer stops, the one connection held) and kept among the checked filters, 257 of them (~4 GB
+    of 8 MB filters). Sent by anyone who can reach the server, or by a page's link to it."""
+    from review.selection import MAX_FILTER_CHARS
+
+    client, ws, app = review
+    long = "key = 'x' or " * (MAX_FILTER_CHARS // 13 + 1) + "true"
+    answer = client.get("/api/images", params={"where": long})
+    assert answer.status_code == 400 and f"over {MAX_FILTER_CHARS}" in answer.json()["error"]
+    bulk = client.post("/api/bulk", json={"tag": "x" * (MAX_FILTER_CHARS + 1), "preview": True})
+    assert bulk.status_code == 400 and f"over {MAX_FILTER_CHARS}" in bulk.json()["error"]
+    assert client.get("/api/images", params={"where": long[-MAX_FILTER_CHARS:].split(" or ", 1)[1]}).status_code == 200
+    # filters just under the bound, each checked once: what is kept of them stays a few MB
+    for i in range(300):
+        assert client.get("/api/images", params={"tag": f"{i:04d}" + "t" * (MAX_FILTER_CHARS - 4),
+                                                 "limit": 1}).status_code == 200
+    kept = sum(len(text) for f in app.index.checked for text in (f.where, f.character, f.group, f.tag))
+    assert kept < 8_000_000
+
+
+def test_the_credentials_in_an_object_storage_address_are_shown_nowhere(tmp_path):
+    """pyarrow takes an input's credentials in its address (`s3://KEY:SECRET@bucket/...`): the 503
+    of an image whose store failed dropped the address's options but said the key and secret, and
+    the image page showed them with the image's source and in the export's KEY.json it previews
+    (the export wrote them there too: every trainer's copy of the set held them)."""
+    from starlette.testclient import TestClient
+
+    from jobs.config import load_config
+    from review.app import ReviewApp
+    from store.uris import redacted, store_failure
+    from store.workspace import Workspace
+
+    source = "s3://AKIDEXAMPLE:s3cr3t%2Fx@ws-bucket/in/?endpoint_override=h:9000"
+    failure = str(store_failure(OSError("AWS Error ACCESS_DENIED during GetObject operation: denied"), source))
+    assert "s3://***@ws-bucket/in/" in failure and "s3cr3t" not in failure and "AKIDEXAMPLE" not in failure
+    assert redacted("s3://ws-bucket/a@b/c.tar") == "s3://ws-bucket/a@b/c.tar"  # an @ in the path is no user
+    assert redacted("/data/in@home/a.tar") == "/data/in@home/a.tar"
+    ws = Workspace(str(tmp_path / "ws"), create=True)
+    ws.add_part("images", "hand", [{"key": "in/a", "source": source, "member": "a.png", "width": 96, "height": 64,
+                                    "format": "PNG", "mode": "RGB", "n_frames": 1, "bytes": 10, "sha256": "0" * 64}])
+    client = TestClient(ReviewApp(load_config(None, [f'workspace.path="{ws.root}"']), ws).asgi(["testserver"]))
+    page = client.get("/image", params={"key": "in/a"})
+    assert page.status_code == 200 and "ws-bucket/in/" in page.text
+    assert "s3cr3t" not in page.text and "AKIDEXAMPLE" not in page.text
+    assert "s3://***@ws-bucket/in/" in page.text.split('id="export-json"')[1]
+
+
+def test_an_undo_leaves_standing_an_edit_another_server_wrote_while_it_waited(review):
+    """An undo's edits were worked out before the workspace was taken: another review server's
+    edit of the same field, written in between, was overwritten by the undo of an older one."""
+    import threading
+    import time
+
+    from starlette.testclient import TestClient
+
+    from review.app import ReviewApp
+    from review.edits import EditLog
+    from store.lock import WorkspaceLock
+    from tests.export_data import base_config
+
+    client, ws, _ = review
+    key = all_keys(ws)[11]
+    mine = client.post("/api/edits", json={"key": key, "caption": "Mine."}).json()["batch"]
+    client.get(f"/api/images/{key}")  # the review table up to date: the undo is quick to reach the workspace
+    answers: list = []
+    with WorkspaceLock(ws, "another review server", 0):
+        undo = threading.Thread(target=lambda: answers.append(client.post("/api/undo", json={"batch": mine})))
+        undo.start()
+        time.sleep(1.0)  # the undo waits for the workspace (up to SHORT_WAIT_S)
+        EditLog(ws).write([{"key": key, "field": "caption", "old": "Mine.", "new": "Theirs."}])
+    undo.join()
+    assert answers[0].status_code == 404, answers[0].json()  # nothing of it still decides
+    other = TestClient(ReviewApp(base_config(Path(ws.base)), ws).asgi(["testserver"]))
+    assert other.get(f"/api/images/{key}").json()["row"]["caption"] == "Theirs."
+    assert client.get(f"/api/images/{key}").json()["row"]["caption"] == "Theirs."
+    client.post("/api/edits", json={"key": key, "caption": ""})

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from store.uris import redacted
 from store.workspace import Workspace
 from udfs.export.clip_tokens import clip_tokens, fit_caption
 from udfs.export.resize import ALPHA_MODES, estimated_bytes, needs_reencode, output_extension, target_size
@@ -64,8 +65,9 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
         keep_tokens = max(keep_tokens, rules.kept([c for _, c in ordered]))
     repeats = int(row["repeats"])  # the balance gives them out per group (sql/091_balance.sql)
     concept = opts["concept"] or row["group"] or "all"
-    meta = {  # the source without a URI's query: a trainer's metadata holds no endpoint or options
-        "key": row["key"], "source": {"source": input_location(row["source"]), "member": row["member"]},
+    meta = {  # the source without a URI's query nor its user part: a trainer's metadata holds no
+        # endpoint, options or credentials (`s3://KEY:SECRET@bucket/...`)
+        "key": row["key"], "source": {"source": redacted(input_location(row["source"])), "member": row["member"]},
         "caption": row["caption"], "text_from": text_from,
         "tags": row["tags"], "tag_categories": row["categories"],
         "tag_scores": dict(zip(row["tags"], [round(float(s), 4) for s in row["tag_scores"]], strict=True)),
