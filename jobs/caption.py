@@ -224,8 +224,8 @@ def run(cfg: Config, ws: Workspace) -> JobSummary:
     sources = reply_sources(ws, units, pending)
     for unit in pending:
         # a unit run again for the reply checks is answered by its own kept replies
-        again = unit["unit"] in flagged and flagged[unit["unit"]]["again"]
-        unit["previous"] = sources.get(unit["unit"], []) + ([unit["unit"]] if again else [])
+        own = [unit["unit"]] if flagged.get(unit["unit"], {}).get("again") else []
+        unit["previous"] = sources.get(unit["unit"], []) + own
     say_rechecked(flagged, {u["unit"] for u in pending}, summary)
     print(f"caption: {sum(u['rows'] for u in units)} images in {len(units)} units, "
           f"{len(units) - len(pending)} done before, {len(pending)} to run (backend {opts['backend']})", flush=True)
