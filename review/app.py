@@ -156,13 +156,13 @@ class ReviewApp:
             rows, following = self.index.page(filters, request.query_params.get("after") or None, limit)
         except ConfigError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return JSONResponse({"images": [plain(r) for r in rows], "next": following})
+        return JSONResponse({"images": [plain(without_credentials(r)) for r in rows], "next": following})
 
     def api_image(self, request: Request) -> Response:
         details = self.details(request.path_params["key"])
         if details is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
-        return JSONResponse(plain(details))
+        return JSONResponse(plain({**details, "row": without_credentials(details["row"])}))
 
     async def api_edits(self, request: Request) -> Response:
         return await self.in_thread(request, self.edit)
@@ -405,6 +405,13 @@ def filters_of(values) -> Filters:
 def filter_query(filters: Filters) -> str:
     values = {k: v for k, v in vars(filters).items() if v}
     return urlencode({k: ("1" if v is True else v) for k, v in values.items()})
+
+
+def without_credentials(row: dict) -> dict:
+    """An image's row for the JSON API: its source address with the credentials it may name
+    replaced (store.uris.redacted), as the pages show it. A script's copy of the rows is
+    logged and pasted; a key and secret are no business of it."""
+    return {**row, "source": redacted(row["source"])} if row.get("source") else row
 
 
 def plain(value):

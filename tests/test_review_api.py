@@ -1209,6 +1209,11 @@ def test_the_credentials_in_an_object_storage_address_are_shown_nowhere(tmp_path
     assert page.status_code == 200 and "ws-bucket/in/" in page.text
     assert "s3cr3t" not in page.text and "AKIDEXAMPLE" not in page.text
     assert "s3://***@ws-bucket/in/" in page.text.split('id="export-json"')[1]
+    # the JSON API's rows (a script's copy, logged and pasted) say the address as the page does
+    details = client.get("/api/images/in/a")
+    assert details.status_code == 200 and details.json()["row"]["source"].startswith("s3://***@ws-bucket/in/")
+    for answer in (details, client.get("/api/images")):
+        assert answer.status_code == 200 and "s3cr3t" not in answer.text and "AKIDEXAMPLE" not in answer.text
 
 
 def test_an_undo_leaves_standing_an_edit_another_server_wrote_while_it_waited(review):
