@@ -357,6 +357,31 @@ def test_a_shard_is_byte_for_byte_what_tarfile_writes_and_webdataset_reads_it(tm
     assert read == samples
 
 
+
+def test_a_members_header_is_the_one_tarfile_builds_for_every_name_and_size():
+    """ShardTar builds the ustar header of an ASCII name itself (member_header): byte for byte
+    tarfile's TarInfo.tobuf (PAX format, mode 0o444, mtime 0), for names of every length up to
+    and past tar's 100, every ASCII character, random names, non-ASCII ones, and sizes up to and
+    past the 8 GiB an octal field holds."""
+    import random
+
+    from udfs.export.export_shard import member_header
+
+    rng = random.Random(0)
+    names = ["k" * n + ".jpg" for n in range(0, 100)] + [f"a{chr(c)}b.txt" for c in range(128)]
+    names += ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(1, 110))) for _ in range(500)]
+    names += ["\u6771\u65b9.png", "\u00e9" * 60 + ".json", "x\udcff.txt", "b" * 120 + ".webp"]
+    sizes = [0, 1, 511, 512, 513, 54_321, 8**11 - 1, 8**11, 10**12]
+    checked = 0
+    for name in names:
+        for size in (*sizes, rng.randrange(8**11)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o444
+            assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
+                                                           "surrogateescape"), (name, size)
+            checked += 1
+    assert checked == len(names) * (len(sizes) + 1)
+
 # ---- units: content-defined cuts of a source's keys (sql/export_units.sql) ---------------------
 def cut(keys_by_source: dict[str, list[str]], unit_size: int) -> list[tuple]:
     """(source, first_key, last_key, n_images) of the export's units over these selected keys."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from s3_server import AWS, s3_filesystem
 
 from udfs.caption.caption_images import read_members
@@ -131,6 +134,32 @@ def test_a_member_over_the_size_limit_is_not_read(tmp_path):
     wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"], "c.jpg": None}
     assert dict(local_tar_members(str(path), wanted, 1000)) == {"a.jpg": b"A" * 700, "c.jpg": b"C" * 90}
 
+
+
+def test_a_member_cut_short_since_ingest_is_not_read_and_a_sparse_one_is_read_whole(tmp_path):
+    """A member read at its offset is the bytes tarfile gives for it: none when the shard now
+    ends inside them (reported missing, not half an image), and a sparse member (GNU tar -S) with
+    its holes filled, not the pieces as stored."""
+    path = tmp_path / "s.tar"
+    offsets = write_tar(path, MEMBERS)
+    with open(path, "r+b") as f:
+        f.truncate(offsets["b.jpg"] + 512 + 1000)  # b.jpg's header and 1000 of its 1300 bytes
+    wanted = {"a.jpg": offsets["a.jpg"], "b.jpg": offsets["b.jpg"]}
+    assert dict(local_tar_members(str(path), wanted, 10**6)) == {"a.jpg": b"A" * 700}
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command to write a sparse member")
+    image = tmp_path / "sparse.jpg"
+    with open(image, "wb") as f:
+        f.write(b"head")
+        f.seek(200_000)
+        f.write(b"tail")
+    subprocess.run(["tar", "-S", "-cf", "sparse.tar", "sparse.jpg"], cwd=tmp_path, check=True)
+    with tarfile.open(tmp_path / "sparse.tar") as tar:
+        member = tar.getmember("sparse.jpg")
+        assert member.sparse  # else this tar wrote no sparse member, and the test proves nothing
+    expected = image.read_bytes()
+    assert dict(local_tar_members(str(tmp_path / "sparse.tar"), {"sparse.jpg": member.offset}, 10**6)) == \
+        {"sparse.jpg": expected}
 
 def test_a_repeated_member_name_is_read_as_ingest_took_it(tmp_path):
     """The first of a repeated name that fits max_member_bytes: its offset, and the walk's pick."""

@@ -82,7 +82,10 @@ def sample_plan(row: dict, opts: dict, rules: TagTextRules | None = None) -> dic
     }
     # every caption the image has, by origin (the tags as text, the template, the captioning
     # model, the rewriter): a trainer may pick or mix them per step
-    meta["captions"] = {"tags": rules.whole_text(row["tags"], row["categories"], row["tag_scores"]),
+    # (KEY.txt's own text when it is the tags with no budget to cut them: built once)
+    tags_text = txt if caption is None and not rules.clip_token_budget else \
+        rules.whole_text(row["tags"], row["categories"], row["tag_scores"])
+    meta["captions"] = {"tags": tags_text,
                         **{v["origin"]: v["caption"] for v in row.get("caption_variants") or []}}
     if rules.clip_token_budget:  # what the budget did to KEY.txt
         meta["clip_tokens"] = {"budget": rules.clip_token_budget, "tokens": clip_tokens(txt), "cut": cut}

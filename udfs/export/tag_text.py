@@ -68,6 +68,8 @@ class TagTextRules:
     def keep_warning(self, tags: list[str], categories: list[str], scores: list[float]) -> str:
         """Why kohya's fixed keep_tokens count splits this image's leading category (no separator
         to mark its kept part), or ""."""
+        if self.keep_tokens_separator or not self.keep_tokens:  # no fixed count to split a category
+            return ""
         written = [c for _, c in self.ordered_pairs(tags, categories, scores)]
         n = min(self.keep_tokens, len(written))
         if self.keep_tokens_separator or not n or written[n - 1] not in self.category_order:
