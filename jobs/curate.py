@@ -201,6 +201,7 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         run_model(con, model, params)
+    params = {**params, **category_params(con)}
     n_images = con.execute("select count(*) from image_ids").fetchall()[0][0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
     parts = [f"curate-{generation}-p{partition:05d}" for partition in range(partitions)]
@@ -233,6 +234,13 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         parts = edited
         print(f"curate: {edits} tag and character edits applied", flush=True)
     return parts
+
+
+def category_params(con: duckdb.DuckDBPyConnection) -> dict:
+    """The ids of the categories sql/040_tags.sql tests rows for (sql/037_category_ids; None where
+    the data has no such category)."""
+    ids = dict(con.execute("select category, category_id from category_ids").fetchall())
+    return {"general_category_id": ids.get("general"), "character_category_id": ids.get("character")}
 
 
 def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: int, partition: int) -> dict:

@@ -7,7 +7,9 @@
 -- lookup) -> one row per tag -> impossible combinations -> overlapping tags (imgutils
 -- drop_overlap_tags) and character traits (optional, images with a character tag only) -> rank.
 -- Tags, categories and images become integer ids (tag_vocabulary, category_ids, image_ids) at
--- the first joins; the strings come back at the end.
+-- the first joins; the strings come back at the end. $general_category_id and
+-- $character_category_id: those categories' ids in category_ids (null where there is none), as
+-- parameters: a constant is a filter, the same id from a subquery a join of every row.
 with image_part as (
     select key, image_id from image_ids
     where image_id >= $first_id and image_id < $end_id
@@ -83,12 +85,6 @@ categorized as (
     join tag_lookup m on m.name = c.tag
     left join category_ids k on k.category = c.category
 ),
-general_category as (
-    select category_id from category_ids where category = 'general'
-),
-character_category as (
-    select category_id from category_ids where category = 'character'
-),
 one_row_per_tag as (
     -- the max of (score, category id) gives both the highest score and its category, ties to
     -- the higher id: one struct aggregate, not a max and an arg_max keyed on the same struct
@@ -99,7 +95,9 @@ one_row_per_tag as (
         group by image_id, tag_id
     )
 ),
-rules as (
+rules as materialized (
+    -- a few rows, made once: inlined, the vocabulary's join for tag_b was planned after the
+    -- join with the images' tags, once for each of their ~10 rule hits an image
     select a.tag_id as a_id, b.tag_id as b_id, r.winner
     from impossible_tags r
     join tag_vocabulary a on a.tag = r.tag_a
@@ -124,7 +122,7 @@ possible as (
     anti join impossible_losers l on l.image_id = t.image_id and l.tag_id = t.tag_id
 ),
 general_possible as (
-    select image_id, tag_id from possible where category_id = (select category_id from general_category)
+    select image_id, tag_id from possible where category_id = $general_category_id
 ),
 overlapped as (
     -- from the more specific tag u to the tags it implies (a few substrings each), then keep
@@ -138,14 +136,14 @@ overlapped as (
 ),
 named_images as (
     -- from possible, not after the overlap rule: that drops general tags only
-    select distinct image_id from possible where category_id = (select category_id from character_category)
+    select distinct image_id from possible where category_id = $character_category_id
 ),
 trait_rows as (
     select t.image_id, t.tag_id
     from possible t
     join character_trait_tags c on c.tag_id = t.tag_id
     join named_images n on n.image_id = t.image_id
-    where $drop_character_traits and t.category_id = (select category_id from general_category)
+    where $drop_character_traits and t.category_id = $general_category_id
 ),
 dropped as (
     -- the overlapped and the trait tags leave in one anti join (each a general tag of the
@@ -170,7 +168,7 @@ ranked as (
                partition by t.image_id
                -- imgutils.tagging.sort_tags: `solo`, then the people counts; then characters
                order by case when c.is_solo then 0 when c.tag_id is not null then 1
-                             when t.category_id = (select category_id from character_category) then 2 else 3 end,
+                             when t.category_id = $character_category_id then 2 else 3 end,
                         t.score desc, t.position nulls last, t.tag_id
            )::integer as rank
     from curated t
