@@ -62,10 +62,12 @@ CCIP_OPTIONS = ("repo", "file", "revision", "size", "models_dir")
 # The code of a build: a new version of any of it builds again
 CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
         Path(__file__).resolve().parent / "balance.py"]
-# About 2M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
+# About 1M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
 # caches (1M images x 30 tags on 2 cores: 46-53 s in partitions of 250,000, 35-38 s of 62,500,
-# 39 s of 31,250; a partition's fixed cost shows below that).
-IMAGES_PER_PARTITION = 62_500
+# 39 s of 31,250; a partition's fixed cost shows below that). With one DuckDB thread a partition
+# (build_tags) 31,250 is the faster: the partitions alone, 1M images 21.99 -> 20.58 s (3 rounds),
+# 250,000 images 6.30 -> 5.94 s (5 rounds), against 62,500, alternated in one process.
+IMAGES_PER_PARTITION = 31_250
 # Partitions written at once, each on its own cursor (DuckDB shares the database's threads among
 # them): one partition's query leaves cores idle in its serial phases (a hash table's finalize,
 # the window's sort per image, the file's close). 1M images x 30 tags on 2 cores: 32.7 s one at
