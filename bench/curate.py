@@ -199,7 +199,7 @@ def lookup_database(ws: Workspace, cfg: dict, folder: str):
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         curate.run_model(con, model, params)
-    return con, params
+    return con, {**params, **curate.category_params(con)}
 
 
 def loop_rate(con, ws: Workspace, pruning: PrecomputedPruning, sample: int) -> float:

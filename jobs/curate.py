@@ -62,10 +62,12 @@ CCIP_OPTIONS = ("repo", "file", "revision", "size", "models_dir")
 # The code of a build: a new version of any of it builds again
 CODE = [SQL_DIR, Path(__file__).resolve().parent.parent / "udfs" / "curate", Path(__file__).resolve(),
         Path(__file__).resolve().parent / "balance.py"]
-# About 2M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
+# About 1M tag rows: the GROUP BY and WINDOW hash tables of a larger partition outgrow the CPU
 # caches (1M images x 30 tags on 2 cores: 46-53 s in partitions of 250,000, 35-38 s of 62,500,
-# 39 s of 31,250; a partition's fixed cost shows below that).
-IMAGES_PER_PARTITION = 62_500
+# 39 s of 31,250; a partition's fixed cost shows below that). With one DuckDB thread a partition
+# (build_tags) 31,250 is the faster: the partitions alone, 1M images 21.99 -> 20.58 s (3 rounds),
+# 250,000 images 6.30 -> 5.94 s (5 rounds), against 62,500, alternated in one process.
+IMAGES_PER_PARTITION = 31_250
 # Partitions written at once, each on its own cursor (DuckDB shares the database's threads among
 # them): one partition's query leaves cores idle in its serial phases (a hash table's finalize,
 # the window's sort per image, the file's close). 1M images x 30 tags on 2 cores: 32.7 s one at
@@ -201,6 +203,7 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
     for model in ("010_tag_vocabulary", "020_tag_implications", "030_character_trait_tags", "035_image_ids",
                   "037_category_ids"):
         run_model(con, model, params)
+    params = {**params, **category_params(con)}
     n_images = con.execute("select count(*) from image_ids").fetchall()[0][0]
     partitions = int(opts["tag_partitions"]) or max(1, -(-n_images // IMAGES_PER_PARTITION))
     parts = [f"curate-{generation}-p{partition:05d}" for partition in range(partitions)]
@@ -212,16 +215,25 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         with ws.key_range_cursor(con, PARTITIONED_INPUTS, bounds["first_key"], bounds["last_key"], inputs) as cursor:
             write_model(cursor, ws, "040_tags", {**params, **bounds}, parts[partition])
 
-    with ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:
-        written = [pool.submit(write_partition, partition) for partition in range(partitions)]
-        try:
-            for done, partition in enumerate(written, start=1):
-                partition.result()
-                if partitions > 1:
-                    print(f"curate: tags partition {done}/{partitions}", flush=True)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
-            raise
+    # DuckDB runs a query's tasks on the thread that called it as well as on its threads - 1
+    # workers: with a cursor a partition, each partition at once beyond the first is one thread
+    # more than `threads` (250,000 bench images on 2 cores, 2 partitions at once, threads 2 -> 1:
+    # tag step 7.04 -> 6.30 s, CPU 13.78 -> 12.21 s, medians of 5 alternated runs)
+    threads = con.execute("select current_setting('threads')").fetchone()[0]
+    con.execute(f"set threads = {max(1, threads - min(CONCURRENT_PARTITIONS, partitions) + 1)}")
+    try:
+        with ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:
+            written = [pool.submit(write_partition, partition) for partition in range(partitions)]
+            try:
+                for done, partition in enumerate(written, start=1):
+                    partition.result()
+                    if partitions > 1:
+                        print(f"curate: tags partition {done}/{partitions}", flush=True)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
+                raise
+    finally:
+        con.execute(f"set threads = {threads}")
     ws.attach_parts(con, "tags", parts)
     edits = con.execute("select count(*) from edit_state where field in ('tags', 'character')").fetchall()[0][0]
     if edits:  # a person's tag edits (booruset review) win over what the steps above decided
@@ -233,6 +245,13 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         parts = edited
         print(f"curate: {edits} tag and character edits applied", flush=True)
     return parts
+
+
+def category_params(con: duckdb.DuckDBPyConnection) -> dict:
+    """The ids of the categories sql/040_tags.sql tests rows for (sql/037_category_ids; None where
+    the data has no such category)."""
+    ids = dict(con.execute("select category, category_id from category_ids").fetchall())
+    return {"general_category_id": ids.get("general"), "character_category_id": ids.get("character")}
 
 
 def partition_bounds(con: duckdb.DuckDBPyConnection, n_images: int, partitions: int, partition: int) -> dict:

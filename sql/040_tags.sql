@@ -3,11 +3,13 @@
 -- the source_tags and tag_scores scans, where Parquet statistics skip the files and row groups
 -- of other partitions: each partition reads its own rows, not the whole tables.
 -- Steps, each a CTE: candidates (source tags, score 1; tagger tags over their category's
--- threshold; the tagger's top rating when the source has none) -> aliases -> one row per tag
--- -> blacklist -> impossible combinations -> overlapping tags (imgutils drop_overlap_tags) ->
--- character traits (optional, images with a character tag only) -> rank.
--- Tags and images become integer ids (tag_vocabulary, image_ids) at the first join; the
--- strings come back at the end.
+-- threshold; the tagger's top rating when the source has none) -> aliases and blacklist (one
+-- lookup) -> one row per tag -> impossible combinations -> overlapping tags (imgutils
+-- drop_overlap_tags) and character traits (optional, images with a character tag only) -> rank.
+-- Tags, categories and images become integer ids (tag_vocabulary, category_ids, image_ids) at
+-- the first joins; the strings come back at the end. $general_category_id and
+-- $character_category_id: those categories' ids in category_ids (null where there is none), as
+-- parameters: a constant is a filter, the same id from a subquery a join of every row.
 with image_part as (
     select key, image_id from image_ids
     where image_id >= $first_id and image_id < $end_id
@@ -55,33 +57,47 @@ candidates as (
     select r.* from tagger_ratings r
     anti join source_ratings s on s.image_id = r.image_id
 ),
+kept_vocabulary as (
+    -- the blacklist leaves its tags out of the lookup every candidate is joined with anyway: no
+    -- anti join of every (image, tag) row
+    select v.tag, v.tag_id, k.category_id
+    from tag_vocabulary v
+    join category_ids k on k.category = v.category
+    anti join tag_blacklist b on b.tag = v.tag
+),
+tag_lookup as (
+    -- every name a candidate can carry (a tag, or an alias of one) to the tag's id and category
+    -- id: one join a candidate instead of three (aliases, vocabulary, the vocabulary's category)
+    select v.tag as name, v.tag_id, v.category_id
+    from kept_vocabulary v
+    anti join tag_aliases a on a.alias = v.tag
+    union all
+    select a.alias, v.tag_id, v.category_id
+    from tag_aliases a
+    join kept_vocabulary v on v.tag = a.tag
+),
 categorized as (
-    -- categories as small integer ids (category_ids): arg_max over a string per (image, tag)
-    -- group costs several times more than over an integer
-    select c.image_id, v.tag_id, c.score, c.position, k.category_id
+    -- categories as small integer ids (category_ids) from here to the last join: the group by,
+    -- the anti joins and the window move and compare integers, not strings
+    select c.image_id, m.tag_id, c.score, c.position,
+           case when c.category <> 'general' then k.category_id else m.category_id end as category_id
     from candidates c
-    left join tag_aliases a on a.alias = c.tag
-    join tag_vocabulary v on v.tag = coalesce(a.tag, c.tag)
-    join category_ids k on k.category = case when c.category <> 'general' then c.category else v.category end
+    join tag_lookup m on m.name = c.tag
+    left join category_ids k on k.category = c.category
 ),
 one_row_per_tag as (
-    select g.image_id, g.tag_id, k.category, g.score, g.position
+    -- the max of (score, category id) gives both the highest score and its category, ties to
+    -- the higher id: one struct aggregate, not a max and an arg_max keyed on the same struct
+    select image_id, tag_id, top.id as category_id, top.score::float as score, position
     from (
-        select image_id, tag_id, arg_max(category_id, {'score': score, 'id': category_id}) as category_id, max(score)::float as score,
-               min(position) as position
+        select image_id, tag_id, max({'score': score, 'id': category_id}) as top, min(position) as position
         from categorized
         group by image_id, tag_id
-    ) g
-    join category_ids k on k.category_id = g.category_id
+    )
 ),
-blacklisted as (
-    select v.tag_id from tag_blacklist b join tag_vocabulary v on v.tag = b.tag
-),
-not_blacklisted as (
-    select t.* from one_row_per_tag t
-    anti join blacklisted b on b.tag_id = t.tag_id
-),
-rules as (
+rules as materialized (
+    -- a few rows, made once: inlined, the vocabulary's join for tag_b was planned after the
+    -- join with the images' tags, once for each of their ~10 rule hits an image
     select a.tag_id as a_id, b.tag_id as b_id, r.winner
     from impossible_tags r
     join tag_vocabulary a on a.tag = r.tag_a
@@ -91,7 +107,7 @@ rule_hits as materialized (
     -- rules first (few rows), then the other tag: joining the image's tags with each other
     -- on the image alone would pair every tag with every tag
     select h.image_id, h.tag_id, h.score, r.b_id, r.winner
-    from not_blacklisted h
+    from one_row_per_tag h
     join rules r on r.a_id = h.tag_id
 ),
 impossible_losers as (
@@ -99,14 +115,14 @@ impossible_losers as (
            case when h.winner = 'a' or (h.winner = 'score' and h.score >= b.score) then b.tag_id
                 else h.tag_id end as tag_id
     from rule_hits h
-    join not_blacklisted b on b.image_id = h.image_id and b.tag_id = h.b_id
+    join one_row_per_tag b on b.image_id = h.image_id and b.tag_id = h.b_id
 ),
 possible as (
-    select t.* from not_blacklisted t
+    select t.* from one_row_per_tag t
     anti join impossible_losers l on l.image_id = t.image_id and l.tag_id = t.tag_id
 ),
 general_possible as (
-    select image_id, tag_id from possible where category = 'general'
+    select image_id, tag_id from possible where category_id = $general_category_id
 ),
 overlapped as (
     -- from the more specific tag u to the tags it implies (a few substrings each), then keep
@@ -118,23 +134,27 @@ overlapped as (
     join tag_implications i on i.implied_by_id = u.tag_id
     semi join general_possible p on p.image_id = u.image_id and p.tag_id = i.tag_id
 ),
-not_overlapped as (
-    select t.* from possible t
-    anti join overlapped o on o.image_id = t.image_id and o.tag_id = t.tag_id and t.category = 'general'
-),
 named_images as (
-    select distinct image_id from not_overlapped where category = 'character'
+    -- from possible, not after the overlap rule: that drops general tags only
+    select distinct image_id from possible where category_id = $character_category_id
 ),
 trait_rows as (
     select t.image_id, t.tag_id
-    from not_overlapped t
+    from possible t
     join character_trait_tags c on c.tag_id = t.tag_id
     join named_images n on n.image_id = t.image_id
-    where $drop_character_traits and t.category = 'general'
+    where $drop_character_traits and t.category_id = $general_category_id
+),
+dropped as (
+    -- the overlapped and the trait tags leave in one anti join (each a general tag of the
+    -- image: the (image, tag) rows of possible are unique)
+    select image_id, tag_id from overlapped
+    union all
+    select image_id, tag_id from trait_rows
 ),
 curated as (
-    select t.* from not_overlapped t
-    anti join trait_rows d on d.image_id = t.image_id and d.tag_id = t.tag_id
+    select t.* from possible t
+    anti join dropped d on d.image_id = t.image_id and d.tag_id = t.tag_id
 ),
 count_tag_ids as (
     select distinct v.tag_id, v.tag = 'solo' as is_solo
@@ -143,18 +163,19 @@ count_tag_ids as (
 ranked as (
     -- tag_id order is tag order (sql/010 numbers the tags in order), so the window sorts
     -- integers only; the strings are joined after it
-    select t.image_id, t.tag_id, t.category, t.score,
+    select t.image_id, t.tag_id, t.category_id, t.score,
            row_number() over (
                partition by t.image_id
                -- imgutils.tagging.sort_tags: `solo`, then the people counts; then characters
                order by case when c.is_solo then 0 when c.tag_id is not null then 1
-                             when t.category = 'character' then 2 else 3 end,
+                             when t.category_id = $character_category_id then 2 else 3 end,
                         t.score desc, t.position nulls last, t.tag_id
            )::integer as rank
     from curated t
     left join count_tag_ids c on c.tag_id = t.tag_id
 )
-select i.key, v.tag, r.category, r.score, r.rank
+select i.key, v.tag, k.category, r.score, r.rank
 from ranked r
 join tag_vocabulary v on v.tag_id = r.tag_id
+join category_ids k on k.category_id = r.category_id
 join image_part i on i.image_id = r.image_id
