@@ -16,10 +16,11 @@ published generation): a killed run leaves the old tables as they were, never ha
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
@@ -219,21 +220,17 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
     # workers: with a cursor a partition, each partition at once beyond the first is one thread
     # more than `threads` (250,000 bench images on 2 cores, 2 partitions at once, threads 2 -> 1:
     # tag step 7.04 -> 6.30 s, CPU 13.78 -> 12.21 s, medians of 5 alternated runs)
-    threads = con.execute("select current_setting('threads')").fetchone()[0]
-    con.execute(f"set threads = {max(1, threads - min(CONCURRENT_PARTITIONS, partitions) + 1)}")
-    try:
-        with ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:
-            written = [pool.submit(write_partition, partition) for partition in range(partitions)]
-            try:
-                for done, partition in enumerate(written, start=1):
-                    partition.result()
-                    if partitions > 1:
-                        print(f"curate: tags partition {done}/{partitions}", flush=True)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
-                raise
-    finally:
-        con.execute(f"set threads = {threads}")
+    with fewer_threads(con, min(CONCURRENT_PARTITIONS, partitions) - 1), \
+            ThreadPoolExecutor(CONCURRENT_PARTITIONS) as pool:
+        written = [pool.submit(write_partition, partition) for partition in range(partitions)]
+        try:
+            for done, partition in enumerate(written, start=1):
+                partition.result()
+                if partitions > 1:
+                    print(f"curate: tags partition {done}/{partitions}", flush=True)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed partition fails the step: the rest are not started
+            raise
     ws.attach_parts(con, "tags", parts)
     edits = con.execute("select count(*) from edit_state where field in ('tags', 'character')").fetchall()[0][0]
     if edits:  # a person's tag edits (booruset review) win over what the steps above decided
@@ -245,6 +242,17 @@ def build_tags(con: duckdb.DuckDBPyConnection, ws: Workspace, params: dict, opts
         parts = edited
         print(f"curate: {edits} tag and character edits applied", flush=True)
     return parts
+
+
+@contextlib.contextmanager
+def fewer_threads(con: duckdb.DuckDBPyConnection, fewer: int) -> Iterator[None]:
+    """DuckDB's `threads` setting lowered by `fewer` (at least 1) inside the block, restored after."""
+    threads = con.execute("select current_setting('threads')").fetchone()[0]
+    con.execute(f"set threads = {max(1, threads - fewer)}")
+    try:
+        yield
+    finally:
+        con.execute(f"set threads = {threads}")
 
 
 def category_params(con: duckdb.DuckDBPyConnection) -> dict:

@@ -357,7 +357,6 @@ def test_a_shard_is_byte_for_byte_what_tarfile_writes_and_webdataset_reads_it(tm
     assert read == samples
 
 
-
 def test_a_members_header_is_the_one_tarfile_builds_for_every_name_and_size():
     """ShardTar builds the ustar header of an ASCII name itself (member_header): byte for byte
     tarfile's TarInfo.tobuf (PAX format, mode 0o444, mtime 0), for names of every length up to
@@ -381,6 +380,7 @@ def test_a_members_header_is_the_one_tarfile_builds_for_every_name_and_size():
                                                            "surrogateescape"), (name, size)
             checked += 1
     assert checked == len(names) * (len(sizes) + 1)
+
 
 # ---- units: content-defined cuts of a source's keys (sql/export_units.sql) ---------------------
 def cut(keys_by_source: dict[str, list[str]], unit_size: int) -> list[tuple]:

@@ -135,7 +135,6 @@ def test_a_member_over_the_size_limit_is_not_read(tmp_path):
     assert dict(local_tar_members(str(path), wanted, 1000)) == {"a.jpg": b"A" * 700, "c.jpg": b"C" * 90}
 
 
-
 def test_a_member_cut_short_since_ingest_is_not_read_and_a_sparse_one_is_read_whole(tmp_path):
     """A member read at its offset is the bytes tarfile gives for it: none when the shard now
     ends inside them (reported missing, not half an image), and a sparse member (GNU tar -S) with
@@ -160,6 +159,7 @@ def test_a_member_cut_short_since_ingest_is_not_read_and_a_sparse_one_is_read_wh
     expected = image.read_bytes()
     assert dict(local_tar_members(str(tmp_path / "sparse.tar"), {"sparse.jpg": member.offset}, 10**6)) == \
         {"sparse.jpg": expected}
+
 
 def test_a_repeated_member_name_is_read_as_ingest_took_it(tmp_path):
     """The first of a repeated name that fits max_member_bytes: its offset, and the walk's pick."""

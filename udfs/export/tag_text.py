@@ -72,7 +72,7 @@ class TagTextRules:
             return ""
         written = [c for _, c in self.ordered_pairs(tags, categories, scores)]
         n = min(self.keep_tokens, len(written))
-        if self.keep_tokens_separator or not n or written[n - 1] not in self.category_order:
+        if not n or written[n - 1] not in self.category_order:
             return ""
         run = n
         while run < len(written) and written[run] == written[n - 1]:
