@@ -296,7 +296,7 @@ class CaptionScorer:
         self._tag_words: dict[tuple[str, str], tuple[str, ...]] = {}
         self._word_ids: dict[str, int] = {}
         self._raw_word_ids: dict[str, int] = {}  # a word as the caption has it -> its normalised id
-        self._pair_word_ids: dict[str, tuple[int, ...] | None] = {}  # "tag\x1fcategory" -> _tag_word_ids
+        self._pairs = PairTable()  # every (tag, category) met: its words as ids
         self.max_cached_words = MAX_CACHED_WORDS
 
     def words_of_tag(self, tag: str, category: str) -> tuple[str, ...]:
@@ -341,9 +341,9 @@ class CaptionScorer:
         """The batch's words as ids (CaptionWords), after forgetting the cached words once there
         are too many (a long-lived actor meets new words forever)."""
         if len(self._raw_word_ids) > self.max_cached_words:
-            for cache in (self._word_ids, self._raw_word_ids, self._pair_word_ids):
+            for cache in (self._word_ids, self._raw_word_ids):
                 cache.clear()
-            self._claims = None
+            self._pairs, self._claims = PairTable(), None
         return CaptionWords.of(captions, self)
 
     def claims(self) -> Claims:
@@ -371,23 +371,22 @@ class CaptionScorer:
         return tuple(self.word_id(w) for w in words) if words else None
 
     def _scored_pairs(self, tags: pa.ListArray, categories: pa.ListArray) -> TagPairs:
-        """The scored (row, tag) pairs of a batch, each tag's words looked up once per distinct tag."""
+        """The scored (row, tag) pairs of a batch; `tag` indexes the scorer's PairTable, where each
+        distinct (tag, category) is looked up once in the scorer's life, not once per batch."""
         flat_tags = pc.list_flatten(tags).fill_null("")
         flat_cats = pc.list_flatten(categories).fill_null("")
         flat_cats = pc.if_else(pc.equal(flat_cats, ""), "general", flat_cats)  # as `c or "general"`
         rows = pc.list_parent_indices(tags).to_numpy()
-        keys = pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f")
-        distinct = pc.unique(keys)
-        which = pc.index_in(keys, value_set=distinct).to_numpy()
-        known = self._pair_word_ids
-        ids = [known[k] if k in known else known.setdefault(k, self._tag_word_ids(*k.split("\x1f", 1)))
-               for k in distinct.to_pylist()]
-        scored = np.array([i is not None for i in ids], dtype=bool)
-        lengths = np.array([len(i) if i else 0 for i in ids], dtype=np.int64)
-        keep = scored[which] if len(which) else np.zeros(0, dtype=bool)
-        return TagPairs(row=rows[keep], tag=which[keep],
-                        words=np.fromiter((w for i in ids if i for w in i), dtype=np.int64),
-                        offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        encoded = pc.dictionary_encode(pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f"))
+        table = self._pairs
+        distinct = np.array([table.index.get(k, -1) for k in _strings(encoded.dictionary)], dtype=np.int64)
+        for at in np.flatnonzero(distinct < 0):  # pairs not met before
+            key = encoded.dictionary[int(at)].as_py()
+            distinct[at] = table.add(key, self._tag_word_ids(*key.split("\x1f", 1)))
+        which = distinct[encoded.indices.to_numpy()] if len(rows) else np.zeros(0, np.int64)
+        words, offsets, scored = table.arrays()
+        keep = scored[which]
+        return TagPairs(row=rows[keep], tag=which[keep], words=words, offsets=offsets)
 
     def similarity(self, captions: list[str], references: list[str]) -> np.ndarray:
         if self.encoder is None:
@@ -418,9 +417,35 @@ class CaptionScorer:
         return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject, precision)
 
 
+class PairTable:
+    """Distinct (tag, category) pairs by a dense index, with the word ids of each (head word last)
+    as the flat arrays TagPairs reads; an unscored pair has no words."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}  # "tag\x1fcategory" -> its place
+        self._words: list[int] = []
+        self._lengths: list[int] = []
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, key: str, word_ids: tuple[int, ...] | None) -> int:
+        self.index[key] = len(self._lengths)
+        self._words.extend(word_ids or ())
+        self._lengths.append(len(word_ids) if word_ids else 0)
+        self._arrays = None
+        return self.index[key]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(words, offsets, scored): pair i's words are words[offsets[i]:offsets[i + 1]]."""
+        if self._arrays is None:
+            lengths = np.array(self._lengths, dtype=np.int64)
+            self._arrays = (np.array(self._words, dtype=np.int64), np.concatenate([[0], np.cumsum(lengths)]),
+                            lengths > 0)
+        return self._arrays
+
+
 @dataclass
 class TagPairs:
-    """Scored (row, tag) pairs of a batch: `tag` indexes the batch's distinct tags, whose word
+    """Scored (row, tag) pairs of a batch: `tag` indexes a table of distinct tags, whose word
     ids are words[offsets[tag]:offsets[tag + 1]] (head word last)."""
 
     row: np.ndarray
@@ -459,7 +484,7 @@ class CaptionWords:
         ends = np.cumsum(counts)
         # the same runs of the text as written: every byte keeps its place when ASCII is lower-cased,
         # and non-ASCII bytes are word bytes in both, so run i of one is run i of the other
-        cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(original, IN_CASED_WORD)), characters=WORD_INNER)
+        cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(original, CASED_WORD_BYTES)), characters=WORD_INNER)
         cased = cased.filter(pa.array(keep)) if len(cased) == len(keep) else pa.array([""] * len(raw))
         capital = pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False)
         return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
@@ -705,21 +730,21 @@ def _distinct(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 # ASCII bytes that WORD takes; bytes of other characters are kept too (captions with them are
-# scored in Python, see tag_inclusion_batch)
-IN_WORD = np.array([chr(b) in "abcdefghijklmnopqrstuvwxyz0123456789" + WORD_INNER or b >= 128 for b in range(256)])
-IN_CASED_WORD = IN_WORD | np.array([65 <= b <= 90 for b in range(256)])  # and A-Z: the text before lower-casing
+# scored in Python, see tag_inclusion_batch). As bytes.translate tables: every other byte a space.
+WORD_BYTES = bytes(b if chr(b) in "abcdefghijklmnopqrstuvwxyz0123456789" + WORD_INNER or b >= 128 else 32
+                   for b in range(256))
+CASED_WORD_BYTES = bytes(b if 65 <= b <= 90 else w for b, w in enumerate(WORD_BYTES))  # and A-Z: before lower-casing
 
 
-def _word_runs(text: pa.Array, in_word: np.ndarray = IN_WORD) -> pa.ListArray:
+def _word_runs(text: pa.Array, word_bytes: bytes = WORD_BYTES) -> pa.ListArray:
     """Each lower-case caption split into the runs of WORD's characters (for ASCII text, what a
     regex split on every other character gives). By hand rather than split_pattern_regex, which
-    costs RE2 about 150 ns a match with some 50 gaps per caption: one table lookup turns every
+    costs RE2 about 150 ns a match with some 50 gaps per caption: bytes.translate turns every
     other ASCII byte of the string buffer into a space, and Arrow's whitespace split cuts there."""
     _, offsets, data = text.buffers()
     if data is None or not len(text):
         return pc.ascii_split_whitespace(text)
-    raw = np.frombuffer(data, np.uint8)
-    spaced = np.where(in_word[raw], raw, np.uint8(32)).astype(np.uint8)
+    spaced = data.to_pybytes().translate(word_bytes)
     return pc.ascii_split_whitespace(pa.StringArray.from_buffers(len(text), offsets, pa.py_buffer(spaced),
                                                                  offset=text.offset))
 
@@ -744,6 +769,11 @@ def _ranks(counts: np.ndarray) -> np.ndarray:
     """0..count-1 for each count, concatenated: the index within each repeated group."""
     total = int(counts.sum())
     return np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _strings(strings: pa.Array) -> list[str]:
+    """Python strings of an Arrow array: through numpy, several times faster than to_pylist."""
+    return strings.to_numpy(zero_copy_only=False).tolist()
 
 
 def _list_array(values: pa.Array | pa.ChunkedArray | list) -> pa.ListArray:
