@@ -255,21 +255,28 @@ class LineQueue(io.TextIOBase):
 
     def __init__(self, lines: queue.Queue) -> None:
         super().__init__()
-        self.lines, self.partial = lines, ""
+        # the pieces of a line not ended yet, joined when it ends: adding each write to one
+        # string copied the whole line every time (quadratic for a long line printed in pieces)
+        self.lines, self.partial = lines, []
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        *whole, self.partial = (self.partial + text).split("\n")
+        if "\n" not in text:
+            self.partial.append(text)
+            return len(text)
+        first, *whole, rest = text.split("\n")
+        self.lines.put("".join([*self.partial, first]))
         for line in whole:
             self.lines.put(line)
+        self.partial = [rest] if rest else []
         return len(text)
 
     def end(self) -> None:
         if self.partial:
-            self.lines.put(self.partial)
-            self.partial = ""
+            self.lines.put("".join(self.partial))
+            self.partial = []
 
 
 def quiet_ray_data() -> None:

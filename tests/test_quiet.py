@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jobs.ray_env import Progress, RunningBatches
+from jobs.ray_env import LineQueue, Progress, RunningBatches
 from store.workspace import Workspace
 from tests.conftest import REPO, SAMPLE_SHARDS
 from tests.test_run import booruset_command
@@ -57,6 +57,22 @@ def test_progress_counts_the_finished_batches_of_units_still_running(tmp_path):
     ws.forget_batches("ingest", "u")  # the unit committed: its images come with its summary row
     progress.add(7, units=1)
     assert progress.line().startswith("ingest: 12 images, 1/2 units")
+
+
+def test_a_worker_s_prints_reach_the_queue_line_by_line_however_they_are_cut():
+    import queue
+
+    lines: queue.Queue = queue.Queue()
+    out = LineQueue(lines)
+    for piece in ["par", "t of ", "one", "\n", "two\nthree\n\nfo", "ur", "\n", "", "five"]:
+        assert out.write(piece) == len(piece)
+    for _ in range(20_000):  # a long line printed in pieces
+        out.write("ab")
+    out.end()
+    got = [lines.get_nowait() for _ in range(lines.qsize())]
+    assert got == ["part of one", "two", "three", "", "four", "five" + "ab" * 20_000]
+    out.end()  # nothing left: no empty line
+    assert lines.empty()
 
 
 def test_listing_a_large_folder_prints_progress(tmp_path, monkeypatch, capsys):
