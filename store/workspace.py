@@ -39,10 +39,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -50,6 +49,9 @@ import schemas
 from store.part_ranges import PartKeyRanges
 from store.scratch import process_folder, temporary_folder
 from store.uris import filesystem_of
+
+if TYPE_CHECKING:  # imported where a connection is opened: ingest's workers write Parquet only
+    import duckdb
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
 # Views derived from the tables, shared by several jobs (and there for users to query too).
@@ -717,6 +719,8 @@ class Workspace:
         read_only (for `booruset sql`): a local workspace's files are the only ones DuckDB may
         touch, and the setting is locked, so no query can read or write anything else.
         """
+        import duckdb  # 80 ms of an ingest worker's start, which never opens one
+
         spill = process_folder("booruset-duckdb-")  # one per process, not per unpickled Workspace
         con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": spill})
         if views:
@@ -774,6 +778,8 @@ class Workspace:
         if self.local or not parts:
             con.execute(self.view_sql(name, parts, union_by_name, temporary))
         else:
+            import pyarrow.dataset as pads  # it imports pandas: 0.25 s of every worker's start
+
             files = [f"{self.table_dir(name)}/{part}.parquet" for part in parts]
             con.register(name, pads.dataset(files, schema=schemas.TABLES[name], format="parquet", filesystem=self.fs))
 
@@ -799,6 +805,8 @@ class Workspace:
         tmp = f"{self.base}/.catalog-{uuid.uuid4().hex}.duckdb"
         # Written in a folder of its own, then copied: DuckDB opens a database file at `ws?x/...` as
         # `ws.wal?x/...` and at `ws\x/...` as `ws/x/...`, which failed every publish of such a workspace.
+        import duckdb  # not at the top: see connect
+
         with temporary_folder("booruset-catalog-") as folder:
             # The DuckDB CLI (duckdb-cli) may be older than the Python library: write the file in a
             # storage format both read.

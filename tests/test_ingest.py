@@ -670,6 +670,24 @@ def test_probe_reads_generation_text_without_torch_unless_an_image_holds_some():
     assert (texts["sd_prompt"], texts["sd_negative"]) == ("1girl, solo", "lowres") and '"Seed": 3' in texts["sd_params"]
 
 
+# What an ingest worker needs no module of before its first image (each 50-250 ms of its start,
+# bench/ingest.py's ingest_worker_start): the catalog's DuckDB, pyarrow.dataset (which imports
+# pandas), the driver's pyarrow.compute, the clips' OpenCV and PyAV, the hash's scipy.
+WORKER_START = """
+import sys
+import udfs.ingest.ingest_unit
+print(*[m for m in ("duckdb", "pyarrow.dataset", "pandas", "pyarrow.compute", "cv2", "av", "scipy")
+        if m in sys.modules])
+"""
+
+
+def test_the_worker_module_imports_nothing_a_still_image_does_not_need():
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", WORKER_START], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
+
+
 def test_a_folder_chunk_is_read_one_sample_at_a_time(tmp_path):
     """A folder unit holds up to 4x ingest.folder_unit_size files: their bytes are read sample by
     sample as they are yielded, never all at once (a file removed after the first sample came

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from udfs.opencv import cv2
-
 if TYPE_CHECKING:  # a type only: clip_frames' PyAV and scipy.fft load where a clip is met (udfs/ingest/clips.py)
     from udfs.ingest.clip_frames import Frame
 
@@ -70,6 +68,8 @@ class SceneCuts:
         self.scene_start = 0.0
 
     def is_cut(self, small_rgb: np.ndarray, time: float) -> bool:
+        from udfs.opencv import cv2  # here: OpenCV is 50 ms of the start of every ingest worker, most never see a clip
+
         hsv = cv2.cvtColor(small_rgb, cv2.COLOR_RGB2HSV)
         last, self.last = self.last, hsv
         if last is None or last.shape != hsv.shape:

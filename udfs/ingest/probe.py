@@ -10,7 +10,6 @@ import threading
 import warnings
 
 import numpy as np
-import scipy.fftpack
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from udfs.orientation import exif_orientation
@@ -162,6 +161,10 @@ def dct_phash(small: Image.Image) -> int:
     median. Written here because imagehash converts and resizes the picture again (copies, at
     this size) and hands back booleans to be turned into bits: half the cost of the hash.
     tests/test_probe.py holds it equal to imagehash's."""
+    # at the first hash, not with the module: scipy.fft loads scipy.special, 0.18 s before a worker
+    # can take its task. numpy's own DCT gives other bits where coefficients tie (flat pictures)
+    import scipy.fftpack
+
     return bits_above_median(scipy.fftpack.dct(scipy.fftpack.dct(np.asarray(small), axis=0), axis=1)[:8, :8])
 
 

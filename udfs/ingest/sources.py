@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
@@ -349,6 +348,8 @@ class ObjectListing:
         """(key, its files as (path in the folder, bytes, stamp)), in key order (a sample's files
         stay in one chunk), each key's files in path order. Arrow sorts strings by their UTF-8
         bytes: the order of Python's str comparison (code points) for the names object storage has."""
+        import pyarrow.compute as pc  # the driver's listing only: not with every ingest worker's start
+
         order = pc.sort_indices(self.loose, [("key", "ascending"), ("rel", "ascending")])
         key, group = None, []
         for start in range(0, len(order), self.SLICE):
