@@ -379,10 +379,10 @@ class CaptionScorer:
         rows = pc.list_parent_indices(tags).to_numpy()
         encoded = pc.dictionary_encode(pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f"))
         table = self._pairs
-        distinct = np.array([table.index.get(k, -1) for k in _strings(encoded.dictionary)], dtype=np.int64)
+        keys = _strings(encoded.dictionary)
+        distinct = np.array([table.index.get(k, -1) for k in keys], dtype=np.int64)
         for at in np.flatnonzero(distinct < 0):  # pairs not met before
-            key = encoded.dictionary[int(at)].as_py()
-            distinct[at] = table.add(key, self._tag_word_ids(*key.split("\x1f", 1)))
+            distinct[at] = table.add(keys[at], self._tag_word_ids(*keys[at].split("\x1f", 1)))
         which = distinct[encoded.indices.to_numpy()] if len(rows) else np.zeros(0, np.int64)
         words, offsets, scored = table.arrays()
         keep = scored[which]
