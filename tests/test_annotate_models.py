@@ -233,6 +233,25 @@ def test_model_sessions_leave_the_cores_when_a_run_ends(fake_models):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_model_sessions_hand_out_work_in_shrinking_blocks_with_the_same_scores(fake_models):
+    """A busy node preempts one of a session's intra-op threads mid-operator: with fixed halves the
+    other waits for it, with shrinking blocks (session.dynamic_block_base) it takes over the rest.
+    Which thread computes a block changes no score: the tagger's scores equal a session's without."""
+    import onnxruntime as ort
+
+    from udfs.annotate.model_files import model_file
+    from udfs.annotate.wd_tagger import WdTagger
+
+    spec = _spec("tagger", fake_models, cpu_batch_size=32)
+    tagger = WdTagger(spec, "in_tagger", "out", device="cpu")
+    assert tagger.session.get_session_options().get_session_config_entry("session.dynamic_block_base") == "4"
+    plain = ort.InferenceSession(model_file(spec["repo"], spec["file"], fake_models),
+                                 providers=["CPUExecutionProvider"])
+    rows = _batch(_test_images(), {"in_tagger": ["tagger", 448]})["in_tagger"]
+    name, output = plain.get_inputs()[0].name, plain.get_outputs()[0].name
+    assert np.array_equal(tagger.scores(rows), plain.run([output], {name: rows.astype(np.float32)})[0])
+
+
 def test_the_float_input_buffer_kept_between_runs_gives_the_scores_of_fresh_arrays(fake_models):
     """WdTagger.float_input reuses one float32 buffer across session.runs: a smaller batch after a
     larger one, and a larger after a smaller, score exactly as a fresh float32 copy does."""

@@ -78,15 +78,39 @@ def test_other_pngs_are_pillows_to_decode(image):
     assert np.array_equal(np.asarray(decoded), np.asarray(pillow_pixels(data)))
 
 
-def test_animated_png_and_chunks_after_the_pixels_go_to_pillow():
+def test_animated_png_goes_to_pillow():
     frames = [picture("RGB"), picture("RGB").transpose(Image.Transpose.ROTATE_180)]
     animated = png_bytes(frames[0], save_all=True, append_images=frames[1:])
     assert plain_png_mode(animated) is None
-    trailing = with_chunk_after_pixels(png_bytes(picture("RGB")), b"tEXt", b"parameters\x00a prompt")
-    assert plain_png_mode(trailing) is None
-    opened = Image.open(io.BytesIO(trailing))
-    decoded = load_pixels(opened, trailing)
-    assert decoded is opened and decoded.info["parameters"] == "a prompt"  # read as Pillow loads
+
+
+def test_text_and_exif_after_the_pixels_are_read_as_pillow_loads_them():
+    """Many tools write tEXt (dates, prompts) or eXIf after the pixel data: such a PNG is still
+    libspng's to decode, with the info Pillow's load reads from those chunks (an orientation too)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = png_bytes(picture("RGBA"), pnginfo=_text_before("Software", "x"))
+    data = with_chunk_after_pixels(data, b"tEXt", b"parameters\x00a prompt")
+    data = with_chunk_after_pixels(data, b"zTXt", b"date:modify\x00\x00" + zlib.compress(b"2024-01-01"))
+    data = with_chunk_after_pixels(data, b"tIME", bytes(7))
+    data = with_chunk_after_pixels(data, b"eXIf", exif.tobytes())
+    opened = Image.open(io.BytesIO(data))
+    decoded = load_pixels(opened, data)
+    expected = pillow_pixels(data)
+    assert decoded is not opened  # the libspng path
+    assert decoded.info == expected.info and decoded.info["parameters"] == "a prompt"
+    assert exif_orientation(decoded) == exif_orientation(expected) == 6
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+    for kind in (b"IDAT", b"fdAT", b"prVt"):  # pixels, frames or a chunk Pillow keeps: Pillow's
+        assert plain_png_mode(with_chunk_after_pixels(data, kind, b"\0")) is None
+
+
+def _text_before(key: str, value: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(key, value)
+    return info
 
 
 def test_rows_too_wide_for_pyspng_and_other_buffers_go_to_pillow():
