@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from udfs.caption.template_batch import python_strings
+
 SYNONYMS_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "synonyms.toml"
 WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
 WORD_INNER = "'-+"  # the characters WORD takes inside a word but never first
@@ -379,7 +381,7 @@ class CaptionScorer:
         rows = pc.list_parent_indices(tags).to_numpy()
         encoded = pc.dictionary_encode(pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f"))
         table = self._pairs
-        keys = _strings(encoded.dictionary)
+        keys = python_strings(encoded.dictionary)
         distinct = np.array([table.index.get(k, -1) for k in keys], dtype=np.int64)
         for at in np.flatnonzero(distinct < 0):  # pairs not met before
             distinct[at] = table.add(keys[at], self._tag_word_ids(*keys[at].split("\x1f", 1)))
@@ -769,11 +771,6 @@ def _ranks(counts: np.ndarray) -> np.ndarray:
     """0..count-1 for each count, concatenated: the index within each repeated group."""
     total = int(counts.sum())
     return np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-def _strings(strings: pa.Array) -> list[str]:
-    """Python strings of an Arrow array: through numpy, several times faster than to_pylist."""
-    return strings.to_numpy(zero_copy_only=False).tolist()
 
 
 def _list_array(values: pa.Array | pa.ChunkedArray | list) -> pa.ListArray:

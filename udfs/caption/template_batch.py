@@ -122,7 +122,7 @@ class TagTable:
         pairs = pc.binary_join_element_wise(tags.fill_null(""), categories.fill_null("general"), "\x1f")
         encoded = pc.dictionary_encode(pairs)
         known = self.ids
-        keys = _python(encoded.dictionary)
+        keys = python_strings(encoded.dictionary)
         distinct = np.array([known.get(k, -1) for k in keys], dtype=np.int64)
         for at in np.flatnonzero(distinct < 0):  # pairs not met before
             distinct[at] = self._add(keys[at])
@@ -228,7 +228,7 @@ class BatchTemplate:
                      self.also_sentence(every.where(also_group >= 0), also_group[also_group >= 0], n)]
         # each sentence ends in ". " or is empty: join, then drop the last space
         joined = pc.utf8_rtrim(pc.binary_join_element_wise(*sentences, ""), characters=" ")
-        out = _python(joined)
+        out = python_strings(joined)
         for i in np.flatnonzero(pc.match_substring(joined, "..").to_numpy(zero_copy_only=False)):
             out[i] = one_full_stop(out[i])  # the few captions with a name that ends in a full stop
         return out
@@ -242,7 +242,7 @@ class BatchTemplate:
         encoded = pc.dictionary_encode(pc.binary_join_element_wise(keys, people, "|"))
         known = self._subjects
         distinct = [known[k] if k in known else known.setdefault(k, self._subject(k))
-                    for k in _python(encoded.dictionary)]
+                    for k in python_strings(encoded.dictionary)]
         which = encoded.indices
         column = [pa.array(values).take(which) for values in zip(*distinct, strict=True)] if distinct else \
             [pa.array([], pa.string())] * len(SubjectColumns.__dataclass_fields__)
@@ -281,7 +281,7 @@ class BatchTemplate:
         nobody = _say("A scene without people", _maybe(" showing ", seen), _maybe(" from ", subject.series), ".")
         # no count and no head count: only what is seen, capitalised as Python does (few rows)
         unknown = np.flatnonzero(subject.unknown)
-        said = [_capital(text) + "." if text else "" for text in _python(seen.take(pa.array(unknown)))]
+        said = [_capital(text) + "." if text else "" for text in python_strings(seen.take(pa.array(unknown)))]
         sentence = pc.if_else(pa.array(subject.people > 0), people, nobody)
         if len(unknown):
             sentence = pc.replace_with_mask(sentence, pa.array(subject.unknown), pa.array(said, pa.string()))
@@ -439,7 +439,7 @@ def _join_and(rows: np.ndarray, values: pa.Array, n: int) -> pa.Array:
     return pc.binary_join(_lists(rows, pieces, n), "")
 
 
-def _python(strings: pa.Array) -> list[str]:
+def python_strings(strings: pa.Array) -> list[str]:
     """Python strings of an Arrow array: through numpy, which is several times faster for strings
     than to_pylist."""
     return strings.to_numpy(zero_copy_only=False).tolist()
