@@ -23,6 +23,7 @@ that evidence's.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Iterable
@@ -465,7 +466,8 @@ class CaptionWords:
     starts: np.ndarray
     ends: np.ndarray
     ascii: np.ndarray  # per caption: only ASCII characters
-    capital: np.ndarray  # per word: written with a capital first letter (a name, or a sentence's start)
+    _original: pa.Array  # the captions as written (non-ASCII punctuation spaced), for `capital`
+    _kept: pa.Array  # which word runs are words (not WORD_INNER alone), for `capital`
 
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
@@ -481,16 +483,21 @@ class CaptionWords:
         encoded = pc.dictionary_encode(raw)
         lookup = scorer._raw_word_ids
         ids = np.array([lookup[w] if w in lookup else lookup.setdefault(w, scorer.word_id(scorer.forms.norm(w)))
-                        for w in encoded.dictionary.to_pylist()], dtype=np.int64)
+                        for w in python_strings(encoded.dictionary)], dtype=np.int64)
         counts = np.bincount(rows, minlength=len(captions))
         ends = np.cumsum(counts)
+        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
+                   ascii, original, pa.array(keep))
+
+    @functools.cached_property
+    def capital(self) -> np.ndarray:
+        """Per word: written with a capital first letter (a name, or a sentence's start). Only
+        Claims asks, so it is read from the text on the first use (tag_inclusion never pays it)."""
         # the same runs of the text as written: every byte keeps its place when ASCII is lower-cased,
         # and non-ASCII bytes are word bytes in both, so run i of one is run i of the other
-        cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(original, CASED_WORD_BYTES)), characters=WORD_INNER)
-        cased = cased.filter(pa.array(keep)) if len(cased) == len(keep) else pa.array([""] * len(raw))
-        capital = pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False)
-        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
-                   ascii, capital.astype(bool))
+        cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(self._original, CASED_WORD_BYTES)), characters=WORD_INNER)
+        cased = cased.filter(self._kept) if len(cased) == len(self._kept) else pa.array([""] * len(self.ids))
+        return pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False).astype(bool)
 
     def expressed(self, pairs: TagPairs) -> np.ndarray:
         """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
