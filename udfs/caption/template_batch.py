@@ -434,9 +434,13 @@ def _lists(rows: np.ndarray, values: pa.Array, n: int) -> pa.ListArray:
 def _join_and(rows: np.ndarray, values: pa.Array, n: int) -> pa.Array:
     """join_and of each row's values: 'a', 'a and b', 'a, b and c' ('' for none)."""
     position, counts = _positions(rows, n)
-    separator = np.where(position == 0, 0, np.where(position == counts[rows] - 1, 2, 1))
-    pieces = pc.binary_join_element_wise(SEPARATORS.take(pa.array(separator)), values, "")
-    return pc.binary_join(_lists(rows, pieces, n), "")
+    # each value after its separator, as one list per row: one take, not a take and a join
+    picks = np.empty(2 * len(rows), np.int64)
+    picks[0::2] = np.where(position == 0, 0, np.where(position == counts[rows] - 1, 2, 1))
+    picks[1::2] = np.arange(len(SEPARATORS), len(SEPARATORS) + len(rows))
+    pieces = pa.concat_arrays([SEPARATORS, values]).take(pa.array(picks))
+    offsets = pa.array(np.concatenate([[0], 2 * np.cumsum(counts)]), pa.int32())
+    return pc.binary_join(pa.ListArray.from_arrays(offsets, pieces), "")
 
 
 def python_strings(strings: pa.Array) -> list[str]:
