@@ -228,10 +228,9 @@ class BatchTemplate:
                      self.also_sentence(every.where(also_group >= 0), also_group[also_group >= 0], n)]
         # each sentence ends in ". " or is empty: join, then drop the last space
         joined = pc.utf8_rtrim(pc.binary_join_element_wise(*sentences, ""), characters=" ")
-        out = python_strings(joined)
-        for i in np.flatnonzero(pc.match_substring(joined, "..").to_numpy(zero_copy_only=False)):
-            out[i] = one_full_stop(out[i])  # the few captions with a name that ends in a full stop
-        return out
+        # the few captions with a name that ends in a full stop (Python's `in` on each string is
+        # several times faster than Arrow's match_substring kernel over the batch)
+        return [one_full_stop(text) if ".." in text else text for text in python_strings(joined)]
 
     # -- the subject: once per distinct combination of count, character and copyright tags ------
 
