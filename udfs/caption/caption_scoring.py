@@ -521,9 +521,15 @@ class CaptionWords:
         """For each pair, whether its caption expresses the tag (`expresses`, for all pairs at once)."""
         n_words = max(int(self.ids.max(initial=-1)), int(pairs.words.max(initial=-1))) + 1
         caption_rows = np.repeat(np.arange(len(self.starts)), self.ends - self.starts)
-        order = np.argsort(caption_rows * n_words + self.ids, kind="stable")
-        sorted_keys = (caption_rows * n_words + self.ids)[order]
         heads = pairs.words[pairs.offsets[pairs.tag + 1] - 1] if len(pairs.tag) else np.zeros(0, np.int64)
+        # the caption words that are some pair's head word, sorted by (caption, word): a third or so
+        # of all the words, which makes the sort and the searches below cheaper
+        is_head = np.zeros(n_words, dtype=bool)
+        is_head[heads] = True
+        candidates = np.flatnonzero(is_head[self.ids])
+        keys = caption_rows[candidates] * n_words + self.ids[candidates]
+        order = candidates[np.argsort(keys, kind="stable")]
+        sorted_keys = caption_rows[order] * n_words + self.ids[order]
         # every occurrence of each pair's head word in its caption
         first = np.searchsorted(sorted_keys, pairs.row * n_words + heads, "left")
         n_heads = np.searchsorted(sorted_keys, pairs.row * n_words + heads, "right") - first
