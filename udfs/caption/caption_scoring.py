@@ -203,7 +203,8 @@ def _python_only_space_rows(text: pa.Array) -> np.ndarray:
     """Whether each string has a PYTHON_ONLY_SPACE character: none in the batch's buffer (the usual
     case) is told by a byte search of it, without RE2 reading every string."""
     data = text.buffers()[2]
-    if data is None or not any(byte in data.to_pybytes() for byte in (0x0B, 0x1C, 0x1D, 0x1E, 0x1F)):
+    raw = data.to_pybytes() if data is not None else b""
+    if not any(byte in raw for byte in (0x0B, 0x1C, 0x1D, 0x1E, 0x1F)):
         return np.zeros(len(text), dtype=bool)
     return _matches(text, PYTHON_ONLY_SPACE)
 
