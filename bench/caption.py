@@ -5,6 +5,8 @@ loop a careful engineer would write (per row, with the same memo caches), in the
 
 Synthetic images: a count tag, sometimes a character and a copyright, 12-28 general tags drawn
 from the WD v3 label list (../shared/tagdata) or, without it, from the template vocabulary.
+Ours runs in batches of the caption job's unit (caption.unit_size, 500 by default: the job renders
+and scores a unit's rows at once); --batch sets another size.
 - template: TemplateCaptions.english over Arrow batches (template_batch.py: each distinct tag
   described once, each sentence built by array operations over the batch's flat tags) vs
   english_from_infos row by row with the same TemplateVocab.info cache;
@@ -34,6 +36,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.results import alternated, result  # noqa: E402
+from jobs.config import load_config  # noqa: E402
 from udfs.caption.caption_scoring import CaptionScorer, SentenceEncoder, subject_consistency  # noqa: E402
 from udfs.caption.template_batch import TemplateCaptions  # noqa: E402
 from udfs.caption.template_caption import TemplateVocab, english_from_infos  # noqa: E402
@@ -150,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--embed-images", type=int, default=2_000)
-    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=int(load_config(None)["caption"]["unit_size"]))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20,000 images, 200 embedded (about a minute)")
     args = parser.parse_args()
@@ -158,8 +161,8 @@ def main() -> None:
         args.images, args.embed_images = 20_000, 200
     vocab = TemplateVocab()
     data = Batch(*synthesize(args.images, vocab))
-    print(f"{args.images} synthetic images, {sum(map(len, data.tags))} tags; {args.repeats} alternated rounds, "
-          "median; one process, one thread each side", flush=True)
+    print(f"{args.images} synthetic images, {sum(map(len, data.tags))} tags, batches of {args.batch}; "
+          f"{args.repeats} alternated rounds, median; one process, one thread each side", flush=True)
     captions: dict[str, list[str]] = {}
     seconds = alternated(template_sides(data, args, captions), args.repeats)
     assert captions["ours"] == captions["loop"]

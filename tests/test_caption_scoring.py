@@ -284,6 +284,18 @@ def test_batched_subject_consistency_equals_the_per_row_definition():
     assert subject_consistency_batch(captions, people, names).tolist() == one_by_one
 
 
+def test_subject_consistency_batch_of_ascii_text_alone_with_python_only_spaces():
+    """A batch with no non-ASCII byte skips Arrow's per-row ASCII test, and one without \\x0b or
+    \\x1c-\\x1f skips RE2's search for them: a batch of ASCII text that has them still sends those
+    captions to Python."""
+    captions = ["two girls smile", "two\x0bgirls", "a girl", "two\x1egirls wave", "she waves"]
+    people = [2, 2, 1, 2, 1]
+    one_by_one = [subject_consistency(c, n, []) for c, n in zip(captions, people, strict=True)]
+    assert one_by_one == [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert subject_consistency_batch(captions, people, [[]] * 5).tolist() == one_by_one
+    assert subject_consistency_batch(captions[:1] + captions[2:3], [2, 1], [[], []]).tolist() == [1.0, 1.0]
+
+
 # ---- precision: what a caption makes up ---------------------------------------------------------
 
 def precision_of(caption, tags, categories, characters=(), uncertain=(), closed=False, known=()):
