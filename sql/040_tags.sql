@@ -11,7 +11,9 @@
 -- $character_category_id: those categories' ids in category_ids (null where there is none), as
 -- parameters: a constant is a filter, the same id from a subquery a join of every row.
 with image_part as (
-    select key, image_id from image_ids
+    -- 32-bit ids (image_ids has 64): the group by, join and window keys every row carries are
+    -- narrower; past 2^31 images the cast fails, it cannot wrap
+    select key, image_id::integer as image_id from image_ids
     where image_id >= $first_id and image_id < $end_id
 ),
 source_candidates as (
