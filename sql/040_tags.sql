@@ -11,7 +11,9 @@
 -- $character_category_id: those categories' ids in category_ids (null where there is none), as
 -- parameters: a constant is a filter, the same id from a subquery a join of every row.
 with image_part as (
-    select key, image_id from image_ids
+    -- 32-bit ids (image_ids has 64): the group by, join and window keys every row carries are
+    -- narrower; past 2^31 images the cast fails, it cannot wrap
+    select key, image_id::integer as image_id from image_ids
     where image_id >= $first_id and image_id < $end_id
 ),
 source_candidates as (
@@ -174,8 +176,12 @@ ranked as (
     from curated t
     left join count_tag_ids c on c.tag_id = t.tag_id
 )
-select i.key, v.tag, k.category, r.score, r.rank
+-- the strings back by id as scalar subqueries: DuckDB joins each with its lookup table as the
+-- hash table (a single join is never flipped). As inner joins, the build side followed the
+-- row estimates, which the anti joins above shrink to a few rows for ranked's ~840,000: the
+-- hash tables were built on ranked, three times, and probed with the lookups.
+select (select i.key from image_part i where i.image_id = r.image_id) as key,
+       (select v.tag from tag_vocabulary v where v.tag_id = r.tag_id) as tag,
+       (select k.category from category_ids k where k.category_id = r.category_id) as category,
+       r.score, r.rank
 from ranked r
-join tag_vocabulary v on v.tag_id = r.tag_id
-join category_ids k on k.category_id = r.category_id
-join image_part i on i.image_id = r.image_id
