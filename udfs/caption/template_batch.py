@@ -202,6 +202,7 @@ class BatchTemplate:
     def __init__(self, vocab: TemplateVocab) -> None:
         self.vocab = vocab
         self.table = TagTable(vocab)
+        self.articles = (self.table.strings.id("a"), self.table.strings.id("an"))
         self._subjects: dict[tuple[int, ...], tuple] = {}
 
     def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: list[int | None]) -> list[str]:
@@ -421,16 +422,25 @@ class BatchTemplate:
         word_group = np.concatenate([unit_group, np.arange(len(heads))])
         first_rank = np.concatenate([s.facts("first")[units], np.full(len(heads), np.iinfo(np.int64).max)])
         order = np.lexsort((np.arange(len(words)), first_rank, word_group))
-        text = pc.binary_join(_lists(word_group[order], s.take(words[order]), len(heads)), " ")
-        if articles:
-            lead = words[order][np.searchsorted(word_group[order], np.arange(len(heads)))]
-            article = np.where(~s.facts("takes_article")[heads], 0, np.where(s.facts("vowel")[lead], 2, 1))
-            text = pc.binary_join_element_wise(pa.array(["", "a ", "an "]).take(pa.array(article)), text, "")
+        words, word_group = words[order], word_group[order]
+        if articles:  # "a" or "an" as the first word of each group whose head takes one
+            lead = words[np.searchsorted(word_group, np.arange(len(heads)))]
+            takes = np.flatnonzero(s.facts("takes_article")[heads])
+            a, an = self.articles
+            words = np.concatenate([np.where(s.facts("vowel")[lead[takes]], an, a), words])
+            word_group = np.concatenate([takes, word_group])
+        # each ready phrase a group of one word, after its row's merged groups; all the phrases'
+        # words are joined at once (one take, one join, whatever their kinds)
         ready_rows = found.row[ready]
         rows = np.concatenate([group_rows, ready_rows])
-        order = np.lexsort((np.arange(len(rows)), np.concatenate([np.zeros(len(heads)), np.ones(len(ready_rows))]),
-                           rows))
-        return rows[order], pa.concat_arrays([text, s.take(c.phrase[found.tag][ready])]).take(pa.array(order))
+        final = np.lexsort((np.arange(len(rows)), np.concatenate([np.zeros(len(heads)), np.ones(len(ready_rows))]),
+                            rows))
+        place = np.empty(len(rows), np.int64)
+        place[final] = np.arange(len(rows))
+        words = np.concatenate([words, c.phrase[found.tag][ready]])
+        word_group = place[np.concatenate([word_group, len(heads) + np.arange(len(ready_rows))])]
+        order = np.argsort(word_group, kind="stable")
+        return rows[final], pc.binary_join(_lists(word_group[order], s.take(words[order]), len(rows)), " ")
 
 
 # ---------------------------------------------------------------------------------------
