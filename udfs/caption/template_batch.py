@@ -119,7 +119,9 @@ class TagTable:
 
     def ids_of(self, tags: pa.Array, categories: pa.Array) -> np.ndarray:
         """The table id of every (tag, category) of a flat batch (each distinct pair looked up once)."""
-        pairs = pc.binary_join_element_wise(tags.fill_null(""), categories.fill_null("general"), "\x1f")
+        tags = tags.fill_null("") if tags.null_count else tags  # no Arrow call for a batch without nulls
+        categories = categories.fill_null("general") if categories.null_count else categories
+        pairs = pc.binary_join_element_wise(tags, categories, "\x1f")
         encoded = pc.dictionary_encode(pairs)
         known = self.ids
         keys = python_strings(encoded.dictionary)
@@ -207,7 +209,7 @@ class BatchTemplate:
 
     def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: list[int | None]) -> list[str]:
         n = len(tags)
-        if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
+        if not same_lengths(tags, categories):
             raise ValueError("every row needs one category per tag")  # as the per-image zip(strict=True)
         if len(self._subjects) > MAX_CACHED_SUBJECTS:  # a long-lived actor meets new subjects forever
             self._subjects.clear()
@@ -532,6 +534,14 @@ def _positions(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _lists(rows: np.ndarray, values: pa.Array, n: int) -> pa.ListArray:
     counts = np.bincount(rows, minlength=n)
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), values)
+
+
+def same_lengths(a: pa.ListArray, b: pa.ListArray) -> bool:
+    """Whether each row of two list arrays has as many values in both (a null row none): from the
+    offsets in numpy where there are no nulls, without four Arrow calls."""
+    if a.null_count or b.null_count:
+        return not pc.any(pc.not_equal(pc.list_value_length(a), pc.list_value_length(b))).as_py()
+    return len(a) == len(b) and np.array_equal(np.diff(a.offsets.to_numpy()), np.diff(b.offsets.to_numpy()))
 
 
 def python_strings(strings: pa.Array) -> list[str]:
