@@ -167,18 +167,22 @@ def subject_consistency(caption: str, n_people: int | None, names: list[str]) ->
     return 1.0 if said == n_people else 0.0
 
 
-def subject_consistency_batch(captions: list[str], n_people: list[int | None], names: list[list[str]]
-                              ) -> np.ndarray:
+def subject_consistency_batch(captions: list[str], n_people: list[int | None], names: list[list[str]],
+                              words: CaptionWords | None = None) -> np.ndarray:
     """subject_consistency of every row (float64). Arrow's regex kernels find what each caption
     says for the whole batch; rows Arrow cannot settle alone (names to look for, non-ASCII text)
-    take people_mentioned, row by row."""
-    original = pa.array(captions, pa.string()).fill_null("")
-    text = pc.utf8_lower(original)
+    take people_mentioned, row by row. `words`: the batch's CaptionWords, whose lower-case text
+    is the same where Arrow settles a row (ASCII), made once for both scores."""
+    if words is None:
+        original = _filled(pa.array(captions, pa.string()), "")
+        text, ascii = pc.utf8_lower(original), _ascii_rows(original, _data_bytes(original))
+    else:
+        text, ascii = words.lower, words.ascii
     said = _numbers_said(text, COUNT_PHRASE_PATTERN) + _numbers_said(text, COUNT_TAG_PATTERN)
     mentioned = np.where(said > 0, said, np.where(_matches(text, SINGULAR_PRONOUN_PATTERN), 1.0, np.nan))
     mentioned[_matches(text, NOBODY_PATTERN)] = 0.0
-    data = _data_bytes(original)
-    by_python = ~_ascii_rows(original, data) | _python_only_space_rows(original, data) | \
+    # lower-casing keeps these ASCII control characters as they are
+    by_python = ~ascii | _python_only_space_rows(text, _data_bytes(text)) | \
         np.array([bool(n) and any(n) for n in names], dtype=bool)
     for i in np.flatnonzero(by_python):
         one = people_mentioned(captions[i] or "", names[i])
@@ -217,7 +221,12 @@ def _python_only_space_rows(text: pa.Array, data: bytes) -> np.ndarray:
 def _matches(text: pa.Array, pattern: str | None) -> np.ndarray:
     """Whether each caption matches (pattern None: `text` is already booleans)."""
     found = text if pattern is None else pc.match_substring_regex(text, pattern)
-    return found.fill_null(False).to_numpy(zero_copy_only=False)
+    return _filled(found, False).to_numpy(zero_copy_only=False)
+
+
+def _filled(values: pa.Array, value: object) -> pa.Array:
+    """values with nulls as `value`; no Arrow call where there is none (a fixed cost per call)."""
+    return values.fill_null(value) if values.null_count else values
 
 
 MARK = "\x1f"  # in PYTHON_ONLY_SPACE: a caption that has it is settled by Python, so it can mark matches here
@@ -406,10 +415,8 @@ class CaptionScorer:
         """The scored (row, tag) pairs of a batch; `tag` indexes the scorer's PairTable, where each
         distinct (tag, category) is looked up once in the scorer's life, not once per batch."""
         flat_tags, flat_cats = pc.list_flatten(tags), pc.list_flatten(categories)
-        # no Arrow call where there is no null; an empty category is "general" (`c or "general"`)
-        # when its pair is first met, below
-        flat_tags = flat_tags.fill_null("") if flat_tags.null_count else flat_tags
-        flat_cats = flat_cats.fill_null("general") if flat_cats.null_count else flat_cats
+        # an empty category is "general" (`c or "general"`), made so where its pair is first met, below
+        flat_tags, flat_cats = _filled(flat_tags, ""), _filled(flat_cats, "general")
         rows = pc.list_parent_indices(tags).to_numpy()
         encoded = pc.dictionary_encode(pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f"))
         table = self._pairs
@@ -439,15 +446,16 @@ class CaptionScorer:
     def lexical(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list,
                 n_people: list[int | None], names: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """(tag_inclusion, subject_consistency) of a batch, float32."""
-        inclusion = self.tag_inclusion_batch(captions, tags, categories).astype(np.float32)
-        return inclusion, subject_consistency_batch(captions, n_people, names).astype(np.float32)
+        words = self.caption_words(captions)
+        inclusion = self.tag_inclusion_batch(captions, tags, categories, words).astype(np.float32)
+        return inclusion, subject_consistency_batch(captions, n_people, names, words).astype(np.float32)
 
     def score(self, captions: list[str], references: list[str], tags: list[list[str]],
               categories: list[list[str]], n_people: list[int | None], names: list[list[str]],
               claims: ClaimEvidence | None = None) -> Scores:
         words = self.caption_words(captions)
         inclusion = self.tag_inclusion_batch(captions, tags, categories, words).astype(np.float32)
-        subject = subject_consistency_batch(captions, n_people, names).astype(np.float32)
+        subject = subject_consistency_batch(captions, n_people, names, words).astype(np.float32)
         precision = self.precision_batch(captions, tags, categories, claims, words).astype(np.float32)
         return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject, precision)
 
@@ -498,12 +506,13 @@ class CaptionWords:
     starts: np.ndarray
     ends: np.ndarray
     ascii: np.ndarray  # per caption: only ASCII characters
+    lower: pa.Array  # the captions in lower case (non-ASCII punctuation spaced)
     _original: pa.Array  # the captions as written (non-ASCII punctuation spaced), for `capital`
     _kept: np.ndarray  # which word runs are words (not WORD_INNER alone), for `capital`
 
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
-        original = pa.array(captions, pa.string()).fill_null("")
+        original = _filled(pa.array(captions, pa.string()), "")
         ascii = _ascii_rows(original, _data_bytes(original))
         original = _non_ascii_punctuation_spaced(original, ascii)
         text = pc.utf8_lower(original)
@@ -520,7 +529,7 @@ class CaptionWords:
         ids, rows = ids[keep], rows[keep]
         counts = np.bincount(rows, minlength=len(captions))
         ends = np.cumsum(counts)
-        return cls(ids, ends - counts, ends, ascii, original, keep)
+        return cls(ids, ends - counts, ends, ascii, text, original, keep)
 
     @functools.cached_property
     def capital(self) -> np.ndarray:
