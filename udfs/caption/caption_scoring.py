@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from udfs.caption.template_batch import python_strings
+from udfs.caption.template_batch import python_strings, same_lengths
 
 SYNONYMS_PATH = Path(__file__).resolve().parents[2] / "data" / "caption" / "synonyms.toml"
 WORD = re.compile(r"[a-z0-9][a-z0-9'\-+]*")
@@ -167,18 +167,22 @@ def subject_consistency(caption: str, n_people: int | None, names: list[str]) ->
     return 1.0 if said == n_people else 0.0
 
 
-def subject_consistency_batch(captions: list[str], n_people: list[int | None], names: list[list[str]]
-                              ) -> np.ndarray:
+def subject_consistency_batch(captions: list[str], n_people: list[int | None], names: list[list[str]],
+                              words: CaptionWords | None = None) -> np.ndarray:
     """subject_consistency of every row (float64). Arrow's regex kernels find what each caption
     says for the whole batch; rows Arrow cannot settle alone (names to look for, non-ASCII text)
-    take people_mentioned, row by row."""
-    original = pa.array(captions, pa.string()).fill_null("")
-    text = pc.utf8_lower(original)
+    take people_mentioned, row by row. `words`: the batch's CaptionWords, whose lower-case text
+    is the same where Arrow settles a row (ASCII), made once for both scores."""
+    if words is None:
+        original = _filled(pa.array(captions, pa.string()), "")
+        text, ascii = pc.utf8_lower(original), _ascii_rows(original, _data_bytes(original))
+    else:
+        text, ascii = words.lower, words.ascii
     said = _numbers_said(text, COUNT_PHRASE_PATTERN) + _numbers_said(text, COUNT_TAG_PATTERN)
     mentioned = np.where(said > 0, said, np.where(_matches(text, SINGULAR_PRONOUN_PATTERN), 1.0, np.nan))
     mentioned[_matches(text, NOBODY_PATTERN)] = 0.0
-    data = _data_bytes(original)
-    by_python = ~_ascii_rows(original, data) | _python_only_space_rows(original, data) | \
+    # lower-casing keeps these ASCII control characters as they are
+    by_python = ~ascii | _python_only_space_rows(text, _data_bytes(text)) | \
         np.array([bool(n) and any(n) for n in names], dtype=bool)
     for i in np.flatnonzero(by_python):
         one = people_mentioned(captions[i] or "", names[i])
@@ -217,7 +221,12 @@ def _python_only_space_rows(text: pa.Array, data: bytes) -> np.ndarray:
 def _matches(text: pa.Array, pattern: str | None) -> np.ndarray:
     """Whether each caption matches (pattern None: `text` is already booleans)."""
     found = text if pattern is None else pc.match_substring_regex(text, pattern)
-    return found.fill_null(False).to_numpy(zero_copy_only=False)
+    return _filled(found, False).to_numpy(zero_copy_only=False)
+
+
+def _filled(values: pa.Array, value: object) -> pa.Array:
+    """values with nulls as `value`; no Arrow call where there is none (a fixed cost per call)."""
+    return values.fill_null(value) if values.null_count else values
 
 
 MARK = "\x1f"  # in PYTHON_ONLY_SPACE: a caption that has it is settled by Python, so it can mark matches here
@@ -349,7 +358,7 @@ class CaptionScorer:
         each tag's head word with its other words near it is array arithmetic over word ids
         (the per-row loop above spent most of its time in Python word handling)."""
         tags, categories = _list_array(tags), _list_array(categories)
-        if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
+        if not same_lengths(tags, categories):
             raise ValueError("every row needs one category per tag")
         words = words or self.caption_words(captions)
         pairs = self._scored_pairs(tags, categories)
@@ -390,6 +399,11 @@ class CaptionScorer:
         """A dense id per normalised word (shared by caption words and tag words)."""
         return self._word_ids.setdefault(word, len(self._word_ids))
 
+    def raw_word_id(self, run: str) -> int:
+        """The id of a caption's word run as _word_runs cuts it, -1 for none (WORD_INNER alone)."""
+        word = run.lstrip(WORD_INNER)
+        return self.word_id(self.forms.norm(word)) if word else -1
+
     def _tag_word_ids(self, tag: str, category: str) -> tuple[int, ...] | None:
         """The ids of a tag's words (head last), or None when the tag is not scored."""
         if category not in self.categories or tag in self.skip_tags:
@@ -400,16 +414,17 @@ class CaptionScorer:
     def _scored_pairs(self, tags: pa.ListArray, categories: pa.ListArray) -> TagPairs:
         """The scored (row, tag) pairs of a batch; `tag` indexes the scorer's PairTable, where each
         distinct (tag, category) is looked up once in the scorer's life, not once per batch."""
-        flat_tags = pc.list_flatten(tags).fill_null("")
-        flat_cats = pc.list_flatten(categories).fill_null("")
-        flat_cats = pc.if_else(pc.equal(flat_cats, ""), "general", flat_cats)  # as `c or "general"`
+        flat_tags, flat_cats = pc.list_flatten(tags), pc.list_flatten(categories)
+        # an empty category is "general" (`c or "general"`), made so where its pair is first met, below
+        flat_tags, flat_cats = _filled(flat_tags, ""), _filled(flat_cats, "general")
         rows = pc.list_parent_indices(tags).to_numpy()
         encoded = pc.dictionary_encode(pc.binary_join_element_wise(flat_tags, flat_cats, "\x1f"))
         table = self._pairs
         keys = python_strings(encoded.dictionary)
         distinct = np.array([table.index.get(k, -1) for k in keys], dtype=np.int64)
         for at in np.flatnonzero(distinct < 0):  # pairs not met before
-            distinct[at] = table.add(keys[at], self._tag_word_ids(*keys[at].split("\x1f", 1)))
+            tag, category = keys[at].split("\x1f", 1)
+            distinct[at] = table.add(keys[at], self._tag_word_ids(tag, category or "general"))
         which = distinct[encoded.indices.to_numpy()] if len(rows) else np.zeros(0, np.int64)
         words, offsets, scored = table.arrays()
         keep = scored[which]
@@ -431,15 +446,16 @@ class CaptionScorer:
     def lexical(self, captions: list[str], tags: pa.ListArray | list, categories: pa.ListArray | list,
                 n_people: list[int | None], names: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """(tag_inclusion, subject_consistency) of a batch, float32."""
-        inclusion = self.tag_inclusion_batch(captions, tags, categories).astype(np.float32)
-        return inclusion, subject_consistency_batch(captions, n_people, names).astype(np.float32)
+        words = self.caption_words(captions)
+        inclusion = self.tag_inclusion_batch(captions, tags, categories, words).astype(np.float32)
+        return inclusion, subject_consistency_batch(captions, n_people, names, words).astype(np.float32)
 
     def score(self, captions: list[str], references: list[str], tags: list[list[str]],
               categories: list[list[str]], n_people: list[int | None], names: list[list[str]],
               claims: ClaimEvidence | None = None) -> Scores:
         words = self.caption_words(captions)
         inclusion = self.tag_inclusion_batch(captions, tags, categories, words).astype(np.float32)
-        subject = subject_consistency_batch(captions, n_people, names).astype(np.float32)
+        subject = subject_consistency_batch(captions, n_people, names, words).astype(np.float32)
         precision = self.precision_batch(captions, tags, categories, claims, words).astype(np.float32)
         return Scores(inclusion, self.similarity(captions, references).astype(np.float32), subject, precision)
 
@@ -490,28 +506,30 @@ class CaptionWords:
     starts: np.ndarray
     ends: np.ndarray
     ascii: np.ndarray  # per caption: only ASCII characters
+    lower: pa.Array  # the captions in lower case (non-ASCII punctuation spaced)
     _original: pa.Array  # the captions as written (non-ASCII punctuation spaced), for `capital`
-    _kept: pa.Array  # which word runs are words (not WORD_INNER alone), for `capital`
+    _kept: np.ndarray  # which word runs are words (not WORD_INNER alone), for `capital`
 
     @classmethod
     def of(cls, captions: list[str], scorer: CaptionScorer) -> CaptionWords:
-        original = pa.array(captions, pa.string()).fill_null("")
+        original = _filled(pa.array(captions, pa.string()), "")
         ascii = _ascii_rows(original, _data_bytes(original))
         original = _non_ascii_punctuation_spaced(original, ascii)
         text = pc.utf8_lower(original)
         pieces = _word_runs(text)
         rows = pc.list_parent_indices(pieces).to_numpy()
-        raw = pc.utf8_ltrim(pc.list_flatten(pieces), characters=WORD_INNER)
-        keep = pc.not_equal(raw, "").to_numpy(zero_copy_only=False)
-        raw, rows = raw.filter(pa.array(keep)), rows[keep]
-        encoded = pc.dictionary_encode(raw)
+        encoded = pc.dictionary_encode(pc.list_flatten(pieces))
+        # each distinct run is read once, in Python: the WORD_INNER characters off its start (-1 for
+        # a run of them alone), not by three Arrow calls over every run of the batch
         lookup = scorer._raw_word_ids
-        ids = np.array([lookup[w] if w in lookup else lookup.setdefault(w, scorer.word_id(scorer.forms.norm(w)))
-                        for w in python_strings(encoded.dictionary)], dtype=np.int64)
+        distinct = np.array([lookup[w] if w in lookup else lookup.setdefault(w, scorer.raw_word_id(w))
+                             for w in python_strings(encoded.dictionary)], dtype=np.int64)
+        ids = distinct[encoded.indices.to_numpy()] if len(rows) else np.zeros(0, np.int64)
+        keep = ids >= 0
+        ids, rows = ids[keep], rows[keep]
         counts = np.bincount(rows, minlength=len(captions))
         ends = np.cumsum(counts)
-        return cls(ids[encoded.indices.to_numpy()] if len(raw) else np.zeros(0, np.int64), ends - counts, ends,
-                   ascii, original, pa.array(keep))
+        return cls(ids, ends - counts, ends, ascii, text, original, keep)
 
     @functools.cached_property
     def capital(self) -> np.ndarray:
@@ -520,7 +538,7 @@ class CaptionWords:
         # the same runs of the text as written: every byte keeps its place when ASCII is lower-cased,
         # and non-ASCII bytes are word bytes in both, so run i of one is run i of the other
         cased = pc.utf8_ltrim(pc.list_flatten(_word_runs(self._original, CASED_WORD_BYTES)), characters=WORD_INNER)
-        cased = cased.filter(self._kept) if len(cased) == len(self._kept) else pa.array([""] * len(self.ids))
+        cased = cased.filter(pa.array(self._kept)) if len(cased) == len(self._kept) else pa.array([""] * len(self.ids))
         return pc.utf8_is_upper(pc.utf8_slice_codeunits(cased, 0, 1)).to_numpy(zero_copy_only=False).astype(bool)
 
     def expressed(self, pairs: TagPairs) -> np.ndarray:

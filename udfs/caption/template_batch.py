@@ -42,8 +42,8 @@ GROUP_CODES = ("hidden", "count", "count_word", "character", "copyright", "hair"
 G = {name: code for code, name in enumerate(GROUP_CODES)}
 SUBJECT_GROUPS = (G["count"], G["character"], G["copyright"])
 POSE_VIEW, POSE_VERB, POSE_OTHER = 0, 1, 2
+NO_HEAD_COUNT = np.iinfo(np.int64).min  # a row's n_people of None, in a subject key
 MAX_CACHED_SUBJECTS = 200_000  # distinct subjects (count, characters, series, head count) remembered
-SEPARATORS = pa.array(["", ", ", " and "])  # join_and: before the first item, between, before the last
 
 
 class StringTable:
@@ -119,7 +119,9 @@ class TagTable:
 
     def ids_of(self, tags: pa.Array, categories: pa.Array) -> np.ndarray:
         """The table id of every (tag, category) of a flat batch (each distinct pair looked up once)."""
-        pairs = pc.binary_join_element_wise(tags.fill_null(""), categories.fill_null("general"), "\x1f")
+        tags = tags.fill_null("") if tags.null_count else tags  # no Arrow call for a batch without nulls
+        categories = categories.fill_null("general") if categories.null_count else categories
+        pairs = pc.binary_join_element_wise(tags, categories, "\x1f")
         encoded = pc.dictionary_encode(pairs)
         known = self.ids
         keys = python_strings(encoded.dictionary)
@@ -162,18 +164,24 @@ class TagTable:
 
 @dataclass
 class SubjectColumns:
-    """Who each row's caption speaks of (Subject), one value per row."""
+    """Who each row's caption speaks of (Subject), one value per row: numbers as numpy, the
+    strings the sentences start with as Arrow strings."""
 
     unknown: np.ndarray  # bool: nothing says how many people there are
     people: np.ndarray  # int
+    plural: np.ndarray  # bool: "are wearing"
     noun_phrase: pa.Array  # "Gotou Hitori from Bocchi the Rock!", "Two girls"
-    wear: pa.Array  # "is" or "are" (wearing)
-    series: pa.Array
-    names: pa.Array  # the sentence naming the characters, or ""
-    pronoun: pa.Array
-    be: pa.Array
-    have: pa.Array
-    look: pa.Array
+    from_series: pa.Array  # " from Bocchi the Rock!", or ""
+    names: pa.Array  # the sentence naming the characters and a space, or ""
+    she_is: pa.Array  # the pronoun and its verbs: "She is ", "They are "
+    she_has: pa.Array  # "She has "
+    she_looks: pa.Array  # "She looks "
+    and_looks: pa.Array  # " and looks "
+
+
+SUBJECT_NUMBERS = 3  # the numpy fields of SubjectColumns, first
+SUBJECT_TEXTS = pa.struct([(name, pa.string())
+                           for name in list(SubjectColumns.__dataclass_fields__)[SUBJECT_NUMBERS:]])
 
 
 @dataclass
@@ -196,11 +204,12 @@ class BatchTemplate:
     def __init__(self, vocab: TemplateVocab) -> None:
         self.vocab = vocab
         self.table = TagTable(vocab)
-        self._subjects: dict[str, tuple] = {}
+        self.articles = (self.table.strings.id("a"), self.table.strings.id("an"))
+        self._subjects: dict[tuple[int, ...], tuple] = {}
 
     def english(self, tags: pa.ListArray, categories: pa.ListArray, n_people: list[int | None]) -> list[str]:
         n = len(tags)
-        if pc.any(pc.not_equal(pc.list_value_length(tags), pc.list_value_length(categories))).as_py():
+        if not same_lengths(tags, categories):
             raise ValueError("every row needs one category per tag")  # as the per-image zip(strict=True)
         if len(self._subjects) > MAX_CACHED_SUBJECTS:  # a long-lived actor meets new subjects forever
             self._subjects.clear()
@@ -221,132 +230,168 @@ class BatchTemplate:
         features, clothes = self.phrases(hair_eyes, merge), self.phrases(pick("clothes"), merge)
         also_group = np.where(group == G["also"], 2, np.where(with_people, -1, np.select(
             [group == G["pose"], group == G["expression"]], [0, 1], -1)))
-        sentences = [self.first_sentence(subject, features, clothes, n), _sentence(subject.names),
-                     *self.pose_sentences(subject, pick("pose", people_only=True), n),
-                     self.expression_sentence(subject, pick("expression", people_only=True), n),
-                     *self.background_sentences(pick("background"), n),
-                     self.also_sentence(every.where(also_group >= 0), also_group[also_group >= 0], n)]
-        # each sentence ends in ". " or is empty: join, then drop the last space
-        joined = pc.utf8_rtrim(pc.binary_join_element_wise(*sentences, ""), characters=" ")
+        pieces = Pieces(n, self.table.strings)
+        self.first_sentence(pieces, subject, features, clothes)
+        pieces.add(np.arange(n), pieces.column(subject.names) + np.arange(n))
+        self.pose_sentences(pieces, subject, pick("pose", people_only=True))
+        self.expression_sentence(pieces, subject, pick("expression", people_only=True))
+        self.background_sentences(pieces, pick("background"))
+        self.also_sentence(pieces, every.where(also_group >= 0), also_group[also_group >= 0])
+        # each sentence ends in ". " or is empty: drop the last space
+        out = python_strings(pc.utf8_rtrim(pieces.text(), characters=" "))
+        # no count and no head count: the first sentence only says what is seen, capitalised as
+        # Python does (a row whose first sentence is empty starts with another, capital already)
+        for i in np.flatnonzero(subject.unknown):
+            out[i] = _capital(out[i])
         # the few captions with a name that ends in a full stop (Python's `in` on each string is
         # several times faster than Arrow's match_substring kernel over the batch)
-        return [one_full_stop(text) if ".." in text else text for text in python_strings(joined)]
+        return [one_full_stop(text) if ".." in text else text for text in out]
 
     # -- the subject: once per distinct combination of count, character and copyright tags ------
 
     def subjects(self, found: Elements, n_people: list[int | None], n: int) -> SubjectColumns:
-        ids = pc.cast(pa.array(found.tag), pa.string())
-        keys = pc.binary_join(_lists(found.row, ids, n), ",")
-        people = pc.cast(pa.array(n_people, pa.int64()), pa.string()).fill_null("")
-        encoded = pc.dictionary_encode(pc.binary_join_element_wise(keys, people, "|"))
+        # a row's subject: its head count, then its subject tags in reading order (-1 after them),
+        # as a row of one matrix (no key strings to build, join and encode by Arrow)
+        position, counts = _positions(found.row, n)
+        key = np.full((n, int(counts.max(initial=0)) + 1), -1, np.int64)
+        key[:, 0] = [NO_HEAD_COUNT if p is None else p for p in n_people]
+        key[found.row, position + 1] = found.tag
+        first, which = _distinct_rows(key)
+        distinct = key[first]
         known = self._subjects
-        distinct = [known[k] if k in known else known.setdefault(k, self._subject(k))
-                    for k in python_strings(encoded.dictionary)]
-        which = encoded.indices
-        column = [pa.array(values).take(which) for values in zip(*distinct, strict=True)] if distinct else \
-            [pa.array([], pa.string())] * len(SubjectColumns.__dataclass_fields__)
-        column[0] = column[0].to_numpy(zero_copy_only=False)
-        column[1] = column[1].to_numpy(zero_copy_only=False).astype(np.int64)
-        return SubjectColumns(*column)
+        sizes = (distinct >= 0).sum(axis=1) + (distinct[:, 0] < 0)  # the head count and the tags
+        facts = [known[k] if k in known else known.setdefault(k, self._subject(k))
+                 for k in (tuple(row[:size]) for row, size in zip(distinct.tolist(), sizes.tolist(), strict=True))]
+        numbers = np.array([f[:SUBJECT_NUMBERS] for f in facts], np.int64).reshape(-1, SUBJECT_NUMBERS)[which]
+        # the strings of every row by one take of the distinct subjects' (a struct array)
+        texts = pa.array([f[SUBJECT_NUMBERS:] for f in facts], SUBJECT_TEXTS).take(pa.array(which)).flatten()
+        return SubjectColumns(numbers[:, 0].astype(bool), numbers[:, 1], numbers[:, 2].astype(bool), *texts)
 
-    def _subject(self, key: str) -> tuple:
-        """The fields of SubjectColumns for one distinct subject."""
-        tags, people = key.rsplit("|", 1)
+    def _subject(self, key: tuple[int, ...]) -> tuple:
+        """The fields of SubjectColumns for one distinct subject (`key`: the head count or
+        NO_HEAD_COUNT, then the TagTable ids of its count, character and copyright tags)."""
         by_group: dict[str, list[TagInfo]] = {}
-        for i in tags.split(",") if tags else ():
-            info = self.table.infos[int(i)]
+        for i in key[1:]:
+            info = self.table.infos[i]
             by_group.setdefault(info.group, []).append(info)
-        subject = Subject.of(by_group, int(people) if people else None)
+        subject = Subject.of(by_group, None if key[0] == NO_HEAD_COUNT else key[0])
         pronoun = subject.pronoun
-        return (subject.unknown, subject.people, _capital(subject.noun_phrase()) if subject.people else "",
-                "are" if subject.plural else "is", join_and(subject.series), subject.names_sentence(), pronoun,
-                subject.be(pronoun), "have" if pronoun == "They" else "has", "look" if pronoun == "They" else "looks")
+        look = "look" if pronoun == "They" else "looks"
+        return (subject.unknown, subject.people, subject.plural,
+                _capital(subject.noun_phrase()) if subject.people else "",
+                " from " + join_and(subject.series) if subject.series else "",
+                names + " " if (names := subject.names_sentence()) else "",
+                f"{pronoun} {subject.be(pronoun)} ", f"{pronoun} {'have' if pronoun == 'They' else 'has'} ",
+                f"{pronoun} {look} ", f" and {look} ")
 
-    # -- sentences: each an Arrow string per row, "" or the sentence and a space (written in the
-    # sentence's own join, not by a second join of every sentence) ------------------------------
+    # -- sentences: the pieces of each row's sentences (Pieces), in reading order -----------------
 
-    def first_sentence(self, subject: SubjectColumns, features: tuple[np.ndarray, pa.Array],
-                       clothes: tuple[np.ndarray, pa.Array], n: int) -> pa.Array:
+    def first_sentence(self, pieces: Pieces, subject: SubjectColumns, features: tuple[np.ndarray, pa.Array],
+                       clothes: tuple[np.ndarray, pa.Array]) -> None:
         """Who, with their hair and eyes, wearing their clothes (Subject.first_sentence)."""
+        n = pieces.n
         (f_rows, f_text), (c_rows, c_text) = features, clothes
-        both_rows = np.concatenate([f_rows, c_rows])
+        f_picks = pieces.column(f_text) + np.arange(len(f_rows))
+        c_picks = pieces.column(c_text) + np.arange(len(c_rows))
+        people, unknown = subject.people > 0, subject.unknown
+        nobody = ~people & ~unknown
+        # someone: "A girl with long hair is wearing a dress with a hat and gloves."
+        lead = np.where(people, pieces.column(subject.noun_phrase) + np.arange(n), K["A scene without people"])
+        pieces.add(np.flatnonzero(~unknown), lead[~unknown])
+        said = people[f_rows]
+        pieces.add(*_listed(f_rows[said], f_picks[said], K[" with "], n))
+        said = people[c_rows]
+        rows, picks = c_rows[said], c_picks[said]
+        position, counts = _positions(rows, n)
+        wearing = np.where(subject.plural[rows], K[" are wearing "], K[" is wearing "])
+        # clothes[0], then " with " + join_and(clothes[1:])
+        before = np.where(position == 0, wearing, np.where(position == 1, K[" with "], np.where(
+            position == counts[rows] - 1, K[" and "], K[", "])))
+        pieces.add(np.repeat(rows, 2), _interleaved(before, picks))
+        # nobody: "A scene without people showing ... from <series>."; unknown: only what is seen
+        both_rows, both_picks = np.concatenate([f_rows, c_rows]), np.concatenate([f_picks, c_picks])
         order = np.argsort(both_rows, kind="stable")
-        seen = _join_and(both_rows[order], pa.concat_arrays([f_text, c_text]).take(pa.array(order)), n)
-        position, _ = _positions(c_rows, n)
-        first_clothes = _put(n, c_rows[position == 0], c_text.filter(pa.array(position == 0)))
-        more_clothes = _join_and(c_rows[position > 0], c_text.filter(pa.array(position > 0)), n)
-        wearing = _say(" ", subject.wear, " wearing ", first_clothes, _maybe(" with ", more_clothes),
-                       when=first_clothes)
-        people = _say(subject.noun_phrase, _maybe(" with ", _join_and(f_rows, f_text, n)), wearing, ". ")
-        nobody = _say("A scene without people", _maybe(" showing ", seen), _maybe(" from ", subject.series), ". ")
-        # no count and no head count: only what is seen, capitalised as Python does (few rows)
-        unknown = np.flatnonzero(subject.unknown)
-        said = [_capital(text) + ". " if text else "" for text in python_strings(seen.take(pa.array(unknown)))]
-        sentence = pc.if_else(pa.array(subject.people > 0), people, nobody)
-        if len(unknown):
-            sentence = pc.replace_with_mask(sentence, pa.array(subject.unknown), pa.array(said, pa.string()))
-        return sentence
+        both_rows, both_picks = both_rows[order], both_picks[order]
+        said = ~people[both_rows]
+        first = np.where(unknown[both_rows[said]], K[""], K[" showing "])
+        pieces.add(*_listed(both_rows[said], both_picks[said], first, n))
+        pieces.add(np.flatnonzero(nobody), pieces.column(subject.from_series) + np.flatnonzero(nobody))
+        ends = ~unknown | (np.bincount(both_rows, minlength=n) > 0)
+        pieces.add(np.flatnonzero(ends), np.full(int(ends.sum()), K[". "]))
 
-    def pose_sentences(self, subject: SubjectColumns, found: Elements, n: int) -> tuple[pa.Array, pa.Array]:
+    def pose_sentences(self, pieces: Pieces, subject: SubjectColumns, found: Elements) -> None:
         """What they do ('She is sitting, with ...' or 'She has ...'), and the view ('The picture is ...')."""
-        c, s = self.table.columns, self.table.strings
+        c, n = self.table.columns, pieces.n
         kind = c.pose[found.tag]
         text = np.where(kind == POSE_VIEW, c.phrase[found.tag], c.words[found.tag])
-        verbs, others, views = (_join_and(found.row[kind == k], s.take(text[kind == k]), n)
-                                for k in (POSE_VERB, POSE_OTHER, POSE_VIEW))
-        doing = _say(subject.pronoun, " ", subject.be, " ", verbs, _maybe(", with ", others), ". ", when=verbs)
-        having = _say(subject.pronoun, " ", subject.have, " ", others, ". ", when=others)
-        return pc.if_else(pc.not_equal(verbs, ""), doing, having), _say("The picture is ", views, ". ", when=views)
+        verbs, others = found.where(kind == POSE_VERB), found.where(kind == POSE_OTHER)
+        has_verbs = np.bincount(verbs.row, minlength=n) > 0
+        pieces.add(*_listed(verbs.row, ~text[kind == POSE_VERB], pieces.column(subject.she_is) + verbs.row, n))
+        first = np.where(has_verbs[others.row], K[", with "], pieces.column(subject.she_has) + others.row)
+        pieces.add(*_listed(others.row, ~text[kind == POSE_OTHER], first, n))
+        pieces.end(np.concatenate([verbs.row, others.row]), ". ")
+        views = found.row[kind == POSE_VIEW]
+        pieces.add(*_listed(views, ~text[kind == POSE_VIEW], K["The picture is "], n))
+        pieces.end(views, ". ")
 
-    def expression_sentence(self, subject: SubjectColumns, found: Elements, n: int) -> pa.Array:
+    def expression_sentence(self, pieces: Pieces, subject: SubjectColumns, found: Elements) -> None:
         """'She is smiling and looks happy, with ...' (_expression_sentence): verbs, adjectives and
         the rest, each without repeats."""
-        c = self.table.columns
-        verbs, adjectives, others = (self._join_distinct(found.row, column[found.tag], n)
-                                     for column in (c.verb, c.adjective, c.other))
-        doing, looking = _say(subject.be, " ", verbs, when=verbs), _say(subject.look, " ", adjectives, when=adjectives)
-        clauses = pc.if_else(pc.not_equal(doing, ""), _say(doing, _maybe(" and ", looking)), looking)
-        said = pc.if_else(pc.not_equal(clauses, ""),
-                          _say(subject.pronoun, " ", clauses, _maybe(", with ", others), ". "),
-                          _say(subject.pronoun, " ", subject.have, " ", others, ". "))
-        return pc.if_else(pa.array(np.bincount(found.row, minlength=n) > 0), said, "")
+        c, n = self.table.columns, pieces.n
+        (v_rows, verbs), (a_rows, adjectives), (o_rows, others) = (
+            self._distinct(found.row, column[found.tag]) for column in (c.verb, c.adjective, c.other))
+        has_verbs = np.bincount(v_rows, minlength=n) > 0
+        has_clauses = has_verbs | (np.bincount(a_rows, minlength=n) > 0)
+        # a row whose tags say nothing of these: "She has ." (as english_from_infos)
+        silent = (np.bincount(found.row, minlength=n) > 0) & ~has_clauses & (np.bincount(o_rows, minlength=n) == 0)
+        pieces.add(np.flatnonzero(silent), pieces.column(subject.she_has) + np.flatnonzero(silent))
+        pieces.add(*_listed(v_rows, ~verbs, pieces.column(subject.she_is) + v_rows, n))
+        first = np.where(has_verbs[a_rows], pieces.column(subject.and_looks) + a_rows,
+                         pieces.column(subject.she_looks) + a_rows)
+        pieces.add(*_listed(a_rows, ~adjectives, first, n))
+        first = np.where(has_clauses[o_rows], K[", with "], pieces.column(subject.she_has) + o_rows)
+        pieces.add(*_listed(o_rows, ~others, first, n))
+        pieces.end(found.row, ". ")
 
-    def background_sentences(self, found: Elements, n: int) -> tuple[pa.Array, ...]:
+    def background_sentences(self, pieces: Pieces, found: Elements) -> None:
         """The kind of background (deduped, in modifier order), the place (indoors, outdoors), and
         the things of the setting (merged like clothes, deduped, no articles)."""
-        c, s = self.table.columns, self.table.strings
+        c, s, n = self.table.columns, self.table.strings, pieces.n
         kind, place = c.kind[found.tag], c.place[found.tag]
         kinds = found.where(kind >= 0)
         kind_ids = kind[kind >= 0]
         keep = _first_of_each(kinds.row, kind_ids)
         rows, kind_ids = kinds.row[keep], kind_ids[keep]
         order = np.lexsort((np.arange(len(rows)), s.facts("first")[kind_ids], rows))
-        kind_text = pc.binary_join(_lists(rows[order], s.take(kind_ids[order]), n), " ")
+        rows, kind_ids = rows[order], kind_ids[order]
         # with_article(kinds + " background"): "background" is neither bare nor plural
-        article = pc.if_else(pc.match_substring_regex(kind_text, "^[aeiou]"), "an ", "a ")
-        places = _join_and(found.row[place >= 0], s.take(place[place >= 0]), n)
+        position, _ = _positions(rows, n)
+        article = np.where(s.facts("vowel")[kind_ids], K["The picture has an "], K["The picture has a "])
+        pieces.add(np.repeat(rows, 2), _interleaved(np.where(position == 0, article, K[" "]), ~kind_ids))
+        pieces.end(rows, " background. ")
+        places = found.where(place >= 0)
+        pieces.add(*_listed(places.row, ~place[place >= 0], K["The scene is "], n))
+        pieces.end(places.row, ". ")
         thing_rows, things = self.phrases(found.where((kind < 0) & (place < 0)), np.ones(n, bool), articles=False)
         keep = _first_of_each(thing_rows, pc.dictionary_encode(things).indices.to_numpy(zero_copy_only=False))
-        things = _join_and(thing_rows[keep], things.filter(pa.array(keep)), n)
-        return (_say("The picture has ", article, kind_text, " background. ", when=kind_text),
-                _say("The scene is ", places, ". ", when=places),
-                _say("The setting includes ", things, ". ", when=things))
+        picks = pieces.column(things) + np.flatnonzero(keep)
+        pieces.add(*_listed(thing_rows[keep], picks, K["The setting includes "], n))
+        pieces.end(thing_rows, ". ")
 
-    def also_sentence(self, found: Elements, order: np.ndarray, n: int) -> pa.Array:
+    def also_sentence(self, pieces: Pieces, found: Elements, order: np.ndarray) -> None:
         """'Other details: ...': the words of the tags no other sentence says (deduped), pose tags
         first, then expression tags, then the rest (as english_from_infos lists them)."""
         sort = np.lexsort((np.arange(len(found)), order, found.row))
-        found = Elements(found.row[sort], found.tag[sort])
-        also = self._join_distinct(found.row, self.table.columns.words[found.tag], n)
-        return _say("Other details: ", also, ". ", when=also)  # none: a tag of underscores alone
+        rows, words = self._distinct(found.row[sort], self.table.columns.words[found.tag[sort]])
+        pieces.add(*_listed(rows, ~words, K["Other details: "], pieces.n))
+        pieces.end(rows, ". ")  # none: a tag of underscores alone
 
-    def _join_distinct(self, rows: np.ndarray, ids: np.ndarray, n: int) -> pa.Array:
-        """join_and of each row's strings, first occurrences only, empty strings and -1 left out
-        (as `_dedupe`)."""
+    def _distinct(self, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's string ids, first occurrences only, empty strings and -1 left out (as `_dedupe`)."""
         keep = ids >= 0
         rows, ids = rows[keep], ids[keep]
         keep = _first_of_each(rows, ids) & (ids != self.table.strings.id(""))
-        return _join_and(rows[keep], self.table.strings.take(ids[keep]), n)
+        return rows[keep], ids[keep]
 
     # -- noun phrases: the tags of one head merge ------------------------------------------------
 
@@ -379,16 +424,25 @@ class BatchTemplate:
         word_group = np.concatenate([unit_group, np.arange(len(heads))])
         first_rank = np.concatenate([s.facts("first")[units], np.full(len(heads), np.iinfo(np.int64).max)])
         order = np.lexsort((np.arange(len(words)), first_rank, word_group))
-        text = pc.binary_join(_lists(word_group[order], s.take(words[order]), len(heads)), " ")
-        if articles:
-            lead = words[order][np.searchsorted(word_group[order], np.arange(len(heads)))]
-            article = np.where(~s.facts("takes_article")[heads], 0, np.where(s.facts("vowel")[lead], 2, 1))
-            text = pc.binary_join_element_wise(pa.array(["", "a ", "an "]).take(pa.array(article)), text, "")
+        words, word_group = words[order], word_group[order]
+        if articles:  # "a" or "an" as the first word of each group whose head takes one
+            lead = words[np.searchsorted(word_group, np.arange(len(heads)))]
+            takes = np.flatnonzero(s.facts("takes_article")[heads])
+            a, an = self.articles
+            words = np.concatenate([np.where(s.facts("vowel")[lead[takes]], an, a), words])
+            word_group = np.concatenate([takes, word_group])
+        # each ready phrase a group of one word, after its row's merged groups; all the phrases'
+        # words are joined at once (one take, one join, whatever their kinds)
         ready_rows = found.row[ready]
         rows = np.concatenate([group_rows, ready_rows])
-        order = np.lexsort((np.arange(len(rows)), np.concatenate([np.zeros(len(heads)), np.ones(len(ready_rows))]),
-                           rows))
-        return rows[order], pa.concat_arrays([text, s.take(c.phrase[found.tag][ready])]).take(pa.array(order))
+        final = np.lexsort((np.arange(len(rows)), np.concatenate([np.zeros(len(heads)), np.ones(len(ready_rows))]),
+                            rows))
+        place = np.empty(len(rows), np.int64)
+        place[final] = np.arange(len(rows))
+        words = np.concatenate([words, c.phrase[found.tag][ready]])
+        word_group = place[np.concatenate([word_group, len(heads) + np.arange(len(ready_rows))])]
+        order = np.argsort(word_group, kind="stable")
+        return rows[final], pc.binary_join(_lists(word_group[order], s.take(words[order]), len(rows)), " ")
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,27 +450,79 @@ class BatchTemplate:
 # ---------------------------------------------------------------------------------------
 
 
-def _say(*parts: pa.Array | str, when: pa.Array | None = None) -> pa.Array:
-    """The parts (per-row strings or constants) concatenated; "" where `when` is empty."""
-    text = pc.binary_join_element_wise(*parts, "")
-    return text if when is None else pc.if_else(pc.not_equal(when, ""), text, "")
+CONSTANTS = ("", ", ", " and ", ". ", " ", " with ", " is wearing ", " are wearing ", "A scene without people",
+             " showing ", ", with ", "The picture is ", "The picture has a ", "The picture has an ", " background. ",
+             "The scene is ", "The setting includes ", "Other details: ")
+K = {text: i for i, text in enumerate(CONSTANTS)}  # a constant's place among the pieces' sources
+CONSTANT_ARRAY = pa.array(CONSTANTS, pa.string())
 
 
-def _maybe(prefix: str, text: pa.Array) -> pa.Array:
-    """prefix + text, or "" where text is empty."""
-    return _say(prefix, text, when=text)
+class Pieces:
+    """The captions of a batch as pieces, added a run at a time (a clause's opening, a list,
+    a full stop), then joined by one take and one join. A run gives some rows a piece each or
+    more (rows ascending); a row's pieces follow the order their runs were added. A piece is a
+    constant (K), a string of a `column`, or ~id for the string table's string `id`.
+
+    One join for the whole caption, not a few Arrow calls for each clause: at the caption job's
+    500 rows a batch, the fixed cost of each Arrow call was about a third of the template's time."""
+
+    def __init__(self, n: int, strings: StringTable) -> None:
+        self.n, self.strings = n, strings
+        self.sources: list[pa.Array] = [CONSTANT_ARRAY]
+        self.size = len(CONSTANTS)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.columns: dict[int, int] = {}  # id of an array given to `column` -> its first piece
+
+    def column(self, values: pa.Array) -> int:
+        """The piece number of values[0] (values[i] is that + i); an array given again is not
+        copied again (the batch's arrays live as long as the Pieces, so their ids are theirs)."""
+        at = self.columns.get(id(values))
+        if at is None:
+            at = self.columns[id(values)] = self.size
+            self.sources.append(values)
+            self.size += len(values)
+        return at
+
+    def add(self, rows: np.ndarray, picks: np.ndarray) -> None:
+        self.runs.append((rows, picks))
+
+    def end(self, rows: np.ndarray, text: str) -> None:
+        """`text` once after each row that has any of `rows` (ascending)."""
+        ends = np.flatnonzero(np.bincount(rows, minlength=self.n) > 0)
+        self.add(ends, np.full(len(ends), K[text]))
+
+    def text(self) -> pa.Array:
+        """Each row's pieces joined."""
+        if not self.n:
+            return pa.array([], pa.string())
+        counts = np.array([np.bincount(rows, minlength=self.n) for rows, _ in self.runs])
+        earlier = np.cumsum(counts, axis=0) - counts  # in each row, the pieces of the runs before
+        per_row = counts.sum(axis=0)
+        starts = np.cumsum(per_row) - per_row
+        picks = np.empty(int(per_row.sum()), np.int64)
+        for run, (rows, run_picks) in enumerate(self.runs):
+            within = np.arange(len(rows)) - (np.cumsum(counts[run]) - counts[run])[rows]
+            picks[starts[rows] + earlier[run, rows] + within] = run_picks
+        table = picks < 0  # the string table's strings: one take of all
+        picks[table] = self.column(self.strings.take(~picks[table])) + np.arange(int(table.sum()))
+        text = pa.concat_arrays(self.sources).take(pa.array(picks))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]), pa.int32())
+        return pc.binary_join(pa.ListArray.from_arrays(offsets, text), "")
 
 
-def _sentence(text: pa.Array) -> pa.Array:
-    """A sentence and the space after it, or "" for none."""
-    return _say(text, " ", when=text)
+def _listed(rows: np.ndarray, picks: np.ndarray, first: np.ndarray | int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Pieces run: join_and of each row's values (picks), each after its separator: `first`
+    (a piece, or one per value) before a row's first value, " and " before its last, ", " between."""
+    position, counts = _positions(rows, n)
+    before = np.where(position == 0, first, np.where(position == counts[rows] - 1, K[" and "], K[", "]))
+    return np.repeat(rows, 2), _interleaved(before, picks)
 
 
-def _put(n: int, rows: np.ndarray, values: pa.Array) -> pa.Array:
-    """n strings: values at rows, "" elsewhere."""
-    mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
-    return pc.replace_with_mask(pa.array([""] * n, pa.string()), pa.array(mask), values)
+def _interleaved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a[0], b[0], a[1], b[1], ..."""
+    out = np.empty(2 * len(a), np.int64)
+    out[0::2], out[1::2] = a, b
+    return out
 
 
 def _positions(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -430,16 +536,25 @@ def _lists(rows: np.ndarray, values: pa.Array, n: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), values)
 
 
-def _join_and(rows: np.ndarray, values: pa.Array, n: int) -> pa.Array:
-    """join_and of each row's values: 'a', 'a and b', 'a, b and c' ('' for none)."""
-    position, counts = _positions(rows, n)
-    # each value after its separator, as one list per row: one take, not a take and a join
-    picks = np.empty(2 * len(rows), np.int64)
-    picks[0::2] = np.where(position == 0, 0, np.where(position == counts[rows] - 1, 2, 1))
-    picks[1::2] = np.arange(len(SEPARATORS), len(SEPARATORS) + len(rows))
-    pieces = pa.concat_arrays([SEPARATORS, values]).take(pa.array(picks))
-    offsets = pa.array(np.concatenate([[0], 2 * np.cumsum(counts)]), pa.int32())
-    return pc.binary_join(pa.ListArray.from_arrays(offsets, pieces), "")
+def _distinct_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(matrix, axis=0, return_index=True, return_inverse=True)[1:] (distinct rows in
+    sorted order: where each is first, and which one each row is), without its sort of rows as
+    bytes (several times slower): rows are told apart by a hash, int64 arithmetic that wraps
+    around, checked, so that rows of one hash that differ (a rare collision) take np.unique's way."""
+    weights = np.cumprod(np.full(matrix.shape[1], 1_000_003, np.int64))
+    _, first, which = np.unique(matrix @ weights, return_index=True, return_inverse=True)
+    which = which.reshape(-1)
+    if not np.array_equal(matrix[first][which], matrix):
+        _, first, which = np.unique(matrix, axis=0, return_index=True, return_inverse=True)
+    return first, which.reshape(-1)
+
+
+def same_lengths(a: pa.ListArray, b: pa.ListArray) -> bool:
+    """Whether each row of two list arrays has as many values in both (a null row none): from the
+    offsets in numpy where there are no nulls, without four Arrow calls."""
+    if a.null_count or b.null_count:
+        return not pc.any(pc.not_equal(pc.list_value_length(a), pc.list_value_length(b))).as_py()
+    return len(a) == len(b) and np.array_equal(np.diff(a.offsets.to_numpy()), np.diff(b.offsets.to_numpy()))
 
 
 def python_strings(strings: pa.Array) -> list[str]:
